@@ -1,0 +1,34 @@
+"""jaxgeom: the geometry of neural networks in JAX.
+
+Fisher information and Gauss-Newton matrices, gradient second moments, Hessians and
+neural tangent kernels, stored in the representation that fits the model, with one API
+for products, solves, inverses, powers, traces and norms.
+"""
+
+from jaxgeom.layers import Layer as Layer
+from jaxgeom.layers import LayerCollection as LayerCollection
+from jaxgeom.metrics import FIM as FIM
+from jaxgeom.metrics import FIM_MonteCarlo as FIM_MonteCarlo
+from jaxgeom.metrics import SecondMoment as SecondMoment
+from jaxgeom.pmat import PMatAbstract as PMatAbstract
+from jaxgeom.pmat import PMatDense as PMatDense
+from jaxgeom.solvers import cg as cg
+from jaxgeom.variants import VARIANTS as VARIANTS
+from jaxgeom.vector import PVector as PVector
+from jaxgeom.vector import random_pvector as random_pvector
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FIM",
+    "FIM_MonteCarlo",
+    "Layer",
+    "LayerCollection",
+    "PMatAbstract",
+    "PMatDense",
+    "PVector",
+    "SecondMoment",
+    "VARIANTS",
+    "cg",
+    "random_pvector",
+]

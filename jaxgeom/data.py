@@ -1,0 +1,145 @@
+"""Data: one batch or an iterable of batches, split into fixed-size chunks.
+
+Conventions (DESIGN.md):
+
+- a *batch* is ``(x, y)``, ``(x,)``, or ``x`` alone — where ``x`` is an array or any
+  pytree of arrays sharing the leading (example) axis. A ``tuple``, a ``dict`` or an
+  array is always read as **one** batch;
+- anything else iterable (a ``list`` of batches, a generator, a data loader) is read as
+  an **iterable of batches**;
+- results are means over the examples actually seen.
+
+Chunks: a batch larger than ``batch_size`` is processed in chunks of exactly
+``batch_size`` examples; the last one is padded (with copies of its first example) and
+masked, so one compiled step serves every chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_single_batch(data: Any) -> bool:
+    """Whether ``data`` is one batch (tuple, dict, array) rather than an iterable of batches."""
+    return isinstance(data, (tuple, dict, jax.Array, np.ndarray)) or not isinstance(
+        data, Iterable
+    )
+
+
+def iter_batches(data: Any) -> Iterator[Any]:
+    """Iterate over the batches of ``data`` (a single batch yields itself once)."""
+    if is_single_batch(data):
+        yield data
+    else:
+        yield from data
+
+
+def peek(data: Any) -> tuple[Any, Any]:
+    """The first batch of ``data`` and an equivalent ``data`` that still yields it.
+
+    Raises a ``ValueError`` when ``data`` yields no batch at all.
+    """
+    if is_single_batch(data):
+        return data, data
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ValueError(
+            "the data yielded no batch: pass one batch (x, y) or a non-empty iterable of batches"
+        ) from None
+    if iterator is data:  # a one-shot iterator: put the first batch back
+        return first, itertools.chain([first], iterator)
+    return first, data
+
+
+def inputs_of(batch: Any) -> Any:
+    """The model inputs ``x`` of a batch ``(x, y)``, ``(x,)`` or ``x``."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) not in (1, 2):
+            raise ValueError(
+                f"a batch must be (x, y), (x,) or x; got a {type(batch).__name__} of "
+                f"{len(batch)} elements. Wrap a pytree input as (x, y) or (x,)."
+            )
+        return batch[0]
+    return batch
+
+
+def num_examples(batch: Any, what: str = "batch") -> int:
+    """The size of the leading axis shared by every leaf of ``batch``."""
+    leaves_with_paths = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves_with_paths:
+        raise ValueError(f"the {what} has no array leaves")
+    sizes = {}
+    for path, leaf in leaves_with_paths:
+        if np.ndim(leaf) == 0:
+            raise ValueError(
+                f"the {what}'s leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs "
+                "a leading example axis"
+            )
+        sizes[jax.tree_util.keystr(path)] = np.shape(leaf)[0]
+    if len(set(sizes.values())) != 1:
+        raise ValueError(
+            f"the {what}'s leaves disagree on the number of examples (leading axis): {sizes}"
+        )
+    return int(next(iter(sizes.values())))
+
+
+class Chunk(NamedTuple):
+    """A fixed-size piece of a batch.
+
+    Attributes:
+      batch: the examples, padded to the chunk size.
+      mask: ``(size,)`` 1.0 for real examples, 0.0 for padding.
+      offset: index of the first example among all examples seen so far.
+      count: the number of real examples.
+    """
+
+    batch: Any
+    mask: jax.Array
+    offset: int
+    count: int
+
+
+def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
+    """Split every batch of ``data`` into chunks of ``batch_size`` examples (padded).
+
+    With ``batch_size=None`` each batch is one chunk (no padding). Empty batches are
+    skipped; a ``ValueError`` is raised if no example at all is seen.
+    """
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None; got {batch_size!r}")
+    offset = 0
+    for batch in iter_batches(data):
+        n = num_examples(batch)
+        if n == 0:
+            continue
+        size = n if batch_size is None else int(batch_size)
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            count = stop - start
+            chunk = jax.tree_util.tree_map(lambda a, s=start, e=stop: _pad(a[s:e], size), batch)
+            mask = np.zeros(size)
+            mask[:count] = 1.0
+            yield Chunk(chunk, jnp.asarray(mask), offset, count)
+            offset += count
+    if offset == 0:
+        raise ValueError(
+            "the data contains no example: pass at least one batch with a non-empty leading axis"
+        )
+
+
+def _pad(a: Any, size: int) -> Any:
+    n = a.shape[0]
+    if n == size:
+        return a
+    reps = jnp.repeat(a[:1], size - n, axis=0) if isinstance(a, jax.Array) else np.repeat(
+        a[:1], size - n, axis=0
+    )
+    return (jnp if isinstance(a, jax.Array) else np).concatenate([a, reps], axis=0)

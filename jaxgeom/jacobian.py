@@ -1,0 +1,189 @@
+"""Per-example Jacobians, streamed over data in chunks.
+
+Everything jaxgeom builds from data is a reduction of per-example Jacobians of a
+*per-example function* ``fn(params, example, index, aux) -> (K,)``:
+
+- ``example`` is one example (a pytree without the batch axis);
+- ``index`` is the example's position among all examples seen (Monte-Carlo variants
+  derive their PRNG key from it, so results do not depend on how data is chunked);
+- ``aux`` is a pytree of arrays shared by all examples (covariance factors, keys).
+
+``fn`` must be hashable (it is a static argument of the compiled step): the wrappers in
+:mod:`jaxgeom.variants` are frozen dataclasses.
+
+A chunk's Jacobian has shape ``(n, K, d)`` (examples, outputs, parameters, flat order);
+the driver :func:`accumulate` keeps at most one chunk of it in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from jaxgeom.data import iter_chunks
+from jaxgeom.layers import LayerCollection
+
+MODES = ("auto", "reverse", "forward")
+
+
+class Accumulator(Protocol):
+    """How a representation reduces per-example Jacobians (hashable: a static argument).
+
+    ``init`` makes the zero state, ``update`` adds one chunk's masked Jacobian
+    ``(n, K, d)`` (inside ``jit``), ``finalize`` turns the state and the number of
+    examples ``N`` into the representation. An accumulator whose ``collects`` attribute
+    is true instead receives the list of all chunks' (real) Jacobian rows in ``finalize``.
+    """
+
+    def init(self, dtype: Any) -> Any: ...
+
+    def update(self, state: Any, jac: jax.Array) -> Any: ...
+
+    def finalize(self, state: Any, n: int) -> Any: ...
+
+
+def resolve_mode(mode: str, num_params: int, num_outputs: int) -> str:
+    """``reverse`` (one backward per output) unless ``forward`` is cheaper (d < K)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown Jacobian mode {mode!r}; valid modes: {MODES}")
+    if mode == "auto":
+        return "forward" if num_params < num_outputs else "reverse"
+    return mode
+
+
+def flatten_jacobian(jac_tree: Any, num_lead: int) -> jax.Array:
+    """Concatenate a Jacobian pytree (leaves ``(*lead, *leaf_shape)``) to ``(*lead, d)``."""
+    leaves = jax.tree_util.tree_leaves(jac_tree)
+    lead = leaves[0].shape[:num_lead]
+    return jnp.concatenate([x.reshape(lead + (-1,)) for x in leaves], axis=-1)
+
+
+def example_jacobian(fn: Callable, params: Any, example: Any, index: Any, aux: Any, mode: str):
+    """Jacobian ``(K, d)`` and value ``(K,)`` of ``fn`` at one example."""
+
+    def with_value(p):
+        out = fn(p, example, index, aux)
+        return out, out
+
+    transform = jax.jacrev if mode == "reverse" else jax.jacfwd
+    jac, out = transform(with_value, has_aux=True)(params)
+    return flatten_jacobian(jac, 1), out
+
+
+def chunk_jacobian(fn, params, batch, offset, aux, mode):
+    """Per-example Jacobians ``(n, K, d)`` and outputs ``(n, K)`` of one chunk."""
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    indices = offset + jnp.arange(n)
+    return jax.vmap(example_jacobian, in_axes=(None, None, 0, 0, None, None))(
+        fn, params, batch, indices, aux, mode
+    )
+
+
+def chunk_outputs(fn, params, batch, offset, aux):
+    """The per-example outputs ``(n, K)`` of one chunk."""
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    indices = offset + jnp.arange(n)
+    return jax.vmap(fn, in_axes=(None, 0, 0, None))(params, batch, indices, aux)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "accumulator", "mode"))
+def _accumulate_chunk(state, params, batch, mask, offset, aux, *, fn, accumulator, mode):
+    jac, out = chunk_jacobian(fn, params, batch, offset, aux, mode)
+    finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
+    jac = jac * mask[:, None, None].astype(jac.dtype)
+    if getattr(accumulator, "collects", False):
+        return jac, finite
+    return accumulator.update(state, jac), finite
+
+
+def output_count(fn, params, batch, aux) -> int:
+    """K: the number of outputs ``fn`` gives per example (shape-only evaluation)."""
+    example = jax.tree_util.tree_map(lambda a: a[0], batch)
+    out = jax.eval_shape(fn, params, example, jnp.zeros((), jnp.int32), aux)
+    if len(out.shape) != 1:
+        raise ValueError(
+            f"a per-example function must return a vector (K,); got shape {out.shape}"
+        )
+    return int(out.shape[0])
+
+
+def check_finite(finite: Any, offset: int, count: int) -> None:
+    """Raise if a chunk had non-finite outputs or gradients (skipped while tracing)."""
+    if isinstance(finite, jax.core.Tracer):
+        return
+    if not bool(finite):
+        raise FloatingPointError(
+            f"non-finite model outputs or gradients for the examples {offset}..{offset + count - 1}"
+            ": check the inputs and the parameters (NaN/inf), or the variant (e.g. "
+            "'classif_logsoftmax' expects log-probabilities, not probabilities)"
+        )
+
+
+def accumulate(
+    fn: Callable,
+    params: Any,
+    data: Any,
+    accumulator: Accumulator,
+    *,
+    batch_size: int | None = None,
+    mode: str = "auto",
+    aux: Any = None,
+) -> Any:
+    """Reduce the per-example Jacobians of ``fn`` over ``data`` with ``accumulator``.
+
+    One compiled step per chunk shape: with ``batch_size`` set, every chunk (the last
+    one padded and masked) has the same shape. Returns ``accumulator.finalize(state, N)``
+    with ``N`` the number of examples seen.
+    """
+    layout = LayerCollection.from_params(params)
+    state = None
+    collected = []
+    n = 0
+    resolved = None
+    for chunk in iter_chunks(data, batch_size):
+        if resolved is None:
+            resolved = resolve_mode(mode, layout.numel(), output_count(fn, params, chunk.batch, aux))
+            state = accumulator.init(layout.dtype)
+        state_or_jac, finite = _accumulate_chunk(
+            state, params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux,
+            fn=fn, accumulator=accumulator, mode=resolved,
+        )
+        check_finite(finite, chunk.offset, chunk.count)
+        if getattr(accumulator, "collects", False):
+            collected.append(state_or_jac[: chunk.count])
+        else:
+            state = state_or_jac
+        n += chunk.count
+    return accumulator.finalize(collected if getattr(accumulator, "collects", False) else state, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hashable:
+    """Wrap a callable so it can be a static ``jit`` argument even if it is unhashable
+    (falls back to identity)."""
+
+    fn: Callable
+
+    def __hash__(self):
+        try:
+            return hash(self.fn)
+        except TypeError:
+            return id(self.fn)
+
+    def __eq__(self, other):
+        if not isinstance(other, Hashable):
+            return NotImplemented
+        if self.fn is other.fn:
+            return True
+        try:
+            return bool(self.fn == other.fn)
+        except Exception:  # noqa: BLE001 - comparing arbitrary callables
+            return False
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)

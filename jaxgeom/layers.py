@@ -1,0 +1,254 @@
+"""Layers: the groups of parameter leaves that one linear operation consumes.
+
+A :class:`LayerCollection` is the static description of a parameter pytree that every
+jaxgeom object carries: the tree structure, each leaf's path, shape and dtype, the flat
+order (that of :func:`jax.flatten_util.ravel_pytree`) and the partition of the leaves
+into layers. It is hashable, so representations keep it as static pytree metadata and
+cross ``jax.jit`` boundaries.
+
+Layers are discovered by tracing the model to a jaxpr (:meth:`LayerCollection.from_model`),
+so the same code serves Flax linen, Flax NNX (``nnx.split`` state), Equinox
+(``eqx.partition``) and plain functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("dense", "conv", "norm", "embedding", "other")
+"""Layer kinds: ``dense`` (a ``dot_general`` with a kernel), ``conv``
+(``conv_general_dilated``), ``norm`` (a normalisation's scale and shift), ``embedding``
+(a ``gather`` from a table) and ``other`` (anything else, including unused leaves)."""
+
+
+def path_to_str(path: tuple) -> str:
+    """Human-readable ``a/b/0`` form of a pytree key path."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(str(key.name))
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:  # pragma: no cover - future key types
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One layer: the leaves a linear operation consumes.
+
+    Attributes:
+      id: the layer's name, the common path of its leaves (e.g. ``"params/Dense_0"``).
+      kind: one of :data:`KINDS`.
+      leaves: indices of the layer's leaves in the flat leaf order (ascending).
+      roles: the role of each leaf (``"kernel"``, ``"bias"``, ``"scale"``, ``"shift"``,
+        ``"table"`` or ``"param"``), aligned with ``leaves``.
+      uses: how many operations consume the layer's kernel (``> 1`` means weight sharing
+        across operations, e.g. tied embeddings).
+    """
+
+    id: str
+    kind: str
+    leaves: tuple[int, ...]
+    roles: tuple[str, ...] = ()
+    uses: int = 1
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown layer kind {self.kind!r}; valid kinds: {KINDS}")
+        if not self.roles:
+            object.__setattr__(self, "roles", ("param",) * len(self.leaves))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCollection:
+    """Static layout of a parameter pytree, partitioned into layers.
+
+    Attributes:
+      treedef: the pytree structure of the parameters.
+      paths: the path of each leaf (``a/b/c``), in flat order.
+      shapes: the shape of each leaf.
+      dtypes: the dtype name of each leaf.
+      layers: the layers, ordered by their first leaf; together they cover every leaf
+        exactly once.
+
+    The flat order of every flat vector and of every ``to_dense()`` is the order of
+    ``jax.flatten_util.ravel_pytree(params)``: leaves in ``jax.tree_util`` order, each
+    raveled row-major.
+    """
+
+    treedef: Any
+    paths: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    layers: tuple[Layer, ...]
+
+    def __post_init__(self):
+        covered = sorted(i for layer in self.layers for i in layer.leaves)
+        if covered != list(range(len(self.paths))):
+            raise ValueError(
+                "the layers of a LayerCollection must cover every parameter leaf exactly once; "
+                f"got leaf indices {covered} for {len(self.paths)} leaves"
+            )
+        ids = [layer.id for layer in self.layers]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate layer ids in {ids}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_params(cls, params: Any, layers: tuple[Layer, ...] | None = None) -> LayerCollection:
+        """Layout of ``params``; without ``layers``, leaves are grouped by parent path.
+
+        Grouping by parent path (``Dense_0/kernel`` with ``Dense_0/bias``) is the fallback
+        when no model is available to trace; :meth:`from_model` finds the real layers.
+        """
+        leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+        if not leaves_with_paths:
+            raise ValueError("params has no array leaves")
+        paths = tuple(path_to_str(p) for p, _ in leaves_with_paths)
+        shapes = tuple(tuple(int(s) for s in np.shape(x)) for _, x in leaves_with_paths)
+        dtypes = tuple(str(jnp.result_type(x)) for _, x in leaves_with_paths)
+        if layers is None:
+            layers = _group_by_parent(paths)
+        return cls(treedef, paths, shapes, dtypes, tuple(sorted(layers, key=lambda l: l.leaves[0])))
+
+    @classmethod
+    def from_model(cls, apply_fn: Callable, params: Any, *args: Any) -> LayerCollection:
+        """Discover the layers of ``apply_fn(params, *args)`` by tracing it to a jaxpr.
+
+        ``args`` are example inputs (only their shapes and dtypes matter; one example is
+        enough). Works for any function of ``params``: Flax linen ``model.apply`` (with
+        params wrapped as the function expects), the state of ``nnx.split``, the array part
+        of an Equinox module, or plain ``jnp`` code.
+        """
+        from jaxgeom._discovery import discover_layers
+
+        layout = cls.from_params(params)
+        layers = discover_layers(apply_fn, params, args, layout.paths)
+        return cls(layout.treedef, layout.paths, layout.shapes, layout.dtypes, layers)
+
+    # ------------------------------------------------------------------ properties
+    @functools.cached_property
+    def sizes(self) -> tuple[int, ...]:
+        """Number of scalars in each leaf."""
+        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @functools.cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """Flat start offset of each leaf (one more entry: the total)."""
+        return tuple(int(o) for o in np.concatenate([[0], np.cumsum(self.sizes)]))
+
+    def numel(self) -> int:
+        """Total number of parameters ``d``."""
+        return self.offsets[-1]
+
+    @property
+    def dtype(self):
+        """The common dtype of the parameters (the promotion of all leaf dtypes)."""
+        return jnp.result_type(*self.dtypes)
+
+    def layer(self, layer_id: str) -> Layer:
+        for layer in self.layers:
+            if layer.id == layer_id:
+                return layer
+        raise KeyError(f"no layer {layer_id!r}; layers are {[l.id for l in self.layers]}")
+
+    def layer_slices(self, layer: Layer | str) -> list[tuple[int, int]]:
+        """The flat ``(start, stop)`` ranges of a layer's leaves, in flat order."""
+        layer = self.layer(layer) if isinstance(layer, str) else layer
+        return [(self.offsets[i], self.offsets[i + 1]) for i in layer.leaves]
+
+    def layer_indices(self, layer: Layer | str) -> np.ndarray:
+        """The flat indices of a layer's parameters, ascending (a static numpy array)."""
+        return np.concatenate([np.arange(a, b) for a, b in self.layer_slices(layer)])
+
+    def layer_numel(self, layer: Layer | str) -> int:
+        return sum(b - a for a, b in self.layer_slices(layer))
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[Layer]:
+        return iter(self.layers)
+
+    # ------------------------------------------------------------------ vectors
+    def to_flat(self, tree: Any) -> jax.Array:
+        """Ravel a params-shaped pytree to a flat ``(d,)`` vector (in the flat order)."""
+        leaves = jax.tree_util.tree_leaves(tree)
+        dtype = jnp.result_type(*leaves)
+        return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+
+    def from_flat(self, flat: jax.Array) -> Any:
+        """Unravel a flat ``(d,)`` vector (or ``(..., d)`` stack) into a params-shaped pytree."""
+        lead = flat.shape[:-1]
+        leaves = [
+            flat[..., a:b].reshape(lead + shape)
+            for a, b, shape in zip(self.offsets[:-1], self.offsets[1:], self.shapes)
+        ]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def check_tree(self, tree: Any, what: str = "vector") -> None:
+        """Raise a ``ValueError`` naming the leaf path if ``tree`` does not match the params."""
+        got, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        if treedef != self.treedef:
+            got_paths = [path_to_str(p) for p, _ in got]
+            missing = [p for p in self.paths if p not in got_paths]
+            extra = [p for p in got_paths if p not in self.paths]
+            detail = []
+            if missing:
+                detail.append(f"missing leaves {missing}")
+            if extra:
+                detail.append(f"unexpected leaves {extra}")
+            if not detail:
+                detail.append(f"structure {treedef} instead of {self.treedef}")
+            raise ValueError(
+                f"the {what}'s pytree structure does not match the parameters: "
+                + "; ".join(detail)
+                + ". Pass a pytree shaped like params, a PVector, or a flat vector of size "
+                f"{self.numel()}."
+            )
+        for (path, leaf), shape, want_path in zip(got, self.shapes, self.paths):
+            if tuple(np.shape(leaf)) != shape:
+                raise ValueError(
+                    f"the {what}'s leaf {want_path!r} has shape {tuple(np.shape(leaf))}, "
+                    f"but the parameter has shape {shape}"
+                )
+
+    # ------------------------------------------------------------------ display
+    def summary(self) -> str:
+        """A table of the layers: id, kind, leaves with shapes, number of parameters."""
+        rows = [("layer", "kind", "leaves", "params")]
+        for layer in self.layers:
+            leaves = ", ".join(
+                f"{self.paths[i].rsplit('/', 1)[-1]}{list(self.shapes[i])}" for i in layer.leaves
+            )
+            kind = layer.kind + (f" (x{layer.uses})" if layer.uses > 1 else "")
+            rows.append((layer.id, kind, leaves, str(self.layer_numel(layer))))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"total: {len(self.layers)} layers, {self.numel()} parameters")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _group_by_parent(paths: tuple[str, ...]) -> tuple[Layer, ...]:
+    groups: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        parent = path.rsplit("/", 1)[0] if "/" in path else path
+        groups.setdefault(parent, []).append(i)
+    return tuple(Layer(id=parent, kind="other", leaves=tuple(ix)) for parent, ix in groups.items())

@@ -1,0 +1,222 @@
+"""Entry points: Fisher information matrices and second moments of any function.
+
+All builders compute :math:`M = \\frac1N\\sum_n J_n^\\top J_n` for the per-example Jacobian
+``J_n`` of some per-example output vector, and store ``M`` in the requested
+representation. ``N`` is the number of examples actually seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxgeom import data as data_lib
+from jaxgeom.jacobian import Hashable
+from jaxgeom.layers import LayerCollection
+from jaxgeom.pmat.base import REGISTRY, PMatAbstract
+from jaxgeom.variants import (
+    BatchedFunction,
+    FisherOutputs,
+    MonteCarloFisherOutputs,
+    check_outputs,
+    check_variant,
+    regression_whitener,
+)
+
+
+def FIM(
+    apply_fn: Callable,
+    params: Any,
+    data: Any,
+    representation: type[PMatAbstract],
+    *,
+    variant: str = "classif_logits",
+    covariance: Any = None,
+    batch_size: int | None = None,
+    layer_collection: LayerCollection | None = None,
+    mode: str = "auto",
+    **options: Any,
+) -> PMatAbstract:
+    """The exact Fisher information matrix of ``apply_fn`` over ``data``.
+
+    .. math::  F = \\frac1N \\sum_n \\mathbb E_{y\\sim p(y|x_n)}
+       [\\nabla_\\theta \\log p(y|x_n) \\nabla_\\theta \\log p(y|x_n)^\\top]
+       = \\frac1N \\sum_n J_n^\\top H_n J_n,
+
+    with the expectation over ``y`` taken in closed form through a square root of the
+    output-space Fisher ``H_n`` (see :mod:`jaxgeom.variants`).
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> outputs``, batched: ``(N, C)`` for
+        classification and regression, ``(N, ..., C)`` for segmentation.
+      params: any pytree of arrays.
+      data: one batch ``(x, y)`` / ``(x,)`` / ``x``, or an iterable of batches (list,
+        generator, loader). ``y`` is not used.
+      representation: a representation class, e.g. ``PMatDense``, ``PMatDiag``.
+      variant: one of :data:`jaxgeom.variants.VARIANTS`.
+      covariance: for ``"regression"``: the output covariance Σ (scalar, ``(C,)``
+        diagonal or ``(C, C)``); identity by default.
+      batch_size: process data in chunks of this many examples (peak memory: one chunk of
+        per-example Jacobians, ``batch_size · K · d``); ``None``: one chunk per batch.
+      layer_collection: the parameter layout; discovered from ``apply_fn`` by default.
+      mode: ``"reverse"`` (one backward per output), ``"forward"`` (one forward per
+        parameter) or ``"auto"`` (the cheaper).
+      **options: passed to the representation's builder.
+
+    Returns:
+      The Fisher in ``representation``. Works inside ``jax.jit`` on a single batch.
+
+    Example:
+      >>> F = FIM(model.apply, params, (x, y), PMatDiag, variant="classif_logits")
+      >>> F.trace()
+    """
+    check_variant(variant)
+    first, data = data_lib.peek(data)
+    inputs = data_lib.inputs_of(first)
+    out_shape = _check_model(apply_fn, params, inputs, variant)
+    whitener = _whitener(variant, covariance, out_shape, params)
+    layer_collection = layer_collection or _layers(apply_fn, params, inputs)
+    fn = FisherOutputs(Hashable(apply_fn), variant)
+    return _build(
+        fn, params, _inputs_only(data, representation), representation,
+        layer_collection=layer_collection, batch_size=batch_size, mode=mode, aux=whitener,
+        **options,
+    )
+
+
+def FIM_MonteCarlo(
+    apply_fn: Callable,
+    params: Any,
+    data: Any,
+    representation: type[PMatAbstract],
+    *,
+    key: jax.Array,
+    variant: str = "classif_logits",
+    trials: int = 1,
+    covariance: Any = None,
+    batch_size: int | None = None,
+    layer_collection: LayerCollection | None = None,
+    mode: str = "auto",
+    **options: Any,
+) -> PMatAbstract:
+    """The Monte-Carlo Fisher: targets sampled from the model, ``trials`` per example.
+
+    .. math::  \\hat F = \\frac1N \\sum_n \\frac1T \\sum_{t=1}^T
+       \\nabla\\log p(\\hat y_{nt}|x_n)\\nabla\\log p(\\hat y_{nt}|x_n)^\\top,
+       \\quad \\hat y_{nt} \\sim p(y|x_n),
+
+    an unbiased estimate of :func:`FIM` with ``K = trials`` outputs per example (cheaper
+    than the exact Fisher when ``trials < C - 1``). Example ``n`` (counted over all
+    batches) samples with ``jax.random.fold_in(key, n)``, so the result does not depend
+    on how the data are batched or chunked.
+
+    Args are those of :func:`FIM`, plus ``key`` (an explicit PRNG key) and ``trials``.
+    """
+    check_variant(variant)
+    if int(trials) != trials or trials < 1:
+        raise ValueError(f"trials must be a positive integer; got {trials!r}")
+    first, data = data_lib.peek(data)
+    inputs = data_lib.inputs_of(first)
+    out_shape = _check_model(apply_fn, params, inputs, variant)
+    whitener = _whitener(variant, covariance, out_shape, params)
+    layer_collection = layer_collection or _layers(apply_fn, params, inputs)
+    fn = MonteCarloFisherOutputs(Hashable(apply_fn), variant, int(trials))
+    return _build(
+        fn, params, _inputs_only(data, representation), representation,
+        layer_collection=layer_collection, batch_size=batch_size, mode=mode,
+        aux=(jnp.asarray(key), whitener), **options,
+    )
+
+
+def SecondMoment(
+    fn: Callable,
+    params: Any,
+    data: Any,
+    representation: type[PMatAbstract],
+    *,
+    batch_size: int | None = None,
+    layer_collection: LayerCollection | None = None,
+    mode: str = "auto",
+    **options: Any,
+) -> PMatAbstract:
+    """The second moment :math:`M = \\frac1N \\sum_n J_n^\\top J_n` of any function.
+
+    ``fn(params, batch) -> (N, K)`` is batched and must treat examples independently;
+    ``J_n`` is the ``(K, d)`` Jacobian of row ``n``. Every Fisher is a special case;
+    others include:
+
+    - **empirical Fisher** (gradient second moment, "EF"): ``K = 1`` with the per-example
+      loss, ``fn = lambda p, b: -log_softmax(apply_fn(p, b[0]))[arange(N), b[1]][:, None]``
+      gives :math:`\\frac1N\\sum_n \\nabla\\ell_n\\nabla\\ell_n^\\top`;
+    - **GGN of a custom loss**: ``fn`` returns :math:`L_n^\\top f(x_n)` for a square root
+      :math:`L_nL_n^\\top` of the loss Hessian (held constant with ``stop_gradient``).
+
+    ``batch`` is whatever ``data`` yields (both ``x`` and ``y``).
+    """
+    first, data = data_lib.peek(data)
+    n = data_lib.num_examples(first)
+    out = jax.eval_shape(fn, params, first)
+    if len(out.shape) != 2 or out.shape[0] != n:
+        raise ValueError(
+            f"fn(params, batch) must return an array of shape (N, K) = ({n}, K) for a batch "
+            f"of {n} examples; got shape {out.shape}"
+        )
+    layer_collection = layer_collection or _layers(fn, params, first)
+    if isinstance(representation, type) and getattr(representation, "NEEDS_REPLAY", False):
+        data = list(data_lib.iter_batches(data))
+    return _build(
+        BatchedFunction(Hashable(fn)), params, data, representation,
+        layer_collection=layer_collection, batch_size=batch_size, mode=mode, aux=None,
+        **options,
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+def _build(fn, params, data, representation, **kwargs) -> PMatAbstract:
+    if not (isinstance(representation, type) and issubclass(representation, PMatAbstract)):
+        raise TypeError(
+            f"representation must be a representation class such as "
+            f"{', '.join(c.__name__ for c in REGISTRY)}; got {representation!r}"
+        )
+    return representation.from_jacobians(fn, params, data, **kwargs)
+
+
+def _check_model(apply_fn, params, inputs, variant) -> tuple[int, ...]:
+    n = data_lib.num_examples(inputs, "inputs x")
+    if n == 0:
+        raise ValueError("the first batch contains no example")
+    out = jax.eval_shape(apply_fn, params, inputs)
+    if not hasattr(out, "shape"):
+        raise ValueError(
+            f"apply_fn must return one array of outputs; got {jax.tree_util.tree_structure(out)}"
+        )
+    check_outputs(variant, tuple(out.shape), n)
+    return tuple(out.shape)
+
+
+def _whitener(variant, covariance, out_shape, params):
+    if variant != "regression":
+        if covariance is not None:
+            raise ValueError(f"covariance is only used by variant 'regression', not {variant!r}")
+        return None
+    num_outputs = 1 if len(out_shape) == 1 else out_shape[1]
+    dtype = LayerCollection.from_params(params).dtype
+    return regression_whitener(covariance, num_outputs, dtype)
+
+
+def _layers(fn, params, args) -> LayerCollection:
+    one = jax.tree_util.tree_map(lambda a: a[:1], args)
+    return LayerCollection.from_model(fn, params, one)
+
+
+def _inputs_only(data, representation):
+    """The inputs ``x`` of every batch; materialised when the representation replays data."""
+    if data_lib.is_single_batch(data):
+        return data_lib.inputs_of(data)
+    inputs = (data_lib.inputs_of(b) for b in data)
+    if isinstance(representation, type) and getattr(representation, "NEEDS_REPLAY", False):
+        return list(inputs)
+    return inputs

@@ -1,0 +1,39 @@
+"""Matrix functions through eigenvalues, shared by every representation with a spectrum."""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+
+def is_integer(p) -> bool:
+    return isinstance(p, numbers.Integral) or (isinstance(p, float) and float(p).is_integer())
+
+
+def power(values: jax.Array, p, regul=0.0) -> jax.Array:
+    """``(λ + regul)^p`` of eigenvalues; for non-integer ``p`` the matrix is taken PSD
+    and negative round-off eigenvalues are clipped to 0."""
+    shifted = values + regul
+    if is_integer(p):
+        return shifted ** int(p)
+    return jnp.maximum(shifted, 0) ** p
+
+
+def pinv(values: jax.Array, atol=None, rtol=None) -> jax.Array:
+    """``1/λ`` for ``|λ| > max(atol, rtol·max|λ|)``, else 0.
+
+    Defaults follow ``numpy.linalg.pinv``: ``rtol = n·eps`` when ``atol`` is not given.
+    """
+    scale = jnp.max(jnp.abs(values)) if values.size else 0.0
+    if rtol is None:
+        rtol = 0.0 if atol is not None else values.size * jnp.finfo(values.dtype).eps
+    threshold = jnp.maximum(0.0 if atol is None else atol, rtol * scale)
+    keep = jnp.abs(values) > threshold
+    return jnp.where(keep, 1 / jnp.where(keep, values, 1), 0)
+
+
+def reconstruct(evals: jax.Array, evecs: jax.Array) -> jax.Array:
+    """``V diag(λ) Vᵀ`` for the columns ``V`` of ``evecs``."""
+    return (evecs * evals) @ evecs.T

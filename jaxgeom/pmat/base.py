@@ -1,0 +1,346 @@
+"""The common algebra of every parameter-space matrix ``M`` (d × d).
+
+A representation implements a few primitives on flat ``(d,)`` vectors (``_mv``, and where
+cheaper than the generic route ``to_dense``, ``get_diag``, ``_solve``, …); this base class
+derives the rest once, handles every accepted vector form (``PVector``, params-shaped
+pytree, flat array) and the operators ``+ - * / @``, and raises a
+``NotImplementedError`` naming the representations that *can* do an operation when one
+cannot.
+
+Representations are frozen dataclasses registered as pytrees: arrays are children, the
+:class:`~jaxgeom.layers.LayerCollection` is static metadata, so every object can be built,
+returned and consumed inside ``jax.jit``. Operations return new objects.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import numbers
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgeom.jacobian import accumulate
+from jaxgeom.layers import LayerCollection
+from jaxgeom.solvers import cg
+from jaxgeom.vector import PVector, as_flat, as_rows
+
+REGISTRY: list[type] = []
+
+# Public name of the method that implements each capability (for error messages).
+_CAPABILITY_METHOD = {
+    "scalar multiplication": "_scale",
+    "addition": "_add_same",
+}
+
+
+def static_field(**kwargs) -> Any:
+    """A dataclass field kept as static pytree metadata (not traced by ``jit``)."""
+    return dataclasses.field(metadata=dict(static=True), **kwargs)
+
+
+def representation(cls: type) -> type:
+    """Class decorator: frozen dataclass + pytree registration + registry entry."""
+    cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+    cls = jax.tree_util.register_dataclass(cls)
+    REGISTRY.append(cls)
+    return cls
+
+
+def _is_scalar(x: Any) -> bool:
+    return isinstance(x, numbers.Number) or (hasattr(x, "shape") and jnp.ndim(x) == 0)
+
+
+class PMatAbstract(abc.ABC):
+    """Abstract d × d matrix in parameter space (Fisher, GGN, Hessian, …).
+
+    Subclasses implement ``_mv(v)`` on flat vectors and declare their fields; everything
+    else has a generic definition here (often through ``to_dense``, which subclasses
+    override where they have a cheaper route).
+    """
+
+    layer_collection: LayerCollection
+
+    #: solve methods accepted by :meth:`solve`; the first is the default.
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cg",)
+
+    # ------------------------------------------------------------------ primitives
+    @abc.abstractmethod
+    def _mv(self, v: jax.Array) -> jax.Array:
+        """``M v`` for a flat ``(d,)`` vector."""
+
+    def _solve(self, v: jax.Array, regul, method: str, **options) -> jax.Array:
+        """``(M + regul·I)⁻¹ v`` for a flat vector; the base offers conjugate gradient."""
+        if method != "cg":
+            raise ValueError(
+                f"unknown solve method {method!r} for {type(self).__name__}; valid methods: "
+                f"{self.SOLVE_METHODS}"
+            )
+        preconditioner = options.pop("preconditioner", None)
+        if isinstance(preconditioner, PMatAbstract):
+            p, r = preconditioner, regul
+            options["preconditioner"] = lambda x: p._solve(x, r, p.SOLVE_METHODS[0])
+        elif preconditioner is not None:
+            options["preconditioner"] = preconditioner
+        return cg(lambda x: self._mv(x) + regul * x, v, **options)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def dtype(self):
+        leaves = jax.tree_util.tree_leaves(self)
+        return leaves[0].dtype if leaves else self.layer_collection.dtype
+
+    def size(self, dim: int | None = None):
+        """``(d, d)``, or ``d`` for ``dim`` in ``(0, 1)``."""
+        d = self.layer_collection.numel()
+        return (d, d) if dim is None else (d, d)[dim]
+
+    # ------------------------------------------------------------------ products
+    def mv(self, v: Any) -> Any:
+        """``M v``. Accepts and returns a ``PVector``, a params pytree or a flat vector."""
+        flat, wrap = as_flat(v, self.layer_collection)
+        return wrap(self._mv(flat))
+
+    def vTMv(self, v: Any) -> jax.Array:
+        """The quadratic form ``vᵀ M v`` (a scalar)."""
+        flat, _ = as_flat(v, self.layer_collection)
+        return jnp.vdot(flat, self._mv(flat))
+
+    def mmap(self, rows: Any) -> jax.Array:
+        """``M`` applied to each row of a stack of flat vectors ``(..., d)`` (e.g. the rows
+        ``(outputs, examples, d)`` of a Jacobian map): returns the same shape."""
+        rows = as_rows(rows, self.layer_collection)
+        flat = rows.reshape(-1, rows.shape[-1])
+        return jax.vmap(self._mv)(flat).reshape(rows.shape)
+
+    def mapTMmap(self, rows: Any, reduction: str = "sum") -> jax.Array:
+        """Quadratic forms ``rᵀ M r`` of the rows of a ``(K, N, d)`` Jacobian map.
+
+        ``reduction="diag"`` returns the ``(K, N)`` forms; ``"sum"`` sums them over the
+        outputs ``K`` and returns ``(N,)``.
+        """
+        if reduction not in ("sum", "diag"):
+            raise ValueError(f"reduction must be 'sum' or 'diag'; got {reduction!r}")
+        rows = as_rows(rows, self.layer_collection)
+        forms = jnp.sum(rows * self.mmap(rows), axis=-1)
+        if reduction == "sum":
+            if forms.ndim < 2:
+                raise ValueError("reduction='sum' needs a (K, N, d) map; use reduction='diag'")
+            return jnp.sum(forms, axis=0)
+        return forms
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, PMatAbstract):
+            return self.mm(other)
+        if hasattr(other, "to_dense") and not isinstance(other, (jax.Array, PVector)):
+            return self.mmap(other)
+        return self.mv(other)
+
+    # ------------------------------------------------------------------ dense views
+    def to_dense(self) -> jax.Array:
+        """The ``(d, d)`` matrix in the flat order (generic: ``d`` products)."""
+        d = self.layer_collection.numel()
+        return jax.vmap(self._mv)(jnp.eye(d, dtype=self.dtype)).T
+
+    def get_diag(self) -> jax.Array:
+        """The diagonal ``(d,)`` in the flat order."""
+        return jnp.diag(self.to_dense())
+
+    def trace(self) -> jax.Array:
+        return jnp.sum(self.get_diag())
+
+    def frobenius_norm(self) -> jax.Array:
+        return jnp.linalg.norm(self.to_dense())
+
+    def eigvalsh(self) -> jax.Array:
+        """All eigenvalues, ascending (the matrix is taken symmetric)."""
+        return jnp.linalg.eigvalsh(self.to_dense())
+
+    def norm(self, ord: Any = None) -> jax.Array:
+        """``None``/``"fro"``: Frobenius norm; ``2``: largest ``|λ|``; ``-2``: smallest."""
+        if ord in (None, "fro"):
+            return self.frobenius_norm()
+        if ord in (2, -2):
+            ev = jnp.abs(self.eigvalsh())
+            return jnp.max(ev) if ord == 2 else jnp.min(ev)
+        raise ValueError(f"unknown norm ord {ord!r}; valid: None, 'fro', 2, -2")
+
+    # ------------------------------------------------------------------ solves & functions
+    def solve(self, v: Any, regul: Any = 0.0, *, method: str | None = None, **options) -> Any:
+        """``(M + regul·I)⁻¹ v``.
+
+        ``v`` is a vector (``PVector``, params pytree or flat ``(d,)``) or a stack of flat
+        vectors ``(..., d)`` / a Jacobian map, solved row by row. ``method`` is one of
+        ``SOLVE_METHODS`` (first = default); ``"cg"`` accepts ``x0``, ``rtol``, ``atol``,
+        ``maxiter`` and ``preconditioner`` (any representation, solved with the same
+        ``regul``, or a callable).
+        """
+        method = self.SOLVE_METHODS[0] if method is None else method
+        if method not in self.SOLVE_METHODS:
+            raise ValueError(
+                f"unknown solve method {method!r} for {type(self).__name__}; valid methods: "
+                f"{self.SOLVE_METHODS}"
+            )
+        if _is_map(v, self.layer_collection):
+            rows = as_rows(v, self.layer_collection)
+            flat = rows.reshape(-1, rows.shape[-1])
+            solved = jax.vmap(lambda r: self._solve(r, regul, method, **options))(flat)
+            return solved.reshape(rows.shape)
+        flat, wrap = as_flat(v, self.layer_collection)
+        return wrap(self._solve(flat, regul, method, **options))
+
+    def inv(self, regul: Any = 0.0) -> PMatAbstract:
+        """``(M + regul·I)⁻¹`` as a representation."""
+        self._unsupported("inv", "use solve(v, regul) instead")
+
+    def pinv(self, atol: Any = None, rtol: Any = None) -> PMatAbstract:
+        """Moore–Penrose pseudo-inverse (eigenvalues ``|λ| ≤ max(atol, rtol·max|λ|)`` dropped)."""
+        self._unsupported("pinv")
+
+    def pow(self, p: Any, regul: Any = 0.0) -> PMatAbstract:
+        """``(M + regul·I)^p``; non-integer powers take the matrix as PSD."""
+        self._unsupported("pow")
+
+    def __pow__(self, p: Any) -> PMatAbstract:
+        return self.pow(p)
+
+    def eigh(self) -> tuple[jax.Array, jax.Array]:
+        """Eigendecomposition ``(λ ascending, V)`` with ``M = V diag(λ) Vᵀ``."""
+        self._unsupported("eigh")
+
+    # ------------------------------------------------------------------ algebra
+    def mm(self, other: PMatAbstract) -> PMatAbstract:
+        """The matrix product ``self · other`` (dense unless a cheaper form exists)."""
+        from jaxgeom.pmat.dense import PMatDense
+
+        self._check_compatible(other)
+        return PMatDense(self.layer_collection, self.to_dense() @ other.to_dense())
+
+    def _scale(self, s: Any) -> PMatAbstract:
+        self._unsupported("scalar multiplication")
+
+    def _add_same(self, other: PMatAbstract, sign: int) -> PMatAbstract:
+        self._unsupported("addition", "convert to PMatDense first")
+
+    def __mul__(self, s: Any) -> PMatAbstract:
+        if not _is_scalar(s):
+            return NotImplemented
+        return self._scale(s)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, s: Any) -> PMatAbstract:
+        if not _is_scalar(s):
+            return NotImplemented
+        return self._scale(1 / s)
+
+    def __neg__(self) -> PMatAbstract:
+        return self._scale(-1)
+
+    def __add__(self, other: Any) -> PMatAbstract:
+        if not isinstance(other, PMatAbstract):
+            return NotImplemented
+        return _combine(self, other, 1)
+
+    def __sub__(self, other: Any) -> PMatAbstract:
+        if not isinstance(other, PMatAbstract):
+            return NotImplemented
+        return _combine(self, other, -1)
+
+    # ------------------------------------------------------------------ construction
+    #: rank in the promotion order ``Eye < Diag < BlockDiag < Dense`` used by ``+``/``-``
+    #: between different representations (``None``: converts to dense).
+    PROMOTION_RANK: ClassVar[int | None] = None
+
+    @classmethod
+    def from_pmat(cls, other: PMatAbstract) -> PMatAbstract:
+        """Convert another representation to this one (exact conversions only)."""
+        raise NotImplementedError(
+            f"{cls.__name__} cannot be made from a {type(other).__name__}"
+        )
+
+    @classmethod
+    def accumulator(cls, layer_collection: LayerCollection, **options) -> Any:
+        """How this representation reduces per-example Jacobians (see :mod:`jaxgeom.jacobian`)."""
+        raise TypeError(
+            f"{cls.__name__} is not built from data; representations that are: "
+            + ", ".join(c.__name__ for c in REGISTRY if _buildable(c))
+        )
+
+    @classmethod
+    def from_jacobians(
+        cls,
+        fn: Callable,
+        params: Any,
+        data: Any,
+        *,
+        layer_collection: LayerCollection,
+        batch_size: int | None = None,
+        mode: str = "auto",
+        aux: Any = None,
+        **options,
+    ) -> PMatAbstract:
+        """``(1/N) Σₙ Jₙᵀ Jₙ`` of a per-example function ``fn`` over ``data``, streamed."""
+        acc = cls.accumulator(layer_collection, **options)
+        return accumulate(fn, params, data, acc, batch_size=batch_size, mode=mode, aux=aux)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_compatible(self, other: PMatAbstract) -> None:
+        if other.layer_collection != self.layer_collection:
+            raise ValueError(
+                f"{type(self).__name__} and {type(other).__name__} act on different parameter "
+                "layouts (LayerCollections differ); build both for the same params and layers"
+            )
+
+    def _unsupported(self, op: str, hint: str = "") -> None:
+        method = _CAPABILITY_METHOD.get(op, op)
+        able = [c.__name__ for c in REGISTRY if _implements(c, method)]
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support {op}"
+            + (f" ({hint})" if hint else "")
+            + (f"; representations that do: {', '.join(able)}" if able else "")
+        )
+
+    def __repr__(self) -> str:
+        d = self.layer_collection.numel()
+        return f"{type(self).__name__}(d={d}, layers={len(self.layer_collection)})"
+
+
+def _implements(cls: type, method: str) -> bool:
+    return getattr(cls, method, None) is not getattr(PMatAbstract, method, None)
+
+
+def _buildable(cls: type) -> bool:
+    return _implements(cls, "accumulator") or _implements(cls, "from_jacobians")
+
+
+def _is_map(v: Any, layout: LayerCollection) -> bool:
+    """Whether ``v`` is a stack of flat vectors (or a Jacobian map) rather than one vector."""
+    if isinstance(v, PVector):
+        return False
+    if hasattr(v, "to_dense") and not isinstance(v, jax.Array):
+        return True
+    is_array = isinstance(v, (jax.Array, np.ndarray))
+    params_shaped = len(layout.shapes) == 1 and tuple(np.shape(v)) == layout.shapes[0]
+    return is_array and np.ndim(v) >= 2 and np.shape(v)[-1] == layout.numel() and not (
+        params_shaped
+    )
+
+
+def _combine(a: PMatAbstract, b: PMatAbstract, sign: int) -> PMatAbstract:
+    """``a + sign·b`` in the least structured representation that holds both exactly."""
+    a._check_compatible(b)
+    if type(a) is type(b):
+        return a._add_same(b, sign)
+    ranks = (type(a).PROMOTION_RANK, type(b).PROMOTION_RANK)
+    if None in ranks:
+        from jaxgeom.pmat.dense import PMatDense
+
+        target = PMatDense
+    else:
+        target = type(a) if ranks[0] >= ranks[1] else type(b)
+    return target.from_pmat(a)._add_same(target.from_pmat(b), sign)

@@ -1,0 +1,135 @@
+"""``PMatDense``: the whole d × d matrix."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxgeom.layers import LayerCollection
+from jaxgeom.pmat import _spectral
+from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+
+
+@representation
+class PMatDense(PMatAbstract):
+    """The full matrix ``M`` (``d × d``, flat order).
+
+    Build: ``N K B`` for the per-example Jacobians plus ``N K d²`` for ``Σ JᵀJ``; memory
+    ``d²`` plus one chunk of Jacobians (``batch_size · K · d``).
+    Operations: ``mv`` ``d²``; ``solve`` ``d³`` (Cholesky by default, ``"eigh"``,
+    ``"lstsq"``, ``"cg"``); ``eigh``/``pow``/``pinv`` ``d³``.
+
+    Attributes:
+      layer_collection: the parameter layout (static).
+      data: the ``(d, d)`` matrix.
+    """
+
+    layer_collection: LayerCollection = static_field()
+    data: jax.Array = dataclasses.field(default=None)
+
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq", "cg")
+    PROMOTION_RANK: ClassVar[int] = 3
+
+    def __post_init__(self):
+        d = self.layer_collection.numel()
+        if self.data is not None and hasattr(self.data, "shape") and self.data.shape != (d, d):
+            raise ValueError(f"PMatDense data must have shape ({d}, {d}); got {self.data.shape}")
+
+    # ------------------------------------------------------------------ primitives
+    def _mv(self, v):
+        return self.data @ v
+
+    def to_dense(self):
+        return self.data
+
+    def get_diag(self):
+        return jnp.diag(self.data)
+
+    def frobenius_norm(self):
+        return jnp.linalg.norm(self.data)
+
+    def eigvalsh(self):
+        return jnp.linalg.eigvalsh(self.data)
+
+    def eigh(self):
+        return jnp.linalg.eigh(self.data)
+
+    def _shifted(self, regul):
+        return self.data + regul * jnp.eye(self.data.shape[0], dtype=self.data.dtype)
+
+    def _solve(self, v, regul, method, **options):
+        if method == "cholesky":
+            factor = jax.scipy.linalg.cho_factor(self._shifted(regul))
+            return jax.scipy.linalg.cho_solve(factor, v)
+        if method == "eigh":
+            evals, evecs = self.eigh()
+            return evecs @ ((evecs.T @ v) / (evals + regul))
+        if method == "lstsq":
+            return jnp.linalg.lstsq(self._shifted(regul), v, rcond=options.get("rcond"))[0]
+        return super()._solve(v, regul, method, **options)
+
+    # ------------------------------------------------------------------ functions
+    def inv(self, regul: Any = 0.0) -> PMatDense:
+        eye = jnp.eye(self.data.shape[0], dtype=self.data.dtype)
+        return self._with(jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(
+            self._shifted(regul)), eye))
+
+    def pinv(self, atol: Any = None, rtol: Any = None) -> PMatDense:
+        evals, evecs = self.eigh()
+        return self._with(_spectral.reconstruct(_spectral.pinv(evals, atol, rtol), evecs))
+
+    def pow(self, p: Any, regul: Any = 0.0) -> PMatDense:
+        if _spectral.is_integer(p) and p >= 0:
+            return self._with(jnp.linalg.matrix_power(self._shifted(regul), int(p)))
+        evals, evecs = self.eigh()
+        return self._with(_spectral.reconstruct(_spectral.power(evals, p, regul), evecs))
+
+    # ------------------------------------------------------------------ algebra
+    def mm(self, other: PMatAbstract) -> PMatDense:
+        self._check_compatible(other)
+        return self._with(self.data @ other.to_dense())
+
+    def _scale(self, s):
+        return self._with(self.data * s)
+
+    def _add_same(self, other, sign):
+        return self._with(self.data + sign * other.data)
+
+    def _with(self, data) -> PMatDense:
+        return PMatDense(self.layer_collection, data)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pmat(cls, other: PMatAbstract) -> PMatDense:
+        return cls(other.layer_collection, other.to_dense())
+
+    @classmethod
+    def accumulator(cls, layer_collection: LayerCollection, **options) -> DenseAccumulator:
+        _no_options(cls, options)
+        return DenseAccumulator(layer_collection)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseAccumulator:
+    """``Σₙ Jₙᵀ Jₙ`` over chunks, then ``/ N``."""
+
+    layer_collection: LayerCollection
+
+    def init(self, dtype):
+        d = self.layer_collection.numel()
+        return jnp.zeros((d, d), dtype)
+
+    def update(self, state, jac):
+        rows = jac.reshape(-1, jac.shape[-1])
+        return state + rows.T @ rows
+
+    def finalize(self, state, n):
+        return PMatDense(self.layer_collection, state / n)
+
+
+def _no_options(cls, options):
+    if options:
+        raise TypeError(f"{cls.__name__} takes no build options; got {sorted(options)}")

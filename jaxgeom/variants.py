@@ -1,0 +1,198 @@
+"""Fisher variants as output transforms.
+
+Every Fisher is built from the per-example Jacobian of a *transformed output* ``z``:
+
+.. math::  F = \\frac1N \\sum_n J_{z,n}^\\top J_{z,n},
+
+with ``z`` chosen so that :math:`J_z^\\top J_z` is the Fisher of example ``n``:
+
+- exact variants use a square root ``B`` of the output-space Fisher, :math:`z = B f`
+  with ``B`` held constant (``stop_gradient``):
+
+  - ``classif_logits`` (softmax over the last axis): the exact Cholesky factor of the
+    multinomial covariance :math:`\\mathrm{diag}(p) - pp^\\top` (Tanabe & Sagae 1992),
+    ``(C-1) x C``, so ``K = C - 1``. (kfac-jax uses the symmetric ``C x C`` root
+    :math:`\\mathrm{diag}(\\sqrt p) - p\\sqrt p^\\top`; one more output for the same matrix.)
+  - ``classif_logsoftmax``: the model outputs log-probabilities; same factor.
+  - ``classif_binary_logits``: independent sigmoids, :math:`z = f\\sqrt{p(1-p)}`, ``K = C``.
+  - ``regression``: Gaussian likelihood with covariance :math:`\\Sigma = LL^\\top`
+    (identity by default), :math:`z = L^{-1} f` so :math:`J_z^\\top J_z = J^\\top\\Sigma^{-1}J`.
+  - ``segmentation_logits``: per-position softmax over the last axis of ``(..., C)``
+    outputs; the Fisher of the product likelihood is the sum over positions, ``K = P (C-1)``.
+
+- Monte-Carlo variants sample :math:`\\hat y \\sim p(y|x)` with an explicit key and use
+  :math:`z_t = \\log p(\\hat y_t | x) / \\sqrt{T}` for ``T`` trials (segmentation: the sum
+  over positions; regression: :math:`z_t = \\xi_t^\\top L^{-1} f/\\sqrt T`, :math:`\\xi \\sim
+  N(0, I)`, whose expectation is :math:`J^\\top\\Sigma^{-1}J` — not NNGeometry's
+  :math:`\\sigma^2 J^\\top J`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+VARIANTS = (
+    "classif_logits",
+    "classif_binary_logits",
+    "classif_logsoftmax",
+    "regression",
+    "segmentation_logits",
+)
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+
+
+# ----------------------------------------------------------------------------- factors
+def softmax_cholesky_outputs(logits: jax.Array) -> jax.Array:
+    """``B @ logits`` with ``B`` the ``(C-1) x C`` Cholesky factor of ``diag(p) - p pᵀ``.
+
+    ``p = softmax(logits)`` is held constant. Row ``i`` of ``B`` is
+    :math:`\\sqrt{d_i}\\,(e_i - \\mathbb 1_{j>i} p_j / q_i)` with :math:`q_i = \\sum_{j>i}
+    p_j` and :math:`d_i = p_i q_i / (p_i + q_i)`, so that :math:`B^\\top B = \\mathrm{diag}(p)
+    - pp^\\top` exactly (Tanabe & Sagae 1992).
+    """
+    p = jax.lax.stop_gradient(jax.nn.softmax(logits))
+    tail = jnp.cumsum(p[::-1])[::-1]  # tail[i] = Σ_{j≥i} p_j, summed from the small end
+    q = tail[1:]  # q_i = Σ_{j>i} p_j for i = 0..C-2
+    tiny = jnp.finfo(p.dtype).tiny
+    weighted_tail = jnp.cumsum((p * logits)[::-1])[::-1][1:]  # Σ_{j>i} p_j x_j
+    centred = logits[:-1] - weighted_tail / jnp.maximum(q, tiny)
+    d = p[:-1] * q / jnp.maximum(p[:-1] + q, tiny)
+    return centred * jnp.sqrt(d)
+
+
+def binary_outputs(logits: jax.Array) -> jax.Array:
+    p = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
+    return jnp.ravel(logits * jnp.sqrt(p * (1 - p)))
+
+
+def regression_whitener(covariance: Any, num_outputs: int, dtype: Any) -> jax.Array:
+    """``L⁻¹`` for ``Σ = LLᵀ``: ``covariance`` may be None (identity), a scalar σ², a
+    ``(C,)`` diagonal or a ``(C, C)`` matrix."""
+    if covariance is None:
+        return jnp.eye(num_outputs, dtype=dtype)
+    cov = jnp.asarray(covariance, dtype)
+    if cov.ndim == 0:
+        return jnp.eye(num_outputs, dtype=dtype) / jnp.sqrt(cov)
+    if cov.shape == (num_outputs,):
+        return jnp.diag(1 / jnp.sqrt(cov))
+    if cov.shape == (num_outputs, num_outputs):
+        chol = jnp.linalg.cholesky(cov)
+        return jax.scipy.linalg.solve_triangular(chol, jnp.eye(num_outputs, dtype=dtype), lower=True)
+    raise ValueError(
+        f"covariance must be a scalar, a ({num_outputs},) diagonal or a ({num_outputs}, "
+        f"{num_outputs}) matrix for {num_outputs} regression outputs; got shape {cov.shape}"
+    )
+
+
+# ----------------------------------------------------------------------------- checks
+def check_outputs(variant: str, shape: tuple[int, ...], n: int) -> None:
+    """Check that batched model outputs of ``shape`` fit ``variant`` for ``n`` examples."""
+    if not shape or shape[0] != n:
+        raise ValueError(
+            f"apply_fn returned outputs of shape {shape} for a batch of {n} examples; "
+            "outputs must have the examples on their leading axis"
+        )
+    ndim = len(shape)
+    if variant in ("classif_logits", "classif_logsoftmax"):
+        if ndim != 2 or shape[1] < 2:
+            raise ValueError(
+                f"variant {variant!r} needs outputs of shape (N, C) with C >= 2 classes; got "
+                f"{shape}. Use 'classif_binary_logits' for one logit per example and "
+                "'segmentation_logits' for (N, ..., C) outputs."
+            )
+    elif variant == "segmentation_logits":
+        if ndim < 3 or shape[-1] < 2:
+            raise ValueError(
+                f"variant 'segmentation_logits' needs outputs of shape (N, ..., C) with at "
+                f"least one position axis and C >= 2 classes (classes last); got {shape}"
+            )
+    elif variant in ("classif_binary_logits", "regression") and ndim > 2:
+        raise ValueError(
+            f"variant {variant!r} needs outputs of shape (N,) or (N, C); got {shape}. "
+            "Reshape the outputs in apply_fn."
+        )
+
+
+# ----------------------------------------------------------------------------- transforms
+def _one(x: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[None], x)
+
+
+@dataclasses.dataclass(frozen=True)
+class FisherOutputs:
+    """Per-example transformed outputs of ``apply_fn`` for the exact Fisher.
+
+    ``aux`` is the regression whitener ``L⁻¹`` (``None`` for the other variants).
+    """
+
+    apply_fn: Callable
+    variant: str
+
+    def __call__(self, params, x, index, aux):
+        del index
+        out = self.apply_fn(params, _one(x))[0]
+        if self.variant in ("classif_logits", "classif_logsoftmax"):
+            return softmax_cholesky_outputs(out)
+        if self.variant == "segmentation_logits":
+            flat = out.reshape(-1, out.shape[-1])
+            return jax.vmap(softmax_cholesky_outputs)(flat).ravel()
+        if self.variant == "classif_binary_logits":
+            return binary_outputs(out)
+        return aux @ jnp.ravel(out)  # regression
+
+
+@dataclasses.dataclass(frozen=True)
+class MonteCarloFisherOutputs:
+    """Per-example scaled log-likelihoods of sampled targets, ``(trials,)``.
+
+    ``aux = (key, whitener)``; example ``index`` draws with ``fold_in(key, index)``.
+    """
+
+    apply_fn: Callable
+    variant: str
+    trials: int
+
+    def __call__(self, params, x, index, aux):
+        key, whitener = aux
+        key = jax.random.fold_in(key, index)
+        out = self.apply_fn(params, _one(x))[0]
+        scale = 1 / jnp.sqrt(jnp.asarray(self.trials, out.dtype))
+        fixed = jax.lax.stop_gradient(out)
+        if self.variant in ("classif_logits", "classif_logsoftmax", "segmentation_logits"):
+            logp = jax.nn.log_softmax(out, axis=-1)
+            y = jax.random.categorical(key, jax.nn.log_softmax(fixed, axis=-1),
+                                       shape=(self.trials,) + out.shape[:-1])
+            picked = jnp.take_along_axis(logp[None], y[..., None], axis=-1)[..., 0]
+            return scale * picked.reshape(self.trials, -1).sum(axis=1)
+        if self.variant == "classif_binary_logits":
+            y = jax.random.bernoulli(key, jax.nn.sigmoid(fixed), (self.trials,) + out.shape)
+            logp = jnp.where(y, jax.nn.log_sigmoid(out), jax.nn.log_sigmoid(-out))
+            return scale * logp.reshape(self.trials, -1).sum(axis=1)
+        xi = jax.random.normal(key, (self.trials, whitener.shape[0]), out.dtype)  # regression
+        return scale * xi @ (whitener @ jnp.ravel(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchedFunction:
+    """Adapt a batched ``fn(params, batch) -> (N, K)`` to the per-example protocol."""
+
+    fn: Callable
+
+    def __call__(self, params, example, index, aux):
+        del index, aux
+        out = self.fn(params, _one(example))
+        if out.ndim != 2 or out.shape[0] != 1:
+            raise ValueError(
+                f"fn(params, batch) must return an array of shape (N, K); for a batch of one "
+                f"example it returned shape {out.shape}"
+            )
+        return out[0]

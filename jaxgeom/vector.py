@@ -1,0 +1,162 @@
+"""Vectors in parameter space.
+
+:class:`PVector` wraps a params-shaped pytree and gives it vector-space arithmetic.
+Every jaxgeom method that takes a vector accepts a ``PVector``, a raw params-shaped
+pytree, or a flat ``(d,)`` array in the flat order, and answers in the same form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgeom.layers import LayerCollection
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PVector:
+    """A vector in parameter space, stored as a params-shaped pytree.
+
+    Supports ``+``, ``-``, unary ``-``, scalar ``*`` and ``/``, ``**`` (elementwise),
+    ``dot``/``@`` (inner product over all leaves) and ``norm``.
+
+    Example:
+      >>> v = PVector({"w": jnp.ones(3), "b": jnp.zeros(1)})
+      >>> float(v.dot(v))
+      3.0
+    """
+
+    tree: Any
+
+    # --------------------------------------------------------------- conversions
+    @classmethod
+    def from_flat(cls, params: Any, flat: jax.Array) -> PVector:
+        """The vector whose flat form (flat order of ``params``) is ``flat`` (shape ``(d,)``)."""
+        layout = LayerCollection.from_params(params)
+        if jnp.shape(flat) != (layout.numel(),):
+            raise ValueError(
+                f"flat vector has shape {jnp.shape(flat)}, expected ({layout.numel()},)"
+            )
+        return cls(layout.from_flat(jnp.asarray(flat)))
+
+    def to_flat(self) -> jax.Array:
+        """The ``(d,)`` flat form, in the order of ``ravel_pytree(params)``."""
+        leaves = jax.tree_util.tree_leaves(self.tree)
+        dtype = jnp.result_type(*leaves)
+        return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+
+    def size(self) -> int:
+        return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(self.tree))
+
+    # --------------------------------------------------------------- algebra
+    def _map2(self, other: Any, op: Callable) -> PVector:
+        other = other.tree if isinstance(other, PVector) else other
+        return PVector(jax.tree_util.tree_map(op, self.tree, other))
+
+    def __add__(self, other: Any) -> PVector:
+        if not isinstance(other, PVector):
+            return NotImplemented
+        return self._map2(other, jnp.add)
+
+    def __sub__(self, other: Any) -> PVector:
+        if not isinstance(other, PVector):
+            return NotImplemented
+        return self._map2(other, jnp.subtract)
+
+    def __neg__(self) -> PVector:
+        return PVector(jax.tree_util.tree_map(jnp.negative, self.tree))
+
+    def __mul__(self, scalar: Any) -> PVector:
+        if not _is_scalar(scalar):
+            return NotImplemented
+        return PVector(jax.tree_util.tree_map(lambda x: x * scalar, self.tree))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: Any) -> PVector:
+        if not _is_scalar(scalar):
+            return NotImplemented
+        return PVector(jax.tree_util.tree_map(lambda x: x / scalar, self.tree))
+
+    def __pow__(self, exponent: Any) -> PVector:
+        return PVector(jax.tree_util.tree_map(lambda x: x**exponent, self.tree))
+
+    def dot(self, other: Any) -> jax.Array:
+        """Inner product ``Σ_leaves Σ x·y`` with another ``PVector`` or params-shaped pytree."""
+        other = other.tree if isinstance(other, PVector) else other
+        terms = jax.tree_util.tree_map(lambda x, y: jnp.vdot(x, y), self.tree, other)
+        return sum(jax.tree_util.tree_leaves(terms))
+
+    def __matmul__(self, other: Any) -> jax.Array:
+        if isinstance(other, PVector):
+            return self.dot(other)
+        return NotImplemented
+
+    def norm(self, p: float = 2) -> jax.Array:
+        """The ``p``-norm of the flat vector (``p = inf`` for the max-abs norm)."""
+        return jnp.linalg.norm(self.to_flat(), ord=p)
+
+
+def _is_scalar(x: Any) -> bool:
+    return isinstance(x, numbers.Number) or (hasattr(x, "shape") and jnp.ndim(x) == 0)
+
+
+def random_pvector(key: jax.Array, params: Any, dtype: Any = None) -> PVector:
+    """A standard normal vector shaped like ``params`` (dtype: the leaves', or ``dtype``)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    new = [
+        jax.random.normal(k, jnp.shape(x), dtype or jnp.result_type(x))
+        for k, x in zip(keys, leaves)
+    ]
+    return PVector(jax.tree_util.tree_unflatten(treedef, new))
+
+
+# ----------------------------------------------------------------------------- I/O
+def as_flat(v: Any, layout: LayerCollection, what: str = "vector") -> tuple[jax.Array, Callable]:
+    """Flatten any accepted vector form; return ``(flat, wrap)`` where ``wrap`` restores it.
+
+    Accepted forms: :class:`PVector`, params-shaped pytree, flat ``(d,)`` array.
+    Mismatched structures or shapes raise a ``ValueError`` that names the leaf path.
+    """
+    d = layout.numel()
+    if isinstance(v, PVector):
+        layout.check_tree(v.tree, what)
+        return layout.to_flat(v.tree), lambda flat: PVector(layout.from_flat(flat))
+    if _is_array(v) and jax.tree_util.tree_structure(v) != layout.treedef:
+        if jnp.shape(v) != (d,):
+            raise ValueError(
+                f"a flat {what} must have shape ({d},) (the number of parameters); "
+                f"got shape {jnp.shape(v)}"
+            )
+        return jnp.asarray(v), lambda flat: flat
+    if _is_array(v) and jnp.shape(v) == (d,) and len(layout.shapes) == 1:
+        # params is itself a single array: a flat vector and a pytree coincide up to shape
+        return jnp.ravel(v), lambda flat: flat.reshape(layout.shapes[0])
+    layout.check_tree(v, what)
+    return layout.to_flat(v), layout.from_flat
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def as_rows(rows: Any, layout: LayerCollection, what: str = "map") -> jax.Array:
+    """A stack of flat vectors ``(..., d)`` from an array or anything with ``to_dense()``
+    (e.g. a ``PFMapDense``, giving ``(outputs, examples, d)``)."""
+    if hasattr(rows, "to_dense") and not _is_array(rows):
+        rows = rows.to_dense()
+    rows = jnp.asarray(rows)
+    if rows.ndim < 1 or rows.shape[-1] != layout.numel():
+        raise ValueError(
+            f"a {what} must be an array of flat vectors with last axis {layout.numel()} "
+            f"(the number of parameters); got shape {rows.shape}"
+        )
+    return rows

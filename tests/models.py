@@ -1,0 +1,203 @@
+"""Small models in every supported framework, and float64 brute-force references.
+
+Each ``make_*`` returns a :class:`Task`: ``apply_fn(params, x)`` batched, ``params``, a
+batch ``x`` of inputs, integer labels ``y`` and the number of outputs. Models are tiny
+(tens to a few hundred parameters) so that dense references are cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    apply_fn: Callable
+    params: Any
+    x: Any
+    y: Any
+    num_outputs: int
+
+
+def to_float64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def _labels(key, n, c):
+    return jax.random.randint(key, (n,), 0, c)
+
+
+# ----------------------------------------------------------------------------- linen
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(6)(x))
+        return nn.Dense(4)(x)
+
+
+class LinenCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(3, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))(x))
+        x = nn.Conv(2, (2, 2), padding="VALID")(x)
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(3)(x)
+
+
+class LinenLayerNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(5)(x)
+        x = nn.LayerNorm()(x)
+        return nn.Dense(3)(nn.tanh(x))
+
+
+class LinenEmbed(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        e = nn.Embed(7, 3)(tokens)  # (N, T, 3)
+        return nn.Dense(3)(jnp.tanh(e).mean(axis=1))
+
+
+def _linen(name, module, x, key, c):
+    k1, k2 = jax.random.split(key)
+    params = to_float64(module.init(k1, x)["params"])
+
+    def apply_fn(p, x):
+        return module.apply({"params": p}, x)
+
+    return Task(name, apply_fn, params, x, _labels(k2, x.shape[0], c), c)
+
+
+def make_linen_mlp(key=jax.random.PRNGKey(0), n=7):
+    x = jax.random.normal(jax.random.PRNGKey(1), (n, 3))
+    return _linen("linen_mlp", LinenMLP(), x, key, 4)
+
+
+def make_linen_cnn(key=jax.random.PRNGKey(0), n=5):
+    x = jax.random.normal(jax.random.PRNGKey(2), (n, 6, 6, 2))
+    return _linen("linen_cnn", LinenCNN(), x, key, 3)
+
+
+def make_linen_layernorm(key=jax.random.PRNGKey(0), n=6):
+    x = jax.random.normal(jax.random.PRNGKey(3), (n, 4))
+    return _linen("linen_layernorm", LinenLayerNorm(), x, key, 3)
+
+
+def make_linen_embed(key=jax.random.PRNGKey(0), n=6):
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (n, 4), 0, 7)
+    return _linen("linen_embed", LinenEmbed(), tokens, key, 3)
+
+
+# ----------------------------------------------------------------------------- nnx
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(3, 5, rngs=rngs)
+        self.l2 = nnx.Linear(5, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+def make_nnx_mlp(key=jax.random.PRNGKey(0), n=7):
+    model = NNXMLP(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = to_float64(nnx.to_pure_dict(params))
+
+    def apply_fn(p, x):
+        state = nnx.State(p) if not isinstance(p, nnx.State) else p
+        return nnx.merge(graphdef, state)(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(5), (n, 3))
+    return Task("nnx_mlp", apply_fn, params, x, _labels(key, n, 4), 4)
+
+
+# ----------------------------------------------------------------------------- equinox
+def make_equinox_mlp(key=jax.random.PRNGKey(0), n=7):
+    import equinox as eqx
+
+    model = eqx.nn.MLP(3, 4, width_size=5, depth=1, activation=jnp.tanh, key=key)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def apply_fn(p, x):
+        return jax.vmap(eqx.combine(p, static))(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(6), (n, 3))
+    return Task("equinox_mlp", apply_fn, params, x, _labels(key, n, 4), 4)
+
+
+# ----------------------------------------------------------------------------- plain
+def make_plain_mlp(key=jax.random.PRNGKey(0), n=7):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    params = {
+        "w1": jax.random.normal(k1, (3, 5)) / np.sqrt(3),
+        "b1": 0.1 * jax.random.normal(k2, (5,)),
+        "w2": jax.random.normal(k3, (5, 4)) / np.sqrt(5),
+        "b2": 0.1 * jax.random.normal(k4, (4,)),
+    }
+
+    def apply_fn(p, x):
+        return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    x = jax.random.normal(jax.random.PRNGKey(7), (n, 3))
+    return Task("plain_mlp", apply_fn, params, x, _labels(key, n, 4), 4)
+
+
+ALL_TASKS = {
+    "linen_mlp": make_linen_mlp,
+    "linen_cnn": make_linen_cnn,
+    "linen_layernorm": make_linen_layernorm,
+    "linen_embed": make_linen_embed,
+    "nnx_mlp": make_nnx_mlp,
+    "equinox_mlp": make_equinox_mlp,
+    "plain_mlp": make_plain_mlp,
+}
+
+
+# ----------------------------------------------------------------------------- references
+def flat_jacobian(apply_fn, params, x):
+    """Brute-force per-example Jacobian ``(N, C, d)`` of the raw outputs (``(N, ..., C)``
+    outputs are flattened to ``(N, P·C)``)."""
+    flat0, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def per_example(flat, xi):
+        out = apply_fn(unravel(flat), jax.tree_util.tree_map(lambda a: a[None], xi))[0]
+        return jnp.ravel(out)
+
+    return jax.vmap(jax.jacrev(per_example), in_axes=(None, 0))(flat0, x)
+
+
+def output_fisher(variant, out, covariance=None):
+    """The output-space Fisher ``H_n`` of one example's raw outputs ``out``."""
+    if variant in ("classif_logits", "classif_logsoftmax"):
+        p = jax.nn.softmax(out)
+        return jnp.diag(p) - jnp.outer(p, p)
+    if variant == "segmentation_logits":
+        blocks = [output_fisher("classif_logits", o) for o in out.reshape(-1, out.shape[-1])]
+        return jax.scipy.linalg.block_diag(*blocks)
+    if variant == "classif_binary_logits":
+        p = jax.nn.sigmoid(jnp.ravel(out))
+        return jnp.diag(p * (1 - p))
+    c = jnp.size(out)
+    if covariance is None:
+        return jnp.eye(c)
+    cov = jnp.asarray(covariance)
+    cov = cov * jnp.eye(c) if cov.ndim == 0 else (jnp.diag(cov) if cov.ndim == 1 else cov)
+    return jnp.linalg.inv(cov)
+
+
+def reference_fisher(apply_fn, params, x, variant="classif_logits", covariance=None):
+    """``(1/N) Σₙ Jₙᵀ Hₙ Jₙ`` by brute force, ``(d, d)``."""
+    jac = flat_jacobian(apply_fn, params, x)
+    outs = apply_fn(params, x)
+    hs = jnp.stack([output_fisher(variant, o, covariance) for o in outs])
+    return jnp.einsum("nkd,nkl,nle->de", jac, hs, jac) / jac.shape[0]
