@@ -124,7 +124,9 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
         for start in range(0, n, size):
             stop = min(start + size, n)
             count = stop - start
-            chunk = jax.tree_util.tree_map(lambda a, s=start, e=stop: _pad(a[s:e], size), batch)
+            chunk = jax.tree_util.tree_map(
+                lambda a, s=start, e=stop, k=size: _pad(a[s:e], k), batch
+            )
             mask = np.zeros(size)
             mask[:count] = 1.0
             yield Chunk(chunk, jnp.asarray(mask), offset, count)

@@ -118,9 +118,9 @@ def check_finite(finite: Any, offset: int, count: int) -> None:
         return
     if not bool(finite):
         raise FloatingPointError(
-            f"non-finite model outputs or gradients for the examples {offset}..{offset + count - 1}"
-            ": check the inputs and the parameters (NaN/inf), or the variant (e.g. "
-            "'classif_logsoftmax' expects log-probabilities, not probabilities)"
+            "non-finite model outputs or gradients for the examples "
+            f"{offset}..{offset + count - 1}: check the inputs and the parameters (NaN/inf), "
+            "or the variant (e.g. 'classif_logsoftmax' expects log-probabilities)"
         )
 
 
@@ -147,7 +147,8 @@ def accumulate(
     resolved = None
     for chunk in iter_chunks(data, batch_size):
         if resolved is None:
-            resolved = resolve_mode(mode, layout.numel(), output_count(fn, params, chunk.batch, aux))
+            num_outputs = output_count(fn, params, chunk.batch, aux)
+            resolved = resolve_mode(mode, layout.numel(), num_outputs)
             state = accumulator.init(layout.dtype)
         state_or_jac, finite = _accumulate_chunk(
             state, params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux,

@@ -219,7 +219,7 @@ class LayerCollection:
                 + ". Pass a pytree shaped like params, a PVector, or a flat vector of size "
                 f"{self.numel()}."
             )
-        for (path, leaf), shape, want_path in zip(got, self.shapes, self.paths):
+        for (_, leaf), shape, want_path in zip(got, self.shapes, self.paths):
             if tuple(np.shape(leaf)) != shape:
                 raise ValueError(
                     f"the {what}'s leaf {want_path!r} has shape {tuple(np.shape(leaf))}, "

@@ -86,7 +86,8 @@ def regression_whitener(covariance: Any, num_outputs: int, dtype: Any) -> jax.Ar
         return jnp.diag(1 / jnp.sqrt(cov))
     if cov.shape == (num_outputs, num_outputs):
         chol = jnp.linalg.cholesky(cov)
-        return jax.scipy.linalg.solve_triangular(chol, jnp.eye(num_outputs, dtype=dtype), lower=True)
+        eye = jnp.eye(num_outputs, dtype=dtype)
+        return jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
     raise ValueError(
         f"covariance must be a scalar, a ({num_outputs},) diagonal or a ({num_outputs}, "
         f"{num_outputs}) matrix for {num_outputs} regression outputs; got shape {cov.shape}"

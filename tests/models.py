@@ -78,22 +78,26 @@ def _linen(name, module, x, key, c):
     return Task(name, apply_fn, params, x, _labels(k2, x.shape[0], c), c)
 
 
-def make_linen_mlp(key=jax.random.PRNGKey(0), n=7):
+def make_linen_mlp(seed=0, n=7):
+    key = jax.random.PRNGKey(seed)
     x = jax.random.normal(jax.random.PRNGKey(1), (n, 3))
     return _linen("linen_mlp", LinenMLP(), x, key, 4)
 
 
-def make_linen_cnn(key=jax.random.PRNGKey(0), n=5):
+def make_linen_cnn(seed=0, n=5):
+    key = jax.random.PRNGKey(seed)
     x = jax.random.normal(jax.random.PRNGKey(2), (n, 6, 6, 2))
     return _linen("linen_cnn", LinenCNN(), x, key, 3)
 
 
-def make_linen_layernorm(key=jax.random.PRNGKey(0), n=6):
+def make_linen_layernorm(seed=0, n=6):
+    key = jax.random.PRNGKey(seed)
     x = jax.random.normal(jax.random.PRNGKey(3), (n, 4))
     return _linen("linen_layernorm", LinenLayerNorm(), x, key, 3)
 
 
-def make_linen_embed(key=jax.random.PRNGKey(0), n=6):
+def make_linen_embed(seed=0, n=6):
+    key = jax.random.PRNGKey(seed)
     tokens = jax.random.randint(jax.random.PRNGKey(4), (n, 4), 0, 7)
     return _linen("linen_embed", LinenEmbed(), tokens, key, 3)
 
@@ -108,7 +112,8 @@ class NNXMLP(nnx.Module):
         return self.l2(jnp.tanh(self.l1(x)))
 
 
-def make_nnx_mlp(key=jax.random.PRNGKey(0), n=7):
+def make_nnx_mlp(seed=0, n=7):
+    key = jax.random.PRNGKey(seed)
     model = NNXMLP(nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     params = to_float64(nnx.to_pure_dict(params))
@@ -122,7 +127,8 @@ def make_nnx_mlp(key=jax.random.PRNGKey(0), n=7):
 
 
 # ----------------------------------------------------------------------------- equinox
-def make_equinox_mlp(key=jax.random.PRNGKey(0), n=7):
+def make_equinox_mlp(seed=0, n=7):
+    key = jax.random.PRNGKey(seed)
     import equinox as eqx
 
     model = eqx.nn.MLP(3, 4, width_size=5, depth=1, activation=jnp.tanh, key=key)
@@ -136,7 +142,8 @@ def make_equinox_mlp(key=jax.random.PRNGKey(0), n=7):
 
 
 # ----------------------------------------------------------------------------- plain
-def make_plain_mlp(key=jax.random.PRNGKey(0), n=7):
+def make_plain_mlp(seed=0, n=7):
+    key = jax.random.PRNGKey(seed)
     k1, k2, k3, k4 = jax.random.split(key, 4)
     params = {
         "w1": jax.random.normal(k1, (3, 5)) / np.sqrt(3),

@@ -1,0 +1,335 @@
+"""FIM, FIM_MonteCarlo and SecondMoment against float64 brute force (in PMatDense)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import (
+    ALL_TASKS,
+    flat_jacobian,
+    make_linen_mlp,
+    make_plain_mlp,
+    output_fisher,
+    reference_fisher,
+    to_float64,
+)
+
+from jaxgeom import FIM, VARIANTS, FIM_MonteCarlo, PMatDense, SecondMoment
+from jaxgeom.variants import softmax_cholesky_outputs
+
+TOL = dict(rtol=1e-9, atol=1e-12)
+
+
+def dense(apply_fn, params, data, **kw):
+    return FIM(apply_fn, params, data, PMatDense, **kw).to_dense()
+
+
+# ----------------------------------------------------------------------------- exact variants
+@pytest.mark.parametrize("name", sorted(ALL_TASKS))
+def test_classif_logits_equals_brute_force(name):
+    t = ALL_TASKS[name]()
+    np.testing.assert_allclose(
+        dense(t.apply_fn, t.params, (t.x, t.y)), reference_fisher(t.apply_fn, t.params, t.x),
+        **TOL,
+    )
+
+
+def test_classif_logsoftmax_equals_logits_fisher():
+    t = make_linen_mlp()
+
+    def log_probs(p, x):
+        return jax.nn.log_softmax(t.apply_fn(p, x))
+
+    F_logsoftmax = dense(log_probs, t.params, t.x, variant="classif_logsoftmax")
+    np.testing.assert_allclose(F_logsoftmax, reference_fisher(t.apply_fn, t.params, t.x), **TOL)
+
+
+@pytest.mark.parametrize("single_logit", [False, True])
+def test_classif_binary_logits(single_logit):
+    t = make_plain_mlp()
+    apply_fn = (lambda p, x: t.apply_fn(p, x)[:, 0]) if single_logit else t.apply_fn
+    F = dense(apply_fn, t.params, t.x, variant="classif_binary_logits")
+    ref = reference_fisher(apply_fn, t.params, t.x, "classif_binary_logits")
+    np.testing.assert_allclose(F, ref, **TOL)
+
+
+@pytest.mark.parametrize(
+    "covariance",
+    [None, 0.5, jnp.array([0.5, 1.0, 2.0, 3.0]), "matrix"],
+    ids=["identity", "scalar", "diagonal", "matrix"],
+)
+def test_regression_with_covariance(covariance):
+    t = make_plain_mlp()
+    if isinstance(covariance, str):
+        a = jax.random.normal(jax.random.PRNGKey(3), (4, 4))
+        covariance = a @ a.T + 0.5 * jnp.eye(4)
+    F = dense(t.apply_fn, t.params, t.x, variant="regression", covariance=covariance)
+    ref = reference_fisher(t.apply_fn, t.params, t.x, "regression", covariance)
+    np.testing.assert_allclose(F, ref, **TOL)
+
+
+class SegNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(3, (3, 3), padding="SAME")(nn.tanh(nn.Conv(2, (3, 3), padding="SAME")(x)))
+
+
+def make_segmentation():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 1))
+    params = to_float64(SegNet().init(jax.random.PRNGKey(1), x)["params"])
+    return (lambda p, x: SegNet().apply({"params": p}, x)), params, x
+
+
+def test_segmentation_logits_sums_positions():
+    apply_fn, params, x = make_segmentation()
+    F = dense(apply_fn, params, x, variant="segmentation_logits")
+    ref = reference_fisher(apply_fn, params, x, "segmentation_logits")
+    np.testing.assert_allclose(F, ref, **TOL)
+
+
+_cholesky_factor = jax.jit(jax.jacobian(softmax_cholesky_outputs))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.floats(-30, 30, allow_nan=False), min_size=2, max_size=7),
+)
+def test_softmax_cholesky_factor_squares_to_multinomial_covariance(logits):
+    logits = jnp.asarray(logits, jnp.float64)
+    B = _cholesky_factor(logits)
+    p = jax.nn.softmax(logits)
+    assert B.shape == (len(logits) - 1, len(logits))
+    np.testing.assert_allclose(B.T @ B, jnp.diag(p) - jnp.outer(p, p), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- data handling
+def test_chunked_equals_unchunked_and_batches_equal_one_batch():
+    t = make_linen_mlp(n=7)
+    whole = dense(t.apply_fn, t.params, (t.x, t.y))
+    chunked = dense(t.apply_fn, t.params, (t.x, t.y), batch_size=3)
+    as_list = dense(t.apply_fn, t.params, [(t.x[:2], t.y[:2]), (t.x[2:], t.y[2:])])
+    as_generator = dense(
+        t.apply_fn, t.params, ((t.x[i : i + 3], t.y[i : i + 3]) for i in range(0, 7, 3)),
+        batch_size=2,
+    )
+    as_numpy = dense(t.apply_fn, t.params, [(np.asarray(t.x), np.asarray(t.y))], batch_size=4)
+    for other in (chunked, as_list, as_generator, as_numpy):
+        np.testing.assert_allclose(other, whole, **TOL)
+
+
+def test_pytree_inputs():
+    t = make_plain_mlp(n=5)
+
+    def apply_fn(p, inputs):
+        return t.apply_fn(p, inputs["a"] + 2 * inputs["b"])
+
+    x = {"a": t.x, "b": jnp.cos(t.x)}
+    np.testing.assert_allclose(
+        dense(apply_fn, t.params, (x,), batch_size=2),
+        reference_fisher(t.apply_fn, t.params, t.x + 2 * jnp.cos(t.x)),
+        **TOL,
+    )
+
+
+def test_forward_mode_equals_reverse_mode():
+    t = make_linen_mlp()
+    np.testing.assert_allclose(
+        dense(t.apply_fn, t.params, t.x, mode="forward"),
+        dense(t.apply_fn, t.params, t.x, mode="reverse"),
+        **TOL,
+    )
+
+
+def test_fim_inside_jit_equals_eager():
+    t = make_linen_mlp()
+
+    @jax.jit
+    def build(params, x):
+        return FIM(t.apply_fn, params, (x,), PMatDense, batch_size=3)
+
+    F = build(t.params, t.x)
+    assert isinstance(F, PMatDense)
+    np.testing.assert_allclose(F.to_dense(), dense(t.apply_fn, t.params, t.x), **TOL)
+
+
+def test_second_moment_gives_the_empirical_fisher():
+    t = make_linen_mlp()
+
+    def losses(p, batch):
+        x, y = batch
+        logp = jax.nn.log_softmax(t.apply_fn(p, x))
+        return -jnp.take_along_axis(logp, y[:, None], axis=1)
+
+    M = SecondMoment(losses, t.params, (t.x, t.y), PMatDense, batch_size=4).to_dense()
+    flat0, unravel = jax.flatten_util.ravel_pytree(t.params)
+
+    def loss_n(flat, x, y):
+        return losses(unravel(flat), (x[None], y[None]))[0, 0]
+
+    g = jax.vmap(jax.grad(loss_n), in_axes=(None, 0, 0))(flat0, t.x, t.y)
+    np.testing.assert_allclose(M, g.T @ g / len(t.x), **TOL)
+
+
+# ----------------------------------------------------------------------------- Monte Carlo
+def _mc_error_bound(per_example_second_moments, fisher, n, trials):
+    """RMS Frobenius error of the MC estimate: E‖F̂−F‖² = Σₙ(E‖gₙ‖⁴ − ‖Fₙ‖²)/(N²T)."""
+    variance = sum(m4 - jnp.sum(fn**2) for m4, fn in per_example_second_moments)
+    return float(jnp.sqrt(variance / (n**2 * trials)))
+
+
+def _classif_moments(apply_fn, params, x):
+    jac = flat_jacobian(apply_fn, params, x)
+    moments = []
+    for jn, out in zip(jac, apply_fn(params, x)):
+        p = jax.nn.softmax(out)
+        grads = (jnp.eye(len(p)) - p) @ jn  # row y: ∇ log p(y) = Jᵀ(e_y − p)
+        m4 = jnp.sum(p * jnp.sum(grads**2, axis=1) ** 2)
+        moments.append((m4, jn.T @ output_fisher("classif_logits", out) @ jn))
+    return moments
+
+
+def _regression_moments(apply_fn, params, x):
+    moments = []
+    for jn in flat_jacobian(apply_fn, params, x):
+        a = jn @ jn.T  # ‖g‖² = ξᵀAξ, E(ξᵀAξ)² = (tr A)² + 2‖A‖²
+        moments.append((jnp.trace(a) ** 2 + 2 * jnp.sum(a**2), jn.T @ jn))
+    return moments
+
+
+def _binary_moments(apply_fn, params, x):
+    jac = flat_jacobian(apply_fn, params, x)
+    moments = []
+    for jn, out in zip(jac, apply_fn(params, x)):
+        p = jax.nn.sigmoid(out)
+        m4 = 0.0
+        for y in itertools.product([0.0, 1.0], repeat=len(p)):
+            y = jnp.array(y)
+            prob = jnp.prod(jnp.where(y == 1, p, 1 - p))
+            m4 += prob * jnp.sum(((y - p) @ jn) ** 2) ** 2
+        moments.append((m4, jn.T @ output_fisher("classif_binary_logits", out) @ jn))
+    return moments
+
+
+@pytest.mark.parametrize(
+    ("variant", "moments"),
+    [
+        ("classif_logits", _classif_moments),
+        ("regression", _regression_moments),
+        ("classif_binary_logits", _binary_moments),
+    ],
+)
+def test_monte_carlo_converges_to_exact(variant, moments):
+    t = make_plain_mlp(n=7)
+    exact = reference_fisher(t.apply_fn, t.params, t.x, variant)
+    n = len(t.x)
+    errors = {}
+    for trials in (1, 400):
+        mc = FIM_MonteCarlo(
+            t.apply_fn, t.params, t.x, PMatDense, key=jax.random.PRNGKey(0), variant=variant,
+            trials=trials,
+        ).to_dense()
+        bound = _mc_error_bound(moments(t.apply_fn, t.params, t.x), exact, n, trials)
+        errors[trials] = float(jnp.linalg.norm(mc - exact))
+        # Markov: P(‖F̂−F‖ > 5·rms) ≤ 1/25 for each fixed key.
+        assert errors[trials] < 5 * bound, (trials, errors[trials], bound)
+    assert errors[400] < errors[1]
+
+
+def test_monte_carlo_does_not_depend_on_chunking_and_uses_the_key():
+    t = make_linen_mlp(n=7)
+    key = jax.random.PRNGKey(42)
+    kw = dict(key=key, trials=2)
+    whole = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, **kw).to_dense()
+    chunked = FIM_MonteCarlo(
+        t.apply_fn, t.params, [(t.x[:4],), (t.x[4:],)], PMatDense, batch_size=3, **kw
+    ).to_dense()
+    np.testing.assert_allclose(chunked, whole, **TOL)
+    other = FIM_MonteCarlo(
+        t.apply_fn, t.params, t.x, PMatDense, key=jax.random.PRNGKey(1), trials=2
+    ).to_dense()
+    assert not np.allclose(other, whole)
+
+
+def test_monte_carlo_segmentation_and_logsoftmax_are_unbiased_in_expectation():
+    apply_fn, params, x = make_segmentation()
+    exact = reference_fisher(apply_fn, params, x, "segmentation_logits")
+    mc = FIM_MonteCarlo(
+        apply_fn, params, x, PMatDense, key=jax.random.PRNGKey(0),
+        variant="segmentation_logits", trials=2000,
+    ).to_dense()
+    # relative Frobenius error of an average of 2000·N samples
+    assert jnp.linalg.norm(mc - exact) / jnp.linalg.norm(exact) < 0.1
+    t = make_linen_mlp()
+    log_probs = lambda p, x: jax.nn.log_softmax(t.apply_fn(p, x))  # noqa: E731
+    kw = dict(key=jax.random.PRNGKey(5), trials=3)
+    np.testing.assert_allclose(
+        FIM_MonteCarlo(log_probs, t.params, t.x, PMatDense, variant="classif_logsoftmax", **kw)
+        .to_dense(),
+        FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, **kw).to_dense(),
+        **TOL,
+    )
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_variant_lists_valid_ones():
+    t = make_linen_mlp()
+    with pytest.raises(ValueError, match="valid variants") as info:
+        FIM(t.apply_fn, t.params, t.x, PMatDense, variant="classif")
+    for v in VARIANTS:
+        assert v in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("variant", "outputs"),
+    [
+        ("classif_logits", lambda o: o[:, 0]),
+        ("classif_logits", lambda o: o[:, :1]),
+        ("segmentation_logits", lambda o: o),
+        ("regression", lambda o: o[:, :, None, None]),
+        ("classif_logits", lambda o: o[:3]),
+    ],
+)
+def test_outputs_that_do_not_fit_the_variant(variant, outputs):
+    t = make_linen_mlp()
+    with pytest.raises(ValueError, match="shape"):
+        FIM(lambda p, x: outputs(t.apply_fn(p, x)), t.params, t.x, PMatDense, variant=variant)
+
+
+def test_empty_data():
+    t = make_linen_mlp()
+    with pytest.raises(ValueError, match="no batch"):
+        FIM(t.apply_fn, t.params, [], PMatDense)
+    with pytest.raises(ValueError, match="no example"):
+        FIM(t.apply_fn, t.params, t.x[:0], PMatDense)
+
+
+def test_non_finite_outputs():
+    t = make_plain_mlp()
+    params = dict(t.params, b2=t.params["b2"].at[0].set(jnp.nan))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        FIM(t.apply_fn, params, t.x, PMatDense, batch_size=3)
+
+
+def test_other_bad_arguments():
+    t = make_plain_mlp()
+    with pytest.raises(ValueError, match="covariance"):
+        FIM(t.apply_fn, t.params, t.x, PMatDense, covariance=2.0)
+    with pytest.raises(ValueError, match="covariance must be"):
+        FIM(t.apply_fn, t.params, t.x, PMatDense, variant="regression", covariance=jnp.ones(3))
+    with pytest.raises(ValueError, match="trials"):
+        FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, key=jax.random.PRNGKey(0), trials=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        FIM(t.apply_fn, t.params, t.x, PMatDense, batch_size=0)
+    with pytest.raises(ValueError, match="valid modes"):
+        FIM(t.apply_fn, t.params, t.x, PMatDense, mode="sideways")
+    with pytest.raises(TypeError, match="representation class"):
+        FIM(t.apply_fn, t.params, t.x, "dense")
+    with pytest.raises(ValueError, match="disagree"):
+        FIM(lambda p, x: t.apply_fn(p, x["a"]), t.params, ({"a": t.x, "b": t.x[:2]},), PMatDense)
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        SecondMoment(lambda p, b: t.apply_fn(p, b[0])[:, 0], t.params, (t.x,), PMatDense)

@@ -1,0 +1,75 @@
+"""PVector algebra, flat conversions and vector-form validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import make_linen_mlp
+
+from jaxgeom import LayerCollection, PVector, random_pvector
+from jaxgeom.vector import as_flat
+
+
+@pytest.fixture
+def params():
+    return make_linen_mlp().params
+
+
+def test_flat_order_is_ravel_pytree_order(params):
+    v = random_pvector(jax.random.PRNGKey(0), params)
+    flat, _ = jax.flatten_util.ravel_pytree(v.tree)
+    np.testing.assert_array_equal(v.to_flat(), flat)
+    np.testing.assert_array_equal(PVector.from_flat(params, flat).to_flat(), flat)
+    assert v.size() == flat.size
+
+
+def test_arithmetic_matches_flat_arithmetic(params):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    v, w = random_pvector(k1, params), random_pvector(k2, params)
+    fv, fw = v.to_flat(), w.to_flat()
+    np.testing.assert_allclose((v + w).to_flat(), fv + fw)
+    np.testing.assert_allclose((v - w).to_flat(), fv - fw)
+    np.testing.assert_allclose((-v).to_flat(), -fv)
+    np.testing.assert_allclose((2.5 * v).to_flat(), 2.5 * fv)
+    np.testing.assert_allclose((v * 2.5).to_flat(), 2.5 * fv)
+    np.testing.assert_allclose((v / 4).to_flat(), fv / 4)
+    np.testing.assert_allclose((v**2).to_flat(), fv**2)
+    np.testing.assert_allclose(v.dot(w), fv @ fw)
+    np.testing.assert_allclose(v @ w, fv @ fw)
+    np.testing.assert_allclose(v.dot(w.tree), fv @ fw)
+    np.testing.assert_allclose(v.norm(), np.linalg.norm(fv))
+    np.testing.assert_allclose(v.norm(1), np.abs(fv).sum())
+    np.testing.assert_allclose(v.norm(jnp.inf), np.abs(fv).max())
+
+
+def test_pvector_is_a_pytree_under_jit(params):
+    v = random_pvector(jax.random.PRNGKey(2), params)
+    doubled = jax.jit(lambda u: u * 2.0)(v)
+    assert isinstance(doubled, PVector)
+    np.testing.assert_allclose(doubled.to_flat(), 2 * v.to_flat())
+
+
+def test_as_flat_round_trips_each_form(params):
+    layout = LayerCollection.from_params(params)
+    v = random_pvector(jax.random.PRNGKey(3), params)
+    for form in (v, v.tree, v.to_flat()):
+        flat, wrap = as_flat(form, layout)
+        np.testing.assert_array_equal(flat, v.to_flat())
+        back = wrap(flat)
+        assert type(back) is type(form)
+        assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(form)
+
+
+def test_mismatched_vectors_name_the_leaf(params):
+    layout = LayerCollection.from_params(params)
+    bad_shape = jax.tree_util.tree_map(lambda a: a, params)
+    bad_shape["Dense_1"]["kernel"] = jnp.zeros((2, 2))
+    with pytest.raises(ValueError, match="Dense_1/kernel"):
+        as_flat(bad_shape, layout)
+    missing = {"Dense_0": params["Dense_0"]}
+    with pytest.raises(ValueError, match="missing leaves.*Dense_1/bias"):
+        as_flat(missing, layout)
+    with pytest.raises(ValueError, match=f"shape \\({layout.numel()},\\)"):
+        as_flat(jnp.zeros(layout.numel() + 1), layout)
+    with pytest.raises(ValueError, match="expected"):
+        PVector.from_flat(params, jnp.zeros(3))
