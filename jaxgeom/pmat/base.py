@@ -18,6 +18,7 @@ import abc
 import dataclasses
 import numbers
 from collections.abc import Callable
+from inspect import getattr_static
 from typing import Any, ClassVar
 
 import jax
@@ -45,7 +46,7 @@ def static_field(**kwargs) -> Any:
 
 def representation(cls: type) -> type:
     """Class decorator: frozen dataclass + pytree registration + registry entry."""
-    cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+    cls = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
     cls = jax.tree_util.register_dataclass(cls)
     REGISTRY.append(cls)
     return cls
@@ -267,7 +268,8 @@ class PMatAbstract(abc.ABC):
     def accumulator(cls, layer_collection: LayerCollection, **options) -> Any:
         """How this representation reduces per-example Jacobians (see :mod:`jaxgeom.jacobian`)."""
         raise TypeError(
-            f"{cls.__name__} is not built from data; representations that are: "
+            f"{cls.__name__} is not built from data (construct it directly); representations "
+            "that are: "
             + ", ".join(c.__name__ for c in REGISTRY if _buildable(c))
         )
 
@@ -311,7 +313,10 @@ class PMatAbstract(abc.ABC):
 
 
 def _implements(cls: type, method: str) -> bool:
-    return getattr(cls, method, None) is not getattr(PMatAbstract, method, None)
+    """Whether ``cls`` overrides ``method`` (an override marked ``unsupported`` only raises)."""
+    found = getattr_static(cls, method, None)
+    base = getattr_static(PMatAbstract, method, None)
+    return found is not base and not getattr(found, "unsupported", False)
 
 
 def _buildable(cls: type) -> bool:
