@@ -11,7 +11,13 @@ from jaxgeom.metrics import FIM as FIM
 from jaxgeom.metrics import FIM_MonteCarlo as FIM_MonteCarlo
 from jaxgeom.metrics import SecondMoment as SecondMoment
 from jaxgeom.pmat import PMatAbstract as PMatAbstract
+from jaxgeom.pmat import PMatBlockDiag as PMatBlockDiag
 from jaxgeom.pmat import PMatDense as PMatDense
+from jaxgeom.pmat import PMatDiag as PMatDiag
+from jaxgeom.pmat import PMatEye as PMatEye
+from jaxgeom.pmat import PMatImplicit as PMatImplicit
+from jaxgeom.pmat import PMatKFAC as PMatKFAC
+from jaxgeom.pmat import PMatLowRank as PMatLowRank
 from jaxgeom.solvers import cg as cg
 from jaxgeom.variants import VARIANTS as VARIANTS
 from jaxgeom.vector import PVector as PVector
@@ -25,7 +31,13 @@ __all__ = [
     "Layer",
     "LayerCollection",
     "PMatAbstract",
+    "PMatBlockDiag",
     "PMatDense",
+    "PMatDiag",
+    "PMatEye",
+    "PMatImplicit",
+    "PMatKFAC",
+    "PMatLowRank",
     "PVector",
     "SecondMoment",
     "VARIANTS",

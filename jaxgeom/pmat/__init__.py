@@ -1,6 +1,21 @@
 """Parameter-space matrix representations (one module each)."""
 
 from jaxgeom.pmat.base import PMatAbstract as PMatAbstract
+from jaxgeom.pmat.blockdiag import PMatBlockDiag as PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense as PMatDense
+from jaxgeom.pmat.diag import PMatDiag as PMatDiag
+from jaxgeom.pmat.eye import PMatEye as PMatEye
+from jaxgeom.pmat.implicit import PMatImplicit as PMatImplicit
+from jaxgeom.pmat.kfac import PMatKFAC as PMatKFAC
+from jaxgeom.pmat.lowrank import PMatLowRank as PMatLowRank
 
-__all__ = ["PMatAbstract", "PMatDense"]
+__all__ = [
+    "PMatAbstract",
+    "PMatBlockDiag",
+    "PMatDense",
+    "PMatDiag",
+    "PMatEye",
+    "PMatImplicit",
+    "PMatKFAC",
+    "PMatLowRank",
+]

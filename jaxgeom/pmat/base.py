@@ -339,6 +339,9 @@ def _is_map(v: Any, layout: LayerCollection) -> bool:
 def _combine(a: PMatAbstract, b: PMatAbstract, sign: int) -> PMatAbstract:
     """``a + sign·b`` in the least structured representation that holds both exactly."""
     a._check_compatible(b)
+    for m in (a, b):
+        if getattr(m, "NEEDS_REPLAY", False):  # never densify a matrix-free operator silently
+            m._unsupported("addition", "build both operands in a stored representation")
     if type(a) is type(b):
         return a._add_same(b, sign)
     ranks = (type(a).PROMOTION_RANK, type(b).PROMOTION_RANK)

@@ -1,0 +1,180 @@
+"""Pieces shared by the structured representations ``PMatEye``, ``PMatDiag``, ``PMatBlockDiag``.
+
+- :class:`CanonicalDiagonal`: the algebra of ``M = diag(λ)``, whose eigenvectors are the
+  canonical basis, so that every matrix function acts elementwise on the stored values.
+- :func:`structured_mm`: ``A · B`` in the more general of the two structures (the promotion
+  order ``Eye < Diag < BlockDiag < Dense`` of ``+``), instead of the generic dense product.
+- :class:`MeanOfJacobians`: building from data as ``M = (1/N) Σₙ term(Jₙ)`` (the
+  accumulator protocol of :mod:`jaxgeom.jacobian`) from two small class methods.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxgeom.layers import LayerCollection
+from jaxgeom.pmat import _spectral
+from jaxgeom.pmat.base import PMatAbstract, _implements
+from jaxgeom.pmat.dense import _no_options
+
+
+class CanonicalDiagonal(PMatAbstract):
+    """``M = diag(λ)`` in the canonical basis, stored as ``values`` broadcasting to ``(d,)``.
+
+    ``values`` is the ``(d,)`` diagonal (``PMatDiag``) or one 0-d scaling of the identity
+    (``PMatEye``). The eigenvalues are the diagonal entries and the eigenvectors the
+    canonical basis, so ``mv``, ``solve``, ``inv``, ``pinv``, ``pow``, ``+``, ``·`` are
+    elementwise: cost ``values.size`` (``trace`` and norms too; ``get_diag``/``mv``: ``d``).
+    """
+
+    #: ``"default"`` is the closed form ``v / (λ + regul)``.
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
+
+    @property
+    @abc.abstractmethod
+    def _values(self) -> jax.Array:
+        """The stored diagonal: ``(d,)`` or a 0-d scalar standing for every entry."""
+
+    @abc.abstractmethod
+    def _with(self, values: jax.Array) -> CanonicalDiagonal:
+        """The same representation with other values."""
+
+    # ------------------------------------------------------------------ primitives
+    def _mv(self, v):
+        return self._values * v
+
+    def _solve(self, v, regul, method, **options):
+        if method == "default":
+            return v / (self._values + regul)
+        return super()._solve(v, regul, method, **options)
+
+    @property
+    def _multiplicity(self) -> float:
+        """How many diagonal entries each stored value stands for (1, or d for a scalar)."""
+        return self.layer_collection.numel() / self._values.size
+
+    def get_diag(self):
+        return jnp.broadcast_to(self._values, (self.layer_collection.numel(),))
+
+    def to_dense(self):
+        return jnp.diag(self.get_diag())
+
+    def trace(self):
+        return jnp.sum(self._values) * self._multiplicity
+
+    def frobenius_norm(self):
+        return jnp.sqrt(jnp.sum(jnp.abs(self._values) ** 2) * self._multiplicity)
+
+    def eigvalsh(self):
+        return jnp.sort(self.get_diag())
+
+    def norm(self, ord: Any = None) -> jax.Array:
+        if ord in (2, -2):
+            magnitudes = jnp.abs(self._values)
+            return jnp.max(magnitudes) if ord == 2 else jnp.min(magnitudes)
+        return super().norm(ord)
+
+    def eigh(self):
+        self._unsupported(
+            "eigh", "the eigenvectors are the canonical basis: the eigenvalues are get_diag()"
+        )
+
+    eigh.unsupported = True  # raises only: not listed among the representations that do
+
+    # ------------------------------------------------------------------ functions
+    def inv(self, regul: Any = 0.0) -> CanonicalDiagonal:
+        return self._with(1 / (self._values + regul))
+
+    def pinv(self, atol: Any = None, rtol: Any = None) -> CanonicalDiagonal:
+        return self._with(_spectral.pinv(self._values, atol, rtol))
+
+    def pow(self, p: Any, regul: Any = 0.0) -> CanonicalDiagonal:
+        return self._with(_spectral.power(self._values, p, regul))
+
+    # ------------------------------------------------------------------ algebra
+    def mm(self, other: PMatAbstract) -> PMatAbstract:
+        return structured_mm(self, other)
+
+    def _mm_same(self, other: CanonicalDiagonal) -> CanonicalDiagonal:
+        return self._with(self._values * other._values)
+
+    def _scale(self, s):
+        return self._with(self._values * s)
+
+    def _add_same(self, other, sign):
+        return self._with(self._values + sign * other._values)
+
+    @classmethod
+    def from_pmat(cls, other: PMatAbstract) -> CanonicalDiagonal:
+        """Exact conversion from a representation lower in the promotion order."""
+        if isinstance(other, cls):
+            return other
+        rank = type(other).PROMOTION_RANK
+        if rank is not None and rank < cls.PROMOTION_RANK:
+            return cls(other.layer_collection, other.get_diag())
+        raise NotImplementedError(
+            f"{cls.__name__} cannot hold a {type(other).__name__} exactly (its off-diagonal "
+            "entries would be dropped); convert to a more general representation "
+            "(PMatBlockDiag.from_pmat, PMatDense.from_pmat), or keep only the diagonal on "
+            "purpose with PMatDiag(M.layer_collection, M.get_diag())"
+        )
+
+
+def structured_mm(a: PMatAbstract, b: PMatAbstract) -> PMatAbstract:
+    """``a · b`` in the more general representation of the two (the promotion order of ``+``).
+
+    Both are converted to that representation (``from_pmat``, exact upwards) and multiplied
+    by its ``_mm_same``; a ``PMatEye`` factor only scales the other one. When the target has
+    no structured product (``PMatDense``, or a representation outside the promotion order)
+    the product is dense.
+    """
+    from jaxgeom.pmat.eye import PMatEye
+
+    a._check_compatible(b)
+    if isinstance(b, PMatEye) and _implements(type(a), "_scale"):
+        return a._scale(b.scaling)
+    ranks = (type(a).PROMOTION_RANK, type(b).PROMOTION_RANK)
+    target = None if None in ranks else (type(a) if ranks[0] >= ranks[1] else type(b))
+    if target is None or not hasattr(target, "_mm_same"):
+        return PMatAbstract.mm(a, b)
+    return target.from_pmat(a)._mm_same(target.from_pmat(b))
+
+
+class MeanOfJacobians:
+    """Mixin for representations built as ``M = (1/N) Σₙ term(Jₙ)`` with a pytree state.
+
+    The class gives ``_zeros(layer_collection, dtype)`` (the zero state) and
+    ``_term(layer_collection, jac)`` (the contribution of one chunk's masked Jacobian
+    ``(n, K, d)``), and is constructed as ``cls(layer_collection, mean)``.
+    """
+
+    @classmethod
+    def accumulator(cls, layer_collection: LayerCollection, **options) -> MeanAccumulator:
+        _no_options(cls, options)
+        return MeanAccumulator(layer_collection, cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanAccumulator:
+    """The accumulator (:mod:`jaxgeom.jacobian`) of a :class:`MeanOfJacobians`
+    representation: sums ``term`` over chunks, then divides by ``N``. Hashable: a static
+    argument of the compiled step."""
+
+    layer_collection: LayerCollection
+    representation: type
+
+    def init(self, dtype: Any) -> Any:
+        return self.representation._zeros(self.layer_collection, dtype)
+
+    def update(self, state: Any, jac: jax.Array) -> Any:
+        term = self.representation._term(self.layer_collection, jac)
+        return jax.tree_util.tree_map(jnp.add, state, term)
+
+    def finalize(self, state: Any, n: int) -> PMatAbstract:
+        mean = jax.tree_util.tree_map(lambda s: s / n, state)
+        return self.representation(self.layer_collection, mean)

@@ -1,0 +1,229 @@
+"""``PMatBlockDiag``: one dense block per layer, zero between layers."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgeom.layers import Layer, LayerCollection
+from jaxgeom.pmat import _spectral
+from jaxgeom.pmat._structured import MeanOfJacobians, structured_mm
+from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.pmat.dense import PMatDense
+
+
+@representation
+class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
+    """The layer-block-diagonal matrix: ``M_ll = (1/N) Σₙ Jₙ,ₗᵀ Jₙ,ₗ`` for each layer ``l``
+    (``Jₙ,ₗ`` the columns of the Jacobian on the layer's parameters), zero across layers.
+
+    A layer's flat indices (``layer_collection.layer_indices(layer)``) need not be
+    contiguous (e.g. a plain dict ``{"b1", "b2", "w1", "w2"}`` interleaves two layers);
+    blocks are in the order of ``layer_collection.layers`` and index the layer's parameters
+    in ascending flat order. Every block is a :class:`PMatDense` on its own, so all dense
+    operations apply blockwise.
+
+    Build: ``N K B`` for the per-example Jacobians plus ``N K Σ d_l²``; memory ``Σ d_l²``
+    plus one chunk of Jacobians (never a ``d × d`` matrix).
+    Operations: ``mv`` ``Σ d_l²``; ``solve`` ``Σ d_l³`` (per block: Cholesky by default,
+    ``"eigh"``, ``"lstsq"``; or ``"cg"`` on the whole matrix); ``inv``/``pinv``/``pow``/
+    ``eigh``/``eigvalsh``/``norm(±2)`` ``Σ d_l³``; ``trace`` ``d``; Frobenius ``Σ d_l²``.
+    ``BlockDiag · X`` and ``X · BlockDiag`` stay block-diagonal for ``X`` a ``PMatBlockDiag``,
+    ``PMatDiag`` or ``PMatEye``; ``BlockDiag + Diag`` is a ``PMatBlockDiag``,
+    ``BlockDiag + Dense`` a ``PMatDense``.
+
+    Attributes:
+      layer_collection: the parameter layout (static).
+      blocks: a tuple of ``(d_l, d_l)`` arrays, one per layer of ``layer_collection.layers``.
+    """
+
+    layer_collection: LayerCollection = static_field()
+    blocks: tuple[jax.Array, ...] = dataclasses.field(default=())
+
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq", "cg")
+    PROMOTION_RANK: ClassVar[int] = 2
+
+    def __post_init__(self):
+        if isinstance(self.blocks, list):
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+        if not isinstance(self.blocks, tuple):
+            return  # pytree internals may pass placeholders
+        sizes = _partition(self.layer_collection).sizes
+        shapes = tuple(getattr(b, "shape", None) for b in self.blocks)
+        want = tuple((n, n) for n in sizes)
+        if len(shapes) != len(want) or any(
+            s is not None and s != w for s, w in zip(shapes, want)
+        ):
+            raise ValueError(
+                f"PMatBlockDiag needs one (d_l, d_l) block per layer, shapes {list(want)}; "
+                f"got {list(shapes)}"
+            )
+
+    # ------------------------------------------------------------------ blocks
+    @property
+    def _parts(self) -> _Partition:
+        return _partition(self.layer_collection)
+
+    def _dense_blocks(self) -> list[PMatDense]:
+        """Each block as a ``PMatDense`` on a flat layout of its own."""
+        return [PMatDense(lc, b) for lc, b in zip(self._parts.layouts, self.blocks)]
+
+    def _blockwise(self, fn: Callable[[PMatDense], jax.Array]) -> PMatBlockDiag:
+        """The ``PMatBlockDiag`` whose blocks are ``fn`` of each block (as a ``PMatDense``)."""
+        return self._with(tuple(fn(b) for b in self._dense_blocks()))
+
+    def get_block(self, layer: Layer | str) -> jax.Array:
+        """The ``(d_l, d_l)`` block of a layer (id or :class:`~jaxgeom.layers.Layer`)."""
+        layer_id = layer.id if isinstance(layer, Layer) else layer
+        ids = [lyr.id for lyr in self.layer_collection.layers]
+        if layer_id not in ids:
+            raise KeyError(f"no layer {layer_id!r}; layers are {ids}")
+        return self.blocks[ids.index(layer_id)]
+
+    # ------------------------------------------------------------------ primitives
+    def _mv(self, v):
+        parts = self._parts.split(v)
+        return self._parts.merge([part @ b.T for b, part in zip(self.blocks, parts)])
+
+    def to_dense(self):
+        dense = jax.scipy.linalg.block_diag(*self.blocks)
+        return self._parts.unpermute(self._parts.unpermute(dense).T).T
+
+    def get_diag(self):
+        return self._parts.merge([jnp.diag(b) for b in self.blocks])
+
+    def trace(self):
+        return sum(jnp.trace(b) for b in self.blocks)
+
+    def frobenius_norm(self):
+        return jnp.sqrt(sum(jnp.sum(jnp.abs(b) ** 2) for b in self.blocks))
+
+    def eigvalsh(self):
+        return jnp.sort(jnp.concatenate([b.eigvalsh() for b in self._dense_blocks()]))
+
+    def eigh(self) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """Per-block eigendecompositions: a tuple, in the order of ``layer_collection.layers``,
+        of ``(λ ascending (d_l,), V (d_l, d_l))`` with ``M_ll = V diag(λ) Vᵀ``. The
+        eigenvectors of block ``l`` live on ``layer_collection.layer_indices(layer)``; use
+        ``eigvalsh()`` for all eigenvalues, sorted."""
+        return tuple(b.eigh() for b in self._dense_blocks())
+
+    def _solve(self, v, regul, method, **options):
+        if method == "cg":  # on the whole matrix: a preconditioner acts on full vectors
+            return super()._solve(v, regul, method, **options)
+        parts = self._parts.split(v)
+        return self._parts.merge([
+            b._solve(part, regul, method, **options)
+            for b, part in zip(self._dense_blocks(), parts)
+        ])
+
+    # ------------------------------------------------------------------ functions
+    def inv(self, regul: Any = 0.0) -> PMatBlockDiag:
+        return self._blockwise(lambda b: b.inv(regul).data)
+
+    def pinv(self, atol: Any = None, rtol: Any = None) -> PMatBlockDiag:
+        """Pseudo-inverse; the threshold is relative to the largest eigenvalue of the whole
+        matrix (as for ``PMatDense``), not of each block."""
+        decompositions = self.eigh()
+        inverted = _spectral.pinv(jnp.concatenate([e for e, _ in decompositions]), atol, rtol)
+        parts = jnp.split(inverted, np.cumsum(self._parts.sizes)[:-1])  # layer-major order
+        return self._with(tuple(
+            _spectral.reconstruct(w, vecs) for w, (_, vecs) in zip(parts, decompositions)
+        ))
+
+    def pow(self, p: Any, regul: Any = 0.0) -> PMatBlockDiag:
+        return self._blockwise(lambda b: b.pow(p, regul).data)
+
+    # ------------------------------------------------------------------ algebra
+    def mm(self, other: PMatAbstract) -> PMatAbstract:
+        return structured_mm(self, other)
+
+    def _mm_same(self, other: PMatBlockDiag) -> PMatBlockDiag:
+        return self._with(tuple(a @ b for a, b in zip(self.blocks, other.blocks)))
+
+    def _scale(self, s):
+        return self._with(tuple(b * s for b in self.blocks))
+
+    def _add_same(self, other, sign):
+        return self._with(tuple(a + sign * b for a, b in zip(self.blocks, other.blocks)))
+
+    def _with(self, blocks) -> PMatBlockDiag:
+        return PMatBlockDiag(self.layer_collection, tuple(blocks))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pmat(cls, other: PMatAbstract) -> PMatBlockDiag:
+        """Exact from ``PMatEye``/``PMatDiag`` (diagonal blocks). From any other
+        representation: the layer blocks of ``other.to_dense()`` — a projection that drops
+        the entries between layers (exact when ``other`` is block-diagonal over these
+        layers); ``+``/``-`` never convert a ``PMatDense`` this way (they promote to dense).
+        """
+        if isinstance(other, cls):
+            return other
+        other_rank = type(other).PROMOTION_RANK
+        partition = _partition(other.layer_collection)
+        if other_rank is not None and other_rank < cls.PROMOTION_RANK:
+            blocks = (jnp.diag(part) for part in partition.split(other.get_diag()))
+        else:
+            dense = other.to_dense()
+            blocks = (_take(_take(dense, idx, 0), idx, 1) for idx in partition.indices)
+        return cls(other.layer_collection, tuple(blocks))
+
+    @staticmethod
+    def _zeros(layer_collection: LayerCollection, dtype) -> tuple[jax.Array, ...]:
+        return tuple(jnp.zeros((n, n), dtype) for n in _partition(layer_collection).sizes)
+
+    @staticmethod
+    def _term(layer_collection: LayerCollection, jac: jax.Array) -> tuple[jax.Array, ...]:
+        """Per layer ``Σₙₖ Jₙₖ,ₗᵀ Jₙₖ,ₗ`` of one chunk (``n K d_l²``)."""
+        rows = jac.reshape(-1, jac.shape[-1])
+        return tuple(part.T @ part for part in _partition(layer_collection).split(rows))
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Partition:
+    """The flat indices of each layer: split ``(..., d)`` arrays into per-layer parts and
+    merge them back (a gather/scatter only when layers interleave in the flat order)."""
+
+    indices: tuple[np.ndarray, ...]
+    layouts: tuple[LayerCollection, ...]
+    inverse: np.ndarray | None  # position of each flat index in the layer-major order
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(len(idx) for idx in self.indices)
+
+    def split(self, x: jax.Array) -> list[jax.Array]:
+        return [_take(x, idx) for idx in self.indices]
+
+    def merge(self, parts: list[jax.Array]) -> jax.Array:
+        return self.unpermute(jnp.concatenate(parts, axis=-1))
+
+    def unpermute(self, x: jax.Array) -> jax.Array:
+        """From the layer-major order to the flat order, on the last axis."""
+        return x if self.inverse is None else x[..., self.inverse]
+
+
+@functools.lru_cache(maxsize=128)
+def _partition(layer_collection: LayerCollection) -> _Partition:
+    indices = tuple(layer_collection.layer_indices(layer) for layer in layer_collection.layers)
+    order = np.concatenate(indices)
+    identity = np.array_equal(order, np.arange(order.size))
+    dtype = layer_collection.dtype
+    layouts = tuple(LayerCollection.from_params(np.zeros(len(idx), dtype)) for idx in indices)
+    return _Partition(indices, layouts, None if identity else np.argsort(order))
+
+
+def _take(x: jax.Array, idx: np.ndarray, axis: int = -1) -> jax.Array:
+    """``x`` at the static indices ``idx`` along ``axis`` (a slice when they are a range)."""
+    start = int(idx[0])
+    if int(idx[-1]) - start + 1 == len(idx):
+        return jax.lax.slice_in_dim(x, start, start + len(idx), axis=axis)
+    return jnp.take(x, idx, axis=axis)

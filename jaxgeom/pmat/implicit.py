@@ -1,0 +1,279 @@
+"""``PMatImplicit``: ``M = s · (1/N) Σₙ Jₙᵀ Jₙ`` kept as the function, params and data."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxgeom import data as data_lib
+from jaxgeom.jacobian import (
+    Hashable,
+    accumulate,
+    chunk_jacobian,
+    chunk_outputs,
+    flatten_jacobian,
+    output_count,
+    resolve_mode,
+)
+from jaxgeom.layers import LayerCollection
+from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.vector import as_flat, as_rows
+
+
+@representation
+class PMatImplicit(PMatAbstract):
+    """The matrix ``M = s · (1/N) Σₙ Jₙᵀ Jₙ`` that is never formed.
+
+    ``Jₙ`` is the ``(K, d)`` Jacobian of the per-example function
+    ``fn(params, example, index, aux) -> (K,)`` (see :mod:`jaxgeom.jacobian`) at example
+    ``n`` of ``data``, ``N`` the number of examples and ``s`` a scalar coefficient
+    (``scale``, 1 when built; scalar multiplication changes only it). Every operation
+    re-reads the data, chunk by chunk (``batch_size`` examples, the last chunk padded and
+    masked), so the data are kept as a list of batches (``NEEDS_REPLAY``: the builders
+    materialise a one-shot generator).
+
+    Costs (``N`` examples, ``K`` outputs, ``F``/``B`` one forward/backward pass per example,
+    ``C`` chunks):
+
+    - ``mv``: one ``jax.jvp`` and one ``jax.vjp`` of the chunk's batched outputs,
+      ``≈ N (2F + B)``, memory O(d) plus one chunk's activations; ``mmap`` vectorises the
+      ``jvp``/``vjp`` over its rows; ``vTMv`` needs the ``jvp`` only. Per-example
+      Jacobians are never formed.
+    - ``solve``: conjugate gradient, one ``mv`` per iteration (``preconditioner``: any
+      representation of the same matrix, e.g. a ``PMatDiag``/``PMatBlockDiag``, or a
+      callable).
+    - ``get_diag``/``trace``: per-example Jacobians streamed through a diagonal reduction,
+      ``N K B``, memory ``batch_size · K · d``.
+    - ``frobenius_norm``: ``‖M‖_F = |s|/N · (Σ_{chunks i,j} ‖J_i J_jᵀ‖²_F)^{1/2}`` over
+      pairs of chunk Jacobians ``J_i`` (``(n_i K, d)``): ``C(C+1)/2`` chunk-pair products
+      (``(NK)² d``) and ``C(C+1)/2`` Jacobian recomputations, memory two chunks. For
+      ``d < N K``, ``PMatDense.from_pmat(M).frobenius_norm()`` is cheaper.
+    - ``to_dense``: streamed ``Σ JₙᵀJₙ`` (``N K B + N K d²``, memory ``d²``).
+
+    Spectral functions (``eigh``, ``eigvalsh``, ``norm(2)``, ``pinv``, ``pow``, ``inv``)
+    and ``+``/``-`` are not available: build a ``PMatDense`` (or ``PMatLowRank`` when
+    ``N K < d``), or use ``solve(v, regul)``.
+
+    Under ``jax.jit``, ``params``, ``data``, ``aux`` and ``scale`` are traced (pytree
+    children); ``fn``, ``batch_size`` and ``mode`` are static. The chunk loop is a Python
+    loop, unrolled when traced.
+
+    Attributes:
+      layer_collection: the parameter layout (static).
+      fn: the per-example function (static, hashable).
+      params: the parameters at which the Jacobians are taken.
+      data: the list of batches.
+      aux: the arrays shared by all examples (``fn``'s last argument).
+      scale: the scalar coefficient ``s``.
+      batch_size: the chunk size (``None``: one chunk per batch; static).
+      mode: ``"auto"``, ``"reverse"`` or ``"forward"`` for the per-example Jacobians of
+        ``get_diag``/``trace``/``frobenius_norm``/``to_dense`` (static).
+    """
+
+    layer_collection: LayerCollection = static_field()
+    fn: Callable = static_field(default=None)
+    params: Any = None
+    data: list = None
+    aux: Any = None
+    scale: Any = 1.0
+    batch_size: int | None = static_field(default=None)
+    mode: str = static_field(default="auto")
+
+    NEEDS_REPLAY: ClassVar[bool] = True
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def dtype(self):
+        return self.layer_collection.dtype
+
+    @property
+    def num_examples(self) -> int:
+        """``N``, the number of examples in ``data`` (static, from the shapes)."""
+        return sum(data_lib.num_examples(batch) for batch in self.data)
+
+    # ------------------------------------------------------------------ products
+    def _mv(self, v):
+        return self._mmv(v[None])[0]
+
+    def mmap(self, rows: Any) -> jax.Array:
+        """``M`` applied to each row of ``(..., d)``: per chunk, one forward pass and one
+        ``jvp`` and ``vjp`` per row (vectorised), never the per-example Jacobians."""
+        rows = as_rows(rows, self.layer_collection)
+        return self._mmv(rows.reshape(-1, rows.shape[-1])).reshape(rows.shape)
+
+    def _mmv(self, rows: jax.Array) -> jax.Array:
+        """``s/N Σ_chunks J_cᵀ (J_c vᵢ)`` for the rows ``vᵢ`` of ``(m, d)``."""
+        total = sum(
+            _chunk_jtjv(self.params, rows, c.batch, c.mask, c.offset, self.aux,
+                        fn=self.fn, layout=self.layer_collection)
+            for c in self._chunks()
+        )
+        return self.scale * total / self.num_examples
+
+    def vTMv(self, v: Any) -> jax.Array:
+        """``s/N Σₙ ‖Jₙ v‖²``: one ``jvp`` per chunk, no ``vjp``."""
+        flat, _ = as_flat(v, self.layer_collection)
+        total = sum(
+            _chunk_jv_sq(self.params, flat, c.batch, c.mask, c.offset, self.aux,
+                         fn=self.fn, layout=self.layer_collection)
+            for c in self._chunks()
+        )
+        return self.scale * total / self.num_examples
+
+    # ------------------------------------------------------------------ streamed views
+    def get_diag(self):
+        """``s/N Σₙ diag(JₙᵀJₙ)``: per-example Jacobians streamed (``N K B``)."""
+        return self.scale * self._accumulate(_DiagAccumulator(self.layer_collection))
+
+    def to_dense(self):
+        """``s/N Σₙ JₙᵀJₙ`` streamed through ``PMatDense``'s reduction (memory ``d²``)."""
+        from jaxgeom.pmat.dense import PMatDense
+
+        return self.scale * self._accumulate(PMatDense.accumulator(self.layer_collection)).data
+
+    def frobenius_norm(self):
+        """``|s|/N (Σ_{i,j} ‖J_i J_jᵀ‖²_F)^{1/2}`` over chunk pairs (class docstring: cost)."""
+        chunks = list(self._chunks())
+        mode = resolve_mode(
+            self.mode,
+            self.layer_collection.numel(),
+            output_count(self.fn, self.params, chunks[0].batch, self.aux),
+        )
+
+        def rows(c):
+            return _chunk_rows(self.params, c.batch, c.mask, c.offset, self.aux,
+                               fn=self.fn, mode=mode)
+
+        total = 0.0
+        for i, first in enumerate(chunks):
+            left = rows(first)
+            total += jnp.sum((left @ left.T) ** 2)
+            for second in chunks[i + 1:]:
+                total += 2 * jnp.sum((left @ rows(second).T) ** 2)
+        return jnp.abs(self.scale) * jnp.sqrt(total) / self.num_examples
+
+    # ------------------------------------------------------------------ unsupported
+    def eigvalsh(self):
+        raise NotImplementedError(
+            "PMatImplicit does not compute eigenvalues (nor norm(2)/norm(-2)): build a "
+            "PMatDense (or a PMatLowRank when N·K < d), e.g. PMatDense.from_pmat(M), or "
+            "estimate the top eigenvalues iteratively with mv"
+        )
+
+    def __add__(self, other: Any) -> PMatAbstract:
+        if not isinstance(other, PMatAbstract):
+            return NotImplemented
+        raise NotImplementedError(
+            "PMatImplicit does not support + or -: add the products (M.mv(v) + A.mv(v)), or "
+            "convert to PMatDense first (PMatDense.from_pmat(M)); PMatDense and PMatLowRank "
+            "support addition"
+        )
+
+    __sub__ = __add__
+
+    # ------------------------------------------------------------------ algebra
+    def _scale(self, s):
+        return dataclasses.replace(self, scale=self.scale * s)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_jacobians(
+        cls,
+        fn: Callable,
+        params: Any,
+        data: Any,
+        *,
+        layer_collection: LayerCollection,
+        batch_size: int | None = None,
+        mode: str = "auto",
+        aux: Any = None,
+        **options,
+    ) -> PMatImplicit:
+        """Store ``fn``, ``params``, the batches of ``data`` (materialised) and ``aux``;
+        nothing is computed beyond a shape check of ``fn``."""
+        if options:
+            raise TypeError(f"{cls.__name__} takes no build options; got {sorted(options)}")
+        resolve_mode(mode, 1, 1)  # validates the name
+        batches = list(data_lib.iter_batches(data))
+        first = next(data_lib.iter_chunks(batches, batch_size))  # checks batch_size, non-empty data
+        output_count(fn, params, first.batch, aux)  # checks that fn returns (K,)
+        try:
+            hash(fn)
+        except TypeError:
+            fn = Hashable(fn)
+        scale = jnp.asarray(1.0, layer_collection.dtype)
+        return cls(layer_collection, fn, params, batches, aux, scale, batch_size, mode)
+
+    # ------------------------------------------------------------------ helpers
+    def _chunks(self):
+        return data_lib.iter_chunks(self.data, self.batch_size)
+
+    def _accumulate(self, accumulator: Any) -> Any:
+        return accumulate(self.fn, self.params, self.data, accumulator,
+                          batch_size=self.batch_size, mode=self.mode, aux=self.aux)
+
+
+# ----------------------------------------------------------------------------- kernels
+def _masked_outputs(fn, batch, mask, offset, aux) -> Callable:
+    """``params ↦`` the chunk's ``(n, K)`` outputs, padded rows zeroed."""
+    def outputs(params):
+        out = chunk_outputs(fn, params, batch, offset, aux)
+        return out * mask[:, None].astype(out.dtype)
+
+    return outputs
+
+
+def _tangents(layout: LayerCollection, params: Any, flat: jax.Array) -> Any:
+    """Flat vectors ``(..., d)`` as params-shaped tangents (with the leaf dtypes of params)."""
+    return jax.tree_util.tree_map(
+        lambda t, p: t.astype(jnp.result_type(p)), layout.from_flat(flat), params
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "layout"))
+def _chunk_jtjv(params, rows, batch, mask, offset, aux, *, fn, layout):
+    """``J_cᵀ (J_c vᵢ)`` ``(m, d)`` of one chunk for the rows ``vᵢ`` of ``(m, d)``: one
+    ``jvp`` and one ``vjp`` per row (vectorised), sharing one forward pass."""
+    outputs = _masked_outputs(fn, batch, mask, offset, aux)
+    jv = jax.vmap(lambda t: jax.jvp(outputs, (params,), (t,))[1])(
+        _tangents(layout, params, rows)
+    )
+    _, vjp = jax.vjp(outputs, params)
+    return flatten_jacobian(jax.vmap(vjp)(jv)[0], 1).astype(rows.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "layout"))
+def _chunk_jv_sq(params, v, batch, mask, offset, aux, *, fn, layout):
+    """``Σ_{n∈c} ‖Jₙ v‖²`` of one chunk (one ``jvp``)."""
+    outputs = _masked_outputs(fn, batch, mask, offset, aux)
+    _, jv = jax.jvp(outputs, (params,), (_tangents(layout, params, v),))
+    return jnp.sum(jv**2)
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "mode"))
+def _chunk_rows(params, batch, mask, offset, aux, *, fn, mode):
+    """The chunk's masked Jacobian rows ``(n K, d)``."""
+    jac, _ = chunk_jacobian(fn, params, batch, offset, aux, mode)
+    jac = jac * mask[:, None, None].astype(jac.dtype)
+    return jac.reshape(-1, jac.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _DiagAccumulator:
+    """``(1/N) Σₙ diag(JₙᵀJₙ) = (1/N) Σₙₖ Jₙₖ²`` as a ``(d,)`` array."""
+
+    layer_collection: LayerCollection
+
+    def init(self, dtype):
+        return jnp.zeros(self.layer_collection.numel(), dtype)
+
+    def update(self, state, jac):
+        return state + jnp.sum(jac**2, axis=(0, 1))
+
+    def finalize(self, state, n):
+        return state / n

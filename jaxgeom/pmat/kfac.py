@@ -1,0 +1,531 @@
+"""``PMatKFAC``: Kronecker-factored blocks (Martens & Grosse 2015; Grosse & Martens 2016).
+
+For a layer whose kernel ``W`` (``g_l × a_l`` as a layer matrix, see
+:class:`jaxgeom.capture.KroneckerSpec`) is applied at ``T`` positions, with captured inputs
+``a`` and output gradients ``g`` (:mod:`jaxgeom.capture`), the layer block of
+``M = (1/N) Σₙ Jₙᵀ Jₙ`` is approximated by ``A ⊗ G`` acting on the layer matrix
+``V ↦ G V A``:
+
+- **expand** (default; NNGeometry's KFC, kfac-jax, curvlinops):
+  ``A = Σ_{n,t} a aᵀ / (N T)``, ``G = Σ_{n,k,t} g gᵀ / N``;
+- **reduce** (``kfac_approx="reduce"``, Eschenhagen et al. 2023, for weight sharing):
+  ``A = Σₙ āₙ āₙᵀ / N`` with ``āₙ = (1/T) Σ_t aₙₜ``, ``G = Σ_{n,k} ĝ ĝᵀ / N`` with
+  ``ĝ = Σ_t gₙₖₜ``.
+
+A bias is an extra constant-1 input (last column of the layer matrix, last row/column of
+``A``: the joint weight-bias block). Embeddings have a diagonal ``A`` (token frequencies,
+stored as a vector; always "expand"). Both coincide with the exact block for ``T = 1``,
+one example and one output. Every other layer — norm scales and shifts, kernels used by
+several operations (tied embeddings), grouped convolutions, anything the capture cannot
+factor — keeps its *exact* dense block ``(1/N) Σₙ Jₙ,ₗᵀ Jₙ,ₗ`` (from exact per-example
+gradients of those leaves only); ``max_dense_block`` guards against a large one.
+
+Flat order: ``to_dense``/``get_diag``/``mv`` use the flat order of the parameters (the
+``ravel_pytree`` order, whatever the leaf order — Flax's ``bias`` before ``kernel`` — and
+kernel layout — ``(in, out)``, ``(out, in)``, ``HWIO``, ``OIHW``), i.e. NNGeometry's
+``split_weight_bias=True``. :meth:`PMatKFAC.kronecker_block` gives the raw ``A ⊗ G`` in the
+``(output, input [, bias])`` order of the layer matrix (NNGeometry's
+``split_weight_bias=False``, ``kron(G, A)``).
+
+Costs (``a_l``, ``g_l`` factor sizes, ``d_l = a_l g_l``; ``o`` the other layers' sizes):
+build ``N K B`` plus ``N Σ T_l (a_l² + K g_l²)``, one streaming pass, memory
+``Σ (a_l² + g_l²) + Σ o²`` plus one chunk's captures; ``mv`` ``Σ d_l (a_l + g_l)``; ``trace``
+``Σ (a_l + g_l)``; Frobenius ``Σ (a_l² + g_l²)``; ``eigvalsh``/``norm(±2)``/``solve``/``inv``/
+``pow``/``pinv`` ``Σ (a_l³ + g_l³ + d_l)`` through the factors' eigendecompositions (plus
+``o³``); never a ``d × d`` matrix (except ``to_dense``).
+
+Damping: ``solve(v, regul)``, ``inv(regul)``, ``pow(p, regul)`` use exact damping
+``(A ⊗ G + λI)^p = (Q_A ⊗ Q_G) (Λ_A ⊗ Λ_G + λ)^p (Q_A ⊗ Q_G)ᵀ`` by default (curvlinops'
+``use_exact_damping``). The result of ``inv``/``pow`` keeps the factors' eigenbases and the
+``g_l × a_l`` eigenvalues per layer (the storage of EKFAC, George et al. 2018), since it is
+no longer a Kronecker product; with ``regul = 0`` it stays ``A^p ⊗ G^p``. ``damping="pi"``
+uses the π-corrected factored damping of Martens & Grosse (2015, §6.3):
+``(A + π√λ I) ⊗ (G + √λ/π I)``, ``π = √((tr A / a_l) / (tr G / g_l))`` (always Kronecker).
+Exact blocks of other layers are damped exactly in both cases.
+
+``M1 + M2`` is not a Kronecker product: it is returned as the exact
+:class:`~jaxgeom.pmat.blockdiag.PMatBlockDiag` (layer blocks ``d_l²``); ``+`` with another
+representation promotes to ``PMatDense``. ``mm`` is factor-wise
+(``(A₁⊗G₁)(A₂⊗G₂) = A₁A₂ ⊗ G₁G₂``) between KFACs of the same layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgeom.capture import Captured, CapturePlan, KroneckerSpec, capture_chunk, make_plan
+from jaxgeom.data import iter_chunks
+from jaxgeom.jacobian import check_finite
+from jaxgeom.layers import Layer, LayerCollection
+from jaxgeom.pmat import _spectral
+from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.pmat.blockdiag import PMatBlockDiag
+from jaxgeom.pmat.dense import PMatDense
+
+APPROXIMATIONS = ("expand", "reduce")
+DAMPINGS = ("exact", "pi")
+
+
+# ----------------------------------------------------------------------------- layer blocks
+def _rotate(v: jax.Array, qg: jax.Array, qa: jax.Array | None) -> jax.Array:
+    """``Q_Gᵀ V Q_A`` (``qa is None``: identity)."""
+    v = qg.T @ v
+    return v if qa is None else v @ qa
+
+
+def _unrotate(v: jax.Array, qg: jax.Array, qa: jax.Array | None) -> jax.Array:
+    """``Q_G V Q_Aᵀ``."""
+    v = qg @ v
+    return v if qa is None else v @ qa.T
+
+
+def _factor_apply(f, x: jax.Array) -> jax.Array:
+    """``f`` of a symmetric PSD factor through its eigenvalues (a vector: elementwise)."""
+    if x.ndim == 1:
+        return f(x)
+    evals, evecs = jnp.linalg.eigh(x)
+    return _spectral.reconstruct(f(evals), evecs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Kron:
+    """A layer block ``A ⊗ G``: ``V (g×a) ↦ G V A``. ``A`` is ``(a, a)`` or a diagonal ``(a,)``."""
+
+    A: jax.Array
+    G: jax.Array
+
+    def mv(self, v):
+        gv = self.G @ v
+        return gv * self.A if self.A.ndim == 1 else gv @ self.A
+
+    @property
+    def _A(self):
+        return jnp.diag(self.A) if self.A.ndim == 1 else self.A
+
+    def dense(self):
+        return jnp.kron(self.G, self._A)
+
+    def diag(self):
+        return jnp.outer(jnp.diag(self.G), jnp.diag(self._A))
+
+    def trace(self):
+        return jnp.trace(self.G) * jnp.trace(self._A)
+
+    def frobenius_sq(self):
+        return jnp.sum(self.G**2) * jnp.sum(self._A**2)
+
+    def eigen(self) -> KronEigen:
+        lg, qg = jnp.linalg.eigh(self.G)
+        if self.A.ndim == 1:
+            return KronEigen(None, qg, jnp.outer(lg, self.A))
+        la, qa = jnp.linalg.eigh(self.A)
+        return KronEigen(qa, qg, jnp.outer(lg, la))
+
+    def eigvals(self):
+        return self.eigen().d.ravel()
+
+    def power(self, p):
+        """``A^p ⊗ G^p`` (integer ``p ≥ 0`` by products; otherwise PSD eigenvalues)."""
+        if _spectral.is_integer(p) and p >= 0:
+            mp = functools.partial(jnp.linalg.matrix_power, n=int(p))
+            return Kron(self.A ** int(p) if self.A.ndim == 1 else mp(self.A), mp(self.G))
+        f = functools.partial(_spectral.power, p=p)
+        return Kron(_factor_apply(f, self.A), _factor_apply(f, self.G))
+
+    def pi_damped(self, regul) -> Kron:
+        """``(A + π√λ I) ⊗ (G + √λ/π I)`` (Martens & Grosse 2015, §6.3)."""
+        a_mean = jnp.trace(self._A) / self.A.shape[0]
+        g_mean = jnp.trace(self.G) / self.G.shape[0]
+        pi = jnp.sqrt(a_mean / g_mean)
+        root = jnp.sqrt(jnp.asarray(regul, self.G.dtype))
+        eye_g = jnp.eye(self.G.shape[0], dtype=self.G.dtype)
+        a = self.A + pi * root if self.A.ndim == 1 else self.A + pi * root * jnp.eye(
+            self.A.shape[0], dtype=self.A.dtype)
+        return Kron(a, self.G + root / pi * eye_g)
+
+    def scale(self, s):
+        return Kron(self.A * s, self.G)
+
+    def mm(self, other):
+        if not isinstance(other, Kron):
+            return None
+        a = self.A * other.A if self.A.ndim == other.A.ndim == 1 else self._A @ other._A
+        return Kron(a, self.G @ other.G)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KronEigen:
+    """A layer block in the Kronecker-factored eigenbasis:
+    ``(Q_A ⊗ Q_G) diag(d) (Q_A ⊗ Q_G)ᵀ``, ``d`` a ``(g, a)`` array (``qa = None``: identity)."""
+
+    qa: jax.Array | None
+    qg: jax.Array
+    d: jax.Array
+
+    def mv(self, v):
+        return _unrotate(self.d * _rotate(v, self.qg, self.qa), self.qg, self.qa)
+
+    def dense(self):
+        qa = jnp.eye(self.d.shape[1], dtype=self.d.dtype) if self.qa is None else self.qa
+        q = jnp.kron(self.qg, qa)
+        return (q * self.d.ravel()) @ q.T
+
+    def diag(self):
+        right = self.d if self.qa is None else self.d @ (self.qa**2).T
+        return (self.qg**2) @ right
+
+    def trace(self):
+        return jnp.sum(self.d)
+
+    def frobenius_sq(self):
+        return jnp.sum(self.d**2)
+
+    def eigen(self):
+        return self
+
+    def eigvals(self):
+        return self.d.ravel()
+
+    def with_values(self, d):
+        return KronEigen(self.qa, self.qg, d)
+
+    def scale(self, s):
+        return self.with_values(self.d * s)
+
+    def mm(self, other):
+        return None
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Layout:
+    """Static split/merge of flat vectors into layer matrices and other-layer vectors."""
+
+    matrices: tuple[np.ndarray, ...]  # (g, a[+1]) flat indices per Kronecker layer
+    others: tuple[Layer, ...]
+    other_indices: tuple[np.ndarray, ...]
+    inverse: np.ndarray
+
+    def split(self, v):
+        return [v[idx] for idx in self.matrices], [v[idx] for idx in self.other_indices]
+
+    def merge(self, mats, vecs):
+        flat = [m.reshape(-1) for m in mats] + list(vecs)
+        return jnp.concatenate(flat)[self.inverse]
+
+    @property
+    def kron_flat(self):
+        return [idx.reshape(-1) for idx in self.matrices]
+
+
+@functools.lru_cache(maxsize=128)
+def _layout(layer_collection: LayerCollection, specs: tuple[KroneckerSpec, ...]) -> _Layout:
+    matrices = tuple(spec.matrix_indices(layer_collection) for spec in specs)
+    ids = {spec.layer_id for spec in specs}
+    others = tuple(layer for layer in layer_collection.layers if layer.id not in ids)
+    other_indices = tuple(layer_collection.layer_indices(layer) for layer in others)
+    order = np.concatenate([m.reshape(-1) for m in matrices] + list(other_indices))
+    return _Layout(matrices, others, other_indices, np.argsort(order))
+
+
+# ----------------------------------------------------------------------------- representation
+@representation
+class PMatKFAC(PMatAbstract):
+    """Kronecker-factored layer blocks, exact dense blocks for the other layers, zero
+    between layers (see the module docstring for the definition, conventions and costs).
+
+    Build with ``FIM(..., PMatKFAC)``, ``FIM_MonteCarlo`` or ``SecondMoment``; options:
+    ``kfac_approx`` (``"expand"``/``"reduce"``), ``max_dense_block`` (the largest
+    non-Kronecker layer, in parameters, allowed an exact dense block; default 4096).
+
+    Attributes:
+      layer_collection: the parameter layout (static).
+      specs: one :class:`~jaxgeom.capture.KroneckerSpec` per Kronecker layer (static).
+      factors: per Kronecker layer, a :class:`Kron` (``A``, ``G``) or, after a damped
+        ``inv``/``pow``/``pinv``, a :class:`KronEigen` (eigenbases and eigenvalues).
+      blocks: the exact ``(d_l, d_l)`` blocks of the other layers (ascending flat order of
+        each layer's parameters), in ``layer_collection`` order.
+    """
+
+    layer_collection: LayerCollection = static_field()
+    specs: tuple[KroneckerSpec, ...] = static_field(default=())
+    factors: tuple[Any, ...] = ()
+    blocks: tuple[jax.Array, ...] = ()
+
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("eigh", "cg")
+
+    @property
+    def _parts(self) -> _Layout:
+        return _layout(self.layer_collection, self.specs)
+
+    @property
+    def dtype(self):
+        return self.layer_collection.dtype
+
+    # ------------------------------------------------------------------ access
+    def _index(self, layer: Layer | str) -> int:
+        layer_id = layer.id if isinstance(layer, Layer) else layer
+        for i, spec in enumerate(self.specs):
+            if spec.layer_id == layer_id:
+                return i
+        raise KeyError(
+            f"{layer_id!r} is not a Kronecker-factored layer; those are "
+            f"{[s.layer_id for s in self.specs]}"
+        )
+
+    def kronecker_factors(self, layer: Layer | str) -> tuple[jax.Array, jax.Array]:
+        """``(A, G)`` of a Kronecker layer (``A`` with the bias as last row/column;
+        an embedding's ``A`` is the ``(V,)`` diagonal)."""
+        node = self.factors[self._index(layer)]
+        if not isinstance(node, Kron):
+            raise ValueError("this matrix stores the layer in its eigenbasis (after inv/pow)")
+        return node.A, node.G
+
+    def kronecker_block(self, layer: Layer | str) -> jax.Array:
+        """The raw ``kron(G, A)`` block in the layer-matrix order ``(output, input [, bias])``
+        (NNGeometry's ``split_weight_bias=False``)."""
+        return self.factors[self._index(layer)].dense()
+
+    def get_block(self, layer: Layer | str) -> jax.Array:
+        """The ``(d_l, d_l)`` block of any layer, in ascending flat order of its parameters."""
+        layer_id = layer.id if isinstance(layer, Layer) else layer
+        for other, block in zip(self._parts.others, self.blocks):
+            if other.id == layer_id:
+                return block
+        i = self._index(layer_id)
+        order = np.argsort(self._parts.kron_flat[i])
+        return self.factors[i].dense()[np.ix_(order, order)]
+
+    # ------------------------------------------------------------------ primitives
+    def _mv(self, v):
+        mats, vecs = self._parts.split(v)
+        return self._parts.merge(
+            [node.mv(m) for node, m in zip(self.factors, mats)],
+            [b @ x for b, x in zip(self.blocks, vecs)],
+        )
+
+    def to_dense(self):
+        d = self.layer_collection.numel()
+        out = jnp.zeros((d, d), self.dtype)
+        parts = self._parts
+        for node, idx in zip(self.factors, parts.kron_flat):
+            out = out.at[np.ix_(idx, idx)].set(node.dense())
+        for block, idx in zip(self.blocks, parts.other_indices):
+            out = out.at[np.ix_(idx, idx)].set(block)
+        return out
+
+    def get_diag(self):
+        return self._parts.merge([n.diag() for n in self.factors],
+                                 [jnp.diag(b) for b in self.blocks])
+
+    def trace(self):
+        return sum(n.trace() for n in self.factors) + sum(jnp.trace(b) for b in self.blocks)
+
+    def frobenius_norm(self):
+        squares = [n.frobenius_sq() for n in self.factors] + [jnp.sum(b**2) for b in self.blocks]
+        return jnp.sqrt(sum(squares))
+
+    def _eigen(self):
+        """Eigendecompositions of every layer: ``KronEigen`` nodes and ``(λ, V)`` pairs."""
+        return [n.eigen() for n in self.factors], [jnp.linalg.eigh(b) for b in self.blocks]
+
+    def eigvalsh(self):
+        nodes, pairs = self._eigen()
+        values = [n.eigvals() for n in nodes] + [e for e, _ in pairs]
+        return jnp.sort(jnp.concatenate(values))
+
+    def _solve(self, v, regul, method, damping: str = "exact", **options):
+        if method == "cg":
+            return super()._solve(v, regul, method, **options)
+        _check_damping(damping)
+        if damping == "pi":
+            return self.pow(-1, regul, damping="pi")._mv(v)
+        mats, vecs = self._parts.split(v)
+        nodes, pairs = self._eigen()
+        return self._parts.merge(
+            [n.with_values(1 / (n.d + regul)).mv(m) for n, m in zip(nodes, mats)],
+            [q @ ((q.T @ x) / (e + regul)) for (e, q), x in zip(pairs, vecs)],
+        )
+
+    # ------------------------------------------------------------------ functions
+    def inv(self, regul: Any = 0.0, *, damping: str = "exact") -> PMatKFAC:
+        """``(M + λI)⁻¹`` (exact damping) or the π-damped Kronecker inverse."""
+        return self.pow(-1, regul, damping=damping)
+
+    def pow(self, p: Any, regul: Any = 0.0, *, damping: str = "exact") -> PMatKFAC:
+        """``(M + λI)^p`` for any real ``p`` (PSD for non-integer ``p``), layer by layer:
+        ``A^p ⊗ G^p`` when ``regul`` is 0, the eigenbasis form with exact damping, or
+        the π-damped factors' powers with ``damping="pi"``."""
+        _check_damping(damping)
+        blocks = tuple(PMatDense(_flat(b), b).pow(p, regul).data for b in self.blocks)
+        if damping == "pi":
+            nodes = tuple(n.pi_damped(regul).power(p) for n in self._krons("π-damping"))
+        elif _is_static_zero(regul) and all(isinstance(n, Kron) for n in self.factors):
+            nodes = tuple(n.power(p) for n in self.factors)
+        else:
+            nodes = tuple(n.eigen() for n in self.factors)
+            nodes = tuple(n.with_values(_spectral.power(n.d, p, regul)) for n in nodes)
+        return self._with(nodes, blocks)
+
+    def pinv(self, atol: Any = None, rtol: Any = None) -> PMatKFAC:
+        """Pseudo-inverse through the eigenbasis form; the threshold is relative to the
+        largest eigenvalue of the whole matrix."""
+        nodes, pairs = self._eigen()
+        values = [n.d.ravel() for n in nodes] + [e for e, _ in pairs]
+        sizes = np.cumsum([v.size for v in values])[:-1]
+        inverted = jnp.split(_spectral.pinv(jnp.concatenate(values), atol, rtol), sizes)
+        k = len(nodes)
+        new_nodes = tuple(n.with_values(w.reshape(n.d.shape)) for n, w in zip(nodes, inverted))
+        blocks = tuple(_spectral.reconstruct(w, q) for w, (_, q) in zip(inverted[k:], pairs))
+        return self._with(new_nodes, blocks)
+
+    def _krons(self, what: str) -> tuple[Kron, ...]:
+        if not all(isinstance(n, Kron) for n in self.factors):
+            raise ValueError(f"{what} needs the Kronecker factors (A, G), not an eigenbasis form")
+        return self.factors
+
+    # ------------------------------------------------------------------ algebra
+    def mm(self, other: PMatAbstract) -> PMatAbstract:
+        """Factor-wise product with a ``PMatKFAC`` of the same layers (dense otherwise)."""
+        self._check_compatible(other)
+        if isinstance(other, PMatKFAC) and other.specs == self.specs:
+            nodes = tuple(a.mm(b) for a, b in zip(self.factors, other.factors))
+            if all(n is not None for n in nodes):
+                blocks = tuple(a @ b for a, b in zip(self.blocks, other.blocks))
+                return self._with(nodes, blocks)
+        return super().mm(other)
+
+    def _scale(self, s):
+        return self._with(tuple(n.scale(s) for n in self.factors),
+                          tuple(b * s for b in self.blocks))
+
+    def _add_same(self, other, sign):
+        """A sum of Kronecker products is not one: the exact layer blocks, as a
+        ``PMatBlockDiag``."""
+        return PMatBlockDiag.from_pmat(self)._add_same(PMatBlockDiag.from_pmat(other), sign)
+
+    def _with(self, factors, blocks) -> PMatKFAC:
+        return PMatKFAC(self.layer_collection, self.specs, tuple(factors), tuple(blocks))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def accumulator(cls, layer_collection: LayerCollection, **options):
+        raise TypeError(
+            "PMatKFAC is not reduced from per-example Jacobians: it is built from captured "
+            "layer inputs and output gradients by PMatKFAC.from_jacobians (used by FIM, "
+            "FIM_MonteCarlo and SecondMoment)"
+        )
+
+    accumulator.unsupported = True
+
+    @classmethod
+    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
+                       mode="auto", aux=None, kfac_approx="expand",
+                       max_dense_block=4096) -> PMatKFAC:
+        """Build in one streaming pass over ``data`` (chunks of ``batch_size``).
+
+        ``mode`` is accepted for a uniform signature; the capture always uses one
+        ``vjp`` per example and output.
+        """
+        del mode
+        if kfac_approx not in APPROXIMATIONS:
+            raise ValueError(f"kfac_approx must be one of {APPROXIMATIONS}; got {kfac_approx!r}")
+        plan, state, n = None, None, 0
+        for chunk in iter_chunks(data, batch_size):
+            if plan is None:
+                example = jax.tree_util.tree_map(lambda a: a[0], chunk.batch)
+                plan = make_plan(fn, params, example, aux, layer_collection)
+                _check_blocks(plan, layer_collection, max_dense_block)
+                state = None
+            stats, finite = _chunk_statistics(
+                params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux,
+                plan=plan, approx=kfac_approx, layout=layer_collection,
+            )
+            check_finite(finite, chunk.offset, chunk.count)
+            state = stats if state is None else jax.tree_util.tree_map(jnp.add, state, stats)
+            n += chunk.count
+        (factors, blocks) = state
+        factors = tuple(Kron(a / n, g / n) for (a, g) in factors)
+        return cls(layer_collection, plan.specs, factors, tuple(b / n for b in blocks))
+
+
+# ----------------------------------------------------------------------------- building
+def _check_damping(damping):
+    if damping not in DAMPINGS:
+        raise ValueError(f"damping must be one of {DAMPINGS}; got {damping!r}")
+
+
+def _is_static_zero(x) -> bool:
+    return isinstance(x, (int, float)) and x == 0
+
+
+def _flat(block) -> LayerCollection:
+    return LayerCollection.from_params(jax.ShapeDtypeStruct((block.shape[0],), block.dtype))
+
+
+def _check_blocks(plan: CapturePlan, layout: LayerCollection, limit: int) -> None:
+    ids = {s.layer_id for s in plan.specs}
+    for layer in layout.layers:
+        size = layout.layer_numel(layer)
+        if layer.id not in ids and size > limit:
+            why = (f"used by {layer.uses} operations" if layer.uses > 1
+                   else f"of kind {layer.kind!r}")
+            raise ValueError(
+                f"layer {layer.id!r} ({', '.join(layout.paths[i] for i in layer.leaves)}; "
+                f"{why}) cannot be Kronecker-factored, and its exact dense block would have "
+                f"{size}² entries (max_dense_block={limit}). Use PMatMixed with another "
+                "representation for it (e.g. PMatDiag), or raise max_dense_block."
+            )
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "approx", "layout"))
+def _chunk_statistics(params, batch, mask, offset, aux, *, plan, approx, layout):
+    """``(Σ aaᵀ / T, Σ ggᵀ)`` per Kronecker layer and ``Σ JᵀJ`` per other layer, for one
+    masked chunk (sums over its examples); and whether everything was finite."""
+    cap: Captured = capture_chunk(plan, params, batch, offset, aux)
+    dtype = layout.dtype
+    mask = mask.astype(dtype)
+    factors = []
+    for spec, a, g in zip(plan.specs, cap.inputs, cap.grads):
+        g = g.astype(dtype) * mask[:, None, None, None]
+        t = g.shape[2]
+        if spec.kind == "embedding":
+            ids = jnp.where(a >= 0, a, spec.in_features)
+            weights = jnp.broadcast_to(mask[:, None], ids.shape)
+            A = jnp.zeros(spec.in_features, dtype).at[ids].add(weights, mode="drop")
+            factors.append((A / t, jnp.einsum("nktg,nkth->gh", g, g)))
+            continue
+        a = a.astype(dtype)
+        if spec.bias is not None:
+            a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), dtype)], axis=-1)
+        if approx == "reduce":
+            a, g, t = a.mean(axis=1, keepdims=True), g.sum(axis=2, keepdims=True), 1
+        A = jnp.einsum("nta,ntb,n->ab", a, a, mask)
+        factors.append((A / t, jnp.einsum("nktg,nkth->gh", g, g)))
+    other = cap.other.astype(dtype) * mask[:, None, None]
+    blocks = [other[..., idx].reshape(-1, len(idx)) for idx in _other_columns(plan, layout)]
+    blocks = tuple(b.T @ b for b in blocks)
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in
+                                (cap.outputs, cap.other, *cap.grads)]))
+    return (tuple(factors), blocks), finite
+
+
+def _other_columns(plan: CapturePlan, layout: LayerCollection) -> list[np.ndarray]:
+    """For each non-Kronecker layer, its columns in the captured ``other`` gradients."""
+    starts, pos = {}, 0
+    for leaf in plan.other_leaves:
+        starts[leaf] = pos
+        pos += layout.sizes[leaf]
+    ids = {s.layer_id for s in plan.specs}
+    return [
+        np.concatenate([starts[i] + np.arange(layout.sizes[i]) for i in layer.leaves])
+        for layer in layout.layers if layer.id not in ids
+    ]

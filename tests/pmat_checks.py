@@ -1,0 +1,217 @@
+"""Properties every parameter-space representation must satisfy against its own dense matrix.
+
+Each ``check_*`` takes a representation ``M``, the float64 matrix ``dense`` it must equal,
+and (where vectors are needed) the ``params`` pytree; shared by the ``test_pmat_*`` files.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import reference_fisher
+
+from jaxgeom import PMatDense, PVector
+from jaxgeom.pmat.blockdiag import PMatBlockDiag
+from jaxgeom.pmat.diag import PMatDiag
+from jaxgeom.pmat.eye import PMatEye
+
+TOL = dict(rtol=1e-8, atol=1e-10)
+REGUL = 1e-3
+PINV_RTOL = 1e-6
+
+
+_reference_jit = jax.jit(reference_fisher, static_argnums=0)
+
+
+def reference(task) -> np.ndarray:
+    """The brute-force float64 Fisher of a task (``reference_fisher``, compiled once)."""
+    return np.asarray(_reference_jit(task.apply_fn, task.params, task.x))
+
+
+def block_mask(layer_collection) -> np.ndarray:
+    """The ``(d, d)`` boolean mask of the layer blocks (layers' indices may interleave)."""
+    d = layer_collection.numel()
+    mask = np.zeros((d, d), dtype=bool)
+    for layer in layer_collection.layers:
+        idx = layer_collection.layer_indices(layer)
+        mask[np.ix_(idx, idx)] = True
+    return mask
+
+
+def vec(params, seed=0) -> PVector:
+    """A standard normal params-shaped vector (numpy leaves: no compilation)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(seed)
+    return PVector(treedef.unflatten([rng.standard_normal(np.shape(x)) for x in leaves]))
+
+
+def flat(v) -> np.ndarray:
+    """The flat numpy form of a PVector or params-shaped pytree."""
+    tree = v.tree if isinstance(v, PVector) else v
+    return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def rows(d, seed=1, shape=(2, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape + (d,))
+
+
+def _evaluate(M, v, r):
+    """Every quantity ``check_all`` compares, computed in one compiled call: ``M`` goes in as
+    a jit argument and representations come out (they are pytrees)."""
+    fv = jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(v.tree)])
+    reps = {
+        "inv": M.inv(REGUL), "pinv": M.pinv(rtol=PINV_RTOL), "pinv_default": M.pinv(),
+        "square": M**2, "square_mm": M.mm(M),
+        "half": M.pow(0.5), "pow_inv": M.pow(-1, REGUL), "left_scaled": 1.23 * M,
+        "right_scaled": M * 1.23, "divided": M / 2, "negated": -M,
+    }
+    return dict(
+        reps=reps,
+        dense={k: x.to_dense() for k, x in reps.items()},
+        half_squared=reps["half"].mm(reps["half"]).to_dense(),
+        to_dense=M.to_dense(),
+        mv=M.mv(v), mv_tree=M.mv(v.tree), mv_flat=M.mv(fv), matmul=M @ v,
+        vTMv=M.vTMv(v), vTMv_tree=M.vTMv(v.tree), v_dot_mv=fv @ M.mv(fv),
+        mmap=M.mmap(r), forms=M.mapTMmap(r, reduction="diag"), forms_sum=M.mapTMmap(r),
+        diag=M.get_diag(), trace=M.trace(), fro=M.frobenius_norm(), norm=M.norm(),
+        norm_fro=M.norm("fro"), norm2=M.norm(2), norm_2=M.norm(-2), eigvalsh=M.eigvalsh(),
+    )
+
+
+_evaluate_jit = jax.jit(_evaluate)
+
+
+def check_all(M, dense, params):
+    """Storage, products (every vector form), maps, scalars and norms, ``inv``, ``pinv``,
+    ``pow`` and scalar algebra of ``M`` against ``dense`` (PSD)."""
+    d = len(dense)
+    v = vec(params)
+    fv = flat(v)
+    r = rows(d)
+    out = _evaluate_jit(M, v, r)
+    assert M.size() == (d, d) and M.size(0) == d and M.size(1) == d
+    np.testing.assert_allclose(out["to_dense"], dense, **TOL)
+    # products: the output has the input's form
+    assert isinstance(out["mv"], PVector) and out["mv_flat"].shape == fv.shape
+    assert jax.tree_util.tree_structure(out["mv_tree"]) == jax.tree_util.tree_structure(params)
+    for key in ("mv", "matmul", "mv_tree"):
+        np.testing.assert_allclose(flat(out[key]), dense @ fv, **TOL)
+    np.testing.assert_allclose(out["mv_flat"], dense @ fv, **TOL)
+    np.testing.assert_allclose(out["vTMv"], out["v_dot_mv"], **TOL)
+    np.testing.assert_allclose(out["vTMv_tree"], fv @ dense @ fv, **TOL)
+    # maps
+    np.testing.assert_allclose(out["mmap"], r @ dense.T, **TOL)
+    forms = np.einsum("knd,ed,kne->kn", r, dense, r)
+    np.testing.assert_allclose(out["forms"], forms, **TOL)
+    np.testing.assert_allclose(out["forms_sum"], forms.sum(0), **TOL)
+    # scalars and norms
+    eig = np.linalg.eigvalsh(dense)
+    np.testing.assert_allclose(out["diag"], np.diag(dense), **TOL)
+    np.testing.assert_allclose(out["trace"], np.trace(dense), **TOL)
+    np.testing.assert_allclose(out["trace"], np.sum(out["diag"]), **TOL)
+    for key in ("fro", "norm", "norm_fro"):
+        np.testing.assert_allclose(out[key], np.linalg.norm(dense), **TOL)
+    np.testing.assert_allclose(out["norm2"], np.abs(eig).max(), **TOL)
+    np.testing.assert_allclose(out["norm_2"], np.abs(eig).min(), atol=1e-10)
+    np.testing.assert_allclose(out["eigvalsh"], eig, atol=1e-10)
+    with pytest.raises(ValueError, match="ord"):
+        M.norm(3)
+    # functions and scalar algebra keep the representation
+    assert all(type(x) is type(M) for x in out["reps"].values())
+    got = out["dense"]
+    shifted = dense + REGUL * np.eye(d)
+    np.testing.assert_allclose(got["inv"] @ shifted @ fv, fv, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["inv"], np.linalg.inv(shifted), rtol=1e-6)
+    np.testing.assert_allclose(got["pow_inv"], got["inv"], rtol=1e-6, atol=1e-8)
+    # an explicit threshold far above round-off: the kept eigenvalues are well determined
+    want = np.linalg.pinv(dense, rcond=PINV_RTOL, hermitian=True)
+    np.testing.assert_allclose(got["pinv"], want, rtol=1e-6, atol=1e-8 * np.abs(want).max())
+    scale = np.abs(dense).max()
+    np.testing.assert_allclose(dense @ got["pinv_default"] @ dense, dense, atol=1e-8 * scale)
+    np.testing.assert_allclose(got["square"], dense @ dense, **TOL)
+    np.testing.assert_allclose(got["square_mm"], dense @ dense, **TOL)
+    np.testing.assert_allclose(out["half_squared"], dense, atol=1e-8)
+    for key, factor in [("left_scaled", 1.23), ("right_scaled", 1.23), ("divided", 0.5),
+                        ("negated", -1)]:
+        np.testing.assert_allclose(got[key], factor * dense, **TOL)
+
+
+@functools.partial(jax.jit, static_argnames="methods")
+def _solve(M, v, r, *, methods):
+    out = {}
+    for method in methods:
+        options = {"rtol": 1e-12} if method == "cg" else {}
+        out[method] = (M.solve(M.mv(v) + REGUL * v, REGUL, method=method, **options),
+                       M.solve(r, REGUL, method=method, **options))
+    return out
+
+
+def check_solve(M, dense, params, methods=None):
+    """For each solve method (default: all of ``M.SOLVE_METHODS``), in one compiled call:
+    ``solve((M + λ)v, λ) ≈ v`` for a PVector, and row by row for a (2, 3, d) stack."""
+    v = vec(params, 2)
+    r = rows(len(dense), 3)
+    shifted = dense + REGUL * np.eye(len(dense))
+    methods = tuple(M.SOLVE_METHODS if methods is None else methods)
+    for method, (x, solved) in _solve(M, v, r @ shifted.T, methods=methods).items():
+        assert isinstance(x, PVector) and solved.shape == r.shape, method
+        np.testing.assert_allclose(flat(x), flat(v), rtol=1e-6, atol=1e-7, err_msg=method)
+        np.testing.assert_allclose(solved, r, rtol=1e-5, atol=1e-6, err_msg=method)
+
+
+@jax.jit
+def _combine(pairs):
+    out = []
+    for A, B in pairs:
+        reps = {"sum": A + B, "difference": A - B, "mm": A.mm(B), "matmul": A @ B}
+        out.append((reps, {k: x.to_dense() for k, x in reps.items()}))
+    return out
+
+
+def check_combinations(cases):
+    """``A + B``, ``A − B``, ``A.mm(B)`` and ``A @ B`` for each case ``(A, B, a_dense,
+    b_dense, (sum_type, product_type))``, in one compiled call: the promoted representations
+    and the values."""
+    results = _combine([(A, B) for A, B, *_ in cases])
+    for (A, B, a, b, (sum_type, product_type)), (reps, got) in zip(cases, results):
+        want = {"sum": a + b, "difference": a - b, "mm": a @ b, "matmul": a @ b}
+        for key, value in reps.items():
+            expected = sum_type if key in ("sum", "difference") else product_type
+            assert type(value) is expected, (key, type(A), type(B), type(value))
+            np.testing.assert_allclose(got[key], want[key], **TOL, err_msg=key)
+
+
+#: the promotion order of ``+``, ``-`` and ``mm`` between representations
+ORDER = (PMatEye, PMatDiag, PMatBlockDiag, PMatDense)
+
+
+def check_promotions(M, dense, ref):
+    """``M`` combined on both sides with one matrix of each representation of ``ORDER``
+    (``0.7·I``, then the diagonal, the layer blocks and the whole of the PSD ``ref``): the
+    result is in the higher representation of the two, with the right values."""
+    lc = M.layer_collection
+    blocks = np.where(block_mask(lc), ref, 0.0)
+    others = [
+        (PMatEye(lc, 0.7), 0.7 * np.eye(len(ref))),
+        (PMatDiag(lc, np.diag(ref)), np.diag(np.diag(ref))),
+        (PMatBlockDiag.from_pmat(PMatDense(lc, ref)), blocks),
+        (PMatDense(lc, ref), ref),
+    ]
+    cases = []
+    for other, other_dense in others:
+        higher = ORDER[max(ORDER.index(type(M)), ORDER.index(type(other)))]
+        cases.append((M, other, dense, other_dense, (higher, higher)))
+        cases.append((other, M, other_dense, dense, (higher, higher)))
+    check_combinations(cases)
+
+
+def check_pytree(M):
+    """``M`` flattens to its arrays and back (static layout in the treedef)."""
+    leaves, treedef = jax.tree_util.tree_flatten(M)
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+    back = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert type(back) is type(M) and back.layer_collection == M.layer_collection

@@ -1,0 +1,206 @@
+"""Capture of layer inputs and output gradients: per-example gradients rebuilt from the
+captured ``(a, g)`` equal those of ``jax.vmap(jax.jacrev(fn))`` exactly (float64), for every
+framework and layer type, also under ``jax.jit``, inside ``jit``/``remat``/``scan``."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from models import ALL_TASKS, to_float64
+
+from jaxgeom import LayerCollection
+from jaxgeom.capture import capture, capture_chunk, example_gradients, make_plan
+from jaxgeom.jacobian import Hashable
+from jaxgeom.variants import FisherOutputs, MonteCarloFisherOutputs
+
+KEY = jax.random.PRNGKey(0)
+
+
+def reference(fn, params, x, aux=None):
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    jac = jax.jit(jax.vmap(jax.jacrev(fn), in_axes=(None, 0, 0, None)))(
+        params, x, jnp.arange(n), aux)
+    return jax.tree_util.tree_leaves(jac)
+
+
+def check(apply_fn, params, x, expect, *, aux=None, fn=None, jit=False):
+    """Rebuild every leaf's per-example gradients from the capture and compare them with
+    the brute-force ones; ``expect`` lists the captured layer ids."""
+    layout = LayerCollection.from_model(apply_fn, params, jax.tree_util.tree_map(
+        lambda a: a[:1], x))
+    fn = fn or FisherOutputs(Hashable(apply_fn), "classif_logits")
+    if jit:
+        example = jax.tree_util.tree_map(lambda a: a[0], x)
+        plan = make_plan(fn, params, example, aux, layout)
+        got = jax.jit(capture_chunk, static_argnums=0)(plan, params, x, jnp.asarray(0), aux)
+    else:
+        plan, got = capture(fn, params, x, layer_collection=layout, aux=aux)
+    assert sorted(s.layer_id for s in plan.specs) == sorted(expect)
+    ref = reference(fn, params, x, aux)
+    for spec, a, g in zip(plan.specs, got.inputs, got.grads):
+        assert g.ndim == 4 and g.shape[-1] == spec.out_features
+        rebuilt = example_gradients(spec, a, g)
+        np.testing.assert_allclose(rebuilt["kernel"], ref[spec.kernel], rtol=1e-12, atol=1e-13)
+        if spec.bias is not None:
+            bias = ref[spec.bias].reshape(rebuilt["bias"].shape)
+            np.testing.assert_allclose(rebuilt["bias"], bias, rtol=1e-12, atol=1e-13)
+    n, k = got.outputs.shape
+    other = [ref[i].reshape(n, k, -1) for i in plan.other_leaves]
+    if other:
+        np.testing.assert_allclose(got.other, np.concatenate(other, axis=2), rtol=1e-12)
+    return plan, got
+
+
+def linen(module, x, seed=0):
+    params = to_float64(module.init(jax.random.PRNGKey(seed), x)["params"])
+    return (lambda p, x: module.apply({"params": p}, x)), params
+
+
+# ----------------------------------------------------------------------------- test models
+@pytest.mark.parametrize("name", ["linen_embed", "linen_layernorm", "linen_mlp", "plain_mlp"])
+def test_models_of_the_suite(name):  # conv, NNX and Equinox models: dedicated tests below
+    t = ALL_TASKS[name]()
+    kron = [lyr.id for lyr in LayerCollection.from_model(t.apply_fn, t.params, t.x[:1]).layers
+            if lyr.kind in ("dense", "conv", "embedding")]
+    plan, _ = check(t.apply_fn, t.params, t.x, kron)
+    if name == "linen_layernorm":
+        assert plan.other_leaves  # the norm's scale and shift: exact gradients
+
+
+# ----------------------------------------------------------------------------- linen
+def test_linen_convolutions_stride_padding_dilation_transposed():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.tanh(nn.Conv(3, (3, 3), strides=(2, 2), padding=((2, 1), (0, 1)))(x))
+            x = nn.tanh(nn.Conv(2, (2, 3), kernel_dilation=(2, 1), padding="SAME")(x))
+            x = nn.tanh(nn.ConvTranspose(2, (3, 2), strides=(2, 1), use_bias=False)(x))
+            x = nn.Conv(2, (3,), padding="CIRCULAR")(x.reshape(x.shape[0], -1, 2))  # 1-D
+            return x.reshape(x.shape[0], -1)[:, :4]
+
+    x = jax.random.normal(KEY, (3, 7, 6, 2))
+    apply_fn, params = linen(Net(), x)
+    check(apply_fn, params, x, ["Conv_0", "Conv_1", "ConvTranspose_0", "Conv_2"])
+
+
+def test_linen_embed_and_sequence_dense():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            h = nn.Embed(9, 4)(tokens)  # (N, T, 4)
+            h = nn.tanh(nn.Dense(5)(h))  # dense over a sequence: weight sharing, T > 1
+            return nn.DenseGeneral(3, axis=(-2, -1))(h)  # two contracting dims
+
+    tokens = jax.random.randint(KEY, (4, 5), 0, 9)
+    apply_fn, params = linen(Net(), tokens)
+    plan, got = check(apply_fn, params, tokens, ["DenseGeneral_0", "Dense_0", "Embed_0"])
+    assert got.inputs[1].shape == (4, 5, 4)  # (n, T, a_l)
+    assert got.inputs[2].shape == (4, 5)  # row ids
+    (spec,) = [s for s in plan.specs if s.layer_id == "DenseGeneral_0"]
+    kernel = params["DenseGeneral_0"]["kernel"]  # (5, 5, 3): (in, in, out)
+    np.testing.assert_array_equal(spec.kernel_to_matrix(kernel), kernel.reshape(25, 3).T)
+    np.testing.assert_array_equal(spec.kernel_from_matrix(spec.kernel_to_matrix(kernel)), kernel)
+
+
+def test_small_transformer_block_and_jit():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.LayerNorm()(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(h)
+            h = nn.gelu(nn.Dense(8)(nn.LayerNorm()(x)))
+            x = x + nn.Dense(4)(h)
+            return nn.Dense(3)(x.mean(axis=1))
+
+    x = jax.random.normal(KEY, (3, 5, 4))
+    apply_fn, params = linen(Block(), x)
+    mha = "MultiHeadDotProductAttention_0"
+    expect = ["Dense_0", "Dense_1", "Dense_2"] + [f"{mha}/{p}" for p in
+                                                  ("key", "out", "query", "value")]
+    check(jax.jit(apply_fn), params, x, expect, jit=True)
+
+
+def test_remat_and_monte_carlo_outputs():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.remat(nn.Dense)(5)(x))
+
+    x = jax.random.normal(KEY, (4, 3))
+    apply_fn, params = linen(Net(), x)
+    fn = MonteCarloFisherOutputs(Hashable(apply_fn), "classif_logits", 2)
+    check(apply_fn, params, x, ["CheckpointDense_0", "Dense_0"], fn=fn, aux=(KEY, None))
+
+
+# ----------------------------------------------------------------------------- nnx / equinox
+def test_nnx_linear_and_conv():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(2, 3, kernel_size=(3, 3), strides=2, rngs=rngs)
+            self.head = nnx.Linear(12, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(jnp.tanh(self.conv(x)).reshape(x.shape[0], -1))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    params = to_float64(nnx.to_pure_dict(state))
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, nnx.State(p))(x)
+
+    check(apply_fn, params, jax.random.normal(KEY, (3, 4, 4, 2)), ["conv", "head"])
+
+
+def test_equinox_linear_and_conv2d():
+    k1, k2 = jax.random.split(KEY)
+
+    class Net(eqx.Module):
+        conv: eqx.nn.Conv2d
+        head: eqx.nn.Linear
+
+        def __call__(self, x):  # one example, (C, H, W)
+            return self.head(jnp.tanh(self.conv(x)).ravel())
+
+    model = Net(eqx.nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=1, key=k1),
+                eqx.nn.Linear(12, 3, key=k2))
+    params, static = eqx.partition(to_float64(model), eqx.is_inexact_array)
+
+    def apply_fn(p, x):
+        return jax.vmap(eqx.combine(p, static))(x)
+
+    check(apply_fn, params, jax.random.normal(KEY, (3, 2, 4, 4)), ["conv", "head"])
+
+
+# ----------------------------------------------------------------------------- plain jnp
+def test_plain_mlp_scan_and_lax_conv():
+    k = jax.random.split(KEY, 6)
+    params = {
+        "conv_w": jax.random.normal(k[0], (3, 2, 2, 2)),  # OIHW
+        "conv_b": jax.random.normal(k[1], (3,)),
+        "w_x": jax.random.normal(k[2], (4, 4)),
+        "w_h": jax.random.normal(k[3], (4, 4)) / 2,
+        "w_out": jax.random.normal(k[4], (3, 4)),  # (out, in): used as x @ w.T
+        "b_out": jax.random.normal(k[5], (3,)),
+    }
+
+    def apply_fn(p, x):  # x: (N, 2, 3, 4) NCHW
+        h = jax.lax.conv_general_dilated(x, p["conv_w"], (1, 1), "VALID", rhs_dilation=(1, 2))
+        h = h + p["conv_b"][None, :, None, None]  # (N, 3, 2, 2)
+        xs = jnp.tanh(h).reshape(x.shape[0], 3, 4).swapaxes(0, 1)  # (T=3, N, 4)
+
+        def step(c, xt):
+            c = jnp.tanh(xt @ p["w_x"] + c @ p["w_h"])
+            return c, None
+
+        c, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], 4)), xs)
+        return c @ p["w_out"].T + p["b_out"]
+
+    x = jax.random.normal(KEY, (3, 2, 3, 4))
+    plan, _ = check(apply_fn, params, x, ["conv_w", "w_h", "w_out", "w_x"])
+    (spec,) = [s for s in plan.specs if s.layer_id == "w_out"]  # used transposed: (out, in)
+    np.testing.assert_array_equal(spec.kernel_to_matrix(params["w_out"]), params["w_out"])

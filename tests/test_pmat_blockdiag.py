@@ -1,0 +1,119 @@
+"""PMatBlockDiag: the layer blocks of the brute-force Fisher, and every operation against its
+dense form (including layers whose parameters interleave in the flat order)."""
+
+import jax
+import numpy as np
+import pytest
+from models import (
+    make_equinox_mlp,
+    make_linen_cnn,
+    make_linen_mlp,
+    make_plain_mlp,
+)
+from pmat_checks import (
+    REGUL,
+    TOL,
+    block_mask,
+    check_all,
+    check_promotions,
+    check_pytree,
+    check_solve,
+    reference,
+)
+
+from jaxgeom import FIM, FIM_MonteCarlo, LayerCollection, PMatDense
+from jaxgeom.pmat.blockdiag import PMatBlockDiag
+from jaxgeom.pmat.diag import PMatDiag
+from jaxgeom.pmat.eye import PMatEye
+
+
+@pytest.fixture(
+    scope="module", params=[make_linen_mlp, make_linen_cnn, make_equinox_mlp, make_plain_mlp]
+)
+def case(request):
+    t = request.param()
+    B = FIM(t.apply_fn, t.params, (t.x, t.y), PMatBlockDiag, batch_size=3)
+    ref = reference(t)
+    return t, B, ref, np.where(block_mask(B.layer_collection), ref, 0.0)
+
+
+def test_storage_is_the_reference_blocks(case):
+    t, B, ref, dense = case
+    lc = B.layer_collection
+    assert len(B.blocks) == len(lc.layers) > 1
+    for layer, block in zip(lc.layers, B.blocks):
+        idx = lc.layer_indices(layer)
+        np.testing.assert_allclose(block, ref[np.ix_(idx, idx)], **TOL)
+        assert B.get_block(layer.id) is block and B.get_block(layer) is block
+    assert np.all(np.asarray(B.to_dense())[~block_mask(lc)] == 0)
+
+
+def test_interleaved_layers_are_gathered():
+    t = make_plain_mlp()  # leaves b1, b2, w1, w2: each layer's indices are not contiguous
+    lc = LayerCollection.from_model(t.apply_fn, t.params, t.x[:1])
+    idx = lc.layer_indices(lc.layers[0])
+    assert np.any(np.diff(idx) > 1)
+
+
+def test_operations(case):
+    t, B, ref, dense = case
+    check_all(B, dense, t.params)
+
+
+def test_solve(case):
+    t, B, ref, dense = case
+    check_solve(B, dense, t.params)
+
+
+def test_eigh_per_block(case):
+    t, B, ref, dense = case
+    decompositions = B.eigh()
+    assert len(decompositions) == len(B.blocks)
+    for (evals, evecs), block in zip(decompositions, B.blocks):
+        evals, evecs = np.asarray(evals), np.asarray(evecs)
+        np.testing.assert_allclose((evecs * evals) @ evecs.T, block, atol=1e-10)
+        assert np.all(np.diff(evals) >= 0)
+
+
+def test_combinations(case):
+    t, B, ref, dense = case
+    check_promotions(B, dense, ref)
+
+
+def test_conversions(case):
+    t, B, ref, dense = case
+    D = PMatDiag(B.layer_collection, np.diag(ref))
+    np.testing.assert_allclose(PMatBlockDiag.from_pmat(D).to_dense(), D.to_dense(), **TOL)
+    assert PMatBlockDiag.from_pmat(B) is B
+    projected = PMatBlockDiag.from_pmat(PMatDense(B.layer_collection, ref))
+    np.testing.assert_allclose(projected.to_dense(), dense, **TOL)
+
+
+def test_under_jit(case):
+    t, B, ref, dense = case
+    check_pytree(B)
+    built = jax.jit(lambda p: FIM(t.apply_fn, p, t.x, PMatBlockDiag))(t.params)
+    assert isinstance(built, PMatBlockDiag)
+    np.testing.assert_allclose(built.to_dense(), dense, **TOL)
+
+
+def test_monte_carlo_is_the_dense_blocks():
+    t = make_plain_mlp()
+    kwargs = dict(key=jax.random.PRNGKey(0), trials=3)
+    B = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatBlockDiag, **kwargs)
+    F = np.asarray(FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, **kwargs).to_dense())
+    np.testing.assert_allclose(B.to_dense(), np.where(block_mask(B.layer_collection), F, 0), **TOL)
+
+
+def test_bad_input():
+    t = make_linen_mlp()
+    lc = LayerCollection.from_model(t.apply_fn, t.params, t.x[:1])
+    B = PMatBlockDiag.from_pmat(PMatEye(lc, 2.0))
+    with pytest.raises(KeyError, match="no layer"):
+        B.get_block("nope")
+    with pytest.raises(ValueError, match="one \\(d_l, d_l\\) block per layer"):
+        PMatBlockDiag(B.layer_collection, B.blocks[:1])
+    with pytest.raises(ValueError, match="valid methods"):
+        B.solve(B.get_diag(), REGUL, method="default")
+    with pytest.raises(TypeError, match="no build options"):
+        FIM(t.apply_fn, t.params, t.x, PMatBlockDiag, damping=1.0)

@@ -1,0 +1,90 @@
+"""PMatEye: s·I in closed form, against its dense form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import make_equinox_mlp, make_linen_mlp, make_plain_mlp
+from pmat_checks import (
+    REGUL,
+    TOL,
+    check_all,
+    check_promotions,
+    check_pytree,
+    check_solve,
+    flat,
+)
+
+from jaxgeom import FIM, LayerCollection, PVector
+from jaxgeom.pmat.diag import PMatDiag
+from jaxgeom.pmat.eye import PMatEye
+
+
+@pytest.fixture(scope="module", params=[make_linen_mlp, make_equinox_mlp])
+def case(request):
+    t = request.param()
+    lc = LayerCollection.from_model(t.apply_fn, t.params, t.x[:1])
+    return t, PMatEye(lc, 1.7), 1.7 * np.eye(lc.numel())
+
+
+def test_storage(case):
+    t, E, dense = case
+    assert E.scaling.shape == () and E.scaling.dtype == jnp.float64
+    assert jax.tree_util.tree_leaves(E) == [E.scaling]
+    np.testing.assert_allclose(PMatEye(E.layer_collection).to_dense(), np.eye(len(dense)))
+
+
+def test_operations(case):
+    t, E, dense = case
+    check_all(E, dense, t.params)
+
+
+def test_solve(case):
+    t, E, dense = case
+    check_solve(E, dense, t.params)
+
+
+def test_negative_scaling(case):
+    t, E, dense = case
+    N = E * -1.234
+    assert isinstance(N, PMatEye)
+    np.testing.assert_allclose(N.to_dense(), -1.234 * dense, **TOL)
+    np.testing.assert_allclose(N.trace(), -1.234 * np.trace(dense), **TOL)
+    np.testing.assert_allclose(N.norm(2), 1.234 * 1.7, **TOL)
+    np.testing.assert_allclose(N.norm(-2), 1.234 * 1.7, **TOL)
+    np.testing.assert_allclose(N.inv(REGUL).to_dense(), np.linalg.inv(N.to_dense() + REGUL *
+                               np.eye(len(dense))), **TOL)
+
+
+def test_pinv_threshold(case):
+    t, E, dense = case
+    assert float(PMatEye(E.layer_collection, 1e-3).pinv(atol=10).scaling) == 0.0
+    np.testing.assert_allclose(E.pinv(atol=1).scaling, 1 / 1.7, **TOL)
+    assert float(PMatEye(E.layer_collection, 0.0).pinv().scaling) == 0.0
+
+
+def test_combinations(case):
+    t, E, dense = case
+    a = np.random.default_rng(0).normal(size=dense.shape)
+    check_promotions(E, dense, a @ a.T)
+
+
+def test_under_jit(case):
+    t, E, dense = case
+    check_pytree(E)
+    out = jax.jit(lambda s: PMatEye(E.layer_collection, s).mv(PVector(t.params)))(2.0)
+    np.testing.assert_allclose(flat(out), 2 * flat(t.params), **TOL)
+
+
+def test_not_built_from_data_and_bad_input():
+    t = make_plain_mlp()
+    with pytest.raises(TypeError, match="construct it directly"):
+        FIM(t.apply_fn, t.params, t.x, PMatEye)
+    lc = LayerCollection.from_params(t.params)
+    E = PMatEye(lc)
+    with pytest.raises(NotImplementedError, match="canonical basis.*PMatDense"):
+        E.eigh()
+    with pytest.raises(NotImplementedError, match="PMatBlockDiag.from_pmat"):
+        PMatEye.from_pmat(PMatDiag.from_pmat(E))
+    with pytest.raises(ValueError, match="scalar"):
+        PMatEye(lc, jnp.ones(3))

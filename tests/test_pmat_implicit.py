@@ -1,0 +1,197 @@
+"""PMatImplicit: matrix-free products and streamed views against the brute-force Fisher."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp, reference_fisher
+
+from jaxgeom import FIM, FIM_MonteCarlo, PVector, SecondMoment, random_pvector
+from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.pmat.implicit import PMatImplicit
+
+TOL = dict(rtol=1e-8, atol=1e-10)
+REGUL = 1e-3
+
+
+@pytest.fixture(scope="module", params=[make_linen_mlp, make_linen_cnn, make_equinox_mlp])
+def case(request):
+    t = request.param()
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit, batch_size=2)
+    return t, F, np.asarray(reference_fisher(t.apply_fn, t.params, t.x))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """The linen MLP's Fisher, implicit (in chunks of 3) and dense."""
+    t = make_linen_mlp()
+    implicit = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit, batch_size=3)
+    return t, implicit, FIM(t.apply_fn, t.params, (t.x, t.y), PMatDense)
+
+
+def vec(t, seed=0):
+    return random_pvector(jax.random.PRNGKey(seed), t.params)
+
+
+def test_stores_only_function_params_and_data(case):
+    t, F, ref = case
+    assert F.num_examples == t.x.shape[0] and F.batch_size == 2
+    assert len(F.data) == 1 and F.data[0] is t.x  # the inputs, not a copy
+    assert F.size() == ref.shape
+
+
+def test_products(case):
+    t, F, ref = case
+    v = vec(t)
+    fv = np.asarray(v.to_flat())
+    out = F.mv(v)
+    assert isinstance(out, PVector)
+    np.testing.assert_allclose(out.to_flat(), ref @ fv, **TOL)
+    tree_out = F.mv(v.tree)
+    assert jax.tree_util.tree_structure(tree_out) == jax.tree_util.tree_structure(t.params)
+    np.testing.assert_allclose(F.mv(fv), ref @ fv, **TOL)
+    np.testing.assert_allclose((F @ v).to_flat(), ref @ fv, **TOL)
+    np.testing.assert_allclose(F.vTMv(v), fv @ ref @ fv, **TOL)
+
+
+def test_maps(case):
+    t, F, ref = case
+    rows = jax.random.normal(jax.random.PRNGKey(1), (2, 2, ref.shape[0]))
+    np.testing.assert_allclose(F.mmap(rows), rows @ ref, **TOL)
+    forms = np.einsum("knd,de,kne->kn", rows, ref, rows)
+    np.testing.assert_allclose(F.mapTMmap(rows), forms.sum(0), **TOL)
+
+
+def test_streamed_views(case):
+    t, F, ref = case
+    np.testing.assert_allclose(F.get_diag(), np.diag(ref), **TOL)
+    np.testing.assert_allclose(F.trace(), np.trace(ref), **TOL)
+    np.testing.assert_allclose(F.frobenius_norm(), np.linalg.norm(ref), **TOL)
+    np.testing.assert_allclose(F.norm(), np.linalg.norm(ref), **TOL)
+    np.testing.assert_allclose(F.to_dense(), ref, **TOL)
+
+
+def test_scaling(case):
+    t, F, ref = case
+    v = np.asarray(vec(t, 3).to_flat())
+    for M, s in [(-1.5 * F, -1.5), (F / 4, 0.25), (-F, -1.0)]:
+        assert isinstance(M, PMatImplicit)
+        np.testing.assert_allclose(M.mv(v), s * ref @ v, **TOL)
+        np.testing.assert_allclose(M.vTMv(v), s * v @ ref @ v, **TOL)
+        np.testing.assert_allclose(M.trace(), s * np.trace(ref), **TOL)
+        np.testing.assert_allclose(M.frobenius_norm(), abs(s) * np.linalg.norm(ref), **TOL)
+
+
+def test_cg_solve(case):
+    t, F, ref = case
+    v = vec(t, 2)
+    rhs = F.mv(v) + REGUL * v
+    x = F.solve(rhs, REGUL, rtol=1e-12)
+    np.testing.assert_allclose(x.to_flat(), v.to_flat(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="valid methods"):
+        F.solve(rhs, REGUL, method="cholesky")
+
+
+def test_cg_preconditioners(mlp):
+    t, F, dense = mlp
+    v = vec(t, 6)
+    rhs = F.mv(v) + REGUL * v
+    exact = dense.solve(rhs, REGUL).to_flat()
+    # the exact preconditioner solves in one iteration
+    x = F.solve(rhs, REGUL, preconditioner=dense, maxiter=1)
+    np.testing.assert_allclose(x.to_flat(), exact, rtol=1e-6, atol=1e-7)
+    # starting from the solution, one iteration keeps it
+    x = F.solve(rhs, REGUL, x0=exact, maxiter=1)
+    np.testing.assert_allclose(x.to_flat(), exact, rtol=1e-6, atol=1e-7)
+    # a cheap preconditioner: Jacobi (the diagonal of the same matrix), as a callable
+    diag = F.get_diag()
+    x = F.solve(rhs, REGUL, preconditioner=lambda r: r / (diag + REGUL), rtol=1e-12)
+    np.testing.assert_allclose(x.to_flat(), exact, rtol=1e-6, atol=1e-7)
+
+
+def test_cg_with_diagonal_representation_preconditioner(mlp):
+    diag_module = pytest.importorskip("jaxgeom.pmat.diag")
+    t, F, _ = mlp
+    P = FIM(t.apply_fn, t.params, (t.x, t.y), diag_module.PMatDiag)
+    v = vec(t, 7)
+    x = F.solve(F.mv(v) + REGUL * v, REGUL, preconditioner=P, rtol=1e-12)
+    np.testing.assert_allclose(x.to_flat(), v.to_flat(), rtol=1e-6, atol=1e-7)
+
+
+def test_under_jit(mlp):
+    t, F, dense = mlp
+    ref = np.asarray(dense.to_dense())
+    v = vec(t, 5)
+    out = jax.jit(lambda M, u: M.mv(u))(F, v)
+    np.testing.assert_allclose(out.to_flat(), ref @ np.asarray(v.to_flat()), **TOL)
+    rhs = F.mv(v) + REGUL * v
+    solve = jax.jit(lambda M, b, P: M.solve(b, REGUL, preconditioner=P, rtol=1e-12))
+    np.testing.assert_allclose(solve(F, rhs, dense).to_flat(), v.to_flat(), rtol=1e-6,
+                               atol=1e-7)
+    scaled = jax.jit(lambda M: 2 * M)(F)
+    assert isinstance(scaled, PMatImplicit) and scaled.fn == F.fn
+    np.testing.assert_allclose(jax.jit(lambda M: M.trace())(scaled), 2 * np.trace(ref), **TOL)
+
+
+def test_chunking_and_batches_do_not_matter(mlp):
+    t = mlp[0]
+    assert t.x.shape[0] == 7
+    batches = [(t.x[:3], t.y[:3]), (t.x[3:], t.y[3:])]
+    variants = [
+        FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit, batch_size=2),
+        FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit),
+        FIM(t.apply_fn, t.params, batches, PMatImplicit),
+        FIM(t.apply_fn, t.params, (b for b in batches), PMatImplicit, batch_size=2),
+    ]
+    v = np.asarray(vec(t, 8).to_flat())
+    expected = variants[1].mv(v)
+    for F in variants:
+        assert F.num_examples == 7
+        for _ in range(2):  # replays the data (even from a one-shot generator)
+            np.testing.assert_allclose(F.mv(v), expected, **TOL)
+    np.testing.assert_allclose(variants[0].get_diag(), variants[1].get_diag(), **TOL)
+
+
+def test_monte_carlo_and_empirical_fisher(mlp):
+    t = mlp[0]
+    v = np.asarray(vec(t, 9).to_flat())
+    mc = [FIM_MonteCarlo(t.apply_fn, t.params, t.x, rep, key=jax.random.PRNGKey(7), trials=2,
+                         batch_size=b) for rep, b in [(PMatImplicit, 3), (PMatDense, None)]]
+    np.testing.assert_allclose(mc[0].mv(v), mc[1].mv(v), **TOL)
+
+    def losses(p, batch):
+        x, y = batch
+        logp = jax.nn.log_softmax(t.apply_fn(p, x))
+        return -jnp.take_along_axis(logp, y[:, None], axis=1)  # (N, 1)
+
+    batches = [(t.x[:4], t.y[:4]), (t.x[4:], t.y[4:])]
+    ef = SecondMoment(losses, t.params, iter(batches), PMatImplicit)  # one-shot iterator
+    ef_dense = SecondMoment(losses, t.params, (t.x, t.y), PMatDense)
+    np.testing.assert_allclose(ef.mv(v), ef_dense.mv(v), **TOL)
+    np.testing.assert_allclose(ef.mv(v), ef_dense.mv(v), **TOL)  # replayed
+
+
+def test_unsupported_operations_name_alternatives(case):
+    t, F, _ = case
+    for op in (lambda: F.inv(REGUL), lambda: F.pinv(), lambda: F.pow(2), lambda: F**2,
+               lambda: F.eigh()):
+        with pytest.raises(NotImplementedError, match="PMatDense"):
+            op()
+    with pytest.raises(NotImplementedError, match=r"solve\(v, regul\)"):
+        F.inv(REGUL)
+    for op in (F.eigvalsh, lambda: F.norm(2), lambda: F.norm(-2)):
+        with pytest.raises(NotImplementedError, match="PMatDense.*PMatLowRank"):
+            op()
+    for op in (lambda: F + F, lambda: F - F, lambda: F + 2 * F):
+        with pytest.raises(NotImplementedError, match="PMatDense"):
+            op()
+
+
+def test_bad_construction(mlp):
+    t = mlp[0]
+    with pytest.raises(TypeError, match="no build options"):
+        FIM(t.apply_fn, t.params, t.x, PMatImplicit, rank=3)
+    with pytest.raises(ValueError, match="mode"):
+        FIM(t.apply_fn, t.params, t.x, PMatImplicit, mode="sideways")
+    with pytest.raises(ValueError, match="batch_size"):
+        FIM(t.apply_fn, t.params, t.x, PMatImplicit, batch_size=0)

@@ -1,0 +1,241 @@
+"""PMatLowRank: storage and every operation against the float64 brute-force Fisher."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp, reference_fisher
+
+from jaxgeom import FIM, FIM_MonteCarlo, LayerCollection, PVector, SecondMoment, random_pvector
+from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.pmat.lowrank import PMatLowRank
+
+TOL = dict(rtol=1e-8, atol=1e-10)
+REGUL = 1e-3
+
+
+@pytest.fixture(scope="module", params=[make_linen_mlp, make_linen_cnn, make_equinox_mlp])
+def case(request):
+    t = request.param()
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatLowRank, batch_size=3)
+    return t, F, np.asarray(reference_fisher(t.apply_fn, t.params, t.x))
+
+
+def vec(t, seed=0):
+    return random_pvector(jax.random.PRNGKey(seed), t.params)
+
+
+def test_storage_is_the_reference(case):
+    t, F, ref = case
+    n, d = t.x.shape[0], ref.shape[0]
+    assert F.factor.shape == (n * (t.num_outputs - 1), d)  # r = N K, softmax K = C - 1
+    np.testing.assert_allclose(F.coef, 1 / n)
+    np.testing.assert_allclose(F.to_dense(), ref, **TOL)
+    assert F.size() == (d, d)
+
+
+def test_products(case):
+    t, F, ref = case
+    v = vec(t)
+    fv = np.asarray(v.to_flat())
+    out = F.mv(v)
+    assert isinstance(out, PVector)
+    np.testing.assert_allclose(out.to_flat(), ref @ fv, **TOL)
+    tree_out = F.mv(v.tree)
+    assert jax.tree_util.tree_structure(tree_out) == jax.tree_util.tree_structure(t.params)
+    np.testing.assert_allclose(F.mv(fv), ref @ fv, **TOL)
+    np.testing.assert_allclose((F @ v).to_flat(), ref @ fv, **TOL)
+    np.testing.assert_allclose(F.vTMv(v), fv @ ref @ fv, **TOL)
+    np.testing.assert_allclose(F.vTMv(v.tree), fv @ ref @ fv, **TOL)
+
+
+def test_maps(case):
+    t, F, ref = case
+    rows = jax.random.normal(jax.random.PRNGKey(1), (2, 3, ref.shape[0]))
+    np.testing.assert_allclose(F.mmap(rows), rows @ ref, **TOL)
+    forms = np.einsum("knd,de,kne->kn", rows, ref, rows)
+    np.testing.assert_allclose(F.mapTMmap(rows, reduction="diag"), forms, **TOL)
+    np.testing.assert_allclose(F.mapTMmap(rows), forms.sum(0), **TOL)
+
+
+def test_scalars_and_norms(case):
+    t, F, ref = case
+    eig = np.linalg.eigvalsh(ref)
+    np.testing.assert_allclose(F.trace(), np.trace(ref), **TOL)
+    np.testing.assert_allclose(F.get_diag(), np.diag(ref), **TOL)
+    np.testing.assert_allclose(F.frobenius_norm(), np.linalg.norm(ref), **TOL)
+    np.testing.assert_allclose(F.norm(), np.linalg.norm(ref), **TOL)
+    np.testing.assert_allclose(F.norm(2), np.abs(eig).max(), **TOL)
+    np.testing.assert_allclose(F.norm(-2), 0.0, atol=1e-12)  # r < d: singular
+    np.testing.assert_allclose(F.eigvalsh(), eig, atol=1e-12)
+
+
+def test_eigh_is_thin_and_reconstructs(case):
+    t, F, ref = case
+    evals, evecs = F.eigh()
+    r, d = F.factor.shape
+    assert evals.shape == (r,) and evecs.shape == (d, r)
+    assert np.all(np.isfinite(evecs))
+    np.testing.assert_allclose(evecs.T @ evecs, np.eye(r), atol=1e-12)
+    np.testing.assert_allclose((evecs * evals) @ evecs.T, ref, atol=1e-12)
+    assert np.all(np.diff(evals) >= 0)
+
+
+@pytest.mark.parametrize("method", PMatLowRank.SOLVE_METHODS)
+def test_solve_keeps_the_null_space(case, method):
+    t, F, ref = case
+    v = vec(t, 2)  # generic: most of v lies in the null space of F
+    rhs = F.mv(v) + REGUL * v
+    options = {"rtol": 1e-13} if method == "cg" else {}
+    x = F.solve(rhs, REGUL, method=method, **options)
+    np.testing.assert_allclose(x.to_flat(), v.to_flat(), rtol=1e-6, atol=1e-7)
+    rows = jax.random.normal(jax.random.PRNGKey(3), (2, 3, ref.shape[0]))
+    solved = F.solve(rows @ (ref + REGUL * np.eye(len(ref))), REGUL, method=method, **options)
+    np.testing.assert_allclose(solved, rows, rtol=1e-5, atol=1e-6)
+
+
+def test_solve_method_errors(case):
+    t, F, _ = case
+    with pytest.raises(ValueError, match="valid methods"):
+        F.solve(vec(t), REGUL, method="cholesky")
+
+
+def test_pinv_and_pow(case):
+    t, F, ref = case
+    evals, evecs = np.linalg.eigh(ref)
+    keep = np.abs(evals) > len(ref) * np.finfo(float).eps * np.abs(evals).max()
+    ref_pinv = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
+    pinv = F.pinv()
+    assert isinstance(pinv, PMatLowRank)
+    np.testing.assert_allclose(pinv.to_dense(), ref_pinv, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(F.pow(-1).to_dense(), pinv.to_dense(), **TOL)
+    np.testing.assert_allclose(F.pinv(atol=np.inf).to_dense(), 0.0)
+    square = F**2
+    assert isinstance(square, PMatLowRank)
+    np.testing.assert_allclose(square.to_dense(), ref @ ref, atol=1e-12)
+    half = F.pow(0.5).to_dense()
+    np.testing.assert_allclose(half @ half, ref, atol=1e-10)
+    minus_half = F.pow(-0.5).to_dense()
+    np.testing.assert_allclose(minus_half @ minus_half, ref_pinv, rtol=1e-6, atol=1e-6)
+
+
+def test_unsupported_functions_point_elsewhere(case):
+    t, F, _ = case
+    with pytest.raises(NotImplementedError, match=r"solve\(v, regul\).*PMatDense"):
+        F.inv(REGUL)
+    with pytest.raises(NotImplementedError, match="not low-rank.*PMatDense"):
+        F.pow(-1, REGUL)
+    with pytest.raises(NotImplementedError, match="identity"):
+        F.pow(0)
+
+
+def test_algebra(case):
+    t, F, ref = case
+    G = F.pow(2)
+    for M, expected in [
+        (F + G, ref + ref @ ref),
+        (F - G, ref - ref @ ref),
+        (G - 3 * F, ref @ ref - 3 * ref),
+        (1.23 * F, 1.23 * ref),
+        (F * -0.5, -0.5 * ref),
+        (F / 2, ref / 2),
+        (-F, -ref),
+    ]:
+        assert isinstance(M, PMatLowRank)
+        np.testing.assert_allclose(M.to_dense(), expected, atol=1e-12)
+    np.testing.assert_allclose((F @ G).to_dense(), ref @ ref @ ref, atol=1e-12)
+    assert isinstance(F + PMatDense.from_pmat(G), PMatDense)
+
+
+def test_signed_weights_everywhere(case):
+    """Every operation on an indefinite combination (per-row weights of both signs)."""
+    t, F, ref = case
+    M = 2 * F.pow(2) - F
+    expected = 2 * ref @ ref - ref
+    v = vec(t, 4)
+    fv = np.asarray(v.to_flat())
+    np.testing.assert_allclose(M.mv(fv), expected @ fv, atol=1e-12)
+    np.testing.assert_allclose(M.vTMv(fv), fv @ expected @ fv, atol=1e-12)
+    np.testing.assert_allclose(M.get_diag(), np.diag(expected), atol=1e-12)
+    np.testing.assert_allclose(M.trace(), np.trace(expected), atol=1e-12)
+    np.testing.assert_allclose(M.frobenius_norm(), np.linalg.norm(expected), rtol=1e-8)
+    np.testing.assert_allclose(M.eigvalsh(), np.linalg.eigvalsh(expected), atol=1e-12)
+    np.testing.assert_allclose(M.norm(2), np.abs(np.linalg.eigvalsh(expected)).max(),
+                               rtol=1e-8)
+    evals, evecs = M.eigh()
+    np.testing.assert_allclose((evecs * evals) @ evecs.T, expected, atol=1e-12)
+    regul = 0.3
+    for method in ("woodbury", "eigh"):
+        x = M.solve(expected @ fv + regul * fv, regul, method=method)
+        np.testing.assert_allclose(x, fv, rtol=1e-8, atol=1e-9)
+
+
+def test_more_rows_than_parameters():
+    """r > d: the thin decomposition has d pairs and the matrix is (generically) invertible."""
+    t = make_linen_mlp()
+    layout = LayerCollection.from_params(t.params)
+    d = layout.numel()
+    factor = jax.random.normal(jax.random.PRNGKey(0), (d + 9, d))
+    coef = jax.random.uniform(jax.random.PRNGKey(1), (d + 9,), minval=-0.2, maxval=1.0)
+    M = PMatLowRank(layout, factor, coef)
+    dense = np.asarray(factor.T @ (coef[:, None] * factor))
+    evals, evecs = M.eigh()
+    assert evals.shape == (d,) and evecs.shape == (d, d)
+    np.testing.assert_allclose(M.eigvalsh(), np.linalg.eigvalsh(dense), rtol=1e-9, atol=1e-9)
+    v = np.asarray(random_pvector(jax.random.PRNGKey(2), t.params).to_flat())
+    for method in PMatLowRank.SOLVE_METHODS[:2]:
+        np.testing.assert_allclose(M.solve(dense @ v + 0.5 * v, 0.5, method=method), v,
+                                   rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(M.pinv().to_dense(), np.linalg.pinv(dense), rtol=1e-7,
+                               atol=1e-9)
+
+
+def test_pytree_under_jit(case):
+    t, F, ref = case
+    v = vec(t, 5)
+    out = jax.jit(lambda M, u: M.mv(u))(F, v)
+    np.testing.assert_allclose(out.to_flat(), ref @ np.asarray(v.to_flat()), **TOL)
+    solved = jax.jit(lambda M, u: M.solve(u, REGUL))(F, F.mv(v) + REGUL * v)
+    np.testing.assert_allclose(solved.to_flat(), v.to_flat(), rtol=1e-6, atol=1e-7)
+    scaled = jax.jit(lambda M: -2 * M + M)(F)
+    assert isinstance(scaled, PMatLowRank)
+    np.testing.assert_allclose(scaled.to_dense(), -ref, atol=1e-12)
+
+
+def test_built_inside_jit():
+    t = make_linen_mlp()
+    factor = jax.jit(lambda p: FIM(t.apply_fn, p, t.x, PMatLowRank).to_dense())(t.params)
+    np.testing.assert_allclose(factor, reference_fisher(t.apply_fn, t.params, t.x), **TOL)
+
+
+def test_monte_carlo_and_empirical_fisher():
+    t = make_linen_mlp()
+    key = jax.random.PRNGKey(7)
+    mc = [FIM_MonteCarlo(t.apply_fn, t.params, t.x, rep, key=key, trials=2, batch_size=b)
+          for rep, b in [(PMatLowRank, 3), (PMatDense, None)]]
+    assert mc[0].factor.shape[0] == 2 * t.x.shape[0]
+    np.testing.assert_allclose(mc[0].to_dense(), mc[1].to_dense(), **TOL)
+
+    def losses(p, batch):
+        x, y = batch
+        logp = jax.nn.log_softmax(t.apply_fn(p, x))
+        return -jnp.take_along_axis(logp, y[:, None], axis=1)  # (N, 1)
+
+    ef = SecondMoment(losses, t.params, (t.x, t.y), PMatLowRank, batch_size=2)
+    grads = jax.vmap(
+        lambda x, y: jax.flatten_util.ravel_pytree(
+            jax.grad(lambda p: losses(p, (x[None], y[None]))[0, 0])(t.params))[0]
+    )(t.x, t.y)
+    np.testing.assert_allclose(ef.to_dense(), grads.T @ grads / len(grads), **TOL)
+    np.testing.assert_allclose(ef.trace(), np.sum(grads**2) / len(grads), **TOL)
+
+
+def test_bad_construction():
+    t = make_linen_mlp()
+    F = FIM(t.apply_fn, t.params, t.x, PMatLowRank)
+    with pytest.raises(ValueError, match="factor must have shape"):
+        PMatLowRank(F.layer_collection, jnp.zeros((3, 4)), 1.0)
+    with pytest.raises(ValueError, match="coef must be a scalar"):
+        PMatLowRank(F.layer_collection, F.factor, jnp.ones(2))
+    with pytest.raises(TypeError, match="no build options"):
+        FIM(t.apply_fn, t.params, t.x, PMatLowRank, rank=3)
