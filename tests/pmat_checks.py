@@ -59,10 +59,21 @@ def rows(d, seed=1, shape=(2, 3)) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape + (d,))
 
 
-def _evaluate(M, v, r):
-    """Every quantity ``check_all`` compares, computed in one compiled call: ``M`` goes in as
-    a jit argument and representations come out (they are pytrees)."""
+def _products(M, v, r):
+    """Products, maps and scalars of ``M``, in one compiled call."""
     fv = jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(v.tree)])
+    return dict(
+        mv=M.mv(v), mv_tree=M.mv(v.tree), mv_flat=M.mv(fv), matmul=M @ v,
+        vTMv=M.vTMv(v), vTMv_tree=M.vTMv(v.tree), v_dot_mv=fv @ M.mv(fv),
+        mmap=M.mmap(r), forms=M.mapTMmap(r, reduction="diag"), forms_sum=M.mapTMmap(r),
+        diag=M.get_diag(), trace=M.trace(), fro=M.frobenius_norm(), norm=M.norm(),
+        norm_fro=M.norm("fro"),
+    )
+
+
+def _functions(M):
+    """Spectra, matrix functions and scalar algebra of ``M``, in one compiled call:
+    ``M`` goes in as a jit argument and representations come out (they are pytrees)."""
     reps = {
         "inv": M.inv(REGUL), "pinv": M.pinv(rtol=PINV_RTOL), "pinv_default": M.pinv(),
         "square": M**2, "square_mm": M.mm(M),
@@ -74,28 +85,24 @@ def _evaluate(M, v, r):
         dense={k: x.to_dense() for k, x in reps.items()},
         half_squared=reps["half"].mm(reps["half"]).to_dense(),
         to_dense=M.to_dense(),
-        mv=M.mv(v), mv_tree=M.mv(v.tree), mv_flat=M.mv(fv), matmul=M @ v,
-        vTMv=M.vTMv(v), vTMv_tree=M.vTMv(v.tree), v_dot_mv=fv @ M.mv(fv),
-        mmap=M.mmap(r), forms=M.mapTMmap(r, reduction="diag"), forms_sum=M.mapTMmap(r),
-        diag=M.get_diag(), trace=M.trace(), fro=M.frobenius_norm(), norm=M.norm(),
-        norm_fro=M.norm("fro"), norm2=M.norm(2), norm_2=M.norm(-2), eigvalsh=M.eigvalsh(),
+        norm2=M.norm(2), norm_2=M.norm(-2), eigvalsh=M.eigvalsh(),
     )
 
 
-_evaluate_jit = jax.jit(_evaluate)
+_products_jit = jax.jit(_products)
+_functions_jit = jax.jit(_functions)
 
 
-def check_all(M, dense, params):
-    """Storage, products (every vector form), maps, scalars and norms, ``inv``, ``pinv``,
-    ``pow`` and scalar algebra of ``M`` against ``dense`` (PSD)."""
+def check_products(M, dense, params):
+    """Products (every vector form; the output has the input's form), maps, the diagonal,
+    the trace and the Frobenius norm of ``M`` against ``dense`` — what every
+    representation, matrix-free ones included, must answer."""
     d = len(dense)
     v = vec(params)
     fv = flat(v)
     r = rows(d)
-    out = _evaluate_jit(M, v, r)
+    out = _products_jit(M, v, r)
     assert M.size() == (d, d) and M.size(0) == d and M.size(1) == d
-    np.testing.assert_allclose(out["to_dense"], dense, **TOL)
-    # products: the output has the input's form
     assert isinstance(out["mv"], PVector) and out["mv_flat"].shape == fv.shape
     assert jax.tree_util.tree_structure(out["mv_tree"]) == jax.tree_util.tree_structure(params)
     for key in ("mv", "matmul", "mv_tree"):
@@ -103,23 +110,31 @@ def check_all(M, dense, params):
     np.testing.assert_allclose(out["mv_flat"], dense @ fv, **TOL)
     np.testing.assert_allclose(out["vTMv"], out["v_dot_mv"], **TOL)
     np.testing.assert_allclose(out["vTMv_tree"], fv @ dense @ fv, **TOL)
-    # maps
     np.testing.assert_allclose(out["mmap"], r @ dense.T, **TOL)
     forms = np.einsum("knd,ed,kne->kn", r, dense, r)
     np.testing.assert_allclose(out["forms"], forms, **TOL)
     np.testing.assert_allclose(out["forms_sum"], forms.sum(0), **TOL)
-    # scalars and norms
-    eig = np.linalg.eigvalsh(dense)
     np.testing.assert_allclose(out["diag"], np.diag(dense), **TOL)
     np.testing.assert_allclose(out["trace"], np.trace(dense), **TOL)
     np.testing.assert_allclose(out["trace"], np.sum(out["diag"]), **TOL)
     for key in ("fro", "norm", "norm_fro"):
         np.testing.assert_allclose(out[key], np.linalg.norm(dense), **TOL)
+    with pytest.raises(ValueError, match="ord"):
+        M.norm(3)
+
+
+def check_all(M, dense, params):
+    """:func:`check_products`, then spectra, ``inv``, ``pinv``, ``pow`` and scalar algebra
+    of ``M`` against ``dense`` (PSD)."""
+    check_products(M, dense, params)
+    d = len(dense)
+    fv = flat(vec(params))
+    out = _functions_jit(M)
+    np.testing.assert_allclose(out["to_dense"], dense, **TOL)
+    eig = np.linalg.eigvalsh(dense)
     np.testing.assert_allclose(out["norm2"], np.abs(eig).max(), **TOL)
     np.testing.assert_allclose(out["norm_2"], np.abs(eig).min(), atol=1e-10)
     np.testing.assert_allclose(out["eigvalsh"], eig, atol=1e-10)
-    with pytest.raises(ValueError, match="ord"):
-        M.norm(3)
     # functions and scalar algebra keep the representation
     assert all(type(x) is type(M) for x in out["reps"].values())
     got = out["dense"]

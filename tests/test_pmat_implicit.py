@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp, reference_fisher
+from pmat_checks import check_products
 
-from jaxgeom import FIM, FIM_MonteCarlo, PVector, SecondMoment, random_pvector
+from jaxgeom import FIM, FIM_MonteCarlo, SecondMoment, random_pvector
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.implicit import PMatImplicit
 
@@ -40,34 +41,9 @@ def test_stores_only_function_params_and_data(case):
     assert F.size() == ref.shape
 
 
-def test_products(case):
+def test_products_and_streamed_views(case):
     t, F, ref = case
-    v = vec(t)
-    fv = np.asarray(v.to_flat())
-    out = F.mv(v)
-    assert isinstance(out, PVector)
-    np.testing.assert_allclose(out.to_flat(), ref @ fv, **TOL)
-    tree_out = F.mv(v.tree)
-    assert jax.tree_util.tree_structure(tree_out) == jax.tree_util.tree_structure(t.params)
-    np.testing.assert_allclose(F.mv(fv), ref @ fv, **TOL)
-    np.testing.assert_allclose((F @ v).to_flat(), ref @ fv, **TOL)
-    np.testing.assert_allclose(F.vTMv(v), fv @ ref @ fv, **TOL)
-
-
-def test_maps(case):
-    t, F, ref = case
-    rows = jax.random.normal(jax.random.PRNGKey(1), (2, 2, ref.shape[0]))
-    np.testing.assert_allclose(F.mmap(rows), rows @ ref, **TOL)
-    forms = np.einsum("knd,de,kne->kn", rows, ref, rows)
-    np.testing.assert_allclose(F.mapTMmap(rows), forms.sum(0), **TOL)
-
-
-def test_streamed_views(case):
-    t, F, ref = case
-    np.testing.assert_allclose(F.get_diag(), np.diag(ref), **TOL)
-    np.testing.assert_allclose(F.trace(), np.trace(ref), **TOL)
-    np.testing.assert_allclose(F.frobenius_norm(), np.linalg.norm(ref), **TOL)
-    np.testing.assert_allclose(F.norm(), np.linalg.norm(ref), **TOL)
+    check_products(F, ref, t.params)
     np.testing.assert_allclose(F.to_dense(), ref, **TOL)
 
 
