@@ -73,6 +73,7 @@ REPRESENTATIONS: tuple[Line, ...] = (
     _exact("PMatDiag"),
     _exact("PMatLowRank"),
     _exact("PMatImplicit"),
+    _exact("PMatKFAC"),
     _monte_carlo("PMatDense"),
 )
 

@@ -89,7 +89,7 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
     # ------------------------------------------------------------------ primitives
     def _mv(self, v):
         parts = self._parts.split(v)
-        return self._parts.merge([part @ b.T for b, part in zip(self.blocks, parts)])
+        return self._parts.merge([b @ part for b, part in zip(self.blocks, parts)])
 
     def to_dense(self):
         dense = jax.scipy.linalg.block_diag(*self.blocks)
@@ -99,7 +99,7 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
         return self._parts.merge([jnp.diag(b) for b in self.blocks])
 
     def trace(self):
-        return sum(jnp.trace(b) for b in self.blocks)
+        return sum(jnp.sum(jnp.diagonal(b)) for b in self.blocks)
 
     def frobenius_norm(self):
         return jnp.sqrt(sum(jnp.sum(jnp.abs(b) ** 2) for b in self.blocks))

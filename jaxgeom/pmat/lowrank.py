@@ -76,7 +76,7 @@ class PMatLowRank(PMatAbstract):
     # ------------------------------------------------------------------ primitives
     def _mv(self, v):
         """``Fᵀ (c ⊙ F v)``: two thin products, ``2 r d``."""
-        return self.factor.T @ (self._weights() * (self.factor @ v))
+        return (self._weights() * (self.factor @ v)) @ self.factor  # row-major friendly
 
     def vTMv(self, v: Any) -> jax.Array:
         """``Σᵢ cᵢ (fᵢ·v)²``, one thin product (``r d``)."""
