@@ -333,3 +333,14 @@ def test_other_bad_arguments():
         FIM(lambda p, x: t.apply_fn(p, x["a"]), t.params, ({"a": t.x, "b": t.x[:2]},), PMatDense)
     with pytest.raises(ValueError, match=r"\(N, K\)"):
         SecondMoment(lambda p, b: t.apply_fn(p, b[0])[:, 0], t.params, (t.x,), PMatDense)
+
+
+def test_one_compilation_for_new_param_values_and_a_short_last_chunk():
+    from jaxgeom.jacobian import _accumulate_chunk
+
+    t = make_linen_mlp(n=7)
+    FIM(t.apply_fn, t.params, t.x, PMatDense, batch_size=3)  # chunks of 3, 3, 1 (padded)
+    before = _accumulate_chunk._cache_size()
+    moved = jax.tree_util.tree_map(lambda a: a + 0.1, t.params)
+    FIM(t.apply_fn, moved, [t.x[:5], t.x[5:]], PMatDense, batch_size=3)
+    assert _accumulate_chunk._cache_size() == before
