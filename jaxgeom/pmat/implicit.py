@@ -108,22 +108,25 @@ class PMatImplicit(PMatAbstract):
 
     def _mmv(self, rows: jax.Array) -> jax.Array:
         """``s/N Σ_chunks J_cᵀ (J_c vᵢ)`` for the rows ``vᵢ`` of ``(m, d)``."""
-        total = sum(
-            _chunk_jtjv(self.params, rows, c.batch, c.mask, c.offset, self.aux,
-                        fn=self.fn, layout=self.layer_collection)
-            for c in self._chunks()
-        )
+        total = sum(self._chunk_mmv(rows, c) for c in self._chunks())
         return self.scale * total / self.num_examples
 
     def vTMv(self, v: Any) -> jax.Array:
         """``s/N Σₙ ‖Jₙ v‖²``: one ``jvp`` per chunk, no ``vjp``."""
         flat, _ = as_flat(v, self.layer_collection)
-        total = sum(
-            _chunk_jv_sq(self.params, flat, c.batch, c.mask, c.offset, self.aux,
-                         fn=self.fn, layout=self.layer_collection)
-            for c in self._chunks()
-        )
+        total = sum(self._chunk_vTMv(flat, c) for c in self._chunks())
         return self.scale * total / self.num_examples
+
+    # the two per-chunk kernels (the hook of operators other than JᵀJ, e.g. the Hessian)
+    def _chunk_mmv(self, rows: jax.Array, chunk: data_lib.Chunk) -> jax.Array:
+        """``Σ_{n∈chunk} Jₙᵀ Jₙ vᵢ`` for the rows ``vᵢ`` of ``(m, d)``."""
+        return _chunk_jtjv(self.params, rows, chunk.batch, chunk.mask, chunk.offset, self.aux,
+                           fn=self.fn, layout=self.layer_collection)
+
+    def _chunk_vTMv(self, v: jax.Array, chunk: data_lib.Chunk) -> jax.Array:
+        """``Σ_{n∈chunk} ‖Jₙ v‖²``."""
+        return _chunk_jv_sq(self.params, v, chunk.batch, chunk.mask, chunk.offset, self.aux,
+                            fn=self.fn, layout=self.layer_collection)
 
     # ------------------------------------------------------------------ streamed views
     def get_diag(self):

@@ -200,8 +200,23 @@ class KronEigen:
     def scale(self, s):
         return self.with_values(self.d * s)
 
+    def shares_basis(self, other) -> bool:
+        """Whether ``other`` is a ``KronEigen`` on the same eigenbases (the same arrays,
+        e.g. two functions of one matrix, or equal concrete values)."""
+        return (isinstance(other, KronEigen) and _same_array(self.qa, other.qa)
+                and _same_array(self.qg, other.qg))
+
     def mm(self, other):
-        return None
+        """The product on a shared eigenbasis (eigenvalues multiply), else ``None``."""
+        return self.with_values(self.d * other.d) if self.shares_basis(other) else None
+
+
+def _same_array(x, y) -> bool:
+    if x is y:
+        return True
+    if x is None or y is None or isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
+        return False
+    return x.shape == y.shape and bool(jnp.array_equal(x, y))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -410,18 +425,23 @@ class PMatKFAC(PMatAbstract):
     def _add_same(self, other, sign):
         """A sum of Kronecker products is not one: the exact layer blocks, as a
         ``PMatBlockDiag``."""
-        return PMatBlockDiag.from_pmat(self)._add_same(PMatBlockDiag.from_pmat(other), sign)
+        return self.to_blockdiag()._add_same(other.to_blockdiag(), sign)
 
-    def _with(self, factors, blocks) -> PMatKFAC:
-        return PMatKFAC(self.layer_collection, self.specs, tuple(factors), tuple(blocks))
+    def to_blockdiag(self) -> PMatBlockDiag:
+        """The same matrix as a ``PMatBlockDiag`` (each layer block formed, ``Σ d_l²``)."""
+        return PMatBlockDiag(self.layer_collection,
+                             tuple(self.get_block(layer) for layer in self.layer_collection))
+
+    def _with(self, factors, blocks):
+        return type(self)(self.layer_collection, self.specs, tuple(factors), tuple(blocks))
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def accumulator(cls, layer_collection: LayerCollection, **options):
         raise TypeError(
-            "PMatKFAC is not reduced from per-example Jacobians: it is built from captured "
-            "layer inputs and output gradients by PMatKFAC.from_jacobians (used by FIM, "
-            "FIM_MonteCarlo and SecondMoment)"
+            f"{cls.__name__} is not reduced from per-example Jacobians: it is built from "
+            f"captured layer inputs and output gradients by {cls.__name__}.from_jacobians "
+            "(used by FIM, FIM_MonteCarlo and SecondMoment)"
         )
 
     accumulator.unsupported = True
@@ -438,26 +458,82 @@ class PMatKFAC(PMatAbstract):
         del mode
         if kfac_approx not in APPROXIMATIONS:
             raise ValueError(f"kfac_approx must be one of {APPROXIMATIONS}; got {kfac_approx!r}")
-        plan, state, n = None, None, 0
-        for chunk in iter_chunks(data, batch_size):
-            if plan is None:
-                example = jax.tree_util.tree_map(lambda a: a[0], chunk.batch)
-                plan = make_plan(fn, params, example, aux, layer_collection)
-                _check_blocks(plan, layer_collection, max_dense_block)
-                state = None
-            stats, finite = _chunk_statistics(
-                params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux,
-                plan=plan, approx=kfac_approx, layout=layer_collection,
-            )
-            check_finite(finite, chunk.offset, chunk.count)
-            state = stats if state is None else jax.tree_util.tree_map(jnp.add, state, stats)
-            n += chunk.count
-        (factors, blocks) = state
-        factors = tuple(Kron(a / n, g / n) for (a, g) in factors)
-        return cls(layer_collection, plan.specs, factors, tuple(b / n for b in blocks))
+        step = functools.partial(_chunk_statistics, approx=kfac_approx, layout=layer_collection)
+        plan, (factors, blocks) = stream_captures(
+            fn, params, data, layer_collection, step, batch_size=batch_size, aux=aux,
+            check=functools.partial(_check_blocks, layout=layer_collection,
+                                    limit=max_dense_block),
+        )
+        return cls(layer_collection, plan.specs, tuple(Kron(a, g) for a, g in factors), blocks)
 
 
 # ----------------------------------------------------------------------------- building
+def stream_captures(fn, params, data, layout: LayerCollection, step, *, batch_size=None,
+                    aux=None, check=None):
+    """One streaming pass over ``data``: make the capture plan on the first chunk (and
+    ``check(plan)`` it), then average ``step(params, batch, mask, offset, aux, plan=plan)``
+    — a pytree of per-chunk sums and a finiteness flag — over the ``N`` examples seen.
+
+    Returns ``(plan, mean)``. Shared by every representation built from captures.
+    """
+    plan, state, n = None, None, 0
+    for chunk in iter_chunks(data, batch_size):
+        if plan is None:
+            example = jax.tree_util.tree_map(lambda a: a[0], chunk.batch)
+            plan = make_plan(fn, params, example, aux, layout)
+            if check is not None:
+                check(plan)
+        stats, finite = step(params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux,
+                             plan=plan)
+        check_finite(finite, chunk.offset, chunk.count)
+        state = stats if state is None else jax.tree_util.tree_map(jnp.add, state, stats)
+        n += chunk.count
+    return plan, jax.tree_util.tree_map(lambda x: x / n, state)
+
+
+def augmented_inputs(spec: KroneckerSpec, a: jax.Array, dtype) -> jax.Array:
+    """A layer's captured inputs as ``(n, T, a_l [+1])`` rows of its layer matrix: the
+    constant-1 bias column appended, an embedding's row ids made one-hot."""
+    if spec.kind == "embedding":
+        return jax.nn.one_hot(a, spec.in_features, dtype=dtype)
+    a = a.astype(dtype)
+    if spec.bias is None:
+        return a
+    return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), dtype)], axis=-1)
+
+
+def squared_gradient_sum(a: jax.Array, g: jax.Array) -> jax.Array:
+    """``Σₙₖ (Σ_t gₙₖₜ aₙₜᵀ)²`` (elementwise square, ``(g_l, a_l)``) from inputs
+    ``(n, T, a_l)`` and output gradients ``(n, K, T, g_l)`` — in any basis.
+
+    ``T = 1``: the contraction ``(g²)ᵀ(a²)``, cost ``n K g_l + n g_l a_l``, no per-example
+    gradient formed; ``T > 1``: the per-example gradients of the chunk (``n K g_l a_l``
+    memory, ``n K T g_l a_l`` time).
+    """
+    if a.shape[1] == 1:
+        return jnp.einsum("ng,na->ga", jnp.sum(g[:, :, 0] ** 2, axis=1), a[:, 0] ** 2)
+    return jnp.sum(jnp.einsum("nktg,nta->nkga", g, a) ** 2, axis=(0, 1))
+
+
+def masked_grads(cap: Captured, mask: jax.Array, dtype) -> tuple[jax.Array, ...]:
+    """Each captured layer's output gradients ``(n, K, T, g_l)``, zero for padding."""
+    mask = mask.astype(dtype)[:, None, None, None]
+    return tuple(g.astype(dtype) * mask for g in cap.grads)
+
+
+def other_gradients(cap: Captured, mask: jax.Array, plan: CapturePlan,
+                    layout: LayerCollection) -> list[jax.Array]:
+    """Per non-Kronecker layer, its exact per-example gradients ``(n·K, d_l)`` (ascending
+    flat order), zero for padding."""
+    other = cap.other.astype(layout.dtype) * mask.astype(layout.dtype)[:, None, None]
+    return [other[..., idx].reshape(-1, len(idx)) for idx in _other_columns(plan, layout)]
+
+
+def all_finite(cap: Captured) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
+                              for x in (cap.outputs, cap.other, *cap.grads)]))
+
+
 def _check_damping(damping):
     if damping not in DAMPINGS:
         raise ValueError(f"damping must be one of {DAMPINGS}; got {damping!r}")
@@ -471,7 +547,7 @@ def _flat(block) -> LayerCollection:
     return LayerCollection.from_params(jax.ShapeDtypeStruct((block.shape[0],), block.dtype))
 
 
-def _check_blocks(plan: CapturePlan, layout: LayerCollection, limit: int) -> None:
+def _check_blocks(plan: CapturePlan, layout: LayerCollection, limit: float) -> None:
     ids = {s.layer_id for s in plan.specs}
     for layer in layout.layers:
         size = layout.layer_numel(layer)
@@ -494,8 +570,7 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, approx, layout)
     dtype = layout.dtype
     mask = mask.astype(dtype)
     factors = []
-    for spec, a, g in zip(plan.specs, cap.inputs, cap.grads):
-        g = g.astype(dtype) * mask[:, None, None, None]
+    for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype)):
         t = g.shape[2]
         if spec.kind == "embedding":
             ids = jnp.where(a >= 0, a, spec.in_features)
@@ -503,19 +578,13 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, approx, layout)
             A = jnp.zeros(spec.in_features, dtype).at[ids].add(weights, mode="drop")
             factors.append((A / t, jnp.einsum("nktg,nkth->gh", g, g)))
             continue
-        a = a.astype(dtype)
-        if spec.bias is not None:
-            a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), dtype)], axis=-1)
+        a = augmented_inputs(spec, a, dtype)
         if approx == "reduce":
             a, g, t = a.mean(axis=1, keepdims=True), g.sum(axis=2, keepdims=True), 1
         A = jnp.einsum("nta,ntb,n->ab", a, a, mask)
         factors.append((A / t, jnp.einsum("nktg,nkth->gh", g, g)))
-    other = cap.other.astype(dtype) * mask[:, None, None]
-    blocks = [other[..., idx].reshape(-1, len(idx)) for idx in _other_columns(plan, layout)]
-    blocks = tuple(b.T @ b for b in blocks)
-    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in
-                                (cap.outputs, cap.other, *cap.grads)]))
-    return (tuple(factors), blocks), finite
+    blocks = tuple(b.T @ b for b in other_gradients(cap, mask, plan, layout))
+    return (tuple(factors), blocks), all_finite(cap)
 
 
 def _other_columns(plan: CapturePlan, layout: LayerCollection) -> list[np.ndarray]:
