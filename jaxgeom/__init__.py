@@ -5,6 +5,8 @@ neural tangent kernels, stored in the representation that fits the model, with o
 for products, solves, inverses, powers, traces and norms.
 """
 
+from jaxgeom import optim as optim
+from jaxgeom.ewc import ewc_penalty as ewc_penalty
 from jaxgeom.layers import Layer as Layer
 from jaxgeom.layers import LayerCollection as LayerCollection
 from jaxgeom.metrics import FIM as FIM
@@ -14,10 +16,14 @@ from jaxgeom.pmat import PMatAbstract as PMatAbstract
 from jaxgeom.pmat import PMatBlockDiag as PMatBlockDiag
 from jaxgeom.pmat import PMatDense as PMatDense
 from jaxgeom.pmat import PMatDiag as PMatDiag
+from jaxgeom.pmat import PMatEKFAC as PMatEKFAC
+from jaxgeom.pmat import PMatEKFACBlockDiag as PMatEKFACBlockDiag
 from jaxgeom.pmat import PMatEye as PMatEye
 from jaxgeom.pmat import PMatImplicit as PMatImplicit
 from jaxgeom.pmat import PMatKFAC as PMatKFAC
 from jaxgeom.pmat import PMatLowRank as PMatLowRank
+from jaxgeom.pmat import PMatMixed as PMatMixed
+from jaxgeom.pmat import PMatQuasiDiag as PMatQuasiDiag
 from jaxgeom.solvers import cg as cg
 from jaxgeom.variants import VARIANTS as VARIANTS
 from jaxgeom.vector import PVector as PVector
@@ -34,13 +40,19 @@ __all__ = [
     "PMatBlockDiag",
     "PMatDense",
     "PMatDiag",
+    "PMatEKFAC",
+    "PMatEKFACBlockDiag",
     "PMatEye",
     "PMatImplicit",
     "PMatKFAC",
     "PMatLowRank",
+    "PMatMixed",
+    "PMatQuasiDiag",
     "PVector",
     "SecondMoment",
     "VARIANTS",
     "cg",
+    "ewc_penalty",
+    "optim",
     "random_pvector",
 ]

@@ -400,7 +400,31 @@ def make_plan(fn: Callable, params: Any, example: Any, aux: Any,
     A layer that ``layout`` lists as Kronecker but whose kernel the traced ``fn`` does
     not consume through exactly one recognised operation is left to the exact per-example
     gradients (``other_leaves``) — e.g. when ``layout`` was discovered on another model.
+
+    Plans depend only on ``fn``, ``layout`` and the shapes and dtypes of the arguments, and
+    are cached on them: the same plan object (a static argument of the compiled capture
+    steps) comes back for new parameter values or new data, so nothing recompiles.
     """
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), (params, example, aux)
+    )
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    key = (fn, layout, treedef, tuple(leaves))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable per-example function: plan without caching
+        return _build_plan(fn, *abstract, layout)
+    return _cached_plan(*key)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(fn, layout, treedef, leaves) -> CapturePlan:
+    params, example, aux = jax.tree_util.tree_unflatten(treedef, leaves)
+    return _build_plan(fn, params, example, aux, layout)
+
+
+def _build_plan(fn: Callable, params: Any, example: Any, aux: Any,
+                layout: LayerCollection) -> CapturePlan:
     leaves = jax.tree_util.tree_leaves(params)
     index = jnp.zeros((), jnp.int32)
     closed = jax.make_jaxpr(fn)(params, example, index, aux)

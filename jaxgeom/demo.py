@@ -34,7 +34,7 @@ class Line:
     """One line of the table: a label and how to build the matrix.
 
     ``build(apply_fn, params, data, batch_size, key)`` returns a representation;
-    ``name`` is the attribute of :mod:`jaxgeom` it needs (skipped when not available).
+    ``name`` is the representation's name in :mod:`jaxgeom`.
     """
 
     label: str
@@ -65,8 +65,7 @@ def _monte_carlo(name: str, trials: int = 1) -> Line:
 
 
 #: The lines of the table, in order. The first one is the reference for the ``mv`` error
-#: (it must be the dense exact Fisher). Representations that :mod:`jaxgeom` does not
-#: export (yet) are skipped.
+#: (it must be the dense exact Fisher).
 REPRESENTATIONS: tuple[Line, ...] = (
     _exact("PMatDense"),
     _exact("PMatBlockDiag"),
@@ -74,6 +73,8 @@ REPRESENTATIONS: tuple[Line, ...] = (
     _exact("PMatLowRank"),
     _exact("PMatImplicit"),
     _exact("PMatKFAC"),
+    _exact("PMatEKFAC"),
+    _exact("PMatQuasiDiag"),
     _monte_carlo("PMatDense"),
 )
 
@@ -177,7 +178,7 @@ def _format(value: Any, spec: str) -> str:
 
 def fisher_table(apply_fn, params, data, batch_size: int, seed: int,
                  lines: tuple[Line, ...] = REPRESENTATIONS) -> list[dict]:
-    """Build every available line of ``lines`` and measure it; returns one dict per line."""
+    """Build every line of ``lines`` and measure it; returns one dict per line."""
     import jaxgeom
 
     key_v, key_mc = jax.random.split(jax.random.key(seed + 1))
@@ -185,8 +186,6 @@ def fisher_table(apply_fn, params, data, batch_size: int, seed: int,
     reference = None
     rows = []
     for line in lines:
-        if not hasattr(jaxgeom, line.name):
-            continue
         start = time.perf_counter()
         pmat = jax.block_until_ready(line.build(apply_fn, params, data, batch_size, key_mc))
         build_s = time.perf_counter() - start
@@ -253,9 +252,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
           " for a random v (for approximations it is the approximation error).\n")
     rows = fisher_table(apply_fn, params, (x, y), args.batch_size, args.seed)
     print_table(rows)
-    missing = [line.name for line in REPRESENTATIONS if not hasattr(jaxgeom, line.name)]
-    if missing:
-        print(f"\n(not in this version of jaxgeom: {', '.join(sorted(set(missing)))})")
     return rows
 
 

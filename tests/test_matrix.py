@@ -7,6 +7,8 @@ every variant, the stored matrix must equal that projection, and the operations 
 with ``to_dense()``.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,13 +44,19 @@ def project(representation, matrix, layer_collection):
     return matrix
 
 
+@functools.cache
+def task_and_reference(name):
+    """Each model and its brute-force Fisher, computed once for all representations."""
+    t = ALL_TASKS[name]()
+    return t, np.asarray(reference_fisher(t.apply_fn, t.params, t.x))
+
+
 @pytest.mark.parametrize("representation", REPRESENTATIONS, ids=lambda r: r.__name__)
 @pytest.mark.parametrize("name", sorted(ALL_TASKS))
 def test_every_model(name, representation):
-    t = ALL_TASKS[name]()
+    t, reference = task_and_reference(name)
     F = FIM(t.apply_fn, t.params, (t.x, t.y), representation, batch_size=4)
-    expected = project(representation, reference_fisher(t.apply_fn, t.params, t.x),
-                       F.layer_collection)
+    expected = project(representation, reference, F.layer_collection)
     np.testing.assert_allclose(F.to_dense(), expected, **TOL)
     v = random_pvector(jax.random.PRNGKey(0), t.params)
     fv = np.asarray(v.to_flat())

@@ -1,0 +1,233 @@
+"""Function space: vectors over (outputs × examples) and matrices between them.
+
+A function-space vector ``f`` holds one value per output ``o`` and example ``n``: shape
+``(K, N)``, outputs first (NNGeometry's layout). A function-space matrix (an NTK / Gram
+matrix) maps such vectors to such vectors: shape ``(K, N, K, N)``, with the
+``(K·N) × (K·N)`` matrix ``G[(o, n), (o', n')]`` (output-major, row-major reshape) as its
+primary view: every spectral operation acts on that matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgeom.pmat.base import PMatAbstract
+
+
+def _is_scalar(x: Any) -> bool:
+    return isinstance(x, numbers.Number) or (hasattr(x, "shape") and jnp.ndim(x) == 0)
+
+
+class _ScalarAlgebra:
+    """``+``, ``-``, unary ``-``, scalar ``*`` and ``/`` for a frozen dataclass whose one
+    array field is ``data`` (same-type operands only)."""
+
+    def _with(self, data):
+        return dataclasses.replace(self, data=data)
+
+    def __add__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._with(self.data + other.data)
+
+    def __sub__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._with(self.data - other.data)
+
+    def __neg__(self):
+        return self._with(-self.data)
+
+    def __mul__(self, s):
+        if not _is_scalar(s):
+            return NotImplemented
+        return self._with(self.data * s)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, s):
+        if not _is_scalar(s):
+            return NotImplemented
+        return self._with(self.data / s)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FVector(_ScalarAlgebra):
+    """A vector in function space: ``data[o, n]`` for output ``o`` and example ``n``.
+
+    Returned by ``PFMap.jvp`` and ``FMatDense.mv``; accepted by ``PFMap.vjp``,
+    ``FMatDense.mv``/``vTMv``/``solve`` (as are raw ``(K, N)`` arrays). Supports ``+``,
+    ``-``, scalar ``*`` and ``/``, ``dot``/``@`` and ``norm``.
+
+    Attributes:
+      data: the ``(K, N)`` array (outputs, examples).
+    """
+
+    data: jax.Array
+
+    def to_dense(self) -> jax.Array:
+        """The ``(K, N)`` array."""
+        return self.data
+
+    def size(self, dim: int | None = None):
+        """``(K, N)``, or one of them."""
+        shape = tuple(self.data.shape)
+        return shape if dim is None else shape[dim]
+
+    def dot(self, other: Any) -> jax.Array:
+        """``Σ_{o,n} f[o,n] g[o,n]``."""
+        return jnp.vdot(self.data, as_fvector_data(other, self.data.shape))
+
+    def __matmul__(self, other: Any) -> jax.Array:
+        if isinstance(other, FVector):
+            return self.dot(other)
+        return NotImplemented
+
+    def norm(self, p: float = 2) -> jax.Array:
+        """The ``p``-norm of the flattened ``K·N`` vector."""
+        return jnp.linalg.norm(jnp.ravel(self.data), ord=p)
+
+
+def as_fvector_data(f: Any, shape: tuple[int, int] | None = None) -> jax.Array:
+    """The ``(K, N)`` array of an ``FVector`` or an array (checked against ``shape``)."""
+    data = f.data if isinstance(f, FVector) else jnp.asarray(f)
+    if data.ndim != 2 or (shape is not None and tuple(data.shape) != tuple(shape)):
+        want = "(K, N)" if shape is None else str(tuple(shape))
+        raise ValueError(
+            f"a function-space vector must be an FVector or an array of shape {want} "
+            f"(outputs, examples); got shape {data.shape}"
+        )
+    return data
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FMatDense(_ScalarAlgebra):
+    """A dense function-space matrix ``G[o, n, o', n']`` (e.g. the empirical NTK).
+
+    Built by :func:`jaxgeom.GramMatrix` as ``G[o,n,o',n'] = Σ_i J[o,n,i] J[o',n',i]``
+    from the per-example Jacobian ``J`` (``(K, N, d)``). The primary view is the
+    ``(K·N) × (K·N)`` matrix ``to_matrix()`` (output-major: row ``o·N + n``); ``mv``,
+    ``eigh``, ``solve`` and the norms act on it.
+
+    Costs (``m = K·N``): storage ``m²``; ``mv``/``vTMv``/``frobenius_norm`` ``m²``;
+    ``trace`` ``m``; ``eigh``/``eigvalsh``/``norm(±2)``/``solve`` ``m³``.
+
+    Unlike NNGeometry (where ``mv``, ``trace``, ``+`` and ``-`` of ``FMatDense`` are broken),
+    every method here is tested against the explicit matrix.
+
+    Attributes:
+      data: the ``(K, N, K, N)`` array.
+    """
+
+    data: jax.Array
+
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq")
+
+    def __post_init__(self):
+        shape = getattr(self.data, "shape", None)
+        if shape is not None and (len(shape) != 4 or shape[:2] != shape[2:]):
+            raise ValueError(f"FMatDense data must have shape (K, N, K, N); got {shape}")
+
+    # ------------------------------------------------------------------ views
+    def size(self, dim: int | None = None):
+        """``(K, N, K, N)``, or one of them."""
+        shape = tuple(self.data.shape)
+        return shape if dim is None else shape[dim]
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def to_dense(self) -> jax.Array:
+        """The ``(K, N, K, N)`` array."""
+        return self.data
+
+    def to_matrix(self) -> jax.Array:
+        """The ``(K·N, K·N)`` matrix (row/column ``o·N + n``)."""
+        m = self.data.shape[0] * self.data.shape[1]
+        return self.data.reshape(m, m)
+
+    def get_diag(self) -> FVector:
+        """The diagonal ``G[o,n,o,n]`` as an ``(K, N)`` ``FVector``."""
+        return FVector(jnp.diagonal(self.to_matrix()).reshape(self.data.shape[:2]))
+
+    # ------------------------------------------------------------------ products
+    def mv(self, f: Any) -> Any:
+        """``G f`` for an ``FVector`` or a ``(K, N)`` array (answers in the same form)."""
+        data = as_fvector_data(f, self.data.shape[:2])
+        out = jnp.einsum("knlm,lm->kn", self.data, data)
+        return FVector(out) if isinstance(f, FVector) else out
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, FMatDense):
+            return NotImplemented
+        return self.mv(other)
+
+    def vTMv(self, f: Any) -> jax.Array:
+        """The quadratic form ``fᵀ G f``; for the Gram matrix, ``‖Jᵀ f‖²``."""
+        data = as_fvector_data(f, self.data.shape[:2])
+        return jnp.vdot(data, jnp.einsum("knlm,lm->kn", self.data, data))
+
+    # ------------------------------------------------------------------ scalars
+    def trace(self) -> jax.Array:
+        return jnp.trace(self.to_matrix())
+
+    def frobenius_norm(self) -> jax.Array:
+        return jnp.linalg.norm(self.to_matrix())
+
+    def eigvalsh(self) -> jax.Array:
+        """All ``K·N`` eigenvalues, ascending."""
+        return jnp.linalg.eigvalsh(self.to_matrix())
+
+    #: ``None``/``"fro"``: Frobenius norm; ``2``: largest ``|λ|``; ``-2``: smallest.
+    norm = PMatAbstract.norm
+
+    # ------------------------------------------------------------------ spectral
+    def eigh(self) -> tuple[jax.Array, jax.Array]:
+        """``(λ ascending (K·N,), V (K·N, K·N))`` with ``to_matrix() = V diag(λ) Vᵀ``.
+
+        Column ``i`` of ``V`` reshaped to ``(K, N)`` is an eigenvector as a function-space
+        vector: ``FVector(V[:, i].reshape(K, N))``.
+        """
+        return jnp.linalg.eigh(self.to_matrix())
+
+    def solve(self, f: Any, regul: Any = 0.0, *, method: str = "cholesky") -> Any:
+        """``(G + regul·I)⁻¹ f`` for an ``FVector`` or a ``(K, N)`` array.
+
+        Kernel (ridge) regression: with targets ``y`` (``(K, N)``) on the training
+        examples, ``α = G.solve(y, λ)`` gives the predictions ``G_test,train α`` (on the
+        training examples, ``G.mv(α)``). ``method``: ``"cholesky"`` (default; needs
+        ``G + regul·I`` positive definite), ``"eigh"`` or ``"lstsq"`` (least squares, for a
+        singular ``G`` with ``regul = 0``).
+        """
+        if method not in self.SOLVE_METHODS:
+            raise ValueError(
+                f"unknown solve method {method!r} for FMatDense; valid methods: "
+                f"{self.SOLVE_METHODS}"
+            )
+        data = as_fvector_data(f, self.data.shape[:2])
+        matrix = self.to_matrix()
+        rhs = jnp.ravel(data)
+        if method == "eigh":
+            evals, evecs = jnp.linalg.eigh(matrix)
+            x = evecs @ ((evecs.T @ rhs) / (evals + regul))
+        else:
+            shifted = matrix + regul * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+            if method == "cholesky":
+                x = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(shifted), rhs)
+            else:
+                x = jnp.linalg.lstsq(shifted, rhs)[0]
+        x = x.reshape(data.shape)
+        return FVector(x) if isinstance(f, FVector) else x
+
+    def __repr__(self) -> str:
+        k, n = np.shape(self.data)[:2]
+        return f"FMatDense(outputs={k}, examples={n})"

@@ -1,0 +1,252 @@
+"""Hessians of a mean loss, in the parameter-space representations.
+
+.. math::  H = \\nabla^2_\\theta \\frac1N \\sum_n \\ell_n(\\theta)
+   = \\frac1N \\sum_b n_b\\, \\nabla^2_\\theta L_b(\\theta),
+
+where ``loss_fn(params, batch) -> L_b`` is the **mean** loss over the ``n_b`` examples of
+a batch (or chunk) ``b``: batches are weighted by their size, so the result is the
+Hessian of the mean loss over all ``N`` examples seen, however the data are batched.
+(NNGeometry sums the per-batch Hessians of a summed loss instead.) Chunks are never
+padded (a padded mean loss would be biased): the last, smaller chunk of a batch costs one
+more compilation.
+
+Every product is a Hessian-vector product by forward-over-reverse differentiation
+(``jax.linearize`` of ``jax.grad``: one linearisation per chunk, then one tangent
+evaluation per vector, ``≈ F + 2B`` per example with ``F``/``B`` one forward/backward
+pass). The stored representations apply it to basis vectors, ``vectors_per_pass`` at a
+time (``jax.lax.map`` with ``vmap`` inside):
+
+================  ===============================  ============================
+representation    build cost (per example)          memory beyond the result
+================  ===============================  ============================
+``PMatDense``     ``d`` HVPs                        ``vectors_per_pass · d``
+``PMatBlockDiag`` ``d`` HVPs (layer ``l``'s ``d_l``  ``vectors_per_pass · d``
+                  basis vectors, kept on the block)
+``PMatDiag``      ``d`` HVPs (exact diagonal; one   ``vectors_per_pass · d``
+                  entry kept per HVP)
+``PMatImplicit``  none (``mv``: one HVP per vector  O(d) + one chunk
+                  over all data)
+================  ===============================  ============================
+
+No structured representation is cheaper to *build* than the dense one for a general
+loss: the exact diagonal or layer blocks of a Hessian need one HVP per parameter
+(stochastic estimators, e.g. Hutchinson's ``E[v ⊙ Hv]``, are cheaper but not exact).
+They save memory (``d`` or ``Σ d_l²`` instead of ``d²``) and the cost of later operations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgeom import data as data_lib
+from jaxgeom.jacobian import Hashable
+from jaxgeom.layers import LayerCollection
+from jaxgeom.pmat.base import PMatAbstract
+from jaxgeom.pmat.blockdiag import PMatBlockDiag
+from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.pmat.diag import PMatDiag
+from jaxgeom.pmat.implicit import PMatImplicit, _tangents
+
+#: how each stored representation keeps the columns ``H eᵢ`` (its ``_chunk_hessian`` kind)
+_KINDS = {PMatDense: "dense", PMatBlockDiag: "blockdiag", PMatDiag: "diag"}
+
+
+def Hessian(
+    loss_fn: Callable,
+    params: Any,
+    data: Any,
+    representation: type[PMatAbstract],
+    *,
+    batch_size: int | None = None,
+    layer_collection: LayerCollection | None = None,
+    vectors_per_pass: int = 32,
+) -> PMatAbstract:
+    """The Hessian of the mean loss over ``data``, in ``representation``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the **mean** loss over the batch
+        (e.g. ``optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y).mean()``);
+        it receives whole batches as ``data`` yields them (``(x, y)``).
+      params: any pytree of arrays.
+      data: one batch or an iterable of batches (of any sizes).
+      representation: ``PMatDense``, ``PMatBlockDiag``, ``PMatDiag`` or ``PMatImplicit``
+        (costs in :mod:`jaxgeom.hessian`).
+      batch_size: split batches into chunks of at most this many examples (memory of one
+        chunk's linearisation); ``None``: one chunk per batch.
+      layer_collection: the parameter layout (the blocks of ``PMatBlockDiag``); discovered
+        from ``loss_fn`` by default.
+      vectors_per_pass: basis vectors vectorised together by the stored representations.
+
+    Returns:
+      ``H = (1/N) Σ_b n_b ∇²L_b``. The Hessian may be indefinite: ``solve`` with Cholesky
+      (the dense default) or CG (the implicit one) needs ``H + regul·I`` positive definite;
+      use ``method="eigh"``/``"lstsq"`` (``PMatDense``) otherwise. Works inside
+      ``jax.jit`` on a single batch.
+
+    Example:
+      >>> H = Hessian(lambda p, b: loss(apply_fn(p, b[0]), b[1]).mean(), params, (x, y),
+      ...             PMatDense)
+      >>> H.eigvalsh()[-1]       # the sharpness
+    """
+    first, data = data_lib.peek(data)
+    n = data_lib.num_examples(first)
+    out = jax.eval_shape(loss_fn, params, first)
+    if getattr(out, "shape", None) != ():
+        raise ValueError(
+            f"loss_fn(params, batch) must return a scalar (the mean loss over the batch); got "
+            f"{getattr(out, 'shape', out)} for a batch of {n} examples"
+        )
+    if int(vectors_per_pass) != vectors_per_pass or vectors_per_pass < 1:
+        raise ValueError(f"vectors_per_pass must be a positive integer; got {vectors_per_pass!r}")
+    if layer_collection is None:
+        from jaxgeom.metrics import _layers
+
+        layer_collection = _layers(loss_fn, params, first)
+    loss_fn = Hashable(loss_fn)
+    if representation is PMatImplicit:
+        return PMatImplicitHessian.build(loss_fn, params, data, layer_collection, batch_size)
+    if representation not in _KINDS:
+        raise TypeError(
+            "Hessian representation must be one of PMatDense, PMatBlockDiag, PMatDiag, "
+            f"PMatImplicit; got {representation!r}"
+        )
+    state = stream(loss_fn, params, data, batch_size, layer_collection,
+                   _KINDS[representation], int(vectors_per_pass))
+    return representation(layer_collection, state)
+
+
+# ----------------------------------------------------------------------------- streaming
+def real_chunks(data: Any, batch_size: int | None):
+    """The chunks of ``data`` without their padding (``batch`` cut to ``count`` examples)."""
+    for c in data_lib.iter_chunks(data, batch_size):
+        batch = jax.tree_util.tree_map(lambda a, k=c.count: a[:k], c.batch)
+        yield data_lib.Chunk(batch, c.mask[: c.count], c.offset, c.count)
+
+
+def stream(loss_fn, params, data, batch_size, layout, kind, per_pass):
+    """``(1/N) Σ_c n_c · state(H_c)`` with ``state`` the ``kind`` of columns kept."""
+    total, n = None, 0
+    for c in real_chunks(data, batch_size):
+        part = _chunk_hessian(params, c.batch, c.count, loss_fn=loss_fn, layout=layout,
+                              kind=kind, per_pass=per_pass)
+        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
+        n += c.count
+    return jax.tree_util.tree_map(lambda x: x / n, total)
+
+
+def _hvp(loss_fn, params, batch, layout) -> Callable[[jax.Array], jax.Array]:
+    """Flat ``(d,) ↦ H_b v`` for the batch's mean loss (forward-over-reverse, linearised
+    once)."""
+    _, linear = jax.linearize(jax.grad(lambda p: loss_fn(p, batch)), params)
+    return lambda v: layout.to_flat(linear(_tangents(layout, params, v))).astype(v.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "layout", "kind", "per_pass"))
+def _chunk_hessian(params, batch, weight, *, loss_fn, layout, kind, per_pass):
+    """``weight ·`` the dense Hessian, its diagonal or its layer blocks, for one chunk:
+    ``H eᵢ`` for each needed basis vector, ``per_pass`` at a time."""
+    hvp = _hvp(loss_fn, params, batch, layout)
+    d = layout.numel()
+    dtype = layout.dtype
+
+    def columns(indices, keep):
+        """``keep(H eᵢ, i)`` for each ``i`` of ``indices``."""
+        def one(i):
+            return keep(hvp(jax.nn.one_hot(i, d, dtype=dtype)), i)
+
+        return jax.lax.map(one, jnp.asarray(indices), batch_size=min(per_pass, len(indices)))
+
+    if kind == "dense":
+        state = columns(np.arange(d), lambda col, i: col).T
+    elif kind == "diag":
+        state = columns(np.arange(d), lambda col, i: col[i])
+    else:  # one block per layer: the layer's basis vectors, the layer's entries of H eᵢ
+        state = tuple(
+            columns(idx, lambda col, i, idx=idx: col[idx]).T
+            for idx in (layout.layer_indices(layer) for layer in layout.layers)
+        )
+    return jax.tree_util.tree_map(lambda x: weight * x, state)
+
+
+# ----------------------------------------------------------------------------- implicit
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class PMatImplicitHessian(PMatImplicit):
+    """The Hessian ``H = (1/N) Σ_b n_b ∇²L_b`` of a mean loss, never formed (a
+    :class:`~jaxgeom.pmat.implicit.PMatImplicit` whose per-chunk products are
+    Hessian-vector products). Built by ``Hessian(..., PMatImplicit)``.
+
+    ``fn`` holds ``loss_fn(params, batch) -> scalar``; chunks are not padded. Costs:
+
+    - ``mv``/``mmap``: one linearisation of ``∇L_c`` per chunk and one tangent evaluation
+      per vector (forward-over-reverse), ``≈ N (F + 2B)`` per vector; memory O(d) plus
+      one chunk's linearisation.
+    - ``vTMv``: forward-over-forward (``d²/dt² L(θ + t v)``), no backward pass.
+    - ``solve``: CG, one ``mv`` per iteration. CG needs ``H + regul·I`` positive definite;
+      the Hessian of a non-convex loss may be indefinite, in which case pick ``regul``
+      above ``-λ_min`` or use a dense representation's ``eigh``/``lstsq`` solves.
+    - ``get_diag``/``trace``: ``d`` HVPs per chunk (exact), memory ``d``;
+      ``to_dense``/``frobenius_norm``: ``d`` HVPs per chunk, memory ``d²``.
+    """
+
+    @classmethod
+    def build(cls, loss_fn, params, data, layer_collection, batch_size) -> PMatImplicitHessian:
+        batches = list(data_lib.iter_batches(data))
+        next(data_lib.iter_chunks(batches, batch_size))  # checks batch_size, non-empty data
+        scale = jnp.asarray(1.0, layer_collection.dtype)
+        return cls(layer_collection, loss_fn, params, batches, None, scale, batch_size)
+
+    @classmethod
+    def from_jacobians(cls, *args, **kwargs):
+        raise TypeError("PMatImplicitHessian is built by Hessian(loss_fn, params, data, "
+                        "PMatImplicit), not from Jacobians")
+
+    def _chunks(self):
+        return real_chunks(self.data, self.batch_size)
+
+    def _chunk_mmv(self, rows, chunk):
+        return _chunk_hvps(self.params, rows, chunk.batch, chunk.count, loss_fn=self.fn,
+                           layout=self.layer_collection)
+
+    def _chunk_vTMv(self, v, chunk):
+        return _chunk_curvature(self.params, v, chunk.batch, chunk.count, loss_fn=self.fn,
+                                layout=self.layer_collection)
+
+    def _stream(self, kind: str) -> Any:
+        return stream(self.fn, self.params, self.data, self.batch_size, self.layer_collection,
+                      kind, 32)
+
+    def get_diag(self):
+        """The exact diagonal: ``d`` HVPs per chunk."""
+        return self.scale * self._stream("diag")
+
+    def to_dense(self):
+        """``d`` HVPs per chunk, memory ``d²``."""
+        return self.scale * self._stream("dense")
+
+    def frobenius_norm(self):
+        return jnp.linalg.norm(self.to_dense())
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "layout"))
+def _chunk_hvps(params, rows, batch, weight, *, loss_fn, layout):
+    """``weight · H_c vᵢ`` for the rows ``vᵢ`` of ``(m, d)``."""
+    return weight * jax.vmap(_hvp(loss_fn, params, batch, layout))(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "layout"))
+def _chunk_curvature(params, v, batch, weight, *, loss_fn, layout):
+    """``weight · vᵀ H_c v`` as the second directional derivative (forward-over-forward)."""
+    def loss(p):
+        return loss_fn(p, batch)
+
+    tangent = _tangents(layout, params, v)
+    slope = lambda p: jax.jvp(loss, (p,), (tangent,))[1]  # noqa: E731
+    return weight * jax.jvp(slope, (params,), (tangent,))[1]

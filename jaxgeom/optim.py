@@ -1,0 +1,473 @@
+"""Natural-gradient preconditioning as optax gradient transformations.
+
+:func:`scale_by_natural_gradient` turns the gradient ``g`` into the preconditioned
+direction ``Δ = (F + λI)⁻¹ g`` for a Fisher (or any second moment) ``F`` stored in a
+jaxgeom representation that can solve: ``PMatDiag``, ``PMatBlockDiag``, ``PMatKFAC``
+(K-FAC), ``PMatEKFAC`` (EK-FAC), ``PMatDense``, or ``PMatImplicit`` (conjugate gradient
+on exact Fisher-vector products: Hessian-free / truncated natural gradient). It is an
+``optax.GradientTransformationExtraArgs``: the state is a ``NamedTuple`` pytree of fixed
+structure, ``update`` is pure and jit-able, and the transform composes with
+``optax.chain`` (learning-rate schedules, weight decay, clipping). :func:`natural_gradient`
+is the ready-made optimizer ``chain(scale_by_natural_gradient, scale_by_learning_rate)``.
+
+What goes where:
+
+- **constructor** (static, hashable choices): the representation, the Fisher variant and
+  estimator, refresh periods, EMA decay, damping (constant, optax schedule or
+  :class:`LevenbergMarquardt`), clipping, solver options; ``apply_fn`` and an
+  ``example_batch`` when the state must hold the curvature (see below).
+- **extra arguments of** ``update`` (change every step): ``batch`` (the current
+  ``(x, y)``), ``key`` (PRNG key; required by the Monte-Carlo Fisher), ``apply_fn``
+  (overrides the constructor's, e.g. a model bound to a dropout key) and ``value`` (the
+  loss at ``params`` on ``batch``, if already computed: saves a forward pass of the
+  Levenberg–Marquardt ratio). ``optax.chain`` forwards them to every transform that
+  accepts extra arguments.
+
+The state holds the curvature only when it must survive between steps (a refresh period
+or an inverse period above 1, or an exponential moving average); ``init(params)`` then
+needs the structure of the representation, which it gets by tracing ``apply_fn`` on
+``example_batch`` (shapes only; any number of examples). Otherwise the curvature is
+estimated at every step on the current batch and the state holds none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxgeom import data as data_lib
+from jaxgeom.metrics import FIM, FIM_MonteCarlo, SecondMoment
+from jaxgeom.pmat.base import PMatAbstract
+from jaxgeom.pmat.kfac import PMatKFAC
+
+FISHERS = ("exact", "monte_carlo", "empirical")
+
+
+class LevenbergMarquardt(NamedTuple):
+    """Adaptive (Levenberg–Marquardt) damping (Martens 2010, §4.1; Martens & Grosse 2015, §6.5).
+
+    Every ``period`` steps the transform measures the reduction ratio
+
+    .. math::
+      \\rho = \\frac{L(\\theta + u) - L(\\theta)}{g^\\top u + \\tfrac12 u^\\top F u},
+      \\qquad u = -\\eta\\,\\Delta,
+
+    of the loss on the current batch against its quadratic model (``F`` the undamped
+    curvature, ``η`` the ``learning_rate`` given to the transform), and updates
+    ``λ ← decrease·λ`` if ``ρ > upper``, ``λ ← increase·λ`` if ``ρ < lower`` (or ``ρ`` is
+    not finite), clipped to ``[min_damping, max_damping]``.
+
+    Attributes:
+      initial: the damping ``λ`` at step 0.
+      decrease, increase: the multiplicative factors (Martens 2010: 2/3 and 3/2).
+      lower, upper: the thresholds on ``ρ``.
+      min_damping, max_damping: bounds on ``λ``.
+      period: adapt every ``period`` steps (the extra forward passes are paid only then).
+    """
+
+    initial: float = 1e-3
+    decrease: float = 2 / 3
+    increase: float = 3 / 2
+    lower: float = 0.25
+    upper: float = 0.75
+    min_damping: float = 1e-8
+    max_damping: float = 1e4
+    period: int = 1
+
+
+def levenberg_marquardt(damping: jax.Array, rho: jax.Array,
+                        rule: LevenbergMarquardt) -> jax.Array:
+    """The Levenberg–Marquardt damping update for a reduction ratio ``rho`` (see
+    :class:`LevenbergMarquardt`)."""
+    factor = jnp.where(rho > rule.upper, rule.decrease,
+                       jnp.where(rho < rule.lower, rule.increase, 1.0))
+    factor = jnp.where(jnp.isfinite(rho), factor, rule.increase)
+    return jnp.clip(damping * factor, rule.min_damping, rule.max_damping)
+
+
+class NaturalGradientState(NamedTuple):
+    """State of :func:`scale_by_natural_gradient`.
+
+    Attributes:
+      count: the number of updates done (int32).
+      curvature: the curvature ``F`` kept between steps (a representation), or ``None``
+        when it is re-estimated at every step.
+      inverse: the cached ``(F + λI)⁻¹`` (``inverse_period > 1``), or ``None``.
+      damping: the damping ``λ`` used by the last update (the next one, with
+        :class:`LevenbergMarquardt`).
+      rho: the last measured reduction ratio (NaN before any measurement).
+    """
+
+    count: jax.Array
+    curvature: Any
+    inverse: Any
+    damping: jax.Array
+    rho: jax.Array
+
+
+Damping = float | Callable[[jax.Array], jax.Array] | LevenbergMarquardt
+
+
+def scale_by_natural_gradient(
+    representation: type[PMatAbstract],
+    *,
+    damping: Damping = 1e-3,
+    apply_fn: Callable | None = None,
+    example_batch: Any = None,
+    variant: str = "classif_logits",
+    fisher: str = "exact",
+    trials: int = 1,
+    curvature_period: int = 1,
+    inverse_period: int = 1,
+    ema: float | None = None,
+    learning_rate: float | Callable[[jax.Array], jax.Array] = 1.0,
+    max_norm: float | None = None,
+    kl_clip: float | None = None,
+    loss_fn: Callable | None = None,
+    fim_options: dict | None = None,
+    solve_options: dict | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Precondition the gradient with the damped inverse Fisher (natural gradient).
+
+    .. math::
+      \\begin{align*}
+      F_t &= \\begin{cases} \\beta F_{t-1} + (1-\\beta)\\,\\hat F(\\theta_t, B_t)
+              & t \\equiv 0 \\pmod k \\\\ F_{t-1} & \\text{otherwise} \\end{cases} \\\\
+      \\Delta_t &= (F_t + \\lambda_t I)^{-1} g_t \\quad
+              \\text{(inverse recomputed every } m \\text{ steps)} \\\\
+      \\Delta_t &\\leftarrow \\Delta_t \\min\\Bigl(1,
+              \\sqrt{c / (\\eta^2 \\Delta_t^\\top F_t \\Delta_t)}\\Bigr)
+              \\quad \\text{(KL clip, optional)}
+      \\end{align*}
+
+    ``F̂(θ, B)`` is the Fisher of ``apply_fn`` on the batch ``B`` in ``representation``
+    (exact, Monte-Carlo or empirical; :func:`jaxgeom.FIM`), ``β`` the EMA decay (0: no
+    averaging; the first estimate is taken as is), ``k = curvature_period``,
+    ``m = inverse_period``. The output ``Δ`` is a descent direction to be scaled by
+    ``-η`` (as ``optax.scale_by_adam``'s output); :func:`natural_gradient` does that.
+
+    Representations: any that can ``solve(v, regul)``. With ``inverse_period > 1`` the
+    cached ``inv(λ)`` is applied between recomputations (``λ`` as of the last
+    recomputation, as kfac-jax does), so the representation needs ``inv``
+    (``PMatImplicit`` does not). EMA needs ``+`` and scalar ``*`` that keep the
+    representation (``PMatDiag``, ``PMatBlockDiag``, ``PMatDense``); ``PMatKFAC`` is
+    averaged factor by factor (``A``, ``G`` and the exact blocks), as in K-FAC.
+    ``PMatEKFAC`` with ``inverse_period = m > 1`` recomputes its eigenbasis (the K-FAC
+    factors, their ``eigh`` and a diagonal fit) every ``m`` steps and refits only its
+    diagonal in that basis every ``k`` steps (George et al. 2018; ``k < m``); its EMA
+    averages the refitted diagonals within one basis. It caches no inverse: it solves in
+    its eigenbasis at the cost of a product.
+    ``PMatImplicit`` (truncated CG, Hessian-free) re-reads the current batch at every
+    step: it cannot be refreshed less often nor averaged; cap the CG iterations with
+    ``solve_options={"maxiter": 20}``.
+
+    Args:
+      representation: the representation class of ``F`` (``PMatKFAC``, ``PMatDiag``, …).
+      damping: ``λ``: a float, an optax schedule of the step count, or a
+        :class:`LevenbergMarquardt` rule (adaptive damping; needs the loss: ``loss_fn`` or
+        the variant's negative log-likelihood, and ``learning_rate``).
+      apply_fn: ``apply_fn(params, x) -> outputs``; may instead come at every ``update``.
+      example_batch: a batch (shapes only) used by ``init`` to build the state's
+        curvature structure when the state holds one (periods > 1 or ``ema``).
+      variant: the Fisher variant (:data:`jaxgeom.VARIANTS`); also picks the default
+        loss (softmax cross-entropy with integer labels for ``"classif_logits"``).
+      fisher: ``"exact"`` (closed-form expectation), ``"monte_carlo"`` (targets sampled
+        from the model, ``trials`` per example; pass ``key`` to ``update``) or
+        ``"empirical"`` (second moment of per-example loss gradients, needs labels).
+      trials: Monte-Carlo samples per example.
+      curvature_period: ``k``: estimate the curvature every ``k`` steps.
+      inverse_period: ``m``: recompute the cached inverse (EK-FAC: the eigenbasis) every
+        ``m`` steps (1: solve at every step with the current ``λ``).
+      ema: ``β``, the decay of the moving average of the curvature (``None``: none).
+      learning_rate: ``η`` (float or schedule); only used to predict the final step
+        ``-ηΔ`` for ``kl_clip`` and the Levenberg–Marquardt ratio.
+      max_norm: clip ``‖Δ‖₂`` to this value.
+      kl_clip: ``c``: scale ``Δ`` so that ``η² ΔᵀFΔ ≤ c`` (kfac-jax's norm constraint; half
+        of it is the predicted KL divergence of the step).
+      loss_fn: ``loss_fn(params, batch) -> scalar`` for Levenberg–Marquardt; defaults to
+        the mean negative log-likelihood of ``variant`` on ``batch = (x, y)``.
+      fim_options: passed to the Fisher builder (``batch_size``, ``kfac_approx``,
+        ``covariance``, ``layer_collection``, …).
+      solve_options: passed to ``solve`` (``method``, CG's ``maxiter``/``rtol``,
+        K-FAC's ``damping="exact"|"pi"``, also used by the cached ``inv``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state
+      :class:`NaturalGradientState`; ``update(updates, state, params, *, batch, key=None,
+      apply_fn=None, value=None)``.
+
+    Example:
+      >>> tx = optax.chain(
+      ...     scale_by_natural_gradient(PMatKFAC, damping=1e-3),
+      ...     optax.add_decayed_weights(1e-4),
+      ...     optax.scale_by_learning_rate(optax.cosine_decay_schedule(0.1, 1000)))
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(loss)(params, x, y)
+      >>> updates, state = tx.update(grads, state, params, batch=(x, y),
+      ...                            apply_fn=model.apply)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Amari, `Natural gradient works efficiently in learning
+      <https://doi.org/10.1162/089976698300017746>`_, 1998.
+      Martens, `Deep learning via Hessian-free optimization
+      <https://www.cs.toronto.edu/~jmartens/docs/Deep_HessianFree.pdf>`_, 2010.
+      Martens & Grosse, `Optimizing neural networks with Kronecker-factored approximate
+      curvature <https://arxiv.org/abs/1503.05671>`_, 2015.
+      George et al., `Fast approximate natural gradient descent in a Kronecker-factored
+      eigenbasis <https://arxiv.org/abs/1806.03884>`_, 2018.
+    """
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}; got {fisher!r}")
+    for name, period in (("curvature_period", curvature_period),
+                         ("inverse_period", inverse_period)):
+        if int(period) != period or period < 1:
+            raise ValueError(f"{name} must be a positive integer; got {period!r}")
+    if ema is not None and not 0 <= ema < 1:
+        raise ValueError(f"ema must be in [0, 1); got {ema!r}")
+    replays = getattr(representation, "NEEDS_REPLAY", False)
+    holds_curvature = ema is not None or curvature_period > 1 or inverse_period > 1
+    if replays and holds_curvature:
+        raise ValueError(
+            f"{representation.__name__} re-reads the current batch at every step: it cannot "
+            "be refreshed every k > 1 steps, averaged (ema) nor inverted (inverse_period > 1)"
+        )
+    adaptive = isinstance(damping, LevenbergMarquardt)
+    default_apply_fn = apply_fn
+    fim_options = dict(fim_options or {})
+    solve_options = dict(solve_options or {})
+    inv_options = {k: v for k, v in solve_options.items() if k == "damping"}
+
+    # EK-FAC (a representation with ``refit``): the inverse period is its eigenbasis
+    # period; in between, the curvature refreshes refit the diagonal in the kept basis.
+    refits = hasattr(representation, "refit") and inverse_period > 1
+    caches_inverse = inverse_period > 1 and not refits
+
+    def estimate(fn, params, batch, key, **options):
+        options = {**fim_options, **options}
+        if fisher == "exact":
+            return FIM(fn, params, batch, representation, variant=variant, **options)
+        if fisher == "monte_carlo":
+            if key is None:
+                raise ValueError("fisher='monte_carlo' needs a PRNG key: update(..., key=key)")
+            return FIM_MonteCarlo(fn, params, batch, representation, key=key,
+                                  variant=variant, trials=trials, **options)
+        return SecondMoment(_PerExampleLoss(fn, variant), params, batch, representation,
+                            **options)
+
+    def initial_damping(dtype):
+        value = damping.initial if adaptive else (
+            damping(0) if callable(damping) else damping)
+        return jnp.asarray(value, dtype)
+
+    def init_fn(params):
+        dtype = _float_dtype(params)
+        curvature = inverse = None
+        if holds_curvature:
+            if apply_fn is None or example_batch is None:
+                raise ValueError(
+                    "this transform keeps the curvature in its state (curvature_period > 1, "
+                    "inverse_period > 1 or ema): give apply_fn and example_batch to the "
+                    "constructor so that init can build its structure")
+
+            def first(p):
+                c = estimate(apply_fn, p, example_batch, jax.random.PRNGKey(0))
+                return c, (c.inv(1.0, **inv_options) if caches_inverse else None)
+
+            curvature, inverse = _zeros(jax.eval_shape(first, params))
+        return NaturalGradientState(
+            count=jnp.zeros((), jnp.int32), curvature=curvature, inverse=inverse,
+            damping=initial_damping(dtype), rho=jnp.full((), jnp.nan, dtype))
+
+    def update_fn(updates, state, params=None, *, batch=None, key=None, apply_fn=None,
+                  value=None, **extra_args):
+        del extra_args
+        fn = apply_fn if apply_fn is not None else default_apply_fn
+        if params is None or batch is None or fn is None:
+            raise ValueError(
+                "scale_by_natural_gradient.update needs params, batch=(x, y) and an apply_fn "
+                "(constructor or update(..., apply_fn=...))")
+        count = state.count
+        lam = state.damping if adaptive else (
+            jnp.asarray(damping(count), state.damping.dtype) if callable(damping)
+            else state.damping)
+
+        if holds_curvature:
+            def averaged(new):
+                if ema is None:
+                    return new
+                return _average(state.curvature, new, jnp.where(count == 0, 0.0, ema))
+
+            def refresh():
+                if not refits:
+                    return averaged(estimate(fn, params, batch, key))
+                return jax.lax.cond(  # new eigenbasis (not averaged) or refit diagonal
+                    count % inverse_period == 0,
+                    lambda: estimate(fn, params, batch, key),
+                    lambda: averaged(estimate(fn, params, batch, key, basis=state.curvature)))
+
+            curvature = jax.lax.cond(count % curvature_period == 0, refresh,
+                                     lambda: state.curvature)
+        else:
+            curvature = estimate(fn, params, batch, key)
+
+        inverse = state.inverse
+        if caches_inverse:
+            inverse = jax.lax.cond(count % inverse_period == 0,
+                                   lambda: curvature.inv(lam, **inv_options),
+                                   lambda: state.inverse)
+            direction = inverse.mv(updates)
+        else:
+            direction = curvature.solve(updates, lam, **solve_options)
+        direction = _cast_like(direction, updates)
+
+        eta = learning_rate(count) if callable(learning_rate) else learning_rate
+        if max_norm is not None:
+            norm = optax.tree.norm(direction)
+            direction = optax.tree.scale(jnp.minimum(1.0, max_norm / norm), direction)
+        if kl_clip is not None:
+            sq = eta**2 * curvature.vTMv(direction)
+            coeff = jnp.where(sq > kl_clip, jnp.sqrt(kl_clip / jnp.maximum(sq, 1e-30)), 1.0)
+            direction = optax.tree.scale(coeff, direction)
+
+        rho, new_lam = state.rho, lam
+        if adaptive:
+            loss = loss_fn if loss_fn is not None else _MeanLoss(fn, variant)
+
+            def measure():
+                step = optax.tree.scale(-eta, direction)
+                before = loss(params, batch) if value is None else value
+                after = loss(optax.apply_updates(params, step), batch)
+                predicted = optax.tree.vdot(updates, step) + 0.5 * curvature.vTMv(step)
+                return jnp.asarray((after - before) / predicted, state.rho.dtype)
+
+            measured = count % damping.period == 0
+            rho = jax.lax.cond(measured, measure, lambda: state.rho)
+            new_lam = jnp.where(measured, levenberg_marquardt(lam, rho, damping), lam)
+
+        new_state = NaturalGradientState(
+            count=optax.safe_increment(count),
+            curvature=curvature if holds_curvature else None,
+            inverse=inverse,
+            damping=jnp.asarray(new_lam, state.damping.dtype),
+            rho=rho,
+        )
+        return direction, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def natural_gradient(
+    learning_rate: float | Callable[[jax.Array], jax.Array],
+    representation: type[PMatAbstract],
+    **options: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """Natural-gradient descent: ``θ ← θ − η (F + λI)⁻¹ g``.
+
+    ``optax.chain(scale_by_natural_gradient(representation, learning_rate=η, **options),
+    optax.scale_by_learning_rate(η))``; see :func:`scale_by_natural_gradient` for the
+    options (damping, refresh periods, EMA, clipping, Fisher estimator) and references.
+    With ``PMatKFAC`` this is K-FAC, with ``PMatEKFAC`` EK-FAC, with ``PMatImplicit`` and
+    ``solve_options={"maxiter": n}`` truncated Hessian-free (Gauss-Newton) descent.
+
+    Example:
+      >>> tx = natural_gradient(0.1, PMatKFAC, damping=1e-3, curvature_period=5,
+      ...                       inverse_period=5, apply_fn=apply_fn, example_batch=(x, y))
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(grads, state, params, batch=(x, y))
+    """
+    return optax.chain(
+        scale_by_natural_gradient(representation, learning_rate=learning_rate, **options),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+def _float_dtype(params) -> Any:
+    leaves = [x for x in jax.tree_util.tree_leaves(params)
+              if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    return jnp.result_type(*leaves) if leaves else jnp.float32
+
+
+def _zeros(shapes):
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _cast_like(tree, like):
+    return jax.tree_util.tree_map(lambda a, b: jnp.asarray(a, jnp.result_type(b)), tree, like)
+
+
+def _average(old: PMatAbstract, new: PMatAbstract, decay) -> PMatAbstract:
+    """``decay·old + (1 − decay)·new`` in the representation of ``new``.
+
+    K-FAC averages its factors (``A``, ``G``) and exact blocks separately, as kfac-jax
+    does (a sum of Kronecker products is not one); every other representation uses its
+    ``+`` and scalar ``*``, which must keep the representation.
+    """
+    if type(new) is PMatKFAC:
+        mixed = jax.tree_util.tree_map(lambda a, b: decay * a + (1 - decay) * b, old, new)
+    else:
+        mixed = old * decay + new * (1 - decay)
+    if jax.tree_util.tree_structure(mixed) != jax.tree_util.tree_structure(new):
+        raise TypeError(
+            f"the moving average of {type(new).__name__} is a {type(mixed).__name__}: use "
+            "ema=None, or a representation whose sum keeps its structure (PMatDiag, "
+            "PMatBlockDiag, PMatDense, PMatKFAC)")
+    return jax.tree_util.tree_map(lambda m, o: m.astype(o.dtype), mixed, old)
+
+
+def per_example_loss(variant: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    """The negative log-likelihood of each example under ``variant`` (shape ``(N,)``).
+
+    ``"classif_logits"``/``"segmentation_logits"``: softmax cross-entropy with integer
+    labels (summed over positions); ``"classif_logsoftmax"``: ``-log p[y]``;
+    ``"classif_binary_logits"``: sigmoid binary cross-entropy; ``"regression"``:
+    ``½‖y − f‖²`` (unit covariance).
+    """
+    n = outputs.shape[0]
+    if variant in ("classif_logits", "segmentation_logits"):
+        losses = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+    elif variant == "classif_logsoftmax":
+        losses = -jnp.take_along_axis(outputs, targets[..., None], axis=-1)[..., 0]
+    elif variant == "classif_binary_logits":
+        losses = optax.sigmoid_binary_cross_entropy(outputs, targets.reshape(outputs.shape))
+    elif variant == "regression":
+        losses = 0.5 * (outputs - targets.reshape(outputs.shape)) ** 2
+    else:
+        raise ValueError(f"no default loss for variant {variant!r}: pass loss_fn")
+    return losses.reshape(n, -1).sum(axis=1)
+
+
+def _targets(batch):
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError("the loss needs labels: pass batch=(x, y)")
+    return batch[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerExampleLoss:
+    """``(params, batch) -> (N, 1)`` per-example losses (empirical Fisher); hashable."""
+
+    apply_fn: Callable
+    variant: str
+
+    def __call__(self, params, batch):
+        out = self.apply_fn(params, data_lib.inputs_of(batch))
+        return per_example_loss(self.variant, out, _targets(batch))[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _MeanLoss:
+    """``(params, batch) -> scalar`` mean negative log-likelihood of ``variant``."""
+
+    apply_fn: Callable
+    variant: str
+
+    def __call__(self, params, batch):
+        out = self.apply_fn(params, data_lib.inputs_of(batch))
+        return jnp.mean(per_example_loss(self.variant, out, _targets(batch)))

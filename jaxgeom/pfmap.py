@@ -1,0 +1,542 @@
+"""Jacobian maps (parameter space → function space) and the function-space builders.
+
+A *PFMap* is the per-example Jacobian ``J[o, n, i] = ∂f_o(x_n) / ∂θ_i`` of ``K`` outputs
+over ``N`` examples, a linear map from parameter space (``d``) to function space
+(``(K, N)``):
+
+- ``jvp(v)``: ``(J v)[o, n] = Σ_i J[o,n,i] v_i`` → :class:`~jaxgeom.fspace.FVector`;
+- ``vjp(f)``: ``(Jᵀ f)_i = Σ_{o,n} J[o,n,i] f[o,n]`` (sums over outputs *and* examples)
+  → :class:`~jaxgeom.vector.PVector`;
+- ``to_dense()``: the ``(K, N, d)`` array (NNGeometry's layout: outputs, examples,
+  parameters in the flat order). Every ``PMat`` accepts a PFMap in ``mmap``,
+  ``mapTMmap`` (``reduction="sum"``/``"diag"``) and ``solve`` through it.
+
+:class:`PFMapDense` stores ``J``; :class:`PFMapImplicit` stores only the function, the
+parameters and the data, and computes products on demand.
+
+Entry points: :func:`Jacobian` (the map) and :func:`GramMatrix` (the empirical NTK
+``J Jᵀ``, an :class:`~jaxgeom.fspace.FMatDense`).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgeom import data as data_lib
+from jaxgeom.fspace import FMatDense, FVector, _is_scalar, as_fvector_data
+from jaxgeom.jacobian import Hashable, accumulate, flatten_jacobian, output_count, resolve_mode
+from jaxgeom.layers import Layer, LayerCollection
+from jaxgeom.pmat.base import static_field
+from jaxgeom.pmat.implicit import _chunk_rows, _masked_outputs, _tangents
+from jaxgeom.variants import BatchedFunction
+from jaxgeom.vector import PVector, as_flat
+
+
+def _pfmap(cls: type) -> type:
+    cls = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
+    return jax.tree_util.register_dataclass(cls)
+
+
+class PFMapAbstract(abc.ABC):
+    """The common algebra of Jacobian maps; subclasses give ``_jvp_many``/``_vjp_many``
+    (stacks of vectors) and ``to_dense``."""
+
+    layer_collection: LayerCollection
+
+    @abc.abstractmethod
+    def _jvp_many(self, rows: jax.Array) -> jax.Array:
+        """``(m, d)`` flat vectors → ``(m, K, N)``."""
+
+    @abc.abstractmethod
+    def _vjp_many(self, cotangents: jax.Array) -> jax.Array:
+        """``(m, K, N)`` function-space vectors → ``(m, d)`` flat vectors."""
+
+    @abc.abstractmethod
+    def to_dense(self) -> jax.Array:
+        """The ``(K, N, d)`` Jacobian."""
+
+    @property
+    @abc.abstractmethod
+    def shape(self) -> tuple[int, int, int]:
+        """``(K, N, d)``."""
+
+    # ------------------------------------------------------------------ products
+    def jvp(self, v: Any) -> FVector:
+        """``J v`` (``(K, N)``) for a ``PVector``, params pytree or flat ``(d,)`` vector."""
+        flat, _ = as_flat(v, self.layer_collection)
+        return FVector(self._jvp_many(flat[None])[0])
+
+    def vjp(self, f: Any) -> PVector:
+        """``Jᵀ f = Σ_{o,n} f[o,n] J[o,n,:]`` for an ``FVector`` or ``(K, N)`` array."""
+        data = as_fvector_data(f, self.shape[:2])
+        return PVector(self.layer_collection.from_flat(self._vjp_many(data[None])[0]))
+
+    # ------------------------------------------------------------------ views
+    def size(self, dim: int | None = None):
+        """``(K, N, d)``, or one of them."""
+        return self.shape if dim is None else self.shape[dim]
+
+    def to_dense_layer(self, layer: Layer | str) -> jax.Array:
+        """The ``(K, N, d_l)`` columns of one layer (its flat indices, ascending)."""
+        idx = self.layer_collection.layer_indices(layer)
+        return jnp.take(self.to_dense(), idx, axis=-1)
+
+    def iter_by_layer(self) -> Iterator[tuple[Layer, jax.Array]]:
+        """``(layer, (K, N, d_l) columns)`` for each layer of the layer collection."""
+        dense = self.to_dense()
+        for layer in self.layer_collection.layers:
+            yield layer, jnp.take(dense, self.layer_collection.layer_indices(layer), axis=-1)
+
+    # ------------------------------------------------------------------ algebra
+    def __add__(self, other: Any) -> PFMapAbstract:
+        if not isinstance(other, PFMapAbstract):
+            return NotImplemented
+        return self._combine(other, 1)
+
+    def __sub__(self, other: Any) -> PFMapAbstract:
+        if not isinstance(other, PFMapAbstract):
+            return NotImplemented
+        return self._combine(other, -1)
+
+    def __mul__(self, s: Any) -> PFMapAbstract:
+        if not _is_scalar(s):
+            return NotImplemented
+        return self._scale(s)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, s: Any) -> PFMapAbstract:
+        if not _is_scalar(s):
+            return NotImplemented
+        return self._scale(1 / s)
+
+    def __neg__(self) -> PFMapAbstract:
+        return self._scale(-1)
+
+    @abc.abstractmethod
+    def _scale(self, s: Any) -> PFMapAbstract: ...
+
+    def _combine(self, other: PFMapAbstract, sign: int) -> PFMapAbstract:
+        """``self + sign·other``; dense unless both are implicit."""
+        self._check_compatible(other)
+        return PFMapDense(self.layer_collection, self.to_dense() + sign * other.to_dense())
+
+    def _check_compatible(self, other: PFMapAbstract) -> None:
+        if other.layer_collection != self.layer_collection or other.shape != self.shape:
+            raise ValueError(
+                f"cannot combine Jacobian maps of shapes {self.shape} and {other.shape} (or "
+                "over different parameter layouts)"
+            )
+
+    def __repr__(self) -> str:
+        k, n, d = self.shape
+        return f"{type(self).__name__}(outputs={k}, examples={n}, d={d})"
+
+
+@_pfmap
+class PFMapDense(PFMapAbstract):
+    """The per-example Jacobian stored as a ``(K, N, d)`` array.
+
+    Costs: storage ``K N d``; build ``N K B`` (reverse mode, one backward per output; or
+    ``N d F`` forward, whichever is cheaper), streamed in chunks; ``jvp``/``vjp``
+    ``K N d``.
+
+    Attributes:
+      layer_collection: the parameter layout (static).
+      data: ``J[o, n, i]``, shape ``(K, N, d)`` (flat parameter order).
+    """
+
+    layer_collection: LayerCollection = static_field()
+    data: jax.Array = dataclasses.field(default=None)
+
+    def __post_init__(self):
+        shape = getattr(self.data, "shape", None)
+        d = self.layer_collection.numel()
+        if shape is not None and (len(shape) != 3 or shape[-1] != d):
+            raise ValueError(f"PFMapDense data must have shape (K, N, {d}); got {shape}")
+
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    def _jvp_many(self, rows):
+        return jnp.einsum("knd,md->mkn", self.data, rows)
+
+    def _vjp_many(self, cotangents):
+        return jnp.einsum("knd,mkn->md", self.data, cotangents)
+
+    def to_dense(self):
+        return self.data
+
+    def _scale(self, s):
+        return PFMapDense(self.layer_collection, self.data * s)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
+                       mode="auto", aux=None) -> PFMapDense:
+        """Stream the per-example Jacobians of ``fn`` and stack them (``N K d`` memory)."""
+        return accumulate(fn, params, data, _Stack(layer_collection), batch_size=batch_size,
+                          mode=mode, aux=aux)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stack:
+    """An accumulator (:mod:`jaxgeom.jacobian`) that keeps every chunk's Jacobian rows."""
+
+    layer_collection: LayerCollection
+    collects: ClassVar[bool] = True
+
+    def init(self, dtype):
+        return None
+
+    def finalize(self, chunks, n):
+        return PFMapDense(self.layer_collection, jnp.concatenate(chunks).transpose(1, 0, 2))
+
+
+@_pfmap
+class PFMapImplicit(PFMapAbstract):
+    """The Jacobian map ``s · J`` computed on demand: stores the function, parameters and
+    data (as a list of batches), never ``J``.
+
+    ``fn`` is a per-example function ``fn(params, example, index, aux) -> (K,)``
+    (:mod:`jaxgeom.jacobian`); ``J[o, n]`` its Jacobian at example ``n``. Data are read in
+    chunks of ``batch_size`` examples (the last one padded and masked).
+
+    Costs (``F``/``B``: one forward/backward pass per example): ``jvp`` one ``jax.jvp``
+    over all data, ``≈ 2 N F``; ``vjp`` one ``jax.vjp``, ``≈ N (F + B)``; memory O(d) plus
+    one chunk's activations. Stacks of vectors are vectorised (``vmap``) per chunk.
+    ``to_dense`` streams the per-example Jacobians (``N K B``, memory ``K N d``).
+
+    ``A + B`` of two implicit maps over the same examples is implicit (its function sums
+    the two, each at its own parameters); with a ``PFMapDense`` it is dense.
+
+    Attributes:
+      layer_collection: the parameter layout (static).
+      fn: the per-example function (static, hashable).
+      params: where the Jacobian is taken.
+      data: the list of batches.
+      aux: the arrays shared by all examples (``fn``'s last argument).
+      scale: the scalar ``s``.
+      batch_size: the chunk size (static; ``None``: one chunk per batch).
+      mode: Jacobian mode of ``to_dense`` (static).
+    """
+
+    layer_collection: LayerCollection = static_field()
+    fn: Callable = static_field(default=None)
+    params: Any = None
+    data: list = None
+    aux: Any = None
+    scale: Any = 1.0
+    batch_size: int | None = static_field(default=None)
+    mode: str = static_field(default="auto")
+
+    NEEDS_REPLAY: ClassVar[bool] = True
+
+    @property
+    def num_examples(self) -> int:
+        return sum(data_lib.num_examples(batch) for batch in self.data)
+
+    @property
+    def shape(self):
+        first = next(self._chunks())
+        k = output_count(self.fn, self.params, first.batch, self.aux)
+        return (k, self.num_examples, self.layer_collection.numel())
+
+    def _chunks(self):
+        return data_lib.iter_chunks(self.data, self.batch_size)
+
+    # ------------------------------------------------------------------ products
+    def _jvp_many(self, rows):
+        parts = [
+            _chunk_jvps(self.params, rows, c.batch, c.mask, c.offset, self.aux,
+                        fn=self.fn, layout=self.layer_collection)[:, : c.count]
+            for c in self._chunks()
+        ]
+        return self.scale * jnp.concatenate(parts, axis=1).transpose(0, 2, 1)
+
+    def _vjp_many(self, cotangents):
+        total = sum(
+            self._vjp_chunk(c, cotangents[:, :, c.offset: c.offset + c.count].transpose(0, 2, 1))
+            for c in self._chunks()
+        )
+        return total.astype(cotangents.dtype)
+
+    def _vjp_chunk(self, c: data_lib.Chunk, cotangents: jax.Array) -> jax.Array:
+        """``(m, d)``: ``s J_cᵀ fᵢ`` for cotangents ``(m, count, K)`` on the examples of ``c``."""
+        cot = jnp.pad(cotangents, ((0, 0), (0, c.mask.shape[0] - c.count), (0, 0)))
+        return self.scale * _chunk_vjps(self.params, cot, c.batch, c.mask, c.offset, self.aux,
+                                        fn=self.fn)
+
+    def to_dense(self):
+        dense = PFMapDense.from_jacobians(
+            self.fn, self.params, self.data, layer_collection=self.layer_collection,
+            batch_size=self.batch_size, mode=self.mode, aux=self.aux,
+        )
+        return self.scale * dense.data
+
+    def chunk_rows(self, start: int = 0) -> Iterator[tuple[data_lib.Chunk, jax.Array]]:
+        """``(chunk, its (count, K, d) Jacobian rows)`` for the chunks ``start, start+1, …``
+        (``n_c K B`` each; one chunk's rows at a time)."""
+        first = next(self._chunks())
+        k = output_count(self.fn, self.params, first.batch, self.aux)
+        mode = resolve_mode(self.mode, self.layer_collection.numel(), k)
+        for i, c in enumerate(self._chunks()):
+            if i < start:
+                continue
+            rows = _chunk_rows(self.params, c.batch, c.mask, c.offset, self.aux,
+                               fn=self.fn, mode=mode)
+            yield c, self.scale * rows.reshape(c.mask.shape[0], k, -1)[: c.count]
+
+    # ------------------------------------------------------------------ algebra
+    def _scale(self, s):
+        return dataclasses.replace(self, scale=self.scale * s)
+
+    def _combine(self, other, sign):
+        if not isinstance(other, PFMapImplicit):
+            return super()._combine(other, sign)
+        self._check_compatible(other)
+        _check_same_data(self.data, other.data)
+        delta = jax.tree_util.tree_map(jnp.subtract, other.params, self.params)
+        fn = _SumOf(self.fn, other.fn)
+        aux = (self.aux, other.aux, delta, self.scale, sign * other.scale)
+        return dataclasses.replace(self, fn=fn, aux=aux, scale=jnp.ones_like(self.scale))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
+                       mode="auto", aux=None) -> PFMapImplicit:
+        """Store ``fn``, ``params``, the batches of ``data`` and ``aux`` (shape checks only)."""
+        resolve_mode(mode, 1, 1)  # validates the name
+        batches = list(data_lib.iter_batches(data))
+        first = next(data_lib.iter_chunks(batches, batch_size))
+        output_count(fn, params, first.batch, aux)
+        scale = jnp.asarray(1.0, layer_collection.dtype)
+        return cls(layer_collection, fn, params, batches, aux, scale, batch_size, mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SumOf:
+    """The per-example function ``a·f(θ) + b·g(θ + δ)`` with ``aux = (aux_f, aux_g, δ, a,
+    b)``: its Jacobian at ``θ`` is ``a J_f(θ) + b J_g(θ + δ)``."""
+
+    f: Callable
+    g: Callable
+
+    def __call__(self, params, example, index, aux):
+        aux_f, aux_g, delta, a, b = aux
+        shifted = jax.tree_util.tree_map(jnp.add, params, delta)
+        return a * self.f(params, example, index, aux_f) + b * self.g(
+            shifted, example, index, aux_g
+        )
+
+
+def _check_same_data(a: list, b: list) -> None:
+    """Both maps must read the same examples (compared when not traced)."""
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    same = len(leaves_a) == len(leaves_b) and all(
+        x is y or isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer)
+        or (np.shape(x) == np.shape(y) and np.array_equal(x, y))
+        for x, y in zip(leaves_a, leaves_b)
+    )
+    if not same:
+        raise ValueError(
+            "PFMapImplicit maps can only be added when built over the same examples; "
+            "convert to PFMapDense (PFMapDense(m.layer_collection, m.to_dense())) otherwise"
+        )
+
+
+# ----------------------------------------------------------------------------- kernels
+@functools.partial(jax.jit, static_argnames=("fn", "layout"))
+def _chunk_jvps(params, rows, batch, mask, offset, aux, *, fn, layout):
+    """``(m, n, K)``: ``J_c vᵢ`` of one chunk for the rows ``vᵢ`` of ``(m, d)``."""
+    outputs = _masked_outputs(fn, batch, mask, offset, aux)
+    tangents = _tangents(layout, params, rows)
+    return jax.vmap(lambda t: jax.jvp(outputs, (params,), (t,))[1])(tangents).astype(rows.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("fn",))
+def _chunk_vjps(params, cotangents, batch, mask, offset, aux, *, fn):
+    """``(m, d)``: ``J_cᵀ fᵢ`` of one chunk for the ``(m, n, K)`` cotangents ``fᵢ``."""
+    _, vjp = jax.vjp(_masked_outputs(fn, batch, mask, offset, aux), params)
+    return flatten_jacobian(jax.vmap(vjp)(cotangents)[0], 1)
+
+
+# ----------------------------------------------------------------------------- builders
+@dataclasses.dataclass(frozen=True)
+class _FlatOutputs:
+    """``apply_fn(params, x)`` with the outputs of each example flattened: ``(N, K)``."""
+
+    apply_fn: Callable
+
+    def __call__(self, params, x):
+        out = self.apply_fn(params, x)
+        return out.reshape(out.shape[0], -1)
+
+
+def _setup(apply_fn, params, data, function, layer_collection, lazy):
+    """The per-example function, the data it reads and the layer collection."""
+    from jaxgeom.metrics import _layers
+
+    first, data = data_lib.peek(data)
+    if function is None:
+        if apply_fn is None:
+            raise ValueError("pass apply_fn, or function=fn(params, batch) -> (N, K)")
+        batched = _FlatOutputs(Hashable(apply_fn))
+        first = data_lib.inputs_of(first)
+        if data_lib.is_single_batch(data):
+            data = data_lib.inputs_of(data)
+        else:
+            data = (data_lib.inputs_of(b) for b in data)
+    else:
+        batched = Hashable(function)
+    n = data_lib.num_examples(first)
+    out = jax.eval_shape(batched, params, first)
+    if len(out.shape) != 2 or out.shape[0] != n:
+        raise ValueError(
+            f"the outputs must have the {n} examples of the batch on their leading axis; got "
+            f"shape {out.shape}"
+        )
+    layer_collection = layer_collection or _layers(batched, params, first)
+    if lazy:
+        data = list(data_lib.iter_batches(data))
+    return BatchedFunction(batched), data, layer_collection
+
+
+def Jacobian(
+    apply_fn: Callable | None,
+    params: Any,
+    data: Any,
+    representation: type = PFMapDense,
+    *,
+    function: Callable | None = None,
+    batch_size: int | None = None,
+    layer_collection: LayerCollection | None = None,
+    mode: str = "auto",
+) -> PFMapAbstract:
+    """The per-example Jacobian of the raw outputs, ``J[o, n, i] = ∂f_o(x_n)/∂θ_i``.
+
+    Shape ``(K, N, d)`` (NNGeometry's layout): ``K`` outputs per example (outputs
+    ``(N, ..., C)`` are flattened to ``K = ∏… · C``, row-major), ``N`` examples, ``d``
+    parameters in the flat order. Not scaled (no ``1/N``).
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> outputs``, batched (``y`` is not used).
+      params: any pytree of arrays.
+      data: one batch or an iterable of batches.
+      representation: :class:`PFMapDense` (default: stores ``J``, ``N K d``) or
+        :class:`PFMapImplicit` (stores nothing; ``jvp``/``vjp`` on demand).
+      function: instead of ``apply_fn``'s outputs, differentiate any batched
+        ``function(params, batch) -> (N, K)`` (it receives whole batches, ``(x, y)``
+        included, and must treat examples independently); ``apply_fn`` may then be None.
+      batch_size: chunk size (peak memory ``batch_size · K · d`` while building).
+      layer_collection: the parameter layout (per-layer views); discovered by default.
+      mode: ``"reverse"``, ``"forward"`` or ``"auto"`` for the per-example Jacobians.
+
+    Example:
+      >>> J = Jacobian(model.apply, params, (x, y))
+      >>> J.jvp(v).to_dense().shape     # (K, N)
+    """
+    if representation not in (PFMapDense, PFMapImplicit):
+        raise TypeError(
+            f"representation must be PFMapDense or PFMapImplicit; got {representation!r}"
+        )
+    lazy = representation is PFMapImplicit
+    fn, data, layer_collection = _setup(apply_fn, params, data, function, layer_collection,
+                                        lazy)
+    return representation.from_jacobians(fn, params, data, layer_collection=layer_collection,
+                                         batch_size=batch_size, mode=mode)
+
+
+GRAM_METHODS = ("jacobian", "implicit")
+
+
+def GramMatrix(
+    apply_fn: Callable | None,
+    params: Any,
+    data: Any,
+    representation: type = FMatDense,
+    *,
+    function: Callable | None = None,
+    batch_size: int | None = None,
+    method: str = "jacobian",
+    layer_collection: LayerCollection | None = None,
+    mode: str = "auto",
+) -> FMatDense:
+    """The empirical (finite-width) neural tangent kernel of ``apply_fn`` over ``data``.
+
+    .. math::  G[o, n, o', n'] = \\sum_i J[o,n,i]\\, J[o',n',i] = \\langle \\nabla_\\theta
+       f_o(x_n), \\nabla_\\theta f_{o'}(x_{n'}) \\rangle,
+
+    multi-output, shape ``(K, N, K, N)``, **not** divided by ``N``. This is NNGeometry's
+    ``GramMatrix`` and the empirical NTK of neural-tangents / the functorch recipe
+    (``trace_axes=()``, full output blocks); neural-tangents' default
+    (``trace_axes=(-1,)``) is the output trace ``Σ_o G[o, n, o, n']``.
+
+    Args are those of :func:`Jacobian`, plus:
+      representation: :class:`~jaxgeom.fspace.FMatDense`.
+      method: how it is computed, both streamed over chunks of ``batch_size`` examples
+        (``C`` chunks):
+
+        - ``"jacobian"`` (default): for every pair of chunks ``i ≤ j``, the per-example
+          Jacobians ``J_i``, ``J_j`` (``n_c K d`` each) and the block ``J_i J_jᵀ``; at most
+          two chunks' Jacobians are held. Cost ``(NK)² d`` for the products and
+          ``C(C+1)/2`` chunk Jacobians (``N K B (C+1)/2``; with one chunk, ``N K B``).
+        - ``"implicit"``: only ``vjp``/``jvp``: per chunk, ``Jᵀ eₒₙ`` for its examples
+          (one ``vjp`` per output and example, ``N K B`` in all), then ``J (Jᵀ eₒₙ)`` for
+          every such column by a ``jvp`` over all data: ``N K`` jvps of ``≈ 2 N F`` each,
+          ``2 (NK) N F`` in all. Memory O(``n_c K d``) for the columns of one chunk, no
+          pair of Jacobians; cheaper than ``"jacobian"`` when ``d ≫ N F``-ish models
+          make the ``(NK)² d`` contraction dominate.
+
+    Example:
+      >>> G = GramMatrix(model.apply, params, x, batch_size=64)
+      >>> alpha = G.solve(targets, regul=1e-3)       # kernel regression on (K, N) targets
+    """
+    if representation is not FMatDense:
+        raise TypeError(f"representation must be FMatDense; got {representation!r}")
+    if method not in GRAM_METHODS:
+        raise ValueError(f"unknown Gram method {method!r}; valid methods: {GRAM_METHODS}")
+    J = Jacobian(apply_fn, params, data, PFMapImplicit, function=function,
+                 batch_size=batch_size, layer_collection=layer_collection, mode=mode)
+    return gram_implicit(J) if method == "implicit" else gram_streamed(J)
+
+
+def gram_streamed(J: PFMapImplicit) -> FMatDense:
+    """``J Jᵀ`` block by block over pairs of chunks ``i ≤ j`` (chunk ``i``'s Jacobian is kept
+    while those of ``j > i`` are recomputed one at a time: at most two chunks held)."""
+    rows = []
+    for i, (_, left) in enumerate(J.chunk_rows()):
+        # the blocks left of the diagonal are transposes of blocks already computed
+        row = [rows[j][i].transpose(2, 3, 0, 1) for j in range(i)]
+        row.append(_block(left, left))
+        row.extend(_block(left, right) for _, right in J.chunk_rows(start=i + 1))
+        rows.append(row)
+    return FMatDense(jnp.concatenate([jnp.concatenate(r, axis=3) for r in rows], axis=1))
+
+
+@jax.jit
+def _block(left, right):
+    """``G`` block ``(K, n, K, m)`` of two chunks' rows ``(n, K, d)`` and ``(m, K, d)``."""
+    return jnp.einsum("nkd,mld->knlm", left, right)
+
+
+def gram_implicit(J: PFMapImplicit) -> FMatDense:
+    """``J Jᵀ`` by products only: per chunk, the columns ``Jᵀ e₍ₙ,ₒ₎`` for its examples by
+    ``vjp`` on that chunk, then ``J (Jᵀ e₍ₙ,ₒ₎)`` by ``jvp`` over all data (cost in
+    :func:`GramMatrix`)."""
+    k, n, _ = J.shape
+    columns = []
+    for c in J._chunks():
+        units = jnp.eye(c.count * k, dtype=J.layer_collection.dtype).reshape(-1, c.count, k)
+        columns.append(J._jvp_many(J._vjp_chunk(c, units)))  # (count·K, K, N)
+    cols = jnp.concatenate(columns).reshape(n, k, k, n)  # [n', o', o, n]
+    return FMatDense(cols.transpose(2, 3, 1, 0))

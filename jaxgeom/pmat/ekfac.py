@@ -1,0 +1,202 @@
+"""``PMatEKFAC``: KFAC's eigenbasis with a refitted diagonal (George et al. 2018).
+
+For a Kronecker layer (see :mod:`jaxgeom.pmat.kfac`) with factors ``A = Q_A Λ_A Q_Aᵀ``
+and ``G = Q_G Λ_G Q_Gᵀ``, EKFAC keeps the Kronecker-factored eigenbasis ``Q_A ⊗ Q_G``
+and replaces KFAC's eigenvalues ``λ_G ⊗ λ_A`` by a ``(g_l, a_l)`` array ``D``:
+
+.. math::  M_l \\approx (Q_A \\otimes Q_G)\\, \\mathrm{diag}(D)\\, (Q_A \\otimes Q_G)^\\top,
+   \\qquad D = \\frac1N \\sum_{n,k} \\big(Q_G^\\top\\, \\mathcal G_{nk}\\, Q_A\\big)^{\\odot 2},
+
+``𝒢ₙₖ = Σ_t gₙₖₜ ãₙₜᵀ`` the ``(g_l, a_l)`` per-example, per-output gradient of the layer
+matrix (bias as last input column). ``D`` is the exact diagonal of the exact layer block
+in that basis, hence the Frobenius-closest matrix with these eigenvectors: EKFAC is never
+further from the exact block than KFAC. Every other layer keeps its exact dense block, as
+in KFAC (:class:`PMatEKFACBlockDiag`: with no size limit on those blocks).
+
+Build (``FIM``, ``FIM_MonteCarlo``, ``SecondMoment`` with ``PMatEKFAC``): one pass for the
+KFAC factors (``N K B + N Σ T_l (a_l² + K g_l²)``), ``eigh`` of each factor
+(``Σ a_l³ + g_l³``), then a second pass refitting ``D``: ``N Σ_l T_l (a_l² + K g_l²)`` to
+rotate inputs and output gradients, plus ``N K Σ_l d_l`` through ``((Q_Gᵀg)²)ᵀ((Q_Aᵀa)²)``
+when ``T_l = 1`` (no per-example gradient formed) or ``N K Σ_l T_l d_l`` forming one
+chunk's rotated per-example gradients when ``T_l > 1`` (memory ``n_c K max_l d_l``). With
+``refit=False`` the diagonal is KFAC's ``λ_G ⊗ λ_A`` (one pass; then EKFAC == KFAC). Two
+passes need the data twice: a one-shot iterator is first materialised as a list of its
+batches (pass a list or a re-iterable loader to avoid holding it).
+
+Refit (pure): :meth:`PMatEKFAC.refit` returns a *new* matrix with the same eigenbases and
+``D`` (and the exact blocks of the other layers) re-estimated on new data and/or params;
+``SecondMoment(fn, params, data, PMatEKFAC, basis=F)`` refits for any function.
+
+Operations, all through the eigenbasis (never a ``d × d`` matrix but in ``to_dense``):
+``mv``/``solve``/``inv``/``pinv``/``pow`` (any real ``p``, exact damping
+``(M + λ)^p = (Q_A⊗Q_G)(D + λ)^p(Q_A⊗Q_G)ᵀ``) cost ``Σ d_l (a_l + g_l)`` (and return
+EKFACs); ``trace``/Frobenius/``eigvalsh``/``norm(±2)`` ``Σ d_l``; ``get_diag``
+``Σ d_l (a_l + g_l)``. ``mm`` with an EKFAC on the same bases (e.g. two powers of one
+matrix) multiplies the diagonals; otherwise it is dense. ``M1 ± M2`` on the same bases is
+an EKFAC; otherwise (bases differ) the exact layer blocks, a ``PMatBlockDiag``; with
+another representation, a ``PMatDense``. "The same bases" is decided statically: the same
+arrays (as for matrices derived from one another, also inside a ``jit`` trace) or equal
+concrete values; two EKFACs entering ``jit`` as separate arguments have distinct tracers
+and take the block-diagonal/dense route (same values, less compact).
+
+Reference: T. George, C. Laurent, X. Bouthillier, N. Ballas, P. Vincent, "Fast
+Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis", NeurIPS 2018.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from jaxgeom import data as data_lib
+from jaxgeom.capture import Captured, capture_chunk
+from jaxgeom.layers import Layer
+from jaxgeom.pmat.base import representation
+from jaxgeom.pmat.kfac import (
+    PMatKFAC,
+    _check_blocks,
+    all_finite,
+    augmented_inputs,
+    masked_grads,
+    other_gradients,
+    squared_gradient_sum,
+    stream_captures,
+)
+
+
+@representation
+class PMatEKFAC(PMatKFAC):
+    """Eigenvalue-corrected KFAC: per Kronecker layer the eigenbases ``Q_A``, ``Q_G`` of the
+    KFAC factors and a ``(g_l, a_l)`` diagonal ``D`` in the basis ``Q_A ⊗ Q_G``; exact dense
+    blocks for the other layers; zero between layers (module docstring: definition, costs).
+
+    A :class:`~jaxgeom.pmat.kfac.PMatKFAC` whose layers are all stored in eigenbasis form
+    (:class:`~jaxgeom.pmat.kfac.KronEigen`), so the flat order, ``get_block`` and
+    ``kronecker_block`` (NNGeometry's ``split_weight_bias``) are KFAC's.
+
+    Build options: those of ``PMatKFAC`` (``kfac_approx``, ``max_dense_block``), plus
+    ``refit`` (default ``True``: refit ``D`` in a second pass) and ``basis`` (an existing
+    EKFAC whose eigenbases are kept: only the refit pass runs).
+
+    Example:
+      >>> F = FIM(model.apply, params, (x, y), PMatEKFAC)
+      >>> step = F.solve(grads, regul=1e-3)
+      >>> F2 = F.refit(model.apply, new_params, next_batch)   # same bases, new diagonal
+    """
+
+    def eigenbasis(self, layer: Layer | str) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+        """``(Q_A, Q_G, D)`` of a Kronecker layer: ``(a, a)`` (``None`` for an embedding,
+        whose input factor is diagonal), ``(g, g)`` and the ``(g, a)`` diagonal."""
+        node = self.factors[self._index(layer)]
+        return node.qa, node.qg, node.d
+
+    # ------------------------------------------------------------------ algebra
+    def _add_same(self, other, sign):
+        """On the same bases: an EKFAC (diagonals add); otherwise the exact layer blocks."""
+        if all(a.shares_basis(b) for a, b in zip(self.factors, other.factors)):
+            nodes = tuple(a.with_values(a.d + sign * b.d)
+                          for a, b in zip(self.factors, other.factors))
+            return self._with(nodes, tuple(a + sign * b for a, b in zip(self.blocks, other.blocks)))
+        return super()._add_same(other, sign)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_kfac(cls, kfac: PMatKFAC) -> PMatEKFAC:
+        """The EKFAC of a KFAC before any refit: ``D = λ_G ⊗ λ_A`` (the same matrix)."""
+        return cls(kfac.layer_collection, kfac.specs, tuple(n.eigen() for n in kfac.factors),
+                   kfac.blocks)
+
+    @classmethod
+    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
+                       mode="auto", aux=None, kfac_approx="expand", max_dense_block=None,
+                       refit=True, basis: PMatEKFAC | None = None) -> PMatEKFAC:
+        """KFAC factors, their eigendecompositions, then (``refit``) the diagonal refit.
+
+        With ``basis`` (an EKFAC for the same parameter layout) only the refit pass runs,
+        on ``basis``'s eigenbases. ``max_dense_block`` defaults to KFAC's 4096 (no limit
+        for :class:`PMatEKFACBlockDiag`).
+        """
+        limit = cls._default_block_limit() if max_dense_block is None else max_dense_block
+        if basis is None:
+            if refit and not data_lib.is_single_batch(data) and iter(data) is data:
+                data = list(data)  # two passes: keep the batches of a one-shot iterator
+            kfac = PMatKFAC.from_jacobians(
+                fn, params, data, layer_collection=layer_collection, batch_size=batch_size,
+                mode=mode, aux=aux, kfac_approx=kfac_approx, max_dense_block=limit)
+            basis = cls.from_kfac(kfac)
+            if not refit:
+                return basis
+        elif not isinstance(basis, PMatEKFAC) or basis.layer_collection != layer_collection:
+            raise ValueError("basis must be a PMatEKFAC for the same parameter layout")
+
+        def check(plan):
+            _check_blocks(plan, layer_collection, limit)
+            if plan.specs != basis.specs:
+                raise ValueError(
+                    "the function does not factor the same layers as the basis: "
+                    f"{[s.layer_id for s in plan.specs]} vs {[s.layer_id for s in basis.specs]}"
+                )
+
+        bases = tuple((n.qa, n.qg) for n in basis.factors)
+        step = functools.partial(_refit_statistics, bases=bases, layout=layer_collection)
+        _, (diags, blocks) = stream_captures(fn, params, data, layer_collection, step,
+                                             batch_size=batch_size, aux=aux, check=check)
+        nodes = tuple(n.with_values(d) for n, d in zip(basis.factors, diags))
+        return cls(layer_collection, basis.specs, nodes, blocks)
+
+    @classmethod
+    def _default_block_limit(cls) -> float:
+        return 4096
+
+    def refit(self, apply_fn: Callable, params: Any, data: Any, *, key: jax.Array | None = None,
+              **kwargs: Any) -> PMatEKFAC:
+        """A new EKFAC with these eigenbases and the diagonal refitted on ``data`` at
+        ``params`` (both may be new): the exact Fisher, or the Monte-Carlo one when ``key``
+        is given. ``kwargs`` go to :func:`jaxgeom.FIM` / :func:`jaxgeom.FIM_MonteCarlo`
+        (``variant``, ``trials``, ``batch_size``, …). For any other per-example function use
+        ``SecondMoment(fn, params, data, PMatEKFAC, basis=self)``. The exact blocks of the
+        non-Kronecker layers are re-estimated in the same pass. Cost: the refit pass of the
+        module docstring (one pass, no ``eigh``)."""
+        from jaxgeom.metrics import FIM, FIM_MonteCarlo
+
+        kwargs.setdefault("layer_collection", self.layer_collection)
+        if key is None:
+            return FIM(apply_fn, params, data, type(self), basis=self, **kwargs)
+        return FIM_MonteCarlo(apply_fn, params, data, type(self), key=key, basis=self, **kwargs)
+
+
+@representation
+class PMatEKFACBlockDiag(PMatEKFAC):
+    """EKFAC for the Kronecker layers (dense, conv, embedding) and the exact
+    ``PMatBlockDiag`` block for every other layer, whatever its size (NNGeometry's
+    ``PMatEKFACBlockDiag``, for models with BatchNorm/LayerNorm and other layers).
+
+    The same matrix as :class:`PMatEKFAC` — which already keeps exact blocks for the other
+    layers — without its ``max_dense_block`` guard (pass ``max_dense_block`` to set one).
+    For another representation of the non-Kronecker layers use
+    :class:`~jaxgeom.pmat.mixed.PMatMixed`.
+    """
+
+    @classmethod
+    def _default_block_limit(cls) -> float:
+        return math.inf
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "layout"))
+def _refit_statistics(params, batch, mask, offset, aux, bases, *, plan, layout):
+    """``Σₙₖ (Q_Gᵀ 𝒢ₙₖ Q_A)²`` per Kronecker layer and ``Σ JᵀJ`` per other layer for one
+    masked chunk, and whether everything was finite."""
+    cap: Captured = capture_chunk(plan, params, batch, offset, aux)
+    dtype = layout.dtype
+    diags = []
+    for spec, a, g, (qa, qg) in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype),
+                                    bases):
+        a = augmented_inputs(spec, a, dtype)
+        diags.append(squared_gradient_sum(a if qa is None else a @ qa, g @ qg))
+    blocks = tuple(b.T @ b for b in other_gradients(cap, mask, plan, layout))
+    return (tuple(diags), blocks), all_finite(cap)
+

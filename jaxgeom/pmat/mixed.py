@@ -1,0 +1,333 @@
+"""``PMatMixed``: a representation per layer, zero between parts.
+
+The layers are partitioned into *parts*; each part is stored in its own representation
+(KFAC for dense/conv layers, BlockDiag for norms, Diag for a large embedding, …), built
+on the part's parameters only, and the matrix is block-diagonal over the parts:
+
+.. math::  M = \\mathrm{blockdiag}(M_1, \\dots, M_P), \\qquad
+   M_p = \\frac1N \\sum_n J_{n,p}^\\top J_{n,p},
+
+``J_{n,p}`` the columns of the per-example Jacobian on part ``p``'s parameters.
+
+Restriction. :func:`restrict` makes, for a subset of layers, the sub-:class:`LayerCollection`
+of their leaves (a flat list of leaves, in the flat order, keeping paths, kinds and roles)
+and the restricted per-example function ``fn_p(leaves_p, example, index, (params, aux))``
+that writes ``leaves_p`` into the full ``params`` before calling ``fn``: every representation
+builds on it unchanged — the per-example Jacobian, or the capture of layer inputs and
+output gradients (:mod:`jaxgeom.capture`), is then taken with respect to the part's
+leaves only.
+
+Cost. One streaming pass over the data *per part* (``P`` passes, each one forward and
+``K`` backward passes per example, with Jacobians/captures of the part's leaves only, so
+the memory of a chunk is that of the largest part); plus the parts' own extra passes (an
+EKFAC refit). A one-shot iterator of batches is first materialised as a list when
+``P > 1``. Every operation costs the sum of the parts' costs plus ``d`` to split and merge
+flat vectors.
+
+Operations combine blockwise: ``mv``, ``vTMv``, ``get_diag``, ``trace``, Frobenius,
+``to_dense``, ``solve`` (each part's default method, or ``"cg"`` on the whole), ``inv``,
+``pinv`` (threshold relative to the whole spectrum), ``pow``, ``eigvalsh`` and ``norm(±2)``,
+scalar ``*``; ``+``/``-``/``mm`` between two ``PMatMixed`` with the same parts (layers and
+representations) are part-wise, otherwise dense. An operation a part cannot do raises a
+``NotImplementedError`` naming the part's representation and layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgeom import data as data_lib
+from jaxgeom.layers import KINDS, Layer, LayerCollection
+from jaxgeom.pmat.base import PMatAbstract, representation
+from jaxgeom.pmat.blockdiag import PMatBlockDiag
+from jaxgeom.pmat.dense import PMatDense
+
+
+# ----------------------------------------------------------------------------- restriction
+@dataclasses.dataclass(frozen=True)
+class Restriction:
+    """A subset of the layers of a :class:`LayerCollection`.
+
+    Attributes:
+      layer_collection: the sub-collection: one flat *list* of the subset's leaves (in the
+        flat order), with the original paths, shapes, kinds and roles.
+      leaves: the subset's leaf indices in the full collection (ascending).
+      indices: the subset's flat indices in the full flat order (ascending).
+    """
+
+    layer_collection: LayerCollection
+    leaves: tuple[int, ...]
+    indices: np.ndarray = dataclasses.field(compare=False, hash=False)
+
+    def select(self, params: Any) -> list:
+        """The sub-parameters (a list of leaves) of a full ``params`` pytree."""
+        leaves = jax.tree_util.tree_leaves(params)
+        return [leaves[i] for i in self.leaves]
+
+    def merge(self, params: Any, sub: Sequence) -> Any:
+        """``params`` with the subset's leaves replaced by ``sub``."""
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        for i, x in zip(self.leaves, sub):
+            leaves[i] = x
+        return treedef.unflatten(leaves)
+
+    def apply_fn(self, apply_fn: Callable, params: Any) -> Callable:
+        """``apply_fn`` as a function of the sub-parameters, the others fixed at ``params``
+        (to build a part yourself, e.g. ``FIM(R.apply_fn(f, params), R.select(params), …,
+        layer_collection=R.layer_collection)``)."""
+        return lambda sub, *args: apply_fn(self.merge(params, sub), *args)
+
+
+@functools.lru_cache(maxsize=256)
+def restrict(layer_collection: LayerCollection, layer_ids: tuple[str, ...]) -> Restriction:
+    """The :class:`Restriction` of ``layer_collection`` to the layers ``layer_ids``."""
+    chosen = [layer_collection.layer(i) for i in layer_ids]
+    leaves = tuple(sorted(i for layer in chosen for i in layer.leaves))
+    position = {leaf: k for k, leaf in enumerate(leaves)}
+    layers = tuple(
+        Layer(layer.id, layer.kind, tuple(position[i] for i in layer.leaves), layer.roles,
+              layer.uses)
+        for layer in sorted(chosen, key=lambda lyr: lyr.leaves[0])
+    )
+    lc = layer_collection
+    sub = LayerCollection(
+        jax.tree_util.tree_structure([0] * len(leaves)),
+        tuple(lc.paths[i] for i in leaves), tuple(lc.shapes[i] for i in leaves),
+        tuple(lc.dtypes[i] for i in leaves), layers)
+    indices = np.concatenate([np.arange(lc.offsets[i], lc.offsets[i + 1]) for i in leaves])
+    return Restriction(sub, leaves, indices)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Restricted:
+    """A per-example function of the sub-parameters: ``aux`` is ``(params, aux)``."""
+
+    fn: Callable
+    restriction: Restriction
+
+    def __call__(self, sub, example, index, aux):
+        params, inner = aux
+        return self.fn(self.restriction.merge(params, sub), example, index, inner)
+
+
+# ----------------------------------------------------------------------------- mapping
+def assign(layer_collection: LayerCollection, mapping: Mapping[str, type] | None,
+           default: type) -> dict[str, type]:
+    """The representation of each layer id: an exact id key first, then the first glob
+    pattern (``fnmatch`` on the id) that matches, then the layer's kind, then ``default``."""
+    mapping = dict(mapping or {})
+    for key, rep in list(mapping.items()) + [("default", default)]:
+        if not (isinstance(rep, type) and issubclass(rep, PMatAbstract)):
+            raise TypeError(f"mapping[{key!r}] must be a representation class; got {rep!r}")
+    ids = [layer.id for layer in layer_collection.layers]
+    for key in mapping:
+        if key not in KINDS and not fnmatch.filter(ids, key):
+            raise ValueError(
+                f"mapping key {key!r} matches no layer id and is not a layer kind {KINDS}; "
+                f"layer ids are {ids}"
+            )
+    patterns = [k for k in mapping if k not in KINDS and k not in ids]
+    chosen = {}
+    for layer in layer_collection.layers:
+        rep = mapping.get(layer.id)
+        if rep is None:
+            rep = next((mapping[p] for p in patterns if fnmatch.fnmatchcase(layer.id, p)), None)
+        chosen[layer.id] = rep or mapping.get(layer.kind, default)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- representation
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Parts:
+    indices: tuple[np.ndarray, ...]
+    inverse: np.ndarray
+
+    def split(self, v):
+        return [v[..., idx] for idx in self.indices]
+
+    def merge(self, parts):
+        return jnp.concatenate(parts, axis=-1)[..., self.inverse]
+
+
+@functools.lru_cache(maxsize=128)
+def _parts(layer_collection: LayerCollection, layouts: tuple[LayerCollection, ...]) -> _Parts:
+    indices = tuple(restrict(layer_collection, tuple(lyr.id for lyr in lc.layers)).indices
+                    for lc in layouts)
+    return _Parts(indices, np.argsort(np.concatenate(indices)))
+
+
+@representation
+class PMatMixed(PMatAbstract):
+    """Block-diagonal over parts of the layers, each part in its own representation
+    (module docstring: restriction, costs, operations).
+
+    Build with ``FIM(apply_fn, params, data, PMatMixed, mapping={...}, default=...)`` (also
+    ``FIM_MonteCarlo``, ``SecondMoment``): ``mapping`` maps a layer kind (``"dense"``,
+    ``"conv"``, ``"norm"``, ``"embedding"``, ``"other"``), a layer id or a glob pattern on
+    the id to a representation class; unmatched layers get ``default`` (``PMatBlockDiag``).
+    ``options={PMatKFAC: {"kfac_approx": "reduce"}}`` passes build options per
+    representation. Or assemble built parts with :meth:`from_mapping`.
+
+    Attributes:
+      layer_collection: the parameter layout (static).
+      parts: the sub-matrices, each on the sub-collection of its layers (:func:`restrict`).
+
+    Example:
+      >>> F = FIM(model.apply, params, (x, y), PMatMixed,
+      ...         mapping={"dense": PMatKFAC, "conv": PMatKFAC, "embedding": PMatDiag})
+      >>> F.solve(grads, regul=1e-3)
+    """
+
+    layer_collection: LayerCollection = dataclasses.field(metadata=dict(static=True))
+    parts: tuple[PMatAbstract, ...] = ()
+
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
+
+    @property
+    def _split(self) -> _Parts:
+        return _parts(self.layer_collection, tuple(p.layer_collection for p in self.parts))
+
+    def part(self, layer: Layer | str) -> PMatAbstract:
+        """The sub-matrix holding a layer."""
+        layer_id = layer.id if isinstance(layer, Layer) else layer
+        for p in self.parts:
+            if any(lyr.id == layer_id for lyr in p.layer_collection.layers):
+                return p
+        raise KeyError(f"no layer {layer_id!r} in {self!r}")
+
+    def _each(self, op: str, fn: Callable[..., Any], *others: Sequence) -> list:
+        """``fn(part, *others[i])`` for every part ``i``; a part that cannot raises,
+        naming itself and its layers."""
+        out = []
+        for p, *args in zip(self.parts, *others):
+            try:
+                out.append(fn(p, *args))
+            except NotImplementedError as err:
+                ids = [lyr.id for lyr in p.layer_collection.layers]
+                raise NotImplementedError(
+                    f"PMatMixed: {op} is not available for the part stored as "
+                    f"{type(p).__name__} (layers {ids}): {err}. Choose another "
+                    "representation for these layers in the mapping."
+                ) from err
+        return out
+
+    # ------------------------------------------------------------------ primitives
+    def _mv(self, v):
+        return self._split.merge(self._each("mv", lambda p, x: p._mv(x), self._split.split(v)))
+
+    def get_diag(self):
+        return self._split.merge(self._each("get_diag", lambda p: p.get_diag()))
+
+    def trace(self):
+        return sum(self._each("trace", lambda p: p.trace()))
+
+    def frobenius_norm(self):
+        return jnp.sqrt(sum(n**2 for n in self._each("frobenius_norm",
+                                                     lambda p: p.frobenius_norm())))
+
+    def to_dense(self):
+        d = self.layer_collection.numel()
+        out = jnp.zeros((d, d), self.dtype)
+        for idx, block in zip(self._split.indices, self._each("to_dense", lambda p: p.to_dense())):
+            out = out.at[np.ix_(idx, idx)].set(block)
+        return out
+
+    def eigvalsh(self):
+        return jnp.sort(jnp.concatenate(self._each("eigvalsh", lambda p: p.eigvalsh())))
+
+    def _solve(self, v, regul, method, **options):
+        if method == "cg":
+            return super()._solve(v, regul, method, **options)
+        return self._split.merge(self._each(
+            "solve", lambda p, x: p._solve(x, regul, p.SOLVE_METHODS[0]), self._split.split(v)))
+
+    # ------------------------------------------------------------------ functions
+    def inv(self, regul: Any = 0.0) -> PMatMixed:
+        return self._with(self._each("inv", lambda p: p.inv(regul)))
+
+    def pow(self, p: Any, regul: Any = 0.0) -> PMatMixed:
+        return self._with(self._each("pow", lambda m: m.pow(p, regul)))
+
+    def pinv(self, atol: Any = None, rtol: Any = None) -> PMatMixed:
+        """Pseudo-inverse of each part with one threshold ``max(atol, rtol·max|λ|)``, ``λ``
+        over the whole matrix (``rtol`` defaults to ``d·eps`` without ``atol``)."""
+        if rtol is None:
+            rtol = 0.0 if atol is not None else self.size(0) * jnp.finfo(self.dtype).eps
+        scale = jnp.max(jnp.stack(self._each("norm(2)", lambda m: m.norm(2))))
+        threshold = jnp.maximum(0.0 if atol is None else atol, rtol * scale)
+        return self._with(self._each("pinv", lambda m: m.pinv(atol=threshold, rtol=0.0)))
+
+    # ------------------------------------------------------------------ algebra
+    def _same_parts(self, other) -> bool:
+        return isinstance(other, PMatMixed) and [
+            (type(a), a.layer_collection) for a in self.parts
+        ] == [(type(b), b.layer_collection) for b in other.parts]
+
+    def mm(self, other: PMatAbstract) -> PMatAbstract:
+        """Part-wise with a ``PMatMixed`` of the same parts, dense otherwise."""
+        self._check_compatible(other)
+        if self._same_parts(other):
+            return self._with(self._each("mm", lambda p, q: p.mm(q), other.parts))
+        return super().mm(other)
+
+    def _scale(self, s):
+        return self._with(self._each("scalar multiplication", lambda p: p * s))
+
+    def _add_same(self, other, sign):
+        if self._same_parts(other):
+            return self._with(self._each(
+                "addition", lambda p, q: p + q if sign > 0 else p - q, other.parts))
+        return PMatDense.from_pmat(self)._add_same(PMatDense.from_pmat(other), sign)
+
+    def _with(self, parts) -> PMatMixed:
+        return PMatMixed(self.layer_collection, tuple(parts))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mapping(cls, layer_collection: LayerCollection,
+                     parts: Sequence[PMatAbstract]) -> PMatMixed:
+        """Assemble already-built sub-matrices, each on the sub-collection of its layers
+        (``restrict(layer_collection, ids).layer_collection``); together they must hold
+        every layer exactly once."""
+        seen: list[str] = []
+        for p in parts:
+            ids = tuple(lyr.id for lyr in p.layer_collection.layers)
+            if restrict(layer_collection, ids).layer_collection != p.layer_collection:
+                raise ValueError(
+                    f"the {type(p).__name__} part on layers {list(ids)} is not built on "
+                    "restrict(layer_collection, ids).layer_collection"
+                )
+            seen.extend(ids)
+        want = [lyr.id for lyr in layer_collection.layers]
+        if sorted(seen) != sorted(want):
+            raise ValueError(f"the parts must hold every layer once: {want}; got {seen}")
+        return cls(layer_collection, tuple(parts))
+
+    @classmethod
+    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
+                       mode="auto", aux=None, mapping=None, default=PMatBlockDiag,
+                       options: Mapping[type, dict] | None = None) -> PMatMixed:
+        """Build each part on its layers (one pass over ``data`` per part)."""
+        chosen = assign(layer_collection, mapping, default)
+        groups: dict[type, list[str]] = {}
+        for layer_id, rep in chosen.items():
+            groups.setdefault(rep, []).append(layer_id)
+        if len(groups) > 1 and not data_lib.is_single_batch(data) and iter(data) is data:
+            data = list(data)  # several passes: keep the batches of a one-shot iterator
+        parts = []
+        for rep, ids in groups.items():
+            r = restrict(layer_collection, tuple(ids))
+            parts.append(rep.from_jacobians(
+                _Restricted(fn, r), r.select(params), data, layer_collection=r.layer_collection,
+                batch_size=batch_size, mode=mode, aux=(params, aux),
+                **dict((options or {}).get(rep, {}))))
+        return cls(layer_collection, tuple(parts))
+

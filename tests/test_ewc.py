@@ -1,0 +1,47 @@
+"""EWC penalty: value and gradient against the dense formula, for every stored representation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from models import make_linen_mlp
+
+import jaxgeom as jg
+from jaxgeom.ewc import ewc_penalty
+
+REPRESENTATIONS = [
+    jg.PMatDiag, jg.PMatBlockDiag, jg.PMatKFAC, jg.PMatEKFAC, jg.PMatDense, jg.PMatImplicit,
+]
+
+
+@pytest.fixture(scope="module")
+def task():
+    t = make_linen_mlp(n=6)
+    moved = jax.tree_util.tree_map(
+        lambda p, k: p + 0.1 * jax.random.normal(k, p.shape, p.dtype), t.params,
+        jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(t.params),
+                                     jax.random.split(jax.random.PRNGKey(0),
+                                                      len(jax.tree_util.tree_leaves(t.params)))))
+    return t, moved
+
+
+@pytest.mark.parametrize("rep", REPRESENTATIONS, ids=lambda r: r.__name__)
+def test_penalty_value_and_gradient(task, rep):
+    t, params = task
+    lam = 3.0
+    F = jg.FIM(t.apply_fn, t.params, (t.x, t.y), rep)
+    dense = F.to_dense()
+    penalty = ewc_penalty(F, t.params, lam)
+    delta = ravel_pytree(params)[0] - ravel_pytree(t.params)[0]
+    value, grad = jax.jit(jax.value_and_grad(penalty))(params)
+    np.testing.assert_allclose(value, 0.5 * lam * delta @ dense @ delta, rtol=1e-10)
+    np.testing.assert_allclose(ravel_pytree(grad)[0], lam * dense @ delta, rtol=1e-9,
+                               atol=1e-12)
+    assert penalty(t.params) == 0
+
+
+def test_penalty_needs_a_representation(task):
+    t, _ = task
+    with pytest.raises(TypeError, match="representation"):
+        ewc_penalty(jnp.eye(3), t.params, 1.0)

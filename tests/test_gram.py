@@ -1,0 +1,124 @@
+"""GramMatrix / FMatDense (the empirical NTK) against the explicit ``J Jᵀ``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import flat_jacobian, make_equinox_mlp, make_linen_cnn, make_linen_mlp
+
+from jaxgeom.fspace import FMatDense, FVector
+from jaxgeom.pfmap import GramMatrix
+
+TOL = dict(rtol=1e-9, atol=1e-11)
+REGUL = 1e-2
+
+
+def reference(t):
+    """``G[o,n,o',n'] = Σ_i J[o,n,i] J[o',n',i]`` from per-example ``jax.jacrev``."""
+    jac = np.asarray(flat_jacobian(t.apply_fn, t.params, t.x)).transpose(1, 0, 2)
+    return np.einsum("knd,lmd->knlm", jac, jac), jac
+
+
+@pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn, make_equinox_mlp])
+def test_streamed_and_implicit_routes_equal_jjt(make):
+    t = make()
+    ref, _ = reference(t)
+    k, n = ref.shape[:2]
+    for method, batch_size in [("jacobian", 2), ("implicit", 3)]:
+        G = GramMatrix(t.apply_fn, t.params, (t.x, t.y), batch_size=batch_size, method=method)
+        assert isinstance(G, FMatDense) and G.size() == (k, n, k, n)
+        np.testing.assert_allclose(G.to_dense(), ref, **TOL, err_msg=f"{method} {batch_size}")
+
+
+def test_batches_and_generic_function():
+    t = make_linen_mlp()
+    ref, _ = reference(t)
+    batches = [(t.x[:2], t.y[:2]), (t.x[2:], t.y[2:])]
+    G = GramMatrix(t.apply_fn, t.params, iter(batches), batch_size=3)
+    np.testing.assert_allclose(G.to_dense(), ref, **TOL)
+    # the output trace (neural-tangents' default trace_axes=(-1,)) through `function`
+    summed = GramMatrix(None, t.params, batches,
+                        function=lambda p, b: t.apply_fn(p, b[0]).sum(-1, keepdims=True))
+    np.testing.assert_allclose(summed.to_dense()[0, :, 0], ref.sum(axis=(0, 2)), **TOL)
+
+
+@jax.jit
+def _operations(G, f):
+    evals, evecs = G.eigh()
+    return dict(
+        mv=G.mv(f), mv_array=G.mv(f.data), matmul=G @ f, vTMv=G.vTMv(f), trace=G.trace(),
+        fro=G.frobenius_norm(), norm=G.norm(), norm_fro=G.norm("fro"), norm2=G.norm(2),
+        norm_2=G.norm(-2), eigvalsh=G.eigvalsh(), evals=evals, evecs=evecs,
+        matrix=G.to_matrix(), diag=G.get_diag(),
+        solves={m: G.solve(G.mv(f) + REGUL * f, REGUL, method=m) for m in G.SOLVE_METHODS},
+        sum=(G + G).to_dense(), difference=(G - 2 * G).to_dense(), scaled=(G * 1.5).data,
+        divided=(G / 4).data, negated=(-G).data,
+    )
+
+
+def test_operations_against_the_matrix():
+    t = make_linen_mlp()
+    ref, jac = reference(t)
+    G = GramMatrix(t.apply_fn, t.params, t.x, batch_size=4)
+    k, n = ref.shape[:2]
+    m = ref.reshape(k * n, k * n)
+    f = FVector(np.random.default_rng(0).standard_normal((k, n)))
+    out = _operations(G, f)
+    gf = (m @ f.data.ravel()).reshape(k, n)
+    assert isinstance(out["mv"], FVector) and isinstance(out["mv_array"], jax.Array)
+    for key in ("mv", "matmul"):
+        np.testing.assert_allclose(out[key].data, gf, **TOL)
+    np.testing.assert_allclose(out["mv_array"], gf, **TOL)
+    # vTMv(f) = ‖Jᵀ f‖²
+    np.testing.assert_allclose(out["vTMv"], np.sum(np.einsum("knd,kn->d", jac, f.data) ** 2),
+                               **TOL)
+    np.testing.assert_allclose(out["trace"], np.trace(m), **TOL)
+    for key in ("fro", "norm", "norm_fro"):
+        np.testing.assert_allclose(out[key], np.linalg.norm(m), **TOL)
+    eig = np.linalg.eigvalsh(m)
+    np.testing.assert_allclose(out["eigvalsh"], eig, atol=1e-10)
+    np.testing.assert_allclose(out["norm2"], np.abs(eig).max(), **TOL)
+    np.testing.assert_allclose(out["norm_2"], np.abs(eig).min(), atol=1e-10)
+    # the eigendecomposition reconstructs the (K·N) × (K·N) matrix
+    v, evals = np.asarray(out["evecs"]), np.asarray(out["evals"])
+    np.testing.assert_allclose((v * evals) @ v.T, m, atol=1e-10)
+    np.testing.assert_allclose(out["matrix"], m, **TOL)
+    np.testing.assert_allclose(out["diag"].data, np.diag(m).reshape(k, n), **TOL)
+    for method, x in out["solves"].items():
+        assert isinstance(x, FVector), method
+        np.testing.assert_allclose(x.data, f.data, rtol=1e-6, atol=1e-8, err_msg=method)
+    np.testing.assert_allclose(out["sum"], 2 * ref, **TOL)
+    np.testing.assert_allclose(out["difference"], -ref, **TOL)
+    for key, factor in [("scaled", 1.5), ("divided", 0.25), ("negated", -1)]:
+        np.testing.assert_allclose(out[key], factor * ref, **TOL)
+    with pytest.raises(ValueError, match="ord"):
+        G.norm(3)
+    with pytest.raises(ValueError, match="valid methods"):
+        G.solve(f, method="qr")
+    with pytest.raises(ValueError, match="function-space vector"):
+        G.mv(np.ones((k, n + 1)))
+
+
+def test_kernel_regression_interpolates():
+    """With a tiny ridge, NTK regression on the training examples reproduces the targets
+    (``N K ≤ d``: the Gram matrix is invertible)."""
+    t = make_linen_mlp(n=5)
+    G = GramMatrix(t.apply_fn, t.params, t.x)
+    targets = np.asarray(jax.nn.one_hot(t.y, t.num_outputs)).T  # (K, N)
+    alpha = G.solve(targets, 1e-10)
+    np.testing.assert_allclose(G.mv(alpha), targets, atol=1e-6)
+    np.testing.assert_allclose(G.solve(targets, 1e-10, method="eigh"), alpha, rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_under_jit_and_errors():
+    t = make_linen_mlp()
+    ref, _ = reference(t)
+    G = jax.jit(lambda p, x: GramMatrix(t.apply_fn, p, x, batch_size=4))(t.params, t.x)
+    np.testing.assert_allclose(G.to_dense(), ref, **TOL)
+    with pytest.raises(ValueError, match="valid methods"):
+        GramMatrix(t.apply_fn, t.params, t.x, method="svd")
+    with pytest.raises(TypeError, match="FMatDense"):
+        GramMatrix(t.apply_fn, t.params, t.x, representation=FVector)
+    with pytest.raises(ValueError, match=r"\(K, N, K, N\)"):
+        FMatDense(jnp.zeros((2, 3, 3, 2)))

@@ -1,0 +1,159 @@
+"""Hessians of a mean loss against ``jax.hessian``, and the Gauss-Newton identity."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp
+from pmat_checks import block_mask, check_products
+
+from jaxgeom import FIM, PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit, PMatKFAC
+from jaxgeom.hessian import Hessian, PMatImplicitHessian
+
+TOL = dict(rtol=1e-8, atol=1e-10)
+
+
+def cross_entropy(apply_fn):
+    """The mean softmax cross-entropy ``loss_fn(params, (x, y))``."""
+    def loss_fn(params, batch):
+        x, y = batch
+        logp = jax.nn.log_softmax(apply_fn(params, x))
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+    return loss_fn
+
+
+def reference(loss_fn, params, batch):
+    flat0, unravel = jax.flatten_util.ravel_pytree(params)
+    return np.asarray(jax.jit(jax.hessian(lambda w: loss_fn(unravel(w), batch)))(flat0))
+
+
+@functools.lru_cache
+def _case(make):
+    t = make()
+    loss_fn = cross_entropy(t.apply_fn)
+    ref = reference(loss_fn, t.params, (t.x, t.y))
+    build = functools.partial(Hessian, loss_fn, t.params, (t.x, t.y), vectors_per_pass=16)
+    return t, loss_fn, ref, {rep: build(rep) for rep in (PMatDense, PMatBlockDiag, PMatDiag,
+                                                           PMatImplicit)}
+
+
+@pytest.fixture(scope="module", params=[make_linen_mlp, make_linen_cnn, make_equinox_mlp])
+def case(request):
+    return _case(request.param)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return _case(make_linen_mlp)
+
+
+def test_every_representation_equals_jax_hessian(case):
+    t, _, ref, H = case
+    assert not np.allclose(ref, 0) and np.linalg.eigvalsh(ref).min() < -1e-8  # indefinite
+    assert isinstance(H[PMatImplicit], PMatImplicitHessian)
+    assert isinstance(H[PMatImplicit], PMatImplicit)
+    np.testing.assert_allclose(H[PMatDense].to_dense(), ref, **TOL)
+    np.testing.assert_allclose(H[PMatImplicit].to_dense(), ref, **TOL)
+    blocks = np.where(block_mask(H[PMatBlockDiag].layer_collection), ref, 0)
+    np.testing.assert_allclose(H[PMatBlockDiag].to_dense(), blocks, **TOL)
+    np.testing.assert_allclose(H[PMatDiag].get_diag(), np.diag(ref), **TOL)
+
+
+def test_operations(mlp):
+    """The Fisher operations on Hessians (products, maps, diagonal, trace, norms)."""
+    t, _, ref, H = mlp
+    for rep in (PMatDense, PMatImplicit):
+        check_products(H[rep], ref, t.params)
+    evals = np.linalg.eigvalsh(ref)
+    np.testing.assert_allclose(H[PMatDense].eigvalsh(), evals, atol=1e-10)
+    np.testing.assert_allclose(H[PMatBlockDiag].trace(), np.trace(ref), **TOL)
+    np.testing.assert_allclose(H[PMatDiag].trace(), np.trace(ref), **TOL)
+
+
+def test_solves_of_an_indefinite_hessian(mlp):
+    t, _, ref, H = mlp
+    d = len(ref)
+    v = np.random.default_rng(0).standard_normal(d)
+    shift = 1.0 - np.linalg.eigvalsh(ref).min()  # makes H + shift·I positive definite
+    rhs = (ref + shift * np.eye(d)) @ v
+    np.testing.assert_allclose(H[PMatImplicit].solve(rhs, shift, rtol=1e-12), v, rtol=1e-6)
+    np.testing.assert_allclose(H[PMatDense].solve(rhs, shift), v, rtol=1e-8)
+    # below the smallest eigenvalue: eigh still solves (no positive-definiteness needed)
+    rhs = (ref + 1e-3 * np.eye(d)) @ v
+    np.testing.assert_allclose(H[PMatDense].solve(rhs, 1e-3, method="eigh"), v, rtol=1e-6)
+
+
+def test_batches_of_different_sizes_equal_one_batch(mlp):
+    """Batches weighted by their sizes: the Hessian of the mean over all examples; padding
+    never biases it."""
+    t, loss_fn, ref, _ = mlp
+    batches = [(t.x[:2], t.y[:2]), (t.x[2:7], t.y[2:7])]
+    v = np.random.default_rng(1).standard_normal(len(ref))
+    dense = Hessian(loss_fn, t.params, iter(batches), PMatDense, batch_size=4)  # 2 | 4 + 1
+    np.testing.assert_allclose(dense.to_dense(), ref, **TOL)
+    implicit = Hessian(loss_fn, t.params, (b for b in batches), PMatImplicit)
+    for _ in range(2):  # replays a one-shot generator
+        np.testing.assert_allclose(implicit.mv(v), ref @ v, **TOL)
+    np.testing.assert_allclose(implicit.vTMv(v), v @ ref @ v, **TOL)
+
+
+def test_hvp_finite_differences(mlp):
+    """``H dw ≈ ∇L(w + dw) − ∇L(w)`` (central differences, ``|dw| ~ 1e-5``)."""
+    t, loss_fn, _, H = mlp
+    rng = np.random.default_rng(2)
+    dw = jax.tree_util.tree_map(lambda a: 1e-5 * rng.standard_normal(a.shape), t.params)
+
+    def grad(sign):
+        p = jax.tree_util.tree_map(lambda a, b: a + sign * b, t.params, dw)
+        return jax.flatten_util.ravel_pytree(jax.grad(loss_fn)(p, (t.x, t.y)))[0]
+
+    diff = (grad(1) - grad(-1)) / 2
+    for rep in (PMatDense, PMatImplicit):
+        hv = jax.flatten_util.ravel_pytree(H[rep].mv(dw))[0]
+        np.testing.assert_allclose(hv, diff, rtol=1e-6, atol=1e-15)
+
+
+def test_gauss_newton_identity():
+    """For a model linear in its parameters with the mean softmax cross-entropy, the
+    Hessian is the Fisher (``classif_logits``); for any model, the Hessian of the loss of
+    the linearised model (the Gauss-Newton part) is the Fisher."""
+    rng = np.random.default_rng(3)
+    params = {"w": rng.standard_normal((3, 4)), "b": 0.1 * rng.standard_normal(4)}
+    x, y = rng.standard_normal((9, 3)), rng.integers(0, 4, 9)
+
+    def linear(p, x):
+        return x @ p["w"] + p["b"]
+
+    t = make_linen_mlp()
+
+    def linearised(p, x):  # f(θ₀) + J(θ₀)(θ − θ₀)
+        delta = jax.tree_util.tree_map(jnp.subtract, p, t.params)
+        return jax.jvp(lambda q: t.apply_fn(q, x), (t.params,), (delta,))[1] + t.apply_fn(
+            t.params, x)
+
+    for apply_fn, p, data, model in [(linear, params, (x, y), linear),
+                                     (linearised, t.params, (t.x, t.y), t.apply_fn)]:
+        loss_fn = cross_entropy(apply_fn)
+        F = FIM(model, p, data, PMatDense)
+        v = rng.standard_normal(F.size(0))
+        for rep in (PMatDense, PMatImplicit):
+            H = Hessian(loss_fn, p, data, rep)
+            np.testing.assert_allclose(H.mv(v), F.mv(v), **TOL)
+        np.testing.assert_allclose(H.to_dense(), F.to_dense(), **TOL)
+
+
+def test_under_jit_and_errors(mlp):
+    t, loss_fn, ref, _ = mlp
+    build = jax.jit(lambda p, b: Hessian(loss_fn, p, b, PMatDiag, batch_size=4))
+    np.testing.assert_allclose(build(t.params, (t.x, t.y)).get_diag(), np.diag(ref), **TOL)
+    scaled = jax.jit(lambda H: (2 * H).trace())(mlp[3][PMatImplicit])
+    np.testing.assert_allclose(scaled, 2 * np.trace(ref), **TOL)
+    with pytest.raises(TypeError, match="PMatDense, PMatBlockDiag, PMatDiag, PMatImplicit"):
+        Hessian(loss_fn, t.params, (t.x, t.y), PMatKFAC)
+    with pytest.raises(ValueError, match="scalar"):
+        Hessian(lambda p, b: t.apply_fn(p, b[0]), t.params, (t.x, t.y), PMatDense)
+    with pytest.raises(TypeError, match="not from Jacobians"):
+        FIM(t.apply_fn, t.params, t.x, PMatImplicitHessian)

@@ -1,0 +1,199 @@
+"""Jacobian maps (PFMapDense, PFMapImplicit) against per-example ``jax.jacrev``."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import flat_jacobian, make_equinox_mlp, make_linen_cnn, make_linen_mlp
+
+from jaxgeom import FIM, PMatDense, PMatDiag, PMatImplicit, PVector
+from jaxgeom.fspace import FVector
+from jaxgeom.pfmap import Jacobian, PFMapDense, PFMapImplicit
+
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+@pytest.fixture(scope="module", params=[make_linen_mlp, make_linen_cnn, make_equinox_mlp])
+def case(request):
+    return _case(request.param)
+
+
+@functools.lru_cache
+def _case(make):
+    t = make()
+    ref = np.asarray(flat_jacobian(t.apply_fn, t.params, t.x)).transpose(1, 0, 2)  # (K, N, d)
+    dense = Jacobian(t.apply_fn, t.params, (t.x, t.y), batch_size=2)
+    implicit = Jacobian(t.apply_fn, t.params, (t.x, t.y), PFMapImplicit, batch_size=3)
+    return t, ref, dense, implicit
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """The linen MLP's maps: the cheaper checks run on it only."""
+    return _case(make_linen_mlp)
+
+
+def _flat(v):
+    return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(v.tree)])
+
+
+@jax.jit
+def _products(maps, v, f):
+    out = []
+    for J in maps:
+        jv = J.jvp(v)
+        out.append(dict(jvp=jv, vjp=J.vjp(f), vjp_array=J.vjp(f.data), jtjv=J.vjp(jv),
+                        dense=J.to_dense(), scaled=(2.5 * J).jvp(v), negated=(-J).jvp(v),
+                        divided=(J / 4).vjp(f)))
+    return out
+
+
+def test_dense_and_implicit_equal_jacrev(case):
+    t, ref, dense, implicit = case
+    assert isinstance(dense, PFMapDense) and dense.size() == ref.shape
+    assert implicit.size() == ref.shape and implicit.size(1) == t.x.shape[0]
+    np.testing.assert_allclose(dense.to_dense(), ref, **TOL)
+    np.testing.assert_allclose(implicit.to_dense(), ref, **TOL)
+
+
+def test_products_and_adjointness(case):
+    t, ref, dense, implicit = case
+    rng = np.random.default_rng(0)
+    v = PVector(jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape), t.params))
+    fv = _flat(v)
+    f = FVector(rng.standard_normal(ref.shape[:2]))
+    jv = ref @ fv
+    jtf = np.einsum("knd,kn->d", ref, f.data)
+    for out in _products((dense, implicit), v, f):
+        assert isinstance(out["jvp"], FVector) and isinstance(out["vjp"], PVector)
+        np.testing.assert_allclose(out["jvp"].data, jv, **TOL)
+        np.testing.assert_allclose(_flat(out["vjp"]), jtf, **TOL)
+        np.testing.assert_allclose(_flat(out["vjp_array"]), jtf, **TOL)
+        np.testing.assert_allclose(out["dense"], ref, **TOL)
+        # adjointness: <v, Jᵀ(Jv)> = ‖Jv‖²
+        np.testing.assert_allclose(fv @ _flat(out["jtjv"]), np.sum(jv**2), **TOL)
+        np.testing.assert_allclose(out["scaled"].data, 2.5 * jv, **TOL)
+        np.testing.assert_allclose(out["negated"].data, -jv, **TOL)
+        np.testing.assert_allclose(_flat(out["divided"]), jtf / 4, **TOL)
+
+
+def test_finite_differences(case):
+    """``J dw ≈ f(w + dw) − f(w)`` (central differences, ``|dw| ~ 1e-6``)."""
+    t, _, dense, _ = case
+    rng = np.random.default_rng(1)
+    dw = jax.tree_util.tree_map(lambda a: 1e-6 * rng.standard_normal(a.shape), t.params)
+
+    def shifted(sign):
+        p = jax.tree_util.tree_map(lambda a, b: a + sign * b, t.params, dw)
+        return t.apply_fn(p, t.x).reshape(t.x.shape[0], -1).T
+
+    diff = (shifted(1) - shifted(-1)) / 2
+    np.testing.assert_allclose(dense.jvp(dw).data, diff, rtol=1e-6, atol=1e-14)
+
+
+def test_per_layer_views(mlp):
+    t, ref, dense, _ = mlp
+    lc = dense.layer_collection
+    assert len(lc.layers) >= 2
+    rebuilt = np.zeros_like(ref)
+    for layer, cols in dense.iter_by_layer():
+        idx = lc.layer_indices(layer)
+        assert cols.shape == ref.shape[:2] + (len(idx),)
+        rebuilt[..., idx] = cols
+        np.testing.assert_allclose(dense.to_dense_layer(layer.id), ref[..., idx], **TOL)
+    np.testing.assert_allclose(rebuilt, ref, **TOL)
+
+
+def test_addition(mlp):
+    t, ref, dense, implicit = mlp
+    both = implicit + 2 * implicit
+    assert isinstance(both, PFMapImplicit)  # still matrix-free
+    np.testing.assert_allclose(both.to_dense(), 3 * ref, **TOL)
+    np.testing.assert_allclose((implicit - implicit).to_dense(), 0 * ref, atol=1e-12)
+    for mixed, factor in [(dense + implicit, 2), (implicit - 0.5 * dense, 0.5),
+                          (dense - dense, 0), (dense + dense * 2, 3)]:
+        assert isinstance(mixed, PFMapDense)
+        np.testing.assert_allclose(mixed.to_dense(), factor * ref, **TOL)
+
+
+def test_pmats_take_maps(mlp):
+    """``mmap``, ``mapTMmap`` (sum and diag) and ``solve`` of every PMat accept PFMaps."""
+    t, ref, dense, implicit = mlp
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatDense)
+    reps = [F, PMatDiag(F.layer_collection, F.get_diag()),
+            FIM(t.apply_fn, t.params, t.x, PMatImplicit, batch_size=4)]
+    for M in reps:
+        m = np.asarray(M.to_dense())
+        forms = np.einsum("knd,de,kne->kn", ref, m, ref)
+        for J in (dense, implicit):
+            np.testing.assert_allclose(M.mmap(J), ref @ m.T, **TOL)
+            np.testing.assert_allclose(M.mapTMmap(J, reduction="diag"), forms, **TOL)
+            np.testing.assert_allclose(M.mapTMmap(J), forms.sum(0), **TOL)
+            np.testing.assert_allclose(M @ J, ref @ m.T, **TOL)
+            np.testing.assert_allclose(M.mmap(J), ref @ m.T, **TOL)
+    solved = F.solve(dense, 1e-3)
+    np.testing.assert_allclose(solved @ (np.asarray(F.to_dense()) + 1e-3 * np.eye(ref.shape[-1])),
+                               ref, rtol=1e-6, atol=1e-8)
+
+
+def test_generic_function_and_batches():
+    """``function(params, batch) -> (N, K)`` sees whole batches; iterables of batches and
+    one-shot generators give the same map as one batch."""
+    t = make_linen_mlp()
+
+    def losses(p, batch):
+        x, y = batch
+        logp = jax.nn.log_softmax(t.apply_fn(p, x))
+        return -jnp.take_along_axis(logp, y[:, None], axis=1)  # (N, 1)
+
+    flat0, unravel = jax.flatten_util.ravel_pytree(t.params)
+    ref = jax.vmap(jax.grad(lambda w, x, y: losses(unravel(w), (x[None], y[None]))[0, 0]),
+                   in_axes=(None, 0, 0))(flat0, t.x, t.y)
+    batches = [(t.x[:3], t.y[:3]), (t.x[3:], t.y[3:])]
+    for rep, data in [(PFMapDense, (t.x, t.y)), (PFMapDense, iter(batches)),
+                      (PFMapImplicit, (b for b in batches))]:
+        J = Jacobian(None, t.params, data, rep, function=losses, batch_size=2)
+        np.testing.assert_allclose(J.to_dense(), np.asarray(ref)[None], **TOL)
+        np.testing.assert_allclose(J.to_dense(), np.asarray(ref)[None], **TOL)  # replayed
+
+
+def test_multi_axis_outputs_and_linear_model():
+    """``(N, P, C)`` outputs are flattened row-major to ``K = P·C``; for a model linear in
+    its parameters, ``J dw = f(w + dw) − f(w)`` exactly."""
+    params = {"w": np.random.default_rng(2).standard_normal((3, 6))}
+    x = np.random.default_rng(3).standard_normal((5, 3))
+
+    def apply_fn(p, x):
+        return (x @ p["w"]).reshape(x.shape[0], 2, 3)
+
+    J = Jacobian(apply_fn, params, x)
+    assert J.size() == (6, 5, 18)
+    dw = {"w": np.random.default_rng(4).standard_normal((3, 6))}
+    shifted = apply_fn({"w": params["w"] + dw["w"]}, x) - apply_fn(params, x)
+    np.testing.assert_allclose(J.jvp(dw).data, shifted.reshape(5, 6).T, **TOL)
+
+
+def test_under_jit():
+    t = make_linen_mlp()
+    build = jax.jit(lambda p, x: Jacobian(t.apply_fn, p, x, batch_size=3))
+    J = build(t.params, t.x)
+    ref = np.asarray(flat_jacobian(t.apply_fn, t.params, t.x)).transpose(1, 0, 2)
+    assert isinstance(J, PFMapDense)
+    np.testing.assert_allclose(J.to_dense(), ref, **TOL)
+    leaves, treedef = jax.tree_util.tree_flatten(J)
+    assert len(leaves) == 1 and jax.tree_util.tree_unflatten(treedef, leaves).shape == ref.shape
+
+
+def test_bad_input():
+    t = make_linen_mlp()
+    with pytest.raises(TypeError, match="PFMapDense or PFMapImplicit"):
+        Jacobian(t.apply_fn, t.params, t.x, PMatDense)
+    J = Jacobian(t.apply_fn, t.params, t.x)
+    with pytest.raises(ValueError, match="function-space vector"):
+        J.vjp(np.ones((3, 7)))
+    with pytest.raises(ValueError, match="leading axis"):
+        Jacobian(None, t.params, t.x, function=lambda p, x: t.apply_fn(p, x).T)
+    with pytest.raises(ValueError, match="apply_fn"):
+        Jacobian(None, t.params, t.x)

@@ -1,0 +1,155 @@
+"""PMatEKFAC / PMatEKFACBlockDiag: equal to KFAC before the refit, the refitted diagonal is
+exactly the diagonal of the exact layer block in KFAC's eigenbasis (brute force, float64),
+never further from the exact block than KFAC, every operation against ``to_dense()``,
+refit with new params/data, jit and chunking."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from models import make_linen_cnn, make_linen_embed, make_linen_layernorm, make_plain_mlp
+from pmat_checks import (
+    TOL,
+    block_mask,
+    check_all,
+    check_combinations,
+    check_pytree,
+    check_solve,
+    reference,
+)
+
+from jaxgeom import FIM, PMatDense, PMatKFAC, SecondMoment
+from jaxgeom.pmat.blockdiag import PMatBlockDiag
+from jaxgeom.pmat.ekfac import PMatEKFAC, PMatEKFACBlockDiag
+
+KEY = jax.random.PRNGKey(0)
+
+
+def exact_kfe_diagonals(E, exact):
+    """Per Kronecker layer, ``diag(Qᵀ B Q)`` for the exact block ``B`` (layer-matrix order)
+    and ``Q = Q_G ⊗ Q_A``."""
+    out = []
+    for i, spec in enumerate(E.specs):
+        idx = E._parts.kron_flat[i]
+        qa, qg, d = (np.asarray(x) if x is not None else None for x in E.eigenbasis(spec.layer_id))
+        qa = np.eye(d.shape[1]) if qa is None else qa
+        q = np.kron(qg, qa)
+        out.append(np.diag(q.T @ exact[np.ix_(idx, idx)] @ q).reshape(d.shape))
+    return out
+
+
+@pytest.mark.parametrize("make", [make_linen_layernorm, make_linen_embed, make_linen_cnn])
+def test_refit_is_the_exact_diagonal_in_the_eigenbasis(make):
+    """T = 1 (dense), T > 1 (embedding over a sequence, strided conv with bias)."""
+    t = make()
+    exact = reference(t)
+    K = FIM(t.apply_fn, t.params, t.x, PMatKFAC)
+    before = PMatEKFAC.from_kfac(K)  # what FIM(..., PMatEKFAC, refit=False) returns
+    E = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, basis=before, batch_size=4)
+    np.testing.assert_allclose(before.to_dense(), K.to_dense(), **TOL)  # EKFAC == KFAC
+    for i, want in enumerate(exact_kfe_diagonals(E, exact)):
+        np.testing.assert_allclose(E.factors[i].d, want, rtol=1e-8, atol=1e-12)
+    blocks = np.where(block_mask(E.layer_collection), exact, 0)
+    err_e = np.linalg.norm(E.to_dense() - blocks)
+    err_k = np.linalg.norm(K.to_dense() - blocks)
+    assert err_e <= err_k + 1e-12
+    for spec in E.specs:  # also per layer
+        b = E.layer_collection.layer_indices(spec.layer_id)
+        e_l = np.linalg.norm(E.get_block(spec.layer_id) - exact[np.ix_(b, b)])
+        k_l = np.linalg.norm(K.get_block(spec.layer_id) - exact[np.ix_(b, b)])
+        assert e_l <= k_l + 1e-12
+
+
+# ----------------------------------------------------------------------------- operations
+@pytest.fixture(scope="module", params=[make_linen_layernorm, make_linen_embed])
+def case(request):
+    t = request.param()
+    E = FIM(t.apply_fn, t.params, t.x, PMatEKFAC)
+    return t, E, np.asarray(E.to_dense())
+
+
+def test_operations(case):
+    t, E, dense = case
+    check_all(E, dense, t.params)  # every function stays an EKFAC (shared eigenbasis)
+    check_pytree(E)
+    third = E.pow(1 / 3).mm(E.pow(2 / 3))
+    assert type(third) is PMatEKFAC
+    np.testing.assert_allclose(third.to_dense(), dense, atol=1e-10)
+    np.testing.assert_allclose(E.pow(-0.5, 1e-2).to_dense(), _dense_pow(dense, -0.5, 1e-2),
+                               rtol=1e-7, atol=1e-9)
+
+
+def _dense_pow(dense, p, regul):
+    evals, evecs = np.linalg.eigh(dense + regul * np.eye(len(dense)))
+    return (evecs * np.maximum(evals, 0) ** p) @ evecs.T
+
+
+def test_solve(case):
+    t, E, dense = case
+    check_solve(E, dense, t.params)
+
+
+def test_sums_and_products(case):
+    """On shared bases (recognised as the same arrays or equal concrete values) sums and
+    products stay EKFACs; otherwise (other bases, or matrices entering ``jit`` as separate
+    arguments, whose bases are distinct tracers) they are exact block-diagonal / dense."""
+    t, E, dense = case
+    other = FIM(t.apply_fn, t.params, t.x[:3], PMatEKFAC)  # other eigenbases
+    o = np.asarray(other.to_dense())
+    inv = E.inv(1e-2)
+    i = np.asarray(inv.to_dense())
+    for got, want in [(E + 2.0 * E, 3 * dense), (E - inv, dense - i), (E.mm(inv), dense @ i),
+                      (inv @ E, i @ dense)]:
+        assert type(got) is PMatEKFAC
+        np.testing.assert_allclose(got.to_dense(), want, **TOL)
+    check_combinations([
+        (E, inv, dense, i, (PMatBlockDiag, PMatDense)),
+        (E, other, dense, o, (PMatBlockDiag, PMatDense)),
+        (E, PMatDense(E.layer_collection, dense), dense, dense, (PMatDense, PMatDense)),
+    ])
+    with pytest.raises(ValueError, match="Kronecker factors"):
+        E.inv(1e-2, damping="pi")
+
+
+# ----------------------------------------------------------------------------- building
+def test_refit_new_params_and_data_is_pure():
+    t = make_plain_mlp(n=7)
+    E = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, refit=False)
+    params = jax.tree_util.tree_map(lambda a: 1.1 * a, t.params)
+    x = t.x[::-1] * 0.5
+    F = E.refit(t.apply_fn, params, iter([x[:4], x[4:]]), batch_size=3)  # chunks, iterator
+    assert type(F) is PMatEKFAC and F is not E
+    moved = type(t)(t.name, t.apply_fn, params, x, t.y, t.num_outputs)
+    for i, want in enumerate(exact_kfe_diagonals(F, reference(moved))):
+        np.testing.assert_allclose(F.factors[i].qg, E.factors[i].qg)  # same bases
+        np.testing.assert_allclose(F.factors[i].d, want, rtol=1e-8, atol=1e-12)
+    jitted = jax.jit(lambda M, p, x: M.refit(t.apply_fn, p, x))(E, params, x)
+    np.testing.assert_allclose(jitted.to_dense(), F.to_dense(), **TOL)
+    mc = E.refit(t.apply_fn, params, x, key=KEY, trials=2)  # FIM_MonteCarlo
+    assert type(mc) is PMatEKFAC and np.isfinite(mc.trace())
+
+
+def test_chunks_iterators_and_jit():
+    t = make_linen_layernorm(n=7)
+    ref = FIM(t.apply_fn, t.params, t.x, PMatEKFAC).to_dense()
+    one_shot = iter([(t.x[:2],), (t.x[2:],)])  # two passes: materialised
+    chunked = FIM(t.apply_fn, t.params, one_shot, PMatEKFAC, batch_size=3).to_dense()
+    jitted = jax.jit(lambda p, x: FIM(t.apply_fn, p, x, PMatEKFAC))(t.params, t.x).to_dense()
+    for got in (chunked, jitted):
+        np.testing.assert_allclose(got, ref, **TOL)
+
+
+def test_block_diag_variant_and_errors():
+    t = make_linen_layernorm()
+    with pytest.raises(ValueError, match="LayerNorm_0.*PMatMixed"):
+        FIM(t.apply_fn, t.params, t.x, PMatEKFAC, max_dense_block=4)
+    B = FIM(t.apply_fn, t.params, t.x, PMatEKFACBlockDiag)
+    E = FIM(t.apply_fn, t.params, t.x, PMatEKFAC)
+    assert type(B.inv(1e-3)) is PMatEKFACBlockDiag
+    np.testing.assert_allclose(B.to_dense(), E.to_dense(), **TOL)
+    with pytest.raises(ValueError, match="basis"):
+        SecondMoment(lambda p, x: t.apply_fn(p, x), t.params, t.x, PMatEKFAC,
+                     basis=FIM(t.apply_fn, t.params, t.x, PMatKFAC))
+    with pytest.raises(TypeError, match="PMatEKFAC.from_jacobians"):
+        PMatEKFAC.accumulator(None)

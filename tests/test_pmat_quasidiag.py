@@ -1,0 +1,98 @@
+"""PMatQuasiDiag: stored entries equal the exact ones (brute force, float64) and the rest is
+zero; operations, the closed-form solve and inverse against ``to_dense()``; jit, chunks."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from models import make_linen_cnn, make_linen_embed, make_linen_layernorm
+from pmat_checks import REGUL, TOL, check_combinations, check_products, check_pytree, check_solve
+from pmat_checks import reference as reference_fisher
+
+from jaxgeom import FIM, PMatDense, PMatDiag
+from jaxgeom.pmat.quasidiag import PMatQuasiDiag
+
+
+def structure(Q) -> np.ndarray:
+    """The ``(d, d)`` mask of the stored entries: the diagonal and each neuron's
+    weight–bias strip."""
+    mask = np.eye(Q.layer_collection.numel(), dtype=bool)
+    for idx in Q._indices:
+        mask[idx[:, :-1], idx[:, -1:]] = mask[idx[:, -1:], idx[:, :-1]] = True
+    return mask
+
+
+@pytest.fixture(scope="module", params=[make_linen_layernorm, make_linen_cnn, make_linen_embed])
+def case(request):
+    t = request.param()
+    Q = FIM(t.apply_fn, t.params, t.x, PMatQuasiDiag, batch_size=4)
+    return t, Q, np.asarray(Q.to_dense())
+
+
+def test_entries_are_exact(case):
+    t, Q, dense = case
+    exact = reference_fisher(t)
+    mask = structure(Q)
+    assert mask.sum() > len(dense) or not Q.specs  # strips present for layers with bias
+    np.testing.assert_allclose(dense[mask], exact[mask], rtol=1e-8, atol=1e-12)
+    assert not dense[~mask].any()
+    np.testing.assert_allclose(dense, dense.T, **TOL)
+
+
+@jax.jit
+def _functions(Q):
+    inv = Q.inv(REGUL)
+    reps = {"inv": inv, "inv_inv": inv.inv(), "scaled": 1.23 * Q, "negated": -Q,
+            "inv_scaled": inv / 2, "sum": Q + 2 * Q}
+    return dict(dense={k: x.to_dense() for k, x in reps.items()}, reps=reps,
+                eig=Q.eigvalsh(), eig_inv=inv.eigvalsh(), norm2=Q.norm(2), norm_2=Q.norm(-2),
+                inv_diag=inv.get_diag(), inv_trace=inv.trace(), inv_fro=inv.frobenius_norm())
+
+
+def test_operations(case):
+    t, Q, dense = case
+    check_products(Q, dense, t.params)
+    check_solve(Q, dense, t.params)  # "default" (per-neuron Schur complement) and "cg"
+    check_pytree(Q)
+    out = _functions(Q)
+    assert all(type(x) is PMatQuasiDiag for x in out["reps"].values())
+    got = out["dense"]
+    d = len(dense)
+    inv = np.linalg.inv(dense + REGUL * np.eye(d))
+    np.testing.assert_allclose(got["inv"], inv, rtol=1e-7, atol=1e-9 * np.abs(inv).max())
+    np.testing.assert_allclose(got["inv_inv"], dense + REGUL * np.eye(d), rtol=1e-6, atol=1e-9)
+    for key, want in [("scaled", 1.23 * dense), ("negated", -dense), ("sum", 3 * dense),
+                      ("inv_scaled", got["inv"] / 2)]:
+        np.testing.assert_allclose(got[key], want, **TOL, err_msg=key)
+    eig = np.linalg.eigvalsh(dense)
+    np.testing.assert_allclose(out["eig"], eig, atol=1e-10)
+    np.testing.assert_allclose(out["eig_inv"], np.linalg.eigvalsh(got["inv"]), rtol=1e-8)
+    np.testing.assert_allclose([out["norm2"], out["norm_2"]], [eig.max(), np.abs(eig).min()],
+                               rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(out["inv_diag"], np.diag(got["inv"]), rtol=1e-8)
+    np.testing.assert_allclose(out["inv_trace"], np.trace(got["inv"]), rtol=1e-8)
+    np.testing.assert_allclose(out["inv_fro"], np.linalg.norm(got["inv"]), rtol=1e-8)
+
+
+def test_promotions_and_unsupported(case):
+    t, Q, dense = case
+    inv = Q.inv(REGUL)
+    i = np.asarray(inv.to_dense())
+    diag = PMatDiag(Q.layer_collection, np.diag(dense))
+    check_combinations([
+        (Q, inv, dense, i, (PMatDense, PMatDense)),  # a sum of two ρ terms leaves the family
+        (Q, diag, dense, np.diag(np.diag(dense)), (PMatDense, PMatDense)),
+    ])
+    with pytest.raises(NotImplementedError, match="PMatQuasiDiag does not support pow"):
+        Q.pow(0.5)
+    with pytest.raises(NotImplementedError, match="pinv"):
+        Q.pinv()
+
+
+def test_chunks_and_jit():
+    t = make_linen_layernorm(n=7)
+    ref = FIM(t.apply_fn, t.params, t.x, PMatQuasiDiag).to_dense()
+    jitted = jax.jit(lambda p, x: FIM(t.apply_fn, p, x, PMatQuasiDiag, batch_size=3))(
+        t.params, t.x).to_dense()
+    np.testing.assert_allclose(jitted, ref, **TOL)
