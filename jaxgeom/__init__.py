@@ -7,11 +7,18 @@ for products, solves, inverses, powers, traces and norms.
 
 from jaxgeom import optim as optim
 from jaxgeom.ewc import ewc_penalty as ewc_penalty
+from jaxgeom.fspace import FMatDense as FMatDense
+from jaxgeom.fspace import FVector as FVector
+from jaxgeom.hessian import Hessian as Hessian
 from jaxgeom.layers import Layer as Layer
 from jaxgeom.layers import LayerCollection as LayerCollection
 from jaxgeom.metrics import FIM as FIM
 from jaxgeom.metrics import FIM_MonteCarlo as FIM_MonteCarlo
 from jaxgeom.metrics import SecondMoment as SecondMoment
+from jaxgeom.pfmap import GramMatrix as GramMatrix
+from jaxgeom.pfmap import Jacobian as Jacobian
+from jaxgeom.pfmap import PFMapDense as PFMapDense
+from jaxgeom.pfmap import PFMapImplicit as PFMapImplicit
 from jaxgeom.pmat import PMatAbstract as PMatAbstract
 from jaxgeom.pmat import PMatBlockDiag as PMatBlockDiag
 from jaxgeom.pmat import PMatDense as PMatDense
@@ -34,8 +41,15 @@ __version__ = "0.1.0"
 __all__ = [
     "FIM",
     "FIM_MonteCarlo",
+    "FMatDense",
+    "FVector",
+    "GramMatrix",
+    "Hessian",
+    "Jacobian",
     "Layer",
     "LayerCollection",
+    "PFMapDense",
+    "PFMapImplicit",
     "PMatAbstract",
     "PMatBlockDiag",
     "PMatDense",
