@@ -157,13 +157,7 @@ def SecondMoment(
     ``batch`` is whatever ``data`` yields (both ``x`` and ``y``).
     """
     first, data = data_lib.peek(data)
-    n = data_lib.num_examples(first)
-    out = jax.eval_shape(fn, params, first)
-    if len(out.shape) != 2 or out.shape[0] != n:
-        raise ValueError(
-            f"fn(params, batch) must return an array of shape (N, K) = ({n}, K) for a batch "
-            f"of {n} examples; got shape {out.shape}"
-        )
+    check_rows(fn, params, first)
     layer_collection = layer_collection or _layers(fn, params, first)
     if isinstance(representation, type) and getattr(representation, "NEEDS_REPLAY", False):
         data = list(data_lib.iter_batches(data))
@@ -182,6 +176,17 @@ def _build(fn, params, data, representation, **kwargs) -> PMatAbstract:
             f"{', '.join(c.__name__ for c in REGISTRY)}; got {representation!r}"
         )
     return representation.from_jacobians(fn, params, data, **kwargs)
+
+
+def check_rows(fn, params, batch) -> None:
+    """Check that a batched ``fn(params, batch)`` returns one row per example, ``(N, K)``."""
+    n = data_lib.num_examples(batch)
+    out = jax.eval_shape(fn, params, batch)
+    if len(out.shape) != 2 or out.shape[0] != n:
+        raise ValueError(
+            f"fn(params, batch) must return an array of shape (N, K) = ({n}, K) for a batch "
+            f"of {n} examples; got shape {out.shape}"
+        )
 
 
 def _check_model(apply_fn, params, inputs, variant) -> tuple[int, ...]:

@@ -36,6 +36,7 @@ from jaxgeom.jacobian import Hashable, accumulate, flatten_jacobian, output_coun
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat.base import static_field
 from jaxgeom.pmat.implicit import _chunk_rows, _masked_outputs, _tangents
+from jaxgeom.replay import ReplayedFunction
 from jaxgeom.variants import BatchedFunction
 from jaxgeom.vector import PVector, as_flat
 
@@ -203,7 +204,7 @@ class _Stack:
 
 
 @_pfmap
-class PFMapImplicit(PFMapAbstract):
+class PFMapImplicit(ReplayedFunction, PFMapAbstract):
     """The Jacobian map ``s · J`` computed on demand: stores the function, parameters and
     data (as a list of batches), never ``J``.
 
@@ -230,29 +231,13 @@ class PFMapImplicit(PFMapAbstract):
       mode: Jacobian mode of ``to_dense`` (static).
     """
 
-    layer_collection: LayerCollection = static_field()
-    fn: Callable = static_field(default=None)
-    params: Any = None
-    data: list = None
-    aux: Any = None
-    scale: Any = 1.0
-    batch_size: int | None = static_field(default=None)
-    mode: str = static_field(default="auto")
 
-    NEEDS_REPLAY: ClassVar[bool] = True
-
-    @property
-    def num_examples(self) -> int:
-        return sum(data_lib.num_examples(batch) for batch in self.data)
 
     @property
     def shape(self):
         first = next(self._chunks())
         k = output_count(self.fn, self.params, first.batch, self.aux)
         return (k, self.num_examples, self.layer_collection.numel())
-
-    def _chunks(self):
-        return data_lib.iter_chunks(self.data, self.batch_size)
 
     # ------------------------------------------------------------------ products
     def _jvp_many(self, rows):
@@ -384,7 +369,7 @@ class _FlatOutputs:
 
 def _setup(apply_fn, params, data, function, layer_collection, lazy):
     """The per-example function, the data it reads and the layer collection."""
-    from jaxgeom.metrics import _layers
+    from jaxgeom.metrics import _layers, check_rows
 
     first, data = data_lib.peek(data)
     if function is None:
@@ -398,13 +383,7 @@ def _setup(apply_fn, params, data, function, layer_collection, lazy):
             data = (data_lib.inputs_of(b) for b in data)
     else:
         batched = Hashable(function)
-    n = data_lib.num_examples(first)
-    out = jax.eval_shape(batched, params, first)
-    if len(out.shape) != 2 or out.shape[0] != n:
-        raise ValueError(
-            f"the outputs must have the {n} examples of the batch on their leading axis; got "
-            f"shape {out.shape}"
-        )
+    check_rows(batched, params, first)
     layer_collection = layer_collection or _layers(batched, params, first)
     if lazy:
         data = list(data_lib.iter_batches(data))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +21,13 @@ from jaxgeom.jacobian import (
     resolve_mode,
 )
 from jaxgeom.layers import LayerCollection
-from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import PMatAbstract, representation
+from jaxgeom.replay import ReplayedFunction
 from jaxgeom.vector import as_flat, as_rows
 
 
 @representation
-class PMatImplicit(PMatAbstract):
+class PMatImplicit(ReplayedFunction, PMatAbstract):
     """The matrix ``M = s · (1/N) Σₙ Jₙᵀ Jₙ`` that is never formed.
 
     ``Jₙ`` is the ``(K, d)`` Jacobian of the per-example function
@@ -75,26 +76,12 @@ class PMatImplicit(PMatAbstract):
         ``get_diag``/``trace``/``frobenius_norm``/``to_dense`` (static).
     """
 
-    layer_collection: LayerCollection = static_field()
-    fn: Callable = static_field(default=None)
-    params: Any = None
-    data: list = None
-    aux: Any = None
-    scale: Any = 1.0
-    batch_size: int | None = static_field(default=None)
-    mode: str = static_field(default="auto")
-
-    NEEDS_REPLAY: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ shapes
     @property
     def dtype(self):
         return self.layer_collection.dtype
 
-    @property
-    def num_examples(self) -> int:
-        """``N``, the number of examples in ``data`` (static, from the shapes)."""
-        return sum(data_lib.num_examples(batch) for batch in self.data)
 
     # ------------------------------------------------------------------ products
     def _mv(self, v):
@@ -213,9 +200,6 @@ class PMatImplicit(PMatAbstract):
         return cls(layer_collection, fn, params, batches, aux, scale, batch_size, mode)
 
     # ------------------------------------------------------------------ helpers
-    def _chunks(self):
-        return data_lib.iter_chunks(self.data, self.batch_size)
-
     def _accumulate(self, accumulator: Any) -> Any:
         return accumulate(self.fn, self.params, self.data, accumulator,
                           batch_size=self.batch_size, mode=self.mode, aux=self.aux)

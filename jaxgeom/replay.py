@@ -1,0 +1,55 @@
+"""A per-example function together with the parameters and data it is evaluated on.
+
+Matrix-free objects (:class:`~jaxgeom.pmat.implicit.PMatImplicit`,
+:class:`~jaxgeom.pfmap.PFMapImplicit`, the implicit Hessian) store no matrix: they replay
+``fn`` over ``data`` at every product. This mixin holds what they need and how they read
+the data; the classes that use it add the products.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+from jaxgeom import data as data_lib
+from jaxgeom.layers import LayerCollection
+from jaxgeom.pmat.base import static_field
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class ReplayedFunction:
+    """Fields of a matrix-free object (a pytree: ``params``, ``data``, ``aux`` and ``scale``
+    are children, the rest static).
+
+    Attributes:
+      layer_collection: the parameter layout (static).
+      fn: the per-example function ``fn(params, example, index, aux) -> (K,)``
+        (:mod:`jaxgeom.jacobian`; static).
+      params: where ``fn`` is differentiated.
+      data: the list of batches ``fn`` is evaluated on (read once per product).
+      aux: the arrays shared by all examples (``fn``'s last argument).
+      scale: a scalar coefficient (scalar multiplication changes only it).
+      batch_size: the chunk size (``None``: one chunk per batch; static).
+      mode: ``"auto"``, ``"reverse"`` or ``"forward"`` for per-example Jacobians (static).
+    """
+
+    layer_collection: LayerCollection = static_field()
+    fn: Callable = static_field(default=None)
+    params: Any = None
+    data: list = None
+    aux: Any = None
+    scale: Any = 1.0
+    batch_size: int | None = static_field(default=None)
+    mode: str = static_field(default="auto")
+
+    #: builders materialise one-shot data as a list, since it is read many times
+    NEEDS_REPLAY: ClassVar[bool] = True
+
+    @property
+    def num_examples(self) -> int:
+        """``N``, the number of examples in ``data`` (static, from the shapes)."""
+        return sum(data_lib.num_examples(batch) for batch in self.data)
+
+    def _chunks(self) -> Iterator[data_lib.Chunk]:
+        return data_lib.iter_chunks(self.data, self.batch_size)
