@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -17,8 +18,14 @@ from jaxgeom.pmat.base import representation, static_field
 class PMatDiag(MeanOfJacobians, CanonicalDiagonal):
     """The diagonal approximation ``M ≈ diag(m)``, ``m_i = (1/N) Σₙₖ (Jₙ)ₖᵢ²`` (flat order).
 
-    Build: ``N K B`` for the per-example Jacobians plus ``N K d`` for the squares; memory
-    ``d`` plus one chunk of Jacobians (never a ``d × d`` matrix).
+    Build (``FIM``, ``FIM_MonteCarlo``, ``SecondMoment``): one streaming pass over the
+    captured layer inputs ``a`` and output gradients ``g`` (:mod:`jaxgeom.capture`): for a
+    dense layer without weight sharing ``Σ (g²)ᵀ(a²)``, cost ``N K (g_l + a_l g_l)``, no
+    per-example gradient formed; with weight sharing (convolutions, sequences) the chunk's
+    per-example gradients of that layer; exact per-example gradients for the other leaves.
+    Memory ``d`` plus one chunk's captures (never a ``d × d`` matrix, never the chunk's
+    full Jacobian). ``PMatDiag.accumulator`` reduces explicit per-example Jacobians instead
+    (``Σ J²``), for the generic :func:`jaxgeom.jacobian.accumulate` driver.
     Operations, all ``d``: ``mv``, ``solve`` (closed form ``v / (m + regul)`` by default,
     or ``"cg"``), ``inv``, ``pinv``, ``pow`` (elementwise on ``m``, which are the
     eigenvalues), ``trace``, ``norm``; ``eigvalsh`` sorts (``d log d``). ``eigh`` is not
@@ -45,6 +52,21 @@ class PMatDiag(MeanOfJacobians, CanonicalDiagonal):
         if self.data is not None and hasattr(self.data, "shape") and self.data.shape != (d,):
             raise ValueError(f"PMatDiag data must have shape ({d},); got {self.data.shape}")
 
+    @classmethod
+    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
+                       mode="auto", aux=None, **options) -> PMatDiag:
+        """``(1/N) Σₙₖ (∂zₙₖ/∂θ)²`` from captured ``(a, g)`` in one streaming pass (``mode``
+        is accepted for a uniform signature: the capture uses one ``vjp`` per output)."""
+        from jaxgeom.pmat.kfac import stream_captures
+
+        del mode
+        if options:
+            raise TypeError(f"PMatDiag takes no build options; got {sorted(options)}")
+        step = functools.partial(_chunk_diagonal, layout=layer_collection)
+        _, diag = stream_captures(fn, params, data, layer_collection, step,
+                                  batch_size=batch_size, aux=aux)
+        return cls(layer_collection, diag)
+
     @property
     def _values(self) -> jax.Array:
         return self.data
@@ -60,3 +82,13 @@ class PMatDiag(MeanOfJacobians, CanonicalDiagonal):
     def _term(layer_collection: LayerCollection, jac: jax.Array) -> jax.Array:
         """``Σₙₖ Jₙₖ²`` (elementwise square) of one chunk."""
         return jnp.einsum("nkd,nkd->d", jac, jac)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "layout"))
+def _chunk_diagonal(params, batch, mask, offset, aux, *, plan, layout):
+    """The flat ``Σₙₖ J²`` of one masked chunk from its captures, and whether it is finite."""
+    from jaxgeom.capture import capture_chunk
+    from jaxgeom.pmat.kfac import all_finite, flat_squared_gradients
+
+    cap = capture_chunk(plan, params, batch, offset, aux)
+    return flat_squared_gradients(cap, mask, plan, layout), all_finite(cap)

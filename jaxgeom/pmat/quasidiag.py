@@ -63,9 +63,8 @@ from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.kfac import (
     all_finite,
     augmented_inputs,
+    flat_squared_gradients,
     masked_grads,
-    other_gradients,
-    squared_gradient_sum,
     stream_captures,
 )
 
@@ -230,15 +229,9 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
     masked chunk, and whether everything was finite."""
     cap: Captured = capture_chunk(plan, params, batch, offset, aux)
     dtype = layout.dtype
-    diag = jnp.zeros(layout.numel(), dtype)
-    cross = []
-    for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype)):
-        a = augmented_inputs(spec, a, dtype)
-        diag = diag.at[spec.matrix_indices(layout)].add(squared_gradient_sum(a, g))
-        if _has_neurons(spec):
-            cross.append(jnp.einsum("nktg,nkg,nta->ga", g, g.sum(axis=2), a[..., :-1]))
-    ids = {s.layer_id for s in plan.specs}
-    others = [layout.layer_indices(layer) for layer in layout.layers if layer.id not in ids]
-    for idx, grads in zip(others, other_gradients(cap, mask, plan, layout)):
-        diag = diag.at[idx].add(jnp.sum(grads**2, axis=0))
-    return (diag, tuple(cross)), all_finite(cap)
+    cross = [
+        jnp.einsum("nktg,nkg,nta->ga", g, g.sum(axis=2), augmented_inputs(spec, a, dtype)[..., :-1])
+        for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype))
+        if _has_neurons(spec)
+    ]
+    return (flat_squared_gradients(cap, mask, plan, layout), tuple(cross)), all_finite(cap)
