@@ -9,6 +9,7 @@ from pmat_checks import check_products
 
 from jaxgeom import FIM, FIM_MonteCarlo, SecondMoment, random_pvector
 from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.pmat.diag import PMatDiag
 from jaxgeom.pmat.implicit import PMatImplicit
 
 TOL = dict(rtol=1e-8, atol=1e-10)
@@ -86,9 +87,8 @@ def test_cg_preconditioners(mlp):
 
 
 def test_cg_with_diagonal_representation_preconditioner(mlp):
-    diag_module = pytest.importorskip("jaxgeom.pmat.diag")
     t, F, _ = mlp
-    P = FIM(t.apply_fn, t.params, (t.x, t.y), diag_module.PMatDiag)
+    P = FIM(t.apply_fn, t.params, (t.x, t.y), PMatDiag)
     v = vec(t, 7)
     x = F.solve(F.mv(v) + REGUL * v, REGUL, preconditioner=P, rtol=1e-12)
     np.testing.assert_allclose(x.to_flat(), v.to_flat(), rtol=1e-6, atol=1e-7)
