@@ -462,12 +462,8 @@ class _PerExampleLoss:
 
 
 @dataclasses.dataclass(frozen=True)
-class _MeanLoss:
+class _MeanLoss(_PerExampleLoss):
     """``(params, batch) -> scalar`` mean negative log-likelihood of ``variant``."""
 
-    apply_fn: Callable
-    variant: str
-
     def __call__(self, params, batch):
-        out = self.apply_fn(params, data_lib.inputs_of(batch))
-        return jnp.mean(per_example_loss(self.variant, out, _targets(batch)))
+        return jnp.mean(super().__call__(params, batch))
