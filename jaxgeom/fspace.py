@@ -10,7 +10,6 @@ primary view: every spectral operation acts on that matrix.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, ClassVar
 
 import jax
@@ -18,18 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom.pmat.base import PMatAbstract
+from jaxgeom.scaling import ScalarMultiples
 
 
-def _is_scalar(x: Any) -> bool:
-    return isinstance(x, numbers.Number) or (hasattr(x, "shape") and jnp.ndim(x) == 0)
-
-
-class _ScalarAlgebra:
+class _ScalarAlgebra(ScalarMultiples):
     """``+``, ``-``, unary ``-``, scalar ``*`` and ``/`` for a frozen dataclass whose one
     array field is ``data`` (same-type operands only)."""
 
     def _with(self, data):
         return dataclasses.replace(self, data=data)
+
+    def _scale(self, s):
+        return self._with(self.data * s)
 
     def __add__(self, other):
         if type(other) is not type(self):
@@ -41,20 +40,6 @@ class _ScalarAlgebra:
             return NotImplemented
         return self._with(self.data - other.data)
 
-    def __neg__(self):
-        return self._with(-self.data)
-
-    def __mul__(self, s):
-        if not _is_scalar(s):
-            return NotImplemented
-        return self._with(self.data * s)
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, s):
-        if not _is_scalar(s):
-            return NotImplemented
-        return self._with(self.data / s)
 
 
 @jax.tree_util.register_dataclass

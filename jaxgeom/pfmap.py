@@ -31,12 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
-from jaxgeom.fspace import FMatDense, FVector, _is_scalar, as_fvector_data
+from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
 from jaxgeom.jacobian import Hashable, accumulate, flatten_jacobian, output_count, resolve_mode
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat.base import static_field
 from jaxgeom.pmat.implicit import _chunk_rows, _masked_outputs, _tangents
 from jaxgeom.replay import ReplayedFunction
+from jaxgeom.scaling import ScalarMultiples
 from jaxgeom.variants import BatchedFunction
 from jaxgeom.vector import PVector, as_flat
 
@@ -46,7 +47,7 @@ def _pfmap(cls: type) -> type:
     return jax.tree_util.register_dataclass(cls)
 
 
-class PFMapAbstract(abc.ABC):
+class PFMapAbstract(ScalarMultiples, abc.ABC):
     """The common algebra of Jacobian maps; subclasses give ``_jvp_many``/``_vjp_many``
     (stacks of vectors) and ``to_dense``."""
 
@@ -106,21 +107,6 @@ class PFMapAbstract(abc.ABC):
         if not isinstance(other, PFMapAbstract):
             return NotImplemented
         return self._combine(other, -1)
-
-    def __mul__(self, s: Any) -> PFMapAbstract:
-        if not _is_scalar(s):
-            return NotImplemented
-        return self._scale(s)
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, s: Any) -> PFMapAbstract:
-        if not _is_scalar(s):
-            return NotImplemented
-        return self._scale(1 / s)
-
-    def __neg__(self) -> PFMapAbstract:
-        return self._scale(-1)
 
     @abc.abstractmethod
     def _scale(self, s: Any) -> PFMapAbstract: ...

@@ -8,7 +8,6 @@ pytree, or a flat ``(d,)`` array in the flat order, and answers in the same form
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom.layers import LayerCollection
+from jaxgeom.scaling import ScalarMultiples
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PVector:
+class PVector(ScalarMultiples):
     """A vector in parameter space, stored as a params-shaped pytree.
 
     Supports ``+``, ``-``, unary ``-``, scalar ``*`` and ``/``, ``**`` (elementwise),
@@ -70,20 +70,8 @@ class PVector:
             return NotImplemented
         return self._map2(other, jnp.subtract)
 
-    def __neg__(self) -> PVector:
-        return PVector(jax.tree_util.tree_map(jnp.negative, self.tree))
-
-    def __mul__(self, scalar: Any) -> PVector:
-        if not _is_scalar(scalar):
-            return NotImplemented
+    def _scale(self, scalar: Any) -> PVector:
         return PVector(jax.tree_util.tree_map(lambda x: x * scalar, self.tree))
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, scalar: Any) -> PVector:
-        if not _is_scalar(scalar):
-            return NotImplemented
-        return PVector(jax.tree_util.tree_map(lambda x: x / scalar, self.tree))
 
     def __pow__(self, exponent: Any) -> PVector:
         return PVector(jax.tree_util.tree_map(lambda x: x**exponent, self.tree))
@@ -102,10 +90,6 @@ class PVector:
     def norm(self, p: float = 2) -> jax.Array:
         """The ``p``-norm of the flat vector (``p = inf`` for the max-abs norm)."""
         return jnp.linalg.norm(self.to_flat(), ord=p)
-
-
-def _is_scalar(x: Any) -> bool:
-    return isinstance(x, numbers.Number) or (hasattr(x, "shape") and jnp.ndim(x) == 0)
 
 
 def random_pvector(key: jax.Array, params: Any, dtype: Any = None) -> PVector:

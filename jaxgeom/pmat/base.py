@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import numbers
 from collections.abc import Callable
 from inspect import getattr_static
 from typing import Any, ClassVar
@@ -27,6 +26,7 @@ import numpy as np
 
 from jaxgeom.jacobian import accumulate
 from jaxgeom.layers import LayerCollection
+from jaxgeom.scaling import ScalarMultiples
 from jaxgeom.solvers import cg
 from jaxgeom.vector import PVector, as_flat, as_rows
 
@@ -52,11 +52,7 @@ def representation(cls: type) -> type:
     return cls
 
 
-def _is_scalar(x: Any) -> bool:
-    return isinstance(x, numbers.Number) or (hasattr(x, "shape") and jnp.ndim(x) == 0)
-
-
-class PMatAbstract(abc.ABC):
+class PMatAbstract(ScalarMultiples, abc.ABC):
     """Abstract d × d matrix in parameter space (Fisher, GGN, Hessian, …).
 
     Subclasses implement ``_mv(v)`` on flat vectors and declare their fields; everything
@@ -226,21 +222,6 @@ class PMatAbstract(abc.ABC):
 
     def _add_same(self, other: PMatAbstract, sign: int) -> PMatAbstract:
         self._unsupported("addition", "convert to PMatDense first")
-
-    def __mul__(self, s: Any) -> PMatAbstract:
-        if not _is_scalar(s):
-            return NotImplemented
-        return self._scale(s)
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, s: Any) -> PMatAbstract:
-        if not _is_scalar(s):
-            return NotImplemented
-        return self._scale(1 / s)
-
-    def __neg__(self) -> PMatAbstract:
-        return self._scale(-1)
 
     def __add__(self, other: Any) -> PMatAbstract:
         if not isinstance(other, PMatAbstract):
