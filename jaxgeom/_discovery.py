@@ -11,7 +11,8 @@ Algorithm (REFERENCE.md §4.4, step 1):
 
    - :class:`_LeafView` -- the variable is a pure *view* of parameter leaf ``i``: the
      leaf itself or the result of the view primitives of :data:`_VIEW_PRIMITIVES`
-     (casts, reshapes, transposes, broadcasts, squeezes, copies, ...);
+     (casts, reshapes, transposes, broadcasts, squeezes, reversals -- the flipped kernel
+     of a transposed convolution --, copies, ...);
    - :class:`_OpOutput` -- a view of the output of a linear operation (``dot_general`` /
      ``conv_general_dilated`` with a leaf as weight), *before* any bias is added;
    - :class:`_Scaled` -- a value derived (through ``mul``/``sub``/``div`` and views) from
@@ -28,7 +29,10 @@ Algorithm (REFERENCE.md §4.4, step 1):
 
    - ``dot_general`` with exactly one leaf-view operand (whose dimensions are not
      ``dot_general`` batch dimensions) -> role ``kernel`` of a ``dense`` op;
-   - ``conv_general_dilated`` with a leaf-view rhs (ungrouped) -> ``kernel`` of a ``conv``;
+   - ``conv_general_dilated`` with a leaf-view rhs -> ``kernel`` of a ``conv`` (a grouped
+     convolution too: its op is described as ``conv_general_dilated with
+     feature_group_count=G``, which :attr:`~jaxgeom.layers.Layer.kronecker_obstacle`
+     reports);
    - ``gather`` from a leaf view -> ``table`` of an ``embedding``;
    - ``add`` of a leaf view to an :class:`_OpOutput` whose op has as many output features
      as the leaf has elements -> ``bias`` of that op;
@@ -38,8 +42,10 @@ Algorithm (REFERENCE.md §4.4, step 1):
      leaf on both sides of an op) -> ``other``.
 
 3. **Resolution** (:func:`_resolve`). A leaf whose uses are all linear-op uses anchors a
-   layer (``kind`` = the ops' kind when they agree, else ``other``; ``uses`` = the number
-   of op sites: >1 is weight sharing such as tied embeddings). A leaf whose uses are all
+   layer (``kind`` and role = those of its first use, e.g. ``embedding``/``table`` for a
+   tied embedding read by a ``gather`` and then by a ``dot_general``; ``uses`` = the
+   number of op sites: >1 is weight sharing such as tied embeddings; ``ops`` = the
+   description of each op). A leaf whose uses are all
    ``scale`` anchors a ``norm`` layer. A leaf whose uses are all ``bias`` of ops of one
    anchored kernel (resp. all ``shift`` of one norm scale) joins that layer, provided it
    is the only such leaf. Every other leaf -- mixed roles, ``other`` uses, or unused
@@ -77,6 +83,7 @@ _VIEW_PRIMITIVES = frozenset(
         prims.transpose_p,
         prims.broadcast_in_dim_p,
         prims.squeeze_p,
+        prims.rev_p,
         prims.copy_p,
         prims.reduce_precision_p,
         prims.device_put_p,
@@ -130,12 +137,14 @@ _Mark = _LeafView | _OpOutput | _Scaled
 
 @dataclasses.dataclass(frozen=True)
 class _Use:
-    """One consumption of a leaf: its ``role``, the op ``kind`` for linear roles, and the
-    ``target`` it attaches to (the op for a bias, the scale leaf for a shift)."""
+    """One consumption of a leaf: its ``role``, the op ``kind`` for linear roles, the
+    ``target`` it attaches to (the op for a bias, the scale leaf for a shift) and, for
+    linear roles, the description ``op`` of the operation."""
 
     role: str
     kind: str = "other"
     target: int | None = None
+    op: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +163,7 @@ class _Group:
     anchor: int
     members: dict[int, str]
     uses: int
+    ops: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -224,9 +234,9 @@ class _Analysis:
         for mark in marks:
             self._record(mark, _Use("other"))
 
-    def _new_op(self, kind: str, leaf: int, out_features: int) -> list[_Mark | None]:
+    def _new_op(self, kind: str, leaf: int, out_features: int, op: str) -> list[_Mark | None]:
         self.ops.append(_Op(leaf, out_features))
-        self.uses[leaf].append(_Use("kernel", kind, len(self.ops) - 1))
+        self.uses[leaf].append(_Use("kernel", kind, len(self.ops) - 1, op))
         return [_OpOutput(len(self.ops) - 1)]
 
     # ------------------------------------------------------------------ primitives
@@ -255,21 +265,22 @@ class _Analysis:
         w = leaves[0]
         shape = eqn.invars[w].aval.shape
         contracted = math.prod(shape[d] for d in contract[w])
-        return self._new_op("dense", marks[w].leaf, math.prod(shape) // max(contracted, 1))
+        out_features = math.prod(shape) // max(contracted, 1)
+        return self._new_op("dense", marks[w].leaf, out_features, "dot_general")
 
     def _conv(self, eqn: jex.JaxprEqn, marks: list[_Mark | None]) -> list[_Mark | None]:
         lhs, rhs = marks[:2]
-        grouped = eqn.params["feature_group_count"] > 1 or eqn.params["batch_group_count"] > 1
-        if not isinstance(rhs, _LeafView) or isinstance(lhs, _LeafView) or grouped:
+        if not isinstance(rhs, _LeafView) or isinstance(lhs, _LeafView):
             self._other(marks)
             return [None]
         out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-        return self._new_op("conv", rhs.leaf, eqn.invars[1].aval.shape[out_dim])
+        return self._new_op("conv", rhs.leaf, eqn.invars[1].aval.shape[out_dim],
+                            describe_conv(eqn.params))
 
     def _gather(self, marks: list[_Mark | None]) -> None:
         table, indices = marks[:2]
         if isinstance(table, _LeafView) and not isinstance(indices, _LeafView):
-            self._record(table, _Use("table", "embedding"))
+            self._record(table, _Use("table", "embedding", op="gather"))
         else:
             self._other(marks)
 
@@ -309,6 +320,14 @@ class _Analysis:
         return next((m for m in candidates if isinstance(m, _Scaled)), None)
 
 
+def describe_conv(params: dict) -> str:
+    """``conv_general_dilated``, with its group count when grouped (depthwise, ...): a
+    grouped convolution's kernel gradient is not one outer product ``Σ_t g aᵀ``."""
+    groups = [f"{name}={params[name]}" for name in ("feature_group_count", "batch_group_count")
+              if params[name] > 1]
+    return "conv_general_dilated" + (f" with {', '.join(groups)}" if groups else "")
+
+
 def _lookup(env: dict[Any, _Mark], var: Any) -> _Mark | None:
     """The mark of an equation operand (literals carry none)."""
     return None if isinstance(var, jex.Literal) else env.get(var)
@@ -333,10 +352,9 @@ def _resolve(analysis: _Analysis) -> list[_Group]:
     for leaf, leaf_uses in uses.items():
         roles = {u.role for u in leaf_uses}
         if leaf_uses and roles <= set(_LINEAR_ROLES):
-            kinds = {u.kind for u in leaf_uses}
-            kind = kinds.pop() if len(kinds) == 1 else "other"
-            role = leaf_uses[0].role if kind != "other" else "param"
-            groups[leaf] = _Group(kind, leaf, {leaf: role}, len(leaf_uses))
+            first = leaf_uses[0]  # a tied embedding: the gather comes first
+            groups[leaf] = _Group(first.kind, leaf, {leaf: first.role}, len(leaf_uses),
+                                  tuple(u.op for u in leaf_uses))
         elif roles == {"scale"}:
             groups[leaf] = _Group("norm", leaf, {leaf: "scale"}, len(leaf_uses))
 
@@ -430,6 +448,7 @@ def discover_layers(
                 leaves=tuple(leaf for leaf, _ in members),
                 roles=tuple(role for _, role in members),
                 uses=group.uses,
+                ops=group.ops,
             )
         )
     return tuple(layers)

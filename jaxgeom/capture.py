@@ -67,10 +67,7 @@ from jax.extend import core as jex
 from jax.extend.core import primitives as prims
 
 from jaxgeom._discovery import _CALL_PRIMITIVES, _Analysis, _call_body, _LeafView
-from jaxgeom.layers import LayerCollection
-
-KRONECKER_KINDS = ("dense", "conv", "embedding")
-"""Layer kinds whose kernel gradient is a sum of outer products ``g aᵀ``."""
+from jaxgeom.layers import KRONECKER_KINDS, LayerCollection
 
 
 # ----------------------------------------------------------------------------- layer layout
@@ -79,7 +76,7 @@ class KroneckerSpec:
     """The static layout of one Kronecker layer (hashable).
 
     The op consumes an *operand* obtained from the kernel leaf through ``views`` (casts
-    are dropped; reshapes, transposes, squeezes, size-1 broadcasts kept), e.g. Equinox's
+    are dropped; reshapes, transposes, squeezes, reversals, size-1 broadcasts kept), e.g. Equinox's
     ``(out, in)`` weight or a ``x @ W.T`` in plain code. ``in_dims``/``out_dims`` are the
     operand's contracting/free dimensions. The layer matrix is ``(g_l, a_l)``: output
     features (``out_dims`` flattened, ascending) by input features (``in_dims``).
@@ -165,6 +162,7 @@ _VIEW_REPLAY = {
     "reshape": lambda idx, shape: idx.reshape(shape),
     "transpose": lambda idx, perm: np.transpose(idx, perm),
     "squeeze": lambda idx, dims: np.squeeze(idx, dims),
+    "rev": lambda idx, dims: np.flip(idx, dims),
     "broadcast": _replay_broadcast,
     "opaque": lambda idx, arg: None,
 }
@@ -187,6 +185,8 @@ def _view_step(eqn) -> tuple[str, Any] | None:
         return ("transpose", tuple(params["permutation"]))
     if prim is prims.squeeze_p:
         return ("squeeze", tuple(params["dimensions"]))
+    if prim is prims.rev_p:  # the flipped kernel of a transposed convolution
+        return ("rev", tuple(params["dimensions"]))
     if prim is prims.broadcast_in_dim_p:
         return ("broadcast", (tuple(params["shape"]), tuple(params["broadcast_dimensions"])))
     return ("opaque", None)
@@ -372,6 +372,10 @@ class CapturePlan:
       prefixes: the paths of the equations that enclose a site.
       out_shapes: per captured layer, the shape of its op output (with scan axes first).
       num_leaves: the number of parameter leaves.
+      unfactored: ``(layer id, reason)`` for every dense/conv/embedding layer that is not
+        captured because its block is not of the form ``A ⊗ G`` (its leaves are in
+        ``other_leaves``); the Kronecker representations refuse these
+        (:func:`jaxgeom.pmat.kfac.check_factorable`).
 
     Hashed by identity: a static argument of the compiled capture step.
     """
@@ -383,23 +387,18 @@ class CapturePlan:
     prefixes: frozenset
     out_shapes: tuple[tuple[int, ...], ...]
     num_leaves: int
-
-
-def kronecker_layers(layout: LayerCollection):
-    """The layers of ``layout`` that can be Kronecker-factored: kind dense/conv/embedding,
-    kernel consumed by exactly one operation."""
-    return [
-        layer for layer in layout.layers if layer.kind in KRONECKER_KINDS and layer.uses == 1
-    ]
+    unfactored: tuple[tuple[str, str], ...] = ()
 
 
 def make_plan(fn: Callable, params: Any, example: Any, aux: Any,
               layout: LayerCollection) -> CapturePlan:
     """Trace ``fn`` on one ``example`` and locate the op of every Kronecker layer.
 
-    A layer that ``layout`` lists as Kronecker but whose kernel the traced ``fn`` does
-    not consume through exactly one recognised operation is left to the exact per-example
-    gradients (``other_leaves``) — e.g. when ``layout`` was discovered on another model.
+    A dense/conv/embedding layer that cannot be factored — a
+    :attr:`~jaxgeom.layers.Layer.kronecker_obstacle` (several operations, a grouped
+    convolution), or a kernel that the traced ``fn`` does not consume through exactly one
+    recognised operation on a re-indexing of the kernel — is left to the exact per-example
+    gradients (``other_leaves``) and listed, with the reason, in ``plan.unfactored``.
 
     Plans depend only on ``fn``, ``layout`` and the shapes and dtypes of the arguments, and
     are cached on them: the same plan object (a static argument of the compiled capture
@@ -437,16 +436,26 @@ def _build_plan(fn: Callable, params: Any, example: Any, aux: Any,
     for leaf, found in analysis.gather_sites.items():
         by_kernel.setdefault(leaf, []).extend(found)
 
-    specs, sites, shapes, other = [], {}, [], []
-    kronecker = kronecker_layers(layout)
+    specs, sites, shapes, other, unfactored = [], {}, [], [], []
     for layer in layout.layers:
         roles = dict(zip(layer.roles, layer.leaves))
         kernel = roles.get("kernel", roles.get("table"))
         found = by_kernel.get(kernel, [])
         spec = None
-        if layer in kronecker and len(found) == 1:
-            path, eqn, w, scans, views = found[0]
-            spec = _spec(layer, eqn, w, views, layout.shapes[kernel], roles.get("bias"))
+        if layer.kind in KRONECKER_KINDS:
+            reason = layer.kronecker_obstacle
+            if reason is None and len(found) != 1:
+                reason = (f"the traced function consumes its kernel by {len(found)} recognised "
+                          "operations instead of one")
+            if reason is None:
+                path, eqn, w, scans, views = found[0]
+                spec = _spec(layer, eqn, w, views, layout.shapes[kernel], roles.get("bias"))
+                if spec is None:
+                    reason = (f"its {eqn.primitive.name} does not read the kernel as a "
+                              "re-indexed matrix (a gather of single entries, or a view "
+                              "that repeats entries)")
+            if reason is not None:
+                unfactored.append((layer.id, reason))
         if spec is None:
             other.extend(layer.leaves)
             continue
@@ -455,7 +464,7 @@ def _build_plan(fn: Callable, params: Any, example: Any, aux: Any,
         shapes.append(_out_shape(closed.jaxpr, path, eqn))
     prefixes = frozenset(p[:k] for p in sites for k in range(1, len(p)))
     return CapturePlan(tuple(specs), tuple(sorted(other)), closed, sites, prefixes,
-                       tuple(shapes), len(leaves))
+                       tuple(shapes), len(leaves), tuple(unfactored))
 
 
 def _spec(layer, eqn, w, views, kernel_shape, bias) -> KroneckerSpec | None:

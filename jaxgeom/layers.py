@@ -27,6 +27,10 @@ KINDS = ("dense", "conv", "norm", "embedding", "other")
 (``conv_general_dilated``), ``norm`` (a normalisation's scale and shift), ``embedding``
 (a ``gather`` from a table) and ``other`` (anything else, including unused leaves)."""
 
+KRONECKER_KINDS = ("dense", "conv", "embedding")
+"""Kinds of the layers whose kernel (table) a linear operation consumes: the candidates for
+a Kronecker-factored block (see :attr:`Layer.kronecker_obstacle`)."""
+
 
 def path_to_str(path: tuple) -> str:
     """Human-readable ``a/b/0`` form of a pytree key path."""
@@ -57,6 +61,11 @@ class Layer:
         ``"table"`` or ``"param"``), aligned with ``leaves``.
       uses: how many operations consume the layer's kernel (``> 1`` means weight sharing
         across operations, e.g. tied embeddings).
+      ops: for a dense/conv/embedding layer, the operation behind each use, in program
+        order (``"dot_general"``, ``"gather"``, ``"conv_general_dilated"``, or
+        ``"conv_general_dilated with feature_group_count=3"`` for a grouped convolution).
+        A kernel used by several operations takes the kind of its first use (a tied
+        embedding read by a ``gather``, then by a ``dot_general``, is an ``embedding``).
     """
 
     id: str
@@ -64,12 +73,37 @@ class Layer:
     leaves: tuple[int, ...]
     roles: tuple[str, ...] = ()
     uses: int = 1
+    ops: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown layer kind {self.kind!r}; valid kinds: {KINDS}")
         if not self.roles:
             object.__setattr__(self, "roles", ("param",) * len(self.leaves))
+
+    @property
+    def kronecker_obstacle(self) -> str | None:
+        """Why a dense/conv/embedding layer's block is not of the form ``A ⊗ G``, or ``None``.
+
+        The Kronecker-factored representations (KFAC, EKFAC, and the quasi-diagonal's
+        per-neuron strips) need the per-example kernel gradient to be one sum of outer
+        products ``∇_W z = Σ_t g_t a_tᵀ`` over the positions ``t`` of *one* operation. That
+        fails for a kernel consumed by several operations (tied embeddings, a layer applied
+        twice: the gradient is a sum over operations with different inputs and output
+        gradients) and for a grouped convolution (each group of output channels sees its
+        own group of input channels: the kernel is block-structured, not one ``g × a``
+        matrix). Other kinds (norms, other leaves) are ``None``: they are not candidates
+        and keep exact blocks.
+        """
+        if self.kind not in KRONECKER_KINDS:
+            return None
+        if self.uses > 1:
+            ops = f" ({', '.join(self.ops)})" if self.ops else ""
+            return f"its kernel is consumed by {self.uses} operations{ops}"
+        grouped = [op for op in self.ops if _is_grouped(op)]
+        if grouped:
+            return f"it is a grouped convolution ({grouped[0]})"
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +269,8 @@ class LayerCollection:
                 f"{self.paths[i].rsplit('/', 1)[-1]}{list(self.shapes[i])}" for i in layer.leaves
             )
             kind = layer.kind + (f" (x{layer.uses})" if layer.uses > 1 else "")
+            if any(_is_grouped(op) for op in layer.ops):
+                kind += " (grouped)"
             rows.append((layer.id, kind, leaves, str(self.layer_numel(layer))))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -244,6 +280,11 @@ class LayerCollection:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _is_grouped(op: str) -> bool:
+    """Whether an op description (:attr:`Layer.ops`) is a grouped convolution."""
+    return "group_count=" in op
 
 
 def _group_by_parent(paths: tuple[str, ...]) -> tuple[Layer, ...]:

@@ -39,8 +39,9 @@ def describe(layout: LayerCollection) -> dict:
     }
 
 
-def discover(apply_fn, params, *args) -> dict:
-    """Discover, check the invariants every collection must satisfy, and describe."""
+def discover(apply_fn, params, *args, result=describe):
+    """Discover, check the invariants every collection must satisfy, and return
+    ``result(layout)`` (the :func:`describe` table by default)."""
     layout = LayerCollection.from_model(apply_fn, params, *args)
     leaves = jax.tree_util.tree_leaves(params)
     assert layout.numel() == sum(int(np.size(x)) for x in leaves)
@@ -51,7 +52,7 @@ def discover(apply_fn, params, *args) -> dict:
     for layer in layout.layers:
         assert layer.id in table
         assert str(layout.layer_numel(layer)) in table
-    return describe(layout)
+    return result(layout)
 
 
 def dense(
@@ -80,7 +81,7 @@ def other(*paths: str, uses: int = 1) -> tuple:
     return ("other", {p: "param" for p in paths}, uses)
 
 
-def linen(module: nn.Module, x, dtype=jnp.float64) -> dict:
+def linen(module: nn.Module, x, dtype=jnp.float64, result=describe):
     """Discover the layers of a linen module; extra collections (BatchNorm's batch_stats)
     are closed over, as in ``apply({"params": p, **rest}, x)``."""
     variables = jax.eval_shape(module.init, KEY, x)
@@ -93,7 +94,7 @@ def linen(module: nn.Module, x, dtype=jnp.float64) -> dict:
     def apply_fn(p, x):
         return module.apply({"params": p, **rest}, x)
 
-    return discover(apply_fn, abstract(variables["params"], dtype), x)
+    return discover(apply_fn, abstract(variables["params"], dtype), x, result=result)
 
 
 def nnx_model(make, x) -> dict:
@@ -144,18 +145,23 @@ def test_models_of_the_test_suite():
 
 # ----------------------------------------------------------------------------- flax linen
 def test_linen_conv_transpose_and_batchnorm_eval():
+    """``transpose_kernel=True`` flips the kernel with ``rev``: still a view of the kernel."""
+
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x):
             x = nn.Conv(3, (3, 3), strides=(2, 2), padding="SAME")(x)
             x = nn.BatchNorm(use_running_average=True)(x)
-            return nn.ConvTranspose(2, (3, 3), strides=(2, 2))(nn.relu(x))
+            x = nn.ConvTranspose(2, (3, 3), strides=(2, 2))(nn.relu(x))
+            x = nn.ConvTranspose(2, (2, 3), strides=(2, 1), transpose_kernel=True)(x)
+            x = x.reshape(x.shape[0], -1, 2)
+            return nn.ConvTranspose(2, (3,), strides=(2,), transpose_kernel=True)(x)  # 1-D
 
     got = linen(Net(), np.ones((1, 6, 6, 2)))
     assert got == {
         "Conv_0": dense("Conv_0", kind="conv"),
         "BatchNorm_0": norm("BatchNorm_0"),
-        "ConvTranspose_0": dense("ConvTranspose_0", kind="conv"),
+        **{f"ConvTranspose_{i}": dense(f"ConvTranspose_{i}", kind="conv") for i in range(3)},
     }
 
 
@@ -240,8 +246,9 @@ def test_linen_scan_shares_one_kernel_over_steps():
     assert got == {"ScanCell_0/Dense_0": dense("ScanCell_0/Dense_0")}
 
 
-def test_tied_embedding_is_one_shared_other_layer():
-    """A table used by a gather and by a dot_general (tied read-out): one layer, 2 uses."""
+def test_tied_embedding_is_one_shared_embedding_layer():
+    """A table used by a gather and by a dot_general (tied read-out): one layer of the kind
+    of its first use, 2 uses, both operations listed; not Kronecker-factorable."""
 
     class Net(nn.Module):
         @nn.compact
@@ -250,11 +257,17 @@ def test_tied_embedding_is_one_shared_other_layer():
             h = nn.LayerNorm(use_bias=False)(embed(tokens))
             return embed.attend(h)
 
-    got = linen(Net(), np.zeros((1, 4), np.int32))
-    assert got == {
-        "Embed_0": ("other", {"Embed_0/embedding": "param"}, 2),
+    layout = linen(Net(), np.zeros((1, 4), np.int32), result=lambda lc: lc)
+    assert describe(layout) == {
+        "Embed_0": ("embedding", {"Embed_0/embedding": "table"}, 2),
         "LayerNorm_0": norm("LayerNorm_0", shift=None),
     }
+    embed, layer_norm = layout.layers
+    assert embed.ops == ("gather", "dot_general")
+    assert embed.kronecker_obstacle == (
+        "its kernel is consumed by 2 operations (gather, dot_general)")
+    assert layer_norm.ops == () and layer_norm.kronecker_obstacle is None
+    assert "embedding (x2)" in layout.summary()
 
 
 # ----------------------------------------------------------------------------- nnx
@@ -390,7 +403,7 @@ def test_higher_order_primitives_make_leaves_other():
         h = fused(p["w"], x)  # custom_vjp: traced through, a dense use
         h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] @ p["v"]), (0, h))[1]
         h = jax.lax.cond(h.sum() > 0, lambda h: h + p["c"], lambda h: h, h)  # cond: other
-        # depthwise (grouped) conv: not a single Kronecker product → other
+        # depthwise (grouped) conv: a conv layer, but not a single Kronecker product
         return jax.lax.conv_general_dilated(
             h[:, :, None],
             p["wg"],
@@ -400,13 +413,19 @@ def test_higher_order_primitives_make_leaves_other():
             feature_group_count=3,
         )
 
-    got = discover(apply_fn, params, np.ones((1, 3)))
-    assert got == {
+    layout = discover(apply_fn, params, np.ones((1, 3)), result=lambda lc: lc)
+    assert describe(layout) == {
         "w": dense("", "w", None),
         "v": other("v"),
         "c": other("c"),
-        "wg": other("wg"),
+        "wg": dense("", "wg", None, kind="conv"),
     }
+    grouped = layout.layer("wg")
+    assert grouped.ops == ("conv_general_dilated with feature_group_count=3",)
+    assert grouped.kronecker_obstacle == (
+        "it is a grouped convolution (conv_general_dilated with feature_group_count=3)")
+    assert layout.layer("w").kronecker_obstacle is None
+    assert "conv (grouped)" in layout.summary()
 
 
 def test_collisions_fall_back_to_full_paths():

@@ -58,9 +58,10 @@ from jaxgeom.layers import Layer
 from jaxgeom.pmat.base import representation
 from jaxgeom.pmat.kfac import (
     PMatKFAC,
-    _check_blocks,
     all_finite,
     augmented_inputs,
+    build_kfac,
+    check_blocks,
     masked_grads,
     other_gradients,
     squared_gradient_sum,
@@ -124,9 +125,9 @@ class PMatEKFAC(PMatKFAC):
         if basis is None:
             if refit and not data_lib.is_single_batch(data) and iter(data) is data:
                 data = list(data)  # two passes: keep the batches of a one-shot iterator
-            kfac = PMatKFAC.from_jacobians(
-                fn, params, data, layer_collection=layer_collection, batch_size=batch_size,
-                mode=mode, aux=aux, kfac_approx=kfac_approx, max_dense_block=limit)
+            kfac = build_kfac(
+                fn, params, data, layer_collection, batch_size=batch_size, aux=aux,
+                kfac_approx=kfac_approx, max_dense_block=limit, representation=cls.__name__)
             basis = cls.from_kfac(kfac)
             if not refit:
                 return basis
@@ -134,7 +135,7 @@ class PMatEKFAC(PMatKFAC):
             raise ValueError("basis must be a PMatEKFAC for the same parameter layout")
 
         def check(plan):
-            _check_blocks(plan, layer_collection, limit)
+            check_blocks(plan, layer_collection, limit, cls.__name__)
             if plan.specs != basis.specs:
                 raise ValueError(
                     "the function does not factor the same layers as the basis: "

@@ -14,11 +14,19 @@ For a layer whose kernel ``W`` (``g_l × a_l`` as a layer matrix, see
 
 A bias is an extra constant-1 input (last column of the layer matrix, last row/column of
 ``A``: the joint weight-bias block). Embeddings have a diagonal ``A`` (token frequencies,
-stored as a vector; always "expand"). Both coincide with the exact block for ``T = 1``,
-one example and one output. Every other layer — norm scales and shifts, kernels used by
-several operations (tied embeddings), grouped convolutions, anything the capture cannot
-factor — keeps its *exact* dense block ``(1/N) Σₙ Jₙ,ₗᵀ Jₙ,ₗ`` (from exact per-example
-gradients of those leaves only); ``max_dense_block`` guards against a large one.
+stored as a vector; always "expand"). Both coincide with the exact block for ``T = 1``
+and one example (any number of outputs: ``Σₖ (gₖ ⊗ a)(gₖ ⊗ a)ᵀ = (Σₖ gₖgₖᵀ) ⊗ aaᵀ``).
+
+Layers without Kronecker structure. Norm scales and shifts and every other small leaf
+(kind ``norm``/``other``) keep their *exact* dense block ``(1/N) Σₙ Jₙ,ₗᵀ Jₙ,ₗ`` (from
+exact per-example gradients of those leaves only); ``max_dense_block`` guards against a
+large one. A dense/conv/embedding kernel whose gradient is *not* one sum of outer products
+``Σ_t g_t a_tᵀ`` — consumed by several operations (tied embeddings, a layer applied
+twice) or a grouped convolution (:attr:`jaxgeom.layers.Layer.kronecker_obstacle`) —
+raises a ``ValueError`` naming the layer, its leaves and the operations, and suggesting
+``PMatMixed`` with another representation for that layer, e.g.
+``FIM(..., PMatMixed, mapping={"Embed_0": PMatBlockDiag}, default=PMatKFAC)``
+(:func:`check_factorable`).
 
 Flat order: ``to_dense``/``get_diag``/``mv`` use the flat order of the parameters (the
 ``ravel_pytree`` order, whatever the leaf order — Flax's ``bias`` before ``kernel`` — and
@@ -456,18 +464,28 @@ class PMatKFAC(PMatAbstract):
         ``vjp`` per example and output.
         """
         del mode
-        if kfac_approx not in APPROXIMATIONS:
-            raise ValueError(f"kfac_approx must be one of {APPROXIMATIONS}; got {kfac_approx!r}")
-        step = functools.partial(_chunk_statistics, approx=kfac_approx, layout=layer_collection)
-        plan, (factors, blocks) = stream_captures(
-            fn, params, data, layer_collection, step, batch_size=batch_size, aux=aux,
-            check=functools.partial(_check_blocks, layout=layer_collection,
-                                    limit=max_dense_block),
-        )
-        return cls(layer_collection, plan.specs, tuple(Kron(a, g) for a, g in factors), blocks)
+        return build_kfac(fn, params, data, layer_collection, batch_size=batch_size, aux=aux,
+                          kfac_approx=kfac_approx, max_dense_block=max_dense_block,
+                          representation=cls.__name__)
 
 
 # ----------------------------------------------------------------------------- building
+def build_kfac(fn, params, data, layer_collection: LayerCollection, *, batch_size=None,
+               aux=None, kfac_approx="expand", max_dense_block=4096,
+               representation="PMatKFAC") -> PMatKFAC:
+    """The :class:`PMatKFAC` of ``fn`` on ``data`` (one streaming pass); errors name
+    ``representation`` (the class the user asked for: KFAC, or EKFAC before its refit)."""
+    if kfac_approx not in APPROXIMATIONS:
+        raise ValueError(f"kfac_approx must be one of {APPROXIMATIONS}; got {kfac_approx!r}")
+    step = functools.partial(_chunk_statistics, approx=kfac_approx, layout=layer_collection)
+    plan, (factors, blocks) = stream_captures(
+        fn, params, data, layer_collection, step, batch_size=batch_size, aux=aux,
+        check=functools.partial(check_blocks, layout=layer_collection, limit=max_dense_block,
+                                representation=representation),
+    )
+    return PMatKFAC(layer_collection, plan.specs, tuple(Kron(a, g) for a, g in factors), blocks)
+
+
 def stream_captures(fn, params, data, layout: LayerCollection, step, *, batch_size=None,
                     aux=None, check=None):
     """One streaming pass over ``data``: make the capture plan on the first chunk (and
@@ -564,18 +582,46 @@ def _flat(block) -> LayerCollection:
     return LayerCollection.from_params(jax.ShapeDtypeStruct((block.shape[0],), block.dtype))
 
 
-def _check_blocks(plan: CapturePlan, layout: LayerCollection, limit: float) -> None:
+def check_factorable(plan: CapturePlan, layout: LayerCollection, representation: str,
+                     needs=None) -> None:
+    """Refuse the dense/conv/embedding layers whose block is not of the form ``A ⊗ G``.
+
+    ``plan.unfactored`` lists them (a kernel consumed by several operations, a grouped
+    convolution, ...; :attr:`jaxgeom.layers.Layer.kronecker_obstacle`). A Kronecker
+    representation would silently give such a layer another structure, so this raises a
+    ``ValueError`` naming the layer, its leaves and the operations, and the fix: give that
+    layer another representation with ``PMatMixed``. ``needs(layer)`` restricts the check
+    to the layers whose structure the representation uses (default: all of them).
+    """
+    for layer_id, reason in plan.unfactored:
+        layer = layout.layer(layer_id)
+        if needs is not None and not needs(layer):
+            continue
+        leaves = ", ".join(layout.paths[i] for i in layer.leaves)
+        raise ValueError(
+            f"{representation} cannot represent layer {layer_id!r} ({leaves}; kind "
+            f"{layer.kind!r}): {reason}, so its per-example kernel gradient is not one sum of "
+            "outer products Σ_t g_t a_tᵀ and its block has no Kronecker structure. Give this "
+            "layer another representation with PMatMixed, e.g. "
+            f"FIM(..., PMatMixed, mapping={{{layer_id!r}: PMatBlockDiag}}, "
+            f"default={representation}) (or PMatDiag for a large layer)."
+        )
+
+
+def check_blocks(plan: CapturePlan, layout: LayerCollection, limit: float,
+                 representation: str) -> None:
+    """:func:`check_factorable`, then refuse an exact dense block (a norm, an other leaf)
+    of more than ``limit`` parameters."""
+    check_factorable(plan, layout, representation)
     ids = {s.layer_id for s in plan.specs}
     for layer in layout.layers:
         size = layout.layer_numel(layer)
         if layer.id not in ids and size > limit:
-            why = (f"used by {layer.uses} operations" if layer.uses > 1
-                   else f"of kind {layer.kind!r}")
             raise ValueError(
                 f"layer {layer.id!r} ({', '.join(layout.paths[i] for i in layer.leaves)}; "
-                f"{why}) cannot be Kronecker-factored, and its exact dense block would have "
-                f"{size}² entries (max_dense_block={limit}). Use PMatMixed with another "
-                "representation for it (e.g. PMatDiag), or raise max_dense_block."
+                f"of kind {layer.kind!r}) is not Kronecker-factored, and its exact dense block "
+                f"would have {size}² entries (max_dense_block={limit}). Use PMatMixed with "
+                "another representation for it (e.g. PMatDiag), or raise max_dense_block."
             )
 
 

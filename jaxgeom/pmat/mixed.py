@@ -93,8 +93,7 @@ def restrict(layer_collection: LayerCollection, layer_ids: tuple[str, ...]) -> R
     leaves = tuple(sorted(i for layer in chosen for i in layer.leaves))
     position = {leaf: k for k, leaf in enumerate(leaves)}
     layers = tuple(
-        Layer(layer.id, layer.kind, tuple(position[i] for i in layer.leaves), layer.roles,
-              layer.uses)
+        dataclasses.replace(layer, leaves=tuple(position[i] for i in layer.leaves))
         for layer in sorted(chosen, key=lambda lyr: lyr.leaves[0])
     )
     lc = layer_collection

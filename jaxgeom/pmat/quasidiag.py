@@ -11,7 +11,11 @@ weights ``w_o = W[o, :]`` (``a_l`` of them, a row of the layer matrix) and its b
 
 with ``ρ_o = 0`` for the matrix built from data (the quasi-diagonal of Ollivier 2015), and
 the diagonal alone for every other parameter (layers without bias, embeddings, norms,
-other leaves). ``E[·]`` is ``(1/N) Σₙₖ`` over examples and outputs, as for every matrix.
+other leaves). A layer with a bias whose kernel gradient is not one ``Σ_t g_t a_tᵀ`` (a
+kernel consumed by several operations, a grouped convolution:
+:attr:`jaxgeom.layers.Layer.kronecker_obstacle`) raises a ``ValueError`` suggesting
+``PMatMixed``; without a bias its quasi-diagonal is its diagonal, computed exactly.
+``E[·]`` is ``(1/N) Σₙₖ`` over examples and outputs, as for every matrix.
 
 The family with a per-neuron ``ρ_o`` is closed under (damped) inversion, which is why it is
 stored: with ``P = diag(D) + ρ ccᵀ``, ``κ = cᵀD⁻¹c``, ``q = 1 + ρκ`` and the Schur
@@ -63,6 +67,7 @@ from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.kfac import (
     all_finite,
     augmented_inputs,
+    check_factorable,
     flat_squared_gradients,
     masked_grads,
     stream_captures,
@@ -208,10 +213,17 @@ class PMatQuasiDiag(PMatAbstract):
         for a uniform signature; the capture uses one ``vjp`` per example and output)."""
         del mode
         step = functools.partial(_chunk_statistics, layout=layer_collection)
+        check = functools.partial(check_factorable, layout=layer_collection,
+                                  representation=cls.__name__, needs=_has_bias)
         plan, (diag, cross) = stream_captures(fn, params, data, layer_collection, step,
-                                              batch_size=batch_size, aux=aux)
+                                              batch_size=batch_size, aux=aux, check=check)
         specs = tuple(s for s in plan.specs if _has_neurons(s))
         return cls(layer_collection, specs, diag, cross, (None,) * len(specs))
+
+
+def _has_bias(layer) -> bool:
+    """Whether a layer has per-neuron weight–bias strips (which need ``Σ_t g_t a_tᵀ``)."""
+    return "bias" in layer.roles
 
 
 def _has_neurons(spec: KroneckerSpec) -> bool:
