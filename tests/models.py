@@ -159,6 +159,63 @@ def make_plain_mlp(seed=0, n=7):
     return Task("plain_mlp", apply_fn, params, x, _labels(key, n, 4), 4)
 
 
+# ----------------------------------------------------------------------------- no Kronecker
+class LinenTiedEmbed(nn.Module):
+    """A tied embedding: the table is read by a gather and by the read-out dot_general."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(7, 3)
+        h = nn.Dense(3)(jnp.tanh(embed(tokens)).mean(axis=1))
+        return embed.attend(h)
+
+
+class LinenGroupedConv(nn.Module):
+    """A grouped 1-D convolution (2 groups, with bias), then a dense read-out."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Conv(4, (3,), feature_group_count=2, padding="VALID")(x))
+        return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+def make_linen_tied_embed(seed=0, n=5):
+    tokens = jax.random.randint(jax.random.PRNGKey(9), (n, 4), 0, 7)
+    return _linen("linen_tied_embed", LinenTiedEmbed(), tokens, jax.random.PRNGKey(seed), 7)
+
+
+def make_linen_grouped_conv(seed=0, n=5):
+    x = jax.random.normal(jax.random.PRNGKey(10), (n, 5, 2))
+    return _linen("linen_grouped_conv", LinenGroupedConv(), x, jax.random.PRNGKey(seed), 3)
+
+
+def make_plain_shared_dense(seed=0, n=5):
+    """One dense layer (``w``, ``b``) applied twice, then a read-out ``v``."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = {"w": jax.random.normal(k1, (3, 3)) / np.sqrt(3),
+              "b": 0.1 * jax.random.normal(k2, (3,)),
+              "v": jax.random.normal(k3, (3, 2))}
+
+    def apply_fn(p, x):
+        h = jnp.tanh(x @ p["w"] + p["b"])
+        return jnp.tanh(h @ p["w"] + p["b"]) @ p["v"]
+
+    x = jax.random.normal(jax.random.PRNGKey(11), (n, 3))
+    return Task("plain_shared_dense", apply_fn, params, x, _labels(k3, n, 2), 2)
+
+
+UNFACTORABLE_TASKS = {
+    # name: (make, the layer without Kronecker structure, its leaves, the operations)
+    "linen_tied_embed": (make_linen_tied_embed, "Embed_0", "Embed_0/embedding",
+                         "2 operations (gather, dot_general)"),
+    "linen_grouped_conv": (make_linen_grouped_conv, "Conv_0", "Conv_0/bias, Conv_0/kernel",
+                           "conv_general_dilated with feature_group_count=2"),
+    "plain_shared_dense": (make_plain_shared_dense, "w", "b, w",
+                           "2 operations (dot_general, dot_general)"),
+}
+"""Models with a dense/conv/embedding layer whose block is not ``A ⊗ G``."""
+
+
 ALL_TASKS = {
     "linen_mlp": make_linen_mlp,
     "linen_cnn": make_linen_cnn,
