@@ -159,6 +159,112 @@ def make_plain_mlp(seed=0, n=7):
     return Task("plain_mlp", apply_fn, params, x, _labels(key, n, 4), 4)
 
 
+# ----------------------------------------------------------------------------- more layers
+class LinenConvTranspose(nn.Module):
+    """Transposed convolutions whose kernel is flipped with ``rev`` (``transpose_kernel``),
+    2-D then 1-D, then a dense read-out."""
+
+    @nn.compact
+    def __call__(self, x):  # (N, 2, 2, 2)
+        x = nn.tanh(nn.ConvTranspose(2, (2, 3), strides=(2, 1), transpose_kernel=True)(x))
+        x = x.reshape((x.shape[0], -1, 2))  # (N, 8, 2)
+        x = nn.ConvTranspose(2, (3,), strides=(2,), padding="VALID", use_bias=False,
+                             transpose_kernel=True)(x)
+        return nn.Dense(3)(jnp.tanh(x).mean(axis=1))
+
+
+class LinenTransformer(nn.Module):
+    """A pre-norm transformer block: attention projections, an MLP shared over positions."""
+
+    @nn.compact
+    def __call__(self, x):  # (N, T, 4)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(nn.LayerNorm()(x))
+        x = x + nn.Dense(4)(nn.gelu(nn.Dense(6)(nn.LayerNorm()(x))))
+        return nn.Dense(3)(x.mean(axis=1))
+
+
+def make_linen_conv_transpose(seed=0, n=4):
+    x = jax.random.normal(jax.random.PRNGKey(12), (n, 2, 2, 2))
+    return _linen("linen_conv_transpose", LinenConvTranspose(), x, jax.random.PRNGKey(seed), 3)
+
+
+def make_linen_transformer(seed=0, n=4):
+    x = jax.random.normal(jax.random.PRNGKey(13), (n, 3, 4))
+    return _linen("linen_transformer", LinenTransformer(), x, jax.random.PRNGKey(seed), 3)
+
+
+class NNXCNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(2, 3, kernel_size=(3, 3), strides=2, rngs=rngs)
+        self.head = nnx.Linear(12, 3, rngs=rngs)
+
+    def __call__(self, x):  # (N, 4, 4, 2)
+        return self.head(jnp.tanh(self.conv(x)).reshape(x.shape[0], -1))
+
+
+def make_nnx_cnn(seed=0, n=4):
+    graphdef, state = nnx.split(NNXCNN(nnx.Rngs(seed)), nnx.Param)
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, nnx.State(p))(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(14), (n, 4, 4, 2))
+    return Task("nnx_cnn", apply_fn, to_float64(nnx.to_pure_dict(state)), x,
+                _labels(jax.random.PRNGKey(seed), n, 3), 3)
+
+
+def make_equinox_cnn(seed=0, n=4):
+    import equinox as eqx
+
+    class Net(eqx.Module):
+        conv: eqx.nn.Conv2d
+        head: eqx.nn.Linear
+
+        def __call__(self, x):  # one example, (C, H, W)
+            return self.head(jnp.tanh(self.conv(x)).ravel())
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    model = Net(eqx.nn.Conv2d(2, 3, 3, stride=2, padding=1, key=k1),
+                eqx.nn.Linear(12, 3, key=k2))
+    params, static = eqx.partition(to_float64(model), eqx.is_inexact_array)
+
+    def apply_fn(p, x):
+        return jax.vmap(eqx.combine(p, static))(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(15), (n, 2, 4, 4))
+    return Task("equinox_cnn", apply_fn, params, x, _labels(k1, n, 3), 3)
+
+
+def make_plain_reverse_scan(seed=0, n=4):
+    """A recurrent layer run backwards over time (``lax.scan(..., reverse=True)``)."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = {"w": jax.random.normal(k1, (3, 4)) / np.sqrt(3),
+              "b": 0.1 * jax.random.normal(k2, (4,)),
+              "v": jax.random.normal(k3, (4, 2))}
+
+    def apply_fn(p, xs):  # (N, T, 3)
+        def step(h, x):
+            h = jnp.tanh(x @ p["w"] + p["b"] + 0.5 * h)
+            return h, h
+
+        _, hs = jax.lax.scan(step, jnp.zeros((xs.shape[0], 4)), xs.swapaxes(0, 1),
+                             reverse=True)
+        return (hs[0] + 0.3 * hs[-1]) @ p["v"]  # both ends: the order of the steps matters
+
+    x = jax.random.normal(jax.random.PRNGKey(16), (n, 3, 3))
+    return Task("plain_reverse_scan", apply_fn, params, x, _labels(k3, n, 2), 2)
+
+
+MORE_TASKS = {
+    "linen_conv_transpose": make_linen_conv_transpose,
+    "linen_transformer": make_linen_transformer,
+    "nnx_cnn": make_nnx_cnn,
+    "equinox_cnn": make_equinox_cnn,
+    "plain_reverse_scan": make_plain_reverse_scan,
+}
+"""Models with every Kronecker layer type beyond those of ``ALL_TASKS``."""
+
+
 # ----------------------------------------------------------------------------- no Kronecker
 class LinenTiedEmbed(nn.Module):
     """A tied embedding: the table is read by a gather and by the read-out dot_general."""

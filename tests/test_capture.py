@@ -4,14 +4,12 @@ framework and layer type, also under ``jax.jit``, inside ``jit``/``remat``/``sca
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from flax import nnx
-from models import ALL_TASKS, to_float64
+from models import ALL_TASKS, MORE_TASKS, to_float64
 
 from jaxgeom import LayerCollection
 from jaxgeom.capture import capture, capture_chunk, example_gradients, make_plan
@@ -107,24 +105,6 @@ def test_linen_embed_and_sequence_dense():
     np.testing.assert_array_equal(spec.kernel_from_matrix(spec.kernel_to_matrix(kernel)), kernel)
 
 
-def test_small_transformer_block_and_jit():
-    class Block(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            h = nn.LayerNorm()(x)
-            x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(h)
-            h = nn.gelu(nn.Dense(8)(nn.LayerNorm()(x)))
-            x = x + nn.Dense(4)(h)
-            return nn.Dense(3)(x.mean(axis=1))
-
-    x = jax.random.normal(KEY, (3, 5, 4))
-    apply_fn, params = linen(Block(), x)
-    mha = "MultiHeadDotProductAttention_0"
-    expect = ["Dense_0", "Dense_1", "Dense_2"] + [f"{mha}/{p}" for p in
-                                                  ("key", "out", "query", "value")]
-    check(jax.jit(apply_fn), params, x, expect, jit=True)
-
-
 def test_remat_and_monte_carlo_outputs():
     class Net(nn.Module):
         @nn.compact
@@ -137,43 +117,22 @@ def test_remat_and_monte_carlo_outputs():
     check(apply_fn, params, x, ["CheckpointDense_0", "Dense_0"], fn=fn, aux=(KEY, None))
 
 
-# ----------------------------------------------------------------------------- nnx / equinox
-def test_nnx_linear_and_conv():
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.conv = nnx.Conv(2, 3, kernel_size=(3, 3), strides=2, rngs=rngs)
-            self.head = nnx.Linear(12, 3, rngs=rngs)
-
-        def __call__(self, x):
-            return self.head(jnp.tanh(self.conv(x)).reshape(x.shape[0], -1))
-
-    graphdef, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
-    params = to_float64(nnx.to_pure_dict(state))
-
-    def apply_fn(p, x):
-        return nnx.merge(graphdef, nnx.State(p))(x)
-
-    check(apply_fn, params, jax.random.normal(KEY, (3, 4, 4, 2)), ["conv", "head"])
-
-
-def test_equinox_linear_and_conv2d():
-    k1, k2 = jax.random.split(KEY)
-
-    class Net(eqx.Module):
-        conv: eqx.nn.Conv2d
-        head: eqx.nn.Linear
-
-        def __call__(self, x):  # one example, (C, H, W)
-            return self.head(jnp.tanh(self.conv(x)).ravel())
-
-    model = Net(eqx.nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=1, key=k1),
-                eqx.nn.Linear(12, 3, key=k2))
-    params, static = eqx.partition(to_float64(model), eqx.is_inexact_array)
-
-    def apply_fn(p, x):
-        return jax.vmap(eqx.combine(p, static))(x)
-
-    check(apply_fn, params, jax.random.normal(KEY, (3, 2, 4, 4)), ["conv", "head"])
+# ----------------------------------------------------------------------------- more layers
+@pytest.mark.parametrize("name", sorted(MORE_TASKS))
+def test_more_layers(name):
+    """Transposed convolutions with flipped (``rev``) kernels, 2-D and 1-D; a transformer
+    block (attention projections with several contracting/free dims, an MLP over the
+    sequence; captured under ``jax.jit``); NNX Linear/Conv; Equinox Linear/Conv2d
+    (``(out, in)``/``OIHW`` kernels); a recurrent layer in ``scan(..., reverse=True)``."""
+    t = MORE_TASKS[name]()
+    layout = LayerCollection.from_model(t.apply_fn, t.params, t.x[:1])
+    kron = [lyr.id for lyr in layout.layers if lyr.kind in ("dense", "conv")]
+    jit = name == "linen_transformer"
+    plan, got = check(jax.jit(t.apply_fn) if jit else t.apply_fn, t.params, t.x, kron, jit=jit)
+    if name == "plain_reverse_scan":  # T = 3 scan steps, captured in the order of the steps
+        (spec,) = [s for s in plan.specs if s.layer_id == "w"]
+        i = plan.specs.index(spec)
+        np.testing.assert_array_equal(got.inputs[i], t.x)  # a_t = x_t, (n, T, 3)
 
 
 # ----------------------------------------------------------------------------- plain jnp
