@@ -8,7 +8,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from models import make_linen_cnn, make_linen_embed, make_linen_layernorm, make_plain_mlp
+from models import (
+    MORE_TASKS,
+    make_linen_cnn,
+    make_linen_embed,
+    make_linen_layernorm,
+    make_plain_mlp,
+)
 from pmat_checks import (
     TOL,
     block_mask,
@@ -39,9 +45,12 @@ def exact_kfe_diagonals(E, exact):
     return out
 
 
-@pytest.mark.parametrize("make", [make_linen_layernorm, make_linen_embed, make_linen_cnn])
+@pytest.mark.parametrize("make", [make_linen_layernorm, make_linen_embed, make_linen_cnn,
+                                  *MORE_TASKS.values()], ids=lambda make: make.__name__)
 def test_refit_is_the_exact_diagonal_in_the_eigenbasis(make):
-    """T = 1 (dense), T > 1 (embedding over a sequence, strided conv with bias)."""
+    """T = 1 (dense), T > 1 (embedding over a sequence, strided conv with bias, transposed
+    convs with flipped kernels, a transformer block, NNX and Equinox convs, a reverse
+    scan): KFAC's eigenbasis rotates the float64 brute-force block exactly."""
     t = make()
     exact = reference(t)
     K = FIM(t.apply_fn, t.params, t.x, PMatKFAC)
