@@ -17,12 +17,22 @@ builds on it unchanged — the per-example Jacobian, or the capture of layer inp
 output gradients (:mod:`jaxgeom.capture`), is then taken with respect to the part's
 leaves only.
 
-Cost. One streaming pass over the data *per part* (``P`` passes, each one forward and
-``K`` backward passes per example, with Jacobians/captures of the part's leaves only, so
-the memory of a chunk is that of the largest part); plus the parts' own extra passes (an
-EKFAC refit). A one-shot iterator of batches is first materialised as a list when
-``P > 1``. Every operation costs the sum of the parts' costs plus ``d`` to split and merge
-flat vectors.
+Build. :meth:`PMatMixed.chunk_builder` makes each part's own chunk builder
+(:mod:`jaxgeom.streaming`) on its restricted function — per-example Jacobians of the
+part's leaves, or captures with the part's own capture plan — and groups them
+(:class:`MixedBuilder`): one jitted step per chunk computes every part's statistics, so the
+data are streamed once for all parts, then each part is finalized.
+
+Cost. One streaming pass over the data for all ``P`` parts: per chunk, every part's own
+cost on its leaves (one forward and ``K`` backward passes per example *per part*, since each
+part differentiates its own leaves; the memory of one chunk's Jacobians/captures of all
+parts together, never the full per-example Jacobian of the model). Exceptions, both
+inherent: EKFAC parts refit their diagonals in the eigenbasis of their finished factors,
+in one more pass shared by all EKFAC parts (the data are read twice; a one-shot iterator is
+kept as a list of its batches during the first read, a re-iterable one is iterated again);
+``PMatImplicit`` parts keep the batches read (they replay them at every product). Nothing
+else is kept: a one-shot iterator is read once. Every operation costs the sum of the parts'
+costs plus ``d`` to split and merge flat vectors.
 
 Operations combine blockwise: ``mv``, ``vTMv``, ``get_diag``, ``trace``, Frobenius,
 ``to_dense``, ``solve`` (each part's default method, or ``"cg"`` on the whole), ``inv``,
