@@ -12,21 +12,22 @@ Everything jaxgeom builds from data is a reduction of per-example Jacobians of a
 :mod:`jaxgeom.variants` are frozen dataclasses.
 
 A chunk's Jacobian has shape ``(n, K, d)`` (examples, outputs, parameters, flat order);
-the driver :func:`accumulate` keeps at most one chunk of it in memory.
+the driver :func:`accumulate` (a :class:`JacobianBuilder` streamed by
+:func:`jaxgeom.streaming.run`) keeps at most one chunk of it in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
-from jaxgeom.data import iter_chunks
 from jaxgeom.layers import LayerCollection
+from jaxgeom.streaming import ChunkBuilder, builder, run, static_field
+from jaxgeom.streaming import check_finite as check_finite  # re-exported
 
 MODES = ("auto", "reverse", "forward")
 
@@ -91,19 +92,13 @@ def chunk_outputs(fn, params, batch, offset, aux):
     return jax.vmap(fn, in_axes=(None, 0, 0, None))(params, batch, indices, aux)
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "accumulator", "mode"))
-def _accumulate_chunk(state, params, batch, mask, offset, aux, *, fn, accumulator, mode):
-    jac, out = chunk_jacobian(fn, params, batch, offset, aux, mode)
-    finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
-    jac = jac * mask[:, None, None].astype(jac.dtype)
-    if getattr(accumulator, "collects", False):
-        return jac, finite
-    return accumulator.update(state, jac), finite
-
-
 def output_count(fn, params, batch, aux) -> int:
     """K: the number of outputs ``fn`` gives per example (shape-only evaluation)."""
-    example = jax.tree_util.tree_map(lambda a: a[0], batch)
+    return example_output_count(fn, params, jax.tree_util.tree_map(lambda a: a[0], batch), aux)
+
+
+def example_output_count(fn, params, example, aux) -> int:
+    """K for one ``example`` (no batch axis)."""
     out = jax.eval_shape(fn, params, example, jnp.zeros((), jnp.int32), aux)
     if len(out.shape) != 1:
         raise ValueError(
@@ -112,16 +107,46 @@ def output_count(fn, params, batch, aux) -> int:
     return int(out.shape[0])
 
 
-def check_finite(finite: Any, offset: int, count: int) -> None:
-    """Raise if a chunk had non-finite outputs or gradients (skipped while tracing)."""
-    if isinstance(finite, jax.core.Tracer):
-        return
-    if not bool(finite):
-        raise FloatingPointError(
-            "non-finite model outputs or gradients for the examples "
-            f"{offset}..{offset + count - 1}: check the inputs and the parameters (NaN/inf), "
-            "or the variant (e.g. 'classif_logsoftmax' expects log-probabilities)"
-        )
+@builder
+class JacobianBuilder(ChunkBuilder):
+    """The chunk builder (:mod:`jaxgeom.streaming`) of an :class:`Accumulator`: per chunk,
+    the masked per-example Jacobians ``(n, K, d)`` reduced by ``accumulator.update`` from
+    its zero state (or kept whole, for an accumulator that ``collects``); the chunks' sums
+    add up and ``accumulator.finalize`` makes the result. Peak memory: one chunk's
+    Jacobians, ``n K d``."""
+
+    fn: Callable = static_field()
+    accumulator: Any = static_field()
+    mode: str = static_field()
+    dtype: Any = static_field()
+
+    @classmethod
+    def make(cls, fn, params, example, aux, accumulator, mode="auto") -> JacobianBuilder:
+        """The builder for ``example``'s shapes (``mode="auto"`` resolved with ``K``)."""
+        layout = LayerCollection.from_params(params)
+        num_outputs = example_output_count(fn, params, example, aux)
+        resolved = resolve_mode(mode, layout.numel(), num_outputs)
+        return cls(fn, accumulator, resolved, layout.dtype)
+
+    @property
+    def _collects(self) -> bool:
+        return getattr(self.accumulator, "collects", False)
+
+    def statistics(self, params, batch, mask, offset, aux):
+        jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
+        finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
+        jac = jac * mask[:, None, None].astype(jac.dtype)
+        if self._collects:
+            return jac, finite
+        return self.accumulator.update(self.accumulator.init(self.dtype), jac), finite
+
+    def reduce(self, total, stats, count):
+        if self._collects:
+            return (total or []) + [stats[:count]]
+        return super().reduce(total, stats, count)
+
+    def finalize(self, total, stream):
+        return self.accumulator.finalize(total, stream.n)
 
 
 def accumulate(
@@ -134,33 +159,17 @@ def accumulate(
     mode: str = "auto",
     aux: Any = None,
 ) -> Any:
-    """Reduce the per-example Jacobians of ``fn`` over ``data`` with ``accumulator``.
+    """Reduce the per-example Jacobians of ``fn`` over ``data`` with ``accumulator``
+    (one pass of :func:`jaxgeom.streaming.run` through a :class:`JacobianBuilder`).
 
-    One compiled step per chunk shape: with ``batch_size`` set, every chunk (the last
-    one padded and masked) has the same shape. Returns ``accumulator.finalize(state, N)``
+    One compiled step per chunk shape: with ``batch_size`` set, every chunk (the last one
+    padded and masked) has the same shape. Returns ``accumulator.finalize(state, N)``
     with ``N`` the number of examples seen.
     """
-    layout = LayerCollection.from_params(params)
-    state = None
-    collected = []
-    n = 0
-    resolved = None
-    for chunk in iter_chunks(data, batch_size):
-        if resolved is None:
-            num_outputs = output_count(fn, params, chunk.batch, aux)
-            resolved = resolve_mode(mode, layout.numel(), num_outputs)
-            state = accumulator.init(layout.dtype)
-        state_or_jac, finite = _accumulate_chunk(
-            state, params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux,
-            fn=fn, accumulator=accumulator, mode=resolved,
-        )
-        check_finite(finite, chunk.offset, chunk.count)
-        if getattr(accumulator, "collects", False):
-            collected.append(state_or_jac[: chunk.count])
-        else:
-            state = state_or_jac
-        n += chunk.count
-    return accumulator.finalize(collected if getattr(accumulator, "collects", False) else state, n)
+    def make(example):
+        return JacobianBuilder.make(fn, params, example, aux, accumulator, mode)
+
+    return run(make, params, data, batch_size=batch_size, aux=aux)
 
 
 @dataclasses.dataclass(frozen=True)

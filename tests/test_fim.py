@@ -357,11 +357,11 @@ def test_other_bad_arguments():
 
 
 def test_one_compilation_for_new_param_values_and_a_short_last_chunk():
-    from jaxgeom.jacobian import _accumulate_chunk
+    from jaxgeom.streaming import _statistics
 
     t = make_linen_mlp(n=7)
     FIM(t.apply_fn, t.params, t.x, PMatDense, batch_size=3)  # chunks of 3, 3, 1 (padded)
-    before = _accumulate_chunk._cache_size()
+    before = _statistics._cache_size()
     moved = jax.tree_util.tree_map(lambda a: a + 0.1, t.params)
     FIM(t.apply_fn, moved, [t.x[:5], t.x[5:]], PMatDense, batch_size=3)
-    assert _accumulate_chunk._cache_size() == before
+    assert _statistics._cache_size() == before

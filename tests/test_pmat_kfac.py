@@ -215,11 +215,11 @@ def test_build_errors():
 
 
 def test_no_recompilation_for_new_parameter_values():
-    from jaxgeom.pmat.kfac import _chunk_statistics
+    from jaxgeom.streaming import _statistics
 
     t = make_linen_mlp(n=7)
     FIM(t.apply_fn, t.params, t.x, PMatKFAC, batch_size=3)
-    before = _chunk_statistics._cache_size()
+    before = _statistics._cache_size()
     moved = jax.tree_util.tree_map(lambda a: a + 0.1, t.params)
     FIM(t.apply_fn, moved, [t.x[:5], t.x[5:]], PMatKFAC, batch_size=3)
-    assert _chunk_statistics._cache_size() == before
+    assert _statistics._cache_size() == before

@@ -1,6 +1,7 @@
 """PMatMixed: equal to its blocks (each part as the representation built on the whole model),
 zero between parts; blockwise operations against ``to_dense()``; restriction, errors,
-jit and chunking; ``PMatEKFACBlockDiag`` equals the Mixed of EKFAC and BlockDiag."""
+jit and chunking; ``PMatEKFACBlockDiag`` equals the Mixed of EKFAC and BlockDiag; all parts
+built in one streaming pass (the data read once, twice with an EKFAC part's refit)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from models import Task, make_linen_embed, make_linen_layernorm, to_float64
-from pmat_checks import TOL, block_mask, check_all, check_combinations, check_solve
+from pmat_checks import TOL, block_mask, check_all, check_combinations, check_solve, reference
 
-from jaxgeom import FIM, PMatBlockDiag, PMatDense, PMatDiag, PMatKFAC
+from jaxgeom import FIM, PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit, PMatKFAC
+from jaxgeom.jacobian import Hashable
 from jaxgeom.pmat.ekfac import PMatEKFAC, PMatEKFACBlockDiag
 from jaxgeom.pmat.mixed import PMatMixed, restrict
 from jaxgeom.pmat.quasidiag import PMatQuasiDiag
+from jaxgeom.variants import FisherOutputs
 
 MAPPING = {"dense": PMatKFAC, "conv": PMatKFAC, "norm": PMatBlockDiag, "embedding": PMatDiag}
 
@@ -100,8 +103,124 @@ def test_chunks_iterators_and_jit():
     t = make_linen_layernorm(n=7)
     build = dict(mapping={"dense": PMatKFAC}, default=PMatDiag)
     ref = FIM(t.apply_fn, t.params, t.x, PMatMixed, **build).to_dense()
-    one_shot = iter([(t.x[:2],), (t.x[2:],)])  # one pass per part: materialised
+    one_shot = iter([(t.x[:2],), (t.x[2:],)])  # one pass for all parts
     chunked = FIM(t.apply_fn, t.params, one_shot, PMatMixed, batch_size=3, **build)
     jitted = jax.jit(lambda p, x: FIM(t.apply_fn, p, x, PMatMixed, **build))(t.params, t.x)
     for got in (chunked, jitted):
         np.testing.assert_allclose(got.to_dense(), ref, **TOL)
+
+
+# ----------------------------------------------------------------------------- one pass
+class FiveLayers(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.tanh(nn.LayerNorm()(nn.Dense(5)(x)))
+        x = jnp.tanh(nn.Dense(4)(x))
+        return nn.Dense(3)(jnp.tanh(nn.Dense(4)(x)))
+
+
+def make_five_layers(n=9):
+    x = jax.random.normal(jax.random.PRNGKey(5), (n, 4))
+    module = FiveLayers()
+    params = to_float64(module.init(jax.random.PRNGKey(1), x)["params"])
+    return Task("five_layers", lambda p, x: module.apply({"params": p}, x), params, x, None, 3)
+
+
+#: one part per representation: KFAC + BlockDiag + EKFAC + Diag + Dense
+FIVE = {"Dense_0": PMatKFAC, "LayerNorm_0": PMatBlockDiag, "Dense_1": PMatEKFAC,
+        "Dense_2": PMatDiag, "Dense_3": PMatDense}
+
+
+class Counted:
+    """A re-iterable loader counting its iterations and the batches it yields."""
+
+    def __init__(self, batches):
+        self.batches, self.iterations, self.pulled = batches, 0, 0
+
+    def __iter__(self):
+        self.iterations += 1
+        for b in self.batches:
+            self.pulled += 1
+            yield b
+
+
+def counted_generator(batches, counter):
+    """A one-shot generator of ``batches`` counting the batches pulled from it."""
+    for b in batches:
+        counter.append(1)
+        yield b
+
+
+@pytest.fixture(scope="module")
+def five():
+    t = make_five_layers()
+    M = FIM(t.apply_fn, t.params, t.x, PMatMixed, mapping=FIVE)
+    return t, M
+
+
+def test_one_pass_equals_blocks_and_dense_reference(five):
+    """Every part equals the float64 brute-force Fisher restricted to its block (BlockDiag,
+    Dense: the block; Diag: its diagonal) and the representation built on the whole model
+    (KFAC, EKFAC: the layer's block); zero between parts."""
+    t, M = five
+    lc = M.layer_collection
+    ref = reference(t)
+    whole = {rep: np.asarray(FIM(t.apply_fn, t.params, t.x, rep).to_dense())
+             for rep in (PMatKFAC, PMatEKFAC)}
+    dense = np.asarray(M.to_dense())
+    for layer_id, rep in FIVE.items():
+        assert type(M.part(layer_id)) is rep
+        idx = lc.layer_indices(lc.layer(layer_id))
+        got = dense[np.ix_(idx, idx)]
+        np.testing.assert_allclose(np.asarray(M.part(layer_id).to_dense()), got, **TOL)
+        if rep in whole:
+            want = whole[rep][np.ix_(idx, idx)]
+        elif rep is PMatDiag:
+            want = np.diag(np.diag(ref[np.ix_(idx, idx)]))
+        else:
+            want = ref[np.ix_(idx, idx)]
+        np.testing.assert_allclose(got, want, **TOL, err_msg=layer_id)
+    assert not dense[~block_mask(lc)].any()
+    # EKFAC's refit is not KFAC: the second pass did run
+    idx = lc.layer_indices(lc.layer("Dense_1"))
+    assert not np.allclose(dense[np.ix_(idx, idx)], whole[PMatKFAC][np.ix_(idx, idx)])
+
+
+def test_data_read_once_chunked(five):
+    """A one-shot generator of two batches (5 + 4 examples) chunked by 3 (short last
+    chunks, padded and masked): exactly 2 batches are pulled from it — EKFAC's second pass
+    replays the kept batches — and the result is the one-chunk build's. A re-iterable
+    loader is iterated once per pass: twice with an EKFAC part (its refit), once without."""
+    t, M = five
+    batches = [t.x[:5], t.x[5:]]
+    pulled = []
+    chunked = FIM(t.apply_fn, t.params, counted_generator(batches, pulled), PMatMixed,
+                  mapping=FIVE, batch_size=3)
+    assert len(pulled) == len(batches)
+    np.testing.assert_allclose(chunked.to_dense(), M.to_dense(), **TOL)
+
+    fn = FisherOutputs(Hashable(t.apply_fn), "classif_logits")
+    for refit, passes in [(True, 2), (False, 1)]:
+        loader = Counted(batches)
+        got = PMatMixed.from_jacobians(
+            fn, t.params, loader, layer_collection=M.layer_collection, batch_size=3,
+            mapping=FIVE, options={PMatEKFAC: {"refit": refit}})
+        assert (loader.iterations, loader.pulled) == (passes, passes * len(batches))
+        if refit:
+            np.testing.assert_allclose(got.to_dense(), M.to_dense(), **TOL)
+
+
+def test_implicit_part_keeps_the_data():
+    """A ``PMatImplicit`` part keeps the batches read in the one pass (a one-shot generator
+    is pulled once) and replays them: its block is the brute-force one."""
+    t = make_linen_layernorm(n=7)
+    pulled = []
+    batches = [t.x[:4], t.x[4:]]
+    M = FIM(t.apply_fn, t.params, counted_generator(batches, pulled), PMatMixed,
+            mapping={"Dense_1": PMatImplicit}, default=PMatDiag, batch_size=3)
+    assert len(pulled) == 2
+    part = M.part("Dense_1")
+    assert type(part) is PMatImplicit and len(part.data) == 2
+    lc = M.layer_collection
+    idx = lc.layer_indices(lc.layer("Dense_1"))
+    np.testing.assert_allclose(part.to_dense(), reference(t)[np.ix_(idx, idx)], **TOL)

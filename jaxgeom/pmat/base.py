@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom.jacobian import accumulate
+from jaxgeom import streaming
+from jaxgeom.jacobian import JacobianBuilder
 from jaxgeom.layers import LayerCollection
 from jaxgeom.scaling import ScalarMultiples
 from jaxgeom.solvers import cg
+from jaxgeom.streaming import static_field as static_field  # re-exported
 from jaxgeom.vector import PVector, as_flat, as_rows
 
 REGISTRY: list[type] = []
@@ -37,11 +39,6 @@ _CAPABILITY_METHOD = {
     "scalar multiplication": "_scale",
     "addition": "_add_same",
 }
-
-
-def static_field(**kwargs) -> Any:
-    """A dataclass field kept as static pytree metadata (not traced by ``jit``)."""
-    return dataclasses.field(metadata=dict(static=True), **kwargs)
 
 
 def representation(cls: type) -> type:
@@ -255,6 +252,18 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         )
 
     @classmethod
+    def chunk_builder(cls, fn: Callable, params: Any, example: Any, aux: Any,
+                      layout: LayerCollection, *, mode: str = "auto",
+                      **options) -> streaming.ChunkBuilder:
+        """How this representation is built from data, chunk by chunk
+        (:mod:`jaxgeom.streaming`), for a per-example ``fn`` at ``params`` and the shapes of
+        one ``example``. Default: the per-example Jacobians reduced by :meth:`accumulator`
+        (:class:`~jaxgeom.jacobian.JacobianBuilder`); representations built from captured
+        layer inputs and output gradients, or kept as a function, override it."""
+        return JacobianBuilder.make(fn, params, example, aux,
+                                    cls.accumulator(layout, **options), mode)
+
+    @classmethod
     def from_jacobians(
         cls,
         fn: Callable,
@@ -267,9 +276,15 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         aux: Any = None,
         **options,
     ) -> PMatAbstract:
-        """``(1/N) Σₙ Jₙᵀ Jₙ`` of a per-example function ``fn`` over ``data``, streamed."""
-        acc = cls.accumulator(layer_collection, **options)
-        return accumulate(fn, params, data, acc, batch_size=batch_size, mode=mode, aux=aux)
+        """``(1/N) Σₙ Jₙᵀ Jₙ`` of a per-example function ``fn`` over ``data``: the chunks of
+        ``data`` streamed through :meth:`chunk_builder` by :func:`jaxgeom.streaming.run`
+        (one pass; two for EKFAC's refit)."""
+
+        def make(example):
+            return cls.chunk_builder(fn, params, example, aux, layer_collection, mode=mode,
+                                     **options)
+
+        return streaming.run(make, params, data, batch_size=batch_size, aux=aux)
 
     # ------------------------------------------------------------------ helpers
     def _check_compatible(self, other: PMatAbstract) -> None:
@@ -301,7 +316,7 @@ def _implements(cls: type, method: str) -> bool:
 
 
 def _buildable(cls: type) -> bool:
-    return _implements(cls, "accumulator") or _implements(cls, "from_jacobians")
+    return any(_implements(cls, m) for m in ("accumulator", "chunk_builder", "from_jacobians"))
 
 
 def _is_map(v: Any, layout: LayerCollection) -> bool:

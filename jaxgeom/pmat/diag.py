@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from jaxgeom.capture import capture_chunk
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat._structured import CanonicalDiagonal, MeanOfJacobians
 from jaxgeom.pmat.base import representation, static_field
+from jaxgeom.pmat.kfac import CaptureBuilder, all_finite, capture_plan, flat_squared_gradients
+from jaxgeom.streaming import builder, mean
 
 
 @representation
@@ -53,19 +55,15 @@ class PMatDiag(MeanOfJacobians, CanonicalDiagonal):
             raise ValueError(f"PMatDiag data must have shape ({d},); got {self.data.shape}")
 
     @classmethod
-    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
-                       mode="auto", aux=None, **options) -> PMatDiag:
-        """``(1/N) Σₙₖ (∂zₙₖ/∂θ)²`` from captured ``(a, g)`` in one streaming pass (``mode``
-        is accepted for a uniform signature: the capture uses one ``vjp`` per output)."""
-        from jaxgeom.pmat.kfac import stream_captures
-
+    def chunk_builder(cls, fn, params, example, aux, layout, *, mode="auto",
+                      **options):
+        """``(1/N) Σₙₖ (∂zₙₖ/∂θ)²`` from captured ``(a, g)`` in one streaming pass
+        (:class:`DiagBuilder`; ``mode`` is accepted for a uniform signature: the capture
+        uses one ``vjp`` per output)."""
         del mode
         if options:
             raise TypeError(f"PMatDiag takes no build options; got {sorted(options)}")
-        step = functools.partial(_chunk_diagonal, layout=layer_collection)
-        _, diag = stream_captures(fn, params, data, layer_collection, step,
-                                  batch_size=batch_size, aux=aux)
-        return cls(layer_collection, diag)
+        return DiagBuilder(capture_plan(fn, params, example, aux, layout), layout)
 
     @property
     def _values(self) -> jax.Array:
@@ -84,11 +82,14 @@ class PMatDiag(MeanOfJacobians, CanonicalDiagonal):
         return jnp.einsum("nkd,nkd->d", jac, jac)
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "layout"))
-def _chunk_diagonal(params, batch, mask, offset, aux, *, plan, layout):
-    """The flat ``Σₙₖ J²`` of one masked chunk from its captures, and whether it is finite."""
-    from jaxgeom.capture import capture_chunk
-    from jaxgeom.pmat.kfac import all_finite, flat_squared_gradients
+@builder
+class DiagBuilder(CaptureBuilder):
+    """The flat ``Σₙₖ J²`` of each masked chunk from its captures
+    (:func:`~jaxgeom.pmat.kfac.flat_squared_gradients`); the mean is the diagonal."""
 
-    cap = capture_chunk(plan, params, batch, offset, aux)
-    return flat_squared_gradients(cap, mask, plan, layout), all_finite(cap)
+    def statistics(self, params, batch, mask, offset, aux):
+        cap = capture_chunk(self.plan, params, batch, offset, aux)
+        return flat_squared_gradients(cap, mask, self.plan, self.layout), all_finite(cap)
+
+    def finalize(self, total, stream) -> PMatDiag:
+        return PMatDiag(self.layout, mean(total, stream.n))

@@ -19,9 +19,12 @@ KFAC factors (``N K B + N Σ T_l (a_l² + K g_l²)``), ``eigh`` of each factor
 rotate inputs and output gradients, plus ``N K Σ_l d_l`` through ``((Q_Gᵀg)²)ᵀ((Q_Aᵀa)²)``
 when ``T_l = 1`` (no per-example gradient formed) or ``N K Σ_l T_l d_l`` forming one
 chunk's rotated per-example gradients when ``T_l > 1`` (memory ``n_c K max_l d_l``). With
-``refit=False`` the diagonal is KFAC's ``λ_G ⊗ λ_A`` (one pass; then EKFAC == KFAC). Two
-passes need the data twice: a one-shot iterator is first materialised as a list of its
-batches (pass a list or a re-iterable loader to avoid holding it).
+``refit=False`` the diagonal is KFAC's ``λ_G ⊗ λ_A`` (one pass; then EKFAC == KFAC). The
+second pass needs the eigenbases of the finished factors, so it cannot share the first
+one; it reads the data again (:mod:`jaxgeom.streaming`: a one-shot iterator is kept as a
+list of its batches while the first pass reads it — pass a list or a re-iterable loader
+to avoid holding it). In a ``PMatMixed``, the refits of all EKFAC parts share that one
+second pass.
 
 Refit (pure): :meth:`PMatEKFAC.refit` returns a *new* matrix with the same eigenbases and
 ``D`` (and the exact blocks of the other layers) re-estimated on new data and/or params;
@@ -45,28 +48,28 @@ Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis", NeurIP
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from jaxgeom import data as data_lib
 from jaxgeom.capture import Captured, capture_chunk
 from jaxgeom.layers import Layer
-from jaxgeom.pmat.base import representation
+from jaxgeom.pmat.base import representation, static_field
 from jaxgeom.pmat.kfac import (
+    CaptureBuilder,
+    KFACBuilder,
     PMatKFAC,
     all_finite,
     augmented_inputs,
-    build_kfac,
+    capture_plan,
     check_blocks,
     masked_grads,
     other_gradients,
     squared_gradient_sum,
-    stream_captures,
 )
+from jaxgeom.streaming import Continue, builder, mean
 
 
 @representation
@@ -112,10 +115,11 @@ class PMatEKFAC(PMatKFAC):
                    kfac.blocks)
 
     @classmethod
-    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
-                       mode="auto", aux=None, kfac_approx="expand", max_dense_block=None,
-                       refit=True, basis: PMatEKFAC | None = None) -> PMatEKFAC:
-        """KFAC factors, their eigendecompositions, then (``refit``) the diagonal refit.
+    def chunk_builder(cls, fn, params, example, aux, layout, *, mode="auto",
+                      kfac_approx="expand", max_dense_block=None, refit=True,
+                      basis: PMatEKFAC | None = None):
+        """KFAC factors, their eigendecompositions, then (``refit``) the diagonal refit in a
+        second pass (:class:`EKFACBuilder`, then :class:`RefitBuilder`).
 
         With ``basis`` (an EKFAC for the same parameter layout) only the refit pass runs,
         on ``basis``'s eigenbases. ``max_dense_block`` defaults to KFAC's 4096 (no limit
@@ -123,31 +127,22 @@ class PMatEKFAC(PMatKFAC):
         """
         limit = cls._default_block_limit() if max_dense_block is None else max_dense_block
         if basis is None:
-            if refit and not data_lib.is_single_batch(data) and iter(data) is data:
-                data = list(data)  # two passes: keep the batches of a one-shot iterator
-            kfac = build_kfac(
-                fn, params, data, layer_collection, batch_size=batch_size, aux=aux,
-                kfac_approx=kfac_approx, max_dense_block=limit, representation=cls.__name__)
-            basis = cls.from_kfac(kfac)
-            if not refit:
-                return basis
-        elif not isinstance(basis, PMatEKFAC) or basis.layer_collection != layer_collection:
+            kfac = super().chunk_builder(fn, params, example, aux, layout, mode=mode,
+                                         kfac_approx=kfac_approx, max_dense_block=limit)
+            return EKFACBuilder(kfac.plan, layout, kfac.approx, cls, bool(refit))
+        if not isinstance(basis, PMatEKFAC) or basis.layer_collection != layout:
             raise ValueError("basis must be a PMatEKFAC for the same parameter layout")
 
         def check(plan):
-            check_blocks(plan, layer_collection, limit, cls.__name__)
+            check_blocks(plan, layout, limit, cls.__name__)
             if plan.specs != basis.specs:
                 raise ValueError(
                     "the function does not factor the same layers as the basis: "
                     f"{[s.layer_id for s in plan.specs]} vs {[s.layer_id for s in basis.specs]}"
                 )
 
-        bases = tuple((n.qa, n.qg) for n in basis.factors)
-        step = functools.partial(_refit_statistics, bases=bases, layout=layer_collection)
-        _, (diags, blocks) = stream_captures(fn, params, data, layer_collection, step,
-                                             batch_size=batch_size, aux=aux, check=check)
-        nodes = tuple(n.with_values(d) for n, d in zip(basis.factors, diags))
-        return cls(layer_collection, basis.specs, nodes, blocks)
+        return RefitBuilder(capture_plan(fn, params, example, aux, layout, check), layout,
+                            cls, basis.factors)
 
     @classmethod
     def _default_block_limit(cls) -> float:
@@ -187,17 +182,49 @@ class PMatEKFACBlockDiag(PMatEKFAC):
         return math.inf
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "layout"))
-def _refit_statistics(params, batch, mask, offset, aux, bases, *, plan, layout):
-    """``Σₙₖ (Q_Gᵀ 𝒢ₙₖ Q_A)²`` per Kronecker layer and ``Σ JᵀJ`` per other layer for one
-    masked chunk, and whether everything was finite."""
-    cap: Captured = capture_chunk(plan, params, batch, offset, aux)
-    dtype = layout.dtype
-    diags = []
-    for spec, a, g, (qa, qg) in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype),
-                                    bases):
-        a = augmented_inputs(spec, a, dtype)
-        diags.append(squared_gradient_sum(a if qa is None else a @ qa, g @ qg))
-    blocks = tuple(b.T @ b for b in other_gradients(cap, mask, plan, layout))
-    return (tuple(diags), blocks), all_finite(cap)
+@builder
+class EKFACBuilder(KFACBuilder):
+    """The first pass: KFAC's statistics; ``finalize`` takes the eigenbases of the mean
+    factors (``from_kfac``) and, with ``refit``, asks for a second pass through a
+    :class:`RefitBuilder` on them (:class:`~jaxgeom.streaming.Continue`)."""
 
+    representation: type = static_field(default=None)
+    refit: bool = static_field(default=True)
+
+    @property
+    def passes(self) -> int:
+        return 2 if self.refit else 1
+
+    def finalize(self, total, stream):
+        basis = self.representation.from_kfac(super().finalize(total, stream))
+        if not self.refit:
+            return basis
+        return Continue(RefitBuilder(self.plan, self.layout, self.representation,
+                                     basis.factors), lambda refitted: refitted)
+
+
+@builder
+class RefitBuilder(CaptureBuilder):
+    """The refit pass: per chunk ``Σₙₖ (Q_Gᵀ 𝒢ₙₖ Q_A)²`` per Kronecker layer in the bases
+    of ``factors`` (:class:`~jaxgeom.pmat.kfac.KronEigen`, arrays passed to the step) and
+    ``Σ JᵀJ`` per other layer; their means are ``D`` and the exact blocks."""
+
+    representation: type = static_field(default=None)
+    factors: tuple = ()
+
+    def statistics(self, params, batch, mask, offset, aux):
+        cap: Captured = capture_chunk(self.plan, params, batch, offset, aux)
+        dtype = self.layout.dtype
+        diags = []
+        for spec, a, g, node in zip(self.plan.specs, cap.inputs,
+                                    masked_grads(cap, mask, dtype), self.factors):
+            a = augmented_inputs(spec, a, dtype)
+            diags.append(squared_gradient_sum(a if node.qa is None else a @ node.qa,
+                                              g @ node.qg))
+        blocks = tuple(b.T @ b for b in other_gradients(cap, mask, self.plan, self.layout))
+        return (tuple(diags), blocks), all_finite(cap)
+
+    def finalize(self, total, stream):
+        diags, blocks = mean(total, stream.n)
+        nodes = tuple(n.with_values(d) for n, d in zip(self.factors, diags))
+        return self.representation(self.layout, self.plan.specs, nodes, blocks)

@@ -16,13 +16,15 @@ from jaxgeom.jacobian import (
     accumulate,
     chunk_jacobian,
     chunk_outputs,
+    example_output_count,
     flatten_jacobian,
     output_count,
     resolve_mode,
 )
 from jaxgeom.layers import LayerCollection
-from jaxgeom.pmat.base import PMatAbstract, representation
+from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.replay import ReplayedFunction
+from jaxgeom.streaming import ChunkBuilder, Stream, builder
 from jaxgeom.vector import as_flat, as_rows
 
 
@@ -185,24 +187,54 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         **options,
     ) -> PMatImplicit:
         """Store ``fn``, ``params``, the batches of ``data`` (materialised) and ``aux``;
-        nothing is computed beyond a shape check of ``fn``."""
+        nothing is computed beyond a shape check of ``fn`` (no pass over the data)."""
+        batches = list(data_lib.iter_batches(data))
+        first = next(data_lib.iter_chunks(batches, batch_size))  # checks batch_size, non-empty data
+        example = jax.tree_util.tree_map(lambda a: a[0], first.batch)
+        build = cls.chunk_builder(fn, params, example, aux, layer_collection, mode=mode,
+                                  **options)
+        return build.finalize((), Stream(first.count, params, aux, batches, batch_size))
+
+    @classmethod
+    def chunk_builder(cls, fn, params, example, aux, layout, *, mode="auto",
+                      **options) -> ImplicitBuilder:
+        """The :class:`ImplicitBuilder` (in a ``PMatMixed``: the part keeps the data that
+        the other parts stream)."""
         if options:
             raise TypeError(f"{cls.__name__} takes no build options; got {sorted(options)}")
         resolve_mode(mode, 1, 1)  # validates the name
-        batches = list(data_lib.iter_batches(data))
-        first = next(data_lib.iter_chunks(batches, batch_size))  # checks batch_size, non-empty data
-        output_count(fn, params, first.batch, aux)  # checks that fn returns (K,)
+        example_output_count(fn, params, example, aux)  # checks that fn returns (K,)
         try:
             hash(fn)
         except TypeError:
             fn = Hashable(fn)
-        scale = jnp.asarray(1.0, layer_collection.dtype)
-        return cls(layer_collection, fn, params, batches, aux, scale, batch_size, mode)
+        return ImplicitBuilder(cls, fn, layout, mode)
 
     # ------------------------------------------------------------------ helpers
     def _accumulate(self, accumulator: Any) -> Any:
         return accumulate(self.fn, self.params, self.data, accumulator,
                           batch_size=self.batch_size, mode=self.mode, aux=self.aux)
+
+
+@builder
+class ImplicitBuilder(ChunkBuilder):
+    """Nothing to compute per chunk: ``finalize`` stores the function, the parameters,
+    ``aux`` and the batches the driver kept (``keeps_data``)."""
+
+    representation: type = static_field()
+    fn: Callable = static_field()
+    layout: LayerCollection = static_field()
+    mode: str = static_field()
+
+    keeps_data = True
+
+    def statistics(self, params, batch, mask, offset, aux):
+        return (), True
+
+    def finalize(self, total, stream) -> PMatImplicit:
+        scale = jnp.asarray(1.0, self.layout.dtype)
+        return self.representation(self.layout, self.fn, stream.params, list(stream.data),
+                                   stream.aux, scale, stream.batch_size, self.mode)
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -68,13 +68,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom.capture import Captured, CapturePlan, KroneckerSpec, capture_chunk, make_plan
-from jaxgeom.data import iter_chunks
-from jaxgeom.jacobian import check_finite
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.streaming import ChunkBuilder, builder, mean
 
 APPROXIMATIONS = ("expand", "reduce")
 DAMPINGS = ("exact", "pi")
@@ -455,58 +454,56 @@ class PMatKFAC(PMatAbstract):
     accumulator.unsupported = True
 
     @classmethod
-    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
-                       mode="auto", aux=None, kfac_approx="expand",
-                       max_dense_block=4096) -> PMatKFAC:
-        """Build in one streaming pass over ``data`` (chunks of ``batch_size``).
-
-        ``mode`` is accepted for a uniform signature; the capture always uses one
-        ``vjp`` per example and output.
-        """
+    def chunk_builder(cls, fn, params, example, aux, layout, *, mode="auto",
+                      kfac_approx="expand", max_dense_block=4096) -> KFACBuilder:
+        """Built in one streaming pass over the captures (:class:`KFACBuilder`). ``mode``
+        is accepted for a uniform signature; the capture always uses one ``vjp`` per
+        example and output."""
         del mode
-        return build_kfac(fn, params, data, layer_collection, batch_size=batch_size, aux=aux,
-                          kfac_approx=kfac_approx, max_dense_block=max_dense_block,
-                          representation=cls.__name__)
+        if kfac_approx not in APPROXIMATIONS:
+            raise ValueError(f"kfac_approx must be one of {APPROXIMATIONS}; got {kfac_approx!r}")
+        check = functools.partial(check_blocks, layout=layout, limit=max_dense_block,
+                                  representation=cls.__name__)
+        return KFACBuilder(capture_plan(fn, params, example, aux, layout, check), layout,
+                           kfac_approx)
 
 
 # ----------------------------------------------------------------------------- building
-def build_kfac(fn, params, data, layer_collection: LayerCollection, *, batch_size=None,
-               aux=None, kfac_approx="expand", max_dense_block=4096,
-               representation="PMatKFAC") -> PMatKFAC:
-    """The :class:`PMatKFAC` of ``fn`` on ``data`` (one streaming pass); errors name
-    ``representation`` (the class the user asked for: KFAC, or EKFAC before its refit)."""
-    if kfac_approx not in APPROXIMATIONS:
-        raise ValueError(f"kfac_approx must be one of {APPROXIMATIONS}; got {kfac_approx!r}")
-    step = functools.partial(_chunk_statistics, approx=kfac_approx, layout=layer_collection)
-    plan, (factors, blocks) = stream_captures(
-        fn, params, data, layer_collection, step, batch_size=batch_size, aux=aux,
-        check=functools.partial(check_blocks, layout=layer_collection, limit=max_dense_block,
-                                representation=representation),
-    )
-    return PMatKFAC(layer_collection, plan.specs, tuple(Kron(a, g) for a, g in factors), blocks)
+def capture_plan(fn, params, example, aux, layout: LayerCollection, check=None) -> CapturePlan:
+    """The capture plan (:func:`jaxgeom.capture.make_plan`) for ``example``'s shapes, after
+    ``check(plan)``: what every capture-based chunk builder starts from."""
+    plan = make_plan(fn, params, example, aux, layout)
+    if check is not None:
+        check(plan)
+    return plan
 
 
-def stream_captures(fn, params, data, layout: LayerCollection, step, *, batch_size=None,
-                    aux=None, check=None):
-    """One streaming pass over ``data``: make the capture plan on the first chunk (and
-    ``check(plan)`` it), then average ``step(params, batch, mask, offset, aux, plan=plan)``
-    — a pytree of per-chunk sums and a finiteness flag — over the ``N`` examples seen.
+@builder
+class CaptureBuilder(ChunkBuilder):
+    """A chunk builder (:mod:`jaxgeom.streaming`) from the captured layer inputs and output
+    gradients of each chunk (:func:`jaxgeom.capture.capture_chunk` with ``plan``): the
+    subclasses give the chunk's statistics (sums over its examples) and the representation
+    made from their means. Shared by KFAC, EKFAC, Diag and QuasiDiag."""
 
-    Returns ``(plan, mean)``. Shared by every representation built from captures.
-    """
-    plan, state, n = None, None, 0
-    for chunk in iter_chunks(data, batch_size):
-        if plan is None:
-            example = jax.tree_util.tree_map(lambda a: a[0], chunk.batch)
-            plan = make_plan(fn, params, example, aux, layout)
-            if check is not None:
-                check(plan)
-        stats, finite = step(params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux,
-                             plan=plan)
-        check_finite(finite, chunk.offset, chunk.count)
-        state = stats if state is None else jax.tree_util.tree_map(jnp.add, state, stats)
-        n += chunk.count
-    return plan, jax.tree_util.tree_map(lambda x: x / n, state)
+    plan: CapturePlan = static_field()
+    layout: LayerCollection = static_field()
+
+
+@builder
+class KFACBuilder(CaptureBuilder):
+    """``(Σ aaᵀ/T, Σ ggᵀ)`` per Kronecker layer and ``Σ JᵀJ`` per other layer, per chunk
+    (:func:`_chunk_statistics`); their means are the factors and blocks of a ``PMatKFAC``."""
+
+    approx: str = static_field(default="expand")
+
+    def statistics(self, params, batch, mask, offset, aux):
+        return _chunk_statistics(params, batch, mask, offset, aux, plan=self.plan,
+                                 approx=self.approx, layout=self.layout)
+
+    def finalize(self, total, stream) -> PMatKFAC:
+        factors, blocks = mean(total, stream.n)
+        return PMatKFAC(self.layout, self.plan.specs, tuple(Kron(a, g) for a, g in factors),
+                        blocks)
 
 
 def augmented_inputs(spec: KroneckerSpec, a: jax.Array, dtype) -> jax.Array:

@@ -17,12 +17,22 @@ builds on it unchanged — the per-example Jacobian, or the capture of layer inp
 output gradients (:mod:`jaxgeom.capture`), is then taken with respect to the part's
 leaves only.
 
-Cost. One streaming pass over the data *per part* (``P`` passes, each one forward and
-``K`` backward passes per example, with Jacobians/captures of the part's leaves only, so
-the memory of a chunk is that of the largest part); plus the parts' own extra passes (an
-EKFAC refit). A one-shot iterator of batches is first materialised as a list when
-``P > 1``. Every operation costs the sum of the parts' costs plus ``d`` to split and merge
-flat vectors.
+Build. :meth:`PMatMixed.chunk_builder` makes each part's own chunk builder
+(:mod:`jaxgeom.streaming`) on its restricted function — per-example Jacobians of the
+part's leaves, or captures with the part's own capture plan — and groups them
+(:class:`MixedBuilder`): one jitted step per chunk computes every part's statistics, so the
+data are streamed once for all parts, then each part is finalized.
+
+Cost. One streaming pass over the data for all ``P`` parts: per chunk, every part's own
+cost on its leaves (one forward and ``K`` backward passes per example *per part*, since each
+part differentiates its own leaves; the memory of one chunk's Jacobians/captures of all
+parts together, never the full per-example Jacobian of the model). Exceptions, both
+inherent: EKFAC parts refit their diagonals in the eigenbasis of their finished factors,
+in one more pass shared by all EKFAC parts (the data are read twice; a one-shot iterator is
+kept as a list of its batches during the first read, a re-iterable one is iterated again);
+``PMatImplicit`` parts keep the batches read (they replay them at every product). Nothing
+else is kept: a one-shot iterator is read once. Every operation costs the sum of the parts'
+costs plus ``d`` to split and merge flat vectors.
 
 Operations combine blockwise: ``mv``, ``vTMv``, ``get_diag``, ``trace``, Frobenius,
 ``to_dense``, ``solve`` (each part's default method, or ``"cg"`` on the whole), ``inv``,
@@ -44,11 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom import data as data_lib
 from jaxgeom.layers import KINDS, Layer, LayerCollection
-from jaxgeom.pmat.base import PMatAbstract, representation
+from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.streaming import BuilderGroup, ChunkBuilder, Continue, builder
 
 
 # ----------------------------------------------------------------------------- restriction
@@ -115,6 +125,50 @@ class _Restricted:
     def __call__(self, sub, example, index, aux):
         params, inner = aux
         return self.fn(self.restriction.merge(params, sub), example, index, inner)
+
+
+@builder
+class RestrictedBuilder(ChunkBuilder):
+    """A part's chunk builder (made for ``_Restricted(fn, restriction)``, the sub-parameters
+    and ``aux = (params, aux)``) driven with the full ``params`` and ``aux``: it selects the
+    part's leaves itself, so every part can run in one step on the same arguments."""
+
+    inner: ChunkBuilder = None
+    restriction: Restriction = static_field(default=None)
+
+    @property
+    def passes(self) -> int:
+        return self.inner.passes
+
+    @property
+    def keeps_data(self) -> bool:
+        return self.inner.keeps_data
+
+    def statistics(self, params, batch, mask, offset, aux):
+        sub = self.restriction.select(params)
+        return self.inner.statistics(sub, batch, mask, offset, (params, aux))
+
+    def reduce(self, total, stats, count):
+        return self.inner.reduce(total, stats, count)
+
+    def finalize(self, total, stream):
+        sub = stream._replace(params=self.restriction.select(stream.params),
+                              aux=(stream.params, stream.aux))
+        result = self.inner.finalize(total, sub)
+        if isinstance(result, Continue):
+            return Continue(RestrictedBuilder(result.builder, self.restriction), result.then)
+        return result
+
+
+@builder
+class MixedBuilder(BuilderGroup):
+    """Every part's :class:`RestrictedBuilder` in one :class:`~jaxgeom.streaming.BuilderGroup`
+    (one jitted step per chunk for all parts); the results assemble into a ``PMatMixed``."""
+
+    layer_collection: LayerCollection = static_field(default=None)
+
+    def assemble(self, results):
+        return PMatMixed(self.layer_collection, tuple(results))
 
 
 # ----------------------------------------------------------------------------- mapping
@@ -311,22 +365,21 @@ class PMatMixed(PMatAbstract):
         return cls(layer_collection, tuple(parts))
 
     @classmethod
-    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
-                       mode="auto", aux=None, mapping=None, default=PMatBlockDiag,
-                       options: Mapping[type, dict] | None = None) -> PMatMixed:
-        """Build each part on its layers (one pass over ``data`` per part)."""
-        chosen = assign(layer_collection, mapping, default)
+    def chunk_builder(cls, fn, params, example, aux, layout, *, mode="auto", mapping=None,
+                      default=PMatBlockDiag,
+                      options: Mapping[type, dict] | None = None) -> MixedBuilder:
+        """All parts built together in one streaming pass (:class:`MixedBuilder`; module
+        docstring: cost): each part's own chunk builder on the restricted function, with
+        its ``options[representation]``."""
+        chosen = assign(layout, mapping, default)
         groups: dict[type, list[str]] = {}
         for layer_id, rep in chosen.items():
             groups.setdefault(rep, []).append(layer_id)
-        if len(groups) > 1 and not data_lib.is_single_batch(data) and iter(data) is data:
-            data = list(data)  # several passes: keep the batches of a one-shot iterator
         parts = []
         for rep, ids in groups.items():
-            r = restrict(layer_collection, tuple(ids))
-            parts.append(rep.from_jacobians(
-                _Restricted(fn, r), r.select(params), data, layer_collection=r.layer_collection,
-                batch_size=batch_size, mode=mode, aux=(params, aux),
-                **dict((options or {}).get(rep, {}))))
-        return cls(layer_collection, tuple(parts))
-
+            r = restrict(layout, tuple(ids))
+            inner = rep.chunk_builder(_Restricted(fn, r), r.select(params), example,
+                                      (params, aux), r.layer_collection, mode=mode,
+                                      **dict((options or {}).get(rep, {})))
+            parts.append(RestrictedBuilder(inner, r))
+        return MixedBuilder(tuple(parts), layout)

@@ -65,13 +65,15 @@ from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.kfac import (
+    CaptureBuilder,
     all_finite,
     augmented_inputs,
+    capture_plan,
     check_factorable,
     flat_squared_gradients,
     masked_grads,
-    stream_captures,
 )
+from jaxgeom.streaming import builder, mean
 
 
 @representation
@@ -207,18 +209,30 @@ class PMatQuasiDiag(PMatAbstract):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
-                       mode="auto", aux=None) -> PMatQuasiDiag:
-        """Build in one streaming pass over the captured ``(a, g)`` (``mode`` is accepted
-        for a uniform signature; the capture uses one ``vjp`` per example and output)."""
+    def chunk_builder(cls, fn, params, example, aux, layout, *,
+                      mode="auto") -> QuasiDiagBuilder:
+        """Built in one streaming pass over the captured ``(a, g)`` (:class:`QuasiDiagBuilder`;
+        ``mode`` is accepted for a uniform signature; the capture uses one ``vjp`` per
+        example and output)."""
         del mode
-        step = functools.partial(_chunk_statistics, layout=layer_collection)
-        check = functools.partial(check_factorable, layout=layer_collection,
-                                  representation=cls.__name__, needs=_has_bias)
-        plan, (diag, cross) = stream_captures(fn, params, data, layer_collection, step,
-                                              batch_size=batch_size, aux=aux, check=check)
-        specs = tuple(s for s in plan.specs if _has_neurons(s))
-        return cls(layer_collection, specs, diag, cross, (None,) * len(specs))
+        check = functools.partial(check_factorable, layout=layout, representation=cls.__name__,
+                                  needs=_has_bias)
+        return QuasiDiagBuilder(capture_plan(fn, params, example, aux, layout, check), layout)
+
+
+@builder
+class QuasiDiagBuilder(CaptureBuilder):
+    """The flat ``Σₙₖ J²`` and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` per chunk
+    (:func:`_chunk_statistics`); their means are ``diag`` and ``cross``."""
+
+    def statistics(self, params, batch, mask, offset, aux):
+        return _chunk_statistics(params, batch, mask, offset, aux, plan=self.plan,
+                                 layout=self.layout)
+
+    def finalize(self, total, stream) -> PMatQuasiDiag:
+        diag, cross = mean(total, stream.n)
+        specs = tuple(s for s in self.plan.specs if _has_neurons(s))
+        return PMatQuasiDiag(self.layout, specs, diag, cross, (None,) * len(specs))
 
 
 def _has_bias(layer) -> bool:

@@ -1,0 +1,253 @@
+"""Building from data in one streaming pass: the chunk-builder protocol and its driver.
+
+Every representation built from data is a reduction over the examples of some per-chunk
+statistics (per-example Jacobians reduced by an accumulator, captured layer inputs and
+output gradients, …). A representation describes its reduction as a :class:`ChunkBuilder`
+(``cls.chunk_builder(fn, params, example, aux, layout, mode=..., **options)``, made from
+the first example, whose shapes fix the capture plan or the Jacobian mode), and
+:func:`run` is the one driver loop that streams the data through it:
+
+.. math::  S = \\sum_{c} s(\\text{chunk}_c), \\qquad M = \\mathrm{finalize}(S, N),
+
+with ``s`` the jitted :meth:`ChunkBuilder.statistics` of one masked chunk (sums over its
+real examples), ``⊕`` :meth:`ChunkBuilder.reduce` (``+``, or appending for builders that
+keep every chunk's rows), ``N`` the number of examples seen. Only one chunk's statistics
+are alive at a time besides the running total.
+
+Several builders run in the same loop as one :class:`BuilderGroup` (``PMatMixed``): one
+jitted step per chunk computes every member's statistics, so the data are read once.
+
+More passes. A builder whose ``finalize`` needs statistics that depend on the result of a
+first pass (EKFAC's diagonal refit in the eigenbasis of the finished KFAC factors) returns
+a :class:`Continue` — the builder of the next pass and what to do with its result — and
+the driver streams the data again; a group runs all its members' next passes together, so
+the number of passes is the largest member's (``passes``), not their sum. For that second
+pass, a one-shot iterator is kept as a list of its batches while it is read the first
+time; a re-iterable (a list, a loader) is iterated again.
+
+Kept data. A builder with ``keeps_data`` (``PMatImplicit``, which replays the data at
+every product) receives the list of all batches read (``Stream.data``): the driver keeps
+them while it reads them (the first and only read of a one-shot iterator).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxgeom import data as data_lib
+
+
+# ----------------------------------------------------------------------------- protocol
+class Stream(NamedTuple):
+    """What a finished pass tells :meth:`ChunkBuilder.finalize`.
+
+    Attributes:
+      n: the number of examples seen.
+      params: the parameters the statistics were taken at.
+      aux: the per-example function's shared arrays.
+      data: the data for another pass or a replay: the list of batches read when they were
+        kept, otherwise the (re-iterable) data as given.
+      batch_size: the chunk size (``None``: one chunk per batch).
+    """
+
+    n: int
+    params: Any
+    aux: Any
+    data: Any
+    batch_size: int | None
+
+
+class Continue(NamedTuple):
+    """``finalize``'s answer when another pass is needed: stream the data through
+    ``builder``, then ``then(builder's result)`` is the result."""
+
+    builder: ChunkBuilder
+    then: Callable[[Any], Any]
+
+
+def static_field(**kwargs) -> Any:
+    """A dataclass field kept as static pytree metadata (not traced by ``jit``)."""
+    return dataclasses.field(metadata=dict(static=True), **kwargs)
+
+
+def builder(cls: type) -> type:
+    """Class decorator: frozen dataclass registered as a pytree (fields declared with
+    :func:`static_field` are static — hashable, part of the compiled step's cache key —,
+    the others are arrays passed to the step)."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls)
+
+
+class ChunkBuilder:
+    """How one representation is reduced from data, chunk by chunk (see the module).
+
+    Subclasses implement :meth:`statistics` (pure, jittable) and :meth:`finalize`.
+    """
+
+    #: how many passes over the data the build takes (2: EKFAC's refit).
+    passes: int = 1
+    #: whether ``finalize`` needs ``Stream.data`` as the list of all batches.
+    keeps_data: bool = False
+
+    def statistics(self, params: Any, batch: Any, mask: jax.Array, offset: jax.Array,
+                   aux: Any) -> tuple[Any, jax.Array]:
+        """The statistics of one chunk (sums over its examples, padding masked out by
+        ``mask``) and whether everything was finite. Runs inside ``jax.jit``."""
+        raise NotImplementedError
+
+    def reduce(self, total: Any, stats: Any, count: int) -> Any:
+        """Add one chunk's statistics to the running ``total`` (``None`` before the first
+        chunk); ``count`` real examples. Runs outside ``jit``."""
+        return stats if total is None else _add(total, stats)
+
+    def finalize(self, total: Any, stream: Stream) -> Any:
+        """The representation (or a :class:`Continue`) from the summed statistics."""
+        raise NotImplementedError
+
+
+@jax.jit
+def _add(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def mean(total: Any, n: int) -> Any:
+    """``total / n`` leafwise."""
+    return jax.tree_util.tree_map(lambda s: s / n, total)
+
+
+@builder
+class BuilderGroup(ChunkBuilder):
+    """Several builders streamed together: one jitted step per chunk computes every
+    member's statistics; ``finalize`` gives the tuple of the members' results (members
+    that need another pass run it together with the others', in one more pass)."""
+
+    members: tuple[ChunkBuilder, ...] = ()
+
+    @property
+    def passes(self) -> int:
+        return max((m.passes for m in self.members), default=1)
+
+    @property
+    def keeps_data(self) -> bool:
+        return any(m.keeps_data for m in self.members)
+
+    def statistics(self, params, batch, mask, offset, aux):
+        out = [m.statistics(params, batch, mask, offset, aux) for m in self.members]
+        finite = jnp.all(jnp.stack([jnp.asarray(f) for _, f in out])) if out else True
+        return tuple(s for s, _ in out), finite
+
+    def reduce(self, total, stats, count):
+        total = (None,) * len(self.members) if total is None else total
+        return tuple(m.reduce(t, s, count) for m, t, s in zip(self.members, total, stats))
+
+    def finalize(self, total, stream):
+        return gather([m.finalize(t, stream) for m, t in zip(self.members, total)],
+                      self.assemble)
+
+    def assemble(self, results: list) -> Any:
+        """The group's result from its members' (default: their tuple)."""
+        return tuple(results)
+
+
+def gather(results: list, assemble: Callable[[list], Any]) -> Any:
+    """``assemble(results)``, once every :class:`Continue` among ``results`` is resolved
+    by one more pass that runs all their builders together."""
+    pending = [i for i, r in enumerate(results) if isinstance(r, Continue)]
+    if not pending:
+        return assemble(results)
+
+    def then(done):
+        merged = list(results)
+        for i, result in zip(pending, done):
+            merged[i] = results[i].then(result)
+        return gather(merged, assemble)
+
+    return Continue(BuilderGroup(tuple(results[i].builder for i in pending)), then)
+
+
+# ----------------------------------------------------------------------------- driver
+@jax.jit
+def _statistics(builder, params, batch, mask, offset, aux):
+    return builder.statistics(params, batch, mask, offset, aux)
+
+
+def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
+        batch_size: int | None = None, aux: Any = None) -> Any:
+    """Stream ``data`` through the builder ``make(example)`` (``example``: the first
+    example, no batch axis) and return its result.
+
+    One jitted step per chunk shape (with ``batch_size`` set, every chunk — the last one
+    padded and masked — has the same shape). ``data`` is read once, plus once more per
+    extra pass the builder asks for (:class:`Continue`), from the kept batches when
+    ``data`` is a one-shot iterator. Raises ``FloatingPointError`` on a non-finite chunk.
+    """
+    source = _Batches(data)
+    chunks = data_lib.iter_chunks(source, batch_size)
+    first = next(chunks)
+    first_builder = make(jax.tree_util.tree_map(lambda a: a[0], first.batch))
+    one_shot = isinstance(data, collections.abc.Iterator)
+    source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
+    total, n = _reduce(first_builder, itertools.chain([first], chunks), params, aux)
+    replay = source.kept if source.keeping else data
+    stream = Stream(n, params, aux, replay, batch_size)
+
+    def resolve(result):
+        while isinstance(result, Continue):
+            nxt = result.builder
+            total, _ = _reduce(nxt, data_lib.iter_chunks(replay, batch_size), params, aux)
+            result = result.then(resolve(nxt.finalize(total, stream)))
+        return result
+
+    return resolve(first_builder.finalize(total, stream))
+
+
+def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
+    total, n = None, 0
+    for chunk in chunks:
+        stats, finite = _statistics(builder, params, chunk.batch, chunk.mask,
+                                    jnp.asarray(chunk.offset), aux)
+        check_finite(finite, chunk.offset, chunk.count)
+        total = builder.reduce(total, stats, chunk.count)
+        n += chunk.count
+    return total, n
+
+
+class _Batches:
+    """The batches of ``data``, read once; kept in ``kept`` while ``keeping``."""
+
+    def __init__(self, data: Any):
+        self.data = data
+        self.kept: list = []
+        self.keeping = True
+
+    def keep(self, flag: bool) -> None:
+        """Keep the batches read so far and the following ones, or drop them."""
+        self.keeping = flag
+        if not flag:
+            self.kept = []
+
+    def __iter__(self):
+        for batch in data_lib.iter_batches(self.data):
+            if self.keeping:
+                self.kept.append(batch)
+            yield batch
+
+
+def check_finite(finite: Any, offset: int, count: int) -> None:
+    """Raise if a chunk had non-finite outputs or gradients (skipped while tracing)."""
+    if isinstance(finite, jax.core.Tracer):
+        return
+    if not bool(finite):
+        raise FloatingPointError(
+            "non-finite model outputs or gradients for the examples "
+            f"{offset}..{offset + count - 1}: check the inputs and the parameters (NaN/inf), "
+            "or the variant (e.g. 'classif_logsoftmax' expects log-probabilities)"
+        )
+
