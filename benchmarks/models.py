@@ -125,8 +125,8 @@ def torch_inputs(x: np.ndarray) -> np.ndarray:
 
 
 def flax_model(spec: Spec):
-    from flax import linen as nn
     import jax
+    from flax import linen as nn
 
     class Res(nn.Module):
         channels: int
