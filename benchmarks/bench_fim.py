@@ -717,7 +717,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-scaling", action="store_true", help="skip the 10 N memory runs")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per case")
     parser.add_argument("--out", default=None, help="write the results as JSON")
-    parser.add_argument("--report", default=None, metavar="JSON", help="print a saved run")
+    parser.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                        help="print saved runs (several files: their models merged)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     # internal: one case in this process
     parser.add_argument("--case", nargs=2, metavar=("MODEL", "REP"), help=argparse.SUPPRESS)
@@ -735,8 +736,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(res))
         return res
     if args.report:
-        with open(args.report) as f:
-            results = json.load(f)
+        results = None
+        for path in args.report:
+            with open(path) as f:
+                run = json.load(f)
+            if results is None:
+                results = run
+                results["commands"] = [run.get("command")]
+            else:
+                results["models"].update(run["models"])
+                results["commands"].append(run.get("command"))
     else:
         results = run_all(args)
     print()
