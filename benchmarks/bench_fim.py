@@ -532,10 +532,12 @@ def run_all(args) -> dict:
               f"batch_size = {spec.batch_size} {spec.note}", flush=True)
         entry = dict(d=models.num_params(spec), n=spec.n, batch_size=spec.batch_size,
                      repeats=r, representations={}, scaling={})
-        entry["floors"] = _subprocess(["--case", name, "floors", *c], args.timeout)
+        entry["floors"] = {} if args.only_scaling else _subprocess(
+            ["--case", name, "floors", *c], args.timeout)
         print(f"   floors: {_summary(entry['floors'])}", flush=True)
         for rep in spec.representations:
-            if args.representations and rep not in args.representations:
+            if args.only_scaling or (args.representations
+                                     and rep not in args.representations):
                 continue
             res = _subprocess(["--case", name, rep, *c], args.timeout)
             entry["representations"][rep] = res
@@ -715,6 +717,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="2 repeats, mv and trace only, no memory scaling")
     parser.add_argument("--no-peers", action="store_true", help="skip NNGeometry, kfac-jax")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 10 N memory runs")
+    parser.add_argument("--only-scaling", action="store_true",
+                        help="only the memory runs at N and 10 N")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per case")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--report", nargs="+", default=None, metavar="JSON",
@@ -744,7 +748,13 @@ def main(argv: list[str] | None = None) -> dict:
                 results = run
                 results["commands"] = [run.get("command")]
             else:
-                results["models"].update(run["models"])
+                for name, entry in run["models"].items():
+                    old = results["models"].setdefault(name, entry)
+                    if old is not entry:  # later runs add cases and replace the floors
+                        old["representations"].update(entry["representations"])
+                        old["scaling"].update(entry.get("scaling", {}))
+                        if entry["floors"] and "error" not in entry["floors"]:
+                            old["floors"] = entry["floors"]
                 results["commands"].append(run.get("command"))
     else:
         results = run_all(args)
