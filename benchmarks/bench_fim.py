@@ -759,11 +759,12 @@ def main(argv: list[str] | None = None) -> dict:
                         if entry["floors"] and "error" not in entry["floors"]:
                             old["floors"] = entry["floors"]
                 results["commands"].append(run.get("command"))
+        _save(results, args.out)  # --out with --report: the merged runs
     else:
         results = run_all(args)
     print()
     print_report(results, args.markdown)
-    if args.out and not args.report:
+    if args.out:
         print(f"\nwrote {args.out}")
     return results
 
