@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per case")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--report", nargs="+", default=None, metavar="JSON",
-                        help="print saved runs (several files: their models merged)")
+                        help="print saved runs (several files: merged case by case)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     # internal: one case in this process
     parser.add_argument("--case", nargs=2, metavar=("MODEL", "REP"), help=argparse.SUPPRESS)
@@ -756,8 +756,11 @@ def main(argv: list[str] | None = None) -> dict:
                     if old is not entry:  # later runs add cases and replace the floors
                         old["representations"].update(entry["representations"])
                         old["scaling"].update(entry.get("scaling", {}))
-                        if entry["floors"] and "error" not in entry["floors"]:
-                            old["floors"] = entry["floors"]
+                        for key, t in entry.get("floors", {}).items():
+                            # a later floor replaces an earlier one unless it has no warm
+                            # call (its time then includes compilation)
+                            if t.get("runs") or "warm_s" not in old["floors"].get(key, {}):
+                                old["floors"][key] = t
                 results["commands"].append(run.get("command"))
         _save(results, args.out)  # --out with --report: the merged runs
     else:
