@@ -1,208 +1,358 @@
-"""Time Fisher builds and operations per representation, against floors measured in the same run.
+"""Fisher builds and operations per representation, against floors and peers, in one command.
 
 Usage::
 
-    python benchmarks/bench_fim.py                      # both models, 5 warm repeats
-    python benchmarks/bench_fim.py --quick              # 2 repeats, fewer ops: a smoke run
-    python benchmarks/bench_fim.py --models bench_small --repeats 7 --out results.json
+    python benchmarks/bench_fim.py --out results.json          # all models (~20 min, 2 cores)
+    python benchmarks/bench_fim.py --quick                     # smoke run: 2 repeats, mv/trace
+    python benchmarks/bench_fim.py --models bench_mlp --representations PMatKFAC
+    python benchmarks/bench_fim.py --report results.json       # the table of a saved run
 
-For each model (synthetic data, fixed seeds, float32) the script measures three floors —
-one forward pass over the N examples, forward+backward (``jax.grad`` of the mean loss) and
-per-example gradients (``vmap(grad)``, chunked like the builds, reduced to their squared
-sum) — then, for each representation that fits the model, the exact Fisher build
-(``FIM(..., variant="classif_logits", batch_size=...)``) and the operations ``mv``,
-``vTMv``, ``trace``, ``frobenius_norm`` and ``solve``.
+Models (benchmarks/models.py, Flax for jaxgeom and the same network with the same float32
+weights in PyTorch for NNGeometry, synthetic data with fixed seeds): ``bench_small``,
+``bench_mlp``, ``bench_cnn``, ``bench_resnet``. For each (model, representation) that fits,
+a **separate process** times, for jaxgeom:
 
-Every timing separates the first call (which includes tracing and compilation) from the
-median of ``--repeats`` warm calls, and waits for the results (``jax.block_until_ready``).
-Operations are timed under ``jax.jit`` with the representation as an argument (a pytree),
-falling back to eager calls where a representation cannot be traced. The table gives each
-warm time as a ratio to the forward+backward floor (``x grad``) and, for builds, to the
-per-example-gradient floor (``x pe-grad``); ratios are steadier than seconds on a
-shared machine.
+- the exact Fisher build ``FIM(..., variant="classif_logits", batch_size=...)``, the
+  Monte-Carlo build ``FIM_MonteCarlo(..., trials=1)``, EKFAC's diagonal ``refit``;
+- ``mv``, ``vTMv``, ``trace``, ``frobenius_norm``, ``solve`` (jitted, the representation
+  an argument);
+- the first call (tracing + compilation) apart from the median of the warm calls;
+- the peak resident memory of a warm build above the process's memory before it (the
+  kernel's high-water mark, reset through ``/proc/self/clear_refs``), against the bound
+  ``1.5 × (storage + one chunk's activations)``;
+- the XLA compilations triggered by a second build with new parameter values and by a
+  third build whose last chunk is short (both should be 0);
+
+and the same figures for NNGeometry (all representations) and kfac-jax (KFAC) where they
+are installed (peers.py). Floors, measured in their own process in the same run on the
+same model and data: one forward pass, forward+backward, per-example gradients
+(``vmap(grad)``), the K output-gradient backward passes (vmapped), the exact Fisher-vector
+product (jvp + vjp), and each representation's own contraction as plain GEMMs on random
+arrays of the right shapes (KFAC ``aᵀa``, ``gᵀg``; Dense ``JᵀJ``; Diag ``(Σₖg²)ᵀ(a²)``,
+per-example gradients for convolutions; EKFAC adds the factors' ``eigh`` and the refit
+rotations). The floor of a build is forward + K backward passes + its contraction.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import gc
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jaxgeom
-
-# ----------------------------------------------------------------------------- models
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """A benchmark problem: an MLP on synthetic data.
-
-    Attributes:
-      name: the model's name in ``--models``.
-      widths: layer widths, input first, classes last.
-      activation: the hidden nonlinearity.
-      n: the number of examples.
-      batch_size: the chunk size of the builds (bounds the per-example Jacobians in memory).
-      representations: the representations built on it (those whose storage fits).
-      skip: ``(representation, operation) -> reason`` for operations not timed on it.
-    """
-
-    name: str
-    widths: tuple[int, ...]
-    activation: Callable
-    n: int
-    batch_size: int
-    representations: tuple[str, ...]
-    skip: dict = dataclasses.field(default_factory=dict)
-
-
-MODELS = {
-    "bench_small": Model(
-        "bench_small", (32, 64, 64, 10), jnp.tanh, 1024, 256,
-        ("PMatDense", "PMatBlockDiag", "PMatDiag", "PMatLowRank", "PMatImplicit"),
-    ),
-    "bench_mlp": Model(
-        "bench_mlp", (784, 512, 512, 10), jax.nn.relu, 512, 32,
-        ("PMatDiag", "PMatImplicit"),
-        skip={
-            ("PMatImplicit", "trace"): "streams the per-example Jacobians: the cost of the "
-            "PMatDiag build",
-        },
-    ),
-}
+import models  # noqa: E402
 
 OPERATIONS = ("mv", "vTMv", "trace", "frobenius_norm", "solve")
 SOLVE_REGUL = 1e-3
-#: conjugate-gradient iterations allowed to representations that solve by CG
 CG_MAXITER = 20
-#: dense views (e.g. the Frobenius norm of an implicit matrix) are skipped above this d
 MAX_DENSE_D = 10_000
-
-
-def init_mlp(model: Model, seed: int = 0) -> dict:
-    keys = jax.random.split(jax.random.key(seed), len(model.widths) - 1)
-    params = {}
-    for i, (k, a, b) in enumerate(zip(keys, model.widths[:-1], model.widths[1:])):
-        params[f"dense{i}"] = {
-            "kernel": jax.random.normal(k, (a, b), jnp.float32) / np.sqrt(a),
-            "bias": jnp.zeros((b,), jnp.float32),
-        }
-    return params
-
-
-def make_apply(model: Model) -> Callable:
-    num_layers = len(model.widths) - 1
-
-    def apply_fn(params, x):
-        for i in range(num_layers):
-            layer = params[f"dense{i}"]
-            x = x @ layer["kernel"] + layer["bias"]
-            if i < num_layers - 1:
-                x = model.activation(x)
-        return x
-
-    return apply_fn
-
-
-def make_data(model: Model, seed: int = 1) -> tuple[jax.Array, jax.Array]:
-    kx, ky = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (model.n, model.widths[0]), jnp.float32)
-    y = jax.random.randint(ky, (model.n,), 0, model.widths[-1])
-    return x, y
-
+K_EXACT = 9  # classif_logits with C = 10: C - 1 outputs per example
+#: (model, representation, operation) not timed for jaxgeom, with the reason
+SKIP = {
+    ("bench_resnet", "PMatImplicit", "trace"): "streams per-example Jacobians (minutes)",
+    ("bench_mlp", "PMatImplicit", "trace"): "streams per-example Jacobians (the Diag build)",
+    ("bench_cnn", "PMatImplicit", "trace"): "streams per-example Jacobians",
+}
+#: the same for the peers
+PEER_SKIP = {
+    ("bench_small", "PMatLowRank", "solve"): "≈ 90 s (REFERENCE §5.2b): SVD on every call",
+}
+#: (model, representation) whose memory is also measured at 10 N (same batch_size)
+SCALING = (("bench_mlp", "PMatDiag"), ("bench_mlp", "PMatKFAC"), ("bench_small", "PMatBlockDiag"))
+SLOW_S, VERY_SLOW_S = 2.0, 60.0
 
 # ----------------------------------------------------------------------------- timing
 
 
-#: warm calls are cut to one when the first call takes longer than this (seconds)
-SLOW_S = 2.0
-#: and to none when it takes longer than this: the warm time is then the first call's
-VERY_SLOW_S = 20.0
-
-
 def timed(fn: Callable[[], Any], repeats: int) -> dict:
-    """First-call time and median of ``repeats`` warm calls of ``fn`` (results awaited).
+    """First call and median of ``repeats`` warm calls (one warm call when the first takes
+    more than SLOW_S s, none above VERY_SLOW_S s: ``warm_s`` is then the first call)."""
+    import jax
 
-    Calls whose first run takes more than ``SLOW_S`` seconds get one warm call only, and
-    none above ``VERY_SLOW_S`` (then ``warm_s`` is the first call's time, compilation
-    included, and ``runs`` is empty).
-    """
     start = time.perf_counter()
     jax.block_until_ready(fn())
     first = time.perf_counter() - start
     if first > VERY_SLOW_S:
         return dict(first_s=first, warm_s=first, runs=[])
-    if first > SLOW_S:
-        repeats = 1
     warm = []
-    for _ in range(repeats):
+    for _ in range(1 if first > SLOW_S else repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn())
         warm.append(time.perf_counter() - start)
     return dict(first_s=first, warm_s=statistics.median(warm), runs=warm)
 
 
-def floors(apply_fn, params, x, y, batch_size, repeats) -> dict[str, dict]:
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def peak_mb(fn: Callable[[], Any]) -> float:
+    """Peak resident memory (MiB) of one call of ``fn`` above the memory before it."""
+    import jax
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the high-water mark VmHWM
+        base = _status("VmRSS")
+        jax.block_until_ready(fn())
+        return (_status("VmHWM") - base) / 2**20
+    except OSError:  # no clear_refs: fall back to ru_maxrss (includes earlier peaks)
+        import resource
+
+        base = _status("VmRSS")
+        jax.block_until_ready(fn())
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring events)."""
+
+    def __init__(self):
+        import jax
+
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def during(self, fn: Callable[[], Any]) -> int:
+        import jax
+
+        before = self.count
+        jax.block_until_ready(fn())
+        return self.count - before
+
+
+# ----------------------------------------------------------------------------- floors
+
+
+def _setup(spec: models.Spec, n: int | None = None):
+    import jax.numpy as jnp
+
+    params = models.init_params(spec)
+    x, y = models.make_data(spec, n)
+    return models.make_apply(spec), params, x, y, jnp.asarray(x), jnp.asarray(y)
+
+
+def _chunks(a, bs):
+    n = a.shape[0] - a.shape[0] % bs
+    return a[:n].reshape(-1, bs, *a.shape[1:])
+
+
+def floors_case(spec: models.Spec, repeats: int) -> dict:
+    """Floor timings of one model (forward, backward passes, contractions as GEMMs)."""
+    import jax
+    import jax.numpy as jnp
+
+    apply_fn, params, _, _, x, y = _setup(spec)
+    bs = spec.batch_size
+    xs, ys = _chunks(x, bs), _chunks(y, bs)
+
     def loss(p, xb, yb):
-        logits = apply_fn(p, xb)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], 1))
+        logp = jax.nn.log_softmax(apply_fn(p, xb))
+        return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], 1))
 
     forward = jax.jit(apply_fn)
     grad = jax.jit(jax.grad(loss))
 
     @jax.jit
     def per_example(p, xs, ys):
-        # chunks of batch_size, like the builds; reduce to Σₙ gₙ² so that memory stays bounded
         def chunk(acc, xy):
             g = jax.vmap(jax.grad(lambda q, a, b: loss(q, a[None], b[None])),
                          in_axes=(None, 0, 0))(p, *xy)
             return jax.tree_util.tree_map(lambda s, gi: s + jnp.sum(gi**2, 0), acc, g), None
 
-        zero = jax.tree_util.tree_map(jnp.zeros_like, p)
-        return jax.lax.scan(chunk, zero, (xs, ys))[0]
+        return jax.lax.scan(chunk, jax.tree_util.tree_map(jnp.zeros_like, p), (xs, ys))[0]
 
-    n = x.shape[0] - x.shape[0] % batch_size
-    xs = x[:n].reshape(-1, batch_size, *x.shape[1:])
-    ys = y[:n].reshape(-1, batch_size)
-    return {
+    def k_backward(k):
+        # K separate VJPs of the batched model after one forward (a Python loop: XLA:CPU
+        # runs it ~3x faster than vmap(vjp), whose batched dots it does not fuse)
+        @jax.jit
+        def f(p, x):
+            out, vjp = jax.vjp(lambda q: apply_fn(q, x), p)
+            cot = jax.random.normal(jax.random.key(0), (k, *out.shape), out.dtype)
+            return [vjp(cot[i])[0] for i in range(k)]
+        return f
+
+    @jax.jit
+    def fisher_vector(p, v, x):
+        out, jv = jax.jvp(lambda q: apply_fn(q, x), (p,), (v,))
+        prob = jax.nn.softmax(out)
+        w = prob * jv - prob * jnp.sum(prob * jv, -1, keepdims=True)
+        return jax.vjp(lambda q: apply_fn(q, x), p)[1](w / x.shape[0])[0]
+
+    k_bwd = k_backward(K_EXACT)  # one jitted function: compiled on the first call only
+    res = {
         "forward": timed(lambda: forward(params, x), repeats),
         "forward+backward": timed(lambda: grad(params, x, y), repeats),
         "per-example grads": timed(lambda: per_example(params, xs, ys), repeats),
+        "K backward": timed(lambda: k_bwd(params, x), repeats),
+        "exact F·v": timed(lambda: fisher_vector(params, params, x), repeats),
     }
+    for k in (K_EXACT, 1):
+        try:
+            fns = contraction_floors(spec, k)
+        except Exception as e:  # noqa: BLE001
+            res[f"contractions K={k}"] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+            continue
+        for name, fn in fns.items():
+            try:
+                res[f"{name} K={k}"] = timed(fn, repeats)
+            except Exception as e:  # noqa: BLE001
+                res[f"{name} K={k}"] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+    return res
 
 
-def _operation(name: str, pmat: Any, d: int, skip: dict) -> tuple[Callable | None, dict, str]:
-    """``(f(pmat, v), solve options, note)`` for one operation; ``f`` None when skipped."""
-    options: dict = {}
-    note = ""
-    if (type(pmat).__name__, name) in skip:
-        return None, options, "skipped: " + skip[type(pmat).__name__, name]
-    if name == "frobenius_norm" and type(pmat).__name__ == "PMatImplicit" and d > MAX_DENSE_D:
-        return None, options, f"skipped: needs a dense d x d view (d = {d})"
+def contraction_floors(spec: models.Spec, k: int) -> dict[str, Callable[[], Any]]:
+    """Each representation's own contraction as plain GEMMs on random arrays of the
+    shapes of the model's layers (``k`` outputs per example), chunked like the builds."""
+    import jax
+    import jax.numpy as jnp
+
+    n, bs = spec.n, spec.batch_size
+    shapes = models.layer_shapes(spec)
+    d = models.num_params(spec)
+    key = jax.random.key(0)
+    # per layer: a (chunks, bs·T, a), g (chunks, bs·k·T, g)
+    acts = [(jax.random.normal(key, (n // bs, bs * t, a)),
+             jax.random.normal(key, (n // bs, bs * k * t, g))) for _, a, g, t in shapes]
+
+    def scan_sum(f, xs):
+        def body(acc, x):
+            return jax.tree_util.tree_map(jnp.add, acc, f(*x)), None
+
+        first = jax.eval_shape(f, *jax.tree_util.tree_map(lambda a: a[0], xs))
+        zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+        return jax.lax.scan(body, zero, xs)[0]
+
+    @jax.jit
+    def kfac(acts):
+        return [scan_sum(lambda a, g: (a.T @ a, g.T @ g), (a, g)) for a, g in acts]
+
+    @jax.jit
+    def diag(acts):
+        out = []
+        for (_, _, gw, t), (a, g) in zip(shapes, acts):
+            if t == 1:  # (Σₖ g²)ᵀ (a²)
+                out.append(scan_sum(lambda a, g, gw=gw: (jnp.sum(
+                    (g**2).reshape(bs, k, gw), 1)).T @ a**2, (a, g)))
+            else:  # per-example gradients Σₜ gₜ aₜᵀ, squared
+                def f(a, g, t=t, gw=gw):
+                    pe = jnp.einsum("nktg,nta->nkga", g.reshape(bs, k, t, gw),
+                                    a.reshape(bs, t, -1))
+                    return jnp.sum(pe**2, (0, 1))
+                out.append(scan_sum(f, (a, g)))
+        return out
+
+    def factors():
+        return [(a[0].T @ a[0], g[0].T @ g[0]) for a, g in acts]
+
+    eigh = jax.jit(lambda fs: [(jnp.linalg.eigh(a), jnp.linalg.eigh(g)) for a, g in fs])
+    fs = factors()
+    bases = [(jnp.linalg.eigh(a)[1], jnp.linalg.eigh(g)[1]) for a, g in fs]
+
+    @jax.jit
+    def refit(acts, bases):
+        out = []
+        for (_, _, gw, t), (a, g), (qa, qg) in zip(shapes, acts, bases):
+            def f(a, g, t=t, gw=gw, qa=qa, qg=qg):
+                a, g = a @ qa, g @ qg
+                if t == 1:
+                    return jnp.sum((g**2).reshape(bs, k, gw), 1).T @ a**2
+                pe = jnp.einsum("nktg,nta->nkga", g.reshape(bs, k, t, gw),
+                                a.reshape(bs, t, -1))
+                return jnp.sum(pe**2, (0, 1))
+            out.append(scan_sum(f, (a, g)))
+        return out
+
+    out = {"kfac_gemms": lambda: kfac(acts), "diag_contraction": lambda: diag(acts)}
+    if k == K_EXACT:
+        out["ekfac_eigh"] = lambda: eigh(fs)
+    out["ekfac_refit_gemms"] = lambda: refit(acts, bases)
+    if d <= MAX_DENSE_D:  # Jacobian-based representations: J (bs·k, d) per chunk
+        jac = jax.random.normal(key, (n // bs, bs * k, d))
+        offsets = [0]
+        for _, a, g, _ in shapes:
+            offsets.append(offsets[-1] + a * g)
+        dense = jax.jit(lambda j: scan_sum(lambda j: j.T @ j, (j,)))
+        blocks = jax.jit(lambda j: [scan_sum(lambda j: j.T @ j, (j[..., s:e],))
+                                    for s, e in zip(offsets[:-1], offsets[1:])])
+        outer = jax.jit(lambda acts: [
+            jnp.einsum("ckg,ca->ckga", g.reshape(-1, k, g.shape[-1]), a.reshape(-1, a.shape[-1]))
+            for a, g in acts])
+        out["dense_jtj"] = lambda: dense(jac)
+        out["blockdiag_jtj"] = lambda: blocks(jac)
+        out["lowrank_outer"] = lambda: outer(acts)
+    return out
+
+
+def build_floor(floors: dict, rep: str, mc: bool = False, refit: bool = False
+                ) -> tuple[float, str] | None:
+    """The floor of a build (seconds, description), from a model's floor timings."""
+    k = 1 if mc else K_EXACT
+    w = {name: t["warm_s"] for name, t in floors.items() if "warm_s" in t}
+    passes = w["forward+backward"] if mc else w["forward"] + w["K backward"]
+    pname = "fwd+bwd" if mc else "fwd + K bwd"
+    contraction = {
+        "PMatKFAC": ["kfac_gemms"], "PMatDiag": ["diag_contraction"],
+        "PMatQuasiDiag": ["diag_contraction"], "PMatDense": ["dense_jtj"],
+        "PMatBlockDiag": ["blockdiag_jtj"], "PMatLowRank": ["lowrank_outer"],
+        "PMatEKFAC": ["kfac_gemms", "ekfac_refit_gemms"],
+    }.get(rep)
+    if contraction is None:
+        return None
+    if refit:
+        contraction = ["ekfac_refit_gemms"]
+    names = [f"{c} K={k}" for c in contraction]
+    if any(n not in w for n in names):
+        return None
+    total = passes + sum(w[n] for n in names)
+    desc = " + ".join([pname] + contraction)
+    if rep == "PMatEKFAC" and not refit:  # two passes and the factors' eigh
+        total += passes + w.get(f"ekfac_eigh K={K_EXACT}", 0.0)
+        desc = f"2×({pname}) + " + " + ".join(contraction) + " + eigh"
+    return total, desc
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def _operation(name: str, rep: str, pmat, d: int):
+    if name == "frobenius_norm" and rep == "PMatImplicit" and d > MAX_DENSE_D:
+        return None, f"skipped: needs a dense d×d view (d = {d:,})"
+    options = {}
     if name == "solve" and getattr(pmat, "SOLVE_METHODS", ("cg",))[0] == "cg":
         options = dict(maxiter=CG_MAXITER)
-        note = f"cg, maxiter={CG_MAXITER}"
-    ops = {
+    return {
         "mv": lambda m, v: m.mv(v),
         "vTMv": lambda m, v: m.vTMv(v),
         "trace": lambda m, v: m.trace(),
         "frobenius_norm": lambda m, v: m.frobenius_norm(),
         "solve": lambda m, v: m.solve(v, SOLVE_REGUL, **options),
-    }
-    return ops[name], options, note
+    }[name], (f"cg, maxiter={CG_MAXITER}" if options else "")
 
 
-def bench_operation(name, pmat, v, d, repeats, skip) -> dict:
-    fn, options, note = _operation(name, pmat, d, skip)
+def _time_operation(name, rep, pmat, v, d, repeats) -> dict:
+    import jax
+
+    fn, note = _operation(name, rep, pmat, d)
     if fn is None:
         return dict(skipped=note)
     jitted = jax.jit(fn)
@@ -210,153 +360,425 @@ def bench_operation(name, pmat, v, d, repeats, skip) -> dict:
         result = timed(lambda: jitted(pmat, v), repeats)
         result["jit"] = True
     except NotImplementedError as e:
-        return dict(skipped=f"NotImplementedError: {e}")
-    except Exception as e:  # noqa: BLE001 - not traceable: fall back to eager calls
+        return dict(skipped=f"NotImplementedError: {str(e)[:160]}")
+    except Exception as e:  # noqa: BLE001 - not traceable: eager calls
         try:
             result = timed(lambda: fn(pmat, v), repeats)
         except NotImplementedError as e2:
-            return dict(skipped=f"NotImplementedError: {e2}")
+            return dict(skipped=f"NotImplementedError: {str(e2)[:160]}")
         result["jit"] = False
         result["jit_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if note:
         result["note"] = note
-    if options:
-        result["options"] = options
     return result
 
 
-def bench_model(model: Model, repeats: int, operations: tuple[str, ...],
-                only: tuple[str, ...] | None = None) -> dict:
-    apply_fn = make_apply(model)
-    params = init_mlp(model)
-    x, y = make_data(model)
-    d = sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(params))
-    print(f"\n== {model.name}: widths {model.widths}, d = {d:,}, N = {model.n}, "
-          f"K = {model.widths[-1] - 1}, batch_size = {model.batch_size}")
-    result = dict(d=d, n=model.n, k=model.widths[-1] - 1, batch_size=model.batch_size,
-                  widths=list(model.widths), floors=floors(
-                      apply_fn, params, x, y, model.batch_size, repeats),
-                  representations={})
+def _storage_bytes(pmat, exclude: Any = ()) -> int:
+    import jax
+
+    skip = {id(a) for a in jax.tree_util.tree_leaves(exclude)}
+    return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(pmat)
+               if id(a) not in skip and hasattr(a, "dtype"))
+
+
+def chunk_bytes(spec: models.Spec, rep: str) -> int:
+    """One chunk's working set: the layer inputs and K output gradients of ``batch_size``
+    examples (convolution inputs as patches), plus a chunk of per-example Jacobians for
+    the Jacobian-based representations or per-example conv gradients for the diagonal
+    ones."""
+    bs, k = spec.batch_size, K_EXACT
+    total = bs * (k + 1) * models.activation_floats(spec)
+    if rep in ("PMatDense", "PMatBlockDiag", "PMatLowRank"):
+        total += bs * k * models.num_params(spec)
+    elif rep in ("PMatDiag", "PMatQuasiDiag", "PMatEKFAC"):
+        conv = [a * g for kind, a, g, _ in models.layer_shapes(spec) if kind == "conv"]
+        total += bs * k * max(conv, default=0)
+    return 4 * total
+
+
+def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
+             n: int | None = None, build_only: bool = False) -> dict:
+    import jax
+    import numpy as np
+
+    import jaxgeom
+
+    counter = CompileCounter()
+    apply_fn, params, x_np, y_np, x, y = _setup(spec, n)
+    n = x.shape[0]
+    bs = spec.batch_size
+    d = models.num_params(spec)
+    cls = getattr(jaxgeom, rep)
+    holder: dict = {}
+
+    def build(p=params, data=(x, y)):
+        holder["F"] = jaxgeom.FIM(apply_fn, p, data, cls, variant="classif_logits",
+                                  batch_size=bs)
+        return holder["F"]
+
+    res: dict = dict(model=spec.name, representation=rep, n=n, d=d, batch_size=bs)
+    try:
+        # the first build's peak above the memory after imports, model and data (it
+        # includes compilation, the same at N and 10 N)
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        base = _status("VmRSS")
+        res["build"] = timed(build, repeats)
+        res["first_build_peak_mb"] = (_status("VmHWM") - base) / 2**20
+        holder.clear()
+        res["build"]["peak_mb"] = peak_mb(build)
+        F = holder.pop("F")
+    except Exception as e:  # noqa: BLE001
+        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        return res
+    storage = _storage_bytes(F, exclude=(params, x, y))
+    res["storage_mb"] = storage / 2**20
+    res["bound_mb"] = 1.5 * (storage + chunk_bytes(spec, rep)) / 2**20
+    if build_only:
+        return res
+    # recompilation: new parameter values, then a short last chunk
+    params2 = jax.tree_util.tree_map(lambda a: a * 1.01 + 0.001, params)
+    res["compiles_new_params"] = counter.during(lambda: build(params2))
+    short = n - bs // 2
+    res["compiles_short_last_chunk"] = counter.during(lambda: build(params, (x[:short],
+                                                                            y[:short])))
+    holder.clear()
+    res["build_mc"] = timed(lambda: jaxgeom.FIM_MonteCarlo(
+        apply_fn, params, (x, y), cls, key=jax.random.key(3), trials=1, batch_size=bs), repeats)
+    if rep == "PMatEKFAC":
+        res["refit"] = timed(lambda: F.refit(apply_fn, params, (x, y), batch_size=bs), repeats)
     v = jaxgeom.random_pvector(jax.random.key(2), params)
-    for name in model.representations:
-        if only is not None and name not in only:
-            continue
-        rep = getattr(jaxgeom, name, None)
-        if rep is None:
-            result["representations"][name] = dict(skipped=f"jaxgeom has no {name}")
-            continue
-        holder = {}
+    for op in operations:
+        if (spec.name, rep, op) in SKIP:
+            res[op] = dict(skipped=SKIP[spec.name, rep, op])
+        else:
+            res[op] = _time_operation(op, rep, F, v, d, repeats)
+    if (spec.name, rep, "trace") not in SKIP:
+        try:
+            res["trace_value"] = float(F.trace())
+        except Exception as e:  # noqa: BLE001
+            res["trace_value_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    del F
+    holder.clear()
+    if peers:
+        import peers as peers_lib
 
-        def build(rep=rep, holder=holder):
-            holder["pmat"] = jaxgeom.FIM(apply_fn, params, (x, y), rep,
-                                         variant="classif_logits",
-                                         batch_size=model.batch_size)
-            return holder["pmat"]
+        ops = [op for op in operations if (spec.name, rep, op) not in SKIP]
+        ng_ops = [op for op in ops if (spec.name, rep, op) not in PEER_SKIP]
+        res["nngeometry"] = peers_lib.nngeometry_case(
+            spec, params, x_np, y_np, rep, timed, repeats, ng_ops, memory=peak_mb,
+            regul=SOLVE_REGUL)
+        for op in ops:
+            if (spec.name, rep, op) in PEER_SKIP and "skipped" not in res["nngeometry"]:
+                res["nngeometry"][op] = dict(skipped=PEER_SKIP[spec.name, rep, op])
+        if rep == "PMatKFAC":
+            res["kfac_jax"] = peers_lib.kfac_jax_case(apply_fn, params, np.asarray(x_np),
+                                                      np.asarray(y_np), timed, repeats,
+                                                      SOLVE_REGUL, memory=peak_mb)
+            vtmv = res["kfac_jax"].get("vTMv_value")
+            if vtmv is not None:
+                F = build()
+                vj = jax.tree_util.tree_map(
+                    lambda a: jax.random.normal(jax.random.key(2), a.shape, a.dtype), params)
+                res["kfac_jax"]["jaxgeom_vTMv_value"] = float(F.vTMv(vj))
+    return res
 
-        entry = {"build": timed(build, repeats)}
-        _progress(name, "build", entry["build"])
-        pmat = holder.pop("pmat")
-        for op in operations:
-            entry[op] = bench_operation(op, pmat, v, d, repeats, model.skip)
-            _progress(name, op, entry[op])
-        del pmat
-        result["representations"][name] = entry
-    return result
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _subprocess(args: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--json", "-"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {timeout:.0f} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return dict(error=f"exit {proc.returncode}: " + " | ".join(tail)[:400])
+
+
+def versions() -> dict:
+    import jax
+
+    import jaxgeom
+
+    out = dict(python=platform.python_version(), jax=jax.__version__,
+               jaxgeom=jaxgeom.__version__)
+    for name in ("torch", "nngeometry", "kfac_jax"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name.replace("_", "-"))
+        except Exception:  # noqa: BLE001
+            out[name] = None
+    return out
+
+
+def run_all(args) -> dict:
+    repeats = 2 if args.quick else args.repeats
+    operations = ("mv", "trace") if args.quick else OPERATIONS
+    results = dict(
+        command=" ".join(["python", "benchmarks/bench_fim.py", *sys.argv[1:]]),
+        machine=dict(platform=platform.platform(), processor=platform.processor(),
+                     cpu_count=os.cpu_count()),
+        versions=versions(),
+        settings=dict(repeats=repeats, dtype="float32", variant="classif_logits",
+                      solve_regul=SOLVE_REGUL, cg_maxiter=CG_MAXITER, peers=not args.no_peers),
+        models={},
+    )
+    common = ["--repeats", str(repeats), "--operations", *operations]
+    if args.no_peers:
+        common.append("--no-peers")
+    for name in args.models:
+        spec = models.SPECS[name]
+        r = min(repeats, spec.repeats or repeats)
+        c = common.copy()
+        c[1] = str(r)
+        print(f"\n== {name}: d = {models.num_params(spec):,}, N = {spec.n}, K = {K_EXACT}, "
+              f"batch_size = {spec.batch_size} {spec.note}", flush=True)
+        entry = dict(d=models.num_params(spec), n=spec.n, batch_size=spec.batch_size,
+                     repeats=r, representations={}, scaling={})
+        entry["floors"] = {} if args.only_scaling else _subprocess(
+            ["--case", name, "floors", *c], args.timeout)
+        print(f"   floors: {_summary(entry['floors'])}", flush=True)
+        for rep in spec.representations:
+            if args.only_scaling or (args.representations
+                                     and rep not in args.representations):
+                continue
+            res = _subprocess(["--case", name, rep, *c], args.timeout)
+            entry["representations"][rep] = res
+            print(f"   {rep}: {_summary(res)}", flush=True)
+            results["models"][name] = entry
+            _save(results, args.out)
+        if not args.quick and not args.no_scaling:
+            for m, rep in SCALING:
+                if m != name or (args.representations and rep not in args.representations):
+                    continue
+                small = _subprocess(["--case", name, rep, "--build-only", *c], args.timeout)
+                big = _subprocess(["--case", name, rep, "--build-only", "--n",
+                                   str(10 * spec.n), *c], args.timeout)
+                entry["scaling"][rep] = dict(n=small, n10=big)
+                print(f"   {rep} memory N → 10 N: {_summary(small)} → {_summary(big)}",
+                      flush=True)
+        results["models"][name] = entry
+        _save(results, args.out)
+    return results
+
+
+def _save(results: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def _summary(res: dict) -> str:
+    if "error" in res:
+        return "ERROR " + res["error"]
+    parts = []
+    for key in ("forward", "K backward", "build", "build_mc", "refit"):
+        if key in res:
+            parts.append(f"{key} {_fmt_s(res[key]['warm_s'])}")
+    if "build" in res and "peak_mb" in res["build"]:
+        parts.append(f"peak {res['build']['peak_mb']:.0f} MiB (n = {res['n']})")
+    return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def _progress(rep: str, op: str, t: dict) -> None:
-    done = t.get("skipped") or f"first {_fmt_s(t['first_s'])}, warm {_fmt_s(t['warm_s'])}"
-    print(f"   {rep}.{op}: {done}", flush=True)
-
-
-def _fmt_ratio(r: float) -> str:
-    return f"{r:.0f}" if r >= 100 else f"{r:.1f}" if r >= 10 else f"{r:.2f}" if r >= 0.01 else (
-        f"{r:.0e}")
 
 
 def _fmt_s(s: float) -> str:
     return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def print_report(results: dict) -> None:
-    for model, res in results["models"].items():
-        fwd_bwd = res["floors"]["forward+backward"]["warm_s"]
-        per_example = res["floors"]["per-example grads"]["warm_s"]
-        rows = [("model / representation", "operation", "first call", "warm median",
-                 "x grad", "x pe-grad")]
-        for name, t in res["floors"].items():
-            rows.append((f"{model} floor", name, _fmt_s(t["first_s"]), _fmt_s(t["warm_s"]),
-                         _fmt_ratio(t["warm_s"] / fwd_bwd), _fmt_ratio(t["warm_s"] / per_example)))
-        notes = []
-        for rep, entry in res["representations"].items():
-            if "skipped" in entry:
-                notes.append(f"{rep}: not run ({entry['skipped']})")
+def _fmt_r(r: float | None) -> str:
+    if r is None:
+        return ""
+    return f"{r:.0f}" if r >= 100 else f"{r:.1f}" if r >= 10 else f"{r:.2f}"
+
+
+def _row_floor(floors, rep, op):
+    w = {name: t["warm_s"] for name, t in floors.items() if "warm_s" in t}
+    if op == "build":
+        return build_floor(floors, rep)
+    if op == "build_mc":
+        return build_floor(floors, rep, mc=True)
+    if op == "refit":
+        return build_floor(floors, rep, refit=True)
+    if op == "mv" and rep == "PMatImplicit":
+        return w["exact F·v"], "exact F·v"
+    return w["forward+backward"], "fwd+bwd"
+
+
+def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
+    header = ("model", "representation", "op", "jaxgeom", "first", "floor", "×floor",
+              "NNGeom", "NNG/jg", "kfac-jax", "kj/jg", "peak MiB", "bound", "recompiles")
+    rows, notes = [header], []
+    for model, entry in results["models"].items():
+        floors = entry.get("floors", {})
+        if "error" in floors:
+            notes.append(f"{model} floors: ERROR {floors['error']}")
+            floors = {}
+        for name in ("forward", "forward+backward", "per-example grads", "K backward",
+                     "exact F·v", "kfac_gemms K=9", "kfac_gemms K=1"):
+            if name in floors:
+                rows.append((model, "floor", name, _fmt_s(floors[name]["warm_s"]),
+                             _fmt_s(floors[name]["first_s"])) + ("",) * 9)
+        for rep, res in entry["representations"].items():
+            if "error" in res:
+                rows.append((model, rep, "ERROR") + ("",) * 11)
+                notes.append(f"{model} {rep}: {res['error']}")
                 continue
-            for op, t in entry.items():
-                if "skipped" in t:
-                    rows.append((rep, op, "n/a", "n/a", "", ""))
-                    notes.append(f"{rep}.{op}: {t['skipped'][:160]}")
+            ng, kj = res.get("nngeometry", {}), res.get("kfac_jax", {})
+            for peer_name, peer in (("NNGeometry", ng), ("kfac-jax", kj)):
+                if "skipped" in peer:
+                    notes.append(f"{model} {rep} {peer_name}: skipped ({peer['skipped']})")
+                if "error" in peer:
+                    notes.append(f"{model} {rep} {peer_name}: ERROR {peer['error']}")
+            for op in ("build", "build_mc", "refit", *OPERATIONS):
+                t = res.get(op)
+                if t is None:
                     continue
-                if t.get("note"):
-                    notes.append(f"{rep}.{op}: {t['note']}")
-                label = op + ("" if t.get("jit", True) else " (eager)")
-                warm = _fmt_s(t["warm_s"])
-                if not t["runs"]:
-                    warm += "*"
-                    notes.append(f"{rep}.{op}: * no warm call (first call > {VERY_SLOW_S:g} s)")
-                rows.append((rep, label, _fmt_s(t["first_s"]), warm,
-                             _fmt_ratio(t["warm_s"] / fwd_bwd),
-                             _fmt_ratio(t["warm_s"] / per_example) if op == "build" else ""))
+                if "skipped" in t:
+                    notes.append(f"{model} {rep}.{op}: {t['skipped']}")
+                    continue
+                try:
+                    fl = _row_floor(floors, rep, op) if floors else None
+                except KeyError:
+                    fl = None
+                warm = t["warm_s"]
+                cells = [model, rep, op + ("" if t.get("jit", True) else " (eager)"),
+                         _fmt_s(warm) + ("" if t["runs"] else "*"), _fmt_s(t["first_s"]),
+                         fl[1] if fl else "", _fmt_r(warm / fl[0]) if fl else ""]
+                for peer in (ng, kj):
+                    pt = peer.get(op, {})
+                    if "warm_s" in pt:
+                        cells += [_fmt_s(pt["warm_s"]), _fmt_r(pt["warm_s"] / warm)]
+                    else:
+                        cells += ["skip" if "skipped" in pt else "", ""]
+                if op == "build":
+                    cells += [f"{t.get('peak_mb', 0):.0f}", f"{res.get('bound_mb', 0):.0f}",
+                              f"{res.get('compiles_new_params')}/"
+                              f"{res.get('compiles_short_last_chunk')}"]
+                else:
+                    cells += ["", "", ""]
+                rows.append(tuple(cells))
+            if "trace_value" in res and "trace_value" in ng:
+                a, b = res["trace_value"], ng["trace_value"]
+                rel = abs(a - b) / max(abs(b), 1e-30)
+                notes.append(f"{model} {rep}: trace jaxgeom {a:.6g}, NNGeometry {b:.6g}, "
+                             f"rel. diff {rel:.1e} {'OK' if rel < 1e-3 else 'MISMATCH'}")
+            if "vTMv_value" in kj and "jaxgeom_vTMv_value" in kj:
+                a, b = kj["jaxgeom_vTMv_value"], kj["vTMv_value"]
+                notes.append(f"{model} {rep}: vᵀFv jaxgeom {a:.6g}, kfac-jax {b:.6g}, "
+                             f"rel. diff {abs(a - b) / max(abs(b), 1e-30):.1e}")
+            for k in ("update_cache",):
+                if k in kj and "warm_s" in kj[k]:
+                    notes.append(f"{model} {rep}: kfac-jax {k} {_fmt_s(kj[k]['warm_s'])} "
+                                 "(its solve row is multiply_inverse with the cache)")
+        for rep, sc in entry.get("scaling", {}).items():
+            try:
+                a, b = sc["n"], sc["n10"]
+                notes.append(
+                    f"{model} {rep} memory: N = {a['n']}: peak of the first build "
+                    f"{a['first_build_peak_mb']:.0f} MiB, N = {b['n']}: "
+                    f"{b['first_build_peak_mb']:.0f} MiB (bound "
+                    f"{b['bound_mb']:.0f} MiB); build {_fmt_s(a['build']['warm_s'])} → "
+                    f"{_fmt_s(b['build']['warm_s'])}")
+            except (KeyError, TypeError):
+                notes.append(f"{model} {rep} memory scaling: {sc}")
+    return rows, notes
+
+
+def print_report(results: dict, markdown: bool = False) -> None:
+    rows, notes = table_rows(results)
+    if markdown:
+        print("| " + " | ".join(rows[0]) + " |")
+        print("|" + " --- |" * len(rows[0]))
+        for r in rows[1:]:
+            print("| " + " | ".join(r) + " |")
+    else:
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        print()
         for i, row in enumerate(rows):
-            print("  ".join(c.ljust(w) if j < 2 else c.rjust(w)
+            print("  ".join(c.ljust(w) if j < 3 else c.rjust(w)
                             for j, (c, w) in enumerate(zip(row, widths))).rstrip())
             if i == 0:
                 print("  ".join("-" * w for w in widths))
-        for note in notes:
-            print(f"  - {note}")
+    print()
+    for note in notes:
+        print(f"- {note}")
+    print("\n* no warm call (first call > 60 s). ×floor: warm time / floor of the same run; "
+          "NNG/jg, kj/jg: peer warm time / jaxgeom warm time (> 1: jaxgeom faster); "
+          "recompiles: XLA compilations of a build with new param values / with a short "
+          "last chunk; peak: resident memory of a warm build; bound: 1.5 × (storage + "
+          "one chunk).")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(models.SPECS),
+                        choices=list(models.SPECS))
+    parser.add_argument("--representations", nargs="+", default=None, metavar="PMAT")
     parser.add_argument("--repeats", type=int, default=5, help="warm repeats (median)")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--operations", nargs="+", default=list(OPERATIONS))
     parser.add_argument("--quick", action="store_true",
-                        help="2 repeats, only mv and trace: a smoke run")
-    parser.add_argument("--representations", nargs="+", default=None, metavar="PMAT",
-                        help="time only these representations (default: all that fit)")
-    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
-    parser.add_argument("--report", default=None, metavar="JSON",
-                        help="only print the table of a saved results file")
+                        help="2 repeats, mv and trace only, no memory scaling")
+    parser.add_argument("--no-peers", action="store_true", help="skip NNGeometry, kfac-jax")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the 10 N memory runs")
+    parser.add_argument("--only-scaling", action="store_true",
+                        help="only the memory runs at N and 10 N")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per case")
+    parser.add_argument("--out", default=None, help="write the results as JSON")
+    parser.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                        help="print saved runs (several files: merged case by case)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    # internal: one case in this process
+    parser.add_argument("--case", nargs=2, metavar=("MODEL", "REP"), help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.case:
+        spec = models.SPECS[args.case[0]]
+        if args.case[1] == "floors":
+            res = floors_case(spec, args.repeats)
+        else:
+            res = run_case(spec, args.case[1], args.repeats, tuple(args.operations),
+                           peers=not args.no_peers, n=args.n, build_only=args.build_only)
+        print(json.dumps(res))
+        return res
     if args.report:
-        with open(args.report) as f:
-            results = json.load(f)
-        print_report(results)
-        return results
-    repeats = 2 if args.quick else args.repeats
-    operations = ("mv", "trace") if args.quick else OPERATIONS
-    results = dict(
-        machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpu_count=__import__("os").cpu_count(),
-                     devices=[str(dv) for dv in jax.devices()]),
-        versions=dict(jax=jax.__version__, jaxgeom=jaxgeom.__version__,
-                      python=platform.python_version()),
-        settings=dict(repeats=repeats, dtype="float32", variant="classif_logits",
-                      solve_regul=SOLVE_REGUL, cg_maxiter=CG_MAXITER),
-        models={},
-    )
-    for name in args.models:
-        results["models"][name] = bench_model(MODELS[name], repeats, operations,
-                                              args.representations)
-    print_report(results)
+        results = None
+        for path in args.report:
+            with open(path) as f:
+                run = json.load(f)
+            if results is None:
+                results = run
+                results["commands"] = [run.get("command")]
+            else:
+                for name, entry in run["models"].items():
+                    old = results["models"].setdefault(name, entry)
+                    if old is not entry:  # later runs add cases and replace the floors
+                        old["representations"].update(entry["representations"])
+                        old["scaling"].update(entry.get("scaling", {}))
+                        for key, t in entry.get("floors", {}).items():
+                            # a later floor replaces an earlier one unless it has no warm
+                            # call (its time then includes compilation)
+                            if t.get("runs") or "warm_s" not in old["floors"].get(key, {}):
+                                old["floors"][key] = t
+                results["commands"].append(run.get("command"))
+        _save(results, args.out)  # --out with --report: the merged runs
+    else:
+        results = run_all(args)
+    print()
+    print_report(results, args.markdown)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
         print(f"\nwrote {args.out}")
     return results
 

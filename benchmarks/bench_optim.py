@@ -6,7 +6,7 @@ Usage::
     python benchmarks/bench_optim.py --out optim.json         # both models, every transform
     python benchmarks/bench_optim.py --models bench_small --steps 20
 
-The models and synthetic data are those of ``bench_fim.py`` (float32, fixed seeds): the
+The models and synthetic data are those of ``models.py`` (float32, fixed seeds): the
 whole data set (``N`` examples) is the batch of every step. A step is one jitted call
 ``(params, state, batch, key) -> (params, state)``: the gradient of the mean
 cross-entropy, ``tx.update`` with the batch and key as optax extra arguments, and
@@ -39,7 +39,9 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_fim import MODELS, init_mlp, make_apply, make_data  # noqa: E402
+from models import SPECS as MODELS  # noqa: E402
+from models import init_params, make_apply, num_params  # noqa: E402
+from models import make_data as _make_data  # noqa: E402
 
 import jaxgeom as jg  # noqa: E402
 from jaxgeom import optim  # noqa: E402
@@ -69,7 +71,7 @@ def transforms(model, apply_fn, batch):
         "Hessian-free (CG, 10 iterations)": optim.natural_gradient(
             LR, jg.PMatImplicit, damping=1e-3, solve_options={"maxiter": 10}),
     }
-    if model.widths[1] <= 128:  # layer blocks of bench_mlp are too large to store
+    if num_params(model) <= 10_000:  # layer blocks of bench_mlp are too large to store
         out["BlockDiag (MC Fisher)"] = optim.natural_gradient(
             LR, jg.PMatBlockDiag, damping=1e-3, fisher="monte_carlo", fim_options=chunk)
     try:
@@ -111,8 +113,8 @@ def bench_transform(tx, apply_fn, params, batch, steps):
 
 def bench_model(model, names, steps):
     apply_fn = make_apply(model)
-    params = init_mlp(model)
-    batch = make_data(model)
+    params = init_params(model)
+    batch = tuple(jnp.asarray(a) for a in _make_data(model))
     results = {}
     for name, tx in transforms(model, apply_fn, batch).items():
         if names is not None and name not in names:
@@ -153,7 +155,7 @@ def main(argv=None):
     all_results = {}
     for name in models:
         model = MODELS[name]
-        print(f"{name}: widths {model.widths}, N = {model.n}", flush=True)
+        print(f"{name}: layers {model.layers}, N = {model.n}", flush=True)
         all_results[name] = bench_model(model, names, steps)
     print_report(all_results)
     if args.out:

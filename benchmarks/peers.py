@@ -1,0 +1,204 @@
+"""Peer runners: NNGeometry (PyTorch, CPU) and kfac-jax, each optional.
+
+``nngeometry_case`` builds the same Fisher as jaxgeom with NNGeometry on the PyTorch twin
+of the model (same float32 weights, same data, same chunks) and times the same
+operations; ``kfac_jax_case`` builds kfac-jax's KFAC factors (exact Fisher and one
+Monte-Carlo sample) and times its ``multiply`` and ``multiply_inverse``. Each returns a
+dict of timings (``timed`` results) or ``{"skipped": reason}`` when the peer is not
+installed (see benchmarks/README.md for the peer environment).
+
+kfac-jax 0.0.8 fails on jax >= 0.10 as soon as an estimator runs (``Primitive.
+get_bind_params`` now returns only the params dict); :func:`_patch_kfac_jax` replaces
+``tag_graph_matcher.eval_jaxpr_eqn`` with a version accepting both forms. Its conv input
+factor ``patches_moments`` is ~13x slower on CPU than its own
+``patches_moments_explicit``; the runner uses the explicit one (``explicit_patches``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import models
+import numpy as np
+
+NNGEOMETRY_OPS = ("mv", "vTMv", "trace", "frobenius_norm", "solve")
+
+
+def available(name: str) -> str | None:
+    """``None`` when peer ``name`` imports, else the reason it does not."""
+    try:
+        if name == "nngeometry":
+            import nngeometry  # noqa: F401
+            import torch  # noqa: F401
+        elif name == "kfac_jax":
+            import kfac_jax  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"{name} not installed ({type(e).__name__}: {e})"
+    return None
+
+
+# ----------------------------------------------------------------------------- NNGeometry
+
+
+def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray,
+                    representation: str, timed: Callable, repeats: int, operations,
+                    memory: Callable | None = None, regul: float = 1e-3) -> dict:
+    """NNGeometry's ``FIM`` / ``FIM_MonteCarlo`` in ``representation`` and its operations."""
+    reason = available("nngeometry")
+    if reason:
+        return dict(skipped=reason)
+    import nngeometry
+    import nngeometry.object as ngo
+    import torch
+    from nngeometry.layercollection import LayerCollection
+    from nngeometry.object.vector import random_pvector
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    rep = getattr(ngo, representation, None)
+    if rep is None:
+        return dict(skipped=f"NNGeometry has no {representation}")
+    model = models.torch_model(spec, params)
+    data = torch.utils.data.TensorDataset(torch.from_numpy(models.torch_inputs(x)),
+                                          torch.from_numpy(y.astype(np.int64)))
+    loader = torch.utils.data.DataLoader(data, batch_size=spec.batch_size, shuffle=False)
+    lc = LayerCollection.from_model(model)
+    out: dict = {}
+    holder: dict = {}
+    ekfac = representation == "PMatEKFAC"
+
+    def build():
+        holder["F"] = nngeometry.FIM(model, loader, rep, variant="classif_logits")
+        if ekfac:  # jaxgeom's EKFAC build includes the diagonal refit
+            holder["F"].update_diag(loader)
+        return holder["F"]
+
+    def build_mc():
+        return nngeometry.FIM_MonteCarlo(model, loader, rep, variant="classif_logits",
+                                         trials=1)
+
+    try:
+        out["build"] = timed(build, repeats)
+        if memory is not None:
+            out["build"]["peak_mb"] = memory(build)
+        F = holder.pop("F")
+        out["build_mc"] = timed(build_mc, repeats)
+        if ekfac:
+            out["refit"] = timed(lambda: F.update_diag(loader), repeats)
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return out
+    v = random_pvector(lc, dtype=torch.float32)
+    ops = {
+        "mv": lambda: F.mv(v),
+        "vTMv": lambda: F.vTMv(v),
+        "trace": lambda: F.trace(),
+        "frobenius_norm": lambda: F.frobenius_norm(),
+        "solve": lambda: F.solve(v, regul),
+    }
+    for op in operations:
+        try:
+            out[op] = timed(ops[op], repeats)
+        except NotImplementedError as e:
+            out[op] = dict(skipped=f"NotImplementedError {e}".strip())
+        except Exception as e:  # noqa: BLE001
+            out[op] = dict(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    try:
+        out["trace_value"] = float(F.trace())
+    except Exception as e:  # noqa: BLE001
+        out["trace_value_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    return out
+
+
+# ----------------------------------------------------------------------------- kfac-jax
+
+
+def _patch_kfac_jax(explicit_patches: bool = True) -> None:
+    import jax.extend as jex
+    from kfac_jax._src import patches_second_moment as psm
+    from kfac_jax._src import tag_graph_matcher as tgm
+
+    if getattr(tgm, "_jaxgeom_bench_patched", False):
+        return
+
+    def eval_jaxpr_eqn(eqn, in_values):
+        bound = eqn.primitive.get_bind_params(eqn.params)
+        subfuns, bind_params = bound if isinstance(bound, tuple) else ((), bound)
+        with jex.source_info_util.user_context(eqn.source_info.traceback):
+            output = eqn.primitive.bind(*subfuns, *in_values, **bind_params)
+        return output if isinstance(output, list) else [output]
+
+    tgm.eval_jaxpr_eqn = eval_jaxpr_eqn
+    if explicit_patches:
+        psm.patches_moments = psm.patches_moments_explicit
+    tgm._jaxgeom_bench_patched = True
+
+
+def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
+                  timed: Callable, repeats: int, regul: float = 1e-3,
+                  memory: Callable | None = None) -> dict:
+    """kfac-jax's KFAC: factors of the exact Fisher (``fisher_exact``) and of one
+    Monte-Carlo sample (``fisher_gradients``) over the whole data as one batch, and
+    ``multiply`` / ``multiply_inverse`` (after ``update_cache``), all jitted."""
+    reason = available("kfac_jax")
+    if reason:
+        return dict(skipped=reason)
+    import jax
+    import jax.numpy as jnp
+    import kfac_jax
+
+    _patch_kfac_jax()
+    n = x.shape[0]
+    batch = (jnp.asarray(x), jnp.asarray(y))
+
+    def loss(p, b):
+        logits = apply_fn(p, b[0])
+        kfac_jax.register_softmax_cross_entropy_loss(logits, b[1])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, b[1][:, None], 1))
+
+    out: dict = {}
+    try:
+        est = kfac_jax.BlockDiagonalCurvature(func=loss, default_estimation_mode="fisher_exact")
+        state0 = est.init(jax.random.key(0), (params, batch), exact_powers_to_cache=-1,
+                          approx_powers_to_cache=None)
+
+        def update(mode):
+            @jax.jit
+            def f(state, p, b, rng):
+                return est.update_curvature_matrix_estimate(
+                    state, ema_old=0.0, ema_new=1.0, identity_weight=0.0, batch_size=n,
+                    rng=rng, func_args=(p, b), estimation_mode=mode)
+            return f
+
+        exact, mc = update("fisher_exact"), update("fisher_gradients")
+        key = jax.random.key(1)
+        out["build"] = timed(lambda: exact(state0, params, batch, key), repeats)
+        if memory is not None:
+            out["build"]["peak_mb"] = memory(lambda: exact(state0, params, batch, key))
+        out["build_mc"] = timed(lambda: mc(state0, params, batch, key), repeats)
+        state = exact(state0, params, batch, key)
+        v = jax.tree_util.tree_map(
+            lambda a: jax.random.normal(jax.random.key(2), a.shape, a.dtype), params)
+        multiply = jax.jit(lambda s, v: est.multiply(s, v, identity_weight=0.0,
+                                                     exact_power=True, use_cached=False,
+                                                     pmap_axis_name=None))
+        cache = jax.jit(lambda s: est.update_cache(s, identity_weight=regul, exact_powers=-1,
+                                                   approx_powers=None, eigenvalues=False,
+                                                   pmap_axis_name=None))
+        inverse = jax.jit(lambda s, v: est.multiply_inverse(
+            s, v, identity_weight=regul, exact_power=True, use_cached=True,
+            pmap_axis_name=None))
+        out["mv"] = timed(lambda: multiply(state, v), repeats)
+        out["update_cache"] = timed(lambda: cache(state), repeats)
+        cached = cache(state)
+        out["solve"] = timed(lambda: inverse(cached, v), repeats)
+        out["solve"]["note"] = "multiply_inverse with cached inverse (update_cache apart)"
+        mv = multiply(state, v)
+        out["vTMv_value"] = float(sum(jnp.vdot(a, b) for a, b in zip(
+            jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(mv))))
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return out
