@@ -536,15 +536,12 @@ def flat_squared_gradients(cap: Captured, mask: jax.Array, plan: CapturePlan,
     chunk's ``Σ JᵀJ`` from its captures — :func:`squared_gradient_sum` for Kronecker layers
     (no per-example gradient when ``T = 1``), exact per-example gradients for the others."""
     dtype = layout.dtype
-    diag = jnp.zeros(layout.numel(), dtype)
-    for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype)):
-        a = augmented_inputs(spec, a, dtype)
-        diag = diag.at[spec.matrix_indices(layout)].add(squared_gradient_sum(a, g))
-    ids = {s.layer_id for s in plan.specs}
-    others = [layout.layer_indices(layer) for layer in layout.layers if layer.id not in ids]
-    for idx, grads in zip(others, other_gradients(cap, mask, plan, layout)):
-        diag = diag.at[idx].add(jnp.sum(grads**2, axis=0))
-    return diag
+    squares = [
+        squared_gradient_sum(augmented_inputs(spec, a, dtype), g)
+        for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype))
+    ]
+    others = [jnp.sum(grads**2, axis=0) for grads in other_gradients(cap, mask, plan, layout)]
+    return _layout(layout, plan.specs).merge(squares, others)
 
 
 def masked_grads(cap: Captured, mask: jax.Array, dtype) -> tuple[jax.Array, ...]:
