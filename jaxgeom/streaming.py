@@ -200,7 +200,7 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
     source = _Batches(data)
     chunks = data_lib.iter_chunks(source, batch_size)
     first = next(chunks)
-    first_builder = make(jax.tree_util.tree_map(lambda a: a[0], first.batch))
+    first_builder = make(data_lib.example_shapes(first.batch))
     one_shot = isinstance(data, collections.abc.Iterator)
     source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
     total, n = _reduce(first_builder, itertools.chain([first], chunks), params, aux)
