@@ -254,16 +254,43 @@ def _conv_inputs(eqn, invals):
     x, kernel = invals[0], invals[1]
     x = jnp.transpose(x, lhs_spec)  # (N, C, spatial...)
     window = [kernel.shape[d] for d in rhs_spec[2:]]
-    patches = jax.lax.conv_general_dilated_patches(
-        x, window, params["window_strides"], params["padding"],
-        lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
-        precision=jax.lax.Precision.HIGHEST,
-    )  # (N, C·prod(window), out spatial...), features ordered (C, window...)
-    patches = jnp.moveaxis(patches, 1, -1)
+    patches = extract_patches(x, window, params["window_strides"], params["padding"],
+                              params["lhs_dilation"], params["rhs_dilation"])
+    patches = jnp.moveaxis(patches, 1, -1)  # (N, out spatial..., C·prod(window))
     t = math.prod(patches.shape[:-1])
     features = patches.reshape(t, x.shape[1], *window)
     order = np.argsort(rhs_spec[1:])  # kernel dims (I, spatial...) → ascending
     return jnp.transpose(features, (0, *(1 + order))).reshape(t, -1)
+
+
+def extract_patches(x: jax.Array, window: Sequence[int], strides: Sequence[int],
+                    padding: Sequence[tuple[int, int]], lhs_dilation: Sequence[int],
+                    rhs_dilation: Sequence[int]) -> jax.Array:
+    """The input patch of every output location of a convolution, by strided slicing.
+
+    ``x`` is ``(N, C, *spatial)``; returns ``(N, C·prod(window), *out_spatial)`` with the
+    features ordered ``(C, *window)``, as :func:`jax.lax.conv_general_dilated_patches`.
+    ``lhs_dilation`` (transposed convolutions) is interior zero padding, ``padding`` may
+    be negative (cropping). Pure data movement, ``N C prod(window) prod(out)`` copies —
+    not the grouped identity convolution of ``conv_general_dilated_patches``, which costs
+    ``prod(window)`` times more arithmetic and is slow on CPU.
+    """
+    zero = jnp.zeros((), x.dtype)
+    config = [(0, 0, 0), (0, 0, 0)] + [
+        (lo, hi, dil - 1) for (lo, hi), dil in zip(padding, lhs_dilation)
+    ]
+    x = jax.lax.pad(x, zero, config)
+    spatial = x.shape[2:]
+    out = [(size - (k - 1) * rd - 1) // s + 1
+           for size, k, rd, s in zip(spatial, window, rhs_dilation, strides)]
+    slices = []
+    for offsets in np.ndindex(*window):
+        start = [o * rd for o, rd in zip(offsets, rhs_dilation)]
+        limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, out, strides)]
+        slices.append(jax.lax.slice(x, [0, 0, *start], [*x.shape[:2], *limit],
+                                    [1, 1, *strides]))
+    patches = jnp.stack(slices, axis=2)  # (N, C, prod(window), *out)
+    return patches.reshape(x.shape[0], -1, *out)
 
 
 def _gather_inputs(eqn, invals):

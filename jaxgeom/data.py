@@ -10,12 +10,15 @@ Conventions (DESIGN.md):
 - results are means over the examples actually seen.
 
 Chunks: a batch larger than ``batch_size`` is processed in chunks of exactly
-``batch_size`` examples; the last one is padded (with copies of its first example) and
-masked, so one compiled step serves every chunk.
+``batch_size`` examples; the last one is padded and masked, so one compiled step serves
+every chunk. Chunks of JAX arrays are cut on the device by one small compiled function per
+batch shape (a clamped ``dynamic_slice``), never by shape-specific slices: a batch of a new
+size (a short last batch) costs at most two tiny compilations, not one per chunk.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
@@ -91,6 +94,12 @@ def num_examples(batch: Any, what: str = "batch") -> int:
     return int(next(iter(sizes.values())))
 
 
+def example_shapes(batch: Any) -> Any:
+    """The shapes and dtypes of one example of ``batch`` (``jax.ShapeDtypeStruct`` leaves,
+    no example axis): enough to trace a per-example function, and no slice to compile."""
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), batch)
+
+
 class Chunk(NamedTuple):
     """A fixed-size piece of a batch.
 
@@ -125,7 +134,7 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
             stop = min(start + size, n)
             count = stop - start
             chunk = jax.tree_util.tree_map(
-                lambda a, s=start, e=stop, k=size: _pad(a[s:e], k), batch
+                lambda a, s=start, e=stop, k=size: _chunk_of(a, s, e, k), batch
             )
             mask = np.zeros(size)
             mask[:count] = 1.0
@@ -135,6 +144,34 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
         raise ValueError(
             "the data contains no example: pass at least one batch with a non-empty leading axis"
         )
+
+
+def _chunk_of(a: Any, start: int, stop: int, size: int) -> Any:
+    """Rows ``start:stop`` of ``a`` padded to ``size`` rows (real rows first)."""
+    if not isinstance(a, jax.Array):
+        return _pad(a[start:stop], size)
+    if start == 0 and stop == size == a.shape[0]:
+        return a
+    if a.shape[0] < size:
+        return _pad_rows(a, size)
+    return _window(a, jnp.asarray(start), size)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _window(a: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    """``size`` rows of ``a`` from ``start`` (``start`` traced: one compilation per shape).
+
+    Near the end the window is clamped to the last ``size`` rows and rotated so that rows
+    ``start:`` come first; the rows after them (already seen) are masked by the caller.
+    """
+    begin = jnp.minimum(start, a.shape[0] - size)
+    window = jax.lax.dynamic_slice_in_dim(a, begin, size, axis=0)
+    return jnp.roll(window, begin - start, axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pad_rows(a: jax.Array, size: int) -> jax.Array:
+    return _pad(a, size)
 
 
 def _pad(a: Any, size: int) -> Any:

@@ -132,6 +132,10 @@ class JacobianBuilder(ChunkBuilder):
     def _collects(self) -> bool:
         return getattr(self.accumulator, "collects", False)
 
+    @property
+    def sums(self) -> bool:
+        return not self._collects
+
     def statistics(self, params, batch, mask, offset, aux):
         jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
         finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))

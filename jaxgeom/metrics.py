@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom.jacobian import Hashable
@@ -213,7 +214,9 @@ def _whitener(variant, covariance, out_shape, params):
 
 
 def _layers(fn, params, args) -> LayerCollection:
-    one = jax.tree_util.tree_map(lambda a: a[:1], args)
+    # shapes only: slicing the data here would compile a slice per new batch shape
+    one = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype), args)
     return LayerCollection.from_model(fn, params, one)
 
 

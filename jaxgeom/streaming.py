@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -95,6 +96,9 @@ class ChunkBuilder:
     passes: int = 1
     #: whether ``finalize`` needs ``Stream.data`` as the list of all batches.
     keeps_data: bool = False
+    #: whether :meth:`reduce` is the sum of the statistics: the driver then adds each
+    #: chunk's statistics to the running total inside the chunk's compiled step, in place.
+    sums: bool = True
 
     def statistics(self, params: Any, batch: Any, mask: jax.Array, offset: jax.Array,
                    aux: Any) -> tuple[Any, jax.Array]:
@@ -104,7 +108,8 @@ class ChunkBuilder:
 
     def reduce(self, total: Any, stats: Any, count: int) -> Any:
         """Add one chunk's statistics to the running ``total`` (``None`` before the first
-        chunk); ``count`` real examples. Runs outside ``jit``."""
+        chunk); ``count`` real examples. Runs outside ``jit``; used by builders that do not
+        :attr:`sums` (the others are summed inside the compiled step)."""
         return stats if total is None else _add(total, stats)
 
     def finalize(self, total: Any, stream: Stream) -> Any:
@@ -137,6 +142,10 @@ class BuilderGroup(ChunkBuilder):
     @property
     def keeps_data(self) -> bool:
         return any(m.keeps_data for m in self.members)
+
+    @property
+    def sums(self) -> bool:
+        return all(m.sums for m in self.members)
 
     def statistics(self, params, batch, mask, offset, aux):
         out = [m.statistics(params, batch, mask, offset, aux) for m in self.members]
@@ -191,7 +200,7 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
     source = _Batches(data)
     chunks = data_lib.iter_chunks(source, batch_size)
     first = next(chunks)
-    first_builder = make(jax.tree_util.tree_map(lambda a: a[0], first.batch))
+    first_builder = make(data_lib.example_shapes(first.batch))
     one_shot = isinstance(data, collections.abc.Iterator)
     source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
     total, n = _reduce(first_builder, itertools.chain([first], chunks), params, aux)
@@ -209,14 +218,36 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
 
 
 def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
-    total, n = None, 0
+    """Stream ``chunks`` through ``builder``: the total of the statistics and ``N``.
+
+    The loop never waits for the device: each chunk's finiteness flag is read once all
+    chunks are dispatched, and a summing builder's running total is updated in place
+    inside the chunk's compiled step (its buffers donated), so a chunk costs one dispatch
+    and no copy of the total.
+    """
+    total, n, flags = None, 0, []
     for chunk in chunks:
-        stats, finite = _statistics(builder, params, chunk.batch, chunk.mask,
-                                    jnp.asarray(chunk.offset), aux)
-        check_finite(finite, chunk.offset, chunk.count)
-        total = builder.reduce(total, stats, chunk.count)
+        args = (params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux)
+        if builder.sums:
+            if total is None:
+                total = jax.tree_util.tree_map(
+                    lambda s: jnp.zeros(s.shape, s.dtype), _statistics.eval_shape(builder, *args)[0]
+                )
+            total, finite = _accumulate(builder, total, *args)
+        else:
+            stats, finite = _statistics(builder, *args)
+            total = builder.reduce(total, stats, chunk.count)
+        flags.append((finite, chunk.offset, chunk.count))
         n += chunk.count
+    for finite, offset, count in flags:
+        check_finite(finite, offset, count)
     return total, n
+
+
+@functools.partial(jax.jit, donate_argnums=(1,))
+def _accumulate(builder, total, params, batch, mask, offset, aux):
+    stats, finite = builder.statistics(params, batch, mask, offset, aux)
+    return jax.tree_util.tree_map(jnp.add, total, stats), finite
 
 
 class _Batches:

@@ -6,7 +6,10 @@ and (where vectors are needed) the ``params`` pytree; shared by the ``test_pmat_
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -230,3 +233,24 @@ def check_pytree(M):
     assert leaves and all(isinstance(x, jax.Array) for x in leaves)
     back = jax.tree_util.tree_unflatten(treedef, leaves)
     assert type(back) is type(M) and back.layer_collection == M.layer_collection
+
+
+@contextlib.contextmanager
+def compilations():
+    """Collect the names of the functions XLA compiles inside the ``with`` block."""
+    names: list[str] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            found = re.match(r"Compiling jit\((.*?)\) with", record.getMessage())
+            if found:
+                names.append(found.group(1))
+
+    handler = Handler(logging.DEBUG)
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield names
+    finally:
+        logger.removeHandler(handler)

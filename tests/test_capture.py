@@ -163,3 +163,27 @@ def test_plain_mlp_scan_and_lax_conv():
     plan, _ = check(apply_fn, params, x, ["conv_w", "w_h", "w_out", "w_x"])
     (spec,) = [s for s in plan.specs if s.layer_id == "w_out"]  # used transposed: (out, in)
     np.testing.assert_array_equal(spec.kernel_to_matrix(params["w_out"]), params["w_out"])
+
+
+@pytest.mark.parametrize(
+    "window, strides, padding, lhs_dilation, rhs_dilation",
+    [
+        ((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1)),
+        ((2, 3), (2, 1), ((0, 1), (2, 0)), (1, 1), (2, 1)),
+        ((3, 2), (1, 2), ((1, 2), (0, 0)), (2, 3), (1, 2)),   # transposed-conv input dilation
+        ((2, 2), (3, 2), ((-1, 1), (1, -1)), (1, 1), (1, 1)),  # negative padding crops
+        ((3,), (2,), ((1, 0),), (2,), (2,)),                   # 1-D
+    ],
+)
+def test_extract_patches_matches_lax(window, strides, padding, lhs_dilation, rhs_dilation):
+    """Slicing patches == ``conv_general_dilated_patches`` (the identity-kernel convolution),
+    features ordered (C, window...), for strides, paddings and both dilations."""
+    from jaxgeom.capture import extract_patches
+
+    x = jax.random.normal(jax.random.key(0), (2, 3) + (7,) * len(window))
+    expected = jax.lax.conv_general_dilated_patches(
+        x, window, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    got = extract_patches(x, window, strides, padding, lhs_dilation, rhs_dilation)
+    np.testing.assert_array_equal(got, expected)

@@ -18,8 +18,9 @@ from models import (
     reference_fisher,
     to_float64,
 )
+from pmat_checks import compilations
 
-from jaxgeom import FIM, VARIANTS, FIM_MonteCarlo, PMatDense, SecondMoment
+from jaxgeom import FIM, VARIANTS, FIM_MonteCarlo, PMatDense, PMatDiag, PMatKFAC, SecondMoment
 from jaxgeom.variants import softmax_cholesky_outputs
 
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -356,12 +357,18 @@ def test_other_bad_arguments():
         SecondMoment(lambda p, b: t.apply_fn(p, b[0])[:, 0], t.params, (t.x,), PMatDense)
 
 
-def test_one_compilation_for_new_param_values_and_a_short_last_chunk():
-    from jaxgeom.streaming import _statistics
-
+@pytest.mark.parametrize("representation", [PMatDense, PMatKFAC, PMatDiag])
+def test_no_recompilation_for_new_param_values_or_a_short_last_batch(representation):
+    """A build with new parameter values compiles nothing; data whose last batch is shorter
+    (chunks padded and masked) compiles only the tiny chunk-cutting functions of
+    :mod:`jaxgeom.data` for the new batch shapes, never the chunk step."""
     t = make_linen_mlp(n=7)
-    FIM(t.apply_fn, t.params, t.x, PMatDense, batch_size=3)  # chunks of 3, 3, 1 (padded)
-    before = _statistics._cache_size()
+    FIM(t.apply_fn, t.params, t.x, representation, batch_size=3)  # chunks of 3, 3, 1 (padded)
     moved = jax.tree_util.tree_map(lambda a: a + 0.1, t.params)
-    FIM(t.apply_fn, moved, [t.x[:5], t.x[5:]], PMatDense, batch_size=3)
-    assert _statistics._cache_size() == before
+    with compilations() as compiled:
+        FIM(t.apply_fn, moved, t.x, representation, batch_size=3)
+    assert compiled == []
+    batches = [t.x[:5], t.x[5:]]
+    with compilations() as compiled:
+        FIM(t.apply_fn, moved, batches, representation, batch_size=3)
+    assert set(compiled) <= {"_window", "_pad_rows"} and len(compiled) <= 2, compiled

@@ -212,14 +212,3 @@ def test_build_errors():
         FIM(t.apply_fn, t.params, t.x, PMatKFAC, kfac_approx="sum")
     with pytest.raises(ValueError, match="LayerNorm_0.*PMatMixed"):
         FIM(t.apply_fn, t.params, t.x, PMatKFAC, max_dense_block=4)
-
-
-def test_no_recompilation_for_new_parameter_values():
-    from jaxgeom.streaming import _statistics
-
-    t = make_linen_mlp(n=7)
-    FIM(t.apply_fn, t.params, t.x, PMatKFAC, batch_size=3)
-    before = _statistics._cache_size()
-    moved = jax.tree_util.tree_map(lambda a: a + 0.1, t.params)
-    FIM(t.apply_fn, moved, [t.x[:5], t.x[5:]], PMatKFAC, batch_size=3)
-    assert _statistics._cache_size() == before

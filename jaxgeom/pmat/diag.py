@@ -12,7 +12,13 @@ from jaxgeom.capture import capture_chunk
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat._structured import CanonicalDiagonal, MeanOfJacobians
 from jaxgeom.pmat.base import representation, static_field
-from jaxgeom.pmat.kfac import CaptureBuilder, all_finite, capture_plan, flat_squared_gradients
+from jaxgeom.pmat.kfac import (
+    CaptureBuilder,
+    all_finite,
+    capture_plan,
+    flat_diagonal,
+    squared_gradients,
+)
 from jaxgeom.streaming import builder, mean
 
 
@@ -84,12 +90,13 @@ class PMatDiag(MeanOfJacobians, CanonicalDiagonal):
 
 @builder
 class DiagBuilder(CaptureBuilder):
-    """The flat ``Σₙₖ J²`` of each masked chunk from its captures
-    (:func:`~jaxgeom.pmat.kfac.flat_squared_gradients`); the mean is the diagonal."""
+    """``Σₙₖ J²`` of each masked chunk from its captures, layer by layer
+    (:func:`~jaxgeom.pmat.kfac.squared_gradients`); the mean, in the flat order, is the
+    diagonal."""
 
     def statistics(self, params, batch, mask, offset, aux):
         cap = capture_chunk(self.plan, params, batch, offset, aux)
-        return flat_squared_gradients(cap, mask, self.plan, self.layout), all_finite(cap)
+        return squared_gradients(cap, mask, self.plan, self.layout), all_finite(cap)
 
     def finalize(self, total, stream) -> PMatDiag:
-        return PMatDiag(self.layout, mean(total, stream.n))
+        return PMatDiag(self.layout, flat_diagonal(self.plan, self.layout, mean(total, stream.n)))

@@ -190,7 +190,7 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         nothing is computed beyond a shape check of ``fn`` (no pass over the data)."""
         batches = list(data_lib.iter_batches(data))
         first = next(data_lib.iter_chunks(batches, batch_size))  # checks batch_size, non-empty data
-        example = jax.tree_util.tree_map(lambda a: a[0], first.batch)
+        example = data_lib.example_shapes(first.batch)
         build = cls.chunk_builder(fn, params, example, aux, layer_collection, mode=mode,
                                   **options)
         return build.finalize((), Stream(first.count, params, aux, batches, batch_size))

@@ -144,6 +144,10 @@ class RestrictedBuilder(ChunkBuilder):
     def keeps_data(self) -> bool:
         return self.inner.keeps_data
 
+    @property
+    def sums(self) -> bool:
+        return self.inner.sums
+
     def statistics(self, params, batch, mask, offset, aux):
         sub = self.restriction.select(params)
         return self.inner.statistics(sub, batch, mask, offset, (params, aux))

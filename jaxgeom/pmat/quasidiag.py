@@ -70,8 +70,9 @@ from jaxgeom.pmat.kfac import (
     augmented_inputs,
     capture_plan,
     check_factorable,
-    flat_squared_gradients,
+    flat_diagonal,
     masked_grads,
+    squared_gradients,
 )
 from jaxgeom.streaming import builder, mean
 
@@ -222,15 +223,17 @@ class PMatQuasiDiag(PMatAbstract):
 
 @builder
 class QuasiDiagBuilder(CaptureBuilder):
-    """The flat ``Σₙₖ J²`` and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` per chunk
-    (:func:`_chunk_statistics`); their means are ``diag`` and ``cross``."""
+    """``Σₙₖ J²`` (layer by layer) and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` per chunk
+    (:func:`_chunk_statistics`); their means are ``diag`` (put in the flat order once) and
+    ``cross``."""
 
     def statistics(self, params, batch, mask, offset, aux):
         return _chunk_statistics(params, batch, mask, offset, aux, plan=self.plan,
                                  layout=self.layout)
 
     def finalize(self, total, stream) -> PMatQuasiDiag:
-        diag, cross = mean(total, stream.n)
+        squares, cross = mean(total, stream.n)
+        diag = flat_diagonal(self.plan, self.layout, squares)
         specs = tuple(s for s in self.plan.specs if _has_neurons(s))
         return PMatQuasiDiag(self.layout, specs, diag, cross, (None,) * len(specs))
 
@@ -251,7 +254,7 @@ def _neuron_indices(layout: LayerCollection, specs: tuple[KroneckerSpec, ...]):
 
 @functools.partial(jax.jit, static_argnames=("plan", "layout"))
 def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
-    """The diagonal ``Σₙₖ J²`` (flat) and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` for one
+    """The diagonal ``Σₙₖ J²`` (layer by layer) and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` for one
     masked chunk, and whether everything was finite."""
     cap: Captured = capture_chunk(plan, params, batch, offset, aux)
     dtype = layout.dtype
@@ -260,4 +263,4 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
         for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype))
         if _has_neurons(spec)
     ]
-    return (flat_squared_gradients(cap, mask, plan, layout), tuple(cross)), all_finite(cap)
+    return (squared_gradients(cap, mask, plan, layout), tuple(cross)), all_finite(cap)
