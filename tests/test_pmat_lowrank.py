@@ -166,6 +166,7 @@ def test_more_rows_than_parameters():
                                    rtol=1e-8, atol=1e-9)
     np.testing.assert_allclose(M.pinv().to_dense(), np.linalg.pinv(dense), rtol=1e-7,
                                atol=1e-9)
+    np.testing.assert_allclose(M.frobenius_norm(), np.linalg.norm(dense), rtol=1e-10)
 
 
 def test_pytree_under_jit(case):

@@ -91,9 +91,13 @@ class PMatLowRank(PMatAbstract):
         return self._weights() @ self.factor**2
 
     def frobenius_norm(self):
-        """``‖M‖_F² = tr(M²) = Σᵢⱼ cᵢ cⱼ (F Fᵀ)ᵢⱼ²`` through the ``r × r`` Gram (``r² d``)."""
-        gram = self.factor @ self.factor.T
+        """``‖M‖_F² = tr(M²) = Σᵢⱼ cᵢ cⱼ (F Fᵀ)ᵢⱼ²`` through the ``r × r`` Gram (``r² d``),
+        or ``Σ (Fᵀ diag(c) F)²`` through ``M`` itself (``r d²``) when ``d < r``."""
         w = self._weights()
+        r, d = self.factor.shape
+        if d < r:
+            return jnp.sqrt(jnp.sum(((self.factor * w[:, None]).T @ self.factor) ** 2))
+        gram = self.factor @ self.factor.T
         return jnp.sqrt(jnp.maximum(w @ gram**2 @ w, 0))
 
     def eigh(self) -> tuple[jax.Array, jax.Array]:
