@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax.flatten_util import ravel_pytree
 from models import (
     MORE_TASKS,
-    flat_jacobian,
     make_linen_embed,
     make_linen_layernorm,
     make_linen_mlp,
@@ -142,44 +142,51 @@ def _layer_inputs(linear, kernel, spec):
     """``(T, a_l [+1])``: a layer's inputs (explicit patches), read off the Jacobian of its
     bias-free output ``linear(kernel)`` (positions first, then output features), which must
     be ``I ⊗ a_tᵀ`` in the layer-matrix order; the bias's constant-1 column appended."""
-    jac = jax.jacrev(linear)(kernel).reshape(-1, spec.out_features, *spec.kernel_shape)
+    jac = jax.jit(jax.jacrev(linear))(kernel).reshape(-1, spec.out_features, *spec.kernel_shape)
     jac = np.asarray(spec.kernel_to_matrix(jac))  # (T, g_l, g_l, a_l)
     a = jac[:, 0, 0]
     np.testing.assert_array_equal(jac, np.einsum("gh,ta->tgha", np.eye(spec.out_features), a))
     return a if spec.bias is None else np.concatenate([a, np.ones((len(a), 1))], axis=1)
 
 
-def _linen_layer_values(fn, params, x, spec):
-    """Brute force through flax's method interception: the layer's inputs ``(T, a_l [+1])``
-    (its own module applied to its recorded input) and ``g_t = ∂fn/∂y_t``, ``(T, g_l)``,
-    the gradient with respect to an additive perturbation of its output ``y``."""
-    path = tuple(spec.layer_id.split("/"))
-    seen = {}
+def _linen_layer_values(fn, params, x, specs):
+    """Brute force through flax's method interception: the gradient of ``fn`` (one example,
+    one output) and, per layer id, the layer's inputs ``(T, a_l [+1])`` (its own module
+    applied to its recorded input) and ``g_t = ∂fn/∂y_t``, ``(T, g_l)``, the gradient with
+    respect to an additive perturbation of its output ``y`` (all in one compiled call)."""
+    paths = {tuple(spec.layer_id.split("/")): spec for spec in specs}
+    seen, deltas = {}, {}
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if context.method_name != "__call__" or context.module.path != path:
+        path = context.module.path
+        if context.method_name != "__call__" or path not in paths:
             return out
-        if "delta" not in seen:  # the first, concrete call: record the layer and its input
-            seen.update(layer=context.module.clone(parent=None), input=args[0],
-                        delta=jnp.zeros_like(out))
-        return out + seen["delta"]
+        if path not in seen:  # the first, concrete call: record the layer and its input
+            seen[path] = (context.module.clone(parent=None), args[0])
+            deltas[path] = jnp.zeros_like(out)
+        return out + deltas[path]
 
-    def perturbed(delta):
-        seen["delta"] = delta
-        return fn(params, x)[0, 0]
+    def perturbed(p, new):
+        deltas.update(new)
+        return fn(p, x)[0, 0]
 
     with nn.intercept_methods(interceptor):
         fn(params, x)
-        g = jax.jacrev(perturbed)(seen["delta"]).reshape(-1, spec.out_features)
-    layer_params = params
-    for name in path:
-        layer_params = layer_params[name]
+        grad, grads = jax.jit(jax.grad(perturbed, argnums=(0, 1)))(params, dict(deltas))
+    out = {}
+    for path, spec in paths.items():
+        layer, layer_input = seen[path]
+        layer_params = params
+        for name in path:
+            layer_params = layer_params[name]
 
-    def linear(k):
-        return seen["layer"].apply({"params": {**layer_params, "kernel": k}}, seen["input"])
+        def linear(k, layer=layer, layer_params=layer_params, layer_input=layer_input):
+            return layer.apply({"params": {**layer_params, "kernel": k}}, layer_input)
 
-    return _layer_inputs(linear, layer_params["kernel"], spec), g
+        a = _layer_inputs(linear, layer_params["kernel"], spec)
+        out[spec.layer_id] = a, np.asarray(grads[path]).reshape(-1, spec.out_features)
+    return grad, out
 
 
 #: the layers shared over positions (T > 1) of the other models of ``MORE_TASKS``: their
@@ -209,14 +216,17 @@ def test_more_layers_one_example_one_output(name):
         return t.apply_fn(p, x) @ u
 
     K = SecondMoment(fn, t.params, x, PMatKFAC)
-    jac = np.asarray(flat_jacobian(fn, t.params, x))[0, 0]  # (d,)
-    grads = [np.asarray(a) for a in jax.tree_util.tree_leaves(
-        jax.grad(lambda p: fn(p, x)[0, 0])(t.params))]
+    if name.startswith("linen_"):
+        grad, linen = _linen_layer_values(fn, t.params, x, K.specs)
+    else:
+        grad, linen = jax.jit(jax.grad(lambda p: fn(p, x)[0, 0]))(t.params), {}
+    jac = np.asarray(ravel_pytree(grad)[0])  # the flat (d,) Jacobian of the one output
+    grads = [np.asarray(a) for a in jax.tree_util.tree_leaves(grad)]
     kernels = jax.tree_util.tree_leaves(t.params)
     shared = set()
     for spec in K.specs:
-        if name.startswith("linen_"):
-            a, g = _linen_layer_values(fn, t.params, x, spec)
+        if spec.layer_id in linen:
+            a, g = linen[spec.layer_id]
         elif spec.layer_id in SHARED_LAYERS[name]:
             linear = SHARED_LAYERS[name][spec.layer_id]
             a = _layer_inputs(lambda k, linear=linear: linear(k, x), kernels[spec.kernel], spec)
@@ -233,7 +243,8 @@ def test_more_layers_one_example_one_output(name):
             np.testing.assert_allclose(K.get_block(spec.layer_id), np.outer(jac[idx], jac[idx]),
                                        **TOL, err_msg=spec.layer_id)
         if a is not None:
-            shared.add(spec.layer_id) if len(a) > 1 else None
+            if len(a) > 1:
+                shared.add(spec.layer_id)
             A, G = K.kronecker_factors(spec.layer_id)
             np.testing.assert_allclose(A, a.T @ a / len(a), **TOL, err_msg=spec.layer_id)
             np.testing.assert_allclose(G, g.T @ g, **TOL, err_msg=spec.layer_id)
