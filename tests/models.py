@@ -3,11 +3,17 @@
 Each ``make_*`` returns a :class:`Task`: ``apply_fn(params, x)`` batched, ``params``, a
 batch ``x`` of inputs, integer labels ``y`` and the number of outputs. Models are tiny
 (tens to a few hundred parameters) so that dense references are cheap.
+
+Tasks are built once per process (``make_*`` are cached: the same arguments give the same
+``Task``, never to be mutated), so that what is compiled for a model (its reference, the
+library's per-function caches) is reused by every test of a worker; the brute-force
+references of a task's own ``(params, x)`` are computed once too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -78,24 +84,28 @@ def _linen(name, module, x, key, c):
     return Task(name, apply_fn, params, x, _labels(k2, x.shape[0], c), c)
 
 
+@functools.cache
 def make_linen_mlp(seed=0, n=7):
     key = jax.random.PRNGKey(seed)
     x = jax.random.normal(jax.random.PRNGKey(1), (n, 3))
     return _linen("linen_mlp", LinenMLP(), x, key, 4)
 
 
+@functools.cache
 def make_linen_cnn(seed=0, n=5):
     key = jax.random.PRNGKey(seed)
     x = jax.random.normal(jax.random.PRNGKey(2), (n, 6, 6, 2))
     return _linen("linen_cnn", LinenCNN(), x, key, 3)
 
 
+@functools.cache
 def make_linen_layernorm(seed=0, n=6):
     key = jax.random.PRNGKey(seed)
     x = jax.random.normal(jax.random.PRNGKey(3), (n, 4))
     return _linen("linen_layernorm", LinenLayerNorm(), x, key, 3)
 
 
+@functools.cache
 def make_linen_embed(seed=0, n=6):
     key = jax.random.PRNGKey(seed)
     tokens = jax.random.randint(jax.random.PRNGKey(4), (n, 4), 0, 7)
@@ -112,6 +122,7 @@ class NNXMLP(nnx.Module):
         return self.l2(jnp.tanh(self.l1(x)))
 
 
+@functools.cache
 def make_nnx_mlp(seed=0, n=7):
     key = jax.random.PRNGKey(seed)
     model = NNXMLP(nnx.Rngs(0))
@@ -127,6 +138,7 @@ def make_nnx_mlp(seed=0, n=7):
 
 
 # ----------------------------------------------------------------------------- equinox
+@functools.cache
 def make_equinox_mlp(seed=0, n=7):
     key = jax.random.PRNGKey(seed)
     import equinox as eqx
@@ -142,6 +154,7 @@ def make_equinox_mlp(seed=0, n=7):
 
 
 # ----------------------------------------------------------------------------- plain
+@functools.cache
 def make_plain_mlp(seed=0, n=7):
     key = jax.random.PRNGKey(seed)
     k1, k2, k3, k4 = jax.random.split(key, 4)
@@ -183,11 +196,13 @@ class LinenTransformer(nn.Module):
         return nn.Dense(3)(x.mean(axis=1))
 
 
+@functools.cache
 def make_linen_conv_transpose(seed=0, n=4):
     x = jax.random.normal(jax.random.PRNGKey(12), (n, 2, 2, 2))
     return _linen("linen_conv_transpose", LinenConvTranspose(), x, jax.random.PRNGKey(seed), 3)
 
 
+@functools.cache
 def make_linen_transformer(seed=0, n=4):
     x = jax.random.normal(jax.random.PRNGKey(13), (n, 3, 4))
     return _linen("linen_transformer", LinenTransformer(), x, jax.random.PRNGKey(seed), 3)
@@ -202,6 +217,7 @@ class NNXCNN(nnx.Module):
         return self.head(jnp.tanh(self.conv(x)).reshape(x.shape[0], -1))
 
 
+@functools.cache
 def make_nnx_cnn(seed=0, n=4):
     graphdef, state = nnx.split(NNXCNN(nnx.Rngs(seed)), nnx.Param)
 
@@ -213,6 +229,7 @@ def make_nnx_cnn(seed=0, n=4):
                 _labels(jax.random.PRNGKey(seed), n, 3), 3)
 
 
+@functools.cache
 def make_equinox_cnn(seed=0, n=4):
     import equinox as eqx
 
@@ -235,6 +252,7 @@ def make_equinox_cnn(seed=0, n=4):
     return Task("equinox_cnn", apply_fn, params, x, _labels(k1, n, 3), 3)
 
 
+@functools.cache
 def make_plain_reverse_scan(seed=0, n=4):
     """A recurrent layer run backwards over time (``lax.scan(..., reverse=True)``)."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -285,16 +303,19 @@ class LinenGroupedConv(nn.Module):
         return nn.Dense(3)(x.reshape((x.shape[0], -1)))
 
 
+@functools.cache
 def make_linen_tied_embed(seed=0, n=5):
     tokens = jax.random.randint(jax.random.PRNGKey(9), (n, 4), 0, 7)
     return _linen("linen_tied_embed", LinenTiedEmbed(), tokens, jax.random.PRNGKey(seed), 7)
 
 
+@functools.cache
 def make_linen_grouped_conv(seed=0, n=5):
     x = jax.random.normal(jax.random.PRNGKey(10), (n, 5, 2))
     return _linen("linen_grouped_conv", LinenGroupedConv(), x, jax.random.PRNGKey(seed), 3)
 
 
+@functools.cache
 def make_plain_shared_dense(seed=0, n=5):
     """One dense layer (``w``, ``b``) applied twice, then a read-out ``v``."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -334,6 +355,32 @@ ALL_TASKS = {
 
 
 # ----------------------------------------------------------------------------- references
+_MEMO = {}
+
+
+def memoized(compute):
+    """``compute(apply_fn, params, x, *rest)`` computed once per ``apply_fn``, the very
+    ``params`` and ``x`` objects (kept alive with the result, so their ids stay unique) and
+    hashable ``rest``; other calls (an array among ``rest``, tracers) are computed afresh.
+    Results are shared: never modify them in place."""
+
+    @functools.wraps(compute)
+    def wrapper(apply_fn, params, x, *rest, **kwargs):
+        key = (compute.__name__, apply_fn, id(params), id(x), rest, tuple(kwargs.items()))
+        try:
+            hash(key)
+        except TypeError:  # an array among the options
+            return compute(apply_fn, params, x, *rest, **kwargs)
+        if any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves((params, x))):
+            return compute(apply_fn, params, x, *rest, **kwargs)
+        if key not in _MEMO:
+            _MEMO[key] = (params, x, compute(apply_fn, params, x, *rest, **kwargs))
+        return _MEMO[key][2]
+
+    return wrapper
+
+
+@memoized
 def flat_jacobian(apply_fn, params, x):
     """Brute-force per-example Jacobian ``(N, C, d)`` of the raw outputs (``(N, ..., C)``
     outputs are flattened to ``(N, P·C)``)."""
@@ -365,6 +412,7 @@ def output_fisher(variant, out, covariance=None):
     return jnp.linalg.inv(cov)
 
 
+@memoized
 def reference_fisher(apply_fn, params, x, variant="classif_logits", covariance=None):
     """``(1/N) Σₙ Jₙᵀ Hₙ Jₙ`` by brute force, ``(d, d)``."""
     jac = flat_jacobian(apply_fn, params, x)

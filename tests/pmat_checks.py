@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import reference_fisher
+from models import memoized, reference_fisher
 
 from jaxgeom import PMatDense, PVector
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
@@ -27,12 +27,20 @@ REGUL = 1e-3
 PINV_RTOL = 1e-6
 
 
-_reference_jit = jax.jit(reference_fisher, static_argnums=0)
+_reference_jit = jax.jit(reference_fisher.__wrapped__, static_argnums=0)
+
+
+@memoized
+def _reference(apply_fn, params, x):
+    out = np.asarray(_reference_jit(apply_fn, params, x))
+    out.setflags(write=False)  # shared between tests
+    return out
 
 
 def reference(task) -> np.ndarray:
-    """The brute-force float64 Fisher of a task (``reference_fisher``, compiled once)."""
-    return np.asarray(_reference_jit(task.apply_fn, task.params, task.x))
+    """The brute-force float64 Fisher of a task (``reference_fisher``, compiled and computed
+    once per task; read-only)."""
+    return _reference(task.apply_fn, task.params, task.x)
 
 
 def block_mask(layer_collection) -> np.ndarray:

@@ -73,28 +73,43 @@ def test_every_model(name, representation):
 
 def _variant_cases():
     a = jax.random.normal(jax.random.PRNGKey(3), (4, 4))
-    return [
-        ("classif_logits", None),
-        ("classif_binary_logits", None),
-        ("regression", None),
-        ("regression", a @ a.T + jnp.eye(4)),
-    ]
+    return {
+        "logits": ("classif_logits", None),
+        "binary": ("classif_binary_logits", None),
+        "regression": ("regression", None),
+        "regression_cov": ("regression", a @ a.T + jnp.eye(4)),
+    }
+
+
+VARIANT_CASES = _variant_cases()
+MC_KEY = jax.random.PRNGKey(7)
+
+
+def _variant_kw(case):
+    variant, covariance = VARIANT_CASES[case]
+    return dict(variant=variant, covariance=covariance, batch_size=3)
+
+
+@functools.cache
+def _monte_carlo_dense(case):
+    """The dense Monte-Carlo Fisher of a variant case (built once for all representations)."""
+    t = make_plain_mlp()
+    return np.asarray(FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, key=MC_KEY,
+                                     trials=2, **_variant_kw(case)).to_dense())
 
 
 @pytest.mark.parametrize("representation", REPRESENTATIONS, ids=lambda r: r.__name__)
-@pytest.mark.parametrize(("variant", "covariance"), _variant_cases(),
-                         ids=["logits", "binary", "regression", "regression_cov"])
-def test_every_variant(representation, variant, covariance):
+@pytest.mark.parametrize("case", sorted(VARIANT_CASES))
+def test_every_variant(representation, case):
     t = make_plain_mlp()
-    kw = dict(variant=variant, covariance=covariance, batch_size=3)
+    kw = _variant_kw(case)
     F = FIM(t.apply_fn, t.params, t.x, representation, **kw)
-    ref = reference_fisher(t.apply_fn, t.params, t.x, variant, covariance)
+    ref = reference_fisher(t.apply_fn, t.params, t.x, kw["variant"], kw["covariance"])
     np.testing.assert_allclose(
         F.to_dense(), project(representation, ref, F.layer_collection), **TOL
     )
-    key = jax.random.PRNGKey(7)
-    mc = FIM_MonteCarlo(t.apply_fn, t.params, t.x, representation, key=key, trials=2, **kw)
-    mc_dense = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, key=key, trials=2, **kw)
+    mc = FIM_MonteCarlo(t.apply_fn, t.params, t.x, representation, key=MC_KEY, trials=2, **kw)
     np.testing.assert_allclose(
-        mc.to_dense(), project(representation, mc_dense.to_dense(), F.layer_collection), **TOL
+        mc.to_dense(), project(representation, _monte_carlo_dense(case), F.layer_collection),
+        **TOL,
     )

@@ -8,7 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import make_linen_embed, make_linen_layernorm, make_linen_mlp, make_plain_mlp
+from flax import linen as nn
+from jax.flatten_util import ravel_pytree
+from models import (
+    MORE_TASKS,
+    make_linen_embed,
+    make_linen_layernorm,
+    make_linen_mlp,
+    make_plain_mlp,
+)
 from pmat_checks import TOL, check_all, check_combinations, check_pytree, check_solve
 
 from jaxgeom import FIM, FIM_MonteCarlo, PMatDense, SecondMoment
@@ -127,6 +135,120 @@ def test_embedding_input_factor_is_diagonal_counts():
     A, _ = K.kronecker_factors("Embed_0")
     counts = np.bincount(np.asarray(t.x).ravel(), minlength=7)
     np.testing.assert_allclose(A, counts / t.x.size, **TOL)
+
+
+# ----------------------------------------------------------------------------- more layers
+def _layer_inputs(linear, kernel, spec):
+    """``(T, a_l [+1])``: a layer's inputs (explicit patches), read off the Jacobian of its
+    bias-free output ``linear(kernel)`` (positions first, then output features), which must
+    be ``I ⊗ a_tᵀ`` in the layer-matrix order; the bias's constant-1 column appended."""
+    jac = jax.jit(jax.jacrev(linear))(kernel).reshape(-1, spec.out_features, *spec.kernel_shape)
+    jac = np.asarray(spec.kernel_to_matrix(jac))  # (T, g_l, g_l, a_l)
+    a = jac[:, 0, 0]
+    np.testing.assert_array_equal(jac, np.einsum("gh,ta->tgha", np.eye(spec.out_features), a))
+    return a if spec.bias is None else np.concatenate([a, np.ones((len(a), 1))], axis=1)
+
+
+def _linen_layer_values(fn, params, x, specs):
+    """Brute force through flax's method interception: the gradient of ``fn`` (one example,
+    one output) and, per layer id, the layer's inputs ``(T, a_l [+1])`` (its own module
+    applied to its recorded input) and ``g_t = ∂fn/∂y_t``, ``(T, g_l)``, the gradient with
+    respect to an additive perturbation of its output ``y`` (all in one compiled call)."""
+    paths = {tuple(spec.layer_id.split("/")): spec for spec in specs}
+    seen, deltas = {}, {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        path = context.module.path
+        if context.method_name != "__call__" or path not in paths:
+            return out
+        if path not in seen:  # the first, concrete call: record the layer and its input
+            seen[path] = (context.module.clone(parent=None), args[0])
+            deltas[path] = jnp.zeros_like(out)
+        return out + deltas[path]
+
+    def perturbed(p, new):
+        deltas.update(new)
+        return fn(p, x)[0, 0]
+
+    with nn.intercept_methods(interceptor):
+        fn(params, x)
+        grad, grads = jax.jit(jax.grad(perturbed, argnums=(0, 1)))(params, dict(deltas))
+    out = {}
+    for path, spec in paths.items():
+        layer, layer_input = seen[path]
+        layer_params = params
+        for name in path:
+            layer_params = layer_params[name]
+
+        def linear(k, layer=layer, layer_params=layer_params, layer_input=layer_input):
+            return layer.apply({"params": {**layer_params, "kernel": k}}, layer_input)
+
+        a = _layer_inputs(linear, layer_params["kernel"], spec)
+        out[spec.layer_id] = a, np.asarray(grads[path]).reshape(-1, spec.out_features)
+    return grad, out
+
+
+#: the layers shared over positions (T > 1) of the other models of ``MORE_TASKS``: their
+#: output without bias, ``(1, *positions, g_l)``, as a function of the kernel, for ``x``
+SHARED_LAYERS = {
+    "nnx_cnn": {"conv": lambda k, x: jax.lax.conv_general_dilated(
+        x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))},
+    "equinox_cnn": {"conv": lambda k, x: jnp.moveaxis(jax.lax.conv_general_dilated(
+        x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW")), 1, -1)},
+    "plain_reverse_scan": {"w": lambda k, x: x @ k},  # x_t @ w at each of the T = 3 steps
+}
+
+
+@pytest.mark.parametrize("name", sorted(MORE_TASKS))
+def test_more_layers_one_example_one_output(name):
+    """One example, one output (a fixed mix of the outputs): for a layer applied once
+    (T = 1) KFAC's block is the exact float64 block JᵀJ; for a layer shared over T > 1
+    positions (transposed convs with flipped kernels, attention projections and an MLP over
+    a sequence, NNX and Equinox convs, a reverse scan) A = Σ_t a_t a_tᵀ/T (bias column) and
+    G = Σ_t g_t g_tᵀ, with a_t, g_t by brute force (flax interception for linen models;
+    otherwise explicit patches, and g from the exact Jacobian Σ_t g_t a_tᵀ by least squares)."""
+    t = MORE_TASKS[name]()
+    u = np.random.default_rng(0).standard_normal((t.num_outputs, 1))
+    x = t.x[:1]
+
+    def fn(p, x):
+        return t.apply_fn(p, x) @ u
+
+    K = SecondMoment(fn, t.params, x, PMatKFAC)
+    if name.startswith("linen_"):
+        grad, linen = _linen_layer_values(fn, t.params, x, K.specs)
+    else:
+        grad, linen = jax.jit(jax.grad(lambda p: fn(p, x)[0, 0]))(t.params), {}
+    jac = np.asarray(ravel_pytree(grad)[0])  # the flat (d,) Jacobian of the one output
+    grads = [np.asarray(a) for a in jax.tree_util.tree_leaves(grad)]
+    kernels = jax.tree_util.tree_leaves(t.params)
+    shared = set()
+    for spec in K.specs:
+        if spec.layer_id in linen:
+            a, g = linen[spec.layer_id]
+        elif spec.layer_id in SHARED_LAYERS[name]:
+            linear = SHARED_LAYERS[name][spec.layer_id]
+            a = _layer_inputs(lambda k, linear=linear: linear(k, x), kernels[spec.kernel], spec)
+            jw = np.asarray(spec.kernel_to_matrix(grads[spec.kernel]))  # Σ_t g_t a_tᵀ
+            if spec.bias is not None:
+                jw = np.concatenate([jw, grads[spec.bias].reshape(-1, 1)], axis=1)
+            assert np.linalg.matrix_rank(a) == len(a)
+            g = (jw @ np.linalg.pinv(a)).T
+            np.testing.assert_allclose(g.T @ a, jw, **TOL)
+        else:
+            a = None
+        if a is None or len(a) == 1:  # T = 1: the exact block
+            idx = K.layer_collection.layer_indices(spec.layer_id)
+            np.testing.assert_allclose(K.get_block(spec.layer_id), np.outer(jac[idx], jac[idx]),
+                                       **TOL, err_msg=spec.layer_id)
+        if a is not None:
+            if len(a) > 1:
+                shared.add(spec.layer_id)
+            A, G = K.kronecker_factors(spec.layer_id)
+            np.testing.assert_allclose(A, a.T @ a / len(a), **TOL, err_msg=spec.layer_id)
+            np.testing.assert_allclose(G, g.T @ g, **TOL, err_msg=spec.layer_id)
+    assert shared
 
 
 # ----------------------------------------------------------------------------- operations
