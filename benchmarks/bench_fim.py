@@ -337,16 +337,18 @@ def build_floor(floors: dict, rep: str, mc: bool = False, refit: bool = False
 def _operation(name: str, rep: str, pmat, d: int):
     if name == "frobenius_norm" and rep == "PMatImplicit" and d > MAX_DENSE_D:
         return None, f"skipped: needs a dense d×d view (d = {d:,})"
-    options = {}
+    options, note = {}, ""
     if name == "solve" and getattr(pmat, "SOLVE_METHODS", ("cg",))[0] == "cg":
-        options = dict(maxiter=CG_MAXITER)
+        options, note = dict(maxiter=CG_MAXITER), f"cg, maxiter={CG_MAXITER}"
+    if name == "solve" and rep == "PMatKFAC":  # NNGeometry's (default) damping
+        options, note = dict(damping="pi"), "π-damped (Cholesky), as NNGeometry's"
     return {
         "mv": lambda m, v: m.mv(v),
         "vTMv": lambda m, v: m.vTMv(v),
         "trace": lambda m, v: m.trace(),
         "frobenius_norm": lambda m, v: m.frobenius_norm(),
         "solve": lambda m, v: m.solve(v, SOLVE_REGUL, **options),
-    }[name], (f"cg, maxiter={CG_MAXITER}" if options else "")
+    }[name], note
 
 
 def _time_operation(name, rep, pmat, v, d, repeats) -> dict:

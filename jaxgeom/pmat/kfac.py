@@ -40,7 +40,10 @@ build ``N K B`` plus ``N Σ T_l (a_l² + K g_l²)``, one streaming pass, memory
 ``Σ (a_l² + g_l²) + Σ o²`` plus one chunk's captures; ``mv`` ``Σ d_l (a_l + g_l)``; ``trace``
 ``Σ (a_l + g_l)``; Frobenius ``Σ (a_l² + g_l²)``; ``eigvalsh``/``norm(±2)``/``solve``/``inv``/
 ``pow``/``pinv`` ``Σ (a_l³ + g_l³ + d_l)`` through the factors' eigendecompositions (plus
-``o³``); never a ``d × d`` matrix (except ``to_dense``).
+``o³``); with ``damping="pi"``, ``solve`` and ``inv`` use Cholesky factorisations instead
+(``Σ (a_l³ + g_l³)/3``, several times cheaper); never a ``d × d`` matrix (except
+``to_dense``). Each ``solve`` factorises anew: for many solves with one ``regul``, invert
+once (``Finv = F.inv(regul)``, then ``Finv.mv(v)`` at the cost of ``mv``).
 
 Damping: ``solve(v, regul)``, ``inv(regul)``, ``pow(p, regul)`` use exact damping
 ``(A ⊗ G + λI)^p = (Q_A ⊗ Q_G) (Λ_A ⊗ Λ_G + λ)^p (Q_A ⊗ Q_G)ᵀ`` by default (curvlinops'
@@ -100,6 +103,15 @@ def _factor_apply(f, x: jax.Array) -> jax.Array:
     return _spectral.reconstruct(f(evals), evecs)
 
 
+def _cho_solve(m: jax.Array, b: jax.Array) -> jax.Array:
+    """``m⁻¹ b`` for a symmetric positive-definite ``m``."""
+    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True), b)
+
+
+def _eye_like(m: jax.Array) -> jax.Array:
+    return jnp.eye(m.shape[0], dtype=m.dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Kron:
@@ -145,6 +157,18 @@ class Kron:
             return Kron(self.A ** int(p) if self.A.ndim == 1 else mp(self.A), mp(self.G))
         f = functools.partial(_spectral.power, p=p)
         return Kron(_factor_apply(f, self.A), _factor_apply(f, self.G))
+
+    def solve(self, v):
+        """``G⁻¹ V A⁻¹`` through Cholesky factorisations (positive-definite factors, e.g.
+        damped ones): ``(a³ + g³)/3`` plus ``2 a g (a + g)``, several times cheaper than
+        eigendecompositions."""
+        x = _cho_solve(self.G, v)
+        return x / self.A if self.A.ndim == 1 else _cho_solve(self.A, x.T).T
+
+    def inverse(self) -> Kron:
+        """``A⁻¹ ⊗ G⁻¹`` through Cholesky factorisations (positive-definite factors)."""
+        a = 1 / self.A if self.A.ndim == 1 else _cho_solve(self.A, _eye_like(self.A))
+        return Kron(a, _cho_solve(self.G, _eye_like(self.G)))
 
     def pi_damped(self, regul) -> Kron:
         """``(A + π√λ I) ⊗ (G + √λ/π I)`` (Martens & Grosse 2015, §6.3)."""
@@ -368,13 +392,15 @@ class PMatKFAC(PMatAbstract):
         if method == "cg":
             return super()._solve(v, regul, method, **options)
         _check_damping(damping)
-        if damping == "pi":
-            return self.pow(-1, regul, damping="pi")._mv(v)
         mats, vecs = self._parts.split(v)
-        nodes, pairs = self._eigen()
+        pairs = [jnp.linalg.eigh(b) for b in self.blocks]
+        if damping == "pi":
+            solved = [n.pi_damped(regul).solve(m) for n, m in zip(self._krons("π-damping"), mats)]
+        else:
+            eigen = [n.eigen() for n in self.factors]
+            solved = [e.with_values(1 / (e.d + regul)).mv(m) for e, m in zip(eigen, mats)]
         return self._parts.merge(
-            [n.with_values(1 / (n.d + regul)).mv(m) for n, m in zip(nodes, mats)],
-            [q @ ((q.T @ x) / (e + regul)) for (e, q), x in zip(pairs, vecs)],
+            solved, [q @ ((q.T @ x) / (e + regul)) for (e, q), x in zip(pairs, vecs)]
         )
 
     # ------------------------------------------------------------------ functions
@@ -388,7 +414,9 @@ class PMatKFAC(PMatAbstract):
         the π-damped factors' powers with ``damping="pi"``."""
         _check_damping(damping)
         blocks = tuple(PMatDense(_flat(b), b).pow(p, regul).data for b in self.blocks)
-        if damping == "pi":
+        if damping == "pi" and _spectral.is_integer(p) and p == -1:
+            nodes = tuple(n.pi_damped(regul).inverse() for n in self._krons("π-damping"))
+        elif damping == "pi":
             nodes = tuple(n.pi_damped(regul).power(p) for n in self._krons("π-damping"))
         elif _is_static_zero(regul) and all(isinstance(n, Kron) for n in self.factors):
             nodes = tuple(n.power(p) for n in self.factors)
