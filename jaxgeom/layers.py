@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -222,7 +222,7 @@ class LayerCollection:
         """Ravel a params-shaped pytree to a flat ``(d,)`` vector (in the flat order)."""
         leaves = jax.tree_util.tree_leaves(tree)
         dtype = jnp.result_type(*leaves)
-        return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+        return concat_last([jnp.ravel(x).astype(dtype) for x in leaves])
 
     def from_flat(self, flat: jax.Array) -> Any:
         """Unravel a flat ``(d,)`` vector (or ``(..., d)`` stack) into a params-shaped pytree."""
@@ -293,3 +293,15 @@ def _group_by_parent(paths: tuple[str, ...]) -> tuple[Layer, ...]:
         parent = path.rsplit("/", 1)[0] if "/" in path else path
         groups.setdefault(parent, []).append(i)
     return tuple(Layer(id=parent, kind="other", leaves=tuple(ix)) for parent, ix in groups.items())
+
+
+def concat_last(parts: Sequence[jax.Array]) -> jax.Array:
+    """Concatenate arrays ``(..., n_i)`` along their last axis.
+
+    Vectors are concatenated as ``(1, n_i)`` rows: XLA:CPU compiles a 1-D concatenation
+    to a loop several times slower (670k floats: 2.2 ms against 0.2 ms), which made the
+    flattening of a params-shaped vector cost more than the product it fed.
+    """
+    if parts[0].ndim == 1:
+        return jnp.concatenate([p[None] for p in parts], axis=1)[0]
+    return jnp.concatenate(parts, axis=-1)

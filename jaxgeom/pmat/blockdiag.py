@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom.layers import Layer, LayerCollection
+from jaxgeom.layers import Layer, LayerCollection, concat_last
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._structured import MeanOfJacobians, structured_mm
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
@@ -204,7 +204,7 @@ class _Partition:
         return [_take(x, idx) for idx in self.indices]
 
     def merge(self, parts: list[jax.Array]) -> jax.Array:
-        return self.unpermute(jnp.concatenate(parts, axis=-1))
+        return self.unpermute(concat_last(parts))
 
     def unpermute(self, x: jax.Array) -> jax.Array:
         """From the layer-major order to the flat order, on the last axis."""

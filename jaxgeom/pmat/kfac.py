@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom.capture import Captured, CapturePlan, KroneckerSpec, capture_chunk, make_plan
-from jaxgeom.layers import Layer, LayerCollection
+from jaxgeom.layers import Layer, LayerCollection, concat_last
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
@@ -265,7 +265,7 @@ class _Layout:
 
     def merge(self, mats, vecs):
         flat = [m.reshape(-1) for m in mats] + list(vecs)
-        return jnp.concatenate(flat)[self.inverse]
+        return concat_last(flat)[self.inverse]
 
     @property
     def kron_flat(self):

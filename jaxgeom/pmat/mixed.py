@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom.layers import KINDS, Layer, LayerCollection
+from jaxgeom.layers import KINDS, Layer, LayerCollection, concat_last
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
@@ -211,7 +211,7 @@ class _Parts:
         return [v[..., idx] for idx in self.indices]
 
     def merge(self, parts):
-        return jnp.concatenate(parts, axis=-1)[..., self.inverse]
+        return concat_last(parts)[..., self.inverse]
 
 
 @functools.lru_cache(maxsize=128)
