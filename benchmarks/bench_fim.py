@@ -480,7 +480,8 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         if rep == "PMatKFAC":
             res["kfac_jax"] = peers_lib.kfac_jax_case(apply_fn, params, np.asarray(x_np),
                                                       np.asarray(y_np), timed, repeats,
-                                                      SOLVE_REGUL, memory=peak_mb)
+                                                      SOLVE_REGUL, memory=peak_mb,
+                                                      batch_size=bs)
             vtmv = res["kfac_jax"].get("vTMv_value")
             if vtmv is not None:
                 F = build()
@@ -684,6 +685,12 @@ def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
                 if k in kj and "warm_s" in kj[k]:
                     notes.append(f"{model} {rep}: kfac-jax {k} {_fmt_s(kj[k]['warm_s'])} "
                                  "(its solve row is multiply_inverse with the cache)")
+            one = [f"{k.replace('_one_batch', '')} {_fmt_s(kj[k]['warm_s'])}"
+                   for k in ("build_one_batch", "build_mc_one_batch")
+                   if k in kj and "warm_s" in kj[k]]
+            if one:
+                notes.append(f"{model} {rep}: kfac-jax with the whole data as one batch "
+                             f"(no chunks, memory unbounded): {', '.join(one)}")
         for rep, sc in entry.get("scaling", {}).items():
             try:
                 a, b = sc["n"], sc["n10"]

@@ -138,10 +138,16 @@ def _patch_kfac_jax(explicit_patches: bool = True) -> None:
 
 def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
                   timed: Callable, repeats: int, regul: float = 1e-3,
-                  memory: Callable | None = None) -> dict:
+                  memory: Callable | None = None, batch_size: int | None = None) -> dict:
     """kfac-jax's KFAC: factors of the exact Fisher (``fisher_exact``) and of one
-    Monte-Carlo sample (``fisher_gradients``) over the whole data as one batch, and
-    ``multiply`` / ``multiply_inverse`` (after ``update_cache``), all jitted."""
+    Monte-Carlo sample (``fisher_gradients``), and ``multiply`` / ``multiply_inverse``
+    (after ``update_cache``), all jitted.
+
+    The factors are accumulated over the same chunks of ``batch_size`` examples as
+    jaxgeom's build (one jitted ``update_curvature_matrix_estimate`` per chunk, weights
+    ``ema_old = 1``, ``ema_new = batch_size / N``: the mean over the data, memory bounded
+    by one chunk, as a user with more data than memory would run it); ``build_one_batch``
+    / ``build_mc_one_batch`` are the same with the whole data as one batch."""
     reason = available("kfac_jax")
     if reason:
         return dict(skipped=reason)
@@ -167,19 +173,36 @@ def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
 
         def update(mode):
             @jax.jit
-            def f(state, p, b, rng):
+            def f(state, p, b, rng, ema_old, ema_new):
                 return est.update_curvature_matrix_estimate(
-                    state, ema_old=0.0, ema_new=1.0, identity_weight=0.0, batch_size=n,
-                    rng=rng, func_args=(p, b), estimation_mode=mode)
+                    state, ema_old=ema_old, ema_new=ema_new, identity_weight=0.0,
+                    batch_size=b[0].shape[0], rng=rng, func_args=(p, b), estimation_mode=mode)
             return f
+
+        bs = n if batch_size is None else batch_size
+        chunks = [(batch[0][i:i + bs], batch[1][i:i + bs]) for i in range(0, n - n % bs, bs)]
+
+        def streamed(step):
+            def run():
+                state = state0
+                for i, chunk in enumerate(chunks):
+                    state = step(state, params, chunk, jax.random.key(i),
+                                 0.0 if i == 0 else 1.0, len(chunk[0]) / n)
+                return state
+            return run
 
         exact, mc = update("fisher_exact"), update("fisher_gradients")
         key = jax.random.key(1)
-        out["build"] = timed(lambda: exact(state0, params, batch, key), repeats)
+        out["build"] = timed(streamed(exact), repeats)
         if memory is not None:
-            out["build"]["peak_mb"] = memory(lambda: exact(state0, params, batch, key))
-        out["build_mc"] = timed(lambda: mc(state0, params, batch, key), repeats)
-        state = exact(state0, params, batch, key)
+            out["build"]["peak_mb"] = memory(streamed(exact))
+        out["build_mc"] = timed(streamed(mc), repeats)
+        if bs != n:
+            out["build_one_batch"] = timed(lambda: exact(state0, params, batch, key, 0.0, 1.0),
+                                           repeats)
+            out["build_mc_one_batch"] = timed(
+                lambda: mc(state0, params, batch, key, 0.0, 1.0), repeats)
+        state = streamed(exact)()
         v = jax.tree_util.tree_map(
             lambda a: jax.random.normal(jax.random.key(2), a.shape, a.dtype), params)
         multiply = jax.jit(lambda s, v: est.multiply(s, v, identity_weight=0.0,

@@ -139,14 +139,14 @@ class JacobianBuilder(ChunkBuilder):
     def statistics(self, params, batch, mask, offset, aux):
         jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
         finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
-        jac = jac * mask[:, None, None].astype(jac.dtype)
-        if self._collects:
+        if self._collects:  # padded rows are cut off in ``reduce``: no masking pass
             return jac, finite
+        jac = jac * mask[:, None, None].astype(jac.dtype)
         return self.accumulator.update(self.accumulator.init(self.dtype), jac), finite
 
     def reduce(self, total, stats, count):
         if self._collects:
-            return (total or []) + [stats[:count]]
+            return (total or []) + [stats if count == stats.shape[0] else stats[:count]]
         return super().reduce(total, stats, count)
 
     def finalize(self, total, stream):

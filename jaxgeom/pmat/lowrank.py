@@ -218,7 +218,8 @@ class LowRankAccumulator:
         raise NotImplementedError
 
     def finalize(self, chunks: list[jax.Array], n: int) -> PMatLowRank:
-        factor = jnp.concatenate([j.reshape(-1, j.shape[-1]) for j in chunks])
+        rows = [j.reshape(-1, j.shape[-1]) for j in chunks]
+        factor = rows[0] if len(rows) == 1 else jnp.concatenate(rows)
         return PMatLowRank(self.layer_collection, factor, jnp.asarray(1 / n, factor.dtype))
 
 
