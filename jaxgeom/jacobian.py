@@ -119,6 +119,9 @@ class JacobianBuilder(ChunkBuilder):
     accumulator: Any = static_field()
     mode: str = static_field()
     dtype: Any = static_field()
+    #: the number of examples when known before the first chunk (``with_examples``): a
+    #: collecting accumulator's rows are then written into one buffer of the final size.
+    examples: int | None = static_field(default=None)
 
     @classmethod
     def make(cls, fn, params, example, aux, accumulator, mode="auto") -> JacobianBuilder:
@@ -134,7 +137,28 @@ class JacobianBuilder(ChunkBuilder):
 
     @property
     def sums(self) -> bool:
-        return not self._collects
+        return not self._collects or self.examples is not None
+
+    def with_examples(self, n):
+        return dataclasses.replace(self, examples=n) if self._collects else self
+
+    def initial_total(self, stats):
+        if not self._collects:
+            return super().initial_total(stats)
+        size = stats.shape[0]  # a data set smaller than one chunk: padded to the chunk
+        return jnp.zeros((max(self.examples, size),) + stats.shape[1:], stats.dtype)
+
+    def fold(self, total, stats, offset):
+        """Collecting: the chunk's rows written at their examples' positions, in place. The
+        last chunk of a batch is the batch's last ``size`` rows rotated so that the new
+        examples come first (:func:`jaxgeom.data._window`); it is rotated back and written
+        over the last ``size`` rows (the repeated ones get the values they already have)."""
+        if not self._collects:
+            return super().fold(total, stats, offset)
+        size = stats.shape[0]
+        begin = jnp.minimum(offset, total.shape[0] - size)
+        rows = jnp.roll(stats, offset - begin, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(total, rows, begin, axis=0)
 
     def statistics(self, params, batch, mask, offset, aux):
         jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
@@ -150,6 +174,8 @@ class JacobianBuilder(ChunkBuilder):
         return super().reduce(total, stats, count)
 
     def finalize(self, total, stream):
+        if self._collects and self.examples is not None:  # one buffer, maybe padded
+            total = [total if total.shape[0] == stream.n else total[:stream.n]]
         return self.accumulator.finalize(total, stream.n)
 
 

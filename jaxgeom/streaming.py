@@ -112,6 +112,23 @@ class ChunkBuilder:
         :attr:`sums` (the others are summed inside the compiled step)."""
         return stats if total is None else _add(total, stats)
 
+    def initial_total(self, stats: Any) -> Any:
+        """The running total before the first chunk of a builder that :attr:`sums`, from the
+        shapes of one chunk's statistics (default: zeros of those shapes)."""
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), stats)
+
+    def fold(self, total: Any, stats: Any, offset: jax.Array) -> Any:
+        """``total ⊕ stats`` inside the compiled step, on the donated ``total`` (default:
+        the sum); ``offset`` is the index of the chunk's first example."""
+        return jax.tree_util.tree_map(jnp.add, total, stats)
+
+    def with_examples(self, n: int) -> ChunkBuilder:
+        """This builder told, before the first chunk, that the data hold ``n`` examples
+        (known for one in-memory batch): a builder that keeps every example's rows can then
+        write them into one buffer of the final size instead of concatenating chunks
+        (default: unchanged)."""
+        return self
+
     def finalize(self, total: Any, stream: Stream) -> Any:
         """The representation (or a :class:`Continue`) from the summed statistics."""
         raise NotImplementedError
@@ -155,6 +172,15 @@ class BuilderGroup(ChunkBuilder):
     def reduce(self, total, stats, count):
         total = (None,) * len(self.members) if total is None else total
         return tuple(m.reduce(t, s, count) for m, t, s in zip(self.members, total, stats))
+
+    def initial_total(self, stats):
+        return tuple(m.initial_total(s) for m, s in zip(self.members, stats))
+
+    def fold(self, total, stats, offset):
+        return tuple(m.fold(t, s, offset) for m, t, s in zip(self.members, total, stats))
+
+    def with_examples(self, n):
+        return dataclasses.replace(self, members=tuple(m.with_examples(n) for m in self.members))
 
     def finalize(self, total, stream):
         return gather([m.finalize(t, stream) for m, t in zip(self.members, total)],
@@ -201,6 +227,8 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
     chunks = data_lib.iter_chunks(source, batch_size)
     first = next(chunks)
     first_builder = make(data_lib.example_shapes(first.batch))
+    if data_lib.is_single_batch(data):
+        first_builder = first_builder.with_examples(data_lib.num_examples(data))
     one_shot = isinstance(data, collections.abc.Iterator)
     source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
     total, n = _reduce(first_builder, itertools.chain([first], chunks), params, aux)
@@ -230,9 +258,7 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
         args = (params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux)
         if builder.sums:
             if total is None:
-                total = jax.tree_util.tree_map(
-                    lambda s: jnp.zeros(s.shape, s.dtype), _statistics.eval_shape(builder, *args)[0]
-                )
+                total = builder.initial_total(_statistics.eval_shape(builder, *args)[0])
             total, finite = _accumulate(builder, total, *args)
         else:
             stats, finite = _statistics(builder, *args)
@@ -247,7 +273,7 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
 @functools.partial(jax.jit, donate_argnums=(1,))
 def _accumulate(builder, total, params, batch, mask, offset, aux):
     stats, finite = builder.statistics(params, batch, mask, offset, aux)
-    return jax.tree_util.tree_map(jnp.add, total, stats), finite
+    return builder.fold(total, stats, offset), finite
 
 
 class _Batches:

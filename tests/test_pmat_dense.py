@@ -7,6 +7,7 @@ from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp
 from pmat_checks import check_all, check_promotions, check_pytree, check_solve, reference
 
 from jaxgeom import FIM, PMatDense
+from jaxgeom.pmat import _gram
 
 
 @pytest.fixture(scope="module", params=[make_linen_mlp, make_linen_cnn, make_equinox_mlp])
@@ -53,3 +54,13 @@ def test_mismatched_layouts_and_shapes():
         Fa + Fb
     with pytest.raises(ValueError, match="shape"):
         PMatDense(Fa.layer_collection, jnp.zeros((3, 3)))
+
+
+@pytest.mark.parametrize("m", [7, _gram.SYMMETRIC_FROM + 3])
+def test_gram_is_xtx_also_from_its_upper_blocks(m):
+    """The Gram behind every build: ``XᵀX`` of the rows of ``x``; from ``SYMMETRIC_FROM``
+    columns only the upper block triangle is multiplied and the rest mirrored."""
+    x = np.random.default_rng(0).normal(size=(3, 2, m))
+    rows = x.reshape(-1, m)
+    np.testing.assert_allclose(_gram.gram(jnp.asarray(x)), rows.T @ rows, rtol=1e-12,
+                               atol=1e-12)

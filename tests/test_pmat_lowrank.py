@@ -10,6 +10,7 @@ from pmat_checks import check_products
 from jaxgeom import FIM, FIM_MonteCarlo, LayerCollection, SecondMoment, random_pvector
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.lowrank import PMatLowRank
+from jaxgeom.variants import softmax_cholesky_outputs
 
 TOL = dict(rtol=1e-8, atol=1e-10)
 REGUL = 1e-3
@@ -218,3 +219,23 @@ def test_bad_construction():
         PMatLowRank(F.layer_collection, F.factor, jnp.ones(2))
     with pytest.raises(TypeError, match="no build options"):
         FIM(t.apply_fn, t.params, t.x, PMatLowRank, rank=3)
+
+
+@pytest.mark.parametrize("batch_size", [3, 7, 10, None])
+def test_factor_rows_are_the_jacobian_rows_in_example_order(batch_size):
+    """``F`` stacks each example's ``K`` Jacobian rows, example-major: from one batch (rows
+    written into one buffer of ``N K`` rows; the last chunk padded, or one chunk larger
+    than the data) and from a list of batches (chunks concatenated)."""
+    t = make_linen_mlp()  # N = 7
+
+    def rows(x):
+        out = lambda p: softmax_cholesky_outputs(t.apply_fn(p, x[None])[0])  # noqa: E731
+        jac = jax.jacrev(out)(t.params)
+        return jnp.concatenate([j.reshape(j.shape[0], -1) for j in jax.tree.leaves(jac)], 1)
+
+    expected = jnp.concatenate([rows(x) for x in t.x])
+    one_batch = FIM(t.apply_fn, t.params, (t.x, t.y), PMatLowRank, batch_size=batch_size)
+    batches = [(t.x[:4], t.y[:4]), (t.x[4:], t.y[4:])]
+    two_batches = FIM(t.apply_fn, t.params, batches, PMatLowRank, batch_size=batch_size)
+    np.testing.assert_allclose(one_batch.factor, expected, **TOL)
+    np.testing.assert_allclose(two_batches.factor, expected, **TOL)

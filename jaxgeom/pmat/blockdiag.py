@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxgeom.layers import Layer, LayerCollection, concat_last
 from jaxgeom.pmat import _spectral
+from jaxgeom.pmat._gram import gram
 from jaxgeom.pmat._structured import MeanOfJacobians, structured_mm
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.dense import PMatDense
@@ -183,7 +184,7 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
     def _term(layer_collection: LayerCollection, jac: jax.Array) -> tuple[jax.Array, ...]:
         """Per layer ``Σₙₖ Jₙₖ,ₗᵀ Jₙₖ,ₗ`` of one chunk (``n K d_l²``)."""
         rows = jac.reshape(-1, jac.shape[-1])
-        return tuple(part.T @ part for part in _partition(layer_collection).split(rows))
+        return tuple(gram(part) for part in _partition(layer_collection).split(rows))
 
 
 # ----------------------------------------------------------------------------- layout

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
+from jaxgeom.pmat._gram import gram
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 
 
@@ -17,7 +18,8 @@ from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 class PMatDense(PMatAbstract):
     """The full matrix ``M`` (``d × d``, flat order).
 
-    Build: ``N K B`` for the per-example Jacobians plus ``N K d²`` for ``Σ JᵀJ``; memory
+    Build: ``N K B`` for the per-example Jacobians plus ``N K d²`` for ``Σ JᵀJ`` (``5/8`` of
+    it for ``d ≥ 2048``: only the upper block triangle is multiplied); memory
     ``d²`` plus one chunk of Jacobians (``batch_size · K · d``).
     Operations: ``mv`` ``d²``; ``solve`` ``d³`` (Cholesky by default, ``"eigh"``,
     ``"lstsq"``, ``"cg"``); ``eigh``/``pow``/``pinv`` ``d³``.
@@ -123,8 +125,7 @@ class DenseAccumulator:
         return jnp.zeros((d, d), dtype)
 
     def update(self, state, jac):
-        rows = jac.reshape(-1, jac.shape[-1])
-        return state + rows.T @ rows
+        return state + gram(jac)
 
     def finalize(self, state, n):
         return PMatDense(self.layer_collection, state / n)

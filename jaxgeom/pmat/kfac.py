@@ -73,6 +73,7 @@ import numpy as np
 from jaxgeom.capture import Captured, CapturePlan, KroneckerSpec, capture_chunk, make_plan
 from jaxgeom.layers import Layer, LayerCollection, concat_last
 from jaxgeom.pmat import _spectral
+from jaxgeom.pmat._gram import gram
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
@@ -592,13 +593,6 @@ def other_gradients(cap: Captured, mask: jax.Array, plan: CapturePlan,
     flat order), zero for padding."""
     other = cap.other.astype(layout.dtype) * mask.astype(layout.dtype)[:, None, None]
     return [other[..., idx].reshape(-1, len(idx)) for idx in _other_columns(plan, layout)]
-
-
-def gram(x: jax.Array) -> jax.Array:
-    """``Σ_rows x xᵀ`` over every leading axis of ``x`` (``(..., m) → (m, m)``), as one
-    2-D GEMM (XLA's CPU dot is several times slower on the unflattened einsum)."""
-    x = x.reshape(-1, x.shape[-1])
-    return x.T @ x
 
 
 def all_finite(cap: Captured) -> jax.Array:
