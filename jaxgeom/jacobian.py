@@ -151,13 +151,17 @@ class JacobianBuilder(ChunkBuilder):
     def fold(self, total, stats, offset):
         """Collecting: the chunk's rows written at their examples' positions, in place. The
         last chunk of a batch is the batch's last ``size`` rows rotated so that the new
-        examples come first (:func:`jaxgeom.data._window`); it is rotated back and written
-        over the last ``size`` rows (the repeated ones get the values they already have)."""
+        examples come first (:func:`jaxgeom.data._window`): it is rotated back and written
+        over the last ``size`` rows, keeping the rows already written (examples seen in an
+        earlier chunk: their values there may differ, e.g. Monte-Carlo draws keyed by
+        their position in the chunk)."""
         if not self._collects:
             return super().fold(total, stats, offset)
         size = stats.shape[0]
         begin = jnp.minimum(offset, total.shape[0] - size)
-        rows = jnp.roll(stats, offset - begin, axis=0)
+        new = (jnp.arange(size) >= offset - begin).reshape((size,) + (1,) * (stats.ndim - 1))
+        window = jax.lax.dynamic_slice_in_dim(total, begin, size, axis=0)
+        rows = jnp.where(new, jnp.roll(stats, offset - begin, axis=0), window)
         return jax.lax.dynamic_update_slice_in_dim(total, rows, begin, axis=0)
 
     def statistics(self, params, batch, mask, offset, aux):
