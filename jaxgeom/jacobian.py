@@ -19,6 +19,7 @@ the driver :func:`accumulate` (a :class:`JacobianBuilder` streamed by
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -121,7 +122,8 @@ class JacobianBuilder(ChunkBuilder):
     dtype: Any = static_field()
     #: the number of examples when known before the first chunk (``with_examples``): a
     #: collecting accumulator's rows are then written into one buffer of the final size.
-    examples: int | None = static_field(default=None)
+    #: A traced field, so that the compiled chunk step does not depend on it.
+    examples: Any = None
 
     @classmethod
     def make(cls, fn, params, example, aux, accumulator, mode="auto") -> JacobianBuilder:
@@ -137,32 +139,10 @@ class JacobianBuilder(ChunkBuilder):
 
     @property
     def sums(self) -> bool:
-        return not self._collects or self.examples is not None
+        return not self._collects
 
     def with_examples(self, n):
         return dataclasses.replace(self, examples=n) if self._collects else self
-
-    def initial_total(self, stats):
-        if not self._collects:
-            return super().initial_total(stats)
-        size = stats.shape[0]  # a data set smaller than one chunk: padded to the chunk
-        return jnp.zeros((max(self.examples, size),) + stats.shape[1:], stats.dtype)
-
-    def fold(self, total, stats, offset):
-        """Collecting: the chunk's rows written at their examples' positions, in place. The
-        last chunk of a batch is the batch's last ``size`` rows rotated so that the new
-        examples come first (:func:`jaxgeom.data._window`): it is rotated back and written
-        over the last ``size`` rows, keeping the rows already written (examples seen in an
-        earlier chunk: their values there may differ, e.g. Monte-Carlo draws keyed by
-        their position in the chunk)."""
-        if not self._collects:
-            return super().fold(total, stats, offset)
-        size = stats.shape[0]
-        begin = jnp.minimum(offset, total.shape[0] - size)
-        new = (jnp.arange(size) >= offset - begin).reshape((size,) + (1,) * (stats.ndim - 1))
-        window = jax.lax.dynamic_slice_in_dim(total, begin, size, axis=0)
-        rows = jnp.where(new, jnp.roll(stats, offset - begin, axis=0), window)
-        return jax.lax.dynamic_update_slice_in_dim(total, rows, begin, axis=0)
 
     def statistics(self, params, batch, mask, offset, aux):
         jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
@@ -173,14 +153,40 @@ class JacobianBuilder(ChunkBuilder):
         return self.accumulator.update(self.accumulator.init(self.dtype), jac), finite
 
     def reduce(self, total, stats, count):
-        if self._collects:
+        if not self._collects:
+            return super().reduce(total, stats, count)
+        if self.examples is None:  # the size is unknown: keep the chunks
             return (total or []) + [stats if count == stats.shape[0] else stats[:count]]
-        return super().reduce(total, stats, count)
+        if total is None:  # data smaller than one chunk: padded to the chunk
+            size = (max(int(self.examples), stats.shape[0]),) + stats.shape[1:]
+            total = (jnp.zeros(size, stats.dtype), 0)
+        rows, written = total
+        return _write_rows(rows, stats, jnp.asarray(written)), written + count
 
     def finalize(self, total, stream):
         if self._collects and self.examples is not None:  # one buffer, maybe padded
-            total = [total if total.shape[0] == stream.n else total[:stream.n]]
+            rows, _ = total
+            total = [rows if rows.shape[0] == stream.n else rows[:stream.n]]
         return self.accumulator.finalize(total, stream.n)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_rows(rows: jax.Array, chunk: jax.Array, offset: jax.Array) -> jax.Array:
+    """A chunk's rows written, in place, at the positions of its examples from ``offset``.
+
+    The last chunk of a batch is the batch's last ``size`` rows rotated so that the new
+    examples come first (:func:`jaxgeom.data._window`): it is rotated back and written over
+    the last ``size`` rows, keeping the rows already written (examples seen in an earlier
+    chunk: their values there may differ, e.g. Monte-Carlo draws keyed by their position
+    in the chunk). Its own small compiled function, so that a data set of a new size
+    recompiles this, not the chunk's Jacobian step.
+    """
+    size = chunk.shape[0]
+    begin = jnp.minimum(offset, rows.shape[0] - size)
+    new = (jnp.arange(size) >= offset - begin).reshape((size,) + (1,) * (chunk.ndim - 1))
+    window = jax.lax.dynamic_slice_in_dim(rows, begin, size, axis=0)
+    chunk = jnp.where(new, jnp.roll(chunk, offset - begin, axis=0), window)
+    return jax.lax.dynamic_update_slice_in_dim(rows, chunk, begin, axis=0)
 
 
 def accumulate(

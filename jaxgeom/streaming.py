@@ -112,16 +112,6 @@ class ChunkBuilder:
         :attr:`sums` (the others are summed inside the compiled step)."""
         return stats if total is None else _add(total, stats)
 
-    def initial_total(self, stats: Any) -> Any:
-        """The running total before the first chunk of a builder that :attr:`sums`, from the
-        shapes of one chunk's statistics (default: zeros of those shapes)."""
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), stats)
-
-    def fold(self, total: Any, stats: Any, offset: jax.Array) -> Any:
-        """``total ⊕ stats`` inside the compiled step, on the donated ``total`` (default:
-        the sum); ``offset`` is the index of the chunk's first example."""
-        return jax.tree_util.tree_map(jnp.add, total, stats)
-
     def with_examples(self, n: int) -> ChunkBuilder:
         """This builder told, before the first chunk, that the data hold ``n`` examples
         (known for one in-memory batch): a builder that keeps every example's rows can then
@@ -172,12 +162,6 @@ class BuilderGroup(ChunkBuilder):
     def reduce(self, total, stats, count):
         total = (None,) * len(self.members) if total is None else total
         return tuple(m.reduce(t, s, count) for m, t, s in zip(self.members, total, stats))
-
-    def initial_total(self, stats):
-        return tuple(m.initial_total(s) for m, s in zip(self.members, stats))
-
-    def fold(self, total, stats, offset):
-        return tuple(m.fold(t, s, offset) for m, t, s in zip(self.members, total, stats))
 
     def with_examples(self, n):
         return dataclasses.replace(self, members=tuple(m.with_examples(n) for m in self.members))
@@ -258,7 +242,9 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
         args = (params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux)
         if builder.sums:
             if total is None:
-                total = builder.initial_total(_statistics.eval_shape(builder, *args)[0])
+                total = jax.tree_util.tree_map(
+                    lambda s: jnp.zeros(s.shape, s.dtype), _statistics.eval_shape(builder, *args)[0]
+                )
             total, finite = _accumulate(builder, total, *args)
         else:
             stats, finite = _statistics(builder, *args)
@@ -273,7 +259,7 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
 @functools.partial(jax.jit, donate_argnums=(1,))
 def _accumulate(builder, total, params, batch, mask, offset, aux):
     stats, finite = builder.statistics(params, batch, mask, offset, aux)
-    return builder.fold(total, stats, offset), finite
+    return jax.tree_util.tree_map(jnp.add, total, stats), finite
 
 
 class _Batches:
