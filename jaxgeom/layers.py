@@ -220,9 +220,7 @@ class LayerCollection:
     # ------------------------------------------------------------------ vectors
     def to_flat(self, tree: Any) -> jax.Array:
         """Ravel a params-shaped pytree to a flat ``(d,)`` vector (in the flat order)."""
-        leaves = jax.tree_util.tree_leaves(tree)
-        dtype = jnp.result_type(*leaves)
-        return concat_last([jnp.ravel(x).astype(dtype) for x in leaves])
+        return ravel_tree(tree)
 
     def from_flat(self, flat: jax.Array) -> Any:
         """Unravel a flat ``(d,)`` vector (or ``(..., d)`` stack) into a params-shaped pytree."""
@@ -293,6 +291,13 @@ def _group_by_parent(paths: tuple[str, ...]) -> tuple[Layer, ...]:
         parent = path.rsplit("/", 1)[0] if "/" in path else path
         groups.setdefault(parent, []).append(i)
     return tuple(Layer(id=parent, kind="other", leaves=tuple(ix)) for parent, ix in groups.items())
+
+
+def ravel_tree(tree: Any) -> jax.Array:
+    """The leaves of ``tree`` raveled and concatenated, in leaf order, in their common dtype."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    dtype = jnp.result_type(*leaves)
+    return concat_last([jnp.ravel(x).astype(dtype) for x in leaves])
 
 
 def concat_last(parts: Sequence[jax.Array]) -> jax.Array:

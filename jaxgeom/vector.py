@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom.layers import LayerCollection, concat_last
+from jaxgeom.layers import LayerCollection, ravel_tree
 from jaxgeom.scaling import ScalarMultiples
 
 
@@ -48,9 +48,7 @@ class PVector(ScalarMultiples):
 
     def to_flat(self) -> jax.Array:
         """The ``(d,)`` flat form, in the order of ``ravel_pytree(params)``."""
-        leaves = jax.tree_util.tree_leaves(self.tree)
-        dtype = jnp.result_type(*leaves)
-        return concat_last([jnp.ravel(x).astype(dtype) for x in leaves])
+        return ravel_tree(self.tree)
 
     def size(self) -> int:
         return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(self.tree))

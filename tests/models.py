@@ -252,13 +252,19 @@ def make_equinox_cnn(seed=0, n=4):
     return Task("equinox_cnn", apply_fn, params, x, _labels(k1, n, 3), 3)
 
 
+def _hidden_and_readout(seed, n_in, n_hidden, n_out):
+    """Plain-dict params — a hidden layer ``w``, ``b`` and a read-out ``v`` — and the key
+    the labels are drawn with."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return {"w": jax.random.normal(k1, (n_in, n_hidden)) / np.sqrt(n_in),
+            "b": 0.1 * jax.random.normal(k2, (n_hidden,)),
+            "v": jax.random.normal(k3, (n_hidden, n_out))}, k3
+
+
 @functools.cache
 def make_plain_reverse_scan(seed=0, n=4):
     """A recurrent layer run backwards over time (``lax.scan(..., reverse=True)``)."""
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = {"w": jax.random.normal(k1, (3, 4)) / np.sqrt(3),
-              "b": 0.1 * jax.random.normal(k2, (4,)),
-              "v": jax.random.normal(k3, (4, 2))}
+    params, k3 = _hidden_and_readout(seed, 3, 4, 2)
 
     def apply_fn(p, xs):  # (N, T, 3)
         def step(h, x):
@@ -318,10 +324,7 @@ def make_linen_grouped_conv(seed=0, n=5):
 @functools.cache
 def make_plain_shared_dense(seed=0, n=5):
     """One dense layer (``w``, ``b``) applied twice, then a read-out ``v``."""
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = {"w": jax.random.normal(k1, (3, 3)) / np.sqrt(3),
-              "b": 0.1 * jax.random.normal(k2, (3,)),
-              "v": jax.random.normal(k3, (3, 2))}
+    params, k3 = _hidden_and_readout(seed, 3, 3, 2)
 
     def apply_fn(p, x):
         h = jnp.tanh(x @ p["w"] + p["b"])
