@@ -688,8 +688,36 @@ def example_gradients(spec: KroneckerSpec, inputs: jax.Array, grads: jax.Array) 
     ``{"kernel": (n, K, *kernel_shape), "bias": (n, K, g_l)}`` (``Σ_t g aᵀ`` and ``Σ_t g``)."""
     if spec.kind == "embedding":
         inputs = jax.nn.one_hot(inputs, spec.in_features, dtype=grads.dtype)
-    matrix = jnp.einsum("nktg,nta->nkga", grads, inputs.astype(grads.dtype))
+    inputs = inputs.astype(grads.dtype)
+    if inputs.shape[1] == 1:  # one position: an outer product (XLA fuses it into its consumer)
+        matrix = grads[:, :, 0, :, None] * inputs[:, None, 0, None, :]
+    else:
+        matrix = jnp.einsum("nktg,nta->nkga", grads, inputs)
     out = {"kernel": spec.kernel_from_matrix(matrix)}
     if spec.bias is not None:
         out["bias"] = grads.sum(axis=2)
     return out
+
+
+def leaf_gradients(plan: CapturePlan, layout: LayerCollection,
+                   captured: Captured) -> list[jax.Array]:
+    """The per-example, per-output gradient of every parameter leaf, raveled: one
+    ``(n, K, size_i)`` array per leaf, in flat leaf order — the chunk's Jacobian
+    ``(n, K, d)`` cut at the leaves (:func:`jaxgeom.layers.concat_last` of the list).
+
+    Captured layers' leaves are outer products of their ``(a, g)`` (:func:`example_gradients`),
+    the others slices of ``captured.other``. Left as separate leaves so that a consumer
+    writing them into a buffer (``dynamic_update_slice``) gets each product fused into its
+    write, with no chunk-sized intermediate.
+    """
+    n, k = captured.outputs.shape
+    pieces: dict[int, jax.Array] = {}
+    for spec, inputs, grads in zip(plan.specs, captured.inputs, captured.grads):
+        for name, value in example_gradients(spec, inputs, grads).items():
+            pieces[getattr(spec, name)] = value.reshape(n, k, -1)
+    start = 0
+    for leaf in plan.other_leaves:
+        size = layout.sizes[leaf]
+        pieces[leaf] = captured.other[:, :, start:start + size]
+        start += size
+    return [pieces[i].astype(layout.dtype) for i in range(plan.num_leaves)]

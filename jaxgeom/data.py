@@ -94,6 +94,17 @@ def num_examples(batch: Any, what: str = "batch") -> int:
     return int(next(iter(sizes.values())))
 
 
+def known_size(data: Any) -> int | None:
+    """The number of examples in ``data`` when it is known before reading it: one batch,
+    or a list of batches (arrays in memory); ``None`` for other iterables (iterators,
+    loaders)."""
+    if is_single_batch(data):
+        return num_examples(data)
+    if isinstance(data, list):
+        return sum(num_examples(batch) for batch in data)
+    return None
+
+
 def example_shapes(batch: Any) -> Any:
     """The shapes and dtypes of one example of ``batch`` (``jax.ShapeDtypeStruct`` leaves,
     no example axis): enough to trace a per-example function, and no slice to compile."""

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from jaxgeom import capture as capture_lib
 from jaxgeom.layers import LayerCollection
 from jaxgeom.streaming import ChunkBuilder, builder, run, static_field
 from jaxgeom.streaming import check_finite as check_finite  # re-exported
@@ -39,7 +40,9 @@ class Accumulator(Protocol):
     ``init`` makes the zero state, ``update`` adds one chunk's masked Jacobian
     ``(n, K, d)`` (inside ``jit``), ``finalize`` turns the state and the number of
     examples ``N`` into the representation. An accumulator whose ``collects`` attribute
-    is true instead receives the list of all chunks' (real) Jacobian rows in ``finalize``.
+    is true instead receives in ``finalize`` a list of blocks of Jacobian rows ``(m, d)``
+    that, stacked, are all examples' rows in example order (``K`` rows per example:
+    ``N K`` in all).
     """
 
     def init(self, dtype: Any) -> Any: ...
@@ -112,81 +115,118 @@ def example_output_count(fn, params, example, aux) -> int:
 class JacobianBuilder(ChunkBuilder):
     """The chunk builder (:mod:`jaxgeom.streaming`) of an :class:`Accumulator`: per chunk,
     the masked per-example Jacobians ``(n, K, d)`` reduced by ``accumulator.update`` from
-    its zero state (or kept whole, for an accumulator that ``collects``); the chunks' sums
-    add up and ``accumulator.finalize`` makes the result. Peak memory: one chunk's
-    Jacobians, ``n K d``."""
+    its zero state; the chunks' sums add up and ``accumulator.finalize`` makes the result.
+    Peak memory: one chunk's Jacobians, ``n K d``.
+
+    An accumulator that ``collects`` keeps every example's rows instead. When the number
+    of examples ``N`` is known before the first chunk (in-memory data, ``with_examples``)
+    the rows are written, chunk by chunk, into one ``(N, K, d)`` buffer updated in place
+    inside the chunk's compiled step: in reverse mode each leaf's block of a row is
+    computed from the layer inputs and output gradients captured by
+    :mod:`jaxgeom.capture` (an outer product for a dense layer) and fused into its write,
+    so no chunk-sized intermediate is formed (XLA:CPU pays a page fault per 4 KiB of every
+    freshly allocated array: forming, then copying, each chunk's rows cost 3× more than
+    writing them in place). Peak memory: the storage plus one chunk's activations. The
+    step is compiled for the buffer's shape: data of a new size compile it again.
+    Otherwise (iterators) each chunk's rows are kept and concatenated at the end.
+    """
 
     fn: Callable = static_field()
     accumulator: Any = static_field()
     mode: str = static_field()
     dtype: Any = static_field()
-    #: the number of examples when known before the first chunk (``with_examples``): a
-    #: collecting accumulator's rows are then written into one buffer of the final size.
-    #: A traced field, so that the compiled chunk step does not depend on it.
-    examples: Any = None
+    layout: LayerCollection = static_field(default=None)
+    #: K, the number of outputs per example.
+    num_outputs: int = static_field(default=None)
+    #: the number of examples when known before the first chunk (``with_examples``).
+    examples: int | None = static_field(default=None)
 
     @classmethod
-    def make(cls, fn, params, example, aux, accumulator, mode="auto") -> JacobianBuilder:
-        """The builder for ``example``'s shapes (``mode="auto"`` resolved with ``K``)."""
-        layout = LayerCollection.from_params(params)
+    def make(cls, fn, params, example, aux, accumulator, mode="auto",
+             layout: LayerCollection | None = None) -> JacobianBuilder:
+        """The builder for ``example``'s shapes (``mode="auto"`` resolved with ``K``);
+        ``layout`` (default: from ``params``) names the layers whose rows are written from
+        captured inputs and output gradients."""
+        layout = LayerCollection.from_params(params) if layout is None else layout
         num_outputs = example_output_count(fn, params, example, aux)
         resolved = resolve_mode(mode, layout.numel(), num_outputs)
-        return cls(fn, accumulator, resolved, layout.dtype)
+        return cls(fn, accumulator, resolved, layout.dtype, layout, num_outputs)
 
     @property
     def _collects(self) -> bool:
         return getattr(self.accumulator, "collects", False)
 
     @property
-    def sums(self) -> bool:
-        return not self._collects
+    def updates_in_place(self) -> bool:
+        return not self._collects or self.examples is not None
 
     def with_examples(self, n):
-        return dataclasses.replace(self, examples=n) if self._collects else self
+        return dataclasses.replace(self, examples=int(n)) if self._collects else self
 
     def statistics(self, params, batch, mask, offset, aux):
         jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
         finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
         if self._collects:  # padded rows are cut off in ``reduce``: no masking pass
-            return jac, finite
+            return jac.reshape(-1, jac.shape[-1]), finite
         jac = jac * mask[:, None, None].astype(jac.dtype)
         return self.accumulator.update(self.accumulator.init(self.dtype), jac), finite
+
+    def init_total(self, params, batch, mask, offset, aux):
+        if not self._collects:
+            return super().init_total(params, batch, mask, offset, aux)
+        rows = max(self.examples, mask.shape[0])  # data smaller than one chunk: padded
+        return jnp.zeros((rows * self.num_outputs, self.layout.numel()), self.dtype)
+
+    def update(self, total, params, batch, mask, offset, aux):
+        if not self._collects:
+            return super().update(total, params, batch, mask, offset, aux)
+        # The chunk's first ``count`` rows are examples ``offset, offset + 1, …``; the last
+        # chunk of a batch, a window of ``size`` rows clamped to the batch's end and rotated
+        # (:func:`jaxgeom.data.iter_chunks`), is written at ``begin = N - size``: its inputs
+        # are rotated back (cheap: inputs, not rows), the rows at positions already written
+        # keep their values (Monte-Carlo draws depend on an example's position), and the
+        # others are written in place.
+        size = mask.shape[0]
+        k = self.num_outputs
+        begin = jnp.minimum(offset, total.shape[0] // k - size)
+        shift = offset - begin
+        batch = jax.tree_util.tree_map(lambda a: jnp.roll(a, shift, axis=0), batch)
+        pieces, finite = self._leaf_rows(params, batch, begin, aux)
+        keep = (jnp.arange(size * k) < shift * k)[:, None]
+        column = 0
+        for piece in pieces:
+            piece = piece.reshape(size * k, -1)
+            start = (begin * k, column)
+            old = jax.lax.dynamic_slice(total, start, piece.shape)
+            total = jax.lax.dynamic_update_slice(total, jnp.where(keep, old, piece), start)
+            column += piece.shape[-1]
+        return total, finite
+
+    def _leaf_rows(self, params, batch, offset, aux) -> tuple[list[jax.Array], jax.Array]:
+        """The chunk's Jacobian rows as one ``(n, K, size_i)`` block per leaf (reverse mode:
+        from the captured layer inputs and output gradients) and whether all were finite."""
+        if self.mode != "reverse":
+            jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
+            return [jac], jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
+        example = jax.tree_util.tree_map(lambda a: a[0], batch)
+        plan = capture_lib.make_plan(self.fn, params, example, aux, self.layout)
+        captured = capture_lib.capture_chunk(plan, params, batch, offset, aux)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
+            (captured.outputs, captured.inputs, captured.grads, captured.other))
+            if jnp.issubdtype(x.dtype, jnp.inexact)]))
+        return capture_lib.leaf_gradients(plan, self.layout, captured), finite
 
     def reduce(self, total, stats, count):
         if not self._collects:
             return super().reduce(total, stats, count)
-        if self.examples is None:  # the size is unknown: keep the chunks
-            return (total or []) + [stats if count == stats.shape[0] else stats[:count]]
-        if total is None:  # data smaller than one chunk: padded to the chunk
-            size = (max(int(self.examples), stats.shape[0]),) + stats.shape[1:]
-            total = (jnp.zeros(size, stats.dtype), 0)
-        rows, written = total
-        return _write_rows(rows, stats, jnp.asarray(written)), written + count
+        rows = count * self.num_outputs
+        return (total or []) + [stats if rows == stats.shape[0] else stats[:rows]]
 
     def finalize(self, total, stream):
         if self._collects and self.examples is not None:  # one buffer, maybe padded
-            rows, _ = total
-            total = [rows if rows.shape[0] == stream.n else rows[:stream.n]]
+            rows = stream.n * self.num_outputs
+            total = [total if total.shape[0] == rows else total[:rows]]
         return self.accumulator.finalize(total, stream.n)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_rows(rows: jax.Array, chunk: jax.Array, offset: jax.Array) -> jax.Array:
-    """A chunk's rows written, in place, at the positions of its examples from ``offset``.
-
-    The last chunk of a batch is the batch's last ``size`` rows rotated so that the new
-    examples come first (:func:`jaxgeom.data._window`): it is rotated back and written over
-    the last ``size`` rows, keeping the rows already written (examples seen in an earlier
-    chunk: their values there may differ, e.g. Monte-Carlo draws keyed by their position
-    in the chunk). Its own small compiled function, so that a data set of a new size
-    recompiles this, not the chunk's Jacobian step.
-    """
-    size = chunk.shape[0]
-    begin = jnp.minimum(offset, rows.shape[0] - size)
-    new = (jnp.arange(size) >= offset - begin).reshape((size,) + (1,) * (chunk.ndim - 1))
-    window = jax.lax.dynamic_slice_in_dim(rows, begin, size, axis=0)
-    chunk = jnp.where(new, jnp.roll(chunk, offset - begin, axis=0), window)
-    return jax.lax.dynamic_update_slice_in_dim(rows, chunk, begin, axis=0)
 
 
 def accumulate(

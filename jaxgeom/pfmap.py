@@ -186,7 +186,9 @@ class _Stack:
         return None
 
     def finalize(self, chunks, n):
-        return PFMapDense(self.layer_collection, jnp.concatenate(chunks).transpose(1, 0, 2))
+        rows = jnp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+        return PFMapDense(self.layer_collection, rows.reshape(n, -1, rows.shape[-1])
+                          .transpose(1, 0, 2))
 
 
 @_pfmap

@@ -10,9 +10,12 @@ the first example, whose shapes fix the capture plan or the Jacobian mode), and
 .. math::  S = \\sum_{c} s(\\text{chunk}_c), \\qquad M = \\mathrm{finalize}(S, N),
 
 with ``s`` the jitted :meth:`ChunkBuilder.statistics` of one masked chunk (sums over its
-real examples), ``⊕`` :meth:`ChunkBuilder.reduce` (``+``, or appending for builders that
-keep every chunk's rows), ``N`` the number of examples seen. Only one chunk's statistics
-are alive at a time besides the running total.
+real examples), ``⊕`` the update of the running total, ``N`` the number of examples seen.
+The total is updated in place inside each chunk's compiled step
+(:meth:`ChunkBuilder.update`: ``+`` by default; builders that keep every example's rows
+write the chunk's rows into a buffer of the final size there), or, for builders that
+cannot (rows of data of unknown size), by :meth:`ChunkBuilder.reduce` outside ``jit``.
+Only one chunk's statistics are alive at a time besides the running total.
 
 Several builders run in the same loop as one :class:`BuilderGroup` (``PMatMixed``): one
 jitted step per chunk computes every member's statistics, so the data are read once.
@@ -96,9 +99,10 @@ class ChunkBuilder:
     passes: int = 1
     #: whether ``finalize`` needs ``Stream.data`` as the list of all batches.
     keeps_data: bool = False
-    #: whether :meth:`reduce` is the sum of the statistics: the driver then adds each
-    #: chunk's statistics to the running total inside the chunk's compiled step, in place.
-    sums: bool = True
+    #: whether the running total is updated in place inside the chunk's compiled step
+    #: (:meth:`init_total`, :meth:`update`; its buffers donated); otherwise :meth:`reduce`
+    #: combines each chunk's statistics with it outside ``jit``.
+    updates_in_place: bool = True
 
     def statistics(self, params: Any, batch: Any, mask: jax.Array, offset: jax.Array,
                    aux: Any) -> tuple[Any, jax.Array]:
@@ -106,17 +110,31 @@ class ChunkBuilder:
         ``mask``) and whether everything was finite. Runs inside ``jax.jit``."""
         raise NotImplementedError
 
+    def init_total(self, params: Any, batch: Any, mask: jax.Array, offset: jax.Array,
+                   aux: Any) -> Any:
+        """The running total before the first chunk (given the first chunk's arguments), for
+        a builder that :attr:`updates_in_place` (default: zeros shaped like the statistics)."""
+        shapes = _statistics.eval_shape(self, params, batch, mask, offset, aux)[0]
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def update(self, total: Any, params: Any, batch: Any, mask: jax.Array, offset: jax.Array,
+               aux: Any) -> tuple[Any, jax.Array]:
+        """The running ``total`` updated with one chunk, and whether everything was finite.
+        Runs inside ``jax.jit`` with ``total`` donated (default: ``total + statistics``)."""
+        stats, finite = self.statistics(params, batch, mask, offset, aux)
+        return jax.tree_util.tree_map(jnp.add, total, stats), finite
+
     def reduce(self, total: Any, stats: Any, count: int) -> Any:
-        """Add one chunk's statistics to the running ``total`` (``None`` before the first
-        chunk); ``count`` real examples. Runs outside ``jit``; used by builders that do not
-        :attr:`sums` (the others are summed inside the compiled step)."""
+        """Combine one chunk's statistics with the running ``total`` (``None`` before the
+        first chunk); ``count`` real examples. Runs outside ``jit``; used by builders that do
+        not :attr:`updates_in_place`."""
         return stats if total is None else _add(total, stats)
 
     def with_examples(self, n: int) -> ChunkBuilder:
         """This builder told, before the first chunk, that the data hold ``n`` examples
-        (known for one in-memory batch): a builder that keeps every example's rows can then
-        write them into one buffer of the final size instead of concatenating chunks
-        (default: unchanged)."""
+        (known for in-memory data): a builder that keeps every example's rows can then
+        write them into one buffer of the final size, in place, instead of concatenating
+        chunks (default: unchanged)."""
         return self
 
     def finalize(self, total: Any, stream: Stream) -> Any:
@@ -151,13 +169,19 @@ class BuilderGroup(ChunkBuilder):
         return any(m.keeps_data for m in self.members)
 
     @property
-    def sums(self) -> bool:
-        return all(m.sums for m in self.members)
+    def updates_in_place(self) -> bool:
+        return all(m.updates_in_place for m in self.members)
 
     def statistics(self, params, batch, mask, offset, aux):
         out = [m.statistics(params, batch, mask, offset, aux) for m in self.members]
-        finite = jnp.all(jnp.stack([jnp.asarray(f) for _, f in out])) if out else True
-        return tuple(s for s, _ in out), finite
+        return tuple(s for s, _ in out), _all_finite(out)
+
+    def init_total(self, params, batch, mask, offset, aux):
+        return tuple(m.init_total(params, batch, mask, offset, aux) for m in self.members)
+
+    def update(self, total, params, batch, mask, offset, aux):
+        out = [m.update(t, params, batch, mask, offset, aux) for m, t in zip(self.members, total)]
+        return tuple(t for t, _ in out), _all_finite(out)
 
     def reduce(self, total, stats, count):
         total = (None,) * len(self.members) if total is None else total
@@ -173,6 +197,10 @@ class BuilderGroup(ChunkBuilder):
     def assemble(self, results: list) -> Any:
         """The group's result from its members' (default: their tuple)."""
         return tuple(results)
+
+
+def _all_finite(out: list[tuple[Any, Any]]) -> Any:
+    return jnp.all(jnp.stack([jnp.asarray(f) for _, f in out])) if out else True
 
 
 def gather(results: list, assemble: Callable[[list], Any]) -> Any:
@@ -211,8 +239,9 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
     chunks = data_lib.iter_chunks(source, batch_size)
     first = next(chunks)
     first_builder = make(data_lib.example_shapes(first.batch))
-    if data_lib.is_single_batch(data):
-        first_builder = first_builder.with_examples(data_lib.num_examples(data))
+    examples = data_lib.known_size(data)
+    if examples is not None:
+        first_builder = first_builder.with_examples(examples)
     one_shot = isinstance(data, collections.abc.Iterator)
     source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
     total, n = _reduce(first_builder, itertools.chain([first], chunks), params, aux)
@@ -233,19 +262,17 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
     """Stream ``chunks`` through ``builder``: the total of the statistics and ``N``.
 
     The loop never waits for the device: each chunk's finiteness flag is read once all
-    chunks are dispatched, and a summing builder's running total is updated in place
-    inside the chunk's compiled step (its buffers donated), so a chunk costs one dispatch
-    and no copy of the total.
+    chunks are dispatched, and the running total of a builder that
+    :attr:`~ChunkBuilder.updates_in_place` is updated inside the chunk's compiled step (its
+    buffers donated), so a chunk costs one dispatch and no copy of the total.
     """
     total, n, flags = None, 0, []
     for chunk in chunks:
         args = (params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux)
-        if builder.sums:
+        if builder.updates_in_place:
             if total is None:
-                total = jax.tree_util.tree_map(
-                    lambda s: jnp.zeros(s.shape, s.dtype), _statistics.eval_shape(builder, *args)[0]
-                )
-            total, finite = _accumulate(builder, total, *args)
+                total = builder.init_total(*args)
+            total, finite = _update(builder, total, *args)
         else:
             stats, finite = _statistics(builder, *args)
             total = builder.reduce(total, stats, chunk.count)
@@ -257,9 +284,8 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
 
 
 @functools.partial(jax.jit, donate_argnums=(1,))
-def _accumulate(builder, total, params, batch, mask, offset, aux):
-    stats, finite = builder.statistics(params, batch, mask, offset, aux)
-    return jax.tree_util.tree_map(jnp.add, total, stats), finite
+def _update(builder, total, params, batch, mask, offset, aux):
+    return builder.update(total, params, batch, mask, offset, aux)
 
 
 class _Batches:

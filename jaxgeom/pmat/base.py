@@ -261,7 +261,7 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         (:class:`~jaxgeom.jacobian.JacobianBuilder`); representations built from captured
         layer inputs and output gradients, or kept as a function, override it."""
         return JacobianBuilder.make(fn, params, example, aux,
-                                    cls.accumulator(layout, **options), mode)
+                                    cls.accumulator(layout, **options), mode, layout)
 
     @classmethod
     def from_jacobians(

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
+from jaxgeom.pmat._gram import gram
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.vector import as_flat
 
@@ -84,21 +85,31 @@ class PMatLowRank(PMatAbstract):
         return jnp.sum(self._weights() * (self.factor @ flat) ** 2)
 
     def to_dense(self):
-        return self.factor.T @ (self._weights()[:, None] * self.factor)
+        return self._column_gram()
 
     def get_diag(self):
-        """``Σᵢ cᵢ fᵢ²`` (``r d``); ``trace`` is its sum, no ``d × d`` matrix is built."""
-        return self._weights() @ self.factor**2
+        """``Σᵢ cᵢ fᵢ²`` (``r d``, one fused pass over ``F``: no ``F²`` is formed)."""
+        return jnp.sum(self._weights()[:, None] * self.factor * self.factor, axis=0)
+
+    def trace(self):
+        """``Σᵢ cᵢ ‖fᵢ‖²`` (``r d``, one pass over ``F``)."""
+        return self._weights() @ jnp.sum(self.factor * self.factor, axis=1)
 
     def frobenius_norm(self):
         """``‖M‖_F² = tr(M²) = Σᵢⱼ cᵢ cⱼ (F Fᵀ)ᵢⱼ²`` through the ``r × r`` Gram (``r² d``),
-        or ``Σ (Fᵀ diag(c) F)²`` through ``M`` itself (``r d²``) when ``d < r``."""
-        w = self._weights()
+        or ``Σ (Fᵀ diag(c) F)²`` through ``M`` itself (``r d²``) when ``d < r``; both
+        Grams symmetric (:func:`~jaxgeom.pmat._gram.gram`: about 40% fewer products)."""
         r, d = self.factor.shape
         if d < r:
-            return jnp.sqrt(jnp.sum(((self.factor * w[:, None]).T @ self.factor) ** 2))
-        gram = self.factor @ self.factor.T
-        return jnp.sqrt(jnp.maximum(w @ gram**2 @ w, 0))
+            return jnp.sqrt(jnp.sum(self._column_gram() ** 2))
+        w = self._weights()
+        return jnp.sqrt(jnp.maximum(w @ gram(self.factor.T) ** 2 @ w, 0))
+
+    def _column_gram(self) -> jax.Array:
+        """``M = Fᵀ diag(c) F`` (``d × d``, ``r d²``; symmetric blocks for a scalar ``c``)."""
+        if jnp.ndim(self.coef) == 0:
+            return jnp.asarray(self.coef, self.factor.dtype) * gram(self.factor)
+        return (self.factor * self._weights()[:, None]).T @ self.factor
 
     def eigh(self) -> tuple[jax.Array, jax.Array]:
         """The *thin* eigendecomposition: ``λ`` ``(k,)`` ascending and orthonormal ``V``
@@ -122,17 +133,21 @@ class PMatLowRank(PMatAbstract):
         """Exact ``(M + λI)⁻¹ v``, null-space component ``v_⊥/λ`` included (``λ ≠ 0``).
 
         - ``"woodbury"`` (default): with ``y = F x``, ``(λI + F Fᵀ diag(c)) y = F v`` (an
-          ``r × r`` system), then ``x = (v − Fᵀ (c ⊙ y)) / λ``. ``r² d + r³``.
+          ``r × r`` system), then ``x = (v − Fᵀ (c ⊙ y)) / λ``. ``r² d + r³``. When
+          ``d < r`` the ``d × d`` system ``(Fᵀ diag(c) F + λI) x = v`` is smaller and
+          solved instead (``r d² + d³``).
         - ``"eigh"``: ``x = V ((Vᵀv) / (λ + Λ)) + (v − V Vᵀ v) / λ`` from :meth:`eigh`.
         - ``"cg"``: conjugate gradient (the base class).
 
         ``λ = 0`` divides by zero unless ``M`` has full rank (use :meth:`pinv` instead).
         """
         if method == "woodbury":
+            r, d = self.factor.shape
+            if d < r:
+                return jnp.linalg.solve(self._column_gram() + regul * jnp.eye(d, dtype=v.dtype),
+                                        v)
             w = self._weights()
-            system = regul * jnp.eye(self.rank_bound, dtype=v.dtype) + (
-                self.factor @ self.factor.T
-            ) * w
+            system = regul * jnp.eye(self.rank_bound, dtype=v.dtype) + gram(self.factor.T) * w
             y = jnp.linalg.solve(system, self.factor @ v)
             return (v - self.factor.T @ (w * y)) / regul
         if method == "eigh":
@@ -218,8 +233,7 @@ class LowRankAccumulator:
         raise NotImplementedError
 
     def finalize(self, chunks: list[jax.Array], n: int) -> PMatLowRank:
-        rows = [j.reshape(-1, j.shape[-1]) for j in chunks]
-        factor = rows[0] if len(rows) == 1 else jnp.concatenate(rows)
+        factor = chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
         return PMatLowRank(self.layer_collection, factor, jnp.asarray(1 / n, factor.dtype))
 
 

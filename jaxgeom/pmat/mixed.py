@@ -145,15 +145,26 @@ class RestrictedBuilder(ChunkBuilder):
         return self.inner.keeps_data
 
     @property
-    def sums(self) -> bool:
-        return self.inner.sums
+    def updates_in_place(self) -> bool:
+        return self.inner.updates_in_place
 
     def statistics(self, params, batch, mask, offset, aux):
         sub = self.restriction.select(params)
         return self.inner.statistics(sub, batch, mask, offset, (params, aux))
 
+    def init_total(self, params, batch, mask, offset, aux):
+        sub = self.restriction.select(params)
+        return self.inner.init_total(sub, batch, mask, offset, (params, aux))
+
+    def update(self, total, params, batch, mask, offset, aux):
+        sub = self.restriction.select(params)
+        return self.inner.update(total, sub, batch, mask, offset, (params, aux))
+
     def reduce(self, total, stats, count):
         return self.inner.reduce(total, stats, count)
+
+    def with_examples(self, n):
+        return dataclasses.replace(self, inner=self.inner.with_examples(n))
 
     def finalize(self, total, stream):
         sub = stream._replace(params=self.restriction.select(stream.params),
