@@ -19,7 +19,6 @@ the driver :func:`accumulate` (a :class:`JacobianBuilder` streamed by
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 

@@ -2,9 +2,9 @@
 
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import pytest
-import models
 from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp, reference_fisher
 from pmat_checks import check_products
 
