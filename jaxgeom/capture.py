@@ -248,49 +248,43 @@ def _dot_inputs(eqn, invals, w):
 
 def _conv_inputs(eqn, invals):
     """KFC patches (Grosse & Martens 2016): one row per output location, features in the
-    kernel's ascending (in, spatial) dimension order."""
+    kernel's ascending (in, spatial) dimension order.
+
+    Strided slices of the padded channels-last input (one per window offset), stacked next
+    to the channel axis on the side the kernel's order puts them: XLA writes the patches in
+    one pass, already in their final layout when the kernel's order is (spatial..., in)
+    (Flax ``HWIO``) or (in, spatial...) (``OIHW``); another order costs one transpose.
+    Pure data movement: ``prod(window)`` times the input.
+    """
     params = eqn.params
     lhs_spec, rhs_spec, _ = params["dimension_numbers"]
     x, kernel = invals[0], invals[1]
-    x = jnp.transpose(x, lhs_spec)  # (N, C, spatial...)
+    rank = len(lhs_spec) - 2
+    x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # (N, spatial..., C)
     window = [kernel.shape[d] for d in rhs_spec[2:]]
-    patches = extract_patches(x, window, params["window_strides"], params["padding"],
-                              params["lhs_dilation"], params["rhs_dilation"])
-    patches = jnp.moveaxis(patches, 1, -1)  # (N, out spatial..., C·prod(window))
-    t = math.prod(patches.shape[:-1])
-    features = patches.reshape(t, x.shape[1], *window)
-    order = np.argsort(rhs_spec[1:])  # kernel dims (I, spatial...) → ascending
-    return jnp.transpose(features, (0, *(1 + order))).reshape(t, -1)
-
-
-def extract_patches(x: jax.Array, window: Sequence[int], strides: Sequence[int],
-                    padding: Sequence[tuple[int, int]], lhs_dilation: Sequence[int],
-                    rhs_dilation: Sequence[int]) -> jax.Array:
-    """The input patch of every output location of a convolution, by strided slicing.
-
-    ``x`` is ``(N, C, *spatial)``; returns ``(N, C·prod(window), *out_spatial)`` with the
-    features ordered ``(C, *window)``, as :func:`jax.lax.conv_general_dilated_patches`.
-    ``lhs_dilation`` (transposed convolutions) is interior zero padding, ``padding`` may
-    be negative (cropping). Pure data movement, ``N C prod(window) prod(out)`` copies —
-    not the grouped identity convolution of ``conv_general_dilated_patches``, which costs
-    ``prod(window)`` times more arithmetic and is slow on CPU.
-    """
-    zero = jnp.zeros((), x.dtype)
-    config = [(0, 0, 0), (0, 0, 0)] + [
-        (lo, hi, dil - 1) for (lo, hi), dil in zip(padding, lhs_dilation)
-    ]
-    x = jax.lax.pad(x, zero, config)
-    spatial = x.shape[2:]
-    out = [(size - (k - 1) * rd - 1) // s + 1
-           for size, k, rd, s in zip(spatial, window, rhs_dilation, strides)]
+    config = [(0, 0, 0)] + [(lo, hi, dil - 1) for (lo, hi), dil in
+                            zip(params["padding"], params["lhs_dilation"])] + [(0, 0, 0)]
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+    out = [(size - (k - 1) * rd - 1) // st + 1 for size, k, rd, st in
+           zip(x.shape[1:-1], window, params["rhs_dilation"], params["window_strides"])]
     slices = []
     for offsets in np.ndindex(*window):
-        start = [o * rd for o, rd in zip(offsets, rhs_dilation)]
-        limit = [b + (n - 1) * s + 1 for b, n, s in zip(start, out, strides)]
-        slices.append(jax.lax.slice(x, [0, 0, *start], [*x.shape[:2], *limit],
-                                    [1, 1, *strides]))
-    patches = jnp.stack(slices, axis=2)  # (N, C, prod(window), *out)
-    return patches.reshape(x.shape[0], -1, *out)
+        start = [0] + [o * rd for o, rd in zip(offsets, params["rhs_dilation"])] + [0]
+        limit = [x.shape[0]] + [b + (n - 1) * st + 1 for b, n, st in
+                                zip(start[1:], out, params["window_strides"])] + [x.shape[-1]]
+        slices.append(jax.lax.slice(x, start, limit, [1, *params["window_strides"], 1]))
+    order = list(np.argsort(rhs_spec[1:]))  # kernel dims (I, spatial...) → ascending
+    channels_last = order.index(0) == rank
+    stacked = jnp.stack(slices, axis=-2 if channels_last else -1)
+    lead = stacked.shape[: 1 + rank]
+    if channels_last:  # (N, out..., window..., C): features (window..., in)
+        stacked = stacked.reshape(lead + tuple(window) + (x.shape[-1],))
+        features = [1 + 2 * rank] + [1 + rank + i for i in range(rank)]
+    else:  # (N, out..., C, window...): features (in, window...)
+        stacked = stacked.reshape(lead + (x.shape[-1],) + tuple(window))
+        features = [1 + rank + i for i in range(rank + 1)]
+    patches = jnp.transpose(stacked, list(range(1 + rank)) + [features[i] for i in order])
+    return patches.reshape(-1, math.prod(patches.shape[1 + rank:]))
 
 
 def _gather_inputs(eqn, invals):

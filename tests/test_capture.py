@@ -165,6 +165,7 @@ def test_plain_mlp_scan_and_lax_conv():
     np.testing.assert_array_equal(spec.kernel_to_matrix(params["w_out"]), params["w_out"])
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
     "window, strides, padding, lhs_dilation, rhs_dilation",
     [
@@ -175,15 +176,33 @@ def test_plain_mlp_scan_and_lax_conv():
         ((3,), (2,), ((1, 0),), (2,), (2,)),                   # 1-D
     ],
 )
-def test_extract_patches_matches_lax(window, strides, padding, lhs_dilation, rhs_dilation):
-    """Slicing patches == ``conv_general_dilated_patches`` (the identity-kernel convolution),
-    features ordered (C, window...), for strides, paddings and both dilations."""
-    from jaxgeom.capture import extract_patches
+def test_conv_patches_match_lax(window, strides, padding, lhs_dilation, rhs_dilation,
+                                channels_last):
+    """The captured input rows of a convolution == ``conv_general_dilated_patches`` (the
+    identity-kernel convolution) with the features put in the kernel's ascending dimension
+    order, one row per output location: for strides, paddings, both dilations, 1-D and
+    2-D, channels-first (``OIHW`` kernels) and channels-last (``HWIO``) layouts."""
+    from jaxgeom.capture import _conv_inputs
 
-    x = jax.random.normal(jax.random.key(0), (2, 3) + (7,) * len(window))
-    expected = jax.lax.conv_general_dilated_patches(
-        x, window, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+    sp = "HW"[: len(window)]
+    lhs, rhs = ("N" + sp + "C", sp + "IO") if channels_last else ("NC" + sp, "OI" + sp)
+    x_nc = jax.random.normal(jax.random.key(0), (2, 3) + (7,) * len(window))
+    x = jnp.moveaxis(x_nc, 1, -1) if channels_last else x_nc
+    kernel = jnp.zeros(tuple(dict(O=4, I=3, **dict(zip(sp, window)))[c] for c in rhs))
+
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, strides, padding, lhs_dilation,
+                                            rhs_dilation, dimension_numbers=(lhs, rhs, lhs))
+
+    (eqn,) = [e for e in jax.make_jaxpr(conv)(x, kernel).jaxpr.eqns
+              if e.primitive.name == "conv_general_dilated"]
+    got = _conv_inputs(eqn, [x, kernel])
+
+    patches = jax.lax.conv_general_dilated_patches(
+        x_nc, window, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         precision=jax.lax.Precision.HIGHEST,
-    )
-    got = extract_patches(x, window, strides, padding, lhs_dilation, rhs_dilation)
+    )  # (N, C·prod(window), *out), features (C, window...)
+    rows = jnp.moveaxis(patches, 1, -1).reshape(-1, 3, *window)
+    kernel_order = np.argsort([rhs.index(c) for c in "I" + sp])  # (I, spatial) ascending
+    expected = jnp.transpose(rows, (0, *(1 + kernel_order))).reshape(rows.shape[0], -1)
     np.testing.assert_array_equal(got, expected)

@@ -54,7 +54,7 @@ from typing import Any
 
 import jax
 
-from jaxgeom.capture import Captured, capture_chunk
+from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import Layer
 from jaxgeom.pmat.base import representation, static_field
 from jaxgeom.pmat.kfac import (
@@ -218,8 +218,7 @@ class RefitBuilder(CaptureBuilder):
         diags = []
         for spec, a, g, node in zip(self.plan.specs, cap.inputs,
                                     masked_grads(cap, mask, dtype), self.factors):
-            a = augmented_inputs(spec, a, dtype)
-            diags.append(squared_gradient_sum(a if node.qa is None else a @ node.qa,
+            diags.append(squared_gradient_sum(_rotated_inputs(spec, a, node.qa, dtype),
                                               g @ node.qg))
         blocks = tuple(b.T @ b for b in other_gradients(cap, mask, self.plan, self.layout))
         return (tuple(diags), blocks), all_finite(cap)
@@ -228,3 +227,13 @@ class RefitBuilder(CaptureBuilder):
         diags, blocks = mean(total, stream.n)
         nodes = tuple(n.with_values(d) for n, d in zip(self.factors, diags))
         return self.representation(self.layout, self.plan.specs, nodes, blocks)
+
+
+def _rotated_inputs(spec: KroneckerSpec, a: jax.Array, qa: jax.Array | None,
+                    dtype) -> jax.Array:
+    """The augmented inputs ``[a, 1]`` in the eigenbasis ``Q_A`` (``[a, 1] Q_A``, or as they
+    are without one), without forming ``[a, 1]``: ``a Q_A[:-1] + Q_A[-1]``."""
+    if qa is None or spec.kind == "embedding" or spec.bias is None:
+        augmented = augmented_inputs(spec, a, dtype)
+        return augmented if qa is None else augmented @ qa
+    return a.astype(dtype) @ qa[:-1] + qa[-1]

@@ -559,6 +559,21 @@ def squared_gradient_sum(a: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.sum(jnp.einsum("nktg,nta->nkga", g, a) ** 2, axis=(0, 1))
 
 
+def squared_layer_gradients(spec: KroneckerSpec, a: jax.Array, g: jax.Array,
+                            dtype) -> jax.Array:
+    """:func:`squared_gradient_sum` of a layer's augmented inputs (``(g_l, a_l [+1])``).
+
+    With ``T > 1`` positions the bias column ``Σₙₖ (Σ_t gₙₖₜ)²`` is summed apart rather
+    than through a copy of the inputs with a column of ones (for a convolution, a copy of
+    its patches: ``prod(window)`` times its input, the largest array of the step).
+    """
+    if a.shape[1] == 1 or spec.kind == "embedding" or spec.bias is None:
+        return squared_gradient_sum(augmented_inputs(spec, a, dtype), g)
+    kernel = squared_gradient_sum(a.astype(dtype), g)
+    bias = jnp.sum(jnp.sum(g, axis=2) ** 2, axis=(0, 1))
+    return jnp.concatenate([kernel, bias[:, None]], axis=1)
+
+
 def squared_gradients(cap: Captured, mask: jax.Array, plan: CapturePlan,
                       layout: LayerCollection) -> tuple[list, list]:
     """``Σₙₖ (∂zₙₖ/∂θ)²`` for one masked chunk — the diagonal of the chunk's ``Σ JᵀJ`` —
@@ -569,7 +584,7 @@ def squared_gradients(cap: Captured, mask: jax.Array, plan: CapturePlan,
     """
     dtype = layout.dtype
     squares = [
-        squared_gradient_sum(augmented_inputs(spec, a, dtype), g)
+        squared_layer_gradients(spec, a, g, dtype)
         for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype))
     ]
     others = [jnp.sum(grads**2, axis=0) for grads in other_gradients(cap, mask, plan, layout)]

@@ -67,7 +67,6 @@ from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.kfac import (
     CaptureBuilder,
     all_finite,
-    augmented_inputs,
     capture_plan,
     check_factorable,
     flat_diagonal,
@@ -259,7 +258,7 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
     cap: Captured = capture_chunk(plan, params, batch, offset, aux)
     dtype = layout.dtype
     cross = [
-        jnp.einsum("nktg,nkg,nta->ga", g, g.sum(axis=2), augmented_inputs(spec, a, dtype)[..., :-1])
+        jnp.einsum("nktg,nkg,nta->ga", g, g.sum(axis=2), a.astype(dtype))
         for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype))
         if _has_neurons(spec)
     ]
