@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from typing import Any, ClassVar
 
 import jax
@@ -551,12 +552,32 @@ def squared_gradient_sum(a: jax.Array, g: jax.Array) -> jax.Array:
     ``(n, T, a_l)`` and output gradients ``(n, K, T, g_l)`` — in any basis.
 
     ``T = 1``: the contraction ``(g²)ᵀ(a²)``, cost ``n K g_l + n g_l a_l``, no per-example
-    gradient formed; ``T > 1``: the per-example gradients of the chunk (``n K g_l a_l``
-    memory, ``n K T g_l a_l`` time).
+    gradient formed; ``T > 1``: the per-example gradients, one example at a time
+    (``K g_l a_l`` memory, ``n K T g_l a_l`` time: a chunk's ``(n, K, g_l, a_l)`` would be
+    formed and reduced several times slower on CPU, 300 against 25 ms for a 128-channel
+    3×3 convolution at 8×8, 16 examples, K = 9).
     """
     if a.shape[1] == 1:
         return jnp.einsum("ng,na->ga", jnp.sum(g[:, :, 0] ** 2, axis=1), a[:, 0] ** 2)
-    return jnp.sum(jnp.einsum("nktg,nta->nkga", g, a) ** 2, axis=(0, 1))
+
+    def add_example(total, example):
+        a_n, g_n = example
+        return total + _sum_leading(jnp.einsum("ktg,ta->kga", g_n, a_n) ** 2), None
+
+    zero = jnp.zeros((g.shape[-1], a.shape[-1]), jnp.result_type(a, g))
+    return jax.lax.scan(add_example, zero, (a, g))[0]
+
+
+#: up to this many terms, :func:`_sum_leading` adds the slices (one fused pass).
+UNROLLED_SUM = 16
+
+
+def _sum_leading(x: jax.Array) -> jax.Array:
+    """``Σᵢ x[i]``. XLA:CPU reduces a short leading axis of a large array slowly (``(16,
+    1152, 1152)``: 250 ms against 5 ms for the sum of the 16 slices, fused in one pass)."""
+    if x.shape[0] > UNROLLED_SUM:
+        return jnp.sum(x, axis=0)
+    return functools.reduce(operator.add, [x[i] for i in range(x.shape[0])])
 
 
 def squared_layer_gradients(spec: KroneckerSpec, a: jax.Array, g: jax.Array,
