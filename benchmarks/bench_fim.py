@@ -59,9 +59,8 @@ MAX_DENSE_D = 10_000
 K_EXACT = 9  # classif_logits with C = 10: C - 1 outputs per example
 #: (model, representation, operation) not timed for jaxgeom, with the reason
 SKIP = {
-    ("bench_resnet", "PMatImplicit", "trace"): "streams per-example Jacobians (minutes)",
-    ("bench_mlp", "PMatImplicit", "trace"): "streams per-example Jacobians (the Diag build)",
-    ("bench_cnn", "PMatImplicit", "trace"): "streams per-example Jacobians",
+    ("bench_resnet", "PMatImplicit", "trace"): "the Diag build (see PMatDiag build); "
+                                               "NNGeometry's implicit trace takes minutes",
 }
 #: the same for the peers
 PEER_SKIP = {

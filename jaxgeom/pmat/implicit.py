@@ -119,8 +119,15 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
 
     # ------------------------------------------------------------------ streamed views
     def get_diag(self):
-        """``s/N Σₙ diag(JₙᵀJₙ)``: per-example Jacobians streamed (``N K B``)."""
-        return self.scale * self._accumulate(_DiagAccumulator(self.layer_collection))
+        """``s/N Σₙ diag(JₙᵀJₙ)``: ``PMatDiag``'s build streamed over the kept data — from
+        the captured layer inputs and output gradients (``N K B``; dense layers
+        ``(g²)ᵀ(a²)``, no per-example Jacobian formed)."""
+        from jaxgeom.pmat.diag import PMatDiag
+
+        diag = PMatDiag.from_jacobians(self.fn, self.params, self.data,
+                                       layer_collection=self.layer_collection,
+                                       batch_size=self.batch_size, aux=self.aux)
+        return self.scale * diag.data
 
     def to_dense(self):
         """``s/N Σₙ JₙᵀJₙ`` streamed through ``PMatDense``'s reduction (memory ``d²``)."""
@@ -280,19 +287,3 @@ def _chunk_rows(params, batch, mask, offset, aux, *, fn, mode):
     jac, _ = chunk_jacobian(fn, params, batch, offset, aux, mode)
     jac = jac * mask[:, None, None].astype(jac.dtype)
     return jac.reshape(-1, jac.shape[-1])
-
-
-@dataclasses.dataclass(frozen=True)
-class _DiagAccumulator:
-    """``(1/N) Σₙ diag(JₙᵀJₙ) = (1/N) Σₙₖ Jₙₖ²`` as a ``(d,)`` array."""
-
-    layer_collection: LayerCollection
-
-    def init(self, dtype):
-        return jnp.zeros(self.layer_collection.numel(), dtype)
-
-    def update(self, state, jac):
-        return state + jnp.sum(jac**2, axis=(0, 1))
-
-    def finalize(self, state, n):
-        return state / n
