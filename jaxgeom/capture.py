@@ -614,6 +614,13 @@ jax.tree_util.register_dataclass(
 )
 
 
+def all_finite(cap: Captured) -> jax.Array:
+    """Whether the outputs and every captured gradient are finite (the captured inputs are
+    the layers' forward values: finite when the outputs are)."""
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
+                              for x in (cap.outputs, cap.other, *cap.grads)]))
+
+
 def _example(plan: CapturePlan, params, example, index, aux) -> Captured:
     leaves = jax.tree_util.tree_leaves(params)
     rest = jax.tree_util.tree_leaves((example, index, aux))

@@ -119,7 +119,7 @@ class JacobianBuilder(ChunkBuilder):
 
     An accumulator that ``collects`` keeps every example's rows instead. When the number
     of examples ``N`` is known before the first chunk (in-memory data, ``with_examples``)
-    the rows are written, chunk by chunk, into one ``(N, K, d)`` buffer updated in place
+    the rows are written, chunk by chunk, into one ``(N K, d)`` buffer updated in place
     inside the chunk's compiled step: in reverse mode each leaf's block of a row is
     computed from the layer inputs and output gradients captured by
     :mod:`jaxgeom.capture` (an outer product for a dense layer) and fused into its write,
@@ -133,10 +133,9 @@ class JacobianBuilder(ChunkBuilder):
     fn: Callable = static_field()
     accumulator: Any = static_field()
     mode: str = static_field()
-    dtype: Any = static_field()
-    layout: LayerCollection = static_field(default=None)
+    layout: LayerCollection = static_field()
     #: K, the number of outputs per example.
-    num_outputs: int = static_field(default=None)
+    num_outputs: int = static_field()
     #: the number of examples when known before the first chunk (``with_examples``).
     examples: int | None = static_field(default=None)
 
@@ -149,7 +148,11 @@ class JacobianBuilder(ChunkBuilder):
         layout = LayerCollection.from_params(params) if layout is None else layout
         num_outputs = example_output_count(fn, params, example, aux)
         resolved = resolve_mode(mode, layout.numel(), num_outputs)
-        return cls(fn, accumulator, resolved, layout.dtype, layout, num_outputs)
+        return cls(fn, accumulator, resolved, layout, num_outputs)
+
+    @property
+    def dtype(self):
+        return self.layout.dtype
 
     @property
     def _collects(self) -> bool:
@@ -210,10 +213,8 @@ class JacobianBuilder(ChunkBuilder):
         example = jax.tree_util.tree_map(lambda a: a[0], batch)
         plan = capture_lib.make_plan(self.fn, params, example, aux, self.layout)
         captured = capture_lib.capture_chunk(plan, params, batch, offset, aux)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
-            (captured.outputs, captured.inputs, captured.grads, captured.other))
-            if jnp.issubdtype(x.dtype, jnp.inexact)]))
-        return capture_lib.leaf_gradients(plan, self.layout, captured), finite
+        return (capture_lib.leaf_gradients(plan, self.layout, captured),
+                capture_lib.all_finite(captured))
 
     def reduce(self, total, stats, count):
         if not self._collects:

@@ -71,7 +71,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom.capture import Captured, CapturePlan, KroneckerSpec, capture_chunk, make_plan
+from jaxgeom.capture import (
+    Captured,
+    CapturePlan,
+    KroneckerSpec,
+    all_finite,
+    capture_chunk,
+    make_plan,
+)
 from jaxgeom.layers import Layer, LayerCollection, concat_last
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import gram
@@ -629,11 +636,6 @@ def other_gradients(cap: Captured, mask: jax.Array, plan: CapturePlan,
     flat order), zero for padding."""
     other = cap.other.astype(layout.dtype) * mask.astype(layout.dtype)[:, None, None]
     return [other[..., idx].reshape(-1, len(idx)) for idx in _other_columns(plan, layout)]
-
-
-def all_finite(cap: Captured) -> jax.Array:
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
-                              for x in (cap.outputs, cap.other, *cap.grads)]))
 
 
 def _check_damping(damping):
