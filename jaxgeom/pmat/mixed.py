@@ -148,17 +148,18 @@ class RestrictedBuilder(ChunkBuilder):
     def updates_in_place(self) -> bool:
         return self.inner.updates_in_place
 
-    def statistics(self, params, batch, mask, offset, aux):
-        sub = self.restriction.select(params)
-        return self.inner.statistics(sub, batch, mask, offset, (params, aux))
+    def _inner_args(self, params, batch, mask, offset, aux):
+        """The inner builder's arguments: the sub-parameters, and ``(params, aux)``."""
+        return self.restriction.select(params), batch, mask, offset, (params, aux)
 
-    def init_total(self, params, batch, mask, offset, aux):
-        sub = self.restriction.select(params)
-        return self.inner.init_total(sub, batch, mask, offset, (params, aux))
+    def statistics(self, *args):
+        return self.inner.statistics(*self._inner_args(*args))
 
-    def update(self, total, params, batch, mask, offset, aux):
-        sub = self.restriction.select(params)
-        return self.inner.update(total, sub, batch, mask, offset, (params, aux))
+    def init_total(self, *args):
+        return self.inner.init_total(*self._inner_args(*args))
+
+    def update(self, total, *args):
+        return self.inner.update(total, *self._inner_args(*args))
 
     def reduce(self, total, stats, count):
         return self.inner.reduce(total, stats, count)
