@@ -215,10 +215,11 @@ def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
             s, v, identity_weight=regul, exact_power=True, use_cached=True,
             pmap_axis_name=None))
         out["mv"] = timed(lambda: multiply(state, v), repeats)
-        out["update_cache"] = timed(lambda: cache(state), repeats)
+        out["inv"] = timed(lambda: cache(state), repeats)  # the π-damped inverse factors
+        out["inv"]["note"] = "update_cache (inverse factors)"
         cached = cache(state)
-        out["solve"] = timed(lambda: inverse(cached, v), repeats)
-        out["solve"]["note"] = "multiply_inverse with cached inverse (update_cache apart)"
+        out["inv_mv"] = timed(lambda: inverse(cached, v), repeats)
+        out["inv_mv"]["note"] = "multiply_inverse with the cached inverse"
         mv = multiply(state, v)
         out["vTMv_value"] = float(sum(jnp.vdot(a, b) for a, b in zip(
             jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(mv))))

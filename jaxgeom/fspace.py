@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract
 from jaxgeom.scaling import ScalarMultiples
 
@@ -163,7 +164,7 @@ class FMatDense(_ScalarAlgebra):
 
     # ------------------------------------------------------------------ scalars
     def trace(self) -> jax.Array:
-        return jnp.trace(self.to_matrix())
+        return _spectral.trace(self.to_matrix())
 
     def frobenius_norm(self) -> jax.Array:
         return jnp.linalg.norm(self.to_matrix())

@@ -126,6 +126,20 @@ def as_flat(v: Any, layout: LayerCollection, what: str = "vector") -> tuple[jax.
     return layout.to_flat(v), layout.from_flat
 
 
+def as_tree(v: Any, layout: LayerCollection,
+            what: str = "vector") -> tuple[Any, Callable] | tuple[None, None]:
+    """``(params-shaped tree, wrap)`` for a :class:`PVector` or a params pytree, which
+    ``wrap`` restores; ``(None, None)`` for a flat vector (see :func:`as_flat`)."""
+    if isinstance(v, PVector):
+        layout.check_tree(v.tree, what)
+        return v.tree, PVector
+    if _is_array(v) and (jax.tree_util.tree_structure(v) != layout.treedef
+                         or len(layout.shapes) == 1):
+        return None, None
+    layout.check_tree(v, what)
+    return v, lambda tree: tree
+
+
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray))
 

@@ -12,6 +12,9 @@ from flax import linen as nn
 from jax.flatten_util import ravel_pytree
 from models import (
     MORE_TASKS,
+    make_equinox_cnn,
+    make_linen_cnn,
+    make_linen_conv_transpose,
     make_linen_embed,
     make_linen_layernorm,
     make_linen_mlp,
@@ -21,7 +24,7 @@ from pmat_checks import TOL, check_all, check_combinations, check_pytree, check_
 
 from jaxgeom import FIM, FIM_MonteCarlo, PMatDense, SecondMoment
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
-from jaxgeom.pmat.kfac import PMatKFAC
+from jaxgeom.pmat.kfac import Kron, PMatKFAC
 
 KEY = jax.random.PRNGKey(0)
 
@@ -312,6 +315,49 @@ def test_sum_is_block_diagonal_and_product_factorwise(case):
         (K, 2.0 * K, dense, 2 * dense, (PMatBlockDiag, PMatKFAC)),
         (K, F, dense, dense @ dense, (PMatDense, PMatDense)),
     ])
+
+
+@pytest.mark.parametrize("make, input_major", [
+    (make_linen_cnn, True),  # HWIO kernels: the blocks are applied to Vᵀ
+    (make_equinox_cnn, False),  # OIHW: V is the kernel as stored
+    (make_linen_conv_transpose, False),  # a reversed kernel: gathered
+])
+def test_products_in_every_kernel_layout(make, input_major):
+    t = make()
+    K = FIM(t.apply_fn, t.params, t.x, PMatKFAC)
+    assert K._parts.transposed[0] == input_major  # the first convolution
+    dense = np.asarray(K.to_dense())
+    v = np.asarray(jax.random.normal(KEY, (len(dense),)))
+    lam = 1e-2
+    damped = np.linalg.solve(dense + lam * np.eye(len(dense)), v)
+    np.testing.assert_allclose(K.mv(v), dense @ v, **TOL)
+    np.testing.assert_allclose(K.vTMv(v), v @ dense @ v, **TOL)
+    np.testing.assert_allclose(K.solve(v, lam), damped, rtol=1e-7)
+    np.testing.assert_allclose(K.inv(lam).mv(v), damped, rtol=1e-7)  # eigenbasis blocks
+    np.testing.assert_allclose(K.inv(lam).vTMv(v), v @ damped, rtol=1e-7)
+    np.testing.assert_allclose(K.solve(v, lam, damping="pi"),
+                               K.inv(lam, damping="pi").to_dense() @ v, rtol=1e-7)
+    np.testing.assert_allclose((K @ (2.0 * K)).mv(v), 2 * dense @ (dense @ v), **TOL)
+
+
+def test_blocks_applied_to_the_transposed_matrix():
+    """``node.transposed()`` maps ``Vᵀ`` to ``(M V)ᵀ`` for every kind of layer block."""
+    keys = jax.random.split(KEY, 5)
+    g, a = 3, 4
+    sym = [(lambda m: m @ m.T + np.eye(len(m)))(np.asarray(jax.random.normal(k, (n, n))))
+           for k, n in zip(keys[:3], (a, g, a))]
+    A, G, A2 = sym
+    diag_a = np.abs(np.asarray(jax.random.normal(keys[3], (a,)))) + 1
+    V = np.asarray(jax.random.normal(keys[4], (g, a)))
+    nodes = [Kron(A, G), Kron(diag_a, G), Kron(A, G).eigen(), Kron(diag_a, G).eigen(),
+             Kron(A, G).mm(Kron(A2, G @ G))]
+    for node in nodes:
+        t = node.transposed()
+        np.testing.assert_allclose(t.mv(V.T), node.mv(V).T, **TOL)
+        np.testing.assert_allclose(t.quadratic(V.T), np.vdot(V, node.mv(V)), **TOL)
+    for node in nodes[:2]:
+        np.testing.assert_allclose(node.transposed().solve(V.T), node.solve(V).T, **TOL)
+        np.testing.assert_allclose(node.mv(node.solve(V)), V, **TOL)
 
 
 # ----------------------------------------------------------------------------- building

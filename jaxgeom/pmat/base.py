@@ -102,7 +102,12 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     def vTMv(self, v: Any) -> jax.Array:
         """The quadratic form ``vᵀ M v`` (a scalar)."""
         flat, _ = as_flat(v, self.layer_collection)
-        return jnp.vdot(flat, self._mv(flat))
+        return self._vTMv(flat)
+
+    def _vTMv(self, v: jax.Array) -> jax.Array:
+        """``vᵀ M v`` for a flat vector (representations override it when cheaper than
+        ``M v``)."""
+        return jnp.vdot(v, self._mv(v))
 
     def mmap(self, rows: Any) -> jax.Array:
         """``M`` applied to each row of a stack of flat vectors ``(..., d)`` (e.g. the rows

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom.layers import Layer, LayerCollection, concat_last
+from jaxgeom._reindex import FlatPartition
+from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import gram
 from jaxgeom.pmat._structured import MeanOfJacobians, structured_mm
@@ -191,35 +192,34 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Partition:
     """The flat indices of each layer: split ``(..., d)`` arrays into per-layer parts and
-    merge them back (a gather/scatter only when layers interleave in the flat order)."""
+    merge them back, by slices (:class:`~jaxgeom._reindex.FlatPartition`)."""
 
     indices: tuple[np.ndarray, ...]
     layouts: tuple[LayerCollection, ...]
-    inverse: np.ndarray | None  # position of each flat index in the layer-major order
+    flat: FlatPartition
 
     @property
     def sizes(self) -> tuple[int, ...]:
         return tuple(len(idx) for idx in self.indices)
 
     def split(self, x: jax.Array) -> list[jax.Array]:
-        return [_take(x, idx) for idx in self.indices]
+        return self.flat.split(x)
 
     def merge(self, parts: list[jax.Array]) -> jax.Array:
-        return self.unpermute(concat_last(parts))
+        return self.flat.merge(parts)
 
     def unpermute(self, x: jax.Array) -> jax.Array:
         """From the layer-major order to the flat order, on the last axis."""
-        return x if self.inverse is None else x[..., self.inverse]
+        edges = np.cumsum((0,) + self.sizes)
+        return self.merge([x[..., a:b] for a, b in zip(edges[:-1], edges[1:])])
 
 
 @functools.lru_cache(maxsize=128)
 def _partition(layer_collection: LayerCollection) -> _Partition:
     indices = tuple(layer_collection.layer_indices(layer) for layer in layer_collection.layers)
-    order = np.concatenate(indices)
-    identity = np.array_equal(order, np.arange(order.size))
     dtype = layer_collection.dtype
     layouts = tuple(LayerCollection.from_params(np.zeros(len(idx), dtype)) for idx in indices)
-    return _Partition(indices, layouts, None if identity else np.argsort(order))
+    return _Partition(indices, layouts, FlatPartition.of(indices, layer_collection.numel()))
 
 
 def _take(x: jax.Array, idx: np.ndarray, axis: int = -1) -> jax.Array:

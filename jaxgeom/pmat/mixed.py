@@ -54,7 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom.layers import KINDS, Layer, LayerCollection, concat_last
+from jaxgeom._reindex import FlatPartition
+from jaxgeom.layers import KINDS, Layer, LayerCollection
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
@@ -214,23 +215,13 @@ def assign(layer_collection: LayerCollection, mapping: Mapping[str, type] | None
 
 
 # ----------------------------------------------------------------------------- representation
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Parts:
-    indices: tuple[np.ndarray, ...]
-    inverse: np.ndarray
-
-    def split(self, v):
-        return [v[..., idx] for idx in self.indices]
-
-    def merge(self, parts):
-        return concat_last(parts)[..., self.inverse]
-
-
 @functools.lru_cache(maxsize=128)
-def _parts(layer_collection: LayerCollection, layouts: tuple[LayerCollection, ...]) -> _Parts:
+def _parts(layer_collection: LayerCollection,
+           layouts: tuple[LayerCollection, ...]) -> FlatPartition:
+    """Each part's flat indices, split and merged by slices."""
     indices = tuple(restrict(layer_collection, tuple(lyr.id for lyr in lc.layers)).indices
                     for lc in layouts)
-    return _Parts(indices, np.argsort(np.concatenate(indices)))
+    return FlatPartition.of(indices, layer_collection.numel())
 
 
 @representation
@@ -261,7 +252,7 @@ class PMatMixed(PMatAbstract):
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
 
     @property
-    def _split(self) -> _Parts:
+    def _split(self) -> FlatPartition:
         return _parts(self.layer_collection, tuple(p.layer_collection for p in self.parts))
 
     def part(self, layer: Layer | str) -> PMatAbstract:
@@ -305,7 +296,7 @@ class PMatMixed(PMatAbstract):
     def to_dense(self):
         d = self.layer_collection.numel()
         out = jnp.zeros((d, d), self.dtype)
-        for idx, block in zip(self._split.indices, self._each("to_dense", lambda p: p.to_dense())):
+        for idx, block in zip(self._split.pieces, self._each("to_dense", lambda p: p.to_dense())):
             out = out.at[np.ix_(idx, idx)].set(block)
         return out
 

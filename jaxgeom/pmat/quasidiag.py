@@ -70,6 +70,7 @@ from jaxgeom.pmat.kfac import (
     capture_plan,
     check_factorable,
     flat_diagonal,
+    kronecker_layout,
     masked_grads,
     squared_gradients,
 )
@@ -85,8 +86,10 @@ class PMatQuasiDiag(PMatAbstract):
       specs: the layers with per-neuron blocks: dense/conv layers with a bias (static).
       diag: the ``(d,)`` diagonal ``D``/``β`` part in the flat order (without the
         ``ρ c²`` term).
-      cross: per layer of ``specs``, the ``(g_l, a_l)`` weight–bias terms ``c`` in the
-        layer-matrix order (``KroneckerSpec.kernel_from_matrix`` gives the kernel layout).
+      cross: per layer of ``specs``, the weight–bias terms ``c`` as the layer matrix in
+        the kernel's memory orientation: ``(a_l, g_l)`` for a kernel stored input-major
+        (Flax's ``(in, out)``, ``HWIO``), else ``(g_l, a_l)`` (products then need no
+        transposes). :meth:`cross_matrix` gives the ``(g_l, a_l)`` form.
       rho: per layer of ``specs``, ``None`` (arrow blocks, as built) or the ``(g_l,)``
         coefficients ``ρ`` of an inverse.
 
@@ -104,49 +107,70 @@ class PMatQuasiDiag(PMatAbstract):
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
 
     @property
+    def _layout(self):
+        """The neuron layers' ``(g_l, a_l + 1)`` matrices (bias last) and the other layers'
+        vectors, split and merged by slices (the Kronecker layout of :mod:`.kfac`)."""
+        return kronecker_layout(self.layer_collection, self.specs)
+
+    @property
     def _indices(self) -> tuple[np.ndarray, ...]:
         """Per layer, the ``(g_l, a_l + 1)`` flat indices of each neuron (bias last)."""
-        return _neuron_indices(self.layer_collection, self.specs)
+        return self._layout.matrices
 
-    def _neurons(self, diag=None):
-        """Per layer ``(w, b, D, β, c, ρ)``: index arrays and values (``ρ`` may be ``None``)."""
-        diag = self.diag if diag is None else diag
-        for idx, c, rho in zip(self._indices, self.cross, self.rho):
-            w, b = idx[:, :-1], idx[:, -1]
-            yield w, b, diag[w], diag[b], c, rho
+    def cross_matrix(self, i: int) -> jax.Array:
+        """The ``(g_l, a_l)`` weight–bias terms of the ``i``-th layer of ``specs``."""
+        return self.cross[i].T if self._layout.transposed[i] else self.cross[i]
+
+    def _neurons(self):
+        """Per layer ``(D, β, c, ρ)`` in the ``(g_l, a_l)`` orientation (``ρ`` may be
+        ``None``)."""
+        mats, _ = self._layout.split(self.diag)
+        for i, (m, rho) in enumerate(zip(mats, self.rho)):
+            yield m[:, :-1], m[:, -1], self.cross_matrix(i), rho
 
     # ------------------------------------------------------------------ primitives
     def _mv(self, v):
-        out = self.diag * v
-        for w, b, _, _, c, rho in self._neurons():
-            cv = jnp.sum(c * v[w], axis=1)
-            along = v[b] if rho is None else v[b] + rho * cv
-            out = out.at[w].add(c * along[:, None]).at[b].add(cv)
-        return out
+        layout = self._layout
+        pairs, vecs = layout.split_pieces(v)
+        diags, others = layout.split_pieces(self.diag)
+        out = []
+        for (w, b), (dw, db), c, rho, t in zip(pairs, diags, self.cross, self.rho,
+                                               layout.transposed):
+            # in the kernel's memory orientation: (a, g) when transposed, else (g, a)
+            axis, col = _orientation(t)
+            cv = jnp.sum(c * w, axis=axis)
+            along = b if rho is None else b + rho * cv
+            out.append((dw * w + c * col(along), db * b + cv))
+        return layout.merge_pieces(out, [d * x for d, x in zip(others, vecs)])
 
     def get_diag(self):
-        out = self.diag
-        for w, _, _, _, c, rho in self._neurons():
-            if rho is not None:
-                out = out.at[w].add(rho[:, None] * c**2)
-        return out
+        if all(rho is None for rho in self.rho):
+            return self.diag
+        layout = self._layout
+        pairs, vecs = layout.split_pieces(self.diag)
+        pairs = [(w if rho is None else w + _orientation(t)[1](rho) * c**2, b)
+                 for (w, b), c, rho, t in zip(pairs, self.cross, self.rho, layout.transposed)]
+        return layout.merge_pieces(pairs, vecs)
 
     def trace(self):
         return jnp.sum(self.get_diag())
 
     def frobenius_norm(self):
         square = jnp.sum(self.diag**2)
-        for _, _, D, _, c, rho in self._neurons():
+        layout = self._layout
+        pairs, _ = layout.split_pieces(self.diag)
+        for (D, _), c, rho, t in zip(pairs, self.cross, self.rho, layout.transposed):
             square += 2 * jnp.sum(c**2)
             if rho is not None:  # ‖diag(D) + ρccᵀ‖² − ‖D‖² per neuron
-                square += jnp.sum(2 * rho * jnp.sum(D * c**2, axis=1)
-                                  + rho**2 * jnp.sum(c**2, axis=1) ** 2)
+                axis = _orientation(t)[0]
+                square += jnp.sum(2 * rho * jnp.sum(D * c**2, axis=axis)
+                                  + rho**2 * jnp.sum(c**2, axis=axis) ** 2)
         return jnp.sqrt(square)
 
     def _blocks(self) -> list[jax.Array]:
         """Per layer the ``(g_l, a_l + 1, a_l + 1)`` neuron blocks (bias last)."""
         blocks = []
-        for _, _, D, beta, c, rho in self._neurons():
+        for D, beta, c, rho in self._neurons():
             top = jax.vmap(jnp.diag)(D)
             if rho is not None:
                 top += rho[:, None, None] * c[:, :, None] * c[:, None, :]
@@ -179,17 +203,19 @@ class PMatQuasiDiag(PMatAbstract):
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0) -> PMatQuasiDiag:
         """``(M + λI)⁻¹``, per neuron in closed form (module docstring), ``O(d)``."""
-        damped = self.diag + regul
-        diag = 1 / damped
-        cross, rhos = [], []
-        for _, b, D, beta, c, rho in self._neurons(damped):
+        layout = self._layout
+        pairs, vecs = layout.split_pieces(self.diag + regul)
+        inverted, cross, rhos = [], [], []
+        for (D, beta), c, rho, t in zip(pairs, self.cross, self.rho, layout.transposed):
+            axis, col = _orientation(t)
             u = c / D
-            kappa = jnp.sum(c * u, axis=1)
+            kappa = jnp.sum(c * u, axis=axis)
             q = 1.0 if rho is None else 1 + rho * kappa
             s = beta - kappa / q
-            cross.append(-u / (q * s)[:, None])
+            cross.append(-u / col(q * s))
             rhos.append(s if rho is None else s - rho * q * s**2)
-            diag = diag.at[b].set(1 / s)
+            inverted.append((1 / D, 1 / s))
+        diag = layout.merge_pieces(inverted, [1 / x for x in vecs])
         return self._with(diag, cross, rhos)
 
     # ------------------------------------------------------------------ algebra
@@ -220,6 +246,12 @@ class PMatQuasiDiag(PMatAbstract):
         return QuasiDiagBuilder(capture_plan(fn, params, example, aux, layout, check), layout)
 
 
+def _orientation(transposed: bool):
+    """The neuron axis of a layer matrix in memory (``(a, g)`` when ``transposed``, else
+    ``(g, a)``) as ``(the input axis, broadcast of a (g,) vector over that matrix)``."""
+    return (0, lambda x: x[None]) if transposed else (1, lambda x: x[:, None])
+
+
 @builder
 class QuasiDiagBuilder(CaptureBuilder):
     """``Σₙₖ J²`` (layer by layer) and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` per chunk
@@ -246,19 +278,17 @@ def _has_neurons(spec: KroneckerSpec) -> bool:
     return spec.kind in ("dense", "conv") and spec.bias is not None
 
 
-@functools.lru_cache(maxsize=128)
-def _neuron_indices(layout: LayerCollection, specs: tuple[KroneckerSpec, ...]):
-    return tuple(spec.matrix_indices(layout) for spec in specs)
-
-
 @functools.partial(jax.jit, static_argnames=("plan", "layout"))
 def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
     """The diagonal ``Σₙₖ J²`` (layer by layer) and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` for one
     masked chunk, and whether everything was finite."""
     cap: Captured = capture_chunk(plan, params, batch, offset, aux)
     dtype = layout.dtype
-    cross = [
-        jnp.einsum("nktg,nkg,nta->ga", g, g.sum(axis=2), a.astype(dtype))
+    neurons = tuple(s for s in plan.specs if _has_neurons(s))
+    transposed = iter(kronecker_layout(layout, neurons).transposed)
+    cross = [  # in the kernel's memory orientation (PMatQuasiDiag.cross)
+        jnp.einsum("nktg,nkg,nta->" + ("ag" if next(transposed) else "ga"),
+                   g, g.sum(axis=2), a.astype(dtype))
         for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype))
         if _has_neurons(spec)
     ]

@@ -1,0 +1,191 @@
+"""Static re-indexing of flat vectors by slices, reshapes and transposes instead of gathers.
+
+Representations split a flat ``(..., d)`` vector into per-layer pieces (a layer's kernel as
+its ``(g, a)`` layer matrix, its bias, the parameters of a group of layers) and merge the
+pieces back. The index arrays are static, and almost always regular: a piece is a contiguous
+run of the flat axis read in a transposed order (Flax's ``(in, out)`` kernel as the
+``(out, in)`` layer matrix; an ``HWIO`` convolution kernel as ``(O, HWI)``), or a few such
+runs. XLA:CPU gathers and scatters with a constant index array cost an indexed load per
+entry (the 670k parameters of a 784-512-512-10 MLP: 2.2 ms to split, 1.6 ms to merge, as
+long as a Kronecker product of its layers' factors takes to apply); slices, reshapes and
+transposes fuse into their consumers. :class:`FlatPartition` finds the regular form once,
+at trace time, and keeps the gather only for the pieces that have none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgeom.layers import concat_last
+
+#: above this many runs a 1-D piece is gathered (one slice per run would unroll)
+MAX_RUNS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """A piece that is the run ``[start, start + n)`` of the flat axis, reshaped to
+    ``memory_shape`` (C order) and transposed by ``perm`` into ``shape``."""
+
+    start: int
+    memory_shape: tuple[int, ...]
+    perm: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def take(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        run = jax.lax.slice_in_dim(x, self.start, self.start + self.size, axis=-1)
+        run = run.reshape(lead + self.memory_shape)
+        k = len(lead)
+        run = jnp.transpose(run, tuple(range(k)) + tuple(k + p for p in self.perm))
+        return run.reshape(lead + self.shape)
+
+    def segments(self, part: jax.Array) -> list[tuple[int, jax.Array]]:
+        """The piece's values back in flat order: one ``(start, (..., n))`` segment."""
+        lead = part.shape[: part.ndim - len(self.shape)]
+        k = len(lead)
+        part = part.reshape(lead + tuple(self.memory_shape[p] for p in self.perm))
+        part = jnp.transpose(part, tuple(range(k)) + tuple(k + j for j in _invert(self.perm)))
+        return [(self.start, part.reshape(lead + (self.size,)))]
+
+
+def _invert(perm: tuple[int, ...]) -> tuple[int, ...]:
+    out = [0] * len(perm)
+    for i, p in enumerate(perm):
+        out[p] = i
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Runs:
+    """A 1-D piece made of a few contiguous runs ``(start, length)``, in piece order."""
+
+    runs: tuple[tuple[int, int], ...]
+
+    def take(self, x: jax.Array) -> jax.Array:
+        parts = [jax.lax.slice_in_dim(x, s, s + n, axis=-1) for s, n in self.runs]
+        return parts[0] if len(parts) == 1 else concat_last(parts)
+
+    def segments(self, part: jax.Array) -> list[tuple[int, jax.Array]]:
+        out, offset = [], 0
+        for s, n in self.runs:
+            out.append((s, jax.lax.slice_in_dim(part, offset, offset + n, axis=-1)))
+            offset += n
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Gather:
+    """Any other piece: a gather (and, to merge, a scatter through the inverse order)."""
+
+    index: np.ndarray
+
+    def take(self, x: jax.Array) -> jax.Array:
+        return x[..., self.index]
+
+
+def regular_form(index: np.ndarray) -> _View | _Runs | None:
+    """The slice/reshape/transpose form of a static index array, or ``None``."""
+    index = np.asarray(index)
+    if index.size == 0:
+        return None
+    if index.ndim == 1:
+        breaks = np.flatnonzero(np.diff(index) != 1) + 1
+        if len(breaks) >= MAX_RUNS:
+            return None
+        starts = np.concatenate([[0], breaks])
+        lengths = np.diff(np.concatenate([starts, [index.size]]))
+        return _Runs(tuple((int(index[s]), int(n)) for s, n in zip(starts, lengths)))
+    return _affine_view(index)
+
+
+def is_transposed_block(index: np.ndarray) -> bool:
+    """Whether a 2-D index array is a contiguous C-ordered block read transposed (a kernel
+    stored ``(a, g)`` seen as its ``(g, a)`` layer matrix)."""
+    form = regular_form(index)
+    return np.ndim(index) == 2 and isinstance(form, _View) and form.perm == (1, 0)
+
+
+def _affine_view(index: np.ndarray) -> _View | None:
+    """``index == start + Σₖ iₖ strideₖ`` with the strides of a C-ordered block, transposed."""
+    origin = int(index.flat[0])
+    axes = [k for k in range(index.ndim) if index.shape[k] > 1]
+    unit = [tuple(int(k == j) for j in range(index.ndim)) for k in range(index.ndim)]
+    strides = {k: int(index[unit[k]]) - origin for k in axes}
+    memory = sorted(axes, key=lambda k: -strides[k])
+    expected = 1
+    for k in reversed(memory):
+        if strides[k] != expected:
+            return None
+        expected *= index.shape[k]
+    grid = origin + sum(
+        np.arange(index.shape[k]).reshape([-1 if j == k else 1 for j in range(index.ndim)])
+        * strides[k] for k in axes)
+    if not np.array_equal(index, np.broadcast_to(grid, index.shape)):
+        return None
+    memory_shape = tuple(index.shape[k] for k in memory)
+    perm = tuple(memory.index(k) for k in axes)
+    return _View(origin, memory_shape, perm, index.shape)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlatPartition:
+    """Pieces of the flat axis ``[0, d)``, each a static index array of any shape.
+
+    ``split(x)`` gives ``x[..., piece]`` for every piece; ``merge(parts)`` is its inverse,
+    the flat ``(..., d)`` array. When every piece has a regular form (:func:`regular_form`)
+    merging is one concatenation of the pieces' runs in flat order; otherwise the pieces are
+    concatenated and permuted with one gather.
+
+    Attributes:
+      pieces: the index arrays; together they hold every flat index once.
+      forms: per piece, its regular form or a gather.
+      d: the length of the flat axis.
+    """
+
+    pieces: tuple[np.ndarray, ...]
+    forms: tuple[_View | _Runs | _Gather, ...]
+    d: int
+
+    @classmethod
+    def of(cls, pieces: Sequence[np.ndarray], d: int | None = None) -> FlatPartition:
+        pieces = tuple(np.asarray(p, dtype=np.int64) for p in pieces)
+        flat = np.concatenate([p.ravel() for p in pieces]) if pieces else np.zeros(0, int)
+        d = flat.size if d is None else d
+        if flat.size != d or not np.array_equal(np.sort(flat), np.arange(d)):
+            raise ValueError(f"the pieces do not partition the {d} flat indices")
+        forms = tuple(regular_form(p) or _Gather(p) for p in pieces)
+        return cls(pieces, forms, d)
+
+    @property
+    def _gathered(self) -> bool:
+        return any(isinstance(f, _Gather) for f in self.forms)
+
+    def split(self, x: jax.Array) -> list[jax.Array]:
+        """``x[..., piece]`` for each piece: ``(..., d)`` → ``(..., *piece.shape)``."""
+        return [form.take(x) for form in self.forms]
+
+    def merge(self, parts: Sequence[jax.Array]) -> jax.Array:
+        """The ``(..., d)`` array whose pieces are ``parts`` (the inverse of :meth:`split`)."""
+        if self._gathered:
+            lead = parts[0].shape[: parts[0].ndim - self.pieces[0].ndim]
+            flat = concat_last([p.reshape(lead + (-1,)) for p in parts])
+            return flat[..., self._inverse]
+        segments = sorted((s for form, part in zip(self.forms, parts)
+                           for s in form.segments(part)), key=lambda s: s[0])
+        values = [v for _, v in segments]
+        return values[0] if len(values) == 1 else concat_last(values)
+
+    @property
+    def _inverse(self) -> np.ndarray:
+        return np.argsort(np.concatenate([p.ravel() for p in self.pieces]))
