@@ -116,13 +116,15 @@ class Chunk(NamedTuple):
 
     Attributes:
       batch: the examples, padded to the chunk size.
-      mask: ``(size,)`` 1.0 for real examples, 0.0 for padding.
+      mask: ``(size,)`` 1.0 for real examples, 0.0 for padding (a host array: the jitted
+        step it is passed to transfers it with the call, cheaper than an eager
+        ``jnp.asarray`` per chunk).
       offset: index of the first example among all examples seen so far.
       count: the number of real examples.
     """
 
     batch: Any
-    mask: jax.Array
+    mask: np.ndarray
     offset: int
     count: int
 
@@ -149,7 +151,7 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
             )
             mask = np.zeros(size)
             mask[:count] = 1.0
-            yield Chunk(chunk, jnp.asarray(mask), offset, count)
+            yield Chunk(chunk, mask, offset, count)
             offset += count
     if offset == 0:
         raise ValueError(
@@ -165,7 +167,7 @@ def _chunk_of(a: Any, start: int, stop: int, size: int) -> Any:
         return a
     if a.shape[0] < size:
         return _pad_rows(a, size)
-    return _window(a, jnp.asarray(start), size)
+    return _window(a, np.asarray(start), size)
 
 
 @functools.partial(jax.jit, static_argnums=2)

@@ -7,6 +7,7 @@ representation. ``N`` is the number of examples actually seen.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -182,7 +183,7 @@ def _build(fn, params, data, representation, **kwargs) -> PMatAbstract:
 def check_rows(fn, params, batch) -> None:
     """Check that a batched ``fn(params, batch)`` returns one row per example, ``(N, K)``."""
     n = data_lib.num_examples(batch)
-    out = jax.eval_shape(fn, params, batch)
+    out = _output_shape(fn, params, batch)
     if len(out.shape) != 2 or out.shape[0] != n:
         raise ValueError(
             f"fn(params, batch) must return an array of shape (N, K) = ({n}, K) for a batch "
@@ -194,7 +195,7 @@ def _check_model(apply_fn, params, inputs, variant) -> tuple[int, ...]:
     n = data_lib.num_examples(inputs, "inputs x")
     if n == 0:
         raise ValueError("the first batch contains no example")
-    out = jax.eval_shape(apply_fn, params, inputs)
+    out = _output_shape(apply_fn, params, inputs)
     if not hasattr(out, "shape"):
         raise ValueError(
             f"apply_fn must return one array of outputs; got {jax.tree_util.tree_structure(out)}"
@@ -217,7 +218,35 @@ def _layers(fn, params, args) -> LayerCollection:
     # shapes only: slicing the data here would compile a slice per new batch shape
     one = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype), args)
-    return LayerCollection.from_model(fn, params, one)
+    return _traced(Hashable(fn), _signature(params), _signature(one), "layers")
+
+
+def _output_shape(fn, params, args):
+    """``jax.eval_shape(fn, params, args)``, traced once per function and signature."""
+    return _traced(Hashable(fn), _signature(params), _signature(args), "output")
+
+
+def _signature(tree) -> tuple:
+    """A pytree's structure and its leaves' shapes and dtypes (hashable)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
+
+
+def _abstract(signature: tuple):
+    treedef, leaves = signature
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
+
+
+@functools.lru_cache(maxsize=128)
+def _traced(fn: Hashable, params: tuple, args: tuple, what: str):
+    """The model's layers (``"layers"``) or output shape (``"output"``) from abstract
+    ``params`` and ``args`` signatures: a build traces its model once per function and
+    shapes, as ``jax.jit`` does (tracing costs milliseconds, more than a small model's
+    whole Monte-Carlo build)."""
+    if what == "layers":
+        return LayerCollection.from_model(fn.fn, _abstract(params), _abstract(args))
+    return jax.eval_shape(fn.fn, _abstract(params), _abstract(args))
 
 
 def _inputs_only(data, representation):

@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgeom import data as data_lib
 
@@ -115,7 +116,8 @@ class ChunkBuilder:
         """The running total before the first chunk (given the first chunk's arguments), for
         a builder that :attr:`updates_in_place` (default: zeros shaped like the statistics)."""
         shapes = _statistics.eval_shape(self, params, batch, mask, offset, aux)[0]
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        leaves, treedef = jax.tree_util.tree_flatten(shapes)
+        return _zeros(treedef, tuple((s.shape, s.dtype) for s in leaves))
 
     def update(self, total: Any, params: Any, batch: Any, mask: jax.Array, offset: jax.Array,
                aux: Any) -> tuple[Any, jax.Array]:
@@ -142,13 +144,21 @@ class ChunkBuilder:
         raise NotImplementedError
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _zeros(treedef, leaves):
+    """Zeros of the given structure and ``(shape, dtype)`` leaves, in one compiled call
+    (eager ``jnp.zeros`` costs a dispatch per leaf)."""
+    return jax.tree_util.tree_unflatten(treedef, [jnp.zeros(s, d) for s, d in leaves])
+
+
 @jax.jit
 def _add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
+@jax.jit
 def mean(total: Any, n: int) -> Any:
-    """``total / n`` leafwise."""
+    """``total / n`` leafwise (one compiled call)."""
     return jax.tree_util.tree_map(lambda s: s / n, total)
 
 
@@ -268,7 +278,7 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
     """
     total, n, flags = None, 0, []
     for chunk in chunks:
-        args = (params, chunk.batch, chunk.mask, jnp.asarray(chunk.offset), aux)
+        args = (params, chunk.batch, chunk.mask, np.asarray(chunk.offset), aux)
         if builder.updates_in_place:
             if total is None:
                 total = builder.init_total(*args)

@@ -158,6 +158,30 @@ def test_fim_inside_jit_equals_eager():
     np.testing.assert_allclose(F.to_dense(), dense(t.apply_fn, t.params, t.x), **TOL)
 
 
+@pytest.mark.parametrize("representation", [PMatDiag, PMatKFAC])
+def test_a_model_is_traced_once_per_function_and_shapes(representation):
+    """Layer discovery, the output check and the chunk step are traced from shapes: a second
+    build with new parameter values calls the model's Python code no more; new data
+    shapes trace it again, and the result is that of a fresh trace."""
+    t = make_linen_mlp()
+    traces = []
+
+    def apply_fn(p, x):
+        traces.append(x.shape)
+        return t.apply_fn(p, x)
+
+    first = FIM(apply_fn, t.params, t.x, representation)
+    params2 = jax.tree_util.tree_map(lambda a: 1.5 * a, t.params)
+    before = len(traces)
+    second = FIM(apply_fn, params2, t.x, representation)
+    assert len(traces) == before
+    np.testing.assert_allclose(second.to_dense(),
+                               FIM(t.apply_fn, params2, t.x, representation).to_dense(), **TOL)
+    assert not np.allclose(first.to_dense(), second.to_dense())
+    FIM(apply_fn, t.params, t.x[:3], representation)
+    assert len(traces) > before
+
+
 def test_second_moment_gives_the_empirical_fisher():
     t = make_linen_mlp()
 

@@ -739,8 +739,10 @@ def squared_gradients(cap: Captured, mask: jax.Array, plan: CapturePlan,
     return squares, others
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def flat_diagonal(plan: CapturePlan, layout: LayerCollection, squares) -> jax.Array:
-    """The flat-order diagonal from the layer form of :func:`squared_gradients`."""
+    """The flat-order diagonal from the layer form of :func:`squared_gradients` (one
+    compiled call: eagerly, its slices and transposes dispatch one by one)."""
     return kronecker_layout(layout, plan.specs).merge(*squares)
 
 
