@@ -4,6 +4,7 @@ zero; operations, the closed-form solve and inverse against ``to_dense()``; jit,
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from models import make_linen_cnn, make_linen_embed, make_linen_layernorm
@@ -47,7 +48,12 @@ def _functions(Q):
             "inv_scaled": inv / 2, "sum": Q + 2 * Q}
     return dict(dense={k: x.to_dense() for k, x in reps.items()}, reps=reps,
                 eig=Q.eigvalsh(), eig_inv=inv.eigvalsh(), norm2=Q.norm(2), norm_2=Q.norm(-2),
-                inv_diag=inv.get_diag(), inv_trace=inv.trace(), inv_fro=inv.frobenius_norm())
+                inv_diag=inv.get_diag(), inv_trace=inv.trace(), inv_fro=inv.frobenius_norm(),
+                inv_mv=inv.mv(_vector(Q)), inv_vTMv=inv.vTMv(_vector(Q)))
+
+
+def _vector(Q):
+    return jnp.sin(jnp.arange(Q.layer_collection.numel(), dtype=Q.diag.dtype))
 
 
 def test_operations(case):
@@ -73,6 +79,9 @@ def test_operations(case):
     np.testing.assert_allclose(out["inv_diag"], np.diag(got["inv"]), rtol=1e-8)
     np.testing.assert_allclose(out["inv_trace"], np.trace(got["inv"]), rtol=1e-8)
     np.testing.assert_allclose(out["inv_fro"], np.linalg.norm(got["inv"]), rtol=1e-8)
+    v = np.asarray(_vector(Q))  # products of an inverse (ρ ≠ 0)
+    np.testing.assert_allclose(out["inv_mv"], got["inv"] @ v, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(out["inv_vTMv"], v @ got["inv"] @ v, rtol=1e-8)
 
 
 def test_promotions_and_unsupported(case):

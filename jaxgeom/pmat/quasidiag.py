@@ -129,19 +129,37 @@ class PMatQuasiDiag(PMatAbstract):
             yield m[:, :-1], m[:, -1], self.cross_matrix(i), rho
 
     # ------------------------------------------------------------------ primitives
-    def _mv(self, v):
+    def _pieces(self, v):
+        """``v`` by neuron layer in the kernel's memory orientation (``(a, g)`` when
+        transposed, else ``(g, a)``): per layer ``(w, b, D, β, c, ρ, transposed, c·w)``
+        (``c·w`` per neuron), and the other layers' ``(x, diagonal)`` pairs."""
         layout = self._layout
         pairs, vecs = layout.split_pieces(v)
         diags, others = layout.split_pieces(self.diag)
-        out = []
+        layers = []
         for (w, b), (dw, db), c, rho, t in zip(pairs, diags, self.cross, self.rho,
                                                layout.transposed):
-            # in the kernel's memory orientation: (a, g) when transposed, else (g, a)
-            axis, col = _orientation(t)
-            cv = jnp.sum(c * w, axis=axis)
+            cv = jnp.sum(c * w, axis=_orientation(t)[0])
+            layers.append((w, b, dw, db, c, rho, t, cv))
+        return layers, list(zip(vecs, others))
+
+    def _mv(self, v):
+        layers, others = self._pieces(v)
+        out = []
+        for w, b, dw, db, c, rho, t, cv in layers:
             along = b if rho is None else b + rho * cv
-            out.append((dw * w + c * col(along), db * b + cv))
-        return layout.merge_pieces(out, [d * x for d, x in zip(others, vecs)])
+            out.append((dw * w + c * _orientation(t)[1](along), db * b + cv))
+        return self._layout.merge_pieces(out, [d * x for x, d in others])
+
+    def _vTMv(self, v):
+        """``Σ D w² + Σ β b² + 2 Σ b (c·w) + Σ ρ (c·w)²``: no product vector formed."""
+        layers, others = self._pieces(v)
+        total = sum(jnp.vdot(x, d * x) for x, d in others)
+        for w, b, dw, db, _, rho, _, cv in layers:
+            total += jnp.sum(dw * w**2) + jnp.sum(db * b**2) + 2 * jnp.vdot(b, cv)
+            if rho is not None:
+                total += jnp.sum(rho * cv**2)
+        return total
 
     def get_diag(self):
         if all(rho is None for rho in self.rho):
