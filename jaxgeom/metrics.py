@@ -63,7 +63,10 @@ def FIM(
         diagonal or ``(C, C)``); identity by default.
       batch_size: process data in chunks of this many examples (peak memory: one chunk of
         per-example Jacobians, ``batch_size · K · d``); ``None``: one chunk per batch.
-      layer_collection: the parameter layout; discovered from ``apply_fn`` by default.
+      layer_collection: the parameter layout; discovered from ``apply_fn`` by default
+        (traced once per ``apply_fn`` and shapes and cached, like ``jax.jit``'s traces:
+        pass a new function, or ``layer_collection``, if the same one changes its
+        architecture).
       mode: ``"reverse"`` (one backward per output), ``"forward"`` (one forward per
         parameter) or ``"auto"`` (the cheaper).
       **options: passed to the representation's builder.
@@ -238,12 +241,13 @@ def _abstract(signature: tuple):
         treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
 
 
-@functools.lru_cache(maxsize=128)
+@functools.lru_cache(maxsize=32)
 def _traced(fn: Hashable, params: tuple, args: tuple, what: str):
     """The model's layers (``"layers"``) or output shape (``"output"``) from abstract
     ``params`` and ``args`` signatures: a build traces its model once per function and
     shapes, as ``jax.jit`` does (tracing costs milliseconds, more than a small model's
-    whole Monte-Carlo build)."""
+    whole Monte-Carlo build). The cache keeps the last 32 functions alive, with what they
+    close over."""
     if what == "layers":
         return LayerCollection.from_model(fn.fn, _abstract(params), _abstract(args))
     return jax.eval_shape(fn.fn, _abstract(params), _abstract(args))
