@@ -44,7 +44,7 @@ class _View:
 
     def take(self, x: jax.Array) -> jax.Array:
         lead = x.shape[:-1]
-        run = jax.lax.slice_in_dim(x, self.start, self.start + self.size, axis=-1)
+        run = _slice(x, self.start, self.start + self.size)
         run = run.reshape(lead + self.memory_shape)
         k = len(lead)
         run = jnp.transpose(run, tuple(range(k)) + tuple(k + p for p in self.perm))
@@ -73,7 +73,7 @@ class _Runs:
     runs: tuple[tuple[int, int], ...]
 
     def take(self, x: jax.Array) -> jax.Array:
-        parts = [jax.lax.slice_in_dim(x, s, s + n, axis=-1) for s, n in self.runs]
+        parts = [_slice(x, s, s + n) for s, n in self.runs]
         return parts[0] if len(parts) == 1 else concat_last(parts)
 
     def segments(self, part: jax.Array) -> list[tuple[int, jax.Array]]:
@@ -91,7 +91,61 @@ class _Gather:
     index: np.ndarray
 
     def take(self, x: jax.Array) -> jax.Array:
+        if isinstance(x, LeafVector):
+            x = x.flat()
         return x[..., self.index]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafVector:
+    """A flat ``(d,)`` vector held as its raveled leaves (flat order), never concatenated:
+    :class:`FlatPartition` takes its pieces from the leaves and, given ``like=`` one,
+    merges back into leaves, so a params-shaped vector goes through a representation's
+    product without the two copies of flattening and unflattening.
+
+    Attributes:
+      leaves: the raveled leaves.
+      offsets: ``(len(leaves) + 1,)`` start of each leaf in the flat order, then ``d``.
+    """
+
+    leaves: tuple[jax.Array, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.offsets[-1],)
+
+    @classmethod
+    def of(cls, leaves, offsets) -> LeafVector:
+        return cls(tuple(jnp.ravel(x) for x in leaves), tuple(int(o) for o in offsets))
+
+    def flat(self) -> jax.Array:
+        return concat_last(list(self.leaves))
+
+    def slice(self, start: int, stop: int) -> jax.Array:
+        """Entries ``[start, stop)`` of the flat vector (one leaf's slice when they lie in
+        one leaf)."""
+        return _from_segments(list(zip(self.offsets[:-1], self.leaves)), start, stop)
+
+
+def _slice(x, start: int, stop: int) -> jax.Array:
+    if isinstance(x, LeafVector):
+        return x.slice(start, stop)
+    return jax.lax.slice_in_dim(x, start, stop, axis=-1)
+
+
+def _from_segments(segments, start: int, stop: int) -> jax.Array:
+    """Entries ``[start, stop)`` of the flat vector tiled by sorted 1-D ``(begin, values)``
+    segments."""
+    parts = []
+    for begin, values in segments:
+        end = begin + values.shape[-1]
+        if end <= start or begin >= stop:
+            continue
+        lo, hi = max(start, begin), min(stop, end)
+        parts.append(values if (lo, hi) == (begin, end)
+                     else jax.lax.slice_in_dim(values, lo - begin, hi - begin, axis=-1))
+    return parts[0] if len(parts) == 1 else concat_last(parts)
 
 
 def regular_form(index: np.ndarray) -> _View | _Runs | None:
@@ -175,8 +229,17 @@ class FlatPartition:
         """``x[..., piece]`` for each piece: ``(..., d)`` → ``(..., *piece.shape)``."""
         return [form.take(x) for form in self.forms]
 
-    def merge(self, parts: Sequence[jax.Array]) -> jax.Array:
-        """The ``(..., d)`` array whose pieces are ``parts`` (the inverse of :meth:`split`)."""
+    def merge(self, parts: Sequence[jax.Array], like: LeafVector | None = None):
+        """The ``(..., d)`` array whose pieces are ``parts`` (the inverse of :meth:`split`);
+        a :class:`LeafVector` with the leaves of ``like`` when one is given."""
+        if like is not None:
+            flat = self.merge(parts) if self._gathered else None
+            segments = ([(0, flat)] if flat is not None else
+                        sorted((s for form, part in zip(self.forms, parts)
+                                for s in form.segments(part)), key=lambda s: s[0]))
+            bounds = like.offsets
+            return LeafVector(tuple(_from_segments(segments, a, b)
+                                    for a, b in zip(bounds[:-1], bounds[1:])), bounds)
         if self._gathered:
             lead = parts[0].shape[: parts[0].ndim - self.pieces[0].ndim]
             flat = concat_last([p.reshape(lead + (-1,)) for p in parts])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgeom._reindex import FlatPartition, _Gather, _Runs, _View, regular_form
+from jaxgeom._reindex import FlatPartition, LeafVector, _Gather, _Runs, _View, regular_form
 
 # a flat layout: an HWIO convolution kernel (3, 3, 4, 5), its bias, a Flax dense kernel
 # (6, 7) and two more leaves
@@ -61,3 +61,21 @@ def test_pieces_must_partition_the_flat_axis():
         FlatPartition.of([np.arange(3), np.arange(2, 5)], 5)
     with pytest.raises(ValueError, match="partition"):
         FlatPartition.of([np.arange(3)], 5)
+
+
+def test_a_vector_held_as_leaves_splits_and_merges_like_the_flat_one():
+    """Pieces are taken from the leaves (a piece spanning two leaves is concatenated) and
+    merged back into leaves of the same bounds."""
+    x = np.random.default_rng(3).normal(size=D)
+    bounds = (0, 100, 180, 185, 227, 232, D)  # one leaf boundary inside the conv kernel
+    leaves = LeafVector.of([x[a:b] for a, b in zip(bounds[:-1], bounds[1:])], bounds)
+    assert leaves.shape == (D,)
+    for pieces in (_layer_pieces(), [np.random.default_rng(4).permutation(D)]):
+        partition = FlatPartition.of(pieces, D)
+        parts = partition.split(leaves)
+        for part, index in zip(parts, partition.pieces):
+            np.testing.assert_array_equal(part, x[index])
+        merged = partition.merge(parts, like=leaves)
+        assert merged.offsets == bounds
+        for (a, b), leaf in zip(zip(bounds[:-1], bounds[1:]), merged.leaves):
+            np.testing.assert_array_equal(leaf, x[a:b])

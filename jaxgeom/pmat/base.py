@@ -25,12 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import streaming
+from jaxgeom._reindex import LeafVector
 from jaxgeom.jacobian import JacobianBuilder
 from jaxgeom.layers import LayerCollection
 from jaxgeom.scaling import ScalarMultiples
 from jaxgeom.solvers import cg
 from jaxgeom.streaming import static_field as static_field  # re-exported
-from jaxgeom.vector import PVector, as_flat, as_rows
+from jaxgeom.vector import PVector, as_flat, as_rows, as_tree
 
 REGISTRY: list[type] = []
 
@@ -61,6 +62,9 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     #: solve methods accepted by :meth:`solve`; the first is the default.
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cg",)
+    #: whether ``_mv``/``_vTMv`` also take a :class:`~jaxgeom._reindex.LeafVector` (and
+    #: ``_mv`` then answers with one): a params-shaped vector is then never flattened
+    LEAFWISE: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ primitives
     @abc.abstractmethod
@@ -96,13 +100,33 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     # ------------------------------------------------------------------ products
     def mv(self, v: Any) -> Any:
         """``M v``. Accepts and returns a ``PVector``, a params pytree or a flat vector."""
+        leaves, wrap = self._as_leaves(v)
+        if leaves is not None:
+            layout = self.layer_collection
+            out = self._mv(leaves).leaves
+            return wrap(jax.tree_util.tree_unflatten(
+                layout.treedef, [x.reshape(shape) for x, shape in zip(out, layout.shapes)]))
         flat, wrap = as_flat(v, self.layer_collection)
         return wrap(self._mv(flat))
 
     def vTMv(self, v: Any) -> jax.Array:
         """The quadratic form ``vᵀ M v`` (a scalar)."""
+        leaves, _ = self._as_leaves(v)
+        if leaves is not None:
+            return self._vTMv(leaves)
         flat, _ = as_flat(v, self.layer_collection)
         return self._vTMv(flat)
+
+    def _as_leaves(self, v: Any):
+        """``(LeafVector, wrap)`` for a ``PVector``/params pytree when the representation
+        is :attr:`LEAFWISE`, else ``(None, None)``."""
+        if not self.LEAFWISE:
+            return None, None
+        tree, wrap = as_tree(v, self.layer_collection)
+        if tree is None:
+            return None, None
+        leaves = jax.tree_util.tree_leaves(tree)
+        return LeafVector.of(leaves, self.layer_collection.offsets), wrap
 
     def _vTMv(self, v: jax.Array) -> jax.Array:
         """``vᵀ M v`` for a flat vector (representations override it when cheaper than

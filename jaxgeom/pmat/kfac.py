@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._reindex import FlatPartition, is_transposed_block
+from jaxgeom._reindex import FlatPartition, LeafVector, is_transposed_block
 from jaxgeom.capture import (
     Captured,
     CapturePlan,
@@ -340,11 +340,12 @@ class _Layout:
         parts = iter(self.partition.split(v))
         return [(next(parts), next(parts) if b else None) for b in self.biased], list(parts)
 
-    def merge_pieces(self, pairs, vecs):
-        """The inverse of :meth:`split_pieces`."""
+    def merge_pieces(self, pairs, vecs, like=None):
+        """The inverse of :meth:`split_pieces` (into the leaves of ``like``, a
+        :class:`~jaxgeom._reindex.LeafVector`, if given)."""
         pieces = [p for kernel, bias in pairs for p in ((kernel,) if bias is None
                                                         else (kernel, bias))]
-        return self.partition.merge(pieces + list(vecs))
+        return self.partition.merge(pieces + list(vecs), like=like)
 
     def split_oriented(self, v):
         """Per Kronecker layer its matrix, ``(a[+1], g)`` where ``transposed``, else
@@ -355,11 +356,11 @@ class _Layout:
                 for (k, b), t in zip(pairs, self.transposed)]
         return mats, vecs
 
-    def merge_oriented(self, mats, vecs):
+    def merge_oriented(self, mats, vecs, like=None):
         """The inverse of :meth:`split_oriented`."""
         pairs = [((m, None) if not biased else (m[:-1], m[-1]) if t else (m[:, :-1], m[:, -1]))
                  for m, biased, t in zip(mats, self.biased, self.transposed)]
-        return self.merge_pieces(pairs, vecs)
+        return self.merge_pieces(pairs, vecs, like)
 
     def split(self, v):
         """``(g, a[+1])`` layer matrices and the other layers' vectors."""
@@ -385,11 +386,16 @@ class _Layout:
         mats, vecs = self.split_oriented(v)
         out = [getattr(n.transposed() if t else n, method)(m)
                for n, m, t in zip(nodes, mats, self.transposed)]
-        return self.merge_oriented(out, [f(x) for f, x in zip(blocks, vecs)])
+        return self.merge_oriented(out, [f(x) for f, x in zip(blocks, vecs)], _like(v))
 
     @property
     def kron_flat(self):
         return [idx.reshape(-1) for idx in self.matrices]
+
+
+def _like(v):
+    """``v`` if it is held as leaves (the product goes back into leaves), else ``None``."""
+    return v if isinstance(v, LeafVector) else None
 
 
 @functools.lru_cache(maxsize=128)
@@ -434,6 +440,9 @@ class PMatKFAC(PMatAbstract):
     specs: tuple[KroneckerSpec, ...] = static_field(default=())
     factors: tuple[Any, ...] = ()
     blocks: tuple[jax.Array, ...] = ()
+
+    #: products and quadratic forms of params-shaped vectors run on their leaves
+    LEAFWISE: ClassVar[bool] = True
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("eigh", "cg")
 

@@ -66,6 +66,7 @@ from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.kfac import (
     CaptureBuilder,
+    _like,
     all_finite,
     capture_plan,
     check_factorable,
@@ -105,6 +106,8 @@ class PMatQuasiDiag(PMatAbstract):
     rho: tuple[jax.Array | None, ...] = ()
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
+    #: products and quadratic forms of params-shaped vectors run on their leaves
+    LEAFWISE: ClassVar[bool] = True
 
     @property
     def _layout(self):
@@ -149,7 +152,7 @@ class PMatQuasiDiag(PMatAbstract):
         for w, b, dw, db, c, rho, t, cv in layers:
             along = b if rho is None else b + rho * cv
             out.append((dw * w + c * _orientation(t)[1](along), db * b + cv))
-        return self._layout.merge_pieces(out, [d * x for x, d in others])
+        return self._layout.merge_pieces(out, [d * x for x, d in others], _like(v))
 
     def _vTMv(self, v):
         """``Σ D w² + Σ β b² + 2 Σ b (c·w) + Σ ρ (c·w)²``: no product vector formed."""
