@@ -229,23 +229,20 @@ class FlatPartition:
         """``x[..., piece]`` for each piece: ``(..., d)`` → ``(..., *piece.shape)``."""
         return [form.take(x) for form in self.forms]
 
-    def merge(self, parts: Sequence[jax.Array], like: LeafVector | None = None):
+    def merge(self, parts: Sequence[jax.Array], like: object = None):
         """The ``(..., d)`` array whose pieces are ``parts`` (the inverse of :meth:`split`);
-        a :class:`LeafVector` with the leaves of ``like`` when one is given."""
-        if like is not None:
-            flat = self.merge(parts) if self._gathered else None
-            segments = ([(0, flat)] if flat is not None else
-                        sorted((s for form, part in zip(self.forms, parts)
-                                for s in form.segments(part)), key=lambda s: s[0]))
+        a :class:`LeafVector` with the leaves of ``like`` when ``like`` is one."""
+        if self._gathered:
+            lead = parts[0].shape[: parts[0].ndim - self.pieces[0].ndim]
+            flat = concat_last([p.reshape(lead + (-1,)) for p in parts])[..., self._inverse]
+            segments = [(0, flat)]
+        else:
+            segments = sorted((s for form, part in zip(self.forms, parts)
+                               for s in form.segments(part)), key=lambda s: s[0])
+        if isinstance(like, LeafVector):
             bounds = like.offsets
             return LeafVector(tuple(_from_segments(segments, a, b)
                                     for a, b in zip(bounds[:-1], bounds[1:])), bounds)
-        if self._gathered:
-            lead = parts[0].shape[: parts[0].ndim - self.pieces[0].ndim]
-            flat = concat_last([p.reshape(lead + (-1,)) for p in parts])
-            return flat[..., self._inverse]
-        segments = sorted((s for form, part in zip(self.forms, parts)
-                           for s in form.segments(part)), key=lambda s: s[0])
         values = [v for _, v in segments]
         return values[0] if len(values) == 1 else concat_last(values)
 

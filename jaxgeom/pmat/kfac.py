@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._reindex import FlatPartition, LeafVector, is_transposed_block
+from jaxgeom._reindex import FlatPartition, is_transposed_block
 from jaxgeom.capture import (
     Captured,
     CapturePlan,
@@ -341,8 +341,8 @@ class _Layout:
         return [(next(parts), next(parts) if b else None) for b in self.biased], list(parts)
 
     def merge_pieces(self, pairs, vecs, like=None):
-        """The inverse of :meth:`split_pieces` (into the leaves of ``like``, a
-        :class:`~jaxgeom._reindex.LeafVector`, if given)."""
+        """The inverse of :meth:`split_pieces` (into the leaves of ``like`` when it is a
+        :class:`~jaxgeom._reindex.LeafVector`, the vector that was split)."""
         pieces = [p for kernel, bias in pairs for p in ((kernel,) if bias is None
                                                         else (kernel, bias))]
         return self.partition.merge(pieces + list(vecs), like=like)
@@ -386,16 +386,11 @@ class _Layout:
         mats, vecs = self.split_oriented(v)
         out = [getattr(n.transposed() if t else n, method)(m)
                for n, m, t in zip(nodes, mats, self.transposed)]
-        return self.merge_oriented(out, [f(x) for f, x in zip(blocks, vecs)], _like(v))
+        return self.merge_oriented(out, [f(x) for f, x in zip(blocks, vecs)], like=v)
 
     @property
     def kron_flat(self):
         return [idx.reshape(-1) for idx in self.matrices]
-
-
-def _like(v):
-    """``v`` if it is held as leaves (the product goes back into leaves), else ``None``."""
-    return v if isinstance(v, LeafVector) else None
 
 
 @functools.lru_cache(maxsize=128)

@@ -66,7 +66,6 @@ from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.kfac import (
     CaptureBuilder,
-    _like,
     all_finite,
     capture_plan,
     check_factorable,
@@ -152,7 +151,7 @@ class PMatQuasiDiag(PMatAbstract):
         for w, b, dw, db, c, rho, t, cv in layers:
             along = b if rho is None else b + rho * cv
             out.append((dw * w + c * _orientation(t)[1](along), db * b + cv))
-        return self._layout.merge_pieces(out, [d * x for x, d in others], _like(v))
+        return self._layout.merge_pieces(out, [d * x for x, d in others], like=v)
 
     def _vTMv(self, v):
         """``Σ D w² + Σ β b² + 2 Σ b (c·w) + Σ ρ (c·w)²``: no product vector formed."""
