@@ -67,6 +67,7 @@ from jax.extend import core as jex
 from jax.extend.core import primitives as prims
 
 from jaxgeom._discovery import _CALL_PRIMITIVES, _Analysis, _call_body, _LeafView
+from jaxgeom._signature import abstract, signature
 from jaxgeom.layers import KRONECKER_KINDS, LayerCollection
 
 
@@ -425,22 +426,18 @@ def make_plan(fn: Callable, params: Any, example: Any, aux: Any,
     are cached on them: the same plan object (a static argument of the compiled capture
     steps) comes back for new parameter values or new data, so nothing recompiles.
     """
-    abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), (params, example, aux)
-    )
-    leaves, treedef = jax.tree_util.tree_flatten(abstract)
-    key = (fn, layout, treedef, tuple(leaves))
+    sig = signature((params, example, aux))
+    key = (fn, layout, sig)
     try:
         hash(key)
     except TypeError:  # an unhashable per-example function: plan without caching
-        return _build_plan(fn, *abstract, layout)
+        return _build_plan(fn, *abstract(sig), layout)
     return _cached_plan(*key)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(fn, layout, treedef, leaves) -> CapturePlan:
-    params, example, aux = jax.tree_util.tree_unflatten(treedef, leaves)
-    return _build_plan(fn, params, example, aux, layout)
+def _cached_plan(fn, layout, sig) -> CapturePlan:
+    return _build_plan(fn, *abstract(sig), layout)
 
 
 def _build_plan(fn: Callable, params: Any, example: Any, aux: Any,

@@ -146,9 +146,7 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
         for start in range(0, n, size):
             stop = min(start + size, n)
             count = stop - start
-            chunk = jax.tree_util.tree_map(
-                lambda a, s=start, e=stop, k=size: _chunk_of(a, s, e, k), batch
-            )
+            chunk = _chunk_of(batch, start, stop, size)
             mask = np.zeros(size)
             mask[:count] = 1.0
             yield Chunk(chunk, mask, offset, count)
@@ -159,32 +157,40 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
         )
 
 
-def _chunk_of(a: Any, start: int, stop: int, size: int) -> Any:
-    """Rows ``start:stop`` of ``a`` padded to ``size`` rows (real rows first)."""
-    if not isinstance(a, jax.Array):
-        return _pad(a[start:stop], size)
-    if start == 0 and stop == size == a.shape[0]:
-        return a
-    if a.shape[0] < size:
-        return _pad_rows(a, size)
-    return _window(a, np.asarray(start), size)
+def _chunk_of(batch: Any, start: int, stop: int, size: int) -> Any:
+    """Rows ``start:stop`` of every leaf of ``batch`` padded to ``size`` rows (real rows
+    first); the JAX arrays among them cut by one compiled call."""
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    on_device = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array)]
+    cut = [a if isinstance(a, jax.Array) else _pad(a[start:stop], size)  # host: plain slices
+           for a in leaves]
+    arrays = tuple(leaves[i] for i in on_device)
+    if arrays and not (start == 0 and stop == size == arrays[0].shape[0]):
+        if arrays[0].shape[0] < size:
+            arrays = _pad_rows(arrays, size)
+        else:
+            arrays = _window(arrays, np.asarray(start), size)
+    for i, a in zip(on_device, arrays):
+        cut[i] = a
+    return jax.tree_util.tree_unflatten(treedef, cut)
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _window(a: jax.Array, start: jax.Array, size: int) -> jax.Array:
-    """``size`` rows of ``a`` from ``start`` (``start`` traced: one compilation per shape).
+def _window(arrays: tuple[jax.Array, ...], start: jax.Array, size: int) -> tuple:
+    """``size`` rows of each array from ``start`` (``start`` traced: one compilation per
+    shapes).
 
     Near the end the window is clamped to the last ``size`` rows and rotated so that rows
     ``start:`` come first; the rows after them (already seen) are masked by the caller.
     """
-    begin = jnp.minimum(start, a.shape[0] - size)
-    window = jax.lax.dynamic_slice_in_dim(a, begin, size, axis=0)
-    return jnp.roll(window, begin - start, axis=0)
+    begin = jnp.minimum(start, arrays[0].shape[0] - size)
+    return tuple(jnp.roll(jax.lax.dynamic_slice_in_dim(a, begin, size, axis=0), begin - start,
+                          axis=0) for a in arrays)
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _pad_rows(a: jax.Array, size: int) -> jax.Array:
-    return _pad(a, size)
+def _pad_rows(arrays: tuple[jax.Array, ...], size: int) -> tuple:
+    return tuple(_pad(a, size) for a in arrays)
 
 
 def _pad(a: Any, size: int) -> Any:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
+from jaxgeom._signature import abstract, signature
 from jaxgeom.jacobian import Hashable
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import REGISTRY, PMatAbstract
@@ -132,7 +133,7 @@ def FIM_MonteCarlo(
     return _build(
         fn, params, _inputs_only(data, representation), representation,
         layer_collection=layer_collection, batch_size=batch_size, mode=mode,
-        aux=(jnp.asarray(key), whitener), **options,
+        aux=(key if isinstance(key, jax.Array) else jnp.asarray(key), whitener), **options,
     )
 
 
@@ -221,24 +222,12 @@ def _layers(fn, params, args) -> LayerCollection:
     # shapes only: slicing the data here would compile a slice per new batch shape
     one = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype), args)
-    return _traced(Hashable(fn), _signature(params), _signature(one), "layers")
+    return _traced(Hashable(fn), signature(params), signature(one), "layers")
 
 
 def _output_shape(fn, params, args):
     """``jax.eval_shape(fn, params, args)``, traced once per function and signature."""
-    return _traced(Hashable(fn), _signature(params), _signature(args), "output")
-
-
-def _signature(tree) -> tuple:
-    """A pytree's structure and its leaves' shapes and dtypes (hashable)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
-
-
-def _abstract(signature: tuple):
-    treedef, leaves = signature
-    return jax.tree_util.tree_unflatten(
-        treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
+    return _traced(Hashable(fn), signature(params), signature(args), "output")
 
 
 @functools.lru_cache(maxsize=32)
@@ -249,8 +238,8 @@ def _traced(fn: Hashable, params: tuple, args: tuple, what: str):
     whole Monte-Carlo build). The cache keeps the last 32 functions alive, with what they
     close over."""
     if what == "layers":
-        return LayerCollection.from_model(fn.fn, _abstract(params), _abstract(args))
-    return jax.eval_shape(fn.fn, _abstract(params), _abstract(args))
+        return LayerCollection.from_model(fn.fn, abstract(params), abstract(args))
+    return jax.eval_shape(fn.fn, abstract(params), abstract(args))
 
 
 def _inputs_only(data, representation):

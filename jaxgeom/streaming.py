@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
+from jaxgeom._signature import Signature, abstract, signature
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -115,9 +116,8 @@ class ChunkBuilder:
                    aux: Any) -> Any:
         """The running total before the first chunk (given the first chunk's arguments), for
         a builder that :attr:`updates_in_place` (default: zeros shaped like the statistics)."""
-        shapes = _statistics.eval_shape(self, params, batch, mask, offset, aux)[0]
-        leaves, treedef = jax.tree_util.tree_flatten(shapes)
-        return _zeros(treedef, tuple((s.shape, s.dtype) for s in leaves))
+        treedef, leaves = _statistics_signature(signature((self, params, batch, mask, offset, aux)))
+        return _zeros(treedef, leaves)
 
     def update(self, total: Any, params: Any, batch: Any, mask: jax.Array, offset: jax.Array,
                aux: Any) -> tuple[Any, jax.Array]:
@@ -144,6 +144,13 @@ class ChunkBuilder:
         raise NotImplementedError
 
 
+@functools.lru_cache(maxsize=64)
+def _statistics_signature(args: Signature) -> Signature:
+    """The signature of a builder's statistics from that of its arguments (traced once per
+    builder structure and shapes: ``eval_shape`` retraces at every call)."""
+    return signature(_statistics.eval_shape(*abstract(args))[0])
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _zeros(treedef, leaves):
     """Zeros of the given structure and ``(shape, dtype)`` leaves, in one compiled call
@@ -156,9 +163,11 @@ def _add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def mean(total: Any, n: int) -> Any:
-    """``total / n`` leafwise (one compiled call)."""
+    """``total / n`` leafwise, in one compiled call that consumes ``total``: its buffers are
+    donated and reused for the result, so a finished build holds one copy of its storage,
+    not two (a dense ``d × d`` total would otherwise be copied at the end)."""
     return jax.tree_util.tree_map(lambda s: s / n, total)
 
 

@@ -1,5 +1,6 @@
 """PMatDense: the brute-force Fisher itself, and every operation against numpy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,3 +65,8 @@ def test_gram_is_xtx_also_from_its_upper_blocks(m):
     rows = x.reshape(-1, m)
     np.testing.assert_allclose(_gram.gram(jnp.asarray(x)), rows.T @ rows, rtol=1e-12,
                                atol=1e-12)
+    # the build's in-place update: total + XᵀX, block by block into the (donated) total
+    total = np.random.default_rng(1).normal(size=(m, m))
+    add = jax.jit(_gram.add_gram, donate_argnums=0)
+    np.testing.assert_allclose(add(jnp.asarray(total), jnp.asarray(x)), total + rows.T @ rows,
+                               rtol=1e-12, atol=1e-12)

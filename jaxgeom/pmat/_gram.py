@@ -26,8 +26,31 @@ def gram(x: jax.Array) -> jax.Array:
     m = x.shape[-1]
     if m < SYMMETRIC_FROM:
         return x.T @ x
-    edges = np.linspace(0, m, BLOCKS + 1).astype(int)
-    cols = [x[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
-    upper = {(i, j): cols[i].T @ cols[j] for i in range(BLOCKS) for j in range(i, BLOCKS)}
+    upper = {(i, j): block for (i, j), _, block in _upper_blocks(x)}
     return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(BLOCKS)]
                       for i in range(BLOCKS)])
+
+
+def add_gram(total: jax.Array, x: jax.Array) -> jax.Array:
+    """``total + gram(x)``, for a ``total`` that is donated: for ``m ≥ SYMMETRIC_FROM`` each
+    block product is added into its place (and its mirror) as it is computed, so the
+    update holds one ``(m/B)²`` block besides ``total`` instead of a second ``m × m``
+    matrix (XLA updates the slices of a donated buffer in place). Same cost as
+    :func:`gram`."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[-1] < SYMMETRIC_FROM:
+        return total + x.T @ x
+    for (i, j), (rows, cols), block in _upper_blocks(x):
+        total = total.at[rows, cols].add(block)
+        if i != j:
+            total = total.at[cols, rows].add(block.T)
+    return total
+
+
+def _upper_blocks(x: jax.Array):
+    """``((i, j), (rows, cols), xᵢᵀ xⱼ)`` for the blocks ``i ≤ j`` of the column partition."""
+    edges = np.linspace(0, x.shape[-1], BLOCKS + 1).astype(int)
+    spans = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    for i in range(BLOCKS):
+        for j in range(i, BLOCKS):
+            yield (i, j), (spans[i], spans[j]), x[:, spans[i]].T @ x[:, spans[j]]

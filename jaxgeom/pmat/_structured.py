@@ -21,6 +21,7 @@ from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract, _implements
 from jaxgeom.pmat.dense import _no_options
+from jaxgeom.streaming import mean
 from jaxgeom.vector import as_tree
 
 
@@ -204,5 +205,4 @@ class MeanAccumulator:
         return jax.tree_util.tree_map(jnp.add, state, term)
 
     def finalize(self, state: Any, n: int) -> PMatAbstract:
-        mean = jax.tree_util.tree_map(lambda s: s / n, state)
-        return self.representation(self.layer_collection, mean)
+        return self.representation(self.layer_collection, mean(state, n))

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat._gram import gram
+from jaxgeom.pmat._gram import add_gram
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.streaming import mean
 
 
 @representation
@@ -125,10 +126,10 @@ class DenseAccumulator:
         return jnp.zeros((d, d), dtype)
 
     def update(self, state, jac):
-        return state + gram(jac)
+        return add_gram(state, jac)
 
     def finalize(self, state, n):
-        return PMatDense(self.layer_collection, state / n)
+        return PMatDense(self.layer_collection, mean(state, n))
 
 
 def _no_options(cls, options):

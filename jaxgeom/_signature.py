@@ -1,0 +1,40 @@
+"""Abstract signatures of pytrees: the keys under which traced work is cached.
+
+A build's tracing work (layer discovery, the capture plan, the shapes of a chunk's
+statistics) depends only on the structure of its arguments and the shapes and dtypes of
+their leaves, as ``jax.jit``'s own trace cache does. :func:`signature` is that key,
+hashable and cheap (microseconds per leaf: no ``jnp.result_type`` lattice walk for
+arrays, whose dtype is read directly), and :func:`abstract` turns it back into a pytree
+of :class:`jax.ShapeDtypeStruct` to trace with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Signature = tuple  # (treedef, ((shape, dtype), ...))
+
+
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
+    if isinstance(x, jax.Array | jax.ShapeDtypeStruct):  # canonical dtype already
+        return tuple(x.shape), x.dtype
+    if isinstance(x, np.ndarray | np.generic):  # float64 → float32 without x64, as jnp does
+        return tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)
+    return tuple(np.shape(x)), jnp.result_type(x)  # Python scalars: weak types
+
+
+def signature(tree: Any) -> Signature:
+    """A pytree's structure and its leaves' shapes and dtypes (hashable)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple(_shape_dtype(x) for x in leaves)
+
+
+def abstract(sig: Signature) -> Any:
+    """The pytree of :class:`jax.ShapeDtypeStruct` a :func:`signature` describes."""
+    treedef, leaves = sig
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
