@@ -37,7 +37,9 @@ class Accumulator(Protocol):
     """How a representation reduces per-example Jacobians (hashable: a static argument).
 
     ``init`` makes the zero state, ``update`` adds one chunk's masked Jacobian
-    ``(n, K, d)`` (inside ``jit``), ``finalize`` turns the state and the number of
+    ``(n, K, d)``, given as its per-leaf column pieces ``(n, K, size_i)`` in the flat leaf
+    order (concatenated along the last axis they are the Jacobian: ``concat_last``), with
+    ``state`` donated (inside ``jit``); ``finalize`` turns the state and the number of
     examples ``N`` into the representation. An accumulator whose ``collects`` attribute
     is true instead receives in ``finalize`` a list of blocks of Jacobian rows ``(m, d)``
     that, stacked, are all examples' rows in example order (``K`` rows per example:
@@ -46,7 +48,7 @@ class Accumulator(Protocol):
 
     def init(self, dtype: Any) -> Any: ...
 
-    def update(self, state: Any, jac: jax.Array) -> Any: ...
+    def update(self, state: Any, pieces: list[jax.Array]) -> Any: ...
 
     def finalize(self, state: Any, n: int) -> Any: ...
 
@@ -166,12 +168,24 @@ class JacobianBuilder(ChunkBuilder):
         return dataclasses.replace(self, examples=int(n)) if self._collects else self
 
     def statistics(self, params, batch, mask, offset, aux):
+        if not self._collects:
+            return self._accumulate(self.accumulator.init(self.dtype), params, batch, mask,
+                                    offset, aux)
         jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
         finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
-        if self._collects:  # padded rows are cut off in ``reduce``: no masking pass
-            return jac.reshape(-1, jac.shape[-1]), finite
-        jac = jac * mask[:, None, None].astype(jac.dtype)
-        return self.accumulator.update(self.accumulator.init(self.dtype), jac), finite
+        return jac.reshape(-1, jac.shape[-1]), finite  # padded rows cut off in ``reduce``
+
+    def _accumulate(self, state, params, batch, mask, offset, aux):
+        """``accumulator.update(state, masked chunk Jacobian by leaf)`` and whether it was
+        finite: in the chunk's step ``state`` is the donated running total, so the
+        accumulator adds the chunk's term into it directly (no zero state, no second
+        total-sized term). In reverse mode each leaf's rows are computed from the captured
+        layer inputs and output gradients (:meth:`_leaf_rows`: an outer product per dense
+        layer), which the accumulator's consumer can fuse into its own reads: the chunk's
+        Jacobian ``(n, K, d)`` need not exist as one array."""
+        pieces, finite = self._leaf_rows(params, batch, offset, aux)
+        weights = mask[:, None, None].astype(self.dtype)
+        return self.accumulator.update(state, [piece * weights for piece in pieces]), finite
 
     def init_total(self, params, batch, mask, offset, aux):
         if not self._collects:
@@ -181,7 +195,7 @@ class JacobianBuilder(ChunkBuilder):
 
     def update(self, total, params, batch, mask, offset, aux):
         if not self._collects:
-            return super().update(total, params, batch, mask, offset, aux)
+            return self._accumulate(total, params, batch, mask, offset, aux)
         # The chunk's first ``count`` rows are examples ``offset, offset + 1, …``; the last
         # chunk of a batch, a window of ``size`` rows clamped to the batch's end and rotated
         # (:func:`jaxgeom.data.iter_chunks`), is written at ``begin = N - size``: its inputs
@@ -209,7 +223,9 @@ class JacobianBuilder(ChunkBuilder):
         from the captured layer inputs and output gradients) and whether all were finite."""
         if self.mode != "reverse":
             jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
-            return [jac], jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
+            edges = self.layout.offsets
+            pieces = [jac[..., a:b] for a, b in zip(edges[:-1], edges[1:])]
+            return pieces, jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
         example = jax.tree_util.tree_map(lambda a: a[0], batch)
         plan = capture_lib.make_plan(self.fn, params, example, aux, self.layout)
         captured = capture_lib.capture_chunk(plan, params, batch, offset, aux)

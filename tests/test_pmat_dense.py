@@ -65,8 +65,11 @@ def test_gram_is_xtx_also_from_its_upper_blocks(m):
     rows = x.reshape(-1, m)
     np.testing.assert_allclose(_gram.gram(jnp.asarray(x)), rows.T @ rows, rtol=1e-12,
                                atol=1e-12)
-    # the build's in-place update: total + XᵀX, block by block into the (donated) total
+    # the build's in-place update: total + XᵀX from X's column pieces (a chunk's Jacobian
+    # by leaf: uneven, some straddling the column blocks), added into the donated total
     total = np.random.default_rng(1).normal(size=(m, m))
+    cuts = sorted({0, 1, 5, m // 3, m // 2 + 3, m})
+    pieces = [jnp.asarray(x[..., a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
     add = jax.jit(_gram.add_gram, donate_argnums=0)
-    np.testing.assert_allclose(add(jnp.asarray(total), jnp.asarray(x)), total + rows.T @ rows,
+    np.testing.assert_allclose(add(jnp.asarray(total), pieces), total + rows.T @ rows,
                                rtol=1e-12, atol=1e-12)

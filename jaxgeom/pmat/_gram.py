@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,31 +28,53 @@ def gram(x: jax.Array) -> jax.Array:
     m = x.shape[-1]
     if m < SYMMETRIC_FROM:
         return x.T @ x
-    upper = {(i, j): block for (i, j), _, block in _upper_blocks(x)}
+    cols = [x[:, span] for span in _spans(m)]
+    upper = {(i, j): cols[i].T @ cols[j] for i in range(BLOCKS) for j in range(i, BLOCKS)}
     return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(BLOCKS)]
                       for i in range(BLOCKS)])
 
 
-def add_gram(total: jax.Array, x: jax.Array) -> jax.Array:
-    """``total + gram(x)``, for a ``total`` that is donated: for ``m ≥ SYMMETRIC_FROM`` each
-    block product is added into its place (and its mirror) as it is computed, so the
-    update holds one ``(m/B)²`` block besides ``total`` instead of a second ``m × m``
-    matrix (XLA updates the slices of a donated buffer in place). Same cost as
-    :func:`gram`."""
-    x = x.reshape(-1, x.shape[-1])
-    if x.shape[-1] < SYMMETRIC_FROM:
+def add_gram(total: jax.Array, pieces: Sequence[jax.Array]) -> jax.Array:
+    """``total + gram(x)`` for ``x`` the concatenation of ``pieces`` along their last axis
+    (``(..., m_i)``, e.g. a chunk's Jacobian cut at the parameter leaves), ``total``
+    donated.
+
+    ``x`` is never formed: each column block of the symmetric product is concatenated
+    from the pieces it spans (XLA fuses the pieces' producers, e.g. the outer products of
+    captured inputs and output gradients, into that write), and each block product is
+    added into its place (and its mirror) of ``total``, updated in place. Memory: the
+    ``B`` column blocks (one copy of ``x``) and the block products, never a second
+    ``m × m`` matrix. Cost as :func:`gram`.
+    """
+    pieces = [p.reshape(-1, p.shape[-1]) for p in pieces]
+    m = sum(p.shape[-1] for p in pieces)
+    if m < SYMMETRIC_FROM:
+        x = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
         return total + x.T @ x
-    for (i, j), (rows, cols), block in _upper_blocks(x):
-        total = total.at[rows, cols].add(block)
-        if i != j:
-            total = total.at[cols, rows].add(block.T)
+    spans = _spans(m)
+    cols = [_columns(pieces, span) for span in spans]
+    for i in range(BLOCKS):
+        for j in range(i, BLOCKS):
+            block = cols[i].T @ cols[j]
+            total = total.at[spans[i], spans[j]].add(block)
+            if i != j:
+                total = total.at[spans[j], spans[i]].add(block.T)
     return total
 
 
-def _upper_blocks(x: jax.Array):
-    """``((i, j), (rows, cols), xᵢᵀ xⱼ)`` for the blocks ``i ≤ j`` of the column partition."""
-    edges = np.linspace(0, x.shape[-1], BLOCKS + 1).astype(int)
-    spans = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-    for i in range(BLOCKS):
-        for j in range(i, BLOCKS):
-            yield (i, j), (spans[i], spans[j]), x[:, spans[i]].T @ x[:, spans[j]]
+def _spans(m: int) -> list[slice]:
+    """The ``BLOCKS`` column spans of the symmetric product."""
+    edges = np.linspace(0, m, BLOCKS + 1).astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _columns(pieces: list[jax.Array], span: slice) -> jax.Array:
+    """Columns ``span`` of the concatenation of ``pieces`` (2-D), from the pieces alone."""
+    parts, start = [], 0
+    for p in pieces:
+        stop = start + p.shape[-1]
+        lo, hi = max(span.start, start), min(span.stop, stop)
+        if lo < hi:
+            parts.append(p[:, lo - start:hi - start])
+        start = stop
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxgeom.layers import LayerCollection
+from jaxgeom.layers import LayerCollection, concat_last
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract, _implements
 from jaxgeom.pmat.dense import _no_options
@@ -179,8 +179,17 @@ class MeanOfJacobians:
 
     The class gives ``_zeros(layer_collection, dtype)`` (the zero state) and
     ``_term(layer_collection, jac)`` (the contribution of one chunk's masked Jacobian
-    ``(n, K, d)``), and is constructed as ``cls(layer_collection, mean)``.
+    ``(n, K, d)``) — or overrides ``_add_term`` to add it into the state in place —, and is
+    constructed as ``cls(layer_collection, mean)``.
     """
+
+    @classmethod
+    def _add_term(cls, layer_collection: LayerCollection, state: Any,
+                  pieces: list[jax.Array]) -> Any:
+        """``state + term(jac)`` for the chunk's Jacobian given by leaf (``pieces``, as the
+        accumulator receives it); ``state`` is donated (the chunk's compiled step)."""
+        term = cls._term(layer_collection, concat_last(pieces))
+        return jax.tree_util.tree_map(jnp.add, state, term)
 
     @classmethod
     def accumulator(cls, layer_collection: LayerCollection, **options) -> MeanAccumulator:
@@ -200,9 +209,8 @@ class MeanAccumulator:
     def init(self, dtype: Any) -> Any:
         return self.representation._zeros(self.layer_collection, dtype)
 
-    def update(self, state: Any, jac: jax.Array) -> Any:
-        term = self.representation._term(self.layer_collection, jac)
-        return jax.tree_util.tree_map(jnp.add, state, term)
+    def update(self, state: Any, pieces: list[jax.Array]) -> Any:
+        return self.representation._add_term(self.layer_collection, state, pieces)
 
     def finalize(self, state: Any, n: int) -> PMatAbstract:
         return self.representation(self.layer_collection, mean(state, n))

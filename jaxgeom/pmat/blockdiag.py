@@ -14,7 +14,7 @@ import numpy as np
 from jaxgeom._reindex import FlatPartition
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat._gram import gram
+from jaxgeom.pmat._gram import add_gram
 from jaxgeom.pmat._structured import MeanOfJacobians, structured_mm
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.dense import PMatDense
@@ -181,11 +181,15 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
     def _zeros(layer_collection: LayerCollection, dtype) -> tuple[jax.Array, ...]:
         return tuple(jnp.zeros((n, n), dtype) for n in _partition(layer_collection).sizes)
 
-    @staticmethod
-    def _term(layer_collection: LayerCollection, jac: jax.Array) -> tuple[jax.Array, ...]:
-        """Per layer ``Σₙₖ Jₙₖ,ₗᵀ Jₙₖ,ₗ`` of one chunk (``n K d_l²``)."""
-        rows = jac.reshape(-1, jac.shape[-1])
-        return tuple(gram(part) for part in _partition(layer_collection).split(rows))
+    @classmethod
+    def _add_term(cls, layer_collection: LayerCollection, state: tuple,
+                  pieces: list[jax.Array]) -> tuple[jax.Array, ...]:
+        """Per layer ``Bₗ + Σₙₖ Jₙₖ,ₗᵀ Jₙₖ,ₗ`` for one chunk (``n K d_l²``) from its leaves'
+        Jacobian pieces, added into the (donated) block by
+        :func:`~jaxgeom.pmat._gram.add_gram`: no copy of the chunk's Jacobian is cut into
+        layers."""
+        return tuple(add_gram(block, [pieces[i] for i in layer.leaves])
+                     for block, layer in zip(state, layer_collection.layers))
 
 
 # ----------------------------------------------------------------------------- layout

@@ -125,8 +125,8 @@ class DenseAccumulator:
         d = self.layer_collection.numel()
         return jnp.zeros((d, d), dtype)
 
-    def update(self, state, jac):
-        return add_gram(state, jac)
+    def update(self, state, pieces):
+        return add_gram(state, pieces)
 
     def finalize(self, state, n):
         return PMatDense(self.layer_collection, mean(state, n))
