@@ -17,12 +17,12 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxgeom._reindex import LeafVector
 from jaxgeom.layers import LayerCollection, concat_last
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract, _implements
 from jaxgeom.pmat.dense import _no_options
 from jaxgeom.streaming import mean
-from jaxgeom.vector import as_tree
 
 
 class CanonicalDiagonal(PMatAbstract):
@@ -46,40 +46,37 @@ class CanonicalDiagonal(PMatAbstract):
     def _with(self, values: jax.Array) -> CanonicalDiagonal:
         """The same representation with other values."""
 
+    #: products take a params-shaped vector leaf by leaf (the diagonal's leaf slices are
+    #: static): no flat copy of it, 2-5x faster than flattening on XLA:CPU.
+    LEAFWISE: ClassVar[bool] = True
+
     # ------------------------------------------------------------------ primitives
-    def _mv(self, v):
-        return self._values * v
-
-    def _leafwise(self, v, op):
-        """``op(values, x)`` leaf by leaf for a ``PVector`` or params pytree ``v`` (the
-        diagonal's leaves are static slices: no flat copy of ``v`` is formed, 2-5x faster
-        than flattening on XLA:CPU); ``(None, None)`` for a flat ``v``."""
-        tree, wrap = as_tree(v, self.layer_collection)
-        if tree is None:
-            return None, None
+    def _elementwise(self, v, op):
+        """``op(λ, v)`` for a flat ``v``; leaf by leaf for a :class:`LeafVector`."""
         values = self._values
-        per_leaf = (self.layer_collection.from_flat(values) if values.ndim
-                    else jax.tree_util.tree_map(lambda _: values, tree))
-        return jax.tree_util.tree_map(op, per_leaf, tree), wrap
+        if not isinstance(v, LeafVector):
+            return op(values, v)
+        edges = v.offsets
+        per_leaf = [values[a:b] if values.ndim else values for a, b in zip(edges[:-1], edges[1:])]
+        return LeafVector(tuple(op(m, x) for m, x in zip(per_leaf, v.leaves)), edges)
 
-    def mv(self, v: Any) -> Any:
-        out, wrap = self._leafwise(v, jnp.multiply)
-        return super().mv(v) if out is None else wrap(out)
+    def _mv(self, v):
+        return self._elementwise(v, jnp.multiply)
 
-    def vTMv(self, v: Any) -> jax.Array:
-        terms, _ = self._leafwise(v, lambda m, x: jnp.vdot(x, m * x))
-        return super().vTMv(v) if terms is None else sum(jax.tree_util.tree_leaves(terms))
+    def _vTMv(self, v):
+        terms = self._elementwise(v, lambda m, x: jnp.vdot(x, m * x))
+        return sum(terms.leaves) if isinstance(terms, LeafVector) else terms
 
     def solve(self, v: Any, regul: Any = 0.0, *, method: str | None = None, **options) -> Any:
         if method in (None, "default") and not options:
-            out, wrap = self._leafwise(v, lambda m, x: x / (m + regul))
-            if out is not None:
-                return wrap(out)
+            leaves, wrap = self._as_leaves(v)
+            if leaves is not None:
+                return self._from_leaves(self._solve(leaves, regul, "default"), wrap)
         return super().solve(v, regul, method=method, **options)
 
     def _solve(self, v, regul, method, **options):
         if method == "default":
-            return v / (self._values + regul)
+            return self._elementwise(v, lambda m, x: x / (m + regul))
         return super()._solve(v, regul, method, **options)
 
     @property

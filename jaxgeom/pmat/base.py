@@ -102,10 +102,7 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         """``M v``. Accepts and returns a ``PVector``, a params pytree or a flat vector."""
         leaves, wrap = self._as_leaves(v)
         if leaves is not None:
-            layout = self.layer_collection
-            out = self._mv(leaves).leaves
-            return wrap(jax.tree_util.tree_unflatten(
-                layout.treedef, [x.reshape(shape) for x, shape in zip(out, layout.shapes)]))
+            return self._from_leaves(self._mv(leaves), wrap)
         flat, wrap = as_flat(v, self.layer_collection)
         return wrap(self._mv(flat))
 
@@ -127,6 +124,12 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
             return None, None
         leaves = jax.tree_util.tree_leaves(tree)
         return LeafVector.of(leaves, self.layer_collection.offsets), wrap
+
+    def _from_leaves(self, out: LeafVector, wrap: Callable[[Any], Any]) -> Any:
+        """The vector of the kind :meth:`_as_leaves` read (``wrap``) holding ``out``."""
+        layout = self.layer_collection
+        return wrap(jax.tree_util.tree_unflatten(
+            layout.treedef, [x.reshape(shape) for x, shape in zip(out.leaves, layout.shapes)]))
 
     def _vTMv(self, v: jax.Array) -> jax.Array:
         """``vᵀ M v`` for a flat vector (representations override it when cheaper than
