@@ -146,12 +146,21 @@ class PMatQuasiDiag(PMatAbstract):
         return layers, list(zip(vecs, others))
 
     def _mv(self, v):
-        layers, others = self._pieces(v)
+        return self._apply(v, *self._layout.split_pieces(self.diag), self.cross, self.rho)
+
+    def _apply(self, v, pairs, vecs, cross, rho):
+        """``M' v`` for the quasi-diagonal ``M'`` with these pieces (``(D, β)`` per neuron
+        layer, the other layers' diagonals, ``c``, ``ρ``; memory orientation): no flat
+        ``M'`` is formed (``solve`` applies the inverse's pieces directly)."""
+        layout = self._layout
+        ws, xs = layout.split_pieces(v)
         out = []
-        for w, b, dw, db, c, rho, t, cv in layers:
-            along = b if rho is None else b + rho * cv
-            out.append((dw * w + c * _orientation(t)[1](along), db * b + cv))
-        return self._layout.merge_pieces(out, [d * x for x, d in others], like=v)
+        for (w, b), (dw, db), c, r, t in zip(ws, pairs, cross, rho, layout.transposed):
+            axis, col = _orientation(t)
+            cv = jnp.sum(c * w, axis=axis)
+            along = b if r is None else b + r * cv
+            out.append((dw * w + c * col(along), db * b + cv))
+        return layout.merge_pieces(out, [d * x for x, d in zip(xs, vecs)], like=v)
 
     def _vTMv(self, v):
         """``Σ D w² + Σ β b² + 2 Σ b (c·w) + Σ ρ (c·w)²``: no product vector formed."""
@@ -217,17 +226,23 @@ class PMatQuasiDiag(PMatAbstract):
 
     def _solve(self, v, regul, method, **options):
         if method == "default":
-            return self.inv(regul)._mv(v)
+            return self._apply(v, *self._inverse(regul))
         return super()._solve(v, regul, method, **options)
 
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0) -> PMatQuasiDiag:
         """``(M + λI)⁻¹``, per neuron in closed form (module docstring), ``O(d)``."""
+        pairs, vecs, cross, rhos = self._inverse(regul)
+        return self._with(self._layout.merge_pieces(pairs, vecs), cross, rhos)
+
+    def _inverse(self, regul):
+        """The pieces of ``(M + λI)⁻¹`` (as :meth:`_apply` takes them)."""
         layout = self._layout
-        pairs, vecs = layout.split_pieces(self.diag + regul)
+        pairs, vecs = layout.split_pieces(self.diag)
         inverted, cross, rhos = [], [], []
         for (D, beta), c, rho, t in zip(pairs, self.cross, self.rho, layout.transposed):
             axis, col = _orientation(t)
+            D, beta = D + regul, beta + regul
             u = c / D
             kappa = jnp.sum(c * u, axis=axis)
             q = 1.0 if rho is None else 1 + rho * kappa
@@ -235,8 +250,7 @@ class PMatQuasiDiag(PMatAbstract):
             cross.append(-u / col(q * s))
             rhos.append(s if rho is None else s - rho * q * s**2)
             inverted.append((1 / D, 1 / s))
-        diag = layout.merge_pieces(inverted, [1 / x for x in vecs])
-        return self._with(diag, cross, rhos)
+        return inverted, [1 / (x + regul) for x in vecs], cross, rhos
 
     # ------------------------------------------------------------------ algebra
     def _scale(self, s):
