@@ -131,19 +131,16 @@ class PMatQuasiDiag(PMatAbstract):
             yield m[:, :-1], m[:, -1], self.cross_matrix(i), rho
 
     # ------------------------------------------------------------------ primitives
-    def _pieces(self, v):
+    def _pieces(self, v, pairs, cross):
         """``v`` by neuron layer in the kernel's memory orientation (``(a, g)`` when
-        transposed, else ``(g, a)``): per layer ``(w, b, D, β, c, ρ, transposed, c·w)``
-        (``c·w`` per neuron), and the other layers' ``(x, diagonal)`` pairs."""
+        transposed, else ``(g, a)``), beside the given ``(D, β)`` pieces and ``c``: per layer
+        ``(w, b, D, β, c, transposed, c·w)`` (``c·w`` per neuron), and the other layers'
+        pieces of ``v``."""
         layout = self._layout
-        pairs, vecs = layout.split_pieces(v)
-        diags, others = layout.split_pieces(self.diag)
-        layers = []
-        for (w, b), (dw, db), c, rho, t in zip(pairs, diags, self.cross, self.rho,
-                                               layout.transposed):
-            cv = jnp.sum(c * w, axis=_orientation(t)[0])
-            layers.append((w, b, dw, db, c, rho, t, cv))
-        return layers, list(zip(vecs, others))
+        ws, xs = layout.split_pieces(v)
+        layers = [(w, b, dw, db, c, t, jnp.sum(c * w, axis=_orientation(t)[0]))
+                  for (w, b), (dw, db), c, t in zip(ws, pairs, cross, layout.transposed)]
+        return layers, xs
 
     def _mv(self, v):
         return self._apply(v, *self._layout.split_pieces(self.diag), self.cross, self.rho)
@@ -152,21 +149,19 @@ class PMatQuasiDiag(PMatAbstract):
         """``M' v`` for the quasi-diagonal ``M'`` with these pieces (``(D, β)`` per neuron
         layer, the other layers' diagonals, ``c``, ``ρ``; memory orientation): no flat
         ``M'`` is formed (``solve`` applies the inverse's pieces directly)."""
-        layout = self._layout
-        ws, xs = layout.split_pieces(v)
+        layers, xs = self._pieces(v, pairs, cross)
         out = []
-        for (w, b), (dw, db), c, r, t in zip(ws, pairs, cross, rho, layout.transposed):
-            axis, col = _orientation(t)
-            cv = jnp.sum(c * w, axis=axis)
+        for (w, b, dw, db, c, t, cv), r in zip(layers, rho):
             along = b if r is None else b + r * cv
-            out.append((dw * w + c * col(along), db * b + cv))
-        return layout.merge_pieces(out, [d * x for x, d in zip(xs, vecs)], like=v)
+            out.append((dw * w + c * _orientation(t)[1](along), db * b + cv))
+        return self._layout.merge_pieces(out, [d * x for x, d in zip(xs, vecs)], like=v)
 
     def _vTMv(self, v):
         """``Σ D w² + Σ β b² + 2 Σ b (c·w) + Σ ρ (c·w)²``: no product vector formed."""
-        layers, others = self._pieces(v)
-        total = sum(jnp.vdot(x, d * x) for x, d in others)
-        for w, b, dw, db, _, rho, _, cv in layers:
+        pairs, vecs = self._layout.split_pieces(self.diag)
+        layers, xs = self._pieces(v, pairs, self.cross)
+        total = sum(jnp.vdot(x, d * x) for x, d in zip(xs, vecs))
+        for (w, b, dw, db, _, _, cv), rho in zip(layers, self.rho):
             total += jnp.sum(dw * w**2) + jnp.sum(db * b**2) + 2 * jnp.vdot(b, cv)
             if rho is not None:
                 total += jnp.sum(rho * cv**2)
