@@ -250,7 +250,7 @@ class _Analysis:
 
     def _scan(self, eqn: jex.JaxprEqn, marks: list[_Mark | None]) -> None:
         """Map scan consts into the body; leaf views in the carry, xs or ys are "other"."""
-        num_consts = eqn.params["num_consts"]
+        num_consts, _ = scan_counts(eqn)
         body = eqn.params["jaxpr"].jaxpr
         self._other(marks[num_consts:])
         inner = list(marks[:num_consts]) + [None] * (len(marks) - num_consts)
@@ -342,6 +342,16 @@ def _call_body(eqn: jex.JaxprEqn) -> jex.Jaxpr | None:
     if len(body.invars) != len(eqn.invars) or len(body.outvars) != len(eqn.outvars):
         return None
     return body
+
+
+def scan_counts(eqn: jex.JaxprEqn) -> tuple[int, int]:
+    """``(num_consts, num_carry)`` of a ``scan`` equation: its operands are the consts, the
+    initial carry and the ``xs``, in that order. JAX < 0.11 names the counts in the
+    equation's params; later releases group the operands in a flat tree ``ft_in``."""
+    if "num_consts" in eqn.params:
+        return eqn.params["num_consts"], eqn.params["num_carry"]
+    consts, carry, _ = eqn.params["ft_in"].update(list(range(len(eqn.invars)))).unpack()
+    return len(list(consts)), len(list(carry))
 
 
 # ----------------------------------------------------------------------------- resolution

@@ -66,7 +66,13 @@ import numpy as np
 from jax.extend import core as jex
 from jax.extend.core import primitives as prims
 
-from jaxgeom._discovery import _CALL_PRIMITIVES, _Analysis, _call_body, _LeafView
+from jaxgeom._discovery import (
+    _CALL_PRIMITIVES,
+    _Analysis,
+    _call_body,
+    _LeafView,
+    scan_counts,
+)
 from jaxgeom._signature import abstract, signature
 from jaxgeom.layers import KRONECKER_KINDS, LayerCollection
 
@@ -565,7 +571,7 @@ def _scan(plan, eqn, invals, here, perturb, captured):
     ``xs`` and captured inputs leave as extra ``ys`` (one row per iteration)."""
     params = eqn.params
     body = params["jaxpr"]
-    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    n_consts, n_carry = scan_counts(eqn)
     inner = sorted({s.layer for p, s in plan.sites.items() if p[: len(here)] == here})
     consts, carry, xs = (invals[:n_consts], invals[n_consts:n_consts + n_carry],
                          invals[n_consts + n_carry:])

@@ -6,14 +6,19 @@ settings that never change what a program computes (beyond rounding) cut it by h
 XLA's optimisation passes off, and the CPU backend's older loop emitters, whose
 compilation of small programs is much quicker. The benchmarks and the demo run with the
 defaults.
+
+``JAXGEOM_TEST_PLATFORM=gpu`` (or ``tpu``) runs the suite on an accelerator instead, still
+in float64 (e.g. ``XLA_PYTHON_CLIENT_PREALLOCATE=false JAXGEOM_TEST_PLATFORM=gpu pytest -n 4
+tests`` on a GPU machine: without preallocation off each worker would claim 75% of it).
 """
 
 import os
 from importlib.metadata import version
 
 _FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false"
-# XLA aborts on flags it does not know: set it only on the jaxlib releases checked with it.
-if tuple(int(p) for p in version("jaxlib").split(".")[:2]) >= (0, 10) and (
+# XLA aborts on flags it does not know: set it only on the jaxlib releases checked with it
+# (0.10; 0.11 removed the flag, its fusion emitters being the only ones left).
+if tuple(int(p) for p in version("jaxlib").split(".")[:2]) == (0, 10) and (
     "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "")
 ):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
@@ -21,5 +26,5 @@ if tuple(int(p) for p in version("jaxlib").split(".")[:2]) >= (0, 10) and (
 import jax  # noqa: E402  (after XLA_FLAGS: the backend reads them when it starts)
 
 jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_platforms", os.environ.get("JAXGEOM_TEST_PLATFORM", "cpu"))
 jax.config.update("jax_disable_most_optimizations", True)

@@ -12,6 +12,7 @@ from flax import linen as nn
 from models import ALL_TASKS, MORE_TASKS, to_float64
 
 from jaxgeom import LayerCollection
+from jaxgeom._discovery import scan_counts
 from jaxgeom.capture import capture, capture_chunk, example_gradients, make_plan
 from jaxgeom.jacobian import Hashable
 from jaxgeom.variants import FisherOutputs, MonteCarloFisherOutputs
@@ -163,6 +164,22 @@ def test_plain_mlp_scan_and_lax_conv():
     plan, _ = check(apply_fn, params, x, ["conv_w", "w_h", "w_out", "w_x"])
     (spec,) = [s for s in plan.specs if s.layer_id == "w_out"]  # used transposed: (out, in)
     np.testing.assert_array_equal(spec.kernel_to_matrix(params["w_out"]), params["w_out"])
+
+
+def test_scan_operands_split_into_consts_carry_and_xs():
+    """The scan's operand counts, read from its params (JAX < 0.11) or its flat tree of
+    operands (JAX >= 0.11): consts (w, b), carry (h0, c0), xs."""
+    def f(w, b, h0, c0, xs):
+        def step(hc, x):
+            h, c = hc
+            return (jnp.tanh(h @ w + x + b), c + h), h
+        return jax.lax.scan(step, (h0, c0), xs)
+
+    jaxpr = jax.make_jaxpr(f)(jnp.ones((3, 3)), jnp.ones(3), jnp.ones(3), jnp.ones(3),
+                              jnp.ones((4, 3)))
+    (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(eqn.invars) == 5
+    assert scan_counts(eqn) == (2, 2)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
