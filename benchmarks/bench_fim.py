@@ -122,24 +122,53 @@ def peak_mb(fn: Callable[[], Any]) -> float:
 
 
 class CompileCounter:
-    """Counts XLA backend compilations (jax.monitoring events)."""
+    """Counts XLA backend compilations (jax.monitoring events) and names what they were."""
 
     def __init__(self):
         import jax
 
-        self.count = 0
+        self.names: list[str] = []
         jax.monitoring.register_event_duration_secs_listener(self._listen)
 
     def _listen(self, event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
+            self.names.append(str(kwargs.get("fun_name", "?")))
 
-    def during(self, fn: Callable[[], Any]) -> int:
+    def during(self, fn: Callable[[], Any]) -> list[str]:
+        """The names of the functions compiled during one call of ``fn``."""
         import jax
 
-        before = self.count
+        before = len(self.names)
         jax.block_until_ready(fn())
-        return self.count - before
+        return self.names[before:]
+
+
+def accelerator() -> str | None:
+    """The accelerator JAX runs on (``None`` on the CPU), e.g. ``"gpu: NVIDIA H200"``."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return None
+    return f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
+
+
+def configure_precision() -> None:
+    """Full float32 matrix products on accelerators, for jaxgeom and the peers alike.
+
+    On GPUs JAX's default precision runs float32 products as TF32 (10-bit mantissa)
+    while PyTorch's default does not for matmuls; the suite compares the same arithmetic
+    (``peers.py`` turns TF32 off in PyTorch's matmuls and convolutions too)."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _device_bytes(key: str) -> int | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    return None if not stats else stats.get(key)
 
 
 # ----------------------------------------------------------------------------- floors
@@ -200,14 +229,27 @@ def floors_case(spec: models.Spec, repeats: int) -> dict:
         w = prob * jv - prob * jnp.sum(prob * jv, -1, keepdims=True)
         return jax.vjp(lambda q: apply_fn(q, x), p)[1](w / x.shape[0])[0]
 
+    def k_backward_vmapped(k):
+        @jax.jit
+        def f(p, x):
+            out, vjp = jax.vjp(lambda q: apply_fn(q, x), p)
+            cot = jax.random.normal(jax.random.key(0), (k, *out.shape), out.dtype)
+            return jax.vmap(vjp)(cot)[0]
+        return f
+
     k_bwd = k_backward(K_EXACT)  # one jitted function: compiled on the first call only
+    k_bwd_vmapped = k_backward_vmapped(K_EXACT)
     res = {
         "forward": timed(lambda: forward(params, x), repeats),
         "forward+backward": timed(lambda: grad(params, x, y), repeats),
         "per-example grads": timed(lambda: per_example(params, xs, ys), repeats),
-        "K backward": timed(lambda: k_bwd(params, x), repeats),
+        "K backward (loop)": timed(lambda: k_bwd(params, x), repeats),
+        "K backward (vmap)": timed(lambda: k_bwd_vmapped(params, x), repeats),
         "exact F·v": timed(lambda: fisher_vector(params, params, x), repeats),
     }
+    # the floor is the faster of the two (the loop on XLA:CPU, vmap on GPUs)
+    variant = min(("loop", "vmap"), key=lambda v: res[f"K backward ({v})"]["warm_s"])
+    res["K backward"] = dict(res[f"K backward ({variant})"], variant=variant)
     for k in (K_EXACT, 1):
         try:
             fns = contraction_floors(spec, k)
@@ -431,10 +473,18 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         except OSError:
             pass
         base = _status("VmRSS")
+        device_base = _device_bytes("bytes_in_use")
         res["build"] = timed(build, repeats)
         res["first_build_peak_mb"] = (_status("VmHWM") - base) / 2**20
         holder.clear()
         res["build"]["peak_mb"] = peak_mb(build)
+        if accelerator() is not None:
+            res["device_memory_stats"] = jax.devices()[0].memory_stats()
+        if device_base is not None:
+            # accelerator memory has no resettable high-water mark: the peak over every
+            # build so far, compilation (autotuning scratch) included — an upper bound
+            res["build"]["device_peak_mb"] = (_device_bytes("peak_bytes_in_use")
+                                              - device_base) / 2**20
         F = holder.pop("F")
     except Exception as e:  # noqa: BLE001
         res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
@@ -444,12 +494,15 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
     res["bound_mb"] = 1.5 * (storage + chunk_bytes(spec, rep)) / 2**20
     if build_only:
         return res
-    # recompilation: new parameter values, then a short last chunk
+    # recompilation: new parameter values, then data whose last chunk is short (cut
+    # before counting: slicing compiles too)
     params2 = jax.tree_util.tree_map(lambda a: a * 1.01 + 0.001, params)
-    res["compiles_new_params"] = counter.during(lambda: build(params2))
     short = n - bs // 2
-    res["compiles_short_last_chunk"] = counter.during(lambda: build(params, (x[:short],
-                                                                            y[:short])))
+    x_short, y_short = jax.block_until_ready((x[:short], y[:short]))
+    for key, fn in (("compiles_new_params", lambda: build(params2)),
+                    ("compiles_short_last_chunk", lambda: build(params, (x_short, y_short)))):
+        names = counter.during(fn)
+        res[key], res[f"{key}_names"] = len(names), names
     holder.clear()
     res["build_mc"] = timed(lambda: jaxgeom.FIM_MonteCarlo(
         apply_fn, params, (x, y), cls, key=jax.random.key(3), trials=1, batch_size=bs), repeats)
@@ -481,7 +534,7 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         ng_ops = [op for op in ops if (spec.name, rep, op) not in PEER_SKIP]
         res["nngeometry"] = peers_lib.nngeometry_case(
             spec, params, x_np, y_np, rep, timed, repeats, ng_ops, memory=peak_mb,
-            regul=SOLVE_REGUL)
+            regul=SOLVE_REGUL, device="cpu" if accelerator() is None else "cuda")
         for op in ops:
             if (spec.name, rep, op) in PEER_SKIP and "skipped" not in res["nngeometry"]:
                 res["nngeometry"][op] = dict(skipped=PEER_SKIP[spec.name, rep, op])
@@ -538,7 +591,7 @@ def run_all(args) -> dict:
     results = dict(
         command=" ".join(["python", "benchmarks/bench_fim.py", *sys.argv[1:]]),
         machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpu_count=os.cpu_count()),
+                     cpu_count=os.cpu_count(), accelerator=accelerator()),
         versions=versions(),
         settings=dict(repeats=repeats, dtype="float32", variant="classif_logits",
                       solve_regul=SOLVE_REGUL, cg_maxiter=CG_MAXITER, peers=not args.no_peers),
@@ -584,9 +637,10 @@ def run_all(args) -> dict:
 
 
 def _save(results: dict, path: str | None) -> None:
-    if path:
-        with open(path, "w") as f:
+    if path:  # write then rename: a run stopped mid-write keeps the previous file whole
+        with open(f"{path}.tmp", "w") as f:
             json.dump(results, f, indent=1)
+        os.replace(f"{path}.tmp", path)
 
 
 def _summary(res: dict) -> str:
@@ -674,12 +728,19 @@ def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
                     else:
                         cells += ["skip" if "skipped" in pt else "", ""]
                 if op == "build":
-                    cells += [f"{t.get('peak_mb', 0):.0f}", f"{res.get('bound_mb', 0):.0f}",
+                    peak = (f"{t['device_peak_mb']:.0f} (dev)" if "device_peak_mb" in t
+                            else f"{t.get('peak_mb', 0):.0f}")
+                    cells += [peak, f"{res.get('bound_mb', 0):.0f}",
                               f"{res.get('compiles_new_params')}/"
                               f"{res.get('compiles_short_last_chunk')}"]
                 else:
                     cells += ["", "", ""]
                 rows.append(tuple(cells))
+            for key, what in (("compiles_new_params", "new parameter values"),
+                              ("compiles_short_last_chunk", "a short last chunk")):
+                if res.get(f"{key}_names"):
+                    notes.append(f"{model} {rep}: compiled for {what}: "
+                                 + ", ".join(res[f"{key}_names"]))
             if "trace_value" in res and "trace_value" in ng:
                 a, b = res["trace_value"], ng["trace_value"]
                 rel = abs(a - b) / max(abs(b), 1e-30)
@@ -732,8 +793,13 @@ def print_report(results: dict, markdown: bool = False) -> None:
     print("\n* no warm call (first call > 60 s). ×floor: warm time / floor of the same run; "
           "NNG/jg, kj/jg: peer warm time / jaxgeom warm time (> 1: jaxgeom faster); "
           "recompiles: XLA compilations of a build with new param values / with a short "
-          "last chunk; peak: resident memory of a warm build; bound: 1.5 × (storage + "
-          "one chunk).")
+          "last chunk; peak: resident memory of a warm build (on an accelerator, "
+          "'(dev)': its memory's peak over the case's builds, compilation included); "
+          "bound: 1.5 × (storage + one chunk).")
+    accel = results.get("machine", {}).get("accelerator")
+    if accel:
+        print(f"\nRun on {accel} (float32 products at full precision, no TF32, for "
+              "jaxgeom and the peers).")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -761,6 +827,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
+        configure_precision()
         spec = models.SPECS[args.case[0]]
         if args.case[1] == "floors":
             res = floors_case(spec, args.repeats)

@@ -1,4 +1,4 @@
-"""Peer runners: NNGeometry (PyTorch, CPU) and kfac-jax, each optional.
+"""Peer runners: NNGeometry (PyTorch, on the CPU or CUDA) and kfac-jax, each optional.
 
 ``nngeometry_case`` builds the same Fisher as jaxgeom with NNGeometry on the PyTorch twin
 of the model (same float32 weights, same data, same chunks) and times the same
@@ -42,10 +42,39 @@ def available(name: str) -> str | None:
 # ----------------------------------------------------------------------------- NNGeometry
 
 
+def _synchronized(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by a wait for the device's queued kernels (CUDA runs asynchronously)."""
+    if device == "cpu":
+        return fn
+    import torch
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _cuda_peak_mb(fn: Callable[[], Any]) -> float:
+    """Peak CUDA memory (MiB) allocated by PyTorch during one call, above that before it."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray,
                     representation: str, timed: Callable, repeats: int, operations,
-                    memory: Callable | None = None, regul: float = 1e-3) -> dict:
-    """NNGeometry's ``FIM`` / ``FIM_MonteCarlo`` in ``representation`` and its operations."""
+                    memory: Callable | None = None, regul: float = 1e-3,
+                    device: str = "cpu") -> dict:
+    """NNGeometry's ``FIM`` / ``FIM_MonteCarlo`` in ``representation`` and its operations,
+    on ``device`` (``"cpu"`` or ``"cuda"``; on CUDA the timings wait for the kernels, the
+    peak memory is PyTorch's CUDA allocations and TF32 is off, as for jaxgeom)."""
     reason = available("nngeometry")
     if reason:
         return dict(skipped=reason)
@@ -57,10 +86,21 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
+    if device != "cpu":
+        if not torch.cuda.is_available():
+            return dict(skipped=f"this PyTorch ({torch.__version__}) has no CUDA")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        timed_on_cpu = timed
+
+        def timed(fn, repeats):  # noqa: F811 - the same, waiting for the kernels
+            return timed_on_cpu(_synchronized(fn, device), repeats)
+
+        memory = _cuda_peak_mb
     rep = getattr(ngo, representation, None)
     if rep is None:
         return dict(skipped=f"NNGeometry has no {representation}")
-    model = models.torch_model(spec, params)
+    model = models.torch_model(spec, params).to(device)
     data = torch.utils.data.TensorDataset(torch.from_numpy(models.torch_inputs(x)),
                                           torch.from_numpy(y.astype(np.int64)))
     loader = torch.utils.data.DataLoader(data, batch_size=spec.batch_size, shuffle=False)
@@ -70,14 +110,15 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
     ekfac = representation == "PMatEKFAC"
 
     def build():
-        holder["F"] = nngeometry.FIM(model, loader, rep, variant="classif_logits")
+        holder["F"] = nngeometry.FIM(model, loader, rep, variant="classif_logits",
+                                     device=device)
         if ekfac:  # jaxgeom's EKFAC build includes the diagonal refit
             holder["F"].update_diag(loader)
         return holder["F"]
 
     def build_mc():
         return nngeometry.FIM_MonteCarlo(model, loader, rep, variant="classif_logits",
-                                         trials=1)
+                                         trials=1, device=device)
 
     try:
         out["build"] = timed(build, repeats)
@@ -90,7 +131,7 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
     except Exception as e:  # noqa: BLE001
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return out
-    v = random_pvector(lc, dtype=torch.float32)
+    v = random_pvector(lc, device=device, dtype=torch.float32)
     ops = {
         "mv": lambda: F.mv(v),
         "vTMv": lambda: F.vTMv(v),

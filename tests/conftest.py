@@ -7,9 +7,10 @@ XLA's optimisation passes off, and the CPU backend's older loop emitters, whose
 compilation of small programs is much quicker. The benchmarks and the demo run with the
 defaults.
 
-``JAXGEOM_TEST_PLATFORM=gpu`` (or ``tpu``) runs the suite on an accelerator instead, still
-in float64 (e.g. ``XLA_PYTHON_CLIENT_PREALLOCATE=false JAXGEOM_TEST_PLATFORM=gpu pytest -n 4
-tests`` on a GPU machine: without preallocation off each worker would claim 75% of it).
+``JAXGEOM_TEST_PLATFORM=cuda`` (or ``tpu``; a JAX platform name) runs the suite on an
+accelerator instead, still in float64 (e.g. ``XLA_PYTHON_CLIENT_PREALLOCATE=false
+JAXGEOM_TEST_PLATFORM=cuda pytest -n 4 tests`` on a GPU machine: without preallocation off
+each worker would claim 75% of its memory).
 """
 
 import os
