@@ -478,7 +478,7 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         res["first_build_peak_mb"] = (_status("VmHWM") - base) / 2**20
         holder.clear()
         res["build"]["peak_mb"] = peak_mb(build)
-        if accelerator() is not None:
+        if accelerator() is not None:  # the allocator's own figures (largest allocation, pool)
             res["device_memory_stats"] = jax.devices()[0].memory_stats()
         if device_base is not None:
             # accelerator memory has no resettable high-water mark: the peak over every
