@@ -117,8 +117,11 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
         return holder["F"]
 
     def build_mc():
-        return nngeometry.FIM_MonteCarlo(model, loader, rep, variant="classif_logits",
-                                         trials=1, device=device)
+        F = nngeometry.FIM_MonteCarlo(model, loader, rep, variant="classif_logits",
+                                      trials=1, device=device)
+        if ekfac:  # likewise: the refit of the same (sampled) Fisher
+            F.update_diag(loader)
+        return F
 
     try:
         out["build"] = timed(build, repeats)

@@ -257,11 +257,15 @@ def _conv_inputs(eqn, invals):
     """KFC patches (Grosse & Martens 2016): one row per output location, features in the
     kernel's ascending (in, spatial) dimension order.
 
-    Strided slices of the padded channels-last input (one per window offset), stacked next
-    to the channel axis on the side the kernel's order puts them: XLA writes the patches in
-    one pass, already in their final layout when the kernel's order is (spatial..., in)
-    (Flax ``HWIO``) or (in, spatial...) (``OIHW``); another order costs one transpose.
-    Pure data movement: ``prod(window)`` times the input.
+    Built one spatial dimension at a time from the padded channels-last input: the window
+    offsets along that dimension are strided slices stacked into a new axis, next to the
+    channel axis on the side the kernel's order puts them, so that the patches come out in
+    their final layout when the kernel's order is (spatial..., in) (Flax ``HWIO``) or (in,
+    spatial...) (``OIHW``); another order costs one transpose. Pure data movement:
+    ``prod(window)`` times the input. Stacking a dimension at a time (3 + 3 slices of a
+    3×3 window, not 9) keeps XLA:CPU from materialising each offset's slice and
+    concatenating them apart from the patches' consumer: twice as fast on a 3×3 convolution
+    of 32 channels.
     """
     params = eqn.params
     lhs_spec, rhs_spec, _ = params["dimension_numbers"]
@@ -272,25 +276,21 @@ def _conv_inputs(eqn, invals):
     config = [(0, 0, 0)] + [(lo, hi, dil - 1) for (lo, hi), dil in
                             zip(params["padding"], params["lhs_dilation"])] + [(0, 0, 0)]
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
-    out = [(size - (k - 1) * rd - 1) // st + 1 for size, k, rd, st in
-           zip(x.shape[1:-1], window, params["rhs_dilation"], params["window_strides"])]
-    slices = []
-    for offsets in np.ndindex(*window):
-        start = [0] + [o * rd for o, rd in zip(offsets, params["rhs_dilation"])] + [0]
-        limit = [x.shape[0]] + [b + (n - 1) * st + 1 for b, n, st in
-                                zip(start[1:], out, params["window_strides"])] + [x.shape[-1]]
-        slices.append(jax.lax.slice(x, start, limit, [1, *params["window_strides"], 1]))
     order = list(np.argsort(rhs_spec[1:]))  # kernel dims (I, spatial...) → ascending
     channels_last = order.index(0) == rank
-    stacked = jnp.stack(slices, axis=-2 if channels_last else -1)
-    lead = stacked.shape[: 1 + rank]
-    if channels_last:  # (N, out..., window..., C): features (window..., in)
-        stacked = stacked.reshape(lead + tuple(window) + (x.shape[-1],))
+    # (N, out..., window..., C) or (N, out..., C, window...)
+    dims = reversed(range(rank)) if channels_last else range(rank)
+    for d in dims:
+        stride, dilation = params["window_strides"][d], params["rhs_dilation"][d]
+        out = (x.shape[1 + d] - (window[d] - 1) * dilation - 1) // stride + 1
+        slices = [jax.lax.slice_in_dim(x, o * dilation, o * dilation + (out - 1) * stride + 1,
+                                       stride, axis=1 + d) for o in range(window[d])]
+        x = jnp.stack(slices, axis=1 + rank if channels_last else x.ndim)
+    if channels_last:  # features (window..., in)
         features = [1 + 2 * rank] + [1 + rank + i for i in range(rank)]
-    else:  # (N, out..., C, window...): features (in, window...)
-        stacked = stacked.reshape(lead + (x.shape[-1],) + tuple(window))
+    else:  # features (in, window...)
         features = [1 + rank + i for i in range(rank + 1)]
-    patches = jnp.transpose(stacked, list(range(1 + rank)) + [features[i] for i in order])
+    patches = jnp.transpose(x, list(range(1 + rank)) + [features[i] for i in order])
     return patches.reshape(-1, math.prod(patches.shape[1 + rank:]))
 
 
