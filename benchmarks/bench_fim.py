@@ -36,6 +36,7 @@ rotations). The floor of a build is forward + K backward passes + its contractio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -93,11 +94,30 @@ def timed(fn: Callable[[], Any], repeats: int) -> dict:
         return dict(first_s=first, warm_s=first, runs=[])
     warm: list[float] = []
     wanted = 1 if first > SLOW_S else repeats
-    while len(warm) < wanted or (sum(warm) < FAST_BUDGET_S and len(warm) < FAST_MAX_RUNS):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        warm.append(time.perf_counter() - start)
+    with _timing_turn():
+        while len(warm) < wanted or (sum(warm) < FAST_BUDGET_S and len(warm) < FAST_MAX_RUNS):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            warm.append(time.perf_counter() - start)
     return dict(first_s=first, warm_s=statistics.median(warm), runs=warm)
+
+
+@contextlib.contextmanager
+def _timing_turn():
+    """This process's turn to time: an exclusive lock on ``$JAXGEOM_BENCH_LOCK`` when
+    cases run side by side (``--jobs``), so that warm calls never overlap; else nothing."""
+    path = os.environ.get("JAXGEOM_BENCH_LOCK")
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _status(key: str) -> int:
@@ -561,10 +581,10 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
 # ----------------------------------------------------------------------------- driver
 
 
-def _subprocess(args: list[str], timeout: float) -> dict:
+def _subprocess(args: list[str], timeout: float, env: dict | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--json", "-"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return dict(error=f"timed out after {timeout:.0f} s")
     for line in reversed(proc.stdout.splitlines()):
@@ -592,6 +612,16 @@ def versions() -> dict:
 
 
 def run_all(args) -> dict:
+    """Every case of ``args`` in its own process, ``args.jobs`` of them at a time.
+
+    With several jobs the cases compile side by side, while their timed warm calls take
+    turns: ``timed`` holds an exclusive lock on the file ``$JAXGEOM_BENCH_LOCK`` around
+    them, so no two processes time at once (first calls, compilation included, do
+    overlap, and are then slower than alone). Meant for accelerators, where compilation
+    takes most of a case; on a 2-core CPU keep one job."""
+    import concurrent.futures
+    import tempfile
+
     repeats = 2 if args.quick else args.repeats
     operations = ("mv", "trace") if args.quick else OPERATIONS
     results = dict(
@@ -600,45 +630,61 @@ def run_all(args) -> dict:
                      cpu_count=os.cpu_count(), accelerator=accelerator()),
         versions=versions(),
         settings=dict(repeats=repeats, dtype="float32", variant="classif_logits",
-                      solve_regul=SOLVE_REGUL, cg_maxiter=CG_MAXITER, peers=not args.no_peers),
+                      solve_regul=SOLVE_REGUL, cg_maxiter=CG_MAXITER, peers=not args.no_peers,
+                      jobs=args.jobs, xla_flags=os.environ.get("XLA_FLAGS")),
         models={},
     )
-    common = ["--repeats", str(repeats), "--operations", *operations]
-    if args.no_peers:
-        common.append("--no-peers")
+    # tasks: (model, kind, rep, argv); floors first, the longest to compile
+    tasks: list[tuple[str, str, str | None, list[str]]] = []
     for name in args.models:
         spec = models.SPECS[name]
-        r = min(repeats, spec.repeats or repeats)
-        c = common.copy()
-        c[1] = str(r)
-        print(f"\n== {name}: d = {models.num_params(spec):,}, N = {spec.n}, K = {K_EXACT}, "
-              f"batch_size = {spec.batch_size} {spec.note}", flush=True)
-        entry = dict(d=models.num_params(spec), n=spec.n, batch_size=spec.batch_size,
-                     repeats=r, representations={}, scaling={})
-        entry["floors"] = {} if args.only_scaling else _subprocess(
-            ["--case", name, "floors", *c], args.timeout)
-        print(f"   floors: {_summary(entry['floors'])}", flush=True)
-        for rep in spec.representations:
-            if args.only_scaling or (args.representations
-                                     and rep not in args.representations):
-                continue
-            res = _subprocess(["--case", name, rep, *c], args.timeout)
-            entry["representations"][rep] = res
-            print(f"   {rep}: {_summary(res)}", flush=True)
-            results["models"][name] = entry
-            _save(results, args.out)
+        r = str(min(repeats, spec.repeats or repeats))
+        c = ["--repeats", r, "--operations", *operations] + (["--no-peers"] if args.no_peers
+                                                             else [])
+        results["models"][name] = dict(d=models.num_params(spec), n=spec.n,
+                                       batch_size=spec.batch_size, repeats=int(r),
+                                       representations={}, scaling={}, floors={})
+        if not args.only_scaling:
+            tasks.insert(sum(t[1] == "floors" for t in tasks),
+                         (name, "floors", None, ["--case", name, "floors", *c]))
+            tasks += [(name, "case", rep, ["--case", name, rep, *c])
+                      for rep in spec.representations
+                      if not args.representations or rep in args.representations]
         if not args.quick and not args.no_scaling:
             for m, rep in SCALING:
-                if m != name or (args.representations and rep not in args.representations):
-                    continue
-                small = _subprocess(["--case", name, rep, "--build-only", *c], args.timeout)
-                big = _subprocess(["--case", name, rep, "--build-only", "--n",
-                                   str(10 * spec.n), *c], args.timeout)
-                entry["scaling"][rep] = dict(n=small, n10=big)
-                print(f"   {rep} memory N → 10 N: {_summary(small)} → {_summary(big)}",
-                      flush=True)
-        results["models"][name] = entry
+                if m == name and (not args.representations or rep in args.representations):
+                    tasks.append((name, "n", rep, ["--case", name, rep, "--build-only", *c]))
+                    tasks.append((name, "n10", rep, ["--case", name, rep, "--build-only",
+                                                     "--n", str(10 * spec.n), *c]))
+    for name in args.models:
+        spec = models.SPECS[name]
+        print(f"== {name}: d = {models.num_params(spec):,}, N = {spec.n}, K = {K_EXACT}, "
+              f"batch_size = {spec.batch_size} {spec.note}", flush=True)
+
+    def record(task, res):
+        name, kind, rep, _ = task
+        entry = results["models"][name]
+        if kind == "floors":
+            entry["floors"] = res
+            print(f"   {name} floors: {_summary(res)}", flush=True)
+        elif kind == "case":
+            entry["representations"][rep] = res
+            print(f"   {name} {rep}: {_summary(res)}", flush=True)
+        else:
+            entry["scaling"].setdefault(rep, {})[kind] = res
+            print(f"   {name} {rep} memory at {'10 N' if kind == 'n10' else 'N'}: "
+                  f"{_summary(res)}", flush=True)
         _save(results, args.out)
+
+    env = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.jobs > 1:
+            env = dict(os.environ, JAXGEOM_BENCH_LOCK=os.path.join(tmp, "timing.lock"))
+            env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the device
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {pool.submit(_subprocess, t[3], args.timeout, env): t for t in tasks}
+            for future in concurrent.futures.as_completed(futures):
+                record(futures[future], future.result())
     return results
 
 
@@ -822,6 +868,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only-scaling", action="store_true",
                         help="only the memory runs at N and 10 N")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per case")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cases run at a time (they compile side by side, time in turn)")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--report", nargs="+", default=None, metavar="JSON",
                         help="print saved runs (several files: merged case by case)")
@@ -857,6 +905,8 @@ def main(argv: list[str] | None = None) -> dict:
                         old["representations"].update(entry["representations"])
                         old["scaling"].update(entry.get("scaling", {}))
                         for key, t in entry.get("floors", {}).items():
+                            if not isinstance(t, dict):  # a floors process that failed
+                                continue
                             # a later floor replaces an earlier one unless it has no warm
                             # call (its time then includes compilation)
                             if t.get("runs") or "warm_s" not in old["floors"].get(key, {}):
