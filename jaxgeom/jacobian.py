@@ -229,8 +229,8 @@ class JacobianBuilder(ChunkBuilder):
         example = jax.tree_util.tree_map(lambda a: a[0], batch)
         plan = capture_lib.make_plan(self.fn, params, example, aux, self.layout)
         captured = capture_lib.capture_chunk(plan, params, batch, offset, aux)
-        return (capture_lib.leaf_gradients(plan, self.layout, captured),
-                capture_lib.all_finite(captured))
+        pieces = capture_lib.leaf_gradients(plan, self.layout, captured)
+        return pieces, capture_lib.all_finite(captured, pieces)
 
     def reduce(self, total, stats, count):
         if not self._collects:

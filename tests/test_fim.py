@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from models import (
     ALL_TASKS,
     flat_jacobian,
+    make_linen_cnn,
     make_linen_mlp,
     make_plain_mlp,
     output_fisher,
@@ -20,6 +21,7 @@ from models import (
 )
 from pmat_checks import compilations
 
+import jaxgeom
 from jaxgeom import FIM, VARIANTS, FIM_MonteCarlo, PMatDense, PMatDiag, PMatKFAC, SecondMoment
 from jaxgeom.variants import softmax_cholesky_outputs
 
@@ -359,6 +361,44 @@ def test_non_finite_outputs():
     params = dict(t.params, b2=t.params["b2"].at[0].set(jnp.nan))
     with pytest.raises(FloatingPointError, match="non-finite"):
         FIM(t.apply_fn, params, t.x, PMatDense, batch_size=3)
+
+
+BUILT_FROM_DATA = ["PMatDense", "PMatBlockDiag", "PMatDiag", "PMatKFAC", "PMatEKFAC",
+                   "PMatQuasiDiag", "PMatLowRank"]
+
+
+@pytest.mark.parametrize("representation", BUILT_FROM_DATA)
+@pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_a_non_finite_input_names_its_chunk(representation, make, bad):
+    """One non-finite input entry of the last example, in the short (padded) last chunk;
+    an infinity may saturate a tanh, leaving the outputs finite: the first layer's
+    gradient ``g ⊗ a`` (``0 · inf``) is not, and the build must say so."""
+    t = make()
+    n = t.x.shape[0]
+    x = t.x.at[(n - 1,) + (0,) * (t.x.ndim - 1)].set(bad)
+    last = (n - 1) // 3 * 3
+    with pytest.raises(FloatingPointError, match=rf"examples {last}\.\.{n - 1}\b"):
+        FIM(t.apply_fn, t.params, x, getattr(jaxgeom, representation), batch_size=3)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        FIM_MonteCarlo(t.apply_fn, t.params, x, getattr(jaxgeom, representation),
+                       key=jax.random.PRNGKey(0), batch_size=3)
+
+
+@pytest.mark.parametrize("representation", BUILT_FROM_DATA)
+def test_a_non_finite_parameter_is_reported(representation):
+    t = make_linen_mlp()
+    hidden = jax.tree_util.tree_map(lambda a: a, t.params)
+    hidden["Dense_0"]["kernel"] = hidden["Dense_0"]["kernel"].at[0, 0].set(jnp.nan)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        FIM(t.apply_fn, hidden, t.x, getattr(jaxgeom, representation), batch_size=3)
+    # regression's gradients do not depend on the outputs: a NaN output bias leaves them
+    # finite, and the outputs themselves must be read
+    last = jax.tree_util.tree_map(lambda a: a, t.params)
+    last["Dense_1"]["bias"] = last["Dense_1"]["bias"].at[0].set(jnp.nan)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        FIM(t.apply_fn, last, t.x, getattr(jaxgeom, representation), variant="regression",
+            batch_size=3)
 
 
 def test_other_bad_arguments():

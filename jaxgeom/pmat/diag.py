@@ -96,7 +96,8 @@ class DiagBuilder(CaptureBuilder):
 
     def statistics(self, params, batch, mask, offset, aux):
         cap = capture_chunk(self.plan, params, batch, offset, aux)
-        return squared_gradients(cap, mask, self.plan, self.layout), all_finite(cap)
+        squares = squared_gradients(cap, mask, self.plan, self.layout)
+        return squares, all_finite(cap, squares)
 
     def finalize(self, total, stream) -> PMatDiag:
         return PMatDiag(self.layout, flat_diagonal(self.plan, self.layout, mean(total, stream.n)))

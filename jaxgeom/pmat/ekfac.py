@@ -221,7 +221,7 @@ class RefitBuilder(CaptureBuilder):
             diags.append(squared_gradient_sum(_rotated_inputs(spec, a, node.qa, dtype),
                                               g @ node.qg))
         blocks = tuple(b.T @ b for b in other_gradients(cap, mask, self.plan, self.layout))
-        return (tuple(diags), blocks), all_finite(cap)
+        return (tuple(diags), blocks), all_finite(cap, (diags, [b.diagonal() for b in blocks]))
 
     def finalize(self, total, stream):
         diags, blocks = mean(total, stream.n)

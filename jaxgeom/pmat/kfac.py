@@ -841,7 +841,9 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, approx, layout)
             a, g, t = a.mean(axis=1, keepdims=True), g.sum(axis=2, keepdims=True), 1
         factors.append((gram(a) / t, gram(g)))
     blocks = tuple(b.T @ b for b in other_gradients(cap, mask, plan, layout))
-    return (tuple(factors), blocks), all_finite(cap)
+    diagonals = [jnp.diagonal(m) if m.ndim == 2 else m  # an embedding's A: counts
+                 for m in jax.tree_util.tree_leaves((factors, blocks))]
+    return (tuple(factors), blocks), all_finite(cap, diagonals)
 
 
 def _other_columns(plan: CapturePlan, layout: LayerCollection) -> list[np.ndarray]:

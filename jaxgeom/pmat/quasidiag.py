@@ -321,4 +321,5 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
         for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype))
         if _has_neurons(spec)
     ]
-    return (squared_gradients(cap, mask, plan, layout), tuple(cross)), all_finite(cap)
+    squares = squared_gradients(cap, mask, plan, layout)
+    return (squares, tuple(cross)), all_finite(cap, squares)
