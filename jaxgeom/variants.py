@@ -61,7 +61,8 @@ def softmax_cholesky_outputs(logits: jax.Array) -> jax.Array:
     """
     p = jax.lax.stop_gradient(jax.nn.softmax(logits))
     # q_i = Σ_{j>i} p_j and Σ_{j>i} p_j x_j (i = 0..C-2) as one product with the strictly
-    # lower-triangular ones: XLA:CPU runs a cumsum as a reduce-window, ~10x slower here
+    # lower-triangular ones: XLA:CPU ran the two reversed cumsums as reduce-windows with
+    # reversing pads, ~0.2 ms per chunk of 256 examples on bench_small
     below = jnp.tril(jnp.ones((p.shape[-1], p.shape[-1] - 1), p.dtype), -1)
     q, weighted_tail = jnp.stack([p, p * logits]) @ below
     tiny = jnp.finfo(p.dtype).tiny
