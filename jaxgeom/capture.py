@@ -633,7 +633,7 @@ def all_finite(cap: Captured, checked: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _example(plan: CapturePlan, params, example, index, aux) -> Captured:
+def _example(plan: CapturePlan, params, example, index, weight, aux) -> Captured:
     leaves = jax.tree_util.tree_leaves(params)
     rest = jax.tree_util.tree_leaves((example, index, aux))
     other_leaves = [leaves[i] for i in plan.other_leaves]
@@ -650,7 +650,10 @@ def _example(plan: CapturePlan, params, example, index, aux) -> Captured:
     dtype = jnp.result_type(*leaves)
     zeros = [jnp.zeros(s, dtype) for s in plan.out_shapes]
     out, vjp_fn, inputs = jax.vjp(run, zeros, other_leaves, has_aux=True)
-    cot_perturb, cot_other = jax.vmap(vjp_fn)(jnp.eye(out.shape[0], dtype=out.dtype))
+    seeds = jnp.eye(out.shape[0], dtype=out.dtype)
+    if weight is not None:  # 0 for padding: every captured gradient of the example is 0
+        seeds = seeds * weight.astype(out.dtype)
+    cot_perturb, cot_other = jax.vmap(vjp_fn)(seeds)
     grads = tuple(
         _site_grads(site, cot_perturb[site.layer]) for site in _sites_in_order(plan)
     )
@@ -672,12 +675,20 @@ def _site_grads(site: _Site, cot: jax.Array) -> jax.Array:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
-def capture_chunk(plan: CapturePlan, params: Any, batch: Any, offset: Any, aux: Any) -> Captured:
-    """Capture one chunk: ``vmap`` over its examples of the per-example capture."""
+def capture_chunk(plan: CapturePlan, params: Any, batch: Any, offset: Any, aux: Any,
+                  mask: jax.Array | None = None) -> Captured:
+    """Capture one chunk: ``vmap`` over its examples of the per-example capture.
+
+    With a ``mask`` (``(n,)``, 0 for padding), a masked-out example's backward passes are
+    seeded with zeros, so its captured ``grads`` and ``other`` are exactly zero: consumers
+    sum them as they are, with no masked copy of the chunk's gradients (its ``inputs`` and
+    ``outputs`` are those of the padding row, unmasked).
+    """
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
     indices = offset + jnp.arange(n)
-    return jax.vmap(functools.partial(_example, plan), in_axes=(None, 0, 0, None))(
-        params, batch, indices, aux
+    in_axes = (None, 0, 0, None if mask is None else 0, None)
+    return jax.vmap(functools.partial(_example, plan), in_axes=in_axes)(
+        params, batch, indices, mask, aux
     )
 
 

@@ -71,6 +71,30 @@ def softmax_cholesky_outputs(logits: jax.Array) -> jax.Array:
     return centred * jnp.sqrt(d)
 
 
+#: classes up to which the CDF of a categorical is one product with triangular ones (C² per
+#: row), beyond which it is a cumsum (C per row, but a reduce-window on XLA:CPU)
+_TRIANGULAR_CDF_MAX_CLASSES = 256
+
+
+def sample_categorical(key: jax.Array, logits: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Draws ``y ~ softmax(logits)`` over the last axis by inversion: ``y = #{c : P(c) ≤ u}``
+    with one uniform ``u`` per draw and ``P`` the cumulative probabilities.
+
+    ``logits``: ``(..., C)``; ``shape``: ``(T, ...)``, the draws for ``T`` trials. One
+    uniform per draw where ``jax.random.categorical``'s Gumbel-max takes ``C``: on a chunk
+    of 256 examples of 10 classes, XLA:CPU ran the draws in ~0.2 ms instead of ~0.4 ms.
+    """
+    p = jax.nn.softmax(logits, axis=-1)
+    classes = p.shape[-1]
+    if classes <= _TRIANGULAR_CDF_MAX_CLASSES:
+        cdf = p @ jnp.triu(jnp.ones((classes, classes), p.dtype))
+    else:
+        cdf = jnp.cumsum(p, axis=-1)
+    u = jax.random.uniform(key, shape, p.dtype)
+    below = jnp.sum(cdf <= u[..., None], axis=-1)
+    return jnp.minimum(below, classes - 1)  # u above a rounded-down last P(C-1) < 1
+
+
 def binary_outputs(logits: jax.Array) -> jax.Array:
     p = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
     return jnp.ravel(logits * jnp.sqrt(p * (1 - p)))
@@ -172,8 +196,7 @@ class MonteCarloFisherOutputs:
         fixed = jax.lax.stop_gradient(out)
         if self.variant in ("classif_logits", "classif_logsoftmax", "segmentation_logits"):
             logp = jax.nn.log_softmax(out, axis=-1)
-            y = jax.random.categorical(key, jax.nn.log_softmax(fixed, axis=-1),
-                                       shape=(self.trials,) + out.shape[:-1])
+            y = sample_categorical(key, fixed, (self.trials,) + out.shape[:-1])
             picked = jnp.take_along_axis(logp[None], y[..., None], axis=-1)[..., 0]
             return scale * picked.reshape(self.trials, -1).sum(axis=1)
         if self.variant == "classif_binary_logits":

@@ -23,7 +23,7 @@ from pmat_checks import compilations
 
 import jaxgeom
 from jaxgeom import FIM, VARIANTS, FIM_MonteCarlo, PMatDense, PMatDiag, PMatKFAC, SecondMoment
-from jaxgeom.variants import softmax_cholesky_outputs
+from jaxgeom.variants import sample_categorical, softmax_cholesky_outputs
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -108,6 +108,21 @@ def test_softmax_cholesky_factor_squares_to_multinomial_covariance(logits):
     p = jax.nn.softmax(logits)
     assert B.shape == (len(logits) - 1, len(logits))
     np.testing.assert_allclose(B.T @ B, jnp.diag(p) - jnp.outer(p, p), atol=1e-12)
+
+
+@pytest.mark.parametrize("classes", [5, 300])  # CDF as a triangular product / as a cumsum
+def test_sample_categorical_draws_softmax_frequencies(classes):
+    logits = jax.random.normal(jax.random.PRNGKey(0), (2, classes), jnp.float64) * 2
+    logits = logits.at[:, 1].set(-jnp.inf)  # a class of probability 0
+    draws = 40_000
+    y = sample_categorical(jax.random.PRNGKey(1), logits, (draws, 2))
+    assert y.shape == (draws, 2) and y.dtype.kind == "i"
+    p = jax.nn.softmax(logits)
+    frequencies = jnp.stack([jnp.bincount(y[:, i], length=classes) for i in range(2)]) / draws
+    assert int(jnp.sum(frequencies[:, 1] > 0)) == 0
+    binomial_std = jnp.sqrt(p * (1 - p) / draws)
+    # 5 standard deviations, plus a few draws for the Poisson tail of the rarest classes
+    assert bool(jnp.all(jnp.abs(frequencies - p) < 5 * binomial_std + 4 / draws))
 
 
 # ----------------------------------------------------------------------------- data handling

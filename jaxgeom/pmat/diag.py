@@ -95,8 +95,8 @@ class DiagBuilder(CaptureBuilder):
     diagonal."""
 
     def statistics(self, params, batch, mask, offset, aux):
-        cap = capture_chunk(self.plan, params, batch, offset, aux)
-        squares = squared_gradients(cap, mask, self.plan, self.layout)
+        cap = capture_chunk(self.plan, params, batch, offset, aux, mask)
+        squares = squared_gradients(cap, self.plan, self.layout)
         return squares, all_finite(cap, squares)
 
     def finalize(self, total, stream) -> PMatDiag:

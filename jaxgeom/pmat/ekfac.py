@@ -65,7 +65,7 @@ from jaxgeom.pmat.kfac import (
     augmented_inputs,
     capture_plan,
     check_blocks,
-    masked_grads,
+    layer_grads,
     other_gradients,
     squared_gradient_sum,
 )
@@ -213,14 +213,14 @@ class RefitBuilder(CaptureBuilder):
     factors: tuple = ()
 
     def statistics(self, params, batch, mask, offset, aux):
-        cap: Captured = capture_chunk(self.plan, params, batch, offset, aux)
+        cap: Captured = capture_chunk(self.plan, params, batch, offset, aux, mask)
         dtype = self.layout.dtype
         diags = []
         for spec, a, g, node in zip(self.plan.specs, cap.inputs,
-                                    masked_grads(cap, mask, dtype), self.factors):
+                                    layer_grads(cap, dtype), self.factors):
             diags.append(squared_gradient_sum(_rotated_inputs(spec, a, node.qa, dtype),
                                               g @ node.qg))
-        blocks = tuple(b.T @ b for b in other_gradients(cap, mask, self.plan, self.layout))
+        blocks = tuple(b.T @ b for b in other_gradients(cap, self.plan, self.layout))
         return (tuple(diags), blocks), all_finite(cap, (diags, [b.diagonal() for b in blocks]))
 
     def finalize(self, total, stream):

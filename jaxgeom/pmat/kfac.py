@@ -726,10 +726,10 @@ def squared_layer_gradients(spec: KroneckerSpec, a: jax.Array, g: jax.Array,
     return jnp.concatenate([kernel, bias[:, None]], axis=1)
 
 
-def squared_gradients(cap: Captured, mask: jax.Array, plan: CapturePlan,
+def squared_gradients(cap: Captured, plan: CapturePlan,
                       layout: LayerCollection) -> tuple[list, list]:
-    """``Σₙₖ (∂zₙₖ/∂θ)²`` for one masked chunk — the diagonal of the chunk's ``Σ JᵀJ`` —
-    layer by layer: a ``(g_l, a_l [+1])`` layer matrix per Kronecker layer
+    """``Σₙₖ (∂zₙₖ/∂θ)²`` for one chunk captured with its mask — the diagonal of the
+    chunk's ``Σ JᵀJ`` — layer by layer: a ``(g_l, a_l [+1])`` layer matrix per Kronecker layer
     (:func:`squared_gradient_sum`, no per-example gradient when ``T = 1``) and a vector per
     other layer (exact per-example gradients). :func:`flat_diagonal` puts them in the flat
     order; summing chunks in this form and ordering once saves a ``d``-sized gather per chunk.
@@ -737,9 +737,9 @@ def squared_gradients(cap: Captured, mask: jax.Array, plan: CapturePlan,
     dtype = layout.dtype
     squares = [
         squared_layer_gradients(spec, a, g, dtype)
-        for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype))
+        for spec, a, g in zip(plan.specs, cap.inputs, layer_grads(cap, dtype))
     ]
-    others = [jnp.sum(grads**2, axis=0) for grads in other_gradients(cap, mask, plan, layout)]
+    others = [jnp.sum(grads**2, axis=0) for grads in other_gradients(cap, plan, layout)]
     return squares, others
 
 
@@ -750,17 +750,17 @@ def flat_diagonal(plan: CapturePlan, layout: LayerCollection, squares) -> jax.Ar
     return kronecker_layout(layout, plan.specs).merge(*squares)
 
 
-def masked_grads(cap: Captured, mask: jax.Array, dtype) -> tuple[jax.Array, ...]:
-    """Each captured layer's output gradients ``(n, K, T, g_l)``, zero for padding."""
-    mask = mask.astype(dtype)[:, None, None, None]
-    return tuple(g.astype(dtype) * mask for g in cap.grads)
+def layer_grads(cap: Captured, dtype) -> tuple[jax.Array, ...]:
+    """Each captured layer's output gradients ``(n, K, T, g_l)`` in ``dtype`` (zero for
+    padding: the chunk is captured with its mask)."""
+    return tuple(g.astype(dtype) for g in cap.grads)
 
 
-def other_gradients(cap: Captured, mask: jax.Array, plan: CapturePlan,
+def other_gradients(cap: Captured, plan: CapturePlan,
                     layout: LayerCollection) -> list[jax.Array]:
     """Per non-Kronecker layer, its exact per-example gradients ``(n·K, d_l)`` (ascending
-    flat order), zero for padding."""
-    other = cap.other.astype(layout.dtype) * mask.astype(layout.dtype)[:, None, None]
+    flat order; zero for padding: the chunk is captured with its mask)."""
+    other = cap.other.astype(layout.dtype)
     return [other[..., idx].reshape(-1, len(idx)) for idx in _other_columns(plan, layout)]
 
 
@@ -824,11 +824,11 @@ def check_blocks(plan: CapturePlan, layout: LayerCollection, limit: float,
 def _chunk_statistics(params, batch, mask, offset, aux, *, plan, approx, layout):
     """``(Σ aaᵀ / T, Σ ggᵀ)`` per Kronecker layer and ``Σ JᵀJ`` per other layer, for one
     masked chunk (sums over its examples); and whether everything was finite."""
-    cap: Captured = capture_chunk(plan, params, batch, offset, aux)
+    cap: Captured = capture_chunk(plan, params, batch, offset, aux, mask)
     dtype = layout.dtype
     mask = mask.astype(dtype)
     factors = []
-    for spec, a, g in zip(plan.specs, cap.inputs, masked_grads(cap, mask, dtype)):
+    for spec, a, g in zip(plan.specs, cap.inputs, layer_grads(cap, dtype)):
         t = g.shape[2]
         if spec.kind == "embedding":
             ids = jnp.where(a >= 0, a, spec.in_features)
@@ -840,7 +840,7 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, approx, layout)
         if approx == "reduce":
             a, g, t = a.mean(axis=1, keepdims=True), g.sum(axis=2, keepdims=True), 1
         factors.append((gram(a) / t, gram(g)))
-    blocks = tuple(b.T @ b for b in other_gradients(cap, mask, plan, layout))
+    blocks = tuple(b.T @ b for b in other_gradients(cap, plan, layout))
     diagonals = [jnp.diagonal(m) if m.ndim == 2 else m  # an embedding's A: counts
                  for m in jax.tree_util.tree_leaves((factors, blocks))]
     return (tuple(factors), blocks), all_finite(cap, diagonals)
