@@ -226,11 +226,13 @@ def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
         bs = n if batch_size is None else batch_size
         chunks = [(batch[0][i:i + bs], batch[1][i:i + bs]) for i in range(0, n - n % bs, bs)]
 
+        keys = [jax.random.key(i) for i in range(len(chunks))]  # made once, not timed
+
         def streamed(step):
             def run():
                 state = state0
                 for i, chunk in enumerate(chunks):
-                    state = step(state, params, chunk, jax.random.key(i),
+                    state = step(state, params, chunk, keys[i],
                                  0.0 if i == 0 else 1.0, len(chunk[0]) / n)
                 return state
             return run
