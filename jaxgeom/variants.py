@@ -85,14 +85,23 @@ def sample_categorical(key: jax.Array, logits: jax.Array, shape: tuple[int, ...]
     of 256 examples of 10 classes, XLA:CPU ran the draws in ~0.2 ms instead of ~0.4 ms.
     """
     p = jax.nn.softmax(logits, axis=-1)
+    return inverse_cdf(p, jax.random.uniform(key, shape, p.dtype))
+
+
+def inverse_cdf(p: jax.Array, u: jax.Array) -> jax.Array:
+    """The class ``k`` with ``P(k-1) ≤ u·P(C-1) < P(k)`` for probabilities ``p`` ``(..., C)``
+    and uniforms ``u`` in ``[0, 1)`` (shape ``(T, ...)``); ``P`` the cumulative sums.
+
+    ``u`` is scaled by ``P(C-1)``, which rounding may leave below 1, so the class drawn
+    always has ``p_k > 0`` (never one masked with a ``-inf`` logit).
+    """
     classes = p.shape[-1]
     if classes <= _TRIANGULAR_CDF_MAX_CLASSES:
         cdf = p @ jnp.triu(jnp.ones((classes, classes), p.dtype))
     else:
         cdf = jnp.cumsum(p, axis=-1)
-    u = jax.random.uniform(key, shape, p.dtype)
-    below = jnp.sum(cdf <= u[..., None], axis=-1)
-    return jnp.minimum(below, classes - 1)  # u above a rounded-down last P(C-1) < 1
+    u = u * cdf[..., -1]
+    return jnp.minimum(jnp.sum(cdf <= u[..., None], axis=-1), classes - 1)
 
 
 def binary_outputs(logits: jax.Array) -> jax.Array:

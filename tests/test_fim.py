@@ -23,7 +23,7 @@ from pmat_checks import compilations
 
 import jaxgeom
 from jaxgeom import FIM, VARIANTS, FIM_MonteCarlo, PMatDense, PMatDiag, PMatKFAC, SecondMoment
-from jaxgeom.variants import sample_categorical, softmax_cholesky_outputs
+from jaxgeom.variants import inverse_cdf, sample_categorical, softmax_cholesky_outputs
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -113,16 +113,26 @@ def test_softmax_cholesky_factor_squares_to_multinomial_covariance(logits):
 @pytest.mark.parametrize("classes", [5, 300])  # CDF as a triangular product / as a cumsum
 def test_sample_categorical_draws_softmax_frequencies(classes):
     logits = jax.random.normal(jax.random.PRNGKey(0), (2, classes), jnp.float64) * 2
-    logits = logits.at[:, 1].set(-jnp.inf)  # a class of probability 0
+    logits = logits.at[:, (1, -1)].set(-jnp.inf)  # classes of probability 0
     draws = 40_000
     y = sample_categorical(jax.random.PRNGKey(1), logits, (draws, 2))
     assert y.shape == (draws, 2) and y.dtype.kind == "i"
     p = jax.nn.softmax(logits)
     frequencies = jnp.stack([jnp.bincount(y[:, i], length=classes) for i in range(2)]) / draws
-    assert int(jnp.sum(frequencies[:, 1] > 0)) == 0
+    assert float(jnp.max(frequencies[:, (1, -1)])) == 0
     binomial_std = jnp.sqrt(p * (1 - p) / draws)
     # 5 standard deviations, plus a few draws for the Poisson tail of the rarest classes
     assert bool(jnp.all(jnp.abs(frequencies - p) < 5 * binomial_std + 4 / draws))
+
+
+def test_inverse_cdf_never_draws_a_masked_class_when_the_sums_round_below_one():
+    logits = jax.random.normal(jax.random.PRNGKey(2), (7,), jnp.float32).at[-1].set(-jnp.inf)
+    p = jax.nn.softmax(logits)
+    assert float(jnp.sum(p)) < 1  # float32 rounding: P(C-1) < 1
+    u = jnp.array([0.0, 0.5, jnp.nextafter(jnp.float32(1), jnp.float32(0))], jnp.float32)
+    drawn = inverse_cdf(p, u)
+    assert drawn[0] == 0 and bool(jnp.all(p[drawn] > 0))
+    assert drawn[-1] == 5  # the last class of positive probability
 
 
 # ----------------------------------------------------------------------------- data handling
