@@ -633,6 +633,16 @@ def all_finite(cap: Captured, checked: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def captured_sums(cap: Captured) -> list[jax.Array]:
+    """``Σ |x|`` of each captured float array (inputs, gradients, other gradients): what
+    :func:`all_finite` reads for a consumer whose statistics are products of the captures
+    (a Jacobian's rows ``g aᵀ``) — non-finite where a capture is, without reading the
+    products (``K·T·g_l`` times the inputs; reading them kept XLA from fusing a row-writing
+    build's products into their writes: 3× slower)."""
+    leaves = (*cap.inputs, *cap.grads, cap.other)
+    return [jnp.sum(jnp.abs(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
 def _example(plan: CapturePlan, params, example, index, weight, aux) -> Captured:
     leaves = jax.tree_util.tree_leaves(params)
     rest = jax.tree_util.tree_leaves((example, index, aux))

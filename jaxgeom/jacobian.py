@@ -230,7 +230,7 @@ class JacobianBuilder(ChunkBuilder):
         plan = capture_lib.make_plan(self.fn, params, example, aux, self.layout)
         captured = capture_lib.capture_chunk(plan, params, batch, offset, aux)
         pieces = capture_lib.leaf_gradients(plan, self.layout, captured)
-        return pieces, capture_lib.all_finite(captured, pieces)
+        return pieces, capture_lib.all_finite(captured, capture_lib.captured_sums(captured))
 
     def reduce(self, total, stats, count):
         if not self._collects:
