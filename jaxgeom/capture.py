@@ -622,12 +622,13 @@ def all_finite(cap: Captured, checked: Any) -> jax.Array:
 
     ``checked`` (a pytree) is non-finite wherever a captured input or gradient is: the
     captured gradients themselves, or — much cheaper — sums over the chunk of squares of
-    every captured value (squared gradients, the diagonals of Gram factors). A sum of
-    squares is non-finite exactly when one of its terms is (NaN and ±Inf propagate through
-    sums and products, masked-out terms multiplied by 0 stay NaN), and reading it costs a
-    fraction of reading the captures (``K·T`` times larger); a sum that overflows reads as
-    non-finite, as the statistic it is. The outputs are read too: a variant whose
-    gradients do not depend on them (regression) would otherwise hide a broken model.
+    every captured value (squared gradients, the diagonals of Gram factors) or of their
+    absolute values (:func:`captured_sums`). Such a sum is non-finite exactly when one of
+    its terms is (NaN and ±Inf propagate through sums and products, terms multiplied by 0
+    stay NaN), and reading it costs a fraction of reading the captures (``K·T`` times
+    larger); a sum that overflows reads as non-finite, as the statistic it is. The outputs
+    are read too: a variant whose gradients do not depend on them (regression) would
+    otherwise hide a broken model.
     """
     leaves = [cap.outputs, *jax.tree_util.tree_leaves(checked)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
