@@ -82,7 +82,7 @@ def sample_categorical(key: jax.Array, logits: jax.Array, shape: tuple[int, ...]
 
     ``logits``: ``(..., C)``; ``shape``: ``(T, ...)``, the draws for ``T`` trials. One
     uniform per draw where ``jax.random.categorical``'s Gumbel-max takes ``C``: on a chunk
-    of 256 examples of 10 classes, XLA:CPU ran the draws in ~0.2 ms instead of ~0.4 ms.
+    of 256 examples of 10 classes, XLA:CPU ran the draws in ~0.15 ms instead of ~0.3 ms.
     """
     p = jax.nn.softmax(logits, axis=-1)
     return inverse_cdf(p, jax.random.uniform(key, shape, p.dtype))
