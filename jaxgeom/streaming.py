@@ -86,9 +86,31 @@ def static_field(**kwargs) -> Any:
 def builder(cls: type) -> type:
     """Class decorator: frozen dataclass registered as a pytree (fields declared with
     :func:`static_field` are static — hashable, part of the compiled step's cache key —,
-    the others are arrays passed to the step)."""
+    the others are arrays passed to the step).
+
+    The class itself is part of the static data: two builders with equal fields but
+    different classes (``DiagBuilder`` and ``QuasiDiagBuilder`` share one capture plan)
+    must not compare equal as tree structures — ``register_dataclass``'s tree definitions
+    compare node data only (JAX 0.10), which let a cached trace of one builder's statistics
+    answer for the other's.
+    """
     cls = dataclasses.dataclass(frozen=True)(cls)
-    return jax.tree_util.register_dataclass(cls)
+    fields = dataclasses.fields(cls)
+    data = tuple(f.name for f in fields if not f.metadata.get("static"))
+    meta = tuple(f.name for f in fields if f.metadata.get("static"))
+
+    def flatten_with_keys(b):
+        children = [(jax.tree_util.GetAttrKey(n), getattr(b, n)) for n in data]
+        return children, (cls, *(getattr(b, n) for n in meta))
+
+    def unflatten(aux, children):
+        return cls(**dict(zip(data, children)), **dict(zip(meta, aux[1:])))
+
+    jax.tree_util.register_pytree_with_keys(
+        cls, flatten_with_keys, unflatten,
+        flatten_func=lambda b: ([getattr(b, n) for n in data],
+                                (cls, *(getattr(b, n) for n in meta))))
+    return cls
 
 
 class ChunkBuilder:

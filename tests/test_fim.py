@@ -426,6 +426,24 @@ def test_a_non_finite_parameter_is_reported(representation):
             batch_size=3)
 
 
+def test_builders_of_different_classes_never_share_a_cache_key():
+    """Diag and QuasiDiag builders hold the same capture plan and layout: their tree
+    structures (the key of the cached shapes of a chunk's statistics) must still differ,
+    or one would answer with the other's statistics."""
+    from jaxgeom._signature import signature
+    from jaxgeom.pmat.diag import DiagBuilder
+    from jaxgeom.pmat.quasidiag import QuasiDiagBuilder
+
+    t = make_linen_mlp()
+    FIM(t.apply_fn, t.params, t.x, PMatDiag, batch_size=3)  # same plan, cached, for both
+    diag = DiagBuilder(plan="plan", layout="layout")
+    assert signature(diag) == signature(DiagBuilder(plan="plan", layout="layout"))
+    assert signature(diag) != signature(QuasiDiagBuilder(plan="plan", layout="layout"))
+    quasi = FIM(t.apply_fn, t.params, t.x, jaxgeom.PMatQuasiDiag, batch_size=3)
+    np.testing.assert_allclose(quasi.get_diag(),
+                               FIM(t.apply_fn, t.params, t.x, PMatDiag).get_diag(), **TOL)
+
+
 def test_other_bad_arguments():
     t = make_plain_mlp()
     with pytest.raises(ValueError, match="covariance"):
