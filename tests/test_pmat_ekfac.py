@@ -28,6 +28,7 @@ from pmat_checks import (
 from jaxgeom import FIM, PMatDense, PMatKFAC, SecondMoment
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.ekfac import PMatEKFAC, PMatEKFACBlockDiag
+from jaxgeom.pmat.kfac import KronEigen
 
 KEY = jax.random.PRNGKey(0)
 
@@ -87,6 +88,25 @@ def test_operations(case):
     np.testing.assert_allclose(third.to_dense(), dense, atol=1e-10)
     np.testing.assert_allclose(E.pow(-0.5, 1e-2).to_dense(), _dense_pow(dense, -0.5, 1e-2),
                                rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("g, a", [(3, 20), (20, 3), (5, 6)], ids=["wide", "tall", "square"])
+def test_eigenbasis_block_products_in_both_orientations(g, a):
+    """``M = (Q_G ⊗ Q_A) diag(d) (Q_G ⊗ Q_A)ᵀ`` on ``vec(V)``, ``V`` ``(g, a)``, and the same
+    block on ``Vᵀ`` (a kernel stored input-major): tall matrices are worked on through their
+    transpose, and every shape gives the dense block's products."""
+    k1, k2, k3, k4 = jax.random.split(KEY, 4)
+    qa = np.linalg.qr(np.asarray(jax.random.normal(k1, (a, a))))[0]
+    qg = np.linalg.qr(np.asarray(jax.random.normal(k2, (g, g))))[0]
+    d = np.asarray(jax.random.uniform(k3, (g, a)))
+    v = np.asarray(jax.random.normal(k4, (g, a)))
+    q = np.kron(qg, qa)
+    dense = (q * d.ravel()) @ q.T
+    node = KronEigen(qa, qg, d)
+    for block, x, back in ((node, v, lambda y: y), (node.transposed(), v.T, lambda y: y.T)):
+        np.testing.assert_allclose(back(block.mv(x)).ravel(), dense @ v.ravel(), rtol=1e-12)
+        np.testing.assert_allclose(block.quadratic(x), v.ravel() @ dense @ v.ravel(),
+                                   rtol=1e-12)
 
 
 def _dense_pow(dense, p, regul):

@@ -238,7 +238,16 @@ class KronEigen:
     d: jax.Array
 
     def mv(self, v):
+        if self._flip(v):
+            return self.transposed().mv(v.T).T
         return _unrotate(self.d * _rotate(v, self.qg, self.qa), self.qg, self.qa)
+
+    def _flip(self, v) -> bool:
+        """Whether to work on ``Vᵀ`` with the swapped bases: when ``V`` is tall (``g ≥ 4a``,
+        e.g. a 4097-input layer seen as its ``(a, g)`` kernel), so that the large basis
+        multiplies from the right (``X Q``). XLA:CPU runs ``Qᵀ X`` for a skinny ``X`` 2-3x
+        slower (a 4097² basis by ``(4097, 10)``: 25 ms against 10.5 ms)."""
+        return self.qa is not None and v.shape[0] >= 4 * v.shape[1]
 
     def dense(self):
         qa = jnp.eye(self.d.shape[1], dtype=self.d.dtype) if self.qa is None else self.qa
@@ -266,6 +275,8 @@ class KronEigen:
 
     def quadratic(self, v):
         """``Σ d ⊙ (Q_Gᵀ V Q_A)²``: one rotation, half the work of ``⟨V, M V⟩``."""
+        if self._flip(v):
+            return self.transposed().quadratic(v.T)
         return jnp.sum(self.d * _rotate(v, self.qg, self.qa) ** 2)
 
     def transposed(self):
