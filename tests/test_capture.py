@@ -48,6 +48,8 @@ def check(apply_fn, params, x, expect, *, aux=None, fn=None, jit=False):
         if spec.bias is not None:
             bias = ref[spec.bias].reshape(rebuilt["bias"].shape)
             np.testing.assert_allclose(rebuilt["bias"], bias, rtol=1e-12, atol=1e-13)
+    for i, (a, source) in enumerate(zip(got.inputs, got.sources)):  # inputs from sources
+        np.testing.assert_array_equal(jax.vmap(plan.inputs_from(i))(source), a)
     n, k = got.outputs.shape
     other = [ref[i].reshape(n, k, -1) for i in plan.other_leaves]
     if other:
@@ -84,7 +86,12 @@ def test_linen_convolutions_stride_padding_dilation_transposed():
 
     x = jax.random.normal(KEY, (3, 7, 6, 2))
     apply_fn, params = linen(Net(), x)
-    check(apply_fn, params, x, ["Conv_0", "Conv_1", "ConvTranspose_0", "Conv_2"])
+    plan, got = check(apply_fn, params, x, ["Conv_0", "Conv_1", "ConvTranspose_0", "Conv_2"])
+    # a convolution's source is its padded input (7 + 2 + 1 rows, 6 + 0 + 1 columns), the
+    # patches (2 × 3 × 3 features at 4 × 3 locations) are formed from it by their consumer
+    first = [s.layer_id for s in plan.specs].index("Conv_0")
+    assert got.sources[first].shape == (3, 1, 10, 7, 2)
+    assert got.inputs[first].shape == (3, 4 * 3, 2 * 3 * 3)
 
 
 def test_linen_embed_and_sequence_dense():
@@ -199,7 +206,7 @@ def test_conv_patches_match_lax(window, strides, padding, lhs_dilation, rhs_dila
     identity-kernel convolution) with the features put in the kernel's ascending dimension
     order, one row per output location: for strides, paddings, both dilations, 1-D and
     2-D, channels-first (``OIHW`` kernels) and channels-last (``HWIO``) layouts."""
-    from jaxgeom.capture import _conv_inputs
+    from jaxgeom.capture import _conv_patches, _conv_source
 
     sp = "HW"[: len(window)]
     lhs, rhs = ("N" + sp + "C", sp + "IO") if channels_last else ("NC" + sp, "OI" + sp)
@@ -213,7 +220,7 @@ def test_conv_patches_match_lax(window, strides, padding, lhs_dilation, rhs_dila
 
     (eqn,) = [e for e in jax.make_jaxpr(conv)(x, kernel).jaxpr.eqns
               if e.primitive.name == "conv_general_dilated"]
-    got = _conv_inputs(eqn, [x, kernel])
+    got = _conv_patches(eqn, _conv_source(eqn, x))
 
     patches = jax.lax.conv_general_dilated_patches(
         x_nc, window, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,

@@ -216,10 +216,13 @@ class RefitBuilder(CaptureBuilder):
         cap: Captured = capture_chunk(self.plan, params, batch, offset, aux, mask)
         dtype = self.layout.dtype
         diags = []
-        for spec, a, g, node in zip(self.plan.specs, cap.inputs,
-                                    layer_grads(cap, dtype), self.factors):
-            diags.append(squared_gradient_sum(_rotated_inputs(spec, a, node.qa, dtype),
-                                              g @ node.qg))
+        for i, (spec, source, g, node) in enumerate(zip(self.plan.specs, cap.sources,
+                                                        layer_grads(cap, dtype), self.factors)):
+            inputs_of = self.plan.inputs_from(i)
+            diags.append(squared_gradient_sum(  # T > 1: rotated one example at a time
+                source, g @ node.qg,
+                lambda s, spec=spec, f=inputs_of, qa=node.qa: _rotated_inputs(spec, f(s), qa,
+                                                                              dtype)))
         blocks = tuple(b.T @ b for b in other_gradients(cap, self.plan, self.layout))
         return (tuple(diags), blocks), all_finite(cap, (diags, [b.diagonal() for b in blocks]))
 

@@ -65,6 +65,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
@@ -689,9 +690,18 @@ def augmented_inputs(spec: KroneckerSpec, a: jax.Array, dtype) -> jax.Array:
     return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), dtype)], axis=-1)
 
 
-def squared_gradient_sum(a: jax.Array, g: jax.Array) -> jax.Array:
-    """``Σₙₖ (Σ_t gₙₖₜ aₙₜᵀ)²`` (elementwise square, ``(g_l, a_l)``) from inputs
-    ``(n, T, a_l)`` and output gradients ``(n, K, T, g_l)`` — in any basis.
+def squared_gradient_sum(a: jax.Array, g: jax.Array,
+                         inputs_of: Callable[[jax.Array], jax.Array] | None = None,
+                         weights: jax.Array | None = None) -> Any:
+    """``Σₙₖ 𝒢ₙₖ²`` (elementwise square, ``(g_l, a_l)``) of the per-example gradients
+    ``𝒢ₙₖ = Σ_t gₙₖₜ aₙₜᵀ``, from inputs ``(n, T, a_l)`` and output gradients
+    ``(n, K, T, g_l)`` — in any basis.
+
+    With ``inputs_of``, ``a`` holds per-example *sources* ``(n, ...)`` and
+    ``inputs_of(a[i])`` is example ``i``'s ``(T, a_l)`` inputs (:attr:`Captured.sources`):
+    formed inside the loop over examples, in cache (a convolution's patches), never for the
+    whole chunk. With ``weights`` ``(n, K, g_l)``, also ``Σₙₖ 𝒢ₙₖ ⊙ wₙₖ`` (``w`` broadcast
+    along the inputs; returned second).
 
     ``T = 1``: the contraction ``(g²)ᵀ(a²)``, cost ``n K g_l + n g_l a_l``, no per-example
     gradient formed; ``T > 1``: the per-example gradients, one example at a time
@@ -699,15 +709,26 @@ def squared_gradient_sum(a: jax.Array, g: jax.Array) -> jax.Array:
     formed and reduced several times slower on CPU, 300 against 25 ms for a 128-channel
     3×3 convolution at 8×8, 16 examples, K = 9).
     """
-    if a.shape[1] == 1:
-        return jnp.einsum("ng,na->ga", jnp.sum(g[:, :, 0] ** 2, axis=1), a[:, 0] ** 2)
+    if g.shape[2] == 1:
+        a = a if inputs_of is None else jax.vmap(inputs_of)(a)
+        squares = jnp.einsum("ng,na->ga", jnp.sum(g[:, :, 0] ** 2, axis=1), a[:, 0] ** 2)
+        if weights is None:
+            return squares
+        return squares, jnp.einsum("nkg,nkg,na->ga", g[:, :, 0], weights, a[:, 0])
+    inputs_of = inputs_of or (lambda x: x)
 
-    def add_example(total, example):
-        a_n, g_n = example
-        return total + _sum_leading(jnp.einsum("ktg,ta->kga", g_n, a_n) ** 2), None
+    def add_example(totals, example):
+        grad = jnp.einsum("ktg,ta->kga", example[1], inputs_of(example[0]))
+        terms = (_sum_leading(grad**2),)
+        if weights is not None:
+            terms += (_sum_leading(grad * example[2][:, :, None]),)
+        return tuple(t + x for t, x in zip(totals, terms)), None
 
-    zero = jnp.zeros((g.shape[-1], a.shape[-1]), jnp.result_type(a, g))
-    return jax.lax.scan(add_example, zero, (a, g))[0]
+    features = jax.eval_shape(inputs_of, jax.ShapeDtypeStruct(a.shape[1:], a.dtype)).shape[-1]
+    zero = jnp.zeros((g.shape[-1], features), jnp.result_type(a, g))
+    examples = (a, g) if weights is None else (a, g, weights)
+    totals = jax.lax.scan(add_example, (zero,) * (1 + (weights is not None)), examples)[0]
+    return totals[0] if weights is None else totals
 
 
 #: up to this many terms, :func:`_sum_leading` adds the slices (one fused pass).
@@ -722,36 +743,55 @@ def _sum_leading(x: jax.Array) -> jax.Array:
     return functools.reduce(operator.add, [x[i] for i in range(x.shape[0])])
 
 
-def squared_layer_gradients(spec: KroneckerSpec, a: jax.Array, g: jax.Array,
-                            dtype) -> jax.Array:
-    """:func:`squared_gradient_sum` of a layer's augmented inputs (``(g_l, a_l [+1])``).
+def squared_layer_gradients(spec: KroneckerSpec, source: jax.Array,
+                            inputs_of: Callable[[jax.Array], jax.Array], g: jax.Array,
+                            dtype, with_cross: bool = False) -> Any:
+    """:func:`squared_gradient_sum` of a layer's augmented inputs (``(g_l, a_l [+1])``),
+    from its captured ``source`` and ``inputs_of`` (:attr:`Captured.sources`).
 
-    With ``T > 1`` positions the bias column ``Σₙₖ (Σ_t gₙₖₜ)²`` is summed apart rather
-    than through a copy of the inputs with a column of ones (for a convolution, a copy of
-    its patches: ``prod(window)`` times its input, the largest array of the step).
+    With ``T > 1`` positions the inputs are formed one example at a time from their
+    source (a convolution's patches, in cache), and the bias column ``Σₙₖ (Σ_t gₙₖₜ)²`` is
+    summed apart rather than through a copy of the inputs with a column of ones.
+    ``with_cross`` (a dense or conv layer): also the kernel's ``Σₙₖ 𝒢ₙₖ ⊙ Σ_t gₙₖₜ``
+    ``(g_l, a_l)`` from the same per-example gradients (returned second).
     """
-    if a.shape[1] == 1 or spec.kind == "embedding" or spec.bias is None:
-        return squared_gradient_sum(augmented_inputs(spec, a, dtype), g)
-    kernel = squared_gradient_sum(a.astype(dtype), g)
-    bias = jnp.sum(jnp.sum(g, axis=2) ** 2, axis=(0, 1))
-    return jnp.concatenate([kernel, bias[:, None]], axis=1)
+    if g.shape[2] == 1 or spec.kind == "embedding":
+        a = jax.vmap(inputs_of)(source)
+        squares = squared_gradient_sum(augmented_inputs(spec, a, dtype), g)
+        if not with_cross:
+            return squares
+        return squares, jnp.einsum("nktg,nkg,nta->ga", g, g.sum(axis=2), a.astype(dtype))
+    sums = jnp.sum(g, axis=2)
+    kernel = squared_gradient_sum(source, g, lambda s: inputs_of(s).astype(dtype),
+                                  sums if with_cross else None)
+    kernel, cross = kernel if with_cross else (kernel, None)
+    if spec.bias is not None:
+        kernel = jnp.concatenate([kernel, jnp.sum(sums**2, axis=(0, 1))[:, None]], axis=1)
+    return (kernel, cross) if with_cross else kernel
 
 
-def squared_gradients(cap: Captured, plan: CapturePlan,
-                      layout: LayerCollection) -> tuple[list, list]:
+def squared_gradients(cap: Captured, plan: CapturePlan, layout: LayerCollection,
+                      cross: Callable[[KroneckerSpec], bool] | None = None) -> Any:
     """``Σₙₖ (∂zₙₖ/∂θ)²`` for one chunk captured with its mask — the diagonal of the
     chunk's ``Σ JᵀJ`` — layer by layer: a ``(g_l, a_l [+1])`` layer matrix per Kronecker layer
     (:func:`squared_gradient_sum`, no per-example gradient when ``T = 1``) and a vector per
     other layer (exact per-example gradients). :func:`flat_diagonal` puts them in the flat
     order; summing chunks in this form and ordering once saves a ``d``-sized gather per chunk.
+
+    With ``cross`` (a predicate on the specs), also, for each layer it selects, the
+    ``(g_l, a_l)`` cross sums of :func:`squared_layer_gradients`: returns
+    ``((squares, others), crosses)``.
     """
     dtype = layout.dtype
-    squares = [
-        squared_layer_gradients(spec, a, g, dtype)
-        for spec, a, g in zip(plan.specs, cap.inputs, layer_grads(cap, dtype))
-    ]
+    squares, crosses = [], []
+    for i, (spec, source, g) in enumerate(zip(plan.specs, cap.sources,
+                                              layer_grads(cap, dtype))):
+        wanted = cross is not None and cross(spec)
+        out = squared_layer_gradients(spec, source, plan.inputs_from(i), g, dtype, wanted)
+        squares.append(out[0] if wanted else out)
+        crosses += [out[1]] if wanted else []
     others = [jnp.sum(grads**2, axis=0) for grads in other_gradients(cap, plan, layout)]
-    return squares, others
+    return (squares, others) if cross is None else ((squares, others), crosses)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -71,7 +71,6 @@ from jaxgeom.pmat.kfac import (
     check_factorable,
     flat_diagonal,
     kronecker_layout,
-    layer_grads,
     squared_gradients,
 )
 from jaxgeom.streaming import builder, mean
@@ -312,14 +311,9 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
     """The diagonal ``Σₙₖ J²`` (layer by layer) and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` for one
     masked chunk, and whether everything was finite."""
     cap: Captured = capture_chunk(plan, params, batch, offset, aux, mask)
-    dtype = layout.dtype
     neurons = tuple(s for s in plan.specs if _has_neurons(s))
-    transposed = iter(kronecker_layout(layout, neurons).transposed)
-    cross = [  # in the kernel's memory orientation (PMatQuasiDiag.cross)
-        jnp.einsum("nktg,nkg,nta->" + ("ag" if next(transposed) else "ga"),
-                   g, g.sum(axis=2), a.astype(dtype))
-        for spec, a, g in zip(plan.specs, cap.inputs, layer_grads(cap, dtype))
-        if _has_neurons(spec)
-    ]
-    squares = squared_gradients(cap, plan, layout)
-    return (squares, tuple(cross)), all_finite(cap, squares)
+    squares, cross = squared_gradients(cap, plan, layout, cross=_has_neurons)
+    # in the kernel's memory orientation (PMatQuasiDiag.cross)
+    cross = tuple(c.T if t else c
+                  for c, t in zip(cross, kronecker_layout(layout, neurons).transposed))
+    return (squares, cross), all_finite(cap, squares)
