@@ -55,8 +55,11 @@ import models  # noqa: E402
 
 OPERATIONS = ("mv", "vTMv", "trace", "frobenius_norm", "solve")
 #: KFAC only: the π-damped inverse as a representation (kfac-jax's ``update_cache``) and its
-#: product with a vector (kfac-jax's ``multiply_inverse`` with the cached inverse)
-KFAC_OPERATIONS = ("inv", "inv_mv")
+#: product with a vector (kfac-jax's ``multiply_inverse`` with the cached inverse); Dense
+#: only: a repeated solve, against NNGeometry's solve with its cached factorisation
+#: (jaxgeom: ``mv`` of the inverse ``F.inv(λ)``, computed once; the ``solve`` rows time a
+#: solve with a new matrix on both sides)
+EXTRA_OPERATIONS = ("inv", "inv_mv", "solve_repeat")
 SOLVE_REGUL = 1e-3
 CG_MAXITER = 20
 MAX_DENSE_D = 10_000
@@ -547,6 +550,10 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         res["inv"]["note"] = "π-damped inverse, as kfac-jax's update_cache"
         res["inv_mv"] = _time_operation("mv", rep, inverse(F, SOLVE_REGUL), v, d, repeats)
         res["inv_mv"]["note"] = "mv of the π-damped inverse, as kfac-jax's cached inverse"
+    if rep == "PMatDense" and "solve" in operations:
+        res["solve_repeat"] = _time_operation("mv", rep, jax.jit(lambda m: m.inv(SOLVE_REGUL))(F),
+                                              v, d, repeats)
+        res["solve_repeat"]["note"] = "mv of (F + λI)⁻¹ computed once (F.inv(λ))"
     if (spec.name, rep, "trace") not in SKIP:
         try:
             res["trace_value"] = float(F.trace())
@@ -559,6 +566,7 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
 
         ops = [op for op in operations if (spec.name, rep, op) not in SKIP]
         ng_ops = [op for op in ops if (spec.name, rep, op) not in PEER_SKIP]
+        ng_ops += ["solve_repeat"] if "solve_repeat" in res else []
         res["nngeometry"] = peers_lib.nngeometry_case(
             spec, params, x_np, y_np, rep, timed, repeats, ng_ops, memory=peak_mb,
             regul=SOLVE_REGUL, device="cpu" if accelerator() is None else "cuda")
@@ -759,7 +767,7 @@ def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
                     notes.append(f"{model} {rep} {peer_name}: skipped ({peer['skipped']})")
                 if "error" in peer:
                     notes.append(f"{model} {rep} {peer_name}: ERROR {peer['error']}")
-            for op in ("build", "build_mc", "refit", *OPERATIONS, *KFAC_OPERATIONS):
+            for op in ("build", "build_mc", "refit", *OPERATIONS, *EXTRA_OPERATIONS):
                 t = res.get(op)
                 if t is None:
                     continue
