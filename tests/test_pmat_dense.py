@@ -73,3 +73,16 @@ def test_gram_is_xtx_also_from_its_upper_blocks(m):
     add = jax.jit(_gram.add_gram, donate_argnums=0)
     np.testing.assert_allclose(add(jnp.asarray(total), pieces), total + rows.T @ rows,
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m, rows", [(45, 3), (45, 20), (48, 5)])
+def test_accumulate_gram_in_row_blocks(monkeypatch, m, rows):
+    """``total + s XᵀX`` of a running total: with few rows of a large total (here any
+    total: the threshold lowered), added row block by row block in a loop, the last block
+    short when ``ROW_BLOCKS`` does not divide ``m``; with many rows, the symmetric Gram."""
+    monkeypatch.setattr(_gram, "IN_PLACE_FROM_BYTES", 0)
+    rng = np.random.default_rng(2)
+    x, total = rng.normal(size=(rows, m)), rng.normal(size=(m, m))
+    add = jax.jit(_gram.accumulate_gram, donate_argnums=0)
+    np.testing.assert_allclose(add(jnp.asarray(total), jnp.asarray(x), 0.25),
+                               total + 0.25 * x.T @ x, rtol=1e-12, atol=1e-12)

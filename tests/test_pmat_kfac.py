@@ -23,6 +23,7 @@ from models import (
 from pmat_checks import TOL, check_all, check_combinations, check_pytree, check_solve
 
 from jaxgeom import FIM, FIM_MonteCarlo, PMatDense, SecondMoment
+from jaxgeom.pmat import _gram
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.kfac import Kron, PMatKFAC
 
@@ -380,3 +381,16 @@ def test_build_errors():
         FIM(t.apply_fn, t.params, t.x, PMatKFAC, kfac_approx="sum")
     with pytest.raises(ValueError, match="LayerNorm_0.*PMatMixed"):
         FIM(t.apply_fn, t.params, t.x, PMatKFAC, max_dense_block=4)
+
+
+def test_factors_added_in_place_by_row_blocks(monkeypatch):
+    """A chunk's factor Grams added into the running total row block by row block (the
+    route of large factors of few rows: here every factor, the threshold lowered, one
+    example per chunk) give the same KFAC as the Grams formed and added."""
+    t = make_plain_mlp()
+    formed = FIM(t.apply_fn, t.params, t.x, PMatKFAC, batch_size=1)
+    monkeypatch.setattr(_gram, "IN_PLACE_FROM_BYTES", 0)
+    jax.clear_caches()  # the chunk's compiled step reads the threshold when traced
+    in_place = FIM(t.apply_fn, t.params, t.x, PMatKFAC, batch_size=1)
+    np.testing.assert_allclose(in_place.to_dense(), formed.to_dense(), rtol=1e-12,
+                               atol=1e-14)

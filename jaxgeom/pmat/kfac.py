@@ -83,7 +83,7 @@ from jaxgeom.capture import (
 )
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat._gram import gram
+from jaxgeom.pmat._gram import accumulate_gram, gram
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
@@ -665,13 +665,27 @@ class CaptureBuilder(ChunkBuilder):
 @builder
 class KFACBuilder(CaptureBuilder):
     """``(Σ aaᵀ/T, Σ ggᵀ)`` per Kronecker layer and ``Σ JᵀJ`` per other layer, per chunk
-    (:func:`_chunk_statistics`); their means are the factors and blocks of a ``PMatKFAC``."""
+    (:func:`_chunk_terms`, added in place by :meth:`update`); their means are the factors
+    and blocks of a ``PMatKFAC``."""
 
     approx: str = static_field(default="expand")
 
     def statistics(self, params, batch, mask, offset, aux):
-        return _chunk_statistics(params, batch, mask, offset, aux, plan=self.plan,
-                                 approx=self.approx, layout=self.layout)
+        (terms, blocks), finite = self._terms(params, batch, mask, offset, aux)
+        factors = tuple((a * s if a.ndim == 1 else gram(a) * s, gram(g)) for a, s, g in terms)
+        return (factors, blocks), finite
+
+    def update(self, total, params, batch, mask, offset, aux):
+        """The factors' Grams added into the running total (:func:`factor_sum`: in place,
+        by row blocks, for a large factor of few rows)."""
+        (terms, blocks), finite = self._terms(params, batch, mask, offset, aux)
+        factors = tuple((factor_sum(ta, a, s), factor_sum(tg, g))
+                        for (ta, tg), (a, s, g) in zip(total[0], terms))
+        return (factors, tuple(t + b for t, b in zip(total[1], blocks))), finite
+
+    def _terms(self, params, batch, mask, offset, aux):
+        return _chunk_terms(params, batch, mask, offset, aux, plan=self.plan,
+                            approx=self.approx, layout=self.layout)
 
     def finalize(self, total, stream) -> PMatKFAC:
         factors, blocks = mean(total, stream.n)
@@ -872,29 +886,39 @@ def check_blocks(plan: CapturePlan, layout: LayerCollection, limit: float,
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "approx", "layout"))
-def _chunk_statistics(params, batch, mask, offset, aux, *, plan, approx, layout):
-    """``(Σ aaᵀ / T, Σ ggᵀ)`` per Kronecker layer and ``Σ JᵀJ`` per other layer, for one
-    masked chunk (sums over its examples); and whether everything was finite."""
+def _chunk_terms(params, batch, mask, offset, aux, *, plan, approx, layout):
+    """What one masked chunk adds to the factors, per Kronecker layer ``(a, 1/T, g)``: the
+    rows whose Grams are ``Σ aaᵀ`` and ``Σ ggᵀ`` (:func:`factor_sum`; an embedding's ``a``:
+    its diagonal ``Σ aaᵀ``, row counts), and ``Σ JᵀJ`` per other layer; and whether
+    everything was finite."""
     cap: Captured = capture_chunk(plan, params, batch, offset, aux, mask)
     dtype = layout.dtype
     mask = mask.astype(dtype)
-    factors = []
+    terms = []
     for spec, a, g in zip(plan.specs, cap.inputs, layer_grads(cap, dtype)):
         t = g.shape[2]
         if spec.kind == "embedding":
             ids = jnp.where(a >= 0, a, spec.in_features)
             weights = jnp.broadcast_to(mask[:, None], ids.shape)
-            A = jnp.zeros(spec.in_features, dtype).at[ids].add(weights, mode="drop")
-            factors.append((A / t, gram(g)))
-            continue
-        a = augmented_inputs(spec, a, dtype) * mask[:, None, None]
-        if approx == "reduce":
-            a, g, t = a.mean(axis=1, keepdims=True), g.sum(axis=2, keepdims=True), 1
-        factors.append((gram(a) / t, gram(g)))
+            a = jnp.zeros(spec.in_features, dtype).at[ids].add(weights, mode="drop")
+        else:
+            a = augmented_inputs(spec, a, dtype) * mask[:, None, None]
+            if approx == "reduce":
+                a, g, t = a.mean(axis=1, keepdims=True), g.sum(axis=2, keepdims=True), 1
+            a = a.reshape(-1, a.shape[-1])
+        terms.append((a, 1 / t, g.reshape(-1, g.shape[-1])))
     blocks = tuple(b.T @ b for b in other_gradients(cap, plan, layout))
-    diagonals = [jnp.diagonal(m) if m.ndim == 2 else m  # an embedding's A: counts
-                 for m in jax.tree_util.tree_leaves((factors, blocks))]
-    return (tuple(factors), blocks), all_finite(cap, diagonals)
+    diagonals = [x if x.ndim == 1 else jnp.sum(x * x, axis=0)  # diag(Σ xxᵀ)
+                 for a, _, g in terms for x in (a, g)] + [b.diagonal() for b in blocks]
+    return (tuple(terms), blocks), all_finite(cap, diagonals)
+
+
+def factor_sum(total: jax.Array, rows: jax.Array, scale: Any = 1) -> jax.Array:
+    """``total + scale · Σ xxᵀ`` over the ``rows`` of a :func:`_chunk_terms` term (a
+    vector: a diagonal factor, added as it is)."""
+    if rows.ndim == 1:
+        return total + rows * scale
+    return accumulate_gram(total, rows, scale)
 
 
 def _other_columns(plan: CapturePlan, layout: LayerCollection) -> list[np.ndarray]:
