@@ -48,6 +48,7 @@ Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis", NeurIP
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -218,11 +219,9 @@ class RefitBuilder(CaptureBuilder):
         diags = []
         for i, (spec, source, g, node) in enumerate(zip(self.plan.specs, cap.sources,
                                                         layer_grads(cap, dtype), self.factors)):
-            inputs_of = self.plan.inputs_from(i)
-            diags.append(squared_gradient_sum(  # T > 1: rotated one example at a time
-                source, g @ node.qg,
-                lambda s, spec=spec, f=inputs_of, qa=node.qa: _rotated_inputs(spec, f(s), qa,
-                                                                              dtype)))
+            rotated = functools.partial(_rotated_source, spec, self.plan.inputs_from(i),
+                                        node.qa, dtype)
+            diags.append(squared_gradient_sum(source, g @ node.qg, rotated))
         blocks = tuple(b.T @ b for b in other_gradients(cap, self.plan, self.layout))
         return (tuple(diags), blocks), all_finite(cap, (diags, [b.diagonal() for b in blocks]))
 
@@ -230,6 +229,14 @@ class RefitBuilder(CaptureBuilder):
         diags, blocks = mean(total, stream.n)
         nodes = tuple(n.with_values(d) for n, d in zip(self.factors, diags))
         return self.representation(self.layout, self.plan.specs, nodes, blocks)
+
+
+def _rotated_source(spec: KroneckerSpec, inputs_of: Callable, qa: jax.Array | None, dtype,
+                    source: jax.Array) -> jax.Array:
+    """One example's :func:`_rotated_inputs` from its captured source
+    (:attr:`~jaxgeom.capture.Captured.sources`: with ``T > 1``, a convolution's patches are
+    formed and rotated one example at a time)."""
+    return _rotated_inputs(spec, inputs_of(source), qa, dtype)
 
 
 def _rotated_inputs(spec: KroneckerSpec, a: jax.Array, qa: jax.Array | None,
