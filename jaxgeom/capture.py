@@ -143,6 +143,20 @@ class KroneckerSpec:
         return np.argsort(self.index.ravel())
 
     @functools.cached_property
+    def memory_order(self) -> str | None:
+        """``"ga"`` when the raveled kernel is the ``(g_l, a_l)`` layer matrix (Equinox's
+        ``(out, in)``), ``"ag"`` when it is its transpose (Flax's ``(in, out)``, ``HWIO``),
+        else ``None``: per-example gradients formed in that order need no reordering."""
+        if self.index is None:
+            return None
+        g, a = self.index.shape
+        if np.array_equal(self.index.ravel(), np.arange(g * a)):
+            return "ga"
+        if np.array_equal(self.index.T.ravel(), np.arange(g * a)):
+            return "ag"
+        return None
+
+    @functools.cached_property
     def _view(self) -> _View | None:
         """:attr:`index` as a reshape and transpose of the raveled kernel (Flax's ``(in,
         out)``, ``HWIO``, Equinox's ``(out, in)``: always, but for unusual views), else
@@ -777,11 +791,17 @@ def example_gradients(spec: KroneckerSpec, inputs: jax.Array, grads: jax.Array) 
     if spec.kind == "embedding":
         inputs = jax.nn.one_hot(inputs, spec.in_features, dtype=grads.dtype)
     inputs = inputs.astype(grads.dtype)
+    n, k = grads.shape[:2]
+    memory_order = spec.memory_order  # formed in the kernel's own order: no reordering
     if inputs.shape[1] == 1:  # one position: an outer product (XLA fuses it into its consumer)
-        matrix = grads[:, :, 0, :, None] * inputs[:, None, 0, None, :]
+        g, a = grads[:, :, 0, :], inputs[:, None, 0, :]
+        matrix = a[..., :, None] * g[..., None, :] if memory_order == "ag" else (
+            g[..., :, None] * a[..., None, :])
     else:
-        matrix = jnp.einsum("nktg,nta->nkga", grads, inputs)
-    out = {"kernel": spec.kernel_from_matrix(matrix)}
+        matrix = jnp.einsum("nktg,nta->nk" + (memory_order or "ga"), grads, inputs)
+    kernel = (spec.kernel_from_matrix(matrix) if memory_order is None
+              else matrix.reshape((n, k) + spec.kernel_shape))
+    out = {"kernel": kernel}
     if spec.bias is not None:
         out["bias"] = grads.sum(axis=2)
     return out

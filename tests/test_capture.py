@@ -141,6 +141,16 @@ def test_more_layers(name):
         (spec,) = [s for s in plan.specs if s.layer_id == "w"]
         i = plan.specs.index(spec)
         np.testing.assert_array_equal(got.inputs[i], t.x)  # a_t = x_t, (n, T, 3)
+    # per-example gradients are formed in the kernel's memory order: Equinox's (out, in) and
+    # OIHW kernels are the (g, a) layer matrix, Flax's (in, out) and HWIO its transpose;
+    # a transposed convolution's flipped (rev) kernel is neither (reordered)
+    orders = {s.layer_id: s.memory_order for s in plan.specs}
+    if name == "equinox_cnn":
+        assert set(orders.values()) == {"ga"}
+    if name in ("nnx_cnn", "linen_transformer"):
+        assert "ag" in orders.values()
+    if name == "linen_conv_transpose":
+        assert None in orders.values()
 
 
 # ----------------------------------------------------------------------------- plain jnp
