@@ -142,8 +142,8 @@ class PMatEKFAC(PMatKFAC):
                     f"{[s.layer_id for s in plan.specs]} vs {[s.layer_id for s in basis.specs]}"
                 )
 
-        return RefitBuilder(capture_plan(fn, params, example, aux, layout, check), layout,
-                            cls, basis.factors)
+        return RefitBuilder.on(capture_plan(fn, params, example, aux, layout, check), layout,
+                               cls, basis.factors)
 
     @classmethod
     def _default_block_limit(cls) -> float:
@@ -200,27 +200,40 @@ class EKFACBuilder(KFACBuilder):
         basis = self.representation.from_kfac(super().finalize(total, stream))
         if not self.refit:
             return basis
-        return Continue(RefitBuilder(self.plan, self.layout, self.representation,
-                                     basis.factors), lambda refitted: refitted)
+        return Continue(RefitBuilder.on(self.plan, self.layout, self.representation,
+                                        basis.factors), lambda refitted: refitted)
 
 
 @builder
 class RefitBuilder(CaptureBuilder):
     """The refit pass: per chunk ``Σₙₖ (Q_Gᵀ 𝒢ₙₖ Q_A)²`` per Kronecker layer in the bases
     of ``factors`` (:class:`~jaxgeom.pmat.kfac.KronEigen`, arrays passed to the step) and
-    ``Σ JᵀJ`` per other layer; their means are ``D`` and the exact blocks."""
+    ``Σ JᵀJ`` per other layer; their means are ``D`` and the exact blocks.
+
+    ``input_rotations`` are the bases ``Q_A`` in the form the inputs are rotated with
+    (:func:`_input_rotation`), made once by :meth:`on` rather than in every chunk's step.
+    """
 
     representation: type = static_field(default=None)
     factors: tuple = ()
+    input_rotations: tuple = ()
+
+    @classmethod
+    def on(cls, plan, layout, representation, factors) -> RefitBuilder:
+        """The refit pass of ``plan``'s layers on the eigenbases ``factors``."""
+        rotations = tuple(_input_rotation(spec, node.qa) for spec, node in zip(plan.specs,
+                                                                               factors))
+        return cls(plan, layout, representation, factors, rotations)
 
     def statistics(self, params, batch, mask, offset, aux):
         cap: Captured = capture_chunk(self.plan, params, batch, offset, aux, mask)
         dtype = self.layout.dtype
         diags = []
-        for i, (spec, source, g, node) in enumerate(zip(self.plan.specs, cap.sources,
-                                                        layer_grads(cap, dtype), self.factors)):
+        for i, (spec, source, g, node, rotation) in enumerate(zip(
+                self.plan.specs, cap.sources, layer_grads(cap, dtype), self.factors,
+                self.input_rotations)):
             rotated = functools.partial(_rotated_source, spec, self.plan.inputs_from(i),
-                                        node.qa, dtype)
+                                        rotation, dtype)
             diags.append(squared_gradient_sum(source, g @ node.qg, rotated))
         blocks = tuple(b.T @ b for b in other_gradients(cap, self.plan, self.layout))
         return (tuple(diags), blocks), all_finite(cap, (diags, [b.diagonal() for b in blocks]))
@@ -231,19 +244,32 @@ class RefitBuilder(CaptureBuilder):
         return self.representation(self.layout, self.plan.specs, nodes, blocks)
 
 
-def _rotated_source(spec: KroneckerSpec, inputs_of: Callable, qa: jax.Array | None, dtype,
+def _input_rotation(spec: KroneckerSpec, qa: jax.Array | None) -> Any:
+    """``Q_A`` as :func:`_rotated_inputs` applies it: ``(Q_A[:-1], Q_A[-1])`` where the
+    inputs are augmented with a 1 (a layer with a bias), else ``Q_A`` (or ``None``).
+
+    Split once per pass: sliced inside a chunk's step, XLA copies ``Q_A[:-1]`` at every
+    chunk (``a²`` floats into fresh memory: 1.7 ms for bench_mlp's 785² basis).
+    """
+    if qa is None or spec.kind == "embedding" or spec.bias is None:
+        return qa
+    return qa[:-1], qa[-1]
+
+
+def _rotated_source(spec: KroneckerSpec, inputs_of: Callable, rotation: Any, dtype,
                     source: jax.Array) -> jax.Array:
     """One example's :func:`_rotated_inputs` from its captured source
     (:attr:`~jaxgeom.capture.Captured.sources`: with ``T > 1``, a convolution's patches are
     formed and rotated one example at a time)."""
-    return _rotated_inputs(spec, inputs_of(source), qa, dtype)
+    return _rotated_inputs(spec, inputs_of(source), rotation, dtype)
 
 
-def _rotated_inputs(spec: KroneckerSpec, a: jax.Array, qa: jax.Array | None,
-                    dtype) -> jax.Array:
+def _rotated_inputs(spec: KroneckerSpec, a: jax.Array, rotation: Any, dtype) -> jax.Array:
     """The augmented inputs ``[a, 1]`` in the eigenbasis ``Q_A`` (``[a, 1] Q_A``, or as they
-    are without one), without forming ``[a, 1]``: ``a Q_A[:-1] + Q_A[-1]``."""
-    if qa is None or spec.kind == "embedding" or spec.bias is None:
-        augmented = augmented_inputs(spec, a, dtype)
-        return augmented if qa is None else augmented @ qa
-    return a.astype(dtype) @ qa[:-1] + qa[-1]
+    are without one), without forming ``[a, 1]``: ``a Q_A[:-1] + Q_A[-1]`` from the split
+    ``rotation`` of :func:`_input_rotation`."""
+    if isinstance(rotation, tuple):
+        rows, last = rotation
+        return a.astype(dtype) @ rows + last
+    augmented = augmented_inputs(spec, a, dtype)
+    return augmented if rotation is None else augmented @ rotation
