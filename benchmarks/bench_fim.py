@@ -29,14 +29,16 @@ same model and data: one forward pass, forward+backward, per-example gradients
 (``vmap(grad)``), the K output-gradient backward passes (vmapped), the exact Fisher-vector
 product (jvp + vjp), and each representation's own contraction as plain GEMMs on random
 arrays of the right shapes (KFAC ``aᵀa``, ``gᵀg``; Dense ``JᵀJ``; Diag ``(Σₖg²)ᵀ(a²)``,
-per-example gradients for convolutions; EKFAC adds the factors' ``eigh`` and the refit
-rotations). The floor of a build is forward + K backward passes + its contraction.
+per-example gradients for convolutions; QuasiDiag adds its weight-bias sums
+``Σ (gₜ ⊙ ĝ) aₜᵀ``; EKFAC adds the factors' ``eigh`` and the refit rotations). The floor
+of a build is forward + K backward passes + its contraction.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -334,6 +336,15 @@ def contraction_floors(spec: models.Spec, k: int) -> dict[str, Callable[[], Any]
                 out.append(scan_sum(f, (a, g)))
         return out
 
+    @jax.jit
+    def quasidiag_cross(acts):  # QuasiDiag's weight-bias sums Σₙₖₜ (gₜ ⊙ ĝ) aₜᵀ, ĝ = Σₜ gₜ
+        def f(a, g, t, gw):
+            g = g.reshape(bs, k, t, gw)
+            return jnp.einsum("nktg,nta->ga", g * jnp.sum(g, 2, keepdims=True),
+                              a.reshape(bs, t, -1))
+        return [scan_sum(functools.partial(f, t=t, gw=gw), (a, g))
+                for (_, _, gw, t), (a, g) in zip(shapes, acts)]
+
     def factors():
         return [(a[0].T @ a[0], g[0].T @ g[0]) for a, g in acts]
 
@@ -355,7 +366,8 @@ def contraction_floors(spec: models.Spec, k: int) -> dict[str, Callable[[], Any]
             out.append(scan_sum(f, (a, g)))
         return out
 
-    out = {"kfac_gemms": lambda: kfac(acts), "diag_contraction": lambda: diag(acts)}
+    out = {"kfac_gemms": lambda: kfac(acts), "diag_contraction": lambda: diag(acts),
+           "quasidiag_cross": lambda: quasidiag_cross(acts)}
     if k == K_EXACT:
         out["ekfac_eigh"] = lambda: eigh(fs)
     out["ekfac_refit_gemms"] = lambda: refit(acts, bases)
@@ -385,7 +397,7 @@ def build_floor(floors: dict, rep: str, mc: bool = False, refit: bool = False
     pname = "fwd+bwd" if mc else "fwd + K bwd"
     contraction = {
         "PMatKFAC": ["kfac_gemms"], "PMatDiag": ["diag_contraction"],
-        "PMatQuasiDiag": ["diag_contraction"], "PMatDense": ["dense_jtj"],
+        "PMatQuasiDiag": ["diag_contraction", "quasidiag_cross"], "PMatDense": ["dense_jtj"],
         "PMatBlockDiag": ["blockdiag_jtj"], "PMatLowRank": ["lowrank_outer"],
         "PMatEKFAC": ["kfac_gemms", "ekfac_refit_gemms"],
     }.get(rep)
