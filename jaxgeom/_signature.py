@@ -10,6 +10,8 @@ of :class:`jax.ShapeDtypeStruct` to trace with.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,3 +40,24 @@ def abstract(sig: Signature) -> Any:
     treedef, leaves = sig
     return jax.tree_util.tree_unflatten(
         treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
+
+
+def cached(maxsize: int) -> Callable[[Callable], Callable]:
+    """``functools.lru_cache(maxsize)`` for tracing work keyed on hashable arguments (a
+    function, a layout, a :func:`signature`), computed uncached when one is unhashable (a
+    per-example function closing over an unhashable object)."""
+
+    def decorate(f: Callable) -> Callable:
+        memo = functools.lru_cache(maxsize)(f)
+
+        @functools.wraps(f)
+        def call(*key):
+            try:
+                hash(key)
+            except TypeError:
+                return f(*key)
+            return memo(*key)
+
+        return call
+
+    return decorate

@@ -77,7 +77,7 @@ from jaxgeom._discovery import (
     scan_counts,
 )
 from jaxgeom._reindex import is_transposed_block
-from jaxgeom._signature import abstract, signature
+from jaxgeom._signature import abstract, cached, signature
 from jaxgeom.layers import KRONECKER_KINDS, LayerCollection
 
 
@@ -475,16 +475,10 @@ def make_plan(fn: Callable, params: Any, example: Any, aux: Any,
     are cached on them: the same plan object (a static argument of the compiled capture
     steps) comes back for new parameter values or new data, so nothing recompiles.
     """
-    sig = signature((params, example, aux))
-    key = (fn, layout, sig)
-    try:
-        hash(key)
-    except TypeError:  # an unhashable per-example function: plan without caching
-        return _build_plan(fn, *abstract(sig), layout)
-    return _cached_plan(*key)
+    return _cached_plan(fn, layout, signature((params, example, aux)))
 
 
-@functools.lru_cache(maxsize=64)
+@cached(maxsize=64)
 def _cached_plan(fn, layout, sig) -> CapturePlan:
     return _build_plan(fn, *abstract(sig), layout)
 

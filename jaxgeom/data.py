@@ -135,8 +135,7 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
     With ``batch_size=None`` each batch is one chunk (no padding). Empty batches are
     skipped; a ``ValueError`` is raised if no example at all is seen.
     """
-    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None; got {batch_size!r}")
+    _check_batch_size(batch_size)
     offset = 0
     for batch in iter_batches(data):
         n = num_examples(batch)
@@ -152,9 +151,26 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
             yield Chunk(chunk, mask, offset, count)
             offset += count
     if offset == 0:
-        raise ValueError(
-            "the data contains no example: pass at least one batch with a non-empty leading axis"
-        )
+        raise ValueError(_NO_EXAMPLE)
+
+
+def first_example(data: Any, batch_size: int | None = None) -> Any:
+    """The shapes of one example (:func:`example_shapes`) of the first non-empty batch of
+    ``data``, after :func:`iter_chunks`'s checks (``batch_size``, at least one example),
+    without cutting a chunk: no slice is compiled or run."""
+    _check_batch_size(batch_size)
+    for batch in iter_batches(data):
+        if num_examples(batch):
+            return example_shapes(batch)
+    raise ValueError(_NO_EXAMPLE)
+
+
+_NO_EXAMPLE = "the data contains no example: pass at least one batch with a non-empty leading axis"
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None; got {batch_size!r}")
 
 
 def _chunk_of(batch: Any, start: int, stop: int, size: int) -> Any:

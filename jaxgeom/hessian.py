@@ -199,8 +199,8 @@ class PMatImplicitHessian(PMatImplicit):
     @classmethod
     def build(cls, loss_fn, params, data, layer_collection, batch_size) -> PMatImplicitHessian:
         batches = list(data_lib.iter_batches(data))
-        next(data_lib.iter_chunks(batches, batch_size))  # checks batch_size, non-empty data
-        scale = jnp.asarray(1.0, layer_collection.dtype)
+        data_lib.first_example(batches, batch_size)  # checks batch_size, non-empty data
+        scale = np.ones((), layer_collection.dtype)
         return cls(layer_collection, loss_fn, params, batches, None, scale, batch_size)
 
     @classmethod

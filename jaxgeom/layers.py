@@ -188,7 +188,7 @@ class LayerCollection:
         """Total number of parameters ``d``."""
         return self.offsets[-1]
 
-    @property
+    @functools.cached_property
     def dtype(self):
         """The common dtype of the parameters (the promotion of all leaf dtypes)."""
         return jnp.result_type(*self.dtypes)

@@ -32,7 +32,14 @@ import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
-from jaxgeom.jacobian import Hashable, accumulate, flatten_jacobian, output_count, resolve_mode
+from jaxgeom.jacobian import (
+    Hashable,
+    accumulate,
+    example_output_count,
+    flatten_jacobian,
+    output_count,
+    resolve_mode,
+)
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat.base import static_field
 from jaxgeom.pmat.implicit import _chunk_rows, _masked_outputs, _tangents
@@ -290,9 +297,8 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
         """Store ``fn``, ``params``, the batches of ``data`` and ``aux`` (shape checks only)."""
         resolve_mode(mode, 1, 1)  # validates the name
         batches = list(data_lib.iter_batches(data))
-        first = next(data_lib.iter_chunks(batches, batch_size))
-        output_count(fn, params, first.batch, aux)
-        scale = jnp.asarray(1.0, layer_collection.dtype)
+        example_output_count(fn, params, data_lib.first_example(batches, batch_size), aux)
+        scale = np.ones((), layer_collection.dtype)
         return cls(layer_collection, fn, params, batches, aux, scale, batch_size, mode)
 
 

@@ -22,7 +22,17 @@ from models import (
 from pmat_checks import compilations
 
 import jaxgeom
-from jaxgeom import FIM, VARIANTS, FIM_MonteCarlo, PMatDense, PMatDiag, PMatKFAC, SecondMoment
+from jaxgeom import (
+    FIM,
+    VARIANTS,
+    FIM_MonteCarlo,
+    PMatDense,
+    PMatDiag,
+    PMatImplicit,
+    PMatKFAC,
+    PMatLowRank,
+    SecondMoment,
+)
 from jaxgeom.variants import inverse_cdf, sample_categorical, softmax_cholesky_outputs
 
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -185,11 +195,13 @@ def test_fim_inside_jit_equals_eager():
     np.testing.assert_allclose(F.to_dense(), dense(t.apply_fn, t.params, t.x), **TOL)
 
 
-@pytest.mark.parametrize("representation", [PMatDiag, PMatKFAC])
+@pytest.mark.parametrize("representation",
+                         [PMatDiag, PMatKFAC, PMatDense, PMatLowRank, PMatImplicit])
 def test_a_model_is_traced_once_per_function_and_shapes(representation):
-    """Layer discovery, the output check and the chunk step are traced from shapes: a second
-    build with new parameter values calls the model's Python code no more; new data
-    shapes trace it again, and the result is that of a fresh trace."""
+    """Layer discovery, the output checks (the model's and the per-example function's) and
+    the chunk step are traced from shapes: a second build with new parameter values calls
+    the model's Python code no more; new data shapes trace it again, and the result is that
+    of a fresh trace."""
     t = make_linen_mlp()
     traces = []
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom.jacobian import (
@@ -196,11 +197,11 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         """Store ``fn``, ``params``, the batches of ``data`` (materialised) and ``aux``;
         nothing is computed beyond a shape check of ``fn`` (no pass over the data)."""
         batches = list(data_lib.iter_batches(data))
-        first = next(data_lib.iter_chunks(batches, batch_size))  # checks batch_size, non-empty data
-        example = data_lib.example_shapes(first.batch)
+        example = data_lib.first_example(batches, batch_size)
         build = cls.chunk_builder(fn, params, example, aux, layer_collection, mode=mode,
                                   **options)
-        return build.finalize((), Stream(first.count, params, aux, batches, batch_size))
+        n = sum(data_lib.num_examples(b) for b in batches)
+        return build.finalize((), Stream(n, params, aux, batches, batch_size))
 
     @classmethod
     def chunk_builder(cls, fn, params, example, aux, layout, *, mode="auto",
@@ -239,7 +240,7 @@ class ImplicitBuilder(ChunkBuilder):
         return (), True
 
     def finalize(self, total, stream) -> PMatImplicit:
-        scale = jnp.asarray(1.0, self.layout.dtype)
+        scale = np.ones((), self.layout.dtype)  # a host scalar: no eager device call
         return self.representation(self.layout, self.fn, stream.params, list(stream.data),
                                    stream.aux, scale, stream.batch_size, self.mode)
 
