@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgeom import capture as capture_lib
+from jaxgeom import data as data_lib
 from jaxgeom._signature import abstract, cached, signature
 from jaxgeom.layers import LayerCollection
 from jaxgeom.streaming import ChunkBuilder, builder, run, static_field
@@ -100,7 +101,7 @@ def chunk_outputs(fn, params, batch, offset, aux):
 
 def output_count(fn, params, batch, aux) -> int:
     """K: the number of outputs ``fn`` gives per example (shape-only evaluation)."""
-    return example_output_count(fn, params, jax.tree_util.tree_map(lambda a: a[0], batch), aux)
+    return example_output_count(fn, params, data_lib.example_shapes(batch), aux)
 
 
 def example_output_count(fn, params, example, aux) -> int:
