@@ -385,12 +385,53 @@ def test_outputs_that_do_not_fit_the_variant(variant, outputs):
         FIM(lambda p, x: outputs(t.apply_fn(p, x)), t.params, t.x, PMatDense, variant=variant)
 
 
-def test_empty_data():
+@pytest.mark.parametrize("representation", [PMatDense, PMatImplicit])
+def test_empty_data(representation):
     t = make_linen_mlp()
     with pytest.raises(ValueError, match="no batch"):
-        FIM(t.apply_fn, t.params, [], PMatDense)
+        FIM(t.apply_fn, t.params, [], representation)
     with pytest.raises(ValueError, match="no example"):
-        FIM(t.apply_fn, t.params, t.x[:0], PMatDense)
+        FIM(t.apply_fn, t.params, t.x[:0], representation)
+    with pytest.raises(ValueError, match="no example"):
+        FIM(t.apply_fn, t.params, [t.x[:0], t.x[:0]], representation)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        FIM(t.apply_fn, t.params, t.x, representation, batch_size=0)
+
+
+class _Unhashable:
+    """A per-example function that cannot be a cache key (``__eq__`` without ``__hash__``)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __eq__(self, other):
+        return isinstance(other, _Unhashable) and other.fn is self.fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+@pytest.mark.parametrize("representation", [PMatKFAC, PMatDense, PMatImplicit])
+def test_an_unhashable_per_example_function_is_built_uncached(representation):
+    """The capture plan and the output count are cached on the function: one that cannot
+    be hashed is traced afresh, and gives the same matrix."""
+    t = make_linen_mlp()
+    # the same matrix from the public API: the outputs' Jacobians, whitened by I
+    regression = FIM(t.apply_fn, t.params, t.x, representation, variant="regression",
+                     batch_size=3)
+
+    def per_example(p, x, index, aux):
+        return t.apply_fn(p, x[None])[0]
+
+    def build(fn):
+        return representation.from_jacobians(
+            fn, t.params, t.x, layer_collection=regression.layer_collection, batch_size=3
+        ).to_dense()
+
+    with pytest.raises(TypeError):
+        hash(_Unhashable(per_example))
+    np.testing.assert_allclose(build(_Unhashable(per_example)), build(per_example), **TOL)
+    np.testing.assert_allclose(build(per_example), regression.to_dense(), **TOL)
 
 
 def test_non_finite_outputs():
