@@ -7,7 +7,7 @@ import pytest
 from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp
 from pmat_checks import check_all, check_promotions, check_pytree, check_solve, reference
 
-from jaxgeom import FIM, PMatDense
+from jaxgeom import FIM, PMatBlockDiag, PMatDense
 from jaxgeom.pmat import _gram
 
 
@@ -65,14 +65,33 @@ def test_gram_is_xtx_also_from_its_upper_blocks(m):
     rows = x.reshape(-1, m)
     np.testing.assert_allclose(_gram.gram(jnp.asarray(x)), rows.T @ rows, rtol=1e-12,
                                atol=1e-12)
-    # the build's in-place update: total + XᵀX from X's column pieces (a chunk's Jacobian
-    # by leaf: uneven, some straddling the column blocks), added into the donated total
-    total = np.random.default_rng(1).normal(size=(m, m))
+    # the build's in-place updates: a running sum of XᵀX from X's column pieces (a chunk's
+    # Jacobian by leaf: uneven, some straddling the column blocks), its upper block
+    # triangle added into the donated total chunk after chunk, then completed and averaged
     cuts = sorted({0, 1, 5, m // 3, m // 2 + 3, m})
-    pieces = [jnp.asarray(x[..., a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
-    add = jax.jit(_gram.add_gram, donate_argnums=0)
-    np.testing.assert_allclose(add(jnp.asarray(total), pieces), total + rows.T @ rows,
-                               rtol=1e-12, atol=1e-12)
+    add = jax.jit(_gram.add_upper_gram, donate_argnums=0)
+    total, expected = jnp.zeros((m, m)), np.zeros((m, m))
+    for seed in (1, 2, 3):
+        chunk = np.random.default_rng(seed).normal(size=(4, m))
+        total = add(total, [jnp.asarray(chunk[:, a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
+        expected += chunk.T @ chunk
+    np.testing.assert_allclose(_gram.mean_of_upper_grams(total, 3), expected / 3, rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag])
+def test_builds_sum_upper_block_grams_and_complete_them_once(monkeypatch, representation):
+    """With the threshold lowered so that every block's Gram is summed as its upper block
+    triangle over the chunks and completed at the end, Dense and BlockDiag builds are the
+    matrices built from whole Grams (Dense: the brute-force Fisher)."""
+    t = make_linen_mlp()
+    whole = FIM(t.apply_fn, t.params, (t.x, t.y), representation, batch_size=3).to_dense()
+    monkeypatch.setattr(_gram, "SYMMETRIC_FROM", 4)
+    jax.clear_caches()  # the chunk's compiled step and the mean read the threshold when traced
+    upper = FIM(t.apply_fn, t.params, (t.x, t.y), representation, batch_size=3).to_dense()
+    np.testing.assert_allclose(upper, whole, rtol=1e-12, atol=1e-14)
+    if representation is PMatDense:
+        np.testing.assert_allclose(upper, reference(t), rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("m, rows", [(45, 3), (45, 20), (48, 5)])

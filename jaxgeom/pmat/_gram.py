@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxgeom.streaming import mean
 
 #: ``m`` from which ``gram`` computes only the upper block triangle (below it, the smaller
 #: blocked GEMMs and the mirroring copy cost more than the multiplications they save).
@@ -35,17 +38,20 @@ def gram(x: jax.Array) -> jax.Array:
                       for i in range(BLOCKS)])
 
 
-def add_gram(total: jax.Array, pieces: Sequence[jax.Array]) -> jax.Array:
-    """``total + gram(x)`` for ``x`` the concatenation of ``pieces`` along their last axis
-    (``(..., m_i)``, e.g. a chunk's Jacobian cut at the parameter leaves), ``total``
-    donated.
+def add_upper_gram(total: jax.Array, pieces: Sequence[jax.Array]) -> jax.Array:
+    """``total + XᵀX`` on and above the block diagonal, for ``X`` the concatenation of
+    ``pieces`` along their last axis (``(..., m_i)``, e.g. a chunk's Jacobian cut at the
+    parameter leaves) and ``total`` (donated) a running sum of such terms: the running sum
+    of the upper block triangle, which :func:`mean_of_upper_grams` completes once at the
+    end. Below ``SYMMETRIC_FROM`` the whole ``XᵀX`` is added (nothing to complete).
 
-    ``x`` is never formed: each column block of the symmetric product is concatenated
-    from the pieces it spans (XLA fuses the pieces' producers, e.g. the outer products of
-    captured inputs and output gradients, into that write), and each block product is
-    added into its place (and its mirror) of ``total``, updated in place. Memory: the
-    ``B`` column blocks (one copy of ``x``) and the block products, never a second
-    ``m × m`` matrix. Cost as :func:`gram`.
+    ``X`` is never formed: each column block is concatenated from the pieces it spans
+    (XLA fuses the pieces' producers, e.g. the outer products of captured inputs and
+    output gradients, into that write) and each of the ``B(B+1)/2`` block products is
+    added into its place of ``total``, updated in place. Memory: the ``B`` column blocks
+    (one copy of ``X``) and the block products, never a second ``m × m`` matrix. Cost as
+    :func:`gram`, without mirroring each chunk's blocks: 28% less time than adding them
+    and their transposes for 256 rows of 6922 (the transposed adds are strided).
     """
     pieces = [p.reshape(-1, p.shape[-1]) for p in pieces]
     m = sum(p.shape[-1] for p in pieces)
@@ -56,11 +62,30 @@ def add_gram(total: jax.Array, pieces: Sequence[jax.Array]) -> jax.Array:
     cols = [_columns(pieces, span) for span in spans]
     for i in range(BLOCKS):
         for j in range(i, BLOCKS):
-            block = cols[i].T @ cols[j]
-            total = total.at[spans[i], spans[j]].add(block)
-            if i != j:
-                total = total.at[spans[j], spans[i]].add(block.T)
+            total = total.at[spans[i], spans[j]].add(cols[i].T @ cols[j])
     return total
+
+
+def mean_of_upper_grams(totals: Any, n: int) -> Any:
+    """``total / n`` for each running sum of :func:`add_upper_gram` in the pytree
+    ``totals`` (donated), its blocks below the diagonal first set to the transposes of
+    those above: the symmetric means, in place (two compiled calls: XLA:CPU copies the
+    whole matrix when the division and the mirroring share one)."""
+    return mean(_mirror_upper(totals), n)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _mirror_upper(totals: Any) -> Any:
+    def mirror(total):
+        m = total.shape[-1]
+        if m >= SYMMETRIC_FROM:
+            spans = _spans(m)
+            for i in range(BLOCKS):
+                for j in range(i + 1, BLOCKS):
+                    total = total.at[spans[j], spans[i]].set(total[spans[i], spans[j]].T)
+        return total
+
+    return jax.tree_util.tree_map(mirror, totals)
 
 
 #: bytes of an ``m × m`` total from which :func:`accumulate_gram` adds row blocks in place

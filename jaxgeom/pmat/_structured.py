@@ -188,6 +188,11 @@ class MeanOfJacobians:
         term = cls._term(layer_collection, concat_last(pieces))
         return jax.tree_util.tree_map(jnp.add, state, term)
 
+    @staticmethod
+    def _mean(state: Any, n: int) -> Any:
+        """The mean of the summed state (``state`` donated)."""
+        return mean(state, n)
+
     @classmethod
     def accumulator(cls, layer_collection: LayerCollection, **options) -> MeanAccumulator:
         _no_options(cls, options)
@@ -210,4 +215,4 @@ class MeanAccumulator:
         return self.representation._add_term(self.layer_collection, state, pieces)
 
     def finalize(self, state: Any, n: int) -> PMatAbstract:
-        return self.representation(self.layer_collection, mean(state, n))
+        return self.representation(self.layer_collection, self.representation._mean(state, n))

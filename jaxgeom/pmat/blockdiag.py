@@ -14,7 +14,7 @@ import numpy as np
 from jaxgeom._reindex import FlatPartition
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat._gram import add_gram
+from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
 from jaxgeom.pmat._structured import MeanOfJacobians, structured_mm
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.dense import PMatDense
@@ -185,11 +185,15 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
     def _add_term(cls, layer_collection: LayerCollection, state: tuple,
                   pieces: list[jax.Array]) -> tuple[jax.Array, ...]:
         """Per layer ``Bₗ + Σₙₖ Jₙₖ,ₗᵀ Jₙₖ,ₗ`` for one chunk (``n K d_l²``) from its leaves'
-        Jacobian pieces, added into the (donated) block by
-        :func:`~jaxgeom.pmat._gram.add_gram`: no copy of the chunk's Jacobian is cut into
-        layers."""
-        return tuple(add_gram(block, [pieces[i] for i in layer.leaves])
+        Jacobian pieces, its upper block triangle added into the (donated) block by
+        :func:`~jaxgeom.pmat._gram.add_upper_gram` (completed by :meth:`_mean`): no copy of
+        the chunk's Jacobian is cut into layers."""
+        return tuple(add_upper_gram(block, [pieces[i] for i in layer.leaves])
                      for block, layer in zip(state, layer_collection.layers))
+
+    @staticmethod
+    def _mean(state: tuple, n: int) -> tuple[jax.Array, ...]:
+        return mean_of_upper_grams(state, n)
 
 
 # ----------------------------------------------------------------------------- layout

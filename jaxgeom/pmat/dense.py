@@ -10,9 +10,8 @@ import jax.numpy as jnp
 
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat._gram import add_gram
+from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
-from jaxgeom.streaming import mean
 
 
 @representation
@@ -126,10 +125,10 @@ class DenseAccumulator:
         return jnp.zeros((d, d), dtype)
 
     def update(self, state, pieces):
-        return add_gram(state, pieces)
+        return add_upper_gram(state, pieces)
 
     def finalize(self, state, n):
-        return PMatDense(self.layer_collection, mean(state, n))
+        return PMatDense(self.layer_collection, mean_of_upper_grams(state, n))
 
 
 def _no_options(cls, options):
