@@ -201,7 +201,9 @@ class JacobianBuilder(ChunkBuilder):
         if not self._collects:
             return super().init_total(params, batch, mask, offset, aux)
         rows = max(self.examples, mask.shape[0])  # data smaller than one chunk: padded
-        return jnp.zeros((rows * self.num_outputs, self.layout.numel()), self.dtype)
+        # every row is written before it is read (:meth:`update`): no initial values needed
+        # (uninitialised on GPU/TPU; XLA:CPU has no such allocation and zero-fills)
+        return jax.lax.empty((rows * self.num_outputs, self.layout.numel()), self.dtype)
 
     def update(self, total, params, batch, mask, offset, aux):
         if not self._collects:
