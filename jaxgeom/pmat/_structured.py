@@ -176,8 +176,9 @@ class MeanOfJacobians:
 
     The class gives ``_zeros(layer_collection, dtype)`` (the zero state) and
     ``_term(layer_collection, jac)`` (the contribution of one chunk's masked Jacobian
-    ``(n, K, d)``) — or overrides ``_add_term`` to add it into the state in place —, and is
-    constructed as ``cls(layer_collection, mean)``.
+    ``(n, K, d)``) — or overrides ``_add_term`` to add it into the state in place, and then
+    ``_mean`` if that state is only part of the sum (BlockDiag's upper block triangles) —,
+    and is constructed as ``cls(layer_collection, mean)``.
     """
 
     @classmethod
