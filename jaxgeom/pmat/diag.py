@@ -19,7 +19,7 @@ from jaxgeom.pmat.kfac import (
     flat_diagonal,
     squared_gradients,
 )
-from jaxgeom.streaming import builder, mean
+from jaxgeom.streaming import builder
 
 
 @representation
@@ -100,4 +100,4 @@ class DiagBuilder(CaptureBuilder):
         return squares, all_finite(cap, squares)
 
     def finalize(self, total, stream) -> PMatDiag:
-        return PMatDiag(self.layout, flat_diagonal(self.plan, self.layout, mean(total, stream.n)))
+        return PMatDiag(self.layout, flat_diagonal(self.plan, self.layout, total, stream.n))

@@ -809,10 +809,11 @@ def squared_gradients(cap: Captured, plan: CapturePlan, layout: LayerCollection,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def flat_diagonal(plan: CapturePlan, layout: LayerCollection, squares) -> jax.Array:
-    """The flat-order diagonal from the layer form of :func:`squared_gradients` (one
-    compiled call: eagerly, its slices and transposes dispatch one by one)."""
-    return kronecker_layout(layout, plan.specs).merge(*squares)
+def flat_diagonal(plan: CapturePlan, layout: LayerCollection, squares, n: Any) -> jax.Array:
+    """The flat-order diagonal from the layer form of :func:`squared_gradients`, divided by
+    ``n`` (a build's sums: their mean), in one compiled call (eagerly, its slices and
+    transposes dispatch one by one; the division is fused into the merge's writes)."""
+    return kronecker_layout(layout, plan.specs).merge(*squares) / n
 
 
 def layer_grads(cap: Captured, dtype) -> tuple[jax.Array, ...]:

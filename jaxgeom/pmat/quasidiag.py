@@ -73,7 +73,7 @@ from jaxgeom.pmat.kfac import (
     kronecker_layout,
     squared_gradients,
 )
-from jaxgeom.streaming import builder, mean
+from jaxgeom.streaming import builder
 
 
 @representation
@@ -291,10 +291,18 @@ class QuasiDiagBuilder(CaptureBuilder):
                                  layout=self.layout)
 
     def finalize(self, total, stream) -> PMatQuasiDiag:
-        squares, cross = mean(total, stream.n)
-        diag = flat_diagonal(self.plan, self.layout, squares)
+        diag, cross = _means(self.plan, self.layout, total, stream.n)
         specs = tuple(s for s in self.plan.specs if _has_neurons(s))
         return PMatQuasiDiag(self.layout, specs, diag, cross, (None,) * len(specs))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _means(plan, layout, total, n):
+    """The flat diagonal's and the cross terms' means from their sums, in one compiled
+    call (a build's last dispatch)."""
+    squares, cross = total
+    return flat_diagonal(plan, layout, squares, n), jax.tree_util.tree_map(lambda c: c / n,
+                                                                           cross)
 
 
 def _has_bias(layer) -> bool:
