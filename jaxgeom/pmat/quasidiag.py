@@ -73,7 +73,7 @@ from jaxgeom.pmat.kfac import (
     kronecker_layout,
     squared_gradients,
 )
-from jaxgeom.streaming import builder
+from jaxgeom.streaming import builder, mean
 
 
 @representation
@@ -301,8 +301,7 @@ def _means(plan, layout, total, n):
     """The flat diagonal's and the cross terms' means from their sums, in one compiled
     call (a build's last dispatch)."""
     squares, cross = total
-    return flat_diagonal(plan, layout, squares, n), jax.tree_util.tree_map(lambda c: c / n,
-                                                                           cross)
+    return flat_diagonal(plan, layout, squares, n), mean(cross, n)
 
 
 def _has_bias(layer) -> bool:
