@@ -116,8 +116,9 @@ def FIM_MonteCarlo(
 
     an unbiased estimate of :func:`FIM` with ``K = trials`` outputs per example (cheaper
     than the exact Fisher when ``trials < C - 1``). Example ``n`` (counted over all
-    batches) samples with ``jax.random.fold_in(key, n)``, so the result does not depend
-    on how the data are batched or chunked.
+    batches) samples from the Threefry hash of the counters ``(n, draw)`` under ``key``
+    (:mod:`jaxgeom._counter_rng`), so the result does not depend on how the data are
+    batched or chunked.
 
     Args are those of :func:`FIM`, plus ``key`` (an explicit PRNG key) and ``trials``.
     """

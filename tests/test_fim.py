@@ -33,6 +33,7 @@ from jaxgeom import (
     PMatLowRank,
     SecondMoment,
 )
+from jaxgeom._counter_rng import draw_key
 from jaxgeom.variants import inverse_cdf, sample_categorical, softmax_cholesky_outputs
 
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -125,7 +126,7 @@ def test_sample_categorical_draws_softmax_frequencies(classes):
     logits = jax.random.normal(jax.random.PRNGKey(0), (2, classes), jnp.float64) * 2
     logits = logits.at[:, (1, -1)].set(-jnp.inf)  # classes of probability 0
     draws = 40_000
-    y = sample_categorical(jax.random.PRNGKey(1), logits, (draws, 2))
+    y = sample_categorical(draw_key(jax.random.PRNGKey(1)), 3, logits, (draws, 2))
     assert y.shape == (draws, 2) and y.dtype.kind == "i"
     p = jax.nn.softmax(logits)
     frequencies = jnp.stack([jnp.bincount(y[:, i], length=classes) for i in range(2)]) / draws
