@@ -80,6 +80,11 @@ SCALING = (("bench_mlp", "PMatDiag"), ("bench_mlp", "PMatKFAC"), ("bench_small",
 SLOW_S, VERY_SLOW_S = 2.0, 60.0
 FAST_BUDGET_S = 0.25  # fast calls are repeated until their warm runs add up to this
 FAST_MAX_RUNS = 200
+#: paired re-timing against a peer (:func:`paired`): blocks of PAIR_BLOCK_S of each side's
+#: calls, alternated until they add up to PAIR_BUDGET_S (PAIR_MIN_ROUNDS to
+#: PAIR_MAX_ROUNDS rounds), for rows whose warm calls each take under PAIR_MAX_CALL_S
+PAIR_BUDGET_S, PAIR_BLOCK_S, PAIR_MIN_ROUNDS, PAIR_MAX_ROUNDS = 1.5, 0.05, 4, 40
+PAIR_MAX_CALL_S = 1.0
 
 # ----------------------------------------------------------------------------- timing
 
@@ -105,6 +110,46 @@ def timed(fn: Callable[[], Any], repeats: int) -> dict:
             jax.block_until_ready(fn())
             warm.append(time.perf_counter() - start)
     return dict(first_s=first, warm_s=statistics.median(warm), runs=warm)
+
+
+def paired(ours: dict, theirs: dict, warm: dict) -> dict:
+    """Each row's jaxgeom calls and the peer's in alternated blocks (``A B B A A B …``, each
+    block ≈ ``PAIR_BLOCK_S`` of one side's calls, its first call dropped): per row the two
+    medians and the peer's over jaxgeom's. On a shared machine whose speed drifts by
+    ±15–20% over minutes, the separate medians of the two sides, taken minutes apart, move
+    their ratio by as much; alternated blocks see the same machine. Blocks rather than
+    single calls: a call right after the other library's finds its worker threads still
+    spinning (PyTorch's OpenMP, XLA's pool) and its caches cold.
+
+    ``ours``/``theirs``: row name → call (already warm); ``warm``: row name → the two
+    sides' separate warm times, which size the blocks and the rounds. Rows where either
+    call takes ``PAIR_MAX_CALL_S`` or more keep their separate medians only.
+    """
+    import jax
+
+    out = {}
+    with _timing_turn():
+        for name in sorted(ours.keys() & theirs.keys()):
+            a, b = warm.get(name, (None, None))
+            if a is None or b is None or max(a, b) >= PAIR_MAX_CALL_S:
+                continue
+            calls = {side: max(2, min(2000, round(PAIR_BLOCK_S / t)) + 1)
+                     for side, t in (("ours", a), ("theirs", b))}
+            rounds = round(PAIR_BUDGET_S / ((calls["ours"] * a + calls["theirs"] * b) or 1))
+            rounds = min(PAIR_MAX_ROUNDS, max(PAIR_MIN_ROUNDS, rounds))
+            times: dict = {"ours": [], "theirs": []}
+            for r in range(rounds):
+                for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+                    fn = ours[name] if side == "ours" else theirs[name]
+                    for i in range(calls[side]):
+                        start = time.perf_counter()
+                        jax.block_until_ready(fn())
+                        if i:
+                            times[side].append(time.perf_counter() - start)
+            mine, peer = (statistics.median(times[k]) for k in ("ours", "theirs"))
+            out[name] = dict(jaxgeom_s=mine, peer_s=peer, ratio=peer / mine, rounds=rounds,
+                             calls_per_block=calls)
+    return out
 
 
 @contextlib.contextmanager
@@ -436,21 +481,27 @@ def _operation(name: str, rep: str, pmat, d: int):
     }[name], note
 
 
-def _time_operation(name, rep, pmat, v, d, repeats) -> dict:
+def _time_operation(name, rep, pmat, v, d, repeats, keep: dict | None = None,
+                    label: str | None = None) -> dict:
+    """Time ``pmat``'s operation ``name`` (jitted, else eager); ``keep[label or name]``:
+    the timed call, for :func:`paired`."""
     import jax
 
     fn, note = _operation(name, rep, pmat, d)
     if fn is None:
         return dict(skipped=note)
     jitted = jax.jit(fn)
+    keep = {} if keep is None else keep
     try:
-        result = timed(lambda: jitted(pmat, v), repeats)
+        keep[label or name] = lambda: jitted(pmat, v)
+        result = timed(keep[label or name], repeats)
         result["jit"] = True
     except NotImplementedError as e:
         return dict(skipped=f"NotImplementedError: {str(e)[:160]}")
     except Exception as e:  # noqa: BLE001 - not traceable: eager calls
         try:
-            result = timed(lambda: fn(pmat, v), repeats)
+            keep[label or name] = lambda: fn(pmat, v)
+            result = timed(keep[label or name], repeats)
         except NotImplementedError as e2:
             return dict(skipped=f"NotImplementedError: {str(e2)[:160]}")
         result["jit"] = False
@@ -497,6 +548,7 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
     d = models.num_params(spec)
     cls = getattr(jaxgeom, rep)
     holder: dict = {}
+    ours: dict = {}  # row → jaxgeom's timed call, for the paired re-timing (:func:`paired`)
 
     def build(p=params, data=(x, y)):
         holder["F"] = jaxgeom.FIM(apply_fn, p, data, cls, variant="classif_logits",
@@ -515,6 +567,7 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
             pass
         base = _status("VmRSS")
         device_base = _device_bytes("bytes_in_use")
+        ours["build"] = build
         res["build"] = timed(build, repeats)
         res["first_build_peak_mb"] = (_status("VmHWM") - base) / 2**20
         holder.clear()
@@ -546,25 +599,29 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         res[key], res[f"{key}_names"] = len(names), names
     holder.clear()
     mc_key = jax.random.key(3)  # made once, not timed (an eager key costs ~0.1 ms on a CPU)
-    res["build_mc"] = timed(lambda: jaxgeom.FIM_MonteCarlo(
-        apply_fn, params, (x, y), cls, key=mc_key, trials=1, batch_size=bs), repeats)
+    ours["build_mc"] = lambda: jaxgeom.FIM_MonteCarlo(
+        apply_fn, params, (x, y), cls, key=mc_key, trials=1, batch_size=bs)
+    res["build_mc"] = timed(ours["build_mc"], repeats)
     if rep == "PMatEKFAC":
-        res["refit"] = timed(lambda: F.refit(apply_fn, params, (x, y), batch_size=bs), repeats)
+        ours["refit"] = lambda F=F: F.refit(apply_fn, params, (x, y), batch_size=bs)
+        res["refit"] = timed(ours["refit"], repeats)
     v = jaxgeom.random_pvector(jax.random.key(2), params)
     for op in operations:
         if (spec.name, rep, op) in SKIP:
             res[op] = dict(skipped=SKIP[spec.name, rep, op])
         else:
-            res[op] = _time_operation(op, rep, F, v, d, repeats)
+            res[op] = _time_operation(op, rep, F, v, d, repeats, ours)
     if rep == "PMatKFAC" and "solve" in operations:
         inverse = jax.jit(lambda m, r: m.inv(r, damping="pi"))
-        res["inv"] = timed(lambda: inverse(F, SOLVE_REGUL), repeats)
+        ours["inv"] = lambda F=F: inverse(F, SOLVE_REGUL)
+        res["inv"] = timed(ours["inv"], repeats)
         res["inv"]["note"] = "π-damped inverse, as kfac-jax's update_cache"
-        res["inv_mv"] = _time_operation("mv", rep, inverse(F, SOLVE_REGUL), v, d, repeats)
+        res["inv_mv"] = _time_operation("mv", rep, inverse(F, SOLVE_REGUL), v, d, repeats,
+                                        ours, "inv_mv")
         res["inv_mv"]["note"] = "mv of the π-damped inverse, as kfac-jax's cached inverse"
     if rep == "PMatDense" and "solve" in operations:
         res["solve_repeat"] = _time_operation("mv", rep, jax.jit(lambda m: m.inv(SOLVE_REGUL))(F),
-                                              v, d, repeats)
+                                              v, d, repeats, ours, "solve_repeat")
         res["solve_repeat"]["note"] = "mv of (F + λI)⁻¹ computed once (F.inv(λ))"
     if (spec.name, rep, "trace") not in SKIP:
         try:
@@ -579,9 +636,11 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         ops = [op for op in operations if (spec.name, rep, op) not in SKIP]
         ng_ops = [op for op in ops if (spec.name, rep, op) not in PEER_SKIP]
         ng_ops += ["solve_repeat"] if "solve_repeat" in res else []
+        theirs: dict = {}
         res["nngeometry"] = peers_lib.nngeometry_case(
             spec, params, x_np, y_np, rep, timed, repeats, ng_ops, memory=peak_mb,
-            regul=SOLVE_REGUL, device="cpu" if accelerator() is None else "cuda")
+            regul=SOLVE_REGUL, device="cpu" if accelerator() is None else "cuda", keep=theirs)
+        _pair(res, "nngeometry", ours, theirs)
         for op in ops:
             if (spec.name, rep, op) in PEER_SKIP and "skipped" not in res["nngeometry"]:
                 res["nngeometry"][op] = dict(skipped=PEER_SKIP[spec.name, rep, op])
@@ -589,7 +648,8 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
             res["kfac_jax"] = peers_lib.kfac_jax_case(apply_fn, params, np.asarray(x_np),
                                                       np.asarray(y_np), timed, repeats,
                                                       SOLVE_REGUL, memory=peak_mb,
-                                                      batch_size=bs)
+                                                      batch_size=bs, keep=(theirs := {}))
+            _pair(res, "kfac_jax", ours, theirs)
             vtmv = res["kfac_jax"].get("vTMv_value")
             if vtmv is not None:
                 F = build()
@@ -597,6 +657,14 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
                     lambda a: jax.random.normal(jax.random.key(2), a.shape, a.dtype), params)
                 res["kfac_jax"]["jaxgeom_vTMv_value"] = float(F.vTMv(vj))
     return res
+
+
+def _pair(res: dict, peer: str, ours: dict, theirs: dict) -> None:
+    """``res[peer]["paired"]``: :func:`paired` on the rows both sides timed."""
+    warm = {name: (res.get(name, {}).get("warm_s"), res[peer].get(name, {}).get("warm_s"))
+            for name in theirs}
+    if "error" not in res[peer] and "skipped" not in res[peer]:
+        res[peer]["paired"] = paired(ours, theirs, warm)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -796,8 +864,10 @@ def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
                          fl[1] if fl else "", _fmt_r(warm / fl[0]) if fl else ""]
                 for peer in (ng, kj):
                     pt = peer.get(op, {})
+                    pair = peer.get("paired", {}).get(op)
                     if "warm_s" in pt:
-                        cells += [_fmt_s(pt["warm_s"]), _fmt_r(pt["warm_s"] / warm)]
+                        ratio = pair["ratio"] if pair else pt["warm_s"] / warm
+                        cells += [_fmt_s(pt["warm_s"]), _fmt_r(ratio) + ("ᵖ" if pair else "")]
                     else:
                         cells += ["skip" if "skipped" in pt else "", ""]
                 if op == "build":
@@ -865,6 +935,8 @@ def print_report(results: dict, markdown: bool = False) -> None:
         print(f"- {note}")
     print("\n* no warm call (first call > 60 s). ×floor: warm time / floor of the same run; "
           "NNG/jg, kj/jg: peer warm time / jaxgeom warm time (> 1: jaxgeom faster); "
+          "ᵖ: the two sides' calls alternated (paired medians; the seconds columns are "
+          "the separate medians); "
           "recompiles: XLA compilations of a build with new param values / with a short "
           "last chunk; peak: resident memory of a warm build (on an accelerator, "
           "'(dev)': its memory's peak over the case's builds, compilation included); "

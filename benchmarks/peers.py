@@ -71,10 +71,13 @@ def _cuda_peak_mb(fn: Callable[[], Any]) -> float:
 def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray,
                     representation: str, timed: Callable, repeats: int, operations,
                     memory: Callable | None = None, regul: float = 1e-3,
-                    device: str = "cpu") -> dict:
+                    device: str = "cpu", keep: dict | None = None) -> dict:
     """NNGeometry's ``FIM`` / ``FIM_MonteCarlo`` in ``representation`` and its operations,
     on ``device`` (``"cpu"`` or ``"cuda"``; on CUDA the timings wait for the kernels, the
-    peak memory is PyTorch's CUDA allocations and TF32 is off, as for jaxgeom)."""
+    peak memory is PyTorch's CUDA allocations and TF32 is off, as for jaxgeom).
+
+    ``keep``: filled with each timed row's call (row name → function), for the paired
+    re-timing against jaxgeom's (``bench_fim.paired``)."""
     reason = available("nngeometry")
     if reason:
         return dict(skipped=reason)
@@ -109,6 +112,11 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
     holder: dict = {}
     ekfac = representation == "PMatEKFAC"
 
+    def row(name, fn):
+        if keep is not None:
+            keep[name] = fn if device == "cpu" else _synchronized(fn, device)
+        return timed(fn, repeats)
+
     def build():
         holder["F"] = nngeometry.FIM(model, loader, rep, variant="classif_logits",
                                      device=device)
@@ -124,13 +132,13 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
         return F
 
     try:
-        out["build"] = timed(build, repeats)
+        out["build"] = row("build", build)
         if memory is not None:
             out["build"]["peak_mb"] = memory(build)
         F = holder.pop("F")
-        out["build_mc"] = timed(build_mc, repeats)
+        out["build_mc"] = row("build_mc", build_mc)
         if ekfac:
-            out["refit"] = timed(lambda: F.update_diag(loader), repeats)
+            out["refit"] = row("refit", lambda: F.update_diag(loader))
     except Exception as e:  # noqa: BLE001
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return out
@@ -146,7 +154,7 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
     }
     for op in operations:
         try:
-            out[op] = timed(ops[op], repeats)
+            out[op] = row(op, ops[op])
         except NotImplementedError as e:
             out[op] = dict(skipped=f"NotImplementedError {e}".strip())
         except Exception as e:  # noqa: BLE001
@@ -192,7 +200,8 @@ def _patch_kfac_jax(explicit_patches: bool = True) -> None:
 
 def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
                   timed: Callable, repeats: int, regul: float = 1e-3,
-                  memory: Callable | None = None, batch_size: int | None = None) -> dict:
+                  memory: Callable | None = None, batch_size: int | None = None,
+                  keep: dict | None = None) -> dict:
     """kfac-jax's KFAC: factors of the exact Fisher (``fisher_exact``) and of one
     Monte-Carlo sample (``fisher_gradients``), and ``multiply`` / ``multiply_inverse``
     (after ``update_cache``), all jitted.
@@ -201,7 +210,8 @@ def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
     jaxgeom's build (one jitted ``update_curvature_matrix_estimate`` per chunk, weights
     ``ema_old = 1``, ``ema_new = batch_size / N``: the mean over the data, memory bounded
     by one chunk, as a user with more data than memory would run it); ``build_one_batch``
-    / ``build_mc_one_batch`` are the same with the whole data as one batch."""
+    / ``build_mc_one_batch`` are the same with the whole data as one batch. ``keep``: as
+    :func:`nngeometry_case`'s."""
     reason = available("kfac_jax")
     if reason:
         return dict(skipped=reason)
@@ -220,6 +230,12 @@ def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
         return -jnp.mean(jnp.take_along_axis(logp, b[1][:, None], 1))
 
     out: dict = {}
+
+    def row(name, fn):
+        if keep is not None:
+            keep[name] = fn
+        return timed(fn, repeats)
+
     try:
         est = kfac_jax.BlockDiagonalCurvature(func=loss, default_estimation_mode="fisher_exact")
         state0 = est.init(jax.random.key(0), (params, batch), exact_powers_to_cache=-1,
@@ -249,10 +265,10 @@ def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
 
         exact, mc = update("fisher_exact"), update("fisher_gradients")
         key = jax.random.key(1)
-        out["build"] = timed(streamed(exact), repeats)
+        out["build"] = row("build", streamed(exact))
         if memory is not None:
             out["build"]["peak_mb"] = memory(streamed(exact))
-        out["build_mc"] = timed(streamed(mc), repeats)
+        out["build_mc"] = row("build_mc", streamed(mc))
         if bs != n:
             out["build_one_batch"] = timed(lambda: exact(state0, params, batch, key, 0.0, 1.0),
                                            repeats)
@@ -270,11 +286,11 @@ def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
         inverse = jax.jit(lambda s, v: est.multiply_inverse(
             s, v, identity_weight=regul, exact_power=True, use_cached=True,
             pmap_axis_name=None))
-        out["mv"] = timed(lambda: multiply(state, v), repeats)
-        out["inv"] = timed(lambda: cache(state), repeats)  # the π-damped inverse factors
+        out["mv"] = row("mv", lambda: multiply(state, v))
+        out["inv"] = row("inv", lambda: cache(state))  # the π-damped inverse factors
         out["inv"]["note"] = "update_cache (inverse factors)"
         cached = cache(state)
-        out["inv_mv"] = timed(lambda: inverse(cached, v), repeats)
+        out["inv_mv"] = row("inv_mv", lambda: inverse(cached, v))
         out["inv_mv"]["note"] = "multiply_inverse with the cached inverse"
         mv = multiply(state, v)
         out["vTMv_value"] = float(sum(jnp.vdot(a, b) for a, b in zip(
