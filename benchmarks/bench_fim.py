@@ -935,8 +935,8 @@ def print_report(results: dict, markdown: bool = False) -> None:
         print(f"- {note}")
     print("\n* no warm call (first call > 60 s). ×floor: warm time / floor of the same run; "
           "NNG/jg, kj/jg: peer warm time / jaxgeom warm time (> 1: jaxgeom faster); "
-          "ᵖ: the two sides' calls alternated (paired medians; the seconds columns are "
-          "the separate medians); "
+          "ᵖ: the ratio of the medians of the two sides' calls timed in alternated "
+          "blocks (the seconds columns are the separate medians); "
           "recompiles: XLA compilations of a build with new param values / with a short "
           "last chunk; peak: resident memory of a warm build (on an accelerator, "
           "'(dev)': its memory's peak over the case's builds, compilation included); "
