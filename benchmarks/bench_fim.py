@@ -81,10 +81,11 @@ SLOW_S, VERY_SLOW_S = 2.0, 60.0
 FAST_BUDGET_S = 0.25  # fast calls are repeated until their warm runs add up to this
 FAST_MAX_RUNS = 200
 #: paired re-timing against a peer (:func:`paired`): blocks of PAIR_BLOCK_S of each side's
-#: calls, alternated until they add up to PAIR_BUDGET_S (PAIR_MIN_ROUNDS to
-#: PAIR_MAX_ROUNDS rounds), for rows whose warm calls each take under PAIR_MAX_CALL_S
-PAIR_BUDGET_S, PAIR_BLOCK_S, PAIR_MIN_ROUNDS, PAIR_MAX_ROUNDS = 1.5, 0.05, 4, 40
-PAIR_MAX_CALL_S = 1.0
+#: calls (at most PAIR_MAX_BLOCK_CALLS), alternated until they add up to PAIR_BUDGET_S
+#: (PAIR_MIN_ROUNDS to PAIR_MAX_ROUNDS rounds), for rows whose warm calls each take under
+#: PAIR_MAX_CALL_S
+PAIR_BUDGET_S, PAIR_BLOCK_S, PAIR_MAX_BLOCK_CALLS = 1.5, 0.05, 2000
+PAIR_MIN_ROUNDS, PAIR_MAX_ROUNDS, PAIR_MAX_CALL_S = 4, 40, 1.0
 
 # ----------------------------------------------------------------------------- timing
 
@@ -133,7 +134,7 @@ def paired(ours: dict, theirs: dict, warm: dict) -> dict:
             a, b = warm.get(name, (None, None))
             if a is None or b is None or max(a, b) >= PAIR_MAX_CALL_S:
                 continue
-            calls = {side: max(2, min(2000, round(PAIR_BLOCK_S / t)) + 1)
+            calls = {side: max(2, min(PAIR_MAX_BLOCK_CALLS, round(PAIR_BLOCK_S / t)) + 1)
                      for side, t in (("ours", a), ("theirs", b))}
             rounds = round(PAIR_BUDGET_S / ((calls["ours"] * a + calls["theirs"] * b) or 1))
             rounds = min(PAIR_MAX_ROUNDS, max(PAIR_MIN_ROUNDS, rounds))
@@ -645,10 +646,11 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
             if (spec.name, rep, op) in PEER_SKIP and "skipped" not in res["nngeometry"]:
                 res["nngeometry"][op] = dict(skipped=PEER_SKIP[spec.name, rep, op])
         if rep == "PMatKFAC":
+            theirs = {}
             res["kfac_jax"] = peers_lib.kfac_jax_case(apply_fn, params, np.asarray(x_np),
                                                       np.asarray(y_np), timed, repeats,
                                                       SOLVE_REGUL, memory=peak_mb,
-                                                      batch_size=bs, keep=(theirs := {}))
+                                                      batch_size=bs, keep=theirs)
             _pair(res, "kfac_jax", ours, theirs)
             vtmv = res["kfac_jax"].get("vTMv_value")
             if vtmv is not None:
