@@ -49,7 +49,8 @@ def _functions(Q):
     return dict(dense={k: x.to_dense() for k, x in reps.items()}, reps=reps,
                 eig=Q.eigvalsh(), eig_inv=inv.eigvalsh(), norm2=Q.norm(2), norm_2=Q.norm(-2),
                 inv_diag=inv.get_diag(), inv_trace=inv.trace(), inv_fro=inv.frobenius_norm(),
-                inv_mv=inv.mv(_vector(Q)), inv_vTMv=inv.vTMv(_vector(Q)))
+                inv_mv=inv.mv(_vector(Q)), inv_vTMv=inv.vTMv(_vector(Q)),
+                inv_solve=inv.solve(_vector(Q), REGUL))
 
 
 def _vector(Q):
@@ -82,6 +83,8 @@ def test_operations(case):
     v = np.asarray(_vector(Q))  # products of an inverse (ρ ≠ 0)
     np.testing.assert_allclose(out["inv_mv"], got["inv"] @ v, rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(out["inv_vTMv"], v @ got["inv"] @ v, rtol=1e-8)
+    np.testing.assert_allclose(out["inv_solve"],  # the closed-form solve with ρ ≠ 0
+                               np.linalg.solve(got["inv"] + REGUL * np.eye(d), v), rtol=1e-7)
 
 
 def test_promotions_and_unsupported(case):
