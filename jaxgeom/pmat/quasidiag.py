@@ -283,8 +283,10 @@ def _orientation(transposed: bool):
 @builder
 class QuasiDiagBuilder(CaptureBuilder):
     """``Σₙₖ J²`` (layer by layer) and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` per chunk
-    (:func:`_chunk_statistics`); their means are ``diag`` (put in the flat order once) and
-    ``cross``."""
+    (:func:`_chunk_statistics`, as ``(g_l, a_l)``); their means are ``diag`` (put in the
+    flat order once) and ``cross`` (put in the kernel's memory orientation once: transposed
+    in every chunk's step, XLA:CPU had copied the step's ``(n, g_l)`` weights into
+    ``(g_l, n)`` for the product)."""
 
     def statistics(self, params, batch, mask, offset, aux):
         return _chunk_statistics(params, batch, mask, offset, aux, plan=self.plan,
@@ -298,9 +300,13 @@ class QuasiDiagBuilder(CaptureBuilder):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _means(plan, layout, total, n):
-    """The flat diagonal's and the cross terms' means from their sums, in one compiled
-    call (a build's last dispatch)."""
+    """The flat diagonal's and the cross terms' means from their sums (the cross terms
+    turned into the kernel's memory orientation), in one compiled call (a build's last
+    dispatch)."""
     squares, cross = total
+    neurons = tuple(s for s in plan.specs if _has_neurons(s))
+    cross = tuple(c.T if t else c
+                  for c, t in zip(cross, kronecker_layout(layout, neurons).transposed))
     return flat_diagonal(plan, layout, squares, n), mean(cross, n)
 
 
@@ -318,9 +324,5 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
     """The diagonal ``Σₙₖ J²`` (layer by layer) and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` for one
     masked chunk, and whether everything was finite."""
     cap: Captured = capture_chunk(plan, params, batch, offset, aux, mask)
-    neurons = tuple(s for s in plan.specs if _has_neurons(s))
     squares, cross = squared_gradients(cap, plan, layout, cross=_has_neurons)
-    # in the kernel's memory orientation (PMatQuasiDiag.cross)
-    cross = tuple(c.T if t else c
-                  for c, t in zip(cross, kronecker_layout(layout, neurons).transposed))
-    return (squares, cross), all_finite(cap, squares)
+    return (squares, tuple(cross)), all_finite(cap, squares)
