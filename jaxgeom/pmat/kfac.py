@@ -774,6 +774,10 @@ def squared_layer_gradients(spec: KroneckerSpec, source: jax.Array,
         squares = squared_gradient_sum(augmented_inputs(spec, a, dtype), g)
         if not with_cross:
             return squares
+        if g.shape[2] == 1:  # Σₙ (Σₖ gₙₖ²) aₙᵀ: the K outputs summed before the product
+            # (XLA:CPU transposed the (n, K, g) gradients to reduce over K inside it)
+            return squares, jnp.einsum("ng,na->ga", jnp.sum(g[:, :, 0] ** 2, axis=1),
+                                       a[:, 0].astype(dtype))
         return squares, jnp.einsum("nktg,nkg,nta->ga", g, g.sum(axis=2), a.astype(dtype))
     sums = jnp.sum(g, axis=2)
     kernel = squared_gradient_sum(source, g, lambda s: inputs_of(s).astype(dtype),
