@@ -36,6 +36,7 @@ class CanonicalDiagonal(PMatAbstract):
 
     #: ``"default"`` is the closed form ``v / (λ + regul)``.
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
+    LEAFWISE_SOLVES: ClassVar[tuple[str, ...]] = ("default",)
 
     @property
     @abc.abstractmethod
@@ -66,13 +67,6 @@ class CanonicalDiagonal(PMatAbstract):
     def _vTMv(self, v):
         terms = self._elementwise(v, lambda m, x: jnp.vdot(x, m * x))
         return sum(terms.leaves) if isinstance(terms, LeafVector) else terms
-
-    def solve(self, v: Any, regul: Any = 0.0, *, method: str | None = None, **options) -> Any:
-        if method in (None, "default") and not options:
-            leaves, wrap = self._as_leaves(v)
-            if leaves is not None:
-                return self._from_leaves(self._solve(leaves, regul, "default"), wrap)
-        return super().solve(v, regul, method=method, **options)
 
     def _solve(self, v, regul, method, **options):
         if method == "default":

@@ -65,6 +65,9 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: whether ``_mv``/``_vTMv`` also take a :class:`~jaxgeom._reindex.LeafVector` (and
     #: ``_mv`` then answers with one): a params-shaped vector is then never flattened
     LEAFWISE: ClassVar[bool] = False
+    #: the solve methods whose ``_solve`` also takes (and answers with) a ``LeafVector``,
+    #: for a representation that is :attr:`LEAFWISE`
+    LEAFWISE_SOLVES: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ primitives
     @abc.abstractmethod
@@ -216,6 +219,10 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
             flat = rows.reshape(-1, rows.shape[-1])
             solved = jax.vmap(lambda r: self._solve(r, regul, method, **options))(flat)
             return solved.reshape(rows.shape)
+        if method in self.LEAFWISE_SOLVES and not options:
+            leaves, wrap = self._as_leaves(v)
+            if leaves is not None:
+                return self._from_leaves(self._solve(leaves, regul, method), wrap)
         flat, wrap = as_flat(v, self.layer_collection)
         return wrap(self._solve(flat, regul, method, **options))
 

@@ -104,8 +104,10 @@ class PMatQuasiDiag(PMatAbstract):
     rho: tuple[jax.Array | None, ...] = ()
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
-    #: products and quadratic forms of params-shaped vectors run on their leaves
+    #: products, quadratic forms and the closed-form solve of params-shaped vectors run on
+    #: their leaves
     LEAFWISE: ClassVar[bool] = True
+    LEAFWISE_SOLVES: ClassVar[tuple[str, ...]] = ("default",)
 
     @property
     def _layout(self):
