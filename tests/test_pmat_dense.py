@@ -79,6 +79,19 @@ def test_gram_is_xtx_also_from_its_upper_blocks(m):
                                atol=1e-12)
 
 
+@pytest.mark.parametrize("m", [7, _gram.SYMMETRIC_FROM + 3])
+def test_gram_norm_sq_reduces_the_upper_blocks(m):
+    """``Σ_ab w_a w_b (XᵀX)_ab²`` (signed ``w``) and ``‖XᵀX‖_F²``, the Gram never formed:
+    from ``SYMMETRIC_FROM`` columns, its blocks above the diagonal counted twice."""
+    rng = np.random.default_rng(4)
+    x, w = rng.normal(size=(2, 3, m)), rng.uniform(-1, 1, size=m)
+    gram = x.reshape(-1, m).T @ x.reshape(-1, m)
+    np.testing.assert_allclose(_gram.gram_norm_sq(jnp.asarray(x)), np.sum(gram**2),
+                               rtol=1e-12)
+    np.testing.assert_allclose(_gram.gram_norm_sq(jnp.asarray(x), jnp.asarray(w)),
+                               w @ gram**2 @ w, rtol=1e-12)
+
+
 @pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag])
 def test_builds_sum_upper_block_grams_and_complete_them_once(monkeypatch, representation):
     """With the threshold lowered so that every block's Gram is summed as its upper block

@@ -9,6 +9,7 @@ from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp, reference_f
 from pmat_checks import check_products
 
 from jaxgeom import FIM, FIM_MonteCarlo, LayerCollection, SecondMoment, random_pvector
+from jaxgeom.pmat import _gram
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.lowrank import PMatLowRank
 from jaxgeom.variants import softmax_cholesky_outputs
@@ -169,6 +170,21 @@ def test_more_rows_than_parameters():
     np.testing.assert_allclose(M.pinv().to_dense(), np.linalg.pinv(dense), rtol=1e-7,
                                atol=1e-9)
     np.testing.assert_allclose(M.frobenius_norm(), np.linalg.norm(dense), rtol=1e-10)
+
+
+@pytest.mark.parametrize("rows", [7, 40])  # r < d (the r × r Gram) and r > d (M's own)
+def test_frobenius_norm_from_upper_gram_blocks(monkeypatch, rows):
+    """With the threshold lowered, the norm reduces the upper blocks of the symmetric Gram
+    (scalar weight; signed per-row weights on the r × r side) and equals the brute-force
+    norm of ``Fᵀ diag(c) F``; per-row weights with ``r > d`` form ``M``."""
+    monkeypatch.setattr(_gram, "SYMMETRIC_FROM", 4)
+    layout = LayerCollection.from_params({"w": jnp.zeros((4, 5)), "b": jnp.zeros(3)})
+    factor = jax.random.normal(jax.random.PRNGKey(0), (rows, 23))
+    signed = jax.random.uniform(jax.random.PRNGKey(1), (rows,), minval=-1.0, maxval=1.0)
+    for coef in (jnp.asarray(-0.3), signed):
+        dense = np.asarray(factor.T @ (jnp.broadcast_to(coef, (rows,))[:, None] * factor))
+        np.testing.assert_allclose(PMatLowRank(layout, factor, coef).frobenius_norm(),
+                                   np.linalg.norm(dense), rtol=1e-12)
 
 
 def test_pytree_under_jit(case):

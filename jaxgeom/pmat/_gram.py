@@ -38,6 +38,41 @@ def gram(x: jax.Array) -> jax.Array:
                       for i in range(BLOCKS)])
 
 
+#: column blocks of :func:`gram_norm_sq`: ``B(B+1)/2`` of ``B²`` block products, 44% fewer
+#: multiplications with 8 (its blocks are only reduced, never stored or mirrored, so more
+#: of them cost little: 3.49 → 3.22 s from 4 to 8 for ``r = 10240`` rows of 6922).
+NORM_BLOCKS = 8
+
+
+def gram_norm_sq(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """``Σ_ab w_a w_b G_ab²`` for the Gram ``G = Σ_rows x xᵀ`` of ``x`` ``(..., m)``
+    (``w``: ``(m,)``, signs allowed; without it ``‖G‖_F²``), with ``G`` never formed.
+
+    From ``SYMMETRIC_FROM`` columns, the ``B(B+1)/2`` blocks on and above the diagonal of a
+    ``NORM_BLOCKS × NORM_BLOCKS`` partition are multiplied and each reduced at once (the
+    ones above the diagonal counted twice): ``r m² (B + 1) / (2B)`` for ``r`` rows, and
+    memory for one block product, not ``m × m``.
+    """
+    x = x.reshape(-1, x.shape[-1])
+    m = x.shape[-1]
+
+    def form(block, wi, wj):
+        squares = block * block
+        return jnp.sum(squares) if wi is None else wi @ squares @ wj
+
+    if m < SYMMETRIC_FROM:
+        return form(x.T @ x, weights, weights)
+    spans = _spans(m, NORM_BLOCKS)
+    cols = [x[:, span] for span in spans]
+    parts = [None if weights is None else weights[span] for span in spans]
+    total = jnp.zeros((), x.dtype)
+    for i in range(NORM_BLOCKS):
+        for j in range(i, NORM_BLOCKS):
+            term = form(cols[i].T @ cols[j], parts[i], parts[j])
+            total = total + (term if i == j else 2 * term)
+    return total
+
+
 def add_upper_gram(total: jax.Array, pieces: Sequence[jax.Array]) -> jax.Array:
     """``total + XᵀX`` on and above the block diagonal, for ``X`` the concatenation of
     ``pieces`` along their last axis (``(..., m_i)``, e.g. a chunk's Jacobian cut at the
@@ -124,9 +159,9 @@ def accumulate_gram(total: jax.Array, x: jax.Array, scale: Any = 1) -> jax.Array
     return total if rest == 0 else add_rows(m - rest, rest, total)
 
 
-def _spans(m: int) -> list[slice]:
-    """The ``BLOCKS`` column spans of the symmetric product."""
-    edges = np.linspace(0, m, BLOCKS + 1).astype(int)
+def _spans(m: int, blocks: int = BLOCKS) -> list[slice]:
+    """The ``blocks`` column spans of the symmetric product."""
+    edges = np.linspace(0, m, blocks + 1).astype(int)
     return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 

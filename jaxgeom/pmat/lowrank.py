@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat._gram import gram
+from jaxgeom.pmat._gram import gram, gram_norm_sq
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.vector import as_flat
 
@@ -97,13 +97,17 @@ class PMatLowRank(PMatAbstract):
 
     def frobenius_norm(self):
         """``‖M‖_F² = tr(M²) = Σᵢⱼ cᵢ cⱼ (F Fᵀ)ᵢⱼ²`` through the ``r × r`` Gram (``r² d``),
-        or ``Σ (Fᵀ diag(c) F)²`` through ``M`` itself (``r d²``) when ``d < r``; both
-        Grams symmetric (:func:`~jaxgeom.pmat._gram.gram`: about 40% fewer products)."""
+        or ``c² ‖FᵀF‖_F²`` through ``M`` itself (``r d²``) when ``d < r``: the squares of
+        the symmetric Gram's upper blocks, reduced as they are multiplied
+        (:func:`~jaxgeom.pmat._gram.gram_norm_sq`: about 44% fewer products, no Gram
+        stored). Per-row weights with ``d < r`` form ``M`` (``r d²``)."""
         r, d = self.factor.shape
-        if d < r:
-            return jnp.sqrt(jnp.sum(self._column_gram() ** 2))
-        w = self._weights()
-        return jnp.sqrt(jnp.maximum(w @ gram(self.factor.T) ** 2 @ w, 0))
+        if d >= r:
+            return jnp.sqrt(jnp.maximum(gram_norm_sq(self.factor.T, self._weights()), 0))
+        if jnp.ndim(self.coef) == 0:
+            return jnp.abs(jnp.asarray(self.coef, self.factor.dtype)) * jnp.sqrt(
+                gram_norm_sq(self.factor))
+        return jnp.sqrt(jnp.sum(self._column_gram() ** 2))
 
     def _column_gram(self) -> jax.Array:
         """``M = Fᵀ diag(c) F`` (``d × d``, ``r d²``; symmetric blocks for a scalar ``c``)."""
