@@ -50,8 +50,8 @@ def gram_norm_sq(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
 
     From ``SYMMETRIC_FROM`` columns, the ``B(B+1)/2`` blocks on and above the diagonal of a
     ``NORM_BLOCKS × NORM_BLOCKS`` partition are multiplied and each reduced at once (the
-    ones above the diagonal counted twice): ``r m² (B + 1) / (2B)`` for ``r`` rows, and
-    memory for one block product, not ``m × m``.
+    ones above the diagonal counted twice): ``r m² (B + 1) / (2B)`` for ``r`` rows. Memory:
+    the column blocks (one copy of ``x``) and the block products, never ``m × m``.
     """
     x = x.reshape(-1, x.shape[-1])
     m = x.shape[-1]
