@@ -907,12 +907,15 @@ def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
         for rep, sc in entry.get("scaling", {}).items():
             try:
                 a, b = sc["n"], sc["n10"]
+                warm = ""
+                if "peak_mb" in a["build"] and "peak_mb" in b["build"]:
+                    warm = (f"a warm build's peak above the memory before it "
+                            f"{a['build']['peak_mb']:.0f} → {b['build']['peak_mb']:.0f} MiB, ")
                 notes.append(
-                    f"{model} {rep} memory: N = {a['n']}: peak of the first build "
-                    f"{a['first_build_peak_mb']:.0f} MiB, N = {b['n']}: "
-                    f"{b['first_build_peak_mb']:.0f} MiB (bound "
-                    f"{b['bound_mb']:.0f} MiB); build {_fmt_s(a['build']['warm_s'])} → "
-                    f"{_fmt_s(b['build']['warm_s'])}")
+                    f"{model} {rep} memory from N = {a['n']} to {b['n']}: {warm}the first "
+                    f"build's (compilation included) {a['first_build_peak_mb']:.0f} → "
+                    f"{b['first_build_peak_mb']:.0f} MiB (bound {b['bound_mb']:.0f} MiB); "
+                    f"build {_fmt_s(a['build']['warm_s'])} → {_fmt_s(b['build']['warm_s'])}")
             except (KeyError, TypeError):
                 notes.append(f"{model} {rep} memory scaling: {sc}")
     return rows, notes
