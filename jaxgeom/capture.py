@@ -69,6 +69,7 @@ import numpy as np
 from jax.extend import core as jex
 from jax.extend.core import primitives as prims
 
+from jaxgeom._compile import model_jit
 from jaxgeom._discovery import (
     _CALL_PRIMITIVES,
     _Analysis,
@@ -747,7 +748,7 @@ def capture_chunk(plan: CapturePlan, params: Any, batch: Any, offset: Any, aux: 
     )
 
 
-_jitted_capture = jax.jit(capture_chunk, static_argnums=0)
+_jitted_capture = model_jit(capture_chunk, static_argnums=0)
 
 
 def capture(fn: Callable, params: Any, batch: Any, *, layer_collection: LayerCollection,

@@ -37,7 +37,6 @@ They save memory (``d`` or ``Σ d_l²`` instead of ``d²``) and the cost of late
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
+from jaxgeom._compile import model_jit
 from jaxgeom.jacobian import Hashable
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract
@@ -148,7 +148,7 @@ def _hvp(loss_fn, params, batch, layout) -> Callable[[jax.Array], jax.Array]:
     return lambda v: layout.to_flat(linear(_tangents(layout, params, v))).astype(v.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "layout", "kind", "per_pass"))
+@model_jit(static_argnames=("loss_fn", "layout", "kind", "per_pass"))
 def _chunk_hessian(params, batch, weight, *, loss_fn, layout, kind, per_pass):
     """``weight ·`` the dense Hessian, its diagonal or its layer blocks, for one chunk:
     ``H eᵢ`` for each needed basis vector, ``per_pass`` at a time."""
@@ -235,13 +235,13 @@ class PMatImplicitHessian(PMatImplicit):
         return jnp.linalg.norm(self.to_dense())
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "layout"))
+@model_jit(static_argnames=("loss_fn", "layout"))
 def _chunk_hvps(params, rows, batch, weight, *, loss_fn, layout):
     """``weight · H_c vᵢ`` for the rows ``vᵢ`` of ``(m, d)``."""
     return weight * jax.vmap(_hvp(loss_fn, params, batch, layout))(rows)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "layout"))
+@model_jit(static_argnames=("loss_fn", "layout"))
 def _chunk_curvature(params, v, batch, weight, *, loss_fn, layout):
     """``weight · vᵀ H_c v`` as the second directional derivative (forward-over-forward)."""
     def loss(p):

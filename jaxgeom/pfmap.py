@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
+from jaxgeom._compile import model_jit
 from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
 from jaxgeom.jacobian import (
     Hashable,
@@ -334,7 +334,7 @@ def _check_same_data(a: list, b: list) -> None:
 
 
 # ----------------------------------------------------------------------------- kernels
-@functools.partial(jax.jit, static_argnames=("fn", "layout"))
+@model_jit(static_argnames=("fn", "layout"))
 def _chunk_jvps(params, rows, batch, mask, offset, aux, *, fn, layout):
     """``(m, n, K)``: ``J_c vᵢ`` of one chunk for the rows ``vᵢ`` of ``(m, d)``."""
     outputs = _masked_outputs(fn, batch, mask, offset, aux)
@@ -342,7 +342,7 @@ def _chunk_jvps(params, rows, batch, mask, offset, aux, *, fn, layout):
     return jax.vmap(lambda t: jax.jvp(outputs, (params,), (t,))[1])(tangents).astype(rows.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("fn",))
+@model_jit(static_argnames=("fn",))
 def _chunk_vjps(params, cotangents, batch, mask, offset, aux, *, fn):
     """``(m, d)``: ``J_cᵀ fᵢ`` of one chunk for the ``(m, n, K)`` cotangents ``fᵢ``."""
     _, vjp = jax.vjp(_masked_outputs(fn, batch, mask, offset, aux), params)

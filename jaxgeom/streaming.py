@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
+from jaxgeom._compile import model_jit
 from jaxgeom._signature import Signature, abstract, signature
 
 
@@ -261,7 +262,7 @@ def gather(results: list, assemble: Callable[[list], Any]) -> Any:
 
 
 # ----------------------------------------------------------------------------- driver
-@jax.jit
+@model_jit
 def _statistics(builder, params, batch, mask, offset, aux):
     return builder.statistics(params, batch, mask, offset, aux)
 
@@ -324,7 +325,7 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
     return total, n
 
 
-@functools.partial(jax.jit, donate_argnums=(1,))
+@model_jit(donate_argnums=(1,))
 def _update(builder, total, params, batch, mask, offset, aux):
     return builder.update(total, params, batch, mask, offset, aux)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
+from jaxgeom._compile import model_jit
 from jaxgeom.jacobian import (
     Hashable,
     accumulate,
@@ -262,7 +262,7 @@ def _tangents(layout: LayerCollection, params: Any, flat: jax.Array) -> Any:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "layout"))
+@model_jit(static_argnames=("fn", "layout"))
 def _chunk_jtjv(params, rows, batch, mask, offset, aux, *, fn, layout):
     """``J_cᵀ (J_c vᵢ)`` ``(m, d)`` of one chunk for the rows ``vᵢ`` of ``(m, d)``: one
     ``jvp`` and one ``vjp`` per row (vectorised), sharing one forward pass."""
@@ -274,7 +274,7 @@ def _chunk_jtjv(params, rows, batch, mask, offset, aux, *, fn, layout):
     return flatten_jacobian(jax.vmap(vjp)(jv)[0], 1).astype(rows.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "layout"))
+@model_jit(static_argnames=("fn", "layout"))
 def _chunk_jv_sq(params, v, batch, mask, offset, aux, *, fn, layout):
     """``Σ_{n∈c} ‖Jₙ v‖²`` of one chunk (one ``jvp``)."""
     outputs = _masked_outputs(fn, batch, mask, offset, aux)
@@ -282,7 +282,7 @@ def _chunk_jv_sq(params, v, batch, mask, offset, aux, *, fn, layout):
     return jnp.sum(jv**2)
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "mode"))
+@model_jit(static_argnames=("fn", "mode"))
 def _chunk_rows(params, batch, mask, offset, aux, *, fn, mode):
     """The chunk's masked Jacobian rows ``(n K, d)``."""
     jac, _ = chunk_jacobian(fn, params, batch, offset, aux, mode)

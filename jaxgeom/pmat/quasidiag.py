@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._compile import model_jit
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
@@ -321,7 +322,7 @@ def _has_neurons(spec: KroneckerSpec) -> bool:
     return spec.kind in ("dense", "conv") and spec.bias is not None
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "layout"))
+@model_jit(static_argnames=("plan", "layout"))
 def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
     """The diagonal ``Σₙₖ J²`` (layer by layer) and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` for one
     masked chunk, and whether everything was finite."""

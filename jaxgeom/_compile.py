@@ -1,0 +1,91 @@
+"""``jax.jit`` for jaxgeom's compiled steps that run the user's model.
+
+A step that runs the model (a build's chunk step, the products of ``PMatImplicit`` and
+``PFMapImplicit``, the Hessian's) spends most of its time in the model's forward and
+backward passes. jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default. On a
+2-core AVX2 CPU, XLA's own convolution kernels were faster than YNNPACK's: 2× forward and
+for input gradients, 13× for weight gradients (a 3×3, 32-channel layer on 144 images of
+32×32). These steps are therefore compiled with YNNPACK kept for matrix products and
+reductions but not for convolutions. The option is passed per compilation
+(``compiler_options``), so nothing global changes and the user's own ``jit`` calls are not
+affected.
+
+The option is left out when ``XLA_FLAGS`` already sets it (the user's choice wins: set it
+to XLA's default to opt out) or when this jaxlib's XLA does not know it (checked once, by
+compiling a trivial function).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+#: the XLA option, and its value: XLA's default (dots and reductions) without convolutions
+CONVOLUTION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+CONVOLUTION_VALUE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+
+
+@functools.cache
+def model_compile_options() -> dict[str, Any] | None:
+    """The ``compiler_options`` of a step that runs the model (``None``: XLA's defaults)."""
+    if CONVOLUTION_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return None
+    options = {CONVOLUTION_OPTION: CONVOLUTION_VALUE}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+    except Exception:  # noqa: BLE001 - an XLA without the option, or without options at all
+        return None
+    return options
+
+
+class ModelJit:
+    """``jax.jit(fun, **jit_kwargs)`` compiled with :func:`model_compile_options` when it
+    is called at the top level, and the plain ``jax.jit`` when it is called inside another
+    ``jit`` (JAX takes compile options from the outermost ``jit`` only, and refuses them on
+    a nested one; the nested call is then traced twice, once per outer compilation).
+
+    The jitted functions are made at the first use (the options need a backend, which must
+    not start at import); ``lower``, ``eval_shape`` and the other attributes of a jitted
+    function are the top-level one's.
+    """
+
+    def __init__(self, fun: Callable, **jit_kwargs: Any):
+        functools.update_wrapper(self, fun)
+        self._fun = fun
+        self._jit_kwargs = jit_kwargs
+        self._top_level: Callable | None = None
+        self._nested: Callable | None = None
+
+    def _compiled(self) -> Callable:
+        if self._top_level is None:
+            self._top_level = jax.jit(self._fun, compiler_options=model_compile_options(),
+                                      **self._jit_kwargs)
+        return self._top_level
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._compiled()(*args, **kwargs)
+        except ValueError as error:
+            if "compiler_options" not in str(error):
+                raise
+        if self._nested is None:
+            self._nested = jax.jit(self._fun, **self._jit_kwargs)
+        return self._nested(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_fun", "_jit_kwargs", "_top_level", "_nested"):
+            raise AttributeError(name)
+        return getattr(self._compiled(), name)
+
+
+def model_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
+    """Decorator: :class:`ModelJit`, used like ``jax.jit`` (``static_argnums``,
+    ``static_argnames``, ``donate_argnums``, …)."""
+    if fun is None:
+        return functools.partial(model_jit, **jit_kwargs)
+    return ModelJit(fun, **jit_kwargs)
