@@ -269,6 +269,8 @@ def floors_case(spec: models.Spec, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from jaxgeom._compile import model_jit  # the model's passes compiled as jaxgeom's steps
+
     apply_fn, params, _, _, x, y = _setup(spec)
     bs = spec.batch_size
     xs, ys = _chunks(x, bs), _chunks(y, bs)
@@ -277,10 +279,10 @@ def floors_case(spec: models.Spec, repeats: int) -> dict:
         logp = jax.nn.log_softmax(apply_fn(p, xb))
         return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], 1))
 
-    forward = jax.jit(apply_fn)
-    grad = jax.jit(jax.grad(loss))
+    forward = model_jit(apply_fn)
+    grad = model_jit(jax.grad(loss))
 
-    @jax.jit
+    @model_jit
     def per_example(p, xs, ys):
         def chunk(acc, xy):
             g = jax.vmap(jax.grad(lambda q, a, b: loss(q, a[None], b[None])),
@@ -292,14 +294,14 @@ def floors_case(spec: models.Spec, repeats: int) -> dict:
     def k_backward(k):
         # K separate VJPs of the batched model after one forward (a Python loop: XLA:CPU
         # runs it ~3x faster than vmap(vjp), whose batched dots it does not fuse)
-        @jax.jit
+        @model_jit
         def f(p, x):
             out, vjp = jax.vjp(lambda q: apply_fn(q, x), p)
             cot = jax.random.normal(jax.random.key(0), (k, *out.shape), out.dtype)
             return [vjp(cot[i])[0] for i in range(k)]
         return f
 
-    @jax.jit
+    @model_jit
     def fisher_vector(p, v, x):
         out, jv = jax.jvp(lambda q: apply_fn(q, x), (p,), (v,))
         prob = jax.nn.softmax(out)
@@ -307,7 +309,7 @@ def floors_case(spec: models.Spec, repeats: int) -> dict:
         return jax.vjp(lambda q: apply_fn(q, x), p)[1](w / x.shape[0])[0]
 
     def k_backward_vmapped(k):
-        @jax.jit
+        @model_jit
         def f(p, x):
             out, vjp = jax.vjp(lambda q: apply_fn(q, x), p)
             cot = jax.random.normal(jax.random.key(0), (k, *out.shape), out.dtype)
