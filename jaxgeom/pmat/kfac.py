@@ -72,7 +72,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._compile import model_jit
 from jaxgeom._reindex import FlatPartition, is_transposed_block
 from jaxgeom.capture import (
     Captured,
@@ -891,7 +890,7 @@ def check_blocks(plan: CapturePlan, layout: LayerCollection, limit: float,
             )
 
 
-@model_jit(static_argnames=("plan", "approx", "layout"))
+@functools.partial(jax.jit, static_argnames=("plan", "approx", "layout"))
 def _chunk_terms(params, batch, mask, offset, aux, *, plan, approx, layout):
     """What one masked chunk adds to the factors, per Kronecker layer ``(a, 1/T, g)``: the
     rows whose Grams are ``Σ aaᵀ`` and ``Σ ggᵀ`` (:func:`factor_sum`; an embedding's ``a``:

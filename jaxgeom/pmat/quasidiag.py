@@ -60,7 +60,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._compile import model_jit
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
@@ -322,7 +321,7 @@ def _has_neurons(spec: KroneckerSpec) -> bool:
     return spec.kind in ("dense", "conv") and spec.bias is not None
 
 
-@model_jit(static_argnames=("plan", "layout"))
+@functools.partial(jax.jit, static_argnames=("plan", "layout"))
 def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
     """The diagonal ``Σₙₖ J²`` (layer by layer) and each neuron layer's ``Σₙₖ ∂W ⊙ ∂b`` for one
     masked chunk, and whether everything was finite."""
