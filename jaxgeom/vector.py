@@ -8,6 +8,7 @@ pytree, or a flat ``(d,)`` array in the flat order, and answers in the same form
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom.layers import LayerCollection, ravel_tree
 from jaxgeom.scaling import ScalarMultiples
 
@@ -46,6 +48,7 @@ class PVector(ScalarMultiples):
             )
         return cls(layout.from_flat(jnp.asarray(flat)))
 
+    @compiled_when_eager
     def to_flat(self) -> jax.Array:
         """The ``(d,)`` flat form, in the order of ``ravel_pytree(params)``."""
         return ravel_tree(self.tree)
@@ -54,6 +57,7 @@ class PVector(ScalarMultiples):
         return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(self.tree))
 
     # --------------------------------------------------------------- algebra
+    @compiled_when_eager
     def _map2(self, other: Any, op: Callable) -> PVector:
         other = other.tree if isinstance(other, PVector) else other
         return PVector(jax.tree_util.tree_map(op, self.tree, other))
@@ -68,12 +72,14 @@ class PVector(ScalarMultiples):
             return NotImplemented
         return self._map2(other, jnp.subtract)
 
+    @compiled_when_eager
     def _scale(self, scalar: Any) -> PVector:
         return PVector(jax.tree_util.tree_map(lambda x: x * scalar, self.tree))
 
     def __pow__(self, exponent: Any) -> PVector:
         return PVector(jax.tree_util.tree_map(lambda x: x**exponent, self.tree))
 
+    @compiled_when_eager
     def dot(self, other: Any) -> jax.Array:
         """Inner product ``Σ_leaves Σ x·y`` with another ``PVector`` or params-shaped pytree."""
         other = other.tree if isinstance(other, PVector) else other
@@ -87,7 +93,12 @@ class PVector(ScalarMultiples):
 
     def norm(self, p: float = 2) -> jax.Array:
         """The ``p``-norm of the flat vector (``p = inf`` for the max-abs norm)."""
-        return jnp.linalg.norm(self.to_flat(), ord=p)
+        return _flat_norm(self.tree, p)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _flat_norm(tree: Any, p: float) -> jax.Array:
+    return jnp.linalg.norm(ravel_tree(tree), ord=p)
 
 
 def random_pvector(key: jax.Array, params: Any, dtype: Any = None) -> PVector:

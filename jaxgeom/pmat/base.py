@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import streaming
+from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._reindex import LeafVector
 from jaxgeom.jacobian import JacobianBuilder
 from jaxgeom.layers import LayerCollection
@@ -43,9 +44,14 @@ _CAPABILITY_METHOD = {
 
 
 def representation(cls: type) -> type:
-    """Class decorator: frozen dataclass + pytree registration + registry entry."""
+    """Class decorator: frozen dataclass + pytree registration + registry entry; the
+    operations named in :attr:`PMatAbstract.COMPILED_OPERATIONS` run as one compiled call
+    when called eagerly (:func:`jaxgeom._dispatch.compiled_when_eager`)."""
     cls = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
     cls = jax.tree_util.register_dataclass(cls)
+    for name in getattr(cls, "COMPILED_OPERATIONS", ()):
+        method = getattr(cls, name)
+        setattr(cls, name, compiled_when_eager(getattr(method, "eager_method", method)))
     REGISTRY.append(cls)
     return cls
 
@@ -68,6 +74,14 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: the solve methods whose ``_solve`` also takes (and answers with) a ``LeafVector``,
     #: for a representation that is :attr:`LEAFWISE`
     LEAFWISE_SOLVES: ClassVar[tuple[str, ...]] = ()
+    #: the operations that, called outside a trace, run as one compiled call instead of
+    #: dispatching their array operations one by one (1.1-15x faster on a CPU); those
+    #: returning a representation stay eager (their arrays keep their identity, which
+    #: ``mm`` and ``+`` use to recognise shared Kronecker eigenbases)
+    COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = (
+        "mv", "vTMv", "mmap", "mapTMmap", "solve", "to_dense", "get_diag", "trace",
+        "frobenius_norm", "eigvalsh", "norm", "eigh",
+    )
 
     # ------------------------------------------------------------------ primitives
     @abc.abstractmethod
@@ -88,6 +102,11 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         elif preconditioner is not None:
             options["preconditioner"] = preconditioner
         return cg(lambda x: self._mv(x) + regul * x, v, **options)
+
+    def _compiles_eager_calls(self) -> bool:
+        """Whether the :attr:`COMPILED_OPERATIONS` compile when called eagerly (not for a
+        representation whose operations stream data through compiled steps of their own)."""
+        return True
 
     # ------------------------------------------------------------------ shapes
     @property

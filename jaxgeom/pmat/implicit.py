@@ -85,6 +85,9 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     def dtype(self):
         return self.layer_collection.dtype
 
+    def _compiles_eager_calls(self) -> bool:
+        return False  # the chunk loop calls compiled steps (``model_jit``) of its own
+
 
     # ------------------------------------------------------------------ products
     def _mv(self, v):

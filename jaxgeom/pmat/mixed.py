@@ -251,6 +251,9 @@ class PMatMixed(PMatAbstract):
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
 
+    def _compiles_eager_calls(self) -> bool:
+        return all(p._compiles_eager_calls() for p in self.parts)
+
     @property
     def _split(self) -> FlatPartition:
         return _parts(self.layer_collection, tuple(p.layer_collection for p in self.parts))

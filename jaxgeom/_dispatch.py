@@ -1,0 +1,75 @@
+"""Operations that run as one compiled call when they are called outside a trace.
+
+An operation of a representation (``mv``, ``solve``, ``trace``, …) is a few to a few
+hundred small array operations. Called eagerly, from a notebook or a Python loop, JAX
+dispatches each of them on its own (≈ 5–20 µs apiece on a CPU, each one a separate pass
+over memory that XLA would have fused). On a 2-core CPU, ``PMatDiag.mv`` on a
+670k-parameter MLP took 2.0 ms eagerly against 0.17 ms as one compiled call, and
+``PMatQuasiDiag.frobenius_norm`` 1.8 against 0.12 ms. :func:`compiled_when_eager` makes
+such a method run as one ``jax.jit`` call instead. JAX caches the compilation on the
+representation's structure (its type and static layout), the static arguments and the
+shapes and dtypes of the traced ones:
+
+- array leaves (``jax.Array``, NumPy arrays and scalars) and Python ``float`` and
+  ``complex`` numbers are traced, so that new values (a damping schedule, a new vector)
+  never recompile;
+- every other leaf (``str``, ``int``, ``bool``, ``None``, a callable) is static and part
+  of the cache key (a callable made anew for each call compiles each time); with an
+  unhashable one the method runs eagerly;
+- inside a trace (``jit``, ``grad``, ``vmap``: some leaf is a ``Tracer``) the method runs
+  as written, compiled with the code around it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+#: stands in the static leaves for each traced one
+_TRACED = object()
+
+#: Python numbers whose values are traced (ints and bools stay static: they pick code paths)
+_TRACED_NUMBERS = (float, complex)
+
+
+def _is_traced(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or type(leaf) in _TRACED_NUMBERS
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _compiled_call(method: Callable, treedef: Any, static: tuple, traced: list) -> Any:
+    values = iter(traced)
+    leaves = [next(values) if leaf is _TRACED else leaf for leaf in static]
+    self, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+    return method(self, *args, **kwargs)
+
+
+def compiled_when_eager(method: Callable) -> Callable:
+    """``method(self, *args, **kwargs)`` as one compiled call when no argument is traced
+    (module docstring). ``self`` must be a pytree; when it has a ``_compiles_eager_calls()``
+    method answering ``False``, the call stays eager. The result must be a pytree of arrays.
+    The returned function keeps the method's name and docstring, and the method itself as
+    ``eager_method``."""
+
+    @functools.wraps(method)
+    def operation(self, *args: Any, **kwargs: Any) -> Any:
+        compiles = getattr(self, "_compiles_eager_calls", None)
+        if compiles is not None and not compiles():
+            return method(self, *args, **kwargs)
+        leaves, treedef = jax.tree_util.tree_flatten((self, args, kwargs))
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+            return method(self, *args, **kwargs)
+        static = tuple(_TRACED if _is_traced(leaf) else leaf for leaf in leaves)
+        try:
+            hash(static)
+        except TypeError:
+            return method(self, *args, **kwargs)
+        return _compiled_call(method, treedef, static,
+                              [leaf for leaf in leaves if _is_traced(leaf)])
+
+    operation.eager_method = method
+    return operation
