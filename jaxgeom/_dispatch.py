@@ -13,9 +13,10 @@ shapes and dtypes of the traced ones:
 - array leaves (``jax.Array``, NumPy arrays and scalars) and Python ``float`` and
   ``complex`` numbers are traced, so that new values (a damping schedule, a new vector)
   never recompile;
-- every other leaf (``str``, ``int``, ``bool``, ``None``, a callable) is static and part
-  of the cache key (a callable made anew for each call compiles each time); with an
-  unhashable one the method runs eagerly;
+- every other leaf (``str``, ``int``, ``bool``, ``None``) is static and part of the cache
+  key; with an unhashable one, or a callable (a ``cg`` preconditioner: a lambda made anew
+  for each call would compile each time, and the cache would keep what it closes over),
+  the method runs eagerly;
 - inside a trace (``jit``, ``grad``, ``vmap``: some leaf is a ``Tracer``) the method runs
   as written, compiled with the code around it.
 """
@@ -67,6 +68,8 @@ def compiled_when_eager(method: Callable) -> Callable:
         try:
             hash(static)
         except TypeError:
+            return method(self, *args, **kwargs)
+        if any(callable(leaf) for leaf in static):
             return method(self, *args, **kwargs)
         return _compiled_call(method, treedef, static,
                               [leaf for leaf in leaves if _is_traced(leaf)])

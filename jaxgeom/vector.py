@@ -58,19 +58,22 @@ class PVector(ScalarMultiples):
 
     # --------------------------------------------------------------- algebra
     @compiled_when_eager
-    def _map2(self, other: Any, op: Callable) -> PVector:
-        other = other.tree if isinstance(other, PVector) else other
-        return PVector(jax.tree_util.tree_map(op, self.tree, other))
+    def _add(self, other: PVector) -> PVector:
+        return PVector(jax.tree_util.tree_map(jnp.add, self.tree, other.tree))
+
+    @compiled_when_eager
+    def _subtract(self, other: PVector) -> PVector:
+        return PVector(jax.tree_util.tree_map(jnp.subtract, self.tree, other.tree))
 
     def __add__(self, other: Any) -> PVector:
         if not isinstance(other, PVector):
             return NotImplemented
-        return self._map2(other, jnp.add)
+        return self._add(other)
 
     def __sub__(self, other: Any) -> PVector:
         if not isinstance(other, PVector):
             return NotImplemented
-        return self._map2(other, jnp.subtract)
+        return self._subtract(other)
 
     @compiled_when_eager
     def _scale(self, scalar: Any) -> PVector:

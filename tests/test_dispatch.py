@@ -4,6 +4,7 @@ written inside a trace."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,7 +15,7 @@ from flax import linen as nn
 from pmat_checks import TOL, flat, vec
 
 from jaxgeom import FIM, PMatDense, PMatDiag, PMatImplicit, PMatKFAC, PMatQuasiDiag, PVector, vector
-from jaxgeom._dispatch import _compiled_call
+from jaxgeom._dispatch import _compiled_call, compiled_when_eager
 
 
 @functools.cache
@@ -130,9 +131,47 @@ def _split(M, v):
     return treedef, static, [x for x in leaves if _is_traced(x)]
 
 
-def test_unhashable_static_argument_and_implicit_matrices_stay_eager():
-    """A preconditioner that cannot be hashed (a cache key) and ``PMatImplicit`` (whose
-    chunk loop calls compiled steps of its own) run as written, with the right numbers."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Box:
+    x: jax.Array
+
+    @compiled_when_eager
+    def times(self, factor, note=None):
+        return self.x * factor
+
+
+class _Unhashable:
+    __hash__ = None
+
+
+def test_which_arguments_are_traced_static_or_keep_the_call_eager():
+    """Arrays and floats are traced (new values: no compilation), ints are static (a new
+    one compiles); an unhashable or callable argument makes the call eager. The numbers
+    are the same every way."""
+    box = _Box(jnp.arange(3.0))
+    calls = [
+        (lambda: box.times(2.5), 1),
+        (lambda: box.times(3.5), 0),
+        (lambda: box.times(np.float64(4.0)), 1),  # a strong dtype: another signature
+        (lambda: _Box(jnp.ones(3)).times(np.float64(5.0)), 0),
+        (lambda: box.times(2), 1),
+        (lambda: box.times(2), 0),
+        (lambda: box.times(2.5, note="label"), 1),
+        (lambda: box.times(2.5, note=_Unhashable()), 0),
+        (lambda: box.times(2.5, note=lambda: None), 0),
+    ]
+    for i, (call, compilations) in enumerate(calls):
+        count, out = _compilations(call)
+        assert count == compilations, i
+    np.testing.assert_allclose(box.times(2.5, note=_Unhashable()), [0.0, 2.5, 5.0])
+    np.testing.assert_allclose(box.times(3), [0.0, 3.0, 6.0])
+    assert _Box.times.eager_method(box, 2.0).tolist() == [0.0, 2.0, 4.0]
+
+
+def test_callable_preconditioner_and_implicit_matrices_stay_eager():
+    """A ``cg`` preconditioner given as a function, and ``PMatImplicit`` (whose chunk loop
+    calls compiled steps of its own), run as written, with the right numbers."""
 
     class Jacobi:
         __hash__ = None
@@ -146,11 +185,13 @@ def test_unhashable_static_argument_and_implicit_matrices_stay_eager():
     M, params = _fisher(PMatDense)
     v = vec(params)
     dense = np.asarray(M.to_dense())
-    count, x = _compilations(lambda: M.solve(v, 0.1, method="cg", maxiter=200, rtol=1e-12,
-                                             preconditioner=Jacobi(M.get_diag() + 0.1)))
-    assert count == 0
     expected = np.linalg.solve(dense + 0.1 * np.eye(len(dense)), flat(v))
-    np.testing.assert_allclose(flat(x), expected, rtol=1e-8)
+    diag = M.get_diag() + 0.1
+    for preconditioner in (Jacobi(diag), lambda r: r / diag):
+        count, x = _compilations(lambda p=preconditioner: M.solve(
+            v, 0.1, method="cg", maxiter=200, rtol=1e-12, preconditioner=p))
+        assert count == 0
+        np.testing.assert_allclose(flat(x), expected, rtol=1e-8)
     implicit, _ = _fisher(PMatImplicit)
     count, y = _compilations(lambda: implicit.mv(v))
     assert count == 0
