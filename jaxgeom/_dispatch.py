@@ -41,6 +41,14 @@ def _is_traced(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or type(leaf) in _TRACED_NUMBERS
 
 
+def _hashable(static: tuple) -> bool:
+    try:
+        hash(static)
+    except TypeError:
+        return False
+    return True
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _compiled_call(method: Callable, treedef: Any, static: tuple, traced: list) -> Any:
     values = iter(traced)
@@ -64,15 +72,12 @@ def compiled_when_eager(method: Callable) -> Callable:
         leaves, treedef = jax.tree_util.tree_flatten((self, args, kwargs))
         if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
             return method(self, *args, **kwargs)
-        static = tuple(_TRACED if _is_traced(leaf) else leaf for leaf in leaves)
-        try:
-            hash(static)
-        except TypeError:
-            return method(self, *args, **kwargs)
-        if any(callable(leaf) for leaf in static):
+        traced = [_is_traced(leaf) for leaf in leaves]
+        static = tuple(_TRACED if t else leaf for t, leaf in zip(traced, leaves))
+        if not _hashable(static) or any(callable(leaf) for leaf in static):
             return method(self, *args, **kwargs)
         return _compiled_call(method, treedef, static,
-                              [leaf for leaf in leaves if _is_traced(leaf)])
+                              [leaf for t, leaf in zip(traced, leaves) if t])
 
     operation.eager_method = method
     return operation
