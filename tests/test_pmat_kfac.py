@@ -318,6 +318,38 @@ def test_sum_is_block_diagonal_and_product_factorwise(case):
     ])
 
 
+def test_sums_sharing_a_factor_stay_kronecker(case):
+    """``A ⊗ G ± A' ⊗ G'`` with a shared factor is one Kronecker product: ``K + K``,
+    ``K − 0.5 K`` and ``2 K + K`` (scaling multiplies ``A``, keeps ``G``) stay KFACs with
+    the summed matrix; KFACs on other factors sum to the exact layer blocks."""
+    t, K, dense = case
+    for got, want in [(K + K, 2 * dense), (K - 0.5 * K, 0.5 * dense),
+                      (2.0 * K + K, 3 * dense)]:
+        assert type(got) is PMatKFAC
+        np.testing.assert_allclose(got.to_dense(), want, **TOL)
+    other = FIM(t.apply_fn, t.params, t.x[:3], PMatKFAC)
+    total = K + other
+    assert type(total) is PMatBlockDiag
+    np.testing.assert_allclose(total.to_dense(), dense + np.asarray(other.to_dense()), **TOL)
+
+
+def test_sum_on_other_factors_refuses_a_huge_block():
+    """On other factors the sum needs each layer's exact block: above
+    ``SUM_BLOCK_LIMIT`` parameters a layer gets an error naming it, its size and the ways
+    out, not an allocation of ``d_l²`` floats."""
+    params = {"w": jax.random.normal(KEY, (80, 60)) / 9, "b": jnp.zeros(60)}  # 4860 > 4096
+
+    def apply_fn(p, x):
+        return jnp.tanh(x @ p["w"] + p["b"])
+
+    x = jax.random.normal(KEY, (4, 80))
+    K1 = FIM(apply_fn, params, x, PMatKFAC, variant="regression")
+    K2 = FIM(apply_fn, params, 2 * x, PMatKFAC, variant="regression")
+    assert type(K1 + K1) is PMatKFAC  # a shared G: no block formed
+    with pytest.raises(ValueError, match=r"layer 'w'.*4860².*to_blockdiag\(\)"):
+        K1 + K2
+
+
 @pytest.mark.parametrize("make, input_major", [
     (make_linen_cnn, True),  # HWIO kernels: the blocks are applied to Vᵀ
     (make_equinox_cnn, False),  # OIHW: V is the kernel as stored

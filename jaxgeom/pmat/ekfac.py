@@ -36,7 +36,8 @@ Operations, all through the eigenbasis (never a ``d × d`` matrix but in ``to_de
 EKFACs); ``trace``/Frobenius/``eigvalsh``/``norm(±2)`` ``Σ d_l``; ``get_diag``
 ``Σ d_l (a_l + g_l)``. ``mm`` with an EKFAC on the same bases (e.g. two powers of one
 matrix) multiplies the diagonals; otherwise it is dense. ``M1 ± M2`` on the same bases is
-an EKFAC; otherwise (bases differ) the exact layer blocks, a ``PMatBlockDiag``; with
+an EKFAC; otherwise (bases differ) the exact layer blocks, a ``PMatBlockDiag`` (as for
+KFAC: layers of at most 4096 parameters, else a ``ValueError``); with
 another representation, a ``PMatDense``. "The same bases" is decided statically: the same
 arrays (as for matrices derived from one another, also inside a ``jit`` trace) or equal
 concrete values; two EKFACs entering ``jit`` as separate arguments have distinct tracers
@@ -98,15 +99,6 @@ class PMatEKFAC(PMatKFAC):
         whose input factor is diagonal), ``(g, g)`` and the ``(g, a)`` diagonal."""
         node = self.factors[self._index(layer)]
         return node.qa, node.qg, node.d
-
-    # ------------------------------------------------------------------ algebra
-    def _add_same(self, other, sign):
-        """On the same bases: an EKFAC (diagonals add); otherwise the exact layer blocks."""
-        if all(a.shares_basis(b) for a, b in zip(self.factors, other.factors)):
-            nodes = tuple(a.with_values(a.d + sign * b.d)
-                          for a, b in zip(self.factors, other.factors))
-            return self._with(nodes, tuple(a + sign * b for a, b in zip(self.blocks, other.blocks)))
-        return super()._add_same(other, sign)
 
     # ------------------------------------------------------------------ construction
     @classmethod

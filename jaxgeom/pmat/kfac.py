@@ -54,9 +54,13 @@ uses the π-corrected factored damping of Martens & Grosse (2015, §6.3):
 ``(A + π√λ I) ⊗ (G + √λ/π I)``, ``π = √((tr A / a_l) / (tr G / g_l))`` (always Kronecker).
 Exact blocks of other layers are damped exactly in both cases.
 
-``M1 + M2`` is not a Kronecker product: it is returned as the exact
-:class:`~jaxgeom.pmat.blockdiag.PMatBlockDiag` (layer blocks ``d_l²``); ``+`` with another
-representation promotes to ``PMatDense``. ``mm`` is factor-wise
+``M1 ± M2`` is a KFAC where, layer by layer, the two share a factor (the same arrays or
+equal values: ``M + M``, ``M − 0.5 M``; scaling multiplies ``A``): ``(A₁ ± A₂) ⊗ G`` or
+``A ⊗ (G₁ ± G₂)``. Otherwise it is not a Kronecker product and is returned as the exact
+:class:`~jaxgeom.pmat.blockdiag.PMatBlockDiag` (layer blocks ``d_l²``), for layers of at
+most ``SUM_BLOCK_LIMIT`` (4096) parameters; a larger layer raises a ``ValueError`` naming
+it (``M1.to_blockdiag() + M2.to_blockdiag()`` asks for the blocks anyway). ``+`` with
+another representation promotes to ``PMatDense``. ``mm`` is factor-wise
 (``(A₁⊗G₁)(A₂⊗G₂) = A₁A₂ ⊗ G₁G₂``) between KFACs of the same layers.
 """
 
@@ -227,6 +231,19 @@ class Kron:
     def scale(self, s):
         return dataclasses.replace(self, A=self.A * s)
 
+    def add(self, other, sign):
+        """``A ⊗ G ± A' ⊗ G'`` when it is one Kronecker product, a factor shared (the same
+        arrays, or equal concrete values): ``(A ± A') ⊗ G`` or ``A ⊗ (G ± G')``; else
+        ``None``."""
+        if not isinstance(other, Kron) or self.A.ndim != other.A.ndim:
+            return None
+        symmetric = self.symmetric and other.symmetric
+        if _same_array(self.G, other.G):
+            return Kron(self.A + sign * other.A, self.G, symmetric)
+        if _same_array(self.A, other.A):
+            return Kron(self.A, self.G + sign * other.G, symmetric)
+        return None
+
     def mm(self, other):
         if not isinstance(other, Kron):
             return None
@@ -301,6 +318,10 @@ class KronEigen:
         e.g. two functions of one matrix, or equal concrete values)."""
         return (isinstance(other, KronEigen) and _same_array(self.qa, other.qa)
                 and _same_array(self.qg, other.qg))
+
+    def add(self, other, sign):
+        """The sum on a shared eigenbasis (eigenvalues add), else ``None``."""
+        return self.with_values(self.d + sign * other.d) if self.shares_basis(other) else None
 
     def mm(self, other):
         """The product on a shared eigenbasis (eigenvalues multiply), else ``None``."""
@@ -429,6 +450,11 @@ def kronecker_layout(layer_collection: LayerCollection,
     other_indices = tuple(layer_collection.layer_indices(layer) for layer in others)
     partition = FlatPartition.of(pieces + list(other_indices), layer_collection.numel())
     return _Layout(matrices, biased, tuple(transposed), others, other_indices, partition)
+
+
+#: the largest layer, in parameters, whose exact block a sum of KFACs on different
+#: factors forms (the build's default ``max_dense_block``): 4096² float32 is 64 MiB
+SUM_BLOCK_LIMIT = 4096
 
 
 # ----------------------------------------------------------------------------- representation
@@ -610,8 +636,28 @@ class PMatKFAC(PMatAbstract):
                           tuple(b * s for b in self.blocks))
 
     def _add_same(self, other, sign):
-        """A sum of Kronecker products is not one: the exact layer blocks, as a
-        ``PMatBlockDiag``."""
+        """Layer by layer: one Kronecker product when the two share a factor (``F + F``,
+        ``F - 0.5 F``; EKFACs on the same eigenbases), the same representation; otherwise
+        (a sum of Kronecker products is not one) the exact layer blocks, a
+        ``PMatBlockDiag``, for layers of at most :data:`SUM_BLOCK_LIMIT` parameters."""
+        if other.specs == self.specs:
+            nodes = tuple(a.add(b, sign) for a, b in zip(self.factors, other.factors))
+            if all(n is not None for n in nodes):
+                return self._with(nodes, tuple(a + sign * b
+                                               for a, b in zip(self.blocks, other.blocks)))
+        layout = self.layer_collection
+        for layer in layout.layers:
+            size = layout.layer_numel(layer)
+            if size > SUM_BLOCK_LIMIT:
+                raise ValueError(
+                    f"the sum of two {type(self).__name__}s on different factors is not "
+                    f"Kronecker-factored: its exact block for layer {layer.id!r} would have "
+                    f"{size}² entries ({size**2 * np.dtype(self.dtype).itemsize / 2**30:.3g} "
+                    f"GiB; the limit is {SUM_BLOCK_LIMIT} parameters). Average the factors "
+                    "instead (jax.tree_util.tree_map(lambda a, b: (a + b) / 2, F1, F2), "
+                    "kfac-jax's moving average: an approximation), or ask for the blocks "
+                    "explicitly: F1.to_blockdiag() + F2.to_blockdiag()."
+                )
         return self.to_blockdiag()._add_same(other.to_blockdiag(), sign)
 
     def to_blockdiag(self) -> PMatBlockDiag:
