@@ -60,6 +60,7 @@ from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import Layer
 from jaxgeom.pmat.base import representation, static_field
 from jaxgeom.pmat.kfac import (
+    DENSE_BLOCK_LIMIT,
     CaptureBuilder,
     KFACBuilder,
     PMatKFAC,
@@ -139,7 +140,7 @@ class PMatEKFAC(PMatKFAC):
 
     @classmethod
     def _default_block_limit(cls) -> float:
-        return 4096
+        return DENSE_BLOCK_LIMIT
 
     def refit(self, apply_fn: Callable, params: Any, data: Any, *, key: jax.Array | None = None,
               **kwargs: Any) -> PMatEKFAC:

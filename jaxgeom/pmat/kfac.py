@@ -58,7 +58,7 @@ Exact blocks of other layers are damped exactly in both cases.
 equal values: ``M + M``, ``M − 0.5 M``; scaling multiplies ``A``): ``(A₁ ± A₂) ⊗ G`` or
 ``A ⊗ (G₁ ± G₂)``. Otherwise it is not a Kronecker product and is returned as the exact
 :class:`~jaxgeom.pmat.blockdiag.PMatBlockDiag` (layer blocks ``d_l²``), for layers of at
-most ``SUM_BLOCK_LIMIT`` (4096) parameters; a larger layer raises a ``ValueError`` naming
+most ``DENSE_BLOCK_LIMIT`` (4096) parameters; a larger layer raises a ``ValueError`` naming
 it (``M1.to_blockdiag() + M2.to_blockdiag()`` asks for the blocks anyway). ``+`` with
 another representation promotes to ``PMatDense``. ``mm`` is factor-wise
 (``(A₁⊗G₁)(A₂⊗G₂) = A₁A₂ ⊗ G₁G₂``) between KFACs of the same layers.
@@ -452,9 +452,10 @@ def kronecker_layout(layer_collection: LayerCollection,
     return _Layout(matrices, biased, tuple(transposed), others, other_indices, partition)
 
 
-#: the largest layer, in parameters, whose exact block a sum of KFACs on different
-#: factors forms (the build's default ``max_dense_block``): 4096² float32 is 64 MiB
-SUM_BLOCK_LIMIT = 4096
+#: the largest non-Kronecker layer, in parameters, given an exact dense block by default
+#: (the builds' ``max_dense_block``), and the largest layer whose exact block a sum of
+#: KFACs on different factors forms: 4096² float32 is 64 MiB
+DENSE_BLOCK_LIMIT = 4096
 
 
 # ----------------------------------------------------------------------------- representation
@@ -639,7 +640,7 @@ class PMatKFAC(PMatAbstract):
         """Layer by layer: one Kronecker product when the two share a factor (``F + F``,
         ``F - 0.5 F``; EKFACs on the same eigenbases), the same representation; otherwise
         (a sum of Kronecker products is not one) the exact layer blocks, a
-        ``PMatBlockDiag``, for layers of at most :data:`SUM_BLOCK_LIMIT` parameters."""
+        ``PMatBlockDiag``, for layers of at most :data:`DENSE_BLOCK_LIMIT` parameters."""
         if other.specs == self.specs:
             nodes = tuple(a.add(b, sign) for a, b in zip(self.factors, other.factors))
             if all(n is not None for n in nodes):
@@ -648,12 +649,12 @@ class PMatKFAC(PMatAbstract):
         layout = self.layer_collection
         for layer in layout.layers:
             size = layout.layer_numel(layer)
-            if size > SUM_BLOCK_LIMIT:
+            if size > DENSE_BLOCK_LIMIT:
                 raise ValueError(
                     f"the sum of two {type(self).__name__}s on different factors is not "
                     f"Kronecker-factored: its exact block for layer {layer.id!r} would have "
                     f"{size}² entries ({size**2 * np.dtype(self.dtype).itemsize / 2**30:.3g} "
-                    f"GiB; the limit is {SUM_BLOCK_LIMIT} parameters). Average the factors "
+                    f"GiB; the limit is {DENSE_BLOCK_LIMIT} parameters). Average the factors "
                     "instead (jax.tree_util.tree_map(lambda a, b: (a + b) / 2, F1, F2), "
                     "kfac-jax's moving average: an approximation), or ask for the blocks "
                     "explicitly: F1.to_blockdiag() + F2.to_blockdiag()."
@@ -681,7 +682,7 @@ class PMatKFAC(PMatAbstract):
 
     @classmethod
     def chunk_builder(cls, fn, params, example, aux, layout, *, mode="auto",
-                      kfac_approx="expand", max_dense_block=4096) -> KFACBuilder:
+                      kfac_approx="expand", max_dense_block=DENSE_BLOCK_LIMIT) -> KFACBuilder:
         """Built in one streaming pass over the captures (:class:`KFACBuilder`). ``mode``
         is accepted for a uniform signature; the capture always uses one ``vjp`` per
         example and output."""
