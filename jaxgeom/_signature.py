@@ -21,8 +21,13 @@ import numpy as np
 Signature = tuple  # (treedef, ((shape, dtype), ...))
 
 
+#: concrete array types whose ``shape`` is a tuple and ``dtype`` canonical: checked by
+#: ``type(x) in`` first (``isinstance(x, jax.Array)`` is an ABC check, ≈ 1 µs a leaf)
+_CANONICAL_TYPES = frozenset({type(jnp.zeros(())), jax.ShapeDtypeStruct})
+
+
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
-    if isinstance(x, jax.Array | jax.ShapeDtypeStruct):  # canonical dtype already
+    if isinstance(x, jax.Array | jax.ShapeDtypeStruct):
         return tuple(x.shape), x.dtype
     if isinstance(x, np.ndarray | np.generic):  # float64 → float32 without x64, as jnp does
         return tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)
@@ -32,7 +37,9 @@ def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
 def signature(tree: Any) -> Signature:
     """A pytree's structure and its leaves' shapes and dtypes (hashable)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef, tuple(_shape_dtype(x) for x in leaves)
+    fast = _CANONICAL_TYPES
+    return treedef, tuple((x.shape, x.dtype) if type(x) in fast else _shape_dtype(x)
+                          for x in leaves)
 
 
 def abstract(sig: Signature) -> Any:

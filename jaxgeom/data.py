@@ -76,6 +76,10 @@ def inputs_of(batch: Any) -> Any:
 
 def num_examples(batch: Any, what: str = "batch") -> int:
     """The size of the leading axis shared by every leaf of ``batch``."""
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None
+             for leaf in jax.tree_util.tree_leaves(batch)}
+    if len(sizes) == 1 and None not in sizes:  # the common case; else name the culprits
+        return int(sizes.pop())
     leaves_with_paths = jax.tree_util.tree_leaves_with_path(batch)
     if not leaves_with_paths:
         raise ValueError(f"the {what} has no array leaves")

@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom._signature import abstract, signature
@@ -221,9 +220,9 @@ def _whitener(variant, covariance, out_shape, params):
 
 def _layers(fn, params, args) -> LayerCollection:
     # shapes only: slicing the data here would compile a slice per new batch shape
-    one = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), a.dtype), args)
-    return _traced(Hashable(fn), signature(params), signature(one), "layers")
+    treedef, leaves = signature(args)
+    one = treedef, tuple(((1, *shape[1:]), dtype) for shape, dtype in leaves)
+    return _traced(Hashable(fn), signature(params), one, "layers")
 
 
 def _output_shape(fn, params, args):

@@ -512,8 +512,10 @@ def test_other_bad_arguments():
         FIM(t.apply_fn, t.params, t.x, PMatDense, mode="sideways")
     with pytest.raises(TypeError, match="representation class"):
         FIM(t.apply_fn, t.params, t.x, "dense")
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(ValueError, match=r"""disagree .*\['a'\]": \d+, "\['b'\]": 2"""):
         FIM(lambda p, x: t.apply_fn(p, x["a"]), t.params, ({"a": t.x, "b": t.x[:2]},), PMatDense)
+    with pytest.raises(ValueError, match=r"leaf \['b'\] is a scalar"):
+        FIM(lambda p, x: t.apply_fn(p, x["a"]), t.params, ({"a": t.x, "b": 1.0},), PMatDense)
     with pytest.raises(ValueError, match=r"\(N, K\)"):
         SecondMoment(lambda p, b: t.apply_fn(p, b[0])[:, 0], t.params, (t.x,), PMatDense)
 

@@ -214,9 +214,7 @@ class RefitBuilder(CaptureBuilder):
     @classmethod
     def on(cls, plan, layout, representation, factors) -> RefitBuilder:
         """The refit pass of ``plan``'s layers on the eigenbases ``factors``."""
-        rotations = tuple(_input_rotation(spec, node.qa) for spec, node in zip(plan.specs,
-                                                                               factors))
-        return cls(plan, layout, representation, factors, rotations)
+        return cls(plan, layout, representation, factors, _input_rotations(plan.specs, factors))
 
     def statistics(self, params, batch, mask, offset, aux):
         cap: Captured = capture_chunk(self.plan, params, batch, offset, aux, mask)
@@ -235,6 +233,16 @@ class RefitBuilder(CaptureBuilder):
         diags, blocks = mean(total, stream.n)
         nodes = tuple(n.with_values(d) for n, d in zip(self.factors, diags))
         return self.representation(self.layout, self.plan.specs, nodes, blocks)
+
+
+def _rotations(specs: tuple[KroneckerSpec, ...], factors: tuple) -> tuple:
+    """:func:`_input_rotation` of every layer."""
+    return tuple(_input_rotation(spec, node.qa) for spec, node in zip(specs, factors))
+
+
+#: :func:`_rotations` in one compiled call: eagerly, the slices' dispatches took 1.4 ms of
+#: bench_small's 8 ms Monte-Carlo EKFAC build
+_input_rotations = jax.jit(_rotations, static_argnums=0)
 
 
 def _input_rotation(spec: KroneckerSpec, qa: jax.Array | None) -> Any:
