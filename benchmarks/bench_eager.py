@@ -139,11 +139,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--representations", nargs="*", default=None)
     parser.add_argument("--out", default=None, help="write the results as JSON")
     parser.add_argument("--report", default=None, help="print the table of a saved run")
+    parser.add_argument("--cpu-sync-dispatch", action="store_true",
+                        help="jax_cpu_enable_async_dispatch = False (bench_fim.configure_dispatch)")
     args = parser.parse_args(argv)
     if args.report:
         results = json.loads(Path(args.report).read_text())["cases"]
         print_table(results)
         return results
+    bench_fim.configure_dispatch(args.cpu_sync_dispatch)
     bench_fim.configure_precision()
     results = []
     for model in args.models:
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print_table(results)
     if args.out:
         Path(args.out).write_text(json.dumps(
-            dict(versions=bench_fim.versions(), cases=results), indent=1))
+            dict(versions=bench_fim.versions(), cpu_sync_dispatch=args.cpu_sync_dispatch,
+                 cases=results), indent=1))
     return results
 
 

@@ -229,6 +229,18 @@ def accelerator() -> str | None:
     return f"{jax.default_backend()}: {jax.devices()[0].device_kind}"
 
 
+def configure_dispatch(sync: bool) -> None:
+    """With ``sync`` (``--cpu-sync-dispatch``): ``jax_cpu_enable_async_dispatch = False``,
+    before the backend starts. XLA:CPU then runs each computation in the calling thread
+    instead of handing it to a worker thread and waiting for it: on these VMs the wait
+    costs ≈ 45 µs whenever the computation is not over when Python asks for its result
+    (docs/performance.md, "Latency of small calls on the CPU")."""
+    if sync:
+        import jax
+
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
 def configure_precision() -> None:
     """Full float32 matrix products on accelerators, for jaxgeom and the peers alike.
 
@@ -724,7 +736,8 @@ def run_all(args) -> dict:
         versions=versions(),
         settings=dict(repeats=repeats, dtype="float32", variant="classif_logits",
                       solve_regul=SOLVE_REGUL, cg_maxiter=CG_MAXITER, peers=not args.no_peers,
-                      jobs=args.jobs, xla_flags=os.environ.get("XLA_FLAGS")),
+                      jobs=args.jobs, xla_flags=os.environ.get("XLA_FLAGS"),
+                      cpu_sync_dispatch=args.cpu_sync_dispatch),
         models={},
     )
     # tasks: (model, kind, rep, argv); floors first, the longest to compile
@@ -732,8 +745,9 @@ def run_all(args) -> dict:
     for name in args.models:
         spec = models.SPECS[name]
         r = str(min(repeats, spec.repeats or repeats))
-        c = ["--repeats", r, "--operations", *operations] + (["--no-peers"] if args.no_peers
-                                                             else [])
+        c = (["--repeats", r, "--operations", *operations]
+             + (["--no-peers"] if args.no_peers else [])
+             + (["--cpu-sync-dispatch"] if args.cpu_sync_dispatch else []))
         results["models"][name] = dict(d=models.num_params(spec), n=spec.n,
                                        batch_size=spec.batch_size, repeats=int(r),
                                        representations={}, scaling={}, floors={})
@@ -974,6 +988,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report", nargs="+", default=None, metavar="JSON",
                         help="print saved runs (several files: merged case by case)")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("--cpu-sync-dispatch", action="store_true",
+                        help="jax_cpu_enable_async_dispatch = False in every case process")
     # internal: one case in this process
     parser.add_argument("--case", nargs=2, metavar=("MODEL", "REP"), help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
@@ -981,6 +997,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
+        configure_dispatch(args.cpu_sync_dispatch)
         configure_precision()
         spec = models.SPECS[args.case[0]]
         if args.case[1] == "floors":
