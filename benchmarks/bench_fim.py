@@ -234,7 +234,7 @@ def configure_dispatch(sync: bool) -> None:
     before the backend starts. XLA:CPU then runs each computation in the calling thread
     instead of handing it to a worker thread and waiting for it: on these VMs the wait
     costs ≈ 45 µs whenever the computation is not over when Python asks for its result
-    (docs/performance.md, "Latency of small calls on the CPU")."""
+    (docs/performance.md, "CPU notes")."""
     if sync:
         import jax
 
