@@ -21,13 +21,19 @@ import numpy as np
 Signature = tuple  # (treedef, ((shape, dtype), ...))
 
 
-#: concrete array types whose ``shape`` is a tuple and ``dtype`` canonical: :func:`signature`
-#: reads them directly (``isinstance(x, jax.Array)`` is an ABC check, ≈ 1 µs a leaf)
-_CANONICAL_TYPES = frozenset({type(jnp.zeros(())), jax.ShapeDtypeStruct})
+#: the concrete types met so far whose ``shape`` is a tuple and ``dtype`` canonical (JAX's
+#: array classes): :func:`signature` reads them directly, ``isinstance(x, jax.Array)``
+#: being an ABC check (≈ 1 µs a leaf). Filled as they are met, not at import: making an
+#: array to learn its class would start JAX's backend when jaxgeom is imported, before the
+#: user's ``jax.config`` settings.
+_CANONICAL_TYPES: set[type] = {jax.ShapeDtypeStruct}
 
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
-    if isinstance(x, jax.Array | jax.ShapeDtypeStruct):  # canonical dtype already
+    if isinstance(x, jax.Array):  # canonical dtype already
+        _CANONICAL_TYPES.add(type(x))
+        return tuple(x.shape), x.dtype
+    if isinstance(x, jax.ShapeDtypeStruct):
         return tuple(x.shape), x.dtype
     if isinstance(x, np.ndarray | np.generic):  # float64 → float32 without x64, as jnp does
         return tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)

@@ -2,6 +2,8 @@
 convolution kernels on the CPU, top-level or nested in another ``jit``."""
 
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -71,3 +73,14 @@ def test_compile_options_defer_to_xla_flags(monkeypatch):
         assert _compile.model_compile_options() is None
     finally:
         _compile.model_compile_options.cache_clear()
+
+
+def test_importing_jaxgeom_starts_no_backend():
+    """``import jaxgeom`` starts no JAX backend (nothing is compiled or computed at import),
+    so that the settings a user makes after it (``jax_platforms``,
+    ``jax_cpu_enable_async_dispatch``, …) still apply."""
+    code = ("import jaxgeom\n"
+            "from jax._src import xla_bridge\n"
+            "assert not xla_bridge.backends_are_initialized()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
