@@ -21,17 +21,22 @@ import numpy as np
 Signature = tuple  # (treedef, ((shape, dtype), ...))
 
 
-#: the concrete types met so far whose ``shape`` is a tuple and ``dtype`` canonical (JAX's
-#: array classes): :func:`signature` reads them directly, ``isinstance(x, jax.Array)``
-#: being an ABC check (≈ 1 µs a leaf). Filled as they are met, not at import: making an
-#: array to learn its class would start JAX's backend when jaxgeom is imported, before the
-#: user's ``jax.config`` settings.
-_CANONICAL_TYPES: set[type] = {jax.ShapeDtypeStruct}
+#: the concrete array classes met so far: :func:`signature` reads their ``shape`` and
+#: ``dtype`` directly, ``isinstance(x, jax.Array)`` being an ABC check (≈ 1 µs a leaf).
+#: Filled as they are met, not at import: making an array to learn its class would start
+#: JAX's backend when jaxgeom is imported, before the user's ``jax.config`` settings.
+_ARRAY_TYPES: set[type] = set()
+#: those among them whose ``aval`` is a stored attribute (jaxlib's ``ArrayImpl``): one
+#: read of it gives both (``shape`` and ``dtype`` each read it). Other arrays (e.g. PRNG
+#: key arrays) compute their ``aval`` at every read.
+_AVAL_TYPES: set[type] = set()
 
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
-    if isinstance(x, jax.Array):  # canonical dtype already
-        _CANONICAL_TYPES.add(type(x))
+    if isinstance(x, jax.Array):  # canonical dtype already; tracers among them
+        _ARRAY_TYPES.add(type(x))
+        if type(x).__module__.startswith("jaxlib"):
+            _AVAL_TYPES.add(type(x))
         return tuple(x.shape), x.dtype
     if isinstance(x, jax.ShapeDtypeStruct):
         return tuple(x.shape), x.dtype
@@ -43,9 +48,17 @@ def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
 def signature(tree: Any) -> Signature:
     """A pytree's structure and its leaves' shapes and dtypes (hashable)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    fast = _CANONICAL_TYPES
-    return treedef, tuple((x.shape, x.dtype) if type(x) in fast else _shape_dtype(x)
-                          for x in leaves)
+    out = []
+    for x in leaves:
+        kind = type(x)
+        if kind in _AVAL_TYPES:
+            aval = x.aval
+            out.append((aval.shape, aval.dtype))
+        elif kind in _ARRAY_TYPES or kind is jax.ShapeDtypeStruct:
+            out.append((x.shape, x.dtype))
+        else:
+            out.append(_shape_dtype(x))
+    return treedef, tuple(out)
 
 
 def abstract(sig: Signature) -> Any:

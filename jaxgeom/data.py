@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._signature import _ARRAY_TYPES, Signature, abstract, signature
+
 
 def is_single_batch(data: Any) -> bool:
     """Whether ``data`` is one batch (tuple, dict, array) rather than an iterable of batches."""
@@ -76,8 +78,10 @@ def inputs_of(batch: Any) -> Any:
 
 def num_examples(batch: Any, what: str = "batch") -> int:
     """The size of the leading axis shared by every leaf of ``batch``."""
-    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None
-             for leaf in jax.tree_util.tree_leaves(batch)}
+    sizes = set()
+    for leaf in jax.tree_util.tree_leaves(batch):
+        shape = leaf.shape if type(leaf) in _ARRAY_TYPES else np.shape(leaf)
+        sizes.add(shape[0] if shape else None)
     if len(sizes) == 1 and None not in sizes:  # the common case; else name the culprits
         return int(sizes.pop())
     leaves_with_paths = jax.tree_util.tree_leaves_with_path(batch)
@@ -111,8 +115,15 @@ def known_size(data: Any) -> int | None:
 
 def example_shapes(batch: Any) -> Any:
     """The shapes and dtypes of one example of ``batch`` (``jax.ShapeDtypeStruct`` leaves,
-    no example axis): enough to trace a per-example function, and no slice to compile."""
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), batch)
+    no example axis): enough to trace a per-example function, and no slice to compile.
+    One pytree per batch signature, made once (its leaves are immutable)."""
+    return _example_of(signature(batch))
+
+
+@functools.lru_cache(maxsize=64)
+def _example_of(batch_sig: Signature) -> Any:
+    treedef, leaves = batch_sig
+    return abstract((treedef, tuple((shape[1:], dtype) for shape, dtype in leaves)))
 
 
 class Chunk(NamedTuple):

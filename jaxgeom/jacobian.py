@@ -111,6 +111,14 @@ def example_output_count(fn, params, example, aux) -> int:
     return _output_count(fn, signature((params, example, aux)))
 
 
+def check_vector_outputs(fn, params, example, aux) -> None:
+    """Check that ``fn`` gives a ``(K,)`` vector per example — traced once per function and
+    signature, and not at all for the front ends' wrappers (``fn.VECTOR_OUTPUTS``, e.g.
+    :class:`~jaxgeom.variants.FisherOutputs`), whose model outputs were checked already."""
+    if not getattr(fn, "VECTOR_OUTPUTS", False):
+        example_output_count(fn, params, example, aux)
+
+
 @cached(maxsize=64)
 def _output_count(fn, sig) -> int:
     params, example, aux = abstract(sig)

@@ -78,12 +78,8 @@ def FIM(
       >>> F = FIM(model.apply, params, (x, y), PMatDiag, variant="classif_logits")
       >>> F.trace()
     """
-    check_variant(variant)
-    first, data = data_lib.peek(data)
-    inputs = data_lib.inputs_of(first)
-    out_shape = _check_model(apply_fn, params, inputs, variant)
-    whitener = _whitener(variant, covariance, out_shape, params)
-    layer_collection = layer_collection or _layers(apply_fn, params, inputs)
+    data, whitener, layer_collection = _model_front_end(apply_fn, params, data, variant,
+                                                        covariance, layer_collection)
     fn = FisherOutputs(Hashable(apply_fn), variant)
     return _build(
         fn, params, _inputs_only(data, representation), representation,
@@ -121,14 +117,10 @@ def FIM_MonteCarlo(
 
     Args are those of :func:`FIM`, plus ``key`` (an explicit PRNG key) and ``trials``.
     """
-    check_variant(variant)
     if int(trials) != trials or trials < 1:
         raise ValueError(f"trials must be a positive integer; got {trials!r}")
-    first, data = data_lib.peek(data)
-    inputs = data_lib.inputs_of(first)
-    out_shape = _check_model(apply_fn, params, inputs, variant)
-    whitener = _whitener(variant, covariance, out_shape, params)
-    layer_collection = layer_collection or _layers(apply_fn, params, inputs)
+    data, whitener, layer_collection = _model_front_end(apply_fn, params, data, variant,
+                                                        covariance, layer_collection)
     fn = MonteCarloFisherOutputs(Hashable(apply_fn), variant, int(trials))
     return _build(
         fn, params, _inputs_only(data, representation), representation,
@@ -195,11 +187,26 @@ def check_rows(fn, params, batch) -> None:
         )
 
 
-def _check_model(apply_fn, params, inputs, variant) -> tuple[int, ...]:
+def _model_front_end(apply_fn, params, data, variant, covariance, layer_collection):
+    """What :func:`FIM` and :func:`FIM_MonteCarlo` check and find before their build:
+    ``data`` (still yielding its first batch), the variant's output whitener and the layer
+    collection. The model is traced once per function and signature (cached); the
+    signatures of ``params`` and of the inputs are taken once."""
+    check_variant(variant)
+    first, data = data_lib.peek(data)
+    inputs = data_lib.inputs_of(first)
+    params_sig, inputs_sig = signature(params), signature(inputs)
+    out_shape = _check_model(apply_fn, params_sig, inputs, inputs_sig, variant)
+    whitener = _whitener(variant, covariance, out_shape, params)
+    layer_collection = layer_collection or _layers_of(Hashable(apply_fn), params_sig, inputs_sig)
+    return data, whitener, layer_collection
+
+
+def _check_model(apply_fn, params_sig, inputs, inputs_sig, variant) -> tuple[int, ...]:
     n = data_lib.num_examples(inputs, "inputs x")
     if n == 0:
         raise ValueError("the first batch contains no example")
-    out = _output_shape(apply_fn, params, inputs)
+    out = _traced(Hashable(apply_fn), params_sig, inputs_sig, "output")
     if not hasattr(out, "shape"):
         raise ValueError(
             f"apply_fn must return one array of outputs; got {jax.tree_util.tree_structure(out)}"
@@ -219,10 +226,15 @@ def _whitener(variant, covariance, out_shape, params):
 
 
 def _layers(fn, params, args) -> LayerCollection:
+    """The layers of ``fn(params, args)`` (traced once per function and signature)."""
+    return _layers_of(Hashable(fn), signature(params), signature(args))
+
+
+def _layers_of(fn: Hashable, params_sig, args_sig) -> LayerCollection:
     # shapes only: slicing the data here would compile a slice per new batch shape
-    treedef, leaves = signature(args)
+    treedef, leaves = args_sig
     one = treedef, tuple(((1, *shape[1:]), dtype) for shape, dtype in leaves)
-    return _traced(Hashable(fn), signature(params), one, "layers")
+    return _traced(fn, params_sig, one, "layers")
 
 
 def _output_shape(fn, params, args):

@@ -35,7 +35,7 @@ from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
 from jaxgeom.jacobian import (
     Hashable,
     accumulate,
-    example_output_count,
+    check_vector_outputs,
     flatten_jacobian,
     output_count,
     resolve_mode,
@@ -297,7 +297,7 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
         """Store ``fn``, ``params``, the batches of ``data`` and ``aux`` (shape checks only)."""
         resolve_mode(mode, 1, 1)  # validates the name
         batches = list(data_lib.iter_batches(data))
-        example_output_count(fn, params, data_lib.first_example(batches, batch_size), aux)
+        check_vector_outputs(fn, params, data_lib.first_example(batches, batch_size), aux)
         scale = np.ones((), layer_collection.dtype)
         return cls(layer_collection, fn, params, batches, aux, scale, batch_size, mode)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +178,10 @@ class FisherOutputs:
     apply_fn: Callable
     variant: str
 
+    #: one ``(K,)`` vector per example by construction, given outputs that passed
+    #: :func:`check_outputs` (the builders need not trace it again to check).
+    VECTOR_OUTPUTS: ClassVar[bool] = True
+
     def __call__(self, params, x, index, aux):
         del index
         out = self.apply_fn(params, _one(x))[0]
@@ -203,6 +207,8 @@ class MonteCarloFisherOutputs:
     variant: str
     trials: int
 
+    VECTOR_OUTPUTS: ClassVar[bool] = True  # (trials,) per example
+
     def __call__(self, params, x, index, aux):
         key, whitener = aux
         key = draw_key(key)
@@ -227,6 +233,8 @@ class BatchedFunction:
     """Adapt a batched ``fn(params, batch) -> (N, K)`` to the per-example protocol."""
 
     fn: Callable
+
+    VECTOR_OUTPUTS: ClassVar[bool] = True  # row 0 of an (N, K) array, checked when traced
 
     def __call__(self, params, example, index, aux):
         del index, aux

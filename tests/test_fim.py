@@ -480,6 +480,26 @@ def test_a_non_finite_parameter_is_reported(representation):
             batch_size=3)
 
 
+def test_signatures_are_the_shapes_and_dtypes_jax_traces_with():
+    """The cache key of a build's tracing work: equal for every kind of leaf JAX would trace
+    with the same shape and dtype (arrays, key arrays, host arrays, their abstract values,
+    tracers), different when a shape or a dtype differs."""
+    from jaxgeom._signature import signature
+
+    x = jnp.arange(6.0).reshape(2, 3)
+    key = jax.random.key(0)
+    tree = {"x": x, "key": key, "host": np.ones(4, np.float32)}
+    shapes = jax.eval_shape(lambda t: t, tree)
+    traced = []
+    for _ in range(2):  # the second time through the classes learnt on the first
+        assert signature(tree) == signature(shapes)
+        jax.jit(lambda t: traced.append(signature(t)))(tree)
+        assert traced[-1] == signature(shapes)
+        assert signature(dict(tree, x=x[:1])) != signature(tree)
+        assert signature(dict(tree, x=x.astype(jnp.int32))) != signature(tree)
+        assert signature(dict(tree, key=jax.random.split(key))) != signature(tree)
+
+
 def test_builders_of_different_classes_never_share_a_cache_key():
     """Diag and QuasiDiag builders hold the same capture plan and layout: their tree
     structures (the key of the cached shapes of a chunk's statistics) must still differ,

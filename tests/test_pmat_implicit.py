@@ -171,3 +171,20 @@ def test_bad_construction(mlp):
         FIM(t.apply_fn, t.params, t.x, PMatImplicit, mode="sideways")
     with pytest.raises(ValueError, match="batch_size"):
         FIM(t.apply_fn, t.params, t.x, PMatImplicit, batch_size=0)
+    # the front ends check the model's outputs; a per-example function given directly is
+    # traced to check that it returns one vector per example
+    with pytest.raises(ValueError, match="one array of outputs"):
+        FIM(lambda p, x: (t.apply_fn(p, x),), t.params, t.x, PMatImplicit)
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        SecondMoment(lambda p, b: t.apply_fn(p, b[0])[:, 0], t.params, (t.x,), PMatImplicit)
+
+    def matrix_per_example(params, x, index, aux):
+        return jnp.outer(t.apply_fn(params, x[None])[0], x)
+
+    layout = mlp[1].layer_collection
+    with pytest.raises(ValueError, match=r"must return a vector \(K,\)"):
+        PMatImplicit.from_jacobians(matrix_per_example, t.params, t.x, layer_collection=layout)
+    vector_per_example = PMatImplicit.from_jacobians(
+        lambda params, x, index, aux: t.apply_fn(params, x[None])[0], t.params, t.x,
+        layer_collection=layout)
+    assert vector_per_example.num_examples == t.x.shape[0]

@@ -15,9 +15,9 @@ from jaxgeom._compile import model_jit
 from jaxgeom.jacobian import (
     Hashable,
     accumulate,
+    check_vector_outputs,
     chunk_jacobian,
     chunk_outputs,
-    example_output_count,
     flatten_jacobian,
     output_count,
     resolve_mode,
@@ -214,7 +214,7 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         if options:
             raise TypeError(f"{cls.__name__} takes no build options; got {sorted(options)}")
         resolve_mode(mode, 1, 1)  # validates the name
-        example_output_count(fn, params, example, aux)  # checks that fn returns (K,)
+        check_vector_outputs(fn, params, example, aux)
         try:
             hash(fn)
         except TypeError:
@@ -243,7 +243,7 @@ class ImplicitBuilder(ChunkBuilder):
         return (), True
 
     def finalize(self, total, stream) -> PMatImplicit:
-        scale = np.ones((), self.layout.dtype)  # a host scalar: no eager device call
+        scale = np.dtype(self.layout.dtype).type(1)  # a host scalar: no eager device call
         return self.representation(self.layout, self.fn, stream.params, list(stream.data),
                                    stream.aux, scale, stream.batch_size, self.mode)
 
