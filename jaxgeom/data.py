@@ -175,9 +175,16 @@ def first_example(data: Any, batch_size: int | None = None) -> Any:
     without cutting a chunk: no slice is compiled or run."""
     _check_batch_size(batch_size)
     for batch in iter_batches(data):
-        if num_examples(batch):
-            return example_shapes(batch)
+        batch_sig = signature(batch)
+        if _num_examples_of(batch_sig):
+            return _example_of(batch_sig)
     raise ValueError(_NO_EXAMPLE)
+
+
+@functools.lru_cache(maxsize=64)
+def _num_examples_of(batch_sig: Signature) -> int:
+    """:func:`num_examples` of the batches of a signature (errors are not cached)."""
+    return num_examples(abstract(batch_sig))
 
 
 _NO_EXAMPLE = "the data contains no example: pass at least one batch with a non-empty leading axis"

@@ -190,29 +190,32 @@ def check_rows(fn, params, batch) -> None:
 def _model_front_end(apply_fn, params, data, variant, covariance, layer_collection):
     """What :func:`FIM` and :func:`FIM_MonteCarlo` check and find before their build:
     ``data`` (still yielding its first batch), the variant's output whitener and the layer
-    collection. The model is traced once per function and signature (cached); the
-    signatures of ``params`` and of the inputs are taken once."""
+    collection. The checks and the discovery depend on the signatures of ``params`` and of
+    the inputs only (:func:`_model_facts`, cached): each is taken once a build."""
     check_variant(variant)
     first, data = data_lib.peek(data)
     inputs = data_lib.inputs_of(first)
-    params_sig, inputs_sig = signature(params), signature(inputs)
-    out_shape = _check_model(apply_fn, params_sig, inputs, inputs_sig, variant)
+    out_shape, layers = _model_facts(Hashable(apply_fn), variant, signature(params),
+                                     signature(inputs), layer_collection is None)
     whitener = _whitener(variant, covariance, out_shape, params)
-    layer_collection = layer_collection or _layers_of(Hashable(apply_fn), params_sig, inputs_sig)
-    return data, whitener, layer_collection
+    return data, whitener, layer_collection or layers
 
 
-def _check_model(apply_fn, params_sig, inputs, inputs_sig, variant) -> tuple[int, ...]:
-    n = data_lib.num_examples(inputs, "inputs x")
+@functools.lru_cache(maxsize=32)
+def _model_facts(apply_fn: Hashable, variant: str, params_sig, inputs_sig, discover: bool):
+    """The model's output shape, checked against ``variant``, and its layers when
+    ``discover`` — from the signatures of the parameters and of a batch of inputs (errors
+    are not cached: a bad batch is checked again at every call)."""
+    n = data_lib.num_examples(abstract(inputs_sig), "inputs x")
     if n == 0:
         raise ValueError("the first batch contains no example")
-    out = _traced(Hashable(apply_fn), params_sig, inputs_sig, "output")
+    out = _traced(apply_fn, params_sig, inputs_sig, "output")
     if not hasattr(out, "shape"):
         raise ValueError(
             f"apply_fn must return one array of outputs; got {jax.tree_util.tree_structure(out)}"
         )
     check_outputs(variant, tuple(out.shape), n)
-    return tuple(out.shape)
+    return tuple(out.shape), _layers_of(apply_fn, params_sig, inputs_sig) if discover else None
 
 
 def _whitener(variant, covariance, out_shape, params):
