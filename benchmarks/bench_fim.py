@@ -728,7 +728,7 @@ def run_all(args) -> dict:
     import tempfile
 
     repeats = 2 if args.quick else args.repeats
-    operations = ("mv", "trace") if args.quick else OPERATIONS
+    operations = ("mv", "trace") if args.quick else tuple(args.operations)
     results = dict(
         command=" ".join(["python", "benchmarks/bench_fim.py", *sys.argv[1:]]),
         machine=dict(platform=platform.platform(), processor=platform.processor(),

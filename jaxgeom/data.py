@@ -32,6 +32,9 @@ from jaxgeom._signature import _ARRAY_TYPES, Signature, abstract, signature
 
 def is_single_batch(data: Any) -> bool:
     """Whether ``data`` is one batch (tuple, dict, array) rather than an iterable of batches."""
+    kind = type(data)
+    if kind is tuple or kind is dict or kind is list:  # without the ABC checks below
+        return kind is not list
     return isinstance(data, (tuple, dict, jax.Array, np.ndarray)) or not isinstance(
         data, Iterable
     )
