@@ -243,7 +243,7 @@ class ImplicitBuilder(ChunkBuilder):
         return (), True
 
     def finalize(self, total, stream) -> PMatImplicit:
-        scale = np.dtype(self.layout.dtype).type(1)  # a host scalar: no eager device call
+        scale = np.ones((), self.layout.dtype)  # a host scalar: no eager device call
         return self.representation(self.layout, self.fn, stream.params, list(stream.data),
                                    stream.aux, scale, stream.batch_size, self.mode)
 
