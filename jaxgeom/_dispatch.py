@@ -36,9 +36,40 @@ _TRACED = object()
 #: Python numbers whose values are traced (ints and bools stay static: they pick code paths)
 _TRACED_NUMBERS = (float, complex)
 
+#: how a leaf takes part in the compiled call, decided by its type
+_TRACED_LEAF, _STATIC_LEAF, _EAGER_CALL = range(3)
 
-def _is_traced(leaf: Any) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or type(leaf) in _TRACED_NUMBERS
+@functools.cache
+def _leaf_kind(leaf_type: type) -> int:
+    """``_TRACED_LEAF`` (arrays, NumPy scalars, ``float``, ``complex``), ``_EAGER_CALL`` (a
+    ``Tracer``: inside a trace; a callable or an unhashable leaf), else ``_STATIC_LEAF``.
+
+    Decided once per type: ``isinstance`` against ``jax.Array`` (an ABC) costs ≈ 0.5 µs a
+    leaf, and the checks leaf by leaf were ≈ 9 µs of an eager call's ≈ 40."""
+    if issubclass(leaf_type, jax.core.Tracer):  # before jax.Array: Tracers are Arrays too
+        return _EAGER_CALL
+    if issubclass(leaf_type, (jax.Array, np.ndarray, np.generic)) or leaf_type in _TRACED_NUMBERS:
+        return _TRACED_LEAF
+    if any("__call__" in vars(base) for base in leaf_type.__mro__) or leaf_type.__hash__ is None:
+        return _EAGER_CALL
+    return _STATIC_LEAF
+
+
+def _split(leaves: list) -> tuple[tuple, list] | None:
+    """``(static, traced)``: the leaves with ``_TRACED`` for each traced one, and the traced
+    ones; ``None`` when the call must stay eager."""
+    static, traced = [], []
+    for leaf in leaves:
+        kind = _leaf_kind(type(leaf))
+        if kind == _TRACED_LEAF:
+            static.append(_TRACED)
+            traced.append(leaf)
+        elif kind == _STATIC_LEAF:
+            static.append(leaf)
+        else:
+            return None
+    static = tuple(static)
+    return (static, traced) if _hashable(static) else None
 
 
 def _hashable(static: tuple) -> bool:
@@ -70,14 +101,10 @@ def compiled_when_eager(method: Callable) -> Callable:
         if compiles is not None and not compiles():
             return method(self, *args, **kwargs)
         leaves, treedef = jax.tree_util.tree_flatten((self, args, kwargs))
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        split = _split(leaves)
+        if split is None:
             return method(self, *args, **kwargs)
-        traced = [_is_traced(leaf) for leaf in leaves]
-        static = tuple(_TRACED if t else leaf for t, leaf in zip(traced, leaves))
-        if not _hashable(static) or any(callable(leaf) for leaf in static):
-            return method(self, *args, **kwargs)
-        return _compiled_call(method, treedef, static,
-                              [leaf for t, leaf in zip(traced, leaves) if t])
+        return _compiled_call(method, treedef, *split)
 
     operation.eager_method = method
     return operation

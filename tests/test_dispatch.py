@@ -138,7 +138,8 @@ class _Unhashable:
 
 def test_which_arguments_are_traced_static_or_keep_the_call_eager():
     """Arrays and floats are traced (new values: no compilation), ints are static (a new
-    one compiles); an unhashable or callable argument makes the call eager. The numbers
+    one compiles); an unhashable or callable argument (a function, a class, a partial)
+    makes the call eager. The numbers
     are the same every way."""
     box = _Box(jnp.arange(3.0))
     calls = [
@@ -151,6 +152,8 @@ def test_which_arguments_are_traced_static_or_keep_the_call_eager():
         (lambda: box.times(2.5, note="label"), 1),
         (lambda: box.times(2.5, note=_Unhashable()), 0),
         (lambda: box.times(2.5, note=lambda: None), 0),
+        (lambda: box.times(2.5, note=int), 0),  # a class: callable
+        (lambda: box.times(2.5, note=functools.partial(max, 0)), 0),
     ]
     for i, (call, compilations) in enumerate(calls):
         count, out = _compilations(call)
