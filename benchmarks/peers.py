@@ -211,7 +211,8 @@ def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
     ``ema_old = 1``, ``ema_new = batch_size / N``: the mean over the data, memory bounded
     by one chunk, as a user with more data than memory would run it); ``build_one_batch``
     / ``build_mc_one_batch`` are the same with the whole data as one batch. ``keep``: as
-    :func:`nngeometry_case`'s."""
+    :func:`nngeometry_case`'s, plus ``"chunks"``: that list of chunks, on which jaxgeom's
+    builds are paired with these (the same arrays on both sides: the cut is not timed)."""
     reason = available("kfac_jax")
     if reason:
         return dict(skipped=reason)
@@ -253,6 +254,8 @@ def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
         chunks = [(batch[0][i:i + bs], batch[1][i:i + bs]) for i in range(0, n - n % bs, bs)]
 
         keys = [jax.random.key(i) for i in range(len(chunks))]  # made once, not timed
+        if keep is not None:  # jaxgeom is paired with it on these same arrays
+            keep["chunks"] = chunks
 
         def streamed(step):
             def run():
