@@ -125,7 +125,7 @@ def as_flat(v: Any, layout: LayerCollection, what: str = "vector") -> tuple[jax.
     d = layout.numel()
     if isinstance(v, PVector):
         layout.check_tree(v.tree, what)
-        return layout.to_flat(v.tree), lambda flat: PVector(layout.from_flat(flat))
+        return _ravel(v.tree), lambda flat: PVector(_unravel(layout, flat))
     if _is_array(v) and jax.tree_util.tree_structure(v) != layout.treedef:
         if jnp.shape(v) != (d,):
             raise ValueError(
@@ -137,7 +137,14 @@ def as_flat(v: Any, layout: LayerCollection, what: str = "vector") -> tuple[jax.
         # params is itself a single array: a flat vector and a pytree coincide up to shape
         return jnp.ravel(v), lambda flat: flat.reshape(layout.shapes[0])
     layout.check_tree(v, what)
-    return layout.to_flat(v), layout.from_flat
+    return _ravel(v), functools.partial(_unravel, layout)
+
+
+# One compiled call each when called eagerly (the operations of ``PMatImplicit``, whose
+# chunk loops stay eager), where the leaves' raveling and concatenation, or slicing, were
+# one dispatch apiece; inside a trace they are inlined.
+_ravel = jax.jit(ravel_tree)
+_unravel = jax.jit(LayerCollection.from_flat, static_argnums=0)
 
 
 def as_tree(v: Any, layout: LayerCollection,
