@@ -1,4 +1,5 @@
-"""Iterative solvers on flat vectors (jit-able, ``lax.while_loop``)."""
+"""Iterative solvers on flat vectors (jit-able, ``lax.while_loop``; driven from Python
+when the operator runs eagerly)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def cg(
     (e.g. the ``solve`` of a cheap representation of the same matrix).
 
     Cost: one ``matvec`` (and one preconditioner application) per iteration.
+
+    Traced (under ``jit``, ``vmap``, … or with an operator that closes over traced arrays)
+    the iterations are a ``lax.while_loop``. With an operator that runs eagerly and answers
+    concrete arrays (``PMatImplicit``, whose chunk loop calls compiled steps of its own)
+    they are driven from Python instead: a ``while_loop`` would trace the operator, its
+    chunk loop unrolled into one program, and compile it again at every call (its closures
+    are new), ≈ 1.3 s a solve on a 7k-parameter MLP against 0.15 s for the same iterations.
     """
     if b.ndim != 1:
         raise ValueError(f"cg solves for one flat vector; got shape {b.shape}")
@@ -50,5 +58,32 @@ def cg(
         p = z + (rz_new / rz) * p
         return x, r, z, p, rz_new, k + 1
 
+    if not isinstance(r, jax.core.Tracer) and not isinstance(z, jax.core.Tracer):
+        return _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter)
     state = (x, r, z, z, jnp.vdot(r, z), jnp.asarray(0))
     return jax.lax.while_loop(cond, body, state)[0]
+
+
+def _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter):
+    """:func:`cg`'s iterations for an eager ``matvec``: each one ``matvec``, the
+    preconditioner and two compiled updates; the stopping test reads one scalar."""
+    p, rz, residual = z, jnp.vdot(r, z), jnp.linalg.norm(r)
+    threshold = float(threshold)
+    k = 0
+    while k < maxiter and float(residual) > threshold:
+        x, r = _cg_advance(x, r, p, matvec(p), rz)
+        p, rz, residual = _cg_direction(r, precondition(r), p, rz)
+        k += 1
+    return x
+
+
+@jax.jit
+def _cg_advance(x, r, p, ap, rz):
+    alpha = rz / jnp.vdot(p, ap)
+    return x + alpha * p, r - alpha * ap
+
+
+@jax.jit
+def _cg_direction(r, z, p, rz):
+    rz_new = jnp.vdot(r, z)
+    return z + (rz_new / rz) * p, rz_new, jnp.linalg.norm(r)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp, reference_fisher
-from pmat_checks import check_products
+from pmat_checks import check_products, compilations
 
 from jaxgeom import FIM, FIM_MonteCarlo, SecondMoment, random_pvector
 from jaxgeom.pmat.dense import PMatDense
@@ -92,6 +92,25 @@ def test_cg_with_diagonal_representation_preconditioner(mlp):
     v = vec(t, 7)
     x = F.solve(F.mv(v) + REGUL * v, REGUL, preconditioner=P, rtol=1e-12)
     np.testing.assert_allclose(x.to_flat(), v.to_flat(), rtol=1e-6, atol=1e-7)
+
+
+def test_eager_cg_is_the_traced_cg_and_compiles_once(mlp):
+    """Called eagerly, CG on the implicit matrix iterates from Python (its chunk loop stays
+    eager): after ``k`` iterations, the iterate of the ``lax.while_loop`` CG under ``jit``;
+    a second solve with a new right-hand side compiles nothing (a ``while_loop`` traced
+    the operator anew, and compiled it, at every eager call)."""
+    t, F, dense = mlp
+    v, w = vec(t, 8), vec(t, 9)
+    traced = jax.jit(lambda M, b, k: M.solve(b, REGUL, maxiter=k), static_argnums=2)
+    for k in (1, 3, 10):
+        np.testing.assert_allclose(F.solve(v, REGUL, maxiter=k).to_flat(),
+                                   traced(F, v, k).to_flat(), rtol=1e-9, atol=1e-12)
+    F.solve(v, REGUL)
+    with compilations() as compiled:
+        x = F.solve(w, REGUL, rtol=1e-12)
+    assert compiled == []
+    np.testing.assert_allclose(x.to_flat(), dense.solve(w, REGUL).to_flat(), rtol=1e-6,
+                               atol=1e-7)
 
 
 def test_under_jit(mlp):
