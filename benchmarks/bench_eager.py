@@ -21,7 +21,8 @@ medians of:
 and the ratios NNGeometry / ``eager`` (``ᵖ``: paired, the two sides timed in alternated
 blocks, ``bench_fim.paired``, for calls under 1 s) and ``op by op`` / ``eager``. The
 operations are ``bench_fim``'s (KFAC's solve π-damped, as NNGeometry's). Compilation is
-not timed (first calls dropped).
+not timed (first calls dropped). ``PMatImplicit``'s operations stay eager (their chunk
+loops call compiled steps): its ``op by op`` is its ``eager``.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ import models  # noqa: E402
 
 CASES = {
     "bench_small": ("PMatDense", "PMatBlockDiag", "PMatDiag", "PMatKFAC", "PMatEKFAC",
-                    "PMatQuasiDiag", "PMatLowRank"),
-    "bench_mlp": ("PMatDiag", "PMatKFAC", "PMatEKFAC", "PMatQuasiDiag"),
+                    "PMatQuasiDiag", "PMatLowRank", "PMatImplicit"),
+    "bench_mlp": ("PMatDiag", "PMatKFAC", "PMatEKFAC", "PMatQuasiDiag", "PMatImplicit"),
     "bench_cnn": ("PMatDiag", "PMatKFAC", "PMatEKFAC", "PMatQuasiDiag"),
     "bench_resnet": ("PMatDiag", "PMatKFAC", "PMatEKFAC", "PMatQuasiDiag"),
 }
 #: operations of more than a second on both sides (the compiled call changes nothing there)
-SKIP = {("bench_small", "PMatLowRank", "frobenius_norm"), ("bench_small", "PMatLowRank", "solve")}
+SKIP = {("bench_small", "PMatLowRank", "frobenius_norm"), ("bench_small", "PMatLowRank", "solve"),
+        ("bench_small", "PMatImplicit", "frobenius_norm"),
+        ("bench_mlp", "PMatImplicit", "frobenius_norm"), ("bench_mlp", "PMatImplicit", "solve")}
 REPEATS = 5
 
 

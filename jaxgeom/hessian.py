@@ -126,6 +126,9 @@ def Hessian(
 def real_chunks(data: Any, batch_size: int | None):
     """The chunks of ``data`` without their padding (``batch`` cut to ``count`` examples)."""
     for c in data_lib.iter_chunks(data, batch_size):
+        if c.count == c.mask.shape[0]:  # a full chunk: nothing to cut (eager slices are slow)
+            yield c
+            continue
         batch = jax.tree_util.tree_map(lambda a, k=c.count: a[:k], c.batch)
         yield data_lib.Chunk(batch, c.mask[: c.count], c.offset, c.count)
 

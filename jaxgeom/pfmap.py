@@ -46,7 +46,7 @@ from jaxgeom.pmat.implicit import _chunk_rows, _masked_outputs, _tangents
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.scaling import ScalarMultiples
 from jaxgeom.variants import BatchedFunction
-from jaxgeom.vector import PVector, as_flat
+from jaxgeom.vector import PVector, _unravel, as_flat
 
 
 def _pfmap(cls: type) -> type:
@@ -81,12 +81,14 @@ class PFMapAbstract(ScalarMultiples, abc.ABC):
     def jvp(self, v: Any) -> FVector:
         """``J v`` (``(K, N)``) for a ``PVector``, params pytree or flat ``(d,)`` vector."""
         flat, _ = as_flat(v, self.layer_collection)
-        return FVector(self._jvp_many(flat[None])[0])
+        out = self._jvp_many(flat.reshape(1, -1))  # reshapes: eager indexing is slow
+        return FVector(out.reshape(out.shape[1:]))
 
     def vjp(self, f: Any) -> PVector:
         """``Jᵀ f = Σ_{o,n} f[o,n] J[o,n,:]`` for an ``FVector`` or ``(K, N)`` array."""
         data = as_fvector_data(f, self.shape[:2])
-        return PVector(self.layer_collection.from_flat(self._vjp_many(data[None])[0]))
+        out = self._vjp_many(data.reshape(1, *data.shape))
+        return PVector(_unravel(self.layer_collection, out.reshape(-1)))
 
     # ------------------------------------------------------------------ views
     def size(self, dim: int | None = None):
