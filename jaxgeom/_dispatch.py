@@ -39,6 +39,7 @@ _TRACED_NUMBERS = (float, complex)
 #: how a leaf takes part in the compiled call, decided by its type
 _TRACED_LEAF, _STATIC_LEAF, _EAGER_CALL = range(3)
 
+
 @functools.cache
 def _leaf_kind(leaf_type: type) -> int:
     """``_TRACED_LEAF`` (arrays, NumPy scalars, ``float``, ``complex``), ``_EAGER_CALL`` (a

@@ -139,8 +139,7 @@ class _Unhashable:
 def test_which_arguments_are_traced_static_or_keep_the_call_eager():
     """Arrays and floats are traced (new values: no compilation), ints are static (a new
     one compiles); an unhashable or callable argument (a function, a class, a partial)
-    makes the call eager. The numbers
-    are the same every way."""
+    makes the call eager. The numbers are the same every way."""
     box = _Box(jnp.arange(3.0))
     calls = [
         (lambda: box.times(2.5), 1),
