@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -238,19 +239,20 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
 
     # ------------------------------------------------------------------ products
     def _jvp_many(self, rows):
-        parts = [
-            _chunk_jvps(self.params, rows, c.batch, c.mask, c.offset, self.aux,
-                        fn=self.fn, layout=self.layer_collection)[:, : c.count]
-            for c in self._chunks()
-        ]
-        return self.scale * jnp.concatenate(parts, axis=1).transpose(0, 2, 1)
+        chunks = list(self._chunks())
+        parts = [_chunk_jvps(self.params, rows, c.batch, c.mask, c.offset, self.aux,
+                             fn=self.fn, layout=self.layer_collection) for c in chunks]
+        return _joined(parts, tuple(c.count for c in chunks), self.scale)
 
     def _vjp_many(self, cotangents):
-        total = sum(
-            self._vjp_chunk(c, cotangents[:, :, c.offset: c.offset + c.count].transpose(0, 2, 1))
-            for c in self._chunks()
-        )
-        return total.astype(cotangents.dtype)
+        """``(m, d)``: ``s Jᵀ fᵢ`` for the ``(m, K, N)`` cotangents ``fᵢ``, chunk by chunk
+        (each chunk's cotangents cut by one compiled call, as its examples are)."""
+        total = None
+        for c in self._chunks():
+            cot = _cotangent_window(cotangents, c.offset, c.mask.shape[0])
+            part = _chunk_vjps(self.params, cot, c.batch, c.mask, c.offset, self.aux, fn=self.fn)
+            total = part if total is None else total + part
+        return (self.scale * total).astype(cotangents.dtype)
 
     def _vjp_chunk(self, c: data_lib.Chunk, cotangents: jax.Array) -> jax.Array:
         """``(m, d)``: ``s J_cᵀ fᵢ`` for cotangents ``(m, count, K)`` on the examples of ``c``."""
@@ -336,6 +338,24 @@ def _check_same_data(a: list, b: list) -> None:
 
 
 # ----------------------------------------------------------------------------- kernels
+# The chunk loops of PFMapImplicit run eagerly; the small array work around them is one
+# compiled call each (dispatched one operation at a time, eager slices, pads and
+# concatenations cost more than the products on a small model).
+@functools.partial(jax.jit, static_argnums=1)
+def _joined(parts: list, counts: tuple[int, ...], scale: jax.Array) -> jax.Array:
+    """``(m, K, N)``: the chunks' ``(m, size, K)`` products without their padding, in order."""
+    real = [p[:, :n] for p, n in zip(parts, counts)]
+    return scale * jnp.concatenate(real, axis=1).transpose(0, 2, 1)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _cotangent_window(cotangents: jax.Array, offset: int, size: int) -> jax.Array:
+    """``(m, size, K)``: the cotangents of the ``size`` examples from ``offset`` (past the
+    end, the last example's: their outputs are masked out, so they contribute nothing)."""
+    examples = offset + jnp.arange(size)
+    return jnp.take(cotangents, examples, axis=2, mode="clip").transpose(0, 2, 1)
+
+
 @model_jit(static_argnames=("fn", "layout"))
 def _chunk_jvps(params, rows, batch, mask, offset, aux, *, fn, layout):
     """``(m, n, K)``: ``J_c vᵢ`` of one chunk for the rows ``vᵢ`` of ``(m, d)``."""
