@@ -102,14 +102,14 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
 
     def _mmv(self, rows: jax.Array) -> jax.Array:
         """``s/N Σ_chunks J_cᵀ (J_c vᵢ)`` for the rows ``vᵢ`` of ``(m, d)``."""
-        total = sum(self._chunk_mmv(rows, c) for c in self._chunks())
-        return self.scale * total / self.num_examples
+        parts = [self._chunk_mmv(rows, c) for c in self._chunks()]
+        return _mean_of(parts, self.scale, self.num_examples)
 
     def vTMv(self, v: Any) -> jax.Array:
         """``s/N Σₙ ‖Jₙ v‖²``: one ``jvp`` per chunk, no ``vjp``."""
         flat, _ = as_flat(v, self.layer_collection)
-        total = sum(self._chunk_vTMv(flat, c) for c in self._chunks())
-        return self.scale * total / self.num_examples
+        parts = [self._chunk_vTMv(flat, c) for c in self._chunks()]
+        return _mean_of(parts, self.scale, self.num_examples)
 
     # the two per-chunk kernels (the hook of operators other than JᵀJ, e.g. the Hessian)
     def _chunk_mmv(self, rows: jax.Array, chunk: data_lib.Chunk) -> jax.Array:
@@ -250,6 +250,13 @@ class ImplicitBuilder(ChunkBuilder):
 
 
 # ----------------------------------------------------------------------------- kernels
+@jax.jit
+def _mean_of(parts: list, scale: jax.Array, n: int) -> jax.Array:
+    """``scale · Σ parts / n``: one compiled call after an eager chunk loop (its sums and
+    scalings were one dispatch each)."""
+    return scale * sum(parts[1:], parts[0]) / n
+
+
 def _masked_outputs(fn, batch, mask, offset, aux) -> Callable:
     """``params ↦`` the chunk's ``(n, K)`` outputs, padded rows zeroed."""
     def outputs(params):
