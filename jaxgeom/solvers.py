@@ -48,15 +48,11 @@ def cg(
         return (jnp.linalg.norm(r) > threshold) & (k < maxiter)
 
     def body(state):
-        x, r, z, p, rz, k = state
-        ap = matvec(p)
-        alpha = rz / jnp.vdot(p, ap)
-        x = x + alpha * p
-        r = r - alpha * ap
+        x, r, _, p, rz, k = state
+        x, r = _cg_advance(x, r, p, matvec(p), rz)
         z = precondition(r)
-        rz_new = jnp.vdot(r, z)
-        p = z + (rz_new / rz) * p
-        return x, r, z, p, rz_new, k + 1
+        p, rz, _ = _cg_direction(r, z, p, rz)
+        return x, r, z, p, rz, k + 1
 
     if not isinstance(r, jax.core.Tracer) and not isinstance(z, jax.core.Tracer):
         return _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter)
@@ -77,6 +73,8 @@ def _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter):
     return x
 
 
+# one CG iteration in two halves (around the preconditioner), shared by the traced loop
+# (inlined there) and the one driven from Python (one compiled call each)
 @jax.jit
 def _cg_advance(x, r, p, ap, rz):
     alpha = rz / jnp.vdot(p, ap)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -102,14 +104,14 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
 
     def _mmv(self, rows: jax.Array) -> jax.Array:
         """``s/N Σ_chunks J_cᵀ (J_c vᵢ)`` for the rows ``vᵢ`` of ``(m, d)``."""
-        parts = [self._chunk_mmv(rows, c) for c in self._chunks()]
-        return _mean_of(parts, self.scale, self.num_examples)
+        total = functools.reduce(operator.add, (self._chunk_mmv(rows, c) for c in self._chunks()))
+        return _scaled_mean(total, self.scale, self.num_examples)
 
     def vTMv(self, v: Any) -> jax.Array:
         """``s/N Σₙ ‖Jₙ v‖²``: one ``jvp`` per chunk, no ``vjp``."""
         flat, _ = as_flat(v, self.layer_collection)
-        parts = [self._chunk_vTMv(flat, c) for c in self._chunks()]
-        return _mean_of(parts, self.scale, self.num_examples)
+        total = functools.reduce(operator.add, (self._chunk_vTMv(flat, c) for c in self._chunks()))
+        return _scaled_mean(total, self.scale, self.num_examples)
 
     # the two per-chunk kernels (the hook of operators other than JᵀJ, e.g. the Hessian)
     def _chunk_mmv(self, rows: jax.Array, chunk: data_lib.Chunk) -> jax.Array:
@@ -251,10 +253,10 @@ class ImplicitBuilder(ChunkBuilder):
 
 # ----------------------------------------------------------------------------- kernels
 @jax.jit
-def _mean_of(parts: list, scale: jax.Array, n: int) -> jax.Array:
-    """``scale · Σ parts / n``: one compiled call after an eager chunk loop (its sums and
-    scalings were one dispatch each)."""
-    return scale * sum(parts[1:], parts[0]) / n
+def _scaled_mean(total: jax.Array, scale: jax.Array, n: int) -> jax.Array:
+    """``scale · total / n`` in one compiled call after an eager chunk loop (whose running
+    total keeps one chunk's products alive, not every chunk's)."""
+    return scale * total / n
 
 
 def _masked_outputs(fn, batch, mask, offset, aux) -> Callable:
