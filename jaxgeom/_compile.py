@@ -14,9 +14,10 @@ The option is left out when ``XLA_FLAGS`` already sets it (the user's choice win
 to XLA's default to opt out) or when this jaxlib's XLA does not know it (checked once, by
 compiling a trivial function).
 
-Each step is also traced through :func:`~jaxgeom._convolutions.canonical_convolutions`,
-which writes every plain convolution (the model's and the transposes its derivatives make)
-in the layout XLA:CPU's fast kernels take. Compiled at the top level this changes nothing;
+On the CPU each step is also traced through
+:func:`~jaxgeom._convolutions.canonical_convolutions`, which writes every plain convolution
+(the model's and the transposes its derivatives make) in the layout XLA:CPU's fast kernels
+take. Compiled at the top level this changes nothing;
 compiled inside a loop — conjugate gradient's ``while_loop`` under ``jit``, a user's
 ``lax.scan`` of training steps — it is what keeps the convolutions off XLA's generic loop
 nest (20–200× slower, jax#12868).
@@ -66,16 +67,22 @@ class ModelJit:
     def __init__(self, fun: Callable, **jit_kwargs: Any):
         functools.update_wrapper(self, fun)
         self._fun = fun
-        self._traced = canonical_convolutions(fun)
         self._jit_kwargs = jit_kwargs
         self._top_level: Callable | None = None
         self._nested: Callable | None = None
 
     def _compiled(self) -> Callable:
         if self._top_level is None:
-            self._top_level = jax.jit(self._traced, compiler_options=model_compile_options(),
+            self._top_level = jax.jit(self._traced(), compiler_options=model_compile_options(),
                                       **self._jit_kwargs)
         return self._top_level
+
+    def _traced(self) -> Callable:
+        """The function ``jit`` traces: on the CPU, with :func:`canonical_convolutions`
+        (XLA's GPU and TPU compilers choose convolution layouts themselves)."""
+        if jax.default_backend() == "cpu":
+            return canonical_convolutions(self._fun)
+        return self._fun
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -84,12 +91,11 @@ class ModelJit:
             if "compiler_options" not in str(error):
                 raise
         if self._nested is None:
-            self._nested = jax.jit(self._traced, **self._jit_kwargs)
+            self._nested = jax.jit(self._traced(), **self._jit_kwargs)
         return self._nested(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_fun", "_traced", "_jit_kwargs", "_top_level",
-                                             "_nested"):
+        if name.startswith("__") or name in ("_fun", "_jit_kwargs", "_top_level", "_nested"):
             raise AttributeError(name)
         return getattr(self._compiled(), name)
 
