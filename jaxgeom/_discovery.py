@@ -344,6 +344,15 @@ def _call_body(eqn: jex.JaxprEqn) -> jex.Jaxpr | None:
     return body
 
 
+def closed_body(eqn: jex.JaxprEqn) -> tuple[jex.Jaxpr | None, list]:
+    """The sub-jaxpr of a call-like equation (:func:`_call_body`) and its constants."""
+    body = _call_body(eqn)
+    for value in eqn.params.values():
+        if isinstance(value, jex.ClosedJaxpr) and value.jaxpr is body:
+            return body, list(value.consts)
+    return body, []
+
+
 def scan_counts(eqn: jex.JaxprEqn) -> tuple[int, int]:
     """``(num_consts, num_carry)`` of a ``scan`` equation: its operands are the consts, the
     initial carry and the ``xs``, in that order. JAX < 0.11 names the counts in the

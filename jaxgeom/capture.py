@@ -75,6 +75,7 @@ from jaxgeom._discovery import (
     _Analysis,
     _call_body,
     _LeafView,
+    closed_body,
     scan_counts,
 )
 from jaxgeom._reindex import is_transposed_block
@@ -562,15 +563,6 @@ def _out_shape(jaxpr, path, eqn) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------- interpreter
-def _closed_body(eqn) -> tuple[jex.Jaxpr, list]:
-    """The sub-jaxpr of a call-like equation and its constants."""
-    body = _call_body(eqn)
-    for value in eqn.params.values():
-        if isinstance(value, jex.ClosedJaxpr) and value.jaxpr is body:
-            return body, list(value.consts)
-    return body, []
-
-
 def _bind(eqn, invals):
     out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
     return out if eqn.primitive.multiple_results else [out]
@@ -596,7 +588,7 @@ def _interpret(plan: CapturePlan, jaxpr, consts, args, path, perturb, captured):
         elif here in plan.prefixes and eqn.primitive is prims.scan_p:
             outs = _scan(plan, eqn, invals, here, perturb, captured)
         elif here in plan.prefixes and eqn.primitive in _CALL_PRIMITIVES:
-            body, body_consts = _closed_body(eqn)
+            body, body_consts = closed_body(eqn)
             outs = _interpret(plan, body, body_consts, invals, here, perturb, captured)
         else:
             outs = _bind(eqn, invals)
