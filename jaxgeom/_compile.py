@@ -17,10 +17,10 @@ compiling a trivial function).
 On the CPU each step is also traced through
 :func:`~jaxgeom._convolutions.canonical_convolutions`, which writes every plain convolution
 (the model's and the transposes its derivatives make) in the layout XLA:CPU's fast kernels
-take. Compiled at the top level this changes nothing;
-compiled inside a loop — conjugate gradient's ``while_loop`` under ``jit``, a user's
-``lax.scan`` of training steps — it is what keeps the convolutions off XLA's generic loop
-nest (20–200× slower, jax#12868).
+take. Compiled at the top level this changes nothing; compiled inside a loop — conjugate
+gradient's ``while_loop`` under ``jit``, a user's ``lax.scan`` of training steps, a
+``lax.cond`` — it keeps the convolutions off XLA's generic loop nest (20–200× slower,
+jax#12868).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import jax
 from jax.extend import core as jex
 from jax.extend.core import primitives as prims
 
-from jaxgeom._discovery import closed_body
+from jaxgeom._discovery import bind, closed_body
 
 #: call-like primitives whose body is evaluated inline (a call changes no numbers)
 _INLINED = frozenset({prims.jit_p, prims.closed_call_p, prims.call_p})
@@ -90,9 +90,7 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: list, args: list) -> list:
         elif eqn.primitive in _INLINED and (body := closed_body(eqn))[0] is not None:
             outs = _evaluate(*body, invals)
         else:
-            params = {name: _rewritten(value) for name, value in eqn.params.items()}
-            out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
-            outs = out if eqn.primitive.multiple_results else [out]
+            outs = bind(eqn, invals, {name: _rewritten(v) for name, v in eqn.params.items()})
         env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
 

@@ -344,6 +344,14 @@ def _call_body(eqn: jex.JaxprEqn) -> jex.Jaxpr | None:
     return body
 
 
+def bind(eqn: jex.JaxprEqn, invals: list, params: dict | None = None) -> list:
+    """``eqn``'s primitive applied to ``invals`` with ``params`` (default: the equation's):
+    its outputs, as a list."""
+    params = eqn.params if params is None else params
+    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
+    return out if eqn.primitive.multiple_results else [out]
+
+
 def closed_body(eqn: jex.JaxprEqn) -> tuple[jex.Jaxpr | None, list]:
     """The sub-jaxpr of a call-like equation (:func:`_call_body`) and its constants."""
     body = _call_body(eqn)

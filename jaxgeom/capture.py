@@ -75,6 +75,7 @@ from jaxgeom._discovery import (
     _Analysis,
     _call_body,
     _LeafView,
+    bind,
     closed_body,
     scan_counts,
 )
@@ -563,11 +564,6 @@ def _out_shape(jaxpr, path, eqn) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------- interpreter
-def _bind(eqn, invals):
-    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-    return out if eqn.primitive.multiple_results else [out]
-
-
 def _interpret(plan: CapturePlan, jaxpr, consts, args, path, perturb, captured):
     """Evaluate ``jaxpr``, capturing site inputs into ``captured`` and adding ``perturb``."""
     env: dict = {}
@@ -582,7 +578,7 @@ def _interpret(plan: CapturePlan, jaxpr, consts, args, path, perturb, captured):
         invals = [read(v) for v in eqn.invars]
         site = plan.sites.get(here)
         if site is not None:
-            (out,) = _bind(eqn, invals)
+            (out,) = bind(eqn, invals)
             captured[site.layer] = site.source(invals)
             outs = [out + perturb[site.layer].astype(out.dtype)]
         elif here in plan.prefixes and eqn.primitive is prims.scan_p:
@@ -591,7 +587,7 @@ def _interpret(plan: CapturePlan, jaxpr, consts, args, path, perturb, captured):
             body, body_consts = closed_body(eqn)
             outs = _interpret(plan, body, body_consts, invals, here, perturb, captured)
         else:
-            outs = _bind(eqn, invals)
+            outs = bind(eqn, invals)
         env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
 
