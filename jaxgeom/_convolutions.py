@@ -85,7 +85,7 @@ def _evaluate(jaxpr: jex.Jaxpr, consts: list, args: list) -> list:
     env.update(zip(jaxpr.invars, args))
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if eqn.primitive is prims.conv_general_dilated_p and _rewritable(eqn.params):
+        if _rewritable(eqn):
             outs = [_canonical_conv(*invals, **eqn.params)]
         elif eqn.primitive in _INLINED and (body := closed_body(eqn))[0] is not None:
             outs = _evaluate(*body, invals)
@@ -121,11 +121,8 @@ def _retraced(jaxpr: jex.Jaxpr, consts: list) -> jex.ClosedJaxpr:
 
 def _holds_rewritable(jaxpr: jex.Jaxpr) -> bool:
     """Whether ``jaxpr`` or one of its sub-jaxprs has a convolution to rewrite."""
-    return any(
-        (eqn.primitive is prims.conv_general_dilated_p and _rewritable(eqn.params))
-        or any(_holds_rewritable(sub) for sub in jex.jaxprs_in_params(eqn.params))
-        for eqn in jaxpr.eqns
-    )
+    return any(_rewritable(eqn) or any(map(_holds_rewritable, jex.jaxprs_in_params(eqn.params)))
+               for eqn in jaxpr.eqns)
 
 
 def canonical_dimension_numbers(spatial: int) -> jax.lax.ConvDimensionNumbers:
@@ -140,8 +137,12 @@ def canonical_dimension_numbers(spatial: int) -> jax.lax.ConvDimensionNumbers:
     )
 
 
-def _rewritable(params: dict) -> bool:
-    """A convolution without feature or batch grouping, not already canonical."""
+def _rewritable(eqn: jex.JaxprEqn) -> bool:
+    """Whether ``eqn`` is a convolution without feature or batch grouping, not already
+    canonical."""
+    if eqn.primitive is not prims.conv_general_dilated_p:
+        return False
+    params = eqn.params
     numbers = params["dimension_numbers"]
     spatial = len(numbers.lhs_spec) - 2
     return (params["feature_group_count"] == 1 and params["batch_group_count"] == 1
