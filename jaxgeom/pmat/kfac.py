@@ -186,6 +186,11 @@ class Kron:
     def frobenius_sq(self):
         return jnp.sum(self.G**2) * jnp.sum(self._A**2)
 
+    @property
+    def eigh_orders(self) -> tuple[int, ...]:
+        """The orders of the matrices :meth:`eigen` factorises."""
+        return (self.G.shape[0],) + ((self.A.shape[0],) if self.A.ndim == 2 else ())
+
     def eigen(self) -> KronEigen:
         lg, qg = jnp.linalg.eigh(self.G)
         if self.A.ndim == 1:
@@ -288,6 +293,9 @@ class KronEigen:
 
     def frobenius_sq(self):
         return jnp.sum(self.d**2)
+
+    #: :meth:`eigen` factorises nothing
+    eigh_orders: ClassVar[tuple[int, ...]] = ()
 
     def eigen(self):
         return self
