@@ -30,6 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxgeom._lapack import one_thread_when_faster
+
 #: stands in the static leaves for each traced one
 _TRACED = object()
 
@@ -92,7 +94,10 @@ def _compiled_call(method: Callable, treedef: Any, static: tuple, traced: list) 
 def compiled_when_eager(method: Callable) -> Callable:
     """``method(self, *args, **kwargs)`` as one compiled call when no argument is traced
     (module docstring). ``self`` must be a pytree; when it has a ``_compiles_eager_calls()``
-    method answering ``False``, the call stays eager. The result must be a pytree of arrays.
+    method answering ``False``, the call stays eager. When it has a
+    ``_factorised_orders(name, *args, **kwargs)`` method, the orders of the independent
+    matrices that call factorises, the compiled call runs them side by side when faster
+    (:func:`jaxgeom._lapack.one_thread_when_faster`). The result must be a pytree of arrays.
     The returned function keeps the method's name and docstring, and the method itself as
     ``eager_method``."""
 
@@ -105,7 +110,13 @@ def compiled_when_eager(method: Callable) -> Callable:
         split = _split(leaves)
         if split is None:
             return method(self, *args, **kwargs)
-        return _compiled_call(method, treedef, *split)
+        factorised = getattr(self, "_factorised_orders", None)
+        orders = factorised(method.__name__, *args, **kwargs) if factorised is not None else ()
+        if not orders:
+            return _compiled_call(method, treedef, *split)
+        with one_thread_when_faster(orders, split[1]) as limited:
+            result = _compiled_call(method, treedef, *split)
+            return jax.block_until_ready(result) if limited else result
 
     operation.eager_method = method
     return operation

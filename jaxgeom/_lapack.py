@@ -31,9 +31,10 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -50,11 +51,22 @@ def side_by_side(fn: Callable[..., Any], sizes: Sequence[int], *args: Any) -> An
     took 2.6 s instead of 2.1 s that way).
     """
     leaves = jax.tree_util.tree_leaves(args)
-    if (any(isinstance(x, jax.core.Tracer) for x in leaves)
-            or not _on_cpu(leaves) or not faster_side_by_side(sizes, _cores())):
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
         return fn(*args)
+    with one_thread_when_faster(sizes, leaves) as limited:
+        return jax.block_until_ready(jax.jit(fn)(*args)) if limited else fn(*args)
+
+
+@contextlib.contextmanager
+def one_thread_when_faster(sizes: Sequence[int], arrays: Sequence[Any]) -> Iterator[bool]:
+    """Hold LAPACK to one thread in the block when ``arrays`` are on a CPU and
+    factorisations of orders ``sizes`` are :func:`faster_side_by_side`; yields whether it
+    does (the block must then wait for its results before it ends)."""
+    if len(sizes) < 2 or not faster_side_by_side(sizes, _cores()) or not _on_cpu(arrays):
+        yield False
+        return
     with _blas_threads().limit(limits=1, user_api="blas"):
-        return jax.block_until_ready(jax.jit(fn)(*args))
+        yield True
 
 
 #: the most LAPACK's own threads were measured to speed up one factorisation (see above)

@@ -112,3 +112,49 @@ def test_ekfac_from_kfac_is_kfac_in_its_eigenbasis():
             np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=1e-10)
             rotated = q.T @ m @ q
             np.testing.assert_allclose(rotated, np.diag(np.diag(rotated)), atol=1e-10)
+
+
+def _small_kfac():
+    key = jax.random.key(6)
+    params = {"a": {"kernel": jax.random.normal(key, (5, 4)), "bias": jnp.zeros(4)},
+              "b": {"kernel": jax.random.normal(jax.random.fold_in(key, 1), (4, 3)),
+                    "bias": jnp.zeros(3)}}
+    x = jax.random.normal(jax.random.fold_in(key, 2), (16, 5))
+
+    def apply_fn(p, x):
+        return jnp.tanh(x @ p["a"]["kernel"] + p["a"]["bias"]) @ p["b"]["kernel"] + p["b"]["bias"]
+
+    return jaxgeom.FIM(apply_fn, params, (x, jnp.zeros(16, int)), jaxgeom.PMatKFAC), params
+
+
+def test_eager_calls_that_factorise_ask_for_side_by_side(monkeypatch):
+    """A compiled eager call of KFAC passes the orders of the matrices it factorises
+    independently (G and A of each layer) to the thread policy; other calls do not."""
+    import contextlib
+
+    from jaxgeom import _dispatch
+
+    seen = []
+
+    @contextlib.contextmanager
+    def record(orders, arrays):
+        seen.append(list(orders))
+        yield False
+
+    monkeypatch.setattr(_dispatch, "one_thread_when_faster", record)
+    F, params = _small_kfac()
+    v = jaxgeom.random_pvector(jax.random.key(7), params)
+    orders = [4, 6, 3, 5]  # G then A (bias column included) of each layer
+
+    x = F.solve(v, 0.1)  # exact damping through the eigenbases
+    np.testing.assert_allclose(F.mv(x).to_flat() + 0.1 * x.to_flat(), v.to_flat(), atol=1e-10)
+    assert seen == [orders]
+    np.testing.assert_allclose(F.norm(2), np.max(np.abs(np.linalg.eigvalsh(F.to_dense()))),
+                               rtol=1e-10)
+    np.testing.assert_allclose(F.eigvalsh(), np.linalg.eigvalsh(F.to_dense()), atol=1e-10)
+    assert seen == [orders] * 3
+    F.solve(v, 0.1, damping="pi")  # Cholesky solves chained G then A: not independent
+    F.solve(v, 0.1, method="cg")
+    F.norm()
+    F.trace()
+    assert seen == [orders] * 3

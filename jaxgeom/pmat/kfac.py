@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
 from jaxgeom.capture import (
     Captured,
@@ -128,6 +129,12 @@ def _sym(m: jax.Array) -> jax.Array:
 def _cho_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     """``m⁻¹ b`` for a symmetric positive-definite ``m``."""
     return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True), b)
+
+
+def _eigendecompositions(factors: tuple, blocks: tuple) -> tuple[tuple, tuple]:
+    """The eigenbasis form of each Kronecker layer block and ``eigh`` of each exact block
+    (independent factorisations, for :func:`~jaxgeom._lapack.side_by_side`)."""
+    return tuple(node.eigen() for node in factors), tuple(jnp.linalg.eigh(b) for b in blocks)
 
 
 def _eye_like(m: jax.Array) -> jax.Array:
@@ -566,9 +573,32 @@ class PMatKFAC(PMatAbstract):
         squares = [n.frobenius_sq() for n in self.factors] + [jnp.sum(b**2) for b in self.blocks]
         return jnp.sqrt(sum(squares))
 
-    def _eigen(self):
-        """Eigendecompositions of every layer: ``KronEigen`` nodes and ``(λ, V)`` pairs."""
-        return [n.eigen() for n in self.factors], [jnp.linalg.eigh(b) for b in self.blocks]
+    def _eigen(self, blocks: bool = True):
+        """Eigendecompositions of every layer: ``KronEigen`` nodes and ``(λ, V)`` pairs of
+        the exact blocks (none without ``blocks``), side by side on a CPU's cores when that
+        is faster (:func:`~jaxgeom._lapack.side_by_side`)."""
+        blocks = self.blocks if blocks else ()
+        orders = [n for node in self.factors for n in node.eigh_orders]
+        return side_by_side(_eigendecompositions, orders + [b.shape[0] for b in blocks],
+                            self.factors, blocks)
+
+    def _factorised_orders(self, operation: str, *args: Any, **kwargs: Any) -> list[int]:
+        """The orders of the independent matrices that the compiled eager call
+        ``operation(*args, **kwargs)`` factorises (:func:`~jaxgeom._dispatch.compiled_when_eager`
+        runs them side by side when that is faster): every factor and block for
+        ``eigvalsh``, ``norm(±2)`` and the exactly damped ``solve``. (The π-damped solve's
+        Cholesky solves chain ``G`` then ``A`` in each layer: not independent.)"""
+        if operation == "solve":
+            method = kwargs.get("method") or self.SOLVE_METHODS[0]
+            if method != "eigh" or kwargs.get("damping", "exact") != "exact":
+                return []
+        elif operation == "norm":
+            if (args[0] if args else kwargs.get("ord")) not in (2, -2):
+                return []
+        elif operation != "eigvalsh":
+            return []
+        return [n for node in self.factors for n in node.eigh_orders] + [
+            b.shape[0] for b in self.blocks]
 
     def eigvalsh(self):
         nodes, pairs = self._eigen()
@@ -579,7 +609,11 @@ class PMatKFAC(PMatAbstract):
         if method == "cg":
             return super()._solve(v, regul, method, **options)
         _check_damping(damping)
-        pairs = [jnp.linalg.eigh(b) for b in self.blocks]
+        if damping == "pi":
+            pairs = [jnp.linalg.eigh(b) for b in self.blocks]
+        else:
+            eigen_nodes, pairs = self._eigen()
+
         def damped_inverse(e, q):
             return lambda x: q @ ((q.T @ x) / (e + regul))
 
@@ -587,7 +621,7 @@ class PMatKFAC(PMatAbstract):
         if damping == "pi":
             nodes = [n.pi_damped(regul) for n in self._krons("π-damping")]
             return self._parts.apply(nodes, "solve", v, blocks)
-        nodes = [e.with_values(1 / (e.d + regul)) for e in (n.eigen() for n in self.factors)]
+        nodes = [e.with_values(1 / (e.d + regul)) for e in eigen_nodes]
         return self._parts.apply(nodes, "mv", v, blocks)
 
     # ------------------------------------------------------------------ functions
@@ -608,7 +642,7 @@ class PMatKFAC(PMatAbstract):
         elif _is_static_zero(regul) and all(isinstance(n, Kron) for n in self.factors):
             nodes = tuple(n.power(p) for n in self.factors)
         else:
-            nodes = tuple(n.eigen() for n in self.factors)
+            nodes, _ = self._eigen(blocks=False)
             nodes = tuple(n.with_values(_spectral.power(n.d, p, regul)) for n in nodes)
         return self._with(nodes, blocks)
 
