@@ -1,0 +1,111 @@
+"""First calls in a new process, with and without JAX's persistent compilation cache.
+
+A notebook restarted or a script run again compiles every build and operation anew.
+This script times, each in a fresh process: the setup (the model's parameters and data,
+which compile a few small programs too), the first build (``FIM`` of ``--representation``
+on the whole data), the first ``mv`` and the first ``solve`` on it. Three processes per
+model: ``no cache``; ``cache (filling)``, the first run with an empty cache directory;
+``cache (warm)``, the median of ``--repeats`` later runs reading it. The cache is set as
+docs/performance.md says (``jax_compilation_cache_dir`` and
+``jax_persistent_cache_min_compile_time_secs=0``). A table on stdout and ``--out`` JSON::
+
+    python benchmarks/bench_first_call.py --out first.json
+    python benchmarks/bench_first_call.py --models bench_cnn --representation PMatKFAC
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROWS = ("setup", "build", "mv", "solve")
+
+
+def one_process(model: str, representation: str, cache: str | None) -> dict:
+    """Run :func:`child` in a new interpreter; its timings (seconds)."""
+    env = dict(os.environ)
+    if cache:
+        env["JAXGEOM_BENCH_CACHE"] = cache
+    else:
+        env.pop("JAXGEOM_BENCH_CACHE", None)
+    proc = subprocess.run([sys.executable, __file__, "--child", model, representation],
+                          env=env, capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child(model: str, representation: str) -> None:
+    start = time.perf_counter()
+    import jax
+
+    cache = os.environ.get("JAXGEOM_BENCH_CACHE")
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    import jax.numpy as jnp
+    import models
+
+    import jaxgeom
+
+    spec = models.SPECS[model]
+    params = models.init_params(spec)
+    x, y = (jnp.asarray(a) for a in models.make_data(spec))
+    apply_fn = models.make_apply(spec)
+    t = {"setup": time.perf_counter() - start}
+    start = time.perf_counter()
+    F = jax.block_until_ready(jaxgeom.FIM(apply_fn, params, (x, y),
+                                          getattr(jaxgeom, representation),
+                                          batch_size=spec.batch_size))
+    t["build"] = time.perf_counter() - start
+    v = jaxgeom.random_pvector(jax.random.key(2), params)
+    for name, call in (("mv", lambda: F.mv(v)), ("solve", lambda: F.solve(v, 1e-3))):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        t[name] = time.perf_counter() - start
+    print(json.dumps(t))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["bench_mlp", "bench_cnn"])
+    parser.add_argument("--representation", default=None,
+                        help="default: PMatEKFAC on bench_mlp, PMatKFAC on the others")
+    parser.add_argument("--repeats", type=int, default=2, help="warm-cache processes")
+    parser.add_argument("--out", default=None, help="write the results as JSON")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(*args.child)
+        return {}
+    results = dict(command="python benchmarks/bench_first_call.py " + " ".join(argv or []),
+                   cases={})
+    print(f"{'model':12s}  {'representation':14s}  {'run':16s}  "
+          + "  ".join(f"{r:>8s}" for r in ROWS))
+    for model in args.models:
+        rep = args.representation or ("PMatEKFAC" if model == "bench_mlp" else "PMatKFAC")
+        with tempfile.TemporaryDirectory() as cache:
+            runs = {"no cache": one_process(model, rep, None),
+                    "cache (filling)": one_process(model, rep, cache)}
+            warm = [one_process(model, rep, cache) for _ in range(args.repeats)]
+            runs["cache (warm)"] = {r: statistics.median(w[r] for w in warm) for r in ROWS}
+            size = sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache))
+        results["cases"][f"{model} {rep}"] = dict(runs=runs, warm_runs=warm, cache_bytes=size)
+        for name, t in runs.items():
+            print(f"{model:12s}  {rep:14s}  {name:16s}  "
+                  + "  ".join(f"{t[r]:7.2f}s" for r in ROWS))
+        print(f"{'':12s}  {'':14s}  cache: {size / 2**20:.2f} MiB")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
