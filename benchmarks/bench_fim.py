@@ -54,6 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
+from output import write_json  # noqa: E402
 
 OPERATIONS = ("mv", "vTMv", "trace", "frobenius_norm", "solve")
 #: KFAC only: the π-damped inverse as a representation (kfac-jax's ``update_cache``) and its
@@ -798,7 +799,7 @@ def run_all(args) -> dict:
             entry["scaling"].setdefault(rep, {})[kind] = res
             print(f"   {name} {rep} memory at {'10 N' if kind == 'n10' else 'N'}: "
                   f"{_summary(res)}", flush=True)
-        _save(results, args.out)
+        write_json(results, args.out, announce=False)  # after every case
 
     env = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -810,13 +811,6 @@ def run_all(args) -> dict:
             for future in concurrent.futures.as_completed(futures):
                 record(futures[future], future.result())
     return results
-
-
-def _save(results: dict, path: str | None) -> None:
-    if path:  # write then rename: a run stopped mid-write keeps the previous file whole
-        with open(f"{path}.tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(f"{path}.tmp", path)
 
 
 def _summary(res: dict) -> str:
@@ -1053,7 +1047,7 @@ def main(argv: list[str] | None = None) -> dict:
                             if t.get("runs") or "warm_s" not in old["floors"].get(key, {}):
                                 old["floors"][key] = t
                 results["commands"].append(run.get("command"))
-        _save(results, args.out)  # --out with --report: the merged runs
+        write_json(results, args.out, announce=False)  # --out with --report: the merged runs
     else:
         results = run_all(args)
     print()

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from output import write_json
+
 ROWS = ("setup", "build", "mv", "solve")
 
 
@@ -100,10 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{model:12s}  {rep:14s}  {name:16s}  "
                   + "  ".join(f"{t[r]:7.2f}s" for r in ROWS))
         print(f"{'':12s}  {'':14s}  cache: {size / 2**20:.2f} MiB")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.out}")
+    write_json(results, args.out)
     return results
 
 

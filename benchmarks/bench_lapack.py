@@ -25,7 +25,6 @@ table on stdout and ``--out`` JSON::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
+from output import write_json
 
 
 def _rows(name: str) -> dict:
@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         for row, t in res.items():
             a, b = t["lapack threads"]["warm_s"], t["side by side"]["warm_s"]
             print(f"{name:12s}  {row:18s}  {a * 1e3:11.1f} ms  {b * 1e3:9.1f} ms  {a / b:5.2f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.out}")
+    write_json(results, args.out)
     return results
 
 

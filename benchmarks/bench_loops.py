@@ -25,13 +25,13 @@ revision first on ``PYTHONPATH``::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
+from output import write_json
 
 
 def timed(call, repeats: int) -> dict:
@@ -122,10 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             count, unit = per_unit(row, args.steps, args.maxiter)
             print(f"{name:12s}  {row:40s}  {t['warm_s'] * 1e3:8.1f} ms  "
                   f"{t['warm_s'] / count * 1e3:8.1f} ms/{unit:9s} {t['first_s']:7.2f} s")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.out}")
+    write_json(results, args.out)
     return results
 
 
