@@ -25,8 +25,8 @@ side; bench_cnn's, a 4097² factor and small ones, keep LAPACK's threads.
 
 The thread limit is ``threadpoolctl``'s, held only while the call runs (the call is
 waited for inside it): it applies to every BLAS library loaded in the process, for that
-time. Inside a trace (``jit``, ``vmap``) and on other backends the function runs as
-written.
+time, and calls from several Python threads take turns holding it. Inside a trace
+(``jit``, ``vmap``) and on other backends the function runs as written.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -65,9 +66,13 @@ def one_thread_when_faster(sizes: Sequence[int], arrays: Sequence[Any]) -> Itera
     if len(sizes) < 2 or not faster_side_by_side(sizes, _cores()) or not _on_cpu(arrays):
         yield False
         return
-    with _blas_threads().limit(limits=1, user_api="blas"):
+    with _LIMITING, _blas_threads().limit(limits=1, user_api="blas"):
         yield True
 
+
+#: held while the BLAS libraries are limited: their thread counts are the process's, and a
+#: call that began inside another thread's limit would restore that limit, not the default
+_LIMITING = threading.RLock()
 
 #: the most LAPACK's own threads were measured to speed up one factorisation (see above)
 LAPACK_THREAD_SPEEDUP = 1.5

@@ -158,3 +158,19 @@ def test_eager_calls_that_factorise_ask_for_side_by_side(monkeypatch):
     F.norm()
     F.trace()
     assert seen == [orders] * 3
+
+
+@on_cpu
+def test_concurrent_calls_restore_the_default(monkeypatch):
+    """Calls from several threads at once each hold the limit in turn, so the thread counts
+    the process started with are back once they are done."""
+    import concurrent.futures
+
+    monkeypatch.setattr(_lapack, "_cores", lambda: 2)
+    matrices = [_spd(jax.random.key(8), 30), _spd(jax.random.key(9), 31)]
+    before = _blas_threads()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(
+            lambda _: side_by_side(_eighs_and_threads, [30, 31], matrices), range(8)))
+    assert [int(threads) for _, threads in results] == [1] * 8
+    assert _blas_threads() == before
