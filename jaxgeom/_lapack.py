@@ -40,6 +40,13 @@ from typing import Any
 
 import jax
 
+#: held while the BLAS libraries are limited: their thread counts are the process's, and a
+#: call that began inside another thread's limit would restore that limit, not the default
+_LIMITING = threading.RLock()
+
+#: the most LAPACK's own threads were measured to speed up one factorisation (see above)
+LAPACK_THREAD_SPEEDUP = 1.5
+
 
 def side_by_side(fn: Callable[..., Any], sizes: Sequence[int], *args: Any) -> Any:
     """``fn(*args)``, where ``fn`` factorises independent matrices of orders ``sizes``.
@@ -68,14 +75,6 @@ def one_thread_when_faster(sizes: Sequence[int], arrays: Sequence[Any]) -> Itera
         return
     with _LIMITING, _blas_threads().limit(limits=1, user_api="blas"):
         yield True
-
-
-#: held while the BLAS libraries are limited: their thread counts are the process's, and a
-#: call that began inside another thread's limit would restore that limit, not the default
-_LIMITING = threading.RLock()
-
-#: the most LAPACK's own threads were measured to speed up one factorisation (see above)
-LAPACK_THREAD_SPEEDUP = 1.5
 
 
 def faster_side_by_side(sizes: Sequence[int], cores: int) -> bool:
