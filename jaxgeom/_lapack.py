@@ -89,6 +89,7 @@ def faster_side_by_side(sizes: Sequence[int], cores: int) -> bool:
 
 
 def _on_cpu(leaves: list) -> bool:
+    """Whether every array among ``leaves`` lives on a CPU device."""
     return all(d.platform == "cpu" for x in leaves if isinstance(x, jax.Array)
                for d in x.devices())
 

@@ -577,10 +577,13 @@ class PMatKFAC(PMatAbstract):
         """Eigendecompositions of every layer: ``KronEigen`` nodes and ``(λ, V)`` pairs of
         the exact blocks (none without ``blocks``), side by side on a CPU's cores when that
         is faster (:func:`~jaxgeom._lapack.side_by_side`)."""
-        blocks = self.blocks if blocks else ()
-        orders = [n for node in self.factors for n in node.eigh_orders]
-        return side_by_side(_eigendecompositions, orders + [b.shape[0] for b in blocks],
-                            self.factors, blocks)
+        return side_by_side(_eigendecompositions, self._eigh_orders(blocks), self.factors,
+                            self.blocks if blocks else ())
+
+    def _eigh_orders(self, blocks: bool = True) -> list[int]:
+        """The orders of the matrices :meth:`_eigen` factorises."""
+        return [n for node in self.factors for n in node.eigh_orders] + (
+            [b.shape[0] for b in self.blocks] if blocks else [])
 
     def _factorised_orders(self, operation: str, *args: Any, **kwargs: Any) -> list[int]:
         """The orders of the independent matrices that the compiled eager call
@@ -597,8 +600,7 @@ class PMatKFAC(PMatAbstract):
                 return []
         elif operation != "eigvalsh":
             return []
-        return [n for node in self.factors for n in node.eigh_orders] + [
-            b.shape[0] for b in self.blocks]
+        return self._eigh_orders()
 
     def eigvalsh(self):
         nodes, pairs = self._eigen()
