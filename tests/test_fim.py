@@ -28,6 +28,7 @@ from jaxgeom import (
     FIM_MonteCarlo,
     PMatDense,
     PMatDiag,
+    PMatEKFAC,
     PMatImplicit,
     PMatKFAC,
     PMatLowRank,
@@ -220,6 +221,32 @@ def test_a_model_is_traced_once_per_function_and_shapes(representation):
     assert not np.allclose(first.to_dense(), second.to_dense())
     FIM(apply_fn, t.params, t.x[:3], representation)
     assert len(traces) > before
+
+
+def test_a_first_build_captures_each_pass_once(monkeypatch):
+    """The chunk statistics of a builder that sums them into its running total are traced
+    once per pass: the shapes of its first total and its chunk step share the trace."""
+    import jaxgeom.pmat.diag as diag_module
+    import jaxgeom.pmat.ekfac as ekfac_module
+
+    captures = []
+
+    def counted(module):
+        original = module.capture_chunk
+
+        def capture_chunk(*args, **kwargs):
+            captures.append(module.__name__)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "capture_chunk", capture_chunk)
+
+    counted(diag_module)
+    counted(ekfac_module)
+    t = make_linen_mlp(n=13)  # chunks of 9: shapes no other test builds, nothing traced yet
+    FIM(t.apply_fn, t.params, t.x, PMatDiag, batch_size=9)
+    assert captures == ["jaxgeom.pmat.diag"]
+    FIM(t.apply_fn, t.params, t.x, PMatEKFAC, batch_size=9)  # its refit pass
+    assert captures == ["jaxgeom.pmat.diag", "jaxgeom.pmat.ekfac"]
 
 
 def test_second_moment_gives_the_empirical_fisher():
