@@ -101,7 +101,7 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
         return self._parts.merge([jnp.diag(b) for b in self.blocks])
 
     def trace(self):
-        return sum(jnp.sum(jnp.diagonal(b)) for b in self.blocks)
+        return jnp.sum(_spectral.traces(list(self.blocks)))
 
     def frobenius_norm(self):
         return jnp.sqrt(sum(jnp.sum(jnp.abs(b) ** 2) for b in self.blocks))

@@ -567,7 +567,18 @@ class PMatKFAC(PMatAbstract):
                                  [jnp.diag(b) for b in self.blocks])
 
     def trace(self):
-        return sum(n.trace() for n in self.factors) + sum(_spectral.trace(b) for b in self.blocks)
+        """``Σ_l tr(G_l) tr(A_l)`` plus the blocks' traces; the diagonals of all the square
+        factors and blocks read in one pass (:func:`~jaxgeom.pmat._spectral.traces`)."""
+        if not all(isinstance(n, Kron) for n in self.factors):
+            return sum(n.trace() for n in self.factors) + sum(
+                _spectral.trace(b) for b in self.blocks)
+        square = [m for n in self.factors for m in (n.G, n.A) if m.ndim == 2]
+        square_traces = iter(_spectral.traces(square + list(self.blocks)))
+        total = 0.0
+        for n in self.factors:
+            g = next(square_traces)
+            total = total + g * (next(square_traces) if n.A.ndim == 2 else jnp.sum(n.A))
+        return total + sum(square_traces)
 
     def frobenius_norm(self):
         squares = [n.frobenius_sq() for n in self.factors] + [jnp.sum(b**2) for b in self.blocks]
