@@ -13,7 +13,13 @@ from models import ALL_TASKS, MORE_TASKS, to_float64
 
 from jaxgeom import LayerCollection
 from jaxgeom._discovery import scan_counts
-from jaxgeom.capture import capture, capture_chunk, example_gradients, make_plan
+from jaxgeom.capture import (
+    KroneckerSpec,
+    capture,
+    capture_chunk,
+    example_gradients,
+    make_plan,
+)
 from jaxgeom.jacobian import Hashable
 from jaxgeom.variants import FisherOutputs, MonteCarloFisherOutputs
 
@@ -240,3 +246,18 @@ def test_conv_patches_match_lax(window, strides, padding, lhs_dilation, rhs_dila
     kernel_order = np.argsort([rhs.index(c) for c in "I" + sp])  # (I, spatial) ascending
     expected = jnp.transpose(rows, (0, *(1 + kernel_order))).reshape(rows.shape[0], -1)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_kernel_views_that_repeat_an_entry_are_not_a_reindexing():
+    """A layer matrix is the kernel re-indexed one-to-one: a transpose is (its index is
+    the permutation), a broadcast that repeats the kernel's entries is not (``None``)."""
+    def spec(views, operand_shape):
+        return KroneckerSpec("l", "dense", 0, None, (2, 3), views, operand_shape, (0,), (1,))
+
+    kernel = np.arange(6).reshape(2, 3)
+    transposed = spec((("transpose", (1, 0)),), (3, 2))
+    # the operand is Wᵀ, its free dimension 1 runs over W's rows: the layer matrix is W
+    np.testing.assert_array_equal(transposed.index, kernel)
+    np.testing.assert_array_equal(transposed.kernel_to_matrix(jnp.asarray(kernel)), kernel)
+    repeated = spec((("reshape", (1, 6)), ("broadcast", ((2, 6), (0, 1)))), (2, 6))
+    assert repeated.index is None
