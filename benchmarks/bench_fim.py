@@ -848,6 +848,13 @@ def _row_floor(floors, rep, op):
         return build_floor(floors, rep, refit=True)
     if op == "mv" and rep == "PMatImplicit":
         return w["exact F·v"], "exact F·v"
+    if op == "trace" and rep == "PMatImplicit":  # Σₙₖ ‖∇θ fₖ(xₙ)‖²: every output's gradients
+        return w["forward"] + w["K backward"], "fwd + K bwd"
+    gram = f"dense_jtj K={K_EXACT}"
+    if op in ("frobenius_norm", "solve") and rep == "PMatLowRank" and gram in w:
+        # the d × d Gram FᵀF of the (N K, d) factor, as a plain GEMM (the suite's LowRank
+        # model has d < N K, where both operations go through that Gram)
+        return w[gram], "dense_jtj"
     return w["forward+backward"], "fwd+bwd"
 
 
