@@ -10,9 +10,15 @@ reductions but not for convolutions. The option is passed per compilation
 (``compiler_options``), so nothing global changes and the user's own ``jit`` calls are not
 affected.
 
-The option is left out when ``XLA_FLAGS`` already sets it (the user's choice wins: set it
-to XLA's default to opt out) or when this jaxlib's XLA does not know it (checked once, by
-compiling a trivial function).
+A step may ask for more options (``model_jit(..., compiler_options=...)``): the dense
+build's step asks XLA:CPU for its memory-optimised scheduler (:data:`MEMORY_SCHEDULE`)
+instead of its default concurrency-optimised one, under which the independent block
+products of the Gram were all live at once (bench_small: a warm build's peak 343–359 →
+260 MiB).
+
+Each option is left out when ``XLA_FLAGS`` already sets it (the user's choice wins: set it
+to XLA's default to opt out) or when this jaxlib's XLA does not know it (checked once per
+option, by compiling a trivial function).
 
 On the CPU each step is also traced through
 :func:`~jaxgeom._convolutions.canonical_convolutions`, which writes every plain convolution
@@ -40,17 +46,32 @@ CONVOLUTION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 CONVOLUTION_VALUE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 
 
+#: options of a step whose independent operations should not all be live at once: XLA:CPU's
+#: default scheduler, optimised for concurrency, starts every independent product as early
+#: as it can, so that their results coexist; the memory-optimised one reuses their memory
+MEMORY_SCHEDULE = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
 @functools.cache
-def model_compile_options() -> dict[str, Any] | None:
-    """The ``compiler_options`` of a step that runs the model (``None``: XLA's defaults)."""
-    if CONVOLUTION_OPTION in os.environ.get("XLA_FLAGS", ""):
-        return None
-    options = {CONVOLUTION_OPTION: CONVOLUTION_VALUE}
+def model_compile_options(extra: tuple[tuple[str, Any], ...] = ()) -> dict[str, Any] | None:
+    """The ``compiler_options`` of a step that runs the model, with the ``(name, value)``
+    pairs ``extra`` (``None``: XLA's defaults): those this XLA accepts and ``XLA_FLAGS``
+    does not set."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    wanted = ((CONVOLUTION_OPTION, CONVOLUTION_VALUE), *extra)
+    options = {name: value for name, value in wanted
+               if name not in flags and _accepted(name, value)}
+    return options or None
+
+
+@functools.cache
+def _accepted(name: str, value: Any) -> bool:
+    """Whether this XLA compiles with the option (a trivial function, once per option)."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+        jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(np.float32(0)).compile()
     except Exception:  # noqa: BLE001 - an XLA without the option, or without options at all
-        return None
-    return options
+        return False
+    return True
 
 
 class ModelJit:
@@ -64,16 +85,19 @@ class ModelJit:
     function are the top-level one's.
     """
 
-    def __init__(self, fun: Callable, **jit_kwargs: Any):
+    def __init__(self, fun: Callable, *, compiler_options: dict[str, Any] | None = None,
+                 **jit_kwargs: Any):
         functools.update_wrapper(self, fun)
         self._fun = fun
+        self._extra = tuple(sorted((compiler_options or {}).items()))
         self._jit_kwargs = jit_kwargs
         self._top_level: Callable | None = None
         self._nested: Callable | None = None
 
     def _compiled(self) -> Callable:
         if self._top_level is None:
-            self._top_level = jax.jit(self._traced(), compiler_options=model_compile_options(),
+            self._top_level = jax.jit(self._traced(),
+                                      compiler_options=model_compile_options(self._extra),
                                       **self._jit_kwargs)
         return self._top_level
 
@@ -95,14 +119,16 @@ class ModelJit:
         return self._nested(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_fun", "_jit_kwargs", "_top_level", "_nested"):
+        if name.startswith("__") or name in ("_fun", "_extra", "_jit_kwargs", "_top_level",
+                                             "_nested"):
             raise AttributeError(name)
         return getattr(self._compiled(), name)
 
 
 def model_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
     """Decorator: :class:`ModelJit`, used like ``jax.jit`` (``static_argnums``,
-    ``static_argnames``, ``donate_argnums``, …)."""
+    ``static_argnames``, ``donate_argnums``, …; ``compiler_options``: more options, added
+    to :func:`model_compile_options`' when this XLA takes them)."""
     if fun is None:
         return functools.partial(model_jit, **jit_kwargs)
     return ModelJit(fun, **jit_kwargs)

@@ -182,6 +182,10 @@ class JacobianBuilder(ChunkBuilder):
     def updates_in_place(self) -> bool:
         return not self._collects or self.examples is not None
 
+    @property
+    def schedules_for_memory(self) -> bool:
+        return getattr(self.accumulator, "schedules_for_memory", False)
+
     def with_examples(self, n):
         return dataclasses.replace(self, examples=int(n)) if self._collects else self
 

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
-from jaxgeom._compile import model_jit
+from jaxgeom._compile import MEMORY_SCHEDULE, model_jit
 from jaxgeom._signature import Signature, abstract, signature
 
 
@@ -128,6 +128,11 @@ class ChunkBuilder:
     #: (:meth:`init_total`, :meth:`update`; its buffers donated); otherwise :meth:`reduce`
     #: combines each chunk's statistics with it outside ``jit``.
     updates_in_place: bool = True
+    #: whether the chunk's step is compiled with XLA:CPU's memory-optimised scheduler
+    #: (:data:`~jaxgeom._compile.MEMORY_SCHEDULE`): for an update whose independent
+    #: products, started together, would hold memory the size of the storage (the dense
+    #: Gram's blocks)
+    schedules_for_memory: bool = False
 
     def statistics(self, params: Any, batch: Any, mask: jax.Array, offset: jax.Array,
                    aux: Any) -> tuple[Any, jax.Array]:
@@ -223,6 +228,10 @@ class BuilderGroup(ChunkBuilder):
     @property
     def updates_in_place(self) -> bool:
         return all(m.updates_in_place for m in self.members)
+
+    @property
+    def schedules_for_memory(self) -> bool:
+        return any(m.schedules_for_memory for m in self.members)
 
     def statistics(self, params, batch, mask, offset, aux):
         out = [m.statistics(params, batch, mask, offset, aux) for m in self.members]
@@ -324,7 +333,8 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
         if builder.updates_in_place:
             if total is None:
                 total = builder.init_total(*args)
-            total, finite = _update(builder, total, *args)
+            step = _update_for_memory if builder.schedules_for_memory else _update
+            total, finite = step(builder, total, *args)
         else:
             stats, finite = _statistics(builder, *args)
             total = builder.reduce(total, stats, chunk.count)
@@ -335,9 +345,12 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
     return total, n
 
 
-@model_jit(donate_argnums=(1,))
 def _update(builder, total, params, batch, mask, offset, aux):
     return builder.update(total, params, batch, mask, offset, aux)
+
+
+_update_for_memory = model_jit(_update, donate_argnums=(1,), compiler_options=MEMORY_SCHEDULE)
+_update = model_jit(_update, donate_argnums=(1,))
 
 
 class _Batches:

@@ -149,6 +149,10 @@ class RestrictedBuilder(ChunkBuilder):
     def updates_in_place(self) -> bool:
         return self.inner.updates_in_place
 
+    @property
+    def schedules_for_memory(self) -> bool:
+        return self.inner.schedules_for_memory
+
     def _inner_args(self, params, batch, mask, offset, aux):
         """The inner builder's arguments: the sub-parameters, and ``(params, aux)``."""
         return self.restriction.select(params), batch, mask, offset, (params, aux)
