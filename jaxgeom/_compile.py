@@ -127,8 +127,8 @@ class ModelJit:
 
 def model_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
     """Decorator: :class:`ModelJit`, used like ``jax.jit`` (``static_argnums``,
-    ``static_argnames``, ``donate_argnums``, …; ``compiler_options``: more options, added
-    to :func:`model_compile_options`' when this XLA takes them)."""
+    ``static_argnames``, ``donate_argnums``, …; ``compiler_options``: options added to
+    :func:`model_compile_options`' own, each where this XLA takes it)."""
     if fun is None:
         return functools.partial(model_jit, **jit_kwargs)
     return ModelJit(fun, **jit_kwargs)

@@ -349,6 +349,8 @@ def _update(builder, total, params, batch, mask, offset, aux):
     return builder.update(total, params, batch, mask, offset, aux)
 
 
+# two compilations of the one step (both named ``_update`` in XLA's logs and dumps): the
+# default schedule, and the memory-optimised one for builders that ask for it
 _update_for_memory = model_jit(_update, donate_argnums=(1,), compiler_options=MEMORY_SCHEDULE)
 _update = model_jit(_update, donate_argnums=(1,))
 
