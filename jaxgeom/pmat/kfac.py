@@ -623,19 +623,17 @@ class PMatKFAC(PMatAbstract):
             return super()._solve(v, regul, method, **options)
         _check_damping(damping)
         if damping == "pi":
+            nodes, operation = [n.pi_damped(regul) for n in self._krons("π-damping")], "solve"
             pairs = [jnp.linalg.eigh(b) for b in self.blocks]
         else:
             eigen_nodes, pairs = self._eigen()
+            nodes, operation = [e.with_values(1 / (e.d + regul)) for e in eigen_nodes], "mv"
 
         def damped_inverse(e, q):
             return lambda x: q @ ((q.T @ x) / (e + regul))
 
         blocks = [damped_inverse(e, q) for e, q in pairs]
-        if damping == "pi":
-            nodes = [n.pi_damped(regul) for n in self._krons("π-damping")]
-            return self._parts.apply(nodes, "solve", v, blocks)
-        nodes = [e.with_values(1 / (e.d + regul)) for e in eigen_nodes]
-        return self._parts.apply(nodes, "mv", v, blocks)
+        return self._parts.apply(nodes, operation, v, blocks)
 
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0, *, damping: str = "exact") -> PMatKFAC:
