@@ -170,6 +170,42 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
         raise ValueError(_NO_EXAMPLE)
 
 
+class Window(NamedTuple):
+    """``size`` consecutive real examples of one batch (no padding).
+
+    Attributes:
+      batch: the examples.
+      offset: index of the first one among all examples.
+      size: how many.
+    """
+
+    batch: Any
+    offset: int
+    size: int
+
+
+def iter_windows(data: Any, batch_size: int | None = None) -> Iterator[Window]:
+    """Cover every example of ``data`` with windows of ``min(batch_size, n)`` real
+    examples of a batch of ``n`` (``batch_size=None``: the whole batch): its consecutive
+    chunks, the last one ending at the batch's end, so overlapping the one before when
+    ``batch_size`` does not divide ``n``. For a consumer that writes each example's results
+    at its position (writing some twice, with the same values) and would otherwise
+    compile one step more for a padded chunk's shorter results. Every window of a batch
+    has one shape."""
+    _check_batch_size(batch_size)
+    offset = 0
+    for batch in iter_batches(data):
+        n = num_examples(batch)
+        if n == 0:
+            continue
+        size = n if batch_size is None else min(int(batch_size), n)
+        for start in [*range(0, n - size, size), n - size]:
+            yield Window(_chunk_of(batch, start, start + size, size), offset + start, size)
+        offset += n
+    if offset == 0:
+        raise ValueError(_NO_EXAMPLE)
+
+
 def _mask(size: int, count: int) -> jax.Array | np.ndarray:
     """A chunk's mask: the ``count`` first of ``size`` examples are real. A full chunk's
     is one device array per size and float dtype, made once: a host mask is transferred at

@@ -33,6 +33,7 @@ import numpy as np
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
 from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
+from jaxgeom.gram import gram_by_layers, gram_implicit
 from jaxgeom.jacobian import (
     Hashable,
     accumulate,
@@ -481,16 +482,21 @@ def GramMatrix(
       method: how it is computed, both streamed over chunks of ``batch_size`` examples
         (``C`` chunks):
 
-        - ``"jacobian"`` (default): for every pair of chunks ``i ≤ j``, the per-example
-          Jacobians ``J_i``, ``J_j`` (``n_c K d`` each) and the block ``J_i J_jᵀ``; at most
-          two chunks' Jacobians are held. Cost ``(NK)² d`` for the products and
-          ``C(C+1)/2`` chunk Jacobians (``N K B (C+1)/2``; with one chunk, ``N K B``).
+        - ``"jacobian"`` (default): layer by layer (:mod:`jaxgeom.gram`), over pairs of
+          chunks ``i ≤ j``. A dense layer applied once per example contributes
+          ``(A_i A_jᵀ) ∘ (Γ_i Γ_jᵀ)`` from its captured inputs ``A`` and output gradients
+          ``Γ``, without its Jacobian columns (``N² a_l + (NK)² g_l`` instead of
+          ``(NK)² a_l g_l``); every other parameter the product of its per-example
+          gradients, ``(NK)² d_r`` (in forward mode, all of them). Each chunk's captures
+          are computed once and kept when they fit in the size of ``G``, else once per
+          pair (``N K B (C+1)/2``); memory ``G`` plus at most two chunks' captures.
         - ``"implicit"``: only ``vjp``/``jvp``: per chunk, ``Jᵀ eₒₙ`` for its examples
           (one ``vjp`` per output and example, ``N K B`` in all), then ``J (Jᵀ eₒₙ)`` for
           every such column by a ``jvp`` over all data: ``N K`` jvps of ``≈ 2 N F`` each,
           ``2 (NK) N F`` in all. Memory O(``n_c K d``) for the columns of one chunk, no
-          pair of Jacobians; cheaper than ``"jacobian"`` when ``d ≫ N F``-ish models
-          make the ``(NK)² d`` contraction dominate.
+          pair of Jacobians; cheaper than ``"jacobian"`` when its ``(NK)² d_r``
+          products over the parameters outside dense layers dominate, ``K d_r > 2 F``
+          (e.g. a large embedding table: many parameters, few operations).
 
     Example:
       >>> G = GramMatrix(model.apply, params, x, batch_size=64)
@@ -502,36 +508,4 @@ def GramMatrix(
         raise ValueError(f"unknown Gram method {method!r}; valid methods: {GRAM_METHODS}")
     J = Jacobian(apply_fn, params, data, PFMapImplicit, function=function,
                  batch_size=batch_size, layer_collection=layer_collection, mode=mode)
-    return gram_implicit(J) if method == "implicit" else gram_streamed(J)
-
-
-def gram_streamed(J: PFMapImplicit) -> FMatDense:
-    """``J Jᵀ`` block by block over pairs of chunks ``i ≤ j`` (chunk ``i``'s Jacobian is kept
-    while those of ``j > i`` are recomputed one at a time: at most two chunks held)."""
-    rows = []
-    for i, (_, left) in enumerate(J.chunk_rows()):
-        # the blocks left of the diagonal are transposes of blocks already computed
-        row = [rows[j][i].transpose(2, 3, 0, 1) for j in range(i)]
-        row.append(_block(left, left))
-        row.extend(_block(left, right) for _, right in J.chunk_rows(start=i + 1))
-        rows.append(row)
-    return FMatDense(jnp.concatenate([jnp.concatenate(r, axis=3) for r in rows], axis=1))
-
-
-@jax.jit
-def _block(left, right):
-    """``G`` block ``(K, n, K, m)`` of two chunks' rows ``(n, K, d)`` and ``(m, K, d)``."""
-    return jnp.einsum("nkd,mld->knlm", left, right)
-
-
-def gram_implicit(J: PFMapImplicit) -> FMatDense:
-    """``J Jᵀ`` by products only: per chunk, the columns ``Jᵀ e₍ₙ,ₒ₎`` for its examples by
-    ``vjp`` on that chunk, then ``J (Jᵀ e₍ₙ,ₒ₎)`` by ``jvp`` over all data (cost in
-    :func:`GramMatrix`)."""
-    k, n, _ = J.shape
-    columns = []
-    for c in J._chunks():
-        units = jnp.eye(c.count * k, dtype=J.layer_collection.dtype).reshape(-1, c.count, k)
-        columns.append(J._jvp_many(J._vjp_chunk(c, units)))  # (count·K, K, N)
-    cols = jnp.concatenate(columns).reshape(n, k, k, n)  # [n', o', o, n]
-    return FMatDense(cols.transpose(2, 3, 1, 0))
+    return gram_implicit(J) if method == "implicit" else gram_by_layers(J)

@@ -4,10 +4,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import flat_jacobian, make_equinox_mlp, make_linen_cnn, make_linen_mlp
+from models import (
+    flat_jacobian,
+    make_equinox_mlp,
+    make_linen_cnn,
+    make_linen_embed,
+    make_linen_layernorm,
+    make_linen_mlp,
+    make_linen_tied_embed,
+    make_linen_transformer,
+)
 
+from jaxgeom import data as data_lib
 from jaxgeom.fspace import FMatDense, FVector
-from jaxgeom.pfmap import GramMatrix
+from jaxgeom.gram import gram_by_layers
+from jaxgeom.pfmap import GramMatrix, Jacobian, PFMapImplicit
 
 TOL = dict(rtol=1e-9, atol=1e-11)
 REGUL = 1e-2
@@ -28,6 +39,47 @@ def test_streamed_and_implicit_routes_equal_jjt(make):
         G = GramMatrix(t.apply_fn, t.params, (t.x, t.y), batch_size=batch_size, method=method)
         assert isinstance(G, FMatDense) and G.size() == (k, n, k, n)
         np.testing.assert_allclose(G.to_dense(), ref, **TOL, err_msg=f"{method} {batch_size}")
+
+
+@pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn, make_linen_embed,
+                                  make_linen_layernorm, make_linen_transformer,
+                                  make_linen_tied_embed])
+@pytest.mark.parametrize("keep_bytes", [None, 0])
+def test_layer_by_layer_gram_equals_jjt(make, keep_bytes):
+    """Dense layers by (A Aᵀ) ∘ (Γ Γᵀ), the other leaves (convolutions, embeddings,
+    sequence-shared dense layers, layer norms, a tied embedding) by their rows; with every
+    window's captures kept (``None``: they fit) or recomputed for each pair (``0``), over
+    windows of 3 examples, the last one overlapping its predecessor."""
+    t = make()
+    ref, _ = reference(t)
+    J = Jacobian(t.apply_fn, t.params, t.x, PFMapImplicit, batch_size=3)
+    G = gram_by_layers(J, keep_bytes=keep_bytes)
+    np.testing.assert_allclose(G.to_dense(), ref, **TOL)
+    np.testing.assert_array_equal(G.to_dense(), G.to_dense().transpose(2, 3, 0, 1))
+    # a scaled map: (s J)(s J)ᵀ = s² J Jᵀ
+    np.testing.assert_allclose(gram_by_layers(-2.0 * J, keep_bytes).to_dense(), 4 * ref, **TOL)
+
+
+def test_forward_mode_gram_from_rows():
+    t = make_linen_mlp()
+    ref, _ = reference(t)
+    G = GramMatrix(t.apply_fn, t.params, t.x, batch_size=3, mode="forward")
+    np.testing.assert_allclose(G.to_dense(), ref, **TOL)
+
+
+def test_windows_cover_every_example_with_real_ones():
+    x = np.arange(12.0).reshape(6, 2)
+    batches = [x[:5], x[5:5], x[5:]]  # 5, an empty batch, 1
+    windows = list(data_lib.iter_windows(batches, batch_size=2))
+    assert [(w.offset, w.size) for w in windows] == [(0, 2), (2, 2), (3, 2), (5, 1)]
+    for w in windows:
+        np.testing.assert_array_equal(w.batch, x[w.offset:w.offset + w.size])
+    whole = list(data_lib.iter_windows(x))
+    assert len(whole) == 1 and whole[0].size == 6
+    with pytest.raises(ValueError, match="no example"):
+        list(data_lib.iter_windows([x[:0]], batch_size=2))
+    with pytest.raises(ValueError, match="batch_size"):
+        list(data_lib.iter_windows(x, batch_size=0))
 
 
 def test_batches_and_generic_function():

@@ -1,0 +1,129 @@
+"""The empirical NTK (``GramMatrix``, ``(K, N, K, N)``) against NNGeometry's ``FMatDense``.
+
+Both compute ``G[o, n, o', n'] = Σᵢ J[o,n,i] J[o',n',i]`` of the model's logits on the
+first ``N`` examples of the suite's data (``models.py``), in chunks of the model's batch
+size. jaxgeom: ``GramMatrix(apply_fn, params, x, batch_size=bs)`` (layer by layer:
+:mod:`jaxgeom.gram`); NNGeometry: ``FMatDense(generator=TorchHooksJacobianBackend(model),
+examples=loader)``, on the PyTorch twin of the same model and weights. Per model: the
+first call (jaxgeom's includes compilation), the warm medians, the peer's over ours in
+alternated blocks (``ᵖ``, :func:`bench_fim.paired`), and the largest difference between
+the two matrices relative to their largest entry (float32). A table on stdout and
+``--out`` JSON::
+
+    python benchmarks/bench_gram.py --out gram.json
+    python benchmarks/bench_gram.py --models bench_mlp --n 512
+
+neural-tangents, the JAX reference for empirical NTKs, is not a peer here: its 0.6.5
+release does not import under JAX 0.10 (``from jax.core import Jaxpr``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+import models  # benchmarks/models.py (run from the repository root or benchmarks/)
+import numpy as np
+from bench_fim import paired, timed, versions
+from output import write_json
+
+#: examples per model: an ``(N K)²`` Gram of 6.6 M–26 M entries, and NNGeometry's
+#: ``K²`` backward passes per pair of chunks within minutes.
+DEFAULT_N = {"bench_small": 256, "bench_mlp": 256, "bench_cnn": 64, "bench_resnet": 16}
+
+
+def _jaxgeom_call(spec: models.Spec, n: int):
+    import jaxgeom
+
+    apply_fn, params = models.make_apply(spec), models.init_params(spec)
+    x = jnp.asarray(models.make_data(spec)[0][:n])
+    return lambda: jaxgeom.GramMatrix(apply_fn, params, x, batch_size=spec.batch_size).data
+
+
+def _nngeometry_call(spec: models.Spec, n: int):
+    try:
+        import torch
+        from nngeometry.backend import TorchHooksJacobianBackend
+        from nngeometry.object import FMatDense
+    except ImportError as e:
+        return None, f"not installed ({e})"
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = models.torch_model(spec, models.init_params(spec))
+    x, y = models.make_data(spec)
+    data = torch.utils.data.TensorDataset(torch.from_numpy(models.torch_inputs(x[:n])),
+                                          torch.from_numpy(y[:n].astype(np.int64)))
+    loader = torch.utils.data.DataLoader(data, batch_size=spec.batch_size, shuffle=False)
+    generator = TorchHooksJacobianBackend(model=model, function=lambda *d: model(d[0]))
+    return (lambda: FMatDense(generator=generator, examples=loader).data), None
+
+
+def run_case(name: str, n: int, repeats: int, peers: bool) -> dict:
+    spec = dataclasses.replace(models.SPECS[name], n=n)
+    ours = _jaxgeom_call(spec, n)
+    res: dict = dict(model=name, n=n, batch_size=spec.batch_size,
+                     d=models.num_params(spec))
+    res["jaxgeom"] = timed(ours, repeats)
+    gram = np.asarray(ours())
+    res["shape"] = list(gram.shape)
+    if not peers:
+        return res
+    theirs, reason = _nngeometry_call(spec, n)
+    if theirs is None:
+        res["nngeometry"] = dict(skipped=reason)
+        return res
+    res["nngeometry"] = timed(theirs, repeats)
+    reference = theirs().numpy()
+    res["max_rel_diff"] = float(np.max(np.abs(gram - reference)) / np.max(np.abs(reference)))
+    warm = {"gram": (res["jaxgeom"]["warm_s"], res["nngeometry"]["warm_s"])}
+    res["paired"] = paired({"gram": ours}, {"gram": theirs}, warm).get("gram")
+    return res
+
+
+def _fmt(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def print_table(results: list[dict]) -> None:
+    head = ("model", "N", "(NK)² entries", "jaxgeom first", "jaxgeom", "NNGeom", "NNG/jg",
+            "max rel diff")
+    print("| " + " | ".join(head) + " |")
+    print("| --- " * len(head) + "|")
+    for r in results:
+        ng = r.get("nngeometry", {})
+        pair = r.get("paired")
+        ratio = (f"{pair['ratio']:.2f}ᵖ" if pair else
+                 f"{ng['warm_s'] / r['jaxgeom']['warm_s']:.2f}" if "warm_s" in ng else "")
+        entries = r["shape"][0] * r["shape"][1]
+        print(f"| {r['model']} | {r['n']} | {entries ** 2 / 1e6:.1f} M "
+              f"| {_fmt(r['jaxgeom']['first_s'])} | {_fmt(r['jaxgeom']['warm_s'])} "
+              f"| {_fmt(ng['warm_s']) if 'warm_s' in ng else ng.get('skipped', '')} "
+              f"| {ratio} | {r.get('max_rel_diff', float('nan')):.1e} |")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_N))
+    parser.add_argument("--n", type=int, default=None, help="examples (default: per model)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    results = []
+    for name in args.models:
+        results.append(run_case(name, args.n or DEFAULT_N[name], args.repeats,
+                                not args.no_peers))
+        print_table(results[-1:])
+    out = dict(machine=platform.platform(), cpus=os.cpu_count(), versions=versions(),
+               device=str(jax.devices()[0]), results=results)
+    print()
+    print_table(results)
+    write_json(out, args.out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""How the Gram matrix ``G = J Jᵀ`` of a Jacobian map is computed (the empirical NTK).
+
+``G[o, n, o', n'] = Σᵢ J[o,n,i] J[o',n',i]`` is a sum over the parameters, so it splits
+into one term per layer. For a dense layer applied once per example (no weight sharing)
+the per-example, per-output kernel gradient is the outer product ``gₒₙ aₙᵀ`` of the
+layer's output gradient and input (:mod:`jaxgeom.capture`), and its term needs no
+Jacobian at all:
+
+.. math::  \\langle g_{on} a_n^\\top, g_{o'n'} a_{n'}^\\top \\rangle
+   = (a_n \\cdot a_{n'})\\,(g_{on} \\cdot g_{o'n'}),
+
+the input Gram ``A Aᵀ`` (``N × N``) times, entry by entry, the output-gradient Gram
+``Γ Γᵀ`` (``NK × NK``); the bias, whose gradient is ``gₒₙ``, is a column of ones appended
+to ``a``. A layer of ``a_l`` inputs and ``g_l`` outputs costs ``N² a_l + (NK)² g_l``
+instead of ``(NK)² a_l g_l`` for the product of its Jacobian columns (NNGeometry's
+``LinearJacobianFactory.kxy``). Every other leaf (convolutions, whose ``T`` positions
+would make the pair sums ``T²`` times longer, embeddings, leaves the capture does not
+factor) contributes the product of its per-example gradients, as rows.
+
+The matrix is assembled block by block over pairs of *windows* of examples
+(:func:`jaxgeom.data.iter_windows`: ``batch_size`` real examples each, no padding), each
+block and its transpose written in place into the donated ``(K, N, K, N)`` result. A
+window's factor (its captured inputs and output gradients, and its rows) is computed once
+and kept when all windows' factors fit in the size of the result, else recomputed for
+each pair (at most two held: memory the result plus one window's Jacobian).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxgeom import data as data_lib
+from jaxgeom._compile import model_jit
+from jaxgeom.capture import CapturePlan, capture_chunk, example_gradients, make_plan
+from jaxgeom.fspace import FMatDense
+from jaxgeom.jacobian import chunk_jacobian, output_count, resolve_mode
+from jaxgeom.layers import LayerCollection
+
+if TYPE_CHECKING:
+    from jaxgeom.pfmap import PFMapImplicit
+
+
+class GramFactor(NamedTuple):
+    """What one window of ``n`` examples contributes to ``G``, output-major.
+
+    Attributes:
+      inputs: per dense layer applied once per example, its inputs ``(n, a_l [+1])``
+        (a column of ones appended for the bias).
+      grads: per such layer, its output gradients ``(K, n, g_l)``.
+      rows: ``(K, n, d_r)``: the per-example gradients of every other parameter, or
+        ``None`` when there is none.
+    """
+
+    inputs: tuple[jax.Array, ...]
+    grads: tuple[jax.Array, ...]
+    rows: jax.Array | None
+
+
+def gram_by_layers(J: PFMapImplicit, keep_bytes: int | None = None) -> FMatDense:
+    """``J Jᵀ`` as a ``(K, N, K, N)`` :class:`~jaxgeom.fspace.FMatDense`, layer by layer
+    (the module's method; in forward mode from the per-example Jacobians' rows).
+
+    ``keep_bytes``: how much memory the windows' factors may take to be kept, computed
+    once each (default: the size of the result); above it, each is recomputed for every
+    pair it belongs to. Cost: one capture (``n K`` backward passes) per window, or per pair
+    of windows when the factors are not kept; ``(NK)² (Σ g_l + d_r) + N² Σ a_l`` for the
+    products.
+    """
+    windows = list(data_lib.iter_windows(J.data, J.batch_size))
+    k = output_count(J.fn, J.params, windows[0].batch, J.aux)
+    n = J.num_examples
+    dtype = J.layer_collection.dtype
+    make = _factor_maker(J, windows[0].batch, k)
+    gram = jnp.zeros((k, n, k, n), dtype)
+    scale = jnp.asarray(J.scale, dtype) ** 2
+    factors: list[GramFactor | None] = [None] * len(windows)
+    keep = None  # whether every window's factor is kept: decided on the first one
+
+    def factor(i: int) -> GramFactor:
+        nonlocal keep
+        if factors[i] is not None:
+            return factors[i]
+        out = make(windows[i])
+        if keep is None:  # do all of them fit?
+            limit = gram.size * gram.dtype.itemsize if keep_bytes is None else keep_bytes
+            keep = _factor_bytes(out) * n <= limit * windows[i].size
+        if keep:
+            factors[i] = out
+        return out
+
+    for i, window in enumerate(windows):
+        left = factor(i)
+        for j in range(i, len(windows)):
+            right = left if j == i else factor(j)
+            gram = _write_pair(gram, left, right, window.offset, windows[j].offset, scale,
+                               mirror=j != i)
+    return FMatDense(gram)
+
+
+def _factor_bytes(f: GramFactor) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(f))
+
+
+def _factor_maker(J: PFMapImplicit, first: Any, k: int) -> Callable[[Any], GramFactor]:
+    """The function computing a window's :class:`GramFactor` (captured in reverse mode)."""
+    layout = J.layer_collection
+    mode = resolve_mode(J.mode, layout.numel(), k)
+    if mode == "forward":
+        return lambda w: _rows_factor(J.params, w.batch, w.offset, J.aux, fn=J.fn,
+                                      dtype=layout.dtype)
+    example = jax.tree_util.tree_map(lambda a: a[0], first)
+    plan = make_plan(J.fn, J.params, example, J.aux, layout)
+    return lambda w: _captured_factor(plan, layout, J.params, w.batch, w.offset, J.aux)
+
+
+@functools.partial(model_jit, static_argnames=("fn", "dtype"))
+def _rows_factor(params, batch, offset, aux, *, fn, dtype) -> GramFactor:
+    jac, _ = chunk_jacobian(fn, params, batch, offset, aux, "forward")
+    return GramFactor((), (), jac.astype(dtype).transpose(1, 0, 2))
+
+
+@functools.partial(model_jit, static_argnums=(0, 1))
+def _captured_factor(plan: CapturePlan, layout: LayerCollection, params, batch, offset,
+                     aux) -> GramFactor:
+    cap = capture_chunk(plan, params, batch, offset, aux)
+    dtype = layout.dtype
+    n, k = cap.outputs.shape
+    inputs, grads, rows = [], [], []
+    for spec, a, g in zip(plan.specs, cap.inputs, cap.grads):
+        if spec.kind == "dense" and a.shape[1] == 1:  # one position: the input Gram
+            a = a[:, 0].astype(dtype)
+            if spec.bias is not None:
+                a = jnp.concatenate([a, jnp.ones((n, 1), dtype)], axis=1)
+            inputs.append(a)
+            grads.append(g[:, :, 0].astype(dtype).transpose(1, 0, 2))
+        else:
+            rows += [v.reshape(n, k, -1) for v in example_gradients(spec, a, g).values()]
+    if cap.other.shape[-1]:
+        rows.append(cap.other)
+    rows = (jnp.concatenate([r.astype(dtype) for r in rows], axis=-1).transpose(1, 0, 2)
+            if rows else None)
+    return GramFactor(tuple(inputs), tuple(grads), rows)
+
+
+def gram_block(left: GramFactor, right: GramFactor) -> jax.Array:
+    """The ``(K, n, K, m)`` block of ``G`` between two windows' factors."""
+    k, n = _output_major(left)
+    m = _output_major(right)[1]
+
+    def product(x, y):  # (K, n, e) · (K, m, e) → (K, n, K, m), one GEMM
+        return (x.reshape(k * n, -1) @ y.reshape(k * m, -1).T).reshape(k, n, k, m)
+
+    terms = [] if left.rows is None else [product(left.rows, right.rows)]
+    for a, g, b, h in zip(left.inputs, left.grads, right.inputs, right.grads):
+        terms.append(product(g, h) * (a @ b.T)[None, :, None, :])
+    return functools.reduce(jnp.add, terms)
+
+
+def _output_major(f: GramFactor) -> tuple[int, int]:
+    x = f.rows if f.rows is not None else f.grads[0]
+    return x.shape[0], x.shape[1]
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="mirror")
+def _write_pair(gram, left, right, row, column, scale, *, mirror):
+    """``gram`` with the block of windows ``(left, right)`` (scaled) written at
+    ``(row, column)`` and, when ``mirror``, its transpose at ``(column, row)``, in place."""
+    block = scale * gram_block(left, right)
+    gram = jax.lax.dynamic_update_slice(gram, block, (0, row, 0, column))
+    if not mirror:
+        return gram
+    return jax.lax.dynamic_update_slice(gram, block.transpose(2, 3, 0, 1), (0, column, 0, row))
+
+
+def gram_implicit(J: PFMapImplicit) -> FMatDense:
+    """``J Jᵀ`` by products only: per chunk, the columns ``Jᵀ e₍ₙ,ₒ₎`` for its examples by
+    ``vjp`` on that chunk, then ``J (Jᵀ e₍ₙ,ₒ₎)`` by ``jvp`` over all data (cost in
+    :func:`jaxgeom.pfmap.GramMatrix`)."""
+    k, n, _ = J.shape
+    columns = []
+    for c in J._chunks():
+        units = jnp.eye(c.count * k, dtype=J.layer_collection.dtype).reshape(-1, c.count, k)
+        columns.append(J._jvp_many(J._vjp_chunk(c, units)))  # (count·K, K, N)
+    cols = jnp.concatenate(columns).reshape(n, k, k, n)  # [n', o', o, n]
+    return FMatDense(cols.transpose(2, 3, 1, 0))
+
+
