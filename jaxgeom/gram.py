@@ -21,8 +21,9 @@ The matrix is assembled block by block over pairs of *windows* of examples
 (:func:`jaxgeom.data.iter_windows`: ``batch_size`` real examples each, no padding), each
 block and its transpose written in place into the donated ``(K, N, K, N)`` result. A
 window's factor (its captured inputs and output gradients, and its rows) is computed once
-and kept when all windows' factors fit in the size of the result, else recomputed for
-each pair (at most two held: memory the result plus one window's Jacobian).
+and kept when all windows' factors together are no larger than one window's Jacobian
+(``n K d``), else recomputed for each pair it belongs to (two held at a time): memory the
+result plus about one window's Jacobian.
 """
 
 from __future__ import annotations
@@ -66,10 +67,10 @@ def gram_by_layers(J: PFMapImplicit, keep_bytes: int | None = None) -> FMatDense
     (the module's method; in forward mode from the per-example Jacobians' rows).
 
     ``keep_bytes``: how much memory the windows' factors may take to be kept, computed
-    once each (default: the size of the result); above it, each is recomputed for every
-    pair it belongs to. Cost: one capture (``n K`` backward passes) per window, or per pair
-    of windows when the factors are not kept; ``(NK)² (Σ g_l + d_r) + N² Σ a_l`` for the
-    products.
+    once each (default: one window's Jacobian, ``n K d`` entries); above it, each is
+    recomputed for every pair it belongs to. Cost: one capture (``n K`` backward passes)
+    per window, or per pair of windows when the factors are not kept;
+    ``(NK)² (Σ g_l + d_r) + N² Σ a_l`` for the products.
     """
     windows = list(data_lib.iter_windows(J.data, J.batch_size))
     k = output_count(J.fn, J.params, windows[0].batch, J.aux)
@@ -87,7 +88,8 @@ def gram_by_layers(J: PFMapImplicit, keep_bytes: int | None = None) -> FMatDense
             return factors[i]
         out = make(windows[i])
         if keep is None:  # do all of them fit?
-            limit = gram.size * gram.dtype.itemsize if keep_bytes is None else keep_bytes
+            limit = (windows[0].size * k * J.layer_collection.numel() * gram.dtype.itemsize
+                     if keep_bytes is None else keep_bytes)
             keep = _factor_bytes(out) * n <= limit * windows[i].size
         if keep:
             factors[i] = out

@@ -488,8 +488,9 @@ def GramMatrix(
           ``Γ``, without its Jacobian columns (``N² a_l + (NK)² g_l`` instead of
           ``(NK)² a_l g_l``); every other parameter the product of its per-example
           gradients, ``(NK)² d_r`` (in forward mode, all of them). Each chunk's captures
-          are computed once and kept when they fit in the size of ``G``, else once per
-          pair (``N K B (C+1)/2``); memory ``G`` plus at most two chunks' captures.
+          are computed once and kept when all of them fit in one chunk's Jacobian
+          (``n_c K d``), else once per pair (``N K B (C+1)/2``); memory ``G`` plus about
+          one chunk's Jacobian.
         - ``"implicit"``: only ``vjp``/``jvp``: per chunk, ``Jᵀ eₒₙ`` for its examples
           (one ``vjp`` per output and example, ``N K B`` in all), then ``J (Jᵀ eₒₙ)`` for
           every such column by a ``jvp`` over all data: ``N K`` jvps of ``≈ 2 N F`` each,
