@@ -179,6 +179,19 @@ def _write_pair(gram, left, right, row, column, scale, *, mirror):
     return jax.lax.dynamic_update_slice(gram, block.transpose(2, 3, 0, 1), (0, column, 0, row))
 
 
+def centred(G: FMatDense) -> FMatDense:
+    """``C G C``, ``C = I − 11ᵀ/N`` on both example axes of ``G`` (``(K, N, K, N)``): the Gram
+    matrix of the Jacobian centred over the examples. ``G``'s buffer is reused."""
+    return FMatDense(_centre(G.data))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _centre(gram: jax.Array) -> jax.Array:
+    rows = jnp.mean(gram, axis=3, keepdims=True)  # (K, N, K, 1): (G 1/N)[o, n, o']
+    columns = jnp.mean(gram, axis=1, keepdims=True)  # (K, 1, K, N)
+    return gram - rows - columns + jnp.mean(rows, axis=1, keepdims=True)
+
+
 def gram_implicit(J: PFMapImplicit) -> FMatDense:
     """``J Jᵀ`` by products only: per chunk, the columns ``Jᵀ e₍ₙ,ₒ₎`` for its examples by
     ``vjp`` on that chunk, then ``J (Jᵀ e₍ₙ,ₒ₎)`` by ``jvp`` over all data (cost in

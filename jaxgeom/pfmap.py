@@ -33,7 +33,7 @@ import numpy as np
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
 from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
-from jaxgeom.gram import gram_by_layers, gram_implicit
+from jaxgeom.gram import centred, gram_by_layers, gram_implicit
 from jaxgeom.jacobian import (
     Hashable,
     accumulate,
@@ -44,7 +44,7 @@ from jaxgeom.jacobian import (
 )
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat.base import static_field
-from jaxgeom.pmat.implicit import _chunk_rows, _masked_outputs, _tangents
+from jaxgeom.pmat.implicit import _masked_outputs, _tangents
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.scaling import ScalarMultiples
 from jaxgeom.variants import BatchedFunction
@@ -268,19 +268,6 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
         )
         return self.scale * dense.data
 
-    def chunk_rows(self, start: int = 0) -> Iterator[tuple[data_lib.Chunk, jax.Array]]:
-        """``(chunk, its (count, K, d) Jacobian rows)`` for the chunks ``start, start+1, …``
-        (``n_c K B`` each; one chunk's rows at a time)."""
-        first = next(self._chunks())
-        k = output_count(self.fn, self.params, first.batch, self.aux)
-        mode = resolve_mode(self.mode, self.layer_collection.numel(), k)
-        for i, c in enumerate(self._chunks()):
-            if i < start:
-                continue
-            rows = _chunk_rows(self.params, c.batch, c.mask, c.offset, self.aux,
-                               fn=self.fn, mode=mode)
-            yield c, self.scale * rows.reshape(c.mask.shape[0], k, -1)[: c.count]
-
     # ------------------------------------------------------------------ algebra
     def _scale(self, s):
         return dataclasses.replace(self, scale=self.scale * s)
@@ -466,6 +453,7 @@ def GramMatrix(
     method: str = "jacobian",
     layer_collection: LayerCollection | None = None,
     mode: str = "auto",
+    centering: bool = False,
 ) -> FMatDense:
     """The empirical (finite-width) neural tangent kernel of ``apply_fn`` over ``data``.
 
@@ -498,6 +486,10 @@ def GramMatrix(
           pair of Jacobians; cheaper than ``"jacobian"`` when its ``(NK)² d_r``
           products over the parameters outside dense layers dominate, ``K d_r > 2 F``
           (e.g. a large embedding table: many parameters, few operations).
+      centering: the Gram matrix of the Jacobian centred over the examples (each output's
+        ``J[o, n] − (1/N) Σₘ J[o, m]``): ``C G C`` with ``C = I − 11ᵀ/N`` on both example
+        axes (NNGeometry's ``TorchHooksJacobianBackend(centering=True)``); one more pass
+        over ``G``, in place.
 
     Example:
       >>> G = GramMatrix(model.apply, params, x, batch_size=64)
@@ -509,4 +501,5 @@ def GramMatrix(
         raise ValueError(f"unknown Gram method {method!r}; valid methods: {GRAM_METHODS}")
     J = Jacobian(apply_fn, params, data, PFMapImplicit, function=function,
                  batch_size=batch_size, layer_collection=layer_collection, mode=mode)
-    return gram_implicit(J) if method == "implicit" else gram_by_layers(J)
+    G = gram_implicit(J) if method == "implicit" else gram_by_layers(J)
+    return centred(G) if centering else G

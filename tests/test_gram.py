@@ -60,6 +60,19 @@ def test_layer_by_layer_gram_equals_jjt(make, keep_bytes):
     np.testing.assert_allclose(gram_by_layers(-2.0 * J, keep_bytes).to_dense(), 4 * ref, **TOL)
 
 
+@pytest.mark.parametrize("method", ["jacobian", "implicit"])
+def test_centred_gram_is_that_of_the_centred_jacobian(method):
+    """``centering=True``: ``J_c J_cᵀ`` with ``J_c[o, n] = J[o, n] − mean_m J[o, m]``."""
+    t = make_linen_cnn()
+    _, jac = reference(t)
+    centred = jac - jac.mean(axis=1, keepdims=True)
+    ref = np.einsum("knd,lmd->knlm", centred, centred)
+    G = GramMatrix(t.apply_fn, t.params, t.x, batch_size=2, method=method, centering=True)
+    np.testing.assert_allclose(G.to_dense(), ref, **TOL)
+    # every row and column of each output block sums to zero
+    np.testing.assert_allclose(G.to_dense().sum(axis=1), 0, atol=1e-10)
+
+
 def test_forward_mode_gram_from_rows():
     t = make_linen_mlp()
     ref, _ = reference(t)
