@@ -495,11 +495,11 @@ def _build_plan(fn: Callable, params: Any, example: Any, aux: Any,
     analysis = _SiteAnalysis([math.prod(v.aval.shape) for v in closed.jaxpr.invars[: len(leaves)]])
     analysis.run(closed.jaxpr)
 
-    by_kernel: dict[int, list] = {}
+    by_kernel: dict[int, list] = {}  # kernel leaf -> [(op index or None, site)]
     for op, site in analysis.op_sites.items():
-        by_kernel.setdefault(analysis.ops[op].kernel, []).append(site)
+        by_kernel.setdefault(analysis.ops[op].kernel, []).append((op, site))
     for leaf, found in analysis.gather_sites.items():
-        by_kernel.setdefault(leaf, []).extend(found)
+        by_kernel.setdefault(leaf, []).extend((None, site) for site in found)
 
     specs, sites, shapes, other, unfactored = [], {}, [], [], []
     for layer in layout.layers:
@@ -513,7 +513,9 @@ def _build_plan(fn: Callable, params: Any, example: Any, aux: Any,
                 reason = (f"the traced function consumes its kernel by {len(found)} recognised "
                           "operations instead of one")
             if reason is None:
-                path, eqn, w, scans, views = found[0]
+                op, (path, eqn, w, scans, views) = found[0]
+                reason = _other_uses(analysis.uses, kernel, roles.get("bias"), op)
+            if reason is None:
                 spec = _spec(layer, eqn, w, views, layout.shapes[kernel], roles.get("bias"))
                 if spec is None:
                     reason = (f"its {eqn.primitive.name} does not read the kernel as a "
@@ -530,6 +532,20 @@ def _build_plan(fn: Callable, params: Any, example: Any, aux: Any,
     prefixes = frozenset(p[:k] for p in sites for k in range(1, len(p)))
     return CapturePlan(tuple(specs), tuple(sorted(other)), closed, sites, prefixes,
                        tuple(shapes), len(leaves), tuple(unfactored))
+
+
+def _other_uses(uses: dict, kernel: int, bias: int | None, op: int | None) -> str | None:
+    """Why a layer's captured gradients would miss part of its leaves' gradients: the
+    traced function also uses its kernel, or its bias, other than through the one
+    operation (a layout discovered on another function, e.g. a model applied twice, once
+    at shifted parameters); ``None`` when it does not."""
+    if len(uses[kernel]) != 1:
+        return ("the traced function also uses its kernel outside its operation "
+                f"({', '.join(u.role for u in uses[kernel])})")
+    if bias is not None and [(u.role, u.target) for u in uses[bias]] != [("bias", op)]:
+        return ("the traced function uses its bias other than once, added to its "
+                f"operation's output ({', '.join(u.role for u in uses[bias])})")
+    return None
 
 
 def _distinct(idx: np.ndarray, size: int) -> bool:

@@ -12,12 +12,22 @@ from __future__ import annotations
 import functools
 import re
 
+import jax
 import numpy as np
 import pytest
-from models import UNFACTORABLE_TASKS
+from models import UNFACTORABLE_TASKS, flat_jacobian, make_linen_mlp
 from pmat_checks import TOL, block_mask, reference, vec
 
-from jaxgeom import FIM, PMatBlockDiag, PMatDense, PMatDiag, PMatKFAC
+from jaxgeom import (
+    FIM,
+    GramMatrix,
+    Jacobian,
+    LayerCollection,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatKFAC,
+)
 from jaxgeom.pmat.ekfac import PMatEKFAC, PMatEKFACBlockDiag
 from jaxgeom.pmat.implicit import PMatImplicit
 from jaxgeom.pmat.lowrank import PMatLowRank
@@ -88,3 +98,30 @@ def test_exact_representations(name):
         idx = build(PMatDiag).layer_collection.layer_indices("Embed_0")
         got = build(PMatQuasiDiag).to_dense()[np.ix_(idx, idx)]
         np.testing.assert_allclose(got, np.diag(np.diag(exact[np.ix_(idx, idx)])), **TOL)
+
+
+def test_a_layout_from_another_function_is_checked_against_the_traced_one():
+    """``layer_collection`` discovered on the model, for a function that also applies the
+    model at shifted parameters: each kernel and bias is used twice, once not through its
+    layer's operation, so no layer is captured as ``A ⊗ G`` (the capture would see one of
+    the two uses). The Kronecker representations refuse it with the reason; Dense, Diag,
+    the Jacobian and the Gram matrix stay exact."""
+    t = make_linen_mlp()
+
+    def twice(params, x):
+        shifted = jax.tree_util.tree_map(lambda a: a + 0.1, params)
+        return t.apply_fn(params, x) + 2.0 * t.apply_fn(shifted, x)
+
+    layout = LayerCollection.from_model(t.apply_fn, t.params, t.x)
+    jac = np.asarray(flat_jacobian(twice, t.params, t.x))  # (N, K, d)
+    fisher = np.einsum("nkd,nke->de", jac, jac) / jac.shape[0]
+    build = functools.partial(FIM, twice, t.params, t.x, variant="regression",
+                              layer_collection=layout)
+    with pytest.raises(ValueError, match="uses its kernel outside its operation"):
+        build(PMatKFAC)
+    np.testing.assert_allclose(build(PMatDense).to_dense(), fisher, **TOL)
+    np.testing.assert_allclose(build(PMatDiag).to_dense(), np.diag(np.diag(fisher)), **TOL)
+    J = Jacobian(twice, t.params, t.x, layer_collection=layout, batch_size=3)
+    np.testing.assert_allclose(J.to_dense(), jac.transpose(1, 0, 2), **TOL)
+    G = GramMatrix(twice, t.params, t.x, layer_collection=layout, batch_size=3)
+    np.testing.assert_allclose(G.to_dense(), np.einsum("nkd,mld->knlm", jac, jac), **TOL)
