@@ -116,6 +116,25 @@ def known_size(data: Any) -> int | None:
     return None
 
 
+def last_chunk_offset(data: Any, batch_size: int | None = None) -> int | None:
+    """Where the last chunk of ``data`` (:func:`iter_chunks`) starts among all examples,
+    when the sizes of its batches are known before reading them (:func:`known_size`);
+    else ``None``."""
+    if is_single_batch(data):
+        sizes = [num_examples(data)]
+    elif isinstance(data, list):
+        sizes = [num_examples(batch) for batch in data]
+    else:
+        return None
+    offset = last = 0
+    for n in sizes:
+        if n:
+            size = n if batch_size is None else int(batch_size)
+            last = offset + size * ((n - 1) // size)
+        offset += n
+    return last
+
+
 def example_shapes(batch: Any) -> Any:
     """The shapes and dtypes of one example of ``batch`` (``jax.ShapeDtypeStruct`` leaves,
     no example axis): enough to trace a per-example function, and no slice to compile.

@@ -45,7 +45,8 @@ class Accumulator(Protocol):
     examples ``N`` into the representation. An accumulator whose ``collects`` attribute
     is true instead receives in ``finalize`` a list of blocks of Jacobian rows ``(m, d)``
     that, stacked, are all examples' rows in example order (``K`` rows per example:
-    ``N K`` in all).
+    ``N K`` in all); with ``output_major`` also true, blocks ``(K, m, d)`` that,
+    concatenated along their axis 1, are the ``(K, N, d)`` Jacobian.
     """
 
     def init(self, dtype: Any) -> Any: ...
@@ -158,6 +159,8 @@ class JacobianBuilder(ChunkBuilder):
     num_outputs: int = static_field()
     #: the number of examples when known before the first chunk (``with_examples``).
     examples: int | None = static_field(default=None)
+    #: where the data's last chunk starts, when known (``with_examples``).
+    last_offset: int | None = static_field(default=None)
 
     @classmethod
     def make(cls, fn, params, example, aux, accumulator, mode="auto",
@@ -179,6 +182,11 @@ class JacobianBuilder(ChunkBuilder):
         return getattr(self.accumulator, "collects", False)
 
     @property
+    def _output_major(self) -> bool:
+        """Whether collected rows are laid out ``(K, N, d)`` rather than ``(N K, d)``."""
+        return getattr(self.accumulator, "output_major", False)
+
+    @property
     def updates_in_place(self) -> bool:
         return not self._collects or self.examples is not None
 
@@ -186,8 +194,15 @@ class JacobianBuilder(ChunkBuilder):
     def schedules_for_memory(self) -> bool:
         return getattr(self.accumulator, "schedules_for_memory", False)
 
-    def with_examples(self, n):
-        return dataclasses.replace(self, examples=int(n)) if self._collects else self
+    def with_examples(self, n, last_offset=None):
+        if not self._collects:
+            return self
+        return dataclasses.replace(self, examples=int(n), last_offset=last_offset)
+
+    def _overlaps(self, size: int) -> bool:
+        """Whether a chunk of ``size`` examples is written over rows already written (the
+        data's last chunk, short, placed to end at the buffer's end)."""
+        return self.last_offset is None or self.last_offset > max(self.examples, size) - size
 
     def statistics(self, params, batch, mask, offset, aux):
         if not self._collects:
@@ -195,6 +210,8 @@ class JacobianBuilder(ChunkBuilder):
                                     offset, aux)
         jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
         finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
+        if self._output_major:
+            return jac.transpose(1, 0, 2), finite  # padded examples cut off in ``reduce``
         return jac.reshape(-1, jac.shape[-1]), finite  # padded rows cut off in ``reduce``
 
     def _accumulate(self, state, params, batch, mask, offset, aux):
@@ -213,32 +230,50 @@ class JacobianBuilder(ChunkBuilder):
         if not self._collects:
             return super().init_total(params, batch, mask, offset, aux)
         rows = max(self.examples, mask.shape[0])  # data smaller than one chunk: padded
+        k, d = self.num_outputs, self.layout.numel()
         # every row is written before it is read (:meth:`update`): no initial values needed
         # (uninitialised on GPU/TPU; XLA:CPU has no such allocation and zero-fills)
-        return jax.lax.empty((rows * self.num_outputs, self.layout.numel()), self.dtype)
+        shape = (k, rows, d) if self._output_major else (rows * k, d)
+        return jax.lax.empty(shape, self.dtype)
 
     def update(self, total, params, batch, mask, offset, aux):
         if not self._collects:
             return self._accumulate(total, params, batch, mask, offset, aux)
-        # The chunk's first ``count`` rows are examples ``offset, offset + 1, …``; the last
-        # chunk of a batch, a window of ``size`` rows clamped to the batch's end and rotated
-        # (:func:`jaxgeom.data.iter_chunks`), is written at ``begin = N - size``: its inputs
-        # are rotated back (cheap: inputs, not rows), the rows at positions already written
-        # keep their values (Monte-Carlo draws depend on an example's position), and the
-        # others are written in place.
+        # The chunk's first ``count`` rows are examples ``offset, offset + 1, …``, written
+        # from row ``offset``. When the data's last chunk is short and would end past the
+        # buffer (:meth:`_overlaps`), every chunk is written at ``begin = min(offset,
+        # N - size)``: the inputs are rotated back (cheap: inputs, not rows), the rows at
+        # positions already written keep their values (Monte-Carlo draws depend on an
+        # example's position), and the others are written in place. Otherwise each chunk's
+        # rows are written as they are: a padded chunk's padding rows land where later
+        # chunks write (or past ``N``, cut off by ``finalize``), and the select of the
+        # kept rows, which XLA:CPU evaluated at a third of the speed of a plain write, is
+        # not compiled.
         size = mask.shape[0]
         k = self.num_outputs
-        begin = jnp.minimum(offset, total.shape[0] // k - size)
-        shift = offset - begin
-        batch = jax.tree_util.tree_map(lambda a: jnp.roll(a, shift, axis=0), batch)
+        overlaps = self._overlaps(size)
+        begin = offset
+        if overlaps:
+            examples = total.shape[1] if self._output_major else total.shape[0] // k
+            begin = jnp.minimum(offset, examples - size)
+            shift = offset - begin
+            batch = jax.tree_util.tree_map(lambda a: jnp.roll(a, shift, axis=0), batch)
+            if self._output_major:  # (K, size, ·) blocks at example ``begin`` of each output
+                keep = (jnp.arange(size) < shift)[None, :, None]
+            else:  # (size K, ·) rows from row ``begin K``
+                keep = (jnp.arange(size * k) < shift * k)[:, None]
         pieces, finite = self._leaf_rows(params, batch, begin, aux)
-        keep = (jnp.arange(size * k) < shift * k)[:, None]
         column = 0
         for piece in pieces:
-            piece = piece.reshape(size * k, -1)
-            start = (begin * k, column)
-            old = jax.lax.dynamic_slice(total, start, piece.shape)
-            total = jax.lax.dynamic_update_slice(total, jnp.where(keep, old, piece), start)
+            if self._output_major:
+                piece = piece.reshape(size, k, -1).transpose(1, 0, 2)
+                start = (0, begin, column)
+            else:
+                piece = piece.reshape(size * k, -1)
+                start = (begin * k, column)
+            if overlaps:
+                piece = jnp.where(keep, jax.lax.dynamic_slice(total, start, piece.shape), piece)
+            total = jax.lax.dynamic_update_slice(total, piece, start)
             column += piece.shape[-1]
         return total, finite
 
@@ -259,13 +294,18 @@ class JacobianBuilder(ChunkBuilder):
     def reduce(self, total, stats, count):
         if not self._collects:
             return super().reduce(total, stats, count)
+        if self._output_major:
+            return (total or []) + [stats if count == stats.shape[1] else stats[:, :count]]
         rows = count * self.num_outputs
         return (total or []) + [stats if rows == stats.shape[0] else stats[:rows]]
 
     def finalize(self, total, stream):
         if self._collects and self.examples is not None:  # one buffer, maybe padded
-            rows = stream.n * self.num_outputs
-            total = [total if total.shape[0] == rows else total[:rows]]
+            if self._output_major:
+                total = [total if total.shape[1] == stream.n else total[:, :stream.n]]
+            else:
+                rows = stream.n * self.num_outputs
+                total = [total if total.shape[0] == rows else total[:rows]]
         return self.accumulator.finalize(total, stream.n)
 
 
@@ -278,16 +318,21 @@ def accumulate(
     batch_size: int | None = None,
     mode: str = "auto",
     aux: Any = None,
+    layout: LayerCollection | None = None,
 ) -> Any:
     """Reduce the per-example Jacobians of ``fn`` over ``data`` with ``accumulator``
     (one pass of :func:`jaxgeom.streaming.run` through a :class:`JacobianBuilder`).
 
     One compiled step per chunk shape: with ``batch_size`` set, every chunk (the last one
-    padded and masked) has the same shape. Returns ``accumulator.finalize(state, N)``
-    with ``N`` the number of examples seen.
+    padded and masked) has the same shape. ``layout``: the model's layers (from
+    :func:`jaxgeom.layers.LayerCollection.from_model`), whose rows are then formed from
+    their captured inputs and output gradients in reverse mode; without it every leaf's
+    rows come from the per-example backward passes (the chunk's whole Jacobian, formed
+    and then copied). Returns ``accumulator.finalize(state, N)`` with ``N`` the number of
+    examples seen.
     """
     def make(example):
-        return JacobianBuilder.make(fn, params, example, aux, accumulator, mode)
+        return JacobianBuilder.make(fn, params, example, aux, accumulator, mode, layout)
 
     return run(make, params, data, batch_size=batch_size, aux=aux)
 

@@ -183,23 +183,24 @@ class PFMapDense(PFMapAbstract):
                        mode="auto", aux=None) -> PFMapDense:
         """Stream the per-example Jacobians of ``fn`` and stack them (``N K d`` memory)."""
         return accumulate(fn, params, data, _Stack(layer_collection), batch_size=batch_size,
-                          mode=mode, aux=aux)
+                          mode=mode, aux=aux, layout=layer_collection)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Stack:
-    """An accumulator (:mod:`jaxgeom.jacobian`) that keeps every chunk's Jacobian rows."""
+    """An accumulator (:mod:`jaxgeom.jacobian`) that keeps every chunk's Jacobian rows,
+    written output-major into the ``(K, N, d)`` result (no transposed copy at the end)."""
 
     layer_collection: LayerCollection
     collects: ClassVar[bool] = True
+    output_major: ClassVar[bool] = True
 
     def init(self, dtype):
         return None
 
     def finalize(self, chunks, n):
-        rows = jnp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-        return PFMapDense(self.layer_collection, rows.reshape(n, -1, rows.shape[-1])
-                          .transpose(1, 0, 2))
+        data = jnp.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
+        return PFMapDense(self.layer_collection, data)
 
 
 @_pfmap

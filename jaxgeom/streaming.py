@@ -161,9 +161,10 @@ class ChunkBuilder:
         not :attr:`updates_in_place`."""
         return stats if total is None else _add(total, stats)
 
-    def with_examples(self, n: int) -> ChunkBuilder:
+    def with_examples(self, n: int, last_offset: int | None = None) -> ChunkBuilder:
         """This builder told, before the first chunk, that the data hold ``n`` examples
-        (known for in-memory data): a builder that keeps every example's rows can then
+        and that their last chunk starts at example ``last_offset`` (``None``: unknown;
+        both known for in-memory data): a builder that keeps every example's rows can then
         write them into one buffer of the final size, in place, instead of concatenating
         chunks (default: unchanged)."""
         return self
@@ -248,8 +249,9 @@ class BuilderGroup(ChunkBuilder):
         total = (None,) * len(self.members) if total is None else total
         return tuple(m.reduce(t, s, count) for m, t, s in zip(self.members, total, stats))
 
-    def with_examples(self, n):
-        return dataclasses.replace(self, members=tuple(m.with_examples(n) for m in self.members))
+    def with_examples(self, n, last_offset=None):
+        return dataclasses.replace(
+            self, members=tuple(m.with_examples(n, last_offset) for m in self.members))
 
     def finalize(self, total, stream):
         return gather([m.finalize(t, stream) for m, t in zip(self.members, total)],
@@ -302,7 +304,8 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
     first_builder = make(data_lib.example_shapes(first.batch))
     examples = data_lib.known_size(data)
     if examples is not None:
-        first_builder = first_builder.with_examples(examples)
+        first_builder = first_builder.with_examples(
+            examples, data_lib.last_chunk_offset(data, batch_size))
     one_shot = isinstance(data, collections.abc.Iterator)
     source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
     total, n = _reduce(first_builder, itertools.chain([first], chunks), params, aux)

@@ -9,6 +9,7 @@ import pytest
 from models import flat_jacobian, make_equinox_mlp, make_linen_cnn, make_linen_mlp
 
 from jaxgeom import FIM, PMatDense, PMatDiag, PMatImplicit, PVector
+from jaxgeom import data as data_lib
 from jaxgeom.fspace import FVector
 from jaxgeom.pfmap import Jacobian, PFMapDense, PFMapImplicit
 
@@ -48,6 +49,26 @@ def _products(maps, v, f):
                         dense=J.to_dense(), scaled=(2.5 * J).jvp(v), negated=(-J).jvp(v),
                         divided=(J / 4).vjp(f)))
     return out
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("form, cuts, batch_size", [
+    ("array", (), 3),        # in place; the short last chunk written over its predecessor
+    ("array", (), 10),       # in place; one chunk larger than the data
+    ("array", (), 7),        # in place; one exact chunk
+    ("list", (4,), 2),       # in place; the last batch's short chunk overlaps
+    ("list", (3,), 2),       # in place; a short chunk inside the data, no overlap
+    ("iterator", (4,), 2),   # collected chunk by chunk
+])
+def test_dense_rows_land_output_major(mode, form, cuts, batch_size):
+    """``PFMapDense`` writes each chunk's rows into the ``(K, N, d)`` result at their
+    examples, in either Jacobian mode."""
+    t = make_linen_mlp()
+    ref = np.asarray(flat_jacobian(t.apply_fn, t.params, t.x)).transpose(1, 0, 2)
+    parts = np.split(np.asarray(t.x), cuts)
+    data = {"array": t.x, "list": parts, "iterator": iter(parts)}[form]
+    J = Jacobian(t.apply_fn, t.params, data, batch_size=batch_size, mode=mode)
+    np.testing.assert_allclose(J.to_dense(), ref, **TOL)
 
 
 def test_dense_and_implicit_equal_jacrev(case):
@@ -202,3 +223,14 @@ def test_bad_input():
         Jacobian(None, t.params, t.x, function=lambda p, x: t.apply_fn(p, x).T)
     with pytest.raises(ValueError, match="apply_fn"):
         Jacobian(None, t.params, t.x)
+
+
+def test_last_chunk_offset():
+    """Where the data's last chunk starts (in-memory data only)."""
+    x = np.zeros((7, 2))
+    assert data_lib.last_chunk_offset(x, 3) == 6
+    assert data_lib.last_chunk_offset(x, 10) == 0
+    assert data_lib.last_chunk_offset(x) == 0
+    assert data_lib.last_chunk_offset([x[:3], x[3:3], x[3:]], 2) == 5
+    assert data_lib.last_chunk_offset([x[:3], x[3:]]) == 3
+    assert data_lib.last_chunk_offset(iter([x]), 2) is None

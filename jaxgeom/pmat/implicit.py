@@ -227,7 +227,8 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     # ------------------------------------------------------------------ helpers
     def _accumulate(self, accumulator: Any) -> Any:
         return accumulate(self.fn, self.params, self.data, accumulator,
-                          batch_size=self.batch_size, mode=self.mode, aux=self.aux)
+                          batch_size=self.batch_size, mode=self.mode, aux=self.aux,
+                          layout=self.layer_collection)
 
 
 @builder

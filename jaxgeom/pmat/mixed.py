@@ -169,8 +169,8 @@ class RestrictedBuilder(ChunkBuilder):
     def reduce(self, total, stats, count):
         return self.inner.reduce(total, stats, count)
 
-    def with_examples(self, n):
-        return dataclasses.replace(self, inner=self.inner.with_examples(n))
+    def with_examples(self, n, last_offset=None):
+        return dataclasses.replace(self, inner=self.inner.with_examples(n, last_offset))
 
     def finalize(self, total, stream):
         sub = stream._replace(params=self.restriction.select(stream.params),
