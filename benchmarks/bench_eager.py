@@ -81,7 +81,7 @@ def run_case(model: str, rep: str) -> dict:
     out: dict = dict(model=model, representation=rep, d=d, operations={})
     ours: dict = {}
     for op in operations:
-        fn, note = bench_fim._operation(op, rep, F, d)
+        fn, note = bench_fim._operation(op, rep, F)
         jitted = jax.jit(fn)
         calls = {
             "op_by_op": lambda fn=fn: _op_by_op(fn, F, v),

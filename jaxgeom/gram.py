@@ -23,7 +23,9 @@ block and its transpose written in place into the donated ``(K, N, K, N)`` resul
 window's factor (its captured inputs and output gradients, and its rows) is computed once
 and kept when all windows' factors together are no larger than one window's Jacobian
 (``n K d``), else recomputed for each pair it belongs to (two held at a time): memory the
-result plus about one window's Jacobian.
+result plus about one window's Jacobian. The same blocks, over the masked chunks and
+reduced as they are made, give ``‖J Jᵀ‖_F`` (:func:`gram_norm_sq`: the Frobenius norm of
+``PMatImplicit``, ``‖JᵀJ‖_F = ‖J Jᵀ‖_F``) without forming ``G``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from jaxgeom.layers import LayerCollection
 
 if TYPE_CHECKING:
     from jaxgeom.pfmap import PFMapImplicit
+    from jaxgeom.replay import ReplayedFunction
 
 
 class GramFactor(NamedTuple):
@@ -62,7 +65,7 @@ class GramFactor(NamedTuple):
     rows: jax.Array | None
 
 
-def gram_by_layers(J: PFMapImplicit, keep_bytes: int | None = None) -> FMatDense:
+def gram_by_layers(J: ReplayedFunction, keep_bytes: int | None = None) -> FMatDense:
     """``J Jᵀ`` as a ``(K, N, K, N)`` :class:`~jaxgeom.fspace.FMatDense`, layer by layer
     (the module's method; in forward mode from the per-example Jacobians' rows).
 
@@ -73,63 +76,95 @@ def gram_by_layers(J: PFMapImplicit, keep_bytes: int | None = None) -> FMatDense
     ``(NK)² (Σ g_l + d_r) + N² Σ a_l`` for the products.
     """
     windows = list(data_lib.iter_windows(J.data, J.batch_size))
-    k = output_count(J.fn, J.params, windows[0].batch, J.aux)
-    n = J.num_examples
-    dtype = J.layer_collection.dtype
-    make = _factor_maker(J, windows[0].batch, k)
-    gram = jnp.zeros((k, n, k, n), dtype)
-    scale = jnp.asarray(J.scale, dtype) ** 2
-    factors: list[GramFactor | None] = [None] * len(windows)
-    keep = None  # whether every window's factor is kept: decided on the first one
-
-    def factor(i: int) -> GramFactor:
-        nonlocal keep
-        if factors[i] is not None:
-            return factors[i]
-        out = make(windows[i])
-        if keep is None:  # do all of them fit?
-            limit = (windows[0].size * k * J.layer_collection.numel() * gram.dtype.itemsize
-                     if keep_bytes is None else keep_bytes)
-            keep = _factor_bytes(out) * n <= limit * windows[i].size
-        if keep:
-            factors[i] = out
-        return out
-
+    factors = _Factors(J, windows, keep_bytes)
+    k, n = factors.num_outputs, J.num_examples
+    gram = jnp.zeros((k, n, k, n), J.layer_collection.dtype)
+    scale = jnp.asarray(J.scale, gram.dtype) ** 2
     for i, window in enumerate(windows):
-        left = factor(i)
+        left = factors[i]
         for j in range(i, len(windows)):
-            right = left if j == i else factor(j)
+            right = left if j == i else factors[j]
             gram = _write_pair(gram, left, right, window.offset, windows[j].offset, scale,
                                mirror=j != i)
     return FMatDense(gram)
+
+
+def gram_norm_sq(J: ReplayedFunction, keep_bytes: int | None = None) -> jax.Array:
+    """``‖J Jᵀ‖²_F = Σ_{chunks i, j} ‖J_i J_jᵀ‖²_F`` of the unscaled ``J``, from the blocks of
+    :func:`gram_block` over the masked chunks (padding contributes zero; no ``(NK)²``
+    matrix is formed). For ``M = (s/N) JᵀJ``, ``‖M‖_F = |s|/N · ‖J Jᵀ‖_F``. Cost and
+    ``keep_bytes``: :func:`gram_by_layers`'s."""
+    chunks = list(J._chunks())
+    factors = _Factors(J, chunks, keep_bytes)
+    total = 0.0
+    for i in range(len(chunks)):
+        left = factors[i]
+        total += _block_norm_sq(left, left)
+        for j in range(i + 1, len(chunks)):
+            total += 2 * _block_norm_sq(left, factors[j])
+    return total
+
+
+class _Factors:
+    """The :class:`GramFactor` of each of ``parts`` (windows, or masked chunks), computed
+    when asked for and kept when all of them fit in ``keep_bytes`` (default: one part's
+    Jacobian, ``n K d`` entries): decided on the first one."""
+
+    def __init__(self, J: ReplayedFunction, parts: list, keep_bytes: int | None):
+        first = parts[0].batch
+        self.num_outputs = output_count(J.fn, J.params, first, J.aux)
+        self.parts, self.make = parts, _factor_maker(J, first, self.num_outputs)
+        self.n, self.d = J.num_examples, J.layer_collection.numel()
+        self.itemsize = jnp.dtype(J.layer_collection.dtype).itemsize
+        self.keep_bytes = keep_bytes
+        self.kept: list[GramFactor | None] = [None] * len(parts)
+        self.keep: bool | None = None
+
+    def __getitem__(self, i: int) -> GramFactor:
+        if self.kept[i] is not None:
+            return self.kept[i]
+        part = self.parts[i]
+        out = self.make(part.batch, part.offset, getattr(part, "mask", None))
+        size = jax.tree_util.tree_leaves(part.batch)[0].shape[0]
+        if self.keep is None:  # do all of them fit?
+            limit = (size * self.num_outputs * self.d * self.itemsize
+                     if self.keep_bytes is None else self.keep_bytes)
+            self.keep = _factor_bytes(out) * self.n <= limit * size
+        if self.keep:
+            self.kept[i] = out
+        return out
 
 
 def _factor_bytes(f: GramFactor) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(f))
 
 
-def _factor_maker(J: PFMapImplicit, first: Any, k: int) -> Callable[[Any], GramFactor]:
-    """The function computing a window's :class:`GramFactor` (captured in reverse mode)."""
+def _factor_maker(J: ReplayedFunction, first: Any, k: int) -> Callable[..., GramFactor]:
+    """``(batch, offset, mask) -> GramFactor`` for ``J``'s chunks (captured in reverse
+    mode; ``mask``: ``None`` for windows of real examples)."""
     layout = J.layer_collection
     mode = resolve_mode(J.mode, layout.numel(), k)
     if mode == "forward":
-        return lambda w: _rows_factor(J.params, w.batch, w.offset, J.aux, fn=J.fn,
-                                      dtype=layout.dtype)
+        return lambda batch, offset, mask: _rows_factor(
+            J.params, batch, offset, J.aux, mask, fn=J.fn, dtype=layout.dtype)
     example = jax.tree_util.tree_map(lambda a: a[0], first)
     plan = make_plan(J.fn, J.params, example, J.aux, layout)
-    return lambda w: _captured_factor(plan, layout, J.params, w.batch, w.offset, J.aux)
+    return lambda batch, offset, mask: _captured_factor(plan, layout, J.params, batch,
+                                                        offset, J.aux, mask)
 
 
 @functools.partial(model_jit, static_argnames=("fn", "dtype"))
-def _rows_factor(params, batch, offset, aux, *, fn, dtype) -> GramFactor:
+def _rows_factor(params, batch, offset, aux, mask, *, fn, dtype) -> GramFactor:
     jac, _ = chunk_jacobian(fn, params, batch, offset, aux, "forward")
+    if mask is not None:  # padding: zero rows
+        jac = jac * mask[:, None, None].astype(jac.dtype)
     return GramFactor((), (), jac.astype(dtype).transpose(1, 0, 2))
 
 
 @functools.partial(model_jit, static_argnums=(0, 1))
 def _captured_factor(plan: CapturePlan, layout: LayerCollection, params, batch, offset,
-                     aux) -> GramFactor:
-    cap = capture_chunk(plan, params, batch, offset, aux)
+                     aux, mask) -> GramFactor:
+    cap = capture_chunk(plan, params, batch, offset, aux, mask)  # padding: zero gradients
     dtype = layout.dtype
     n, k = cap.outputs.shape
     inputs, grads, rows = [], [], []
@@ -166,6 +201,11 @@ def gram_block(left: GramFactor, right: GramFactor) -> jax.Array:
 def _output_major(f: GramFactor) -> tuple[int, int]:
     x = f.rows if f.rows is not None else f.grads[0]
     return x.shape[0], x.shape[1]
+
+
+@jax.jit
+def _block_norm_sq(left: GramFactor, right: GramFactor) -> jax.Array:
+    return jnp.sum(gram_block(left, right) ** 2)
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="mirror")

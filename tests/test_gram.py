@@ -17,7 +17,7 @@ from models import (
 
 from jaxgeom import data as data_lib
 from jaxgeom.fspace import FMatDense, FVector
-from jaxgeom.gram import gram_by_layers
+from jaxgeom.gram import gram_by_layers, gram_norm_sq
 from jaxgeom.pfmap import GramMatrix, Jacobian, PFMapImplicit
 
 TOL = dict(rtol=1e-9, atol=1e-11)
@@ -55,6 +55,8 @@ def test_layer_by_layer_gram_equals_jjt(make, keep_bytes):
     J = Jacobian(t.apply_fn, t.params, t.x, PFMapImplicit, batch_size=3)
     G = gram_by_layers(J, keep_bytes=keep_bytes)
     np.testing.assert_allclose(G.to_dense(), ref, **TOL)
+    # ‖J Jᵀ‖²_F from the blocks of the masked chunks (the last one padded)
+    np.testing.assert_allclose(gram_norm_sq(J, keep_bytes), np.sum(ref**2), **TOL)
     np.testing.assert_array_equal(G.to_dense(), G.to_dense().transpose(2, 3, 0, 1))
     # a scaled map: (s J)(s J)ᵀ = s² J Jᵀ
     np.testing.assert_allclose(gram_by_layers(-2.0 * J, keep_bytes).to_dense(), 4 * ref, **TOL)
@@ -78,6 +80,8 @@ def test_forward_mode_gram_from_rows():
     ref, _ = reference(t)
     G = GramMatrix(t.apply_fn, t.params, t.x, batch_size=3, mode="forward")
     np.testing.assert_allclose(G.to_dense(), ref, **TOL)
+    J = Jacobian(t.apply_fn, t.params, t.x, PFMapImplicit, batch_size=3, mode="forward")
+    np.testing.assert_allclose(gram_norm_sq(J), np.sum(ref**2), **TOL)
 
 
 def test_windows_cover_every_example_with_real_ones():

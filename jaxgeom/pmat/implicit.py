@@ -18,10 +18,8 @@ from jaxgeom.jacobian import (
     Hashable,
     accumulate,
     check_vector_outputs,
-    chunk_jacobian,
     chunk_outputs,
     flatten_jacobian,
-    output_count,
     resolve_mode,
 )
 from jaxgeom.layers import LayerCollection
@@ -56,9 +54,11 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     - ``get_diag``/``trace``: per-example Jacobians streamed through a diagonal reduction,
       ``N K B``, memory ``batch_size · K · d``.
     - ``frobenius_norm``: ``‖M‖_F = |s|/N · (Σ_{chunks i,j} ‖J_i J_jᵀ‖²_F)^{1/2}`` over
-      pairs of chunk Jacobians ``J_i`` (``(n_i K, d)``): ``C(C+1)/2`` chunk-pair products
-      (``(NK)² d``) and ``C(C+1)/2`` Jacobian recomputations, memory two chunks. For
-      ``d < N K``, ``PMatDense.from_pmat(M).frobenius_norm()`` is cheaper.
+      pairs of chunks, each block ``J_i J_jᵀ`` layer by layer as the Gram matrix's
+      (:mod:`jaxgeom.gram`: a dense layer by ``(A_i A_jᵀ) ∘ (Γ_i Γ_jᵀ)`` of its captured
+      inputs and output gradients, ``(NK)² g_l``; the other parameters by their rows,
+      ``(NK)² d_r``); each chunk captured once when the captures fit in one chunk's
+      Jacobian, else once per pair; no ``(NK)²`` matrix formed.
     - ``to_dense``: streamed ``Σ JₙᵀJₙ`` (``N K B + N K d²``, memory ``d²``).
 
     Spectral functions (``eigh``, ``eigvalsh``, ``norm(2)``, ``pinv``, ``pow``, ``inv``)
@@ -143,25 +143,11 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         return self.scale * self._accumulate(PMatDense.accumulator(self.layer_collection)).data
 
     def frobenius_norm(self):
-        """``|s|/N (Σ_{i,j} ‖J_i J_jᵀ‖²_F)^{1/2}`` over chunk pairs (class docstring: cost)."""
-        chunks = list(self._chunks())
-        mode = resolve_mode(
-            self.mode,
-            self.layer_collection.numel(),
-            output_count(self.fn, self.params, chunks[0].batch, self.aux),
-        )
+        """``|s|/N (Σ_{i,j} ‖J_i J_jᵀ‖²_F)^{1/2}`` over chunk pairs, each block ``J_i J_jᵀ``
+        layer by layer (:func:`jaxgeom.gram.gram_norm_sq`; class docstring: cost)."""
+        from jaxgeom.gram import gram_norm_sq
 
-        def rows(c):
-            return _chunk_rows(self.params, c.batch, c.mask, c.offset, self.aux,
-                               fn=self.fn, mode=mode)
-
-        total = 0.0
-        for i, first in enumerate(chunks):
-            left = rows(first)
-            total += jnp.sum((left @ left.T) ** 2)
-            for second in chunks[i + 1:]:
-                total += 2 * jnp.sum((left @ rows(second).T) ** 2)
-        return jnp.abs(self.scale) * jnp.sqrt(total) / self.num_examples
+        return jnp.abs(self.scale) * jnp.sqrt(gram_norm_sq(self)) / self.num_examples
 
     # ------------------------------------------------------------------ unsupported
     def eigvalsh(self):
@@ -294,11 +280,3 @@ def _chunk_jv_sq(params, v, batch, mask, offset, aux, *, fn, layout):
     outputs = _masked_outputs(fn, batch, mask, offset, aux)
     _, jv = jax.jvp(outputs, (params,), (_tangents(layout, params, v),))
     return jnp.sum(jv**2)
-
-
-@model_jit(static_argnames=("fn", "mode"))
-def _chunk_rows(params, batch, mask, offset, aux, *, fn, mode):
-    """The chunk's masked Jacobian rows ``(n K, d)``."""
-    jac, _ = chunk_jacobian(fn, params, batch, offset, aux, mode)
-    jac = jac * mask[:, None, None].astype(jac.dtype)
-    return jac.reshape(-1, jac.shape[-1])
