@@ -172,19 +172,26 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
     With ``batch_size=None`` each batch is one chunk (no padding). Empty batches are
     skipped; a ``ValueError`` is raised if no example at all is seen.
     """
-    _check_batch_size(batch_size)
-    offset = 0
-    for batch in iter_batches(data):
-        n = num_examples(batch)
-        if n == 0:
-            continue
+    for batch, n, offset in _nonempty_batches(data, batch_size):
         size = n if batch_size is None else int(batch_size)
         for start in range(0, n, size):
             stop = min(start + size, n)
             count = stop - start
             chunk = _chunk_of(batch, start, stop, size)
-            yield Chunk(chunk, _mask(size, count), offset, count)
-            offset += count
+            yield Chunk(chunk, _mask(size, count), offset + start, count)
+
+
+def _nonempty_batches(data: Any, batch_size: int | None) -> Iterator[tuple[Any, int, int]]:
+    """``(batch, its number of examples, the index of its first example)`` for every
+    non-empty batch of ``data``, after checking ``batch_size``; a ``ValueError`` when there
+    is no example at all."""
+    _check_batch_size(batch_size)
+    offset = 0
+    for batch in iter_batches(data):
+        n = num_examples(batch)
+        if n:
+            yield batch, n, offset
+            offset += n
     if offset == 0:
         raise ValueError(_NO_EXAMPLE)
 
@@ -211,18 +218,10 @@ def iter_windows(data: Any, batch_size: int | None = None) -> Iterator[Window]:
     at its position (writing some twice, with the same values) and would otherwise
     compile one step more for a padded chunk's shorter results. Every window of a batch
     has one shape."""
-    _check_batch_size(batch_size)
-    offset = 0
-    for batch in iter_batches(data):
-        n = num_examples(batch)
-        if n == 0:
-            continue
+    for batch, n, offset in _nonempty_batches(data, batch_size):
         size = n if batch_size is None else min(int(batch_size), n)
         for start in [*range(0, n - size, size), n - size]:
             yield Window(_chunk_of(batch, start, start + size, size), offset + start, size)
-        offset += n
-    if offset == 0:
-        raise ValueError(_NO_EXAMPLE)
 
 
 def _mask(size: int, count: int) -> jax.Array | np.ndarray:
