@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jaxgeom import capture as capture_lib
 from jaxgeom import data as data_lib
 from jaxgeom._signature import abstract, cached, signature
-from jaxgeom.layers import LayerCollection
+from jaxgeom.layers import LayerCollection, concat_last
 from jaxgeom.streaming import ChunkBuilder, builder, run, static_field
 from jaxgeom.streaming import check_finite as check_finite  # re-exported
 
@@ -208,8 +208,12 @@ class JacobianBuilder(ChunkBuilder):
         if not self._collects:
             return self._accumulate(self.accumulator.init(self.dtype), params, batch, mask,
                                     offset, aux)
-        jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
-        finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
+        if self.mode == "reverse":  # the captured layers' rows are outer products
+            pieces, finite = self._leaf_rows(params, batch, offset, aux)
+            jac = concat_last(pieces)
+        else:
+            jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
+            finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
         if self._output_major:
             return jac.transpose(1, 0, 2), finite  # padded examples cut off in ``reduce``
         return jac.reshape(-1, jac.shape[-1]), finite  # padded rows cut off in ``reduce``
