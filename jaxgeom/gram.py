@@ -208,14 +208,30 @@ def _block_norm_sq(left: GramFactor, right: GramFactor) -> jax.Array:
     return jnp.sum(gram_block(left, right) ** 2)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="mirror")
 def _write_pair(gram, left, right, row, column, scale, *, mirror):
     """``gram`` with the block of windows ``(left, right)`` (scaled) written at
     ``(row, column)`` and, when ``mirror``, its transpose at ``(column, row)``, in place."""
-    block = scale * gram_block(left, right)
-    gram = jax.lax.dynamic_update_slice(gram, block, (0, row, 0, column))
     if not mirror:
-        return gram
+        return _write_block(gram, left, right, row, column, scale)
+    # the block formed by its own call: fused into the two writes, XLA computed its sum of
+    # products twice, once in the transpose's order
+    return _write_mirrored(gram, _scaled_block(left, right, scale), row, column)
+
+
+@jax.jit
+def _scaled_block(left, right, scale):
+    return scale * gram_block(left, right)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_block(gram, left, right, row, column, scale):
+    return jax.lax.dynamic_update_slice(gram, scale * gram_block(left, right),
+                                        (0, row, 0, column))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_mirrored(gram, block, row, column):
+    gram = jax.lax.dynamic_update_slice(gram, block, (0, row, 0, column))
     return jax.lax.dynamic_update_slice(gram, block.transpose(2, 3, 0, 1), (0, column, 0, row))
 
 
