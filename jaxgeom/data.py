@@ -109,10 +109,17 @@ def known_size(data: Any) -> int | None:
     """The number of examples in ``data`` when it is known before reading it: one batch,
     or a list of batches (arrays in memory); ``None`` for other iterables (iterators,
     loaders)."""
+    sizes = _known_batch_sizes(data)
+    return None if sizes is None else sum(sizes)
+
+
+def _known_batch_sizes(data: Any) -> list[int] | None:
+    """The number of examples of each batch of ``data`` when known before reading it (one
+    batch, or a list of batches); ``None`` for other iterables."""
     if is_single_batch(data):
-        return num_examples(data)
+        return [num_examples(data)]
     if isinstance(data, list):
-        return sum(num_examples(batch) for batch in data)
+        return [num_examples(batch) for batch in data]
     return None
 
 
@@ -120,11 +127,8 @@ def last_chunk_offset(data: Any, batch_size: int | None = None) -> int | None:
     """Where the last chunk of ``data`` (:func:`iter_chunks`) starts among all examples,
     when the sizes of its batches are known before reading them (:func:`known_size`);
     else ``None``."""
-    if is_single_batch(data):
-        sizes = [num_examples(data)]
-    elif isinstance(data, list):
-        sizes = [num_examples(batch) for batch in data]
-    else:
+    sizes = _known_batch_sizes(data)
+    if sizes is None:
         return None
     offset = last = 0
     for n in sizes:
