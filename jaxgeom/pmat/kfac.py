@@ -100,9 +100,19 @@ DAMPINGS = ("exact", "pi")
 
 # ----------------------------------------------------------------------------- layer blocks
 def _rotate(v: jax.Array, qg: jax.Array, qa: jax.Array | None) -> jax.Array:
-    """``Q_Gᵀ V Q_A`` (``qa is None``: identity)."""
-    v = qg.T @ v
-    return v if qa is None else v @ qa
+    """``Q_Gᵀ V Q_A`` (``qa is None``: identity), the larger basis first.
+
+    Both orders cost ``g a (g + a)`` flops. Done last, the large product is fused with
+    what follows (the squares of ``vTMv``, the scaling of ``mv``) into one YNNPACK kernel,
+    which XLA:CPU ran slower than its plain GEMM: bench_cnn's EKFAC ``vTMv`` (a
+    ``(10, 4097)`` layer) took 5.3–6.0 ms that way, 3.5–4.1 ms this way; bench_resnet's
+    (``(512, 2049)``) 34–35 against 25 ms (2-core Xeon).
+    """
+    if qa is None:
+        return qg.T @ v
+    if qa.shape[0] > qg.shape[0]:
+        return qg.T @ (v @ qa)
+    return (qg.T @ v) @ qa
 
 
 def _unrotate(v: jax.Array, qg: jax.Array, qa: jax.Array | None) -> jax.Array:
