@@ -112,6 +112,16 @@ def make_linen_embed(seed=0, n=6):
     return _linen("linen_embed", LinenEmbed(), tokens, key, 3)
 
 
+@functools.cache
+def make_linen_wide_mlp(seed=0, n=6):
+    """A 150-input dense layer seen on 6 examples: its KFAC input factor (151², with the
+    bias) has rank ≤ 6, small enough for the range-only eigendecomposition
+    (:func:`jaxgeom.pmat._spectral.eigh_psd`); the other factors are of full rank."""
+    key = jax.random.PRNGKey(seed)
+    x = jax.random.normal(jax.random.PRNGKey(5), (n, 150))
+    return _linen("linen_wide_mlp", LinenMLP(), x, key, 4)
+
+
 # ----------------------------------------------------------------------------- nnx
 class NNXMLP(nnx.Module):
     def __init__(self, rngs):

@@ -13,6 +13,7 @@ from models import (
     make_linen_cnn,
     make_linen_embed,
     make_linen_layernorm,
+    make_linen_wide_mlp,
     make_plain_mlp,
 )
 from pmat_checks import (
@@ -26,9 +27,10 @@ from pmat_checks import (
 )
 
 from jaxgeom import FIM, PMatDense, PMatKFAC, SecondMoment
+from jaxgeom.pmat import ekfac
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.ekfac import PMatEKFAC, PMatEKFACBlockDiag
-from jaxgeom.pmat.kfac import KronEigen
+from jaxgeom.pmat.kfac import Kron, KronEigen, factor_rank_bounds
 
 KEY = jax.random.PRNGKey(0)
 
@@ -69,6 +71,52 @@ def test_refit_is_the_exact_diagonal_in_the_eigenbasis(make):
         e_l = np.linalg.norm(E.get_block(spec.layer_id) - exact[np.ix_(b, b)])
         k_l = np.linalg.norm(K.get_block(spec.layer_id) - exact[np.ix_(b, b)])
         assert e_l <= k_l + 1e-12
+
+
+def test_a_factor_of_few_rows_is_factorised_on_its_range(monkeypatch):
+    """A 151-input dense layer seen on 6 examples: its input factor has rank ≤ 6, and
+    EKFAC's build factorises it through its range (:func:`factor_rank_bounds`). Before
+    the refit its eigenvalues on the complement are exactly 0 (LAPACK's ``eigh`` gives
+    round-off there); the refit is the exact diagonal in that basis, and the matrix is the
+    one built on LAPACK's full ``eigh`` (the basis of the null space, where the refit is 0,
+    does not matter). The bounds stay off the KFAC a build returns."""
+    t = make_linen_wide_mlp()
+    K = FIM(t.apply_fn, t.params, t.x, PMatKFAC)
+    assert [n.rank_bounds for n in K.factors] == [(None, None)] * 2
+    bounds = []
+    monkeypatch.setattr(ekfac, "factor_rank_bounds",
+                        lambda *args: bounds.append(factor_rank_bounds(*args)) or bounds[-1])
+
+    unfitted = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, refit=False)
+    assert bounds == [[(24, None), (None, None)]]  # A: 6 rows; the others are full rank
+    d = np.asarray(unfitted.factors[0].d)  # (g, a) = (6, 151), A of rank ≤ 6: sketch of 32
+    assert np.all(d[:, :151 - 32] == 0)
+    np.testing.assert_allclose(unfitted.to_dense(), K.to_dense(), **TOL)
+
+    exact = reference(t)
+    E = FIM(t.apply_fn, t.params, t.x, PMatEKFAC)
+    for i, want in enumerate(exact_kfe_diagonals(E, exact)):
+        np.testing.assert_allclose(E.factors[i].d, want, rtol=1e-8, atol=1e-12)
+    on_full_eigh = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, basis=PMatEKFAC.from_kfac(K))
+    scale = np.linalg.norm(np.asarray(K.to_dense()), 2)
+    np.testing.assert_allclose(E.to_dense(), on_full_eigh.to_dense(), atol=1e-12 * scale)
+
+
+def test_kron_eigen_on_the_range_of_a_low_rank_factor():
+    """``Kron(A, G, rank_bounds=(r, None)).eigen()`` for ``A`` of rank ``r``: the same block
+    (``(Q_A ⊗ Q_G) diag(d) (Q_A ⊗ Q_G)ᵀ = A ⊗ G``), orthonormal bases, exactly zero
+    eigenvalues on ``A``'s null space."""
+    k1, k2 = jax.random.split(KEY)
+    x = np.asarray(jax.random.normal(k1, (5, 130)))
+    y = np.asarray(jax.random.normal(k2, (9, 4)))
+    node = Kron(jax.numpy.asarray(x.T @ x), jax.numpy.asarray(y.T @ y), rank_bounds=(5, None))
+    assert node.eigh_orders == (4, 32)
+    eigen = node.eigen()
+    qa = np.asarray(eigen.qa)
+    np.testing.assert_allclose(qa.T @ qa, np.eye(130), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(eigen.dense()), np.kron(y.T @ y, x.T @ x),
+                               atol=1e-10)
+    assert np.all(np.asarray(eigen.d)[:, :130 - 32] == 0)
 
 
 # ----------------------------------------------------------------------------- operations

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxgeom.pmat import _spectral
 
@@ -23,3 +24,59 @@ def test_traces_of_many_matrices_in_one_pass():
 def test_trace_of_one_matrix_reads_its_diagonal():
     m = jnp.arange(16.0).reshape(4, 4)
     assert float(_spectral.trace(m)) == 0 + 5 + 10 + 15
+
+
+def _gram(rows, order, dead=0, seed=0):
+    """``Σ xxᵀ`` of ``rows`` Gaussian rows (rank ``rows``), the first ``dead`` coordinates 0."""
+    x = np.random.default_rng(seed).standard_normal((rows, order))
+    x[:, :dead] = 0
+    return x.T @ x
+
+
+def _assert_eigendecomposition(m, values, vectors, rtol=1e-10):
+    n = len(m)
+    scale = np.linalg.norm(m, 2)
+    np.testing.assert_allclose(values, np.linalg.eigvalsh(m), atol=rtol * scale)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(n), atol=1e-12)
+    np.testing.assert_allclose((vectors * values) @ vectors.T, m, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("rows, order, dead, bound", [
+    (6, 151, 0, 6),       # a factor of 6 rows: sketch width 32
+    (1, 130, 0, 1),       # rank 1
+    (20, 200, 7, 24),     # dead coordinates, a bound above the rank
+    (24, 128, 0, 24),     # the rank at the bound, width 32 = order / 4
+])
+def test_eigh_psd_through_the_range_of_a_low_rank_factor(rows, order, dead, bound):
+    """Eigenvalues (ascending, the null space's zeros included), orthonormal eigenvectors
+    and ``V diag(λ) Vᵀ = M``, as numpy's ``eigh``, for a Gram matrix of few rows."""
+    m = _gram(rows, order, dead)
+    assert _spectral.sketch_width(order, bound) == 32
+    values, vectors = _spectral.eigh_psd(jnp.asarray(m), bound)
+    _assert_eigendecomposition(m, np.asarray(values), np.asarray(vectors))
+    assert np.all(np.asarray(values)[:order - 32] == 0)  # the complement is exactly null
+
+
+def test_eigh_psd_is_a_full_eigh_without_a_useful_bound():
+    """No bound, or one whose sketch would be wider than a quarter of the order: LAPACK's
+    ``eigh`` of the whole matrix (equal to ``jnp.linalg.eigh``)."""
+    m = jnp.asarray(_gram(30, 100))
+    assert _spectral.sketch_width(100, 30) is None  # 64 > 100 / 4
+    for bound in (None, 30):
+        values, vectors = _spectral.eigh_psd(m, bound)
+        want_values, want_vectors = jnp.linalg.eigh(m)
+        np.testing.assert_array_equal(values, want_values)
+        np.testing.assert_array_equal(vectors, want_vectors)
+
+
+def test_rank_bounds_round_up_to_the_sketch_width():
+    """A bound is widened to the largest with the same sketch width (``rows + margin``
+    rounded up to the next multiple of 32), and dropped where the sketch does not pay."""
+    margin = _spectral.SKETCH_MARGIN
+    assert _spectral.sketch_width(4097, 128) == 160
+    assert _spectral.useful_rank_bound(4097, 128) == 160 - margin
+    assert _spectral.useful_rank_bound(4097, 152) == 160 - margin
+    assert _spectral.useful_rank_bound(4097, 153) == 192 - margin
+    assert _spectral.useful_rank_bound(151, 6) == 32 - margin
+    assert _spectral.useful_rank_bound(785, 512) is None
+    assert _spectral.sketch_width(4097, None) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -73,3 +74,77 @@ def traces(matrices: list[jax.Array]) -> jax.Array:
 def reconstruct(evals: jax.Array, evecs: jax.Array) -> jax.Array:
     """``V diag(λ) Vᵀ`` for the columns ``V`` of ``evecs``."""
     return (evecs * evals) @ evecs.T
+
+
+#: columns of :func:`eigh_psd`'s sketch beyond the rank bound (a margin for round-off), and
+#: the multiple its width is rounded up to (fewer distinct shapes to compile)
+SKETCH_MARGIN, SKETCH_ROUND = 8, 32
+
+
+def sketch_width(order: int, rank_bound: int | None) -> int | None:
+    """The width ``k`` of :func:`eigh_psd`'s range sketch for a PSD matrix of ``order``
+    with rank at most ``rank_bound``: ``rank_bound`` plus :data:`SKETCH_MARGIN`, rounded up
+    to :data:`SKETCH_ROUND`. ``None`` (a full ``eigh``) when no bound is known or ``4 k >
+    order``: the sketch then costs about as much as ``eigh`` (2-core Xeon: 785² of rank
+    512, 79 against 27 ms; 512² of rank 120, 12 against 16 ms)."""
+    if rank_bound is None:
+        return None
+    k = -(-(rank_bound + SKETCH_MARGIN) // SKETCH_ROUND) * SKETCH_ROUND
+    return k if 4 * k <= order else None
+
+
+def useful_rank_bound(order: int, rows: int) -> int | None:
+    """A bound on the rank of a Gram matrix of ``order`` summed from ``rows`` rows, where
+    it makes :func:`eigh_psd` cheaper (else ``None``): the largest with ``rows``'s sketch
+    width (fewer distinct static bounds, fewer compilations)."""
+    k = sketch_width(order, rows)
+    return None if k is None else k - SKETCH_MARGIN
+
+
+def eigh_psd(m: jax.Array, rank_bound: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(λ, V)``: the eigendecomposition of a symmetric PSD ``m`` (``n × n``), eigenvectors
+    in the columns.
+
+    With a ``rank_bound`` ``r`` that makes it cheaper (:func:`sketch_width` ``k``), through
+    ``m``'s range instead of a full ``eigh``: a Gram factor ``Σ xxᵀ`` of ``r ≪ n`` rows
+    (KFAC's input factor of a wide dense layer seen on few examples) has rank at most
+    ``r``. The range is sketched exactly (Halko, Martinsson & Tropp 2011, Alg. 4.1, with no
+    power iteration: ``rank(m) ≤ k``):
+
+    - ``Q = qr(m Ω)``, ``Ω`` a fixed ``(n, k)`` Gaussian (the same in every call), then
+      Rayleigh–Ritz: ``Qᵀ m Q = W Λ Wᵀ``, ``U = Q W`` — ``m``'s eigenpairs on its range;
+    - the complement, eigenvalue 0: the last ``n − k`` columns of the Householder
+      completion ``H = I − Y T Yᵀ`` of ``U`` (``qr(U)``'s reflectors ``Y`` and their
+      compact-WY ``T``, Schreiber & Van Loan 1989).
+
+    Eigenvalues ascending as ``eigh``'s (zeros first) up to round-off; the null space's
+    basis is arbitrary either way. Cost ``≈ 6 n² k`` in GEMMs plus ``O(n k²)``, against
+    ``eigh``'s ``O(n³)`` in LAPACK: a 4097² factor of rank 128, 195 ms against 2.5 s;
+    2049² of rank 64, 41 against 336 ms (2-core Xeon).
+    """
+    k = sketch_width(m.shape[0], rank_bound)
+    if k is None:
+        return jnp.linalg.eigh(m)
+    return _eigh_on_range(m, k)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _eigh_on_range(m: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`eigh_psd` through a ``k``-column sketch of the range of ``m``."""
+    n, dtype = m.shape[0], m.dtype
+    sketch = jax.random.normal(jax.random.key(0), (n, k), dtype)
+    q, _ = jnp.linalg.qr(m @ sketch)
+    ritz = q.T @ (m @ q)
+    values, w = jnp.linalg.eigh((ritz + ritz.T) / 2)
+    u = q @ w
+    packed, taus = jnp.linalg.qr(u, mode="raw")  # LAPACK's reflectors, ``packed`` transposed
+    y = jnp.tril(packed.T, -1) + jnp.eye(n, k, dtype=dtype)
+    gram = y.T @ y
+
+    def column(i, t):  # LAPACK's larft: H₁⋯H_k = I − Y T Yᵀ, T upper triangular
+        return t.at[:, i].set(-taus[i] * (t @ gram[:, i])).at[i, i].set(taus[i])
+
+    t = jax.lax.fori_loop(0, k, column, jnp.zeros((k, k), dtype))
+    complement = (jnp.eye(n, n - k, -k, dtype=dtype) - y @ (t @ y[k:].T))
+    return (jnp.concatenate([jnp.zeros(n - k, dtype), values]),
+            jnp.concatenate([complement, u], axis=1))

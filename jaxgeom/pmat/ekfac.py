@@ -14,17 +14,19 @@ further from the exact block than KFAC. Every other layer keeps its exact dense 
 in KFAC (:class:`PMatEKFACBlockDiag`: with no size limit on those blocks).
 
 Build (``FIM``, ``FIM_MonteCarlo``, ``SecondMoment`` with ``PMatEKFAC``): one pass for the
-KFAC factors (``N K B + N Σ T_l (a_l² + K g_l²)``), ``eigh`` of each factor
-(``Σ a_l³ + g_l³``), then a second pass refitting ``D``: ``N Σ_l T_l (a_l² + K g_l²)`` to
-rotate inputs and output gradients, plus ``N K Σ_l d_l`` through ``((Q_Gᵀg)²)ᵀ((Q_Aᵀa)²)``
-when ``T_l = 1`` (no per-example gradient formed) or ``N K Σ_l T_l d_l`` forming one
-chunk's rotated per-example gradients when ``T_l > 1`` (memory ``n_c K max_l d_l``). With
-``refit=False`` the diagonal is KFAC's ``λ_G ⊗ λ_A`` (one pass; then EKFAC == KFAC). The
-second pass needs the eigenbases of the finished factors, so it cannot share the first
-one; it reads the data again (:mod:`jaxgeom.streaming`: a one-shot iterator is kept as a
-list of its batches while the first pass reads it — pass a list or a re-iterable loader
-to avoid holding it). In a ``PMatMixed``, the refits of all EKFAC parts share that one
-second pass.
+KFAC factors (``N K B + N Σ T_l (a_l² + K g_l²)``), ``eigh`` of each factor (``Σ a_l³ +
+g_l³``; a factor of order ``n`` summed from few rows ``r``, e.g. a wide dense layer's ``A``
+from ``N T = r ≤ n/4``, ``≈ 6 n² r`` through its range instead:
+:func:`~jaxgeom.pmat.kfac.factor_rank_bounds`), then a second pass refitting ``D``: ``N Σ_l
+T_l (a_l² + K g_l²)`` to rotate inputs and output gradients, plus ``N K Σ_l d_l`` through
+``((Q_Gᵀg)²)ᵀ((Q_Aᵀa)²)`` when ``T_l = 1`` (no per-example gradient formed) or ``N K Σ_l T_l
+d_l`` forming one chunk's rotated per-example gradients when ``T_l > 1`` (memory ``n_c K
+max_l d_l``). With ``refit=False`` the diagonal is KFAC's ``λ_G ⊗ λ_A`` (one pass; then
+EKFAC == KFAC). The second pass needs the eigenbases of the finished factors, so it cannot
+share the first one; it reads the data again (:mod:`jaxgeom.streaming`: a one-shot iterator
+is kept as a list of its batches while the first pass reads it — pass a list or a
+re-iterable loader to avoid holding it). In a ``PMatMixed``, the refits of all EKFAC parts
+share that one second pass.
 
 Refit (pure): :meth:`PMatEKFAC.refit` returns a *new* matrix with the same eigenbases and
 ``D`` (and the exact blocks of the other layers) re-estimated on new data and/or params;
@@ -49,6 +51,7 @@ Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis", NeurIP
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -68,6 +71,7 @@ from jaxgeom.pmat.kfac import (
     augmented_inputs,
     capture_plan,
     check_blocks,
+    factor_rank_bounds,
     layer_grads,
     other_gradients,
     squared_gradient_sum,
@@ -194,7 +198,10 @@ class EKFACBuilder(KFACBuilder):
         return 2 if self.refit else 1
 
     def finalize(self, total, stream):
-        basis = self.representation.from_kfac(super().finalize(total, stream))
+        kfac = super().finalize(total, stream)
+        bounds = factor_rank_bounds(self.plan, self.approx, stream.n)
+        basis = self.representation.from_kfac(dataclasses.replace(kfac, factors=tuple(
+            dataclasses.replace(node, rank_bounds=b) for node, b in zip(kfac.factors, bounds))))
         if not self.refit:
             return basis
         return Continue(RefitBuilder.on(self.plan, self.layout, self.representation,

@@ -40,7 +40,9 @@ build ``N K B`` plus ``N Σ T_l (a_l² + K g_l²)``, one streaming pass, memory
 ``Σ (a_l² + g_l²) + Σ o²`` plus one chunk's captures; ``mv`` ``Σ d_l (a_l + g_l)``; ``trace``
 ``Σ (a_l + g_l)``; Frobenius ``Σ (a_l² + g_l²)``; ``eigvalsh``/``norm(±2)``/``solve``/``inv``/
 ``pow``/``pinv`` ``Σ (a_l³ + g_l³ + d_l)`` through the factors' eigendecompositions (plus
-``o³``); with ``damping="pi"``, ``solve`` and ``inv`` use Cholesky factorisations instead
+``o³``; a factor with :attr:`Kron.rank_bounds` ``r ≤ n/4``, ``≈ 6 n² r`` through its range,
+as EKFAC's build does for a wide dense layer's ``A`` summed from few examples); with
+``damping="pi"``, ``solve`` and ``inv`` use Cholesky factorisations instead
 (``Σ (a_l³ + g_l³)/3``, several times cheaper); never a ``d × d`` matrix (except
 ``to_dense``). Each ``solve`` factorises anew: for many solves with one ``regul``, invert
 once (``Finv = F.inv(regul)``, then ``Finv.mv(v)`` at the cost of ``mv``).
@@ -68,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -160,6 +163,12 @@ class Kron:
     G: jax.Array
     #: whether ``A`` and ``G`` are symmetric (they are but in products of two blocks)
     symmetric: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    #: ``A``'s and ``G``'s ranks are at most these (``None``: not known to be low), and
+    #: :meth:`eigen` factorises their ranges only (:func:`factor_rank_bounds`). A promise
+    #: about the values: EKFAC's build sets them on the factors it has just summed, for its
+    #: eigendecompositions; arithmetic on the arrays (``tree_map``) would not keep it
+    rank_bounds: tuple[int | None, int | None] = dataclasses.field(
+        default=(None, None), metadata=dict(static=True))
 
     def mv(self, v):
         gv = self.G @ v
@@ -205,14 +214,21 @@ class Kron:
 
     @property
     def eigh_orders(self) -> tuple[int, ...]:
-        """The orders of the matrices :meth:`eigen` factorises."""
-        return (self.G.shape[0],) + ((self.A.shape[0],) if self.A.ndim == 2 else ())
+        """The orders of the matrices :meth:`eigen` hands to LAPACK's ``eigh`` (a factor of
+        known low rank: its range sketch's)."""
+        def order(m, bound):
+            return _spectral.sketch_width(m.shape[0], bound) or m.shape[0]
+
+        a, g = self.rank_bounds
+        return (order(self.G, g),) + ((order(self.A, a),) if self.A.ndim == 2 else ())
 
     def eigen(self) -> KronEigen:
-        lg, qg = jnp.linalg.eigh(self.G)
+        """The block in its Kronecker-factored eigenbasis (:func:`~jaxgeom.pmat._spectral.
+        eigh_psd` of each factor: only their ranges where :attr:`rank_bounds` are known)."""
+        lg, qg = _spectral.eigh_psd(self.G, self.rank_bounds[1])
         if self.A.ndim == 1:
             return KronEigen(None, qg, jnp.outer(lg, self.A))
-        la, qa = jnp.linalg.eigh(self.A)
+        la, qa = _spectral.eigh_psd(self.A, self.rank_bounds[0])
         return KronEigen(qa, qg, jnp.outer(lg, la))
 
     def eigvals(self):
@@ -223,7 +239,8 @@ class Kron:
         if _spectral.is_integer(p) and p >= 0:
             mp = functools.partial(jnp.linalg.matrix_power, n=int(p))
             return dataclasses.replace(
-                self, A=self.A ** int(p) if self.A.ndim == 1 else mp(self.A), G=mp(self.G))
+                self, A=self.A ** int(p) if self.A.ndim == 1 else mp(self.A), G=mp(self.G),
+                rank_bounds=self.rank_bounds if p > 0 else (None, None))
         f = functools.partial(_spectral.power, p=p)
         return Kron(_factor_apply(f, self.A), _factor_apply(f, self.G))
 
@@ -808,6 +825,23 @@ class KFACBuilder(CaptureBuilder):
         factors, blocks = mean(total, stream.n)
         return PMatKFAC(self.layout, self.plan.specs, tuple(Kron(a, g) for a, g in factors),
                         blocks)
+
+
+def factor_rank_bounds(plan: CapturePlan, approx: str, n: int) -> list[tuple]:
+    """Per Kronecker layer, :attr:`Kron.rank_bounds` of the factors summed over ``n``
+    examples (where they make :meth:`Kron.eigen` cheaper): ``A`` is a Gram of ``n T`` rows
+    (``n`` with ``approx="reduce"``), ``G`` of ``n K T`` (``n K``), for ``T`` positions and
+    ``K`` outputs per example; an embedding's diagonal ``A`` has none."""
+    outputs = plan.jaxpr.out_avals[0].shape[0]
+    bounds = []
+    for spec, out_shape in zip(plan.specs, plan.out_shapes):
+        features = math.prod(spec.operand_shape[d] for d in spec.out_dims)
+        positions = 1 if approx == "reduce" else math.prod(out_shape) // features
+        inputs = math.prod(spec.operand_shape[d] for d in spec.in_dims) + (spec.bias is not None)
+        a = None if spec.kind == "embedding" else _spectral.useful_rank_bound(
+            inputs, n * positions)
+        bounds.append((a, _spectral.useful_rank_bound(features, n * outputs * positions)))
+    return bounds
 
 
 def augmented_inputs(spec: KroneckerSpec, a: jax.Array, dtype) -> jax.Array:
