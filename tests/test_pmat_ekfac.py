@@ -83,12 +83,17 @@ def test_a_factor_of_few_rows_is_factorised_on_its_range(monkeypatch):
     t = make_linen_wide_mlp()
     K = FIM(t.apply_fn, t.params, t.x, PMatKFAC)
     assert [n.rank_bounds for n in K.factors] == [(None, None)] * 2
-    bounds = []
-    monkeypatch.setattr(ekfac, "factor_rank_bounds",
-                        lambda *args: bounds.append(factor_rank_bounds(*args)) or bounds[-1])
+    seen = []  # (examples, bounds) per build
 
+    def spy(plan, approx, n):
+        seen.append((n, factor_rank_bounds(plan, approx, n)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(ekfac, "factor_rank_bounds", spy)
     unfitted = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, refit=False)
-    assert bounds == [[(24, None), (None, None)]]  # A: 6 rows; the others are full rank
+    assert seen == [(6, [(24, None), (None, None)])]  # A: 6 rows; the others: full rank
+    FIM(t.apply_fn, t.params, t.x[:5], PMatEKFAC, refit=False, batch_size=2)
+    assert seen[-1][0] == 6  # the padded last chunk's rows count: the same bounds
     d = np.asarray(unfitted.factors[0].d)  # (g, a) = (6, 151), A of rank ≤ 6: sketch of 32
     assert np.all(d[:, :151 - 32] == 0)
     np.testing.assert_allclose(unfitted.to_dense(), K.to_dense(), **TOL)

@@ -199,7 +199,11 @@ class EKFACBuilder(KFACBuilder):
 
     def finalize(self, total, stream):
         kfac = super().finalize(total, stream)
-        bounds = factor_rank_bounds(self.plan, self.approx, stream.n)
+        # the examples the chunks held, padding included (zero rows): a short last chunk
+        # keeps the bounds, and the compiled eigendecompositions
+        chunk = stream.batch_size
+        bounds = factor_rank_bounds(self.plan, self.approx,
+                                    stream.n if chunk is None else -(-stream.n // chunk) * chunk)
         basis = self.representation.from_kfac(dataclasses.replace(kfac, factors=tuple(
             dataclasses.replace(node, rank_bounds=b) for node, b in zip(kfac.factors, bounds))))
         if not self.refit:
