@@ -119,8 +119,9 @@ def eigh_psd(m: jax.Array, rank_bound: int | None = None) -> tuple[jax.Array, ja
 
     Eigenvalues ascending as ``eigh``'s (zeros first) up to round-off; the null space's
     basis is arbitrary either way. Cost ``≈ 6 n² k`` in GEMMs plus ``O(n k²)``, against
-    ``eigh``'s ``O(n³)`` in LAPACK: a 4097² factor of rank 128, 195 ms against 2.5 s;
-    2049² of rank 64, 41 against 336 ms (2-core Xeon).
+    ``eigh``'s ``O(n³)`` in LAPACK: a 4097² factor of 128 rows, 0.22 against 2.7 s; 2049²
+    of 64 rows, 40 against 363 ms (2-core Xeon, float32; relative error of ``V diag(λ) Vᵀ``
+    1.5–1.8e-6, LAPACK's 1.0–1.2e-6).
     """
     k = sketch_width(m.shape[0], rank_bound)
     if k is None:
