@@ -199,8 +199,8 @@ class EKFACBuilder(KFACBuilder):
 
     def finalize(self, total, stream):
         kfac = super().finalize(total, stream)
-        # the examples the chunks held, padding included (zero rows): a short last chunk
-        # keeps the bounds, and the compiled eigendecompositions
+        # N rounded up to whole chunks (still a bound: padding rows are zero), so that data a
+        # short last chunk apart keep the bounds, and the compiled eigendecompositions
         chunk = stream.batch_size
         bounds = factor_rank_bounds(self.plan, self.approx,
                                     stream.n if chunk is None else -(-stream.n // chunk) * chunk)
