@@ -30,7 +30,8 @@ same model and data: one forward pass, forward+backward, per-example gradients
 product (jvp + vjp), and each representation's own contraction as plain GEMMs on random
 arrays of the right shapes (KFAC ``aᵀa``, ``gᵀg``; Dense ``JᵀJ``; Diag ``(Σₖg²)ᵀ(a²)``,
 per-example gradients for convolutions; QuasiDiag adds its weight-bias sums
-``Σ (gₜ ⊙ ĝ) aₜᵀ``; EKFAC adds the factors' ``eigh`` and the refit rotations). The floor
+``Σ (gₜ ⊙ ĝ) aₜᵀ``; EKFAC adds the factors' ``eigh`` — through their range for a factor
+summed from few rows, as the build does — and the refit rotations). The floor
 of a build is forward + K backward passes + its contraction.
 """
 
@@ -409,7 +410,14 @@ def contraction_floors(spec: models.Spec, k: int) -> dict[str, Callable[[], Any]
     def factors():
         return [(a[0].T @ a[0], g[0].T @ g[0]) for a, g in acts]
 
-    eigh = jax.jit(lambda fs: [(jnp.linalg.eigh(a), jnp.linalg.eigh(g)) for a, g in fs])
+    # the factors' eigendecompositions as EKFAC's build does them: a factor summed from few
+    # rows (N T for A, N K T for G) through its range (``_spectral.eigh_psd``), else ``eigh``
+    from jaxgeom.pmat._spectral import eigh_psd, useful_rank_bound
+
+    bounds = [(useful_rank_bound(a, n * t), useful_rank_bound(g, n * k * t))
+              for _, a, g, t in shapes]
+    eigh = jax.jit(lambda fs: [(eigh_psd(a, ba), eigh_psd(g, bg))
+                               for (a, g), (ba, bg) in zip(fs, bounds)])
     fs = factors()
     bases = [(jnp.linalg.eigh(a)[1], jnp.linalg.eigh(g)[1]) for a, g in fs]
 
