@@ -24,6 +24,7 @@ from pmat_checks import TOL, check_all, check_combinations, check_pytree, check_
 
 from jaxgeom import FIM, FIM_MonteCarlo, PMatDense, SecondMoment
 from jaxgeom.pmat import _gram
+from jaxgeom.pmat import kfac as kfac_module
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.kfac import Kron, PMatKFAC
 
@@ -426,3 +427,25 @@ def test_factors_added_in_place_by_row_blocks(monkeypatch):
     in_place = FIM(t.apply_fn, t.params, t.x, PMatKFAC, batch_size=1)
     np.testing.assert_allclose(in_place.to_dense(), formed.to_dense(), rtol=1e-12,
                                atol=1e-14)
+
+
+@pytest.mark.parametrize("outputs", [1, 2, 9])
+def test_squared_gradient_sums_in_blocks_of_examples(outputs):
+    """``Σₙₖ 𝒢ₙₖ²`` and ``Σₙₖ 𝒢ₙₖ ⊙ wₙₖ`` of the per-example gradients ``𝒢ₙₖ = Σ_t gₙₖₜ aₙₜᵀ``
+    (6 examples, 5 positions), the inputs formed per example from their sources, against
+    the sums of the explicit gradients: with one output per example the gradients of 3
+    examples are formed at once, with 2 of 2, with 9 one example at a time."""
+    n, t, a_l, g_l = 6, 5, 4, 3
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(outputs), 3)
+    sources = jax.random.normal(k1, (n, t, a_l - 1))
+    g = jax.random.normal(k2, (n, outputs, t, g_l))
+    w = jax.random.normal(k3, (n, outputs, g_l))
+
+    def inputs_of(s):  # the inputs with a bias column
+        return jnp.concatenate([s, jnp.ones((t, 1))], axis=1)
+    a = jax.vmap(inputs_of)(sources)
+    grads = np.einsum("nktg,nta->nkga", g, a)
+    squares, weighted = kfac_module.squared_gradient_sum(sources, g, inputs_of, w)
+    np.testing.assert_allclose(squares, np.sum(grads**2, axis=(0, 1)), rtol=1e-12)
+    np.testing.assert_allclose(weighted, np.einsum("nkga,nkg->ga", grads, w), rtol=1e-12)
+    np.testing.assert_allclose(kfac_module.squared_gradient_sum(a, g), squares, rtol=1e-12)
