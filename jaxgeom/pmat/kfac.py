@@ -870,9 +870,10 @@ def squared_gradient_sum(a: jax.Array, g: jax.Array,
 
     ``T = 1``: the contraction ``(g²)ᵀ(a²)``, cost ``n K g_l + n g_l a_l``, no per-example
     gradient formed; ``T > 1``: the per-example gradients, one example at a time, or a few
-    when ``K`` is small (:data:`BLOCK_ROWS`; ``max(K, 4) g_l a_l`` memory, ``n K T g_l a_l``
-    time: a chunk's ``(n, K, g_l, a_l)`` would be formed and reduced several times slower
-    on CPU, 300 against 25 ms for a 128-channel 3×3 convolution at 8×8, 16 examples, K = 9).
+    when ``K`` is small (:data:`BLOCK_ROWS`; ``max(K, BLOCK_ROWS) g_l a_l`` memory,
+    ``n K T g_l a_l`` time: a chunk's ``(n, K, g_l, a_l)`` would be formed and reduced
+    several times slower on CPU, 300 against 25 ms for a 128-channel 3×3 convolution at 8×8,
+    16 examples, K = 9).
     """
     if g.shape[2] == 1:
         a = a if inputs_of is None else jax.vmap(inputs_of)(a)
