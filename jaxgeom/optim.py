@@ -249,7 +249,11 @@ def scale_by_natural_gradient(
     caches_inverse = inverse_period > 1 and not refits
 
     def estimate(fn, params, batch, key, **options):
-        options = {**fim_options, **options}
+        curvature = build(fn, params, batch, key, **{**fim_options, **options})
+        # a refitting state holds builds and refits: one structure (the refits' bases)
+        return curvature.with_full_bases() if refits else curvature
+
+    def build(fn, params, batch, key, **options):
         if fisher == "exact":
             return FIM(fn, params, batch, representation, variant=variant, **options)
         if fisher == "monte_carlo":

@@ -122,6 +122,22 @@ def make_linen_wide_mlp(seed=0, n=6):
     return _linen("linen_wide_mlp", LinenMLP(), x, key, 4)
 
 
+class LinenWideHidden(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(150)(x))
+        return nn.Dense(4)(x)
+
+
+def make_linen_wide_hidden(seed=0, n=6):
+    """A 150-unit hidden layer seen on 6 examples: the output-gradient factor ``G`` of the
+    first layer (150², from ``6 K`` rows) and the input factor ``A`` of the second (151²,
+    from 6 rows) are of low rank, both factorised through their ranges."""
+    key = jax.random.PRNGKey(seed)
+    x = jax.random.normal(jax.random.PRNGKey(6), (n, 20))
+    return _linen("linen_wide_hidden", LinenWideHidden(), x, key, 4)
+
+
 # ----------------------------------------------------------------------------- nnx
 class NNXMLP(nnx.Module):
     def __init__(self, rngs):

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
-from models import make_plain_mlp, reference_fisher
+from models import make_linen_wide_hidden, make_plain_mlp, reference_fisher
 
 import jaxgeom as jg
 from jaxgeom import optim
@@ -278,3 +278,26 @@ def test_ekfac_one_step_and_refit_between_basis_refreshes(task):
     for got, want in zip(diag[1], (n.d for n in refit.factors)):
         np.testing.assert_allclose(got, want, rtol=1e-10)
     assert not np.allclose(basis[1][0][1], basis[2][0][1])             # new basis at step 2
+
+
+def test_ekfac_state_holds_builds_on_factor_ranges_and_refits():
+    """A wide layer seen on few examples: a build keeps its low-rank factors' ranges (a
+    static part of the matrix), a refit on new data the whole bases. EK-FAC's state holds
+    either through one ``lax.cond`` (builds taken :meth:`~jaxgeom.PMatEKFAC.with_full_bases`),
+    and its directions are the damped solves with the build, then with the refit."""
+    t = make_linen_wide_hidden()
+    grads = jax.grad(optim._MeanLoss(t.apply_fn, "classif_logits"))(t.params, (t.x, t.y))
+    assert [n.ranges for n in jg.FIM(t.apply_fn, t.params, (t.x, t.y),
+                                     jg.PMatEKFAC).factors] == [(None, 32), (32, None)]
+    tx = optim.scale_by_natural_gradient(jg.PMatEKFAC, damping=LAM, inverse_period=2,
+                                         apply_fn=t.apply_fn, example_batch=(t.x, t.y))
+    update = jax.jit(lambda s, b: tx.update(grads, s, t.params, batch=b))
+    state = tx.init(t.params)
+    build, refit = batches(t, 2)
+    first = jg.FIM(t.apply_fn, t.params, build, jg.PMatEKFAC)
+    for batch, F in ((build, first), (refit, first.refit(t.apply_fn, t.params, refit))):
+        direction, state = update(state, batch)
+        M = F.to_dense()
+        expected = jnp.linalg.solve(M + LAM * jnp.eye(M.shape[0]), flat(grads))
+        np.testing.assert_allclose(flat(direction), expected, rtol=1e-8, atol=1e-12)
+        assert [n.ranges for n in state.curvature.factors] == [(None, None)] * 2

@@ -13,6 +13,7 @@ from models import (
     make_linen_cnn,
     make_linen_embed,
     make_linen_layernorm,
+    make_linen_wide_hidden,
     make_linen_wide_mlp,
     make_plain_mlp,
 )
@@ -23,10 +24,12 @@ from pmat_checks import (
     check_combinations,
     check_pytree,
     check_solve,
+    flat,
     reference,
+    vec,
 )
 
-from jaxgeom import FIM, PMatDense, PMatKFAC, SecondMoment
+from jaxgeom import FIM, FIM_MonteCarlo, PMatDense, PMatKFAC, SecondMoment
 from jaxgeom.pmat import ekfac
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.ekfac import PMatEKFAC, PMatEKFACBlockDiag
@@ -122,6 +125,52 @@ def test_kron_eigen_on_the_range_of_a_low_rank_factor():
     np.testing.assert_allclose(np.asarray(eigen.dense()), np.kron(y.T @ y, x.T @ x),
                                atol=1e-10)
     assert np.all(np.asarray(eigen.d)[:, :130 - 32] == 0)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "monte_carlo"])
+def test_products_rotate_by_the_range_columns_only(fisher):
+    """A build keeps which basis columns span each low-rank factor's range (``G`` of the
+    150-unit layer from ``6 K`` rows, ``A`` of the next from 6 rows: 32 columns each), and
+    its refit is 0 off them. Every product of the build and of its functions (whose value
+    off the ranges is ``f(0)``: ``1/λ`` for a damped inverse) through those columns equals
+    the same matrix's on the whole bases; a refit on the whole bases (the same draws for
+    the Monte-Carlo Fisher) finds nothing off the ranges."""
+    t = make_linen_wide_hidden()
+    if fisher == "exact":
+        E = FIM(t.apply_fn, t.params, t.x, PMatEKFAC)
+        refit = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, basis=E)
+    else:
+        key = jax.random.PRNGKey(3)
+        E = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatEKFAC, key=key)
+        refit = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatEKFAC, key=key, basis=E)
+    assert [n.ranges for n in E.factors] == [(None, 32), (32, None)]
+    assert [n.ranges for n in refit.factors] == [(None, None)] * 2  # new data: whole bases
+    full = E.with_full_bases()
+    assert [n.ranges for n in full.factors] == [(None, None)] * 2
+    for node, whole in zip(E.factors, refit.factors):
+        np.testing.assert_array_equal(np.asarray(node.d)[:-32 if node.ranges[1] else None,
+                                                         :-32 if node.ranges[0] else None], 0)
+        np.testing.assert_allclose(node.d, whole.d, rtol=1e-7, atol=1e-14 * np.abs(whole.d).max())
+
+    v, r = vec(t.params), 1e-2
+    inv, half = E.inv(r), E.pow(0.5)
+    derived = {"E": E, "inv": inv, "half": half, "damped power": E.pow(-0.5, r),
+               "pinv": E.pinv(rtol=1e-6), "scaled": -2.0 * E, "sum": E + inv,
+               "product": E.mm(inv)}
+    for name, M in derived.items():
+        assert isinstance(M, PMatEKFAC) and [n.ranges for n in M.factors] == [
+            n.ranges for n in E.factors], name
+        dense = np.asarray(M.to_dense())  # through the whole bases and d
+        np.testing.assert_allclose(flat(M.mv(v)), dense @ flat(v), **TOL, err_msg=name)
+        np.testing.assert_allclose(M.vTMv(v), flat(v) @ dense @ flat(v), **TOL, err_msg=name)
+        np.testing.assert_allclose(flat(M.get_diag()), np.diag(dense), **TOL, err_msg=name)
+        np.testing.assert_allclose(flat(M.with_full_bases().mv(v)), dense @ flat(v), **TOL)
+    assert not inv.factors[0].zero_off_range and not half.factors[0].zero_off_range
+    assert E.factors[0].zero_off_range and derived["pinv"].factors[0].zero_off_range
+    dense = np.asarray(E.to_dense())
+    np.testing.assert_allclose(flat(E.solve(v, r)),
+                               np.linalg.solve(dense + r * np.eye(len(dense)), flat(v)), **TOL)
+    check_solve(E, dense, t.params)
 
 
 # ----------------------------------------------------------------------------- operations

@@ -36,8 +36,14 @@ Operations, all through the eigenbasis (never a ``d × d`` matrix but in ``to_de
 ``mv``/``solve``/``inv``/``pinv``/``pow`` (any real ``p``, exact damping
 ``(M + λ)^p = (Q_A⊗Q_G)(D + λ)^p(Q_A⊗Q_G)ᵀ``) cost ``Σ d_l (a_l + g_l)`` (and return
 EKFACs); ``trace``/Frobenius/``eigvalsh``/``norm(±2)`` ``Σ d_l``; ``get_diag``
-``Σ d_l (a_l + g_l)``. ``mm`` with an EKFAC on the same bases (e.g. two powers of one
-matrix) multiplies the diagonals; otherwise it is dense. ``M1 ± M2`` on the same bases is
+``Σ d_l (a_l + g_l)``. A factor factorised through its range (above) is ``D``'s support:
+the build's refit is 0 off the range columns of its basis, so the refit pass and every
+product rotate by those ``r_l`` columns only (``a_l + g_l`` above becomes ``r_A + r_G``;
+:class:`~jaxgeom.pmat.kfac.KronEigen`'s ``ranges``). A refit on new data returns the whole
+bases (:meth:`PMatEKFAC.with_full_bases`: the same matrix in that form).
+
+``mm`` with an EKFAC on the same bases (e.g. two powers of one matrix) multiplies the
+diagonals; otherwise it is dense. ``M1 ± M2`` on the same bases is
 an EKFAC; otherwise (bases differ) the exact layer blocks, a ``PMatBlockDiag`` (as for
 KFAC: layers of at most 4096 parameters, else a ``ValueError``); with
 another representation, a ``PMatDense``. "The same bases" is decided statically: the same
@@ -58,6 +64,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import Layer
@@ -66,6 +73,7 @@ from jaxgeom.pmat.kfac import (
     DENSE_BLOCK_LIMIT,
     CaptureBuilder,
     KFACBuilder,
+    KronEigen,
     PMatKFAC,
     all_finite,
     augmented_inputs,
@@ -150,6 +158,20 @@ class PMatEKFAC(PMatKFAC):
     def _default_block_limit(cls) -> float:
         return DENSE_BLOCK_LIMIT
 
+    def with_full_bases(self) -> PMatEKFAC:
+        """The same matrix, its products through the whole eigenbases: the form a
+        :meth:`refit` returns.
+
+        A build keeps, per factor factorised through its range, which columns of its basis
+        span that range (:attr:`~jaxgeom.pmat.kfac.KronEigen.ranges`, static), so that its
+        products rotate by those columns only; a refit on new data varies on the whole
+        bases and drops them. A ``lax.cond`` between the two, a ``scan`` carry or a
+        ``tree_map`` over both needs one structure: take this form of the build.
+        """
+        nodes = tuple(n.with_values(n.d) if isinstance(n, KronEigen) else n
+                      for n in self.factors)
+        return self._with(nodes, self.blocks)
+
     def refit(self, apply_fn: Callable, params: Any, data: Any, *, key: jax.Array | None = None,
               **kwargs: Any) -> PMatEKFAC:
         """A new EKFAC with these eigenbases and the diagonal refitted on ``data`` at
@@ -209,7 +231,8 @@ class EKFACBuilder(KFACBuilder):
         if not self.refit:
             return basis
         return Continue(RefitBuilder.on(self.plan, self.layout, self.representation,
-                                        basis.factors), lambda refitted: refitted)
+                                        basis.factors, on_ranges=True),
+                        lambda refitted: refitted)
 
 
 @builder
@@ -220,16 +243,28 @@ class RefitBuilder(CaptureBuilder):
 
     ``input_rotations`` are the bases ``Q_A`` in the form the inputs are rotated with
     (:func:`_input_rotation`), made once by :meth:`on` rather than in every chunk's step.
+
+    ``on_ranges``: the data are those the factors were summed from (EKFAC's own build), so
+    the inputs and output gradients lie in the factors' ranges
+    (:attr:`~jaxgeom.pmat.kfac.KronEigen.ranges`) and ``D`` is 0 off them: only the range
+    columns are rotated and refitted (bench_cnn's 4097-input read-out: 160 of 4097), and the
+    refitted blocks keep the ranges. Otherwise (new data or params) ``D`` is refitted on
+    the whole bases, which the result keeps.
     """
 
     representation: type = static_field(default=None)
+    on_ranges: bool = static_field(default=False)
     factors: tuple = ()
     input_rotations: tuple = ()
 
     @classmethod
-    def on(cls, plan, layout, representation, factors) -> RefitBuilder:
-        """The refit pass of ``plan``'s layers on the eigenbases ``factors``."""
-        return cls(plan, layout, representation, factors, _input_rotations(plan.specs, factors))
+    def on(cls, plan, layout, representation, factors, on_ranges: bool = False
+           ) -> RefitBuilder:
+        """The refit pass of ``plan``'s layers on the eigenbases ``factors`` (``on_ranges``:
+        on their range columns, see the class docstring)."""
+        bases = tuple(_range_bases(n) if on_ranges else n for n in factors)
+        return cls(plan, layout, representation, on_ranges, bases,
+                   _input_rotations(plan.specs, bases))
 
     def statistics(self, params, batch, mask, offset, aux):
         cap: Captured = capture_chunk(self.plan, params, batch, offset, aux, mask)
@@ -246,8 +281,35 @@ class RefitBuilder(CaptureBuilder):
 
     def finalize(self, total, stream):
         diags, blocks = mean(total, stream.n)
-        nodes = tuple(n.with_values(d) for n, d in zip(self.factors, diags))
+        if self.on_ranges:
+            nodes = tuple(n.on_ranges(d) for n, d in zip(self.factors, diags))
+        else:
+            nodes = tuple(n.with_values(d) for n, d in zip(self.factors, diags))
         return self.representation(self.layout, self.plan.specs, nodes, blocks)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _RangeBases:
+    """A :class:`~jaxgeom.pmat.kfac.KronEigen`'s range columns ``qa``, ``qg`` (as the refit
+    reads a node's bases), and the node itself to rebuild with the refitted block."""
+
+    qa: jax.Array | None
+    qg: jax.Array
+    node: KronEigen
+
+    def on_ranges(self, d_r: jax.Array) -> KronEigen:
+        """The node with ``d = d_r`` on its ranges, 0 off them."""
+        node = self.node
+        if node.ranges == (None, None):
+            return node.with_values(d_r)
+        d = jnp.zeros_like(node.d).at[-d_r.shape[0]:, -d_r.shape[1]:].set(d_r)
+        return dataclasses.replace(node, d=d, zero_off_range=True)
+
+
+def _range_bases(node: KronEigen) -> _RangeBases:
+    qa, qg, _, _ = node._on_ranges()
+    return _RangeBases(qa, qg, node)
 
 
 def _rotations(specs: tuple[KroneckerSpec, ...], factors: tuple) -> tuple:
