@@ -288,7 +288,7 @@ def test_ekfac_state_holds_builds_on_factor_ranges_and_refits():
     t = make_linen_wide_hidden()
     grads = jax.grad(optim._MeanLoss(t.apply_fn, "classif_logits"))(t.params, (t.x, t.y))
     assert [n.ranges for n in jg.FIM(t.apply_fn, t.params, (t.x, t.y),
-                                     jg.PMatEKFAC).factors] == [(None, 32), (32, None)]
+                                     jg.PMatEKFAC).factors] == [(6, 32), (32, None)]
     tx = optim.scale_by_natural_gradient(jg.PMatEKFAC, damping=LAM, inverse_period=2,
                                          apply_fn=t.apply_fn, example_batch=(t.x, t.y))
     update = jax.jit(lambda s, b: tx.update(grads, s, t.params, batch=b))

@@ -129,9 +129,9 @@ def test_kron_eigen_on_the_range_of_a_low_rank_factor():
 
 @pytest.mark.parametrize("fisher", ["exact", "monte_carlo"])
 def test_products_rotate_by_the_range_columns_only(fisher):
-    """A build keeps which basis columns span each low-rank factor's range (``G`` of the
-    150-unit layer from ``6 K`` rows, ``A`` of the next from 6 rows: 32 columns each), and
-    its refit is 0 off them. Every product of the build and of its functions (whose value
+    """A build keeps which basis columns span each low-rank factor's range (``A`` of both
+    layers from 6 rows, ``G`` of the 150-unit layer from ``6 K``), and its refit is 0 off
+    them. Every product of the build and of its functions (whose value
     off the ranges is ``f(0)``: ``1/λ`` for a damped inverse) through those columns equals
     the same matrix's on the whole bases; a refit on the whole bases (the same draws for
     the Monte-Carlo Fisher) finds nothing off the ranges."""
@@ -143,13 +143,17 @@ def test_products_rotate_by_the_range_columns_only(fisher):
         key = jax.random.PRNGKey(3)
         E = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatEKFAC, key=key)
         refit = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatEKFAC, key=key, basis=E)
-    assert [n.ranges for n in E.factors] == [(None, 32), (32, None)]
+    # A: a sketch's 32 columns (151 inputs, 6 rows), or the bound itself (21 inputs, 6 rows:
+    # a full eigh); G: a sketch's 32 (150 outputs, 6 K rows)
+    assert [n.ranges for n in E.factors] == [(6, 32), (32, None)]
     assert [n.ranges for n in refit.factors] == [(None, None)] * 2  # new data: whole bases
     full = E.with_full_bases()
     assert [n.ranges for n in full.factors] == [(None, None)] * 2
     for node, whole in zip(E.factors, refit.factors):
-        np.testing.assert_array_equal(np.asarray(node.d)[:-32 if node.ranges[1] else None,
-                                                         :-32 if node.ranges[0] else None], 0)
+        (rows, cols), (range_a, range_g) = node.d.shape, node.ranges
+        off_range = np.ones((rows, cols), bool)
+        off_range[-(range_g or rows):, -(range_a or cols):] = False
+        np.testing.assert_array_equal(np.asarray(node.d)[off_range], 0)
         np.testing.assert_allclose(node.d, whole.d, rtol=1e-7, atol=1e-14 * np.abs(whole.d).max())
 
     v, r = vec(t.params), 1e-2

@@ -59,24 +59,35 @@ def test_eigh_psd_through_the_range_of_a_low_rank_factor(rows, order, dead, boun
 
 def test_eigh_psd_is_a_full_eigh_without_a_useful_bound():
     """No bound, or one whose sketch would be wider than a quarter of the order: LAPACK's
-    ``eigh`` of the whole matrix (equal to ``jnp.linalg.eigh``)."""
+    ``eigh`` of the whole matrix (equal to ``jnp.linalg.eigh``). A bound of at most 3/4 of
+    the order still splits the range off: the eigenvalues of the null space before it are
+    exactly 0 (LAPACK's round-off there)."""
     m = jnp.asarray(_gram(30, 100))
     assert _spectral.sketch_width(100, 30) is None  # 64 > 100 / 4
-    for bound in (None, 30):
+    want_values, want_vectors = jnp.linalg.eigh(m)
+    for bound, width in ((None, None), (80, None), (30, 30)):
+        assert _spectral.range_width(100, bound) == width
         values, vectors = _spectral.eigh_psd(m, bound)
-        want_values, want_vectors = jnp.linalg.eigh(m)
-        np.testing.assert_array_equal(values, want_values)
         np.testing.assert_array_equal(vectors, want_vectors)
+        if width is None:
+            np.testing.assert_array_equal(values, want_values)
+        else:
+            np.testing.assert_array_equal(values[-width:], want_values[-width:])
+            np.testing.assert_array_equal(values[:-width], 0)
+            assert np.abs(want_values[:-width]).max() < 1e-10 * want_values[-1]
 
 
 def test_rank_bounds_round_up_to_the_sketch_width():
     """A bound is widened to the largest with the same sketch width (``rows + margin``
-    rounded up to the next multiple of 32), and dropped where the sketch does not pay."""
+    rounded up to the next multiple of 32); where the sketch does not pay, kept when it
+    splits a range off (at most 3/4 of the order), else dropped."""
     margin = _spectral.SKETCH_MARGIN
     assert _spectral.sketch_width(4097, 128) == 160
     assert _spectral.useful_rank_bound(4097, 128) == 160 - margin
     assert _spectral.useful_rank_bound(4097, 152) == 160 - margin
     assert _spectral.useful_rank_bound(4097, 153) == 192 - margin
     assert _spectral.useful_rank_bound(151, 6) == 32 - margin
-    assert _spectral.useful_rank_bound(785, 512) is None
+    assert _spectral.useful_rank_bound(785, 512) == 512  # a full eigh, its range split off
+    assert _spectral.useful_rank_bound(513, 512) is None
+    assert _spectral.range_width(4097, 152) == 160 and _spectral.range_width(785, 512) == 512
     assert _spectral.sketch_width(4097, None) is None

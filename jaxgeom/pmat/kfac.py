@@ -228,11 +228,11 @@ class Kron:
         which the :class:`KronEigen` keeps as its :attr:`~KronEigen.ranges`)."""
         bound_a, bound_g = self.rank_bounds
         lg, qg = _spectral.eigh_psd(self.G, bound_g)
-        range_g = _spectral.sketch_width(self.G.shape[0], bound_g)
+        range_g = _spectral.range_width(self.G.shape[0], bound_g)
         if self.A.ndim == 1:
             return KronEigen(None, qg, jnp.outer(lg, self.A), ranges=(None, range_g))
         la, qa = _spectral.eigh_psd(self.A, bound_a)
-        range_a = _spectral.sketch_width(self.A.shape[0], bound_a)
+        range_a = _spectral.range_width(self.A.shape[0], bound_a)
         return KronEigen(qa, qg, jnp.outer(lg, la), ranges=(range_a, range_g))
 
     def eigvals(self):
