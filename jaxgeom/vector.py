@@ -40,8 +40,12 @@ class PVector(ScalarMultiples):
     # --------------------------------------------------------------- conversions
     @classmethod
     def from_flat(cls, params: Any, flat: jax.Array) -> PVector:
-        """The vector whose flat form (flat order of ``params``) is ``flat`` (shape ``(d,)``)."""
-        layout = LayerCollection.from_params(params)
+        """The vector whose flat form (flat order of ``params``) is ``flat`` (shape ``(d,)``).
+
+        ``params``: the parameters, or their :class:`~jaxgeom.layers.LayerCollection` (a
+        matrix's ``layer_collection``)."""
+        layout = (params if isinstance(params, LayerCollection)
+                  else LayerCollection.from_params(params))
         if jnp.shape(flat) != (layout.numel(),):
             raise ValueError(
                 f"flat vector has shape {jnp.shape(flat)}, expected ({layout.numel()},)"

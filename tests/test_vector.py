@@ -1,5 +1,6 @@
 """PVector algebra, flat conversions and vector-form validation."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,8 @@ def test_flat_order_is_ravel_pytree_order(params):
     np.testing.assert_array_equal(v.to_flat(), flat)
     np.testing.assert_array_equal(PVector.from_flat(params, flat).to_flat(), flat)
     assert v.size() == flat.size
+    from_layout = PVector.from_flat(LayerCollection.from_params(params), flat)  # F's layout
+    chex.assert_trees_all_equal(from_layout.tree, v.tree)
 
 
 def test_arithmetic_matches_flat_arithmetic(params):
