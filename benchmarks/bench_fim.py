@@ -62,8 +62,10 @@ OPERATIONS = ("mv", "vTMv", "trace", "frobenius_norm", "solve")
 #: product with a vector (kfac-jax's ``multiply_inverse`` with the cached inverse); Dense
 #: only: a repeated solve, against NNGeometry's solve with its cached factorisation
 #: (jaxgeom: ``mv`` of the inverse ``F.inv(λ)``, computed once; the ``solve`` rows time a
-#: solve with a new matrix on both sides)
-EXTRA_OPERATIONS = ("inv", "inv_mv", "solve_repeat")
+#: solve with a new matrix on both sides); KFAC only, no peer: the exactly damped solve
+#: ``(F + λI)⁻¹ v`` through the factors' eigendecompositions (jaxgeom's default damping;
+#: the peers' KFAC solves are π-damped)
+EXTRA_OPERATIONS = ("inv", "inv_mv", "solve_exact", "solve_repeat")
 SOLVE_REGUL = 1e-3
 CG_MAXITER = 20
 MAX_DENSE_D = 10_000
@@ -641,6 +643,11 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         res["inv_mv"] = _time_operation("mv", rep, inverse(F, SOLVE_REGUL), v, repeats,
                                         ours, "inv_mv")
         res["inv_mv"]["note"] = "mv of the π-damped inverse, as kfac-jax's cached inverse"
+        exact = jax.jit(lambda m, v: m.solve(v, SOLVE_REGUL, damping="exact"))
+        ours["solve_exact"] = lambda F=F: exact(F, v)
+        res["solve_exact"] = timed(ours["solve_exact"], repeats)
+        res["solve_exact"]["note"] = ("(F + λI)⁻¹ v, exact damping, through the factors' "
+                                      "eigendecompositions (no peer: theirs are π-damped)")
     if rep == "PMatDense" and "solve" in operations:
         res["solve_repeat"] = _time_operation("mv", rep, jax.jit(lambda m: m.inv(SOLVE_REGUL))(F),
                                               v, repeats, ours, "solve_repeat")

@@ -250,8 +250,8 @@ def scale_by_natural_gradient(
 
     def estimate(fn, params, batch, key, **options):
         curvature = build(fn, params, batch, key, **{**fim_options, **options})
-        # a refitting state holds builds and refits: one structure (the refits' bases)
-        return curvature.with_full_bases() if refits else curvature
+        # a state holds builds on batches of any size (and an EK-FAC's refits): one structure
+        return curvature.without_rank_bounds() if holds_curvature else curvature
 
     def build(fn, params, batch, key, **options):
         if fisher == "exact":

@@ -283,7 +283,8 @@ def test_ekfac_one_step_and_refit_between_basis_refreshes(task):
 def test_ekfac_state_holds_builds_on_factor_ranges_and_refits():
     """A wide layer seen on few examples: a build keeps its low-rank factors' ranges (a
     static part of the matrix), a refit on new data the whole bases. EK-FAC's state holds
-    either through one ``lax.cond`` (builds taken :meth:`~jaxgeom.PMatEKFAC.with_full_bases`),
+    either through one ``lax.cond`` (builds taken
+    :meth:`~jaxgeom.PMatEKFAC.without_rank_bounds`),
     and its directions are the damped solves with the build, then with the refit."""
     t = make_linen_wide_hidden()
     grads = jax.grad(optim._MeanLoss(t.apply_fn, "classif_logits"))(t.params, (t.x, t.y))
@@ -301,3 +302,24 @@ def test_ekfac_state_holds_builds_on_factor_ranges_and_refits():
         expected = jnp.linalg.solve(M + LAM * jnp.eye(M.shape[0]), flat(grads))
         np.testing.assert_allclose(flat(direction), expected, rtol=1e-8, atol=1e-12)
         assert [n.ranges for n in state.curvature.factors] == [(None, None)] * 2
+
+
+def test_a_state_holds_builds_on_batches_of_any_size():
+    """A KFAC build's rank bounds depend on its number of examples (the first layer's
+    ``A``, 21², from 6 or 5 rows): the state holds builds without them, so that a batch of
+    another size still refreshes it through one ``lax.cond``; in between, the directions
+    are the damped solves with the held matrix."""
+    t = make_linen_wide_hidden()
+    sizes = [n.rank_bounds[0] for n in (
+        jg.FIM(t.apply_fn, t.params, (t.x[:k], t.y[:k]), jg.PMatKFAC).factors[0]
+        for k in (6, 5))]
+    assert sizes == [6, 5]
+    grads = jax.grad(optim._MeanLoss(t.apply_fn, "classif_logits"))(t.params, (t.x, t.y))
+    tx = optim.scale_by_natural_gradient(jg.PMatKFAC, damping=LAM, curvature_period=2,
+                                         apply_fn=t.apply_fn, example_batch=(t.x, t.y))
+    state = tx.init(t.params)
+    held = jg.FIM(t.apply_fn, t.params, (t.x[:5], t.y[:5]), jg.PMatKFAC).to_dense()
+    for k in (5, 6, 5):  # refresh on 5 examples, keep it, refresh again
+        direction, state = tx.update(grads, state, t.params, batch=(t.x[:k], t.y[:k]))
+        expected = jnp.linalg.solve(held + LAM * jnp.eye(held.shape[0]), flat(grads))
+        np.testing.assert_allclose(flat(direction), expected, rtol=1e-8, atol=1e-12)

@@ -5,6 +5,8 @@ refit with new params/data, jit and chunking."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ from pmat_checks import (
 )
 
 from jaxgeom import FIM, FIM_MonteCarlo, PMatDense, PMatKFAC, SecondMoment
-from jaxgeom.pmat import ekfac
+from jaxgeom.pmat import _spectral, kfac
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.ekfac import PMatEKFAC, PMatEKFACBlockDiag
 from jaxgeom.pmat.kfac import Kron, KronEigen, factor_rank_bounds
@@ -82,17 +84,18 @@ def test_a_factor_of_few_rows_is_factorised_on_its_range(monkeypatch):
     the refit its eigenvalues on the complement are exactly 0 (LAPACK's ``eigh`` gives
     round-off there); the refit is the exact diagonal in that basis, and the matrix is the
     one built on LAPACK's full ``eigh`` (the basis of the null space, where the refit is 0,
-    does not matter). The bounds stay off the KFAC a build returns."""
+    does not matter). A KFAC build carries the same bounds as hints, checked when used."""
     t = make_linen_wide_mlp()
     K = FIM(t.apply_fn, t.params, t.x, PMatKFAC)
-    assert [n.rank_bounds for n in K.factors] == [(None, None)] * 2
+    assert [(n.rank_bounds, n.bounds_checked) for n in K.factors] == [
+        ((24, None), True), ((None, None), True)]
     seen = []  # (examples, bounds) per build
 
     def spy(plan, approx, n):
         seen.append((n, factor_rank_bounds(plan, approx, n)))
         return seen[-1][1]
 
-    monkeypatch.setattr(ekfac, "factor_rank_bounds", spy)
+    monkeypatch.setattr(kfac, "factor_rank_bounds", spy)
     unfitted = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, refit=False)
     assert seen == [(6, [(24, None), (None, None)])]  # A: 6 rows; the others: full rank
     FIM(t.apply_fn, t.params, t.x[:5], PMatEKFAC, refit=False, batch_size=2)
@@ -105,9 +108,38 @@ def test_a_factor_of_few_rows_is_factorised_on_its_range(monkeypatch):
     E = FIM(t.apply_fn, t.params, t.x, PMatEKFAC)
     for i, want in enumerate(exact_kfe_diagonals(E, exact)):
         np.testing.assert_allclose(E.factors[i].d, want, rtol=1e-8, atol=1e-12)
-    on_full_eigh = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, basis=PMatEKFAC.from_kfac(K))
+    unbounded = dataclasses.replace(K, factors=tuple(
+        dataclasses.replace(n, rank_bounds=(None, None)) for n in K.factors))
+    on_full_eigh = FIM(t.apply_fn, t.params, t.x, PMatEKFAC,
+                       basis=PMatEKFAC.from_kfac(unbounded))
     scale = np.linalg.norm(np.asarray(K.to_dense()), 2)
     np.testing.assert_allclose(E.to_dense(), on_full_eigh.to_dense(), atol=1e-12 * scale)
+
+
+def test_kfac_eigendecompositions_check_their_rank_hints():
+    """A KFAC build's bounds are hints: its exact-damped functions go through the sketch of
+    each low-rank factor's range, and a factor the hint does not fit (full rank, as an
+    average of builds could be) falls back to the full ``eigh`` — where a promised bound
+    would give another matrix."""
+    t = make_linen_wide_mlp()
+    K = FIM(t.apply_fn, t.params, t.x, PMatKFAC)
+    dense, v, r = np.asarray(K.to_dense()), vec(t.params), 1e-3
+    shifted = dense + r * np.eye(len(dense))
+    np.testing.assert_allclose(flat(K.solve(v, r)), np.linalg.solve(shifted, flat(v)), **TOL)
+    np.testing.assert_allclose(K.inv(r).to_dense(), np.linalg.inv(shifted), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(K.eigvalsh(), np.linalg.eigvalsh(dense), atol=1e-10)
+    a = K.factors[0].A  # 151², rank ≤ 6: the sketch of 32 columns finds the whole range
+    assert bool(_spectral._eigh_on_range(a, 32)[2])
+
+    k1, k2 = jax.random.split(KEY)
+    x = np.asarray(jax.random.normal(k1, (200, 130)))  # rank 130: the hint 24 is wrong
+    y = np.asarray(jax.random.normal(k2, (9, 4)))
+    a, g, want = x.T @ x, y.T @ y, np.kron(y.T @ y, x.T @ x)
+    hinted = Kron(jax.numpy.asarray(a), jax.numpy.asarray(g), rank_bounds=(24, None),
+                  bounds_checked=True)
+    np.testing.assert_allclose(hinted.eigen().dense(), want, rtol=1e-9, atol=1e-9)
+    promised = dataclasses.replace(hinted, bounds_checked=False)
+    assert not np.allclose(promised.eigen().dense(), want, rtol=1e-3)
 
 
 def test_kron_eigen_on_the_range_of_a_low_rank_factor():
@@ -147,7 +179,7 @@ def test_products_rotate_by_the_range_columns_only(fisher):
     # a full eigh); G: a sketch's 32 (150 outputs, 6 K rows)
     assert [n.ranges for n in E.factors] == [(6, 32), (32, None)]
     assert [n.ranges for n in refit.factors] == [(None, None)] * 2  # new data: whole bases
-    full = E.with_full_bases()
+    full = E.without_rank_bounds()
     assert [n.ranges for n in full.factors] == [(None, None)] * 2
     for node, whole in zip(E.factors, refit.factors):
         (rows, cols), (range_a, range_g) = node.d.shape, node.ranges
@@ -168,7 +200,7 @@ def test_products_rotate_by_the_range_columns_only(fisher):
         np.testing.assert_allclose(flat(M.mv(v)), dense @ flat(v), **TOL, err_msg=name)
         np.testing.assert_allclose(M.vTMv(v), flat(v) @ dense @ flat(v), **TOL, err_msg=name)
         np.testing.assert_allclose(flat(M.get_diag()), np.diag(dense), **TOL, err_msg=name)
-        np.testing.assert_allclose(flat(M.with_full_bases().mv(v)), dense @ flat(v), **TOL)
+        np.testing.assert_allclose(flat(M.without_rank_bounds().mv(v)), dense @ flat(v), **TOL)
     assert not inv.factors[0].zero_off_range and not half.factors[0].zero_off_range
     assert E.factors[0].zero_off_range and derived["pinv"].factors[0].zero_off_range
     dense = np.asarray(E.to_dense())

@@ -119,6 +119,14 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         d = self.layer_collection.numel()
         return (d, d) if dim is None else (d, d)[dim]
 
+    def without_rank_bounds(self) -> PMatAbstract:
+        """The same matrix without the static hints its build derived from the number of
+        examples (KFAC's factor rank bounds, EKFAC's ranges: see
+        :class:`~jaxgeom.pmat.kfac.PMatKFAC`): one pytree structure for builds on data of
+        any size, and for an EKFAC's builds and refits, e.g. in a ``lax.cond``, a ``scan``
+        carry or a ``tree_map`` over several. Here: the matrix itself."""
+        return self
+
     # ------------------------------------------------------------------ products
     def mv(self, v: Any) -> Any:
         """``M v``. Accepts and returns a ``PVector``, a params pytree or a flat vector."""

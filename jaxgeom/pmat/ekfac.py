@@ -40,7 +40,8 @@ EKFACs); ``trace``/Frobenius/``eigvalsh``/``norm(±2)`` ``Σ d_l``; ``get_diag``
 the build's refit is 0 off the range columns of its basis, so the refit pass and every
 product rotate by those ``r_l`` columns only (``a_l + g_l`` above becomes ``r_A + r_G``;
 :class:`~jaxgeom.pmat.kfac.KronEigen`'s ``ranges``). A refit on new data returns the whole
-bases (:meth:`PMatEKFAC.with_full_bases`: the same matrix in that form).
+bases (:meth:`~jaxgeom.pmat.kfac.PMatKFAC.without_rank_bounds`: the same matrix in that
+form).
 
 ``mm`` with an EKFAC on the same bases (e.g. two powers of one matrix) multiplies the
 diagonals; otherwise it is dense. ``M1 ± M2`` on the same bases is
@@ -79,7 +80,6 @@ from jaxgeom.pmat.kfac import (
     augmented_inputs,
     capture_plan,
     check_blocks,
-    factor_rank_bounds,
     layer_grads,
     other_gradients,
     squared_gradient_sum,
@@ -158,20 +158,6 @@ class PMatEKFAC(PMatKFAC):
     def _default_block_limit(cls) -> float:
         return DENSE_BLOCK_LIMIT
 
-    def with_full_bases(self) -> PMatEKFAC:
-        """The same matrix, its products through the whole eigenbases: the form a
-        :meth:`refit` returns.
-
-        A build keeps, per factor factorised through its range, which columns of its basis
-        span that range (:attr:`~jaxgeom.pmat.kfac.KronEigen.ranges`, static), so that its
-        products rotate by those columns only; a refit on new data varies on the whole
-        bases and drops them. A ``lax.cond`` between the two, a ``scan`` carry or a
-        ``tree_map`` over both needs one structure: take this form of the build.
-        """
-        nodes = tuple(n.with_values(n.d) if isinstance(n, KronEigen) else n
-                      for n in self.factors)
-        return self._with(nodes, self.blocks)
-
     def refit(self, apply_fn: Callable, params: Any, data: Any, *, key: jax.Array | None = None,
               **kwargs: Any) -> PMatEKFAC:
         """A new EKFAC with these eigenbases and the diagonal refitted on ``data`` at
@@ -221,13 +207,9 @@ class EKFACBuilder(KFACBuilder):
 
     def finalize(self, total, stream):
         kfac = super().finalize(total, stream)
-        # N rounded up to whole chunks (still a bound: padding rows are zero), so that data a
-        # short last chunk apart keep the bounds, and the compiled eigendecompositions
-        chunk = stream.batch_size
-        bounds = factor_rank_bounds(self.plan, self.approx,
-                                    stream.n if chunk is None else -(-stream.n // chunk) * chunk)
+        # the factors just summed: their bounds are promises (the ranges kept for products)
         basis = self.representation.from_kfac(dataclasses.replace(kfac, factors=tuple(
-            dataclasses.replace(node, rank_bounds=b) for node, b in zip(kfac.factors, bounds))))
+            dataclasses.replace(node, bounds_checked=False) for node in kfac.factors)))
         if not self.refit:
             return basis
         return Continue(RefitBuilder.on(self.plan, self.layout, self.representation,

@@ -40,8 +40,9 @@ build ``N K B`` plus ``N Σ T_l (a_l² + K g_l²)``, one streaming pass, memory
 ``Σ (a_l² + g_l²) + Σ o²`` plus one chunk's captures; ``mv`` ``Σ d_l (a_l + g_l)``; ``trace``
 ``Σ (a_l + g_l)``; Frobenius ``Σ (a_l² + g_l²)``; ``eigvalsh``/``norm(±2)``/``solve``/``inv``/
 ``pow``/``pinv`` ``Σ (a_l³ + g_l³ + d_l)`` through the factors' eigendecompositions (plus
-``o³``; a factor with :attr:`Kron.rank_bounds` ``r ≤ n/4``, ``≈ 6 n² r`` through its range,
-as EKFAC's build does for a wide dense layer's ``A`` summed from few examples); with
+``o³``; a factor with :attr:`Kron.rank_bounds` ``r ≤ n/4``, ``≈ 6 n² r`` through its range:
+a build carries the bounds of a wide dense layer's factors summed from few examples, as
+hints checked at use, :attr:`Kron.bounds_checked`); with
 ``damping="pi"``, ``solve`` and ``inv`` use Cholesky factorisations instead
 (``Σ (a_l³ + g_l³)/3``, several times cheaper); never a ``d × d`` matrix (except
 ``to_dense``). Each ``solve`` factorises anew: for many solves with one ``regul``, invert
@@ -165,10 +166,15 @@ class Kron:
     symmetric: bool = dataclasses.field(default=True, metadata=dict(static=True))
     #: ``A``'s and ``G``'s ranks are at most these (``None``: not known to be low), and
     #: :meth:`eigen` factorises their ranges only (:func:`factor_rank_bounds`). A promise
-    #: about the values: EKFAC's build sets them on the factors it has just summed, for its
-    #: eigendecompositions; arithmetic on the arrays (``tree_map``) would not keep it
+    #: about the values (EKFAC's build sets them on the factors it has just summed), unless
+    #: :attr:`bounds_checked`
     rank_bounds: tuple[int | None, int | None] = dataclasses.field(
         default=(None, None), metadata=dict(static=True))
+    #: whether :attr:`rank_bounds` are hints that :meth:`eigen` checks, falling back to a
+    #: full ``eigh`` where a range sketch missed part of the range
+    #: (:func:`~jaxgeom.pmat._spectral.eigh_psd`'s ``checked``): a KFAC build's, which
+    #: arithmetic on the arrays (an average of builds by ``tree_map``) may have broken
+    bounds_checked: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def mv(self, v):
         gv = self.G @ v
@@ -227,13 +233,17 @@ class Kron:
         eigh_psd` of each factor: only their ranges where :attr:`rank_bounds` are known,
         which the :class:`KronEigen` keeps as its :attr:`~KronEigen.ranges`)."""
         bound_a, bound_g = self.rank_bounds
-        lg, qg = _spectral.eigh_psd(self.G, bound_g)
-        range_g = _spectral.range_width(self.G.shape[0], bound_g)
+        checked = self.bounds_checked
+
+        def width(m, bound):  # a hint's range cannot be promised to the products
+            return None if checked else _spectral.range_width(m.shape[0], bound)
+
+        lg, qg = _spectral.eigh_psd(self.G, bound_g, checked=checked)
         if self.A.ndim == 1:
-            return KronEigen(None, qg, jnp.outer(lg, self.A), ranges=(None, range_g))
-        la, qa = _spectral.eigh_psd(self.A, bound_a)
-        range_a = _spectral.range_width(self.A.shape[0], bound_a)
-        return KronEigen(qa, qg, jnp.outer(lg, la), ranges=(range_a, range_g))
+            return KronEigen(None, qg, jnp.outer(lg, self.A), ranges=(None, width(self.G, bound_g)))
+        la, qa = _spectral.eigh_psd(self.A, bound_a, checked=checked)
+        return KronEigen(qa, qg, jnp.outer(lg, la),
+                         ranges=(width(self.A, bound_a), width(self.G, bound_g)))
 
     def eigvals(self):
         return self.eigen().d.ravel()
@@ -825,6 +835,16 @@ class PMatKFAC(PMatAbstract):
     def _with(self, factors, blocks):
         return type(self)(self.layer_collection, self.specs, tuple(factors), tuple(blocks))
 
+    def without_rank_bounds(self) -> PMatKFAC:
+        """The same matrix without its build's static rank bounds (hints to the factors'
+        eigendecompositions, :attr:`Kron.rank_bounds`) and ranges (an EKFAC's products on
+        the range columns, :attr:`KronEigen.ranges`: its products then rotate by the whole
+        bases, as a refit's on new data do). Both depend on the number of examples."""
+        nodes = tuple(n.with_values(n.d) if isinstance(n, KronEigen) else
+                      dataclasses.replace(n, rank_bounds=(None, None), bounds_checked=False)
+                      for n in self.factors)
+        return self._with(nodes, self.blocks)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def accumulator(cls, layer_collection: LayerCollection, **options):
@@ -898,9 +918,23 @@ class KFACBuilder(CaptureBuilder):
                             approx=self.approx, layout=self.layout)
 
     def finalize(self, total, stream) -> PMatKFAC:
+        """The mean factors, with :func:`factor_rank_bounds` as hints
+        (:attr:`Kron.bounds_checked`): the eigendecompositions of a wide layer's factors
+        seen on few examples (exact-damped ``solve``/``inv``/``pow``, ``eigvalsh``) go
+        through their ranges, checked."""
         factors, blocks = mean(total, stream.n)
-        return PMatKFAC(self.layout, self.plan.specs, tuple(Kron(a, g) for a, g in factors),
-                        blocks)
+        bounds = factor_rank_bounds(self.plan, self.approx, _whole_chunks(stream))
+        return PMatKFAC(self.layout, self.plan.specs, tuple(
+            Kron(a, g, rank_bounds=b, bounds_checked=True)
+            for (a, g), b in zip(factors, bounds)), blocks)
+
+
+def _whole_chunks(stream) -> int:
+    """The number of examples rounded up to whole chunks: still a bound on the factors'
+    rows (padding rows are zero), and the same for data a short last chunk apart (the
+    same static bounds: no new compilation)."""
+    chunk = stream.batch_size
+    return stream.n if chunk is None else -(-stream.n // chunk) * chunk
 
 
 def factor_rank_bounds(plan: CapturePlan, approx: str, n: int) -> list[tuple]:

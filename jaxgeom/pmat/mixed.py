@@ -357,6 +357,9 @@ class PMatMixed(PMatAbstract):
     def _with(self, parts) -> PMatMixed:
         return PMatMixed(self.layer_collection, tuple(parts))
 
+    def without_rank_bounds(self) -> PMatMixed:
+        return self._with(p.without_rank_bounds() for p in self.parts)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_mapping(cls, layer_collection: LayerCollection,
