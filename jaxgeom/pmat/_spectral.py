@@ -159,7 +159,7 @@ def eigh_psd(m: jax.Array, rank_bound: int | None = None, *, checked: bool = Fal
     """
     k = sketch_width(m.shape[0], rank_bound)
     if k is not None:
-        values, vectors, captured = _eigh_on_range(m, k)
+        values, vectors, captured = _eigh_on_range(m, k, checked)
         if not checked:
             return values, vectors
         return jax.lax.cond(captured, lambda m: (values, vectors),
@@ -172,10 +172,11 @@ def eigh_psd(m: jax.Array, rank_bound: int | None = None, *, checked: bool = Fal
     return jnp.where(jnp.arange(m.shape[0]) < m.shape[0] - width, 0, values), vectors
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _eigh_on_range(m: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`eigh_psd` through a ``k``-column sketch of the range of ``m``, and whether
-    the sketch found the whole range (see ``checked`` there)."""
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _eigh_on_range(m: jax.Array, k: int, checked: bool = True
+                   ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """:func:`eigh_psd` through a ``k``-column sketch of the range of ``m``, and (when
+    ``checked``, else ``None``) whether the sketch found the whole range."""
     n, dtype = m.shape[0], m.dtype
     sketch = jax.random.normal(jax.random.key(0), (n, k), dtype)
     q, _ = jnp.linalg.qr(m @ sketch)
@@ -183,10 +184,12 @@ def _eigh_on_range(m: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Arra
     ritz = q.T @ mq
     values, w = jnp.linalg.eigh((ritz + ritz.T) / 2)
     u = q @ w
-    tol = jnp.sqrt(jnp.finfo(dtype).eps)
-    invariant = jnp.linalg.norm(mq @ w - u * values) <= tol * jnp.linalg.norm(m)
-    total = trace(m)
-    captured = invariant & (total - jnp.sum(values) <= tol * total)
+    captured = None
+    if checked:
+        tol = jnp.sqrt(jnp.finfo(dtype).eps)
+        invariant = jnp.linalg.norm(mq @ w - u * values) <= tol * jnp.linalg.norm(m)
+        total = trace(m)
+        captured = invariant & (total - jnp.sum(values) <= tol * total)
     packed, taus = jnp.linalg.qr(u, mode="raw")  # LAPACK's reflectors, ``packed`` transposed
     y = jnp.tril(packed.T, -1) + jnp.eye(n, k, dtype=dtype)
     gram = y.T @ y
