@@ -119,9 +119,7 @@ def useful_rank_bound(order: int, rows: int) -> int | None:
     else ``None``): with a sketch, the largest bound of ``rows``'s sketch width (fewer
     distinct static bounds, fewer compilations)."""
     k = sketch_width(order, rows)
-    if k is not None:
-        return k - SKETCH_MARGIN
-    return rows if rows <= RANGE_SHARE * order else None
+    return range_width(order, rows) if k is None else k - SKETCH_MARGIN
 
 
 def eigh_psd(m: jax.Array, rank_bound: int | None = None, *, checked: bool = False

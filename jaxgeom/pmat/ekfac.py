@@ -226,16 +226,15 @@ class RefitBuilder(CaptureBuilder):
     ``input_rotations`` are the bases ``Q_A`` in the form the inputs are rotated with
     (:func:`_input_rotation`), made once by :meth:`on` rather than in every chunk's step.
 
-    ``on_ranges``: the data are those the factors were summed from (EKFAC's own build), so
-    the inputs and output gradients lie in the factors' ranges
-    (:attr:`~jaxgeom.pmat.kfac.KronEigen.ranges`) and ``D`` is 0 off them: only the range
-    columns are rotated and refitted (bench_cnn's 4097-input read-out: 160 of 4097), and the
-    refitted blocks keep the ranges. Otherwise (new data or params) ``D`` is refitted on
-    the whole bases, which the result keeps.
+    ``on_ranges`` (:meth:`on`): the data are those the factors were summed from (EKFAC's
+    own build), so the inputs and output gradients lie in the factors' ranges
+    (:attr:`~jaxgeom.pmat.kfac.KronEigen.ranges`) and ``D`` is 0 off them: ``factors`` are
+    then :class:`_RangeBases`, only the range columns are rotated and refitted (bench_cnn's
+    4097-input read-out: 160 of 4097), and the refitted blocks keep the ranges. Otherwise
+    (new data or params) ``D`` is refitted on the whole bases, which the result keeps.
     """
 
     representation: type = static_field(default=None)
-    on_ranges: bool = static_field(default=False)
     factors: tuple = ()
     input_rotations: tuple = ()
 
@@ -245,8 +244,7 @@ class RefitBuilder(CaptureBuilder):
         """The refit pass of ``plan``'s layers on the eigenbases ``factors`` (``on_ranges``:
         on their range columns, see the class docstring)."""
         bases = tuple(_range_bases(n) if on_ranges else n for n in factors)
-        return cls(plan, layout, representation, on_ranges, bases,
-                   _input_rotations(plan.specs, bases))
+        return cls(plan, layout, representation, bases, _input_rotations(plan.specs, bases))
 
     def statistics(self, params, batch, mask, offset, aux):
         cap: Captured = capture_chunk(self.plan, params, batch, offset, aux, mask)
@@ -263,10 +261,7 @@ class RefitBuilder(CaptureBuilder):
 
     def finalize(self, total, stream):
         diags, blocks = mean(total, stream.n)
-        if self.on_ranges:
-            nodes = tuple(n.on_ranges(d) for n, d in zip(self.factors, diags))
-        else:
-            nodes = tuple(n.with_values(d) for n, d in zip(self.factors, diags))
+        nodes = tuple(n.with_values(d) for n, d in zip(self.factors, diags))
         return self.representation(self.layout, self.plan.specs, nodes, blocks)
 
 
@@ -280,7 +275,7 @@ class _RangeBases:
     qg: jax.Array
     node: KronEigen
 
-    def on_ranges(self, d_r: jax.Array) -> KronEigen:
+    def with_values(self, d_r: jax.Array) -> KronEigen:
         """The node with ``d = d_r`` on its ranges, 0 off them."""
         node = self.node
         if node.ranges == (None, None):
