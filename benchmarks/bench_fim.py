@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -871,6 +872,142 @@ def _row_floor(floors, rep, op):
     return w["forward+backward"], "fwd+bwd"
 
 
+@dataclasses.dataclass(frozen=True)
+class PeerTime:
+    """A peer's figure on one row: its warm median (``None``: not timed) and the ratio
+    peer / jaxgeom (paired where both sides' calls were timed in alternated blocks)."""
+
+    name: str
+    time: float | None = None
+    ratio: float | None = None
+    paired: bool = False
+    skipped: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRecord:
+    """One timed row of a case: a build or an operation, its floor and the peers' times."""
+
+    model: str
+    rep: str
+    op: str
+    timing: dict
+    warm: float | None = None
+    floor: tuple[float, str] | None = None
+    peers: tuple[PeerTime, ...] = ()
+    skipped: str | None = None
+
+
+def _op_records(model: str, rep: str, res: dict, floors: dict):
+    """The rows of one case's JSON in the table's order (builds, then operations)."""
+    ng, kj = res.get("nngeometry", {}), res.get("kfac_jax", {})
+    for op in ("build", "build_mc", "refit", *OPERATIONS, *EXTRA_OPERATIONS):
+        t = res.get(op)
+        if t is None:
+            continue
+        if "skipped" in t:
+            yield OpRecord(model, rep, op, t, skipped=t["skipped"])
+            continue
+        try:
+            fl = _row_floor(floors, rep, op) if floors else None
+        except KeyError:
+            fl = None
+        warm = t["warm_s"]
+        peers = []
+        for name, peer in (("NNGeometry", ng), ("kfac-jax", kj)):
+            pt = peer.get(op, {})
+            pair = peer.get("paired", {}).get(op)
+            mine = t.get("on_peer_chunks_s", warm) if peer is kj else warm
+            if "warm_s" in pt:
+                ratio = pair["ratio"] if pair else pt["warm_s"] / mine
+                peers.append(PeerTime(name, pt["warm_s"], ratio, bool(pair)))
+            else:
+                peers.append(PeerTime(name, skipped="skipped" in pt))
+        yield OpRecord(model, rep, op, t, warm, fl, tuple(peers))
+
+
+#: the targets of the performance issue (benchmarks/README.md, "Against the targets")
+BUILD_FLOOR_TARGET = 1.5  # every build within 1.5× its floor
+PEER_OFF_FLOOR, PEER_MARGIN = 3.0, 3.0  # 3× ahead wherever a peer is > 3× off its floor
+SMALL_CALL_S = 1e-3  # rows behind a peer are listed apart below this (dispatch-bound)
+
+
+def _own_floor(r: OpRecord) -> bool:
+    """Whether the row's floor is its own unavoidable work (builds; Implicit ``mv`` and
+    ``trace``; LowRank's Gram), not ``fwd+bwd`` given for scale."""
+    return r.floor is not None and (r.op in ("build", "build_mc", "refit")
+                                    or r.floor[1] != "fwd+bwd")
+
+
+def targets(results: dict) -> list[str]:
+    """The run against the issue's targets: rows behind a peer (calls under
+    ``SMALL_CALL_S`` apart), rows short of 3× where a peer is more than 3× off the row's own
+    floor, builds above 1.5× their floor, warm peaks above their memory bound, and XLA
+    compilations on new parameter values or on data of a new length. One line each."""
+    behind, small, short, slow_builds, memory, compiles = [], [], [], [], [], []
+    rows, compared, behind_rows = 0, 0, set()
+    for model, entry in results["models"].items():
+        floors = entry.get("floors", {}) if "error" not in entry.get("floors", {}) else {}
+        for rep, res in entry["representations"].items():
+            if "error" in res:
+                continue
+            for r in _op_records(model, rep, res, floors):
+                if r.skipped:
+                    continue
+                rows += 1
+                compared += any(peer.ratio is not None for peer in r.peers)
+                where = f"{model} {rep} {r.op}"
+                for peer in r.peers:
+                    if peer.ratio is None:
+                        continue
+                    mark = "ᵖ" if peer.paired else ""
+                    if peer.ratio < 1:
+                        item = f"{where} {_fmt_r(peer.ratio)}{mark} ({peer.name})"
+                        (small if r.warm < SMALL_CALL_S else behind).append(item)
+                        behind_rows.add(where)
+                    if (_own_floor(r) and peer.time / r.floor[0] > PEER_OFF_FLOOR
+                            and peer.ratio < PEER_MARGIN):
+                        short.append(f"{where} {_fmt_r(peer.ratio)}{mark} ({peer.name} "
+                                     f"{_fmt_r(peer.time / r.floor[0])}× its floor)")
+                if (r.op in ("build", "build_mc", "refit") and r.floor is not None
+                        and r.warm / r.floor[0] > BUILD_FLOOR_TARGET):
+                    slow_builds.append(f"{where} {_fmt_r(r.warm / r.floor[0])}")
+            build = res.get("build", {})
+            if "peak_mb" in build and build["peak_mb"] > res.get("bound_mb", float("inf")):
+                memory.append(f"{model} {rep} {build['peak_mb']:.0f} MiB "
+                              f"(bound {res['bound_mb']:.0f})")
+            new_params = res.get("compiles_new_params")
+            names = res.get("compiles_short_last_chunk_names") or []
+            if new_params:
+                compiles.append(f"{model} {rep}: {new_params} for new parameter values")
+            beyond = [n for n in names if n != "jit(_window)"]
+            if beyond:
+                compiles.append(f"{model} {rep}: {', '.join(beyond)} for data of a new "
+                                "length, besides jit(_window) (its data's own shape)")
+        for rep, sc in entry.get("scaling", {}).items():
+            try:
+                a, b = sc["n"]["build"]["peak_mb"], sc["n10"]["build"]["peak_mb"]
+            except (KeyError, TypeError):
+                continue
+            if b > sc["n10"]["bound_mb"]:
+                memory.append(f"{model} {rep} at 10 N: {b:.0f} MiB (bound "
+                              f"{sc['n10']['bound_mb']:.0f}; {a:.0f} at N)")
+
+    def line(label, items, none="none"):
+        return f"{label}: {len(items)}" + (": " + "; ".join(items) if items else f" ({none})")
+
+    return [
+        f"{rows} timed rows, {compared} against a peer, {len(behind_rows)} behind one",
+        line(f"behind a peer, calls of {SMALL_CALL_S * 1e3:g} ms or more", behind),
+        line(f"behind a peer, calls under {SMALL_CALL_S * 1e3:g} ms", small),
+        line(f"short of {PEER_MARGIN:g}× where the peer is more than {PEER_OFF_FLOOR:g}× off "
+             "the row's own floor (builds, Implicit mv/trace, LowRank's Gram)", short),
+        line(f"builds above {BUILD_FLOOR_TARGET:g}× their floor", slow_builds),
+        line("warm builds above their memory bound", memory),
+        line("compilations beyond the data's own shape", compiles),
+    ]
+
+
 def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
     header = ("model", "representation", "op", "jaxgeom", "first", "floor", "×floor",
               "NNGeom", "NNG/jg", "kfac-jax", "kj/jg", "peak MiB", "bound", "recompiles")
@@ -896,31 +1033,21 @@ def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
                     notes.append(f"{model} {rep} {peer_name}: skipped ({peer['skipped']})")
                 if "error" in peer:
                     notes.append(f"{model} {rep} {peer_name}: ERROR {peer['error']}")
-            for op in ("build", "build_mc", "refit", *OPERATIONS, *EXTRA_OPERATIONS):
-                t = res.get(op)
-                if t is None:
+            for r in _op_records(model, rep, res, floors):
+                if r.skipped:
+                    notes.append(f"{model} {rep}.{r.op}: {r.skipped}")
                     continue
-                if "skipped" in t:
-                    notes.append(f"{model} {rep}.{op}: {t['skipped']}")
-                    continue
-                try:
-                    fl = _row_floor(floors, rep, op) if floors else None
-                except KeyError:
-                    fl = None
-                warm = t["warm_s"]
-                cells = [model, rep, op + ("" if t.get("jit", True) else " (eager)"),
-                         _fmt_s(warm) + ("" if t["runs"] else "*"), _fmt_s(t["first_s"]),
-                         fl[1] if fl else "", _fmt_r(warm / fl[0]) if fl else ""]
-                for peer in (ng, kj):
-                    pt = peer.get(op, {})
-                    pair = peer.get("paired", {}).get(op)
-                    mine = t.get("on_peer_chunks_s", warm) if peer is kj else warm
-                    if "warm_s" in pt:
-                        ratio = pair["ratio"] if pair else pt["warm_s"] / mine
-                        cells += [_fmt_s(pt["warm_s"]), _fmt_r(ratio) + ("ᵖ" if pair else "")]
+                t, fl = r.timing, r.floor
+                cells = [model, rep, r.op + ("" if t.get("jit", True) else " (eager)"),
+                         _fmt_s(r.warm) + ("" if t["runs"] else "*"), _fmt_s(t["first_s"]),
+                         fl[1] if fl else "", _fmt_r(r.warm / fl[0]) if fl else ""]
+                for peer in r.peers:
+                    if peer.time is not None:
+                        cells += [_fmt_s(peer.time),
+                                  _fmt_r(peer.ratio) + ("ᵖ" if peer.paired else "")]
                     else:
-                        cells += ["skip" if "skipped" in pt else "", ""]
-                if op == "build":
+                        cells += ["skip" if peer.skipped else "", ""]
+                if r.op == "build":
                     peak = (f"{t['device_peak_mb']:.0f} (dev)" if "device_peak_mb" in t
                             else f"{t.get('peak_mb', 0):.0f}")
                     cells += [peak, f"{res.get('bound_mb', 0):.0f}",
@@ -1000,6 +1127,9 @@ def print_report(results: dict, markdown: bool = False) -> None:
           "last chunk; peak: resident memory of a warm build (on an accelerator, "
           "'(dev)': its memory's peak over the case's builds, compilation included); "
           "bound: 1.5 × (storage + one chunk).")
+    print("\nAgainst the targets:")
+    for line in targets(results):
+        print(f"- {line}")
     accel = results.get("machine", {}).get("accelerator")
     if accel:
         print(f"\nRun on {accel} (float32 products at full precision, no TF32, for "

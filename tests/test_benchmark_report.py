@@ -1,0 +1,97 @@
+"""The benchmark report's check against the performance targets (``benchmarks/bench_fim.py``,
+:func:`targets`), on a hand-made run whose every figure is known."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fim.py"
+#: modules of the tests whose names the script's own modules take while it loads
+_SHADOWED = ("models", "output")
+
+
+@pytest.fixture(scope="module")
+def bench_fim():
+    """The script as a module, with its own ``models`` (``benchmarks/models.py``) while it
+    loads: the tests' ``models`` and ``sys.path`` are put back afterwards."""
+    saved_path, saved = list(sys.path), {k: sys.modules.pop(k, None) for k in _SHADOWED}
+    try:
+        spec = importlib.util.spec_from_file_location("bench_fim", _PATH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_fim"] = module  # dataclasses look their module up while made
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved_path
+        for name, old in saved.items():
+            sys.modules.pop(name, None)
+            if old is not None:
+                sys.modules[name] = old
+    yield module
+    sys.modules.pop("bench_fim", None)
+
+
+def timing(warm):
+    return {"warm_s": warm, "first_s": 1.0, "runs": [warm]}
+
+
+def run(representations, floors, scaling=None):
+    return {"models": {"m": {"floors": {k: timing(v) for k, v in floors.items()},
+                             "representations": representations,
+                             "scaling": scaling or {}}}}
+
+
+FLOORS = {"forward": 0.010, "forward+backward": 0.030, "K backward": 0.050,
+          "kfac_gemms K=9": 0.040, "kfac_gemms K=1": 0.020}
+
+
+def kfac_case(build, build_mc, mv, ng, kj, peak=10.0, bound=20.0, compiles=(0, ["jit(_window)"])):
+    """A KFAC case: jaxgeom's times, NNGeometry's and kfac-jax's ({op: seconds})."""
+    res = {"build": dict(timing(build), peak_mb=peak), "build_mc": timing(build_mc),
+           "mv": timing(mv), "bound_mb": bound, "compiles_new_params": compiles[0],
+           "compiles_short_last_chunk_names": compiles[1],
+           "nngeometry": {op: timing(t) for op, t in ng.items()},
+           "kfac_jax": {op: timing(t) for op, t in kj.items()}}
+    return res
+
+
+def test_a_run_on_target_reports_nothing_against_it(bench_fim):
+    # build floor: fwd + K bwd + kfac_gemms K=9 = 0.1 s; Monte Carlo: 0.03 + 0.02 = 0.05 s
+    case = kfac_case(build=0.12, build_mc=0.06, mv=0.002,
+                     ng={"build": 0.2, "build_mc": 0.1, "mv": 0.004},
+                     kj={"build": 0.13, "build_mc": 0.07})
+    lines = bench_fim.targets(run({"PMatKFAC": case}, FLOORS))
+    assert lines[0] == "3 timed rows, 3 against a peer, 0 behind one"
+    assert all(line.endswith("(none)") for line in lines[1:])
+
+
+def test_each_missed_target_is_named_with_its_figure(bench_fim):
+    case = kfac_case(
+        build=0.2,       # 2.0× its 0.1 s floor: above 1.5×
+        build_mc=0.06,   # kfac-jax 0.6 s is 12× off the 0.05 s floor, jaxgeom only 10× ahead
+        mv=0.0005,       # NNGeometry 0.0004 s: behind, a call under 1 ms
+        ng={"build": 0.18, "mv": 0.0004},  # the build 0.9×: behind, a call over 1 ms
+        kj={"build_mc": 0.6}, peak=30.0, bound=20.0,
+        compiles=(1, ["jit(_window)", "jit(_update)"]))
+    scaling = {"PMatKFAC": {"n": {"build": {"peak_mb": 10.0}},
+                            "n10": {"build": {"peak_mb": 50.0}, "bound_mb": 20.0}}}
+    lines = bench_fim.targets(run({"PMatKFAC": case}, FLOORS, scaling))
+    assert lines[0] == "3 timed rows, 3 against a peer, 2 behind one"
+    assert lines[1].endswith("1: m PMatKFAC build 0.90 (NNGeometry)")
+    assert lines[2].endswith("1: m PMatKFAC mv 0.80 (NNGeometry)")
+    assert lines[3].endswith("0 (none)")  # 12× off, 10× ahead: the 3× rule holds
+    assert lines[4].endswith("1: m PMatKFAC build 2.00")
+    assert lines[5].endswith("2: m PMatKFAC 30 MiB (bound 20); "
+                             "m PMatKFAC at 10 N: 50 MiB (bound 20; 10 at N)")
+    assert "m PMatKFAC: 1 for new parameter values" in lines[6]
+    assert "jit(_update) for data of a new length" in lines[6]
+
+
+def test_the_three_times_rule_applies_where_the_peer_is_far_off_the_floor(bench_fim):
+    # Monte-Carlo floor 0.05 s: kfac-jax's 0.175 s is 3.5× off it, so jaxgeom must be 3×
+    # ahead, and at 0.07 s it is 2.5× ahead; NNGeometry's 0.1 s is 2× off: no rule there
+    case = kfac_case(build=0.1, build_mc=0.07, mv=0.002,
+                     ng={"build_mc": 0.1}, kj={"build_mc": 0.175})
+    short = bench_fim.targets(run({"PMatKFAC": case}, FLOORS))[3]
+    assert short.endswith("1: m PMatKFAC build_mc 2.50 (kfac-jax 3.50× its floor)")
