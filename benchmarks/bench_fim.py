@@ -7,6 +7,8 @@ Usage::
     python benchmarks/bench_fim.py --models bench_mlp --representations PMatKFAC
     python benchmarks/bench_fim.py --report results.json       # the table of a saved run
 
+Under the table the report checks the run against the performance targets (:func:`targets`).
+
 Models (benchmarks/models.py, Flax for jaxgeom and the same network with the same float32
 weights in PyTorch for NNGeometry, synthetic data with fixed seeds): ``bench_small``,
 ``bench_mlp``, ``bench_cnn``, ``bench_resnet``. For each (model, representation) that fits,

@@ -11,10 +11,11 @@ reductions but not for convolutions. The option is passed per compilation
 affected.
 
 A step may ask for more options (``model_jit(..., compiler_options=...)``): the dense
-build's step asks XLA:CPU for its memory-optimised scheduler (:data:`MEMORY_SCHEDULE`)
-instead of its default concurrency-optimised one, under which the independent block
-products of the Gram were all live at once (bench_small: a warm build's peak 343–359 →
-260 MiB).
+and block-diagonal builds' steps ask XLA:CPU for its memory-optimised scheduler
+(:data:`MEMORY_SCHEDULE`) instead of its default concurrency-optimised one, under which
+the independent block products of the Gram were all live at once (bench_small: a warm
+build's peak 343–359 → 260 MiB for ``PMatDense``, 157–227 → 124–138 MiB for
+``PMatBlockDiag``, its bound 223).
 
 Each option is left out when ``XLA_FLAGS`` already sets it (the user's choice wins: set it
 to XLA's default to opt out) or when this jaxlib's XLA does not know it (checked once per

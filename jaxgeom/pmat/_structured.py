@@ -211,3 +211,9 @@ class MeanAccumulator:
 
     def finalize(self, state: Any, n: int) -> PMatAbstract:
         return self.representation(self.layer_collection, self.representation._mean(state, n))
+
+    @property
+    def schedules_for_memory(self) -> bool:
+        """Whether the chunk's step is compiled with XLA:CPU's memory-optimised schedule
+        (the representation's ``SCHEDULES_FOR_MEMORY``)."""
+        return getattr(self.representation, "SCHEDULES_FOR_MEMORY", False)
