@@ -175,6 +175,10 @@ class MeanOfJacobians:
     and is constructed as ``cls(layer_collection, mean)``.
     """
 
+    #: whether the build's chunk step is compiled with XLA:CPU's memory-optimised schedule
+    #: (:data:`~jaxgeom._compile.MEMORY_SCHEDULE`)
+    SCHEDULES_FOR_MEMORY: ClassVar[bool] = False
+
     @classmethod
     def _add_term(cls, layer_collection: LayerCollection, state: Any,
                   pieces: list[jax.Array]) -> Any:
@@ -216,4 +220,4 @@ class MeanAccumulator:
     def schedules_for_memory(self) -> bool:
         """Whether the chunk's step is compiled with XLA:CPU's memory-optimised schedule
         (the representation's ``SCHEDULES_FOR_MEMORY``)."""
-        return getattr(self.representation, "SCHEDULES_FOR_MEMORY", False)
+        return self.representation.SCHEDULES_FOR_MEMORY
