@@ -60,6 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 from output import write_json  # noqa: E402
 
+#: the build rows of a case (EKFAC's refit: its diagonal on new data)
+BUILDS = ("build", "build_mc", "refit")
 OPERATIONS = ("mv", "vTMv", "trace", "frobenius_norm", "solve")
 #: KFAC only: the π-damped inverse as a representation (kfac-jax's ``update_cache``) and its
 #: product with a vector (kfac-jax's ``multiply_inverse`` with the cached inverse); Dense
@@ -903,7 +905,7 @@ class OpRecord:
 def _op_records(model: str, rep: str, res: dict, floors: dict):
     """The rows of one case's JSON in the table's order (builds, then operations)."""
     ng, kj = res.get("nngeometry", {}), res.get("kfac_jax", {})
-    for op in ("build", "build_mc", "refit", *OPERATIONS, *EXTRA_OPERATIONS):
+    for op in (*BUILDS, *OPERATIONS, *EXTRA_OPERATIONS):
         t = res.get(op)
         if t is None:
             continue
@@ -937,8 +939,7 @@ SMALL_CALL_S = 1e-3  # rows behind a peer are listed apart below this (dispatch-
 def _own_floor(r: OpRecord) -> bool:
     """Whether the row's floor is its own unavoidable work (builds; Implicit ``mv`` and
     ``trace``; LowRank's Gram), not ``fwd+bwd`` given for scale."""
-    return r.floor is not None and (r.op in ("build", "build_mc", "refit")
-                                    or r.floor[1] != "fwd+bwd")
+    return r.floor is not None and (r.op in BUILDS or r.floor[1] != "fwd+bwd")
 
 
 def targets(results: dict) -> list[str]:
@@ -971,7 +972,7 @@ def targets(results: dict) -> list[str]:
                             and peer.ratio < PEER_MARGIN):
                         short.append(f"{where} {_fmt_r(peer.ratio)}{mark} ({peer.name} "
                                      f"{_fmt_r(peer.time / r.floor[0])}× its floor)")
-                if (r.op in ("build", "build_mc", "refit") and r.floor is not None
+                if (r.op in BUILDS and r.floor is not None
                         and r.warm / r.floor[0] > BUILD_FLOOR_TARGET):
                     slow_builds.append(f"{where} {_fmt_r(r.warm / r.floor[0])}")
             build = res.get("build", {})
@@ -995,8 +996,8 @@ def targets(results: dict) -> list[str]:
                 memory.append(f"{model} {rep} at 10 N: {b:.0f} MiB (bound "
                               f"{sc['n10']['bound_mb']:.0f}; {a:.0f} at N)")
 
-    def line(label, items, none="none"):
-        return f"{label}: {len(items)}" + (": " + "; ".join(items) if items else f" ({none})")
+    def line(label, items):
+        return f"{label}: {len(items)}" + (": " + "; ".join(items) if items else " (none)")
 
     return [
         f"{rows} timed rows, {compared} against a peer, {len(behind_rows)} behind one",
