@@ -125,6 +125,20 @@ def _unrotate(v: jax.Array, qg: jax.Array, qa: jax.Array | None) -> jax.Array:
     return v if qa is None else v @ qa.T
 
 
+def _inner_apart(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``⟨X, Y⟩`` of a matrix ``X`` and a product ``Y``, read as two row slices (all rows
+    but the last, then the last).
+
+    Reduced as one array, the product's GEMMs and the reduction were fused by XLA:CPU into
+    one YNNPACK kernel, slower than the plain GEMMs it runs when the product is read
+    through slices (bench_mlp KFAC ``vTMv`` 5.5–5.8 → 5.0–5.2 ms, with and without biases,
+    its ``mv`` 4.7–5.0 ms; 2-core Xeon). Optimisation barriers do not keep them apart.
+    """
+    if x.shape[0] < 2:
+        return jnp.vdot(x, y)
+    return jnp.vdot(x[:-1], y[:-1]) + jnp.vdot(x[-1], y[-1])
+
+
 def _factor_apply(f, x: jax.Array) -> jax.Array:
     """``f`` of a symmetric PSD factor through its eigenvalues (a vector: elementwise)."""
     if x.ndim == 1:
@@ -175,8 +189,6 @@ class Kron:
     #: (:func:`~jaxgeom.pmat._spectral.eigh_psd`'s ``checked``): a KFAC build's, which
     #: arithmetic on the arrays (an average of builds by ``tree_map``) may have broken
     bounds_checked: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    #: whether :meth:`quadratic` costs less than :meth:`mv` (no: it is ``⟨V, G V A⟩``)
-    own_quadratic: ClassVar[bool] = False
 
     def mv(self, v):
         gv = self.G @ v
@@ -189,8 +201,9 @@ class Kron:
         return gv @ self.A
 
     def quadratic(self, v):
-        """``vec(V)ᵀ (A ⊗ G) vec(V) = ⟨V, G V A⟩``."""
-        return jnp.vdot(v, self.mv(v))
+        """``vec(V)ᵀ (A ⊗ G) vec(V) = ⟨V, G V A⟩``, the product read apart from the
+        reduction (:func:`_inner_apart`)."""
+        return _inner_apart(v, self.mv(v))
 
     def transposed(self):
         """The block applied to ``Vᵀ``: ``(G V A)ᵀ = Aᵀ Vᵀ Gᵀ``, the Kronecker block with
@@ -341,8 +354,6 @@ class KronEigen:
         default=(None, None), metadata=dict(static=True))
     #: whether ``d`` is 0 off the ranges (else it is ``d[0, 0]`` there)
     zero_off_range: bool = dataclasses.field(default=True, metadata=dict(static=True))
-    #: whether :meth:`quadratic` costs less than :meth:`mv` (yes: one rotation of two)
-    own_quadratic: ClassVar[bool] = True
 
     def mv(self, v):
         if self._flip(v):
@@ -463,10 +474,6 @@ class _OnTranspose:
 
     node: Any
 
-    @property
-    def own_quadratic(self) -> bool:
-        return self.node.own_quadratic
-
     def mv(self, v):
         return self.node.mv(v.T).T
 
@@ -524,30 +531,16 @@ class _Layout:
         """Per Kronecker layer its matrix, ``(a[+1], g)`` where ``transposed``, else
         ``(g, a[+1])`` (the bias appended); the other layers' vectors."""
         pairs, vecs = self.split_pieces(v)
-        return [self._oriented(pair, t) for pair, t in zip(pairs, self.transposed)], vecs
+        mats = [k if b is None else jnp.concatenate([k, b[None]], 0) if t
+                else jnp.concatenate([k, b[:, None]], 1)
+                for (k, b), t in zip(pairs, self.transposed)]
+        return mats, vecs
 
     def merge_oriented(self, mats, vecs, like=None):
         """The inverse of :meth:`split_oriented`."""
-        pairs = [self._pieces(m, biased, t)
+        pairs = [((m, None) if not biased else (m[:-1], m[-1]) if t else (m[:, :-1], m[:, -1]))
                  for m, biased, t in zip(mats, self.biased, self.transposed)]
         return self.merge_pieces(pairs, vecs, like)
-
-    @staticmethod
-    def _oriented(pair, transposed: bool):
-        """One layer's ``(kernel, bias or None)`` as its oriented matrix (bias appended)."""
-        kernel, bias = pair
-        if bias is None:
-            return kernel
-        if transposed:
-            return jnp.concatenate([kernel, bias[None]], 0)
-        return jnp.concatenate([kernel, bias[:, None]], 1)
-
-    @staticmethod
-    def _pieces(m, biased: bool, transposed: bool):
-        """The inverse of :meth:`_oriented`: ``(kernel, bias or None)``."""
-        if not biased:
-            return m, None
-        return (m[:-1], m[-1]) if transposed else (m[:, :-1], m[:, -1])
 
     def split(self, v):
         """``(g, a[+1])`` layer matrices and the other layers' vectors."""
@@ -560,27 +553,12 @@ class _Layout:
                                    vecs)
 
     def quadratic(self, nodes, v, blocks=()) -> jax.Array:
-        """``Σ_layers vₗᵀ Mₗ vₗ``, the other layers' dense ``blocks`` included.
-
-        A node whose quadratic form is cheaper than its product (:attr:`KronEigen.
-        own_quadratic`: one rotation) gives it on the oriented matrix. For the others,
-        ``⟨Vₗ, Mₗ Vₗ⟩`` is reduced against the layer's kernel and bias pieces, not the
-        oriented matrix: reduced against that matrix, the product's two GEMMs and the
-        reduction were fused by XLA:CPU into one YNNPACK kernel, slower than the plain
-        GEMMs it runs when the product is read through slices (bench_mlp KFAC ``vTMv``
-        5.7 → 5.2 ms, its ``mv`` 4.9 ms; 2-core Xeon).
-        """
-        pairs, vecs = self.split_pieces(v)
-        total = sum(jnp.vdot(x, b @ x) for b, x in zip(blocks, vecs))
-        for node, pair, biased, t in zip(nodes, pairs, self.biased, self.transposed):
-            node = node.transposed() if t else node
-            m = self._oriented(pair, t)
-            if node.own_quadratic:
-                total = total + node.quadratic(m)
-                continue
-            product = self._pieces(node.mv(m), biased, t)
-            total = total + sum(jnp.vdot(x, y) for x, y in zip(pair, product) if x is not None)
-        return total
+        """``Σ_layers vₗᵀ Mₗ vₗ``: each node's ``quadratic`` on its oriented matrix, the
+        other layers' dense ``blocks``."""
+        mats, vecs = self.split_oriented(v)
+        forms = [(n.transposed() if t else n).quadratic(m)
+                 for n, m, t in zip(nodes, mats, self.transposed)]
+        return sum(forms) + sum(jnp.vdot(x, b @ x) for b, x in zip(blocks, vecs))
 
     def apply(self, nodes, method: str, v, blocks=()):
         """Each layer's ``node.method`` on its matrix of ``v`` (oriented: no transposes),
