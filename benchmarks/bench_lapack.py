@@ -3,12 +3,16 @@
 jaxgeom runs the independent ``eigh`` of the KFAC factors (EKFAC's build; KFAC's eager
 ``inv``, ``pinv``, exactly damped ``solve``, ``eigvalsh``) with OpenBLAS held to one
 thread, one factorisation per core, when its cost model says that is faster. This script
-times each call both ways in one process, in alternated blocks:
+times each call three ways in one process, in alternated blocks:
 
-- ``lapack threads``: the cost model made to answer "no" (``_lapack.faster_side_by_side``
-  patched), so the factorisations run one after the other on OpenBLAS's threads, as
-  before the change;
-- ``side by side``: jaxgeom as it is.
+- ``lapack threads``: the cost model made to answer "no" (``_lapack.chains`` and
+  ``_lapack.faster_side_by_side`` patched), so the factorisations run one after the other
+  on OpenBLAS's threads;
+- ``one call``: EKFAC's factorisations as one compiled call with OpenBLAS on one thread,
+  XLA choosing which run at once (``_lapack.side_by_side`` before 2026-12-02's last
+  session; the KFAC rows, compiled eager calls, are always run so);
+- ``chains``: jaxgeom as it is (EKFAC's factorisations dealt into one chain per core,
+  each chain one compiled call run from a thread of its own).
 
 Each block starts after a pause (``--pause``, longer than OpenBLAS's threads spin after a
 call), so that neither schedule inherits the other's spinning threads; the calls within
@@ -16,7 +20,7 @@ a block follow each other, as in a loop of builds. Rows: EKFAC's exact and Monte
 builds; KFAC's ``inv`` (eager, exact damping), ``solve`` (eager, exact damping),
 ``eigvalsh``, ``pinv``; and ``inv then mv``: the inverse and one product with it, where
 the product pays for threads left spinning. Medians over ``--blocks`` × ``--repeats``
-calls; the ratio is ``lapack threads / side by side`` (> 1: side by side faster). A
+calls; each ratio is the schedule's time over ``chains``'s (> 1: ``chains`` faster). A
 table on stdout and ``--out`` JSON::
 
     python benchmarks/bench_lapack.py --models bench_small bench_mlp --out lapack.json
@@ -25,6 +29,7 @@ table on stdout and ``--out`` JSON::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -67,30 +72,61 @@ def _timed(call, repeats: int) -> list[float]:
     return runs
 
 
-def run_model(name: str, blocks: int, repeats: int, pause: float) -> dict:
+def _apply_each(fn, items):
+    return [fn(item) for item in items]
+
+
+@functools.cache
+def _compiled_each(fn):
+    return jax.jit(functools.partial(_apply_each, fn))
+
+
+def _one_call(fn, items, orders):
+    """``_lapack.side_by_side`` as it was: one compiled call, XLA's schedule."""
     from jaxgeom import _lapack
 
-    side_by_side = _lapack.faster_side_by_side
-    schedules = {"lapack threads": lambda sizes, cores: False, "side by side": side_by_side}
+    sizes = [n for group in orders for n in group]
+    with _lapack.one_thread_when_faster(sizes, jax.tree_util.tree_leaves(items)) as limited:
+        if limited:
+            return jax.block_until_ready(_compiled_each(fn)(items))
+    return [fn(item) for item in items]
+
+
+def run_model(name: str, blocks: int, repeats: int, pause: float) -> dict:
+    from jaxgeom import _lapack
+    from jaxgeom.pmat import kfac
+
+    saved = _lapack.chains, _lapack.faster_side_by_side, kfac.side_by_side
+
+    def schedule(which: str) -> None:
+        chains, faster, side_by_side = saved
+        if which == "lapack threads":
+            chains, faster = (lambda orders, cores: None), (lambda sizes, cores: False)
+        elif which == "one call":
+            side_by_side = _one_call
+        _lapack.chains, _lapack.faster_side_by_side, kfac.side_by_side = (
+            chains, faster, side_by_side)
+
+    schedules = ("lapack threads", "one call", "chains")
     out = {}
     try:
         for row, call in _rows(name).items():
             runs = {s: [] for s in schedules}
             first = {}
-            for schedule, rule in schedules.items():
-                _lapack.faster_side_by_side = rule
+            for which in schedules:
+                schedule(which)
                 start = time.perf_counter()
                 jax.block_until_ready(call())
-                first[schedule] = time.perf_counter() - start
+                first[which] = time.perf_counter() - start
             for _ in range(blocks):
-                for schedule, rule in schedules.items():
-                    _lapack.faster_side_by_side = rule
+                for which in schedules:
+                    schedule(which)
                     time.sleep(pause)
-                    runs[schedule] += _timed(call, repeats)
+                    runs[which] += _timed(call, repeats)
             out[row] = {s: dict(warm_s=statistics.median(r), first_s=first[s], runs=r)
                         for s, r in runs.items()}
     finally:
-        _lapack.faster_side_by_side = side_by_side
+        schedule("chains")
     return out
 
 
@@ -107,12 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
                    machine=dict(cpu_count=os.cpu_count(), processor=platform.processor()),
                    versions=dict(python=platform.python_version(), jax=jax.__version__),
                    models={})
-    print(f"{'model':12s}  {'row':18s}  {'lapack threads':>14s}  {'side by side':>12s}  ratio")
+    print(f"{'model':12s}  {'row':18s}  {'lapack threads':>14s}  {'one call':>12s}  "
+          f"{'chains':>12s}  threads/chains  one call/chains")
     for name in args.models:
         res = results["models"][name] = run_model(name, args.blocks, args.repeats, args.pause)
         for row, t in res.items():
-            a, b = t["lapack threads"]["warm_s"], t["side by side"]["warm_s"]
-            print(f"{name:12s}  {row:18s}  {a * 1e3:11.1f} ms  {b * 1e3:9.1f} ms  {a / b:5.2f}")
+            a, b, c = (t[s]["warm_s"] for s in ("lapack threads", "one call", "chains"))
+            print(f"{name:12s}  {row:18s}  {a * 1e3:11.1f} ms  {b * 1e3:9.1f} ms  "
+                  f"{c * 1e3:9.1f} ms  {a / c:14.2f}  {b / c:15.2f}")
     write_json(results, args.out)
     return results
 

@@ -14,14 +14,22 @@ its own. Two effects of that, measured on a 2-core VM with bench_mlp's six KFAC 
   one thread each, two at a time, the six ``eigh`` took 88 ms instead of 107 ms in turn
   on two threads.
 
-:func:`side_by_side` therefore runs a function of independent factorisations as one
-compiled call with LAPACK held to one thread, so that XLA runs the factorisations
-concurrently, one per core, and no LAPACK thread is left spinning, when that is expected
-to be faster: with single-threaded costs ``n³``, the side-by-side schedule takes at least
-``max(largest, total / cores)``, and LAPACK's own threads speed one factorisation up by
-at most ≈ 1.5× at these sizes (measured on 2 cores, ``eigh``: 1.14× at 512², 1.37× at
-785², 1.43× at 1153², 1.51× at 2049², 1.54× at 4097²). So bench_mlp's factors run side by
-side; bench_cnn's, a 4097² factor and small ones, keep LAPACK's threads.
+A third effect is XLA:CPU's own: a compiled call runs its independent operations on its
+thread pool *and* the calling thread, up to one more at once than there are cores, in an
+order of its choosing. Compiled as one call on 2 cores, bench_mlp's six ``eigh`` took
+47–50 ms in some calls and 63–68 ms in others (the 785² sharing a core with a 512²).
+
+:func:`side_by_side` therefore runs independent factorisations with LAPACK held to one
+thread, so that no LAPACK thread is left spinning, and deals them itself into one chain
+per core (:func:`chains`: the costliest first, each to the least loaded chain), when that
+is expected to be faster: with single-threaded costs ``n³``, the chains take as long as
+the most loaded one, and LAPACK's own threads speed one factorisation up by at most
+≈ 1.5× at these sizes (measured on 2 cores, ``eigh``: 1.14× at 512², 1.37× at 785², 1.43×
+at 1153², 1.51× at 2049², 1.54× at 4097²). Each chain is one compiled call, traced and
+compiled in the calling thread (so that its configuration, ``jax.enable_x64`` and the
+like, holds) and run from a thread of its own: bench_mlp's EKFAC builds 102 → 83 ms
+(Monte Carlo) and 148 → 127 ms (exact) against one compiled call. bench_cnn's factors,
+a 4097² one and small ones, keep LAPACK's threads.
 
 The thread limit is ``threadpoolctl``'s, held only while the call runs (the call is
 waited for inside it): it applies to every BLAS library loaded in the process, for that
@@ -31,6 +39,7 @@ time, and calls from several Python threads take turns holding it. Inside a trac
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -39,6 +48,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 #: held while the BLAS libraries are limited: their thread counts are the process's, and a
 #: call that began inside another thread's limit would restore that limit, not the default
@@ -47,22 +57,110 @@ _LIMITING = threading.RLock()
 #: the most LAPACK's own threads were measured to speed up one factorisation (see above)
 LAPACK_THREAD_SPEEDUP = 1.5
 
+#: the least single-threaded cost ``Σ n³`` that :func:`chains` runs side by side: below it
+#: the threads' hand-off (≈ 0.4 ms) outweighs the gain (2-core Xeon, four ``eigh`` of
+#: order n: 3.0 → 3.4 ms at 128, 11.8 → 8–11.6 ms at 256, 19 → 11.5 ms at 320)
+SIDE_BY_SIDE_MIN_COST = 4 * 256**3
 
-def side_by_side(fn: Callable[..., Any], sizes: Sequence[int], *args: Any) -> Any:
-    """``fn(*args)``, where ``fn`` factorises independent matrices of orders ``sizes``.
 
-    On a CPU, when :func:`faster_side_by_side`: as one compiled call (``jax.jit(fn)``,
-    cached on ``fn``) with LAPACK held to one thread while it runs, and waited for.
-    Otherwise, and inside a trace, ``fn(*args)`` as written: called eagerly, its
-    factorisations run one after the other on LAPACK's threads (one compiled call would
-    let XLA start several at once, each with LAPACK's threads: bench_resnet's EKFAC build
-    took 2.6 s instead of 2.1 s that way).
+def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
+                 orders: Sequence[Sequence[int]]) -> list[Any]:
+    """``[fn(item) for item in items]``, where the calls are independent and ``fn(items[i])``
+    factorises matrices of the orders ``orders[i]``.
+
+    On a CPU, when the factorisations run faster one per core (:func:`chains`): the items
+    dealt into those chains, each chain one compiled call of ``fn`` on its items one after
+    another (``jax.jit``, cached on ``fn``; lowered and compiled in this thread), the chains
+    run at once from this thread and worker threads with LAPACK held to one thread, and
+    waited for.
+    Otherwise, and inside a trace, the calls as written, eagerly: their factorisations run
+    one after the other on LAPACK's threads (one compiled call would let XLA start several
+    at once, each with LAPACK's threads: bench_resnet's EKFAC build took 2.6 s instead of
+    2.1 s that way).
     """
-    leaves = jax.tree_util.tree_leaves(args)
-    if any(isinstance(x, jax.core.Tracer) for x in leaves):
-        return fn(*args)
-    with one_thread_when_faster(sizes, leaves) as limited:
-        return jax.block_until_ready(jax.jit(fn)(*args)) if limited else fn(*args)
+    items = list(items)
+    leaves = jax.tree_util.tree_leaves(items)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves) or not _on_cpu(leaves):
+        return [fn(item) for item in items]
+    schedule = chains(orders, _cores())
+    if schedule is None:
+        return [fn(item) for item in items]
+    calls = [_each(fn).lower([items[i] for i in chain]).compile() for chain in schedule]
+    results = [None] * len(items)
+    with _LIMITING, _blas_threads().limit(limits=1, user_api="blas"):
+        others = [_workers().submit(_run, call, [items[i] for i in chain])
+                  for call, chain in zip(calls[1:], schedule[1:])]
+        try:
+            first = _run(calls[0], [items[i] for i in schedule[0]])
+        finally:
+            concurrent.futures.wait(others)  # none left running on one LAPACK thread
+    for chain, values in zip(schedule, [first] + [future.result() for future in others]):
+        for i, value in zip(chain, values):
+            results[i] = value
+    return results
+
+
+def chains(orders: Sequence[Sequence[int]], cores: int) -> list[list[int]] | None:
+    """Groups of independent factorisations (``orders[i]``: the orders of the matrices group
+    ``i`` factorises) dealt into one chain per core, or ``None`` when they finish sooner in
+    turn on LAPACK's threads.
+
+    Longest processing time first (Graham 1969): the groups by decreasing single-threaded
+    cost ``Σ n³``, each to the least loaded chain. The chains finish with the most loaded
+    one; in turn, LAPACK's threads take at least ``total /`` :data:`LAPACK_THREAD_SPEEDUP`.
+    Below :data:`SIDE_BY_SIDE_MIN_COST` in all, ``None``. Returns the non-empty chains
+    (positions into ``orders``), the most loaded first."""
+    costs = [sum(float(n) ** 3 for n in group) for group in orders]
+    if cores < 2 or sum(c > 0 for c in costs) < 2 or sum(costs) < SIDE_BY_SIDE_MIN_COST:
+        return None
+    loads, dealt = [0.0] * cores, [[] for _ in range(cores)]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        least = loads.index(min(loads))
+        loads[least] += costs[i]
+        dealt[least].append(i)
+    if max(loads) * LAPACK_THREAD_SPEEDUP > sum(costs):
+        return None
+    return [dealt[c] for c in sorted(range(cores), key=lambda c: -loads[c]) if dealt[c]]
+
+
+def _one_after_another(fn: Callable[[Any], Any], items: list) -> list:
+    """``[fn(item) for item in items]``, each call after the one before: its inputs read
+    through a term of the previous result (``+ 0 · r``, finite ``r``: exact). Independent
+    calls, XLA:CPU would run at once (module docstring), and a chain would take more than
+    its core."""
+    results, previous = [], None
+    for item in items:
+        if previous is not None:
+            item = jax.tree_util.tree_map(functools.partial(_after, previous), item)
+        previous = fn(item)
+        results.append(previous)
+    return results
+
+
+def _after(previous: Any, x: Any) -> Any:
+    """``x``, read after ``previous`` is computed (floating-point ``x``; others as they are)."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return x
+    r = jnp.ravel(jax.tree_util.tree_leaves(previous)[0])[0]
+    zero = jnp.where(jnp.isfinite(r), r, 0) * 0
+    return x + zero.astype(jnp.result_type(x))
+
+
+@functools.cache
+def _each(fn: Callable[[Any], Any]) -> Any:
+    """``jax.jit`` of ``fn`` on each item, one after another (one per ``fn``)."""
+    return jax.jit(functools.partial(_one_after_another, fn))
+
+
+def _run(call: Callable[[list], Any], items: list) -> Any:
+    return jax.block_until_ready(call(items))
+
+
+@functools.cache
+def _workers() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that run :func:`side_by_side`'s chains besides the calling one."""
+    return concurrent.futures.ThreadPoolExecutor(max(_cores() - 1, 1),
+                                                 thread_name_prefix="jaxgeom-lapack")
 
 
 @contextlib.contextmanager

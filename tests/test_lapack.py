@@ -1,6 +1,6 @@
 """Independent LAPACK factorisations side by side (``jaxgeom._lapack``): the schedule chosen
-by the cost model, the results unchanged, and LAPACK held to one thread only while the
-call runs."""
+by the cost model, the chains run from threads, the results unchanged, and LAPACK held to
+one thread only while the call runs."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import threadpoolctl
 
 import jaxgeom
 from jaxgeom import _lapack
-from jaxgeom._lapack import faster_side_by_side, side_by_side
+from jaxgeom._lapack import chains, faster_side_by_side, side_by_side
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
                             reason="the thread limit applies to a CPU's LAPACK only")
@@ -32,6 +32,50 @@ def test_cost_model_picks_even_splits():
     assert faster_side_by_side([100] * 16, cores=8)
 
 
+def test_chains_deal_the_costliest_first_to_the_least_loaded(monkeypatch):
+    # bench_small's layers: too little work to pay for the threads
+    assert chains([(64, 33), (64, 65), (10, 65)], cores=2) is None
+    monkeypatch.setattr(_lapack, "SIDE_BY_SIDE_MIN_COST", 0)
+    # bench_mlp's layers (G, A per layer): 512³ + 785³ against 512³ + 513³ + 10³ + 513³
+    assert chains([(512, 785), (512, 513), (10, 513)], cores=2) == [[0], [1, 2]]
+    # costs 3, 5, 3, 4, 3: 5 | 4, then each 3 to the lighter chain (4 + 3, 5 + 3, 7 + 3);
+    # the most loaded chain first
+    costs = [(c ** (1 / 3),) for c in (3, 5, 3, 4, 3)]
+    assert chains(costs, cores=2) == [[3, 0, 4], [1, 2]]
+    # bench_cnn's factors: the 4097² one alone would take 1.5x as long as on two threads
+    assert chains([(32, 28), (32, 289), (64, 289), (10, 4097)], cores=2) is None
+    # at the boundary: loads 2 and 1, 2 · 1.5 ≤ 3; just past it
+    assert chains([(2.0 ** (1 / 3),), (1.0,)], cores=2) == [[0], [1]]
+    assert chains([(2.1 ** (1 / 3),), (1.0,)], cores=2) is None
+    # nothing to deal: one core, one group, or groups with nothing to factorise
+    assert chains([(512,), (512,)], cores=1) is None
+    assert chains([(512, 512)], cores=8) is None
+    assert chains([(512,), ()], cores=2) is None
+    # groups with nothing to factorise go to the least loaded chain; no empty chains
+    assert chains([(100,), (), (100,)], cores=4) == [[0], [2], [1]]
+    monkeypatch.setattr(_lapack, "SIDE_BY_SIDE_MIN_COST", 2 * 100**3)
+    assert chains([(100,), (100,)], cores=2) == [[0], [1]]
+    assert chains([(100,), (99,)], cores=2) is None
+
+
+@pytest.mark.parametrize("previous", [1.5, -0.0, np.inf, -np.inf, np.nan])
+def test_a_chain_reads_its_inputs_after_the_previous_result_unchanged(previous):
+    """``x + 0 · r`` (``r`` made finite): a dependency on ``r``, the values of ``x`` exact."""
+    x = jnp.array([1.0, -0.0, 0.0, np.inf, -np.inf, np.nan, 1e-300])
+    got = jax.jit(_lapack._after)((jnp.array([previous, 2.0]),), x)
+    np.testing.assert_array_equal(got, x)
+    assert not np.signbit(got[2])  # +0 stays +0
+    ints = jnp.arange(3)
+    np.testing.assert_array_equal(jax.jit(_lapack._after)((jnp.array([previous]),), ints), ints)
+
+
+@pytest.fixture
+def small_chains(monkeypatch):
+    """Chains for this module's small matrices, on two cores."""
+    monkeypatch.setattr(_lapack, "_cores", lambda: 2)
+    monkeypatch.setattr(_lapack, "SIDE_BY_SIDE_MIN_COST", 0)
+
+
 def _spd(key, n):
     x = jax.random.normal(key, (n, n + 3))
     return x @ x.T / n + jnp.eye(n)
@@ -51,47 +95,95 @@ def _blas_threads_during(_):
     return np.int32(min(_blas_threads().values()))
 
 
-def _eighs_and_threads(matrices):
-    pairs = [jnp.linalg.eigh(m) for m in matrices]
+def _eigh_and_threads(matrix):
     threads = jax.pure_callback(_blas_threads_during, jax.ShapeDtypeStruct((), np.int32),
-                                matrices[0])
-    return pairs, threads
+                                matrix)
+    return jnp.linalg.eigh(matrix), threads
 
 
-@on_cpu
-def test_side_by_side_limits_lapack_threads_while_running(monkeypatch):
-    monkeypatch.setattr(_lapack, "_cores", lambda: 2)
-    keys = jax.random.split(jax.random.key(0), 3)
-    matrices = [_spd(k, n) for k, n in zip(keys, (20, 21, 22))]
-    before = _blas_threads()
-
-    pairs, threads = side_by_side(_eighs_and_threads, [20, 21, 22], matrices)
-
-    assert int(threads) == 1
-    assert _blas_threads() == before  # restored once the call is done
+def _check_eigh(matrices, pairs):
     for m, (evals, evecs) in zip(matrices, pairs):
         np.testing.assert_allclose(evecs * evals @ evecs.T, m, atol=1e-10)
         np.testing.assert_allclose(evals, np.linalg.eigvalsh(np.asarray(m)), atol=1e-10)
 
 
 @on_cpu
-def test_uneven_work_keeps_lapack_threads(monkeypatch):
-    monkeypatch.setattr(_lapack, "_cores", lambda: 2)
+def test_side_by_side_runs_chains_from_threads_with_one_lapack_thread(monkeypatch, small_chains):
+    import threading
+
+    ran_in = {}
+
+    def run(call, items):
+        ran_in[threading.current_thread().name] = len(items)
+        return call(items)
+
+    monkeypatch.setattr(_lapack, "_run", run)
+    keys = jax.random.split(jax.random.key(0), 3)
+    matrices = [_spd(k, n) for k, n in zip(keys, (22, 20, 21))]
+    before = _blas_threads()
+
+    results = side_by_side(_eigh_and_threads, matrices, [(22,), (20,), (21,)])
+
+    assert [int(threads) for _, threads in results] == [1, 1, 1]
+    assert _blas_threads() == before  # restored once the call is done
+    _check_eigh(matrices, [pair for pair, _ in results])
+    # the most loaded chain (20² and 21²) in this thread, the 22² alone in a worker's
+    assert ran_in.pop(threading.current_thread().name) == 2
+    assert [(name.startswith("jaxgeom-lapack"), n) for name, n in ran_in.items()] == [(True, 1)]
+
+
+@on_cpu
+def test_side_by_side_traces_with_the_callers_configuration(small_chains):
+    """The chains are traced in the calling thread: a configuration set there for the call
+    (here 32-bit integers, the suite's default being 64-bit) holds in the worker's chain."""
+
+    def eigh_and_index(m):
+        return jnp.linalg.eigh(m), jnp.argmax(m[0])
+
+    with jax.enable_x64(False):
+        matrices = [_spd(jax.random.key(10), 12), _spd(jax.random.key(11), 12)]
+        results = side_by_side(eigh_and_index, matrices, [(12,), (12,)])
+    assert [index.dtype for _, index in results] == [jnp.int32, jnp.int32]
+    assert [pair[0].dtype for pair, _ in results] == [jnp.float32, jnp.float32]
+    for m, ((evals, _), index) in zip(matrices, results):
+        np.testing.assert_allclose(evals, np.linalg.eigvalsh(np.asarray(m, np.float64)),
+                                   rtol=1e-5)
+        assert index == np.argmax(np.asarray(m)[0])
+
+
+@on_cpu
+def test_uneven_work_keeps_lapack_threads(small_chains):
     matrices = [_spd(jax.random.key(1), 40), _spd(jax.random.key(2), 3)]
     default = min(_blas_threads().values())
-    _, threads = side_by_side(_eighs_and_threads, [40, 3], matrices)
-    assert int(threads) == default
+    results = side_by_side(_eigh_and_threads, matrices, [(40,), (3,)])
+    assert [int(threads) for _, threads in results] == [default, default]
+    _check_eigh(matrices, [pair for pair, _ in results])
+
+
+@on_cpu
+def test_an_error_in_a_chain_reaches_the_caller_after_every_chain(monkeypatch, small_chains):
+    matrices = [_spd(jax.random.key(12), 10), _spd(jax.random.key(13), 10)]
+    before = _blas_threads()
+
+    def failing(call, items):
+        raise RuntimeError("chain failed")
+
+    monkeypatch.setattr(_lapack, "_run", failing)
+    with pytest.raises(RuntimeError, match="chain failed"):
+        side_by_side(_eigh_and_threads, matrices, [(10,), (10,)])
+    assert _blas_threads() == before
 
 
 def test_inside_a_trace_runs_as_written():
     matrices = [_spd(jax.random.key(3), 6), _spd(jax.random.key(4), 6)]
-    evals = jax.jit(lambda ms: side_by_side(_eighs_and_threads, [6, 6], ms)[0][1][0])(matrices)
+    evals = jax.jit(lambda ms: side_by_side(_eigh_and_threads, ms, [(6,), (6,)])[1][0][0])(
+        matrices)
     np.testing.assert_allclose(evals, np.linalg.eigvalsh(np.asarray(matrices[1])), atol=1e-10)
 
 
 def test_ekfac_from_kfac_is_kfac_in_its_eigenbasis():
-    """``from_kfac`` (its ``eigh`` side by side) gives the same matrix as the KFAC, with
-    orthonormal bases that diagonalise each factor."""
+    """``from_kfac`` (its ``eigh`` side by side when large enough) gives the same matrix as
+    the KFAC, with orthonormal bases that diagonalise each factor."""
     key = jax.random.key(5)
     layout = jaxgeom.LayerCollection.from_params(
         {"a": {"kernel": jnp.zeros((5, 4)), "bias": jnp.zeros(4)},
@@ -112,6 +204,34 @@ def test_ekfac_from_kfac_is_kfac_in_its_eigenbasis():
             np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=1e-10)
             rotated = q.T @ m @ q
             np.testing.assert_allclose(rotated, np.diag(np.diag(rotated)), atol=1e-10)
+
+
+@on_cpu
+def test_kfac_eigendecompositions_in_chains_equal_those_in_turn(monkeypatch, small_chains):
+    """KFAC's Kronecker nodes and its exact block (the LayerNorm's), factorised in chains
+    from two threads, give the eigendecompositions computed in turn: the pseudo-inverse
+    (nodes and block) and EKFAC's bases."""
+    from models import make_linen_layernorm
+
+    t = make_linen_layernorm()
+    F = jaxgeom.FIM(t.apply_fn, t.params, (t.x, t.y), jaxgeom.PMatKFAC)
+    assert len(F.blocks) == 1 and len(F.factors) == 2
+    monkeypatch.setattr(_lapack, "LAPACK_THREAD_SPEEDUP", 1.0)  # the 10² block alone: 1000 > 493
+    chain_lengths = []
+
+    def run(call, items):
+        chain_lengths.append(len(items))
+        return call(items)
+
+    monkeypatch.setattr(_lapack, "_run", run)
+    in_chains = F.pinv().to_dense(), jaxgeom.PMatEKFAC.from_kfac(F).to_dense()
+    # pinv: the 10² block | the four factors (6², 5², 5², 3²); EKFAC: 6², 5² | 5², 3²
+    assert sorted(chain_lengths) == [1, 2, 2, 4]
+    monkeypatch.setattr(_lapack, "chains", lambda orders, cores: None)
+    in_turn = F.pinv().to_dense(), jaxgeom.PMatEKFAC.from_kfac(F).to_dense()
+    for got, want in zip(in_chains, in_turn):
+        np.testing.assert_allclose(got, want, atol=1e-10)
+    np.testing.assert_allclose(in_chains[1], F.to_dense(), atol=1e-10)
 
 
 def _small_kfac():
@@ -161,16 +281,17 @@ def test_eager_calls_that_factorise_ask_for_side_by_side(monkeypatch):
 
 
 @on_cpu
-def test_concurrent_calls_restore_the_default(monkeypatch):
+def test_concurrent_calls_restore_the_default(small_chains):
     """Calls from several threads at once each hold the limit in turn, so the thread counts
     the process started with are back once they are done."""
     import concurrent.futures
 
-    monkeypatch.setattr(_lapack, "_cores", lambda: 2)
     matrices = [_spd(jax.random.key(8), 30), _spd(jax.random.key(9), 31)]
     before = _blas_threads()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(
-            lambda _: side_by_side(_eighs_and_threads, [30, 31], matrices), range(8)))
-    assert [int(threads) for _, threads in results] == [1] * 8
+            lambda _: side_by_side(_eigh_and_threads, matrices, [(30,), (31,)]), range(8)))
+    assert [int(threads) for result in results for _, threads in result] == [1] * 16
     assert _blas_threads() == before
+    for result in results:
+        _check_eigh(matrices, [pair for pair, _ in result])

@@ -73,7 +73,7 @@ import dataclasses
 import functools
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -159,10 +159,26 @@ def _cho_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True), b)
 
 
-def _eigendecompositions(factors: tuple, blocks: tuple) -> tuple[tuple, tuple]:
-    """The eigenbasis form of each Kronecker layer block and ``eigh`` of each exact block
-    (independent factorisations, for :func:`~jaxgeom._lapack.side_by_side`)."""
-    return tuple(node.eigen() for node in factors), tuple(jnp.linalg.eigh(b) for b in blocks)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Factorisation:
+    """One ``eigh`` of a symmetric PSD ``matrix`` (a Kronecker factor or an exact block):
+    :func:`~jaxgeom.pmat._spectral.eigh_psd` with its ``rank_bound`` (``checked``: a hint).
+    What :meth:`PMatKFAC._eigen` runs side by side."""
+
+    matrix: jax.Array
+    rank_bound: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    checked: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @property
+    def order(self) -> int:
+        """The order of the matrix LAPACK's ``eigh`` factorises (with a useful rank bound,
+        the range sketch's: :func:`~jaxgeom.pmat._spectral.sketch_width`)."""
+        n = self.matrix.shape[0]
+        return _spectral.sketch_width(n, self.rank_bound) or n
+
+    def eigh(self) -> tuple[jax.Array, jax.Array]:
+        return _spectral.eigh_psd(self.matrix, self.rank_bound, checked=self.checked)
 
 
 def _eye_like(m: jax.Array) -> jax.Array:
@@ -236,27 +252,33 @@ class Kron:
     @property
     def eigh_orders(self) -> tuple[int, ...]:
         """The orders of the matrices :meth:`eigen` hands to LAPACK's ``eigh`` (a factor of
-        known low rank: its range sketch's)."""
-        def order(m, bound):
-            return _spectral.sketch_width(m.shape[0], bound) or m.shape[0]
+        known low rank: its range sketch's), in :meth:`factorisations`' order."""
+        return tuple(f.order for f in self.factorisations())
 
-        a, g = self.rank_bounds
-        return (order(self.G, g),) + ((order(self.A, a),) if self.A.ndim == 2 else ())
+    def factorisations(self) -> tuple[Factorisation, ...]:
+        """What :meth:`eigen` factorises: ``G``, then ``A`` when it is square."""
+        bound_a, bound_g = self.rank_bounds
+        parts = ((self.G, bound_g),) + (((self.A, bound_a),) if self.A.ndim == 2 else ())
+        return tuple(Factorisation(m, bound, self.bounds_checked) for m, bound in parts)
 
-    def eigen(self) -> KronEigen:
+    def eigen(self, eighs: Sequence[tuple[jax.Array, jax.Array]] | None = None) -> KronEigen:
         """The block in its Kronecker-factored eigenbasis (:func:`~jaxgeom.pmat._spectral.
         eigh_psd` of each factor: only their ranges where :attr:`rank_bounds` are known,
-        which the :class:`KronEigen` keeps as its :attr:`~KronEigen.ranges`)."""
+        which the :class:`KronEigen` keeps as its :attr:`~KronEigen.ranges`). ``eighs``:
+        the ``(λ, V)`` of :meth:`factorisations`, when computed apart
+        (:meth:`PMatKFAC._eigen`: side by side)."""
         bound_a, bound_g = self.rank_bounds
         checked = self.bounds_checked
 
         def width(m, bound):  # a hint's range cannot be promised to the products
             return None if checked else _spectral.range_width(m.shape[0], bound)
 
-        lg, qg = _spectral.eigh_psd(self.G, bound_g, checked=checked)
+        if eighs is None:
+            eighs = [f.eigh() for f in self.factorisations()]
+        lg, qg = eighs[0]
         if self.A.ndim == 1:
             return KronEigen(None, qg, jnp.outer(lg, self.A), ranges=(None, width(self.G, bound_g)))
-        la, qa = _spectral.eigh_psd(self.A, bound_a, checked=checked)
+        la, qa = eighs[1]
         return KronEigen(qa, qg, jnp.outer(lg, la),
                          ranges=(width(self.A, bound_a), width(self.G, bound_g)))
 
@@ -403,7 +425,10 @@ class KronEigen:
     #: :meth:`eigen` factorises nothing
     eigh_orders: ClassVar[tuple[int, ...]] = ()
 
-    def eigen(self):
+    def factorisations(self) -> tuple[Factorisation, ...]:
+        return ()
+
+    def eigen(self, eighs: Sequence[tuple[jax.Array, jax.Array]] | None = None) -> KronEigen:
         return self
 
     def eigvals(self):
@@ -711,10 +736,15 @@ class PMatKFAC(PMatAbstract):
 
     def _eigen(self, blocks: bool = True):
         """Eigendecompositions of every layer: ``KronEigen`` nodes and ``(λ, V)`` pairs of
-        the exact blocks (none without ``blocks``), side by side on a CPU's cores when that
-        is faster (:func:`~jaxgeom._lapack.side_by_side`)."""
-        return side_by_side(_eigendecompositions, self._eigh_orders(blocks), self.factors,
-                            self.blocks if blocks else ())
+        the exact blocks (none without ``blocks``), their ``eigh`` side by side on a CPU's
+        cores when that is faster (:func:`~jaxgeom._lapack.side_by_side`)."""
+        parts = [node.factorisations() for node in self.factors]
+        parts += [(Factorisation(b),) for b in (self.blocks if blocks else ())]
+        jobs = [f for group in parts for f in group]
+        eighs = iter(side_by_side(Factorisation.eigh, jobs, [(f.order,) for f in jobs]))
+        nodes = tuple(node.eigen([next(eighs) for _ in group])
+                      for node, group in zip(self.factors, parts))
+        return nodes, tuple(next(eighs) for _ in parts[len(self.factors):])
 
     def _eigh_orders(self, blocks: bool = True) -> list[int]:
         """The orders of the matrices :meth:`_eigen` factorises."""
