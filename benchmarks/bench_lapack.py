@@ -33,6 +33,7 @@ import functools
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="seconds before each block (OpenBLAS's threads spin ≈ 0.1 s)")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
-    results = dict(command="python benchmarks/bench_lapack.py " + " ".join(argv or []),
+    results = dict(command=" ".join(["python", "benchmarks/bench_lapack.py",
+                                     *(sys.argv[1:] if argv is None else argv)]),
                    machine=dict(cpu_count=os.cpu_count(), processor=platform.processor()),
                    versions=dict(python=platform.python_version(), jax=jax.__version__),
                    models={})
