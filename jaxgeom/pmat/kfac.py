@@ -946,17 +946,18 @@ class KFACBuilder(CaptureBuilder):
     approx: str = static_field(default="expand")
 
     def statistics(self, params, batch, mask, offset, aux):
-        (terms, blocks), finite = self._terms(params, batch, mask, offset, aux)
+        (terms, blocks), cap = self._terms(params, batch, mask, offset, aux)
         factors = tuple((a * s if a.ndim == 1 else gram(a) * s, gram(g)) for a, s, g in terms)
-        return (factors, blocks), finite
+        return (factors, blocks), _all_finite(cap, factors, blocks)
 
     def update(self, total, params, batch, mask, offset, aux):
         """The factors' Grams added into the running total (:func:`factor_sum`: in place,
         by row blocks, for a large factor of few rows)."""
-        (terms, blocks), finite = self._terms(params, batch, mask, offset, aux)
+        (terms, blocks), cap = self._terms(params, batch, mask, offset, aux)
         factors = tuple((factor_sum(ta, a, s), factor_sum(tg, g))
                         for (ta, tg), (a, s, g) in zip(total[0], terms))
-        return (factors, tuple(t + b for t, b in zip(total[1], blocks))), finite
+        blocks = tuple(t + b for t, b in zip(total[1], blocks))
+        return (factors, blocks), _all_finite(cap, factors, blocks)
 
     def _terms(self, params, batch, mask, offset, aux):
         return _chunk_terms(params, batch, mask, offset, aux, plan=self.plan,
@@ -1220,8 +1221,8 @@ def check_blocks(plan: CapturePlan, layout: LayerCollection, limit: float,
 def _chunk_terms(params, batch, mask, offset, aux, *, plan, approx, layout):
     """What one masked chunk adds to the factors, per Kronecker layer ``(a, 1/T, g)``: the
     rows whose Grams are ``Σ aaᵀ`` and ``Σ ggᵀ`` (:func:`factor_sum`; an embedding's ``a``:
-    its diagonal ``Σ aaᵀ``, row counts), and ``Σ JᵀJ`` per other layer; and whether
-    everything was finite."""
+    its diagonal ``Σ aaᵀ``, row counts), and ``Σ JᵀJ`` per other layer; and the capture
+    (for :func:`_all_finite`)."""
     cap: Captured = capture_chunk(plan, params, batch, offset, aux, mask)
     dtype = layout.dtype
     mask = mask.astype(dtype)
@@ -1239,9 +1240,16 @@ def _chunk_terms(params, batch, mask, offset, aux, *, plan, approx, layout):
             a = a.reshape(-1, a.shape[-1])
         terms.append((a, 1 / t, g.reshape(-1, g.shape[-1])))
     blocks = tuple(b.T @ b for b in other_gradients(cap, plan, layout))
-    diagonals = [x if x.ndim == 1 else jnp.sum(x * x, axis=0)  # diag(Σ xxᵀ)
-                 for a, _, g in terms for x in (a, g)] + [b.diagonal() for b in blocks]
-    return (tuple(terms), blocks), all_finite(cap, diagonals)
+    return (tuple(terms), blocks), cap
+
+
+def _all_finite(cap: Captured, factors: tuple, blocks: tuple) -> jax.Array:
+    """Whether a chunk's capture was finite, read from the diagonals of the Grams it was
+    summed into (``Σ x²`` of each captured column: :func:`~jaxgeom.capture.all_finite`),
+    a chunk's own or a running total's (finite before it, else already flagged): no pass
+    over the captured rows of its own (≈ 6% of bench_small's KFAC build)."""
+    diagonals = [f if f.ndim == 1 else jnp.diagonal(f) for pair in factors for f in pair]
+    return all_finite(cap, diagonals + [b.diagonal() for b in blocks])
 
 
 def factor_sum(total: jax.Array, rows: jax.Array, scale: Any = 1) -> jax.Array:
