@@ -86,8 +86,7 @@ def _one_call(fn, items, orders):
     """``_lapack.side_by_side`` as it was: one compiled call, XLA's schedule."""
     from jaxgeom import _lapack
 
-    sizes = [n for group in orders for n in group]
-    with _lapack.one_thread_when_faster(sizes, jax.tree_util.tree_leaves(items)) as limited:
+    with _lapack.one_thread_when_faster(orders, jax.tree_util.tree_leaves(items)) as limited:
         if limited:
             return jax.block_until_ready(_compiled_each(fn)(items))
     return [fn(item) for item in items]

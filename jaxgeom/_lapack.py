@@ -22,14 +22,16 @@ order of its choosing. Compiled as one call on 2 cores, bench_mlp's six ``eigh``
 :func:`side_by_side` therefore runs independent factorisations with LAPACK held to one
 thread, so that no LAPACK thread is left spinning, and deals them itself into one chain
 per core (:func:`chains`: the costliest first, each to the least loaded chain), when that
-is expected to be faster: with single-threaded costs ``n³``, the chains take as long as
-the most loaded one, and LAPACK's own threads speed one factorisation up by at most
+is expected to be faster: with single-threaded costs ``n^p`` (:func:`cost`), the chains
+take as long as the most loaded one, and LAPACK's own threads speed one factorisation up
+by at most
 ≈ 1.5× at these sizes (measured on 2 cores, ``eigh``: 1.14× at 512², 1.37× at 785², 1.43×
 at 1153², 1.51× at 2049², 1.54× at 4097²). Each chain is one compiled call, traced and
 compiled in the calling thread (so that its configuration, ``jax.enable_x64`` and the
-like, holds) and run from a thread of its own: bench_mlp's EKFAC builds 102 → 83 ms
-(Monte Carlo) and 148 → 127 ms (exact) against one compiled call. bench_cnn's factors,
-a 4097² one and small ones, keep LAPACK's threads.
+like, holds) and run from a thread of its own: bench_mlp's EKFAC builds 103 → 83 ms
+(Monte Carlo) and 144 → 130 ms (exact) against one compiled call
+(``benchmarks/bench_lapack.py``). bench_cnn's factors, a 4097² one and small ones, and
+bench_small's, too small, keep LAPACK's threads.
 
 The thread limit is ``threadpoolctl``'s, held only while the call runs (the call is
 waited for inside it): it applies to every BLAS library loaded in the process, for that
@@ -57,16 +59,28 @@ _LIMITING = threading.RLock()
 #: the most LAPACK's own threads were measured to speed up one factorisation (see above)
 LAPACK_THREAD_SPEEDUP = 1.5
 
-#: the least single-threaded cost ``Σ n³`` that :func:`chains` runs side by side: below it
-#: the threads' hand-off (≈ 0.4 ms) outweighs the gain (2-core Xeon, four ``eigh`` of
-#: order n: 3.0 → 3.4 ms at 128, 11.8 → 8–11.6 ms at 256, 19 → 11.5 ms at 320)
-SIDE_BY_SIDE_MIN_COST = 4 * 256**3
+#: ``p`` of :func:`cost`: one ``eigh`` on one thread took 35.3 ms at 785² and 12.9 ms at
+#: 512² (2-core Xeon, float32), ``(785/512)^2.36``; with ``n³`` the chains put the 785²
+#: with the 10² and four 512² in the other chain, 5% slower builds than with ``n^2.4``
+#: (bench_mlp's EKFAC, Monte Carlo 84 → 79 ms, exact 125 → 120 ms)
+COST_EXPONENT = 2.4
+
+
+def cost(order: float) -> float:
+    """The single-threaded cost of factorising a matrix of ``order``, in ``n^p`` units."""
+    return float(order) ** COST_EXPONENT
+
+
+#: the least single-threaded cost that :func:`chains` runs side by side: below it the
+#: threads' hand-off (≈ 0.4 ms) outweighs the gain (2-core Xeon, four ``eigh`` of order
+#: n: 3.0 → 3.4 ms at 128, 11.8 → 8–11.6 ms at 256, 19 → 11.5 ms at 320)
+SIDE_BY_SIDE_MIN_COST = 4 * cost(256)
 
 
 def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
-                 orders: Sequence[Sequence[int]]) -> list[Any]:
+                 orders: Sequence[int]) -> list[Any]:
     """``[fn(item) for item in items]``, where the calls are independent and ``fn(items[i])``
-    factorises matrices of the orders ``orders[i]``.
+    factorises a matrix of order ``orders[i]``.
 
     On a CPU, when the factorisations run faster one per core (:func:`chains`): the items
     dealt into those chains, each chain one compiled call of ``fn`` on its items one after
@@ -100,17 +114,16 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     return results
 
 
-def chains(orders: Sequence[Sequence[int]], cores: int) -> list[list[int]] | None:
-    """Groups of independent factorisations (``orders[i]``: the orders of the matrices group
-    ``i`` factorises) dealt into one chain per core, or ``None`` when they finish sooner in
-    turn on LAPACK's threads.
+def chains(orders: Sequence[int], cores: int) -> list[list[int]] | None:
+    """Independent factorisations of matrices of ``orders`` dealt into one chain per core, or
+    ``None`` when they finish sooner in turn on LAPACK's threads.
 
-    Longest processing time first (Graham 1969): the groups by decreasing single-threaded
-    cost ``Σ n³``, each to the least loaded chain. The chains finish with the most loaded
-    one; in turn, LAPACK's threads take at least ``total /`` :data:`LAPACK_THREAD_SPEEDUP`.
-    Below :data:`SIDE_BY_SIDE_MIN_COST` in all, ``None``. Returns the non-empty chains
-    (positions into ``orders``), the most loaded first."""
-    costs = [sum(float(n) ** 3 for n in group) for group in orders]
+    Longest processing time first (Graham 1969): the factorisations by decreasing
+    single-threaded :func:`cost`, each to the least loaded chain. The chains finish with the
+    most loaded one; in turn, LAPACK's threads take at least ``total /``
+    :data:`LAPACK_THREAD_SPEEDUP`. Below :data:`SIDE_BY_SIDE_MIN_COST` in all, ``None``.
+    Returns the non-empty chains (positions into ``orders``), the most loaded first."""
+    costs = [cost(n) for n in orders]
     if cores < 2 or sum(c > 0 for c in costs) < 2 or sum(costs) < SIDE_BY_SIDE_MIN_COST:
         return None
     loads, dealt = [0.0] * cores, [[] for _ in range(cores)]
@@ -176,10 +189,10 @@ def one_thread_when_faster(sizes: Sequence[int], arrays: Sequence[Any]) -> Itera
 
 
 def faster_side_by_side(sizes: Sequence[int], cores: int) -> bool:
-    """Whether factorisations of orders ``sizes`` (cost ``n³`` each on one thread) finish
+    """Whether factorisations of orders ``sizes`` (:func:`cost` each on one thread) finish
     sooner one per core than in turn on LAPACK's threads: ``max(largest, total / cores)``
     at most ``total /`` :data:`LAPACK_THREAD_SPEEDUP`."""
-    costs = [float(n) ** 3 for n in sizes]
+    costs = [cost(n) for n in sizes]
     if cores < 2 or len(costs) < 2:
         return False
     total = sum(costs)

@@ -10,21 +10,27 @@ import threadpoolctl
 
 import jaxgeom
 from jaxgeom import _lapack
-from jaxgeom._lapack import chains, faster_side_by_side, side_by_side
+from jaxgeom._lapack import COST_EXPONENT, chains, faster_side_by_side, side_by_side
+
+
+def order(cost: float) -> float:
+    """The order of a matrix of single-threaded ``cost``."""
+    return cost ** (1 / COST_EXPONENT)
+
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
                             reason="the thread limit applies to a CPU's LAPACK only")
 
 
 def test_cost_model_picks_even_splits():
-    # bench_mlp's KFAC factors: 785³ is 47% of Σ n³, so two cores finish in ≈ half the
-    # time, more than LAPACK's 1.5x on two threads
+    # bench_mlp's KFAC factors: the 785² is 41% of the work, so two cores finish in ≈ half
+    # the time, more than LAPACK's 1.5x on two threads
     assert faster_side_by_side([512, 785, 512, 513, 10, 513], cores=2)
     # one 4097² factor is ≈ all the work: alone on one core it would take 1.5x as long
     assert not faster_side_by_side([32, 28, 32, 289, 64, 289, 10, 4097], cores=2)
     # max(largest, total/cores) · 1.5 ≤ total, at the boundary and just past it
-    assert faster_side_by_side([2.0 ** (1 / 3), 1.0], cores=2)  # costs 2, 1: 2 · 1.5 ≤ 3
-    assert not faster_side_by_side([2.1 ** (1 / 3), 1.0], cores=2)
+    assert faster_side_by_side([order(2.0), 1.0], cores=2)  # costs 2, 1: 2 · 1.5 ≤ 3
+    assert not faster_side_by_side([order(2.1), 1.0], cores=2)
     # nothing to run side by side: one core, or one factorisation
     assert not faster_side_by_side([512, 512], cores=1)
     assert not faster_side_by_side([512], cores=8)
@@ -33,29 +39,29 @@ def test_cost_model_picks_even_splits():
 
 
 def test_chains_deal_the_costliest_first_to_the_least_loaded(monkeypatch):
-    # bench_small's layers: too little work to pay for the threads
-    assert chains([(64, 33), (64, 65), (10, 65)], cores=2) is None
+    # bench_small's factors: too little work to pay for the threads
+    assert chains([64, 33, 64, 65, 10, 65], cores=2) is None
     monkeypatch.setattr(_lapack, "SIDE_BY_SIDE_MIN_COST", 0)
-    # bench_mlp's layers (G, A per layer): 512³ + 785³ against 512³ + 513³ + 10³ + 513³
-    assert chains([(512, 785), (512, 513), (10, 513)], cores=2) == [[0], [1, 2]]
+    # bench_mlp's factors (G, A per layer): the 785² and a 512² against 513², 513², 512², 10²
+    assert chains([512, 785, 512, 513, 10, 513], cores=2) == [[1, 2], [3, 5, 0, 4]]
     # costs 3, 5, 3, 4, 3: 5 | 4, then each 3 to the lighter chain (4 + 3, 5 + 3, 7 + 3);
     # the most loaded chain first
-    costs = [(c ** (1 / 3),) for c in (3, 5, 3, 4, 3)]
-    assert chains(costs, cores=2) == [[3, 0, 4], [1, 2]]
+    orders = [order(c) for c in (3, 5, 3, 4, 3)]
+    assert chains(orders, cores=2) == [[3, 0, 4], [1, 2]]
     # bench_cnn's factors: the 4097² one alone would take 1.5x as long as on two threads
-    assert chains([(32, 28), (32, 289), (64, 289), (10, 4097)], cores=2) is None
+    assert chains([32, 28, 32, 289, 64, 289, 10, 4097], cores=2) is None
     # at the boundary: loads 2 and 1, 2 · 1.5 ≤ 3; just past it
-    assert chains([(2.0 ** (1 / 3),), (1.0,)], cores=2) == [[0], [1]]
-    assert chains([(2.1 ** (1 / 3),), (1.0,)], cores=2) is None
-    # nothing to deal: one core, one group, or groups with nothing to factorise
-    assert chains([(512,), (512,)], cores=1) is None
-    assert chains([(512, 512)], cores=8) is None
-    assert chains([(512,), ()], cores=2) is None
-    # groups with nothing to factorise go to the least loaded chain; no empty chains
-    assert chains([(100,), (), (100,)], cores=4) == [[0], [2], [1]]
-    monkeypatch.setattr(_lapack, "SIDE_BY_SIDE_MIN_COST", 2 * 100**3)
-    assert chains([(100,), (100,)], cores=2) == [[0], [1]]
-    assert chains([(100,), (99,)], cores=2) is None
+    assert chains([order(2.0), 1.0], cores=2) == [[0], [1]]
+    assert chains([order(2.1), 1.0], cores=2) is None
+    # nothing to deal: one core, or one factorisation (an empty matrix costs nothing)
+    assert chains([512, 512], cores=1) is None
+    assert chains([512], cores=8) is None
+    assert chains([512, 0], cores=2) is None
+    # more cores than factorisations: no empty chains
+    assert chains([100, 100], cores=4) == [[0], [1]]
+    monkeypatch.setattr(_lapack, "SIDE_BY_SIDE_MIN_COST", 2 * 100**COST_EXPONENT)
+    assert chains([100, 100], cores=2) == [[0], [1]]
+    assert chains([100, 99], cores=2) is None
 
 
 @pytest.mark.parametrize("previous", [1.5, -0.0, np.inf, -np.inf, np.nan])
@@ -122,7 +128,7 @@ def test_side_by_side_runs_chains_from_threads_with_one_lapack_thread(monkeypatc
     matrices = [_spd(k, n) for k, n in zip(keys, (22, 20, 21))]
     before = _blas_threads()
 
-    results = side_by_side(_eigh_and_threads, matrices, [(22,), (20,), (21,)])
+    results = side_by_side(_eigh_and_threads, matrices, [22, 20, 21])
 
     assert [int(threads) for _, threads in results] == [1, 1, 1]
     assert _blas_threads() == before  # restored once the call is done
@@ -142,7 +148,7 @@ def test_side_by_side_traces_with_the_callers_configuration(small_chains):
 
     with jax.enable_x64(False):
         matrices = [_spd(jax.random.key(10), 12), _spd(jax.random.key(11), 12)]
-        results = side_by_side(eigh_and_index, matrices, [(12,), (12,)])
+        results = side_by_side(eigh_and_index, matrices, [12, 12])
     assert [index.dtype for _, index in results] == [jnp.int32, jnp.int32]
     assert [pair[0].dtype for pair, _ in results] == [jnp.float32, jnp.float32]
     for m, ((evals, _), index) in zip(matrices, results):
@@ -155,7 +161,7 @@ def test_side_by_side_traces_with_the_callers_configuration(small_chains):
 def test_uneven_work_keeps_lapack_threads(small_chains):
     matrices = [_spd(jax.random.key(1), 40), _spd(jax.random.key(2), 3)]
     default = min(_blas_threads().values())
-    results = side_by_side(_eigh_and_threads, matrices, [(40,), (3,)])
+    results = side_by_side(_eigh_and_threads, matrices, [40, 3])
     assert [int(threads) for _, threads in results] == [default, default]
     _check_eigh(matrices, [pair for pair, _ in results])
 
@@ -170,13 +176,13 @@ def test_an_error_in_a_chain_reaches_the_caller_after_every_chain(monkeypatch, s
 
     monkeypatch.setattr(_lapack, "_run", failing)
     with pytest.raises(RuntimeError, match="chain failed"):
-        side_by_side(_eigh_and_threads, matrices, [(10,), (10,)])
+        side_by_side(_eigh_and_threads, matrices, [10, 10])
     assert _blas_threads() == before
 
 
 def test_inside_a_trace_runs_as_written():
     matrices = [_spd(jax.random.key(3), 6), _spd(jax.random.key(4), 6)]
-    evals = jax.jit(lambda ms: side_by_side(_eigh_and_threads, ms, [(6,), (6,)])[1][0][0])(
+    evals = jax.jit(lambda ms: side_by_side(_eigh_and_threads, ms, [6, 6])[1][0][0])(
         matrices)
     np.testing.assert_allclose(evals, np.linalg.eigvalsh(np.asarray(matrices[1])), atol=1e-10)
 
@@ -290,7 +296,7 @@ def test_concurrent_calls_restore_the_default(small_chains):
     before = _blas_threads()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(
-            lambda _: side_by_side(_eigh_and_threads, matrices, [(30,), (31,)]), range(8)))
+            lambda _: side_by_side(_eigh_and_threads, matrices, [30, 31]), range(8)))
     assert [int(threads) for result in results for _, threads in result] == [1] * 16
     assert _blas_threads() == before
     for result in results:

@@ -741,7 +741,7 @@ class PMatKFAC(PMatAbstract):
         parts = [node.factorisations() for node in self.factors]
         parts += [(Factorisation(b),) for b in (self.blocks if blocks else ())]
         jobs = [f for group in parts for f in group]
-        eighs = iter(side_by_side(Factorisation.eigh, jobs, [(f.order,) for f in jobs]))
+        eighs = iter(side_by_side(Factorisation.eigh, jobs, [f.order for f in jobs]))
         nodes = tuple(node.eigen([next(eighs) for _ in group])
                       for node, group in zip(self.factors, parts))
         return nodes, tuple(next(eighs) for _ in parts[len(self.factors):])
