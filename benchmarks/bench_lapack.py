@@ -9,7 +9,7 @@ times each call three ways in one process, in alternated blocks:
   ``_lapack.faster_side_by_side`` patched), so the factorisations run one after the other
   on OpenBLAS's threads;
 - ``one call``: EKFAC's factorisations as one compiled call with OpenBLAS on one thread,
-  XLA choosing which run at once (``_lapack.side_by_side`` before 2026-12-02's last
+  XLA choosing which run at once (``_lapack.side_by_side`` before 2026-12-02's late
   session; the KFAC rows, compiled eager calls, are always run so);
 - ``chains``: jaxgeom as it is (EKFAC's factorisations dealt into one chain per core,
   each chain one compiled call run from a thread of its own).
