@@ -24,9 +24,8 @@ thread, so that no LAPACK thread is left spinning, and deals them itself into on
 per core (:func:`chains`: the costliest first, each to the least loaded chain), when that
 is expected to be faster: with single-threaded costs ``n^p`` (:func:`cost`), the chains
 take as long as the most loaded one, and LAPACK's own threads speed one factorisation up
-by at most
-≈ 1.5× at these sizes (measured on 2 cores, ``eigh``: 1.14× at 512², 1.37× at 785², 1.43×
-at 1153², 1.51× at 2049², 1.54× at 4097²). Each chain is one compiled call, traced and
+by at most ≈ 1.5× at these sizes (measured on 2 cores, ``eigh``: 1.14× at 512², 1.37× at
+785², 1.43× at 1153², 1.51× at 2049², 1.54× at 4097²). Each chain is one compiled call, traced and
 compiled in the calling thread (so that its configuration, ``jax.enable_x64`` and the
 like, holds) and run from a thread of its own: bench_mlp's EKFAC builds 103 → 83 ms
 (Monte Carlo) and 144 → 130 ms (exact) against one compiled call
@@ -62,7 +61,7 @@ LAPACK_THREAD_SPEEDUP = 1.5
 #: ``p`` of :func:`cost`: one ``eigh`` on one thread took 35.3 ms at 785² and 12.9 ms at
 #: 512² (2-core Xeon, float32), ``(785/512)^2.36``; with ``n³`` the chains put the 785²
 #: with the 10² and four 512² in the other chain, 5% slower builds than with ``n^2.4``
-#: (bench_mlp's EKFAC, Monte Carlo 84 → 79 ms, exact 125 → 120 ms)
+#: (bench_mlp's EKFAC, Monte Carlo 84 → 78 ms, exact 125 → 118.5 ms)
 COST_EXPONENT = 2.4
 
 
@@ -99,15 +98,16 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     schedule = chains(orders, _cores())
     if schedule is None:
         return [fn(item) for item in items]
-    calls = [_each(fn).lower([items[i] for i in chain]).compile() for chain in schedule]
-    results = [None] * len(items)
+    parts = [[items[i] for i in chain] for chain in schedule]
+    calls = [_each(fn).lower(part).compile() for part in parts]
     with _LIMITING, _blas_threads().limit(limits=1, user_api="blas"):
-        others = [_workers().submit(_run, call, [items[i] for i in chain])
-                  for call, chain in zip(calls[1:], schedule[1:])]
+        others = [_workers().submit(_run, call, part)
+                  for call, part in zip(calls[1:], parts[1:])]
         try:
-            first = _run(calls[0], [items[i] for i in schedule[0]])
+            first = _run(calls[0], parts[0])
         finally:
             concurrent.futures.wait(others)  # none left running on one LAPACK thread
+    results = [None] * len(items)
     for chain, values in zip(schedule, [first] + [future.result() for future in others]):
         for i, value in zip(chain, values):
             results[i] = value
