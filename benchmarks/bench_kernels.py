@@ -8,7 +8,12 @@ Many of ``bench_fim``'s operation rows are one or a few array kernels: ``PMatKFA
 three pairs of GEMMs, ``PMatEKFAC.vTMv`` two rotations and a weighted sum of squares,
 ``PMatDiag.trace`` one sum of ``d`` floats, ``PMatDiag.mv`` one elementwise product,
 ``PMatLowRank.mv`` two GEMVs with its ``(N K, d)`` factor; EKFAC's build factorises its
-factors with ``eigh`` (LAPACK: SciPy's OpenBLAS for jaxlib, MKL in PyTorch's wheels).
+factors with ``eigh`` (LAPACK: SciPy's OpenBLAS for jaxlib, MKL in PyTorch's wheels), and
+``PMatDense.solve`` (so BlockDiag's per block, KFAC's π-damped one per factor) is a Cholesky
+factorisation and two triangular solves: the ``Cholesky solve`` rows time it written with
+``jax.scipy.linalg`` (``cho_factor``/``cho_solve``, which hands LAPACK a transposed copy of
+the row-major matrix) and as jaxgeom writes it (``jaxgeom._cholesky``: the symmetric
+matrix's transpose, no copy), against ``torch.linalg.cholesky`` + ``torch.cholesky_solve``.
 Where such a row is behind NNGeometry, the question is whether jaxgeom adds work around
 the kernels or XLA's kernels themselves are slower than PyTorch's on the machine. This
 script times the bare kernels of those rows, at the suite's shapes, each side written the
@@ -69,6 +74,8 @@ def kernels(seed: int = 0) -> dict:
     lowrank = (normal(*LOWRANK), normal(LOWRANK[1]))
     square = normal(2048, 2048)
     spd = [x @ x.T / x.shape[1] for x in (normal(785, 1024), normal(2049, 4096))]
+    #: bench_small's Dense (6922) and its largest BlockDiag block (4160), a 2112² block
+    systems = {n: (_spd(normal(n, n + 16)), normal(n)) for n in (2112, 4160, 6922)}
     tiny = normal(1000)
 
     def on(lib, arrays, fn):
@@ -105,6 +112,11 @@ def kernels(seed: int = 0) -> dict:
             "eigenvalues and vectors of an SPD 785 × 785", spd[:1], _eigh),
         "eigh 2049² (bench_resnet EKFAC)": (
             "eigenvalues and vectors of an SPD 2049 × 2049", spd[1:], _eigh),
+        **{f"Cholesky solve {n}² ({how})": (
+            f"(M + 10⁻³ I)⁻¹ v, M: SPD {n} × {n}", systems[n], fn)
+           for n in systems
+           for how, fn in (("jax.scipy.linalg", _cho_solve_scipy),
+                           ("jaxgeom", _cho_solve_jaxgeom))},
         "sum of d floats (bench_mlp Diag trace)": (
             "Σ m, d = 669,706", diag[:1], lambda m: m.sum()),
         "elementwise product (bench_mlp Diag mv)": (
@@ -128,6 +140,42 @@ def _eigh(m):
     import jax.numpy as jnp
 
     return jnp.linalg.eigh(m)
+
+
+def _spd(x):
+    """``x xᵀ / columns``, exactly symmetric (float64 product rounded once)."""
+    import numpy as np
+
+    return (x.astype(np.float64) @ x.T.astype(np.float64) / x.shape[1]).astype(np.float32)
+
+
+def _torch_cho_solve(m, v):
+    import torch
+
+    shifted = m + 1e-3 * torch.eye(m.shape[0], dtype=m.dtype)
+    return torch.cholesky_solve(v[:, None], torch.linalg.cholesky(shifted))[:, 0]
+
+
+def _cho_solve_scipy(m, v):
+    """``jax.scipy.linalg``'s ``cho_factor`` + ``cho_solve`` (or PyTorch's)."""
+    if type(m).__module__.startswith("torch"):
+        return _torch_cho_solve(m, v)
+    import jax
+    import jax.numpy as jnp
+
+    shifted = m + 1e-3 * jnp.eye(m.shape[0], dtype=m.dtype)
+    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(shifted), v)
+
+
+def _cho_solve_jaxgeom(m, v):
+    """jaxgeom's ``spd_solve`` (the transposed matrix to LAPACK), or PyTorch's."""
+    if type(m).__module__.startswith("torch"):
+        return _torch_cho_solve(m, v)
+    import jax.numpy as jnp
+
+    from jaxgeom._cholesky import spd_solve
+
+    return spd_solve(m + 1e-3 * jnp.eye(m.shape[0], dtype=m.dtype), v)
 
 
 def run_mode(sync: bool, repeats: int) -> dict:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._cholesky import spd_solve
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract
 from jaxgeom.scaling import ScalarMultiples
@@ -208,7 +209,7 @@ class FMatDense(_ScalarAlgebra):
         else:
             shifted = matrix + regul * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
             if method == "cholesky":
-                x = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(shifted), rhs)
+                x = spd_solve(shifted, rhs)
             else:
                 x = jnp.linalg.lstsq(shifted, rhs)[0]
         x = x.reshape(data.shape)

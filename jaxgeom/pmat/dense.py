@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxgeom._cholesky import spd_solve
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
@@ -64,8 +65,7 @@ class PMatDense(PMatAbstract):
 
     def _solve(self, v, regul, method, **options):
         if method == "cholesky":
-            factor = jax.scipy.linalg.cho_factor(self._shifted(regul))
-            return jax.scipy.linalg.cho_solve(factor, v)
+            return spd_solve(self._shifted(regul), v)
         if method == "eigh":
             evals, evecs = self.eigh()
             return evecs @ ((evecs.T @ v) / (evals + regul))
@@ -76,8 +76,7 @@ class PMatDense(PMatAbstract):
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0) -> PMatDense:
         eye = jnp.eye(self.data.shape[0], dtype=self.data.dtype)
-        return self._with(jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(
-            self._shifted(regul)), eye))
+        return self._with(spd_solve(self._shifted(regul), eye))
 
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatDense:
         evals, evecs = self.eigh()

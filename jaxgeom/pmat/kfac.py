@@ -80,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._cholesky import spd_solve
 from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
 from jaxgeom.capture import (
@@ -152,11 +153,6 @@ def _sym(m: jax.Array) -> jax.Array:
     back in the row-major layout (LAPACK's is column-major: a K-FAC optimizer state that
     kept it copied every inverse factor twice a step, ≈ 2.5 ms on bench_mlp)."""
     return (m + m.T) / 2
-
-
-def _cho_solve(m: jax.Array, b: jax.Array) -> jax.Array:
-    """``m⁻¹ b`` for a symmetric positive-definite ``m``."""
-    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True), b)
 
 
 @jax.tree_util.register_dataclass
@@ -299,13 +295,13 @@ class Kron:
         """``G⁻¹ V A⁻¹`` through Cholesky factorisations (positive-definite factors, e.g.
         damped ones): ``(a³ + g³)/3`` plus ``2 a g (a + g)``, several times cheaper than
         eigendecompositions."""
-        x = _cho_solve(self.G, v)
-        return x / self.A if self.A.ndim == 1 else _cho_solve(self.A, x.T).T
+        x = spd_solve(self.G, v)
+        return x / self.A if self.A.ndim == 1 else spd_solve(self.A, x.T).T
 
     def inverse(self) -> Kron:
         """``A⁻¹ ⊗ G⁻¹`` through Cholesky factorisations (positive-definite factors)."""
-        a = 1 / self.A if self.A.ndim == 1 else _sym(_cho_solve(self.A, _eye_like(self.A)))
-        return Kron(a, _sym(_cho_solve(self.G, _eye_like(self.G))))
+        a = 1 / self.A if self.A.ndim == 1 else _sym(spd_solve(self.A, _eye_like(self.A)))
+        return Kron(a, _sym(spd_solve(self.G, _eye_like(self.G))))
 
     def pi_damped(self, regul) -> Kron:
         """``(A + π√λ I) ⊗ (G + √λ/π I)`` (Martens & Grosse 2015, §6.3)."""

@@ -1,0 +1,58 @@
+"""Cholesky factorisations handed to LAPACK as the transposed matrix (``jaxgeom._cholesky``):
+the factor of the matrix itself, read from its upper triangle, and solves against float64
+references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgeom._cholesky import cho_solve, cholesky, spd_solve
+
+
+def spd(n: int, seed: int = 0, batch: tuple[int, ...] = ()) -> np.ndarray:
+    """A well-conditioned symmetric positive-definite ``(*batch, n, n)``."""
+    r = np.random.default_rng(seed).standard_normal((*batch, n, 2 * n))
+    return r @ np.swapaxes(r, -1, -2) / (2 * n) + 0.1 * np.eye(n)
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_cholesky_is_the_lower_factor_of_the_matrix(n):
+    m = spd(n)
+    factor = np.asarray(jax.jit(cholesky)(jnp.asarray(m)))
+    np.testing.assert_allclose(factor, np.linalg.cholesky(m), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(factor, np.tril(factor))
+    np.testing.assert_allclose(factor @ factor.T, m, rtol=1e-12, atol=1e-12)
+
+
+def test_cholesky_reads_the_upper_triangle_only():
+    m = spd(6, seed=1)
+    upper_only = np.triu(m) + np.tril(np.full_like(m, 1e3), -1)  # garbage below
+    np.testing.assert_allclose(cholesky(jnp.asarray(upper_only)), np.linalg.cholesky(m),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_cholesky_of_a_batch_is_each_matrix_factor():
+    m = spd(7, seed=2, batch=(3,))
+    np.testing.assert_allclose(cholesky(jnp.asarray(m)), np.linalg.cholesky(m),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_cholesky_of_an_indefinite_matrix_is_nan():
+    m = spd(4, seed=3)
+    m[2, 2] = -1.0
+    factor = np.asarray(cholesky(jnp.asarray(m)))
+    assert np.isnan(factor[np.tril_indices(4)]).all()
+    np.testing.assert_array_equal(factor[np.triu_indices(4, 1)], 0.0)
+
+
+@pytest.mark.parametrize("rhs_shape", [(30,), (30, 4)])
+def test_solves_match_float64_references(rhs_shape):
+    m = spd(30, seed=4)
+    b = np.random.default_rng(5).standard_normal(rhs_shape)
+    expected = np.linalg.solve(m, b)
+    np.testing.assert_allclose(jax.jit(spd_solve)(jnp.asarray(m), jnp.asarray(b)), expected,
+                               rtol=1e-10, atol=1e-12)
+    factor = cholesky(jnp.asarray(m))
+    np.testing.assert_allclose(cho_solve(factor, jnp.asarray(b)), expected,
+                               rtol=1e-10, atol=1e-12)
