@@ -12,7 +12,7 @@ factors with ``eigh`` (LAPACK: SciPy's OpenBLAS for jaxlib, MKL in PyTorch's whe
 ``PMatDense.solve`` (so BlockDiag's per block, KFAC's π-damped one per factor) is a Cholesky
 factorisation and two triangular solves: the ``Cholesky solve`` rows time it written with
 ``jax.scipy.linalg`` (``cho_factor``/``cho_solve``, which hands LAPACK a transposed copy of
-the row-major matrix) and as jaxgeom writes it (``jaxgeom._cholesky``: the symmetric
+the row-major matrix) and as jaxgeom writes it (``jaxgeom._symmetric``: the symmetric
 matrix's transpose, no copy), against ``torch.linalg.cholesky`` + ``torch.cholesky_solve``.
 Where such a row is behind NNGeometry, the question is whether jaxgeom adds work around
 the kernels or XLA's kernels themselves are slower than PyTorch's on the machine. This
@@ -173,7 +173,7 @@ def _cho_solve_jaxgeom(m, v):
         return _torch_cho_solve(m, v)
     import jax.numpy as jnp
 
-    from jaxgeom._cholesky import spd_solve
+    from jaxgeom._symmetric import spd_solve
 
     return spd_solve(m + 1e-3 * jnp.eye(m.shape[0], dtype=m.dtype), v)
 

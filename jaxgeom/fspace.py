@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._cholesky import spd_solve
+from jaxgeom._symmetric import spd_solve
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract
 from jaxgeom.scaling import ScalarMultiples

@@ -80,9 +80,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._cholesky import spd_solve
 from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
+from jaxgeom._symmetric import spd_solve
 from jaxgeom.capture import (
     Captured,
     CapturePlan,

@@ -1,13 +1,13 @@
-"""Cholesky factorisations handed to LAPACK as the transposed matrix (``jaxgeom._cholesky``):
-the factor of the matrix itself, read from its upper triangle, and solves against float64
-references."""
+"""Symmetric matrices handed to LAPACK as their transpose (``jaxgeom._symmetric``): the
+Cholesky factor of the matrix itself, read from its upper triangle, and solves against
+float64 references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgeom._cholesky import cho_solve, cholesky, spd_solve
+from jaxgeom._symmetric import cho_solve, cholesky, spd_solve
 
 
 def spd(n: int, seed: int = 0, batch: tuple[int, ...] = ()) -> np.ndarray:
@@ -56,3 +56,4 @@ def test_solves_match_float64_references(rhs_shape):
     factor = cholesky(jnp.asarray(m))
     np.testing.assert_allclose(cho_solve(factor, jnp.asarray(b)), expected,
                                rtol=1e-10, atol=1e-12)
+

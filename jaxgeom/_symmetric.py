@@ -1,4 +1,4 @@
-"""Cholesky factorisations of symmetric matrices, handed to LAPACK without a transposed copy.
+"""Factorisations of symmetric matrices, handed to LAPACK without a transposed copy.
 
 XLA:CPU factorises through LAPACK, which reads column-major matrices, while JAX's arrays
 are row-major: ``jax.scipy.linalg.cho_factor(m, lower=True)`` (or ``jnp.linalg.cholesky``)
@@ -7,11 +7,12 @@ first copies ``m`` into column-major order, a strided transpose of ``n²`` eleme
 LAPACK's ``potrf`` (88 ms). A symmetric matrix is its own transpose, so :func:`cholesky`
 factorises ``mᵀ``: the same numbers, whose column-major layout is ``m``'s row-major
 bytes, so XLA lays the transpose out as a bitcast and copies nothing. Solves
-(``M + λI``, ``n = 6922 / 4160 / 2112``) went 775 → 500, 250 → 150 and 46 → 29 ms, with
-identical results (``benchmarks/bench_kernels.py``, "Cholesky").
+(``M + λI``, ``n = 6922 / 4160 / 2112``) went 751 → 504, 246 → 151 and 42 → 32 ms, with
+identical results (``benchmarks/bench_kernels.py``, its "Cholesky solve" rows).
 
-Only one triangle of ``m`` is read (its upper one), as by ``jax.scipy.linalg.cho_factor``
-with its default ``lower=False``: the callers' matrices are symmetric by construction.
+:func:`cholesky` reads one triangle of ``m`` (its upper one), as
+``jax.scipy.linalg.cho_factor`` with its default ``lower=False`` does; the callers'
+matrices are symmetric by construction.
 """
 
 from __future__ import annotations
@@ -44,3 +45,4 @@ def spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     """``m⁻¹ b`` for a symmetric positive-definite ``m``: :func:`cholesky` then
     :func:`cho_solve`. Cost ``n³/3 + 2 n² k``."""
     return cho_solve(cholesky(m), b)
+
