@@ -45,4 +45,3 @@ def spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     """``m⁻¹ b`` for a symmetric positive-definite ``m``: :func:`cholesky` then
     :func:`cho_solve`. Cost ``n³/3 + 2 n² k``."""
     return cho_solve(cholesky(m), b)
-

@@ -56,4 +56,3 @@ def test_solves_match_float64_references(rhs_shape):
     factor = cholesky(jnp.asarray(m))
     np.testing.assert_allclose(cho_solve(factor, jnp.asarray(b)), expected,
                                rtol=1e-10, atol=1e-12)
-
