@@ -35,6 +35,7 @@ Compilation is not timed. Needs ``torch`` (the peers' environment, ``benchmarks/
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -115,8 +116,8 @@ def kernels(seed: int = 0) -> dict:
         **{f"Cholesky solve {n}² ({how})": (
             f"(M + 10⁻³ I)⁻¹ v, M: SPD {n} × {n}", systems[n], fn)
            for n in systems
-           for how, fn in (("jax.scipy.linalg", _cho_solve_scipy),
-                           ("jaxgeom", _cho_solve_jaxgeom))},
+           for how, fn in (("jax.scipy.linalg", functools.partial(_cho_solve, how="scipy")),
+                           ("jaxgeom", functools.partial(_cho_solve, how="jaxgeom")))},
         "sum of d floats (bench_mlp Diag trace)": (
             "Σ m, d = 669,706", diag[:1], lambda m: m.sum()),
         "elementwise product (bench_mlp Diag mv)": (
@@ -149,33 +150,23 @@ def _spd(x):
     return (x.astype(np.float64) @ x.T.astype(np.float64) / x.shape[1]).astype(np.float32)
 
 
-def _torch_cho_solve(m, v):
-    import torch
-
-    shifted = m + 1e-3 * torch.eye(m.shape[0], dtype=m.dtype)
-    return torch.cholesky_solve(v[:, None], torch.linalg.cholesky(shifted))[:, 0]
-
-
-def _cho_solve_scipy(m, v):
-    """``jax.scipy.linalg``'s ``cho_factor`` + ``cho_solve`` (or PyTorch's)."""
+def _cho_solve(m, v, how):
+    """``(m + 10⁻³ I)⁻¹ v`` by Cholesky: PyTorch's for torch tensors, else JAX's, written
+    with ``jax.scipy.linalg`` (``how="scipy"``) or with jaxgeom's ``spd_solve``."""
     if type(m).__module__.startswith("torch"):
-        return _torch_cho_solve(m, v)
+        import torch
+
+        shifted = m + 1e-3 * torch.eye(m.shape[0], dtype=m.dtype)
+        return torch.cholesky_solve(v[:, None], torch.linalg.cholesky(shifted))[:, 0]
     import jax
-    import jax.numpy as jnp
-
-    shifted = m + 1e-3 * jnp.eye(m.shape[0], dtype=m.dtype)
-    return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(shifted), v)
-
-
-def _cho_solve_jaxgeom(m, v):
-    """jaxgeom's ``spd_solve`` (the transposed matrix to LAPACK), or PyTorch's."""
-    if type(m).__module__.startswith("torch"):
-        return _torch_cho_solve(m, v)
     import jax.numpy as jnp
 
     from jaxgeom._symmetric import spd_solve
 
-    return spd_solve(m + 1e-3 * jnp.eye(m.shape[0], dtype=m.dtype), v)
+    shifted = m + 1e-3 * jnp.eye(m.shape[0], dtype=m.dtype)
+    if how == "scipy":
+        return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(shifted), v)
+    return spd_solve(shifted, v)
 
 
 def run_mode(sync: bool, repeats: int) -> dict:
