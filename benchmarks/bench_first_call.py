@@ -3,14 +3,18 @@
 A notebook restarted or a script run again compiles every build and operation anew.
 This script times, each in a fresh process: the setup (the model's parameters and data,
 which compile a few small programs too), the first build (``FIM`` of ``--representation``
-on the whole data), the first ``mv`` and the first ``solve`` on it. Three processes per
-model: ``no cache``; ``cache (filling)``, the first run with an empty cache directory;
-``cache (warm)``, the median of ``--repeats`` later runs reading it. The cache is set as
-docs/performance.md says (``jax_compilation_cache_dir`` and
-``jax_persistent_cache_min_compile_time_secs=0``). A table on stdout and ``--out`` JSON::
+on the whole data), then the first eager call of each of ``--operations`` on it (default
+``mv`` and ``solve``; also ``solve_pi``, KFAC's π-damped solve, ``eigvalsh`` and ``norm2``,
+the spectral norm). Three processes per model: ``no cache``; ``cache (filling)``, the first
+run with an empty cache directory; ``cache (warm)``, the median of ``--repeats`` later runs
+reading it (``--no-cache``: the first only). The cache is set as docs/performance.md says
+(``jax_compilation_cache_dir`` and ``jax_persistent_cache_min_compile_time_secs=0``). A
+table on stdout and ``--out`` JSON::
 
     python benchmarks/bench_first_call.py --out first.json
     python benchmarks/bench_first_call.py --models bench_cnn --representation PMatKFAC
+    python benchmarks/bench_first_call.py --models bench_small bench_mlp --representation PMatKFAC \
+        --operations mv solve solve_pi eigvalsh --no-cache
 """
 
 from __future__ import annotations
@@ -26,23 +30,25 @@ import time
 
 from output import write_json
 
-ROWS = ("setup", "build", "mv", "solve")
+OPERATIONS = ("mv", "solve", "solve_pi", "eigvalsh", "norm2")
 
 
-def one_process(model: str, representation: str, cache: str | None) -> dict:
+def one_process(model: str, representation: str, cache: str | None,
+                operations: list[str]) -> dict:
     """Run :func:`child` in a new interpreter; its timings (seconds)."""
     env = dict(os.environ)
     if cache:
         env["JAXGEOM_BENCH_CACHE"] = cache
     else:
         env.pop("JAXGEOM_BENCH_CACHE", None)
-    proc = subprocess.run([sys.executable, __file__, "--child", model, representation],
+    proc = subprocess.run([sys.executable, __file__, "--child", model, representation,
+                           *operations],
                           env=env, capture_output=True, text=True, check=True,
                           cwd=os.path.dirname(os.path.abspath(__file__)))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def child(model: str, representation: str) -> None:
+def child(model: str, representation: str, *operations: str) -> None:
     start = time.perf_counter()
     import jax
 
@@ -66,9 +72,12 @@ def child(model: str, representation: str) -> None:
                                           batch_size=spec.batch_size))
     t["build"] = time.perf_counter() - start
     v = jaxgeom.random_pvector(jax.random.key(2), params)
-    for name, call in (("mv", lambda: F.mv(v)), ("solve", lambda: F.solve(v, 1e-3))):
+    calls = {"mv": lambda: F.mv(v), "solve": lambda: F.solve(v, 1e-3),
+             "solve_pi": lambda: F.solve(v, 1e-3, damping="pi"),
+             "eigvalsh": lambda: F.eigvalsh(), "norm2": lambda: F.norm(2)}
+    for name in operations or ("mv", "solve"):
         start = time.perf_counter()
-        jax.block_until_ready(call())
+        jax.block_until_ready(calls[name]())
         t[name] = time.perf_counter() - start
     print(json.dumps(t))
 
@@ -78,30 +87,39 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", nargs="+", default=["bench_mlp", "bench_cnn"])
     parser.add_argument("--representation", default=None,
                         help="default: PMatEKFAC on bench_mlp, PMatKFAC on the others")
+    parser.add_argument("--operations", nargs="+", default=["mv", "solve"], choices=OPERATIONS,
+                        help="the eager calls timed after the build, in this order")
     parser.add_argument("--repeats", type=int, default=2, help="warm-cache processes")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="only the process without the persistent cache")
     parser.add_argument("--out", default=None, help="write the results as JSON")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(*args.child)
         return {}
-    results = dict(command="python benchmarks/bench_first_call.py " + " ".join(argv or []),
-                   cases={})
+    results = dict(command="python benchmarks/bench_first_call.py "
+                   + " ".join(sys.argv[1:] if argv is None else argv), cases={})
+    rows = ("setup", "build", *args.operations)
     print(f"{'model':12s}  {'representation':14s}  {'run':16s}  "
-          + "  ".join(f"{r:>8s}" for r in ROWS))
+          + "  ".join(f"{r:>8s}" for r in rows))
     for model in args.models:
         rep = args.representation or ("PMatEKFAC" if model == "bench_mlp" else "PMatKFAC")
-        with tempfile.TemporaryDirectory() as cache:
-            runs = {"no cache": one_process(model, rep, None),
-                    "cache (filling)": one_process(model, rep, cache)}
-            warm = [one_process(model, rep, cache) for _ in range(args.repeats)]
-            runs["cache (warm)"] = {r: statistics.median(w[r] for w in warm) for r in ROWS}
-            size = sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache))
+        runs = {"no cache": one_process(model, rep, None, args.operations)}
+        warm, size = [], 0
+        if not args.no_cache:
+            with tempfile.TemporaryDirectory() as cache:
+                runs["cache (filling)"] = one_process(model, rep, cache, args.operations)
+                warm = [one_process(model, rep, cache, args.operations)
+                        for _ in range(args.repeats)]
+                runs["cache (warm)"] = {r: statistics.median(w[r] for w in warm) for r in rows}
+                size = sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache))
         results["cases"][f"{model} {rep}"] = dict(runs=runs, warm_runs=warm, cache_bytes=size)
         for name, t in runs.items():
             print(f"{model:12s}  {rep:14s}  {name:16s}  "
-                  + "  ".join(f"{t[r]:7.2f}s" for r in ROWS))
-        print(f"{'':12s}  {'':14s}  cache: {size / 2**20:.2f} MiB")
+                  + "  ".join(f"{t[r]:7.2f}s" for r in rows))
+        if not args.no_cache:
+            print(f"{'':12s}  {'':14s}  cache: {size / 2**20:.2f} MiB")
     write_json(results, args.out)
     return results
 

@@ -1,14 +1,16 @@
-"""``jax.jit`` for jaxgeom's compiled steps that run the user's model.
+"""``jax.jit`` with jaxgeom's compile options, for the functions that need them.
 
-A step that runs the model (a build's chunk step, the products of ``PMatImplicit`` and
-``PFMapImplicit``, the Hessian's) spends most of its time in the model's forward and
-backward passes. jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default. On a
-2-core AVX2 CPU, XLA's own convolution kernels were faster than YNNPACK's: 2× forward and
-for input gradients, 13× for weight gradients (a 3×3, 32-channel layer on 144 images of
-32×32). These steps are therefore compiled with YNNPACK kept for matrix products and
-reductions but not for convolutions. The option is passed per compilation
-(``compiler_options``), so nothing global changes and the user's own ``jit`` calls are not
-affected.
+Options are passed per compilation (``compiler_options``): nothing global changes, and a
+user's own ``jit`` calls, and jaxgeom's functions traced inside them, are compiled with
+XLA's defaults.
+
+A step that runs the model (:func:`model_jit`: a build's chunk step, the products of
+``PMatImplicit`` and ``PFMapImplicit``, the Hessian's) spends most of its time in the
+model's forward and backward passes. jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK
+by default. On a 2-core AVX2 CPU, XLA's own convolution kernels were faster than
+YNNPACK's: 2× forward and for input gradients, 13× for weight gradients (a 3×3, 32-channel
+layer on 144 images of 32×32). These steps are therefore compiled with YNNPACK kept for
+matrix products and reductions but not for convolutions.
 
 A step may ask for more options (``model_jit(..., compiler_options=...)``): the dense
 and block-diagonal builds' steps ask XLA:CPU for its memory-optimised scheduler
@@ -17,11 +19,24 @@ the independent block products of the Gram were all live at once (bench_small: a
 build's peak 343–359 → 260 MiB for ``PMatDense``, 157–227 → 124–138 MiB for
 ``PMatBlockDiag``, its bound 223).
 
+A function whose run time is LAPACK factorisations (:func:`factorisation_jit`: the
+solves, eigendecompositions and spectral norms of the dense, block-diagonal, KFAC and
+low-rank representations called eagerly, EKFAC's eigendecompositions) is compiled with
+XLA:CPU's direct LLVM fusion emitters (:data:`FAST_COMPILE`) instead of its MLIR-based
+ones. Such a function is many small fusions around a few LAPACK calls (a KFAC π-damped
+``solve`` on a 3-layer MLP: 49 loop fusions, 18 LAPACK calls), each of which the MLIR
+route takes about twice as long to compile, for kernels that run as fast: that ``solve``
+compiles in 248 against 519 ms, bench_mlp's in 292 against 614 ms, for the same 0.23 and
+29 ms warm (2-core CPU, jaxlib 0.10; benchmarks/README.md, "Compile time"). Element-wise
+work, on the other hand, ran up to 1.25× slower with the direct emitters
+(``PMatQuasiDiag.solve``; ``PMatDiag.solve`` on 1.5 M parameters 1.12×), and the model
+steps of a conv net 3–12% slower: everything else keeps XLA's default emitters.
+
 Each option is left out when ``XLA_FLAGS`` already sets it (the user's choice wins: set it
 to XLA's default to opt out) or when this jaxlib's XLA does not know it (checked once per
 option, by compiling a trivial function).
 
-On the CPU each step is also traced through
+On the CPU each model step is also traced through
 :func:`~jaxgeom._convolutions.canonical_convolutions`, which writes every plain convolution
 (the model's and the transposes its derivatives make) in the layout XLA:CPU's fast kernels
 take. Compiled at the top level this changes nothing; compiled inside a loop — conjugate
@@ -42,6 +57,11 @@ import numpy as np
 
 from jaxgeom._convolutions import canonical_convolutions
 
+#: options of a function whose run time is LAPACK factorisations: XLA:CPU's direct LLVM
+#: fusion emitters, which compile the small fusions around them in about half the time of
+#: the MLIR-based default
+FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False}
+
 #: the XLA option, and its value: XLA's default (dots and reductions) without convolutions
 CONVOLUTION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 CONVOLUTION_VALUE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
@@ -54,15 +74,26 @@ MEMORY_SCHEDULE = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZE
 
 
 @functools.cache
-def model_compile_options(extra: tuple[tuple[str, Any], ...] = ()) -> dict[str, Any] | None:
-    """The ``compiler_options`` of a step that runs the model, with the ``(name, value)``
-    pairs ``extra`` (``None``: XLA's defaults): those this XLA accepts and ``XLA_FLAGS``
-    does not set."""
+def compile_options(wanted: tuple[tuple[str, Any], ...]) -> dict[str, Any] | None:
+    """The ``compiler_options`` made of the ``(name, value)`` pairs ``wanted`` that this
+    XLA accepts and ``XLA_FLAGS`` does not set (``None``: XLA's defaults)."""
     flags = os.environ.get("XLA_FLAGS", "")
-    wanted = ((CONVOLUTION_OPTION, CONVOLUTION_VALUE), *extra)
     options = {name: value for name, value in wanted
                if name not in flags and _accepted(name, value)}
     return options or None
+
+
+def model_compile_options(extra: tuple[tuple[str, Any], ...] = ()) -> dict[str, Any] | None:
+    """The ``compiler_options`` of a step that runs the model: YNNPACK kept off
+    convolutions (:data:`CONVOLUTION_OPTION`), then the pairs ``extra``."""
+    return compile_options(((CONVOLUTION_OPTION, CONVOLUTION_VALUE), *extra))
+
+
+def factorisation_compile_options(extra: tuple[tuple[str, Any], ...] = ()
+                                  ) -> dict[str, Any] | None:
+    """The ``compiler_options`` of a function whose run time is LAPACK factorisations:
+    :data:`FAST_COMPILE`, then the pairs ``extra``."""
+    return compile_options((*FAST_COMPILE.items(), *extra))
 
 
 @functools.cache
@@ -75,21 +106,25 @@ def _accepted(name: str, value: Any) -> bool:
     return True
 
 
-class ModelJit:
-    """``jax.jit(fun, **jit_kwargs)`` compiled with :func:`model_compile_options` when it
-    is called at the top level, and the plain ``jax.jit`` when it is called inside another
-    ``jit`` (JAX takes compile options from the outermost ``jit`` only, and refuses them on
-    a nested one; the nested call is then traced twice, once per outer compilation).
+class CompiledFunction:
+    """``jax.jit(fun, **jit_kwargs)`` compiled with options when it is called at the top
+    level — a model step's (``runs_model``: :func:`model_compile_options`, and traced
+    through :func:`~jaxgeom._convolutions.canonical_convolutions` on the CPU), else a
+    factorisation's (:func:`factorisation_compile_options`) — and the plain ``jax.jit``
+    when it is called inside another ``jit`` (JAX takes compile options from the outermost
+    ``jit`` only, and refuses them on a nested one; the nested call is then traced twice,
+    once per outer compilation).
 
     The jitted functions are made at the first use (the options need a backend, which must
     not start at import); ``lower``, ``eval_shape`` and the other attributes of a jitted
     function are the top-level one's.
     """
 
-    def __init__(self, fun: Callable, *, compiler_options: dict[str, Any] | None = None,
-                 **jit_kwargs: Any):
+    def __init__(self, fun: Callable, *, runs_model: bool = False,
+                 compiler_options: dict[str, Any] | None = None, **jit_kwargs: Any):
         functools.update_wrapper(self, fun)
         self._fun = fun
+        self._runs_model = runs_model
         self._extra = tuple(sorted((compiler_options or {}).items()))
         self._jit_kwargs = jit_kwargs
         self._top_level: Callable | None = None
@@ -97,15 +132,17 @@ class ModelJit:
 
     def _compiled(self) -> Callable:
         if self._top_level is None:
-            self._top_level = jax.jit(self._traced(),
-                                      compiler_options=model_compile_options(self._extra),
+            options = (model_compile_options if self._runs_model
+                       else factorisation_compile_options)
+            self._top_level = jax.jit(self._traced(), compiler_options=options(self._extra),
                                       **self._jit_kwargs)
         return self._top_level
 
     def _traced(self) -> Callable:
-        """The function ``jit`` traces: on the CPU, with :func:`canonical_convolutions`
-        (XLA's GPU and TPU compilers choose convolution layouts themselves)."""
-        if jax.default_backend() == "cpu":
+        """The function ``jit`` traces: a model step, on the CPU, with
+        :func:`canonical_convolutions` (XLA's GPU and TPU compilers choose convolution
+        layouts themselves)."""
+        if self._runs_model and jax.default_backend() == "cpu":
             return canonical_convolutions(self._fun)
         return self._fun
 
@@ -120,16 +157,25 @@ class ModelJit:
         return self._nested(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_fun", "_extra", "_jit_kwargs", "_top_level",
-                                             "_nested"):
+        if name.startswith("__") or name in ("_fun", "_runs_model", "_extra", "_jit_kwargs",
+                                             "_top_level", "_nested"):
             raise AttributeError(name)
         return getattr(self._compiled(), name)
 
 
 def model_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
-    """Decorator: :class:`ModelJit`, used like ``jax.jit`` (``static_argnums``,
-    ``static_argnames``, ``donate_argnums``, …; ``compiler_options``: options added to
-    :func:`model_compile_options`' own, each where this XLA takes it)."""
+    """Decorator: :class:`CompiledFunction` for a step that runs the user's model, used
+    like ``jax.jit`` (``static_argnums``, ``static_argnames``, ``donate_argnums``, …;
+    ``compiler_options``: options added to :func:`model_compile_options`' own, each where
+    this XLA takes it)."""
     if fun is None:
         return functools.partial(model_jit, **jit_kwargs)
-    return ModelJit(fun, **jit_kwargs)
+    return CompiledFunction(fun, runs_model=True, **jit_kwargs)
+
+
+def factorisation_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
+    """Decorator: :class:`CompiledFunction` for a function whose run time is LAPACK
+    factorisations (:func:`factorisation_compile_options`), used like ``jax.jit``."""
+    if fun is None:
+        return functools.partial(factorisation_jit, **jit_kwargs)
+    return CompiledFunction(fun, **jit_kwargs)

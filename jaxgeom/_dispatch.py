@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxgeom._compile import factorisation_jit
 from jaxgeom._lapack import one_thread_when_faster
 
 #: stands in the static leaves for each traced one
@@ -83,23 +84,40 @@ def _hashable(static: tuple) -> bool:
     return True
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _compiled_call(method: Callable, treedef: Any, static: tuple, traced: list) -> Any:
-    values = iter(traced)
-    leaves = [next(values) if leaf is _TRACED else leaf for leaf in static]
-    self, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-    return method(self, *args, **kwargs)
+def _calling(name: str) -> Callable:
+    """A new function ``name(method, treedef, static, traced)``: ``method(self, *args,
+    **kwargs)`` from the leaves (JAX caches compilations per function: one function per
+    way of compiling the call)."""
+
+    def call(method: Callable, treedef: Any, static: tuple, traced: list) -> Any:
+        values = iter(traced)
+        leaves = [next(values) if leaf is _TRACED else leaf for leaf in static]
+        self, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+        return method(self, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+_compiled_call = jax.jit(_calling("_compiled_call"), static_argnums=(0, 1, 2))
+#: for the operations a representation lists in ``FACTORISING_OPERATIONS``: compiled with
+#: XLA:CPU's quick fusion emitters (:func:`jaxgeom._compile.factorisation_jit`)
+_compiled_factorisation = factorisation_jit(_calling("_compiled_factorisation"),
+                                            static_argnums=(0, 1, 2))
 
 
 def compiled_when_eager(method: Callable) -> Callable:
     """``method(self, *args, **kwargs)`` as one compiled call when no argument is traced
     (module docstring). ``self`` must be a pytree; when it has a ``_compiles_eager_calls()``
-    method answering ``False``, the call stays eager. When it has a
+    method answering ``False``, the call stays eager. When the method's name is in its
+    ``FACTORISING_OPERATIONS`` the call is compiled as a factorisation
+    (:func:`jaxgeom._compile.factorisation_jit`: half the compile time). When it has a
     ``_factorised_orders(name, *args, **kwargs)`` method, the orders of the independent
     matrices that call factorises, the compiled call runs them side by side when faster
     (:func:`jaxgeom._lapack.one_thread_when_faster`). The result must be a pytree of arrays.
     The returned function keeps the method's name and docstring, and the method itself as
     ``eager_method``."""
+    name = method.__name__
 
     @functools.wraps(method)
     def operation(self, *args: Any, **kwargs: Any) -> Any:
@@ -110,12 +128,14 @@ def compiled_when_eager(method: Callable) -> Callable:
         split = _split(leaves)
         if split is None:
             return method(self, *args, **kwargs)
+        call = (_compiled_factorisation if name in getattr(self, "FACTORISING_OPERATIONS", ())
+                else _compiled_call)
         factorised = getattr(self, "_factorised_orders", None)
-        orders = factorised(method.__name__, *args, **kwargs) if factorised is not None else ()
+        orders = factorised(name, *args, **kwargs) if factorised is not None else ()
         if not orders:
-            return _compiled_call(method, treedef, *split)
+            return call(method, treedef, *split)
         with one_thread_when_faster(orders, split[1]) as limited:
-            result = _compiled_call(method, treedef, *split)
+            result = call(method, treedef, *split)
             return jax.block_until_ready(result) if limited else result
 
     operation.eager_method = method

@@ -51,6 +51,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxgeom._compile import factorisation_jit
+
 #: held while the BLAS libraries are limited: their thread counts are the process's, and a
 #: call that began inside another thread's limit would restore that limit, not the default
 _LIMITING = threading.RLock()
@@ -162,7 +164,7 @@ def _after(previous: Any, x: Any) -> Any:
 @functools.cache
 def _each(fn: Callable[[Any], Any]) -> Any:
     """``jax.jit`` of ``fn`` on each item, one after another (one per ``fn``)."""
-    return jax.jit(functools.partial(_one_after_another, fn))
+    return factorisation_jit(functools.partial(_one_after_another, fn))
 
 
 def _run(call: Callable[[list], Any], items: list) -> Any:

@@ -1,9 +1,12 @@
-"""``_compile.model_jit``: the compiled steps that run the model, with XLA's own
-convolution kernels on the CPU, top-level or nested in another ``jit``."""
+"""``_compile.model_jit`` and ``_compile.factorisation_jit``: jaxgeom's compiled functions
+with their compile options (the steps that run the model: XLA's own convolution kernels
+on the CPU; the factorisations: XLA:CPU's quick fusion emitters), top-level or nested in
+another ``jit``."""
 
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +46,12 @@ def test_model_steps_leave_convolutions_to_xla():
     assert _convolutions_in_ynn_fusions(model) == 0
 
 
-def test_model_jit_top_level_nested_and_transformed():
+@pytest.mark.parametrize("jit", [_compile.model_jit, _compile.factorisation_jit])
+def test_jit_top_level_nested_and_transformed(jit):
     """The same numbers as the function, called directly (with the options), inside
     another ``jit`` (without: JAX takes compile options from the outer one only), under
     ``grad`` and ``vmap``, with static and donated arguments."""
-    f = _compile.model_jit(lambda x, *, k: jnp.sin(x) * k, static_argnames=("k",))
+    f = jit(lambda x, *, k: jnp.sin(x) * k, static_argnames=("k",))
     x = jnp.linspace(0.0, 1.0, 5)
     np.testing.assert_allclose(f(x, k=2), 2 * np.sin(x), rtol=1e-12)
     np.testing.assert_allclose(jax.jit(lambda x: f(x, k=3) + 1)(x), 3 * np.sin(x) + 1,
@@ -56,23 +60,88 @@ def test_model_jit_top_level_nested_and_transformed():
                                rtol=1e-12)
     np.testing.assert_allclose(jax.vmap(lambda r: f(r, k=2))(jnp.stack([x, -x])),
                                2 * np.sin(np.stack([x, -x])), rtol=1e-12)
-    add = _compile.model_jit(lambda total, x: total + x, donate_argnums=0)
+    add = jit(lambda total, x: total + x, donate_argnums=0)
     np.testing.assert_allclose(add(jnp.ones(5), x), 1 + x, rtol=1e-12)
     assert f.eval_shape(x, k=2).shape == (5,)
 
 
+def test_factorisations_compile_with_the_quick_emitters(monkeypatch):
+    """A factorisation's options are :data:`FAST_COMPILE` where this jaxlib has the quick
+    emitters (0.10; 0.11 removed them: then none), a model step's do not hold it; a
+    factorisation compiled with them computes what XLA's default kernels do (a Cholesky
+    solve with element-wise work, a reduction and a transpose)."""
+    (name, value), = _compile.FAST_COMPILE.items()
+    known = _compile._accepted(name, value)
+    assert known or tuple(int(p) for p in version("jaxlib").split(".")[:2]) != (0, 10)
+    monkeypatch.setenv("XLA_FLAGS", "")  # this suite's conftest sets the option itself
+    _compile.compile_options.cache_clear()
+    try:
+        assert _compile.factorisation_compile_options() == (
+            _compile.FAST_COMPILE if known else None)
+        assert _compile.model_compile_options() == {
+            _compile.CONVOLUTION_OPTION: _compile.CONVOLUTION_VALUE}
+    finally:
+        _compile.compile_options.cache_clear()
+
+    def work(m, v):
+        s = m @ m.T + jnp.eye(m.shape[0])
+        w = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(s), v)
+        return jnp.tanh(w) * jnp.sum(m**2, axis=1), jnp.max(jnp.abs(m.T), axis=0)
+
+    rng = np.random.default_rng(0)
+    m, v = rng.standard_normal((33, 20)), rng.standard_normal(33)
+    ours, default = _compile.factorisation_jit(work)(m, v), jax.jit(work)(m, v)
+    for a, b in zip(ours, default):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_eager_operations_compile_as_factorisations_where_listed():
+    """An eager operation in a representation's ``FACTORISING_OPERATIONS`` is compiled
+    with the factorisations' options (Dense ``solve``, a Cholesky), any other with XLA's
+    defaults (Dense ``trace``, Diag ``solve``: element-wise)."""
+    from jaxgeom import PMatDense, PMatDiag, _dispatch
+    from jaxgeom.layers import LayerCollection
+
+    layout = LayerCollection.from_params({"w": jnp.zeros(7)})
+    a = np.random.default_rng(1).standard_normal((7, 7))
+    dense = PMatDense(layout, jnp.asarray(a @ a.T))
+    diag = PMatDiag(layout, jnp.asarray(np.diag(a @ a.T)))
+    v = {"w": jnp.arange(7.0)}
+
+    def compilations():
+        return (_dispatch._compiled_factorisation._cache_size(),
+                _dispatch._compiled_call._cache_size())
+
+    before = compilations()
+    x = dense.solve(v, 0.5)["w"]
+    after_solve = compilations()
+    np.testing.assert_allclose(x, np.linalg.solve(a @ a.T + 0.5 * np.eye(7), np.arange(7.0)),
+                               rtol=1e-10)
+    dense.trace(), diag.solve(v, 0.5)
+    after_others = compilations()
+    assert after_solve == (before[0] + 1, before[1])
+    assert after_others == (after_solve[0], after_solve[1] + 2)
+    assert PMatDiag.FACTORISING_OPERATIONS == ()
+    assert "solve" in PMatDense.FACTORISING_OPERATIONS
+
+
 def test_compile_options_defer_to_xla_flags(monkeypatch):
-    """The option is left to the user when ``XLA_FLAGS`` sets it."""
-    _compile.model_compile_options.cache_clear()
+    """An option is left to the user when ``XLA_FLAGS`` sets it."""
+    clear = _compile.compile_options.cache_clear
+    clear()
     try:
         options = _compile.model_compile_options()
         assert options == {_compile.CONVOLUTION_OPTION: _compile.CONVOLUTION_VALUE}
-        _compile.model_compile_options.cache_clear()
+        clear()
         monkeypatch.setenv("XLA_FLAGS",
                            f"--{_compile.CONVOLUTION_OPTION}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
         assert _compile.model_compile_options() is None
+        clear()
+        (name, _), = _compile.FAST_COMPILE.items()
+        monkeypatch.setenv("XLA_FLAGS", f"--{name}=true")
+        assert _compile.factorisation_compile_options() is None
     finally:
-        _compile.model_compile_options.cache_clear()
+        clear()
 
 
 def test_importing_jaxgeom_starts_no_backend():

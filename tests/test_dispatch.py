@@ -15,7 +15,7 @@ from flax import linen as nn
 from pmat_checks import TOL, flat, vec
 
 from jaxgeom import FIM, PMatDense, PMatDiag, PMatImplicit, PMatKFAC, PMatQuasiDiag, PVector, vector
-from jaxgeom._dispatch import _compiled_call, compiled_when_eager
+from jaxgeom._dispatch import _compiled_call, _compiled_factorisation, compiled_when_eager
 
 
 @functools.cache
@@ -34,11 +34,12 @@ def _fisher(representation):
 
 
 def _cache_size():
-    return _compiled_call._cache_size() + vector._flat_norm._cache_size()
+    return (_compiled_call._cache_size() + _compiled_factorisation._cache_size()
+            + vector._flat_norm._cache_size())
 
 
 def _compilations(call):
-    """The compilations of :func:`_compiled_call` (and of ``PVector.norm``'s) that
+    """The compilations of :func:`_compiled_call`, both ways (and of ``PVector.norm``'s), that
     ``call()`` adds, and its result."""
     before = _cache_size()
     out = jax.block_until_ready(call())

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._compile import factorisation_jit
+
 
 def is_integer(p) -> bool:
     return isinstance(p, numbers.Integral) or (isinstance(p, float) and float(p).is_integer())
@@ -170,7 +172,7 @@ def eigh_psd(m: jax.Array, rank_bound: int | None = None, *, checked: bool = Fal
     return jnp.where(jnp.arange(m.shape[0]) < m.shape[0] - width, 0, values), vectors
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(factorisation_jit, static_argnums=(1, 2))
 def _eigh_on_range(m: jax.Array, k: int, checked: bool = True
                    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """:func:`eigh_psd` through a ``k``-column sketch of the range of ``m``, and (when

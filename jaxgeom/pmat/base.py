@@ -82,6 +82,14 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         "mv", "vTMv", "mmap", "mapTMmap", "solve", "to_dense", "get_diag", "trace",
         "frobenius_norm", "eigvalsh", "norm", "eigh",
     )
+    #: the :attr:`COMPILED_OPERATIONS` whose run time is LAPACK factorisations (Cholesky,
+    #: ``eigh``, QR) with little element-wise work around them: compiled with XLA:CPU's
+    #: quick fusion emitters (:func:`jaxgeom._compile.factorisation_jit`), in about half
+    #: the time, for the same run time; the others with XLA's defaults
+    FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = ()
+    #: :attr:`FACTORISING_OPERATIONS` of a representation that factorises its matrices,
+    #: blocks or factors for every solve and spectral operation
+    FACTORISES: ClassVar[tuple[str, ...]] = ("solve", "eigvalsh", "norm", "eigh")
 
     # ------------------------------------------------------------------ primitives
     @abc.abstractmethod

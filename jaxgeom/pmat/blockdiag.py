@@ -49,6 +49,7 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
     blocks: tuple[jax.Array, ...] = dataclasses.field(default=())
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq", "cg")
+    FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
     PROMOTION_RANK: ClassVar[int] = 2
     #: the build's chunk step under XLA:CPU's memory-optimised schedule: its default kept
     #: the wide layers' Gram block products live at once (bench_small's warm build

@@ -34,6 +34,7 @@ class PMatDense(PMatAbstract):
     data: jax.Array = dataclasses.field(default=None)
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq", "cg")
+    FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
     PROMOTION_RANK: ClassVar[int] = 3
 
     def __post_init__(self):

@@ -62,7 +62,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,10 @@ class PMatEKFAC(PMatKFAC):
       >>> step = F.solve(grads, regul=1e-3)
       >>> F2 = F.refit(model.apply, new_params, next_batch)   # same bases, new diagonal
     """
+
+    #: its layers are already in eigenbasis form: solves and spectra are products and
+    #: element-wise work, compiled with XLA's defaults
+    FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = ()
 
     def eigenbasis(self, layer: Layer | str) -> tuple[jax.Array | None, jax.Array, jax.Array]:
         """``(Q_A, Q_G, D)`` of a Kronecker layer: ``(a, a)`` (``None`` for an embedding,

@@ -647,6 +647,7 @@ class PMatKFAC(PMatAbstract):
     LEAFWISE: ClassVar[bool] = True
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("eigh", "cg")
+    FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
 
     @property
     def _parts(self) -> _Layout:

@@ -52,6 +52,7 @@ class PMatLowRank(PMatAbstract):
     coef: jax.Array = dataclasses.field(default=1.0)
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("woodbury", "eigh", "cg")
+    FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
 
     def __post_init__(self):
         d = self.layer_collection.numel()
