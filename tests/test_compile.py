@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgeom import _compile
+from jaxgeom import PMatDense, PMatDiag, _compile, _dispatch
+from jaxgeom.layers import LayerCollection
 
 
 def _conv(x, w):
@@ -99,9 +100,6 @@ def test_eager_operations_compile_as_factorisations_where_listed():
     """An eager operation in a representation's ``FACTORISING_OPERATIONS`` is compiled
     with the factorisations' options (Dense ``solve``, a Cholesky), any other with XLA's
     defaults (Dense ``trace``, Diag ``solve``: element-wise)."""
-    from jaxgeom import PMatDense, PMatDiag, _dispatch
-    from jaxgeom.layers import LayerCollection
-
     layout = LayerCollection.from_params({"w": jnp.zeros(7)})
     a = np.random.default_rng(1).standard_normal((7, 7))
     dense = PMatDense(layout, jnp.asarray(a @ a.T))
