@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 
+import bench_fim
 from output import write_json
 
 #: (model, representations) of the default run: every representation on the small MLP,
@@ -31,19 +32,16 @@ DEFAULT_CASES = {
     "bench_mlp": ("PMatDiag", "PMatKFAC", "PMatEKFAC", "PMatQuasiDiag"),
     "bench_resnet": ("PMatDiag", "PMatKFAC", "PMatEKFAC", "PMatQuasiDiag"),
 }
-OPERATIONS = ("mv", "vTMv", "trace", "frobenius_norm", "solve", "eigvalsh")
-DEFAULT_OPERATIONS = ("mv", "vTMv", "trace", "frobenius_norm", "solve")
+DEFAULT_OPERATIONS = bench_fim.OPERATIONS
+OPERATIONS = (*DEFAULT_OPERATIONS, "eigvalsh")
 
 
-def _call(op: str, rep: str):
-    """``(F, v) ↦`` the operation (KFAC's solve π-damped, as the suite's)."""
-    options = {"damping": "pi"} if (op == "solve" and rep == "PMatKFAC") else {}
-    return {
-        "mv": lambda F, v: F.mv(v), "vTMv": lambda F, v: F.vTMv(v),
-        "trace": lambda F, v: F.trace(), "frobenius_norm": lambda F, v: F.frobenius_norm(),
-        "solve": lambda F, v: F.solve(v, 1e-3, **options),
-        "eigvalsh": lambda F, v: F.eigvalsh(),
-    }[op]
+def _call(op: str, rep: str, F):
+    """``(F, v) ↦`` the operation, written as the suite writes it (KFAC's solve π-damped,
+    a CG solve's ``maxiter``: :func:`bench_fim._operation`)."""
+    if op == "eigvalsh":
+        return lambda F, v: F.eigvalsh()
+    return bench_fim._operation(op, rep, F)[0]
 
 
 def compare(F, v, call, budget_s: float = 0.4) -> dict:
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = dict(command="python benchmarks/bench_compile.py "
                    + " ".join(sys.argv[1:] if argv is None else argv),
-                   versions={"jax": jax.__version__}, rows=[])
+                   versions=bench_fim.versions(), rows=[])
     print(f"{'model':12s}  {'representation':14s}  {'operation':14s}  {'compile ms':>19s}"
           f"  {'×':>5s}  {'warm ms':>21s}  {'×':>5s}")
     for model in args.models:
@@ -113,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             for op in args.operations:
                 row = dict(model=model, representation=rep, operation=op,
                            factorising=op in getattr(jaxgeom, rep).FACTORISING_OPERATIONS,
-                           **compare(F, v, _call(op, rep)))
+                           **compare(F, v, _call(op, rep, F)))
                 results["rows"].append(row)
                 c0, c1 = row["default_compile_s"], row["fast_compile_compile_s"]
                 w0, w1 = row["default_warm_s"], row["fast_compile_warm_s"]
