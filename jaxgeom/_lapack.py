@@ -29,8 +29,13 @@ by at most ≈ 1.5× at these sizes (measured on 2 cores, ``eigh``: 1.14× at 51
 compiled in the calling thread (so that its configuration, ``jax.enable_x64`` and the
 like, holds) and run from a thread of its own: bench_mlp's EKFAC builds 103 → 83 ms
 (Monte Carlo) and 144 → 130 ms (exact) against one compiled call
-(``benchmarks/bench_lapack.py``). bench_cnn's factors, a 4097² one and small ones, and
-bench_small's, too small, keep LAPACK's threads.
+(``benchmarks/bench_lapack.py``). bench_cnn's factors, a 4097² one and small ones, keep
+LAPACK's threads. Factorisations too small to gain from a second core in any way
+(bench_small's, 65² and less: :data:`SIDE_BY_SIDE_MIN_COST` in all) run as one chain on
+the calling thread, with LAPACK held to one thread: run on LAPACK's threads, they left one
+spinning into the refit pass that followed, whose chunks then shared a core with it
+(bench_small's EKFAC builds 5.2 → 4.7 ms Monte Carlo, 15.8 → 13.7 ms exact, with the
+driver's first pass not waited for, :mod:`jaxgeom.streaming`).
 
 The thread limit is ``threadpoolctl``'s, held only while the call runs (the call is
 waited for inside it): it applies to every BLAS library loaded in the process, for that
@@ -88,10 +93,11 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     another (``jax.jit``, cached on ``fn``; lowered and compiled in this thread), the chains
     run at once from this thread and worker threads with LAPACK held to one thread, and
     waited for.
-    Otherwise, and inside a trace, the calls as written, eagerly: their factorisations run
-    one after the other on LAPACK's threads (one compiled call would let XLA start several
-    at once, each with LAPACK's threads: bench_resnet's EKFAC build took 2.6 s instead of
-    2.1 s that way).
+    When they are all small (below :data:`SIDE_BY_SIDE_MIN_COST` in all), one such chain
+    in this thread, LAPACK held to one thread, waited for. Otherwise, and inside a trace,
+    the calls as written, eagerly: their factorisations run one after the other on
+    LAPACK's threads (one compiled call would let XLA start several at once, each with
+    LAPACK's threads: bench_resnet's EKFAC build took 2.6 s instead of 2.1 s that way).
     """
     items = list(items)
     leaves = jax.tree_util.tree_leaves(items)
@@ -99,10 +105,13 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
         return [fn(item) for item in items]
     schedule = chains(orders, _cores())
     if schedule is None:
-        return [fn(item) for item in items]
+        if not too_small_for_threads(orders):
+            return [fn(item) for item in items]
+        with _one_lapack_thread():
+            return _run(_each(fn), items)
     parts = [[items[i] for i in chain] for chain in schedule]
     calls = [_each(fn).lower(part).compile() for part in parts]
-    with _LIMITING, _blas_threads().limit(limits=1, user_api="blas"):
+    with _one_lapack_thread():
         others = [_workers().submit(_run, call, part)
                   for call, part in zip(calls[1:], parts[1:])]
         try:
@@ -179,15 +188,31 @@ def _workers() -> concurrent.futures.ThreadPoolExecutor:
 
 
 @contextlib.contextmanager
+def _one_lapack_thread() -> Iterator[None]:
+    """LAPACK (every BLAS library in the process) held to one thread in the block."""
+    with _LIMITING, _blas_threads().limit(limits=1, user_api="blas"):
+        yield
+
+
+@contextlib.contextmanager
 def one_thread_when_faster(sizes: Sequence[int], arrays: Sequence[Any]) -> Iterator[bool]:
     """Hold LAPACK to one thread in the block when ``arrays`` are on a CPU and
-    factorisations of orders ``sizes`` are :func:`faster_side_by_side`; yields whether it
-    does (the block must then wait for its results before it ends)."""
-    if len(sizes) < 2 or not faster_side_by_side(sizes, _cores()) or not _on_cpu(arrays):
+    factorisations of orders ``sizes`` are :func:`faster_side_by_side` or
+    :func:`too_small_for_threads`; yields whether it does (the block must then wait for its
+    results before it ends)."""
+    if not (faster_side_by_side(sizes, _cores()) or too_small_for_threads(sizes)
+            ) or not _on_cpu(arrays):
         yield False
         return
-    with _LIMITING, _blas_threads().limit(limits=1, user_api="blas"):
+    with _one_lapack_thread():
         yield True
+
+
+def too_small_for_threads(sizes: Sequence[int]) -> bool:
+    """Whether factorisations of orders ``sizes`` are too small to gain from a second core
+    in any way (:data:`SIDE_BY_SIDE_MIN_COST` in all): LAPACK's threads would only be left
+    spinning after them."""
+    return sum(cost(n) for n in sizes) < SIDE_BY_SIDE_MIN_COST
 
 
 def faster_side_by_side(sizes: Sequence[int], cores: int) -> bool:

@@ -26,7 +26,10 @@ a :class:`Continue` — the builder of the next pass and what to do with its res
 the driver streams the data again; a group runs all its members' next passes together, so
 the number of passes is the largest member's (``passes``), not their sum. For that second
 pass, a one-shot iterator is kept as a list of its batches while it is read the first
-time; a re-iterable (a list, a loader) is iterated again.
+time; a re-iterable (a list, a loader) is iterated again. The driver does not wait for a
+pass that another follows: its chunks' finiteness flags are read with the next pass's
+(its total zeroed on the device if one is false, so that no NaN reaches the factorisations
+between the passes), and the work between the passes is dispatched while it computes.
 
 Kept data. A builder with ``keeps_data`` (``PMatImplicit``, which replays the data at
 every product) receives the list of all batches read (``Stream.data``): the driver keeps
@@ -308,25 +311,36 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
             examples, data_lib.last_chunk_offset(data, batch_size))
     one_shot = isinstance(data, collections.abc.Iterator)
     source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
-    total, n = _reduce(first_builder, itertools.chain([first], chunks), params, aux)
+    total, n, flags = _reduce(first_builder, itertools.chain([first], chunks), params, aux)
+    if first_builder.passes > 1:
+        # not waited for: the finalize between the passes (EKFAC's eigendecompositions) is
+        # dispatched while the first pass computes; the flags are read with the next pass's
+        total = _zero_unless_finite(tuple(f for f, _, _ in flags), total)
+    else:
+        _check_all(flags)
+        flags = []
     replay = source.kept if source.keeping else data
     stream = Stream(n, params, aux, replay, batch_size)
 
     def resolve(result):
         while isinstance(result, Continue):
             nxt = result.builder
-            total, _ = _reduce(nxt, data_lib.iter_chunks(replay, batch_size), params, aux)
+            total, _, more = _reduce(nxt, data_lib.iter_chunks(replay, batch_size), params, aux)
+            _check_all(flags + more)
+            flags.clear()
             result = result.then(resolve(nxt.finalize(total, stream)))
+        _check_all(flags)
         return result
 
     return resolve(first_builder.finalize(total, stream))
 
 
-def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
-    """Stream ``chunks`` through ``builder``: the total of the statistics and ``N``.
+def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]:
+    """Stream ``chunks`` through ``builder``: the total of the statistics, ``N``, and each
+    chunk's ``(finite, offset, count)`` (to :func:`_check_all`).
 
-    The loop never waits for the device: each chunk's finiteness flag is read once all
-    chunks are dispatched, and the running total of a builder that
+    The loop never waits for the device: the finiteness flags are read by the caller once
+    all chunks are dispatched, and the running total of a builder that
     :attr:`~ChunkBuilder.updates_in_place` is updated inside the chunk's compiled step (its
     buffers donated), so a chunk costs one dispatch and no copy of the total.
     """
@@ -343,9 +357,22 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int]:
             total = builder.reduce(total, stats, chunk.count)
         flags.append((finite, chunk.offset, chunk.count))
         n += chunk.count
+    return total, n, flags
+
+
+def _check_all(flags: list) -> None:
+    """:func:`check_finite` of each chunk's flag, in the order the chunks were read."""
     for finite, offset, count in flags:
         check_finite(finite, offset, count)
-    return total, n
+
+
+@functools.partial(jax.jit, donate_argnums=1)
+def _zero_unless_finite(flags: tuple, total: Any) -> Any:
+    """``total``, or zeros if any chunk's flag is false: a pass whose flags are read later
+    hands the next one finite statistics (LAPACK is never given NaNs); the error is raised
+    when the flags are read."""
+    finite = jnp.all(jnp.stack(flags))
+    return jax.tree_util.tree_map(lambda t: jnp.where(finite, t, jnp.zeros_like(t)), total)
 
 
 def _update(builder, total, params, batch, mask, offset, aux):

@@ -2,6 +2,7 @@
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -489,6 +490,66 @@ def test_a_non_finite_input_names_its_chunk(representation, make, bad):
     with pytest.raises(FloatingPointError, match="non-finite"):
         FIM_MonteCarlo(t.apply_fn, t.params, x, getattr(jaxgeom, representation),
                        key=jax.random.PRNGKey(0), batch_size=3)
+
+
+def test_a_pass_that_another_follows_is_not_waited_for(monkeypatch):
+    """EKFAC's two passes: the chunks' finiteness flags (read on the host, which waits for
+    the device) are all read after the second pass is dispatched, so that the factors'
+    eigendecompositions in between are dispatched while the first pass computes."""
+    from jaxgeom import streaming
+
+    t = make_linen_mlp()
+    events = []
+    reduce, check = streaming._reduce, streaming.check_finite
+
+    def recorded_reduce(builder, *args):
+        events.append(type(builder).__name__)
+        return reduce(builder, *args)
+
+    def recorded_check(finite, offset, count):
+        events.append(offset)
+        check(finite, offset, count)
+
+    monkeypatch.setattr(streaming, "_reduce", recorded_reduce)
+    monkeypatch.setattr(streaming, "check_finite", recorded_check)
+    F = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, batch_size=3)
+    # 7 examples in chunks of 3: offsets 0, 3, 6 in each pass
+    assert events == ["EKFACBuilder", "RefitBuilder", 0, 3, 6, 0, 3, 6]
+    np.testing.assert_allclose(
+        F.to_dense(), FIM(t.apply_fn, t.params, t.x, PMatEKFAC).to_dense(), **TOL)
+
+
+def test_a_non_finite_first_pass_hands_on_zeros_and_names_its_chunk(monkeypatch):
+    """The factors of a first pass with a non-finite chunk reach ``eigh`` as zeros (LAPACK
+    never sees a NaN), and the error, raised once the flags are read, names the chunk."""
+    from jaxgeom.pmat import kfac
+
+    t = make_linen_mlp()
+    x = t.x.at[4, 0].set(jnp.nan)
+    factorised = []
+    side_by_side = kfac.side_by_side
+
+    def recorded(fn, jobs, orders):
+        factorised.extend(np.asarray(job.matrix) for job in jobs)
+        return side_by_side(fn, jobs, orders)
+
+    monkeypatch.setattr(kfac, "side_by_side", recorded)
+    with pytest.raises(FloatingPointError, match=r"examples 3\.\.5\b"):
+        FIM(t.apply_fn, t.params, x, PMatEKFAC, batch_size=3)
+    assert factorised and all(np.array_equal(m, np.zeros_like(m)) for m in factorised)
+
+
+def test_zero_unless_finite():
+    from jaxgeom.streaming import _zero_unless_finite
+
+    def total():  # a fresh copy each time: the total is donated
+        return {"a": jnp.arange(3.0), "b": (jnp.ones((2, 2)), jnp.arange(2))}
+
+    chex.assert_trees_all_equal(
+        _zero_unless_finite((jnp.bool_(True), jnp.bool_(True)), total()), total())
+    chex.assert_trees_all_equal(
+        _zero_unless_finite((jnp.bool_(True), jnp.bool_(False)), total()),
+        jax.tree_util.tree_map(jnp.zeros_like, total()))
 
 
 @pytest.mark.parametrize("representation", BUILT_FROM_DATA)

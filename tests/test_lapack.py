@@ -139,6 +139,36 @@ def test_side_by_side_runs_chains_from_threads_with_one_lapack_thread(monkeypatc
 
 
 @on_cpu
+def test_small_factorisations_run_here_on_one_lapack_thread(monkeypatch):
+    """Too little work for chains (bench_small's factors): one chain in the calling
+    thread, LAPACK held to one thread while it runs (none left spinning after it) and
+    restored once it is done."""
+    import threading
+
+    monkeypatch.setattr(_lapack, "_cores", lambda: 2)
+    ran_in = []
+    run = _lapack._run
+
+    def recorded(call, items):
+        ran_in.append((threading.current_thread().name, len(items)))
+        return run(call, items)
+
+    monkeypatch.setattr(_lapack, "_run", recorded)
+    orders = [33, 64, 10]
+    assert chains(orders, cores=2) is None
+    keys = jax.random.split(jax.random.key(6), 3)
+    matrices = [_spd(k, n) for k, n in zip(keys, orders)]
+    before = _blas_threads()
+
+    results = side_by_side(_eigh_and_threads, matrices, orders)
+
+    assert [int(threads) for _, threads in results] == [1, 1, 1]
+    assert _blas_threads() == before
+    assert ran_in == [(threading.current_thread().name, 3)]
+    _check_eigh(matrices, [pair for pair, _ in results])
+
+
+@on_cpu
 def test_side_by_side_traces_with_the_callers_configuration(small_chains):
     """The chains are traced in the calling thread: a configuration set there for the call
     (here 32-bit integers, the suite's default being 64-bit) holds in the worker's chain."""
@@ -284,6 +314,21 @@ def test_eager_calls_that_factorise_ask_for_side_by_side(monkeypatch):
     F.norm()
     F.trace()
     assert seen == [orders] * 3
+
+
+@on_cpu
+def test_eager_factorisations_hold_lapack_to_one_thread_unless_one_is_large(monkeypatch):
+    """The policy of compiled eager calls: one LAPACK thread for small factorisations and
+    for those faster side by side, LAPACK's threads for one large one."""
+    monkeypatch.setattr(_lapack, "_cores", lambda: 2)
+    arrays = [jnp.zeros(2)]
+    before = _blas_threads()
+    for orders in ([4, 6, 3, 5], [65], [512, 785, 512, 513, 10, 513]):
+        with _lapack.one_thread_when_faster(orders, arrays) as limited:
+            assert limited and set(_blas_threads().values()) == {1}
+        assert _blas_threads() == before
+    with _lapack.one_thread_when_faster([32, 64, 4097], arrays) as limited:
+        assert not limited and _blas_threads() == before
 
 
 @on_cpu
