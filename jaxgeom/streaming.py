@@ -28,8 +28,8 @@ the number of passes is the largest member's (``passes``), not their sum. For th
 pass, a one-shot iterator is kept as a list of its batches while it is read the first
 time; a re-iterable (a list, a loader) is iterated again. The driver does not wait for a
 pass that another follows: its chunks' finiteness flags are read with the next pass's
-(its total zeroed on the device if one is false, so that no NaN reaches the factorisations
-between the passes), and the work between the passes is dispatched while it computes.
+(the total of a builder that factorises it zeroed on the device if one is false, so that
+no NaN reaches LAPACK), and the work between the passes is dispatched while it computes.
 
 Kept data. A builder with ``keeps_data`` (``PMatImplicit``, which replays the data at
 every product) receives the list of all batches read (``Stream.data``): the driver keeps
@@ -176,6 +176,16 @@ class ChunkBuilder:
         """The representation (or a :class:`Continue`) from the summed statistics."""
         raise NotImplementedError
 
+    def finite_or_zero(self, total: Any, finite: jax.Array) -> Any:
+        """``total`` as :meth:`finalize` may read it before the chunks' finiteness flags
+        are (the first pass of a build of more :attr:`passes` is not waited for,
+        :func:`run`): zeros unless ``finite`` for a builder of more passes, whose
+        ``finalize`` factorises the total (no NaN reaches LAPACK; the error is raised when
+        the flags are read), unchanged otherwise. Runs inside ``jax.jit``."""
+        if self.passes == 1:
+            return total
+        return jax.tree_util.tree_map(lambda t: jnp.where(finite, t, jnp.zeros_like(t)), total)
+
 
 @functools.lru_cache(maxsize=64)
 def _statistics_signature(args: Signature) -> Signature:
@@ -260,6 +270,9 @@ class BuilderGroup(ChunkBuilder):
         return gather([m.finalize(t, stream) for m, t in zip(self.members, total)],
                       self.assemble)
 
+    def finite_or_zero(self, total, finite):
+        return tuple(m.finite_or_zero(t, finite) for m, t in zip(self.members, total))
+
     def assemble(self, results: list) -> Any:
         """The group's result from its members' (default: their tuple)."""
         return tuple(results)
@@ -315,7 +328,7 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
     if first_builder.passes > 1:
         # not waited for: the finalize between the passes (EKFAC's eigendecompositions) is
         # dispatched while the first pass computes; the flags are read with the next pass's
-        total = _zero_unless_finite(tuple(f for f, _, _ in flags), total)
+        total = _finite_or_zero(first_builder, tuple(f for f, _, _ in flags), total)
     else:
         _check_all(flags)
         flags = []
@@ -366,13 +379,10 @@ def _check_all(flags: list) -> None:
         check_finite(finite, offset, count)
 
 
-@functools.partial(jax.jit, donate_argnums=1)
-def _zero_unless_finite(flags: tuple, total: Any) -> Any:
-    """``total``, or zeros if any chunk's flag is false: a pass whose flags are read later
-    hands the next one finite statistics (LAPACK is never given NaNs); the error is raised
-    when the flags are read."""
-    finite = jnp.all(jnp.stack(flags))
-    return jax.tree_util.tree_map(lambda t: jnp.where(finite, t, jnp.zeros_like(t)), total)
+@functools.partial(jax.jit, donate_argnums=2)
+def _finite_or_zero(builder: ChunkBuilder, flags: tuple, total: Any) -> Any:
+    """:meth:`ChunkBuilder.finite_or_zero` of ``total`` given every chunk's flag."""
+    return builder.finite_or_zero(total, jnp.all(jnp.stack(flags)))
 
 
 def _update(builder, total, params, batch, mask, offset, aux):

@@ -539,17 +539,30 @@ def test_a_non_finite_first_pass_hands_on_zeros_and_names_its_chunk(monkeypatch)
     assert factorised and all(np.array_equal(m, np.zeros_like(m)) for m in factorised)
 
 
-def test_zero_unless_finite():
-    from jaxgeom.streaming import _zero_unless_finite
+def test_a_first_pass_total_is_zeroed_only_for_builders_of_more_passes():
+    """``finite_or_zero``: a builder of two passes (EKFAC's: its ``finalize`` factorises
+    the total) reads zeros for a non-finite first pass; one of a single pass (e.g. a Dense
+    member of the same group) its total unchanged (no pass over a large total)."""
+    from jaxgeom.streaming import BuilderGroup, ChunkBuilder, _finite_or_zero, builder
+
+    @builder
+    class OnePass(ChunkBuilder):
+        pass
+
+    @builder
+    class TwoPasses(ChunkBuilder):
+        passes = 2
+
+    group = BuilderGroup((TwoPasses(), OnePass()))
 
     def total():  # a fresh copy each time: the total is donated
-        return {"a": jnp.arange(3.0), "b": (jnp.ones((2, 2)), jnp.arange(2))}
+        return ({"factors": jnp.arange(3.0)}, {"sum": jnp.full((2, 2), jnp.nan)})
 
     chex.assert_trees_all_equal(
-        _zero_unless_finite((jnp.bool_(True), jnp.bool_(True)), total()), total())
-    chex.assert_trees_all_equal(
-        _zero_unless_finite((jnp.bool_(True), jnp.bool_(False)), total()),
-        jax.tree_util.tree_map(jnp.zeros_like, total()))
+        _finite_or_zero(group, (jnp.bool_(True), jnp.bool_(True)), total()), total())
+    zeroed, kept = _finite_or_zero(group, (jnp.bool_(True), jnp.bool_(False)), total())
+    chex.assert_trees_all_equal(zeroed, {"factors": jnp.zeros(3)})
+    chex.assert_trees_all_equal(kept, total()[1])
 
 
 @pytest.mark.parametrize("representation", BUILT_FROM_DATA)
