@@ -197,11 +197,9 @@ def _one_lapack_thread() -> Iterator[None]:
 @contextlib.contextmanager
 def one_thread_when_faster(sizes: Sequence[int], arrays: Sequence[Any]) -> Iterator[bool]:
     """Hold LAPACK to one thread in the block when ``arrays`` are on a CPU and
-    factorisations of orders ``sizes`` are :func:`faster_side_by_side` or
-    :func:`too_small_for_threads`; yields whether it does (the block must then wait for its
-    results before it ends)."""
-    if not (faster_side_by_side(sizes, _cores()) or too_small_for_threads(sizes)
-            ) or not _on_cpu(arrays):
+    factorisations of orders ``sizes`` are :func:`faster_side_by_side`; yields whether it
+    does (the block must then wait for its results before it ends)."""
+    if len(sizes) < 2 or not faster_side_by_side(sizes, _cores()) or not _on_cpu(arrays):
         yield False
         return
     with _one_lapack_thread():

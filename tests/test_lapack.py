@@ -309,26 +309,28 @@ def test_eager_calls_that_factorise_ask_for_side_by_side(monkeypatch):
                                rtol=1e-10)
     np.testing.assert_allclose(F.eigvalsh(), np.linalg.eigvalsh(F.to_dense()), atol=1e-10)
     assert seen == [orders] * 3
-    F.solve(v, 0.1, damping="pi")  # Cholesky solves chained G then A: not independent
+    F.solve(v, 0.1, damping="pi")  # the Cholesky factorisations of G and A
+    assert seen == [orders] * 4
     F.solve(v, 0.1, method="cg")
     F.norm()
     F.trace()
-    assert seen == [orders] * 3
+    assert seen == [orders] * 4
 
 
 @on_cpu
-def test_eager_factorisations_hold_lapack_to_one_thread_unless_one_is_large(monkeypatch):
-    """The policy of compiled eager calls: one LAPACK thread for small factorisations and
-    for those faster side by side, LAPACK's threads for one large one."""
+def test_eager_factorisations_hold_lapack_to_one_thread_when_faster(monkeypatch):
+    """The policy of compiled eager calls: one LAPACK thread for factorisations faster
+    side by side, LAPACK's threads for one alone or one large one among small ones."""
     monkeypatch.setattr(_lapack, "_cores", lambda: 2)
     arrays = [jnp.zeros(2)]
     before = _blas_threads()
-    for orders in ([4, 6, 3, 5], [65], [512, 785, 512, 513, 10, 513]):
+    for orders in ([4, 6, 3, 5], [512, 785, 512, 513, 10, 513]):
         with _lapack.one_thread_when_faster(orders, arrays) as limited:
             assert limited and set(_blas_threads().values()) == {1}
         assert _blas_threads() == before
-    with _lapack.one_thread_when_faster([32, 64, 4097], arrays) as limited:
-        assert not limited and _blas_threads() == before
+    for orders in ([65], [32, 64, 4097]):
+        with _lapack.one_thread_when_faster(orders, arrays) as limited:
+            assert not limited and _blas_threads() == before
 
 
 @on_cpu
