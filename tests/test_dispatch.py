@@ -89,6 +89,23 @@ def _as_written(M, op, v):
         PMatAbstract._compiles_eager_calls = original
 
 
+def test_eager_pi_damped_kfac_inverse_compiles_once_and_matches_as_written():
+    """``inv(λ, damping="pi")`` called eagerly is one compiled call (new arrays, no shared
+    eigenbasis to keep): a new damping value compiles nothing, and the matrix is the one
+    computed operation by operation (its numbers against the π-damped Kronecker factors:
+    ``tests/test_pmat_kfac.py``)."""
+    K, params = _fisher(PMatKFAC)
+    first, _ = _compilations(lambda: K.inv(0.1, damping="pi"))
+    again, inverse = _compilations(lambda: K.inv(0.2, damping="pi"))
+    assert (first, again) == (1, 0)
+    assert type(inverse) is PMatKFAC
+    written = _as_written(K, lambda M, regul: M.inv(regul, damping="pi"), 0.2)
+    np.testing.assert_allclose(inverse.to_dense(), written.to_dense(), rtol=1e-10, atol=1e-12)
+    v = vec(params)
+    np.testing.assert_allclose(flat(inverse.mv(v)), flat(K.solve(v, 0.2, damping="pi")),
+                               rtol=1e-9)
+
+
 def test_new_python_float_values_are_traced_not_recompiled():
     """A damping schedule of Python floats compiles the solve once; each value gives
     ``(M + λI)⁻¹ v``. Ints are static: a new one compiles (they pick code paths)."""
