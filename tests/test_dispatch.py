@@ -89,20 +89,28 @@ def _as_written(M, op, v):
         PMatAbstract._compiles_eager_calls = original
 
 
-def test_eager_pi_damped_kfac_inverse_compiles_once_and_matches_as_written():
-    """``inv(λ, damping="pi")`` called eagerly is one compiled call (new arrays, no shared
-    eigenbasis to keep): a new damping value compiles nothing, and the matrix is the one
-    computed operation by operation (its numbers against the π-damped Kronecker factors:
-    ``tests/test_pmat_kfac.py``)."""
-    K, params = _fisher(PMatKFAC)
-    first, _ = _compilations(lambda: K.inv(0.1, damping="pi"))
-    again, inverse = _compilations(lambda: K.inv(0.2, damping="pi"))
+INVERSES = {  # representation-valued operations compiled when eager (new arrays: no identity)
+    "PMatKFAC pi": (PMatKFAC, dict(damping="pi")),
+    "PMatQuasiDiag": (PMatQuasiDiag, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(INVERSES))
+def test_eager_inverses_compile_once_and_match_as_written(case):
+    """KFAC's π-damped ``inv`` and QuasiDiag's ``inv`` called eagerly are one compiled
+    call each: a new damping value compiles nothing, the matrix is the one computed
+    operation by operation, and it applies the solve's inverse (their numbers against
+    brute force: ``tests/test_pmat_kfac.py``, ``tests/test_pmat_quasidiag.py``)."""
+    representation, options = INVERSES[case]
+    M, params = _fisher(representation)
+    first, _ = _compilations(lambda: M.inv(0.1, **options))
+    again, inverse = _compilations(lambda: M.inv(0.2, **options))
     assert (first, again) == (1, 0)
-    assert type(inverse) is PMatKFAC
-    written = _as_written(K, lambda M, regul: M.inv(regul, damping="pi"), 0.2)
+    assert type(inverse) is representation
+    written = _as_written(M, lambda M, regul: M.inv(regul, **options), 0.2)
     np.testing.assert_allclose(inverse.to_dense(), written.to_dense(), rtol=1e-10, atol=1e-12)
     v = vec(params)
-    np.testing.assert_allclose(flat(inverse.mv(v)), flat(K.solve(v, 0.2, damping="pi")),
+    np.testing.assert_allclose(flat(inverse.mv(v)), flat(M.solve(v, 0.2, **options)),
                                rtol=1e-9)
 
 
