@@ -5,14 +5,15 @@ jaxgeom runs the independent ``eigh`` of the KFAC factors (EKFAC's build; KFAC's
 thread, one factorisation per core, when its cost model says that is faster. This script
 times each call three ways in one process, in alternated blocks:
 
-- ``lapack threads``: the cost model made to answer "no" (``_lapack.chains`` and
-  ``_lapack.faster_side_by_side`` patched), so the factorisations run one after the other
-  on OpenBLAS's threads;
+- ``lapack threads``: the cost model made to answer "no" (``_lapack.chains``,
+  ``_lapack.faster_side_by_side`` and ``_lapack.too_small_for_threads`` patched), so the
+  factorisations run one after the other on OpenBLAS's threads;
 - ``one call``: EKFAC's factorisations as one compiled call with OpenBLAS on one thread,
   XLA choosing which run at once (``_lapack.side_by_side`` before 2026-12-02's late
   session; the KFAC rows, compiled eager calls, are always run so);
 - ``chains``: jaxgeom as it is (EKFAC's factorisations dealt into one chain per core,
-  each chain one compiled call run from a thread of its own).
+  each chain one compiled call run from a thread of its own; too small for that, one
+  chain in the calling thread, OpenBLAS on one thread).
 
 Each block starts after a pause (``--pause``, longer than OpenBLAS's threads spin after a
 call), so that neither schedule inherits the other's spinning threads; the calls within
@@ -82,8 +83,9 @@ def _compiled_each(fn):
     return jax.jit(functools.partial(_apply_each, fn))
 
 
-def _one_call(fn, items, orders):
+def _one_call(fn, items, orders, *, work_follows=False):
     """``_lapack.side_by_side`` as it was: one compiled call, XLA's schedule."""
+    del work_follows
     from jaxgeom import _lapack
 
     with _lapack.one_thread_when_faster(orders, jax.tree_util.tree_leaves(items)) as limited:
@@ -96,16 +98,18 @@ def run_model(name: str, blocks: int, repeats: int, pause: float) -> dict:
     from jaxgeom import _lapack
     from jaxgeom.pmat import kfac
 
-    saved = _lapack.chains, _lapack.faster_side_by_side, kfac.side_by_side
+    saved = (_lapack.chains, _lapack.faster_side_by_side, _lapack.too_small_for_threads,
+             kfac.side_by_side)
 
     def schedule(which: str) -> None:
-        chains, faster, side_by_side = saved
+        chains, faster, too_small, side_by_side = saved
         if which == "lapack threads":
             chains, faster = (lambda orders, cores: None), (lambda sizes, cores: False)
+            too_small = lambda sizes: False  # noqa: E731
         elif which == "one call":
             side_by_side = _one_call
-        _lapack.chains, _lapack.faster_side_by_side, kfac.side_by_side = (
-            chains, faster, side_by_side)
+        (_lapack.chains, _lapack.faster_side_by_side, _lapack.too_small_for_threads,
+         kfac.side_by_side) = (chains, faster, too_small, side_by_side)
 
     schedules = ("lapack threads", "one call", "chains")
     out = {}

@@ -30,12 +30,14 @@ compiled in the calling thread (so that its configuration, ``jax.enable_x64`` an
 like, holds) and run from a thread of its own: bench_mlp's EKFAC builds 103 → 83 ms
 (Monte Carlo) and 144 → 130 ms (exact) against one compiled call
 (``benchmarks/bench_lapack.py``). bench_cnn's factors, a 4097² one and small ones, keep
-LAPACK's threads. Factorisations too small to gain from a second core in any way
-(bench_small's, 65² and less: :data:`SIDE_BY_SIDE_MIN_COST` in all) run as one chain on
-the calling thread, with LAPACK held to one thread: run on LAPACK's threads, they left one
-spinning into the refit pass that followed, whose chunks then shared a core with it
-(bench_small's EKFAC builds 5.2 → 4.7 ms Monte Carlo, 15.8 → 13.7 ms exact, with the
-driver's first pass not waited for, :mod:`jaxgeom.streaming`).
+LAPACK's threads. In EKFAC's build, factorisations too small to gain from a second core
+in any way (bench_small's, 65² and less: :data:`SIDE_BY_SIDE_MIN_COST` in all) run as one
+chain on the calling thread, with LAPACK held to one thread: run on LAPACK's threads, they
+left one spinning into the refit pass that followed, whose chunks then shared a core with
+it (bench_small's EKFAC builds 5.2 → 4.7 ms Monte Carlo, 15.8 → 13.7 ms exact, with the
+driver's first pass not waited for, :mod:`jaxgeom.streaming`). Elsewhere (KFAC's eager
+``inv``, ``pinv``) they stay on LAPACK's threads, not waited for: waiting cost more there
+than the spinning (bench_small's eager ``pinv`` 2.3 against 2.9 ms).
 
 The thread limit is ``threadpoolctl``'s, held only while the call runs (the call is
 waited for inside it): it applies to every BLAS library loaded in the process, for that
@@ -84,7 +86,7 @@ SIDE_BY_SIDE_MIN_COST = 4 * cost(256)
 
 
 def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
-                 orders: Sequence[int]) -> list[Any]:
+                 orders: Sequence[int], *, work_follows: bool = False) -> list[Any]:
     """``[fn(item) for item in items]``, where the calls are independent and ``fn(items[i])``
     factorises a matrix of order ``orders[i]``.
 
@@ -93,8 +95,10 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     another (``jax.jit``, cached on ``fn``; lowered and compiled in this thread), the chains
     run at once from this thread and worker threads with LAPACK held to one thread, and
     waited for.
-    When they are all small (below :data:`SIDE_BY_SIDE_MIN_COST` in all), one such chain
-    in this thread, LAPACK held to one thread, waited for. Otherwise, and inside a trace,
+    When they are all small (below :data:`SIDE_BY_SIDE_MIN_COST` in all) and
+    ``work_follows`` (computation that a spinning LAPACK thread would slow is dispatched
+    right after: EKFAC's refit pass), one such chain in this thread, LAPACK held to one
+    thread, waited for. Otherwise, and inside a trace,
     the calls as written, eagerly: their factorisations run one after the other on
     LAPACK's threads (one compiled call would let XLA start several at once, each with
     LAPACK's threads: bench_resnet's EKFAC build took 2.6 s instead of 2.1 s that way).
@@ -105,7 +109,7 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
         return [fn(item) for item in items]
     schedule = chains(orders, _cores())
     if schedule is None:
-        if not too_small_for_threads(orders):
+        if not (work_follows and too_small_for_threads(orders)):
             return [fn(item) for item in items]
         with _one_lapack_thread():
             return _run(_each(fn), items)

@@ -529,9 +529,9 @@ def test_a_non_finite_first_pass_hands_on_zeros_and_names_its_chunk(monkeypatch)
     factorised = []
     side_by_side = kfac.side_by_side
 
-    def recorded(fn, jobs, orders):
+    def recorded(fn, jobs, orders, **options):
         factorised.extend(np.asarray(job.matrix) for job in jobs)
-        return side_by_side(fn, jobs, orders)
+        return side_by_side(fn, jobs, orders, **options)
 
     monkeypatch.setattr(kfac, "side_by_side", recorded)
     with pytest.raises(FloatingPointError, match=r"examples 3\.\.5\b"):

@@ -139,10 +139,11 @@ def test_side_by_side_runs_chains_from_threads_with_one_lapack_thread(monkeypatc
 
 
 @on_cpu
-def test_small_factorisations_run_here_on_one_lapack_thread(monkeypatch):
-    """Too little work for chains (bench_small's factors): one chain in the calling
-    thread, LAPACK held to one thread while it runs (none left spinning after it) and
-    restored once it is done."""
+def test_small_factorisations_before_more_work_run_here_on_one_lapack_thread(monkeypatch):
+    """Too little work for chains (bench_small's factors), with work following (EKFAC's
+    refit): one chain in the calling thread, LAPACK held to one thread while it runs (none
+    left spinning into that work) and restored once it is done. Without work following,
+    as written, on LAPACK's threads."""
     import threading
 
     monkeypatch.setattr(_lapack, "_cores", lambda: 2)
@@ -160,11 +161,16 @@ def test_small_factorisations_run_here_on_one_lapack_thread(monkeypatch):
     matrices = [_spd(k, n) for k, n in zip(keys, orders)]
     before = _blas_threads()
 
-    results = side_by_side(_eigh_and_threads, matrices, orders)
+    results = side_by_side(_eigh_and_threads, matrices, orders, work_follows=True)
 
     assert [int(threads) for _, threads in results] == [1, 1, 1]
     assert _blas_threads() == before
     assert ran_in == [(threading.current_thread().name, 3)]
+    _check_eigh(matrices, [pair for pair, _ in results])
+    default = min(before.values())
+    results = side_by_side(_eigh_and_threads, matrices, orders)
+    assert [int(threads) for _, threads in results] == [default] * 3
+    assert len(ran_in) == 1
     _check_eigh(matrices, [pair for pair, _ in results])
 
 

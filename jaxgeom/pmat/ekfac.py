@@ -125,7 +125,13 @@ class PMatEKFAC(PMatKFAC):
         The factors' ``eigh`` run side by side on a CPU's cores when that is faster
         (:func:`jaxgeom._lapack.side_by_side`: bench_mlp's EKFAC build 206 → 157 ms on 2
         cores)."""
-        nodes, _ = kfac._eigen(blocks=False)
+        return cls._in_eigenbases(kfac)
+
+    @classmethod
+    def _in_eigenbases(cls, kfac: PMatKFAC, work_follows: bool = False) -> PMatEKFAC:
+        """:meth:`from_kfac`, telling the factorisations whether ``work_follows``
+        (:func:`jaxgeom._lapack.side_by_side`)."""
+        nodes, _ = kfac._eigen(blocks=False, work_follows=work_follows)
         return cls(kfac.layer_collection, kfac.specs, nodes, kfac.blocks)
 
     @classmethod
@@ -212,8 +218,9 @@ class EKFACBuilder(KFACBuilder):
     def finalize(self, total, stream):
         kfac = super().finalize(total, stream)
         # the factors just summed: their bounds are promises (the ranges kept for products)
-        basis = self.representation.from_kfac(dataclasses.replace(kfac, factors=tuple(
-            dataclasses.replace(node, bounds_checked=False) for node in kfac.factors)))
+        basis = self.representation._in_eigenbases(dataclasses.replace(kfac, factors=tuple(
+            dataclasses.replace(node, bounds_checked=False) for node in kfac.factors)),
+            work_follows=self.refit)
         if not self.refit:
             return basis
         return Continue(RefitBuilder.on(self.plan, self.layout, self.representation,

@@ -733,14 +733,16 @@ class PMatKFAC(PMatAbstract):
         squares = [n.frobenius_sq() for n in self.factors] + [jnp.sum(b**2) for b in self.blocks]
         return jnp.sqrt(sum(squares))
 
-    def _eigen(self, blocks: bool = True):
+    def _eigen(self, blocks: bool = True, work_follows: bool = False):
         """Eigendecompositions of every layer: ``KronEigen`` nodes and ``(λ, V)`` pairs of
         the exact blocks (none without ``blocks``), their ``eigh`` side by side on a CPU's
-        cores when that is faster (:func:`~jaxgeom._lapack.side_by_side`)."""
+        cores when that is faster (:func:`~jaxgeom._lapack.side_by_side`, told whether
+        ``work_follows``)."""
         parts = [node.factorisations() for node in self.factors]
         parts += [(Factorisation(b),) for b in (self.blocks if blocks else ())]
         jobs = [f for group in parts for f in group]
-        eighs = iter(side_by_side(Factorisation.eigh, jobs, [f.order for f in jobs]))
+        eighs = iter(side_by_side(Factorisation.eigh, jobs, [f.order for f in jobs],
+                                  work_follows=work_follows))
         nodes = tuple(node.eigen([next(eighs) for _ in group])
                       for node, group in zip(self.factors, parts))
         return nodes, tuple(next(eighs) for _ in parts[len(self.factors):])
