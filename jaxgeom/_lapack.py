@@ -98,10 +98,10 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     When they are all small (below :data:`SIDE_BY_SIDE_MIN_COST` in all) and
     ``work_follows`` (computation that a spinning LAPACK thread would slow is dispatched
     right after: EKFAC's refit pass), one such chain in this thread, LAPACK held to one
-    thread, waited for. Otherwise, and inside a trace,
-    the calls as written, eagerly: their factorisations run one after the other on
-    LAPACK's threads (one compiled call would let XLA start several at once, each with
-    LAPACK's threads: bench_resnet's EKFAC build took 2.6 s instead of 2.1 s that way).
+    thread, waited for. Otherwise, and inside a trace, the calls as written, eagerly:
+    their factorisations run one after the other on LAPACK's threads (one compiled call
+    would let XLA start several at once, each with LAPACK's threads: bench_resnet's EKFAC
+    build took 2.6 s instead of 2.1 s that way).
     """
     items = list(items)
     leaves = jax.tree_util.tree_leaves(items)

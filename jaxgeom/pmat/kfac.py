@@ -758,9 +758,9 @@ class PMatKFAC(PMatAbstract):
         runs them side by side when that is faster): every factor and block for
         ``eigvalsh``, ``norm(±2)`` and ``solve`` — the π-damped one's Cholesky
         factorisations of ``G`` and ``A`` too (its triangular solves chain ``G`` then ``A``
-        in each layer, the factorisations do not: bench_mlp's π-damped ``solve`` 28.4 →
-        26.6 ms, and a Monte-Carlo build after it 62 → 50 ms with no LAPACK thread left
-        spinning into it)."""
+        in each layer, the factorisations do not: bench_mlp's π-damped ``solve`` 28.0 →
+        26.5 ms, and a loop of it and a Monte-Carlo build 63.5 → 47.5 ms, no LAPACK
+        thread left spinning into the build)."""
         if operation == "_pi_damped_inverse":
             return self._pi_damped_orders()
         if operation == "solve":
