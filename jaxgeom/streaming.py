@@ -325,27 +325,30 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
     one_shot = isinstance(data, collections.abc.Iterator)
     source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
     total, n, flags = _reduce(first_builder, itertools.chain([first], chunks), params, aux)
-    if first_builder.passes > 1:
-        # not waited for: the finalize between the passes (EKFAC's eigendecompositions) is
-        # dispatched while the first pass computes; the flags are read with the next pass's
-        total = _finite_or_zero(first_builder, tuple(f for f, _, _ in flags), total)
-    else:
-        _check_all(flags)
-        flags = []
     replay = source.kept if source.keeping else data
     stream = Stream(n, params, aux, replay, batch_size)
+
+    def finalize(builder, total):
+        # Not waited for: the flags are read (the host waits for the device) after
+        # ``finalize``, whose work — a mean, the eigendecompositions between EKFAC's passes
+        # — is dispatched while the chunks compute. A builder of several passes factorises
+        # there, so it reads zeros for a non-finite pass (LAPACK never sees a NaN); the
+        # error is raised all the same, once the flags are read.
+        if builder.passes > 1:
+            total = _finite_or_zero(builder, tuple(f for f, _, _ in flags), total)
+        return builder.finalize(total, stream)
 
     def resolve(result):
         while isinstance(result, Continue):
             nxt = result.builder
             total, _, more = _reduce(nxt, data_lib.iter_chunks(replay, batch_size), params, aux)
-            _check_all(flags + more)
-            flags.clear()
-            result = result.then(resolve(nxt.finalize(total, stream)))
+            flags.extend(more)
+            result = result.then(resolve(finalize(nxt, total)))
         _check_all(flags)
+        flags.clear()
         return result
 
-    return resolve(first_builder.finalize(total, stream))
+    return resolve(finalize(first_builder, total))
 
 
 def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]:

@@ -519,6 +519,36 @@ def test_a_pass_that_another_follows_is_not_waited_for(monkeypatch):
         F.to_dense(), FIM(t.apply_fn, t.params, t.x, PMatEKFAC).to_dense(), **TOL)
 
 
+def test_a_single_pass_is_finalized_before_its_flags_are_read(monkeypatch):
+    """A build of one pass dispatches its ``finalize`` (the means) before the host waits
+    for the chunks' finiteness flags, and a non-finite chunk still raises, naming it."""
+    from jaxgeom import streaming
+    from jaxgeom.pmat.kfac import KFACBuilder
+
+    t = make_linen_mlp()
+    events = []
+    finalize, check = KFACBuilder.finalize, streaming.check_finite
+
+    def recorded_finalize(self, total, stream):
+        events.append("finalize")
+        return finalize(self, total, stream)
+
+    def recorded_check(finite, offset, count):
+        events.append(offset)
+        check(finite, offset, count)
+
+    monkeypatch.setattr(KFACBuilder, "finalize", recorded_finalize)
+    monkeypatch.setattr(streaming, "check_finite", recorded_check)
+    F = FIM(t.apply_fn, t.params, t.x, PMatKFAC, batch_size=3)
+    assert events == ["finalize", 0, 3, 6]
+    np.testing.assert_allclose(
+        F.to_dense(), FIM(t.apply_fn, t.params, t.x, PMatKFAC).to_dense(), **TOL)
+    events.clear()
+    with pytest.raises(FloatingPointError, match=r"examples 3\.\.5\b"):
+        FIM(t.apply_fn, t.params, t.x.at[4, 0].set(jnp.nan), PMatKFAC, batch_size=3)
+    assert events == ["finalize", 0, 3]
+
+
 def test_a_non_finite_first_pass_hands_on_zeros_and_names_its_chunk(monkeypatch):
     """The factors of a first pass with a non-finite chunk reach ``eigh`` as zeros (LAPACK
     never sees a NaN), and the error, raised once the flags are read, names the chunk."""
