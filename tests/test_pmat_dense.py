@@ -57,14 +57,19 @@ def test_mismatched_layouts_and_shapes():
         PMatDense(Fa.layer_collection, jnp.zeros((3, 3)))
 
 
-@pytest.mark.parametrize("m", [7, _gram.SYMMETRIC_FROM + 3])
+@pytest.mark.parametrize("m", [7, 64, 192, _gram.SYMMETRIC_FROM + 3])
 def test_gram_is_xtx_also_from_its_upper_blocks(m):
-    """The Gram behind every build: ``XᵀX`` of the rows of ``x``; from ``SYMMETRIC_FROM``
-    columns only the upper block triangle is multiplied and the rest mirrored."""
+    """The Gram behind every build: ``XᵀX`` of the rows of ``x``; a multiple of 64 columns
+    below ``UNALIASED_BELOW`` with a zero column appended on the CPU; from
+    ``SYMMETRIC_FROM`` columns only the upper block triangle is multiplied and the rest
+    mirrored."""
     x = np.random.default_rng(0).normal(size=(3, 2, m))
     rows = x.reshape(-1, m)
-    np.testing.assert_allclose(_gram.gram(jnp.asarray(x)), rows.T @ rows, rtol=1e-12,
-                               atol=1e-12)
+    expected = rows.T @ rows
+    for gram in (_gram.gram, jax.jit(_gram.gram)):  # eager, and compiled for the CPU
+        np.testing.assert_allclose(gram(jnp.asarray(x)), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(_gram._unaliased_gram(jnp.asarray(rows)), expected,
+                               rtol=1e-12, atol=1e-12)
     # the build's in-place updates: a running sum of XᵀX from X's column pieces (a chunk's
     # Jacobian by leaf: uneven, some straddling the column blocks), its upper block
     # triangle added into the donated total chunk after chunk, then completed and averaged

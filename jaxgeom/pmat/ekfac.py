@@ -69,6 +69,7 @@ import jax.numpy as jnp
 
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import Layer
+from jaxgeom.pmat._gram import gram
 from jaxgeom.pmat.base import representation, static_field
 from jaxgeom.pmat.kfac import (
     DENSE_BLOCK_LIMIT,
@@ -267,7 +268,7 @@ class RefitBuilder(CaptureBuilder):
             rotated = functools.partial(_rotated_source, spec, self.plan.inputs_from(i),
                                         rotation, dtype)
             diags.append(squared_gradient_sum(source, g @ node.qg, rotated))
-        blocks = tuple(b.T @ b for b in other_gradients(cap, self.plan, self.layout))
+        blocks = tuple(gram(b) for b in other_gradients(cap, self.plan, self.layout))
         return (tuple(diags), blocks), all_finite(cap, (diags, [b.diagonal() for b in blocks]))
 
     def finalize(self, total, stream):

@@ -1264,7 +1264,7 @@ def _chunk_terms(params, batch, mask, offset, aux, *, plan, approx, layout):
                 a, g, t = a.mean(axis=1, keepdims=True), g.sum(axis=2, keepdims=True), 1
             a = a.reshape(-1, a.shape[-1])
         terms.append((a, 1 / t, g.reshape(-1, g.shape[-1])))
-    blocks = tuple(b.T @ b for b in other_gradients(cap, plan, layout))
+    blocks = tuple(gram(b) for b in other_gradients(cap, plan, layout))
     return (tuple(terms), blocks), cap
 
 
