@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_kernels.py --out kernels.json
+    python benchmarks/bench_kernels.py --rows Gram      # the rows whose name has "Gram"
 
 Many of ``bench_fim``'s operation rows are one or a few array kernels: ``PMatKFAC.mv`` is
 three pairs of GEMMs, ``PMatEKFAC.vTMv`` two rotations and a weighted sum of squares,
@@ -54,6 +55,9 @@ MLP_PARAMS = 669_706
 RESNET_DENSE = (2049, 512)
 #: bench_small's LowRank factor: ``N K`` rows of ``d`` parameters
 LOWRANK = (9216, 6922)
+#: a chunk's output gradients in bench_small's exact KFAC build: 256 examples × 9 outputs
+#: of its 64-unit layers, and the same rows one column wider
+GRAM_ROWS = ((2304, 64), (2304, 65), (2304, 256))
 
 
 def kernels(seed: int = 0) -> dict:
@@ -78,6 +82,7 @@ def kernels(seed: int = 0) -> dict:
     #: bench_small's Dense (6922) and its largest BlockDiag block (4160), a 2112² block
     systems = {n: (_spd(normal(n, n + 16)), normal(n)) for n in (2112, 4160, 6922)}
     tiny = normal(1000)
+    grams = {shape: normal(*shape) for shape in GRAM_ROWS}
 
     def on(lib, arrays, fn):
         if lib == "jax":
@@ -126,6 +131,11 @@ def kernels(seed: int = 0) -> dict:
             "Σ m v², d = 669,706", diag, lambda m, v: (m * v * v).sum()),
         "two GEMVs (bench_small LowRank mv)": (
             "Fᵀ (F v), F: 9216 × 6922", lowrank, lambda f, v: (f @ v) @ f),
+        **{f"Gram {r} × {m} (xᵀx)": (f"Σ_rows x xᵀ, x: {r} × {m}", (grams[r, m],),
+                                      lambda x: x.T @ x) for r, m in GRAM_ROWS},
+        **{f"Gram {r} × {m} (jaxgeom's gram)": (
+            f"Σ_rows x xᵀ, x: {r} × {m}; XLA: jaxgeom.pmat._gram.gram (a zero column "
+            "appended)", (grams[r, m],), _gram) for r, m in GRAM_ROWS if m % 64 == 0},
         "sum of 1,000 floats (a call's fixed cost)": ("Σ x", (tiny,), lambda x: x.sum()),
     }
     return {name: (desc, lambda lib, arrays=arrays, fn=fn: on(lib, arrays, fn))
@@ -141,6 +151,15 @@ def _eigh(m):
     import jax.numpy as jnp
 
     return jnp.linalg.eigh(m)
+
+
+def _gram(x):
+    """``xᵀx``: jaxgeom's ``gram`` for a JAX array, the plain product for a torch tensor."""
+    if type(x).__module__.startswith("torch"):
+        return x.T @ x
+    from jaxgeom.pmat._gram import gram
+
+    return gram(x)
 
 
 def _spd(x):
@@ -169,14 +188,17 @@ def _cho_solve(m, v, how):
     return spd_solve(shifted, v)
 
 
-def run_mode(sync: bool, repeats: int) -> dict:
-    """Every kernel on both sides in this process: separate medians, then paired."""
+def run_mode(sync: bool, repeats: int, only: list[str] | None = None) -> dict:
+    """Every kernel (or those whose name contains one of ``only``) on both sides in this
+    process: separate medians, then paired."""
     bench_fim.configure_dispatch(sync)
     import jax
 
     out = {"jax": jax.__version__, "sync_dispatch": sync, "rows": {}}
     ours, theirs, warm = {}, {}, {}
     for name, (desc, make) in kernels().items():
+        if only and not any(part in name for part in only):
+            continue
         ours[name], theirs[name] = make("jax"), make("torch")
         mine = bench_fim.timed(ours[name], repeats)
         peer = bench_fim.timed(theirs[name], repeats)
@@ -218,9 +240,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=("default", "sync"),
                         help="(internal) time one mode in this process, print its JSON")
     parser.add_argument("--report", help="print the table of an earlier --out JSON")
+    parser.add_argument("--rows", nargs="+", metavar="PART",
+                        help="only the kernels whose name contains one of these (e.g. Gram)")
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(run_mode(args.mode == "sync", args.repeats)))
+        print(json.dumps(run_mode(args.mode == "sync", args.repeats, args.rows)))
         return
     if args.report:
         with open(args.report) as f:
@@ -228,8 +252,10 @@ def main() -> None:
         return
     results = {}
     for mode in ("default", "sync"):  # one process each: the dispatch mode is process-wide
+        rows = ["--rows", *args.rows] if args.rows else []
         child = subprocess.run([sys.executable, __file__, "--mode", mode, "--repeats",
-                                str(args.repeats)], capture_output=True, text=True, check=True)
+                                str(args.repeats), *rows], capture_output=True, text=True,
+                               check=True)
         results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
     print(table(results))
     write_json(results, args.out)
