@@ -492,6 +492,25 @@ def test_a_non_finite_input_names_its_chunk(representation, make, bad):
                        key=jax.random.PRNGKey(0), batch_size=3)
 
 
+def _record_calls(monkeypatch, owner, name, events, label):
+    """Patch ``owner.name`` to append ``label(*args)`` to ``events`` before each call."""
+    original = getattr(owner, name)
+
+    def recorded(*args, **kwargs):
+        events.append(label(*args))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recorded)
+
+
+def _record_flag_reads(monkeypatch, events):
+    """Record the offset of each chunk whose finiteness flag the host reads."""
+    from jaxgeom import streaming
+
+    _record_calls(monkeypatch, streaming, "check_finite", events,
+                  lambda finite, offset, count: offset)
+
+
 def test_a_pass_that_another_follows_is_not_waited_for(monkeypatch):
     """EKFAC's two passes: the chunks' finiteness flags (read on the host, which waits for
     the device) are all read after the second pass is dispatched, so that the factors'
@@ -500,18 +519,9 @@ def test_a_pass_that_another_follows_is_not_waited_for(monkeypatch):
 
     t = make_linen_mlp()
     events = []
-    reduce, check = streaming._reduce, streaming.check_finite
-
-    def recorded_reduce(builder, *args):
-        events.append(type(builder).__name__)
-        return reduce(builder, *args)
-
-    def recorded_check(finite, offset, count):
-        events.append(offset)
-        check(finite, offset, count)
-
-    monkeypatch.setattr(streaming, "_reduce", recorded_reduce)
-    monkeypatch.setattr(streaming, "check_finite", recorded_check)
+    _record_calls(monkeypatch, streaming, "_reduce", events,
+                  lambda builder, *args: type(builder).__name__)
+    _record_flag_reads(monkeypatch, events)
     F = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, batch_size=3)
     # 7 examples in chunks of 3: offsets 0, 3, 6 in each pass
     assert events == ["EKFACBuilder", "RefitBuilder", 0, 3, 6, 0, 3, 6]
@@ -522,23 +532,12 @@ def test_a_pass_that_another_follows_is_not_waited_for(monkeypatch):
 def test_a_single_pass_is_finalized_before_its_flags_are_read(monkeypatch):
     """A build of one pass dispatches its ``finalize`` (the means) before the host waits
     for the chunks' finiteness flags, and a non-finite chunk still raises, naming it."""
-    from jaxgeom import streaming
     from jaxgeom.pmat.kfac import KFACBuilder
 
     t = make_linen_mlp()
     events = []
-    finalize, check = KFACBuilder.finalize, streaming.check_finite
-
-    def recorded_finalize(self, total, stream):
-        events.append("finalize")
-        return finalize(self, total, stream)
-
-    def recorded_check(finite, offset, count):
-        events.append(offset)
-        check(finite, offset, count)
-
-    monkeypatch.setattr(KFACBuilder, "finalize", recorded_finalize)
-    monkeypatch.setattr(streaming, "check_finite", recorded_check)
+    _record_calls(monkeypatch, KFACBuilder, "finalize", events, lambda *args: "finalize")
+    _record_flag_reads(monkeypatch, events)
     F = FIM(t.apply_fn, t.params, t.x, PMatKFAC, batch_size=3)
     assert events == ["finalize", 0, 3, 6]
     np.testing.assert_allclose(
