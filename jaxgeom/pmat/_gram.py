@@ -88,7 +88,7 @@ def gram_norm_sq(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
         return jnp.sum(squares) if wi is None else wi @ squares @ wj
 
     if m < SYMMETRIC_FROM:
-        return form(x.T @ x, weights, weights)
+        return form(gram(x), weights, weights)
     spans = _spans(m, NORM_BLOCKS)
     cols = [x[:, span] for span in spans]
     parts = [None if weights is None else weights[span] for span in spans]
