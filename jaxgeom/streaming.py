@@ -27,9 +27,10 @@ the driver streams the data again; a group runs all its members' next passes tog
 the number of passes is the largest member's (``passes``), not their sum. For that second
 pass, a one-shot iterator is kept as a list of its batches while it is read the first
 time; a re-iterable (a list, a loader) is iterated again. The driver does not wait for a
-pass that another follows: its chunks' finiteness flags are read with the next pass's
-(the total of a builder that factorises it zeroed on the device if one is false, so that
-no NaN reaches LAPACK), and the work between the passes is dispatched while it computes.
+pass before its ``finalize``: the chunks' finiteness flags are read once the work after
+them (a mean, the eigendecompositions between EKFAC's passes, the next pass) is
+dispatched, and the total of a builder that factorises it is zeroed on the device if one
+is false, so that no NaN reaches LAPACK.
 
 Kept data. A builder with ``keeps_data`` (``PMatImplicit``, which replays the data at
 every product) receives the list of all batches read (``Stream.data``): the driver keeps
@@ -177,11 +178,11 @@ class ChunkBuilder:
         raise NotImplementedError
 
     def finite_or_zero(self, total: Any, finite: jax.Array) -> Any:
-        """``total`` as :meth:`finalize` may read it before the chunks' finiteness flags
-        are (the first pass of a build of more :attr:`passes` is not waited for,
-        :func:`run`): zeros unless ``finite`` for a builder of more passes, whose
-        ``finalize`` factorises the total (no NaN reaches LAPACK; the error is raised when
-        the flags are read), unchanged otherwise. Runs inside ``jax.jit``."""
+        """``total`` as :meth:`finalize` reads it before the chunks' finiteness flags
+        are (no pass is waited for before its ``finalize``, :func:`run`): zeros unless
+        ``finite`` for a builder of more passes, whose ``finalize`` factorises the total
+        (no NaN reaches LAPACK; the error is raised when the flags are read), unchanged
+        otherwise. Runs inside ``jax.jit``."""
         if self.passes == 1:
             return total
         return jax.tree_util.tree_map(lambda t: jnp.where(finite, t, jnp.zeros_like(t)), total)
