@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -148,18 +149,51 @@ def paired(ours: dict, theirs: dict, warm: dict) -> dict:
             rounds = round(PAIR_BUDGET_S / ((calls["ours"] * a + calls["theirs"] * b) or 1))
             rounds = min(PAIR_MAX_ROUNDS, max(PAIR_MIN_ROUNDS, rounds))
             times: dict = {"ours": [], "theirs": []}
+            round_ratios = []
             for r in range(rounds):
+                block: dict = {"ours": [], "theirs": []}
                 for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
                     fn = ours[name] if side == "ours" else theirs[name]
                     for i in range(calls[side]):
                         start = time.perf_counter()
                         jax.block_until_ready(fn())
                         if i:
-                            times[side].append(time.perf_counter() - start)
+                            block[side].append(time.perf_counter() - start)
+                    times[side].extend(block[side])
+                round_ratios.append(statistics.median(block["theirs"])
+                                    / statistics.median(block["ours"]))
             mine, peer = (statistics.median(times[k]) for k in ("ours", "theirs"))
+            low, high, level = median_interval(round_ratios)
             out[name] = dict(jaxgeom_s=mine, peer_s=peer, ratio=peer / mine, rounds=rounds,
-                             calls_per_block=calls)
+                             calls_per_block=calls, round_ratios=round_ratios,
+                             interval=[low, high], interval_level=level)
     return out
+
+
+#: the confidence asked of :func:`median_interval` (a row's interval of paired ratios)
+INTERVAL_LEVEL = 0.95
+
+
+def median_interval(values: list[float], level: float = INTERVAL_LEVEL
+                    ) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of the distribution ``values`` are
+    drawn from, and its confidence: the order statistics ``[x_(k), x_(n+1-k)]`` with the
+    largest ``k`` whose coverage ``1 - 2 P(Bin(n, 1/2) < k)`` is at least ``level``, or
+    ``[min, max]`` (coverage ``1 - 2^(1-n)``) when no ``k`` reaches it (fewer than 6 values
+    for 95%). Assumes only that the values are independent draws; applied to the rounds of
+    :func:`paired`, each round's ratio of the two sides' adjacent blocks."""
+    x = sorted(values)
+    n = len(x)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+
+    def coverage(k):  # P(x_(k) <= median <= x_(n+1-k)) = 1 - 2 P(Bin(n, 1/2) <= k - 1)
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return x[k - 1], x[n - k], coverage(k)
 
 
 @contextlib.contextmanager
@@ -886,6 +920,9 @@ class PeerTime:
     ratio: float | None = None
     paired: bool = False
     skipped: bool = False
+    #: the paired rounds' interval of the ratio (:func:`median_interval`; ``None``: not
+    #: paired, or paired before the rounds were kept)
+    interval: tuple[float, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -924,7 +961,8 @@ def _op_records(model: str, rep: str, res: dict, floors: dict):
             mine = t.get("on_peer_chunks_s", warm) if peer is kj else warm
             if "warm_s" in pt:
                 ratio = pair["ratio"] if pair else pt["warm_s"] / mine
-                peers.append(PeerTime(name, pt["warm_s"], ratio, bool(pair)))
+                interval = tuple(pair["interval"]) if pair and "interval" in pair else None
+                peers.append(PeerTime(name, pt["warm_s"], ratio, bool(pair), interval=interval))
             else:
                 peers.append(PeerTime(name, skipped="skipped" in pt))
         yield OpRecord(model, rep, op, t, warm, fl, tuple(peers))
@@ -944,10 +982,13 @@ def _own_floor(r: OpRecord) -> bool:
 
 def targets(results: dict) -> list[str]:
     """The run against the issue's targets: rows behind a peer (calls under
-    ``SMALL_CALL_S`` apart), rows short of 3× where a peer is more than 3× off the row's own
-    floor, builds above 1.5× their floor, warm peaks above their memory bound, and XLA
-    compilations on new parameter values or on data of a new length. One line each."""
+    ``SMALL_CALL_S`` apart; then those of them whose paired rounds' interval of the ratio,
+    :func:`median_interval`, reaches 1: at parity within the noise), rows short of 3×
+    where a peer is more than 3× off the row's own floor, builds above 1.5× their floor,
+    warm peaks above their memory bound, and XLA compilations on new parameter values or
+    on data of a new length. One line each."""
     behind, small, short, slow_builds, memory, compiles = [], [], [], [], [], []
+    within_noise = []  # rows behind whose paired rounds' interval reaches 1
     rows, compared, behind_rows = 0, 0, set()
     for model, entry in results["models"].items():
         floors = entry.get("floors", {}) if "error" not in entry.get("floors", {}) else {}
@@ -968,6 +1009,10 @@ def targets(results: dict) -> list[str]:
                         item = f"{where} {_fmt_r(peer.ratio)}{mark} ({peer.name})"
                         (small if r.warm < SMALL_CALL_S else behind).append(item)
                         behind_rows.add(where)
+                        if peer.interval is not None and peer.interval[1] >= 1:
+                            low, high = peer.interval
+                            within_noise.append(f"{where} {_fmt_r(peer.ratio)}{mark} "
+                                                f"[{_fmt_r(low)}, {_fmt_r(high)}] ({peer.name})")
                     if (_own_floor(r) and peer.time / r.floor[0] > PEER_OFF_FLOOR
                             and peer.ratio < PEER_MARGIN):
                         short.append(f"{where} {_fmt_r(peer.ratio)}{mark} ({peer.name} "
@@ -1003,6 +1048,8 @@ def targets(results: dict) -> list[str]:
         f"{rows} timed rows, {compared} against a peer, {len(behind_rows)} behind one",
         line(f"behind a peer, calls of {SMALL_CALL_S * 1e3:g} ms or more", behind),
         line(f"behind a peer, calls under {SMALL_CALL_S * 1e3:g} ms", small),
+        line(f"of those behind, at parity within the {INTERVAL_LEVEL:.0%} interval of their "
+             "paired rounds' ratios", within_noise),
         line(f"short of {PEER_MARGIN:g}× where the peer is more than {PEER_OFF_FLOOR:g}× off "
              "the row's own floor (builds, Implicit mv/trace, LowRank's Gram)", short),
         line(f"builds above {BUILD_FLOOR_TARGET:g}× their floor", slow_builds),

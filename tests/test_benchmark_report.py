@@ -80,12 +80,13 @@ def test_each_missed_target_is_named_with_its_figure(bench_fim):
     assert lines[0] == "3 timed rows, 3 against a peer, 2 behind one"
     assert lines[1].endswith("1: m PMatKFAC build 0.90 (NNGeometry)")
     assert lines[2].endswith("1: m PMatKFAC mv 0.80 (NNGeometry)")
-    assert lines[3].endswith("0 (none)")  # 12× off, 10× ahead: the 3× rule holds
-    assert lines[4].endswith("1: m PMatKFAC build 2.00")
-    assert lines[5].endswith("2: m PMatKFAC 30 MiB (bound 20); "
+    assert lines[3].endswith("0 (none)")  # neither row was paired: no interval
+    assert lines[4].endswith("0 (none)")  # 12× off, 10× ahead: the 3× rule holds
+    assert lines[5].endswith("1: m PMatKFAC build 2.00")
+    assert lines[6].endswith("2: m PMatKFAC 30 MiB (bound 20); "
                              "m PMatKFAC at 10 N: 50 MiB (bound 20; 10 at N)")
-    assert "m PMatKFAC: 1 for new parameter values" in lines[6]
-    assert "jit(_update) for data of a new length" in lines[6]
+    assert "m PMatKFAC: 1 for new parameter values" in lines[7]
+    assert "jit(_update) for data of a new length" in lines[7]
 
 
 def test_the_three_times_rule_applies_where_the_peer_is_far_off_the_floor(bench_fim):
@@ -93,5 +94,40 @@ def test_the_three_times_rule_applies_where_the_peer_is_far_off_the_floor(bench_
     # ahead, and at 0.07 s it is 2.5× ahead; NNGeometry's 0.1 s is 2× off: no rule there
     case = kfac_case(build=0.1, build_mc=0.07, mv=0.002,
                      ng={"build_mc": 0.1}, kj={"build_mc": 0.175})
-    short = bench_fim.targets(run({"PMatKFAC": case}, FLOORS))[3]
+    short = bench_fim.targets(run({"PMatKFAC": case}, FLOORS))[4]
     assert short.endswith("1: m PMatKFAC build_mc 2.50 (kfac-jax 3.50× its floor)")
+
+
+def paired_case(mv_ratio, interval, mv=0.002):
+    """A KFAC case whose ``mv`` was paired against NNGeometry: the paired ratio and the
+    interval of its rounds' ratios."""
+    case = kfac_case(build=0.1, build_mc=0.05, mv=mv, ng={"mv": mv * mv_ratio}, kj={})
+    case["nngeometry"]["paired"] = {"mv": {"ratio": mv_ratio, "interval": list(interval)}}
+    return case
+
+
+def test_rows_behind_whose_rounds_reach_parity_are_named_apart(bench_fim):
+    noisy = bench_fim.targets(run({"PMatKFAC": paired_case(0.9, (0.8, 1.05))}, FLOORS))
+    assert noisy[1].endswith("1: m PMatKFAC mv 0.90ᵖ (NNGeometry)")  # still behind
+    assert noisy[3].endswith("1: m PMatKFAC mv 0.90ᵖ [0.80, 1.05] (NNGeometry)")
+    clear = bench_fim.targets(run({"PMatKFAC": paired_case(0.9, (0.8, 0.97))}, FLOORS))
+    assert clear[1].endswith("1: m PMatKFAC mv 0.90ᵖ (NNGeometry)")
+    assert clear[3].endswith("0 (none)")  # every round behind: behind beyond the noise
+
+
+def test_median_interval_takes_the_order_statistics_of_its_coverage(bench_fim):
+    # n = 10: P(Bin(10, 1/2) <= 1) = 11/1024, so [x_(2), x_(9)] covers 1 - 22/1024 ≈ 97.9%;
+    # [x_(3), x_(8)] only 1 - 2·56/1024 ≈ 89.1% < 95%
+    values = [7.0, 1.0, 9.0, 3.0, 10.0, 2.0, 5.0, 8.0, 4.0, 6.0]
+    low, high, level = bench_fim.median_interval(values)
+    assert (low, high) == (2.0, 9.0)
+    assert level == pytest.approx(1 - 22 / 1024)
+    # asked for less confidence, the interval narrows to [x_(3), x_(8)]
+    low, high, level = bench_fim.median_interval(values, level=0.85)
+    assert (low, high) == (3.0, 8.0)
+    assert level == pytest.approx(1 - 2 * 56 / 1024)
+    # n = 4 (the fewest rounds): no interval reaches 95%; [min, max] covers 1 - 2/16
+    low, high, level = bench_fim.median_interval([1.1, 0.9, 1.0, 0.95])
+    assert (low, high, level) == (0.9, 1.1, pytest.approx(0.875))
+    with pytest.raises(ValueError, match="at least one value"):
+        bench_fim.median_interval([])
