@@ -33,19 +33,29 @@ estimated at every step on the current batch and the state holds none.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxgeom import data as data_lib
 from jaxgeom.metrics import FIM, FIM_MonteCarlo, SecondMoment
 from jaxgeom.pmat.base import PMatAbstract
 from jaxgeom.pmat.kfac import PMatKFAC
+from jaxgeom.pmat.mixed import PMatMixed
+from jaxgeom.variants import regression_whitener
 
 FISHERS = ("exact", "monte_carlo", "empirical")
+
+#: the arguments of :func:`scale_by_natural_gradient` and :func:`natural_gradient` that
+#: ``optax.inject_hyperparams`` must leave alone (``static_args``): callables that are not
+#: schedules, and the counts that shape the state
+STATIC_ARGS = ("representation", "apply_fn", "loss_fn", "example_batch", "curvature_period",
+               "inverse_period", "trials")
 
 
 class LevenbergMarquardt(NamedTuple):
@@ -192,7 +202,9 @@ def scale_by_natural_gradient(
       loss_fn: ``loss_fn(params, batch) -> scalar`` for Levenberg–Marquardt; defaults to
         the mean negative log-likelihood of ``variant`` on ``batch = (x, y)``.
       fim_options: passed to the Fisher builder (``batch_size``, ``kfac_approx``,
-        ``covariance``, ``layer_collection``, …).
+        ``covariance``, ``layer_collection``, …). A regression ``covariance`` ``Σ`` also
+        weighs the residuals of the losses (``½ rᵀΣ⁻¹r``: the empirical Fisher's and the
+        default ``loss_fn``).
       solve_options: passed to ``solve`` (``method``, CG's ``maxiter``/``rtol``,
         K-FAC's ``damping="exact"|"pi"``, also used by the cached ``inv``).
 
@@ -200,6 +212,14 @@ def scale_by_natural_gradient(
       An ``optax.GradientTransformationExtraArgs`` with state
       :class:`NaturalGradientState`; ``update(updates, state, params, *, batch, key=None,
       apply_fn=None, value=None)``.
+
+    Raises:
+      ValueError: for an option out of its range (``damping < 0``, ``max_norm ≤ 0``, …).
+
+    To change ``damping``, ``learning_rate``, ``ema``, ``max_norm`` or ``kl_clip`` during
+    training, wrap the transform in ``optax.inject_hyperparams(...,
+    static_args=STATIC_ARGS)`` (:data:`STATIC_ARGS`: the callables, and the counts that
+    shape the state) and set ``state.hyperparams[name]``.
 
     Example:
       >>> tx = optax.chain(
@@ -224,12 +244,15 @@ def scale_by_natural_gradient(
     """
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}; got {fisher!r}")
-    for name, period in (("curvature_period", curvature_period),
-                         ("inverse_period", inverse_period)):
-        if int(period) != period or period < 1:
-            raise ValueError(f"{name} must be a positive integer; got {period!r}")
-    if ema is not None and not 0 <= ema < 1:
-        raise ValueError(f"ema must be in [0, 1); got {ema!r}")
+    _check_static_counts(curvature_period=curvature_period, inverse_period=inverse_period,
+                         trials=trials)
+    _check_numbers(ema=(ema, lambda v: 0 <= v < 1, "in [0, 1)"),
+                   max_norm=(max_norm, lambda v: v > 0, "> 0"),
+                   kl_clip=(kl_clip, lambda v: v > 0, "> 0"))
+    if isinstance(damping, LevenbergMarquardt):
+        _check_levenberg_marquardt(damping)
+    elif not callable(damping):
+        _check_numbers(damping=(damping, lambda v: v >= 0, ">= 0"))
     replays = getattr(representation, "NEEDS_REPLAY", False)
     holds_curvature = ema is not None or curvature_period > 1 or inverse_period > 1
     if replays and holds_curvature:
@@ -253,6 +276,12 @@ def scale_by_natural_gradient(
         # a state holds builds on batches of any size (and an EK-FAC's refits): one structure
         return curvature.without_rank_bounds() if holds_curvature else curvature
 
+    # a regression covariance Σ: the exact and Monte-Carlo builds take it, the losses
+    # (empirical Fisher, Levenberg–Marquardt's ratio) weigh their residuals with Σ⁻¹
+    covariance = _static(fim_options.get("covariance"))
+    if fisher == "empirical":
+        fim_options.pop("covariance", None)
+
     def build(fn, params, batch, key, **options):
         if fisher == "exact":
             return FIM(fn, params, batch, representation, variant=variant, **options)
@@ -261,8 +290,8 @@ def scale_by_natural_gradient(
                 raise ValueError("fisher='monte_carlo' needs a PRNG key: update(..., key=key)")
             return FIM_MonteCarlo(fn, params, batch, representation, key=key,
                                   variant=variant, trials=trials, **options)
-        return SecondMoment(_PerExampleLoss(fn, variant), params, batch, representation,
-                            **options)
+        return SecondMoment(_PerExampleLoss(fn, variant, covariance), params, batch,
+                            representation, **options)
 
     def initial_damping(dtype):
         value = damping.initial if adaptive else (
@@ -284,6 +313,8 @@ def scale_by_natural_gradient(
                 return c, (c.inv(1.0, **inv_options) if caches_inverse else None)
 
             curvature, inverse = _zeros(jax.eval_shape(first, params))
+            if ema is not None and not refits:  # EK-FAC's refits share one basis
+                jax.eval_shape(lambda a, b: _average(a, b, 0.5), curvature, curvature)
         return NaturalGradientState(
             count=jnp.zeros((), jnp.int32), curvature=curvature, inverse=inverse,
             damping=initial_damping(dtype), rho=jnp.full((), jnp.nan, dtype))
@@ -297,9 +328,10 @@ def scale_by_natural_gradient(
                 "scale_by_natural_gradient.update needs params, batch=(x, y) and an apply_fn "
                 "(constructor or update(..., apply_fn=...))")
         count = state.count
-        lam = state.damping if adaptive else (
-            jnp.asarray(damping(count), state.damping.dtype) if callable(damping)
-            else state.damping)
+        # a constant damping is read from the constructor, not the state: under
+        # optax.inject_hyperparams the transform is re-created with the injected value
+        lam = state.damping if adaptive else jnp.asarray(
+            damping(count) if callable(damping) else damping, state.damping.dtype)
 
         if holds_curvature:
             def averaged(new):
@@ -307,13 +339,18 @@ def scale_by_natural_gradient(
                     return new
                 return _average(state.curvature, new, jnp.where(count == 0, 0.0, ema))
 
+            def held(new):
+                _check_fits(state.curvature, new)
+                return new
+
             def refresh():
                 if not refits:
-                    return averaged(estimate(fn, params, batch, key))
+                    return averaged(held(estimate(fn, params, batch, key)))
                 return jax.lax.cond(  # new eigenbasis (not averaged) or refit diagonal
                     count % inverse_period == 0,
-                    lambda: estimate(fn, params, batch, key),
-                    lambda: averaged(estimate(fn, params, batch, key, basis=state.curvature)))
+                    lambda: held(estimate(fn, params, batch, key)),
+                    lambda: averaged(held(estimate(fn, params, batch, key,
+                                                   basis=state.curvature))))
 
             # every step: no cond (on XLA:CPU a build inside a cond branch cost 3-6 ms more
             # a bench_mlp K-FAC step)
@@ -343,7 +380,7 @@ def scale_by_natural_gradient(
 
         rho, new_lam = state.rho, lam
         if adaptive:
-            loss = loss_fn if loss_fn is not None else _MeanLoss(fn, variant)
+            loss = loss_fn if loss_fn is not None else _MeanLoss(fn, variant, covariance)
 
             def measure():
                 step = optax.tree.scale(-eta, direction)
@@ -393,7 +430,54 @@ def natural_gradient(
     )
 
 
+# natural_gradient takes scale_by_natural_gradient's options by name: give it their
+# signature, so that inspect (optax.inject_hyperparams, IDEs) sees them
+natural_gradient.__signature__ = inspect.Signature([
+    inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    *(parameter for name, parameter
+      in inspect.signature(scale_by_natural_gradient).parameters.items()
+      if name != "learning_rate"),
+])
+
+
 # ----------------------------------------------------------------------------- helpers
+def _check_static_counts(**counts: Any) -> None:
+    """Each count must be a concrete positive integer: it shapes the state or the build."""
+    for name, value in counts.items():
+        if isinstance(value, jax.core.Tracer):
+            raise TypeError(
+                f"{name} decides the structure of the transform and of its state, so it "
+                "must be a concrete int, not a traced value; with optax.inject_hyperparams "
+                "pass static_args=jaxgeom.optim.STATIC_ARGS")
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+def _check_numbers(**checks: tuple[Any, Callable[[float], bool], str]) -> None:
+    """``name=(value, valid, words)``: a concrete ``value`` must be a finite scalar with
+    ``valid(value)``; ``None`` and traced values (``optax.inject_hyperparams``) pass."""
+    for name, (value, valid, words) in checks.items():
+        if value is None or isinstance(value, jax.core.Tracer):
+            continue
+        number = np.asarray(value)
+        if (number.shape != () or not np.issubdtype(number.dtype, np.number)
+                or not np.isfinite(number) or not valid(float(number))):
+            raise ValueError(f"{name} must be a finite number {words}; got {value!r}")
+
+
+def _check_levenberg_marquardt(rule: LevenbergMarquardt) -> None:
+    positive = (lambda v: v > 0, "> 0")
+    _check_numbers(**{f"LevenbergMarquardt.{name}": (getattr(rule, name), *check)
+                      for name, check in (
+        ("initial", positive), ("min_damping", positive),
+        ("max_damping", (lambda v: v >= rule.min_damping, ">= min_damping")),
+        ("decrease", (lambda v: 0 < v <= 1, "in (0, 1]")),
+        ("increase", (lambda v: v >= 1, ">= 1")),
+        ("lower", (lambda v: True, "(a threshold on ρ)")),
+        ("upper", (lambda v: v >= rule.lower, ">= lower")))})
+    _check_static_counts(**{"LevenbergMarquardt.period": rule.period})
+
+
 def _float_dtype(params) -> Any:
     leaves = [x for x in jax.tree_util.tree_leaves(params)
               if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
@@ -417,23 +501,66 @@ def _average(old: PMatAbstract, new: PMatAbstract, decay) -> PMatAbstract:
     """
     if type(new) is PMatKFAC:
         mixed = jax.tree_util.tree_map(lambda a, b: decay * a + (1 - decay) * b, old, new)
+    elif type(new) is PMatMixed:  # part by part: K-FAC parts by their factors
+        mixed = new._with(tuple(_average(a, b, decay) for a, b in zip(old.parts, new.parts)))
     else:
-        mixed = old * decay + new * (1 - decay)
-    if jax.tree_util.tree_structure(mixed) != jax.tree_util.tree_structure(new):
-        raise TypeError(
-            f"the moving average of {type(new).__name__} is a {type(mixed).__name__}: use "
-            "ema=None, or a representation whose sum keeps its structure (PMatDiag, "
-            "PMatBlockDiag, PMatDense, PMatKFAC)")
+        try:
+            mixed = old * decay + new * (1 - decay)
+        except ValueError as error:  # e.g. K-FAC blocks too large to be summed exactly
+            raise _cannot_average(new, "not representable") from error
+    if _shapes(mixed) != _shapes(new):
+        kind = type(mixed).__name__
+        raise _cannot_average(new, f"a {kind} of other shapes" if type(mixed) is type(new)
+                              else f"a {kind}")
     return jax.tree_util.tree_map(lambda m, o: m.astype(o.dtype), mixed, old)
 
 
-def per_example_loss(variant: str, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """The negative log-likelihood of each example under ``variant`` (shape ``(N,)``).
+def _cannot_average(new: PMatAbstract, what: str) -> TypeError:
+    name = type(new).__name__
+    hint = (f" {name} averages its refitted diagonals within one eigenbasis: use it with "
+            "inverse_period > 1 (the basis period)." if hasattr(new, "refit") else "")
+    return TypeError(
+        f"ema needs a moving average of the curvature that keeps its structure, but a "
+        f"weighted sum of two {name}s is {what}.{hint} Use ema=None, or a representation "
+        "whose sum keeps its structure (PMatDiag, PMatBlockDiag, PMatDense, PMatKFAC, "
+        "PMatQuasiDiag, or a PMatMixed of those)")
+
+
+def _static(value: Any) -> Any:
+    """A concrete array as nested tuples of Python numbers (hashable: a static part of the
+    loss, so that the compiled steps are reused); ``None`` and traced values as they are."""
+    if value is None or isinstance(value, jax.core.Tracer):
+        return value
+    return np.asarray(value).tolist()
+
+
+def _shapes(tree) -> tuple:
+    """A pytree's structure and leaf shapes (what a state must keep from step to step)."""
+    leaves, structure = jax.tree_util.tree_flatten(tree)
+    return structure, tuple(jnp.shape(leaf) for leaf in leaves)
+
+
+def _check_fits(held: PMatAbstract, new: PMatAbstract) -> None:
+    """A new estimate must have the structure and shapes of the one the state holds."""
+    if _shapes(new) != _shapes(held):
+        raise ValueError(
+            f"the {type(new).__name__} estimated on this batch does not fit the one the "
+            "state holds (its shapes depend on the batch, e.g. PMatLowRank's rows, one per "
+            "example and output). Give every batch the size of example_batch, or use "
+            "curvature_period=1, inverse_period=1 and ema=None (the state then holds no "
+            "curvature)")
+
+
+def per_example_loss(variant: str, outputs: jax.Array, targets: jax.Array,
+                     covariance: Any = None) -> jax.Array:
+    """The negative log-likelihood of each example under ``variant`` (shape ``(N,)``), up to
+    a constant.
 
     ``"classif_logits"``/``"segmentation_logits"``: softmax cross-entropy with integer
     labels (summed over positions); ``"classif_logsoftmax"``: ``-log p[y]``;
     ``"classif_binary_logits"``: sigmoid binary cross-entropy; ``"regression"``:
-    ``½‖y − f‖²`` (unit covariance).
+    ``½ (y − f)ᵀ Σ⁻¹ (y − f)`` for the ``covariance`` ``Σ`` of :func:`jaxgeom.FIM` (a
+    scalar, a ``(C,)`` diagonal or a ``(C, C)`` matrix; ``None``: the identity).
     """
     n = outputs.shape[0]
     if variant in ("classif_logits", "segmentation_logits"):
@@ -443,7 +570,11 @@ def per_example_loss(variant: str, outputs: jax.Array, targets: jax.Array) -> ja
     elif variant == "classif_binary_logits":
         losses = optax.sigmoid_binary_cross_entropy(outputs, targets.reshape(outputs.shape))
     elif variant == "regression":
-        losses = 0.5 * (outputs - targets.reshape(outputs.shape)) ** 2
+        residuals = (outputs - targets.reshape(outputs.shape)).reshape(n, -1)
+        if covariance is not None:
+            whitener = regression_whitener(covariance, residuals.shape[1], residuals.dtype)
+            residuals = residuals @ whitener.T
+        losses = 0.5 * residuals**2
     else:
         raise ValueError(f"no default loss for variant {variant!r}: pass loss_fn")
     return losses.reshape(n, -1).sum(axis=1)
@@ -461,10 +592,11 @@ class _PerExampleLoss:
 
     apply_fn: Callable
     variant: str
+    covariance: Any = None
 
     def __call__(self, params, batch):
         out = self.apply_fn(params, data_lib.inputs_of(batch))
-        return per_example_loss(self.variant, out, _targets(batch))[:, None]
+        return per_example_loss(self.variant, out, _targets(batch), self.covariance)[:, None]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -323,3 +323,141 @@ def test_a_state_holds_builds_on_batches_of_any_size():
         direction, state = tx.update(grads, state, t.params, batch=(t.x[:k], t.y[:k]))
         expected = jnp.linalg.solve(held + LAM * jnp.eye(held.shape[0]), flat(grads))
         np.testing.assert_allclose(flat(direction), expected, rtol=1e-8, atol=1e-12)
+
+
+def test_inject_hyperparams_changes_the_damping_and_learning_rate(task):
+    """Under ``optax.inject_hyperparams`` the damping and learning rate in the state's
+    ``hyperparams`` are the ones used: ``-η (F + λI)⁻¹ g`` for the injected ``η, λ``."""
+    t, grads = task
+    F = reference_fisher(t.apply_fn, t.params, t.x)
+    tx = optax.inject_hyperparams(optim.natural_gradient, static_args=optim.STATIC_ARGS)(
+        learning_rate=0.3, representation=jg.PMatDense, damping=1e-2, apply_fn=t.apply_fn)
+    state = tx.init(t.params)
+    step = jax.jit(lambda s: tx.update(grads, s, t.params, batch=(t.x, t.y)))
+    for lr, lam in ((0.3, 1e-2), (0.5, 1.0)):
+        state.hyperparams["learning_rate"] = jnp.asarray(lr)
+        state.hyperparams["damping"] = jnp.asarray(lam)
+        updates, _ = step(state)
+        expected = -lr * jnp.linalg.solve(F + lam * jnp.eye(F.shape[0]), flat(grads))
+        np.testing.assert_allclose(flat(updates), expected, rtol=1e-10)
+    # a count that shapes the state cannot be a traced hyperparameter
+    tx = optax.inject_hyperparams(optim.scale_by_natural_gradient,
+                                  static_args=("representation", "apply_fn"))(
+        jg.PMatDense, apply_fn=t.apply_fn)
+    with pytest.raises(TypeError, match="static_args=jaxgeom.optim.STATIC_ARGS"):
+        jax.jit(lambda s: tx.update(grads, s, t.params, batch=(t.x, t.y)))(tx.init(t.params))
+
+
+def test_moving_average_of_a_mixed_curvature_part_by_part(task):
+    """``PMatMixed``'s parts are averaged each in its own way: K-FAC's factors, the
+    diagonal's values."""
+    t, grads = task
+    options = {"mapping": {"w1": jg.PMatKFAC}, "default": jg.PMatDiag}
+    tx = optim.scale_by_natural_gradient(jg.PMatMixed, damping=LAM, ema=0.75,
+                                         apply_fn=t.apply_fn, example_batch=(t.x, t.y),
+                                         fim_options=options)
+    state, estimates = tx.init(t.params), []
+    for batch in batches(t, 2):
+        estimates.append(jg.FIM(t.apply_fn, t.params, batch, jg.PMatMixed, **options))
+        _, state = tx.update(grads, state, t.params, batch=batch)
+    kfac, diag = state.curvature.parts
+    first, second = ([e.parts[0].factors[0] for e in estimates],
+                     [e.parts[1] for e in estimates])
+    np.testing.assert_allclose(kfac.factors[0].A, 0.75 * first[0].A + 0.25 * first[1].A,
+                               rtol=1e-12)
+    np.testing.assert_allclose(kfac.factors[0].G, 0.75 * first[0].G + 0.25 * first[1].G,
+                               rtol=1e-12)
+    np.testing.assert_allclose(diag.get_diag(), 0.75 * second[0].get_diag()
+                               + 0.25 * second[1].get_diag(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("rep, options, match", [
+    (jg.PMatLowRank, {}, "PMatLowRanks is a PMatLowRank of other shapes"),
+    (jg.PMatEKFAC, {}, "inverse_period > 1"),
+])
+def test_moving_average_that_would_change_the_state_fails_at_init(task, rep, options, match):
+    t, _ = task
+    tx = optim.scale_by_natural_gradient(rep, ema=0.9, apply_fn=t.apply_fn,
+                                         example_batch=(t.x, t.y), **options)
+    with pytest.raises(TypeError, match=match):
+        tx.init(t.params)
+
+
+def test_a_low_rank_state_needs_batches_of_its_size(task):
+    """``PMatLowRank`` has one row per example: a state built for 7 examples cannot hold
+    an estimate on 5 (a clear error, not a ``lax.cond`` type error); 7 work."""
+    t, grads = task
+    tx = optim.scale_by_natural_gradient(jg.PMatLowRank, damping=LAM, curvature_period=2,
+                                         apply_fn=t.apply_fn, example_batch=(t.x, t.y))
+    state = tx.init(t.params)
+    direction, _ = tx.update(grads, state, t.params, batch=(t.x, t.y))
+    F = reference_fisher(t.apply_fn, t.params, t.x)
+    np.testing.assert_allclose(
+        flat(direction), jnp.linalg.solve(F + LAM * jnp.eye(F.shape[0]), flat(grads)),
+        rtol=1e-9)
+    with pytest.raises(ValueError, match="size of example_batch"):
+        tx.update(grads, state, t.params, batch=(t.x[:5], t.y[:5]))
+
+
+def regression_task(sigma2):
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"w": 0.5 * jax.random.normal(k[0], (3, 2)), "b": jnp.zeros(2)}
+
+    def apply_fn(p, x):
+        return jnp.tanh(x @ p["w"] + p["b"])
+
+    x, y = jax.random.normal(k[1], (8, 3)), jax.random.normal(k[2], (8, 2))
+
+    def nll(p, batch):  # the Gaussian negative log-likelihood, up to a constant
+        return 0.5 * jnp.sum((batch[1] - apply_fn(p, batch[0])) ** 2, axis=-1) / sigma2
+
+    return params, apply_fn, x, y, nll
+
+
+def test_regression_covariance_in_the_losses():
+    """With ``fim_options={"covariance": σ²}`` the Levenberg–Marquardt ratio uses the
+    Gaussian NLL ``½‖y − f‖²/σ²`` (not the unit-covariance loss), and the empirical Fisher
+    is the second moment of that NLL's per-example gradients."""
+    sigma2, lr, lam = 4.0, 1.0, 1e-2
+    params, apply_fn, x, y, nll = regression_task(sigma2)
+    loss = lambda p, b: jnp.mean(nll(p, b))  # noqa: E731
+    grads = jax.grad(loss)(params, (x, y))
+    common = dict(apply_fn=apply_fn, variant="regression", fim_options={"covariance": sigma2})
+    tx = optim.scale_by_natural_gradient(jg.PMatDense, learning_rate=lr, **common,
+                                         damping=optim.LevenbergMarquardt(initial=lam))
+    direction, state = tx.update(grads, tx.init(params), params, batch=(x, y))
+    F = jg.FIM(apply_fn, params, (x, y), jg.PMatDense, variant="regression",
+               covariance=sigma2).to_dense()
+    u = -lr * flat(direction)
+    step = jax.tree_util.tree_map(lambda d: -lr * d, direction)
+    rho = ((loss(optax.apply_updates(params, step), (x, y)) - loss(params, (x, y)))
+           / (flat(grads) @ u + 0.5 * u @ F @ u))
+    np.testing.assert_allclose(state.rho, rho, rtol=1e-10)
+
+    tx = optim.scale_by_natural_gradient(jg.PMatDense, damping=lam, fisher="empirical",
+                                         **common)
+    direction, _ = tx.update(grads, tx.init(params), params, batch=(x, y))
+    per_example = jax.vmap(lambda xi, yi: flat(jax.grad(
+        lambda p: nll(p, (xi[None], yi[None]))[0])(params)))(x, y)
+    G = per_example.T @ per_example / x.shape[0]
+    np.testing.assert_allclose(
+        flat(direction), jnp.linalg.solve(G + lam * jnp.eye(G.shape[0]), flat(grads)),
+        rtol=1e-10)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"max_norm": -1.0}, "max_norm must be a finite number > 0"),
+    ({"kl_clip": 0.0}, "kl_clip must be a finite number > 0"),
+    ({"damping": -5.0}, "damping must be a finite number >= 0"),
+    ({"damping": float("nan")}, "damping must be a finite number"),
+    ({"ema": 1.0}, r"ema must be a finite number in \[0, 1\)"),
+    ({"damping": optim.LevenbergMarquardt(initial=-1.0)}, "LevenbergMarquardt.initial"),
+    ({"damping": optim.LevenbergMarquardt(period=0)}, "LevenbergMarquardt.period"),
+    ({"damping": optim.LevenbergMarquardt(min_damping=1.0, max_damping=0.1)},
+     "max_damping must be a finite number >= min_damping"),
+    ({"trials": 0}, "trials must be a positive integer"),
+    ({"curvature_period": 1.5}, "curvature_period must be a positive integer"),
+])
+def test_invalid_options_are_rejected_by_the_constructor(options, match):
+    with pytest.raises(ValueError, match=match):
+        optim.scale_by_natural_gradient(jg.PMatDense, **options)
