@@ -356,7 +356,10 @@ def _chunk_jvps(params, rows, batch, mask, offset, aux, *, fn, layout):
 @model_jit(static_argnames=("fn",))
 def _chunk_vjps(params, cotangents, batch, mask, offset, aux, *, fn):
     """``(m, d)``: ``J_cᵀ fᵢ`` of one chunk for the ``(m, n, K)`` cotangents ``fᵢ``."""
-    _, vjp = jax.vjp(_masked_outputs(fn, batch, mask, offset, aux), params)
+    outputs, vjp = jax.vjp(_masked_outputs(fn, batch, mask, offset, aux), params)
+    # cotangents in the outputs' dtype (float64 ones for a float32 model under x64), as
+    # jax.vjp requires; the caller casts the result back
+    cotangents = cotangents.astype(outputs.dtype)
     return flatten_jacobian(jax.vmap(vjp)(cotangents)[0], 1)
 
 

@@ -234,3 +234,21 @@ def test_last_chunk_offset():
     assert data_lib.last_chunk_offset([x[:3], x[3:3], x[3:]], 2) == 5
     assert data_lib.last_chunk_offset([x[:3], x[3:]]) == 3
     assert data_lib.last_chunk_offset(iter([x]), 2) is None
+
+
+def test_float32_model_takes_float64_vectors():
+    """A float32 model (Flax's default) with float64 vectors (x64 on): both maps give
+    ``Jᵀ f`` and ``J v`` of the float32 Jacobian, promoted to float64."""
+    t = make_linen_mlp()
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t.params)
+    x = t.x.astype(jnp.float32)
+    ref = np.asarray(flat_jacobian(t.apply_fn, params, x), np.float64).transpose(1, 0, 2)
+    K, N, d = ref.shape
+    f = jax.random.normal(jax.random.PRNGKey(1), (K, N), jnp.float64)
+    v = jax.random.normal(jax.random.PRNGKey(2), (d,), jnp.float64)
+    for rep in (PFMapDense, PFMapImplicit):
+        J = Jacobian(t.apply_fn, params, x, rep, batch_size=3)
+        back, forward = J.vjp(f).to_flat(), J.jvp(v).data
+        assert back.dtype == forward.dtype == jnp.float64
+        np.testing.assert_allclose(back, np.einsum("knd,kn->d", ref, f), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(forward, ref @ np.asarray(v), rtol=1e-5, atol=1e-5)
