@@ -49,22 +49,33 @@ def iter_batches(data: Any) -> Iterator[Any]:
 
 
 def peek(data: Any) -> tuple[Any, Any]:
-    """The first batch of ``data`` and an equivalent ``data`` that still yields it.
+    """The first batch of ``data`` with examples (empty batches are skipped, as the builds
+    skip them; the last batch read when all are empty) and an equivalent ``data`` that
+    still yields every batch.
 
     Raises a ``ValueError`` when ``data`` yields no batch at all.
     """
     if is_single_batch(data):
         return data, data
     iterator = iter(data)
-    try:
-        first = next(iterator)
-    except StopIteration:
+    read = []
+    for batch in iterator:
+        read.append(batch)
+        if not _is_empty(batch):
+            break
+    if not read:
         raise ValueError(
             "the data yielded no batch: pass one batch (x, y) or a non-empty iterable of batches"
-        ) from None
-    if iterator is data:  # a one-shot iterator: put the first batch back
-        return first, itertools.chain([first], iterator)
-    return first, data
+        )
+    if iterator is data:  # a one-shot iterator: put the batches read back
+        return read[-1], itertools.chain(read, iterator)
+    return read[-1], data
+
+
+def _is_empty(batch: Any) -> bool:
+    """Whether every leaf of ``batch`` has an empty leading (example) axis."""
+    leaves = jax.tree_util.tree_leaves(batch)
+    return bool(leaves) and all(np.ndim(leaf) and np.shape(leaf)[0] == 0 for leaf in leaves)
 
 
 def inputs_of(batch: Any) -> Any:

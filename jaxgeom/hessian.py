@@ -53,6 +53,7 @@ from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
 from jaxgeom.pmat.implicit import PMatImplicit, _tangents
+from jaxgeom.streaming import check_finite
 
 #: how each stored representation keeps the columns ``H eᵢ`` (its ``_chunk_hessian`` kind)
 _KINDS = {PMatDense: "dense", PMatBlockDiag: "blockdiag", PMatDiag: "diag"}
@@ -109,6 +110,8 @@ def Hessian(
         from jaxgeom.metrics import _layers
 
         layer_collection = _layers(loss_fn, params, first)
+    else:
+        layer_collection.check_params(params)
     loss_fn = Hashable(loss_fn)
     if representation is PMatImplicit:
         return PMatImplicitHessian.build(loss_fn, params, data, layer_collection, batch_size)
@@ -134,13 +137,17 @@ def real_chunks(data: Any, batch_size: int | None):
 
 
 def stream(loss_fn, params, data, batch_size, layout, kind, per_pass):
-    """``(1/N) Σ_c n_c · state(H_c)`` with ``state`` the ``kind`` of columns kept."""
-    total, n = None, 0
+    """``(1/N) Σ_c n_c · state(H_c)`` with ``state`` the ``kind`` of columns kept; raises
+    ``FloatingPointError`` naming the chunk's examples if one is not finite."""
+    total, n, flags = None, 0, []
     for c in real_chunks(data, batch_size):
-        part = _chunk_hessian(params, c.batch, c.count, loss_fn=loss_fn, layout=layout,
-                              kind=kind, per_pass=per_pass)
+        part, finite = _chunk_hessian(params, c.batch, c.count, loss_fn=loss_fn,
+                                      layout=layout, kind=kind, per_pass=per_pass)
         total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
+        flags.append((finite, c.offset, c.count))
         n += c.count
+    for finite, offset, count in flags:  # read once every chunk is dispatched
+        check_finite(finite, offset, count)
     return jax.tree_util.tree_map(lambda x: x / n, total)
 
 
@@ -175,7 +182,9 @@ def _chunk_hessian(params, batch, weight, *, loss_fn, layout, kind, per_pass):
             columns(idx, lambda col, i, idx=idx: col[idx]).T
             for idx in (layout.layer_indices(layer) for layer in layout.layers)
         )
-    return jax.tree_util.tree_map(lambda x: weight * x, state)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                for x in jax.tree_util.tree_leaves(state)]))
+    return jax.tree_util.tree_map(lambda x: weight * x, state), finite
 
 
 # ----------------------------------------------------------------------------- implicit

@@ -258,6 +258,18 @@ class LayerCollection:
                     f"but the parameter has shape {shape}"
                 )
 
+    def check_params(self, params: Any) -> None:
+        """Raise a ``ValueError`` if this collection was made for other parameters than
+        ``params`` (other leaf shapes, or another number of leaves)."""
+        shapes = tuple(tuple(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+        if shapes != tuple(self.shapes):
+            count = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
+            raise ValueError(
+                f"layer_collection was made for other parameters ({self.numel()} in leaves "
+                f"of shapes {list(self.shapes)}) than params ({count} in leaves of shapes "
+                f"{list(shapes)}): make it from these params "
+                "(LayerCollection.from_model(apply_fn, params, x)), or pass none")
+
     # ------------------------------------------------------------------ display
     def summary(self) -> str:
         """A table of the layers: id, kind, leaves with shapes, number of parameters."""

@@ -156,6 +156,8 @@ def SecondMoment(
     """
     first, data = data_lib.peek(data)
     check_rows(fn, params, first)
+    if layer_collection is not None:
+        layer_collection.check_params(params)
     layer_collection = layer_collection or _layers(fn, params, first)
     if isinstance(representation, type) and getattr(representation, "NEEDS_REPLAY", False):
         data = list(data_lib.iter_batches(data))
@@ -193,6 +195,8 @@ def _model_front_end(apply_fn, params, data, variant, covariance, layer_collecti
     collection. The checks and the discovery depend on the signatures of ``params`` and of
     the inputs only (:func:`_model_facts`, cached): each is taken once a build."""
     check_variant(variant)
+    if layer_collection is not None:
+        layer_collection.check_params(params)
     first, data = data_lib.peek(data)
     inputs = data_lib.inputs_of(first)
     out_shape, layers = _model_facts(Hashable(apply_fn), variant, signature(params),

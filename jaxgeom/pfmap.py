@@ -392,6 +392,8 @@ def _setup(apply_fn, params, data, function, layer_collection, lazy):
     else:
         batched = Hashable(function)
     check_rows(batched, params, first)
+    if layer_collection is not None:
+        layer_collection.check_params(params)
     layer_collection = layer_collection or _layers(batched, params, first)
     if lazy:
         data = list(data_lib.iter_batches(data))
@@ -506,4 +508,24 @@ def GramMatrix(
     J = Jacobian(apply_fn, params, data, PFMapImplicit, function=function,
                  batch_size=batch_size, layer_collection=layer_collection, mode=mode)
     G = gram_implicit(J) if method == "implicit" else gram_by_layers(J)
+    _check_finite_gram(G.data)
     return centred(G) if centering else G
+
+
+def _check_finite_gram(gram: jax.Array) -> None:
+    """Raise ``FloatingPointError`` naming the examples whose entries of the
+    ``(K, N, K, N)`` Gram's diagonal ``G[k, n, k, n] = ‖J[k, n]‖²`` are not finite (skipped while
+    tracing)."""
+    if isinstance(gram, jax.core.Tracer):
+        return
+    finite = np.asarray(_finite_examples(gram))
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise FloatingPointError(
+            f"non-finite model outputs or gradients for the examples {bad[:10].tolist()}"
+            f"{' …' if bad.size > 10 else ''}: check the inputs and the parameters (NaN/inf)")
+
+
+@jax.jit
+def _finite_examples(gram: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(jnp.einsum("knkn->kn", gram)), axis=0)

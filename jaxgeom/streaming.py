@@ -128,6 +128,9 @@ class ChunkBuilder:
     passes: int = 1
     #: whether ``finalize`` needs ``Stream.data`` as the list of all batches.
     keeps_data: bool = False
+    #: whether the builder is made for one shape of example (a capture plan traced on the
+    #: first example): then every batch must have it.
+    fixed_example_shapes: bool = False
     #: whether the running total is updated in place inside the chunk's compiled step
     #: (:meth:`init_total`, :meth:`update`; its buffers donated); otherwise :meth:`reduce`
     #: combines each chunk's statistics with it outside ``jit``.
@@ -239,6 +242,10 @@ class BuilderGroup(ChunkBuilder):
     @property
     def keeps_data(self) -> bool:
         return any(m.keeps_data for m in self.members)
+
+    @property
+    def fixed_example_shapes(self) -> bool:
+        return any(m.fixed_example_shapes for m in self.members)
 
     @property
     def updates_in_place(self) -> bool:
@@ -361,8 +368,10 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]
     :attr:`~ChunkBuilder.updates_in_place` is updated inside the chunk's compiled step (its
     buffers donated), so a chunk costs one dispatch and no copy of the total.
     """
-    total, n, flags = None, 0, []
+    total, n, flags, shapes = None, 0, [], None
     for chunk in chunks:
+        if builder.fixed_example_shapes:
+            shapes = _same_example_shapes(builder, shapes, chunk)
         args = (params, chunk.batch, chunk.mask, np.asarray(chunk.offset), aux)
         if builder.updates_in_place:
             if total is None:
@@ -375,6 +384,23 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]
         flags.append((finite, chunk.offset, chunk.count))
         n += chunk.count
     return total, n, flags
+
+
+def _same_example_shapes(builder: ChunkBuilder, shapes: Any, chunk: data_lib.Chunk) -> Any:
+    """The chunk's example shapes, which must be ``shapes`` (those of the first chunk)."""
+    mine = data_lib.example_shapes(chunk.batch)
+    if shapes is not None and mine != shapes:
+        raise ValueError(
+            f"the examples from {chunk.offset} on have the shapes {_shape_list(mine)}, the "
+            f"first ones {_shape_list(shapes)}: {type(builder).__name__} captures the "
+            "layers' inputs of one shape of example. Pad the batches to one shape, or build "
+            "one matrix per shape and combine them weighted by their numbers of examples; "
+            "PMatDense, PMatBlockDiag and PMatLowRank take examples of varying shapes")
+    return mine
+
+
+def _shape_list(example: Any) -> list:
+    return [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(example)]
 
 
 def _check_all(flags: list) -> None:

@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgeom._counter_rng import draw_key, normal, uniform
 
@@ -125,13 +126,23 @@ def regression_whitener(covariance: Any, num_outputs: int, dtype: Any) -> jax.Ar
         return jnp.eye(num_outputs, dtype=dtype)
     cov = jnp.asarray(covariance, dtype)
     if cov.ndim == 0:
-        return jnp.eye(num_outputs, dtype=dtype) / jnp.sqrt(cov)
-    if cov.shape == (num_outputs,):
-        return jnp.diag(1 / jnp.sqrt(cov))
-    if cov.shape == (num_outputs, num_outputs):
+        whitener = jnp.eye(num_outputs, dtype=dtype) / jnp.sqrt(cov)
+    elif cov.shape == (num_outputs,):
+        whitener = jnp.diag(1 / jnp.sqrt(cov))
+    elif cov.shape == (num_outputs, num_outputs):
         chol = jnp.linalg.cholesky(cov)
         eye = jnp.eye(num_outputs, dtype=dtype)
-        return jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+        whitener = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    else:
+        whitener = None
+    if whitener is not None:
+        # a concrete covariance is checked here (traced, NaN outputs would be reported
+        # as the model's): a non-positive variance or an indefinite matrix has no L⁻¹
+        if not isinstance(whitener, jax.core.Tracer) and not np.all(np.isfinite(whitener)):
+            raise ValueError(
+                "covariance must be positive definite (a positive scalar, positive "
+                f"variances, or a symmetric positive definite matrix); got {covariance!r}")
+        return whitener
     raise ValueError(
         f"covariance must be a scalar, a ({num_outputs},) diagonal or a ({num_outputs}, "
         f"{num_outputs}) matrix for {num_outputs} regression outputs; got shape {cov.shape}"

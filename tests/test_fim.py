@@ -685,3 +685,60 @@ def test_no_recompilation_for_new_param_values_or_a_short_last_batch(representat
     with compilations() as compiled:
         FIM(t.apply_fn, moved, batches, representation, batch_size=3)
     assert set(compiled) <= {"_window", "_pad_rows"} and len(compiled) <= 2, compiled
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatKFAC])
+def test_empty_batches_are_skipped_first_ones_too(representation):
+    t = make_linen_mlp()
+    want = FIM(t.apply_fn, t.params, (t.x, t.y), representation).to_dense()
+    empty = (t.x[:0], t.y[:0])
+    for data in ([empty, (t.x, t.y)],
+                 iter([empty, empty, (t.x[:3], t.y[:3]), (t.x[3:], t.y[3:])])):
+        got = FIM(t.apply_fn, t.params, data, representation).to_dense()
+        np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("covariance", [
+    -1.0, jnp.array([1.0, -1.0, 1.0, 1.0]),
+    jnp.kron(jnp.array([[1.0, 2.0], [2.0, 1.0]]), jnp.eye(2)),  # eigenvalues 3 and -1
+], ids=["negative scalar", "negative variance", "indefinite matrix"])
+def test_a_covariance_that_is_not_positive_definite(covariance):
+    t = make_plain_mlp()
+    with pytest.raises(ValueError, match="covariance must be positive definite"):
+        FIM(t.apply_fn, t.params, t.x, PMatDense, variant="regression", covariance=covariance)
+
+
+def test_a_layer_collection_of_other_parameters_is_refused():
+    t, other = make_plain_mlp(), make_linen_mlp()
+    wrong = jaxgeom.LayerCollection.from_model(other.apply_fn, other.params, other.x)
+    fn = lambda p, b: t.apply_fn(p, b)  # noqa: E731
+    builds = [
+        lambda: FIM(t.apply_fn, t.params, t.x, PMatDiag, layer_collection=wrong),
+        lambda: SecondMoment(fn, t.params, t.x, PMatDense, layer_collection=wrong),
+        lambda: jaxgeom.Hessian(lambda p, b: jnp.sum(t.apply_fn(p, b) ** 2), t.params, t.x,
+                                PMatDense, layer_collection=wrong),
+        lambda: jaxgeom.Jacobian(t.apply_fn, t.params, t.x, layer_collection=wrong),
+    ]
+    for build in builds:
+        with pytest.raises(ValueError, match="layer_collection was made for other parameters"):
+            build()
+
+
+def test_examples_of_varying_shapes():
+    """Sequences of two lengths in two batches: the Jacobian-based builds give the mean
+    weighted by the examples; the capture-based ones, made for one shape, say so."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {"W": jax.random.normal(keys[0], (3, 4)), "b": jax.random.normal(keys[1], (4,))}
+
+    def apply_fn(p, x):  # (N, T, 3) -> (N, 4)
+        return jnp.tanh(x @ p["W"] + p["b"]).mean(1)
+
+    long, short = jax.random.normal(keys[2], (3, 5, 3)), jax.random.normal(keys[3], (2, 2, 3))
+    for rep in (PMatDense, jaxgeom.PMatBlockDiag, PMatLowRank):
+        got = FIM(apply_fn, params, [long, short], rep).to_dense()
+        want = (3 * FIM(apply_fn, params, long, rep).to_dense()
+                + 2 * FIM(apply_fn, params, short, rep).to_dense()) / 5
+        np.testing.assert_allclose(got, want, **TOL)
+    for rep in (PMatDiag, PMatKFAC, PMatEKFAC, jaxgeom.PMatQuasiDiag):
+        with pytest.raises(ValueError, match=r"from 3 on have the shapes \[\(2, 3\)\]"):
+            FIM(apply_fn, params, [long, short], rep)

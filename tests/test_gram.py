@@ -191,3 +191,14 @@ def test_under_jit_and_errors():
         GramMatrix(t.apply_fn, t.params, t.x, representation=FVector)
     with pytest.raises(ValueError, match=r"\(K, N, K, N\)"):
         FMatDense(jnp.zeros((2, 3, 3, 2)))
+
+
+@pytest.mark.parametrize("method", ["jacobian", "implicit"])
+def test_a_non_finite_input_is_named(method):
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (6, 3)).at[4, 1].set(jnp.nan)
+    params = {"W": jax.random.normal(keys[1], (3, 4)), "b": jax.random.normal(keys[2], (4,))}
+    # "jacobian" names the example, "implicit" the examples its chunk's products reached
+    named = r"examples \[4\]" if method == "jacobian" else r"examples \[0, 1, 2, 3, 4, 5\]"
+    with pytest.raises(FloatingPointError, match=named):
+        GramMatrix(lambda p, x: jnp.tanh(x @ p["W"] + p["b"]), params, x, method=method)

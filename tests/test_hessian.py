@@ -157,3 +157,16 @@ def test_under_jit_and_errors(mlp):
         Hessian(lambda p, b: t.apply_fn(p, b[0]), t.params, (t.x, t.y), PMatDense)
     with pytest.raises(TypeError, match="not from Jacobians"):
         FIM(t.apply_fn, t.params, t.x, PMatImplicitHessian)
+
+
+def test_a_non_finite_input_names_its_chunk():
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (6, 3)).at[4, 1].set(jnp.nan)
+    params = {"W": jax.random.normal(keys[1], (3, 4)), "b": jax.random.normal(keys[2], (4,))}
+
+    def loss_fn(p, batch):
+        return jnp.mean(jnp.tanh(batch @ p["W"] + p["b"]) ** 2)
+
+    for rep in (PMatDense, PMatDiag, PMatBlockDiag):
+        with pytest.raises(FloatingPointError, match=r"examples 4\.\.5"):
+            Hessian(loss_fn, params, x, rep, batch_size=2)

@@ -961,6 +961,8 @@ class CaptureBuilder(ChunkBuilder):
     plan: CapturePlan = static_field()
     layout: LayerCollection = static_field()
 
+    fixed_example_shapes: ClassVar[bool] = True
+
 
 @builder
 class KFACBuilder(CaptureBuilder):

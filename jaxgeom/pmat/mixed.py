@@ -146,6 +146,10 @@ class RestrictedBuilder(ChunkBuilder):
         return self.inner.keeps_data
 
     @property
+    def fixed_example_shapes(self) -> bool:
+        return self.inner.fixed_example_shapes
+
+    @property
     def updates_in_place(self) -> bool:
         return self.inner.updates_in_place
 
