@@ -129,6 +129,7 @@ class CompiledFunction:
         self._jit_kwargs = jit_kwargs
         self._top_level: Callable | None = None
         self._nested: Callable | None = None
+        self._donates = bool(jit_kwargs.get("donate_argnums") or jit_kwargs.get("donate_argnames"))
 
     def _compiled(self) -> Callable:
         if self._top_level is None:
@@ -147,20 +148,29 @@ class CompiledFunction:
         return self._fun
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self._compiled()(*args, **kwargs)
-        except ValueError as error:
-            if "compiler_options" not in str(error):
-                raise
+        # A function that donates its buffers is checked for a trace first (eager jax.grad
+        # or vmap of a build: traced arguments): the top-level call would refuse its options
+        # only once the donated buffers are gone. The others try the top level first.
+        if not (self._donates and _any_tracer(args, kwargs)):
+            try:
+                return self._compiled()(*args, **kwargs)
+            except ValueError as error:
+                if "compiler_options" not in str(error):
+                    raise
         if self._nested is None:
             self._nested = jax.jit(self._traced(), **self._jit_kwargs)
         return self._nested(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("_fun", "_runs_model", "_extra", "_jit_kwargs",
-                                             "_top_level", "_nested"):
+                                             "_top_level", "_nested", "_donates"):
             raise AttributeError(name)
         return getattr(self._compiled(), name)
+
+
+def _any_tracer(*trees: Any) -> bool:
+    """Whether a leaf of ``trees`` is a ``Tracer`` (the call is inside a trace)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
 
 
 def model_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:

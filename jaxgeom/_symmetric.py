@@ -45,3 +45,16 @@ def spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     """``m⁻¹ b`` for a symmetric positive-definite ``m``: :func:`cholesky` then
     :func:`cho_solve`. Cost ``n³/3 + 2 n² k``."""
     return cho_solve(cholesky(m), b)
+
+
+def symmetric_solve(m: jax.Array, b: jax.Array) -> jax.Array:
+    """``m⁻¹ b`` for a symmetric invertible ``m`` (``(n, n)``; ``b`` ``(n,)`` or ``(n, k)``):
+    :func:`spd_solve` when ``m`` is positive definite (a damped Fisher), else an LU solve
+    with partial pivoting (an indefinite ``m``: a damped Hessian of a non-convex loss, a
+    difference of matrices). Chosen on the device by whether the Cholesky factorisation
+    succeeded (its factor is NaN where it failed). Cost ``n³/3 + 2 n² k``, plus
+    ``2n³/3 + 2 n² k`` when it falls back.
+    """
+    factor = cholesky(m)
+    return lax.cond(jnp.isnan(factor[0, 0]), lambda: jnp.linalg.solve(m, b),
+                    lambda: cho_solve(factor, b))

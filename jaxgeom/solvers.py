@@ -37,9 +37,15 @@ def cg(
     if b.ndim != 1:
         raise ValueError(f"cg solves for one flat vector; got shape {b.shape}")
     maxiter = 10 * b.shape[0] if maxiter is None else int(maxiter)
-    precondition = preconditioner if preconditioner is not None else (lambda r: r)
     x = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
     r = b - matvec(x)
+    # the iterates in the residual's dtype: the operator's and b's promoted (a float32
+    # vector against a float64 matrix), so that the loop's state keeps one dtype
+    x = x.astype(r.dtype)
+
+    def precondition(r):
+        return r if preconditioner is None else preconditioner(r).astype(r.dtype)
+
     z = precondition(r)
     threshold = jnp.maximum(rtol * jnp.linalg.norm(b), atol)
 

@@ -138,8 +138,8 @@ def as_flat(v: Any, layout: LayerCollection, what: str = "vector") -> tuple[jax.
             )
         return jnp.asarray(v), lambda flat: flat
     if _is_array(v) and jnp.shape(v) == (d,) and len(layout.shapes) == 1:
-        # params is itself a single array: a flat vector and a pytree coincide up to shape
-        return jnp.ravel(v), lambda flat: flat.reshape(layout.shapes[0])
+        # params is itself a single array, and v its flat form: answered flat too
+        return jnp.asarray(v), lambda flat: flat
     layout.check_tree(v, what)
     return _ravel(v), functools.partial(_unravel, layout)
 

@@ -742,3 +742,20 @@ def test_examples_of_varying_shapes():
     for rep in (PMatDiag, PMatKFAC, PMatEKFAC, jaxgeom.PMatQuasiDiag):
         with pytest.raises(ValueError, match=r"from 3 on have the shapes \[\(2, 3\)\]"):
             FIM(apply_fn, params, [long, short], rep)
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatDiag, PMatImplicit])
+def test_gradient_of_a_build_eager_and_under_jit(representation):
+    """``∇θ tr F(θ)`` through a build: eager ``jax.grad`` (whose steps cannot donate
+    their buffers) and ``jit(grad)`` both equal the gradient of the brute-force trace.
+    (Regression: its output covariance is constant; the softmax one is held constant in
+    a build, ``stop_gradient``.)"""
+    t = make_plain_mlp()
+
+    def trace(p, rep):
+        return FIM(t.apply_fn, p, t.x, rep, variant="regression").trace()
+
+    want = jax.grad(lambda p: jnp.trace(reference_fisher(t.apply_fn, p, t.x, "regression")))(
+        t.params)
+    for grad in (jax.grad(trace), jax.jit(jax.grad(trace), static_argnums=1)):
+        chex.assert_trees_all_close(grad(t.params, representation), want, rtol=1e-9)

@@ -7,7 +7,7 @@ import pytest
 from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp
 from pmat_checks import check_all, check_promotions, check_pytree, check_solve, reference
 
-from jaxgeom import FIM, PMatBlockDiag, PMatDense
+from jaxgeom import FIM, LayerCollection, PMatBlockDiag, PMatDense
 from jaxgeom.pmat import _gram
 
 
@@ -123,3 +123,49 @@ def test_accumulate_gram_in_row_blocks(monkeypatch, m, rows):
     add = jax.jit(_gram.accumulate_gram, donate_argnums=0)
     np.testing.assert_allclose(add(jnp.asarray(total), jnp.asarray(x), 0.25),
                                total + 0.25 * x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def indefinite(d=6, seed=0):
+    """A symmetric indefinite matrix (a Hessian's kind) on a one-layer layout."""
+    params = {"a": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}}
+    layout = LayerCollection.from_params(params)
+    a = np.random.default_rng(seed).standard_normal((d, d))
+    return layout, (a + a.T) / 2
+
+
+@pytest.mark.parametrize("rep", [PMatDense, PMatBlockDiag])
+def test_inverse_and_solve_of_an_indefinite_matrix(rep):
+    """Cholesky fails on ``M + λI`` indefinite: the LU fallback gives the inverse."""
+    layout, m = indefinite()
+    M = PMatDense(layout, jnp.asarray(m))
+    M = M if rep is PMatDense else PMatBlockDiag.from_pmat(M)
+    regul, v = 0.1, np.arange(6.0)
+    want = np.linalg.inv(np.asarray(M.to_dense()) + regul * np.eye(6))
+    assert np.linalg.eigvalsh(want).min() < 0
+    np.testing.assert_allclose(M.inv(regul).to_dense(), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(M.solve(v, regul), want @ v, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(jax.jit(lambda M, v: M.solve(v, regul))(M, v), want @ v,
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [2, 2.0, np.float32(2), jnp.asarray(2.0), jnp.int32(2), -1,
+                               jnp.asarray(-1.0)])
+def test_integer_powers_of_an_indefinite_matrix_in_any_scalar_type(p):
+    """``M^p`` for an integer value ``p``, whatever its type, eager or traced: the signs
+    of the eigenvalues kept (not clipped as for a fractional power)."""
+    layout, m = indefinite()
+    M = PMatDense(layout, jnp.asarray(m))
+    want = np.linalg.matrix_power(m, 2) if float(p) == 2 else np.linalg.inv(m)
+    np.testing.assert_allclose(M.pow(p).to_dense(), want, rtol=1e-9, atol=1e-10)
+    traced = jax.jit(lambda M, p: M.pow(p).to_dense())(M, jnp.asarray(p, jnp.float64))
+    np.testing.assert_allclose(traced, want, rtol=1e-9, atol=1e-10)
+
+
+def test_cg_promotes_a_float32_vector_to_the_matrix_dtype(case):
+    t, F, ref = case
+    v = np.random.default_rng(1).standard_normal(ref.shape[0])
+    want = np.linalg.solve(ref + 0.1 * np.eye(ref.shape[0]), v.astype(np.float32))
+    for solve in (F.solve, jax.jit(lambda v, **kw: F.solve(v, **kw), static_argnames="method")):
+        x = solve(jnp.asarray(v, jnp.float32), regul=0.1, method="cg", rtol=1e-12)
+        assert x.dtype == jnp.float64
+        np.testing.assert_allclose(x, want, rtol=1e-8, atol=1e-10)

@@ -449,3 +449,14 @@ def test_squared_gradient_sums_in_blocks_of_examples(outputs):
     np.testing.assert_allclose(squares, np.sum(grads**2, axis=(0, 1)), rtol=1e-12)
     np.testing.assert_allclose(weighted, np.einsum("nkga,nkg->ga", grads, w), rtol=1e-12)
     np.testing.assert_allclose(kfac_module.squared_gradient_sum(a, g), squares, rtol=1e-12)
+
+
+def test_cg_solves_with_exact_damping_only_and_eigh_names_who_can(case):
+    t, K, dense = case
+    v = np.ones(dense.shape[0])
+    for damping in ("pi", "bogus"):
+        with pytest.raises(ValueError, match="damping"):
+            K.solve(v, 0.1, method="cg", damping=damping)
+    with pytest.raises(NotImplementedError,
+                       match=r"that do: PMatDense, PMatBlockDiag, PMatLowRank(\n|$)"):
+        K.eigh()

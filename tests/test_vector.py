@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from models import make_linen_mlp
 
-from jaxgeom import LayerCollection, PVector, random_pvector
+from jaxgeom import LayerCollection, PMatDense, PVector, random_pvector
 from jaxgeom.vector import as_flat
 
 
@@ -76,3 +76,15 @@ def test_mismatched_vectors_name_the_leaf(params):
         as_flat(jnp.zeros(layout.numel() + 1), layout)
     with pytest.raises(ValueError, match="expected"):
         PVector.from_flat(params, jnp.zeros(3))
+
+
+def test_single_array_params_answer_in_the_vector_form():
+    """Params that are one ``(3, 2)`` array: a flat ``(6,)`` vector is answered flat, a
+    ``(3, 2)`` one in that shape."""
+    w = jnp.arange(6.0).reshape(3, 2)
+    layout = LayerCollection.from_params(w)
+    M = PMatDense(layout, jnp.diag(jnp.arange(1.0, 7.0)))
+    v = jnp.ones(6)
+    np.testing.assert_array_equal(M.mv(v), jnp.arange(1.0, 7.0))
+    np.testing.assert_array_equal(M.mv(v.reshape(3, 2)), jnp.arange(1.0, 7.0).reshape(3, 2))
+    np.testing.assert_allclose(M.solve(v, 1.0), 1 / jnp.arange(2.0, 8.0))

@@ -13,16 +13,31 @@ from jaxgeom._compile import factorisation_jit
 
 
 def is_integer(p) -> bool:
-    return isinstance(p, numbers.Integral) or (isinstance(p, float) and float(p).is_integer())
+    """Whether ``p`` is known to be an integer: a concrete real scalar of integer value
+    (Python, NumPy or JAX). A traced ``p`` is not known to be one."""
+    if isinstance(p, numbers.Integral):
+        return True
+    if isinstance(p, jax.core.Tracer):
+        return False
+    try:
+        value = np.asarray(p)
+    except (TypeError, ValueError):
+        return False
+    return (value.shape == () and np.issubdtype(value.dtype, np.number)
+            and np.isreal(value) and float(np.real(value)).is_integer())
 
 
 def power(values: jax.Array, p, regul=0.0) -> jax.Array:
     """``(λ + regul)^p`` of eigenvalues; for non-integer ``p`` the matrix is taken PSD
-    and negative round-off eigenvalues are clipped to 0."""
+    and negative round-off eigenvalues are clipped to 0 (a traced ``p`` is checked on
+    the device: an integer value keeps the signs)."""
     shifted = values + regul
     if is_integer(p):
-        return shifted ** int(p)
-    return jnp.maximum(shifted, 0) ** p
+        return shifted ** int(np.real(p))
+    clipped = jnp.maximum(shifted, 0) ** p
+    if isinstance(p, jax.core.Tracer):
+        return jnp.where(p == jnp.round(p), shifted ** p, clipped)
+    return clipped
 
 
 def pinv(values: jax.Array, atol=None, rtol=None) -> jax.Array:

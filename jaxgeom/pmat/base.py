@@ -383,10 +383,16 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
 
 def _implements(cls: type, method: str) -> bool:
-    """Whether ``cls`` overrides ``method`` (an override marked ``unsupported`` only raises)."""
-    found = getattr_static(cls, method, None)
-    base = getattr_static(PMatAbstract, method, None)
+    """Whether ``cls`` overrides ``method`` (an override marked ``unsupported`` only raises;
+    the wrappers :func:`representation` puts on every class's compiled operations are seen
+    through)."""
+    found, base = (_unwrapped(getattr_static(c, method, None)) for c in (cls, PMatAbstract))
     return found is not base and not getattr(found, "unsupported", False)
+
+
+def _unwrapped(method: Any) -> Any:
+    """The method under a :func:`~jaxgeom._dispatch.compiled_when_eager` wrapper."""
+    return getattr(method, "eager_method", method)
 
 
 def _buildable(cls: type) -> bool:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxgeom._symmetric import spd_solve
+from jaxgeom._symmetric import symmetric_solve
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
@@ -22,8 +22,9 @@ class PMatDense(PMatAbstract):
     Build: ``N K B`` for the per-example Jacobians plus ``N K d²`` for ``Σ JᵀJ`` (``5/8`` of
     it for ``d ≥ 2048``: only the upper block triangle is multiplied); memory
     ``d²`` plus one chunk of Jacobians (``batch_size · K · d``).
-    Operations: ``mv`` ``d²``; ``solve`` ``d³`` (Cholesky by default, ``"eigh"``,
-    ``"lstsq"``, ``"cg"``); ``eigh``/``pow``/``pinv`` ``d³``.
+    Operations: ``mv`` ``d²``; ``solve`` and ``inv`` ``d³`` (``"cholesky"`` by default,
+    which falls back to an LU solve for an indefinite ``M + regul·I``, e.g. a Hessian;
+    ``"eigh"``, ``"lstsq"``, ``"cg"``); ``eigh``/``pow``/``pinv`` ``d³``.
 
     Attributes:
       layer_collection: the parameter layout (static).
@@ -66,7 +67,7 @@ class PMatDense(PMatAbstract):
 
     def _solve(self, v, regul, method, **options):
         if method == "cholesky":
-            return spd_solve(self._shifted(regul), v)
+            return symmetric_solve(self._shifted(regul), v)
         if method == "eigh":
             evals, evecs = self.eigh()
             return evecs @ ((evecs.T @ v) / (evals + regul))
@@ -77,7 +78,7 @@ class PMatDense(PMatAbstract):
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0) -> PMatDense:
         eye = jnp.eye(self.data.shape[0], dtype=self.data.dtype)
-        return self._with(spd_solve(self._shifted(regul), eye))
+        return self._with(symmetric_solve(self._shifted(regul), eye))
 
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatDense:
         evals, evecs = self.eigh()

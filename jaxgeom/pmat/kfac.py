@@ -788,9 +788,14 @@ class PMatKFAC(PMatAbstract):
         return jnp.sort(jnp.concatenate(values))
 
     def _solve(self, v, regul, method, damping: str = "exact", **options):
-        if method == "cg":
-            return super()._solve(v, regul, method, **options)
         _check_damping(damping)
+        if method == "cg":
+            if damping != "exact":
+                raise ValueError(
+                    f"cg solves (M + regul·I) x = v (damping='exact'); damping={damping!r} "
+                    "damps each Kronecker factor and is solved in closed form: drop "
+                    "method='cg'")
+            return super()._solve(v, regul, method, **options)
         if damping == "pi":
             nodes, operation = [n.pi_damped(regul) for n in self._krons("π-damping")], "solve"
             pairs = [jnp.linalg.eigh(b) for b in self.blocks]
