@@ -169,3 +169,14 @@ def test_cg_promotes_a_float32_vector_to_the_matrix_dtype(case):
         x = solve(jnp.asarray(v, jnp.float32), regul=0.1, method="cg", rtol=1e-12)
         assert x.dtype == jnp.float64
         np.testing.assert_allclose(x, want, rtol=1e-8, atol=1e-10)
+
+
+def test_solve_options_belong_to_their_method(case):
+    t, F, ref = case
+    v = np.ones(ref.shape[0])
+    with pytest.raises(TypeError, match=r"method='cholesky'\) takes no option maxiter"):
+        F.solve(v, 0.1, maxiter=5)
+    with pytest.raises(TypeError, match="its options: rcond"):
+        F.solve(v, 0.1, method="lstsq", rtol=1e-3)
+    want = np.linalg.solve(ref + 0.1 * np.eye(ref.shape[0]), v)
+    np.testing.assert_allclose(F.solve(v, 0.1, method="lstsq", rcond=None), want, rtol=1e-8)

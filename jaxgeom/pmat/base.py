@@ -56,6 +56,10 @@ def representation(cls: type) -> type:
     return cls
 
 
+#: the options of a conjugate-gradient solve (:func:`jaxgeom.solvers.cg`)
+CG_OPTIONS = ("x0", "rtol", "atol", "maxiter", "preconditioner")
+
+
 class PMatAbstract(ScalarMultiples, abc.ABC):
     """Abstract d × d matrix in parameter space (Fisher, GGN, Hessian, …).
 
@@ -68,6 +72,8 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     #: solve methods accepted by :meth:`solve`; the first is the default.
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cg",)
+    #: the keyword options of each solve method (any other is refused)
+    SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"cg": CG_OPTIONS}
     #: whether ``_mv``/``_vTMv`` also take a :class:`~jaxgeom._reindex.LeafVector` (and
     #: ``_mv`` then answers with one): a params-shaped vector is then never flattened
     LEAFWISE: ClassVar[bool] = False
@@ -249,6 +255,12 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
                 f"unknown solve method {method!r} for {type(self).__name__}; valid methods: "
                 f"{self.SOLVE_METHODS}"
             )
+        accepted = self.SOLVE_OPTIONS.get(method, ())
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.solve(method={method!r}) takes no option "
+                f"{', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}")
         if _is_map(v, self.layer_collection):
             rows = as_rows(v, self.layer_collection)
             flat = rows.reshape(-1, rows.shape[-1])

@@ -16,7 +16,7 @@ from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
 from jaxgeom.pmat._structured import MeanOfJacobians, structured_mm
-from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import CG_OPTIONS, PMatAbstract, representation, static_field
 from jaxgeom.pmat.dense import PMatDense
 
 
@@ -49,6 +49,8 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
     blocks: tuple[jax.Array, ...] = dataclasses.field(default=())
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq", "cg")
+    SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"lstsq": ("rcond",),
+                                                           "cg": CG_OPTIONS}
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
     PROMOTION_RANK: ClassVar[int] = 2
     #: the build's chunk step under XLA:CPU's memory-optimised schedule: its default kept

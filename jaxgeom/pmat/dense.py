@@ -12,7 +12,7 @@ from jaxgeom._symmetric import symmetric_solve
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
-from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import CG_OPTIONS, PMatAbstract, representation, static_field
 
 
 @representation
@@ -35,6 +35,8 @@ class PMatDense(PMatAbstract):
     data: jax.Array = dataclasses.field(default=None)
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq", "cg")
+    SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"lstsq": ("rcond",),
+                                                           "cg": CG_OPTIONS}
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
     PROMOTION_RANK: ClassVar[int] = 3
 

@@ -95,7 +95,7 @@ from jaxgeom.capture import (
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import accumulate_gram, gram
-from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import CG_OPTIONS, PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.streaming import ChunkBuilder, builder, mean
@@ -648,6 +648,8 @@ class PMatKFAC(PMatAbstract):
     LEAFWISE: ClassVar[bool] = True
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("eigh", "cg")
+    SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"eigh": ("damping",),
+                                                           "cg": (*CG_OPTIONS, "damping")}
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = (*PMatAbstract.FACTORISES,
                                                          "_pi_damped_inverse")
 
