@@ -33,6 +33,9 @@ def cg(
     they are driven from Python instead: a ``while_loop`` would trace the operator, its
     chunk loop unrolled into one program, and compile it again at every call (its closures
     are new), ≈ 1.3 s a solve on a 7k-parameter MLP against 0.15 s for the same iterations.
+    Traced, the loop runs inside ``lax.custom_linear_solve``: derivatives (``jvp``,
+    reverse mode) are those of the solution ``A⁻¹ b``, the adjoint system solved by the
+    same CG (``A`` symmetric), not of the iterations.
     """
     if b.ndim != 1:
         raise ValueError(f"cg solves for one flat vector; got shape {b.shape}")
@@ -47,23 +50,33 @@ def cg(
         return r if preconditioner is None else preconditioner(r).astype(r.dtype)
 
     z = precondition(r)
-    threshold = jnp.maximum(rtol * jnp.linalg.norm(b), atol)
-
-    def cond(state):
-        _, r, _, _, _, k = state
-        return (jnp.linalg.norm(r) > threshold) & (k < maxiter)
-
-    def body(state):
-        x, r, _, p, rz, k = state
-        x, r = _cg_advance(x, r, p, matvec(p), rz)
-        z = precondition(r)
-        p, rz, _ = _cg_direction(r, z, p, rz)
-        return x, r, z, p, rz, k + 1
-
     if not isinstance(r, jax.core.Tracer) and not isinstance(z, jax.core.Tracer):
+        threshold = jnp.maximum(rtol * jnp.linalg.norm(b), atol)
         return _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter)
-    state = (x, r, z, z, jnp.vdot(r, z), jnp.asarray(0))
-    return jax.lax.while_loop(cond, body, state)[0]
+
+    def solve(matvec, b):
+        """The iterations as a ``lax.while_loop`` from ``x``, for ``b`` (the right-hand
+        side, or a cotangent when differentiated in reverse mode)."""
+        threshold = jnp.maximum(rtol * jnp.linalg.norm(b), atol)
+
+        def cond(state):
+            _, r, _, _, _, k = state
+            return (jnp.linalg.norm(r) > threshold) & (k < maxiter)
+
+        def body(state):
+            x, r, _, p, rz, k = state
+            x, r = _cg_advance(x, r, p, matvec(p), rz)
+            z = precondition(r)
+            p, rz, _ = _cg_direction(r, z, p, rz)
+            return x, r, z, p, rz, k + 1
+
+        r = b - matvec(x)
+        z = precondition(r)
+        return jax.lax.while_loop(cond, body, (x, r, z, z, jnp.vdot(r, z), jnp.asarray(0)))[0]
+
+    # differentiable (forward and reverse mode) through the solution of A x = b, not
+    # through the iterations: the adjoint system is solved by the same CG (A symmetric)
+    return jax.lax.custom_linear_solve(matvec, b.astype(r.dtype), solve, symmetric=True)
 
 
 def _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter):

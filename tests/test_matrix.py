@@ -22,7 +22,9 @@ from jaxgeom import (
     PMatDense,
     PMatDiag,
     PMatImplicit,
+    PMatKFAC,
     PMatLowRank,
+    PMatMixed,
     random_pvector,
 )
 
@@ -113,3 +115,11 @@ def test_every_variant(representation, case):
         mc.to_dense(), project(representation, _monte_carlo_dense(case), F.layer_collection),
         **TOL,
     )
+
+
+@pytest.mark.parametrize("representation", [PMatKFAC, PMatMixed, PMatLowRank, PMatImplicit,
+                                            PMatDiag, PMatBlockDiag, PMatDense])
+def test_conversion_to_its_own_representation_keeps_the_matrix(representation):
+    t = make_plain_mlp()
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), representation)
+    np.testing.assert_allclose(representation.from_pmat(F).to_dense(), F.to_dense(), **TOL)

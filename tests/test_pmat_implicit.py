@@ -207,3 +207,40 @@ def test_bad_construction(mlp):
         lambda params, x, index, aux: t.apply_fn(params, x[None])[0], t.params, t.x,
         layer_collection=layout)
     assert vector_per_example.num_examples == t.x.shape[0]
+
+
+def test_float32_model_answers_a_float64_vector_in_float64():
+    params = {"w": jnp.linspace(-1, 1, 6, dtype=jnp.float32).reshape(3, 2)}
+    x = jnp.linspace(0, 1, 12, dtype=jnp.float32).reshape(4, 3)
+
+    def apply_fn(p, x):
+        return jnp.tanh(x @ p["w"])
+
+    v = jnp.arange(6.0)
+    F = FIM(apply_fn, params, x, PMatImplicit, variant="regression")
+    ref = FIM(apply_fn, params, x, PMatDense, variant="regression").to_dense()
+    for got, want in ((F.vTMv(v), v @ ref @ v), (F.mv(v), ref @ v)):
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_reverse_mode_through_a_cg_solve():
+    """``jax.grad`` through ``(F + λI)⁻¹ v``, with respect to ``v`` and to the parameters
+    ``F`` is built at: the CG solve is differentiated as the solution of its linear system
+    (``lax.custom_linear_solve``), and agrees with the dense Cholesky solve's derivative."""
+    params = {"w": jnp.linspace(-0.5, 0.5, 6).reshape(3, 2), "b": jnp.zeros(2)}
+    x = jnp.arange(12.0).reshape(4, 3) / 10
+    v = jnp.linspace(1.0, 2.0, 8)
+
+    def apply_fn(p, x):
+        return jnp.tanh(x @ p["w"] + p["b"])
+
+    def loss(p, v, rep, **options):
+        F = FIM(apply_fn, p, x, rep, variant="regression")
+        return jnp.sum(F.solve(v, 0.1, **options) ** 2)
+
+    want = jax.grad(loss, argnums=(0, 1))(params, v, PMatDense)
+    got = jax.grad(loss, argnums=(0, 1))(params, v, PMatImplicit, rtol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-8)
+    for a, b in zip(jax.tree_util.tree_leaves(got[0]), jax.tree_util.tree_leaves(want[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10)

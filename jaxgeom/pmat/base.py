@@ -323,7 +323,10 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     @classmethod
     def from_pmat(cls, other: PMatAbstract) -> PMatAbstract:
-        """Convert another representation to this one (exact conversions only)."""
+        """Convert another representation to this one (exact conversions only; one of this
+        representation is returned as it is)."""
+        if type(other) is cls:
+            return other
         raise NotImplementedError(
             f"{cls.__name__} cannot be made from a {type(other).__name__}"
         )

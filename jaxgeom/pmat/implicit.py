@@ -279,4 +279,4 @@ def _chunk_jv_sq(params, v, batch, mask, offset, aux, *, fn, layout):
     """``Σ_{n∈c} ‖Jₙ v‖²`` of one chunk (one ``jvp``)."""
     outputs = _masked_outputs(fn, batch, mask, offset, aux)
     _, jv = jax.jvp(outputs, (params,), (_tangents(layout, params, v),))
-    return jnp.sum(jv**2)
+    return jnp.sum(jv.astype(jnp.result_type(jv, v)) ** 2)  # in the vector's dtype, as mv
