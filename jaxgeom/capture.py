@@ -82,6 +82,7 @@ from jaxgeom._discovery import (
 from jaxgeom._reindex import is_transposed_block
 from jaxgeom._signature import abstract, cached, signature
 from jaxgeom.layers import KRONECKER_KINDS, LayerCollection
+from jaxgeom.streaming import tree_finite
 
 
 # ----------------------------------------------------------------------------- layer layout
@@ -688,8 +689,7 @@ def all_finite(cap: Captured, checked: Any) -> jax.Array:
     are read too: a variant whose gradients do not depend on them (regression) would
     otherwise hide a broken model.
     """
-    leaves = [cap.outputs, *jax.tree_util.tree_leaves(checked)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    return tree_finite((cap.outputs, checked))
 
 
 def captured_sums(cap: Captured) -> list[jax.Array]:

@@ -53,7 +53,7 @@ from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
 from jaxgeom.pmat.implicit import PMatImplicit, _tangents
-from jaxgeom.streaming import check_finite
+from jaxgeom.streaming import check_finite, tree_finite
 
 #: how each stored representation keeps the columns ``H eᵢ`` (its ``_chunk_hessian`` kind)
 _KINDS = {PMatDense: "dense", PMatBlockDiag: "blockdiag", PMatDiag: "diag"}
@@ -182,9 +182,7 @@ def _chunk_hessian(params, batch, weight, *, loss_fn, layout, kind, per_pass):
             columns(idx, lambda col, i, idx=idx: col[idx]).T
             for idx in (layout.layer_indices(layer) for layer in layout.layers)
         )
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                for x in jax.tree_util.tree_leaves(state)]))
-    return jax.tree_util.tree_map(lambda x: weight * x, state), finite
+    return jax.tree_util.tree_map(lambda x: weight * x, state), tree_finite(state)
 
 
 # ----------------------------------------------------------------------------- implicit

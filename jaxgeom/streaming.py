@@ -446,6 +446,11 @@ class _Batches:
             yield batch
 
 
+def tree_finite(tree: Any) -> jax.Array:
+    """Whether every entry of every leaf of ``tree`` is finite (a 0-d bool array)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def check_finite(finite: Any, offset: int, count: int) -> None:
     """Raise if a chunk had non-finite outputs or gradients (skipped while tracing)."""
     if isinstance(finite, jax.core.Tracer):
