@@ -106,12 +106,9 @@ def Hessian(
         )
     if int(vectors_per_pass) != vectors_per_pass or vectors_per_pass < 1:
         raise ValueError(f"vectors_per_pass must be a positive integer; got {vectors_per_pass!r}")
-    if layer_collection is None:
-        from jaxgeom.metrics import _layers
+    from jaxgeom.metrics import layers_for
 
-        layer_collection = _layers(loss_fn, params, first)
-    else:
-        layer_collection.check_params(params)
+    layer_collection = layers_for(loss_fn, params, first, layer_collection)
     loss_fn = Hashable(loss_fn)
     if representation is PMatImplicit:
         return PMatImplicitHessian.build(loss_fn, params, data, layer_collection, batch_size)

@@ -156,9 +156,7 @@ def SecondMoment(
     """
     first, data = data_lib.peek(data)
     check_rows(fn, params, first)
-    if layer_collection is not None:
-        layer_collection.check_params(params)
-    layer_collection = layer_collection or _layers(fn, params, first)
+    layer_collection = layers_for(fn, params, first, layer_collection)
     if isinstance(representation, type) and getattr(representation, "NEEDS_REPLAY", False):
         data = list(data_lib.iter_batches(data))
     return _build(
@@ -230,6 +228,15 @@ def _whitener(variant, covariance, out_shape, params):
     num_outputs = 1 if len(out_shape) == 1 else out_shape[1]
     dtype = LayerCollection.from_params(params).dtype
     return regression_whitener(covariance, num_outputs, dtype)
+
+
+def layers_for(fn, params, args, layer_collection: LayerCollection | None) -> LayerCollection:
+    """``layer_collection`` checked against ``params``, or the layers discovered from
+    ``fn(params, args)`` when it is ``None``."""
+    if layer_collection is None:
+        return _layers(fn, params, args)
+    layer_collection.check_params(params)
+    return layer_collection
 
 
 def _layers(fn, params, args) -> LayerCollection:

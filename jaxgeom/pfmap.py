@@ -377,7 +377,7 @@ class _FlatOutputs:
 
 def _setup(apply_fn, params, data, function, layer_collection, lazy):
     """The per-example function, the data it reads and the layer collection."""
-    from jaxgeom.metrics import _layers, check_rows
+    from jaxgeom.metrics import check_rows, layers_for
 
     first, data = data_lib.peek(data)
     if function is None:
@@ -392,9 +392,7 @@ def _setup(apply_fn, params, data, function, layer_collection, lazy):
     else:
         batched = Hashable(function)
     check_rows(batched, params, first)
-    if layer_collection is not None:
-        layer_collection.check_params(params)
-    layer_collection = layer_collection or _layers(batched, params, first)
+    layer_collection = layers_for(batched, params, first, layer_collection)
     if lazy:
         data = list(data_lib.iter_batches(data))
     return BatchedFunction(batched), data, layer_collection

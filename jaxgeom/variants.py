@@ -134,19 +134,17 @@ def regression_whitener(covariance: Any, num_outputs: int, dtype: Any) -> jax.Ar
         eye = jnp.eye(num_outputs, dtype=dtype)
         whitener = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
     else:
-        whitener = None
-    if whitener is not None:
-        # a concrete covariance is checked here (traced, NaN outputs would be reported
-        # as the model's): a non-positive variance or an indefinite matrix has no L⁻¹
-        if not isinstance(whitener, jax.core.Tracer) and not np.all(np.isfinite(whitener)):
-            raise ValueError(
-                "covariance must be positive definite (a positive scalar, positive "
-                f"variances, or a symmetric positive definite matrix); got {covariance!r}")
-        return whitener
-    raise ValueError(
-        f"covariance must be a scalar, a ({num_outputs},) diagonal or a ({num_outputs}, "
-        f"{num_outputs}) matrix for {num_outputs} regression outputs; got shape {cov.shape}"
-    )
+        raise ValueError(
+            f"covariance must be a scalar, a ({num_outputs},) diagonal or a ({num_outputs}, "
+            f"{num_outputs}) matrix for {num_outputs} regression outputs; got shape "
+            f"{cov.shape}")
+    # a concrete covariance is checked here (traced, NaN outputs would be reported as the
+    # model's): a non-positive variance or an indefinite matrix has no L⁻¹
+    if not isinstance(whitener, jax.core.Tracer) and not np.all(np.isfinite(whitener)):
+        raise ValueError(
+            "covariance must be positive definite (a positive scalar, positive variances, "
+            f"or a symmetric positive definite matrix); got {covariance!r}")
+    return whitener
 
 
 # ----------------------------------------------------------------------------- checks
