@@ -19,10 +19,11 @@ import numpy as np
 from jaxgeom._symmetric import spd_solve
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract
-from jaxgeom.scaling import ScalarMultiples
+from jaxgeom.scaling import ArrayValued, ScalarMultiples
+from jaxgeom.vector import static_order
 
 
-class _ScalarAlgebra(ScalarMultiples):
+class _ScalarAlgebra(ScalarMultiples, ArrayValued):
     """``+``, ``-``, unary ``-``, scalar ``*`` and ``/`` for a frozen dataclass whose one
     array field is ``data`` (same-type operands only)."""
 
@@ -45,7 +46,7 @@ class _ScalarAlgebra(ScalarMultiples):
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class FVector(_ScalarAlgebra):
     """A vector in function space: ``data[o, n]`` for output ``o`` and example ``n``.
 
@@ -79,7 +80,7 @@ class FVector(_ScalarAlgebra):
 
     def norm(self, p: float = 2) -> jax.Array:
         """The ``p``-norm of the flattened ``K·N`` vector."""
-        return jnp.linalg.norm(jnp.ravel(self.data), ord=p)
+        return jnp.linalg.norm(jnp.ravel(self.data), ord=static_order(p))
 
 
 def as_fvector_data(f: Any, shape: tuple[int, int] | None = None) -> jax.Array:
@@ -95,7 +96,7 @@ def as_fvector_data(f: Any, shape: tuple[int, int] | None = None) -> jax.Array:
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class FMatDense(_ScalarAlgebra):
     """A dense function-space matrix ``G[o, n, o', n']`` (e.g. the empirical NTK).
 

@@ -1,4 +1,5 @@
-"""Scalar multiplication, shared by every jaxgeom object that has it."""
+"""Scalar multiplication, shared by every jaxgeom object that has it; and the refusal of
+``==`` by the array-valued ones."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ class ScalarMultiples:
 
     def __neg__(self) -> Any:
         return self._scale(-1)
+
+
+class ArrayValued:
+    """Refuses ``==`` (and hashing): a field-wise comparison of arrays has no single truth
+    value, so ``u == v`` would raise JAX's "ambiguous truth value" from inside a dataclass."""
+
+    def __eq__(self, other: Any) -> bool:
+        name = type(self).__name__
+        raise TypeError(
+            f"{name} == {name} is ambiguous (it would compare arrays): compare the values, "
+            "e.g. jnp.array_equal(u.to_flat(), v.to_flat()) or jnp.allclose(...) for a "
+            "PVector, the .data arrays for a function-space object"
+        )
+
+    __hash__ = None  # type: ignore[assignment]

@@ -18,12 +18,12 @@ import numpy as np
 
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom.layers import LayerCollection, ravel_tree
-from jaxgeom.scaling import ScalarMultiples
+from jaxgeom.scaling import ArrayValued, ScalarMultiples
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PVector(ScalarMultiples):
+@dataclasses.dataclass(frozen=True, eq=False)
+class PVector(ScalarMultiples, ArrayValued):
     """A vector in parameter space, stored as a params-shaped pytree.
 
     Supports ``+``, ``-``, unary ``-``, scalar ``*`` and ``/``, ``**`` (elementwise),
@@ -99,8 +99,25 @@ class PVector(ScalarMultiples):
         return NotImplemented
 
     def norm(self, p: float = 2) -> jax.Array:
-        """The ``p``-norm of the flat vector (``p = inf`` for the max-abs norm)."""
-        return _flat_norm(self.tree, p)
+        """The ``p``-norm of the flat vector (``p = inf`` for the max-abs norm).
+
+        ``p`` is a number (Python, NumPy or a concrete JAX scalar), fixed when compiled."""
+        return _flat_norm(self.tree, static_order(p))
+
+
+def static_order(p: Any) -> Any:
+    """A norm's order as a hashable Python number (from a NumPy or concrete JAX scalar)."""
+    if isinstance(p, (str, type(None), int, float)):
+        return p
+    if isinstance(p, jax.core.Tracer):
+        raise TypeError(
+            "a norm's order must be known when compiling: pass a Python number, not a "
+            "traced value"
+        )
+    if np.ndim(p) != 0:
+        raise ValueError(f"a norm's order must be a scalar; got shape {np.shape(p)}")
+    value = np.asarray(p).item()
+    return int(value) if float(value).is_integer() else value
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -21,10 +21,12 @@ from jaxgeom import (
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
+    PMatEKFAC,
     PMatImplicit,
     PMatKFAC,
     PMatLowRank,
     PMatMixed,
+    PMatQuasiDiag,
     random_pvector,
 )
 
@@ -123,3 +125,35 @@ def test_conversion_to_its_own_representation_keeps_the_matrix(representation):
     t = make_plain_mlp()
     F = FIM(t.apply_fn, t.params, (t.x, t.y), representation)
     np.testing.assert_allclose(representation.from_pmat(F).to_dense(), F.to_dense(), **TOL)
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatDiag, PMatKFAC,
+                                            PMatEKFAC, PMatQuasiDiag, PMatLowRank,
+                                            PMatImplicit, PMatMixed])
+def test_a_damping_per_parameter_is_refused_and_the_suggested_sum_solves(representation):
+    """``regul`` is the λ of ``M + λI``: a vector is refused by ``solve``, ``inv`` and
+    ``pow`` alike (it had been a shape error in most representations and ``diag(λ)`` in
+    a few), and the fix the message names, ``M + PMatDiag(λ)``, solves
+    ``(M + diag(λ)) x = v`` where the sum has a representation."""
+    t = make_plain_mlp()
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), representation)
+    d = F.layer_collection.numel()
+    damping = jnp.linspace(0.1, 1.0, d)
+    v = random_pvector(jax.random.key(4), t.params)
+    with pytest.raises(ValueError, match="regul must be a scalar.*PMatDiag"):
+        F.solve(v, damping)
+    for operation in (lambda: F.inv(damping), lambda: F.pow(-1, damping),
+                      lambda: F.pow(-1, regul=damping)):
+        try:
+            operation()
+        except NotImplementedError:  # no inv/pow at all
+            continue
+        except ValueError as error:
+            assert "regul must be a scalar" in str(error)
+            continue
+        raise AssertionError("a vector damping was accepted")
+    if representation is PMatImplicit:
+        return  # no sum: the message's other fix, CG on the products
+    damped = F + PMatDiag(F.layer_collection, damping)
+    expected = np.linalg.solve(np.asarray(F.to_dense()) + np.diag(damping), v.to_flat())
+    np.testing.assert_allclose(damped.solve(v).to_flat(), expected, rtol=1e-7)

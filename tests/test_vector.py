@@ -88,3 +88,26 @@ def test_single_array_params_answer_in_the_vector_form():
     np.testing.assert_array_equal(M.mv(v), jnp.arange(1.0, 7.0))
     np.testing.assert_array_equal(M.mv(v.reshape(3, 2)), jnp.arange(1.0, 7.0).reshape(3, 2))
     np.testing.assert_allclose(M.solve(v, 1.0), 1 / jnp.arange(2.0, 8.0))
+
+
+@pytest.mark.parametrize("order", [np.float64(1.0), jnp.asarray(1), np.int32(1)])
+def test_norm_order_may_be_a_numpy_or_jax_scalar(params, order):
+    v = random_pvector(jax.random.key(3), params)
+    np.testing.assert_allclose(v.norm(order), np.abs(np.asarray(v.to_flat())).sum())
+
+
+def test_norm_order_traced_is_refused_with_the_fix(params):
+    v = random_pvector(jax.random.key(3), params)
+    with pytest.raises(TypeError, match="Python number"):
+        jax.jit(lambda p: v.norm(p))(1.0)
+
+
+def test_equality_is_refused_with_the_fix_not_an_ambiguous_truth_value(params):
+    from jaxgeom.fspace import FVector
+
+    v = random_pvector(jax.random.key(3), params)
+    with pytest.raises(TypeError, match="array_equal"):
+        _ = v == v
+    with pytest.raises(TypeError, match="ambiguous"):
+        _ = FVector(jnp.ones((2, 3))) == FVector(jnp.ones((2, 3)))
+    assert FVector(jnp.ones((2, 3))).norm(np.float32(1)) == 6

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
 from inspect import getattr_static
 from typing import Any, ClassVar
@@ -29,7 +31,7 @@ from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._reindex import LeafVector
 from jaxgeom.jacobian import JacobianBuilder
 from jaxgeom.layers import LayerCollection
-from jaxgeom.scaling import ScalarMultiples
+from jaxgeom.scaling import ScalarMultiples, is_scalar
 from jaxgeom.solvers import cg
 from jaxgeom.streaming import static_field as static_field  # re-exported
 from jaxgeom.vector import PVector, as_flat, as_rows, as_tree
@@ -52,8 +54,39 @@ def representation(cls: type) -> type:
     for name in getattr(cls, "COMPILED_OPERATIONS", ()):
         method = getattr(cls, name)
         setattr(cls, name, compiled_when_eager(getattr(method, "eager_method", method)))
+    for name in ("inv", "pow"):
+        method = getattr(cls, name)
+        if not hasattr(method, "checks_regul"):  # an inherited one may be checked already
+            setattr(cls, name, _scalar_regul(method))
     REGISTRY.append(cls)
     return cls
+
+
+def check_regul(regul: Any) -> None:
+    """Refuse a damping that is not a scalar (a vector broadcast against a matrix's factors
+    or blocks would be a shape error at best, a wrong matrix at worst)."""
+    if not is_scalar(regul):
+        got = (f"an array of shape {tuple(regul.shape)}" if hasattr(regul, "shape")
+               else f"a {type(regul).__name__}")
+        raise ValueError(
+            f"regul must be a scalar (the damping λ of M + λ·I); got {got}. For a damping per "
+            "parameter, add a diagonal matrix first: (M + PMatDiag(M.layer_collection, "
+            "damping)).solve(v), or solve by CG with an implicit M"
+        )
+
+
+def _scalar_regul(method: Callable) -> Callable:
+    """``method`` (``inv``/``pow``) with its ``regul`` argument checked by :func:`check_regul`."""
+    position = list(inspect.signature(method).parameters).index("regul") - 1  # after self
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        check_regul(kwargs["regul"] if "regul" in kwargs
+                    else args[position] if len(args) > position else 0.0)
+        return method(self, *args, **kwargs)
+
+    checked.checks_regul = True
+    return checked
 
 
 #: the options of a conjugate-gradient solve (:func:`jaxgeom.solvers.cg`)
@@ -249,6 +282,7 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         ``maxiter`` and ``preconditioner`` (any representation, solved with the same
         ``regul``, or a callable).
         """
+        check_regul(regul)
         method = self.SOLVE_METHODS[0] if method is None else method
         if method not in self.SOLVE_METHODS:
             raise ValueError(
@@ -406,8 +440,9 @@ def _implements(cls: type, method: str) -> bool:
 
 
 def _unwrapped(method: Any) -> Any:
-    """The method under a :func:`~jaxgeom._dispatch.compiled_when_eager` wrapper."""
-    return getattr(method, "eager_method", method)
+    """The method under a :func:`~jaxgeom._dispatch.compiled_when_eager` wrapper or a
+    :func:`_scalar_regul` check."""
+    return inspect.unwrap(getattr(method, "eager_method", method))
 
 
 def _buildable(cls: type) -> bool:
