@@ -70,12 +70,14 @@ def bits(key: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> tuple[jax.
 
 def uniform(key: jax.Array, index: jax.Array, shape: tuple[int, ...], dtype=jnp.float32
             ) -> jax.Array:
-    """Uniforms in ``[0, 1)`` of ``shape`` for example ``index`` (23 random mantissa bits
-    in float32, 52 in float64, as ``jax.random.uniform``)."""
+    """Uniforms in ``[0, 1)`` of ``shape`` for example ``index`` (as many random mantissa
+    bits as ``dtype`` has: 23 in float32, 52 in float64, as ``jax.random.uniform``; 7 in
+    bfloat16 and 10 in float16, so that the conversion cannot round up to 1)."""
     hi, lo = bits(key, index, shape)
     if jnp.dtype(dtype).itemsize <= 4:
-        one = jax.lax.bitcast_convert_type((hi >> np.uint32(9)) | np.uint32(0x3F800000),
-                                           jnp.float32)
+        bits_kept = int(jnp.finfo(dtype).nmant)  # of float32's 23 mantissa bits
+        mantissa = (hi >> np.uint32(32 - bits_kept)) << np.uint32(23 - bits_kept)
+        one = jax.lax.bitcast_convert_type(mantissa | np.uint32(0x3F800000), jnp.float32)
         return (one - 1).astype(dtype)
     word = (hi.astype(jnp.uint64) << np.uint64(32)) | lo.astype(jnp.uint64)
     one = jax.lax.bitcast_convert_type((word >> np.uint64(12)) | np.uint64(0x3FF0000000000000),

@@ -71,3 +71,16 @@ def test_bits_of_an_example_do_not_depend_on_how_many_are_drawn():
     few, many = bits(draw_key(KEY), 5, (3,)), bits(draw_key(KEY), 5, (2, 4))
     np.testing.assert_array_equal(few[0], many[0].ravel()[:3])
     assert not np.array_equal(bits(draw_key(KEY), 6, (3,))[0], few[0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_uniforms_stay_below_one_and_fill_their_grid(dtype):
+    """A float32 uniform rounded to 8 or 11 significant bits reached 1.0 (≈ 1 draw in
+    600 in bfloat16), and a normal drawn from it was infinite."""
+    key = draw_key(jax.random.key(0))
+    u = np.asarray(uniform(key, jnp.uint32(0), (100_000,), dtype).astype(jnp.float32))
+    steps = 2 ** jnp.finfo(dtype).nmant
+    assert u.min() >= 0 and u.max() < 1
+    np.testing.assert_array_equal(np.unique(u), np.arange(steps) / steps)  # every value
+    assert abs(u.mean() - (1 - 1 / steps) / 2) < 0.01
+    assert np.isfinite(np.asarray(normal(key, jnp.uint32(0), (100_000,), dtype))).all()

@@ -123,6 +123,31 @@ def test_softmax_cholesky_factor_squares_to_multinomial_covariance(logits):
     np.testing.assert_allclose(B.T @ B, jnp.diag(p) - jnp.outer(p, p), atol=1e-12)
 
 
+def test_softmax_cholesky_factor_keeps_tiny_probabilities_in_float32():
+    """Logits 45 apart: p = e⁻⁴⁵ ≈ 2.9e-20 is a float32 number, but the product of two such
+    probabilities is not (it had flushed d_i to zero: 33% error in F)."""
+    logits = jnp.asarray([0.0, -45.0, -45.0, -45.0], jnp.float32)
+    B = np.asarray(_cholesky_factor(logits), np.float64)
+    p = np.asarray(jax.nn.softmax(logits.astype(jnp.float64)))
+    others = np.array([np.delete(p, i).sum() for i in range(4)])  # 1 − p_i without rounding
+    covariance = np.diag(p * others) - np.outer(p, p) * (1 - np.eye(4))  # p_i(1 − p_i) exactly
+    np.testing.assert_allclose(B.T @ B, covariance, rtol=1e-5, atol=1e-6 * p[1])
+
+
+@pytest.mark.parametrize("dtype, logit", [(jnp.float32, 20.0), (jnp.float64, 40.0)])
+def test_binary_fisher_of_a_saturated_logit_is_symmetric(dtype, logit):
+    """F = σ(f)σ(−f) for one logit, the same for f and −f; 1 − σ(f) had rounded to 0 for
+    large positive f."""
+    def apply_fn(w, x):
+        return x * w
+
+    for f in (logit, -logit):
+        F = FIM(apply_fn, jnp.ones((1,), dtype), jnp.full((1, 1), f, dtype), PMatDense,
+                variant="classif_binary_logits").to_dense()
+        expected = f**2 * jax.nn.sigmoid(jnp.float64(f)) * jax.nn.sigmoid(-jnp.float64(f))
+        np.testing.assert_allclose(F[0, 0], expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("classes", [5, 300])  # CDF as a triangular product / as a cumsum
 def test_sample_categorical_draws_softmax_frequencies(classes):
     logits = jax.random.normal(jax.random.PRNGKey(0), (2, classes), jnp.float64) * 2

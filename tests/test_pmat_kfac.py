@@ -310,6 +310,25 @@ def test_pi_damping(case):
         K.inv(lam, damping="heuristic")
 
 
+def test_pi_damping_of_a_zero_block_is_the_damping_alone():
+    """A layer that gets no output gradient (the next kernel zero) has G = 0, a zero block,
+    and π = √((tr A/a)/(tr G/g)) = ∞, which had made the damped factors singular (NaN).
+    The damped block is then λI, the formula's limit: the solve is v/λ there."""
+    t = make_plain_mlp()
+    params = dict(t.params, w2=jnp.zeros_like(t.params["w2"]))
+    K = FIM(t.apply_fn, params, (t.x, t.y), PMatKFAC)
+    lam = 1e-2
+    v = np.asarray(jax.random.normal(KEY, (K.layer_collection.numel(),)))
+    solved = np.asarray(K.solve(v, lam, damping="pi"))
+    inverse = np.asarray(K.inv(lam, damping="pi").to_dense())
+    assert np.isfinite(solved).all() and np.isfinite(inverse).all()
+    np.testing.assert_allclose(inverse @ v, solved, rtol=1e-8)
+    first = K.layer_collection.layers[0]
+    assert np.trace(K.kronecker_factors(first)[1]) == 0
+    idx = K.layer_collection.layer_indices(first)
+    np.testing.assert_allclose(solved[idx], v[idx] / lam, rtol=1e-10)
+
+
 def test_sum_is_block_diagonal_and_product_factorwise(case):
     t, K, dense = case
     F = PMatDense(K.layer_collection, dense @ dense)

@@ -305,15 +305,21 @@ class Kron:
         return Kron(a, _sym(spd_solve(self.G, _eye_like(self.G))))
 
     def pi_damped(self, regul) -> Kron:
-        """``(A + π√λ I) ⊗ (G + √λ/π I)`` (Martens & Grosse 2015, §6.3)."""
+        """``(A + π√λ I) ⊗ (G + √λ/π I)`` (Martens & Grosse 2015, §6.3).
+
+        A factor of trace zero (a layer whose outputs get no gradient, or whose inputs
+        are all zero) makes the block zero and ``π`` 0 or ∞; the damped block is then
+        ``λI``, the limit of the formula, written ``√λ I ⊗ √λ I`` (as kfac-jax does)."""
         a_mean = self._trace_a() / self.A.shape[0]
         g_mean = _spectral.trace(self.G) / self.G.shape[0]
-        pi = jnp.sqrt(a_mean / g_mean)
+        zero = (a_mean == 0) | (g_mean == 0)
+        pi = jnp.where(zero, 1, jnp.sqrt(a_mean / jnp.where(zero, 1, g_mean)))
         root = jnp.sqrt(jnp.asarray(regul, self.G.dtype))
         eye_g = jnp.eye(self.G.shape[0], dtype=self.G.dtype)
-        a = self.A + pi * root if self.A.ndim == 1 else self.A + pi * root * jnp.eye(
-            self.A.shape[0], dtype=self.A.dtype)
-        return Kron(a, self.G + root / pi * eye_g)
+        a, g = (jnp.where(zero, jnp.zeros_like(f), f) for f in (self.A, self.G))
+        a = a + pi * root if a.ndim == 1 else a + pi * root * jnp.eye(
+            a.shape[0], dtype=a.dtype)
+        return Kron(a, g + root / pi * eye_g)
 
     def scale(self, s):
         return dataclasses.replace(self, A=self.A * s)
