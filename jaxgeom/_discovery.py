@@ -18,6 +18,10 @@ Algorithm (REFERENCE.md §4.4, step 1):
    - :class:`_Scaled` -- a value derived (through ``mul``/``sub``/``div`` and views) from
      a product with a scale leaf, i.e. the output of a normalisation's affine scale.
 
+   Leaf views and op outputs also carry ``axes``: where their *significant* dimensions
+   (those of size > 1: a leaf's own, an op's output features) lie in the view, in order,
+   followed through the view primitives (``None`` once a view mixes them with others).
+
    Marks go through call-like sub-jaxprs (``jit``, ``remat``, ``closed_call``,
    ``custom_jvp_call``, ``custom_vjp_call``) by mapping the equation's operands onto the
    sub-jaxpr's inputs and the sub-jaxpr's outputs back onto the equation's results.
@@ -35,7 +39,9 @@ Algorithm (REFERENCE.md §4.4, step 1):
      reports);
    - ``gather`` from a leaf view -> ``table`` of an ``embedding``;
    - ``add`` of a leaf view to an :class:`_OpOutput` whose op has as many output features
-     as the leaf has elements -> ``bias`` of that op;
+     as the leaf has elements, the leaf's dimensions lying on the op's feature dimensions
+     (``axes`` equal) -> ``bias`` of that op (a per-position offset of the same size is
+     not one);
    - ``mul`` by a leaf view -> ``scale``; ``add`` of a leaf view to a :class:`_Scaled`
      value -> ``shift`` of that scale;
    - anything else (including a lone ``add`` of a leaf, a leaf returned as an output, a
@@ -48,8 +54,10 @@ Algorithm (REFERENCE.md §4.4, step 1):
    description of each op). A leaf whose uses are all
    ``scale`` anchors a ``norm`` layer. A leaf whose uses are all ``bias`` of ops of one
    anchored kernel (resp. all ``shift`` of one norm scale) joins that layer, provided it
-   is the only such leaf. Every other leaf -- mixed roles, ``other`` uses, or unused
-   (``uses == 0``) -- is its own ``other`` layer.
+   is the only such leaf and (a bias) nothing but its ``add`` reads the op's pre-bias
+   output (``z = x @ W`` reused beside ``z + b`` gives ``b`` a gradient other than the
+   op output's: ``_Analysis.op_reads`` counts the reads). Every other leaf -- mixed
+   roles, ``other`` uses, or unused (``uses == 0``) -- is its own ``other`` layer.
 
 4. **Ids** (:func:`_layer_ids`): the longest common prefix of the parent paths of the
    layer's leaves (``Dense_0/kernel`` + ``Dense_0/bias`` -> ``Dense_0``); when that is
@@ -113,16 +121,21 @@ _LINEAR_ROLES = ("kernel", "table")
 # ----------------------------------------------------------------------------- marks
 @dataclasses.dataclass(frozen=True)
 class _LeafView:
-    """The variable is a view of parameter leaf ``leaf``."""
+    """The variable is a view of parameter leaf ``leaf``, whose dimensions of size > 1 lie
+    on the variable's ``axes`` (``None``: not known)."""
 
     leaf: int
+    axes: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class _OpOutput:
-    """The variable is a view of the (pre-bias) output of linear op number ``op``."""
+    """The variable is a view of the (pre-bias) output of linear op number ``op``, whose
+    output-feature dimensions of size > 1 lie on the variable's ``axes`` (``None``: not
+    known)."""
 
     op: int
+    axes: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,13 +191,18 @@ class _Analysis:
         self.leaf_sizes = tuple(leaf_sizes)
         self.uses: dict[int, list[_Use]] = {i: [] for i in range(len(leaf_sizes))}
         self.ops: list[_Op] = []
+        #: per op, the equations (outside views and calls) that read its pre-bias output
+        self.op_reads: Counter[int] = Counter()
 
     # ------------------------------------------------------------------ walking
     def run(self, jaxpr: jex.Jaxpr) -> None:
         """Analyse a top-level jaxpr whose first inputs are the parameter leaves."""
         n = len(self.leaf_sizes)
-        in_marks = [_LeafView(i) for i in range(n)] + [None] * (len(jaxpr.invars) - n)
-        self._other(self.visit(jaxpr, in_marks))  # a leaf returned as (a view of) an output
+        in_marks = [_LeafView(i, _significant(v.aval.shape)) for i, v in
+                    zip(range(n), jaxpr.invars)] + [None] * (len(jaxpr.invars) - n)
+        out_marks = self.visit(jaxpr, in_marks)
+        self._other(out_marks)  # a leaf returned as (a view of) an output
+        self._read(out_marks)
 
     def visit(self, jaxpr: jex.Jaxpr, in_marks: Sequence[_Mark | None]) -> list[_Mark | None]:
         """Analyse ``jaxpr`` whose inputs carry ``in_marks``; return its outputs' marks."""
@@ -206,6 +224,7 @@ class _Analysis:
             return self._view(eqn, marks)
         if prim in _CALL_PRIMITIVES and (body := _call_body(eqn)) is not None:
             return self.visit(body, marks)
+        self._read(marks)
         if prim is prims.scan_p:
             self._scan(eqn, marks)
         elif prim is prims.dot_general_p:
@@ -234,19 +253,28 @@ class _Analysis:
         for mark in marks:
             self._record(mark, _Use("other"))
 
-    def _new_op(self, kind: str, leaf: int, out_features: int, op: str) -> list[_Mark | None]:
+    def _read(self, marks: Sequence[_Mark | None]) -> None:
+        """Every op output among ``marks`` is read (by an equation that is no view)."""
+        self.op_reads.update(m.op for m in marks if isinstance(m, _OpOutput))
+
+    def _new_op(self, kind: str, leaf: int, out_features: int, op: str,
+                feature_axes: tuple[int, ...]) -> list[_Mark | None]:
         self.ops.append(_Op(leaf, out_features))
         self.uses[leaf].append(_Use("kernel", kind, len(self.ops) - 1, op))
-        return [_OpOutput(len(self.ops) - 1)]
+        return [_OpOutput(len(self.ops) - 1, feature_axes)]
 
     # ------------------------------------------------------------------ primitives
     def _view(self, eqn: jex.JaxprEqn, marks: list[_Mark | None]) -> list[_Mark | None]:
-        """Views pass marks through (operand k -> result k; extra operands are "other")."""
+        """Views pass marks through (operand k -> result k, its ``axes`` followed; extra
+        operands are "other")."""
         n = len(eqn.outvars)
         if len(marks) != n:
             self._other(marks[1:])
+            self._read(marks[1:])
             n = 1
-        return list(marks[:n]) + [None] * (len(eqn.outvars) - n)
+        out = [m if m is None or isinstance(m, _Scaled) or n > 1 else
+               dataclasses.replace(m, axes=view_axes(eqn, m.axes)) for m in marks[:n]]
+        return out + [None] * (len(eqn.outvars) - n)
 
     def _scan(self, eqn: jex.JaxprEqn, marks: list[_Mark | None]) -> None:
         """Map scan consts into the body; leaf views in the carry, xs or ys are "other"."""
@@ -266,16 +294,22 @@ class _Analysis:
         shape = eqn.invars[w].aval.shape
         contracted = math.prod(shape[d] for d in contract[w])
         out_features = math.prod(shape) // max(contracted, 1)
-        return self._new_op("dense", marks[w].leaf, out_features, "dot_general")
+        # the output is (batch dims, lhs free dims, rhs free dims)
+        lhs_free = eqn.invars[0].aval.ndim - len(contract[0]) - len(batch[0])
+        first = len(batch[0]) + (lhs_free if w == 1 else 0)
+        free = [d for d in range(len(shape)) if d not in contract[w]]
+        axes = tuple(first + k for k, d in enumerate(free) if shape[d] > 1)
+        return self._new_op("dense", marks[w].leaf, out_features, "dot_general", axes)
 
     def _conv(self, eqn: jex.JaxprEqn, marks: list[_Mark | None]) -> list[_Mark | None]:
         lhs, rhs = marks[:2]
         if not isinstance(rhs, _LeafView) or isinstance(lhs, _LeafView):
             self._other(marks)
             return [None]
-        out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-        return self._new_op("conv", rhs.leaf, eqn.invars[1].aval.shape[out_dim],
-                            describe_conv(eqn.params))
+        numbers = eqn.params["dimension_numbers"]
+        features = eqn.invars[1].aval.shape[numbers.rhs_spec[0]]
+        return self._new_op("conv", rhs.leaf, features, describe_conv(eqn.params),
+                            (numbers.out_spec[1],) if features > 1 else ())
 
     def _gather(self, marks: list[_Mark | None]) -> None:
         table, indices = marks[:2]
@@ -293,6 +327,7 @@ class _Analysis:
         leaf, base = marks[leaves[0]], marks[1 - leaves[0]]
         if isinstance(base, _OpOutput) and (
             self.ops[base.op].out_features == self.leaf_sizes[leaf.leaf]
+            and base.axes is not None and leaf.axes == base.axes
         ):
             self._record(leaf, _Use("bias", target=base.op))
         elif isinstance(base, _Scaled):
@@ -318,6 +353,36 @@ class _Analysis:
             return None
         candidates = marks[:1] if numerator_only else marks
         return next((m for m in candidates if isinstance(m, _Scaled)), None)
+
+
+def _significant(shape: Sequence[int]) -> tuple[int, ...]:
+    """The dimensions of ``shape`` of size > 1."""
+    return tuple(d for d, size in enumerate(shape) if size > 1)
+
+
+def view_axes(eqn: jex.JaxprEqn, axes: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """Where the dimensions ``axes`` of a view equation's operand lie in its result
+    (``None`` when the view mixes one of them with other dimensions, or reverses it)."""
+    if axes is None:
+        return None
+    prim, params = eqn.primitive, eqn.params
+    if prim is prims.transpose_p:
+        return tuple(params["permutation"].index(a) for a in axes)
+    if prim is prims.broadcast_in_dim_p:
+        return tuple(params["broadcast_dimensions"][a] for a in axes)
+    if prim is prims.squeeze_p:
+        return tuple(a - sum(d < a for d in params["dimensions"]) for a in axes)
+    if prim is prims.rev_p:
+        return None if set(axes) & set(params["dimensions"]) else axes
+    if prim is prims.reshape_p:
+        if params.get("dimensions") is not None:
+            return None
+        before, after = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+        # dimension a is kept if some result dimension has its size and its stride
+        kept = {(math.prod(after[:j]), after[j]): j for j in range(len(after))}
+        found = [kept.get((math.prod(before[:a]), before[a])) for a in axes]
+        return None if None in found else tuple(found)
+    return axes  # casts, copies, placement: the same array
 
 
 def describe_conv(params: dict) -> str:
@@ -390,6 +455,8 @@ def _resolve(analysis: _Analysis) -> list[_Group]:
     for leaf, leaf_uses in uses.items():
         roles = {u.role for u in leaf_uses}
         if roles == {"bias"}:
+            if any(analysis.op_reads[u.target] != 1 for u in leaf_uses):
+                continue  # the pre-bias output is read elsewhere too: not its gradient
             anchors = {analysis.ops[u.target].kernel for u in leaf_uses}
         elif roles == {"shift"}:
             anchors = {u.target for u in leaf_uses}

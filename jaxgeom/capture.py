@@ -397,10 +397,11 @@ class _SiteAnalysis(_Analysis):
     def _view(self, eqn, marks):
         out = super()._view(eqn, marks)
         first = marks[0]
-        if isinstance(first, _LeafView) and out[0] is first:
+        if isinstance(first, _LeafView) and len(eqn.outvars) == 1:
             step = _view_step(eqn)
             if step is not None:
-                out[0] = _ChainedView(first.leaf, getattr(first, "views", ()) + (step,))
+                out[0] = _ChainedView(first.leaf, out[0].axes,
+                                      getattr(first, "views", ()) + (step,))
         return out
 
     def _path(self) -> tuple[int, ...]:
@@ -515,7 +516,7 @@ def _build_plan(fn: Callable, params: Any, example: Any, aux: Any,
                           "operations instead of one")
             if reason is None:
                 op, (path, eqn, w, scans, views) = found[0]
-                reason = _other_uses(analysis.uses, kernel, roles.get("bias"), op)
+                reason = _other_uses(analysis, kernel, roles.get("bias"), op)
             if reason is None:
                 spec = _spec(layer, eqn, w, views, layout.shapes[kernel], roles.get("bias"))
                 if spec is None:
@@ -535,17 +536,23 @@ def _build_plan(fn: Callable, params: Any, example: Any, aux: Any,
                        tuple(shapes), len(leaves), tuple(unfactored))
 
 
-def _other_uses(uses: dict, kernel: int, bias: int | None, op: int | None) -> str | None:
+def _other_uses(analysis: _SiteAnalysis, kernel: int, bias: int | None,
+                op: int | None) -> str | None:
     """Why a layer's captured gradients would miss part of its leaves' gradients: the
     traced function also uses its kernel, or its bias, other than through the one
-    operation (a layout discovered on another function, e.g. a model applied twice, once
-    at shifted parameters); ``None`` when it does not."""
+    operation, or reads the operation's output before the bias is added (a layout
+    discovered on another function, e.g. a model applied twice, once at shifted
+    parameters); ``None`` when it does not."""
+    uses = analysis.uses
     if len(uses[kernel]) != 1:
         return ("the traced function also uses its kernel outside its operation "
                 f"({', '.join(u.role for u in uses[kernel])})")
     if bias is not None and [(u.role, u.target) for u in uses[bias]] != [("bias", op)]:
         return ("the traced function uses its bias other than once, added to its "
                 f"operation's output ({', '.join(u.role for u in uses[bias])})")
+    if bias is not None and op is not None and analysis.op_reads[op] != 1:
+        return ("the traced function reads its operation's output other than by adding "
+                "the bias (the bias's gradient is then not the output's)")
     return None
 
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from models import ALL_TASKS, MORE_TASKS, to_float64
+from models import ALL_TASKS, MORE_TASKS, reference_fisher, to_float64
 
-from jaxgeom import LayerCollection
+from jaxgeom import FIM, LayerCollection, PMatDense, PMatDiag
 from jaxgeom._discovery import scan_counts
 from jaxgeom.capture import (
     KroneckerSpec,
@@ -187,6 +187,44 @@ def test_plain_mlp_scan_and_lax_conv():
     plan, _ = check(apply_fn, params, x, ["conv_w", "w_h", "w_out", "w_x"])
     (spec,) = [s for s in plan.specs if s.layer_id == "w_out"]  # used transposed: (out, in)
     np.testing.assert_array_equal(spec.kernel_to_matrix(params["w_out"]), params["w_out"])
+
+
+def _offsets_and_skips(p, x, skip=True):  # x: (N, T=3, 4)
+    h = jnp.tanh(x @ p["w"] + p["pos"])  # pos: (T, 1), one offset per position
+    z = h @ p["v"]
+    h = jnp.tanh(z + p["c"]) + (z if skip else 0)  # the pre-bias output read twice
+    g = jnp.einsum("ntd,def->ntef", h, p["k"]) + p["f"]  # a bias on 2 feature dims
+    s = jnp.transpose(h @ p["u"], (0, 2, 1)) + p["e"][:, None]  # features moved first
+    return jnp.sum(g, axis=(1, 2)) + jnp.sum(s, axis=2)
+
+
+def test_offsets_that_are_no_bias_keep_exact_gradients():
+    """A per-position offset the size of the features, and a bias whose op output is also
+    read by a skip, are exact leaves (captured as biases, their gradients had been the
+    op output's summed over the wrong axis, or with the skip's share in them)."""
+    shapes = dict(w=(4, 3), pos=(3, 1), v=(3, 3), c=(3,), u=(3, 2), e=(2,), k=(3, 2, 2),
+                  f=(2, 2))
+    keys = jax.random.split(KEY, len(shapes))
+    params = {n: jax.random.normal(k, s) / 2 for k, (n, s) in zip(keys, shapes.items())}
+    x = jax.random.normal(KEY, (4, 3, 4))
+    plan, _ = check(_offsets_and_skips, params, x, ["w", "v", "k", "u"])
+    assert {s.layer_id: s.bias is not None for s in plan.specs} == {
+        "w": False, "v": False, "k": True, "u": True}
+    for representation in (PMatDense, PMatDiag):  # both were wrong
+        F = FIM(_offsets_and_skips, params, x, representation).to_dense()
+        reference = np.asarray(reference_fisher(_offsets_and_skips, params, x))
+        if representation is PMatDiag:
+            reference = np.diag(np.diag(reference))
+        np.testing.assert_allclose(F, reference, rtol=1e-10, atol=1e-12)
+    # a layout found without the skip (c a bias), applied to the function with it: the
+    # captured trace's own reads refuse the layer rather than give c the wrong gradient
+    layout = LayerCollection.from_model(
+        lambda p, x: _offsets_and_skips(p, x, skip=False), params, x[:1])
+    fn = FisherOutputs(Hashable(_offsets_and_skips), "classif_logits")
+    plan, _ = capture(fn, params, x, layer_collection=layout)
+    assert "v" not in {s.layer_id for s in plan.specs}
+    ((layer, reason),) = plan.unfactored
+    assert layer == "v" and "reads its operation's output" in reason
 
 
 def test_scan_operands_split_into_consts_carry_and_xs():

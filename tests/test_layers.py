@@ -390,6 +390,30 @@ def test_shared_kernel_with_two_biases_keeps_neither():
     assert got == {"w": dense("", "w", None, uses=2), "b1": other("b1"), "b2": other("b2")}
 
 
+def test_a_bias_is_on_the_features_of_an_output_read_by_the_bias_alone():
+    """A leaf added to a linear op's output is its bias only if it lies on the op's feature
+    dimensions (a per-position offset of the same size is not) and nothing but that add
+    reads the pre-bias output (a skip from ``x @ w`` gives the bias another gradient)."""
+    params = plain(w=(4, 3), pos=(3, 1), v=(3, 3), c=(3,), u=(3, 2), e=(2,), k=(3, 2, 2),
+                   f=(2, 2))
+
+    def apply_fn(p, x):  # x: (N, T=3, 4)
+        h = jnp.tanh(x @ p["w"] + p["pos"])  # pos: (T, 1), one offset per position
+        z = h @ p["v"]
+        h = jnp.tanh(z + p["c"]) + z  # the pre-bias output read twice
+        g = jnp.einsum("ntd,def->ntef", h, p["k"]) + p["f"]  # a 2-D bias on 2 features
+        s = jnp.transpose(h @ p["u"], (0, 2, 1)) + p["e"][:, None]  # features moved first
+        return jnp.sum(g, axis=(1, 2)) + jnp.sum(s, axis=2)
+
+    got = discover(apply_fn, params, np.ones((1, 3, 4)))
+    assert got == {
+        "w": dense("", "w", None), "pos": other("pos"),
+        "v": dense("", "v", None), "c": other("c"),
+        "k": dense("", "k", "f"),
+        "u": dense("", "u", "e"),
+    }
+
+
 def test_higher_order_primitives_make_leaves_other():
     params = plain(w=(3, 3), v=(3, 3), c=(3,), wg=(3, 1, 1))
 
