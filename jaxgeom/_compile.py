@@ -157,8 +157,10 @@ class CompiledFunction:
             except ValueError as error:
                 if "compiler_options" not in str(error):
                     raise
-        if self._nested is None:
-            self._nested = jax.jit(self._traced(), **self._jit_kwargs)
+        if self._nested is None:  # without donation: a nested call's buffers are the trace's
+            # (under vmap, JAX warned that the donated buffers were not usable)
+            nested = {k: v for k, v in self._jit_kwargs.items() if not k.startswith("donate")}
+            self._nested = jax.jit(self._traced(), **nested)
         return self._nested(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -10,13 +10,13 @@ such a method run as one ``jax.jit`` call instead. JAX caches the compilation on
 representation's structure (its type and static layout), the static arguments and the
 shapes and dtypes of the traced ones:
 
-- array leaves (``jax.Array``, NumPy arrays and scalars) and Python ``float`` and
-  ``complex`` numbers are traced, so that new values (a damping schedule, a new vector)
-  never recompile;
-- every other leaf (``str``, ``int``, ``bool``, ``None``) is static and part of the cache
-  key; with an unhashable one, or a callable (a ``cg`` preconditioner: a lambda made anew
-  for each call would compile each time, and the cache would keep what it closes over),
-  the method runs eagerly;
+- array leaves (``jax.Array``, NumPy arrays, NumPy floating scalars) and Python ``float``
+  and ``complex`` numbers are traced, so that new values (a damping schedule, a new
+  vector) never recompile;
+- every other leaf (``str``, ``int``, ``bool``, ``None``, and their NumPy scalars) is static
+  and part of the cache key; with an unhashable one, or a callable (a ``cg`` preconditioner:
+  a lambda made anew for each call would compile each time, and the cache would keep what
+  it closes over), the method runs eagerly;
 - inside a trace (``jit``, ``grad``, ``vmap``: some leaf is a ``Tracer``) the method runs
   as written, compiled with the code around it.
 """
@@ -38,6 +38,8 @@ _TRACED = object()
 
 #: Python numbers whose values are traced (ints and bools stay static: they pick code paths)
 _TRACED_NUMBERS = (float, complex)
+#: NumPy scalars that stay static, as Python ints, bools and strings do
+_STATIC_NUMPY_SCALARS = (np.integer, np.bool_, np.character)
 
 #: how a leaf takes part in the compiled call, decided by its type
 _TRACED_LEAF, _STATIC_LEAF, _EAGER_CALL = range(3)
@@ -52,6 +54,8 @@ def _leaf_kind(leaf_type: type) -> int:
     leaf, and the checks leaf by leaf were ≈ 9 µs of an eager call's ≈ 40."""
     if issubclass(leaf_type, jax.core.Tracer):  # before jax.Array: Tracers are Arrays too
         return _EAGER_CALL
+    if issubclass(leaf_type, _STATIC_NUMPY_SCALARS):  # options: maxiter, a reduction's name
+        return _STATIC_LEAF
     if issubclass(leaf_type, (jax.Array, np.ndarray, np.generic)) or leaf_type in _TRACED_NUMBERS:
         return _TRACED_LEAF
     if any("__call__" in vars(base) for base in leaf_type.__mro__) or leaf_type.__hash__ is None:

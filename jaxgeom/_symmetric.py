@@ -47,6 +47,7 @@ def spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     return cho_solve(cholesky(m), b)
 
 
+@jax.jit  # called eagerly (PMatDense.inv), the cond's branches made anew would recompile
 def symmetric_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     """``m⁻¹ b`` for a symmetric invertible ``m`` (``(n, n)``; ``b`` ``(n,)`` or ``(n, k)``):
     :func:`spd_solve` when ``m`` is positive definite (a damped Fisher), else an LU solve

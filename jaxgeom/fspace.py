@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._serialization import register_dataclass
 from jaxgeom._symmetric import spd_solve
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat.base import PMatAbstract
+from jaxgeom.pmat.base import PMatAbstract, check_shape
 from jaxgeom.scaling import ArrayValued, ScalarMultiples
 from jaxgeom.vector import static_order
 
@@ -45,7 +46,7 @@ class _ScalarAlgebra(ScalarMultiples, ArrayValued):
 
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class FVector(_ScalarAlgebra):
     """A vector in function space: ``data[o, n]`` for output ``o`` and example ``n``.
@@ -95,7 +96,7 @@ def as_fvector_data(f: Any, shape: tuple[int, int] | None = None) -> jax.Array:
     return data
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class FMatDense(_ScalarAlgebra):
     """A dense function-space matrix ``G[o, n, o', n']`` (e.g. the empirical NTK).
@@ -120,9 +121,8 @@ class FMatDense(_ScalarAlgebra):
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq")
 
     def __post_init__(self):
-        shape = getattr(self.data, "shape", None)
-        if shape is not None and (len(shape) != 4 or shape[:2] != shape[2:]):
-            raise ValueError(f"FMatDense data must have shape (K, N, K, N); got {shape}")
+        check_shape("FMatDense data", getattr(self.data, "shape", None), "(K, N, K, N)",
+                    lambda s: s[:2] == s[2:], 4)
 
     # ------------------------------------------------------------------ views
     def size(self, dim: int | None = None):

@@ -46,6 +46,7 @@ import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
+from jaxgeom._serialization import register_dataclass
 from jaxgeom.jacobian import Hashable
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract
@@ -183,7 +184,7 @@ def _chunk_hessian(params, batch, weight, *, loss_fn, layout, kind, per_pass):
 
 
 # ----------------------------------------------------------------------------- implicit
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class PMatImplicitHessian(PMatImplicit):
     """The Hessian ``H = (1/N) Σ_b n_b ∇²L_b`` of a mean loss, never formed (a

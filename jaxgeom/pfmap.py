@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
+from jaxgeom._serialization import register_dataclass
 from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
 from jaxgeom.gram import centred, gram_by_layers, gram_implicit
 from jaxgeom.jacobian import (
@@ -43,7 +44,7 @@ from jaxgeom.jacobian import (
     resolve_mode,
 )
 from jaxgeom.layers import Layer, LayerCollection
-from jaxgeom.pmat.base import static_field
+from jaxgeom.pmat.base import check_shape, static_field
 from jaxgeom.pmat.implicit import _masked_outputs, _tangents
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.scaling import ScalarMultiples
@@ -53,7 +54,7 @@ from jaxgeom.vector import PVector, _unravel, as_flat
 
 def _pfmap(cls: type) -> type:
     cls = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
-    return jax.tree_util.register_dataclass(cls)
+    return register_dataclass(cls)
 
 
 class PFMapAbstract(ScalarMultiples, abc.ABC):
@@ -156,10 +157,9 @@ class PFMapDense(PFMapAbstract):
     data: jax.Array = dataclasses.field(default=None)
 
     def __post_init__(self):
-        shape = getattr(self.data, "shape", None)
         d = self.layer_collection.numel()
-        if shape is not None and (len(shape) != 3 or shape[-1] != d):
-            raise ValueError(f"PFMapDense data must have shape (K, N, {d}); got {shape}")
+        check_shape("PFMapDense data", getattr(self.data, "shape", None), f"(K, N, {d})",
+                    lambda s: s[-1] == d, 3)
 
     @property
     def shape(self):

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom._dispatch import compiled_when_eager
+from jaxgeom._serialization import register_dataclass
 from jaxgeom.layers import LayerCollection, ravel_tree
 from jaxgeom.scaling import ArrayValued, ScalarMultiples
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class PVector(ScalarMultiples, ArrayValued):
     """A vector in parameter space, stored as a params-shaped pytree.

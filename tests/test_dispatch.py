@@ -12,9 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from pmat_checks import TOL, flat, vec
+from pmat_checks import TOL, compilations, flat, vec
 
-from jaxgeom import FIM, PMatDense, PMatDiag, PMatImplicit, PMatKFAC, PMatQuasiDiag, PVector, vector
+from jaxgeom import (
+    FIM,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatImplicit,
+    PMatKFAC,
+    PMatMixed,
+    PMatQuasiDiag,
+    PVector,
+    vector,
+)
 from jaxgeom._dispatch import _compiled_call, _compiled_factorisation, compiled_when_eager
 
 
@@ -179,10 +190,13 @@ def test_which_arguments_are_traced_static_or_keep_the_call_eager():
         (lambda: box.times(2.5, note=lambda: None), 0),
         (lambda: box.times(2.5, note=int), 0),  # a class: callable
         (lambda: box.times(2.5, note=functools.partial(max, 0)), 0),
+        (lambda: box.times(2.5, note=np.int64(7)), 1),  # NumPy ints, bools, strings: static
+        (lambda: box.times(2.5, note=np.int64(7)), 0),
+        (lambda: box.times(2.5, note=np.str_("diag")), 1),
     ]
-    for i, (call, compilations) in enumerate(calls):
+    for i, (call, expected) in enumerate(calls):
         count, out = _compilations(call)
-        assert count == compilations, i
+        assert count == expected, i
     np.testing.assert_allclose(box.times(2.5, note=_Unhashable()), [0.0, 2.5, 5.0])
     np.testing.assert_allclose(box.times(3), [0.0, 3.0, 6.0])
     assert _Box.times.eager_method(box, 2.0).tolist() == [0.0, 2.0, 4.0]
@@ -242,3 +256,40 @@ def test_pvector_arithmetic_compiles_once_with_the_flat_numbers():
     np.testing.assert_allclose(scaled, 0.7 * fa, rtol=1e-12)
     assert isinstance(a + b, PVector)
     assert jnp.ndim(a.dot(b)) == 0
+
+
+def test_options_given_as_floats_or_numpy_scalars_work_eagerly_as_under_jit():
+    """A norm's order as a float, a NumPy integer ``maxiter``, a NumPy string reduction:
+    options that pick code paths, which had been traced (a ``TracerBoolConversionError``,
+    a ``ConcretizationTypeError``) when called eagerly."""
+    M, params = _fisher(PMatDense)
+    dense = np.asarray(M.to_dense())
+    eigenvalues = np.abs(np.linalg.eigvalsh(dense))
+    for order, expected in ((2.0, eigenvalues.max()), (np.int64(2), eigenvalues.max()),
+                            (jnp.asarray(2), eigenvalues.max()), ("fro", np.linalg.norm(dense))):
+        np.testing.assert_allclose(M.norm(order), expected, rtol=1e-9)
+    np.testing.assert_allclose(PMatDiag(M.layer_collection, jnp.diag(M.data)).norm(-2.0),
+                               np.abs(np.diag(dense)).min(), rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown norm ord"):
+        M.norm(3.0)
+    v = vec(params)
+    np.testing.assert_allclose(
+        flat(M.solve(v, 0.1, method="cg", maxiter=np.int64(500), rtol=1e-12)),
+        np.linalg.solve(dense + 0.1 * np.eye(len(dense)), flat(v)), rtol=1e-8)
+    rows = np.stack([flat(v), 2 * flat(v)])[:, None, :]  # (K=2, N=1, d)
+    np.testing.assert_allclose(M.mapTMmap(rows, reduction=np.str_("diag")),
+                               np.einsum("knd,de,kne->kn", rows, dense, rows), rtol=1e-10)
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatMixed])
+def test_eager_inv_of_the_factorising_representations_compiles_once(representation):
+    """``inv`` (not a compiled operation: its arrays keep their identity) had compiled the
+    Cholesky-or-LU ``cond`` afresh at every eager call, 0.3-3 s each."""
+    M, params = _fisher(representation)
+    M.inv(0.1)
+    with compilations() as compiled:
+        inverse = M.inv(0.2)
+    assert compiled == []
+    dense = np.asarray(M.to_dense())
+    np.testing.assert_allclose(inverse.to_dense(), np.linalg.inv(dense + 0.2 * np.eye(len(dense))),
+                               rtol=1e-8, atol=1e-10)

@@ -157,3 +157,60 @@ def test_a_damping_per_parameter_is_refused_and_the_suggested_sum_solves(represe
     damped = F + PMatDiag(F.layer_collection, damping)
     expected = np.linalg.solve(np.asarray(F.to_dense()) + np.diag(damping), v.to_flat())
     np.testing.assert_allclose(damped.solve(v).to_flat(), expected, rtol=1e-7)
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatDiag, PMatLowRank,
+                                            PMatKFAC])
+@pytest.mark.filterwarnings("error")  # no "donated buffers were not usable" under vmap
+def test_a_stack_of_fishers_by_vmap_over_params_is_each_fisher(representation):
+    """An ensemble's Fishers, built under ``jax.vmap`` over stacked params (the result is
+    rebuilt from stacked leaves: the shape checks had refused them), each equal to its own
+    build; the stack is a pytree like any other (``tree_map``, index with ``[i]``)."""
+    t = make_plain_mlp()
+    members = [t.params, jax.tree_util.tree_map(lambda a: 1.5 * a, t.params)]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *members)
+    build = jax.vmap(lambda p: FIM(t.apply_fn, p, (t.x, t.y), representation))
+    ensemble = build(stacked)
+    for i, params in enumerate(members):
+        member = jax.tree_util.tree_map(lambda a, i=i: a[i], ensemble)
+        alone = FIM(t.apply_fn, params, (t.x, t.y), representation)
+        np.testing.assert_allclose(member.to_dense(), alone.to_dense(), **TOL)
+    restacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), ensemble, ensemble)
+    assert type(restacked) is representation
+
+
+def test_stacks_of_eyes_and_function_space_matrices_from_scan_and_vmap():
+    from jaxgeom import GramMatrix, Jacobian, PMatEye
+
+    t = make_plain_mlp()
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatDense)
+    _, eyes = jax.lax.scan(lambda c, s: (c, PMatEye(F.layer_collection, s)), 0,
+                           jnp.array([1.0, 2.0]))
+    np.testing.assert_allclose(eyes.scaling, [1.0, 2.0])
+    G = GramMatrix(t.apply_fn, t.params, t.x)
+    J = Jacobian(t.apply_fn, t.params, t.x)
+    for M in (G, J):
+        doubled = jax.vmap(lambda s, M=M: s * M)(jnp.array([1.0, 2.0]))
+        np.testing.assert_allclose(doubled.data[1], 2 * M.data, **TOL)
+    with pytest.raises(ValueError, match="PMatDiag"):  # a vector is still no scaling
+        PMatEye(F.layer_collection, jnp.ones(F.layer_collection.numel()))
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatDiag, PMatKFAC,
+                                            PMatEKFAC, PMatQuasiDiag, PMatLowRank, PMatMixed])
+def test_flax_serialization_round_trips_a_representation(representation):
+    """``flax.serialization.to_bytes`` then ``from_bytes`` into a matrix of the same
+    structure (built at other params) gives the saved matrix back (Flax had no state for
+    jaxgeom's objects: ``to_bytes`` raised)."""
+    from flax import serialization
+
+    t = make_plain_mlp()
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), representation)
+    other = jax.tree_util.tree_map(lambda a: 0.5 * a, t.params)
+    target = FIM(t.apply_fn, other, (t.x, t.y), representation)
+    restored = serialization.from_bytes(target, serialization.to_bytes(F))
+    assert type(restored) is representation
+    np.testing.assert_array_equal(restored.to_dense(), F.to_dense())
+    v = random_pvector(jax.random.key(5), t.params)
+    back = serialization.from_bytes(v, serialization.to_bytes(2 * v))
+    np.testing.assert_array_equal(back.to_flat(), 2 * v.to_flat())

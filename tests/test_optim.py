@@ -142,6 +142,14 @@ def test_state_roundtrips_jit_and_chain_with_refresh_periods(task):
                                rtol=1e-9, atol=1e-12)
     # the cached inverse is the K-FAC inverse of the stored curvature with the damping
     assert isinstance(history[0].inverse, jg.PMatKFAC)
+    # a Flax checkpoint of the state (curvature and inverse included) restores it exactly
+    from flax import serialization
+
+    restored = serialization.from_bytes(tx.init(t.params)[0], serialization.to_bytes(history[3]))
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(history[3])
+    for got, saved in zip(jax.tree_util.tree_leaves(restored),
+                          jax.tree_util.tree_leaves(history[3])):
+        np.testing.assert_array_equal(got, saved)
 
 
 @pytest.mark.parametrize("rep", [jg.PMatDiag, jg.PMatKFAC])

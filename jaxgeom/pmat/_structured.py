@@ -93,11 +93,11 @@ class CanonicalDiagonal(PMatAbstract):
     def eigvalsh(self):
         return jnp.sort(self.get_diag())
 
-    def norm(self, ord: Any = None) -> jax.Array:
+    def _norm(self, ord: Any) -> jax.Array:
         if ord in (2, -2):
             magnitudes = jnp.abs(self._values)
             return jnp.max(magnitudes) if ord == 2 else jnp.min(magnitudes)
-        return super().norm(ord)
+        return super()._norm(ord)
 
     def eigh(self):
         self._unsupported(

@@ -29,12 +29,13 @@ import numpy as np
 from jaxgeom import streaming
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._reindex import LeafVector
+from jaxgeom._serialization import register_dataclass
 from jaxgeom.jacobian import JacobianBuilder
 from jaxgeom.layers import LayerCollection
 from jaxgeom.scaling import ScalarMultiples, is_scalar
 from jaxgeom.solvers import cg
 from jaxgeom.streaming import static_field as static_field  # re-exported
-from jaxgeom.vector import PVector, as_flat, as_rows, as_tree
+from jaxgeom.vector import PVector, as_flat, as_rows, as_tree, static_order
 
 REGISTRY: list[type] = []
 
@@ -50,7 +51,7 @@ def representation(cls: type) -> type:
     operations named in :attr:`PMatAbstract.COMPILED_OPERATIONS` run as one compiled call
     when called eagerly (:func:`jaxgeom._dispatch.compiled_when_eager`)."""
     cls = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
-    cls = jax.tree_util.register_dataclass(cls)
+    cls = register_dataclass(cls)
     for name in getattr(cls, "COMPILED_OPERATIONS", ()):
         method = getattr(cls, name)
         setattr(cls, name, compiled_when_eager(getattr(method, "eager_method", method)))
@@ -60,6 +61,17 @@ def representation(cls: type) -> type:
             setattr(cls, name, _scalar_regul(method))
     REGISTRY.append(cls)
     return cls
+
+
+def check_shape(what: str, shape: tuple[int, ...] | None, want: str,
+                trailing: Callable[[tuple[int, ...]], bool], rank: int) -> None:
+    """Refuse an array field whose last ``rank`` dimensions fail ``trailing``; leading
+    dimensions are allowed: a stack of representations (``jax.vmap``'s output, a ``scan``'s
+    ``ys``, ``tree_map(jnp.stack, ...)``) is rebuilt from its stacked leaves. ``shape``
+    ``None``: a placeholder of JAX's pytree machinery, not checked."""
+    if shape is not None and (len(shape) < rank or not trailing(tuple(shape[len(shape) - rank:]))):
+        raise ValueError(f"{what} must have shape {want} (or (..., {want[1:]} when "
+                         f"stacked); got {tuple(shape)}")
 
 
 def check_regul(regul: Any) -> None:
@@ -119,7 +131,7 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: ``mm`` and ``+`` use to recognise shared Kronecker eigenbases)
     COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = (
         "mv", "vTMv", "mmap", "mapTMmap", "solve", "to_dense", "get_diag", "trace",
-        "frobenius_norm", "eigvalsh", "norm", "eigh",
+        "frobenius_norm", "eigvalsh", "_norm", "eigh",
     )
     #: the :attr:`COMPILED_OPERATIONS` whose run time is LAPACK factorisations (Cholesky,
     #: ``eigh``, QR) with little element-wise work around them: compiled with XLA:CPU's
@@ -128,7 +140,7 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = ()
     #: :attr:`FACTORISING_OPERATIONS` of a representation that factorises its matrices,
     #: blocks or factors for every solve and spectral operation
-    FACTORISES: ClassVar[tuple[str, ...]] = ("solve", "eigvalsh", "norm", "eigh")
+    FACTORISES: ClassVar[tuple[str, ...]] = ("solve", "eigvalsh", "_norm", "eigh")
 
     # ------------------------------------------------------------------ primitives
     @abc.abstractmethod
@@ -264,13 +276,18 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         return jnp.linalg.eigvalsh(self.to_dense())
 
     def norm(self, ord: Any = None) -> jax.Array:
-        """``None``/``"fro"``: Frobenius norm; ``2``: largest ``|λ|``; ``-2``: smallest."""
-        if ord in (None, "fro"):
+        """``None``/``"fro"``: Frobenius norm; ``2``: largest ``|λ|``; ``-2``: smallest
+        (``ord`` a Python, NumPy or concrete JAX number, fixed when compiled)."""
+        ord = static_order(ord)
+        if ord not in (None, "fro", 2, -2):
+            raise ValueError(f"unknown norm ord {ord!r}; valid: None, 'fro', 2, -2")
+        return self._norm(None if ord in (None, "fro") else int(ord))  # static when compiled
+
+    def _norm(self, ord: int | None) -> jax.Array:
+        if ord is None:
             return self.frobenius_norm()
-        if ord in (2, -2):
-            ev = jnp.abs(self.eigvalsh())
-            return jnp.max(ev) if ord == 2 else jnp.min(ev)
-        raise ValueError(f"unknown norm ord {ord!r}; valid: None, 'fro', 2, -2")
+        ev = jnp.abs(self.eigvalsh())
+        return jnp.max(ev) if ord == 2 else jnp.min(ev)
 
     # ------------------------------------------------------------------ solves & functions
     def solve(self, v: Any, regul: Any = 0.0, *, method: str | None = None, **options) -> Any:

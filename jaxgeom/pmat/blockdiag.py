@@ -66,12 +66,12 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
         sizes = _partition(self.layer_collection).sizes
         shapes = tuple(getattr(b, "shape", None) for b in self.blocks)
         want = tuple((n, n) for n in sizes)
-        if len(shapes) != len(want) or any(
-            s is not None and s != w for s, w in zip(shapes, want)
+        if len(shapes) != len(want) or any(  # leading dimensions: a stack (check_shape)
+            s is not None and (len(s) < 2 or s[-2:] != w) for s, w in zip(shapes, want)
         ):
             raise ValueError(
-                f"PMatBlockDiag needs one (d_l, d_l) block per layer, shapes {list(want)}; "
-                f"got {list(shapes)}"
+                f"PMatBlockDiag needs one (d_l, d_l) block per layer, shapes {list(want)} "
+                f"(or (..., d_l, d_l) when stacked); got {list(shapes)}"
             )
 
     # ------------------------------------------------------------------ blocks

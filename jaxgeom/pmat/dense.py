@@ -12,7 +12,13 @@ from jaxgeom._symmetric import symmetric_solve
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
-from jaxgeom.pmat.base import CG_OPTIONS, PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import (
+    CG_OPTIONS,
+    PMatAbstract,
+    check_shape,
+    representation,
+    static_field,
+)
 
 
 @representation
@@ -42,8 +48,8 @@ class PMatDense(PMatAbstract):
 
     def __post_init__(self):
         d = self.layer_collection.numel()
-        if self.data is not None and hasattr(self.data, "shape") and self.data.shape != (d, d):
-            raise ValueError(f"PMatDense data must have shape ({d}, {d}); got {self.data.shape}")
+        check_shape("PMatDense data", getattr(self.data, "shape", None), f"({d}, {d})",
+                    lambda s: s == (d, d), 2)
 
     # ------------------------------------------------------------------ primitives
     def _mv(self, v):

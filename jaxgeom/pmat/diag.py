@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxgeom.capture import capture_chunk
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat._structured import CanonicalDiagonal, MeanOfJacobians
-from jaxgeom.pmat.base import representation, static_field
+from jaxgeom.pmat.base import check_shape, representation, static_field
 from jaxgeom.pmat.kfac import (
     CaptureBuilder,
     all_finite,
@@ -57,8 +57,8 @@ class PMatDiag(MeanOfJacobians, CanonicalDiagonal):
 
     def __post_init__(self):
         d = self.layer_collection.numel()
-        if self.data is not None and hasattr(self.data, "shape") and self.data.shape != (d,):
-            raise ValueError(f"PMatDiag data must have shape ({d},); got {self.data.shape}")
+        check_shape("PMatDiag data", getattr(self.data, "shape", None), f"({d},)",
+                    lambda s: s == (d,), 1)
 
     @classmethod
     def chunk_builder(cls, fn, params, example, aux, layout, *, mode="auto",

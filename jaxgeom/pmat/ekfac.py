@@ -67,6 +67,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxgeom._serialization import register_dataclass
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import Layer
 from jaxgeom.pmat._gram import gram
@@ -277,7 +278,7 @@ class RefitBuilder(CaptureBuilder):
         return self.representation(self.layout, self.plan.specs, nodes, blocks)
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _RangeBases:
     """A :class:`~jaxgeom.pmat.kfac.KronEigen`'s range columns ``qa``, ``qg`` (as the refit

@@ -42,10 +42,13 @@ class PMatEye(CanonicalDiagonal):
             object.__setattr__(
                 self, "scaling", jnp.asarray(self.scaling, self.layer_collection.dtype)
             )
-        if hasattr(self.scaling, "shape") and self.scaling.shape != ():
+        # leading dimensions are a stack (see check_shape), but a (d,) vector is most
+        # likely meant as a diagonal
+        d = self.layer_collection.numel()
+        if getattr(self.scaling, "shape", ()) == (d,) and d > 1:
             raise ValueError(
-                f"PMatEye scaling must be a scalar (0-d); got shape {self.scaling.shape}; "
-                "for a diagonal use PMatDiag"
+                f"PMatEye scaling must be a scalar (0-d), or a stack of them; got shape "
+                f"({d},), the number of parameters: for a diagonal use PMatDiag"
             )
 
     @property

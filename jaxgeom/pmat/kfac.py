@@ -83,6 +83,7 @@ import numpy as np
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
+from jaxgeom._serialization import register_dataclass
 from jaxgeom._symmetric import spd_solve
 from jaxgeom.capture import (
     Captured,
@@ -156,7 +157,7 @@ def _sym(m: jax.Array) -> jax.Array:
     return (m + m.T) / 2
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Factorisation:
     """One ``eigh`` of a symmetric PSD ``matrix`` (a Kronecker factor or an exact block):
@@ -182,7 +183,7 @@ def _eye_like(m: jax.Array) -> jax.Array:
     return jnp.eye(m.shape[0], dtype=m.dtype)
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Kron:
     """A layer block ``A ⊗ G``: ``V (g×a) ↦ G V A``. ``A`` is ``(a, a)`` or a diagonal ``(a,)``."""
@@ -345,7 +346,7 @@ class Kron:
         return Kron(self._A @ other._A, self.G @ other.G, symmetric=False)
 
 
-@jax.tree_util.register_dataclass
+@register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KronEigen:
     """A layer block in the Kronecker-factored eigenbasis:
@@ -777,7 +778,7 @@ class PMatKFAC(PMatAbstract):
                 return []
             if kwargs.get("damping", "exact") == "pi":
                 return self._pi_damped_orders()
-        elif operation == "norm":
+        elif operation == "_norm":
             if (args[0] if args else kwargs.get("ord")) not in (2, -2):
                 return []
         elif operation != "eigvalsh":

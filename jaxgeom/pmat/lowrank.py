@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import gram, gram_norm_sq
-from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import PMatAbstract, check_shape, representation, static_field
 from jaxgeom.vector import as_flat
 
 
@@ -57,12 +57,11 @@ class PMatLowRank(PMatAbstract):
     def __post_init__(self):
         d = self.layer_collection.numel()
         shape = getattr(self.factor, "shape", None)
-        if shape is not None and (len(shape) != 2 or shape[1] != d):
-            raise ValueError(f"PMatLowRank factor must have shape (r, {d}); got {shape}")
-        coef_shape = getattr(self.coef, "shape", ())
-        if shape is not None and coef_shape not in ((), (shape[0],)):
+        check_shape("PMatLowRank factor", shape, f"(r, {d})", lambda s: s[1] == d, 2)
+        coef_shape = tuple(getattr(self.coef, "shape", ()))
+        if shape is not None and coef_shape not in (tuple(shape[:-2]), tuple(shape[:-1])):
             raise ValueError(
-                f"PMatLowRank coef must be a scalar or have shape ({shape[0]},) (one weight "
+                f"PMatLowRank coef must be a scalar or have shape ({shape[-2]},) (one weight "
                 f"per row of the factor); got shape {coef_shape}"
             )
 

@@ -1,0 +1,42 @@
+"""Pytree dataclasses that Flax can serialize.
+
+jaxgeom's objects are frozen dataclasses registered as JAX pytrees, so ``jit``, ``vmap``,
+``tree_map`` and Orbax checkpoints (which read pytrees) take them as they are. Flax's own
+serialization (``flax.serialization.to_state_dict``, ``to_bytes``/``from_bytes``, the
+checkpoints of a Flax ``TrainState`` holding a natural-gradient optimizer state) keeps a
+registry of its own, which :func:`register_dataclass` also fills: the state of an object
+is the dict of its array (non-static) fields' states, and restoring one replaces those
+fields in a target of the same structure (static fields — layouts, options — come from the
+target, as a Flax module's structure does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import serialization
+
+
+def register_dataclass(cls: type) -> type:
+    """Register the dataclass ``cls`` as a JAX pytree (``jax.tree_util.register_dataclass``:
+    fields with ``metadata={"static": True}`` are static) and with Flax's serialization."""
+    cls = jax.tree_util.register_dataclass(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls)
+                  if f.init and not f.metadata.get("static", False))
+
+    def to_state_dict(x: Any) -> dict[str, Any]:
+        return {name: serialization.to_state_dict(getattr(x, name)) for name in names}
+
+    def from_state_dict(target: Any, state: dict[str, Any]) -> Any:
+        missing = [name for name in names if name not in state]
+        if missing:
+            raise ValueError(f"the state of a {cls.__name__} has no {', '.join(missing)}; "
+                             f"its fields: {', '.join(state)}")
+        return dataclasses.replace(target, **{
+            name: serialization.from_state_dict(getattr(target, name), state[name], name=name)
+            for name in names})
+
+    serialization.register_serialization_state(cls, to_state_dict, from_state_dict)
+    return cls
