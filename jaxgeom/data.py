@@ -48,13 +48,21 @@ def iter_batches(data: Any) -> Iterator[Any]:
         yield from data
 
 
-def peek(data: Any) -> tuple[Any, Any]:
+def peek(data: Any, require_examples: bool = False) -> tuple[Any, Any]:
     """The first batch of ``data`` with examples (empty batches are skipped, as the builds
     skip them; the last batch read when all are empty) and an equivalent ``data`` that
     still yields every batch.
 
-    Raises a ``ValueError`` when ``data`` yields no batch at all.
+    Raises a ``ValueError`` when ``data`` yields no batch at all, or (``require_examples``)
+    no example.
     """
+    first, data = _peek(data)
+    if require_examples and _is_empty(first):
+        raise ValueError(_NO_EXAMPLE)
+    return first, data
+
+
+def _peek(data: Any) -> tuple[Any, Any]:
     if is_single_batch(data):
         return data, data
     iterator = iter(data)

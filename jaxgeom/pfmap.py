@@ -379,7 +379,7 @@ def _setup(apply_fn, params, data, function, layer_collection, lazy):
     """The per-example function, the data it reads and the layer collection."""
     from jaxgeom.metrics import check_rows, layers_for
 
-    first, data = data_lib.peek(data)
+    first, data = data_lib.peek(data, require_examples=True)
     if function is None:
         if apply_fn is None:
             raise ValueError("pass apply_fn, or function=fn(params, batch) -> (N, K)")

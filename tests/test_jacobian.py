@@ -252,3 +252,21 @@ def test_float32_model_takes_float64_vectors():
         assert back.dtype == forward.dtype == jnp.float64
         np.testing.assert_allclose(back, np.einsum("knd,kn->d", ref, f), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(forward, ref @ np.asarray(v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("data", ["array", "list", "empty list"])
+def test_function_space_builds_of_no_example_raise_the_data_error(data):
+    """Data without any example: the documented ``ValueError`` (was a ``ZeroDivisionError``
+    from a reshape), for the Jacobian, its implicit form and the Gram matrix both ways."""
+    from jaxgeom.pfmap import GramMatrix
+
+    t = make_linen_mlp()
+    empty = t.x[:0]
+    data = {"array": empty, "list": [empty, empty], "empty list": []}[data]
+    builds = [lambda: Jacobian(t.apply_fn, t.params, data),
+              lambda: Jacobian(t.apply_fn, t.params, data, PFMapImplicit).to_dense(),
+              lambda: GramMatrix(t.apply_fn, t.params, data),
+              lambda: GramMatrix(t.apply_fn, t.params, data, method="implicit")]
+    for build in builds:
+        with pytest.raises(ValueError, match="no (example|batch)"):
+            build()

@@ -226,6 +226,14 @@ def test_operations(case):
     np.testing.assert_allclose(third.to_dense(), dense, atol=1e-10)
     np.testing.assert_allclose(E.pow(-0.5, 1e-2).to_dense(), _dense_pow(dense, -0.5, 1e-2),
                                rtol=1e-7, atol=1e-9)
+    layer = E.specs[0].layer_id  # no factors to give: the message names what there is
+    with pytest.raises(ValueError, match=f"PMatEKFAC stores layer '{layer}'.*kronecker_block"):
+        E.kronecker_factors(layer)
+    idx = E.layer_collection.layer_indices(E.layer_collection.layer(layer))
+    block = dense[np.ix_(idx, idx)]
+    order = np.argsort(E._parts.kron_flat[E._index(layer)])
+    np.testing.assert_allclose(np.asarray(E.kronecker_block(layer))[np.ix_(order, order)],
+                               block, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("g, a", [(3, 20), (20, 3), (5, 6)], ids=["wide", "tall", "square"])

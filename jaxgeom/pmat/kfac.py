@@ -684,7 +684,11 @@ class PMatKFAC(PMatAbstract):
         an embedding's ``A`` is the ``(V,)`` diagonal)."""
         node = self.factors[self._index(layer)]
         if not isinstance(node, Kron):
-            raise ValueError("this matrix stores the layer in its eigenbasis (after inv/pow)")
+            raise ValueError(
+                f"{type(self).__name__} stores layer {self.specs[self._index(layer)].layer_id!r} "
+                "in its Kronecker eigenbasis (an EKFAC, or a K-FAC after inv/pow), not as "
+                "factors A ⊗ G: read kronecker_block(layer), or the factors of the K-FAC "
+                "it came from")
         return node.A, node.G
 
     def kronecker_block(self, layer: Layer | str) -> jax.Array:
