@@ -177,6 +177,7 @@ class FMatDense(_ScalarAlgebra):
 
     #: ``None``/``"fro"``: Frobenius norm; ``2``: largest ``|λ|``; ``-2``: smallest.
     norm = PMatAbstract.norm
+    _norm = PMatAbstract._norm
 
     # ------------------------------------------------------------------ spectral
     def eigh(self) -> tuple[jax.Array, jax.Array]:

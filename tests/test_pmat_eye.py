@@ -86,5 +86,19 @@ def test_not_built_from_data_and_bad_input():
         E.eigh()
     with pytest.raises(NotImplementedError, match="PMatBlockDiag.from_pmat"):
         PMatEye.from_pmat(PMatDiag.from_pmat(E))
-    with pytest.raises(ValueError, match="scalar"):
-        PMatEye(lc, jnp.ones(3))
+    with pytest.raises(ValueError, match="scalar.*PMatDiag"):  # a vector of d entries
+        PMatEye(lc, jnp.ones(lc.numel()))
+
+
+@pytest.mark.parametrize("name", ["PMatImplicit", "PMatKFAC", "PMatLowRank", "PMatQuasiDiag"])
+def test_a_product_with_the_identity_on_the_right_is_scaled_not_densified(name):
+    """``M @ (sI)`` is ``s M`` in ``M``'s representation, as ``(sI) @ M`` is (it had been a
+    ``PMatDense``: for an implicit matrix, the whole ``d × d`` formed)."""
+    import jaxgeom
+
+    representation = getattr(jaxgeom, name)
+    t = make_plain_mlp()
+    M = FIM(t.apply_fn, t.params, (t.x, t.y), representation)
+    product = M @ PMatEye(M.layer_collection, 2.5)
+    assert type(product) is representation
+    np.testing.assert_allclose(product.to_dense(), 2.5 * np.asarray(M.to_dense()), rtol=1e-12)

@@ -250,6 +250,8 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, PMatAbstract):
+            if other.PROMOTION_RANK == 0 != self.PROMOTION_RANK:  # M · sI = sI · M: scaled
+                return other.mm(self)
             return self.mm(other)
         if hasattr(other, "to_dense") and not isinstance(other, (jax.Array, PVector)):
             return self.mmap(other)
