@@ -16,7 +16,13 @@ from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
 from jaxgeom.pmat._structured import MeanOfJacobians, structured_mm
-from jaxgeom.pmat.base import CG_OPTIONS, PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import (
+    CG_OPTIONS,
+    PMatAbstract,
+    check_shape,
+    representation,
+    static_field,
+)
 from jaxgeom.pmat.dense import PMatDense
 
 
@@ -65,14 +71,14 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
             return  # pytree internals may pass placeholders
         sizes = _partition(self.layer_collection).sizes
         shapes = tuple(getattr(b, "shape", None) for b in self.blocks)
-        want = tuple((n, n) for n in sizes)
-        if len(shapes) != len(want) or any(  # leading dimensions: a stack (check_shape)
-            s is not None and (len(s) < 2 or s[-2:] != w) for s, w in zip(shapes, want)
-        ):
+        if len(shapes) != len(sizes):
             raise ValueError(
-                f"PMatBlockDiag needs one (d_l, d_l) block per layer, shapes {list(want)} "
-                f"(or (..., d_l, d_l) when stacked); got {list(shapes)}"
+                f"PMatBlockDiag needs one (d_l, d_l) block per layer, shapes "
+                f"{[(n, n) for n in sizes]}; got {list(shapes)}"
             )
+        for i, (shape, n) in enumerate(zip(shapes, sizes)):
+            check_shape(f"PMatBlockDiag block {i}", shape, f"({n}, {n})",
+                        lambda s, n=n: s == (n, n), 2)
 
     # ------------------------------------------------------------------ blocks
     @property
