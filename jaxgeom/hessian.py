@@ -47,6 +47,7 @@ import numpy as np
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
 from jaxgeom._serialization import register_dataclass
+from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom.jacobian import Hashable
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract
@@ -60,6 +61,7 @@ from jaxgeom.streaming import check_finite, tree_finite
 _KINDS = {PMatDense: "dense", PMatBlockDiag: "blockdiag", PMatDiag: "diag"}
 
 
+@accepts_sharded_data
 def Hessian(
     loss_fn: Callable,
     params: Any,

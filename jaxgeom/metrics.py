@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgeom import data as data_lib
+from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom._signature import abstract, signature
 from jaxgeom.jacobian import Hashable
 from jaxgeom.layers import LayerCollection
@@ -29,6 +30,7 @@ from jaxgeom.variants import (
 )
 
 
+@accepts_sharded_data
 def FIM(
     apply_fn: Callable,
     params: Any,
@@ -88,6 +90,7 @@ def FIM(
     )
 
 
+@accepts_sharded_data
 def FIM_MonteCarlo(
     apply_fn: Callable,
     params: Any,
@@ -129,6 +132,7 @@ def FIM_MonteCarlo(
     )
 
 
+@accepts_sharded_data
 def SecondMoment(
     fn: Callable,
     params: Any,

@@ -33,6 +33,7 @@ import numpy as np
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
 from jaxgeom._serialization import register_dataclass
+from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
 from jaxgeom.gram import centred, gram_by_layers, gram_implicit
 from jaxgeom.jacobian import (
@@ -179,6 +180,7 @@ class PFMapDense(PFMapAbstract):
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    @accepts_sharded_data  # PFMapImplicit.to_dense builds one from its stored data
     def from_jacobians(cls, fn, params, data, *, layer_collection, batch_size=None,
                        mode="auto", aux=None) -> PFMapDense:
         """Stream the per-example Jacobians of ``fn`` and stack them (``N K d`` memory)."""
@@ -398,6 +400,7 @@ def _setup(apply_fn, params, data, function, layer_collection, lazy):
     return BatchedFunction(batched), data, layer_collection
 
 
+@accepts_sharded_data
 def Jacobian(
     apply_fn: Callable | None,
     params: Any,
@@ -446,6 +449,7 @@ def Jacobian(
 GRAM_METHODS = ("jacobian", "implicit")
 
 
+@accepts_sharded_data
 def GramMatrix(
     apply_fn: Callable | None,
     params: Any,

@@ -24,6 +24,12 @@ if tuple(int(p) for p in version("jaxlib").split(".")[:2]) == (0, 10) and (
 ):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
+# Two CPU devices for tests/test_sharding.py; everything else runs on the first (default).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    )
+
 import jax  # noqa: E402  (after XLA_FLAGS: the backend reads them when it starts)
 
 jax.config.update("jax_enable_x64", True)

@@ -1,0 +1,163 @@
+"""Builds from data sharded across devices.
+
+Three ways to spread a build's examples over several devices, and how each one goes:
+
+- **automatic sharding** (GSPMD: arrays placed with a ``NamedSharding`` over a mesh whose
+  axes are ``AxisType.Auto``): the builders' compiled steps are partitioned by XLA like
+  any jitted function; nothing to do here.
+- **explicit sharding** (the default axis type of :func:`jax.make_mesh` in recent JAX:
+  the sharding is part of each array's type): the builders cut batches into chunks, pad
+  them and ``vmap`` over examples beside unsharded operands, which explicit sharding does
+  not define (a slice of a sharded axis, mapped operands sharded differently). A builder
+  given such data runs with the mesh's explicit axes made automatic, as
+  :func:`jax.sharding.auto_axes` does: the arrays stay where they are, XLA partitions
+  the work, and the result comes back replicated on the caller's mesh.
+- **manual sharding** (:func:`jax.shard_map`): each device builds from its own shard —
+  means over its examples — and the caller combines them (``jax.lax.pmean`` over the
+  data axis gives the mean over all examples for every representation whose storage is
+  linear in the per-example statistics). This needs ``check_vma=False``: the builders
+  replay the model's equations and differentiate per example, and the varying-axes types
+  would make every per-example gradient of the replicated parameters a sum over devices.
+  Under ``check_vma=True`` the builders raise with this fix.
+
+:func:`accepts_sharded_data` wraps the public builders to do the second and refuse the
+third with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+
+from jaxgeom import data as data_lib
+
+_AxisType = getattr(jax.sharding, "AxisType", None)
+_SUPPORTED = _AxisType is not None and hasattr(jax.sharding, "use_abstract_mesh")
+
+_VARYING_MESSAGE = (
+    "{name} was called inside jax.shard_map with check_vma=True on data that varies over "
+    "the mesh axes {axes}. jaxgeom's builders replay the model per example, and under "
+    "check_vma every per-example gradient of the replicated parameters would be summed "
+    "over the devices. Call jax.shard_map(..., check_vma=False): each device then builds "
+    "from its own shard, and jax.lax.pmean over {axes} of the result's arrays gives the "
+    "mean over all examples."
+)
+
+
+def accepts_sharded_data(builder: Callable) -> Callable:
+    """Wrap a builder ``builder(..., params, data, ...)`` so that it accepts data (and
+    parameters) sharded over explicit mesh axes, and refuses data varying over
+    ``shard_map``'s manual axes under ``check_vma=True`` (module docstring).
+
+    Cost when nothing is sharded: one look at the first batch and at the parameters'
+    leaves (``aval.sharding``, ≈ 1 µs per leaf).
+    """
+    if not _SUPPORTED:
+        return builder
+    signature = inspect.signature(builder)
+
+    @functools.wraps(builder)
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        arguments = bound.arguments
+        first, arguments["data"] = data_lib.peek(arguments["data"])
+        mesh, devices = _explicit_mesh(builder.__name__, (arguments.get("params"), first))
+        if mesh is None:
+            return builder(*bound.args, **bound.kwargs)
+        automatic = mesh.update_axis_types({a: _AxisType.Auto for a in mesh.explicit_axes})
+        with _mesh_context(automatic, devices):
+            for name, value in arguments.items():
+                arguments[name] = (_batches_on(automatic, value) if name == "data"
+                                   else _on(automatic, value))
+            result = builder(*bound.args, **bound.kwargs)
+        with _mesh_context(mesh, devices):
+            return jax.tree_util.tree_map(_replicated, result)
+
+    return call
+
+
+def _explicit_mesh(name: str, trees: Any) -> tuple[Any, Any]:
+    """The (abstract) mesh of the first leaf placed on a mesh with explicit axes (sharded
+    or replicated: sharding-in-types holds for both) and, when that leaf is a concrete
+    array, its devices (``(None, None)``: no leaf is); raises on a leaf varying over manual
+    axes under ``check_vma``."""
+    for leaf in jax.tree_util.tree_leaves(trees):
+        aval = getattr(leaf, "aval", None)
+        if aval is None:
+            continue
+        vma = _varying(aval)
+        if vma:
+            raise ValueError(_VARYING_MESSAGE.format(name=name, axes=tuple(sorted(vma))))
+        mesh = getattr(getattr(aval, "sharding", None), "mesh", None)
+        if mesh is not None and not mesh.empty and mesh.explicit_axes:
+            concrete = getattr(getattr(leaf, "sharding", None), "mesh", None)
+            return mesh, getattr(concrete, "devices", None)
+    return None, None
+
+
+def _varying(aval: Any) -> frozenset:
+    """The manual mesh axes ``aval`` varies over (``aval.vma`` in earlier JAX,
+    ``aval.manual_axis_type.varying`` since)."""
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return vma or frozenset()
+
+
+def _mesh_context(mesh: Any, devices: Any) -> Any:
+    """Enter ``mesh`` unless it is the caller's: as a concrete mesh on ``devices`` outside
+    ``jit`` (computations made of new arrays only, such as a buffer's zeros, are then
+    placed on it), as an abstract one while tracing."""
+    if jax.sharding.get_abstract_mesh() == mesh:
+        return contextlib.nullcontext()
+    if devices is None:
+        return jax.sharding.use_abstract_mesh(mesh)
+    return jax.sharding.set_mesh(jax.sharding.Mesh(devices, mesh.axis_names,
+                                                   axis_types=mesh.axis_types))
+
+
+def _on(automatic: Any, tree: Any) -> Any:
+    """``tree``'s arrays typed on the ``automatic`` mesh (their placement unchanged)."""
+
+    def convert(leaf):
+        aval = getattr(leaf, "aval", None)
+        mesh = getattr(getattr(aval, "sharding", None), "mesh", None)
+        if mesh is None or mesh.empty or mesh == automatic:
+            return leaf
+        return jax.sharding.reshard(leaf, jax.sharding.PartitionSpec())
+
+    return jax.tree_util.tree_map(convert, tree)
+
+
+def _batches_on(automatic: Any, data: Any) -> Any:
+    """``data`` with every batch's arrays typed on the ``automatic`` mesh, converted as the
+    build reads them (a list stays a list: its size is known before reading it)."""
+    convert = functools.partial(_on, automatic)
+    if data_lib.is_single_batch(data):
+        return convert(data)
+    if isinstance(data, list):
+        return [convert(batch) for batch in data]
+    if iter(data) is data:
+        return map(convert, data)
+    return _Converted(data, convert)
+
+
+class _Converted:
+    """A re-iterable of batches converted as they are read."""
+
+    def __init__(self, data: Iterable, convert: Callable):
+        self.data, self.convert = data, convert
+
+    def __iter__(self):
+        return map(self.convert, self.data)
+
+
+def _replicated(leaf: Any) -> Any:
+    if getattr(leaf, "aval", None) is None:
+        return leaf
+    return jax.sharding.reshard(leaf, jax.sharding.PartitionSpec())
