@@ -185,6 +185,22 @@ def model_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
     return CompiledFunction(fun, runs_model=True, **jit_kwargs)
 
 
+def donating_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:
+    """``jax.jit(fun, donate_argnums=…)`` with XLA's default options, whose donation is
+    dropped inside a trace (``vmap``, an outer ``jit``: the buffers are the trace's, and
+    JAX would warn that they were not usable)."""
+    if fun is None:
+        return functools.partial(donating_jit, **jit_kwargs)
+    donating = jax.jit(fun, **jit_kwargs)
+    plain = jax.jit(fun, **{k: v for k, v in jit_kwargs.items() if not k.startswith("donate")})
+
+    @functools.wraps(fun)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return (plain if _any_tracer(args, kwargs) else donating)(*args, **kwargs)
+
+    return call
+
+
 def factorisation_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
     """Decorator: :class:`CompiledFunction` for a function whose run time is LAPACK
     factorisations (:func:`factorisation_compile_options`), used like ``jax.jit``."""

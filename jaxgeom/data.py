@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -35,7 +35,7 @@ def is_single_batch(data: Any) -> bool:
     kind = type(data)
     if kind is tuple or kind is dict or kind is list:  # without the ABC checks below
         return kind is not list
-    return isinstance(data, (tuple, dict, jax.Array, np.ndarray)) or not isinstance(
+    return isinstance(data, (tuple, Mapping, jax.Array, np.ndarray)) or not isinstance(
         data, Iterable
     )
 
@@ -84,6 +84,18 @@ def _is_empty(batch: Any) -> bool:
     """Whether every leaf of ``batch`` has an empty leading (example) axis."""
     leaves = jax.tree_util.tree_leaves(batch)
     return bool(leaves) and all(np.ndim(leaf) and np.shape(leaf)[0] == 0 for leaf in leaves)
+
+
+def inputs_only(data: Any, materialise: bool = False) -> Any:
+    """The inputs ``x`` of every batch of ``data``, as batches of their own: a list when
+    ``data`` is one batch or a list (``x`` itself may be a list or a mapping, which must
+    not be read as batches; a list's size is known before it is read), else an iterator
+    (a list when ``materialise``)."""
+    if is_single_batch(data):
+        return [inputs_of(data)]
+    if materialise or isinstance(data, list):
+        return [inputs_of(batch) for batch in data]
+    return (inputs_of(batch) for batch in data)
 
 
 def inputs_of(batch: Any) -> Any:

@@ -19,7 +19,7 @@ import numpy as np
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._symmetric import spd_solve
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat.base import PMatAbstract, check_shape
+from jaxgeom.pmat.base import PMatAbstract, check_regul, check_shape
 from jaxgeom.scaling import ArrayValued, ScalarMultiples
 from jaxgeom.vector import static_order
 
@@ -37,12 +37,18 @@ class _ScalarAlgebra(ScalarMultiples, ArrayValued):
     def __add__(self, other):
         if type(other) is not type(self):
             return NotImplemented
-        return self._with(self.data + other.data)
+        return self._with(self.data + self._same_shape(other))
 
     def __sub__(self, other):
         if type(other) is not type(self):
             return NotImplemented
-        return self._with(self.data - other.data)
+        return self._with(self.data - self._same_shape(other))
+
+    def _same_shape(self, other):
+        if self.data.shape != other.data.shape:  # not broadcast: a different N or K is a slip
+            raise ValueError(f"cannot combine {type(self).__name__}s of shapes "
+                             f"{tuple(self.data.shape)} and {tuple(other.data.shape)}")
+        return other.data
 
 
 
@@ -60,6 +66,10 @@ class FVector(_ScalarAlgebra):
     """
 
     data: jax.Array
+
+    def __post_init__(self):
+        check_shape("FVector data", getattr(self.data, "shape", None), "(K, N)",
+                    lambda s: True, 2)
 
     def to_dense(self) -> jax.Array:
         """The ``(K, N)`` array."""
@@ -86,7 +96,16 @@ class FVector(_ScalarAlgebra):
 
 def as_fvector_data(f: Any, shape: tuple[int, int] | None = None) -> jax.Array:
     """The ``(K, N)`` array of an ``FVector`` or an array (checked against ``shape``)."""
-    data = f.data if isinstance(f, FVector) else jnp.asarray(f)
+    if isinstance(f, FVector):
+        data = f.data
+    elif isinstance(f, jax.Array | np.ndarray | list | tuple) or np.isscalar(f):
+        data = jnp.asarray(f)
+    else:
+        raise TypeError(
+            f"a function-space vector must be an FVector or an array of shape (K, N) "
+            f"(outputs, examples); got a {type(f).__name__}"
+            + (" (a parameter-space vector: PFMap.jvp maps it to function space)"
+               if type(f).__name__ == "PVector" else ""))
     if data.ndim != 2 or (shape is not None and tuple(data.shape) != tuple(shape)):
         want = "(K, N)" if shape is None else str(tuple(shape))
         raise ValueError(
@@ -202,6 +221,7 @@ class FMatDense(_ScalarAlgebra):
                 f"unknown solve method {method!r} for FMatDense; valid methods: "
                 f"{self.SOLVE_METHODS}"
             )
+        check_regul(regul)
         data = as_fvector_data(f, self.data.shape[:2])
         matrix = self.to_matrix()
         rhs = jnp.ravel(data)

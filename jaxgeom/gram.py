@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgeom import data as data_lib
-from jaxgeom._compile import model_jit
+from jaxgeom._compile import donating_jit, model_jit
 from jaxgeom.capture import CapturePlan, capture_chunk, example_gradients, make_plan
 from jaxgeom.fspace import FMatDense
 from jaxgeom.jacobian import chunk_jacobian, output_count, resolve_mode
@@ -223,13 +223,13 @@ def _scaled_block(left, right, scale):
     return scale * gram_block(left, right)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@donating_jit(donate_argnums=0)
 def _write_block(gram, left, right, row, column, scale):
     return jax.lax.dynamic_update_slice(gram, scale * gram_block(left, right),
                                         (0, row, 0, column))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@donating_jit(donate_argnums=0)
 def _write_mirrored(gram, block, row, column):
     gram = jax.lax.dynamic_update_slice(gram, block, (0, row, 0, column))
     return jax.lax.dynamic_update_slice(gram, block.transpose(2, 3, 0, 1), (0, column, 0, row))
@@ -241,7 +241,7 @@ def centred(G: FMatDense) -> FMatDense:
     return FMatDense(_centre(G.data))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@donating_jit(donate_argnums=0)
 def _centre(gram: jax.Array) -> jax.Array:
     rows = jnp.mean(gram, axis=3, keepdims=True)  # (K, N, K, 1): (G 1/N)[o, n, o']
     columns = jnp.mean(gram, axis=1, keepdims=True)  # (K, 1, K, N)

@@ -56,6 +56,7 @@ from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
 from jaxgeom.pmat.implicit import PMatImplicit, _tangents
 from jaxgeom.streaming import check_finite, tree_finite
+from jaxgeom.vector import product_dtype
 
 #: how each stored representation keeps the columns ``H eᵢ`` (its ``_chunk_hessian`` kind)
 _KINDS = {PMatDense: "dense", PMatBlockDiag: "blockdiag", PMatDiag: "diag"}
@@ -147,7 +148,8 @@ def stream(loss_fn, params, data, batch_size, layout, kind, per_pass):
         flags.append((finite, c.offset, c.count))
         n += c.count
     for finite, offset, count in flags:  # read once every chunk is dispatched
-        check_finite(finite, offset, count)
+        check_finite(finite, offset, count, what="loss Hessian",
+                     hint="or the loss (e.g. a log of zero)")
     return jax.tree_util.tree_map(lambda x: x / n, total)
 
 
@@ -155,7 +157,12 @@ def _hvp(loss_fn, params, batch, layout) -> Callable[[jax.Array], jax.Array]:
     """Flat ``(d,) ↦ H_b v`` for the batch's mean loss (forward-over-reverse, linearised
     once)."""
     _, linear = jax.linearize(jax.grad(lambda p: loss_fn(p, batch)), params)
-    return lambda v: layout.to_flat(linear(_tangents(layout, params, v))).astype(v.dtype)
+
+    def hv(v):
+        out = layout.to_flat(linear(_tangents(layout, params, v)))
+        return out.astype(product_dtype(v.dtype, out.dtype))
+
+    return hv
 
 
 @model_jit(static_argnames=("loss_fn", "layout", "kind", "per_pass"))

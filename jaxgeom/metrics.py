@@ -274,9 +274,5 @@ def _traced(fn: Hashable, params: tuple, args: tuple, what: str):
 
 def _inputs_only(data, representation):
     """The inputs ``x`` of every batch; materialised when the representation replays data."""
-    if data_lib.is_single_batch(data):
-        return data_lib.inputs_of(data)
-    inputs = (data_lib.inputs_of(b) for b in data)
-    if isinstance(representation, type) and getattr(representation, "NEEDS_REPLAY", False):
-        return list(inputs)
-    return inputs
+    replays = isinstance(representation, type) and getattr(representation, "NEEDS_REPLAY", False)
+    return data_lib.inputs_only(data, materialise=replays)

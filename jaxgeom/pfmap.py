@@ -49,8 +49,8 @@ from jaxgeom.pmat.base import check_shape, static_field
 from jaxgeom.pmat.implicit import _masked_outputs, _tangents
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.scaling import ScalarMultiples
-from jaxgeom.variants import BatchedFunction
-from jaxgeom.vector import PVector, _unravel, as_flat
+from jaxgeom.variants import BatchedFunction, check_outputs
+from jaxgeom.vector import PVector, _unravel, as_flat, product_dtype
 
 
 def _pfmap(cls: type) -> type:
@@ -256,7 +256,8 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
             cot = _cotangent_window(cotangents, c.offset, c.mask.shape[0])
             part = _chunk_vjps(self.params, cot, c.batch, c.mask, c.offset, self.aux, fn=self.fn)
             total = part if total is None else total + part
-        return (self.scale * total).astype(cotangents.dtype)
+        total = self.scale * total
+        return total.astype(product_dtype(cotangents.dtype, total.dtype))
 
     def _vjp_chunk(self, c: data_lib.Chunk, cotangents: jax.Array) -> jax.Array:
         """``(m, d)``: ``s J_cᵀ fᵢ`` for cotangents ``(m, count, K)`` on the examples of ``c``."""
@@ -352,7 +353,8 @@ def _chunk_jvps(params, rows, batch, mask, offset, aux, *, fn, layout):
     """``(m, n, K)``: ``J_c vᵢ`` of one chunk for the rows ``vᵢ`` of ``(m, d)``."""
     outputs = _masked_outputs(fn, batch, mask, offset, aux)
     tangents = _tangents(layout, params, rows)
-    return jax.vmap(lambda t: jax.jvp(outputs, (params,), (t,))[1])(tangents).astype(rows.dtype)
+    jv = jax.vmap(lambda t: jax.jvp(outputs, (params,), (t,))[1])(tangents)
+    return jv.astype(product_dtype(rows.dtype, jv.dtype))
 
 
 @model_jit(static_argnames=("fn",))
@@ -374,6 +376,8 @@ class _FlatOutputs:
 
     def __call__(self, params, x):
         out = self.apply_fn(params, x)
+        if not out.shape:
+            check_outputs("regression", tuple(out.shape), data_lib.num_examples(x))
         return out.reshape(out.shape[0], -1)
 
 
@@ -387,10 +391,7 @@ def _setup(apply_fn, params, data, function, layer_collection, lazy):
             raise ValueError("pass apply_fn, or function=fn(params, batch) -> (N, K)")
         batched = _FlatOutputs(Hashable(apply_fn))
         first = data_lib.inputs_of(first)
-        if data_lib.is_single_batch(data):
-            data = data_lib.inputs_of(data)
-        else:
-            data = (data_lib.inputs_of(b) for b in data)
+        data = data_lib.inputs_only(data, materialise=lazy)
     else:
         batched = Hashable(function)
     check_rows(batched, params, first)

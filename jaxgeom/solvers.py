@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def cg(
@@ -72,7 +73,9 @@ def cg(
 
         r = b - matvec(x)
         z = precondition(r)
-        return jax.lax.while_loop(cond, body, (x, r, z, z, jnp.vdot(r, z), jnp.asarray(0)))[0]
+        state = jax.lax.while_loop(cond, body, (x, r, z, z, jnp.vdot(r, z), jnp.asarray(0)))
+        # a NaN residual stops the loop at once (NaN > threshold is false): NaN, not x
+        return jnp.where(jnp.isfinite(jnp.linalg.norm(state[1])), state[0], jnp.nan)
 
     # differentiable (forward and reverse mode) through the solution of A x = b, not
     # through the iterations: the adjoint system is solved by the same CG (A symmetric)
@@ -89,6 +92,10 @@ def _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter):
         x, r = _cg_advance(x, r, p, matvec(p), rz)
         p, rz, residual = _cg_direction(r, precondition(r), p, rz)
         k += 1
+    if not np.isfinite(float(residual)):
+        raise FloatingPointError(
+            f"cg: the residual is not finite after {k} iterations (NaN/inf in the right-hand "
+            "side or in the operator's products, e.g. a matrix built from non-finite data)")
     return x
 
 

@@ -343,7 +343,8 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
         # there, so it reads zeros for a non-finite pass (LAPACK never sees a NaN); the
         # error is raised all the same, once the flags are read.
         if builder.passes > 1:
-            total = _finite_or_zero(builder, tuple(f for f, _, _ in flags), total)
+            finite = functools.reduce(_both, (f for f, _, _ in flags))
+            total = _finite_or_zero(builder, finite, total)
         return builder.finalize(total, stream)
 
     def resolve(result):
@@ -410,9 +411,15 @@ def _check_all(flags: list) -> None:
 
 
 @functools.partial(jax.jit, donate_argnums=2)
-def _finite_or_zero(builder: ChunkBuilder, flags: tuple, total: Any) -> Any:
-    """:meth:`ChunkBuilder.finite_or_zero` of ``total`` given every chunk's flag."""
-    return builder.finite_or_zero(total, jnp.all(jnp.stack(flags)))
+def _finite_or_zero(builder: ChunkBuilder, finite: jax.Array, total: Any) -> Any:
+    """:meth:`ChunkBuilder.finite_or_zero` of ``total`` given whether every chunk was
+    finite."""
+    return builder.finite_or_zero(total, finite)
+
+
+# the chunks' flags combined two at a time: one compilation whatever their number (a
+# function of all of them at once would compile again for every new number of chunks)
+_both = jax.jit(jnp.logical_and)
 
 
 def _update(builder, total, params, batch, mask, offset, aux):
@@ -451,14 +458,17 @@ def tree_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def check_finite(finite: Any, offset: int, count: int) -> None:
-    """Raise if a chunk had non-finite outputs or gradients (skipped while tracing)."""
+_MODEL_HINT = "or the variant (e.g. 'classif_logsoftmax' expects log-probabilities)"
+
+
+def check_finite(finite: Any, offset: int, count: int, *, what: str = "model outputs or gradients",
+                 hint: str = _MODEL_HINT) -> None:
+    """Raise if a chunk had non-finite ``what`` (skipped while tracing)."""
     if isinstance(finite, jax.core.Tracer):
         return
     if not bool(finite):
         raise FloatingPointError(
-            "non-finite model outputs or gradients for the examples "
-            f"{offset}..{offset + count - 1}: check the inputs and the parameters (NaN/inf), "
-            "or the variant (e.g. 'classif_logsoftmax' expects log-probabilities)"
+            f"non-finite {what} for the examples {offset}..{offset + count - 1}: check the "
+            f"inputs and the parameters (NaN/inf), {hint}"
         )
 

@@ -136,6 +136,12 @@ def regression_whitener(covariance: Any, num_outputs: int, dtype: Any) -> jax.Ar
     elif cov.shape == (num_outputs,):
         whitener = jnp.diag(1 / jnp.sqrt(cov))
     elif cov.shape == (num_outputs, num_outputs):
+        # Cholesky reads one triangle only: a non-symmetric matrix (a factor L passed for
+        # Σ = LLᵀ) would be taken for another covariance without a word
+        if not isinstance(cov, jax.core.Tracer) and not np.allclose(cov, cov.T):
+            raise ValueError(
+                "covariance must be symmetric (Σ itself, not a factor L of Σ = LLᵀ: pass "
+                f"L @ L.T); got |Σ − Σᵀ| up to {float(np.abs(cov - cov.T).max()):.3g}")
         chol = jnp.linalg.cholesky(cov)
         eye = jnp.eye(num_outputs, dtype=dtype)
         whitener = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)

@@ -162,6 +162,12 @@ def as_flat(v: Any, layout: LayerCollection, what: str = "vector") -> tuple[jax.
     return _ravel(v), functools.partial(_unravel, layout)
 
 
+def product_dtype(vector_dtype: Any, computed_dtype: Any) -> Any:
+    """The dtype of a matrix-free product's result: the vector's when it is floating, else
+    that of the computation (an integer or boolean vector's product is not truncated)."""
+    return vector_dtype if jnp.issubdtype(vector_dtype, jnp.inexact) else computed_dtype
+
+
 # One compiled call each when called eagerly (the operations of ``PMatImplicit``, whose
 # chunk loops stay eager), where the leaves' raveling and concatenation, or slicing, were
 # one dispatch apiece; inside a trace they are inlined.

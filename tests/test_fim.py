@@ -202,6 +202,57 @@ def test_pytree_inputs():
     )
 
 
+@pytest.mark.parametrize("form", ["list", "frozendict"])
+def test_inputs_that_are_a_list_or_a_mapping_are_one_batch(form):
+    """``x`` may be any pytree: a list ``[a, b]`` or a Flax ``FrozenDict`` inside ``(x, y)``
+    is one batch's inputs, not two batches (nor the mapping's keys)."""
+    from flax.core import FrozenDict
+
+    t = make_plain_mlp(n=5)
+    if form == "list":
+        x = [t.x, jnp.cos(t.x)]
+
+        def apply_fn(p, inputs):
+            return t.apply_fn(p, inputs[0] + 2 * inputs[1])
+    else:
+        x = FrozenDict(a=t.x, b=jnp.cos(t.x))
+
+        def apply_fn(p, inputs):
+            return t.apply_fn(p, inputs["a"] + 2 * inputs["b"])
+
+    expected = reference_fisher(t.apply_fn, t.params, t.x + 2 * jnp.cos(t.x))
+    np.testing.assert_allclose(dense(apply_fn, t.params, (x, t.y)), expected, **TOL)
+    J = jaxgeom.Jacobian(apply_fn, t.params, (x, t.y)).to_dense()  # (K, N, d)
+    np.testing.assert_allclose(np.einsum("knd,kne->de", J, J) / 5,
+                               reference_fisher(t.apply_fn, t.params, t.x + 2 * jnp.cos(t.x),
+                                                variant="regression"), **TOL)
+
+
+def test_a_list_of_batches_is_sized_before_it_is_read():
+    """FIM's inputs of a list of batches stay a list (LowRank and the Jacobian write their
+    rows in place into a buffer of the known size) and a one-shot iterator stays one."""
+    from jaxgeom import data as data_lib
+
+    t = make_plain_mlp(n=5)
+    batches = [(t.x[:2], t.y[:2]), (t.x[2:], t.y[2:])]
+    assert data_lib.known_size(data_lib.inputs_only(batches)) == 5
+    assert data_lib.known_size(data_lib.inputs_only((t.x, t.y))) == 5
+    assert data_lib.known_size(data_lib.inputs_only(iter(batches))) is None
+    np.testing.assert_allclose(
+        FIM(t.apply_fn, t.params, batches, PMatLowRank, batch_size=2).to_dense(),
+        dense(t.apply_fn, t.params, (t.x, t.y)), **TOL)
+
+
+def test_more_passes_compile_once_whatever_the_number_of_chunks():
+    """EKFAC's second pass reads every chunk's finiteness flag: combined two at a time, a
+    new number of chunks compiles nothing new."""
+    t = make_linen_mlp(n=7)
+    FIM(t.apply_fn, t.params, (t.x, t.y), PMatEKFAC, batch_size=1)
+    with compilations() as compiled:
+        FIM(t.apply_fn, t.params, [(t.x, t.y)] * 2, PMatEKFAC, batch_size=1)
+    assert [name for name in compiled if "finite" in name or "stack" in name] == []
+
+
 def test_forward_mode_equals_reverse_mode():
     t = make_linen_mlp()
     np.testing.assert_allclose(
@@ -731,6 +782,20 @@ def test_a_covariance_that_is_not_positive_definite(covariance):
     t = make_plain_mlp()
     with pytest.raises(ValueError, match="covariance must be positive definite"):
         FIM(t.apply_fn, t.params, t.x, PMatDense, variant="regression", covariance=covariance)
+
+
+def test_a_covariance_that_is_not_symmetric_is_refused():
+    """A factor L passed for Σ = LLᵀ: Cholesky reads one triangle, so it would be taken
+    for another covariance."""
+    t = make_linen_mlp()
+    C = t.apply_fn(t.params, t.x).shape[-1]
+    L = np.tril(np.ones((C, C))) + np.eye(C)
+    with pytest.raises(ValueError, match=r"symmetric.*L @ L.T"):
+        FIM(t.apply_fn, t.params, (t.x, t.y), PMatDense, variant="regression", covariance=L)
+    np.testing.assert_allclose(
+        dense(t.apply_fn, t.params, (t.x, t.y), variant="regression", covariance=L @ L.T),
+        reference_fisher(t.apply_fn, t.params, t.x, variant="regression",
+                         covariance=L @ L.T), **TOL)
 
 
 def test_a_layer_collection_of_other_parameters_is_refused():

@@ -202,3 +202,16 @@ def test_a_non_finite_input_is_named(method):
     named = r"examples \[4\]" if method == "jacobian" else r"examples \[0, 1, 2, 3, 4, 5\]"
     with pytest.raises(FloatingPointError, match=named):
         GramMatrix(lambda p, x: jnp.tanh(x @ p["W"] + p["b"]), params, x, method=method)
+
+
+@pytest.mark.filterwarnings("error")
+def test_an_ensemble_of_grams_under_vmap_neither_warns_nor_differs():
+    """The Gram's in-place block writes donate their buffer at the top level only (under
+    vmap the buffers are the trace's: JAX warned that they were not usable)."""
+    t = make_linen_mlp()
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), t.params)
+    G = jax.vmap(lambda p: GramMatrix(t.apply_fn, p, (t.x, t.y)).data)(stacked)
+    for i in range(2):
+        member = jax.tree.map(lambda a, i=i: a[i], stacked)
+        np.testing.assert_allclose(G[i], GramMatrix(t.apply_fn, member, (t.x, t.y)).data,
+                                   rtol=1e-10, atol=1e-12)

@@ -168,5 +168,5 @@ def test_a_non_finite_input_names_its_chunk():
         return jnp.mean(jnp.tanh(batch @ p["W"] + p["b"]) ** 2)
 
     for rep in (PMatDense, PMatDiag, PMatBlockDiag):
-        with pytest.raises(FloatingPointError, match=r"examples 4\.\.5"):
+        with pytest.raises(FloatingPointError, match=r"loss Hessian for the examples 4\.\.5"):
             Hessian(loss_fn, params, x, rep, batch_size=2)

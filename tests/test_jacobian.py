@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from models import flat_jacobian, make_equinox_mlp, make_linen_cnn, make_linen_mlp
 
+import jaxgeom
 from jaxgeom import FIM, PMatDense, PMatDiag, PMatImplicit, PVector
 from jaxgeom import data as data_lib
 from jaxgeom.fspace import FVector
@@ -270,3 +271,49 @@ def test_function_space_builds_of_no_example_raise_the_data_error(data):
     for build in builds:
         with pytest.raises(ValueError, match="no (example|batch)"):
             build()
+
+
+def test_integer_vectors_are_not_truncated(mlp):
+    """Jv, Jᵀf and Fv of integer vectors (one-hot, ±1 patterns) are the products of their
+    float values: the matrix-free products' results take the vector's dtype only when it is
+    floating."""
+    t, ref, dense_map, implicit = mlp
+    d = ref.shape[2]
+    v = np.arange(d) % 3 - 1
+    f = (np.arange(ref.shape[0] * ref.shape[1]) % 4 - 2).reshape(ref.shape[:2])
+    for J in (dense_map, implicit):
+        np.testing.assert_allclose(J.jvp(jnp.asarray(v)).to_dense(),
+                                   np.einsum("knd,d->kn", ref, v), **TOL)
+        np.testing.assert_allclose(_flat(J.vjp(jnp.asarray(f))), np.einsum("knd,kn->d", ref, f),
+                                   **TOL)
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit)
+    np.testing.assert_allclose(F.mv(jnp.asarray(v)),
+                               FIM(t.apply_fn, t.params, (t.x, t.y), PMatDense).mv(v * 1.0),
+                               **TOL)
+
+
+def test_function_space_vectors_are_checked(mlp):
+    t, ref, J, _ = mlp
+    K, N = ref.shape[:2]
+    with pytest.raises(ValueError, match=r"FVector data must have shape \(K, N\)"):
+        FVector(jnp.ones(N))
+    with pytest.raises(ValueError, match="cannot combine FVectors"):
+        FVector(jnp.ones((K, N))) + FVector(jnp.ones((1, N)))
+    with pytest.raises(TypeError, match="got a PVector.*jvp"):
+        J.vjp(PVector(t.params))
+    G = jaxgeom.GramMatrix(t.apply_fn, t.params, (t.x, t.y))
+    with pytest.raises(ValueError, match="cannot combine FMatDenses"):
+        G - jaxgeom.FMatDense(G.data[:, :2, :, :2])
+    with pytest.raises(ValueError, match="regul must be a scalar"):
+        G.solve(jnp.ones((K, N)), jnp.ones(K * N))
+
+
+def test_scalar_outputs_are_refused_with_the_fim_message():
+    t = make_linen_mlp()
+
+    def summed(p, x):
+        return t.apply_fn(p, x).sum()
+
+    for build in (Jacobian, jaxgeom.GramMatrix):
+        with pytest.raises(ValueError, match="examples on their leading axis"):
+            build(summed, t.params, (t.x, t.y))

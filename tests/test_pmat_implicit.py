@@ -244,3 +244,18 @@ def test_reverse_mode_through_a_cg_solve():
     np.testing.assert_allclose(got[1], want[1], rtol=1e-8)
     for a, b in zip(jax.tree_util.tree_leaves(got[0]), jax.tree_util.tree_leaves(want[0])):
         np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_cg_of_non_finite_products_is_an_error_or_nan():
+    """A NaN residual stops CG at once (NaN > threshold is false): eagerly an error naming
+    it, under jit NaN — never the starting point x = 0 as if it had converged."""
+    from jaxgeom import cg
+
+    t = make_linen_mlp()
+    x = t.x.at[2, 0].set(jnp.nan)
+    F = FIM(t.apply_fn, t.params, (x, t.y), PMatImplicit)  # lazy: the data are read by solve
+    with pytest.raises(FloatingPointError, match="residual is not finite"):
+        F.solve(vec(t, 1), REGUL)
+    b = jnp.ones(3)
+    assert np.isnan(jax.jit(lambda b: cg(lambda v: v * jnp.nan, b))(b)).all()
+    np.testing.assert_allclose(jax.jit(lambda b: cg(lambda v: 2 * v, b))(b), b / 2)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from models import make_linen_mlp
 
 import jaxgeom
-from tests.models import make_linen_mlp
 
 AxisType = getattr(jax.sharding, "AxisType", None)
 pytestmark = [

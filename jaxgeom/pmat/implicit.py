@@ -26,7 +26,7 @@ from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.streaming import ChunkBuilder, Stream, builder
-from jaxgeom.vector import as_flat, as_rows
+from jaxgeom.vector import as_flat, as_rows, product_dtype
 
 
 @representation
@@ -271,7 +271,8 @@ def _chunk_jtjv(params, rows, batch, mask, offset, aux, *, fn, layout):
         _tangents(layout, params, rows)
     )
     _, vjp = jax.vjp(outputs, params)
-    return flatten_jacobian(jax.vmap(vjp)(jv)[0], 1).astype(rows.dtype)
+    jtjv = flatten_jacobian(jax.vmap(vjp)(jv)[0], 1)
+    return jtjv.astype(product_dtype(rows.dtype, jtjv.dtype))
 
 
 @model_jit(static_argnames=("fn", "layout"))
