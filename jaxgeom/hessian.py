@@ -112,7 +112,7 @@ def Hessian(
         raise ValueError(f"vectors_per_pass must be a positive integer; got {vectors_per_pass!r}")
     from jaxgeom.metrics import layers_for
 
-    layer_collection = layers_for(loss_fn, params, first, layer_collection)
+    layer_collection = layers_for(loss_fn, params, first, layer_collection, whole_batch=True)
     loss_fn = Hashable(loss_fn)
     if representation is PMatImplicit:
         return PMatImplicitHessian.build(loss_fn, params, data, layer_collection, batch_size)
@@ -205,7 +205,8 @@ class PMatImplicitHessian(PMatImplicit):
     - ``mv``/``mmap``: one linearisation of ``∇L_c`` per chunk and one tangent evaluation
       per vector (forward-over-reverse), ``≈ N (F + 2B)`` per vector; memory O(d) plus
       one chunk's linearisation.
-    - ``vTMv``: forward-over-forward (``d²/dt² L(θ + t v)``), no backward pass.
+    - ``vTMv``: forward-over-forward (``d²/dt² L(θ + t v)``), no backward pass; for a loss
+      with a ``jax.custom_vjp`` inside (no forward-over-forward), ``vᵀ(Hv)`` by one HVP.
     - ``solve``: CG, one ``mv`` per iteration. CG needs ``H + regul·I`` positive definite;
       the Hessian of a non-convex loss may be indefinite, in which case pick ``regul``
       above ``-λ_min`` or use a dense representation's ``eigh``/``lstsq`` solves.
@@ -233,8 +234,15 @@ class PMatImplicitHessian(PMatImplicit):
                            layout=self.layer_collection)
 
     def _chunk_vTMv(self, v, chunk):
-        return _chunk_curvature(self.params, v, chunk.batch, chunk.count, loss_fn=self.fn,
-                                layout=self.layer_collection)
+        if self.fn not in _REVERSE_ONLY:
+            try:
+                return _chunk_curvature(self.params, v, chunk.batch, chunk.count,
+                                        loss_fn=self.fn, layout=self.layer_collection)
+            except NotImplementedError:  # a custom_vjp in the loss: no forward-over-forward
+                _REVERSE_ONLY.add(self.fn)
+        hv = _chunk_hvps(self.params, v[None], chunk.batch, chunk.count, loss_fn=self.fn,
+                         layout=self.layer_collection)[0]
+        return jnp.vdot(v, hv)
 
     def _stream(self, kind: str) -> Any:
         return stream(self.fn, self.params, self.data, self.batch_size, self.layer_collection,
@@ -256,6 +264,11 @@ class PMatImplicitHessian(PMatImplicit):
 def _chunk_hvps(params, rows, batch, weight, *, loss_fn, layout):
     """``weight · H_c vᵢ`` for the rows ``vᵢ`` of ``(m, d)``."""
     return weight * jax.vmap(_hvp(loss_fn, params, batch, layout))(rows)
+
+
+#: losses whose second derivatives need a reverse pass (a ``jax.custom_vjp`` inside: JAX
+#: differentiates it in forward mode only once); their ``vTMv`` is ``vᵀ(Hv)``
+_REVERSE_ONLY: set = set()
 
 
 @model_jit(static_argnames=("loss_fn", "layout"))

@@ -234,25 +234,28 @@ def _whitener(variant, covariance, out_shape, params):
     return regression_whitener(covariance, num_outputs, dtype)
 
 
-def layers_for(fn, params, args, layer_collection: LayerCollection | None) -> LayerCollection:
+def layers_for(fn, params, args, layer_collection: LayerCollection | None, *,
+               whole_batch: bool = False) -> LayerCollection:
     """``layer_collection`` checked against ``params``, or the layers discovered from
-    ``fn(params, args)`` when it is ``None``."""
+    ``fn(params, args)`` when it is ``None``: traced on one example of ``args``, or on all
+    of them (``whole_batch``: a function whose examples interact, e.g. a pairwise loss)."""
     if layer_collection is None:
-        return _layers(fn, params, args)
+        return _layers(fn, params, args, whole_batch)
     layer_collection.check_params(params)
     return layer_collection
 
 
-def _layers(fn, params, args) -> LayerCollection:
+def _layers(fn, params, args, whole_batch: bool = False) -> LayerCollection:
     """The layers of ``fn(params, args)`` (traced once per function and signature)."""
-    return _layers_of(Hashable(fn), signature(params), signature(args))
+    return _layers_of(Hashable(fn), signature(params), signature(args), whole_batch)
 
 
-def _layers_of(fn: Hashable, params_sig, args_sig) -> LayerCollection:
+def _layers_of(fn: Hashable, params_sig, args_sig, whole_batch: bool = False) -> LayerCollection:
     # shapes only: slicing the data here would compile a slice per new batch shape
     treedef, leaves = args_sig
-    one = treedef, tuple(((1, *shape[1:]), dtype) for shape, dtype in leaves)
-    return _traced(fn, params_sig, one, "layers")
+    if not whole_batch:
+        args_sig = treedef, tuple(((1, *shape[1:]), dtype) for shape, dtype in leaves)
+    return _traced(fn, params_sig, args_sig, "layers")
 
 
 def _output_shape(fn, params, args):

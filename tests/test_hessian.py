@@ -170,3 +170,47 @@ def test_a_non_finite_input_names_its_chunk():
     for rep in (PMatDense, PMatDiag, PMatBlockDiag):
         with pytest.raises(FloatingPointError, match=r"loss Hessian for the examples 4\.\.5"):
             Hessian(loss_fn, params, x, rep, batch_size=2)
+
+
+def test_implicit_vTMv_of_a_loss_with_a_custom_vjp():
+    """A ``jax.custom_vjp`` has no forward-over-forward derivative: ``vᵀHv`` is then
+    ``vᵀ(Hv)`` by one HVP, the same number."""
+
+    @jax.custom_vjp
+    def square(z):
+        return z**2
+
+    square.defvjp(lambda z: (z**2, z), lambda z, g: (2 * z * g,))
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {"W": jax.random.normal(keys[0], (3, 2)), "b": jnp.zeros(2)}
+    x, y = jax.random.normal(keys[1], (8, 3)), jax.random.normal(keys[2], (8, 2))
+
+    def loss_fn(p, batch):
+        return 0.5 * square(jnp.tanh(batch[0] @ p["W"] + p["b"]) - batch[1]).sum(-1).mean()
+
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    H_ref = jax.hessian(lambda th: loss_fn(unravel(th), (x, y)))(flat)
+    v = jax.random.normal(keys[3], flat.shape)
+    H = Hessian(loss_fn, params, [(x[:5], y[:5]), (x[5:], y[5:])], PMatImplicit)
+    np.testing.assert_allclose(H.vTMv(v), v @ H_ref @ v, rtol=1e-10)
+    np.testing.assert_allclose(H.vTMv(v), v @ H_ref @ v, rtol=1e-10)  # the fallback kept
+
+
+def test_a_loss_whose_examples_interact_is_traced_on_whole_batches():
+    """A pairwise loss reshapes its batch into pairs: the layers are discovered on the
+    batch as given, not on one example (which has no pair)."""
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    params = {"w": jax.random.normal(keys[0], (3, 2)), "b": jnp.zeros(2)}
+    x = jax.random.normal(keys[1], (8, 3))  # four pairs of consecutive examples
+
+    def pair_loss(p, batch):
+        z = jnp.tanh(batch @ p["w"] + p["b"]).reshape(-1, 2, 2)
+        return 0.5 * jnp.sum((z[:, 0] - z[:, 1]) ** 2, -1).mean()
+
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    H_ref = jax.hessian(lambda th: pair_loss(unravel(th), x))(flat)
+    for representation in (PMatDense, PMatBlockDiag):
+        H = Hessian(pair_loss, params, x, representation)
+        expected = H_ref * block_mask(H.layer_collection) if representation is PMatBlockDiag \
+            else H_ref
+        np.testing.assert_allclose(H.to_dense(), expected, rtol=1e-10, atol=1e-12)

@@ -90,15 +90,26 @@ def test_not_built_from_data_and_bad_input():
         PMatEye(lc, jnp.ones(lc.numel()))
 
 
-@pytest.mark.parametrize("name", ["PMatImplicit", "PMatKFAC", "PMatLowRank", "PMatQuasiDiag"])
+@pytest.mark.parametrize("name", ["PMatImplicit", "PMatKFAC", "PMatLowRank", "PMatQuasiDiag",
+                                  "PMatMixed"])
 def test_a_product_with_the_identity_on_the_right_is_scaled_not_densified(name):
-    """``M @ (sI)`` is ``s M`` in ``M``'s representation, as ``(sI) @ M`` is (it had been a
-    ``PMatDense``: for an implicit matrix, the whole ``d × d`` formed)."""
+    """``M @ (sI)`` and ``M.mm(sI)`` are ``s M`` in ``M``'s representation, as ``(sI) @ M``
+    is (they had been a ``PMatDense``: for an implicit matrix, the whole ``d × d`` formed)."""
     import jaxgeom
 
     representation = getattr(jaxgeom, name)
     t = make_plain_mlp()
     M = FIM(t.apply_fn, t.params, (t.x, t.y), representation)
-    product = M @ PMatEye(M.layer_collection, 2.5)
-    assert type(product) is representation
-    np.testing.assert_allclose(product.to_dense(), 2.5 * np.asarray(M.to_dense()), rtol=1e-12)
+    identity = PMatEye(M.layer_collection, 2.5)
+    for product in (M @ identity, M.mm(identity)):
+        assert type(product) is representation
+        np.testing.assert_allclose(product.to_dense(), 2.5 * np.asarray(M.to_dense()),
+                                   rtol=1e-12)
+
+
+def test_an_integer_scaling_takes_the_parameters_dtype(case):
+    t, E, _ = case
+    for scaling in (2, np.int32(2), jnp.asarray(2)):
+        M = PMatEye(E.layer_collection, scaling)
+        assert M.dtype == E.layer_collection.dtype
+        np.testing.assert_allclose(M.pinv().to_dense(), 0.5 * np.eye(E.layer_collection.numel()))

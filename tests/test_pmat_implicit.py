@@ -259,3 +259,13 @@ def test_cg_of_non_finite_products_is_an_error_or_nan():
     b = jnp.ones(3)
     assert np.isnan(jax.jit(lambda b: cg(lambda v: v * jnp.nan, b))(b)).all()
     np.testing.assert_allclose(jax.jit(lambda b: cg(lambda v: 2 * v, b))(b), b / 2)
+
+
+def test_cg_warm_start_in_any_vector_form(mlp):
+    """x0 is a vector like v: flat, a params pytree or a PVector (e.g. the last answer)."""
+    t, F, ref = mlp
+    v = vec(t, 3)
+    rhs = F.mv(v) + REGUL * v
+    for x0 in (v.to_flat(), v.tree, v):
+        x = F.solve(rhs, REGUL, x0=x0, rtol=1e-12)
+        np.testing.assert_allclose(x.to_flat(), v.to_flat(), rtol=1e-6, atol=1e-7)

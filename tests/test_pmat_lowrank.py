@@ -96,6 +96,9 @@ def test_pinv_and_pow(case):
     np.testing.assert_allclose(square.to_dense(), ref @ ref, atol=1e-12)
     half = F.pow(0.5).to_dense()
     np.testing.assert_allclose(half @ half, ref, atol=1e-10)
+    power = jax.jit(lambda M, p: M.pow(p).to_dense())  # p traced: its sign known at run time
+    np.testing.assert_allclose(power(F, 0.5), half, **TOL)
+    np.testing.assert_allclose(power(F, -1.0), pinv.to_dense(), **TOL)
     minus_half = F.pow(-0.5).to_dense()
     np.testing.assert_allclose(minus_half @ minus_half, ref_pinv, rtol=1e-6, atol=1e-6)
 

@@ -85,6 +85,10 @@ def test_from_mapping_restriction_and_ekfac_block_diag():
     np.testing.assert_allclose(M.to_dense(), E.to_dense(), **TOL)
     with pytest.raises(ValueError, match="every layer once"):
         PMatMixed.from_mapping(lc, parts[:1])
+    r = restrict(lc, ids[1])  # a part built without the restricted layer collection
+    alone = FIM(r.apply_fn(t.apply_fn, t.params), r.select(t.params), t.x, PMatBlockDiag)
+    with pytest.raises(ValueError, match=r"does not have.*layer_collection=restrict"):
+        PMatMixed.from_mapping(lc, [parts[0], alone])
 
 
 def test_errors_name_the_part():

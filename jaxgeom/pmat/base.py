@@ -59,6 +59,8 @@ def representation(cls: type) -> type:
         method = getattr(cls, name)
         if not hasattr(method, "checks_regul"):  # an inherited one may be checked already
             setattr(cls, name, _scalar_regul(method))
+    if not hasattr(cls.mm, "scales_by_eye"):
+        cls.mm = _scaled_by_eye(cls.mm)
     REGISTRY.append(cls)
     return cls
 
@@ -85,6 +87,20 @@ def check_regul(regul: Any) -> None:
             "parameter, add a diagonal matrix first: (M + PMatDiag(M.layer_collection, "
             "damping)).solve(v), or solve by CG with an implicit M"
         )
+
+
+def _scaled_by_eye(mm: Callable) -> Callable:
+    """``mm`` with a right factor ``sI`` (:class:`~jaxgeom.pmat.eye.PMatEye`) taken as the
+    scaling ``s·M`` in ``M``'s representation, as ``sI · M`` is (never the dense product)."""
+
+    @functools.wraps(mm)
+    def call(self, other):
+        if getattr(other, "PROMOTION_RANK", None) == 0 != self.PROMOTION_RANK:
+            return other.mm(self)
+        return mm(self, other)
+
+    call.scales_by_eye = True
+    return call
 
 
 def _scalar_regul(method: Callable) -> Callable:
@@ -250,8 +266,6 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, PMatAbstract):
-            if other.PROMOTION_RANK == 0 != self.PROMOTION_RANK:  # M · sI = sI · M: scaled
-                return other.mm(self)
             return self.mm(other)
         if hasattr(other, "to_dense") and not isinstance(other, (jax.Array, PVector)):
             return self.mmap(other)
@@ -323,6 +337,8 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
             leaves, wrap = self._as_leaves(v)
             if leaves is not None:
                 return self._from_leaves(self._solve(leaves, regul, method), wrap)
+        if options.get("x0") is not None:  # a warm start in any vector form, as v
+            options = {**options, "x0": as_flat(options["x0"], self.layer_collection, "x0")[0]}
         flat, wrap = as_flat(v, self.layer_collection)
         return wrap(self._solve(flat, regul, method, **options))
 

@@ -38,7 +38,9 @@ class PMatEye(CanonicalDiagonal):
     PROMOTION_RANK: ClassVar[int] = 0
 
     def __post_init__(self):
-        if isinstance(self.scaling, (numbers.Number, np.ndarray, np.generic)):
+        dtype = getattr(self.scaling, "dtype", None)
+        if isinstance(self.scaling, (numbers.Number, np.ndarray, np.generic)) or (
+                dtype is not None and not jnp.issubdtype(dtype, jnp.inexact)):  # jnp ints
             object.__setattr__(
                 self, "scaling", jnp.asarray(self.scaling, self.layer_collection.dtype)
             )

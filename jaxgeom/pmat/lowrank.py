@@ -179,18 +179,23 @@ class PMatLowRank(PMatAbstract):
         ``(M⁺)^{|p|}`` — eigenvalues below the :meth:`pinv` threshold map to 0, so
         ``pow(-1) == pinv()``. ``regul`` must be 0: ``(M + regul·I)^p`` is not low-rank
         (use ``solve(v, regul)`` or ``PMatDense.from_pmat(M).pow(p, regul)``); nor is
-        ``M⁰ = I``.
+        ``M⁰ = I`` (refused; a ``p`` traced under ``jit`` cannot be, and gives the projector
+        on the range).
         """
         if not _is_zero(regul):
             raise NotImplementedError(
                 "PMatLowRank.pow supports regul=0 only: (M + regul·I)^p is not low-rank. Use "
                 "solve(v, regul) for p = -1, or PMatDense.from_pmat(M).pow(p, regul)"
             )
-        if p == 0:
+        traced = isinstance(p, jax.core.Tracer)
+        if not traced and p == 0:
             raise NotImplementedError(
                 "PMatLowRank.pow(0) would be the identity, which is not low-rank; use PMatEye"
             )
         evals, evecs = self.eigh()
+        if traced:  # the sign is known at run time only: both branches, one chosen
+            evals = jnp.where(p < 0, self._pinv_values(evals, None, None), evals)
+            return self._thin(_spectral.power(evals, jnp.abs(p)), evecs)
         if p < 0:
             evals, p = self._pinv_values(evals, None, None), -p
         return self._thin(_spectral.power(evals, p), evecs)

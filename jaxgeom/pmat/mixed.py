@@ -332,7 +332,7 @@ class PMatMixed(PMatAbstract):
         over the whole matrix (``rtol`` defaults to ``d·eps`` without ``atol``)."""
         if rtol is None:
             rtol = 0.0 if atol is not None else self.size(0) * jnp.finfo(self.dtype).eps
-        scale = jnp.max(jnp.stack(self._each("norm(2)", lambda m: m.norm(2))))
+        scale = jnp.max(jnp.stack(self._each("pinv", lambda m: m.norm(2))))
         threshold = jnp.maximum(0.0 if atol is None else atol, rtol * scale)
         return self._with(self._each("pinv", lambda m: m.pinv(atol=threshold, rtol=0.0)))
 
@@ -374,6 +374,13 @@ class PMatMixed(PMatAbstract):
         seen: list[str] = []
         for p in parts:
             ids = tuple(lyr.id for lyr in p.layer_collection.layers)
+            unknown = sorted(set(ids) - {lyr.id for lyr in layer_collection.layers})
+            if unknown:  # a part built on its own parameters' layout (ids "0", "1", …)
+                raise ValueError(
+                    f"the {type(p).__name__} part has layers {unknown} that the layer "
+                    f"collection does not have ({[lyr.id for lyr in layer_collection.layers]}): "
+                    "build each part with layer_collection=restrict(layer_collection, "
+                    "ids).layer_collection")
             if restrict(layer_collection, ids).layer_collection != p.layer_collection:
                 raise ValueError(
                     f"the {type(p).__name__} part on layers {list(ids)} is not built on "
