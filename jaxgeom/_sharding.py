@@ -54,8 +54,8 @@ def accepts_sharded_data(builder: Callable) -> Callable:
     parameters) sharded over explicit mesh axes, and refuses data varying over
     ``shard_map``'s manual axes under ``check_vma=True`` (module docstring).
 
-    Cost when nothing is sharded: one look at the first batch and at the parameters'
-    leaves (``aval.sharding``, ≈ 1 µs per leaf).
+    Cost when nothing is sharded: the arguments bound and one look at the parameters'
+    and the first batch's leaves (``aval``), ≈ 20 µs a build for a model of a few layers.
     """
     if not _SUPPORTED:
         return builder
