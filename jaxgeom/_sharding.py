@@ -21,7 +21,8 @@ Three ways to spread a build's examples over several devices, and how each one g
   Under ``check_vma=True`` the builders raise with this fix.
 
 :func:`accepts_sharded_data` wraps the public builders to do the second and refuse the
-third with a clear error.
+third with a clear error. The operations take vectors sharded like FSDP parameters
+(:func:`gathered`, called where vectors are read: :func:`jaxgeom.vector.as_flat`).
 """
 
 from __future__ import annotations
@@ -65,10 +66,14 @@ def accepts_sharded_data(builder: Callable) -> Callable:
     def call(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         arguments = bound.arguments
-        first, arguments["data"] = data_lib.peek(arguments["data"])
-        mesh, devices = _explicit_mesh(builder.__name__, (arguments.get("params"), first))
+        first, data = data_lib.peek(arguments["data"])
+        # a list is looked at whole (a few µs a batch); a stream batch by batch as it is read
+        looked_at = data if isinstance(data, list) else first
+        mesh, devices = _explicit_mesh(builder.__name__, (arguments.get("params"), looked_at))
         if mesh is None:
+            arguments["data"] = _batches_checked(builder.__name__, data)
             return builder(*bound.args, **bound.kwargs)
+        arguments["data"] = data
         automatic = mesh.update_axis_types({a: _AxisType.Auto for a in mesh.explicit_axes})
         with _mesh_context(automatic, devices):
             for name, value in arguments.items():
@@ -134,6 +139,26 @@ def _on(automatic: Any, tree: Any) -> Any:
     return jax.tree_util.tree_map(convert, tree)
 
 
+def _batches_checked(name: str, data: Any) -> Any:
+    """``data`` (a stream whose first batch is not on a mesh with explicit axes) refusing,
+    as they are read, later batches that are: the build has started without the mesh."""
+    if data_lib.is_single_batch(data) or isinstance(data, list):
+        return data
+
+    def check(batch):
+        mesh, _ = _explicit_mesh(name, batch)
+        if mesh is not None:
+            raise ValueError(
+                f"{name}: a batch of the data is placed on a mesh with explicit axes "
+                f"{mesh.explicit_axes}, and the first batch is not. Place every batch alike "
+                "(jax.device_put each one with the same NamedSharding), or pass the "
+                "batches as a list, which is looked at whole before the build."
+            )
+        return batch
+
+    return map(check, data) if iter(data) is data else _Converted(data, check)
+
+
 def _batches_on(automatic: Any, data: Any) -> Any:
     """``data`` with every batch's arrays typed on the ``automatic`` mesh, converted as the
     build reads them (a list stays a list: its size is known before reading it)."""
@@ -161,3 +186,53 @@ def _replicated(leaf: Any) -> Any:
     if getattr(leaf, "aval", None) is None:
         return leaf
     return jax.sharding.reshard(leaf, jax.sharding.PartitionSpec())
+
+
+def gathered(tree: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """``(tree, restore)``: ``tree`` with its leaves that are sharded over explicit mesh
+    axes gathered onto every device of their mesh, and ``restore``, which puts a tree of
+    the same structure back on the original shardings (the identity when no leaf is
+    sharded so).
+
+    What the operations do with a vector sharded like FSDP parameters: a product's
+    raveling and slicing of such a leaf are not defined under sharding-in-types, and the
+    matrix a sharded build returns is replicated; the result comes back sharded as the
+    vector was. Cost when nothing is sharded: one look at each leaf's ``aval``, done at
+    trace time inside the operations' compiled calls.
+    """
+    if not _SUPPORTED:
+        return tree, _unchanged
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    shardings = [_explicit_sharding(leaf) for leaf in leaves]
+    if not any(shardings):
+        return tree, _unchanged
+    replicated = jax.sharding.PartitionSpec()
+    leaves = [leaf if s is None else
+              jax.sharding.reshard(leaf, jax.sharding.NamedSharding(s.mesh, replicated))
+              for leaf, s in zip(leaves, shardings)]
+
+    def restore(result: Any) -> Any:
+        out, out_def = jax.tree_util.tree_flatten(result)
+        return jax.tree_util.tree_unflatten(out_def, [
+            leaf if s is None else jax.sharding.reshard(leaf, s)
+            for leaf, s in zip(out, shardings)])
+
+    return jax.tree_util.tree_unflatten(treedef, leaves), restore
+
+
+def _unchanged(tree: Any) -> Any:
+    return tree
+
+
+def _explicit_sharding(leaf: Any) -> Any:
+    """The sharding of a leaf split over some explicit mesh axis, else ``None``."""
+    sharding = getattr(getattr(leaf, "aval", None), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:  # the common case first: no mesh
+        return None
+    explicit = mesh.explicit_axes
+    for part in sharding.spec:
+        names = part if isinstance(part, tuple) else (part,)
+        if any(name in explicit for name in names):
+            return sharding
+    return None

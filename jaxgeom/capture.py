@@ -477,15 +477,22 @@ def make_plan(fn: Callable, params: Any, example: Any, aux: Any,
     recognised operation on a re-indexing of the kernel — is left to the exact per-example
     gradients (``other_leaves``) and listed, with the reason, in ``plan.unfactored``.
 
-    Plans depend only on ``fn``, ``layout`` and the shapes and dtypes of the arguments, and
-    are cached on them: the same plan object (a static argument of the compiled capture
-    steps) comes back for new parameter values or new data, so nothing recompiles.
+    Plans depend only on ``fn``, ``layout``, the shapes and dtypes of the arguments and the
+    mesh in context, and are cached on them: the same plan object (a static argument of the
+    compiled capture steps) comes back for new parameter values or new data, so nothing recompiles.
     """
-    return _cached_plan(fn, layout, signature((params, example, aux)))
+    # the mesh in context is part of the key: a plan traced under one mesh (a build on
+    # explicitly sharded data runs under the mesh's automatic twin) holds its avals
+    mesh = jax.sharding.get_abstract_mesh() if _HAS_MESHES else None
+    return _cached_plan(fn, layout, signature((params, example, aux)), mesh)
+
+
+_HAS_MESHES = hasattr(jax.sharding, "get_abstract_mesh")
 
 
 @cached(maxsize=64)
-def _cached_plan(fn, layout, sig) -> CapturePlan:
+def _cached_plan(fn, layout, sig, mesh) -> CapturePlan:
+    del mesh  # in the key only
     return _build_plan(fn, *abstract(sig), layout)
 
 

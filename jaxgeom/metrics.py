@@ -116,7 +116,9 @@ def FIM_MonteCarlo(
     than the exact Fisher when ``trials < C - 1``). Example ``n`` (counted over all
     batches) samples from the Threefry hash of the counters ``(n, draw)`` under ``key``
     (:mod:`jaxgeom._counter_rng`), so the result does not depend on how the data are
-    batched or chunked.
+    batched or chunked. Inside ``jax.shard_map`` each device counts its own examples from
+    0: give each device its own key, ``jax.random.fold_in(key, jax.lax.axis_index(axis))``
+    (docs/conventions.md, "Several devices").
 
     Args are those of :func:`FIM`, plus ``key`` (an explicit PRNG key) and ``trials``.
     """

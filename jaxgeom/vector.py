@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._serialization import register_dataclass
+from jaxgeom._sharding import gathered
 from jaxgeom.layers import LayerCollection, ravel_tree
 from jaxgeom.scaling import ArrayValued, ScalarMultiples
 
@@ -143,7 +144,15 @@ def as_flat(v: Any, layout: LayerCollection, what: str = "vector") -> tuple[jax.
 
     Accepted forms: :class:`PVector`, params-shaped pytree, flat ``(d,)`` array.
     Mismatched structures or shapes raise a ``ValueError`` that names the leaf path.
+    Leaves sharded over explicit mesh axes are gathered first, and ``wrap`` puts its result
+    back on their shardings (:func:`jaxgeom._sharding.gathered`).
     """
+    v, restore = gathered(v)
+    flat, wrap = _as_flat(v, layout, what)
+    return flat, lambda result: restore(wrap(result))
+
+
+def _as_flat(v: Any, layout: LayerCollection, what: str) -> tuple[jax.Array, Callable]:
     d = layout.numel()
     if isinstance(v, PVector):
         layout.check_tree(v.tree, what)
@@ -178,15 +187,17 @@ _unravel = jax.jit(LayerCollection.from_flat, static_argnums=0)
 def as_tree(v: Any, layout: LayerCollection,
             what: str = "vector") -> tuple[Any, Callable] | tuple[None, None]:
     """``(params-shaped tree, wrap)`` for a :class:`PVector` or a params pytree, which
-    ``wrap`` restores; ``(None, None)`` for a flat vector (see :func:`as_flat`)."""
+    ``wrap`` restores (sharded leaves gathered as in :func:`as_flat`); ``(None, None)`` for
+    a flat vector."""
     if isinstance(v, PVector):
         layout.check_tree(v.tree, what)
-        return v.tree, PVector
+        tree, restore = gathered(v.tree)
+        return tree, lambda result: PVector(restore(result))
     if _is_array(v) and (jax.tree_util.tree_structure(v) != layout.treedef
                          or len(layout.shapes) == 1):
         return None, None
     layout.check_tree(v, what)
-    return v, lambda tree: tree
+    return gathered(v)
 
 
 def _is_array(x: Any) -> bool:

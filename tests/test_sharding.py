@@ -162,3 +162,130 @@ def test_shard_map_with_vma_checks_names_the_fix(task):
                                   out_specs=P("data")))
     with pytest.raises(ValueError, match=r"check_vma=False.*pmean"):
         build(params, *batch)
+
+
+def test_plans_are_not_shared_across_meshes(task):
+    """A build on explicitly sharded data (traced under the mesh's automatic twin) and then
+    builds of the same shapes under another mesh context, in a shard_map, and the implicit
+    map's replay: each traces its own capture plan."""
+    apply_fn = lambda p, x: task.apply_fn(p, x)  # noqa: E731 — a function no test built with
+    mesh = mesh_of(AxisType.Explicit)
+    params, batch = sharded(task, mesh)
+    plain = (task.x, task.y)
+    first = jaxgeom.FIM(apply_fn, params, batch, jaxgeom.PMatKFAC)
+    with jax.set_mesh(mesh_of(AxisType.Auto)):
+        other = jaxgeom.FIM(apply_fn, task.params, plain, jaxgeom.PMatKFAC)
+
+    def per_device(p, x, y):
+        F = jaxgeom.FIM(apply_fn, p, (x, y), jaxgeom.PMatKFAC)
+        return jax.tree.map(lambda a: jax.lax.pmean(a, "data"), F)
+
+    mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                                   out_specs=P(), check_vma=False))(params, *batch)
+    implicit = jaxgeom.FIM(apply_fn, params, batch, jaxgeom.PMatImplicit)
+    expected = dense(jaxgeom.FIM(task.apply_fn, task.params, plain, jaxgeom.PMatKFAC))
+    for F in (first, other, mapped):
+        np.testing.assert_allclose(dense(F), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        dense(implicit), dense(jaxgeom.FIM(task.apply_fn, task.params, plain, jaxgeom.PMatDense)),
+        rtol=1e-10, atol=1e-12)
+
+
+def fully_sharded(tree, mesh):
+    """``tree``'s leaves split over the data axis on their last dimension (FSDP)."""
+    return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+        mesh, P(*(None,) * (a.ndim - 1), "data"))), tree)
+
+
+@pytest.mark.parametrize("representation", [jaxgeom.PMatKFAC, jaxgeom.PMatDiag,
+                                            jaxgeom.PMatDense, jaxgeom.PMatImplicit])
+def test_operations_on_fully_sharded_vectors(task, representation):
+    """Parameters and vectors sharded like FSDP's: F·v, (F + λI)⁻¹v and vᵀFv equal the
+    one-device ones, and the vectors come back sharded as they were given."""
+    mesh = mesh_of(AxisType.Explicit)
+    params = fully_sharded(task.params, mesh)
+    _, batch = sharded(task, mesh)
+    F1 = jaxgeom.FIM(task.apply_fn, task.params, (task.x, task.y), representation)
+    F = jaxgeom.FIM(task.apply_fn, params, batch, representation)
+    v = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)).reshape(a.shape),
+                     task.params)
+    v_sharded = fully_sharded(v, mesh)
+    for got, want in [(F.mv(v_sharded), F1.mv(v)),
+                      (F.solve(v_sharded, regul=0.1), F1.solve(v, regul=0.1)),
+                      (F.mv(jaxgeom.PVector(v_sharded)), F1.mv(v)),
+                      (jax.jit(lambda M, u: M.mv(u))(F, v_sharded), F1.mv(v))]:
+        got = getattr(got, "tree", got)
+        np.testing.assert_allclose(host_flat(got), flat(want), rtol=1e-9, atol=1e-12)
+        assert jax.tree.map(lambda a: a.sharding.spec, got) == jax.tree.map(
+            lambda a: a.sharding.spec, v_sharded)
+    np.testing.assert_allclose(F.vTMv(v_sharded), F1.vTMv(v), rtol=1e-10)
+
+
+def host_flat(tree):
+    """A sharded tree's flat vector, gathered leaf by leaf on the host."""
+    return np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree.leaves(tree)])
+
+
+def test_natural_gradient_step_on_fully_sharded_parameters(task):
+    import optax
+
+    from jaxgeom import optim
+
+    mesh = mesh_of(AxisType.Explicit)
+
+    def loss(p, b):
+        return jnp.mean(jax.nn.logsumexp(task.apply_fn(p, b[0]), axis=-1))
+
+    tx = optim.natural_gradient(0.1, jaxgeom.PMatKFAC, apply_fn=task.apply_fn)
+
+    @jax.jit
+    def step(p, state, batch):
+        updates, state = tx.update(jax.grad(loss)(p, batch), state, p, batch=batch)
+        return optax.apply_updates(p, updates)
+
+    params = fully_sharded(task.params, mesh)
+    # the batch replicated: the model's own products of a batch and a kernel split over
+    # the same axis are not defined under explicit sharding
+    batch = jax.device_put((task.x, task.y), NamedSharding(mesh, P()))
+    got = step(params, tx.init(params), batch)
+    want = step(task.params, tx.init(task.params), (task.x, task.y))
+    np.testing.assert_allclose(host_flat(got), flat(want), rtol=1e-9, atol=1e-12)
+
+
+def test_streams_placed_unlike_their_first_batch(task):
+    """A list is looked at whole: a sharded batch after a plain one is read through the
+    mesh. A generator is read batch by batch: the build has started without the mesh, and
+    the sharded batch is refused with the fix."""
+    _, batch = sharded(task, mesh_of(AxisType.Explicit))
+    plain = (task.x, task.y)
+    expected = dense(jaxgeom.FIM(task.apply_fn, task.params, [plain, plain], jaxgeom.PMatKFAC))
+    F = jaxgeom.FIM(task.apply_fn, task.params, [plain, batch], jaxgeom.PMatKFAC)
+    np.testing.assert_allclose(dense(F), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="Place every batch alike"):
+        jaxgeom.FIM(task.apply_fn, task.params, iter([plain, batch]), jaxgeom.PMatKFAC)
+
+
+def test_shard_map_monte_carlo_with_a_key_per_device(task):
+    """Under shard_map each device numbers its examples from 0: with the key folded with
+    the device's index, the pmean is the mean of the shards' builds under those keys."""
+    mesh = mesh_of(AxisType.Explicit)
+    params, batch = sharded(task, mesh)
+    key = jax.random.key(3)
+
+    def per_device(p, x, y):
+        device_key = jax.random.fold_in(key, jax.lax.axis_index("data"))
+        F = jaxgeom.FIM_MonteCarlo(task.apply_fn, p, (x, y), jaxgeom.PMatDense, key=device_key)
+        return jax.tree.map(lambda a: jax.lax.pmean(a, "data"), F)
+
+    F = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                              out_specs=P(), check_vma=False))(params, *batch)
+    half = task.x.shape[0] // 2
+    shard = [slice(0, half), slice(half, None)]
+    shards = [jaxgeom.FIM_MonteCarlo(task.apply_fn, task.params, (task.x[s], task.y[s]),
+                                     jaxgeom.PMatDense, key=jax.random.fold_in(key, i))
+              for i, s in enumerate(shard)]
+    np.testing.assert_allclose(dense(F), (dense(shards[0]) + dense(shards[1])) / 2,
+                               rtol=1e-10, atol=1e-12)
+    assert not np.allclose(dense(shards[0]), dense(jaxgeom.FIM_MonteCarlo(
+        task.apply_fn, task.params, (task.x[shard[0]], task.y[shard[0]]), jaxgeom.PMatDense,
+        key=jax.random.fold_in(key, 1))))
