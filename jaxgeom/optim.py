@@ -346,7 +346,7 @@ def scale_by_natural_gradient(
             def refresh():
                 if not refits:
                     return averaged(held(estimate(fn, params, batch, key)))
-                return jax.lax.cond(  # new eigenbasis (not averaged) or refit diagonal
+                return _cond(  # new eigenbasis (not averaged) or refit diagonal
                     count % inverse_period == 0,
                     lambda: held(estimate(fn, params, batch, key)),
                     lambda: averaged(held(estimate(fn, params, batch, key,
@@ -354,14 +354,14 @@ def scale_by_natural_gradient(
 
             # every step: no cond (on XLA:CPU a build inside a cond branch cost 3-6 ms more
             # a bench_mlp K-FAC step)
-            curvature = refresh() if curvature_period == 1 else jax.lax.cond(
+            curvature = refresh() if curvature_period == 1 else _cond(
                 count % curvature_period == 0, refresh, lambda: state.curvature)
         else:
             curvature = estimate(fn, params, batch, key)
 
         inverse = state.inverse
         if caches_inverse:
-            inverse = jax.lax.cond(count % inverse_period == 0,
+            inverse = _cond(count % inverse_period == 0,
                                    lambda: curvature.inv(lam, **inv_options),
                                    lambda: state.inverse)
             direction = inverse.mv(updates)
@@ -390,7 +390,7 @@ def scale_by_natural_gradient(
                 return jnp.asarray((after - before) / predicted, state.rho.dtype)
 
             measured = count % damping.period == 0
-            rho = jax.lax.cond(measured, measure, lambda: state.rho)
+            rho = _cond(measured, measure, lambda: state.rho)
             new_lam = jnp.where(measured, levenberg_marquardt(lam, rho, damping), lam)
 
         new_state = NaturalGradientState(
@@ -403,6 +403,15 @@ def scale_by_natural_gradient(
         return direction, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _cond(predicate: jax.Array, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+    """``jax.lax.cond`` under a trace; the branch taken in Python on a concrete predicate
+    (an eager ``update``), where ``cond`` would trace and compile both branches — a whole
+    build — again at every step: the branches are closures made anew for each step."""
+    if isinstance(predicate, jax.core.Tracer):
+        return jax.lax.cond(predicate, true_fn, false_fn)
+    return true_fn() if bool(predicate) else false_fn()
 
 
 def natural_gradient(

@@ -7,6 +7,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 from models import make_linen_wide_hidden, make_plain_mlp, reference_fisher
+from pmat_checks import compilations
 
 import jaxgeom as jg
 from jaxgeom import optim
@@ -133,13 +134,17 @@ def test_state_roundtrips_jit_and_chain_with_refresh_periods(task):
         jax.tree_util.tree_leaves(history[3].curvature)))
     inv = [jax.tree_util.tree_leaves(h.inverse) for h in history]
     assert all(np.array_equal(a, b) for a, b in zip(inv[0], inv[2]))
-    # the same steps without jit give the same parameters
+    # the same steps without jit give the same parameters, and, once each branch of the
+    # periods has run, compile nothing (a lax.cond of the step's closures compiled them
+    # anew at every eager step)
     state, p = tx.init(t.params), t.params
-    batch = batches(t, 1)[0]
-    g = jax.grad(optim._MeanLoss(t.apply_fn, "classif_logits"))(p, batch)
-    u, state = tx.update(g, state, p, batch=batch)
-    np.testing.assert_allclose(flat(optax.apply_updates(p, u)), flat(trajectory[0]),
-                               rtol=1e-9, atol=1e-12)
+    for step, (batch, expected) in enumerate(zip(batches(t, 5), trajectory)):
+        g = jax.grad(optim._MeanLoss(t.apply_fn, "classif_logits"))(p, batch)
+        with compilations() as compiled:
+            u, state = tx.update(g, state, p, batch=batch)
+        p = optax.apply_updates(p, u)
+        np.testing.assert_allclose(flat(p), flat(expected), rtol=1e-9, atol=1e-12)
+        assert step < 3 or compiled == [], (step, compiled)
     # the cached inverse is the K-FAC inverse of the stored curvature with the damping
     assert isinstance(history[0].inverse, jg.PMatKFAC)
     # a Flax checkpoint of the state (curvature and inverse included) restores it exactly

@@ -113,6 +113,21 @@ def test_eager_cg_is_the_traced_cg_and_compiles_once(mlp):
                                atol=1e-7)
 
 
+def test_eager_solve_of_rows_compiles_once(mlp):
+    """A stack of rows is solved row by row from Python, each as one vector is: the same
+    solutions, and nothing compiled at the next call (a vmap of the eager CG compiled its
+    loop anew at every call)."""
+    t, F, dense = mlp
+    rows = jnp.stack([vec(t, 8).to_flat(), vec(t, 9).to_flat()])
+    F.solve(rows, REGUL)
+    other = rows[::-1]
+    with compilations() as compiled:
+        x = F.solve(other, REGUL, rtol=1e-12)
+    assert compiled == []
+    np.testing.assert_allclose(x, dense.solve(other, REGUL), rtol=1e-6, atol=1e-7)
+    assert F.solve(rows[:0], REGUL).shape == (0, rows.shape[1])
+
+
 def test_under_jit(mlp):
     t, F, dense = mlp
     ref = np.asarray(dense.to_dense())

@@ -331,7 +331,12 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         if _is_map(v, self.layer_collection):
             rows = as_rows(v, self.layer_collection)
             flat = rows.reshape(-1, rows.shape[-1])
-            solved = jax.vmap(lambda r: self._solve(r, regul, method, **options))(flat)
+            if isinstance(flat, jax.core.Tracer):
+                solved = jax.vmap(lambda r: self._solve(r, regul, method, **options))(flat)
+            else:  # an eager solve (PMatImplicit's CG from Python, a callable preconditioner):
+                # a vmap of it would compile its loop anew at every call
+                solved = (jnp.stack([self._solve(r, regul, method, **options) for r in flat])
+                          if len(flat) else jnp.zeros_like(flat))
             return solved.reshape(rows.shape)
         if method in self.LEAFWISE_SOLVES and not options:
             leaves, wrap = self._as_leaves(v)
