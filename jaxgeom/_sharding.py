@@ -75,13 +75,17 @@ def accepts_sharded_data(builder: Callable) -> Callable:
             return builder(*bound.args, **bound.kwargs)
         arguments["data"] = data
         automatic = mesh.update_axis_types({a: _AxisType.Auto for a in mesh.explicit_axes})
+        # the builder's argument leaves -> the caller's: a traced argument returned as is
+        # (an EK-FAC refit's eigenbasis) comes back as the very array given, which the
+        # checks of a shared basis rely on
+        originals: dict[int, tuple[Any, Any]] = {}
         with _mesh_context(automatic, devices):
             for name, value in arguments.items():
                 arguments[name] = (_batches_on(automatic, value) if name == "data"
-                                   else _on(automatic, value))
+                                   else _on(automatic, value, originals))
             result = builder(*bound.args, **bound.kwargs)
         with _mesh_context(mesh, devices):
-            return jax.tree_util.tree_map(_replicated, result)
+            return jax.tree_util.tree_map(functools.partial(_replicated, originals), result)
 
     return call
 
@@ -120,21 +124,29 @@ def _mesh_context(mesh: Any, devices: Any) -> Any:
     placed on it), as an abstract one while tracing."""
     if jax.sharding.get_abstract_mesh() == mesh:
         return contextlib.nullcontext()
-    if devices is None:
-        return jax.sharding.use_abstract_mesh(mesh)
-    return jax.sharding.set_mesh(jax.sharding.Mesh(devices, mesh.axis_names,
-                                                   axis_types=mesh.axis_types))
+    if devices is not None:
+        try:
+            return jax.sharding.set_mesh(jax.sharding.Mesh(devices, mesh.axis_names,
+                                                           axis_types=mesh.axis_types))
+        except ValueError:  # tracing, with a concrete array closed over: refused there
+            pass
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
-def _on(automatic: Any, tree: Any) -> Any:
-    """``tree``'s arrays typed on the ``automatic`` mesh (their placement unchanged)."""
+def _on(automatic: Any, tree: Any, originals: dict | None = None) -> Any:
+    """``tree``'s arrays typed on the ``automatic`` mesh (their placement unchanged), each
+    recorded in ``originals`` (``id`` of the leaf handed to the builder: it and the
+    caller's)."""
 
     def convert(leaf):
         aval = getattr(leaf, "aval", None)
         mesh = getattr(getattr(aval, "sharding", None), "mesh", None)
-        if mesh is None or mesh.empty or mesh == automatic:
-            return leaf
-        return jax.sharding.reshard(leaf, jax.sharding.PartitionSpec())
+        converted = leaf
+        if not (mesh is None or mesh.empty or mesh == automatic):
+            converted = jax.sharding.reshard(leaf, jax.sharding.PartitionSpec())
+        if originals is not None and aval is not None:  # the new leaf is kept too: its
+            originals[id(converted)] = (converted, leaf)  # id stays its own
+        return converted
 
     return jax.tree_util.tree_map(convert, tree)
 
@@ -182,9 +194,15 @@ class _Converted:
         return map(self.convert, self.data)
 
 
-def _replicated(leaf: Any) -> Any:
+def _replicated(originals: dict, leaf: Any) -> Any:
     if getattr(leaf, "aval", None) is None:
         return leaf
+    converted, original = originals.get(id(leaf), (None, None))
+    # a traced argument handed back (identity is how a trace tells arrays apart; concrete
+    # ones compare by value), unless split over an explicit axis: as given
+    if (converted is leaf and isinstance(original, jax.core.Tracer)
+            and _explicit_sharding(original) is None):
+        return original
     return jax.sharding.reshard(leaf, jax.sharding.PartitionSpec())
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom._serialization import register_dataclass
+from jaxgeom._sharding import gathered
 from jaxgeom._symmetric import spd_solve
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract, check_regul, check_shape
@@ -82,7 +83,7 @@ class FVector(_ScalarAlgebra):
 
     def dot(self, other: Any) -> jax.Array:
         """``Σ_{o,n} f[o,n] g[o,n]``."""
-        return jnp.vdot(self.data, as_fvector_data(other, self.data.shape))
+        return jnp.vdot(as_fvector_data(self), as_fvector_data(other, self.data.shape))
 
     def __matmul__(self, other: Any) -> jax.Array:
         if isinstance(other, FVector):
@@ -91,11 +92,13 @@ class FVector(_ScalarAlgebra):
 
     def norm(self, p: float = 2) -> jax.Array:
         """The ``p``-norm of the flattened ``K·N`` vector."""
-        return jnp.linalg.norm(jnp.ravel(self.data), ord=static_order(p))
+        return jnp.linalg.norm(jnp.ravel(as_fvector_data(self)), ord=static_order(p))
 
 
 def as_fvector_data(f: Any, shape: tuple[int, int] | None = None) -> jax.Array:
-    """The ``(K, N)`` array of an ``FVector`` or an array (checked against ``shape``)."""
+    """The ``(K, N)`` array of an ``FVector`` or an array (checked against ``shape``),
+    gathered when it is split over an explicit mesh axis (examples sharded like the batch:
+    the products with a replicated matrix then answer replicated)."""
     if isinstance(f, FVector):
         data = f.data
     elif isinstance(f, jax.Array | np.ndarray | list | tuple) or np.isscalar(f):
@@ -112,7 +115,7 @@ def as_fvector_data(f: Any, shape: tuple[int, int] | None = None) -> jax.Array:
             f"a function-space vector must be an FVector or an array of shape {want} "
             f"(outputs, examples); got shape {data.shape}"
         )
-    return data
+    return gathered(data)[0]
 
 
 @register_dataclass

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from jaxgeom import data as data_lib
+from jaxgeom._sharding import gathered
 from jaxgeom.metrics import FIM, FIM_MonteCarlo, SecondMoment
 from jaxgeom.pmat.base import PMatAbstract
 from jaxgeom.pmat.kfac import PMatKFAC
@@ -386,7 +387,9 @@ def scale_by_natural_gradient(
                 step = optax.tree.scale(-eta, direction)
                 before = loss(params, batch) if value is None else value
                 after = loss(optax.apply_updates(params, step), batch)
-                predicted = optax.tree.vdot(updates, step) + 0.5 * curvature.vTMv(step)
+                # ⟨g, Δ⟩ of leaves split over an explicit mesh axis is not defined: gathered
+                predicted = (optax.tree.vdot(gathered(updates)[0], gathered(step)[0])
+                             + 0.5 * curvature.vTMv(step))
                 return jnp.asarray((after - before) / predicted, state.rho.dtype)
 
             measured = count % damping.period == 0
@@ -604,7 +607,9 @@ class _PerExampleLoss:
     covariance: Any = None
 
     def __call__(self, params, batch):
-        out = self.apply_fn(params, data_lib.inputs_of(batch))
+        # outputs split over an explicit mesh axis (a last kernel sharded like FSDP's):
+        # gathered, as the loss picks each example's target entry
+        out, _ = gathered(self.apply_fn(params, data_lib.inputs_of(batch)))
         return per_example_loss(self.variant, out, _targets(batch), self.covariance)[:, None]
 
 

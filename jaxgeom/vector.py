@@ -209,7 +209,7 @@ def as_rows(rows: Any, layout: LayerCollection, what: str = "map") -> jax.Array:
     (e.g. a ``PFMapDense``, giving ``(outputs, examples, d)``)."""
     if hasattr(rows, "to_dense") and not _is_array(rows):
         rows = rows.to_dense()
-    rows = jnp.asarray(rows)
+    rows, _ = gathered(jnp.asarray(rows))  # split over an explicit axis: gathered
     if rows.ndim < 1 or rows.shape[-1] != layout.numel():
         raise ValueError(
             f"a {what} must be an array of flat vectors with last axis {layout.numel()} "

@@ -226,7 +226,10 @@ def host_flat(tree):
     return np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree.leaves(tree)])
 
 
-def test_natural_gradient_step_on_fully_sharded_parameters(task):
+@pytest.mark.parametrize("damping", ["constant", "levenberg_marquardt"])
+def test_natural_gradient_step_on_fully_sharded_parameters(task, damping):
+    """One jitted K-FAC step on FSDP parameters; Levenberg–Marquardt's ratio takes the
+    default loss of outputs split over the class axis and ⟨g, Δ⟩ of split leaves."""
     import optax
 
     from jaxgeom import optim
@@ -236,20 +239,100 @@ def test_natural_gradient_step_on_fully_sharded_parameters(task):
     def loss(p, b):
         return jnp.mean(jax.nn.logsumexp(task.apply_fn(p, b[0]), axis=-1))
 
-    tx = optim.natural_gradient(0.1, jaxgeom.PMatKFAC, apply_fn=task.apply_fn)
+    tx = optim.natural_gradient(
+        0.1, jaxgeom.PMatKFAC, apply_fn=task.apply_fn,
+        damping=optim.LevenbergMarquardt(initial=1e-2) if damping != "constant" else 1e-2)
 
     @jax.jit
     def step(p, state, batch):
         updates, state = tx.update(jax.grad(loss)(p, batch), state, p, batch=batch)
-        return optax.apply_updates(p, updates)
+        return optax.apply_updates(p, updates), state
 
     params = fully_sharded(task.params, mesh)
     # the batch replicated: the model's own products of a batch and a kernel split over
     # the same axis are not defined under explicit sharding
     batch = jax.device_put((task.x, task.y), NamedSharding(mesh, P()))
-    got = step(params, tx.init(params), batch)
-    want = step(task.params, tx.init(task.params), (task.x, task.y))
+    got, state = step(params, tx.init(params), batch)
+    want, expected = step(task.params, tx.init(task.params), (task.x, task.y))
     np.testing.assert_allclose(host_flat(got), flat(want), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(state[0].rho, expected[0].rho, rtol=1e-9)
+
+
+def test_ekfac_moving_average_on_sharded_data(task):
+    """EK-FAC's refits between basis refreshes, averaged within one eigenbasis, on a
+    sharded batch: the builder hands an argument's arrays (the basis) back as given."""
+    import optax
+
+    from jaxgeom import optim
+
+    params, batch = sharded(task, mesh_of(AxisType.Explicit))
+
+    def loss(p, b):
+        return jnp.mean(jax.nn.logsumexp(task.apply_fn(p, b[0]), axis=-1))
+
+    def run(p, b):
+        tx = optim.natural_gradient(0.1, jaxgeom.PMatEKFAC, apply_fn=task.apply_fn,
+                                    example_batch=(task.x, task.y), inverse_period=3, ema=0.8)
+
+        @jax.jit
+        def step(p, s):
+            u, s = tx.update(jax.grad(loss)(p, b), s, p, batch=b)
+            return optax.apply_updates(p, u), s
+
+        s = tx.init(p)
+        for _ in range(4):
+            p, s = step(p, s)
+        return host_flat(p)
+
+    np.testing.assert_allclose(run(params, batch), run(task.params, (task.x, task.y)),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_builds_traced_with_concrete_arrays_on_a_mesh(task):
+    """A jitted build closing over parameters placed on a mesh, and the transform's init
+    tracing a sharded example batch: the mesh is entered as an abstract one there."""
+    from jaxgeom import optim
+
+    params, batch = sharded(task, mesh_of(AxisType.Explicit))
+    F = jax.jit(lambda b: jaxgeom.FIM(task.apply_fn, params, b, jaxgeom.PMatKFAC))(batch)
+    expected = jaxgeom.FIM(task.apply_fn, task.params, (task.x, task.y), jaxgeom.PMatKFAC)
+    np.testing.assert_allclose(dense(F), dense(expected), rtol=1e-10, atol=1e-12)
+    tx = optim.natural_gradient(0.1, jaxgeom.PMatKFAC, apply_fn=task.apply_fn,
+                                example_batch=batch, ema=0.9)
+    assert type(tx.init(task.params)[0].curvature) is jaxgeom.PMatKFAC
+
+
+def test_sharded_stacks_of_rows_and_function_space_vectors(task):
+    """Rows split over the parameter axis or the example axis (per-example gradients of a
+    sharded batch), and (K, N) vectors split over the examples: gathered for the products
+    with the replicated matrices."""
+    mesh = mesh_of(AxisType.Explicit)
+    params, batch = sharded(task, mesh)
+    plain = (task.x, task.y)
+    d = flat(task.params).size
+    rows = jnp.cos(jnp.arange(4 * d, dtype=jnp.float64)).reshape(4, d)
+    for spec in (P(None, "data"), P("data", None)):
+        rows_sharded = jax.device_put(rows, NamedSharding(mesh, spec)) if d % 2 == 0 or \
+            spec == P("data", None) else rows
+        for representation in (jaxgeom.PMatKFAC, jaxgeom.PMatDense, jaxgeom.PMatImplicit):
+            F = jaxgeom.FIM(task.apply_fn, params, batch, representation)
+            F1 = jaxgeom.FIM(task.apply_fn, task.params, plain, representation)
+            for op in (lambda M, r: M.solve(r, 0.3), lambda M, r: M.mmap(r),
+                       lambda M, r: M.solve(r, 0.3, method="cg")):
+                np.testing.assert_allclose(np.asarray(op(F, rows_sharded)), op(F1, rows),
+                                           rtol=1e-6, atol=1e-9)
+    G1 = jaxgeom.GramMatrix(task.apply_fn, task.params, plain)
+    G = jaxgeom.GramMatrix(task.apply_fn, params, batch)
+    J1 = jaxgeom.Jacobian(task.apply_fn, task.params, plain, jaxgeom.PFMapImplicit)
+    J = jaxgeom.Jacobian(task.apply_fn, params, batch, jaxgeom.PFMapImplicit)
+    f1 = jnp.sin(jnp.arange(task.num_outputs * task.x.shape[0], dtype=jnp.float64)).reshape(
+        task.num_outputs, -1)
+    f = jax.device_put(f1, NamedSharding(mesh, P(None, "data")))
+    for got, want in [(G.solve(f, 1e-2), G1.solve(f1, 1e-2)), (G.vTMv(f), G1.vTMv(f1)),
+                      (jaxgeom.FVector(f).dot(f), jaxgeom.FVector(f1).dot(f1)),
+                      (jaxgeom.FVector(f).norm(), jaxgeom.FVector(f1).norm()),
+                      (J.vjp(f).to_flat(), J1.vjp(f1).to_flat())]:
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-8, atol=1e-11)
 
 
 def test_streams_placed_unlike_their_first_batch(task):
