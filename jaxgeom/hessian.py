@@ -50,7 +50,7 @@ from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom.jacobian import Hashable
 from jaxgeom.layers import LayerCollection
-from jaxgeom.pmat.base import PMatAbstract
+from jaxgeom.pmat.base import PMatAbstract, check_precision
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
@@ -113,6 +113,7 @@ def Hessian(
     from jaxgeom.metrics import layers_for
 
     layer_collection = layers_for(loss_fn, params, first, layer_collection, whole_batch=True)
+    check_precision(representation, params)
     loss_fn = Hashable(loss_fn)
     if representation is PMatImplicit:
         return PMatImplicitHessian.build(loss_fn, params, data, layer_collection, batch_size)

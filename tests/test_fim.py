@@ -1,6 +1,7 @@
 """FIM, FIM_MonteCarlo and SecondMoment against float64 brute force (in PMatDense)."""
 
 import itertools
+from typing import Any
 
 import chex
 import jax
@@ -848,3 +849,48 @@ def test_gradient_of_a_build_eager_and_under_jit(representation):
         t.params)
     for grad in (jax.grad(trace), jax.jit(jax.grad(trace), static_argnums=1)):
         chex.assert_trees_all_close(grad(t.params, representation), want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("half", [jnp.bfloat16, jnp.float16])
+def test_half_precision_parameters_are_refused_with_the_fix(half):
+    """A build whose sums over examples would be kept in 8 or 11 significant bits (and
+    whose factorisations LAPACK does not have) names the dtype and the float32 copy."""
+    t = make_plain_mlp()
+    params = jax.tree.map(lambda p: p.astype(half), t.params)
+    fn = lambda p, b: t.apply_fn(p, b)  # noqa: E731
+    builds = [
+        lambda: FIM(t.apply_fn, params, (t.x, t.y), PMatDiag),
+        lambda: FIM(t.apply_fn, params, (t.x, t.y), jaxgeom.PMatKFAC),
+        lambda: jaxgeom.FIM_MonteCarlo(t.apply_fn, params, (t.x, t.y), PMatDense,
+                                       key=jax.random.PRNGKey(0)),
+        lambda: SecondMoment(fn, params, t.x, PMatDense),
+        lambda: jaxgeom.Hessian(lambda p, b: jnp.sum(t.apply_fn(p, b) ** 2), params, t.x,
+                                PMatDense),
+    ]
+    for build in builds:
+        with pytest.raises(TypeError, match=rf"{jnp.dtype(half).name}.*astype\(jnp.float32\)"):
+            build()
+
+
+def test_a_model_computing_in_bfloat16_from_float32_parameters():
+    """Mixed precision (Flax's dtype=bfloat16, param_dtype=float32): the float32 matrix
+    of the bfloat16 computation, within bfloat16's resolution of the float32 one."""
+
+    class MLP(nn.Module):
+        dtype: Any = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.tanh(nn.Dense(8, dtype=self.dtype, param_dtype=jnp.float32)(x))
+            return nn.Dense(3, dtype=self.dtype, param_dtype=jnp.float32)(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, 4), jnp.float32)
+    y = jax.random.randint(jax.random.PRNGKey(2), (64,), 0, 3)
+    params = MLP().init(jax.random.PRNGKey(0), x)["params"]
+    for rep in (PMatDiag, jaxgeom.PMatKFAC, PMatDense):
+        half = FIM(lambda p, x: MLP(jnp.bfloat16).apply({"params": p}, x), params, (x, y), rep,
+                   batch_size=8)
+        full = FIM(lambda p, x: MLP().apply({"params": p}, x), params, (x, y), rep)
+        assert half.to_dense().dtype == jnp.float32
+        np.testing.assert_allclose(half.to_dense(), full.to_dense(), rtol=0.05,
+                                   atol=0.05 * float(jnp.max(jnp.abs(full.to_dense()))))

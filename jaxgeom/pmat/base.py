@@ -443,6 +443,8 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         ``data`` streamed through :meth:`chunk_builder` by :func:`jaxgeom.streaming.run`
         (one pass; two for EKFAC's refit)."""
 
+        check_precision(cls, params)
+
         def make(example):
             return cls.chunk_builder(fn, params, example, aux, layer_collection, mode=mode,
                                      **options)
@@ -487,6 +489,26 @@ def _unwrapped(method: Any) -> Any:
 
 def _buildable(cls: type) -> bool:
     return any(_implements(cls, m) for m in ("accumulator", "chunk_builder", "from_jacobians"))
+
+
+def check_precision(cls: type, params: Any) -> None:
+    """Refuse parameters in a floating type narrower than 32 bits (``bfloat16``,
+    ``float16``): the build's sums over examples and chunks would be kept in it (a
+    ``bfloat16`` total has 8 significant bits: once it is 256 times one chunk's share, the
+    next chunks round away; a ``float16`` Kronecker factor overflows at 65504) and LAPACK
+    has no factorisation in it."""
+    for leaf in jax.tree_util.tree_leaves(params):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and \
+                jnp.finfo(dtype).bits < 32:
+            raise TypeError(
+                f"{getattr(cls, '__name__', cls)} is built from parameters in float32 or "
+                f"float64; got "
+                f"{jnp.dtype(dtype).name} parameters, in which the sums over examples would "
+                "lose most of the curvature (and which LAPACK cannot factorise). Build from "
+                "float32 copies: jax.tree.map(lambda p: p.astype(jnp.float32), params). A "
+                "model that computes in bfloat16 from float32 parameters (Flax's "
+                "dtype=jnp.bfloat16, param_dtype=jnp.float32) is built as it is.")
 
 
 def _is_map(v: Any, layout: LayerCollection) -> bool:
