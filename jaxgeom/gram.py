@@ -253,11 +253,24 @@ def gram_implicit(J: PFMapImplicit) -> FMatDense:
     ``vjp`` on that chunk, then ``J (Jᵀ e₍ₙ,ₒ₎)`` by ``jvp`` over all data (cost in
     :func:`jaxgeom.pfmap.GramMatrix`)."""
     k, n, _ = J.shape
-    columns = []
+    gram, start = None, 0
     for c in J._chunks():
         units = jnp.eye(c.count * k, dtype=J.layer_collection.dtype).reshape(-1, c.count, k)
-        columns.append(J._jvp_many(J._vjp_chunk(c, units)))  # (count·K, K, N)
-    cols = jnp.concatenate(columns).reshape(n, k, k, n)  # [n', o', o, n]
-    return FMatDense(cols.transpose(2, 3, 1, 0))
+        columns = J._jvp_many(J._vjp_chunk(c, units))  # (count·K, K, N)
+        if gram is None:
+            gram = jnp.zeros((k, n, k, n), columns.dtype)
+        gram = _write_columns(gram, columns, start)
+        start += c.count
+    return FMatDense(gram)
+
+
+@donating_jit(donate_argnums=0)
+def _write_columns(gram, columns, start):
+    """The columns ``G[:, :, o', n']`` of a chunk's examples ``n'`` (``(count·K, K, N)``,
+    indexed ``[n', o'; o, n]``) written in place as the rows ``G[o', n', :, :]`` (``G`` is
+    symmetric): one chunk's columns besides ``G``, not all of them and their transpose."""
+    k = gram.shape[0]
+    rows = columns.reshape(-1, k, *columns.shape[1:]).transpose(1, 0, 2, 3)
+    return jax.lax.dynamic_update_slice(gram, rows, (0, start, 0, 0))
 
 

@@ -531,4 +531,9 @@ def _check_finite_gram(gram: jax.Array) -> None:
 
 @jax.jit
 def _finite_examples(gram: jax.Array) -> jax.Array:
-    return jnp.all(jnp.isfinite(jnp.einsum("knkn->kn", gram)), axis=0)
+    """Per example, whether its diagonal entries ``G[k,n,k,n]`` are finite (read as the
+    diagonal of the ``(KN, KN)`` view: the einsum ``"knkn->kn"`` compiled to temporaries
+    larger than ``G``)."""
+    k, n = gram.shape[:2]
+    diagonal = jnp.diagonal(gram.reshape(k * n, k * n)).reshape(k, n)
+    return jnp.all(jnp.isfinite(diagonal), axis=0)

@@ -215,3 +215,15 @@ def test_an_ensemble_of_grams_under_vmap_neither_warns_nor_differs():
         member = jax.tree.map(lambda a, i=i: a[i], stacked)
         np.testing.assert_allclose(G[i], GramMatrix(t.apply_fn, member, (t.x, t.y)).data,
                                    rtol=1e-10, atol=1e-12)
+
+
+def test_finiteness_check_of_the_gram_matrix_reads_its_diagonal_in_place():
+    """The per-example check on ``G[o,n,o,n]`` compiles to no temporary the size of ``G``
+    (an einsum ``"knkn->kn"`` took more than ``G``: a Gram build peaked at 3× ``G``)."""
+    from jaxgeom.pfmap import _finite_examples
+
+    gram = jnp.arange(3 * 40 * 3 * 40, dtype=jnp.float64).reshape(3, 40, 3, 40)
+    gram = gram.at[1, 7, 1, 7].set(jnp.nan)
+    np.testing.assert_array_equal(_finite_examples(gram), np.arange(40) != 7)
+    compiled = jax.jit(_finite_examples).lower(gram).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < gram.nbytes / 10

@@ -368,6 +368,21 @@ def test_sum_on_other_factors_refuses_a_huge_block():
     assert type(K1 + K1) is PMatKFAC  # a shared G: no block formed
     with pytest.raises(ValueError, match=r"layer 'w'.*4860².*to_blockdiag\(\)"):
         K1 + K2
+    # a product of factors in two forms (a KFAC and an inverse in its eigenbasis) neither,
+    # where it would have been a d × d dense matrix
+    with pytest.raises(ValueError, match=r"product.*layer 'w'.*4860².*F1.mv\(F2.mv"):
+        K1 @ K1.inv(0.1)
+
+
+def test_product_with_an_inverse_is_the_layer_blocks_product(case):
+    """``K · (K + λI)⁻¹``: a Kronecker product times an eigen-form: the exact layer
+    blocks' products, block-diagonal, not a dense ``d × d`` matrix."""
+    t, K, dense = case
+    inverse = K.inv(0.3)
+    want = dense @ np.linalg.inv(dense + 0.3 * np.eye(dense.shape[0]))
+    for got, expected in [(K @ inverse, want), (inverse @ K, want.T)]:
+        assert type(got) is PMatBlockDiag
+        np.testing.assert_allclose(got.to_dense(), expected, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("make, input_major", [

@@ -877,13 +877,22 @@ class PMatKFAC(PMatAbstract):
 
     # ------------------------------------------------------------------ algebra
     def mm(self, other: PMatAbstract) -> PMatAbstract:
-        """Factor-wise product with a ``PMatKFAC`` of the same layers (dense otherwise)."""
+        """Factor-wise product with a ``PMatKFAC`` of the same layers: the same
+        representation where the layers' factors multiply (two ``Kron``, or two
+        eigen-forms on the same bases), else the exact layer blocks' products, a
+        ``PMatBlockDiag`` (as for ``+``: layers of at most :data:`DENSE_BLOCK_LIMIT`
+        parameters); dense with any other representation."""
         self._check_compatible(other)
-        if isinstance(other, PMatKFAC) and other.specs == self.specs:
-            nodes = tuple(a.mm(b) for a, b in zip(self.factors, other.factors))
-            if all(n is not None for n in nodes):
-                blocks = tuple(a @ b for a, b in zip(self.blocks, other.blocks))
-                return self._with(nodes, blocks)
+        if isinstance(other, PMatKFAC):
+            if other.specs == self.specs:
+                nodes = tuple(a.mm(b) for a, b in zip(self.factors, other.factors))
+                if all(n is not None for n in nodes):
+                    blocks = tuple(a @ b for a, b in zip(self.blocks, other.blocks))
+                    return self._with(nodes, blocks)
+            self._check_exact_blocks(
+                "product", "apply them to vectors in turn (F1.mv(F2.mv(v))) or ask for the "
+                "blocks explicitly: F1.to_blockdiag() @ F2.to_blockdiag().")
+            return self.to_blockdiag().mm(other.to_blockdiag())
         return super().mm(other)
 
     def _scale(self, s):
@@ -900,20 +909,26 @@ class PMatKFAC(PMatAbstract):
             if all(n is not None for n in nodes):
                 return self._with(nodes, tuple(a + sign * b
                                                for a, b in zip(self.blocks, other.blocks)))
+        self._check_exact_blocks(
+            "sum", "average the factors instead (jax.tree_util.tree_map(lambda a, b: "
+            "(a + b) / 2, F1, F2), kfac-jax's moving average: an approximation), or ask for "
+            "the blocks explicitly: F1.to_blockdiag() + F2.to_blockdiag().")
+        return self.to_blockdiag()._add_same(other.to_blockdiag(), sign)
+
+    def _check_exact_blocks(self, what: str, instead: str) -> None:
+        """Refuse to form the exact layer blocks of a ``what`` of two of these matrices
+        that is not Kronecker-factored when a layer has more than
+        :data:`DENSE_BLOCK_LIMIT` parameters, saying what to do ``instead``."""
         layout = self.layer_collection
         for layer in layout.layers:
             size = layout.layer_numel(layer)
             if size > DENSE_BLOCK_LIMIT:
                 raise ValueError(
-                    f"the sum of two {type(self).__name__}s on different factors is not "
+                    f"the {what} of two {type(self).__name__}s on different factors is not "
                     f"Kronecker-factored: its exact block for layer {layer.id!r} would have "
                     f"{size}² entries ({size**2 * np.dtype(self.dtype).itemsize / 2**30:.3g} "
-                    f"GiB; the limit is {DENSE_BLOCK_LIMIT} parameters). Average the factors "
-                    "instead (jax.tree_util.tree_map(lambda a, b: (a + b) / 2, F1, F2), "
-                    "kfac-jax's moving average: an approximation), or ask for the blocks "
-                    "explicitly: F1.to_blockdiag() + F2.to_blockdiag()."
+                    f"GiB; the limit is {DENSE_BLOCK_LIMIT} parameters). Instead, {instead}"
                 )
-        return self.to_blockdiag()._add_same(other.to_blockdiag(), sign)
 
     def to_blockdiag(self) -> PMatBlockDiag:
         """The same matrix as a ``PMatBlockDiag`` (each layer block formed, ``Σ d_l²``)."""
