@@ -55,7 +55,7 @@ from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
 from jaxgeom.pmat.implicit import PMatImplicit, _tangents
-from jaxgeom.streaming import check_finite, tree_finite
+from jaxgeom.streaming import check_finite, mean, tree_finite
 from jaxgeom.vector import product_dtype
 
 #: how each stored representation keeps the columns ``H eᵢ`` (its ``_chunk_hessian`` kind)
@@ -141,17 +141,16 @@ def real_chunks(data: Any, batch_size: int | None):
 def stream(loss_fn, params, data, batch_size, layout, kind, per_pass):
     """``(1/N) Σ_c n_c · state(H_c)`` with ``state`` the ``kind`` of columns kept; raises
     ``FloatingPointError`` naming the chunk's examples if one is not finite."""
-    total, n, flags = None, 0, []
+    total, n, flags = _zeros(layout, kind), 0, []
     for c in real_chunks(data, batch_size):
-        part, finite = _chunk_hessian(params, c.batch, c.count, loss_fn=loss_fn,
-                                      layout=layout, kind=kind, per_pass=per_pass)
-        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
+        total, finite = _chunk_hessian(total, params, c.batch, c.count, loss_fn=loss_fn,
+                                       layout=layout, kind=kind, per_pass=per_pass)
         flags.append((finite, c.offset, c.count))
         n += c.count
     for finite, offset, count in flags:  # read once every chunk is dispatched
         check_finite(finite, offset, count, what="loss Hessian",
                      hint="or the loss (e.g. a log of zero)")
-    return jax.tree_util.tree_map(lambda x: x / n, total)
+    return mean(total, n)
 
 
 def _hvp(loss_fn, params, batch, layout) -> Callable[[jax.Array], jax.Array]:
@@ -166,31 +165,65 @@ def _hvp(loss_fn, params, batch, layout) -> Callable[[jax.Array], jax.Array]:
     return hv
 
 
-@model_jit(static_argnames=("loss_fn", "layout", "kind", "per_pass"))
-def _chunk_hessian(params, batch, weight, *, loss_fn, layout, kind, per_pass):
-    """``weight ·`` the dense Hessian, its diagonal or its layer blocks, for one chunk:
-    ``H eᵢ`` for each needed basis vector, ``per_pass`` at a time."""
+def _zeros(layout: LayerCollection, kind: str) -> Any:
+    """The running total of a ``kind`` of columns kept: zeros of its shapes."""
+    d, dtype = layout.numel(), layout.dtype
+    if kind == "dense":
+        return jnp.zeros((d, d), dtype)
+    if kind == "diag":
+        return jnp.zeros((d,), dtype)
+    return tuple(jnp.zeros((layout.layer_numel(layer),) * 2, dtype) for layer in layout.layers)
+
+
+@model_jit(static_argnames=("loss_fn", "layout", "kind", "per_pass"), donate_argnums=0)
+def _chunk_hessian(total, params, batch, weight, *, loss_fn, layout, kind, per_pass):
+    """``total +`` ``weight ·`` the dense Hessian, its diagonal or its layer blocks, for one
+    chunk, and whether they are finite: ``H eᵢ`` for each needed basis vector, ``per_pass``
+    at a time, added to the donated ``total`` as rows (``H`` is symmetric) in place — no
+    temporary besides ``per_pass`` columns."""
     hvp = _hvp(loss_fn, params, batch, layout)
     d = layout.numel()
     dtype = layout.dtype
 
-    def columns(indices, keep):
-        """``keep(H eᵢ, i)`` for each ``i`` of ``indices``."""
-        def one(i):
-            return keep(hvp(jax.nn.one_hot(i, d, dtype=dtype)), i)
+    def column(i):
+        return hvp(jax.nn.one_hot(i, d, dtype=dtype))
 
-        return jax.lax.map(one, jnp.asarray(indices), batch_size=min(per_pass, len(indices)))
-
+    if kind == "diag":
+        diagonal = jax.lax.map(lambda i: column(i)[i], jnp.arange(d),
+                               batch_size=min(per_pass, d))
+        return total + weight * diagonal, tree_finite(diagonal)
     if kind == "dense":
-        state = columns(np.arange(d), lambda col, i: col).T
-    elif kind == "diag":
-        state = columns(np.arange(d), lambda col, i: col[i])
-    else:  # one block per layer: the layer's basis vectors, the layer's entries of H eᵢ
-        state = tuple(
-            columns(idx, lambda col, i, idx=idx: col[idx]).T
-            for idx in (layout.layer_indices(layer) for layer in layout.layers)
-        )
-    return jax.tree_util.tree_map(lambda x: weight * x, state), tree_finite(state)
+        return _add_rows(total, np.arange(d), column, weight, per_pass)
+    finite = jnp.ones((), bool)
+    blocks = []
+    for block, layer in zip(total, layout.layers):
+        idx = layout.layer_indices(layer)
+        block, ok = _add_rows(block, idx, lambda i, idx=idx: column(i)[idx], weight, per_pass)
+        blocks.append(block)
+        finite = finite & ok
+    return tuple(blocks), finite
+
+
+def _add_rows(total: jax.Array, indices: np.ndarray, row: Callable, weight: Any,
+              per_pass: int) -> tuple[jax.Array, jax.Array]:
+    """``total[k] += weight · row(indices[k])`` for every ``k``, ``per_pass`` rows at a
+    time in place (the last pass shifted back to fit, its rows done already masked), and
+    whether every row is finite."""
+    m = len(indices)
+    p = min(per_pass, m)
+    indices = jnp.asarray(indices)
+
+    def one_pass(b, carry):
+        total, finite = carry
+        start = jnp.minimum(b * p, m - p)
+        rows = jax.vmap(row)(jax.lax.dynamic_slice_in_dim(indices, start, p))
+        fresh = (start + jnp.arange(p) >= b * p)[:, None]
+        old = jax.lax.dynamic_slice_in_dim(total, start, p)
+        total = jax.lax.dynamic_update_slice_in_dim(
+            total, old + jnp.where(fresh, weight * rows, 0), start, axis=0)
+        return total, finite & jnp.all(jnp.isfinite(rows))
+
+    return jax.lax.fori_loop(0, -(-m // p), one_pass, (total, jnp.ones((), bool)))
 
 
 # ----------------------------------------------------------------------------- implicit
