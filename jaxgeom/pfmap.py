@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
-from jaxgeom._compile import model_jit
+from jaxgeom._compile import donating_jit, model_jit
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
@@ -270,7 +270,7 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
             self.fn, self.params, self.data, layer_collection=self.layer_collection,
             batch_size=self.batch_size, mode=self.mode, aux=self.aux,
         )
-        return self.scale * dense.data
+        return _scaled_in_place(dense.data, self.scale)
 
     # ------------------------------------------------------------------ algebra
     def _scale(self, s):
@@ -527,6 +527,13 @@ def _check_finite_gram(gram: jax.Array) -> None:
         raise FloatingPointError(
             f"non-finite model outputs or gradients for the examples {bad[:10].tolist()}"
             f"{' …' if bad.size > 10 else ''}: check the inputs and the parameters (NaN/inf)")
+
+
+@donating_jit(donate_argnums=0)
+def _scaled_in_place(data: jax.Array, scale: jax.Array) -> jax.Array:
+    """``scale · data`` in ``data``'s buffer (a map's ``(K, N, d)`` Jacobian, formed for
+    this: not a second copy of it)."""
+    return scale * data
 
 
 @jax.jit
