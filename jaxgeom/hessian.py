@@ -138,6 +138,7 @@ def real_chunks(data: Any, batch_size: int | None):
         yield data_lib.Chunk(batch, c.mask[: c.count], c.offset, c.count)
 
 
+@accepts_sharded_data  # the implicit Hessian's to_dense streams its stored data
 def stream(loss_fn, params, data, batch_size, layout, kind, per_pass):
     """``(1/N) Σ_c n_c · state(H_c)`` with ``state`` the ``kind`` of columns kept; raises
     ``FloatingPointError`` naming the chunk's examples if one is not finite."""

@@ -313,7 +313,7 @@ def scale_by_natural_gradient(
                 c = estimate(apply_fn, p, example_batch, jax.random.PRNGKey(0))
                 return c, (c.inv(1.0, **inv_options) if caches_inverse else None)
 
-            curvature, inverse = _zeros(jax.eval_shape(first, params))
+            curvature, inverse = _zeros(jax.eval_shape(first, params), params)
             if ema is not None and not refits:  # EK-FAC's refits share one basis
                 jax.eval_shape(lambda a, b: _average(a, b, 0.5), curvature, curvature)
         return NaturalGradientState(
@@ -496,8 +496,23 @@ def _float_dtype(params) -> Any:
     return jnp.result_type(*leaves) if leaves else jnp.float32
 
 
-def _zeros(shapes):
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+def _zeros(shapes, params):
+    """Zeros of ``jax.eval_shape``'s structs, placed as their shardings say on the mesh of
+    ``params`` (a curvature built from parameters on a mesh: replicated on it, as every
+    later step's is — a state on one device would give the steps' ``cond`` branches two
+    placements)."""
+    meshes = {getattr(leaf, "sharding", None).mesh for leaf in jax.tree_util.tree_leaves(params)
+              if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)}
+
+    def zeros(struct):
+        sharding = getattr(struct, "sharding", None)
+        for mesh in meshes if isinstance(sharding, jax.sharding.NamedSharding) else ():
+            if getattr(mesh, "abstract_mesh", mesh) == sharding.mesh or mesh == sharding.mesh:
+                return jnp.zeros(struct.shape, struct.dtype,
+                                 device=jax.sharding.NamedSharding(mesh, sharding.spec))
+        return jnp.zeros(struct.shape, struct.dtype)
+
+    return jax.tree_util.tree_map(zeros, shapes)
 
 
 def _cast_like(tree, like):

@@ -268,7 +268,8 @@ def test_solve(case):
 def test_sums_and_products(case):
     """On shared bases (recognised as the same arrays or equal concrete values) sums and
     products stay EKFACs; otherwise (other bases, or matrices entering ``jit`` as separate
-    arguments, whose bases are distinct tracers) they are exact block-diagonal / dense."""
+    arguments, whose bases are distinct tracers) they are the exact layer blocks, a
+    block-diagonal matrix (with a dense matrix: dense)."""
     t, E, dense = case
     other = FIM(t.apply_fn, t.params, t.x[:3], PMatEKFAC)  # other eigenbases
     o = np.asarray(other.to_dense())
@@ -279,8 +280,8 @@ def test_sums_and_products(case):
         assert type(got) is PMatEKFAC
         np.testing.assert_allclose(got.to_dense(), want, **TOL)
     check_combinations([
-        (E, inv, dense, i, (PMatBlockDiag, PMatDense)),
-        (E, other, dense, o, (PMatBlockDiag, PMatDense)),
+        (E, inv, dense, i, (PMatBlockDiag, PMatBlockDiag)),
+        (E, other, dense, o, (PMatBlockDiag, PMatBlockDiag)),
         (E, PMatDense(E.layer_collection, dense), dense, dense, (PMatDense, PMatDense)),
     ])
     with pytest.raises(ValueError, match="Kronecker factors"):

@@ -284,7 +284,14 @@ def test_ekfac_moving_average_on_sharded_data(task):
             p, s = step(p, s)
         return host_flat(p)
 
-    np.testing.assert_allclose(run(params, batch), run(task.params, (task.x, task.y)),
+    expected = run(task.params, (task.x, task.y))
+    np.testing.assert_allclose(run(params, batch), expected, rtol=1e-9, atol=1e-12)
+    # FSDP parameters (the batch replicated): the state starts replicated on the mesh, as
+    # every step leaves it (a state on one device let the refit's branch hand back a
+    # basis that XLA then split)
+    mesh = mesh_of(AxisType.Explicit)
+    replicated = jax.device_put((task.x, task.y), NamedSharding(mesh, P()))
+    np.testing.assert_allclose(run(fully_sharded(task.params, mesh), replicated), expected,
                                rtol=1e-9, atol=1e-12)
 
 
