@@ -363,8 +363,8 @@ def scale_by_natural_gradient(
         inverse = state.inverse
         if caches_inverse:
             inverse = _cond(count % inverse_period == 0,
-                                   lambda: curvature.inv(lam, **inv_options),
-                                   lambda: state.inverse)
+                            lambda: curvature.inv(lam, **inv_options),
+                            lambda: state.inverse)
             direction = inverse.mv(updates)
         else:
             direction = curvature.solve(updates, lam, **solve_options)

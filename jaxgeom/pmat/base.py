@@ -499,12 +499,11 @@ def check_precision(cls: type, params: Any) -> None:
     has no factorisation in it."""
     for leaf in jax.tree_util.tree_leaves(params):
         dtype = getattr(leaf, "dtype", None)
-        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and \
-                jnp.finfo(dtype).bits < 32:
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
             raise TypeError(
                 f"{getattr(cls, '__name__', cls)} is built from parameters in float32 or "
-                f"float64; got "
-                f"{jnp.dtype(dtype).name} parameters, in which the sums over examples would "
+                f"float64; got {jnp.dtype(dtype).name} parameters, in which the sums over "
+                "examples would "
                 "lose most of the curvature (and which LAPACK cannot factorise). Build from "
                 "float32 copies: jax.tree.map(lambda p: p.astype(jnp.float32), params). A "
                 "model that computes in bfloat16 from float32 parameters (Flax's "
