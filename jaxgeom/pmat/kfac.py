@@ -715,14 +715,10 @@ class PMatKFAC(PMatAbstract):
         return self._parts.quadratic(self.factors, v, self.blocks)
 
     def to_dense(self):
-        d = self.layer_collection.numel()
-        out = jnp.zeros((d, d), self.dtype)
-        parts = self._parts
-        for node, idx in zip(self.factors, parts.kron_flat):
-            out = out.at[np.ix_(idx, idx)].set(node.dense())
-        for block, idx in zip(self.blocks, parts.other_indices):
-            out = out.at[np.ix_(idx, idx)].set(block)
-        return out
+        """The ``d × d`` matrix, through the layer blocks (``PMatBlockDiag.to_dense``'s
+        permutation: a scatter of each block by ``np.ix_`` took index constants of
+        ``2 d_l²`` integers and peaked at 3.9× the result)."""
+        return self.to_blockdiag().to_dense()
 
     def get_diag(self):
         return self._parts.merge([n.diag() for n in self.factors],
