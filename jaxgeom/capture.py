@@ -467,6 +467,10 @@ class CapturePlan:
         return _sites_in_order(self)[layer].inputs_from
 
 
+#: whether this JAX has meshes in context (``jax.sharding.get_abstract_mesh``)
+_HAS_MESHES = hasattr(jax.sharding, "get_abstract_mesh")
+
+
 def make_plan(fn: Callable, params: Any, example: Any, aux: Any,
               layout: LayerCollection) -> CapturePlan:
     """Trace ``fn`` on one ``example`` and locate the op of every Kronecker layer.
@@ -479,15 +483,13 @@ def make_plan(fn: Callable, params: Any, example: Any, aux: Any,
 
     Plans depend only on ``fn``, ``layout``, the shapes and dtypes of the arguments and the
     mesh in context, and are cached on them: the same plan object (a static argument of the
-    compiled capture steps) comes back for new parameter values or new data, so nothing recompiles.
+    compiled capture steps) comes back for new parameter values or new data, so nothing
+    recompiles.
     """
     # the mesh in context is part of the key: a plan traced under one mesh (a build on
     # explicitly sharded data runs under the mesh's automatic twin) holds its avals
     mesh = jax.sharding.get_abstract_mesh() if _HAS_MESHES else None
     return _cached_plan(fn, layout, signature((params, example, aux)), mesh)
-
-
-_HAS_MESHES = hasattr(jax.sharding, "get_abstract_mesh")
 
 
 @cached(maxsize=64)
