@@ -48,6 +48,7 @@ from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat.base import check_shape, static_field
 from jaxgeom.pmat.implicit import _masked_outputs, _tangents
 from jaxgeom.replay import ReplayedFunction
+from jaxgeom.restriction import RestrictedFunction, restrict
 from jaxgeom.scaling import ScalarMultiples
 from jaxgeom.variants import BatchedFunction, check_outputs
 from jaxgeom.vector import PVector, _unravel, as_flat, product_dtype
@@ -271,6 +272,26 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
             batch_size=self.batch_size, mode=self.mode, aux=self.aux,
         )
         return _scaled_in_place(dense.data, self.scale)
+
+    def to_dense_layer(self, layer):
+        """The ``(K, N, d_l)`` columns of one layer, streamed from the Jacobians of the
+        layer's own parameters (:mod:`jaxgeom.restriction`): memory ``K N d_l`` plus one
+        chunk's, never the whole ``(K, N, d)`` map; cost one pass over the data (``N K``
+        backward passes, or ``N d_l`` forward ones, whichever ``mode`` picks)."""
+        layer = self.layer_collection.layer(layer) if isinstance(layer, str) else layer
+        part = restrict(self.layer_collection, (layer.id,))
+        dense = PFMapDense.from_jacobians(
+            RestrictedFunction(self.fn, part), part.select(self.params), self.data,
+            layer_collection=part.layer_collection, batch_size=self.batch_size,
+            mode=self.mode, aux=(self.params, self.aux),
+        )
+        return _scaled_in_place(dense.data, self.scale)
+
+    def iter_by_layer(self):
+        """``(layer, (K, N, d_l) columns)`` for each layer, one pass over the data per layer
+        (:meth:`to_dense_layer`): memory one layer's columns at a time."""
+        for layer in self.layer_collection.layers:
+            yield layer, self.to_dense_layer(layer)
 
     # ------------------------------------------------------------------ algebra
     def _scale(self, s):

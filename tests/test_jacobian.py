@@ -120,17 +120,29 @@ def test_finite_differences(case):
     np.testing.assert_allclose(dense.jvp(dw).data, diff, rtol=1e-6, atol=1e-14)
 
 
-def test_per_layer_views(mlp):
-    t, ref, dense, _ = mlp
+@pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn])
+def test_per_layer_views(make, monkeypatch):
+    """``iter_by_layer`` / ``to_dense_layer`` are the columns ``J[..., layer_indices]``; the
+    implicit map's (scaled, and a sum of maps at two parameter points) are streamed from
+    the layer's own Jacobian, never from the whole ``(K, N, d)`` map."""
+    t, ref, dense, implicit = _case(make)
     lc = dense.layer_collection
     assert len(lc.layers) >= 2
-    rebuilt = np.zeros_like(ref)
-    for layer, cols in dense.iter_by_layer():
-        idx = lc.layer_indices(layer)
-        assert cols.shape == ref.shape[:2] + (len(idx),)
-        rebuilt[..., idx] = cols
-        np.testing.assert_allclose(dense.to_dense_layer(layer.id), ref[..., idx], **TOL)
-    np.testing.assert_allclose(rebuilt, ref, **TOL)
+    other = jax.tree_util.tree_map(lambda a: 0.5 * a, t.params)
+    ref_other = np.asarray(flat_jacobian(t.apply_fn, other, t.x)).transpose(1, 0, 2)
+    at_other = Jacobian(t.apply_fn, other, (t.x, t.y), PFMapImplicit, batch_size=3)
+    sum_of_two = -1.5 * implicit + at_other  # one implicit map: fn sums both points
+    assert isinstance(sum_of_two, PFMapImplicit)
+    monkeypatch.setattr(PFMapImplicit, "to_dense", None)  # the whole map is never formed
+    for J, expected in [(dense, ref), (implicit, ref), (2.5 * implicit, 2.5 * ref),
+                        (sum_of_two, -1.5 * ref + ref_other)]:
+        rebuilt = np.zeros_like(expected)
+        for layer, cols in J.iter_by_layer():
+            idx = lc.layer_indices(layer)
+            assert cols.shape == expected.shape[:2] + (len(idx),)
+            rebuilt[..., idx] = cols
+            np.testing.assert_allclose(J.to_dense_layer(layer.id), expected[..., idx], **TOL)
+        np.testing.assert_allclose(rebuilt, expected, **TOL)
 
 
 def test_addition(mlp):

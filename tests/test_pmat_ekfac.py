@@ -255,6 +255,27 @@ def test_eigenbasis_block_products_in_both_orientations(g, a):
                                    rtol=1e-12)
 
 
+@pytest.mark.parametrize("ranges, zero_off_range, input_basis", [
+    ((None, None), True, True), ((3, 2), True, True), ((3, 2), False, True),
+    ((None, None), True, False), ((None, 2), False, False)])
+def test_eigenbasis_block_dense(ranges, zero_off_range, input_basis):
+    """``dense()`` (block row by block row, on the range columns plus ``c I``) is
+    ``(Q_G ⊗ Q_A) diag(d) (Q_G ⊗ Q_A)ᵀ``, ``d`` constant (0, or ``c``) off the ranges;
+    ``qa = None`` is the identity."""
+    g, a = 5, 7
+    k1, k2, k3 = jax.random.split(KEY, 3)
+    qa = np.linalg.qr(np.asarray(jax.random.normal(k1, (a, a))))[0] if input_basis else None
+    qg = np.linalg.qr(np.asarray(jax.random.normal(k2, (g, g))))[0]
+    d = np.asarray(jax.random.uniform(k3, (g, a)))
+    range_a, range_g = ranges
+    on_range = np.zeros((g, a), bool)
+    on_range[-(range_g or g):, -(range_a or a):] = True
+    d = np.where(on_range, d, 0.0 if zero_off_range else 0.3)
+    q = np.kron(qg, np.eye(a) if qa is None else qa)
+    node = KronEigen(qa, qg, d, ranges, zero_off_range)
+    np.testing.assert_allclose(node.dense(), (q * d.ravel()) @ q.T, rtol=1e-12, atol=1e-14)
+
+
 def _dense_pow(dense, p, regul):
     evals, evecs = np.linalg.eigh(dense + regul * np.eye(len(dense)))
     return (evecs * np.maximum(evals, 0) ** p) @ evecs.T

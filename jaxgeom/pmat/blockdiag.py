@@ -107,8 +107,7 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
         return self._parts.merge([b @ part for b, part in zip(self.blocks, parts)])
 
     def to_dense(self):
-        dense = jax.scipy.linalg.block_diag(*self.blocks)
-        return self._parts.unpermute(self._parts.unpermute(dense).T).T
+        return self._parts.flat.block_diagonal(self.blocks)
 
     def get_diag(self):
         return self._parts.merge([jnp.diag(b) for b in self.blocks])
@@ -228,11 +227,6 @@ class _Partition:
 
     def merge(self, parts: list[jax.Array]) -> jax.Array:
         return self.flat.merge(parts)
-
-    def unpermute(self, x: jax.Array) -> jax.Array:
-        """From the layer-major order to the flat order, on the last axis."""
-        edges = np.cumsum((0,) + self.sizes)
-        return self.merge([x[..., a:b] for a, b in zip(edges[:-1], edges[1:])])
 
 
 @functools.lru_cache(maxsize=128)

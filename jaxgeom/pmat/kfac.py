@@ -409,9 +409,26 @@ class KronEigen:
             None if self.zero_off_range else self.d[0, 0])
 
     def dense(self):
-        qa = jnp.eye(self.d.shape[1], dtype=self.d.dtype) if self.qa is None else self.qa
-        q = jnp.kron(self.qg, qa)
-        return (q * self.d.ravel()) @ q.T
+        """The ``(g a, g a)`` block, one block row ``i`` (``a`` rows) at a time:
+        ``B[(i, ·), (j, ·)] = Q_A diag(Y_i[j]) Q_Aᵀ`` with ``Y_i = (Q_G ⊙ Q_G[i]) d``, written
+        into the result in place (memory: the result plus ``g a r_A``; ``kron(Q_G, Q_A)``
+        and its product took three ``(g a)²`` arrays). Cost ``g² a² r_A``, against
+        ``(g a)³`` for the Kronecker product's; on the ranges only, ``c I`` added after."""
+        qa, qg, d, c = self._on_ranges()
+        g, a = self.qg.shape[0], self.d.shape[1]
+        if qa is None:
+            qa = jnp.eye(a, dtype=d.dtype)
+        if c is not None:
+            d = d - c
+
+        def block_row(qg_i):
+            y = (qg * qg_i) @ d  # (g, r_A)
+            return qa @ (y.T[:, :, None] * qa.T[:, None, :]).reshape(qa.shape[1], g * a)
+
+        out = jax.lax.map(block_row, qg).reshape(g * a, g * a)
+        if c is not None:
+            out = out.at[jnp.diag_indices(g * a)].add(c)
+        return out
 
     def diag(self):
         qa, qg, d, c = self._on_ranges()

@@ -9,13 +9,12 @@ on the part's parameters only, and the matrix is block-diagonal over the parts:
 
 ``J_{n,p}`` the columns of the per-example Jacobian on part ``p``'s parameters.
 
-Restriction. :func:`restrict` makes, for a subset of layers, the sub-:class:`LayerCollection`
-of their leaves (a flat list of leaves, in the flat order, keeping paths, kinds and roles)
-and the restricted per-example function ``fn_p(leaves_p, example, index, (params, aux))``
-that writes ``leaves_p`` into the full ``params`` before calling ``fn``: every representation
-builds on it unchanged — the per-example Jacobian, or the capture of layer inputs and
-output gradients (:mod:`jaxgeom.capture`), is then taken with respect to the part's
-leaves only.
+Restriction (:mod:`jaxgeom.restriction`). Each part is built on its restricted function
+``fn_p(leaves_p, example, index, (params, aux))``, which writes the part's leaves into the
+full ``params`` before calling ``fn``: every representation builds on it unchanged — the
+per-example Jacobian, or the capture of layer inputs and output gradients
+(:mod:`jaxgeom.capture`), is then taken with respect to the part's leaves only.
+:func:`restrict` (importable from here too) makes a part's sub-:class:`LayerCollection`.
 
 Build. :meth:`PMatMixed.chunk_builder` makes each part's own chunk builder
 (:mod:`jaxgeom.streaming`) on its restricted function — per-example Jacobians of the
@@ -50,89 +49,24 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxgeom._reindex import FlatPartition
 from jaxgeom.layers import KINDS, Layer, LayerCollection
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.restriction import RestrictedFunction, Restriction, restrict
 from jaxgeom.streaming import BuilderGroup, ChunkBuilder, Continue, builder
 
 
-# ----------------------------------------------------------------------------- restriction
-@dataclasses.dataclass(frozen=True)
-class Restriction:
-    """A subset of the layers of a :class:`LayerCollection`.
-
-    Attributes:
-      layer_collection: the sub-collection: one flat *list* of the subset's leaves (in the
-        flat order), with the original paths, shapes, kinds and roles.
-      leaves: the subset's leaf indices in the full collection (ascending).
-      indices: the subset's flat indices in the full flat order (ascending).
-    """
-
-    layer_collection: LayerCollection
-    leaves: tuple[int, ...]
-    indices: np.ndarray = dataclasses.field(compare=False, hash=False)
-
-    def select(self, params: Any) -> list:
-        """The sub-parameters (a list of leaves) of a full ``params`` pytree."""
-        leaves = jax.tree_util.tree_leaves(params)
-        return [leaves[i] for i in self.leaves]
-
-    def merge(self, params: Any, sub: Sequence) -> Any:
-        """``params`` with the subset's leaves replaced by ``sub``."""
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        for i, x in zip(self.leaves, sub):
-            leaves[i] = x
-        return treedef.unflatten(leaves)
-
-    def apply_fn(self, apply_fn: Callable, params: Any) -> Callable:
-        """``apply_fn`` as a function of the sub-parameters, the others fixed at ``params``
-        (to build a part yourself, e.g. ``FIM(R.apply_fn(f, params), R.select(params), …,
-        layer_collection=R.layer_collection)``)."""
-        return lambda sub, *args: apply_fn(self.merge(params, sub), *args)
-
-
-@functools.lru_cache(maxsize=256)
-def restrict(layer_collection: LayerCollection, layer_ids: tuple[str, ...]) -> Restriction:
-    """The :class:`Restriction` of ``layer_collection`` to the layers ``layer_ids``."""
-    chosen = [layer_collection.layer(i) for i in layer_ids]
-    leaves = tuple(sorted(i for layer in chosen for i in layer.leaves))
-    position = {leaf: k for k, leaf in enumerate(leaves)}
-    layers = tuple(
-        dataclasses.replace(layer, leaves=tuple(position[i] for i in layer.leaves))
-        for layer in sorted(chosen, key=lambda lyr: lyr.leaves[0])
-    )
-    lc = layer_collection
-    sub = LayerCollection(
-        jax.tree_util.tree_structure([0] * len(leaves)),
-        tuple(lc.paths[i] for i in leaves), tuple(lc.shapes[i] for i in leaves),
-        tuple(lc.dtypes[i] for i in leaves), layers)
-    indices = np.concatenate([np.arange(lc.offsets[i], lc.offsets[i + 1]) for i in leaves])
-    return Restriction(sub, leaves, indices)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Restricted:
-    """A per-example function of the sub-parameters: ``aux`` is ``(params, aux)``."""
-
-    fn: Callable
-    restriction: Restriction
-
-    def __call__(self, sub, example, index, aux):
-        params, inner = aux
-        return self.fn(self.restriction.merge(params, sub), example, index, inner)
-
-
+# ----------------------------------------------------------------------------- restricted builds
 @builder
 class RestrictedBuilder(ChunkBuilder):
-    """A part's chunk builder (made for ``_Restricted(fn, restriction)``, the sub-parameters
-    and ``aux = (params, aux)``) driven with the full ``params`` and ``aux``: it selects the
-    part's leaves itself, so every part can run in one step on the same arguments."""
+    """A part's chunk builder (made for ``RestrictedFunction(fn, restriction)``, the
+    sub-parameters and ``aux = (params, aux)``) driven with the full ``params`` and
+    ``aux``: it selects the part's leaves itself, so every part can run in one step on the
+    same arguments."""
 
     inner: ChunkBuilder = None
     restriction: Restriction = static_field(default=None)
@@ -305,11 +239,7 @@ class PMatMixed(PMatAbstract):
                                                      lambda p: p.frobenius_norm())))
 
     def to_dense(self):
-        d = self.layer_collection.numel()
-        out = jnp.zeros((d, d), self.dtype)
-        for idx, block in zip(self._split.pieces, self._each("to_dense", lambda p: p.to_dense())):
-            out = out.at[np.ix_(idx, idx)].set(block)
-        return out
+        return self._split.block_diagonal(self._each("to_dense", lambda p: p.to_dense()))
 
     def eigvalsh(self):
         return jnp.sort(jnp.concatenate(self._each("eigvalsh", lambda p: p.eigvalsh())))
@@ -406,7 +336,7 @@ class PMatMixed(PMatAbstract):
         parts = []
         for rep, ids in groups.items():
             r = restrict(layout, tuple(ids))
-            inner = rep.chunk_builder(_Restricted(fn, r), r.select(params), example,
+            inner = rep.chunk_builder(RestrictedFunction(fn, r), r.select(params), example,
                                       (params, aux), r.layer_collection, mode=mode,
                                       **dict((options or {}).get(rep, {})))
             parts.append(RestrictedBuilder(inner, r))

@@ -1,0 +1,92 @@
+"""Restriction of a model to a subset of its layers.
+
+:func:`restrict` makes, for a subset of layers, the sub-:class:`LayerCollection` of their
+leaves (a flat list of leaves, in the flat order, keeping paths, kinds and roles), and
+:class:`RestrictedFunction` the per-example function of those leaves alone,
+``fn_p(leaves_p, example, index, (params, aux)) = fn(params with leaves_p, example, index,
+aux)``. Everything that differentiates a per-example function builds on it unchanged: the
+per-example Jacobian, or the capture of layer inputs and output gradients
+(:mod:`jaxgeom.capture`), is then taken with respect to the subset's leaves only — the
+columns ``J[:, :, indices]`` of the whole Jacobian, computed without the others.
+
+Used by :class:`jaxgeom.pmat.PMatMixed` (each part built on its own layers) and by
+:meth:`jaxgeom.pfmap.PFMapImplicit.to_dense_layer` (one layer's columns without the whole
+``(K, N, d)`` map).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxgeom.layers import LayerCollection
+
+
+@dataclasses.dataclass(frozen=True)
+class Restriction:
+    """A subset of the layers of a :class:`LayerCollection`.
+
+    Attributes:
+      layer_collection: the sub-collection: one flat *list* of the subset's leaves (in the
+        flat order), with the original paths, shapes, kinds and roles.
+      leaves: the subset's leaf indices in the full collection (ascending).
+      indices: the subset's flat indices in the full flat order (ascending).
+    """
+
+    layer_collection: LayerCollection
+    leaves: tuple[int, ...]
+    indices: np.ndarray = dataclasses.field(compare=False, hash=False)
+
+    def select(self, params: Any) -> list:
+        """The sub-parameters (a list of leaves) of a full ``params`` pytree."""
+        leaves = jax.tree_util.tree_leaves(params)
+        return [leaves[i] for i in self.leaves]
+
+    def merge(self, params: Any, sub: Sequence) -> Any:
+        """``params`` with the subset's leaves replaced by ``sub``."""
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        for i, x in zip(self.leaves, sub):
+            leaves[i] = x
+        return treedef.unflatten(leaves)
+
+    def apply_fn(self, apply_fn: Callable, params: Any) -> Callable:
+        """``apply_fn`` as a function of the sub-parameters, the others fixed at ``params``
+        (to build a part yourself, e.g. ``FIM(R.apply_fn(f, params), R.select(params), …,
+        layer_collection=R.layer_collection)``)."""
+        return lambda sub, *args: apply_fn(self.merge(params, sub), *args)
+
+
+@functools.lru_cache(maxsize=256)
+def restrict(layer_collection: LayerCollection, layer_ids: tuple[str, ...]) -> Restriction:
+    """The :class:`Restriction` of ``layer_collection`` to the layers ``layer_ids``."""
+    chosen = [layer_collection.layer(i) for i in layer_ids]
+    leaves = tuple(sorted(i for layer in chosen for i in layer.leaves))
+    position = {leaf: k for k, leaf in enumerate(leaves)}
+    layers = tuple(
+        dataclasses.replace(layer, leaves=tuple(position[i] for i in layer.leaves))
+        for layer in sorted(chosen, key=lambda lyr: lyr.leaves[0])
+    )
+    lc = layer_collection
+    sub = LayerCollection(
+        jax.tree_util.tree_structure([0] * len(leaves)),
+        tuple(lc.paths[i] for i in leaves), tuple(lc.shapes[i] for i in leaves),
+        tuple(lc.dtypes[i] for i in leaves), layers)
+    indices = np.concatenate([np.arange(lc.offsets[i], lc.offsets[i + 1]) for i in leaves])
+    return Restriction(sub, leaves, indices)
+
+
+@dataclasses.dataclass(frozen=True)
+class RestrictedFunction:
+    """A per-example function of the sub-parameters: ``aux`` is ``(params, aux)``."""
+
+    fn: Callable
+    restriction: Restriction
+
+    def __call__(self, sub, example, index, aux):
+        params, inner = aux
+        return self.fn(self.restriction.merge(params, sub), example, index, inner)
