@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
-from jaxgeom._compile import donating_jit, model_jit
+from jaxgeom._compile import model_jit
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
@@ -50,6 +50,7 @@ from jaxgeom.pmat.implicit import _masked_outputs, _tangents
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, restrict
 from jaxgeom.scaling import ScalarMultiples
+from jaxgeom.streaming import scaled
 from jaxgeom.variants import BatchedFunction, check_outputs
 from jaxgeom.vector import PVector, _unravel, as_flat, product_dtype
 
@@ -271,7 +272,7 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
             self.fn, self.params, self.data, layer_collection=self.layer_collection,
             batch_size=self.batch_size, mode=self.mode, aux=self.aux,
         )
-        return _scaled_in_place(dense.data, self.scale)
+        return scaled(dense.data, self.scale)
 
     def to_dense_layer(self, layer):
         """The ``(K, N, d_l)`` columns of one layer, streamed from the Jacobians of the
@@ -285,7 +286,7 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
             layer_collection=part.layer_collection, batch_size=self.batch_size,
             mode=self.mode, aux=(self.params, self.aux),
         )
-        return _scaled_in_place(dense.data, self.scale)
+        return scaled(dense.data, self.scale)
 
     def iter_by_layer(self):
         """``(layer, (K, N, d_l) columns)`` for each layer, one pass over the data per layer
@@ -548,13 +549,6 @@ def _check_finite_gram(gram: jax.Array) -> None:
         raise FloatingPointError(
             f"non-finite model outputs or gradients for the examples {bad[:10].tolist()}"
             f"{' …' if bad.size > 10 else ''}: check the inputs and the parameters (NaN/inf)")
-
-
-@donating_jit(donate_argnums=0)
-def _scaled_in_place(data: jax.Array, scale: jax.Array) -> jax.Array:
-    """``scale · data`` in ``data``'s buffer (a map's ``(K, N, d)`` Jacobian, formed for
-    this: not a second copy of it)."""
-    return scale * data
 
 
 @jax.jit

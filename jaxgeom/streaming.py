@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
-from jaxgeom._compile import MEMORY_SCHEDULE, model_jit
+from jaxgeom._compile import MEMORY_SCHEDULE, donating_jit, model_jit
 from jaxgeom._signature import Signature, abstract, signature
 
 
@@ -217,6 +217,13 @@ def _zeros(treedef, leaves):
 @jax.jit
 def _add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+@donating_jit(donate_argnums=0)
+def scaled(total: jax.Array, scale: jax.Array) -> jax.Array:
+    """``scale · total`` in ``total``'s buffer (a matrix or map formed for this call: not a
+    second copy of it)."""
+    return scale * total
 
 
 @functools.partial(jax.jit, donate_argnums=0)

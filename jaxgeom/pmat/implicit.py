@@ -25,7 +25,7 @@ from jaxgeom.jacobian import (
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract, representation, static_field
 from jaxgeom.replay import ReplayedFunction
-from jaxgeom.streaming import ChunkBuilder, Stream, builder
+from jaxgeom.streaming import ChunkBuilder, Stream, builder, scaled
 from jaxgeom.vector import as_flat, as_rows, product_dtype
 
 
@@ -140,7 +140,8 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         """``s/N Σₙ JₙᵀJₙ`` streamed through ``PMatDense``'s reduction (memory ``d²``)."""
         from jaxgeom.pmat.dense import PMatDense
 
-        return self.scale * self._accumulate(PMatDense.accumulator(self.layer_collection)).data
+        dense = self._accumulate(PMatDense.accumulator(self.layer_collection)).data
+        return scaled(dense, jnp.asarray(self.scale, dense.dtype))
 
     def frobenius_norm(self):
         """``|s|/N (Σ_{i,j} ‖J_i J_jᵀ‖²_F)^{1/2}`` over chunk pairs, each block ``J_i J_jᵀ``
