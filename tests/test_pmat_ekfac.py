@@ -78,6 +78,21 @@ def test_refit_is_the_exact_diagonal_in_the_eigenbasis(make):
         assert e_l <= k_l + 1e-12
 
 
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize("make", [make_linen_cnn, make_linen_embed],
+                         ids=lambda make: make.__name__)
+def test_own_refit_is_the_exact_diagonal_for_both_approximations(make, kfac_approx):
+    """The build's own refit (on the factors' ranges where the per-example gradients lie in
+    them) is ``diag(Qᵀ B Q)``: with ``"reduce"`` the factors of a layer applied at ``T > 1``
+    positions are Grams of the positions' means and sums, whose ranges do not hold the
+    positions' own inputs and output gradients, so it refits on the whole bases."""
+    t = make()
+    exact = reference(t)
+    E = FIM(t.apply_fn, t.params, t.x, PMatEKFAC, kfac_approx=kfac_approx, batch_size=4)
+    for i, want in enumerate(exact_kfe_diagonals(E, exact)):
+        np.testing.assert_allclose(E.factors[i].d, want, rtol=1e-8, atol=1e-12)
+
+
 def test_a_factor_of_few_rows_is_factorised_on_its_range(monkeypatch):
     """A 151-input dense layer seen on 6 examples: its input factor has rank ≤ 6, and
     EKFAC's build factorises it through its range (:func:`factor_rank_bounds`). Before

@@ -61,7 +61,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -83,6 +83,7 @@ from jaxgeom.pmat.kfac import (
     capture_plan,
     check_blocks,
     layer_grads,
+    layer_positions,
     other_gradients,
     squared_gradient_sum,
 )
@@ -225,8 +226,13 @@ class EKFACBuilder(KFACBuilder):
             work_follows=self.refit)
         if not self.refit:
             return basis
+        # A layer's per-example gradients lie in its factors' ranges when the factors were
+        # summed from the same rows: always with "expand"; with "reduce" only at T = 1 (the
+        # factors are Grams of the inputs' means and the output gradients' sums over the
+        # positions, whose span is smaller than that of the positions' own rows).
+        in_ranges = tuple(self.approx == "expand" or t == 1 for t in layer_positions(self.plan))
         return Continue(RefitBuilder.on(self.plan, self.layout, self.representation,
-                                        basis.factors, on_ranges=True),
+                                        basis.factors, on_ranges=in_ranges),
                         lambda refitted: refitted)
 
 
@@ -252,11 +258,13 @@ class RefitBuilder(CaptureBuilder):
     input_rotations: tuple = ()
 
     @classmethod
-    def on(cls, plan, layout, representation, factors, on_ranges: bool = False
-           ) -> RefitBuilder:
-        """The refit pass of ``plan``'s layers on the eigenbases ``factors`` (``on_ranges``:
-        on their range columns, see the class docstring)."""
-        bases = tuple(_range_bases(n) if on_ranges else n for n in factors)
+    def on(cls, plan, layout, representation, factors,
+           on_ranges: bool | Sequence[bool] = False) -> RefitBuilder:
+        """The refit pass of ``plan``'s layers on the eigenbases ``factors`` (``on_ranges``,
+        for all layers or per layer: on their range columns, see the class docstring)."""
+        if isinstance(on_ranges, bool):
+            on_ranges = (on_ranges,) * len(factors)
+        bases = tuple(_range_bases(n) if r else n for n, r in zip(factors, on_ranges))
         return cls(plan, layout, representation, bases, _input_rotations(plan.specs, bases))
 
     def statistics(self, params, batch, mask, offset, aux):
