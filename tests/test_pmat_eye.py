@@ -113,3 +113,25 @@ def test_an_integer_scaling_takes_the_parameters_dtype(case):
         M = PMatEye(E.layer_collection, scaling)
         assert M.dtype == E.layer_collection.dtype
         np.testing.assert_allclose(M.pinv().to_dense(), 0.5 * np.eye(E.layer_collection.numel()))
+
+
+def test_stacks_reduce_each_member_apart(case):
+    """A stack of identities or diagonals (``tree_map(jnp.stack, …)``, a ``vmap``'s output)
+    gives each member's trace and norms, not one number over the whole stack; a ``(d, d)``
+    matrix given as a diagonal is refused with the fix."""
+    t, E, _ = case
+    lc = E.layer_collection
+    d = lc.numel()
+    diag = np.linspace(0.5, 2.0, d)
+    stacks = [(PMatEye(lc, jnp.asarray([1.0, 2.0])), np.ones((2, d)) * [[1.0], [2.0]]),
+              (PMatDiag(lc, jnp.stack([diag, -3 * diag])), np.stack([diag, -3 * diag]))]
+    for M, values in stacks:
+        np.testing.assert_allclose(M.trace(), values.sum(-1), rtol=1e-12)
+        np.testing.assert_allclose(M.frobenius_norm(), np.linalg.norm(values, axis=-1),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(M.norm(2), np.abs(values).max(-1), rtol=1e-12)
+        np.testing.assert_allclose(M.norm(-2), np.abs(values).min(-1), rtol=1e-12)
+        first = jax.tree_util.tree_map(lambda a: a[1], M)
+        np.testing.assert_allclose(first.trace(), values[1].sum(), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"jnp.diag\(M\).*PMatDense"):
+        PMatDiag(lc, jnp.eye(d))

@@ -73,10 +73,18 @@ class CanonicalDiagonal(PMatAbstract):
             return self._elementwise(v, lambda m, x: x / (m + regul))
         return super()._solve(v, regul, method, **options)
 
+    #: the rank of one matrix's ``values`` (``(d,)``: 1; a scalar: 0); leading axes are a
+    #: stack, whose members' traces and norms are reduced apart
+    VALUES_RANK: ClassVar[int] = 1
+
+    @property
+    def _axes(self) -> tuple[int, ...]:
+        return tuple(range(-self.VALUES_RANK, 0))
+
     @property
     def _multiplicity(self) -> float:
         """How many diagonal entries each stored value stands for (1, or d for a scalar)."""
-        return self.layer_collection.numel() / self._values.size
+        return 1.0 if self.VALUES_RANK else float(self.layer_collection.numel())
 
     def get_diag(self):
         return jnp.broadcast_to(self._values, (self.layer_collection.numel(),))
@@ -85,10 +93,11 @@ class CanonicalDiagonal(PMatAbstract):
         return jnp.diag(self.get_diag())
 
     def trace(self):
-        return jnp.sum(self._values) * self._multiplicity
+        return jnp.sum(self._values, axis=self._axes) * self._multiplicity
 
     def frobenius_norm(self):
-        return jnp.sqrt(jnp.sum(jnp.abs(self._values) ** 2) * self._multiplicity)
+        return jnp.sqrt(jnp.sum(jnp.abs(self._values) ** 2, axis=self._axes)
+                        * self._multiplicity)
 
     def eigvalsh(self):
         return jnp.sort(self.get_diag())
@@ -96,7 +105,7 @@ class CanonicalDiagonal(PMatAbstract):
     def _norm(self, ord: Any) -> jax.Array:
         if ord in (2, -2):
             magnitudes = jnp.abs(self._values)
-            return jnp.max(magnitudes) if ord == 2 else jnp.min(magnitudes)
+            return (jnp.max if ord == 2 else jnp.min)(magnitudes, axis=self._axes)
         return super()._norm(ord)
 
     def eigh(self):

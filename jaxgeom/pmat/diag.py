@@ -57,6 +57,13 @@ class PMatDiag(MeanOfJacobians, CanonicalDiagonal):
 
     def __post_init__(self):
         d = self.layer_collection.numel()
+        # leading dimensions are a stack (see check_shape), but a (d, d) array is most
+        # likely a matrix meant to be reduced to its diagonal
+        if getattr(self.data, "shape", None) == (d, d) and d > 1:
+            raise ValueError(
+                f"PMatDiag data is the ({d},) diagonal (or a stack of them); got a ({d}, {d}) "
+                "matrix: pass jnp.diag(M) for its diagonal, or PMatDense(layer_collection, M) "
+                "for the matrix")
         check_shape("PMatDiag data", getattr(self.data, "shape", None), f"({d},)",
                     lambda s: s == (d,), 1)
 

@@ -53,6 +53,8 @@ class PMatEye(CanonicalDiagonal):
                 f"({d},), the number of parameters: for a diagonal use PMatDiag"
             )
 
+    VALUES_RANK = 0
+
     @property
     def _values(self) -> jax.Array:
         return self.scaling
