@@ -91,3 +91,29 @@ def test_rank_bounds_round_up_to_the_sketch_width():
     assert _spectral.useful_rank_bound(513, 512) is None
     assert _spectral.range_width(4097, 152) == 160 and _spectral.range_width(785, 512) == 512
     assert _spectral.sketch_width(4097, None) is None
+
+
+def test_a_negative_power_of_a_singular_matrix_is_refused_with_the_fixes():
+    """``Σ xxᵀ`` of 3 rows in 6 dimensions: ``pow(-1/2)`` would be infinite on the null
+    space (it was NaN everywhere after the reconstruction), as ``pow(-1)`` of a diagonal
+    with zeros; the damped power and the pseudo-power on the range are what the message
+    offers, and both are exact."""
+    from jaxgeom import LayerCollection, PMatBlockDiag, PMatDense, PMatDiag
+
+    lc = LayerCollection.from_params({"w": np.zeros(6)})
+    m = np.asarray(_gram(3, 6))
+    evals, evecs = np.linalg.eigh(m)
+    for M in (PMatDense(lc, m), PMatBlockDiag(lc, (m,)),
+              PMatDiag(lc, np.array([1.0, 0, 2, 3, 0, 1]))):
+        with pytest.raises(ValueError, match=r"pow\(-0.5\) of a singular.*regul > 0.*pinv"):
+            M.pow(-0.5)
+    with pytest.raises(ValueError, match=r"pow\(-1\) of a singular"):  # exact zeros
+        M.pow(-1)
+    M = PMatDense(lc, m)
+    np.testing.assert_allclose(M.pow(-0.5, 0.1).to_dense(),
+                               (evecs / np.sqrt(evals + 0.1)) @ evecs.T, rtol=1e-9)
+    keep = evals > 1e-9 * evals.max()
+    np.testing.assert_allclose(M.pinv().pow(0.5).to_dense(),
+                               (evecs[:, keep] / np.sqrt(evals[keep])) @ evecs[:, keep].T,
+                               rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(M.pow(0.5).to_dense() @ M.pow(0.5).to_dense(), m, atol=1e-9)

@@ -30,14 +30,36 @@ def is_integer(p) -> bool:
 def power(values: jax.Array, p, regul=0.0) -> jax.Array:
     """``(λ + regul)^p`` of eigenvalues; for non-integer ``p`` the matrix is taken PSD
     and negative round-off eigenvalues are clipped to 0 (a traced ``p`` is checked on
-    the device: an integer value keeps the signs)."""
+    the device: an integer value keeps the signs).
+
+    A negative power of a singular matrix is infinite on its null space: called with
+    concrete values, ``p < 0`` where some ``λ + regul`` is 0 (``≤ 0`` for a non-integer
+    ``p``) raises a ``ValueError`` with the fixes (under ``jit`` the result is non-finite
+    there)."""
     shifted = values + regul
+    _check_invertible(shifted, p)
     if is_integer(p):
         return shifted ** int(np.real(p))
     clipped = jnp.maximum(shifted, 0) ** p
     if isinstance(p, jax.core.Tracer):
         return jnp.where(p == jnp.round(p), shifted ** p, clipped)
     return clipped
+
+
+def _check_invertible(shifted: jax.Array, p) -> None:
+    """Refuse ``p < 0`` where some ``λ + regul`` is 0 (``p`` an integer) or ``≤ 0`` (else:
+    clipped to 0 as round-off), when the values are concrete."""
+    if any(isinstance(x, jax.core.Tracer) for x in (shifted, p)) or not np.isreal(p) or (
+            np.real(p) >= 0):
+        return
+    values = np.asarray(shifted)
+    singular = int(np.sum(values == 0 if is_integer(p) else values <= 0))
+    if singular:
+        raise ValueError(
+            f"pow({np.real(p):g}) of a singular matrix: {singular} of its {values.size} "
+            f"eigenvalues (+ regul) are {'0' if is_integer(p) else '≤ 0 (0 up to round-off)'}, "
+            "where a negative power is infinite. Damp it (pow(p, regul) with regul > 0: "
+            "(M + regul·I)^p), or take the pseudo-power on its range: M.pinv().pow(-p)")
 
 
 def pinv(values: jax.Array, atol=None, rtol=None) -> jax.Array:
