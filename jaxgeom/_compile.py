@@ -129,7 +129,9 @@ class CompiledFunction:
         self._jit_kwargs = jit_kwargs
         self._top_level: Callable | None = None
         self._nested: Callable | None = None
-        self._donates = bool(jit_kwargs.get("donate_argnums") or jit_kwargs.get("donate_argnames"))
+        # ``donate_argnums=0`` donates: not its truth value
+        self._donates = any(jit_kwargs.get(k) not in (None, ()) for k in ("donate_argnums",
+                                                                          "donate_argnames"))
 
     def _compiled(self) -> Callable:
         if self._top_level is None:

@@ -47,7 +47,6 @@ def spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     return cho_solve(cholesky(m), b)
 
 
-@jax.jit  # called eagerly (PMatDense.inv), the cond's branches made anew would recompile
 def symmetric_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     """``m⁻¹ b`` for a symmetric invertible ``m`` (``(n, n)``; ``b`` ``(n,)`` or ``(n, k)``):
     :func:`spd_solve` when ``m`` is positive definite (a damped Fisher), else an LU solve
@@ -55,10 +54,40 @@ def symmetric_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     difference of matrices). Chosen on the device by whether the Cholesky solve came out
     NaN (its factor is NaN where the factorisation failed). Cost ``n³/3 + 2 n² k``, plus
     ``2n³/3 + 2 n² k`` when it falls back.
+
+    Differentiable in ``m`` and ``b`` through ``dx = m⁻¹ (db − dm x)``, solved by the branch
+    the value took (differentiating through the ``cond`` multiplied the other branch's NaN
+    by zero: NaN gradients for an indefinite ``m``).
     """
+    return _compiled_symmetric_solve(m, b)
+
+
+@jax.custom_jvp
+def _symmetric_solve(m: jax.Array, b: jax.Array) -> jax.Array:
+    return _solve_and_branch(m, b)[0]
+
+
+def _solve_and_branch(m: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(m⁻¹ b, whether m was indefinite)``."""
     # Only the solution crosses into the ``cond``: the factor, handed over, was copied
     # from LAPACK's column-major layout to row-major and back (two strided n² passes,
     # +30% on a solve at n = 2112). The LU factorises mᵀ (= m) for the reason above.
     x = spd_solve(m, b)
-    return lax.cond(jnp.isnan(jnp.ravel(x)[0]), lambda x: jnp.linalg.solve(m.T, b),
-                    lambda x: x, x)
+    indefinite = jnp.isnan(jnp.ravel(x)[0])
+    return lax.cond(indefinite, lambda x: jnp.linalg.solve(m.T, b), lambda x: x, x), indefinite
+
+
+@_symmetric_solve.defjvp
+def _symmetric_solve_jvp(primals, tangents):
+    m, b = primals
+    dm, db = tangents
+    x, indefinite = _solve_and_branch(m, b)
+    rhs = db - dm @ x
+    # the branch is chosen from the primal values: the tangent stays linear (transposable)
+    dx = lax.cond(indefinite, lambda r: jnp.linalg.solve(m.T, r), lambda r: spd_solve(m, r),
+                  rhs)
+    return x, dx
+
+
+#: called eagerly (PMatDense.inv), the cond's branches made anew would recompile
+_compiled_symmetric_solve = jax.jit(_symmetric_solve)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgeom._symmetric import cho_solve, cholesky, spd_solve
+from jaxgeom._symmetric import cho_solve, cholesky, spd_solve, symmetric_solve
 
 
 def spd(n: int, seed: int = 0, batch: tuple[int, ...] = ()) -> np.ndarray:
@@ -56,3 +56,28 @@ def test_solves_match_float64_references(rhs_shape):
     factor = cholesky(jnp.asarray(m))
     np.testing.assert_allclose(cho_solve(factor, jnp.asarray(b)), expected,
                                rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shift", [3.0, -0.5], ids=["definite", "indefinite"])
+def test_symmetric_solve_differentiates_through_the_branch_it_took(shift):
+    """``x = m⁻¹ b`` for a positive-definite and an indefinite symmetric ``m`` (the LU
+    fallback): the value and the gradients of ``cᵀ x`` in ``m`` and ``b``
+    (``-m⁻¹c xᵀ`` and ``m⁻¹c``) match ``jnp.linalg.solve``'s; they were NaN for the
+    indefinite one (the Cholesky branch's NaN times zero)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    a = jax.random.normal(k1, (6, 6))
+    m = (a + a.T) / 4 + shift * jnp.eye(6)
+    assert (np.linalg.eigvalsh(m).min() > 0) == (shift > 0)
+    b, c = jax.random.normal(k2, (6,)), jax.random.normal(k3, (6,))
+
+    def objective(solve):
+        return lambda m, b: c @ solve(m, b)
+
+    got = jax.grad(objective(symmetric_solve), argnums=(0, 1))(m, b)
+    want = jax.grad(objective(jnp.linalg.solve), argnums=(0, 1))(m, b)
+    np.testing.assert_allclose(symmetric_solve(m, b), jnp.linalg.solve(m, b), rtol=1e-10)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
+    tangent = jax.jvp(symmetric_solve, (m, b), (jnp.eye(6), b))[1]
+    np.testing.assert_allclose(tangent, jax.jvp(jnp.linalg.solve, (m, b), (jnp.eye(6), b))[1],
+                               rtol=1e-9, atol=1e-12)
