@@ -7,7 +7,9 @@ checkpoints of a Flax ``TrainState`` holding a natural-gradient optimizer state)
 registry of its own, which :func:`register_dataclass` also fills: the state of an object
 is the dict of its array (non-static) fields' states, and restoring one replaces those
 fields in a target of the same structure (static fields — layouts, options — come from the
-target, as a Flax module's structure does).
+target, as a Flax module's structure does). A matrix's static hints about its values (KFAC's
+factor rank bounds, EKFAC's ranges: ``without_rank_bounds``) are dropped on restore: the
+target's were derived from the target's values.
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ def register_dataclass(cls: type) -> type:
         if missing:
             raise ValueError(f"the state of a {cls.__name__} has no {', '.join(missing)}; "
                              f"its fields: {', '.join(state)}")
-        return dataclasses.replace(target, **{
+        restored = dataclasses.replace(target, **{
             name: serialization.from_state_dict(getattr(target, name), state[name], name=name)
             for name in names})
+        # static hints that a build derived from its values (KFAC's rank bounds, EKFAC's
+        # ranges) are the target's, not the state's: dropped, never trusted
+        return restored.without_rank_bounds() if hasattr(restored, "without_rank_bounds") \
+            else restored
 
     serialization.register_serialization_state(cls, to_state_dict, from_state_dict)
     return cls
