@@ -39,6 +39,8 @@ def register_dataclass(cls: type) -> type:
         restored = dataclasses.replace(target, **{
             name: serialization.from_state_dict(getattr(target, name), state[name], name=name)
             for name in names})
+        if hasattr(restored, "check_shapes"):  # arrays of another model's shapes
+            restored.check_shapes()
         # static hints that a build derived from its values (KFAC's rank bounds, EKFAC's
         # ranges) are the target's, not the state's: dropped, never trusted
         return restored.without_rank_bounds() if hasattr(restored, "without_rank_bounds") \

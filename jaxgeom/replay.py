@@ -12,6 +12,9 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
+import jax
+import numpy as np
+
 from jaxgeom import data as data_lib
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import static_field
@@ -45,6 +48,17 @@ class ReplayedFunction:
 
     #: builders materialise one-shot data as a list, since it is read many times
     NEEDS_REPLAY: ClassVar[bool] = True
+
+    def check_shapes(self) -> None:
+        """Refuse ``params`` of other shapes than the layer collection's (a state of another
+        model restored into this target: it would fail later, far from the cause). Run by
+        Flax's ``from_bytes``/``from_state_dict``."""
+        got = [tuple(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(self.params)]
+        if got != list(self.layer_collection.shapes):
+            raise ValueError(
+                f"{type(self).__name__}: params of leaf shapes {got} for a layer collection of "
+                f"{list(self.layer_collection.shapes)}. A state of another model? Restore it "
+                "into a target built for the same model")
 
     @property
     def num_examples(self) -> int:

@@ -196,6 +196,23 @@ def test_stacks_of_eyes_and_function_space_matrices_from_scan_and_vmap():
         PMatEye(F.layer_collection, jnp.ones(F.layer_collection.numel()))
 
 
+@pytest.mark.parametrize("representation", [PMatDense, PMatDiag, PMatKFAC, PMatEKFAC,
+                                            PMatQuasiDiag, PMatImplicit])
+def test_restoring_into_a_target_of_another_model_is_refused(representation):
+    """A state saved from a 5-unit hidden layer restored into a 6-unit model's matrix: a
+    ``ValueError`` at the restore (KFAC's answered the saved model's trace and a ``52 × 52``
+    ``to_dense``; QuasiDiag's and Implicit's failed later in unrelated-looking errors)."""
+    from flax import serialization
+
+    t = make_plain_mlp()
+    wider = {"w1": jnp.ones((3, 6)), "b1": jnp.zeros(6), "w2": jnp.ones((6, 4)),
+             "b2": jnp.zeros(4)}
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), representation)
+    target = FIM(t.apply_fn, wider, (t.x, t.y), representation)
+    with pytest.raises(ValueError, match="another model|must have shape"):
+        serialization.from_bytes(target, serialization.to_bytes(F))
+
+
 @pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatDiag, PMatKFAC,
                                             PMatEKFAC, PMatQuasiDiag, PMatLowRank, PMatMixed])
 def test_flax_serialization_round_trips_a_representation(representation):

@@ -96,7 +96,13 @@ from jaxgeom.capture import (
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import accumulate_gram, gram
-from jaxgeom.pmat.base import CG_OPTIONS, PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import (
+    CG_OPTIONS,
+    PMatAbstract,
+    check_shape,
+    representation,
+    static_field,
+)
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.streaming import ChunkBuilder, builder, mean
@@ -644,6 +650,21 @@ def kronecker_layout(layer_collection: LayerCollection,
 DENSE_BLOCK_LIMIT = 4096
 
 
+def _layer_shape(node: Any) -> tuple[int, int] | None:
+    """The ``(g, a)`` layer matrix a factor node acts on (its arrays' trailing axes: a stack
+    has leading ones); ``None`` when its arrays are placeholders of JAX's pytree machinery."""
+    if isinstance(node, Kron):
+        g, a = getattr(node.G, "shape", None), getattr(node.A, "shape", None)
+    elif isinstance(node, KronEigen):
+        shape = getattr(node.d, "shape", None)
+        g, a = (None, None) if shape is None else (shape[-2:-1], shape[-1:])
+    else:
+        return None
+    if g is None or a is None or not g or not a:
+        return None
+    return (int(g[-1]), int(a[-1]))
+
+
 # ----------------------------------------------------------------------------- representation
 @representation
 class PMatKFAC(PMatAbstract):
@@ -676,6 +697,32 @@ class PMatKFAC(PMatAbstract):
                                                            "cg": (*CG_OPTIONS, "damping")}
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = (*PMatAbstract.FACTORISES,
                                                          "_pi_damped_inverse")
+
+    def check_shapes(self) -> None:
+        """Refuse factors or blocks of another model's shapes (a state restored into a
+        target of another model, hand-made factors): they fail later, far from the cause,
+        or answer silently (``trace``, ``to_dense`` of a restored KFAC). Run by Flax's
+        ``from_bytes``/``from_state_dict`` (not at every construction: a jitted call's
+        outputs are rebuilt each time)."""
+        name = type(self).__name__
+        if len(self.factors) != len(self.specs):
+            raise ValueError(f"{name} has {len(self.specs)} Kronecker layers; got "
+                             f"{len(self.factors)} factors")
+        for spec, node in zip(self.specs, self.factors):
+            want = (spec.out_features, spec.in_features + (spec.bias is not None))
+            got = _layer_shape(node)
+            if got is not None and got != want:
+                raise ValueError(
+                    f"{name}: the factors of layer {spec.layer_id!r} must act on its (g, a) = "
+                    f"{want} layer matrix; got {got}. A matrix of another model? Restore a "
+                    "state into a target built for the same model and layers")
+        others = self._parts.others
+        if len(self.blocks) != len(others):
+            raise ValueError(f"{name} has {len(others)} exact blocks; got {len(self.blocks)}")
+        for layer, block in zip(others, self.blocks):
+            n = self.layer_collection.layer_numel(layer)
+            check_shape(f"{name} block of layer {layer.id!r}", getattr(block, "shape", None),
+                        f"({n}, {n})", lambda s, n=n: s == (n, n), 2)
 
     @property
     def _parts(self) -> _Layout:

@@ -63,7 +63,7 @@ import numpy as np
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import LayerCollection
-from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import PMatAbstract, check_shape, representation, static_field
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.kfac import (
     CaptureBuilder,
@@ -105,6 +105,22 @@ class PMatQuasiDiag(PMatAbstract):
     rho: tuple[jax.Array | None, ...] = ()
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
+
+    def check_shapes(self) -> None:
+        """Refuse a diagonal or weight–bias terms of another model's shapes (a state
+        restored into a target of another model). Run by Flax's ``from_bytes``."""
+        name = type(self).__name__
+        d = self.layer_collection.numel()
+        check_shape(f"{name} diag", getattr(self.diag, "shape", None), f"({d},)",
+                    lambda s: s == (d,), 1)
+        if len(self.cross) != len(self.specs):
+            raise ValueError(f"{name} has {len(self.specs)} per-neuron layers; got "
+                             f"{len(self.cross)} weight–bias terms")
+        for spec, c in zip(self.specs, self.cross):
+            g, a = spec.out_features, spec.in_features
+            check_shape(f"{name} weight–bias terms of layer {spec.layer_id!r}",
+                        getattr(c, "shape", None), f"({g}, {a})",
+                        lambda s, g=g, a=a: s in ((g, a), (a, g)), 2)
     #: products, quadratic forms and the closed-form solve of params-shaped vectors run on
     #: their leaves
     LEAFWISE: ClassVar[bool] = True
