@@ -90,10 +90,16 @@ class PVector(ScalarMultiples, ArrayValued):
 
     @compiled_when_eager
     def dot(self, other: Any) -> jax.Array:
-        """Inner product ``Σ_leaves Σ x·y`` with another ``PVector`` or params-shaped pytree."""
+        """Inner product ``Σ_leaves Σ x·y`` with another ``PVector``, a params-shaped pytree
+        or a flat ``(d,)`` vector (checked: a leaf of another shape is named by its path)."""
         other = other.tree if isinstance(other, PVector) else other
-        terms = jax.tree_util.tree_map(lambda x, y: jnp.vdot(x, y), self.tree, other)
-        return sum(jax.tree_util.tree_leaves(terms))
+        leaves, treedef = jax.tree_util.tree_flatten(self.tree)
+        others, other_def = jax.tree_util.tree_flatten(other)
+        if other_def != treedef or any(np.shape(x) != np.shape(y)
+                                       for x, y in zip(leaves, others)):
+            flat, _ = as_flat(other, LayerCollection.from_params(self.tree), "other vector")
+            return jnp.vdot(self.to_flat(), flat)  # a flat vector; else as_flat raised
+        return sum(jnp.vdot(x, y) for x, y in zip(leaves, others))
 
     def __matmul__(self, other: Any) -> jax.Array:
         if isinstance(other, PVector):
@@ -152,7 +158,20 @@ def as_flat(v: Any, layout: LayerCollection, what: str = "vector") -> tuple[jax.
     return flat, lambda result: restore(wrap(result))
 
 
+def check_real(v: Any, what: str = "vector") -> None:
+    """Refuse a complex vector: the matrices are real symmetric, and their products,
+    quadratic forms and solves are defined on real vectors (the representations would
+    answer ``vᵀMv``, ``vᴴMv`` or drop the imaginary part, each its own way)."""
+    leaves = jax.tree_util.tree_leaves(v.tree if isinstance(v, PVector) else v)
+    if any(getattr(getattr(leaf, "dtype", None), "kind", "") == "c" for leaf in leaves):
+        raise TypeError(
+            f"a complex {what}: jaxgeom's matrices act on real vectors. Apply them to the "
+            "real and imaginary parts (M.mv(v.real) + 1j * M.mv(v.imag); vᴴMv = "
+            "M.vTMv(v.real) + M.vTMv(v.imag))")
+
+
 def _as_flat(v: Any, layout: LayerCollection, what: str) -> tuple[jax.Array, Callable]:
+    check_real(v, what)
     d = layout.numel()
     if isinstance(v, PVector):
         layout.check_tree(v.tree, what)
@@ -189,6 +208,7 @@ def as_tree(v: Any, layout: LayerCollection,
     """``(params-shaped tree, wrap)`` for a :class:`PVector` or a params pytree, which
     ``wrap`` restores (sharded leaves gathered as in :func:`as_flat`); ``(None, None)`` for
     a flat vector."""
+    check_real(v, what)
     if isinstance(v, PVector):
         layout.check_tree(v.tree, what)
         tree, restore = gathered(v.tree)
@@ -209,6 +229,7 @@ def as_rows(rows: Any, layout: LayerCollection, what: str = "map") -> jax.Array:
     (e.g. a ``PFMapDense``, giving ``(outputs, examples, d)``)."""
     if hasattr(rows, "to_dense") and not _is_array(rows):
         rows = rows.to_dense()
+    check_real(rows, what)
     rows, _ = gathered(jnp.asarray(rows))  # split over an explicit axis: gathered
     if rows.ndim < 1 or rows.shape[-1] != layout.numel():
         raise ValueError(

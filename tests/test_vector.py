@@ -111,3 +111,40 @@ def test_equality_is_refused_with_the_fix_not_an_ambiguous_truth_value(params):
     with pytest.raises(TypeError, match="ambiguous"):
         _ = FVector(jnp.ones((2, 3))) == FVector(jnp.ones((2, 3)))
     assert FVector(jnp.ones((2, 3))).norm(np.float32(1)) == 6
+
+
+def test_dot_checks_the_other_vector_and_takes_a_flat_one(params):
+    """``u.dot(w)`` is the flat inner product for a ``PVector``, a params pytree or a flat
+    vector; a leaf transposed or a leaf missing is named (``vdot`` paired a transposed
+    kernel's entries wrongly and answered)."""
+    u = random_pvector(jax.random.key(1), params)
+    w = random_pvector(jax.random.key(2), params)
+    want = float(u.to_flat() @ w.to_flat())
+    for other in (w, w.tree, w.to_flat()):
+        np.testing.assert_allclose(u.dot(other), want, rtol=1e-12)
+    path, leaf = next((p, x) for p, x in jax.tree_util.tree_flatten_with_path(w.tree)[0]
+                      if x.ndim == 2 and x.shape[0] != x.shape[1])
+    transposed = jax.tree_util.tree_map_with_path(
+        lambda p, x: x.T if p == path else x, w.tree)
+    with pytest.raises(ValueError, match="has shape"):
+        u.dot(transposed)
+    with pytest.raises(ValueError, match="a flat other vector must have shape"):
+        u.dot(w.to_flat()[:-1])
+
+
+def test_complex_vectors_are_refused_with_the_fix(params):
+    """Every representation's ``mv``/``vTMv``/``solve`` read vectors through one reader:
+    a complex vector (flat, pytree or rows) is a ``TypeError`` that says how to apply the
+    matrix to its real and imaginary parts (they answered ``vᵀMv``, ``vᴴMv`` or dropped the
+    imaginary part, each representation its own way)."""
+    lc = LayerCollection.from_params(params)
+    M = PMatDense(lc, jnp.eye(lc.numel()))
+    v = random_pvector(jax.random.key(1), params)
+    complex_forms = [v.to_flat() * 1j, jax.tree_util.tree_map(lambda x: x * (1 + 1j), v.tree),
+                     PVector(jax.tree_util.tree_map(lambda x: x * 1j, v.tree))]
+    for form in complex_forms:
+        for op in (M.mv, M.vTMv, lambda x: M.solve(x, 0.1)):
+            with pytest.raises(TypeError, match=r"complex.*M.mv\(v.real\)"):
+                op(form)
+    with pytest.raises(TypeError, match="complex"):
+        M.solve(jnp.stack([v.to_flat(), v.to_flat()]) * 1j, 0.1)
