@@ -1111,19 +1111,19 @@ def factor_rank_bounds(plan: CapturePlan, approx: str, n: int) -> list[tuple]:
     outputs = plan.jaxpr.out_avals[0].shape[0]
     bounds = []
     for spec, t in zip(plan.specs, layer_positions(plan)):
-        features = math.prod(spec.operand_shape[d] for d in spec.out_dims)
         positions = 1 if approx == "reduce" else t
-        inputs = math.prod(spec.operand_shape[d] for d in spec.in_dims) + (spec.bias is not None)
+        inputs = spec.in_features + (spec.bias is not None)
         a = None if spec.kind == "embedding" else _spectral.useful_rank_bound(
             inputs, n * positions)
-        bounds.append((a, _spectral.useful_rank_bound(features, n * outputs * positions)))
+        bounds.append((a, _spectral.useful_rank_bound(spec.out_features,
+                                                      n * outputs * positions)))
     return bounds
 
 
 def layer_positions(plan: CapturePlan) -> list[int]:
     """Per Kronecker layer, the number ``T`` of positions its kernel is applied at (a
     sequence's tokens, a convolution's output pixels; 1 for a dense layer on vectors)."""
-    return [math.prod(out_shape) // math.prod(spec.operand_shape[d] for d in spec.out_dims)
+    return [math.prod(out_shape) // spec.out_features
             for spec, out_shape in zip(plan.specs, plan.out_shapes)]
 
 
