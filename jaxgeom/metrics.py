@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgeom import data as data_lib
+from jaxgeom._counter_rng import check_key
 from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom._signature import abstract, signature
 from jaxgeom.jacobian import Hashable
@@ -120,10 +121,13 @@ def FIM_MonteCarlo(
     0: give each device its own key, ``jax.random.fold_in(key, jax.lax.axis_index(axis))``
     (docs/conventions.md, "Several devices").
 
-    Args are those of :func:`FIM`, plus ``key`` (an explicit PRNG key) and ``trials``.
+    Args are those of :func:`FIM`, plus ``key`` (one PRNG key: ``jax.random.key(seed)``
+    or ``jax.random.PRNGKey(seed)``; a seed, ``None`` or a stack of keys is refused) and
+    ``trials``.
     """
     if int(trials) != trials or trials < 1:
         raise ValueError(f"trials must be a positive integer; got {trials!r}")
+    check_key(key, "FIM_MonteCarlo's key")
     data, whitener, layer_collection = _model_front_end(apply_fn, params, data, variant,
                                                         covariance, layer_collection)
     fn = MonteCarloFisherOutputs(Hashable(apply_fn), variant, int(trials))

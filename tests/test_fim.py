@@ -425,6 +425,19 @@ def test_monte_carlo_does_not_depend_on_chunking_and_uses_the_key():
     assert not np.allclose(other, whole)
 
 
+@pytest.mark.parametrize("key, error, match", [
+    (0, TypeError, r"a PRNG key, e.g. jax.random.key\(seed\).*got 0"),
+    (None, TypeError, "a PRNG key.*got None"),
+    (jnp.zeros(2), TypeError, "got an array of dtype float"),
+    (jax.random.split(jax.random.PRNGKey(0), 3), ValueError, r"one PRNG key.*shape \(3, 2\)"),
+    (jax.random.split(jax.random.key(0), 3), ValueError, r"one PRNG key.*shape \(3,\)"),
+])
+def test_monte_carlo_refuses_anything_but_one_key(key, error, match):
+    t = make_plain_mlp(n=2)
+    with pytest.raises(error, match="FIM_MonteCarlo's key must be .*" + match):
+        FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDiag, key=key)
+
+
 def _segmentation_moments(apply_fn, params, x, samples=4000):
     """E‖gₙ‖⁴ by sampling label maps (no gradients needed: gₙ = Σ_p J_pᵀ(e_{y_p} − p_p))."""
     rng = np.random.default_rng(0)
