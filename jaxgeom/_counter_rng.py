@@ -51,6 +51,30 @@ def threefry2x32(key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Arra
     return x0, x1
 
 
+def check_key(key: object, who: str) -> None:
+    """Check that ``key`` is one PRNG key: a typed key of shape ``()``
+    (``jax.random.key(seed)``) or a raw ``uint32`` key array (``jax.random.PRNGKey(seed)``).
+
+    Shapes and dtypes only, so a traced key is checked too. ``who`` names the argument in
+    the message (e.g. ``"FIM_MonteCarlo's key"``).
+
+    Raises:
+      TypeError: for a seed, ``None`` or an array of another dtype.
+      ValueError: for a stack of keys (``jax.random.split(key, n)``).
+    """
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    if not (typed or (dtype == jnp.uint32 and len(shape) >= 1)):
+        got = f"an array of dtype {dtype}" if dtype is not None else repr(key)
+        raise TypeError(
+            f"{who} must be a PRNG key, e.g. jax.random.key(seed) (or the raw "
+            f"jax.random.PRNGKey(seed)); got {got}")
+    if shape != (() if typed else shape[-1:]):
+        raise ValueError(
+            f"{who} must be one PRNG key; got keys of shape {shape} (a stack of keys, e.g. "
+            "from jax.random.split). Pass one of them, e.g. keys[0], or build once per key")
+
+
 def draw_key(key: jax.Array) -> jax.Array:
     """The ``uint32[2]`` key of the draws made under the user's ``key`` (a typed key of any
     implementation, or a raw ``uint32`` key array)."""

@@ -300,7 +300,12 @@ _NO_EXAMPLE = "the data contains no example: pass at least one batch with a non-
 
 
 def _check_batch_size(batch_size: Any) -> None:
-    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+    """``None`` or a positive integer (Python, NumPy or a concrete JAX one; not a bool nor
+    a float of integer value, which are slips)."""
+    if batch_size is None:
+        return
+    value = np.asarray(batch_size)
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer) or value < 1:
         raise ValueError(f"batch_size must be a positive integer or None; got {batch_size!r}")
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 
 from jaxgeom.pmat.base import PMatAbstract
+from jaxgeom.vector import PVector
 
 
 def ewc_penalty(fisher: PMatAbstract, params_star: Any, lam: float) -> Callable[[Any], jax.Array]:
@@ -27,12 +28,18 @@ def ewc_penalty(fisher: PMatAbstract, params_star: Any, lam: float) -> Callable[
 
     Args:
       fisher: ``F`` at the end of the finished task.
-      params_star: ``w*``, the parameters at the end of the finished task (same pytree
-        structure as the parameters the penalty is called with).
+      params_star: ``w*``, the parameters at the end of the finished task: a pytree of
+        the structure and leaf shapes of the Fisher's parameters (those the penalty is
+        called with), or a :class:`~jaxgeom.PVector` of one.
       lam: ``λ``, the strength of the penalty.
 
     Returns:
       ``penalty(params) -> scalar``.
+
+    Raises:
+      ValueError: if ``params_star`` does not match ``fisher.layer_collection`` (another
+        structure, or a leaf of another shape: named by its path); a mismatch is never
+        broadcast.
 
     Example:
       >>> F = FIM(apply_fn, params_a, (x_a, y_a), PMatKFAC)
@@ -47,6 +54,9 @@ def ewc_penalty(fisher: PMatAbstract, params_star: Any, lam: float) -> Callable[
     """
     if not isinstance(fisher, PMatAbstract):
         raise TypeError(f"fisher must be a jaxgeom representation; got {type(fisher).__name__}")
+    if isinstance(params_star, PVector):
+        params_star = params_star.tree
+    fisher.layer_collection.check_tree(params_star, "params_star")
 
     def penalty(params: Any) -> jax.Array:
         delta = jax.tree_util.tree_map(lambda w, w0: w - w0, params, params_star)

@@ -24,6 +24,11 @@ from jaxgeom.pmat.base import PMatAbstract, check_regul, check_shape
 from jaxgeom.scaling import ArrayValued, ScalarMultiples
 from jaxgeom.vector import static_order
 
+#: how to damp each output and example on its own, which a scalar ``regul`` cannot
+_PER_EXAMPLE_DAMPING = (
+    "For a damping per output and example (a (K, N) array d), add it to the matrix's "
+    "diagonal first: FMatDense(G.data + jnp.diag(d.ravel()).reshape(G.data.shape)).solve(f)")
+
 
 class _ScalarAlgebra(ScalarMultiples, ArrayValued):
     """``+``, ``-``, unary ``-``, scalar ``*`` and ``/`` for a frozen dataclass whose one
@@ -224,7 +229,7 @@ class FMatDense(_ScalarAlgebra):
                 f"unknown solve method {method!r} for FMatDense; valid methods: "
                 f"{self.SOLVE_METHODS}"
             )
-        check_regul(regul)
+        check_regul(regul, _PER_EXAMPLE_DAMPING)
         data = as_fvector_data(f, self.data.shape[:2])
         matrix = self.to_matrix()
         rhs = jnp.ravel(data)

@@ -270,6 +270,25 @@ class LayerCollection:
                 f"{list(shapes)}): make it from these params "
                 "(LayerCollection.from_model(apply_fn, params, x)), or pass none")
 
+    def difference(self, other: LayerCollection) -> tuple[str, str] | None:
+        """The first field in which ``other`` differs from this layout, with the first
+        difference in words (for error messages): ``("structure", …)`` (pytree structure or
+        leaf paths), ``("shapes", …)``, ``("dtypes", …)`` or ``("layers", …)`` (the grouping
+        of the leaves, or the layers' kinds, roles, uses); ``None`` when they are equal."""
+        if self.treedef != other.treedef or self.paths != other.paths:
+            return "structure", f"pytree structures {self.treedef} and {other.treedef}"
+        for name in ("shapes", "dtypes"):
+            for path, a, b in zip(self.paths, getattr(self, name), getattr(other, name)):
+                if a != b:
+                    return name, f"leaf {path!r} of {name[:-1]} {a} and {b}"
+        for a, b in zip(self.layers + (None,), other.layers + (None,)):
+            if a != b:
+                if a is None or b is None or (a.id, a.leaves) != (b.id, b.leaves):
+                    return "layers", "layers that group the leaves differently"
+                return "layers", (f"layer {a.id!r} of kind {a.kind!r}, roles {a.roles} and "
+                                  f"kind {b.kind!r}, roles {b.roles}")
+        return None
+
     # ------------------------------------------------------------------ display
     def summary(self) -> str:
         """A table of the layers: id, kind, leaves with shapes, number of parameters."""
@@ -290,6 +309,20 @@ class LayerCollection:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def check_layer_collection(value: Any, what: str = "layer_collection") -> LayerCollection:
+    """``value`` if it is a :class:`LayerCollection`; else a ``TypeError`` that names the
+    ways to make one (the parameters themselves, passed in its place, are the usual slip).
+    """
+    if isinstance(value, LayerCollection):
+        return value
+    raise TypeError(
+        f"{what} must be a LayerCollection (the parameter layout); got a "
+        f"{type(value).__name__}. Make one from the parameters: "
+        "LayerCollection.from_model(apply_fn, params, x) (the layers the model uses) or "
+        "LayerCollection.from_params(params) (leaves grouped by parent path), or reuse a "
+        "matrix's: M.layer_collection")
 
 
 def _is_grouped(op: str) -> bool:

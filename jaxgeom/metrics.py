@@ -15,15 +15,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxgeom import data as data_lib
+from jaxgeom._counter_rng import check_key
 from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom._signature import abstract, signature
 from jaxgeom.jacobian import Hashable
-from jaxgeom.layers import LayerCollection
+from jaxgeom.layers import LayerCollection, check_layer_collection
 from jaxgeom.pmat.base import REGISTRY, PMatAbstract
 from jaxgeom.variants import (
     BatchedFunction,
     FisherOutputs,
     MonteCarloFisherOutputs,
+    check_one_array,
     check_outputs,
     check_variant,
     regression_whitener,
@@ -120,10 +122,13 @@ def FIM_MonteCarlo(
     0: give each device its own key, ``jax.random.fold_in(key, jax.lax.axis_index(axis))``
     (docs/conventions.md, "Several devices").
 
-    Args are those of :func:`FIM`, plus ``key`` (an explicit PRNG key) and ``trials``.
+    Args are those of :func:`FIM`, plus ``key`` (one PRNG key: ``jax.random.key(seed)``
+    or ``jax.random.PRNGKey(seed)``; a seed, ``None`` or a stack of keys is refused) and
+    ``trials``.
     """
     if int(trials) != trials or trials < 1:
         raise ValueError(f"trials must be a positive integer; got {trials!r}")
+    check_key(key, "FIM_MonteCarlo's key")
     data, whitener, layer_collection = _model_front_end(apply_fn, params, data, variant,
                                                         covariance, layer_collection)
     fn = MonteCarloFisherOutputs(Hashable(apply_fn), variant, int(trials))
@@ -186,6 +191,7 @@ def check_rows(fn, params, batch) -> None:
     """Check that a batched ``fn(params, batch)`` returns one row per example, ``(N, K)``."""
     n = data_lib.num_examples(batch)
     out = _output_shape(fn, params, batch)
+    check_one_array(out, "fn(params, batch)")
     if len(out.shape) != 2 or out.shape[0] != n:
         raise ValueError(
             f"fn(params, batch) must return an array of shape (N, K) = ({n}, K) for a batch "
@@ -200,7 +206,7 @@ def _model_front_end(apply_fn, params, data, variant, covariance, layer_collecti
     the inputs only (:func:`_model_facts`, cached): each is taken once a build."""
     check_variant(variant)
     if layer_collection is not None:
-        layer_collection.check_params(params)
+        check_layer_collection(layer_collection).check_params(params)
     first, data = data_lib.peek(data)
     inputs = data_lib.inputs_of(first)
     out_shape, layers = _model_facts(Hashable(apply_fn), variant, signature(params),
@@ -218,10 +224,7 @@ def _model_facts(apply_fn: Hashable, variant: str, params_sig, inputs_sig, disco
     if n == 0:
         raise ValueError("the first batch contains no example")
     out = _traced(apply_fn, params_sig, inputs_sig, "output")
-    if not hasattr(out, "shape"):
-        raise ValueError(
-            f"apply_fn must return one array of outputs; got {jax.tree_util.tree_structure(out)}"
-        )
+    check_one_array(out)
     check_outputs(variant, tuple(out.shape), n)
     return tuple(out.shape), _layers_of(apply_fn, params_sig, inputs_sig) if discover else None
 
@@ -243,7 +246,7 @@ def layers_for(fn, params, args, layer_collection: LayerCollection | None, *,
     of them (``whole_batch``: a function whose examples interact, e.g. a pairwise loss)."""
     if layer_collection is None:
         return _layers(fn, params, args, whole_batch)
-    layer_collection.check_params(params)
+    check_layer_collection(layer_collection).check_params(params)
     return layer_collection
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from jaxgeom import data as data_lib
+from jaxgeom._counter_rng import check_key
 from jaxgeom._sharding import gathered
 from jaxgeom.metrics import FIM, FIM_MonteCarlo, SecondMoment
 from jaxgeom.pmat.base import PMatAbstract
@@ -74,7 +75,7 @@ class LevenbergMarquardt(NamedTuple):
     not finite), clipped to ``[min_damping, max_damping]``.
 
     Attributes:
-      initial: the damping ``λ`` at step 0.
+      initial: the damping ``λ`` at step 0, in ``[min_damping, max_damping]``.
       decrease, increase: the multiplicative factors (Martens 2010: 2/3 and 3/2).
       lower, upper: the thresholds on ``ρ``.
       min_damping, max_damping: bounds on ``λ``.
@@ -287,12 +288,12 @@ def scale_by_natural_gradient(
         if fisher == "exact":
             return FIM(fn, params, batch, representation, variant=variant, **options)
         if fisher == "monte_carlo":
-            if key is None:
-                raise ValueError("fisher='monte_carlo' needs a PRNG key: update(..., key=key)")
+            check_key(key, "the key of update(..., key=key) (fisher='monte_carlo')")
             return FIM_MonteCarlo(fn, params, batch, representation, key=key,
                                   variant=variant, trials=trials, **options)
-        return SecondMoment(_PerExampleLoss(fn, variant, covariance), params, batch,
-                            representation, **options)
+        loss = _PerExampleLoss(fn, variant, covariance)
+        loss.check_targets(params, batch)
+        return SecondMoment(loss, params, batch, representation, **options)
 
     def initial_damping(dtype):
         value = damping.initial if adaptive else (
@@ -481,8 +482,10 @@ def _check_levenberg_marquardt(rule: LevenbergMarquardt) -> None:
     positive = (lambda v: v > 0, "> 0")
     _check_numbers(**{f"LevenbergMarquardt.{name}": (getattr(rule, name), *check)
                       for name, check in (
-        ("initial", positive), ("min_damping", positive),
+        ("min_damping", positive),
         ("max_damping", (lambda v: v >= rule.min_damping, ">= min_damping")),
+        ("initial", (lambda v: rule.min_damping <= v <= rule.max_damping,
+                     "in [min_damping, max_damping]")),
         ("decrease", (lambda v: 0 < v <= 1, "in (0, 1]")),
         ("increase", (lambda v: v >= 1, ">= 1")),
         ("lower", (lambda v: True, "(a threshold on ρ)")),
@@ -588,23 +591,98 @@ def per_example_loss(variant: str, outputs: jax.Array, targets: jax.Array,
     ``"classif_binary_logits"``: sigmoid binary cross-entropy; ``"regression"``:
     ``½ (y − f)ᵀ Σ⁻¹ (y − f)`` for the ``covariance`` ``Σ`` of :func:`jaxgeom.FIM` (a
     scalar, a ``(C,)`` diagonal or a ``(C, C)`` matrix; ``None``: the identity).
+
+    ``targets`` (checked by :func:`check_targets`): for outputs ``(N, ..., C)`` of a
+    classification or segmentation variant, integer labels ``(N, ...)`` in ``[0, C)``;
+    for ``"classif_binary_logits"`` and ``"regression"``, an array of the outputs' shape
+    (a trailing axis of size 1 may be added or dropped), binary targets in ``[0, 1]``.
+
+    Raises:
+      ValueError: for targets of another dtype, shape or range (the range is checked where
+        the targets are concrete, not traced).
     """
     n = outputs.shape[0]
+    targets = check_targets(variant, outputs.shape, targets)
     if variant in ("classif_logits", "segmentation_logits"):
         losses = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
     elif variant == "classif_logsoftmax":
         losses = -jnp.take_along_axis(outputs, targets[..., None], axis=-1)[..., 0]
     elif variant == "classif_binary_logits":
-        losses = optax.sigmoid_binary_cross_entropy(outputs, targets.reshape(outputs.shape))
-    elif variant == "regression":
-        residuals = (outputs - targets.reshape(outputs.shape)).reshape(n, -1)
+        losses = optax.sigmoid_binary_cross_entropy(outputs, targets)
+    else:  # regression
+        residuals = (outputs - targets).reshape(n, -1)
         if covariance is not None:
             whitener = regression_whitener(covariance, residuals.shape[1], residuals.dtype)
             residuals = residuals @ whitener.T
         losses = 0.5 * residuals**2
-    else:
-        raise ValueError(f"no default loss for variant {variant!r}: pass loss_fn")
     return losses.reshape(n, -1).sum(axis=1)
+
+
+#: the variants whose targets are integer class labels (the outputs' last axis: classes)
+_LABEL_VARIANTS = ("classif_logits", "classif_logsoftmax", "segmentation_logits")
+
+
+def check_targets(variant: str, outputs_shape: tuple[int, ...], targets: Any) -> jax.Array:
+    """``targets`` checked against ``variant`` and outputs of shape ``outputs_shape``, in
+    the outputs' shape where the loss compares them entry by entry.
+
+    - classification and segmentation (outputs ``(N, ..., C)``): integer labels of shape
+      ``(N, ...)`` in ``[0, C)`` (no "ignore" label such as ``-1``: drop those examples);
+    - ``"classif_binary_logits"``: targets of the outputs' shape in ``[0, 1]``;
+    - ``"regression"``: targets of the outputs' shape.
+
+    Binary and regression targets may also add or drop a trailing axis of size 1 (``(N,)``
+    targets for ``(N, 1)`` outputs and vice versa: the same order of entries); any other
+    shape is refused rather than reshaped (``(C, N)`` targets for ``(N, C)`` outputs would
+    be scrambled). Dtypes and shapes are checked always, ranges where ``targets`` is
+    concrete (not traced).
+
+    Raises:
+      ValueError: naming the targets' dtype, shape or range and what the variant needs.
+    """
+    if not isinstance(targets, (jax.Array, np.ndarray)):  # a list, a Python number
+        targets = np.asarray(targets)
+    shape = tuple(targets.shape)
+    if variant in _LABEL_VARIANTS:
+        classes = outputs_shape[-1]
+        needed = tuple(outputs_shape[:-1])
+        if not jnp.issubdtype(targets.dtype, jnp.integer):
+            raise ValueError(
+                f"variant {variant!r} needs integer class labels of shape {needed} for "
+                f"outputs of shape {tuple(outputs_shape)}; got {targets.dtype} targets of "
+                f"shape {shape}. For one-hot targets pass jnp.argmax(y, axis=-1); for soft "
+                "targets pass a loss_fn of your own")
+        if shape != needed:
+            raise ValueError(
+                f"variant {variant!r} needs class labels of shape {needed} (the outputs' "
+                f"shape {tuple(outputs_shape)} without the class axis); got labels of shape "
+                f"{shape}. Reshape them: y.reshape({needed})")
+        _check_range(targets, 0, classes - 1, f"class labels must be in [0, {classes}) for "
+                     f"{classes} classes (an 'ignore' label such as -1 is not supported: "
+                     "drop those examples)")
+        return targets
+    if variant not in ("classif_binary_logits", "regression"):
+        raise ValueError(f"no default loss for variant {variant!r}: pass loss_fn")
+    outputs_shape = tuple(outputs_shape)
+    if shape not in (outputs_shape, outputs_shape + (1,)) and shape + (1,) != outputs_shape:
+        raise ValueError(
+            f"variant {variant!r} needs targets of the outputs' shape {outputs_shape} (a "
+            f"trailing axis of size 1 may be added or dropped); got targets of shape {shape}."
+            " They are not reshaped: a (C, N) array for (N, C) outputs would be scrambled. "
+            "Transpose or reshape them to the outputs' shape")
+    if variant == "classif_binary_logits":
+        _check_range(targets, 0, 1, "binary targets must be in [0, 1]")
+    return targets.reshape(outputs_shape)
+
+
+def _check_range(values: jax.Array, low: float, high: float, words: str) -> None:
+    """``low <= values <= high`` where ``values`` is concrete (a traced array passes)."""
+    if isinstance(values, jax.core.Tracer) or values.size == 0:
+        return
+    values = np.asarray(values)  # on the host: under a trace, jnp's min would be staged
+    smallest, largest = values.min(), values.max()
+    if not (low <= smallest and largest <= high):  # NaN fails too
+        raise ValueError(f"{words}; got values from {smallest} to {largest}")
 
 
 def _targets(batch):
@@ -626,6 +704,14 @@ class _PerExampleLoss:
         # gathered, as the loss picks each example's target entry
         out, _ = gathered(self.apply_fn(params, data_lib.inputs_of(batch)))
         return per_example_loss(self.variant, out, _targets(batch), self.covariance)[:, None]
+
+    def check_targets(self, params, batch) -> None:
+        """:func:`check_targets` on the whole batch, before a build that reads the loss
+        example by example under a trace (where the labels' range cannot be read)."""
+        targets = _targets(batch)
+        if not isinstance(targets, jax.core.Tracer):
+            outputs = jax.eval_shape(self.apply_fn, params, data_lib.inputs_of(batch))
+            check_targets(self.variant, getattr(outputs, "shape", ()), targets)
 
 
 @dataclasses.dataclass(frozen=True)

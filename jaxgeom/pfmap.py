@@ -51,7 +51,7 @@ from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, restrict
 from jaxgeom.scaling import ScalarMultiples
 from jaxgeom.streaming import scaled
-from jaxgeom.variants import BatchedFunction, check_outputs
+from jaxgeom.variants import BatchedFunction, check_one_array, check_outputs
 from jaxgeom.vector import PVector, _unravel, as_flat, product_dtype
 
 
@@ -398,6 +398,7 @@ class _FlatOutputs:
 
     def __call__(self, params, x):
         out = self.apply_fn(params, x)
+        check_one_array(out)
         if not out.shape:
             check_outputs("regression", tuple(out.shape), data_lib.num_examples(x))
         return out.reshape(out.shape[0], -1)
@@ -530,6 +531,8 @@ def GramMatrix(
         raise TypeError(f"representation must be FMatDense; got {representation!r}")
     if method not in GRAM_METHODS:
         raise ValueError(f"unknown Gram method {method!r}; valid methods: {GRAM_METHODS}")
+    if not isinstance(centering, (bool, np.bool_)):
+        raise TypeError(f"centering must be True or False; got {centering!r}")
     J = Jacobian(apply_fn, params, data, PFMapImplicit, function=function,
                  batch_size=batch_size, layer_collection=layer_collection, mode=mode)
     G = gram_implicit(J) if method == "implicit" else gram_by_layers(J)

@@ -40,6 +40,7 @@ def cg(
     """
     if b.ndim != 1:
         raise ValueError(f"cg solves for one flat vector; got shape {b.shape}")
+    check_cg_options(rtol=rtol, atol=atol, maxiter=maxiter, preconditioner=preconditioner)
     maxiter = 10 * b.shape[0] if maxiter is None else int(maxiter)
     x = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
     r = b - matvec(x)
@@ -80,6 +81,35 @@ def cg(
     # differentiable (forward and reverse mode) through the solution of A x = b, not
     # through the iterations: the adjoint system is solved by the same CG (A symmetric)
     return jax.lax.custom_linear_solve(matvec, b.astype(r.dtype), solve, symmetric=True)
+
+
+def check_cg_options(rtol: float = 1e-5, atol: float = 0.0, maxiter: int | None = None,
+                     preconditioner: Callable | None = None) -> None:
+    """Refuse options of :func:`cg` out of their domain (a NaN ``rtol`` or a negative
+    ``maxiter`` would stop the iterations at once and answer the starting point): ``rtol``
+    and ``atol`` finite and ``≥ 0`` (checked where concrete), ``maxiter`` ``None`` or an
+    integer ``≥ 0``, ``preconditioner`` ``None`` or a callable.
+
+    Raises:
+      ValueError: for a tolerance or ``maxiter`` out of range.
+      TypeError: for a preconditioner that is not callable (an array of its diagonal).
+    """
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, jax.core.Tracer):
+            continue
+        number = np.asarray(value)
+        if number.shape != () or not np.isfinite(number) or not number >= 0:
+            raise ValueError(f"cg's {name} must be a finite number >= 0; got {value!r}")
+    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(
+            maxiter, (int, np.integer)) or maxiter < 0):
+        raise ValueError(f"cg's maxiter must be None or an integer >= 0; got {maxiter!r}")
+    if preconditioner is not None and not callable(preconditioner):
+        got = (f"an array of shape {tuple(preconditioner.shape)}"
+               if hasattr(preconditioner, "shape") else f"a {type(preconditioner).__name__}")
+        raise TypeError(
+            f"cg's preconditioner must be a callable r -> P⁻¹ r (in a matrix's solve, also a "
+            f"representation); got {got}. For a diagonal preconditioner d: "
+            "preconditioner=lambda r: r / d, or PMatDiag(M.layer_collection, d)")
 
 
 def _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter):

@@ -160,6 +160,17 @@ def regression_whitener(covariance: Any, num_outputs: int, dtype: Any) -> jax.Ar
 
 
 # ----------------------------------------------------------------------------- checks
+def check_one_array(outputs: Any, what: str = "apply_fn") -> None:
+    """Check that ``what`` returned one array (or its abstract value), not a pytree such as
+    ``(outputs, aux)``."""
+    if not hasattr(outputs, "shape"):
+        raise ValueError(
+            f"{what} must return one array of outputs; got "
+            f"{jax.tree_util.tree_structure(outputs)}. For a function that returns "
+            "(outputs, aux) (e.g. Flax's apply with mutable=...), pass one that returns the "
+            "outputs alone: lambda p, x: f(p, x)[0]")
+
+
 def check_outputs(variant: str, shape: tuple[int, ...], n: int) -> None:
     """Check that batched model outputs of ``shape`` fit ``variant`` for ``n`` examples."""
     if not shape or shape[0] != n:

@@ -45,3 +45,15 @@ def test_penalty_needs_a_representation(task):
     t, _ = task
     with pytest.raises(TypeError, match="representation"):
         ewc_penalty(jnp.eye(3), t.params, 1.0)
+
+
+def test_params_star_must_match_the_fisher(task):
+    """A params_star of other leaf shapes (a 1-output head for a 4-output one) is refused,
+    naming the leaf, instead of broadcast; a PVector is accepted."""
+    t, params = task
+    F = jg.FIM(t.apply_fn, t.params, (t.x, t.y), jg.PMatDiag)
+    head = {"kernel": t.params["Dense_1"]["kernel"][:, :1], "bias": t.params["Dense_1"]["bias"][:1]}
+    with pytest.raises(ValueError, match=r"params_star's leaf 'Dense_1/bias' has shape \(1,\)"):
+        ewc_penalty(F, {**t.params, "Dense_1": head}, 1.0)
+    np.testing.assert_allclose(ewc_penalty(F, jg.PVector(t.params), 2.0)(params),
+                               ewc_penalty(F, t.params, 2.0)(params), rtol=1e-12)

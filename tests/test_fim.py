@@ -425,6 +425,29 @@ def test_monte_carlo_does_not_depend_on_chunking_and_uses_the_key():
     assert not np.allclose(other, whole)
 
 
+@pytest.mark.parametrize("key, error, match", [
+    (0, TypeError, r"a PRNG key, e.g. jax.random.key\(seed\).*got 0"),
+    (None, TypeError, "a PRNG key.*got None"),
+    (jnp.zeros(2), TypeError, "got an array of dtype float"),
+    (jax.random.split(jax.random.PRNGKey(0), 3), ValueError, r"one PRNG key.*shape \(3, 2\)"),
+    (jax.random.split(jax.random.key(0), 3), ValueError, r"one PRNG key.*shape \(3,\)"),
+])
+def test_monte_carlo_refuses_anything_but_one_key(key, error, match):
+    t = make_plain_mlp(n=2)
+    with pytest.raises(error, match="FIM_MonteCarlo's key must be .*" + match):
+        FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDiag, key=key)
+
+
+def test_a_function_returning_outputs_and_aux_is_named():
+    """(outputs, aux), as Flax's mutable apply returns: the same message for FIM and
+    SecondMoment (SecondMoment's had been "'tuple' object has no attribute 'shape'")."""
+    t = make_plain_mlp(n=2)
+    with pytest.raises(ValueError, match=r"^apply_fn must return one array of outputs"):
+        FIM(lambda p, x: (t.apply_fn(p, x), 0.0), t.params, t.x, PMatDiag)
+    with pytest.raises(ValueError, match=r"^fn\(params, batch\) must return one array"):
+        SecondMoment(lambda p, b: (t.apply_fn(p, b[0]), 0.0), t.params, (t.x, t.y), PMatDiag)
+
+
 def _segmentation_moments(apply_fn, params, x, samples=4000):
     """E‖gₙ‖⁴ by sampling label maps (no gradients needed: gₙ = Σ_p J_pᵀ(e_{y_p} − p_p))."""
     rng = np.random.default_rng(0)
@@ -500,8 +523,9 @@ def test_empty_data(representation):
         FIM(t.apply_fn, t.params, t.x[:0], representation)
     with pytest.raises(ValueError, match="no example"):
         FIM(t.apply_fn, t.params, [t.x[:0], t.x[:0]], representation)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        FIM(t.apply_fn, t.params, t.x, representation, batch_size=0)
+    for batch_size in (0, True, 2.0, "4"):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            FIM(t.apply_fn, t.params, t.x, representation, batch_size=batch_size)
 
 
 class _Unhashable:

@@ -227,3 +227,22 @@ def test_finiteness_check_of_the_gram_matrix_reads_its_diagonal_in_place():
     np.testing.assert_array_equal(_finite_examples(gram), np.arange(40) != 7)
     compiled = jax.jit(_finite_examples).lower(gram).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < gram.nbytes / 10
+
+
+def test_errors_name_the_problem_and_the_fix():
+    """A function returning (outputs, aux) is named (it had been "'tuple' object has no
+    attribute 'shape'"); FMatDense's damping error gives a function-space fix; centering
+    is a bool."""
+    t = make_linen_mlp(n=3)
+    with_aux = lambda p, x: (t.apply_fn(p, x), {"batch_stats": 0.0})  # noqa: E731
+    for build in (Jacobian, GramMatrix):
+        with pytest.raises(ValueError, match=r"apply_fn must return one array of outputs.*"
+                           r"f\(p, x\)\[0\]"):
+            build(with_aux, t.params, t.x)
+    with pytest.raises(TypeError, match="centering must be True or False; got 'yes'"):
+        GramMatrix(t.apply_fn, t.params, t.x, centering="yes")
+    G = FMatDense(jnp.eye(6).reshape(2, 3, 2, 3))
+    with pytest.raises(ValueError, match=r"regul must be a scalar.*FMatDense\(G.data \+ "
+                       r"jnp.diag\(d.ravel\(\)\)") as error:
+        G.solve(jnp.ones((2, 3)), jnp.ones((2, 3)))
+    assert "PMatDiag" not in str(error.value)

@@ -12,10 +12,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 from flax import nnx
-from models import NNXMLP, LinenCNN, LinenEmbed, LinenLayerNorm, LinenMLP
+from models import NNXMLP, LinenCNN, LinenEmbed, LinenLayerNorm, LinenMLP, make_plain_mlp
 
+import jaxgeom as jg
 from jaxgeom import LayerCollection
 
 KEY = jax.random.PRNGKey(0)
@@ -464,3 +466,18 @@ def test_collisions_fall_back_to_full_paths():
         "block/a": dense("block", "a", None),
         "block/b": dense("block", "b", None),
     }
+
+
+def test_params_passed_for_a_layer_collection_are_refused_by_name():
+    """The parameters where a LayerCollection is expected: a TypeError naming the fix."""
+    t = make_plain_mlp(n=2)
+    d = sum(leaf.size for leaf in jax.tree_util.tree_leaves(t.params))
+    fix = r"must be a LayerCollection .*got a dict.*LayerCollection.from_model"
+    for who, build in [
+        ("PMatDense's layer_collection", lambda: jg.PMatDense(t.params, jnp.eye(d))),
+        ("PMatEye's layer_collection", lambda: jg.PMatEye(t.params, 1.0)),
+        ("layer_collection", lambda: jg.FIM(t.apply_fn, t.params, t.x, jg.PMatDense,
+                                            layer_collection=t.params)),
+    ]:
+        with pytest.raises(TypeError, match=f"^{who} {fix}"):
+            build()

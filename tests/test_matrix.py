@@ -159,6 +159,21 @@ def test_a_damping_per_parameter_is_refused_and_the_suggested_sum_solves(represe
     np.testing.assert_allclose(damped.solve(v).to_flat(), expected, rtol=1e-7)
 
 
+@pytest.mark.parametrize("representation", [PMatDense, PMatDiag, PMatKFAC, PMatLowRank])
+def test_a_non_finite_regul_and_a_non_scalar_exponent_are_refused(representation):
+    """A concrete NaN damping had given NaN answers without a word; a (2,) exponent, a
+    broadcasting error or "truth value ... ambiguous"."""
+    t = make_plain_mlp(n=3)
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), representation)
+    v = jnp.ones(F.layer_collection.numel())
+    with pytest.raises(ValueError, match=r"regul \(the damping λ of M \+ λ·I\) must be finite"):
+        F.solve(v, float("nan"))
+    with pytest.raises(ValueError, match=r"exponent p of pow must be a scalar.*shape \(2,\)"):
+        F.pow(jnp.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match="exponent p of pow must be finite"):
+        F.pow(float("inf"))
+
+
 @pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatDiag, PMatLowRank,
                                             PMatKFAC])
 @pytest.mark.filterwarnings("error")  # no "donated buffers were not usable" under vmap

@@ -465,6 +465,8 @@ def test_regression_covariance_in_the_losses():
     ({"damping": float("nan")}, "damping must be a finite number"),
     ({"ema": 1.0}, r"ema must be a finite number in \[0, 1\)"),
     ({"damping": optim.LevenbergMarquardt(initial=-1.0)}, "LevenbergMarquardt.initial"),
+    ({"damping": optim.LevenbergMarquardt(initial=1e5)},
+     r"LevenbergMarquardt.initial must be a finite number in \[min_damping, max_damping\]"),
     ({"damping": optim.LevenbergMarquardt(period=0)}, "LevenbergMarquardt.period"),
     ({"damping": optim.LevenbergMarquardt(min_damping=1.0, max_damping=0.1)},
      "max_damping must be a finite number >= min_damping"),
@@ -474,3 +476,43 @@ def test_regression_covariance_in_the_losses():
 def test_invalid_options_are_rejected_by_the_constructor(options, match):
     with pytest.raises(ValueError, match=match):
         optim.scale_by_natural_gradient(jg.PMatDense, **options)
+
+
+LOGITS = jnp.arange(12.0).reshape(4, 3) / 4
+
+
+@pytest.mark.parametrize("variant, targets, match", [
+    ("classif_logits", jnp.array([0, 1, 2, -1]), r"labels must be in \[0, 3\).*from -1 to 2"),
+    ("classif_logits", jnp.array([0, 1, 2, 3]), r"labels must be in \[0, 3\)"),
+    ("classif_logsoftmax", jnp.array([0.0, 1, 2, 0]), "integer class labels.*got float"),
+    ("classif_logits", jax.nn.one_hot(jnp.array([0, 1, 2, 0]), 3), r"jnp.argmax\(y, axis=-1\)"),
+    ("classif_logits", jnp.array([[0], [1], [2], [0]]), r"\(4,\).*got labels of shape \(4, 1\)"),
+    ("regression", jnp.zeros((3, 4)), r"outputs' shape \(4, 3\).*got targets of shape \(3, 4\)"),
+    ("classif_binary_logits", jnp.array([[0, 1, 2]] * 4), r"binary targets must be in \[0, 1\]"),
+])
+def test_per_example_loss_refuses_bad_targets(variant, targets, match):
+    with pytest.raises(ValueError, match=match):
+        optim.per_example_loss(variant, LOGITS, targets)
+
+
+def test_per_example_loss_takes_targets_with_or_without_a_trailing_unit_axis():
+    out = LOGITS[:, :1]
+    y = jnp.array([0.0, 1.0, 1.0, 0.0])
+    ref = optax.sigmoid_binary_cross_entropy(out[:, 0], y)
+    for outputs, targets in ((out, y), (out[:, 0], y[:, None]), (out, y[:, None])):
+        np.testing.assert_allclose(
+            optim.per_example_loss("classif_binary_logits", outputs, targets), ref)
+
+
+def test_empirical_fisher_checks_the_labels_of_the_batch(task):
+    t, grads = task
+    tx = optim.scale_by_natural_gradient(jg.PMatDiag, apply_fn=t.apply_fn, fisher="empirical")
+    with pytest.raises(ValueError, match=r"labels must be in \[0, "):
+        tx.update(grads, tx.init(t.params), t.params, batch=(t.x, t.y.at[0].set(-1)))
+
+
+def test_monte_carlo_fisher_needs_one_key(task):
+    t, grads = task
+    tx = optim.scale_by_natural_gradient(jg.PMatDiag, apply_fn=t.apply_fn, fisher="monte_carlo")
+    with pytest.raises(TypeError, match=r"update\(..., key=key\).*jax.random.key\(seed\).*got 0"):
+        tx.update(grads, tx.init(t.params), t.params, batch=(t.x, t.y), key=0)

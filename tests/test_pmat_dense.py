@@ -7,7 +7,7 @@ import pytest
 from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp
 from pmat_checks import check_all, check_promotions, check_pytree, check_solve, reference
 
-from jaxgeom import FIM, LayerCollection, PMatBlockDiag, PMatDense
+from jaxgeom import FIM, LayerCollection, PMatBlockDiag, PMatDense, PMatEye, solvers
 from jaxgeom.pmat import _gram
 
 
@@ -55,6 +55,21 @@ def test_mismatched_layouts_and_shapes():
         Fa + Fb
     with pytest.raises(ValueError, match="shape"):
         PMatDense(Fa.layer_collection, jnp.zeros((3, 3)))
+
+
+def test_a_layout_mismatch_names_what_differs():
+    """Same parameters, other layer kinds (LayerCollection.from_params against the model's
+    discovery), or other dtypes: the error names that field and its fix."""
+    t = make_linen_mlp()
+    F = FIM(t.apply_fn, t.params, t.x, PMatDense)
+    with pytest.raises(ValueError, match=r"their layers differ \(layer 'Dense_0' of kind "
+                       r"'dense'.*kind 'other'.*layer_collection=M.layer_collection"):
+        F + PMatEye(LayerCollection.from_params(t.params), 1e-3)
+    p32 = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), t.params)
+    lc32 = LayerCollection.from_model(t.apply_fn, p32, t.x[:1].astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"their dtypes differ \(leaf .* float64 and float32"
+                       r"\).*parameters of one dtype"):
+        F + PMatDense(lc32, F.data.astype(jnp.float32))
 
 
 @pytest.mark.parametrize("m", [7, 64, 192, _gram.SYMMETRIC_FROM + 3])
@@ -180,3 +195,19 @@ def test_solve_options_belong_to_their_method(case):
         F.solve(v, 0.1, method="lstsq", rtol=1e-3)
     want = np.linalg.solve(ref + 0.1 * np.eye(ref.shape[0]), v)
     np.testing.assert_allclose(F.solve(v, 0.1, method="lstsq", rcond=None), want, rtol=1e-8)
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"rtol": float("nan")}, ValueError, "cg's rtol must be a finite number >= 0; got nan"),
+    ({"atol": -1.0}, ValueError, "cg's atol must be a finite number >= 0"),
+    ({"maxiter": -1}, ValueError, "cg's maxiter must be None or an integer >= 0; got -1"),
+    ({"preconditioner": np.ones(3)}, TypeError,
+     r"preconditioner must be a callable.*shape \(3,\).*lambda r: r / d"),
+])
+def test_cg_options_out_of_their_domain_are_refused(options, error, match):
+    """A NaN rtol or a negative maxiter had stopped CG at once and answered zeros."""
+    F = PMatDense(LayerCollection.from_params({"w": jnp.zeros(3)}), jnp.eye(3))
+    with pytest.raises(error, match=match):
+        F.solve(jnp.ones(3), 1.0, method="cg", **options)
+    with pytest.raises(error, match=match):  # the solver itself, as jaxgeom.cg
+        solvers.cg(lambda x: x, jnp.ones(3), **options)

@@ -365,3 +365,9 @@ def test_block_diag_variant_and_errors():
                      basis=FIM(t.apply_fn, t.params, t.x, PMatKFAC))
     with pytest.raises(TypeError, match="PMatEKFAC.from_jacobians"):
         PMatEKFAC.accumulator(None)
+
+
+def test_from_kfac_takes_a_kfac_only():
+    t = make_plain_mlp(n=2)
+    with pytest.raises(TypeError, match=r"from_kfac takes a PMatKFAC, not PMatDense.*FIM\("):
+        PMatEKFAC.from_kfac(FIM(t.apply_fn, t.params, t.x, PMatDense))

@@ -31,9 +31,9 @@ from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._reindex import LeafVector
 from jaxgeom._serialization import register_dataclass
 from jaxgeom.jacobian import JacobianBuilder
-from jaxgeom.layers import LayerCollection
+from jaxgeom.layers import LayerCollection, check_layer_collection
 from jaxgeom.scaling import ScalarMultiples, is_scalar
-from jaxgeom.solvers import cg
+from jaxgeom.solvers import cg, check_cg_options
 from jaxgeom.streaming import static_field as static_field  # re-exported
 from jaxgeom.vector import PVector, as_flat, as_rows, as_tree, static_order
 
@@ -50,19 +50,36 @@ def representation(cls: type) -> type:
     """Class decorator: frozen dataclass + pytree registration + registry entry; the
     operations named in :attr:`PMatAbstract.COMPILED_OPERATIONS` run as one compiled call
     when called eagerly (:func:`jaxgeom._dispatch.compiled_when_eager`)."""
+    post_init = getattr(cls, "__post_init__", None)
+    if not hasattr(post_init, "checks_layout"):  # an inherited one may be checked already
+        cls.__post_init__ = _layout_checked(post_init)
     cls = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
     cls = register_dataclass(cls)
     for name in getattr(cls, "COMPILED_OPERATIONS", ()):
         method = getattr(cls, name)
         setattr(cls, name, compiled_when_eager(getattr(method, "eager_method", method)))
-    for name in ("inv", "pow"):
+    for name, checked in (("inv", _checked_scalars), ("pow", _checked_scalars),
+                          ("solve", _checked_solve)):
         method = getattr(cls, name)
-        if not hasattr(method, "checks_regul"):  # an inherited one may be checked already
-            setattr(cls, name, _scalar_regul(method))
+        if not hasattr(method, "checks_scalars"):  # an inherited one may be checked already
+            setattr(cls, name, checked(method))
     if not hasattr(cls.mm, "scales_by_eye"):
         cls.mm = _scaled_by_eye(cls.mm)
     REGISTRY.append(cls)
     return cls
+
+
+def _layout_checked(post_init: Callable | None) -> Callable:
+    """A representation's ``__post_init__`` that first checks its ``layer_collection``
+    (the parameters passed in its place would fail later, as an ``AttributeError``)."""
+
+    def checked(self):
+        check_layer_collection(self.layer_collection, f"{type(self).__name__}'s layer_collection")
+        if post_init is not None:
+            post_init(self)
+
+    checked.checks_layout = True
+    return checked
 
 
 def check_shape(what: str, shape: tuple[int, ...] | None, want: str,
@@ -76,17 +93,43 @@ def check_shape(what: str, shape: tuple[int, ...] | None, want: str,
                          f"stacked); got {tuple(shape)}")
 
 
-def check_regul(regul: Any) -> None:
-    """Refuse a damping that is not a scalar (a vector broadcast against a matrix's factors
-    or blocks would be a shape error at best, a wrong matrix at worst)."""
+#: how to damp each parameter on its own, which a scalar ``regul`` cannot
+PER_PARAMETER_DAMPING = (
+    "For a damping per parameter, add a diagonal matrix first: (M + PMatDiag("
+    "M.layer_collection, damping)).solve(v), or solve by CG with an implicit M")
+
+
+def check_regul(regul: Any, per_entry: str = PER_PARAMETER_DAMPING) -> None:
+    """Refuse a damping ``λ`` (of ``M + λ·I``) that is not a scalar (a vector broadcast
+    against a matrix's factors or blocks would be a shape error at best, a wrong matrix at
+    worst) or, where it is concrete, not finite (a NaN answer without a word). ``per_entry``:
+    the sentence of the error that says how to damp entry by entry instead."""
     if not is_scalar(regul):
-        got = (f"an array of shape {tuple(regul.shape)}" if hasattr(regul, "shape")
-               else f"a {type(regul).__name__}")
         raise ValueError(
-            f"regul must be a scalar (the damping λ of M + λ·I); got {got}. For a damping per "
-            "parameter, add a diagonal matrix first: (M + PMatDiag(M.layer_collection, "
-            "damping)).solve(v), or solve by CG with an implicit M"
-        )
+            f"regul must be a scalar (the damping λ of M + λ·I); got {_described(regul)}. "
+            + per_entry)
+    _check_finite(regul, "regul (the damping λ of M + λ·I)")
+
+
+def check_exponent(p: Any) -> None:
+    """Refuse an exponent ``p`` of ``pow`` that is not a scalar or, where it is concrete,
+    not finite."""
+    if not is_scalar(p):
+        raise ValueError(
+            f"the exponent p of pow must be a scalar; got {_described(p)}. For several "
+            "powers, call pow once per exponent")
+    _check_finite(p, "the exponent p of pow")
+
+
+def _check_finite(x: Any, what: str) -> None:
+    """A ``ValueError`` if ``x`` is concrete and not finite (a traced value passes)."""
+    if not isinstance(x, jax.core.Tracer) and not np.isfinite(np.asarray(x)):
+        raise ValueError(f"{what} must be finite; got {x!r}")
+
+
+def _described(x: Any) -> str:
+    return (f"an array of shape {tuple(x.shape)}" if hasattr(x, "shape")
+            else f"a {type(x).__name__}")
 
 
 def _scaled_by_eye(mm: Callable) -> Callable:
@@ -103,17 +146,45 @@ def _scaled_by_eye(mm: Callable) -> Callable:
     return call
 
 
-def _scalar_regul(method: Callable) -> Callable:
-    """``method`` (``inv``/``pow``) with its ``regul`` argument checked by :func:`check_regul`."""
-    position = list(inspect.signature(method).parameters).index("regul") - 1  # after self
+#: the scalar arguments of ``inv``/``pow`` and their checks
+_SCALAR_ARGUMENTS = {"regul": check_regul, "p": check_exponent}
+
+
+def _checked_scalars(method: Callable) -> Callable:
+    """``method`` (``inv``/``pow``) with its ``regul`` (:func:`check_regul`) and exponent
+    ``p`` (:func:`check_exponent`) checked."""
+    names = list(inspect.signature(method).parameters)[1:]  # after self
+    checks = [(name, names.index(name), check) for name, check in _SCALAR_ARGUMENTS.items()
+              if name in names]
 
     @functools.wraps(method)
     def checked(self, *args, **kwargs):
-        check_regul(kwargs["regul"] if "regul" in kwargs
-                    else args[position] if len(args) > position else 0.0)
+        for name, position, check in checks:
+            if name in kwargs or len(args) > position:
+                check(kwargs[name] if name in kwargs else args[position])
         return method(self, *args, **kwargs)
 
-    checked.checks_regul = True
+    checked.checks_scalars = True
+    return checked
+
+
+def _checked_solve(solve: Callable) -> Callable:
+    """``solve`` with its ``regul`` and CG options checked before it dispatches: a compiled
+    call (:func:`~jaxgeom._dispatch.compiled_when_eager`) traces Python floats, which a
+    check inside it could not read."""
+
+    @functools.wraps(solve)
+    def checked(self, v, regul=0.0, *, method=None, **options):
+        check_regul(regul)
+        if (self.SOLVE_METHODS[0] if method is None else method) == "cg":
+            preconditioner = options.get("preconditioner")
+            check_cg_options(
+                **{k: options[k] for k in ("rtol", "atol", "maxiter") if k in options},
+                preconditioner=None if isinstance(preconditioner, PMatAbstract)
+                else preconditioner)
+        return solve(self, v, regul, method=method, **options)
+
+    checked.checks_scalars = True
     return checked
 
 
@@ -314,8 +385,14 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         ``SOLVE_METHODS`` (first = default); ``"cg"`` accepts ``x0``, ``rtol``, ``atol``,
         ``maxiter`` and ``preconditioner`` (any representation, solved with the same
         ``regul``, or a callable).
+
+        Raises:
+          ValueError: for a ``regul`` that is not a scalar or (concrete) not finite, an
+            unknown ``method``, or CG tolerances/``maxiter`` out of range
+            (:func:`jaxgeom.solvers.check_cg_options`).
+          TypeError: for an option the method does not take, or a preconditioner that is
+            neither a representation nor a callable.
         """
-        check_regul(regul)
         method = self.SOLVE_METHODS[0] if method is None else method
         if method not in self.SOLVE_METHODS:
             raise ValueError(
@@ -453,11 +530,23 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     # ------------------------------------------------------------------ helpers
     def _check_compatible(self, other: PMatAbstract) -> None:
-        if other.layer_collection != self.layer_collection:
-            raise ValueError(
-                f"{type(self).__name__} and {type(other).__name__} act on different parameter "
-                "layouts (LayerCollections differ); build both for the same params and layers"
-            )
+        """Refuse ``other`` unless it has this matrix's layout, naming what differs."""
+        if other.layer_collection == self.layer_collection:
+            return
+        field, detail = self.layer_collection.difference(other.layer_collection)
+        fix = {
+            "dtypes": "build both from parameters of one dtype (cast one set: "
+                      "jax.tree.map(lambda p: p.astype(jnp.float32), params))",
+            "layers": "build the second on the first's layout, layer_collection="
+                      "M.layer_collection (PMatEye(M.layer_collection, λ), FIM(..., "
+                      "layer_collection=M.layer_collection)): one from "
+                      "LayerCollection.from_params has kinds 'other' where a build from the "
+                      "model (LayerCollection.from_model) has 'dense', 'conv', …",
+        }.get(field, "build both for the same parameters, with layer_collection="
+                     "M.layer_collection")
+        raise ValueError(
+            f"{type(self).__name__} and {type(other).__name__} act on different parameter "
+            f"layouts: their {field} differ ({detail}). To combine them, {fix}")
 
     def _unsupported(self, op: str, hint: str = "") -> None:
         method = _CAPABILITY_METHOD.get(op, op)
