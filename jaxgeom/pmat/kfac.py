@@ -387,6 +387,12 @@ class KronEigen:
     #: whether ``d`` is 0 off the ranges (else it is ``d[0, 0]`` there)
     zero_off_range: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
+    def __post_init__(self):
+        # without ranges the flag means nothing: one value keeps one pytree structure (a
+        # damped inverse and its checkpoint, restored without ranges, compare equal)
+        if self.ranges == (None, None) and not self.zero_off_range:
+            object.__setattr__(self, "zero_off_range", True)
+
     def mv(self, v):
         if self._flip(v):
             return self.transposed().mv(v.T).T
