@@ -317,12 +317,19 @@ def check_layer_collection(value: Any, what: str = "layer_collection") -> LayerC
     """
     if isinstance(value, LayerCollection):
         return value
+    counted = (np.ndim(value) == 0 and hasattr(value, "dtype")
+               and np.issubdtype(value.dtype, np.integer))
     raise TypeError(
         f"{what} must be a LayerCollection (the parameter layout); got a "
-        f"{type(value).__name__}. Make one from the parameters: "
-        "LayerCollection.from_model(apply_fn, params, x) (the layers the model uses) or "
-        "LayerCollection.from_params(params) (leaves grouped by parent path), or reuse a "
-        "matrix's: M.layer_collection")
+        f"{type(value).__name__}. " + (
+            "The representation class was called with a step count, as optax calls a "
+            "schedule: under optax.inject_hyperparams pass static_args="
+            "jaxgeom.optim.STATIC_ARGS, which keeps the representation, apply_fn and the "
+            "periods out of the injected hyperparameters" if counted else
+            "Make one from the parameters: "
+            "LayerCollection.from_model(apply_fn, params, x) (the layers the model uses) or "
+            "LayerCollection.from_params(params) (leaves grouped by parent path), or reuse "
+            "a matrix's: M.layer_collection"))
 
 
 def _is_grouped(op: str) -> bool:

@@ -74,6 +74,12 @@ class LevenbergMarquardt(NamedTuple):
     ``λ ← decrease·λ`` if ``ρ > upper``, ``λ ← increase·λ`` if ``ρ < lower`` (or ``ρ`` is
     not finite), clipped to ``[min_damping, max_damping]``.
 
+    ``g`` is the update the transform receives: the loss gradient when the transform comes
+    first in its chain (as :func:`natural_gradient` builds it). After a transform that
+    changes the gradient (``optax.clip_by_global_norm``, weight decay added to it, …) the
+    quadratic model, and so ``ρ``, are those of the changed one; clip the natural-gradient
+    direction with ``max_norm`` or ``kl_clip`` instead.
+
     Attributes:
       initial: the damping ``λ`` at step 0, in ``[min_damping, max_damping]``.
       decrease, increase: the multiplicative factors (Martens 2010: 2/3 and 3/2).
@@ -170,8 +176,9 @@ def scale_by_natural_gradient(
     representation (``PMatDiag``, ``PMatBlockDiag``, ``PMatDense``); ``PMatKFAC`` is
     averaged factor by factor (``A``, ``G`` and the exact blocks), as in K-FAC.
     ``PMatEKFAC`` with ``inverse_period = m > 1`` recomputes its eigenbasis (the K-FAC
-    factors, their ``eigh`` and a diagonal fit) every ``m`` steps and refits only its
-    diagonal in that basis every ``k`` steps (George et al. 2018; ``k < m``); its EMA
+    factors, their ``eigh`` and a diagonal fit) at the steps ``t`` with ``t mod m = 0``
+    and refits only its diagonal in that basis at the other steps with ``t mod k = 0``
+    (George et al. 2018; ``k < m``; ``k`` need not divide ``m``); its EMA
     averages the refitted diagonals within one basis. It caches no inverse: it solves in
     its eigenbasis at the cost of a product.
     ``PMatImplicit`` (truncated CG, Hessian-free) re-reads the current batch at every
@@ -301,6 +308,7 @@ def scale_by_natural_gradient(
         return jnp.asarray(value, dtype)
 
     def init_fn(params):
+        params = _without_variables(params)
         dtype = _float_dtype(params)
         curvature = inverse = None
         if holds_curvature:
@@ -309,6 +317,7 @@ def scale_by_natural_gradient(
                     "this transform keeps the curvature in its state (curvature_period > 1, "
                     "inverse_period > 1 or ema): give apply_fn and example_batch to the "
                     "constructor so that init can build its structure")
+            _check_subset(apply_fn, params, example_batch)
 
             def first(p):
                 c = estimate(apply_fn, p, example_batch, jax.random.PRNGKey(0))
@@ -329,6 +338,7 @@ def scale_by_natural_gradient(
             raise ValueError(
                 "scale_by_natural_gradient.update needs params, batch=(x, y) and an apply_fn "
                 "(constructor or update(..., apply_fn=...))")
+        _check_subset(fn, params, batch)
         count = state.count
         # a constant damping is read from the constructor, not the state: under
         # optax.inject_hyperparams the transform is re-created with the injected value
@@ -356,8 +366,11 @@ def scale_by_natural_gradient(
 
             # every step: no cond (on XLA:CPU a build inside a cond branch cost 3-6 ms more
             # a bench_mlp K-FAC step)
+            due = count % curvature_period == 0
+            if refits:  # a new eigenbasis every m steps, whether or not k divides m
+                due = due | (count % inverse_period == 0)
             curvature = refresh() if curvature_period == 1 else _cond(
-                count % curvature_period == 0, refresh, lambda: state.curvature)
+                due, refresh, lambda: state.curvature)
         else:
             curvature = estimate(fn, params, batch, key)
 
@@ -491,6 +504,48 @@ def _check_levenberg_marquardt(rule: LevenbergMarquardt) -> None:
         ("lower", (lambda v: True, "(a threshold on ρ)")),
         ("upper", (lambda v: v >= rule.lower, ">= lower")))})
     _check_static_counts(**{"LevenbergMarquardt.period": rule.period})
+
+
+def _check_subset(apply_fn: Callable, params: Any, batch: Any) -> None:
+    """Under ``optax.masked`` or ``optax.multi_transform`` the transform sees the
+    parameters it updates only (the others are ``optax.MaskedNode``): ``apply_fn`` must
+    then take that subset. Checked by tracing it once (shapes only) when the parameters
+    hold a ``MaskedNode``, so that the failure names the cause."""
+    def is_masked(x):
+        return isinstance(x, optax.MaskedNode)
+
+    if not any(map(is_masked, jax.tree_util.tree_leaves(params, is_leaf=is_masked))):
+        return
+    try:
+        jax.eval_shape(apply_fn, params, data_lib.inputs_of(batch))
+    except Exception as error:
+        raise TypeError(
+            "the natural gradient runs under optax.masked or optax.multi_transform: it sees "
+            "only the parameters it updates (the others are optax.MaskedNode), and apply_fn "
+            "fails on them. Give it an apply_fn of that subset, which closes over the other "
+            "parameters (e.g. apply_fn=lambda p, x: model.apply(merge(p, frozen), x)), or "
+            f"run it on all the parameters. apply_fn raised: {error}") from error
+
+
+def _without_variables(params: Any) -> Any:
+    """The parameters with Flax NNX ``Variable`` wrappers replaced by their arrays.
+
+    ``nnx.Optimizer`` initialises its transform with ``nnx.state(model, wrt)`` (leaves
+    wrapped in ``nnx.Param``) but updates it with the pure arrays (``nnx.as_pure``): the
+    curvature the state holds must have the structure of the latter."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return params
+
+    def is_variable(x):
+        return isinstance(x, nnx.Variable)
+
+    if not any(map(is_variable, jax.tree_util.tree_leaves(params, is_leaf=is_variable))):
+        return params
+    if hasattr(nnx, "as_pure"):
+        return nnx.as_pure(params)
+    return jax.tree_util.tree_map(lambda v: v.value, params, is_leaf=is_variable)
 
 
 def _float_dtype(params) -> Any:

@@ -61,9 +61,24 @@ class Restriction:
         return lambda sub, *args: apply_fn(self.merge(params, sub), *args)
 
 
+def restrict(layer_collection: LayerCollection,
+             layer_ids: str | Sequence[str]) -> Restriction:
+    """The :class:`Restriction` of ``layer_collection`` to the layers ``layer_ids`` (one
+    id or a sequence of them: ``[layer.id for layer in layer_collection]``). Cached: the
+    same subset of the same layout is made once."""
+    if isinstance(layer_ids, str):
+        layer_ids = (layer_ids,)
+    if not isinstance(layer_collection, LayerCollection):
+        raise TypeError(f"restrict takes a LayerCollection; got a "
+                        f"{type(layer_collection).__name__} (M.layer_collection is a matrix's)")
+    layer_ids = tuple(layer_ids)
+    if not layer_ids or len(set(layer_ids)) != len(layer_ids):
+        raise ValueError(f"restrict needs distinct layer ids, at least one; got {layer_ids}")
+    return _restrict(layer_collection, layer_ids)
+
+
 @functools.lru_cache(maxsize=256)
-def restrict(layer_collection: LayerCollection, layer_ids: tuple[str, ...]) -> Restriction:
-    """The :class:`Restriction` of ``layer_collection`` to the layers ``layer_ids``."""
+def _restrict(layer_collection: LayerCollection, layer_ids: tuple[str, ...]) -> Restriction:
     chosen = [layer_collection.layer(i) for i in layer_ids]
     leaves = tuple(sorted(i for layer in chosen for i in layer.leaves))
     position = {leaf: k for k, leaf in enumerate(leaves)}

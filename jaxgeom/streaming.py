@@ -465,7 +465,8 @@ def tree_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-_MODEL_HINT = "or the variant (e.g. 'classif_logsoftmax' expects log-probabilities)"
+_MODEL_HINT = ("the function's outputs (a log of 0, an overflow), and for a Fisher its variant "
+               "(e.g. 'classif_logsoftmax' expects log-probabilities)")
 
 
 def check_finite(finite: Any, offset: int, count: int, *, what: str = "model outputs or gradients",

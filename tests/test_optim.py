@@ -293,6 +293,36 @@ def test_ekfac_one_step_and_refit_between_basis_refreshes(task):
     assert not np.allclose(basis[1][0][1], basis[2][0][1])             # new basis at step 2
 
 
+def test_ekfac_basis_period_need_not_be_a_multiple_of_the_refit_period(task):
+    """``k = 2, m = 3``: a new basis at steps 0 and 3 (every ``m``, not every
+    ``lcm(k, m) = 6``), a refit in the kept basis at step 2, nothing at step 1."""
+    t, grads = task
+    tx = optim.scale_by_natural_gradient(jg.PMatEKFAC, damping=LAM, curvature_period=2,
+                                         inverse_period=3, apply_fn=t.apply_fn,
+                                         example_batch=(t.x, t.y))
+    update = jax.jit(lambda s, b: tx.update(grads, s, t.params, batch=b))
+    state, seen = tx.init(t.params), []
+    data = batches(t, 4)
+    for batch in data:
+        _, state = update(state, batch)
+        seen.append(state.curvature)
+
+    def basis(c):
+        return jax.tree_util.tree_leaves([(n.qa, n.qg) for n in c.factors])
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    assert same(jax.tree_util.tree_leaves(seen[0]), jax.tree_util.tree_leaves(seen[1]))
+    assert same(basis(seen[1]), basis(seen[2]))                       # refit at step 2
+    refit = seen[0].refit(t.apply_fn, t.params, data[2])
+    for got, want in zip(seen[2].factors, refit.factors):
+        np.testing.assert_allclose(got.d, want.d, rtol=1e-10)
+    assert not same(basis(seen[2]), basis(seen[3]))                   # new basis at step 3
+    rebuilt = jg.FIM(t.apply_fn, t.params, data[3], jg.PMatEKFAC)
+    np.testing.assert_allclose(seen[3].to_dense(), rebuilt.to_dense(), rtol=1e-9, atol=1e-12)
+
+
 def test_ekfac_state_holds_builds_on_factor_ranges_and_refits():
     """A wide layer seen on few examples: a build keeps its low-rank factors' ranges (a
     static part of the matrix), a refit on new data the whole bases. EK-FAC's state holds
@@ -338,6 +368,69 @@ def test_a_state_holds_builds_on_batches_of_any_size():
         np.testing.assert_allclose(flat(direction), expected, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("periods", [{}, {"curvature_period": 2}])
+def test_under_optax_masked_the_subset_of_trained_parameters(task, periods):
+    """Under ``optax.masked`` the transform sees ``w1, b1`` only: with an ``apply_fn`` of
+    that subset its direction is ``(F₁₁ + λI)⁻¹ g₁`` (``F₁₁`` the Fisher's block of the
+    subset); with the whole model's ``apply_fn`` it fails naming the cause."""
+    t, grads = task
+    trained = {k: k.endswith("1") for k in t.params}
+    frozen = {k: v for k, v in t.params.items() if not trained[k]}
+
+    def apply_subset(p, x):
+        return t.apply_fn({**frozen, **{k: v for k, v in p.items()
+                                        if not isinstance(v, optax.MaskedNode)}}, x)
+
+    kwargs = dict(periods, example_batch=(t.x, t.y)) if periods else {}
+    tx = optax.masked(optim.scale_by_natural_gradient(
+        jg.PMatDense, damping=LAM, apply_fn=apply_subset, **kwargs), trained)
+    direction, _ = tx.update(grads, tx.init(t.params), t.params, batch=(t.x, t.y))
+    sub = {k: t.params[k] for k in ("b1", "w1")}
+    F = reference_fisher(lambda p, x: apply_subset(p, x), sub, t.x)
+    g = flat({k: grads[k] for k in sub})
+    expected = jnp.linalg.solve(F + LAM * jnp.eye(F.shape[0]), g)
+    np.testing.assert_allclose(flat({k: direction[k] for k in sub}), expected, rtol=1e-9)
+    np.testing.assert_array_equal(direction["w2"], grads["w2"])  # passed through
+
+    tx = optax.masked(optim.scale_by_natural_gradient(
+        jg.PMatDense, damping=LAM, apply_fn=t.apply_fn, **kwargs), trained)
+    with pytest.raises(TypeError, match="optax.masked.*apply_fn of that subset"):
+        tx.update(grads, tx.init(t.params), t.params, batch=(t.x, t.y))
+
+
+def test_nnx_optimizer_with_a_held_curvature():
+    """``nnx.Optimizer`` initialises the transform with ``nnx.Param``-wrapped leaves and
+    updates it with pure arrays: the held K-FAC curvature fits both, and its steps are those
+    of the transform run on the pure parameters."""
+    from flax import nnx
+    from models import NNXMLP, to_float64
+
+    model = NNXMLP(nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    nnx.update(model, to_float64(nnx.as_pure(state)))
+
+    def apply_fn(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(5), (7, 3))
+    y = jnp.arange(7) % 4
+    tx = optim.natural_gradient(0.5, jg.PMatKFAC, damping=LAM, curvature_period=2,
+                                apply_fn=apply_fn, example_batch=(x, y))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    start, opt_state = flat(params), tx.init(params)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    loss = optim._MeanLoss(apply_fn, "classif_logits")
+    for _ in range(3):
+        grads = jax.grad(loss)(params, (x, y))
+        updates, opt_state = tx.update(grads, opt_state, params, batch=(x, y))
+        params = optax.apply_updates(params, updates)
+        optimizer.update(model, nnx.grad(lambda m: loss(nnx.state(m, nnx.Param), (x, y)))(
+            model), batch=(x, y))
+    np.testing.assert_allclose(flat(nnx.as_pure(nnx.state(model, nnx.Param))), flat(params),
+                               rtol=1e-12)
+    assert not np.allclose(flat(params), start)
+
+
 def test_inject_hyperparams_changes_the_damping_and_learning_rate(task):
     """Under ``optax.inject_hyperparams`` the damping and learning rate in the state's
     ``hyperparams`` are the ones used: ``-η (F + λI)⁻¹ g`` for the injected ``η, λ``."""
@@ -359,6 +452,11 @@ def test_inject_hyperparams_changes_the_damping_and_learning_rate(task):
         jg.PMatDense, apply_fn=t.apply_fn)
     with pytest.raises(TypeError, match="static_args=jaxgeom.optim.STATIC_ARGS"):
         jax.jit(lambda s: tx.update(grads, s, t.params, batch=(t.x, t.y)))(tx.init(t.params))
+    # without static_args, optax calls the representation class as a schedule of the count
+    tx = optax.inject_hyperparams(optim.natural_gradient)(
+        learning_rate=0.3, representation=jg.PMatDense, damping=1e-2, apply_fn=t.apply_fn)
+    with pytest.raises(TypeError, match="step count.*static_args=jaxgeom.optim.STATIC_ARGS"):
+        tx.init(t.params)
 
 
 def test_moving_average_of_a_mixed_curvature_part_by_part(task):

@@ -8,9 +8,11 @@ from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp, reference_f
 from pmat_checks import check_products, compilations
 
 from jaxgeom import FIM, FIM_MonteCarlo, SecondMoment, random_pvector
+from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
 from jaxgeom.pmat.implicit import PMatImplicit
+from jaxgeom.pmat.kfac import PMatKFAC
 
 TOL = dict(rtol=1e-8, atol=1e-10)
 REGUL = 1e-3
@@ -193,8 +195,13 @@ def test_unsupported_operations_name_alternatives(case):
         with pytest.raises(NotImplementedError, match="PMatDense.*PMatLowRank"):
             op()
     for op in (lambda: F + F, lambda: F - F, lambda: F + 2 * F):
-        with pytest.raises(NotImplementedError, match="PMatDense"):
+        with pytest.raises(NotImplementedError, match=r"M.mv\(v\) \+ A.mv\(v\).*PMatDense"):
             op()
+    with pytest.raises(NotImplementedError, match="exactly.*PMatDense.from_pmat.*FIM"):
+        PMatKFAC.from_pmat(F)
+    for representation in (PMatDense, PMatDiag, PMatBlockDiag, PMatKFAC):
+        with pytest.raises(TypeError, match=r"from_pmat takes a matrix.*\(layer_collection"):
+            representation.from_pmat(np.eye(3))
 
 
 def test_bad_construction(mlp):

@@ -89,6 +89,12 @@ def test_from_mapping_restriction_and_ekfac_block_diag():
     alone = FIM(r.apply_fn(t.apply_fn, t.params), r.select(t.params), t.x, PMatBlockDiag)
     with pytest.raises(ValueError, match=r"does not have.*layer_collection=restrict"):
         PMatMixed.from_mapping(lc, [parts[0], alone])
+    # one id or any sequence of ids names the same restriction
+    first = ids[1][0]
+    assert restrict(lc, first) == restrict(lc, [first]) == restrict(lc, (first,))
+    np.testing.assert_array_equal(restrict(lc, [first]).indices, lc.layer_indices(first))
+    with pytest.raises(ValueError, match="distinct layer ids"):
+        restrict(lc, [first, first])
 
 
 def test_errors_name_the_part():

@@ -65,7 +65,8 @@ def _check_invertible(shifted: jax.Array, p) -> None:
 def pinv(values: jax.Array, atol=None, rtol=None) -> jax.Array:
     """``1/λ`` for ``|λ| > max(atol, rtol·max|λ|)``, else 0.
 
-    Defaults follow ``numpy.linalg.pinv``: ``rtol = n·eps`` when ``atol`` is not given.
+    Defaults follow the Array API (``numpy.linalg.pinv(rtol=None)``, ``jnp.linalg.pinv``;
+    not NumPy's legacy ``rcond=1e-15``): ``rtol = n·eps`` when ``atol`` is not given.
     """
     scale = jnp.max(jnp.abs(values)) if values.size else 0.0
     if rtol is None:

@@ -141,7 +141,7 @@ class CanonicalDiagonal(PMatAbstract):
     @classmethod
     def from_pmat(cls, other: PMatAbstract) -> CanonicalDiagonal:
         """Exact conversion from a representation lower in the promotion order."""
-        if isinstance(other, cls):
+        if isinstance(cls._check_pmat(other), cls):
             return other
         rank = type(other).PROMOTION_RANK
         if rank is not None and rank < cls.PROMOTION_RANK:

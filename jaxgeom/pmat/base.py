@@ -429,7 +429,9 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         self._unsupported("inv", "use solve(v, regul) instead")
 
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatAbstract:
-        """Moore–Penrose pseudo-inverse (eigenvalues ``|λ| ≤ max(atol, rtol·max|λ|)`` dropped)."""
+        """Moore–Penrose pseudo-inverse (eigenvalues ``|λ| ≤ max(atol, rtol·max|λ|)``
+        dropped; by default ``rtol = n·eps``, ``n`` the eigenvalues of a block, as
+        ``jnp.linalg.pinv``)."""
         self._unsupported("pinv")
 
     def pow(self, p: Any, regul: Any = 0.0) -> PMatAbstract:
@@ -476,11 +478,25 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     def from_pmat(cls, other: PMatAbstract) -> PMatAbstract:
         """Convert another representation to this one (exact conversions only; one of this
         representation is returned as it is)."""
-        if type(other) is cls:
+        if type(cls._check_pmat(other)) is cls:
             return other
         raise NotImplementedError(
-            f"{cls.__name__} cannot be made from a {type(other).__name__}"
+            f"{cls.__name__} cannot hold a {type(other).__name__} exactly (from_pmat makes "
+            "exact conversions only). PMatDense.from_pmat(M) holds any matrix whose d² "
+            f"entries fit; for a {cls.__name__} approximation, build it from the data "
+            f"(FIM(apply_fn, params, data, {cls.__name__}))"
         )
+
+    @classmethod
+    def _check_pmat(cls, other: Any) -> PMatAbstract:
+        """``other`` if it is a matrix representation; else a ``TypeError``."""
+        if not isinstance(other, PMatAbstract):
+            raise TypeError(
+                f"{cls.__name__}.from_pmat takes a matrix representation (a PMat*); got a "
+                f"{type(other).__name__}" + (
+                    f": wrap an array as {cls.__name__}(layer_collection, array)"
+                    if hasattr(other, "shape") else ""))
+        return other
 
     @classmethod
     def accumulator(cls, layer_collection: LayerCollection, **options) -> Any:

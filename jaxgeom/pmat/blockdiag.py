@@ -178,7 +178,7 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
         the entries between layers (exact when ``other`` is block-diagonal over these
         layers); ``+``/``-`` never convert a ``PMatDense`` this way (they promote to dense).
         """
-        if isinstance(other, cls):
+        if isinstance(cls._check_pmat(other), cls):
             return other
         other_rank = type(other).PROMOTION_RANK
         partition = _partition(other.layer_collection)

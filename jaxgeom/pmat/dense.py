@@ -115,7 +115,7 @@ class PMatDense(PMatAbstract):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pmat(cls, other: PMatAbstract) -> PMatDense:
-        return cls(other.layer_collection, other.to_dense())
+        return cls(cls._check_pmat(other).layer_collection, other.to_dense())
 
     @classmethod
     def accumulator(cls, layer_collection: LayerCollection, **options) -> DenseAccumulator:

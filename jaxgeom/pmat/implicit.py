@@ -162,9 +162,11 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         if not isinstance(other, PMatAbstract):
             return NotImplemented
         raise NotImplementedError(
-            "PMatImplicit does not support + or -: add the products (M.mv(v) + A.mv(v)), or "
-            "convert to PMatDense first (PMatDense.from_pmat(M)); PMatDense and PMatLowRank "
-            "support addition"
+            "PMatImplicit stores no entries, so it does not support + or -: add the "
+            "products (M.mv(v) + A.mv(v)), or make it a stored matrix first: "
+            "PMatDense.from_pmat(M) where d² entries fit, or build the same data in the "
+            "representation you need (FIM(..., PMatLowRank) when N·K < d, PMatDiag, "
+            "PMatKFAC, …), whose sums with the other operand are defined"
         )
 
     __sub__ = __add__

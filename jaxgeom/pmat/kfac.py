@@ -938,7 +938,11 @@ class PMatKFAC(PMatAbstract):
 
     def _krons(self, what: str) -> tuple[Kron, ...]:
         if not all(isinstance(n, Kron) for n in self.factors):
-            raise ValueError(f"{what} needs the Kronecker factors (A, G), not an eigenbasis form")
+            raise ValueError(
+                f"{what} needs the Kronecker factors (A, G); this {type(self).__name__} holds "
+                "eigenbases with a refitted diagonal (an EKFAC, or a KFAC taken to a power), "
+                "where π has no meaning. Use damping='exact' (the default: M + regul·I), or "
+                "build a PMatKFAC for π-damping")
         return self.factors
 
     # ------------------------------------------------------------------ algebra
