@@ -18,8 +18,8 @@ memory above the memory before it (the kernel's high-water mark, reset through
 
 ``to_dense_layer``: the ``(K, N, d_l)`` columns of ``bench_mlp``'s first layer
 (784 → 512, ``d_l = 401920``) from an implicit Jacobian of ``N = 32`` examples, streamed
-from that layer's own Jacobian (the whole map would be ``K N d``, 1.7 GB for float32...
-here 10 · 32 · 669706 · 4 B = 857 MB); the peak against the layer's columns.
+from that layer's own Jacobian (the whole ``(K, N, d)`` map would be
+10 · 32 · 669706 · 4 B = 817 MiB); the peak against the layer's columns (490 MiB).
 
 Peaks are resident-set figures: XLA:CPU's allocator and the Python heap round them, so
 ratios within a few percent of each other are the same.
