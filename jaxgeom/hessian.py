@@ -90,10 +90,11 @@ def Hessian(
       vectors_per_pass: basis vectors vectorised together by the stored representations.
 
     Returns:
-      ``H = (1/N) Σ_b n_b ∇²L_b``. The Hessian may be indefinite: ``solve`` with Cholesky
-      (the dense default) or CG (the implicit one) needs ``H + regul·I`` positive definite;
-      use ``method="eigh"``/``"lstsq"`` (``PMatDense``) otherwise. Works inside
-      ``jax.jit`` on a single batch.
+      ``H = (1/N) Σ_b n_b ∇²L_b``. The Hessian may be indefinite: the default ``solve``
+      and ``inv`` of ``PMatDense`` and ``PMatBlockDiag`` (Cholesky) fall back to an LU
+      solve where ``H + regul·I`` is indefinite (decided on the device); CG (the implicit
+      one) needs ``H + regul·I`` positive definite. Works inside ``jax.jit`` on a single
+      batch.
 
     Example:
       >>> H = Hessian(lambda p, b: loss(apply_fn(p, b[0]), b[1]).mean(), params, (x, y),

@@ -86,8 +86,8 @@ def check_shape(what: str, shape: tuple[int, ...] | None, want: str,
                 trailing: Callable[[tuple[int, ...]], bool], rank: int) -> None:
     """Refuse an array field whose last ``rank`` dimensions fail ``trailing``; leading
     dimensions are allowed: a stack of representations (``jax.vmap``'s output, a ``scan``'s
-    ``ys``, ``tree_map(jnp.stack, ...)``) is rebuilt from its stacked leaves. ``shape``
-    ``None``: a placeholder of JAX's pytree machinery, not checked."""
+    ``ys``, ``tree_map(lambda *a: jnp.stack(a), F1, F2)``) is rebuilt from its stacked
+    leaves. ``shape`` ``None``: a placeholder of JAX's pytree machinery, not checked."""
     if shape is not None and (len(shape) < rank or not trailing(tuple(shape[len(shape) - rank:]))):
         raise ValueError(f"{what} must have shape {want} (or (..., {want[1:]} when "
                          f"stacked); got {tuple(shape)}")
