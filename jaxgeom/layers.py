@@ -295,8 +295,8 @@ class LayerCollection:
         rows = [("layer", "kind", "leaves", "params")]
         for layer in self.layers:
             leaves = ", ".join(
-                f"{self.paths[i].rsplit('/', 1)[-1]}{list(self.shapes[i])}" for i in layer.leaves
-            )
+                f"{_leaf_name(self.paths[i], layer.id)}{list(self.shapes[i])}"
+                for i in layer.leaves)
             kind = layer.kind + (f" (x{layer.uses})" if layer.uses > 1 else "")
             if any(_is_grouped(op) for op in layer.ops):
                 kind += " (grouped)"
@@ -309,6 +309,14 @@ class LayerCollection:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _leaf_name(path: str, layer_id: str) -> str:
+    """A leaf's name in its layer's row: its path below the layer (``kernel``; an NNX
+    state's ``kernel/value``), else its last part."""
+    if path.startswith(layer_id + "/"):
+        return path[len(layer_id) + 1:]
+    return path.rsplit("/", 1)[-1]
 
 
 def check_layer_collection(value: Any, what: str = "layer_collection") -> LayerCollection:

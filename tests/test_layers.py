@@ -294,6 +294,18 @@ def test_nnx_layers():
     }
 
 
+def test_the_layer_table_names_leaves_by_their_path_below_the_layer():
+    """An NNX state of ``nnx.Param`` variables has paths ``l1/kernel/value``: the table
+    names the leaf ``kernel/value``, not ``value``; a pure dict's ``l1/kernel``: ``kernel``."""
+    graphdef, state = nnx.split(NNXMLP(nnx.Rngs(0)), nnx.Param)
+    x = np.ones((1, 3))
+    wrapped = LayerCollection.from_model(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+    assert "bias/value[5], kernel/value[3, 5]" in wrapped.summary()
+    pure = LayerCollection.from_model(lambda s, x: nnx.merge(graphdef, nnx.State(s))(x),
+                                      nnx.to_pure_dict(state), x)
+    assert "bias[5], kernel[3, 5]" in pure.summary()
+
+
 # ----------------------------------------------------------------------------- equinox
 def test_equinox_layers():
     class Net(eqx.Module):
