@@ -110,6 +110,26 @@ def inputs_of(batch: Any) -> Any:
     return batch
 
 
+#: appended to the errors of a model or function whose outputs do not have a batch's number
+#: of examples on their leading axis: the usual cause is one example given without its axis
+SINGLE_EXAMPLE_HINT = (
+    "The examples are read on the leading axis of every leaf of a batch: for a single example "
+    "without that axis, add it (x[None], and y[None] for its label)")
+
+
+def explain_mapping_inputs(error: BaseException, inputs: Any) -> None:
+    """Add a note to ``error``, raised by a model called on ``inputs``, when ``inputs`` is a
+    mapping: a ``dict`` batch is read as the inputs ``x`` themselves, never as ``{'x': ..,
+    'y': ..}`` inputs and labels."""
+    if isinstance(inputs, Mapping) and hasattr(error, "add_note"):
+        keys = ", ".join(repr(k) for k in inputs)
+        error.add_note(
+            f"jaxgeom: the batch is a dict (keys {keys}), read as the model's inputs x "
+            "itself: a batch is (x, y), (x,) or x, and a dict is one pytree x. If it holds "
+            "the inputs and the labels, pass (batch['x'], batch['y']); for a loader of "
+            "dicts, ((b['x'], b['y']) for b in loader)")
+
+
 def num_examples(batch: Any, what: str = "batch") -> int:
     """The size of the leading axis shared by every leaf of ``batch``."""
     sizes = set()

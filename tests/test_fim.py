@@ -229,6 +229,37 @@ def test_inputs_that_are_a_list_or_a_mapping_are_one_batch(form):
                                                 variant="regression"), **TOL)
 
 
+def test_a_dict_batch_of_inputs_and_labels_fails_with_the_fix():
+    """A ``{'x': .., 'y': ..}`` batch is one pytree ``x`` (a dict is the inputs): the model's
+    error on it (here Flax's bare ``IndexError``) carries a note naming the keys and the
+    fix, ``(batch['x'], batch['y'])``; the fixed data give the reference."""
+    t = make_linen_mlp()
+    batch = {"x": t.x, "y": t.y}
+    builds = [lambda d: FIM(t.apply_fn, t.params, d, PMatDense),
+              lambda d: FIM(t.apply_fn, t.params, [d, d], PMatKFAC),
+              lambda d: FIM_MonteCarlo(t.apply_fn, t.params, d, PMatDiag,
+                                       key=jax.random.PRNGKey(0))]
+    for build in builds:
+        with pytest.raises(Exception) as info:
+            build(batch)
+        notes = " ".join(getattr(info.value, "__notes__", []))
+        assert "keys 'x', 'y'" in notes and "(batch['x'], batch['y'])" in notes
+    np.testing.assert_allclose(dense(t.apply_fn, t.params, (batch["x"], batch["y"])),
+                               reference_fisher(t.apply_fn, t.params, t.x), **TOL)
+
+
+def test_a_single_example_without_its_batch_axis_is_refused_with_the_fix():
+    """``(x[0], y[0])``: read as a batch of ``x.shape[1]`` examples, the model's outputs
+    then lack that axis; the error says to add it."""
+    t = make_linen_mlp()
+    for build in (lambda d: FIM(t.apply_fn, t.params, d, PMatDense),
+                  lambda d: FIM_MonteCarlo(t.apply_fn, t.params, d, PMatKFAC,
+                                           key=jax.random.PRNGKey(0)),
+                  lambda d: SecondMoment(t.apply_fn, t.params, d[0], PMatDiag)):
+        with pytest.raises(ValueError, match=r"single example.*x\[None\]"):
+            build((t.x[0], t.y[0]))
+
+
 def test_a_list_of_batches_is_sized_before_it_is_read():
     """FIM's inputs of a list of batches stay a list (LowRank and the Jacobian write their
     rows in place into a buffer of the known size) and a one-shot iterator stays one."""
