@@ -56,10 +56,28 @@ def peek(data: Any, require_examples: bool = False) -> tuple[Any, Any]:
     Raises a ``ValueError`` when ``data`` yields no batch at all, or (``require_examples``)
     no example.
     """
+    _check_not_inputs_and_labels(data)
     first, data = _peek(data)
     if require_examples and _is_empty(first):
         raise ValueError(_NO_EXAMPLE)
     return first, data
+
+
+def _check_not_inputs_and_labels(data: Any) -> None:
+    """Refuse a list ``[x, y]`` of a floating array and an integer one of the same number
+    of rows: a list is an iterable of batches, so this would be read as two batches of
+    inputs (the second one the labels), while it is surely one batch ``(x, y)``."""
+    if type(data) is not list or len(data) != 2:
+        return
+    if not all(isinstance(a, (jax.Array, np.ndarray)) and np.ndim(a) for a in data):
+        return
+    kinds = {np.dtype(a.dtype).kind for a in data}
+    if kinds & {"f", "c", "V"} and kinds & {"i", "u", "b"} and data[0].shape[0] == data[1].shape[0]:
+        shapes = " and ".join(f"{a.dtype} {tuple(a.shape)}" for a in data)
+        raise ValueError(
+            f"the data is a list of two arrays, {shapes}: a list is read as an iterable of "
+            "batches, here two batches of inputs, the labels among them. Pass one batch of "
+            "inputs and labels as the tuple (x, y); two batches of inputs as [(x1,), (x2,)]")
 
 
 def _peek(data: Any) -> tuple[Any, Any]:

@@ -376,19 +376,24 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]
     :attr:`~ChunkBuilder.updates_in_place` is updated inside the chunk's compiled step (its
     buffers donated), so a chunk costs one dispatch and no copy of the total.
     """
-    total, n, flags, shapes = None, 0, [], None
+    total, n, flags, shapes, first = None, 0, [], None, None
     for chunk in chunks:
         if builder.fixed_example_shapes:
             shapes = _same_example_shapes(builder, shapes, chunk)
+        first = chunk if first is None else first
         args = (params, chunk.batch, chunk.mask, np.asarray(chunk.offset), aux)
-        if builder.updates_in_place:
-            if total is None:
-                total = builder.init_total(*args)
-            step = _update_for_memory if builder.schedules_for_memory else _update
-            total, finite = step(builder, total, *args)
-        else:
-            stats, finite = _statistics(builder, *args)
-            total = builder.reduce(total, stats, chunk.count)
+        try:
+            if builder.updates_in_place:
+                if total is None:
+                    total = builder.init_total(*args)
+                step = _update_for_memory if builder.schedules_for_memory else _update
+                total, finite = step(builder, total, *args)
+            else:
+                stats, finite = _statistics(builder, *args)
+                total = builder.reduce(total, stats, chunk.count)
+        except Exception as error:
+            _explain_other_shapes(error, first, chunk)
+            raise
         flags.append((finite, chunk.offset, chunk.count))
         n += chunk.count
     return total, n, flags
@@ -405,6 +410,19 @@ def _same_example_shapes(builder: ChunkBuilder, shapes: Any, chunk: data_lib.Chu
             "one matrix per shape and combine them weighted by their numbers of examples; "
             "PMatDense, PMatBlockDiag and PMatLowRank take examples of varying shapes")
     return mine
+
+
+def _explain_other_shapes(error: BaseException, first: data_lib.Chunk,
+                          chunk: data_lib.Chunk) -> None:
+    """Add a note to ``error``, raised on ``chunk``, when its examples differ in shape from
+    the first chunk's: the usual cause is a list ``[x, y]`` read as two batches."""
+    mine, theirs = (data_lib.example_shapes(c.batch) for c in (chunk, first))
+    if mine != theirs and hasattr(error, "add_note"):
+        error.add_note(
+            f"jaxgeom: the examples from {chunk.offset} on have the shapes "
+            f"{_shape_list(mine)}, the first ones {_shape_list(theirs)}. A list is read as an "
+            "iterable of batches: for one batch of inputs and labels pass the tuple (x, y), "
+            "not [x, y]")
 
 
 def _shape_list(example: Any) -> list:

@@ -260,6 +260,32 @@ def test_a_single_example_without_its_batch_axis_is_refused_with_the_fix():
             build((t.x[0], t.y[0]))
 
 
+def test_a_list_of_inputs_and_labels_is_refused_with_the_fix():
+    """``[x, y]`` is a list, so two batches of inputs: with integer labels it is refused up
+    front by every builder (was the model's error on the labels, e.g. Flax's
+    ``ScopeParamShapeError``); with float targets of another shape the model's error on them
+    carries a note naming the tuple ``(x, y)``."""
+    t = make_linen_mlp()
+
+    def per_example(p, b):
+        return t.apply_fn(p, b[0])
+
+    builds = [lambda d: FIM(t.apply_fn, t.params, d, PMatDense),
+              lambda d: SecondMoment(per_example, t.params, d, PMatDiag),
+              lambda d: jaxgeom.Hessian(lambda p, b: t.apply_fn(p, b[0]).sum(), t.params, d,
+                                        PMatDense),
+              lambda d: jaxgeom.Jacobian(t.apply_fn, t.params, d),
+              lambda d: jaxgeom.GramMatrix(t.apply_fn, t.params, d)]
+    for build in builds:
+        with pytest.raises(ValueError, match=r"list of two arrays.*tuple \(x, y\)"):
+            build([t.x, t.y])
+    targets = jnp.ones((len(t.y), 1))
+    for build in builds[0], builds[3]:
+        with pytest.raises(Exception) as info:
+            build([t.x, targets])
+        assert "not [x, y]" in " ".join(getattr(info.value, "__notes__", []))
+
+
 def test_a_list_of_batches_is_sized_before_it_is_read():
     """FIM's inputs of a list of batches stay a list (LowRank and the Jacobian write their
     rows in place into a buffer of the known size) and a one-shot iterator stays one."""
