@@ -162,9 +162,12 @@ def num_examples(batch: Any, what: str = "batch") -> int:
     sizes = {}
     for path, leaf in leaves_with_paths:
         if np.ndim(leaf) == 0:
+            python = isinstance(leaf, (bool, int, float, complex))
             raise ValueError(
                 f"the {what}'s leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs "
                 "a leading example axis"
+                + (". A Python list of numbers is a pytree of scalar leaves, not an array: "
+                   "convert it, np.asarray(x)" if python else "")
             )
         sizes[jax.tree_util.keystr(path)] = np.shape(leaf)[0]
     if len(set(sizes.values())) != 1:

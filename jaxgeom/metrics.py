@@ -208,8 +208,9 @@ def _model_front_end(apply_fn, params, data, variant, covariance, layer_collecti
     check_variant(variant)
     if layer_collection is not None:
         check_layer_collection(layer_collection).check_params(params)
-    first, data = data_lib.peek(data)
+    first, data = data_lib.peek(data, require_examples=True)
     inputs = data_lib.inputs_of(first)
+    data_lib.num_examples(inputs, "inputs x")  # on the leaves themselves: names Python lists
     try:
         out_shape, layers = _model_facts(Hashable(apply_fn), variant, signature(params),
                                          signature(inputs), layer_collection is None)

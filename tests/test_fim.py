@@ -578,8 +578,10 @@ def test_empty_data(representation):
         FIM(t.apply_fn, t.params, [], representation)
     with pytest.raises(ValueError, match="no example"):
         FIM(t.apply_fn, t.params, t.x[:0], representation)
-    with pytest.raises(ValueError, match="no example"):
+    with pytest.raises(ValueError, match="the data contains no example"):  # not "first batch"
         FIM(t.apply_fn, t.params, [t.x[:0], t.x[:0]], representation)
+    with pytest.raises(ValueError, match=r"leaf \[0\]\[0\] is a scalar.*np.asarray"):
+        FIM(t.apply_fn, t.params, (np.asarray(t.x).tolist(), t.y), representation)
     for batch_size in (0, True, 2.0, "4"):
         with pytest.raises(ValueError, match="batch_size must be a positive integer"):
             FIM(t.apply_fn, t.params, t.x, representation, batch_size=batch_size)
