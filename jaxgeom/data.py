@@ -124,8 +124,28 @@ def inputs_of(batch: Any) -> Any:
                 f"a batch must be (x, y), (x,) or x; got a {type(batch).__name__} of "
                 f"{len(batch)} elements. Wrap a pytree input as (x, y) or (x,)."
             )
+        if len(batch) == 2:
+            _check_labels_match(batch)
         return batch[0]
     return batch
+
+
+def _check_labels_match(batch: tuple | list) -> None:
+    """Refuse a batch ``(x, y)`` whose labels ``y`` (their leaves with an example axis)
+    disagree with the inputs ``x`` on the number of examples: most likely a tuple of
+    batches or of input batches, ``(x1, x2)``, read as one batch (the builds that do not use
+    ``y`` took ``x1`` alone)."""
+    x, y = batch
+    labels = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(y) if np.ndim(leaf)}
+    if not labels:
+        return
+    inputs = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(x) if np.ndim(leaf)}
+    if len(inputs) == 1 and labels != inputs:
+        raise ValueError(
+            f"the batch's labels y have {', '.join(map(str, sorted(labels)))} examples on their "
+            f"leading axis, its inputs x {inputs.pop()}: a tuple is one batch (x, y), with "
+            "as many of each. Pass several batches as a list, [(x1, y1), (x2, y2)] or "
+            "[(x1,), (x2,)], not a tuple")
 
 
 #: appended to the errors of a model or function whose outputs do not have a batch's number
@@ -135,10 +155,15 @@ SINGLE_EXAMPLE_HINT = (
     "without that axis, add it (x[None], and y[None] for its label)")
 
 
-def explain_mapping_inputs(error: BaseException, inputs: Any) -> None:
+def explain_inputs(error: BaseException, inputs: Any) -> None:
     """Add a note to ``error``, raised by a model called on ``inputs``, when ``inputs`` is a
-    mapping: a ``dict`` batch is read as the inputs ``x`` themselves, never as ``{'x': ..,
-    'y': ..}`` inputs and labels."""
+    mapping (a ``dict`` batch is read as the inputs ``x`` themselves, never as ``{'x': ..,
+    'y': ..}`` inputs and labels) or a pair (maybe the first of a tuple of batches)."""
+    if isinstance(inputs, (tuple, list)) and len(inputs) == 2 and hasattr(error, "add_note"):
+        error.add_note(
+            f"jaxgeom: the batch's inputs x are a {type(inputs).__name__} of two: if the data "
+            "are several batches (x, y), pass them as a list [(x1, y1), (x2, y2)], not a tuple "
+            "(a tuple is one batch (x, y))")
     if isinstance(inputs, Mapping) and hasattr(error, "add_note"):
         keys = ", ".join(repr(k) for k in inputs)
         error.add_note(

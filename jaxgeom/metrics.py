@@ -215,7 +215,7 @@ def _model_front_end(apply_fn, params, data, variant, covariance, layer_collecti
         out_shape, layers = _model_facts(Hashable(apply_fn), variant, signature(params),
                                          signature(inputs), layer_collection is None)
     except Exception as error:
-        data_lib.explain_mapping_inputs(error, inputs)
+        data_lib.explain_inputs(error, inputs)
         raise
     whitener = _whitener(variant, covariance, out_shape, params)
     return data, whitener, layer_collection or layers

@@ -421,7 +421,7 @@ def _setup(apply_fn, params, data, function, layer_collection, lazy):
         check_rows(batched, params, first)
     except Exception as error:
         if function is None:
-            data_lib.explain_mapping_inputs(error, first)
+            data_lib.explain_inputs(error, first)
         raise
     layer_collection = layers_for(batched, params, first, layer_collection)
     if lazy:

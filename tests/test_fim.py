@@ -286,6 +286,27 @@ def test_a_list_of_inputs_and_labels_is_refused_with_the_fix():
         assert "not [x, y]" in " ".join(getattr(info.value, "__notes__", []))
 
 
+def test_a_tuple_of_batches_is_refused_with_the_fix():
+    """A tuple is one batch ``(x, y)``: a tuple of two input batches ``(x1, x2)`` was read as
+    ``x1`` with unused labels ``x2`` (the FIM of ``x1`` alone, silently), a tuple of batches
+    ``((x1, y1), (x2, y2))`` failed in the model (a ``TracerArrayConversionError``). Labels
+    with another number of examples than the inputs are refused; a tuple of batches of one
+    size gets a note on the model's error; ``(x, None)`` and a scalar ``y`` still pass."""
+    t = make_linen_mlp()
+    x, y = t.x, t.y
+    for data in ((x[:3], x[3:]), ((x[:3], y[:3]), (x[3:], y[3:]))):
+        for build in (lambda d: FIM(t.apply_fn, t.params, d, PMatDense),
+                      lambda d: jaxgeom.Jacobian(t.apply_fn, t.params, d)):
+            with pytest.raises(ValueError, match=r"labels y have 4 examples.*inputs x 3.*list"):
+                build(data)
+    with pytest.raises(Exception) as info:
+        FIM(t.apply_fn, t.params, ((x[:3], y[:3]), (x[3:6], y[3:6])), PMatDense)
+    assert "pass them as a list" in " ".join(getattr(info.value, "__notes__", []))
+    expected = reference_fisher(t.apply_fn, t.params, x)
+    for data in ((x, None), (x, 0)):
+        np.testing.assert_allclose(dense(t.apply_fn, t.params, data), expected, **TOL)
+
+
 def test_a_list_of_batches_is_sized_before_it_is_read():
     """FIM's inputs of a list of batches stay a list (LowRank and the Jacobian write their
     rows in place into a buffer of the known size) and a one-shot iterator stays one."""
