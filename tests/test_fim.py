@@ -965,6 +965,7 @@ def test_half_precision_parameters_are_refused_with_the_fix(half):
     builds = [
         lambda: FIM(t.apply_fn, params, (t.x, t.y), PMatDiag),
         lambda: FIM(t.apply_fn, params, (t.x, t.y), jaxgeom.PMatKFAC),
+        lambda: FIM(t.apply_fn, params, (t.x, t.y), PMatImplicit),  # was accepted
         lambda: jaxgeom.FIM_MonteCarlo(t.apply_fn, params, (t.x, t.y), PMatDense,
                                        key=jax.random.PRNGKey(0)),
         lambda: SecondMoment(fn, params, t.x, PMatDense),
