@@ -402,6 +402,12 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]
 def _same_example_shapes(builder: ChunkBuilder, shapes: Any, chunk: data_lib.Chunk) -> Any:
     """The chunk's example shapes, which must be ``shapes`` (those of the first chunk)."""
     mine = data_lib.example_shapes(chunk.batch)
+    if shapes is not None and mine != shapes and _shape_list(mine) == _shape_list(shapes):
+        raise ValueError(
+            f"the examples from {chunk.offset} on have the dtypes {_dtype_list(mine)}, the "
+            f"first ones {_dtype_list(shapes)}: {type(builder).__name__} captures the layers' "
+            "inputs of one dtype of example. Cast the inputs of every batch to the first "
+            "batch's dtypes as the data are read")
     if shapes is not None and mine != shapes:
         raise ValueError(
             f"the examples from {chunk.offset} on have the shapes {_shape_list(mine)}, the "
@@ -427,6 +433,10 @@ def _explain_other_shapes(error: BaseException, first: data_lib.Chunk,
 
 def _shape_list(example: Any) -> list:
     return [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(example)]
+
+
+def _dtype_list(example: Any) -> list:
+    return [np.dtype(leaf.dtype).name for leaf in jax.tree_util.tree_leaves(example)]
 
 
 def _check_all(flags: list) -> None:

@@ -307,6 +307,21 @@ def test_a_tuple_of_batches_is_refused_with_the_fix():
         np.testing.assert_allclose(dense(t.apply_fn, t.params, data), expected, **TOL)
 
 
+def test_batches_of_another_dtype_are_refused_naming_the_dtypes():
+    """The captured builds trace one example's dtypes: a later batch in float32 after a
+    float64 one was refused as "the shapes [(3,)], the first ones [(3,)]"; the error names
+    the dtypes. The dense build takes it, as the reference of the values cast."""
+    t = make_linen_mlp()
+    data = [(t.x[:3], t.y[:3]), (t.x[3:].astype(jnp.float32), t.y[3:])]
+    for representation in (PMatKFAC, PMatDiag):
+        with pytest.raises(ValueError, match=r"dtypes \['float32'\], the first ones "
+                           r"\['float64'\].*Cast the inputs"):
+            FIM(t.apply_fn, t.params, data, representation, batch_size=2)
+    cast = jnp.concatenate([t.x[:3], t.x[3:].astype(jnp.float32).astype(jnp.float64)])
+    np.testing.assert_allclose(dense(t.apply_fn, t.params, data),
+                               reference_fisher(t.apply_fn, t.params, cast), **TOL)
+
+
 def test_a_list_of_batches_is_sized_before_it_is_read():
     """FIM's inputs of a list of batches stay a list (LowRank and the Jacobian write their
     rows in place into a buffer of the known size) and a one-shot iterator stays one."""
