@@ -56,10 +56,28 @@ def peek(data: Any, require_examples: bool = False) -> tuple[Any, Any]:
     Raises a ``ValueError`` when ``data`` yields no batch at all, or (``require_examples``)
     no example.
     """
+    _check_not_inputs_and_labels(data)
     first, data = _peek(data)
     if require_examples and _is_empty(first):
         raise ValueError(_NO_EXAMPLE)
     return first, data
+
+
+def _check_not_inputs_and_labels(data: Any) -> None:
+    """Refuse a list ``[x, y]`` of a floating array and an integer one of the same number
+    of rows: a list is an iterable of batches, so this would be read as two batches of
+    inputs (the second one the labels), while it is surely one batch ``(x, y)``."""
+    if type(data) is not list or len(data) != 2:
+        return
+    if not all(isinstance(a, (jax.Array, np.ndarray)) and np.ndim(a) for a in data):
+        return
+    kinds = {np.dtype(a.dtype).kind for a in data}
+    if kinds & {"f", "c", "V"} and kinds & {"i", "u", "b"} and data[0].shape[0] == data[1].shape[0]:
+        shapes = " and ".join(f"{a.dtype} {tuple(a.shape)}" for a in data)
+        raise ValueError(
+            f"the data is a list of two arrays, {shapes}: a list is read as an iterable of "
+            "batches, here two batches of inputs, the labels among them. Pass one batch of "
+            "inputs and labels as the tuple (x, y); two batches of inputs as [(x1,), (x2,)]")
 
 
 def _peek(data: Any) -> tuple[Any, Any]:
@@ -106,8 +124,53 @@ def inputs_of(batch: Any) -> Any:
                 f"a batch must be (x, y), (x,) or x; got a {type(batch).__name__} of "
                 f"{len(batch)} elements. Wrap a pytree input as (x, y) or (x,)."
             )
+        if len(batch) == 2:
+            _check_labels_match(batch)
         return batch[0]
     return batch
+
+
+def _check_labels_match(batch: tuple | list) -> None:
+    """Refuse a batch ``(x, y)`` whose labels ``y`` (their leaves with an example axis)
+    disagree with the inputs ``x`` on the number of examples: most likely a tuple of
+    batches or of input batches, ``(x1, x2)``, read as one batch (the builds that do not use
+    ``y`` took ``x1`` alone)."""
+    x, y = batch
+    labels = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(y) if np.ndim(leaf)}
+    if not labels:
+        return
+    inputs = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(x) if np.ndim(leaf)}
+    if len(inputs) == 1 and labels != inputs:
+        raise ValueError(
+            f"the batch's labels y have {', '.join(map(str, sorted(labels)))} examples on their "
+            f"leading axis, its inputs x {inputs.pop()}: a tuple is one batch (x, y), with "
+            "as many of each. Pass several batches as a list, [(x1, y1), (x2, y2)] or "
+            "[(x1,), (x2,)], not a tuple")
+
+
+#: appended to the errors of a model or function whose outputs do not have a batch's number
+#: of examples on their leading axis: the usual cause is one example given without its axis
+SINGLE_EXAMPLE_HINT = (
+    "The examples are read on the leading axis of every leaf of a batch: for a single example "
+    "without that axis, add it (x[None], and y[None] for its label)")
+
+
+def explain_inputs(error: BaseException, inputs: Any) -> None:
+    """Add a note to ``error``, raised by a model called on ``inputs``, when ``inputs`` is a
+    mapping (a ``dict`` batch is read as the inputs ``x`` themselves, never as ``{'x': ..,
+    'y': ..}`` inputs and labels) or a pair (maybe the first of a tuple of batches)."""
+    if isinstance(inputs, (tuple, list)) and len(inputs) == 2 and hasattr(error, "add_note"):
+        error.add_note(
+            f"jaxgeom: the batch's inputs x are a {type(inputs).__name__} of two: if the data "
+            "are several batches (x, y), pass them as a list [(x1, y1), (x2, y2)], not a tuple "
+            "(a tuple is one batch (x, y))")
+    if isinstance(inputs, Mapping) and hasattr(error, "add_note"):
+        keys = ", ".join(repr(k) for k in inputs)
+        error.add_note(
+            f"jaxgeom: the batch is a dict (keys {keys}), read as the model's inputs x "
+            "itself: a batch is (x, y), (x,) or x, and a dict is one pytree x. If it holds "
+            "the inputs and the labels, pass (batch['x'], batch['y']); for a loader of "
+            "dicts, ((b['x'], b['y']) for b in loader)")
 
 
 def num_examples(batch: Any, what: str = "batch") -> int:
@@ -124,9 +187,12 @@ def num_examples(batch: Any, what: str = "batch") -> int:
     sizes = {}
     for path, leaf in leaves_with_paths:
         if np.ndim(leaf) == 0:
+            python = isinstance(leaf, (bool, int, float, complex))
             raise ValueError(
                 f"the {what}'s leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs "
                 "a leading example axis"
+                + (". A Python list of numbers is a pytree of scalar leaves, not an array: "
+                   "convert it, np.asarray(x)" if python else "")
             )
         sizes[jax.tree_util.keystr(path)] = np.shape(leaf)[0]
     if len(set(sizes.values())) != 1:

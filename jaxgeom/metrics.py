@@ -196,6 +196,7 @@ def check_rows(fn, params, batch) -> None:
         raise ValueError(
             f"fn(params, batch) must return an array of shape (N, K) = ({n}, K) for a batch "
             f"of {n} examples; got shape {out.shape}"
+            + (f". {data_lib.SINGLE_EXAMPLE_HINT}" if out.shape[:1] != (n,) else "")
         )
 
 
@@ -207,10 +208,15 @@ def _model_front_end(apply_fn, params, data, variant, covariance, layer_collecti
     check_variant(variant)
     if layer_collection is not None:
         check_layer_collection(layer_collection).check_params(params)
-    first, data = data_lib.peek(data)
+    first, data = data_lib.peek(data, require_examples=True)
     inputs = data_lib.inputs_of(first)
-    out_shape, layers = _model_facts(Hashable(apply_fn), variant, signature(params),
-                                     signature(inputs), layer_collection is None)
+    data_lib.num_examples(inputs, "inputs x")  # on the leaves themselves: names Python lists
+    try:
+        out_shape, layers = _model_facts(Hashable(apply_fn), variant, signature(params),
+                                         signature(inputs), layer_collection is None)
+    except Exception as error:
+        data_lib.explain_inputs(error, inputs)
+        raise
     whitener = _whitener(variant, covariance, out_shape, params)
     return data, whitener, layer_collection or layers
 

@@ -299,7 +299,7 @@ def scale_by_natural_gradient(
             return FIM_MonteCarlo(fn, params, batch, representation, key=key,
                                   variant=variant, trials=trials, **options)
         loss = _PerExampleLoss(fn, variant, covariance)
-        loss.check_targets(params, batch)
+        batch = loss.check_targets(params, batch)
         return SecondMoment(loss, params, batch, representation, **options)
 
     def initial_damping(dtype):
@@ -338,6 +338,11 @@ def scale_by_natural_gradient(
             raise ValueError(
                 "scale_by_natural_gradient.update needs params, batch=(x, y) and an apply_fn "
                 "(constructor or update(..., apply_fn=...))")
+        if adaptive and not data_lib.is_single_batch(batch):
+            raise ValueError(
+                "the Levenberg-Marquardt damping measures the loss before and after the step "
+                f"on one batch: pass batch=(x, y), not a {type(batch).__name__} of batches "
+                "(concatenate them)")
         _check_subset(fn, params, batch)
         count = state.count
         # a constant damping is read from the constructor, not the state: under
@@ -760,13 +765,22 @@ class _PerExampleLoss:
         out, _ = gathered(self.apply_fn(params, data_lib.inputs_of(batch)))
         return per_example_loss(self.variant, out, _targets(batch), self.covariance)[:, None]
 
-    def check_targets(self, params, batch) -> None:
-        """:func:`check_targets` on the whole batch, before a build that reads the loss
-        example by example under a trace (where the labels' range cannot be read)."""
-        targets = _targets(batch)
-        if not isinstance(targets, jax.core.Tracer):
-            outputs = jax.eval_shape(self.apply_fn, params, data_lib.inputs_of(batch))
-            check_targets(self.variant, getattr(outputs, "shape", ()), targets)
+    def check_targets(self, params, data) -> Any:
+        """:func:`check_targets` on whole batches, before a build that reads the loss
+        example by example under a trace (where the labels' range cannot be read): every
+        batch of one batch or a list of them, the first of another iterable. Returns
+        ``data``, still yielding every batch."""
+        if data_lib.is_single_batch(data) or isinstance(data, list):
+            batches = list(data_lib.iter_batches(data))
+        else:  # a one-shot iterator or a loader: read once, by the build
+            first, data = data_lib.peek(data)
+            batches = [first]
+        for batch in batches:
+            targets = _targets(batch)
+            if not isinstance(targets, jax.core.Tracer):
+                outputs = jax.eval_shape(self.apply_fn, params, data_lib.inputs_of(batch))
+                check_targets(self.variant, getattr(outputs, "shape", ()), targets)
+        return data
 
 
 @dataclasses.dataclass(frozen=True)

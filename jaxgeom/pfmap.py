@@ -399,7 +399,7 @@ class _FlatOutputs:
     def __call__(self, params, x):
         out = self.apply_fn(params, x)
         check_one_array(out)
-        if not out.shape:
+        if not out.shape or out.shape[0] != data_lib.num_examples(x):
             check_outputs("regression", tuple(out.shape), data_lib.num_examples(x))
         return out.reshape(out.shape[0], -1)
 
@@ -417,7 +417,12 @@ def _setup(apply_fn, params, data, function, layer_collection, lazy):
         data = data_lib.inputs_only(data, materialise=lazy)
     else:
         batched = Hashable(function)
-    check_rows(batched, params, first)
+    try:
+        check_rows(batched, params, first)
+    except Exception as error:
+        if function is None:
+            data_lib.explain_inputs(error, first)
+        raise
     layer_collection = layers_for(batched, params, first, layer_collection)
     if lazy:
         data = list(data_lib.iter_batches(data))

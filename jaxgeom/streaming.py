@@ -376,19 +376,24 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]
     :attr:`~ChunkBuilder.updates_in_place` is updated inside the chunk's compiled step (its
     buffers donated), so a chunk costs one dispatch and no copy of the total.
     """
-    total, n, flags, shapes = None, 0, [], None
+    total, n, flags, shapes, first = None, 0, [], None, None
     for chunk in chunks:
         if builder.fixed_example_shapes:
             shapes = _same_example_shapes(builder, shapes, chunk)
+        first = chunk if first is None else first
         args = (params, chunk.batch, chunk.mask, np.asarray(chunk.offset), aux)
-        if builder.updates_in_place:
-            if total is None:
-                total = builder.init_total(*args)
-            step = _update_for_memory if builder.schedules_for_memory else _update
-            total, finite = step(builder, total, *args)
-        else:
-            stats, finite = _statistics(builder, *args)
-            total = builder.reduce(total, stats, chunk.count)
+        try:
+            if builder.updates_in_place:
+                if total is None:
+                    total = builder.init_total(*args)
+                step = _update_for_memory if builder.schedules_for_memory else _update
+                total, finite = step(builder, total, *args)
+            else:
+                stats, finite = _statistics(builder, *args)
+                total = builder.reduce(total, stats, chunk.count)
+        except Exception as error:
+            _explain_other_shapes(error, first, chunk)
+            raise
         flags.append((finite, chunk.offset, chunk.count))
         n += chunk.count
     return total, n, flags
@@ -397,6 +402,12 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]
 def _same_example_shapes(builder: ChunkBuilder, shapes: Any, chunk: data_lib.Chunk) -> Any:
     """The chunk's example shapes, which must be ``shapes`` (those of the first chunk)."""
     mine = data_lib.example_shapes(chunk.batch)
+    if shapes is not None and mine != shapes and _shape_list(mine) == _shape_list(shapes):
+        raise ValueError(
+            f"the examples from {chunk.offset} on have the dtypes {_dtype_list(mine)}, the "
+            f"first ones {_dtype_list(shapes)}: {type(builder).__name__} captures the layers' "
+            "inputs of one dtype of example. Cast the inputs of every batch to the first "
+            "batch's dtypes as the data are read")
     if shapes is not None and mine != shapes:
         raise ValueError(
             f"the examples from {chunk.offset} on have the shapes {_shape_list(mine)}, the "
@@ -407,8 +418,25 @@ def _same_example_shapes(builder: ChunkBuilder, shapes: Any, chunk: data_lib.Chu
     return mine
 
 
+def _explain_other_shapes(error: BaseException, first: data_lib.Chunk,
+                          chunk: data_lib.Chunk) -> None:
+    """Add a note to ``error``, raised on ``chunk``, when its examples differ in shape from
+    the first chunk's: the usual cause is a list ``[x, y]`` read as two batches."""
+    mine, theirs = (data_lib.example_shapes(c.batch) for c in (chunk, first))
+    if mine != theirs and hasattr(error, "add_note"):
+        error.add_note(
+            f"jaxgeom: the examples from {chunk.offset} on have the shapes "
+            f"{_shape_list(mine)}, the first ones {_shape_list(theirs)}. A list is read as an "
+            "iterable of batches: for one batch of inputs and labels pass the tuple (x, y), "
+            "not [x, y]")
+
+
 def _shape_list(example: Any) -> list:
     return [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(example)]
+
+
+def _dtype_list(example: Any) -> list:
+    return [np.dtype(leaf.dtype).name for leaf in jax.tree_util.tree_leaves(example)]
 
 
 def _check_all(flags: list) -> None:

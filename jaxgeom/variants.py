@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom._counter_rng import draw_key, normal, uniform
+from jaxgeom.data import SINGLE_EXAMPLE_HINT
 
 VARIANTS = (
     "classif_logits",
@@ -176,7 +177,7 @@ def check_outputs(variant: str, shape: tuple[int, ...], n: int) -> None:
     if not shape or shape[0] != n:
         raise ValueError(
             f"apply_fn returned outputs of shape {shape} for a batch of {n} examples; "
-            "outputs must have the examples on their leading axis"
+            f"outputs must have the examples on their leading axis. {SINGLE_EXAMPLE_HINT}"
         )
     ndim = len(shape)
     if variant in ("classif_logits", "classif_logsoftmax"):

@@ -229,6 +229,99 @@ def test_inputs_that_are_a_list_or_a_mapping_are_one_batch(form):
                                                 variant="regression"), **TOL)
 
 
+def test_a_dict_batch_of_inputs_and_labels_fails_with_the_fix():
+    """A ``{'x': .., 'y': ..}`` batch is one pytree ``x`` (a dict is the inputs): the model's
+    error on it (here Flax's bare ``IndexError``) carries a note naming the keys and the
+    fix, ``(batch['x'], batch['y'])``; the fixed data give the reference."""
+    t = make_linen_mlp()
+    batch = {"x": t.x, "y": t.y}
+    builds = [lambda d: FIM(t.apply_fn, t.params, d, PMatDense),
+              lambda d: FIM(t.apply_fn, t.params, [d, d], PMatKFAC),
+              lambda d: FIM_MonteCarlo(t.apply_fn, t.params, d, PMatDiag,
+                                       key=jax.random.PRNGKey(0))]
+    for build in builds:
+        with pytest.raises(Exception) as info:
+            build(batch)
+        notes = " ".join(getattr(info.value, "__notes__", []))
+        assert "keys 'x', 'y'" in notes and "(batch['x'], batch['y'])" in notes
+    np.testing.assert_allclose(dense(t.apply_fn, t.params, (batch["x"], batch["y"])),
+                               reference_fisher(t.apply_fn, t.params, t.x), **TOL)
+
+
+def test_a_single_example_without_its_batch_axis_is_refused_with_the_fix():
+    """``(x[0], y[0])``: read as a batch of ``x.shape[1]`` examples, the model's outputs
+    then lack that axis; the error says to add it."""
+    t = make_linen_mlp()
+    for build in (lambda d: FIM(t.apply_fn, t.params, d, PMatDense),
+                  lambda d: FIM_MonteCarlo(t.apply_fn, t.params, d, PMatKFAC,
+                                           key=jax.random.PRNGKey(0)),
+                  lambda d: SecondMoment(t.apply_fn, t.params, d[0], PMatDiag)):
+        with pytest.raises(ValueError, match=r"single example.*x\[None\]"):
+            build((t.x[0], t.y[0]))
+
+
+def test_a_list_of_inputs_and_labels_is_refused_with_the_fix():
+    """``[x, y]`` is a list, so two batches of inputs: with integer labels it is refused up
+    front by every builder (was the model's error on the labels, e.g. Flax's
+    ``ScopeParamShapeError``); with float targets of another shape the model's error on them
+    carries a note naming the tuple ``(x, y)``."""
+    t = make_linen_mlp()
+
+    def per_example(p, b):
+        return t.apply_fn(p, b[0])
+
+    builds = [lambda d: FIM(t.apply_fn, t.params, d, PMatDense),
+              lambda d: SecondMoment(per_example, t.params, d, PMatDiag),
+              lambda d: jaxgeom.Hessian(lambda p, b: t.apply_fn(p, b[0]).sum(), t.params, d,
+                                        PMatDense),
+              lambda d: jaxgeom.Jacobian(t.apply_fn, t.params, d),
+              lambda d: jaxgeom.GramMatrix(t.apply_fn, t.params, d)]
+    for build in builds:
+        with pytest.raises(ValueError, match=r"list of two arrays.*tuple \(x, y\)"):
+            build([t.x, t.y])
+    targets = jnp.ones((len(t.y), 1))
+    for build in builds[0], builds[3]:
+        with pytest.raises(Exception) as info:
+            build([t.x, targets])
+        assert "not [x, y]" in " ".join(getattr(info.value, "__notes__", []))
+
+
+def test_a_tuple_of_batches_is_refused_with_the_fix():
+    """A tuple is one batch ``(x, y)``: a tuple of two input batches ``(x1, x2)`` was read as
+    ``x1`` with unused labels ``x2`` (the FIM of ``x1`` alone, silently), a tuple of batches
+    ``((x1, y1), (x2, y2))`` failed in the model (a ``TracerArrayConversionError``). Labels
+    with another number of examples than the inputs are refused; a tuple of batches of one
+    size gets a note on the model's error; ``(x, None)`` and a scalar ``y`` still pass."""
+    t = make_linen_mlp()
+    x, y = t.x, t.y
+    for data in ((x[:3], x[3:]), ((x[:3], y[:3]), (x[3:], y[3:]))):
+        for build in (lambda d: FIM(t.apply_fn, t.params, d, PMatDense),
+                      lambda d: jaxgeom.Jacobian(t.apply_fn, t.params, d)):
+            with pytest.raises(ValueError, match=r"labels y have 4 examples.*inputs x 3.*list"):
+                build(data)
+    with pytest.raises(Exception) as info:
+        FIM(t.apply_fn, t.params, ((x[:3], y[:3]), (x[3:6], y[3:6])), PMatDense)
+    assert "pass them as a list" in " ".join(getattr(info.value, "__notes__", []))
+    expected = reference_fisher(t.apply_fn, t.params, x)
+    for data in ((x, None), (x, 0)):
+        np.testing.assert_allclose(dense(t.apply_fn, t.params, data), expected, **TOL)
+
+
+def test_batches_of_another_dtype_are_refused_naming_the_dtypes():
+    """The captured builds trace one example's dtypes: a later batch in float32 after a
+    float64 one was refused as "the shapes [(3,)], the first ones [(3,)]"; the error names
+    the dtypes. The dense build takes it, as the reference of the values cast."""
+    t = make_linen_mlp()
+    data = [(t.x[:3], t.y[:3]), (t.x[3:].astype(jnp.float32), t.y[3:])]
+    for representation in (PMatKFAC, PMatDiag):
+        with pytest.raises(ValueError, match=r"dtypes \['float32'\], the first ones "
+                           r"\['float64'\].*Cast the inputs"):
+            FIM(t.apply_fn, t.params, data, representation, batch_size=2)
+    cast = jnp.concatenate([t.x[:3], t.x[3:].astype(jnp.float32).astype(jnp.float64)])
+    np.testing.assert_allclose(dense(t.apply_fn, t.params, data),
+                               reference_fisher(t.apply_fn, t.params, cast), **TOL)
+
+
 def test_a_list_of_batches_is_sized_before_it_is_read():
     """FIM's inputs of a list of batches stay a list (LowRank and the Jacobian write their
     rows in place into a buffer of the known size) and a one-shot iterator stays one."""
@@ -521,8 +614,10 @@ def test_empty_data(representation):
         FIM(t.apply_fn, t.params, [], representation)
     with pytest.raises(ValueError, match="no example"):
         FIM(t.apply_fn, t.params, t.x[:0], representation)
-    with pytest.raises(ValueError, match="no example"):
+    with pytest.raises(ValueError, match="the data contains no example"):  # not "first batch"
         FIM(t.apply_fn, t.params, [t.x[:0], t.x[:0]], representation)
+    with pytest.raises(ValueError, match=r"leaf \[0\]\[0\] is a scalar.*np.asarray"):
+        FIM(t.apply_fn, t.params, (np.asarray(t.x).tolist(), t.y), representation)
     for batch_size in (0, True, 2.0, "4"):
         with pytest.raises(ValueError, match="batch_size must be a positive integer"):
             FIM(t.apply_fn, t.params, t.x, representation, batch_size=batch_size)
@@ -885,6 +980,7 @@ def test_half_precision_parameters_are_refused_with_the_fix(half):
     builds = [
         lambda: FIM(t.apply_fn, params, (t.x, t.y), PMatDiag),
         lambda: FIM(t.apply_fn, params, (t.x, t.y), jaxgeom.PMatKFAC),
+        lambda: FIM(t.apply_fn, params, (t.x, t.y), PMatImplicit),  # was accepted
         lambda: jaxgeom.FIM_MonteCarlo(t.apply_fn, params, (t.x, t.y), PMatDense,
                                        key=jax.random.PRNGKey(0)),
         lambda: SecondMoment(fn, params, t.x, PMatDense),

@@ -320,6 +320,21 @@ def test_function_space_vectors_are_checked(mlp):
         G.solve(jnp.ones((K, N)), jnp.ones(K * N))
 
 
+def test_a_single_example_or_a_dict_batch_fails_with_the_fix():
+    """One example without its batch axis: the FIM's message with the fix (was ``(N, K) =
+    (3, K) ... got (4, 1)``, about a function the user never wrote); a ``{'x', 'y'}`` dict
+    batch: the model's error with a note naming the fix."""
+    t = make_linen_mlp()
+    for build in (Jacobian, jaxgeom.GramMatrix):
+        with pytest.raises(ValueError, match=r"leading axis.*single example.*x\[None\]"):
+            build(t.apply_fn, t.params, (t.x[0], t.y[0]))
+        with pytest.raises(Exception) as info:
+            build(t.apply_fn, t.params, {"x": t.x, "y": t.y})
+        assert "(batch['x'], batch['y'])" in " ".join(getattr(info.value, "__notes__", []))
+    with pytest.raises(ValueError, match=r"single example.*x\[None\]"):
+        Jacobian(None, t.params, t.x[0], function=t.apply_fn)
+
+
 def test_scalar_outputs_are_refused_with_the_fim_message():
     t = make_linen_mlp()
 

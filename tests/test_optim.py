@@ -609,6 +609,28 @@ def test_empirical_fisher_checks_the_labels_of_the_batch(task):
         tx.update(grads, tx.init(t.params), t.params, batch=(t.x, t.y.at[0].set(-1)))
 
 
+def test_empirical_fisher_of_an_iterable_of_batches_as_the_exact_one(task):
+    """``batch`` may be a list or a generator of batches for the empirical Fisher as for
+    the exact one (its label check read a list's second batch as the labels: a tracer
+    conversion error; a generator's: "needs labels"); Levenberg-Marquardt's loss needs one
+    batch, and says so before reading it."""
+    t, grads = task
+    tx = optim.scale_by_natural_gradient(jg.PMatDense, apply_fn=t.apply_fn, fisher="empirical")
+    expected, _ = tx.update(grads, tx.init(t.params), t.params, batch=(t.x, t.y))
+    for batches in ([(t.x[:3], t.y[:3]), (t.x[3:], t.y[3:])],
+                    ((t.x[i:i + 2], t.y[i:i + 2]) for i in range(0, len(t.y), 2))):
+        got, _ = tx.update(grads, tx.init(t.params), t.params, batch=batches)
+        np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(expected)[0], rtol=1e-8,
+                                   atol=1e-10)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, "):
+        tx.update(grads, tx.init(t.params), t.params,
+                  batch=[(t.x[:3], t.y[:3]), (t.x[3:], t.y[3:].at[0].set(-1))])
+    tx = optim.scale_by_natural_gradient(jg.PMatDiag, apply_fn=t.apply_fn, learning_rate=0.1,
+                                         damping=optim.LevenbergMarquardt())
+    with pytest.raises(ValueError, match=r"on one batch: pass batch=\(x, y\), not a list"):
+        tx.update(grads, tx.init(t.params), t.params, batch=[(t.x, t.y)])
+
+
 def test_monte_carlo_fisher_needs_one_key(task):
     t, grads = task
     tx = optim.scale_by_natural_gradient(jg.PMatDiag, apply_fn=t.apply_fn, fisher="monte_carlo")

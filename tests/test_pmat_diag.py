@@ -81,3 +81,19 @@ def test_unsupported_and_bad_input():
         PMatDiag(D.layer_collection, np.zeros(3))
     with pytest.raises(TypeError, match="no build options"):
         FIM(t.apply_fn, t.params, t.x, PMatDiag, damping=1.0)
+
+
+def test_float32_parameters_and_float64_data_give_a_float32_matrix():
+    """A convolution's squared gradients were summed in the dtype of its sources (the
+    float64 data) rather than of its float32 inputs: PMatDiag, PMatQuasiDiag and PMatEKFAC
+    of a CNN held float64 leaves (MLPs did not), a state of another dtype for optim."""
+    from jaxgeom import PMatEKFAC, PMatQuasiDiag
+
+    t = make_linen_cnn()
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t.params)
+    for representation in (PMatDiag, PMatQuasiDiag, PMatEKFAC):
+        M = FIM(t.apply_fn, p32, t.x, representation, batch_size=2)
+        assert {str(a.dtype) for a in jax.tree_util.tree_leaves(M)} == {"float32"}
+        expected = FIM(t.apply_fn, t.params, t.x, representation).to_dense()
+        np.testing.assert_allclose(M.to_dense(), expected, rtol=1e-4, atol=1e-5 * np.abs(
+            expected).max())

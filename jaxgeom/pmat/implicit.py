@@ -23,7 +23,7 @@ from jaxgeom.jacobian import (
     resolve_mode,
 )
 from jaxgeom.layers import LayerCollection
-from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import PMatAbstract, check_precision, representation, static_field
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.streaming import ChunkBuilder, Stream, builder, scaled
 from jaxgeom.vector import as_flat, as_rows, product_dtype
@@ -191,6 +191,7 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     ) -> PMatImplicit:
         """Store ``fn``, ``params``, the batches of ``data`` (materialised) and ``aux``;
         nothing is computed beyond a shape check of ``fn`` (no pass over the data)."""
+        check_precision(cls, params)  # its products sum over examples as the stored builds do
         batches = list(data_lib.iter_batches(data))
         example = data_lib.first_example(batches, batch_size)
         build = cls.chunk_builder(fn, params, example, aux, layer_collection, mode=mode,

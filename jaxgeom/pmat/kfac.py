@@ -1191,8 +1191,9 @@ def squared_gradient_sum(a: jax.Array, g: jax.Array,
             terms += (_sum_leading(grad * step[2].reshape(-1, step[2].shape[-1])[:, :, None]),)
         return tuple(t + x for t, x in zip(totals, terms)), None
 
-    features = jax.eval_shape(inputs_of, jax.ShapeDtypeStruct(a.shape[1:], a.dtype)).shape[-1]
-    zero = jnp.zeros((g.shape[-1], features), jnp.result_type(a, g))
+    inputs = jax.eval_shape(inputs_of, jax.ShapeDtypeStruct(a.shape[1:], a.dtype))
+    # the inputs' dtype, not the sources': a float64 source (data) cast to float32 parameters
+    zero = jnp.zeros((g.shape[-1], inputs.shape[-1]), jnp.result_type(inputs.dtype, g.dtype))
     steps = (a, g) if weights is None else (a, g, weights)
     if block > 1:
         steps = jax.tree_util.tree_map(lambda x: x.reshape((n // block, block) + x.shape[1:]),
