@@ -25,8 +25,10 @@ max_l d_l``). With ``refit=False`` the diagonal is KFAC's ``λ_G ⊗ λ_A`` (one
 EKFAC == KFAC). The second pass needs the eigenbases of the finished factors, so it cannot
 share the first one; it reads the data again (:mod:`jaxgeom.streaming`: a one-shot iterator
 is kept as a list of its batches while the first pass reads it — pass a list or a
-re-iterable loader to avoid holding it). In a ``PMatMixed``, the refits of all EKFAC parts
-share that one second pass.
+re-iterable loader to avoid holding it; such a loader must yield the same examples at
+each iteration: one that shuffles or augments gives the refit other examples than the
+factors, so fix its seed or pass the batches as a list). In a ``PMatMixed``, the refits of
+all EKFAC parts share that one second pass.
 
 Refit (pure): :meth:`PMatEKFAC.refit` returns a *new* matrix with the same eigenbases and
 ``D`` (and the exact blocks of the other layers) re-estimated on new data and/or params;
