@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import make_linen_cnn, make_linen_embed, make_linen_layernorm
+from models import MORE_TASKS, make_linen_cnn, make_linen_embed, make_linen_layernorm
 from pmat_checks import REGUL, TOL, check_combinations, check_products, check_pytree, check_solve
 from pmat_checks import reference as reference_fisher
 
@@ -40,6 +40,19 @@ def test_entries_are_exact(case):
     assert not dense[~mask].any()
     np.testing.assert_allclose(dense, dense.T, **TOL)
 
+
+
+@pytest.mark.parametrize("make", list(MORE_TASKS.values()), ids=list(MORE_TASKS))
+def test_entries_are_exact_more_layers(make):
+    """Flipped transposed-convolution kernels, attention projections (kernels ``(in, heads,
+    head_dim)``), NNX/Equinox convolutions and a layer reused across scan steps: the stored
+    entries are the exact ones, built in chunks of 3 that do not divide the 4 examples."""
+    t = make()
+    Q = FIM(t.apply_fn, t.params, t.x, PMatQuasiDiag, batch_size=3)
+    dense, exact = np.asarray(Q.to_dense()), reference_fisher(t)
+    mask = structure(Q)
+    np.testing.assert_allclose(dense[mask], exact[mask], rtol=1e-8, atol=1e-12)
+    assert not dense[~mask].any()
 
 @jax.jit
 def _functions(Q):
