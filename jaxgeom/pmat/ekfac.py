@@ -54,6 +54,13 @@ arrays (as for matrices derived from one another, also inside a ``jit`` trace) o
 concrete values; two EKFACs entering ``jit`` as separate arguments have distinct tracers
 and take the block-diagonal/dense route (same values, less compact).
 
+A factor with a repeated eigenvalue has no one eigenbasis: within that eigenspace ``eigh``
+returns any orthonormal basis, and which one moves with rounding (another chunking of the
+same data, another machine). The refit ``D`` depends on that choice, so two builds may
+differ there by more than rounding (a ConvTranspose's ``A`` with eigenvalues repeated
+three times: 2% of the largest entry) while each is the EKFAC of its basis; traces, and
+the K-FAC matrix itself, do not depend on it.
+
 Reference: T. George, C. Laurent, X. Bouthillier, N. Ballas, P. Vincent, "Fast
 Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis", NeurIPS 2018.
 """
