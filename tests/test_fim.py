@@ -229,6 +229,7 @@ def test_inputs_that_are_a_list_or_a_mapping_are_one_batch(form):
                                                 variant="regression"), **TOL)
 
 
+@pytest.mark.filterwarnings("ignore:shape requires ndarray:DeprecationWarning")  # Flax on a dict x
 def test_a_dict_batch_of_inputs_and_labels_fails_with_the_fix():
     """A ``{'x': .., 'y': ..}`` batch is one pytree ``x`` (a dict is the inputs): the model's
     error on it (here Flax's bare ``IndexError``) carries a note naming the keys and the
@@ -286,6 +287,7 @@ def test_a_list_of_inputs_and_labels_is_refused_with_the_fix():
         assert "not [x, y]" in " ".join(getattr(info.value, "__notes__", []))
 
 
+@pytest.mark.filterwarnings("ignore:shape requires ndarray:DeprecationWarning")  # Flax on a dict x
 def test_a_tuple_of_batches_is_refused_with_the_fix():
     """A tuple is one batch ``(x, y)``: a tuple of two input batches ``(x1, x2)`` was read as
     ``x1`` with unused labels ``x2`` (the FIM of ``x1`` alone, silently), a tuple of batches

@@ -320,6 +320,7 @@ def test_function_space_vectors_are_checked(mlp):
         G.solve(jnp.ones((K, N)), jnp.ones(K * N))
 
 
+@pytest.mark.filterwarnings("ignore:shape requires ndarray:DeprecationWarning")  # Flax on a dict x
 def test_a_single_example_or_a_dict_batch_fails_with_the_fix():
     """One example without its batch axis: the FIM's message with the fix (was ``(N, K) =
     (3, K) ... got (4, 1)``, about a function the user never wrote); a ``{'x', 'y'}`` dict
