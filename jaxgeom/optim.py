@@ -516,10 +516,7 @@ def _check_subset(apply_fn: Callable, params: Any, batch: Any) -> None:
     parameters it updates only (the others are ``optax.MaskedNode``): ``apply_fn`` must
     then take that subset. Checked by tracing it once (shapes only) when the parameters
     hold a ``MaskedNode``, so that the failure names the cause."""
-    def is_masked(x):
-        return isinstance(x, optax.MaskedNode)
-
-    if not any(map(is_masked, jax.tree_util.tree_leaves(params, is_leaf=is_masked))):
+    if not _holds(params, optax.MaskedNode):
         return
     try:
         jax.eval_shape(apply_fn, params, data_lib.inputs_of(batch))
@@ -543,14 +540,20 @@ def _without_variables(params: Any) -> Any:
     except ImportError:  # pragma: no cover - flax is a dependency
         return params
 
-    def is_variable(x):
-        return isinstance(x, nnx.Variable)
-
-    if not any(map(is_variable, jax.tree_util.tree_leaves(params, is_leaf=is_variable))):
+    if not _holds(params, nnx.Variable):
         return params
     if hasattr(nnx, "as_pure"):
         return nnx.as_pure(params)
-    return jax.tree_util.tree_map(lambda v: v.value, params, is_leaf=is_variable)
+    return jax.tree_util.tree_map(lambda v: v.value, params,
+                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _holds(tree: Any, kind: type) -> bool:
+    """Whether the pytree ``tree`` has a node of type ``kind`` (a leaf or not)."""
+    def is_kind(x):
+        return isinstance(x, kind)
+
+    return any(map(is_kind, jax.tree_util.tree_leaves(tree, is_leaf=is_kind)))
 
 
 def _float_dtype(params) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxgeom.layers import LayerCollection
+from jaxgeom.layers import LayerCollection, check_layer_collection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +68,7 @@ def restrict(layer_collection: LayerCollection,
     same subset of the same layout is made once."""
     if isinstance(layer_ids, str):
         layer_ids = (layer_ids,)
-    if not isinstance(layer_collection, LayerCollection):
-        raise TypeError(f"restrict takes a LayerCollection; got a "
-                        f"{type(layer_collection).__name__} (M.layer_collection is a matrix's)")
+    check_layer_collection(layer_collection)
     layer_ids = tuple(layer_ids)
     if not layer_ids or len(set(layer_ids)) != len(layer_ids):
         raise ValueError(f"restrict needs distinct layer ids, at least one; got {layer_ids}")
