@@ -50,12 +50,13 @@ def power(values: jax.Array, p, regul=0.0) -> jax.Array:
 
 def _check_nonnegative(shifted: jax.Array, p) -> None:
     """Refuse a fractional power of a matrix with an eigenvalue (+ regul) below ``0`` by
-    more than round-off (``√eps · max|λ|``), when the values are concrete: clipped to
+    more than round-off (``max(√eps, n·eps) · max|λ|``), when the values are concrete: clipped to
     ``0``, it would answer the power of another matrix (an indefinite Hessian's)."""
     if any(isinstance(x, jax.core.Tracer) for x in (shifted, p)) or not shifted.size:
         return
     values = np.asarray(shifted)
-    tol = np.sqrt(np.finfo(values.dtype).eps) * np.max(np.abs(values))
+    eps = np.finfo(values.dtype).eps  # round-off of a large float32 matrix's eigh: ~ n·eps
+    tol = max(np.sqrt(eps), values.size * eps) * np.max(np.abs(values))
     negative = values < -tol
     if negative.any():
         raise ValueError(
