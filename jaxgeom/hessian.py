@@ -109,7 +109,8 @@ def Hessian(
             f"loss_fn(params, batch) must return a scalar (the mean loss over the batch); got "
             f"{getattr(out, 'shape', out)} for a batch of {n} examples"
         )
-    if int(vectors_per_pass) != vectors_per_pass or vectors_per_pass < 1:
+    if (isinstance(vectors_per_pass, bool) or not isinstance(vectors_per_pass, (int, np.integer))
+            or vectors_per_pass < 1):
         raise ValueError(f"vectors_per_pass must be a positive integer; got {vectors_per_pass!r}")
     from jaxgeom.metrics import layers_for
 

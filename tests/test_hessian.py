@@ -157,6 +157,9 @@ def test_under_jit_and_errors(mlp):
         Hessian(lambda p, b: t.apply_fn(p, b[0]), t.params, (t.x, t.y), PMatDense)
     with pytest.raises(TypeError, match="not from Jacobians"):
         FIM(t.apply_fn, t.params, t.x, PMatImplicitHessian)
+    for bad in (True, 2.5, "3", 0):  # a bool was taken for 1 vector a pass
+        with pytest.raises(ValueError, match="vectors_per_pass must be a positive integer"):
+            Hessian(loss_fn, t.params, (t.x, t.y), PMatDense, vectors_per_pass=bad)
 
 
 def test_a_non_finite_input_names_its_chunk():
