@@ -157,6 +157,10 @@ def test_under_jit_and_errors(mlp):
         Hessian(lambda p, b: t.apply_fn(p, b[0]), t.params, (t.x, t.y), PMatDense)
     with pytest.raises(TypeError, match="not from Jacobians"):
         FIM(t.apply_fn, t.params, t.x, PMatImplicitHessian)
+    counted = {"params": t.params, "step": jnp.array(3)}  # failed inside jax.grad
+    for rep in (PMatDense, PMatImplicit):
+        with pytest.raises(TypeError, match=r"leaves \['step'\] are not floating point"):
+            Hessian(lambda p, b: loss_fn(p["params"], b), counted, (t.x, t.y), rep)
     for bad in (True, 2.5, "3", 0):  # a bool was taken for 1 vector a pass
         with pytest.raises(ValueError, match="vectors_per_pass must be a positive integer"):
             Hessian(loss_fn, t.params, (t.x, t.y), PMatDense, vectors_per_pass=bad)
