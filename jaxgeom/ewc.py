@@ -6,9 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxgeom.pmat.base import PMatAbstract
-from jaxgeom.vector import PVector
+from jaxgeom.vector import as_flat
 
 
 def ewc_penalty(fisher: PMatAbstract, params_star: Any, lam: float) -> Callable[[Any], jax.Array]:
@@ -30,16 +31,17 @@ def ewc_penalty(fisher: PMatAbstract, params_star: Any, lam: float) -> Callable[
       fisher: ``F`` at the end of the finished task.
       params_star: ``w*``, the parameters at the end of the finished task: a pytree of
         the structure and leaf shapes of the Fisher's parameters (those the penalty is
-        called with), or a :class:`~jaxgeom.PVector` of one.
-      lam: ``λ``, the strength of the penalty.
+        called with), a :class:`~jaxgeom.PVector` of one, or its flat ``(d,)`` vector.
+      lam: ``λ``, the strength of the penalty (a scalar).
 
     Returns:
       ``penalty(params) -> scalar``.
 
     Raises:
       ValueError: if ``params_star`` does not match ``fisher.layer_collection`` (another
-        structure, or a leaf of another shape: named by its path); a mismatch is never
-        broadcast.
+        structure, or a leaf of another shape: named by its path), or ``lam`` is not a
+        scalar; so does ``penalty(params)`` for ``params`` that do not match. A mismatch
+        is never broadcast.
 
     Example:
       >>> F = FIM(apply_fn, params_a, (x_a, y_a), PMatKFAC)
@@ -54,12 +56,16 @@ def ewc_penalty(fisher: PMatAbstract, params_star: Any, lam: float) -> Callable[
     """
     if not isinstance(fisher, PMatAbstract):
         raise TypeError(f"fisher must be a jaxgeom representation; got {type(fisher).__name__}")
-    if isinstance(params_star, PVector):
-        params_star = params_star.tree
-    fisher.layer_collection.check_tree(params_star, "params_star")
+    layout = fisher.layer_collection
+    star, _ = as_flat(params_star, layout, "params_star")
+    if np.shape(lam) != ():
+        raise ValueError(f"lam must be a scalar (the strength λ of the penalty); got shape "
+                         f"{np.shape(lam)}: for several tasks, sum one penalty per task")
 
     def penalty(params: Any) -> jax.Array:
-        delta = jax.tree_util.tree_map(lambda w, w0: w - w0, params, params_star)
-        return 0.5 * lam * fisher.vTMv(delta)
+        # checked like params_star: parameters of other leaf shapes (another head) would
+        # broadcast against w* into a wrong penalty
+        flat, _ = as_flat(params, layout, "params")
+        return 0.5 * lam * fisher.vTMv(flat - star)
 
     return penalty

@@ -123,6 +123,20 @@ def as_fvector_data(f: Any, shape: tuple[int, int] | None = None) -> jax.Array:
     return gathered(data)[0]
 
 
+def _check_factorised(x: jax.Array, matrix: jax.Array, rhs: jax.Array) -> None:
+    """Raise where a concrete Cholesky solve came out NaN from finite operands: ``G +
+    regul·I`` is not positive definite (a Gram matrix of rank ``≤ d`` below ``K·N``, or a
+    negative ``regul``). Traced, the NaN answer stays."""
+    if any(isinstance(a, jax.core.Tracer) for a in (x, matrix, rhs)):
+        return
+    if bool(jnp.isnan(x).any()) and bool(jnp.isfinite(matrix).all() & jnp.isfinite(rhs).all()):
+        raise ValueError(
+            "FMatDense.solve: G + regul·I is not positive definite, its Cholesky factorisation "
+            "failed (a Gram matrix is singular where K·N exceeds the number of parameters, "
+            "and indefinite for regul < 0). Damp it (solve(f, regul) with regul > 0: ridge "
+            "regression), or solve it by least squares: method=\"lstsq\"")
+
+
 @register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class FMatDense(_ScalarAlgebra):
@@ -222,7 +236,9 @@ class FMatDense(_ScalarAlgebra):
         examples, ``α = G.solve(y, λ)`` gives the predictions ``G_test,train α`` (on the
         training examples, ``G.mv(α)``). ``method``: ``"cholesky"`` (default; needs
         ``G + regul·I`` positive definite), ``"eigh"`` or ``"lstsq"`` (least squares, for a
-        singular ``G`` with ``regul = 0``).
+        singular ``G`` with ``regul = 0``). Called eagerly, a Cholesky solve that fails
+        (``G + regul·I`` not positive definite) is a ``ValueError`` naming these fixes;
+        traced, its answer is NaN.
         """
         if method not in self.SOLVE_METHODS:
             raise ValueError(
@@ -240,6 +256,7 @@ class FMatDense(_ScalarAlgebra):
             shifted = matrix + regul * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
             if method == "cholesky":
                 x = spd_solve(shifted, rhs)
+                _check_factorised(x, shifted, rhs)
             else:
                 x = jnp.linalg.lstsq(shifted, rhs)[0]
         x = x.reshape(data.shape)

@@ -109,11 +109,13 @@ def Hessian(
             f"loss_fn(params, batch) must return a scalar (the mean loss over the batch); got "
             f"{getattr(out, 'shape', out)} for a batch of {n} examples"
         )
-    if int(vectors_per_pass) != vectors_per_pass or vectors_per_pass < 1:
+    if (isinstance(vectors_per_pass, bool) or not isinstance(vectors_per_pass, (int, np.integer))
+            or vectors_per_pass < 1):
         raise ValueError(f"vectors_per_pass must be a positive integer; got {vectors_per_pass!r}")
     from jaxgeom.metrics import layers_for
 
     layer_collection = layers_for(loss_fn, params, first, layer_collection, whole_batch=True)
+    _check_inexact(layer_collection)
     check_precision(representation, params)
     loss_fn = Hashable(loss_fn)
     if representation is PMatImplicit:
@@ -126,6 +128,18 @@ def Hessian(
     state = stream(loss_fn, params, data, batch_size, layer_collection,
                    _KINDS[representation], int(vectors_per_pass))
     return representation(layer_collection, state)
+
+
+def _check_inexact(layout: LayerCollection) -> None:
+    """Refuse integer or boolean leaves (a step counter): ``jax.grad`` cannot differentiate
+    them, and failed deep inside the build (or the implicit Hessian's first product)."""
+    bad = [path for path, dtype in zip(layout.paths, layout.dtypes)
+           if not jnp.issubdtype(dtype, jnp.inexact)]
+    if bad:
+        raise TypeError(
+            f"Hessian differentiates every leaf of params; the leaves {bad} are not floating "
+            "point. Pass the floating-point leaves as params and close loss_fn over the others "
+            "(loss_fn = lambda p, batch: loss({**p, 'step': step}, batch))")
 
 
 # ----------------------------------------------------------------------------- streaming

@@ -42,8 +42,13 @@ def cg(
         raise ValueError(f"cg solves for one flat vector; got shape {b.shape}")
     check_cg_options(rtol=rtol, atol=atol, maxiter=maxiter, preconditioner=preconditioner)
     maxiter = 10 * b.shape[0] if maxiter is None else int(maxiter)
+    if x0 is not None and jnp.shape(x0) != b.shape:  # a (d, 1) x0 broadcast to (d, d)
+        raise ValueError(f"cg's x0 must have the right-hand side's shape {b.shape}; got "
+                         f"shape {jnp.shape(x0)}")
     x = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
-    r = b - matvec(x)
+    ax = matvec(x)
+    _check_shape(ax, b, "matvec(x)")
+    r = b - ax
     # the iterates in the residual's dtype: the operator's and b's promoted (a float32
     # vector against a float64 matrix), so that the loop's state keeps one dtype
     x = x.astype(r.dtype)
@@ -52,6 +57,7 @@ def cg(
         return r if preconditioner is None else preconditioner(r).astype(r.dtype)
 
     z = precondition(r)
+    _check_shape(z, b, "preconditioner(r)")
     if not isinstance(r, jax.core.Tracer) and not isinstance(z, jax.core.Tracer):
         threshold = jnp.maximum(rtol * jnp.linalg.norm(b), atol)
         return _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter)
@@ -81,6 +87,12 @@ def cg(
     # differentiable (forward and reverse mode) through the solution of A x = b, not
     # through the iterations: the adjoint system is solved by the same CG (A symmetric)
     return jax.lax.custom_linear_solve(matvec, b.astype(r.dtype), solve, symmetric=True)
+
+
+def _check_shape(out, b, what):
+    if jnp.shape(out) != b.shape:
+        raise ValueError(f"cg: {what} must answer a vector of the right-hand side's shape "
+                         f"{b.shape}; got shape {jnp.shape(out)}")
 
 
 def check_cg_options(rtol: float = 1e-5, atol: float = 0.0, maxiter: int | None = None,

@@ -246,3 +246,23 @@ def test_errors_name_the_problem_and_the_fix():
                        r"jnp.diag\(d.ravel\(\)\)") as error:
         G.solve(jnp.ones((2, 3)), jnp.ones((2, 3)))
     assert "PMatDiag" not in str(error.value)
+
+
+def test_a_cholesky_solve_of_a_singular_gram_names_the_fixes():
+    """K·N = 80 > d = 52: the NTK is singular and its default (Cholesky) solve answered NaN
+    silently; eagerly it is a ValueError naming regul and lstsq, which solve it against
+    numpy (traced, the answer stays NaN)."""
+    t = make_linen_mlp(n=20)
+    G = GramMatrix(t.apply_fn, t.params, t.x)
+    m = np.asarray(G.to_matrix())
+    assert np.linalg.matrix_rank(m) < m.shape[0]
+    f = np.random.default_rng(0).standard_normal((t.num_outputs, 20))
+    with pytest.raises(ValueError, match=r"not positive definite.*regul > 0.*lstsq"):
+        G.solve(f)
+    assert np.isnan(jax.jit(lambda G, f: G.solve(f))(G, f)).all()
+    np.testing.assert_allclose(G.solve(f, REGUL).ravel(),
+                               np.linalg.solve(m + REGUL * np.eye(len(m)), f.ravel()),
+                               rtol=1e-7, atol=1e-9)
+    x = G.solve(f, method="lstsq")
+    np.testing.assert_allclose(m @ np.ravel(x), m @ np.linalg.lstsq(m, f.ravel())[0],
+                               rtol=1e-6, atol=1e-8)

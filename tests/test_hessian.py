@@ -157,6 +157,13 @@ def test_under_jit_and_errors(mlp):
         Hessian(lambda p, b: t.apply_fn(p, b[0]), t.params, (t.x, t.y), PMatDense)
     with pytest.raises(TypeError, match="not from Jacobians"):
         FIM(t.apply_fn, t.params, t.x, PMatImplicitHessian)
+    counted = {"params": t.params, "step": jnp.array(3)}  # failed inside jax.grad
+    for rep in (PMatDense, PMatImplicit):
+        with pytest.raises(TypeError, match=r"leaves \['step'\] are not floating point"):
+            Hessian(lambda p, b: loss_fn(p["params"], b), counted, (t.x, t.y), rep)
+    for bad in (True, 2.5, "3", 0):  # a bool was taken for 1 vector a pass
+        with pytest.raises(ValueError, match="vectors_per_pass must be a positive integer"):
+            Hessian(loss_fn, t.params, (t.x, t.y), PMatDense, vectors_per_pass=bad)
 
 
 def test_a_non_finite_input_names_its_chunk():
@@ -241,3 +248,16 @@ def test_eager_grad_and_vmap_of_a_build(representation, recwarn):
     np.testing.assert_allclose(traces[1], trace(jax.tree_util.tree_map(lambda a: 2 * a, params)),
                                rtol=1e-10)
     assert not [w for w in recwarn if "donated" in str(w.message)]
+
+
+def test_a_fractional_power_of_an_indefinite_hessian_is_refused(mlp):
+    """H^½ of an indefinite Hessian is not real: its negative eigenvalues were clipped to 0
+    silently (the power of another matrix); shifted above −λ_min it is the float64 one."""
+    _, _, ref, H = mlp
+    for rep in (PMatDense, PMatBlockDiag, PMatDiag):
+        with pytest.raises(ValueError, match=r"pow\(0.5\) of an indefinite matrix.*regul"):
+            H[rep].pow(0.5)
+    shift = 1e-3 - np.linalg.eigvalsh(ref).min()
+    evals, evecs = np.linalg.eigh(ref + shift * np.eye(len(ref)))
+    np.testing.assert_allclose(H[PMatDense].pow(0.5, shift).to_dense(),
+                               (evecs * np.sqrt(evals)) @ evecs.T, rtol=1e-8, atol=1e-10)

@@ -211,3 +211,33 @@ def test_cg_options_out_of_their_domain_are_refused(options, error, match):
         F.solve(jnp.ones(3), 1.0, method="cg", **options)
     with pytest.raises(error, match=match):  # the solver itself, as jaxgeom.cg
         solvers.cg(lambda x: x, jnp.ones(3), **options)
+
+
+def test_cg_against_numpy_and_shapes_that_do_not_fit_are_named():
+    """x0, preconditioner, maxiter and the tolerances against numpy's solve, eager and
+    jitted; an x0 of shape (d, 1) had broadcast ``b - A x0`` into a (d, d) answer, and an
+    x0, product or preconditioner of another length failed inside dot_general."""
+    rng = np.random.RandomState(0)
+    a = rng.randn(6, 6)
+    a = a @ a.T + 0.5 * np.eye(6)
+    b = rng.randn(6)
+    want = np.linalg.solve(a, b)
+    matvec = lambda x: jnp.asarray(a) @ x  # noqa: E731
+    jacobi = lambda r: r / jnp.asarray(np.diag(a))  # noqa: E731
+    for run in (lambda f: f(jnp.asarray(b)), lambda f: jax.jit(f)(jnp.asarray(b))):
+        x = run(lambda b: solvers.cg(matvec, b, x0=jnp.ones(6), preconditioner=jacobi,
+                                     rtol=1e-13))
+        np.testing.assert_allclose(x, want, rtol=1e-10)
+        np.testing.assert_array_equal(run(lambda b: solvers.cg(matvec, b, x0=jnp.ones(6),
+                                                               maxiter=0)), np.ones(6))
+        x = run(lambda b: solvers.cg(matvec, b, rtol=0.0, atol=1e-3))
+        assert np.linalg.norm(a @ x - b) <= 1e-3
+    with pytest.raises(ValueError, match=r"x0 must have the right-hand side's shape \(6,\); "
+                                         r"got shape \(6, 1\)"):
+        solvers.cg(matvec, jnp.asarray(b), x0=jnp.ones((6, 1)))
+    with pytest.raises(ValueError, match=r"x0 must .* got shape \(3,\)"):
+        jax.jit(lambda b: solvers.cg(matvec, b, x0=jnp.ones(3)))(jnp.asarray(b))
+    with pytest.raises(ValueError, match=r"preconditioner\(r\) must answer .* got shape \(3,\)"):
+        solvers.cg(matvec, jnp.asarray(b), preconditioner=lambda r: r[:3])
+    with pytest.raises(ValueError, match=r"matvec\(x\) must answer .* got shape \(6, 6\)"):
+        solvers.cg(lambda x: jnp.outer(x, x), jnp.asarray(b))

@@ -30,7 +30,8 @@ def is_integer(p) -> bool:
 def power(values: jax.Array, p, regul=0.0) -> jax.Array:
     """``(λ + regul)^p`` of eigenvalues; for non-integer ``p`` the matrix is taken PSD
     and negative round-off eigenvalues are clipped to 0 (a traced ``p`` is checked on
-    the device: an integer value keeps the signs).
+    the device: an integer value keeps the signs); concrete eigenvalues below ``0`` by
+    more than round-off are a ``ValueError`` (:func:`_check_nonnegative`).
 
     A negative power of a singular matrix is infinite on its null space: called with
     concrete values, ``p < 0`` where some ``λ + regul`` is 0 (``≤ 0`` for a non-integer
@@ -40,10 +41,30 @@ def power(values: jax.Array, p, regul=0.0) -> jax.Array:
     _check_invertible(shifted, p)
     if is_integer(p):
         return shifted ** int(np.real(p))
+    _check_nonnegative(shifted, p)
     clipped = jnp.maximum(shifted, 0) ** p
     if isinstance(p, jax.core.Tracer):
         return jnp.where(p == jnp.round(p), shifted ** p, clipped)
     return clipped
+
+
+def _check_nonnegative(shifted: jax.Array, p) -> None:
+    """Refuse a fractional power of a matrix with an eigenvalue (+ regul) below ``0`` by
+    more than round-off (``max(√eps, n·eps) · max|λ|``), when the values are concrete: clipped to
+    ``0``, it would answer the power of another matrix (an indefinite Hessian's)."""
+    if any(isinstance(x, jax.core.Tracer) for x in (shifted, p)) or not shifted.size:
+        return
+    values = np.asarray(shifted)
+    eps = np.finfo(values.dtype).eps  # round-off of a large float32 matrix's eigh: ~ n·eps
+    tol = max(np.sqrt(eps), values.size * eps) * np.max(np.abs(values))
+    negative = values < -tol
+    if negative.any():
+        raise ValueError(
+            f"pow({np.real(p):g}) of an indefinite matrix: {int(negative.sum())} of its "
+            f"{values.size} eigenvalues (+ regul) are negative (the smallest "
+            f"{values.min():.3g}), where a fractional power is not real (e.g. a Hessian "
+            "away from a minimum). Shift it (pow(p, regul) with regul ≥ −λ_min), or apply "
+            "the power to |λ| from eigh()")
 
 
 def _check_invertible(shifted: jax.Array, p) -> None:
