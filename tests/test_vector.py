@@ -148,3 +148,36 @@ def test_complex_vectors_are_refused_with_the_fix(params):
                 op(form)
     with pytest.raises(TypeError, match="complex"):
         M.solve(jnp.stack([v.to_flat(), v.to_flat()]) * 1j, 0.1)
+
+
+def test_adding_vectors_of_other_parameters_names_the_leaf_and_the_fix(params):
+    """``u ± w`` between vectors of other parameters was JAX's tree_map error (no leaf, no
+    fix) for another structure, and for a leaf of shape ``(1,)`` against ``(3,)`` a silently
+    broadcast, wrong vector. Leading (stacking) axes still broadcast, as under ``vmap``."""
+    v = random_pvector(jax.random.PRNGKey(5), params)
+    with pytest.raises(ValueError, match="only on the left \\['Dense_1/bias'.*from_flat"):
+        v + PVector({"Dense_0": v.tree["Dense_0"]})
+    narrow = jax.tree_util.tree_map(lambda a: a, v.tree)
+    narrow["Dense_0"]["bias"] = jnp.ones(1)
+    with pytest.raises(ValueError, match="'Dense_0/bias' has shape \\(6,\\) on the left and "
+                                         "\\(1,\\) on the right"):
+        v - PVector(narrow)
+    stacked = PVector(jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), v.tree))
+    got = jax.vmap(lambda u: u.to_flat())(stacked + v)
+    np.testing.assert_allclose(got, np.stack([2, 3])[:, None] * np.asarray(v.to_flat())[None])
+
+
+def test_a_map_given_as_a_pytree_is_refused_with_the_fix(params):
+    """``mmap``/``mapTMmap`` of a PVector or a (stacked) params-shaped pytree was JAX's
+    "entry not a 2- or 3- tuple" or "dtype object is not a valid JAX array type"."""
+    d = LayerCollection.from_params(params).numel()
+    F = PMatDense(LayerCollection.from_params(params), jnp.eye(d))
+    v = random_pvector(jax.random.PRNGKey(6), params)
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), v.tree)
+    for bad in (v, v.tree, stacked, PVector(stacked)):
+        with pytest.raises(TypeError, match=f"array of flat vectors \\(..., {d}\\).*jax.vmap"):
+            F.mmap(bad)
+        with pytest.raises(TypeError, match="jax.vmap"):
+            F.mapTMmap(bad, reduction="diag")
+    rows = jax.vmap(lambda tree: PVector(tree).to_flat())(stacked)  # the fix
+    np.testing.assert_allclose(F.mmap(rows), np.stack([v.to_flat()] * 2))
