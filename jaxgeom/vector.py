@@ -209,9 +209,13 @@ def _as_flat(v: Any, layout: LayerCollection, what: str) -> tuple[jax.Array, Cal
         return _ravel(v.tree), lambda flat: PVector(_unravel(layout, flat))
     if _is_array(v) and jax.tree_util.tree_structure(v) != layout.treedef:
         if jnp.shape(v) != (d,):
+            stack = (jnp.ndim(v) >= 2 and jnp.shape(v)[-1] == d)
             raise ValueError(
                 f"a flat {what} must have shape ({d},) (the number of parameters); "
-                f"got shape {jnp.shape(v)}"
+                f"got shape {jnp.shape(v)}" + (
+                    ". For a stack of flat vectors use mmap, mapTMmap(rows, "
+                    "reduction='diag') or solve, which take (..., d), or jax.vmap"
+                    if stack else "")
             )
         return jnp.asarray(v), lambda flat: flat
     if _is_array(v) and jnp.shape(v) == (d,) and len(layout.shapes) == 1:

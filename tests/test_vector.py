@@ -181,3 +181,18 @@ def test_a_map_given_as_a_pytree_is_refused_with_the_fix(params):
             F.mapTMmap(bad, reduction="diag")
     rows = jax.vmap(lambda tree: PVector(tree).to_flat())(stacked)  # the fix
     np.testing.assert_allclose(F.mmap(rows), np.stack([v.to_flat()] * 2))
+
+
+def test_a_stack_given_where_one_vector_is_expected_points_to_vmap(params):
+    """``vTMv`` of a stack of flat rows or of a stacked params pytree named only the shape."""
+    layout = LayerCollection.from_params(params)
+    d = layout.numel()
+    F = PMatDense(layout, jnp.eye(d))
+    v = random_pvector(jax.random.PRNGKey(7), params)
+    with pytest.raises(ValueError, match=f"shape \\({d},\\).*mapTMmap.*jax.vmap"):
+        F.vTMv(jnp.stack([v.to_flat()] * 2))
+    stacked = PVector(jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), v.tree))
+    with pytest.raises(ValueError, match="'Dense_0/bias' has shape \\(2, 6\\).*jax.vmap"):
+        F.vTMv(stacked)
+    got = jax.vmap(F.vTMv)(stacked)  # the fix
+    np.testing.assert_allclose(got, [float(v.dot(v))] * 2, rtol=1e-12)
