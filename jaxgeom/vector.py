@@ -62,6 +62,18 @@ class PVector(ScalarMultiples, ArrayValued):
     def size(self) -> int:
         return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(self.tree))
 
+    def check_restored(self, target: PVector) -> None:
+        """Refuse a vector restored (``flax.serialization.from_state_dict``/``from_bytes``)
+        from the state of other parameters: Flax takes the state's leaf shapes as they are
+        (and drops the state's extra keys), which gave a vector of another model."""
+        mine = jax.tree_util.tree_flatten_with_path(self.tree)[0]
+        for (path, x), want in zip(mine, jax.tree_util.tree_leaves(target.tree)):
+            if np.shape(x) != np.shape(want):
+                raise ValueError(
+                    f"the restored PVector's leaf {path_to_str(path)!r} has shape "
+                    f"{np.shape(x)}, but the target's has shape {np.shape(want)}: the state "
+                    "is of other parameters. Restore into a PVector shaped like the saved one")
+
     # --------------------------------------------------------------- algebra
     @compiled_when_eager
     def _add(self, other: PVector) -> PVector:

@@ -196,3 +196,17 @@ def test_a_stack_given_where_one_vector_is_expected_points_to_vmap(params):
         F.vTMv(stacked)
     got = jax.vmap(F.vTMv)(stacked)  # the fix
     np.testing.assert_allclose(got, [float(v.dot(v))] * 2, rtol=1e-12)
+
+
+def test_restoring_the_state_of_other_parameters_names_the_leaf(params):
+    """``from_bytes`` of another model's vector gave a PVector of that model's shapes
+    (Flax takes the state's arrays as they are) without a word."""
+    from flax import serialization
+
+    v = random_pvector(jax.random.PRNGKey(8), params)
+    back = serialization.from_bytes(v, serialization.to_bytes(2 * v))
+    np.testing.assert_allclose(back.to_flat(), 2 * np.asarray(v.to_flat()), rtol=1e-15)
+    other = jax.tree_util.tree_map(lambda a: a, v.tree)
+    other["Dense_0"]["kernel"] = jnp.ones((4, 6))
+    with pytest.raises(ValueError, match="'Dense_0/kernel' has shape \\(4, 6\\).*\\(3, 6\\)"):
+        serialization.from_bytes(v, serialization.to_bytes(PVector(other)))
