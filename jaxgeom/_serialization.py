@@ -41,6 +41,8 @@ def register_dataclass(cls: type) -> type:
             for name in names})
         if hasattr(restored, "check_shapes"):  # arrays of another model's shapes
             restored.check_shapes()
+        if hasattr(restored, "check_restored"):  # the same, where only the target knows
+            restored.check_restored(target)
         # static hints that a build derived from its values (KFAC's rank bounds, EKFAC's
         # ranges) are the target's, not the state's: dropped, never trusted
         return restored.without_rank_bounds() if hasattr(restored, "without_rank_bounds") \

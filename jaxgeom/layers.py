@@ -252,10 +252,15 @@ class LayerCollection:
                 f"{self.numel()}."
             )
         for (_, leaf), shape, want_path in zip(got, self.shapes, self.paths):
-            if tuple(np.shape(leaf)) != shape:
+            got_shape = tuple(np.shape(leaf))
+            if got_shape != shape:
+                stacked = len(got_shape) > len(shape) and got_shape[
+                    len(got_shape) - len(shape):] == shape
                 raise ValueError(
-                    f"the {what}'s leaf {want_path!r} has shape {tuple(np.shape(leaf))}, "
-                    f"but the parameter has shape {shape}"
+                    f"the {what}'s leaf {want_path!r} has shape {got_shape}, "
+                    f"but the parameter has shape {shape}" + (
+                        ". For a stack of vectors (a leading axis on every leaf) use "
+                        "jax.vmap, e.g. jax.vmap(M.mv)(stacked)" if stacked else "")
                 )
 
     def check_params(self, params: Any) -> None:

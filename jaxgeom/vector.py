@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -19,7 +19,7 @@ import numpy as np
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import gathered
-from jaxgeom.layers import LayerCollection, ravel_tree
+from jaxgeom.layers import LayerCollection, path_to_str, ravel_tree
 from jaxgeom.scaling import ArrayValued, ScalarMultiples
 
 
@@ -62,6 +62,18 @@ class PVector(ScalarMultiples, ArrayValued):
     def size(self) -> int:
         return sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(self.tree))
 
+    def check_restored(self, target: PVector) -> None:
+        """Refuse a vector restored (``flax.serialization.from_state_dict``/``from_bytes``)
+        from the state of other parameters: Flax takes the state's leaf shapes as they are
+        (and drops the state's extra keys), which gave a vector of another model."""
+        mine = jax.tree_util.tree_flatten_with_path(self.tree)[0]
+        for (path, x), want in zip(mine, jax.tree_util.tree_leaves(target.tree)):
+            if np.shape(x) != np.shape(want):
+                raise ValueError(
+                    f"the restored PVector's leaf {path_to_str(path)!r} has shape "
+                    f"{np.shape(x)}, but the target's has shape {np.shape(want)}: the state "
+                    "is of other parameters. Restore into a PVector shaped like the saved one")
+
     # --------------------------------------------------------------- algebra
     @compiled_when_eager
     def _add(self, other: PVector) -> PVector:
@@ -74,12 +86,43 @@ class PVector(ScalarMultiples, ArrayValued):
     def __add__(self, other: Any) -> PVector:
         if not isinstance(other, PVector):
             return NotImplemented
+        self._check_matches(other, "+")
         return self._add(other)
 
     def __sub__(self, other: Any) -> PVector:
         if not isinstance(other, PVector):
             return NotImplemented
+        self._check_matches(other, "-")
         return self._subtract(other)
+
+    def _check_matches(self, other: PVector, op: str) -> None:
+        """Refuse ``self op other`` between vectors of other parameters: another pytree
+        structure (JAX's tree_map error named neither leaf), or a leaf whose shape differs
+        other than by leading (stacking) axes — e.g. ``(3,)`` and ``(1,)``, which
+        broadcast to a wrong vector without a word."""
+        mine, treedef = jax.tree_util.tree_flatten_with_path(self.tree)
+        theirs, other_def = jax.tree_util.tree_flatten_with_path(other.tree)
+        if other_def != treedef:
+            paths = [path_to_str(p) for p, _ in mine]
+            other_paths = [path_to_str(p) for p, _ in theirs]
+            missing = [p for p in paths if p not in other_paths]
+            extra = [p for p in other_paths if p not in paths]
+            detail = "; ".join(
+                [f"leaves only on the left {missing}"] * bool(missing)
+                + [f"leaves only on the right {extra}"] * bool(extra)) or (
+                f"structure {other_def} instead of {treedef}")
+            raise ValueError(
+                f"PVector {op} PVector: the vectors are shaped like different parameters "
+                f"({detail}). Build both from the same params (PVector.from_flat(params, "
+                "flat) converts a flat vector)")
+        for (path, x), (_, y) in zip(mine, theirs):
+            a, b = np.shape(x), np.shape(y)
+            n = min(len(a), len(b))
+            if a[len(a) - n:] != b[len(b) - n:]:
+                raise ValueError(
+                    f"PVector {op} PVector: the leaf {path_to_str(path)!r} has shape "
+                    f"{a} on the left and {b} on the right. Build both from the same "
+                    "params (PVector.from_flat(params, flat) converts a flat vector)")
 
     @compiled_when_eager
     def _scale(self, scalar: Any) -> PVector:
@@ -178,9 +221,13 @@ def _as_flat(v: Any, layout: LayerCollection, what: str) -> tuple[jax.Array, Cal
         return _ravel(v.tree), lambda flat: PVector(_unravel(layout, flat))
     if _is_array(v) and jax.tree_util.tree_structure(v) != layout.treedef:
         if jnp.shape(v) != (d,):
+            stack = (jnp.ndim(v) >= 2 and jnp.shape(v)[-1] == d)
             raise ValueError(
                 f"a flat {what} must have shape ({d},) (the number of parameters); "
-                f"got shape {jnp.shape(v)}"
+                f"got shape {jnp.shape(v)}" + (
+                    ". For a stack of flat vectors use mmap, mapTMmap(rows, "
+                    "reduction='diag') or solve, which take (..., d), or jax.vmap"
+                    if stack else "")
             )
         return jnp.asarray(v), lambda flat: flat
     if _is_array(v) and jnp.shape(v) == (d,) and len(layout.shapes) == 1:
@@ -229,6 +276,16 @@ def as_rows(rows: Any, layout: LayerCollection, what: str = "map") -> jax.Array:
     (e.g. a ``PFMapDense``, giving ``(outputs, examples, d)``)."""
     if hasattr(rows, "to_dense") and not _is_array(rows):
         rows = rows.to_dense()
+    if isinstance(rows, (PVector, Mapping)) or (
+            not _is_array(rows) and jax.tree_util.tree_structure(rows) == layout.treedef):
+        # a PVector or a params-shaped pytree (stacked or not): jnp.asarray would fail
+        # with JAX's "entry not a 2- or 3- tuple" or "dtype object"
+        raise TypeError(
+            f"a {what} must be an array of flat vectors (..., {layout.numel()}); got a "
+            f"{type(rows).__name__}. For one vector use mv (which takes a PVector or a "
+            "params-shaped pytree); for a stack of params-shaped vectors (leaves with a "
+            "leading axis) use jax.vmap(M.mv), or flatten them first with "
+            "jax.vmap(lambda tree: PVector(tree).to_flat())(stacked)")
     check_real(rows, what)
     rows, _ = gathered(jnp.asarray(rows))  # split over an explicit axis: gathered
     if rows.ndim < 1 or rows.shape[-1] != layout.numel():

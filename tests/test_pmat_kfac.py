@@ -22,7 +22,7 @@ from models import (
 )
 from pmat_checks import TOL, check_all, check_combinations, check_pytree, check_solve
 
-from jaxgeom import FIM, FIM_MonteCarlo, PMatDense, SecondMoment
+from jaxgeom import FIM, FIM_MonteCarlo, PMatDense, PMatEKFAC, SecondMoment
 from jaxgeom.pmat import _gram
 from jaxgeom.pmat import kfac as kfac_module
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
@@ -494,3 +494,15 @@ def test_cg_solves_with_exact_damping_only_and_eigh_names_who_can(case):
     with pytest.raises(NotImplementedError,
                        match=r"that do: PMatDense, PMatBlockDiag, PMatLowRank(\n|$)"):
         K.eigh()
+
+
+@pytest.mark.parametrize("representation", [PMatKFAC, PMatEKFAC])
+def test_dtype_is_the_arrays_after_a_cast(representation):
+    """``dtype`` was the parameters' dtype whatever the arrays held: a matrix cast with
+    ``tree_map`` (or restored from a state of another precision) reported the old one."""
+    t = make_linen_mlp()
+    F = FIM(t.apply_fn, t.params, t.x, representation)
+    assert F.dtype == jnp.float64
+    F32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), F)
+    assert F32.dtype == jnp.float32 and F32.to_dense().dtype == jnp.float32
+    np.testing.assert_allclose(F32.to_dense(), F.to_dense(), rtol=1e-5, atol=1e-6)

@@ -278,3 +278,19 @@ def test_rows_written_from_captured_layers_are_the_jacobian_rows(make):
     streamed = FIM(t.apply_fn, t.params, iter([data]), PMatLowRank, batch_size=3)
     assert written.factor.shape == streamed.factor.shape
     np.testing.assert_allclose(written.factor, streamed.factor, rtol=1e-10, atol=1e-12)
+
+
+def test_a_float32_plus_float64_sum_is_float64_either_way():
+    """``A32 + B64`` concatenated ``B``'s factor cast to float32: a rounded float32 result
+    (``B64 + A32`` was float64), ~4e-8 off the float64 sum instead of ~1e-16."""
+    t = make_linen_mlp()
+    L = FIM(t.apply_fn, t.params, t.x, PMatLowRank)
+    L32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), L)
+    f32 = np.asarray(L32.factor, np.float64)  # the float32 matrix, exactly, in float64
+    dense32 = f32.T @ (np.asarray(L32.coef, np.float64) * f32)
+    ref = dense32 + np.asarray(L.to_dense())
+    for total in (L32 + L, L + L32):
+        assert total.factor.dtype == jnp.float64
+        np.testing.assert_allclose(total.to_dense(), ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose((L32 - L).to_dense(), dense32 - np.asarray(L.to_dense()),
+                               rtol=1e-10, atol=1e-14)

@@ -148,3 +148,65 @@ def test_complex_vectors_are_refused_with_the_fix(params):
                 op(form)
     with pytest.raises(TypeError, match="complex"):
         M.solve(jnp.stack([v.to_flat(), v.to_flat()]) * 1j, 0.1)
+
+
+def test_adding_vectors_of_other_parameters_names_the_leaf_and_the_fix(params):
+    """``u ± w`` between vectors of other parameters was JAX's tree_map error (no leaf, no
+    fix) for another structure, and for a leaf of shape ``(1,)`` against ``(3,)`` a silently
+    broadcast, wrong vector. Leading (stacking) axes still broadcast, as under ``vmap``."""
+    v = random_pvector(jax.random.PRNGKey(5), params)
+    with pytest.raises(ValueError, match="only on the left \\['Dense_1/bias'.*from_flat"):
+        v + PVector({"Dense_0": v.tree["Dense_0"]})
+    narrow = jax.tree_util.tree_map(lambda a: a, v.tree)
+    narrow["Dense_0"]["bias"] = jnp.ones(1)
+    with pytest.raises(ValueError, match="'Dense_0/bias' has shape \\(6,\\) on the left and "
+                                         "\\(1,\\) on the right"):
+        v - PVector(narrow)
+    stacked = PVector(jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), v.tree))
+    got = jax.vmap(lambda u: u.to_flat())(stacked + v)
+    np.testing.assert_allclose(got, np.stack([2, 3])[:, None] * np.asarray(v.to_flat())[None])
+
+
+def test_a_map_given_as_a_pytree_is_refused_with_the_fix(params):
+    """``mmap``/``mapTMmap`` of a PVector or a (stacked) params-shaped pytree was JAX's
+    "entry not a 2- or 3- tuple" or "dtype object is not a valid JAX array type"."""
+    d = LayerCollection.from_params(params).numel()
+    F = PMatDense(LayerCollection.from_params(params), jnp.eye(d))
+    v = random_pvector(jax.random.PRNGKey(6), params)
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), v.tree)
+    for bad in (v, v.tree, stacked, PVector(stacked)):
+        with pytest.raises(TypeError, match=f"array of flat vectors \\(..., {d}\\).*jax.vmap"):
+            F.mmap(bad)
+        with pytest.raises(TypeError, match="jax.vmap"):
+            F.mapTMmap(bad, reduction="diag")
+    rows = jax.vmap(lambda tree: PVector(tree).to_flat())(stacked)  # the fix
+    np.testing.assert_allclose(F.mmap(rows), np.stack([v.to_flat()] * 2))
+
+
+def test_a_stack_given_where_one_vector_is_expected_points_to_vmap(params):
+    """``vTMv`` of a stack of flat rows or of a stacked params pytree named only the shape."""
+    layout = LayerCollection.from_params(params)
+    d = layout.numel()
+    F = PMatDense(layout, jnp.eye(d))
+    v = random_pvector(jax.random.PRNGKey(7), params)
+    with pytest.raises(ValueError, match=f"shape \\({d},\\).*mapTMmap.*jax.vmap"):
+        F.vTMv(jnp.stack([v.to_flat()] * 2))
+    stacked = PVector(jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), v.tree))
+    with pytest.raises(ValueError, match="'Dense_0/bias' has shape \\(2, 6\\).*jax.vmap"):
+        F.vTMv(stacked)
+    got = jax.vmap(F.vTMv)(stacked)  # the fix
+    np.testing.assert_allclose(got, [float(v.dot(v))] * 2, rtol=1e-12)
+
+
+def test_restoring_the_state_of_other_parameters_names_the_leaf(params):
+    """``from_bytes`` of another model's vector gave a PVector of that model's shapes
+    (Flax takes the state's arrays as they are) without a word."""
+    from flax import serialization
+
+    v = random_pvector(jax.random.PRNGKey(8), params)
+    back = serialization.from_bytes(v, serialization.to_bytes(2 * v))
+    np.testing.assert_allclose(back.to_flat(), 2 * np.asarray(v.to_flat()), rtol=1e-15)
+    other = jax.tree_util.tree_map(lambda a: a, v.tree)
+    other["Dense_0"]["kernel"] = jnp.ones((4, 6))
+    with pytest.raises(ValueError, match="'Dense_0/kernel' has shape \\(4, 6\\).*\\(3, 6\\)"):
+        serialization.from_bytes(v, serialization.to_bytes(PVector(other)))

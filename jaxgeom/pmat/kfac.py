@@ -736,6 +736,13 @@ class PMatKFAC(PMatAbstract):
 
     @property
     def dtype(self):
+        """The dtype of the factors (that of the parameters when built; a matrix cast
+        with ``tree_map`` or restored from a state of another precision has its arrays'),
+        or the parameters' when there is none."""
+        for leaf in jax.tree_util.tree_leaves(self):
+            dtype = getattr(leaf, "dtype", None)
+            if dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
+                return dtype
         return self.layer_collection.dtype
 
     # ------------------------------------------------------------------ access

@@ -206,8 +206,12 @@ class PMatLowRank(PMatAbstract):
 
     def _add_same(self, other, sign):
         """``[F_A; F_B]`` with weights ``[c_A; sign·c_B]``: exact, rank ``r_A + r_B``."""
-        factor = jnp.concatenate([self.factor, other.factor.astype(self.factor.dtype)])
-        coef = jnp.concatenate([self._weights(), sign * other._weights()])
+        # the promoted dtype: a float32 + float64 sum is not rounded to float32 (nor
+        # A + B's dtype made to differ from B + A's)
+        dtype = jnp.result_type(self.factor, other.factor)
+        factor = jnp.concatenate([self.factor.astype(dtype), other.factor.astype(dtype)])
+        coef = jnp.concatenate([self._weights().astype(dtype),
+                                sign * other._weights().astype(dtype)])
         return PMatLowRank(self.layer_collection, factor, coef)
 
     # ------------------------------------------------------------------ construction
