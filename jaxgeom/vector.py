@@ -89,6 +89,12 @@ class PVector(ScalarMultiples, ArrayValued):
         self._check_matches(other, "+")
         return self._add(other)
 
+    def __radd__(self, other: Any) -> PVector:
+        # ``sum(vectors)`` starts from the integer 0
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self
+        return NotImplemented
+
     def __sub__(self, other: Any) -> PVector:
         if not isinstance(other, PVector):
             return NotImplemented

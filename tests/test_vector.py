@@ -32,6 +32,9 @@ def test_arithmetic_matches_flat_arithmetic(params):
     fv, fw = v.to_flat(), w.to_flat()
     np.testing.assert_allclose((v + w).to_flat(), fv + fw)
     np.testing.assert_allclose((v - w).to_flat(), fv - fw)
+    np.testing.assert_allclose(sum([v, w, v]).to_flat(), 2 * fv + fw)  # from the int 0
+    with pytest.raises(TypeError):
+        1 + v  # noqa: B018 - a number other than sum's 0 is not a vector
     np.testing.assert_allclose((-v).to_flat(), -fv)
     np.testing.assert_allclose((2.5 * v).to_flat(), 2.5 * fv)
     np.testing.assert_allclose((v * 2.5).to_flat(), 2.5 * fv)
