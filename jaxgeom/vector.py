@@ -106,11 +106,13 @@ class PVector(ScalarMultiples, ArrayValued):
         structure (JAX's tree_map error named neither leaf), or a leaf whose shape differs
         other than by leading (stacking) axes — e.g. ``(3,)`` and ``(1,)``, which
         broadcast to a wrong vector without a word."""
-        mine, treedef = jax.tree_util.tree_flatten_with_path(self.tree)
-        theirs, other_def = jax.tree_util.tree_flatten_with_path(other.tree)
+        # plain flattening on the way (an eager ``v + w`` runs this at every call); the
+        # paths only for the message
+        mine, treedef = jax.tree_util.tree_flatten(self.tree)
+        theirs, other_def = jax.tree_util.tree_flatten(other.tree)
         if other_def != treedef:
-            paths = [path_to_str(p) for p, _ in mine]
-            other_paths = [path_to_str(p) for p, _ in theirs]
+            paths = _paths(self.tree)
+            other_paths = _paths(other.tree)
             missing = [p for p in paths if p not in other_paths]
             extra = [p for p in other_paths if p not in paths]
             detail = "; ".join(
@@ -121,12 +123,12 @@ class PVector(ScalarMultiples, ArrayValued):
                 f"PVector {op} PVector: the vectors are shaped like different parameters "
                 f"({detail}). Build both from the same params (PVector.from_flat(params, "
                 "flat) converts a flat vector)")
-        for (path, x), (_, y) in zip(mine, theirs):
+        for i, (x, y) in enumerate(zip(mine, theirs)):
             a, b = np.shape(x), np.shape(y)
             n = min(len(a), len(b))
             if a[len(a) - n:] != b[len(b) - n:]:
                 raise ValueError(
-                    f"PVector {op} PVector: the leaf {path_to_str(path)!r} has shape "
+                    f"PVector {op} PVector: the leaf {_paths(self.tree)[i]!r} has shape "
                     f"{a} on the left and {b} on the right. Build both from the same "
                     "params (PVector.from_flat(params, flat) converts a flat vector)")
 
@@ -300,3 +302,8 @@ def as_rows(rows: Any, layout: LayerCollection, what: str = "map") -> jax.Array:
             f"(the number of parameters); got shape {rows.shape}"
         )
     return rows
+
+
+def _paths(tree: Any) -> list[str]:
+    """The paths of ``tree``'s leaves, as the layer table writes them."""
+    return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
