@@ -70,6 +70,7 @@ from jax.extend import core as jex
 from jax.extend.core import primitives as prims
 
 from jaxgeom._compile import model_jit
+from jaxgeom._differentiable import FloatLeaves
 from jaxgeom._discovery import (
     _CALL_PRIMITIVES,
     _Analysis,
@@ -721,11 +722,13 @@ def captured_sums(cap: Captured) -> list[jax.Array]:
 def _example(plan: CapturePlan, params, example, index, weight, aux) -> Captured:
     leaves = jax.tree_util.tree_leaves(params)
     rest = jax.tree_util.tree_leaves((example, index, aux))
-    other_leaves = [leaves[i] for i in plan.other_leaves]
+    # the other layers' floating leaves: integer or boolean ones are constants, whose
+    # columns of ``other`` are zeros (:mod:`jaxgeom._differentiable`)
+    others = FloatLeaves.of([leaves[i] for i in plan.other_leaves])
 
-    def run(perturb, other):
+    def run(perturb, other_floats):
         args = list(leaves)
-        for i, leaf in zip(plan.other_leaves, other):
+        for i, leaf in zip(plan.other_leaves, others.merge(other_floats)):
             args[i] = leaf
         captured: dict = {}
         (out,) = _interpret(plan, plan.jaxpr.jaxpr, plan.jaxpr.consts, args + rest, (),
@@ -734,7 +737,7 @@ def _example(plan: CapturePlan, params, example, index, weight, aux) -> Captured
 
     dtype = jnp.result_type(*leaves)
     zeros = [jnp.zeros(s, dtype) for s in plan.out_shapes]
-    out, vjp_fn, sources = jax.vjp(run, zeros, other_leaves, has_aux=True)
+    out, vjp_fn, sources = jax.vjp(run, zeros, others.primals, has_aux=True)
     sites = _sites_in_order(plan)
     inputs = tuple(site.inputs_from(s) for site, s in zip(sites, sources))
     seeds = jnp.eye(out.shape[0], dtype=out.dtype)
@@ -742,8 +745,7 @@ def _example(plan: CapturePlan, params, example, index, weight, aux) -> Captured
         seeds = seeds * weight.astype(out.dtype)
     cot_perturb, cot_other = jax.vmap(vjp_fn)(seeds)
     grads = tuple(_site_grads(site, cot_perturb[site.layer]) for site in sites)
-    other = [c.reshape(c.shape[0], -1) for c in cot_other]
-    other = jnp.concatenate(other, axis=1) if other else jnp.zeros((out.shape[0], 0), dtype)
+    other = others.ravel(cot_other, out.shape[:1], None if others.indices else out.dtype)
     return Captured(out, inputs, grads, other, sources)
 
 

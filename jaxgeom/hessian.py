@@ -46,6 +46,7 @@ import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
+from jaxgeom._differentiable import FloatLeaves
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom.jacobian import Hashable
@@ -54,7 +55,7 @@ from jaxgeom.pmat.base import PMatAbstract, check_precision
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
-from jaxgeom.pmat.implicit import PMatImplicit, _tangents
+from jaxgeom.pmat.implicit import PMatImplicit
 from jaxgeom.streaming import check_finite, mean, tree_finite
 from jaxgeom.vector import product_dtype
 
@@ -79,7 +80,8 @@ def Hessian(
       loss_fn: ``loss_fn(params, batch) -> scalar``, the **mean** loss over the batch
         (e.g. ``optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y).mean()``);
         it receives whole batches as ``data`` yields them (``(x, y)``).
-      params: any pytree of arrays.
+      params: any pytree of arrays. Integer or boolean leaves (a step counter, a mask)
+        are constants: their rows and columns of ``H`` are zero.
       data: one batch or an iterable of batches (of any sizes).
       representation: ``PMatDense``, ``PMatBlockDiag``, ``PMatDiag`` or ``PMatImplicit``
         (costs in :mod:`jaxgeom.hessian`).
@@ -115,7 +117,6 @@ def Hessian(
     from jaxgeom.metrics import layers_for
 
     layer_collection = layers_for(loss_fn, params, first, layer_collection, whole_batch=True)
-    _check_inexact(layer_collection)
     check_precision(representation, params)
     loss_fn = Hashable(loss_fn)
     if representation is PMatImplicit:
@@ -128,18 +129,6 @@ def Hessian(
     state = stream(loss_fn, params, data, batch_size, layer_collection,
                    _KINDS[representation], int(vectors_per_pass))
     return representation(layer_collection, state)
-
-
-def _check_inexact(layout: LayerCollection) -> None:
-    """Refuse integer or boolean leaves (a step counter): ``jax.grad`` cannot differentiate
-    them, and failed deep inside the build (or the implicit Hessian's first product)."""
-    bad = [path for path, dtype in zip(layout.paths, layout.dtypes)
-           if not jnp.issubdtype(dtype, jnp.inexact)]
-    if bad:
-        raise TypeError(
-            f"Hessian differentiates every leaf of params; the leaves {bad} are not floating "
-            "point. Pass the floating-point leaves as params and close loss_fn over the others "
-            "(loss_fn = lambda p, batch: loss({**p, 'step': step}, batch))")
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -172,10 +161,12 @@ def stream(loss_fn, params, data, batch_size, layout, kind, per_pass):
 def _hvp(loss_fn, params, batch, layout) -> Callable[[jax.Array], jax.Array]:
     """Flat ``(d,) ↦ H_b v`` for the batch's mean loss (forward-over-reverse, linearised
     once)."""
-    _, linear = jax.linearize(jax.grad(lambda p: loss_fn(p, batch)), params)
+    floats = FloatLeaves.of(params)  # integer or boolean leaves: zero rows and columns
+    loss = floats.bind(lambda p: loss_fn(p, batch))
+    _, linear = jax.linearize(jax.grad(loss), floats.primals)
 
     def hv(v):
-        out = layout.to_flat(linear(_tangents(layout, params, v)))
+        out = floats.ravel(linear(floats.tangents(v)), v.shape[:-1])
         return out.astype(product_dtype(v.dtype, out.dtype))
 
     return hv
@@ -324,9 +315,8 @@ _REVERSE_ONLY: set = set()
 @model_jit(static_argnames=("loss_fn", "layout"))
 def _chunk_curvature(params, v, batch, weight, *, loss_fn, layout):
     """``weight · vᵀ H_c v`` as the second directional derivative (forward-over-forward)."""
-    def loss(p):
-        return loss_fn(p, batch)
-
-    tangent = _tangents(layout, params, v)
+    floats = FloatLeaves.of(params)  # integer or boolean leaves: constants
+    loss = floats.bind(lambda p: loss_fn(p, batch))
+    tangent = floats.tangents(v)
     slope = lambda p: jax.jvp(loss, (p,), (tangent,))[1]  # noqa: E731
-    return weight * jax.jvp(slope, (params,), (tangent,))[1]
+    return weight * jax.jvp(slope, (floats.primals,), (tangent,))[1]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from jaxgeom import capture as capture_lib
 from jaxgeom import data as data_lib
+from jaxgeom._differentiable import FloatLeaves
 from jaxgeom._signature import abstract, cached, signature
 from jaxgeom.layers import LayerCollection, concat_last
 from jaxgeom.streaming import ChunkBuilder, builder, run, static_field
@@ -65,23 +66,21 @@ def resolve_mode(mode: str, num_params: int, num_outputs: int) -> str:
     return mode
 
 
-def flatten_jacobian(jac_tree: Any, num_lead: int) -> jax.Array:
-    """Concatenate a Jacobian pytree (leaves ``(*lead, *leaf_shape)``) to ``(*lead, d)``."""
-    leaves = jax.tree_util.tree_leaves(jac_tree)
-    lead = leaves[0].shape[:num_lead]
-    return jnp.concatenate([x.reshape(lead + (-1,)) for x in leaves], axis=-1)
-
-
 def example_jacobian(fn: Callable, params: Any, example: Any, index: Any, aux: Any, mode: str):
-    """Jacobian ``(K, d)`` and value ``(K,)`` of ``fn`` at one example."""
+    """Jacobian ``(K, d)`` and value ``(K,)`` of ``fn`` at one example (zero columns for
+    integer or boolean leaves: :mod:`jaxgeom._differentiable`)."""
+    floats = FloatLeaves.of(params)
 
-    def with_value(p):
-        out = fn(p, example, index, aux)
+    def with_value(primals):
+        out = floats.bind(lambda p: fn(p, example, index, aux))(primals)
         return out, out
 
-    transform = jax.jacrev if mode == "reverse" else jax.jacfwd
-    jac, out = transform(with_value, has_aux=True)(params)
-    return flatten_jacobian(jac, 1), out
+    if not floats.indices:  # nothing to differentiate (jacrev/jacfwd of no leaves fail)
+        jac, out = [], with_value([])[0]
+    else:
+        transform = jax.jacrev if mode == "reverse" else jax.jacfwd
+        jac, out = transform(with_value, has_aux=True)(floats.primals)
+    return floats.ravel(jac, out.shape), out
 
 
 def chunk_jacobian(fn, params, batch, offset, aux, mode):

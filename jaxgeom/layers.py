@@ -190,8 +190,13 @@ class LayerCollection:
 
     @functools.cached_property
     def dtype(self):
-        """The common dtype of the parameters (the promotion of all leaf dtypes)."""
-        return jnp.result_type(*self.dtypes)
+        """The common dtype of the parameters (the promotion of all leaf dtypes): that of
+        flat vectors and of the matrices. Integer or boolean leaves (constants, whose
+        derivative is zero: :mod:`jaxgeom._differentiable`) promote to the floating
+        leaves' dtype; a layout of such leaves only (a restriction to a step counter) has
+        the default floating dtype."""
+        floating = [d for d in self.dtypes if jnp.issubdtype(d, jnp.inexact)]
+        return jnp.result_type(*floating) if floating else jnp.result_type(float)
 
     def layer(self, layer_id: str) -> Layer:
         for layer in self.layers:

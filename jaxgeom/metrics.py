@@ -58,7 +58,8 @@ def FIM(
     Args:
       apply_fn: ``apply_fn(params, x) -> outputs``, batched: ``(N, C)`` for
         classification and regression, ``(N, ..., C)`` for segmentation.
-      params: any pytree of arrays.
+      params: any pytree of arrays. Integer or boolean leaves (a step counter, a mask)
+        are constants: their rows and columns are zero.
       data: one batch ``(x, y)`` / ``(x,)`` / ``x``, or an iterable of batches (list,
         generator, loader). ``y`` is not used.
       representation: a representation class, e.g. ``PMatDense``, ``PMatDiag``.

@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
+from jaxgeom._differentiable import FloatLeaves
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
@@ -40,13 +41,12 @@ from jaxgeom.jacobian import (
     Hashable,
     accumulate,
     check_vector_outputs,
-    flatten_jacobian,
     output_count,
     resolve_mode,
 )
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat.base import check_shape, static_field
-from jaxgeom.pmat.implicit import _masked_outputs, _tangents
+from jaxgeom.pmat.implicit import _masked_outputs
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, restrict
 from jaxgeom.scaling import ScalarMultiples
@@ -227,7 +227,8 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
     Attributes:
       layer_collection: the parameter layout (static).
       fn: the per-example function (static, hashable).
-      params: where the Jacobian is taken.
+      params: where the Jacobian is taken (integer or boolean leaves are constants: zero
+        columns, as in ``PFMapDense``).
       data: the list of batches.
       aux: the arrays shared by all examples (``fn``'s last argument).
       scale: the scalar ``s``.
@@ -286,7 +287,9 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
             layer_collection=part.layer_collection, batch_size=self.batch_size,
             mode=self.mode, aux=(self.params, self.aux),
         )
-        return scaled(dense.data, self.scale)
+        # in the map's dtype: a layer of integer or boolean leaves alone (zero columns) has
+        # the default floating dtype (LayerCollection.dtype)
+        return scaled(dense.data.astype(self.layer_collection.dtype), self.scale)
 
     def iter_by_layer(self):
         """``(layer, (K, N, d_l) columns)`` for each layer, one pass over the data per layer
@@ -372,21 +375,27 @@ def _cotangent_window(cotangents: jax.Array, offset: int, size: int) -> jax.Arra
 
 @model_jit(static_argnames=("fn", "layout"))
 def _chunk_jvps(params, rows, batch, mask, offset, aux, *, fn, layout):
-    """``(m, n, K)``: ``J_c vᵢ`` of one chunk for the rows ``vᵢ`` of ``(m, d)``."""
-    outputs = _masked_outputs(fn, batch, mask, offset, aux)
-    tangents = _tangents(layout, params, rows)
-    jv = jax.vmap(lambda t: jax.jvp(outputs, (params,), (t,))[1])(tangents)
+    """``(m, n, K)``: ``J_c vᵢ`` of one chunk for the rows ``vᵢ`` of ``(m, d)`` (the entries
+    of integer or boolean leaves do not count: :mod:`jaxgeom._differentiable`)."""
+    floats = FloatLeaves.of(params)
+    outputs = floats.bind(_masked_outputs(fn, batch, mask, offset, aux))
+    jv = jax.vmap(lambda row: jax.jvp(outputs, (floats.primals,), (floats.tangents(row),))[1])(
+        rows
+    )
     return jv.astype(product_dtype(rows.dtype, jv.dtype))
 
 
 @model_jit(static_argnames=("fn",))
 def _chunk_vjps(params, cotangents, batch, mask, offset, aux, *, fn):
-    """``(m, d)``: ``J_cᵀ fᵢ`` of one chunk for the ``(m, n, K)`` cotangents ``fᵢ``."""
-    outputs, vjp = jax.vjp(_masked_outputs(fn, batch, mask, offset, aux), params)
+    """``(m, d)``: ``J_cᵀ fᵢ`` of one chunk for the ``(m, n, K)`` cotangents ``fᵢ`` (zero
+    at the places of integer or boolean leaves)."""
+    floats = FloatLeaves.of(params)
+    outputs, vjp = jax.vjp(floats.bind(_masked_outputs(fn, batch, mask, offset, aux)),
+                           floats.primals)
     # cotangents in the outputs' dtype (float64 ones for a float32 model under x64), as
     # jax.vjp requires; the caller casts the result back
     cotangents = cotangents.astype(outputs.dtype)
-    return flatten_jacobian(jax.vmap(vjp)(cotangents)[0], 1)
+    return floats.ravel(jax.vmap(vjp)(cotangents)[0], cotangents.shape[:1])
 
 
 # ----------------------------------------------------------------------------- builders
@@ -449,7 +458,8 @@ def Jacobian(
 
     Args:
       apply_fn: ``apply_fn(params, x) -> outputs``, batched (``y`` is not used).
-      params: any pytree of arrays.
+      params: any pytree of arrays. Integer or boolean leaves (a step counter, a mask)
+        are constants: their columns of ``J`` are zero.
       data: one batch or an iterable of batches.
       representation: :class:`PFMapDense` (default: stores ``J``, ``N K d``) or
         :class:`PFMapImplicit` (stores nothing; ``jvp``/``vjp`` on demand).

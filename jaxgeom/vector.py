@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._differentiable import FloatLeaves, is_differentiable
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import gathered
@@ -185,11 +186,17 @@ def _flat_norm(tree: Any, p: float) -> jax.Array:
 
 
 def random_pvector(key: jax.Array, params: Any, dtype: Any = None) -> PVector:
-    """A standard normal vector shaped like ``params`` (dtype: the leaves', or ``dtype``)."""
+    """A standard normal vector shaped like ``params`` (dtype: the leaves', or ``dtype``).
+
+    An integer or boolean leaf of ``params`` (a constant: its derivative is zero) gets
+    entries in the floating leaves' common dtype, as in a ``PVector`` made from a flat
+    vector (:meth:`PVector.from_flat`)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
+    floating = FloatLeaves.of(params).dtype
     new = [
-        jax.random.normal(k, jnp.shape(x), dtype or jnp.result_type(x))
+        jax.random.normal(k, jnp.shape(x), dtype or (
+            jnp.result_type(x) if is_differentiable(jnp.result_type(x)) else floating))
         for k, x in zip(keys, leaves)
     ]
     return PVector(jax.tree_util.tree_unflatten(treedef, new))

@@ -198,6 +198,43 @@ def make_plain_mlp(seed=0, n=7):
     return Task("plain_mlp", apply_fn, params, x, _labels(key, n, 4), 4)
 
 
+@functools.cache
+def make_counted_mlp(seed=0, n=7):
+    """A plain MLP whose params also hold integer and boolean leaves — a step counter
+    (int32) and a hidden-unit mask (bool) that the model reads, and a counter (int32)
+    that it ignores — beside a float gain read elementwise (a leaf outside any dense
+    layer, whose gradients come with the constants')."""
+    key = jax.random.PRNGKey(seed)
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    params = {
+        "w1": jax.random.normal(k1, (3, 5)) / np.sqrt(3),
+        "b1": 0.1 * jax.random.normal(k2, (5,)),
+        "gain": 1.0 + 0.1 * jax.random.normal(k5, (5,)),
+        "mask": jnp.array([True, True, False, True, True]),
+        "step": jnp.array(3, jnp.int32),
+        "seen": jnp.array([4, 2], jnp.int32),
+        "w2": jax.random.normal(k3, (5, 4)) / np.sqrt(5),
+        "b2": 0.1 * jax.random.normal(k4, (4,)),
+    }
+
+    def apply_fn(p, x):
+        decay = 1.0 / (1.0 + 0.1 * p["step"])
+        h = jnp.tanh(x @ p["w1"] + p["b1"]) * p["gain"] * p["mask"] * decay
+        return h @ p["w2"] + p["b2"]
+
+    x = jax.random.normal(jax.random.PRNGKey(7), (n, 3))
+    return Task("counted_mlp", apply_fn, params, x, _labels(key, n, 4), 4)
+
+
+def constant_columns(params) -> np.ndarray:
+    """The flat indices of the integer and boolean leaves of ``params``."""
+    leaves = jax.tree_util.tree_leaves(params)
+    sizes = [int(np.size(x)) for x in leaves]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return np.concatenate([np.arange(a, a + s, dtype=int) for a, s, x in zip(starts, sizes, leaves)
+                           if not jnp.issubdtype(jnp.result_type(x), jnp.inexact)])
+
+
 # ----------------------------------------------------------------------------- more layers
 class LinenConvTranspose(nn.Module):
     """Transposed convolutions whose kernel is flipped with ``rev`` (``transpose_kernel``),

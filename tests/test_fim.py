@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import (
     ALL_TASKS,
+    constant_columns,
     flat_jacobian,
+    make_counted_mlp,
     make_linen_cnn,
     make_linen_mlp,
     make_plain_mlp,
@@ -55,6 +57,24 @@ def test_classif_logits_equals_brute_force(name):
         **TOL,
     )
 
+
+
+def test_integer_and_boolean_leaves_have_zero_rows_and_columns():
+    """Integer and boolean params leaves (a step counter and a mask the model reads, a
+    counter it ignores) are constants: zero rows and columns, in either Jacobian mode and
+    beside a float leaf outside any dense layer, whose captured gradients come with theirs
+    (their float0 cotangents failed to concatenate with its)."""
+    t = make_counted_mlp()
+    ref = np.asarray(reference_fisher(t.apply_fn, t.params, t.x))
+    constant = constant_columns(t.params)
+    assert ref.any() and not ref[constant].any() and not ref[:, constant].any()
+    for mode in ("reverse", "forward"):
+        np.testing.assert_allclose(dense(t.apply_fn, t.params, (t.x, t.y), mode=mode), ref,
+                                   **TOL, err_msg=mode)
+    np.testing.assert_allclose(FIM(t.apply_fn, t.params, (t.x, t.y), PMatDiag).get_diag(),
+                               np.diag(ref), **TOL)
+    np.testing.assert_allclose(FIM(t.apply_fn, t.params, (t.x, t.y), PMatLowRank).to_dense(),
+                               ref, **TOL)
 
 def test_classif_logsoftmax_equals_logits_fisher():
     t = make_linen_mlp()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from models import (
     flat_jacobian,
+    make_counted_mlp,
     make_equinox_mlp,
     make_linen_cnn,
     make_linen_embed,
@@ -39,6 +40,24 @@ def test_streamed_and_implicit_routes_equal_jjt(make):
         G = GramMatrix(t.apply_fn, t.params, (t.x, t.y), batch_size=batch_size, method=method)
         assert isinstance(G, FMatDense) and G.size() == (k, n, k, n)
         np.testing.assert_allclose(G.to_dense(), ref, **TOL, err_msg=f"{method} {batch_size}")
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_integer_and_boolean_leaves_add_nothing_to_the_gram(mode):
+    """Integer and boolean params leaves (read by the model, or not) are constants: both
+    routes — ``"implicit"`` by ``vjp``/``jvp`` (float0 tangents in JAX) and ``"jacobian"``
+    from the captured factors and rows, beside a float leaf outside any dense layer — give
+    the ``J Jᵀ`` of the Jacobian with zero columns for them, as ``PFMapDense`` does."""
+    t = make_counted_mlp()
+    ref, jac = reference(t)
+    dense = Jacobian(t.apply_fn, t.params, (t.x, t.y), mode=mode).to_dense()
+    np.testing.assert_allclose(dense, jac, **TOL)
+    expected = np.einsum("knd,lmd->knlm", dense, dense)
+    np.testing.assert_allclose(expected, ref, **TOL)
+    for method, batch_size in [("jacobian", 2), ("implicit", 3)]:
+        G = GramMatrix(t.apply_fn, t.params, (t.x, t.y), batch_size=batch_size, method=method,
+                       mode=mode)
+        np.testing.assert_allclose(G.to_dense(), expected, **TOL, err_msg=method)
 
 
 @pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn, make_linen_embed,

@@ -6,7 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp
+from models import (
+    constant_columns,
+    make_counted_mlp,
+    make_equinox_mlp,
+    make_linen_cnn,
+    make_linen_mlp,
+)
 from pmat_checks import block_mask, check_products
 
 from jaxgeom import FIM, PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit, PMatKFAC
@@ -157,14 +163,31 @@ def test_under_jit_and_errors(mlp):
         Hessian(lambda p, b: t.apply_fn(p, b[0]), t.params, (t.x, t.y), PMatDense)
     with pytest.raises(TypeError, match="not from Jacobians"):
         FIM(t.apply_fn, t.params, t.x, PMatImplicitHessian)
-    counted = {"params": t.params, "step": jnp.array(3)}  # failed inside jax.grad
-    for rep in (PMatDense, PMatImplicit):
-        with pytest.raises(TypeError, match=r"leaves \['step'\] are not floating point"):
-            Hessian(lambda p, b: loss_fn(p["params"], b), counted, (t.x, t.y), rep)
     for bad in (True, 2.5, "3", 0):  # a bool was taken for 1 vector a pass
         with pytest.raises(ValueError, match="vectors_per_pass must be a positive integer"):
             Hessian(loss_fn, t.params, (t.x, t.y), PMatDense, vectors_per_pass=bad)
 
+
+
+def test_integer_and_boolean_leaves_have_zero_rows_and_columns():
+    """Integer and boolean params leaves (a step counter and a mask the loss reads, a counter
+    it ignores) are constants, as in the Jacobian-based matrices: every representation is
+    ``jax.hessian``'s with zero rows and columns for them (``jax.grad`` refuses them, and
+    ``jax.jvp`` would want float0 tangents), the implicit one's products included."""
+    t, _, ref, H = _case(make_counted_mlp)
+    constant = constant_columns(t.params)
+    assert ref.any() and not ref[constant].any() and not ref[:, constant].any()
+    np.testing.assert_allclose(H[PMatDense].to_dense(), ref, **TOL)
+    np.testing.assert_allclose(H[PMatDiag].get_diag(), np.diag(ref), **TOL)
+    blocks = np.where(block_mask(H[PMatBlockDiag].layer_collection), ref, 0)
+    np.testing.assert_allclose(H[PMatBlockDiag].to_dense(), blocks, **TOL)
+    check_products(H[PMatImplicit], ref, t.params)  # HVPs; vTMv forward-over-forward
+    np.testing.assert_allclose(H[PMatImplicit].to_dense(), ref, **TOL)
+    v = H[PMatDense].mv(t.params)  # a raw params vector, integer leaves included
+    for a, b in zip(jax.tree_util.tree_leaves(H[PMatImplicit].mv(t.params)),
+                    jax.tree_util.tree_leaves(v)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+        np.testing.assert_allclose(a, b, **TOL)
 
 def test_a_non_finite_input_names_its_chunk():
     keys = jax.random.split(jax.random.PRNGKey(0), 3)

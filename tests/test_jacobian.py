@@ -6,7 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import flat_jacobian, make_equinox_mlp, make_linen_cnn, make_linen_mlp
+from models import (
+    constant_columns,
+    flat_jacobian,
+    make_counted_mlp,
+    make_equinox_mlp,
+    make_linen_cnn,
+    make_linen_mlp,
+)
 
 import jaxgeom
 from jaxgeom import FIM, PMatDense, PMatDiag, PMatImplicit, PVector
@@ -303,6 +310,51 @@ def test_integer_vectors_are_not_truncated(mlp):
                                FIM(t.apply_fn, t.params, (t.x, t.y), PMatDense).mv(v * 1.0),
                                **TOL)
 
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_integer_and_boolean_leaves_have_zero_columns(mode):
+    """Params holding integer and boolean leaves (a step counter and a mask the model reads,
+    a counter it ignores) beside a float gain outside any dense layer: the leaves are
+    constants, with zero columns in the dense map built either way, and the implicit map's
+    ``jvp``/``vjp`` (which JAX would give float0 tangents and cotangents) equal the dense
+    map's products, eagerly and under ``jit``, for any vector form (a raw params pytree
+    with its integer leaves included); ``vjp`` gives such a leaf the dense map's float
+    zeros of the leaf's shape."""
+    t = make_counted_mlp()
+    ref = np.asarray(flat_jacobian(t.apply_fn, t.params, t.x)).transpose(1, 0, 2)
+    constant = constant_columns(t.params)
+    assert constant.size == 8 and not ref[..., constant].any() and ref.any()
+    dense = Jacobian(t.apply_fn, t.params, (t.x, t.y), batch_size=3, mode=mode)
+    implicit = Jacobian(t.apply_fn, t.params, (t.x, t.y), PFMapImplicit, batch_size=3,
+                        mode=mode)
+    np.testing.assert_allclose(dense.to_dense(), ref, **TOL)
+    np.testing.assert_allclose(implicit.to_dense(), ref, **TOL)
+    rng = np.random.default_rng(0)
+    flat = rng.standard_normal(ref.shape[2])
+    f = FVector(rng.standard_normal(ref.shape[:2]))
+    v = PVector.from_flat(t.params, flat)
+    raw = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t.params)])
+    for vector, fv in [(flat, flat), (v, flat), (v.tree, flat), (t.params, raw)]:
+        expected = dense.jvp(vector).data
+        np.testing.assert_allclose(expected, ref @ fv, **TOL)
+        np.testing.assert_allclose(implicit.jvp(vector).data, expected, **TOL)
+    back, dense_back = implicit.vjp(f), dense.vjp(f)
+    np.testing.assert_allclose(dense_back.to_flat(), np.einsum("knd,kn->d", ref, f.data), **TOL)
+    np.testing.assert_allclose(back.to_flat(), dense_back.to_flat(), **TOL)
+    for a, b in zip(jax.tree_util.tree_leaves(back.tree),
+                    jax.tree_util.tree_leaves(dense_back.tree)):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+    assert back.tree["step"].dtype == jnp.float64 and not back.tree["mask"].any()
+    for out in _products((dense, implicit), v, f):
+        np.testing.assert_allclose(out["jvp"].data, ref @ flat, **TOL)
+        np.testing.assert_allclose(out["vjp"].to_flat(), dense_back.to_flat(), **TOL)
+        np.testing.assert_allclose(out["jtjv"].to_flat(),
+                                   np.einsum("knd,kn->d", ref, ref @ flat), **TOL)
+    lc = implicit.layer_collection
+    for layer in lc.layers:  # the constants' own layers too: zero columns
+        idx = lc.layer_indices(layer)
+        np.testing.assert_allclose(implicit.to_dense_layer(layer.id), ref[..., idx], **TOL)
 
 def test_function_space_vectors_are_checked(mlp):
     t, ref, J, _ = mlp

@@ -4,7 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp, reference_fisher
+from models import (
+    constant_columns,
+    make_counted_mlp,
+    make_equinox_mlp,
+    make_linen_cnn,
+    make_linen_mlp,
+    reference_fisher,
+)
 from pmat_checks import check_products, compilations
 
 from jaxgeom import FIM, FIM_MonteCarlo, SecondMoment, random_pvector
@@ -182,6 +189,38 @@ def test_monte_carlo_and_empirical_fisher(mlp):
     np.testing.assert_allclose(ef.mv(v), ef_dense.mv(v), **TOL)
     np.testing.assert_allclose(ef.mv(v), ef_dense.mv(v), **TOL)  # replayed
 
+
+
+def test_integer_and_boolean_leaves_are_constants():
+    """Params with integer and boolean leaves (a step counter and a mask the model reads, a
+    counter it ignores, beside a float gain outside any dense layer): the matrix-free
+    products (``jvp``/``vjp``, which JAX would give float0 tangents and cotangents) equal
+    the dense matrix's, whose rows and columns of those leaves are zero; ``mv`` answers
+    them in the dense matrix's form (float zeros of the leaf's shape), for any vector form
+    (the raw params, integer leaves included)."""
+    t = make_counted_mlp()
+    data = (t.x, t.y)
+    dense = FIM(t.apply_fn, t.params, data, PMatDense)
+    ref = np.asarray(reference_fisher(t.apply_fn, t.params, t.x))
+    constant = constant_columns(t.params)
+    assert not ref[constant].any() and not ref[:, constant].any()
+    np.testing.assert_allclose(dense.to_dense(), ref, **TOL)
+    F = FIM(t.apply_fn, t.params, data, PMatImplicit, batch_size=3)
+    check_products(F, ref, t.params)  # mv in every form, vTMv, mmap, diag, trace, norms
+    np.testing.assert_allclose(F.to_dense(), ref, **TOL)
+    for v in (vec(t, 1), t.params):
+        got, want = F.mv(v), dense.mv(v)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype)
+            np.testing.assert_allclose(a, b, **TOL)
+        np.testing.assert_allclose(F.vTMv(v), dense.vTMv(v), **TOL)
+    v = vec(t, 2)
+    rhs = dense.mv(v) + REGUL * v
+    np.testing.assert_allclose(F.solve(rhs, REGUL, rtol=1e-12).to_flat(),
+                               dense.solve(rhs, REGUL).to_flat(), rtol=1e-6, atol=1e-7)
+    mc = [FIM_MonteCarlo(t.apply_fn, t.params, t.x, rep, key=jax.random.PRNGKey(7),
+                         batch_size=b) for rep, b in [(PMatImplicit, 3), (PMatDense, None)]]
+    np.testing.assert_allclose(mc[0].mv(v).to_flat(), mc[1].mv(v).to_flat(), **TOL)
 
 def test_unsupported_operations_name_alternatives(case):
     t, F, _ = case

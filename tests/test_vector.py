@@ -213,3 +213,19 @@ def test_restoring_the_state_of_other_parameters_names_the_leaf(params):
     other["Dense_0"]["kernel"] = jnp.ones((4, 6))
     with pytest.raises(ValueError, match="'Dense_0/kernel' has shape \\(4, 6\\).*\\(3, 6\\)"):
         serialization.from_bytes(v, serialization.to_bytes(PVector(other)))
+
+
+def test_integer_and_boolean_leaves_are_floating_entries():
+    """An integer or boolean params leaf (a constant, its derivative zero) has entries in
+    the floating leaves' dtype, in a random vector as in one made from a flat vector (the
+    form every product answers in); the layout of such leaves alone is floating too."""
+    params = {"w": jnp.ones((2, 3), jnp.float32), "step": jnp.array(3, jnp.int32),
+              "mask": jnp.array([True, False])}
+    v = random_pvector(jax.random.key(0), params)
+    flat = PVector.from_flat(params, jnp.arange(9.0, dtype=jnp.float32))
+    for w in (v, flat):
+        assert {k: (x.shape, x.dtype) for k, x in w.tree.items()} == {
+            "w": ((2, 3), jnp.float32), "step": ((), jnp.float32), "mask": ((2,), jnp.float32)}
+    assert np.all(v.tree["step"] != 0) and LayerCollection.from_params(params).dtype == jnp.float32
+    only = LayerCollection.from_params({"step": params["step"]})
+    assert jnp.issubdtype(only.dtype, jnp.floating)

@@ -14,12 +14,12 @@ import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
+from jaxgeom._differentiable import FloatLeaves
 from jaxgeom.jacobian import (
     Hashable,
     accumulate,
     check_vector_outputs,
     chunk_outputs,
-    flatten_jacobian,
     resolve_mode,
 )
 from jaxgeom.layers import LayerCollection
@@ -72,7 +72,8 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     Attributes:
       layer_collection: the parameter layout (static).
       fn: the per-example function (static, hashable).
-      params: the parameters at which the Jacobians are taken.
+      params: the parameters at which the Jacobians are taken (integer or boolean leaves
+        are constants: zero rows and columns, as in the stored representations).
       data: the list of batches.
       aux: the arrays shared by all examples (``fn``'s last argument).
       scale: the scalar coefficient ``s``.
@@ -259,29 +260,25 @@ def _masked_outputs(fn, batch, mask, offset, aux) -> Callable:
     return outputs
 
 
-def _tangents(layout: LayerCollection, params: Any, flat: jax.Array) -> Any:
-    """Flat vectors ``(..., d)`` as params-shaped tangents (with the leaf dtypes of params)."""
-    return jax.tree_util.tree_map(
-        lambda t, p: t.astype(jnp.result_type(p)), layout.from_flat(flat), params
-    )
-
-
 @model_jit(static_argnames=("fn", "layout"))
 def _chunk_jtjv(params, rows, batch, mask, offset, aux, *, fn, layout):
     """``J_cᵀ (J_c vᵢ)`` ``(m, d)`` of one chunk for the rows ``vᵢ`` of ``(m, d)``: one
-    ``jvp`` and one ``vjp`` per row (vectorised), sharing one forward pass."""
-    outputs = _masked_outputs(fn, batch, mask, offset, aux)
-    jv = jax.vmap(lambda t: jax.jvp(outputs, (params,), (t,))[1])(
-        _tangents(layout, params, rows)
+    ``jvp`` and one ``vjp`` per row (vectorised), sharing one forward pass (with respect
+    to the floating leaves of ``params``; the others' entries are zero)."""
+    floats = FloatLeaves.of(params)
+    outputs = floats.bind(_masked_outputs(fn, batch, mask, offset, aux))
+    jv = jax.vmap(lambda row: jax.jvp(outputs, (floats.primals,), (floats.tangents(row),))[1])(
+        rows
     )
-    _, vjp = jax.vjp(outputs, params)
-    jtjv = flatten_jacobian(jax.vmap(vjp)(jv)[0], 1)
+    _, vjp = jax.vjp(outputs, floats.primals)
+    jtjv = floats.ravel(jax.vmap(vjp)(jv)[0], rows.shape[:1])
     return jtjv.astype(product_dtype(rows.dtype, jtjv.dtype))
 
 
 @model_jit(static_argnames=("fn", "layout"))
 def _chunk_jv_sq(params, v, batch, mask, offset, aux, *, fn, layout):
     """``Σ_{n∈c} ‖Jₙ v‖²`` of one chunk (one ``jvp``)."""
-    outputs = _masked_outputs(fn, batch, mask, offset, aux)
-    _, jv = jax.jvp(outputs, (params,), (_tangents(layout, params, v),))
+    floats = FloatLeaves.of(params)
+    outputs = floats.bind(_masked_outputs(fn, batch, mask, offset, aux))
+    _, jv = jax.jvp(outputs, (floats.primals,), (floats.tangents(v),))
     return jnp.sum(jv.astype(jnp.result_type(jv, v)) ** 2)  # in the vector's dtype, as mv
