@@ -158,6 +158,15 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
             "estimate the top eigenvalues iteratively with mv"
         )
 
+    def slogdet(self, regul: Any = 0.0):
+        raise NotImplementedError(
+            "PMatImplicit does not compute log-determinants (nor logdet): they need the "
+            "whole spectrum. Build a stored matrix (PMatDense.from_pmat(M), or the same data "
+            "in PMatLowRank when N·K < d, PMatKFAC, PMatEKFAC, PMatDiag, …), whose slogdet "
+            "comes from its eigenvalues")
+
+    slogdet.unsupported = True  # raises only: not listed among the representations that do
+
     def __add__(self, other: Any) -> PMatAbstract:
         if not isinstance(other, PMatAbstract):
             return NotImplemented
