@@ -12,6 +12,7 @@ from models import make_linen_cnn, make_linen_layernorm, make_linen_mlp
 
 from jaxgeom import (
     FIM,
+    GramMatrix,
     Hessian,
     PMatBlockDiag,
     PMatDense,
@@ -117,3 +118,25 @@ def test_refusals():
     implicit = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit)
     with pytest.raises(NotImplementedError, match="PMatImplicit does not compute log-det"):
         implicit.logdet(REGUL)
+
+
+def test_gram_matrix_slogdet_and_gp_marginal_likelihood():
+    """``FMatDense`` on its ``(K·N) × (K·N)`` matrix; the GP log marginal likelihood of
+    the NTK kernel against NumPy's Gaussian log-density."""
+    t = make_linen_mlp()
+    G = GramMatrix(t.apply_fn, t.params, t.x)
+    m = np.asarray(G.to_matrix())
+    sign, logabs = np.linalg.slogdet(m + REGUL * np.eye(len(m)))
+    got = G.slogdet(REGUL)
+    assert got[0] == sign == 1
+    np.testing.assert_allclose(got[1], logabs, rtol=1e-10)
+    np.testing.assert_allclose(G.logdet(REGUL), logabs, rtol=1e-10)
+    y = np.random.default_rng(0).standard_normal(G.size()[:2])
+    loglik = (-0.5 * np.vdot(y, G.solve(y, REGUL)) - 0.5 * G.logdet(REGUL)
+              - 0.5 * y.size * np.log(2 * np.pi))
+    cov = m + REGUL * np.eye(len(m))
+    want = (-0.5 * y.ravel() @ np.linalg.solve(cov, y.ravel()) - 0.5 * logabs
+            - 0.5 * len(m) * np.log(2 * np.pi))
+    np.testing.assert_allclose(loglik, want, rtol=1e-10)
+    with pytest.raises(ValueError, match="regul must be a scalar"):
+        G.logdet(jnp.ones(2))
