@@ -18,7 +18,9 @@ rank ≤ ``m // 3`` (a low-rank Fisher ``N·K < d``), and an error ``O(1/m)`` in
 The probes are the rows of one ``(m, d)`` array and ``M`` is applied to all at once
 (``M.mmap``: a ``PMatImplicit`` streams its data once for all ``m``; memory ``m·d``), so
 the cost is ``m`` products of ``M`` (Hutch++: ``m`` products and a QR of ``d × m/3``).
-For more probes than fit in memory, call again with other keys and average. Everything
+For more probes than fit in memory, call again with other keys and average.
+:func:`lanczos_eigenvalues` estimates the extreme eigenvalues (a Hessian's top one)
+with ``k`` products one after the other. Everything
 is jit-able; the same key gives the same estimate. These are curvlinops'
 ``hutchinson_trace``, ``hutchpp_trace``, ``hutchinson_diag`` and
 ``hutchinson_squared_fro`` (and matfree's ``stochtrace``).
@@ -136,6 +138,68 @@ def hutchpp_trace(M: Operator, key: jax.Array, num_samples: int = 99, *,
     g = probes(probe_key, num_samples - 2 * k)
     g = g - (g @ q) @ q.T  # (I − QQᵀ) G, rows
     return low_rank + jnp.sum(g * products(g)) / g.shape[0]
+
+
+def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *,
+                        dim: int | None = None, dtype: Any = None) -> jax.Array:
+    """Ritz values of ``k`` Lanczos iterations on a symmetric ``M``: estimates of its
+    extreme eigenvalues, from products only (PyHessian's top eigenvalue of a Hessian).
+
+    From a normal start vector ``q₁``, Lanczos builds an orthonormal basis ``Q_k`` of the
+    Krylov space ``span(q₁, Mq₁, …, M^{k−1}q₁)`` and the tridiagonal ``T = Q_kᵀ M Q_k``;
+    its ``k`` eigenvalues (ascending) lie in ``[λ_min, λ_max]`` and the largest and
+    smallest converge first (geometrically, at a rate set by the gaps at the ends of the
+    spectrum): ``lanczos_eigenvalues(M, key)[-1]`` estimates ``M.norm(2)`` of a PSD
+    matrix, which a matrix-free ``PMatImplicit`` cannot give exactly. Every new basis
+    vector is reorthogonalised against all the previous ones (twice), so the Ritz values
+    carry no spurious copies. When the Krylov space is exhausted (``k`` beyond ``rank + 1``
+    for a low-rank Fisher) the iteration stops growing it and the remaining Ritz values
+    are ``0`` — eigenvalues of such a singular ``M`` — so ``k = d`` gives the whole
+    spectrum of a matrix of rank below ``d``.
+
+    Args:
+      M: a symmetric representation, or ``matvec(v) -> M v`` on flat ``(d,)`` vectors.
+      key: one PRNG key (the start vector).
+      num_iterations: ``k ≥ 1``, the number of products of ``M`` (at most ``d``).
+      dim, dtype: as :func:`hutchinson_trace`.
+
+    Returns:
+      The ``(k,)`` Ritz values, ascending. Cost: ``k`` products of ``M`` one after the
+      other (a ``PMatImplicit`` streams its data ``k`` times), ``O(k² d)`` for the
+      reorthogonalisation, memory ``k·d``; under ``jit`` the ``k`` steps are unrolled.
+
+    References:
+      Lanczos, `An iteration method for the solution of the eigenvalue problem of linear
+      differential and integral operators <https://doi.org/10.6028/jres.045.026>`_, 1950.
+      Yao et al., `PyHessian: neural networks through the lens of the Hessian
+      <https://arxiv.org/abs/1912.07145>`_, 2020.
+    """
+    products, probes = _setup(M, key, num_iterations, "normal", dim, dtype,
+                              "num_iterations")
+    start = probes(key, 1)
+    d = start.shape[1]
+    if num_iterations > d:
+        raise ValueError(f"num_iterations must be at most d = {d}; got {num_iterations}")
+    eps = jnp.finfo(start.dtype).eps
+    basis = start / jnp.linalg.norm(start)  # (j, d): the orthonormal q's so far
+    alphas, betas, scale = [], [], jnp.zeros((), start.dtype)
+    for j in range(num_iterations):
+        w = products(basis[j:j + 1])[0]
+        scale = jnp.maximum(scale, jnp.linalg.norm(w))
+        alphas.append(jnp.vdot(basis[j], w))
+        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+            w = w - basis.T @ (basis @ w)
+        if j == num_iterations - 1:
+            break
+        beta = jnp.linalg.norm(w)
+        grows = beta > d * eps * scale  # else: the Krylov space is exhausted
+        betas.append(jnp.where(grows, beta, 0))
+        basis = jnp.concatenate([basis, jnp.where(grows, w / jnp.where(grows, beta, 1), 0)[None]])
+    tridiagonal = jnp.diag(jnp.stack(alphas))
+    if betas:
+        off = jnp.stack(betas)
+        tridiagonal = tridiagonal + jnp.diag(off, 1) + jnp.diag(off, -1)
+    return jnp.linalg.eigvalsh(tridiagonal)
 
 
 # ----------------------------------------------------------------------------- helpers

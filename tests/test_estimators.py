@@ -17,6 +17,7 @@ from jaxgeom.estimators import (
     hutchinson_squared_frobenius,
     hutchinson_trace,
     hutchpp_trace,
+    lanczos_eigenvalues,
 )
 
 KEY = jax.random.key(0)
@@ -103,6 +104,49 @@ def test_matrix_free_operators_and_functions(fisher):
                                hutchinson_trace(H, KEY, 20), rtol=1e-9)
 
 
+def test_lanczos_gives_the_whole_spectrum_of_a_low_rank_fisher(fisher):
+    """``k = d``: the Krylov space (dimension ``rank + 1``) is exhausted, the remaining
+    Ritz values are the zero eigenvalues: every eigenvalue, exactly."""
+    t, F, dense = fisher
+    d = len(dense)
+    want = np.linalg.eigvalsh(dense)
+    assert np.sum(np.abs(want) < 1e-12) > 0  # singular: rank N (C − 1) < d
+    got = lanczos_eigenvalues(F, KEY, d)
+    np.testing.assert_allclose(got, want, atol=1e-10 * want.max())
+
+
+def test_lanczos_extreme_eigenvalues_converge_first(fisher):
+    """Few iterations: the largest Ritz value is already the top eigenvalue; all lie in
+    ``[λ_min, λ_max]``; a matrix-free Fisher and a function give the same; an indefinite
+    Hessian's smallest eigenvalue too."""
+    t, F, dense = fisher
+    want = np.linalg.eigvalsh(dense)
+    got = lanczos_eigenvalues(F, KEY, 12)
+    assert got.shape == (12,)
+    assert np.all(got <= want[-1] * (1 + 1e-12)) and np.all(got >= -1e-12)
+    np.testing.assert_allclose(got[-1], want[-1], rtol=1e-8)
+    implicit = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit)
+    np.testing.assert_allclose(lanczos_eigenvalues(implicit, KEY, 12), got, rtol=1e-8,
+                               atol=1e-12)
+    matvec = lambda v: jnp.asarray(dense) @ v  # noqa: E731
+    np.testing.assert_allclose(
+        lanczos_eigenvalues(matvec, KEY, 12, dim=len(dense), dtype=jnp.float64), got,
+        rtol=1e-10, atol=1e-12)
+    jitted = jax.jit(lambda M, k: lanczos_eigenvalues(M, k, 12))(F, KEY)
+    np.testing.assert_allclose(jitted, got, rtol=1e-10, atol=1e-12)
+
+    def loss(params, batch):
+        x, y = batch
+        return -jnp.mean(jax.nn.log_softmax(t.apply_fn(params, x))[jnp.arange(len(y)), y])
+
+    H = Hessian(loss, t.params, (t.x, t.y), PMatImplicit)
+    spectrum = np.linalg.eigvalsh(np.asarray(H.to_dense()))
+    assert spectrum[0] < 0 < spectrum[-1]
+    ritz = lanczos_eigenvalues(H, KEY, 30)
+    np.testing.assert_allclose([ritz[0], ritz[-1]], [spectrum[0], spectrum[-1]], rtol=1e-6)
+    assert lanczos_eigenvalues(F, KEY, 1).shape == (1,)
+
+
 def test_refusals(fisher):
     t, F, dense = fisher
     with pytest.raises(ValueError, match="integer ≥ 1"):
@@ -121,3 +165,7 @@ def test_refusals(fisher):
         hutchinson_trace(F, 0, 10)
     with pytest.raises(TypeError, match="representation"):
         hutchinson_trace(dense, KEY, 10)
+    with pytest.raises(ValueError, match="at most d"):
+        lanczos_eigenvalues(F, KEY, len(dense) + 1)
+    with pytest.raises(ValueError, match="num_iterations"):
+        lanczos_eigenvalues(F, KEY, 0)

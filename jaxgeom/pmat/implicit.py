@@ -155,7 +155,8 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         raise NotImplementedError(
             "PMatImplicit does not compute eigenvalues (nor norm(2)/norm(-2)): build a "
             "PMatDense (or a PMatLowRank when N·K < d), e.g. PMatDense.from_pmat(M), or "
-            "estimate the top eigenvalues iteratively with mv"
+            "estimate the extreme eigenvalues from products: "
+            "jaxgeom.estimators.lanczos_eigenvalues(M, key, num_iterations)"
         )
 
     def slogdet(self, regul: Any = 0.0):
