@@ -5,6 +5,7 @@ neural tangent kernels, stored in the representation that fits the model, with o
 for products, solves, inverses, powers, traces and norms.
 """
 
+from jaxgeom import estimators as estimators
 from jaxgeom import optim as optim
 from jaxgeom.ewc import ewc_penalty as ewc_penalty
 from jaxgeom.fspace import FMatDense as FMatDense
@@ -66,6 +67,7 @@ __all__ = [
     "SecondMoment",
     "VARIANTS",
     "cg",
+    "estimators",
     "ewc_penalty",
     "optim",
     "random_pvector",

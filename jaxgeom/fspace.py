@@ -148,7 +148,7 @@ class FMatDense(_ScalarAlgebra):
     ``eigh``, ``solve`` and the norms act on it.
 
     Costs (``m = K·N``): storage ``m²``; ``mv``/``vTMv``/``frobenius_norm`` ``m²``;
-    ``trace`` ``m``; ``eigh``/``eigvalsh``/``norm(±2)``/``solve`` ``m³``.
+    ``trace`` ``m``; ``eigh``/``eigvalsh``/``norm(±2)``/``solve``/``slogdet`` ``m³``.
 
     Unlike NNGeometry (where ``mv``, ``trace``, ``+`` and ``-`` of ``FMatDense`` are broken),
     every method here is tested against the explicit matrix.
@@ -215,6 +215,19 @@ class FMatDense(_ScalarAlgebra):
     def eigvalsh(self) -> jax.Array:
         """All ``K·N`` eigenvalues, ascending."""
         return jnp.linalg.eigvalsh(self.to_matrix())
+
+    def slogdet(self, regul: Any = 0.0) -> tuple[jax.Array, jax.Array]:
+        """``(sign, log|det(G + regul·I)|)`` of the ``(K·N) × (K·N)`` matrix, from its
+        eigenvalues (``m³``; NumPy's convention: ``(0, -inf)`` when singular). With the
+        NTK as a Gaussian-process kernel and noise ``σ²``, the log marginal likelihood of
+        targets ``y`` is ``−½ yᵀ G.solve(y, σ²) − ½ G.logdet(σ²) − (K·N/2) log 2π``."""
+        check_regul(regul, _PER_EXAMPLE_DAMPING)
+        return _spectral.slogdet(self.eigvalsh(), regul)
+
+    def logdet(self, regul: Any = 0.0) -> jax.Array:
+        """``log det(G + regul·I)``: :meth:`slogdet`'s ``log|det|`` when the determinant is
+        positive, ``-inf`` when it is 0, NaN when it is negative."""
+        return _spectral.logdet(*self.slogdet(regul))
 
     #: ``None``/``"fro"``: Frobenius norm; ``2``: largest ``|λ|``; ``-2``: smallest.
     norm = PMatAbstract.norm

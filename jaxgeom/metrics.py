@@ -83,6 +83,7 @@ def FIM(
       >>> F = FIM(model.apply, params, (x, y), PMatDiag, variant="classif_logits")
       >>> F.trace()
     """
+    _refuse_peer_options(options, "FIM")
     data, whitener, layer_collection = _model_front_end(apply_fn, params, data, variant,
                                                         covariance, layer_collection)
     fn = FisherOutputs(Hashable(apply_fn), variant)
@@ -130,6 +131,7 @@ def FIM_MonteCarlo(
     if int(trials) != trials or trials < 1:
         raise ValueError(f"trials must be a positive integer; got {trials!r}")
     check_key(key, "FIM_MonteCarlo's key")
+    _refuse_peer_options(options, "FIM_MonteCarlo")
     data, whitener, layer_collection = _model_front_end(apply_fn, params, data, variant,
                                                         covariance, layer_collection)
     fn = MonteCarloFisherOutputs(Hashable(apply_fn), variant, int(trials))
@@ -199,6 +201,32 @@ def check_rows(fn, params, batch) -> None:
             f"of {n} examples; got shape {out.shape}"
             + (f". {data_lib.SINGLE_EXAMPLE_HINT}" if out.shape[:1] != (n,) else "")
         )
+
+
+#: NNGeometry's keyword arguments of ``FIM``/``FIM_MonteCarlo`` that jaxgeom has not:
+#: what to do instead (they would reach the representation's builder, whose error would
+#: name only the representation)
+_PEER_OPTIONS = {
+    "function": "the Fisher's outputs are apply_fn's; for the second moment of any other "
+                "function (NNGeometry's function=, e.g. the empirical Fisher) use "
+                "SecondMoment(fn, params, data, representation) with a batched "
+                "fn(params, batch) -> (N, K)",
+    "device": "JAX computes where the arrays are: place params and data with "
+              "jax.device_put (or jax.default_device)",
+    "verbose": "builds print nothing; time a build with jax.block_until_ready",
+    "examples": "pass the data (one batch or an iterable of batches) as the third argument",
+    "loader": "pass the data (one batch or an iterable of batches) as the third argument",
+    "model": "pass apply_fn(params, x) and params (e.g. model.apply and "
+             "variables['params'])",
+}
+
+
+def _refuse_peer_options(options: dict, who: str) -> None:
+    """A ``TypeError`` saying what to do for an NNGeometry keyword jaxgeom does not take."""
+    for name in options:
+        if name in _PEER_OPTIONS:
+            raise TypeError(f"{who} takes no {name}= (an NNGeometry argument): "
+                            f"{_PEER_OPTIONS[name]}")
 
 
 def _model_front_end(apply_fn, params, data, variant, covariance, layer_collection):

@@ -97,6 +97,20 @@ def pinv(values: jax.Array, atol=None, rtol=None) -> jax.Array:
     return jnp.where(keep, 1 / jnp.where(keep, values, 1), 0)
 
 
+def slogdet(values: jax.Array, regul=0.0) -> tuple[jax.Array, jax.Array]:
+    """``(sign, log|det|)`` of ``M + regul·I`` from the eigenvalues ``λ`` of ``M``:
+    ``sign = Π sign(λᵢ + regul)``, ``log|det| = Σ log|λᵢ + regul|`` (``numpy.linalg.slogdet``'s
+    convention: a zero eigenvalue gives ``(0, -inf)``). ``values``: ``(..., n)``."""
+    shifted = values + regul
+    return jnp.prod(jnp.sign(shifted), axis=-1), jnp.sum(jnp.log(jnp.abs(shifted)), axis=-1)
+
+
+def logdet(sign: jax.Array, logabsdet: jax.Array) -> jax.Array:
+    """``log det`` from :func:`slogdet`: ``log|det|`` for ``sign > 0``, ``-inf`` for a
+    singular matrix, NaN for a negative determinant (``torch.logdet``'s convention)."""
+    return jnp.where(sign > 0, logabsdet, jnp.where(sign == 0, -jnp.inf, jnp.nan))
+
+
 def trace(m: jax.Array) -> jax.Array:
     """``Σᵢ mᵢᵢ`` of a square matrix (the sum of its eigenvalues).
 

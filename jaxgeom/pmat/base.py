@@ -32,6 +32,7 @@ from jaxgeom._reindex import LeafVector
 from jaxgeom._serialization import register_dataclass
 from jaxgeom.jacobian import JacobianBuilder
 from jaxgeom.layers import LayerCollection, check_layer_collection
+from jaxgeom.pmat import _spectral
 from jaxgeom.scaling import ScalarMultiples, is_scalar
 from jaxgeom.solvers import cg, check_cg_options
 from jaxgeom.streaming import static_field as static_field  # re-exported
@@ -59,6 +60,7 @@ def representation(cls: type) -> type:
         method = getattr(cls, name)
         setattr(cls, name, compiled_when_eager(getattr(method, "eager_method", method)))
     for name, checked in (("inv", _checked_scalars), ("pow", _checked_scalars),
+                          ("slogdet", _checked_scalars), ("logdet", _checked_scalars),
                           ("solve", _checked_solve)):
         method = getattr(cls, name)
         if not hasattr(method, "checks_scalars"):  # an inherited one may be checked already
@@ -218,7 +220,7 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: ``mm`` and ``+`` use to recognise shared Kronecker eigenbases)
     COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = (
         "mv", "vTMv", "mmap", "mapTMmap", "solve", "to_dense", "get_diag", "trace",
-        "frobenius_norm", "eigvalsh", "_norm", "eigh",
+        "frobenius_norm", "eigvalsh", "_norm", "eigh", "slogdet", "logdet",
     )
     #: the :attr:`COMPILED_OPERATIONS` whose run time is LAPACK factorisations (Cholesky,
     #: ``eigh``, QR) with little element-wise work around them: compiled with XLA:CPU's
@@ -227,7 +229,8 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = ()
     #: :attr:`FACTORISING_OPERATIONS` of a representation that factorises its matrices,
     #: blocks or factors for every solve and spectral operation
-    FACTORISES: ClassVar[tuple[str, ...]] = ("solve", "eigvalsh", "_norm", "eigh")
+    FACTORISES: ClassVar[tuple[str, ...]] = ("solve", "eigvalsh", "_norm", "eigh", "slogdet",
+                                             "logdet")
 
     # ------------------------------------------------------------------ primitives
     @abc.abstractmethod
@@ -361,6 +364,28 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     def eigvalsh(self) -> jax.Array:
         """All eigenvalues, ascending (the matrix is taken symmetric)."""
         return jnp.linalg.eigvalsh(self.to_dense())
+
+    def slogdet(self, regul: Any = 0.0) -> tuple[jax.Array, jax.Array]:
+        """``(sign, log|det(M + regul·I)|)``, as ``numpy.linalg.slogdet``.
+
+        .. math:: \\log|\\det(M + \\lambda I)| = \\textstyle\\sum_i \\log|\\lambda_i(M) + \\lambda|,
+           \\quad \\mathrm{sign} = \\prod_i \\mathrm{sign}(\\lambda_i(M) + \\lambda)
+
+        from the ``d`` eigenvalues of :meth:`eigvalsh`, so at its cost: ``d³`` dense,
+        ``Σ d_l³`` per block, the factors' ``Σ (a_l³ + g_l³)`` for KFAC (with the exact
+        damping ``A ⊗ G + λI``, never π-damping), ``d`` for diagonal ones and EKFAC,
+        ``(NK)² d`` for a low-rank one (whose ``d − r`` zero eigenvalues give
+        ``(d − r)·log λ``). A singular ``M + regul·I`` gives ``(0, -inf)``: a Fisher of
+        rank below ``d`` needs ``regul > 0`` (as in a Laplace posterior's
+        ``log det(F·N + prior·I)``). Returns two scalars.
+        """
+        return _spectral.slogdet(self.eigvalsh(), regul)
+
+    def logdet(self, regul: Any = 0.0) -> jax.Array:
+        """``log det(M + regul·I)`` (a scalar): :meth:`slogdet`'s ``log|det|`` when the
+        determinant is positive, ``-inf`` when it is 0 and NaN when it is negative
+        (``torch.logdet``'s and curvlinops' convention). Same cost as :meth:`slogdet`."""
+        return _spectral.logdet(*self.slogdet(regul))
 
     def norm(self, ord: Any = None) -> jax.Array:
         """``None``/``"fro"``: Frobenius norm; ``2``: largest ``|λ|``; ``-2``: smallest

@@ -156,8 +156,18 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         raise NotImplementedError(
             "PMatImplicit does not compute eigenvalues (nor norm(2)/norm(-2)): build a "
             "PMatDense (or a PMatLowRank when N·K < d), e.g. PMatDense.from_pmat(M), or "
-            "estimate the top eigenvalues iteratively with mv"
+            "estimate the extreme eigenvalues from products: "
+            "jaxgeom.estimators.lanczos_eigenvalues(M, key, num_iterations)"
         )
+
+    def slogdet(self, regul: Any = 0.0):
+        raise NotImplementedError(
+            "PMatImplicit does not compute log-determinants (nor logdet): they need the "
+            "whole spectrum. Build a stored matrix (PMatDense.from_pmat(M), or the same data "
+            "in PMatLowRank when N·K < d, PMatKFAC, PMatEKFAC, PMatDiag, …), whose slogdet "
+            "comes from its eigenvalues")
+
+    slogdet.unsupported = True  # raises only: not listed among the representations that do
 
     def __add__(self, other: Any) -> PMatAbstract:
         if not isinstance(other, PMatAbstract):

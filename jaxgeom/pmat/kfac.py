@@ -842,11 +842,11 @@ class PMatKFAC(PMatAbstract):
         """The orders of the independent matrices that the compiled eager call
         ``operation(*args, **kwargs)`` factorises (:func:`~jaxgeom._dispatch.compiled_when_eager`
         runs them side by side when that is faster): every factor and block for
-        ``eigvalsh``, ``norm(±2)`` and ``solve`` — the π-damped one's Cholesky
-        factorisations of ``G`` and ``A`` too (its triangular solves chain ``G`` then ``A``
-        in each layer, the factorisations do not: bench_mlp's π-damped ``solve`` 28.0 →
-        26.5 ms, and a loop of it and a Monte-Carlo build 63.5 → 47.5 ms, no LAPACK
-        thread left spinning into the build)."""
+        ``eigvalsh``, ``slogdet``, ``logdet``, ``norm(±2)`` and ``solve`` — the π-damped
+        one's Cholesky factorisations of ``G`` and ``A`` too (its triangular solves chain
+        ``G`` then ``A`` in each layer, the factorisations do not: bench_mlp's π-damped
+        ``solve`` 28.0 → 26.5 ms, and a loop of it and a Monte-Carlo build 63.5 → 47.5 ms,
+        no LAPACK thread left spinning into the build)."""
         if operation == "_pi_damped_inverse":
             return self._pi_damped_orders()
         if operation == "solve":
@@ -858,7 +858,7 @@ class PMatKFAC(PMatAbstract):
         elif operation == "_norm":
             if (args[0] if args else kwargs.get("ord")) not in (2, -2):
                 return []
-        elif operation != "eigvalsh":
+        elif operation not in ("eigvalsh", "slogdet", "logdet"):
             return []
         return self._eigh_orders()
 
