@@ -97,6 +97,7 @@ def _functions(M):
         half_squared=reps["half"].mm(reps["half"]).to_dense(),
         to_dense=M.to_dense(),
         norm2=M.norm(2), norm_2=M.norm(-2), eigvalsh=M.eigvalsh(),
+        slogdet=M.slogdet(REGUL), logdet=M.logdet(REGUL),
     )
 
 
@@ -146,6 +147,9 @@ def check_all(M, dense, params):
     np.testing.assert_allclose(out["norm2"], np.abs(eig).max(), **TOL)
     np.testing.assert_allclose(out["norm_2"], np.abs(eig).min(), atol=1e-10)
     np.testing.assert_allclose(out["eigvalsh"], eig, atol=1e-10)
+    sign, logabsdet = np.linalg.slogdet(dense + REGUL * np.eye(d))
+    np.testing.assert_allclose(out["slogdet"], (sign, logabsdet), **TOL)
+    np.testing.assert_allclose(out["logdet"], logabsdet, **TOL)
     # functions and scalar algebra keep the representation
     assert all(type(x) is type(M) for x in out["reps"].values())
     got = out["dense"]
