@@ -55,7 +55,7 @@ class ReplayedFunction:
         be. The state of Flax NNX's ``nnx.split`` holds the model's ``Variable`` objects,
         which ``nnx.Optimizer.update`` (or any ``variable[...] = …``) rebinds in place, so
         that a matrix built before training would otherwise take its products at the
-        trained parameters. A tree copy rebuilds every container (``Variable``\\ s, dicts),
+        trained parameters. A tree copy rebuilds every container (``Variable`` objects, dicts),
         as JAX's unflattening does."""
         for name in ("params", "aux"):
             object.__setattr__(self, name, jax.tree_util.tree_map(lambda x: x, getattr(self, name)))
