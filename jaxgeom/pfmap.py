@@ -9,7 +9,7 @@ over ``N`` examples, a linear map from parameter space (``d``) to function space
   → :class:`~jaxgeom.vector.PVector`;
 - ``to_dense()``: the ``(K, N, d)`` array (NNGeometry's layout: outputs, examples,
   parameters in the flat order). Every ``PMat`` accepts a PFMap in ``mmap``,
-  ``mapTMmap`` (``reduction="sum"``/``"diag"``) and ``solve`` through it.
+  ``mapTMmap`` (``reduction="sum"``/``"diag"``/``"full"``) and ``solve`` through it.
 
 :class:`PFMapDense` stores ``J``; :class:`PFMapImplicit` stores only the function, the
 parameters and the data, and computes products on demand.
