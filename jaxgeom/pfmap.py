@@ -533,6 +533,14 @@ def GramMatrix(
       >>> alpha = G.solve(targets, regul=1e-3)       # kernel regression on (K, N) targets
     """
     if representation is not FMatDense:
+        if not isinstance(representation, type):  # GramMatrix(f, params, x_test, x_train)
+            raise TypeError(
+                "GramMatrix's fourth argument is the representation (FMatDense); got a "
+                f"{type(representation).__name__}. It takes one data set: for the kernel "
+                "between two sets, G[o, n, o', m] = ⟨∇f_o(x_n), ∇f_o'(z_m)⟩ (test × "
+                "train), contract their Jacobians, jnp.einsum('oni,pmi->onpm', Jacobian(f, "
+                "params, x).to_dense(), Jacobian(f, params, z).to_dense()), or slice the "
+                "Gram of both sets concatenated (G.data[:, :n_x, :, n_x:])")
         raise TypeError(f"representation must be FMatDense; got {representation!r}")
     if method not in GRAM_METHODS:
         raise ValueError(f"unknown Gram method {method!r}; valid methods: {GRAM_METHODS}")
