@@ -9,7 +9,7 @@ over ``N`` examples, a linear map from parameter space (``d``) to function space
   → :class:`~jaxgeom.vector.PVector`;
 - ``to_dense()``: the ``(K, N, d)`` array (NNGeometry's layout: outputs, examples,
   parameters in the flat order). Every ``PMat`` accepts a PFMap in ``mmap``,
-  ``mapTMmap`` (``reduction="sum"``/``"diag"``) and ``solve`` through it.
+  ``mapTMmap`` (``reduction="sum"``/``"diag"``/``"full"``) and ``solve`` through it.
 
 :class:`PFMapDense` stores ``J``; :class:`PFMapImplicit` stores only the function, the
 parameters and the data, and computes products on demand.
@@ -543,6 +543,14 @@ def GramMatrix(
       >>> alpha = G.solve(targets, regul=1e-3)       # kernel regression on (K, N) targets
     """
     if representation is not FMatDense:
+        if not isinstance(representation, type):  # GramMatrix(f, params, x_test, x_train)
+            raise TypeError(
+                "GramMatrix's fourth argument is the representation (FMatDense); got a "
+                f"{type(representation).__name__}. It takes one data set: for the kernel "
+                "between two sets, G[o, n, o', m] = ⟨∇f_o(x_n), ∇f_o'(z_m)⟩ (test × "
+                "train), contract their Jacobians, jnp.einsum('oni,pmi->onpm', Jacobian(f, "
+                "params, x).to_dense(), Jacobian(f, params, z).to_dense()), or slice the "
+                "Gram of both sets concatenated (G.data[:, :n_x, :, n_x:])")
         raise TypeError(f"representation must be FMatDense; got {representation!r}")
     if method not in GRAM_METHODS:
         raise ValueError(f"unknown Gram method {method!r}; valid methods: {GRAM_METHODS}")

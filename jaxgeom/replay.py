@@ -49,6 +49,17 @@ class ReplayedFunction:
     #: builders materialise one-shot data as a list, since it is read many times
     NEEDS_REPLAY: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        """Keep ``params`` and ``aux`` in containers of their own (the leaves, immutable
+        arrays, are shared): the object is frozen, but the containers passed in may not
+        be. The state of Flax NNX's ``nnx.split`` holds the model's ``Variable`` objects,
+        which ``nnx.Optimizer.update`` (or any ``variable[...] = …``) rebinds in place, so
+        that a matrix built before training would otherwise take its products at the
+        trained parameters. A tree copy rebuilds every container (``Variable`` objects, dicts),
+        as JAX's unflattening does."""
+        for name in ("params", "aux"):
+            object.__setattr__(self, name, jax.tree_util.tree_map(lambda x: x, getattr(self, name)))
+
     def check_shapes(self) -> None:
         """Refuse ``params`` of other shapes than the layer collection's (a state of another
         model restored into this target: it would fail later, far from the cause). Run by

@@ -57,7 +57,13 @@ class Restriction:
     def apply_fn(self, apply_fn: Callable, params: Any) -> Callable:
         """``apply_fn`` as a function of the sub-parameters, the others fixed at ``params``
         (to build a part yourself, e.g. ``FIM(R.apply_fn(f, params), R.select(params), …,
-        layer_collection=R.layer_collection)``)."""
+        layer_collection=R.layer_collection)``).
+
+        The other parameters are those of ``params`` now: their containers are copied (as
+        :class:`~jaxgeom.replay.ReplayedFunction` does), so that a model updated in place
+        later (Flax NNX's ``nnx.split`` state holds its ``Variable`` objects) does not move
+        them."""
+        params = jax.tree_util.tree_map(lambda x: x, params)
         return lambda sub, *args: apply_fn(self.merge(params, sub), *args)
 
 

@@ -29,8 +29,9 @@ from jaxgeom.scaling import ArrayValued, ScalarMultiples
 class PVector(ScalarMultiples, ArrayValued):
     """A vector in parameter space, stored as a params-shaped pytree.
 
-    Supports ``+``, ``-``, unary ``-``, scalar ``*`` and ``/``, ``**`` (elementwise),
-    ``dot``/``@`` (inner product over all leaves) and ``norm``.
+    Supports ``+``, ``-``, unary ``-``, scalar ``*`` and ``/``, elementwise ``*``, ``/``
+    (between two ``PVector`` objects) and ``**``, ``dot``/``@`` (inner product over all leaves)
+    and ``norm``.
 
     Example:
       >>> v = PVector({"w": jnp.ones(3), "b": jnp.zeros(1)})
@@ -136,6 +137,35 @@ class PVector(ScalarMultiples, ArrayValued):
     @compiled_when_eager
     def _scale(self, scalar: Any) -> PVector:
         return PVector(jax.tree_util.tree_map(lambda x: x * scalar, self.tree))
+
+    @compiled_when_eager
+    def _multiply(self, other: PVector) -> PVector:
+        return PVector(jax.tree_util.tree_map(jnp.multiply, self.tree, other.tree))
+
+    @compiled_when_eager
+    def _divide(self, other: PVector) -> PVector:
+        return PVector(jax.tree_util.tree_map(jnp.divide, self.tree, other.tree))
+
+    def __mul__(self, other: Any) -> PVector:
+        """``s * v`` for a scalar ``s``; ``u * w``, the elementwise (Hadamard) product
+        ``(u ⊙ w)ᵢ = uᵢ wᵢ`` for a ``PVector`` ``w`` of the same parameters (checked as
+        ``+``): OBD saliencies ``½ diag(F) ⊙ θ ⊙ θ``, a pruning mask ``θ ⊙ m``."""
+        if isinstance(other, PVector):
+            self._check_matches(other, "*")
+            return self._multiply(other)
+        return super().__mul__(other)
+
+    def __rmul__(self, other: Any) -> PVector:
+        return self.__mul__(other)  # a PVector on the left is handled by its __mul__
+
+    def __truediv__(self, other: Any) -> PVector:
+        """``v / s`` for a scalar ``s``; ``u / w`` elementwise, ``uᵢ / wᵢ`` (a diagonal
+        preconditioner ``g ⊘ (diag(F) + λ)``), for a ``PVector`` ``w`` of the same
+        parameters."""
+        if isinstance(other, PVector):
+            self._check_matches(other, "/")
+            return self._divide(other)
+        return super().__truediv__(other)
 
     def __pow__(self, exponent: Any) -> PVector:
         return PVector(jax.tree_util.tree_map(lambda x: x**exponent, self.tree))

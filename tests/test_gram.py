@@ -285,3 +285,19 @@ def test_a_cholesky_solve_of_a_singular_gram_names_the_fixes():
     x = G.solve(f, method="lstsq")
     np.testing.assert_allclose(m @ np.ravel(x), m @ np.linalg.lstsq(m, f.ravel())[0],
                                rtol=1e-6, atol=1e-8)
+
+
+def test_a_second_data_set_names_the_cross_kernel_recipes():
+    """``GramMatrix(f, params, x, z)`` (a test × train kernel) was "representation must be
+    FMatDense; got Array([...])", the array printed in full; it names the two recipes, whose
+    numbers agree with the cross block of the reference."""
+    t = make_linen_mlp()
+    x, z = t.x[:3], t.x[3:]
+    with pytest.raises(TypeError, match=r"one data set.*Jacobian\(f, params, x\)"):
+        GramMatrix(t.apply_fn, t.params, x, z)
+    ref, _ = reference(t)
+    cross = jnp.einsum("oni,pmi->onpm", Jacobian(t.apply_fn, t.params, x).to_dense(),
+                       Jacobian(t.apply_fn, t.params, z).to_dense())
+    np.testing.assert_allclose(cross, ref[:, :3, :, 3:], **TOL)
+    joint = GramMatrix(t.apply_fn, t.params, jnp.concatenate([x, z]))
+    np.testing.assert_allclose(joint.data[:, :3, :, 3:], ref[:, :3, :, 3:], **TOL)

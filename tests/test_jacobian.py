@@ -184,6 +184,30 @@ def test_pmats_take_maps(mlp):
                                ref, rtol=1e-6, atol=1e-8)
 
 
+def test_predictive_covariance_of_every_output_pair(mlp):
+    """``mapTMmap(J, reduction="full")`` is ``J_n M J_nᵀ``, ``(N, K, K)``: the linearised
+    predictive covariance of a Laplace posterior ``Σ = (N F + τ I)⁻¹`` at new inputs (only
+    its diagonal, ``"diag"``, was available); for a dense and a K-FAC posterior."""
+    t, ref, dense, implicit = mlp
+    n, tau = t.x.shape[0], 0.5
+    posteriors = [(n * FIM(t.apply_fn, t.params, (t.x, t.y), rep)).inv(tau)
+                  for rep in (PMatDense, jaxgeom.PMatKFAC)]
+    for S in posteriors:
+        s = np.asarray(S.to_dense())
+        want = np.einsum("ani,ij,bnj->nab", ref, s, ref)
+        for J in (dense, implicit, ref):
+            cov = S.mapTMmap(J, reduction="full")
+            assert cov.shape == (ref.shape[1], ref.shape[0], ref.shape[0])
+            np.testing.assert_allclose(cov, want, **TOL)
+            np.testing.assert_array_equal(cov, np.swapaxes(cov, 1, 2))
+            np.testing.assert_allclose(np.diagonal(cov, axis1=1, axis2=2).T,
+                                       S.mapTMmap(J, reduction="diag"), **TOL)
+        np.testing.assert_allclose(jax.jit(lambda S, J: S.mapTMmap(J, "full"))(S, dense),
+                                   want, **TOL)
+    with pytest.raises(ValueError, match=r"'full' needs a \(K, N, d\) map"):
+        posteriors[0].mapTMmap(ref[0], reduction="full")
+
+
 def test_generic_function_and_batches():
     """``function(params, batch) -> (N, K)`` sees whole batches; iterables of batches and
     one-shot generators give the same map as one batch."""

@@ -330,3 +330,49 @@ def test_cg_warm_start_in_any_vector_form(mlp):
     for x0 in (v.to_flat(), v.tree, v):
         x = F.solve(rhs, REGUL, x0=x0, rtol=1e-12)
         np.testing.assert_allclose(x.to_flat(), v.to_flat(), rtol=1e-6, atol=1e-7)
+
+
+def test_nnx_state_trained_in_place_after_the_build():
+    """The state of ``nnx.split`` holds the model's ``Variable`` objects, which an
+    ``nnx.Optimizer`` rebinds in place: a matrix-free Fisher, Jacobian or Hessian built from
+    it (and a last-layer one from ``Restriction.apply_fn``) took its products at the
+    trained parameters afterwards, no longer those it was built at."""
+    from flax import nnx
+
+    from jaxgeom import Hessian, Jacobian, PFMapDense, PFMapImplicit
+    from jaxgeom.restriction import restrict
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(3, 4, param_dtype=jnp.float64, rngs=rngs)
+            self.l2 = nnx.Linear(4, 2, param_dtype=jnp.float64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    model = Net(nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+
+    def apply_fn(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    def loss(s, batch):
+        return jnp.mean((apply_fn(s, batch[0]) - batch[1]) ** 2)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
+    y = jax.random.normal(jax.random.PRNGKey(1), (5, 2))
+    R = restrict(FIM(apply_fn, state, x, PMatDiag).layer_collection, "l2")
+    last_fn, last = R.apply_fn(apply_fn, state), R.select(state)
+    lazy = [FIM(apply_fn, state, x, PMatImplicit), Hessian(loss, state, (x, y), PMatImplicit),
+            FIM(last_fn, last, x, PMatImplicit, layer_collection=R.layer_collection)]
+    want = [FIM(apply_fn, state, x, PMatDense).to_dense(),
+            Hessian(loss, state, (x, y), PMatDense).to_dense(),
+            FIM(last_fn, last, x, PMatDense, layer_collection=R.layer_collection).to_dense()]
+    J = Jacobian(apply_fn, state, x, PFMapImplicit)
+    J_want = Jacobian(apply_fn, state, x, PFMapDense).to_dense()
+    before = np.asarray(jax.tree_util.tree_leaves(state)[0])
+    nnx.update(model, jax.tree_util.tree_map(lambda a: a + 0.5, state))  # trained in place
+    assert not np.allclose(jax.tree_util.tree_leaves(state)[0], before)  # state moved too
+    for M, dense in zip(lazy, want):
+        np.testing.assert_allclose(M.to_dense(), dense, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(J.to_dense(), J_want, rtol=1e-10, atol=1e-12)

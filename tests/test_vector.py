@@ -48,6 +48,25 @@ def test_arithmetic_matches_flat_arithmetic(params):
     np.testing.assert_allclose(v.norm(jnp.inf), np.abs(fv).max())
 
 
+def test_elementwise_product_and_quotient(params):
+    """``u * w`` and ``u / w`` between PVectors are elementwise (as ``**``): the OBD
+    saliencies ``½ diag(F) ⊙ θ²`` and a pruning mask ``θ ⊙ m`` were a TypeError; another
+    parameters' vector is refused as for ``+``."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(4))
+    v, w = random_pvector(k1, params), random_pvector(k2, params)
+    fv, fw = v.to_flat(), w.to_flat()
+    np.testing.assert_allclose((v * w).to_flat(), fv * fw)
+    np.testing.assert_allclose((v / w).to_flat(), fv / fw)
+    np.testing.assert_allclose((0.5 * w * v**2).to_flat(), 0.5 * fw * fv**2)
+    mask = PVector(jax.tree_util.tree_map(lambda a: (jnp.abs(a) > 1).astype(a.dtype), v.tree))
+    np.testing.assert_allclose((v * mask).to_flat(), np.where(np.abs(fv) > 1, fv, 0))
+    np.testing.assert_allclose(jax.jit(lambda a, b: a * b)(v, w).to_flat(), fv * fw)
+    narrow = PVector(jax.tree_util.tree_map(lambda a: a[..., :1], w.tree))
+    for op, apply in (("*", lambda a, b: a * b), ("/", lambda a, b: a / b)):
+        with pytest.raises(ValueError, match=rf"PVector \{op} PVector: the leaf"):
+            apply(v, narrow)
+
+
 def test_pvector_is_a_pytree_under_jit(params):
     v = random_pvector(jax.random.PRNGKey(2), params)
     doubled = jax.jit(lambda u: u * 2.0)(v)

@@ -325,12 +325,26 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     def mapTMmap(self, rows: Any, reduction: str = "sum") -> jax.Array:
         """Quadratic forms ``rᵀ M r`` of the rows of a ``(K, N, d)`` Jacobian map.
 
-        ``reduction="diag"`` returns the ``(K, N)`` forms; ``"sum"`` sums them over the
-        outputs ``K`` and returns ``(N,)``.
+        ``reduction="diag"`` returns the ``(K, N)`` forms ``J[o, n] M J[o, n]ᵀ``; ``"sum"``
+        sums them over the outputs ``K`` and returns ``(N,)``; ``"full"`` returns, for each
+        example, the ``(K, K)`` matrix of all output pairs,
+
+        .. math::  C[n, o, o'] = \\sum_{i,j} J[o, n, i]\\, M_{ij}\\, J[o', n, j],
+           \\qquad C_n = J_n M J_n^\\top,
+
+        shape ``(N, K, K)`` (symmetrised): with ``M = Σ`` a Laplace posterior covariance,
+        the linearised predictive covariance of the outputs at each input, whose diagonal
+        is ``"diag"``'s forms.
         """
-        if reduction not in ("sum", "diag"):
-            raise ValueError(f"reduction must be 'sum' or 'diag'; got {reduction!r}")
+        if reduction not in ("sum", "diag", "full"):
+            raise ValueError(f"reduction must be 'sum', 'diag' or 'full'; got {reduction!r}")
         rows = as_rows(rows, self.layer_collection)
+        if reduction == "full":
+            if rows.ndim != 3:
+                raise ValueError("reduction='full' needs a (K, N, d) map; got shape "
+                                 f"{rows.shape}")
+            cov = jnp.einsum("oni,pni->nop", rows, self.mmap(rows))
+            return 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
         forms = jnp.sum(rows * self.mmap(rows), axis=-1)
         if reduction == "sum":
             if forms.ndim < 2:
