@@ -378,7 +378,7 @@ def spectral_density_on_grid(nodes: jax.Array, weights: jax.Array, grid: jax.Arr
     few ``σ`` beyond the extreme nodes, e.g. ``jnp.linspace(nodes.min() − 5σ,
     nodes.max() + 5σ, 1000)``, a Riemann sum of it is ``1`` to within the grid's
     resolution). ``σ`` is in the units of the eigenvalues; a spectrum spanning orders of
-    magnitude is better looked at through ``nodes`` and ``weights`` of ``log|θ|`` with a
+    magnitude is better looked at through the nodes ``log(|θ| + ε)`` (same weights) with a
     ``σ`` in log units.
 
     Args:
