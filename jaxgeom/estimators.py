@@ -1,4 +1,5 @@
-"""Randomised estimators of a matrix's trace, diagonal and Frobenius norm from products.
+"""Randomised estimators of a matrix's trace, diagonal, Frobenius norm and spectrum from
+products.
 
 For a matrix ``M`` (d × d) known only through products — a :class:`~jaxgeom.PMatImplicit`
 Fisher or Hessian, whose exact ``trace``/``get_diag`` cost ``d`` Hessian-vector products
@@ -13,17 +14,22 @@ with ``m`` random probe vectors ``v`` (``E[v vᵀ] = I``: Rademacher ±1 entries
 standard normal), and Hutch++ (Meyer et al. 2021), which first takes the trace of a
 low-rank sketch exactly, then Hutchinson's estimate on the rest: exact for a matrix of
 rank ≤ ``m // 3`` (a low-rank Fisher ``N·K < d``), and an error ``O(1/m)`` instead of
-``O(1/√m)`` for a quickly decaying spectrum.
+``O(1/√m)`` for a quickly decaying spectrum. XTrace and XDiag (Epperly et al. 2024) use
+every probe both in the sketch and as a Hutchinson probe (exchangeably): exact for rank
+``< m/2``, and more accurate than Hutch++ for the same ``m``.
 
 The probes are the rows of one ``(m, d)`` array and ``M`` is applied to all at once
 (``M.mmap``: a ``PMatImplicit`` streams its data once for all ``m``; memory ``m·d``), so
 the cost is ``m`` products of ``M`` (Hutch++: ``m`` products and a QR of ``d × m/3``).
 For more probes than fit in memory, call again with other keys and average.
 :func:`lanczos_eigenvalues` estimates the extreme eigenvalues (a Hessian's top one)
-with ``k`` products one after the other. Everything
-is jit-able; the same key gives the same estimate. These are curvlinops'
-``hutchinson_trace``, ``hutchpp_trace``, ``hutchinson_diag`` and
-``hutchinson_squared_fro`` (and matfree's ``stochtrace``).
+with ``k`` products one after the other, and :func:`lanczos_spectral_density` the whole
+spectral density by stochastic Lanczos quadrature (``k`` rounds of products on ``m``
+probes; :func:`spectral_density_on_grid` smooths it). Everything is jit-able; the same
+key gives the same estimate. These are curvlinops' ``hutchinson_trace``,
+``hutchpp_trace``, ``xtrace``, ``hutchinson_diag``, ``xdiag``,
+``hutchinson_squared_fro`` and ``lanczos_approximate_spectrum`` (and matfree's
+``stochtrace``, PyHessian's ``density``).
 
 ``M`` is any representation, or a function ``matvec(v) -> M v`` on flat ``(d,)``
 vectors with ``dim=d`` given.
@@ -35,6 +41,10 @@ References:
   <https://doi.org/10.1016/j.apnum.2007.01.003>`_, 2007.
   Meyer, Musco, Musco & Woodruff, `Hutch++: optimal stochastic trace estimation
   <https://arxiv.org/abs/2010.09649>`_, 2021.
+  Epperly, Tropp & Webber, `XTrace: making the most of every sample in stochastic trace
+  estimation <https://arxiv.org/abs/2301.07825>`_, 2024.
+  Ubaru, Chen & Saad, `Fast estimation of tr(f(A)) via stochastic Lanczos quadrature
+  <https://doi.org/10.1137/16M1104974>`_, 2017.
 """
 
 from __future__ import annotations
@@ -140,6 +150,92 @@ def hutchpp_trace(M: Operator, key: jax.Array, num_samples: int = 99, *,
     return low_rank + jnp.sum(g * products(g)) / g.shape[0]
 
 
+def xtrace(M: Operator, key: jax.Array, num_samples: int = 100, *,
+           distribution: str = "rademacher", dim: int | None = None,
+           dtype: Any = None) -> jax.Array:
+    """XTrace (Epperly, Tropp & Webber 2024): the exchangeable estimate of ``tr M`` for a
+    symmetric ``M``, Hutch++ with every probe used both in the sketch and as a Hutchinson
+    probe.
+
+    With ``s = m / 2`` probes ``ω₁ … ω_s`` (rows of ``Ω``), ``Y = M Ω`` (columns
+    ``Mωᵢ``) and ``P₍ᵢ₎`` the orthogonal projector onto the span of the ``Mωⱼ``, ``j ≠ i``
+    (which does not depend on ``ωᵢ``), each probe gives an unbiased estimate
+
+    .. math::  t_i = \\operatorname{tr}(P_{(i)} M) + \\omega_i^\\top (I - P_{(i)})
+       M (I - P_{(i)}) \\omega_i
+
+    — Hutch++ with the sketch of the other ``s − 1`` probes and the Hutchinson probe
+    ``ωᵢ`` — and XTrace is their mean ``(1/s) Σᵢ tᵢ``. All ``s`` leave-one-out projectors
+    come from one thin QR ``Yᵀ = Q R``: ``P₍ᵢ₎ = Q (I − sᵢsᵢᵀ) Qᵀ`` with ``sᵢ`` the
+    normalised ``i``-th column of ``R⁻ᵀ`` (the direction of ``R``'s coefficient space
+    orthogonal to every other column of ``R``; taken from an SVD of ``R``, so that a
+    singular ``R`` — ``rank M < s`` — gives a valid one), and one more round of products
+    ``M Q``. With ``distribution="normal"`` the Hutchinson term is the improved one of the
+    paper: ``(I − P₍ᵢ₎)ωᵢ`` is rescaled to the norm ``√(d − s + 1)`` of the dimension of
+    its space (still unbiased: it is uniform on that sphere), which makes the estimate
+    exact for a multiple of the identity too.
+
+    Unbiased; exact when ``rank M < s`` (a low-rank Fisher with ``N·K < m/2``); for a
+    quickly decaying spectrum more accurate than :func:`hutchpp_trace`, which uses only
+    a third of its products in its sketch and a third as Hutchinson probes, and far more
+    than :func:`hutchinson_trace` for the same number of products. Arguments as
+    :func:`hutchinson_trace`; ``num_samples`` even, ``2 ≤ m ≤ 2d``.
+
+    Returns:
+      A scalar. Cost: ``m`` products of ``M`` in two rounds of ``m/2`` (``M Ω``, ``M Q``),
+      a QR of ``d × m/2``, ``O(d m²)`` more; memory ``m·d``.
+
+    References:
+      Epperly, Tropp & Webber, `XTrace: making the most of every sample in stochastic
+      trace estimation <https://arxiv.org/abs/2301.07825>`_, SIAM J. Matrix Anal. Appl.,
+      2024.
+    """
+    d, s, omega, y, q, z, sk, u, improved = _exchangeable(
+        M, key, num_samples, distribution, dim, dtype)
+    h = q.T @ z.T  # Qᵀ M Q, (s, s)
+    low_rank = jnp.trace(h) - jnp.sum(sk * (h @ sk), axis=0)  # tr(P₍ᵢ₎ M), (s,)
+    w = omega.T - q @ u  # (I − P₍ᵢ₎) ωᵢ, columns (d, s)
+    mw = y.T - z.T @ u  # M (I − P₍ᵢ₎) ωᵢ
+    rest = jnp.sum(w * mw, axis=0)
+    if improved:
+        rest = rest * (d - s + 1) / jnp.sum(w * w, axis=0)
+    return jnp.mean(low_rank + rest)
+
+
+def xdiag(M: Operator, key: jax.Array, num_samples: int = 100, *,
+          distribution: str = "rademacher", dim: int | None = None,
+          dtype: Any = None) -> jax.Array:
+    """XDiag (Epperly, Tropp & Webber 2024): the exchangeable estimate of ``diag M`` for a
+    symmetric ``M``, flat order.
+
+    With the notation of :func:`xtrace`, each probe gives the unbiased estimate
+
+    .. math::  \\operatorname{diag}(P_{(i)} M) + \\omega_i \\odot
+       \\big((I - P_{(i)}) M \\omega_i\\big)
+
+    (the diagonal of the low-rank sketch of the other probes, exactly, plus
+    :func:`hutchinson_diag`'s estimate on the rest with ``ωᵢ``), and XDiag is their mean.
+    Unbiased; exact when ``rank M < s = m/2``; for a quickly decaying spectrum far more
+    accurate than :func:`hutchinson_diag` with the same ``m``. Arguments as
+    :func:`xtrace` (``"normal"`` probes: no rescaling here).
+
+    Returns:
+      The ``(d,)`` estimate. Cost: as :func:`xtrace` — ``m`` products of ``M`` in two
+      rounds, a QR of ``d × m/2``; memory ``m·d``.
+
+    References:
+      Epperly, Tropp & Webber, `XTrace: making the most of every sample in stochastic
+      trace estimation <https://arxiv.org/abs/2301.07825>`_, 2024 (§5, XDiag).
+    """
+    d, s, omega, y, q, z, sk, u, improved = _exchangeable(
+        M, key, num_samples, distribution, dim, dtype)
+    low_rank = jnp.sum(q * z.T, axis=1) - jnp.mean((q @ sk) * (z.T @ sk), axis=1)
+    u_y = q.T @ y.T  # Qᵀ M ωᵢ
+    u_y = u_y - sk * jnp.sum(sk * u_y, axis=0)  # (I − sᵢsᵢᵀ) Qᵀ M ωᵢ
+    rest = omega.T * (y.T - q @ u_y)  # ωᵢ ⊙ (I − P₍ᵢ₎) M ωᵢ, columns
+    return low_rank + jnp.mean(rest, axis=1)
+
+
 def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *,
                         dim: int | None = None, dtype: Any = None) -> jax.Array:
     """Ritz values of ``k`` Lanczos iterations on a symmetric ``M``: estimates of its
@@ -176,44 +272,145 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
     """
     products, probes = _setup(M, key, num_iterations, "normal", dim, dtype,
                               "num_iterations")
-    start = probes(key, 1)
-    d = start.shape[1]
-    if num_iterations > d:
-        raise ValueError(f"num_iterations must be at most d = {d}; got {num_iterations}")
-    eps = jnp.finfo(start.dtype).eps
-    basis = start / jnp.linalg.norm(start)  # (j, d): the orthonormal q's so far
-    alphas, betas, scale = [], [], jnp.zeros((), start.dtype)
-    for j in range(num_iterations):
-        w = products(basis[j:j + 1])[0]
-        scale = jnp.maximum(scale, jnp.linalg.norm(w))
-        alphas.append(jnp.vdot(basis[j], w))
-        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
-            w = w - basis.T @ (basis @ w)
-        if j == num_iterations - 1:
-            break
-        beta = jnp.linalg.norm(w)
-        grows = beta > d * eps * scale  # else: the Krylov space is exhausted
-        betas.append(jnp.where(grows, beta, 0))
-        basis = jnp.concatenate([basis, jnp.where(grows, w / jnp.where(grows, beta, 1), 0)[None]])
-    tridiagonal = jnp.diag(jnp.stack(alphas))
-    if betas:
-        off = jnp.stack(betas)
-        tridiagonal = tridiagonal + jnp.diag(off, 1) + jnp.diag(off, -1)
-    return jnp.linalg.eigvalsh(tridiagonal)
+    tridiagonal = _lanczos(products, probes(key, 1), num_iterations, "num_iterations")
+    return jnp.linalg.eigvalsh(tridiagonal[0])
+
+
+def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Gauss quadrature of the spectral measures of a symmetric ``M`` at given vectors,
+    by Lanczos: the deterministic core of :func:`lanczos_spectral_density`.
+
+    For a unit vector ``q`` and ``M = Σₗ λₗ uₗuₗᵀ``, the spectral measure
+    ``μ_q = Σₗ (uₗᵀq)² δ_{λₗ}`` has the moments ``∫ t^p dμ_q = qᵀ M^p q``. ``k`` Lanczos
+    steps from ``q`` (full reorthogonalisation, as :func:`lanczos_eigenvalues`) give the
+    tridiagonal ``T = V Θ Vᵀ``; the nodes ``θⱼ`` (Ritz values) and weights
+    ``wⱼ = V₀ⱼ²`` (``Σⱼ wⱼ = 1``) are the ``k``-point Gauss quadrature of ``μ_q``:
+
+    .. math::  \\sum_{j=1}^k w_j\\, \\theta_j^p = q^\\top M^p q
+       \\quad\\text{for } p \\le 2k - 1,
+
+    so ``Σⱼ wⱼ f(θⱼ) ≈ qᵀ f(M) q`` for smooth ``f``, exactly for a polynomial of degree
+    ``≤ 2k − 1``, and for every ``f`` once the Krylov space of ``q`` is exhausted
+    (``k = d``, or fewer for a low-rank ``M``: the nodes past it have weight ``0``).
+
+    Args:
+      M: a symmetric representation, or ``matvec(v) -> M v`` on flat ``(d,)`` vectors.
+      vectors: the ``(m, d)`` start vectors (rows; nonzero, any norm: each is normalised),
+        e.g. the ``d`` rows of the identity, for which the mean quadrature is the exact
+        spectral density of ``M`` when ``num_steps = d``.
+      num_steps: ``k``, ``1 ≤ k ≤ d``.
+
+    Returns:
+      ``(nodes, weights)``, both ``(m, k)``: row ``i`` is the quadrature of
+      ``μ_{vᵢ/‖vᵢ‖}``, nodes ascending, weights ``≥ 0`` summing to ``1``. Cost: ``k``
+      rounds of products of ``M`` on all ``m`` vectors at once (``M.mmap``: a
+      ``PMatImplicit`` streams its data ``k`` times in all), ``O(m k² d)`` for the
+      reorthogonalisation, memory ``m·k·d``.
+    """
+    vectors = jnp.asarray(vectors)
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be an (m, d) array of rows; got shape {vectors.shape}")
+    if isinstance(M, PMatAbstract) and vectors.shape[1] != M.size(0):
+        raise ValueError(f"vectors have {vectors.shape[1]} columns but the matrix is "
+                         f"{M.size(0)} × {M.size(0)}")
+    products, _, _ = _operator(M, vectors.shape[1], vectors.dtype)
+    return _gauss_quadrature(_lanczos(products, vectors, num_steps))
+
+
+def lanczos_spectral_density(M: Operator, key: jax.Array, *, num_steps: int,
+                             num_probes: int, distribution: str = "rademacher",
+                             dim: int | None = None, dtype: Any = None
+                             ) -> tuple[jax.Array, jax.Array]:
+    """Stochastic Lanczos quadrature (SLQ): the spectral density of a symmetric ``M``, as
+    nodes and weights, from products only (PyHessian's density, curvlinops'
+    ``lanczos_approximate_spectrum``).
+
+    The spectral density of ``M`` (eigenvalues ``λ₁ … λ_d``) is
+    ``φ(t) = (1/d) Σₗ δ(t − λₗ)``; for a random probe ``v`` with ``E[v vᵀ] = I`` and
+    ``q = v/‖v‖``, ``E[qᵀ f(M) q] = (1/d) tr f(M) = ∫ f φ`` (Rademacher probes:
+    ``‖v‖² = d`` always; normal ones: ``q`` uniform on the sphere). Each probe's
+    :func:`lanczos_quadrature` ``(θᵢⱼ, wᵢⱼ)`` estimates it, and the mean over the ``m``
+    probes is the SLQ estimate
+
+    .. math::  \\varphi(t) \\approx \\frac1m \\sum_{i=1}^m \\sum_{j=1}^k
+       w_{ij}\\, \\delta(t - \\theta_{ij}), \\qquad
+       \\operatorname{tr} f(M) \\approx \\frac dm \\sum_{i,j} w_{ij} f(\\theta_{ij})
+
+    (``f = log``: a log-determinant; ``f(t) = t^p``: the moments, exact in expectation for
+    ``p ≤ 2k − 1``). :func:`spectral_density_on_grid` broadens it into a smooth curve.
+
+    Args:
+      M: a symmetric representation, or ``matvec(v) -> M v`` on flat ``(d,)`` vectors.
+      key: one PRNG key (the probes).
+      num_steps: ``k``, Lanczos steps per probe, ``1 ≤ k ≤ d`` (PyHessian's ``iter``).
+      num_probes: ``m ≥ 1`` (PyHessian's ``n_v``).
+      distribution, dim, dtype: as :func:`hutchinson_trace`.
+
+    Returns:
+      ``(nodes, weights)``, both ``(num_probes, num_steps)``: per probe, the Ritz values
+      (ascending) and their weights (``≥ 0``, summing to ``1``). Cost: ``k`` rounds of
+      ``m`` products (``m·k`` products; a ``PMatImplicit`` streams its data ``k`` times),
+      ``O(m k² d)`` more, memory ``m·k·d``; under ``jit`` the ``k`` steps are unrolled.
+
+    References:
+      Ubaru, Chen & Saad, `Fast estimation of tr(f(A)) via stochastic Lanczos quadrature
+      <https://doi.org/10.1137/16M1104974>`_, SIAM J. Matrix Anal. Appl., 2017.
+      Lin, Saad & Yang, `Approximating spectral densities of large matrices
+      <https://arxiv.org/abs/1308.5467>`_, SIAM Review, 2016.
+      Ghorbani, Krishnan & Xiao, `An investigation into neural net optimization via
+      Hessian eigenvalue density <https://arxiv.org/abs/1901.10159>`_, 2019.
+    """
+    products, probes = _setup(M, key, num_probes, distribution, dim, dtype, "num_probes")
+    return _gauss_quadrature(_lanczos(products, probes(key, num_probes), num_steps))
+
+
+def spectral_density_on_grid(nodes: jax.Array, weights: jax.Array, grid: jax.Array, *,
+                             sigma: float) -> jax.Array:
+    """The quadrature's spectral density broadened by a Gaussian of width ``sigma``, on a
+    grid (PyHessian's ``density_generate``):
+
+    .. math::  \\varphi_\\sigma(t) = \\frac{\\sum_{i,j} w_{ij}\\,
+       \\mathcal N(t;\\, \\theta_{ij}, \\sigma^2)}{\\sum_{i,j} w_{ij}}
+
+    — the mean over probes of :func:`lanczos_spectral_density`'s estimate, convolved with
+    ``N(0, σ²)``. A density: ``≥ 0`` with integral ``1`` over ℝ (on a grid that extends a
+    few ``σ`` beyond the extreme nodes, e.g. ``jnp.linspace(nodes.min() − 5σ,
+    nodes.max() + 5σ, 1000)``, a Riemann sum of it is ``1`` to within the grid's
+    resolution). ``σ`` is in the units of the eigenvalues; a spectrum spanning orders of
+    magnitude is better looked at through the nodes ``log(|θ| + ε)`` (same weights) with a
+    ``σ`` in log units.
+
+    Args:
+      nodes, weights: arrays of one shape (``(m, k)`` from
+        :func:`lanczos_spectral_density`, or any), weights ``≥ 0``, not all ``0``.
+      grid: the points ``t``, any shape.
+      sigma: ``σ > 0``.
+
+    Returns:
+      The density at ``grid``, ``grid``'s shape. Cost: ``O(m·k·len(grid))``.
+    """
+    nodes, weights, grid = jnp.asarray(nodes), jnp.asarray(weights), jnp.asarray(grid)
+    if nodes.shape != weights.shape:
+        raise ValueError(f"nodes and weights must have one shape; got {nodes.shape} and "
+                         f"{weights.shape}")
+    if isinstance(sigma, (int, float)) and not sigma > 0:
+        raise ValueError(f"sigma must be positive; got {sigma!r}")
+    t = (grid[..., None] - nodes.ravel()) / sigma
+    kernel = jnp.exp(-0.5 * t**2) / (sigma * jnp.sqrt(2 * jnp.pi))
+    return kernel @ weights.ravel() / jnp.sum(weights)
 
 
 # ----------------------------------------------------------------------------- helpers
-def _setup(M: Operator, key: jax.Array, num_samples: Any, distribution: str,
-           dim: int | None, dtype: Any, what: str, minimum: int = 1
-           ) -> tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array, int], jax.Array]]:
-    """``(products, probes)``: ``M`` applied to the rows of an ``(m, d)`` array, and
-    ``probes(key, m)`` drawing ``m`` probe rows; the arguments checked."""
-    check_key(key, "key")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or (
-            num_samples < minimum):
-        raise ValueError(f"{what} must be an integer ≥ {minimum}; got {num_samples!r}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; valid: {DISTRIBUTIONS}")
+def _check_count(count: Any, what: str, minimum: int = 1) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < minimum:
+        raise ValueError(f"{what} must be an integer ≥ {minimum}; got {count!r}")
+
+
+def _operator(M: Operator, dim: int | None, dtype: Any
+              ) -> tuple[Callable[[jax.Array], jax.Array], int, Any]:
+    """``(products, d, dtype)``: ``M`` applied to the rows of an ``(m, d)`` array, its
+    dimension and the probes' dtype; the arguments checked."""
     if isinstance(M, PMatAbstract):
         if dim is not None and dim != M.size(0):
             raise ValueError(f"dim={dim} but the matrix is {M.size(0)} × {M.size(0)}")
@@ -224,13 +421,26 @@ def _setup(M: Operator, key: jax.Array, num_samples: Any, distribution: str,
                 "for a matvec function M, give the dimension d of its vectors: dim=d "
                 f"(a positive integer); got {dim!r}")
         products = jax.vmap(M)
-        dtype = jnp.dtype(float) if dtype is None else dtype
+        dtype = jnp.result_type(float) if dtype is None else dtype  # JAX default float
     else:
         raise TypeError(
             "M must be a jaxgeom representation (a PMat*) or a function v -> M v on flat "
             f"vectors; got {type(M).__name__}")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"the probes' dtype must be a real floating type; got {dtype}")
+    return products, dim, dtype
+
+
+def _setup(M: Operator, key: jax.Array, num_samples: Any, distribution: str,
+           dim: int | None, dtype: Any, what: str, minimum: int = 1
+           ) -> tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array, int], jax.Array]]:
+    """``(products, probes)``: ``M`` applied to the rows of an ``(m, d)`` array, and
+    ``probes(key, m)`` drawing ``m`` probe rows; the arguments checked."""
+    check_key(key, "key")
+    _check_count(num_samples, what, minimum)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; valid: {DISTRIBUTIONS}")
+    products, dim, dtype = _operator(M, dim, dtype)
 
     def probes(k: jax.Array, m: int) -> jax.Array:
         if distribution == "normal":
@@ -238,3 +448,73 @@ def _setup(M: Operator, key: jax.Array, num_samples: Any, distribution: str,
         return jax.random.rademacher(k, (m, dim), dtype)
 
     return products, probes
+
+
+def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
+             num_steps: Any, what: str = "num_steps") -> jax.Array:
+    """The ``(m, k, k)`` tridiagonals ``Q_kᵀ M Q_k`` of ``k`` Lanczos steps from each of
+    the ``m`` rows of ``start`` at once (one product of ``M`` on ``m`` rows per step), with
+    full reorthogonalisation (twice); a Krylov space exhausted before step ``k`` is not
+    grown further (the rest of ``T`` is ``0``)."""
+    m, d = start.shape
+    _check_count(num_steps, what)
+    if num_steps > d:
+        raise ValueError(f"{what} must be at most d = {d}; got {num_steps}")
+    eps = jnp.finfo(start.dtype).eps
+    basis = (start / jnp.linalg.norm(start, axis=1, keepdims=True))[:, None]  # (m, j, d)
+    alphas, betas, scale = [], [], jnp.zeros((m,), start.dtype)
+    for j in range(num_steps):
+        w = products(basis[:, j])  # (m, d)
+        scale = jnp.maximum(scale, jnp.linalg.norm(w, axis=1))
+        alphas.append(jnp.sum(basis[:, j] * w, axis=1))
+        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+            w = w - jnp.einsum("mjd,mj->md", basis, jnp.einsum("mjd,md->mj", basis, w))
+        if j == num_steps - 1:
+            break
+        beta = jnp.linalg.norm(w, axis=1)
+        grows = beta > d * eps * scale  # else: the Krylov space is exhausted
+        betas.append(jnp.where(grows, beta, 0))
+        w = jnp.where(grows[:, None], w / jnp.where(grows, beta, 1)[:, None], 0)
+        basis = jnp.concatenate([basis, w[:, None]], axis=1)
+    tridiagonal = jax.vmap(jnp.diag)(jnp.stack(alphas, axis=1))
+    if betas:
+        off = jax.vmap(jnp.diag)(jnp.stack(betas, axis=1))  # (m, k − 1, k − 1)
+        pad = [(0, 0), (0, 1), (1, 0)]
+        tridiagonal = tridiagonal + jnp.pad(off, pad) + jnp.pad(off, pad).mT
+    return tridiagonal
+
+
+def _gauss_quadrature(tridiagonal: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Nodes (eigenvalues) and weights (squared first components of the eigenvectors) of
+    the ``(m, k, k)`` Lanczos tridiagonals: ``(m, k)`` each."""
+    nodes, vectors = jnp.linalg.eigh(tridiagonal)
+    return nodes, vectors[:, 0, :] ** 2
+
+
+def _exchangeable(M: Operator, key: jax.Array, num_samples: Any, distribution: str,
+                  dim: int | None, dtype: Any) -> tuple:
+    """The shared part of XTrace and XDiag: ``s = m/2`` probes ``Ω`` (rows), ``Y = M Ω``
+    (rows), ``Yᵀ = Q R``, ``Z = M Q`` (rows), ``S`` whose column ``i`` is the unit
+    ``sᵢ`` with ``P₍ᵢ₎ = Q (I − sᵢsᵢᵀ) Qᵀ``, and ``U`` whose column ``i`` is
+    ``(I − sᵢsᵢᵀ) Qᵀ ωᵢ`` (so ``(I − P₍ᵢ₎) ωᵢ = ωᵢ − Q uᵢ``)."""
+    products, probes = _setup(M, key, num_samples, distribution, dim, dtype,
+                              "num_samples (even, ≥ 2 for XTrace / XDiag)", minimum=2)
+    s = num_samples // 2
+    omega = probes(key, s)
+    d = omega.shape[1]
+    if num_samples % 2 or s > d:
+        raise ValueError(f"num_samples must be even and at most 2·d = {2 * d} for XTrace / "
+                         f"XDiag (m/2 probes, each used twice); got {num_samples}")
+    y = products(omega)
+    q, r = jnp.linalg.qr(y.T)  # (d, s), (s, s)
+    z = products(q.T)
+    # sᵢ ∝ R⁻ᵀ eᵢ = U Σ⁻¹ Vᵀ eᵢ, with Σ floored at ε·σ_max and rescaled by the smallest
+    # σ: a singular R (rank M < s) gives a unit sᵢ orthogonal to the range of R.
+    left, sigma, right_t = jnp.linalg.svd(r)
+    floor = jnp.maximum(sigma[0] * jnp.finfo(r.dtype).eps, jnp.finfo(r.dtype).tiny)
+    sigma = jnp.maximum(sigma, floor)
+    sk = left @ ((sigma[-1] / sigma)[:, None] * right_t)  # columns ∝ R⁻ᵀ eᵢ
+    sk = sk / jnp.linalg.norm(sk, axis=0)
+    u = q.T @ omega.T
+    u = u - sk * jnp.sum(sk * u, axis=0)
+    return d, s, omega, y, q, z, sk, u, distribution == "normal"

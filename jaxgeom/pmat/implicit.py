@@ -165,7 +165,9 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
             "PMatImplicit does not compute log-determinants (nor logdet): they need the "
             "whole spectrum. Build a stored matrix (PMatDense.from_pmat(M), or the same data "
             "in PMatLowRank when N·K < d, PMatKFAC, PMatEKFAC, PMatDiag, …), whose slogdet "
-            "comes from its eigenvalues")
+            "comes from its eigenvalues, or estimate logdet(M + regul·I) by stochastic Lanczos "
+            "quadrature: nodes, weights = jaxgeom.estimators.lanczos_spectral_density(M, key, "
+            "num_steps=k, num_probes=m); d * mean(sum(weights * log(nodes + regul), -1))")
 
     slogdet.unsupported = True  # raises only: not listed among the representations that do
 
