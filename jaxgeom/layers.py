@@ -8,7 +8,10 @@ cross ``jax.jit`` boundaries.
 
 Layers are discovered by tracing the model to a jaxpr (:meth:`LayerCollection.from_model`),
 so the same code serves Flax linen, Flax NNX (``nnx.split`` state), Equinox
-(``eqx.partition``) and plain functions.
+(``eqx.partition``) and plain functions. A subset of a model's layers is a sub-collection
+(:func:`jaxgeom.restriction.restrict`); sub-collections of one model unite and intersect
+(:meth:`LayerCollection.union`, :meth:`LayerCollection.intersection`,
+:meth:`LayerCollection.get_common_layers`) in the model's flat order.
 """
 
 from __future__ import annotations
@@ -117,6 +120,11 @@ class LayerCollection:
       dtypes: the dtype name of each leaf.
       layers: the layers, ordered by their first leaf; together they cover every leaf
         exactly once.
+      origin: for a sub-collection (a subset of a model's layers:
+        :func:`jaxgeom.restriction.restrict`, :meth:`union`, :meth:`intersection`), the
+        index of each of its leaves among the leaves of the model's whole layout (the
+        *root*), ascending; ``None`` for a root layout. What places the leaves of two
+        sub-collections of one model in the model's flat order, for :meth:`union`.
 
     The flat order of every flat vector and of every ``to_dense()`` is the order of
     ``jax.flatten_util.ravel_pytree(params)``: leaves in ``jax.tree_util`` order, each
@@ -128,6 +136,7 @@ class LayerCollection:
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[str, ...]
     layers: tuple[Layer, ...]
+    origin: tuple[int, ...] | None = None
 
     def __post_init__(self):
         covered = sorted(i for layer in self.layers for i in layer.leaves)
@@ -139,6 +148,12 @@ class LayerCollection:
         ids = [layer.id for layer in self.layers]
         if len(set(ids)) != len(ids):
             raise ValueError(f"duplicate layer ids in {ids}")
+        if self.origin is not None and (
+                len(self.origin) != len(self.paths)
+                or any(a >= b for a, b in zip(self.origin, self.origin[1:]))):
+            raise ValueError(
+                f"origin must hold one ascending root leaf index per leaf ({len(self.paths)}); "
+                f"got {self.origin}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -297,7 +312,89 @@ class LayerCollection:
                     return "layers", "layers that group the leaves differently"
                 return "layers", (f"layer {a.id!r} of kind {a.kind!r}, roles {a.roles} and "
                                   f"kind {b.kind!r}, roles {b.roles}")
+        if self.origin != other.origin:
+            return "layers", (f"leaves taken from the model's leaves {self.origin} and "
+                              f"{other.origin}")
         return None
+
+    # ------------------------------------------------------------------ subsets of layers
+    @property
+    def root_leaves(self) -> tuple[int, ...]:
+        """The index of each leaf among the root layout's leaves (:attr:`origin`; a root
+        layout's own indices)."""
+        return self.origin if self.origin is not None else tuple(range(len(self.paths)))
+
+    def _signature(self, layer: Layer) -> tuple:
+        """What makes two collections' layers the same layer of one model: kind, roles,
+        uses, operations, and each leaf's root index, path, shape and dtype."""
+        leaves = tuple((self.root_leaves[i], self.paths[i], self.shapes[i], self.dtypes[i])
+                       for i in layer.leaves)
+        return layer.id, layer.kind, layer.roles, layer.uses, layer.ops, leaves
+
+    def get_common_layers(self, other: LayerCollection) -> tuple[str, ...]:
+        """The ids of the layers that this collection and ``other`` both hold — the same
+        layer of one model: same id, kind and roles, leaves of the same root positions,
+        paths, shapes and dtypes — in this collection's (the flat) order. NNGeometry's
+        ``get_common_layers``. Cost ``O(leaves)``."""
+        check_layer_collection(other, "other")
+        theirs = {layer.id: other._signature(layer) for layer in other.layers}
+        return tuple(layer.id for layer in self.layers
+                     if theirs.get(layer.id) == self._signature(layer))
+
+    def intersection(self, other: LayerCollection) -> LayerCollection:
+        """The sub-collection of the layers both collections hold
+        (:meth:`get_common_layers`), in the flat order: this collection itself when it
+        has no other layers, else the sub-collection that
+        ``jaxgeom.restriction.restrict(self, ids)`` makes (leaves as one flat list). What
+        NNGeometry's ``LayerCollection.merge`` returns. Cost ``O(leaves)``.
+
+        Raises:
+          ValueError: when the two have no layer in common.
+        """
+        common = self.get_common_layers(other)
+        if not common:
+            raise ValueError(
+                f"the two layer collections have no layer in common (layers "
+                f"{_ids(self)} and {_ids(other)}): their intersection would be empty")
+        if len(common) == len(self.layers):
+            return self
+        return sub_collection(self, common)
+
+    def union(self, other: LayerCollection) -> LayerCollection:
+        """The collection of the layers either holds, in the model's flat order.
+
+        The larger one when it holds every layer of the other (``lc.union(sub) is lc`` for
+        a sub-collection of ``lc``). Otherwise both must be sub-collections of one model
+        (:func:`jaxgeom.restriction.restrict`), whose :attr:`origin` places their leaves:
+        the result is the sub-collection ``restrict(root, ids of both)`` makes (leaves as
+        one flat list, ordered by their position in the root). Cost ``O(leaves)``.
+
+        Raises:
+          ValueError: when the two are not layer subsets of one model (a layer id held by
+            both as different layers, a root leaf claimed by two layers, or a root
+            layout that lacks a layer of the other).
+        """
+        check_layer_collection(other, "other")
+        common = set(self.get_common_layers(other))
+        if len(common) == len(other.layers):
+            return self
+        if len(common) == len(self.layers):
+            return other
+        problem = _union_conflict(self, other, common)
+        if problem:
+            raise ValueError(
+                f"the layer collections (layers {_ids(self)} and {_ids(other)}) are not "
+                f"layer subsets of one model: {problem}. Make both with "
+                "jaxgeom.restriction.restrict(layer_collection, ids) from the model's "
+                "layout")
+        leaves = {}
+        for lc in (self, other):
+            for i, root in enumerate(lc.root_leaves):
+                leaves[root] = (lc.paths[i], lc.shapes[i], lc.dtypes[i])
+        layers = [(layer, tuple(lc.root_leaves[i] for i in layer.leaves))
+                  for lc in (self, other) for layer in lc.layers
+                  if lc is self or layer.id not in common]
+        return _assembled(leaves, layers)
 
     # ------------------------------------------------------------------ display
     def summary(self) -> str:
@@ -319,6 +416,58 @@ class LayerCollection:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _ids(lc: LayerCollection) -> list[str]:
+    return [layer.id for layer in lc.layers]
+
+
+def _union_conflict(a: LayerCollection, b: LayerCollection, common: set[str]) -> str | None:
+    """Why ``a`` and ``b`` (neither holding the other's layers) are not layer subsets of
+    one model, or ``None``."""
+    for lc in (a, b):
+        if lc.origin is None:
+            other = b if lc is a else a
+            missing = [i for i in _ids(other) if i not in common]
+            return (f"the root layout of layers {_ids(lc)} lacks the layers {missing}")
+    ids = {layer.id: a._signature(layer) for layer in a.layers}
+    for layer in b.layers:
+        if layer.id in ids and layer.id not in common:
+            return f"layer {layer.id!r} differs between them"
+    owner = {root: (layer.id, a.paths[i]) for layer in a.layers for i in layer.leaves
+             for root in (a.root_leaves[i],)}
+    for layer in b.layers:
+        for i in layer.leaves:
+            held = owner.get(b.root_leaves[i])
+            if held is not None and held != (layer.id, b.paths[i]):
+                return (f"root leaf {b.root_leaves[i]} is {held[1]!r} of layer {held[0]!r} "
+                        f"in one and {b.paths[i]!r} of layer {layer.id!r} in the other")
+    return None
+
+
+def _assembled(leaves: dict[int, tuple[str, tuple[int, ...], str]],
+               layers: Sequence[tuple[Layer, tuple[int, ...]]]) -> LayerCollection:
+    """The sub-collection of the root leaves ``leaves`` (``{root index: (path, shape,
+    dtype)}``) partitioned into ``layers`` (each with its leaves' root indices): one flat
+    list of leaves, ordered by root index, the layers by their first leaf."""
+    roots = tuple(sorted(leaves))
+    position = {root: k for k, root in enumerate(roots)}
+    chosen = sorted((dataclasses.replace(layer, leaves=tuple(position[r] for r in rl))
+                     for layer, rl in layers), key=lambda layer: layer.leaves[0])
+    return LayerCollection(
+        jax.tree_util.tree_structure([0] * len(roots)),
+        tuple(leaves[r][0] for r in roots), tuple(leaves[r][1] for r in roots),
+        tuple(leaves[r][2] for r in roots), tuple(chosen), origin=roots)
+
+
+def sub_collection(lc: LayerCollection, layer_ids: Sequence[str]) -> LayerCollection:
+    """The sub-collection of the layers ``layer_ids`` of ``lc`` (see :func:`_assembled`);
+    its :attr:`~LayerCollection.origin` places it in ``lc``'s root."""
+    chosen = [lc.layer(i) for i in layer_ids]
+    leaves = {lc.root_leaves[i]: (lc.paths[i], lc.shapes[i], lc.dtypes[i])
+              for layer in chosen for i in layer.leaves}
+    return _assembled(leaves, [(layer, tuple(lc.root_leaves[i] for i in layer.leaves))
+                               for layer in chosen])
 
 
 def _leaf_name(path: str, layer_id: str) -> str:

@@ -215,7 +215,7 @@ def scale_by_natural_gradient(
         weighs the residuals of the losses (``½ rᵀΣ⁻¹r``: the empirical Fisher's and the
         default ``loss_fn``).
       solve_options: passed to ``solve`` (``method``, CG's ``maxiter``/``rtol``,
-        K-FAC's ``damping="exact"|"pi"``, also used by the cached ``inv``).
+        K-FAC's ``damping="exact"|"pi"|"pi_one"``, also used by the cached ``inv``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxgeom.layers import LayerCollection, check_layer_collection
+from jaxgeom.layers import LayerCollection, check_layer_collection, sub_collection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,11 @@ class Restriction:
 
     Attributes:
       layer_collection: the sub-collection: one flat *list* of the subset's leaves (in the
-        flat order), with the original paths, shapes, kinds and roles.
+        flat order), with the original paths, shapes, kinds and roles, and their positions
+        among the model's leaves (:attr:`~jaxgeom.layers.LayerCollection.origin`: a
+        restriction of a restriction is the restriction of the model, and two
+        restrictions unite and intersect, :meth:`~jaxgeom.layers.LayerCollection.union`,
+        :meth:`~jaxgeom.layers.LayerCollection.intersection`).
       leaves: the subset's leaf indices in the full collection (ascending).
       indices: the subset's flat indices in the full flat order (ascending).
     """
@@ -83,20 +87,10 @@ def restrict(layer_collection: LayerCollection,
 
 @functools.lru_cache(maxsize=256)
 def _restrict(layer_collection: LayerCollection, layer_ids: tuple[str, ...]) -> Restriction:
-    chosen = [layer_collection.layer(i) for i in layer_ids]
-    leaves = tuple(sorted(i for layer in chosen for i in layer.leaves))
-    position = {leaf: k for k, leaf in enumerate(leaves)}
-    layers = tuple(
-        dataclasses.replace(layer, leaves=tuple(position[i] for i in layer.leaves))
-        for layer in sorted(chosen, key=lambda lyr: lyr.leaves[0])
-    )
     lc = layer_collection
-    sub = LayerCollection(
-        jax.tree_util.tree_structure([0] * len(leaves)),
-        tuple(lc.paths[i] for i in leaves), tuple(lc.shapes[i] for i in leaves),
-        tuple(lc.dtypes[i] for i in leaves), layers)
+    leaves = tuple(sorted(i for layer_id in layer_ids for i in lc.layer(layer_id).leaves))
     indices = np.concatenate([np.arange(lc.offsets[i], lc.offsets[i + 1]) for i in leaves])
-    return Restriction(sub, leaves, indices)
+    return Restriction(sub_collection(lc, layer_ids), leaves, indices)
 
 
 @dataclasses.dataclass(frozen=True)

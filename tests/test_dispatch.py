@@ -102,6 +102,7 @@ def _as_written(M, op, v):
 
 INVERSES = {  # representation-valued operations compiled when eager (new arrays: no identity)
     "PMatKFAC pi": (PMatKFAC, dict(damping="pi")),
+    "PMatKFAC pi_one": (PMatKFAC, dict(damping="pi_one")),
     "PMatQuasiDiag": (PMatQuasiDiag, {}),
 }
 

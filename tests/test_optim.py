@@ -63,6 +63,23 @@ def test_one_step_equals_dense_formula(task, name):
     np.testing.assert_allclose(flat(updates), expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("damping", ["pi", "pi_one"])
+@pytest.mark.parametrize("inverse_period", [1, 2])
+def test_kfac_factored_damping(task, damping, inverse_period):
+    """``solve_options={"damping": ...}`` reaches K-FAC's solve, and the cached inverse
+    (``inverse_period > 1``) of the factor-damped blocks: the step is the π-damped
+    (``"pi"``) or π = 1 (``"pi_one"``, NNGeometry's ``use_pi=False``) solve."""
+    t, grads = task
+    tx = optim.scale_by_natural_gradient(jg.PMatKFAC, damping=LAM, apply_fn=t.apply_fn,
+                                         inverse_period=inverse_period,
+                                         example_batch=(t.x, t.y),
+                                         solve_options={"damping": damping})
+    direction, _ = one_step(tx, t, grads)
+    K = jg.FIM(t.apply_fn, t.params, (t.x, t.y), jg.PMatKFAC)
+    np.testing.assert_allclose(flat(direction), flat(K.solve(grads, LAM, damping=damping)),
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_monte_carlo_and_empirical_fisher(task):
     t, grads = task
     key = jax.random.PRNGKey(3)

@@ -281,10 +281,14 @@ def test_solve(case):
     check_solve(K, dense, t.params)  # every method: "eigh" (exact damping), "cg"
 
 
-def test_pi_damping(case):
-    """(A + π√λ I) ⊗ (G + √λ/π I), π = √((tr A/a)/(tr G/g)), exact blocks damped exactly."""
-    t, K, dense = case
-    lam = 1e-2
+def _factor_damped_dense(K, dense, lam, damping, p=-1.0):
+    """The float64 brute force of a factor-damped ``(M + λI)^p``: per Kronecker layer the
+    power of the dense Kronecker product ``(A + π√λ I) ⊗ (G + √λ/π I)`` (π of Martens &
+    Grosse for ``"pi"``, 1 for ``"pi_one"``), the other layers' ``(B + λI)^p``."""
+    def power(m):
+        e, q = np.linalg.eigh(m)
+        return (q * e**p) @ q.T
+
     expected = np.zeros_like(dense)
     lc = K.layer_collection
     for layer in lc.layers:
@@ -292,22 +296,75 @@ def test_pi_damping(case):
         if layer.id in {s.layer_id for s in K.specs}:
             A, G = (np.asarray(f) for f in K.kronecker_factors(layer))
             A = np.diag(A) if A.ndim == 1 else A
-            pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+            pi = (np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+                  if damping == "pi" else 1.0)
             damped = np.kron(G + np.sqrt(lam) / pi * np.eye(len(G)),
                              A + pi * np.sqrt(lam) * np.eye(len(A)))
             order = np.argsort(K._parts.kron_flat[K._index(layer)])
-            block = np.linalg.inv(damped)[np.ix_(order, order)]
+            block = power(damped)[np.ix_(order, order)]
         else:
-            block = np.linalg.inv(dense[np.ix_(idx, idx)] + lam * np.eye(len(idx)))
+            block = power(dense[np.ix_(idx, idx)] + lam * np.eye(len(idx)))
         expected[np.ix_(idx, idx)] = block
-    inv = K.inv(lam, damping="pi")
-    np.testing.assert_allclose(inv.to_dense(), expected, rtol=1e-8, atol=1e-8)
+    return expected
+
+
+@pytest.mark.parametrize("damping", ["pi", "pi_one"])
+def test_factored_damping(case, damping):
+    """``"pi"``: (A + π√λ I) ⊗ (G + √λ/π I), π = √((tr A/a)/(tr G/g)); ``"pi_one"``
+    (NNGeometry's ``use_pi=False``): π = 1, (A + √λ I) ⊗ (G + √λ I); exact blocks of the
+    other layers damped exactly. ``inv``, ``pow(-1)``, ``solve`` and ``pow(±½)`` against
+    the dense Kronecker products of the damped factors."""
+    t, K, dense = case
+    lam = 1e-2
+    expected = _factor_damped_dense(K, dense, lam, damping)
     v = np.asarray(jax.random.normal(KEY, (len(dense),)))
-    np.testing.assert_allclose(K.solve(v, lam, damping="pi"), expected @ v, rtol=1e-8)
+    for inverse in (K.inv(lam, damping=damping), K.pow(-1, lam, damping=damping)):
+        assert type(inverse) is PMatKFAC  # still Kronecker-factored
+        np.testing.assert_allclose(inverse.to_dense(), expected, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(K.solve(v, lam, damping=damping), expected @ v, rtol=1e-8)
+    np.testing.assert_allclose(  # a stack of vectors, solved row by row
+        K.solve(np.stack([v, 2 * v]), lam, damping=damping), [expected @ v, 2 * expected @ v],
+        rtol=1e-8)
+    for p in (-0.5, 0.5):
+        np.testing.assert_allclose(K.pow(p, lam, damping=damping).to_dense(),
+                                   _factor_damped_dense(K, dense, lam, damping, p),
+                                   rtol=1e-7, atol=1e-9)
+    solve = jax.jit(lambda m, x, r: m.solve(x, r, damping=damping))
+    np.testing.assert_allclose(solve(K, v, lam), expected @ v, rtol=1e-8)
     np.testing.assert_allclose(K.inv(lam).to_dense(),  # exact damping
                                np.linalg.inv(dense + lam * np.eye(len(dense))), rtol=1e-7)
-    with pytest.raises(ValueError, match="damping"):
-        K.inv(lam, damping="heuristic")
+
+
+def test_pi_one_differs_from_pi_and_from_exact_damping():
+    """On factors of unequal scales (π ≠ 1) the three dampings give three matrices, and
+    the factored ones over-damp: ``(A + √λ)⊗(G + √λ) ⪰ A⊗G + λI``."""
+    t = make_plain_mlp()
+    K = 7.0 * FIM(t.apply_fn, t.params, (t.x, t.y), PMatKFAC)  # scales A only: π ≠ 1
+    lam = 1e-2
+    dense = np.asarray(K.to_dense())
+    exact = np.linalg.inv(dense + lam * np.eye(len(dense)))
+    inverses = {d: np.asarray(K.inv(lam, damping=d).to_dense()) for d in ("pi", "pi_one")}
+    assert not np.allclose(inverses["pi"], inverses["pi_one"], rtol=1e-3)
+    for inverse in inverses.values():
+        assert not np.allclose(inverse, exact, rtol=1e-3)
+        assert np.linalg.eigvalsh(exact - inverse).min() > -1e-10  # inverses: ⪯ the exact one
+
+
+def test_damping_values_are_checked(case):
+    """A damping that is not one of ``DAMPINGS`` is refused by every operation that takes
+    it, naming the valid ones (NNGeometry's ``use_pi`` booleans: which name each is)."""
+    t, K, dense = case
+    v = np.ones(len(dense))
+    for call in (lambda d: K.inv(1e-2, damping=d), lambda d: K.pow(-0.5, 1e-2, damping=d),
+                 lambda d: K.solve(v, 1e-2, damping=d)):
+        with pytest.raises(ValueError, match="damping must be one of.*'pi_one'"):
+            call("heuristic")
+        with pytest.raises(ValueError, match="use_pi=False is damping='pi_one'"):
+            call(False)
+    with pytest.raises(TypeError, match="takes no option use_pi"):
+        K.solve(v, 1e-2, use_pi=False)
+    with pytest.raises(ValueError, match="damping='pi_one' damps each of the Kronecker"):
+        K.inv(1e-2).inv(1e-2, damping="pi_one")  # an eigenbasis form has no factors
 
 
 def test_pi_damping_of_a_zero_block_is_the_damping_alone():
@@ -327,6 +384,10 @@ def test_pi_damping_of_a_zero_block_is_the_damping_alone():
     assert np.trace(K.kronecker_factors(first)[1]) == 0
     idx = K.layer_collection.layer_indices(first)
     np.testing.assert_allclose(solved[idx], v[idx] / lam, rtol=1e-10)
+    # π = 1 needs no limit: (A + √λ I) ⊗ (0 + √λ I), as the formula reads
+    dense = np.asarray(K.to_dense())
+    np.testing.assert_allclose(K.solve(v, lam, damping="pi_one"),
+                               _factor_damped_dense(K, dense, lam, "pi_one") @ v, rtol=1e-8)
 
 
 def test_sum_is_block_diagonal_and_product_factorwise(case):

@@ -588,6 +588,11 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         """Refuse ``other`` unless it has this matrix's layout, naming what differs."""
         if other.layer_collection == self.layer_collection:
             return
+        subsets = _layer_subsets(self.layer_collection, other.layer_collection)
+        if subsets is not None:
+            raise ValueError(
+                f"{type(self).__name__} and {type(other).__name__} act on different subsets "
+                f"of the model's layers: {_subset_words(*subsets)}")
         field, detail = self.layer_collection.difference(other.layer_collection)
         fix = {
             "dtypes": "build both from parameters of one dtype (cast one set: "
@@ -667,8 +672,63 @@ def _is_map(v: Any, layout: LayerCollection) -> bool:
     )
 
 
+def _layer_subsets(a: LayerCollection, b: LayerCollection) -> tuple | None:
+    """``(union, only_a, only_b, common)`` (layer ids) when ``a`` and ``b`` are different
+    layer subsets of one model (:meth:`~jaxgeom.layers.LayerCollection.union` holds
+    both), else ``None``."""
+    if {layer.id for layer in a.layers} == {layer.id for layer in b.layers}:
+        return None
+    try:
+        union = a.union(b)
+    except ValueError:
+        return None
+    common = a.get_common_layers(b)
+    only = tuple(tuple(layer.id for layer in lc.layers if layer.id not in common)
+                 for lc in (a, b))
+    return union, *only, common
+
+
+def _subset_words(union: LayerCollection, only_a: tuple, only_b: tuple,
+                  common: tuple) -> str:
+    """The layers each of two overlapping layer subsets holds, and how to combine them."""
+    ids = [layer.id for layer in union.layers]
+    return (
+        f"layers {list(only_a)} only in the first, {list(only_b)} only in the second, "
+        f"{list(common)} in both. A sum or product of matrices on overlapping subsets "
+        "is not defined here (on the union, with zeros elsewhere, or on the common layers "
+        "only, NNGeometry's convention?): build both on one layout, the union "
+        f"R = restrict(layer_collection, {ids}) (its layer collection is "
+        "M1.layer_collection.union(M2.layer_collection)) or the common layers "
+        f"R = restrict(layer_collection, {list(common)}) "
+        "(M1.layer_collection.intersection(M2.layer_collection)), with FIM(R.apply_fn("
+        "apply_fn, params), R.select(params), data, PMat…, layer_collection=R.layer_collection)"
+        " (jaxgeom.restriction.restrict). Matrices on disjoint subsets add up to a PMatMixed")
+
+
+def _disjoint_sum(a: PMatAbstract, b: PMatAbstract, sign: int) -> PMatAbstract | None:
+    """``a + sign·b`` for matrices on disjoint layer subsets of one model (each zero on
+    the other's layers): the block-diagonal :class:`~jaxgeom.pmat.mixed.PMatMixed` of
+    the two on their union, each part kept in its representation (cost: a scaling of
+    ``b`` for ``-``). ``None`` when the layouts are not disjoint subsets of one model."""
+    subsets = _layer_subsets(a.layer_collection, b.layer_collection)
+    if subsets is None or subsets[3]:
+        return None
+    from jaxgeom.pmat.mixed import PMatMixed
+
+    for m in (a, b):
+        if getattr(m, "NEEDS_REPLAY", False):
+            m._unsupported("addition", "build both operands in a stored representation")
+    return PMatMixed.from_mapping(subsets[0], [a, b if sign == 1 else -1.0 * b])
+
+
 def _combine(a: PMatAbstract, b: PMatAbstract, sign: int) -> PMatAbstract:
-    """``a + sign·b`` in the least structured representation that holds both exactly."""
+    """``a + sign·b`` in the least structured representation that holds both exactly; for
+    matrices on disjoint layer subsets of one model, their block-diagonal
+    :class:`~jaxgeom.pmat.mixed.PMatMixed` on the union of the subsets."""
+    if a.layer_collection != b.layer_collection:
+        disjoint = _disjoint_sum(a, b, sign)
+        if disjoint is not None:
+            return disjoint
     a._check_compatible(b)
     for m in (a, b):
         if getattr(m, "NEEDS_REPLAY", False):  # never densify a matrix-free operator silently

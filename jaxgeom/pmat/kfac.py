@@ -43,7 +43,8 @@ build ``N K B`` plus ``N Σ T_l (a_l² + K g_l²)``, one streaming pass, memory
 ``o³``; a factor with :attr:`Kron.rank_bounds` ``r ≤ n/4``, ``≈ 6 n² r`` through its range:
 a build carries the bounds of a wide dense layer's factors summed from few examples, as
 hints checked at use, :attr:`Kron.bounds_checked`); with
-``damping="pi"``, ``solve`` and ``inv`` use Cholesky factorisations instead
+factored damping (``damping="pi"`` or ``"pi_one"``), ``solve`` and ``inv`` use Cholesky
+factorisations instead
 (``Σ (a_l³ + g_l³)/3``, several times cheaper); never a ``d × d`` matrix (except
 ``to_dense``). Each ``solve`` factorises anew: for many solves with one ``regul``, invert
 once (``Finv = F.inv(regul)``, then ``Finv.mv(v)`` at the cost of ``mv``).
@@ -52,10 +53,18 @@ Damping: ``solve(v, regul)``, ``inv(regul)``, ``pow(p, regul)`` use exact dampin
 ``(A ⊗ G + λI)^p = (Q_A ⊗ Q_G) (Λ_A ⊗ Λ_G + λ)^p (Q_A ⊗ Q_G)ᵀ`` by default (curvlinops'
 ``use_exact_damping``). The result of ``inv``/``pow`` keeps the factors' eigenbases and the
 ``g_l × a_l`` eigenvalues per layer (the storage of EKFAC, George et al. 2018), since it is
-no longer a Kronecker product; with ``regul = 0`` it stays ``A^p ⊗ G^p``. ``damping="pi"``
-uses the π-corrected factored damping of Martens & Grosse (2015, §6.3):
-``(A + π√λ I) ⊗ (G + √λ/π I)``, ``π = √((tr A / a_l) / (tr G / g_l))`` (always Kronecker).
-Exact blocks of other layers are damped exactly in both cases.
+no longer a Kronecker product; with ``regul = 0`` it stays ``A^p ⊗ G^p``. The factored
+dampings damp each factor and stay Kronecker products (:data:`FACTORED_DAMPINGS`):
+
+- ``damping="pi"``: the π-corrected damping of Martens & Grosse (2015, §6.3),
+  ``(A + π√λ I) ⊗ (G + √λ/π I)``, ``π = √((tr A / a_l) / (tr G / g_l))``
+  (NNGeometry's default, ``use_pi=True``);
+- ``damping="pi_one"``: the same with ``π = 1``, ``(A + √λ I) ⊗ (G + √λ I)``
+  (NNGeometry's ``use_pi=False``).
+
+Both equal ``A ⊗ G + λI`` plus the cross terms ``√λ (π A ⊗ I + I ⊗ G / π)``: an
+approximation of the exact damping that over-damps. Exact blocks of other layers are
+damped exactly in every case.
 
 ``M1 ± M2`` is a KFAC where, layer by layer, the two share a factor (the same arrays or
 equal values: ``M + M``, ``M − 0.5 M``; scaling multiplies ``A``): ``(A₁ ± A₂) ⊗ G`` or
@@ -108,7 +117,10 @@ from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.streaming import ChunkBuilder, builder, mean
 
 APPROXIMATIONS = ("expand", "reduce")
-DAMPINGS = ("exact", "pi")
+DAMPINGS = ("exact", "pi", "pi_one")
+#: the dampings that damp each Kronecker factor (:meth:`Kron.factor_damped`), with whether
+#: they scale the factors' shares by π (Martens & Grosse's correction) or take ``π = 1``
+FACTORED_DAMPINGS = {"pi": True, "pi_one": False}
 
 
 # ----------------------------------------------------------------------------- layer blocks
@@ -311,19 +323,31 @@ class Kron:
         a = 1 / self.A if self.A.ndim == 1 else _sym(spd_solve(self.A, _eye_like(self.A)))
         return Kron(a, _sym(spd_solve(self.G, _eye_like(self.G))))
 
-    def pi_damped(self, regul) -> Kron:
-        """``(A + π√λ I) ⊗ (G + √λ/π I)`` (Martens & Grosse 2015, §6.3).
+    def factor_damped(self, regul, damping: str) -> Kron:
+        """The block with each factor damped (a ``damping`` of :data:`FACTORED_DAMPINGS`):
+        ``(A + π√λ I) ⊗ (G + √λ/π I)``, ``λ`` = ``regul``, with
 
-        A factor of trace zero (a layer whose outputs get no gradient, or whose inputs
-        are all zero) makes the block zero and ``π`` 0 or ∞; the damped block is then
-        ``λI``, the limit of the formula, written ``√λ I ⊗ √λ I`` (as kfac-jax does)."""
-        a_mean = self._trace_a() / self.A.shape[0]
-        g_mean = _spectral.trace(self.G) / self.G.shape[0]
-        zero = (a_mean == 0) | (g_mean == 0)
-        pi = jnp.where(zero, 1, jnp.sqrt(a_mean / jnp.where(zero, 1, g_mean)))
+        - ``"pi"``: ``π = √((tr A / a) / (tr G / g))`` (Martens & Grosse 2015, §6.3), which
+          balances the two factors' shares of the damping. A factor of trace zero (a
+          layer whose outputs get no gradient, or whose inputs are all zero) makes the
+          block zero and ``π`` 0 or ∞; the damped block is then ``λI``, the limit of the
+          formula, written ``√λ I ⊗ √λ I`` (as kfac-jax does);
+        - ``"pi_one"``: ``π = 1``, ``(A + √λ I) ⊗ (G + √λ I)`` (NNGeometry's
+          ``use_pi=False``), the formula as it is for any factors.
+
+        Cost ``O(a + g)`` (two traces and two diagonal updates). Positive definite for
+        ``λ > 0``, so :meth:`solve` and :meth:`inverse` factorise it by Cholesky."""
         root = jnp.sqrt(jnp.asarray(regul, self.G.dtype))
-        eye_g = jnp.eye(self.G.shape[0], dtype=self.G.dtype)
-        a, g = (jnp.where(zero, jnp.zeros_like(f), f) for f in (self.A, self.G))
+        a, g = self.A, self.G
+        if FACTORED_DAMPINGS[damping]:
+            a_mean = self._trace_a() / self.A.shape[0]
+            g_mean = _spectral.trace(self.G) / self.G.shape[0]
+            zero = (a_mean == 0) | (g_mean == 0)
+            pi = jnp.where(zero, 1, jnp.sqrt(a_mean / jnp.where(zero, 1, g_mean)))
+            a, g = (jnp.where(zero, jnp.zeros_like(f), f) for f in (a, g))
+        else:
+            pi = 1
+        eye_g = jnp.eye(g.shape[0], dtype=g.dtype)
         a = a + pi * root if a.ndim == 1 else a + pi * root * jnp.eye(
             a.shape[0], dtype=a.dtype)
         return Kron(a, g + root / pi * eye_g)
@@ -702,7 +726,7 @@ class PMatKFAC(PMatAbstract):
     SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"eigh": ("damping",),
                                                            "cg": (*CG_OPTIONS, "damping")}
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = (*PMatAbstract.FACTORISES,
-                                                         "_pi_damped_inverse")
+                                                         "_factor_damped_inverse")
 
     def check_shapes(self) -> None:
         """Refuse factors or blocks of another model's shapes (a state restored into a
@@ -842,19 +866,20 @@ class PMatKFAC(PMatAbstract):
         """The orders of the independent matrices that the compiled eager call
         ``operation(*args, **kwargs)`` factorises (:func:`~jaxgeom._dispatch.compiled_when_eager`
         runs them side by side when that is faster): every factor and block for
-        ``eigvalsh``, ``slogdet``, ``logdet``, ``norm(±2)`` and ``solve`` — the π-damped
-        one's Cholesky factorisations of ``G`` and ``A`` too (its triangular solves chain
-        ``G`` then ``A`` in each layer, the factorisations do not: bench_mlp's π-damped
-        ``solve`` 28.0 → 26.5 ms, and a loop of it and a Monte-Carlo build 63.5 → 47.5 ms,
-        no LAPACK thread left spinning into the build)."""
-        if operation == "_pi_damped_inverse":
-            return self._pi_damped_orders()
+        ``eigvalsh``, ``slogdet``, ``logdet``, ``norm(±2)`` and ``solve`` — a factor-damped
+        one's (``damping="pi"``/``"pi_one"``) Cholesky factorisations of ``G`` and ``A``
+        too (its triangular solves chain ``G`` then ``A`` in each layer, the factorisations
+        do not: bench_mlp's π-damped ``solve`` 28.0 → 26.5 ms, and a loop of it and a
+        Monte-Carlo build 63.5 → 47.5 ms, no LAPACK thread left spinning into the build)."""
+        if operation == "_factor_damped_inverse":
+            return self._factor_damped_orders(args[1] if len(args) > 1 else kwargs["damping"])
         if operation == "solve":
             method = kwargs.get("method") or self.SOLVE_METHODS[0]
             if method != "eigh":
                 return []
-            if kwargs.get("damping", "exact") == "pi":
-                return self._pi_damped_orders()
+            damping = kwargs.get("damping", "exact")
+            if damping in FACTORED_DAMPINGS:
+                return self._factor_damped_orders(damping)
         elif operation == "_norm":
             if (args[0] if args else kwargs.get("ord")) not in (2, -2):
                 return []
@@ -862,10 +887,10 @@ class PMatKFAC(PMatAbstract):
             return []
         return self._eigh_orders()
 
-    def _pi_damped_orders(self) -> list[int]:
-        """The orders of the matrices a π-damped ``solve`` or ``inv`` factorises: each
+    def _factor_damped_orders(self, damping: str) -> list[int]:
+        """The orders of the matrices a factor-damped ``solve`` or ``inv`` factorises: each
         layer's ``G`` and (not diagonal) ``A`` by Cholesky, each exact block by ``eigh``."""
-        return [m.shape[0] for node in self._krons("π-damping") for m in (node.G, node.A)
+        return [m.shape[0] for node in self._krons(damping) for m in (node.G, node.A)
                 if m.ndim == 2] + [b.shape[0] for b in self.blocks]
 
     def eigvalsh(self):
@@ -882,8 +907,9 @@ class PMatKFAC(PMatAbstract):
                     "damps each Kronecker factor and is solved in closed form: drop "
                     "method='cg'")
             return super()._solve(v, regul, method, **options)
-        if damping == "pi":
-            nodes, operation = [n.pi_damped(regul) for n in self._krons("π-damping")], "solve"
+        if damping in FACTORED_DAMPINGS:
+            nodes = [n.factor_damped(regul, damping) for n in self._krons(damping)]
+            operation = "solve"
             pairs = [jnp.linalg.eigh(b) for b in self.blocks]
         else:
             eigen_nodes, pairs = self._eigen()
@@ -898,19 +924,33 @@ class PMatKFAC(PMatAbstract):
 
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0, *, damping: str = "exact") -> PMatKFAC:
-        """``(M + λI)⁻¹`` (exact damping) or the π-damped Kronecker inverse."""
+        """``(M + λI)⁻¹`` (exact damping, ``damping="exact"``) or the inverse of the
+        factor-damped blocks, ``(A + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹`` (``damping="pi"``; π = 1
+        with ``damping="pi_one"``). See :meth:`pow`."""
         return self.pow(-1, regul, damping=damping)
 
     def pow(self, p: Any, regul: Any = 0.0, *, damping: str = "exact") -> PMatKFAC:
         """``(M + λI)^p`` for any real ``p`` (PSD for non-integer ``p``), layer by layer:
         ``A^p ⊗ G^p`` when ``regul`` is 0, the eigenbasis form with exact damping, or
-        the π-damped factors' powers with ``damping="pi"``."""
+        the factor-damped blocks' powers ``(A + π√λ I)^p ⊗ (G + √λ/π I)^p`` with
+        ``damping="pi"`` (π of Martens & Grosse) or ``"pi_one"`` (π = 1). Exact blocks of
+        other layers: ``(B + λI)^p``.
+
+        Cost: ``Σ (a_l³ + g_l³)`` (factor ``eigh``; Cholesky for a factor-damped ``p = -1``),
+        plus ``o³`` per exact block.
+
+        Raises:
+          ValueError: for a ``damping`` not in :data:`DAMPINGS`, or a factored damping of
+            a matrix held in its eigenbasis (an EKFAC, a KFAC after ``inv``/``pow``).
+        """
         _check_damping(damping)
-        if damping == "pi" and _spectral.is_integer(p) and p == -1:
-            return self._pi_damped_inverse(regul)
+        factored = damping in FACTORED_DAMPINGS
+        if factored and _spectral.is_integer(p) and p == -1:
+            return self._factor_damped_inverse(regul, damping)
         blocks = tuple(PMatDense(_flat(b), b).pow(p, regul).data for b in self.blocks)
-        if damping == "pi":
-            nodes = tuple(n.pi_damped(regul).power(p) for n in self._krons("π-damping"))
+        if factored:
+            nodes = tuple(n.factor_damped(regul, damping).power(p)
+                          for n in self._krons(damping))
         elif _is_static_zero(regul) and all(isinstance(n, Kron) for n in self.factors):
             nodes = tuple(n.power(p) for n in self.factors)
         else:
@@ -920,14 +960,15 @@ class PMatKFAC(PMatAbstract):
         return self._with(nodes, blocks)
 
     @compiled_when_eager
-    def _pi_damped_inverse(self, regul: Any) -> PMatKFAC:
-        """``inv(regul, damping="pi")``: the π-damped factors' inverses through Cholesky
-        factorisations and the exact blocks' ``(B + λI)⁻¹``. One compiled call when eager
+    def _factor_damped_inverse(self, regul: Any, damping: str) -> PMatKFAC:
+        """``inv(regul, damping)`` for a factored ``damping`` (``"pi"``, ``"pi_one"``): the
+        damped factors' inverses through Cholesky factorisations and the exact blocks'
+        ``(B + λI)⁻¹``. One compiled call when eager
         (a new matrix of new arrays: no eigenbasis to keep the identity of), its
         factorisations side by side when faster (:meth:`_factorised_orders`): bench_small's
         eager ``inv`` took 7.1 ms dispatched operation by operation."""
         blocks = tuple(PMatDense(_flat(b), b).pow(-1, regul).data for b in self.blocks)
-        nodes = tuple(n.pi_damped(regul).inverse() for n in self._krons("π-damping"))
+        nodes = tuple(n.factor_damped(regul, damping).inverse() for n in self._krons(damping))
         return self._with(nodes, blocks)
 
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatKFAC:
@@ -943,13 +984,16 @@ class PMatKFAC(PMatAbstract):
         blocks = tuple(_spectral.reconstruct(w, q) for w, (_, q) in zip(inverted[k:], pairs))
         return self._with(new_nodes, blocks)
 
-    def _krons(self, what: str) -> tuple[Kron, ...]:
+    def _krons(self, damping: str) -> tuple[Kron, ...]:
+        """The layers' :class:`Kron` nodes, for a factored ``damping``; a ``ValueError``
+        when the matrix holds eigenbases instead."""
         if not all(isinstance(n, Kron) for n in self.factors):
             raise ValueError(
-                f"{what} needs the Kronecker factors (A, G); this {type(self).__name__} holds "
-                "eigenbases with a refitted diagonal (an EKFAC, or a KFAC taken to a power), "
-                "where π has no meaning. Use damping='exact' (the default: M + regul·I), or "
-                "build a PMatKFAC for π-damping")
+                f"damping={damping!r} damps each of the Kronecker factors (A, G); this "
+                f"{type(self).__name__} holds eigenbases with a refitted diagonal (an EKFAC, "
+                "or a KFAC taken to a power), where the factors (and π) have no meaning. Use "
+                "damping='exact' (the default: M + regul·I), or build a PMatKFAC for "
+                "factored damping")
         return self.factors
 
     # ------------------------------------------------------------------ algebra
@@ -1306,9 +1350,15 @@ def other_gradients(cap: Captured, plan: CapturePlan,
     return [other[..., idx].reshape(-1, len(idx)) for idx in _other_columns(plan, layout)]
 
 
-def _check_damping(damping):
-    if damping not in DAMPINGS:
-        raise ValueError(f"damping must be one of {DAMPINGS}; got {damping!r}")
+def _check_damping(damping: Any) -> None:
+    """Refuse a ``damping`` not in :data:`DAMPINGS` (NNGeometry's ``use_pi`` flag is not
+    one: its ``use_pi=False`` is ``damping="pi_one"``)."""
+    if not isinstance(damping, str) or damping not in DAMPINGS:
+        hint = (" (NNGeometry's use_pi=True is damping='pi', use_pi=False is "
+                "damping='pi_one')" if isinstance(damping, bool) else "")
+        raise ValueError(
+            f"damping must be one of {DAMPINGS}: 'exact' (M + λI), 'pi' ((A + π√λI) ⊗ "
+            f"(G + √λ/π I)), 'pi_one' ((A + √λI) ⊗ (G + √λI)); got {damping!r}{hint}")
 
 
 def _is_static_zero(x) -> bool:
