@@ -11,6 +11,7 @@ from pmat_checks import check_products
 from jaxgeom import FIM, FIM_MonteCarlo, LayerCollection, SecondMoment, random_pvector
 from jaxgeom.pmat import _gram
 from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.pmat.eye import PMatEye
 from jaxgeom.pmat.lowrank import PMatLowRank
 from jaxgeom.variants import softmax_cholesky_outputs
 
@@ -103,14 +104,77 @@ def test_pinv_and_pow(case):
     np.testing.assert_allclose(minus_half @ minus_half, ref_pinv, rtol=1e-6, atol=1e-6)
 
 
-def test_unsupported_functions_point_elsewhere(case):
+def test_singular_functions_point_elsewhere(case):
     t, F, _ = case
-    with pytest.raises(NotImplementedError, match=r"solve\(v, regul\).*PMatDense"):
-        F.inv(REGUL)
-    with pytest.raises(NotImplementedError, match="not low-rank.*PMatDense"):
-        F.pow(-1, REGUL)
+    with pytest.raises(ValueError, match=r"shift \+ regul.*pinv"):
+        F.inv()  # rank ≤ r < d: singular
     with pytest.raises(NotImplementedError, match="identity"):
         F.pow(0)
+
+
+TAU = 0.37  # a prior precision: N F + τI is a Laplace posterior's precision
+
+
+def test_a_shifted_matrix_is_exact_everywhere(case):
+    """``S = F + τI`` (``F + PMatEye``) stays low-rank with the shift ``τ``: every product,
+    spectrum and function against the dense ``F + τI``."""
+    t, F, ref = case
+    d = len(ref)
+    eye = PMatEye(F.layer_collection, TAU)
+    S = F + eye
+    dense = ref + TAU * np.eye(d)
+    assert isinstance(S, PMatLowRank) and S.factor.shape == F.factor.shape
+    np.testing.assert_allclose(S.shift, TAU)
+    for M, expected in [(eye + F, dense), (F - eye, ref - TAU * np.eye(d)),
+                        (S - eye, ref), (2 * S, 2 * dense), (-S, -dense), (S + S, 2 * dense)]:
+        assert isinstance(M, PMatLowRank)
+        np.testing.assert_allclose(M.to_dense(), expected, **TOL)
+    check_products(S, dense, t.params)
+    eig = np.linalg.eigvalsh(dense)
+    np.testing.assert_allclose(S.eigvalsh(), eig, **TOL)
+    np.testing.assert_allclose(S.norm(2), eig.max(), **TOL)
+    np.testing.assert_allclose(S.norm(-2), TAU, **TOL)  # the d − r eigenvalues outside F's rows
+    values, vectors = S.eigh()  # thin: M = V diag(λ) Vᵀ + s (I − V Vᵀ)
+    projector = np.asarray(vectors @ vectors.T)
+    np.testing.assert_allclose((vectors * values) @ vectors.T + TAU * (np.eye(d) - projector),
+                               dense, **TOL)
+    np.testing.assert_allclose(S.slogdet(REGUL), np.linalg.slogdet(dense + REGUL * np.eye(d)),
+                               **TOL)
+    v = vec(t)
+    fv = np.asarray(v.to_flat())
+    for method in PMatLowRank.SOLVE_METHODS:
+        options = {"rtol": 1e-13} if method == "cg" else {}
+        for regul in (0.0, REGUL):
+            want = np.linalg.solve(dense + regul * np.eye(d), fv)
+            got = S.solve(v, regul, method=method, **options).to_flat()
+            np.testing.assert_allclose(got, want, rtol=1e-7, err_msg=method)
+    inverse = np.linalg.inv(dense)
+    for M, expected in [(S.inv(), inverse), (S.pinv(), inverse), (S.pow(-1), inverse),
+                        (S.inv(REGUL), np.linalg.inv(dense + REGUL * np.eye(d))),
+                        (S.pow(0), np.eye(d)), (S.pow(2), dense @ dense)]:
+        assert isinstance(M, PMatLowRank) and M.factor.shape[0] <= F.factor.shape[0]
+        np.testing.assert_allclose(M.to_dense(), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_damped_inverse_and_square_root_of_a_posterior(case):
+    """Laplace with a low-rank GGN: ``Σ = (F + τI)⁻¹`` and ``Σ^{1/2} = (F + τI)^{-1/2}`` (to
+    sample ``θ* + Σ^{1/2} z``) in the factor's storage, eagerly and under ``jit``."""
+    t, F, ref = case
+    d = len(ref)
+    w, u = np.linalg.eigh(ref + TAU * np.eye(d))
+    covariance = (u / w) @ u.T
+    root = (u / np.sqrt(w)) @ u.T
+    np.testing.assert_allclose(F.inv(TAU).to_dense(), covariance, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(F.pow(-1, TAU).to_dense(), covariance, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(F.pow(0.5, TAU).to_dense(), (u * np.sqrt(w)) @ u.T, rtol=1e-7,
+                               atol=1e-10)
+    jitted = jax.jit(lambda M, tau: M.pow(-0.5, tau))(F, TAU)
+    for M in (F.pow(-0.5, TAU), jitted):
+        assert isinstance(M, PMatLowRank) and M.factor.shape == (min(F.factor.shape), d)
+        np.testing.assert_allclose(M.to_dense(), root, rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(M.shift, TAU ** -0.5, rtol=1e-12)
+    z = np.random.default_rng(0).standard_normal(d)
+    np.testing.assert_allclose(jitted.mv(z), root @ z, rtol=1e-7, atol=1e-10)
 
 
 def test_algebra(case):

@@ -512,6 +512,9 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: rank in the promotion order ``Eye < Diag < BlockDiag < Dense`` used by ``+``/``-``
     #: between different representations (``None``: converts to dense).
     PROMOTION_RANK: ClassVar[int | None] = None
+    #: whether ``M ± x·I`` (a :class:`~jaxgeom.pmat.eye.PMatEye`) stays in this
+    #: representation outside the promotion order (``from_pmat`` takes the identity)
+    ABSORBS_IDENTITY: ClassVar[bool] = False
 
     @classmethod
     def from_pmat(cls, other: PMatAbstract) -> PMatAbstract:
@@ -736,7 +739,11 @@ def _combine(a: PMatAbstract, b: PMatAbstract, sign: int) -> PMatAbstract:
     if type(a) is type(b):
         return a._add_same(b, sign)
     ranks = (type(a).PROMOTION_RANK, type(b).PROMOTION_RANK)
-    if None in ranks:
+    if ranks[0] == 0 and type(b).ABSORBS_IDENTITY:  # x·I ± M: M's representation
+        target = type(b)
+    elif ranks[1] == 0 and type(a).ABSORBS_IDENTITY:
+        target = type(a)
+    elif None in ranks:
         from jaxgeom.pmat.dense import PMatDense
 
         target = PMatDense

@@ -1,12 +1,15 @@
-"""``PMatLowRank``: ``M = Fᵀ diag(c) F`` from a thin factor ``F`` (``r × d``, ``r ≪ d``)."""
+"""``PMatLowRank``: ``M = Fᵀ diag(c) F + s·I`` from a thin factor ``F`` (``r × d``,
+``r ≪ d``) and an optional shift ``s``."""
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
@@ -17,7 +20,8 @@ from jaxgeom.vector import as_flat
 
 @representation
 class PMatLowRank(PMatAbstract):
-    """A matrix of rank at most ``r``: ``M = Fᵀ diag(c) F = Σᵢ cᵢ fᵢ fᵢᵀ``.
+    """A matrix of rank at most ``r``, plus an optional multiple of the identity:
+    ``M = Fᵀ diag(c) F + s·I = Σᵢ cᵢ fᵢ fᵢᵀ + s·I``.
 
     Built from data, ``F`` stacks the ``r = N·K`` per-example Jacobian rows unscaled
     (``(N K, d)``, example-major) and ``coef`` is the scalar ``1/N``. ``coef`` is either a
@@ -35,6 +39,19 @@ class PMatLowRank(PMatAbstract):
     weights and gives orthonormal eigenvectors for zero eigenvalues (the Gram route
     ``V = Fᵀ U Λ^{-1/2}`` divides by them).
 
+    The shift ``s`` (default 0: built from data, ``M`` is low-rank) makes the damped
+    functions of a low-rank matrix exact in the same storage: with ``M = V diag(λ) Vᵀ +
+    s·I`` (``V`` the thin eigenvectors), any spectral function is
+
+    .. math::  f(M + \\rho I) = V \\operatorname{diag}\\big(f(\\lambda + s + \\rho)
+       - f(s + \\rho)\\big) V^\\top + f(s + \\rho)\\, I,
+
+    so ``inv(ρ)``, ``pow(p, ρ)`` and ``pinv`` of a shifted or damped matrix are again a
+    ``PMatLowRank`` (a Laplace posterior ``(N F + τI)^{-1}`` and its square root for
+    sampling, ``pow(-0.5, τ)``, as laplax's low-rank posteriors), ``M + x·PMatEye`` adds to
+    the shift, and ``s`` scales with ``M``. Every operation below accounts for it (``+ s v``,
+    ``+ s d`` in the trace, the ``d − k`` eigenvalues outside ``V``'s span equal ``s``).
+
     Costs (``r`` rows, ``d`` parameters): storage ``r d``; build ``N K B`` (the per-example
     Jacobians) and memory ``N K d``; ``mv``/``vTMv``/``get_diag``/``trace`` ``r d``;
     ``frobenius_norm`` ``r² d`` (Gram); ``eigh``/``eigvalsh``/``norm(2)``/``pinv``/``pow``
@@ -45,11 +62,16 @@ class PMatLowRank(PMatAbstract):
       layer_collection: the parameter layout (static).
       factor: the ``(r, d)`` rows ``F``.
       coef: the weights ``c``: a scalar or a ``(r,)`` vector.
+      shift: the scalar ``s`` (default 0).
     """
 
     layer_collection: LayerCollection = static_field()
     factor: jax.Array = dataclasses.field(default=None)
     coef: jax.Array = dataclasses.field(default=1.0)
+    shift: jax.Array = dataclasses.field(default=0.0)
+
+    #: ``M ± PMatEye`` adds to the shift (exact) instead of forming ``M`` densely
+    ABSORBS_IDENTITY: ClassVar[bool] = True
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("woodbury", "eigh", "cg")
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
@@ -64,6 +86,15 @@ class PMatLowRank(PMatAbstract):
                 f"PMatLowRank coef must be a scalar or have shape ({shape[-2]},) (one weight "
                 f"per row of the factor); got shape {coef_shape}"
             )
+        if isinstance(self.shift, (numbers.Number, np.ndarray, np.generic)):
+            # an array leaf like the others (tree_map(lambda a: a.astype(...), M) works)
+            dtype = getattr(self.factor, "dtype", None)
+            dtype = self.layer_collection.dtype if dtype is None else dtype
+            object.__setattr__(self, "shift", jnp.asarray(self.shift, dtype))
+        if tuple(getattr(self.shift, "shape", ())) not in ((), tuple(shape[:-2] if shape else ())):
+            raise ValueError(
+                "PMatLowRank shift must be a scalar (M = Fᵀ diag(c) F + shift·I); got shape "
+                f"{tuple(self.shift.shape)}")
 
     @property
     def rank_bound(self) -> int:
@@ -75,66 +106,90 @@ class PMatLowRank(PMatAbstract):
         return jnp.broadcast_to(jnp.asarray(self.coef, self.factor.dtype), (self.rank_bound,))
 
     # ------------------------------------------------------------------ primitives
+    def _shift(self) -> jax.Array:
+        """The shift ``s`` in the factor's dtype."""
+        return jnp.asarray(self.shift, self.factor.dtype)
+
     def _mv(self, v):
-        """``Fᵀ (c ⊙ F v)``: two thin products, ``2 r d``."""
-        return (self._weights() * (self.factor @ v)) @ self.factor  # row-major friendly
+        """``Fᵀ (c ⊙ F v) + s v``: two thin products, ``2 r d``."""
+        # row-major friendly
+        return (self._weights() * (self.factor @ v)) @ self.factor + self._shift() * v
 
     def vTMv(self, v: Any) -> jax.Array:
-        """``Σᵢ cᵢ (fᵢ·v)²``, one thin product (``r d``)."""
+        """``Σᵢ cᵢ (fᵢ·v)² + s‖v‖²``, one thin product (``r d``)."""
         flat, _ = as_flat(v, self.layer_collection)
-        return jnp.sum(self._weights() * (self.factor @ flat) ** 2)
+        return jnp.sum(self._weights() * (self.factor @ flat) ** 2) + self._shift() * (
+            flat @ flat)
 
     def to_dense(self):
-        return self._column_gram()
+        d = self.layer_collection.numel()
+        return self._column_gram().at[jnp.arange(d), jnp.arange(d)].add(self._shift())
 
     def get_diag(self):
-        """``Σᵢ cᵢ fᵢ²`` (``r d``, one fused pass over ``F``: no ``F²`` is formed)."""
-        return jnp.sum(self._weights()[:, None] * self.factor * self.factor, axis=0)
+        """``Σᵢ cᵢ fᵢ² + s`` (``r d``, one fused pass over ``F``: no ``F²`` is formed)."""
+        return jnp.sum(self._weights()[:, None] * self.factor * self.factor, axis=0) + \
+            self._shift()
 
-    def trace(self):
-        """``Σᵢ cᵢ ‖fᵢ‖²`` (``r d``, one pass over ``F``)."""
+    def _low_rank_trace(self) -> jax.Array:
+        """``Σᵢ cᵢ ‖fᵢ‖²``, the trace without the shift (``r d``, one pass over ``F``)."""
         return self._weights() @ jnp.sum(self.factor * self.factor, axis=1)
 
+    def trace(self):
+        """``Σᵢ cᵢ ‖fᵢ‖² + s d`` (``r d``, one pass over ``F``)."""
+        return self._low_rank_trace() + self._shift() * self.layer_collection.numel()
+
     def frobenius_norm(self):
-        """``‖M‖_F² = tr(M²) = Σᵢⱼ cᵢ cⱼ (F Fᵀ)ᵢⱼ²`` through the ``r × r`` Gram (``r² d``),
-        or ``c² ‖FᵀF‖_F²`` through ``M`` itself (``r d²``) when ``d < r``: the squares of
+        """``‖M‖_F² = ‖L‖_F² + 2 s tr(L) + s² d`` for ``L = Fᵀ diag(c) F``, with
+        ``‖L‖_F² = Σᵢⱼ cᵢ cⱼ (F Fᵀ)ᵢⱼ²`` through the ``r × r`` Gram (``r² d``), or
+        ``c² ‖FᵀF‖_F²`` through ``L`` itself (``r d²``) when ``d < r``: the squares of
         the symmetric Gram's upper blocks, reduced as they are multiplied
         (:func:`~jaxgeom.pmat._gram.gram_norm_sq`: about 44% fewer products, no Gram
-        stored). Per-row weights with ``d < r`` form ``M`` (``r d²``)."""
+        stored). Per-row weights with ``d < r`` form ``L`` (``r d²``)."""
         r, d = self.factor.shape
         if d >= r:
-            return jnp.sqrt(jnp.maximum(gram_norm_sq(self.factor.T, self._weights()), 0))
-        if jnp.ndim(self.coef) == 0:
-            return jnp.abs(jnp.asarray(self.coef, self.factor.dtype)) * jnp.sqrt(
-                gram_norm_sq(self.factor))
-        return jnp.sqrt(jnp.sum(self._column_gram() ** 2))
+            low_rank = gram_norm_sq(self.factor.T, self._weights())
+        elif jnp.ndim(self.coef) == 0:
+            low_rank = jnp.asarray(self.coef, self.factor.dtype) ** 2 * gram_norm_sq(
+                self.factor)
+        else:
+            low_rank = jnp.sum(self._column_gram() ** 2)
+        s = self._shift()
+        return jnp.sqrt(jnp.maximum(low_rank + 2 * s * self._low_rank_trace() + s * s * d, 0))
 
     def _column_gram(self) -> jax.Array:
-        """``M = Fᵀ diag(c) F`` (``d × d``, ``r d²``; symmetric blocks for a scalar ``c``)."""
+        """``L = Fᵀ diag(c) F`` (``d × d``, ``r d²``; symmetric blocks for a scalar ``c``)."""
         if jnp.ndim(self.coef) == 0:
             return jnp.asarray(self.coef, self.factor.dtype) * gram(self.factor)
         return (self.factor * self._weights()[:, None]).T @ self.factor
 
     def eigh(self) -> tuple[jax.Array, jax.Array]:
         """The *thin* eigendecomposition: ``λ`` ``(k,)`` ascending and orthonormal ``V``
-        ``(d, k)``, ``k = min(r, d)``, with ``M = V diag(λ) Vᵀ``.
+        ``(d, k)``, ``k = min(r, d)``, with ``M = V diag(λ) Vᵀ + s (I − V Vᵀ)``.
 
-        The other ``d − k`` eigenvalues are 0 (``eigvalsh`` returns all ``d``). Computed
-        from the thin QR of ``Fᵀ`` and the ``k × k`` core (see the class docstring).
+        The other ``d − k`` eigenvalues are the shift ``s`` (0 unless set; ``eigvalsh``
+        returns all ``d``). Computed from the thin QR of ``Fᵀ`` and the ``k × k`` core (see
+        the class docstring).
         """
+        evals, evecs = self._low_rank_eigh()
+        return evals + self._shift(), evecs
+
+    def _low_rank_eigh(self) -> tuple[jax.Array, jax.Array]:
+        """The thin eigendecomposition of ``L = Fᵀ diag(c) F`` (no shift)."""
         q, r = jnp.linalg.qr(self.factor.T)
         core = (r * self._weights()) @ r.T
         evals, u = jnp.linalg.eigh((core + core.T) / 2)
         return evals, q @ u
 
     def eigvalsh(self):
-        """All ``d`` eigenvalues, ascending: the thin ones and ``d − k`` zeros."""
+        """All ``d`` eigenvalues, ascending: the thin ones and ``d − k`` copies of the shift
+        (zeros unless set)."""
         evals, _ = self.eigh()
-        zeros = jnp.zeros(self.layer_collection.numel() - evals.shape[0], evals.dtype)
-        return jnp.sort(jnp.concatenate([evals, zeros]))
+        rest = jnp.full(self.layer_collection.numel() - evals.shape[0], self._shift())
+        return jnp.sort(jnp.concatenate([evals, rest]))
 
     def _solve(self, v, regul, method, **options):
-        """Exact ``(M + λI)⁻¹ v``, null-space component ``v_⊥/λ`` included (``λ ≠ 0``).
+        """Exact ``(M + ρI)⁻¹ v``, null-space component ``v_⊥/λ`` included, where
+        ``λ = s + ρ`` (the shift and the damping; ``λ ≠ 0``).
 
         - ``"woodbury"`` (default): with ``y = F x``, ``(λI + F Fᵀ diag(c)) y = F v`` (an
           ``r × r`` system), then ``x = (v − Fᵀ (c ⊙ y)) / λ``. ``r² d + r³``. When
@@ -145,6 +200,9 @@ class PMatLowRank(PMatAbstract):
 
         ``λ = 0`` divides by zero unless ``M`` has full rank (use :meth:`pinv` instead).
         """
+        if method == "cg":
+            return super()._solve(v, regul, method, **options)
+        regul = regul + self._shift()
         if method == "woodbury":
             r, d = self.factor.shape
             if d < r:
@@ -155,54 +213,71 @@ class PMatLowRank(PMatAbstract):
             y = jnp.linalg.solve(system, self.factor @ v)
             return (v - self.factor.T @ (w * y)) / regul
         if method == "eigh":
-            evals, evecs = self.eigh()
+            evals, evecs = self._low_rank_eigh()
             coords = evecs.T @ v
             return evecs @ (coords / (evals + regul)) + (v - evecs @ coords) / regul
-        return super()._solve(v, regul, method, **options)
+        return super()._solve(v, regul - self._shift(), method, **options)  # its error
 
     # ------------------------------------------------------------------ functions
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatLowRank:
         """``M⁺ = V diag(1/λ) Vᵀ`` over the eigenvalues ``|λ| > max(atol, rtol·max|λ|)``,
-        as a thin ``PMatLowRank`` (factor ``Vᵀ``, weights ``1/λ`` or 0).
+        as a thin ``PMatLowRank`` (factor ``Vᵀ``, weights ``1/λ`` or 0); with a shift
+        ``s``, the ``d − k`` eigenvalues ``s`` outside ``V``'s span are thresholded alike
+        and the result has the shift ``1/s`` (or 0).
 
         Default threshold: ``rtol = d·eps`` (``numpy.linalg.pinv``'s, on the ``d × d``
         matrix). Cost ``r² d + r³``.
         """
-        evals, evecs = self.eigh()
-        return self._thin(self._pinv_values(evals, atol, rtol), evecs)
+        return self._spectral_function(lambda x: self._pinv_values(x, atol, rtol), 0.0)
+
+    def inv(self, regul: Any = 0.0) -> PMatLowRank:
+        """``(M + regul·I)⁻¹`` as a ``PMatLowRank`` of the same rank bound: ``V diag(1/(λ + t)
+        − 1/t) Vᵀ + (1/t)·I`` with ``t = s + regul`` (the class docstring's identity), so
+        the inverse of a damped Fisher ``N F + τI`` (a Laplace posterior covariance) is
+        exact in ``r d`` storage. Cost ``r² d + r³``.
+
+        Raises:
+          ValueError: when ``s + regul`` is (concretely) 0: ``M`` of rank ``≤ r < d`` is
+            singular (use :meth:`pinv`, or a ``regul > 0``).
+        """
+        if _is_zero(regul + self.shift):
+            raise ValueError(
+                "PMatLowRank.inv needs shift + regul ≠ 0: a matrix of rank ≤ r < d is "
+                "singular. Pass a damping (inv(regul) = (M + regul·I)⁻¹) or use pinv()")
+        return self._spectral_function(lambda x: 1 / x, regul)
 
     def pow(self, p: Any, regul: Any = 0.0) -> PMatLowRank:
-        """``M^p`` as a thin ``PMatLowRank`` ``V diag(λ^p) Vᵀ``.
+        """``(M + regul·I)^p`` as a ``PMatLowRank``: ``V diag(f(λ + t) − f(t)) Vᵀ +
+        f(t)·I`` with ``t = s + regul`` and ``f(x) = x^p`` (the class docstring's identity).
 
-        ``p > 0``: the matrix power (non-integer ``p`` takes ``M`` as PSD, negative
-        round-off eigenvalues clipped to 0). ``p < 0``: the *pseudo*-power on the range,
-        ``(M⁺)^{|p|}`` — eigenvalues below the :meth:`pinv` threshold map to 0, so
-        ``pow(-1) == pinv()``. ``regul`` must be 0: ``(M + regul·I)^p`` is not low-rank
-        (use ``solve(v, regul)`` or ``PMatDense.from_pmat(M).pow(p, regul)``); nor is
-        ``M⁰ = I`` (refused; a ``p`` traced under ``jit`` cannot be, and gives the projector
-        on the range).
+        ``p > 0``: the matrix power (non-integer ``p`` takes ``M + regul·I`` as PSD,
+        negative round-off eigenvalues clipped to 0). ``p < 0``: the *pseudo*-power,
+        ``((M + regul·I)⁺)^{|p|}`` — eigenvalues below the :meth:`pinv` threshold map to 0,
+        so ``pow(-1) == pinv()``, and for ``t ≠ 0`` (a damped or shifted matrix, full rank)
+        it is the inverse power: ``pow(-0.5, τ)`` is ``(M + τI)^{-1/2}``, e.g. to sample
+        from a Laplace posterior ``N(θ*, (N F + τI)⁻¹)``. ``M⁰ = I`` of an unshifted
+        matrix is refused (use ``PMatEye``; a ``p`` traced under ``jit`` cannot be, and gives
+        the projector on the range). Cost ``r² d + r³``.
         """
-        if not _is_zero(regul):
-            raise NotImplementedError(
-                "PMatLowRank.pow supports regul=0 only: (M + regul·I)^p is not low-rank. Use "
-                "solve(v, regul) for p = -1, or PMatDense.from_pmat(M).pow(p, regul)"
-            )
         traced = isinstance(p, jax.core.Tracer)
-        if not traced and p == 0:
+        if not traced and p == 0 and _is_zero(regul + self.shift):
             raise NotImplementedError(
                 "PMatLowRank.pow(0) would be the identity, which is not low-rank; use PMatEye"
             )
-        evals, evecs = self.eigh()
-        if traced:  # the sign is known at run time only: both branches, one chosen
-            evals = jnp.where(p < 0, self._pinv_values(evals, None, None), evals)
-            return self._thin(_spectral.power(evals, jnp.abs(p)), evecs)
-        if p < 0:
-            evals, p = self._pinv_values(evals, None, None), -p
-        return self._thin(_spectral.power(evals, p), evecs)
+
+        def power(x):
+            if traced:  # the sign is known at run time only: both branches, one chosen
+                x = jnp.where(p < 0, self._pinv_values(x, None, None), x)
+                return _spectral.power(x, jnp.abs(p))
+            if p < 0:
+                return _spectral.power(self._pinv_values(x, None, None), -p)
+            return _spectral.power(x, p)
+
+        return self._spectral_function(power, regul)
 
     # ------------------------------------------------------------------ algebra
     def _scale(self, s):
-        return dataclasses.replace(self, coef=self.coef * s)
+        return dataclasses.replace(self, coef=self.coef * s, shift=self.shift * s)
 
     def _add_same(self, other, sign):
         """``[F_A; F_B]`` with weights ``[c_A; sign·c_B]``: exact, rank ``r_A + r_B``."""
@@ -212,7 +287,22 @@ class PMatLowRank(PMatAbstract):
         factor = jnp.concatenate([self.factor.astype(dtype), other.factor.astype(dtype)])
         coef = jnp.concatenate([self._weights().astype(dtype),
                                 sign * other._weights().astype(dtype)])
-        return PMatLowRank(self.layer_collection, factor, coef)
+        return PMatLowRank(self.layer_collection, factor, coef,
+                           self._shift().astype(dtype) + sign * other._shift().astype(dtype))
+
+    @classmethod
+    def from_pmat(cls, other: PMatAbstract) -> PMatLowRank:
+        """A ``PMatLowRank`` as it is, or a scaled identity ``x·I``
+        (:class:`~jaxgeom.pmat.eye.PMatEye`) as the shift ``x`` of an empty factor
+        (``0 × d``): so ``M ± x·I`` is a ``PMatLowRank`` with the shift ``s ± x``."""
+        from jaxgeom.pmat.eye import PMatEye
+
+        if isinstance(cls._check_pmat(other), PMatEye) and jnp.ndim(other.scaling) == 0:
+            d = other.layer_collection.numel()
+            dtype = other.scaling.dtype
+            return cls(other.layer_collection, jnp.zeros((0, d), dtype),
+                       jnp.zeros((), dtype), other.scaling)
+        return super().from_pmat(other)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -227,9 +317,16 @@ class PMatLowRank(PMatAbstract):
             rtol = self.layer_collection.numel() * jnp.finfo(evals.dtype).eps
         return _spectral.pinv(evals, atol, rtol)
 
-    def _thin(self, evals: jax.Array, evecs: jax.Array) -> PMatLowRank:
-        """``V diag(λ) Vᵀ`` as a ``PMatLowRank`` (factor ``Vᵀ``, weights ``λ``)."""
-        return PMatLowRank(self.layer_collection, evecs.T, evals)
+    def _spectral_function(self, f: Any, regul: Any) -> PMatLowRank:
+        """``f(M + regul·I)`` for a function ``f`` of an eigenvalue array that acts entry
+        by entry but may read all of them (a pseudo-inverse's threshold): with ``t = s +
+        regul``, ``V diag(f(λ + t) − f(t)) Vᵀ + f(t)·I`` over the thin eigenpairs ``(λ, V)``
+        of ``Fᵀ diag(c) F``; ``f`` sees ``λ + t`` and ``t`` together."""
+        evals, evecs = self._low_rank_eigh()
+        t = jnp.asarray(regul, evals.dtype) + self._shift()
+        values = f(jnp.concatenate([evals + t, t[None]]))
+        return PMatLowRank(self.layer_collection, evecs.T, values[:-1] - values[-1],
+                           values[-1])
 
 
 @dataclasses.dataclass(frozen=True)
