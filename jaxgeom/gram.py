@@ -91,9 +91,11 @@ def cross_gram_by_layers(left: ReplayedFunction, right: ReplayedFunction,
     window and a right window, none mirrored.
 
     ``keep_bytes`` applies to each side's factors (so both sides kept take up to twice
-    it). When a side's factors are not kept, the windows of the side with fewer of them
-    are held in turn while the other side's are recomputed against each: ``C_s (1 + C_l)``
-    captures for ``C_s ≤ C_l`` windows. Products ``(K² M N) (Σ g_l + d_r) + M N Σ a_l``.
+    it). The windows of one side are held in turn while the other side's are read against
+    each: when only one side's factors are kept, that side is read (each factor computed
+    once, ``C_x + C_z`` captures); when neither is, the side with fewer windows is held
+    and the other's recomputed, ``C_s (1 + C_l)`` captures for ``C_s ≤ C_l`` windows.
+    Products ``(K² M N) (Σ g_l + d_r) + M N Σ a_l``.
     """
     return _assemble(left, right, keep_bytes)
 
@@ -119,8 +121,12 @@ def _assemble(left: ReplayedFunction, right: ReplayedFunction | None,
         scale = jnp.asarray(left.scale, dtype) * jnp.asarray(right.scale, dtype)
     k = rows.num_outputs
     gram = jnp.zeros((k, rows.n, k, columns.n), dtype)
-    # hold the windows of the side with fewer of them, stream the other's
-    swap = not symmetric and len(columns.parts) < len(rows.parts)
+    swap = False
+    if not symmetric:  # hold the windows of the side whose factors are not kept (each
+        # computed once), else of the side with fewer windows
+        kept_rows, kept_columns = rows.kept_all(), columns.kept_all()
+        swap = (kept_rows if kept_rows != kept_columns
+                else len(columns.parts) < len(rows.parts))
     outer, inner = (columns, rows) if swap else (rows, columns)
     for i, held_part in enumerate(outer.parts):
         held = outer[i]
@@ -163,10 +169,20 @@ class _Factors:
         self.keep_bytes = keep_bytes
         self.kept: list[GramFactor | None] = [None] * len(parts)
         self.keep: bool | None = None
+        self.last: tuple[int, GramFactor] | None = None  # the latest one, kept or not
+
+    def kept_all(self) -> bool:
+        """Whether every factor is kept once computed (decided on the first one, computed
+        now if need be)."""
+        if self.keep is None:
+            self[0]
+        return self.keep
 
     def __getitem__(self, i: int) -> GramFactor:
         if self.kept[i] is not None:
             return self.kept[i]
+        if self.last is not None and self.last[0] == i:
+            return self.last[1]
         part = self.parts[i]
         out = self.make(part.batch, part.offset, getattr(part, "mask", None))
         size = jax.tree_util.tree_leaves(part.batch)[0].shape[0]
@@ -176,6 +192,7 @@ class _Factors:
             self.keep = _factor_bytes(out) * self.n <= limit * size
         if self.keep:
             self.kept[i] = out
+        self.last = (i, out)
         return out
 
 

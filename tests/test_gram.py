@@ -340,17 +340,29 @@ def test_cross_kernel_equals_jx_jzt(make, m, method):
     np.testing.assert_allclose(K, ref, **TOL)
 
 
-@pytest.mark.parametrize("keep_bytes", [None, 0])
-def test_cross_kernel_by_layers_kept_or_recomputed(keep_bytes):
-    """Every window's captures kept (``None``) or recomputed for each pair (``0``), on a
-    model with dense layers, a layer norm (rows) and a sequence-shared embedding; a scaled
-    pair of maps gives ``s t K``."""
+@pytest.mark.parametrize("keep", ["both", "neither", "left", "right"])
+def test_cross_kernel_by_layers_kept_or_recomputed(keep):
+    """Every window's captures kept, recomputed for each pair, or kept on one side only (the
+    loop then holds the other side's windows), on a model with dense layers and a layer
+    norm (rows); a scaled pair of maps gives ``s t K``."""
+    from jaxgeom.gram import _Factors
+
     t = make_linen_layernorm()
-    x = other_inputs(t, 5)
-    ref, _, _ = cross_reference(t, x, t.x)
+    x = other_inputs(t, 3)
+    ref, _, _ = cross_reference(t, x, t.x)  # M = 3, N = 6
     left = Jacobian(t.apply_fn, t.params, x, PFMapImplicit, batch_size=2)
     right = Jacobian(t.apply_fn, t.params, t.x, PFMapImplicit, batch_size=4,
                      layer_collection=left.layer_collection)
+    # a side is kept when (its factors' bytes per example) · (its examples) ≤ keep_bytes
+    factors = _Factors(left, list(data_lib.iter_windows(left.data, 2)), None)
+    per_example = sum(a.nbytes for a in jax.tree_util.tree_leaves(factors[0])) // 2
+    keep_bytes = {"both": None, "neither": 0}.get(keep, 3 * per_example)  # 3 kept, 6 not
+    if keep == "right":  # the sets swapped: the kept one on the right
+        left, right, ref = right, left, ref.transpose(2, 3, 0, 1)
+    flags = [_Factors(J, list(data_lib.iter_windows(J.data, J.batch_size)),
+                      keep_bytes).kept_all() for J in (left, right)]
+    assert flags == {"both": [True, True], "neither": [False, False], "left": [True, False],
+                     "right": [False, True]}[keep]
     np.testing.assert_allclose(cross_gram_by_layers(left, right, keep_bytes), ref, **TOL)
     np.testing.assert_allclose(cross_gram_by_layers(right, left, keep_bytes),
                                ref.transpose(2, 3, 0, 1), **TOL)
