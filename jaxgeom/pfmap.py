@@ -585,16 +585,16 @@ def CrossGramMatrix(
     """The empirical NTK between two data sets: ``M`` examples ``x`` (rows) and ``N``
     examples ``z`` (columns), e.g. test × train.
 
-    .. math::  K[o, m, o', n] = \\sum_i J_x[o,m,i]\\, J_z[o',n,i] = \\langle \\nabla_\\theta
+    .. math::  \\kappa[o, m, o', n] = \\sum_i J_x[o,m,i]\\, J_z[o',n,i] = \\langle \\nabla_\\theta
        f_o(x_m), \\nabla_\\theta f_{o'}(z_n) \\rangle,
 
     a ``jax.Array`` of shape ``(K, M, K, N)``, **not** divided by anything: the block
     ``G[:, :M, :, M:]`` of :func:`GramMatrix` over both sets concatenated, without its two
     square blocks. ``CrossGramMatrix(f, θ, x, x)`` is ``GramMatrix(f, θ, x).data``.
-    Its matrix view is ``K.reshape(K·M, K·N)`` (row ``o·M + m``, column ``o'·N + n``, as
-    ``FMatDense.to_matrix()``). NTK / GP prediction with the training Gram ``G`` and
+    Its matrix view is ``kernel.reshape(K·M, K·N)`` (row ``o·M + m``, column ``o'·N + n``,
+    as ``FMatDense.to_matrix()``). NTK / GP prediction with the training Gram ``G`` and
     ``(K, N)`` targets ``y``: ``alpha = G.solve(y, regul)``, then the ``(K, M)`` mean
-    ``jnp.einsum("ompn,pn->om", K, alpha)``.
+    ``jnp.einsum("ompn,pn->om", kernel, alpha)``.
 
     Why a function of its own rather than ``GramMatrix(..., other_data=)``: ``GramMatrix``
     returns an :class:`~jaxgeom.fspace.FMatDense`, square and symmetric, whose operations
@@ -613,18 +613,21 @@ def CrossGramMatrix(
         blocks, none mirrored), each block ``Σ_l (A_x A_zᵀ) ∘ (Γ_x Γ_zᵀ)`` over dense layers
         plus ``R_x R_zᵀ`` over the other parameters' per-example gradients: products
         ``K² M N (Σ g_l + d_r) + M N Σ a_l``. Each set's captures are kept when they fit in
-        one window's Jacobian (``n_c K d``), else the side with fewer windows is held one
-        window at a time and the other side's recomputed for each. ``"implicit"``: only
+        one window's Jacobian (``n_c K d``); one side's windows are held in turn and the
+        other's read against each: when one set's captures are kept, it is the one read
+        (every window captured once), when neither is, the side with fewer windows is
+        held and the other's recaptured for each. ``"implicit"``: only
         ``vjp``/``jvp``, per chunk of ``data_left`` the columns ``J_xᵀ eₒₘ`` (``M K``
         backward passes) then ``J_z (J_xᵀ eₒₘ)`` by a ``jvp`` over all of ``data_right``
         (``M K`` jvps of ``≈ 2 N F``, ``2 M K N F`` in all); pass the smaller set left.
         Memory for both: the ``K² M N`` result plus about one window's Jacobian.
       centering: each Jacobian centred over its own examples, ``J_x[o, m] − (1/M) Σ J_x[o,
         ·]`` and ``J_z[o, n] − (1/N) Σ J_z[o, ·]``: ``C_M K C_N`` (so that ``(x, x)`` gives
-        ``GramMatrix(..., centering=True)``); one more pass over ``K``, in place.
+        ``GramMatrix(..., centering=True)``); one more pass over the kernel, in place.
 
+    The layer collection is discovered on ``data_left`` (or given) and used for both.
     Raises ``FloatingPointError`` naming the examples of either set whose row or column of
-    ``K`` has no finite entry (checked when not traced).
+    the kernel has no finite entry (checked when not traced: one more pass).
 
     Example:
       >>> G = GramMatrix(model.apply, params, x_train, batch_size=64)
