@@ -16,6 +16,7 @@ from jaxgeom.layers import LayerCollection as LayerCollection
 from jaxgeom.metrics import FIM as FIM
 from jaxgeom.metrics import FIM_MonteCarlo as FIM_MonteCarlo
 from jaxgeom.metrics import SecondMoment as SecondMoment
+from jaxgeom.pfmap import CrossGramMatrix as CrossGramMatrix
 from jaxgeom.pfmap import GramMatrix as GramMatrix
 from jaxgeom.pfmap import Jacobian as Jacobian
 from jaxgeom.pfmap import PFMapDense as PFMapDense
@@ -40,6 +41,7 @@ from jaxgeom.vector import random_pvector as random_pvector
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossGramMatrix",
     "FIM",
     "FIM_MonteCarlo",
     "FMatDense",

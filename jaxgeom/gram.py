@@ -26,6 +26,11 @@ and kept when all windows' factors together are no larger than one window's Jaco
 result plus about one window's Jacobian. The same blocks, over the masked chunks and
 reduced as they are made, give ``‖J Jᵀ‖_F`` (:func:`gram_norm_sq`: the Frobenius norm of
 ``PMatImplicit``, ``‖JᵀJ‖_F = ‖J Jᵀ‖_F``) without forming ``G``.
+
+The cross kernel ``K = J_a J_bᵀ`` between two data sets (``(K, M, K, N)``,
+:func:`jaxgeom.pfmap.CrossGramMatrix`: test × train for NTK / GP prediction) is the same
+loop over every pair of a window of ``a`` and a window of ``b`` (:func:`cross_gram_by_layers`,
+none mirrored), or the same rows by products (:func:`cross_gram_implicit`).
 """
 
 from __future__ import annotations
@@ -75,18 +80,63 @@ def gram_by_layers(J: ReplayedFunction, keep_bytes: int | None = None) -> FMatDe
     per window, or per pair of windows when the factors are not kept;
     ``(NK)² (Σ g_l + d_r) + N² Σ a_l`` for the products.
     """
-    windows = list(data_lib.iter_windows(J.data, J.batch_size))
-    factors = _Factors(J, windows, keep_bytes)
-    k, n = factors.num_outputs, J.num_examples
-    gram = jnp.zeros((k, n, k, n), J.layer_collection.dtype)
-    scale = jnp.asarray(J.scale, gram.dtype) ** 2
-    for i, window in enumerate(windows):
-        left = factors[i]
-        for j in range(i, len(windows)):
-            right = left if j == i else factors[j]
-            gram = _write_pair(gram, left, right, window.offset, windows[j].offset, scale,
-                               mirror=j != i)
-    return FMatDense(gram)
+    return FMatDense(_assemble(J, None, keep_bytes))
+
+
+def cross_gram_by_layers(left: ReplayedFunction, right: ReplayedFunction,
+                         keep_bytes: int | None = None) -> jax.Array:
+    """``J_left J_rightᵀ``, the ``(K, M, K, N)`` kernel between the ``M`` examples of
+    ``left`` and the ``N`` of ``right`` (the same function, parameters and layer collection
+    on two data sets), layer by layer as :func:`gram_by_layers`: every pair of a left
+    window and a right window, none mirrored.
+
+    ``keep_bytes`` applies to each side's factors (so both sides kept take up to twice
+    it). The windows of one side are held in turn while the other side's are read against
+    each: when only one side's factors are kept, that side is read (each factor computed
+    once, ``C_x + C_z`` captures); when neither is, the side with fewer windows is held
+    and the other's recomputed, ``C_s (1 + C_l)`` captures for ``C_s ≤ C_l`` windows.
+    Products ``(K² M N) (Σ g_l + d_r) + M N Σ a_l``.
+    """
+    return _assemble(left, right, keep_bytes)
+
+
+def _assemble(left: ReplayedFunction, right: ReplayedFunction | None,
+              keep_bytes: int | None) -> jax.Array:
+    """The window loop shared by :func:`gram_by_layers` (``right=None``: the pairs ``i ≤ j``
+    of ``left``'s windows, each block written with its transpose) and
+    :func:`cross_gram_by_layers` (every pair of a left and a right window), each block
+    written in place into the donated ``(K, M, K, N)`` result."""
+    rows = _Factors(left, list(data_lib.iter_windows(left.data, left.batch_size)), keep_bytes)
+    dtype = left.layer_collection.dtype
+    symmetric = right is None
+    if symmetric:
+        columns, scale = rows, jnp.asarray(left.scale, dtype) ** 2
+    else:
+        columns = _Factors(right, list(data_lib.iter_windows(right.data, right.batch_size)),
+                           keep_bytes)
+        if columns.num_outputs != rows.num_outputs:
+            raise ValueError(
+                f"the two data sets give {rows.num_outputs} and {columns.num_outputs} outputs "
+                "per example: a cross kernel needs the same outputs on both")
+        scale = jnp.asarray(left.scale, dtype) * jnp.asarray(right.scale, dtype)
+    k = rows.num_outputs
+    gram = jnp.zeros((k, rows.n, k, columns.n), dtype)
+    swap = False
+    if not symmetric:  # hold the windows of the side whose factors are not kept (each
+        # computed once), else of the side with fewer windows
+        kept_rows, kept_columns = rows.kept_all(), columns.kept_all()
+        swap = (kept_rows if kept_rows != kept_columns
+                else len(columns.parts) < len(rows.parts))
+    outer, inner = (columns, rows) if swap else (rows, columns)
+    for i, held_part in enumerate(outer.parts):
+        held = outer[i]
+        for j in range(i if symmetric else 0, len(inner.parts)):
+            other = held if symmetric and j == i else inner[j]
+            (a, b), (pa, pb) = (((other, held), (inner.parts[j], held_part)) if swap
+                                else ((held, other), (held_part, inner.parts[j])))
+            gram = _write_pair(gram, a, b, pa.offset, pb.offset, scale,
+                               mirror=symmetric and j != i)
+    return gram
 
 
 def gram_norm_sq(J: ReplayedFunction, keep_bytes: int | None = None) -> jax.Array:
@@ -119,10 +169,20 @@ class _Factors:
         self.keep_bytes = keep_bytes
         self.kept: list[GramFactor | None] = [None] * len(parts)
         self.keep: bool | None = None
+        self.last: tuple[int, GramFactor] | None = None  # the latest one, kept or not
+
+    def kept_all(self) -> bool:
+        """Whether every factor is kept once computed (decided on the first one, computed
+        now if need be)."""
+        if self.keep is None:
+            self[0]
+        return self.keep
 
     def __getitem__(self, i: int) -> GramFactor:
         if self.kept[i] is not None:
             return self.kept[i]
+        if self.last is not None and self.last[0] == i:
+            return self.last[1]
         part = self.parts[i]
         out = self.make(part.batch, part.offset, getattr(part, "mask", None))
         size = jax.tree_util.tree_leaves(part.batch)[0].shape[0]
@@ -132,6 +192,7 @@ class _Factors:
             self.keep = _factor_bytes(out) * self.n <= limit * size
         if self.keep:
             self.kept[i] = out
+        self.last = (i, out)
         return out
 
 
@@ -238,12 +299,19 @@ def _write_mirrored(gram, block, row, column):
 def centred(G: FMatDense) -> FMatDense:
     """``C G C``, ``C = I − 11ᵀ/N`` on both example axes of ``G`` (``(K, N, K, N)``): the Gram
     matrix of the Jacobian centred over the examples. ``G``'s buffer is reused."""
-    return FMatDense(_centre(G.data))
+    return FMatDense(centred_kernel(G.data))
+
+
+def centred_kernel(kernel: jax.Array) -> jax.Array:
+    """``C_M K C_N`` for a ``(K, M, K, N)`` kernel ``K = J_a J_bᵀ``, ``C_P = I − 11ᵀ/P``: the
+    kernel of the two Jacobians each centred over its own examples (``J_a[o, m] − (1/M)
+    Σ_m' J_a[o, m']``, likewise ``J_b``). ``kernel``'s buffer is reused (donated)."""
+    return _centre(kernel)
 
 
 @donating_jit(donate_argnums=0)
 def _centre(gram: jax.Array) -> jax.Array:
-    rows = jnp.mean(gram, axis=3, keepdims=True)  # (K, N, K, 1): (G 1/N)[o, n, o']
+    rows = jnp.mean(gram, axis=3, keepdims=True)  # (K, M, K, 1): (K 1/N)[o, m, o']
     columns = jnp.mean(gram, axis=1, keepdims=True)  # (K, 1, K, N)
     return gram - rows - columns + jnp.mean(rows, axis=1, keepdims=True)
 
@@ -251,26 +319,44 @@ def _centre(gram: jax.Array) -> jax.Array:
 def gram_implicit(J: PFMapImplicit) -> FMatDense:
     """``J Jᵀ`` by products only: per chunk, the columns ``Jᵀ e₍ₙ,ₒ₎`` for its examples by
     ``vjp`` on that chunk, then ``J (Jᵀ e₍ₙ,ₒ₎)`` by ``jvp`` over all data (cost in
-    :func:`jaxgeom.pfmap.GramMatrix`)."""
-    k, n, _ = J.shape
+    :func:`jaxgeom.pfmap.GramMatrix`); ``G`` being symmetric, these columns are its rows."""
+    return FMatDense(_by_products(J, J))
+
+
+def cross_gram_implicit(left: PFMapImplicit, right: PFMapImplicit) -> jax.Array:
+    """``J_left J_rightᵀ`` (``(K, M, K, N)``) by products only: per chunk of ``left``,
+    ``J_leftᵀ e₍ₘ,ₒ₎`` for its examples by ``vjp`` on that chunk (``M K`` backward passes
+    in all), then ``J_right (J_leftᵀ e₍ₘ,ₒ₎)``, the rows ``K[o, m, :, :]``, by ``jvp`` over
+    all of ``right``'s data (``M K`` jvps of ``≈ 2 N F``). Memory one chunk's ``n_c K``
+    columns of ``d`` and their ``(n_c K, K, N)`` products besides the result."""
+    return _by_products(left, right)
+
+
+def _by_products(left: PFMapImplicit, right: PFMapImplicit) -> jax.Array:
+    """The rows ``K[o, m, :, :] = J_right (J_leftᵀ e₍ₘ,ₒ₎)`` chunk by chunk of ``left``,
+    written in place (shared by :func:`gram_implicit` and :func:`cross_gram_implicit`)."""
+    k = left.shape[0]
+    if right is not left and right.shape[0] != k:
+        raise ValueError(
+            f"the two data sets give {k} and {right.shape[0]} outputs per example: a cross "
+            "kernel needs the same outputs on both")
+    m, n = left.num_examples, right.num_examples
     gram, start = None, 0
-    for c in J._chunks():
-        units = jnp.eye(c.count * k, dtype=J.layer_collection.dtype).reshape(-1, c.count, k)
-        columns = J._jvp_many(J._vjp_chunk(c, units))  # (count·K, K, N)
+    for c in left._chunks():
+        units = jnp.eye(c.count * k, dtype=left.layer_collection.dtype).reshape(-1, c.count, k)
+        rows = right._jvp_many(left._vjp_chunk(c, units))  # (count·K, K, N)
         if gram is None:
-            gram = jnp.zeros((k, n, k, n), columns.dtype)
-        gram = _write_columns(gram, columns, start)
+            gram = jnp.zeros((k, m, k, n), rows.dtype)
+        gram = _write_rows(gram, rows, start)
         start += c.count
-    return FMatDense(gram)
+    return gram
 
 
 @donating_jit(donate_argnums=0)
-def _write_columns(gram, columns, start):
-    """The columns ``G[:, :, o', n']`` of a chunk's examples ``n'`` (``(count·K, K, N)``,
-    indexed ``[n', o'; o, n]``) written in place as the rows ``G[o', n', :, :]`` (``G`` is
-    symmetric): one chunk's columns besides ``G``, not all of them and their transpose."""
+def _write_rows(gram, rows, start):
+    """The rows ``K[o, m, :, :]`` of a chunk's examples ``m`` (``(count·K, K, N)``, indexed
+    ``[m, o; o', n]``) written in place: one chunk's rows besides ``K``, not all of them (nor,
+    for the square ``J Jᵀ``, its columns and their transpose)."""
     k = gram.shape[0]
-    rows = columns.reshape(-1, k, *columns.shape[1:]).transpose(1, 0, 2, 3)
+    rows = rows.reshape(-1, k, *rows.shape[1:]).transpose(1, 0, 2, 3)
     return jax.lax.dynamic_update_slice(gram, rows, (0, start, 0, 0))
-
-

@@ -36,7 +36,14 @@ from jaxgeom._differentiable import FloatLeaves
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom.fspace import FMatDense, FVector, as_fvector_data
-from jaxgeom.gram import centred, gram_by_layers, gram_implicit
+from jaxgeom.gram import (
+    centred,
+    centred_kernel,
+    cross_gram_by_layers,
+    cross_gram_implicit,
+    gram_by_layers,
+    gram_implicit,
+)
 from jaxgeom.jacobian import (
     Hashable,
     accumulate,
@@ -547,10 +554,8 @@ def GramMatrix(
             raise TypeError(
                 "GramMatrix's fourth argument is the representation (FMatDense); got a "
                 f"{type(representation).__name__}. It takes one data set: for the kernel "
-                "between two sets, G[o, n, o', m] = ⟨∇f_o(x_n), ∇f_o'(z_m)⟩ (test × "
-                "train), contract their Jacobians, jnp.einsum('oni,pmi->onpm', Jacobian(f, "
-                "params, x).to_dense(), Jacobian(f, params, z).to_dense()), or slice the "
-                "Gram of both sets concatenated (G.data[:, :n_x, :, n_x:])")
+                "between two sets, K[o, m, o', n] = ⟨∇f_o(x_m), ∇f_o'(z_n)⟩ (test × train), "
+                "call CrossGramMatrix(apply_fn, params, x, z), a (K, M, K, N) array")
         raise TypeError(f"representation must be FMatDense; got {representation!r}")
     if method not in GRAM_METHODS:
         raise ValueError(f"unknown Gram method {method!r}; valid methods: {GRAM_METHODS}")
@@ -561,6 +566,87 @@ def GramMatrix(
     G = gram_implicit(J) if method == "implicit" else gram_by_layers(J)
     _check_finite_gram(G.data)
     return centred(G) if centering else G
+
+
+@accepts_sharded_data(data=("data_left", "data_right"))
+def CrossGramMatrix(
+    apply_fn: Callable | None,
+    params: Any,
+    data_left: Any,
+    data_right: Any,
+    *,
+    function: Callable | None = None,
+    batch_size: int | None = None,
+    method: str = "jacobian",
+    layer_collection: LayerCollection | None = None,
+    mode: str = "auto",
+    centering: bool = False,
+) -> jax.Array:
+    """The empirical NTK between two data sets: ``M`` examples ``x`` (rows) and ``N``
+    examples ``z`` (columns), e.g. test × train.
+
+    .. math::  \\kappa[o, m, o', n] = \\sum_i J_x[o,m,i]\\, J_z[o',n,i] = \\langle \\nabla_\\theta
+       f_o(x_m), \\nabla_\\theta f_{o'}(z_n) \\rangle,
+
+    a ``jax.Array`` of shape ``(K, M, K, N)``, **not** divided by anything: the block
+    ``G[:, :M, :, M:]`` of :func:`GramMatrix` over both sets concatenated, without its two
+    square blocks. ``CrossGramMatrix(f, θ, x, x)`` is ``GramMatrix(f, θ, x).data``.
+    Its matrix view is ``kernel.reshape(K·M, K·N)`` (row ``o·M + m``, column ``o'·N + n``,
+    as ``FMatDense.to_matrix()``). NTK / GP prediction with the training Gram ``G`` and
+    ``(K, N)`` targets ``y``: ``alpha = G.solve(y, regul)``, then the ``(K, M)`` mean
+    ``jnp.einsum("ompn,pn->om", kernel, alpha)``.
+
+    Why a function of its own rather than ``GramMatrix(..., other_data=)``: ``GramMatrix``
+    returns an :class:`~jaxgeom.fspace.FMatDense`, square and symmetric, whose operations
+    (``solve``, ``eigh``, ``logdet``, ``trace``) mean nothing for a rectangular kernel; a
+    keyword changing the return type would make every caller check it. And why a plain
+    array: what a cross kernel is used for is a contraction with ``(K, N)`` coefficients or
+    its reshaped matrix, which an array does directly (and under ``jit``, ``vmap``, on a
+    mesh) without a class that would add only ``mv``.
+
+    Args are those of :func:`GramMatrix` (one model, two data sets), plus:
+      data_left, data_right: each one batch or an iterable of batches (``y`` is not
+        used unless ``function`` reads it); their examples must give the same number of
+        outputs ``K``.
+      method: ``"jacobian"`` (default): layer by layer (:mod:`jaxgeom.gram`), the block of
+        every pair of a left and a right window of ``batch_size`` examples (``C_x C_z``
+        blocks, none mirrored), each block ``Σ_l (A_x A_zᵀ) ∘ (Γ_x Γ_zᵀ)`` over dense layers
+        plus ``R_x R_zᵀ`` over the other parameters' per-example gradients: products
+        ``K² M N (Σ g_l + d_r) + M N Σ a_l``. Each set's captures are kept when they fit in
+        one window's Jacobian (``n_c K d``); one side's windows are held in turn and the
+        other's read against each: when one set's captures are kept, it is the one read
+        (every window captured once), when neither is, the side with fewer windows is
+        held and the other's recaptured for each. ``"implicit"``: only
+        ``vjp``/``jvp``, per chunk of ``data_left`` the columns ``J_xᵀ eₒₘ`` (``M K``
+        backward passes) then ``J_z (J_xᵀ eₒₘ)`` by a ``jvp`` over all of ``data_right``
+        (``M K`` jvps of ``≈ 2 N F``, ``2 M K N F`` in all); pass the smaller set left.
+        Memory for both: the ``K² M N`` result plus about one window's Jacobian.
+      centering: each Jacobian centred over its own examples, ``J_x[o, m] − (1/M) Σ J_x[o,
+        ·]`` and ``J_z[o, n] − (1/N) Σ J_z[o, ·]``: ``C_M K C_N`` (so that ``(x, x)`` gives
+        ``GramMatrix(..., centering=True)``); one more pass over the kernel, in place.
+
+    The layer collection is discovered on ``data_left`` (or given) and used for both.
+    Raises ``FloatingPointError`` naming the examples of either set whose row or column of
+    the kernel has no finite entry (checked when not traced: one more pass).
+
+    Example:
+      >>> G = GramMatrix(model.apply, params, x_train, batch_size=64)
+      >>> alpha = G.solve(y_train_targets, regul=1e-3)          # (K, N)
+      >>> K_star = CrossGramMatrix(model.apply, params, x_test, x_train, batch_size=64)
+      >>> mean = jnp.einsum("ompn,pn->om", K_star, alpha)      # (K, M) predictions
+    """
+    if method not in GRAM_METHODS:
+        raise ValueError(f"unknown Gram method {method!r}; valid methods: {GRAM_METHODS}")
+    if not isinstance(centering, (bool, np.bool_)):
+        raise TypeError(f"centering must be True or False; got {centering!r}")
+    left = Jacobian(apply_fn, params, data_left, PFMapImplicit, function=function,
+                    batch_size=batch_size, layer_collection=layer_collection, mode=mode)
+    right = Jacobian(apply_fn, params, data_right, PFMapImplicit, function=function,
+                     batch_size=batch_size, layer_collection=left.layer_collection, mode=mode)
+    kernel = (cross_gram_implicit(left, right) if method == "implicit"
+              else cross_gram_by_layers(left, right))
+    _check_finite_cross(kernel)
+    return centred_kernel(kernel) if centering else kernel
 
 
 def _check_finite_gram(gram: jax.Array) -> None:
@@ -575,6 +661,49 @@ def _check_finite_gram(gram: jax.Array) -> None:
         raise FloatingPointError(
             f"non-finite model outputs or gradients for the examples {bad[:10].tolist()}"
             f"{' …' if bad.size > 10 else ''}: check the inputs and the parameters (NaN/inf)")
+
+
+def _check_finite_cross(kernel: jax.Array) -> None:
+    """Raise ``FloatingPointError`` when the ``(K, M, K, N)`` cross kernel has non-finite
+    entries, naming the examples of each set whose whole row (left) or column (right) is
+    not finite: a non-finite example's gradients reach every entry of its row or column, a
+    finite one's only where it meets a non-finite one (skipped while tracing)."""
+    if isinstance(kernel, jax.core.Tracer):
+        return
+    k, _, _, n = kernel.shape
+    rows, columns = (np.asarray(a) for a in _finite_counts(kernel))
+    if (rows == k * k * n).all():
+        return
+    named = [f"{bad[:10].tolist()}{' …' if bad.size > 10 else ''} of {side}"
+             for side, counts in (("data_left", rows), ("data_right", columns))
+             for bad in [np.flatnonzero(counts == 0)] if bad.size]
+    if not rows.any():  # every row non-finite, so every column: the sets can't be told apart
+        where = ("for every example of data_left and of data_right (all of one set's being "
+                 "non-finite hides the other's)")
+    elif named:
+        where = f"for the examples {' and '.join(named)}"
+    else:
+        where = "in some entries (no example's whole row or column)"
+    raise FloatingPointError(
+        f"non-finite model outputs or gradients {where}: check the inputs and the "
+        "parameters (NaN/inf)")
+
+
+@jax.jit
+def _finite_counts(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The numbers of finite entries of the ``(K, M, K, N)`` kernel in each left example's
+    row (``(M,)``, of ``K² N``) and each right example's column (``(N,)``, of ``K² M``), one
+    row at a time: a temporary of one row. (As reductions over the kernel's axes, XLA:CPU
+    stored the ``isfinite`` mask or its counts whole, from ⅛ to ½ of the kernel.)"""
+    k, m, _, n = kernel.shape
+
+    def row(i, counts):
+        rows, columns = counts
+        finite = jnp.isfinite(jax.lax.dynamic_slice_in_dim(kernel, i, 1, axis=1))
+        return (rows.at[i].set(jnp.sum(finite, dtype=jnp.int32)),
+                columns + jnp.sum(finite, axis=(0, 1, 2), dtype=jnp.int32))
+
+    return jax.lax.fori_loop(0, m, row, (jnp.zeros(m, jnp.int32), jnp.zeros(n, jnp.int32)))
 
 
 @jax.jit

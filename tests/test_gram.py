@@ -18,8 +18,8 @@ from models import (
 
 from jaxgeom import data as data_lib
 from jaxgeom.fspace import FMatDense, FVector
-from jaxgeom.gram import gram_by_layers, gram_norm_sq
-from jaxgeom.pfmap import GramMatrix, Jacobian, PFMapImplicit
+from jaxgeom.gram import cross_gram_by_layers, gram_by_layers, gram_norm_sq
+from jaxgeom.pfmap import CrossGramMatrix, GramMatrix, Jacobian, PFMapImplicit
 
 TOL = dict(rtol=1e-9, atol=1e-11)
 REGUL = 1e-2
@@ -287,17 +287,195 @@ def test_a_cholesky_solve_of_a_singular_gram_names_the_fixes():
                                rtol=1e-6, atol=1e-8)
 
 
-def test_a_second_data_set_names_the_cross_kernel_recipes():
+def test_a_second_data_set_points_to_the_cross_kernel():
     """``GramMatrix(f, params, x, z)`` (a test × train kernel) was "representation must be
-    FMatDense; got Array([...])", the array printed in full; it names the two recipes, whose
-    numbers agree with the cross block of the reference."""
+    FMatDense; got Array([...])", the array printed in full; it names CrossGramMatrix, whose
+    numbers are the cross block of the Gram of both sets."""
     t = make_linen_mlp()
     x, z = t.x[:3], t.x[3:]
-    with pytest.raises(TypeError, match=r"one data set.*Jacobian\(f, params, x\)"):
+    with pytest.raises(TypeError, match=r"one data set.*CrossGramMatrix\(apply_fn, params, x, "
+                       r"z\)"):
         GramMatrix(t.apply_fn, t.params, x, z)
     ref, _ = reference(t)
-    cross = jnp.einsum("oni,pmi->onpm", Jacobian(t.apply_fn, t.params, x).to_dense(),
-                       Jacobian(t.apply_fn, t.params, z).to_dense())
-    np.testing.assert_allclose(cross, ref[:, :3, :, 3:], **TOL)
-    joint = GramMatrix(t.apply_fn, t.params, jnp.concatenate([x, z]))
-    np.testing.assert_allclose(joint.data[:, :3, :, 3:], ref[:, :3, :, 3:], **TOL)
+    np.testing.assert_allclose(CrossGramMatrix(t.apply_fn, t.params, x, z),
+                               ref[:, :3, :, 3:], **TOL)
+
+
+# ----------------------------------------------------------------------------- cross kernel
+def other_inputs(t, m):
+    """``m`` inputs of ``t``'s shape, not ``t.x``'s (the left, "test", set)."""
+    return jax.random.normal(jax.random.PRNGKey(11), (m, *t.x.shape[1:]), t.x.dtype)
+
+
+def cross_reference(t, x_left, x_right):
+    """``K[o,m,o',n] = Σ_i J_left[o,m,i] J_right[o',n,i]`` from per-example ``jax.jacrev``."""
+    left = np.asarray(flat_jacobian(t.apply_fn, t.params, x_left)).transpose(1, 0, 2)
+    right = np.asarray(flat_jacobian(t.apply_fn, t.params, x_right)).transpose(1, 0, 2)
+    return np.einsum("omi,pni->ompn", left, right), left, right
+
+
+@pytest.mark.parametrize("make, m", [(make_linen_mlp, 4), (make_linen_cnn, 3)])
+@pytest.mark.parametrize("method", ["jacobian", "implicit"])
+def test_cross_kernel_equals_jx_jzt(make, m, method):
+    """``(K, M, K, N)`` against the brute-force ``J_x J_zᵀ``, over windows of 2 and 3
+    examples (dividing neither N = 7 / 5 nor M = 4 / 3: the last windows overlap) and one
+    window per batch; both orders of the sets (the layer-by-layer loop holds the side with
+    fewer windows: the right one when the sets are swapped); the data as lists of batches
+    with labels."""
+    t = make()
+    x = other_inputs(t, m)
+    ref, _, _ = cross_reference(t, x, t.x)
+    k, n = t.num_outputs, t.x.shape[0]
+    for batch_size in (None, 2, 3):
+        K = CrossGramMatrix(t.apply_fn, t.params, x, t.x, batch_size=batch_size, method=method)
+        assert isinstance(K, jax.Array) and K.shape == (k, m, k, n)
+        np.testing.assert_allclose(K, ref, **TOL, err_msg=f"{batch_size}")
+        swapped = CrossGramMatrix(t.apply_fn, t.params, t.x, x, batch_size=batch_size,
+                                  method=method)
+        np.testing.assert_allclose(swapped, ref.transpose(2, 3, 0, 1), **TOL,
+                                   err_msg=f"swapped {batch_size}")
+    batches = [(t.x[:2], t.y[:2]), (t.x[2:], t.y[2:])]
+    K = CrossGramMatrix(t.apply_fn, t.params, [x[:1], x[1:]], iter(batches), batch_size=2,
+                        method=method)
+    np.testing.assert_allclose(K, ref, **TOL)
+
+
+@pytest.mark.parametrize("keep", ["both", "neither", "left", "right"])
+def test_cross_kernel_by_layers_kept_or_recomputed(keep):
+    """Every window's captures kept, recomputed for each pair, or kept on one side only (the
+    loop then holds the other side's windows), on a model with dense layers and a layer
+    norm (rows); a scaled pair of maps gives ``s t K``."""
+    from jaxgeom.gram import _Factors
+
+    t = make_linen_layernorm()
+    x = other_inputs(t, 3)
+    ref, _, _ = cross_reference(t, x, t.x)  # M = 3, N = 6
+    left = Jacobian(t.apply_fn, t.params, x, PFMapImplicit, batch_size=2)
+    right = Jacobian(t.apply_fn, t.params, t.x, PFMapImplicit, batch_size=4,
+                     layer_collection=left.layer_collection)
+    # a side is kept when (its factors' bytes per example) · (its examples) ≤ keep_bytes
+    factors = _Factors(left, list(data_lib.iter_windows(left.data, 2)), None)
+    per_example = sum(a.nbytes for a in jax.tree_util.tree_leaves(factors[0])) // 2
+    keep_bytes = {"both": None, "neither": 0}.get(keep, 3 * per_example)  # 3 kept, 6 not
+    if keep == "right":  # the sets swapped: the kept one on the right
+        left, right, ref = right, left, ref.transpose(2, 3, 0, 1)
+    flags = [_Factors(J, list(data_lib.iter_windows(J.data, J.batch_size)),
+                      keep_bytes).kept_all() for J in (left, right)]
+    assert flags == {"both": [True, True], "neither": [False, False], "left": [True, False],
+                     "right": [False, True]}[keep]
+    np.testing.assert_allclose(cross_gram_by_layers(left, right, keep_bytes), ref, **TOL)
+    np.testing.assert_allclose(cross_gram_by_layers(right, left, keep_bytes),
+                               ref.transpose(2, 3, 0, 1), **TOL)
+    np.testing.assert_allclose(cross_gram_by_layers(-2.0 * left, 0.5 * right, keep_bytes),
+                               -ref, **TOL)
+
+
+@pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn])
+def test_cross_kernel_of_a_set_with_itself_is_its_gram(make):
+    """``CrossGramMatrix(f, θ, x, x) == GramMatrix(f, θ, x).data``, centred or not, by both
+    methods (the cross loop computes both triangles, the square one mirrors one)."""
+    t = make()
+    for method, batch_size, centering in [("jacobian", 2, False), ("implicit", 3, False),
+                                          ("jacobian", 3, True), ("implicit", 2, True)]:
+        G = GramMatrix(t.apply_fn, t.params, t.x, batch_size=batch_size, method=method,
+                       centering=centering)
+        K = CrossGramMatrix(t.apply_fn, t.params, t.x, t.x, batch_size=batch_size,
+                            method=method, centering=centering)
+        np.testing.assert_allclose(K, G.data, **TOL, err_msg=f"{method} {centering}")
+
+
+@pytest.mark.parametrize("method", ["jacobian", "implicit"])
+def test_centred_cross_kernel_is_that_of_the_centred_jacobians(method):
+    """``centering=True``: each Jacobian centred over its own set, ``C_M K C_N``."""
+    t = make_linen_cnn()
+    x = other_inputs(t, 4)
+    _, left, right = cross_reference(t, x, t.x)
+    left, right = left - left.mean(axis=1, keepdims=True), right - right.mean(axis=1,
+                                                                             keepdims=True)
+    K = CrossGramMatrix(t.apply_fn, t.params, x, t.x, batch_size=3, method=method,
+                        centering=True)
+    np.testing.assert_allclose(K, np.einsum("omi,pni->ompn", left, right), **TOL)
+
+
+def test_ntk_kernel_regression_prediction():
+    """NTK (ridge) regression: the mean at new inputs ``K(X*, X) (K(X, X) + λI)⁻¹ y`` from
+    ``CrossGramMatrix`` and ``GramMatrix.solve`` against brute-force Jacobians; with ``λ →
+    0`` and ``N K ≤ d`` it is the linearised model's least-norm fit, ``J* Jᵀ (J Jᵀ)⁻¹ y``,
+    whose prediction at the training inputs reproduces ``y``."""
+    t = make_linen_mlp(n=5)
+    x_test = other_inputs(t, 6)
+    _, jx, jz = cross_reference(t, x_test, t.x)
+    k, n = t.num_outputs, t.x.shape[0]
+    y = np.asarray(jax.nn.one_hot(t.y, k)).T  # (K, N)
+    G = GramMatrix(t.apply_fn, t.params, t.x, batch_size=2)
+    for method in ("jacobian", "implicit"):
+        K = CrossGramMatrix(t.apply_fn, t.params, x_test, t.x, batch_size=4, method=method)
+        for regul in (1e-2, 1e-10):
+            mean = jnp.einsum("ompn,pn->om", K, G.solve(y, regul))
+            jz_m, jx_m = jz.reshape(k * n, -1), jx.reshape(k * 6, -1)
+            ref = jx_m @ jz_m.T @ np.linalg.solve(jz_m @ jz_m.T + regul * np.eye(k * n),
+                                                  y.ravel())
+            np.testing.assert_allclose(mean.ravel(), ref, rtol=1e-6, atol=1e-8,
+                                       err_msg=f"{method} {regul}")
+    train = CrossGramMatrix(t.apply_fn, t.params, t.x, t.x)
+    np.testing.assert_allclose(jnp.einsum("ompn,pn->om", train, G.solve(y, 1e-10)), y,
+                               atol=1e-6)
+
+
+def test_cross_kernel_under_jit_function_and_errors():
+    t = make_linen_mlp()
+    x = other_inputs(t, 3)
+    ref, _, _ = cross_reference(t, x, t.x)
+    K = jax.jit(lambda p, a, b: CrossGramMatrix(t.apply_fn, p, a, b, batch_size=2))(
+        t.params, x, t.x)
+    np.testing.assert_allclose(K, ref, **TOL)
+    # the output trace through `function`, which receives the batches, labels included
+    summed = CrossGramMatrix(None, t.params, (x, t.y[:3]), (t.x, t.y),
+                             function=lambda p, b: t.apply_fn(p, b[0]).sum(-1, keepdims=True))
+    np.testing.assert_allclose(summed[0, :, 0], ref.sum(axis=(0, 2)), **TOL)
+    with pytest.raises(ValueError, match="valid methods"):
+        CrossGramMatrix(t.apply_fn, t.params, x, t.x, method="svd")
+    with pytest.raises(TypeError, match="centering must be True or False"):
+        CrossGramMatrix(t.apply_fn, t.params, x, t.x, centering=1)
+    # outputs of another width on each set
+    per_input = lambda p, v: (v[..., None] * p["w"]).reshape(v.shape[0], -1)  # noqa: E731
+    params = {"w": jnp.arange(1.0, 3.0)}
+    for method in ("jacobian", "implicit"):
+        with pytest.raises(ValueError, match="4 and 6 outputs per example"):
+            CrossGramMatrix(per_input, params, jnp.ones((2, 2)), jnp.ones((3, 3)),
+                            method=method)
+
+
+@pytest.mark.parametrize("method", ["jacobian", "implicit"])
+def test_a_non_finite_input_of_either_set_is_named(method):
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = jax.random.normal(keys[0], (4, 3)).at[1, 0].set(jnp.nan)
+    z = jax.random.normal(keys[3], (6, 3)).at[2, 1].set(jnp.inf)
+    params = {"W": jax.random.normal(keys[1], (3, 4)), "b": jax.random.normal(keys[2], (4,))}
+    f = lambda p, v: jnp.tanh(v @ p["W"] + p["b"])  # noqa: E731
+    # "implicit" names the left examples its chunk's products reached (chunks of 2)
+    left = r"\[1\]" if method == "jacobian" else r"\[0, 1\]"
+    with pytest.raises(FloatingPointError, match=rf"examples {left} of data_left and \[2\] "
+                       r"of data_right"):
+        CrossGramMatrix(f, params, x, z, method=method, batch_size=2)
+    with pytest.raises(FloatingPointError, match=r"examples \[2\] of data_right:"):
+        CrossGramMatrix(f, params, jnp.nan_to_num(x), z, method=method, batch_size=2)
+    # every row non-finite (a non-finite parameter): neither set's examples can be named
+    nan_params = {**params, "b": params["b"] * jnp.nan}
+    with pytest.raises(FloatingPointError, match="every example of data_left and of "
+                       "data_right"):
+        CrossGramMatrix(f, nan_params, jnp.nan_to_num(x), z, method=method)
+
+
+def test_finiteness_check_of_the_cross_kernel_makes_no_copy():
+    """The per-row and per-column counts of finite entries of the ``(K, M, K, N)`` kernel
+    are compiled without a temporary of the kernel's size (as reductions over its axes,
+    XLA:CPU stored the boolean mask or its integer counts whole)."""
+    from jaxgeom.pfmap import _finite_counts
+
+    kernel = jnp.ones((3, 40, 3, 50)).at[1, 7, 2, 9].set(jnp.nan)
+    rows, columns = _finite_counts(kernel)
+    np.testing.assert_array_equal(rows, 450 - (np.arange(40) == 7))
+    np.testing.assert_array_equal(columns, 360 - (np.arange(50) == 9))
+    compiled = jax.jit(_finite_counts).lower(kernel).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < kernel.nbytes / 10

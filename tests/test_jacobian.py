@@ -301,8 +301,9 @@ def test_float32_model_takes_float64_vectors():
 @pytest.mark.parametrize("data", ["array", "list", "empty list"])
 def test_function_space_builds_of_no_example_raise_the_data_error(data):
     """Data without any example: the documented ``ValueError`` (was a ``ZeroDivisionError``
-    from a reshape), for the Jacobian, its implicit form and the Gram matrix both ways."""
-    from jaxgeom.pfmap import GramMatrix
+    from a reshape), for the Jacobian, its implicit form, the Gram matrix both ways and
+    the cross kernel on either side."""
+    from jaxgeom.pfmap import CrossGramMatrix, GramMatrix
 
     t = make_linen_mlp()
     empty = t.x[:0]
@@ -310,7 +311,9 @@ def test_function_space_builds_of_no_example_raise_the_data_error(data):
     builds = [lambda: Jacobian(t.apply_fn, t.params, data),
               lambda: Jacobian(t.apply_fn, t.params, data, PFMapImplicit).to_dense(),
               lambda: GramMatrix(t.apply_fn, t.params, data),
-              lambda: GramMatrix(t.apply_fn, t.params, data, method="implicit")]
+              lambda: GramMatrix(t.apply_fn, t.params, data, method="implicit"),
+              lambda: CrossGramMatrix(t.apply_fn, t.params, data, t.x),
+              lambda: CrossGramMatrix(t.apply_fn, t.params, t.x, data, method="implicit")]
     for build in builds:
         with pytest.raises(ValueError, match="no (example|batch)"):
             build()
@@ -410,6 +413,8 @@ def test_a_single_example_or_a_dict_batch_fails_with_the_fix():
         assert "(batch['x'], batch['y'])" in " ".join(getattr(info.value, "__notes__", []))
     with pytest.raises(ValueError, match=r"single example.*x\[None\]"):
         Jacobian(None, t.params, t.x[0], function=t.apply_fn)
+    with pytest.raises(ValueError, match=r"leading axis.*single example.*x\[None\]"):
+        jaxgeom.CrossGramMatrix(t.apply_fn, t.params, t.x, (t.x[0], t.y[0]))
 
 
 def test_scalar_outputs_are_refused_with_the_fim_message():
@@ -418,6 +423,7 @@ def test_scalar_outputs_are_refused_with_the_fim_message():
     def summed(p, x):
         return t.apply_fn(p, x).sum()
 
-    for build in (Jacobian, jaxgeom.GramMatrix):
+    for build in (Jacobian, jaxgeom.GramMatrix,
+                  lambda f, p, d: jaxgeom.CrossGramMatrix(f, p, d, d)):
         with pytest.raises(ValueError, match="examples on their leading axis"):
             build(summed, t.params, (t.x, t.y))

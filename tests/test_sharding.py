@@ -110,8 +110,8 @@ def test_explicit_sharding_under_jit(task, context):
 
 
 def test_explicit_sharding_other_builders(task):
-    """Hessian (stored and implicit), the Jacobian (stored and implicit) and the Gram
-    matrix of sharded data."""
+    """Hessian (stored and implicit), the Jacobian (stored and implicit), the Gram
+    matrix and the cross kernel of sharded data."""
     params, batch = sharded(task, mesh_of(AxisType.Explicit))
     plain = (task.x, task.y)
 
@@ -130,6 +130,13 @@ def test_explicit_sharding_other_builders(task):
     np.testing.assert_allclose(
         dense(jaxgeom.GramMatrix(task.apply_fn, params, batch)),
         np.einsum("anp,bmp->anbm", J1, J1), rtol=1e-10, atol=1e-12)
+    # the cross kernel: both data sets sharded, or one of them only
+    for method in ("jacobian", "implicit"):
+        for left, right in [(batch, batch), (plain, batch)]:
+            np.testing.assert_allclose(
+                np.asarray(jaxgeom.CrossGramMatrix(task.apply_fn, params, left, right,
+                                                   method=method)),
+                np.einsum("anp,bmp->anbm", J1, J1), rtol=1e-10, atol=1e-12, err_msg=method)
 
 
 @pytest.mark.parametrize("representation", [jaxgeom.PMatKFAC, jaxgeom.PMatDense,
