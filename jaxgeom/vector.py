@@ -78,18 +78,16 @@ class PVector(ScalarMultiples, ArrayValued):
 
     # --------------------------------------------------------------- algebra
     @compiled_when_eager
-    def _add(self, other: PVector) -> PVector:
-        return PVector(jax.tree_util.tree_map(jnp.add, self.tree, other.tree))
-
-    @compiled_when_eager
-    def _subtract(self, other: PVector) -> PVector:
-        return PVector(jax.tree_util.tree_map(jnp.subtract, self.tree, other.tree))
+    def _elementwise(self, other: PVector, op: Callable) -> PVector:
+        """``op`` (``jnp.add``, ``jnp.multiply``, …) leaf by leaf: one compiled call when
+        eager (``op`` is static)."""
+        return PVector(jax.tree_util.tree_map(op, self.tree, other.tree))
 
     def __add__(self, other: Any) -> PVector:
         if not isinstance(other, PVector):
             return NotImplemented
         self._check_matches(other, "+")
-        return self._add(other)
+        return self._elementwise(other, jnp.add)
 
     def __radd__(self, other: Any) -> PVector:
         # ``sum(vectors)`` starts from the integer 0
@@ -101,7 +99,7 @@ class PVector(ScalarMultiples, ArrayValued):
         if not isinstance(other, PVector):
             return NotImplemented
         self._check_matches(other, "-")
-        return self._subtract(other)
+        return self._elementwise(other, jnp.subtract)
 
     def _check_matches(self, other: PVector, op: str) -> None:
         """Refuse ``self op other`` between vectors of other parameters: another pytree
@@ -138,21 +136,13 @@ class PVector(ScalarMultiples, ArrayValued):
     def _scale(self, scalar: Any) -> PVector:
         return PVector(jax.tree_util.tree_map(lambda x: x * scalar, self.tree))
 
-    @compiled_when_eager
-    def _multiply(self, other: PVector) -> PVector:
-        return PVector(jax.tree_util.tree_map(jnp.multiply, self.tree, other.tree))
-
-    @compiled_when_eager
-    def _divide(self, other: PVector) -> PVector:
-        return PVector(jax.tree_util.tree_map(jnp.divide, self.tree, other.tree))
-
     def __mul__(self, other: Any) -> PVector:
         """``s * v`` for a scalar ``s``; ``u * w``, the elementwise (Hadamard) product
         ``(u ⊙ w)ᵢ = uᵢ wᵢ`` for a ``PVector`` ``w`` of the same parameters (checked as
         ``+``): OBD saliencies ``½ diag(F) ⊙ θ ⊙ θ``, a pruning mask ``θ ⊙ m``."""
         if isinstance(other, PVector):
             self._check_matches(other, "*")
-            return self._multiply(other)
+            return self._elementwise(other, jnp.multiply)
         return super().__mul__(other)
 
     def __rmul__(self, other: Any) -> PVector:
@@ -164,7 +154,7 @@ class PVector(ScalarMultiples, ArrayValued):
         parameters."""
         if isinstance(other, PVector):
             self._check_matches(other, "/")
-            return self._divide(other)
+            return self._elementwise(other, jnp.divide)
         return super().__truediv__(other)
 
     def __pow__(self, exponent: Any) -> PVector:
