@@ -270,6 +270,19 @@ class PMatImplicitHessian(PMatImplicit):
     def _chunks(self):
         return real_chunks(self.data, self.batch_size)
 
+    def _restricted(self, r) -> PMatAbstract:
+        """Not offered: the loss ``loss_fn(params, batch)`` has no argument through which
+        the other layers' parameters could be held fixed."""
+        ids = [layer.id for layer in r.layer_collection]
+        raise NotImplementedError(
+            "PMatImplicitHessian cannot be restricted to a layer subset: its loss "
+            "loss_fn(params, batch) has no argument for the other layers' fixed parameters. "
+            f"Build the Hessian of those layers: R = jaxgeom.restriction.restrict("
+            f"H.layer_collection, {ids}); Hessian(lambda sub, batch: loss_fn(R.merge(params, "
+            "sub), batch), R.select(params), data, PMatImplicit, "
+            "layer_collection=R.layer_collection), or restrict a stored Hessian "
+            f"(Hessian(..., PMatDense).restrict({ids}))")
+
     def _chunk_mmv(self, rows, chunk):
         return _chunk_hvps(self.params, rows, chunk.batch, chunk.count, loss_fn=self.fn,
                            layout=self.layer_collection)

@@ -53,6 +53,33 @@ def block_mask(layer_collection) -> np.ndarray:
     return mask
 
 
+def factor_damped_dense(K, dense, lam, damping, p=-1.0):
+    """The float64 brute force of a factor-damped ``(M + λI)^p``: per Kronecker layer the
+    power of the dense Kronecker product ``(A + π√λ I) ⊗ (G + √λ/π I)`` (π of Martens &
+    Grosse for ``"pi"``, 1 for ``"pi_one"``), the other layers' ``(B + λI)^p``."""
+    def power(m):
+        e, q = np.linalg.eigh(m)
+        return (q * e**p) @ q.T
+
+    expected = np.zeros_like(dense)
+    lc = K.layer_collection
+    for layer in lc.layers:
+        idx = lc.layer_indices(layer)
+        if layer.id in {s.layer_id for s in K.specs}:
+            A, G = (np.asarray(f) for f in K.kronecker_factors(layer))
+            A = np.diag(A) if A.ndim == 1 else A
+            pi = (np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+                  if damping == "pi" else 1.0)
+            damped = np.kron(G + np.sqrt(lam) / pi * np.eye(len(G)),
+                             A + pi * np.sqrt(lam) * np.eye(len(A)))
+            order = np.argsort(K._parts.kron_flat[K._index(layer)])
+            block = power(damped)[np.ix_(order, order)]
+        else:
+            block = power(dense[np.ix_(idx, idx)] + lam * np.eye(len(idx)))
+        expected[np.ix_(idx, idx)] = block
+    return expected
+
+
 def vec(params, seed=0) -> PVector:
     """A standard normal params-shaped vector (numpy leaves: no compilation)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)

@@ -2,7 +2,8 @@
 the model's flat order (against ``restrict``), and ``+``/``-`` of matrices built on
 different layer subsets: a block-diagonal ``PMatMixed`` for disjoint subsets (against the
 float64 dense Fisher's blocks), an error naming ``restrict``/``union``/``intersection``
-for overlapping ones."""
+for overlapping ones, whose fix ``M1.restrict(common) + M2.restrict(common)`` is the sum of
+the principal sub-matrices."""
 
 from __future__ import annotations
 
@@ -148,9 +149,16 @@ def test_overlapping_subsets_are_refused_naming_restrict(model):
     for op in (lambda: m1 + m2, lambda: m1 - m2, lambda: m1 @ m2):
         with pytest.raises(ValueError, match=(
                 r"different subsets.*\['Dense_0'\] only in the first, \['Dense_1'\] only in "
-                r"the second, \['LayerNorm_0'\] in both.*restrict\(layer_collection, "
+                r"the second, \['LayerNorm_0'\] in both.*M1\.restrict\(\['LayerNorm_0'\]\) \+ "
+                r"M2\.restrict\(\['LayerNorm_0'\]\).*restrict\(layer_collection, "
                 r"\['Dense_0', 'Dense_1', 'LayerNorm_0'\]\).*union.*intersection")):
             op()
+    # the fix without a rebuild: both restricted to the common layers (NNGeometry's sum)
+    norm = _block(lc, dense, ["LayerNorm_0"], ["LayerNorm_0"])
+    for total, want in [(m1.restrict("LayerNorm_0") + m2.restrict("LayerNorm_0"), 2 * norm),
+                        (m1.restrict("LayerNorm_0") - m2.restrict("LayerNorm_0"), 0 * norm)]:
+        assert type(total) is PMatDense
+        np.testing.assert_allclose(total.to_dense(), want, rtol=1e-10, atol=1e-12)
     every = ["Dense_0", "Dense_1", "LayerNorm_0"]
     union = m1.layer_collection.union(m2.layer_collection)
     assert union == restrict(lc, every).layer_collection

@@ -20,7 +20,14 @@ from models import (
     make_linen_mlp,
     make_plain_mlp,
 )
-from pmat_checks import TOL, check_all, check_combinations, check_pytree, check_solve
+from pmat_checks import (
+    TOL,
+    check_all,
+    check_combinations,
+    check_pytree,
+    check_solve,
+    factor_damped_dense,
+)
 
 from jaxgeom import FIM, FIM_MonteCarlo, PMatDense, PMatEKFAC, SecondMoment
 from jaxgeom.pmat import _gram
@@ -281,33 +288,6 @@ def test_solve(case):
     check_solve(K, dense, t.params)  # every method: "eigh" (exact damping), "cg"
 
 
-def _factor_damped_dense(K, dense, lam, damping, p=-1.0):
-    """The float64 brute force of a factor-damped ``(M + λI)^p``: per Kronecker layer the
-    power of the dense Kronecker product ``(A + π√λ I) ⊗ (G + √λ/π I)`` (π of Martens &
-    Grosse for ``"pi"``, 1 for ``"pi_one"``), the other layers' ``(B + λI)^p``."""
-    def power(m):
-        e, q = np.linalg.eigh(m)
-        return (q * e**p) @ q.T
-
-    expected = np.zeros_like(dense)
-    lc = K.layer_collection
-    for layer in lc.layers:
-        idx = lc.layer_indices(layer)
-        if layer.id in {s.layer_id for s in K.specs}:
-            A, G = (np.asarray(f) for f in K.kronecker_factors(layer))
-            A = np.diag(A) if A.ndim == 1 else A
-            pi = (np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
-                  if damping == "pi" else 1.0)
-            damped = np.kron(G + np.sqrt(lam) / pi * np.eye(len(G)),
-                             A + pi * np.sqrt(lam) * np.eye(len(A)))
-            order = np.argsort(K._parts.kron_flat[K._index(layer)])
-            block = power(damped)[np.ix_(order, order)]
-        else:
-            block = power(dense[np.ix_(idx, idx)] + lam * np.eye(len(idx)))
-        expected[np.ix_(idx, idx)] = block
-    return expected
-
-
 @pytest.mark.parametrize("damping", ["pi", "pi_one"])
 def test_factored_damping(case, damping):
     """``"pi"``: (A + π√λ I) ⊗ (G + √λ/π I), π = √((tr A/a)/(tr G/g)); ``"pi_one"``
@@ -316,7 +296,7 @@ def test_factored_damping(case, damping):
     the dense Kronecker products of the damped factors."""
     t, K, dense = case
     lam = 1e-2
-    expected = _factor_damped_dense(K, dense, lam, damping)
+    expected = factor_damped_dense(K, dense, lam, damping)
     v = np.asarray(jax.random.normal(KEY, (len(dense),)))
     for inverse in (K.inv(lam, damping=damping), K.pow(-1, lam, damping=damping)):
         assert type(inverse) is PMatKFAC  # still Kronecker-factored
@@ -327,7 +307,7 @@ def test_factored_damping(case, damping):
         rtol=1e-8)
     for p in (-0.5, 0.5):
         np.testing.assert_allclose(K.pow(p, lam, damping=damping).to_dense(),
-                                   _factor_damped_dense(K, dense, lam, damping, p),
+                                   factor_damped_dense(K, dense, lam, damping, p),
                                    rtol=1e-7, atol=1e-9)
     solve = jax.jit(lambda m, x, r: m.solve(x, r, damping=damping))
     np.testing.assert_allclose(solve(K, v, lam), expected @ v, rtol=1e-8)
@@ -387,7 +367,7 @@ def test_pi_damping_of_a_zero_block_is_the_damping_alone():
     # π = 1 needs no limit: (A + √λ I) ⊗ (0 + √λ I), as the formula reads
     dense = np.asarray(K.to_dense())
     np.testing.assert_allclose(K.solve(v, lam, damping="pi_one"),
-                               _factor_damped_dense(K, dense, lam, "pi_one") @ v, rtol=1e-8)
+                               factor_damped_dense(K, dense, lam, "pi_one") @ v, rtol=1e-8)
 
 
 def test_sum_is_block_diagonal_and_product_factorwise(case):

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from models import Task, make_linen_embed, make_linen_layernorm, to_float64
-from pmat_checks import TOL, block_mask, check_all, check_combinations, check_solve, reference
+from pmat_checks import (
+    TOL,
+    block_mask,
+    check_all,
+    check_combinations,
+    check_solve,
+    factor_damped_dense,
+    reference,
+)
 
 from jaxgeom import FIM, PMatBlockDiag, PMatDense, PMatDiag, PMatImplicit, PMatKFAC
 from jaxgeom.jacobian import Hashable
@@ -234,3 +242,69 @@ def test_implicit_part_keeps_the_data():
     lc = M.layer_collection
     idx = lc.layer_indices(lc.layer("Dense_1"))
     np.testing.assert_allclose(part.to_dense(), reference(t)[np.ix_(idx, idx)], **TOL)
+
+
+# ----------------------------------------------------------------------------- damping
+def _mixed_factor_damped_dense(M, lam, damping, p=-1.0):
+    """The float64 dense ``(M + λ)^p`` of a ``PMatMixed`` whose KFAC parts are factor
+    damped (``factor_damped_dense``: per Kronecker layer the power of ``(A + π√λ I) ⊗
+    (G + √λ/π I)``), the other parts' ``(M_p + λI)^p``, zero between parts."""
+    lc = M.layer_collection
+    out = np.zeros((lc.numel(), lc.numel()))
+    for part in M.parts:
+        dense = np.asarray(part.to_dense())
+        if isinstance(part, PMatKFAC):
+            block = factor_damped_dense(part, dense, lam, damping, p)
+        else:
+            e, q = np.linalg.eigh(dense + lam * np.eye(len(dense)))
+            block = (q * e**p) @ q.T
+        idx = restrict(lc, [lyr.id for lyr in part.layer_collection]).indices
+        out[np.ix_(idx, idx)] = block
+    return out
+
+
+@pytest.mark.parametrize("damping", ["pi", "pi_one"])
+def test_damping_goes_to_the_kfac_parts(damping):
+    """``solve``/``inv``/``pow`` with ``damping="pi"``/``"pi_one"``: the KFAC part's
+    factor-damped blocks, the BlockDiag part damped exactly; against the dense formula.
+    ``"exact"`` (the default) is ``(M + λI)`` everywhere."""
+    t = make_linen_layernorm()
+    M = FIM(t.apply_fn, t.params, t.x, PMatMixed, mapping={"dense": PMatKFAC})
+    assert [type(p) for p in M.parts] == [PMatKFAC, PMatBlockDiag]
+    lam = 0.1
+    expected = _mixed_factor_damped_dense(M, lam, damping)
+    dense = np.asarray(M.to_dense())
+    exact = np.linalg.inv(dense + lam * np.eye(len(dense)))
+    assert not np.allclose(expected, exact, rtol=1e-3)  # the damping did reach the part
+    v = np.random.default_rng(0).standard_normal(len(dense))
+    np.testing.assert_allclose(M.solve(v, lam, damping=damping), expected @ v, **TOL)
+    np.testing.assert_allclose(M.inv(lam, damping=damping).to_dense(), expected, **TOL)
+    for p in (-1, -0.5):
+        np.testing.assert_allclose(M.pow(p, lam, damping=damping).to_dense(),
+                                   _mixed_factor_damped_dense(M, lam, damping, p),
+                                   rtol=1e-7, atol=1e-9)
+    solve = jax.jit(lambda m, x: m.solve(x, lam, damping=damping))
+    np.testing.assert_allclose(solve(M, v), expected @ v, **TOL)
+    for got in (M.solve(v, lam, damping="exact"), M.solve(v, lam),
+                M.inv(lam, damping="exact").mv(v)):
+        np.testing.assert_allclose(got, exact @ v, **TOL)
+
+
+def test_damping_without_a_kfac_part_is_refused():
+    """A factored damping with no part taking it (Diag, BlockDiag) is a ``ValueError``
+    saying so; ``"exact"`` is every part's own; an unknown damping, or a factored one with
+    ``method="cg"``, is refused."""
+    t = make_linen_layernorm()
+    M = FIM(t.apply_fn, t.params, t.x, PMatMixed, mapping={"dense": PMatDiag})
+    v = np.ones(M.size(0))
+    for call in (lambda: M.solve(v, 0.1, damping="pi"), lambda: M.inv(0.1, damping="pi_one"),
+                 lambda: M.pow(-0.5, 0.1, damping="pi")):
+        with pytest.raises(ValueError, match=r"has none \(its parts are PMatBlockDiag, "
+                                             r"PMatDiag\).*drop damping"):
+            call()
+    np.testing.assert_allclose(M.solve(v, 0.1, damping="exact"), M.solve(v, 0.1), **TOL)
+    with pytest.raises(ValueError, match="damping must be one of"):
+        M.inv(0.1, damping="tikhonov")
+    K = FIM(t.apply_fn, t.params, t.x, PMatMixed, mapping={"dense": PMatKFAC})
+    with pytest.raises(ValueError, match="drop method='cg'"):
+        K.solve(v, 0.1, method="cg", damping="pi")

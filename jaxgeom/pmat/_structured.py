@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jaxgeom._reindex import LeafVector
 from jaxgeom.layers import LayerCollection, concat_last
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat.base import PMatAbstract, _implements
+from jaxgeom.pmat.base import PMatAbstract, _implements, take
 from jaxgeom.pmat.dense import _no_options
 from jaxgeom.streaming import mean
 
@@ -137,6 +137,11 @@ class CanonicalDiagonal(PMatAbstract):
 
     def _add_same(self, other, sign):
         return self._with(self._values + sign * other._values)
+
+    def _restricted(self, r) -> CanonicalDiagonal:
+        """The diagonal's entries ``S`` (``d_S``); a scaling of the identity as it is."""
+        values = take(self._values, r.indices, -1) if self.VALUES_RANK else self._values
+        return type(self)(r.layer_collection, values)
 
     @classmethod
     def from_pmat(cls, other: PMatAbstract) -> CanonicalDiagonal:

@@ -18,7 +18,7 @@ import abc
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from inspect import getattr_static
 from typing import Any, ClassVar
 
@@ -33,6 +33,7 @@ from jaxgeom._serialization import register_dataclass
 from jaxgeom.jacobian import JacobianBuilder
 from jaxgeom.layers import LayerCollection, check_layer_collection
 from jaxgeom.pmat import _spectral
+from jaxgeom.restriction import Restriction, restrict
 from jaxgeom.scaling import ScalarMultiples, is_scalar
 from jaxgeom.solvers import cg, check_cg_options
 from jaxgeom.streaming import static_field as static_field  # re-exported
@@ -508,6 +509,55 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
             return NotImplemented
         return _combine(self, other, -1)
 
+    # ------------------------------------------------------------------ layer subsets
+    def restrict(self, layer_ids: str | Sequence[str]) -> PMatAbstract:
+        """The principal sub-matrix ``M[S, S]`` on the layers ``S = layer_ids`` (one id or a
+        sequence of them, as :func:`jaxgeom.restriction.restrict` takes, in any order).
+
+        .. math::  M_S = P_S\\, M\\, P_S^\\top, \\qquad P_S \\in \\{0, 1\\}^{d_S \\times d}
+
+        the rows and columns of ``M`` at the layers' flat positions ``R.indices`` (``R =
+        restrict(M.layer_collection, layer_ids)``), on ``R.layer_collection`` (``d_S × d_S``,
+        the sub-collection's flat order). Exact, and in the same representation where it
+        is cheap: ``PMatDense`` (the rows and columns, ``d_S²``), ``PMatBlockDiag`` (the
+        layers' blocks), ``PMatDiag`` (``d_S``), ``PMatEye`` (``O(1)``), ``PMatKFAC`` and
+        ``PMatEKFAC`` (the layers' factors or eigenbases and exact blocks, ``O(1)``: no
+        array is copied), ``PMatQuasiDiag`` (``d_S``), ``PMatLowRank`` (the factor's
+        columns, ``r d_S``; the weights and the shift kept), ``PMatMixed`` (the parts on
+        ``S``, a part that straddles ``S`` restricted in turn) and ``PMatImplicit`` (the
+        same data replayed through the function of the layers' parameters alone,
+        ``Restriction.apply_fn``: nothing computed). Another representation gets the
+        generic route: ``M`` applied to the ``d_S`` unit vectors of ``S`` (``d_S``
+        products, memory ``d_S d``), a ``PMatDense``.
+
+        ``S`` holding every layer gives ``M`` itself (as
+        :meth:`~jaxgeom.layers.LayerCollection.intersection` does). A restriction of a
+        restriction is the restriction of the model: ``M1.restrict(common) +
+        M2.restrict(common)`` adds matrices built on overlapping layer subsets on their
+        common layers (``common = M1.layer_collection.get_common_layers(
+        M2.layer_collection)``, NNGeometry's convention for such sums).
+
+        Raises:
+          KeyError: for an id that is not a layer of ``M.layer_collection``.
+          ValueError: for no id or a repeated one.
+        """
+        r = restrict(self.layer_collection, layer_ids)
+        if len(r.layer_collection.layers) == len(self.layer_collection.layers):
+            return self
+        return self._restricted(r)
+
+    def _restricted(self, r: Restriction) -> PMatAbstract:
+        """``M[S, S]`` for the restriction ``r`` to fewer layers than ``M``'s. Generic:
+        ``M`` applied to the unit vectors ``e_i``, ``i ∈ r.indices`` (``d_S`` products),
+        their rows ``S``, as a ``PMatDense``; representations override it where their
+        structure gives the sub-matrix cheaply."""
+        from jaxgeom.pmat.dense import PMatDense
+
+        idx = r.indices
+        units = jnp.zeros((len(idx), self.layer_collection.numel()), self.dtype)
+        columns = jax.vmap(self._mv)(units.at[np.arange(len(idx)), idx].set(1))
+        return PMatDense(r.layer_collection, take(columns, idx, 1).T)
+
     # ------------------------------------------------------------------ construction
     #: rank in the promotion order ``Eye < Diag < BlockDiag < Dense`` used by ``+``/``-``
     #: between different representations (``None``: converts to dense).
@@ -625,6 +675,14 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         return f"{type(self).__name__}(d={d}, layers={len(self.layer_collection)})"
 
 
+def take(x: jax.Array, idx: np.ndarray, axis: int = -1) -> jax.Array:
+    """``x`` at the static indices ``idx`` along ``axis`` (a slice when they are a range)."""
+    start = int(idx[0])
+    if int(idx[-1]) - start + 1 == len(idx):
+        return jax.lax.slice_in_dim(x, start, start + len(idx), axis=axis)
+    return jnp.take(x, idx, axis=axis)
+
+
 def _implements(cls: type, method: str) -> bool:
     """Whether ``cls`` overrides ``method`` (an override marked ``unsupported`` only raises;
     the wrappers :func:`representation` puts on every class's compiled operations are seen
@@ -699,7 +757,10 @@ def _subset_words(union: LayerCollection, only_a: tuple, only_b: tuple,
         f"layers {list(only_a)} only in the first, {list(only_b)} only in the second, "
         f"{list(common)} in both. A sum or product of matrices on overlapping subsets "
         "is not defined here (on the union, with zeros elsewhere, or on the common layers "
-        "only, NNGeometry's convention?): build both on one layout, the union "
+        "only, NNGeometry's convention?). Restrict both to the common layers, "
+        f"M1.restrict({list(common)}) + M2.restrict({list(common)}) (their principal "
+        "sub-matrices, exact and without a rebuild: NNGeometry's sum), or build both on one "
+        "layout, the union "
         f"R = restrict(layer_collection, {ids}) (its layer collection is "
         "M1.layer_collection.union(M2.layer_collection)) or the common layers "
         f"R = restrict(layer_collection, {list(common)}) "

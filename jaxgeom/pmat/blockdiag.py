@@ -23,7 +23,9 @@ from jaxgeom.pmat.base import (
     representation,
     static_field,
 )
+from jaxgeom.pmat.base import take as _take
 from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.restriction import Restriction
 
 
 @representation
@@ -170,6 +172,11 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
     def _with(self, blocks) -> PMatBlockDiag:
         return PMatBlockDiag(self.layer_collection, tuple(blocks))
 
+    def _restricted(self, r: Restriction) -> PMatBlockDiag:
+        """The blocks of the layers ``S`` (no copy: the same arrays)."""
+        return PMatBlockDiag(r.layer_collection,
+                             tuple(self.get_block(layer.id) for layer in r.layer_collection))
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pmat(cls, other: PMatAbstract) -> PMatBlockDiag:
@@ -236,10 +243,3 @@ def _partition(layer_collection: LayerCollection) -> _Partition:
     layouts = tuple(LayerCollection.from_params(np.zeros(len(idx), dtype)) for idx in indices)
     return _Partition(indices, layouts, FlatPartition.of(indices, layer_collection.numel()))
 
-
-def _take(x: jax.Array, idx: np.ndarray, axis: int = -1) -> jax.Array:
-    """``x`` at the static indices ``idx`` along ``axis`` (a slice when they are a range)."""
-    start = int(idx[0])
-    if int(idx[-1]) - start + 1 == len(idx):
-        return jax.lax.slice_in_dim(x, start, start + len(idx), axis=axis)
-    return jnp.take(x, idx, axis=axis)

@@ -18,7 +18,9 @@ from jaxgeom.pmat.base import (
     check_shape,
     representation,
     static_field,
+    take,
 )
+from jaxgeom.restriction import Restriction
 
 
 @representation
@@ -111,6 +113,11 @@ class PMatDense(PMatAbstract):
 
     def _with(self, data) -> PMatDense:
         return PMatDense(self.layer_collection, data)
+
+    def _restricted(self, r: Restriction) -> PMatDense:
+        """``data[S][:, S]`` (``d_S²``; slices where the layers' indices are contiguous)."""
+        idx = r.indices
+        return PMatDense(r.layer_collection, take(take(self.data, idx, -2), idx, -1))
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -25,6 +25,7 @@ from jaxgeom.jacobian import (
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract, check_precision, representation, static_field
 from jaxgeom.replay import ReplayedFunction
+from jaxgeom.restriction import RestrictedFunction, Restriction
 from jaxgeom.streaming import ChunkBuilder, Stream, builder, scaled
 from jaxgeom.vector import as_flat, as_rows, product_dtype
 
@@ -187,6 +188,16 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     # ------------------------------------------------------------------ algebra
     def _scale(self, s):
         return dataclasses.replace(self, scale=self.scale * s)
+
+    def _restricted(self, r: Restriction) -> PMatImplicit:
+        """``s/N Σₙ Jₙ,S ᵀ Jₙ,S``: the same data and coefficient replayed through the
+        function of the layers' parameters alone (:class:`~jaxgeom.restriction.RestrictedFunction`,
+        the others fixed at ``params``), whose Jacobian is the columns ``S`` of ``Jₙ``.
+        Nothing is computed (``O(1)``); each product then differentiates the subset's
+        leaves only."""
+        return dataclasses.replace(self, layer_collection=r.layer_collection,
+                                   fn=RestrictedFunction(self.fn, r),
+                                   params=r.select(self.params), aux=(self.params, self.aux))
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -114,6 +114,7 @@ from jaxgeom.pmat.base import (
 )
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.restriction import Restriction
 from jaxgeom.streaming import ChunkBuilder, builder, mean
 
 APPROXIMATIONS = ("expand", "reduce")
@@ -674,6 +675,19 @@ def kronecker_layout(layer_collection: LayerCollection,
     return _Layout(matrices, biased, tuple(transposed), others, other_indices, partition)
 
 
+def restricted_specs(specs: tuple[KroneckerSpec, ...],
+                     r: Restriction) -> tuple[list[int], tuple[KroneckerSpec, ...]]:
+    """The Kronecker layers of ``specs`` among the layers of the restriction ``r``: their
+    positions in ``specs``, and their specs with the kernel's and bias's leaf indices in
+    ``r.layer_collection`` (the position of each among the subset's leaves ``r.leaves``)."""
+    position = {leaf: k for k, leaf in enumerate(r.leaves)}
+    ids = {layer.id for layer in r.layer_collection}
+    kept = [i for i, spec in enumerate(specs) if spec.layer_id in ids]
+    return kept, tuple(dataclasses.replace(
+        specs[i], kernel=position[specs[i].kernel],
+        bias=None if specs[i].bias is None else position[specs[i].bias]) for i in kept)
+
+
 #: the largest non-Kronecker layer, in parameters, given an exact dense block by default
 #: (the builds' ``max_dense_block``), and the largest layer whose exact block a sum of
 #: KFACs on different factors forms: 4096² float32 is 64 MiB
@@ -1058,6 +1072,17 @@ class PMatKFAC(PMatAbstract):
 
     def _with(self, factors, blocks):
         return type(self)(self.layer_collection, self.specs, tuple(factors), tuple(blocks))
+
+    def _restricted(self, r: Restriction) -> PMatKFAC:
+        """The factors (or eigenbases and diagonals) of the Kronecker layers of ``S`` and
+        the exact blocks of its other layers, as they are (``O(1)``, no array copied):
+        ``M`` is block-diagonal over layers, so its principal sub-matrix on whole layers
+        is theirs."""
+        kept, specs = restricted_specs(self.specs, r)
+        ids = {layer.id for layer in r.layer_collection}
+        blocks = tuple(b for layer, b in zip(self._parts.others, self.blocks) if layer.id in ids)
+        return type(self)(r.layer_collection, specs, tuple(self.factors[i] for i in kept),
+                          blocks)
 
     def without_rank_bounds(self) -> PMatKFAC:
         """The same matrix without its build's static rank bounds (hints to the factors'

@@ -14,7 +14,7 @@ import numpy as np
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import gram, gram_norm_sq
-from jaxgeom.pmat.base import PMatAbstract, check_shape, representation, static_field
+from jaxgeom.pmat.base import PMatAbstract, check_shape, representation, static_field, take
 from jaxgeom.vector import as_flat
 
 
@@ -289,6 +289,12 @@ class PMatLowRank(PMatAbstract):
                                 sign * other._weights().astype(dtype)])
         return PMatLowRank(self.layer_collection, factor, coef,
                            self._shift().astype(dtype) + sign * other._shift().astype(dtype))
+
+    def _restricted(self, r) -> PMatLowRank:
+        """``F[:, S]ᵀ diag(c) F[:, S] + s·I``: the factor's columns ``S`` (``r d_S``), the
+        weights and the shift kept (the rank bound stays ``r``)."""
+        return dataclasses.replace(self, layer_collection=r.layer_collection,
+                                   factor=take(self.factor, r.indices, -1))
 
     @classmethod
     def from_pmat(cls, other: PMatAbstract) -> PMatLowRank:

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 
 from jaxgeom._reindex import FlatPartition
 from jaxgeom.layers import KINDS, Layer, LayerCollection
-from jaxgeom.pmat.base import PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import CG_OPTIONS, PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.restriction import RestrictedFunction, Restriction, restrict
@@ -157,6 +157,11 @@ def assign(layer_collection: LayerCollection, mapping: Mapping[str, type] | None
 
 
 # ----------------------------------------------------------------------------- representation
+def _takes_damping(part: PMatAbstract) -> bool:
+    """Whether a part's default solve (and its ``inv``/``pow``) takes a ``damping``."""
+    return "damping" in part.SOLVE_OPTIONS.get(part.SOLVE_METHODS[0], ())
+
+
 @functools.lru_cache(maxsize=128)
 def _parts(layer_collection: LayerCollection,
            layouts: tuple[LayerCollection, ...]) -> FlatPartition:
@@ -192,6 +197,9 @@ class PMatMixed(PMatAbstract):
     parts: tuple[PMatAbstract, ...] = ()
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
+    #: ``damping`` goes to the parts that take it (:meth:`_damping_options`)
+    SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "default": ("damping",), "cg": (*CG_OPTIONS, "damping")}
 
     def _compiles_eager_calls(self) -> bool:
         return all(p._compiles_eager_calls() for p in self.parts)
@@ -244,18 +252,65 @@ class PMatMixed(PMatAbstract):
     def eigvalsh(self):
         return jnp.sort(jnp.concatenate(self._each("eigvalsh", lambda p: p.eigvalsh())))
 
-    def _solve(self, v, regul, method, **options):
+    def _solve(self, v, regul, method, damping: str = "exact", **options):
+        """Each part's default solve of its piece of ``v``, the ``damping`` forwarded to
+        the parts that take it (:meth:`_damping_options`); ``"cg"`` on the whole matrix
+        (exact damping only)."""
+        damped = self._damping_options(damping)
         if method == "cg":
+            if damping != "exact":
+                raise ValueError(
+                    f"cg solves (M + regul·I) x = v (damping='exact'); damping={damping!r} "
+                    "damps the Kronecker factors of the KFAC parts and is solved part by "
+                    "part: drop method='cg'")
             return super()._solve(v, regul, method, **options)
         return self._split.merge(self._each(
-            "solve", lambda p, x: p._solve(x, regul, p.SOLVE_METHODS[0]), self._split.split(v)))
+            "solve", lambda p, x, k: p._solve(x, regul, p.SOLVE_METHODS[0], **k),
+            self._split.split(v), damped))
+
+    def _damping_options(self, damping: str) -> list[dict[str, str]]:
+        """Each part's keyword arguments for a ``damping`` of ``solve``/``inv``/``pow``:
+        ``{"damping": damping}`` for the parts that take one (``PMatKFAC``, ``PMatEKFAC``:
+        a ``damping`` among their solve options), nothing for the others, which damp
+        exactly (``M_p + regul·I``) — what ``"exact"`` (the default) means for every part.
+
+        With ``damping="pi"`` (``(A + π√λ I) ⊗ (G + √λ/π I)`` per Kronecker layer, π of
+        Martens & Grosse) or ``"pi_one"`` (π = 1), the matrix solved, inverted or taken to
+        a power is the block-diagonal of each KFAC part's factor-damped blocks and the
+        other parts' ``M_p + λI``.
+
+        Raises:
+          ValueError: for a ``damping`` not in ``("exact", "pi", "pi_one")``, or a
+            factored one when no part takes it.
+        """
+        from jaxgeom.pmat.kfac import DAMPINGS
+
+        if damping not in DAMPINGS:
+            raise ValueError(f"damping must be one of {DAMPINGS}; got {damping!r}")
+        takes = [_takes_damping(p) for p in self.parts]
+        if damping != "exact" and not any(takes):
+            kinds = sorted({type(p).__name__ for p in self.parts})
+            raise ValueError(
+                f"damping={damping!r} damps the Kronecker factors (A, G) of a PMatKFAC "
+                f"part; this PMatMixed has none (its parts are {', '.join(kinds)}), which "
+                "damp exactly, M + regul·I: drop damping, or map the dense/conv layers to "
+                "PMatKFAC (mapping={'dense': PMatKFAC, 'conv': PMatKFAC})")
+        return [{"damping": damping} if t else {} for t in takes]
 
     # ------------------------------------------------------------------ functions
-    def inv(self, regul: Any = 0.0) -> PMatMixed:
-        return self._with(self._each("inv", lambda p: p.inv(regul)))
+    def inv(self, regul: Any = 0.0, *, damping: str = "exact") -> PMatMixed:
+        """``(M + regul·I)⁻¹`` part by part; ``damping`` (``"exact"``, ``"pi"``,
+        ``"pi_one"``) goes to the KFAC parts (:meth:`_damping_options`). Cost: the parts'
+        inverses."""
+        damped = self._damping_options(damping)
+        return self._with(self._each("inv", lambda p, k: p.inv(regul, **k), damped))
 
-    def pow(self, p: Any, regul: Any = 0.0) -> PMatMixed:
-        return self._with(self._each("pow", lambda m: m.pow(p, regul)))
+    def pow(self, p: Any, regul: Any = 0.0, *, damping: str = "exact") -> PMatMixed:
+        """``(M + regul·I)^p`` part by part; ``damping`` goes to the KFAC parts
+        (:meth:`_damping_options`): with ``"pi"``, their factor-damped blocks' powers
+        ``(A + π√λ I)^p ⊗ (G + √λ/π I)^p``. Cost: the parts' powers."""
+        damped = self._damping_options(damping)
+        return self._with(self._each("pow", lambda m, k: m.pow(p, regul, **k), damped))
 
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatMixed:
         """Pseudo-inverse of each part with one threshold ``max(atol, rtol·max|λ|)``, ``λ``
@@ -290,6 +345,18 @@ class PMatMixed(PMatAbstract):
 
     def _with(self, parts) -> PMatMixed:
         return PMatMixed(self.layer_collection, tuple(parts))
+
+    def _restricted(self, r: Restriction) -> PMatMixed:
+        """The parts on ``S``: a part within ``S`` as it is, a part that straddles ``S``
+        restricted to its layers in ``S`` (its own :meth:`restrict`), the others dropped;
+        still block-diagonal over the parts left. Cost: the parts' restrictions."""
+        ids = {layer.id for layer in r.layer_collection}
+
+        def mine(p: PMatAbstract) -> list[str]:
+            return [layer.id for layer in p.layer_collection if layer.id in ids]
+
+        parts = self._each("restrict", lambda p: p.restrict(mine(p)) if mine(p) else None)
+        return PMatMixed(r.layer_collection, tuple(p for p in parts if p is not None))
 
     def without_rank_bounds(self) -> PMatMixed:
         return self._with(p.without_rank_bounds() for p in self.parts)

@@ -63,7 +63,7 @@ import numpy as np
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import LayerCollection
-from jaxgeom.pmat.base import PMatAbstract, check_shape, representation, static_field
+from jaxgeom.pmat.base import PMatAbstract, check_shape, representation, static_field, take
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.kfac import (
     CaptureBuilder,
@@ -72,6 +72,7 @@ from jaxgeom.pmat.kfac import (
     check_factorable,
     flat_diagonal,
     kronecker_layout,
+    restricted_specs,
     squared_gradients,
 )
 from jaxgeom.streaming import builder, mean
@@ -281,6 +282,13 @@ class PMatQuasiDiag(PMatAbstract):
 
     def _with(self, diag, cross, rho) -> PMatQuasiDiag:
         return PMatQuasiDiag(self.layer_collection, self.specs, diag, tuple(cross), tuple(rho))
+
+    def _restricted(self, r) -> PMatQuasiDiag:
+        """The diagonal's entries ``S`` and the per-neuron terms ``c``, ``ρ`` of the
+        layers of ``S`` (``d_S``): every neuron block lies within one layer."""
+        kept, specs = restricted_specs(self.specs, r)
+        return PMatQuasiDiag(r.layer_collection, specs, take(self.diag, r.indices, -1),
+                             tuple(self.cross[i] for i in kept), tuple(self.rho[i] for i in kept))
 
     # ------------------------------------------------------------------ construction
     @classmethod
