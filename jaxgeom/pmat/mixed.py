@@ -36,7 +36,9 @@ costs plus ``d`` to split and merge flat vectors.
 Operations combine blockwise: ``mv``, ``vTMv``, ``get_diag``, ``trace``, Frobenius,
 ``to_dense``, ``solve`` (each part's default method, or ``"cg"`` on the whole), ``inv``,
 ``pinv`` (threshold relative to the whole spectrum), ``pow``, ``eigvalsh`` and ``norm(±2)``,
-scalar ``*``; ``+``/``-``/``mm`` between two ``PMatMixed`` with the same parts (layers and
+scalar ``*``, ``restrict`` (the parts on the layers kept, one that straddles them restricted
+in turn); ``solve``/``inv``/``pow`` forward KFAC's ``damping=`` to the parts that take it;
+``+``/``-``/``mm`` between two ``PMatMixed`` with the same parts (layers and
 representations) are part-wise, otherwise dense. An operation a part cannot do raises a
 ``NotImplementedError`` naming the part's representation and layers.
 """
