@@ -24,6 +24,7 @@ from pmat_checks import (
     block_mask,
     check_all,
     check_combinations,
+    check_eigsh,
     check_pytree,
     check_solve,
     flat,
@@ -222,6 +223,8 @@ def test_products_rotate_by_the_range_columns_only(fisher):
     np.testing.assert_allclose(flat(E.solve(v, r)),
                                np.linalg.solve(dense + r * np.eye(len(dense)), flat(v)), **TOL)
     check_solve(E, dense, t.params)
+    check_eigsh(E, dense)  # the stored diagonal on range-factorised bases
+    check_eigsh(inv, np.asarray(inv.to_dense()))  # constant 1/λ off the ranges
 
 
 # ----------------------------------------------------------------------------- operations
@@ -236,6 +239,7 @@ def test_operations(case):
     t, E, dense = case
     check_all(E, dense, t.params)  # every function stays an EKFAC (shared eigenbasis)
     check_pytree(E)
+    check_eigsh(E, dense)  # the refitted diagonal's entries on the Kronecker eigenbasis
     third = E.pow(1 / 3).mm(E.pow(2 / 3))
     assert type(third) is PMatEKFAC
     np.testing.assert_allclose(third.to_dense(), dense, atol=1e-10)

@@ -160,6 +160,15 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
             "jaxgeom.estimators.lanczos_eigenvalues(M, key, num_iterations)"
         )
 
+    def eigsh(self, k: int, which: str = "LA"):
+        raise NotImplementedError(
+            "PMatImplicit does not compute eigenpairs exactly (M.eigsh): estimate k of them "
+            "from products by Lanczos, values, vectors = jaxgeom.estimators.lanczos_eigsh(M, "
+            "key, k, which=...), or build a stored matrix (PMatDense.from_pmat(M), or the "
+            "same data in PMatKFAC / PMatLowRank, …) whose eigsh is exact")
+
+    eigsh.unsupported = True  # raises only: not listed among the representations that do
+
     def slogdet(self, regul: Any = 0.0):
         raise NotImplementedError(
             "PMatImplicit does not compute log-determinants (nor logdet): they need the "
