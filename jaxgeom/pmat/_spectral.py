@@ -322,7 +322,7 @@ def eigenpairs_of_pieces(pieces, k: int, which: str, d: int, dtype
     values = jnp.concatenate([jnp.ravel(v).astype(dtype) for _, v, _ in pieces])
     chosen = select(values, k, which)
     rows, offset = [], 0
-    for indices, block_values, vectors in pieces:
+    for indices, _, vectors in pieces:
         n = int(np.size(indices))
         local = chosen - offset
         inside = (local >= 0) & (local < n)

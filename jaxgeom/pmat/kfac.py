@@ -878,10 +878,10 @@ class PMatKFAC(PMatAbstract):
         """The orders of the independent matrices that the compiled eager call
         ``operation(*args, **kwargs)`` factorises (:func:`~jaxgeom._dispatch.compiled_when_eager`
         runs them side by side when that is faster): every factor and block for
-        ``eigvalsh``, ``eigsh``, ``slogdet``, ``logdet``, ``norm(±2)`` and ``solve`` — a factor-damped
-        one's (``damping="pi"``/``"pi_one"``) Cholesky factorisations of ``G`` and ``A``
-        too (its triangular solves chain ``G`` then ``A`` in each layer, the factorisations
-        do not: bench_mlp's π-damped ``solve`` 28.0 → 26.5 ms, and a loop of it and a
+        ``eigvalsh``, ``eigsh``, ``slogdet``, ``logdet``, ``norm(±2)`` and ``solve`` — a
+        factor-damped one's (``damping="pi"``/``"pi_one"``) Cholesky factorisations of
+        ``G`` and ``A`` too (its triangular solves chain ``G`` then ``A`` in each layer, the
+        factorisations do not: bench_mlp's π-damped ``solve`` 28.0 → 26.5 ms, and a loop of it and a
         Monte-Carlo build 63.5 → 47.5 ms, no LAPACK thread left spinning into the build)."""
         if operation == "_factor_damped_inverse":
             return self._factor_damped_orders(args[1] if len(args) > 1 else kwargs["damping"])
