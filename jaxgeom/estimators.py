@@ -23,12 +23,14 @@ The probes are the rows of one ``(m, d)`` array and ``M`` is applied to all at o
 the cost is ``m`` products of ``M`` (Hutch++: ``m`` products and a QR of ``d × m/3``).
 For more probes than fit in memory, call again with other keys and average.
 :func:`lanczos_eigenvalues` estimates the extreme eigenvalues (a Hessian's top one)
-with ``k`` products one after the other, and :func:`lanczos_spectral_density` the whole
-spectral density by stochastic Lanczos quadrature (``k`` rounds of products on ``m``
-probes; :func:`spectral_density_on_grid` smooths it). Everything is jit-able; the same
+with ``k`` products one after the other, :func:`lanczos_eigsh` extreme eigenpairs
+(eigenvalues and eigenvectors: a Hessian's top-``k`` directions), and
+:func:`lanczos_spectral_density` the whole spectral density by stochastic Lanczos
+quadrature (``k`` rounds of products on ``m`` probes; :func:`spectral_density_on_grid`
+smooths it). Everything is jit-able; the same
 key gives the same estimate. These are curvlinops' ``hutchinson_trace``,
 ``hutchpp_trace``, ``xtrace``, ``hutchinson_diag``, ``xdiag``,
-``hutchinson_squared_fro`` and ``lanczos_approximate_spectrum`` (and matfree's
+``hutchinson_squared_fro``, ``lanczos_approximate_spectrum`` and ``eigsh`` (and matfree's
 ``stochtrace``, PyHessian's ``density``).
 
 ``M`` is any representation, or a function ``matvec(v) -> M v`` on flat ``(d,)``
@@ -252,7 +254,8 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
     carry no spurious copies. When the Krylov space is exhausted (``k`` beyond ``rank + 1``
     for a low-rank Fisher) the iteration stops growing it and the remaining Ritz values
     are ``0`` — eigenvalues of such a singular ``M`` — so ``k = d`` gives the whole
-    spectrum of a matrix of rank below ``d``.
+    spectrum of a matrix of rank below ``d``. :func:`lanczos_eigsh` gives the
+    eigenvectors too.
 
     Args:
       M: a symmetric representation, or ``matvec(v) -> M v`` on flat ``(d,)`` vectors.

@@ -157,7 +157,8 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
             "PMatImplicit does not compute eigenvalues (nor norm(2)/norm(-2)): build a "
             "PMatDense (or a PMatLowRank when N·K < d), e.g. PMatDense.from_pmat(M), or "
             "estimate the extreme eigenvalues from products: "
-            "jaxgeom.estimators.lanczos_eigenvalues(M, key, num_iterations)"
+            "jaxgeom.estimators.lanczos_eigenvalues(M, key, num_iterations) (with their "
+            "eigenvectors: jaxgeom.estimators.lanczos_eigsh(M, key, k))"
         )
 
     def eigsh(self, k: int, which: str = "LA"):
