@@ -23,12 +23,14 @@ The probes are the rows of one ``(m, d)`` array and ``M`` is applied to all at o
 the cost is ``m`` products of ``M`` (Hutch++: ``m`` products and a QR of ``d × m/3``).
 For more probes than fit in memory, call again with other keys and average.
 :func:`lanczos_eigenvalues` estimates the extreme eigenvalues (a Hessian's top one)
-with ``k`` products one after the other, and :func:`lanczos_spectral_density` the whole
-spectral density by stochastic Lanczos quadrature (``k`` rounds of products on ``m``
-probes; :func:`spectral_density_on_grid` smooths it). Everything is jit-able; the same
+with ``k`` products one after the other, :func:`lanczos_eigsh` extreme eigenpairs
+(eigenvalues and eigenvectors: a Hessian's top-``k`` directions), and
+:func:`lanczos_spectral_density` the whole spectral density by stochastic Lanczos
+quadrature (``k`` rounds of products on ``m`` probes; :func:`spectral_density_on_grid`
+smooths it). Everything is jit-able; the same
 key gives the same estimate. These are curvlinops' ``hutchinson_trace``,
 ``hutchpp_trace``, ``xtrace``, ``hutchinson_diag``, ``xdiag``,
-``hutchinson_squared_fro`` and ``lanczos_approximate_spectrum`` (and matfree's
+``hutchinson_squared_fro``, ``lanczos_approximate_spectrum`` and ``eigsh`` (and matfree's
 ``stochtrace``, PyHessian's ``density``).
 
 ``M`` is any representation, or a function ``matvec(v) -> M v`` on flat ``(d,)``
@@ -56,6 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgeom._counter_rng import check_key
+from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract
 
 #: the distributions of the probe entries: ±1 with probability ½ each, or N(0, 1)
@@ -251,7 +254,8 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
     carry no spurious copies. When the Krylov space is exhausted (``k`` beyond ``rank + 1``
     for a low-rank Fisher) the iteration stops growing it and the remaining Ritz values
     are ``0`` — eigenvalues of such a singular ``M`` — so ``k = d`` gives the whole
-    spectrum of a matrix of rank below ``d``.
+    spectrum of a matrix of rank below ``d``. :func:`lanczos_eigsh` gives the
+    eigenvectors too.
 
     Args:
       M: a symmetric representation, or ``matvec(v) -> M v`` on flat ``(d,)`` vectors.
@@ -274,6 +278,68 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
                               "num_iterations")
     tridiagonal = _lanczos(products, probes(key, 1), num_iterations, "num_iterations")
     return jnp.linalg.eigvalsh(tridiagonal[0])
+
+
+def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
+                  num_iterations: int | None = None, dim: int | None = None,
+                  dtype: Any = None) -> tuple[jax.Array, jax.Array]:
+    """``k`` extreme eigenpairs of a symmetric ``M`` from products only, by Lanczos: Ritz
+    values and Ritz vectors (scipy's and curvlinops' ``eigsh``, PyHessian's top-``k``
+    eigenvalues and eigenvectors of a Hessian).
+
+    ``n = num_iterations`` Lanczos steps from a normal start vector (as
+    :func:`lanczos_eigenvalues`, full reorthogonalisation) build an orthonormal basis
+    ``Q`` (``d × n``) of the Krylov space and ``T = QᵀMQ = S Θ Sᵀ``; the Ritz pairs are
+    ``(θⱼ, yⱼ = Q sⱼ)``, and the ``k`` of them that ``which`` names are returned:
+    ``"LA"`` the largest (default), ``"SA"`` the smallest, ``"LM"`` the largest in
+    magnitude (an indefinite Hessian's dominant directions, either sign). The extreme
+    ones converge first, geometrically at a rate set by the gap to the rest of the
+    spectrum; a pair has converged when its residual ``‖M yⱼ − θⱼ yⱼ‖`` is small
+    (``jnp.linalg.norm(M.mmap(V.T) - λ[:, None] * V.T, axis=1)``: ``k`` more products).
+    ``n ≥ 2k`` (the default, scipy's ``ncv``: ``min(d, max(2k + 1, 20))``) is a good
+    start; ``n = d`` gives exact eigenpairs. A Krylov space exhausted before ``n`` steps
+    (an invariant subspace: a low-rank Fisher, ``n > rank + 1``) is continued from a new
+    random vector orthogonal to it, so that every Ritz vector is a unit vector (the null
+    space's eigenvalue ``0`` included, e.g. with ``"SA"``).
+
+    For a params-shaped eigenvector, ``PVector.from_flat(params, V[:, j])`` (or a matrix's
+    ``layer_collection`` for ``params``). A stored representation's exact ``k`` eigenpairs
+    are :meth:`~jaxgeom.pmat.base.PMatAbstract.eigsh` (KFAC/EKFAC from their factors'
+    eigenbases); this one is for ``PMatImplicit`` and any ``matvec``.
+
+    Args:
+      M: a symmetric representation, or ``matvec(v) -> M v`` on flat ``(d,)`` vectors.
+      key: one PRNG key (the start vector; with the same ``num_iterations``,
+        :func:`lanczos_eigenvalues` with this key gives the same Ritz values).
+      k: the number of eigenpairs, ``1 ≤ k ≤ num_iterations``.
+      which: ``"LA"``, ``"SA"`` or ``"LM"``.
+      num_iterations: ``n``, the number of products of ``M``, ``k ≤ n ≤ d``.
+      dim, dtype: as :func:`hutchinson_trace`.
+
+    Returns:
+      ``(λ, V)``: the ``(k,)`` Ritz values **ascending** (scipy's order: ``λ[-1]`` is the
+      top one with ``"LA"``) and the ``(d, k)`` orthonormal Ritz vectors (columns, flat
+      order), each up to its sign. Cost: ``n`` products of ``M`` one after the other (a
+      ``PMatImplicit`` streams its data ``n`` times), ``O(n² d)`` for the
+      reorthogonalisation, memory ``n·d``; under ``jit`` the ``n`` steps are unrolled.
+
+    Raises:
+      ValueError: ``k`` or ``num_iterations`` not integers with ``1 ≤ k ≤ n ≤ d``, an
+        unknown ``which``, and the errors of :func:`hutchinson_trace` (``dim``, ``key``).
+    """
+    products, probes = _setup(M, key, k, "normal", dim, dtype, "k")
+    start = probes(key, 1)
+    d = start.shape[1]
+    if num_iterations is None:
+        num_iterations = min(d, max(2 * k + 1, 20))
+    _check_count(num_iterations, "num_iterations")
+    _spectral.check_eigsh_options(k, which, min(num_iterations, d),
+                                  "k (at most num_iterations and d)")
+    tridiagonal, basis = _lanczos(products, start, num_iterations, "num_iterations",
+                                  restart=key, return_basis=True)
+    theta, s = jnp.linalg.eigh(tridiagonal[0])
+    chosen = _spectral.select(theta, k, which)
+    return theta[chosen], basis[0].T @ s[:, chosen]
 
 
 def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int
@@ -451,11 +517,16 @@ def _setup(M: Operator, key: jax.Array, num_samples: Any, distribution: str,
 
 
 def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
-             num_steps: Any, what: str = "num_steps") -> jax.Array:
+             num_steps: Any, what: str = "num_steps", *, restart: jax.Array | None = None,
+             return_basis: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The ``(m, k, k)`` tridiagonals ``Q_kᵀ M Q_k`` of ``k`` Lanczos steps from each of
     the ``m`` rows of ``start`` at once (one product of ``M`` on ``m`` rows per step), with
     full reorthogonalisation (twice); a Krylov space exhausted before step ``k`` is not
-    grown further (the rest of ``T`` is ``0``)."""
+    grown further (the rest of ``T`` is ``0``), or, given a ``restart`` key, goes on from a
+    new normal vector orthogonal to the basis (``β = 0`` there: ``T`` block diagonal, an
+    invariant subspace found; the basis stays orthonormal, so Ritz vectors stay unit
+    vectors). With ``return_basis``, also the ``(m, k, d)`` orthonormal bases ``Q_k``
+    (rows)."""
     m, d = start.shape
     _check_count(num_steps, what)
     if num_steps > d:
@@ -463,25 +534,37 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     eps = jnp.finfo(start.dtype).eps
     basis = (start / jnp.linalg.norm(start, axis=1, keepdims=True))[:, None]  # (m, j, d)
     alphas, betas, scale = [], [], jnp.zeros((m,), start.dtype)
+
+    def orthogonalised(w):  # full reorthogonalisation, twice ("twice is enough")
+        for _ in range(2):
+            w = w - jnp.einsum("mjd,mj->md", basis, jnp.einsum("mjd,md->mj", basis, w))
+        return w
+
     for j in range(num_steps):
         w = products(basis[:, j])  # (m, d)
         scale = jnp.maximum(scale, jnp.linalg.norm(w, axis=1))
         alphas.append(jnp.sum(basis[:, j] * w, axis=1))
-        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
-            w = w - jnp.einsum("mjd,mj->md", basis, jnp.einsum("mjd,md->mj", basis, w))
+        w = orthogonalised(w)
         if j == num_steps - 1:
             break
         beta = jnp.linalg.norm(w, axis=1)
         grows = beta > d * eps * scale  # else: the Krylov space is exhausted
         betas.append(jnp.where(grows, beta, 0))
-        w = jnp.where(grows[:, None], w / jnp.where(grows, beta, 1)[:, None], 0)
+        w = w / jnp.where(grows, beta, 1)[:, None]
+        if restart is None:
+            fresh = jnp.zeros_like(w)
+        else:
+            fresh = orthogonalised(jax.random.normal(jax.random.fold_in(restart, j), (m, d),
+                                                     start.dtype))
+            fresh = fresh / jnp.linalg.norm(fresh, axis=1, keepdims=True)
+        w = jnp.where(grows[:, None], w, fresh)
         basis = jnp.concatenate([basis, w[:, None]], axis=1)
     tridiagonal = jax.vmap(jnp.diag)(jnp.stack(alphas, axis=1))
     if betas:
         off = jax.vmap(jnp.diag)(jnp.stack(betas, axis=1))  # (m, k − 1, k − 1)
         pad = [(0, 0), (0, 1), (1, 0)]
         tridiagonal = tridiagonal + jnp.pad(off, pad) + jnp.pad(off, pad).mT
-    return tridiagonal
+    return (tridiagonal, basis) if return_basis else tridiagonal
 
 
 def _gauss_quadrature(tridiagonal: jax.Array) -> tuple[jax.Array, jax.Array]:

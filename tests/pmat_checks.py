@@ -293,3 +293,57 @@ def compilations():
             yield names
     finally:
         logger.removeHandler(handler)
+
+
+def expected_eigsh(dense, k, which, eig=None):
+    """The ``k`` eigenvalues ``eigsh(k, which)`` must answer, ascending (NumPy float64;
+    ``eig``: ``dense``'s eigenvalues, ascending, when known)."""
+    eig = np.linalg.eigvalsh(dense) if eig is None else eig
+    if which == "LA":
+        return eig[-k:]
+    if which == "SA":
+        return eig[:k]
+    return np.sort(eig[np.argsort(-np.abs(eig), kind="stable")[:k]])
+
+
+def check_eigenpairs(values, vectors, dense, k, which, atol=1e-10, spectrum=None):
+    """``(λ, V)`` are ``k`` eigenpairs of ``dense`` as ``which`` names them: the eigenvalues
+    of ``numpy.linalg.eigh`` (ascending), ``V`` orthonormal ``(d, k)`` with a small residual
+    ``‖dense V − V diag(λ)‖``, and each vector of an eigenvalue apart from the rest of the
+    spectrum ``±`` NumPy's (a repeated one is checked through the residual: any
+    orthonormal basis of its eigenspace is right). ``spectrum``: ``numpy.linalg.eigh(dense)``
+    when known."""
+    values, vectors = np.asarray(values), np.asarray(vectors)
+    d = len(dense)
+    scale = max(np.abs(dense).max(), 1e-300)
+    assert values.shape == (k,) and vectors.shape == (d, k)
+    eig, basis = np.linalg.eigh(dense) if spectrum is None else spectrum
+    np.testing.assert_allclose(values, expected_eigsh(dense, k, which, eig), atol=atol * scale)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(k), atol=1e-10)
+    residual = np.linalg.norm(dense @ vectors - vectors * values, axis=0)
+    np.testing.assert_array_less(residual, atol * scale * 10)
+    for j, lam in enumerate(values):
+        gaps = np.abs(eig - lam)
+        nearest = np.argmin(gaps)
+        if np.partition(gaps, 1)[1] > 1e-6 * scale:  # a simple, well-separated eigenvalue
+            np.testing.assert_allclose(abs(basis[:, nearest] @ vectors[:, j]), 1, atol=1e-6)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _eigsh_all(M, k):
+    return {which: M.eigsh(k, which) for which in ("LA", "SA", "LM")}
+
+
+def check_eigsh(M, dense, k=3):
+    """``M.eigsh(k, which)`` for every ``which``, under ``jit`` and eager, against
+    ``numpy.linalg.eigh`` of ``dense`` (:func:`check_eigenpairs`)."""
+    spectrum = np.linalg.eigh(dense)
+    for which, (values, vectors) in _eigsh_all(M, k).items():
+        check_eigenpairs(values, vectors, dense, k, which, spectrum=spectrum)
+    values, vectors = M.eigsh(k)  # eager: one compiled call
+    check_eigenpairs(values, vectors, dense, k, "LA", spectrum=spectrum)
+    with pytest.raises(ValueError, match="which"):
+        M.eigsh(k, "BE")
+    for bad in (0, len(dense) + 1, 2.0):
+        with pytest.raises(ValueError, match=r"k must be an integer in \[1, d"):
+            M.eigsh(bad)

@@ -10,14 +10,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from models import make_linen_mlp
+from pmat_checks import check_eigenpairs, expected_eigsh
 
-from jaxgeom import FIM, Hessian, PMatDense, PMatDiag, PMatEye, PMatImplicit, PMatLowRank
+from jaxgeom import (
+    FIM,
+    Hessian,
+    PMatDense,
+    PMatDiag,
+    PMatEye,
+    PMatImplicit,
+    PMatLowRank,
+    PVector,
+)
 from jaxgeom.estimators import (
     hutchinson_diag,
     hutchinson_squared_frobenius,
     hutchinson_trace,
     hutchpp_trace,
     lanczos_eigenvalues,
+    lanczos_eigsh,
     lanczos_quadrature,
     lanczos_spectral_density,
     spectral_density_on_grid,
@@ -174,6 +185,109 @@ def test_refusals(fisher):
         lanczos_eigenvalues(F, KEY, len(dense) + 1)
     with pytest.raises(ValueError, match="num_iterations"):
         lanczos_eigenvalues(F, KEY, 0)
+
+
+# ------------------------------------------------------- Lanczos eigenpairs
+def _hessian(t):
+    def loss(params, batch):
+        x, y = batch
+        return -jnp.mean(jax.nn.log_softmax(t.apply_fn(params, x))[jnp.arange(len(y)), y])
+
+    return Hessian(loss, t.params, (t.x, t.y), PMatImplicit)
+
+
+def test_lanczos_eigsh_with_d_iterations_is_exact(fisher):
+    """``n = d`` steps: the Ritz pairs are eigenpairs (up to round-off), for every ``which``;
+    the smallest ones of a singular Fisher come from the continued Krylov space (past the
+    exhausted one): unit vectors of its null space, not zeros."""
+    t, F, dense = fisher
+    d = len(dense)
+    assert np.sum(np.abs(np.linalg.eigvalsh(dense)) < 1e-12) > 3
+    for which in ("LA", "SA", "LM"):
+        values, vectors = lanczos_eigsh(F, KEY, 4, which=which, num_iterations=d)
+        check_eigenpairs(values, vectors, dense, 4, which, atol=1e-9)
+    values, vectors = lanczos_eigsh(F, KEY, d, num_iterations=d)  # every eigenpair
+    check_eigenpairs(values, vectors, dense, d, "LA", atol=1e-9)
+
+
+def test_lanczos_eigsh_converges_on_a_separated_spectrum():
+    """A synthetic spectrum with three eigenvalues well apart from the other 297: with 30
+    products the top three pairs are exact to ~1e-10 (eigenvalues) and their vectors ``±``
+    the true ones; the Ritz values are :func:`lanczos_eigenvalues`' with the same key;
+    fewer iterations give coarser estimates, more converge."""
+    d = 300
+    rng = np.random.default_rng(1)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    spectrum = np.concatenate([np.linspace(0.0, 1.0, d - 3), [4.0, 6.0, 10.0]])
+    dense = (basis * spectrum) @ basis.T
+    dense = (dense + dense.T) / 2
+    values, vectors = lanczos_eigsh(_matvec(dense), KEY, 3, num_iterations=30, dim=d,
+                                    dtype=jnp.float64)
+    np.testing.assert_allclose(values, [4.0, 6.0, 10.0], rtol=1e-10)
+    overlaps = np.abs(np.sum(np.asarray(vectors) * basis[:, -3:], axis=0))
+    np.testing.assert_allclose(overlaps, 1, atol=1e-8)
+    residual = np.linalg.norm(dense @ vectors - np.asarray(vectors) * np.asarray(values), axis=0)
+    assert residual.max() < 1e-6
+    ritz = lanczos_eigenvalues(_matvec(dense), KEY, 30, dim=d, dtype=jnp.float64)
+    np.testing.assert_allclose(values, ritz[-3:], rtol=1e-12)
+    errors = [np.abs(np.asarray(lanczos_eigsh(_matvec(dense), KEY, 3, num_iterations=n,
+                                              dim=d, dtype=jnp.float64)[0])
+                     - [4.0, 6.0, 10.0]).max() for n in (4, 8, 16)]
+    assert errors[0] > errors[1] > errors[2]
+    default = lanczos_eigsh(_matvec(dense), KEY, 3, dim=d, dtype=jnp.float64)  # n = 20
+    np.testing.assert_allclose(default[0], [4.0, 6.0, 10.0], rtol=1e-6)
+
+
+def test_lanczos_eigsh_of_matrix_free_operators_a_hessian_and_under_jit(fisher):
+    """A matrix-free Fisher, a stored one and its matvec give the same pairs; an indefinite
+    implicit Hessian's largest-magnitude and smallest eigenpairs; ``jit``; the vectors as
+    ``PVector``s; :meth:`PMatImplicit.eigsh` names this function."""
+    t, F, dense = fisher
+    d = len(dense)
+    want_values, want_vectors = lanczos_eigsh(F, KEY, 3, num_iterations=16)
+    implicit = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit)
+    got = lanczos_eigsh(implicit, KEY, 3, num_iterations=16)
+    np.testing.assert_allclose(got[0], want_values, rtol=1e-8)
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(got[1]) * want_vectors, axis=0)), 1,
+                               atol=1e-8)
+    got = lanczos_eigsh(_matvec(dense), KEY, 3, num_iterations=16, dim=d, dtype=jnp.float64)
+    np.testing.assert_allclose(got[0], want_values, rtol=1e-10)
+    jitted = jax.jit(lambda M, key: lanczos_eigsh(M, key, 3, num_iterations=16))(F, KEY)
+    np.testing.assert_allclose(jitted[0], want_values, rtol=1e-10)
+    np.testing.assert_allclose(jitted[1], want_vectors, atol=1e-10)
+    top = PVector.from_flat(F.layer_collection, want_vectors[:, -1])
+    np.testing.assert_allclose(F.vTMv(top), want_values[-1], rtol=1e-8)
+
+    H = _hessian(t)
+    hessian = np.asarray(H.to_dense())
+    spectrum = np.linalg.eigvalsh(hessian)
+    assert spectrum[0] < 0 < spectrum[-1]
+    for which in ("LM", "SA"):
+        values, vectors = lanczos_eigsh(H, KEY, 2, which=which, num_iterations=d)
+        check_eigenpairs(values, vectors, hessian, 2, which, atol=1e-9)
+    values, _ = lanczos_eigsh(H, KEY, 2, which="LM", num_iterations=30)
+    np.testing.assert_allclose(values, expected_eigsh(hessian, 2, "LM"), rtol=1e-6)
+    with pytest.raises(NotImplementedError, match="lanczos_eigsh"):
+        implicit.eigsh(3)
+
+
+def test_lanczos_eigsh_refusals(fisher):
+    t, F, dense = fisher
+    d = len(dense)
+    with pytest.raises(ValueError, match="at most num_iterations"):
+        lanczos_eigsh(F, KEY, 5, num_iterations=4)
+    with pytest.raises(ValueError, match="which"):
+        lanczos_eigsh(F, KEY, 2, which="largest")
+    with pytest.raises(ValueError, match="k must be an integer"):
+        lanczos_eigsh(F, KEY, 0)
+    with pytest.raises(ValueError, match="at most d"):
+        lanczos_eigsh(F, KEY, 2, num_iterations=d + 1)
+    with pytest.raises(ValueError, match="num_iterations"):
+        lanczos_eigsh(F, KEY, 2, num_iterations=0)
+    with pytest.raises(ValueError, match="dim=d"):
+        lanczos_eigsh(lambda v: v, KEY, 2)
+    with pytest.raises(TypeError, match="PRNG key"):
+        lanczos_eigsh(F, 0, 2)
 
 
 # ------------------------------------------------------- stochastic Lanczos quadrature

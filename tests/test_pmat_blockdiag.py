@@ -17,6 +17,7 @@ from pmat_checks import (
     TOL,
     block_mask,
     check_all,
+    check_eigsh,
     check_promotions,
     check_pytree,
     check_solve,
@@ -60,6 +61,7 @@ def test_interleaved_layers_are_gathered():
 def test_operations(case):
     t, B, ref, dense = case
     check_all(B, dense, t.params)
+    check_eigsh(B, dense)  # per-block eigh, each vector on its layer's indices
 
 
 def test_solve(case):

@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp
-from pmat_checks import check_all, check_promotions, check_pytree, check_solve, reference
+from pmat_checks import (
+    check_all,
+    check_eigsh,
+    check_promotions,
+    check_pytree,
+    check_solve,
+    reference,
+)
 
 from jaxgeom import FIM, LayerCollection, PMatBlockDiag, PMatDense, PMatEye, solvers
 from jaxgeom.pmat import _gram
@@ -25,6 +32,7 @@ def test_storage_is_the_reference(case):
 def test_operations(case):
     t, F, ref = case
     check_all(F, ref, t.params)
+    check_eigsh(F, ref)
     check_solve(F, ref, t.params)
     check_pytree(F)
 

@@ -9,6 +9,7 @@ from pmat_checks import (
     REGUL,
     TOL,
     check_all,
+    check_eigsh,
     check_promotions,
     check_pytree,
     check_solve,
@@ -38,6 +39,7 @@ def test_storage_is_the_reference_diagonal(case):
 def test_operations(case):
     t, D, ref = case
     check_all(D, np.diag(np.diag(ref)), t.params)
+    check_eigsh(D, np.diag(np.diag(ref)))  # canonical basis vectors
 
 
 def test_solve(case):

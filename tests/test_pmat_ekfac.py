@@ -24,6 +24,7 @@ from pmat_checks import (
     block_mask,
     check_all,
     check_combinations,
+    check_eigsh,
     check_pytree,
     check_solve,
     flat,
@@ -222,6 +223,10 @@ def test_products_rotate_by_the_range_columns_only(fisher):
     np.testing.assert_allclose(flat(E.solve(v, r)),
                                np.linalg.solve(dense + r * np.eye(len(dense)), flat(v)), **TOL)
     check_solve(E, dense, t.params)
+    if fisher == "exact":  # eigsh of the stored diagonal on range-factorised bases
+        check_eigsh(E, dense)
+    else:  # of a damped inverse: constant 1/λ off the ranges
+        check_eigsh(inv, np.linalg.inv(dense + r * np.eye(len(dense))))
 
 
 # ----------------------------------------------------------------------------- operations
@@ -236,6 +241,7 @@ def test_operations(case):
     t, E, dense = case
     check_all(E, dense, t.params)  # every function stays an EKFAC (shared eigenbasis)
     check_pytree(E)
+    check_eigsh(E, dense)  # the refitted diagonal's entries on the Kronecker eigenbasis
     third = E.pow(1 / 3).mm(E.pow(2 / 3))
     assert type(third) is PMatEKFAC
     np.testing.assert_allclose(third.to_dense(), dense, atol=1e-10)

@@ -24,6 +24,7 @@ from pmat_checks import (
     TOL,
     check_all,
     check_combinations,
+    check_eigsh,
     check_pytree,
     check_solve,
     factor_damped_dense,
@@ -283,6 +284,25 @@ def test_operations(case):
     np.testing.assert_allclose((K**2).to_dense(), dense @ dense, **TOL)
 
 
+def test_eigsh_from_the_factors(case):
+    """``k`` eigenpairs from the factors' eigendecompositions — the products ``g_i a_j`` and
+    ``kron(q_{G,i}, q_{A,j})`` written into the layer's flat indices — against
+    ``numpy.linalg.eigh`` of ``to_dense()``, for every ``which`` (ties among the zero
+    eigenvalues with ``"SA"``: any orthonormal basis of the null space); all ``d`` at once;
+    a damped inverse (eigenbasis blocks, no factors). The full ``eigh`` is refused, naming
+    ``eigsh``."""
+    t, K, dense = case
+    d = len(dense)
+    check_eigsh(K, dense)
+    values, vectors = K.eigsh(d)
+    np.testing.assert_allclose(values, np.linalg.eigvalsh(dense), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(vectors) * np.asarray(values) @ np.asarray(vectors).T,
+                               dense, atol=1e-12)
+    check_eigsh(K.inv(0.3), np.linalg.inv(dense + 0.3 * np.eye(d)), k=4)
+    with pytest.raises(NotImplementedError, match=r"M\.eigsh\(k\)"):
+        K.eigh()
+
+
 def test_solve(case):
     t, K, dense = case
     check_solve(K, dense, t.params)  # every method: "eigh" (exact damping), "cg"
@@ -447,6 +467,7 @@ def test_products_in_every_kernel_layout(make, input_major):
     np.testing.assert_allclose(K.solve(v, lam, damping="pi"),
                                K.inv(lam, damping="pi").to_dense() @ v, rtol=1e-7)
     np.testing.assert_allclose((K @ (2.0 * K)).mv(v), 2 * dense @ (dense @ v), **TOL)
+    check_eigsh(K, dense)  # the eigenvectors' layer matrices in every kernel layout
 
 
 def test_blocks_applied_to_the_transposed_matrix():

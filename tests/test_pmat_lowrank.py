@@ -6,7 +6,7 @@ import models
 import numpy as np
 import pytest
 from models import make_equinox_mlp, make_linen_cnn, make_linen_mlp, reference_fisher
-from pmat_checks import check_products
+from pmat_checks import check_eigsh, check_products
 
 from jaxgeom import FIM, FIM_MonteCarlo, LayerCollection, SecondMoment, random_pvector
 from jaxgeom.pmat import _gram
@@ -61,6 +61,18 @@ def test_eigh_is_thin_and_reconstructs(case):
     np.testing.assert_allclose(evecs.T @ evecs, np.eye(r), atol=1e-12)
     np.testing.assert_allclose((evecs * evals) @ evecs.T, ref, atol=1e-12)
     assert np.all(np.diff(evals) >= 0)
+
+
+def test_eigsh_from_the_thin_decomposition(case):
+    """``k`` eigenpairs without ``d × d``: the thin ones, and the shift's on the complement
+    of their span (with ``"SA"`` of a singular Fisher: unit vectors of its null space), a
+    shifted matrix's and an indefinite one's (signed weights)."""
+    t, F, ref = case
+    d = len(ref)
+    check_eigsh(F, ref)
+    S = F + PMatEye(F.layer_collection, TAU)
+    check_eigsh(S, ref + TAU * np.eye(d), k=4)
+    check_eigsh(2 * F.pow(2) - F, 2 * ref @ ref - ref)
 
 
 @pytest.mark.parametrize("method", PMatLowRank.SOLVE_METHODS)

@@ -274,3 +274,63 @@ def _eigh_on_range(m: jax.Array, k: int, checked: bool = True
     complement = (jnp.eye(n, n - k, -k, dtype=dtype) - y @ (t @ y[k:].T))
     return (jnp.concatenate([jnp.zeros(n - k, dtype), values]),
             jnp.concatenate([complement, u], axis=1), captured)
+
+
+# ----------------------------------------------------------------------------- k eigenpairs
+#: which ``k`` eigenvalues :meth:`~jaxgeom.pmat.base.PMatAbstract.eigsh` and
+#: :func:`jaxgeom.estimators.lanczos_eigsh` answer (scipy's ``eigsh`` names): the largest
+#: (``"LA"``, largest algebraic), the smallest (``"SA"``) or the largest in magnitude
+#: (``"LM"``: an indefinite Hessian's dominant directions, either sign)
+WHICH = ("LA", "SA", "LM")
+
+
+def check_eigsh_options(k, which, d: int, what: str = "k") -> None:
+    """Refuse a ``k`` that is not an integer in ``[1, d]`` or an unknown ``which``."""
+    if which not in WHICH:
+        raise ValueError(f"unknown which={which!r}; valid: {WHICH} (largest, smallest "
+                         "algebraic, largest magnitude)")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= d:
+        raise ValueError(f"{what} must be an integer in [1, d = {d}]; got {k!r}")
+
+
+def select(values: jax.Array, k: int, which: str) -> jax.Array:
+    """The indices of ``k`` of ``values`` (``(n,)``, any order) chosen by ``which``
+    (:data:`WHICH`), ordered so that the chosen values ascend (scipy's ``eigsh`` order).
+    Ties are broken by position. Jit-able (``k`` static); ``O(n log k)``."""
+    if which == "SA":
+        return jax.lax.top_k(-values, k)[1]  # smallest first: ascending
+    if which == "LA":
+        return jax.lax.top_k(values, k)[1][::-1]
+    idx = jax.lax.top_k(jnp.abs(values), k)[1]
+    return idx[jnp.argsort(values[idx])]
+
+
+def eigenpairs_of_pieces(pieces, k: int, which: str, d: int, dtype
+                         ) -> tuple[jax.Array, jax.Array]:
+    """``k`` eigenpairs of a matrix that is block diagonal up to a permutation, without
+    forming it: ``(λ (k,), V (d, k))``, ``λ`` ascending (:func:`select`).
+
+    ``pieces``: per diagonal block, ``(indices, values, vectors)`` — the block's flat
+    indices (a static NumPy array of ``n`` distinct entries; the pieces' together a
+    permutation of ``0 … d−1``), its ``n`` eigenvalues, and ``vectors(i)`` giving the
+    ``(m, n)`` eigenvectors (rows, in the order of ``indices``) of the eigenvalues at
+    positions ``i`` (``(m,)`` integers in ``[0, n)``). The ``k`` chosen among all ``d``
+    eigenvalues may fall in any block (a traced choice): each block builds ``k`` rows,
+    zero where the choice lies elsewhere, and one gather puts the concatenated rows into
+    flat order. Cost: ``O(d log k)`` to choose, ``k`` rows of ``vectors`` per block, memory
+    ``2 k d``."""
+    values = jnp.concatenate([jnp.ravel(v).astype(dtype) for _, v, _ in pieces])
+    chosen = select(values, k, which)
+    rows, offset = [], 0
+    for indices, _, vectors in pieces:
+        n = int(np.size(indices))
+        local = chosen - offset
+        inside = (local >= 0) & (local < n)
+        block = vectors(jnp.clip(local, 0, n - 1)).astype(dtype)
+        rows.append(jnp.where(inside[:, None], block, 0))
+        offset += n
+    order = np.concatenate([np.ravel(i) for i, _, _ in pieces])
+    if offset != d or not np.array_equal(np.sort(order), np.arange(d)):
+        raise AssertionError("the pieces' indices are not a permutation of the flat order")
+    flat = jnp.concatenate(rows, axis=1)[:, np.argsort(order)]  # (k, d), flat order
+    return values[chosen], flat.T

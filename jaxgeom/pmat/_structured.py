@@ -115,6 +115,13 @@ class CanonicalDiagonal(PMatAbstract):
 
     eigh.unsupported = True  # raises only: not listed among the representations that do
 
+    def _eigsh(self, k, which):
+        """``k`` diagonal entries (chosen as ``which`` says) and their canonical basis
+        vectors ``eᵢ``: ``O(d log k)``, ``k d`` for the ``(d, k)`` one-hot vectors."""
+        values = self.get_diag()
+        chosen = _spectral.select(values, k, which)
+        return values[chosen], jax.nn.one_hot(chosen, values.shape[0], dtype=values.dtype).T
+
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0) -> CanonicalDiagonal:
         return self._with(1 / (self._values + regul))

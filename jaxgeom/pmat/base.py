@@ -221,7 +221,7 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: ``mm`` and ``+`` use to recognise shared Kronecker eigenbases)
     COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = (
         "mv", "vTMv", "mmap", "mapTMmap", "solve", "to_dense", "get_diag", "trace",
-        "frobenius_norm", "eigvalsh", "_norm", "eigh", "slogdet", "logdet",
+        "frobenius_norm", "eigvalsh", "_norm", "eigh", "eigsh", "slogdet", "logdet",
     )
     #: the :attr:`COMPILED_OPERATIONS` whose run time is LAPACK factorisations (Cholesky,
     #: ``eigh``, QR) with little element-wise work around them: compiled with XLA:CPU's
@@ -230,8 +230,8 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = ()
     #: :attr:`FACTORISING_OPERATIONS` of a representation that factorises its matrices,
     #: blocks or factors for every solve and spectral operation
-    FACTORISES: ClassVar[tuple[str, ...]] = ("solve", "eigvalsh", "_norm", "eigh", "slogdet",
-                                             "logdet")
+    FACTORISES: ClassVar[tuple[str, ...]] = ("solve", "eigvalsh", "_norm", "eigh", "eigsh",
+                                             "slogdet", "logdet")
 
     # ------------------------------------------------------------------ primitives
     @abc.abstractmethod
@@ -484,6 +484,39 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     def eigh(self) -> tuple[jax.Array, jax.Array]:
         """Eigendecomposition ``(λ ascending, V)`` with ``M = V diag(λ) Vᵀ``."""
         self._unsupported("eigh")
+
+    def eigsh(self, k: int, which: str = "LA") -> tuple[jax.Array, jax.Array]:
+        """``k`` eigenpairs of the (symmetric) matrix, exactly: scipy's and curvlinops'
+        ``eigsh``, PyHessian's top-``k`` eigenvectors.
+
+        ``which`` chooses the ``k`` among the ``d`` eigenvalues: ``"LA"`` the largest
+        (default; the dominant directions of a Fisher), ``"SA"`` the smallest, ``"LM"`` the
+        largest in magnitude (an indefinite Hessian's, either sign). Returns ``(λ, V)``:
+        ``λ`` ``(k,)`` **ascending** (scipy's order: ``λ[-1]`` is the top eigenvalue with
+        ``"LA"``; ``λ[::-1]``, ``V[:, ::-1]`` for the top first) and orthonormal ``V``
+        ``(d, k)``, ``M V = V diag(λ)``, columns in flat order
+        (``PVector.from_flat(M.layer_collection, V[:, i])`` for a params-shaped one). An
+        eigenvector is defined up to its sign, and within a repeated eigenvalue's
+        eigenspace only that space is (any orthonormal basis of it; ties at the boundary of
+        the ``k`` are broken arbitrarily).
+
+        Cost: without forming ``d × d`` where the structure allows it — KFAC/EKFAC from the
+        factors' (or stored) eigenbases, ``Σ (a_l³ + g_l³)`` plus ``O(k d)``;
+        ``PMatBlockDiag`` ``Σ d_l³``; diagonal ones ``O(d log k)`` — and otherwise from
+        ``to_dense()``'s ``eigh``, ``d³``. A matrix-free ``PMatImplicit`` raises: use
+        :func:`jaxgeom.estimators.lanczos_eigsh` (Lanczos, from products only).
+
+        Raises:
+          ValueError: ``k`` not an integer in ``[1, d]``, or an unknown ``which``.
+        """
+        _spectral.check_eigsh_options(k, which, self.size(0))
+        return self._eigsh(k, which)
+
+    def _eigsh(self, k: int, which: str) -> tuple[jax.Array, jax.Array]:
+        """:meth:`eigsh` once checked; by default from the dense matrix's ``eigh``."""
+        evals, evecs = jnp.linalg.eigh(self.to_dense())
+        chosen = _spectral.select(evals, k, which)
+        return evals[chosen], evecs[:, chosen]
 
     # ------------------------------------------------------------------ algebra
     def mm(self, other: PMatAbstract) -> PMatAbstract:

@@ -130,6 +130,14 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
         ``eigvalsh()`` for all eigenvalues, sorted."""
         return tuple(b.eigh() for b in self._dense_blocks())
 
+    def _eigsh(self, k, which):
+        """``k`` eigenpairs among every block's (``Σ d_l³``), each vector written into its
+        layer's flat indices (:func:`~jaxgeom.pmat._spectral.eigenpairs_of_pieces`)."""
+        layout = self.layer_collection
+        pieces = [(layout.layer_indices(layer), e, lambda i, q=q: q[:, i].T)
+                  for layer, (e, q) in zip(layout.layers, self.eigh())]
+        return _spectral.eigenpairs_of_pieces(pieces, k, which, self.size(0), self.dtype)
+
     def _solve(self, v, regul, method, **options):
         if method == "cg":  # on the whole matrix: a preconditioner acts on full vectors
             return super()._solve(v, regul, method, **options)

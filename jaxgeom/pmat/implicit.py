@@ -158,8 +158,18 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
             "PMatImplicit does not compute eigenvalues (nor norm(2)/norm(-2)): build a "
             "PMatDense (or a PMatLowRank when N·K < d), e.g. PMatDense.from_pmat(M), or "
             "estimate the extreme eigenvalues from products: "
-            "jaxgeom.estimators.lanczos_eigenvalues(M, key, num_iterations)"
+            "jaxgeom.estimators.lanczos_eigenvalues(M, key, num_iterations) (with their "
+            "eigenvectors: jaxgeom.estimators.lanczos_eigsh(M, key, k))"
         )
+
+    def eigsh(self, k: int, which: str = "LA"):
+        raise NotImplementedError(
+            "PMatImplicit does not compute eigenpairs exactly (M.eigsh): estimate k of them "
+            "from products by Lanczos, values, vectors = jaxgeom.estimators.lanczos_eigsh(M, "
+            "key, k, which=...), or build a stored matrix (PMatDense.from_pmat(M), or the "
+            "same data in PMatKFAC / PMatLowRank, …) whose eigsh is exact")
+
+    eigsh.unsupported = True  # raises only: not listed among the representations that do
 
     def slogdet(self, regul: Any = 0.0):
         raise NotImplementedError(

@@ -567,6 +567,18 @@ class _OnTranspose:
         return self.node.quadratic(v.T)
 
 
+def _kron_eigenvectors(node: KronEigen, i: jax.Array) -> jax.Array:
+    """The eigenvectors of a :class:`KronEigen` block at positions ``i`` (``(m,)``, of
+    ``d.ravel()``): rows ``vec(q_{G,r} q_{A,c}ᵀ)`` (``r, c = divmod(i, a)``), the ``(g, a)``
+    layer matrix in row-major order, ``(m, g a)``."""
+    a = node.d.shape[1]
+    r, c = i // a, i % a
+    left = node.qg[:, r].T  # (m, g)
+    right = (jax.nn.one_hot(c, a, dtype=node.qg.dtype) if node.qa is None
+             else node.qa[:, c].T)  # (m, a)
+    return (left[:, :, None] * right[:, None, :]).reshape(i.shape[0], -1)
+
+
 def _same_array(x, y) -> bool:
     if x is y:
         return True
@@ -880,10 +892,10 @@ class PMatKFAC(PMatAbstract):
         """The orders of the independent matrices that the compiled eager call
         ``operation(*args, **kwargs)`` factorises (:func:`~jaxgeom._dispatch.compiled_when_eager`
         runs them side by side when that is faster): every factor and block for
-        ``eigvalsh``, ``slogdet``, ``logdet``, ``norm(±2)`` and ``solve`` — a factor-damped
-        one's (``damping="pi"``/``"pi_one"``) Cholesky factorisations of ``G`` and ``A``
-        too (its triangular solves chain ``G`` then ``A`` in each layer, the factorisations
-        do not: bench_mlp's π-damped ``solve`` 28.0 → 26.5 ms, and a loop of it and a
+        ``eigvalsh``, ``eigsh``, ``slogdet``, ``logdet``, ``norm(±2)`` and ``solve`` — a
+        factor-damped one's (``damping="pi"``/``"pi_one"``) Cholesky factorisations of
+        ``G`` and ``A`` too (its triangular solves chain ``G`` then ``A`` in each layer, the
+        factorisations do not: bench_mlp's π-damped ``solve`` 28.0 → 26.5 ms, and a loop of it and a
         Monte-Carlo build 63.5 → 47.5 ms, no LAPACK thread left spinning into the build)."""
         if operation == "_factor_damped_inverse":
             return self._factor_damped_orders(args[1] if len(args) > 1 else kwargs["damping"])
@@ -897,7 +909,7 @@ class PMatKFAC(PMatAbstract):
         elif operation == "_norm":
             if (args[0] if args else kwargs.get("ord")) not in (2, -2):
                 return []
-        elif operation not in ("eigvalsh", "slogdet", "logdet"):
+        elif operation not in ("eigvalsh", "slogdet", "logdet", "eigsh"):
             return []
         return self._eigh_orders()
 
@@ -911,6 +923,39 @@ class PMatKFAC(PMatAbstract):
         nodes, pairs = self._eigen()
         values = [n.eigvals() for n in nodes] + [e for e, _ in pairs]
         return jnp.sort(jnp.concatenate(values))
+
+    def eigh(self):
+        """Not offered: the ``d × d`` eigenvectors of a Kronecker-factored matrix are what
+        it avoids forming. :meth:`eigsh` gives ``k`` eigenpairs from the factors'
+        eigenbases, :meth:`eigvalsh` all ``d`` eigenvalues, and a layer's eigenbasis is
+        ``jnp.linalg.eigh`` of each of its :meth:`kronecker_factors` (an EKFAC's
+        ``eigenbasis(layer)``)."""
+        self._unsupported(
+            "eigh", "its d × d eigenvectors are what the Kronecker factors avoid forming: "
+            "M.eigsh(k) gives k eigenpairs from the factors' eigenbases, M.eigvalsh() all the "
+            "eigenvalues, PMatDense.from_pmat(M).eigh() the whole decomposition of a small one")
+
+    eigh.unsupported = True  # raises only: not listed among the representations that do
+
+    def _eigsh(self, k, which):
+        """``k`` eigenpairs from the layers' Kronecker-factored eigenbases, never a ``d × d``
+        matrix. A layer block ``(Q_A ⊗ Q_G) diag(d) (Q_A ⊗ Q_G)ᵀ`` (``A ⊗ G`` with
+        ``d = λ_G λ_Aᵀ``, the products ``g_i a_j`` of the factors' eigenvalues; an EKFAC's
+        stored diagonal) has the eigenpairs ``(d_ij, V_ij = q_{G,i} q_{A,j}ᵀ)``: the ``(g,
+        a[+1])`` layer matrix ``V_ij`` (``M V = Q_G (d ⊙ Q_Gᵀ V Q_A) Q_Aᵀ``) written into
+        the layer's flat indices, ``kron(q_{G,i}, q_{A,j})`` in layer-matrix order (an
+        embedding's diagonal ``A``: ``q_{A,j} = e_j``); an exact block's are its own
+        ``eigh``'s. The ``k`` are chosen among all ``d`` eigenvalues
+        (:func:`~jaxgeom.pmat._spectral.eigenpairs_of_pieces`). Cost: the factors'
+        ``eigh`` (``Σ (a_l³ + g_l³)`` plus the exact blocks'; an EKFAC: none), then
+        ``O(d log k)`` and ``k d`` to write the vectors."""
+        nodes, pairs = self._eigen()
+        parts = self._parts
+        pieces = [(idx, node.d, functools.partial(_kron_eigenvectors, node))
+                  for node, idx in zip(nodes, parts.matrices)]
+        pieces += [(idx, e, lambda i, q=q: q[:, i].T)
+                   for (e, q), idx in zip(pairs, parts.other_indices)]
+        return _spectral.eigenpairs_of_pieces(pieces, k, which, self.size(0), self.dtype)
 
     def _solve(self, v, regul, method, damping: str = "exact", **options):
         _check_damping(damping)

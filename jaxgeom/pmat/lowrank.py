@@ -180,6 +180,26 @@ class PMatLowRank(PMatAbstract):
         evals, u = jnp.linalg.eigh((core + core.T) / 2)
         return evals, q @ u
 
+    def _eigsh(self, k, which):
+        """``k`` eigenpairs from the thin eigendecomposition (``r² d + r³``), never ``d × d``:
+        among its ``k_r`` eigenvalues and ``min(k, d − k_r)`` copies of the shift ``s``
+        (the eigenvalue of the ``d − k_r``-dimensional complement of ``V``'s span: at most
+        ``k`` of them can be chosen), whose eigenvectors are an orthonormal basis of part of
+        that complement — fixed normal vectors projected off ``V`` (twice) and
+        orthonormalised by QR, ``O(d k (k_r + k))``."""
+        evals, evecs = self.eigh()
+        d, thin = evecs.shape
+        extra = min(k, d - thin)
+        if extra:
+            sketch = jax.random.normal(jax.random.key(0), (d, extra), evecs.dtype)
+            for _ in range(2):
+                sketch = sketch - evecs @ (evecs.T @ sketch)
+            complement, _ = jnp.linalg.qr(sketch)
+            evals = jnp.concatenate([evals, jnp.full((extra,), self._shift())])
+            evecs = jnp.concatenate([evecs, complement], axis=1)
+        chosen = _spectral.select(evals, k, which)
+        return evals[chosen], evecs[:, chosen]
+
     def eigvalsh(self):
         """All ``d`` eigenvalues, ascending: the thin ones and ``d − k`` copies of the shift
         (zeros unless set)."""
