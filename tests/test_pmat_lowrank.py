@@ -390,3 +390,17 @@ def test_a_state_saved_before_the_shift_restores_unshifted():
     np.testing.assert_array_equal(restored.to_dense(), saved.to_dense())
     with pytest.raises(ValueError, match="has no factor"):
         serialization.from_state_dict(target, {"coef": old["coef"]})
+
+
+def test_vmap_in_axes_made_by_tree_map_over_a_stack():
+    """``jax.vmap(f, in_axes=(tree_map(lambda _: 0, M),))(M)`` over a stack of shifted
+    low-rank matrices (JAX's idiom for the axes of a pytree): the axes' shift ``0`` was
+    made an array by ``__post_init__``, and vmap refused the axes (a TypeError)."""
+    layout = LayerCollection.from_params({"w": jnp.zeros(4)})
+    factors = jnp.ones((3, 2, 4)) * jnp.arange(1.0, 4.0)[:, None, None]
+    shifts = jnp.asarray([0.5, -1.0, 2.0])
+    stack = jax.vmap(lambda f, s: PMatLowRank(layout, f, 1.0, s))(factors, shifts)
+    axes = jax.tree_util.tree_map(lambda _: 0, stack)
+    traces = jax.vmap(lambda M: M.trace(), in_axes=(axes,))(stack)
+    np.testing.assert_allclose(traces, 8 * np.arange(1.0, 4.0) ** 2 + 4 * shifts, rtol=1e-12)
+    assert isinstance(PMatLowRank(layout, factors[0], 1.0, 2).shift, jax.Array)  # still
