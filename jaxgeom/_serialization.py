@@ -38,7 +38,11 @@ def register_dataclass(cls: type) -> type:
         return {name: serialization.to_state_dict(getattr(x, name)) for name in names}
 
     def from_state_dict(target: Any, state: dict[str, Any]) -> Any:
-        missing = [name for name in names if name not in state and name not in defaults]
+        # the defaults only for a state of this class's other fields (a state of another
+        # class, e.g. a PMatDense's into a PMatEye, is still refused)
+        own = bool(state) and all(key in names for key in state)
+        missing = [name for name in names
+                   if name not in state and not (own and name in defaults)]
         if missing:
             raise ValueError(f"the state of a {cls.__name__} has no {', '.join(missing)}; "
                              f"its fields: {', '.join(state)}")

@@ -390,6 +390,12 @@ def test_a_state_saved_before_the_shift_restores_unshifted():
     np.testing.assert_array_equal(restored.to_dense(), saved.to_dense())
     with pytest.raises(ValueError, match="has no factor"):
         serialization.from_state_dict(target, {"coef": old["coef"]})
+    # a state of another class is not taken for an old one: no default scaling for an Eye
+    dense = serialization.to_state_dict(PMatDense(layout, jnp.eye(4)))
+    with pytest.raises(ValueError, match="PMatEye has no scaling"):
+        serialization.from_state_dict(PMatEye(layout, 2.0), dense)
+    with pytest.raises(ValueError, match="PMatEye has no scaling"):
+        serialization.from_state_dict(PMatEye(layout, 2.0), {})
 
 
 def test_vmap_in_axes_made_by_tree_map_over_a_stack():
