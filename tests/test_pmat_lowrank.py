@@ -370,3 +370,55 @@ def test_a_float32_plus_float64_sum_is_float64_either_way():
         np.testing.assert_allclose(total.to_dense(), ref, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose((L32 - L).to_dense(), dense32 - np.asarray(L.to_dense()),
                                rtol=1e-10, atol=1e-14)
+
+
+def test_a_scaled_identity_as_an_empty_factor():
+    """``PMatLowRank.from_pmat(x·I)`` is documented as the shift ``x`` of an empty ``0 × d``
+    factor: its Woodbury ``solve`` and ``frobenius_norm`` raised ``ZeroDivisionError``
+    (``reshape(-1, 0)`` of the empty Gram's rows)."""
+    layout = LayerCollection.from_params({"w": jnp.zeros((2, 3)), "b": jnp.zeros(2)})
+    d = layout.numel()
+    M = PMatLowRank.from_pmat(2.0 * PMatEye(layout))
+    assert M.factor.shape == (0, d)
+    v = jnp.arange(1.0, d + 1)
+    for method in PMatLowRank.SOLVE_METHODS[:2]:
+        np.testing.assert_allclose(M.solve(v, 0.5, method=method), v / 2.5, rtol=1e-12)
+    np.testing.assert_allclose(M.frobenius_norm(), 2 * np.sqrt(d), rtol=1e-12)
+    np.testing.assert_allclose(M.inv(0.5).to_dense(), np.eye(d) / 2.5, rtol=1e-12)
+
+
+def test_a_state_saved_before_the_shift_restores_unshifted():
+    """A Flax state of a ``PMatLowRank`` saved before ``shift`` existed (``factor`` and
+    ``coef`` only) restores as the unshifted matrix it was, whatever the target's shift
+    (it raised 'has no shift'); a state without its factor is still refused."""
+    from flax import serialization
+
+    layout = LayerCollection.from_params({"w": jnp.zeros(4)})
+    saved = PMatLowRank(layout, jnp.arange(8.0).reshape(2, 4), jnp.asarray([1.0, -0.5]))
+    old = {k: v for k, v in serialization.to_state_dict(saved).items() if k != "shift"}
+    target = PMatLowRank(layout, jnp.zeros((2, 4)), jnp.zeros(2), 3.0)
+    restored = serialization.from_state_dict(target, old)
+    assert float(restored.shift) == 0.0
+    np.testing.assert_array_equal(restored.to_dense(), saved.to_dense())
+    with pytest.raises(ValueError, match="has no factor"):
+        serialization.from_state_dict(target, {"coef": old["coef"]})
+    # a state of another class is not taken for an old one: no default scaling for an Eye
+    dense = serialization.to_state_dict(PMatDense(layout, jnp.eye(4)))
+    with pytest.raises(ValueError, match="PMatEye has no scaling"):
+        serialization.from_state_dict(PMatEye(layout, 2.0), dense)
+    with pytest.raises(ValueError, match="PMatEye has no scaling"):
+        serialization.from_state_dict(PMatEye(layout, 2.0), {})
+
+
+def test_vmap_in_axes_made_by_tree_map_over_a_stack():
+    """``jax.vmap(f, in_axes=(tree_map(lambda _: 0, M),))(M)`` over a stack of shifted
+    low-rank matrices (JAX's idiom for the axes of a pytree): the axes' shift ``0`` was
+    made an array by ``__post_init__``, and vmap refused the axes (a TypeError)."""
+    layout = LayerCollection.from_params({"w": jnp.zeros(4)})
+    factors = jnp.ones((3, 2, 4)) * jnp.arange(1.0, 4.0)[:, None, None]
+    shifts = jnp.asarray([0.5, -1.0, 2.0])
+    stack = jax.vmap(lambda f, s: PMatLowRank(layout, f, 1.0, s))(factors, shifts)
+    axes = jax.tree_util.tree_map(lambda _: 0, stack)
+    traces = jax.vmap(lambda M: M.trace(), in_axes=(axes,))(stack)
+    np.testing.assert_allclose(traces, 8 * np.arange(1.0, 4.0) ** 2 + 4 * shifts, rtol=1e-12)
+    assert isinstance(PMatLowRank(layout, factors[0], 1.0, 2).shift, jax.Array)  # still

@@ -308,3 +308,29 @@ def test_damping_without_a_kfac_part_is_refused():
     K = FIM(t.apply_fn, t.params, t.x, PMatMixed, mapping={"dense": PMatKFAC})
     with pytest.raises(ValueError, match="drop method='cg'"):
         K.solve(v, 0.1, method="cg", damping="pi")
+
+
+def test_a_part_of_integer_leaves_only_keeps_a_float32_model_in_float32():
+    """A float32 model whose int32 counter is a layer of its own ('seen'): under x64 that
+    part was built in float64 (a layout of integer leaves only has the default float), and
+    every product of the whole matrix — ``mv`` of a float32 vector, ``to_dense``, ``solve``,
+    ``inv`` — came out float64. The part is a zero matrix; it now has the model's dtype, and
+    the numbers are the float64 model's to float32 precision."""
+    from models import make_counted_mlp
+
+    assert jax.config.jax_enable_x64
+    t = make_counted_mlp()
+    p32 = jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+        t.params)
+    M = FIM(t.apply_fn, p32, (t.x.astype(jnp.float32), t.y), PMatMixed,
+            mapping={"norm": PMatDiag, "dense": PMatBlockDiag}, default=PMatDense)
+    assert [lyr.id for lyr in M.parts[-1].layer_collection.layers] == ["seen"]
+    v = jnp.linspace(-1.0, 1.0, M.size(0), dtype=jnp.float32)
+    for out in (M.to_dense(), M.mv(v), M.solve(v, 0.1), M.inv(0.1).to_dense(), M.get_diag()):
+        assert out.dtype == jnp.float32
+    M64 = FIM(t.apply_fn, t.params, (t.x, t.y), PMatMixed,
+              mapping={"norm": PMatDiag, "dense": PMatBlockDiag}, default=PMatDense)
+    np.testing.assert_allclose(M.to_dense(), M64.to_dense(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(M.solve(v, 0.1), M64.solve(v.astype(jnp.float64), 0.1),
+                               rtol=1e-4, atol=1e-5)

@@ -36,7 +36,7 @@ def gram(x: jax.Array) -> jax.Array:
     that is a multiple of 64 below ``UNALIASED_BELOW`` (a layer's output gradients: 64,
     128, 256 units) gets one column of zeros first (:func:`_unaliased_gram`).
     """
-    x = x.reshape(-1, x.shape[-1])
+    x = _rows(x)
     m = x.shape[-1]
     if m % 64 == 0 and m < UNALIASED_BELOW:
         return jax.lax.platform_dependent(x, cpu=_unaliased_gram, default=_plain_gram)
@@ -46,6 +46,12 @@ def gram(x: jax.Array) -> jax.Array:
     upper = {(i, j): cols[i].T @ cols[j] for i in range(BLOCKS) for j in range(i, BLOCKS)}
     return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(BLOCKS)]
                       for i in range(BLOCKS)])
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """``x`` ``(..., m)`` as the ``(r, m)`` matrix of its rows (``reshape(-1, m)`` fails for
+    ``m = 0``: a ``PMatLowRank`` of no rows, a scaled identity, has an empty factor)."""
+    return x.reshape(int(np.prod(x.shape[:-1], dtype=np.int64)), x.shape[-1])
 
 
 def _plain_gram(x: jax.Array) -> jax.Array:
@@ -80,7 +86,7 @@ def gram_norm_sq(x: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     ones above the diagonal counted twice): ``r m² (B + 1) / (2B)`` for ``r`` rows. Memory:
     the column blocks (one copy of ``x``) and the block products, never ``m × m``.
     """
-    x = x.reshape(-1, x.shape[-1])
+    x = _rows(x)
     m = x.shape[-1]
 
     def form(block, wi, wj):
@@ -115,7 +121,7 @@ def add_upper_gram(total: jax.Array, pieces: Sequence[jax.Array]) -> jax.Array:
     :func:`gram`, without mirroring each chunk's blocks: 28% less time than adding them
     and their transposes for 256 rows of 6922 (the transposed adds are strided).
     """
-    pieces = [p.reshape(-1, p.shape[-1]) for p in pieces]
+    pieces = [_rows(p) for p in pieces]
     m = sum(p.shape[-1] for p in pieces)
     if m < SYMMETRIC_FROM:
         x = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
@@ -168,7 +174,7 @@ def accumulate_gram(total: jax.Array, x: jax.Array, scale: Any = 1) -> jax.Array
     row blocks at a time inside a loop (one block's temporary, reused): 35 → 11.5 ms for
     32 rows of 4097. Otherwise ``total + scale · gram(x)`` (the symmetric blocked product).
     """
-    x = x.reshape(-1, x.shape[-1])
+    x = _rows(x)
     r, m = x.shape
     if m * m * total.dtype.itemsize < IN_PLACE_FROM_BYTES or 4 * r >= m:
         return total + gram(x) * scale

@@ -86,8 +86,11 @@ class PMatLowRank(PMatAbstract):
                 f"PMatLowRank coef must be a scalar or have shape ({shape[-2]},) (one weight "
                 f"per row of the factor); got shape {coef_shape}"
             )
-        if isinstance(self.shift, (numbers.Number, np.ndarray, np.generic)):
-            # an array leaf like the others (tree_map(lambda a: a.astype(...), M) works)
+        if isinstance(self.shift, (numbers.Number, np.ndarray, np.generic)) and isinstance(
+                self.factor, (jax.Array, np.ndarray)):
+            # an array leaf like the others (tree_map(lambda a: a.astype(...), M) works);
+            # only for a matrix being made: a tree of other leaves (vmap's in_axes from
+            # tree_map(lambda _: 0, M)) keeps them as they are
             dtype = getattr(self.factor, "dtype", None)
             dtype = self.layer_collection.dtype if dtype is None else dtype
             object.__setattr__(self, "shift", jnp.asarray(self.shift, dtype))

@@ -51,8 +51,10 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 
+from jaxgeom._differentiable import is_differentiable
 from jaxgeom._reindex import FlatPartition
 from jaxgeom.layers import KINDS, Layer, LayerCollection
 from jaxgeom.pmat.base import CG_OPTIONS, PMatAbstract, representation, static_field
@@ -129,7 +131,19 @@ class MixedBuilder(BuilderGroup):
     layer_collection: LayerCollection = static_field(default=None)
 
     def assemble(self, results):
-        return PMatMixed(self.layer_collection, tuple(results))
+        return PMatMixed(self.layer_collection,
+                         tuple(_in_dtype(r, self.layer_collection.dtype) for r in results))
+
+
+def _in_dtype(part: PMatAbstract, dtype: Any) -> PMatAbstract:
+    """A part on layers of integer or boolean leaves only (constants: a zero matrix, built
+    in the default float, :attr:`LayerCollection.dtype`) in the whole matrix's ``dtype``, so
+    that it does not promote a float32 model's products to float64 under x64; other parts
+    as they are."""
+    if any(is_differentiable(d) for d in part.layer_collection.dtypes):
+        return part
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if is_differentiable(jnp.result_type(a)) else a, part)
 
 
 # ----------------------------------------------------------------------------- mapping
