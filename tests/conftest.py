@@ -13,6 +13,7 @@ JAXGEOM_TEST_PLATFORM=cuda pytest -n 4 tests`` on a GPU machine: without preallo
 each worker would claim 75% of its memory).
 """
 
+import gc
 import os
 from importlib.metadata import version
 
@@ -31,7 +32,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     )
 
 import jax  # noqa: E402  (after XLA_FLAGS: the backend reads them when it starts)
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_platforms", os.environ.get("JAXGEOM_TEST_PLATFORM", "cpu"))
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module's compiled programs released after it: every XLA:CPU executable
+    keeps its machine code mapped, and one pytest worker compiling thousands of them ran
+    past the kernel's limit of memory maps (vm.max_map_count, 65530), which crashed a
+    later compilation (a segfault in XLA's JIT)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
