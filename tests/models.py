@@ -122,6 +122,16 @@ def make_linen_wide_mlp(seed=0, n=6):
     return _linen("linen_wide_mlp", LinenMLP(), x, key, 4)
 
 
+@functools.cache
+def make_linen_narrow_mlp(seed=0, n=6):
+    """A 40-input dense layer seen on 6 examples: its KFAC input factor (41², with the bias)
+    has rank ≤ 6, factorised on a range of that width — no sketch at this order, no margin
+    (:func:`jaxgeom.pmat._spectral.range_width`)."""
+    key = jax.random.PRNGKey(seed)
+    x = jax.random.normal(jax.random.PRNGKey(5), (n, 40))
+    return _linen("linen_narrow_mlp", LinenMLP(), x, key, 4)
+
+
 class LinenWideHidden(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -150,6 +150,64 @@ def test_embedding_input_factor_is_diagonal_counts():
     np.testing.assert_allclose(A, counts / t.x.size, **TOL)
 
 
+# ----------------------------------------------------------------------------- separate bias
+def kernel_bias_mask(K) -> np.ndarray:
+    """``(d, d)``: ``True`` on the kernel–bias entries of each biased Kronecker layer (the
+    cross blocks between ``vec(W)`` and ``b``)."""
+    d = K.layer_collection.numel()
+    mask = np.zeros((d, d), bool)
+    for spec, idx in zip(K.specs, K._parts.matrices):  # (g, a [+1]) flat indices
+        if spec.bias is not None:
+            kernel, bias = idx[:, :-1].ravel(), idx[:, -1]
+            mask[np.ix_(kernel, bias)] = mask[np.ix_(bias, kernel)] = True
+    return mask
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn, make_linen_layernorm],
+                         ids=lambda make: make.__name__)
+def test_separate_weight_and_bias_is_the_joint_block_without_its_cross_terms(make, kfac_approx):
+    """curvlinops' ``separate_weight_and_bias=True``: per biased layer ``A_w ⊗ G`` on the
+    kernel and ``G`` on the bias (``A_bb = 1``), nothing between them — the joint block
+    ``A ⊗ G`` with its kernel–bias entries zero. Every operation against that dense matrix."""
+    t = make()
+    joint = FIM(t.apply_fn, t.params, t.x, PMatKFAC, kfac_approx=kfac_approx)
+    K = FIM(t.apply_fn, t.params, t.x, PMatKFAC, kfac_approx=kfac_approx,
+            separate_weight_and_bias=True)
+    for spec in K.specs:
+        assert spec.bias is not None
+        A, G = K.kronecker_factors(spec.layer_id)
+        A_joint, G_joint = joint.kronecker_factors(spec.layer_id)
+        np.testing.assert_allclose(G, G_joint, **TOL)
+        np.testing.assert_allclose(A[:-1, :-1], A_joint[:-1, :-1], **TOL)
+        np.testing.assert_array_equal(A[:-1, -1], 0)
+        np.testing.assert_array_equal(A[-1, :-1], 0)
+        np.testing.assert_allclose(A[-1, -1], 1.0, **TOL)  # the bias block is G
+        assert np.any(np.abs(np.asarray(A_joint[:-1, -1])) > 1e-3)  # there was something
+    mask = kernel_bias_mask(K)
+    assert mask.any()
+    dense = np.where(mask, 0.0, np.asarray(joint.to_dense()))
+    np.testing.assert_allclose(K.to_dense(), dense, **TOL)
+    check_all(K, dense, t.params)
+    check_solve(K, dense, t.params)
+
+
+def test_separate_weight_and_bias_is_exact_for_one_example_without_the_cross_block():
+    """One example, one sampled output: ``A ⊗ G`` is the exact block, so the separated one is
+    the exact block with its kernel–bias entries zero."""
+    t = make_linen_mlp(n=1)
+    kw = dict(key=KEY, trials=1)
+    K = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatKFAC, separate_weight_and_bias=True, **kw)
+    exact = np.asarray(FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatBlockDiag, **kw).to_dense())
+    np.testing.assert_allclose(K.to_dense(), np.where(kernel_bias_mask(K), 0.0, exact), **TOL)
+
+
+def test_separate_weight_and_bias_is_checked():
+    t = make_linen_mlp()
+    with pytest.raises(TypeError, match="separate_weight_and_bias must be True or False"):
+        FIM(t.apply_fn, t.params, t.x, PMatKFAC, separate_weight_and_bias="yes")
+
+
 # ----------------------------------------------------------------------------- more layers
 def _layer_inputs(linear, kernel, spec):
     """``(T, a_l [+1])``: a layer's inputs (explicit patches), read off the Jacobian of its

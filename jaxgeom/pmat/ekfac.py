@@ -109,7 +109,8 @@ class PMatEKFAC(PMatKFAC):
     (:class:`~jaxgeom.pmat.kfac.KronEigen`), so the flat order, ``get_block`` and
     ``kronecker_block`` (NNGeometry's ``split_weight_bias``) are KFAC's.
 
-    Build options: those of ``PMatKFAC`` (``kfac_approx``, ``max_dense_block``), plus
+    Build options: those of ``PMatKFAC`` (``kfac_approx``, ``separate_weight_and_bias``,
+    ``max_dense_block``), plus
     ``refit`` (default ``True``: refit ``D`` in a second pass) and ``basis`` (an existing
     EKFAC whose eigenbases are kept: only the refit pass runs).
 
@@ -151,8 +152,8 @@ class PMatEKFAC(PMatKFAC):
 
     @classmethod
     def chunk_builder(cls, fn, params, example, aux, layout, *, mode="auto",
-                      kfac_approx="expand", max_dense_block=None, refit=True,
-                      basis: PMatEKFAC | None = None):
+                      kfac_approx="expand", separate_weight_and_bias=False,
+                      max_dense_block=None, refit=True, basis: PMatEKFAC | None = None):
         """KFAC factors, their eigendecompositions, then (``refit``) the diagonal refit in a
         second pass (:class:`EKFACBuilder`, then :class:`RefitBuilder`).
 
@@ -163,8 +164,11 @@ class PMatEKFAC(PMatKFAC):
         limit = cls._default_block_limit() if max_dense_block is None else max_dense_block
         if basis is None:
             kfac = super().chunk_builder(fn, params, example, aux, layout, mode=mode,
-                                         kfac_approx=kfac_approx, max_dense_block=limit)
-            return EKFACBuilder(kfac.plan, layout, kfac.approx, cls, bool(refit))
+                                         kfac_approx=kfac_approx,
+                                         separate_weight_and_bias=separate_weight_and_bias,
+                                         max_dense_block=limit)
+            return EKFACBuilder(kfac.plan, layout, approx=kfac.approx, separate=kfac.separate,
+                                representation=cls, refit=bool(refit))
         if not isinstance(basis, PMatEKFAC) or basis.layer_collection != layout:
             raise ValueError("basis must be a PMatEKFAC for the same parameter layout")
 

@@ -13,7 +13,11 @@ For a layer whose kernel ``W`` (``g_l × a_l`` as a layer matrix, see
   ``ĝ = Σ_t gₙₖₜ``.
 
 A bias is an extra constant-1 input (last column of the layer matrix, last row/column of
-``A``: the joint weight-bias block). Embeddings have a diagonal ``A`` (token frequencies,
+``A``: the joint weight-bias block; NNGeometry's and kfac-jax's convention). With
+``separate_weight_and_bias=True`` (curvlinops' default) the kernel and the bias get blocks
+of their own, ``A_w ⊗ G`` and ``A_bb G = G``, nothing between them: ``A``'s bias row and
+column are zero but for ``A_bb`` (:func:`separated_input_factor`), so every operation below
+holds unchanged. Embeddings have a diagonal ``A`` (token frequencies,
 stored as a vector; always "expand"). Both coincide with the exact block for ``T = 1``
 and one example (any number of outputs: ``Σₖ (gₖ ⊗ a)(gₖ ⊗ a)ᵀ = (Σₖ gₖgₖᵀ) ⊗ aaᵀ``).
 
@@ -728,8 +732,10 @@ class PMatKFAC(PMatAbstract):
     between layers (see the module docstring for the definition, conventions and costs).
 
     Build with ``FIM(..., PMatKFAC)``, ``FIM_MonteCarlo`` or ``SecondMoment``; options:
-    ``kfac_approx`` (``"expand"``/``"reduce"``), ``max_dense_block`` (the largest
-    non-Kronecker layer, in parameters, allowed an exact dense block; default 4096).
+    ``kfac_approx`` (``"expand"``/``"reduce"``), ``separate_weight_and_bias`` (default
+    ``False``: one joint block per biased layer; ``True``: the kernel's and the bias's blocks
+    apart, curvlinops' default), ``max_dense_block`` (the largest non-Kronecker layer, in
+    parameters, allowed an exact dense block; default 4096).
 
     Attributes:
       layer_collection: the parameter layout (static).
@@ -807,8 +813,9 @@ class PMatKFAC(PMatAbstract):
         )
 
     def kronecker_factors(self, layer: Layer | str) -> tuple[jax.Array, jax.Array]:
-        """``(A, G)`` of a Kronecker layer (``A`` with the bias as last row/column;
-        an embedding's ``A`` is the ``(V,)`` diagonal)."""
+        """``(A, G)`` of a Kronecker layer (``A`` with the bias as last row/column, zero
+        off the diagonal when built with ``separate_weight_and_bias``; an embedding's ``A``
+        is the ``(V,)`` diagonal)."""
         node = self.factors[self._index(layer)]
         if not isinstance(node, Kron):
             raise ValueError(
@@ -1152,17 +1159,21 @@ class PMatKFAC(PMatAbstract):
 
     @classmethod
     def chunk_builder(cls, fn, params, example, aux, layout, *, mode="auto",
-                      kfac_approx="expand", max_dense_block=DENSE_BLOCK_LIMIT) -> KFACBuilder:
+                      kfac_approx="expand", separate_weight_and_bias=False,
+                      max_dense_block=DENSE_BLOCK_LIMIT) -> KFACBuilder:
         """Built in one streaming pass over the captures (:class:`KFACBuilder`). ``mode``
         is accepted for a uniform signature; the capture always uses one ``vjp`` per
         example and output."""
         del mode
         if kfac_approx not in APPROXIMATIONS:
             raise ValueError(f"kfac_approx must be one of {APPROXIMATIONS}; got {kfac_approx!r}")
+        if not isinstance(separate_weight_and_bias, bool):
+            raise TypeError("separate_weight_and_bias must be True or False; got "
+                            f"{separate_weight_and_bias!r}")
         check = functools.partial(check_blocks, layout=layout, limit=max_dense_block,
                                   representation=cls.__name__)
         return KFACBuilder(capture_plan(fn, params, example, aux, layout, check), layout,
-                           kfac_approx)
+                           approx=kfac_approx, separate=separate_weight_and_bias)
 
 
 # ----------------------------------------------------------------------------- building
@@ -1195,6 +1206,8 @@ class KFACBuilder(CaptureBuilder):
     and blocks of a ``PMatKFAC``."""
 
     approx: str = static_field(default="expand")
+    #: ``separate_weight_and_bias``: the bias's cross terms in ``A`` set to zero at the end
+    separate: bool = static_field(default=False)
 
     def statistics(self, params, batch, mask, offset, aux):
         (terms, blocks), cap = self._terms(params, batch, mask, offset, aux)
@@ -1220,10 +1233,25 @@ class KFACBuilder(CaptureBuilder):
         seen on few examples (exact-damped ``solve``/``inv``/``pow``, ``eigvalsh``) go
         through their ranges, checked."""
         factors, blocks = mean(total, stream.n)
-        bounds = factor_rank_bounds(self.plan, self.approx, _whole_chunks(stream))
+        if self.separate:
+            factors = tuple((separated_input_factor(spec, a), g)
+                            for spec, (a, g) in zip(self.plan.specs, factors))
+        bounds = factor_rank_bounds(self.plan, self.approx, _whole_chunks(stream),
+                                    separate=self.separate)
         return PMatKFAC(self.layout, self.plan.specs, tuple(
             Kron(a, g, rank_bounds=b, bounds_checked=True)
             for (a, g), b in zip(factors, bounds)), blocks)
+
+
+def separated_input_factor(spec: KroneckerSpec, a: jax.Array) -> jax.Array:
+    """``A`` without its weight–bias cross terms (``A[:-1, -1] = A[-1, :-1] = 0``): the layer
+    block ``A ⊗ G`` becomes ``A_w ⊗ G`` on the kernel beside ``A_bb G`` on the bias, with
+    nothing between them (curvlinops' ``separate_weight_and_bias=True``; ``A_bb`` is 1 with
+    ``"expand"`` and ``"reduce"``: the bias block is ``G``). A layer without a bias, or an
+    embedding's diagonal ``A``, is unchanged."""
+    if spec.bias is None or a.ndim == 1:
+        return a
+    return a.at[:-1, -1].set(0).at[-1, :-1].set(0)
 
 
 def _whole_chunks(stream) -> int:
@@ -1234,18 +1262,21 @@ def _whole_chunks(stream) -> int:
     return stream.n if chunk is None else -(-stream.n // chunk) * chunk
 
 
-def factor_rank_bounds(plan: CapturePlan, approx: str, n: int) -> list[tuple]:
+def factor_rank_bounds(plan: CapturePlan, approx: str, n: int, *,
+                       separate: bool = False) -> list[tuple]:
     """Per Kronecker layer, :attr:`Kron.rank_bounds` of the factors summed over ``n``
     examples (where they make :meth:`Kron.eigen` cheaper): ``A`` is a Gram of ``n T`` rows
     (``n`` with ``approx="reduce"``), ``G`` of ``n K T`` (``n K``), for ``T`` positions and
-    ``K`` outputs per example; an embedding's diagonal ``A`` has none."""
+    ``K`` outputs per example; an embedding's diagonal ``A`` has none. With ``separate``
+    (:func:`separated_input_factor`) a biased layer's ``A`` is the kernel's Gram beside the
+    bias's ``1 × 1``: one more rank."""
     outputs = plan.jaxpr.out_avals[0].shape[0]
     bounds = []
     for spec, t in zip(plan.specs, layer_positions(plan)):
         positions = 1 if approx == "reduce" else t
         inputs = spec.in_features + (spec.bias is not None)
-        a = None if spec.kind == "embedding" else _spectral.useful_rank_bound(
-            inputs, n * positions)
+        rows = n * positions + (separate and spec.bias is not None)
+        a = None if spec.kind == "embedding" else _spectral.useful_rank_bound(inputs, rows)
         bounds.append((a, _spectral.useful_rank_bound(spec.out_features,
                                                       n * outputs * positions)))
     return bounds
