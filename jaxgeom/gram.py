@@ -302,18 +302,14 @@ def centred(G: FMatDense) -> FMatDense:
     return FMatDense(centred_kernel(G.data))
 
 
+@donating_jit(donate_argnums=0)
 def centred_kernel(kernel: jax.Array) -> jax.Array:
     """``C_M K C_N`` for a ``(K, M, K, N)`` kernel ``K = J_a J_bᵀ``, ``C_P = I − 11ᵀ/P``: the
     kernel of the two Jacobians each centred over its own examples (``J_a[o, m] − (1/M)
     Σ_m' J_a[o, m']``, likewise ``J_b``). ``kernel``'s buffer is reused (donated)."""
-    return _centre(kernel)
-
-
-@donating_jit(donate_argnums=0)
-def _centre(gram: jax.Array) -> jax.Array:
-    rows = jnp.mean(gram, axis=3, keepdims=True)  # (K, M, K, 1): (K 1/N)[o, m, o']
-    columns = jnp.mean(gram, axis=1, keepdims=True)  # (K, 1, K, N)
-    return gram - rows - columns + jnp.mean(rows, axis=1, keepdims=True)
+    rows = jnp.mean(kernel, axis=3, keepdims=True)  # (K, M, K, 1): (K 1/N)[o, m, o']
+    columns = jnp.mean(kernel, axis=1, keepdims=True)  # (K, 1, K, N)
+    return kernel - rows - columns + jnp.mean(rows, axis=1, keepdims=True)
 
 
 def gram_implicit(J: PFMapImplicit) -> FMatDense:
