@@ -56,6 +56,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgeom._compile import donating_jit
 from jaxgeom._counter_rng import check_key
@@ -266,9 +267,9 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
 
     Returns:
       The ``(k,)`` Ritz values, ascending. Cost: ``k`` products of ``M`` one after the
-      other (a ``PMatImplicit`` streams its data ``k`` times), ``4 k² d`` for the
-      reorthogonalisation, memory ``k·d``; the steps are one loop of one shape, compiled
-      once whatever ``k`` (:func:`_lanczos`).
+      other (a ``PMatImplicit`` streams its data ``k`` times), ``≈ 3 k² d`` for the
+      reorthogonalisation, memory ``k·d``; a few compiled programs whatever ``k`` (one
+      loop per block of the basis, :func:`_lanczos`).
 
     References:
       Lanczos, `An iteration method for the solution of the eigenvalue problem of linear
@@ -322,9 +323,9 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
       ``(λ, V)``: the ``(k,)`` Ritz values **ascending** (scipy's order: ``λ[-1]`` is the
       top one with ``"LA"``) and the ``(d, k)`` orthonormal Ritz vectors (columns, flat
       order), each up to its sign. Cost: ``n`` products of ``M`` one after the other (a
-      ``PMatImplicit`` streams its data ``n`` times), ``4 n² d`` for the
-      reorthogonalisation, memory ``n·d``; the steps are one loop of one shape, compiled
-      once whatever ``n`` (:func:`_lanczos`).
+      ``PMatImplicit`` streams its data ``n`` times), ``≈ 3 n² d`` for the
+      reorthogonalisation, memory ``n·d``; a few compiled programs whatever ``n`` (one
+      loop per block of the basis, :func:`_lanczos`).
 
     Raises:
       ValueError: ``k`` or ``num_iterations`` not integers with ``1 ≤ k ≤ n ≤ d``, an
@@ -338,11 +339,11 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
     _check_count(num_iterations, "num_iterations")
     _spectral.check_eigsh_options(k, which, min(num_iterations, d),
                                   "k (at most num_iterations and d)")
-    tridiagonal, basis = _lanczos(products, start, num_iterations, "num_iterations",
-                                  restart=key, return_basis=True)
+    tridiagonal, blocks = _lanczos(products, start, num_iterations, "num_iterations",
+                                   restart=key, return_basis=True)
     theta, s = jnp.linalg.eigh(tridiagonal[0])
     chosen = _spectral.select(theta, k, which)
-    return theta[chosen], basis[0].T @ s[:, chosen]
+    return theta[chosen], _ritz_vectors(blocks, s[:, chosen])
 
 
 def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int
@@ -374,7 +375,7 @@ def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int
       ``(nodes, weights)``, both ``(m, k)``: row ``i`` is the quadrature of
       ``μ_{vᵢ/‖vᵢ‖}``, nodes ascending, weights ``≥ 0`` summing to ``1``. Cost: ``k``
       rounds of products of ``M`` on all ``m`` vectors at once (``M.mmap``: a
-      ``PMatImplicit`` streams its data ``k`` times in all), ``4 m k² d`` for the
+      ``PMatImplicit`` streams its data ``k`` times in all), ``≈ 3 m k² d`` for the
       reorthogonalisation, memory ``m·k·d``.
     """
     vectors = jnp.asarray(vectors)
@@ -420,8 +421,7 @@ def lanczos_spectral_density(M: Operator, key: jax.Array, *, num_steps: int,
       ``(nodes, weights)``, both ``(num_probes, num_steps)``: per probe, the Ritz values
       (ascending) and their weights (``≥ 0``, summing to ``1``). Cost: ``k`` rounds of
       ``m`` products (``m·k`` products; a ``PMatImplicit`` streams its data ``k`` times),
-      ``4 m k² d`` more, memory ``m·k·d``; the steps are one loop of one shape, compiled
-      once whatever ``k``.
+      ``≈ 3 m k² d`` more, memory ``m·k·d``; a few compiled programs whatever ``k``.
 
     References:
       Ubaru, Chen & Saad, `Fast estimation of tr(f(A)) via stochastic Lanczos quadrature
@@ -522,74 +522,104 @@ def _setup(M: Operator, key: jax.Array, num_samples: Any, distribution: str,
 
 def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
              num_steps: Any, what: str = "num_steps", *, restart: jax.Array | None = None,
-             return_basis: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+             return_basis: bool = False) -> jax.Array | tuple[jax.Array, tuple]:
     """The ``(m, k, k)`` tridiagonals ``Q_kᵀ M Q_k`` of ``k`` Lanczos steps from each of
     the ``m`` rows of ``start`` at once (one product of ``M`` on ``m`` rows per step), with
     full reorthogonalisation (twice); a Krylov space exhausted before step ``k`` is not
     grown further (the rest of ``T`` is ``0``), or, given a ``restart`` key, goes on from a
     new normal vector orthogonal to the basis (``β = 0`` there: ``T`` block diagonal, an
     invariant subspace found; the basis stays orthonormal, so Ritz vectors stay unit
-    vectors). With ``return_basis``, also the ``(m, k, d)`` orthonormal bases ``Q_k``
-    (rows).
+    vectors). With ``return_basis``, also the orthonormal bases ``Q_k`` as row blocks
+    (:func:`_lanczos_blocks`; :func:`_ritz_vectors` combines them).
 
-    The steps keep one shape: the basis is allocated whole (rows past the current step
-    are zero, so each reorthogonalisation reads all ``k`` rows: ``4 m k d`` a step).
-    Traced (under ``jit``, or an operator closing over traced arrays) they are a
-    ``lax.fori_loop``, compiled once whatever ``k``; with an operator answering concrete
-    arrays (a ``PMatImplicit``, whose products run their own compiled chunk steps) they
-    are driven from Python, each step one compiled update (:func:`_lanczos_step`) whose
-    basis buffer is reused. Unrolled steps of growing shapes compiled anew at each step:
-    80 steps on a 110-parameter CNN took 14–21 s to compile under ``jit``, 12 s eagerly.
+    The basis is allocated whole, in blocks of rows ``[0, 8), [8, 16), [16, 32), …``
+    (doubling), each zero until written. Step ``j``, which writes row ``j + 1``, reads the
+    blocks up to that row's: at most ``≈ 1.35×`` the work of its ``j + 1`` rows, with no
+    copy of them, and one program per block whatever ``k``. Traced (under ``jit``, or an
+    operator closing over traced arrays) the steps of a block are a ``lax.fori_loop``;
+    with an operator answering concrete arrays (a ``PMatImplicit``, whose products run
+    their own compiled chunk steps) they are driven from Python, each one compiled update
+    (:func:`_lanczos_step`) whose blocks are reused in place. Steps unrolled with growing
+    shapes compiled anew at every step: 80 steps on a 110-parameter CNN took 14–21 s to
+    compile under ``jit``, 12 s eagerly.
     """
     m, d = start.shape
     _check_count(num_steps, what)
     if num_steps > d:
         raise ValueError(f"{what} must be at most d = {d}; got {num_steps}")
     dtype = start.dtype
-    first = start / jnp.linalg.norm(start, axis=1, keepdims=True)
-    state = (jnp.zeros((m, num_steps, d), dtype).at[:, 0].set(first),
-             jnp.zeros((m, num_steps), dtype), jnp.zeros((m, num_steps), dtype),
-             jnp.zeros((m,), dtype))  # basis (rows), α, β (the last one unused), scale
-    w = products(first)
-    if isinstance(w, jax.core.Tracer):
-        state = _lanczos_step(state, w, 0, restart)
-        state = jax.lax.fori_loop(1, num_steps - 1, lambda j, state: _lanczos_step(
-            state, products(state[0][:, j]), j, restart), state)
-    else:
-        for j in range(num_steps - 1):
-            state = _lanczos_step_compiled(state, products(state[0][:, j]) if j else w, j,
-                                           restart)
-    basis, alphas, betas, _ = state
+    q = start / jnp.linalg.norm(start, axis=1, keepdims=True)
+    blocks = tuple(jnp.zeros((m, high - low, d), dtype)
+                   for low, high in _lanczos_blocks(num_steps))
+    state = ((blocks[0].at[:, 0].set(q),) + blocks[1:], q, jnp.zeros((m, num_steps), dtype),
+             jnp.zeros((m, num_steps), dtype), jnp.zeros((m,), dtype))  # …, α, β, scale
+    w = products(q)
+    traced = isinstance(w, jax.core.Tracer)
+    for block, (low, high) in enumerate(_lanczos_blocks(num_steps)):
+        steps = max(low - 1, 0), min(high - 1, num_steps - 1)  # those writing into the block
+        if traced:
+            first = steps[0]
+            if first == 0:
+                state, first = _lanczos_step(state, w, 0, restart, block, low), 1
+            state = jax.lax.fori_loop(
+                first, steps[1], lambda j, state, b=block, o=low: _lanczos_step(
+                    state, products(state[1]), j, restart, b, o), state)
+            continue
+        for j in range(*steps):
+            state = _lanczos_step_compiled(state, products(state[1]) if j else w, j, restart,
+                                           block, low)
+    blocks, q, alphas, betas, _ = state
     if num_steps > 1:
-        w = products(basis[:, -1])
-    alphas = alphas.at[:, -1].set(jnp.sum(basis[:, -1] * w, axis=1))
+        w = products(q)
+    alphas = alphas.at[:, -1].set(jnp.sum(q * w, axis=1))
     tridiagonal = jax.vmap(jnp.diag)(alphas)
     if num_steps > 1:
         off = jax.vmap(jnp.diag)(betas[:, :-1])  # (m, k − 1, k − 1)
         pad = [(0, 0), (0, 1), (1, 0)]
         tridiagonal = tridiagonal + jnp.pad(off, pad) + jnp.pad(off, pad).mT
-    return (tridiagonal, basis) if return_basis else tridiagonal
+    return (tridiagonal, blocks) if return_basis else tridiagonal
 
 
-def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None) -> tuple:
+def _lanczos_blocks(num_steps: int) -> list[tuple[int, int]]:
+    """The row blocks ``[low, high)`` of :func:`_lanczos`'s basis: 8 rows, 8, 16, 32, …
+    (each as many rows as those before it), the last one cut at ``num_steps``."""
+    blocks, low, high = [], 0, 8
+    while low < num_steps:
+        blocks.append((low, min(high, num_steps)))
+        low, high = high, 2 * high
+    return blocks
+
+
+def _ritz_vectors(blocks: tuple, s: jax.Array) -> jax.Array:
+    """``Qᵀ S`` for the first basis of :func:`_lanczos` (its row blocks) and ``S``
+    ``(k, j)``: the ``(d, j)`` Ritz vectors, without concatenating the blocks."""
+    rows = np.cumsum([0] + [b.shape[1] for b in blocks])
+    return sum(b[0].T @ s[low:high] for b, low, high in zip(blocks, rows[:-1], rows[1:]))
+
+
+def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None,
+                  block: int, offset: int) -> tuple:
     """Lanczos step ``j`` (``< k − 1``) of :func:`_lanczos` given ``w = M q_j`` (rows):
-    ``α_j``, ``w`` reorthogonalised against the whole basis, ``β_j`` and ``q_{j+1}``
-    written into the basis (a new random direction where the Krylov space is exhausted
-    and ``restart`` is given, else zero)."""
-    basis, alphas, betas, scale = state
-    m, _, d = basis.shape
-    w = w.astype(basis.dtype)
+    ``α_j``, ``w`` reorthogonalised against the basis blocks up to ``block`` (static: the
+    one holding row ``j + 1``, which starts at row ``offset``; the rows past ``j`` are
+    zero), ``β_j`` and ``q_{j+1}`` (a new random direction where the Krylov space is
+    exhausted and ``restart`` is given, else zero) written into the block."""
+    blocks, q, alphas, betas, scale = state
+    m, d = q.shape
+    w = w.astype(q.dtype)
     scale = jnp.maximum(scale, jnp.linalg.norm(w, axis=1))
-    alphas = alphas.at[:, j].set(jnp.sum(basis[:, j] * w, axis=1))
+    alphas = alphas.at[:, j].set(jnp.sum(q * w, axis=1))
+    filled = blocks[:block + 1]
 
     def orthogonalised(w):  # full reorthogonalisation, twice ("twice is enough")
         for _ in range(2):
-            w = w - jnp.einsum("mjd,mj->md", basis, jnp.einsum("mjd,md->mj", basis, w))
+            w = w - sum(jnp.einsum("mjd,mj->md", b, jnp.einsum("mjd,md->mj", b, w))
+                        for b in filled)
         return w
 
     w = orthogonalised(w)
     beta = jnp.linalg.norm(w, axis=1)
-    grows = beta > d * jnp.finfo(basis.dtype).eps * scale  # else: the space is exhausted
+    grows = beta > d * jnp.finfo(q.dtype).eps * scale  # else: the space is exhausted
     betas = betas.at[:, j].set(jnp.where(grows, beta, 0))
     w = w / jnp.where(grows, beta, 1)[:, None]
     if restart is None:
@@ -597,16 +627,18 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None)
     else:
         def draw():
             fresh = orthogonalised(jax.random.normal(jax.random.fold_in(restart, j), (m, d),
-                                                     basis.dtype))
+                                                     q.dtype))
             return fresh / jnp.linalg.norm(fresh, axis=1, keepdims=True)
 
         fresh = jax.lax.cond(jnp.all(grows), lambda: jnp.zeros_like(w), draw)
-    w = jnp.where(grows[:, None], w, fresh)
-    return basis.at[:, j + 1].set(w), alphas, betas, scale
+    q = jnp.where(grows[:, None], w, fresh)
+    blocks = (*blocks[:block], blocks[block].at[:, j + 1 - offset].set(q), *blocks[block + 1:])
+    return blocks, q, alphas, betas, scale
 
 
 #: :func:`_lanczos_step` compiled for the steps driven from Python (the basis donated)
-_lanczos_step_compiled = donating_jit(_lanczos_step, donate_argnums=0)
+_lanczos_step_compiled = donating_jit(_lanczos_step, donate_argnums=0,
+                                      static_argnums=(4, 5))
 
 
 def _gauss_quadrature(tridiagonal: jax.Array) -> tuple[jax.Array, jax.Array]:
