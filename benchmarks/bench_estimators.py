@@ -1,0 +1,138 @@
+"""jaxgeom's matrix-free estimators (``jaxgeom.estimators``) on the suite's models: Lanczos
+eigenpairs, stochastic Lanczos quadrature and Hutchinson's trace, against their floor.
+
+Per model, on the exact Fisher as a ``PMatImplicit`` (each product one pass over the data)
+and as a ``PMatDiag`` (products of a few microseconds: the estimator's own work shows):
+
+- ``lanczos_eigsh(k=5, n)`` for ``n`` in ``--steps`` (top-5 Ritz pairs of ``n`` steps),
+- ``lanczos_spectral_density(num_steps=n, num_probes=4)``,
+- ``hutchinson_trace(num_samples=n)``,
+
+each called eagerly and under ``jit`` (the matrix an argument): the first call
+(compilation included) and the median of ``--repeats`` warm calls, apart. The **floor** of
+a Lanczos row is its ``n`` products of ``M`` one after the other (``M.mmap`` of one row —
+four for SLQ's probes — ``n`` times, eagerly or inside one jitted ``fori_loop``), timed in
+the same run; the table
+gives each row's warm time as a multiple of it. A table on stdout and ``--out`` JSON.
+
+Another revision of jaxgeom runs by putting it first on ``PYTHONPATH`` (e.g. the Lanczos
+steps unrolled, before ``d28240d``)::
+
+    python benchmarks/bench_estimators.py --out estimators.json
+    git worktree add /tmp/before acc7c3e
+    PYTHONPATH=/tmp/before python benchmarks/bench_estimators.py --out before.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import models  # benchmarks/models.py (run from the repository root or benchmarks/)
+from output import write_json
+
+
+def timed(fn, args: tuple, repeats: int) -> dict:
+    """First call of ``fn(*args)`` and median of ``repeats`` warm calls, in seconds."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        runs.append(time.perf_counter() - start)
+    return dict(first_s=first, warm_s=statistics.median(runs), runs=runs)
+
+
+def products_floor(n: int, jit: bool):
+    """``n`` products of ``M`` one after the other, each on the previous one's result
+    (normalised): a Lanczos run's products without its reorthogonalisation."""
+    def run(M, v):
+        def step(_, v):
+            w = M.mmap(v)
+            return w / jnp.linalg.norm(w)
+        if jit:
+            return jax.lax.fori_loop(0, n, step, v)
+        for i in range(n):
+            v = step(i, v)
+        return v
+    return jax.jit(run) if jit else run
+
+
+def run_model(name: str, steps: list[int], repeats: int) -> dict:
+    import jaxgeom
+    from jaxgeom import estimators
+
+    spec = models.SPECS[name]
+    apply_fn, params = models.make_apply(spec), models.init_params(spec)
+    x, y = (jnp.asarray(a) for a in models.make_data(spec))
+    key = jax.random.key(3)
+    rows: dict = {}
+    for rep in (jaxgeom.PMatImplicit, jaxgeom.PMatDiag):
+        M = jaxgeom.FIM(apply_fn, params, (x, y), rep, variant="classif_logits",
+                        batch_size=spec.batch_size)
+        jax.block_until_ready(M)
+        probes = {r: jax.random.normal(jax.random.key(5), (r, M.size(0)), M.dtype)
+                  for r in (1, 4)}
+        for n in steps:
+            calls = {
+                f"lanczos_eigsh k=5 n={n}": lambda M, k, n=n: estimators.lanczos_eigsh(
+                    M, k, 5, num_iterations=n),
+                f"lanczos_spectral_density n={n} probes=4": lambda M, k, n=n: (
+                    estimators.lanczos_spectral_density(M, k, num_steps=n, num_probes=4)),
+                f"hutchinson_trace samples={n}": lambda M, k, n=n: estimators.hutchinson_trace(
+                    M, k, n),
+            }
+            for jit in (False, True):
+                mode = "jit" if jit else "eager"
+                for r, v in probes.items():
+                    rows[f"{rep.__name__} {n} products of {r} rows ({mode}, floor)"] = timed(
+                        products_floor(n, jit), (M, v), repeats)
+                for label, fn in calls.items():
+                    rows[f"{rep.__name__} {label} ({mode})"] = timed(
+                        jax.jit(fn) if jit else fn, (M, key), repeats)
+    return rows
+
+
+def floor_of(row: str, rows: dict) -> dict | None:
+    """The floor of a Lanczos row: the same number of products, on as many rows (4 for
+    SLQ's probes), same mode."""
+    if "lanczos" not in row:
+        return None
+    rep, rest = row.split(" ", 1)
+    n = rest.split("n=")[1].split(" ")[0].rstrip(")")
+    mode = rest.rsplit("(", 1)[1].rstrip(")")
+    r = 4 if "probes=4" in row else 1
+    return rows.get(f"{rep} {n} products of {r} rows ({mode}, floor)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["bench_small", "bench_mlp"])
+    parser.add_argument("--steps", nargs="+", type=int, default=[20, 60])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    import jaxgeom
+
+    results = dict(jaxgeom=jaxgeom.__file__, jax=jax.__version__, models={})
+    print(f"{'model':12s}  {'row':66s}  {'warm':>10s}  {'× floor':>8s}  {'first':>8s}")
+    for name in args.models:
+        rows = run_model(name, args.steps, args.repeats)
+        results["models"][name] = rows
+        for row, t in rows.items():
+            floor = floor_of(row, rows)
+            ratio = f"{t['warm_s'] / floor['warm_s']:7.2f}×" if floor else ""
+            print(f"{name:12s}  {row:66s}  {t['warm_s'] * 1e3:8.1f} ms  {ratio:>8s}  "
+                  f"{t['first_s']:6.2f} s", flush=True)
+    write_json(results, args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()
