@@ -285,7 +285,8 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
 
 def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
                   num_iterations: int | None = None, dim: int | None = None,
-                  dtype: Any = None) -> tuple[jax.Array, jax.Array]:
+                  dtype: Any = None, return_residuals: bool = False
+                  ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
     """``k`` extreme eigenpairs of a symmetric ``M`` from products only, by Lanczos: Ritz
     values and Ritz vectors (scipy's and curvlinops' ``eigsh``, PyHessian's top-``k``
     eigenvalues and eigenvectors of a Hessian).
@@ -297,8 +298,11 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
     ``"LA"`` the largest (default), ``"SA"`` the smallest, ``"LM"`` the largest in
     magnitude (an indefinite Hessian's dominant directions, either sign). The extreme
     ones converge first, geometrically at a rate set by the gap to the rest of the
-    spectrum; a pair has converged when its residual ``‖M yⱼ − θⱼ yⱼ‖`` is small
-    (``jnp.linalg.norm(M.mmap(V.T) - λ[:, None] * V.T, axis=1)``: ``k`` more products).
+    spectrum; a pair has converged when its residual ``‖M yⱼ − θⱼ yⱼ‖`` is small:
+    ``return_residuals=True`` gives them with no more products, as ``β_n |s_{n,j}|``
+    (``M Q = Q T + r eₙᵀ`` with ``β_n = ‖r‖``, the last residual of the iteration, and
+    ``s_{n,j}`` the last entry of ``sⱼ``) — scipy's and ARPACK's convergence test, exact up
+    to round-off with full reorthogonalisation.
     ``n ≥ 2k`` (the default, scipy's ``ncv``: ``min(d, max(2k + 1, 20))``) is a good
     start; ``n = d`` gives exact eigenpairs. A Krylov space exhausted before ``n`` steps
     (an invariant subspace: a low-rank Fisher, ``n > rank + 1``) is continued from a new
@@ -318,14 +322,16 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
       which: ``"LA"``, ``"SA"`` or ``"LM"``.
       num_iterations: ``n``, the number of products of ``M``, ``k ≤ n ≤ d``.
       dim, dtype: as :func:`hutchinson_trace`.
+      return_residuals: also return the ``(k,)`` residual norms ``‖M vⱼ − λⱼ vⱼ‖``.
 
     Returns:
       ``(λ, V)``: the ``(k,)`` Ritz values **ascending** (scipy's order: ``λ[-1]`` is the
       top one with ``"LA"``) and the ``(d, k)`` orthonormal Ritz vectors (columns, flat
-      order), each up to its sign. Cost: ``n`` products of ``M`` one after the other (a
-      ``PMatImplicit`` streams its data ``n`` times), ``≈ 3 n² d`` for the
-      reorthogonalisation, memory ``n·d``; a few compiled programs whatever ``n`` (one
-      loop per block of the basis, :func:`_lanczos`).
+      order), each up to its sign; with ``return_residuals``, ``(λ, V, residuals)``.
+      Cost: ``n`` products of ``M`` one after the other (a ``PMatImplicit`` streams its
+      data ``n`` times), ``≈ 3 n² d`` for the reorthogonalisation, memory ``n·d``; a few
+      compiled programs whatever ``n`` (one loop per block of the basis,
+      :func:`_lanczos`).
 
     Raises:
       ValueError: ``k`` or ``num_iterations`` not integers with ``1 ≤ k ≤ n ≤ d``, an
@@ -339,11 +345,14 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
     _check_count(num_iterations, "num_iterations")
     _spectral.check_eigsh_options(k, which, min(num_iterations, d),
                                   "k (at most num_iterations and d)")
-    tridiagonal, blocks = _lanczos(products, start, num_iterations, "num_iterations",
-                                   restart=key, return_basis=True)
+    tridiagonal, blocks, residual = _lanczos(products, start, num_iterations,
+                                             "num_iterations", restart=key, return_basis=True)
     theta, s = jnp.linalg.eigh(tridiagonal[0])
     chosen = _spectral.select(theta, k, which)
-    return theta[chosen], _ritz_vectors(blocks, s[:, chosen])
+    pairs = theta[chosen], _ritz_vectors(blocks, s[:, chosen])
+    if return_residuals:
+        return (*pairs, residual[0] * jnp.abs(s[-1, chosen]))
+    return pairs
 
 
 def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int
@@ -530,7 +539,9 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     new normal vector orthogonal to the basis (``β = 0`` there: ``T`` block diagonal, an
     invariant subspace found; the basis stays orthonormal, so Ritz vectors stay unit
     vectors). With ``return_basis``, also the orthonormal bases ``Q_k`` as row blocks
-    (:func:`_lanczos_blocks`; :func:`_ritz_vectors` combines them).
+    (:func:`_lanczos_blocks`; :func:`_ritz_vectors` combines them) and the ``(m,)`` norms
+    ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k) M q_k``, for which
+    ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ``.
 
     The basis is allocated whole, in blocks of rows ``[0, 8), [8, 16), [16, 32), …``
     (doubling), each zero until written. Step ``j``, which writes row ``j + 1``, reads the
@@ -577,7 +588,11 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
         off = jax.vmap(jnp.diag)(betas[:, :-1])  # (m, k − 1, k − 1)
         pad = [(0, 0), (0, 1), (1, 0)]
         tridiagonal = tridiagonal + jnp.pad(off, pad) + jnp.pad(off, pad).mT
-    return (tridiagonal, blocks) if return_basis else tridiagonal
+    if not return_basis:
+        return tridiagonal
+    # M Q_kᵀ = Q_kᵀ T + r e_kᵀ: the last residual's norm β_k gives the Ritz pairs' residuals
+    residual = jnp.linalg.norm(_orthogonalised(blocks, w.astype(q.dtype)), axis=1)
+    return tridiagonal, blocks, residual
 
 
 def _lanczos_blocks(num_steps: int) -> list[tuple[int, int]]:
@@ -610,14 +625,7 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None,
     scale = jnp.maximum(scale, jnp.linalg.norm(w, axis=1))
     alphas = alphas.at[:, j].set(jnp.sum(q * w, axis=1))
     filled = blocks[:block + 1]
-
-    def orthogonalised(w):  # full reorthogonalisation, twice ("twice is enough")
-        for _ in range(2):
-            w = w - sum(jnp.einsum("mjd,mj->md", b, jnp.einsum("mjd,md->mj", b, w))
-                        for b in filled)
-        return w
-
-    w = orthogonalised(w)
+    w = _orthogonalised(filled, w)
     beta = jnp.linalg.norm(w, axis=1)
     grows = beta > d * jnp.finfo(q.dtype).eps * scale  # else: the space is exhausted
     betas = betas.at[:, j].set(jnp.where(grows, beta, 0))
@@ -626,14 +634,23 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None,
         fresh = jnp.zeros_like(w)
     else:
         def draw():
-            fresh = orthogonalised(jax.random.normal(jax.random.fold_in(restart, j), (m, d),
-                                                     q.dtype))
+            fresh = _orthogonalised(filled, jax.random.normal(
+                jax.random.fold_in(restart, j), (m, d), q.dtype))
             return fresh / jnp.linalg.norm(fresh, axis=1, keepdims=True)
 
         fresh = jax.lax.cond(jnp.all(grows), lambda: jnp.zeros_like(w), draw)
     q = jnp.where(grows[:, None], w, fresh)
     blocks = (*blocks[:block], blocks[block].at[:, j + 1 - offset].set(q), *blocks[block + 1:])
     return blocks, q, alphas, betas, scale
+
+
+def _orthogonalised(blocks: tuple, w: jax.Array) -> jax.Array:
+    """``w`` (rows) with its components along the rows of ``blocks`` removed, twice ("twice
+    is enough": full reorthogonalisation in floating point)."""
+    for _ in range(2):
+        w = w - sum(jnp.einsum("mjd,mj->md", b, jnp.einsum("mjd,md->mj", b, w))
+                    for b in blocks)
+    return w
 
 
 #: :func:`_lanczos_step` compiled for the steps driven from Python (the basis donated)

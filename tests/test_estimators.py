@@ -236,6 +236,27 @@ def test_lanczos_eigsh_with_d_iterations_is_exact(fisher):
     check_eigenpairs(values, vectors, dense, d, "LA", atol=1e-9)
 
 
+@pytest.mark.parametrize("n", [6, 12, 40])
+def test_lanczos_eigsh_residuals_are_those_of_the_ritz_pairs(fisher, n):
+    """``return_residuals``: ``β_n |s_{n,j}|`` is ``‖M vⱼ − λⱼ vⱼ‖`` computed from ``M``
+    itself, for pairs far from converged (6 steps), converging, and exact (``n = d``, a
+    continued Krylov space); the values and vectors are those without the option."""
+    t, F, dense = fisher
+    n = min(n, len(dense))
+    for which in ("LA", "SA"):
+        values, vectors, residuals = lanczos_eigsh(F, KEY, 3, which=which, num_iterations=n,
+                                                   return_residuals=True)
+        direct = np.linalg.norm(dense @ vectors - np.asarray(vectors) * np.asarray(values),
+                                axis=0)
+        scale = np.linalg.norm(dense, 2)
+        np.testing.assert_allclose(residuals, direct, rtol=1e-6, atol=1e-10 * scale)
+        plain = lanczos_eigsh(F, KEY, 3, which=which, num_iterations=n)
+        np.testing.assert_allclose(values, plain[0], rtol=1e-12)
+        np.testing.assert_allclose(vectors, plain[1], atol=1e-12)
+    if n == 6:
+        assert residuals.max() > 1e-6 * scale  # not converged: the test can tell
+
+
 def test_lanczos_eigsh_converges_on_a_separated_spectrum():
     """A synthetic spectrum with three eigenvalues well apart from the other 297: with 30
     products the top three pairs are exact to ~1e-10 (eigenvalues) and their vectors ``±``
