@@ -116,3 +116,11 @@ def normal(key: jax.Array, index: jax.Array, shape: tuple[int, ...], dtype=jnp.f
     u = 2 * uniform(key, index, shape, dtype) - 1
     u = jnp.maximum(u, jnp.nextafter(jnp.asarray(-1, dtype), jnp.asarray(0, dtype)))
     return np.sqrt(2).astype(dtype) * jax.scipy.special.erfinv(u)
+
+
+def rademacher(key: jax.Array, index: jax.Array, shape: tuple[int, ...], dtype=jnp.float32
+               ) -> jax.Array:
+    """Rademacher signs ``±1`` (each with probability ½) of ``shape`` for example
+    ``index``: the top bit of each draw."""
+    hi, _ = bits(key, index, shape)
+    return jnp.where(hi >> np.uint32(31), 1, -1).astype(dtype)

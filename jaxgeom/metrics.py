@@ -23,6 +23,7 @@ from jaxgeom.layers import LayerCollection, check_layer_collection
 from jaxgeom.pmat.base import REGISTRY, PMatAbstract
 from jaxgeom.variants import (
     BatchedFunction,
+    CurvaturePropagationOutputs,
     FisherOutputs,
     MonteCarloFisherOutputs,
     check_one_array,
@@ -94,6 +95,11 @@ def FIM(
     )
 
 
+#: the Monte-Carlo Fisher's estimators (:func:`FIM_MonteCarlo`): gradients of sampled
+#: targets' log-likelihoods, or of random sign combinations of the exact Fisher's outputs
+MONTE_CARLO_ESTIMATORS = ("targets", "curvature_propagation")
+
+
 @accepts_sharded_data
 def FIM_MonteCarlo(
     apply_fn: Callable,
@@ -104,6 +110,7 @@ def FIM_MonteCarlo(
     key: jax.Array,
     variant: str = "classif_logits",
     trials: int = 1,
+    estimator: str = "targets",
     covariance: Any = None,
     batch_size: int | None = None,
     layer_collection: LayerCollection | None = None,
@@ -124,17 +131,35 @@ def FIM_MonteCarlo(
     0: give each device its own key, ``jax.random.fold_in(key, jax.lax.axis_index(axis))``
     (docs/conventions.md, "Several devices").
 
+    ``estimator="curvature_propagation"`` (Martens, Sutskever & Swersky 2012; kfac-jax's
+    ``"fisher_curvature_prop"``) draws random signs instead of targets: per trial the
+    gradient of ``rᵀz``, ``z`` the exact Fisher's ``K`` outputs (``Σₖ ∇zₖ∇zₖᵀ = JᵀHJ``,
+    :func:`FIM`) and ``r ∈ {±1}ᴷ``; also unbiased (``E[rrᵀ] = I``), also one backward pass
+    a trial, and exact for one output (``K = 1``: binary, two classes, one regression
+    output), where sampled targets are not
+    (:class:`~jaxgeom.variants.CurvaturePropagationOutputs`).
+
     Args are those of :func:`FIM`, plus ``key`` (one PRNG key: ``jax.random.key(seed)``
-    or ``jax.random.PRNGKey(seed)``; a seed, ``None`` or a stack of keys is refused) and
-    ``trials``.
+    or ``jax.random.PRNGKey(seed)``; a seed, ``None`` or a stack of keys is refused),
+    ``trials`` and ``estimator`` (``"targets"``, the default, or
+    ``"curvature_propagation"``).
+
+    References:
+      J. Martens, I. Sutskever, K. Swersky, `Estimating the Hessian by back-propagating
+      curvature <https://arxiv.org/abs/1206.6464>`_, ICML 2012.
     """
     if int(trials) != trials or trials < 1:
         raise ValueError(f"trials must be a positive integer; got {trials!r}")
+    if estimator not in MONTE_CARLO_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid: {MONTE_CARLO_ESTIMATORS} "
+                         "(sampled targets, random signs on the exact Fisher's outputs)")
     check_key(key, "FIM_MonteCarlo's key")
     _refuse_peer_options(options, "FIM_MonteCarlo")
     data, whitener, layer_collection = _model_front_end(apply_fn, params, data, variant,
                                                         covariance, layer_collection)
-    fn = MonteCarloFisherOutputs(Hashable(apply_fn), variant, int(trials))
+    outputs = (MonteCarloFisherOutputs if estimator == "targets"
+               else CurvaturePropagationOutputs)
+    fn = outputs(Hashable(apply_fn), variant, int(trials))
     return _build(
         fn, params, _inputs_only(data, representation), representation,
         layer_collection=layer_collection, batch_size=batch_size, mode=mode,

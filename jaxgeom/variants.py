@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._counter_rng import draw_key, normal, uniform
+from jaxgeom._counter_rng import draw_key, normal, rademacher, uniform
 from jaxgeom.data import SINGLE_EXAMPLE_HINT
 
 VARIANTS = (
@@ -263,6 +263,33 @@ class MonteCarloFisherOutputs:
             return scale * logp.reshape(self.trials, -1).sum(axis=1)
         xi = normal(key, index, (self.trials, whitener.shape[0]), out.dtype)  # regression
         return scale * xi @ (whitener @ jnp.ravel(out))
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvaturePropagationOutputs:
+    """Per-example Rademacher combinations of the exact Fisher's outputs, ``(trials,)``:
+    curvature propagation (Martens, Sutskever & Swersky 2012; kfac-jax's
+    ``"fisher_curvature_prop"``).
+
+    With ``z`` the ``K`` outputs of :class:`FisherOutputs` (``Σₖ ∇zₖ∇zₖᵀ = JᵀHJ``, the
+    example's exact Fisher) and signs ``r ∈ {±1}ᴷ`` (``E[rrᵀ] = I``), ``∇(rᵀz)∇(rᵀz)ᵀ``
+    has mean ``JᵀHJ``: each trial one backward pass whatever ``K``, and exact when
+    ``K = 1`` (binary, two classes, one regression output). ``aux = (key, whitener)``; the
+    signs of example ``index`` are the counter-based hash of ``(index, j)``
+    (:mod:`jaxgeom._counter_rng`), so they do not depend on batching.
+    """
+
+    apply_fn: Callable
+    variant: str
+    trials: int
+
+    VECTOR_OUTPUTS: ClassVar[bool] = True  # (trials,) per example
+
+    def __call__(self, params, x, index, aux):
+        key, whitener = aux
+        z = FisherOutputs(self.apply_fn, self.variant)(params, x, index, whitener)
+        signs = rademacher(draw_key(key), index, (self.trials, z.shape[0]), z.dtype)
+        return signs @ z / jnp.sqrt(jnp.asarray(self.trials, z.dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,13 @@ from jaxgeom import (
     SecondMoment,
 )
 from jaxgeom._counter_rng import draw_key
-from jaxgeom.variants import inverse_cdf, sample_categorical, softmax_cholesky_outputs
+from jaxgeom.jacobian import Hashable
+from jaxgeom.variants import (
+    FisherOutputs,
+    inverse_cdf,
+    sample_categorical,
+    softmax_cholesky_outputs,
+)
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -523,6 +529,78 @@ def test_monte_carlo_converges_to_exact(variant, moments):
         # Markov: P(‖F̂−F‖ > 5·rms) ≤ 1/25 for each fixed key.
         assert errors[trials] < 5 * bound, (trials, errors[trials], bound)
     assert errors[400] < errors[1]
+
+
+def _curvature_propagation_moments(apply_fn, params, x, variant):
+    """Per example ``(E‖Bᵀr‖⁴, BᵀB)`` for the exact Fisher's output gradients ``B``
+    (``K × d``) and Rademacher ``r``: with ``A = BBᵀ``, ``E(rᵀAr)² = (tr A)² + 2‖A‖² −
+    2 Σₖ Aₖₖ²`` (a sign's fourth moment is 1, a normal's 3)."""
+    outputs = FisherOutputs(Hashable(apply_fn), variant)
+    whitener = jnp.eye(apply_fn(params, x[:1]).shape[-1]) if variant == "regression" else None
+    moments = []
+    for n in range(len(x)):
+        jac = jax.jacrev(lambda p, n=n: outputs(p, x[n], n, whitener))(params)
+        b = jnp.concatenate([j.reshape(j.shape[0], -1)
+                             for j in jax.tree_util.tree_leaves(jac)], axis=1)
+        a = b @ b.T
+        m4 = jnp.trace(a) ** 2 + 2 * jnp.sum(a**2) - 2 * jnp.sum(jnp.diag(a) ** 2)
+        moments.append((m4, b.T @ b))
+    return moments
+
+
+@pytest.mark.parametrize("variant", ["classif_logits", "regression", "classif_binary_logits"])
+def test_curvature_propagation_converges_to_exact(variant):
+    """Rademacher combinations of the exact Fisher's outputs: unbiased, each trial's error
+    within the bound of its own fourth moments, shrinking with the trials; another
+    estimate than sampled targets' (same key)."""
+    t = make_plain_mlp(n=7)
+    exact = reference_fisher(t.apply_fn, t.params, t.x, variant)
+    moments = _curvature_propagation_moments(t.apply_fn, t.params, t.x, variant)
+    kw = dict(key=jax.random.PRNGKey(0), variant=variant)
+    errors = {}
+    for trials in (1, 400):
+        cp = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, trials=trials,
+                            estimator="curvature_propagation", **kw).to_dense()
+        bound = _mc_error_bound(moments, exact, len(t.x), trials)
+        errors[trials] = float(jnp.linalg.norm(cp - exact))
+        assert errors[trials] < 5 * bound, (trials, errors[trials], bound)
+    assert errors[400] < errors[1]
+    targets = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, trials=1, **kw).to_dense()
+    assert not np.allclose(targets, exact, rtol=1e-3)
+
+
+@pytest.mark.parametrize("variant, outputs", [
+    ("classif_logits", 2), ("classif_binary_logits", 1), ("regression", 1)])
+def test_curvature_propagation_is_exact_for_one_output(variant, outputs):
+    """``K = 1`` (two classes, one logit, one regression output): ``r² = 1``, so one trial
+    is the exact Fisher whatever the key, in every representation (KFAC's build too: the
+    same captures) — where sampled targets are not."""
+    t = make_plain_mlp(n=7)
+    apply_fn = lambda p, x: t.apply_fn(p, x)[:, :outputs]  # noqa: E731
+    exact = reference_fisher(apply_fn, t.params, t.x, variant)
+    for key in (jax.random.PRNGKey(0), jax.random.PRNGKey(5)):
+        kw = dict(key=key, variant=variant, trials=1)
+        cp = FIM_MonteCarlo(apply_fn, t.params, t.x, PMatDense,
+                            estimator="curvature_propagation", **kw)
+        np.testing.assert_allclose(cp.to_dense(), exact, **TOL)
+        kfac = FIM_MonteCarlo(apply_fn, t.params, t.x, PMatKFAC,
+                              estimator="curvature_propagation", **kw)
+        want = FIM(apply_fn, t.params, t.x, PMatKFAC, variant=variant)
+        np.testing.assert_allclose(kfac.to_dense(), want.to_dense(), **TOL)
+    targets = FIM_MonteCarlo(apply_fn, t.params, t.x, PMatDense, **kw).to_dense()
+    assert not np.allclose(targets, exact, rtol=1e-3)
+
+
+def test_curvature_propagation_does_not_depend_on_chunking_and_checks_its_name():
+    t = make_linen_mlp(n=7)
+    kw = dict(key=jax.random.PRNGKey(42), trials=2, estimator="curvature_propagation")
+    whole = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, **kw).to_dense()
+    chunked = FIM_MonteCarlo(t.apply_fn, t.params, [(t.x[:4],), (t.x[4:],)], PMatDense,
+                             batch_size=3, **kw).to_dense()
+    np.testing.assert_allclose(chunked, whole, **TOL)
+    with pytest.raises(ValueError, match="unknown estimator 'rademacher'.*curvature_propagation"):
+        FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, key=jax.random.PRNGKey(0),
+                       estimator="rademacher")
 
 
 def test_monte_carlo_does_not_depend_on_chunking_and_uses_the_key():
