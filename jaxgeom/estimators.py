@@ -531,7 +531,8 @@ def _setup(M: Operator, key: jax.Array, num_samples: Any, distribution: str,
 
 def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
              num_steps: Any, what: str = "num_steps", *, restart: jax.Array | None = None,
-             return_basis: bool = False) -> jax.Array | tuple[jax.Array, tuple]:
+             return_basis: bool = False
+             ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
     """The ``(m, k, k)`` tridiagonals ``Q_kᵀ M Q_k`` of ``k`` Lanczos steps from each of
     the ``m`` rows of ``start`` at once (one product of ``M`` on ``m`` rows per step), with
     full reorthogonalisation (twice); a Krylov space exhausted before step ``k`` is not
