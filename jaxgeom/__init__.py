@@ -30,6 +30,7 @@ from jaxgeom.pmat import PMatEKFACBlockDiag as PMatEKFACBlockDiag
 from jaxgeom.pmat import PMatEye as PMatEye
 from jaxgeom.pmat import PMatImplicit as PMatImplicit
 from jaxgeom.pmat import PMatKFAC as PMatKFAC
+from jaxgeom.pmat import PMatKFOC as PMatKFOC
 from jaxgeom.pmat import PMatLowRank as PMatLowRank
 from jaxgeom.pmat import PMatMixed as PMatMixed
 from jaxgeom.pmat import PMatQuasiDiag as PMatQuasiDiag
@@ -62,6 +63,7 @@ __all__ = [
     "PMatEye",
     "PMatImplicit",
     "PMatKFAC",
+    "PMatKFOC",
     "PMatLowRank",
     "PMatMixed",
     "PMatQuasiDiag",

@@ -9,6 +9,7 @@ from jaxgeom.pmat.ekfac import PMatEKFACBlockDiag as PMatEKFACBlockDiag
 from jaxgeom.pmat.eye import PMatEye as PMatEye
 from jaxgeom.pmat.implicit import PMatImplicit as PMatImplicit
 from jaxgeom.pmat.kfac import PMatKFAC as PMatKFAC
+from jaxgeom.pmat.kfoc import PMatKFOC as PMatKFOC
 from jaxgeom.pmat.lowrank import PMatLowRank as PMatLowRank
 from jaxgeom.pmat.mixed import PMatMixed as PMatMixed
 from jaxgeom.pmat.quasidiag import PMatQuasiDiag as PMatQuasiDiag
@@ -23,6 +24,7 @@ __all__ = [
     "PMatEye",
     "PMatImplicit",
     "PMatKFAC",
+    "PMatKFOC",
     "PMatLowRank",
     "PMatMixed",
     "PMatQuasiDiag",
