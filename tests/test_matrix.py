@@ -24,6 +24,7 @@ from jaxgeom import (
     PMatEKFAC,
     PMatImplicit,
     PMatKFAC,
+    PMatKFOC,
     PMatLowRank,
     PMatMixed,
     PMatQuasiDiag,
@@ -229,7 +230,8 @@ def test_restoring_into_a_target_of_another_model_is_refused(representation):
 
 
 @pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatDiag, PMatKFAC,
-                                            PMatEKFAC, PMatQuasiDiag, PMatLowRank, PMatMixed])
+                                            PMatKFOC, PMatEKFAC, PMatQuasiDiag, PMatLowRank,
+                                            PMatMixed])
 def test_flax_serialization_round_trips_a_representation(representation):
     """``flax.serialization.to_bytes`` then ``from_bytes`` into a matrix of the same
     structure (built at other params, on 2 examples: the cheap target) gives the saved
