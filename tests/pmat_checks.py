@@ -329,9 +329,58 @@ def check_eigenpairs(values, vectors, dense, k, which, atol=1e-10, spectrum=None
             np.testing.assert_allclose(abs(basis[:, nearest] @ vectors[:, j]), 1, atol=1e-6)
 
 
+def _sub_jaxprs(eqn):
+    """The jaxprs in an equation's parameters (``pjit``, ``cond`` branches, ``scan``, …)."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    for value in eqn.params.values():
+        for x in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(x, ClosedJaxpr):
+                yield x.jaxpr
+            elif isinstance(x, Jaxpr):
+                yield x
+
+
+def _values(jaxpr):
+    """``(name, shape)`` of every value a jaxpr computes, nested jaxprs included."""
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            yield eqn.primitive.name, getattr(var.aval, "shape", ())
+        for sub in _sub_jaxprs(eqn):
+            yield from _values(sub)
+
+
+def assert_never_dense(fn, d, *args):
+    """``fn(*args)`` computes no value of ``d²`` or more entries (no ``d × d`` matrix, not
+    even a transient one): every value of its jaxpr, nested ones included, and every
+    constant it closes over."""
+    closed = jax.make_jaxpr(fn)(*args)
+    found = [(name, shape) for name, shape in _values(closed.jaxpr)
+             if np.prod(shape, dtype=np.int64) >= d * d]
+    found += [("constant", np.shape(c)) for c in closed.consts if np.size(c) >= d * d]
+    assert not found, f"values of d² = {d}² entries or more: {found}"
+
+
 @functools.partial(jax.jit, static_argnames="k")
 def _eigsh_all(M, k):
     return {which: M.eigsh(k, which) for which in ("LA", "SA", "LM")}
+
+
+@functools.partial(jax.jit, static_argnames="ks")
+def _eigsh_every(M, ks):
+    return {(which, k): M.eigsh(k, which) for which in ("LA", "SA", "LM") for k in ks}
+
+
+def check_eigsh_without_dense(M, dense, ks):
+    """``M.eigsh(k, which)`` for every ``which`` and each ``k`` of ``ks`` (one compiled
+    call) against ``numpy.linalg.eigh`` of ``dense`` (:func:`check_eigenpairs`), and for
+    each ``k < d`` without a ``d × d`` value (:func:`assert_never_dense`)."""
+    d = len(dense)
+    spectrum = np.linalg.eigh(dense)
+    for (which, k), (values, vectors) in _eigsh_every(M, tuple(ks)).items():
+        check_eigenpairs(values, vectors, dense, k, which, spectrum=spectrum)
+        if k < d:
+            assert_never_dense(lambda M, k=k, which=which: M.eigsh(k, which), d, M)
 
 
 def check_eigsh(M, dense, k=3):

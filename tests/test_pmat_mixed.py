@@ -16,6 +16,8 @@ from pmat_checks import (
     block_mask,
     check_all,
     check_combinations,
+    check_eigsh,
+    check_eigsh_without_dense,
     check_solve,
     factor_damped_dense,
     reference,
@@ -75,6 +77,28 @@ def test_operations(case):
         (M, 2.0 * M, dense, 2 * dense, (PMatMixed, PMatMixed)),
         (M, PMatDense(M.layer_collection, dense), dense, dense, (PMatDense, PMatDense)),
     ])
+
+
+def test_eigsh_from_the_parts(case):
+    """``k`` eigenpairs from each part's own ``eigsh(min(k, d_p))`` (KFAC from its factors,
+    BlockDiag per block, Diag one-hot), for every ``which`` and ``k`` up to ``d``, against
+    ``numpy.linalg.eigh`` of ``to_dense()``, without any ``d × d`` value."""
+    t, M, dense = case
+    d = len(dense)
+    check_eigsh(M, dense)
+    check_eigsh_without_dense(M, dense, sorted({1, 7, d // 2, d}))
+
+
+def test_eigsh_kfac_quasidiag_diag_parts():
+    """A KFAC, a QuasiDiag and a Diag part (each with its own ``eigsh``, no ``d × d``);
+    ``k`` larger than a part (all of its pairs)."""
+    t = make_linen_layernorm()
+    M = FIM(t.apply_fn, t.params, t.x, PMatMixed,
+            mapping={"Dense_0": PMatKFAC, "Dense_1": PMatQuasiDiag}, default=PMatDiag)
+    assert [type(p) for p in M.parts] == [PMatKFAC, PMatQuasiDiag, PMatDiag]
+    d = M.size(0)
+    assert min(p.size(0) for p in M.parts) < d // 2
+    check_eigsh_without_dense(M, np.asarray(M.to_dense()), sorted({1, 5, d // 2, d}))
 
 
 def test_from_mapping_restriction_and_ekfac_block_diag():
@@ -230,7 +254,8 @@ def test_data_read_once_chunked(five):
 
 def test_implicit_part_keeps_the_data():
     """A ``PMatImplicit`` part keeps the batches read in the one pass (a one-shot generator
-    is pulled once) and replays them: its block is the brute-force one."""
+    is pulled once) and replays them: its block is the brute-force one. It has no exact
+    ``eigsh``: the Mixed one raises, naming it."""
     t = make_linen_layernorm(n=7)
     pulled = []
     batches = [t.x[:4], t.x[4:]]
@@ -242,6 +267,10 @@ def test_implicit_part_keeps_the_data():
     lc = M.layer_collection
     idx = lc.layer_indices(lc.layer("Dense_1"))
     np.testing.assert_allclose(part.to_dense(), reference(t)[np.ix_(idx, idx)], **TOL)
+    # eigsh from the parts' own: the implicit one has none (Lanczos), and says so
+    with pytest.raises(NotImplementedError, match=r"eigsh is not available for the part "
+                       r"stored as PMatImplicit \(layers \['Dense_1'\]\).*lanczos_eigsh"):
+        M.eigsh(2)
 
 
 # ----------------------------------------------------------------------------- damping

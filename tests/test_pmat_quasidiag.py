@@ -8,7 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from models import MORE_TASKS, make_linen_cnn, make_linen_embed, make_linen_layernorm
-from pmat_checks import REGUL, TOL, check_combinations, check_products, check_pytree, check_solve
+from pmat_checks import (
+    REGUL,
+    TOL,
+    check_combinations,
+    check_eigsh,
+    check_eigsh_without_dense,
+    check_products,
+    check_pytree,
+    check_solve,
+)
 from pmat_checks import reference as reference_fisher
 
 from jaxgeom import FIM, PMatDense, PMatDiag
@@ -98,6 +107,34 @@ def test_operations(case):
     np.testing.assert_allclose(out["inv_vTMv"], v @ got["inv"] @ v, rtol=1e-8)
     np.testing.assert_allclose(out["inv_solve"],  # the closed-form solve with ρ ≠ 0
                                np.linalg.solve(got["inv"] + REGUL * np.eye(d), v), rtol=1e-7)
+
+
+def _ks(d):
+    """``k`` = 1, a few (several neurons and lone entries), half and all ``d``."""
+    return sorted({1, min(7, d), d // 2, d})
+
+
+def test_eigsh_per_neuron(case):
+    """``k`` eigenpairs from the per-neuron ``eigh`` and the lone diagonal entries (none in
+    the CNN: every parameter in a neuron block), for every ``which`` and ``k`` up to
+    ``d``, against ``numpy.linalg.eigh`` of ``to_dense()`` — also of an inverse (``ρ ≠
+    0``: a rank-one weight–weight term per neuron) — without any ``d × d`` value."""
+    t, Q, dense = case
+    assert Q.specs
+    check_eigsh(Q, dense)
+    check_eigsh_without_dense(Q, dense, _ks(len(dense)))
+    inv = Q.inv(1e-2)
+    assert any(r is not None for r in inv.rho)
+    check_eigsh_without_dense(inv, np.asarray(inv.to_dense()), _ks(len(dense)))
+
+
+def test_eigsh_without_neurons():
+    """A QuasiDiag without neuron blocks (restricted to a LayerNorm): its diagonal's
+    entries and canonical vectors."""
+    t = make_linen_layernorm()
+    Q = FIM(t.apply_fn, t.params, t.x, PMatQuasiDiag).restrict("LayerNorm_0")
+    assert not Q.specs
+    check_eigsh_without_dense(Q, np.asarray(Q.to_dense()), _ks(Q.size(0)))
 
 
 def test_promotions_and_unsupported(case):

@@ -312,25 +312,32 @@ def eigenpairs_of_pieces(pieces, k: int, which: str, d: int, dtype
 
     ``pieces``: per diagonal block, ``(indices, values, vectors)`` — the block's flat
     indices (a static NumPy array of ``n`` distinct entries; the pieces' together a
-    permutation of ``0 … d−1``), its ``n`` eigenvalues, and ``vectors(i)`` giving the
-    ``(m, n)`` eigenvectors (rows, in the order of ``indices``) of the eigenvalues at
-    positions ``i`` (``(m,)`` integers in ``[0, n)``). The ``k`` chosen among all ``d``
-    eigenvalues may fall in any block (a traced choice): each block builds ``k`` rows,
-    zero where the choice lies elsewhere, and one gather puts the concatenated rows into
-    flat order. Cost: ``O(d log k)`` to choose, ``k`` rows of ``vectors`` per block, memory
-    ``2 k d``."""
+    permutation of ``0 … d−1``), ``m ≤ n`` of its eigenvalues, and ``vectors(i)`` giving
+    the ``(j, n)`` eigenvectors (rows, in the order of ``indices``) of the eigenvalues at
+    positions ``i`` (``(j,)`` integers in ``[0, m)``). A block may give all ``n`` of its
+    eigenvalues, or only those of them that can be among the ``k`` chosen (its own
+    ``min(k, n)`` chosen by the same ``which``: a ``PMatMixed`` part's ``eigsh``); the
+    pieces must give ``k`` or more in all. A piece without indices is skipped. The ``k``
+    chosen among all the values given may fall in any block (a traced choice): each
+    block builds ``k`` rows, zero where the choice lies elsewhere, and one gather puts the
+    concatenated rows into flat order. Cost: ``O(Σ m log k)`` to choose, ``k`` rows of
+    ``vectors`` per block, memory ``2 k d``."""
+    pieces = [(np.ravel(i), v, f) for i, v, f in pieces if np.size(i)]
     values = jnp.concatenate([jnp.ravel(v).astype(dtype) for _, v, _ in pieces])
     chosen = select(values, k, which)
     rows, offset = [], 0
-    for indices, _, vectors in pieces:
-        n = int(np.size(indices))
+    for indices, v, vectors in pieces:
+        m = int(np.prod(jnp.shape(v)))
+        if not m:  # nothing of this block chosen: zero rows
+            rows.append(jnp.zeros((k, indices.size), dtype))
+            continue
         local = chosen - offset
-        inside = (local >= 0) & (local < n)
-        block = vectors(jnp.clip(local, 0, n - 1)).astype(dtype)
+        inside = (local >= 0) & (local < m)
+        block = vectors(jnp.clip(local, 0, m - 1)).astype(dtype)
         rows.append(jnp.where(inside[:, None], block, 0))
-        offset += n
-    order = np.concatenate([np.ravel(i) for i, _, _ in pieces])
-    if offset != d or not np.array_equal(np.sort(order), np.arange(d)):
+        offset += m
+    order = np.concatenate([i for i, _, _ in pieces])
+    if order.size != d or not np.array_equal(np.sort(order), np.arange(d)):
         raise AssertionError("the pieces' indices are not a permutation of the flat order")
     flat = jnp.concatenate(rows, axis=1)[:, np.argsort(order)]  # (k, d), flat order
     return values[chosen], flat.T

@@ -502,8 +502,11 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
         Cost: without forming ``d × d`` where the structure allows it — KFAC/EKFAC from the
         factors' (or stored) eigenbases, ``Σ (a_l³ + g_l³)`` plus ``O(k d)``;
-        ``PMatBlockDiag`` ``Σ d_l³``; diagonal ones ``O(d log k)`` — and otherwise from
-        ``to_dense()``'s ``eigh``, ``d³``. A matrix-free ``PMatImplicit`` raises: use
+        ``PMatBlockDiag`` ``Σ d_l³``; ``PMatQuasiDiag`` per-neuron ``eigh``,
+        ``Σ g_l (a_l + 1)³``; ``PMatLowRank`` from its thin ``eigh``; ``PMatMixed`` each
+        part's own ``eigsh`` of ``min(k, d_p)`` pairs, merged; diagonal ones
+        ``O(d log k)`` — and otherwise (``PMatDense``) from ``to_dense()``'s ``eigh``,
+        ``d³``. A matrix-free ``PMatImplicit`` raises: use
         :func:`jaxgeom.estimators.lanczos_eigsh` (Lanczos, from products only).
 
         Raises:

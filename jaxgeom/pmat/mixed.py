@@ -36,11 +36,13 @@ costs plus ``d`` to split and merge flat vectors.
 Operations combine blockwise: ``mv``, ``vTMv``, ``get_diag``, ``trace``, Frobenius,
 ``to_dense``, ``solve`` (each part's default method, or ``"cg"`` on the whole), ``inv``,
 ``pinv`` (threshold relative to the whole spectrum), ``pow``, ``eigvalsh`` and ``norm(±2)``,
-scalar ``*``, ``restrict`` (the parts on the layers kept, one that straddles them restricted
-in turn); ``solve``/``inv``/``pow`` forward KFAC's ``damping=`` to the parts that take it;
-``+``/``-``/``mm`` between two ``PMatMixed`` with the same parts (layers and
-representations) are part-wise, otherwise dense. An operation a part cannot do raises a
-``NotImplementedError`` naming the part's representation and layers.
+``eigsh(k, which)`` (each part's ``min(k, d_p)`` eigenpairs chosen by the same ``which``,
+the ``k`` chosen among them: no ``d × d`` matrix), scalar ``*``, ``restrict`` (the parts on
+the layers kept, one that straddles them restricted in turn); ``solve``/``inv``/``pow``
+forward KFAC's ``damping=`` to the parts that take it; ``+``/``-``/``mm`` between two
+``PMatMixed`` with the same parts (layers and representations) are part-wise, otherwise
+dense. An operation a part cannot do raises a ``NotImplementedError`` naming the part's
+representation and layers.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import jax.numpy as jnp
 from jaxgeom._differentiable import is_differentiable
 from jaxgeom._reindex import FlatPartition
 from jaxgeom.layers import KINDS, Layer, LayerCollection
+from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import CG_OPTIONS, PMatAbstract, representation, static_field
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
@@ -267,6 +270,21 @@ class PMatMixed(PMatAbstract):
 
     def eigvalsh(self):
         return jnp.sort(jnp.concatenate(self._each("eigvalsh", lambda p: p.eigvalsh())))
+
+    def _eigsh(self, k, which):
+        """``k`` eigenpairs among the parts' own: the ``k`` chosen among all ``d``
+        eigenvalues are among the union of each part's ``min(k, d_p)`` chosen by the same
+        ``which`` (the largest, smallest or largest in magnitude of a union are among each
+        member's), so each part answers its :meth:`eigsh` and the vectors are written into
+        the part's flat indices (:func:`~jaxgeom.pmat._spectral.eigenpairs_of_pieces`).
+        Cost: the parts' ``eigsh`` (a part's own ``d_p × d_p`` at most: a ``PMatDense``
+        part's ``eigh``), never ``d × d``; then ``O(P k log k)`` and ``k d`` to write the
+        vectors. A part that cannot (``PMatImplicit``) raises, naming itself."""
+        pairs = self._each("eigsh", lambda p: p.eigsh(min(k, p.size(0)), which)
+                           if p.size(0) else (jnp.zeros(0, self.dtype), None))
+        pieces = [(idx, values, lambda i, q=vectors: q[:, i].T)
+                  for idx, (values, vectors) in zip(self._split.pieces, pairs)]
+        return _spectral.eigenpairs_of_pieces(pieces, k, which, self.size(0), self.dtype)
 
     def _solve(self, v, regul, method, damping: str = "exact", **options):
         """Each part's default solve of its piece of ``v``, the ``damping`` forwarded to

@@ -37,13 +37,15 @@ no per-example gradient), ``D``/``β`` as for ``PMatDiag`` (``(g²)ᵀ(a²)`` wh
 else one chunk's per-example gradients); other layers' diagonals from their exact
 per-example gradients. Storage ``≈ 2d``.
 
-Operations: ``mv``/``vTMv``/``get_diag``/``trace``/Frobenius ``d``; ``solve``
-(closed-form per-neuron Schur complement, with ``regul``) and ``inv`` ``d``; ``eigvalsh``/
-``norm(±2)`` ``Σ_l g_l (a_l + 1)³`` (per-neuron ``eigh``; memory ``Σ g_l (a_l+1)²``);
-``to_dense`` ``d²``; scalar ``*``; ``M1 ± M2`` is a ``PMatQuasiDiag`` when neither was
-inverted (``ρ = 0``), a ``PMatDense`` otherwise (a sum of two ``ρ`` terms is rank two);
-with another representation, a ``PMatDense``. ``pow``/``pinv`` are not offered (a general
-power leaves the family): use ``PMatDense.from_pmat(M)``, or ``inv`` for ``p = -1``.
+Operations: ``mv``/``vTMv``/``get_diag``/``trace``/Frobenius ``d``; ``solve`` (closed-form
+per-neuron Schur complement, with ``regul``) and ``inv`` ``d``; ``eigvalsh``/``norm(±2)``
+``Σ_l g_l (a_l + 1)³`` (per-neuron ``eigh``; memory ``Σ g_l (a_l+1)²``);
+``eigsh(k, which)`` the same per-neuron ``eigh`` plus ``O(d log k)`` to choose and ``k d``
+for the vectors (each in its neuron's flat indices; never ``d × d``); ``to_dense`` ``d²``;
+scalar ``*``; ``M1 ± M2`` is a ``PMatQuasiDiag`` when neither was inverted (``ρ = 0``), a
+``PMatDense`` otherwise (a sum of two ``ρ`` terms is rank two); with another
+representation, a ``PMatDense``. ``pow``/``pinv`` are not offered (a general power leaves
+the family): use ``PMatDense.from_pmat(M)``, or ``inv`` for ``p = -1``.
 
 Reference: Y. Ollivier, "Riemannian metrics for neural networks I: feedforward
 networks", Information and Inference 4(2), 2015 (the quasi-diagonal metric);
@@ -63,6 +65,7 @@ import numpy as np
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import LayerCollection
+from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract, check_shape, representation, static_field, take
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.kfac import (
@@ -228,15 +231,35 @@ class PMatQuasiDiag(PMatAbstract):
             out = out.at[idx[:, :, None], idx[:, None, :]].set(block)
         return out
 
-    def eigvalsh(self):
-        """Per-neuron eigenvalues (batched ``eigh`` of the ``(a_l + 1)²`` blocks) and the
-        lone diagonal entries, ascending."""
+    @property
+    def _alone(self) -> np.ndarray:
+        """The flat indices of the lone diagonal entries (outside every neuron block)."""
         alone = np.ones(self.layer_collection.numel(), bool)
         for idx in self._indices:
             alone[idx.ravel()] = False
-        values = [self.diag[np.flatnonzero(alone)]]
+        return np.flatnonzero(alone)
+
+    def eigvalsh(self):
+        """Per-neuron eigenvalues (batched ``eigh`` of the ``(a_l + 1)²`` blocks) and the
+        lone diagonal entries, ascending."""
+        values = [self.diag[self._alone]]
         values += [jnp.linalg.eigvalsh(b).ravel() for b in self._blocks()]
         return jnp.sort(jnp.concatenate(values))
+
+    def _eigsh(self, k, which):
+        """``k`` eigenpairs among the neuron blocks' (one batched ``eigh`` per layer of the
+        ``(g_l, a_l + 1, a_l + 1)`` blocks, ``Σ_l g_l (a_l + 1)³``; an inverse's ``ρ ccᵀ``
+        included) and the lone diagonal entries' (canonical vectors ``eᵢ``), each vector
+        written into its neuron's flat indices
+        (:func:`~jaxgeom.pmat._spectral.eigenpairs_of_pieces`): never ``d × d``; then
+        ``O(d log k)`` to choose and ``k d`` to write the vectors."""
+        alone = self._alone
+        pieces = [(alone, self.diag[alone],
+                   lambda i, n=alone.size: jax.nn.one_hot(i, n, dtype=self.diag.dtype))]
+        for idx, block in zip(self._indices, self._blocks()):
+            values, vectors = jnp.linalg.eigh(block)  # (g, a + 1), (g, a + 1, a + 1)
+            pieces.append((idx, values, functools.partial(_neuron_eigenvectors, vectors)))
+        return _spectral.eigenpairs_of_pieces(pieces, k, which, self.size(0), self.dtype)
 
     def _solve(self, v, regul, method, **options):
         if method == "default":
@@ -301,6 +324,18 @@ class PMatQuasiDiag(PMatAbstract):
         check = functools.partial(check_factorable, layout=layout, representation=cls.__name__,
                                   needs=_has_bias)
         return QuasiDiagBuilder(capture_plan(fn, params, example, aux, layout, check), layout)
+
+
+def _neuron_eigenvectors(vectors: jax.Array, i: jax.Array) -> jax.Array:
+    """The ``(m, g·(a + 1))`` rows, in a layer's ``(g, a + 1)`` neuron order, of the
+    eigenvectors at positions ``i`` of the layer's ``g·(a + 1)`` eigenvalues (neuron
+    ``i // (a + 1)``, its ``i % (a + 1)``-th of the per-neuron ``eigh``'s ``vectors``,
+    ``(g, a + 1, a + 1)``): zero outside the neuron's block."""
+    g, width, _ = vectors.shape
+    neuron, j = i // width, i % width
+    columns = vectors[neuron, :, j]  # (m, a + 1)
+    rows = jax.nn.one_hot(neuron, g, dtype=vectors.dtype)[:, :, None] * columns[:, None, :]
+    return rows.reshape(i.shape[0], g * width)
 
 
 def _orientation(transposed: bool):
