@@ -33,6 +33,7 @@ from jaxgeom.estimators import (
     lanczos_eigsh,
     lanczos_quadrature,
     lanczos_spectral_density,
+    rademacher_probes,
     spectral_density_on_grid,
     xdiag,
     xtrace,
@@ -46,6 +47,19 @@ def fisher():
     t = make_linen_mlp()
     F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatDense)
     return t, F, np.asarray(F.data)
+
+
+def test_rademacher_probes_are_independent_fair_signs():
+    """32 signs from each random word: all ``±1``, ``E[v] = 0`` and ``E[vvᵀ] = I`` within
+    their standard errors (``1/√m``), over 70 columns (three words a row, the last one
+    cut); another key, other signs."""
+    m, d = 20000, 70
+    v = np.asarray(rademacher_probes(KEY, (m, d), jnp.float64))
+    assert v.shape == (m, d) and set(np.unique(v)) == {-1.0, 1.0}
+    assert np.abs(v.mean(axis=0)).max() < 5 / np.sqrt(m)
+    np.testing.assert_allclose(v.T @ v / m, np.eye(d), atol=5 / np.sqrt(m))
+    other = np.asarray(rademacher_probes(jax.random.key(1), (m, d), jnp.float64))
+    assert np.mean(other == v) < 0.52
 
 
 def test_rademacher_probes_are_exact_on_a_diagonal(fisher):
@@ -469,7 +483,7 @@ def test_slq_of_matrix_free_operators_and_under_jit(fisher):
     nodes, weights = lanczos_spectral_density(H, KEY, num_steps=6, num_probes=2)
     assert np.all(nodes >= spectrum[0] - 1e-8) and np.all(nodes <= spectrum[-1] + 1e-8)
     assert np.min(nodes) < 0 < np.max(nodes)
-    q = jax.random.rademacher(KEY, (2, d), jnp.float64) / np.sqrt(d)  # the probes, normalised
+    q = rademacher_probes(KEY, (2, d), jnp.float64) / np.sqrt(d)  # the probes, normalised
     want = [np.einsum("md,de,me->m", q, np.linalg.matrix_power(hessian, p), q)
             for p in range(1, 12)]
     np.testing.assert_allclose(_moments(nodes, weights, range(1, 12)), want, rtol=1e-7)
@@ -512,7 +526,7 @@ def _xtrace_by_definition(dense, omega, improved):
 def test_xtrace_and_xdiag_match_their_definition(fisher, distribution):
     dense, _, _ = _synthetic(decay=0.8)
     d, m = len(dense), 12
-    draw = jax.random.rademacher if distribution == "rademacher" else jax.random.normal
+    draw = rademacher_probes if distribution == "rademacher" else jax.random.normal
     omega = np.asarray(draw(KEY, (m // 2, d), jnp.float64))
     trace, diag = _xtrace_by_definition(dense, omega, distribution == "normal")
     M = _matvec(dense)
