@@ -233,18 +233,22 @@ class FisherOutputs:
 
 
 @dataclasses.dataclass(frozen=True)
-class MonteCarloFisherOutputs:
-    """Per-example scaled log-likelihoods of sampled targets, ``(trials,)``.
-
-    ``aux = (key, whitener)``; draw ``j`` of example ``index`` is the counter-based hash of
-    ``(index, j)`` (:mod:`jaxgeom._counter_rng`), so the draws do not depend on batching.
-    """
+class _RandomTrialOutputs:
+    """Per-example outputs of ``trials`` random draws, ``(trials,)``, whose second moment
+    is in expectation the example's exact Fisher. ``aux = (key, whitener)``; draw ``j`` of
+    example ``index`` is the counter-based hash of ``(index, j)``
+    (:mod:`jaxgeom._counter_rng`), so the draws do not depend on batching."""
 
     apply_fn: Callable
     variant: str
     trials: int
 
     VECTOR_OUTPUTS: ClassVar[bool] = True  # (trials,) per example
+
+
+@dataclasses.dataclass(frozen=True)
+class MonteCarloFisherOutputs(_RandomTrialOutputs):
+    """Per-example scaled log-likelihoods of sampled targets, ``(trials,)``."""
 
     def __call__(self, params, x, index, aux):
         key, whitener = aux
@@ -266,7 +270,7 @@ class MonteCarloFisherOutputs:
 
 
 @dataclasses.dataclass(frozen=True)
-class CurvaturePropagationOutputs:
+class CurvaturePropagationOutputs(_RandomTrialOutputs):
     """Per-example Rademacher combinations of the exact Fisher's outputs, ``(trials,)``:
     curvature propagation (Martens, Sutskever & Swersky 2012; kfac-jax's
     ``"fisher_curvature_prop"``).
@@ -274,16 +278,8 @@ class CurvaturePropagationOutputs:
     With ``z`` the ``K`` outputs of :class:`FisherOutputs` (``Σₖ ∇zₖ∇zₖᵀ = JᵀHJ``, the
     example's exact Fisher) and signs ``r ∈ {±1}ᴷ`` (``E[rrᵀ] = I``), ``∇(rᵀz)∇(rᵀz)ᵀ``
     has mean ``JᵀHJ``: each trial one backward pass whatever ``K``, and exact when
-    ``K = 1`` (binary, two classes, one regression output). ``aux = (key, whitener)``; the
-    signs of example ``index`` are the counter-based hash of ``(index, j)``
-    (:mod:`jaxgeom._counter_rng`), so they do not depend on batching.
+    ``K = 1`` (binary, two classes, one regression output).
     """
-
-    apply_fn: Callable
-    variant: str
-    trials: int
-
-    VECTOR_OUTPUTS: ClassVar[bool] = True  # (trials,) per example
 
     def __call__(self, params, x, index, aux):
         key, whitener = aux
