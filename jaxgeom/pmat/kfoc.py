@@ -133,7 +133,9 @@ class KroneckerStepBuilder(CaptureBuilder):
 
     factors: tuple = ()
     target: str = static_field(default="G")  # the factor this pass updates
-    remaining: int = static_field(default=1)  # steps left, this one included
+    # steps left, this one included: not static, so that every step of a target shares
+    # one compiled step (read by ``finalize`` only, on the concrete builder)
+    remaining: int = 1
 
     def statistics(self, params, batch, mask, offset, aux):
         cap = capture_chunk(self.plan, params, batch, offset, aux, mask)
