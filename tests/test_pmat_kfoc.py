@@ -113,3 +113,15 @@ def test_refusals_and_the_mixed_matrix_the_error_suggests():
             FIM(t.apply_fn, t.params, t.x, PMatKFOC, iterations=bad)
     with pytest.raises(TypeError, match="kfac_approx"):
         FIM(t.apply_fn, t.params, t.x, PMatKFOC, kfac_approx="reduce")
+
+
+def test_inside_jit_and_from_a_one_shot_iterator():
+    """Its passes run under ``jit`` (the build traced once, every pass inside), and over a
+    one-shot iterator of batches (kept for the later passes): the same matrix."""
+    t = make_linen_mlp()
+    eager = np.asarray(FIM(t.apply_fn, t.params, t.x, PMatKFOC).to_dense())
+    jitted = jax.jit(lambda p: FIM(t.apply_fn, p, t.x, PMatKFOC).to_dense())(t.params)
+    np.testing.assert_allclose(jitted, eager, **TOL)
+    batches = iter([(t.x[:3],), (t.x[3:],)])
+    np.testing.assert_allclose(FIM(t.apply_fn, t.params, batches, PMatKFOC).to_dense(), eager,
+                               **TOL)
