@@ -27,9 +27,9 @@ with ``k`` products one after the other, :func:`lanczos_eigsh` extreme eigenpair
 (eigenvalues and eigenvectors: a Hessian's top-``k`` directions), and
 :func:`lanczos_spectral_density` the whole spectral density by stochastic Lanczos
 quadrature (``k`` rounds of products on ``m`` probes; :func:`spectral_density_on_grid`
-smooths it). Everything is jit-able; the same
-key gives the same estimate. These are curvlinops' ``hutchinson_trace``,
-``hutchpp_trace``, ``xtrace``, ``hutchinson_diag``, ``xdiag``,
+smooths it on a grid, :func:`spectral_density_curve` on one chosen from the spectrum).
+Everything is jit-able; the same key gives the same estimate. These are curvlinops'
+``hutchinson_trace``, ``hutchpp_trace``, ``xtrace``, ``hutchinson_diag``, ``xdiag``,
 ``hutchinson_squared_fro``, ``lanczos_approximate_spectrum`` and ``eigsh`` (and matfree's
 ``stochtrace``, PyHessian's ``density``).
 
@@ -418,7 +418,8 @@ def lanczos_spectral_density(M: Operator, key: jax.Array, *, num_steps: int,
        \\operatorname{tr} f(M) \\approx \\frac dm \\sum_{i,j} w_{ij} f(\\theta_{ij})
 
     (``f = log``: a log-determinant; ``f(t) = t^p``: the moments, exact in expectation for
-    ``p ≤ 2k − 1``). :func:`spectral_density_on_grid` broadens it into a smooth curve.
+    ``p ≤ 2k − 1``). :func:`spectral_density_on_grid` broadens it into a smooth curve on a
+    grid of yours, :func:`spectral_density_curve` on one chosen from the spectrum.
 
     Args:
       M: a symmetric representation, or ``matvec(v) -> M v`` on flat ``(d,)`` vectors.
@@ -479,6 +480,54 @@ def spectral_density_on_grid(nodes: jax.Array, weights: jax.Array, grid: jax.Arr
     t = (grid[..., None] - nodes.ravel()) / sigma
     kernel = jnp.exp(-0.5 * t**2) / (sigma * jnp.sqrt(2 * jnp.pi))
     return kernel @ weights.ravel() / jnp.sum(weights)
+
+
+def spectral_density_curve(nodes: jax.Array, weights: jax.Array, *, num_points: int = 1024,
+                           kappa: float = 3.0, margin: float = 0.05,
+                           boundaries: tuple[float, float] | None = None
+                           ) -> tuple[jax.Array, jax.Array]:
+    """The quadrature's spectral density on a grid chosen from the spectrum, with the
+    Gaussians' width chosen from the number of Lanczos steps: Papyan's (2020) recipe,
+    curvlinops' ``lanczos_approximate_spectrum``.
+
+    The grid is ``num_points`` points evenly over ``[λ₋ − μw, λ₊ + μw]``, for
+    ``(λ₋, λ₊) = boundaries`` (by default the smallest and largest node: Lanczos' extreme
+    Ritz values, which converge first to ``λ_min``, ``λ_max``), ``w = λ₊ − λ₋`` and
+    ``μ = margin``; on it, :func:`spectral_density_on_grid` with
+    ``σ = h · 2/((k − 1) √(8 ln κ))``, ``h`` the half-width of the grid's interval and
+    ``k`` the number of Lanczos steps (the nodes' last axis): on the spectrum rescaled to
+    ``[−1, 1]``, bumps whose width at ``1/κ`` of their height is the nodes' mean spacing
+    there.
+
+    Args:
+      nodes, weights: ``(m, k)`` (:func:`lanczos_spectral_density`), ``k ≥ 2``.
+      num_points: the grid's size.
+      kappa: ``κ > 1`` (default 3, Papyan's).
+      margin: ``μ ≥ 0`` (default 0.05, Papyan's).
+      boundaries: ``(λ₋, λ₊)`` with ``λ₋ < λ₊`` (e.g. from :func:`lanczos_eigsh` with
+        ``"SA"`` and ``"LA"``), or ``None``.
+
+    Returns:
+      ``(grid, density)``, both ``(num_points,)``. Jit-able (``num_points`` static).
+
+    References:
+      V. Papyan, `Traces of class/cross-class structure pervade deep learning spectra
+      <https://jmlr.org/papers/v21/20-933.html>`_, JMLR 2020 (Algorithm 2, §D.2).
+    """
+    nodes, weights = jnp.asarray(nodes), jnp.asarray(weights)
+    if nodes.ndim < 1 or nodes.shape[-1] < 2:
+        raise ValueError("nodes must hold k ≥ 2 Lanczos nodes on their last axis; got shape "
+                         f"{nodes.shape}")
+    _check_count(num_points, "num_points", 2)
+    if not kappa > 1 or not margin >= 0:
+        raise ValueError(f"kappa must be > 1 and margin ≥ 0; got kappa={kappa!r}, "
+                         f"margin={margin!r}")
+    low, high = (jnp.min(nodes), jnp.max(nodes)) if boundaries is None else boundaries
+    pad = margin * (high - low)
+    low, high = low - pad, high + pad
+    grid = jnp.linspace(low, high, num_points, dtype=nodes.dtype)
+    sigma = (high - low) / 2 * 2 / ((nodes.shape[-1] - 1) * np.sqrt(8 * np.log(kappa)))
+    return grid, spectral_density_on_grid(nodes, weights, grid, sigma=sigma)
 
 
 # ----------------------------------------------------------------------------- helpers

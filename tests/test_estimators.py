@@ -34,6 +34,7 @@ from jaxgeom.estimators import (
     lanczos_quadrature,
     lanczos_spectral_density,
     rademacher_probes,
+    spectral_density_curve,
     spectral_density_on_grid,
     xdiag,
     xtrace,
@@ -445,6 +446,43 @@ def test_slq_moments_are_unbiased_estimates_of_the_spectral_moments():
     np.testing.assert_allclose(
         got, np.broadcast_to([[np.mean(eigenvalues**p)] for p in range(2 * k)], got.shape),
         rtol=1e-10)
+
+
+def test_spectral_density_curve_follows_papyan():
+    """The grid spans the extreme nodes widened by ``margin`` (or the ``boundaries``
+    given), the width is ``h · 2/((k − 1)√(8 ln κ))`` for the half-width ``h`` — curvlinops'
+    ``lanczos_approximate_spectrum`` on the nodes rescaled to ``[−1, 1]``, written out
+    here — and the density integrates to about 1 (a bump of each end falls partly outside
+    a 5% margin); the same under ``jit``."""
+    dense, eigenvalues, _ = _synthetic()
+    d, k = len(dense), 12
+    kw = dict(dim=d, dtype=jnp.float64)
+    nodes, weights = lanczos_spectral_density(_matvec(dense), KEY, num_steps=k, num_probes=3,
+                                              **kw)
+    grid, density = spectral_density_curve(nodes, weights, num_points=400)
+    low, high = float(np.min(nodes)), float(np.max(nodes))
+    np.testing.assert_allclose([grid[0], grid[-1]],
+                               [low - 0.05 * (high - low), high + 0.05 * (high - low)],
+                               rtol=1e-12)
+    center, half = (grid[0] + grid[-1]) / 2, (grid[-1] - grid[0]) / 2
+    sigma = 2 / (k - 1) / np.sqrt(8 * np.log(3.0))  # on [−1, 1]
+    unit = (np.asarray(nodes) - center) / half  # curvlinops' normalised nodes
+    normalised = np.sum(np.asarray(weights)[..., None] / half * np.exp(
+        -0.5 * ((np.linspace(-1, 1, 400) - unit[..., None]) / sigma) ** 2)
+        / (sigma * np.sqrt(2 * np.pi)), axis=(0, 1)) / nodes.shape[0]
+    np.testing.assert_allclose(density, normalised, rtol=1e-10)
+    assert 0.9 < np.trapezoid(density, grid) <= 1.0
+    width = eigenvalues[-1] - eigenvalues[0]  # the extreme nodes near the extreme eigenvalues
+    np.testing.assert_allclose([low, high], eigenvalues[[0, -1]], atol=1e-2 * width)
+    given, _ = spectral_density_curve(nodes, weights, num_points=5, boundaries=(0.0, 4.0),
+                                      margin=0.0)
+    np.testing.assert_allclose(given, [0, 1, 2, 3, 4])
+    jitted = jax.jit(lambda n, w: spectral_density_curve(n, w, num_points=400))(nodes, weights)
+    np.testing.assert_allclose(jitted[1], density, rtol=1e-12)
+    with pytest.raises(ValueError, match="kappa must be > 1"):
+        spectral_density_curve(nodes, weights, kappa=1.0)
+    with pytest.raises(ValueError, match="k ≥ 2"):
+        spectral_density_curve(nodes[:, :1], weights[:, :1])
 
 
 def test_slq_of_matrix_free_operators_and_under_jit(fisher):
