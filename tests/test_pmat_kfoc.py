@@ -92,10 +92,41 @@ def test_operations_chunking_and_an_ekfac_of_its_bases():
     np.testing.assert_allclose(PMatEKFAC.from_kfac(F).to_dense(), dense, **TOL)
 
 
-def test_refusals_and_the_mixed_matrix_the_error_suggests():
+def test_an_embedding_keeps_a_diagonal_input_factor_at_its_optimum():
+    """An embedding over a sequence of token ids: ``A`` stays diagonal, and the alternating
+    steps converge to the best such pair — the fixed point of both least-squares steps on
+    the brute-force block ``B`` (``(g, V)`` layer-matrix order): ``G = Σ_j B[(·,j),(·,j)]
+    a_j / ‖a‖²`` and ``a_j = ⟨B[(·,j),(·,j)], G⟩ / ‖G‖²``; the error never grows from
+    KFAC's; the dense layer after it reaches its SVD optimum."""
     t = make_linen_embed()
-    with pytest.raises(ValueError, match="PMatKFOC does not factor embeddings.*PMatMixed"):
-        FIM(t.apply_fn, t.params, t.x, PMatKFOC)
+    exact = reference(t)
+    history = [errors(FIM(t.apply_fn, t.params, t.x, PMatKFOC, iterations=i), exact)
+               for i in (0, 1, 2, 40)]
+    assert np.all(np.diff(np.asarray(history), axis=0) <= 1e-12)
+    F = FIM(t.apply_fn, t.params, t.x, PMatKFOC, iterations=40)
+    blocks = dict(zip([spec.layer_id for spec in F.specs], layer_blocks(F, exact)))
+    a, G = (np.asarray(x) for x in F.kronecker_factors("Embed_0"))
+    assert a.ndim == 1 and np.all(a >= 0)
+    g, v = G.shape[0], a.shape[0]
+    diagonal = np.einsum("ijkj->jik", blocks["Embed_0"].reshape(g, v, g, v))  # (V, g, g)
+    np.testing.assert_allclose(G, np.einsum("jik,j->ik", diagonal, a) / np.sum(a**2),
+                               rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(a, np.einsum("jik,ik->j", diagonal, G) / np.sum(G**2),
+                               rtol=1e-8, atol=1e-14)
+    spec = F.specs[[s.layer_id for s in F.specs].index("Dense_0")]
+    np.testing.assert_allclose(history[-1][[s.layer_id for s in F.specs].index("Dense_0")],
+                               nearest_kronecker_error(blocks["Dense_0"], spec.out_features,
+                                                       spec.in_features + 1), rtol=1e-6)
+
+
+def test_refusals_and_a_mixed_part():
+    t = make_linen_mlp()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="iterations must be an integer >= 0"):
+            FIM(t.apply_fn, t.params, t.x, PMatKFOC, iterations=bad)
+    with pytest.raises(TypeError, match="kfac_approx"):
+        FIM(t.apply_fn, t.params, t.x, PMatKFOC, kfac_approx="reduce")
+    t = make_linen_embed()  # a KFOC part beside a KFAC part: the part's factors its own
     M = FIM(t.apply_fn, t.params, t.x, PMatMixed, mapping={"embedding": PMatKFAC},
             default=PMatKFOC, options={PMatKFOC: {"iterations": 30}})
     part = M.part("Dense_0")
@@ -107,12 +138,6 @@ def test_refusals_and_the_mixed_matrix_the_error_suggests():
     error = np.linalg.norm(np.asarray(part.kronecker_block("Dense_0")) - block)
     np.testing.assert_allclose(error, nearest_kronecker_error(block, spec.out_features,
                                                               spec.in_features + 1), rtol=1e-6)
-    t = make_linen_mlp()
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="iterations must be an integer >= 0"):
-            FIM(t.apply_fn, t.params, t.x, PMatKFOC, iterations=bad)
-    with pytest.raises(TypeError, match="kfac_approx"):
-        FIM(t.apply_fn, t.params, t.x, PMatKFOC, kfac_approx="reduce")
 
 
 def test_inside_jit_and_from_a_one_shot_iterator():

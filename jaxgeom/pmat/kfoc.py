@@ -29,8 +29,11 @@ example at a time.
 
 The result is a :class:`~jaxgeom.pmat.kfac.PMatKFAC` in every other respect — the same
 storage, operations, dampings and costs; the other layers' exact blocks — so an EKFAC of
-its eigenbases is ``PMatEKFAC.from_kfac(F)``. Embeddings (a diagonal input factor) and
-``separate_weight_and_bias`` are not offered: build them in a ``PMatMixed``.
+its eigenbases is ``PMatEKFAC.from_kfac(F)``. An embedding keeps a diagonal ``A``: its
+steps are restricted to diagonal input factors (the best diagonal for a fixed ``G`` is
+the diagonal of the best ``A``), and converge to the best such pair
+(:func:`_embedding_step_sum`). ``separate_weight_and_bias`` is not offered (the joint
+weight–bias block).
 
 References:
   D. Schnaus, J. Lee, R. Triebel, "Kronecker-Factored Optimal Curvature", NeurIPS 2021
@@ -86,12 +89,6 @@ class PMatKFOC(PMatKFAC):
             raise ValueError(f"iterations must be an integer >= 0; got {iterations!r}")
         kfac = PMatKFAC.chunk_builder(fn, params, example, aux, layout, mode=mode,
                                       max_dense_block=max_dense_block)
-        embeddings = [spec.layer_id for spec in kfac.plan.specs if spec.kind == "embedding"]
-        if embeddings:
-            raise ValueError(
-                f"PMatKFOC does not factor embeddings (layers {embeddings}: a diagonal input "
-                "factor); give them another representation in a PMatMixed, e.g. FIM(..., "
-                "PMatMixed, mapping={'embedding': PMatKFAC}, default=PMatKFOC)")
         return KFOCBuilder(kfac.plan, layout, iterations=int(iterations))
 
 
@@ -141,11 +138,14 @@ class KroneckerStepBuilder(CaptureBuilder):
         cap = capture_chunk(self.plan, params, batch, offset, aux, mask)
         dtype = self.layout.dtype
         sums = tuple(
+            _embedding_step_sum(a.reshape(a.shape[0], -1), mask, g, held, self.target,
+                                spec.in_features)
+            if spec.kind == "embedding" else
             _step_sum(augmented_inputs(spec, a, dtype) * mask[:, None, None].astype(dtype), g,
                       held, self.target)
             for spec, a, g, held in zip(self.plan.specs, cap.inputs, layer_grads(cap, dtype),
                                         self._held()))
-        return sums, all_finite(cap, [jnp.diagonal(s) for s in sums])
+        return sums, all_finite(cap, [s if s.ndim == 1 else jnp.diagonal(s) for s in sums])
 
     def _held(self) -> list[jax.Array]:
         return [a if self.target == "G" else g for a, g in self.factors]
@@ -161,6 +161,26 @@ class KroneckerStepBuilder(CaptureBuilder):
         return Continue(dataclasses.replace(self, factors=tuple(out), remaining=self.remaining - 1,
                                             target="A" if self.target == "G" else "G"),
                         lambda factors: factors)
+
+
+def _embedding_step_sum(ids: jax.Array, mask: jax.Array, g: jax.Array, held: jax.Array,
+                        target: str, vocabulary: int) -> jax.Array:
+    """:func:`_step_sum` of an embedding, whose ``A`` stays diagonal (the alternating
+    steps restricted to diagonal ``A``: the best diagonal is the diagonal of the best
+    ``A``), from the row ids ``(n, T)`` (negative: none) and output gradients
+    ``(n, K, T, g)``. With ``Γ = Σ_t g_t e_{id_t}ᵀ`` and ``Sₜₜ' = [id_t = id_t']``:
+    ``Σ Γ diag(A) Γᵀ = Σ_k g_kᵀ (S ⊙ A_id) g_k`` and ``diag(Σ Γᵀ G Γ)_v =
+    Σ_{t: id_t = v} Σ_t' Sₜₜ' Σ_k g_ktᵀ G g_kt'`` — ``T² g_l`` an example, no
+    ``V``-sized array but the result."""
+    valid = (ids >= 0) & (mask[:, None] > 0)
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    if target == "G":
+        weights = jnp.where(same, held[jnp.clip(ids, 0, vocabulary - 1)][:, :, None], 0)
+        return jnp.einsum("nktg,ntu,nkuh->gh", g, weights.astype(g.dtype), g)
+    pairs = jnp.einsum("nktg,gh,nkuh->ntu", g, held, g)
+    rows = jnp.sum(jnp.where(same, pairs, 0), axis=2)  # (n, T): Σ_t' over equal ids
+    return jnp.zeros(vocabulary, rows.dtype).at[jnp.where(valid, ids, vocabulary)].add(
+        rows, mode="drop")
 
 
 def _step_sum(a: jax.Array, g: jax.Array, held: jax.Array, target: str) -> jax.Array:
