@@ -26,26 +26,12 @@ steps unrolled, before ``d28240d``)::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
-from output import write_json
-
-
-def timed(fn, args: tuple, repeats: int) -> dict:
-    """First call of ``fn(*args)`` and median of ``repeats`` warm calls, in seconds."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        runs.append(time.perf_counter() - start)
-    return dict(first_s=first, warm_s=statistics.median(runs), runs=runs)
+from output import timed, write_json
 
 
 def products_floor(n: int, jit: bool):
@@ -91,10 +77,10 @@ def run_model(name: str, steps: list[int], repeats: int) -> dict:
                 mode = "jit" if jit else "eager"
                 for r, v in probes.items():
                     rows[f"{rep.__name__} {n} products of {r} rows ({mode}, floor)"] = timed(
-                        products_floor(n, jit), (M, v), repeats)
+                        functools.partial(products_floor(n, jit), M, v), repeats)
                 for label, fn in calls.items():
                     rows[f"{rep.__name__} {label} ({mode})"] = timed(
-                        jax.jit(fn) if jit else fn, (M, key), repeats)
+                        functools.partial(jax.jit(fn) if jit else fn, M, key), repeats)
     return rows
 
 

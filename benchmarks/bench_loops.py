@@ -25,26 +25,11 @@ revision first on ``PYTHONPATH``::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
-from output import write_json
-
-
-def timed(call, repeats: int) -> dict:
-    """First call and median of ``repeats`` warm calls, in seconds."""
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    first = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        runs.append(time.perf_counter() - start)
-    return dict(first_s=first, warm_s=statistics.median(runs), runs=runs)
+from output import timed, write_json
 
 
 def run_model(name: str, steps: int, maxiter: int, repeats: int) -> dict:

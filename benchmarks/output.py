@@ -1,9 +1,13 @@
-"""Writing a benchmark script's results."""
+"""Timing calls and writing a benchmark script's results."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
 
 def write_json(results: dict, path: str | None, announce: bool = True) -> None:
@@ -16,3 +20,19 @@ def write_json(results: dict, path: str | None, announce: bool = True) -> None:
     os.replace(f"{path}.tmp", path)
     if announce:
         print(f"wrote {path}")
+
+
+def timed(call: Callable[[], Any], repeats: int) -> dict:
+    """The first call of ``call()`` (compilation included) and the median of ``repeats``
+    warm calls, in seconds, each waited for (``jax.block_until_ready``)."""
+    import jax
+
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    first = time.perf_counter() - start
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        runs.append(time.perf_counter() - start)
+    return dict(first_s=first, warm_s=statistics.median(runs), runs=runs)
