@@ -286,7 +286,7 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
 
 def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
                   num_iterations: int | None = None, dim: int | None = None,
-                  dtype: Any = None, return_residuals: bool = False
+                  dtype: Any = None, return_residuals: bool = False, tol: float | None = None
                   ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
     """``k`` extreme eigenpairs of a symmetric ``M`` from products only, by Lanczos: Ritz
     values and Ritz vectors (scipy's and curvlinops' ``eigsh``, PyHessian's top-``k``
@@ -324,6 +324,11 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
       num_iterations: ``n``, the number of products of ``M``, ``k ≤ n ≤ d``.
       dim, dtype: as :func:`hutchinson_trace`.
       return_residuals: also return the ``(k,)`` residual norms ``‖M vⱼ − λⱼ vⱼ‖``.
+      tol: stop early once every residual is at most ``tol · max|θ|`` (the largest Ritz
+        value's magnitude, an estimate of ``‖M‖₂``; scipy's ``tol`` is relative to each
+        ``|λⱼ|``), checked at the end of each block of the basis (after 7, 15, 31, 63, …
+        steps), ``num_iterations`` steps at most. Called eagerly only: under ``jit`` (shapes
+        fixed before the first product) all ``num_iterations`` steps run.
 
     Returns:
       ``(λ, V)``: the ``(k,)`` Ritz values **ascending** (scipy's order: ``λ[-1]`` is the
@@ -346,8 +351,21 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
     _check_count(num_iterations, "num_iterations")
     _spectral.check_eigsh_options(k, which, min(num_iterations, d),
                                   "k (at most num_iterations and d)")
+    stop = None
+    if tol is not None:
+        if not (isinstance(tol, (int, float)) and tol >= 0):
+            raise ValueError(f"tol must be a number ≥ 0; got {tol!r}")
+
+        def stop(tridiagonal, beta):  # every chosen pair's residual small enough
+            if tridiagonal.shape[-1] < k:
+                return False
+            theta, s = jnp.linalg.eigh(tridiagonal[0])
+            residuals = beta[0] * jnp.abs(s[-1, _spectral.select(theta, k, which)])
+            return bool(jnp.all(residuals <= tol * jnp.max(jnp.abs(theta))))
+
     tridiagonal, blocks, residual = _lanczos(products, start, num_iterations,
-                                             "num_iterations", restart=key, return_basis=True)
+                                             "num_iterations", restart=key, return_basis=True,
+                                             stop=stop)
     theta, s = jnp.linalg.eigh(tridiagonal[0])
     chosen = _spectral.select(theta, k, which)
     pairs = theta[chosen], _ritz_vectors(blocks, s[:, chosen])
@@ -594,7 +612,8 @@ def rademacher_probes(key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax
 
 def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
              num_steps: Any, what: str = "num_steps", *, restart: jax.Array | None = None,
-             return_basis: bool = False
+             return_basis: bool = False,
+             stop: Callable[[jax.Array, jax.Array], bool] | None = None
              ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
     """The ``(m, k, k)`` tridiagonals ``Q_kᵀ M Q_k`` of ``k`` Lanczos steps from each of
     the ``m`` rows of ``start`` at once (one product of ``M`` on ``m`` rows per step), with
@@ -605,7 +624,10 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     vectors). With ``return_basis``, also the orthonormal bases ``Q_k`` as row blocks
     (:func:`_lanczos_blocks`; :func:`_ritz_vectors` combines them) and the ``(m,)`` norms
     ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k) M q_k``, for which
-    ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ``.
+    ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ``. With ``stop`` (and ``return_basis``), driven from Python
+    only: at the end of each block of steps but the last, ``stop(T, β)`` on the
+    tridiagonal and residual norms of the steps so far (``j`` of them) may end the
+    iteration there, with ``j`` steps' ``T``, basis and residuals.
 
     The basis is allocated whole, in blocks of rows ``[0, 8), [8, 16), [16, 32), …``
     (doubling), each zero until written. Step ``j``, which writes row ``j + 1``, reads the
@@ -644,21 +666,36 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
         for j in range(*steps):
             state = _lanczos_step_compiled(state, products(state[1]) if j else w, j, restart,
                                            block, low)
+        done = steps[1]  # steps taken: T of that order, β_{done−1} its residual's norm
+        if stop is not None and 0 < done < num_steps - 1:
+            _, _, _, alphas, betas, _ = state
+            tridiagonal = _tridiagonal(alphas[:, :done], betas[:, :done - 1])
+            if stop(tridiagonal, betas[:, done - 1]):
+                kept = tuple(b[:, :done - low] for b, (low, _) in zip(
+                    state[0], _lanczos_blocks(num_steps)) if low < done)
+                return tridiagonal, kept, betas[:, done - 1]
     blocks, q, previous, alphas, betas, _ = state
     if num_steps > 1:
         w = products(q)
     alphas = alphas.at[:, -1].set(jnp.sum(q * w, axis=1))
-    tridiagonal = jax.vmap(jnp.diag)(alphas)
-    if num_steps > 1:
-        off = jax.vmap(jnp.diag)(betas[:, :-1])  # (m, k − 1, k − 1)
-        pad = [(0, 0), (0, 1), (1, 0)]
-        tridiagonal = tridiagonal + jnp.pad(off, pad) + jnp.pad(off, pad).mT
+    tridiagonal = _tridiagonal(alphas, betas[:, :-1])
     if not return_basis:
         return tridiagonal
     # M Q_kᵀ = Q_kᵀ T + r e_kᵀ: the last residual's norm β_k gives the Ritz pairs' residuals
     w = w.astype(q.dtype) - alphas[:, -1:] * q - betas[:, -2:-1] * previous  # 0 if k = 1
     residual = jnp.linalg.norm(_orthogonalised(blocks, w, passes=1), axis=1)
     return tridiagonal, blocks, residual
+
+
+def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
+    """The ``(m, k, k)`` symmetric tridiagonals of the diagonals ``alphas`` ``(m, k)`` and
+    the off-diagonals ``betas`` ``(m, k − 1)``."""
+    tridiagonal = jax.vmap(jnp.diag)(alphas)
+    if betas.shape[1]:
+        pad = [(0, 0), (0, 1), (1, 0)]
+        off = jnp.pad(jax.vmap(jnp.diag)(betas), pad)
+        tridiagonal = tridiagonal + off + off.mT
+    return tridiagonal
 
 
 def _lanczos_blocks(num_steps: int) -> list[tuple[int, int]]:

@@ -272,6 +272,42 @@ def test_lanczos_eigsh_residuals_are_those_of_the_ritz_pairs(fisher, n):
         assert residuals.max() > 1e-6 * scale  # not converged: the test can tell
 
 
+def test_lanczos_eigsh_stops_at_a_tolerance():
+    """``tol``: the top three pairs of a separated spectrum converge long before the 200
+    steps allowed; the iteration stops at the first block end (7, 15, 31, … steps) where
+    every residual is at most ``tol · max|θ|`` — counted products — and the pairs are then
+    as accurate as asked. Under ``jit`` every step runs (fixed shapes): the result of 200
+    steps."""
+    d = 300
+    rng = np.random.default_rng(1)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    spectrum = np.concatenate([np.linspace(0.0, 1.0, d - 3), [4.0, 6.0, 10.0]])
+    dense = (basis * spectrum) @ basis.T
+    dense = (dense + dense.T) / 2
+    products = []
+
+    def matvec(v):
+        products.append(1)
+        return jnp.asarray(dense) @ v
+
+    kw = dict(num_iterations=200, dim=d, dtype=jnp.float64, return_residuals=True)
+    values, vectors, residuals = lanczos_eigsh(matvec, KEY, 3, tol=1e-8, **kw)
+    assert len(products) in (7, 15, 31)  # the steps of whole blocks, not the 200 allowed
+    assert np.all(residuals <= 1e-8 * 10.0 * (1 + 1e-12))
+    direct = np.linalg.norm(dense @ vectors - np.asarray(vectors) * np.asarray(values), axis=0)
+    np.testing.assert_allclose(residuals, direct, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(values, [4.0, 6.0, 10.0], rtol=1e-9)
+    steps, products[:] = len(products), []
+    loose = lanczos_eigsh(matvec, KEY, 3, tol=1.0, **kw)[2]
+    assert len(products) < steps and np.all(loose <= 10.0)  # an earlier block
+    assert np.max(loose) > 1e-8 * 10.0  # and not as accurate
+    full = lanczos_eigsh(_matvec(dense), KEY, 3, **kw)
+    jitted = jax.jit(lambda key: lanczos_eigsh(_matvec(dense), key, 3, tol=1e-8, **kw))(KEY)
+    np.testing.assert_allclose(jitted[0], full[0], rtol=1e-12)
+    with pytest.raises(ValueError, match="tol must be a number"):
+        lanczos_eigsh(_matvec(dense), KEY, 3, tol=-1.0, dim=d, dtype=jnp.float64)
+
+
 def test_lanczos_eigsh_converges_on_a_separated_spectrum():
     """A synthetic spectrum with three eigenvalues well apart from the other 297: with 30
     products the top three pairs are exact to ~1e-10 (eigenvalues) and their vectors ``±``
