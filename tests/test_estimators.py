@@ -272,18 +272,24 @@ def test_lanczos_eigsh_residuals_are_those_of_the_ritz_pairs(fisher, n):
         assert residuals.max() > 1e-6 * scale  # not converged: the test can tell
 
 
+def _separated_spectrum(d=300):
+    """A symmetric float64 matrix with eigenvalues 4, 6, 10 well apart from the other
+    ``d − 3`` (evenly in ``[0, 1]``), and its eigenvectors (columns, ascending)."""
+    rng = np.random.default_rng(1)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    spectrum = np.concatenate([np.linspace(0.0, 1.0, d - 3), [4.0, 6.0, 10.0]])
+    dense = (basis * spectrum) @ basis.T
+    return (dense + dense.T) / 2, basis
+
+
 def test_lanczos_eigsh_stops_at_a_tolerance():
     """``tol``: the top three pairs of a separated spectrum converge long before the 200
     steps allowed; the iteration stops at the first block end (7, 15, 31, … steps) where
     every residual is at most ``tol · max|θ|`` — counted products — and the pairs are then
     as accurate as asked. Under ``jit`` every step runs (fixed shapes): the result of 200
     steps."""
-    d = 300
-    rng = np.random.default_rng(1)
-    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    spectrum = np.concatenate([np.linspace(0.0, 1.0, d - 3), [4.0, 6.0, 10.0]])
-    dense = (basis * spectrum) @ basis.T
-    dense = (dense + dense.T) / 2
+    dense, basis = _separated_spectrum()
+    d = len(dense)
     products = []
 
     def matvec(v):
@@ -313,12 +319,8 @@ def test_lanczos_eigsh_converges_on_a_separated_spectrum():
     products the top three pairs are exact to ~1e-10 (eigenvalues) and their vectors ``±``
     the true ones; the Ritz values are :func:`lanczos_eigenvalues`' with the same key;
     fewer iterations give coarser estimates, more converge."""
-    d = 300
-    rng = np.random.default_rng(1)
-    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    spectrum = np.concatenate([np.linspace(0.0, 1.0, d - 3), [4.0, 6.0, 10.0]])
-    dense = (basis * spectrum) @ basis.T
-    dense = (dense + dense.T) / 2
+    dense, basis = _separated_spectrum()
+    d = len(dense)
     values, vectors = lanczos_eigsh(_matvec(dense), KEY, 3, num_iterations=30, dim=d,
                                     dtype=jnp.float64)
     np.testing.assert_allclose(values, [4.0, 6.0, 10.0], rtol=1e-10)
