@@ -253,7 +253,8 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
     smallest converge first (geometrically, at a rate set by the gaps at the ends of the
     spectrum): ``lanczos_eigenvalues(M, key)[-1]`` estimates ``M.norm(2)`` of a PSD
     matrix, which a matrix-free ``PMatImplicit`` cannot give exactly. Every new basis
-    vector is reorthogonalised against all the previous ones (twice), so the Ritz values
+    vector is reorthogonalised against all the previous ones (after the three-term
+    recurrence, once, twice where that pass cancels much), so the Ritz values
     carry no spurious copies. When the Krylov space is exhausted (``k`` beyond ``rank + 1``
     for a low-rank Fisher) the iteration stops growing it and the remaining Ritz values
     are ``0`` — eigenvalues of such a singular ``M`` — so ``k = d`` gives the whole
@@ -617,11 +618,11 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
              ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
     """The ``(m, k, k)`` tridiagonals ``Q_kᵀ M Q_k`` of ``k`` Lanczos steps from each of
     the ``m`` rows of ``start`` at once (one product of ``M`` on ``m`` rows per step), with
-    full reorthogonalisation (twice); a Krylov space exhausted before step ``k`` is not
-    grown further (the rest of ``T`` is ``0``), or, given a ``restart`` key, goes on from a
-    new normal vector orthogonal to the basis (``β = 0`` there: ``T`` block diagonal, an
-    invariant subspace found; the basis stays orthonormal, so Ritz vectors stay unit
-    vectors). With ``return_basis``, also the orthonormal bases ``Q_k`` as row blocks
+    full reorthogonalisation (:func:`_lanczos_step`); a Krylov space exhausted before step
+    ``k`` is not grown further (the rest of ``T`` is ``0``), or, given a ``restart`` key,
+    goes on from a new normal vector orthogonal to the basis (``β = 0`` there: ``T`` block
+    diagonal, an invariant subspace found; the basis stays orthonormal, so Ritz vectors
+    stay unit vectors). With ``return_basis``, also the orthonormal bases ``Q_k`` as row blocks
     (:func:`_lanczos_blocks`; :func:`_ritz_vectors` combines them) and the ``(m,)`` norms
     ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k) M q_k``, for which
     ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ``. With ``stop`` (and ``return_basis``), driven from Python
@@ -718,10 +719,12 @@ def _ritz_vectors(blocks: tuple, s: jax.Array) -> jax.Array:
 def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None,
                   block: int, offset: int) -> tuple:
     """Lanczos step ``j`` (``< k − 1``) of :func:`_lanczos` given ``w = M q_j`` (rows):
-    ``α_j``, ``w`` reorthogonalised against the basis blocks up to ``block`` (static: the
-    one holding row ``j + 1``, which starts at row ``offset``; the rows past ``j`` are
-    zero), ``β_j`` and ``q_{j+1}`` (a new random direction where the Krylov space is
-    exhausted and ``restart`` is given, else zero) written into the block."""
+    ``α_j``; ``w − α_j q_j − β_{j−1} q_{j−1}`` (the three-term recurrence) reorthogonalised
+    against the basis blocks up to ``block`` (static: the one holding row ``j + 1``, which
+    starts at row ``offset``; the rows past ``j`` are zero), once, or twice where the first
+    pass cancels much of it; ``β_j`` and ``q_{j+1}`` (a new random direction where the
+    Krylov space is exhausted and ``restart`` is given, else zero) written into the
+    block."""
     blocks, q, previous, alphas, betas, scale = state
     m, d = q.shape
     w = w.astype(q.dtype)
