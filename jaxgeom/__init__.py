@@ -35,6 +35,8 @@ from jaxgeom.pmat import PMatLowRank as PMatLowRank
 from jaxgeom.pmat import PMatMixed as PMatMixed
 from jaxgeom.pmat import PMatQuasiDiag as PMatQuasiDiag
 from jaxgeom.solvers import cg as cg
+from jaxgeom.solvers import minres as minres
+from jaxgeom.solvers import neumann as neumann
 from jaxgeom.variants import VARIANTS as VARIANTS
 from jaxgeom.vector import PVector as PVector
 from jaxgeom.vector import random_pvector as random_pvector
@@ -73,6 +75,8 @@ __all__ = [
     "cg",
     "estimators",
     "ewc_penalty",
+    "minres",
+    "neumann",
     "optim",
     "random_pvector",
 ]

@@ -1,21 +1,30 @@
-"""Iterative solvers on flat vectors (jit-able, ``lax.while_loop``; driven from Python
-when the operator runs eagerly)."""
+"""Iterative solvers of symmetric systems on flat vectors: conjugate gradient (positive
+definite), MINRES (indefinite or singular) and the truncated Neumann series (positive
+definite, a fixed polynomial of the matrix).
+
+Each is jit-able (a ``lax`` loop) and driven from Python when the operator runs eagerly
+(``PMatImplicit``, whose chunk loop calls compiled steps of its own). Every
+representation's ``solve(v, regul, method=...)`` offers all three on ``M + regul·I``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+Matvec = Callable[[jax.Array], jax.Array]
+
 
 def cg(
-    matvec: Callable[[jax.Array], jax.Array],
+    matvec: Matvec,
     b: jax.Array,
     *,
     x0: jax.Array | None = None,
-    preconditioner: Callable[[jax.Array], jax.Array] | None = None,
+    preconditioner: Matvec | None = None,
     rtol: float = 1e-5,
     atol: float = 0.0,
     maxiter: int | None = None,
@@ -38,16 +47,149 @@ def cg(
     reverse mode) are those of the solution ``A⁻¹ b``, the adjoint system solved by the
     same CG (``A`` symmetric), not of the iterations.
     """
+    return _krylov_solve(_CG, matvec, b, x0, preconditioner, rtol, atol, maxiter)
+
+
+def minres(
+    matvec: Matvec,
+    b: jax.Array,
+    *,
+    x0: jax.Array | None = None,
+    preconditioner: Matvec | None = None,
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+) -> jax.Array:
+    """MINRES (Paige & Saunders, 1975) for ``A x = b`` with ``A`` symmetric, possibly
+    indefinite (a Hessian away from a minimum) or singular.
+
+    Each iterate minimises ``‖A x − b‖`` over ``x0`` plus the Krylov space
+    ``span{r₀, A r₀, …}``, updated by the symmetric Lanczos recurrence and Givens rotations
+    (no basis is stored: memory a few vectors). For a singular ``A`` and a consistent
+    ``b`` (in ``A``'s range) started from ``x0 = 0`` the iterates stay in that range and
+    converge to the minimum-norm solution ``A⁺ b`` — what an LSMR solve gives, with one
+    product an iteration instead of two. CG breaks down on indefinite systems
+    (``pᵀ A p ≤ 0``); MINRES does not.
+
+    Stops when the residual ``‖A x − b‖`` (with a preconditioner its ``P⁻¹``-norm) is
+    ``≤ max(rtol·‖b‖, atol)`` (``‖b‖`` in the same norm) or after ``maxiter`` iterations
+    (default ``10 · len(b)``). ``preconditioner(r)`` applies ``P⁻¹``, which must be
+    symmetric positive definite (a non-PSD one gives a non-finite residual: an error
+    eagerly, NaN under ``jit``).
+
+    Cost: one ``matvec`` and one preconditioner application per iteration, as CG.
+
+    Driven from Python for an eager operator and differentiated as the solution
+    ``A⁻¹ b`` (``lax.custom_linear_solve``, ``A`` nonsingular), as :func:`cg`.
+
+    Reference: C. C. Paige and M. A. Saunders, "Solution of sparse indefinite systems of
+    linear equations", SIAM J. Numer. Anal. 12 (1975); SciPy's ``minres``.
+    """
+    return _krylov_solve(_MINRES, matvec, b, x0, preconditioner, rtol, atol, maxiter)
+
+
+def neumann(
+    matvec: Matvec,
+    b: jax.Array,
+    *,
+    scale: Any,
+    num_terms: int = 100,
+) -> jax.Array:
+    """The truncated Neumann series ``x = s Σ_{j<K} (I − s A)ʲ b ≈ A⁻¹ b``
+    (``s = scale``, ``K = num_terms``), for ``A`` symmetric positive definite.
+
+    Computed as Richardson's iteration ``x ← x + s (b − A x)`` from ``x = 0`` (LiSSA's
+    recursion with a fixed operator; Agarwal et al., 2017; Koh & Liang, 2017): ``K − 1``
+    products. The error is ``(I − s A)ᴷ A⁻¹ b``: the series converges if and only if
+    ``0 < s < 2/λ_max(A)`` and ``A ≻ 0``, at the rate ``max |1 − s λ|`` per term
+    (``s = 2/(λ_max + λ_min)`` is the fastest). With a fixed ``K`` the answer is a fixed
+    polynomial of ``A`` applied to ``b``, a symmetric linear map: differentiated through
+    its terms (reverse mode included), jit-able with a static ``num_terms``.
+
+    A diverging series is an error eagerly and NaN under ``jit``: the residuals
+    ``r_k = b − A x_k = (I − s A)ᵏ b`` never grow in norm while ``|1 − s λ| ≤ 1`` for every
+    eigenvalue ``λ``, so a last residual larger than ``‖b‖`` proves the series diverges.
+
+    Cost: ``K − 1`` products, memory three vectors.
+    """
     if b.ndim != 1:
-        raise ValueError(f"cg solves for one flat vector; got shape {b.shape}")
-    check_cg_options(rtol=rtol, atol=atol, maxiter=maxiter, preconditioner=preconditioner)
+        raise ValueError(f"neumann solves for one flat vector; got shape {b.shape}")
+    check_neumann_options(scale=scale, num_terms=num_terms)
+    x = jnp.zeros_like(b)
+    ax = matvec(x)
+    _check_shape("neumann", ax, b, "matvec(x)")
+    r = b - ax
+    x, b, s = x.astype(r.dtype), b.astype(r.dtype), jnp.asarray(scale, r.dtype)
+    if not _traced(r):
+        for _ in range(num_terms - 1):
+            x = _richardson_step(x, r, s)
+            r = _difference(b, matvec(x))
+        x = _richardson_step(x, r, s)
+        if not np.isfinite(float(jnp.linalg.norm(r))):
+            raise FloatingPointError(
+                f"neumann: the residual is not finite after {num_terms - 1} terms (NaN/inf in "
+                "the right-hand side or in the operator's products, or a series that "
+                "overflowed: a scale far above 2/λ_max)")
+        if float(jnp.linalg.norm(r)) > float(jnp.linalg.norm(b)):
+            raise ValueError(
+                f"neumann: the series diverges (‖b − A x‖ = {float(jnp.linalg.norm(r)):.3g} "
+                f"after {num_terms - 1} terms > ‖b‖ = {float(jnp.linalg.norm(b)):.3g}): "
+                f"scale={float(s):.3g} is not below 2/λ_max, or the matrix (with its damping) "
+                "is not positive definite. Pass a smaller scale (a matrix's solve defaults to "
+                "1/(‖M‖_F + regul)), or use method='minres' for an indefinite matrix")
+        return x
+
+    def term(_, state):
+        x, r = state
+        x = _richardson_step(x, r, s)
+        return x, b - matvec(x)
+
+    x, r = jax.lax.fori_loop(0, num_terms - 1, term, (x, r))
+    x = _richardson_step(x, r, s)
+    return jnp.where(jnp.linalg.norm(r) <= jnp.linalg.norm(b), x, jnp.nan)
+
+
+@jax.jit
+def _richardson_step(x, r, s):
+    return x + s * r
+
+
+@jax.jit
+def _difference(b, ax):
+    return b - ax
+
+
+# ---------------------------------------------------------------------- Krylov methods
+class _KrylovMethod(NamedTuple):
+    """One Krylov solver as the pieces that :func:`_krylov_solve` drives, under a trace
+    (a ``lax.while_loop``) or from Python (each piece a compiled call). An iteration is
+    ``advance(state, A · vector(state))``, which answers the state and the residual to
+    precondition, then ``direct(state, P⁻¹ r)``; ``residual_norm`` is what stops it."""
+
+    name: str
+    start: Callable  # (x, r, z = P⁻¹ r) -> state
+    advance: Callable  # (state, product) -> (state, residual)
+    direct: Callable  # (state, preconditioned residual) -> state
+    vector: Callable  # state -> the vector multiplied next
+    residual_norm: Callable  # state -> the norm compared with the threshold
+    rhs_norm: Callable  # (b, P⁻¹ b) -> ‖b‖ in that norm
+    solution: Callable  # state -> x
+
+
+def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, atol,
+                  maxiter):
+    name = method.name
+    if b.ndim != 1:
+        raise ValueError(f"{name} solves for one flat vector; got shape {b.shape}")
+    check_cg_options(rtol=rtol, atol=atol, maxiter=maxiter, preconditioner=preconditioner,
+                     name=name)
     maxiter = 10 * b.shape[0] if maxiter is None else int(maxiter)
     if x0 is not None and jnp.shape(x0) != b.shape:  # a (d, 1) x0 broadcast to (d, d)
-        raise ValueError(f"cg's x0 must have the right-hand side's shape {b.shape}; got "
+        raise ValueError(f"{name}'s x0 must have the right-hand side's shape {b.shape}; got "
                          f"shape {jnp.shape(x0)}")
     x = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
     ax = matvec(x)
-    _check_shape(ax, b, "matvec(x)")
+    _check_shape(name, ax, b, "matvec(x)")
     r = b - ax
     # the iterates in the residual's dtype: the operator's and b's promoted (a float32
     # vector against a float64 matrix), so that the loop's state keeps one dtype
@@ -57,99 +199,214 @@ def cg(
         return r if preconditioner is None else preconditioner(r).astype(r.dtype)
 
     z = precondition(r)
-    _check_shape(z, b, "preconditioner(r)")
-    if not isinstance(r, jax.core.Tracer) and not isinstance(z, jax.core.Tracer):
-        threshold = jnp.maximum(rtol * jnp.linalg.norm(b), atol)
-        return _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter)
+    _check_shape(name, z, b, "preconditioner(r)")
+    if not _traced(r) and not _traced(z):
+        b = b.astype(r.dtype)
+        bz = z if x0 is None else precondition(b)
+        threshold = jnp.maximum(rtol * method.rhs_norm(b, bz), atol)
+        return _krylov_from_python(method, matvec, precondition, method.start(x, r, z),
+                                   threshold, maxiter)
 
     def solve(matvec, b):
         """The iterations as a ``lax.while_loop`` from ``x``, for ``b`` (the right-hand
         side, or a cotangent when differentiated in reverse mode)."""
-        threshold = jnp.maximum(rtol * jnp.linalg.norm(b), atol)
-
-        def cond(state):
-            _, r, _, _, _, k = state
-            return (jnp.linalg.norm(r) > threshold) & (k < maxiter)
-
-        def body(state):
-            x, r, _, p, rz, k = state
-            x, r = _cg_advance(x, r, p, matvec(p), rz)
-            z = precondition(r)
-            p, rz, _ = _cg_direction(r, z, p, rz)
-            return x, r, z, p, rz, k + 1
-
         r = b - matvec(x)
         z = precondition(r)
-        state = jax.lax.while_loop(cond, body, (x, r, z, z, jnp.vdot(r, z), jnp.asarray(0)))
+        bz = z if x0 is None else precondition(b)
+        threshold = jnp.maximum(rtol * method.rhs_norm(b, bz), atol)
+
+        def cond(carry):
+            state, k = carry
+            return (method.residual_norm(state) > threshold) & (k < maxiter)
+
+        def body(carry):
+            state, k = carry
+            state, r = method.advance(state, matvec(method.vector(state)))
+            return method.direct(state, precondition(r)), k + 1
+
+        state, _ = jax.lax.while_loop(cond, body, (method.start(x, r, z), jnp.asarray(0)))
         # a NaN residual stops the loop at once (NaN > threshold is false): NaN, not x
-        return jnp.where(jnp.isfinite(jnp.linalg.norm(state[1])), state[0], jnp.nan)
+        return jnp.where(jnp.isfinite(method.residual_norm(state)), method.solution(state),
+                         jnp.nan)
 
     # differentiable (forward and reverse mode) through the solution of A x = b, not
-    # through the iterations: the adjoint system is solved by the same CG (A symmetric)
+    # through the iterations: the adjoint system is solved by the same method (A symmetric)
     return jax.lax.custom_linear_solve(matvec, b.astype(r.dtype), solve, symmetric=True)
 
 
-def _check_shape(out, b, what):
+def _krylov_from_python(method: _KrylovMethod, matvec, precondition, state, threshold,
+                        maxiter):
+    """:func:`_krylov_solve`'s iterations for an eager ``matvec``: each one ``matvec``, the
+    preconditioner and two compiled updates; the stopping test reads one scalar."""
+    threshold = float(threshold)
+    k = 0
+    while k < maxiter and float(method.residual_norm(state)) > threshold:
+        state, r = method.advance(state, matvec(method.vector(state)))
+        state = method.direct(state, precondition(r))
+        k += 1
+    if not np.isfinite(float(method.residual_norm(state))):
+        raise FloatingPointError(
+            f"{method.name}: the residual is not finite after {k} iterations (NaN/inf in the "
+            "right-hand side or in the operator's products, e.g. a matrix built from "
+            "non-finite data" + (", or a preconditioner that is not positive definite)"
+                                 if method.name == "minres" else ")"))
+    return method.solution(state)
+
+
+def _traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _norm_in(b, bz):
+    """``‖b‖_{P⁻¹} = (bᵀ P⁻¹ b)^{1/2}``, ``bz = P⁻¹ b`` (``‖b‖`` without a preconditioner)."""
+    return jnp.sqrt(jnp.abs(jnp.vdot(b, bz)))
+
+
+# --- conjugate gradient: state (x, r, p, rz = rᵀz, ‖r‖)
+@jax.jit
+def _cg_start(x, r, z):
+    return x, r, z, jnp.vdot(r, z), jnp.linalg.norm(r)
+
+
+@jax.jit
+def _cg_advance(state, ap):
+    x, r, p, rz, norm = state
+    alpha = rz / jnp.vdot(p, ap)
+    r = r - alpha * ap
+    return (x + alpha * p, r, p, rz, norm), r
+
+
+@jax.jit
+def _cg_direction(state, z):
+    x, r, p, rz, _ = state
+    rz_new = jnp.vdot(r, z)
+    return x, r, z + (rz_new / rz) * p, rz_new, jnp.linalg.norm(r)
+
+
+_CG = _KrylovMethod(
+    name="cg", start=_cg_start, advance=_cg_advance, direct=_cg_direction,
+    vector=lambda state: state[2], residual_norm=lambda state: state[4],
+    rhs_norm=lambda b, bz: jnp.linalg.norm(b), solution=lambda state: state[0])
+
+
+# --- MINRES (SciPy's ``minres`` without its shift and its stopping tests): the Lanczos
+# vectors r1, r2 (unpreconditioned) and v = P⁻¹r2/β, the rotation (cs, sn), the last two
+# update directions w, w2 and φ̄, the residual's norm
+class _MinresState(NamedTuple):
+    x: jax.Array
+    r1: jax.Array
+    r2: jax.Array
+    v: jax.Array
+    w: jax.Array
+    w2: jax.Array
+    alpha: jax.Array
+    beta: jax.Array
+    old_beta: jax.Array
+    dbar: jax.Array
+    epsilon: jax.Array
+    phibar: jax.Array
+    cs: jax.Array
+    sn: jax.Array
+
+
+def _safe_divide(v, beta):
+    """``v / β``, zero where ``β = 0`` (before the first step; an invariant Krylov space:
+    the exact solution)."""
+    return jnp.where(beta > 0, v / jnp.where(beta > 0, beta, 1), 0)
+
+
+@jax.jit
+def _minres_start(x, r, z):
+    beta = jnp.sqrt(jnp.vdot(r, z))
+    zero = jnp.zeros_like(beta)
+    return _MinresState(x=x, r1=r, r2=r, v=_safe_divide(z, beta), w=jnp.zeros_like(x),
+                        w2=jnp.zeros_like(x), alpha=zero, beta=beta, old_beta=zero,
+                        dbar=zero, epsilon=zero, phibar=beta, cs=-jnp.ones_like(beta),
+                        sn=zero)
+
+
+@jax.jit
+def _minres_advance(s: _MinresState, av):
+    """The Lanczos step: ``y = A v − (β/β_old) r1 − (α/β) r2``."""
+    y = av - _safe_divide(s.beta, s.old_beta) * s.r1
+    alpha = jnp.vdot(s.v, y)
+    y = y - _safe_divide(alpha, s.beta) * s.r2
+    return s._replace(r1=s.r2, r2=y, alpha=alpha), y
+
+
+@jax.jit
+def _minres_direct(s: _MinresState, z):
+    """``β = (r2ᵀ P⁻¹ r2)^{1/2}``, the previous rotation and the next one applied to the new
+    column of the tridiagonal matrix, then the update of ``x``."""
+    beta = jnp.sqrt(jnp.vdot(s.r2, z))
+    delta = s.cs * s.dbar + s.sn * s.alpha
+    gbar = s.sn * s.dbar - s.cs * s.alpha
+    gamma = jnp.maximum(jnp.hypot(gbar, beta), jnp.finfo(beta.dtype).eps)
+    cs, sn = gbar / gamma, beta / gamma
+    w = (s.v - s.epsilon * s.w2 - delta * s.w) / gamma
+    return s._replace(x=s.x + cs * s.phibar * w, v=_safe_divide(z, beta), w=w, w2=s.w,
+                      beta=beta, old_beta=s.beta, dbar=-s.cs * beta, epsilon=s.sn * beta,
+                      phibar=sn * s.phibar, cs=cs, sn=sn)
+
+
+_MINRES = _KrylovMethod(
+    name="minres", start=_minres_start, advance=_minres_advance, direct=_minres_direct,
+    vector=lambda s: s.v, residual_norm=lambda s: jnp.abs(s.phibar), rhs_norm=_norm_in,
+    solution=lambda s: s.x)
+
+
+# ---------------------------------------------------------------------- checks
+def _check_shape(name, out, b, what):
     if jnp.shape(out) != b.shape:
-        raise ValueError(f"cg: {what} must answer a vector of the right-hand side's shape "
+        raise ValueError(f"{name}: {what} must answer a vector of the right-hand side's shape "
                          f"{b.shape}; got shape {jnp.shape(out)}")
 
 
 def check_cg_options(rtol: float = 1e-5, atol: float = 0.0, maxiter: int | None = None,
-                     preconditioner: Callable | None = None) -> None:
-    """Refuse options of :func:`cg` out of their domain (a NaN ``rtol`` or a negative
-    ``maxiter`` would stop the iterations at once and answer the starting point): ``rtol``
-    and ``atol`` finite and ``≥ 0`` (checked where concrete), ``maxiter`` ``None`` or an
-    integer ``≥ 0``, ``preconditioner`` ``None`` or a callable.
+                     preconditioner: Callable | None = None, *, name: str = "cg") -> None:
+    """Refuse options of :func:`cg` (or :func:`minres`, ``name``) out of their domain (a NaN
+    ``rtol`` or a negative ``maxiter`` would stop the iterations at once and answer the
+    starting point): ``rtol`` and ``atol`` finite and ``≥ 0`` (checked where concrete),
+    ``maxiter`` ``None`` or an integer ``≥ 0``, ``preconditioner`` ``None`` or a callable.
 
     Raises:
       ValueError: for a tolerance or ``maxiter`` out of range.
       TypeError: for a preconditioner that is not callable (an array of its diagonal).
     """
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, jax.core.Tracer):
+    for option, value in (("rtol", rtol), ("atol", atol)):
+        if _traced(value):
             continue
         number = np.asarray(value)
         if number.shape != () or not np.isfinite(number) or not number >= 0:
-            raise ValueError(f"cg's {name} must be a finite number >= 0; got {value!r}")
-    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(
-            maxiter, (int, np.integer)) or maxiter < 0):
-        raise ValueError(f"cg's maxiter must be None or an integer >= 0; got {maxiter!r}")
+            raise ValueError(f"{name}'s {option} must be a finite number >= 0; got {value!r}")
+    if maxiter is not None and not _is_count(maxiter):
+        raise ValueError(f"{name}'s maxiter must be None or an integer >= 0; got {maxiter!r}")
     if preconditioner is not None and not callable(preconditioner):
         got = (f"an array of shape {tuple(preconditioner.shape)}"
                if hasattr(preconditioner, "shape") else f"a {type(preconditioner).__name__}")
         raise TypeError(
-            f"cg's preconditioner must be a callable r -> P⁻¹ r (in a matrix's solve, also a "
-            f"representation); got {got}. For a diagonal preconditioner d: "
+            f"{name}'s preconditioner must be a callable r -> P⁻¹ r (in a matrix's solve, "
+            f"also a representation); got {got}. For a diagonal preconditioner d: "
             "preconditioner=lambda r: r / d, or PMatDiag(M.layer_collection, d)")
 
 
-def _cg_from_python(matvec, precondition, x, r, z, threshold, maxiter):
-    """:func:`cg`'s iterations for an eager ``matvec``: each one ``matvec``, the
-    preconditioner and two compiled updates; the stopping test reads one scalar."""
-    p, rz, residual = z, jnp.vdot(r, z), jnp.linalg.norm(r)
-    threshold = float(threshold)
-    k = 0
-    while k < maxiter and float(residual) > threshold:
-        x, r = _cg_advance(x, r, p, matvec(p), rz)
-        p, rz, residual = _cg_direction(r, precondition(r), p, rz)
-        k += 1
-    if not np.isfinite(float(residual)):
-        raise FloatingPointError(
-            f"cg: the residual is not finite after {k} iterations (NaN/inf in the right-hand "
-            "side or in the operator's products, e.g. a matrix built from non-finite data)")
-    return x
+def check_neumann_options(scale: Any = None, num_terms: int = 100) -> None:
+    """Refuse options of :func:`neumann` out of their domain: ``num_terms`` an integer
+    ``≥ 1`` (static: it is the loop's length), ``scale`` a finite number ``> 0`` where
+    concrete (``None`` only in a matrix's ``solve``, where it defaults).
+
+    Raises:
+      ValueError: for either out of range.
+    """
+    if not _is_count(num_terms) or num_terms < 1:
+        raise ValueError(f"neumann's num_terms must be an integer >= 1; got {num_terms!r}")
+    if scale is None or _traced(scale):
+        return
+    number = np.asarray(scale)
+    if number.shape != () or not np.isfinite(number) or not number > 0:
+        raise ValueError(f"neumann's scale must be a finite number > 0 (below 2/λ_max of the "
+                         f"matrix); got {scale!r}")
 
 
-# one CG iteration in two halves (around the preconditioner), shared by the traced loop
-# (inlined there) and the one driven from Python (one compiled call each)
-@jax.jit
-def _cg_advance(x, r, p, ap, rz):
-    alpha = rz / jnp.vdot(p, ap)
-    return x + alpha * p, r - alpha * ap
-
-
-@jax.jit
-def _cg_direction(r, z, p, rz):
-    rz_new = jnp.vdot(r, z)
-    return z + (rz_new / rz) * p, rz_new, jnp.linalg.norm(r)
+def _is_count(n: Any) -> bool:
+    return not isinstance(n, bool) and isinstance(n, (int, np.integer)) and n >= 0

@@ -197,11 +197,31 @@ def check_all(M, dense, params):
         np.testing.assert_allclose(got[key], factor * dense, **TOL)
 
 
+#: terms of the Neumann series checked against its brute-force polynomial
+NEUMANN_TERMS = 6
+
+
+def neumann_series(a, b, scale, num_terms):
+    """``s Σ_{j<K} (I − s A)ʲ b`` for each row ``b`` (brute force), NaN where the series
+    diverges: its last residual ``(I − s A)^{K−1} b`` longer than ``b`` (an indefinite
+    ``A``, a scale above ``2/λ_max``)."""
+    step = np.eye(len(a)) - scale * a
+    x = b @ (scale * sum(np.linalg.matrix_power(step, j) for j in range(num_terms)))
+    residual = b @ np.linalg.matrix_power(step, num_terms - 1)
+    grew = np.linalg.norm(residual, axis=-1) > np.linalg.norm(b, axis=-1)
+    return np.where(grew[..., None], np.nan, x)
+
+
 @functools.partial(jax.jit, static_argnames="methods")
-def _solve(M, v, r, *, methods):
+def _solve(M, v, r, scale, *, methods):
     out = {}
     for method in methods:
-        options = {"rtol": 1e-12} if method == "cg" else {}
+        if method == "neumann":  # a fixed polynomial: its default scale, then a given one
+            out[method] = (M.solve(v, REGUL, method=method, num_terms=NEUMANN_TERMS),
+                           M.solve(r, REGUL, method=method, scale=scale,
+                                   num_terms=NEUMANN_TERMS))
+            continue
+        options = {"rtol": 1e-12} if method in ("cg", "minres") else {}
         out[method] = (M.solve(M.mv(v) + REGUL * v, REGUL, method=method, **options),
                        M.solve(r, REGUL, method=method, **options))
     return out
@@ -209,13 +229,23 @@ def _solve(M, v, r, *, methods):
 
 def check_solve(M, dense, params, methods=None):
     """For each solve method (default: all of ``M.SOLVE_METHODS``), in one compiled call:
-    ``solve((M + λ)v, λ) ≈ v`` for a PVector, and row by row for a (2, 3, d) stack."""
+    ``solve((M + λ)v, λ) ≈ v`` for a PVector, and row by row for a (2, 3, d) stack; the
+    Neumann series is its polynomial of ``M + λI`` (default scale ``1/(‖M‖_F + λ)``, then
+    ``1/λ_max``)."""
     v = vec(params, 2)
     r = rows(len(dense), 3)
     shifted = dense + REGUL * np.eye(len(dense))
     methods = tuple(M.SOLVE_METHODS if methods is None else methods)
-    for method, (x, solved) in _solve(M, v, r @ shifted.T, methods=methods).items():
+    scale = 1 / np.linalg.eigvalsh(shifted)[-1]
+    for method, (x, solved) in _solve(M, v, r @ shifted.T, scale, methods=methods).items():
         assert isinstance(x, PVector) and solved.shape == r.shape, method
+        if method == "neumann":
+            default = neumann_series(shifted, flat(v), 1 / (np.linalg.norm(dense) + REGUL),
+                                     NEUMANN_TERMS)
+            np.testing.assert_allclose(flat(x), default, rtol=1e-8, atol=1e-10)
+            want = neumann_series(shifted, r @ shifted.T, scale, NEUMANN_TERMS)
+            np.testing.assert_allclose(solved, want, rtol=1e-8, atol=1e-10)
+            continue
         np.testing.assert_allclose(flat(x), flat(v), rtol=1e-6, atol=1e-7, err_msg=method)
         np.testing.assert_allclose(solved, r, rtol=1e-5, atol=1e-6, err_msg=method)
 

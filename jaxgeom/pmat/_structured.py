@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jaxgeom._reindex import LeafVector
 from jaxgeom.layers import LayerCollection, concat_last
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat.base import PMatAbstract, _implements, take
+from jaxgeom.pmat.base import ITERATIVE_SOLVE_METHODS, PMatAbstract, _implements, take
 from jaxgeom.pmat.dense import _no_options
 from jaxgeom.streaming import mean
 
@@ -35,7 +35,7 @@ class CanonicalDiagonal(PMatAbstract):
     """
 
     #: ``"default"`` is the closed form ``v / (λ + regul)``.
-    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", *ITERATIVE_SOLVE_METHODS)
     LEAFWISE_SOLVES: ClassVar[tuple[str, ...]] = ("default",)
 
     @property

@@ -35,7 +35,7 @@ from jaxgeom.layers import LayerCollection, check_layer_collection
 from jaxgeom.pmat import _spectral
 from jaxgeom.restriction import Restriction, restrict
 from jaxgeom.scaling import ScalarMultiples, is_scalar
-from jaxgeom.solvers import cg, check_cg_options
+from jaxgeom.solvers import cg, check_cg_options, check_neumann_options, minres, neumann
 from jaxgeom.streaming import static_field as static_field  # re-exported
 from jaxgeom.vector import PVector, as_flat, as_rows, as_tree, static_order
 
@@ -172,27 +172,58 @@ def _checked_scalars(method: Callable) -> Callable:
 
 
 def _checked_solve(solve: Callable) -> Callable:
-    """``solve`` with its ``regul`` and CG options checked before it dispatches: a compiled
-    call (:func:`~jaxgeom._dispatch.compiled_when_eager`) traces Python floats, which a
-    check inside it could not read."""
+    """``solve`` with its ``regul`` and iterative options checked before it dispatches: a
+    compiled call (:func:`~jaxgeom._dispatch.compiled_when_eager`) traces Python floats,
+    which a check inside it could not read. An eager Neumann solve that diverged (NaN
+    from the compiled call) is an error naming the scale."""
 
     @functools.wraps(solve)
     def checked(self, v, regul=0.0, *, method=None, **options):
         check_regul(regul)
-        if (self.SOLVE_METHODS[0] if method is None else method) == "cg":
+        method = self.SOLVE_METHODS[0] if method is None else method
+        if method in ("cg", "minres"):
             preconditioner = options.get("preconditioner")
             check_cg_options(
                 **{k: options[k] for k in ("rtol", "atol", "maxiter") if k in options},
                 preconditioner=None if isinstance(preconditioner, PMatAbstract)
-                else preconditioner)
-        return solve(self, v, regul, method=method, **options)
+                else preconditioner, name=method)
+        elif method == "neumann":
+            check_neumann_options(
+                **{k: options[k] for k in ("scale", "num_terms") if k in options})
+        out = solve(self, v, regul, method=method, **options)
+        if method == "neumann":
+            _check_series_converged(out)
+        return out
 
     checked.checks_scalars = True
     return checked
 
 
-#: the options of a conjugate-gradient solve (:func:`jaxgeom.solvers.cg`)
+def _check_series_converged(x: Any) -> None:
+    leaves = jax.tree_util.tree_leaves(x)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return  # under a trace the answer is NaN, as an iterative solve's failure is
+    if not all(bool(jnp.isfinite(leaf).all()) for leaf in leaves):
+        raise ValueError(
+            "solve(method='neumann'): the series diverged (its last residual is larger than "
+            "the right-hand side) or the products are not finite: the scale is not below "
+            "2/λ_max(M + regul), or M + regul·I is not positive definite. Pass a smaller "
+            "scale=, a larger regul, or use method='minres' for an indefinite matrix")
+
+
+#: the options of a conjugate-gradient or MINRES solve (:func:`jaxgeom.solvers.cg`,
+#: :func:`jaxgeom.solvers.minres`)
 CG_OPTIONS = ("x0", "rtol", "atol", "maxiter", "preconditioner")
+#: the iterative solves of ``M + regul·I`` that every representation offers
+#: (:mod:`jaxgeom.solvers`), each with its options
+ITERATIVE_SOLVES: dict[str, tuple[str, ...]] = {
+    "cg": CG_OPTIONS, "minres": CG_OPTIONS, "neumann": ("scale", "num_terms")}
+ITERATIVE_SOLVE_METHODS = tuple(ITERATIVE_SOLVES)
+
+
+def iterative_solve_options(*extra: str) -> dict[str, tuple[str, ...]]:
+    """:data:`ITERATIVE_SOLVES` with ``extra`` options accepted by each (``damping``)."""
+    return {method: (*options, *extra) for method, options in ITERATIVE_SOLVES.items()}
 
 
 class PMatAbstract(ScalarMultiples, abc.ABC):
@@ -205,10 +236,11 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     layer_collection: LayerCollection
 
-    #: solve methods accepted by :meth:`solve`; the first is the default.
-    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cg",)
+    #: solve methods accepted by :meth:`solve`; the first is the default. Every
+    #: representation ends it with the iterative ones (:data:`ITERATIVE_SOLVE_METHODS`)
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ITERATIVE_SOLVE_METHODS
     #: the keyword options of each solve method (any other is refused)
-    SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"cg": CG_OPTIONS}
+    SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = ITERATIVE_SOLVES
     #: whether ``_mv``/``_vTMv`` also take a :class:`~jaxgeom._reindex.LeafVector` (and
     #: ``_mv`` then answers with one): a params-shaped vector is then never flattened
     LEAFWISE: ClassVar[bool] = False
@@ -239,19 +271,31 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         """``M v`` for a flat ``(d,)`` vector."""
 
     def _solve(self, v: jax.Array, regul, method: str, **options) -> jax.Array:
-        """``(M + regul·I)⁻¹ v`` for a flat vector; the base offers conjugate gradient."""
-        if method != "cg":
+        """``(M + regul·I)⁻¹ v`` for a flat vector; the base offers the iterative solves
+        (:data:`ITERATIVE_SOLVES`): conjugate gradient, MINRES and the Neumann series,
+        whose ``scale`` defaults to ``1/(‖M‖_F + |regul|)`` (``≤ 1/λ_max(M + regul·I)``:
+        the series converges for any ``M ⪰ 0`` with ``regul > 0``)."""
+        if method not in ITERATIVE_SOLVES:
             raise ValueError(
                 f"unknown solve method {method!r} for {type(self).__name__}; valid methods: "
                 f"{self.SOLVE_METHODS}"
             )
+
+        def matvec(x):
+            return self._mv(x) + regul * x
+
+        if method == "neumann":
+            scale = options.pop("scale", None)
+            if scale is None:
+                scale = 1 / (self.frobenius_norm() + jnp.abs(regul))
+            return neumann(matvec, v, scale=scale, **options)
         preconditioner = options.pop("preconditioner", None)
         if isinstance(preconditioner, PMatAbstract):
             p, r = preconditioner, regul
             options["preconditioner"] = lambda x: p._solve(x, r, p.SOLVE_METHODS[0])
         elif preconditioner is not None:
             options["preconditioner"] = preconditioner
-        return cg(lambda x: self._mv(x) + regul * x, v, **options)
+        return (cg if method == "cg" else minres)(matvec, v, **options)
 
     def _compiles_eager_calls(self) -> bool:
         """Whether the :attr:`COMPILED_OPERATIONS` compile when called eagerly (not for a

@@ -17,7 +17,8 @@ from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
 from jaxgeom.pmat._structured import MeanOfJacobians, structured_mm
 from jaxgeom.pmat.base import (
-    CG_OPTIONS,
+    ITERATIVE_SOLVE_METHODS,
+    ITERATIVE_SOLVES,
     PMatAbstract,
     check_shape,
     representation,
@@ -56,9 +57,10 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
     layer_collection: LayerCollection = static_field()
     blocks: tuple[jax.Array, ...] = dataclasses.field(default=())
 
-    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq", "cg")
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq",
+                                                *ITERATIVE_SOLVE_METHODS)
     SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"lstsq": ("rcond",),
-                                                           "cg": CG_OPTIONS}
+                                                           **ITERATIVE_SOLVES}
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
     PROMOTION_RANK: ClassVar[int] = 2
     #: the build's chunk step under XLA:CPU's memory-optimised schedule: its default kept
@@ -139,7 +141,7 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
         return _spectral.eigenpairs_of_pieces(pieces, k, which, self.size(0), self.dtype)
 
     def _solve(self, v, regul, method, **options):
-        if method == "cg":  # on the whole matrix: a preconditioner acts on full vectors
+        if method in ITERATIVE_SOLVES:  # on the whole matrix: a preconditioner acts on full vectors
             return super()._solve(v, regul, method, **options)
         parts = self._parts.split(v)
         return self._parts.merge([

@@ -13,7 +13,8 @@ from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
 from jaxgeom.pmat.base import (
-    CG_OPTIONS,
+    ITERATIVE_SOLVE_METHODS,
+    ITERATIVE_SOLVES,
     PMatAbstract,
     check_shape,
     representation,
@@ -42,9 +43,10 @@ class PMatDense(PMatAbstract):
     layer_collection: LayerCollection = static_field()
     data: jax.Array = dataclasses.field(default=None)
 
-    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq", "cg")
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq",
+                                                *ITERATIVE_SOLVE_METHODS)
     SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"lstsq": ("rcond",),
-                                                           "cg": CG_OPTIONS}
+                                                           **ITERATIVE_SOLVES}
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
     PROMOTION_RANK: ClassVar[int] = 3
 

@@ -110,9 +110,11 @@ from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import accumulate_gram, gram
 from jaxgeom.pmat.base import (
-    CG_OPTIONS,
+    ITERATIVE_SOLVE_METHODS,
+    ITERATIVE_SOLVES,
     PMatAbstract,
     check_shape,
+    iterative_solve_options,
     representation,
     static_field,
 )
@@ -754,9 +756,9 @@ class PMatKFAC(PMatAbstract):
     #: products and quadratic forms of params-shaped vectors run on their leaves
     LEAFWISE: ClassVar[bool] = True
 
-    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("eigh", "cg")
-    SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {"eigh": ("damping",),
-                                                           "cg": (*CG_OPTIONS, "damping")}
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("eigh", *ITERATIVE_SOLVE_METHODS)
+    SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "eigh": ("damping",), **iterative_solve_options("damping")}
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = (*PMatAbstract.FACTORISES,
                                                          "_factor_damped_inverse")
 
@@ -966,12 +968,12 @@ class PMatKFAC(PMatAbstract):
 
     def _solve(self, v, regul, method, damping: str = "exact", **options):
         _check_damping(damping)
-        if method == "cg":
+        if method in ITERATIVE_SOLVES:
             if damping != "exact":
                 raise ValueError(
-                    f"cg solves (M + regul·I) x = v (damping='exact'); damping={damping!r} "
-                    "damps each Kronecker factor and is solved in closed form: drop "
-                    "method='cg'")
+                    f"{method} solves (M + regul·I) x = v (damping='exact'); "
+                    f"damping={damping!r} damps each Kronecker factor and is solved in closed "
+                    f"form: drop method={method!r}")
             return super()._solve(v, regul, method, **options)
         if damping in FACTORED_DAMPINGS:
             nodes = [n.factor_damped(regul, damping) for n in self._krons(damping)]

@@ -14,7 +14,15 @@ import numpy as np
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import gram, gram_norm_sq
-from jaxgeom.pmat.base import PMatAbstract, check_shape, representation, static_field, take
+from jaxgeom.pmat.base import (
+    ITERATIVE_SOLVE_METHODS,
+    ITERATIVE_SOLVES,
+    PMatAbstract,
+    check_shape,
+    representation,
+    static_field,
+    take,
+)
 from jaxgeom.vector import as_flat
 
 
@@ -73,7 +81,7 @@ class PMatLowRank(PMatAbstract):
     #: ``M ± PMatEye`` adds to the shift (exact) instead of forming ``M`` densely
     ABSORBS_IDENTITY: ClassVar[bool] = True
 
-    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("woodbury", "eigh", "cg")
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("woodbury", "eigh", *ITERATIVE_SOLVE_METHODS)
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
 
     def __post_init__(self):
@@ -223,7 +231,7 @@ class PMatLowRank(PMatAbstract):
 
         ``λ = 0`` divides by zero unless ``M`` has full rank (use :meth:`pinv` instead).
         """
-        if method == "cg":
+        if method in ITERATIVE_SOLVES:
             return super()._solve(v, regul, method, **options)
         regul = regul + self._shift()
         if method == "woodbury":

@@ -60,7 +60,14 @@ from jaxgeom._differentiable import is_differentiable
 from jaxgeom._reindex import FlatPartition
 from jaxgeom.layers import KINDS, Layer, LayerCollection
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat.base import CG_OPTIONS, PMatAbstract, representation, static_field
+from jaxgeom.pmat.base import (
+    ITERATIVE_SOLVE_METHODS,
+    ITERATIVE_SOLVES,
+    PMatAbstract,
+    iterative_solve_options,
+    representation,
+    static_field,
+)
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.restriction import RestrictedFunction, Restriction, restrict
@@ -215,10 +222,10 @@ class PMatMixed(PMatAbstract):
     layer_collection: LayerCollection = dataclasses.field(metadata=dict(static=True))
     parts: tuple[PMatAbstract, ...] = ()
 
-    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", *ITERATIVE_SOLVE_METHODS)
     #: ``damping`` goes to the parts that take it (:meth:`_damping_options`)
     SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "default": ("damping",), "cg": (*CG_OPTIONS, "damping")}
+        "default": ("damping",), **iterative_solve_options("damping")}
 
     def _compiles_eager_calls(self) -> bool:
         return all(p._compiles_eager_calls() for p in self.parts)
@@ -288,15 +295,15 @@ class PMatMixed(PMatAbstract):
 
     def _solve(self, v, regul, method, damping: str = "exact", **options):
         """Each part's default solve of its piece of ``v``, the ``damping`` forwarded to
-        the parts that take it (:meth:`_damping_options`); ``"cg"`` on the whole matrix
-        (exact damping only)."""
+        the parts that take it (:meth:`_damping_options`); an iterative method
+        (``"cg"``, ``"minres"``, ``"neumann"``) on the whole matrix (exact damping only)."""
         damped = self._damping_options(damping)
-        if method == "cg":
+        if method in ITERATIVE_SOLVES:
             if damping != "exact":
                 raise ValueError(
-                    f"cg solves (M + regul·I) x = v (damping='exact'); damping={damping!r} "
-                    "damps the Kronecker factors of the KFAC parts and is solved part by "
-                    "part: drop method='cg'")
+                    f"{method} solves (M + regul·I) x = v (damping='exact'); "
+                    f"damping={damping!r} damps the Kronecker factors of the KFAC parts and "
+                    f"is solved part by part: drop method={method!r}")
             return super()._solve(v, regul, method, **options)
         return self._split.merge(self._each(
             "solve", lambda p, x, k: p._solve(x, regul, p.SOLVE_METHODS[0], **k),

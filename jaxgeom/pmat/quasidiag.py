@@ -66,7 +66,14 @@ from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
-from jaxgeom.pmat.base import PMatAbstract, check_shape, representation, static_field, take
+from jaxgeom.pmat.base import (
+    ITERATIVE_SOLVE_METHODS,
+    PMatAbstract,
+    check_shape,
+    representation,
+    static_field,
+    take,
+)
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.kfac import (
     CaptureBuilder,
@@ -108,7 +115,7 @@ class PMatQuasiDiag(PMatAbstract):
     cross: tuple[jax.Array, ...] = ()
     rho: tuple[jax.Array | None, ...] = ()
 
-    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", "cg")
+    SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", *ITERATIVE_SOLVE_METHODS)
 
     def check_shapes(self) -> None:
         """Refuse a diagonal or weight–bias terms of another model's shapes (a state

@@ -1,0 +1,226 @@
+"""The iterative solvers (``jaxgeom.solvers``): MINRES on indefinite and singular systems,
+the truncated Neumann series as the polynomial it is, against float64 brute force; and
+both as ``solve`` methods of a matrix-free Fisher, a Hessian and K-FAC."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from models import make_linen_mlp
+from pmat_checks import compilations, neumann_series
+
+from jaxgeom import FIM, PMatDense, PMatImplicit, PMatKFAC, minres, neumann, random_pvector
+from jaxgeom.hessian import Hessian
+
+REGUL = 1e-3
+
+
+def symmetric(eigenvalues, seed=0):
+    """``Q diag(λ) Qᵀ`` with a random orthogonal ``Q``."""
+    q, _ = np.linalg.qr(np.random.RandomState(seed).randn(len(eigenvalues), len(eigenvalues)))
+    return (q * np.asarray(eigenvalues)) @ q.T
+
+
+INDEFINITE = symmetric(np.r_[np.linspace(-3, -0.5, 6), np.linspace(0.5, 4, 14)])
+B = np.random.RandomState(1).randn(20)
+
+
+def product(a):
+    a = jnp.asarray(a)
+    return lambda x: a @ x
+
+
+EAGER_AND_JIT = [pytest.param(lambda f, *args: f(*args), id="eager"),
+                 pytest.param(lambda f, *args: jax.jit(f)(*args), id="jit")]
+
+
+@pytest.mark.parametrize("run", EAGER_AND_JIT)
+def test_minres_solves_indefinite_systems(run):
+    """``A⁻¹ b`` for ``A`` with six negative eigenvalues, from zero and from a warm start,
+    with a positive-definite preconditioner; ``maxiter=0`` answers ``x0``; ``atol`` bounds
+    the residual it stops at."""
+    want = np.linalg.solve(INDEFINITE, B)
+    matvec = product(INDEFINITE)
+    np.testing.assert_allclose(run(lambda b: minres(matvec, b, rtol=1e-13), B), want,
+                               rtol=1e-10)
+    jacobi = jnp.asarray(np.abs(np.diag(INDEFINITE)) + 1)
+    x = run(lambda b: minres(matvec, b, x0=jnp.ones(20), preconditioner=lambda r: r / jacobi,
+                             rtol=1e-13), B)
+    np.testing.assert_allclose(x, want, rtol=1e-10)
+    np.testing.assert_array_equal(run(lambda b: minres(matvec, b, x0=jnp.ones(20), maxiter=0),
+                                      B), np.ones(20))
+    x = run(lambda b: minres(matvec, b, rtol=0.0, atol=1e-3), B)
+    assert np.linalg.norm(INDEFINITE @ x - B) <= 1e-3
+    assert np.linalg.norm(INDEFINITE @ x - B) > 1e-9  # it stopped there, not at the solution
+
+
+@pytest.mark.parametrize("run", EAGER_AND_JIT)
+def test_minres_of_a_singular_consistent_system_is_the_pseudo_inverse_solution(run):
+    """From ``x0 = 0`` the iterates stay in the range of ``A``: ``A⁺ b``, the minimum-norm
+    solution (the answer of LSMR), not one of the others ``A⁺ b + null-space``."""
+    a = symmetric(np.r_[np.zeros(5), np.linspace(-2, -0.5, 3), np.linspace(0.5, 3, 12)])
+    b = a @ np.random.RandomState(2).randn(20)
+    x = run(lambda b: minres(product(a), b, rtol=1e-13), b)
+    np.testing.assert_allclose(x, np.linalg.pinv(a, hermitian=True) @ b, atol=1e-12)
+
+
+def test_minres_derivatives_are_those_of_the_solution():
+    """Reverse mode with respect to ``b`` and to the matrix's entries through the
+    ``matvec``'s closure: those of ``jnp.linalg.solve`` (``custom_linear_solve``)."""
+    def loss(a, b, solve):
+        return jnp.sum(jnp.sin(solve(a, b)))
+
+    exact = jax.grad(loss, argnums=(0, 1))(INDEFINITE, B, jnp.linalg.solve)
+    got = jax.grad(loss, argnums=(0, 1))(
+        INDEFINITE, B, lambda a, b: minres(lambda x: a @ x, b, rtol=1e-13))
+    for g, e in zip(got, exact):
+        np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-10)
+
+
+def test_minres_of_a_non_positive_definite_preconditioner_is_an_error_or_nan():
+    """A preconditioner with a negative eigenvalue makes ``rᵀ P⁻¹ r`` negative: its square
+    root is NaN, never a wrong answer taken for converged."""
+    spd = INDEFINITE @ INDEFINITE
+    bad = lambda r: -r  # noqa: E731
+    with pytest.raises(FloatingPointError, match="preconditioner that is not positive "
+                                                 "definite"):
+        minres(product(spd), jnp.asarray(B), preconditioner=bad)
+    assert np.isnan(jax.jit(lambda b: minres(product(spd), b, preconditioner=bad))(B)).all()
+
+
+@pytest.mark.parametrize("run", EAGER_AND_JIT)
+def test_neumann_is_its_polynomial_and_converges_to_the_solve(run):
+    spd = symmetric(np.linspace(0.5, 4, 20))
+    for scale, terms in [(0.2, 1), (0.2, 7), (2 / 4.5, 60)]:
+        x = run(lambda b, s=scale, n=terms: neumann(product(spd), b, scale=s, num_terms=n), B)
+        np.testing.assert_allclose(x, neumann_series(spd, B, scale, terms), rtol=1e-12)
+    # the fastest scale, 2/(λ_max + λ_min): the error shrinks by 7/9 a term
+    np.testing.assert_allclose(x, np.linalg.solve(spd, B), rtol=1e-5)
+
+
+def test_neumann_is_differentiated_as_its_polynomial():
+    """With a fixed number of terms the answer is a polynomial of ``A`` applied to ``b``:
+    reverse mode through its terms gives that polynomial's derivative (brute force, the
+    matrix powers differentiated by JAX), not the inverse's."""
+    spd = symmetric(np.linspace(0.5, 4, 20))
+
+    def series(a, b):
+        step = jnp.eye(20) - 0.2 * a
+        return 0.2 * sum(jnp.linalg.matrix_power(step, j) for j in range(5)) @ b
+
+    def loss(a, b, solve):
+        return jnp.sum(jnp.sin(solve(a, b)))
+
+    want = jax.grad(loss, argnums=(0, 1))(spd, B, series)
+    got = jax.grad(loss, argnums=(0, 1))(
+        spd, B, lambda a, b: neumann(lambda x: a @ x, b, scale=0.2, num_terms=5))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_a_diverging_neumann_series_is_an_error_or_nan():
+    """A scale above ``2/λ_max`` or a negative eigenvalue: the last residual is longer than
+    ``b``; eagerly an error naming the scale, under ``jit`` NaN."""
+    spd = symmetric(np.linspace(0.5, 4, 20))
+    for a, scale in [(spd, 0.6), (INDEFINITE, 0.1)]:
+        with pytest.raises(ValueError, match="series diverges.*smaller scale"):
+            neumann(product(a), jnp.asarray(B), scale=scale, num_terms=50)
+        x = jax.jit(lambda b: neumann(product(a), b, scale=scale, num_terms=50))(B)  # noqa: B023
+        assert np.isnan(x).all()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: minres(lambda x: x, jnp.ones(3), rtol=float("nan")),
+     "minres's rtol must be a finite number >= 0; got nan"),
+    (lambda: minres(lambda x: x, jnp.ones(3), maxiter=-2),
+     "minres's maxiter must be None or an integer >= 0; got -2"),
+    (lambda: minres(lambda x: x[:2], jnp.ones(3)),
+     r"minres: matvec\(x\) must answer a vector of the right-hand side's shape \(3,\)"),
+    (lambda: minres(lambda x: x, jnp.ones((3, 2))), r"one flat vector; got shape \(3, 2\)"),
+    (lambda: neumann(lambda x: x, jnp.ones(3), scale=0.5, num_terms=0),
+     "neumann's num_terms must be an integer >= 1; got 0"),
+    (lambda: neumann(lambda x: x, jnp.ones(3), scale=-1.0),
+     r"neumann's scale must be a finite number > 0 \(below 2/λ_max"),
+    (lambda: neumann(lambda x: x, jnp.ones(3), scale=float("inf")), "scale must be a finite"),
+])
+def test_options_out_of_their_domain_are_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------- as solve methods
+@pytest.fixture(scope="module")
+def mlp():
+    """The linen MLP's Fisher, implicit (in chunks of 3) and dense."""
+    t = make_linen_mlp()
+    implicit = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit, batch_size=3)
+    return t, implicit, FIM(t.apply_fn, t.params, (t.x, t.y), PMatDense)
+
+
+def test_eager_solves_of_the_matrix_free_fisher_are_the_traced_ones(mlp):
+    """Eagerly, MINRES and Neumann iterate from Python on the implicit Fisher: after ``k``
+    iterations (terms) the answer of the loop under ``jit``, and the next solve compiles
+    nothing; MINRES converges to the dense Cholesky solve; Neumann's default scale is
+    ``1/(‖F‖_F + regul)``."""
+    t, F, dense = mlp
+    v, w = (random_pvector(jax.random.PRNGKey(s), t.params) for s in (8, 9))
+    traced = jax.jit(lambda M, b, m, k: M.solve(b, 0.1, method=m, **dict(k)),
+                     static_argnums=(2, 3))
+    for method, options in [("minres", (("maxiter", 3),)), ("minres", (("maxiter", 10),)),
+                            ("neumann", (("num_terms", 4),))]:
+        np.testing.assert_allclose(F.solve(v, 0.1, method=method, **dict(options)).to_flat(),
+                                   traced(F, v, method, options).to_flat(), rtol=1e-9,
+                                   atol=1e-12)
+    F.solve(v, REGUL, method="minres")
+    with compilations() as compiled:
+        x = F.solve(w, REGUL, method="minres", rtol=1e-12)
+    assert compiled == []
+    np.testing.assert_allclose(x.to_flat(), dense.solve(w, REGUL).to_flat(), rtol=1e-6,
+                               atol=1e-7)
+    d = dense.to_dense()
+    scale = 1 / (np.linalg.norm(d) + 0.1)
+    want = neumann_series(d + 0.1 * np.eye(len(d)), w.to_flat(), scale, 4)
+    np.testing.assert_allclose(F.solve(w, 0.1, method="neumann", num_terms=4).to_flat(), want,
+                               rtol=1e-9)
+
+
+def test_a_diverging_neumann_solve_names_the_scale(mlp):
+    t, F, dense = mlp
+    v = random_pvector(jax.random.PRNGKey(1), t.params)
+    big = 3 / float(jnp.linalg.eigvalsh(dense.to_dense())[-1])
+    for M in (F, dense):  # from Python, and the compiled call's NaN read after it
+        with pytest.raises(ValueError, match="diverge.*scale"):
+            M.solve(v, REGUL, method="neumann", scale=big, num_terms=40)
+    with pytest.raises(TypeError, match=r"method='neumann'\) takes no option rtol"):
+        dense.solve(v, REGUL, method="neumann", rtol=1e-3)
+    with pytest.raises(ValueError, match="num_terms must be an integer >= 1"):
+        dense.solve(v, REGUL, method="neumann", num_terms=0)
+
+
+def test_minres_solves_an_indefinite_hessian_below_its_smallest_eigenvalue():
+    """``H + ρI`` with ``ρ`` too small to make it positive definite: MINRES on the
+    matrix-free Hessian solves it as the dense one's ``eigh`` does."""
+    t = make_linen_mlp()
+
+    def loss_fn(params, batch):
+        x, y = batch
+        logp = jax.nn.log_softmax(t.apply_fn(params, x))
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+    implicit = Hessian(loss_fn, t.params, (t.x, t.y), PMatImplicit)
+    dense = Hessian(loss_fn, t.params, (t.x, t.y), PMatDense).to_dense()
+    assert np.linalg.eigvalsh(dense + REGUL * np.eye(len(dense))).min() < -1e-6
+    v = np.random.default_rng(0).standard_normal(len(dense))
+    rhs = (dense + REGUL * np.eye(len(dense))) @ v
+    x = implicit.solve(rhs, REGUL, method="minres", rtol=1e-12)
+    np.testing.assert_allclose(x, v, rtol=1e-6, atol=1e-8)
+
+
+def test_kronecker_dampings_are_not_iterative_solves():
+    t = make_linen_mlp()
+    K = FIM(t.apply_fn, t.params, (t.x, t.y), PMatKFAC)
+    v = np.ones(K.size(0))
+    for method in ("minres", "neumann"):
+        with pytest.raises(ValueError, match=f"damps each Kronecker factor.*drop "
+                                             f"method='{method}'"):
+            K.solve(v, 0.1, method=method, damping="pi")
