@@ -5,15 +5,19 @@ Per model, on the exact Fisher as a ``PMatImplicit`` (each product one pass over
 and as a ``PMatDiag`` (products of a few microseconds: the estimator's own work shows):
 
 - ``lanczos_eigsh(k=5, n)`` for ``n`` in ``--steps`` (top-5 Ritz pairs of ``n`` steps),
+- ``lobpcg_eigsh(k=5, num_iterations=n)`` (LOBPCG: each iteration one block of up to
+  15 products),
 - ``lanczos_spectral_density(num_steps=n, num_probes=4)``,
 - ``hutchinson_trace(num_samples=n)``,
 
 each called eagerly and under ``jit`` (the matrix an argument): the first call
 (compilation included) and the median of ``--repeats`` warm calls, apart. The **floor** of
 a Lanczos row is its ``n`` products of ``M`` one after the other (``M.mmap`` of one row —
-four for SLQ's probes — ``n`` times, eagerly or inside one jitted ``fori_loop``), timed in
-the same run; the table
-gives each row's warm time as a multiple of it. A table on stdout and ``--out`` JSON.
+four for SLQ's probes, 15 for LOBPCG's blocks — ``n`` times, eagerly or inside one jitted
+``fori_loop``), timed in the same run; the table gives each row's warm time as a multiple
+of it, and for the eigenpair rows the largest residual ``‖M vⱼ − λⱼ vⱼ‖ / λ_max`` of the
+five pairs (from ``M`` itself, after the timing), so that Lanczos and LOBPCG compare at
+their accuracy. A table on stdout and ``--out`` JSON.
 
 Another revision of jaxgeom runs by putting it first on ``PYTHONPATH`` (e.g. the Lanczos
 steps unrolled, before ``d28240d``)::
@@ -62,14 +66,17 @@ def run_model(name: str, steps: list[int], repeats: int) -> dict:
         M = jaxgeom.FIM(apply_fn, params, (x, y), rep, variant="classif_logits",
                         batch_size=spec.batch_size)
         jax.block_until_ready(M)
+        top = float(estimators.lanczos_eigenvalues(M, key, 100)[-1])  # λ_max, to scale
         probes = {r: jax.random.normal(jax.random.key(5), (r, M.size(0)), M.dtype)
-                  for r in (1, 4)}
+                  for r in (1, 4, 15)}
         for n in steps:
             calls = {
                 f"lanczos_eigsh k=5 n={n}": lambda M, k, n=n: estimators.lanczos_eigsh(
                     M, k, 5, num_iterations=n),
                 f"lanczos_spectral_density n={n} probes=4": lambda M, k, n=n: (
                     estimators.lanczos_spectral_density(M, k, num_steps=n, num_probes=4)),
+                f"lobpcg_eigsh k=5 n={n}": lambda M, k, n=n: estimators.lobpcg_eigsh(
+                    M, k, 5, num_iterations=n),
                 f"hutchinson_trace samples={n}": lambda M, k, n=n: estimators.hutchinson_trace(
                     M, k, n),
             }
@@ -79,20 +86,30 @@ def run_model(name: str, steps: list[int], repeats: int) -> dict:
                     rows[f"{rep.__name__} {n} products of {r} rows ({mode}, floor)"] = timed(
                         functools.partial(products_floor(n, jit), M, v), repeats)
                 for label, fn in calls.items():
-                    rows[f"{rep.__name__} {label} ({mode})"] = timed(
+                    row = rows[f"{rep.__name__} {label} ({mode})"] = timed(
                         functools.partial(jax.jit(fn) if jit else fn, M, key), repeats)
+                    if "eigsh" in label:
+                        row["max_relative_residual"] = max_relative_residual(
+                            M, fn(M, key), top)
     return rows
 
 
+def max_relative_residual(M, pairs, top: float) -> float:
+    """``max_j ‖M vⱼ − λⱼ vⱼ‖ / λ_max`` of eigenpairs ``(λ, V)``, from ``M`` itself."""
+    values, vectors = pairs
+    products = M.mmap(vectors.T).T
+    return float(jnp.max(jnp.linalg.norm(products - vectors * values, axis=0)) / top)
+
+
 def floor_of(row: str, rows: dict) -> dict | None:
-    """The floor of a Lanczos row: the same number of products, on as many rows (4 for
-    SLQ's probes), same mode."""
-    if "lanczos" not in row:
+    """The floor of a Lanczos or LOBPCG row: the same number of products (rounds), on as
+    many rows (4 for SLQ's probes, 15 for LOBPCG's blocks), same mode."""
+    if "lanczos" not in row and "lobpcg" not in row:
         return None
     rep, rest = row.split(" ", 1)
     n = rest.split("n=")[1].split(" ")[0].rstrip(")")
     mode = rest.rsplit("(", 1)[1].rstrip(")")
-    r = 4 if "probes=4" in row else 1
+    r = 4 if "probes=4" in row else 15 if "lobpcg" in row else 1
     return rows.get(f"{rep} {n} products of {r} rows ({mode}, floor)")
 
 
@@ -107,15 +124,18 @@ def main(argv: list[str] | None = None) -> dict:
     import jaxgeom
 
     results = dict(jaxgeom=jaxgeom.__file__, jax=jax.__version__, models={})
-    print(f"{'model':12s}  {'row':66s}  {'warm':>10s}  {'× floor':>8s}  {'first':>8s}")
+    print(f"{'model':12s}  {'row':66s}  {'warm':>10s}  {'× floor':>8s}  {'first':>8s}  "
+          f"{'residual':>9s}")
     for name in args.models:
         rows = run_model(name, args.steps, args.repeats)
         results["models"][name] = rows
         for row, t in rows.items():
             floor = floor_of(row, rows)
             ratio = f"{t['warm_s'] / floor['warm_s']:7.2f}×" if floor else ""
+            residual = (f"{t['max_relative_residual']:9.1e}"
+                        if "max_relative_residual" in t else "")
             print(f"{name:12s}  {row:66s}  {t['warm_s'] * 1e3:8.1f} ms  {ratio:>8s}  "
-                  f"{t['first_s']:6.2f} s", flush=True)
+                  f"{t['first_s']:6.2f} s  {residual}", flush=True)
     write_json(results, args.out)
     return results
 

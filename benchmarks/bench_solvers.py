@@ -5,7 +5,8 @@ SciPy's ``cg``/``minres`` driving the same products.
 Per model, on the exact Fisher as a ``PMatImplicit`` (each product one pass over the data),
 a ``PMatKFAC`` and a ``PMatDiag`` (products of microseconds: the solver's own work shows),
 ``n`` iterations of each method for ``n`` in ``--iterations`` (``rtol=0``, ``maxiter=n``;
-``num_terms=n + 1``: ``n`` products), called eagerly and under ``jit`` (the matrix an
+``num_terms=n + 1``: ``n`` products, with the default ``scale = 1/(‖M‖_F + regul)``
+computed once beforehand), called eagerly and under ``jit`` (the matrix an
 argument): the first call (compilation included) and the median of ``--repeats`` warm
 calls, apart. The **floor** is ``n`` products of ``M`` one after the other
 (``bench_estimators.products_floor``, same mode); the table gives each row as a multiple of
@@ -33,10 +34,9 @@ REGUL = 1e-3
 
 
 def solve_call(method: str, n: int, jit: bool):
-    options = ({"num_terms": n + 1} if method == "neumann"
-               else {"rtol": 0.0, "maxiter": n})
-
-    def solve(M, v):
+    def solve(M, v, scale):
+        options = ({"num_terms": n + 1, "scale": scale} if method == "neumann"
+                   else {"rtol": 0.0, "maxiter": n})
         return M.solve(v, REGUL, method=method, **options)
     return jax.jit(solve) if jit else solve
 
@@ -71,6 +71,9 @@ def run_model(name: str, iterations: list[int], repeats: int) -> dict:
                         batch_size=spec.batch_size)
         jax.block_until_ready(M)
         v = jax.random.normal(jax.random.key(5), (1, M.size(0)), M.dtype)
+        # Neumann's default scale, 1/(‖M‖_F + regul), computed once: the rows time the
+        # iterations (a PMatImplicit's Frobenius norm costs (N K)² d, more than the terms)
+        scale = 1 / (float(M.frobenius_norm()) + REGUL)
         for n in iterations:
             for jit in (False, True):
                 mode = "jit" if jit else "eager"
@@ -78,7 +81,7 @@ def run_model(name: str, iterations: list[int], repeats: int) -> dict:
                     functools.partial(products_floor(n, jit), M, v), repeats)
                 for method in ("cg", "minres", "neumann"):
                     rows[f"{rep.__name__} {method} n={n} ({mode})"] = timed(
-                        functools.partial(solve_call(method, n, jit), M, v[0]), repeats)
+                        functools.partial(solve_call(method, n, jit), M, v[0], scale), repeats)
             if have_scipy:
                 for method in ("cg", "minres"):
                     rows[f"{rep.__name__} scipy {method} n={n} (eager)"] = timed(

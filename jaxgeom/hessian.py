@@ -55,7 +55,7 @@ from jaxgeom.pmat.base import PMatAbstract, check_precision
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
-from jaxgeom.pmat.implicit import PMatImplicit
+from jaxgeom.pmat.implicit import PMatImplicit, _added
 from jaxgeom.streaming import check_finite, mean, tree_finite
 from jaxgeom.vector import product_dtype
 
@@ -283,9 +283,9 @@ class PMatImplicitHessian(PMatImplicit):
             "layer_collection=R.layer_collection), or restrict a stored Hessian "
             f"(Hessian(..., PMatDense).restrict({ids}))")
 
-    def _chunk_mmv(self, rows, chunk):
-        return _chunk_hvps(self.params, rows, chunk.batch, chunk.count, loss_fn=self.fn,
-                           layout=self.layer_collection)
+    def _chunk_mmv(self, rows, chunk, total):
+        return _chunk_hvps(total, self.params, rows, chunk.batch, chunk.count,
+                           loss_fn=self.fn, layout=self.layer_collection)
 
     def _chunk_vTMv(self, v, chunk):
         if self.fn not in _REVERSE_ONLY:
@@ -294,8 +294,8 @@ class PMatImplicitHessian(PMatImplicit):
                                         loss_fn=self.fn, layout=self.layer_collection)
             except NotImplementedError:  # a custom_vjp in the loss: no forward-over-forward
                 _REVERSE_ONLY.add(self.fn)
-        hv = _chunk_hvps(self.params, v[None], chunk.batch, chunk.count, loss_fn=self.fn,
-                         layout=self.layer_collection)[0]
+        hv = _chunk_hvps(None, self.params, v[None], chunk.batch, chunk.count,
+                         loss_fn=self.fn, layout=self.layer_collection)[0]
         return jnp.vdot(v, hv)
 
     def _stream(self, kind: str) -> Any:
@@ -314,10 +314,11 @@ class PMatImplicitHessian(PMatImplicit):
         return jnp.linalg.norm(self.to_dense())
 
 
-@model_jit(static_argnames=("loss_fn", "layout"))
-def _chunk_hvps(params, rows, batch, weight, *, loss_fn, layout):
-    """``weight · H_c vᵢ`` for the rows ``vᵢ`` of ``(m, d)``."""
-    return weight * jax.vmap(_hvp(loss_fn, params, batch, layout))(rows)
+@model_jit(static_argnames=("loss_fn", "layout"), donate_argnums=0)
+def _chunk_hvps(total, params, rows, batch, weight, *, loss_fn, layout):
+    """``total + weight · H_c vᵢ`` for the rows ``vᵢ`` of ``(m, d)`` (``total`` donated, or
+    ``None``: :meth:`PMatImplicit._chunk_mmv`)."""
+    return _added(total, weight * jax.vmap(_hvp(loss_fn, params, batch, layout))(rows))
 
 
 #: losses whose second derivatives need a reverse pass (a ``jax.custom_vjp`` inside: JAX

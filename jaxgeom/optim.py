@@ -214,8 +214,9 @@ def scale_by_natural_gradient(
         ``covariance``, ``layer_collection``, …). A regression ``covariance`` ``Σ`` also
         weighs the residuals of the losses (``½ rᵀΣ⁻¹r``: the empirical Fisher's and the
         default ``loss_fn``).
-      solve_options: passed to ``solve`` (``method``, CG's ``maxiter``/``rtol``,
-        K-FAC's ``damping="exact"|"pi"|"pi_one"``, also used by the cached ``inv``).
+      solve_options: passed to ``solve`` (``method``, CG's and MINRES's
+        ``maxiter``/``rtol``, the Neumann series' ``num_terms``/``scale``, K-FAC's
+        ``damping="exact"|"pi"|"pi_one"``, also used by the cached ``inv``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state

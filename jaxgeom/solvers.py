@@ -115,28 +115,31 @@ def neumann(
     if b.ndim != 1:
         raise ValueError(f"neumann solves for one flat vector; got shape {b.shape}")
     check_neumann_options(scale=scale, num_terms=num_terms)
-    x = jnp.zeros_like(b)
+    x = jnp.asarray(scale, b.dtype) * b  # the first term: no product
+    if num_terms == 1:
+        return x
     ax = matvec(x)
     _check_shape("neumann", ax, b, "matvec(x)")
-    r = b - ax
+    r = b - ax  # the iterates in its dtype: the operator's and b's promoted
     x, b, s = x.astype(r.dtype), b.astype(r.dtype), jnp.asarray(scale, r.dtype)
     if not _traced(r):
-        for _ in range(num_terms - 1):
+        for _ in range(num_terms - 2):
             x = _richardson_step(x, r, s)
             r = _difference(b, matvec(x))
         x = _richardson_step(x, r, s)
-        if not np.isfinite(float(jnp.linalg.norm(r))):
+        residual, rhs = float(jnp.linalg.norm(r)), float(jnp.linalg.norm(b))
+        if not np.isfinite(residual):
             raise FloatingPointError(
                 f"neumann: the residual is not finite after {num_terms - 1} terms (NaN/inf in "
                 "the right-hand side or in the operator's products, or a series that "
                 "overflowed: a scale far above 2/λ_max)")
-        if float(jnp.linalg.norm(r)) > float(jnp.linalg.norm(b)):
+        if residual > rhs:
             raise ValueError(
-                f"neumann: the series diverges (‖b − A x‖ = {float(jnp.linalg.norm(r)):.3g} "
-                f"after {num_terms - 1} terms > ‖b‖ = {float(jnp.linalg.norm(b)):.3g}): "
-                f"scale={float(s):.3g} is not below 2/λ_max, or the matrix (with its damping) "
-                "is not positive definite. Pass a smaller scale (a matrix's solve defaults to "
-                "1/(‖M‖_F + regul)), or use method='minres' for an indefinite matrix")
+                f"neumann: the series diverges (‖b − A x‖ = {residual:.3g} after "
+                f"{num_terms - 1} terms > ‖b‖ = {rhs:.3g}): scale={float(s):.3g} is not below "
+                "2/λ_max, or the matrix (with its damping) is not positive definite. Pass a "
+                "smaller scale (a matrix's solve defaults to 1/(‖M‖_F + regul)), or use "
+                "method='minres' for an indefinite matrix")
         return x
 
     def term(_, state):
@@ -144,7 +147,7 @@ def neumann(
         x = _richardson_step(x, r, s)
         return x, b - matvec(x)
 
-    x, r = jax.lax.fori_loop(0, num_terms - 1, term, (x, r))
+    x, r = jax.lax.fori_loop(0, num_terms - 2, term, (x, r))
     x = _richardson_step(x, r, s)
     return jnp.where(jnp.linalg.norm(r) <= jnp.linalg.norm(b), x, jnp.nan)
 
@@ -172,7 +175,7 @@ class _KrylovMethod(NamedTuple):
     direct: Callable  # (state, preconditioned residual) -> state
     vector: Callable  # state -> the vector multiplied next
     residual_norm: Callable  # state -> the norm compared with the threshold
-    rhs_norm: Callable  # (b, P⁻¹ b) -> ‖b‖ in that norm
+    rhs_norm: Callable  # (b, precondition) -> ‖b‖ in the residual's norm
     solution: Callable  # state -> x
 
 
@@ -201,9 +204,7 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
     z = precondition(r)
     _check_shape(name, z, b, "preconditioner(r)")
     if not _traced(r) and not _traced(z):
-        b = b.astype(r.dtype)
-        bz = z if x0 is None else precondition(b)
-        threshold = jnp.maximum(rtol * method.rhs_norm(b, bz), atol)
+        threshold = jnp.maximum(rtol * method.rhs_norm(b.astype(r.dtype), precondition), atol)
         return _krylov_from_python(method, matvec, precondition, method.start(x, r, z),
                                    threshold, maxiter)
 
@@ -212,8 +213,7 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
         side, or a cotangent when differentiated in reverse mode)."""
         r = b - matvec(x)
         z = precondition(r)
-        bz = z if x0 is None else precondition(b)
-        threshold = jnp.maximum(rtol * method.rhs_norm(b, bz), atol)
+        threshold = jnp.maximum(rtol * method.rhs_norm(b, precondition), atol)
 
         def cond(carry):
             state, k = carry
@@ -257,9 +257,9 @@ def _traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _norm_in(b, bz):
-    """``‖b‖_{P⁻¹} = (bᵀ P⁻¹ b)^{1/2}``, ``bz = P⁻¹ b`` (``‖b‖`` without a preconditioner)."""
-    return jnp.sqrt(jnp.abs(jnp.vdot(b, bz)))
+def _preconditioned_norm(b, precondition):
+    """``‖b‖_{P⁻¹} = (bᵀ P⁻¹ b)^{1/2}`` (``‖b‖`` without a preconditioner)."""
+    return jnp.sqrt(jnp.abs(jnp.vdot(b, precondition(b))))
 
 
 # --- conjugate gradient: state (x, r, p, rz = rᵀz, ‖r‖)
@@ -286,7 +286,7 @@ def _cg_direction(state, z):
 _CG = _KrylovMethod(
     name="cg", start=_cg_start, advance=_cg_advance, direct=_cg_direction,
     vector=lambda state: state[2], residual_norm=lambda state: state[4],
-    rhs_norm=lambda b, bz: jnp.linalg.norm(b), solution=lambda state: state[0])
+    rhs_norm=lambda b, precondition: jnp.linalg.norm(b), solution=lambda state: state[0])
 
 
 # --- MINRES (SciPy's ``minres`` without its shift and its stopping tests): the Lanczos
@@ -351,7 +351,7 @@ def _minres_direct(s: _MinresState, z):
 
 _MINRES = _KrylovMethod(
     name="minres", start=_minres_start, advance=_minres_advance, direct=_minres_direct,
-    vector=lambda s: s.v, residual_norm=lambda s: jnp.abs(s.phibar), rhs_norm=_norm_in,
+    vector=lambda s: s.v, residual_norm=lambda s: jnp.abs(s.phibar), rhs_norm=_preconditioned_norm,
     solution=lambda s: s.x)
 
 

@@ -33,6 +33,7 @@ from jaxgeom.estimators import (
     lanczos_eigsh,
     lanczos_quadrature,
     lanczos_spectral_density,
+    lobpcg_eigsh,
     rademacher_probes,
     spectral_density_curve,
     spectral_density_on_grid,
@@ -398,6 +399,83 @@ def _synthetic(d=30, decay=None, seed=0):
     eigenvalues = np.linspace(0.1, 2.0, d) if decay is None else decay ** np.arange(d)[::-1]
     dense = (basis * eigenvalues) @ basis.T
     return (dense + dense.T) / 2, np.sort(eigenvalues), basis
+
+
+def test_lobpcg_eigsh_against_eigh_and_its_residuals(fisher):
+    """The three largest and the three smallest eigenpairs of the Fisher (the smallest a
+    repeated 0: any orthonormal basis of the null space), each with the residual
+    ``‖M vⱼ − λⱼ vⱼ‖`` computed from ``M`` itself; a stored matrix, its matvec and the
+    matrix-free Fisher give the same pairs."""
+    t, F, dense = fisher
+    d = len(dense)
+    for which in ("LA", "SA"):
+        values, vectors, residuals = lobpcg_eigsh(F, KEY, 3, which=which, tol=1e-12,
+                                                  return_residuals=True)
+        check_eigenpairs(values, vectors, dense, 3, which, atol=1e-9)
+        direct = np.linalg.norm(dense @ vectors - np.asarray(vectors) * np.asarray(values),
+                                axis=0)
+        np.testing.assert_allclose(residuals, direct, atol=1e-12)
+    want = lobpcg_eigsh(F, KEY, 3, tol=1e-12)
+    implicit = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit)
+    for M, options in [(implicit, {}), (_matvec(dense), dict(dim=d, dtype=jnp.float64))]:
+        got = lobpcg_eigsh(M, KEY, 3, tol=1e-12, **options)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-9)
+        np.testing.assert_allclose(np.abs(np.sum(np.asarray(got[1]) * want[1], axis=0)), 1,
+                                   atol=1e-8)
+
+
+def test_lobpcg_eigsh_converges_on_a_separated_spectrum_to_its_tolerance():
+    """The top three of a 300 × 300 spectrum (4, 6, 10 apart from the rest in [0, 1]) to
+    round-off within 40 iterations; with ``tol`` each residual at most ``tol · |λ|``, the
+    iterations stopped there (not at round-off); two iterations give coarser values."""
+    dense, basis = _separated_spectrum()
+    options = dict(dim=300, dtype=jnp.float64)
+    for tol in (1e-3, 1e-6):
+        values, _, residuals = lobpcg_eigsh(_matvec(dense), KEY, 3, num_iterations=40,
+                                            tol=tol, return_residuals=True, **options)
+        np.testing.assert_array_less(residuals, tol * np.asarray(values))
+        assert np.max(np.asarray(residuals) / np.asarray(values)) > tol / 1e3
+    values, vectors = lobpcg_eigsh(_matvec(dense), KEY, 3, num_iterations=40, tol=1e-13,
+                                   **options)
+    np.testing.assert_allclose(values, [4.0, 6.0, 10.0], rtol=1e-10)
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(vectors) * basis[:, -3:], axis=0)), 1,
+                               atol=1e-8)
+    coarse, _ = lobpcg_eigsh(_matvec(dense), KEY, 3, num_iterations=2, **options)
+    assert np.abs(np.asarray(coarse) - [4.0, 6.0, 10.0]).max() > 1e-6
+
+
+def test_lobpcg_eigsh_of_an_indefinite_hessian_eagerly_and_under_jit(fisher):
+    """The implicit Hessian's two smallest (negative) eigenpairs; an eager call of the same
+    structure compiles nothing the second time; under ``jit`` the same pairs."""
+    from pmat_checks import compilations
+
+    t, F, dense = fisher
+    H = _hessian(t)
+    hessian = np.asarray(H.to_dense())
+    assert np.linalg.eigvalsh(hessian)[0] < 0
+    options = dict(which="SA", num_iterations=200, tol=1e-12)
+    values, vectors = lobpcg_eigsh(H, KEY, 2, **options)
+    check_eigenpairs(values, vectors, hessian, 2, "SA", atol=1e-8)
+    with compilations() as compiled:
+        again = lobpcg_eigsh(H, jax.random.key(7), 2, **options)
+    assert compiled == []
+    np.testing.assert_allclose(again[0], values, rtol=1e-8)
+    jitted = jax.jit(lambda M: lobpcg_eigsh(M, KEY, 2, **options))(H)
+    np.testing.assert_allclose(jitted[0], values, rtol=1e-10)
+
+
+def test_lobpcg_eigsh_refusals(fisher):
+    t, F, dense = fisher
+    with pytest.raises(ValueError, match=r"needs 5k < d .* k=11 for d=52: use lanczos_eigsh"):
+        lobpcg_eigsh(F, KEY, 11)
+    with pytest.raises(ValueError, match="'LA' or 'SA'; got 'LM'.*lanczos_eigsh"):
+        lobpcg_eigsh(F, KEY, 2, which="LM")
+    with pytest.raises(ValueError, match="num_iterations must be an integer ≥ 1; got 0"):
+        lobpcg_eigsh(F, KEY, 2, num_iterations=0)
+    with pytest.raises(ValueError, match="tol must be a number ≥ 0"):
+        lobpcg_eigsh(F, KEY, 2, tol=-1.0)
+    with pytest.raises(ValueError, match="k must be an integer ≥ 1"):
+        lobpcg_eigsh(F, KEY, 0)
 
 
 def _matvec(dense):

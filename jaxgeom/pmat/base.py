@@ -466,14 +466,19 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
         ``v`` is a vector (``PVector``, params pytree or flat ``(d,)``) or a stack of flat
         vectors ``(..., d)`` / a Jacobian map, solved row by row. ``method`` is one of
-        ``SOLVE_METHODS`` (first = default); ``"cg"`` accepts ``x0``, ``rtol``, ``atol``,
-        ``maxiter`` and ``preconditioner`` (any representation, solved with the same
-        ``regul``, or a callable).
+        ``SOLVE_METHODS`` (first = default), which every representation ends with the
+        iterative methods on the whole matrix (:mod:`jaxgeom.solvers`): ``"cg"``
+        (positive definite) and ``"minres"`` (symmetric, indefinite or singular) accept
+        ``x0``, ``rtol``, ``atol``, ``maxiter`` and ``preconditioner`` (any representation,
+        solved with the same ``regul``, or a callable; positive definite for MINRES);
+        ``"neumann"`` (the truncated series, positive definite) ``scale`` (default
+        ``1/(‖M‖_F + |regul|)``) and ``num_terms`` (default 100).
 
         Raises:
           ValueError: for a ``regul`` that is not a scalar or (concrete) not finite, an
-            unknown ``method``, or CG tolerances/``maxiter`` out of range
-            (:func:`jaxgeom.solvers.check_cg_options`).
+            unknown ``method``, CG/MINRES tolerances or ``maxiter`` out of range
+            (:func:`jaxgeom.solvers.check_cg_options`), a Neumann ``scale``/``num_terms``
+            out of range, or (eagerly) a Neumann series that diverged.
           TypeError: for an option the method does not take, or a preconditioner that is
             neither a representation nor a callable.
         """
@@ -551,7 +556,8 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         part's own ``eigsh`` of ``min(k, d_p)`` pairs, merged; diagonal ones
         ``O(d log k)`` — and otherwise (``PMatDense``) from ``to_dense()``'s ``eigh``,
         ``d³``. A matrix-free ``PMatImplicit`` raises: use
-        :func:`jaxgeom.estimators.lanczos_eigsh` (Lanczos, from products only).
+        :func:`jaxgeom.estimators.lanczos_eigsh` (Lanczos, from products only) or
+        :func:`jaxgeom.estimators.lobpcg_eigsh` (blocks of products).
 
         Raises:
           ValueError: ``k`` not an integer in ``[1, d]``, or an unknown ``which``.

@@ -105,8 +105,11 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         return self._mmv(rows.reshape(-1, rows.shape[-1])).reshape(rows.shape)
 
     def _mmv(self, rows: jax.Array) -> jax.Array:
-        """``s/N Σ_chunks J_cᵀ (J_c vᵢ)`` for the rows ``vᵢ`` of ``(m, d)``."""
-        total = functools.reduce(operator.add, (self._chunk_mmv(rows, c) for c in self._chunks()))
+        """``s/N Σ_chunks J_cᵀ (J_c vᵢ)`` for the rows ``vᵢ`` of ``(m, d)``, each chunk's
+        products added to the running sum inside its compiled step (in place, eagerly)."""
+        total = None
+        for chunk in self._chunks():
+            total = self._chunk_mmv(rows, chunk, total)
         return _scaled_mean(total, self.scale, self.num_examples)
 
     def vTMv(self, v: Any) -> jax.Array:
@@ -116,10 +119,14 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         return _scaled_mean(total, self.scale, self.num_examples)
 
     # the two per-chunk kernels (the hook of operators other than JᵀJ, e.g. the Hessian)
-    def _chunk_mmv(self, rows: jax.Array, chunk: data_lib.Chunk) -> jax.Array:
-        """``Σ_{n∈chunk} Jₙᵀ Jₙ vᵢ`` for the rows ``vᵢ`` of ``(m, d)``."""
-        return _chunk_jtjv(self.params, rows, chunk.batch, chunk.mask, chunk.offset, self.aux,
-                           fn=self.fn, layout=self.layer_collection)
+    def _chunk_mmv(self, rows: jax.Array, chunk: data_lib.Chunk,
+                   total: jax.Array | None) -> jax.Array:
+        """``total + Σ_{n∈chunk} Jₙᵀ Jₙ vᵢ`` for the rows ``vᵢ`` of ``(m, d)`` (``total``
+        ``None`` for the first chunk; donated: called eagerly, the sum is updated in place
+        instead of a new ``(m, d)`` buffer per chunk, whose allocation and addition cost
+        bench_mlp's 15-row products 0.67 s against 0.40 s under ``jit``)."""
+        return _chunk_jtjv(total, self.params, rows, chunk.batch, chunk.mask, chunk.offset,
+                           self.aux, fn=self.fn, layout=self.layer_collection)
 
     def _chunk_vTMv(self, v: jax.Array, chunk: data_lib.Chunk) -> jax.Array:
         """``Σ_{n∈chunk} ‖Jₙ v‖²``."""
@@ -166,8 +173,10 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         raise NotImplementedError(
             "PMatImplicit does not compute eigenpairs exactly (M.eigsh): estimate k of them "
             "from products by Lanczos, values, vectors = jaxgeom.estimators.lanczos_eigsh(M, "
-            "key, k, which=...), or build a stored matrix (PMatDense.from_pmat(M), or the "
-            "same data in PMatKFAC / PMatLowRank, …) whose eigsh is exact")
+            "key, k, which=...) or by LOBPCG in blocks of products, "
+            "jaxgeom.estimators.lobpcg_eigsh(M, key, k), or build a stored matrix "
+            "(PMatDense.from_pmat(M), or the same data in PMatKFAC / PMatLowRank, …) whose "
+            "eigsh is exact")
 
     eigsh.unsupported = True  # raises only: not listed among the representations that do
 
@@ -293,11 +302,12 @@ def _masked_outputs(fn, batch, mask, offset, aux) -> Callable:
     return outputs
 
 
-@model_jit(static_argnames=("fn", "layout"))
-def _chunk_jtjv(params, rows, batch, mask, offset, aux, *, fn, layout):
-    """``J_cᵀ (J_c vᵢ)`` ``(m, d)`` of one chunk for the rows ``vᵢ`` of ``(m, d)``: one
-    ``jvp`` and one ``vjp`` per row (vectorised), sharing one forward pass (with respect
-    to the floating leaves of ``params``; the others' entries are zero)."""
+@model_jit(static_argnames=("fn", "layout"), donate_argnums=0)
+def _chunk_jtjv(total, params, rows, batch, mask, offset, aux, *, fn, layout):
+    """``total + J_cᵀ (J_c vᵢ)`` ``(m, d)`` of one chunk for the rows ``vᵢ`` of ``(m, d)``
+    (``total`` donated, or ``None``): one ``jvp`` and one ``vjp`` per row (vectorised),
+    sharing one forward pass (with respect to the floating leaves of ``params``; the
+    others' entries are zero)."""
     floats = FloatLeaves.of(params)
     outputs = floats.bind(_masked_outputs(fn, batch, mask, offset, aux))
     jv = jax.vmap(lambda row: jax.jvp(outputs, (floats.primals,), (floats.tangents(row),))[1])(
@@ -305,7 +315,12 @@ def _chunk_jtjv(params, rows, batch, mask, offset, aux, *, fn, layout):
     )
     _, vjp = jax.vjp(outputs, floats.primals)
     jtjv = floats.ravel(jax.vmap(vjp)(jv)[0], rows.shape[:1])
-    return jtjv.astype(product_dtype(rows.dtype, jtjv.dtype))
+    return _added(total, jtjv.astype(product_dtype(rows.dtype, jtjv.dtype)))
+
+
+def _added(total: jax.Array | None, x: jax.Array) -> jax.Array:
+    """``total + x`` (``x`` for the first chunk's ``total = None``)."""
+    return x if total is None else total + x
 
 
 @model_jit(static_argnames=("fn", "layout"))
