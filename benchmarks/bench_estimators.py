@@ -35,7 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
-from output import timed, write_json
+from output import floor_table, timed
 
 
 def products_floor(n: int, jit: bool):
@@ -120,24 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-
-    import jaxgeom
-
-    results = dict(jaxgeom=jaxgeom.__file__, jax=jax.__version__, models={})
-    print(f"{'model':12s}  {'row':66s}  {'warm':>10s}  {'× floor':>8s}  {'first':>8s}  "
-          f"{'residual':>9s}")
-    for name in args.models:
-        rows = run_model(name, args.steps, args.repeats)
-        results["models"][name] = rows
-        for row, t in rows.items():
-            floor = floor_of(row, rows)
-            ratio = f"{t['warm_s'] / floor['warm_s']:7.2f}×" if floor else ""
-            residual = (f"{t['max_relative_residual']:9.1e}"
-                        if "max_relative_residual" in t else "")
-            print(f"{name:12s}  {row:66s}  {t['warm_s'] * 1e3:8.1f} ms  {ratio:>8s}  "
-                  f"{t['first_s']:6.2f} s  {residual}", flush=True)
-    write_json(results, args.out)
-    return results
+    residual = ("residual", lambda t: f"{t['max_relative_residual']:9.1e}"
+                if "max_relative_residual" in t else "")
+    return floor_table(args.models, lambda name: run_model(name, args.steps, args.repeats),
+                       floor_of, args.out, extra=residual)
 
 
 if __name__ == "__main__":

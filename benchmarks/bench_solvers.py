@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
 import numpy as np
 from bench_estimators import products_floor
-from output import timed, write_json
+from output import floor_table, timed
 
 REGUL = 1e-3
 
@@ -105,21 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-
-    import jaxgeom
-
-    results = dict(jaxgeom=jaxgeom.__file__, jax=jax.__version__, models={})
-    print(f"{'model':12s}  {'row':46s}  {'warm':>10s}  {'× floor':>8s}  {'first':>8s}")
-    for name in args.models:
-        rows = run_model(name, args.iterations, args.repeats)
-        results["models"][name] = rows
-        for row, t in rows.items():
-            floor = floor_of(row, rows)
-            ratio = f"{t['warm_s'] / floor['warm_s']:7.2f}×" if floor else ""
-            print(f"{name:12s}  {row:46s}  {t['warm_s'] * 1e3:8.2f} ms  {ratio:>8s}  "
-                  f"{t['first_s']:6.2f} s", flush=True)
-    write_json(results, args.out)
-    return results
+    return floor_table(args.models, lambda name: run_model(name, args.iterations, args.repeats),
+                       floor_of, args.out, width=46)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,31 @@ def timed(call: Callable[[], Any], repeats: int) -> dict:
         jax.block_until_ready(call())
         runs.append(time.perf_counter() - start)
     return dict(first_s=first, warm_s=statistics.median(runs), runs=runs)
+
+
+def floor_table(model_names: list[str], run_model: Callable[[str], dict],
+                floor_of: Callable[[str, dict], dict | None], out: str | None, *,
+                width: int = 66, extra: tuple[str, Callable[[dict], str]] | None = None
+                ) -> dict:
+    """``run_model(name)`` for each model (its rows: :func:`timed` results), printed as a
+    table — each row's warm time, its multiple of ``floor_of(row, rows)`` (a row of the
+    same run, or ``None``), its first call, and the ``extra`` column ``(title,
+    format(row))`` — and written as JSON to ``out``; returns the results."""
+    import jax
+
+    import jaxgeom
+
+    results = dict(jaxgeom=jaxgeom.__file__, jax=jax.__version__, models={})
+    title, cell = extra or ("", lambda t: "")
+    print(f"{'model':12s}  {'row':{width}s}  {'warm':>10s}  {'× floor':>8s}  {'first':>8s}  "
+          f"{title}")
+    for name in model_names:
+        rows = run_model(name)
+        results["models"][name] = rows
+        for row, t in rows.items():
+            floor = floor_of(row, rows)
+            ratio = f"{t['warm_s'] / floor['warm_s']:7.2f}×" if floor else ""
+            print(f"{name:12s}  {row:{width}s}  {t['warm_s'] * 1e3:8.2f} ms  {ratio:>8s}  "
+                  f"{t['first_s']:6.2f} s  {cell(t)}", flush=True)
+    write_json(results, out)
+    return results

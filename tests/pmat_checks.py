@@ -212,41 +212,43 @@ def neumann_series(a, b, scale, num_terms):
     return np.where(grew[..., None], np.nan, x)
 
 
+#: the iterative methods every representation inherits from the base class: checked on
+#: the stack of rows only (their vector path is CG's, checked on both; fewer loops to
+#: compile in every representation's test)
+_INHERITED = ("minres", "neumann")
+
+
 @functools.partial(jax.jit, static_argnames="methods")
-def _solve(M, v, r, scale, *, methods):
+def _solve(M, v, r, *, methods):
     out = {}
     for method in methods:
-        if method == "neumann":  # a fixed polynomial: its default scale, then a given one
-            out[method] = (M.solve(v, REGUL, method=method, num_terms=NEUMANN_TERMS),
-                           M.solve(r, REGUL, method=method, scale=scale,
-                                   num_terms=NEUMANN_TERMS))
-            continue
-        options = {"rtol": 1e-12} if method in ("cg", "minres") else {}
-        out[method] = (M.solve(M.mv(v) + REGUL * v, REGUL, method=method, **options),
-                       M.solve(r, REGUL, method=method, **options))
+        options = ({"rtol": 1e-12} if method in ("cg", "minres") else
+                   {"num_terms": NEUMANN_TERMS} if method == "neumann" else {})
+        x = None if method in _INHERITED else M.solve(M.mv(v) + REGUL * v, REGUL,
+                                                      method=method, **options)
+        out[method] = (x, M.solve(r, REGUL, method=method, **options))
     return out
 
 
 def check_solve(M, dense, params, methods=None):
     """For each solve method (default: all of ``M.SOLVE_METHODS``), in one compiled call:
-    ``solve((M + λ)v, λ) ≈ v`` for a PVector, and row by row for a (2, 3, d) stack; the
-    Neumann series is its polynomial of ``M + λI`` (default scale ``1/(‖M‖_F + λ)``, then
-    ``1/λ_max``)."""
+    ``solve((M + λ)v, λ) ≈ v`` for a PVector, and row by row for a (2, 3, d) stack (the
+    inherited MINRES and Neumann on the stack only); the Neumann series is its polynomial
+    of ``M + λI`` with the default scale ``1/(‖M‖_F + λ)`` (NaN where it diverges)."""
     v = vec(params, 2)
     r = rows(len(dense), 3)
     shifted = dense + REGUL * np.eye(len(dense))
     methods = tuple(M.SOLVE_METHODS if methods is None else methods)
-    scale = 1 / np.linalg.eigvalsh(shifted)[-1]
-    for method, (x, solved) in _solve(M, v, r @ shifted.T, scale, methods=methods).items():
-        assert isinstance(x, PVector) and solved.shape == r.shape, method
+    for method, (x, solved) in _solve(M, v, r @ shifted.T, methods=methods).items():
+        assert solved.shape == r.shape, method
         if method == "neumann":
-            default = neumann_series(shifted, flat(v), 1 / (np.linalg.norm(dense) + REGUL),
-                                     NEUMANN_TERMS)
-            np.testing.assert_allclose(flat(x), default, rtol=1e-8, atol=1e-10)
-            want = neumann_series(shifted, r @ shifted.T, scale, NEUMANN_TERMS)
+            want = neumann_series(shifted, r @ shifted.T, 1 / (np.linalg.norm(dense) + REGUL),
+                                  NEUMANN_TERMS)
             np.testing.assert_allclose(solved, want, rtol=1e-8, atol=1e-10)
             continue
-        np.testing.assert_allclose(flat(x), flat(v), rtol=1e-6, atol=1e-7, err_msg=method)
+        if x is not None:
+            assert isinstance(x, PVector), method
+            np.testing.assert_allclose(flat(x), flat(v), rtol=1e-6, atol=1e-7, err_msg=method)
         np.testing.assert_allclose(solved, r, rtol=1e-5, atol=1e-6, err_msg=method)
 
 

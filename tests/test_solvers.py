@@ -184,6 +184,23 @@ def test_eager_solves_of_the_matrix_free_fisher_are_the_traced_ones(mlp):
                                rtol=1e-9)
 
 
+def test_minres_with_a_representation_as_preconditioner(mlp):
+    """A diagonal Fisher (solved with the same damping) preconditions MINRES on the
+    matrix-free one: the dense solve, eagerly and under ``jit``."""
+    from jaxgeom import PMatDiag
+
+    t, F, dense = mlp
+    P = FIM(t.apply_fn, t.params, (t.x, t.y), PMatDiag)
+    w = random_pvector(jax.random.PRNGKey(4), t.params)
+    want = dense.solve(w, REGUL).to_flat()
+
+    def solve(M, P, w):
+        return M.solve(w, REGUL, method="minres", preconditioner=P, rtol=1e-12)
+
+    for run in (solve, jax.jit(solve)):
+        np.testing.assert_allclose(run(F, P, w).to_flat(), want, rtol=1e-6, atol=1e-7)
+
+
 def test_a_diverging_neumann_solve_names_the_scale(mlp):
     t, F, dense = mlp
     v = random_pvector(jax.random.PRNGKey(1), t.params)
