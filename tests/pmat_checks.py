@@ -202,14 +202,16 @@ NEUMANN_TERMS = 6
 
 
 def neumann_series(a, b, scale, num_terms):
-    """``s Σ_{j<K} (I − s A)ʲ b`` for each row ``b`` (brute force), NaN where the series
-    diverges: its last residual ``(I − s A)^{K−1} b`` longer than ``b`` (an indefinite
-    ``A``, a scale above ``2/λ_max``)."""
-    step = np.eye(len(a)) - scale * a
-    x = b @ (scale * sum(np.linalg.matrix_power(step, j) for j in range(num_terms)))
-    residual = b @ np.linalg.matrix_power(step, num_terms - 1)
-    grew = np.linalg.norm(residual, axis=-1) > np.linalg.norm(b, axis=-1)
-    return np.where(grew[..., None], np.nan, x)
+    """``s Σ_{j<K} (I − s A)ʲ b`` for each row ``b`` (brute force, the terms
+    ``(I − s A)ʲ b`` one after the other), NaN where the series diverges: its last term
+    ``(I − s A)^{K−1} b`` longer than ``b`` (an indefinite ``A``, a scale above
+    ``2/λ_max``)."""
+    term = total = np.asarray(b, dtype=np.float64)
+    for _ in range(num_terms - 1):
+        term = term - scale * term @ a  # A symmetric: rows times A
+        total = total + term
+    grew = np.linalg.norm(term, axis=-1) > np.linalg.norm(b, axis=-1)
+    return np.where(grew[..., None], np.nan, scale * total)
 
 
 #: the iterative methods every representation inherits from the base class: checked on
