@@ -7,6 +7,8 @@ and as a ``PMatDiag`` (products of a few microseconds: the estimator's own work 
 - ``lanczos_eigsh(k=5, n)`` for ``n`` in ``--steps`` (top-5 Ritz pairs of ``n`` steps),
 - ``lobpcg_eigsh(k=5, num_iterations=n)`` (LOBPCG: each iteration one block of up to
   15 products),
+- ``restarted_lanczos_eigsh(k=5, ncv=20)`` with ``tol=0`` and as many restarts as make
+  ``n`` products (thick-restart Lanczos: the memory of 21 vectors for any ``n``),
 - ``lanczos_spectral_density(num_steps=n, num_probes=4)``,
 - ``hutchinson_trace(num_samples=n)``,
 
@@ -17,7 +19,13 @@ four for SLQ's probes, 15 for LOBPCG's blocks — ``n`` times, eagerly or inside
 ``fori_loop``), timed in the same run; the table gives each row's warm time as a multiple
 of it, and for the eigenpair rows the largest residual ``‖M vⱼ − λⱼ vⱼ‖ / λ_max`` of the
 five pairs (from ``M`` itself, after the timing), so that Lanczos and LOBPCG compare at
-their accuracy. A table on stdout and ``--out`` JSON.
+their accuracy. Then, eagerly, the same top-5 pairs to a tolerance (``--tol``, relative to
+``λ_max``) with a basis of 20 vectors, by ``restarted_lanczos_eigsh`` and by SciPy's
+ARPACK ``eigsh`` (implicitly restarted Lanczos, ``ncv=20``, the same ``tol`` — relative to each
+``|λⱼ|``, stricter than ours for all but the top pair; its products are ``M.mv`` through
+NumPy) when SciPy is installed: each row's products counted
+(a separate call) and its floor that many products timed. A table on stdout and
+``--out`` JSON.
 
 Another revision of jaxgeom runs by putting it first on ``PYTHONPATH`` (e.g. the Lanczos
 steps unrolled, before ``d28240d``)::
@@ -53,7 +61,7 @@ def products_floor(n: int, jit: bool):
     return jax.jit(run) if jit else run
 
 
-def run_model(name: str, steps: list[int], repeats: int) -> dict:
+def run_model(name: str, steps: list[int], repeats: int, tol: float) -> dict:
     import jaxgeom
     from jaxgeom import estimators
 
@@ -73,6 +81,9 @@ def run_model(name: str, steps: list[int], repeats: int) -> dict:
             calls = {
                 f"lanczos_eigsh k=5 n={n}": lambda M, k, n=n: estimators.lanczos_eigsh(
                     M, k, 5, num_iterations=n),
+                f"restarted_lanczos_eigsh k=5 ncv=20 n={n}": lambda M, k, n=n: (
+                    estimators.restarted_lanczos_eigsh(M, k, 5, ncv=20, tol=0,
+                                                       max_restarts=(n - 20) // 8)),
                 f"lanczos_spectral_density n={n} probes=4": lambda M, k, n=n: (
                     estimators.lanczos_spectral_density(M, k, num_steps=n, num_probes=4)),
                 f"lobpcg_eigsh k=5 n={n}": lambda M, k, n=n: estimators.lobpcg_eigsh(
@@ -91,6 +102,55 @@ def run_model(name: str, steps: list[int], repeats: int) -> dict:
                     if "eigsh" in label:
                         row["max_relative_residual"] = max_relative_residual(
                             M, fn(M, key), top)
+        rows.update(to_tolerance(M, rep.__name__, key, top, tol, repeats))
+    return rows
+
+
+def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int) -> dict:
+    """The top-5 eigenpairs of ``M`` to residuals ``≤ tol · λ_max`` with 20 basis vectors,
+    eagerly: ``restarted_lanczos_eigsh`` and SciPy's ARPACK, each with its counted products
+    and a floor of that many products."""
+    import numpy as np
+
+    from jaxgeom import estimators
+
+    d, rows = M.size(0), {}
+
+    def counted(calls):
+        def matvec(v):
+            calls.append(1)
+            return M.mv(v)
+        return matvec
+
+    def ours(matvec=None):
+        return estimators.restarted_lanczos_eigsh(
+            M if matvec is None else matvec, key, 5, ncv=20, tol=tol, max_restarts=1000,
+            dim=None if matvec is None else d, dtype=M.dtype)
+
+    runs = {"restarted_lanczos_eigsh": ours}
+    try:
+        from scipy.sparse.linalg import LinearOperator, eigsh
+    except ImportError:
+        print("SciPy not installed: no ARPACK rows")
+    else:
+        def arpack(matvec=None):
+            matvec = M.mv if matvec is None else matvec
+            operator = LinearOperator((d, d), dtype=np.dtype(M.dtype),
+                                      matvec=lambda v: np.asarray(matvec(jnp.asarray(v))))
+            start = np.asarray(jax.random.normal(key, (d,), M.dtype))
+            values, vectors = eigsh(operator, 5, which="LA", ncv=20, v0=start,
+                                    tol=tol, maxiter=1000)
+            return jnp.asarray(values), jnp.asarray(vectors)
+        runs["scipy ARPACK eigsh"] = arpack
+    for label, run in runs.items():
+        calls: list = []
+        run(counted(calls))
+        row = rows[f"{rep} {label} k=5 ncv=20 tol={tol:g} (eager)"] = timed(run, repeats)
+        row["products"] = len(calls)
+        row["max_relative_residual"] = max_relative_residual(M, run(), top)
+        v = jax.random.normal(jax.random.key(5), (1, d), M.dtype)
+        rows[f"{rep} {len(calls)} products of 1 rows (eager, floor)"] = timed(
+            functools.partial(products_floor(len(calls), False), M, v), repeats)
     return rows
 
 
@@ -102,12 +162,13 @@ def max_relative_residual(M, pairs, top: float) -> float:
 
 
 def floor_of(row: str, rows: dict) -> dict | None:
-    """The floor of a Lanczos or LOBPCG row: the same number of products (rounds), on as
-    many rows (4 for SLQ's probes, 15 for LOBPCG's blocks), same mode."""
-    if "lanczos" not in row and "lobpcg" not in row:
+    """The floor of a Lanczos, LOBPCG or ARPACK row: the same number of products (rounds),
+    on as many rows (4 for SLQ's probes, 15 for LOBPCG's blocks), same mode."""
+    if not any(name in row for name in ("lanczos", "lobpcg", "ARPACK")):
         return None
     rep, rest = row.split(" ", 1)
-    n = rest.split("n=")[1].split(" ")[0].rstrip(")")
+    n = (rows[row]["products"] if "products" in rows[row]
+         else rest.split("n=")[1].split(" ")[0].rstrip(")"))
     mode = rest.rsplit("(", 1)[1].rstrip(")")
     r = 4 if "probes=4" in row else 15 if "lobpcg" in row else 1
     return rows.get(f"{rep} {n} products of {r} rows ({mode}, floor)")
@@ -118,11 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", nargs="+", default=["bench_small", "bench_mlp"])
     parser.add_argument("--steps", nargs="+", type=int, default=[20, 60])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tol", type=float, default=1e-3,
+                        help="the residual, relative to λ_max, of the rows to a tolerance")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    residual = ("residual", lambda t: f"{t['max_relative_residual']:9.1e}"
-                if "max_relative_residual" in t else "")
-    return floor_table(args.models, lambda name: run_model(name, args.steps, args.repeats),
+    residual = ("residual, products", lambda t: (
+        f"{t['max_relative_residual']:9.1e}" if "max_relative_residual" in t else "")
+        + (f"  {t['products']}" if "products" in t else ""))
+    return floor_table(args.models,
+                       lambda name: run_model(name, args.steps, args.repeats, args.tol),
                        floor_of, args.out, extra=residual)
 
 

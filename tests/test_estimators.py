@@ -35,6 +35,7 @@ from jaxgeom.estimators import (
     lanczos_spectral_density,
     lobpcg_eigsh,
     rademacher_probes,
+    restarted_lanczos_eigsh,
     spectral_density_curve,
     spectral_density_on_grid,
     xdiag,
@@ -372,23 +373,150 @@ def test_lanczos_eigsh_of_matrix_free_operators_a_hessian_and_under_jit(fisher):
         implicit.eigsh(3)
 
 
-def test_lanczos_eigsh_refusals(fisher):
+@pytest.mark.parametrize("eigsh, options, error, match", [
+    (lanczos_eigsh, dict(k=5, num_iterations=4), ValueError, "at most num_iterations"),
+    (lanczos_eigsh, dict(k=2, which="largest"), ValueError, "which"),
+    (lanczos_eigsh, dict(k=0), ValueError, "k must be an integer"),
+    (lanczos_eigsh, dict(k=2, num_iterations="d + 1"), ValueError, "at most d"),
+    (lanczos_eigsh, dict(k=2, num_iterations=0), ValueError, "num_iterations"),
+    (lanczos_eigsh, dict(k=2, key=0), TypeError, "PRNG key"),
+    (restarted_lanczos_eigsh, dict(k=5, ncv=5), ValueError, "below ncv"),
+    (restarted_lanczos_eigsh, dict(k=2, ncv="d + 1"), ValueError, "ncv must be at most d"),
+    (restarted_lanczos_eigsh, dict(k=2, max_restarts=-1), ValueError,
+     "max_restarts must be an integer ≥ 0"),
+    (restarted_lanczos_eigsh, dict(k=2, tol=-1e-3), ValueError, "tol must be a number"),
+    (restarted_lanczos_eigsh, dict(k=2, which="BE"), ValueError, "which"),
+    (restarted_lanczos_eigsh, dict(k=2, key=0), TypeError, "PRNG key"),
+])
+def test_lanczos_eigsh_refusals(fisher, eigsh, options, error, match):
+    t, F, dense = fisher
+    options = {name: len(dense) + 1 if value == "d + 1" else value
+               for name, value in {"key": KEY, **options}.items()}
+    with pytest.raises(error, match=match):
+        eigsh(F, **options)
+    with pytest.raises(ValueError, match="dim=d"):  # a matvec needs its dimension
+        eigsh(lambda v: v, KEY, 2)
+
+
+@pytest.mark.parametrize("eigsh", ["lanczos", "restarted"])
+def test_lanczos_keeps_small_residuals_of_a_large_float32_matrix(eigsh):
+    """``d = 10⁵`` in float32, one eigenvalue ``10`` over a bulk in ``[0, 0.1]`` and two
+    just above it: once the top pair has converged, each step's genuine residual
+    (``≈ 0.03``) is far below ``d ε · max‖M q‖ ≈ 0.12``, the exhaustion threshold that took
+    them for round-off (then every step restarted from a random vector: ``0.050`` and
+    ``0.079`` for ``0.11`` and ``0.12``, their residuals reported as ``0``). Now the three
+    pairs converge, to float32's accuracy."""
+    d = 100_000
+    spectrum = np.concatenate([np.linspace(0, 0.1, d - 3), [0.11, 0.12, 10.0]])
+    diagonal = jnp.asarray(np.random.default_rng(0).permutation(spectrum), jnp.float32)
+    kw = dict(dim=d, dtype=jnp.float32, return_residuals=True)
+    if eigsh == "lanczos":
+        values, vectors, residuals = lanczos_eigsh(lambda v: diagonal * v, KEY, 3,
+                                                   num_iterations=60, **kw)
+    else:
+        values, vectors, residuals = restarted_lanczos_eigsh(
+            lambda v: diagonal * v, KEY, 3, ncv=20, tol=1e-5, max_restarts=50, **kw)
+    np.testing.assert_allclose(values, [0.11, 0.12, 10.0], rtol=2e-5)
+    vectors = np.asarray(vectors, np.float64)
+    direct = np.linalg.norm(np.asarray(diagonal, np.float64)[:, None] * vectors
+                            - vectors * np.asarray(values, np.float64), axis=0)
+    assert direct.max() < 1e-5 * 10.0 and residuals.max() < 1e-5 * 10.0
+
+# ------------------------------------------------------------ thick-restart Lanczos
+def _clustered_spectrum(d=400):
+    """A symmetric float64 matrix whose extreme eigenvalues are close to the rest (top:
+    1.05, 1.1, 1.2, 1.3, 1.5 over ``d − 10`` evenly in ``[−0.4, 1]``; bottom: −0.6, −0.5,
+    −0.45, −0.42, −0.41): 20 Lanczos products leave their Ritz values ``≈ 1e-4`` off."""
+    rng = np.random.default_rng(2)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    spectrum = np.concatenate([[-0.6, -0.5, -0.45, -0.42, -0.41], np.linspace(-0.4, 1, d - 10),
+                               [1.05, 1.1, 1.2, 1.3, 1.5]])
+    dense = (basis * spectrum) @ basis.T
+    return (dense + dense.T) / 2
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_restarted_lanczos_eigsh_converges_where_one_basis_does_not(which):
+    """With a basis of 20 vectors, one Lanczos cycle (``lanczos_eigsh`` with 20 products)
+    leaves the three wanted pairs of a clustered spectrum visibly off; thick restarts with
+    the same 21 vectors of memory converge to the eigenpairs of ``eigh`` within ``tol``,
+    in at most ``ncv + restarts·(ncv − p)`` counted products. The residuals returned are
+    ``‖M vⱼ − λⱼ vⱼ‖`` from ``M`` itself; under ``jit`` (a ``while_loop`` of cycles) the
+    same pairs."""
+    dense = _clustered_spectrum()
+    d, k, ncv = len(dense), 3, 20
+    one_cycle = lanczos_eigsh(_matvec(dense), KEY, k, which=which, num_iterations=ncv, dim=d,
+                              dtype=jnp.float64)[0]
+    assert np.abs(np.asarray(one_cycle) - expected_eigsh(dense, k, which)).max() > 1e-6
+    products = []
+
+    def matvec(v):
+        products.append(1)
+        return jnp.asarray(dense) @ v
+
+    kw = dict(which=which, ncv=ncv, max_restarts=300, tol=1e-10, dim=d, dtype=jnp.float64,
+              return_residuals=True)
+    values, vectors, residuals = restarted_lanczos_eigsh(matvec, KEY, k, **kw)
+    check_eigenpairs(values, vectors, dense, k, which, atol=1e-9)
+    direct = np.linalg.norm(dense @ vectors - np.asarray(vectors) * np.asarray(values), axis=0)
+    np.testing.assert_allclose(residuals, direct, rtol=1e-4, atol=1e-14)
+    assert np.all(residuals <= 1e-10 * 1.5 * (1 + 1e-9))
+    kept = k + (ncv - k) // 2
+    assert ncv < len(products) < 300 and (len(products) - ncv) % (ncv - kept) == 0
+    jitted = jax.jit(lambda key: restarted_lanczos_eigsh(_matvec(dense), key, k, **kw))(KEY)
+    np.testing.assert_allclose(jitted[0], values, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(jitted[1]) * vectors, axis=0)), 1,
+                               atol=1e-9)
+
+
+def test_restarted_lanczos_eigsh_without_restarts_is_one_lanczos_cycle(fisher):
+    """``max_restarts=0``: the Ritz pairs of ``ncv`` Lanczos steps (``lanczos_eigsh`` with
+    ``num_iterations = ncv`` from the same start vector) and their residuals."""
+    t, F, dense = fisher
+    want = lanczos_eigsh(F, KEY, 3, num_iterations=12, return_residuals=True)
+    got = restarted_lanczos_eigsh(F, KEY, 3, ncv=12, max_restarts=0, return_residuals=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(got[1]) * want[1], axis=0)), 1,
+                               atol=1e-8)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-12)
+
+
+def test_restarted_lanczos_eigsh_of_a_fisher_and_a_hessian(fisher):
+    """The exact Fisher stored, matrix-free (eager: compiled steps between the chunk
+    products) and under ``jit``; an indefinite matrix-free Hessian's largest-magnitude
+    and smallest pairs; ``ncv = d`` converges in one cycle, the Fisher's null space
+    included (its smallest pairs: a repeated ``0``, reached by continuing the exhausted
+    Krylov space)."""
     t, F, dense = fisher
     d = len(dense)
-    with pytest.raises(ValueError, match="at most num_iterations"):
-        lanczos_eigsh(F, KEY, 5, num_iterations=4)
-    with pytest.raises(ValueError, match="which"):
-        lanczos_eigsh(F, KEY, 2, which="largest")
-    with pytest.raises(ValueError, match="k must be an integer"):
-        lanczos_eigsh(F, KEY, 0)
-    with pytest.raises(ValueError, match="at most d"):
-        lanczos_eigsh(F, KEY, 2, num_iterations=d + 1)
-    with pytest.raises(ValueError, match="num_iterations"):
-        lanczos_eigsh(F, KEY, 2, num_iterations=0)
-    with pytest.raises(ValueError, match="dim=d"):
-        lanczos_eigsh(lambda v: v, KEY, 2)
-    with pytest.raises(TypeError, match="PRNG key"):
-        lanczos_eigsh(F, 0, 2)
+    implicit = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit)
+    for which in ("LA", "LM"):
+        for M in (F, implicit):
+            values, vectors = restarted_lanczos_eigsh(M, KEY, 3, which=which, ncv=10,
+                                                      tol=1e-12, max_restarts=200)
+            check_eigenpairs(values, vectors, dense, 3, which, atol=1e-9)
+    jitted = jax.jit(lambda M, key: restarted_lanczos_eigsh(M, key, 3, ncv=10, tol=1e-12,
+                                                            max_restarts=200))(F, KEY)
+    check_eigenpairs(*jitted, dense, 3, "LA", atol=1e-9)
+    from pmat_checks import compilations
+
+    for M in (F, implicit):  # one program per structure / compiled steps: nothing anew
+        with compilations() as compiled:
+            values, _ = restarted_lanczos_eigsh(M, jax.random.key(7), 3, which="LM", ncv=10,
+                                                tol=1e-12, max_restarts=200)
+        assert compiled == []
+        np.testing.assert_allclose(values, expected_eigsh(dense, 3, "LM"), rtol=1e-9)
+    for which in ("LA", "SA"):
+        values, vectors = restarted_lanczos_eigsh(F, KEY, 4, which=which, ncv=d,
+                                                  max_restarts=0)
+        check_eigenpairs(values, vectors, dense, 4, which, atol=1e-9)
+
+    H = _hessian(t)
+    hessian = np.asarray(H.to_dense())
+    for which in ("LM", "SA"):
+        values, vectors = restarted_lanczos_eigsh(H, KEY, 2, which=which, ncv=12, tol=1e-12,
+                                                  max_restarts=300)
+        check_eigenpairs(values, vectors, hessian, 2, which, atol=1e-9)
 
 
 # ------------------------------------------------------- stochastic Lanczos quadrature

@@ -556,8 +556,9 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         part's own ``eigsh`` of ``min(k, d_p)`` pairs, merged; diagonal ones
         ``O(d log k)`` — and otherwise (``PMatDense``) from ``to_dense()``'s ``eigh``,
         ``d³``. A matrix-free ``PMatImplicit`` raises: use
-        :func:`jaxgeom.estimators.lanczos_eigsh` (Lanczos, from products only) or
-        :func:`jaxgeom.estimators.lobpcg_eigsh` (blocks of products).
+        :func:`jaxgeom.estimators.lanczos_eigsh` (Lanczos, from products only),
+        :func:`jaxgeom.estimators.restarted_lanczos_eigsh` (thick restarts, bounded
+        memory) or :func:`jaxgeom.estimators.lobpcg_eigsh` (blocks of products).
 
         Raises:
           ValueError: ``k`` not an integer in ``[1, d]``, or an unknown ``which``.

@@ -173,7 +173,9 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         raise NotImplementedError(
             "PMatImplicit does not compute eigenpairs exactly (M.eigsh): estimate k of them "
             "from products by Lanczos, values, vectors = jaxgeom.estimators.lanczos_eigsh(M, "
-            "key, k, which=...) or by LOBPCG in blocks of products, "
+            "key, k, which=...) — restarted in bounded memory by "
+            "jaxgeom.estimators.restarted_lanczos_eigsh(M, key, k, which=..., ncv=...) — "
+            "or by LOBPCG in blocks of products, "
             "jaxgeom.estimators.lobpcg_eigsh(M, key, k), or build a stored matrix "
             "(PMatDense.from_pmat(M), or the same data in PMatKFAC / PMatLowRank, …) whose "
             "eigsh is exact")
