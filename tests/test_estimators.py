@@ -15,6 +15,7 @@ from pmat_checks import check_eigenpairs, expected_eigsh
 from jaxgeom import (
     FIM,
     Hessian,
+    LayerCollection,
     PMatDense,
     PMatDiag,
     PMatEye,
@@ -469,12 +470,37 @@ def test_restarted_lanczos_eigsh_converges_where_one_basis_does_not(which):
                                atol=1e-9)
 
 
+def test_restarted_lanczos_eigsh_warns_when_it_has_not_converged(fisher):
+    """Two restarts are not enough for the clustered spectrum at ``tol = 1e-10``: the pairs
+    come back as they are, their residuals above ``tol · max|θ|``, with a warning naming the
+    largest (a ``matvec`` driven from Python, a stored matrix as one program); none with
+    ``tol = 0`` (every restart asked for) or once converged."""
+    import warnings
+
+    dense = _clustered_spectrum()
+    d = len(dense)
+    options = dict(ncv=20, max_restarts=2, tol=1e-10, return_residuals=True)
+    for M, extra in [(_matvec(dense), dict(dim=d, dtype=jnp.float64)),
+                     (PMatDense(LayerCollection.from_params({"w": jnp.zeros(d)}),
+                                jnp.asarray(dense)), {})]:
+        with pytest.warns(RuntimeWarning, match="did not converge in 2 restarts") as caught:
+            values, vectors, residuals = restarted_lanczos_eigsh(M, KEY, 3, **options, **extra)
+        assert f"{float(np.max(residuals)):.3g}" in str(caught[0].message)
+        assert np.max(residuals) > 1e-10 * 1.5
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            restarted_lanczos_eigsh(M, KEY, 3, **{**options, "tol": 0}, **extra)
+            restarted_lanczos_eigsh(M, KEY, 3, **{**options, "max_restarts": 300}, **extra)
+
+
 def test_restarted_lanczos_eigsh_without_restarts_is_one_lanczos_cycle(fisher):
     """``max_restarts=0``: the Ritz pairs of ``ncv`` Lanczos steps (``lanczos_eigsh`` with
     ``num_iterations = ncv`` from the same start vector) and their residuals."""
     t, F, dense = fisher
     want = lanczos_eigsh(F, KEY, 3, num_iterations=12, return_residuals=True)
-    got = restarted_lanczos_eigsh(F, KEY, 3, ncv=12, max_restarts=0, return_residuals=True)
+    with pytest.warns(RuntimeWarning, match="did not converge in 0 restarts"):  # 12 steps
+        got = restarted_lanczos_eigsh(F, KEY, 3, ncv=12, max_restarts=0,
+                                      return_residuals=True)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
     np.testing.assert_allclose(np.abs(np.sum(np.asarray(got[1]) * want[1], axis=0)), 1,
                                atol=1e-8)
