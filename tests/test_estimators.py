@@ -187,8 +187,12 @@ def test_lanczos_steps_are_one_loop_of_one_shape(fisher, monkeypatch):
     """Traced, the steps are one ``fori_loop`` per block of the basis (8, 8, 16, 32, …
     rows): the program grows with the number of blocks, not of steps (unrolled, it held one
     product and one reorthogonalisation per step, 14–21 s of compilation for 80 steps).
-    Eager, each step is one compiled update: traced once per block."""
-    _, F, _ = fisher
+    Driven from Python (a ``matvec`` called eagerly), each step is one compiled update:
+    traced once per block. A stored matrix called eagerly is one compiled program: no step
+    driven from Python, nothing compiled anew at a second call."""
+    from pmat_checks import compilations
+
+    _, F, dense = fisher
 
     def equations(n):
         return len(jax.make_jaxpr(lambda M, k: lanczos_eigenvalues(M, k, n))(F, KEY).eqns)
@@ -203,8 +207,13 @@ def test_lanczos_steps_are_one_loop_of_one_shape(fisher, monkeypatch):
 
     monkeypatch.setattr(estimators, "_lanczos_step_compiled",
                         donating_jit(step, donate_argnums=0, static_argnums=(4, 5)))
-    np.testing.assert_allclose(lanczos_eigenvalues(F, KEY, 15), want, rtol=1e-12)
+    got = lanczos_eigenvalues(_matvec(dense), KEY, 15, dim=len(dense), dtype=jnp.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     assert len(traces) == 2 and all(isinstance(j, jax.core.Tracer) for j in traces)
+    with compilations() as compiled:
+        again = lanczos_eigenvalues(F, jax.random.key(1), 15)
+    assert compiled == [] and len(traces) == 2
+    np.testing.assert_allclose(again[-1], want[-1], rtol=1e-8)  # another start, same top
 
 
 def test_refusals(fisher):
