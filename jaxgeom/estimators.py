@@ -466,8 +466,8 @@ def restarted_lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str =
         raise ValueError(f"tol must be a number ≥ 0; got {tol!r}")
     tol = float(np.sqrt(np.finfo(start.dtype).eps) if tol is None else tol)
     config = (ncv, k + (ncv - k) // 2, k, which, tol, max_restarts)
-    if isinstance(M, PMatAbstract) and M._compiles_eager_calls():
-        *pairs, converged = _trl_of_matrix(M, start, key, config)  # one program
+    if _one_program(M):
+        *pairs, converged = _trl_of_matrix(M, start, key, config)
     else:
         *pairs, converged = _trl(products, start, key, config)
     if tol > 0 and not isinstance(converged, jax.core.Tracer) and not bool(converged):
@@ -961,6 +961,14 @@ def rademacher_probes(key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax
     return (2 * bits.reshape(m, -1)[:, :d].astype(dtype) - 1).astype(dtype)
 
 
+def _one_program(M: Operator) -> bool:
+    """Whether an estimator's steps on ``M`` run as one compiled program with ``M`` an
+    argument: a representation whose products compile (all but ``PMatImplicit``, whose
+    eager products run compiled chunk steps of their own; a ``matvec`` closure would be
+    compiled anew at every call)."""
+    return isinstance(M, PMatAbstract) and M._compiles_eager_calls()
+
+
 def _run_lanczos(M: Operator, products: Callable[[jax.Array], jax.Array], start: jax.Array,
                  num_steps: Any, what: str = "num_steps", *, restart: jax.Array | None = None,
                  return_basis: bool = False,
@@ -971,7 +979,7 @@ def _run_lanczos(M: Operator, products: Callable[[jax.Array], jax.Array], start:
     otherwise ``products`` as :func:`_lanczos` drives them. bench_small's ``PMatDiag``,
     ``lanczos_eigsh`` of 20 steps: 6.4 ms driven from Python, 1.3 ms as one program."""
     _check_count(num_steps, what)
-    if stop is None and isinstance(M, PMatAbstract) and M._compiles_eager_calls():
+    if stop is None and _one_program(M):
         return _lanczos_of_matrix(M, start, num_steps, what, restart, return_basis)
     return _lanczos(products, start, num_steps, what, restart=restart,
                     return_basis=return_basis, stop=stop)
