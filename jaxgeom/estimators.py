@@ -55,6 +55,7 @@ References:
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -358,10 +359,7 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
     _spectral.check_eigsh_options(k, which, min(num_iterations, d),
                                   "k (at most num_iterations and d)")
     stop = None
-    if tol is not None:
-        if not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"tol must be a number ≥ 0; got {tol!r}")
-
+    if _checked_tol(tol) is not None:
         def stop(tridiagonal, beta):  # every chosen pair's residual small enough
             if tridiagonal.shape[-1] < k:
                 return False
@@ -462,9 +460,7 @@ def restarted_lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str =
     if ncv > d:
         raise ValueError(f"ncv must be at most d = {d}; got {ncv}")
     _spectral.check_eigsh_options(k, which, ncv - 1, "k (below ncv, the basis size)")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be a number ≥ 0; got {tol!r}")
-    tol = float(np.sqrt(np.finfo(start.dtype).eps) if tol is None else tol)
+    tol = _checked_tol(tol, start.dtype)
     config = (ncv, k + (ncv - k) // 2, k, which, tol, max_restarts)
     if _one_program(M):
         *pairs, converged = _trl_of_matrix(M, start, key, config)
@@ -684,15 +680,14 @@ def lobpcg_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
     if which not in ("LA", "SA"):
         raise ValueError(f"lobpcg_eigsh takes which='LA' or 'SA'; got {which!r} (for the "
                          "largest in magnitude, 'LM', use lanczos_eigsh)")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be a number ≥ 0; got {tol!r}")
+    _checked_tol(tol)  # before drawing the probes
     start = probes(key, k)
     if 5 * k >= start.shape[1]:
         raise ValueError(f"lobpcg_eigsh needs 5k < d (JAX's lobpcg_standard); got k={k} for "
                          f"d={start.shape[1]}: use lanczos_eigsh, or a stored matrix's eigsh")
     sign = 1 if which == "LA" else -1
     d = start.shape[1]
-    tol = float(np.sqrt(np.finfo(start.dtype).eps) if tol is None else tol) / (20 * d)
+    tol = _checked_tol(tol, start.dtype) / (20 * d)
     if isinstance(M, PMatAbstract):
         return _lobpcg(M, start, sign, num_iterations, tol, return_residuals)
     return _lobpcg_of_function(M, start, sign, num_iterations, tol, return_residuals)
@@ -903,6 +898,16 @@ def spectral_density_curve(nodes: jax.Array, weights: jax.Array, *, num_points: 
 def _check_count(count: Any, what: str, minimum: int = 1) -> None:
     if isinstance(count, bool) or not isinstance(count, int) or count < minimum:
         raise ValueError(f"{what} must be an integer ≥ {minimum}; got {count!r}")
+
+
+def _checked_tol(tol: Any, dtype: Any = None) -> float | None:
+    """An eigensolver's ``tol`` as a Python float (``None``: ``√ε`` of ``dtype`` when given,
+    else ``None``); anything but a real number ``≥ 0`` refused."""
+    if tol is None:
+        return None if dtype is None else float(np.sqrt(np.finfo(dtype).eps))
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
+        raise ValueError(f"tol must be a number ≥ 0; got {tol!r}")
+    return float(tol)
 
 
 def _operator(M: Operator, dim: int | None, dtype: Any

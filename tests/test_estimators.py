@@ -395,6 +395,8 @@ def test_lanczos_eigsh_of_matrix_free_operators_a_hessian_and_under_jit(fisher):
     (restarted_lanczos_eigsh, dict(k=2, max_restarts=-1), ValueError,
      "max_restarts must be an integer ≥ 0"),
     (restarted_lanczos_eigsh, dict(k=2, tol=-1e-3), ValueError, "tol must be a number"),
+    (restarted_lanczos_eigsh, dict(k=2, tol="1e-3"), ValueError, "tol must be a number"),
+    (lanczos_eigsh, dict(k=2, tol=float("nan")), ValueError, "tol must be a number"),
     (restarted_lanczos_eigsh, dict(k=2, which="BE"), ValueError, "which"),
     (restarted_lanczos_eigsh, dict(k=2, key=0), TypeError, "PRNG key"),
 ])
@@ -483,7 +485,8 @@ def test_restarted_lanczos_eigsh_warns_when_it_has_not_converged(fisher):
     """Two restarts are not enough for the clustered spectrum at ``tol = 1e-10``: the pairs
     come back as they are, their residuals above ``tol · max|θ|``, with a warning naming the
     largest (a ``matvec`` driven from Python, a stored matrix as one program); none with
-    ``tol = 0`` (every restart asked for) or once converged."""
+    ``tol = 0`` (every restart asked for; a NumPy scalar is a number too) or once
+    converged."""
     import warnings
 
     dense = _clustered_spectrum()
@@ -498,7 +501,7 @@ def test_restarted_lanczos_eigsh_warns_when_it_has_not_converged(fisher):
         assert np.max(residuals) > 1e-10 * 1.5
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            restarted_lanczos_eigsh(M, KEY, 3, **{**options, "tol": 0}, **extra)
+            restarted_lanczos_eigsh(M, KEY, 3, **{**options, "tol": np.float32(0)}, **extra)
             restarted_lanczos_eigsh(M, KEY, 3, **{**options, "max_restarts": 300}, **extra)
 
 
@@ -538,7 +541,7 @@ def test_restarted_lanczos_eigsh_of_a_fisher_and_a_hessian(fisher):
     for M in (F, implicit):  # one program per structure / compiled steps: nothing anew
         with compilations() as compiled:
             values, _ = restarted_lanczos_eigsh(M, jax.random.key(7), 3, which="LM", ncv=10,
-                                                tol=1e-12, max_restarts=200)
+                                                tol=np.float64(1e-12), max_restarts=200)
         assert compiled == []
         np.testing.assert_allclose(values, expected_eigsh(dense, 3, "LM"), rtol=1e-9)
     for which in ("LA", "SA"):
