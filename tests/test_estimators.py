@@ -216,6 +216,57 @@ def test_lanczos_steps_are_one_loop_of_one_shape(fisher, monkeypatch):
     np.testing.assert_allclose(again[-1], want[-1], rtol=1e-8)  # another start, same top
 
 
+# (call, how each output scales with M: the same probes, Krylov spaces and sketches for 2M)
+# with counts used nowhere else in this module, so that the first call below is a first
+ONE_PROGRAM_CALLS = {
+    "hutchinson_trace": (lambda M, key: hutchinson_trace(M, key, 14), (2,)),
+    "hutchinson_diag": (lambda M, key: hutchinson_diag(M, key, 14, distribution="normal"),
+                        (2,)),
+    "hutchinson_squared_frobenius": (
+        lambda M, key: hutchinson_squared_frobenius(M, key, 14), (4,)),
+    "hutchpp_trace": (lambda M, key: hutchpp_trace(M, key, 14), (2,)),
+    "xtrace": (lambda M, key: xtrace(M, key, 14), (2,)),
+    "xdiag": (lambda M, key: xdiag(M, key, 14), (2,)),
+    "lanczos_eigenvalues": (lambda M, key: lanczos_eigenvalues(M, key, 14), (2,)),
+    "lanczos_eigsh": (lambda M, key: lanczos_eigsh(M, key, 3, num_iterations=13,
+                                                   return_residuals=True),
+                      (2, None, 2)),  # values, vectors (up to their signs), residuals
+    "lanczos_spectral_density": (lambda M, key: lanczos_spectral_density(
+        M, key, num_steps=7, num_probes=3), (2, 1)),  # nodes, weights
+    "lanczos_quadrature": (lambda M, key: lanczos_quadrature(  # start vectors from NumPy
+        M, np.eye(3, M.size(0)) + 0.5, 7), (2, 1)),
+}
+
+
+@pytest.mark.parametrize("name", ONE_PROGRAM_CALLS)
+def test_estimators_of_a_stored_matrix_called_eagerly_are_one_program(fisher, name):
+    """Called eagerly on a stored matrix, an estimator is one compiled program with the
+    matrix an argument (op by op, its probes and products were programs of their own):
+    the numbers of the same steps run op by op, one compilation for the first call and
+    none for another key or another matrix of the same structure."""
+    from pmat_checks import compilations
+
+    _, F, _ = fisher
+    call, scales = ONE_PROGRAM_CALLS[name]
+    with compilations() as first:
+        got = call(F, KEY)
+    sketches = ("hutchpp_trace", "xtrace", "xdiag")  # XLA's own reductions after the QR
+    assert first == ["_compiled_sketch" if name in sketches else "_compiled_call"]
+    with jax.disable_jit():  # every step as written, op by op
+        want = call(F, KEY)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
+    key, doubled_F = jax.random.key(3), 2.0 * F
+    with compilations() as again:
+        doubled = call(doubled_F, key)
+    assert again == []
+    for g, w, scale in zip(jax.tree.leaves(doubled), jax.tree.leaves(call(F, key)), scales,
+                           strict=True):
+        if scale is None:
+            g, w, scale = np.abs(g), np.abs(w), 1
+        np.testing.assert_allclose(g, scale * w, rtol=1e-8, atol=1e-12)
+
+
 def test_refusals(fisher):
     t, F, dense = fisher
     with pytest.raises(ValueError, match="integer ≥ 1"):
