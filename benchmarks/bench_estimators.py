@@ -27,6 +27,11 @@ NumPy) when SciPy is installed: each row's products counted
 (a separate call) and its floor that many products timed. A table on stdout and
 ``--out`` JSON.
 
+``--eager-forms`` times instead the randomised estimators (Hutchinson, Hutch++, XTrace,
+XDiag, Lanczos eigenpairs, SLQ) on ``PMatDiag`` and ``PMatKFAC`` op by op, as the one
+compiled program an eager call runs, and under ``jit``; each row's floor is its op-by-op
+form.
+
 Another revision of jaxgeom runs by putting it first on ``PYTHONPATH`` (e.g. the Lanczos
 steps unrolled, before ``d28240d``)::
 
@@ -154,6 +159,51 @@ def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int) -> dict
     return rows
 
 
+#: the estimators timed by ``--eager-forms``: (label, function name, call)
+EAGER_FORMS = (
+    ("hutchinson_trace m=20", "hutchinson_trace", lambda f, M, k: f(M, k, 20)),
+    ("hutchpp_trace m=21", "hutchpp_trace", lambda f, M, k: f(M, k, 21)),
+    ("xtrace m=20", "xtrace", lambda f, M, k: f(M, k, 20)),
+    ("xdiag m=20", "xdiag", lambda f, M, k: f(M, k, 20)),
+    ("lanczos_eigsh k=5 n=20", "lanczos_eigsh", lambda f, M, k: f(M, k, 5, num_iterations=20)),
+    ("lanczos_spectral_density n=20 probes=4", "lanczos_spectral_density",
+     lambda f, M, k: f(M, k, num_steps=20, num_probes=4)),
+)
+
+
+def run_eager_forms(name: str, repeats: int) -> dict:
+    """Each estimator of :data:`EAGER_FORMS` on the exact Fisher as ``PMatDiag`` and
+    ``PMatKFAC``, three ways: op by op (the function as written, ``__wrapped__``: its
+    probes, products and reductions dispatched one by one), as one compiled program (the
+    eager call), and under the caller's ``jit``; the floor of a row is its op-by-op one."""
+    import jaxgeom
+    from jaxgeom import estimators
+
+    spec = models.SPECS[name]
+    apply_fn, params = models.make_apply(spec), models.init_params(spec)
+    x, y = (jnp.asarray(a) for a in models.make_data(spec))
+    key = jax.random.key(3)
+    rows: dict = {}
+    for rep in (jaxgeom.PMatDiag, jaxgeom.PMatKFAC):
+        M = jaxgeom.FIM(apply_fn, params, (x, y), rep, variant="classif_logits",
+                        batch_size=spec.batch_size)
+        jax.block_until_ready(M)
+        for label, function, call in EAGER_FORMS:
+            estimator = getattr(estimators, function)
+            forms = {"op by op": functools.partial(call, estimator.__wrapped__),
+                     "one program": functools.partial(call, estimator),
+                     "jit": jax.jit(functools.partial(call, estimator))}
+            for form, run in forms.items():
+                rows[f"{rep.__name__} {label} ({form})"] = timed(
+                    functools.partial(run, M, key), repeats)
+    return rows
+
+
+def op_by_op_floor(row: str, rows: dict) -> dict | None:
+    """The floor of an ``--eager-forms`` row: the same estimator op by op."""
+    return rows.get(row.rsplit(" (", 1)[0] + " (op by op)")
+
+
 def max_relative_residual(M, pairs, top: float) -> float:
     """``max_j ‖M vⱼ − λⱼ vⱼ‖ / λ_max`` of eigenpairs ``(λ, V)``, from ``M`` itself."""
     values, vectors = pairs
@@ -181,8 +231,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tol", type=float, default=1e-3,
                         help="the residual, relative to λ_max, of the rows to a tolerance")
+    parser.add_argument("--eager-forms", action="store_true",
+                        help="instead: each estimator op by op, as one program and under "
+                             "jit, on PMatDiag and PMatKFAC")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.eager_forms:
+        return floor_table(args.models, lambda name: run_eager_forms(name, args.repeats),
+                           op_by_op_floor, args.out)
     residual = ("residual, products", lambda t: (
         f"{t['max_relative_residual']:9.1e}" if "max_relative_residual" in t else "")
         + (f"  {t['products']}" if "products" in t else ""))

@@ -31,8 +31,8 @@ smooths it on a grid, :func:`spectral_density_curve` on one chosen from the spec
 Everything is jit-able; the same key gives the same estimate. Called eagerly on a stored
 representation (any but ``PMatImplicit``), each estimator runs as one compiled program
 with the matrix an argument, compiled once per structure and options (``num_samples``,
-``distribution``, …), not op by op: bench_small's ``PMatDiag``, ``hutchinson_trace`` of 20
-probes, ≈ 0.56 ms op by op, ≈ 0.24 ms as one program. These are curvlinops'
+``distribution``, …), not op by op (``PMatDiag`` of 670k parameters, 2-core CPU:
+``hutchinson_trace`` of 20 probes 49 → 20 ms, ``xdiag`` 200 → 139 ms). These are curvlinops'
 ``hutchinson_trace``, ``hutchpp_trace``, ``xtrace``, ``hutchinson_diag``, ``xdiag``,
 ``hutchinson_squared_fro``, ``lanczos_approximate_spectrum`` and ``eigsh`` (and matfree's
 ``stochtrace``, PyHessian's ``density``). :func:`restarted_lanczos_eigsh` finds the
