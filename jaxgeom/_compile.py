@@ -67,14 +67,6 @@ CONVOLUTION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 CONVOLUTION_VALUE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 
 
-#: options of a function whose reductions read a LAPACK factorisation's tall output (the
-#: randomised estimators' sketches, ``Q`` of a ``d × k`` QR): YNNPACK for matrix products
-#: only. Its reduction fusions took ``Q`` (column-major, LAPACK's) through a transposed
-#: copy and the broadcasts around them materialised: Hutch++ on 670k parameters
-#: (``PMatDiag``, 21 probes, 2-core CPU) 125 ms with them, 50 ms with XLA's own reductions
-SKETCH_REDUCTIONS = {CONVOLUTION_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
 #: options of a step whose independent operations should not all be live at once: XLA:CPU's
 #: default scheduler, optimised for concurrency, starts every independent product as early
 #: as it can, so that their results coexist; the memory-optimised one reuses their memory

@@ -103,14 +103,6 @@ def _calling(name: str) -> Callable:
     return call
 
 
-def compiled_caller(name: str, compiler_options: dict[str, Any]) -> Callable:
-    """A compiled caller for :func:`compiled_when_eager`'s ``compiled``: the call compiled
-    as a factorisation's (:func:`jaxgeom._compile.factorisation_jit`) with
-    ``compiler_options`` added; ``name`` is the name XLA's logs give its compilations."""
-    return factorisation_jit(_calling(name), static_argnums=(0, 1, 2),
-                             compiler_options=compiler_options)
-
-
 _compiled_call = jax.jit(_calling("_compiled_call"), static_argnums=(0, 1, 2))
 #: for the operations a representation lists in ``FACTORISING_OPERATIONS``: compiled with
 #: XLA:CPU's quick fusion emitters (:func:`jaxgeom._compile.factorisation_jit`)
@@ -118,12 +110,11 @@ _compiled_factorisation = factorisation_jit(_calling("_compiled_factorisation"),
                                             static_argnums=(0, 1, 2))
 
 
-def compiled_when_eager(method: Callable, *, compiled: Callable | None = None) -> Callable:
+def compiled_when_eager(method: Callable) -> Callable:
     """``method(self, *args, **kwargs)`` as one compiled call when no argument is traced
     (module docstring). ``self`` must be a pytree; when it has a ``_compiles_eager_calls()``
-    method answering ``False``, the call stays eager. ``compiled``: the compiled caller
-    (:func:`compiled_caller`), when not the one chosen by name: when the method's name is
-    in its ``FACTORISING_OPERATIONS`` the call is compiled as a factorisation
+    method answering ``False``, the call stays eager. When the method's name is in its
+    ``FACTORISING_OPERATIONS`` the call is compiled as a factorisation
     (:func:`jaxgeom._compile.factorisation_jit`: half the compile time). When it has a
     ``_factorised_orders(name, *args, **kwargs)`` method, the orders of the independent
     matrices that call factorises, the compiled call runs them side by side when faster
@@ -141,9 +132,8 @@ def compiled_when_eager(method: Callable, *, compiled: Callable | None = None) -
         split = _split(leaves)
         if split is None:
             return method(self, *args, **kwargs)
-        call = compiled or (
-            _compiled_factorisation if name in getattr(self, "FACTORISING_OPERATIONS", ())
-            else _compiled_call)
+        call = (_compiled_factorisation if name in getattr(self, "FACTORISING_OPERATIONS", ())
+                else _compiled_call)
         factorised = getattr(self, "_factorised_orders", None)
         orders = factorised(name, *args, **kwargs) if factorised is not None else ()
         if not orders:

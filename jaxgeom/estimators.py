@@ -32,7 +32,7 @@ Everything is jit-able; the same key gives the same estimate. Called eagerly on 
 representation (any but ``PMatImplicit``), each estimator runs as one compiled program
 with the matrix an argument, compiled once per structure and options (``num_samples``,
 ``distribution``, …), not op by op (``PMatDiag`` of 670k parameters, 2-core CPU:
-``hutchinson_trace`` of 20 probes 49 → 20 ms, ``xdiag`` 200 → 139 ms). These are curvlinops'
+``hutchinson_trace`` of 20 probes 49 → 20 ms, ``xdiag`` 208 → 131 ms). These are curvlinops'
 ``hutchinson_trace``, ``hutchpp_trace``, ``xtrace``, ``hutchinson_diag``, ``xdiag``,
 ``hutchinson_squared_fro``, ``lanczos_approximate_spectrum`` and ``eigsh`` (and matfree's
 ``stochtrace``, PyHessian's ``density``). :func:`restarted_lanczos_eigsh` finds the
@@ -68,9 +68,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._compile import SKETCH_REDUCTIONS, donating_jit
+from jaxgeom._compile import donating_jit
 from jaxgeom._counter_rng import check_key
-from jaxgeom._dispatch import compiled_caller, compiled_when_eager
+from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract
 
@@ -80,25 +80,15 @@ DISTRIBUTIONS = ("rademacher", "normal")
 Operator = PMatAbstract | Callable[[jax.Array], jax.Array]
 
 
-#: the compiled caller of the estimators that take a QR of their sketch
-#: (:data:`jaxgeom._compile.SKETCH_REDUCTIONS`)
-_compiled_sketch = compiled_caller("_compiled_sketch", SKETCH_REDUCTIONS)
-
-
-def _one_program_when_eager(estimator: Callable | None = None, *, sketch: bool = False
-                            ) -> Callable:
-    """Decorator: ``estimator(M, *args, **kwargs)`` as one compiled program with ``M`` an
-    argument (:func:`~jaxgeom._dispatch.compiled_when_eager`: compiled once per structure
-    and options; ``sketch``: compiled as a factorisation, XLA's own reductions reading the
-    QR, :data:`~jaxgeom._compile.SKETCH_REDUCTIONS`) when called eagerly on a stored
-    representation; as written otherwise: on a
+def _one_program_when_eager(estimator: Callable) -> Callable:
+    """``estimator(M, *args, **kwargs)`` as one compiled program with ``M`` an argument
+    (:func:`~jaxgeom._dispatch.compiled_when_eager`: compiled once per structure and
+    options) when called eagerly on a stored representation; as written otherwise: on a
     ``PMatImplicit`` or a ``matvec``, inside a trace, with a ``tol`` (tested between steps
     driven from Python), and with a non-integral number among the arguments (none of
     these estimators takes one: a count given as ``10.0`` is refused by name, not
     traced)."""
-    if estimator is None:
-        return functools.partial(_one_program_when_eager, sketch=sketch)
-    compiled = compiled_when_eager(estimator, compiled=_compiled_sketch if sketch else None)
+    compiled = compiled_when_eager(estimator)
 
     @functools.wraps(estimator)
     def run(M: Operator, *args: Any, **kwargs: Any) -> Any:
@@ -170,7 +160,7 @@ def hutchinson_squared_frobenius(M: Operator, key: jax.Array, num_samples: int =
     return jnp.sum(products(probes(key, num_samples)) ** 2) / num_samples
 
 
-@_one_program_when_eager(sketch=True)
+@_one_program_when_eager
 def hutchpp_trace(M: Operator, key: jax.Array, num_samples: int = 99, *,
                   distribution: str = "rademacher", dim: int | None = None,
                   dtype: Any = None) -> jax.Array:
@@ -195,13 +185,13 @@ def hutchpp_trace(M: Operator, key: jax.Array, num_samples: int = 99, *,
     sketch_key, probe_key = jax.random.split(key)
     k = num_samples // 3
     q, _ = jnp.linalg.qr(products(probes(sketch_key, k)).T)  # (d, k)
-    low_rank = jnp.sum(q.T * products(q.T))  # tr(Qᵀ M Q)
+    low_rank = _summed(q.T * products(q.T))  # tr(Qᵀ M Q)
     g = probes(probe_key, num_samples - 2 * k)
     g = g - (g @ q) @ q.T  # (I − QQᵀ) G, rows
-    return low_rank + jnp.sum(g * products(g)) / g.shape[0]
+    return low_rank + _summed(g * products(g)) / g.shape[0]
 
 
-@_one_program_when_eager(sketch=True)
+@_one_program_when_eager
 def xtrace(M: Operator, key: jax.Array, num_samples: int = 100, *,
            distribution: str = "rademacher", dim: int | None = None,
            dtype: Any = None) -> jax.Array:
@@ -248,13 +238,13 @@ def xtrace(M: Operator, key: jax.Array, num_samples: int = 100, *,
     low_rank = jnp.trace(h) - jnp.sum(sk * (h @ sk), axis=0)  # tr(P₍ᵢ₎ M), (s,)
     w = omega.T - q @ u  # (I − P₍ᵢ₎) ωᵢ, columns (d, s)
     mw = y.T - z.T @ u  # M (I − P₍ᵢ₎) ωᵢ
-    rest = jnp.sum(w * mw, axis=0)
+    rest = _summed(w * mw, axis=0)
     if improved:
-        rest = rest * (d - s + 1) / jnp.sum(w * w, axis=0)
+        rest = rest * (d - s + 1) / _summed(w * w, axis=0)
     return jnp.mean(low_rank + rest)
 
 
-@_one_program_when_eager(sketch=True)
+@_one_program_when_eager
 def xdiag(M: Operator, key: jax.Array, num_samples: int = 100, *,
           distribution: str = "rademacher", dim: int | None = None,
           dtype: Any = None) -> jax.Array:
@@ -282,11 +272,11 @@ def xdiag(M: Operator, key: jax.Array, num_samples: int = 100, *,
     """
     d, s, omega, y, q, z, sk, u, improved = _exchangeable(
         M, key, num_samples, distribution, dim, dtype)
-    low_rank = jnp.sum(q * z.T, axis=1) - jnp.mean((q @ sk) * (z.T @ sk), axis=1)
+    low_rank = _summed(q * z.T, axis=1) - _summed((q @ sk) * (z.T @ sk), axis=1) / s
     u_y = q.T @ y.T  # Qᵀ M ωᵢ
     u_y = u_y - sk * jnp.sum(sk * u_y, axis=0)  # (I − sᵢsᵢᵀ) Qᵀ M ωᵢ
     rest = omega.T * (y.T - q @ u_y)  # ωᵢ ⊙ (I − P₍ᵢ₎) M ωᵢ, columns
-    return low_rank + jnp.mean(rest, axis=1)
+    return low_rank + _summed(rest, axis=1) / s
 
 
 @_one_program_when_eager
@@ -941,6 +931,17 @@ def spectral_density_curve(nodes: jax.Array, weights: jax.Array, *, num_points: 
 
 
 # ----------------------------------------------------------------------------- helpers
+def _summed(x: jax.Array, axis: int | None = None) -> jax.Array:
+    """``jnp.sum(x, axis)`` (all of ``x``: ``None``) as a product with a vector of ones, for
+    an ``x`` made from matrix products. XLA:CPU (jaxlib 0.10) hands a reduction to YNNPACK
+    with the products before it fused in, and ran the fusion 6× slower than the parts:
+    Hutch++'s ``Σ g ⊙ M g`` with ``g = G − (G Q) Qᵀ``, 7 rows of 670k (``PMatDiag``, 2-core
+    CPU), 53 ms, 8.5 ms as a product."""
+    if axis is None:
+        return jnp.sum(_summed(x, x.ndim - 1))
+    return jnp.tensordot(x, jnp.ones(x.shape[axis], x.dtype), axes=([axis], [0]))
+
+
 def _check_count(count: Any, what: str, minimum: int = 1) -> None:
     if isinstance(count, bool) or not isinstance(count, int) or count < minimum:
         raise ValueError(f"{what} must be an integer ≥ {minimum}; got {count!r}")
