@@ -66,19 +66,26 @@ def products_floor(n: int, jit: bool):
     return jax.jit(run) if jit else run
 
 
-def run_model(name: str, steps: list[int], repeats: int, tol: float) -> dict:
+def fishers(name: str, representations: tuple[str, ...]):
+    """``(class, F)`` for each representation: the exact Fisher of model ``name`` on its
+    data, built and waited for."""
     import jaxgeom
-    from jaxgeom import estimators
 
     spec = models.SPECS[name]
     apply_fn, params = models.make_apply(spec), models.init_params(spec)
     x, y = (jnp.asarray(a) for a in models.make_data(spec))
+    for rep in representations:
+        cls = getattr(jaxgeom, rep)
+        yield cls, jax.block_until_ready(jaxgeom.FIM(
+            apply_fn, params, (x, y), cls, variant="classif_logits", batch_size=spec.batch_size))
+
+
+def run_model(name: str, steps: list[int], repeats: int, tol: float) -> dict:
+    from jaxgeom import estimators
+
     key = jax.random.key(3)
     rows: dict = {}
-    for rep in (jaxgeom.PMatImplicit, jaxgeom.PMatDiag):
-        M = jaxgeom.FIM(apply_fn, params, (x, y), rep, variant="classif_logits",
-                        batch_size=spec.batch_size)
-        jax.block_until_ready(M)
+    for rep, M in fishers(name, ("PMatImplicit", "PMatDiag")):
         top = float(estimators.lanczos_eigenvalues(M, key, 100)[-1])  # λ_max, to scale
         probes = {r: jax.random.normal(jax.random.key(5), (r, M.size(0)), M.dtype)
                   for r in (1, 4, 15)}
@@ -176,18 +183,11 @@ def run_eager_forms(name: str, repeats: int) -> dict:
     ``PMatKFAC``, three ways: op by op (the function as written, ``__wrapped__``: its
     probes, products and reductions dispatched one by one), as one compiled program (the
     eager call), and under the caller's ``jit``; the floor of a row is its op-by-op one."""
-    import jaxgeom
     from jaxgeom import estimators
 
-    spec = models.SPECS[name]
-    apply_fn, params = models.make_apply(spec), models.init_params(spec)
-    x, y = (jnp.asarray(a) for a in models.make_data(spec))
     key = jax.random.key(3)
     rows: dict = {}
-    for rep in (jaxgeom.PMatDiag, jaxgeom.PMatKFAC):
-        M = jaxgeom.FIM(apply_fn, params, (x, y), rep, variant="classif_logits",
-                        batch_size=spec.batch_size)
-        jax.block_until_ready(M)
+    for rep, M in fishers(name, ("PMatDiag", "PMatKFAC")):
         for label, function, call in EAGER_FORMS:
             estimator = getattr(estimators, function)
             forms = {"op by op": functools.partial(call, estimator.__wrapped__),
