@@ -319,7 +319,7 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
     """
     products, probes = _setup(M, key, num_iterations, "normal", dim, dtype,
                               "num_iterations")
-    tridiagonal = _run_lanczos(M, products, probes(key, 1), num_iterations, "num_iterations")
+    tridiagonal = _lanczos(products, probes(key, 1), num_iterations, "num_iterations")
     return jnp.linalg.eigvalsh(tridiagonal[0])
 
 
@@ -401,9 +401,9 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
             residuals = beta[0] * jnp.abs(s[-1, _spectral.select(theta, k, which)])
             return bool(jnp.all(residuals <= tol * jnp.max(jnp.abs(theta))))
 
-    tridiagonal, blocks, residual = _run_lanczos(M, products, start, num_iterations,
-                                                 "num_iterations", restart=key,
-                                                 return_basis=True, stop=stop)
+    tridiagonal, blocks, residual = _lanczos(products, start, num_iterations,
+                                             "num_iterations", restart=key, return_basis=True,
+                                             stop=stop)
     theta, s = jnp.linalg.eigh(tridiagonal[0])
     chosen = _spectral.select(theta, k, which)
     pairs = theta[chosen], _ritz_vectors(blocks, s[:, chosen])
@@ -794,7 +794,7 @@ def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int
         raise ValueError(f"vectors have {vectors.shape[1]} columns but the matrix is "
                          f"{M.size(0)} × {M.size(0)}")
     products, _, _ = _operator(M, vectors.shape[1], vectors.dtype)
-    return _gauss_quadrature(_run_lanczos(M, products, vectors, num_steps))
+    return _gauss_quadrature(_lanczos(products, vectors, num_steps))
 
 
 @_one_program_when_eager
@@ -843,7 +843,7 @@ def lanczos_spectral_density(M: Operator, key: jax.Array, *, num_steps: int,
       Hessian eigenvalue density <https://arxiv.org/abs/1901.10159>`_, 2019.
     """
     products, probes = _setup(M, key, num_probes, distribution, dim, dtype, "num_probes")
-    return _gauss_quadrature(_run_lanczos(M, products, probes(key, num_probes), num_steps))
+    return _gauss_quadrature(_lanczos(products, probes(key, num_probes), num_steps))
 
 
 def spectral_density_on_grid(nodes: jax.Array, weights: jax.Array, grid: jax.Array, *,
@@ -1019,29 +1019,6 @@ def _one_program(M: Operator) -> bool:
     eager products run compiled chunk steps of their own; a ``matvec`` closure would be
     compiled anew at every call)."""
     return isinstance(M, PMatAbstract) and M._compiles_eager_calls()
-
-
-def _run_lanczos(M: Operator, products: Callable[[jax.Array], jax.Array], start: jax.Array,
-                 num_steps: Any, what: str = "num_steps", *, restart: jax.Array | None = None,
-                 return_basis: bool = False,
-                 stop: Callable[[jax.Array, jax.Array], bool] | None = None) -> Any:
-    """:func:`_lanczos` of ``M``: one compiled program (``M`` an argument, compiled once
-    per structure) for a representation whose products compile (all but
-    ``PMatImplicit``), unless a ``stop`` test needs the steps driven from Python;
-    otherwise ``products`` as :func:`_lanczos` drives them. bench_small's ``PMatDiag``,
-    ``lanczos_eigsh`` of 20 steps: 6.4 ms driven from Python, 1.3 ms as one program."""
-    _check_count(num_steps, what)
-    if stop is None and _one_program(M):
-        return _lanczos_of_matrix(M, start, num_steps, what, restart, return_basis)
-    return _lanczos(products, start, num_steps, what, restart=restart,
-                    return_basis=return_basis, stop=stop)
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3, 5))
-def _lanczos_of_matrix(M: PMatAbstract, start: jax.Array, num_steps: int, what: str,
-                       restart: jax.Array | None, return_basis: bool) -> Any:
-    """:func:`_lanczos` on ``M.mmap`` in one program."""
-    return _lanczos(M.mmap, start, num_steps, what, restart=restart, return_basis=return_basis)
 
 
 def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
