@@ -23,9 +23,12 @@ their accuracy. Then, eagerly, the same top-5 pairs to a tolerance (``--tol``, r
 ``λ_max``) with a basis of 20 vectors, by ``restarted_lanczos_eigsh`` and by SciPy's
 ARPACK ``eigsh`` (implicitly restarted Lanczos, ``ncv=20``, the same ``tol`` — relative to each
 ``|λⱼ|``, stricter than ours for all but the top pair; its products are ``M.mv`` through
-NumPy) when SciPy is installed: each row's products counted
-(a separate call) and its floor that many products timed. A table on stdout and
-``--out`` JSON.
+NumPy) when SciPy is installed, and by one cycle of ``lanczos_eigsh`` (at most 100 steps,
+stopped at the first block end where the pairs have converged): each row's products
+counted (a separate call) and its floor that many products timed; then that
+``lanczos_eigsh`` under ``jit``, with the ``tol`` (the blocks past the stop skipped) and
+without (all 100 steps). ``--steps`` with no number: only these rows to a tolerance. A
+table on stdout and ``--out`` JSON.
 
 ``--eager-forms`` times instead the randomised estimators (Hutchinson, Hutch++, XTrace,
 XDiag, Lanczos eigenpairs, SLQ) on ``PMatDiag`` and ``PMatKFAC`` op by op, as the one
@@ -81,6 +84,8 @@ def fishers(name: str, representations: tuple[str, ...]):
 
 
 def run_model(name: str, steps: list[int], repeats: int, tol: float) -> dict:
+    """The rows of model ``name`` (module docstring): per ``n`` in ``steps`` (none: only
+    the rows to a tolerance, :func:`to_tolerance`)."""
     from jaxgeom import estimators
 
     key = jax.random.key(3)
@@ -118,10 +123,16 @@ def run_model(name: str, steps: list[int], repeats: int, tol: float) -> dict:
     return rows
 
 
+#: the most steps of the one-cycle ``lanczos_eigsh`` rows to a tolerance
+ONE_CYCLE_STEPS = 100
+
+
 def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int) -> dict:
-    """The top-5 eigenpairs of ``M`` to residuals ``≤ tol · λ_max`` with 20 basis vectors,
-    eagerly: ``restarted_lanczos_eigsh`` and SciPy's ARPACK, each with its counted products
-    and a floor of that many products."""
+    """The top-5 eigenpairs of ``M`` to residuals ``≤ tol · λ_max``, eagerly:
+    ``restarted_lanczos_eigsh`` (20 basis vectors), ``lanczos_eigsh`` (one cycle of at
+    most :data:`ONE_CYCLE_STEPS` steps, stopped at a block's end) and SciPy's ARPACK
+    (``ncv=20``), each with its counted products and a floor of that many products; then
+    ``lanczos_eigsh`` under ``jit`` with that ``tol`` and without (all the steps)."""
     import numpy as np
 
     from jaxgeom import estimators
@@ -139,7 +150,13 @@ def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int) -> dict
             M if matvec is None else matvec, key, 5, ncv=20, tol=tol, max_restarts=1000,
             dim=None if matvec is None else d, dtype=M.dtype)
 
-    runs = {"restarted_lanczos_eigsh": ours}
+    def one_cycle(matvec=None):
+        return estimators.lanczos_eigsh(
+            M if matvec is None else matvec, key, 5, num_iterations=ONE_CYCLE_STEPS, tol=tol,
+            dim=None if matvec is None else d, dtype=M.dtype)
+
+    runs = {"restarted_lanczos_eigsh k=5 ncv=20": ours,
+            f"lanczos_eigsh k=5 n≤{ONE_CYCLE_STEPS}": one_cycle}
     try:
         from scipy.sparse.linalg import LinearOperator, eigsh
     except ImportError:
@@ -153,16 +170,30 @@ def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int) -> dict
             values, vectors = eigsh(operator, 5, which="LA", ncv=20, v0=start,
                                     tol=tol, maxiter=1000)
             return jnp.asarray(values), jnp.asarray(vectors)
-        runs["scipy ARPACK eigsh"] = arpack
+        runs["scipy ARPACK eigsh k=5 ncv=20"] = arpack
     for label, run in runs.items():
         calls: list = []
         run(counted(calls))
-        row = rows[f"{rep} {label} k=5 ncv=20 tol={tol:g} (eager)"] = timed(run, repeats)
+        row = rows[f"{rep} {label} tol={tol:g} (eager)"] = timed(run, repeats)
         row["products"] = len(calls)
         row["max_relative_residual"] = max_relative_residual(M, run(), top)
         v = jax.random.normal(jax.random.key(5), (1, d), M.dtype)
         rows[f"{rep} {len(calls)} products of 1 rows (eager, floor)"] = timed(
             functools.partial(products_floor(len(calls), False), M, v), repeats)
+    # under jit (the matrix an argument): the blocks past the stop skipped, the same
+    # products as eagerly (tests/test_estimators.py counts them), against all n steps
+    steps = rows[f"{rep} lanczos_eigsh k=5 n≤{ONE_CYCLE_STEPS} tol={tol:g} (eager)"]
+    for label, stop in ((f"n={ONE_CYCLE_STEPS}", None), (f"n≤{ONE_CYCLE_STEPS} tol={tol:g}", tol)):
+        run = jax.jit(functools.partial(estimators.lanczos_eigsh, k=5,
+                                        num_iterations=ONE_CYCLE_STEPS, tol=stop))
+        row = rows[f"{rep} lanczos_eigsh k=5 {label} (jit)"] = timed(
+            functools.partial(run, M, key), repeats)
+        row["products"] = ONE_CYCLE_STEPS if stop is None else steps["products"]
+        row["max_relative_residual"] = max_relative_residual(M, run(M, key), top)
+    v = jax.random.normal(jax.random.key(5), (1, d), M.dtype)
+    for n in {steps["products"], ONE_CYCLE_STEPS}:
+        rows[f"{rep} {n} products of 1 rows (jit, floor)"] = timed(
+            functools.partial(products_floor(n, True), M, v), repeats)
     return rows
 
 
@@ -227,7 +258,9 @@ def floor_of(row: str, rows: dict) -> dict | None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["bench_small", "bench_mlp"])
-    parser.add_argument("--steps", nargs="+", type=int, default=[20, 60])
+    parser.add_argument("--steps", nargs="*", type=int, default=[20, 60],
+                        help="the products of the fixed-length rows (none given: only the "
+                             "rows to a tolerance)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tol", type=float, default=1e-3,
                         help="the residual, relative to λ_max, of the rows to a tolerance")

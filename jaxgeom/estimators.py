@@ -58,6 +58,7 @@ References:
 
 from __future__ import annotations
 
+import fractions
 import functools
 import numbers
 import warnings
@@ -84,21 +85,37 @@ def _one_program_when_eager(estimator: Callable) -> Callable:
     """``estimator(M, *args, **kwargs)`` as one compiled program with ``M`` an argument
     (:func:`~jaxgeom._dispatch.compiled_when_eager`: compiled once per structure and
     options) when called eagerly on a stored representation; as written otherwise: on a
-    ``PMatImplicit`` or a ``matvec``, inside a trace, with a ``tol`` (tested between steps
-    driven from Python), and with a non-integral number among the arguments (none of
-    these estimators takes one: a count given as ``10.0`` is refused by name, not
-    traced)."""
+    ``PMatImplicit`` or a ``matvec``, inside a trace, and with a non-integral number among
+    the arguments (none of these estimators takes one: a count given as ``10.0`` is
+    refused by name, not traced). A ``tol`` (a Python number) is checked and compiled in
+    as a constant (:func:`_static_number`: one program per tolerance; the iteration
+    stops inside the program, :func:`_lanczos`)."""
     compiled = compiled_when_eager(estimator)
 
     @functools.wraps(estimator)
     def run(M: Operator, *args: Any, **kwargs: Any) -> Any:
-        if (_one_program(M) and kwargs.get("tol") is None
-                and not any(isinstance(a, numbers.Real) and not isinstance(a, numbers.Integral)
-                            for a in (*args, *kwargs.values()))):
-            return compiled(M, *args, **kwargs)
+        options = dict(kwargs)
+        tol = options.pop("tol", None)
+        if (_one_program(M) and (tol is None or _is_real_number(tol))
+                and not any(_is_real_number(a) and not isinstance(a, numbers.Integral)
+                            for a in (*args, *options.values()))):
+            if tol is not None:
+                options["tol"] = _static_number(_checked_tol(tol))
+            return compiled(M, *args, **options)
         return estimator(M, *args, **kwargs)
 
     return run
+
+
+def _is_real_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, jax.core.Tracer)
+
+
+def _static_number(x: float) -> fractions.Fraction:
+    """``x`` as a number that :func:`~jaxgeom._dispatch.compiled_when_eager` keeps static
+    (part of the compilation's key, a constant in the program) where it would trace a
+    ``float``: the exact fraction of the binary float, ``float()`` of which is ``x``."""
+    return fractions.Fraction(x)
 
 
 @_one_program_when_eager
@@ -367,9 +384,9 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
       tol: stop early once every residual is at most ``tol · max|θ|`` (the largest Ritz
         value's magnitude, an estimate of ``‖M‖₂``; scipy's ``tol`` is relative to each
         ``|λⱼ|``), checked at the end of each block of the basis (after 7, 15, 31, 63, …
-        steps), ``num_iterations`` steps at most. Called eagerly only: under ``jit`` (shapes
-        fixed before the first product) all ``num_iterations`` steps run
-        (:func:`restarted_lanczos_eigsh` stops at its ``tol`` under ``jit`` too).
+        steps), ``num_iterations`` steps at most; eagerly or under ``jit`` (where the
+        shapes stay those of ``num_iterations`` steps, the memory too, and the blocks past
+        the stop are skipped: the same products and pairs).
 
     Returns:
       ``(λ, V)``: the ``(k,)`` Ritz values **ascending** (scipy's order: ``λ[-1]`` is the
@@ -393,22 +410,29 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
     _spectral.check_eigsh_options(k, which, min(num_iterations, d),
                                   "k (at most num_iterations and d)")
     stop = None
-    if _checked_tol(tol) is not None:
+    tol = _checked_tol(tol)
+    if tol is not None:
         def stop(tridiagonal, beta):  # every chosen pair's residual small enough
             if tridiagonal.shape[-1] < k:
                 return False
             theta, s = jnp.linalg.eigh(tridiagonal[0])
             residuals = beta[0] * jnp.abs(s[-1, _spectral.select(theta, k, which)])
-            return bool(jnp.all(residuals <= tol * jnp.max(jnp.abs(theta))))
+            return jnp.all(residuals <= tol * jnp.max(jnp.abs(theta)))
 
-    tridiagonal, blocks, residual = _lanczos(products, start, num_iterations,
-                                             "num_iterations", restart=key, return_basis=True,
-                                             stop=stop)
+    tridiagonal, blocks, residual, taken = _lanczos(
+        products, start, num_iterations, "num_iterations", restart=key, return_basis=True,
+        stop=stop)
     theta, s = jnp.linalg.eigh(tridiagonal[0])
-    chosen = _spectral.select(theta, k, which)
+    if isinstance(taken, int):  # T of the steps taken
+        chosen = _spectral.select(theta, k, which)
+    else:  # stopped under a trace: the first ``taken`` pairs (:func:`_padded_tridiagonal`)
+        kept = jnp.arange(theta.shape[0]) < taken
+        unchosen = {"LA": -jnp.inf, "SA": jnp.inf, "LM": 0.0}[which]
+        chosen = _spectral.select(jnp.where(kept, theta, unchosen), k, which)
+        s = jnp.where(kept[:, None], s, 0)
     pairs = theta[chosen], _ritz_vectors(blocks, s[:, chosen])
     if return_residuals:
-        return (*pairs, residual[0] * jnp.abs(s[-1, chosen]))
+        return (*pairs, residual[0] * jnp.abs(s[taken - 1, chosen]))
     return pairs
 
 
@@ -1024,8 +1048,8 @@ def _one_program(M: Operator) -> bool:
 def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
              num_steps: Any, what: str = "num_steps", *, restart: jax.Array | None = None,
              return_basis: bool = False,
-             stop: Callable[[jax.Array, jax.Array], bool] | None = None
-             ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
+             stop: Callable[[jax.Array, jax.Array], Any] | None = None
+             ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...], jax.Array, Any]:
     """The ``(m, k, k)`` tridiagonals ``Q_kᵀ M Q_k`` of ``k`` Lanczos steps from each of
     the ``m`` rows of ``start`` at once (one product of ``M`` on ``m`` rows per step), with
     full reorthogonalisation (:func:`_lanczos_step`); a Krylov space exhausted before step
@@ -1033,12 +1057,16 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     goes on from a new normal vector orthogonal to the basis (``β = 0`` there: ``T`` block
     diagonal, an invariant subspace found; the basis stays orthonormal, so Ritz vectors
     stay unit vectors). With ``return_basis``, also the orthonormal bases ``Q_k`` as row blocks
-    (:func:`_lanczos_blocks`; :func:`_ritz_vectors` combines them) and the ``(m,)`` norms
+    (:func:`_lanczos_blocks`; :func:`_ritz_vectors` combines them), the ``(m,)`` norms
     ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k) M q_k``, for which
-    ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ``. With ``stop`` (and ``return_basis``), driven from Python
-    only: at the end of each block of steps but the last, ``stop(T, β)`` on the
-    tridiagonal and residual norms of the steps so far (``j`` of them) may end the
-    iteration there, with ``j`` steps' ``T``, basis and residuals.
+    ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ``, and the number of steps taken. With ``stop`` (and
+    ``return_basis``): at the end of each block of steps but the last, ``stop(T, β)`` (a
+    boolean) on the tridiagonal and residual norms of the steps so far (``j`` of them) may
+    end the iteration there: driven from Python, with ``j`` steps' ``T``, basis and
+    residuals; traced, the blocks after it are skipped (``lax.cond``; under ``vmap`` both
+    branches run) and the shapes stay those of ``k`` steps: ``T`` is
+    :func:`_padded_tridiagonal`'s (its first ``j`` eigenpairs are those of the ``j``
+    steps), the basis rows past ``j`` are not read by them, and ``j`` is traced.
 
     The basis is allocated whole, in blocks of rows ``[0, 8), [8, 16), [16, 32), …``
     (doubling), each zero until written. Step ``j``, which writes row ``j + 1``, reads the
@@ -1064,38 +1092,81 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
              jnp.zeros((m,), dtype))  # blocks, q_j, q_{j−1}, α, β, scale
     w = products(q)
     traced = isinstance(w, jax.core.Tracer)
+    running, taken = True, num_steps  # traced with ``stop``: arrays after the first check
     for block, (low, high) in enumerate(_lanczos_blocks(num_steps)):
         steps = max(low - 1, 0), min(high - 1, num_steps - 1)  # those writing into the block
         if traced:
             first = steps[0]
             if first == 0:
                 state, first = _lanczos_step(state, w, 0, restart, block, low), 1
-            state = jax.lax.fori_loop(
-                first, steps[1], lambda j, state, b=block, o=low: _lanczos_step(
-                    state, products(state[1]), j, restart, b, o), state)
-            continue
-        for j in range(*steps):
-            state = _lanczos_step_compiled(state, products(state[1]) if j else w, j, restart,
-                                           block, low)
+
+            def run(state, b=block, o=low, first=first, last=steps[1]):
+                return jax.lax.fori_loop(first, last, lambda step, state: _lanczos_step(
+                    state, products(state[1]), step, restart, b, o), state)
+
+            state = run(state) if running is True else jax.lax.cond(
+                running, run, lambda state: state, state)
+        else:
+            for j in range(*steps):
+                state = _lanczos_step_compiled(state, products(state[1]) if j else w, j,
+                                               restart, block, low)
         done = steps[1]  # steps taken: T of that order, β_{done−1} its residual's norm
         if stop is not None and 0 < done < num_steps - 1:
             _, _, _, alphas, betas, _ = state
             tridiagonal = _tridiagonal(alphas[:, :done], betas[:, :done - 1])
-            if stop(tridiagonal, betas[:, done - 1]):
+            ends = stop(tridiagonal, betas[:, done - 1])
+            if not traced and bool(ends):
                 kept = tuple(b[:, :done - low] for b, (low, _) in zip(
                     state[0], _lanczos_blocks(num_steps)) if low < done)
-                return tridiagonal, kept, betas[:, done - 1]
+                return tridiagonal, kept, betas[:, done - 1], done
+            if traced:
+                ends = jnp.logical_and(running, ends)
+                taken = jnp.where(ends, done, taken)
+                running = jnp.logical_and(running, jnp.logical_not(ends))
     blocks, q, previous, alphas, betas, _ = state
-    if num_steps > 1:
-        w = products(q)
-    alphas = alphas.at[:, -1].set(jnp.sum(q * w, axis=1))
-    tridiagonal = _tridiagonal(alphas, betas[:, :-1])
+
+    def last_step(alphas):
+        """``α_{k−1}`` and the norms ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k) M
+        q_k``, for which ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ`` (the Ritz pairs' residuals)."""
+        w = products(q) if num_steps > 1 else first_product
+        alphas = alphas.at[:, -1].set(jnp.sum(q * w, axis=1))
+        if not return_basis:
+            return alphas, None
+        w = w.astype(q.dtype) - alphas[:, -1:] * q - betas[:, -2:-1] * previous  # 0 if k = 1
+        return alphas, jnp.linalg.norm(_orthogonalised(blocks, w, passes=1), axis=1)
+
+    first_product = w
+    if running is True:
+        alphas, residual = last_step(alphas)
+        tridiagonal = _tridiagonal(alphas, betas[:, :-1])
+    else:  # stopped under a trace after ``taken`` steps, or run to the end (``taken = k``)
+        alphas, residual = jax.lax.cond(
+            running, last_step,
+            lambda alphas: (alphas, betas[:, taken - 1] if return_basis else None), alphas)
+        tridiagonal = _padded_tridiagonal(alphas, betas[:, :-1], taken)
     if not return_basis:
         return tridiagonal
-    # M Q_kᵀ = Q_kᵀ T + r e_kᵀ: the last residual's norm β_k gives the Ritz pairs' residuals
-    w = w.astype(q.dtype) - alphas[:, -1:] * q - betas[:, -2:-1] * previous  # 0 if k = 1
-    residual = jnp.linalg.norm(_orthogonalised(blocks, w, passes=1), axis=1)
-    return tridiagonal, blocks, residual
+    return tridiagonal, blocks, residual, taken
+
+
+def _padded_tridiagonal(alphas: jax.Array, betas: jax.Array, taken: jax.Array) -> jax.Array:
+    """The ``(m, k, k)`` tridiagonals of :func:`_tridiagonal` whose first ``taken`` (traced)
+    rows and columns hold the steps taken and whose others a multiple ``σ·I`` of the
+    identity, uncoupled (``β = 0`` between them), above every eigenvalue of the first
+    block: ``σ`` is past its Gershgorin bound ``U`` by ``max(U − L, |U|, |L|)``. Its
+    eigenvalues, ascending, are then the first block's ``taken`` followed by ``σ``'s, so
+    that under a trace (shapes fixed) an iteration stopped early is read from the first
+    ``taken`` eigenpairs, whose eigenvectors are zero past row ``taken``."""
+    k = alphas.shape[1]
+    filled = jnp.arange(k) < taken
+    betas = jnp.where(jnp.arange(k - 1) < taken - 1, betas, 0)
+    radius = (jnp.abs(jnp.pad(betas, [(0, 0), (1, 0)]))
+              + jnp.abs(jnp.pad(betas, [(0, 0), (0, 1)])))
+    upper = jnp.max(jnp.where(filled, alphas + radius, -jnp.inf), axis=1, keepdims=True)
+    lower = jnp.min(jnp.where(filled, alphas - radius, jnp.inf), axis=1, keepdims=True)
+    sigma = upper + jnp.maximum(upper - lower, jnp.maximum(jnp.abs(upper), jnp.abs(lower)))
+    sigma = jnp.where(sigma > upper, sigma, upper + 1)
+    return _tridiagonal(jnp.where(filled, alphas, sigma), betas)
 
 
 def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:

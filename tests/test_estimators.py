@@ -231,6 +231,9 @@ ONE_PROGRAM_CALLS = {
     "lanczos_eigsh": (lambda M, key: lanczos_eigsh(M, key, 3, num_iterations=13,
                                                    return_residuals=True),
                       (2, None, 2)),  # values, vectors (up to their signs), residuals
+    "lanczos_eigsh to a tolerance": (  # stopped inside the program (at a block's end)
+        lambda M, key: lanczos_eigsh(M, key, 2, num_iterations=40, tol=1e-4,
+                                     return_residuals=True), (2, None, 2)),
     "lanczos_spectral_density": (lambda M, key: lanczos_spectral_density(
         M, key, num_steps=7, num_probes=3), (2, 1)),  # nodes, weights
     "lanczos_quadrature": (lambda M, key: lanczos_quadrature(  # start vectors from NumPy
@@ -348,8 +351,7 @@ def test_lanczos_eigsh_stops_at_a_tolerance():
     """``tol``: the top three pairs of a separated spectrum converge long before the 200
     steps allowed; the iteration stops at the first block end (7, 15, 31, … steps) where
     every residual is at most ``tol · max|θ|`` — counted products — and the pairs are then
-    as accurate as asked. Under ``jit`` every step runs (fixed shapes): the result of 200
-    steps."""
+    as accurate as asked."""
     dense, basis = _separated_spectrum()
     d = len(dense)
     products = []
@@ -369,11 +371,55 @@ def test_lanczos_eigsh_stops_at_a_tolerance():
     loose = lanczos_eigsh(matvec, KEY, 3, tol=1.0, **kw)[2]
     assert len(products) < steps and np.all(loose <= 10.0)  # an earlier block
     assert np.max(loose) > 1e-8 * 10.0  # and not as accurate
-    full = lanczos_eigsh(_matvec(dense), KEY, 3, **kw)
-    jitted = jax.jit(lambda key: lanczos_eigsh(_matvec(dense), key, 3, tol=1e-8, **kw))(KEY)
-    np.testing.assert_allclose(jitted[0], full[0], rtol=1e-12)
     with pytest.raises(ValueError, match="tol must be a number"):
         lanczos_eigsh(_matvec(dense), KEY, 3, tol=-1.0, dim=d, dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("which,tol", [("LA", 1e-8), ("SA", 1e-8), ("LM", 1e-8), ("LA", 1e-3)])
+def test_lanczos_eigsh_stops_at_a_tolerance_under_jit(which, tol):
+    """Under ``jit`` the blocks past the one where every residual is small enough are
+    skipped (``lax.cond``): the products that run — counted on the host — are the eager
+    call's, and the pairs and residuals are the eager call's, not those of all 200 steps
+    (the steps not taken fill ``T`` with uncoupled entries above its spectrum, never
+    chosen: ``"SA"`` on the negated matrix, whose separated eigenvalues are its smallest).
+    Without ``tol`` all 200 steps run."""
+    dense, _ = _separated_spectrum()
+    d = len(dense)
+    if which == "SA":  # the separated ones at the low end: −10, −6, −4 then [−1, 0]
+        dense = -dense
+    ran = []
+
+    def counted(v):
+        jax.debug.callback(lambda: ran.append(1))
+        return jnp.asarray(dense) @ v
+
+    kw = dict(which=which, num_iterations=200, dim=d, dtype=jnp.float64,
+              return_residuals=True)
+    eager = []
+    values, vectors, residuals = lanczos_eigsh(
+        lambda v: (eager.append(1), jnp.asarray(dense) @ v)[1], KEY, 3, tol=tol, **kw)
+    jitted = jax.jit(lambda key: lanczos_eigsh(counted, key, 3, tol=tol, **kw))(KEY)
+    jax.block_until_ready(jitted)
+    assert len(ran) == len(eager) < 200
+    np.testing.assert_allclose(jitted[0], values, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(np.sum(jitted[1] * vectors, axis=0)), 1.0, rtol=1e-10)
+    np.testing.assert_allclose(jitted[2], residuals, rtol=1e-6, atol=1e-14)
+    expected = {"LA": [4.0, 6.0, 10.0], "SA": [-10.0, -6.0, -4.0], "LM": [4.0, 6.0, 10.0]}
+    np.testing.assert_allclose(jitted[0], expected[which], rtol=tol)
+    full = lanczos_eigsh(_matvec(dense), KEY, 3, **kw)
+    assert np.max(full[2]) < np.max(jitted[2])  # all 200 steps: more accurate than asked
+    if which == "LA" and tol == 1e-8:  # under vmap: every step runs, each key's own stop
+        keys = jax.random.split(KEY, 2)
+        mapped = jax.vmap(lambda key: lanczos_eigsh(_matvec(dense), key, 3, tol=tol, **kw))(keys)
+        for i, key in enumerate(keys):
+            own = lanczos_eigsh(_matvec(dense), key, 3, tol=tol, **kw)
+            np.testing.assert_allclose(mapped[0][i], own[0], rtol=1e-12)
+            np.testing.assert_allclose(mapped[2][i], own[2], rtol=1e-6, atol=1e-14)
+    ran[:] = []
+    every = jax.jit(lambda key: lanczos_eigsh(counted, key, 3, **kw))(KEY)
+    jax.block_until_ready(every)
+    assert len(ran) == 200  # without tol: every step (the last one's product included)
+    np.testing.assert_allclose(every[0], full[0], rtol=1e-12)
 
 
 def test_lanczos_eigsh_converges_on_a_separated_spectrum():
