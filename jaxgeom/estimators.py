@@ -1124,6 +1124,7 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
                 taken = jnp.where(ends, done, taken)
                 running = jnp.logical_and(running, jnp.logical_not(ends))
     blocks, q, previous, alphas, betas, _ = state
+    first_product = w
 
     def last_step(alphas):
         """``α_{k−1}`` and the norms ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k) M
@@ -1135,7 +1136,6 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
         w = w.astype(q.dtype) - alphas[:, -1:] * q - betas[:, -2:-1] * previous  # 0 if k = 1
         return alphas, jnp.linalg.norm(_orthogonalised(blocks, w, passes=1), axis=1)
 
-    first_product = w
     if running is True:
         alphas, residual = last_step(alphas)
         tridiagonal = _tridiagonal(alphas, betas[:, :-1])
