@@ -519,8 +519,9 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatAbstract:
         """Moore–Penrose pseudo-inverse (eigenvalues ``|λ| ≤ max(atol, rtol·max|λ|)``
-        dropped; by default ``rtol = n·eps``, ``n`` the eigenvalues of a block, as
-        ``jnp.linalg.pinv``)."""
+        dropped, ``max|λ|`` over the whole matrix; by default ``rtol = d·eps`` without
+        ``atol``, as ``jnp.linalg.pinv`` gives a ``d × d`` matrix, whatever the
+        representation's blocks)."""
         self._unsupported("pinv")
 
     def pow(self, p: Any, regul: Any = 0.0) -> PMatAbstract:
