@@ -96,8 +96,8 @@ def _one_program_when_eager(estimator: Callable) -> Callable:
     def run(M: Operator, *args: Any, **kwargs: Any) -> Any:
         options = dict(kwargs)
         tol = options.pop("tol", None)
-        if (_one_program(M) and (tol is None or _is_real_number(tol))
-                and not any(_is_real_number(a) and not isinstance(a, numbers.Integral)
+        if (_one_program(M) and (tol is None or isinstance(tol, numbers.Real))
+                and not any(isinstance(a, numbers.Real) and not isinstance(a, numbers.Integral)
                             for a in (*args, *options.values()))):
             if tol is not None:
                 options["tol"] = _static_number(_checked_tol(tol))
@@ -105,10 +105,6 @@ def _one_program_when_eager(estimator: Callable) -> Callable:
         return estimator(M, *args, **kwargs)
 
     return run
-
-
-def _is_real_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, jax.core.Tracer)
 
 
 def _static_number(x: float) -> fractions.Fraction:
