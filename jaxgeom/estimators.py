@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import fractions
 import functools
+import math
 import numbers
 import warnings
 from collections.abc import Callable
@@ -87,8 +88,8 @@ def _one_program_when_eager(estimator: Callable) -> Callable:
     options) when called eagerly on a stored representation; as written otherwise: on a
     ``PMatImplicit`` or a ``matvec``, inside a trace, and with a non-integral number among
     the arguments (none of these estimators takes one: a count given as ``10.0`` is
-    refused by name, not traced). A ``tol`` (a Python number) is checked and compiled in
-    as a constant (:func:`_static_number`: one program per tolerance; the iteration
+    refused by name, not traced). A finite ``tol`` (a Python number) is checked and
+    compiled in as a constant (:func:`_static_number`: one program per tolerance; the iteration
     stops inside the program, :func:`_lanczos`)."""
     compiled = compiled_when_eager(estimator)
 
@@ -96,7 +97,8 @@ def _one_program_when_eager(estimator: Callable) -> Callable:
     def run(M: Operator, *args: Any, **kwargs: Any) -> Any:
         options = dict(kwargs)
         tol = options.pop("tol", None)
-        if (_one_program(M) and (tol is None or isinstance(tol, numbers.Real))
+        if (_one_program(M) and (tol is None or isinstance(tol, numbers.Real)
+                                 and math.isfinite(tol))
                 and not any(isinstance(a, numbers.Real) and not isinstance(a, numbers.Integral)
                             for a in (*args, *options.values()))):
             if tol is not None:

@@ -269,6 +269,27 @@ def test_estimators_of_a_stored_matrix_called_eagerly_are_one_program(fisher, na
         np.testing.assert_allclose(g, scale * w, rtol=1e-8, atol=1e-12)
 
 
+def test_lanczos_eigsh_of_a_stored_matrix_to_any_tolerance(fisher):
+    """A stored matrix's ``lanczos_eigsh`` with a ``tol`` gives the pairs of the same
+    call on its ``matvec`` (the test driven from Python): ``tol = inf`` stops at the first
+    block end, past ``k`` (7 steps, then 15 for ``k = 8``), as one program or as written;
+    a ``tol`` that is not a number ``≥ 0`` is refused either way."""
+    _, F, dense = fisher
+    d = len(dense)
+    for k in (2, 8):
+        calls = []
+        kw = dict(num_iterations=40, tol=np.inf, return_residuals=True)
+        got = lanczos_eigsh(F, KEY, k, **kw)
+        want = lanczos_eigsh(lambda v, calls=calls: (calls.append(1), jnp.asarray(dense) @ v)[1],
+                             KEY, k, dim=d, dtype=jnp.float64, **kw)
+        assert len(calls) == (7 if k == 2 else 15)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-14)
+    for tol in (float("nan"), -1.0, np.float64(-1e-3)):
+        with pytest.raises(ValueError, match="tol must be a number"):
+            lanczos_eigsh(F, KEY, 2, num_iterations=40, tol=tol)
+
+
 def test_refusals(fisher):
     t, F, dense = fisher
     with pytest.raises(ValueError, match="integer ≥ 1"):
