@@ -171,13 +171,13 @@ def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int) -> dict
                                     tol=tol, maxiter=1000)
             return jnp.asarray(values), jnp.asarray(vectors)
         runs["scipy ARPACK eigsh k=5 ncv=20"] = arpack
+    v = jax.random.normal(jax.random.key(5), (1, d), M.dtype)  # the floors' start vector
     for label, run in runs.items():
         calls: list = []
         run(counted(calls))
         row = rows[f"{rep} {label} tol={tol:g} (eager)"] = timed(run, repeats)
         row["products"] = len(calls)
         row["max_relative_residual"] = max_relative_residual(M, run(), top)
-        v = jax.random.normal(jax.random.key(5), (1, d), M.dtype)
         rows[f"{rep} {len(calls)} products of 1 rows (eager, floor)"] = timed(
             functools.partial(products_floor(len(calls), False), M, v), repeats)
     # under jit (the matrix an argument): the blocks past the stop skipped, the same
@@ -190,7 +190,6 @@ def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int) -> dict
             functools.partial(run, M, key), repeats)
         row["products"] = ONE_CYCLE_STEPS if stop is None else steps["products"]
         row["max_relative_residual"] = max_relative_residual(M, run(M, key), top)
-    v = jax.random.normal(jax.random.key(5), (1, d), M.dtype)
     for n in {steps["products"], ONE_CYCLE_STEPS}:
         rows[f"{rep} {n} products of 1 rows (jit, floor)"] = timed(
             functools.partial(products_floor(n, True), M, v), repeats)
