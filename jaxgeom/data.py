@@ -100,8 +100,13 @@ def _peek(data: Any) -> tuple[Any, Any]:
 
 def _is_empty(batch: Any) -> bool:
     """Whether every leaf of ``batch`` has an empty leading (example) axis."""
-    leaves = jax.tree_util.tree_leaves(batch)
-    return bool(leaves) and all(np.ndim(leaf) and np.shape(leaf)[0] == 0 for leaf in leaves)
+    shapes = [_shape(leaf) for leaf in jax.tree_util.tree_leaves(batch)]
+    return bool(shapes) and all(shape and shape[0] == 0 for shape in shapes)
+
+
+def _shape(leaf: Any) -> tuple[int, ...]:
+    """``np.shape(leaf)``, read directly from the arrays met so far (≈ 0.5 µs faster)."""
+    return leaf.shape if type(leaf) in _ARRAY_TYPES else np.shape(leaf)
 
 
 def inputs_only(data: Any, materialise: bool = False) -> Any:
@@ -136,6 +141,10 @@ def _check_labels_match(batch: tuple | list) -> None:
     batches or of input batches, ``(x1, x2)``, read as one batch (the builds that do not use
     ``y`` took ``x1`` alone)."""
     x, y = batch
+    if type(x) in _ARRAY_TYPES and type(y) in _ARRAY_TYPES and x.ndim and y.ndim:
+        labels, inputs = {y.shape[0]}, {x.shape[0]}  # the common case, without tree walks
+        if labels == inputs:
+            return
     labels = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(y) if np.ndim(leaf)}
     if not labels:
         return
@@ -177,7 +186,7 @@ def num_examples(batch: Any, what: str = "batch") -> int:
     """The size of the leading axis shared by every leaf of ``batch``."""
     sizes = set()
     for leaf in jax.tree_util.tree_leaves(batch):
-        shape = leaf.shape if type(leaf) in _ARRAY_TYPES else np.shape(leaf)
+        shape = _shape(leaf)
         sizes.add(shape[0] if shape else None)
     if len(sizes) == 1 and None not in sizes:  # the common case; else name the culprits
         return int(sizes.pop())
@@ -368,7 +377,7 @@ _NO_EXAMPLE = "the data contains no example: pass at least one batch with a non-
 def _check_batch_size(batch_size: Any) -> None:
     """``None`` or a positive integer (Python, NumPy or a concrete JAX one; not a bool nor
     a float of integer value, which are slips)."""
-    if batch_size is None:
+    if batch_size is None or (type(batch_size) is int and batch_size >= 1):
         return
     value = np.asarray(batch_size)
     if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer) or value < 1:

@@ -58,7 +58,8 @@ class ReplayedFunction:
         trained parameters. A tree copy rebuilds every container (``Variable`` objects, dicts),
         as JAX's unflattening does."""
         for name in ("params", "aux"):
-            object.__setattr__(self, name, jax.tree_util.tree_map(lambda x: x, getattr(self, name)))
+            leaves, treedef = jax.tree_util.tree_flatten(getattr(self, name))
+            object.__setattr__(self, name, jax.tree_util.tree_unflatten(treedef, leaves))
 
     def check_shapes(self) -> None:
         """Refuse ``params`` of other shapes than the layer collection's (a state of another

@@ -84,6 +84,22 @@ def test_explicit_sharding(task, representation, context):
     assert leaf.sharding.is_fully_replicated
 
 
+def test_explicit_sharding_with_the_arguments_named(task):
+    """The wrapper finds ``params`` and ``data`` by name as well as by position (it reads
+    them without binding the whole call); a missing or repeated one is Python's own
+    ``TypeError``, as without the wrapper."""
+    params, batch = sharded(task, mesh_of(AxisType.Explicit))
+    F1 = jaxgeom.FIM(task.apply_fn, task.params, (task.x, task.y), jaxgeom.PMatDense)
+    F = jaxgeom.FIM(task.apply_fn, representation=jaxgeom.PMatDense, data=batch,
+                    params=params)
+    np.testing.assert_allclose(dense(F), dense(F1), rtol=1e-10, atol=1e-12)
+    assert jax.tree.leaves(F)[0].sharding.mesh.axis_types == (AxisType.Explicit,)
+    with pytest.raises(TypeError, match="'data'"):
+        jaxgeom.FIM(task.apply_fn, params, representation=jaxgeom.PMatDense)
+    with pytest.raises(TypeError, match="'params'"):
+        jaxgeom.FIM(task.apply_fn, params, batch, jaxgeom.PMatDense, params=params)
+
+
 def test_explicit_sharding_streams(task):
     """A list and a generator of sharded batches: the mean over all their examples,
     Monte-Carlo targets drawn per example index as on one device."""
