@@ -141,10 +141,9 @@ def _check_labels_match(batch: tuple | list) -> None:
     batches or of input batches, ``(x1, x2)``, read as one batch (the builds that do not use
     ``y`` took ``x1`` alone)."""
     x, y = batch
-    if type(x) in _ARRAY_TYPES and type(y) in _ARRAY_TYPES and x.ndim and y.ndim:
-        labels, inputs = {y.shape[0]}, {x.shape[0]}  # the common case, without tree walks
-        if labels == inputs:
-            return
+    if (type(x) in _ARRAY_TYPES and type(y) in _ARRAY_TYPES and x.ndim and y.ndim
+            and x.shape[0] == y.shape[0]):  # the common case, without tree walks
+        return
     labels = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(y) if np.ndim(leaf)}
     if not labels:
         return
