@@ -1061,7 +1061,7 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     ``return_basis``): at the end of each block of steps but the last, ``stop(T, β)`` (a
     boolean) on the tridiagonal and residual norms of the steps so far (``j`` of them) may
     end the iteration there: driven from Python, with ``j`` steps' ``T``, basis and
-    residuals; traced, the blocks after it are skipped (``lax.cond``; under ``vmap`` both
+    residuals; traced, the blocks and tests after it are skipped (``lax.cond``; under ``vmap`` both
     branches run) and the shapes stay those of ``k`` steps: ``T`` is
     :func:`_padded_tridiagonal`'s (its first ``j`` eigenpairs are those of the ``j``
     steps), the basis rows past ``j`` are not read by them, and ``j`` is traced.
@@ -1112,7 +1112,12 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
         if stop is not None and 0 < done < num_steps - 1:
             _, _, _, alphas, betas, _ = state
             tridiagonal = _tridiagonal(alphas[:, :done], betas[:, :done - 1])
-            ends = stop(tridiagonal, betas[:, done - 1])
+            if traced and running is not True:  # no test (an ``eigh``) once stopped
+                ends = jax.lax.cond(
+                    running, lambda t, b: jnp.asarray(stop(t, b), bool),
+                    lambda t, b: jnp.asarray(False), tridiagonal, betas[:, done - 1])
+            else:
+                ends = stop(tridiagonal, betas[:, done - 1])
             if not traced and bool(ends):
                 kept = tuple(b[:, :done - low] for b, (low, _) in zip(
                     state[0], _lanczos_blocks(num_steps)) if low < done)
