@@ -23,12 +23,11 @@ Cost: ``O(draws)`` integer operations.
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxgeom._signature import dtype_is
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
@@ -66,7 +65,7 @@ def check_key(key: object, who: str) -> None:
       ValueError: for a stack of keys (``jax.random.split(key, n)``).
     """
     dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
-    typed = dtype is not None and _is_key_type(dtype)
+    typed = dtype is not None and dtype_is(dtype, jax.dtypes.prng_key)
     if not (typed or (dtype == jnp.uint32 and len(shape) >= 1)):
         got = f"an array of dtype {dtype}" if dtype is not None else repr(key)
         raise TypeError(
@@ -76,13 +75,6 @@ def check_key(key: object, who: str) -> None:
         raise ValueError(
             f"{who} must be one PRNG key; got keys of shape {shape} (a stack of keys, e.g. "
             "from jax.random.split). Pass one of them, e.g. keys[0], or build once per key")
-
-
-@functools.cache
-def _is_key_type(dtype: Any) -> bool:
-    """Whether ``dtype`` is a typed PRNG key's (once per dtype: ``jnp.issubdtype`` takes
-    ≈ 0.9 µs, more than the rest of :func:`check_key`)."""
-    return bool(jnp.issubdtype(dtype, jax.dtypes.prng_key))
 
 
 def draw_key(key: jax.Array) -> jax.Array:

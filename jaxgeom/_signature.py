@@ -45,6 +45,13 @@ def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
     return tuple(np.shape(x)), jnp.result_type(x)  # Python scalars: weak types
 
 
+@functools.cache
+def dtype_is(dtype: Any, kind: Any) -> bool:
+    """``jnp.issubdtype(dtype, kind)``, computed once per pair: the argument checks ask it
+    per leaf at every build, and it takes ≈ 0.7–0.9 µs a call."""
+    return bool(jnp.issubdtype(dtype, kind))
+
+
 def signature(tree: Any) -> Signature:
     """A pytree's structure and its leaves' shapes and dtypes (hashable)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)

@@ -1061,8 +1061,8 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     ``return_basis``): at the end of each block of steps but the last, ``stop(T, β)`` (a
     boolean) on the tridiagonal and residual norms of the steps so far (``j`` of them) may
     end the iteration there: driven from Python, with ``j`` steps' ``T``, basis and
-    residuals; traced, the blocks and tests after it are skipped (``lax.cond``; under ``vmap`` both
-    branches run) and the shapes stay those of ``k`` steps: ``T`` is
+    residuals; traced, the blocks and tests after it are skipped (``lax.cond``; under
+    ``vmap`` both branches run) and the shapes stay those of ``k`` steps: ``T`` is
     :func:`_padded_tridiagonal`'s (its first ``j`` eigenpairs are those of the ``j``
     steps), the basis rows past ``j`` are not read by them, and ``j`` is traced.
 

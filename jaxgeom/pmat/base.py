@@ -30,6 +30,7 @@ from jaxgeom import streaming
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._reindex import LeafVector
 from jaxgeom._serialization import register_dataclass
+from jaxgeom._signature import dtype_is
 from jaxgeom.jacobian import JacobianBuilder
 from jaxgeom.layers import LayerCollection, check_layer_collection
 from jaxgeom.pmat import _spectral
@@ -797,7 +798,7 @@ def check_precision(cls: type, params: Any) -> None:
     has no factorisation in it."""
     for leaf in jax.tree_util.tree_leaves(params):
         dtype = getattr(leaf, "dtype", None)
-        if dtype is not None and _narrow_floating(dtype):
+        if dtype is not None and dtype_is(dtype, jnp.floating) and dtype.itemsize < 4:
             raise TypeError(
                 f"{getattr(cls, '__name__', cls)} is built from parameters in float32 or "
                 f"float64; got {jnp.dtype(dtype).name} parameters, in which the sums over "
@@ -806,13 +807,6 @@ def check_precision(cls: type, params: Any) -> None:
                 "float32 copies: jax.tree.map(lambda p: p.astype(jnp.float32), params). A "
                 "model that computes in bfloat16 from float32 parameters (Flax's "
                 "dtype=jnp.bfloat16, param_dtype=jnp.float32) is built as it is.")
-
-
-@functools.cache
-def _narrow_floating(dtype: np.dtype) -> bool:
-    """Whether ``dtype`` is a floating type of fewer than 32 bits (once per dtype:
-    ``jnp.issubdtype`` takes ≈ 0.7 µs a leaf)."""
-    return bool(jnp.issubdtype(dtype, jnp.floating)) and np.dtype(dtype).itemsize < 4
 
 
 def _is_map(v: Any, layout: LayerCollection) -> bool:
