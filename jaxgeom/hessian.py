@@ -294,8 +294,8 @@ class PMatImplicitHessian(PMatImplicit):
                                         loss_fn=self.fn, layout=self.layer_collection)
             except NotImplementedError:  # a custom_vjp in the loss: no forward-over-forward
                 _REVERSE_ONLY.add(self.fn)
-        hv = _chunk_hvps(None, self.params, v[None], chunk.batch, chunk.count,
-                         loss_fn=self.fn, layout=self.layer_collection)[0]
+        hv = _chunk_hvps(None, self.params, v, chunk.batch, chunk.count,
+                         loss_fn=self.fn, layout=self.layer_collection)
         return jnp.vdot(v, hv)
 
     def _stream(self, kind: str) -> Any:
@@ -316,9 +316,11 @@ class PMatImplicitHessian(PMatImplicit):
 
 @model_jit(static_argnames=("loss_fn", "layout"), donate_argnums=0)
 def _chunk_hvps(total, params, rows, batch, weight, *, loss_fn, layout):
-    """``total + weight · H_c vᵢ`` for the rows ``vᵢ`` of ``(m, d)`` (``total`` donated, or
-    ``None``: :meth:`PMatImplicit._chunk_mmv`)."""
-    return _added(total, weight * jax.vmap(_hvp(loss_fn, params, batch, layout))(rows))
+    """``total + weight · H_c vᵢ`` for the rows ``vᵢ`` of ``(..., d)`` (``total`` of their
+    shape, donated, or ``None``: :meth:`PMatImplicit._chunk_mmv`)."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    hv = jax.vmap(_hvp(loss_fn, params, batch, layout))(flat).reshape(rows.shape)
+    return _added(total, weight * hv)
 
 
 #: losses whose second derivatives need a reverse pass (a ``jax.custom_vjp`` inside: JAX

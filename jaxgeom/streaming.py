@@ -214,6 +214,15 @@ def _zeros(treedef, leaves):
     return jax.tree_util.tree_unflatten(treedef, [jnp.zeros(s, d) for s, d in leaves])
 
 
+def zeros(shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """``jnp.zeros(shape, dtype)`` in one compiled call (eagerly, ``jnp.zeros`` is two
+    dispatches); inlined under a trace."""
+    return _zeros(_ONE_ARRAY, ((tuple(shape), np.dtype(dtype)),))
+
+
+_ONE_ARRAY = jax.tree_util.tree_structure(0)
+
+
 @jax.jit
 def _add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)

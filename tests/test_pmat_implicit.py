@@ -137,6 +137,23 @@ def test_eager_solve_of_rows_compiles_once(mlp):
     assert F.solve(rows[:0], REGUL).shape == (0, rows.shape[1])
 
 
+def test_products_over_several_chunks_compile_one_step(mlp):
+    """Every chunk of a product runs the same compiled step, the first one included (its
+    running sum starts from zeros): ``M V`` over two chunks compiles the step once, and
+    equals the dense product; a vector is one row, no reshape around the call."""
+    t, _, dense = mlp
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit, batch_size=4)  # chunks 4 + 3
+    ref = np.asarray(dense.to_dense())
+    rows = jnp.stack([vec(t, s).to_flat() for s in range(5)])
+    with compilations() as compiled:
+        out = F.mmap(rows)
+    assert compiled.count("_chunk_jtjv") == 1
+    np.testing.assert_allclose(out, np.asarray(rows) @ ref, **TOL)
+    v = vec(t, 7)
+    np.testing.assert_allclose(F.mv(v).to_flat(), ref @ np.asarray(v.to_flat()), **TOL)
+    assert F.mv(v.to_flat()).shape == (ref.shape[0],)
+
+
 def test_under_jit(mlp):
     t, F, dense = mlp
     ref = np.asarray(dense.to_dense())

@@ -26,7 +26,7 @@ from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract, check_precision, representation, static_field
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, Restriction
-from jaxgeom.streaming import ChunkBuilder, Stream, builder, scaled
+from jaxgeom.streaming import ChunkBuilder, Stream, builder, scaled, zeros
 from jaxgeom.vector import as_flat, as_rows, product_dtype
 
 
@@ -95,19 +95,23 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
 
     # ------------------------------------------------------------------ products
     def _mv(self, v):
-        # reshapes, not indexing: eagerly, v[None] and [0] cost ≈ 0.1–0.3 ms each
-        return self._mmv(v.reshape(1, -1)).reshape(-1)
+        return self._mmv(v)  # one row: no eager reshape to (1, d) and back
 
     def mmap(self, rows: Any) -> jax.Array:
         """``M`` applied to each row of ``(..., d)``: per chunk, one forward pass and one
         ``jvp`` and ``vjp`` per row (vectorised), never the per-example Jacobians."""
-        rows = as_rows(rows, self.layer_collection)
-        return self._mmv(rows.reshape(-1, rows.shape[-1])).reshape(rows.shape)
+        return self._mmv(as_rows(rows, self.layer_collection))
 
     def _mmv(self, rows: jax.Array) -> jax.Array:
-        """``s/N Σ_chunks J_cᵀ (J_c vᵢ)`` for the rows ``vᵢ`` of ``(m, d)``, each chunk's
-        products added to the running sum inside its compiled step (in place, eagerly)."""
-        total = None
+        """``s/N Σ_chunks J_cᵀ (J_c vᵢ)`` for the rows ``vᵢ`` of ``(..., d)`` (a vector
+        ``(d,)`` is one row; the rows are flattened inside the compiled steps), each chunk's
+        products added to the running sum inside its compiled step (in place, eagerly).
+
+        The sum starts from zeros, not from the first chunk's products: every chunk then
+        calls the same compiled step (one compilation, where a first step without a total
+        compiled a second program of the same size: bench_small's first ``mv`` 0.3 s)."""
+        dtype = product_dtype(rows.dtype, self.layer_collection.dtype)
+        total = zeros(rows.shape, dtype)
         for chunk in self._chunks():
             total = self._chunk_mmv(rows, chunk, total)
         return _scaled_mean(total, self.scale, self.num_examples)
@@ -122,7 +126,7 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     def _chunk_mmv(self, rows: jax.Array, chunk: data_lib.Chunk,
                    total: jax.Array | None) -> jax.Array:
         """``total + Σ_{n∈chunk} Jₙᵀ Jₙ vᵢ`` for the rows ``vᵢ`` of ``(m, d)`` (``total``
-        ``None`` for the first chunk; donated: called eagerly, the sum is updated in place
+        ``(m, d)``, donated: called eagerly, the sum is updated in place
         instead of a new ``(m, d)`` buffer per chunk, whose allocation and addition cost
         bench_mlp's 15-row products 0.67 s against 0.40 s under ``jit``)."""
         return _chunk_jtjv(total, self.params, rows, chunk.batch, chunk.mask, chunk.offset,
@@ -306,17 +310,18 @@ def _masked_outputs(fn, batch, mask, offset, aux) -> Callable:
 
 @model_jit(static_argnames=("fn", "layout"), donate_argnums=0)
 def _chunk_jtjv(total, params, rows, batch, mask, offset, aux, *, fn, layout):
-    """``total + J_cᵀ (J_c vᵢ)`` ``(m, d)`` of one chunk for the rows ``vᵢ`` of ``(m, d)``
-    (``total`` donated, or ``None``): one ``jvp`` and one ``vjp`` per row (vectorised),
-    sharing one forward pass (with respect to the floating leaves of ``params``; the
-    others' entries are zero)."""
+    """``total + J_cᵀ (J_c vᵢ)`` of one chunk for the rows ``vᵢ`` of ``(..., d)`` (``total``
+    of their shape, donated, or ``None``): one ``jvp`` and one ``vjp`` per row
+    (vectorised), sharing one forward pass (with respect to the floating leaves of
+    ``params``; the others' entries are zero)."""
     floats = FloatLeaves.of(params)
     outputs = floats.bind(_masked_outputs(fn, batch, mask, offset, aux))
+    flat = rows.reshape(-1, rows.shape[-1])
     jv = jax.vmap(lambda row: jax.jvp(outputs, (floats.primals,), (floats.tangents(row),))[1])(
-        rows
+        flat
     )
     _, vjp = jax.vjp(outputs, floats.primals)
-    jtjv = floats.ravel(jax.vmap(vjp)(jv)[0], rows.shape[:1])
+    jtjv = floats.ravel(jax.vmap(vjp)(jv)[0], flat.shape[:1]).reshape(rows.shape)
     return _added(total, jtjv.astype(product_dtype(rows.dtype, jtjv.dtype)))
 
 
