@@ -190,28 +190,49 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
     if x0 is not None and jnp.shape(x0) != b.shape:  # a (d, 1) x0 broadcast to (d, d)
         raise ValueError(f"{name}'s x0 must have the right-hand side's shape {b.shape}; got "
                          f"shape {jnp.shape(x0)}")
-    x = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
-    ax = matvec(x)
-    _check_shape(name, ax, b, "matvec(x)")
-    r = b - ax
-    # the iterates in the residual's dtype: the operator's and b's promoted (a float32
-    # vector against a float64 matrix), so that the loop's state keeps one dtype
-    x = x.astype(r.dtype)
 
     def precondition(r):
         return r if preconditioner is None else preconditioner(r).astype(r.dtype)
 
-    z = precondition(r)
-    _check_shape(name, z, b, "preconditioner(r)")
-    if not _traced(r) and not _traced(z):
-        threshold = jnp.maximum(rtol * method.rhs_norm(b.astype(r.dtype), precondition), atol)
-        return _krylov_from_python(method, matvec, precondition, method.start(x, r, z),
-                                   threshold, maxiter)
+    if x0 is None:
+        # x = 0, r = b: no product with the zero vector. The first iteration's product,
+        # A·vector(start(0, b, P⁻¹b)), made now, tells the operator's dtype and whether it
+        # is traced; called eagerly, the iterations start with it.
+        z = precondition(b)
+        _check_shape(name, z, b, "preconditioner(r)")
+        state = method.start(jnp.zeros_like(b), b, z)
+        first = matvec(method.vector(state))
+        _check_shape(name, first, b, "matvec(x)")
+        dtype = jnp.result_type(b, first)
+        if not _traced(first) and not _traced(z):
+            if dtype != b.dtype:  # a float32 vector against a float64 matrix: in float64
+                b = b.astype(dtype)
+                z = precondition(b)
+                state, first = method.start(jnp.zeros_like(b), b, z), None
+            threshold = jnp.maximum(rtol * method.rhs_norm(b, precondition), atol)
+            return _krylov_from_python(method, matvec, precondition, state, threshold,
+                                       maxiter, first)
+        x, r = None, b.astype(dtype)
+    else:
+        x = jnp.asarray(x0, b.dtype)
+        ax = matvec(x)
+        _check_shape(name, ax, b, "matvec(x)")
+        r = b - ax
+        # the iterates in the residual's dtype: the operator's and b's promoted (a float32
+        # vector against a float64 matrix), so that the loop's state keeps one dtype
+        x = x.astype(r.dtype)
+        z = precondition(r)
+        _check_shape(name, z, b, "preconditioner(r)")
+        if not _traced(r) and not _traced(z):
+            threshold = jnp.maximum(rtol * method.rhs_norm(b.astype(r.dtype), precondition),
+                                    atol)
+            return _krylov_from_python(method, matvec, precondition, method.start(x, r, z),
+                                       threshold, maxiter)
 
     def solve(matvec, b):
         """The iterations as a ``lax.while_loop`` from ``x``, for ``b`` (the right-hand
         side, or a cotangent when differentiated in reverse mode)."""
-        r = b - matvec(x)
+        r = b if x is None else b - matvec(x)
         z = precondition(r)
         threshold = jnp.maximum(rtol * method.rhs_norm(b, precondition), atol)
 
@@ -224,7 +245,8 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
             state, r = method.advance(state, matvec(method.vector(state)))
             return method.direct(state, precondition(r)), k + 1
 
-        state, _ = jax.lax.while_loop(cond, body, (method.start(x, r, z), jnp.asarray(0)))
+        start = method.start(jnp.zeros_like(r) if x is None else x, r, z)
+        state, _ = jax.lax.while_loop(cond, body, (start, jnp.asarray(0)))
         # a NaN residual stops the loop at once (NaN > threshold is false): NaN, not x
         return jnp.where(jnp.isfinite(method.residual_norm(state)), method.solution(state),
                          jnp.nan)
@@ -235,13 +257,15 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
 
 
 def _krylov_from_python(method: _KrylovMethod, matvec, precondition, state, threshold,
-                        maxiter):
+                        maxiter, first: jax.Array | None = None):
     """:func:`_krylov_solve`'s iterations for an eager ``matvec``: each one ``matvec``, the
-    preconditioner and two compiled updates; the stopping test reads one scalar."""
+    preconditioner and two compiled updates; the stopping test reads one scalar. ``first``:
+    the first iteration's product, when already made."""
     threshold = float(threshold)
     k = 0
     while k < maxiter and float(method.residual_norm(state)) > threshold:
-        state, r = method.advance(state, matvec(method.vector(state)))
+        product = first if k == 0 and first is not None else matvec(method.vector(state))
+        state, r = method.advance(state, product)
         state = method.direct(state, precondition(r))
         k += 1
     if not np.isfinite(float(method.residual_norm(state))):

@@ -9,7 +9,16 @@ import pytest
 from models import make_linen_mlp
 from pmat_checks import compilations, neumann_series
 
-from jaxgeom import FIM, PMatDense, PMatImplicit, PMatKFAC, minres, neumann, random_pvector
+from jaxgeom import (
+    FIM,
+    PMatDense,
+    PMatImplicit,
+    PMatKFAC,
+    cg,
+    minres,
+    neumann,
+    random_pvector,
+)
 from jaxgeom.hessian import Hessian
 
 REGUL = 1e-3
@@ -52,6 +61,46 @@ def test_minres_solves_indefinite_systems(run):
     x = run(lambda b: minres(matvec, b, rtol=0.0, atol=1e-3), B)
     assert np.linalg.norm(INDEFINITE @ x - B) <= 1e-3
     assert np.linalg.norm(INDEFINITE @ x - B) > 1e-9  # it stopped there, not at the solution
+
+
+@pytest.mark.parametrize("solver", [cg, minres])
+def test_from_zero_every_product_is_an_iteration(solver):
+    """From ``x0 = 0`` the residual is ``b``: called eagerly, ``k`` iterations make ``k``
+    products (the first made before the loop, to learn the operator's dtype, is the first
+    iteration's), none with the zero vector; the iterates are those of the loop under
+    ``jit``, and of a start from an explicit ``x0 = 0`` (which multiplies it)."""
+    a = symmetric(np.linspace(0.5, 4, 20))
+    made = []
+
+    def matvec(x):
+        made.append(x)
+        return jnp.asarray(a) @ x
+
+    for k in (0, 1, 4):
+        made.clear()
+        x = solver(matvec, B, maxiter=k)
+        assert len(made) == max(k, 1)  # the dtype's product is made even for maxiter=0
+        assert all(np.any(np.asarray(v) != 0) for v in made)
+        np.testing.assert_allclose(x, jax.jit(lambda b, k=k: solver(product(a), b, maxiter=k))(B),
+                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(x, solver(product(a), B, x0=np.zeros(20), maxiter=k),
+                                   rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(solver(matvec, B, rtol=1e-13), np.linalg.solve(a, B),
+                               rtol=1e-10)
+
+
+@pytest.mark.parametrize("run", EAGER_AND_JIT)
+@pytest.mark.parametrize("solver", [cg, minres])
+def test_a_float32_vector_against_a_float64_operator_is_solved_in_float64(run, solver):
+    """The iterates take the operator's and the vector's promoted dtype, from zero as from
+    an explicit start."""
+    a = symmetric(np.linspace(0.5, 4, 20))
+    b32 = jnp.asarray(B, jnp.float32)
+    want = np.linalg.solve(a, np.asarray(b32, np.float64))
+    for x0 in (None, jnp.zeros(20, jnp.float32)):
+        x = run(lambda b, x0=x0: solver(product(a), b, x0=x0, rtol=1e-13), b32)
+        assert x.dtype == jnp.float64
+        np.testing.assert_allclose(x, want, rtol=1e-10)
 
 
 @pytest.mark.parametrize("run", EAGER_AND_JIT)
