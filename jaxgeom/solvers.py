@@ -35,7 +35,9 @@ def cg(
     (default ``10 · len(b)``). ``preconditioner(r)`` applies ``P⁻¹`` to a residual
     (e.g. the ``solve`` of a cheap representation of the same matrix).
 
-    Cost: one ``matvec`` (and one preconditioner application) per iteration.
+    Cost: one ``matvec`` (and one preconditioner application) per iteration; from ``x0 =
+    None`` the residual is ``b`` (no product with the zero vector), from an ``x0`` one more
+    product, ``A x0``.
 
     Traced (under ``jit``, ``vmap``, … or with an operator that closes over traced arrays)
     the iterations are a ``lax.while_loop``. With an operator that runs eagerly and answers
