@@ -288,25 +288,38 @@ def _preconditioned_norm(b, precondition):
     return jnp.sqrt(jnp.abs(jnp.vdot(b, precondition(b))))
 
 
-# --- conjugate gradient: state (x, r, p, rz = rᵀz, ‖r‖)
+# --- conjugate gradient: state (x, r, p, rz = rᵀz, ‖r‖). Each update's compiled call answers
+# only what it changes; the vectors it passes on are put back into the state in Python (a
+# compiled call's outputs are new buffers: passed through it, they were copied, four
+# vectors an iteration)
 @jax.jit
 def _cg_start(x, r, z):
     return x, r, z, jnp.vdot(r, z), jnp.linalg.norm(r)
 
 
 @jax.jit
-def _cg_advance(state, ap):
-    x, r, p, rz, norm = state
+def _cg_step(state, ap):
+    """``x + α p`` and ``r − α A p``, ``α = rᵀz / pᵀAp``."""
+    x, r, p, rz, _ = state
     alpha = rz / jnp.vdot(p, ap)
-    r = r - alpha * ap
-    return (x + alpha * p, r, p, rz, norm), r
+    return x + alpha * p, r - alpha * ap
+
+
+def _cg_advance(state, ap):
+    x, r = _cg_step(state, ap)
+    return (x, r, *state[2:]), r
 
 
 @jax.jit
-def _cg_direction(state, z):
-    x, r, p, rz, _ = state
+def _cg_turn(state, z):
+    """The next direction ``z + (rᵀz / rz) p``, ``rᵀz`` and ``‖r‖``."""
+    _, r, p, rz, _ = state
     rz_new = jnp.vdot(r, z)
-    return x, r, z + (rz_new / rz) * p, rz_new, jnp.linalg.norm(r)
+    return z + (rz_new / rz) * p, rz_new, jnp.linalg.norm(r)
+
+
+def _cg_direction(state, z):
+    return (*state[:2], *_cg_turn(state, z))
 
 
 _CG = _KrylovMethod(
@@ -351,28 +364,36 @@ def _minres_start(x, r, z):
                         sn=zero)
 
 
+# (as CG's, each update's compiled call answers only the fields it changes)
 @jax.jit
-def _minres_advance(s: _MinresState, av):
-    """The Lanczos step: ``y = A v − (β/β_old) r1 − (α/β) r2``."""
+def _minres_lanczos(s: _MinresState, av):
+    """The Lanczos step: ``y = A v − (β/β_old) r1 − (α/β) r2``, and ``α``."""
     y = av - _safe_divide(s.beta, s.old_beta) * s.r1
     alpha = jnp.vdot(s.v, y)
-    y = y - _safe_divide(alpha, s.beta) * s.r2
+    return y - _safe_divide(alpha, s.beta) * s.r2, alpha
+
+
+def _minres_advance(s: _MinresState, av):
+    y, alpha = _minres_lanczos(s, av)
     return s._replace(r1=s.r2, r2=y, alpha=alpha), y
 
 
 @jax.jit
-def _minres_direct(s: _MinresState, z):
+def _minres_rotation(s: _MinresState, z) -> dict:
     """``β = (r2ᵀ P⁻¹ r2)^{1/2}``, the previous rotation and the next one applied to the new
-    column of the tridiagonal matrix, then the update of ``x``."""
+    column of the tridiagonal matrix, then the update of ``x``: the changed fields."""
     beta = jnp.sqrt(jnp.vdot(s.r2, z))
     delta = s.cs * s.dbar + s.sn * s.alpha
     gbar = s.sn * s.dbar - s.cs * s.alpha
     gamma = jnp.maximum(jnp.hypot(gbar, beta), jnp.finfo(beta.dtype).eps)
     cs, sn = gbar / gamma, beta / gamma
     w = (s.v - s.epsilon * s.w2 - delta * s.w) / gamma
-    return s._replace(x=s.x + cs * s.phibar * w, v=_safe_divide(z, beta), w=w, w2=s.w,
-                      beta=beta, old_beta=s.beta, dbar=-s.cs * beta, epsilon=s.sn * beta,
-                      phibar=sn * s.phibar, cs=cs, sn=sn)
+    return dict(x=s.x + cs * s.phibar * w, v=_safe_divide(z, beta), w=w, beta=beta,
+                dbar=-s.cs * beta, epsilon=s.sn * beta, phibar=sn * s.phibar, cs=cs, sn=sn)
+
+
+def _minres_direct(s: _MinresState, z):
+    return s._replace(w2=s.w, old_beta=s.beta, **_minres_rotation(s, z))
 
 
 _MINRES = _KrylovMethod(

@@ -89,6 +89,27 @@ def test_from_zero_every_product_is_an_iteration(solver):
                                rtol=1e-10)
 
 
+@pytest.mark.parametrize("solver", [cg, minres])
+def test_eager_solves_leave_the_callers_arrays_usable(solver):
+    """Called eagerly, the iterations update their own state in place (donated buffers):
+    ``b``, ``x0``, the preconditioner's arrays and what the operator closes over are
+    neither consumed nor changed, and a second solve with them gives the same answer."""
+    a = jnp.asarray(symmetric(np.linspace(0.5, 4, 20)))
+    b, x0 = jnp.asarray(B), jnp.ones(20)
+    diag = jnp.diag(a)
+    before = [np.array(t) for t in (a, b, x0, diag)]
+    for start in (None, x0):
+        first = solver(lambda x: a @ x, b, x0=start, preconditioner=lambda r: r / diag,
+                       rtol=1e-13)
+        again = solver(lambda x: a @ x, b, x0=start, preconditioner=lambda r: r / diag,
+                       rtol=1e-13)
+        np.testing.assert_array_equal(first, again)
+        for t, saved in zip((a, b, x0, diag), before):
+            assert not t.is_deleted()
+            np.testing.assert_array_equal(t, saved)
+    np.testing.assert_allclose(first, np.linalg.solve(before[0], before[1]), rtol=1e-10)
+
+
 @pytest.mark.parametrize("run", EAGER_AND_JIT)
 @pytest.mark.parametrize("solver", [cg, minres])
 def test_a_float32_vector_against_a_float64_operator_is_solved_in_float64(run, solver):
