@@ -55,7 +55,7 @@ from jaxgeom.pmat.base import PMatAbstract, check_precision
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
-from jaxgeom.pmat.implicit import PMatImplicit, _added
+from jaxgeom.pmat.implicit import PMatImplicit
 from jaxgeom.streaming import check_finite, mean, tree_finite
 from jaxgeom.vector import product_dtype
 
@@ -317,10 +317,15 @@ class PMatImplicitHessian(PMatImplicit):
 @model_jit(static_argnames=("loss_fn", "layout"), donate_argnums=0)
 def _chunk_hvps(total, params, rows, batch, weight, *, loss_fn, layout):
     """``total + weight · H_c vᵢ`` for the rows ``vᵢ`` of ``(..., d)`` (``total`` of their
-    shape, donated, or ``None``: :meth:`PMatImplicit._chunk_mmv`)."""
+    shape, donated: :meth:`PMatImplicit._chunk_mmv`; ``None`` for a ``vTMv`` of its own)."""
     flat = rows.reshape(-1, rows.shape[-1])
     hv = jax.vmap(_hvp(loss_fn, params, batch, layout))(flat).reshape(rows.shape)
     return _added(total, weight * hv)
+
+
+def _added(total: jax.Array | None, x: jax.Array) -> jax.Array:
+    """``total + x`` (``x`` for ``total = None``)."""
+    return x if total is None else total + x
 
 
 #: losses whose second derivatives need a reverse pass (a ``jax.custom_vjp`` inside: JAX

@@ -125,8 +125,8 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     # the two per-chunk kernels (the hook of operators other than JᵀJ, e.g. the Hessian)
     def _chunk_mmv(self, rows: jax.Array, chunk: data_lib.Chunk,
                    total: jax.Array | None) -> jax.Array:
-        """``total + Σ_{n∈chunk} Jₙᵀ Jₙ vᵢ`` for the rows ``vᵢ`` of ``(m, d)`` (``total``
-        ``(m, d)``, donated: called eagerly, the sum is updated in place
+        """``total + Σ_{n∈chunk} Jₙᵀ Jₙ vᵢ`` for the rows ``vᵢ`` of ``(..., d)`` (``total``
+        of their shape, donated: called eagerly, the sum is updated in place
         instead of a new ``(m, d)`` buffer per chunk, whose allocation and addition cost
         bench_mlp's 15-row products 0.67 s against 0.40 s under ``jit``)."""
         return _chunk_jtjv(total, self.params, rows, chunk.batch, chunk.mask, chunk.offset,
@@ -311,7 +311,7 @@ def _masked_outputs(fn, batch, mask, offset, aux) -> Callable:
 @model_jit(static_argnames=("fn", "layout"), donate_argnums=0)
 def _chunk_jtjv(total, params, rows, batch, mask, offset, aux, *, fn, layout):
     """``total + J_cᵀ (J_c vᵢ)`` of one chunk for the rows ``vᵢ`` of ``(..., d)`` (``total``
-    of their shape, donated, or ``None``): one ``jvp`` and one ``vjp`` per row
+    of their shape, donated): one ``jvp`` and one ``vjp`` per row
     (vectorised), sharing one forward pass (with respect to the floating leaves of
     ``params``; the others' entries are zero)."""
     floats = FloatLeaves.of(params)
@@ -322,12 +322,7 @@ def _chunk_jtjv(total, params, rows, batch, mask, offset, aux, *, fn, layout):
     )
     _, vjp = jax.vjp(outputs, floats.primals)
     jtjv = floats.ravel(jax.vmap(vjp)(jv)[0], flat.shape[:1]).reshape(rows.shape)
-    return _added(total, jtjv.astype(product_dtype(rows.dtype, jtjv.dtype)))
-
-
-def _added(total: jax.Array | None, x: jax.Array) -> jax.Array:
-    """``total + x`` (``x`` for the first chunk's ``total = None``)."""
-    return x if total is None else total + x
+    return total + jtjv.astype(product_dtype(rows.dtype, jtjv.dtype))
 
 
 @model_jit(static_argnames=("fn", "layout"))
