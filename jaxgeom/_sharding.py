@@ -36,11 +36,13 @@ from typing import Any
 import jax
 
 from jaxgeom import data as data_lib
+from jaxgeom._compile import behind_barrier
 from jaxgeom._signature import _AVAL_TYPES
 
 _AxisType = getattr(jax.sharding, "AxisType", None)
 _SUPPORTED = _AxisType is not None and hasattr(jax.sharding, "use_abstract_mesh")
 _SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
+_Tracer = jax.core.Tracer
 
 _VARYING_MESSAGE = (
     "{name} was called inside jax.shard_map with check_vma=True on data that varies over "
@@ -83,7 +85,13 @@ def accepts_sharded_data(builder: Callable | None = None, *,
             # a list is looked at whole (a few µs a batch); a stream batch by batch as it
             # is read
             looked_at.append(arguments[name] if isinstance(arguments[name], list) else first)
-        mesh, devices = _explicit_mesh(builder.__name__, (arguments.get("params"), looked_at))
+        leaves = _not_on_one_device(jax.tree_util.tree_leaves((arguments.get("params"),
+                                                                looked_at)))
+        if any(isinstance(leaf, _Tracer) for leaf in leaves):  # inside a trace
+            for name in data:  # no build's work on one batch folded at compile time
+                if data_lib.is_single_batch(arguments[name]):
+                    arguments[name] = behind_barrier(arguments[name])
+        mesh, devices = _explicit_mesh(builder.__name__, leaves)
         if mesh is None:
             for name in data:
                 arguments[name] = _batches_checked(builder.__name__, arguments[name])
@@ -143,14 +151,19 @@ class _Arguments:
         return self[name] if name in self._positions and name in self else None
 
 
-def _explicit_mesh(name: str, trees: Any) -> tuple[Any, Any]:
-    """The (abstract) mesh of the first leaf placed on a mesh with explicit axes (sharded
-    or replicated: sharding-in-types holds for both) and, when that leaf is a concrete
-    array, its devices (``(None, None)``: no leaf is); raises on a leaf varying over manual
-    axes under ``check_vma``."""
-    for leaf in jax.tree_util.tree_leaves(trees):
-        if type(leaf) in _AVAL_TYPES and type(leaf.sharding) is _SINGLE_DEVICE:
-            continue  # a concrete array on one device: no mesh, and never varying
+def _not_on_one_device(leaves: list) -> list:
+    """``leaves`` but the concrete arrays on one device (no mesh, never varying, not
+    traced): what the placement checks look at (none, outside traces and meshes)."""
+    return [leaf for leaf in leaves
+            if not (type(leaf) in _AVAL_TYPES and type(leaf.sharding) is _SINGLE_DEVICE)]
+
+
+def _explicit_mesh(name: str, leaves: list) -> tuple[Any, Any]:
+    """The (abstract) mesh of the first of ``leaves`` placed on a mesh with explicit axes
+    (sharded or replicated: sharding-in-types holds for both) and, when that leaf is a
+    concrete array, its devices (``(None, None)``: no leaf is); raises on a leaf varying
+    over manual axes under ``check_vma``."""
+    for leaf in _not_on_one_device(leaves):
         aval = getattr(leaf, "aval", None)
         if aval is None:
             continue
@@ -213,7 +226,7 @@ def _batches_checked(name: str, data: Any) -> Any:
         return data
 
     def check(batch):
-        mesh, _ = _explicit_mesh(name, batch)
+        mesh, _ = _explicit_mesh(name, jax.tree_util.tree_leaves(batch))
         if mesh is not None:
             raise ValueError(
                 f"{name}: a batch of the data is placed on a mesh with explicit axes "
