@@ -13,11 +13,15 @@ one process:
 each as its first call (trace, compile, one run: ``first``) and the median of warm calls
 (``warm``), with the whole data as one chunk (``FIM``'s default) unless ``--batch-size``.
 ``PMatImplicit`` is timed as its product ``jax.jit(lambda v: F.mv(v))`` with ``F`` (its
-parameters and data) closed over, against ``jax.jit(lambda F, v: F.mv(v))``. Compare two
-revisions by running the script from each (``PYTHONPATH=<worktree>``)::
+parameters and data) closed over, against ``jax.jit(lambda F, v: F.mv(v))``. ``--stored-matrices``
+times instead operations on a stored matrix (built eagerly) inside a ``jit``:
+``jax.jit(lambda v: F.op(v))`` closing over ``F`` against ``jax.jit(lambda F, v:
+F.op(v))`` (``op``: ``solve`` with ``λ = 1e-3`` and ``mv``; bench_small by default). Compare
+two revisions by running the script from each (``PYTHONPATH=<worktree>``)::
 
     python benchmarks/bench_closed_over.py --out closed.json
     python benchmarks/bench_closed_over.py --models bench_mlp --representations PMatKFAC
+    python benchmarks/bench_closed_over.py --stored-matrices --out stored.json
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ DEFAULT_CASES = {
     "bench_mlp": ("PMatDiag", "PMatKFAC", "PMatEKFAC", "PMatQuasiDiag", "PMatImplicit"),
     "bench_cnn": ("PMatDiag", "PMatKFAC", "PMatImplicit"),
 }
+STORED_CASES = {"bench_small": ("PMatLowRank", "PMatDense", "PMatBlockDiag", "PMatKFAC")}
 
 
 def case(spec: models.Spec, rep: str, repeats: int, batch_size: int | None) -> dict:
@@ -69,6 +74,31 @@ def case(spec: models.Spec, rep: str, repeats: int, batch_size: int | None) -> d
     return out
 
 
+def stored_case(spec: models.Spec, rep: str, op: str, repeats: int) -> dict:
+    """``op`` of a matrix built eagerly, under a ``jit`` closing over it and one taking it."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxgeom
+
+    apply_fn, params = models.make_apply(spec), models.init_params(spec)
+    x, y = (jnp.asarray(a) for a in models.make_data(spec))
+    F = jax.block_until_ready(jaxgeom.FIM(apply_fn, params, (x, y), getattr(jaxgeom, rep),
+                                          batch_size=spec.batch_size))
+    v = jaxgeom.random_pvector(jax.random.key(2), params)
+
+    def operation(F, v):
+        return F.solve(v, 1e-3) if op == "solve" else F.mv(v)
+
+    passed = jax.jit(operation)
+    closed = jax.jit(lambda v: operation(F, v))
+    out = dict(model=spec.name, representation=rep, op=op)
+    for name, call in (("passed", lambda: passed(F, v)), ("closed", lambda: closed(v))):
+        res = timed(call, repeats)
+        out[name] = dict(first_s=res["first_s"], warm_s=res["warm_s"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_CASES))
@@ -76,11 +106,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="FIM's batch_size (default: the whole data as one chunk)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--stored-matrices", action="store_true",
+                        help="operations on a stored matrix instead of builds")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
-    import jax
 
     rows = []
+    if args.stored_matrices:
+        cases = ({name: STORED_CASES.get(name, ()) for name in args.models}
+                 if args.models != list(DEFAULT_CASES) else STORED_CASES)
+        print(f"{'model':12s} {'representation':14s} {'op':6s} {'passed first':>12s} "
+              f"{'closed first':>12s}")
+        for name, reps in cases.items():
+            for rep in args.representations or reps:
+                for op in ("solve", "mv"):
+                    row = stored_case(models.SPECS[name], rep, op, args.repeats)
+                    rows.append(row)
+                    print(f"{name:12s} {rep:14s} {op:6s} {row['passed']['first_s']:11.2f}s "
+                          f"{row['closed']['first_s']:11.2f}s", flush=True)
+        return _written(rows, args.out)
     print(f"{'model':12s} {'representation':14s} {'passed first':>12s} {'closed first':>12s} "
           f"{'passed warm':>12s} {'closed warm':>12s}")
     for name in args.models:
@@ -90,10 +134,17 @@ def main(argv: list[str] | None = None) -> dict:
             p, c = row["passed"], row["closed"]
             print(f"{name:12s} {rep:14s} {p['first_s']:11.2f}s {c['first_s']:11.2f}s "
                   f"{p['warm_s'] * 1e3:10.2f}ms {c['warm_s'] * 1e3:10.2f}ms", flush=True)
+    return _written(rows, args.out)
+
+
+def _written(rows: list, path: str | None) -> dict:
+    import jax
+
     results = dict(rows=rows, jax=jax.__version__, machine=platform.processor() or
                    platform.machine(), cpus=os.cpu_count(),
-                   device=jax.devices()[0].device_kind)
-    write_json(results, args.out)
+                   device=jax.devices()[0].device_kind,
+                   simplified_constants=bool(jax.config.jax_use_simplified_jaxpr_constants))
+    write_json(results, path)
     return results
 
 

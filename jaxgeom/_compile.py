@@ -203,6 +203,17 @@ def behind_barrier(batch: Any) -> Any:
     return _leaves_barred(batch, arrays)
 
 
+def constants_behind_barrier(tree: Any) -> Any:
+    """``tree`` with its concrete arrays (not tracers) passed through
+    ``lax.optimization_barrier``: a stored matrix's arrays when one of its operations is
+    staged into a user's ``jit`` that closes over it (:func:`_constants_barred`: XLA
+    would fold what the operation computes from them alone, a low-rank factor's Gram)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    constants = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))
+                 and not isinstance(leaf, jax.core.Tracer)]
+    return _leaves_barred(tree, constants) if constants else tree
+
+
 def _leaves_barred(tree: Any, indices: Sequence[int]) -> Any:
     """``tree`` with its leaves ``indices`` passed through one
     ``lax.optimization_barrier``."""

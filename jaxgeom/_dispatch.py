@@ -29,8 +29,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.interpreters.partial_eval import DynamicJaxprTracer as _StagedTracer
 
-from jaxgeom._compile import factorisation_jit
+from jaxgeom._compile import constants_behind_barrier, factorisation_jit
 from jaxgeom._lapack import one_thread_when_faster
 
 #: stands in the static leaves for each traced one
@@ -131,6 +132,8 @@ def compiled_when_eager(method: Callable) -> Callable:
         leaves, treedef = jax.tree_util.tree_flatten((self, args, kwargs))
         split = _split(leaves)
         if split is None:
+            if any(isinstance(leaf, _StagedTracer) for leaf in leaves):  # inside a jit
+                self = constants_behind_barrier(self)  # a matrix the jit closes over
             return method(self, *args, **kwargs)
         call = (_compiled_factorisation if name in getattr(self, "FACTORISING_OPERATIONS", ())
                 else _compiled_call)
