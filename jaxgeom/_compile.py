@@ -48,8 +48,10 @@ Inside a user's ``jit`` nothing a build computes from the data alone is left for
 evaluate at compile time (constant folding: one thread, a few hundred million
 multiply-adds a second; bench_mlp's KFAC over closed-over data compiled in 6.7 s, 0.28 s
 now): a builder called inside a trace puts its batch behind ``lax.optimization_barrier``
-(:func:`behind_barrier`), and a step called inside a trace its constant arguments (a
-stored ``PMatImplicit``'s parameters and data, :func:`_constants_barred`).
+(:func:`behind_barrier`), a step called inside a trace its constant arguments (a
+stored ``PMatImplicit``'s parameters and data, :func:`_constants_barred`), and an
+operation staged into a ``jit`` the arrays of a matrix the ``jit`` closes over
+(:func:`constants_behind_barrier`, from :mod:`jaxgeom._dispatch`).
 """
 
 from __future__ import annotations
@@ -166,7 +168,8 @@ class CompiledFunction:
             except ValueError as error:
                 if "compiler_options" not in str(error):
                     raise
-        return self._nested_call(_constant_leaves(args, kwargs))(*args, **kwargs)
+        constants = _constant_indices(jax.tree_util.tree_leaves((args, kwargs)))
+        return self._nested_call(constants)(*args, **kwargs)
 
     def _nested_call(self, constants: tuple[int, ...]) -> Callable:
         """The function called inside a trace, its arguments' leaves ``constants`` (their
@@ -208,9 +211,7 @@ def constants_behind_barrier(tree: Any) -> Any:
     ``lax.optimization_barrier``: a stored matrix's arrays when one of its operations is
     staged into a user's ``jit`` that closes over it (:func:`_constants_barred`: XLA
     would fold what the operation computes from them alone, a low-rank factor's Gram)."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    constants = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))
-                 and not isinstance(leaf, jax.core.Tracer)]
+    constants = _constant_indices(jax.tree_util.tree_leaves(tree))
     return _leaves_barred(tree, constants) if constants else tree
 
 
@@ -223,10 +224,9 @@ def _leaves_barred(tree: Any, indices: Sequence[int]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _constant_leaves(args: tuple, kwargs: dict) -> tuple[int, ...]:
-    """The indices of the leaves of ``(args, kwargs)`` that are arrays, not tracers: inside
-    a trace, the constants of the program being traced (data a user's ``jit`` closes over)."""
-    leaves = jax.tree_util.tree_leaves((args, kwargs))
+def _constant_indices(leaves: list) -> tuple[int, ...]:
+    """The indices of the ``leaves`` that are arrays, not tracers: inside a trace, the
+    constants of the program being traced (data a user's ``jit`` closes over)."""
     return tuple(i for i, leaf in enumerate(leaves)
                  if isinstance(leaf, (jax.Array, np.ndarray))
                  and not isinstance(leaf, jax.core.Tracer))
