@@ -208,6 +208,16 @@ def test_memory_schedule_does_not_keep_independent_products_alive():
                                        rtol=1e-4, atol=1e-3)
 
 
+def _shape_names(tree) -> set[str]:
+    """``"f64[6,150]"`` for each array leaf of ``tree``, as an HLO module writes shapes."""
+    return {f"{jnp.dtype(a.dtype).name.replace('float', 'f')}[{','.join(map(str, a.shape))}]"
+            for a in jax.tree_util.tree_leaves(tree)}
+
+
+def _cosine_vector(params):
+    return jax.tree_util.tree_map(lambda p: jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
+
+
 def _large_constants(compiled_text: str) -> set[str]:
     """The shapes of the constants of 64 entries or more in an optimised HLO module."""
     shapes = re.findall(r"= (\w+)\[([\d,]*)\]\S* constant\(", compiled_text)
@@ -232,7 +242,7 @@ def test_a_jit_over_constant_data_leaves_the_build_to_run_time(representation, d
         return FIM(task.apply_fn, params, (x * scale, y), representation)
 
     compiled = jax.jit(build).lower(task.params).compile().as_text()
-    assert _large_constants(compiled) <= {f"f64[{x.shape[0]},{x.shape[1]}]"}
+    assert _large_constants(compiled) <= _shape_names(x)
     expected = FIM(task.apply_fn, task.params, (x * scale, y), representation)
     np.testing.assert_allclose(jax.jit(build)(task.params).to_dense(), expected.to_dense(),
                                rtol=1e-10, atol=1e-12)
@@ -246,11 +256,9 @@ def test_a_jit_over_a_stored_implicit_matrix_leaves_its_products_to_run_time():
     the eager product's numbers."""
     task = models.make_linen_wide_hidden()
     F = FIM(task.apply_fn, task.params, (task.x, task.y), PMatImplicit)
-    v = jax.tree_util.tree_map(lambda p: jnp.cos(jnp.arange(p.size).reshape(p.shape)),
-                               task.params)
+    v = _cosine_vector(task.params)
     product = jax.jit(lambda v: F.mv(v))
-    stored = {f"f64[{','.join(map(str, a.shape))}]"
-              for a in jax.tree_util.tree_leaves((task.params, task.x))}
+    stored = _shape_names((task.params, task.x))
     assert _large_constants(product.lower(v).compile().as_text()) <= stored
     chex.assert_trees_all_close(product(v), F.mv(v), rtol=1e-10, atol=1e-12)
 
@@ -262,9 +270,8 @@ def test_a_jit_over_a_stored_matrix_leaves_its_operations_to_run_time():
     constants are the stored arrays, for the eager solve's numbers."""
     task = models.make_linen_wide_hidden()
     F = FIM(task.apply_fn, task.params, (task.x, task.y), PMatLowRank)
-    v = jax.tree_util.tree_map(lambda p: jnp.cos(jnp.arange(p.size).reshape(p.shape)),
-                               task.params)
+    v = _cosine_vector(task.params)
     solve = jax.jit(lambda v: F.solve(v, 0.1))
-    stored = {f"f64[{','.join(map(str, a.shape))}]" for a in jax.tree_util.tree_leaves(F)}
+    stored = _shape_names(F)
     assert _large_constants(solve.lower(v).compile().as_text()) <= stored
     chex.assert_trees_all_close(solve(v), F.solve(v, 0.1), rtol=1e-10, atol=1e-12)
