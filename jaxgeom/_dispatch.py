@@ -33,10 +33,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.interpreters.partial_eval import DynamicJaxprTracer as _StagedTracer
+from jax.interpreters import partial_eval as pe
 
 from jaxgeom._compile import constants_behind_barrier, factorisation_jit
 from jaxgeom._lapack import one_thread_when_faster
+
+#: the tracers of values staged into a ``jit`` (any tracer where this JAX does not name them)
+_StagedTracer = getattr(pe, "DynamicJaxprTracer", jax.core.Tracer)
 
 #: stands in the static leaves for each traced one
 _TRACED = object()
