@@ -159,11 +159,12 @@ def _not_on_one_device(leaves: list) -> list:
 
 
 def _explicit_mesh(name: str, leaves: list) -> tuple[Any, Any]:
-    """The (abstract) mesh of the first of ``leaves`` placed on a mesh with explicit axes
-    (sharded or replicated: sharding-in-types holds for both) and, when that leaf is a
-    concrete array, its devices (``(None, None)``: no leaf is); raises on a leaf varying
-    over manual axes under ``check_vma``."""
-    for leaf in _not_on_one_device(leaves):
+    """The (abstract) mesh of the first of ``leaves`` (filtered by
+    :func:`_not_on_one_device`) placed on a mesh with explicit axes (sharded or
+    replicated: sharding-in-types holds for both) and, when that leaf is a concrete array,
+    its devices (``(None, None)``: no leaf is); raises on a leaf varying over manual axes
+    under ``check_vma``."""
+    for leaf in leaves:
         aval = getattr(leaf, "aval", None)
         if aval is None:
             continue
@@ -226,7 +227,7 @@ def _batches_checked(name: str, data: Any) -> Any:
         return data
 
     def check(batch):
-        mesh, _ = _explicit_mesh(name, jax.tree_util.tree_leaves(batch))
+        mesh, _ = _explicit_mesh(name, _not_on_one_device(jax.tree_util.tree_leaves(batch)))
         if mesh is not None:
             raise ValueError(
                 f"{name}: a batch of the data is placed on a mesh with explicit axes "
