@@ -193,6 +193,13 @@ class JacobianBuilder(ChunkBuilder):
     def schedules_for_memory(self) -> bool:
         return getattr(self.accumulator, "schedules_for_memory", False)
 
+    @property
+    def finalizes_traced(self) -> bool:
+        """For kept rows (the buffer is the result). An accumulator's ``finalize`` runs
+        apart: a dense Gram's mirroring and its division are two calls, XLA:CPU copying
+        the matrix when they share one (:func:`~jaxgeom.pmat._gram.mean_of_upper_grams`)."""
+        return self._collects
+
     def with_examples(self, n, last_offset=None):
         if not self._collects:
             return self

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import models
 import numpy as np
 import pytest
+from pmat_checks import compilations
 
 from jaxgeom import (
     FIM,
@@ -149,6 +150,33 @@ def test_compile_options_defer_to_xla_flags(monkeypatch):
         (name, _), = _compile.FAST_COMPILE.items()
         monkeypatch.setenv("XLA_FLAGS", f"--{name}=true")
         assert _compile.factorisation_compile_options() is None
+    finally:
+        clear()
+
+
+def test_own_options_are_checked_in_one_compilation(monkeypatch):
+    """Whether this XLA takes jaxgeom's options is asked once for all of them: the
+    options of a model step, of a memory-scheduled step and of a factorisation cost one
+    compilation of an empty program between them, not one each."""
+    monkeypatch.setenv("XLA_FLAGS", "")  # this suite's conftest sets an option itself
+    caches = (_compile.compile_options, _compile._accepted, _compile._compiles_with)
+
+    def clear():
+        for cache in caches:
+            cache.cache_clear()
+
+    clear()
+    try:
+        with compilations() as compiled:
+            step = _compile.model_compile_options(tuple(_compile.MEMORY_SCHEDULE.items()))
+            factorisation = _compile.factorisation_compile_options()
+        # a jaxlib without one of them (0.11 has no quick emitters) asks each alone after
+        everything = _compile._compiles_with(_compile.OWN_OPTIONS)  # cached: not compiled
+        assert compiled == ["<lambda>"] * (1 if everything else 1 + len(_compile.OWN_OPTIONS))
+        assert step == {_compile.CONVOLUTION_OPTION: _compile.CONVOLUTION_VALUE,
+                        **_compile.MEMORY_SCHEDULE}
+        quick = everything or _compile._compiles_with(tuple(_compile.FAST_COMPILE.items()))
+        assert factorisation == (_compile.FAST_COMPILE if quick else None)
     finally:
         clear()
 

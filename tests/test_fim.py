@@ -36,10 +36,12 @@ from jaxgeom import (
     PMatImplicit,
     PMatKFAC,
     PMatLowRank,
+    PMatQuasiDiag,
     SecondMoment,
 )
 from jaxgeom._counter_rng import draw_key
 from jaxgeom.jacobian import Hashable
+from jaxgeom.pmat.mixed import PMatMixed
 from jaxgeom.variants import (
     FisherOutputs,
     inverse_cdf,
@@ -363,6 +365,41 @@ def test_a_list_of_batches_is_sized_before_it_is_read():
     np.testing.assert_allclose(
         FIM(t.apply_fn, t.params, batches, PMatLowRank, batch_size=2).to_dense(),
         dense(t.apply_fn, t.params, (t.x, t.y)), **TOL)
+
+
+ONE_CALL = [PMatKFAC, PMatDiag, PMatQuasiDiag, PMatLowRank]
+#: a mixed matrix of parts built in one call each: one call for all of them
+MIXED = dict(mapping={"Dense_0": PMatKFAC, "Dense_1": PMatQuasiDiag})
+
+
+@pytest.mark.parametrize("representation, options",
+                         [(r, {}) for r in ONE_CALL] + [(PMatMixed, MIXED)],
+                         ids=[r.__name__ for r in ONE_CALL] + ["PMatMixed"])
+def test_data_of_one_chunk_are_built_in_one_compiled_call(representation, options):
+    """Data read in one chunk (one batch, no ``batch_size``) are built by one compiled call,
+    the chunk's statistics and their mean together, instead of three (the zero total, the
+    step, the mean): the same matrix, structure and numbers, as the same batch streamed
+    from an iterator (its size unknown: the streamed path), and the same numbers as the
+    data cut in chunks of 4 (padded)."""
+    t = make_linen_mlp(n=9)  # data of a size no other test builds on: compiled here
+    jaxgeom._compile.model_compile_options()  # the options checked before, not in the block
+    with compilations() as compiled:
+        one = FIM(t.apply_fn, t.params, (t.x, t.y), representation, **options)
+    streamed = FIM(t.apply_fn, t.params, iter([(t.x, t.y)]), representation, **options)
+    assert compiled == ["_finished"]
+    chex.assert_trees_all_equal_structs(one, streamed)
+    chex.assert_trees_all_close(one, streamed, rtol=1e-12, atol=1e-15)
+    chunked = FIM(t.apply_fn, t.params, (t.x, t.y), representation, batch_size=4, **options)
+    np.testing.assert_allclose(one.to_dense(), chunked.to_dense(), **TOL)
+
+
+@pytest.mark.parametrize("representation", ONE_CALL, ids=lambda r: r.__name__)
+def test_a_non_finite_input_of_one_chunk_is_named(representation):
+    """The one-call build of one chunk still reads the chunk's finiteness flag."""
+    t = make_linen_mlp(n=9)
+    x = t.x.at[4, 0].set(jnp.nan)
+    with pytest.raises(FloatingPointError, match=r"examples 0\.\.8\b"):
+        FIM(t.apply_fn, t.params, (x, t.y), representation)
 
 
 def test_more_passes_compile_once_whatever_the_number_of_chunks():

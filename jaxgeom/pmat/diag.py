@@ -101,6 +101,8 @@ class DiagBuilder(CaptureBuilder):
     (:func:`~jaxgeom.pmat.kfac.squared_gradients`); the mean, in the flat order, is the
     diagonal."""
 
+    finalizes_traced: ClassVar[bool] = True
+
     def statistics(self, params, batch, mask, offset, aux):
         cap = capture_chunk(self.plan, params, batch, offset, aux, mask)
         squares = squared_gradients(cap, self.plan, self.layout)

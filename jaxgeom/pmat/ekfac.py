@@ -230,6 +230,9 @@ class EKFACBuilder(KFACBuilder):
     representation: type = static_field(default=None)
     refit: bool = static_field(default=True)
 
+    #: its ``finalize`` factorises (eigendecompositions with their own compile options)
+    finalizes_traced: ClassVar[bool] = False
+
     @property
     def passes(self) -> int:
         return 2 if self.refit else 1
@@ -272,6 +275,10 @@ class RefitBuilder(CaptureBuilder):
     representation: type = static_field(default=None)
     factors: tuple = ()
     input_rotations: tuple = ()
+
+    #: its result holds the bases it was given, the same arrays (a sum of two refits
+    #: recognises one basis by them), where a compiled call would answer copies
+    finalizes_traced: ClassVar[bool] = False
 
     @classmethod
     def on(cls, plan, layout, representation, factors,

@@ -1211,6 +1211,8 @@ class KFACBuilder(CaptureBuilder):
     #: ``separate_weight_and_bias``: the bias's cross terms in ``A`` set to zero at the end
     separate: bool = static_field(default=False)
 
+    finalizes_traced: ClassVar[bool] = True
+
     def statistics(self, params, batch, mask, offset, aux):
         (terms, blocks), cap = self._terms(params, batch, mask, offset, aux)
         factors = tuple((a * s if a.ndim == 1 else gram(a) * s, gram(g)) for a, s, g in terms)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,8 @@ class KFOCBuilder(KFACBuilder):
     :class:`KroneckerStepBuilder`, ``G`` first."""
 
     iterations: int = static_field(default=4)
+
+    finalizes_traced: ClassVar[bool] = False
 
     @property
     def passes(self) -> int:

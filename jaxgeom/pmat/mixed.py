@@ -105,6 +105,10 @@ class RestrictedBuilder(ChunkBuilder):
     def schedules_for_memory(self) -> bool:
         return self.inner.schedules_for_memory
 
+    @property
+    def finalizes_traced(self) -> bool:
+        return self.inner.finalizes_traced
+
     def _inner_args(self, params, batch, mask, offset, aux):
         """The inner builder's arguments: the sub-parameters, and ``(params, aux)``."""
         return self.restriction.select(params), batch, mask, offset, (params, aux)

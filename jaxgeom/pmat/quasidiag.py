@@ -359,6 +359,8 @@ class QuasiDiagBuilder(CaptureBuilder):
     in every chunk's step, XLA:CPU had copied the step's ``(n, g_l)`` weights into
     ``(g_l, n)`` for the product)."""
 
+    finalizes_traced: ClassVar[bool] = True
+
     def statistics(self, params, batch, mask, offset, aux):
         return _chunk_statistics(params, batch, mask, offset, aux, plan=self.plan,
                                  layout=self.layout)
