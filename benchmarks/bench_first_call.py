@@ -5,11 +5,11 @@ This script times, each in a fresh process: the setup (the model's parameters an
 which compile a few small programs too), the first build (``FIM`` of ``--representation``
 on the whole data, in chunks of the model's ``batch_size``, or with ``--one-batch`` as one
 chunk: ``FIM(apply_fn, params, (x, y), PMat)``, a notebook's call), its compilation time
-(``build compile``: the sum of XLA's compilations, whose programs are listed), the median
-of three warm builds after it (``warm build``), then the first eager call of each of
-``--operations`` on it (default ``mv`` and ``solve``; also ``solve_pi``, KFAC's π-damped
-solve, ``eigvalsh`` and ``norm2``, the spectral norm). Three processes per model: ``no
-cache``; ``cache (filling)``, the first run with an empty cache directory; ``cache
+(``build compile``: the sum of XLA's compilations, whose programs are listed with theirs),
+the median of three warm builds after it (``warm build``), then the first eager call of
+each of ``--operations`` on it (default ``mv`` and ``solve``; also ``solve_pi``, KFAC's
+π-damped solve, ``eigvalsh`` and ``norm2``, the spectral norm). Three processes per model:
+``no cache``; ``cache (filling)``, the first run with an empty cache directory; ``cache
 (warm)``, the median of ``--repeats`` later runs reading it (``--no-cache``: the first
 only). The cache is set as docs/performance.md says (``jax_compilation_cache_dir`` and
 ``jax_persistent_cache_min_compile_time_secs=0``). A table on stdout and ``--out`` JSON::
@@ -116,7 +116,7 @@ def child(model: str, representation: str, *operations: str) -> None:
         F = build()
     t["build"] = time.perf_counter() - start
     t["build compile"] = sum(seconds for _, seconds in compiled)
-    t["build programs"] = [name for name, _ in compiled]
+    t["build programs"] = compiled
     warm = []
     for _ in range(3):
         start = time.perf_counter()
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, t in runs.items():
             print(f"{model:12s}  {rep:14s}  {name:16s}  "
                   + "  ".join(f"{t[r]:9.4f}s" for r in rows))
-        print(f"{'':12s}  {'':14s}  first build compiled: "
-              + ", ".join(runs["no cache"]["build programs"]))
+        print(f"{'':12s}  {'':14s}  first build compiled: " + ", ".join(
+            f"{name} {seconds:.3f} s" for name, seconds in runs["no cache"]["build programs"]))
         if not args.no_cache:
             print(f"{'':12s}  {'':14s}  cache: {size / 2**20:.2f} MiB")
     write_json(results, args.out)

@@ -30,7 +30,9 @@ compiles in 248 against 519 ms, bench_mlp's in 292 against 614 ms, for the same 
 29 ms warm (2-core CPU, jaxlib 0.10; benchmarks/README.md, "Compile time"). Element-wise
 work, on the other hand, ran up to 1.25× slower with the direct emitters
 (``PMatQuasiDiag.solve``; ``PMatDiag.solve`` on 1.5 M parameters 1.12×), and the model
-steps of a conv net 3–12% slower: everything else keeps XLA's default emitters.
+steps of a conv net 3–12% slower: everything else keeps XLA's default emitters, but for
+the small programs a build runs once, around its chunks (:func:`quick_jit`: its zero
+total, the layout of its result), whose compilation outweighs their run.
 
 Each option is left out when ``XLA_FLAGS`` already sets it (the user's choice wins: set it
 to XLA's default to opt out) or when this jaxlib's XLA does not know it (checked once in
@@ -310,3 +312,18 @@ def factorisation_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
     if fun is None:
         return functools.partial(factorisation_jit, **jit_kwargs)
     return CompiledFunction(fun, **jit_kwargs)
+
+
+def quick_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
+    """Decorator: :class:`CompiledFunction` for a small program around a build — its zero
+    total, the layout of its result, a Gram's mirrored blocks — compiled as the
+    factorisations are (:data:`FAST_COMPILE`), used like ``jax.jit``. Compiled at a first
+    build and run once a build, such a program costs more to compile than to run: with
+    XLA:CPU's direct emitters bench_small's QuasiDiag means compile in 0.09 against
+    0.2–0.29 s, its zero total in 0.06–0.08 against 0.11–0.13 s, Dense's mirroring in
+    0.21–0.32 against 0.28–0.34 s (and runs as fast: 33–40 against 41–48 ms for 6922²).
+    Not the division of a mean (:func:`~jaxgeom.streaming.mean`): it compiles as fast
+    either way and runs 1.8× slower on a large total with these emitters (19 against 11 ms
+    for 6922²); nor a chunk's cut (:func:`jaxgeom.data._window`, run once a chunk, its
+    host time tuned)."""
+    return factorisation_jit(fun, **jit_kwargs)

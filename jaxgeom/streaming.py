@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
-from jaxgeom._compile import MEMORY_SCHEDULE, donating_jit, model_jit
+from jaxgeom._compile import MEMORY_SCHEDULE, donating_jit, model_jit, quick_jit
 from jaxgeom._signature import Signature, abstract, signature
 
 
@@ -218,7 +218,7 @@ def _traced_statistics(builder, params, batch, mask, offset, aux):
     return builder.statistics(params, batch, mask, offset, aux)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@quick_jit(static_argnums=(0, 1))
 def _zeros(treedef, leaves):
     """Zeros of the given structure and ``(shape, dtype)`` leaves, in one compiled call
     (eager ``jnp.zeros`` costs a dispatch per leaf)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._compile import quick_jit
 from jaxgeom.streaming import mean
 
 #: ``m`` from which ``gram`` computes only the upper block triangle (below it, the smaller
@@ -142,7 +142,7 @@ def mean_of_upper_grams(totals: Any, n: int) -> Any:
     return mean(_mirror_upper(totals), n)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@quick_jit(donate_argnums=0)
 def _mirror_upper(totals: Any) -> Any:
     def mirror(total):
         m = total.shape[-1]

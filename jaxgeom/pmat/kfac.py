@@ -93,6 +93,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
@@ -1433,7 +1434,7 @@ def squared_gradients(cap: Captured, plan: CapturePlan, layout: LayerCollection,
     return (squares, others) if cross is None else ((squares, others), crosses)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@quick_jit(static_argnums=(0, 1))
 def flat_diagonal(plan: CapturePlan, layout: LayerCollection, squares, n: Any) -> jax.Array:
     """The flat-order diagonal from the layer form of :func:`squared_gradients`, divided by
     ``n`` (a build's sums: their mean), in one compiled call (eagerly, its slices and

@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import LayerCollection
@@ -371,7 +372,7 @@ class QuasiDiagBuilder(CaptureBuilder):
         return PMatQuasiDiag(self.layout, specs, diag, cross, (None,) * len(specs))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@quick_jit(static_argnums=(0, 1))
 def _means(plan, layout, total, n):
     """The flat diagonal's and the cross terms' means from their sums (the cross terms
     turned into the kernel's memory orientation), in one compiled call (a build's last
