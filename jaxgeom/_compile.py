@@ -319,9 +319,9 @@ def quick_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
     total, the layout of its result, a Gram's mirrored blocks — compiled as the
     factorisations are (:data:`FAST_COMPILE`), used like ``jax.jit``. Compiled at a first
     build and run once a build, such a program costs more to compile than to run: with
-    XLA:CPU's direct emitters bench_small's QuasiDiag means compile in 0.09 against
-    0.2–0.29 s, its zero total in 0.06–0.08 against 0.11–0.13 s, Dense's mirroring in
-    0.21–0.32 against 0.28–0.34 s (and runs as fast: 33–40 against 41–48 ms for 6922²).
+    XLA:CPU's direct emitters bench_small's QuasiDiag means compile in 0.08–0.11 against
+    0.19–0.29 s, its zero total in 0.06–0.09 against 0.09–0.13 s; Dense's mirroring
+    compiles in about as long and runs as fast (33–40 against 41–48 ms for 6922²).
     Not the division of a mean (:func:`~jaxgeom.streaming.mean`): it compiles as fast
     either way and runs 1.8× slower on a large total with these emitters (19 against 11 ms
     for 6922²); nor a chunk's cut (:func:`jaxgeom.data._window`, run once a chunk, its
