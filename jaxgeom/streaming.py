@@ -505,9 +505,8 @@ def _finish_in_step(builder: ChunkBuilder, chunk: data_lib.Chunk, params: Any, a
     layout of the result) traced together. Streamed, the same build is three calls —
     the zero total, the step, the mean — each compiled the first time (a first KFAC build
     on one batch, bench_small: 0.08 and 0.1 s of its 1 s are the zeros and the mean)."""
-    step = _finished_for_memory if builder.schedules_for_memory else _finished
-    return step(builder, (chunk.count, batch_size), params, chunk.batch, chunk.mask,
-                np.asarray(chunk.offset), aux)
+    return _finished(builder, (chunk.count, batch_size), params, chunk.batch, chunk.mask,
+                     np.asarray(chunk.offset), aux)
 
 
 def _finished(builder, sizes, params, batch, mask, offset, aux):
@@ -525,8 +524,6 @@ def _finished(builder, sizes, params, batch, mask, offset, aux):
 # default schedule, and the memory-optimised one for builders that ask for it
 _update_for_memory = model_jit(_update, donate_argnums=(1,), compiler_options=MEMORY_SCHEDULE)
 _update = model_jit(_update, donate_argnums=(1,))
-_finished_for_memory = model_jit(_finished, static_argnums=(1,),
-                                 compiler_options=MEMORY_SCHEDULE)
 _finished = model_jit(_finished, static_argnums=(1,))
 
 
