@@ -8,17 +8,62 @@ import pytest
 from jaxgeom.pmat import _spectral
 
 
-def test_traces_of_many_matrices_in_one_pass():
-    """Orders below, at and above the row width, and a 1×1 matrix: each trace exact."""
-    width = _spectral.TRACE_ROW
-    orders = [1, 3, width - 1, width, width + 1, 2 * width + 5]
+def test_traces_of_many_matrices_in_one_pass(monkeypatch):
+    """Orders from 1 to 40 with a padding allowance made small here, so that the diagonals
+    form two groups: each trace exact, eager and compiled, in the input's order."""
+    monkeypatch.setattr(_spectral, "TRACE_PADDING", 8)
+    orders = [3, 1, 23, 40, 8, 5, 16]
+    assert _spectral._padding_groups(orders) == [[3, 2, 6, 4], [5, 0, 1]]
     keys = jax.random.split(jax.random.key(0), len(orders))
     matrices = [jax.random.normal(k, (n, n)) for k, n in zip(keys, orders)]
-    np.testing.assert_allclose(_spectral.traces(matrices),
-                               [np.trace(np.asarray(m)) for m in matrices], rtol=1e-12)
-    np.testing.assert_allclose(jax.jit(_spectral.traces)(matrices),
-                               [np.trace(np.asarray(m)) for m in matrices], rtol=1e-12)
+    expected = [np.trace(np.asarray(m)) for m in matrices]
+    np.testing.assert_allclose(_spectral.traces(matrices), expected, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(_spectral.traces)(matrices), expected, rtol=1e-12)
     assert _spectral.traces([]).shape == (0,)
+
+
+def test_diagonals_are_grouped_within_the_padding_allowance():
+    pad = _spectral.TRACE_PADDING
+    # bench_cnn's KFAC factors: 4097 takes one 289 (3808 padded entries), not the second
+    # (7616 > 4675); the other 289 the rest
+    lengths = [28, 32, 289, 32, 289, 64, 4097, 10]
+    groups = _spectral._padding_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        longest = lengths[group[0]]
+        assert all(lengths[i] <= longest for i in group)
+        entries = sum(lengths[i] for i in group)
+        assert len(group) == 1 or len(group) * longest - entries <= max(pad, entries)
+    assert groups == [[6, 2], [4, 5, 1, 3, 0, 7]]
+    # an MLP's factors (785 to 10 entries): one group, one kernel
+    assert _spectral._padding_groups([785, 512, 513, 512, 513, 10]) == [[0, 2, 4, 1, 3, 5]]
+
+
+def test_traces_compile_to_one_kernel_a_group():
+    matrices = [jnp.ones((n, n)) for n in (785, 512, 513, 10)]
+    hlo = jax.jit(_spectral.traces).lower(matrices).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    assert entry.count(" reduce(") + entry.count("fusion(") <= 2  # the reduce, the stack
+
+
+def test_traces_of_mixed_precisions_and_their_derivatives():
+    a = jnp.arange(9.0).reshape(3, 3)
+    b = jnp.arange(4.0, dtype=jnp.float32).reshape(2, 2)
+    t = _spectral.traces([a, b])
+    assert t.dtype == jnp.float64
+    np.testing.assert_allclose(t, [12.0, 3.0])
+
+    def loss(a, b):
+        ta, tb = _spectral.traces([a, b])
+        return ta * tb
+
+    ga, gb = jax.grad(loss, (0, 1))(a, b.astype(jnp.float64))
+    np.testing.assert_allclose(ga, 3.0 * np.eye(3))
+    np.testing.assert_allclose(gb, 12.0 * np.eye(2))
+    _, tangent = jax.jvp(lambda a: _spectral.traces([a, b]), (a,), (jnp.eye(3),))
+    np.testing.assert_allclose(tangent, [3.0, 0.0])
+    np.testing.assert_allclose(jax.vmap(lambda a: _spectral.trace(a))(jnp.stack([a, 2 * a])),
+                               [12.0, 24.0])
 
 
 def test_trace_of_one_matrix_reads_its_diagonal():

@@ -112,38 +112,79 @@ def logdet(sign: jax.Array, logabsdet: jax.Array) -> jax.Array:
 
 
 def trace(m: jax.Array) -> jax.Array:
-    """``Σᵢ mᵢᵢ`` of a square matrix (the sum of its eigenvalues).
+    """``Σᵢ mᵢᵢ`` of a square matrix (the sum of its eigenvalues): its diagonal, a strided
+    slice, summed (:func:`traces`).
 
     ``jnp.trace`` compiles on XLA:CPU to a masked pass over the whole matrix, page-faulting
     through a mask as large as ``m`` (a 4097² factor: 43 ms); the diagonal alone costs 0.2 ms.
     """
-    return jnp.sum(jnp.diagonal(m))
+    return traces([m])[0]
 
 
-#: the diagonals' row width in :func:`traces` (a vector register's multiple)
-TRACE_ROW = 128
+#: the padding a group of diagonals in :func:`traces` may carry beyond its own entries
+#: (entries; or as many as it has, when more): a padded entry costs a compare and a select
+#: in the group's one kernel, a group more a kernel of its own (≈ 10 µs on XLA:CPU)
+TRACE_PADDING = 4096
 
 
 def traces(matrices: list[jax.Array]) -> jax.Array:
-    """The ``(L,)`` traces of ``L`` square matrices in one pass over their diagonals.
+    """The ``(L,)`` traces of ``L`` square matrices, their diagonals summed in one kernel.
 
-    Each diagonal, a strided slice of its flattened matrix, is padded to rows of
-    :data:`TRACE_ROW`; all rows are summed at once, then added per matrix (a segment sum
-    of a few rows). A trace per matrix compiles on XLA:CPU to a gather and a two-stage
-    reduction each, every kernel a hand-off between threads.
+    Each diagonal is a strided slice of its flattened matrix. The diagonals are grouped by
+    length, longest first, a group taking the next one while its padding to the group's
+    longest stays within :data:`TRACE_PADDING` entries (or its own count); each group is
+    one variadic ``lax.reduce`` of its zero-padded diagonals, the slices and the padding
+    fused into it. On XLA:CPU a kernel costs ≈ 10 µs of dispatch, against ≈ 1 ns an
+    entry: bench_mlp's KFAC (six factors, 10 to 785 entries) ≈ 25 µs, 55 µs as one reduce
+    of the concatenated rows and a segment sum (six kernels), 110 µs as a sum per matrix.
+    Cost ``Σ nᵢ`` reads, plus the padding.
     """
     if not matrices:
         return jnp.zeros((0,))
-    rows, counts = [], []
-    for m in matrices:
-        n = m.shape[0]
-        count = -(-n // TRACE_ROW)
-        diagonal = jax.lax.slice(m.reshape(-1), (0,), (m.size,), (n + 1,))
-        rows.append(jnp.pad(diagonal, (0, count * TRACE_ROW - n)).reshape(count, TRACE_ROW))
-        counts.append(count)
-    segments = np.repeat(np.arange(len(matrices)), counts)
-    return jax.ops.segment_sum(jnp.concatenate(rows).sum(axis=1), segments,
-                               num_segments=len(matrices), indices_are_sorted=True)
+    dtype = jnp.result_type(*matrices)  # one precision per reduction
+    diagonals = [jax.lax.slice(m.reshape(-1), (0,), (m.size,), (m.shape[0] + 1,)).astype(dtype)
+                 for m in matrices]
+    out: list = [None] * len(matrices)
+    for group in _padding_groups([d.shape[0] for d in diagonals]):
+        length = diagonals[group[0]].shape[0]
+        sums = _sums([jnp.pad(diagonals[i], (0, length - diagonals[i].shape[0]))
+                      for i in group])
+        for i, total in zip(group, sums):
+            out[i] = total
+    return jnp.stack(out)
+
+
+def _padding_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of ``lengths`` in groups, longest first, each padded to its first's length
+    with at most :data:`TRACE_PADDING` entries or as many as it has."""
+    groups: list[list[int]] = []
+    entries = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups:
+            padded = (len(groups[-1]) + 1) * lengths[groups[-1][0]]
+            if padded - entries - lengths[i] <= max(TRACE_PADDING, entries + lengths[i]):
+                groups[-1].append(i)
+                entries += lengths[i]
+                continue
+        groups.append([i])
+        entries = lengths[i]
+    return groups
+
+
+@jax.custom_jvp
+def _sums(vectors: list[jax.Array]) -> list[jax.Array]:
+    """The sums of equally long vectors in one variadic reduction (one kernel)."""
+    zeros = [jnp.zeros((), v.dtype) for v in vectors]
+    return list(jax.lax.reduce(vectors, zeros,
+                               lambda a, b: tuple(x + y for x, y in zip(a, b)), (0,)))
+
+
+@_sums.defjvp
+def _sums_jvp(primals, tangents):
+    # linear: the tangents summed one by one (``lax.reduce`` of several operands has no
+    # derivative rule that takes symbolic zeros, and no transpose)
+    (vectors,), (dvectors,) = primals, tangents
+    return _sums(vectors), [jnp.sum(t) for t in dvectors]
 
 
 def reconstruct(evals: jax.Array, evecs: jax.Array) -> jax.Array:
