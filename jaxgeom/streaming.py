@@ -21,7 +21,10 @@ One chunk. Data known to be one chunk (in-memory data of at most ``batch_size``
 examples, or one batch without ``batch_size``) are built by one compiled call when the
 builder's ``finalize`` can be traced (:attr:`ChunkBuilder.finalizes_traced`): the zero
 total, the chunk's update and ``finalize`` together, instead of three programs, each
-compiled at a first build (:func:`_finish_in_step`).
+compiled at a first build (:func:`_finish_in_step`); what the builder does with the result
+on the host (:meth:`ChunkBuilder.finish`: EKFAC's factorisations, its refit pass, the
+assembly of a group's results) follows, as after a streamed pass. Each pass of a builder of
+several is one call on such data.
 
 Several builders run in the same loop as one :class:`BuilderGroup` (``PMatMixed``): one
 jitted step per chunk computes every member's statistics, so the data are read once.
@@ -146,10 +149,10 @@ class ChunkBuilder:
     #: products, started together, would hold memory the size of the storage (the dense
     #: Gram's blocks)
     schedules_for_memory: bool = False
-    #: whether :meth:`finalize` (of a builder of one pass) can run inside the chunk's
-    #: compiled step: array work on the total, nothing read on the host, of the
-    #: :class:`Stream` only ``n``, ``params``, ``aux`` and ``batch_size``. Data read in one
-    #: chunk are then built in one compiled call (:func:`run`)
+    #: whether :meth:`finalize` can run inside the chunk's compiled step: array work on the
+    #: total, nothing read on the host, of the :class:`Stream` only ``n``, ``params``,
+    #: ``aux`` and ``batch_size``; the host's part of the result is :meth:`finish`'s. Data
+    #: read in one chunk are then built in one compiled call a pass (:func:`run`)
     finalizes_traced: bool = False
 
     def statistics(self, params: Any, batch: Any, mask: jax.Array, offset: jax.Array,
@@ -188,8 +191,17 @@ class ChunkBuilder:
         return self
 
     def finalize(self, total: Any, stream: Stream) -> Any:
-        """The representation (or a :class:`Continue`) from the summed statistics."""
+        """The representation (or a :class:`Continue`) from the summed statistics, or, for
+        a builder with a :meth:`finish`, the arrays it finishes from."""
         raise NotImplementedError
+
+    def finish(self, result: Any, stream: Stream) -> Any:
+        """The host's part of the result, after :meth:`finalize` (inside the chunk's
+        compiled step for data of one chunk, see :attr:`finalizes_traced`): what is not
+        array work — factorisations compiled with options of their own, another pass (a
+        :class:`Continue`), arrays to be returned as given rather than as a compiled
+        call's copies (default: ``result``)."""
+        return result
 
     def finite_or_zero(self, total: Any, finite: jax.Array) -> Any:
         """``total`` as :meth:`finalize` reads it before the chunks' finiteness flags
@@ -306,7 +318,10 @@ class BuilderGroup(ChunkBuilder):
             self, members=tuple(m.with_examples(n, last_offset) for m in self.members))
 
     def finalize(self, total, stream):
-        return gather([m.finalize(t, stream) for m, t in zip(self.members, total)],
+        return tuple(m.finalize(t, stream) for m, t in zip(self.members, total))
+
+    def finish(self, result, stream):
+        return gather([m.finish(r, stream) for m, r in zip(self.members, result)],
                       self.assemble)
 
     def finite_or_zero(self, total, finite):
@@ -361,17 +376,21 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
     if examples is not None:
         first_builder = first_builder.with_examples(
             examples, data_lib.last_chunk_offset(data, batch_size))
-    if _is_whole(first_builder, first, examples):
-        result, finite = _finish_in_step(first_builder, first, params, aux, batch_size)
-        check_finite(finite, first.offset, first.count)
-        return result
-    one_shot = isinstance(data, collections.abc.Iterator)
-    source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
-    total, n, flags = _reduce(first_builder, itertools.chain([first], chunks), params, aux)
-    replay = source.kept if source.keeping else data
-    stream = Stream(n, params, aux, replay, batch_size)
+    if not _is_whole(first_builder, first, examples):
+        one_shot = isinstance(data, collections.abc.Iterator)
+        source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
+    flags: list = []
 
-    def finalize(builder, total):
+    def finalized(builder, first, chunks):
+        """``builder.finalize`` of one pass over ``first`` and the other ``chunks``, and
+        the pass's :class:`Stream`."""
+        if _is_whole(builder, first, examples):
+            result, finite = _finish_in_step(builder, first, params, aux, batch_size)
+            flags.append((finite, first.offset, first.count))
+            return result, Stream(first.count, params, aux, data, batch_size)
+        total, n, more = _reduce(builder, itertools.chain([first], chunks), params, aux)
+        flags.extend(more)
+        stream = Stream(n, params, aux, source.kept if source.keeping else data, batch_size)
         # Not waited for: the flags are read (the host waits for the device) after
         # ``finalize``, whose work — a mean, the eigendecompositions between EKFAC's passes
         # — is dispatched while the chunks compute. A builder of several passes factorises
@@ -380,19 +399,20 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
         if builder.passes > 1:
             finite = functools.reduce(_both, (f for f, _, _ in flags))
             total = _finite_or_zero(builder, finite, total)
-        return builder.finalize(total, stream)
+        return builder.finalize(total, stream), stream
 
-    def resolve(result):
+    def resolve(builder, result, stream):
+        result = builder.finish(result, stream)
         while isinstance(result, Continue):
             nxt = result.builder
-            total, _, more = _reduce(nxt, data_lib.iter_chunks(replay, batch_size), params, aux)
-            flags.extend(more)
-            result = result.then(resolve(finalize(nxt, total)))
-        _check_all(flags)
-        flags.clear()
+            chunks = data_lib.iter_chunks(stream.data, batch_size)
+            inner, inner_stream = finalized(nxt, next(chunks), chunks)
+            result = result.then(resolve(nxt, inner, inner_stream))
         return result
 
-    return resolve(finalize(first_builder, total))
+    result = resolve(first_builder, *finalized(first_builder, first, chunks))
+    _check_all(flags)
+    return result
 
 
 def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]:
@@ -491,20 +511,21 @@ def _update(builder, total, params, batch, mask, offset, aux):
 
 def _is_whole(builder: ChunkBuilder, chunk: data_lib.Chunk, examples: int | None) -> bool:
     """Whether ``chunk`` holds all the ``examples`` (``None``: unknown) and ``builder``
-    can finish in its step (:attr:`ChunkBuilder.finalizes_traced`, one pass, its total
-    updated in place)."""
-    return (builder.finalizes_traced and builder.passes == 1 and not builder.keeps_data
+    can finalize in its step (:attr:`ChunkBuilder.finalizes_traced`, its total updated in
+    place)."""
+    return (builder.finalizes_traced and not builder.keeps_data
             and builder.updates_in_place and examples is not None
             and chunk.count == examples)
 
 
 def _finish_in_step(builder: ChunkBuilder, chunk: data_lib.Chunk, params: Any, aux: Any,
                     batch_size: int | None) -> tuple[Any, jax.Array]:
-    """The result of ``builder`` on data that are one ``chunk``, and whether they were
-    finite, in one compiled call: the chunk's statistics and ``finalize`` (a mean, the
-    layout of the result) traced together. Streamed, the same build is three calls —
-    the zero total, the step, the mean — each compiled the first time (a first KFAC build
-    on one batch, bench_small: 0.08 and 0.1 s of its 1 s are the zeros and the mean)."""
+    """``builder.finalize`` of the data that are one ``chunk`` (its :meth:`~ChunkBuilder.
+    finish` follows), and whether they were finite, in one compiled call: the chunk's
+    statistics and ``finalize`` (a mean, the layout of the result) traced together.
+    Streamed, the same pass is three calls — the zero total, the step, the mean — each
+    compiled the first time (a first KFAC build on one batch, bench_small: 0.08 and 0.1 s
+    of its 1 s are the zeros and the mean)."""
     return _finished(builder, (chunk.count, batch_size), params, chunk.batch, chunk.mask,
                      np.asarray(chunk.offset), aux)
 
@@ -512,10 +533,12 @@ def _finish_in_step(builder: ChunkBuilder, chunk: data_lib.Chunk, params: Any, a
 def _finished(builder, sizes, params, batch, mask, offset, aux):
     """The one chunk's total, as the streamed build makes it (:meth:`ChunkBuilder.update`
     of :meth:`~ChunkBuilder.init_total`: XLA drops the adds of zeros, and a buffer of kept
-    rows is written in place as before), then ``finalize``; ``sizes``: the static
+    rows is written in place as before), then ``finalize`` (of a builder of several passes,
+    on zeros when the chunk was not finite, as streamed); ``sizes``: the static
     ``(N, batch_size)``."""
     args = (params, batch, mask, offset, aux)
     total, finite = builder.update(builder.init_total(*args), *args)
+    total = builder.finite_or_zero(total, finite)
     n, batch_size = sizes
     return builder.finalize(total, Stream(n, params, aux, None, batch_size)), finite
 

@@ -393,7 +393,47 @@ def test_data_of_one_chunk_are_built_in_one_compiled_call(representation, option
     np.testing.assert_allclose(one.to_dense(), chunked.to_dense(), **TOL)
 
 
-@pytest.mark.parametrize("representation", ONE_CALL, ids=lambda r: r.__name__)
+#: EKFAC alone, and as a part of a mixed matrix beside a part of one pass
+EKFAC_CASES = [(PMatEKFAC, {}), (PMatMixed, dict(mapping={"Dense_0": PMatEKFAC,
+                                                          "Dense_1": PMatDiag}))]
+
+
+@pytest.mark.parametrize("representation, options", EKFAC_CASES, ids=["EKFAC", "PMatMixed"])
+def test_each_pass_over_one_chunk_is_one_compiled_call(representation, options):
+    """EKFAC's two passes over data of one chunk: one compiled call each (the factors'
+    mean; the refitted diagonals), none of the streamed programs (zero total, step, mean,
+    the finiteness gate between passes); the same matrix as the same batch streamed from
+    an iterator, whose refit holds the bases it was given."""
+    t = make_linen_mlp(n=11)  # data of a size no other test builds on: compiled here
+    jaxgeom._compile.model_compile_options()
+    with compilations() as compiled:
+        one = FIM(t.apply_fn, t.params, (t.x, t.y), representation, **options)
+    assert compiled.count("_finished") == 2
+    assert not {"_zeros", "_update", "mean", "_finite_or_zero"} & set(compiled)
+    streamed = FIM(t.apply_fn, t.params, iter([(t.x, t.y)]), representation, **options)
+    chex.assert_trees_all_equal_structs(one, streamed)
+    chex.assert_trees_all_close(one, streamed, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        one.to_dense(),
+        FIM(t.apply_fn, t.params, (t.x, t.y), representation, batch_size=4,
+            **options).to_dense(), **TOL)
+
+
+def test_a_refit_on_one_chunk_keeps_the_bases_it_was_given():
+    """``refit`` on data of one chunk (one compiled call) answers a matrix on the very
+    arrays of the basis (a moving average of refits recognises one basis by them), with
+    the diagonal refitted as streamed."""
+    t = make_linen_mlp(n=11)
+    basis = FIM(t.apply_fn, t.params, (t.x, t.y), PMatEKFAC, batch_size=4)
+    params = jax.tree_util.tree_map(lambda p: 1.1 * p, t.params)
+    one = basis.refit(t.apply_fn, params, (t.x[:6], t.y[:6]))
+    streamed = basis.refit(t.apply_fn, params, iter([(t.x[:6], t.y[:6])]))
+    for mine, theirs in zip(one.factors, basis.factors):
+        assert mine.qg is theirs.qg and mine.qa is theirs.qa
+    chex.assert_trees_all_close(one, streamed, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("representation", ONE_CALL + [PMatEKFAC], ids=lambda r: r.__name__)
 def test_a_non_finite_input_of_one_chunk_is_named(representation):
     """The one-call build of one chunk still reads the chunk's finiteness flag."""
     t = make_linen_mlp(n=9)

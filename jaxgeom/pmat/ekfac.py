@@ -223,22 +223,20 @@ class PMatEKFACBlockDiag(PMatEKFAC):
 
 @builder
 class EKFACBuilder(KFACBuilder):
-    """The first pass: KFAC's statistics; ``finalize`` takes the eigenbases of the mean
-    factors (``from_kfac``) and, with ``refit``, asks for a second pass through a
-    :class:`RefitBuilder` on them (:class:`~jaxgeom.streaming.Continue`)."""
+    """The first pass: KFAC's statistics, finalized as KFAC's (the mean factors, traced);
+    :meth:`finish` takes their eigenbases (``from_kfac``) and, with ``refit``, asks for a
+    second pass through a :class:`RefitBuilder` on them
+    (:class:`~jaxgeom.streaming.Continue`)."""
 
     representation: type = static_field(default=None)
     refit: bool = static_field(default=True)
-
-    #: its ``finalize`` factorises (eigendecompositions with their own compile options)
-    finalizes_traced: ClassVar[bool] = False
 
     @property
     def passes(self) -> int:
         return 2 if self.refit else 1
 
-    def finalize(self, total, stream):
-        kfac = super().finalize(total, stream)
+    def finish(self, kfac, stream):
+        # the eigendecompositions: compiled apart, with their own options (side by side)
         # the factors just summed: their bounds are promises (the ranges kept for products)
         basis = self.representation._in_eigenbases(dataclasses.replace(kfac, factors=tuple(
             dataclasses.replace(node, bounds_checked=False) for node in kfac.factors)),
@@ -276,9 +274,8 @@ class RefitBuilder(CaptureBuilder):
     factors: tuple = ()
     input_rotations: tuple = ()
 
-    #: its result holds the bases it was given, the same arrays (a sum of two refits
-    #: recognises one basis by them), where a compiled call would answer copies
-    finalizes_traced: ClassVar[bool] = False
+    #: the mean diagonals and blocks (:meth:`finish` puts them on the bases)
+    finalizes_traced: ClassVar[bool] = True
 
     @classmethod
     def on(cls, plan, layout, representation, factors,
@@ -287,8 +284,9 @@ class RefitBuilder(CaptureBuilder):
         for all layers or per layer: on their range columns, see the class docstring)."""
         if isinstance(on_ranges, bool):
             on_ranges = (on_ranges,) * len(factors)
-        bases = tuple(_range_bases(n) if r else n for n, r in zip(factors, on_ranges))
-        return cls(plan, layout, representation, bases, _input_rotations(plan.specs, bases))
+        columns, rotations = _refit_bases(plan.specs, tuple(factors), tuple(on_ranges))
+        bases = tuple(n if c is None else _RangeBases(*c, n) for n, c in zip(factors, columns))
+        return cls(plan, layout, representation, bases, rotations)
 
     def statistics(self, params, batch, mask, offset, aux):
         cap: Captured = capture_chunk(self.plan, params, batch, offset, aux, mask)
@@ -304,7 +302,14 @@ class RefitBuilder(CaptureBuilder):
         return (tuple(diags), blocks), all_finite(cap, (diags, [b.diagonal() for b in blocks]))
 
     def finalize(self, total, stream):
+        """The refitted diagonals, whole (:meth:`_RangeBases.values`), and the blocks."""
         diags, blocks = mean(total, stream.n)
+        return tuple(_values(n, d) for n, d in zip(self.factors, diags)), blocks
+
+    def finish(self, result, stream):
+        """The matrix on the bases as given: the same arrays, not a compiled call's copies
+        (a sum of two refits recognises one basis by them)."""
+        diags, blocks = result
         nodes = tuple(n.with_values(d) for n, d in zip(self.factors, diags))
         return self.representation(self.layout, self.plan.specs, nodes, blocks)
 
@@ -319,28 +324,39 @@ class _RangeBases:
     qg: jax.Array
     node: KronEigen
 
-    def with_values(self, d_r: jax.Array) -> KronEigen:
-        """The node with ``d = d_r`` on its ranges, 0 off them."""
+    def values(self, d_r: jax.Array) -> jax.Array:
+        """The node's whole ``d``: ``d_r`` on its ranges, 0 off them."""
+        if self.node.ranges == (None, None):
+            return d_r
+        return jnp.zeros_like(self.node.d).at[-d_r.shape[0]:, -d_r.shape[1]:].set(d_r)
+
+    def with_values(self, d: jax.Array) -> KronEigen:
+        """The node with the whole ``d`` of :meth:`values`."""
         node = self.node
         if node.ranges == (None, None):
-            return node.with_values(d_r)
-        d = jnp.zeros_like(node.d).at[-d_r.shape[0]:, -d_r.shape[1]:].set(d_r)
+            return node.with_values(d)
         return dataclasses.replace(node, d=d, zero_off_range=True)
 
 
-def _range_bases(node: KronEigen) -> _RangeBases:
-    qa, qg, _, _ = node._on_ranges()
-    return _RangeBases(qa, qg, node)
+def _values(base: KronEigen | _RangeBases, d: jax.Array) -> jax.Array:
+    """A refitted node's whole ``d`` from the refit's (on the ranges of :class:`_RangeBases`)."""
+    return base.values(d) if isinstance(base, _RangeBases) else d
+
+def _bases_of_refit(specs: tuple[KroneckerSpec, ...], factors: tuple, on_ranges: tuple[bool, ...]
+                    ) -> tuple[tuple, tuple]:
+    """The range columns ``(Q_{A,r}, Q_{G,r})`` of the layers refitted ``on_ranges``
+    (``None`` for the others), and every layer's :func:`_input_rotation` of the ``Q_A`` it
+    is refitted on."""
+    columns = tuple(n._on_ranges()[:2] if r else None for n, r in zip(factors, on_ranges))
+    rotations = tuple(_input_rotation(spec, n.qa if c is None else c[0])
+                      for spec, n, c in zip(specs, factors, columns))
+    return columns, rotations
 
 
-def _rotations(specs: tuple[KroneckerSpec, ...], factors: tuple) -> tuple:
-    """:func:`_input_rotation` of every layer."""
-    return tuple(_input_rotation(spec, node.qa) for spec, node in zip(specs, factors))
-
-
-#: :func:`_rotations` in one compiled call: eagerly, the slices' dispatches took 1.4 ms of
-#: bench_small's 8 ms Monte-Carlo EKFAC build
-_input_rotations = jax.jit(_rotations, static_argnums=0)
+#: :func:`_bases_of_refit` in one compiled call: eagerly, the slices' dispatches took 1.4 ms
+#: of bench_small's 8 ms Monte-Carlo EKFAC build, and each slice of a new shape was a
+#: program to compile at a first build (bench_mlp: two, 40–65 ms apiece)
+_refit_bases = jax.jit(_bases_of_refit, static_argnums=(0, 2))
 
 
 def _input_rotation(spec: KroneckerSpec, qa: jax.Array | None) -> Any:

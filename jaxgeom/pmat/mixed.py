@@ -128,10 +128,15 @@ class RestrictedBuilder(ChunkBuilder):
     def with_examples(self, n, last_offset=None):
         return dataclasses.replace(self, inner=self.inner.with_examples(n, last_offset))
 
+    def _inner_stream(self, stream):
+        return stream._replace(params=self.restriction.select(stream.params),
+                               aux=(stream.params, stream.aux))
+
     def finalize(self, total, stream):
-        sub = stream._replace(params=self.restriction.select(stream.params),
-                              aux=(stream.params, stream.aux))
-        result = self.inner.finalize(total, sub)
+        return self.inner.finalize(total, self._inner_stream(stream))
+
+    def finish(self, result, stream):
+        result = self.inner.finish(result, self._inner_stream(stream))
         if isinstance(result, Continue):
             return Continue(RestrictedBuilder(result.builder, self.restriction), result.then)
         return result
