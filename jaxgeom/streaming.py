@@ -206,9 +206,10 @@ class ChunkBuilder:
     def finite_or_zero(self, total: Any, finite: jax.Array) -> Any:
         """``total`` as :meth:`finalize` reads it before the chunks' finiteness flags
         are (no pass is waited for before its ``finalize``, :func:`run`): zeros unless
-        ``finite`` for a builder of more passes, whose ``finalize`` factorises the total
-        (no NaN reaches LAPACK; the error is raised when the flags are read), unchanged
-        otherwise. Runs inside ``jax.jit``."""
+        ``finite`` for a builder of more passes, whose ``finalize`` or :meth:`finish`
+        factorises the total (no NaN reaches LAPACK; the error is raised when the flags are
+        read), unchanged otherwise. Runs inside ``jax.jit`` (inside the chunk's step for
+        data of one chunk)."""
         if self.passes == 1:
             return total
         return jax.tree_util.tree_map(lambda t: jnp.where(finite, t, jnp.zeros_like(t)), total)

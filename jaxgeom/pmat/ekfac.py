@@ -352,6 +352,7 @@ def _whole_values(factors: tuple, diags: tuple) -> tuple[jax.Array, ...]:
     build, 0.1 s on bench_mlp); inlined in a pass over one chunk."""
     return tuple(_values(b, d) for b, d in zip(factors, diags))
 
+
 def _bases_of_refit(specs: tuple[KroneckerSpec, ...], factors: tuple, on_ranges: tuple[bool, ...]
                     ) -> tuple[tuple, tuple]:
     """The range columns ``(Q_{A,r}, Q_{G,r})`` of the layers refitted ``on_ranges``
