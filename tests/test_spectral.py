@@ -66,6 +66,21 @@ def test_traces_of_mixed_precisions_and_their_derivatives():
                                [12.0, 24.0])
 
 
+def test_sums_of_small_arrays_are_grouped_and_large_ones_reduced_apart(monkeypatch):
+    """Arrays of any shapes (a scalar, vectors, matrices, one past the small-array limit):
+    each sum exact, eager and compiled; the small ones in one variadic reduction."""
+    monkeypatch.setattr(_spectral, "SMALL_SUM", 100)
+    shapes = [(3, 4), (), (7,), (20, 10), (5, 5)]
+    keys = jax.random.split(jax.random.key(1), len(shapes))
+    arrays = [jax.random.normal(k, shape) for k, shape in zip(keys, shapes)]
+    expected = [np.sum(np.asarray(a)) for a in arrays]
+    np.testing.assert_allclose(_spectral.sums(arrays), expected, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(_spectral.sums)(arrays), expected, rtol=1e-12)
+    hlo = jax.jit(_spectral.sums).lower(arrays).compile().as_text()
+    variadic = [line for line in hlo.splitlines() if "reduce(" in line and line.count("f64[]") >= 4]
+    assert variadic  # the four small arrays reduced together
+
+
 def test_trace_of_one_matrix_reads_its_diagonal():
     m = jnp.arange(16.0).reshape(4, 4)
     assert float(_spectral.trace(m)) == 0 + 5 + 10 + 15

@@ -121,35 +121,56 @@ def trace(m: jax.Array) -> jax.Array:
     return traces([m])[0]
 
 
-#: the padding a group of diagonals in :func:`traces` may carry beyond its own entries
+#: the padding a group of arrays in :func:`sums` may carry beyond its own entries
 #: (entries; or as many as it has, when more): a padded entry costs a compare and a select
 #: in the group's one kernel, a group more a kernel of its own (≈ 10 µs on XLA:CPU)
 TRACE_PADDING = 4096
 
+#: arrays of more entries are summed by a reduction of their own in :func:`sums`, which
+#: XLA:CPU shares among the cores (a variadic one runs on one, its lanes in sequence)
+SMALL_SUM = 1 << 16
+
+
+def diagonal(m: jax.Array) -> jax.Array:
+    """The diagonal of a square matrix as a strided slice of its flattened entries (read
+    in place by a reduction it is fused into)."""
+    return jax.lax.slice(m.reshape(-1), (0,), (m.size,), (m.shape[0] + 1,))
+
 
 def traces(matrices: list[jax.Array]) -> jax.Array:
-    """The ``(L,)`` traces of ``L`` square matrices, their diagonals summed in one kernel.
+    """The ``(L,)`` traces of ``L`` square matrices: the :func:`sums` of their diagonals
+    (one kernel for the diagonals of an MLP's KFAC factors: bench_mlp's six, 10 to 785
+    entries, ≈ 25 µs, 55 µs as one reduce of the concatenated rows and a segment sum, six
+    kernels, 110 µs as a sum per matrix). Cost ``Σ nᵢ`` reads, plus the padding."""
+    return sums([diagonal(m) for m in matrices])
 
-    Each diagonal is a strided slice of its flattened matrix. The diagonals are grouped by
-    length, longest first, a group taking the next one while its padding to the group's
-    longest stays within :data:`TRACE_PADDING` entries (or its own count); each group is
-    one variadic ``lax.reduce`` of its zero-padded diagonals, the slices and the padding
-    fused into it. On XLA:CPU a kernel costs ≈ 10 µs of dispatch, against ≈ 1 ns an
-    entry: bench_mlp's KFAC (six factors, 10 to 785 entries) ≈ 25 µs, 55 µs as one reduce
-    of the concatenated rows and a segment sum (six kernels), 110 µs as a sum per matrix.
-    Cost ``Σ nᵢ`` reads, plus the padding.
+
+def sums(arrays: list[jax.Array]) -> jax.Array:
+    """The ``(L,)`` sums of ``L`` arrays of any shapes, in as few kernels as is fast.
+
+    Arrays of up to :data:`SMALL_SUM` entries are grouped by size, largest first, a group
+    taking the next one while its padding to the group's largest stays within
+    :data:`TRACE_PADDING` entries (or its own count); each group is one variadic
+    ``lax.reduce`` of its zero-padded, flattened arrays, whatever produced them (a strided
+    diagonal, a square) fused into it. On XLA:CPU a kernel costs ≈ 10 µs of dispatch,
+    against ≈ 1 ns an entry. A larger array is summed by a reduction of its own. The sum
+    is sequential within a small array (float32: ``≈ √n ε`` relative, ``n ε`` at worst,
+    for entries of one sign).
     """
-    if not matrices:
+    if not arrays:
         return jnp.zeros((0,))
-    dtype = jnp.result_type(*matrices)  # one precision per reduction
-    diagonals = [jax.lax.slice(m.reshape(-1), (0,), (m.size,), (m.shape[0] + 1,)).astype(dtype)
-                 for m in matrices]
-    out: list = [None] * len(matrices)
-    for group in _padding_groups([d.shape[0] for d in diagonals]):
-        length = diagonals[group[0]].shape[0]
-        sums = _sums([jnp.pad(diagonals[i], (0, length - diagonals[i].shape[0]))
-                      for i in group])
-        for i, total in zip(group, sums):
+    dtype = jnp.result_type(*arrays)  # one precision per reduction
+    flat = [a.reshape(-1).astype(dtype) for a in arrays]
+    out: list = [None] * len(arrays)
+    small = [i for i, a in enumerate(flat) if a.size <= SMALL_SUM]
+    for i, a in enumerate(flat):
+        if a.size > SMALL_SUM:
+            out[i] = jnp.sum(a)
+    for group in _padding_groups([flat[i].size for i in small]):
+        group = [small[j] for j in group]
+        length = flat[group[0]].size
+        totals = _sums([jnp.pad(flat[i], (0, length - flat[i].size)) for i in group])
+        for i, total in zip(group, totals):
             out[i] = total
     return jnp.stack(out)
 
