@@ -242,17 +242,22 @@ def peak_mb(fn: Callable[[], Any]) -> float:
 
 
 class CompileCounter:
-    """Counts XLA backend compilations (jax.monitoring events) and names what they were."""
+    """Counts XLA backend compilations (jax.monitoring events) and names what they were;
+    ``compiled``: each one's ``(name, seconds)``."""
 
     def __init__(self):
         import jax
 
-        self.names: list[str] = []
+        self.compiled: list[tuple[str, float]] = []
         jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.compiled]
 
     def _listen(self, event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
-            self.names.append(str(kwargs.get("fun_name", "?")))
+            self.compiled.append((str(kwargs.get("fun_name", "?")), float(duration)))
 
     def during(self, fn: Callable[[], Any]) -> list[str]:
         """The names of the functions compiled during one call of ``fn``."""

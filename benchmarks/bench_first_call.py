@@ -25,12 +25,9 @@ only). The cache is set as docs/performance.md says (``jax_compilation_cache_dir
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import logging
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -40,35 +37,6 @@ import time
 from output import write_json
 
 OPERATIONS = ("mv", "solve", "solve_pi", "eigvalsh", "norm2")
-
-
-@contextlib.contextmanager
-def compile_log():
-    """The ``(name, seconds)`` of each XLA compilation inside the block (JAX's compile log,
-    read through a handler: nothing printed)."""
-    import jax
-
-    found: list[tuple[str, float]] = []
-
-    class Handler(logging.Handler):
-        def emit(self, record):
-            match = re.match(r"Finished XLA compilation of jit\((.*?)\) in ([0-9.e-]+) sec",
-                             record.getMessage())
-            if match:
-                found.append((match.group(1), float(match.group(2))))
-
-    logger = logging.getLogger("jax")
-    handler, level, propagate = Handler(logging.DEBUG), logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    try:
-        with jax.log_compiles(True):
-            yield found
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
 
 
 def one_process(model: str, representation: str, cache: str | None,
@@ -96,6 +64,7 @@ def child(model: str, representation: str, *operations: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     import jax.numpy as jnp
     import models
+    from bench_fim import CompileCounter
 
     import jaxgeom
 
@@ -104,6 +73,7 @@ def child(model: str, representation: str, *operations: str) -> None:
     x, y = (jnp.asarray(a) for a in models.make_data(spec))
     apply_fn = models.make_apply(spec)
     t = {"setup": time.perf_counter() - start}
+    counter = CompileCounter()
     start = time.perf_counter()
     chunks = {} if os.environ.get("JAXGEOM_BENCH_ONE_BATCH") else dict(
         batch_size=spec.batch_size)
@@ -112,9 +82,9 @@ def child(model: str, representation: str, *operations: str) -> None:
         return jax.block_until_ready(jaxgeom.FIM(apply_fn, params, (x, y),
                                                  getattr(jaxgeom, representation), **chunks))
 
-    with compile_log() as compiled:
-        F = build()
+    F = build()
     t["build"] = time.perf_counter() - start
+    compiled = list(counter.compiled)
     t["build compile"] = sum(seconds for _, seconds in compiled)
     t["build programs"] = compiled
     warm = []
