@@ -7,6 +7,7 @@ for products, solves, inverses, powers, traces and norms.
 
 from jaxgeom import estimators as estimators
 from jaxgeom import optim as optim
+from jaxgeom._lapack import no_host_callbacks as no_host_callbacks
 from jaxgeom.ewc import ewc_penalty as ewc_penalty
 from jaxgeom.fspace import FMatDense as FMatDense
 from jaxgeom.fspace import FVector as FVector
@@ -77,6 +78,7 @@ __all__ = [
     "ewc_penalty",
     "minres",
     "neumann",
+    "no_host_callbacks",
     "optim",
     "random_pvector",
 ]

@@ -36,7 +36,11 @@ import numpy as np
 from jax.interpreters import partial_eval as pe
 
 from jaxgeom._compile import constants_behind_barrier, factorisation_jit
-from jaxgeom._lapack import one_thread_when_faster
+from jaxgeom._lapack import (
+    one_thread_in_trace,
+    one_thread_in_trace_faster,
+    one_thread_when_faster,
+)
 
 #: the tracers of values staged into a ``jit`` (any tracer where this JAX does not name them)
 _StagedTracer = getattr(pe, "DynamicJaxprTracer", jax.core.Tracer)
@@ -141,6 +145,11 @@ def compiled_when_eager(method: Callable) -> Callable:
         if split is None:
             if any(isinstance(leaf, _StagedTracer) for leaf in leaves):  # inside a jit
                 self = constants_behind_barrier(self)  # a matrix the jit closes over
+            factorised = getattr(self, "_factorised_orders", None)
+            if factorised is not None and any(isinstance(x, jax.core.Tracer) for x in leaves) \
+                    and one_thread_in_trace_faster(factorised(name, *args, **kwargs)):
+                return one_thread_in_trace(
+                    lambda s, a, k: method(s, *a, **k), self, args, kwargs)
             return method(self, *args, **kwargs)
         call = (_compiled_factorisation if name in getattr(self, "FACTORISING_OPERATIONS", ())
                 else _compiled_call)

@@ -39,10 +39,17 @@ driver's first pass not waited for, :mod:`jaxgeom.streaming`). Elsewhere (KFAC's
 ``inv``, ``pinv``) they stay on LAPACK's threads, not waited for: waiting cost more there
 than the spinning (bench_small's eager ``pinv`` 2.3 against 2.9 ms).
 
-The thread limit is ``threadpoolctl``'s, held only while the call runs (the call is
-waited for inside it): it applies to every BLAS library loaded in the process, for that
-time, and calls from several Python threads take turns holding it. Inside a trace
-(``jit``, ``vmap``) and on other backends the function runs as written.
+The thread limit applies to every BLAS library loaded in the process (set through
+``threadpoolctl``), held only while the call runs (the call is waited for inside it);
+holds are counted, so that those of several threads overlap (:class:`_OneThreadHold`).
+Inside a trace (a ``jit``: a KFAC ``solve`` in a training step) the factorisations are
+compiled with the code around them, and XLA runs the independent ones at once, each with
+LAPACK's threads, which then spin into what follows: there, when the chains would be
+faster, host callbacks hold LAPACK to one thread from just before the factorisations to
+just after them (:func:`one_thread_in_trace`), and XLA runs them side by side on its own
+pool (bench_mlp, a jitted step of gradient, KFAC build and exact-damped ``solve``:
+204–238 → 146–169 ms; with EKFAC 220–243 → 143–159 ms). On other backends the function
+runs as written.
 """
 
 from __future__ import annotations
@@ -57,12 +64,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgeom._compile import factorisation_jit
-
-#: held while the BLAS libraries are limited: their thread counts are the process's, and a
-#: call that began inside another thread's limit would restore that limit, not the default
-_LIMITING = threading.RLock()
 
 #: the most LAPACK's own threads were measured to speed up one factorisation (see above)
 LAPACK_THREAD_SPEEDUP = 1.5
@@ -98,14 +102,26 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     When they are all small (below :data:`SIDE_BY_SIDE_MIN_COST` in all) and
     ``work_follows`` (computation that a spinning LAPACK thread would slow is dispatched
     right after: EKFAC's refit pass), one such chain in this thread, LAPACK held to one
-    thread, waited for. Otherwise, and inside a trace, the calls as written, eagerly:
-    their factorisations run one after the other on LAPACK's threads (one compiled call
-    would let XLA start several at once, each with LAPACK's threads: bench_resnet's EKFAC
-    build took 2.6 s instead of 2.1 s that way).
+    thread, waited for. Otherwise the calls as written, eagerly: their factorisations run
+    one after the other on LAPACK's threads (one compiled call would let XLA start several
+    at once, each with LAPACK's threads: bench_resnet's EKFAC build took 2.6 s instead of
+    2.1 s that way).
+    Inside a trace (your ``jit``), compiled with the code around them: where the eager call
+    would run chains, the same chains, each call after the one before
+    (:func:`_in_chains`), with LAPACK held to one thread from before the first to after
+    the last (:func:`one_thread_in_trace`), and XLA runs the chains side by side on its
+    pool (bench_mlp's KFAC ``inv`` in a ``jit``: 102 → 72 ms, its exact-damped ``solve``
+    131 → 95 ms; the chains against the same calls unchained, both held: 1.06× and
+    1.21×); otherwise the calls as written.
     """
     items = list(items)
     leaves = jax.tree_util.tree_leaves(items)
-    if any(isinstance(x, jax.core.Tracer) for x in leaves) or not _on_cpu(leaves):
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        schedule = chains(orders, _cores())
+        if schedule is None:
+            return [fn(item) for item in items]
+        return one_thread_in_trace(lambda xs: _in_chains(fn, xs, schedule), items)
+    if not _on_cpu(leaves):
         return [fn(item) for item in items]
     schedule = chains(orders, _cores())
     if schedule is None:
@@ -165,6 +181,17 @@ def _one_after_another(fn: Callable[[Any], Any], items: list) -> list:
     return results
 
 
+def _in_chains(fn: Callable[[Any], Any], items: list, schedule: list[list[int]]) -> list:
+    """``[fn(item) for item in items]`` traced in the chains of ``schedule``: each chain's
+    calls one after another (:func:`_one_after_another`), so that XLA runs at most one
+    factorisation a chain at once."""
+    results = [None] * len(items)
+    for chain in schedule:
+        for i, value in zip(chain, _one_after_another(fn, [items[i] for i in chain])):
+            results[i] = value
+    return results
+
+
 def _after(previous: Any, x: Any) -> Any:
     """``x``, read after ``previous`` is computed (floating-point ``x``; others as they are)."""
     if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
@@ -191,11 +218,179 @@ def _workers() -> concurrent.futures.ThreadPoolExecutor:
                                                  thread_name_prefix="jaxgeom-lapack")
 
 
+#: set in a thread while it holds LAPACK to one thread, or traces a function whose run
+#: will (:func:`one_thread_in_trace`): a hold traced there is already held
+_HELD_HERE = threading.local()
+
+#: set in a thread inside :func:`no_host_callbacks`
+_NO_CALLBACKS = threading.local()
+
+
 @contextlib.contextmanager
-def _one_lapack_thread() -> Iterator[None]:
-    """LAPACK (every BLAS library in the process) held to one thread in the block."""
-    with _LIMITING, _blas_threads().limit(limits=1, user_api="blas"):
+def no_host_callbacks() -> Iterator[None]:
+    """Trace no host callbacks in the block (this thread): factorisations inside a ``jit``
+    traced here keep OpenBLAS's threads (:func:`one_thread_in_trace` as written).
+
+    For programs that must be free of host callbacks: ``jax.export`` (``serialization of
+    host_callbacks is not yet implemented``), or a program run where Python cannot be
+    called back. Example::
+
+        with jaxgeom.no_host_callbacks():
+            exported = jax.export.export(jax.jit(step))(params, batch)
+    """
+    outer = getattr(_NO_CALLBACKS, "active", False)
+    _NO_CALLBACKS.active = True
+    try:
         yield
+    finally:
+        _NO_CALLBACKS.active = outer
+
+
+class _OneThreadHold:
+    """LAPACK (every BLAS library in the process) held to one thread while any hold is
+    taken, from any thread: the holds are counted, the libraries' thread counts read and
+    set to 1 when the count leaves 0, and set back when it returns to 0 (holds of several
+    Python threads, and of XLA's threads running a compiled call's host callbacks,
+    overlap without one giving back another's limit).
+
+    The counts are set through ``threadpoolctl``'s controllers, but not through its
+    policy (3.8) of one controlling Python thread per OpenBLAS, whose limits alone take
+    effect: the holds' host callbacks run in XLA's threads, which are not that thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._count = 0
+        self._restore: list[tuple[Any, int]] = []
+
+    def take(self) -> None:
+        with self._lock:
+            if self._count == 0:
+                libraries = _blas_threads().select(user_api="blas").lib_controllers
+                self._restore = [(lib, n) for lib in libraries
+                                 if (n := lib.get_num_threads()) is not None]
+                for lib, _ in self._restore:
+                    _set_threads(lib, 1)
+            self._count += 1
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._count -= 1
+            if self._count == 0:
+                for lib, n in self._restore:
+                    _set_threads(lib, n)
+                self._restore = []
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Held in the block; a hold traced in it (a compiled eager call's first trace)
+        is already held: traced as written."""
+        self.take()
+        outer = getattr(_HELD_HERE, "active", False)
+        _HELD_HERE.active = True
+        try:
+            yield
+        finally:
+            _HELD_HERE.active = outer
+            self.give_back()
+
+
+def _set_threads(library: Any, n: int) -> None:
+    """Set a BLAS library's thread count, whichever Python thread asks."""
+    getattr(library, "_real_set_num_threads", library.set_num_threads)(n)
+
+
+_ONE_THREAD = _OneThreadHold()
+
+
+def _one_lapack_thread():
+    """LAPACK (every BLAS library in the process) held to one thread in the block."""
+    return _ONE_THREAD.held()
+
+
+def one_thread_in_trace_faster(orders: Sequence[int]) -> bool:
+    """Whether independent factorisations of ``orders`` inside a trace should run with
+    LAPACK held to one thread (:func:`one_thread_in_trace`): when the eager call would
+    run them in chains (:func:`chains`: they split well over the cores and are large
+    enough). Small ones keep LAPACK's threads: there the two callbacks cost more than the
+    spinning (a training step of gradient, EKFAC build and solve on bench_small, in a
+    ``jit``: 9.6 → 10.8 ms held).
+    """
+    return chains(orders, _cores()) is not None
+
+
+def one_thread_in_trace(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, traced into the computation around it, with LAPACK held to one thread
+    while it runs, when that computation runs on a CPU (JAX's default backend when it is
+    traced).
+
+    XLA:CPU runs a compiled call's independent factorisations at once, each with LAPACK's
+    own threads, and those threads spin after each call (module docstring). A training step
+    of gradient, KFAC build and exact-damped ``solve`` on bench_mlp, in one ``jit``, took
+    204–238 ms, 146–169 ms with the ``solve`` held (2-core Xeon).
+
+    Two host callbacks (``jax.pure_callback``) take and give back the hold
+    (:class:`_OneThreadHold`): the first once every array of ``args`` is computed, the
+    second once every array of the result is. Each is passed one element of each array,
+    gradients stopped, and its result, ``0``, is added to the arrays read after it (``fn``'s
+    inputs, the result; :func:`_read_after`): data dependencies order the callbacks, and
+    keep the second whenever any of the result is used. ``fn`` may be differentiated,
+    rematerialised, ``vmap``-ed (the callbacks then run once per element) and run in
+    loops. A hold traced inside ``fn`` is already held: ``fn(*args)`` as written. Costs two
+    callbacks (≈ 20 µs each) and, for a result read outside the call, one pass over it;
+    a program with host callbacks cannot be serialised (``jax.export``): traced inside
+    :func:`no_host_callbacks`, ``fn(*args)`` as written."""
+    if (getattr(_HELD_HERE, "active", False) or getattr(_NO_CALLBACKS, "active", False)
+            or jax.default_backend() != "cpu"):
+        return fn(*args)
+    _blas_threads()  # the libraries found in this thread, not in XLA's
+    args = _read_after(_host_call(_take_hold, args), args)
+    _HELD_HERE.active = True
+    try:
+        out = fn(*args)
+    finally:
+        _HELD_HERE.active = False
+    if not any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(out)):
+        raise TypeError("one_thread_in_trace: fn must return arrays (they carry the hold's end)")
+    return _read_after(_host_call(_give_back_hold, out), out)
+
+
+def _take_hold(*_elements: Any) -> np.ndarray:
+    _ONE_THREAD.take()
+    return np.zeros((), np.int32)
+
+
+def _give_back_hold(*_elements: Any) -> np.ndarray:
+    _ONE_THREAD.give_back()
+    return np.zeros((), np.int32)
+
+
+def _host_call(callback: Callable[..., np.ndarray], tree: Any) -> jax.Array:
+    """``callback``'s result (an ``int32`` zero), called on the host once every array of
+    ``tree`` is computed (one element of each, gradients stopped)."""
+    elements = [jax.lax.stop_gradient(jnp.ravel(x)[:1]) for x in jax.tree_util.tree_leaves(tree)
+                if isinstance(x, jax.Array) and x.size]
+    return jax.pure_callback(callback, jax.ShapeDtypeStruct((), jnp.int32), *elements,
+                             vmap_method="sequential")
+
+
+def _read_after(zero: jax.Array, tree: Any) -> Any:
+    """``tree``, each of its arrays read once ``zero`` (an ``int32`` zero that XLA cannot
+    know) is computed, its values unchanged: a floating-point ``x + (-0.0 · zero)`` (``-0.0``
+    is the additive identity of every ``x``, ``±0`` included), an integer ``x + zero``, a
+    boolean ``x ^ (zero != 0)``; XLA fuses each into the array's consumers.
+    (``lax.optimization_barrier`` orders nothing here: XLA:CPU removes it before it
+    schedules the call.)"""
+
+    def after(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return x + (zero * -0.0).astype(x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            return x + zero.astype(x.dtype)
+        return x ^ (zero != 0)
+
+    return jax.tree_util.tree_map(after, tree)
 
 
 @contextlib.contextmanager

@@ -354,3 +354,207 @@ def test_concurrent_calls_restore_the_default(small_chains):
     assert _blas_threads() == before
     for result in results:
         _check_eigh(matrices, [pair for pair, _ in result])
+
+
+# ------------------------------------------------------------ inside a trace (your jit)
+
+
+def _host_callbacks(fn, *args) -> int:
+    """The host callbacks in ``fn``'s program: the hold's and ``_eigh_and_threads``'s."""
+    return str(jax.make_jaxpr(fn)(*args)).count("pure_callback")
+
+
+@on_cpu
+def test_inside_a_trace_factorisations_run_on_one_lapack_thread_when_faster(small_chains):
+    """In a ``jit``, factorisations that the eager call would run in chains run with LAPACK
+    held to one thread from before the first to after the last (XLA runs them side by
+    side), the thread counts restored once the call is done; the results unchanged."""
+    matrices = [_spd(jax.random.key(20 + i), n) for i, n in enumerate((22, 20, 21))]
+    before = _blas_threads()
+
+    def call(ms):
+        return side_by_side(_eigh_and_threads, ms, [22, 20, 21])
+
+    results = jax.jit(call)(matrices)
+
+    assert [int(threads) for _, threads in results] == [1, 1, 1]
+    assert _blas_threads() == before and _lapack._ONE_THREAD._count == 0
+    _check_eigh(matrices, [pair for pair, _ in results])
+    assert _host_callbacks(call, matrices) == 3 + 2  # the reads of the threads, the hold's two
+
+
+@on_cpu
+def test_inside_a_trace_uneven_or_small_work_keeps_lapack_threads():
+    """No hold where the eager call would keep LAPACK's threads (one large matrix among
+    small ones, or too little work): the program as written, no callbacks added."""
+    default = min(_blas_threads().values())
+    for orders in ([40, 3], [12, 11]):
+        matrices = [_spd(jax.random.key(30 + n), n) for n in orders]
+
+        def call(ms, orders=orders):
+            return side_by_side(_eigh_and_threads, ms, orders)
+
+        results = jax.jit(call)(matrices)
+        assert [int(threads) for _, threads in results] == [default] * 2
+        assert _host_callbacks(call, matrices) == 2
+        _check_eigh(matrices, [pair for pair, _ in results])
+
+
+@on_cpu
+@pytest.mark.parametrize("transform", ["grad", "vmap", "checkpoint", "scan"])
+def test_a_held_trace_differentiates_batches_and_loops(small_chains, transform):
+    """The hold inside ``grad``, ``vmap``, ``checkpoint`` and ``scan``: the numbers of the
+    same program without it, LAPACK back to its threads afterwards."""
+    matrices = [_spd(jax.random.key(40 + i), n) for i, n in enumerate((7, 6))]
+
+    def eigenvalues(ms, hold=True):
+        def fn(xs):
+            return [jnp.linalg.eigvalsh(x) for x in xs]
+
+        out = _lapack.one_thread_in_trace(fn, ms) if hold else fn(ms)
+        return sum(jnp.sum(jnp.sin(e)) for e in out)
+
+    def transformed(f):
+        if transform == "grad":
+            return jax.grad(f)
+        if transform == "vmap":
+            return jax.vmap(f)
+        if transform == "checkpoint":
+            return jax.grad(jax.checkpoint(f))
+        return lambda ms: jax.lax.scan(lambda c, _: (c + f(ms), None), 0.0, None, length=3)[0]
+
+    args = [jnp.stack([m, 2 * m]) for m in matrices] if transform == "vmap" else matrices
+    before = _blas_threads()
+    got = jax.jit(transformed(eigenvalues))(args)
+    want = jax.jit(transformed(lambda ms: eigenvalues(ms, hold=False)))(args)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-12)
+    assert _host_callbacks(transformed(eigenvalues), args) >= 2
+    assert _blas_threads() == before and _lapack._ONE_THREAD._count == 0
+
+
+def test_a_hold_inside_a_held_trace_adds_nothing():
+    def inner(xs):
+        return [jnp.linalg.eigvalsh(x) for x in xs]
+
+    def outer(xs):
+        return _lapack.one_thread_in_trace(lambda ys: _lapack.one_thread_in_trace(inner, ys), xs)
+
+    matrices = [_spd(jax.random.key(50), 5), _spd(jax.random.key(51), 4)]
+    assert _host_callbacks(outer, matrices) == (2 if jax.default_backend() == "cpu" else 0)
+    with _lapack._one_lapack_thread():  # an eager hold: a call traced in it, as written
+        assert _host_callbacks(lambda ms: outer(ms), matrices) == 0
+    for got, m in zip(jax.jit(outer)(matrices), matrices):
+        np.testing.assert_allclose(got, np.linalg.eigvalsh(np.asarray(m)), atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.int32, jnp.bool_])
+def test_a_value_read_after_the_hold_is_unchanged(dtype):
+    """``x + (-0.0 · 0)``: every float exactly, the sign of a zero included; integers and
+    booleans as they are."""
+    x = jnp.array([1.5, -0.0, 0.0, np.inf, -np.inf, np.nan, 1e-300, -2.0]).astype(dtype)
+    got = jax.jit(_lapack._read_after)(jnp.zeros((), jnp.int32), {"x": x, "n": None})["x"]
+    np.testing.assert_array_equal(got, x)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(x))
+
+
+@on_cpu
+def test_holds_are_counted_across_threads():
+    """Holds of two threads overlapping: LAPACK stays on one thread until the last is given
+    back, then returns to the counts it had before the first."""
+    import threading
+
+    before = _blas_threads()
+    hold = _lapack._ONE_THREAD
+    hold.take()
+    other = threading.Thread(target=hold.take)
+    other.start()
+    other.join()
+    assert set(_blas_threads().values()) == {1}
+    hold.give_back()
+    assert set(_blas_threads().values()) == {1}
+    other = threading.Thread(target=hold.give_back)
+    other.start()
+    other.join()
+    assert _blas_threads() == before and hold._count == 0
+
+
+@on_cpu
+def test_a_hold_applies_when_another_python_thread_controls_openblas():
+    """threadpoolctl (3.8) lets one Python thread set OpenBLAS's threads and ignores the
+    others' limits; the holds run in XLA's threads, and apply from any thread."""
+    import threading
+
+    import scipy.linalg  # noqa: F401 - SciPy's OpenBLAS, the one jaxlib calls
+
+    controller = threadpoolctl.ThreadpoolController()
+    openblas = [type(lib) for lib in controller.lib_controllers
+                if lib.internal_api == "openblas" and hasattr(lib, "clear_controlling_thread")]
+    for kind in openblas:  # none controls: the other thread takes control
+        kind.clear_controlling_thread(force=True)
+    took_control, done = threading.Event(), threading.Event()
+
+    def controlling():
+        with controller.limit(limits=2, user_api="blas"):
+            took_control.set()
+            done.wait(30)
+
+    other = threading.Thread(target=controlling)
+    other.start()
+    try:
+        took_control.wait(30)
+        assert all(kind._SHARED_STATE.controlling_thread is other for kind in openblas)
+        before = _blas_threads()
+        with _lapack._one_lapack_thread():
+            assert set(_blas_threads().values()) == {1}
+        assert _blas_threads() == before
+    finally:
+        done.set()
+        other.join()
+        for kind in openblas:
+            kind.clear_controlling_thread(force=True)
+
+
+@on_cpu
+def test_kfac_solve_in_a_jit_is_held_and_exact(monkeypatch, small_chains):
+    """A KFAC ``solve`` (exact damping) and a π-damped one inside a ``jit`` and under
+    ``grad``: the hold's two callbacks in the program, the numbers of the eager calls,
+    LAPACK's threads back afterwards."""
+    F, params = _small_kfac()
+    v = jaxgeom.random_pvector(jax.random.key(9), params)
+    before = _blas_threads()
+    for options in ({}, {"damping": "pi"}):
+        solve = jax.jit(lambda F, v, o=options: F.solve(v, 0.1, **o))
+        assert _host_callbacks(lambda F, v, o=options: F.solve(v, 0.1, **o), F, v) == 2
+        np.testing.assert_allclose(solve(F, v).to_flat(), F.solve(v, 0.1, **options).to_flat(),
+                                   rtol=1e-10)
+
+    def quadratic(flat):
+        x = F.solve(jaxgeom.PVector.from_flat(params, flat), 0.1)
+        return x.dot(x)
+
+    got = jax.jit(jax.grad(quadratic))(v.to_flat())
+    dense = F.to_dense()
+    inverse = jnp.linalg.inv(dense + 0.1 * jnp.eye(dense.shape[0]))
+    np.testing.assert_allclose(got, 2 * inverse.T @ inverse @ v.to_flat(), rtol=1e-8)
+    assert _blas_threads() == before and _lapack._ONE_THREAD._count == 0
+
+
+def test_no_host_callbacks_for_jax_export(small_chains):
+    """Inside ``jaxgeom.no_host_callbacks()`` a held trace is traced as written: no host
+    callbacks, so that ``jax.export`` serialises it; outside, the callbacks are back."""
+    from jax import export
+
+    matrices = [_spd(jax.random.key(60), 20), _spd(jax.random.key(61), 21)]
+
+    def eigenvalues(ms):
+        return side_by_side(lambda m: jnp.linalg.eigvalsh(m), ms, [20, 21])
+
+    with jaxgeom.no_host_callbacks():
+        assert _host_callbacks(lambda ms: eigenvalues(ms), matrices) == 0
+        exported = export.export(jax.jit(lambda ms: eigenvalues(ms)))(matrices)
+    for got, m in zip(exported.call(matrices), matrices):
+        np.testing.assert_allclose(got, np.linalg.eigvalsh(np.asarray(m)), atol=1e-10)
+    held = 2 if jax.default_backend() == "cpu" else 0
+    assert _host_callbacks(lambda ms: eigenvalues(ms), matrices) == held

@@ -80,6 +80,40 @@ def test_kfac_factored_damping(task, damping, inverse_period):
                                rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("options", [
+    dict(), dict(inverse_period=2), dict(solve_options={"damping": "pi"}, inverse_period=2)])
+def test_kfac_step_holds_lapack_to_one_thread_around_its_factorisations(
+        task, monkeypatch, options):
+    """On a CPU, where the factors' factorisations split well over the cores (forced here
+    for this small model), the jitted step holds LAPACK to one thread around them (two host
+    callbacks: :func:`jaxgeom._lapack.one_thread_in_trace`), with the numbers of the step
+    without the hold, and LAPACK's threads are back after it."""
+    from jaxgeom import _lapack
+
+    t, grads = task
+    tx = optim.scale_by_natural_gradient(jg.PMatKFAC, damping=LAM, apply_fn=t.apply_fn,
+                                         example_batch=(t.x, t.y), **options)
+    state = tx.init(t.params)
+
+    def update(g, s, p):
+        return tx.update(g, s, p, batch=(t.x, t.y))
+
+    def callbacks():  # a new function: traced anew, not taken from JAX's cache
+        return str(jax.make_jaxpr(lambda *a: update(*a))(grads, state, t.params)).count(
+            "pure_callback")
+
+    without = jax.jit(lambda *a: update(*a))(grads, state, t.params)
+    assert callbacks() == 0  # the model's factors: too small to hold
+    monkeypatch.setattr(_lapack, "_cores", lambda: 2)
+    monkeypatch.setattr(_lapack, "SIDE_BY_SIDE_MIN_COST", 0)
+    held = jax.jit(lambda *a: update(*a))(grads, state, t.params)
+    if jax.default_backend() == "cpu":
+        assert callbacks() == 2
+        assert _lapack._ONE_THREAD._count == 0
+    for a, b in zip(jax.tree_util.tree_leaves(held), jax.tree_util.tree_leaves(without)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
 def test_monte_carlo_and_empirical_fisher(task):
     t, grads = task
     key = jax.random.PRNGKey(3)
