@@ -31,16 +31,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
-from output import write_json
+from output import run_header, write_json
 
 
 def _rows(name: str) -> dict:
@@ -143,11 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="seconds before each block (OpenBLAS's threads spin ≈ 0.1 s)")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
-    results = dict(command=" ".join(["python", "benchmarks/bench_lapack.py",
-                                     *(sys.argv[1:] if argv is None else argv)]),
-                   machine=dict(cpu_count=os.cpu_count(), processor=platform.processor()),
-                   versions=dict(python=platform.python_version(), jax=jax.__version__),
-                   models={})
+    results = dict(run_header("bench_lapack.py", argv), models={})
     print(f"{'model':12s}  {'row':18s}  {'lapack threads':>14s}  {'one call':>12s}  "
           f"{'chains':>12s}  threads/chains  one call/chains")
     for name in args.models:

@@ -25,17 +25,14 @@ Medians, and ``as written / held`` (> 1: the hold faster). A table on stdout and
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
 import optax
-from output import write_json
+from output import run_header, write_json
 
 VARIANTS = ("as written", "held")
 
@@ -127,11 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="calls per block")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
-    results = dict(command=" ".join(["python", "benchmarks/bench_lapack_in_jit.py",
-                                     *(sys.argv[1:] if argv is None else argv)]),
-                   machine=dict(cpu_count=os.cpu_count(), processor=platform.processor()),
-                   versions=dict(python=platform.python_version(), jax=jax.__version__),
-                   models={})
+    results = dict(run_header("bench_lapack_in_jit.py", argv), models={})
     print(f"{'model':12s}  {'row':28s}  {'as written':>12s}  {'held':>12s}  written/held")
     for name in args.models:
         results["models"][name] = run_model(name, args.blocks, args.repeats, args.rows)

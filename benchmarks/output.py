@@ -10,6 +10,20 @@ from collections.abc import Callable
 from typing import Any
 
 
+def run_header(script: str, argv: list[str] | None) -> dict:
+    """The command (``argv``, else this process's arguments), the machine and the versions
+    of a script's run, for the head of its JSON."""
+    import platform
+    import sys
+
+    import jax
+
+    return dict(command=" ".join(["python", f"benchmarks/{script}",
+                                  *(sys.argv[1:] if argv is None else argv)]),
+                machine=dict(cpu_count=os.cpu_count(), processor=platform.processor()),
+                versions=dict(python=platform.python_version(), jax=jax.__version__))
+
+
 def write_json(results: dict, path: str | None, announce: bool = True) -> None:
     """``results`` as indented JSON at ``path`` (nothing when ``path`` is ``None``),
     written then renamed, so that a run stopped mid-write keeps the previous file whole."""

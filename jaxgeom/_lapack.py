@@ -238,12 +238,19 @@ def no_host_callbacks() -> Iterator[None]:
         with jaxgeom.no_host_callbacks():
             exported = jax.export.export(jax.jit(step))(params, batch)
     """
-    outer = getattr(_NO_CALLBACKS, "active", False)
-    _NO_CALLBACKS.active = True
+    with _set_in_this_thread(_NO_CALLBACKS):
+        yield
+
+
+@contextlib.contextmanager
+def _set_in_this_thread(flag: threading.local) -> Iterator[None]:
+    """``flag.active`` in the block, in this thread."""
+    outer = getattr(flag, "active", False)
+    flag.active = True
     try:
         yield
     finally:
-        _NO_CALLBACKS.active = outer
+        flag.active = outer
 
 
 class _OneThreadHold:
@@ -285,12 +292,10 @@ class _OneThreadHold:
         """Held in the block; a hold traced in it (a compiled eager call's first trace)
         is already held: traced as written."""
         self.take()
-        outer = getattr(_HELD_HERE, "active", False)
-        _HELD_HERE.active = True
         try:
-            yield
+            with _set_in_this_thread(_HELD_HERE):
+                yield
         finally:
-            _HELD_HERE.active = outer
             self.give_back()
 
 
@@ -344,11 +349,8 @@ def one_thread_in_trace(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     _blas_threads()  # the libraries found in this thread, not in XLA's
     args = _read_after(_host_call(_take_hold, args), args)
-    _HELD_HERE.active = True
-    try:
+    with _set_in_this_thread(_HELD_HERE):
         out = fn(*args)
-    finally:
-        _HELD_HERE.active = False
     if not any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(out)):
         raise TypeError("one_thread_in_trace: fn must return arrays (they carry the hold's end)")
     return _read_after(_host_call(_give_back_hold, out), out)
