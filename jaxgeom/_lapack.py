@@ -112,13 +112,15 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     the last (:func:`one_thread_in_trace`), and XLA runs the chains side by side on its
     pool (bench_mlp's KFAC ``inv`` in a ``jit``: 102 → 72 ms, its exact-damped ``solve``
     131 → 95 ms; the chains against the same calls unchained, both held: 1.06× and
-    1.21×); otherwise the calls as written.
+    1.21×); otherwise the calls as written. Traced for a compiled eager call that holds
+    LAPACK itself (:func:`one_thread_when_faster`), the calls as written too: chained
+    there, KFAC's eager ``eigvalsh`` took 212–222 ms against 188–196 ms.
     """
     items = list(items)
     leaves = jax.tree_util.tree_leaves(items)
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
         schedule = chains(orders, _cores())
-        if schedule is None:
+        if schedule is None or getattr(_HELD_HERE, "active", None) == "eagerly":
             return [fn(item) for item in items]
         return one_thread_in_trace(lambda xs: _in_chains(fn, xs, schedule), items)
     if not _on_cpu(leaves):
@@ -218,8 +220,9 @@ def _workers() -> concurrent.futures.ThreadPoolExecutor:
                                                  thread_name_prefix="jaxgeom-lapack")
 
 
-#: set in a thread while it holds LAPACK to one thread, or traces a function whose run
-#: will (:func:`one_thread_in_trace`): a hold traced there is already held
+#: set in a thread while it holds LAPACK to one thread (``"eagerly"``), or traces a
+#: function whose run will (``"traced"``, :func:`one_thread_in_trace`): a hold traced
+#: there is already held
 _HELD_HERE = threading.local()
 
 #: set in a thread inside :func:`no_host_callbacks`
@@ -243,10 +246,10 @@ def no_host_callbacks() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _set_in_this_thread(flag: threading.local) -> Iterator[None]:
-    """``flag.active`` in the block, in this thread."""
-    outer = getattr(flag, "active", False)
-    flag.active = True
+def _set_in_this_thread(flag: threading.local, value: Any = True) -> Iterator[None]:
+    """``flag.active = value`` in the block, in this thread."""
+    outer = getattr(flag, "active", None)
+    flag.active = value
     try:
         yield
     finally:
@@ -293,7 +296,7 @@ class _OneThreadHold:
         is already held: traced as written."""
         self.take()
         try:
-            with _set_in_this_thread(_HELD_HERE):
+            with _set_in_this_thread(_HELD_HERE, "eagerly"):
                 yield
         finally:
             self.give_back()
@@ -344,12 +347,12 @@ def one_thread_in_trace(fn: Callable[..., Any], *args: Any) -> Any:
     callbacks (≈ 20 µs each) and, for a result read outside the call, one pass over it;
     a program with host callbacks cannot be serialised (``jax.export``): traced inside
     :func:`no_host_callbacks`, ``fn(*args)`` as written."""
-    if (getattr(_HELD_HERE, "active", False) or getattr(_NO_CALLBACKS, "active", False)
+    if (getattr(_HELD_HERE, "active", None) or getattr(_NO_CALLBACKS, "active", None)
             or jax.default_backend() != "cpu"):
         return fn(*args)
     _blas_threads()  # the libraries found in this thread, not in XLA's
     args = _read_after(_host_call(_take_hold, args), args)
-    with _set_in_this_thread(_HELD_HERE):
+    with _set_in_this_thread(_HELD_HERE, "traced"):
         out = fn(*args)
     if not any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(out)):
         raise TypeError("one_thread_in_trace: fn must return arrays (they carry the hold's end)")
