@@ -171,13 +171,13 @@ def chains(orders: Sequence[int], cores: int) -> list[list[int]] | None:
 
 def _one_after_another(fn: Callable[[Any], Any], items: list) -> list:
     """``[fn(item) for item in items]``, each call after the one before: its inputs read
-    through a term of the previous result (``+ 0 · r``, finite ``r``: exact). Independent
+    through a zero made of the previous result (:func:`_after`: exact). Independent
     calls, XLA:CPU would run at once (module docstring), and a chain would take more than
     its core."""
     results, previous = [], None
     for item in items:
         if previous is not None:
-            item = jax.tree_util.tree_map(functools.partial(_after, previous), item)
+            item = _after(previous, item)
         previous = fn(item)
         results.append(previous)
     return results
@@ -195,12 +195,11 @@ def _in_chains(fn: Callable[[Any], Any], items: list, schedule: list[list[int]])
 
 
 def _after(previous: Any, x: Any) -> Any:
-    """``x``, read after ``previous`` is computed (floating-point ``x``; others as they are)."""
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        return x
+    """``x``, read after ``previous`` (floating-point) is computed, its values unchanged:
+    :func:`_read_after` with a zero made of ``previous``'s first element (``|r · 0|``,
+    ``r`` made finite)."""
     r = jnp.ravel(jax.tree_util.tree_leaves(previous)[0])[0]
-    zero = jnp.where(jnp.isfinite(r), r, 0) * 0
-    return x + zero.astype(jnp.result_type(x))
+    return _read_after(jnp.abs(jnp.where(jnp.isfinite(r), r, 0) * 0), x)
 
 
 @functools.cache
@@ -379,10 +378,10 @@ def _host_call(callback: Callable[..., np.ndarray], tree: Any) -> jax.Array:
 
 
 def _read_after(zero: jax.Array, tree: Any) -> Any:
-    """``tree``, each of its arrays read once ``zero`` (an ``int32`` zero that XLA cannot
-    know) is computed, its values unchanged: a floating-point ``x + (-0.0 · zero)`` (``-0.0``
-    is the additive identity of every ``x``, ``±0`` included), an integer ``x + zero``, a
-    boolean ``x ^ (zero != 0)``; XLA fuses each into the array's consumers.
+    """``tree``, each of its arrays read once ``zero`` (a scalar ``0`` or ``+0.0`` that XLA
+    cannot know) is computed, its values unchanged: a floating-point ``x + (-0.0 · zero)``
+    (``-0.0`` is the additive identity of every ``x``, ``±0`` included), an integer
+    ``x + zero``, a boolean ``x ^ (zero != 0)``; XLA fuses each into the array's consumers.
     (``lax.optimization_barrier`` orders nothing here: XLA:CPU removes it before it
     schedules the call.)"""
 
