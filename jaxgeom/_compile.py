@@ -179,7 +179,7 @@ class CompiledFunction:
         # A function that donates its buffers is checked for a trace first (eager jax.grad
         # or vmap of a build: traced arguments): the top-level call would refuse its options
         # only once the donated buffers are gone. The others try the top level first.
-        if not (self._donates and _any_tracer(args, kwargs)):
+        if not (self._donates and any_tracer(args, kwargs)):
             try:
                 return self._compiled()(*args, **kwargs)
             except ValueError as error:
@@ -275,7 +275,7 @@ def _constants_barred(fun: Callable, constants: tuple[int, ...]) -> Callable:
     return barred
 
 
-def _any_tracer(*trees: Any) -> bool:
+def any_tracer(*trees: Any) -> bool:
     """Whether a leaf of ``trees`` is a ``Tracer`` (the call is inside a trace)."""
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
 
@@ -301,7 +301,7 @@ def donating_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:
 
     @functools.wraps(fun)
     def call(*args: Any, **kwargs: Any) -> Any:
-        return (plain if _any_tracer(args, kwargs) else donating)(*args, **kwargs)
+        return (plain if any_tracer(args, kwargs) else donating)(*args, **kwargs)
 
     return call
 

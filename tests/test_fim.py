@@ -473,6 +473,48 @@ def test_fim_inside_jit_equals_eager():
     np.testing.assert_allclose(F.to_dense(), dense(t.apply_fn, t.params, t.x), **TOL)
 
 
+@pytest.mark.parametrize("representation", [
+    PMatDense, jaxgeom.PMatBlockDiag, PMatDiag, PMatQuasiDiag, PMatKFAC, PMatEKFAC,
+    PMatLowRank, "mixed"])
+def test_chunks_inside_jit_are_one_scan_and_give_the_eager_build(representation):
+    """Inside a ``jit`` the chunks of data in memory are streamed by one ``lax.scan`` per
+    batch (the step traced once, not once per chunk): the exact and the Monte-Carlo Fisher
+    (the same draws: keyed by example) equal the eager builds, for one batch of 11
+    examples in chunks of 3 (the last one padded) and for a list of two batches; the
+    program, and the memory it takes besides its inputs and outputs, do not grow with the
+    number of chunks (unrolled, they grew with it: KFAC's 3.9, 14, 54 KB for 12, 48, 192
+    examples)."""
+    t = make_linen_mlp(n=11)
+    key = jax.random.PRNGKey(5)
+    options = dict(batch_size=3)
+    if representation == "mixed":
+        representation = PMatMixed
+        options["mapping"] = {"Dense_0": PMatKFAC, "Dense_1": PMatQuasiDiag}
+
+    def builds(params, data):
+        return (FIM(t.apply_fn, params, data, representation, **options),
+                FIM_MonteCarlo(t.apply_fn, params, data, representation, key=key, trials=2,
+                               **options))
+
+    for data in ((t.x,), [(t.x[:8],), (t.x[8:],)]):
+        jitted = jax.jit(builds)(t.params, data)
+        for got, want in zip(jitted, builds(t.params, data)):
+            assert type(got) is type(want)
+            np.testing.assert_allclose(got.to_dense(), want.to_dense(), **TOL)
+
+    def program(n):
+        jaxpr = jax.make_jaxpr(builds)(t.params, (jnp.zeros((n, 3)),))
+        return [e.primitive.name for e in jaxpr.eqns]
+
+    def scratch_bytes(n):
+        compiled = jax.jit(builds).lower(t.params, (jnp.zeros((n, 3)),)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert "scan" in program(11)
+    assert program(11) == program(29)
+    assert scratch_bytes(12) == scratch_bytes(48)
+
+
 @pytest.mark.parametrize("representation",
                          [PMatDiag, PMatKFAC, PMatDense, PMatLowRank, PMatImplicit])
 def test_a_model_is_traced_once_per_function_and_shapes(representation):

@@ -1,0 +1,165 @@
+"""Builds inside your ``jit``: the chunks as one ``lax.scan``, or one nested step each.
+
+Inside a trace, jaxgeom streams the chunks of data in memory with ``lax.scan``
+(``jaxgeom.streaming._reduce_scanned``: the chunk's step traced once, two chunks an
+iteration). Eagerly, and before this change inside a trace too, each chunk is one call of
+the chunk's step, which a trace inlines: ``c`` chunks, ``c`` copies. This script compiles
+each row both ways in one process — ``scan`` (jaxgeom as it is) and ``unrolled`` (the
+scan patched out while the row is traced) — and times the two programs in alternated
+blocks of ``--repeats`` calls (``--blocks`` of them, each after an untimed call). It also
+reports each program's compile time and the scratch memory XLA plans for it
+(``memory_analysis().temp_size_in_bytes``: besides its inputs and outputs).
+
+Rows (each one ``jit``, the data closed over, the chunk size the model's ``batch_size``):
+
+- ``REP build``, ``REP build_mc``: the exact and the Monte-Carlo Fisher (one trial);
+- ``REP step``: a training step's curvature — the gradient of the mean cross-entropy, the
+  Monte-Carlo Fisher and its ``solve`` of the gradient (KFAC: π damping);
+- ``K-FAC …``, ``Diag …``: a step of ``jaxgeom.optim.scale_by_natural_gradient`` (the
+  gradient, ``update`` and ``optax.apply_updates``), as in ``bench_optim.py``: K-FAC with
+  the Monte-Carlo and the exact Fisher every step, K-FAC π with an EMA and its inverse
+  every 10 steps (a step that does not refresh the inverse), Diag with the Monte-Carlo
+  Fisher.
+
+Medians, and ``unrolled / scan`` (> 1: the scan faster). A table on stdout and ``--out``
+JSON::
+
+    python benchmarks/bench_builds_in_jit.py --models bench_small bench_mlp --out builds-in-jit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import jax
+import models  # benchmarks/models.py (run from the repository root or benchmarks/)
+import optax
+from output import run_header, write_json
+
+VARIANTS = ("unrolled", "scan")
+REPRESENTATIONS = ("PMatKFAC", "PMatDiag", "PMatQuasiDiag", "PMatEKFAC")
+
+
+def _rows(name: str, representations: list[str], transforms: bool) -> tuple[dict, Any, dict]:
+    """``row -> fn(params, state)``, the parameters, and each transform row's state."""
+    import jax.numpy as jnp
+
+    import jaxgeom as jg
+    from jaxgeom.optim import scale_by_natural_gradient
+
+    spec = models.SPECS[name]
+    apply_fn, params = models.make_apply(spec), models.init_params(spec)
+    x, y = (jnp.asarray(a) for a in models.make_data(spec))
+    key, regul, chunk = jax.random.key(3), 1e-3, {"batch_size": spec.batch_size}
+
+    def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y).mean()
+
+    rows = {}
+    for rep_name in representations:
+        rep = getattr(jg, rep_name)
+        solve = {"damping": "pi"} if rep is jg.PMatKFAC else {}
+        rows[f"{rep_name} build"] = lambda p, s, rep=rep: jg.FIM(
+            apply_fn, p, (x, y), rep, **chunk)
+        rows[f"{rep_name} build_mc"] = lambda p, s, rep=rep: jg.FIM_MonteCarlo(
+            apply_fn, p, (x, y), rep, key=key, **chunk)
+        rows[f"{rep_name} step"] = lambda p, s, rep=rep, solve=solve: jg.FIM_MonteCarlo(
+            apply_fn, p, (x, y), rep, key=key, **chunk).solve(jax.grad(loss)(p), regul, **solve)
+    states = {}
+    if transforms:
+        configs = {
+            "K-FAC (MC Fisher, every step)": (jg.PMatKFAC, dict(fisher="monte_carlo")),
+            "K-FAC (exact Fisher, every step)": (jg.PMatKFAC, {}),
+            "K-FAC π, EMA, inverse every 10": (jg.PMatKFAC, dict(
+                ema=0.95, inverse_period=10, solve_options={"damping": "pi"})),
+            "K-FAC π, MC Fisher, EMA, inverse every 10": (jg.PMatKFAC, dict(
+                fisher="monte_carlo", ema=0.95, inverse_period=10,
+                solve_options={"damping": "pi"})),
+            "Diag (MC Fisher)": (jg.PMatDiag, dict(fisher="monte_carlo")),
+        }
+        for row, (rep, config) in configs.items():
+            tx = scale_by_natural_gradient(rep, damping=1e-3, apply_fn=apply_fn,
+                                           example_batch=(x, y), fim_options=chunk, **config)
+            # a step that refreshes no cached inverse (count 1)
+            states[row] = tx.init(params)._replace(count=jnp.ones((), jnp.int32))
+
+            def step(p, s, tx=tx):
+                updates, s = tx.update(jax.grad(loss)(p), s, p, batch=(x, y), key=key)
+                return optax.apply_updates(p, updates), s
+
+            rows[row] = step
+    return rows, params, states
+
+
+def _compiled(fn, args, variant: str):
+    """``fn`` compiled with the chunks scanned (``scan``) or one nested step each
+    (``unrolled``), and its compile time."""
+    from jaxgeom import streaming
+
+    saved = streaming._scans
+    if variant == "unrolled":
+        streaming._scans = lambda *a: False
+    try:  # a new function each time: traced anew, not taken from JAX's cache
+        start = time.perf_counter()
+        compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+        return compiled, time.perf_counter() - start
+    finally:
+        streaming._scans = saved
+
+
+def run_model(name: str, representations: list[str], transforms: bool, blocks: int,
+              repeats: int) -> dict:
+    rows, params, states = _rows(name, representations, transforms)
+    out = {}
+    for row, fn in rows.items():
+        args = (params, states.get(row))
+        calls, record = {}, {}
+        for v in VARIANTS:
+            calls[v], compile_s = _compiled(fn, args, v)
+            scratch = calls[v].memory_analysis()
+            record[v] = dict(compile_s=compile_s, runs=[],
+                             temp_bytes=getattr(scratch, "temp_size_in_bytes", None))
+        for b in range(blocks):
+            for variant in VARIANTS if b % 2 == 0 else VARIANTS[::-1]:
+                call = calls[variant]
+                jax.block_until_ready(call(*args))  # untimed: after the other's block
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    jax.block_until_ready(call(*args))
+                    record[variant]["runs"].append(time.perf_counter() - start)
+        for v in VARIANTS:
+            record[v]["warm_s"] = statistics.median(record[v]["runs"])
+        u, s = (record[v]["warm_s"] for v in VARIANTS)
+        out[row] = dict(record, ratio=u / s)
+        cu, cs = (record[v]["compile_s"] for v in VARIANTS)
+        mu, ms = (record[v]["temp_bytes"] or 0 for v in VARIANTS)
+        print(f"{name:12s}  {row:44s}  {u * 1e3:9.2f} ms  {s * 1e3:9.2f} ms  {u / s:6.2f}"
+              f"  {cu:6.2f} s  {cs:6.2f} s  {mu / 2**20:8.1f}  {ms / 2**20:8.1f}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["bench_small", "bench_mlp"])
+    parser.add_argument("--representations", nargs="+", default=list(REPRESENTATIONS))
+    parser.add_argument("--no-transforms", action="store_true",
+                        help="only the builds and steps, not the optax transforms' steps")
+    parser.add_argument("--blocks", type=int, default=4, help="alternated blocks per row")
+    parser.add_argument("--repeats", type=int, default=5, help="calls per block")
+    parser.add_argument("--out", default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    results = dict(run_header("bench_builds_in_jit.py", argv), models={})
+    print(f"{'model':12s}  {'row':44s}  {'unrolled':>12s}  {'scan':>12s}  ratio"
+          f"  {'compile u':>8s}  {'compile s':>8s}  {'MiB u':>8s}  {'MiB s':>8s}")
+    for name in args.models:
+        results["models"][name] = run_model(name, args.representations,
+                                            not args.no_transforms, args.blocks, args.repeats)
+    write_json(results, args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()
