@@ -459,8 +459,8 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]
 
 #: chunks per iteration of the scan of a build inside a trace (:func:`_reduce_scanned`):
 #: two, so that one chunk's work fills the cores the other's leaves idle (on 2 cores, against
-#: one a step, bench_mlp's jitted K-FAC training steps 1.05-1.14x and bench_cnn's KFAC build
-#: 1.07x faster), at most two chunks' temporaries live at once
+#: one an iteration, bench_mlp's jitted K-FAC training steps 1.03-1.10x and bench_cnn's KFAC
+#: build 1.07x faster), at most two chunks' temporaries live at once
 SCAN_UNROLL = 2
 
 
