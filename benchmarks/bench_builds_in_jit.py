@@ -30,6 +30,7 @@ JSON::
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from typing import Any
@@ -37,7 +38,7 @@ from typing import Any
 import jax
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
 import optax
-from output import run_header, write_json
+from output import alternated, run_header, write_json
 
 VARIANTS = ("unrolled", "scan")
 REPRESENTATIONS = ("PMatKFAC", "PMatDiag", "PMatQuasiDiag", "PMatEKFAC")
@@ -120,18 +121,12 @@ def run_model(name: str, representations: list[str], transforms: bool, blocks: i
         for v in VARIANTS:
             calls[v], compile_s = _compiled(fn, args, v)
             scratch = calls[v].memory_analysis()
-            record[v] = dict(compile_s=compile_s, runs=[],
+            record[v] = dict(compile_s=compile_s,
                              temp_bytes=getattr(scratch, "temp_size_in_bytes", None))
-        for b in range(blocks):
-            for variant in VARIANTS if b % 2 == 0 else VARIANTS[::-1]:
-                call = calls[variant]
-                jax.block_until_ready(call(*args))  # untimed: after the other's block
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    jax.block_until_ready(call(*args))
-                    record[variant]["runs"].append(time.perf_counter() - start)
+        runs = alternated({v: functools.partial(calls[v], *args) for v in VARIANTS},
+                          blocks, repeats)
         for v in VARIANTS:
-            record[v]["warm_s"] = statistics.median(record[v]["runs"])
+            record[v].update(runs=runs[v], warm_s=statistics.median(runs[v]))
         u, s = (record[v]["warm_s"] for v in VARIANTS)
         out[row] = dict(record, ratio=u / s)
         cu, cs = (record[v]["compile_s"] for v in VARIANTS)

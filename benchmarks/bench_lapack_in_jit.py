@@ -25,14 +25,14 @@ Medians, and ``as written / held`` (> 1: the hold faster). A table on stdout and
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
 import optax
-from output import run_header, write_json
+from output import alternated, run_header, write_json
 
 VARIANTS = ("as written", "held")
 
@@ -98,15 +98,8 @@ def run_model(name: str, blocks: int, repeats: int, only: list[str] | None) -> d
         if only and not any(o in row for o in only):
             continue
         calls = {v: _compiled(fn, args, v) for v in VARIANTS}
-        runs = {v: [] for v in VARIANTS}
-        for b in range(blocks):
-            for variant in VARIANTS if b % 2 == 0 else VARIANTS[::-1]:
-                call = calls[variant]
-                jax.block_until_ready(call(*args))  # untimed: after the other's block
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    jax.block_until_ready(call(*args))
-                    runs[variant].append(time.perf_counter() - start)
+        runs = alternated({v: functools.partial(calls[v], *args) for v in VARIANTS},
+                          blocks, repeats)
         out[row] = {v: dict(warm_s=statistics.median(r), runs=r) for v, r in runs.items()}
         a, h = (out[row][v]["warm_s"] for v in VARIANTS)
         out[row]["ratio"] = a / h

@@ -52,6 +52,27 @@ def timed(call: Callable[[], Any], repeats: int) -> dict:
     return dict(first_s=first, warm_s=statistics.median(runs), runs=runs)
 
 
+def alternated(calls: dict[str, Callable[[], Any]], blocks: int, repeats: int
+               ) -> dict[str, list[float]]:
+    """The warm times, in seconds, of each of ``calls`` (name → ``call()``), timed in
+    ``blocks`` alternated blocks of ``repeats`` calls (in order, then in reverse), each
+    block after an untimed call (the first after the other's block); each call waited for
+    (``jax.block_until_ready``)."""
+    import jax
+
+    names = list(calls)
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for b in range(blocks):
+        for name in names if b % 2 == 0 else names[::-1]:
+            call = calls[name]
+            jax.block_until_ready(call())
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(call())
+                runs[name].append(time.perf_counter() - start)
+    return runs
+
+
 def floor_table(model_names: list[str], run_model: Callable[[str], dict],
                 floor_of: Callable[[str, dict], dict | None], out: str | None, *,
                 width: int = 66, extra: tuple[str, Callable[[dict], str]] | None = None

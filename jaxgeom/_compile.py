@@ -280,6 +280,25 @@ def any_tracer(*trees: Any) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
 
 
+def staged(*trees: Any) -> bool:
+    """Whether a leaf of ``trees`` is being staged into a ``jit``: a ``Tracer`` of a jaxpr
+    trace, or of a ``grad``/``vmap`` trace inside one. The tracers of an eager ``grad`` or
+    ``vmap`` are not: their primitives run one by one, and a loop primitive among them
+    (``lax.scan``) would be compiled anew at every call (its body a new function each time),
+    where nested ``jit`` calls are compiled once."""
+    for leaf in jax.tree_util.tree_leaves(trees):
+        if not isinstance(leaf, jax.core.Tracer):
+            continue
+        trace = getattr(leaf, "_trace", None)
+        if trace is None:  # a JAX whose tracers do not name their trace: any trace
+            return True
+        while trace is not None:
+            if type(trace).__name__ == "DynamicJaxprTrace":
+                return True
+            trace = getattr(trace, "parent_trace", None)
+    return False
+
+
 def model_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Any:
     """Decorator: :class:`CompiledFunction` for a step that runs the user's model, used
     like ``jax.jit`` (``static_argnums``, ``static_argnames``, ``donate_argnums``, …;

@@ -26,7 +26,7 @@ on the host (:meth:`ChunkBuilder.finish`: EKFAC's factorisations, its refit pass
 assembly of a group's results) follows, as after a streamed pass. Each pass of a builder of
 several is one call on such data.
 
-Inside a trace (a user's ``jit``, ``grad`` or ``vmap`` of a build) the chunks of data in
+Inside a user's ``jit`` (also under ``grad`` or ``vmap`` there) the chunks of data in
 memory — one batch, or a list of batches — are one ``lax.scan`` a batch over the same
 step (:func:`_reduce_scanned`): traced once, not once per chunk, and holding two chunks'
 temporaries at a time, however many chunks.
@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
-from jaxgeom._compile import MEMORY_SCHEDULE, any_tracer, donating_jit, model_jit, quick_jit
+from jaxgeom._compile import MEMORY_SCHEDULE, donating_jit, model_jit, quick_jit, staged
 from jaxgeom._signature import Signature, abstract, signature
 
 
@@ -370,7 +370,7 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
     example, no batch axis) and return its result.
 
     One jitted step per chunk shape (with ``batch_size`` set, every chunk — the last one
-    padded and masked — has the same shape); inside a trace, data in memory are scanned
+    padded and masked — has the same shape); inside a ``jit``, data in memory are scanned
     through it (:func:`_reduce_scanned`). ``data`` is read once, plus once more per
     extra pass the builder asks for (:class:`Continue`), from the kept batches when
     ``data`` is a one-shot iterator. Raises ``FloatingPointError`` on a non-finite chunk.
@@ -457,7 +457,7 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]
     return total, n, flags
 
 
-#: chunks per iteration of the scan of a build inside a trace (:func:`_reduce_scanned`):
+#: chunks per iteration of the scan of a build inside a ``jit`` (:func:`_reduce_scanned`):
 #: two, so that one chunk's work fills the cores the other's leaves idle (on 2 cores, against
 #: one an iteration, bench_mlp's jitted K-FAC training steps 1.03-1.10x and bench_cnn's KFAC
 #: build 1.07x faster), at most two chunks' temporaries live at once
@@ -467,13 +467,15 @@ SCAN_UNROLL = 2
 def _scans(builder: ChunkBuilder, params: Any, data: Any, aux: Any,
            batch_size: int | None) -> bool:
     """Whether the chunks of ``data`` are streamed by ``lax.scan`` (:func:`_reduce_scanned`):
-    inside a trace (a leaf of ``params``, ``data`` or ``aux`` is a ``Tracer``), for data
-    in memory (one batch or a list of batches) of more than one chunk, through a builder
-    whose running total is updated in place and which keeps no data."""
+    inside a ``jit`` (a leaf of ``params``, ``data`` or ``aux`` being staged into one,
+    :func:`~jaxgeom._compile.staged`; under an eager ``grad`` or ``vmap`` the chunks' nested
+    steps, compiled once, are kept), for data in memory (one batch or a list of batches)
+    of more than one chunk, through a builder whose running total is updated in place and
+    which keeps no data."""
     if batch_size is None or not builder.updates_in_place or builder.keeps_data:
         return False
     batches = _in_memory_batches(data)
-    if batches is None or not any_tracer(params, batches, aux):
+    if batches is None or not staged(params, batches, aux):
         return False
     chunks = sum(-(-data_lib.num_examples(b) // int(batch_size)) for b in batches)
     return chunks > 1
@@ -489,7 +491,7 @@ def _in_memory_batches(data: Any) -> list | None:
 
 def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: Any,
                     aux: Any) -> tuple[Any, int, list]:
-    """:func:`_reduce` of data in memory inside a trace, the chunks of each batch one
+    """:func:`_reduce` of data in memory inside a ``jit``, the chunks of each batch one
     ``lax.scan`` over their offsets: the chunks :func:`data_lib.iter_chunks` cuts (rows
     ``offset … offset + batch_size − 1`` of a batch, the last chunk's missing rows clamped
     to the batch's last and masked out), the same step (:func:`_update`) as the scan's

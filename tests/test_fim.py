@@ -515,6 +515,28 @@ def test_chunks_inside_jit_are_one_scan_and_give_the_eager_build(representation)
     assert scratch_bytes(12) == scratch_bytes(48)
 
 
+def test_eager_grad_and_vmap_of_a_chunked_build_compile_once():
+    """Under an eager ``grad`` or ``vmap`` (not inside a ``jit``) the chunks stay nested
+    steps, each compiled once: a scan there is compiled again at every call (its body a
+    new function each time; 1.5 s a call against 0.06 s). The gradient of the trace is
+    the brute-force one."""
+    t = make_plain_mlp()
+
+    def trace(p):
+        return FIM(t.apply_fn, p, t.x, PMatKFAC, variant="regression", batch_size=2).trace()
+
+    grad, traces = jax.grad(trace), jax.vmap(trace)
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), t.params)
+    grad(t.params), traces(stacked)
+    with compilations() as compiled:
+        got = grad(t.params)
+        traces(stacked)
+    assert compiled == []
+    want = jax.grad(lambda p: FIM(t.apply_fn, p, t.x, PMatKFAC, variant="regression").trace())(
+        t.params)
+    chex.assert_trees_all_close(got, want, rtol=1e-9)
+
+
 @pytest.mark.parametrize("representation",
                          [PMatDiag, PMatKFAC, PMatDense, PMatLowRank, PMatImplicit])
 def test_a_model_is_traced_once_per_function_and_shapes(representation):

@@ -196,8 +196,14 @@ def _padding_groups(lengths: list[int]) -> list[list[int]]:
 def _sums(vectors: list[jax.Array]) -> list[jax.Array]:
     """The sums of equally long vectors in one variadic reduction (one kernel)."""
     zeros = [jnp.zeros((), v.dtype) for v in vectors]
-    return list(jax.lax.reduce(vectors, zeros,
-                               lambda a, b: tuple(x + y for x, y in zip(a, b)), (0,)))
+    return list(jax.lax.reduce(vectors, zeros, _add_each, (0,)))
+
+
+def _add_each(a: tuple, b: tuple) -> tuple:
+    """The reducer of :func:`_sums`: one function for every call, so that JAX traces it
+    once per operands' types (a new ``lambda`` at each call was a new reduction, compiled
+    anew at every eager call of a ``grad`` or ``vmap`` of a trace)."""
+    return tuple(x + y for x, y in zip(a, b))
 
 
 @_sums.defjvp
