@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -401,10 +401,10 @@ def _chunk_of(batch: Any, start: int, stop: int, size: int) -> Any:
     return jax.tree_util.tree_unflatten(treedef, cut)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _window(arrays: tuple[jax.Array, ...], start: int, size: int) -> tuple:
-    """``size`` rows of each array from ``start`` (``start`` traced: one compilation per
-    shapes); past the end the last row stands for the missing ones (masked by the caller).
+def clamped_rows(arrays: Sequence[jax.Array], start: Any, size: int) -> tuple:
+    """``size`` rows of each array from ``start`` (an int or a traced one); past the end
+    the last row stands for the missing ones (masked by the caller): a chunk as
+    :func:`iter_chunks` cuts it from a batch on the device, here or in a scan over chunks.
 
     One gather of clamped rows: XLA:CPU runs a copy this cheap on the calling thread, so
     its cost is the host's. The clamped, rotated slice it replaces (``jnp.roll`` by a traced
@@ -412,6 +412,12 @@ def _window(arrays: tuple[jax.Array, ...], start: int, size: int) -> tuple:
     """
     rows = start + jnp.arange(size)
     return tuple(jnp.take(a, rows, axis=0, mode="clip") for a in arrays)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _window(arrays: tuple[jax.Array, ...], start: int, size: int) -> tuple:
+    """:func:`clamped_rows`, compiled (``start`` traced: one compilation per shapes)."""
+    return clamped_rows(arrays, start, size)
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -493,9 +493,9 @@ def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: A
                     aux: Any) -> tuple[Any, int, list]:
     """:func:`_reduce` of data in memory inside a ``jit``, the chunks of each batch one
     ``lax.scan`` over their offsets: the chunks :func:`data_lib.iter_chunks` cuts (rows
-    ``offset … offset + batch_size − 1`` of a batch, the last chunk's missing rows clamped
-    to the batch's last and masked out), the same step (:func:`_update`) as the scan's
-    body, one flag for all.
+    ``offset … offset + batch_size − 1`` of a batch, :func:`data_lib.clamped_rows`, the
+    missing rows of the last one masked out), the same step (:func:`_update`) as the
+    scan's body, one flag for all.
 
     Unrolled (one nested step per chunk, as the eager loop dispatches them), a build of
     ``c`` chunks inside a ``jit`` was ``c`` copies of the step: traced and compiled ``c``
@@ -518,9 +518,9 @@ def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: A
         leaves = [jnp.asarray(leaf) for leaf in leaves]
 
         def chunk(start, n=n, leaves=leaves, treedef=treedef):
-            rows = start + jnp.arange(size)
-            cut = [jnp.take(leaf, rows, axis=0, mode="clip") for leaf in leaves]
-            return jax.tree_util.tree_unflatten(treedef, cut), (rows < n).astype(mask_dtype)
+            cut = data_lib.clamped_rows(leaves, start, size)
+            mask = (start + jnp.arange(size) < n).astype(mask_dtype)
+            return jax.tree_util.tree_unflatten(treedef, cut), mask
 
         def step(carry, start, seen=seen, chunk=chunk):
             total, finite = carry
