@@ -499,10 +499,11 @@ def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: A
 
     Unrolled (one nested step per chunk, as the eager loop dispatches them), a build of
     ``c`` chunks inside a ``jit`` was ``c`` copies of the step: traced and compiled ``c``
-    times, their temporaries laid out by XLA's buffer assignment in one pool, where reuse
-    orders work that was independent — after an 8-chunk Monte-Carlo KFAC build on
-    bench_mlp, the π-damped ``solve``'s triangular solves of different layers ran one after
-    another on one core (build and ``solve`` in one ``jit``: 60 ms; 40 ms on one chunk). A
+    times, their temporaries laid out by XLA's buffer assignment in one pool (XLA:CPU
+    orders operations by the buffers they touch too) — after an 8-chunk Monte-Carlo KFAC
+    build on bench_mlp, the π-damped ``solve``'s triangular solves of different layers ran
+    one after another on one core (build and ``solve`` in one ``jit``: 60 ms; 40 ms on one
+    chunk), and the scratch memory grew with the number of chunks. A
     scan traces the step once, and holds the temporaries of :data:`SCAN_UNROLL` chunks at a
     time: ``batch_size`` bounds the memory inside a ``jit`` too.
     """
