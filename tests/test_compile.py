@@ -303,3 +303,24 @@ def test_a_jit_over_a_stored_matrix_leaves_its_operations_to_run_time():
     stored = _shape_names(F)
     assert _large_constants(solve.lower(v).compile().as_text()) <= stored
     chex.assert_trees_all_close(solve(v), F.solve(v, 0.1), rtol=1e-10, atol=1e-12)
+
+
+def test_staged_tells_a_jit_from_an_eager_transform():
+    """``staged`` is true for values being staged into a ``jit`` (also under ``grad`` or
+    ``vmap`` inside it), false for concrete arrays and for the tracers of an eager
+    ``grad`` or ``vmap``."""
+    seen = []
+
+    def probe(x):
+        seen.append(_compile.staged(x))
+        return jnp.sum(x ** 2)
+
+    x = jnp.ones(3)
+    probe(x)
+    jax.grad(probe)(x)
+    jax.vmap(probe)(x[:, None])
+    jax.jit(probe)(x)
+    jax.jit(jax.grad(probe))(x + 1)
+    jax.jit(jax.vmap(probe))(x[:, None] + 1)
+    jax.vmap(jax.grad(probe))(x[:, None] + 2)
+    assert seen == [False, False, False, True, True, True, False]
