@@ -1,9 +1,10 @@
 """Builds inside your ``jit``: the chunks as one ``lax.scan``, or one nested step each.
 
-Inside a trace, jaxgeom streams the chunks of data in memory with ``lax.scan``
-(``jaxgeom.streaming._reduce_scanned``: the chunk's step traced once, two chunks an
-iteration). Eagerly, and before this change inside a trace too, each chunk is one call of
-the chunk's step, which a trace inlines: ``c`` chunks, ``c`` copies. This script compiles
+Inside a ``jit``, jaxgeom streams the chunks of data in memory — a build's, and those of
+``PMatImplicit``'s products — with ``lax.scan`` (``jaxgeom.streaming.scan_chunks``: the
+chunk's step traced once, two chunks an iteration). Eagerly, and before this change inside
+a ``jit`` too, each chunk is one call of the chunk's step, which a trace inlines: ``c``
+chunks, ``c`` copies. This script compiles
 each row both ways in one process — ``scan`` (jaxgeom as it is) and ``unrolled`` (the
 scan patched out while the row is traced) — and times the two programs in alternated
 blocks of ``--repeats`` calls (``--blocks`` of them, each after an untimed call). It also
@@ -15,6 +16,9 @@ Rows (each one ``jit``, the data closed over, the chunk size the model's ``batch
 - ``REP build``, ``REP build_mc``: the exact and the Monte-Carlo Fisher (one trial);
 - ``REP step``: a training step's curvature — the gradient of the mean cross-entropy, the
   Monte-Carlo Fisher and its ``solve`` of the gradient (KFAC: π damping);
+- ``PMatImplicit mv``, ``vTMv``, ``step (CG, 10 iterations)``: its products, whose chunk
+  loop is scanned the same way (``PMatImplicit.SCANS_CHUNKS``), and a Hessian-free step
+  (the gradient, and 10 iterations of conjugate gradient on the exact Fisher);
 - ``K-FAC …``, ``Diag …``: a step of ``jaxgeom.optim.scale_by_natural_gradient`` (the
   gradient, ``update`` and ``optax.apply_updates``), as in ``bench_optim.py``: K-FAC with
   the Monte-Carlo and the exact Fisher every step, K-FAC π with an EMA and its inverse
@@ -41,7 +45,7 @@ import optax
 from output import alternated, run_header, write_json
 
 VARIANTS = ("unrolled", "scan")
-REPRESENTATIONS = ("PMatKFAC", "PMatDiag", "PMatQuasiDiag", "PMatEKFAC")
+REPRESENTATIONS = ("PMatKFAC", "PMatDiag", "PMatQuasiDiag", "PMatEKFAC", "PMatImplicit")
 
 
 def _rows(name: str, representations: list[str], transforms: bool) -> tuple[dict, Any, dict]:
@@ -62,6 +66,9 @@ def _rows(name: str, representations: list[str], transforms: bool) -> tuple[dict
     rows = {}
     for rep_name in representations:
         rep = getattr(jg, rep_name)
+        if rep is jg.PMatImplicit:  # no build: its products read the chunks
+            rows.update(_implicit_rows(apply_fn, params, (x, y), chunk, loss, regul))
+            continue
         solve = {"damping": "pi"} if rep is jg.PMatKFAC else {}
         rows[f"{rep_name} build"] = lambda p, s, rep=rep: jg.FIM(
             apply_fn, p, (x, y), rep, **chunk)
@@ -95,20 +102,40 @@ def _rows(name: str, representations: list[str], transforms: bool) -> tuple[dict
     return rows, params, states
 
 
+def _implicit_rows(apply_fn, params, data, chunk: dict, loss, regul: float) -> dict:
+    """``PMatImplicit``'s rows: its ``mv`` and ``vTMv``, and a Hessian-free step."""
+    import jaxgeom as jg
+
+    v = jg.random_pvector(jax.random.key(2), params)
+
+    def implicit(p):
+        return jg.FIM(apply_fn, p, data, jg.PMatImplicit, **chunk)
+
+    return {
+        "PMatImplicit mv": lambda p, s: implicit(p).mv(v),
+        "PMatImplicit vTMv": lambda p, s: implicit(p).vTMv(v),
+        "PMatImplicit step (CG, 10 iterations)": lambda p, s: implicit(p).solve(
+            jax.grad(loss)(p), regul, maxiter=10),
+    }
+
+
 def _compiled(fn, args, variant: str):
     """``fn`` compiled with the chunks scanned (``scan``) or one nested step each
     (``unrolled``), and its compile time."""
     from jaxgeom import streaming
+    from jaxgeom.pmat.implicit import PMatImplicit
 
     saved = streaming._scans
     if variant == "unrolled":
         streaming._scans = lambda *a: False
+        PMatImplicit.SCANS_CHUNKS = False
     try:  # a new function each time: traced anew, not taken from JAX's cache
         start = time.perf_counter()
         compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
         return compiled, time.perf_counter() - start
     finally:
         streaming._scans = saved
+        PMatImplicit.SCANS_CHUNKS = True
 
 
 def run_model(name: str, representations: list[str], transforms: bool, blocks: int,

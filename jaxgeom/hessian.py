@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -254,6 +254,9 @@ class PMatImplicitHessian(PMatImplicit):
     - ``get_diag``/``trace``: ``d`` HVPs per chunk (exact), memory ``d``;
       ``to_dense``/``frobenius_norm``: ``d`` HVPs per chunk, memory ``d²``.
     """
+
+    #: its chunks are not padded: each chunk's step takes its count of examples
+    SCANS_CHUNKS: ClassVar[bool] = False
 
     @classmethod
     def build(cls, loss_fn, params, data, layer_collection, batch_size) -> PMatImplicitHessian:

@@ -466,16 +466,22 @@ SCAN_UNROLL = 2
 
 def _scans(builder: ChunkBuilder, params: Any, data: Any, aux: Any,
            batch_size: int | None) -> bool:
-    """Whether the chunks of ``data`` are streamed by ``lax.scan`` (:func:`_reduce_scanned`):
-    inside a ``jit`` (a leaf of ``params``, ``data`` or ``aux`` being staged into one,
-    :func:`~jaxgeom._compile.staged`; under an eager ``grad`` or ``vmap`` the chunks' nested
-    steps, compiled once, are kept), for data in memory (one batch or a list of batches)
-    of more than one chunk, through a builder whose running total is updated in place and
-    which keeps no data."""
-    if batch_size is None or not builder.updates_in_place or builder.keeps_data:
+    """Whether a builder's pass is streamed by :func:`scan_chunks` (:func:`_reduce_scanned`):
+    where :func:`scans_in_jit`, through a builder whose running total is updated in place
+    and which keeps no data."""
+    return (builder.updates_in_place and not builder.keeps_data
+            and scans_in_jit(data, batch_size, params, aux))
+
+
+def scans_in_jit(data: Any, batch_size: int | None, *trees: Any) -> bool:
+    """Whether the chunks of ``data`` are read by :func:`scan_chunks`: data in memory (one
+    batch or a list of batches) of more than one chunk, read inside a ``jit`` (a leaf of
+    ``data`` or of ``trees`` being staged into one, :func:`~jaxgeom._compile.staged`; under
+    an eager ``grad`` or ``vmap`` the chunks' nested steps, compiled once, are kept)."""
+    if batch_size is None:
         return False
     batches = _in_memory_batches(data)
-    if batches is None or not staged(params, batches, aux):
+    if batches is None or not staged(trees, batches):
         return False
     chunks = sum(-(-data_lib.num_examples(b) // int(batch_size)) for b in batches)
     return chunks > 1
@@ -489,28 +495,30 @@ def _in_memory_batches(data: Any) -> list | None:
     return list(data) if type(data) is list else None
 
 
-def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: Any,
-                    aux: Any) -> tuple[Any, int, list]:
-    """:func:`_reduce` of data in memory inside a ``jit``, the chunks of each batch one
-    ``lax.scan`` over their offsets: the chunks :func:`data_lib.iter_chunks` cuts (rows
-    ``offset … offset + batch_size − 1`` of a batch, :func:`data_lib.clamped_rows`, the
-    missing rows of the last one masked out), the same step (:func:`_update`) as the
-    scan's body, one flag for all.
+def scan_chunks(step: Callable[[Any, Any, jax.Array, jax.Array], Any], carry: Any,
+                data: Any, batch_size: int) -> tuple[Any, int]:
+    """``carry`` through ``step(carry, batch, mask, offset)`` for each chunk of data in
+    memory inside a ``jit`` (:func:`scans_in_jit`), and the number of examples: the chunks
+    of each batch one ``lax.scan`` over their offsets — the chunks
+    :func:`data_lib.iter_chunks` cuts (rows ``offset … offset + batch_size − 1`` of a
+    batch, :func:`data_lib.clamped_rows`, the missing rows of the last one masked out),
+    ``offset`` counted over all batches in the dtype the eager loop passes it in
+    (``np.asarray(chunk.offset)``), :data:`SCAN_UNROLL` chunks an iteration. ``carry`` may
+    be a function of the first chunk's ``(batch, mask, offset)``.
 
-    Unrolled (one nested step per chunk, as the eager loop dispatches them), a build of
-    ``c`` chunks inside a ``jit`` was ``c`` copies of the step: traced and compiled ``c``
-    times, their temporaries laid out by XLA's buffer assignment in one pool (XLA:CPU
-    orders operations by the buffers they touch too) — after an 8-chunk Monte-Carlo KFAC
-    build on bench_mlp, the π-damped ``solve``'s triangular solves of different layers ran
-    one after another on one core (build and ``solve`` in one ``jit``: 60 ms; 40 ms on one
-    chunk), and the scratch memory grew with the number of chunks. A
-    scan traces the step once, and holds the temporaries of :data:`SCAN_UNROLL` chunks at a
-    time: ``batch_size`` bounds the memory inside a ``jit`` too.
+    Unrolled (one nested step per chunk, as the eager loops dispatch them), ``c`` chunks
+    inside a ``jit`` were ``c`` copies of the step: traced and compiled ``c`` times, their
+    temporaries laid out by XLA's buffer assignment in one pool (XLA:CPU orders operations
+    by the buffers they touch too) — after an 8-chunk Monte-Carlo KFAC build on bench_mlp,
+    the π-damped ``solve``'s triangular solves of different layers ran one after another on
+    one core (build and ``solve`` in one ``jit``: 60 ms; 40 ms on one chunk) —, and the
+    scratch memory grew with the number of chunks. A scan traces the step once, and holds
+    the temporaries of :data:`SCAN_UNROLL` chunks at a time: ``batch_size`` bounds the
+    memory inside a ``jit`` too.
     """
     size = int(batch_size)
-    update = _update_for_memory if builder.schedules_for_memory else _update
     mask_dtype = jax.dtypes.canonicalize_dtype(np.float64)
-    total, finite, seen = None, jnp.asarray(True), 0
+    seen = 0
     for batch in _in_memory_batches(data):
         n = data_lib.num_examples(batch)
         if not n:
@@ -518,24 +526,36 @@ def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: A
         leaves, treedef = jax.tree_util.tree_flatten(batch)
         leaves = [jnp.asarray(leaf) for leaf in leaves]
 
-        def chunk(start, n=n, leaves=leaves, treedef=treedef):
+        def chunk(start, n=n, leaves=leaves, treedef=treedef, seen=seen):
             cut = data_lib.clamped_rows(leaves, start, size)
             mask = (start + jnp.arange(size) < n).astype(mask_dtype)
-            return jax.tree_util.tree_unflatten(treedef, cut), mask
+            return jax.tree_util.tree_unflatten(treedef, cut), mask, seen + start
 
-        def step(carry, start, seen=seen, chunk=chunk):
-            total, finite = carry
-            batch, mask = chunk(start)
-            total, chunk_finite = update(builder, total, params, batch, mask, seen + start, aux)
-            return (total, jnp.logical_and(finite, chunk_finite)), None
-
-        # the offsets' dtype as the eager loop passes them (``np.asarray(chunk.offset)``)
         starts = jnp.asarray(np.arange(0, n, size))
-        if total is None:
-            total = builder.init_total(params, *chunk(starts[0]), starts[0], aux)
-        (total, finite), _ = jax.lax.scan(step, (total, finite), starts, unroll=SCAN_UNROLL)
+        if callable(carry):
+            carry = carry(*chunk(starts[0]))
+        carry, _ = jax.lax.scan(lambda c, start, chunk=chunk: (step(c, *chunk(start)), None),
+                                carry, starts, unroll=SCAN_UNROLL)
         seen += n
-    return total, seen, [(finite, 0, seen)]
+    return carry, seen
+
+
+def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: Any,
+                    aux: Any) -> tuple[Any, int, list]:
+    """:func:`_reduce` of data in memory inside a ``jit``: the chunks' steps
+    (:func:`_update`) through :func:`scan_chunks`, one finiteness flag for all."""
+    update = _update_for_memory if builder.schedules_for_memory else _update
+
+    def first(batch, mask, offset):
+        return builder.init_total(params, batch, mask, offset, aux), jnp.asarray(True)
+
+    def step(carry, batch, mask, offset):
+        total, finite = carry
+        total, chunk_finite = update(builder, total, params, batch, mask, offset, aux)
+        return total, jnp.logical_and(finite, chunk_finite)
+
+    (total, finite), n = scan_chunks(step, first, data, batch_size)
+    return total, n, [(finite, 0, n)]
 
 
 def _same_example_shapes(builder: ChunkBuilder, shapes: Any, chunk: data_lib.Chunk) -> Any:

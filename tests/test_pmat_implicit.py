@@ -169,6 +169,41 @@ def test_under_jit(mlp):
     np.testing.assert_allclose(jax.jit(lambda M: M.trace())(scaled), 2 * np.trace(ref), **TOL)
 
 
+def test_products_inside_jit_scan_the_chunks(mlp):
+    """Inside a ``jit`` the chunks of a product are one ``lax.scan``: ``mv``, ``mmap``,
+    ``vTMv`` and the CG ``solve`` of a matrix in chunks of 3 (7 examples, and a list of two
+    batches) equal the dense ones, and the program and its scratch memory do not grow
+    with the number of examples (unrolled, ``mv``'s scratch grew 3.1 / 13 / 53 KB for 12 /
+    48 / 192 examples)."""
+    t, _, dense = mlp
+    ref = np.asarray(dense.to_dense())
+    v = vec(t, 3)
+    flat = np.asarray(v.to_flat())
+    rows = jnp.stack([vec(t, s).to_flat() for s in range(3)])
+    batches = [(t.x[:5], t.y[:5]), (t.x[5:], t.y[5:])]
+    for data in ((t.x, t.y), batches):
+        F = FIM(t.apply_fn, t.params, data, PMatImplicit, batch_size=3)
+        mv, mmap, vtmv, solved = jax.jit(lambda M, u, r: (
+            M.mv(u), M.mmap(r), M.vTMv(u), M.solve(M.mv(u) + REGUL * u, REGUL, rtol=1e-12)))(
+                F, v, rows)
+        np.testing.assert_allclose(mv.to_flat(), ref @ flat, **TOL)
+        np.testing.assert_allclose(mmap, np.asarray(rows) @ ref, **TOL)
+        np.testing.assert_allclose(vtmv, flat @ ref @ flat, **TOL)
+        np.testing.assert_allclose(solved.to_flat(), flat, rtol=1e-6, atol=1e-7)
+
+    def program(n):
+        def product(p, x, u):
+            return FIM(t.apply_fn, p, (x,), PMatImplicit, batch_size=3).mv(u)
+
+        args = (t.params, jnp.zeros((n, t.x.shape[1])), v)
+        primitives = [e.primitive.name for e in jax.make_jaxpr(product)(*args).eqns]
+        scratch = jax.jit(product).lower(*args).compile().memory_analysis().temp_size_in_bytes
+        return primitives, scratch
+
+    assert "scan" in program(12)[0]
+    assert program(12) == program(48)
+
+
 def test_chunking_and_batches_do_not_matter(mlp):
     t = mlp[0]
     assert t.x.shape[0] == 7

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,15 @@ from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import PMatAbstract, check_precision, representation, static_field
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, Restriction
-from jaxgeom.streaming import ChunkBuilder, Stream, builder, scaled, zeros
+from jaxgeom.streaming import (
+    ChunkBuilder,
+    Stream,
+    builder,
+    scaled,
+    scan_chunks,
+    scans_in_jit,
+    zeros,
+)
 from jaxgeom.vector import as_flat, as_rows, product_dtype
 
 
@@ -67,8 +75,10 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     ``N K < d``), or use ``solve(v, regul)``.
 
     Under ``jax.jit``, ``params``, ``data``, ``aux`` and ``scale`` are traced (pytree
-    children); ``fn``, ``batch_size`` and ``mode`` are static. The chunk loop is a Python
-    loop, unrolled when traced.
+    children); ``fn``, ``batch_size`` and ``mode`` are static. The products' chunk loop is
+    one ``lax.scan`` there (:func:`~jaxgeom.streaming.scan_chunks`: the chunk's step traced
+    once, memory bounded by ``batch_size`` however many chunks), a Python loop of
+    compiled steps eagerly.
 
     Attributes:
       layer_collection: the parameter layout (static).
@@ -89,8 +99,19 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     def dtype(self):
         return self.layer_collection.dtype
 
+    #: whether the products' chunk loops run as one ``lax.scan`` inside a ``jit``
+    #: (:func:`~jaxgeom.streaming.scan_chunks`, padded chunks of one shape); not where the
+    #: chunk's step takes its static count of examples (the Hessian's unpadded chunks)
+    SCANS_CHUNKS: ClassVar[bool] = True
+
     def _compiles_eager_calls(self) -> bool:
         return False  # the chunk loop calls compiled steps (``model_jit``) of its own
+
+    def _scans_chunks(self, *trees: Any) -> bool:
+        """Whether the chunk loop of a product with ``trees`` is one scan
+        (:func:`~jaxgeom.streaming.scans_in_jit`)."""
+        return self.SCANS_CHUNKS and scans_in_jit(self.data, self.batch_size, self.params,
+                                                  self.aux, *trees)
 
 
     # ------------------------------------------------------------------ products
@@ -112,14 +133,29 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         compiled a second program of the same size: bench_small's first ``mv`` 0.3 s)."""
         dtype = product_dtype(rows.dtype, self.layer_collection.dtype)
         total = zeros(rows.shape, dtype)
-        for chunk in self._chunks():
-            total = self._chunk_mmv(rows, chunk, total)
+        if self._scans_chunks(rows):
+            total, _ = scan_chunks(
+                lambda t, *chunk: self._chunk_mmv(rows, _scanned_chunk(*chunk), t), total,
+                self.data, self.batch_size)
+        else:
+            for chunk in self._chunks():
+                total = self._chunk_mmv(rows, chunk, total)
         return _scaled_mean(total, self.scale, self.num_examples)
 
     def vTMv(self, v: Any) -> jax.Array:
         """``s/N Σₙ ‖Jₙ v‖²``: one ``jvp`` per chunk, no ``vjp``."""
         flat, _ = as_flat(v, self.layer_collection)
-        total = functools.reduce(operator.add, (self._chunk_vTMv(flat, c) for c in self._chunks()))
+        if self._scans_chunks(flat):
+            def zero(*chunk):
+                value = jax.eval_shape(self._chunk_vTMv, flat, _scanned_chunk(*chunk))
+                return jnp.zeros(value.shape, value.dtype)
+
+            total, _ = scan_chunks(
+                lambda t, *chunk: t + self._chunk_vTMv(flat, _scanned_chunk(*chunk)), zero,
+                self.data, self.batch_size)
+        else:
+            total = functools.reduce(operator.add,
+                                     (self._chunk_vTMv(flat, c) for c in self._chunks()))
         return _scaled_mean(total, self.scale, self.num_examples)
 
     # the two per-chunk kernels (the hook of operators other than JᵀJ, e.g. the Hessian)
@@ -293,6 +329,12 @@ class ImplicitBuilder(ChunkBuilder):
 
 # ----------------------------------------------------------------------------- kernels
 @jax.jit
+def _scanned_chunk(batch: Any, mask: jax.Array, offset: jax.Array) -> data_lib.Chunk:
+    """A chunk of :func:`~jaxgeom.streaming.scan_chunks` (its count of examples traced
+    in ``mask``, not known: ``None``)."""
+    return data_lib.Chunk(batch, mask, offset, None)
+
+
 def _scaled_mean(total: jax.Array, scale: jax.Array, n: int) -> jax.Array:
     """``scale · total / n`` in one compiled call after an eager chunk loop (whose running
     total keeps one chunk's products alive, not every chunk's)."""
