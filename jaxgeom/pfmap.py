@@ -57,7 +57,7 @@ from jaxgeom.pmat.implicit import _masked_outputs
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, restrict
 from jaxgeom.scaling import ScalarMultiples
-from jaxgeom.streaming import scaled
+from jaxgeom.streaming import scaled, scan_chunks, scans_in_jit
 from jaxgeom.variants import BatchedFunction, check_one_array, check_outputs
 from jaxgeom.vector import PVector, _unravel, as_flat, product_dtype
 
@@ -221,7 +221,9 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
 
     ``fn`` is a per-example function ``fn(params, example, index, aux) -> (K,)``
     (:mod:`jaxgeom.jacobian`); ``J[o, n]`` its Jacobian at example ``n``. Data are read in
-    chunks of ``batch_size`` examples (the last one padded and masked).
+    chunks of ``batch_size`` examples (the last one padded and masked): eagerly a Python
+    loop of compiled steps, inside a ``jit`` one ``lax.scan``
+    (:func:`~jaxgeom.streaming.scan_chunks`: memory bounded by ``batch_size``).
 
     Costs (``F``/``B``: one forward/backward pass per example): ``jvp`` one ``jax.jvp``
     over all data, ``≈ 2 N F``; ``vjp`` one ``jax.vjp``, ``≈ N (F + B)``; memory O(d) plus
@@ -253,19 +255,49 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
 
     # ------------------------------------------------------------------ products
     def _jvp_many(self, rows):
+        def jvps(batch, mask, offset):
+            return _chunk_jvps(self.params, rows, batch, mask, offset, self.aux, fn=self.fn,
+                               layout=self.layer_collection)
+
+        if scans_in_jit(self.data, self.batch_size, self.params, self.aux, rows):
+            # one buffer of every example's products, each chunk written at its offset (a
+            # padded chunk's extra rows where the next one writes, or past the end)
+            size = int(self.batch_size)
+
+            def empty(*chunk):
+                value = jax.eval_shape(jvps, *chunk)
+                n = self.num_examples + size
+                return jnp.zeros((value.shape[0], n, value.shape[2]), value.dtype)
+
+            def write(buffer, batch, mask, offset):
+                return jax.lax.dynamic_update_slice_in_dim(
+                    buffer, jvps(batch, mask, offset), offset, axis=1)
+
+            buffer, n = scan_chunks(write, empty, self.data, self.batch_size)
+            return _joined([buffer], (n,), self.scale)
         chunks = list(self._chunks())
-        parts = [_chunk_jvps(self.params, rows, c.batch, c.mask, c.offset, self.aux,
-                             fn=self.fn, layout=self.layer_collection) for c in chunks]
+        parts = [jvps(c.batch, c.mask, c.offset) for c in chunks]
         return _joined(parts, tuple(c.count for c in chunks), self.scale)
 
     def _vjp_many(self, cotangents):
         """``(m, d)``: ``s Jᵀ fᵢ`` for the ``(m, K, N)`` cotangents ``fᵢ``, chunk by chunk
         (each chunk's cotangents cut by one compiled call, as its examples are)."""
-        total = None
-        for c in self._chunks():
-            cot = _cotangent_window(cotangents, c.offset, c.mask.shape[0])
-            part = _chunk_vjps(self.params, cot, c.batch, c.mask, c.offset, self.aux, fn=self.fn)
-            total = part if total is None else total + part
+        def vjps(batch, mask, offset):
+            cot = _cotangent_window(cotangents, offset, mask.shape[0])
+            return _chunk_vjps(self.params, cot, batch, mask, offset, self.aux, fn=self.fn)
+
+        if scans_in_jit(self.data, self.batch_size, self.params, self.aux, cotangents):
+            def zero(*chunk):
+                value = jax.eval_shape(vjps, *chunk)
+                return jnp.zeros(value.shape, value.dtype)
+
+            total, _ = scan_chunks(lambda t, *chunk: t + vjps(*chunk), zero, self.data,
+                                   self.batch_size)
+        else:
+            total = None
+            for c in self._chunks():
+                part = vjps(c.batch, c.mask, c.offset)
+                total = part if total is None else total + part
         total = self.scale * total
         return total.astype(product_dtype(cotangents.dtype, total.dtype))
 

@@ -256,6 +256,43 @@ def test_under_jit():
     assert len(leaves) == 1 and jax.tree_util.tree_unflatten(treedef, leaves).shape == ref.shape
 
 
+def test_implicit_products_inside_jit_scan_the_chunks():
+    """Inside a ``jit`` ``PFMapImplicit``'s ``jvp`` and ``vjp`` read their chunks by one
+    ``lax.scan``: equal to the per-example Jacobians' products for one batch of 7 in
+    chunks of 3 (the last padded) and for a list of two batches, and the program (and
+    ``vjp``'s scratch memory) the same for 12 and 48 examples."""
+    t = make_linen_mlp()
+    ref = np.asarray(flat_jacobian(t.apply_fn, t.params, t.x)).transpose(1, 0, 2)
+    rng = np.random.default_rng(1)
+    v = PVector(jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape), t.params))
+    f = rng.standard_normal(ref.shape[:2])
+    products = jax.jit(lambda J, v, f: (J.jvp(v).data, J.vjp(f).to_flat()))
+    for data in ((t.x, t.y), [(t.x[:5], t.y[:5]), (t.x[5:], t.y[5:])]):
+        J = Jacobian(t.apply_fn, t.params, data, PFMapImplicit, batch_size=3)
+        jv, jtf = (np.asarray(a) for a in products(J, v, f))
+        np.testing.assert_allclose(jv, ref @ _flat(v), **TOL)
+        np.testing.assert_allclose(jtf, np.einsum("knd,kn->d", ref, f), **TOL)
+
+    def program(n):
+        x = jnp.zeros((n, t.x.shape[1]))
+
+        def both(p, x, v, f):
+            J = Jacobian(t.apply_fn, p, (x,), PFMapImplicit, batch_size=3)
+            return J.jvp(v).data, J.vjp(f)
+
+        def vjp(p, x, f):
+            return Jacobian(t.apply_fn, p, (x,), PFMapImplicit, batch_size=3).vjp(f)
+
+        cotangents = jnp.zeros((ref.shape[0], n))
+        primitives = [e.primitive.name for e in jax.make_jaxpr(both)(t.params, x, v,
+                                                                     cotangents).eqns]
+        scratch = jax.jit(vjp).lower(t.params, x, cotangents).compile().memory_analysis()
+        return primitives, scratch.temp_size_in_bytes
+
+    assert program(12)[0].count("scan") == 2
+    assert program(12) == program(48)
+
+
 def test_bad_input():
     t = make_linen_mlp()
     with pytest.raises(TypeError, match="PFMapDense or PFMapImplicit"):
