@@ -17,8 +17,10 @@ Rows (each one ``jit``, the data closed over, the chunk size the model's ``batch
 - ``REP step``: a training step's curvature — the gradient of the mean cross-entropy, the
   Monte-Carlo Fisher and its ``solve`` of the gradient (KFAC: π damping);
 - ``PMatImplicit mv``, ``vTMv``, ``step (CG, 10 iterations)``: its products, whose chunk
-  loop is scanned the same way (``PMatImplicit.SCANS_CHUNKS``), and a Hessian-free step
-  (the gradient, and 10 iterations of conjugate gradient on the exact Fisher);
+  loop is scanned the same way (``ReplayedFunction.SCANS_CHUNKS``), and a Hessian-free
+  step (the gradient, and 10 iterations of conjugate gradient on the exact Fisher);
+  ``PFMapImplicit jvp``, ``vjp``: the Jacobian map's products (a vector, all-ones
+  cotangents);
 - ``K-FAC …``, ``Diag …``: a step of ``jaxgeom.optim.scale_by_natural_gradient`` (the
   gradient, ``update`` and ``optax.apply_updates``), as in ``bench_optim.py``: K-FAC with
   the Monte-Carlo and the exact Fisher every step, K-FAC π with an EMA and its inverse
@@ -103,7 +105,10 @@ def _rows(name: str, representations: list[str], transforms: bool) -> tuple[dict
 
 
 def _implicit_rows(apply_fn, params, data, chunk: dict, loss, regul: float) -> dict:
-    """``PMatImplicit``'s rows: its ``mv`` and ``vTMv``, and a Hessian-free step."""
+    """``PMatImplicit``'s rows (its ``mv`` and ``vTMv``, a Hessian-free step) and
+    ``PFMapImplicit``'s (``jvp``, ``vjp``)."""
+    import jax.numpy as jnp
+
     import jaxgeom as jg
 
     v = jg.random_pvector(jax.random.key(2), params)
@@ -111,11 +116,18 @@ def _implicit_rows(apply_fn, params, data, chunk: dict, loss, regul: float) -> d
     def implicit(p):
         return jg.FIM(apply_fn, p, data, jg.PMatImplicit, **chunk)
 
+    def jacobian(p):
+        return jg.Jacobian(apply_fn, p, data, jg.PFMapImplicit, **chunk)
+
+    outputs = jax.eval_shape(apply_fn, params, data[0])  # (N, K)
+    cotangents = jnp.ones(outputs.shape[::-1], outputs.dtype)
     return {
         "PMatImplicit mv": lambda p, s: implicit(p).mv(v),
         "PMatImplicit vTMv": lambda p, s: implicit(p).vTMv(v),
         "PMatImplicit step (CG, 10 iterations)": lambda p, s: implicit(p).solve(
             jax.grad(loss)(p), regul, maxiter=10),
+        "PFMapImplicit jvp": lambda p, s: jacobian(p).jvp(v).data,
+        "PFMapImplicit vjp": lambda p, s: jacobian(p).vjp(cotangents),
     }
 
 
@@ -123,19 +135,19 @@ def _compiled(fn, args, variant: str):
     """``fn`` compiled with the chunks scanned (``scan``) or one nested step each
     (``unrolled``), and its compile time."""
     from jaxgeom import streaming
-    from jaxgeom.pmat.implicit import PMatImplicit
+    from jaxgeom.replay import ReplayedFunction
 
     saved = streaming._scans
     if variant == "unrolled":
         streaming._scans = lambda *a: False
-        PMatImplicit.SCANS_CHUNKS = False
+        ReplayedFunction.SCANS_CHUNKS = False
     try:  # a new function each time: traced anew, not taken from JAX's cache
         start = time.perf_counter()
         compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
         return compiled, time.perf_counter() - start
     finally:
         streaming._scans = saved
-        PMatImplicit.SCANS_CHUNKS = True
+        ReplayedFunction.SCANS_CHUNKS = True
 
 
 def run_model(name: str, representations: list[str], transforms: bool, blocks: int,

@@ -57,7 +57,7 @@ from jaxgeom.pmat.implicit import _masked_outputs
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, restrict
 from jaxgeom.scaling import ScalarMultiples
-from jaxgeom.streaming import scaled, scan_chunks, scans_in_jit
+from jaxgeom.streaming import scaled, scan_chunks
 from jaxgeom.variants import BatchedFunction, check_one_array, check_outputs
 from jaxgeom.vector import PVector, _unravel, as_flat, product_dtype
 
@@ -259,7 +259,7 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
             return _chunk_jvps(self.params, rows, batch, mask, offset, self.aux, fn=self.fn,
                                layout=self.layer_collection)
 
-        if scans_in_jit(self.data, self.batch_size, self.params, self.aux, rows):
+        if self._scans_chunks(rows):
             # one buffer of every example's products, each chunk written at its offset (a
             # padded chunk's extra rows where the next one writes, or past the end)
             size = int(self.batch_size)
@@ -286,7 +286,7 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
             cot = _cotangent_window(cotangents, offset, mask.shape[0])
             return _chunk_vjps(self.params, cot, batch, mask, offset, self.aux, fn=self.fn)
 
-        if scans_in_jit(self.data, self.batch_size, self.params, self.aux, cotangents):
+        if self._scans_chunks(cotangents):
             def zero(*chunk):
                 value = jax.eval_shape(vjps, *chunk)
                 return jnp.zeros(value.shape, value.dtype)

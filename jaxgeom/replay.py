@@ -18,6 +18,7 @@ import numpy as np
 from jaxgeom import data as data_lib
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat.base import static_field
+from jaxgeom.streaming import scans_in_jit
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -48,6 +49,10 @@ class ReplayedFunction:
 
     #: builders materialise one-shot data as a list, since it is read many times
     NEEDS_REPLAY: ClassVar[bool] = True
+    #: whether the products' chunk loops run as one ``lax.scan`` inside a ``jit``
+    #: (:func:`~jaxgeom.streaming.scan_chunks`: padded chunks of one shape); not where
+    #: the chunk's step takes its static count of examples (the Hessian's unpadded chunks)
+    SCANS_CHUNKS: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         """Keep ``params`` and ``aux`` in containers of their own (the leaves, immutable
@@ -79,3 +84,10 @@ class ReplayedFunction:
 
     def _chunks(self) -> Iterator[data_lib.Chunk]:
         return data_lib.iter_chunks(self.data, self.batch_size)
+
+    def _scans_chunks(self, *trees: Any) -> bool:
+        """Whether a product with ``trees`` reads the chunks by one ``lax.scan``
+        (:func:`~jaxgeom.streaming.scans_in_jit`: inside a ``jit``, data of several
+        chunks) rather than a loop of :meth:`_chunks`."""
+        return self.SCANS_CHUNKS and scans_in_jit(self.data, self.batch_size, self.params,
+                                                  self.aux, *trees)

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import operator
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,6 @@ from jaxgeom.streaming import (
     builder,
     scaled,
     scan_chunks,
-    scans_in_jit,
     zeros,
 )
 from jaxgeom.vector import as_flat, as_rows, product_dtype
@@ -99,19 +98,9 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     def dtype(self):
         return self.layer_collection.dtype
 
-    #: whether the products' chunk loops run as one ``lax.scan`` inside a ``jit``
-    #: (:func:`~jaxgeom.streaming.scan_chunks`, padded chunks of one shape); not where the
-    #: chunk's step takes its static count of examples (the Hessian's unpadded chunks)
-    SCANS_CHUNKS: ClassVar[bool] = True
-
     def _compiles_eager_calls(self) -> bool:
         return False  # the chunk loop calls compiled steps (``model_jit``) of its own
 
-    def _scans_chunks(self, *trees: Any) -> bool:
-        """Whether the chunk loop of a product with ``trees`` is one scan
-        (:func:`~jaxgeom.streaming.scans_in_jit`)."""
-        return self.SCANS_CHUNKS and scans_in_jit(self.data, self.batch_size, self.params,
-                                                  self.aux, *trees)
 
 
     # ------------------------------------------------------------------ products
