@@ -57,7 +57,7 @@ from jaxgeom.pmat.implicit import _masked_outputs
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, restrict
 from jaxgeom.scaling import ScalarMultiples
-from jaxgeom.streaming import scaled, scan_chunks
+from jaxgeom.streaming import scaled, scan_chunks, sum_chunks
 from jaxgeom.variants import BatchedFunction, check_one_array, check_outputs
 from jaxgeom.vector import PVector, _unravel, as_flat, product_dtype
 
@@ -287,12 +287,7 @@ class PFMapImplicit(ReplayedFunction, PFMapAbstract):
             return _chunk_vjps(self.params, cot, batch, mask, offset, self.aux, fn=self.fn)
 
         if self._scans_chunks(cotangents):
-            def zero(*chunk):
-                value = jax.eval_shape(vjps, *chunk)
-                return jnp.zeros(value.shape, value.dtype)
-
-            total, _ = scan_chunks(lambda t, *chunk: t + vjps(*chunk), zero, self.data,
-                                   self.batch_size)
+            total, _ = sum_chunks(vjps, self.data, self.batch_size)
         else:
             total = None
             for c in self._chunks():

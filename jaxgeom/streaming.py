@@ -540,6 +540,18 @@ def scan_chunks(step: Callable[[Any, Any, jax.Array, jax.Array], Any], carry: An
     return carry, seen
 
 
+def sum_chunks(part: Callable[[Any, jax.Array, jax.Array], Any], data: Any,
+               batch_size: int) -> tuple[Any, int]:
+    """``Σ part(batch, mask, offset)`` over the chunks of :func:`scan_chunks`, from zeros
+    shaped as the first chunk's part, and the number of examples."""
+    def zero(*chunk):
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                      jax.eval_shape(part, *chunk))
+
+    return scan_chunks(lambda total, *chunk: jax.tree_util.tree_map(jnp.add, total, part(*chunk)),
+                       zero, data, batch_size)
+
+
 def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: Any,
                     aux: Any) -> tuple[Any, int, list]:
     """:func:`_reduce` of data in memory inside a ``jit``: the chunks' steps

@@ -32,6 +32,7 @@ from jaxgeom.streaming import (
     builder,
     scaled,
     scan_chunks,
+    sum_chunks,
     zeros,
 )
 from jaxgeom.vector import as_flat, as_rows, product_dtype
@@ -135,13 +136,8 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         """``s/N Σₙ ‖Jₙ v‖²``: one ``jvp`` per chunk, no ``vjp``."""
         flat, _ = as_flat(v, self.layer_collection)
         if self._scans_chunks(flat):
-            def zero(*chunk):
-                value = jax.eval_shape(self._chunk_vTMv, flat, _scanned_chunk(*chunk))
-                return jnp.zeros(value.shape, value.dtype)
-
-            total, _ = scan_chunks(
-                lambda t, *chunk: t + self._chunk_vTMv(flat, _scanned_chunk(*chunk)), zero,
-                self.data, self.batch_size)
+            total, _ = sum_chunks(lambda *chunk: self._chunk_vTMv(flat, _scanned_chunk(*chunk)),
+                                  self.data, self.batch_size)
         else:
             total = functools.reduce(operator.add,
                                      (self._chunk_vTMv(flat, c) for c in self._chunks()))
