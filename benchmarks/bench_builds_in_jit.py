@@ -11,7 +11,8 @@ blocks of ``--repeats`` calls (``--blocks`` of them, each after an untimed call)
 reports each program's compile time and the scratch memory XLA plans for it
 (``memory_analysis().temp_size_in_bytes``: besides its inputs and outputs).
 
-Rows (each one ``jit``, the data closed over, the chunk size the model's ``batch_size``):
+Rows (each one ``jit``, the data closed over, the chunk size the model's ``batch_size``
+or ``--batch-size``):
 
 - ``REP build``, ``REP build_mc``: the exact and the Monte-Carlo Fisher (one trial);
 - ``REP step``: a training step's curvature — the gradient of the mean cross-entropy, the
@@ -21,6 +22,8 @@ Rows (each one ``jit``, the data closed over, the chunk size the model's ``batch
   step (the gradient, and 10 iterations of conjugate gradient on the exact Fisher);
   ``PFMapImplicit jvp``, ``vjp``: the Jacobian map's products (a vector, all-ones
   cotangents);
+- ``GramMatrix``, ``CrossGramMatrix (N/4 × N)``: the empirical NTK and the test × train
+  kernel, whose pairs of windows are scanned too (``jaxgeom.gram._scanned_pairs``);
 - ``K-FAC …``, ``Diag …``: a step of ``jaxgeom.optim.scale_by_natural_gradient`` (the
   gradient, ``update`` and ``optax.apply_updates``), as in ``bench_optim.py``: K-FAC with
   the Monte-Carlo and the exact Fisher every step, K-FAC π with an EMA and its inverse
@@ -47,10 +50,12 @@ import optax
 from output import alternated, run_header, write_json
 
 VARIANTS = ("unrolled", "scan")
-REPRESENTATIONS = ("PMatKFAC", "PMatDiag", "PMatQuasiDiag", "PMatEKFAC", "PMatImplicit")
+REPRESENTATIONS = ("PMatKFAC", "PMatDiag", "PMatQuasiDiag", "PMatEKFAC", "PMatImplicit",
+                   "GramMatrix")
 
 
-def _rows(name: str, representations: list[str], transforms: bool) -> tuple[dict, Any, dict]:
+def _rows(name: str, representations: list[str], transforms: bool,
+          batch_size: int | None = None) -> tuple[dict, Any, dict]:
     """``row -> fn(params, state)``, the parameters, and each transform row's state."""
     import jax.numpy as jnp
 
@@ -60,7 +65,8 @@ def _rows(name: str, representations: list[str], transforms: bool) -> tuple[dict
     spec = models.SPECS[name]
     apply_fn, params = models.make_apply(spec), models.init_params(spec)
     x, y = (jnp.asarray(a) for a in models.make_data(spec))
-    key, regul, chunk = jax.random.key(3), 1e-3, {"batch_size": spec.batch_size}
+    key, regul = jax.random.key(3), 1e-3
+    chunk = {"batch_size": batch_size or spec.batch_size}
 
     def loss(p):
         return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y).mean()
@@ -70,6 +76,9 @@ def _rows(name: str, representations: list[str], transforms: bool) -> tuple[dict
         rep = getattr(jg, rep_name)
         if rep is jg.PMatImplicit:  # no build: its products read the chunks
             rows.update(_implicit_rows(apply_fn, params, (x, y), chunk, loss, regul))
+            continue
+        if rep is jg.GramMatrix:
+            rows.update(_gram_rows(apply_fn, params, x, chunk))
             continue
         solve = {"damping": "pi"} if rep is jg.PMatKFAC else {}
         rows[f"{rep_name} build"] = lambda p, s, rep=rep: jg.FIM(
@@ -131,28 +140,42 @@ def _implicit_rows(apply_fn, params, data, chunk: dict, loss, regul: float) -> d
     }
 
 
+def _gram_rows(apply_fn, params, x, chunk: dict) -> dict:
+    """The empirical NTK's rows: ``GramMatrix`` (its pairs of windows scanned, ``jaxgeom.
+    gram._scanned_pairs``) and ``CrossGramMatrix`` of the first quarter of the examples
+    against all of them."""
+    import jaxgeom as jg
+
+    test = x[: x.shape[0] // 4]
+    return {
+        "GramMatrix": lambda p, s: jg.GramMatrix(apply_fn, p, x, **chunk).data,
+        "CrossGramMatrix (N/4 × N)": lambda p, s: jg.CrossGramMatrix(apply_fn, p, test, x,
+                                                                     **chunk),
+    }
+
+
 def _compiled(fn, args, variant: str):
     """``fn`` compiled with the chunks scanned (``scan``) or one nested step each
     (``unrolled``), and its compile time."""
-    from jaxgeom import streaming
+    from jaxgeom import gram, streaming
     from jaxgeom.replay import ReplayedFunction
 
-    saved = streaming._scans
+    saved, saved_pairs = streaming._scans, gram._scans
     if variant == "unrolled":
-        streaming._scans = lambda *a: False
+        streaming._scans = gram._scans = lambda *a: False
         ReplayedFunction.SCANS_CHUNKS = False
     try:  # a new function each time: traced anew, not taken from JAX's cache
         start = time.perf_counter()
         compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
         return compiled, time.perf_counter() - start
     finally:
-        streaming._scans = saved
+        streaming._scans, gram._scans = saved, saved_pairs
         ReplayedFunction.SCANS_CHUNKS = True
 
 
 def run_model(name: str, representations: list[str], transforms: bool, blocks: int,
-              repeats: int) -> dict:
-    rows, params, states = _rows(name, representations, transforms)
+              repeats: int, batch_size: int | None = None) -> dict:
+    rows, params, states = _rows(name, representations, transforms, batch_size)
     out = {}
     for row, fn in rows.items():
         args = (params, states.get(row))
@@ -183,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="only the builds and steps, not the optax transforms' steps")
     parser.add_argument("--blocks", type=int, default=4, help="alternated blocks per row")
     parser.add_argument("--repeats", type=int, default=5, help="calls per block")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="the chunk size (default: each model's batch_size)")
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
     results = dict(run_header("bench_builds_in_jit.py", argv), models={})
@@ -190,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"  {'compile u':>8s}  {'compile s':>8s}  {'MiB u':>8s}  {'MiB s':>8s}")
     for name in args.models:
         results["models"][name] = run_model(name, args.representations,
-                                            not args.no_transforms, args.blocks, args.repeats)
+                                            not args.no_transforms, args.blocks, args.repeats,
+                                            args.batch_size)
     write_json(results, args.out)
     return results
 

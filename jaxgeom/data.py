@@ -329,8 +329,15 @@ def iter_windows(data: Any, batch_size: int | None = None) -> Iterator[Window]:
     has one shape."""
     for batch, n, offset in _nonempty_batches(data, batch_size):
         size = n if batch_size is None else min(int(batch_size), n)
-        for start in [*range(0, n - size, size), n - size]:
+        for start in window_starts(n, size):
             yield Window(_chunk_of(batch, start, start + size, size), offset + start, size)
+
+
+def window_starts(n: int, size: int) -> list[int]:
+    """Where the windows of ``size`` of ``n ≥ size`` items start: every ``size`` items, the
+    last one ending at ``n`` (overlapping its predecessor when ``size`` does not divide
+    ``n``)."""
+    return [*range(0, n - size, size), n - size]
 
 
 def _mask(size: int, count: int) -> jax.Array | np.ndarray:

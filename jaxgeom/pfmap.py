@@ -559,7 +559,9 @@ def GramMatrix(
           gradients, ``(NK)² d_r`` (in forward mode, all of them). Each chunk's captures
           are computed once and kept when all of them fit in one chunk's Jacobian
           (``n_c K d``), else once per pair (``N K B (C+1)/2``); memory ``G`` plus about
-          one chunk's Jacobian.
+          one chunk's Jacobian. Inside a ``jax.jit`` the pairs are one ``lax.scan``
+          (:func:`jaxgeom.gram._scanned_pairs`): the program, its compile time and its
+          scratch memory do not grow with ``C²``.
         - ``"implicit"``: only ``vjp``/``jvp``: per chunk, ``Jᵀ eₒₙ`` for its examples
           (one ``vjp`` per output and example, ``N K B`` in all), then ``J (Jᵀ eₒₙ)`` for
           every such column by a ``jvp`` over all data: ``N K`` jvps of ``≈ 2 N F`` each,

@@ -81,6 +81,93 @@ def test_layer_by_layer_gram_equals_jjt(make, keep_bytes):
     np.testing.assert_allclose(gram_by_layers(-2.0 * J, keep_bytes).to_dense(), 4 * ref, **TOL)
 
 
+def _scans_in(jaxpr) -> int:
+    return str(jaxpr).count("scan[")
+
+
+def _primitives(jaxpr) -> list[str]:
+    """The top-level operations of a program, whatever its shapes."""
+    return [e.primitive.name for e in jaxpr.eqns]
+
+
+@pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn])
+@pytest.mark.parametrize("keep_bytes", [None, 0, 10**9])
+def test_gram_inside_jit_scans_the_pairs_of_windows(make, keep_bytes):
+    """Inside a ``jit`` the pairs of windows are one ``lax.scan`` per pair of batches: ``J
+    Jᵀ`` as eagerly, exactly symmetric, from one batch (windows of 2, the last overlapping
+    its predecessor) and a list of two (windows of 2, and one of the single example of the
+    second), the factors kept (``None``: they fit; ``10**9``) or recomputed for each pair
+    (``0``); the program is the same for 4× the examples (unrolled, one copy of the block's
+    program per pair, it grew with their number). ``‖J Jᵀ‖²_F``'s pairs stay unrolled."""
+    t = make()
+    ref, _ = reference(t)
+
+    def gram(params, x):
+        J = Jacobian(t.apply_fn, params, x, PFMapImplicit, batch_size=2)
+        return gram_by_layers(J, keep_bytes).data
+
+    def norm_sq(params, x):
+        J = Jacobian(t.apply_fn, params, x, PFMapImplicit, batch_size=2)
+        return gram_norm_sq(J, keep_bytes)
+
+    n = t.x.shape[0]
+    for data in (t.x, [t.x[:n - 1], t.x[n - 1:]]):
+        G = jax.jit(gram)(t.params, data)
+        np.testing.assert_allclose(G, ref, **TOL)
+        np.testing.assert_array_equal(G, G.transpose(2, 3, 0, 1))
+        np.testing.assert_allclose(jax.jit(norm_sq)(t.params, data), np.sum(ref**2), **TOL)
+    if keep_bytes is None:  # whether the factors fit depends on N
+        return
+    more = jnp.concatenate([t.x] * 4)
+    programs = [jax.make_jaxpr(gram)(t.params, x) for x in (t.x, more)]
+    assert _scans_in(programs[0]) >= 2 and _primitives(programs[0]) == _primitives(programs[1])
+
+
+def test_mirrored_blocks_are_copied_tile_by_tile(monkeypatch):
+    """Each block's transpose is copied in tiles (``jaxgeom.gram.TILE_BYTES``), the last
+    ones overlapping their predecessors: tiles of 3 × 3 examples over blocks of windows of
+    5 (eagerly and inside a ``jit``) give ``J Jᵀ``, each block's mirror its transpose
+    exactly (a diagonal block, the product of a window with itself, is as symmetric as the
+    product makes it: to the last bit for windows of 2, not of 5)."""
+    from jaxgeom import gram as gram_lib
+
+    t = make_linen_mlp(n=11)
+    ref, _ = reference(t)
+    k, itemsize = t.num_outputs, np.dtype(t.x.dtype).itemsize
+    monkeypatch.setattr(gram_lib, "TILE_BYTES", 9 * k * k * itemsize)
+    corners, tile = gram_lib._tiles(5, 5, k, itemsize)
+    assert tile == (3, 3) and corners.tolist() == [[0, 0], [0, 2], [2, 0], [2, 2]]
+    jax.clear_caches()  # the block writes compiled with other tiles
+    try:
+        eager = GramMatrix(t.apply_fn, t.params, t.x, batch_size=5).data
+        jitted = jax.jit(lambda p: GramMatrix(t.apply_fn, p, t.x, batch_size=5).data)(
+            t.params)
+    finally:
+        jax.clear_caches()
+    for G in (eager, jitted):  # windows 0-4, 5-9, 6-10: the first one's blocks mirrored
+        np.testing.assert_allclose(G, ref, **TOL)
+        np.testing.assert_array_equal(G[:, 5:, :, :5], G[:, :5, :, 5:].transpose(2, 3, 0, 1))
+
+
+def test_gram_inside_jit_differentiates_and_maps_over_parameters():
+    """The scanned pairs under ``grad`` and ``vmap`` inside a ``jit``: the gradient of
+    ``‖J Jᵀ‖²_F`` and an ensemble's Grams, as of the unchunked ones eagerly."""
+    t = make_linen_mlp()
+
+    def norm_sq(params, batch_size=None):
+        return jnp.sum(GramMatrix(t.apply_fn, params, t.x, batch_size=batch_size).data ** 2)
+
+    got = jax.jit(jax.grad(lambda p: norm_sq(p, 2)))(t.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got,
+                 jax.grad(norm_sq)(t.params))
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), t.params)
+    grams = jax.jit(jax.vmap(lambda p: GramMatrix(t.apply_fn, p, t.x, batch_size=2).data))(
+        stacked)
+    for i in range(2):
+        member = jax.tree.map(lambda a, i=i: a[i], stacked)
+        np.testing.assert_allclose(grams[i], GramMatrix(t.apply_fn, member, t.x).data, **TOL)
+
+
 @pytest.mark.parametrize("method", ["jacobian", "implicit"])
 def test_centred_gram_is_that_of_the_centred_jacobian(method):
     """``centering=True``: ``J_c J_cᵀ`` with ``J_c[o, n] = J[o, n] − mean_m J[o, m]``."""
@@ -368,6 +455,12 @@ def test_cross_kernel_by_layers_kept_or_recomputed(keep):
                                ref.transpose(2, 3, 0, 1), **TOL)
     np.testing.assert_allclose(cross_gram_by_layers(-2.0 * left, 0.5 * right, keep_bytes),
                                -ref, **TOL)
+    # inside a jit the same pairs, one lax.scan (the same side held)
+    cross = jax.jit(lambda a, b: cross_gram_by_layers(a, b, keep_bytes))
+    np.testing.assert_allclose(cross(left, right), ref, **TOL)
+    np.testing.assert_allclose(cross(-2.0 * right, 0.5 * left), -ref.transpose(2, 3, 0, 1),
+                               **TOL)
+    assert _scans_in(jax.make_jaxpr(cross)(left, right)) >= 1
 
 
 @pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn])
