@@ -21,7 +21,9 @@ or ``--batch-size``):
   loop is scanned the same way (``ReplayedFunction.SCANS_CHUNKS``), and a Hessian-free
   step (the gradient, and 10 iterations of conjugate gradient on the exact Fisher);
   ``PFMapImplicit jvp``, ``vjp``: the Jacobian map's products (a vector, all-ones
-  cotangents);
+  cotangents); ``PMatImplicitHessian mv``, ``step (CG, 10 iterations)``: the implicit
+  Hessian of the mean cross-entropy (its chunks unpadded, ``streaming.scan_real_chunks``),
+  its ``mv`` and a Newton-CG step (damping 1);
 - ``GramMatrix``, ``CrossGramMatrix (N/4 × N)``: the empirical NTK and the test × train
   kernel, whose pairs of windows are scanned too (``jaxgeom.gram._scanned_pairs``);
 - ``K-FAC …``, ``Diag …``: a step of ``jaxgeom.optim.scale_by_natural_gradient`` (the
@@ -114,8 +116,9 @@ def _rows(name: str, representations: list[str], transforms: bool,
 
 
 def _implicit_rows(apply_fn, params, data, chunk: dict, loss, regul: float) -> dict:
-    """``PMatImplicit``'s rows (its ``mv`` and ``vTMv``, a Hessian-free step) and
-    ``PFMapImplicit``'s (``jvp``, ``vjp``)."""
+    """``PMatImplicit``'s rows (its ``mv`` and ``vTMv``, a Hessian-free step),
+    ``PFMapImplicit``'s (``jvp``, ``vjp``) and the implicit Hessian's (``mv``, a Newton-CG
+    step)."""
     import jax.numpy as jnp
 
     import jaxgeom as jg
@@ -130,6 +133,14 @@ def _implicit_rows(apply_fn, params, data, chunk: dict, loss, regul: float) -> d
 
     outputs = jax.eval_shape(apply_fn, params, data[0])  # (N, K)
     cotangents = jnp.ones(outputs.shape[::-1], outputs.dtype)
+
+    def batch_loss(p, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, batch[0]),
+                                                               batch[1]).mean()
+
+    def hessian(p):
+        return jg.Hessian(batch_loss, p, data, jg.PMatImplicit, **chunk)
+
     return {
         "PMatImplicit mv": lambda p, s: implicit(p).mv(v),
         "PMatImplicit vTMv": lambda p, s: implicit(p).vTMv(v),
@@ -137,6 +148,9 @@ def _implicit_rows(apply_fn, params, data, chunk: dict, loss, regul: float) -> d
             jax.grad(loss)(p), regul, maxiter=10),
         "PFMapImplicit jvp": lambda p, s: jacobian(p).jvp(v).data,
         "PFMapImplicit vjp": lambda p, s: jacobian(p).vjp(cotangents),
+        "PMatImplicitHessian mv": lambda p, s: hessian(p).mv(v),
+        "PMatImplicitHessian step (CG, 10 iterations)": lambda p, s: hessian(p).solve(
+            jax.grad(loss)(p), 1.0, maxiter=10),
     }
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
 from jaxgeom.pmat.implicit import PMatImplicit
-from jaxgeom.streaming import check_finite, mean, tree_finite
+from jaxgeom.streaming import check_finite, mean, scan_real_chunks, tree_finite
 from jaxgeom.vector import product_dtype
 
 #: how each stored representation keeps the columns ``H eᵢ`` (its ``_chunk_hessian`` kind)
@@ -255,8 +255,9 @@ class PMatImplicitHessian(PMatImplicit):
       ``to_dense``/``frobenius_norm``: ``d`` HVPs per chunk, memory ``d²``.
     """
 
-    #: its chunks are not padded: each chunk's step takes its count of examples
-    SCANS_CHUNKS: ClassVar[bool] = False
+    #: inside a ``jit`` its chunks are unpadded (a mean loss of padded examples would count
+    #: them): each batch's full chunks one ``lax.scan``, its remainder one step more
+    _chunk_scan = staticmethod(scan_real_chunks)
 
     @classmethod
     def build(cls, loss_fn, params, data, layer_collection, batch_size) -> PMatImplicitHessian:

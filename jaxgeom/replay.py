@@ -50,8 +50,8 @@ class ReplayedFunction:
     #: builders materialise one-shot data as a list, since it is read many times
     NEEDS_REPLAY: ClassVar[bool] = True
     #: whether the products' chunk loops run as one ``lax.scan`` inside a ``jit``
-    #: (:func:`~jaxgeom.streaming.scan_chunks`: padded chunks of one shape); not where
-    #: the chunk's step takes its static count of examples (the Hessian's unpadded chunks)
+    #: (:func:`~jaxgeom.streaming.scan_chunks`: padded chunks of one shape; the implicit
+    #: Hessian's unpadded ones by :func:`~jaxgeom.streaming.scan_real_chunks`)
     SCANS_CHUNKS: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

@@ -57,7 +57,7 @@ import collections.abc
 import dataclasses
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -518,13 +518,8 @@ def scan_chunks(step: Callable[[Any, Any, jax.Array, jax.Array], Any], carry: An
     """
     size = int(batch_size)
     mask_dtype = jax.dtypes.canonicalize_dtype(np.float64)
-    seen = 0
-    for batch in _in_memory_batches(data):
-        n = data_lib.num_examples(batch)
-        if not n:
-            continue
-        leaves, treedef = jax.tree_util.tree_flatten(batch)
-        leaves = [jnp.asarray(leaf) for leaf in leaves]
+    examples = 0
+    for n, leaves, treedef, seen in _batch_leaves(data):
 
         def chunk(start, n=n, leaves=leaves, treedef=treedef, seen=seen):
             cut = data_lib.clamped_rows(leaves, start, size)
@@ -536,20 +531,65 @@ def scan_chunks(step: Callable[[Any, Any, jax.Array, jax.Array], Any], carry: An
             carry = carry(*chunk(starts[0]))
         carry, _ = jax.lax.scan(lambda c, start, chunk=chunk: (step(c, *chunk(start)), None),
                                 carry, starts, unroll=SCAN_UNROLL)
-        seen += n
-    return carry, seen
+        examples = seen + n
+    return carry, examples
 
 
-def sum_chunks(part: Callable[[Any, jax.Array, jax.Array], Any], data: Any,
-               batch_size: int) -> tuple[Any, int]:
-    """``Σ part(batch, mask, offset)`` over the chunks of :func:`scan_chunks`, from zeros
-    shaped as the first chunk's part, and the number of examples."""
+def scan_real_chunks(step: Callable[[Any, data_lib.Chunk], Any], carry: Any, data: Any,
+                     batch_size: int) -> tuple[Any, int]:
+    """``carry`` through ``step(carry, chunk)`` for each chunk of data in memory inside a
+    ``jit``, unpadded (the chunks of ``hessian.real_chunks``: ``batch_size`` examples, a
+    batch's last chunk its remainder; ``chunk.count`` static), and the number of examples:
+    each batch's full chunks one ``lax.scan`` over their offsets (:data:`SCAN_UNROLL` an
+    iteration), its remainder one more step. For steps whose result is not a masked sum
+    (a mean loss's Hessian: the loss of padded examples would count). ``carry`` may be a
+    function of the first chunk."""
+    size, examples = int(batch_size), 0
+    for n, leaves, treedef, seen in _batch_leaves(data):
+        full, rest = divmod(n, size)
+
+        def chunk(start, count, leaves=leaves, treedef=treedef, seen=seen):
+            rows = [jax.lax.dynamic_slice_in_dim(a, start, count) for a in leaves]
+            return data_lib.Chunk(jax.tree_util.tree_unflatten(treedef, rows),
+                                  np.ones(count), seen + start, count)
+
+        if callable(carry):
+            carry = carry(chunk(0, size if full else rest))
+        if full:
+            def body(c, start, chunk=chunk):
+                return step(c, chunk(start, size)), None
+
+            carry, _ = jax.lax.scan(body, carry, jnp.asarray(np.arange(full) * size),
+                                    unroll=SCAN_UNROLL)
+        if rest:
+            carry = step(carry, chunk(full * size, rest))
+        examples = seen + n
+    return carry, examples
+
+
+def _batch_leaves(data: Any) -> Iterator[tuple[int, list[jax.Array], Any, int]]:
+    """``(examples, leaves, treedef, examples before)`` of each non-empty batch of data in
+    memory (:func:`_in_memory_batches`), its leaves as arrays."""
+    seen = 0
+    for batch in _in_memory_batches(data):
+        n = data_lib.num_examples(batch)
+        if n:
+            leaves, treedef = jax.tree_util.tree_flatten(batch)
+            yield n, [jnp.asarray(leaf) for leaf in leaves], treedef, seen
+            seen += n
+
+
+def sum_chunks(part: Callable[..., Any], data: Any, batch_size: int,
+               scan: Callable = scan_chunks) -> tuple[Any, int]:
+    """``Σ part(*chunk)`` over the chunks of ``scan`` (:func:`scan_chunks`: ``(batch, mask,
+    offset)``; :func:`scan_real_chunks`: a :class:`~jaxgeom.data.Chunk`), from zeros shaped
+    as the first chunk's part, and the number of examples."""
     def zero(*chunk):
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                       jax.eval_shape(part, *chunk))
 
-    return scan_chunks(lambda total, *chunk: jax.tree_util.tree_map(jnp.add, total, part(*chunk)),
-                       zero, data, batch_size)
+    return scan(lambda total, *chunk: jax.tree_util.tree_map(jnp.add, total, part(*chunk)),
+                zero, data, batch_size)
 
 
 def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: Any,

@@ -169,6 +169,37 @@ def test_under_jit_and_errors(mlp):
 
 
 
+def test_implicit_products_inside_jit_scan_the_unpadded_chunks(mlp):
+    """Inside a ``jit`` the implicit Hessian's chunks stay unpadded (a mean loss over padded
+    examples would count them): each batch's full chunks are one ``lax.scan``, its
+    remainder one step more. ``mv``, ``vTMv`` and a CG ``solve`` as ``jax.hessian``'s, from
+    one batch of 7 in chunks of 3 (a remainder of 1) and a list of two batches (5 and 2:
+    chunks of 3 and 2, and of 2); the program is the same for 4× the examples."""
+    t, loss_fn, ref, _ = mlp
+    flat, unravel = jax.flatten_util.ravel_pytree(t.params)
+    v = jax.random.normal(jax.random.PRNGKey(5), flat.shape, flat.dtype)
+    regul = 1.0 + max(0.0, -np.linalg.eigvalsh(ref).min())  # H + regul·I positive definite
+
+    def products(params, data):
+        H = Hessian(loss_fn, params, data, PMatImplicit, batch_size=3)
+        mv = jax.flatten_util.ravel_pytree(H.mv(unravel(v)))[0]
+        solution = jax.flatten_util.ravel_pytree(H.solve(unravel(v), regul, rtol=1e-12))[0]
+        return mv, H.vTMv(unravel(v)), solution
+
+    n = t.x.shape[0]
+    for data in ((t.x, t.y), [(t.x[:n - 2], t.y[:n - 2]), (t.x[n - 2:], t.y[n - 2:])]):
+        mv, curvature, solution = jax.jit(products)(t.params, data)
+        np.testing.assert_allclose(mv, ref @ v, **TOL)
+        np.testing.assert_allclose(curvature, v @ ref @ v, **TOL)
+        np.testing.assert_allclose(solution, np.linalg.solve(ref + regul * np.eye(len(v)), v),
+                                   rtol=1e-7, atol=1e-9)
+    more = (jnp.concatenate([t.x] * 4), jnp.concatenate([t.y] * 4))
+    programs = [[e.primitive.name for e in jax.make_jaxpr(products)(t.params, d).eqns]
+                for d in ((t.x, t.y), more)]
+    assert "scan" in str(jax.make_jaxpr(products)(t.params, (t.x, t.y)))
+    assert programs[0] == programs[1]
+
+
 def test_integer_and_boolean_leaves_have_zero_rows_and_columns():
     """Integer and boolean params leaves (a step counter and a mask the loss reads, a counter
     it ignores) are constants, as in the Jacobian-based matrices: every representation is

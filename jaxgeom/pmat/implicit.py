@@ -38,6 +38,15 @@ from jaxgeom.streaming import (
 from jaxgeom.vector import as_flat, as_rows, product_dtype
 
 
+def _scan_padded(step: Callable[[Any, data_lib.Chunk], Any], carry: Any, data: Any,
+                 batch_size: int) -> tuple[Any, int]:
+    """:func:`~jaxgeom.streaming.scan_chunks` with each chunk a :class:`~jaxgeom.data.Chunk`
+    (:func:`_scanned_chunk`)."""
+    first = (lambda *c: carry(_scanned_chunk(*c))) if callable(carry) else carry
+    return scan_chunks(lambda c, *chunk: step(c, _scanned_chunk(*chunk)), first, data,
+                       batch_size)
+
+
 @representation
 class PMatImplicit(ReplayedFunction, PMatAbstract):
     """The matrix ``M = s · (1/N) Σₙ Jₙᵀ Jₙ`` that is never formed.
@@ -124,9 +133,7 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         dtype = product_dtype(rows.dtype, self.layer_collection.dtype)
         total = zeros(rows.shape, dtype)
         if self._scans_chunks(rows):
-            total, _ = scan_chunks(
-                lambda t, *chunk: self._chunk_mmv(rows, _scanned_chunk(*chunk), t), total,
-                self.data, self.batch_size)
+            total = self._scan(lambda t, chunk: self._chunk_mmv(rows, chunk, t), total)
         else:
             for chunk in self._chunks():
                 total = self._chunk_mmv(rows, chunk, total)
@@ -136,12 +143,24 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         """``s/N Σₙ ‖Jₙ v‖²``: one ``jvp`` per chunk, no ``vjp``."""
         flat, _ = as_flat(v, self.layer_collection)
         if self._scans_chunks(flat):
-            total, _ = sum_chunks(lambda *chunk: self._chunk_vTMv(flat, _scanned_chunk(*chunk)),
-                                  self.data, self.batch_size)
+            total = self._scanned_sum(lambda chunk: self._chunk_vTMv(flat, chunk))
         else:
             total = functools.reduce(operator.add,
                                      (self._chunk_vTMv(flat, c) for c in self._chunks()))
         return _scaled_mean(total, self.scale, self.num_examples)
+
+    def _scan(self, step: Callable[[Any, data_lib.Chunk], Any], carry: Any) -> Any:
+        """``carry`` through ``step(carry, chunk)`` over the chunks inside a ``jit``
+        (:meth:`_chunk_scan`); ``carry`` may be a function of the first chunk."""
+        return self._chunk_scan(step, carry, self.data, self.batch_size)[0]
+
+    def _scanned_sum(self, part: Callable[[data_lib.Chunk], Any]) -> Any:
+        """``Σ part(chunk)`` over :meth:`_scan`'s chunks."""
+        return sum_chunks(part, self.data, self.batch_size, scan=self._chunk_scan)[0]
+
+    #: how the chunks are scanned inside a ``jit``: padded and masked (a sum over examples
+    #: of the masked outputs' products)
+    _chunk_scan = staticmethod(_scan_padded)
 
     # the two per-chunk kernels (the hook of operators other than JᵀJ, e.g. the Hessian)
     def _chunk_mmv(self, rows: jax.Array, chunk: data_lib.Chunk,
