@@ -26,6 +26,8 @@ or ``--batch-size``):
   its ``mv`` and a Newton-CG step (damping 1);
 - ``GramMatrix``, ``CrossGramMatrix (N/4 × N)``: the empirical NTK and the test × train
   kernel, whose pairs of windows are scanned too (``jaxgeom.gram._scanned_pairs``);
+  ``GramMatrix (implicit, N/4)`` (models of at most 10⁵ parameters): by products, its
+  windows scanned;
 - ``K-FAC …``, ``Diag …``: a step of ``jaxgeom.optim.scale_by_natural_gradient`` (the
   gradient, ``update`` and ``optax.apply_updates``), as in ``bench_optim.py``: K-FAC with
   the Monte-Carlo and the exact Fisher every step, K-FAC π with an EMA and its inverse
@@ -80,7 +82,7 @@ def _rows(name: str, representations: list[str], transforms: bool,
             rows.update(_implicit_rows(apply_fn, params, (x, y), chunk, loss, regul))
             continue
         if rep is jg.GramMatrix:
-            rows.update(_gram_rows(apply_fn, params, x, chunk))
+            rows.update(_gram_rows(apply_fn, params, x, chunk, models.num_params(spec)))
             continue
         solve = {"damping": "pi"} if rep is jg.PMatKFAC else {}
         rows[f"{rep_name} build"] = lambda p, s, rep=rep: jg.FIM(
@@ -154,18 +156,24 @@ def _implicit_rows(apply_fn, params, data, chunk: dict, loss, regul: float) -> d
     }
 
 
-def _gram_rows(apply_fn, params, x, chunk: dict) -> dict:
+def _gram_rows(apply_fn, params, x, chunk: dict, d: int) -> dict:
     """The empirical NTK's rows: ``GramMatrix`` (its pairs of windows scanned, ``jaxgeom.
-    gram._scanned_pairs``) and ``CrossGramMatrix`` of the first quarter of the examples
-    against all of them."""
+    gram._scanned_pairs``), ``CrossGramMatrix`` of the first quarter of the examples
+    against all of them, and, for models of at most 10⁵ parameters, ``GramMatrix`` of the
+    first quarter by ``method="implicit"`` (a window's ``n K`` columns of ``d`` at a
+    time)."""
     import jaxgeom as jg
 
     test = x[: x.shape[0] // 4]
-    return {
+    rows = {
         "GramMatrix": lambda p, s: jg.GramMatrix(apply_fn, p, x, **chunk).data,
         "CrossGramMatrix (N/4 × N)": lambda p, s: jg.CrossGramMatrix(apply_fn, p, test, x,
                                                                      **chunk),
     }
+    if d <= 10**5:
+        rows["GramMatrix (implicit, N/4)"] = lambda p, s: jg.GramMatrix(
+            apply_fn, p, test, method="implicit", **chunk).data
+    return rows
 
 
 def _compiled(fn, args, variant: str):

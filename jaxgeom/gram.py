@@ -42,7 +42,7 @@ none mirrored), or the same rows by products (:func:`cross_gram_implicit`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -232,25 +232,18 @@ class _ScannedParts(NamedTuple):
 
 
 def _scanned_parts(J: ReplayedFunction, keep_bytes: int | None) -> list[_ScannedParts]:
-    """The windows of each batch of ``J.data`` inside a ``jit`` (:func:`data_lib.
-    iter_windows`' rows, cut by ``dynamic_slice``). Their factors are kept (computed once,
-    by ``lax.map``) on :class:`_Factors`' rule: when all of them take no more than
-    ``keep_bytes``."""
+    """The windows of each batch of ``J.data`` inside a ``jit`` (:func:`_batch_windows`).
+    Their factors are kept (computed once, by ``lax.map``) on :class:`_Factors`' rule: when
+    all of them take no more than ``keep_bytes``."""
     batches = [b for b in J.data if data_lib.num_examples(b)]
     k = output_count(J.fn, J.params, batches[0], J.aux)
     make = _factor_maker(J, batches[0], k)
     itemsize = jnp.dtype(J.layer_collection.dtype).itemsize
-    parts, seen, keep = [], 0, None
-    for batch in batches:
-        n = data_lib.num_examples(batch)
-        size = n if J.batch_size is None else min(int(J.batch_size), n)
-        starts = np.asarray(data_lib.window_starts(n, size))
-        leaves, treedef = jax.tree_util.tree_flatten(batch)
-        leaves = [jnp.asarray(leaf) for leaf in leaves]
-
-        def factor_at(start, size=size, leaves=leaves, treedef=treedef, seen=seen):
-            rows = [jax.lax.dynamic_slice_in_dim(a, start, size) for a in leaves]
-            return make(jax.tree_util.tree_unflatten(treedef, rows), seen + start, None)
+    parts, keep = [], None
+    for starts, size, window, seen in _batch_windows(J):
+        def factor_at(start, window=window):
+            batch, offset = window(start)
+            return make(batch, offset, None)
 
         local = jnp.asarray(starts)
         if keep is None:  # do all of them fit? (decided on the first part, as _Factors)
@@ -264,8 +257,29 @@ def _scanned_parts(J: ReplayedFunction, keep_bytes: int | None) -> list[_Scanned
         else:
             factor = functools.partial(lambda f, starts, i: f(starts[i]), factor_at, local)
         parts.append(_ScannedParts(starts + seen, factor, keep, size))
-        seen += n
     return parts
+
+
+def _batch_windows(J: ReplayedFunction) -> Iterator[tuple[np.ndarray, int, Callable, int]]:
+    """For each non-empty batch of ``J.data`` inside a ``jit``: where its windows start in
+    it (:func:`data_lib.iter_windows`' windows, static), their size, ``window(start) ->
+    (batch, offset)`` (the rows cut by ``dynamic_slice``) and the examples of the batches
+    before."""
+    seen = 0
+    for batch in J.data:
+        n = data_lib.num_examples(batch)
+        if not n:
+            continue
+        size = n if J.batch_size is None else min(int(J.batch_size), n)
+        leaves, treedef = jax.tree_util.tree_flatten(batch)
+        leaves = [jnp.asarray(leaf) for leaf in leaves]
+
+        def window(start, size=size, leaves=leaves, treedef=treedef, seen=seen):
+            rows = [jax.lax.dynamic_slice_in_dim(a, start, size) for a in leaves]
+            return jax.tree_util.tree_unflatten(treedef, rows), seen + start
+
+        yield np.asarray(data_lib.window_starts(n, size)), size, window, seen
+        seen += n
 
 
 def _indexed(stacked: Any, i: jax.Array) -> Any:
@@ -560,6 +574,8 @@ def _by_products(left: PFMapImplicit, right: PFMapImplicit) -> jax.Array:
             f"the two data sets give {k} and {right.shape[0]} outputs per example: a cross "
             "kernel needs the same outputs on both")
     m, n = left.num_examples, right.num_examples
+    if _scans(left, right):
+        return _by_products_scanned(left, right)
     gram, start = None, 0
     for c in left._chunks():
         units = jnp.eye(c.count * k, dtype=left.layer_collection.dtype).reshape(-1, c.count, k)
@@ -568,6 +584,34 @@ def _by_products(left: PFMapImplicit, right: PFMapImplicit) -> jax.Array:
             gram = jnp.zeros((k, m, k, n), rows.dtype)
         gram = _write_rows(gram, rows, start)
         start += c.count
+    return gram
+
+
+def _by_products_scanned(left: PFMapImplicit, right: PFMapImplicit) -> jax.Array:
+    """:func:`_by_products` inside a ``jit``: the rows of each window of ``left``'s
+    batches (:func:`_batch_windows`: real examples only, the last window overlapping its
+    predecessor and writing its rows again) by one ``lax.scan`` over the windows, ``right``'s
+    products over its chunks scanned inside (:meth:`PFMapImplicit._jvp_many`). Unrolled,
+    the rows of every chunk were held at once (bench_small, windows of 32: 117 / 284 MiB of
+    scratch for 256 / 512 examples)."""
+    k, m, n = left.shape[0], left.num_examples, right.num_examples
+    gram = None
+    for starts, size, window, seen in _batch_windows(left):
+        units = jnp.eye(size * k, dtype=left.layer_collection.dtype).reshape(-1, size, k)
+
+        def rows_at(start, window=window, size=size, units=units):
+            batch, offset = window(start)
+            chunk = data_lib.Chunk(batch, np.ones(size), offset, size)
+            return right._jvp_many(left._vjp_chunk(chunk, units))  # (size·K, K, N)
+
+        if gram is None:
+            rows = jax.eval_shape(rows_at, starts[0])
+            gram = jnp.zeros((k, m, k, n), rows.dtype)
+
+        def write(gram, start, rows_at=rows_at, seen=seen):
+            return _write_rows(gram, rows_at(start), seen + start), None
+
+        gram = jax.lax.scan(write, gram, jnp.asarray(starts))[0]
     return gram
 
 

@@ -568,7 +568,8 @@ def GramMatrix(
           ``2 (NK) N F`` in all. Memory O(``n_c K d``) for the columns of one chunk, no
           pair of Jacobians; cheaper than ``"jacobian"`` when its ``(NK)² d_r``
           products over the parameters outside dense layers dominate, ``K d_r > 2 F``
-          (e.g. a large embedding table: many parameters, few operations).
+          (e.g. a large embedding table: many parameters, few operations). Inside a
+          ``jax.jit`` the chunks (windows of real examples) are one ``lax.scan``.
       centering: the Gram matrix of the Jacobian centred over the examples (each output's
         ``J[o, n] − (1/N) Σₘ J[o, m]``): ``C G C`` with ``C = I − 11ᵀ/N`` on both example
         axes (NNGeometry's ``TorchHooksJacobianBackend(centering=True)``); one more pass

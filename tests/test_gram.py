@@ -123,6 +123,31 @@ def test_gram_inside_jit_scans_the_pairs_of_windows(make, keep_bytes):
     assert _scans_in(programs[0]) >= 2 and _primitives(programs[0]) == _primitives(programs[1])
 
 
+def test_implicit_gram_inside_jit_scans_the_windows():
+    """``method="implicit"`` inside a ``jit``: the rows of each window of the left data
+    (real examples, the last window overlapping its predecessor) one ``lax.scan``, the
+    products over the right data scanned inside; ``J Jᵀ`` and a cross kernel as from the
+    per-example Jacobians, for one batch and a list of two, the program the same for 4×
+    the examples."""
+    t = make_linen_cnn()
+    ref, _ = reference(t)
+    x = other_inputs(t, 3)
+    cross_ref, _, _ = cross_reference(t, x, t.x)
+
+    def kernels(params, data):
+        G = GramMatrix(t.apply_fn, params, data, batch_size=2, method="implicit")
+        K = CrossGramMatrix(t.apply_fn, params, x, data, batch_size=2, method="implicit")
+        return G.data, K
+
+    n = t.x.shape[0]
+    for data in (t.x, [t.x[:n - 1], t.x[n - 1:]]):
+        G, K = jax.jit(kernels)(t.params, data)
+        np.testing.assert_allclose(G, ref, **TOL)
+        np.testing.assert_allclose(K, cross_ref, **TOL)
+    programs = [jax.make_jaxpr(kernels)(t.params, d) for d in (t.x, jnp.concatenate([t.x] * 4))]
+    assert _scans_in(programs[0]) >= 2 and _primitives(programs[0]) == _primitives(programs[1])
+
+
 def test_mirrored_blocks_are_copied_tile_by_tile(monkeypatch):
     """Each block's transpose is copied in tiles (``jaxgeom.gram.TILE_BYTES``), the last
     ones overlapping their predecessors: tiles of 3 × 3 examples over blocks of windows of
