@@ -55,6 +55,7 @@ from jaxgeom.capture import CapturePlan, capture_chunk, example_gradients, make_
 from jaxgeom.fspace import FMatDense
 from jaxgeom.jacobian import chunk_jacobian, output_count, resolve_mode
 from jaxgeom.layers import LayerCollection
+from jaxgeom.streaming import batch_leaves
 
 if TYPE_CHECKING:
     from jaxgeom.pfmap import PFMapImplicit
@@ -114,29 +115,16 @@ def _assemble(left: ReplayedFunction, right: ReplayedFunction | None,
     :func:`cross_gram_by_layers` (every pair of a left and a right window), each block
     written in place into the donated ``(K, M, K, N)`` result. Inside a ``jit``, the same
     pairs by :func:`_scanned_pairs`."""
+    k, scale = _outputs_and_scale(left, right)
     if _scans(left, right):
-        return _assemble_scanned(left, right, keep_bytes)
+        return _assemble_scanned(left, right, keep_bytes, k, scale)
     rows = _Factors(left, list(data_lib.iter_windows(left.data, left.batch_size)), keep_bytes)
-    dtype = left.layer_collection.dtype
     symmetric = right is None
-    if symmetric:
-        columns, scale = rows, jnp.asarray(left.scale, dtype) ** 2
-    else:
-        columns = _Factors(right, list(data_lib.iter_windows(right.data, right.batch_size)),
-                           keep_bytes)
-        if columns.num_outputs != rows.num_outputs:
-            raise ValueError(
-                f"the two data sets give {rows.num_outputs} and {columns.num_outputs} outputs "
-                "per example: a cross kernel needs the same outputs on both")
-        scale = jnp.asarray(left.scale, dtype) * jnp.asarray(right.scale, dtype)
-    k = rows.num_outputs
-    gram = jnp.zeros((k, rows.n, k, columns.n), dtype)
-    swap = False
-    if not symmetric:  # hold the windows of the side whose factors are not kept (each
-        # computed once), else of the side with fewer windows
-        kept_rows, kept_columns = rows.kept_all(), columns.kept_all()
-        swap = (kept_rows if kept_rows != kept_columns
-                else len(columns.parts) < len(rows.parts))
+    columns = rows if symmetric else _Factors(
+        right, list(data_lib.iter_windows(right.data, right.batch_size)), keep_bytes)
+    gram = jnp.zeros((k, rows.n, k, columns.n), left.layer_collection.dtype)
+    swap = not symmetric and _holds_columns(rows.kept_all(), columns.kept_all(),
+                                            len(rows.parts), len(columns.parts))
     outer, inner = (columns, rows) if swap else (rows, columns)
     for i, held_part in enumerate(outer.parts):
         held = outer[i]
@@ -147,6 +135,47 @@ def _assemble(left: ReplayedFunction, right: ReplayedFunction | None,
             gram = _write_pair(gram, a, b, pa.offset, pb.offset, scale,
                                mirror=symmetric and j != i)
     return gram
+
+
+def _outputs_and_scale(left: ReplayedFunction,
+                       right: ReplayedFunction | None) -> tuple[int, jax.Array]:
+    """``K`` (the same on both sides of a cross kernel, else a ``ValueError``) and the
+    kernel's scale, ``s_left s_right`` (``s²`` for ``J Jᵀ``)."""
+    dtype = left.layer_collection.dtype
+    k = output_count(left.fn, left.params, _first_batch(left), left.aux)
+    if right is None:
+        return k, jnp.asarray(left.scale, dtype) ** 2
+    other = output_count(right.fn, right.params, _first_batch(right), right.aux)
+    if other != k:
+        raise ValueError(
+            f"the two data sets give {k} and {other} outputs per example: a cross kernel "
+            "needs the same outputs on both")
+    return k, jnp.asarray(left.scale, dtype) * jnp.asarray(right.scale, dtype)
+
+
+def _first_batch(J: ReplayedFunction) -> Any:
+    return next(b for b in J.data if data_lib.num_examples(b))
+
+
+def _holds_columns(kept_rows: bool, kept_columns: bool, row_windows: int,
+                   column_windows: int) -> bool:
+    """Whether a cross kernel's loop holds the windows of its columns (the right data): of
+    the side whose factors are not kept (each then computed once), else of the side with
+    fewer windows."""
+    if kept_rows != kept_columns:
+        return kept_rows
+    return column_windows < row_windows
+
+
+def _keeps(factor_bytes: int, size: int, J: ReplayedFunction, num_outputs: int,
+           keep_bytes: int | None) -> bool:
+    """Whether the factors of all of ``J``'s parts are kept: those of ``N`` examples, at
+    ``factor_bytes`` for a part of ``size``, take no more than ``keep_bytes`` (default: a
+    part's Jacobian, ``size K d`` entries)."""
+    limit = (size * num_outputs * J.layer_collection.numel()
+             * jnp.dtype(J.layer_collection.dtype).itemsize
+             if keep_bytes is None else keep_bytes)
+    return factor_bytes * J.num_examples <= limit * size
 
 
 def gram_norm_sq(J: ReplayedFunction, keep_bytes: int | None = None) -> jax.Array:
@@ -176,9 +205,7 @@ class _Factors:
         first = parts[0].batch
         self.num_outputs = output_count(J.fn, J.params, first, J.aux)
         self.parts, self.make = parts, _factor_maker(J, first, self.num_outputs)
-        self.n, self.d = J.num_examples, J.layer_collection.numel()
-        self.itemsize = jnp.dtype(J.layer_collection.dtype).itemsize
-        self.keep_bytes = keep_bytes
+        self.J, self.n, self.keep_bytes = J, J.num_examples, keep_bytes
         self.kept: list[GramFactor | None] = [None] * len(parts)
         self.keep: bool | None = None
         self.last: tuple[int, GramFactor] | None = None  # the latest one, kept or not
@@ -199,9 +226,8 @@ class _Factors:
         out = self.make(part.batch, part.offset, getattr(part, "mask", None))
         size = jax.tree_util.tree_leaves(part.batch)[0].shape[0]
         if self.keep is None:  # do all of them fit?
-            limit = (size * self.num_outputs * self.d * self.itemsize
-                     if self.keep_bytes is None else self.keep_bytes)
-            self.keep = _factor_bytes(out) * self.n <= limit * size
+            self.keep = _keeps(_factor_bytes(out), size, self.J, self.num_outputs,
+                               self.keep_bytes)
         if self.keep:
             self.kept[i] = out
         self.last = (i, out)
@@ -235,10 +261,9 @@ def _scanned_parts(J: ReplayedFunction, keep_bytes: int | None) -> list[_Scanned
     """The windows of each batch of ``J.data`` inside a ``jit`` (:func:`_batch_windows`).
     Their factors are kept (computed once, by ``lax.map``) on :class:`_Factors`' rule: when
     all of them take no more than ``keep_bytes``."""
-    batches = [b for b in J.data if data_lib.num_examples(b)]
-    k = output_count(J.fn, J.params, batches[0], J.aux)
-    make = _factor_maker(J, batches[0], k)
-    itemsize = jnp.dtype(J.layer_collection.dtype).itemsize
+    first = _first_batch(J)
+    k = output_count(J.fn, J.params, first, J.aux)
+    make = _factor_maker(J, first, k)
     parts, keep = [], None
     for starts, size, window, seen in _batch_windows(J):
         def factor_at(start, window=window):
@@ -247,10 +272,8 @@ def _scanned_parts(J: ReplayedFunction, keep_bytes: int | None) -> list[_Scanned
 
         local = jnp.asarray(starts)
         if keep is None:  # do all of them fit? (decided on the first part, as _Factors)
-            shapes = jax.eval_shape(factor_at, local[0])
-            limit = (size * k * J.layer_collection.numel() * itemsize
-                     if keep_bytes is None else keep_bytes)
-            keep = _factor_bytes(shapes) * J.num_examples <= limit * size
+            keep = _keeps(_factor_bytes(jax.eval_shape(factor_at, local[0])), size, J, k,
+                          keep_bytes)
         if keep:
             stacked = jax.lax.map(factor_at, local)
             factor = functools.partial(_indexed, stacked)
@@ -265,21 +288,14 @@ def _batch_windows(J: ReplayedFunction) -> Iterator[tuple[np.ndarray, int, Calla
     it (:func:`data_lib.iter_windows`' windows, static), their size, ``window(start) ->
     (batch, offset)`` (the rows cut by ``dynamic_slice``) and the examples of the batches
     before."""
-    seen = 0
-    for batch in J.data:
-        n = data_lib.num_examples(batch)
-        if not n:
-            continue
+    for n, leaves, treedef, seen in batch_leaves(J.data):
         size = n if J.batch_size is None else min(int(J.batch_size), n)
-        leaves, treedef = jax.tree_util.tree_flatten(batch)
-        leaves = [jnp.asarray(leaf) for leaf in leaves]
 
         def window(start, size=size, leaves=leaves, treedef=treedef, seen=seen):
             rows = [jax.lax.dynamic_slice_in_dim(a, start, size) for a in leaves]
             return jax.tree_util.tree_unflatten(treedef, rows), seen + start
 
         yield np.asarray(data_lib.window_starts(n, size)), size, window, seen
-        seen += n
 
 
 def _indexed(stacked: Any, i: jax.Array) -> Any:
@@ -338,35 +354,21 @@ def _scanned_pairs(step: Callable, carry: Any, rows: list[_ScannedParts],
 
 
 def _assemble_scanned(left: ReplayedFunction, right: ReplayedFunction | None,
-                      keep_bytes: int | None) -> jax.Array:
+                      keep_bytes: int | None, k: int, scale: jax.Array) -> jax.Array:
     """:func:`_assemble` inside a ``jit``: the same blocks over the same pairs of windows,
     by :func:`_scanned_pairs`; of ``J Jᵀ``, the blocks ``i ≤ j`` first, then each block
     ``i < j`` copied, transposed, to its mirror (:func:`_mirrored`)."""
-    dtype = left.layer_collection.dtype
     rows = _scanned_parts(left, keep_bytes)
     symmetric = right is None
     columns = rows if symmetric else _scanned_parts(right, keep_bytes)
-    k = output_count(left.fn, left.params, left.data[0], left.aux)
-    n = left.num_examples if symmetric else right.num_examples
-    if not symmetric:
-        other = output_count(right.fn, right.params, right.data[0], right.aux)
-        if other != k:
-            raise ValueError(
-                f"the two data sets give {k} and {other} outputs per example: a cross "
-                "kernel needs the same outputs on both")
-    scale = (jnp.asarray(left.scale, dtype) ** 2 if symmetric
-             else jnp.asarray(left.scale, dtype) * jnp.asarray(right.scale, dtype))
+    swap = not symmetric and _holds_columns(rows[0].kept, columns[0].kept, _count(rows),
+                                            _count(columns))
 
     def write(gram, a, b, row, column):
         return jax.lax.dynamic_update_slice(gram, scale * gram_block(a, b), (0, row, 0, column))
 
-    swap = False
-    if not symmetric:  # as _assemble: hold the side whose factors are not kept, else the
-        # side of fewer windows
-        kept_rows, kept_columns = rows[0].kept, columns[0].kept
-        swap = (kept_rows if kept_rows != kept_columns
-                else _count(columns) < _count(rows))
-    gram = jnp.zeros((k, left.num_examples, k, n), dtype)
+    n = (left if symmetric else right).num_examples
+    gram = jnp.zeros((k, left.num_examples, k, n), left.layer_collection.dtype)
     gram = _scanned_pairs(write, gram, rows, columns, upper=symmetric, swap=swap)
     return _mirrored(gram, rows) if symmetric else gram
 

@@ -519,7 +519,7 @@ def scan_chunks(step: Callable[[Any, Any, jax.Array, jax.Array], Any], carry: An
     size = int(batch_size)
     mask_dtype = jax.dtypes.canonicalize_dtype(np.float64)
     examples = 0
-    for n, leaves, treedef, seen in _batch_leaves(data):
+    for n, leaves, treedef, seen in batch_leaves(data):
 
         def chunk(start, n=n, leaves=leaves, treedef=treedef, seen=seen):
             cut = data_lib.clamped_rows(leaves, start, size)
@@ -545,7 +545,7 @@ def scan_real_chunks(step: Callable[[Any, data_lib.Chunk], Any], carry: Any, dat
     (a mean loss's Hessian: the loss of padded examples would count). ``carry`` may be a
     function of the first chunk."""
     size, examples = int(batch_size), 0
-    for n, leaves, treedef, seen in _batch_leaves(data):
+    for n, leaves, treedef, seen in batch_leaves(data):
         full, rest = divmod(n, size)
 
         def chunk(start, count, leaves=leaves, treedef=treedef, seen=seen):
@@ -567,7 +567,7 @@ def scan_real_chunks(step: Callable[[Any, data_lib.Chunk], Any], carry: Any, dat
     return carry, examples
 
 
-def _batch_leaves(data: Any) -> Iterator[tuple[int, list[jax.Array], Any, int]]:
+def batch_leaves(data: Any) -> Iterator[tuple[int, list[jax.Array], Any, int]]:
     """``(examples, leaves, treedef, examples before)`` of each non-empty batch of data in
     memory (:func:`_in_memory_batches`), its leaves as arrays."""
     seen = 0
