@@ -90,15 +90,17 @@ def _primitives(jaxpr) -> list[str]:
     return [e.primitive.name for e in jaxpr.eqns]
 
 
-@pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn])
+@pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn, make_linen_embed])
 @pytest.mark.parametrize("keep_bytes", [None, 0, 10**9])
 def test_gram_inside_jit_scans_the_pairs_of_windows(make, keep_bytes):
     """Inside a ``jit`` the pairs of windows are one ``lax.scan`` per pair of batches: ``J
-    Jᵀ`` as eagerly, exactly symmetric, from one batch (windows of 2, the last overlapping
-    its predecessor) and a list of two (windows of 2, and one of the single example of the
-    second), the factors kept (``None``: they fit; ``10**9``) or recomputed for each pair
-    (``0``); the program is the same for 4× the examples (unrolled, one copy of the block's
-    program per pair, it grew with their number). ``‖J Jᵀ‖²_F``'s pairs stay unrolled."""
+    Jᵀ`` as eagerly (dense layers by their captures, convolutions and an embedding table
+    of integer inputs by their rows), exactly symmetric, from one batch (windows of 2, the
+    last overlapping its predecessor) and a list of two (windows of 2, and one of the
+    single example of the second), the factors kept (``None``: they fit; ``10**9``) or
+    recomputed for each pair (``0``); the program is the same for 4× the examples
+    (unrolled, one copy of the block's program per pair, it grew with their number).
+    ``‖J Jᵀ‖²_F``'s pairs stay unrolled."""
     t = make()
     ref, _ = reference(t)
 
