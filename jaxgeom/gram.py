@@ -577,7 +577,7 @@ def _by_products(left: PFMapImplicit, right: PFMapImplicit) -> jax.Array:
             "kernel needs the same outputs on both")
     m, n = left.num_examples, right.num_examples
     if _scans(left, right):
-        return _by_products_scanned(left, right)
+        return _by_products_scanned(left, right, k)
     gram, start = None, 0
     for c in left._chunks():
         units = jnp.eye(c.count * k, dtype=left.layer_collection.dtype).reshape(-1, c.count, k)
@@ -589,14 +589,14 @@ def _by_products(left: PFMapImplicit, right: PFMapImplicit) -> jax.Array:
     return gram
 
 
-def _by_products_scanned(left: PFMapImplicit, right: PFMapImplicit) -> jax.Array:
+def _by_products_scanned(left: PFMapImplicit, right: PFMapImplicit, k: int) -> jax.Array:
     """:func:`_by_products` inside a ``jit``: the rows of each window of ``left``'s
     batches (:func:`_batch_windows`: real examples only, the last window overlapping its
     predecessor and writing its rows again) by one ``lax.scan`` over the windows, ``right``'s
     products over its chunks scanned inside (:meth:`PFMapImplicit._jvp_many`). Unrolled,
     the rows of every chunk were held at once (bench_small, windows of 32: 117 / 284 MiB of
     scratch for 256 / 512 examples)."""
-    k, m, n = left.shape[0], left.num_examples, right.num_examples
+    m, n = left.num_examples, right.num_examples
     gram = None
     for starts, size, window, seen in _batch_windows(left):
         units = jnp.eye(size * k, dtype=left.layer_collection.dtype).reshape(-1, size, k)
