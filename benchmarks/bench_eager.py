@@ -21,8 +21,9 @@ medians of:
 and the ratios NNGeometry / ``eager`` (``ᵖ``: paired, the two sides timed in alternated
 blocks, ``bench_fim.paired``, for calls under 1 s) and ``op by op`` / ``eager``. The
 operations are ``bench_fim``'s (KFAC's solve π-damped, as NNGeometry's). Compilation is
-not timed (first calls dropped). ``PMatImplicit``'s operations stay eager (their chunk
-loops call compiled steps): its ``op by op`` is its ``eager``.
+not timed (first calls dropped). ``PMatImplicit``'s products are one compiled call each
+(the scan of its chunks, compiled as a model step); its other operations stream their
+chunks through compiled steps eagerly, their ``op by op`` their ``eager``.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from jax.interpreters import partial_eval as pe
 
-from jaxgeom._compile import constants_behind_barrier, factorisation_jit
+from jaxgeom._compile import constants_behind_barrier, factorisation_jit, model_jit
 from jaxgeom._lapack import (
     one_thread_in_trace,
     one_thread_in_trace_faster,
@@ -120,6 +120,17 @@ _compiled_call = jax.jit(_calling("_compiled_call"), static_argnums=(0, 1, 2))
 #: XLA:CPU's quick fusion emitters (:func:`jaxgeom._compile.factorisation_jit`)
 _compiled_factorisation = factorisation_jit(_calling("_compiled_factorisation"),
                                             static_argnums=(0, 1, 2))
+#: for a representation whose operations run the model (``RUNS_MODEL``: ``PMatImplicit``'s
+#: products replay it chunk by chunk): compiled as a model step is
+#: (:func:`jaxgeom._compile.model_jit`: on the CPU, XLA's own convolution kernels)
+_compiled_model_call = model_jit(_calling("_compiled_model_call"), static_argnums=(0, 1, 2))
+
+
+def _compiled_call_for(self: Any, name: str) -> Callable:
+    """The compiled call an eager ``self.name(...)`` runs as (:func:`compiled_when_eager`)."""
+    if name in getattr(self, "FACTORISING_OPERATIONS", ()):
+        return _compiled_factorisation
+    return _compiled_model_call if getattr(self, "RUNS_MODEL", False) else _compiled_call
 
 
 def compiled_when_eager(method: Callable) -> Callable:
@@ -127,7 +138,8 @@ def compiled_when_eager(method: Callable) -> Callable:
     (module docstring). ``self`` must be a pytree; when it has a ``_compiles_eager_calls()``
     method answering ``False``, the call stays eager. When the method's name is in its
     ``FACTORISING_OPERATIONS`` the call is compiled as a factorisation
-    (:func:`jaxgeom._compile.factorisation_jit`: half the compile time). When it has a
+    (:func:`jaxgeom._compile.factorisation_jit`: half the compile time); when its
+    ``RUNS_MODEL`` is true, as a model step (:func:`jaxgeom._compile.model_jit`). When it has a
     ``_factorised_orders(name, *args, **kwargs)`` method, the orders of the independent
     matrices that call factorises, the compiled call runs them side by side when faster
     (:func:`jaxgeom._lapack.one_thread_when_faster`). The result must be a pytree of arrays.
@@ -151,8 +163,7 @@ def compiled_when_eager(method: Callable) -> Callable:
                 return one_thread_in_trace(
                     lambda s, a, k: method(s, *a, **k), self, args, kwargs)
             return method(self, *args, **kwargs)
-        call = (_compiled_factorisation if name in getattr(self, "FACTORISING_OPERATIONS", ())
-                else _compiled_call)
+        call = _compiled_call_for(self, name)
         factorised = getattr(self, "_factorised_orders", None)
         orders = factorised(name, *args, **kwargs) if factorised is not None else ()
         if not orders:

@@ -1037,10 +1037,10 @@ def rademacher_probes(key: jax.Array, shape: tuple[int, int], dtype: Any) -> jax
 
 def _one_program(M: Operator) -> bool:
     """Whether an estimator's steps on ``M`` run as one compiled program with ``M`` an
-    argument: a representation whose products compile (all but ``PMatImplicit``, whose
-    eager products run compiled chunk steps of their own; a ``matvec`` closure would be
-    compiled anew at every call)."""
-    return isinstance(M, PMatAbstract) and M._compiles_eager_calls()
+    argument: a representation whose products compile and do not run the model (all but
+    ``PMatImplicit``, each of whose eager products is a compiled call of its own, compiled
+    as a model step; a ``matvec`` closure would be compiled anew at every call)."""
+    return isinstance(M, PMatAbstract) and M._compiles_eager_calls() and not M.RUNS_MODEL
 
 
 def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,

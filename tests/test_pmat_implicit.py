@@ -139,19 +139,49 @@ def test_eager_solve_of_rows_compiles_once(mlp):
 
 def test_products_over_several_chunks_compile_one_step(mlp):
     """Every chunk of a product runs the same compiled step, the first one included (its
-    running sum starts from zeros): ``M V`` over two chunks compiles the step once, and
+    running sum starts from zeros): ``M V`` over two chunks as written (a Python loop of
+    chunk steps: the form under an eager ``grad`` or ``vmap``) compiles the step once, and
     equals the dense product; a vector is one row, no reshape around the call."""
     t, _, dense = mlp
     F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit, batch_size=4)  # chunks 4 + 3
     ref = np.asarray(dense.to_dense())
     rows = jnp.stack([vec(t, s).to_flat() for s in range(5)])
     with compilations() as compiled:
-        out = F.mmap(rows)
+        out = PMatImplicit.mmap.eager_method(F, rows)
     assert compiled.count("_chunk_jtjv") == 1
     np.testing.assert_allclose(out, np.asarray(rows) @ ref, **TOL)
     v = vec(t, 7)
     np.testing.assert_allclose(F.mv(v).to_flat(), ref @ np.asarray(v.to_flat()), **TOL)
     assert F.mv(v.to_flat()).shape == (ref.shape[0],)
+
+
+def test_eager_products_are_one_compiled_call_each(mlp):
+    """Called eagerly, ``mv``, ``vTMv``, ``mmap`` and the flat ``_mv`` of an eager CG are
+    one compiled call each over all the chunks (the ``lax.scan`` of a ``jit``), compiled as
+    a model step once: new vectors, new rows and a new scale compile nothing, and the
+    numbers are the dense matrix's."""
+    t, _, dense = mlp
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit, batch_size=4)  # chunks 4 + 3
+    half = 0.5 * F
+    ref = np.asarray(dense.to_dense())
+    vs = [vec(t, s) for s in range(3)]
+    flats = [np.asarray(v.to_flat()) for v in vs]
+    rows = [jnp.stack([v.to_flat(), 2 * v.to_flat()]) for v in vs]
+    products = {
+        "mv": (lambda M, s: M.mv(vs[s]).to_flat(), lambda s: ref @ flats[s]),
+        "_mv": (lambda M, s: M._mv(vs[s].to_flat()), lambda s: ref @ flats[s]),
+        "vTMv": (lambda M, s: M.vTMv(vs[s]), lambda s: flats[s] @ ref @ flats[s]),
+        "mmap": (lambda M, s: M.mmap(rows[s]), lambda s: np.asarray(rows[s]) @ ref),
+    }
+    for name, (product, expected) in products.items():
+        with compilations() as compiled:
+            np.testing.assert_allclose(product(F, 0), expected(0), **TOL)
+        # one program (none if an earlier test compiled it), no chunk steps of its own
+        assert compiled in ([], ["_compiled_model_call"]), (name, compiled)
+        with compilations() as compiled:
+            np.testing.assert_allclose(product(F, 1), expected(1), **TOL)
+            np.testing.assert_allclose(product(half, 2), 0.5 * expected(2), **TOL)
+        assert compiled == [], name
 
 
 def test_under_jit(mlp):

@@ -261,6 +261,10 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: quick fusion emitters (:func:`jaxgeom._compile.factorisation_jit`), in about half
     #: the time, for the same run time; the others with XLA's defaults
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = ()
+    #: whether the operations run the model (``PMatImplicit`` replays it chunk by chunk):
+    #: their eager calls are then compiled as a model step is
+    #: (:func:`jaxgeom._compile.model_jit`: on the CPU, XLA's own convolution kernels)
+    RUNS_MODEL: ClassVar[bool] = False
     #: :attr:`FACTORISING_OPERATIONS` of a representation that factorises its matrices,
     #: blocks or factors for every solve and spectral operation
     FACTORISES: ClassVar[tuple[str, ...]] = ("solve", "eigvalsh", "_norm", "eigh", "eigsh",

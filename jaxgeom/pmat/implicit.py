@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -86,8 +86,10 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     Under ``jax.jit``, ``params``, ``data``, ``aux`` and ``scale`` are traced (pytree
     children); ``fn``, ``batch_size`` and ``mode`` are static. The products' chunk loop is
     one ``lax.scan`` there (:func:`~jaxgeom.streaming.scan_chunks`: the chunk's step traced
-    once, memory bounded by ``batch_size`` however many chunks), a Python loop of
-    compiled steps eagerly.
+    once, memory bounded by ``batch_size`` however many chunks). Called eagerly, the
+    products (:attr:`COMPILED_OPERATIONS`) run as one compiled call of that scan each
+    (compiled as a model step: :attr:`RUNS_MODEL`), the other operations as a Python loop
+    of compiled steps.
 
     Attributes:
       layer_collection: the parameter layout (static).
@@ -102,16 +104,22 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         ``get_diag``/``trace``/``frobenius_norm``/``to_dense`` (static).
     """
 
+    #: the operations replay the model: their eager calls compile as a model step's
+    RUNS_MODEL: ClassVar[bool] = True
+    #: compiled when called eagerly: the products, one call each whose chunks are the
+    #: ``lax.scan`` of a ``jit``, two chunks at once (bench_mlp, 8 chunks: ``mv`` 16.3 →
+    #: 13.0 ms, ``vTMv`` 8.6 → 6.3 ms, against a Python loop of compiled chunk steps, one
+    #: at a time), ``_mv`` among them: an eager CG's products (its ``solve`` 360 → 291 ms).
+    #: Not what checks the data as it reads them — the host loops of ``solve``,
+    #: ``get_diag`` and ``trace`` raise ``FloatingPointError`` on a non-finite residual or
+    #: chunk, where a compiled call would answer NaN — nor ``frobenius_norm``, whose pairs
+    #: of chunks a ``jit`` unrolls (its compile time would grow with their number)
+    COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = ("mv", "_mv", "vTMv", "mmap", "mapTMmap")
 
     # ------------------------------------------------------------------ shapes
     @property
     def dtype(self):
         return self.layer_collection.dtype
-
-    def _compiles_eager_calls(self) -> bool:
-        return False  # the chunk loop calls compiled steps (``model_jit``) of its own
-
-
 
     # ------------------------------------------------------------------ products
     def _mv(self, v):

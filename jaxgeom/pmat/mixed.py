@@ -237,7 +237,9 @@ class PMatMixed(PMatAbstract):
         "default": ("damping",), **iterative_solve_options("damping")}
 
     def _compiles_eager_calls(self) -> bool:
-        return all(p._compiles_eager_calls() for p in self.parts)
+        """Not with a part that runs the model: each part's operations compile their own
+        calls then (a ``PMatImplicit``'s as model steps)."""
+        return all(p._compiles_eager_calls() and not p.RUNS_MODEL for p in self.parts)
 
     @property
     def _split(self) -> FlatPartition:
