@@ -184,6 +184,23 @@ def test_eager_products_are_one_compiled_call_each(mlp):
         assert compiled == [], name
 
 
+def test_eager_products_over_a_list_of_batches_stay_a_loop_of_steps(mlp):
+    """On a list of batches (a loader's, kept), an eager product is a loop of compiled
+    chunk steps, not one compiled call holding a scan per batch (a program that would grow
+    with their number): the chunk step compiled once at most, and the numbers of the
+    dense matrix of all the examples."""
+    t, _, dense = mlp
+    batches = [(t.x[:4], t.y[:4]), (t.x[4:], t.y[4:])]  # 4 + 3 examples, chunks of 4
+    F = FIM(t.apply_fn, t.params, batches, PMatImplicit, batch_size=4)
+    assert len(F.data) == 2
+    v = vec(t, 4)
+    with compilations() as compiled:
+        out = F.mv(v)
+    assert "_compiled_model_call" not in compiled and compiled.count("_chunk_jtjv") <= 1
+    np.testing.assert_allclose(out.to_flat(), np.asarray(dense.to_dense()) @ v.to_flat(),
+                               **TOL)
+
+
 def test_under_jit(mlp):
     t, F, dense = mlp
     ref = np.asarray(dense.to_dense())

@@ -106,10 +106,11 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
 
     #: the operations replay the model: their eager calls compile as a model step's
     RUNS_MODEL: ClassVar[bool] = True
-    #: compiled when called eagerly: the products, one call each whose chunks are the
-    #: ``lax.scan`` of a ``jit``, two chunks at once (bench_mlp, 8 chunks: ``mv`` 16.3 →
-    #: 13.0 ms, ``vTMv`` 8.6 → 6.3 ms, against a Python loop of compiled chunk steps, one
-    #: at a time), ``_mv`` among them: an eager CG's products (its ``solve`` 360 → 291 ms).
+    #: compiled when called eagerly (on one batch: :meth:`_compiles_eager_calls`): the
+    #: products, one call each whose chunks are the ``lax.scan`` of a ``jit``, two chunks
+    #: at once (bench_mlp, 8 chunks: ``mv`` 16.3 → 13.0 ms, ``vTMv`` 8.6 → 6.3 ms, against a
+    #: Python loop of compiled chunk steps, one at a time), ``_mv`` among them: an eager
+    #: CG's products (its ``solve`` 360 → 291 ms).
     #: Not what checks the data as it reads them — the host loops of ``solve``,
     #: ``get_diag`` and ``trace`` raise ``FloatingPointError`` on a non-finite residual or
     #: chunk, where a compiled call would answer NaN — nor ``frobenius_norm``, whose pairs
@@ -120,6 +121,13 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     @property
     def dtype(self):
         return self.layer_collection.dtype
+
+    def _compiles_eager_calls(self) -> bool:
+        """Whether the eager products compile: on data of one batch (its chunks one scan).
+        A list of batches (a loader's, kept) stays a loop of compiled chunk steps: a
+        compiled call would hold one scan, or one step, per batch — a program, and a
+        compile time, that grow with the number of batches."""
+        return len(self.data) == 1
 
     # ------------------------------------------------------------------ products
     def _mv(self, v):
