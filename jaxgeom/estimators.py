@@ -1040,7 +1040,7 @@ def _one_program(M: Operator) -> bool:
     argument: a representation whose products compile and do not run the model (all but
     ``PMatImplicit``, each of whose eager products is a compiled call of its own, compiled
     as a model step; a ``matvec`` closure would be compiled anew at every call)."""
-    return isinstance(M, PMatAbstract) and M._compiles_eager_calls() and not M.RUNS_MODEL
+    return isinstance(M, PMatAbstract) and M._compiles_in_one_program()
 
 
 def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,

@@ -307,6 +307,12 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         representation whose operations stream data through compiled steps of their own)."""
         return True
 
+    def _compiles_in_one_program(self) -> bool:
+        """Whether a caller may compile the operations into one program of its own with
+        XLA's default options: they compile when eager and do not run the model (whose
+        programs need a model step's options, :attr:`RUNS_MODEL`)."""
+        return self._compiles_eager_calls() and not self.RUNS_MODEL
+
     # ------------------------------------------------------------------ shapes
     @property
     def dtype(self):

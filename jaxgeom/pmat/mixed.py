@@ -239,7 +239,7 @@ class PMatMixed(PMatAbstract):
     def _compiles_eager_calls(self) -> bool:
         """Not with a part that runs the model: each part's operations compile their own
         calls then (a ``PMatImplicit``'s as model steps)."""
-        return all(p._compiles_eager_calls() and not p.RUNS_MODEL for p in self.parts)
+        return all(p._compiles_in_one_program() for p in self.parts)
 
     @property
     def _split(self) -> FlatPartition:
