@@ -30,8 +30,8 @@ reduced as they are made, give ``‖J Jᵀ‖_F`` (:func:`gram_norm_sq`: the Fro
 Inside a ``jit`` (data in memory of more than one window) the pairs are one ``lax.scan``
 per pair of batches (:func:`_scanned_pairs`) rather than one copy of the block's program
 per pair, and the mirrored blocks are copied after all blocks are written
-(:func:`_mirrored`); the norm's pairs stay unrolled (independent sums, which XLA runs side
-by side).
+(:func:`_mirrored`); the norm's pairs stay unrolled up to 36 (independent sums, which XLA
+runs side by side), those of groups of chunks when there are more (:func:`gram_norm_sq`).
 
 The cross kernel ``K = J_a J_bᵀ`` between two data sets (``(K, M, K, N)``,
 :func:`jaxgeom.pfmap.CrossGramMatrix`: test × train for NTK / GP prediction) is the same
@@ -178,22 +178,136 @@ def _keeps(factor_bytes: int, size: int, J: ReplayedFunction, num_outputs: int,
     return factor_bytes * J.num_examples <= limit * size
 
 
+#: the most pairs of parts whose blocks :func:`gram_norm_sq` sums as an unrolled loop
+#: inside a ``jit`` (those of 8 parts): their sums are independent, which XLA:CPU runs
+#: side by side on its threads, but the program, and its compile time, grows with their
+#: number (bench_small in a ``jit``, unrolled over chunks: 0.6 s to compile for 10
+#: pairs, 2.0 s for 136, 5.4 s for 528)
+UNROLLED_PAIRS = 36
+
+#: the groups of consecutive chunks whose factors :func:`gram_norm_sq` concatenates, when
+#: their blocks fit (:func:`_group_size`)
+NORM_GROUPS = 8
+
+#: pairs an iteration of :func:`gram_norm_sq`'s scan (their blocks computed side by side:
+#: bench_mlp, 32 chunks, 178 → 154 ms against one pair an iteration)
+SCANNED_PAIRS = 4
+
+
 def gram_norm_sq(J: ReplayedFunction, keep_bytes: int | None = None) -> jax.Array:
     """``‖J Jᵀ‖²_F = Σ_{chunks i, j} ‖J_i J_jᵀ‖²_F`` of the unscaled ``J``, from the blocks of
     :func:`gram_block` over the masked chunks (padding contributes zero; no ``(NK)²``
     matrix is formed). For ``M = (s/N) JᵀJ``, ``‖M‖_F = |s|/N · ‖J Jᵀ‖_F``. Cost and
-    ``keep_bytes``: :func:`gram_by_layers`'s. Unrolled inside a ``jit`` too: its pairs'
-    sums are independent, which XLA:CPU runs side by side on its threads (one pair an
-    iteration of a ``lax.scan`` ran on one: 0.73–0.94× on bench_small and bench_mlp)."""
-    chunks = list(J._chunks())
-    factors = _Factors(J, chunks, keep_bytes)
+    ``keep_bytes``: :func:`gram_by_layers`'s.
+
+    When the factors are kept and there are more than :data:`NORM_GROUPS` chunks, the
+    blocks are those of groups of consecutive chunks — a group's factor the concatenation
+    of its chunks' —, :data:`NORM_GROUPS` of them where a block between two groups is no
+    larger than one chunk's Jacobian (``n K d`` entries), else as many as that allows
+    (:func:`_group_size`): fewer, larger GEMMs (eagerly, 32 chunks: bench_mlp 179 →
+    111 ms, bench_small 101 → 69 ms; benchmarks/bench_implicit_norm.py). Inside a ``jit``
+    the pairs are unrolled up to :data:`UNROLLED_PAIRS`; beyond, one ``lax.scan`` over the
+    pairs of groups, or of chunks when the factors are not kept (:func:`_scanned_pairs`),
+    whose program does not grow with them (32 chunks: compiled in 1.0 s instead of
+    5.0–5.6 s, run at 0.96–0.97× the speed of every pair unrolled; 16 chunks: 1.0 s
+    instead of 1.8 s, 0.88–0.99×)."""
+    if _scans(J, None) and _pair_count(_chunk_count(J)) > UNROLLED_PAIRS:
+        parts = _scanned_parts(J, keep_bytes, masked=True)
+        if len(parts) == 1 and parts[0].kept:
+            part = parts[0]
+            size = _group_size(part.starts.shape[0], part.stacked, J, keep_bytes)
+            stacked = _stacked_groups(part.stacked, size)
+            groups = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+            if _pair_count(groups) <= UNROLLED_PAIRS:
+                return _pairs_norm_sq([_indexed(stacked, g) for g in range(groups)])
+            parts = [_ScannedParts(np.arange(groups), functools.partial(_indexed, stacked),
+                                   True, size * part.size, stacked)]
+
+        def add(total, left, right, row, column):
+            weight = jnp.where(row == column, 1.0, 2.0).astype(total.dtype)
+            return total + weight * _block_norm_sq(left, right)
+
+        zero = jnp.zeros((), J.layer_collection.dtype)
+        return _scanned_pairs(add, zero, parts, parts, upper=True, unroll=SCANNED_PAIRS)
+    factors = _Factors(J, list(J._chunks()), keep_bytes)
+    if len(factors) > NORM_GROUPS and factors.kept_all():
+        size = _group_size(len(factors), factors[0], J, keep_bytes)
+        groups = []
+        for start in range(0, len(factors), size):
+            members = range(start, min(start + size, len(factors)))
+            groups.append(_concatenated(tuple(factors[i] for i in members), size))
+            factors.release(members)  # the chunks' factors held once: in their group
+        return _pairs_norm_sq(groups)
+    return _pairs_norm_sq(factors)
+
+
+def _chunk_count(J: ReplayedFunction) -> int:
+    """The masked chunks of ``J.data`` (:func:`data_lib.iter_chunks`'), counted."""
+    return sum(1 if J.batch_size is None else -(-n // int(J.batch_size))
+               for n, *_ in batch_leaves(J.data))
+
+
+def _pair_count(parts: int) -> int:
+    return parts * (parts + 1) // 2
+
+
+def _pairs_norm_sq(factors: Any) -> jax.Array:
+    """``Σ_{i ≤ j} (2 − δᵢⱼ) ‖block(i, j)‖²_F`` over the sequence ``factors``, a loop."""
     total = 0.0
-    for i in range(len(chunks)):
+    for i in range(len(factors)):
         left = factors[i]
         total += _block_norm_sq(left, left)
-        for j in range(i + 1, len(chunks)):
+        for j in range(i + 1, len(factors)):
             total += 2 * _block_norm_sq(left, factors[j])
     return total
+
+
+def _group_size(count: int, factor: GramFactor, J: ReplayedFunction,
+                keep_bytes: int | None) -> int:
+    """The chunks of a group of :func:`gram_norm_sq`'s: enough for :data:`NORM_GROUPS`
+    groups to cover the ``count`` chunks, fewer if need be so that a block between two
+    groups, ``(K · size · n)²`` entries for chunks of ``n`` examples (``factor``: one
+    chunk's, or the stacked ones'), takes no more than ``keep_bytes`` (default: one chunk's
+    Jacobian, ``n K d`` entries); at least one."""
+    k, n = (factor.rows if factor.rows is not None else factor.grads[0]).shape[-3:-1]
+    itemsize = jnp.dtype(J.layer_collection.dtype).itemsize
+    limit = n * k * J.layer_collection.numel() * itemsize if keep_bytes is None else keep_bytes
+    fits = int((limit / itemsize) ** 0.5) // (k * n)
+    return max(1, min(-(-count // NORM_GROUPS), fits))
+
+
+def _stacked_groups(stacked: GramFactor, size: int) -> GramFactor:
+    """The stacked factors of ``C`` chunks (each leaf ``(C, …)``) as those of
+    ``⌈C / size⌉`` groups of ``size`` consecutive chunks, the last one completed by zero
+    factors (which add nothing to any block): a reshape, one program whatever ``C``."""
+    if size == 1:
+        return stacked
+    count = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    groups = -(-count // size)
+
+    def grouped(x):  # (C, n, a) → (G, size·n, a); (C, K, n, e) → (G, K, size·n, e)
+        x = jnp.pad(x, [(0, groups * size - count)] + [(0, 0)] * (x.ndim - 1))
+        x = x.reshape(groups, size, *x.shape[1:])
+        if x.ndim == 4:
+            return x.reshape(groups, size * x.shape[2], x.shape[3])
+        x = jnp.moveaxis(x, 1, 2)
+        return x.reshape(groups, x.shape[1], size * x.shape[3], x.shape[4])
+
+    return jax.tree_util.tree_map(grouped, stacked)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _concatenated(factors: tuple[GramFactor, ...], size: int) -> GramFactor:
+    """One factor of the examples of ``factors``, in their order, then zero factors up to
+    ``size`` of them (the chunks of a group, the last one completed: every group of one
+    shape)."""
+    zero = jax.tree_util.tree_map(jnp.zeros_like, factors[0])
+    factors = factors + (zero,) * (size - len(factors))
+
+    def join(*leaves):  # inputs (n, a): examples first; grads and rows (K, n, e): second
+        return jnp.concatenate(leaves, axis=0 if leaves[0].ndim == 2 else 1)
+
+    return jax.tree_util.tree_map(join, *factors)
 
 
 class _Factors:
@@ -209,6 +323,15 @@ class _Factors:
         self.kept: list[GramFactor | None] = [None] * len(parts)
         self.keep: bool | None = None
         self.last: tuple[int, GramFactor] | None = None  # the latest one, kept or not
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def release(self, indices: Any) -> None:
+        """Drop the factors of the parts ``indices`` (no longer read)."""
+        for i in indices:
+            self.kept[i] = None
+        self.last = None
 
     def kept_all(self) -> bool:
         """Whether every factor is kept once computed (decided on the first one, computed
@@ -249,53 +372,73 @@ class _ScannedParts(NamedTuple):
         factors computed once, stacked, when they are kept, else computed from its rows.
       kept: whether they are kept.
       size: the examples of a window.
+      stacked: the factors kept, stacked (``None`` when not kept).
     """
 
     starts: np.ndarray
     factor: Callable[[jax.Array], GramFactor]
     kept: bool
     size: int
+    stacked: GramFactor | None = None
 
 
-def _scanned_parts(J: ReplayedFunction, keep_bytes: int | None) -> list[_ScannedParts]:
-    """The windows of each batch of ``J.data`` inside a ``jit`` (:func:`_batch_windows`).
-    Their factors are kept (computed once, by ``lax.map``) on :class:`_Factors`' rule: when
-    all of them take no more than ``keep_bytes``."""
+def _scanned_parts(J: ReplayedFunction, keep_bytes: int | None, *,
+                   masked: bool = False) -> list[_ScannedParts]:
+    """The windows of each batch of ``J.data`` inside a ``jit`` (:func:`_batch_windows`),
+    or with ``masked`` its chunks (:func:`_batch_chunks`: for a sum over the pairs, which
+    overlapping windows would count twice). Their factors are kept (computed once, by
+    ``lax.map``) on :class:`_Factors`' rule: when all of them take no more than
+    ``keep_bytes``."""
     first = _first_batch(J)
     k = output_count(J.fn, J.params, first, J.aux)
     make = _factor_maker(J, first, k)
     parts, keep = [], None
-    for starts, size, window, seen in _batch_windows(J):
+    for starts, size, window, seen in (_batch_chunks if masked else _batch_windows)(J):
         def factor_at(start, window=window):
-            batch, offset = window(start)
-            return make(batch, offset, None)
+            return make(*window(start))
 
         local = jnp.asarray(starts)
         if keep is None:  # do all of them fit? (decided on the first part, as _Factors)
             keep = _keeps(_factor_bytes(jax.eval_shape(factor_at, local[0])), size, J, k,
                           keep_bytes)
+        stacked = jax.lax.map(factor_at, local) if keep else None
         if keep:
-            stacked = jax.lax.map(factor_at, local)
             factor = functools.partial(_indexed, stacked)
         else:
             factor = functools.partial(lambda f, starts, i: f(starts[i]), factor_at, local)
-        parts.append(_ScannedParts(starts + seen, factor, keep, size))
+        parts.append(_ScannedParts(starts + seen, factor, keep, size, stacked))
     return parts
 
 
 def _batch_windows(J: ReplayedFunction) -> Iterator[tuple[np.ndarray, int, Callable, int]]:
     """For each non-empty batch of ``J.data`` inside a ``jit``: where its windows start in
     it (:func:`data_lib.iter_windows`' windows, static), their size, ``window(start) ->
-    (batch, offset)`` (the rows cut by ``dynamic_slice``) and the examples of the batches
-    before."""
+    (batch, offset, None)`` (the rows cut by ``dynamic_slice``; no mask: real examples
+    only) and the examples of the batches before."""
     for n, leaves, treedef, seen in batch_leaves(J.data):
         size = n if J.batch_size is None else min(int(J.batch_size), n)
 
         def window(start, size=size, leaves=leaves, treedef=treedef, seen=seen):
             rows = [jax.lax.dynamic_slice_in_dim(a, start, size) for a in leaves]
-            return jax.tree_util.tree_unflatten(treedef, rows), seen + start
+            return jax.tree_util.tree_unflatten(treedef, rows), seen + start, None
 
         yield np.asarray(data_lib.window_starts(n, size)), size, window, seen
+
+
+def _batch_chunks(J: ReplayedFunction) -> Iterator[tuple[np.ndarray, int, Callable, int]]:
+    """:func:`_batch_windows` of the masked chunks of each batch instead (those of
+    :func:`data_lib.iter_chunks`: every ``batch_size`` examples, the last one's missing
+    rows masked out): ``chunk(start) -> (batch, offset, mask)``."""
+    mask_dtype = jax.dtypes.canonicalize_dtype(np.float64)
+    for n, leaves, treedef, seen in batch_leaves(J.data):
+        size = n if J.batch_size is None else int(J.batch_size)
+
+        def chunk(start, n=n, size=size, leaves=leaves, treedef=treedef, seen=seen):
+            rows = data_lib.clamped_rows(leaves, start, size)
+            mask = (start + jnp.arange(size) < n).astype(mask_dtype)
+            return jax.tree_util.tree_unflatten(treedef, rows), seen + start, mask
+
+        yield np.arange(0, n, size), size, chunk, seen
 
 
 def _indexed(stacked: Any, i: jax.Array) -> Any:
@@ -303,7 +446,8 @@ def _indexed(stacked: Any, i: jax.Array) -> Any:
 
 
 def _scanned_pairs(step: Callable, carry: Any, rows: list[_ScannedParts],
-                   columns: list[_ScannedParts], *, upper: bool, swap: bool = False) -> Any:
+                   columns: list[_ScannedParts], *, upper: bool, swap: bool = False,
+                   unroll: int = 1) -> Any:
     """``carry`` through ``step(carry, left, right, row, column)`` for every pair of a
     window of ``rows`` (its factor ``left``, its start ``row``) and a window of ``columns``,
     as one ``lax.scan`` over the pairs of each pair of batches, held window by held window;
@@ -311,7 +455,7 @@ def _scanned_pairs(step: Callable, carry: Any, rows: list[_ScannedParts],
     windows of ``columns`` are held and those of ``rows`` read against them. A factor not
     kept is computed when its window is first held (then carried) and for each pair it is
     read in, as :func:`_assemble` does; ``carry`` itself never passes through a
-    ``lax.cond``.
+    ``lax.cond``. ``unroll``: pairs an iteration.
 
     Unrolled (the eager loop's ``C(C+1)/2`` nested calls for ``C`` windows), the pairs
     inside a ``jit`` were one copy of the block's program per pair: bench_small's Gram of
@@ -349,7 +493,8 @@ def _scanned_pairs(step: Callable, carry: Any, rows: list[_ScannedParts],
 
             first = held_part.factor(jnp.asarray(0))
             state = (carry, jnp.asarray(0), first)
-            carry = jax.lax.scan(pair, state, (pairs[:, 0], pairs[:, 1]))[0][0]
+            carry = jax.lax.scan(pair, state, (pairs[:, 0], pairs[:, 1]),
+                                 unroll=unroll)[0][0]
     return carry
 
 
@@ -602,7 +747,7 @@ def _by_products_scanned(left: PFMapImplicit, right: PFMapImplicit, k: int) -> j
         units = jnp.eye(size * k, dtype=left.layer_collection.dtype).reshape(-1, size, k)
 
         def rows_at(start, window=window, size=size, units=units):
-            batch, offset = window(start)
+            batch, offset, _ = window(start)
             chunk = data_lib.Chunk(batch, np.ones(size), offset, size)
             return right._jvp_many(left._vjp_chunk(chunk, units))  # (size·K, K, N)
 

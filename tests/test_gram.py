@@ -125,6 +125,63 @@ def test_gram_inside_jit_scans_the_pairs_of_windows(make, keep_bytes):
     assert _scans_in(programs[0]) >= 2 and _primitives(programs[0]) == _primitives(programs[1])
 
 
+@pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn, make_linen_embed])
+@pytest.mark.parametrize("keep_bytes", [10**9, 0])
+@pytest.mark.parametrize("unrolled_pairs", [36, 3])
+def test_norm_of_many_chunks_sums_blocks_of_groups(make, keep_bytes, unrolled_pairs,
+                                                   monkeypatch):
+    """More chunks than ``NORM_GROUPS`` (19 examples, chunks of one): ``‖J Jᵀ‖²_F`` from
+    the blocks of 7 groups of 3 consecutive chunks (the factors kept, ``10**9``; the last
+    group completed by zero factors: eagerly, every block of one shape) or of the chunks
+    (none kept, ``0``), eagerly and
+    inside a ``jit`` — there the pairs unrolled up to ``UNROLLED_PAIRS`` (36: the 28 pairs
+    of groups) and one ``lax.scan`` beyond (3: the pairs of groups, or of chunks), whose
+    program is then the same for twice the examples."""
+    from jaxgeom import gram as gram_lib
+
+    monkeypatch.setattr(gram_lib, "UNROLLED_PAIRS", unrolled_pairs)
+    t = make(n=19)
+    ref, _ = reference(t)
+
+    def norm_sq(params, x):
+        J = Jacobian(t.apply_fn, params, x, PFMapImplicit, batch_size=1)
+        return gram_norm_sq(J, keep_bytes)
+
+    shapes, block = set(), gram_lib._block_norm_sq
+
+    def recorded(left, right):
+        shapes.add(tuple(x.shape for x in jax.tree_util.tree_leaves((left, right))))
+        return block(left, right)
+
+    monkeypatch.setattr(gram_lib, "_block_norm_sq", recorded)
+    np.testing.assert_allclose(norm_sq(t.params, t.x), np.sum(ref**2), **TOL)
+    assert len(shapes) == 1  # eagerly, the groups (or chunks) of one shape: one compilation
+    np.testing.assert_allclose(jax.jit(norm_sq)(t.params, t.x), np.sum(ref**2), **TOL)
+    programs = [jax.make_jaxpr(norm_sq)(t.params, x) for x in (t.x, jnp.concatenate([t.x] * 2))]
+    if unrolled_pairs == 3 or not keep_bytes:
+        assert _primitives(programs[0]) == _primitives(programs[1])
+    else:  # the 28 pairs of 7 groups unrolled, then of 8 groups (of 5 chunks): 36
+        assert len(programs[0].eqns) < len(programs[1].eqns)
+
+
+def test_norm_groups_are_as_large_as_one_chunks_jacobian_allows():
+    """``_group_size``: enough chunks for ``NORM_GROUPS`` groups to cover them, fewer when a
+    block between two groups, ``(K · size · n)²`` entries, would take more than
+    ``keep_bytes`` (default: one chunk's Jacobian, ``n K d``), at least one."""
+    from jaxgeom import gram as gram_lib
+
+    t = make_linen_mlp()
+    J = Jacobian(t.apply_fn, t.params, t.x, PFMapImplicit, batch_size=2)
+    k, d = t.num_outputs, J.layer_collection.numel()
+    factor = gram_lib.GramFactor((), (), jnp.zeros((k, 2, d)))  # chunks of n = 2
+    block = (2 * k) ** 2 * 8  # the bytes of a block between two chunks
+    assert gram_lib._group_size(80, factor, J, None) == min(10, int((2 * k * d) ** 0.5) // (2 * k))
+    assert gram_lib._group_size(80, factor, J, 9 * block) == 3
+    assert gram_lib._group_size(80, factor, J, 9 * block - 1) == 2
+    assert gram_lib._group_size(80, factor, J, 0) == 1
+    assert gram_lib._group_size(12, factor, J, 10**9) == 2
+
+
 def test_implicit_gram_inside_jit_scans_the_windows():
     """``method="implicit"`` inside a ``jit``: the rows of each window of the left data
     (real examples, the last window overlapping its predecessor) one ``lax.scan``, the

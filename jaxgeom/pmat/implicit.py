@@ -76,7 +76,9 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
       (:mod:`jaxgeom.gram`: a dense layer by ``(A_i A_jᵀ) ∘ (Γ_i Γ_jᵀ)`` of its captured
       inputs and output gradients, ``(NK)² g_l``; the other parameters by their rows,
       ``(NK)² d_r``); each chunk captured once when the captures fit in one chunk's
-      Jacobian, else once per pair; no ``(NK)²`` matrix formed.
+      Jacobian, else once per pair; no ``(NK)²`` matrix formed. Of more than 8 chunks
+      whose captures are kept, the blocks of 8 groups of consecutive chunks (fewer,
+      larger GEMMs; :func:`jaxgeom.gram.gram_norm_sq`).
     - ``to_dense``: streamed ``Σ JₙᵀJₙ`` (``N K B + N K d²``, memory ``d²``).
 
     Spectral functions (``eigh``, ``eigvalsh``, ``norm(2)``, ``pinv``, ``pow``, ``inv``)
@@ -113,8 +115,9 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     #: CG's products (its ``solve`` 360 → 291 ms).
     #: Not what checks the data as it reads them — the host loops of ``solve``,
     #: ``get_diag`` and ``trace`` raise ``FloatingPointError`` on a non-finite residual or
-    #: chunk, where a compiled call would answer NaN — nor ``frobenius_norm``, whose pairs
-    #: of chunks a ``jit`` unrolls (its compile time would grow with their number)
+    #: chunk, where a compiled call would answer NaN — nor ``frobenius_norm``, whose
+    #: compiled program (up to 36 pairs of blocks unrolled) takes longer to compile than
+    #: its loop of pair steps takes to run
     COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = ("mv", "_mv", "vTMv", "mmap", "mapTMmap")
 
     # ------------------------------------------------------------------ shapes
