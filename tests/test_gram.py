@@ -100,7 +100,7 @@ def test_gram_inside_jit_scans_the_pairs_of_windows(make, keep_bytes):
     single example of the second), the factors kept (``None``: they fit; ``10**9``) or
     recomputed for each pair (``0``); the program is the same for 4× the examples
     (unrolled, one copy of the block's program per pair, it grew with their number).
-    ``‖J Jᵀ‖²_F``'s pairs stay unrolled."""
+    ``‖J Jᵀ‖²_F``'s pairs (at most 4 chunks here) stay unrolled."""
     t = make()
     ref, _ = reference(t)
 
