@@ -204,13 +204,13 @@ def gram_norm_sq(J: ReplayedFunction, keep_bytes: int | None = None) -> jax.Arra
     blocks are those of groups of consecutive chunks — a group's factor the concatenation
     of its chunks' —, :data:`NORM_GROUPS` of them where a block between two groups is no
     larger than one chunk's Jacobian (``n K d`` entries), else as many as that allows
-    (:func:`_group_size`): fewer, larger GEMMs (eagerly, 32 chunks: bench_mlp 179 →
-    111 ms, bench_small 101 → 69 ms; benchmarks/bench_implicit_norm.py). Inside a ``jit``
+    (:func:`_group_size`): fewer, larger GEMMs (eagerly, 32 chunks: bench_mlp 181 →
+    116 ms, bench_small 107 → 75 ms; benchmarks/bench_implicit_norm.py). Inside a ``jit``
     the pairs are unrolled up to :data:`UNROLLED_PAIRS`; beyond, one ``lax.scan`` over the
     pairs of groups, or of chunks when the factors are not kept (:func:`_scanned_pairs`),
     whose program does not grow with them (32 chunks: compiled in 1.0 s instead of
-    5.0–5.6 s, run at 0.96–0.97× the speed of every pair unrolled; 16 chunks: 1.0 s
-    instead of 1.8 s, 0.88–0.99×)."""
+    5.5–6.1 s, run at 0.97–0.98× the speed of every pair unrolled; 16 chunks: 1.0 s
+    instead of 2.0 s, 0.89–0.98×)."""
     if _scans(J, None) and _pair_count(_chunk_count(J)) > UNROLLED_PAIRS:
         parts = _scanned_parts(J, keep_bytes, masked=True)
         if len(parts) == 1 and parts[0].kept:
