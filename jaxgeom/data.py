@@ -290,6 +290,25 @@ def iter_chunks(data: Any, batch_size: int | None = None) -> Iterator[Chunk]:
             yield Chunk(chunk, _mask(size, count), offset + start, count)
 
 
+def chunk_count(batches: Iterable[Any], batch_size: int | None) -> int:
+    """How many chunks :func:`iter_chunks` cuts from ``batches`` (in memory): ``⌈n /
+    batch_size⌉`` for each non-empty batch of ``n`` examples (one with ``batch_size=None``)."""
+    sizes = (num_examples(batch) for batch in batches)
+    return sum(1 if batch_size is None else -(-n // int(batch_size)) for n in sizes if n)
+
+
+def masked_chunk(leaves: Sequence[jax.Array], treedef: Any, n: int, seen: Any, start: Any,
+                 size: int) -> tuple[Any, jax.Array, Any]:
+    """The chunk of a batch of ``n`` examples (its ``leaves`` and ``treedef``) from row
+    ``start`` (traced or not), as :func:`iter_chunks` cuts it: ``size`` rows
+    (:func:`clamped_rows`), their mask (the rows past ``n`` masked out, in the float dtype
+    the eager chunks' masks have) and the offset of the first among all examples (``seen``
+    of the batches before)."""
+    rows = clamped_rows(leaves, start, size)
+    mask = (start + jnp.arange(size) < n).astype(jax.dtypes.canonicalize_dtype(np.float64))
+    return jax.tree_util.tree_unflatten(treedef, rows), mask, seen + start
+
+
 def _nonempty_batches(data: Any, batch_size: int | None) -> Iterator[tuple[Any, int, int]]:
     """``(batch, its number of examples, the index of its first example)`` for every
     non-empty batch of ``data``, after checking ``batch_size``; a ``ValueError`` when there

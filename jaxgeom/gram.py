@@ -211,7 +211,7 @@ def gram_norm_sq(J: ReplayedFunction, keep_bytes: int | None = None) -> jax.Arra
     whose program does not grow with them (32 chunks: compiled in 1.0 s instead of
     5.5–6.1 s, run at 0.97–0.98× the speed of every pair unrolled; 16 chunks: 1.0 s
     instead of 2.0 s, 0.89–0.98×)."""
-    if _scans(J, None) and _pair_count(_chunk_count(J)) > UNROLLED_PAIRS:
+    if _scans(J, None) and _pair_count(data_lib.chunk_count(J.data, J.batch_size)) > UNROLLED_PAIRS:
         parts = _scanned_parts(J, keep_bytes, masked=True)
         if len(parts) == 1 and parts[0].kept:
             part = parts[0]
@@ -239,12 +239,6 @@ def gram_norm_sq(J: ReplayedFunction, keep_bytes: int | None = None) -> jax.Arra
             factors.release(members)  # the chunks' factors held once: in their group
         return _pairs_norm_sq(groups)
     return _pairs_norm_sq(factors)
-
-
-def _chunk_count(J: ReplayedFunction) -> int:
-    """The masked chunks of ``J.data`` (:func:`data_lib.iter_chunks`'), counted."""
-    return sum(1 if J.batch_size is None else -(-n // int(J.batch_size))
-               for n, *_ in batch_leaves(J.data))
 
 
 def _pair_count(parts: int) -> int:
@@ -429,14 +423,12 @@ def _batch_chunks(J: ReplayedFunction) -> Iterator[tuple[np.ndarray, int, Callab
     """:func:`_batch_windows` of the masked chunks of each batch instead (those of
     :func:`data_lib.iter_chunks`: every ``batch_size`` examples, the last one's missing
     rows masked out): ``chunk(start) -> (batch, offset, mask)``."""
-    mask_dtype = jax.dtypes.canonicalize_dtype(np.float64)
     for n, leaves, treedef, seen in batch_leaves(J.data):
         size = n if J.batch_size is None else int(J.batch_size)
 
         def chunk(start, n=n, size=size, leaves=leaves, treedef=treedef, seen=seen):
-            rows = data_lib.clamped_rows(leaves, start, size)
-            mask = (start + jnp.arange(size) < n).astype(mask_dtype)
-            return jax.tree_util.tree_unflatten(treedef, rows), seen + start, mask
+            batch, mask, offset = data_lib.masked_chunk(leaves, treedef, n, seen, start, size)
+            return batch, offset, mask
 
         yield np.arange(0, n, size), size, chunk, seen
 

@@ -483,8 +483,7 @@ def scans_in_jit(data: Any, batch_size: int | None, *trees: Any) -> bool:
     batches = _in_memory_batches(data)
     if batches is None or not staged(trees, batches):
         return False
-    chunks = sum(-(-data_lib.num_examples(b) // int(batch_size)) for b in batches)
-    return chunks > 1
+    return data_lib.chunk_count(batches, batch_size) > 1
 
 
 def _in_memory_batches(data: Any) -> list | None:
@@ -517,15 +516,9 @@ def scan_chunks(step: Callable[[Any, Any, jax.Array, jax.Array], Any], carry: An
     memory inside a ``jit`` too.
     """
     size = int(batch_size)
-    mask_dtype = jax.dtypes.canonicalize_dtype(np.float64)
     examples = 0
     for n, leaves, treedef, seen in batch_leaves(data):
-
-        def chunk(start, n=n, leaves=leaves, treedef=treedef, seen=seen):
-            cut = data_lib.clamped_rows(leaves, start, size)
-            mask = (start + jnp.arange(size) < n).astype(mask_dtype)
-            return jax.tree_util.tree_unflatten(treedef, cut), mask, seen + start
-
+        chunk = functools.partial(data_lib.masked_chunk, leaves, treedef, n, seen, size=size)
         starts = jnp.asarray(np.arange(0, n, size))
         if callable(carry):
             carry = carry(*chunk(starts[0]))
