@@ -174,6 +174,17 @@ def paired(ours: dict, theirs: dict, warm: dict) -> dict:
 INTERVAL_LEVEL = 0.95
 
 
+#: the environment variables that change how fast a run is, recorded with it: the C
+#: library's allocator (docs/performance.md, "Scratch memory"), threads and XLA's flags
+ENVIRONMENT_PREFIXES = ("GLIBC_TUNABLES", "MALLOC_", "OMP_", "GOMP_", "KMP_", "MKL_",
+                        "OPENBLAS_", "XLA_", "JAX_", "TF_CPP_")
+
+
+def run_environment() -> dict[str, str]:
+    """The variables of :data:`ENVIRONMENT_PREFIXES` set in this process."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENVIRONMENT_PREFIXES)}
+
+
 def median_interval(values: list[float], level: float = INTERVAL_LEVEL
                     ) -> tuple[float, float, float]:
     """A distribution-free interval for the median of the distribution ``values`` are
@@ -812,7 +823,8 @@ def run_all(args) -> dict:
         settings=dict(repeats=repeats, dtype="float32", variant="classif_logits",
                       solve_regul=SOLVE_REGUL, cg_maxiter=CG_MAXITER, peers=not args.no_peers,
                       jobs=args.jobs, xla_flags=os.environ.get("XLA_FLAGS"),
-                      cpu_sync_dispatch=args.cpu_sync_dispatch),
+                      cpu_sync_dispatch=args.cpu_sync_dispatch,
+                      environment=run_environment()),
         models={},
     )
     # tasks: (model, kind, rep, argv); floors first, the longest to compile
@@ -1189,6 +1201,9 @@ def print_report(results: dict, markdown: bool = False) -> None:
     if accel:
         print(f"\nRun on {accel} (float32 products at full precision, no TF32, for "
               "jaxgeom and the peers).")
+    environment = results.get("settings", {}).get("environment")
+    if environment:
+        print("\nRun with " + " ".join(f"{k}={v}" for k, v in environment.items()))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -131,3 +131,18 @@ def test_median_interval_takes_the_order_statistics_of_its_coverage(bench_fim):
     assert (low, high, level) == (0.9, 1.1, pytest.approx(0.875))
     with pytest.raises(ValueError, match="at least one value"):
         bench_fim.median_interval([])
+
+
+def test_a_run_records_the_environment_that_changes_its_speed(bench_fim, monkeypatch, capsys):
+    """The allocator's, the threads' and XLA's variables are kept with a run (and printed
+    under its report); others are not."""
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("JAXGEOM_UNRELATED", "x")
+    environment = bench_fim.run_environment()
+    assert environment["GLIBC_TUNABLES"] == "glibc.malloc.trim_threshold=1"
+    assert environment["OMP_NUM_THREADS"] == "2" and "JAXGEOM_UNRELATED" not in environment
+    results = run({}, FLOORS)
+    results["settings"] = {"environment": {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}}
+    bench_fim.print_report(results)
+    assert "Run with GLIBC_TUNABLES=glibc.malloc.trim_threshold=1" in capsys.readouterr().out
