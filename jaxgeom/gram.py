@@ -172,10 +172,18 @@ def _keeps(factor_bytes: int, size: int, J: ReplayedFunction, num_outputs: int,
     """Whether the factors of all of ``J``'s parts are kept: those of ``N`` examples, at
     ``factor_bytes`` for a part of ``size``, take no more than ``keep_bytes`` (default: a
     part's Jacobian, ``size K d`` entries)."""
-    limit = (size * num_outputs * J.layer_collection.numel()
-             * jnp.dtype(J.layer_collection.dtype).itemsize
-             if keep_bytes is None else keep_bytes)
-    return factor_bytes * J.num_examples <= limit * size
+    return factor_bytes * J.num_examples <= _byte_limit(J, size, num_outputs, keep_bytes) * size
+
+
+def _byte_limit(J: ReplayedFunction, size: int, num_outputs: int,
+                keep_bytes: int | None) -> int:
+    """``keep_bytes``, by default the bytes of the Jacobian of a part of ``size`` examples
+    (``size K d`` entries): what the kept factors, or a block between two groups of
+    chunks, may take."""
+    if keep_bytes is not None:
+        return keep_bytes
+    return size * num_outputs * J.layer_collection.numel() * jnp.dtype(
+        J.layer_collection.dtype).itemsize
 
 
 #: the most pairs of parts whose blocks :func:`gram_norm_sq` sums as an unrolled loop
@@ -265,8 +273,7 @@ def _group_size(count: int, factor: GramFactor, J: ReplayedFunction,
     Jacobian, ``n K d`` entries); at least one."""
     k, n = (factor.rows if factor.rows is not None else factor.grads[0]).shape[-3:-1]
     itemsize = jnp.dtype(J.layer_collection.dtype).itemsize
-    limit = n * k * J.layer_collection.numel() * itemsize if keep_bytes is None else keep_bytes
-    fits = int((limit / itemsize) ** 0.5) // (k * n)
+    fits = int((_byte_limit(J, n, k, keep_bytes) / itemsize) ** 0.5) // (k * n)
     return max(1, min(-(-count // NORM_GROUPS), fits))
 
 
