@@ -228,7 +228,7 @@ def _add_rows(total: jax.Array, indices: np.ndarray, row: Callable, weight: Any,
         old = jax.lax.dynamic_slice_in_dim(total, start, p)
         total = jax.lax.dynamic_update_slice_in_dim(
             total, old + jnp.where(fresh, weight * rows, 0), start, axis=0)
-        return total, finite & jnp.all(jnp.isfinite(rows))
+        return total, finite & tree_finite(rows)
 
     return jax.lax.fori_loop(0, -(-m // p), one_pass, (total, jnp.ones((), bool)))
 

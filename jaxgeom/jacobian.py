@@ -30,7 +30,7 @@ from jaxgeom import data as data_lib
 from jaxgeom._differentiable import FloatLeaves
 from jaxgeom._signature import abstract, cached, signature
 from jaxgeom.layers import LayerCollection, concat_last
-from jaxgeom.streaming import ChunkBuilder, builder, run, static_field
+from jaxgeom.streaming import ChunkBuilder, builder, run, static_field, tree_finite
 from jaxgeom.streaming import check_finite as check_finite  # re-exported
 
 MODES = ("auto", "reverse", "forward")
@@ -219,7 +219,7 @@ class JacobianBuilder(ChunkBuilder):
             jac = concat_last(pieces)
         else:
             jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
-            finite = jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
+            finite = tree_finite((out, jac))
         if self._output_major:
             return jac.transpose(1, 0, 2), finite  # padded examples cut off in ``reduce``
         return jac.reshape(-1, jac.shape[-1]), finite  # padded rows cut off in ``reduce``
@@ -294,7 +294,7 @@ class JacobianBuilder(ChunkBuilder):
             jac, out = chunk_jacobian(self.fn, params, batch, offset, aux, self.mode)
             edges = self.layout.offsets
             pieces = [jac[..., a:b] for a, b in zip(edges[:-1], edges[1:])]
-            return pieces, jnp.all(jnp.isfinite(out)) & jnp.all(jnp.isfinite(jac))
+            return pieces, tree_finite((out, jac))
         example = jax.tree_util.tree_map(lambda a: a[0], batch)
         plan = capture_lib.make_plan(self.fn, params, example, aux, self.layout)
         captured = capture_lib.capture_chunk(plan, params, batch, offset, aux)

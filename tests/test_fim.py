@@ -41,6 +41,7 @@ from jaxgeom import (
 )
 from jaxgeom._counter_rng import draw_key
 from jaxgeom.jacobian import Hashable
+from jaxgeom.streaming import tree_finite
 from jaxgeom.pmat.mixed import PMatMixed
 from jaxgeom.variants import (
     FisherOutputs,
@@ -907,6 +908,22 @@ def test_non_finite_outputs():
         FIM(t.apply_fn, params, t.x, PMatDense, batch_size=3)
 
 
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+@pytest.mark.parametrize("where", ["huge", "ints", "small"])
+def test_tree_finite_flags_one_non_finite_entry_and_never_overflows(bad, where):
+    """``tree_finite`` (the chunks' flags) is ``all(isfinite(x))`` over every leaf: a leaf
+    of float32 maxima (whose sum overflows) is finite, integer and empty leaves are, and
+    one non-finite entry anywhere is not — eagerly and inside a ``jit``."""
+    big = jnp.finfo(jnp.float32).max
+    tree = {"huge": jnp.full((1000,), big, jnp.float32), "ints": jnp.arange(3),
+            "empty": jnp.zeros((0, 4)), "small": jnp.ones((2, 3), jnp.float64)}
+    for check in (tree_finite, jax.jit(tree_finite)):
+        assert bool(check(tree))
+        leaf = tree[where].astype(jnp.float32) if where == "ints" else tree[where]
+        bad_tree = dict(tree, **{where: leaf.reshape(-1).at[1].set(bad).reshape(leaf.shape)})
+        assert not bool(check(bad_tree))
+
+
 BUILT_FROM_DATA = ["PMatDense", "PMatBlockDiag", "PMatDiag", "PMatKFAC", "PMatEKFAC",
                    "PMatQuasiDiag", "PMatLowRank"]
 
@@ -927,6 +944,16 @@ def test_a_non_finite_input_names_its_chunk(representation, make, bad):
     with pytest.raises(FloatingPointError, match="non-finite"):
         FIM_MonteCarlo(t.apply_fn, t.params, x, getattr(jaxgeom, representation),
                        key=jax.random.PRNGKey(0), batch_size=3)
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatLowRank], ids=lambda r: r.__name__)
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_a_non_finite_input_names_its_chunk_in_forward_mode(representation, bad):
+    """Forward mode reads the chunk's Jacobian and outputs for its flag (not captures)."""
+    t = make_linen_mlp(n=9)
+    x = t.x.at[7, 0].set(bad)
+    with pytest.raises(FloatingPointError, match=r"examples 6\.\.8\b"):
+        FIM(t.apply_fn, t.params, x, representation, mode="forward", batch_size=3)
 
 
 def _record_calls(monkeypatch, owner, name, events, label):
