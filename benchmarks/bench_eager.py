@@ -21,9 +21,10 @@ medians of:
 and the ratios NNGeometry / ``eager`` (``ᵖ``: paired, the two sides timed in alternated
 blocks, ``bench_fim.paired``, for calls under 1 s) and ``op by op`` / ``eager``. The
 operations are ``bench_fim``'s (KFAC's solve π-damped, as NNGeometry's). Compilation is
-not timed (first calls dropped). ``PMatImplicit``'s products are one compiled call each
-(the scan of its chunks, compiled as a model step); its other operations stream their
-chunks through compiled steps eagerly, their ``op by op`` their ``eager``.
+not timed (first calls dropped). ``PMatImplicit``'s products, ``get_diag`` and ``trace``
+are one compiled call each (the scan of its chunks, compiled as a model step), their ``op
+by op`` the loop of compiled chunk steps they ran as before; its other operations stream
+their chunks through compiled steps eagerly, their ``op by op`` their ``eager``.
 """
 
 from __future__ import annotations
@@ -107,15 +108,22 @@ def run_case(model: str, rep: str) -> dict:
 
 def _op_by_op(fn, F, v):
     """``fn(F, v)`` with every operation run as written, its array operations dispatched
-    one by one (``PMatAbstract._compiles_eager_calls`` patched to say no)."""
+    one by one (``_compiles_eager_calls`` patched to say no on the base and on ``F``'s
+    class, which may answer for itself: ``PMatImplicit``, whose operations then stream
+    their chunks through compiled steps from Python)."""
     from jaxgeom.pmat.base import PMatAbstract
 
-    original = PMatAbstract._compiles_eager_calls
-    PMatAbstract._compiles_eager_calls = lambda self: False
+    patched = {cls: vars(cls).get("_compiles_eager_calls") for cls in {PMatAbstract, type(F)}}
+    for cls in patched:
+        cls._compiles_eager_calls = lambda self: False
     try:
         return fn(F, v)
     finally:
-        PMatAbstract._compiles_eager_calls = original
+        for cls, original in patched.items():
+            if original is None:
+                del cls._compiles_eager_calls
+            else:
+                cls._compiles_eager_calls = original
 
 
 def _ms(row: dict | None) -> str:

@@ -46,6 +46,15 @@ them (a mean, the eigendecompositions between EKFAC's passes, the next pass) is
 dispatched, and the total of a builder that factorises it is zeroed on the device if one
 is false, so that no NaN reaches LAPACK.
 
+Non-finite chunks. Each chunk's step also answers whether its outputs and the captured
+values behind its statistics were finite; :func:`run` raises ``FloatingPointError``
+naming the first chunk that was not. Inside a trace the flags cannot be read: each is a
+``checkify.debug_check`` (:func:`check_finite`), nothing unless the traced function is
+checkified (``jax.experimental.checkify.checkify(f, errors=checkify.user_checks)``),
+where it is the same error, naming the same examples, read on the host after the call
+(``PMatImplicit``'s compiled eager ``get_diag`` and ``trace`` do). XLA removes the flags'
+work from a program that is not checkified.
+
 Kept data. A builder with ``keeps_data`` (``PMatImplicit``, which replays the data at
 every product) receives the list of all batches read (``Stream.data``): the driver keeps
 them while it reads them (the first and only read of a one-shot iterator).
@@ -63,6 +72,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from jaxgeom import data as data_lib
 from jaxgeom._compile import MEMORY_SCHEDULE, donating_jit, model_jit, quick_jit, staged
@@ -588,19 +598,38 @@ def sum_chunks(part: Callable[..., Any], data: Any, batch_size: int,
 def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: Any,
                     aux: Any) -> tuple[Any, int, list]:
     """:func:`_reduce` of data in memory inside a ``jit``: the chunks' steps
-    (:func:`_update`) through :func:`scan_chunks`, one finiteness flag for all."""
+    (:func:`_update`) through :func:`scan_chunks`, one flag for all: whether every chunk
+    was finite, with the offset and count of the first that was not (traced)."""
     update = _update_for_memory if builder.schedules_for_memory else _update
 
     def first(batch, mask, offset):
-        return builder.init_total(params, batch, mask, offset, aux), jnp.asarray(True)
+        return builder.init_total(params, batch, mask, offset, aux), _all_finite_so_far(offset)
 
     def step(carry, batch, mask, offset):
-        total, finite = carry
+        total, flag = carry
         total, chunk_finite = update(builder, total, params, batch, mask, offset, aux)
-        return total, jnp.logical_and(finite, chunk_finite)
+        return total, _first_non_finite(flag, chunk_finite, offset, mask)
 
-    (total, finite), n = scan_chunks(step, first, data, batch_size)
-    return total, n, [(finite, 0, n)]
+    (total, flag), n = scan_chunks(step, first, data, batch_size)
+    return total, n, [flag]
+
+
+def _all_finite_so_far(offset: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The flag of no chunk yet: ``(finite, offset, count)`` of :func:`_first_non_finite`."""
+    zero = jnp.zeros((), jnp.asarray(offset).dtype)
+    return jnp.asarray(True), zero, zero
+
+
+def _first_non_finite(flag: tuple, chunk_finite: jax.Array, offset: jax.Array,
+                      mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``flag`` — ``(finite, offset, count)``: whether the chunks so far were finite, and
+    the examples of the first that was not — after one more chunk (its first example's
+    ``offset``, its real examples ``mask``)."""
+    finite, bad_offset, bad_count = flag
+    first_bad = finite & ~chunk_finite
+    count = jnp.sum(mask != 0).astype(bad_count.dtype)
+    return (finite & chunk_finite, jnp.where(first_bad, offset, bad_offset),
+            jnp.where(first_bad, count, bad_count))
 
 
 def _same_example_shapes(builder: ChunkBuilder, shapes: Any, chunk: data_lib.Chunk) -> Any:
@@ -745,14 +774,36 @@ _MODEL_HINT = ("the function's outputs (a log of 0, an overflow), and for a Fish
                "(e.g. 'classif_logsoftmax' expects log-probabilities)")
 
 
-def check_finite(finite: Any, offset: int, count: int, *, what: str = "model outputs or gradients",
-                 hint: str = _MODEL_HINT) -> None:
-    """Raise if a chunk had non-finite ``what`` (skipped while tracing)."""
+def check_finite(finite: Any, offset: Any, count: Any, *,
+                 what: str = "model outputs or gradients", hint: str = _MODEL_HINT) -> None:
+    """Raise ``FloatingPointError`` if the chunk of examples ``offset … offset + count − 1``
+    had non-finite ``what``.
+
+    Inside a trace (``finite`` a tracer; ``offset`` and ``count`` may be traced too) a
+    ``checkify.debug_check`` of the same message: nothing, and no work in the compiled
+    program, unless the traced function is checkified
+    (``checkify.checkify(f, errors=checkify.user_checks)``), whose error then names the
+    examples (:func:`raise_checked`)."""
+    what, hint = (text.replace("{", "{{").replace("}", "}}") for text in (what, hint))
+    message = (f"non-finite {what} for the examples {{}}..{{}}: check the inputs and the "
+               f"parameters (NaN/inf), {hint}")
     if isinstance(finite, jax.core.Tracer):
+        first = jnp.asarray(offset)  # the message's values must be arrays
+        checkify.debug_check(finite, message, first, first + count - 1)
         return
     if not bool(finite):
-        raise FloatingPointError(
-            f"non-finite {what} for the examples {offset}..{offset + count - 1}: check the "
-            f"inputs and the parameters (NaN/inf), {hint}"
-        )
+        raise FloatingPointError(message.format(offset, offset + count - 1))
+
+
+#: what ``checkify`` appends to the message of a failed ``check``
+_CHECK_SUFFIX = " (`check` failed)"
+
+
+def raise_checked(error: checkify.Error) -> None:
+    """Raise the first failed check of a checkified call (:func:`check_finite`'s, inside
+    its trace) as the ``FloatingPointError`` the eager build raises."""
+    message = error.get()
+    if message is not None:
+        message = message.split("\n")[0]
+        raise FloatingPointError(message.removesuffix(_CHECK_SUFFIX))
 

@@ -11,6 +11,7 @@ import pytest
 from flax import linen as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.experimental import checkify
 from models import (
     ALL_TASKS,
     constant_columns,
@@ -41,8 +42,8 @@ from jaxgeom import (
 )
 from jaxgeom._counter_rng import draw_key
 from jaxgeom.jacobian import Hashable
-from jaxgeom.streaming import tree_finite
 from jaxgeom.pmat.mixed import PMatMixed
+from jaxgeom.streaming import raise_checked, tree_finite
 from jaxgeom.variants import (
     FisherOutputs,
     inverse_cdf,
@@ -954,6 +955,35 @@ def test_a_non_finite_input_names_its_chunk_in_forward_mode(representation, bad)
     x = t.x.at[7, 0].set(bad)
     with pytest.raises(FloatingPointError, match=r"examples 6\.\.8\b"):
         FIM(t.apply_fn, t.params, x, representation, mode="forward", batch_size=3)
+
+
+@pytest.mark.parametrize("representation", BUILT_FROM_DATA)
+@pytest.mark.parametrize("batch_size", [None, 3], ids=["one-chunk", "scanned"])
+@pytest.mark.parametrize("where", [1, 7], ids=["first-chunk", "last-chunk"])
+def test_a_non_finite_chunk_inside_a_checkified_jit_is_named(representation, batch_size,
+                                                              where):
+    """Inside a ``jit`` the chunks' flags are ``checkify`` checks: nothing under a plain
+    ``jit``, and under ``checkify.checkify`` the eager build's error, naming the same
+    examples (the first chunk that was not finite, however many chunks follow)."""
+    t = make_linen_mlp(n=9)
+    representation = getattr(jaxgeom, representation)
+    x = t.x.at[where, 0].set(jnp.nan).at[8, 0].set(jnp.inf)
+
+    def build(x):
+        return FIM(t.apply_fn, t.params, x, representation, batch_size=batch_size)
+
+    with pytest.raises(FloatingPointError) as eager:
+        build(x)
+    jax.jit(build)(x)  # no check: the flags' work is dropped
+    checked = jax.jit(checkify.checkify(build, errors=checkify.user_checks))
+    error, _ = checked(x)
+    with pytest.raises(FloatingPointError) as traced:
+        raise_checked(error)
+    assert str(traced.value) == str(eager.value)
+    first = 0 if batch_size is None else where // 3 * 3
+    assert f"examples {first}..{8 if batch_size is None else first + 2}:" in str(eager.value)
+    error, _ = checked(t.x)
+    assert error.get() is None
 
 
 def _record_calls(monkeypatch, owner, name, events, label):

@@ -184,6 +184,38 @@ def test_eager_products_are_one_compiled_call_each(mlp):
         assert compiled == [], name
 
 
+def test_eager_diagonal_and_trace_are_one_checked_compiled_call(mlp):
+    """Called eagerly on one batch, ``get_diag`` and ``trace`` (a diagonal's build over the
+    data) are one compiled call each, checkified: the dense matrix's numbers, nothing
+    compiled again for a new scale, and a non-finite chunk raises the error of the eager
+    loop over a list of batches, naming the same examples."""
+    t, _, dense = mlp
+    ref = np.asarray(dense.to_dense())
+    F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit, batch_size=4)  # chunks 4 + 3
+    for name, expected in (("get_diag", np.diag(ref)), ("trace", np.trace(ref))):
+        with compilations() as compiled:
+            np.testing.assert_allclose(getattr(F, name)(), expected, **TOL)
+        assert compiled in ([], ["_compiled_checked_model_call"]), (name, compiled)
+        with compilations() as compiled:
+            np.testing.assert_allclose(getattr(0.5 * F, name)(), 0.5 * expected, **TOL)
+        assert compiled == [], name
+
+    for bad, where in ((jnp.nan, 5), (jnp.inf, 2)):
+        x = t.x.at[where, 0].set(bad)
+        one_batch = FIM(t.apply_fn, t.params, (x, t.y), PMatImplicit, batch_size=4)
+        batches = FIM(t.apply_fn, t.params, [(x[:4], t.y[:4]), (x[4:], t.y[4:])],
+                      PMatImplicit, batch_size=4)
+        first, last = (4, 6) if where >= 4 else (0, 3)
+        for name in ("get_diag", "trace"):
+            messages = []
+            for M in (one_batch, batches):
+                with pytest.raises(FloatingPointError,
+                                   match=rf"examples {first}\.\.{last}\b") as raised:
+                    getattr(M, name)()
+                messages.append(str(raised.value))
+            assert messages[0] == messages[1]
+
+
 def test_eager_products_over_a_list_of_batches_stay_a_loop_of_steps(mlp):
     """On a list of batches (a loader's, kept), an eager product is a loop of compiled
     chunk steps, not one compiled call holding a scan per batch (a program that would grow

@@ -261,6 +261,11 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: quick fusion emitters (:func:`jaxgeom._compile.factorisation_jit`), in about half
     #: the time, for the same run time; the others with XLA's defaults
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = ()
+    #: the :attr:`COMPILED_OPERATIONS` that stream data through a build (``PMatImplicit``'s
+    #: ``get_diag``), whose eager loop raises ``FloatingPointError`` on a non-finite chunk:
+    #: compiled checkified, the same error raised after the call
+    #: (:func:`jaxgeom.streaming.check_finite`)
+    CHECKED_OPERATIONS: ClassVar[tuple[str, ...]] = ()
     #: whether the operations run the model (``PMatImplicit`` replays it chunk by chunk):
     #: their eager calls are then compiled as a model step is
     #: (:func:`jaxgeom._compile.model_jit`: on the CPU, XLA's own convolution kernels)

@@ -112,13 +112,16 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     #: products, one call each whose chunks are the ``lax.scan`` of a ``jit``, two chunks
     #: at once (bench_mlp, 8 chunks: ``mv`` 16.3 → 13.0 ms, ``vTMv`` 8.6 → 6.3 ms, against a
     #: Python loop of compiled chunk steps, one at a time), ``_mv`` among them: an eager
-    #: CG's products (its ``solve`` 360 → 291 ms).
-    #: Not what checks the data as it reads them — the host loops of ``solve``,
-    #: ``get_diag`` and ``trace`` raise ``FloatingPointError`` on a non-finite residual or
-    #: chunk, where a compiled call would answer NaN — nor ``frobenius_norm``, whose
-    #: compiled program (up to 36 pairs of blocks unrolled) takes longer to compile than
-    #: its loop of pair steps takes to run
-    COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = ("mv", "_mv", "vTMv", "mmap", "mapTMmap")
+    #: CG's products (its ``solve`` 360 → 291 ms); ``get_diag`` and ``trace`` too, a
+    #: diagonal's build over the data, checkified (:attr:`CHECKED_OPERATIONS`: a
+    #: non-finite chunk raises the eager loop's ``FloatingPointError``, naming it;
+    #: bench_mlp's ``trace`` 18.2 → 14.4 ms, bench_small's 2.67 → 1.77 ms).
+    #: Not ``solve``, whose host loop raises on a non-finite residual, nor
+    #: ``frobenius_norm``, whose compiled program (up to 36 pairs of blocks unrolled)
+    #: takes longer to compile than its loop of pair steps takes to run
+    COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = ("mv", "_mv", "vTMv", "mmap", "mapTMmap",
+                                                      "get_diag", "trace")
+    CHECKED_OPERATIONS: ClassVar[tuple[str, ...]] = ("get_diag", "trace")
 
     # ------------------------------------------------------------------ shapes
     @property
