@@ -33,7 +33,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import checkify
 from jax.interpreters import partial_eval as pe
 
 from jaxgeom._compile import constants_behind_barrier, factorisation_jit, model_jit
@@ -42,7 +41,7 @@ from jaxgeom._lapack import (
     one_thread_in_trace_faster,
     one_thread_when_faster,
 )
-from jaxgeom.streaming import raise_checked
+from jaxgeom.streaming import check_flags
 
 #: the tracers of values staged into a ``jit`` (any tracer where this JAX does not name them)
 _StagedTracer = getattr(pe, "DynamicJaxprTracer", jax.core.Tracer)
@@ -128,35 +127,10 @@ _compiled_factorisation = factorisation_jit(_calling("_compiled_factorisation"),
 _compiled_model_call = model_jit(_calling("_compiled_model_call"), static_argnums=(0, 1, 2))
 
 
-def _checking(name: str) -> Callable:
-    """A new function ``name(method, treedef, static, traced)``: :func:`_calling`'s,
-    checkified (its user checks: the finiteness of the chunks it streams,
-    :func:`jaxgeom.streaming.check_finite`), answering ``(error, result)``."""
-    calling = _calling(name)
-
-    def call(method: Callable, treedef: Any, static: tuple, traced: list) -> Any:
-        def run(traced):
-            return calling(method, treedef, static, traced)
-
-        return checkify.checkify(run, errors=checkify.user_checks)(traced)
-
-    call.__name__ = call.__qualname__ = name
-    return call
-
-
-#: for the operations a representation lists in ``CHECKED_OPERATIONS`` (``PMatImplicit``'s
-#: ``get_diag``: a build over its data): a model call that also answers whether every
-#: chunk was finite, naming the first that was not (raised on the host)
-_compiled_checked_model_call = model_jit(_checking("_compiled_checked_model_call"),
-                                         static_argnums=(0, 1, 2))
-
-
 def _compiled_call_for(self: Any, name: str) -> Callable:
     """The compiled call an eager ``self.name(...)`` runs as (:func:`compiled_when_eager`)."""
     if name in getattr(self, "FACTORISING_OPERATIONS", ()):
         return _compiled_factorisation
-    if name in getattr(self, "CHECKED_OPERATIONS", ()):
-        return _compiled_checked_model_call
     return _compiled_model_call if getattr(self, "RUNS_MODEL", False) else _compiled_call
 
 
@@ -169,9 +143,12 @@ def compiled_when_eager(method: Callable) -> Callable:
     ``RUNS_MODEL`` is true, as a model step (:func:`jaxgeom._compile.model_jit`). When it has a
     ``_factorised_orders(name, *args, **kwargs)`` method, the orders of the independent
     matrices that call factorises, the compiled call runs them side by side when faster
-    (:func:`jaxgeom._lapack.one_thread_when_faster`). The result must be a pytree of arrays.
-    The returned function keeps the method's name and docstring, and the method itself as
-    ``eager_method``."""
+    (:func:`jaxgeom._lapack.one_thread_when_faster`). When its ``CHECKED_OPERATIONS`` maps
+    the name to another method, the compiled call runs that one, which answers the result
+    and the finiteness flags of the chunks it streamed (a build's, dropped inside a trace),
+    and the flags are checked here (:func:`jaxgeom.streaming.check_flags`: the eager loop's
+    ``FloatingPointError``). The result must be a pytree of arrays. The returned function
+    keeps the method's name and docstring, and the method itself as ``eager_method``."""
     name = method.__name__
 
     @functools.wraps(method)
@@ -191,9 +168,10 @@ def compiled_when_eager(method: Callable) -> Callable:
                     lambda s, a, k: method(s, *a, **k), self, args, kwargs)
             return method(self, *args, **kwargs)
         call = _compiled_call_for(self, name)
-        if call is _compiled_checked_model_call:
-            error, result = call(method, treedef, *split)
-            raise_checked(error)
+        flagged = getattr(self, "CHECKED_OPERATIONS", {}).get(name)
+        if flagged is not None:  # the result and its chunks' finiteness flags, read here
+            result, flags = call(getattr(type(self), flagged), treedef, *split)
+            check_flags(flags)
             return result
         factorised = getattr(self, "_factorised_orders", None)
         orders = factorised(name, *args, **kwargs) if factorised is not None else ()

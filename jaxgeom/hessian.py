@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -258,6 +258,11 @@ class PMatImplicitHessian(PMatImplicit):
     #: inside a ``jit`` its chunks are unpadded (a mean loss of padded examples would count
     #: them): each batch's full chunks one ``lax.scan``, its remainder one step more
     _chunk_scan = staticmethod(scan_real_chunks)
+    #: its products compiled when eager, as ``PMatImplicit``'s; not ``get_diag`` and
+    #: ``trace``, ``d`` HVPs a chunk streamed from the host (:func:`stream`), which raises on
+    #: a non-finite chunk
+    COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = ("mv", "_mv", "vTMv", "mmap", "mapTMmap")
+    CHECKED_OPERATIONS: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def build(cls, loss_fn, params, data, layer_collection, batch_size) -> PMatImplicitHessian:
@@ -309,6 +314,11 @@ class PMatImplicitHessian(PMatImplicit):
     def get_diag(self):
         """The exact diagonal: ``d`` HVPs per chunk."""
         return self.scale * self._stream("diag")
+
+    def trace(self):
+        """``Σ`` of :meth:`get_diag` (not ``PMatImplicit``'s compiled ``trace``, a Fisher
+        diagonal's build)."""
+        return jnp.sum(self.get_diag())
 
     def to_dense(self):
         """``d`` HVPs per chunk, memory ``d²``."""

@@ -48,12 +48,13 @@ is false, so that no NaN reaches LAPACK.
 
 Non-finite chunks. Each chunk's step also answers whether its outputs and the captured
 values behind its statistics were finite; :func:`run` raises ``FloatingPointError``
-naming the first chunk that was not. Inside a trace the flags cannot be read: each is a
-``checkify.debug_check`` (:func:`check_finite`), nothing unless the traced function is
-checkified (``jax.experimental.checkify.checkify(f, errors=checkify.user_checks)``),
-where it is the same error, naming the same examples, read on the host after the call
-(``PMatImplicit``'s compiled eager ``get_diag`` and ``trace`` do). XLA removes the flags'
-work from a program that is not checkified.
+naming the first chunk that was not. Inside a trace the flags cannot be read and are
+dropped (XLA removes their work), unless the caller takes them out of its trace
+(:func:`run_with_flags`: ``PMatImplicit``'s compiled eager ``get_diag`` and ``trace``)
+and checks them on the host (:func:`check_flags`). A ``checkify.debug_check`` would do it
+for any caller that checkifies, but its effect sends every ``jit`` holding a build down
+JAX's slow dispatch path, checkified or not (a jitted product 5 → 50 µs a call; the jitted
+``PMatImplicit.trace`` of bench_small 1.67 → 2.0 ms).
 
 Kept data. A builder with ``keeps_data`` (``PMatImplicit``, which replays the data at
 every product) receives the list of all batches read (``Stream.data``): the driver keeps
@@ -72,7 +73,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 
 from jaxgeom import data as data_lib
 from jaxgeom._compile import MEMORY_SCHEDULE, donating_jit, model_jit, quick_jit, staged
@@ -383,8 +383,21 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
     padded and masked — has the same shape); inside a ``jit``, data in memory are scanned
     through it (:func:`_reduce_scanned`). ``data`` is read once, plus once more per
     extra pass the builder asks for (:class:`Continue`), from the kept batches when
-    ``data`` is a one-shot iterator. Raises ``FloatingPointError`` on a non-finite chunk.
+    ``data`` is a one-shot iterator. Raises ``FloatingPointError`` on a non-finite chunk
+    (inside a trace the flags are dropped: :func:`run_with_flags`).
     """
+    result, flags = run_with_flags(make, params, data, batch_size=batch_size, aux=aux)
+    check_flags(flags)
+    return result
+
+
+def run_with_flags(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
+                   batch_size: int | None = None, aux: Any = None) -> tuple[Any, list]:
+    """:func:`run`'s result and the chunks' finiteness flags, unchecked: a list of
+    ``(finite, offset, count)``, whether the chunks of examples ``offset … offset + count
+    − 1`` were finite (inside a ``jit``, one for all the scanned chunks of a pass, with
+    the offset and count of the first that was not: arrays a traced caller can return and
+    check on the host, :func:`check_flags`)."""
     source = _Batches(data)
     chunks = data_lib.iter_chunks(source, batch_size)
     first = next(chunks)
@@ -431,13 +444,12 @@ def run(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, *,
         return result
 
     result = resolve(first_builder, *finalized(first_builder, first, chunks, data))
-    _check_all(flags)
-    return result
+    return result, flags
 
 
 def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]:
     """Stream ``chunks`` through ``builder``: the total of the statistics, ``N``, and each
-    chunk's ``(finite, offset, count)`` (to :func:`_check_all`).
+    chunk's ``(finite, offset, count)`` (to :func:`check_flags`).
 
     The loop never waits for the device: the finiteness flags are read by the caller once
     all chunks are dispatched, and the running total of a builder that
@@ -672,8 +684,9 @@ def _dtype_list(example: Any) -> list:
     return [np.dtype(leaf.dtype).name for leaf in jax.tree_util.tree_leaves(example)]
 
 
-def _check_all(flags: list) -> None:
-    """:func:`check_finite` of each chunk's flag, in the order the chunks were read."""
+def check_flags(flags: list) -> None:
+    """:func:`check_finite` of each chunk's flag of :func:`run_with_flags`, in the order
+    the chunks were read (nothing for traced flags)."""
     for finite, offset, count in flags:
         check_finite(finite, offset, count)
 
@@ -777,33 +790,14 @@ _MODEL_HINT = ("the function's outputs (a log of 0, an overflow), and for a Fish
 def check_finite(finite: Any, offset: Any, count: Any, *,
                  what: str = "model outputs or gradients", hint: str = _MODEL_HINT) -> None:
     """Raise ``FloatingPointError`` if the chunk of examples ``offset … offset + count − 1``
-    had non-finite ``what``.
-
-    Inside a trace (``finite`` a tracer; ``offset`` and ``count`` may be traced too) a
-    ``checkify.debug_check`` of the same message: nothing, and no work in the compiled
-    program, unless the traced function is checkified
-    (``checkify.checkify(f, errors=checkify.user_checks)``), whose error then names the
-    examples (:func:`raise_checked`)."""
-    what, hint = (text.replace("{", "{{").replace("}", "}}") for text in (what, hint))
-    message = (f"non-finite {what} for the examples {{}}..{{}}: check the inputs and the "
-               f"parameters (NaN/inf), {hint}")
+    had non-finite ``what`` (skipped while tracing: a flag returned from a trace is checked
+    once concrete)."""
     if isinstance(finite, jax.core.Tracer):
-        first = jnp.asarray(offset)  # the message's values must be arrays
-        checkify.debug_check(finite, message, first, first + count - 1)
         return
     if not bool(finite):
-        raise FloatingPointError(message.format(offset, offset + count - 1))
-
-
-#: what ``checkify`` appends to the message of a failed ``check``
-_CHECK_SUFFIX = " (`check` failed)"
-
-
-def raise_checked(error: checkify.Error) -> None:
-    """Raise the first failed check of a checkified call (:func:`check_finite`'s, inside
-    its trace) as the ``FloatingPointError`` the eager build raises."""
-    message = error.get()
-    if message is not None:
-        message = message.split("\n")[0]
-        raise FloatingPointError(message.removesuffix(_CHECK_SUFFIX))
+        first, last = int(offset), int(offset) + int(count) - 1
+        raise FloatingPointError(
+            f"non-finite {what} for the examples {first}..{last}: check the inputs and the "
+            f"parameters (NaN/inf), {hint}"
+        )
 

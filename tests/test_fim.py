@@ -11,7 +11,6 @@ import pytest
 from flax import linen as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.experimental import checkify
 from models import (
     ALL_TASKS,
     constant_columns,
@@ -43,7 +42,7 @@ from jaxgeom import (
 from jaxgeom._counter_rng import draw_key
 from jaxgeom.jacobian import Hashable
 from jaxgeom.pmat.mixed import PMatMixed
-from jaxgeom.streaming import raise_checked, tree_finite
+from jaxgeom.streaming import tree_finite
 from jaxgeom.variants import (
     FisherOutputs,
     inverse_cdf,
@@ -957,33 +956,27 @@ def test_a_non_finite_input_names_its_chunk_in_forward_mode(representation, bad)
         FIM(t.apply_fn, t.params, x, representation, mode="forward", batch_size=3)
 
 
-@pytest.mark.parametrize("representation", BUILT_FROM_DATA)
-@pytest.mark.parametrize("batch_size", [None, 3], ids=["one-chunk", "scanned"])
-@pytest.mark.parametrize("where", [1, 7], ids=["first-chunk", "last-chunk"])
-def test_a_non_finite_chunk_inside_a_checkified_jit_is_named(representation, batch_size,
-                                                              where):
-    """Inside a ``jit`` the chunks' flags are ``checkify`` checks: nothing under a plain
-    ``jit``, and under ``checkify.checkify`` the eager build's error, naming the same
-    examples (the first chunk that was not finite, however many chunks follow)."""
+@pytest.mark.parametrize("batch_size", [None, 3, 2], ids=["one-chunk", "3+3+3", "2+2+2+2+1"])
+@pytest.mark.parametrize("where", [1, 7], ids=["first-chunk", "a-later-chunk"])
+def test_the_flags_taken_out_of_a_trace_name_the_first_non_finite_chunk(batch_size, where,
+                                                                        monkeypatch):
+    """Inside a ``jit`` the chunks' flags of a build (one chunk, or a scan over chunks) are
+    dropped unless the caller returns them (``run_with_flags``), as ``PMatImplicit``'s
+    compiled ``get_diag`` does; checked on the host they raise the eager loop's error,
+    naming the first non-finite chunk (an infinity follows it in the last example)."""
     t = make_linen_mlp(n=9)
-    representation = getattr(jaxgeom, representation)
     x = t.x.at[where, 0].set(jnp.nan).at[8, 0].set(jnp.inf)
-
-    def build(x):
-        return FIM(t.apply_fn, t.params, x, representation, batch_size=batch_size)
-
+    F = FIM(t.apply_fn, t.params, x, PMatImplicit, batch_size=batch_size)
+    with pytest.raises(FloatingPointError) as compiled:
+        F.get_diag()
+    monkeypatch.setattr(PMatImplicit, "_compiles_eager_calls", lambda self: False)
     with pytest.raises(FloatingPointError) as eager:
-        build(x)
-    jax.jit(build)(x)  # no check: the flags' work is dropped
-    checked = jax.jit(checkify.checkify(build, errors=checkify.user_checks))
-    error, _ = checked(x)
-    with pytest.raises(FloatingPointError) as traced:
-        raise_checked(error)
-    assert str(traced.value) == str(eager.value)
-    first = 0 if batch_size is None else where // 3 * 3
-    assert f"examples {first}..{8 if batch_size is None else first + 2}:" in str(eager.value)
-    error, _ = checked(t.x)
-    assert error.get() is None
+        F.get_diag()
+    assert str(compiled.value) == str(eager.value)
+    first = 0 if batch_size is None else where // batch_size * batch_size
+    last = 8 if batch_size is None else min(first + batch_size, 9) - 1
+    assert f"examples {first}..{last}:" in str(eager.value)
+    assert np.isnan(jax.jit(lambda F: F.trace())(F))  # inside a plain jit: no check
 
 
 def _record_calls(monkeypatch, owner, name, events, label):

@@ -77,6 +77,10 @@ def test_operations(mlp):
     np.testing.assert_allclose(H[PMatDense].eigvalsh(), evals, atol=1e-10)
     np.testing.assert_allclose(H[PMatBlockDiag].trace(), np.trace(ref), **TOL)
     np.testing.assert_allclose(H[PMatDiag].trace(), np.trace(ref), **TOL)
+    # called eagerly, the implicit Hessian's own diagonal (not PMatImplicit's compiled
+    # Fisher diagonal, which it inherits the dispatch of)
+    np.testing.assert_allclose(H[PMatImplicit].trace(), np.trace(ref), **TOL)
+    np.testing.assert_allclose(H[PMatImplicit].get_diag(), np.diag(ref), **TOL)
 
 
 def test_solves_of_an_indefinite_hessian(mlp):

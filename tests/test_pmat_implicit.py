@@ -14,7 +14,7 @@ from models import (
 )
 from pmat_checks import check_products, compilations
 
-from jaxgeom import FIM, FIM_MonteCarlo, SecondMoment, random_pvector
+from jaxgeom import FIM, FIM_MonteCarlo, SecondMoment, random_pvector, streaming
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
@@ -184,21 +184,28 @@ def test_eager_products_are_one_compiled_call_each(mlp):
         assert compiled == [], name
 
 
-def test_eager_diagonal_and_trace_are_one_checked_compiled_call(mlp):
+def test_eager_diagonal_and_trace_are_one_checked_compiled_call(mlp, monkeypatch):
     """Called eagerly on one batch, ``get_diag`` and ``trace`` (a diagonal's build over the
-    data) are one compiled call each, checkified: the dense matrix's numbers, nothing
-    compiled again for a new scale, and a non-finite chunk raises the error of the eager
-    loop over a list of batches, naming the same examples."""
+    data) are one compiled call each, answering their chunks' finiteness flags: the dense
+    matrix's numbers, nothing compiled again for a new scale, and a non-finite chunk
+    raises the error of the eager loop over a list of batches, naming the same examples."""
     t, _, dense = mlp
     ref = np.asarray(dense.to_dense())
     F = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit, batch_size=4)  # chunks 4 + 3
+    update = streaming._update
     for name, expected in (("get_diag", np.diag(ref)), ("trace", np.trace(ref))):
         with compilations() as compiled:
             np.testing.assert_allclose(getattr(F, name)(), expected, **TOL)
-        assert compiled in ([], ["_compiled_checked_model_call"]), (name, compiled)
+        assert compiled in ([], ["_compiled_model_call"]), (name, compiled)
         with compilations() as compiled:
             np.testing.assert_allclose(getattr(0.5 * F, name)(), 0.5 * expected, **TOL)
         assert compiled == [], name
+        steps = []  # no chunk step dispatched from Python: the scan is in the compiled call
+        monkeypatch.setattr(streaming, "_update",
+                            lambda *a, seen=steps: seen.append(a) or update(*a))
+        getattr(F, name)()
+        monkeypatch.undo()
+        assert steps == [], name
 
     for bad, where in ((jnp.nan, 5), (jnp.inf, 2)):
         x = t.x.at[where, 0].set(bad)

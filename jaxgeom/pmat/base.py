@@ -262,10 +262,10 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: the time, for the same run time; the others with XLA's defaults
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = ()
     #: the :attr:`COMPILED_OPERATIONS` that stream data through a build (``PMatImplicit``'s
-    #: ``get_diag``), whose eager loop raises ``FloatingPointError`` on a non-finite chunk:
-    #: compiled checkified, the same error raised after the call
-    #: (:func:`jaxgeom.streaming.check_finite`)
-    CHECKED_OPERATIONS: ClassVar[tuple[str, ...]] = ()
+    #: ``get_diag``), whose eager loop raises ``FloatingPointError`` on a non-finite chunk,
+    #: mapped to the method the compiled call runs instead: the same result and the chunks'
+    #: finiteness flags (:func:`jaxgeom.streaming.run_with_flags`), checked after the call
+    CHECKED_OPERATIONS: ClassVar[dict[str, str]] = {}
     #: whether the operations run the model (``PMatImplicit`` replays it chunk by chunk):
     #: their eager calls are then compiled as a model step is
     #: (:func:`jaxgeom._compile.model_jit`: on the CPU, XLA's own convolution kernels)
@@ -731,14 +731,24 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         """``(1/N) Σₙ Jₙᵀ Jₙ`` of a per-example function ``fn`` over ``data``: the chunks of
         ``data`` streamed through :meth:`chunk_builder` by :func:`jaxgeom.streaming.run`
         (one pass; two for EKFAC's refit)."""
+        result, flags = cls._from_jacobians_with_flags(
+            fn, params, data, layer_collection=layer_collection, batch_size=batch_size,
+            mode=mode, aux=aux, **options)
+        streaming.check_flags(flags)
+        return result
 
+    @classmethod
+    def _from_jacobians_with_flags(cls, fn, params, data, *, layer_collection, batch_size,
+                                   mode, aux, **options) -> tuple[PMatAbstract, list]:
+        """:meth:`from_jacobians` and its chunks' finiteness flags, unchecked
+        (:func:`jaxgeom.streaming.run_with_flags`: a traced caller returns them)."""
         check_precision(cls, params)
 
         def make(example):
             return cls.chunk_builder(fn, params, example, aux, layer_collection, mode=mode,
                                      **options)
 
-        return streaming.run(make, params, data, batch_size=batch_size, aux=aux)
+        return streaming.run_with_flags(make, params, data, batch_size=batch_size, aux=aux)
 
     # ------------------------------------------------------------------ helpers
     def _check_compatible(self, other: PMatAbstract) -> None:

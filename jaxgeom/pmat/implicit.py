@@ -30,6 +30,7 @@ from jaxgeom.streaming import (
     ChunkBuilder,
     Stream,
     builder,
+    check_flags,
     scaled,
     scan_chunks,
     sum_chunks,
@@ -88,10 +89,11 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     Under ``jax.jit``, ``params``, ``data``, ``aux`` and ``scale`` are traced (pytree
     children); ``fn``, ``batch_size`` and ``mode`` are static. The products' chunk loop is
     one ``lax.scan`` there (:func:`~jaxgeom.streaming.scan_chunks`: the chunk's step traced
-    once, memory bounded by ``batch_size`` however many chunks). Called eagerly, the
-    products (:attr:`COMPILED_OPERATIONS`) run as one compiled call of that scan each
-    (compiled as a model step: :attr:`RUNS_MODEL`), the other operations as a Python loop
-    of compiled steps.
+    once, memory bounded by ``batch_size`` however many chunks). Called eagerly on data of
+    one batch, the products, ``get_diag`` and ``trace`` (:attr:`COMPILED_OPERATIONS`) run
+    as one compiled call of that scan each (compiled as a model step: :attr:`RUNS_MODEL`;
+    ``get_diag`` and ``trace`` raising on a non-finite chunk after the call), the other
+    operations as a Python loop of compiled steps.
 
     Attributes:
       layer_collection: the parameter layout (static).
@@ -113,15 +115,17 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     #: at once (bench_mlp, 8 chunks: ``mv`` 16.3 → 13.0 ms, ``vTMv`` 8.6 → 6.3 ms, against a
     #: Python loop of compiled chunk steps, one at a time), ``_mv`` among them: an eager
     #: CG's products (its ``solve`` 360 → 291 ms); ``get_diag`` and ``trace`` too, a
-    #: diagonal's build over the data, checkified (:attr:`CHECKED_OPERATIONS`: a
-    #: non-finite chunk raises the eager loop's ``FloatingPointError``, naming it;
-    #: bench_mlp's ``trace`` 18.2 → 14.4 ms, bench_small's 2.67 → 1.77 ms).
+    #: diagonal's build over the data, answering its chunks' finiteness flags
+    #: (:attr:`CHECKED_OPERATIONS`: a non-finite chunk raises the eager loop's
+    #: ``FloatingPointError`` after the call, naming it; bench_mlp's ``trace`` 18.2 →
+    #: 15.3 ms, bench_small's 2.17 → 1.83 ms).
     #: Not ``solve``, whose host loop raises on a non-finite residual, nor
     #: ``frobenius_norm``, whose compiled program (up to 36 pairs of blocks unrolled)
     #: takes longer to compile than its loop of pair steps takes to run
     COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = ("mv", "_mv", "vTMv", "mmap", "mapTMmap",
                                                       "get_diag", "trace")
-    CHECKED_OPERATIONS: ClassVar[tuple[str, ...]] = ("get_diag", "trace")
+    CHECKED_OPERATIONS: ClassVar[dict[str, str]] = {"get_diag": "_diag_with_flags",
+                                                    "trace": "_trace_with_flags"}
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -204,12 +208,24 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         """``s/N Σₙ diag(JₙᵀJₙ)``: ``PMatDiag``'s build streamed over the kept data — from
         the captured layer inputs and output gradients (``N K B``; dense layers
         ``(g²)ᵀ(a²)``, no per-example Jacobian formed)."""
+        diag, flags = self._diag_with_flags()
+        check_flags(flags)
+        return diag
+
+    def _diag_with_flags(self) -> tuple[jax.Array, list]:
+        """:meth:`get_diag` and the finiteness flags of the chunks it read, unchecked: what
+        its compiled eager call answers (:attr:`CHECKED_OPERATIONS`)."""
         from jaxgeom.pmat.diag import PMatDiag
 
-        diag = PMatDiag.from_jacobians(self.fn, self.params, self.data,
-                                       layer_collection=self.layer_collection,
-                                       batch_size=self.batch_size, aux=self.aux)
-        return self.scale * diag.data
+        diag, flags = PMatDiag._from_jacobians_with_flags(
+            self.fn, self.params, self.data, layer_collection=self.layer_collection,
+            batch_size=self.batch_size, mode="auto", aux=self.aux)
+        return self.scale * diag.data, flags
+
+    def _trace_with_flags(self) -> tuple[jax.Array, list]:
+        """:meth:`trace` and the finiteness flags of the chunks it read, unchecked."""
+        diag, flags = self._diag_with_flags()
+        return jnp.sum(diag), flags
 
     def to_dense(self):
         """``s/N Σₙ JₙᵀJₙ`` streamed through ``PMatDense``'s reduction (memory ``d²``)."""
