@@ -264,7 +264,9 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: the :attr:`COMPILED_OPERATIONS` that stream data through a build (``PMatImplicit``'s
     #: ``get_diag``), whose eager loop raises ``FloatingPointError`` on a non-finite chunk,
     #: mapped to the method the compiled call runs instead: the same result and the chunks'
-    #: finiteness flags (:func:`jaxgeom.streaming.run_with_flags`), checked after the call
+    #: finiteness flags (:func:`jaxgeom.streaming.run_with_flags`), checked after the call;
+    #: a subclass that overrides such an operation overrides its entry too
+    #: (``PMatImplicitHessian``: none)
     CHECKED_OPERATIONS: ClassVar[dict[str, str]] = {}
     #: whether the operations run the model (``PMatImplicit`` replays it chunk by chunk):
     #: their eager calls are then compiled as a model step is
