@@ -271,12 +271,17 @@ def _krylov_from_python(method: _KrylovMethod, matvec, precondition, state, thre
         state = method.direct(state, precondition(r))
         k += 1
     if not np.isfinite(float(method.residual_norm(state))):
-        raise FloatingPointError(
-            f"{method.name}: the residual is not finite after {k} iterations (NaN/inf in the "
-            "right-hand side or in the operator's products, e.g. a matrix built from "
-            "non-finite data" + (", or a preconditioner that is not positive definite)"
-                                 if method.name == "minres" else ")"))
+        raise FloatingPointError(non_finite_residual(method.name, f"after {k} iterations"))
     return method.solution(state)
+
+
+def non_finite_residual(name: str, when: str) -> str:
+    """The message of a Krylov solve (``"cg"``, ``"minres"``) whose residual is not finite
+    ``when`` (``"after 12 iterations"``; under ``jit`` its solution is NaN instead)."""
+    return (f"{name}: the residual is not finite {when} (NaN/inf in the right-hand side or in "
+            "the operator's products, e.g. a matrix built from non-finite data"
+            + (", or a preconditioner that is not positive definite)" if name == "minres"
+               else ")"))
 
 
 def _traced(x) -> bool:

@@ -104,31 +104,30 @@ def test_cg_with_diagonal_representation_preconditioner(mlp):
 
 
 def test_eager_cg_is_the_traced_cg_and_compiles_once(mlp):
-    """Called eagerly, CG on the implicit matrix iterates from Python (its chunk loop stays
-    eager): after ``k`` iterations, the iterate of the ``lax.while_loop`` CG under ``jit``;
-    a second solve with a new right-hand side compiles nothing (a ``while_loop`` traced
-    the operator anew, and compiled it, at every eager call)."""
+    """Called eagerly on one batch, CG on the implicit matrix is one compiled call (the
+    ``lax.while_loop`` CG of a ``jit``): after ``k`` iterations, the iterate under
+    ``jit``; a second solve with a new right-hand side and tolerance compiles nothing."""
     t, F, dense = mlp
     v, w = vec(t, 8), vec(t, 9)
     traced = jax.jit(lambda M, b, k: M.solve(b, REGUL, maxiter=k), static_argnums=2)
     for k in (1, 3, 10):
         np.testing.assert_allclose(F.solve(v, REGUL, maxiter=k).to_flat(),
                                    traced(F, v, k).to_flat(), rtol=1e-9, atol=1e-12)
-    F.solve(v, REGUL)
+    F.solve(v, REGUL, rtol=1e-6)
     with compilations() as compiled:
-        x = F.solve(w, REGUL, rtol=1e-12)
+        x = F.solve(w, 2 * REGUL, rtol=1e-12)
     assert compiled == []
+    x = F.solve(w, REGUL, rtol=1e-12)
     np.testing.assert_allclose(x.to_flat(), dense.solve(w, REGUL).to_flat(), rtol=1e-6,
                                atol=1e-7)
 
 
 def test_eager_solve_of_rows_compiles_once(mlp):
-    """A stack of rows is solved row by row from Python, each as one vector is: the same
-    solutions, and nothing compiled at the next call (a vmap of the eager CG compiled its
-    loop anew at every call)."""
+    """A stack of rows is solved as one vector is (one compiled call, the rows a ``vmap``
+    of the CG): the same solutions, and nothing compiled at the next call."""
     t, F, dense = mlp
     rows = jnp.stack([vec(t, 8).to_flat(), vec(t, 9).to_flat()])
-    F.solve(rows, REGUL)
+    F.solve(rows, REGUL, rtol=1e-6)
     other = rows[::-1]
     with compilations() as compiled:
         x = F.solve(other, REGUL, rtol=1e-12)

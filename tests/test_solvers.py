@@ -228,10 +228,10 @@ def mlp():
 
 
 def test_eager_solves_of_the_matrix_free_fisher_are_the_traced_ones(mlp):
-    """Eagerly, MINRES and Neumann iterate from Python on the implicit Fisher: after ``k``
-    iterations (terms) the answer of the loop under ``jit``, and the next solve compiles
-    nothing; MINRES converges to the dense Cholesky solve; Neumann's default scale is
-    ``1/(‖F‖_F + regul)``."""
+    """Eagerly (one compiled call each on one batch), MINRES and Neumann on the implicit
+    Fisher: after ``k`` iterations (terms) the answer of the loop under ``jit``, and the
+    next solve with the same options compiles nothing; MINRES converges to the dense
+    Cholesky solve; Neumann's default scale is ``1/(‖F‖_F + regul)``."""
     t, F, dense = mlp
     v, w = (random_pvector(jax.random.PRNGKey(s), t.params) for s in (8, 9))
     traced = jax.jit(lambda M, b, m, k: M.solve(b, 0.1, method=m, **dict(k)),
@@ -241,7 +241,7 @@ def test_eager_solves_of_the_matrix_free_fisher_are_the_traced_ones(mlp):
         np.testing.assert_allclose(F.solve(v, 0.1, method=method, **dict(options)).to_flat(),
                                    traced(F, v, method, options).to_flat(), rtol=1e-9,
                                    atol=1e-12)
-    F.solve(v, REGUL, method="minres")
+    F.solve(v, REGUL, method="minres", rtol=1e-6)
     with compilations() as compiled:
         x = F.solve(w, REGUL, method="minres", rtol=1e-12)
     assert compiled == []
@@ -252,6 +252,21 @@ def test_eager_solves_of_the_matrix_free_fisher_are_the_traced_ones(mlp):
     want = neumann_series(d + 0.1 * np.eye(len(d)), w.to_flat(), scale, 4)
     np.testing.assert_allclose(F.solve(w, 0.1, method="neumann", num_terms=4).to_flat(), want,
                                rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_an_eager_krylov_solve_of_a_non_finite_matrix_is_an_error(mlp, method):
+    """A compiled eager CG/MINRES solve whose residual is not finite answers NaN (its loop
+    stops at once); the eager call raises the loop's error instead, for any
+    representation; under ``jit`` the answer stays NaN."""
+    t, F, dense = mlp
+    broken = PMatDense(dense.layer_collection, dense.to_dense().at[0, 0].set(jnp.nan))
+    v = random_pvector(jax.random.PRNGKey(3), t.params)
+    with pytest.raises(FloatingPointError, match=rf"{method}: the residual is not finite"):
+        broken.solve(v, REGUL, method=method)
+    assert np.isnan(jax.jit(lambda M: M.solve(v, REGUL, method=method))(broken).to_flat()).all()
+    np.testing.assert_allclose(dense.solve(v, REGUL, method=method, rtol=1e-12).to_flat(),
+                               dense.solve(v, REGUL).to_flat(), rtol=1e-6, atol=1e-8)
 
 
 def test_minres_with_a_representation_as_preconditioner(mlp):

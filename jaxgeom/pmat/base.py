@@ -36,7 +36,14 @@ from jaxgeom.layers import LayerCollection, check_layer_collection
 from jaxgeom.pmat import _spectral
 from jaxgeom.restriction import Restriction, restrict
 from jaxgeom.scaling import ScalarMultiples, is_scalar
-from jaxgeom.solvers import cg, check_cg_options, check_neumann_options, minres, neumann
+from jaxgeom.solvers import (
+    cg,
+    check_cg_options,
+    check_neumann_options,
+    minres,
+    neumann,
+    non_finite_residual,
+)
 from jaxgeom.streaming import static_field as static_field  # re-exported
 from jaxgeom.vector import PVector, as_flat, as_rows, as_tree, static_order
 
@@ -176,7 +183,9 @@ def _checked_solve(solve: Callable) -> Callable:
     """``solve`` with its ``regul`` and iterative options checked before it dispatches: a
     compiled call (:func:`~jaxgeom._dispatch.compiled_when_eager`) traces Python floats,
     which a check inside it could not read. An eager Neumann solve that diverged (NaN
-    from the compiled call) is an error naming the scale."""
+    from the compiled call) is an error naming the scale; an eager CG or MINRES solve whose
+    residual was not finite (NaN from the compiled call, whose loop stops at a NaN
+    residual) the ``FloatingPointError`` of the solver's loop from Python."""
 
     @functools.wraps(solve)
     def checked(self, v, regul=0.0, *, method=None, **options):
@@ -194,10 +203,22 @@ def _checked_solve(solve: Callable) -> Callable:
         out = solve(self, v, regul, method=method, **options)
         if method == "neumann":
             _check_series_converged(out)
+        elif method in ("cg", "minres"):
+            _check_krylov_finite(out, method)
         return out
 
     checked.checks_scalars = True
     return checked
+
+
+def _check_krylov_finite(x: Any, method: str) -> None:
+    """Raise for an eager CG/MINRES solution that is NaN: the compiled solve's answer when
+    its residual was not finite (nothing under a trace, where NaN is the answer)."""
+    leaves = jax.tree_util.tree_leaves(x)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return
+    if not bool(streaming.tree_finite(leaves)):
+        raise FloatingPointError(non_finite_residual(method, "at the end of the solve"))
 
 
 def _check_series_converged(x: Any) -> None:
