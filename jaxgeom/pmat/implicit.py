@@ -117,13 +117,13 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     #: CG's products (its ``solve`` 360 → 291 ms); ``get_diag`` and ``trace`` too, a
     #: diagonal's build over the data, answering its chunks' finiteness flags
     #: (:attr:`CHECKED_OPERATIONS`: a non-finite chunk raises the eager loop's
-    #: ``FloatingPointError`` after the call, naming it; bench_mlp's ``trace`` 18.2 →
-    #: 15.3 ms, bench_small's 2.17 → 1.83 ms).
+    #: ``FloatingPointError`` after the call, naming it; bench_mlp's ``trace`` 18.7 →
+    #: 15.2 ms, bench_small's 2.27 → 1.79 ms).
     #: ``solve`` too, its CG a ``lax.while_loop`` over that scan (a non-finite residual
     #: answers NaN, which the eager call raises on; a callable preconditioner keeps it a
     #: loop from Python): compiled in less time than the loop's own steps, and faster
-    #: (bench_small, first call 0.87 → 0.70 s, then 109 → 75 ms; bench_mlp 2.11 → 1.83 s,
-    #: then 1.29 → 1.15 s). Not ``frobenius_norm``, whose compiled program (up to 36 pairs
+    #: (bench_small 20.3 → 12.9 ms; bench_mlp, first call 2.11 → 1.94 s, then 1.29 →
+    #: 1.15 s). Not ``frobenius_norm``, whose compiled program (up to 36 pairs
     #: of blocks unrolled) takes longer to compile than its loop of pair steps takes to run
     COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = ("mv", "_mv", "vTMv", "mmap", "mapTMmap",
                                                       "get_diag", "trace", "solve")
