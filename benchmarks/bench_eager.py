@@ -21,10 +21,11 @@ medians of:
 and the ratios NNGeometry / ``eager`` (``ᵖ``: paired, the two sides timed in alternated
 blocks, ``bench_fim.paired``, for calls under 1 s) and ``op by op`` / ``eager``. The
 operations are ``bench_fim``'s (KFAC's solve π-damped, as NNGeometry's). Compilation is
-not timed (first calls dropped). ``PMatImplicit``'s products, ``get_diag`` and ``trace``
-are one compiled call each (the scan of its chunks, compiled as a model step), their ``op
-by op`` the loop of compiled chunk steps they ran as before; its other operations stream
-their chunks through compiled steps eagerly, their ``op by op`` their ``eager``.
+not timed (first calls dropped). ``PMatImplicit``'s products, ``get_diag``, ``trace`` and
+``solve`` are one compiled call each (the scan of its chunks, compiled as a model step),
+their ``op by op`` the loops of compiled chunk steps they ran as before; its
+``frobenius_norm`` streams its chunks through compiled steps eagerly, its ``op by op``
+its ``eager``.
 """
 
 from __future__ import annotations
