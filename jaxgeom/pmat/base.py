@@ -217,8 +217,12 @@ def _check_krylov_finite(x: Any, method: str) -> None:
     leaves = jax.tree_util.tree_leaves(x)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return
-    if not bool(streaming.tree_finite(leaves)):
+    if not bool(_all_finite(leaves)):
         raise FloatingPointError(non_finite_residual(method, "at the end of the solve"))
+
+
+#: :func:`jaxgeom.streaming.tree_finite` as one compiled call (eagerly, two dispatches a leaf)
+_all_finite = jax.jit(streaming.tree_finite)
 
 
 def _check_series_converged(x: Any) -> None:
