@@ -258,11 +258,9 @@ class PMatImplicitHessian(PMatImplicit):
     #: inside a ``jit`` its chunks are unpadded (a mean loss of padded examples would count
     #: them): each batch's full chunks one ``lax.scan``, its remainder one step more
     _chunk_scan = staticmethod(scan_real_chunks)
-    #: its products and ``solve`` compiled when eager, as ``PMatImplicit``'s; not
-    #: ``get_diag`` and ``trace``, ``d`` HVPs a chunk streamed from the host
-    #: (:func:`stream`), which raises on a non-finite chunk
-    COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = ("mv", "_mv", "vTMv", "mmap", "mapTMmap",
-                                                      "solve")
+    #: its products and ``solve`` compile when eager (inherited); its own ``get_diag`` and
+    #: ``trace`` stream ``d`` HVPs a chunk from the host (:func:`stream`), which raises on a
+    #: non-finite chunk: none of ``PMatImplicit``'s flagged Fisher diagonals
     CHECKED_OPERATIONS: ClassVar[dict[str, str]] = {}
 
     @classmethod
