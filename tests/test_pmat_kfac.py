@@ -504,6 +504,35 @@ def test_product_with_an_inverse_is_the_layer_blocks_product(case):
         np.testing.assert_allclose(got.to_dense(), expected, rtol=1e-8, atol=1e-10)
 
 
+def test_product_of_two_kfacs_is_exact_and_refuses_to_factorise(case):
+    """``K₁K₂``, layer blocks ``A₁A₂ ⊗ G₁G₂`` (at other parameters: factors that do not
+    commute, a matrix that is not symmetric): its products, diagonal, trace and norm are
+    those of ``D₁D₂``; a solve or a function of it, which would factorise ``A₁A₂`` and
+    ``G₁G₂`` as symmetric, is refused. ``K₁K₁`` (the same factors) is symmetric and
+    solves."""
+    t, K1, dense1 = case
+    K2 = FIM(t.apply_fn, jax.tree_util.tree_map(lambda p: 1.5 * p, t.params), t.x, PMatKFAC)
+    product = K1 @ K2
+    want = dense1 @ np.asarray(K2.to_dense())
+    assert np.abs(want - want.T).max() > 1e-3 * np.abs(want).max()  # not symmetric
+    v = np.asarray(jax.random.normal(KEY, (len(want),)))
+    np.testing.assert_allclose(product.to_dense(), want, **TOL)
+    np.testing.assert_allclose(product.mv(v), want @ v, **TOL)
+    np.testing.assert_allclose(product.vTMv(v), v @ want @ v, **TOL)
+    np.testing.assert_allclose(product.get_diag(), np.diag(want), **TOL)
+    np.testing.assert_allclose(product.trace(), np.trace(want), **TOL)
+    np.testing.assert_allclose(product.frobenius_norm(), np.linalg.norm(want), **TOL)
+    for refused in (lambda: product.solve(v, 0.1), product.eigvalsh,
+                    lambda: product.solve(v, 0.1, damping="pi"),
+                    lambda: product.inv(0.1, damping="pi"), lambda: product.pow(0.5),
+                    lambda: product.pow(-1), lambda: product.logdet(0.1)):
+        with pytest.raises(ValueError, match=r"symmetric Kronecker factors.*F2.solve\(F1"):
+            refused()
+    square = dense1 @ dense1
+    np.testing.assert_allclose((K1 @ K1).solve(v, 0.1),
+                               np.linalg.solve(square + 0.1 * np.eye(len(v)), v), rtol=1e-7)
+
+
 @pytest.mark.parametrize("make, input_major", [
     (make_linen_cnn, True),  # HWIO kernels: the blocks are applied to Vᵀ
     (make_equinox_cnn, False),  # OIHW: V is the kernel as stored

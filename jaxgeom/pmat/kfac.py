@@ -224,7 +224,9 @@ class Kron:
 
     A: jax.Array
     G: jax.Array
-    #: whether ``A`` and ``G`` are symmetric (they are but in products of two blocks)
+    #: whether ``A`` and ``G`` are known to be symmetric: they are, but in a product of two
+    #: blocks whose factors are not the same arrays (``A₁A₂`` need not be symmetric), whose
+    #: eigendecompositions, solves and functions are refused (:meth:`_check_symmetric`)
     symmetric: bool = dataclasses.field(default=True, metadata=dict(static=True))
     #: ``A``'s and ``G``'s ranks are at most these (``None``: not known to be low), and
     #: :meth:`eigen` factorises their ranges only (:func:`factor_rank_bounds`). A promise
@@ -239,14 +241,15 @@ class Kron:
     bounds_checked: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def mv(self, v):
+        """``G V Aᵀ``: the block ``kron(G, A)`` (:meth:`dense`) applied to the row-major
+        ``vec(V)``; ``G V A`` for symmetric factors, but not for a product of two blocks
+        (``A₁A₂ ⊗ G₁G₂``: ``G₁G₂ V (A₁A₂)ᵀ = G₁ (G₂ V A₂ᵀ) A₁ᵀ``)."""
         gv = self.G @ v
         if self.A.ndim == 1:
             return gv * self.A
-        if self.symmetric:
-            # V A = V Aᵀ: contracting A's contiguous axis is 3x faster on XLA:CPU when V has
-            # few rows (10 × 4097 by 4097²: 8 ms against 26 ms)
-            return jax.lax.dot_general(gv, self.A, (((1,), (1,)), ((), ())))
-        return gv @ self.A
+        # contracting A's contiguous axis: also 3x faster on XLA:CPU than V A when V has
+        # few rows (10 × 4097 by 4097²: 8 ms against 26 ms)
+        return jax.lax.dot_general(gv, self.A, (((1,), (1,)), ((), ())))
 
     def quadratic(self, v):
         """``vec(V)ᵀ (A ⊗ G) vec(V) = ⟨V, G V A⟩``, the product read apart from the
@@ -254,13 +257,11 @@ class Kron:
         return _inner_apart(v, self.mv(v))
 
     def transposed(self):
-        """The block applied to ``Vᵀ``: ``(G V A)ᵀ = Aᵀ Vᵀ Gᵀ``, the Kronecker block with
+        """The block applied to ``Vᵀ``: ``(G V Aᵀ)ᵀ = A Vᵀ Gᵀ``, the Kronecker block with
         the factors' roles swapped."""
         if self.A.ndim == 1:
             return _OnTranspose(self)
-        if self.symmetric:
-            return Kron(self.G, self.A)
-        return Kron(self.G.T, self.A.T, symmetric=False)
+        return Kron(self.G, self.A, self.symmetric)
 
     def _trace_a(self):
         return jnp.sum(self.A) if self.A.ndim == 1 else _spectral.trace(self.A)
@@ -289,6 +290,8 @@ class Kron:
 
     def factorisations(self) -> tuple[Factorisation, ...]:
         """What :meth:`eigen` factorises: ``G``, then ``A`` when it is square."""
+        self._check_symmetric("an eigendecomposition (eigvalsh, eigsh, pinv, logdet, "
+                              "norm(2), solve and pow with exact damping)")
         bound_a, bound_g = self.rank_bounds
         parts = ((self.G, bound_g),) + (((self.A, bound_a),) if self.A.ndim == 2 else ())
         return tuple(Factorisation(m, bound, self.bounds_checked) for m, bound in parts)
@@ -331,6 +334,7 @@ class Kron:
             return dataclasses.replace(
                 self, A=self.A ** int(p) if self.A.ndim == 1 else mp(self.A), G=mp(self.G),
                 rank_bounds=self.rank_bounds if p > 0 else (None, None))
+        self._check_symmetric(f"pow({p})")
         f = functools.partial(_spectral.power, p=p)
         return Kron(_factor_apply(f, self.A), _factor_apply(f, self.G))
 
@@ -338,11 +342,13 @@ class Kron:
         """``G⁻¹ V A⁻¹`` through Cholesky factorisations (positive-definite factors, e.g.
         damped ones): ``(a³ + g³)/3`` plus ``2 a g (a + g)``, several times cheaper than
         eigendecompositions."""
+        self._check_symmetric("solve")
         x = spd_solve(self.G, v)
         return x / self.A if self.A.ndim == 1 else spd_solve(self.A, x.T).T
 
     def inverse(self) -> Kron:
         """``A⁻¹ ⊗ G⁻¹`` through Cholesky factorisations (positive-definite factors)."""
+        self._check_symmetric("inv")
         a = 1 / self.A if self.A.ndim == 1 else _sym(spd_solve(self.A, _eye_like(self.A)))
         return Kron(a, _sym(spd_solve(self.G, _eye_like(self.G))))
 
@@ -360,6 +366,7 @@ class Kron:
 
         Cost ``O(a + g)`` (two traces and two diagonal updates). Positive definite for
         ``λ > 0``, so :meth:`solve` and :meth:`inverse` factorise it by Cholesky."""
+        self._check_symmetric(f"damping={damping!r}")
         root = jnp.sqrt(jnp.asarray(regul, self.G.dtype))
         a, g = self.A, self.G
         if FACTORED_DAMPINGS[damping]:
@@ -392,11 +399,29 @@ class Kron:
         return None
 
     def mm(self, other):
+        """``A₁A₂ ⊗ G₁G₂``: symmetric when the two blocks' factors are the same arrays (or
+        equal values: a square), which :attr:`symmetric` records; otherwise ``A₁A₂`` and
+        ``G₁G₂`` need not be symmetric (factors that do not commute)."""
         if not isinstance(other, Kron):
             return None
+        same_a = self.A.ndim == 1 or _same_array(self.A, other.A)
+        symmetric = self.symmetric and other.symmetric and same_a and _same_array(
+            self.G, other.G)
         if self.A.ndim == other.A.ndim == 1:
-            return Kron(self.A * other.A, self.G @ other.G)
-        return Kron(self._A @ other._A, self.G @ other.G, symmetric=False)
+            return Kron(self.A * other.A, self.G @ other.G, symmetric)
+        return Kron(self._A @ other._A, self.G @ other.G, symmetric)
+
+    def _check_symmetric(self, operation: str) -> None:
+        """Refuse ``operation`` (it factorises ``A`` and ``G`` as symmetric matrices) for a
+        block not known to be symmetric: a product ``A₁A₂ ⊗ G₁G₂`` of two blocks."""
+        if not self.symmetric:
+            raise ValueError(
+                f"PMatKFAC: {operation} needs symmetric Kronecker factors; a layer's block "
+                "here is the product of two blocks, A₁A₂ ⊗ G₁G₂ (F1 @ F2), whose factors need "
+                "not commute, so it need not be symmetric. Its mv, vTMv, get_diag, trace, "
+                "frobenius_norm and to_dense are exact. Apply the matrices in turn instead, "
+                "e.g. (F1 F2)⁻¹ v = F2.solve(F1.solve(v)), or solve the dense product "
+                "PMatDense.from_pmat(F1 @ F2).solve(v, method='lstsq')")
 
 
 @register_dataclass
@@ -899,6 +924,8 @@ class PMatKFAC(PMatAbstract):
         the exact blocks (none without ``blocks``), their ``eigh`` side by side on a CPU's
         cores when that is faster (:func:`~jaxgeom._lapack.side_by_side`, told whether
         ``work_follows``)."""
+        self._check_symmetric("an eigendecomposition (eigvalsh, eigsh, pinv, logdet, "
+                              "norm(2), solve and pow with exact damping)")
         parts = [node.factorisations() for node in self.factors]
         parts += [(Factorisation(b),) for b in (self.blocks if blocks else ())]
         jobs = [f for group in parts for f in group]
@@ -996,6 +1023,7 @@ class PMatKFAC(PMatAbstract):
                     f"form: drop method={method!r}")
             return super()._solve(v, regul, method, **options)
         if damping in FACTORED_DAMPINGS:
+            self._check_symmetric(f"solve with damping={damping!r}")
             nodes = [n.factor_damped(regul, damping) for n in self._krons(damping)]
             operation = "solve"
             pairs = [jnp.linalg.eigh(b) for b in self.blocks]
@@ -1032,6 +1060,8 @@ class PMatKFAC(PMatAbstract):
             a matrix held in its eigenbasis (an EKFAC, a KFAC after ``inv``/``pow``).
         """
         _check_damping(damping)
+        if not (_spectral.is_integer(p) and p >= 0):
+            self._check_symmetric(f"pow({p})")
         factored = damping in FACTORED_DAMPINGS
         if factored and _spectral.is_integer(p) and p == -1:
             return self._factor_damped_inverse(regul, damping)
@@ -1071,6 +1101,14 @@ class PMatKFAC(PMatAbstract):
                           for n, w in zip(nodes, inverted))
         blocks = tuple(_spectral.reconstruct(w, q) for w, (_, q) in zip(inverted[k:], pairs))
         return self._with(new_nodes, blocks)
+
+    def _check_symmetric(self, operation: str) -> None:
+        """Refuse ``operation`` before any of its work when a layer's block is not known
+        to be symmetric (:meth:`Kron._check_symmetric`: a product of two KFACs), its exact
+        blocks being then products too."""
+        for node in self.factors:
+            if isinstance(node, Kron):
+                node._check_symmetric(operation)
 
     def _krons(self, damping: str) -> tuple[Kron, ...]:
         """The layers' :class:`Kron` nodes, for a factored ``damping``; a ``ValueError``
