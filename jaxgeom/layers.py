@@ -109,6 +109,20 @@ class Layer:
         return None
 
 
+def _check_array_leaves(paths: tuple[str, ...], leaves: list) -> None:
+    """Refuse a parameter leaf that is not a number: a PRNG key (``jax.random.key``, which
+    ``nnx.split(model)`` returns with the state of a model holding ``nnx.Rngs``) has no
+    place in the flat order (integer and boolean leaves are constants, with zero rows)."""
+    for path, leaf in zip(paths, leaves):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+            raise ValueError(
+                f"params leaf {path!r} has dtype {dtype} (a PRNG key), not a number: pass the "
+                "parameters only and close over the rest in apply_fn; for a Flax NNX model, "
+                "split its parameters from its other state, graphdef, params, rest = "
+                "nnx.split(model, nnx.Param, ...), apply_fn = lambda p, x: "
+                "nnx.merge(graphdef, p, rest)(x)")
+
 @dataclasses.dataclass(frozen=True)
 class LayerCollection:
     """Static layout of a parameter pytree, partitioned into layers.
@@ -167,6 +181,7 @@ class LayerCollection:
         if not leaves_with_paths:
             raise ValueError("params has no array leaves")
         paths = tuple(path_to_str(p) for p, _ in leaves_with_paths)
+        _check_array_leaves(paths, [x for _, x in leaves_with_paths])
         shapes = tuple(tuple(int(s) for s in np.shape(x)) for _, x in leaves_with_paths)
         dtypes = tuple(str(jnp.result_type(x)) for _, x in leaves_with_paths)
         if layers is None:

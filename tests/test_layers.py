@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 from models import NNXMLP, LinenCNN, LinenEmbed, LinenLayerNorm, LinenMLP, make_plain_mlp
 
 import jaxgeom as jg
@@ -292,6 +293,40 @@ def test_nnx_layers():
         "norm": norm("norm"),
         "head": dense("head"),
     }
+
+
+def test_a_prng_key_in_the_params_is_refused_by_name_and_the_nnx_split_of_params_builds():
+    """A model holding ``nnx.Rngs`` (dropout) puts a PRNG key in ``nnx.split(model)``'s
+    state: refused, naming the leaf and the split that works, which builds the Fisher
+    of the same model (the dropout off) as a plain function of its parameters."""
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(3, 4, param_dtype=jnp.float64, rngs=rngs)
+            self.dropout = nnx.Dropout(0.5, deterministic=True, rngs=rngs)
+            self.head = nnx.Linear(4, 2, param_dtype=jnp.float64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.dropout(jnp.tanh(self.hidden(x))))
+
+    model = Net(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (5, 3))
+    graphdef, state = nnx.split(model)
+    with pytest.raises(ValueError, match=r"'dropout/rngs/.*key.*PRNG key.*nnx.Param"):
+        jg.FIM(lambda s, x: nnx.merge(graphdef, s)(x), state, (x,), jg.PMatDiag)
+    with pytest.raises(ValueError, match=r"params leaf 'seed' .*PRNG key"):
+        LayerCollection.from_params({"w": jnp.ones(3), "seed": jax.random.key(0)})
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    fisher = jg.FIM(lambda p, x: nnx.merge(graphdef, p, rest)(x), params, (x,), jg.PMatDense)
+
+    def logits(w, xn):  # the same network as a function of the flat float parameters
+        return nnx.merge(graphdef, unravel(w), rest)(xn[None])[0]
+
+    flat, unravel = ravel_pytree(params)
+    jac = jax.vmap(jax.jacrev(logits), (None, 0))(flat, x)  # (N, K, d)
+    p = jax.nn.softmax(jax.vmap(logits, (None, 0))(flat, x))
+    want = jnp.einsum("nki,nk,nkj->ij", jac, p, jac) - jnp.einsum(
+        "nki,nk,nl,nlj->ij", jac, p, p, jac)
+    np.testing.assert_allclose(fisher.to_dense(), want / len(x), rtol=1e-10, atol=1e-12)
 
 
 def test_the_layer_table_names_leaves_by_their_path_below_the_layer():
