@@ -26,8 +26,35 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex
 
 from jaxgeom.layers import concat_last
+
+
+def calls_custom_vjp(jaxpr: Any) -> bool:
+    """Whether a jaxpr (or one nested in it) calls a ``jax.custom_vjp`` function, which JAX
+    differentiates in reverse mode only (``jax.jvp``/``jacfwd`` raise)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("custom_vjp_call"):
+            return True
+        if any(calls_custom_vjp(getattr(sub, "jaxpr", sub))
+               for sub in jex.jaxprs_in_params(eqn.params)):
+            return True
+    return False
+
+
+def tangent_map(f: Callable, primals: Any, forward: bool = True) -> Callable[[Any], Any]:
+    """``t ↦ J t``: the Jacobian of ``f`` at ``primals`` applied to a tangent (of the
+    primals' structure). ``forward``: by ``jax.jvp`` (one forward pass per tangent, sharing
+    nothing); otherwise — a function with a ``jax.custom_vjp`` inside, which JAX cannot
+    differentiate in forward mode (:func:`calls_custom_vjp`) — as the transpose of its
+    ``vjp`` (``u ↦ Jᵀu`` is linear: ``jax.linear_transpose`` of it is ``J``), one forward
+    pass for all tangents and one transposed backward pass per tangent."""
+    if forward:
+        return lambda t: jax.jvp(f, (primals,), (t,))[1]
+    out, vjp = jax.vjp(f, primals)
+    transposed = jax.linear_transpose(vjp, out)
+    return lambda t: transposed((t,))[0]
 
 
 def is_differentiable(dtype: Any) -> bool:

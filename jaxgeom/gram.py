@@ -53,7 +53,7 @@ from jaxgeom import data as data_lib
 from jaxgeom._compile import donating_jit, model_jit
 from jaxgeom.capture import CapturePlan, capture_chunk, example_gradients, make_plan
 from jaxgeom.fspace import FMatDense
-from jaxgeom.jacobian import chunk_jacobian, output_count, resolve_mode
+from jaxgeom.jacobian import chunk_jacobian, output_count, resolve_model_mode
 from jaxgeom.layers import LayerCollection
 from jaxgeom.streaming import batch_leaves
 
@@ -584,11 +584,11 @@ def _factor_maker(J: ReplayedFunction, first: Any, k: int) -> Callable[..., Gram
     """``(batch, offset, mask) -> GramFactor`` for ``J``'s chunks (captured in reverse
     mode; ``mask``: ``None`` for windows of real examples)."""
     layout = J.layer_collection
-    mode = resolve_mode(J.mode, layout.numel(), k)
+    example = jax.tree_util.tree_map(lambda a: a[0], first)
+    mode = resolve_model_mode(J.mode, J.fn, J.params, example, J.aux, layout.numel(), k)
     if mode == "forward":
         return lambda batch, offset, mask: _rows_factor(
             J.params, batch, offset, J.aux, mask, fn=J.fn, dtype=layout.dtype)
-    example = jax.tree_util.tree_map(lambda a: a[0], first)
     plan = make_plan(J.fn, J.params, example, J.aux, layout)
     return lambda batch, offset, mask: _captured_factor(plan, layout, J.params, batch,
                                                         offset, J.aux, mask)

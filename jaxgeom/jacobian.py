@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxgeom import capture as capture_lib
 from jaxgeom import data as data_lib
-from jaxgeom._differentiable import FloatLeaves
+from jaxgeom._differentiable import FloatLeaves, calls_custom_vjp
 from jaxgeom._signature import abstract, cached, signature
 from jaxgeom.layers import LayerCollection, concat_last
 from jaxgeom.streaming import ChunkBuilder, builder, run, static_field, tree_finite
@@ -64,6 +64,36 @@ def resolve_mode(mode: str, num_params: int, num_outputs: int) -> str:
     if mode == "auto":
         return "forward" if num_params < num_outputs else "reverse"
     return mode
+
+
+def resolve_model_mode(mode: str, fn: Callable, params: Any, example: Any, aux: Any,
+                       num_params: int, num_outputs: int) -> str:
+    """:func:`resolve_mode` for the per-example function ``fn``: ``"auto"`` stays in reverse
+    mode, and ``"forward"`` is refused, when ``fn`` calls a ``jax.custom_vjp`` function
+    (:func:`forward_mode_ok`)."""
+    resolved = resolve_mode(mode, num_params, num_outputs)
+    if resolved == "forward" and not forward_mode_ok(fn, params, example, aux):
+        if mode == "forward":
+            raise ValueError(
+                "mode='forward': the model calls a jax.custom_vjp function, which JAX "
+                "differentiates in reverse mode only; use mode='reverse' (or 'auto')")
+        return "reverse"
+    return resolved
+
+
+def forward_mode_ok(fn: Callable, params: Any, example: Any, aux: Any) -> bool:
+    """Whether JAX can differentiate the per-example ``fn(params, example, index, aux)`` in
+    forward mode: no ``jax.custom_vjp`` function in its trace
+    (:func:`~jaxgeom._differentiable.calls_custom_vjp`). Traced once per function and
+    signature of the arguments; ``example`` has no batch axis."""
+    return _forward_mode_ok(fn, signature((params, example, aux)))
+
+
+@cached(maxsize=64)
+def _forward_mode_ok(fn, sig) -> bool:
+    params, example, aux = abstract(sig)
+    index = jax.ShapeDtypeStruct((), jnp.int32)
+    return not calls_custom_vjp(jax.make_jaxpr(fn)(params, example, index, aux).jaxpr)
 
 
 def example_jacobian(fn: Callable, params: Any, example: Any, index: Any, aux: Any, mode: str):
@@ -169,7 +199,8 @@ class JacobianBuilder(ChunkBuilder):
         captured inputs and output gradients."""
         layout = LayerCollection.from_params(params) if layout is None else layout
         num_outputs = example_output_count(fn, params, example, aux)
-        resolved = resolve_mode(mode, layout.numel(), num_outputs)
+        resolved = resolve_model_mode(mode, fn, params, example, aux, layout.numel(),
+                                      num_outputs)
         return cls(fn, accumulator, resolved, layout, num_outputs)
 
     @property

@@ -53,7 +53,7 @@ from jaxgeom.jacobian import (
 )
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat.base import check_shape, static_field
-from jaxgeom.pmat.implicit import _masked_outputs
+from jaxgeom.pmat.implicit import _jacobian_product, _masked_outputs
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, restrict
 from jaxgeom.scaling import ScalarMultiples
@@ -413,9 +413,8 @@ def _chunk_jvps(params, rows, batch, mask, offset, aux, *, fn, layout):
     of integer or boolean leaves do not count: :mod:`jaxgeom._differentiable`)."""
     floats = FloatLeaves.of(params)
     outputs = floats.bind(_masked_outputs(fn, batch, mask, offset, aux))
-    jv = jax.vmap(lambda row: jax.jvp(outputs, (floats.primals,), (floats.tangents(row),))[1])(
-        rows
-    )
+    product = _jacobian_product(fn, params, batch, aux, outputs, floats)
+    jv = jax.vmap(lambda row: product(floats.tangents(row)))(rows)
     return jv.astype(product_dtype(rows.dtype, jv.dtype))
 
 

@@ -15,6 +15,7 @@ from models import (
 from pmat_checks import check_products, compilations
 
 from jaxgeom import FIM, FIM_MonteCarlo, SecondMoment, random_pvector, streaming
+from jaxgeom.pfmap import Jacobian, PFMapImplicit
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.dense import PMatDense
 from jaxgeom.pmat.diag import PMatDiag
@@ -358,6 +359,38 @@ def test_integer_and_boolean_leaves_are_constants():
     mc = [FIM_MonteCarlo(t.apply_fn, t.params, t.x, rep, key=jax.random.PRNGKey(7),
                          batch_size=b) for rep, b in [(PMatImplicit, 3), (PMatDense, None)]]
     np.testing.assert_allclose(mc[0].mv(v).to_flat(), mc[1].mv(v).to_flat(), **TOL)
+
+def test_a_model_with_a_custom_vjp_is_differentiated_in_reverse_mode():
+    """A model calling a ``jax.custom_vjp`` function (``tanh`` with its own backward rule),
+    which JAX does not differentiate in forward mode, equals the same model with
+    ``jnp.tanh``: a dense build of ``mode="auto"`` where forward mode would be cheaper
+    (``d = 9 < K = 24``, a segmentation map) takes reverse mode; ``PMatImplicit``'s
+    products and ``PFMapImplicit``'s ``J v`` take the transpose of the ``vjp``;
+    ``mode="forward"`` is refused by name."""
+    @jax.custom_vjp
+    def tanh(z):
+        return jnp.tanh(z)
+
+    tanh.defvjp(lambda z: (jnp.tanh(z), z), lambda z, g: (g * (1 - jnp.tanh(z) ** 2),))
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    params = {"w": jax.random.normal(keys[0], (2, 3)), "b": jax.random.normal(keys[1], (3,))}
+    x = jax.random.normal(keys[2], (5, 8, 2))  # 5 examples of 8 pixels, 3 classes each
+    custom = lambda p, x: tanh(x @ p["w"] + p["b"])  # noqa: E731
+    plain = lambda p, x: jnp.tanh(x @ p["w"] + p["b"])  # noqa: E731
+    variant = "segmentation_logits"
+    want = FIM(plain, params, (x,), PMatDense, variant=variant).to_dense()
+    got = FIM(custom, params, (x,), PMatDense, variant=variant, batch_size=2)
+    np.testing.assert_allclose(got.to_dense(), want, **TOL)
+    with pytest.raises(ValueError, match=r"custom_vjp.*mode='reverse'"):
+        FIM(custom, params, (x,), PMatDense, variant=variant, mode="forward")
+    implicit = FIM(custom, params, (x,), PMatImplicit, variant=variant, batch_size=2)
+    v = jax.random.normal(keys[0], (9,))
+    np.testing.assert_allclose(implicit.mv(v), want @ v, **TOL)
+    np.testing.assert_allclose(implicit.vTMv(v), v @ want @ v, **TOL)
+    np.testing.assert_allclose(implicit.to_dense(), want, **TOL)
+    maps = [Jacobian(f, params, x, PFMapImplicit, batch_size=2) for f in (custom, plain)]
+    np.testing.assert_allclose(maps[0].jvp(v).data, maps[1].jvp(v).data, **TOL)
+
 
 def test_unsupported_operations_name_alternatives(case):
     t, F, _ = case

@@ -14,12 +14,13 @@ import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
-from jaxgeom._differentiable import FloatLeaves
+from jaxgeom._differentiable import FloatLeaves, tangent_map
 from jaxgeom.jacobian import (
     Hashable,
     accumulate,
     check_vector_outputs,
     chunk_outputs,
+    forward_mode_ok,
     resolve_mode,
 )
 from jaxgeom.layers import LayerCollection
@@ -395,6 +396,14 @@ def _masked_outputs(fn, batch, mask, offset, aux) -> Callable:
     return outputs
 
 
+def _jacobian_product(fn, params, batch, aux, outputs, floats: FloatLeaves) -> Callable:
+    """``t ↦ J_c t`` for the chunk's ``outputs`` (a function of the floating leaves):
+    ``jax.jvp``, or the transpose of the ``vjp`` for a model with a ``jax.custom_vjp``
+    inside (:func:`~jaxgeom._differentiable.tangent_map`)."""
+    example = jax.tree_util.tree_map(lambda a: a[0], batch)
+    return tangent_map(outputs, floats.primals, forward_mode_ok(fn, params, example, aux))
+
+
 @model_jit(static_argnames=("fn", "layout"), donate_argnums=0)
 def _chunk_jtjv(total, params, rows, batch, mask, offset, aux, *, fn, layout):
     """``total + J_cᵀ (J_c vᵢ)`` of one chunk for the rows ``vᵢ`` of ``(..., d)`` (``total``
@@ -404,9 +413,8 @@ def _chunk_jtjv(total, params, rows, batch, mask, offset, aux, *, fn, layout):
     floats = FloatLeaves.of(params)
     outputs = floats.bind(_masked_outputs(fn, batch, mask, offset, aux))
     flat = rows.reshape(-1, rows.shape[-1])
-    jv = jax.vmap(lambda row: jax.jvp(outputs, (floats.primals,), (floats.tangents(row),))[1])(
-        flat
-    )
+    product = _jacobian_product(fn, params, batch, aux, outputs, floats)
+    jv = jax.vmap(lambda row: product(floats.tangents(row)))(flat)
     _, vjp = jax.vjp(outputs, floats.primals)
     jtjv = floats.ravel(jax.vmap(vjp)(jv)[0], flat.shape[:1]).reshape(rows.shape)
     return total + jtjv.astype(product_dtype(rows.dtype, jtjv.dtype))
@@ -417,5 +425,5 @@ def _chunk_jv_sq(params, v, batch, mask, offset, aux, *, fn, layout):
     """``Σ_{n∈c} ‖Jₙ v‖²`` of one chunk (one ``jvp``)."""
     floats = FloatLeaves.of(params)
     outputs = floats.bind(_masked_outputs(fn, batch, mask, offset, aux))
-    _, jv = jax.jvp(outputs, (floats.primals,), (floats.tangents(v),))
+    jv = _jacobian_product(fn, params, batch, aux, outputs, floats)(floats.tangents(v))
     return jnp.sum(jv.astype(jnp.result_type(jv, v)) ** 2)  # in the vector's dtype, as mv
