@@ -101,6 +101,13 @@ def test_solve_method_errors(case):
     t, F, _ = case
     with pytest.raises(ValueError, match="valid methods"):
         F.solve(vec(t), REGUL, method="cholesky")
+    # a rank-deficient matrix (r = N K < d) undamped: its null space would divide by 0
+    for method in ("woodbury", "eigh"):
+        with pytest.raises(ValueError, match=r"shift \+ regul ≠ 0.*singular.*pinv"):
+            F.solve(vec(t), method=method)
+    shifted = F + 0.5 * PMatEye(F.layer_collection)  # full rank: M + 0.5 I
+    np.testing.assert_allclose(shifted.solve(shifted.mv(vec(t))).to_flat(), vec(t).to_flat(),
+                               rtol=1e-8)
 
 
 def test_pinv_and_pow(case):

@@ -191,6 +191,7 @@ def _checked_solve(solve: Callable) -> Callable:
     def checked(self, v, regul=0.0, *, method=None, **options):
         check_regul(regul)
         method = self.SOLVE_METHODS[0] if method is None else method
+        self._check_solvable(regul, method)
         if method in ("cg", "minres"):
             preconditioner = options.get("preconditioner")
             check_cg_options(
@@ -306,6 +307,11 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     @abc.abstractmethod
     def _mv(self, v: jax.Array) -> jax.Array:
         """``M v`` for a flat ``(d,)`` vector."""
+
+    def _check_solvable(self, regul: Any, method: str) -> None:
+        """Raise, before an eager solve dispatches, for a ``regul`` that ``method`` cannot
+        solve with, known from the values at hand (default: none; ``PMatLowRank``: a
+        rank-deficient matrix with ``shift + regul = 0``)."""
 
     def _solve(self, v: jax.Array, regul, method: str, **options) -> jax.Array:
         """``(M + regul·I)⁻¹ v`` for a flat vector; the base offers the iterative solves

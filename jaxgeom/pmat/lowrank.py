@@ -218,6 +218,18 @@ class PMatLowRank(PMatAbstract):
         rest = jnp.full(self.layer_collection.numel() - evals.shape[0], self._shift())
         return jnp.sort(jnp.concatenate([evals, rest]))
 
+    def _check_solvable(self, regul, method):
+        """``"woodbury"`` (when ``d ≥ r``) and ``"eigh"`` divide by ``shift + regul``: 0
+        (concretely) is refused, as :meth:`inv` refuses it."""
+        r, d = self.factor.shape
+        if (method == "eigh" or (method == "woodbury" and d >= r)) and _is_zero(
+                regul + self.shift):
+            raise ValueError(
+                f"PMatLowRank.solve(method={method!r}) needs shift + regul ≠ 0: a matrix of "
+                f"rank ≤ r = {r} < d = {d} is singular (its null-space component divides by "
+                "0). Pass a damping (solve(v, regul) solves (M + regul·I) x = v), or use "
+                "pinv().mv(v) for the least-squares solution")
+
     def _solve(self, v, regul, method, **options):
         """Exact ``(M + ρI)⁻¹ v``, null-space component ``v_⊥/λ`` included, where
         ``λ = s + ρ`` (the shift and the damping; ``λ ≠ 0``).
