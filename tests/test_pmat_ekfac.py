@@ -15,6 +15,7 @@ from models import (
     make_linen_cnn,
     make_linen_embed,
     make_linen_layernorm,
+    make_linen_mlp,
     make_linen_narrow_mlp,
     make_linen_wide_hidden,
     make_linen_wide_mlp,
@@ -326,6 +327,23 @@ def _dense_pow(dense, p, regul):
 def test_solve(case):
     t, E, dense = case
     check_solve(E, dense, t.params)
+
+
+def test_an_undamped_solve_of_exact_zero_eigenvalues_is_refused_as_inv_is():
+    """An EKFAC of fewer examples than a layer's inputs holds exact zeros off its factors'
+    ranges: ``solve(v)`` without damping (``1/0`` there: NaN) is refused by name, as
+    ``inv()`` is; damped, it solves; CG (an iterative solve) is not checked."""
+    t = make_linen_mlp(n=2)
+    E = FIM(t.apply_fn, t.params, t.x, PMatEKFAC)
+    v = np.ones(E.size(0))
+    with pytest.raises(ValueError, match=r"solve of a singular matrix: \d+ of its .* are 0.*"
+                                         r"solve\(v, regul\).*pinv\(\).mv\(v\)"):
+        E.solve(v)
+    with pytest.raises(ValueError, match=r"pow\(-1\) of a singular matrix"):
+        E.inv()
+    dense = np.asarray(E.to_dense())
+    np.testing.assert_allclose(E.solve(v, 0.1), np.linalg.solve(dense + 0.1 * np.eye(len(v)), v),
+                               rtol=1e-8)
 
 
 def test_sums_and_products(case):

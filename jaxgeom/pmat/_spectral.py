@@ -67,20 +67,30 @@ def _check_nonnegative(shifted: jax.Array, p) -> None:
             "the power to |λ| from eigh()")
 
 
-def _check_invertible(shifted: jax.Array, p) -> None:
+def _check_invertible(shifted: jax.Array, p, operation: str | None = None) -> None:
     """Refuse ``p < 0`` where some ``λ + regul`` is 0 (``p`` an integer) or ``≤ 0`` (else:
-    clipped to 0 as round-off), when the values are concrete."""
+    clipped to 0 as round-off), when the values are concrete; ``operation="solve"``: a solve
+    with these eigenvalues (``p = -1``)."""
     if any(isinstance(x, jax.core.Tracer) for x in (shifted, p)) or not np.isreal(p) or (
             np.real(p) >= 0):
         return
     values = np.asarray(shifted)
     singular = int(np.sum(values == 0 if is_integer(p) else values <= 0))
     if singular:
+        fix = ("Damp it (solve(v, regul) with regul > 0), or solve on its range: "
+               "M.pinv().mv(v)" if operation == "solve" else
+               "Damp it (pow(p, regul) with regul > 0: (M + regul·I)^p), or take the "
+               "pseudo-power on its range: M.pinv().pow(-p)")
         raise ValueError(
-            f"pow({np.real(p):g}) of a singular matrix: {singular} of its {values.size} "
-            f"eigenvalues (+ regul) are {'0' if is_integer(p) else '≤ 0 (0 up to round-off)'}, "
-            "where a negative power is infinite. Damp it (pow(p, regul) with regul > 0: "
-            "(M + regul·I)^p), or take the pseudo-power on its range: M.pinv().pow(-p)")
+            f"{operation or f'pow({np.real(p):g})'} of a singular matrix: {singular} of its "
+            f"{values.size} eigenvalues (+ regul) are "
+            f"{'0' if is_integer(p) else '≤ 0 (0 up to round-off)'}, where a negative power "
+            f"is infinite. {fix}")
+
+
+def check_solvable(values: jax.Array) -> None:
+    """Refuse an undamped solve by eigenvalues ``values`` of which one is (concretely) 0."""
+    _check_invertible(values, -1, "solve")
 
 
 def pinv(values: jax.Array, atol=None, rtol=None) -> jax.Array:

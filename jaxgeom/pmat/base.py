@@ -527,7 +527,9 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
           ValueError: for a ``regul`` that is not a scalar or (concrete) not finite, an
             unknown ``method``, CG/MINRES tolerances or ``maxiter`` out of range
             (:func:`jaxgeom.solvers.check_cg_options`), a Neumann ``scale``/``num_terms``
-            out of range, or (eagerly) a Neumann series that diverged.
+            out of range, (eagerly) a Neumann series that diverged, or (eagerly) an
+            undamped solve of a matrix known to be singular (``PMatLowRank`` of rank
+            ``< d`` with ``shift + regul = 0``, an EKFAC's exact zero eigenvalues).
           TypeError: for an option the method does not take, or a preconditioner that is
             neither a representation nor a callable.
         """

@@ -400,7 +400,7 @@ def _jacobian_product(fn, params, batch, aux, outputs, floats: FloatLeaves) -> C
     """``t ↦ J_c t`` for the chunk's ``outputs`` (a function of the floating leaves):
     ``jax.jvp``, or the transpose of the ``vjp`` for a model with a ``jax.custom_vjp``
     inside (:func:`~jaxgeom._differentiable.tangent_map`)."""
-    example = jax.tree_util.tree_map(lambda a: a[0], batch)
+    example = data_lib.example_shapes(batch)
     return tangent_map(outputs, floats.primals, forward_mode_ok(fn, params, example, aux))
 
 

@@ -217,10 +217,16 @@ def _eye_like(m: jax.Array) -> jax.Array:
     return jnp.eye(m.shape[0], dtype=m.dtype)
 
 
+#: what an eigendecomposition of the factors serves, for :meth:`Kron._check_symmetric`
+_EIGENDECOMPOSITION = ("an eigendecomposition (eigvalsh, eigsh, pinv, logdet, norm(2), solve "
+                       "and pow with exact damping)")
+
+
 @register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Kron:
-    """A layer block ``A ⊗ G``: ``V (g×a) ↦ G V A``. ``A`` is ``(a, a)`` or a diagonal ``(a,)``."""
+    """A layer block ``A ⊗ G``: ``V (g×a) ↦ G V Aᵀ`` (``G V A``: the factors are symmetric
+    but in a product of two blocks). ``A`` is ``(a, a)`` or a diagonal ``(a,)``."""
 
     A: jax.Array
     G: jax.Array
@@ -252,7 +258,7 @@ class Kron:
         return jax.lax.dot_general(gv, self.A, (((1,), (1,)), ((), ())))
 
     def quadratic(self, v):
-        """``vec(V)ᵀ (A ⊗ G) vec(V) = ⟨V, G V A⟩``, the product read apart from the
+        """``vec(V)ᵀ (A ⊗ G) vec(V) = ⟨V, G V Aᵀ⟩``, the product read apart from the
         reduction (:func:`_inner_apart`)."""
         return _inner_apart(v, self.mv(v))
 
@@ -290,8 +296,7 @@ class Kron:
 
     def factorisations(self) -> tuple[Factorisation, ...]:
         """What :meth:`eigen` factorises: ``G``, then ``A`` when it is square."""
-        self._check_symmetric("an eigendecomposition (eigvalsh, eigsh, pinv, logdet, "
-                              "norm(2), solve and pow with exact damping)")
+        self._check_symmetric(_EIGENDECOMPOSITION)
         bound_a, bound_g = self.rank_bounds
         parts = ((self.G, bound_g),) + (((self.A, bound_a),) if self.A.ndim == 2 else ())
         return tuple(Factorisation(m, bound, self.bounds_checked) for m, bound in parts)
@@ -924,8 +929,7 @@ class PMatKFAC(PMatAbstract):
         the exact blocks (none without ``blocks``), their ``eigh`` side by side on a CPU's
         cores when that is faster (:func:`~jaxgeom._lapack.side_by_side`, told whether
         ``work_follows``)."""
-        self._check_symmetric("an eigendecomposition (eigvalsh, eigsh, pinv, logdet, "
-                              "norm(2), solve and pow with exact damping)")
+        self._check_symmetric(_EIGENDECOMPOSITION)
         parts = [node.factorisations() for node in self.factors]
         parts += [(Factorisation(b),) for b in (self.blocks if blocks else ())]
         jobs = [f for group in parts for f in group]
@@ -1101,6 +1105,16 @@ class PMatKFAC(PMatAbstract):
                           for n, w in zip(nodes, inverted))
         blocks = tuple(_spectral.reconstruct(w, q) for w, (_, q) in zip(inverted[k:], pairs))
         return self._with(new_nodes, blocks)
+
+    def _check_solvable(self, regul, method):
+        """An undamped exact solve divides by the stored eigenvalues of the layers held in
+        their eigenbasis (an EKFAC's; a KFAC's after ``inv``/``pow``): exact zeros (an
+        EKFAC's off-range values) are refused, as ``pow(-1)`` refuses them."""
+        if method in ITERATIVE_SOLVES or not _is_static_zero(regul):
+            return
+        values = [n.d.ravel() for n in self.factors if isinstance(n, KronEigen)]
+        if values:
+            _spectral.check_solvable(jnp.concatenate(values))
 
     def _check_symmetric(self, operation: str) -> None:
         """Refuse ``operation`` before any of its work when a layer's block is not known
