@@ -163,7 +163,8 @@ def test_a_damping_per_parameter_is_refused_and_the_suggested_sum_solves(represe
 @pytest.mark.parametrize("representation", [PMatDense, PMatDiag, PMatKFAC, PMatLowRank])
 def test_a_non_finite_regul_and_a_non_scalar_exponent_are_refused(representation):
     """A concrete NaN damping had given NaN answers without a word; a (2,) exponent, a
-    broadcasting error or "truth value ... ambiguous"."""
+    broadcasting error or "truth value ... ambiguous"; a negative or NaN ``pinv``
+    threshold is refused too."""
     t = make_plain_mlp(n=3)
     F = FIM(t.apply_fn, t.params, (t.x, t.y), representation)
     v = jnp.ones(F.layer_collection.numel())
@@ -173,6 +174,9 @@ def test_a_non_finite_regul_and_a_non_scalar_exponent_are_refused(representation
         F.pow(jnp.array([0.5, 1.0]))
     with pytest.raises(ValueError, match="exponent p of pow must be finite"):
         F.pow(float("inf"))
+    for thresholds in (dict(atol=-1.0), dict(rtol=float("nan")), dict(atol=jnp.ones(2))):
+        with pytest.raises(ValueError, match=r"pinv's [ar]tol must be (≥ 0|a scalar)"):
+            F.pinv(**thresholds)  # a negative atol had kept every eigenvalue, silently
 
 
 @pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatDiag, PMatLowRank,

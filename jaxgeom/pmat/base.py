@@ -69,6 +69,7 @@ def representation(cls: type) -> type:
         method = getattr(cls, name)
         setattr(cls, name, compiled_when_eager(getattr(method, "eager_method", method)))
     for name, checked in (("inv", _checked_scalars), ("pow", _checked_scalars),
+                          ("pinv", _checked_scalars),
                           ("slogdet", _checked_scalars), ("logdet", _checked_scalars),
                           ("solve", _checked_solve)):
         method = getattr(cls, name)
@@ -132,6 +133,19 @@ def check_exponent(p: Any) -> None:
     _check_finite(p, "the exponent p of pow")
 
 
+def check_threshold(x: Any, name: str) -> None:
+    """Refuse a ``pinv`` threshold (``atol``, ``rtol``) that is not ``None`` or a scalar, or,
+    where it is concrete, negative or NaN (``inf`` drops every eigenvalue)."""
+    if x is None:
+        return
+    if not is_scalar(x):
+        raise ValueError(f"pinv's {name} must be a scalar; got {_described(x)}")
+    if not isinstance(x, jax.core.Tracer) and not np.asarray(x) >= 0:
+        raise ValueError(
+            f"pinv's {name} must be ≥ 0 (eigenvalues |λ| ≤ max(atol, rtol·max|λ|) are "
+            f"dropped); got {x!r}")
+
+
 def _check_finite(x: Any, what: str) -> None:
     """A ``ValueError`` if ``x`` is concrete and not finite (a traced value passes)."""
     if not isinstance(x, jax.core.Tracer) and not np.isfinite(np.asarray(x)):
@@ -157,13 +171,16 @@ def _scaled_by_eye(mm: Callable) -> Callable:
     return call
 
 
-#: the scalar arguments of ``inv``/``pow`` and their checks
-_SCALAR_ARGUMENTS = {"regul": check_regul, "p": check_exponent}
+#: the scalar arguments of ``inv``/``pow``/``pinv`` and their checks
+_SCALAR_ARGUMENTS = {"regul": check_regul, "p": check_exponent,
+                     "atol": lambda x: check_threshold(x, "atol"),
+                     "rtol": lambda x: check_threshold(x, "rtol")}
 
 
 def _checked_scalars(method: Callable) -> Callable:
-    """``method`` (``inv``/``pow``) with its ``regul`` (:func:`check_regul`) and exponent
-    ``p`` (:func:`check_exponent`) checked."""
+    """``method`` (``inv``/``pow``/``pinv``/…) with its ``regul`` (:func:`check_regul`),
+    exponent ``p`` (:func:`check_exponent`) and thresholds ``atol``/``rtol``
+    (:func:`check_threshold`) checked."""
     names = list(inspect.signature(method).parameters)[1:]  # after self
     checks = [(name, names.index(name), check) for name, check in _SCALAR_ARGUMENTS.items()
               if name in names]
