@@ -68,7 +68,7 @@ def test_one_step_equals_dense_formula(task, name):
 def test_kfac_factored_damping(task, damping, inverse_period):
     """``solve_options={"damping": ...}`` reaches K-FAC's solve, and the cached inverse
     (``inverse_period > 1``) of the factor-damped blocks: the step is the π-damped
-    (``"pi"``) or π = 1 (``"pi_one"``, NNGeometry's ``use_pi=False``) solve."""
+    (``"pi"``) or π = 1 (``"pi_one"``, the formula of NNGeometry's ``use_pi=False``) solve."""
     t, grads = task
     tx = optim.scale_by_natural_gradient(jg.PMatKFAC, damping=LAM, apply_fn=t.apply_fn,
                                          inverse_period=inverse_period,

@@ -369,9 +369,9 @@ def test_solve(case):
 @pytest.mark.parametrize("damping", ["pi", "pi_one"])
 def test_factored_damping(case, damping):
     """``"pi"``: (A + π√λ I) ⊗ (G + √λ/π I), π = √((tr A/a)/(tr G/g)); ``"pi_one"``
-    (NNGeometry's ``use_pi=False``): π = 1, (A + √λ I) ⊗ (G + √λ I); exact blocks of the
-    other layers damped exactly. ``inv``, ``pow(-1)``, ``solve`` and ``pow(±½)`` against
-    the dense Kronecker products of the damped factors."""
+    (the formula of NNGeometry's ``use_pi=False``): π = 1, (A + √λ I) ⊗ (G + √λ I); exact
+    blocks of the other layers damped exactly. ``inv``, ``pow(-1)``, ``solve`` and
+    ``pow(±½)`` against the dense Kronecker products of the damped factors."""
     t, K, dense = case
     lam = 1e-2
     expected = factor_damped_dense(K, dense, lam, damping)
@@ -417,7 +417,7 @@ def test_damping_values_are_checked(case):
                  lambda d: K.solve(v, 1e-2, damping=d)):
         with pytest.raises(ValueError, match="damping must be one of.*'pi_one'"):
             call("heuristic")
-        with pytest.raises(ValueError, match="use_pi=False is damping='pi_one'"):
+        with pytest.raises(ValueError, match="use_pi=False's formula is damping='pi_one'"):
             call(False)
     with pytest.raises(TypeError, match="takes no option use_pi"):
         K.solve(v, 1e-2, use_pi=False)

@@ -63,8 +63,9 @@ dampings damp each factor and stay Kronecker products (:data:`FACTORED_DAMPINGS`
 - ``damping="pi"``: the π-corrected damping of Martens & Grosse (2015, §6.3),
   ``(A + π√λ I) ⊗ (G + √λ/π I)``, ``π = √((tr A / a_l) / (tr G / g_l))``
   (NNGeometry's default, ``use_pi=True``);
-- ``damping="pi_one"``: the same with ``π = 1``, ``(A + √λ I) ⊗ (G + √λ I)``
-  (NNGeometry's ``use_pi=False``).
+- ``damping="pi_one"``: the same with ``π = 1``, ``(A + √λ I) ⊗ (G + √λ I)`` (the formula
+  of NNGeometry's ``use_pi=False``, whose factors are scaled otherwise — ``√K·A``,
+  ``G/√K`` — so that its damped answers differ; ``"pi"`` does not depend on the split).
 
 Both equal ``A ⊗ G + λI`` plus the cross terms ``√λ (π A ⊗ I + I ⊗ G / π)``: an
 approximation of the exact damping that over-damps. Exact blocks of other layers are
@@ -366,8 +367,8 @@ class Kron:
           layer whose outputs get no gradient, or whose inputs are all zero) makes the
           block zero and ``π`` 0 or ∞; the damped block is then ``λI``, the limit of the
           formula, written ``√λ I ⊗ √λ I`` (as kfac-jax does);
-        - ``"pi_one"``: ``π = 1``, ``(A + √λ I) ⊗ (G + √λ I)`` (NNGeometry's
-          ``use_pi=False``), the formula as it is for any factors.
+        - ``"pi_one"``: ``π = 1``, ``(A + √λ I) ⊗ (G + √λ I)``, the formula as it is for
+          any factors (NNGeometry's ``use_pi=False`` on factors it scales otherwise).
 
         Cost ``O(a + g)`` (two traces and two diagonal updates). Positive definite for
         ``λ > 0``, so :meth:`solve` and :meth:`inverse` factorise it by Cholesky."""
@@ -1529,10 +1530,11 @@ def other_gradients(cap: Captured, plan: CapturePlan,
 
 def _check_damping(damping: Any) -> None:
     """Refuse a ``damping`` not in :data:`DAMPINGS` (NNGeometry's ``use_pi`` flag is not
-    one: its ``use_pi=False`` is ``damping="pi_one"``)."""
+    one: ``use_pi=True`` is ``damping="pi"``, ``use_pi=False``'s formula ``"pi_one"``)."""
     if not isinstance(damping, str) or damping not in DAMPINGS:
-        hint = (" (NNGeometry's use_pi=True is damping='pi', use_pi=False is "
-                "damping='pi_one')" if isinstance(damping, bool) else "")
+        hint = (" (NNGeometry's use_pi=True is damping='pi'; use_pi=False's formula is "
+                "damping='pi_one', on factors that NNGeometry scales otherwise)"
+                if isinstance(damping, bool) else "")
         raise ValueError(
             f"damping must be one of {DAMPINGS}: 'exact' (M + λI), 'pi' ((A + π√λI) ⊗ "
             f"(G + √λ/π I)), 'pi_one' ((A + √λI) ⊗ (G + √λI)); got {damping!r}{hint}")
