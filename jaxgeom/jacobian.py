@@ -225,6 +225,11 @@ class JacobianBuilder(ChunkBuilder):
         return getattr(self.accumulator, "schedules_for_memory", False)
 
     @property
+    def needs_static_count(self) -> bool:
+        """For kept rows (cut to ``N K`` by :meth:`finalize`)."""
+        return self._collects
+
+    @property
     def finalizes_traced(self) -> bool:
         """For kept rows (the buffer is the result). An accumulator's ``finalize`` runs
         apart: a dense Gram's mirroring and its division are two calls, XLA:CPU copying

@@ -84,7 +84,8 @@ class Stream(NamedTuple):
     """What a finished pass tells :meth:`ChunkBuilder.finalize`.
 
     Attributes:
-      n: the number of examples seen.
+      n: the number of examples seen (in :meth:`ChunkBuilder.finalize` of data of one
+        chunk padded to ``batch_size``, a traced integer: :attr:`ChunkBuilder.needs_static_count`).
       params: the parameters the statistics were taken at.
       aux: the per-example function's shared arrays.
       data: the data for another pass or a replay: the list of batches read when they were
@@ -169,6 +170,10 @@ class ChunkBuilder:
     #: ``aux`` and ``batch_size``; the host's part of the result is :meth:`finish`'s. Data
     #: read in one chunk are then built in one compiled call a pass (:func:`run`)
     finalizes_traced: bool = False
+    #: whether :meth:`finalize` needs the number of examples as a Python ``int`` inside the
+    #: compiled call of data of one chunk (kept rows cut to ``N``); otherwise it receives
+    #: it traced there, so that data of any size up to ``batch_size`` share one program
+    needs_static_count: bool = False
 
     def statistics(self, params: Any, batch: Any, mask: jax.Array, offset: jax.Array,
                    aux: Any) -> tuple[Any, jax.Array]:
@@ -313,6 +318,10 @@ class BuilderGroup(ChunkBuilder):
     @property
     def finalizes_traced(self) -> bool:
         return all(m.finalizes_traced for m in self.members)
+
+    @property
+    def needs_static_count(self) -> bool:
+        return any(m.needs_static_count for m in self.members)
 
     def statistics(self, params, batch, mask, offset, aux):
         out = [m.statistics(params, batch, mask, offset, aux) for m in self.members]
@@ -723,21 +732,26 @@ def _finish_in_step(builder: ChunkBuilder, chunk: data_lib.Chunk, params: Any, a
     statistics and ``finalize`` (a mean, the layout of the result) traced together.
     Streamed, the same pass is three calls — the zero total, the step, the mean — each
     compiled the first time (a first KFAC build on one batch, bench_small: 0.08 and 0.1 s
-    of its 1 s are the zeros and the mean)."""
-    return _finished(builder, (chunk.count, batch_size), params, chunk.batch, chunk.mask,
-                     np.asarray(chunk.offset), aux)
+    of its 1 s are the zeros and the mean). The chunk padded to ``batch_size``, ``N`` is
+    traced (unless the builder :attr:`~ChunkBuilder.needs_static_count`): data of any size
+    up to ``batch_size`` share the program."""
+    static = builder.needs_static_count or batch_size is None
+    return _finished(builder, (chunk.count if static else None, batch_size), params,
+                     chunk.batch, chunk.mask, np.asarray(chunk.offset), aux,
+                     np.asarray(chunk.count, np.int32))
 
 
-def _finished(builder, sizes, params, batch, mask, offset, aux):
+def _finished(builder, sizes, params, batch, mask, offset, aux, count):
     """The one chunk's total, as the streamed build makes it (:meth:`ChunkBuilder.update`
     of :meth:`~ChunkBuilder.init_total`: XLA drops the adds of zeros, and a buffer of kept
     rows is written in place as before), then ``finalize`` (of a builder of several passes,
     on zeros when the chunk was not finite, as streamed); ``sizes``: the static
-    ``(N, batch_size)``."""
+    ``(N, batch_size)``, ``N`` ``None`` for the traced ``count``."""
     args = (params, batch, mask, offset, aux)
     total, finite = builder.update(builder.init_total(*args), *args)
     total = builder.finite_or_zero(total, finite)
     n, batch_size = sizes
+    n = count if n is None else n
     return builder.finalize(total, Stream(n, params, aux, None, batch_size)), finite
 
 

@@ -394,6 +394,32 @@ def test_data_of_one_chunk_are_built_in_one_compiled_call(representation, option
     np.testing.assert_allclose(one.to_dense(), chunked.to_dense(), **TOL)
 
 
+@pytest.mark.parametrize("representation, options",
+                         [(r, {}) for r in ONE_CALL if r is not PMatLowRank]
+                         + [(PMatEKFAC, {}), (PMatMixed, MIXED)],
+                         ids=[r.__name__ for r in ONE_CALL if r is not PMatLowRank]
+                         + ["PMatEKFAC", "PMatMixed"])
+def test_data_of_any_size_up_to_batch_size_share_one_compiled_call(representation, options):
+    """Data of one chunk padded to ``batch_size`` (``N ≤ batch_size``) are built by one
+    program whatever ``N``: the number of examples is traced in it, not compiled in (it
+    was, a program per size; the arrays' padding to ``batch_size`` rows is compiled per
+    size, a copy); the matrix of each size is the unpadded build's. A
+    ``PMatLowRank``'s rows are of the data's size: compiled per size (not here)."""
+    t = make_linen_mlp(n=12)
+
+    def build(n):
+        return FIM(t.apply_fn, t.params, data[n], representation, batch_size=16, **options)
+
+    data = {n: (t.x[:n], t.y[:n]) for n in (5, 7, 12)}
+    build(5)  # compiled for chunks of 16
+    for n in (7, 12):
+        with compilations() as compiled:
+            padded = build(n)
+        assert set(compiled) <= {"_pad_rows"}  # only the data's padding to 16 rows
+        whole = FIM(t.apply_fn, t.params, (t.x[:n], t.y[:n]), representation, **options)
+        np.testing.assert_allclose(padded.to_dense(), whole.to_dense(), **TOL)
+
+
 #: EKFAC alone, and as a part of a mixed matrix beside a part of one pass
 EKFAC_CASES = [(PMatEKFAC, {}), (PMatMixed, dict(mapping={"Dense_0": PMatEKFAC,
                                                           "Dense_1": PMatDiag}))]

@@ -1336,7 +1336,11 @@ def _whole_chunks(stream) -> int:
     rows (padding rows are zero), and the same for data a short last chunk apart (the
     same static bounds: no new compilation)."""
     chunk = stream.batch_size
-    return stream.n if chunk is None else -(-stream.n // chunk) * chunk
+    if chunk is None:
+        return stream.n
+    if not isinstance(stream.n, int):  # one chunk's traced count: one whole chunk
+        return chunk
+    return -(-stream.n // chunk) * chunk
 
 
 def factor_rank_bounds(plan: CapturePlan, approx: str, n: int, *,

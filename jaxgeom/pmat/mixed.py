@@ -109,6 +109,10 @@ class RestrictedBuilder(ChunkBuilder):
     def finalizes_traced(self) -> bool:
         return self.inner.finalizes_traced
 
+    @property
+    def needs_static_count(self) -> bool:
+        return self.inner.needs_static_count
+
     def _inner_args(self, params, batch, mask, offset, aux):
         """The inner builder's arguments: the sub-parameters, and ``(params, aux)``."""
         return self.restriction.select(params), batch, mask, offset, (params, aux)
