@@ -158,22 +158,3 @@ def test_chunks_and_jit():
     jitted = jax.jit(lambda p, x: FIM(t.apply_fn, p, x, PMatQuasiDiag, batch_size=3))(
         t.params, t.x).to_dense()
     np.testing.assert_allclose(jitted, ref, **TOL)
-
-
-def test_eigenvalues_form_a_group_of_neuron_blocks_at_a_time(monkeypatch):
-    """``eigvalsh`` (and so ``norm(2)``, ``logdet``) forms the ``(a + 1)²`` neuron blocks a
-    group at a time, not a layer's ``g (a + 1)²`` at once (0.5 GiB for 256 neurons of 512
-    inputs): with groups of 3 neurons, the eigenvalues are the dense matrix's, and the
-    memory XLA plans is below one layer's blocks."""
-    from jaxgeom.pmat import quasidiag
-
-    keys = jax.random.split(jax.random.PRNGKey(4), 3)
-    params = {"w": jax.random.normal(keys[0], (40, 30)) / 6, "b": jnp.zeros(30)}
-    x = jax.random.normal(keys[1], (20, 40))
-    Q = FIM(lambda p, x: x @ p["w"] + p["b"], params, (x,), PMatQuasiDiag, variant="regression")
-    blocks_bytes = 30 * 41**2 * 8
-    monkeypatch.setattr(quasidiag, "_EIGH_GROUP_BYTES", 3 * 41**2 * 8)
-    np.testing.assert_allclose(Q.eigvalsh(), np.linalg.eigvalsh(np.asarray(Q.to_dense())),
-                               rtol=1e-9, atol=1e-12)
-    planned = jax.jit(lambda M: M.eigvalsh()).lower(Q).compile().memory_analysis()
-    assert planned.temp_size_in_bytes < blocks_bytes

@@ -39,9 +39,8 @@ per-example gradients. Storage ``≈ 2d``.
 
 Operations: ``mv``/``vTMv``/``get_diag``/``trace``/Frobenius ``d``; ``solve`` (closed-form
 per-neuron Schur complement, with ``regul``) and ``inv`` ``d``; ``eigvalsh``/``norm(±2)``
-``Σ_l g_l (a_l + 1)³`` (per-neuron ``eigh``, a group of blocks at a time: memory 16 MiB of
-blocks, not ``Σ g_l (a_l+1)²``); ``eigsh(k, which)`` the same per-neuron ``eigh`` (its
-vectors: memory ``g_l (a_l+1)²`` a layer) plus ``O(d log k)`` to choose and ``k d``
+``Σ_l g_l (a_l + 1)³`` (per-neuron ``eigh``; memory ``Σ g_l (a_l+1)²``);
+``eigsh(k, which)`` the same per-neuron ``eigh`` plus ``O(d log k)`` to choose and ``k d``
 for the vectors (each in its neuron's flat indices; never ``d × d``); ``to_dense`` ``d²``;
 scalar ``*``; ``M1 ± M2`` is a ``PMatQuasiDiag`` when neither was inverted (``ρ = 0``), a
 ``PMatDense`` otherwise (a sum of two ``ρ`` terms is rank two); with another
@@ -224,7 +223,15 @@ class PMatQuasiDiag(PMatAbstract):
 
     def _blocks(self) -> list[jax.Array]:
         """Per layer the ``(g_l, a_l + 1, a_l + 1)`` neuron blocks (bias last)."""
-        return [jax.vmap(_neuron_block)(*neuron) for neuron in self._neurons()]
+        blocks = []
+        for D, beta, c, rho in self._neurons():
+            top = jax.vmap(jnp.diag)(D)
+            if rho is not None:
+                top += rho[:, None, None] * c[:, :, None] * c[:, None, :]
+            top = jnp.concatenate([top, c[:, :, None]], axis=2)
+            bottom = jnp.concatenate([c, beta[:, None]], axis=1)[:, None, :]
+            blocks.append(jnp.concatenate([top, bottom], axis=1))
+        return blocks
 
     def to_dense(self):
         out = jnp.diag(self.diag)
@@ -241,15 +248,10 @@ class PMatQuasiDiag(PMatAbstract):
         return np.flatnonzero(alone)
 
     def eigvalsh(self):
-        """Per-neuron eigenvalues (batched ``eigh`` of the ``(a_l + 1)²`` blocks, formed a
-        group of neurons at a time: :data:`_EIGH_GROUP_BYTES`, not a layer's ``g_l
-        (a_l + 1)²`` — 0.5 GiB for 256 neurons of 512 inputs) and the lone diagonal entries,
-        ascending."""
+        """Per-neuron eigenvalues (batched ``eigh`` of the ``(a_l + 1)²`` blocks) and the
+        lone diagonal entries, ascending."""
         values = [self.diag[self._alone]]
-        for neuron in self._neurons():  # a group of neurons' blocks at a time
-            size = max(1, _EIGH_GROUP_BYTES // (neuron[1].dtype.itemsize * neuron[0].shape[1] ** 2))
-            values.append(jax.lax.map(lambda n: jnp.linalg.eigvalsh(_neuron_block(*n)),
-                                      neuron, batch_size=min(size, neuron[0].shape[0])).ravel())
+        values += [jnp.linalg.eigvalsh(b).ravel() for b in self._blocks()]
         return jnp.sort(jnp.concatenate(values))
 
     def _eigsh(self, k, which):
@@ -398,18 +400,3 @@ def _chunk_statistics(params, batch, mask, offset, aux, *, plan, layout):
     cap: Captured = capture_chunk(plan, params, batch, offset, aux, mask)
     squares, cross = squared_gradients(cap, plan, layout, cross=_has_neurons)
     return (squares, tuple(cross)), all_finite(cap, squares)
-
-
-#: the bytes of neuron blocks :meth:`PMatQuasiDiag.eigvalsh` forms at a time
-_EIGH_GROUP_BYTES = 16 * 2**20
-
-
-def _neuron_block(D: jax.Array, beta: jax.Array, c: jax.Array, rho: Any) -> jax.Array:
-    """One neuron's ``(a + 1, a + 1)`` block: ``diag(D) + ρ c cᵀ`` with ``c`` and ``β`` as its
-    last column and row (``ρ`` ``None``: no rank-one term)."""
-    top = jnp.diag(D)
-    if rho is not None:
-        top += rho * jnp.outer(c, c)
-    top = jnp.concatenate([top, c[:, None]], axis=1)
-    return jnp.concatenate([top, jnp.append(c, beta)[None, :]], axis=0)
-
