@@ -123,6 +123,7 @@ def _check_array_leaves(paths: tuple[str, ...], leaves: list) -> None:
                 "nnx.split(model, nnx.Param, ...), apply_fn = lambda p, x: "
                 "nnx.merge(graphdef, p, rest)(x)")
 
+
 @dataclasses.dataclass(frozen=True)
 class LayerCollection:
     """Static layout of a parameter pytree, partitioned into layers.

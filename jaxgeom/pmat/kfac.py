@@ -930,8 +930,7 @@ class PMatKFAC(PMatAbstract):
         the exact blocks (none without ``blocks``), their ``eigh`` side by side on a CPU's
         cores when that is faster (:func:`~jaxgeom._lapack.side_by_side`, told whether
         ``work_follows``)."""
-        self._check_symmetric(_EIGENDECOMPOSITION)
-        parts = [node.factorisations() for node in self.factors]
+        parts = [node.factorisations() for node in self.factors]  # refused unless symmetric
         parts += [(Factorisation(b),) for b in (self.blocks if blocks else ())]
         jobs = [f for group in parts for f in group]
         eighs = iter(side_by_side(Factorisation.eigh, jobs, [f.order for f in jobs],
@@ -1028,7 +1027,6 @@ class PMatKFAC(PMatAbstract):
                     f"form: drop method={method!r}")
             return super()._solve(v, regul, method, **options)
         if damping in FACTORED_DAMPINGS:
-            self._check_symmetric(f"solve with damping={damping!r}")
             nodes = [n.factor_damped(regul, damping) for n in self._krons(damping)]
             operation = "solve"
             pairs = [jnp.linalg.eigh(b) for b in self.blocks]
@@ -1118,9 +1116,10 @@ class PMatKFAC(PMatAbstract):
             _spectral.check_solvable(jnp.concatenate(values))
 
     def _check_symmetric(self, operation: str) -> None:
-        """Refuse ``operation`` before any of its work when a layer's block is not known
-        to be symmetric (:meth:`Kron._check_symmetric`: a product of two KFACs), its exact
-        blocks being then products too."""
+        """Refuse ``operation`` before any of its work (``pow`` takes the exact blocks'
+        powers first) when a layer's block is not known to be symmetric
+        (:meth:`Kron._check_symmetric`: a product of two KFACs), its exact blocks being
+        then products too."""
         for node in self.factors:
             if isinstance(node, Kron):
                 node._check_symmetric(operation)
