@@ -328,7 +328,8 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     def _check_solvable(self, regul: Any, method: str) -> None:
         """Raise, before an eager solve dispatches, for a ``regul`` that ``method`` cannot
         solve with, known from the values at hand (default: none; ``PMatLowRank``: a
-        rank-deficient matrix with ``shift + regul = 0``)."""
+        division by ``shift + regul = 0``; ``PMatKFAC``/``PMatEKFAC``: stored zero
+        eigenvalues undamped)."""
 
     def _solve(self, v: jax.Array, regul, method: str, **options) -> jax.Array:
         """``(M + regul·I)⁻¹ v`` for a flat vector; the base offers the iterative solves

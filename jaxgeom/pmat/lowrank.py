@@ -225,10 +225,11 @@ class PMatLowRank(PMatAbstract):
         if (method == "eigh" or (method == "woodbury" and d >= r)) and _is_zero(
                 regul + self.shift):
             raise ValueError(
-                f"PMatLowRank.solve(method={method!r}) needs shift + regul ≠ 0: a matrix of "
-                f"rank ≤ r = {r} < d = {d} is singular (its null-space component divides by "
-                "0). Pass a damping (solve(v, regul) solves (M + regul·I) x = v), or use "
-                "pinv().mv(v) for the least-squares solution")
+                f"PMatLowRank.solve(method={method!r}) needs shift + regul ≠ 0: it divides the "
+                "part of v outside the factor's rows by it, where M (rank ≤ r = "
+                f"{r}, d = {d}) is singular or, for r ≥ d, where v has (to round-off) "
+                "nothing. Pass a damping (solve(v, regul) solves (M + regul·I) x = v), use "
+                "method='cg' on a full-rank M, or pinv().mv(v) for the least-squares solution")
 
     def _solve(self, v, regul, method, **options):
         """Exact ``(M + ρI)⁻¹ v``, null-space component ``v_⊥/λ`` included, where
