@@ -38,9 +38,10 @@ else one chunk's per-example gradients); other layers' diagonals from their exac
 per-example gradients. Storage ``≈ 2d``.
 
 Operations: ``mv``/``vTMv``/``get_diag``/``trace``/Frobenius ``d``; ``solve`` (closed-form
-per-neuron Schur complement, with ``regul``) and ``inv`` ``d``; ``eigvalsh``/``norm(±2)``
-``Σ_l g_l (a_l + 1)³`` (per-neuron ``eigh``; memory ``Σ g_l (a_l+1)²``);
-``eigsh(k, which)`` the same per-neuron ``eigh`` plus ``O(d log k)`` to choose and ``k d``
+per-neuron Schur complement, with ``regul``) and ``inv`` ``d``; ``eigvalsh``/``norm(±2)``/``logdet``
+``(nmant + 3) Σ_l g_l (a_l + 1) a_l`` (per-neuron bisection on an inertia count,
+:mod:`~jaxgeom.pmat._arrow`; memory ``O(d)``); ``eigsh(k, which)`` per-neuron ``eigh``,
+``Σ_l g_l (a_l + 1)³`` (memory ``Σ g_l (a_l+1)²``), plus ``O(d log k)`` to choose and ``k d``
 for the vectors (each in its neuron's flat indices; never ``d × d``); ``to_dense`` ``d²``;
 scalar ``*``; ``M1 ± M2`` is a ``PMatQuasiDiag`` when neither was inverted (``ρ = 0``), a
 ``PMatDense`` otherwise (a sum of two ``ρ`` terms is rank two); with another
@@ -66,7 +67,7 @@ from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
 from jaxgeom.layers import LayerCollection
-from jaxgeom.pmat import _spectral
+from jaxgeom.pmat import _arrow, _spectral
 from jaxgeom.pmat.base import (
     ITERATIVE_SOLVE_METHODS,
     PMatAbstract,
@@ -223,15 +224,7 @@ class PMatQuasiDiag(PMatAbstract):
 
     def _blocks(self) -> list[jax.Array]:
         """Per layer the ``(g_l, a_l + 1, a_l + 1)`` neuron blocks (bias last)."""
-        blocks = []
-        for D, beta, c, rho in self._neurons():
-            top = jax.vmap(jnp.diag)(D)
-            if rho is not None:
-                top += rho[:, None, None] * c[:, :, None] * c[:, None, :]
-            top = jnp.concatenate([top, c[:, :, None]], axis=2)
-            bottom = jnp.concatenate([c, beta[:, None]], axis=1)[:, None, :]
-            blocks.append(jnp.concatenate([top, bottom], axis=1))
-        return blocks
+        return [_arrow.blocks(*neurons) for neurons in self._neurons()]
 
     def to_dense(self):
         out = jnp.diag(self.diag)
@@ -248,10 +241,12 @@ class PMatQuasiDiag(PMatAbstract):
         return np.flatnonzero(alone)
 
     def eigvalsh(self):
-        """Per-neuron eigenvalues (batched ``eigh`` of the ``(a_l + 1)²`` blocks) and the
-        lone diagonal entries, ascending."""
+        """Per-neuron eigenvalues and the lone diagonal entries, ascending: each neuron's
+        by bisection on an inertia count (:mod:`~jaxgeom.pmat._arrow`),
+        ``(nmant + 3) Σ_l g_l (a_l + 1) a_l`` and ``O(d)`` memory, no block formed."""
         values = [self.diag[self._alone]]
-        values += [jnp.linalg.eigvalsh(b).ravel() for b in self._blocks()]
+        values += [_arrow.arrow_eigvalsh(D, beta, c, rho).ravel()
+                   for D, beta, c, rho in self._neurons()]
         return jnp.sort(jnp.concatenate(values))
 
     def _eigsh(self, k, which):

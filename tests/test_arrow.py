@@ -1,0 +1,91 @@
+"""The eigenvalues of arrow blocks ``[[diag(D) + ρccᵀ, c], [cᵀ, β]]`` by bisection on an
+inertia count (``PMatQuasiDiag``'s spectrum) against ``numpy.linalg.eigvalsh`` of the
+blocks, in the cases that break a secular equation: dead inputs (``Dᵢ = cᵢ = 0``), tied
+poles, ``c = 0``, graded diagonals, indefinite blocks, ``ρ`` of either sign or zero; and
+their derivatives against ``eigh``'s."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgeom.pmat._arrow import arrow_eigvalsh, blocks
+
+G, A = 6, 9
+
+
+def _pieces(seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.exponential(size=(G, A))), jnp.asarray(rng.exponential(size=G)),
+            jnp.asarray(rng.normal(size=(G, A))), jnp.asarray(rng.normal(size=G)))
+
+
+def _cases():
+    D, beta, c, rho = _pieces()
+    dead = (D.at[:, :3].set(0.0), beta, c.at[:, :3].set(0.0))
+    tied = (D.at[:, 4].set(D[:, 5]).at[:, 1].set(D[:, 5]), beta, c)
+    graded = D * 10.0 ** jnp.linspace(-12, 0, A)
+    return {
+        "arrow": (D, beta, c, None),
+        "indefinite": (D - 1.0, -beta, c, None),
+        "dead inputs": (*dead, None),
+        "tied poles": (*tied, None),
+        "tied poles, one c zero": (tied[0], beta, c.at[:, 5].set(0.0), None),
+        "c zero: the diagonal": (D, beta, 0 * c, None),
+        "zero blocks": (0 * D, 0 * beta, 0 * c, None),
+        "graded": (graded, beta, 1e-3 * c * jnp.sqrt(graded), None),
+        "rho of either sign": (D, beta, c, rho),
+        "rho zero in some blocks": (D, beta, c, rho.at[:2].set(0.0)),
+        "rho, dead inputs": (*dead, rho),
+        "rho, tied poles": (*tied, -jnp.abs(rho)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_eigenvalues_are_the_blocks(name):
+    D, beta, c, rho = _cases()[name]
+    want = np.linalg.eigvalsh(np.asarray(blocks(D, beta, c, rho)))
+    got = np.asarray(jax.jit(arrow_eigvalsh)(D, beta, c, rho))
+    assert got.shape == (G, A + 1)
+    scale = np.abs(want).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * scale.max())
+    if name == "zero blocks":
+        assert not got.any()  # exact zeros: log det is -inf, not a round-off log
+
+
+def test_inverse_of_an_arrow():
+    """An inverse's pieces (``ρ = s`` per neuron, closed form in ``PMatQuasiDiag.inv``):
+    its eigenvalues are the reciprocals of the arrow's."""
+    D, beta, c, _ = _pieces(1)
+    beta = beta + 10.0  # positive definite
+    inverse = np.linalg.inv(np.asarray(blocks(D, beta, c, None)))
+    c_inv, beta_inv = inverse[:, :-1, -1], inverse[:, -1, -1]
+    rho_inv = inverse[:, 0, 1] / (c_inv[:, 0] * c_inv[:, 1])
+    D_inv = np.diagonal(inverse[:, :-1, :-1], axis1=1, axis2=2) - rho_inv[:, None] * c_inv**2
+    got = arrow_eigvalsh(*map(jnp.asarray, (D_inv, beta_inv, c_inv, rho_inv)))
+    want = np.sort(1 / np.asarray(arrow_eigvalsh(D, beta, c)), axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("with_rho", [False, True])
+def test_derivatives_are_eighs(with_rho):
+    """``dλₖ = vₖᵀ dM vₖ``: reverse mode, forward mode and ``vmap`` agree with ``eigh``'s."""
+    D, beta, c, rho = _pieces(2)
+    rho = rho if with_rho else None
+
+    def f(values):
+        return jnp.sum(jnp.sin(values))
+
+    ours = jax.grad(lambda *p: f(arrow_eigvalsh(*p, rho)), argnums=(0, 1, 2))(D, beta, c)
+    theirs = jax.grad(lambda *p: f(jnp.linalg.eigvalsh(blocks(*p, rho))),
+                      argnums=(0, 1, 2))(D, beta, c)
+    for x, y in zip(ours, theirs):
+        np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+    tangent = jax.jvp(lambda s: arrow_eigvalsh(s * D, beta, c, rho), (1.0,), (1.0,))[1]
+    reference = jax.jvp(lambda s: jnp.linalg.eigvalsh(blocks(s * D, beta, c, rho)),
+                        (1.0,), (1.0,))[1]
+    np.testing.assert_allclose(tangent, reference, rtol=1e-9, atol=1e-12)
+    stacked = jax.vmap(lambda s: arrow_eigvalsh(s * D, beta, c, rho))(jnp.array([1.0, 2.0]))
+    np.testing.assert_allclose(stacked[1], arrow_eigvalsh(2 * D, beta, c, rho), rtol=1e-14)
