@@ -38,10 +38,11 @@ else one chunk's per-example gradients); other layers' diagonals from their exac
 per-example gradients. Storage ``≈ 2d``.
 
 Operations: ``mv``/``vTMv``/``get_diag``/``trace``/Frobenius ``d``; ``solve`` (closed-form
-per-neuron Schur complement, with ``regul``) and ``inv`` ``d``; ``eigvalsh``/``norm(±2)``/``logdet``
-``(nmant + 3) Σ_l g_l (a_l + 1) a_l`` (per-neuron bisection on an inertia count,
-:mod:`~jaxgeom.pmat._arrow`; memory ``O(d)``); ``eigsh(k, which)`` per-neuron ``eigh``,
-``Σ_l g_l (a_l + 1)³`` (memory ``Σ g_l (a_l+1)²``), plus ``O(d log k)`` to choose and ``k d``
+per-neuron Schur complement, with ``regul``) and ``inv`` ``d``;
+``eigvalsh``/``norm(±2)``/``logdet`` ``(nmant + 3) Σ_l g_l (a_l + 1) a_l`` (per-neuron
+bisection on an inertia count, :mod:`~jaxgeom.pmat._arrow`; memory ``O(d)``, no block
+formed); ``eigsh(k, which)`` the same bisection, ``O(d log k)`` to choose, an ``eigh`` of
+the chosen eigenvalues' neuron blocks alone (``Σ_l min(k, g_l) (a_l + 1)³``) and ``k d``
 for the vectors (each in its neuron's flat indices; never ``d × d``); ``to_dense`` ``d²``;
 scalar ``*``; ``M1 ± M2`` is a ``PMatQuasiDiag`` when neither was inverted (``ρ = 0``), a
 ``PMatDense`` otherwise (a sum of two ``ρ`` terms is rank two); with another
@@ -250,18 +251,19 @@ class PMatQuasiDiag(PMatAbstract):
         return jnp.sort(jnp.concatenate(values))
 
     def _eigsh(self, k, which):
-        """``k`` eigenpairs among the neuron blocks' (one batched ``eigh`` per layer of the
-        ``(g_l, a_l + 1, a_l + 1)`` blocks, ``Σ_l g_l (a_l + 1)³``; an inverse's ``ρ ccᵀ``
-        included) and the lone diagonal entries' (canonical vectors ``eᵢ``), each vector
-        written into its neuron's flat indices
-        (:func:`~jaxgeom.pmat._spectral.eigenpairs_of_pieces`): never ``d × d``; then
-        ``O(d log k)`` to choose and ``k d`` to write the vectors."""
+        """``k`` eigenpairs among the neuron blocks' and the lone diagonal entries'
+        (canonical vectors ``eᵢ``): every eigenvalue by bisection (:meth:`eigvalsh`), the
+        ``k`` chosen (``O(d log k)``), then the vectors of the chosen ones alone, from an
+        ``eigh`` of their neurons' blocks (``min(k, g_l)`` blocks per layer, an inverse's
+        ``ρ ccᵀ`` included: ``min(k, g_l) (a_l + 1)³``), each written into its neuron's
+        flat indices (:func:`~jaxgeom.pmat._spectral.eigenpairs_of_pieces`, ``k d``):
+        never ``d × d``, nor all of a layer's ``(a_l + 1)²`` blocks when ``k < g_l``."""
         alone = self._alone
         pieces = [(alone, self.diag[alone],
                    lambda i, n=alone.size: jax.nn.one_hot(i, n, dtype=self.diag.dtype))]
-        for idx, block in zip(self._indices, self._blocks()):
-            values, vectors = jnp.linalg.eigh(block)  # (g, a + 1), (g, a + 1, a + 1)
-            pieces.append((idx, values, functools.partial(_neuron_eigenvectors, vectors)))
+        for idx, neurons in zip(self._indices, self._neurons()):
+            values = _arrow.arrow_eigvalsh(*neurons)  # (g, a + 1), ascending per neuron
+            pieces.append((idx, values, functools.partial(_neuron_eigenvectors, neurons)))
         return _spectral.eigenpairs_of_pieces(pieces, k, which, self.size(0), self.dtype)
 
     def _solve(self, v, regul, method, **options):
@@ -329,15 +331,22 @@ class PMatQuasiDiag(PMatAbstract):
         return QuasiDiagBuilder(capture_plan(fn, params, example, aux, layout, check), layout)
 
 
-def _neuron_eigenvectors(vectors: jax.Array, i: jax.Array) -> jax.Array:
+def _neuron_eigenvectors(neurons: tuple, i: jax.Array) -> jax.Array:
     """The ``(m, g·(a + 1))`` rows, in a layer's ``(g, a + 1)`` neuron order, of the
     eigenvectors at positions ``i`` of the layer's ``g·(a + 1)`` eigenvalues (neuron
-    ``i // (a + 1)``, its ``i % (a + 1)``-th of the per-neuron ``eigh``'s ``vectors``,
-    ``(g, a + 1, a + 1)``): zero outside the neuron's block."""
-    g, width, _ = vectors.shape
+    ``i // (a + 1)``, the ``i % (a + 1)``-th of its block's ascending eigenvalues), zero
+    outside the neuron's block; ``neurons`` the layer's ``(D, β, c, ρ)``. Only the
+    ``m`` chosen neurons' blocks are formed and factorised when ``m < g``."""
+    g, width = neurons[0].shape[0], neurons[0].shape[1] + 1
     neuron, j = i // width, i % width
-    columns = vectors[neuron, :, j]  # (m, a + 1)
-    rows = jax.nn.one_hot(neuron, g, dtype=vectors.dtype)[:, :, None] * columns[:, None, :]
+    if i.shape[0] < g:
+        chosen = [None if x is None else x[neuron] for x in neurons]
+        _, vectors = jnp.linalg.eigh(_arrow.blocks(*chosen))  # (m, a + 1, a + 1)
+        columns = jnp.take_along_axis(vectors, j[:, None, None], axis=2)[:, :, 0]
+    else:
+        _, vectors = jnp.linalg.eigh(_arrow.blocks(*neurons))  # (g, a + 1, a + 1)
+        columns = vectors[neuron, :, j]  # (m, a + 1)
+    rows = jax.nn.one_hot(neuron, g, dtype=columns.dtype)[:, :, None] * columns[:, None, :]
     return rows.reshape(i.shape[0], g * width)
 
 
