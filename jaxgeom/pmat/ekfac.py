@@ -59,7 +59,13 @@ returns any orthonormal basis, and which one moves with rounding (another chunki
 same data, another machine). The refit ``D`` depends on that choice, so two builds may
 differ there by more than rounding (a ConvTranspose's ``A`` with eigenvalues repeated
 three times: 2% of the largest entry) while each is the EKFAC of its basis; traces, and
-the K-FAC matrix itself, do not depend on it.
+the K-FAC matrix itself, do not depend on it. A factor summed from fewer rows than its
+order (``N T_l < a_l``: a wide dense layer's ``A`` from a small batch) has the eigenvalue 0
+that many times over: the build's own refit is 0 there, but a :meth:`~PMatEKFAC.refit` on
+other data puts weight on that null space's basis vectors, which are ``eigh``'s arbitrary
+choice — a preconditioned direction then moves by more than rounding under a rounding-size
+change of the parameters the basis was built at. Build the basis from at least ``a_l``
+rows (examples × positions) where a refit on other data follows.
 
 Reference: T. George, C. Laurent, X. Bouthillier, N. Ballas, P. Vincent, "Fast
 Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis", NeurIPS 2018.
