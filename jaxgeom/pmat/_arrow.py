@@ -20,10 +20,10 @@ For ``ρ ≠ 0``, ``M − λI`` is the Schur complement of ``−1/ρ`` in the bo
 ``[[−1/ρ, cᵀ, 0], [c, Δ, c], [0, cᵀ, b]]``; eliminating ``Δ`` from that leaves the
 ``2 × 2`` matrix ``[[−1/ρ − κ, −κ], [−κ, b − κ]]``, which scaled by ``√|ρ|`` on its
 first row and column has the diagonal ``p = −sgn ρ − |ρ|κ``, ``b − κ`` and the determinant
-``δ = −sgn ρ · (b − κ + ρκb)``. So ``n_M(λ) = #{Dᵢ < λ} + ν − [ρ > 0]``, with ``ν`` the
-number of negative eigenvalues of that ``2 × 2``: ``1`` when ``δ < 0``, ``2·[p < 0]``
-when ``δ > 0``, ``[p + b − κ < 0]`` when ``δ = 0`` (``ρ = 0`` taken as ``+0``, so the
-last term is ``[ρ ≥ 0]``; the arrow's count again). At a pole ``λ = Dᵢ`` with
+``δ = −sgn ρ · (b − κ + ρκb)``. So ``n_M(λ) = #{Dᵢ < λ} + ν − [ρ ≥ 0]`` (the last term
+counts ``−1/ρ < 0``; ``ρ = 0`` taken as ``+0`` gives the arrow's count again), with ``ν``
+the number of negative eigenvalues of that ``2 × 2``: ``1`` when ``δ < 0``,
+``2·[p < 0]`` when ``δ > 0``, ``[p + b − κ < 0]`` when ``δ = 0``. At a pole ``λ = Dᵢ`` with
 ``cᵢ ≠ 0`` the sum ``κ`` is ``+∞`` (``Dᵢ − λ = +0``), which gives the count just below
 the pole, the right one there; poles with ``cᵢ = 0`` are left out of ``κ``.
 
@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from jax import lax
 
 
+@jax.custom_jvp
 def arrow_eigvalsh(D: jax.Array, beta: jax.Array, c: jax.Array,
                    rho: jax.Array | None = None) -> jax.Array:
     """The eigenvalues of ``g`` blocks ``[[diag(D) + ρccᵀ, c], [cᵀ, β]]``, ascending per
@@ -65,22 +66,17 @@ def arrow_eigvalsh(D: jax.Array, beta: jax.Array, c: jax.Array,
       ``(g, a + 1)``, each row ascending. Absolute accuracy a few ulps of each bracket's
       ends (module docstring), no block formed.
     """
-    return _eigvalsh(D, beta, c, rho)
-
-
-@jax.custom_jvp
-def _eigvalsh(D, beta, c, rho):
     arrow = _bisect(_arrow_brackets(D, beta, c), D, beta, c, None)
     if rho is None:
         return arrow
     return _bisect(_rank_one_brackets(arrow, c, rho), D, beta, c, rho)
 
 
-@_eigvalsh.defjvp
+@arrow_eigvalsh.defjvp
 def _eigvalsh_jvp(primals, tangents):
     """``dλₖ = vₖᵀ dM vₖ`` with the blocks' ``eigh`` vectors (the value itself by
     bisection)."""
-    values = _eigvalsh(*primals)
+    values = arrow_eigvalsh(*primals)
     matrices, d_matrices = jax.jvp(blocks, primals, tangents)
     _, vectors = jnp.linalg.eigh(matrices)
     return values, jnp.einsum("gik,gij,gjk->gk", vectors, d_matrices, vectors)
