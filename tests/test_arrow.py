@@ -89,3 +89,29 @@ def test_derivatives_are_eighs(with_rho):
     np.testing.assert_allclose(tangent, reference, rtol=1e-9, atol=1e-12)
     stacked = jax.vmap(lambda s: arrow_eigvalsh(s * D, beta, c, rho))(jnp.array([1.0, 2.0]))
     np.testing.assert_allclose(stacked[1], arrow_eigvalsh(2 * D, beta, c, rho), rtol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_relative_accuracy_in_a_bracket_over_many_binades(dtype):
+    """Poles ``1`` and ``10¹⁶`` (``c = 0`` on the second): the eigenvalue near ``1`` lies in
+    the bracket ``[1, 10¹⁶]``; halved arithmetically, ``nmant + 3`` times, it came out
+    ``1.14`` (float64) instead of ``1.0002``. The spectrum is the second pole and the
+    ``2 × 2`` block's roots, in closed form."""
+    d1, big, c1, beta = 1.0, 1e16 if dtype == jnp.float64 else 1e8, 1e-2, 0.5
+    mean, radius = (d1 + beta) / 2, np.hypot((d1 - beta) / 2, c1)
+    want = [(d1 * beta - c1**2) / (mean + radius), mean + radius, big]
+    got = arrow_eigvalsh(jnp.asarray([[d1, big]], dtype), jnp.asarray([beta], dtype),
+                         jnp.asarray([[c1, 0.0]], dtype))
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got[0], want, rtol=4 * np.finfo(dtype).eps)
+
+
+def test_a_block_with_a_non_finite_entry_has_nan_eigenvalues():
+    """As ``eigh``'s of such a block, and the other blocks unchanged."""
+    D, beta, c, rho = _pieces(3)
+    bad = D.at[1, 2].set(jnp.nan)
+    for r in (None, rho):
+        got, want = arrow_eigvalsh(bad, beta, c, r), arrow_eigvalsh(D, beta, c, r)
+        assert np.isnan(got[1]).all()
+        np.testing.assert_array_equal(np.delete(got, 1, axis=0), np.delete(want, 1, axis=0))
+    assert np.isnan(arrow_eigvalsh(D, beta, c, rho.at[4].set(jnp.inf))[4]).all()

@@ -39,7 +39,7 @@ per-example gradients. Storage ``≈ 2d``.
 
 Operations: ``mv``/``vTMv``/``get_diag``/``trace``/Frobenius ``d``; ``solve`` (closed-form
 per-neuron Schur complement, with ``regul``) and ``inv`` ``d``;
-``eigvalsh``/``norm(±2)``/``logdet`` ``(nmant + 3) Σ_l g_l (a_l + 1) a_l`` (per-neuron
+``eigvalsh``/``norm(±2)``/``logdet`` ``s Σ_l g_l (a_l + 1) a_l`` (per-neuron
 bisection on an inertia count, :mod:`~jaxgeom.pmat._arrow`; memory ``O(d)``, no block
 formed); ``eigsh(k, which)`` the same bisection, ``O(d log k)`` to choose, an ``eigh`` of
 the chosen eigenvalues' neuron blocks alone (``Σ_l min(k, g_l) (a_l + 1)³``) and ``k d``
@@ -244,7 +244,7 @@ class PMatQuasiDiag(PMatAbstract):
     def eigvalsh(self):
         """Per-neuron eigenvalues and the lone diagonal entries, ascending: each neuron's
         by bisection on an inertia count (:mod:`~jaxgeom.pmat._arrow`),
-        ``(nmant + 3) Σ_l g_l (a_l + 1) a_l`` and ``O(d)`` memory, no block formed."""
+        ``s Σ_l g_l (a_l + 1) a_l`` and ``O(d)`` memory, no block formed."""
         values = [self.diag[self._alone]]
         values += [_arrow.arrow_eigvalsh(D, beta, c, rho).ravel()
                    for D, beta, c, rho in self._neurons()]
