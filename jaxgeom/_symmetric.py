@@ -74,7 +74,13 @@ def _solve_and_branch(m: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]
     # +30% on a solve at n = 2112). The LU factorises mᵀ (= m) for the reason above.
     x = spd_solve(m, b)
     indefinite = jnp.isnan(jnp.ravel(x)[0])
-    return lax.cond(indefinite, lambda x: jnp.linalg.solve(m.T, b), lambda x: x, x), indefinite
+    # The LU factorises a copy of mᵀ made after the Cholesky solve (``+ 0`` read from its
+    # result): under ``vmap`` the ``cond`` is a select that runs both branches, and with
+    # the LU on mᵀ itself, XLA:CPU's program hung in most runs (a vmapped solve at
+    # n = 300–400: 7 of 8; an optimisation barrier did not help). An n² pass beside the LU.
+    after = indefinite.astype(m.dtype) * 0
+    return (lax.cond(indefinite, lambda x: jnp.linalg.solve(m.T + after, b), lambda x: x, x),
+            indefinite)
 
 
 @_symmetric_solve.defjvp

@@ -172,3 +172,26 @@ def test_inside_jit_and_from_a_one_shot_iterator():
     batches = iter([(t.x[:3],), (t.x[3:],)])
     np.testing.assert_allclose(FIM(t.apply_fn, t.params, batches, PMatKFOC).to_dense(), eager,
                                **TOL)
+
+
+def test_exact_solve_differentiates_through_a_factor_with_a_repeated_eigenvalue():
+    """A regression Fisher's last-layer KFOC factor ``G`` is ``c·I``: ``eigh``'s derivative
+    divides by its eigenvalue gaps (0), and the gradient of an exact-damped solve through the
+    build was NaN. Differentiated as a linear solve, it is the central difference's."""
+    from jax.flatten_util import ravel_pytree
+
+    t = make_linen_mlp()
+    flat, unravel = ravel_pytree(t.params)
+    rng = np.random.default_rng(0)
+    v, w, u = (jax.numpy.asarray(rng.normal(size=flat.size)) for _ in range(3))
+    last = FIM(t.apply_fn, t.params, t.x, PMatKFOC, variant="regression").factors[-1]
+    np.testing.assert_allclose(np.linalg.eigvalsh(last.G), last.G[0, 0], rtol=1e-12)
+
+    def f(q):
+        F = FIM(t.apply_fn, unravel(q), t.x, PMatKFOC, variant="regression")
+        return F.solve(v, 0.1) @ w
+
+    h = 1e-6
+    central = (f(flat + h * u) - f(flat - h * u)) / (2 * h)
+    np.testing.assert_allclose(jax.jvp(f, (flat,), (u,))[1], central, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(f)(flat) @ u, central, rtol=1e-6)

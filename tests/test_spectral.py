@@ -177,3 +177,51 @@ def test_a_negative_power_of_a_singular_matrix_is_refused_with_the_fixes():
                                (evecs[:, keep] / np.sqrt(evals[keep])) @ evecs[:, keep].T,
                                rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(M.pow(0.5).to_dense() @ M.pow(0.5).to_dense(), m, atol=1e-9)
+
+
+def _rank_deficient(n=6, rank=3, seed=0):
+    """``X Xᵀ`` of rank 3: its zero eigenvalue repeated three times (a singular Fisher)."""
+    x = np.random.default_rng(seed).normal(size=(n, rank))
+    return jnp.asarray(x @ x.T)
+
+
+def _directional(f, m, e, h=1e-6):
+    return (f(m + h * e) - f(m - h * e)) / (2 * h)
+
+
+def test_matrix_functions_differentiate_through_repeated_eigenvalues():
+    """``d f(M)[E] = V (Φ ∘ VᵀEV) Vᵀ`` (Daleckii–Krein): ``pow(-1, λ)`` and the ``eigh``
+    solve have the closed-form derivative ``-(M + λI)⁻¹ E (M + λI)⁻¹`` of the inverse, and
+    ``pow(-1/2, λ)`` and ``pinv`` (its rank kept: ``atol`` above the differences' step)
+    central differences, where ``eigh``'s own derivative (with
+    ``1/(λⱼ − λᵢ)``) gave gradients off by their size, or NaN."""
+    from jaxgeom import PMatDense
+    from jaxgeom.layers import LayerCollection
+
+    m = _rank_deficient()
+    n, regul = m.shape[0], 0.1
+    lc = LayerCollection.from_params({"w": jnp.zeros(n)})
+    rng = np.random.default_rng(1)
+    e = rng.normal(size=(n, n))
+    e = jnp.asarray(e + e.T)
+    v, w = (jnp.asarray(rng.normal(size=n)) for _ in range(2))
+    inverse = jnp.linalg.inv(m + regul * jnp.eye(n))
+    want = -w @ inverse @ e @ inverse @ v
+    for solve in (lambda M: M.pow(-1, regul).mv(v), lambda M: M.solve(v, regul, method="eigh")):
+        f = lambda d, solve=solve: w @ solve(PMatDense(lc, d))  # noqa: E731
+        np.testing.assert_allclose(jax.jvp(f, (m,), (e,))[1], want, rtol=1e-9)
+        np.testing.assert_allclose(jnp.vdot(jax.grad(f)(m), e), want, rtol=1e-9)
+    for function in (lambda M: M.pow(-0.5, regul), lambda M: M.pinv(atol=1e-3)):
+        f = lambda d, function=function: w @ function(PMatDense(lc, d)).mv(v)  # noqa: E731
+        np.testing.assert_allclose(jax.jvp(f, (m,), (e,))[1], _directional(f, m, e),
+                                   rtol=1e-6)
+
+
+def test_divided_differences_take_tangents_where_secants_lose_accuracy():
+    """Tied and nearly tied eigenvalues take the mean tangent, distant ones the secant."""
+    f = lambda x: 1 / (x + 0.1)  # noqa: E731
+    w = jnp.array([0.0, 1e-17, 1e-9, 2.0])
+    slopes = -1 / (w + 0.1) ** 2
+    phi = _spectral._divided_differences(w, f(w), slopes)
+    exact = -1 / ((w[:, None] + 0.1) * (w[None, :] + 0.1))  # the secant of 1/(x + 0.1)
+    np.testing.assert_allclose(phi, exact, rtol=1e-7)

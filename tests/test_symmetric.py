@@ -81,3 +81,30 @@ def test_symmetric_solve_differentiates_through_the_branch_it_took(shift):
     tangent = jax.jvp(symmetric_solve, (m, b), (jnp.eye(6), b))[1]
     np.testing.assert_allclose(tangent, jax.jvp(jnp.linalg.solve, (m, b), (jnp.eye(6), b))[1],
                                rtol=1e-9, atol=1e-12)
+
+
+_VMAPPED_SOLVES = """
+import jax, jax.numpy as jnp
+jax.config.update("jax_enable_x64", True)
+from jaxgeom._symmetric import symmetric_solve
+n = 400
+a = jax.random.normal(jax.random.key(0), (3, n, n))
+m = a @ jnp.swapaxes(a, -1, -2) + n * jnp.eye(n)
+m = m.at[1].multiply(-1.0)  # one negative definite member: the LU branch
+b = jnp.ones((n,))
+x = jax.jit(jax.vmap(symmetric_solve, (0, None)))(m, b)
+print(float(jnp.abs(jnp.einsum("kij,kj->ki", m, x) - b).max()))
+"""
+
+
+def test_a_vmapped_solve_over_a_stack_of_matrices_finishes():
+    """Under ``vmap`` the Cholesky-or-LU ``cond`` runs both branches; with the LU on ``mᵀ``
+    itself, XLA:CPU's program hung in most runs at ``n`` = 300–400 (a stack of
+    ``PMatDense`` solved with ``jax.vmap``). Run in a process of its own, with a limit."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _VMAPPED_SOLVES], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-10

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,12 @@ def power(values: jax.Array, p, regul=0.0) -> jax.Array:
     if isinstance(p, jax.core.Tracer):
         return jnp.where(p == jnp.round(p), shifted ** p, clipped)
     return clipped
+
+
+def shifted_power(values: jax.Array, regul=0.0, *, p) -> jax.Array:
+    """:func:`power` with ``regul`` second: ``f(λ, regul)`` for :func:`spectral_functions`
+    (``p`` bound, static)."""
+    return power(values, p, regul)
 
 
 def _check_nonnegative(shifted: jax.Array, p) -> None:
@@ -227,6 +235,70 @@ def _sums_jvp(primals, tangents):
 def reconstruct(evals: jax.Array, evecs: jax.Array) -> jax.Array:
     """``V diag(λ) Vᵀ`` for the columns ``V`` of ``evecs``."""
     return (evecs * evals) @ evecs.T
+
+
+def spectral_functions(f: Callable[..., jax.Array], matrices: Sequence[jax.Array], *args: Any
+                       ) -> tuple[jax.Array, ...]:
+    """``f`` of symmetric matrices through their eigenvalues: ``V diag(f(λ)) Vᵀ`` for each
+    ``M = V diag(λ) Vᵀ`` of ``matrices`` (``eigh``), ``f(λ, *args)`` applied to all their
+    eigenvalues at once (elementwise, but for a threshold it may take from all of them:
+    :func:`pinv`'s). Cost: each matrix's ``eigh`` and one product, ``n³``.
+
+    Derivative (Daleckii–Krein): ``d f(M)[E] = V (Φ ∘ Vᵀ E V) Vᵀ`` with the divided
+    differences ``Φᵢⱼ = (f(λᵢ) − f(λⱼ)) / (λᵢ − λⱼ)``, taken as ``(f′(λᵢ) + f′(λⱼ)) / 2``
+    where that is the more accurate (:func:`_divided_differences`: repeated and nearly
+    repeated eigenvalues), plus ``∂f/∂args``. Through ``eigh``'s own derivative, whose eigenvector
+    part has ``1/(λⱼ − λᵢ)``, repeated eigenvalues — a singular Fisher's null space, a
+    Kronecker factor's ties — gave NaN or gradients off by their size; ``Φ`` is finite
+    wherever ``f`` is differentiable. ``f`` may close over static values (a power ``p``);
+    values to differentiate go in ``args``.
+    """
+    return _spectral_functions(f, tuple(matrices), args)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _spectral_functions(f, matrices, args):
+    pairs = [jnp.linalg.eigh(m) for m in matrices]
+    images = _split_like(f(jnp.concatenate([w for w, _ in pairs]), *args), pairs)
+    return tuple(reconstruct(fw, v) for fw, (_, v) in zip(images, pairs))
+
+
+@_spectral_functions.defjvp
+def _spectral_functions_jvp(f, primals, tangents):
+    (matrices, args), (d_matrices, d_args) = primals, tangents
+    pairs = [jnp.linalg.eigh(m) for m in matrices]
+    values = jnp.concatenate([w for w, _ in pairs])
+    images, d_images = jax.jvp(lambda *a: f(values, *a), args, d_args)
+    slopes = jax.jvp(lambda x: f(x, *args), (values,), (jnp.ones_like(values),))[1]
+    out, d_out = [], []
+    for (w, v), fw, dfw, sw, dm in zip(pairs, *(_split_like(x, pairs)
+                                                for x in (images, d_images, slopes)),
+                                       d_matrices):
+        phi = _divided_differences(w, fw, sw)
+        inner = phi * (v.T @ ((dm + dm.T) / 2) @ v) + jnp.diag(dfw)
+        out.append(reconstruct(fw, v))
+        d_out.append(v @ inner @ v.T)
+    return tuple(out), tuple(d_out)
+
+
+def _split_like(x: jax.Array, pairs: list) -> list[jax.Array]:
+    """``x`` split as the concatenated eigenvalues of ``pairs``."""
+    return jnp.split(x, np.cumsum([w.shape[0] for w, _ in pairs])[:-1])
+
+
+def _divided_differences(w, fw, slopes):
+    """``(f(λᵢ) − f(λⱼ)) / (λᵢ − λⱼ)`` (the secant, rounding error ``≈ ε (|fᵢ| + |fⱼ|) /
+    |λᵢ − λⱼ|``) or ``(f′(λᵢ) + f′(λⱼ)) / 2`` (the mean of the tangents, error at most
+    ``|f′(λᵢ) − f′(λⱼ)| / 2`` where ``f′`` is monotone between them), whichever error is
+    smaller: the tangents for repeated and nearly repeated eigenvalues."""
+    gap = w[:, None] - w[None, :]
+    tied = gap == 0
+    secant = (fw[:, None] - fw[None, :]) / jnp.where(tied, 1, gap)
+    secant_error = (jnp.finfo(w.dtype).eps * (jnp.abs(fw[:, None]) + jnp.abs(fw[None, :]))
+                    / jnp.where(tied, 0, jnp.abs(gap)))
+    tangent = (slopes[:, None] + slopes[None, :]) / 2
+    tangent_error = jnp.abs(slopes[:, None] - slopes[None, :]) / 2
+    return jnp.where(tied | (tangent_error <= secant_error), tangent, secant)
 
 
 #: columns of :func:`eigh_psd`'s sketch beyond the rank bound (a margin for round-off), and

@@ -156,12 +156,8 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatBlockDiag:
         """Pseudo-inverse; the threshold is relative to the largest eigenvalue of the whole
         matrix (as for ``PMatDense``), not of each block."""
-        decompositions = self.eigh()
-        inverted = _spectral.pinv(jnp.concatenate([e for e, _ in decompositions]), atol, rtol)
-        parts = jnp.split(inverted, np.cumsum(self._parts.sizes)[:-1])  # layer-major order
-        return self._with(tuple(
-            _spectral.reconstruct(w, vecs) for w, (_, vecs) in zip(parts, decompositions)
-        ))
+        pinv = functools.partial(_spectral.pinv, atol=atol, rtol=rtol)
+        return self._with(_spectral.spectral_functions(pinv, self.blocks))
 
     def pow(self, p: Any, regul: Any = 0.0) -> PMatBlockDiag:
         return self._blockwise(lambda b: b.pow(p, regul).data)

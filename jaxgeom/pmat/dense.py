@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
@@ -81,8 +82,8 @@ class PMatDense(PMatAbstract):
         if method == "cholesky":
             return symmetric_solve(self._shifted(regul), v)
         if method == "eigh":
-            evals, evecs = self.eigh()
-            return evecs @ ((evecs.T @ v) / (evals + regul))
+            inverse = functools.partial(_spectral.shifted_power, p=-1)
+            return _spectral.spectral_functions(inverse, (self.data,), regul)[0] @ v
         if method == "lstsq":
             return jnp.linalg.lstsq(self._shifted(regul), v, rcond=options.get("rcond"))[0]
         return super()._solve(v, regul, method, **options)
@@ -93,14 +94,14 @@ class PMatDense(PMatAbstract):
         return self._with(symmetric_solve(self._shifted(regul), eye))
 
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatDense:
-        evals, evecs = self.eigh()
-        return self._with(_spectral.reconstruct(_spectral.pinv(evals, atol, rtol), evecs))
+        pinv = functools.partial(_spectral.pinv, atol=atol, rtol=rtol)
+        return self._with(_spectral.spectral_functions(pinv, (self.data,))[0])
 
     def pow(self, p: Any, regul: Any = 0.0) -> PMatDense:
         if _spectral.is_integer(p) and p >= 0:
             return self._with(jnp.linalg.matrix_power(self._shifted(regul), int(p)))
-        evals, evecs = self.eigh()
-        return self._with(_spectral.reconstruct(_spectral.power(evals, p, regul), evecs))
+        power = functools.partial(_spectral.shifted_power, p=p)
+        return self._with(_spectral.spectral_functions(power, (self.data,), regul)[0])
 
     # ------------------------------------------------------------------ algebra
     def mm(self, other: PMatAbstract) -> PMatDense:

@@ -93,6 +93,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
@@ -177,12 +178,19 @@ def _inner_apart(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.vdot(x[:-1], y[:-1]) + jnp.vdot(x[-1], y[-1])
 
 
+def _damped_inverses(pairs, regul) -> list:
+    """``x ↦ (B + λI)⁻¹ x = V ((Vᵀx) / (λ + regul))`` for the ``eigh`` pairs of blocks."""
+    def damped_inverse(e, q):
+        return lambda x: q @ ((q.T @ x) / (e + regul))
+
+    return [damped_inverse(e, q) for e, q in pairs]
+
+
 def _factor_apply(f, x: jax.Array) -> jax.Array:
     """``f`` of a symmetric PSD factor through its eigenvalues (a vector: elementwise)."""
     if x.ndim == 1:
         return f(x)
-    evals, evecs = jnp.linalg.eigh(x)
-    return _spectral.reconstruct(f(evals), evecs)
+    return _spectral.spectral_functions(f, (x,))[0]
 
 
 def _sym(m: jax.Array) -> jax.Array:
@@ -1028,18 +1036,21 @@ class PMatKFAC(PMatAbstract):
             return super()._solve(v, regul, method, **options)
         if damping in FACTORED_DAMPINGS:
             nodes = [n.factor_damped(regul, damping) for n in self._krons(damping)]
-            operation = "solve"
             pairs = [jnp.linalg.eigh(b) for b in self.blocks]
-        else:
-            eigen_nodes, pairs = self._eigen()
-            nodes = [e.map(lambda d: 1 / (d + regul)) for e in eigen_nodes]
-            operation = "mv"
+            return self._parts.apply(nodes, "solve", v, _damped_inverses(pairs, regul))
+        # (M + λI)⁻¹ through the factors' eigenbases, differentiated as a linear solve
+        # (dx = (M + λI)⁻¹(dv − dM x − dλ x), the same eigenbases): through eigh's own
+        # derivative, a factor with a repeated eigenvalue (a regression layer's G ∝ I)
+        # gave NaN
+        return lax.custom_linear_solve(lambda x: self._mv(x) + regul * x, v,
+                                       lambda _, b: self._exact_solve(b, regul),
+                                       symmetric=True)
 
-        def damped_inverse(e, q):
-            return lambda x: q @ ((q.T @ x) / (e + regul))
-
-        blocks = [damped_inverse(e, q) for e, q in pairs]
-        return self._parts.apply(nodes, operation, v, blocks)
+    def _exact_solve(self, v, regul):
+        """``(M + λI)⁻¹ v`` through the factors' eigenbases (and the exact blocks')."""
+        eigen_nodes, pairs = self._eigen()
+        nodes = [e.map(lambda d: 1 / (d + regul)) for e in eigen_nodes]
+        return self._parts.apply(nodes, "mv", v, _damped_inverses(pairs, regul))
 
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0, *, damping: str = "exact") -> PMatKFAC:
