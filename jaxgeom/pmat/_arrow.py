@@ -118,8 +118,8 @@ def _arrow_brackets(D, beta, c):
 def _rank_one_brackets(arrow, c, rho):
     """Brackets of ``A + ρĉĉᵀ``'s eigenvalues from ``A``'s ascending ``arrow``."""
     reach = (rho * jnp.sum(c**2, axis=1))[:, None]
-    up = (jnp.concatenate([arrow[:, 1:], arrow[:, -1:] + reach], axis=1))
-    down = (jnp.concatenate([arrow[:, :1] + reach, arrow[:, :-1]], axis=1))
+    up = jnp.concatenate([arrow[:, 1:], arrow[:, -1:] + reach], axis=1)
+    down = jnp.concatenate([arrow[:, :1] + reach, arrow[:, :-1]], axis=1)
     rising = (rho >= 0)[:, None]
     return jnp.where(rising, arrow, down), jnp.where(rising, up, arrow)
 

@@ -247,11 +247,11 @@ def spectral_functions(f: Callable[..., jax.Array], matrices: Sequence[jax.Array
     Derivative (Daleckii–Krein): ``d f(M)[E] = V (Φ ∘ Vᵀ E V) Vᵀ`` with the divided
     differences ``Φᵢⱼ = (f(λᵢ) − f(λⱼ)) / (λᵢ − λⱼ)``, taken as ``(f′(λᵢ) + f′(λⱼ)) / 2``
     where that is the more accurate (:func:`_divided_differences`: repeated and nearly
-    repeated eigenvalues), plus ``∂f/∂args``. Through ``eigh``'s own derivative, whose eigenvector
-    part has ``1/(λⱼ − λᵢ)``, repeated eigenvalues — a singular Fisher's null space, a
-    Kronecker factor's ties — gave NaN or gradients off by their size; ``Φ`` is finite
-    wherever ``f`` is differentiable. ``f`` may close over static values (a power ``p``);
-    values to differentiate go in ``args``.
+    repeated eigenvalues), plus ``∂f/∂args``. Through ``eigh``'s own derivative, whose
+    eigenvector part has ``1/(λⱼ − λᵢ)``, repeated eigenvalues — a singular Fisher's null
+    space, a Kronecker factor's ties — gave NaN or gradients off by their size; ``Φ`` is
+    finite wherever ``f`` is differentiable. ``f`` may close over static values (a power
+    ``p``); values to differentiate go in ``args``.
     """
     return _spectral_functions(f, tuple(matrices), args)
 
