@@ -100,7 +100,7 @@ from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
 from jaxgeom._serialization import register_dataclass
-from jaxgeom._symmetric import spd_solve
+from jaxgeom._symmetric import spd_solve, symmetric_solve
 from jaxgeom.capture import (
     Captured,
     CapturePlan,
@@ -1036,8 +1036,9 @@ class PMatKFAC(PMatAbstract):
             return super()._solve(v, regul, method, **options)
         if damping in FACTORED_DAMPINGS:
             nodes = [n.factor_damped(regul, damping) for n in self._krons(damping)]
-            pairs = [jnp.linalg.eigh(b) for b in self.blocks]
-            return self._parts.apply(nodes, "solve", v, _damped_inverses(pairs, regul))
+            blocks = [functools.partial(symmetric_solve, b + regul * _eye_like(b))
+                      for b in self.blocks]  # Cholesky (LU if indefinite), not eigh
+            return self._parts.apply(nodes, "solve", v, blocks)
         # (M + λI)⁻¹ through the factors' eigenbases, differentiated as a linear solve
         # (dx = (M + λI)⁻¹(dv − dM x − dλ x), the same eigenbases): through eigh's own
         # derivative, a factor with a repeated eigenvalue (a regression layer's G ∝ I)
