@@ -438,3 +438,21 @@ def test_vmap_in_axes_made_by_tree_map_over_a_stack():
     traces = jax.vmap(lambda M: M.trace(), in_axes=(axes,))(stack)
     np.testing.assert_allclose(traces, 8 * np.arange(1.0, 4.0) ** 2 + 4 * shifts, rtol=1e-12)
     assert isinstance(PMatLowRank(layout, factors[0], 1.0, 2).shift, jax.Array)  # still
+
+
+def test_eigh_solve_differentiates_through_repeated_eigenvalues():
+    """Two equal rows of the factor (a duplicated example) tie two thin eigenvalues (and the
+    complement's ``d − r`` at the shift): differentiated through ``eigh``'s vectors the
+    ``"eigh"`` solve's gradient was off; as a linear solve it is the Woodbury solve's."""
+    t = make_linen_mlp()
+    layout = LayerCollection.from_params(t.params)
+    d = layout.numel()
+    rows = jax.random.normal(jax.random.PRNGKey(0), (3, d))
+    factor = jnp.concatenate([rows, rows[:1]])
+    v, w = (jax.random.normal(jax.random.PRNGKey(k), (d,)) for k in (1, 2))
+
+    def f(factor, method):
+        return PMatLowRank(layout, factor, jnp.ones(4)).solve(v, 0.1, method=method) @ w
+
+    np.testing.assert_allclose(jax.grad(f)(factor, "eigh"), jax.grad(f)(factor, "woodbury"),
+                               rtol=1e-8, atol=1e-12)

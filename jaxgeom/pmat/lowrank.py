@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
@@ -256,11 +257,17 @@ class PMatLowRank(PMatAbstract):
             system = regul * jnp.eye(self.rank_bound, dtype=v.dtype) + gram(self.factor.T) * w
             y = jnp.linalg.solve(system, self.factor @ v)
             return (v - self.factor.T @ (w * y)) / regul
-        if method == "eigh":
-            evals, evecs = self._low_rank_eigh()
-            coords = evecs.T @ v
-            return evecs @ (coords / (evals + regul)) + (v - evecs @ coords) / regul
+        if method == "eigh":  # differentiated as a linear solve, not through eigh's vectors
+            return lax.custom_linear_solve(lambda x: self._mv(x) + (regul - self._shift()) * x,
+                                           v, lambda _, b: self._eigh_solve(b, regul),
+                                           symmetric=True)
         return super()._solve(v, regul - self._shift(), method, **options)  # its error
+
+    def _eigh_solve(self, v, regul):
+        """``V ((Vᵀv) / (λ + Λ)) + (v − V Vᵀ v) / λ`` (``λ``: shift and damping)."""
+        evals, evecs = self._low_rank_eigh()
+        coords = evecs.T @ v
+        return evecs @ (coords / (evals + regul)) + (v - evecs @ coords) / regul
 
     # ------------------------------------------------------------------ functions
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatLowRank:
