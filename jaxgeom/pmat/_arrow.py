@@ -77,10 +77,11 @@ def arrow_eigvalsh(D: jax.Array, beta: jax.Array, c: jax.Array,
       ``(g, a + 1)``, each row ascending (accuracy: module docstring); NaN for a block
       with a non-finite entry. No block formed.
     """
-    arrow = _bisect(_arrow_brackets(D, beta, c), D, beta, c, None)
+    poles = jnp.sort(D, axis=1)
+    arrow = _bisect(_arrow_brackets(poles, beta, c), poles, D, beta, c, None)
     if rho is None:
         return arrow
-    return _bisect(_rank_one_brackets(arrow, c, rho), D, beta, c, rho)
+    return _bisect(_rank_one_brackets(arrow, c, rho), poles, D, beta, c, rho)
 
 
 @arrow_eigvalsh.defjvp
@@ -104,9 +105,9 @@ def blocks(D: jax.Array, beta: jax.Array, c: jax.Array, rho: jax.Array | None) -
     return jnp.concatenate([top, bottom], axis=1)
 
 
-def _arrow_brackets(D, beta, c):
-    """Per block and eigenvalue ``k``, ``[lo, hi]`` containing the arrow's ``λₖ``."""
-    poles = jnp.sort(D, axis=1)
+def _arrow_brackets(poles, beta, c):
+    """Per block and eigenvalue ``k``, ``[lo, hi]`` containing the arrow's ``λₖ`` (``poles``:
+    ``D`` sorted per block)."""
     reach = jnp.linalg.norm(c, axis=1)
     low = jnp.minimum(poles[:, 0], beta) - reach
     high = jnp.maximum(poles[:, -1], beta) + reach
@@ -124,14 +125,13 @@ def _rank_one_brackets(arrow, c, rho):
     return jnp.where(rising, arrow, down), jnp.where(rising, up, arrow)
 
 
-def _bisect(brackets, D, beta, c, rho):
+def _bisect(brackets, sorted_poles, D, beta, c, rho):
     """Split every bracket at :func:`_split` enough times for its ends to be neighbours
     in the floating-point grid, keeping ``λₖ`` in ``[lo, hi]`` by the count
     ``n(mid) > k``; the midpoints (NaN for a block with a non-finite entry)."""
     lo, hi = brackets
     lo, hi = jnp.minimum(lo, hi), jnp.maximum(lo, hi)
     order = jnp.arange(lo.shape[1])
-    sorted_poles = jnp.sort(D, axis=1)
     # poles with cᵢ = 0 are out of κ: at +∞ their terms are 0 and never 0/0
     poles = jnp.where(c == 0, jnp.inf, D)
     squares = c**2

@@ -331,6 +331,15 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         division by ``shift + regul = 0``; ``PMatKFAC``/``PMatEKFAC``: stored zero
         eigenvalues undamped)."""
 
+    def _differentiated_as_solve(self, v: jax.Array, regul, solve: Callable) -> jax.Array:
+        """``solve(v)``, an answer of ``(M + regul·I) x = v`` through a factorisation (an
+        ``eigh``), differentiated as that linear system (``lax.custom_linear_solve``:
+        ``dx = (M + regul·I)⁻¹(dv − dM x − dregul x)``, by ``solve`` again), not through the
+        factorisation, whose eigenvectors' derivative ``1/(λⱼ − λᵢ)`` is NaN or wrong where
+        eigenvalues repeat. The primal work is ``solve``'s alone."""
+        return jax.lax.custom_linear_solve(lambda x: self._mv(x) + regul * x, v,
+                                           lambda _, b: solve(b), symmetric=True)
+
     def _solve(self, v: jax.Array, regul, method: str, **options) -> jax.Array:
         """``(M + regul·I)⁻¹ v`` for a flat vector; the base offers the iterative solves
         (:data:`ITERATIVE_SOLVES`): conjugate gradient, MINRES and the Neumann series,

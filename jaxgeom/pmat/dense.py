@@ -82,11 +82,15 @@ class PMatDense(PMatAbstract):
         if method == "cholesky":
             return symmetric_solve(self._shifted(regul), v)
         if method == "eigh":
-            inverse = functools.partial(_spectral.shifted_power, p=-1)
-            return _spectral.spectral_functions(inverse, (self.data,), regul)[0] @ v
+            return self._differentiated_as_solve(v, regul, lambda b: self._eigh_solve(b, regul))
         if method == "lstsq":
             return jnp.linalg.lstsq(self._shifted(regul), v, rcond=options.get("rcond"))[0]
         return super()._solve(v, regul, method, **options)
+
+    def _eigh_solve(self, v, regul):
+        """``V ((Vᵀv) / (λ + regul))``."""
+        evals, evecs = self.eigh()
+        return evecs @ ((evecs.T @ v) / (evals + regul))
 
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0) -> PMatDense:

@@ -93,7 +93,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
@@ -176,14 +175,6 @@ def _inner_apart(x: jax.Array, y: jax.Array) -> jax.Array:
     if x.shape[0] < 2:
         return jnp.vdot(x, y)
     return jnp.vdot(x[:-1], y[:-1]) + jnp.vdot(x[-1], y[-1])
-
-
-def _damped_inverses(pairs, regul) -> list:
-    """``x ↦ (B + λI)⁻¹ x = V ((Vᵀx) / (λ + regul))`` for the ``eigh`` pairs of blocks."""
-    def damped_inverse(e, q):
-        return lambda x: q @ ((q.T @ x) / (e + regul))
-
-    return [damped_inverse(e, q) for e, q in pairs]
 
 
 def _factor_apply(f, x: jax.Array) -> jax.Array:
@@ -1039,19 +1030,17 @@ class PMatKFAC(PMatAbstract):
             blocks = [functools.partial(symmetric_solve, b + regul * _eye_like(b))
                       for b in self.blocks]  # Cholesky (LU if indefinite), not eigh
             return self._parts.apply(nodes, "solve", v, blocks)
-        # (M + λI)⁻¹ through the factors' eigenbases, differentiated as a linear solve
-        # (dx = (M + λI)⁻¹(dv − dM x − dλ x), the same eigenbases): through eigh's own
-        # derivative, a factor with a repeated eigenvalue (a regression layer's G ∝ I)
-        # gave NaN
-        return lax.custom_linear_solve(lambda x: self._mv(x) + regul * x, v,
-                                       lambda _, b: self._exact_solve(b, regul),
-                                       symmetric=True)
+        # through the factors' eigenbases; through eigh's own derivative, a factor with a
+        # repeated eigenvalue (a regression layer's G ∝ I) gave NaN
+        return self._differentiated_as_solve(v, regul, lambda b: self._exact_solve(b, regul))
 
     def _exact_solve(self, v, regul):
-        """``(M + λI)⁻¹ v`` through the factors' eigenbases (and the exact blocks')."""
+        """``(M + λI)⁻¹ v`` through the factors' eigenbases and the exact blocks' (``V ((Vᵀx)
+        / (λ + regul))``)."""
         eigen_nodes, pairs = self._eigen()
         nodes = [e.map(lambda d: 1 / (d + regul)) for e in eigen_nodes]
-        return self._parts.apply(nodes, "mv", v, _damped_inverses(pairs, regul))
+        blocks = [lambda x, e=e, q=q: q @ ((q.T @ x) / (e + regul)) for e, q in pairs]
+        return self._parts.apply(nodes, "mv", v, blocks)
 
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0, *, damping: str = "exact") -> PMatKFAC:

@@ -10,7 +10,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
@@ -257,10 +256,9 @@ class PMatLowRank(PMatAbstract):
             system = regul * jnp.eye(self.rank_bound, dtype=v.dtype) + gram(self.factor.T) * w
             y = jnp.linalg.solve(system, self.factor @ v)
             return (v - self.factor.T @ (w * y)) / regul
-        if method == "eigh":  # differentiated as a linear solve, not through eigh's vectors
-            return lax.custom_linear_solve(lambda x: self._mv(x) + (regul - self._shift()) * x,
-                                           v, lambda _, b: self._eigh_solve(b, regul),
-                                           symmetric=True)
+        if method == "eigh":
+            return self._differentiated_as_solve(v, regul - self._shift(),
+                                                 lambda b: self._eigh_solve(b, regul))
         return super()._solve(v, regul - self._shift(), method, **options)  # its error
 
     def _eigh_solve(self, v, regul):
