@@ -251,6 +251,25 @@ def test_products_rotate_by_the_range_columns_only(fisher):
         check_eigsh(inv, np.linalg.inv(dense + r * np.eye(len(dense))))
 
 
+@pytest.mark.parametrize("representation", [PMatKFAC, PMatEKFAC])
+def test_builds_on_few_and_many_examples_in_one_cond(representation):
+    """Builds on 6 and on 40 examples differ in their static hints (the factors' ranks are at
+    most ``6 T`` and ``6 K T``): JAX refuses a ``lax.cond`` between them with its
+    pytree-structure error, whose text (the hints' ``repr``) names the fix, and
+    ``without_rank_bounds()`` gives both one structure, each branch its own matrix."""
+    t = make_linen_wide_hidden()
+    few = FIM(t.apply_fn, t.params, t.x[:6], representation)
+    many = FIM(t.apply_fn, t.params, jax.numpy.concatenate([t.x] * 7)[:40], representation)
+    v = vec(t.params)
+    pick = jax.jit(lambda first, A, B: jax.lax.cond(first, lambda: A, lambda: B).mv(v))
+    with pytest.raises((TypeError, ValueError), match=r"without_rank_bounds\(\)"):
+        pick(True, few, many)
+    few, many = few.without_rank_bounds(), many.without_rank_bounds()
+    for first, M in ((True, few), (False, many)):
+        np.testing.assert_allclose(flat(pick(first, few, many)),
+                                   np.asarray(M.to_dense()) @ flat(v), **TOL)
+
+
 # ----------------------------------------------------------------------------- operations
 @pytest.fixture(scope="module", params=[make_linen_layernorm, make_linen_embed])
 def case(request):

@@ -88,7 +88,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -222,6 +222,32 @@ _EIGENDECOMPOSITION = ("an eigendecomposition (eigvalsh, eigsh, pinv, logdet, no
                        "and pow with exact damping)")
 
 
+class RankBounds(NamedTuple):
+    """Static hints about a Kronecker block's two factors (``A``'s, then ``G``'s): the
+    ranks a build knows them to be at most (:attr:`Kron.rank_bounds`), or the trailing
+    columns of their bases that span their ranges (:attr:`KronEigen.ranges`); ``None``:
+    not known to be low. Derived from the number of examples a matrix was built from, so
+    builds on data of different sizes differ in their pytree structure; the ``repr``
+    (which JAX's pytree-structure errors print) names the fix,
+    ``M.without_rank_bounds()``."""
+
+    a: int | None = None
+    g: int | None = None
+
+    def __repr__(self) -> str:
+        if self.a is None and self.g is None:
+            return "RankBounds(none)"
+        return (f"RankBounds(A: {self.a}, G: {self.g}; static hints from the number of "
+                "examples built from: M.without_rank_bounds() drops them)")
+
+
+def _as_rank_bounds(node: Any, name: str) -> None:
+    """Normalise a frozen dataclass's static field ``name`` (a pair) to :class:`RankBounds`."""
+    value = getattr(node, name)
+    if type(value) is not RankBounds:
+        object.__setattr__(node, name, RankBounds(*value))
+
+
 @register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Kron:
@@ -238,13 +264,16 @@ class Kron:
     #: :meth:`eigen` factorises their ranges only (:func:`factor_rank_bounds`). A promise
     #: about the values (EKFAC's build sets them on the factors it has just summed), unless
     #: :attr:`bounds_checked`
-    rank_bounds: tuple[int | None, int | None] = dataclasses.field(
-        default=(None, None), metadata=dict(static=True))
+    rank_bounds: RankBounds = dataclasses.field(
+        default=RankBounds(), metadata=dict(static=True))
     #: whether :attr:`rank_bounds` are hints that :meth:`eigen` checks, falling back to a
     #: full ``eigh`` where a range sketch missed part of the range
     #: (:func:`~jaxgeom.pmat._spectral.eigh_psd`'s ``checked``): a KFAC build's, which
     #: arithmetic on the arrays (an average of builds by ``tree_map``) may have broken
     bounds_checked: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def __post_init__(self):
+        _as_rank_bounds(self, "rank_bounds")
 
     def mv(self, v):
         """``G V Aᵀ``: the block ``kron(G, A)`` (:meth:`dense`) applied to the row-major
@@ -459,12 +488,13 @@ class KronEigen:
     #: range, where ``d`` may vary (``None``: the whole basis). A promise about ``d``'s
     #: values: kept by elementwise maps of ``d`` (:meth:`map`), dropped by
     #: :meth:`with_values` (a refit on new data varies everywhere)
-    ranges: tuple[int | None, int | None] = dataclasses.field(
-        default=(None, None), metadata=dict(static=True))
+    ranges: RankBounds = dataclasses.field(
+        default=RankBounds(), metadata=dict(static=True))
     #: whether ``d`` is 0 off the ranges (else it is ``d[0, 0]`` there)
     zero_off_range: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     def __post_init__(self):
+        _as_rank_bounds(self, "ranges")
         # without ranges the flag means nothing: one value keeps one pytree structure (a
         # damped inverse and its checkpoint, restored without ranges, compare equal)
         if self.ranges == (None, None) and not self.zero_off_range:
