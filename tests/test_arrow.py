@@ -115,3 +115,37 @@ def test_a_block_with_a_non_finite_entry_has_nan_eigenvalues():
         assert np.isnan(got[1]).all()
         np.testing.assert_array_equal(np.delete(got, 1, axis=0), np.delete(want, 1, axis=0))
     assert np.isnan(arrow_eigvalsh(D, beta, c, rho.at[4].set(jnp.inf))[4]).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_scaling_by_a_power_of_two_scales_the_eigenvalues_exactly(dtype):
+    """``λ(2ᵏM) = 2ᵏλ(M)`` to the last bit, for ``k`` up to the largest exponent a block's
+    entries allow: their squares and the brackets' widths overflowed (NaN and ``±inf``) and
+    now every block is brought to a largest entry in ``[1, 2)`` first. (With ``ρ``, scaled
+    by ``2⁻ᵏ``, ``k`` stops where ``ρ`` would leave the normal numbers.)"""
+    D, beta, c, rho = (x.astype(dtype) for x in _pieces(4))
+    info = np.finfo(dtype)
+    largest = max(np.abs(np.asarray(x)).max() for x in (D, beta, c))
+    top = info.maxexp - 2 - int(np.ceil(np.log2(largest)))
+    for r, ks in ((None, (-20, 20, info.maxexp // 2, top)), (rho, (-20, 20, info.maxexp // 2))):
+        base = np.asarray(arrow_eigvalsh(D, beta, c, r))
+        for k in ks:
+            s = dtype(2.0**k)
+            scaled = arrow_eigvalsh(D * s, beta * s, c * s, None if r is None else r / s)
+            np.testing.assert_array_equal(np.asarray(scaled), base * s, err_msg=f"2^{k}")
+
+
+def test_entries_near_the_largest_float():
+    """Poles at ``∓3·10³⁸`` (float32) with ``c = 0`` are eigenvalues beside ``β = 0``; the
+    bracket's width, ``6·10³⁸``, overflowed (eigenvalue ``+inf``). Two couplings of ``10¹⁸``
+    to poles ``0`` and ``10⁻³`` (their terms ``c²/(D − λ)`` overflowing with both signs: NaN
+    counts) put an eigenvalue at their midpoint ``5·10⁻⁴``, between them by interlacing."""
+    f32 = jnp.float32
+    got = arrow_eigvalsh(jnp.asarray([[-3e38, 3e38]], f32), jnp.zeros(1, f32),
+                         jnp.zeros((1, 2), f32))
+    np.testing.assert_array_equal(got[0], np.asarray([-3e38, 0.0, 3e38], np.float32))
+    got = arrow_eigvalsh(jnp.asarray([[0.0, 1e-3, 1.0]], f32), jnp.asarray([0.5], f32),
+                         jnp.asarray([[1e18, 1e18, 1.0]], f32))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[0, 1:3], [5e-4, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(got[0, [0, 3]], [-np.sqrt(2) * 1e18, np.sqrt(2) * 1e18], rtol=1e-6)

@@ -43,8 +43,9 @@ splits in all (34 in float32, 67 in float64).
 *Accuracy.* The count is exact up to the rounding of ``b − κ``. Where that sum does not
 cancel, each eigenvalue comes out within a few ulps of itself; where it does (an
 eigenvalue far below ``‖M‖`` beside a large pole), within about ``ε ‖M‖``, ``eigh``'s
-bound (a graded block's ``eigh`` is often that far off where this is exact). Entries whose
-squares overflow (``|c| > √max``) give NaN.
+bound (a graded block's ``eigh`` is often that far off where this is exact). Each block is
+first scaled by a power of two to a largest entry in ``[1, 2)`` (exact), so that no square or
+bracket overflows for entries up to the largest float.
 
 Cost per layer of ``g`` blocks: ``s · g (a + 1) a`` divisions (twice for
 ``ρ ≠ 0``) and ``O(g a)`` memory; the ``(a+1)²`` blocks are never formed (``eigh`` of
@@ -77,11 +78,14 @@ def arrow_eigvalsh(D: jax.Array, beta: jax.Array, c: jax.Array,
       ``(g, a + 1)``, each row ascending (accuracy: module docstring); NaN for a block
       with a non-finite entry. No block formed.
     """
+    e = _overflow_exponent(D, beta, c)
+    D, beta, c = jnp.ldexp(D, -e[:, None]), jnp.ldexp(beta, -e), jnp.ldexp(c, -e[:, None])
     poles = jnp.sort(D, axis=1)
     arrow = _bisect(_arrow_brackets(poles, beta, c), poles, D, beta, c, None)
-    if rho is None:
-        return arrow
-    return _bisect(_rank_one_brackets(arrow, c, rho), poles, D, beta, c, rho)
+    if rho is not None:  # ρccᵀ/s = (ρs)(c/s)(c/s)ᵀ
+        rho = jnp.ldexp(rho, e)
+        arrow = _bisect(_rank_one_brackets(arrow, c, rho), poles, D, beta, c, rho)
+    return jnp.ldexp(arrow, e[:, None])
 
 
 @arrow_eigvalsh.defjvp
@@ -103,6 +107,20 @@ def blocks(D: jax.Array, beta: jax.Array, c: jax.Array, rho: jax.Array | None) -
     top = jnp.concatenate([top, c[:, :, None]], axis=2)
     bottom = jnp.concatenate([c, beta[:, None]], axis=1)[:, None, :]
     return jnp.concatenate([top, bottom], axis=1)
+
+
+def _overflow_exponent(D, beta, c):
+    """Per block, the exponent ``e`` (an integer) such that ``2⁻ᵉ`` brings its largest entry
+    into ``[1, 2)`` (0 for a zero or non-finite block): the count's terms ``cᵢ²/(Dᵢ − λ)``
+    and the brackets' widths then overflow only within ``2⁻¹²⁶`` (float32) of a pole, and
+    the eigenvalues of ``2⁻ᵉM`` times ``2ᵉ`` are those of ``M`` exactly (the floating-point
+    grid is the same at every power of two; only entries below ``2^(minexp)·max`` flush).
+    ``ldexp``, not a product by ``2⁻ᵉ``: XLA:CPU divides by a reciprocal, and ``exp2``
+    rounds."""
+    largest = jnp.maximum(jnp.maximum(jnp.abs(D).max(axis=1, initial=0.0),
+                                      jnp.abs(c).max(axis=1, initial=0.0)), jnp.abs(beta))
+    usable = jnp.isfinite(largest) & (largest > 0)
+    return jnp.where(usable, jnp.frexp(largest)[1] - 1, 0)
 
 
 def _arrow_brackets(poles, beta, c):
