@@ -12,12 +12,12 @@ YNNPACK's: 2× forward and for input gradients, 13× for weight gradients (a 3×
 layer on 144 images of 32×32). These steps are therefore compiled with YNNPACK kept for
 matrix products and reductions but not for convolutions.
 
-A step may ask for more options (``model_jit(..., compiler_options=...)``): the dense
-and block-diagonal builds' steps ask XLA:CPU for its memory-optimised scheduler
-(:data:`MEMORY_SCHEDULE`) instead of its default concurrency-optimised one, under which
-the independent block products of the Gram were all live at once (bench_small: a warm
-build's peak 343–359 → 260 MiB for ``PMatDense``, 157–227 → 124–138 MiB for
-``PMatBlockDiag``, its bound 223).
+A step may ask for more options (``model_jit(..., compiler_options=...)``), each kept
+where this XLA takes it. (The dense and block-diagonal builds' steps once asked for
+XLA:CPU's memory-optimised scheduler, under whose default the Gram's independent block
+products were all live at once; they now add the blocks in a loop, which bounds that
+memory under any schedule and inside a user's ``jit``, where no option applies:
+:func:`~jaxgeom.pmat._gram.add_upper_gram`.)
 
 A function whose run time is LAPACK factorisations (:func:`factorisation_jit`: the
 solves, eigendecompositions and spectral norms of the dense, block-diagonal, KFAC and
@@ -78,12 +78,6 @@ CONVOLUTION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 CONVOLUTION_VALUE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 
 
-#: options of a step whose independent operations should not all be live at once: XLA:CPU's
-#: default scheduler, optimised for concurrency, starts every independent product as early
-#: as it can, so that their results coexist; the memory-optimised one reuses their memory
-MEMORY_SCHEDULE = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
-
 @functools.cache
 def compile_options(wanted: tuple[tuple[str, Any], ...]) -> dict[str, Any] | None:
     """The ``compiler_options`` made of the ``(name, value)`` pairs ``wanted`` that this
@@ -108,8 +102,7 @@ def factorisation_compile_options(extra: tuple[tuple[str, Any], ...] = ()
 
 
 #: every option jaxgeom asks for, checked together (:func:`_accepted`)
-OWN_OPTIONS = (*FAST_COMPILE.items(), (CONVOLUTION_OPTION, CONVOLUTION_VALUE),
-               *MEMORY_SCHEDULE.items())
+OWN_OPTIONS = (*FAST_COMPILE.items(), (CONVOLUTION_OPTION, CONVOLUTION_VALUE))
 
 
 @functools.cache

@@ -221,10 +221,6 @@ class JacobianBuilder(ChunkBuilder):
         return not self._collects or self.examples is not None
 
     @property
-    def schedules_for_memory(self) -> bool:
-        return getattr(self.accumulator, "schedules_for_memory", False)
-
-    @property
     def needs_static_count(self) -> bool:
         """For kept rows (cut to ``N K`` by :meth:`finalize`)."""
         return self._collects

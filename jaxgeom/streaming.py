@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom import data as data_lib
-from jaxgeom._compile import MEMORY_SCHEDULE, donating_jit, model_jit, quick_jit, staged
+from jaxgeom._compile import donating_jit, model_jit, quick_jit, staged
 from jaxgeom._signature import Signature, abstract, signature
 
 
@@ -160,11 +160,6 @@ class ChunkBuilder:
     #: (:meth:`init_total`, :meth:`update`; its buffers donated); otherwise :meth:`reduce`
     #: combines each chunk's statistics with it outside ``jit``.
     updates_in_place: bool = True
-    #: whether the chunk's step is compiled with XLA:CPU's memory-optimised scheduler
-    #: (:data:`~jaxgeom._compile.MEMORY_SCHEDULE`): for an update whose independent
-    #: products, started together, would hold memory the size of the storage (the dense
-    #: Gram's blocks)
-    schedules_for_memory: bool = False
     #: whether :meth:`finalize` can run inside the chunk's compiled step: array work on the
     #: total, nothing read on the host, of the :class:`Stream` only ``n``, ``params``,
     #: ``aux`` and ``batch_size``; the host's part of the result is :meth:`finish`'s. Data
@@ -310,10 +305,6 @@ class BuilderGroup(ChunkBuilder):
     @property
     def updates_in_place(self) -> bool:
         return all(m.updates_in_place for m in self.members)
-
-    @property
-    def schedules_for_memory(self) -> bool:
-        return any(m.schedules_for_memory for m in self.members)
 
     @property
     def finalizes_traced(self) -> bool:
@@ -477,8 +468,7 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]
             if builder.updates_in_place:
                 if total is None:
                     total = builder.init_total(*args)
-                step = _update_for_memory if builder.schedules_for_memory else _update
-                total, finite = step(builder, total, *args)
+                total, finite = _update(builder, total, *args)
             else:
                 stats, finite = _statistics(builder, *args)
                 total = builder.reduce(total, stats, chunk.count)
@@ -650,14 +640,12 @@ def _reduce_scanned(builder: ChunkBuilder, data: Any, batch_size: int, params: A
     """:func:`_reduce` of data in memory inside a ``jit``: the chunks' steps
     (:func:`_update`) through :func:`scan_chunks`, one flag for all: whether every chunk
     was finite, with the offset and count of the first that was not (traced)."""
-    update = _update_for_memory if builder.schedules_for_memory else _update
-
     def first(batch, mask, offset):
         return builder.init_total(params, batch, mask, offset, aux), _all_finite_so_far(offset)
 
     def step(carry, batch, mask, offset):
         total, flag = carry
-        total, chunk_finite = update(builder, total, params, batch, mask, offset, aux)
+        total, chunk_finite = _update(builder, total, params, batch, mask, offset, aux)
         return total, _first_non_finite(flag, chunk_finite, offset, mask)
 
     (total, flag), n = scan_chunks(step, first, data, batch_size)
@@ -784,9 +772,6 @@ def _finished(builder, sizes, params, batch, mask, offset, aux, count):
     return builder.finalize(total, Stream(n, params, aux, None, batch_size)), finite
 
 
-# two compilations of the one step (both named ``_update`` in XLA's logs and dumps): the
-# default schedule, and the memory-optimised one for builders that ask for it
-_update_for_memory = model_jit(_update, donate_argnums=(1,), compiler_options=MEMORY_SCHEDULE)
 _update = model_jit(_update, donate_argnums=(1,))
 _finished = model_jit(_finished, static_argnums=(1,))
 

@@ -156,8 +156,8 @@ def test_compile_options_defer_to_xla_flags(monkeypatch):
 
 def test_own_options_are_checked_in_one_compilation(monkeypatch):
     """Whether this XLA takes jaxgeom's options is asked once for all of them: the
-    options of a model step, of a memory-scheduled step and of a factorisation cost one
-    compilation of an empty program between them, not one each."""
+    options of a model step and of a factorisation cost one compilation of an empty
+    program between them, not one each."""
     monkeypatch.setenv("XLA_FLAGS", "")  # this suite's conftest sets an option itself
     caches = (_compile.compile_options, _compile._accepted, _compile._compiles_with)
 
@@ -168,13 +168,12 @@ def test_own_options_are_checked_in_one_compilation(monkeypatch):
     clear()
     try:
         with compilations() as compiled:
-            step = _compile.model_compile_options(tuple(_compile.MEMORY_SCHEDULE.items()))
+            step = _compile.model_compile_options()
             factorisation = _compile.factorisation_compile_options()
         # a jaxlib without one of them (0.11 has no quick emitters) asks each alone after
         everything = _compile._compiles_with(_compile.OWN_OPTIONS)  # cached: not compiled
         assert compiled == ["<lambda>"] * (1 if everything else 1 + len(_compile.OWN_OPTIONS))
-        assert step == {_compile.CONVOLUTION_OPTION: _compile.CONVOLUTION_VALUE,
-                        **_compile.MEMORY_SCHEDULE}
+        assert step == {_compile.CONVOLUTION_OPTION: _compile.CONVOLUTION_VALUE}
         quick = everything or _compile._compiles_with(tuple(_compile.FAST_COMPILE.items()))
         assert factorisation == (_compile.FAST_COMPILE if quick else None)
     finally:
@@ -195,45 +194,10 @@ def test_importing_jaxgeom_starts_no_backend():
 def test_extra_options_taken_when_this_xla_knows_them():
     """``model_compile_options(extra)`` adds the options this XLA compiles with and drops
     one it does not know (no error: an older or newer jaxlib builds as before)."""
-    known = tuple(_compile.MEMORY_SCHEDULE.items())
+    known = (("xla_cpu_scheduler_type", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"),)
     unknown = (("xla_cpu_no_such_option_in_any_xla", True),)
     options = _compile.model_compile_options(known + unknown)
-    assert options == {_compile.CONVOLUTION_OPTION: _compile.CONVOLUTION_VALUE,
-                       **_compile.MEMORY_SCHEDULE}
-
-
-def test_memory_schedule_does_not_keep_independent_products_alive():
-    """A running total updated by ten independent block products (a symmetric Gram's upper
-    blocks, as the dense build's step): compiled with :data:`MEMORY_SCHEDULE` its
-    temporaries hold fewer of the products at once than with XLA's default schedule, for
-    the same numbers."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("a CPU compiler option")
-    blocks = [slice(256 * i, 256 * (i + 1)) for i in range(4)]
-
-    def add_upper_blocks(total, x):
-        for i in range(4):
-            for j in range(i, 4):
-                total = total.at[blocks[i], blocks[j]].add(x[:, blocks[i]].T @ x[:, blocks[j]])
-        return total
-
-    args = (jax.ShapeDtypeStruct((1024, 1024), jnp.float32),
-            jax.ShapeDtypeStruct((512, 1024), jnp.float32))
-    temp = {}
-    for name, extra in (("default", None), ("memory", _compile.MEMORY_SCHEDULE)):
-        step = _compile.model_jit(add_upper_blocks, donate_argnums=0, compiler_options=extra)
-        temp[name] = step.lower(*args).compile().memory_analysis().temp_size_in_bytes
-    product = 256 * 256 * 4
-    assert temp["memory"] <= temp["default"] - 4 * product
-    x = np.random.default_rng(0).standard_normal((512, 1024)).astype(np.float32)
-    step = _compile.model_jit(add_upper_blocks, donate_argnums=0,
-                              compiler_options=_compile.MEMORY_SCHEDULE)
-    upper = np.asarray(step(jnp.zeros((1024, 1024), jnp.float32), jnp.asarray(x)))
-    gram = x.astype(np.float64).T @ x
-    for i in range(4):
-        for j in range(i, 4):
-            np.testing.assert_allclose(upper[blocks[i], blocks[j]], gram[blocks[i], blocks[j]],
-                                       rtol=1e-4, atol=1e-3)
+    assert options == {_compile.CONVOLUTION_OPTION: _compile.CONVOLUTION_VALUE, **dict(known)}
 
 
 def _shape_names(tree) -> set[str]:

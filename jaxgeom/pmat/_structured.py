@@ -196,10 +196,6 @@ class MeanOfJacobians:
     and is constructed as ``cls(layer_collection, mean)``.
     """
 
-    #: whether the build's chunk step is compiled with XLA:CPU's memory-optimised schedule
-    #: (:data:`~jaxgeom._compile.MEMORY_SCHEDULE`)
-    SCHEDULES_FOR_MEMORY: ClassVar[bool] = False
-
     @classmethod
     def _add_term(cls, layer_collection: LayerCollection, state: Any,
                   pieces: list[jax.Array]) -> Any:
@@ -237,8 +233,3 @@ class MeanAccumulator:
     def finalize(self, state: Any, n: int) -> PMatAbstract:
         return self.representation(self.layer_collection, self.representation._mean(state, n))
 
-    @property
-    def schedules_for_memory(self) -> bool:
-        """Whether the chunk's step is compiled with XLA:CPU's memory-optimised schedule
-        (the representation's ``SCHEDULES_FOR_MEMORY``)."""
-        return self.representation.SCHEDULES_FOR_MEMORY

@@ -63,10 +63,6 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
                                                            **ITERATIVE_SOLVES}
     FACTORISING_OPERATIONS: ClassVar[tuple[str, ...]] = PMatAbstract.FACTORISES
     PROMOTION_RANK: ClassVar[int] = 2
-    #: the build's chunk step under XLA:CPU's memory-optimised schedule: its default kept
-    #: the wide layers' Gram block products live at once (bench_small's warm build
-    #: 157–227 → 124–138 MiB; the exact build 3–6% slower, the Monte-Carlo one 4% faster)
-    SCHEDULES_FOR_MEMORY: ClassVar[bool] = True
 
     def __post_init__(self):
         if isinstance(self.blocks, list):

@@ -143,10 +143,6 @@ class DenseAccumulator:
 
     layer_collection: LayerCollection
 
-    #: XLA:CPU's memory-optimised schedule for the chunk's step: its default kept all the
-    #: Gram's block products live at once (129 → 72 MiB of temporaries for 2304 rows of 6922)
-    schedules_for_memory: ClassVar[bool] = True
-
     def init(self, dtype):
         d = self.layer_collection.numel()
         return jnp.zeros((d, d), dtype)

@@ -102,10 +102,6 @@ class RestrictedBuilder(ChunkBuilder):
         return self.inner.updates_in_place
 
     @property
-    def schedules_for_memory(self) -> bool:
-        return self.inner.schedules_for_memory
-
-    @property
     def finalizes_traced(self) -> bool:
         return self.inner.finalizes_traced
 
