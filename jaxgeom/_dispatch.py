@@ -41,6 +41,7 @@ from jaxgeom._lapack import (
     one_thread_in_trace_faster,
     one_thread_when_faster,
 )
+from jaxgeom.solvers import reporting_stops
 from jaxgeom.streaming import check_flags
 
 #: the tracers of values staged into a ``jit`` (any tracer where this JAX does not name them)
@@ -110,7 +111,8 @@ def _calling(name: str) -> Callable:
         values = iter(traced)
         leaves = [next(values) if leaf is _TRACED else leaf for leaf in static]
         self, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-        return method(self, *args, **kwargs)
+        with reporting_stops():  # an eager call's iterative solves warn as eager ones do
+            return method(self, *args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
     return call

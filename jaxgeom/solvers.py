@@ -9,7 +9,11 @@ representation's ``solve(v, regul, method=...)`` offers all three on ``M + regul
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import functools
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -33,7 +37,10 @@ def cg(
 
     Stops when ``‖A x − b‖ ≤ max(rtol·‖b‖, atol)`` or after ``maxiter`` iterations
     (default ``10 · len(b)``). ``preconditioner(r)`` applies ``P⁻¹`` to a residual
-    (e.g. the ``solve`` of a cheap representation of the same matrix).
+    (e.g. the ``solve`` of a cheap representation of the same matrix). Stopped by the
+    default ``maxiter`` above the tolerance, an eager solve warns (``RuntimeWarning``), as
+    does a representation's eager ``solve`` (:func:`reporting_stops`); a ``maxiter`` of
+    the caller's is a budget, stopped at quietly.
 
     Cost: one ``matvec`` (and one preconditioner application) per iteration; from ``x0 =
     None`` the residual is ``b`` (no product with the zero vector), from an ``x0`` one more
@@ -78,6 +85,12 @@ def minres(
     (default ``10 · len(b)``). ``preconditioner(r)`` applies ``P⁻¹``, which must be
     symmetric positive definite (a non-PSD one gives a non-finite residual: an error
     eagerly, NaN under ``jit``).
+
+    For ``b`` outside a singular ``A``'s range (no solution) it stops at a least-squares
+    solution (:func:`_minres_stalled`: SciPy's ``‖A r‖ ≤ max(rtol, √ε) ‖A‖ ‖r‖``, a step on
+    a vanishing pivot refused, an iterate grown past round-off replaced by the last one
+    clear of it): residual ``(I − AA⁺) b`` to round-off, its null-space component
+    arbitrary. Eagerly that stop warns, as one at the default ``maxiter`` does (:func:`cg`).
 
     Cost: one ``matvec`` and one preconditioner application per iteration, as CG.
 
@@ -179,6 +192,8 @@ class _KrylovMethod(NamedTuple):
     residual_norm: Callable  # state -> the norm compared with the threshold
     rhs_norm: Callable  # (b, precondition) -> ‖b‖ in the residual's norm
     solution: Callable  # state -> x
+    #: (state, rtol) -> whether to stop above the threshold: no better answer will come
+    stalled: Callable = lambda state, rtol: False
 
 
 def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, atol,
@@ -188,6 +203,8 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
         raise ValueError(f"{name} solves for one flat vector; got shape {b.shape}")
     check_cg_options(rtol=rtol, atol=atol, maxiter=maxiter, preconditioner=preconditioner,
                      name=name)
+    # a maxiter of the caller's is a budget (a truncated solve): only the default's warns
+    warns = maxiter is None
     maxiter = 10 * b.shape[0] if maxiter is None else int(maxiter)
     if x0 is not None and jnp.shape(x0) != b.shape:  # a (d, 1) x0 broadcast to (d, d)
         raise ValueError(f"{name}'s x0 must have the right-hand side's shape {b.shape}; got "
@@ -213,7 +230,7 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
                 state, first = method.start(jnp.zeros_like(b), b, z), None
             threshold = jnp.maximum(rtol * method.rhs_norm(b, precondition), atol)
             return _krylov_from_python(method, matvec, precondition, state, threshold,
-                                       maxiter, first)
+                                       maxiter, rtol, warns, first)
         x, r = None, b.astype(dtype)
     else:
         x = jnp.asarray(x0, b.dtype)
@@ -229,7 +246,7 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
             threshold = jnp.maximum(rtol * method.rhs_norm(b.astype(r.dtype), precondition),
                                     atol)
             return _krylov_from_python(method, matvec, precondition, method.start(x, r, z),
-                                       threshold, maxiter)
+                                       threshold, maxiter, rtol, warns)
 
     def solve(matvec, b):
         """The iterations as a ``lax.while_loop`` from ``x``, for ``b`` (the right-hand
@@ -240,7 +257,8 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
 
         def cond(carry):
             state, k = carry
-            return (method.residual_norm(state) > threshold) & (k < maxiter)
+            return ((method.residual_norm(state) > threshold) & (k < maxiter)
+                    & jnp.logical_not(method.stalled(state, rtol)))
 
         def body(carry):
             state, k = carry
@@ -248,7 +266,11 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
             return method.direct(state, precondition(r)), k + 1
 
         start = method.start(jnp.zeros_like(r) if x is None else x, r, z)
-        state, _ = jax.lax.while_loop(cond, body, (start, jnp.asarray(0)))
+        state, k = jax.lax.while_loop(cond, body, (start, jnp.asarray(0)))
+        if _REPORTING.get():
+            jax.debug.callback(functools.partial(_report_stop, name, maxiter, warns),
+                               method.residual_norm(state), threshold,
+                               method.stalled(state, rtol), k)
         # a NaN residual stops the loop at once (NaN > threshold is false): NaN, not x
         return jnp.where(jnp.isfinite(method.residual_norm(state)), method.solution(state),
                          jnp.nan)
@@ -259,20 +281,66 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
 
 
 def _krylov_from_python(method: _KrylovMethod, matvec, precondition, state, threshold,
-                        maxiter, first: jax.Array | None = None):
+                        maxiter, rtol, warns, first: jax.Array | None = None):
     """:func:`_krylov_solve`'s iterations for an eager ``matvec``: each one ``matvec``, the
     preconditioner and two compiled updates; the stopping test reads one scalar. ``first``:
     the first iteration's product, when already made."""
     threshold = float(threshold)
     k = 0
-    while k < maxiter and float(method.residual_norm(state)) > threshold:
+    while (k < maxiter and float(method.residual_norm(state)) > threshold
+           and not bool(method.stalled(state, rtol))):
         product = first if k == 0 and first is not None else matvec(method.vector(state))
         state, r = method.advance(state, product)
         state = method.direct(state, precondition(r))
         k += 1
-    if not np.isfinite(float(method.residual_norm(state))):
+    residual = float(method.residual_norm(state))
+    if not np.isfinite(residual):
         raise FloatingPointError(non_finite_residual(method.name, f"after {k} iterations"))
+    _report_stop(method.name, maxiter, warns, residual, threshold,
+                 bool(method.stalled(state, rtol)), k, stacklevel=5)
     return method.solution(state)
+
+
+def _report_stop(name: str, maxiter: int, warns: bool, residual, threshold, stalled, k,
+                 stacklevel: int = 2) -> None:
+    """Warn (``RuntimeWarning``) of a Krylov solve that stopped above its tolerance: at a
+    least-squares solution of a singular system (``stalled``, always), or at the default
+    ``maxiter`` (``warns``; a ``maxiter`` of the caller's is a budget)."""
+    residual, threshold, stalled, k = float(residual), float(threshold), bool(stalled), int(k)
+    if not residual > threshold or not (warns or stalled):  # NaN: an error elsewhere
+        return
+    if stalled:
+        what = (f"the right-hand side is not in the matrix's range (the matrix is singular): "
+                f"stopped after {k} iterations at a least-squares solution, residual "
+                f"{residual:.3g} above the tolerance {threshold:.3g}; its component in the "
+                "null space is arbitrary. Damp the system (regul > 0) for a unique solution, "
+                "or solve on the range (M.pinv().mv(v))")
+    else:
+        what = (f"not converged in {maxiter} iterations (the default maxiter, 10 d): residual "
+                f"{residual:.3g} above the tolerance {threshold:.3g}. Raise maxiter, "
+                "precondition, or damp the system (regul > 0)"
+                + (" — CG needs a positive definite matrix: for a singular or indefinite one "
+                   "use method='minres'" if name == "cg" else ""))
+    warnings.warn(f"{name}: {what}", RuntimeWarning, stacklevel=stacklevel)
+
+
+#: whether a traced solve reports, when it runs, a stop above its tolerance
+#: (:func:`reporting_stops`)
+_REPORTING = contextvars.ContextVar("jaxgeom_krylov_reporting", default=False)
+
+
+@contextlib.contextmanager
+def reporting_stops() -> Iterator[None]:
+    """Inside, the Krylov solves traced (:func:`cg`, :func:`minres`) report when they run,
+    through a host callback, a stop above their tolerance (:func:`_report_stop`'s
+    warning). For the compiled call of an eager operation (a representation's ``solve``:
+    :func:`jaxgeom._dispatch.compiled_when_eager`), as the solves driven from Python warn;
+    never inside a user's ``jit``, which gets no callback."""
+    token = _REPORTING.set(True)
+    try:
+        yield
+    finally:
+        _REPORTING.reset(token)
 
 
 def non_finite_residual(name: str, when: str) -> str:
@@ -281,7 +349,8 @@ def non_finite_residual(name: str, when: str) -> str:
     return (f"{name}: the residual is not finite {when} (NaN/inf in the right-hand side or in "
             "the operator's products, e.g. a matrix built from non-finite data"
             + (", or a preconditioner that is not positive definite)" if name == "minres"
-               else ")"))
+               else "; or a singular or indefinite matrix, which CG cannot solve: damp it, "
+               "regul > 0, or use method='minres')"))
 
 
 def _traced(x) -> bool:
@@ -333,9 +402,12 @@ _CG = _KrylovMethod(
     rhs_norm=lambda b, precondition: jnp.linalg.norm(b), solution=lambda state: state[0])
 
 
-# --- MINRES (SciPy's ``minres`` without its shift and its stopping tests): the Lanczos
-# vectors r1, r2 (unpreconditioned) and v = P⁻¹r2/β, the rotation (cs, sn), the last two
-# update directions w, w2 and φ̄, the residual's norm
+# --- MINRES (SciPy's ``minres`` without its shift, with its residual and least-squares
+# stopping tests): the Lanczos vectors r1, r2 (unpreconditioned) and v = P⁻¹r2/β, the
+# rotation (cs, sn), the last two update directions w, w2, φ̄ the residual's norm, and for
+# the least-squares test ‖T‖_F² of the Lanczos tridiagonal T (‖A‖ ≥ its square root),
+# ‖A r‖ / ‖r‖ of the last residual (``root``), ‖r₀‖ (``beta1``), ‖x‖, the last iterate
+# clear of round-off's growth (``x_best``) and whether a step was refused (``broke``)
 class _MinresState(NamedTuple):
     x: jax.Array
     r1: jax.Array
@@ -351,6 +423,12 @@ class _MinresState(NamedTuple):
     phibar: jax.Array
     cs: jax.Array
     sn: jax.Array
+    tnorm2: jax.Array
+    root: jax.Array
+    beta1: jax.Array
+    xnorm: jax.Array
+    x_best: jax.Array
+    broke: jax.Array
 
 
 def _safe_divide(v, beta):
@@ -366,7 +444,8 @@ def _minres_start(x, r, z):
     return _MinresState(x=x, r1=r, r2=r, v=_safe_divide(z, beta), w=jnp.zeros_like(x),
                         w2=jnp.zeros_like(x), alpha=zero, beta=beta, old_beta=zero,
                         dbar=zero, epsilon=zero, phibar=beta, cs=-jnp.ones_like(beta),
-                        sn=zero)
+                        sn=zero, tnorm2=zero, root=jnp.full_like(beta, jnp.inf), beta1=beta,
+                        xnorm=jnp.linalg.norm(x), x_best=x, broke=jnp.zeros_like(beta, bool))
 
 
 # (as CG's, each update's compiled call answers only the fields it changes)
@@ -390,11 +469,51 @@ def _minres_rotation(s: _MinresState, z) -> dict:
     beta = jnp.sqrt(jnp.vdot(s.r2, z))
     delta = s.cs * s.dbar + s.sn * s.alpha
     gbar = s.sn * s.dbar - s.cs * s.alpha
-    gamma = jnp.maximum(jnp.hypot(gbar, beta), jnp.finfo(beta.dtype).eps)
+    eps = jnp.finfo(beta.dtype).eps
+    pivot = jnp.hypot(gbar, beta)
+    gamma = jnp.maximum(pivot, eps)
     cs, sn = gbar / gamma, beta / gamma
     w = (s.v - s.epsilon * s.w2 - delta * s.w) / gamma
-    return dict(x=s.x + cs * s.phibar * w, v=_safe_divide(z, beta), w=w, beta=beta,
-                dbar=-s.cs * beta, epsilon=s.sn * beta, phibar=sn * s.phibar, cs=cs, sn=sn)
+    dbar = -s.cs * beta
+    tnorm2 = s.tnorm2 + s.alpha**2 + s.beta**2 + beta**2
+    # a step on a vanishing pivot (γ = (γ̄² + β²)^{1/2} ≤ √ε ‖T‖: the Krylov space exhausted,
+    # β ≈ 0, where T is singular, γ̄ ≈ 0: an inconsistent b, or an eigenvalue below √ε ‖A‖)
+    # or beyond what round-off allows (‖A‖ ‖step‖ ε ≥ ‖r₀‖) is not taken, and stops the solve
+    step = cs * s.phibar
+    anorm = jnp.sqrt(tnorm2)
+    broke = ((pivot <= jnp.sqrt(eps) * anorm)
+             | (anorm * jnp.abs(step) * jnp.linalg.norm(w) * eps >= s.beta1))
+    x = jnp.where(broke, s.x, s.x + step * w)
+    xnorm = jnp.linalg.norm(x)
+    # the last iterate still clear of round-off's growth (‖A‖ ‖x‖ √ε < ‖r₀‖)
+    moderate = anorm * xnorm * jnp.sqrt(eps) < s.beta1
+    return dict(x=x, v=_safe_divide(z, beta), w=w, beta=beta, dbar=dbar,
+                epsilon=s.sn * beta, phibar=jnp.where(broke, s.phibar, sn * s.phibar), cs=cs,
+                sn=sn, tnorm2=tnorm2, root=jnp.hypot(gbar, dbar), xnorm=xnorm,
+                x_best=jnp.where(moderate, x, s.x_best), broke=broke)
+
+
+@jax.jit
+def _minres_stalled(s: _MinresState, rtol):
+    """SciPy's least-squares test, ``‖A r‖ ≤ max(rtol, ε) ‖A‖ ‖r‖`` (``‖A‖`` estimated by
+    ``‖T‖_F``), or an iterate grown past what round-off allows, ``‖A‖ ‖x‖ ε ≥ ‖r₀‖``,
+    or a step refused (``broke``): :func:`_minres_solution` then answers the last iterate
+    clear of round-off. Where ``b`` is
+    not in a singular ``A``'s range the residual cannot fall below ``‖(I − AA⁺) b‖``; past
+    that point the iterations only divide round-off by vanishing pivots (``‖x‖`` of 10¹⁶
+    on a 10 × 10 system)."""
+    floor = jnp.maximum(jnp.asarray(rtol, s.root.dtype), jnp.sqrt(jnp.finfo(s.root.dtype).eps))
+    return (s.root <= floor * jnp.sqrt(s.tnorm2)) | _minres_exploded(s) | s.broke
+
+
+def _minres_exploded(s: _MinresState):
+    return jnp.sqrt(s.tnorm2) * s.xnorm * jnp.finfo(s.xnorm.dtype).eps >= s.beta1
+
+
+def _minres_solution(s: _MinresState):
+    """``x``, or past round-off (a refused step, a grown iterate) the last iterate clear of
+    it: its residual is the least-squares one to round-off, its null-space part moderate."""
+    return jnp.where(_minres_exploded(s) | s.broke, s.x_best, s.x)
 
 
 def _minres_direct(s: _MinresState, z):
@@ -404,7 +523,7 @@ def _minres_direct(s: _MinresState, z):
 _MINRES = _KrylovMethod(
     name="minres", start=_minres_start, advance=_minres_advance, direct=_minres_direct,
     vector=lambda s: s.v, residual_norm=lambda s: jnp.abs(s.phibar), rhs_norm=_preconditioned_norm,
-    solution=lambda s: s.x)
+    solution=_minres_solution, stalled=_minres_stalled)
 
 
 # ---------------------------------------------------------------------- checks

@@ -2,6 +2,8 @@
 the truncated Neumann series as the polynomial it is, against float64 brute force; and
 both as ``solve`` methods of a matrix-free Fisher, a Hessian and K-FAC."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from pmat_checks import compilations, neumann_series
 
 from jaxgeom import (
     FIM,
+    LayerCollection,
     PMatDense,
     PMatImplicit,
     PMatKFAC,
@@ -269,6 +272,29 @@ def test_an_eager_krylov_solve_of_a_non_finite_matrix_is_an_error(mlp, method):
                                dense.solve(v, REGUL).to_flat(), rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_an_eager_solve_of_a_singular_matrix_warns(method):
+    """A representation's eager solve is one compiled call: its CG or MINRES reports a stop
+    above the tolerance as the solvers driven from Python do (a ``RuntimeWarning``) —
+    here ``v`` outside the range of a rank-3 ``M`` with ``regul = 0``: MINRES at a
+    least-squares solution (its residual ``(I − MM⁺) v``), CG at the default ``maxiter``.
+    Inside a ``jit`` the same solve answers the same numbers, without a callback."""
+    a = symmetric(np.r_[np.zeros(17), [0.5, 1.0, 2.0]], seed=7)
+    layout = LayerCollection.from_params({"w": jnp.zeros(20)})
+    M = PMatDense(layout, jnp.asarray(a))
+    v = jnp.asarray(B)
+    match = "not in the matrix's range" if method == "minres" else "not converged in 200"
+    with pytest.warns(RuntimeWarning, match=match):
+        x = np.asarray(M.solve(v, 0.0, method=method))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        traced = np.asarray(jax.jit(lambda M, v: M.solve(v, 0.0, method=method))(M, v))
+    np.testing.assert_allclose(traced, x, rtol=1e-12, atol=1e-12)
+    if method == "minres":
+        on_range = a @ np.linalg.pinv(a, hermitian=True)
+        np.testing.assert_allclose(a @ x, on_range @ B, atol=1e-8)
+
+
 def test_minres_with_a_representation_as_preconditioner(mlp):
     """A diagonal Fisher (solved with the same damping) preconditions MINRES on the
     matrix-free one: the dense solve, eagerly and under ``jit``."""
@@ -326,3 +352,38 @@ def test_kronecker_dampings_are_not_iterative_solves():
         with pytest.raises(ValueError, match=f"damps each Kronecker factor.*drop "
                                              f"method='{method}'"):
             K.solve(v, 0.1, method=method, damping="pi")
+
+
+@pytest.mark.parametrize("run", EAGER_AND_JIT)
+def test_minres_of_an_inconsistent_singular_system_stops_at_a_least_squares_solution(run):
+    """``b`` with a component in the null space of a singular ``A``: no ``x`` solves it, and
+    MINRES stops (SciPy's test ``‖A r‖ ≤ rtol ‖A‖ ‖r‖``) at a least-squares solution — the
+    residual ``(I − AA⁺) b``, the range component ``A⁺ b`` — where it had gone on dividing
+    round-off by vanishing pivots to ``‖x‖ ≈ 10¹⁶``. Eagerly it warns."""
+    a = symmetric(np.r_[np.zeros(3), np.linspace(-2, -0.5, 4), np.logspace(-1, 1, 13)], seed=4)
+    b = np.random.RandomState(5).randn(20)
+    pinv = np.linalg.pinv(a, hermitian=True)
+    on_range = a @ pinv
+    if run is EAGER_AND_JIT[0].values[0]:
+        with pytest.warns(RuntimeWarning, match="not in the matrix's range"):
+            x = np.asarray(run(lambda b: minres(product(a), b, rtol=1e-10), b))
+    else:
+        x = np.asarray(run(lambda b: minres(product(a), b, rtol=1e-10), b))
+    np.testing.assert_allclose(a @ x - b, -(b - on_range @ b), atol=1e-8)
+    np.testing.assert_allclose(on_range @ x, pinv @ b, atol=1e-6)
+    assert np.isfinite(x).all() and np.linalg.norm(x) < 1e8
+
+
+@pytest.mark.parametrize("solver", [cg, minres])
+def test_an_eager_solve_that_stops_at_the_default_maxiter_warns(solver):
+    """A solve stopped by the default ``maxiter`` (``10 d``) above its tolerance (0 here:
+    never reached) answers its last iterate with a ``RuntimeWarning`` that names the
+    residual and the fixes; a ``maxiter`` of the caller's is a budget, stopped at quietly."""
+    a = symmetric(np.logspace(-1, 1, 20), seed=6)
+    with pytest.warns(RuntimeWarning, match=r"not converged in 200 iterations"):
+        x = solver(product(a), jnp.asarray(B), rtol=0.0)
+    np.testing.assert_allclose(a @ np.asarray(x), B, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = solver(product(a), jnp.asarray(B), maxiter=3)
+    assert np.linalg.norm(a @ np.asarray(x) - B) > 1e-3 * np.linalg.norm(B)
