@@ -217,6 +217,39 @@ def test_matrix_functions_differentiate_through_repeated_eigenvalues():
                                    rtol=1e-6)
 
 
+@pytest.mark.parametrize("representation", ["dense", "blockdiag"])
+def test_differentiated_exponents_and_thresholds(representation):
+    """A power ``p`` or a ``pinv`` threshold that is itself differentiated (``d/dp`` of
+    ``vᵀ(M + λI)ᵖv = Σ log(μᵢ) μᵢᵖ (qᵢᵀv)²``; a threshold ``atol = c·‖M‖₂`` as
+    ``PMatMixed.pinv`` takes it) is hoisted out of the function of the eigenvalues: inside
+    the ``custom_jvp`` it raised ``UnexpectedTracerError``."""
+    from jaxgeom import PMatBlockDiag, PMatDense
+    from jaxgeom.layers import LayerCollection
+
+    m = _rank_deficient()
+    n, regul = m.shape[0], 0.1
+    params = {"w": jnp.zeros(n)}
+    if representation == "dense":
+        build = lambda d: PMatDense(LayerCollection.from_params(params), d)  # noqa: E731
+    else:
+        build = lambda d: PMatBlockDiag(LayerCollection.from_params(params), (d,))  # noqa: E731
+    v = jnp.asarray(np.random.default_rng(2).normal(size=n))
+    mu, q = np.linalg.eigh(np.asarray(m) + regul * np.eye(n))
+    weights = (q.T @ np.asarray(v)) ** 2
+    for p in (0.5, -0.5, 2.0):
+        got = jax.grad(lambda p: build(m).pow(p, regul).vTMv(v))(p)
+        np.testing.assert_allclose(got, np.sum(np.log(mu) * mu**p * weights), rtol=1e-9)
+
+    def thresholded(d):
+        M = build(d)
+        return M.pinv(atol=1e-6 * M.norm(2), rtol=0.0).vTMv(v)
+
+    e = jnp.asarray(np.random.default_rng(3).normal(size=(n, n)))
+    e = (e + e.T) / 2
+    np.testing.assert_allclose(jnp.vdot(jax.grad(thresholded)(m), e),
+                               _directional(thresholded, m, e), rtol=1e-6)
+
+
 def test_divided_differences_take_tangents_where_secants_lose_accuracy():
     """Tied and nearly tied eigenvalues take the mean tangent, distant ones the secant."""
     f = lambda x: 1 / (x + 0.1)  # noqa: E731

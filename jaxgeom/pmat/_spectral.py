@@ -42,7 +42,7 @@ def power(values: jax.Array, p, regul=0.0) -> jax.Array:
     shifted = values + regul
     _check_invertible(shifted, p)
     if is_integer(p):
-        return shifted ** int(np.real(p))
+        return shifted ** int(np.real(np.asarray(p)))
     _check_nonnegative(shifted, p)
     clipped = jnp.maximum(shifted, 0) ** p
     if isinstance(p, jax.core.Tracer):
@@ -250,10 +250,16 @@ def spectral_functions(f: Callable[..., jax.Array], matrices: Sequence[jax.Array
     repeated eigenvalues), plus ``∂f/∂args``. Through ``eigh``'s own derivative, whose
     eigenvector part has ``1/(λⱼ − λᵢ)``, repeated eigenvalues — a singular Fisher's null
     space, a Kronecker factor's ties — gave NaN or gradients off by their size; ``Φ`` is
-    finite wherever ``f`` is differentiable. ``f`` may close over static values (a power
-    ``p``); values to differentiate go in ``args``.
+    finite wherever ``f`` is differentiable. ``f`` may close over values, concrete (a
+    power ``p``) or traced (a ``p`` or a threshold under ``grad``: hoisted into ``args`` by
+    ``jax.closure_convert``, where a ``custom_jvp``'s function may not hold a tracer).
     """
-    return _spectral_functions(f, tuple(matrices), args)
+    matrices = tuple(matrices)
+    values = jnp.zeros(sum(m.shape[-1] for m in matrices), jnp.result_type(*matrices))
+    converted, hoisted = jax.closure_convert(f, values, *args)
+    if hoisted:  # f itself keeps its checks of concrete values (none apply to tracers)
+        return _spectral_functions(converted, matrices, (*args, *hoisted))
+    return _spectral_functions(f, matrices, args)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
