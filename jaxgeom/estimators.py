@@ -95,6 +95,9 @@ def _one_program_when_eager(estimator: Callable) -> Callable:
 
     @functools.wraps(estimator)
     def run(M: Operator, *args: Any, **kwargs: Any) -> Any:
+        # NumPy integers (a count from a config array) as Python ones: static when compiled
+        args = tuple(_as_int(a) for a in args)
+        kwargs = {name: _as_int(a) for name, a in kwargs.items()}
         options = dict(kwargs)
         tol = options.pop("tol", None)
         if (_one_program(M) and (tol is None or isinstance(tol, numbers.Real)
@@ -107,6 +110,11 @@ def _one_program_when_eager(estimator: Callable) -> Callable:
         return estimator(M, *args, **kwargs)
 
     return run
+
+
+def _as_int(x: Any) -> Any:
+    """A NumPy integer as a Python ``int``; anything else as it is."""
+    return int(x) if isinstance(x, np.integer) else x
 
 
 def _static_number(x: float) -> fractions.Fraction:
@@ -515,7 +523,8 @@ def restarted_lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str =
     _check_count(max_restarts, "max_restarts", minimum=0)
     if ncv > d:
         raise ValueError(f"ncv must be at most d = {d}; got {ncv}")
-    _spectral.check_eigsh_options(k, which, ncv - 1, "k (below ncv, the basis size)")
+    _spectral.check_eigsh_options(k, which, ncv - 1, "k", bound="ncv − 1, the basis size "
+                                  "less one")
     tol = _checked_tol(tol, start.dtype)
     config = (ncv, k + (ncv - k) // 2, k, which, tol, max_restarts)
     if _one_program(M):
@@ -776,6 +785,24 @@ def _lobpcg_of_function(matvec, start, sign, num_iterations, tol, return_residua
     return _lobpcg_body(jax.vmap(matvec), start, sign, num_iterations, tol, return_residuals)
 
 
+def _nonzero_start_vectors(estimator: Callable) -> Callable:
+    """``estimator(M, vectors, ...)`` with concrete ``vectors`` checked first, before a
+    compiled call traces them: a zero row has no spectral measure (its Lanczos answered a
+    NaN node of weight 1)."""
+
+    @functools.wraps(estimator)
+    def checked(M: Operator, vectors: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(vectors, jax.core.Tracer) and np.ndim(vectors) == 2:
+            zero = np.flatnonzero(~np.any(np.asarray(vectors) != 0, axis=1))
+            if zero.size:
+                raise ValueError("the start vectors must be nonzero (each is normalised); "
+                                 f"rows {zero.tolist()} are 0")
+        return estimator(M, vectors, *args, **kwargs)
+
+    return checked
+
+
+@_nonzero_start_vectors
 @_one_program_when_eager
 def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int
                        ) -> tuple[jax.Array, jax.Array]:
@@ -944,6 +971,9 @@ def spectral_density_curve(nodes: jax.Array, weights: jax.Array, *, num_points: 
     if not kappa > 1 or not margin >= 0:
         raise ValueError(f"kappa must be > 1 and margin ≥ 0; got kappa={kappa!r}, "
                          f"margin={margin!r}")
+    if boundaries is not None and all(isinstance(b, numbers.Real) for b in boundaries) \
+            and not boundaries[0] < boundaries[1]:
+        raise ValueError(f"boundaries must be (λ₋, λ₊) with λ₋ < λ₊; got {tuple(boundaries)}")
     low, high = (jnp.min(nodes), jnp.max(nodes)) if boundaries is None else boundaries
     pad = margin * (high - low)
     low, high = low - pad, high + pad
@@ -965,7 +995,7 @@ def _summed(x: jax.Array, axis: int | None = None) -> jax.Array:
 
 
 def _check_count(count: Any, what: str, minimum: int = 1) -> None:
-    if isinstance(count, bool) or not isinstance(count, int) or count < minimum:
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < minimum:
         raise ValueError(f"{what} must be an integer ≥ {minimum}; got {count!r}")
 
 
@@ -988,7 +1018,7 @@ def _operator(M: Operator, dim: int | None, dtype: Any
             raise ValueError(f"dim={dim} but the matrix is {M.size(0)} × {M.size(0)}")
         products, dim, dtype = M.mmap, M.size(0), M.dtype
     elif callable(M):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
             raise ValueError(
                 "for a matvec function M, give the dimension d of its vectors: dim=d "
                 f"(a positive integer); got {dim!r}")

@@ -508,7 +508,7 @@ def test_lanczos_eigsh_of_matrix_free_operators_a_hessian_and_under_jit(fisher):
     (lanczos_eigsh, dict(k=2, num_iterations="d + 1"), ValueError, "at most d"),
     (lanczos_eigsh, dict(k=2, num_iterations=0), ValueError, "num_iterations"),
     (lanczos_eigsh, dict(k=2, key=0), TypeError, "PRNG key"),
-    (restarted_lanczos_eigsh, dict(k=5, ncv=5), ValueError, "below ncv"),
+    (restarted_lanczos_eigsh, dict(k=5, ncv=5), ValueError, r"\[1, ncv − 1, the basis size"),
     (restarted_lanczos_eigsh, dict(k=2, ncv="d + 1"), ValueError, "ncv must be at most d"),
     (restarted_lanczos_eigsh, dict(k=2, max_restarts=-1), ValueError,
      "max_restarts must be an integer ≥ 0"),
@@ -1061,3 +1061,32 @@ def test_refusals_of_slq_and_xtrace(fisher):
         spectral_density_on_grid(jnp.ones((2, 3)), jnp.ones((3, 2)), jnp.zeros(4), sigma=1.0)
     with pytest.raises(ValueError, match="sigma"):
         spectral_density_on_grid(jnp.ones(3), jnp.ones(3), jnp.zeros(4), sigma=0.0)
+
+
+def test_counts_may_be_numpy_integers(fisher):
+    """A count or a dimension from a NumPy array (``np.int64``) is an integer as any other:
+    the same estimates as Python ints (it was refused by name)."""
+    t, F, dense = fisher
+    d = len(dense)
+    matvec = jax.jit(lambda v: jnp.asarray(dense) @ v)
+    np.testing.assert_allclose(hutchinson_trace(matvec, KEY, np.int64(8), dim=np.int64(d)),
+                               hutchinson_trace(matvec, KEY, 8, dim=d), rtol=1e-12)
+    for M in (F, matvec):
+        kw = {} if M is F else dict(dim=d)
+        np.testing.assert_allclose(lanczos_eigsh(M, KEY, np.int64(2), **kw)[0],
+                                   lanczos_eigsh(M, KEY, 2, **kw)[0], rtol=1e-12)
+
+
+def test_quadrature_and_density_refuse_what_has_no_meaning(fisher):
+    """A zero start vector has no spectral measure (its quadrature was a NaN node of weight
+    1), for a stored matrix (one compiled program) and a matvec alike; reversed density
+    boundaries are named (the error spoke of a ``sigma`` never passed)."""
+    t, F, dense = fisher
+    d = len(dense)
+    starts = jnp.ones((3, d)).at[1].set(0.0)
+    for M, kw in ((F, {}), (lambda v: jnp.asarray(dense) @ v, {})):
+        with pytest.raises(ValueError, match=r"nonzero .* rows \[1\] are 0"):
+            lanczos_quadrature(M, starts, 3, **kw)
+    nodes, weights = lanczos_quadrature(F, jnp.ones((1, d)), 3)
+    with pytest.raises(ValueError, match="boundaries must be"):
+        spectral_density_curve(nodes, weights, boundaries=(2.0, 1.0))

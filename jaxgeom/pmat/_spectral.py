@@ -440,13 +440,14 @@ def _eigh_on_range(m: jax.Array, k: int, checked: bool = True
 WHICH = ("LA", "SA", "LM")
 
 
-def check_eigsh_options(k, which, d: int, what: str = "k") -> None:
-    """Refuse a ``k`` that is not an integer in ``[1, d]`` or an unknown ``which``."""
+def check_eigsh_options(k, which, d: int, what: str = "k", bound: str = "d") -> None:
+    """Refuse a ``k`` that is not an integer in ``[1, d]`` or an unknown ``which``
+    (``bound``: what ``d`` is, in the message)."""
     if which not in WHICH:
         raise ValueError(f"unknown which={which!r}; valid: {WHICH} (largest, smallest "
                          "algebraic, largest magnitude)")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= d:
-        raise ValueError(f"{what} must be an integer in [1, d = {d}]; got {k!r}")
+        raise ValueError(f"{what} must be an integer in [1, {bound} = {d}]; got {k!r}")
 
 
 def select(values: jax.Array, k: int, which: str) -> jax.Array:

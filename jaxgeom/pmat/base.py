@@ -510,8 +510,12 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         ``Σ d_l³`` per block, the factors' ``Σ (a_l³ + g_l³)`` for KFAC (with the exact
         damping ``A ⊗ G + λI``, never π-damping), ``d`` for diagonal ones and EKFAC,
         ``(NK)² d`` for a low-rank one (whose ``d − r`` zero eigenvalues give
-        ``(d − r)·log λ``). A singular ``M + regul·I`` gives ``(0, -inf)``: a Fisher of
-        rank below ``d`` needs ``regul > 0`` (as in a Laplace posterior's
+        ``(d − r)·log λ``). A singular ``M + regul·I`` gives ``(0, -inf)`` where its zero
+        eigenvalues are exact (a low-rank or diagonal one's); where they come out of an
+        ``eigh`` (a dense, block-diagonal or Kronecker Fisher of rank below ``d``) they are
+        round-off, ``±n·ε·‖M‖``, and so are the sign and the log (NaN for ``logdet`` when
+        one is negative), as NumPy's ``slogdet`` of such a matrix: a Fisher of rank below
+        ``d`` needs ``regul`` well above that (as in a Laplace posterior's
         ``log det(F·N + prior·I)``). Returns two scalars.
         """
         return _spectral.slogdet(self.eigvalsh(), regul)
