@@ -18,7 +18,8 @@ What goes where:
   ``example_batch`` when the state must hold the curvature (see below).
 - **extra arguments of** ``update`` (change every step): ``batch`` (the current
   ``(x, y)``), ``key`` (PRNG key; required by the Monte-Carlo Fisher), ``apply_fn``
-  (overrides the constructor's, e.g. a model bound to a dropout key) and ``value`` (the
+  (overrides the constructor's, e.g. a model bound to this step's dropout key: one mask
+  for every example, see docs/conventions.md) and ``value`` (the
   loss at ``params`` on ``batch``, if already computed: saves a forward pass of the
   Levenberg–Marquardt ratio). ``optax.chain`` forwards them to every transform that
   accepts extra arguments.
@@ -116,8 +117,9 @@ class NaturalGradientState(NamedTuple):
       curvature: the curvature ``F`` kept between steps (a representation), or ``None``
         when it is re-estimated at every step.
       inverse: the cached ``(F + λI)⁻¹`` (``inverse_period > 1``), or ``None``.
-      damping: the damping ``λ`` used by the last update (the next one, with
-        :class:`LevenbergMarquardt`).
+      damping: the damping ``λ`` used by the last update — with ``inverse_period > 1``,
+        that of the cached inverse, as of its last recomputation (with
+        :class:`LevenbergMarquardt`, the next update's).
       rho: the last measured reduction ratio (NaN before any measurement).
     """
 
@@ -400,6 +402,8 @@ def scale_by_natural_gradient(
             direction = optax.tree.scale(coeff, direction)
 
         rho, new_lam = state.rho, lam
+        if caches_inverse and not adaptive:  # the λ of the cached inverse: its recomputation's
+            new_lam = jnp.where(count % inverse_period == 0, lam, state.damping)
         if adaptive:
             loss = loss_fn if loss_fn is not None else _MeanLoss(fn, variant, covariance)
 

@@ -63,6 +63,24 @@ def test_one_step_equals_dense_formula(task, name):
     np.testing.assert_allclose(flat(updates), expected, atol=tol, rtol=tol)
 
 
+def test_state_damping_is_the_cached_inverses(task):
+    """With a damping schedule and ``inverse_period = 3`` the steps use the cached
+    ``(F + λ_t I)⁻¹`` of the last recomputation (steps 0–2: ``λ₀``, step 3: ``λ₃``), and
+    the state's ``damping`` is that ``λ``, not the schedule's value at each step."""
+    t, grads = task
+    F = reference_fisher(t.apply_fn, t.params, t.x)
+    schedule = lambda count: 0.1 * 0.5**count  # noqa: E731
+    tx = optim.scale_by_natural_gradient(jg.PMatDense, damping=schedule, inverse_period=3,
+                                         apply_fn=t.apply_fn, example_batch=(t.x, t.y))
+    step = jax.jit(lambda s: tx.update(grads, s, t.params, batch=(t.x, t.y)))
+    state = tx.init(t.params)
+    for used in [0.1, 0.1, 0.1, 0.0125]:
+        direction, state = step(state)
+        np.testing.assert_allclose(state.damping, used, rtol=1e-12)
+        expected = jnp.linalg.solve(F + used * jnp.eye(F.shape[0]), flat(grads))
+        np.testing.assert_allclose(flat(direction), expected, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("damping", ["pi", "pi_one"])
 @pytest.mark.parametrize("inverse_period", [1, 2])
 def test_kfac_factored_damping(task, damping, inverse_period):
