@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
 from bench_fim import peak_mb  # noqa: E402
-from output import write_json  # noqa: E402
+from output import in_child, write_json  # noqa: E402
 
 REPRESENTATIONS = ("PMatDense", "PMatBlockDiag", "PMatDiag", "PMatKFAC", "PMatEKFAC",
                    "PMatQuasiDiag", "PMatLowRank", "PMatImplicit", "PMatMixed")
@@ -104,20 +103,6 @@ def run_case(case: str, repeats: int) -> dict:
                 **_measure(M.to_dense, d * d * 4 / 2**20, storage, repeats))
 
 
-def _child(case: str, repeats: int, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case,
-           "--repeats", str(repeats)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(case=case, error=f"timed out after {timeout:.0f} s")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return dict(case=case, error=f"exit {proc.returncode}: " + " | ".join(tail)[:400])
-
-
 def print_table(results: dict) -> None:
     print(f"{'case':<30} {'result MiB':>10} {'storage MiB':>11} {'peak MiB':>9} "
           f"{'peak/result':>11} {'first s':>8} {'warm s':>8}")
@@ -150,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     from bench_fim import versions
 
     results = dict(versions=versions(), repeats=args.repeats,
-                   cases=[_child(case, args.repeats, args.timeout) for case in args.cases])
+                   cases=[in_child(__file__, case, args.repeats, args.timeout)
+                          for case in args.cases])
     print_table(results)
     write_json(results, args.out)
     return results

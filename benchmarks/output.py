@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -99,3 +102,19 @@ def floor_table(model_names: list[str], run_model: Callable[[str], dict],
                   f"{t['first_s']:6.2f} s  {cell(t)}", flush=True)
     write_json(results, out)
     return results
+
+
+def in_child(script: str, case: str, repeats: int, timeout: float) -> dict:
+    """``script --child CASE --repeats R`` in a new process (its own peak memory): the last
+    JSON line it prints, or ``{"case", "error"}``."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--child", case,
+           "--repeats", str(repeats)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(case=case, error=f"timed out after {timeout:.0f} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return dict(case=case, error=f"exit {proc.returncode}: " + " | ".join(tail)[:400])
