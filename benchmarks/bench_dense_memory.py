@@ -27,8 +27,6 @@ ratios within a few percent of each other are the same.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
 from bench_fim import peak_mb  # noqa: E402
-from output import in_child, write_json  # noqa: E402
+from output import cases_main, print_cases  # noqa: E402
 
 REPRESENTATIONS = ("PMatDense", "PMatBlockDiag", "PMatDiag", "PMatKFAC", "PMatEKFAC",
                    "PMatQuasiDiag", "PMatLowRank", "PMatImplicit", "PMatMixed")
@@ -104,42 +102,14 @@ def run_case(case: str, repeats: int) -> dict:
 
 
 def print_table(results: dict) -> None:
-    print(f"{'case':<30} {'result MiB':>10} {'storage MiB':>11} {'peak MiB':>9} "
-          f"{'peak/result':>11} {'first s':>8} {'warm s':>8}")
-    for r in results["cases"]:
-        if "error" in r:
-            print(f"{r['case']:<30} error: {r['error']}")
-            continue
-        print(f"{r['case']:<30} {r['result_mib']:>10.1f} {r['storage_mib']:>11.1f} "
-              f"{r['peak_mib']:>9.1f} {r['peak_over_result']:>10.2f}x {r['first_s']:>8.2f} "
-              f"{r['warm_s']:>8.3f}")
+    print_cases(results, [("result MiB", "result_mib", ".1f"),
+                          ("storage MiB", "storage_mib", ".1f"), ("peak MiB", "peak_mib", ".1f"),
+                          ("peak/result", "peak_over_result", ".2f"), ("first s", "first_s", ".2f"),
+                          ("warm s", "warm_s", ".3f")])
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    parser.add_argument("--repeats", type=int, default=REPEATS)
-    parser.add_argument("--timeout", type=float, default=600)
-    parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--report", help="print the table of a saved run")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(run_case(args.child, args.repeats)))
-        return None
-    if args.report:
-        with open(args.report) as f:
-            results = json.load(f)
-        print_table(results)
-        return results
-    from bench_fim import versions
-
-    results = dict(versions=versions(), repeats=args.repeats,
-                   cases=[in_child(__file__, case, args.repeats, args.timeout)
-                          for case in args.cases])
-    print_table(results)
-    write_json(results, args.out)
-    return results
+    return cases_main(__file__, __doc__, CASES, REPEATS, run_case, print_table, argv)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,49 @@ def in_child(script: str, case: str, repeats: int, timeout: float) -> dict:
             return json.loads(line)
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return dict(case=case, error=f"exit {proc.returncode}: " + " | ".join(tail)[:400])
+
+
+def print_cases(results: dict, columns: list[tuple[str, str, str]], width: int = 30) -> None:
+    """The table of a one-process-per-case script's ``results["cases"]``: a row a case,
+    ``columns`` of ``(header, key, format)`` (a missing or ``None`` value left blank)."""
+    print(f"{'case':<{width}} " + " ".join(f"{h:>{max(len(h), 8)}}" for h, _, _ in columns))
+    for r in results["cases"]:
+        if "error" in r:
+            print(f"{r['case']:<{width}} error: {r['error']}")
+            continue
+        cells = [("" if r.get(key) is None else format(r[key], fmt)).rjust(max(len(h), 8))
+                 for h, key, fmt in columns]
+        print(f"{r['case']:<{width}} " + " ".join(cells))
+
+
+def cases_main(script: str, doc: str, cases: tuple[str, ...], repeats: int,
+               run_case: Callable[[str, int], dict], print_table: Callable[[dict], None],
+               argv: list[str] | None = None) -> dict | None:
+    """The command line of a script that measures each of ``cases`` in a process of its own
+    (:func:`in_child`): ``--cases``, ``--repeats``, ``--timeout``, ``--out``, ``--report``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=cases, default=list(cases))
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--report", help="print the table of a saved run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_case(args.child, args.repeats)))
+        return None
+    if args.report:
+        with open(args.report) as f:
+            results = json.load(f)
+        print_table(results)
+        return results
+    from bench_fim import versions
+
+    results = dict(versions=versions(), repeats=args.repeats,
+                   cases=[in_child(script, case, args.repeats, args.timeout)
+                          for case in args.cases])
+    print_table(results)
+    write_json(results, args.out)
+    return results
