@@ -228,8 +228,8 @@ class JacobianBuilder(ChunkBuilder):
     @property
     def finalizes_traced(self) -> bool:
         """For kept rows (the buffer is the result). An accumulator's ``finalize`` runs
-        apart: a dense Gram's mirroring and its division are two calls, XLA:CPU copying
-        the matrix when they share one (:func:`~jaxgeom.pmat._gram.mean_of_upper_grams`)."""
+        apart, in a compiled call of its own that donates the total (a dense Gram's
+        division and mirroring: :func:`~jaxgeom.pmat._gram.mean_of_upper_grams`)."""
         return self._collects
 
     def with_examples(self, n, last_offset=None):

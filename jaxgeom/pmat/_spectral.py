@@ -255,7 +255,8 @@ def spectral_functions(f: Callable[..., jax.Array], matrices: Sequence[jax.Array
     ``jax.closure_convert``, where a ``custom_jvp``'s function may not hold a tracer).
     """
     matrices = tuple(matrices)
-    values = jnp.zeros(sum(m.shape[-1] for m in matrices), jnp.result_type(*matrices))
+    values = jax.ShapeDtypeStruct((sum(m.shape[-1] for m in matrices),),
+                                  jnp.result_type(*matrices))
     converted, hoisted = jax.closure_convert(f, values, *args)
     if hoisted:  # f itself keeps its checks of concrete values (none apply to tracers)
         return _spectral_functions(converted, matrices, (*args, *hoisted))
