@@ -75,6 +75,10 @@ def test_singular_and_indefinite_matrices():
     assert sign == -1
     np.testing.assert_allclose(logabs, np.sum(np.log(np.asarray(D.data[1:]))), rtol=1e-12)
     assert np.isnan(negative.logdet())
+    # and so is its derivative (a where's NaN branch had answered 0)
+    assert np.isnan(jax.grad(lambda data: PMatDiag(lc, data).logdet())(negative.data)).all()
+    np.testing.assert_allclose(jax.grad(lambda data: PMatDiag(lc, data).logdet())(D.data),
+                               1 / np.asarray(D.data), rtol=1e-12)
     np.testing.assert_allclose(PMatEye(lc, 2.0).logdet(0.5), d * np.log(2.5), rtol=1e-12)
     np.testing.assert_allclose((3.0 * D).logdet(REGUL),
                                np.sum(np.log(3 * np.asarray(D.data) + REGUL)), rtol=1e-12)

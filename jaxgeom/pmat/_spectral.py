@@ -125,8 +125,10 @@ def slogdet(values: jax.Array, regul=0.0) -> tuple[jax.Array, jax.Array]:
 
 def logdet(sign: jax.Array, logabsdet: jax.Array) -> jax.Array:
     """``log det`` from :func:`slogdet`: ``log|det|`` for ``sign > 0``, ``-inf`` for a
-    singular matrix, NaN for a negative determinant (``torch.logdet``'s convention)."""
-    return jnp.where(sign > 0, logabsdet, jnp.where(sign == 0, -jnp.inf, jnp.nan))
+    singular matrix (``log|det|`` is then ``-inf``), NaN for a negative determinant
+    (``torch.logdet``'s convention), and so are its derivatives (a product with the mask,
+    not a ``where``, whose NaN branch would have a zero derivative)."""
+    return logabsdet * jnp.where(sign < 0, jnp.nan, 1.0).astype(logabsdet.dtype)
 
 
 def trace(m: jax.Array) -> jax.Array:
