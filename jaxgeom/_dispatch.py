@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax._src import core as jax_core
 from jax.interpreters import partial_eval as pe
 
 from jaxgeom._compile import constants_behind_barrier, factorisation_jit, model_jit
@@ -107,10 +108,13 @@ def _calling(name: str) -> Callable:
     **kwargs)`` from the leaves (JAX caches compilations per function: one function per
     way of compiling the call)."""
 
-    def call(method: Callable, treedef: Any, static: tuple, traced: list) -> Any:
+    def call(method: Callable, treedef: Any, static: tuple, traced: list,
+             reports: bool = False) -> Any:
         values = iter(traced)
         leaves = [next(values) if leaf is _TRACED else leaf for leaf in static]
         self, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+        if not reports:
+            return method(self, *args, **kwargs)
         with reporting_stops():  # an eager call's iterative solves warn as eager ones do
             return method(self, *args, **kwargs)
 
@@ -118,15 +122,28 @@ def _calling(name: str) -> Callable:
     return call
 
 
-_compiled_call = jax.jit(_calling("_compiled_call"), static_argnums=(0, 1, 2))
+def _at_top_level() -> bool:
+    """Whether no trace is under way (a call from Python, not from inside a ``jit`` whose
+    arguments it does not hold): only then does a compiled call report its iterative
+    solves' stops through host callbacks (:func:`jaxgeom.solvers.reporting_stops`), which
+    a user's program must not get. ``False`` where this JAX cannot tell."""
+    clean = getattr(jax_core, "trace_state_clean", None)
+    return bool(clean()) if clean is not None else False
+
+
+#: the compiled calls take ``reports`` (:func:`_at_top_level`) as a static argument: a
+#: program traced for a call from Python holds callbacks that one inlined into a user's
+#: ``jit`` must not
+_STATIC = (0, 1, 2, 4)
+_compiled_call = jax.jit(_calling("_compiled_call"), static_argnums=_STATIC)
 #: for the operations a representation lists in ``FACTORISING_OPERATIONS``: compiled with
 #: XLA:CPU's quick fusion emitters (:func:`jaxgeom._compile.factorisation_jit`)
 _compiled_factorisation = factorisation_jit(_calling("_compiled_factorisation"),
-                                            static_argnums=(0, 1, 2))
+                                            static_argnums=_STATIC)
 #: for a representation whose operations run the model (``RUNS_MODEL``: ``PMatImplicit``'s
 #: products replay it chunk by chunk): compiled as a model step is
 #: (:func:`jaxgeom._compile.model_jit`: on the CPU, XLA's own convolution kernels)
-_compiled_model_call = model_jit(_calling("_compiled_model_call"), static_argnums=(0, 1, 2))
+_compiled_model_call = model_jit(_calling("_compiled_model_call"), static_argnums=_STATIC)
 
 
 def _compiled_call_for(self: Any, name: str) -> Callable:
@@ -172,15 +189,16 @@ def compiled_when_eager(method: Callable) -> Callable:
         call = _compiled_call_for(self, name)
         flagged = getattr(self, "CHECKED_OPERATIONS", {}).get(name)
         if flagged is not None:  # the result and its chunks' finiteness flags, read here
-            result, flags = call(getattr(type(self), flagged), treedef, *split)
+            result, flags = call(getattr(type(self), flagged), treedef, *split, _at_top_level())
             check_flags(flags)
             return result
         factorised = getattr(self, "_factorised_orders", None)
         orders = factorised(name, *args, **kwargs) if factorised is not None else ()
+        reports = _at_top_level()
         if not orders:
-            return call(method, treedef, *split)
+            return call(method, treedef, *split, reports)
         with one_thread_when_faster(orders, split[1]) as limited:
-            result = call(method, treedef, *split)
+            result = call(method, treedef, *split, reports)
             return jax.block_until_ready(result) if limited else result
 
     operation.eager_method = method

@@ -86,11 +86,11 @@ def minres(
     symmetric positive definite (a non-PSD one gives a non-finite residual: an error
     eagerly, NaN under ``jit``).
 
-    For ``b`` outside a singular ``A``'s range (no solution) it stops at a least-squares
-    solution (:func:`_minres_stalled`: SciPy's ``‖A r‖ ≤ max(rtol, √ε) ‖A‖ ‖r‖``, a step on
-    a vanishing pivot refused, an iterate grown past round-off replaced by the last one
-    clear of it): residual ``(I − AA⁺) b`` to round-off, its null-space component
-    arbitrary. Eagerly that stop warns, as one at the default ``maxiter`` does (:func:`cg`).
+    For ``b`` outside a singular ``A``'s range (no solution) the residual falls to
+    ``‖(I − AA⁺) b‖`` and stays; the iterations go on to ``maxiter`` (a least-squares
+    solution, its null-space component arbitrary) unless they grow past round-off
+    (:func:`_minres_stalled`), where they stop and answer the last iterate clear of it. A
+    stop above the tolerance warns (:func:`cg`).
 
     Cost: one ``matvec`` and one preconditioner application per iteration, as CG.
 
@@ -303,24 +303,30 @@ def _krylov_from_python(method: _KrylovMethod, matvec, precondition, state, thre
 
 def _report_stop(name: str, maxiter: int, warns: bool, residual, threshold, stalled, k,
                  stacklevel: int = 2) -> None:
-    """Warn (``RuntimeWarning``) of a Krylov solve that stopped above its tolerance: at a
-    least-squares solution of a singular system (``stalled``, always), or at the default
-    ``maxiter`` (``warns``; a ``maxiter`` of the caller's is a budget)."""
+    """Warn (``RuntimeWarning``) of a Krylov solve that stopped above its tolerance: with
+    iterates grown past round-off, a singular system without a solution (``stalled``,
+    always), or at the default ``maxiter`` (``warns``; a ``maxiter`` of the caller's is a
+    budget)."""
     residual, threshold, stalled, k = float(residual), float(threshold), bool(stalled), int(k)
     if not residual > threshold or not (warns or stalled):  # NaN: an error elsewhere
         return
     if stalled:
-        what = (f"the right-hand side is not in the matrix's range (the matrix is singular): "
-                f"stopped after {k} iterations at a least-squares solution, residual "
-                f"{residual:.3g} above the tolerance {threshold:.3g}; its component in the "
-                "null space is arbitrary. Damp the system (regul > 0) for a unique solution, "
-                "or solve on the range (M.pinv().mv(v))")
+        what = (f"the iterates grew past what round-off allows after {k} iterations, residual "
+                f"{residual:.3g} above the tolerance {threshold:.3g}: the matrix is singular "
+                "(or numerically so) and the right-hand side is not in its range, so no "
+                "solution exists; answered the last iterate clear of round-off (a "
+                "least-squares one, its component in the null space arbitrary). Damp the "
+                "system (regul > 0) for a unique solution, or solve on the range "
+                "(M.pinv().mv(v))")
     else:
         what = (f"not converged in {maxiter} iterations (the default maxiter, 10 d): residual "
                 f"{residual:.3g} above the tolerance {threshold:.3g}. Raise maxiter, "
                 "precondition, or damp the system (regul > 0)"
                 + (" — CG needs a positive definite matrix: for a singular or indefinite one "
-                   "use method='minres'" if name == "cg" else ""))
+                   "use method='minres'" if name == "cg" else
+                   " — a residual that stopped falling: the right-hand side may be outside "
+                   "the range of a singular matrix (then no solution exists; this is a "
+                   "least-squares one)"))
     warnings.warn(f"{name}: {what}", RuntimeWarning, stacklevel=stacklevel)
 
 
@@ -402,12 +408,12 @@ _CG = _KrylovMethod(
     rhs_norm=lambda b, precondition: jnp.linalg.norm(b), solution=lambda state: state[0])
 
 
-# --- MINRES (SciPy's ``minres`` without its shift, with its residual and least-squares
-# stopping tests): the Lanczos vectors r1, r2 (unpreconditioned) and v = P⁻¹r2/β, the
-# rotation (cs, sn), the last two update directions w, w2, φ̄ the residual's norm, and for
-# the least-squares test ‖T‖_F² of the Lanczos tridiagonal T (‖A‖ ≥ its square root),
-# ‖A r‖ / ‖r‖ of the last residual (``root``), ‖r₀‖ (``beta1``), ‖x‖, the last iterate
-# clear of round-off's growth (``x_best``) and whether a step was refused (``broke``)
+# --- MINRES (SciPy's ``minres`` without its shift; its residual test, and its test of
+# iterates grown past round-off): the Lanczos vectors r1, r2 (unpreconditioned) and
+# v = P⁻¹r2/β, the rotation (cs, sn), the last two update directions w, w2, φ̄ the
+# residual's norm, ‖T‖_F² of the Lanczos tridiagonal T (‖A‖ estimated by its square
+# root), ‖r₀‖ (``beta1``), ‖x‖, the last iterate clear of round-off's growth (``x_best``)
+# and whether a step was refused (``broke``)
 class _MinresState(NamedTuple):
     x: jax.Array
     r1: jax.Array
@@ -424,7 +430,6 @@ class _MinresState(NamedTuple):
     cs: jax.Array
     sn: jax.Array
     tnorm2: jax.Array
-    root: jax.Array
     beta1: jax.Array
     xnorm: jax.Array
     x_best: jax.Array
@@ -444,7 +449,7 @@ def _minres_start(x, r, z):
     return _MinresState(x=x, r1=r, r2=r, v=_safe_divide(z, beta), w=jnp.zeros_like(x),
                         w2=jnp.zeros_like(x), alpha=zero, beta=beta, old_beta=zero,
                         dbar=zero, epsilon=zero, phibar=beta, cs=-jnp.ones_like(beta),
-                        sn=zero, tnorm2=zero, root=jnp.full_like(beta, jnp.inf), beta1=beta,
+                        sn=zero, tnorm2=zero, beta1=beta,
                         xnorm=jnp.linalg.norm(x), x_best=x, broke=jnp.zeros_like(beta, bool))
 
 
@@ -470,40 +475,39 @@ def _minres_rotation(s: _MinresState, z) -> dict:
     delta = s.cs * s.dbar + s.sn * s.alpha
     gbar = s.sn * s.dbar - s.cs * s.alpha
     eps = jnp.finfo(beta.dtype).eps
-    pivot = jnp.hypot(gbar, beta)
-    gamma = jnp.maximum(pivot, eps)
+    gamma = jnp.maximum(jnp.hypot(gbar, beta), eps)
     cs, sn = gbar / gamma, beta / gamma
     w = (s.v - s.epsilon * s.w2 - delta * s.w) / gamma
     dbar = -s.cs * beta
-    tnorm2 = s.tnorm2 + s.alpha**2 + s.beta**2 + beta**2
-    # a step on a vanishing pivot (γ = (γ̄² + β²)^{1/2} ≤ √ε ‖T‖: the Krylov space exhausted,
-    # β ≈ 0, where T is singular, γ̄ ≈ 0: an inconsistent b, or an eigenvalue below √ε ‖A‖)
-    # or beyond what round-off allows (‖A‖ ‖step‖ ε ≥ ‖r₀‖) is not taken, and stops the solve
+    # ‖T‖_F² of the tridiagonal: α², and β² below and above it (the first β is ‖r₀‖, not T's)
+    tnorm2 = s.tnorm2 + s.alpha**2 + jnp.where(s.old_beta > 0, s.beta**2, 0) + beta**2
+    # a step beyond what round-off allows (‖A‖ ‖step‖ ε ≥ ‖r₀‖: a pivot γ of round-off,
+    # the Krylov space of an inconsistent b exhausted) is not taken, and stops the solve
     step = cs * s.phibar
     anorm = jnp.sqrt(tnorm2)
-    broke = ((pivot <= jnp.sqrt(eps) * anorm)
-             | (anorm * jnp.abs(step) * jnp.linalg.norm(w) * eps >= s.beta1))
+    broke = anorm * jnp.abs(step) * jnp.linalg.norm(w) * eps >= s.beta1
     x = jnp.where(broke, s.x, s.x + step * w)
     xnorm = jnp.linalg.norm(x)
     # the last iterate still clear of round-off's growth (‖A‖ ‖x‖ √ε < ‖r₀‖)
     moderate = anorm * xnorm * jnp.sqrt(eps) < s.beta1
     return dict(x=x, v=_safe_divide(z, beta), w=w, beta=beta, dbar=dbar,
                 epsilon=s.sn * beta, phibar=jnp.where(broke, s.phibar, sn * s.phibar), cs=cs,
-                sn=sn, tnorm2=tnorm2, root=jnp.hypot(gbar, dbar), xnorm=xnorm,
-                x_best=jnp.where(moderate, x, s.x_best), broke=broke)
+                sn=sn, tnorm2=tnorm2, xnorm=xnorm, x_best=jnp.where(moderate, x, s.x_best),
+                broke=broke)
 
 
 @jax.jit
 def _minres_stalled(s: _MinresState, rtol):
-    """SciPy's least-squares test, ``‖A r‖ ≤ max(rtol, ε) ‖A‖ ‖r‖`` (``‖A‖`` estimated by
-    ``‖T‖_F``), or an iterate grown past what round-off allows, ``‖A‖ ‖x‖ ε ≥ ‖r₀‖``,
-    or a step refused (``broke``): :func:`_minres_solution` then answers the last iterate
-    clear of round-off. Where ``b`` is
-    not in a singular ``A``'s range the residual cannot fall below ``‖(I − AA⁺) b‖``; past
-    that point the iterations only divide round-off by vanishing pivots (``‖x‖`` of 10¹⁶
-    on a 10 × 10 system)."""
-    floor = jnp.maximum(jnp.asarray(rtol, s.root.dtype), jnp.sqrt(jnp.finfo(s.root.dtype).eps))
-    return (s.root <= floor * jnp.sqrt(s.tnorm2)) | _minres_exploded(s) | s.broke
+    """Whether the iterates have left what round-off allows: a step refused (``broke``) or
+    ``‖A‖ ‖x‖ ε ≥ ‖r₀‖`` (``‖A‖`` estimated by ``‖T‖_F``). Where ``b`` is not in a singular
+    ``A``'s range no ``x`` solves the system: the residual reaches ``‖(I − AA⁺) b‖`` and
+    stays, and the iterations then divide round-off by vanishing pivots (``‖x‖`` of 10¹⁶ on
+    a 10 × 10 system, its residual 10¹⁴); :func:`_minres_solution` answers the last iterate
+    clear of round-off. (SciPy's least-squares test ``‖A r‖ ≤ rtol ‖A‖ ‖r‖`` would stop
+    sooner, but it also stops nonsingular systems of condition number above ``1/rtol``,
+    far from their solution.) ``rtol`` is unused."""
+    del rtol
+    return _minres_exploded(s) | s.broke
 
 
 def _minres_exploded(s: _MinresState):
