@@ -971,9 +971,10 @@ def spectral_density_curve(nodes: jax.Array, weights: jax.Array, *, num_points: 
     if not kappa > 1 or not margin >= 0:
         raise ValueError(f"kappa must be > 1 and margin ≥ 0; got kappa={kappa!r}, "
                          f"margin={margin!r}")
-    if boundaries is not None and all(isinstance(b, numbers.Real) for b in boundaries) \
-            and not boundaries[0] < boundaries[1]:
-        raise ValueError(f"boundaries must be (λ₋, λ₊) with λ₋ < λ₊; got {tuple(boundaries)}")
+    if boundaries is not None and not any(isinstance(b, jax.core.Tracer) for b in boundaries) \
+            and not float(boundaries[0]) < float(boundaries[1]):
+        raise ValueError("boundaries must be (λ₋, λ₊) with λ₋ < λ₊; got "
+                         f"{tuple(float(b) for b in boundaries)}")
     low, high = (jnp.min(nodes), jnp.max(nodes)) if boundaries is None else boundaries
     pad = margin * (high - low)
     low, high = low - pad, high + pad

@@ -52,7 +52,7 @@ from jaxgeom.jacobian import (
     resolve_mode,
 )
 from jaxgeom.layers import Layer, LayerCollection
-from jaxgeom.pmat.base import check_shape, static_field
+from jaxgeom.pmat.base import check_precision, check_shape, static_field
 from jaxgeom.pmat.implicit import _jacobian_product, _masked_outputs
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, restrict
@@ -511,6 +511,7 @@ def Jacobian(
         raise TypeError(
             f"representation must be PFMapDense or PFMapImplicit; got {representation!r}"
         )
+    check_precision(Jacobian, params)  # its products and Grams sum in the parameters' dtype
     lazy = representation is PFMapImplicit
     fn, data, layer_collection = _setup(apply_fn, params, data, function, layer_collection,
                                         lazy)

@@ -1088,5 +1088,6 @@ def test_quadrature_and_density_refuse_what_has_no_meaning(fisher):
         with pytest.raises(ValueError, match=r"nonzero .* rows \[1\] are 0"):
             lanczos_quadrature(M, starts, 3, **kw)
     nodes, weights = lanczos_quadrature(F, jnp.ones((1, d)), 3)
-    with pytest.raises(ValueError, match="boundaries must be"):
-        spectral_density_curve(nodes, weights, boundaries=(2.0, 1.0))
+    for reversed_ in ((2.0, 1.0), (jnp.asarray(2.0), jnp.asarray(1.0)), (1.0, 1.0)):
+        with pytest.raises(ValueError, match="boundaries must be"):
+            spectral_density_curve(nodes, weights, boundaries=reversed_)

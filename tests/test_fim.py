@@ -1310,6 +1310,10 @@ def test_half_precision_parameters_are_refused_with_the_fix(half):
         lambda: SecondMoment(fn, params, t.x, PMatDense),
         lambda: jaxgeom.Hessian(lambda p, b: jnp.sum(t.apply_fn(p, b) ** 2), params, t.x,
                                 PMatDense),
+        # the function-space builds sum over parameters in their dtype too (were accepted)
+        lambda: jaxgeom.Jacobian(t.apply_fn, params, t.x),
+        lambda: jaxgeom.GramMatrix(t.apply_fn, params, t.x),
+        lambda: jaxgeom.CrossGramMatrix(t.apply_fn, params, t.x, t.x),
     ]
     for build in builds:
         with pytest.raises(TypeError, match=rf"{jnp.dtype(half).name}.*astype\(jnp.float32\)"):

@@ -655,3 +655,22 @@ def test_dtype_is_the_arrays_after_a_cast(representation):
     F32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), F)
     assert F32.dtype == jnp.float32 and F32.to_dense().dtype == jnp.float32
     np.testing.assert_allclose(F32.to_dense(), F.to_dense(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("representation", ["PMatKFAC", "PMatEKFAC", "PMatMixed"])
+def test_a_float64_damping_of_a_float32_matrix(representation):
+    """A float32 matrix solved with a float64 ``regul`` (``np.float64``, what ``np.mean``
+    answers): the solve is in float64, as the dense ones' (JAX's promotion), and equals the
+    float64 matrix's to float32's accuracy; its linear-solve program had not lowered."""
+    import jaxgeom
+
+    t = make_linen_mlp()
+    to32 = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
+    params, x = to32(t.params), t.x.astype(jnp.float32)
+    kw = dict(mapping={"Dense_0": PMatKFAC}) if representation == "PMatMixed" else {}
+    build = lambda p, x: FIM(t.apply_fn, p, x, getattr(jaxgeom, representation), **kw)  # noqa: E731
+    F32, F64 = build(params, x), build(t.params, t.x)
+    v = jax.random.normal(jax.random.PRNGKey(5), (F64.size(0),))
+    got = F32.solve(v.astype(jnp.float32), np.float64(1e-2))
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, F64.solve(v, 1e-2), rtol=2e-4, atol=2e-4 * np.abs(got).max())

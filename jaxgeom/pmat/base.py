@@ -336,9 +336,14 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         ``eigh``), differentiated as that linear system (``lax.custom_linear_solve``:
         ``dx = (M + regul·I)⁻¹(dv − dM x − dregul x)``, by ``solve`` again), not through the
         factorisation, whose eigenvectors' derivative ``1/(λⱼ − λᵢ)`` is NaN or wrong where
-        eigenvalues repeat. The primal work is ``solve``'s alone."""
-        return jax.lax.custom_linear_solve(lambda x: self._mv(x) + regul * x, v,
-                                           lambda _, b: solve(b), symmetric=True)
+        eigenvalues repeat. The primal work is ``solve``'s alone. In the dtype that ``v``,
+        the matrix and ``regul`` promote to (a float64 ``regul`` of a float32 matrix: float64,
+        as the other solves answer): the linear solve's products and answers must share
+        ``v``'s, or its program does not lower."""
+        dtype = jnp.result_type(v, self.dtype, regul)
+        return jax.lax.custom_linear_solve(
+            lambda x: (self._mv(x) + regul * x).astype(dtype), v.astype(dtype),
+            lambda _, b: solve(b).astype(dtype), symmetric=True)
 
     def _solve(self, v: jax.Array, regul, method: str, **options) -> jax.Array:
         """``(M + regul·I)⁻¹ v`` for a flat vector; the base offers the iterative solves
