@@ -112,6 +112,30 @@ def _one_program_when_eager(estimator: Callable) -> Callable:
     return run
 
 
+def _shape_checked(products: Callable[[jax.Array], jax.Array], dim: int
+                   ) -> Callable[[jax.Array], jax.Array]:
+    """``products`` (a ``vmap`` of a matvec function) refusing an answer of another shape
+    than its ``(m, dim)`` rows, by name (shapes are static: no cost when compiled); JAX's
+    own error, from a later broadcast or product, named neither the function nor ``dim``."""
+
+    def checked(rows: jax.Array) -> jax.Array:
+        try:
+            out = products(rows)
+        except (TypeError, ValueError) as error:  # a shape error inside M: dim is not its d
+            raise ValueError(
+                f"the matvec function M failed on a ({dim},) vector (dim={dim}): is dim the "
+                f"dimension of its vectors? Its error: {str(error).splitlines()[0]}"
+            ) from error
+        if jnp.shape(out) != rows.shape:
+            raise ValueError(
+                f"the matvec function M must map a ({dim},) vector to a ({dim},) vector "
+                f"(dim={dim}); it answered shape {jnp.shape(out)[1:]} for shape "
+                f"{rows.shape[1:]}")
+        return out
+
+    return checked
+
+
 def _as_int(x: Any) -> Any:
     """A NumPy integer as a Python ``int``; anything else as it is."""
     return int(x) if isinstance(x, np.integer) else x
@@ -1023,7 +1047,7 @@ def _operator(M: Operator, dim: int | None, dtype: Any
             raise ValueError(
                 "for a matvec function M, give the dimension d of its vectors: dim=d "
                 f"(a positive integer); got {dim!r}")
-        products = jax.vmap(M)
+        products = _shape_checked(jax.vmap(M), dim)
         dtype = jnp.result_type(float) if dtype is None else dtype  # JAX default float
     else:
         raise TypeError(

@@ -1091,3 +1091,19 @@ def test_quadrature_and_density_refuse_what_has_no_meaning(fisher):
     for reversed_ in ((2.0, 1.0), (jnp.asarray(2.0), jnp.asarray(1.0)), (1.0, 1.0)):
         with pytest.raises(ValueError, match="boundaries must be"):
             spectral_density_curve(nodes, weights, boundaries=reversed_)
+
+
+def test_a_matvec_of_the_wrong_shape_is_named():
+    """A matvec function that does not map ``(d,)`` to ``(d,)`` (a ``dim`` that is not its
+    dimension, a function that drops or adds entries) is refused by name, with both shapes
+    (JAX's broadcast error, from deep inside an estimator, named neither)."""
+    a = jnp.diag(jnp.arange(1.0, 7.0))
+    cases = ((lambda v: a @ v, 5, r"failed on a \(5,\) vector \(dim=5\)"),
+             (lambda v: (a @ v)[:-1], 6, r"must map a \(6,\) vector .* answered shape \(5,\)"))
+    for matvec, dim, match in cases:
+        estimators = (lambda m=matvec, d=dim: hutchinson_trace(m, KEY, 4, dim=d),
+                      lambda m=matvec, d=dim: lanczos_eigsh(m, KEY, 2, dim=d),
+                      lambda m=matvec, d=dim: lanczos_quadrature(m, jnp.ones((1, d)), 2))
+        for estimator in estimators:
+            with pytest.raises(ValueError, match=match):
+                estimator()
