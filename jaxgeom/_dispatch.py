@@ -27,6 +27,7 @@ shapes and dtypes of the traced ones:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -113,9 +114,8 @@ def _calling(name: str) -> Callable:
         values = iter(traced)
         leaves = [next(values) if leaf is _TRACED else leaf for leaf in static]
         self, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-        if not reports:
-            return method(self, *args, **kwargs)
-        with reporting_stops():  # an eager call's iterative solves warn as eager ones do
+        # a call from Python: its iterative solves warn as eager ones do
+        with reporting_stops() if reports else contextlib.nullcontext():
             return method(self, *args, **kwargs)
 
     call.__name__ = call.__qualname__ = name

@@ -192,8 +192,8 @@ class _KrylovMethod(NamedTuple):
     residual_norm: Callable  # state -> the norm compared with the threshold
     rhs_norm: Callable  # (b, precondition) -> ‖b‖ in the residual's norm
     solution: Callable  # state -> x
-    #: (state, rtol) -> whether to stop above the threshold: no better answer will come
-    stalled: Callable = lambda state, rtol: False
+    #: state -> whether to stop above the threshold: no better answer will come
+    stalled: Callable = lambda state: False
 
 
 def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, atol,
@@ -258,7 +258,7 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
         def cond(carry):
             state, k = carry
             return ((method.residual_norm(state) > threshold) & (k < maxiter)
-                    & jnp.logical_not(method.stalled(state, rtol)))
+                    & jnp.logical_not(method.stalled(state)))
 
         def body(carry):
             state, k = carry
@@ -270,7 +270,7 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
         if _REPORTING.get():
             jax.debug.callback(functools.partial(_report_stop, name, maxiter, warns),
                                method.residual_norm(state), threshold,
-                               method.stalled(state, rtol), k)
+                               method.stalled(state), k)
         # a NaN residual stops the loop at once (NaN > threshold is false): NaN, not x
         return jnp.where(jnp.isfinite(method.residual_norm(state)), method.solution(state),
                          jnp.nan)
@@ -283,12 +283,13 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
 def _krylov_from_python(method: _KrylovMethod, matvec, precondition, state, threshold,
                         maxiter, rtol, warns, first: jax.Array | None = None):
     """:func:`_krylov_solve`'s iterations for an eager ``matvec``: each one ``matvec``, the
-    preconditioner and two compiled updates; the stopping test reads one scalar. ``first``:
+    preconditioner and two compiled updates; the stopping test reads the residual's norm
+    (and MINRES's :func:`_minres_stalled`). ``first``:
     the first iteration's product, when already made."""
     threshold = float(threshold)
     k = 0
     while (k < maxiter and float(method.residual_norm(state)) > threshold
-           and not bool(method.stalled(state, rtol))):
+           and not bool(method.stalled(state))):
         product = first if k == 0 and first is not None else matvec(method.vector(state))
         state, r = method.advance(state, product)
         state = method.direct(state, precondition(r))
@@ -297,7 +298,7 @@ def _krylov_from_python(method: _KrylovMethod, matvec, precondition, state, thre
     if not np.isfinite(residual):
         raise FloatingPointError(non_finite_residual(method.name, f"after {k} iterations"))
     _report_stop(method.name, maxiter, warns, residual, threshold,
-                 bool(method.stalled(state, rtol)), k, stacklevel=5)
+                 bool(method.stalled(state)), k, stacklevel=5)
     return method.solution(state)
 
 
@@ -497,7 +498,7 @@ def _minres_rotation(s: _MinresState, z) -> dict:
 
 
 @jax.jit
-def _minres_stalled(s: _MinresState, rtol):
+def _minres_stalled(s: _MinresState):
     """Whether the iterates have left what round-off allows: a step refused (``broke``) or
     ``‖A‖ ‖x‖ ε ≥ ‖r₀‖`` (``‖A‖`` estimated by ``‖T‖_F``). Where ``b`` is not in a singular
     ``A``'s range no ``x`` solves the system: the residual reaches ``‖(I − AA⁺) b‖`` and
@@ -505,19 +506,14 @@ def _minres_stalled(s: _MinresState, rtol):
     a 10 × 10 system, its residual 10¹⁴); :func:`_minres_solution` answers the last iterate
     clear of round-off. (SciPy's least-squares test ``‖A r‖ ≤ rtol ‖A‖ ‖r‖`` would stop
     sooner, but it also stops nonsingular systems of condition number above ``1/rtol``,
-    far from their solution.) ``rtol`` is unused."""
-    del rtol
-    return _minres_exploded(s) | s.broke
-
-
-def _minres_exploded(s: _MinresState):
-    return jnp.sqrt(s.tnorm2) * s.xnorm * jnp.finfo(s.xnorm.dtype).eps >= s.beta1
+    far from their solution.)"""
+    return (jnp.sqrt(s.tnorm2) * s.xnorm * jnp.finfo(s.xnorm.dtype).eps >= s.beta1) | s.broke
 
 
 def _minres_solution(s: _MinresState):
-    """``x``, or past round-off (a refused step, a grown iterate) the last iterate clear of
-    it: its residual is the least-squares one to round-off, its null-space part moderate."""
-    return jnp.where(_minres_exploded(s) | s.broke, s.x_best, s.x)
+    """``x``, or past round-off (:func:`_minres_stalled`) the last iterate clear of it: its
+    residual is the least-squares one to round-off, its null-space part moderate."""
+    return jnp.where(_minres_stalled(s), s.x_best, s.x)
 
 
 def _minres_direct(s: _MinresState, z):
