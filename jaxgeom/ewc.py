@@ -44,6 +44,7 @@ def ewc_penalty(fisher: PMatAbstract, params_star: Any, lam: float) -> Callable[
         is never broadcast.
 
     Example:
+      >>> # params_a: the solution of task A, (x_a, y_a) its data; (x_b, y_b) task B's
       >>> F = FIM(apply_fn, params_a, (x_a, y_a), PMatKFAC)
       >>> penalty = ewc_penalty(F, params_a, lam=100.0)
       >>> loss_b = lambda p: cross_entropy(apply_fn(p, x_b), y_b) + penalty(p)

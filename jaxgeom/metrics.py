@@ -81,7 +81,7 @@ def FIM(
       The Fisher in ``representation``. Works inside ``jax.jit`` on a single batch.
 
     Example:
-      >>> F = FIM(model.apply, params, (x, y), PMatDiag, variant="classif_logits")
+      >>> F = FIM(model.apply, variables, (x, y), PMatDiag, variant="classif_logits")
       >>> F.trace()
     """
     _refuse_peer_options(options, "FIM")

@@ -504,7 +504,7 @@ def Jacobian(
       mode: ``"reverse"``, ``"forward"`` or ``"auto"`` for the per-example Jacobians.
 
     Example:
-      >>> J = Jacobian(model.apply, params, (x, y))
+      >>> J = Jacobian(model.apply, variables, (x, y))
       >>> J.jvp(v).to_dense().shape     # (K, N)
     """
     if representation not in (PFMapDense, PFMapImplicit):
@@ -576,7 +576,7 @@ def GramMatrix(
         over ``G``, in place.
 
     Example:
-      >>> G = GramMatrix(model.apply, params, x, batch_size=64)
+      >>> G = GramMatrix(model.apply, variables, x, batch_size=64)
       >>> alpha = G.solve(targets, regul=1e-3)       # kernel regression on (K, N) targets
     """
     if representation is not FMatDense:
@@ -660,9 +660,9 @@ def CrossGramMatrix(
     the kernel has no finite entry (checked when not traced: one more pass).
 
     Example:
-      >>> G = GramMatrix(model.apply, params, x_train, batch_size=64)
+      >>> G = GramMatrix(model.apply, variables, x_train, batch_size=64)
       >>> alpha = G.solve(y_train_targets, regul=1e-3)          # (K, N)
-      >>> K_star = CrossGramMatrix(model.apply, params, x_test, x_train, batch_size=64)
+      >>> K_star = CrossGramMatrix(model.apply, variables, x_test, x_train, batch_size=64)
       >>> mean = jnp.einsum("ompn,pn->om", K_star, alpha)      # (K, M) predictions
     """
     if method not in GRAM_METHODS:

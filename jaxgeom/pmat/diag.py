@@ -46,7 +46,7 @@ class PMatDiag(MeanOfJacobians, CanonicalDiagonal):
       data: the ``(d,)`` diagonal.
 
     Example:
-      >>> F = FIM(model.apply, params, (x, y), PMatDiag)
+      >>> F = FIM(model.apply, variables, (x, y), PMatDiag)
       >>> step = F.solve(grads, regul=1e-3)   # (F + 1e-3 I)⁻¹ g, elementwise
     """
 

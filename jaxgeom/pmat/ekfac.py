@@ -121,9 +121,9 @@ class PMatEKFAC(PMatKFAC):
     EKFAC whose eigenbases are kept: only the refit pass runs).
 
     Example:
-      >>> F = FIM(model.apply, params, (x, y), PMatEKFAC)
+      >>> F = FIM(model.apply, variables, (x, y), PMatEKFAC)
       >>> step = F.solve(grads, regul=1e-3)
-      >>> F2 = F.refit(model.apply, new_params, next_batch)   # same bases, new diagonal
+      >>> F2 = F.refit(model.apply, new_variables, next_batch)   # same bases, new diagonal
     """
 
     #: its layers are already in eigenbasis form: solves and spectra are products and
