@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom._counter_rng import check_key
@@ -148,7 +149,7 @@ def FIM_MonteCarlo(
       J. Martens, I. Sutskever, K. Swersky, `Estimating the Hessian by back-propagating
       curvature <https://arxiv.org/abs/1206.6464>`_, ICML 2012.
     """
-    if int(trials) != trials or trials < 1:
+    if isinstance(trials, (bool, np.bool_)) or int(trials) != trials or trials < 1:
         raise ValueError(f"trials must be a positive integer; got {trials!r}")
     if estimator not in MONTE_CARLO_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; valid: {MONTE_CARLO_ESTIMATORS} "

@@ -128,36 +128,54 @@ def binary_outputs(logits: jax.Array) -> jax.Array:
 
 def regression_whitener(covariance: Any, num_outputs: int, dtype: Any) -> jax.Array:
     """``L⁻¹`` for ``Σ = LLᵀ``: ``covariance`` may be None (identity), a scalar σ², a
-    ``(C,)`` diagonal or a ``(C, C)`` matrix."""
+    ``(C,)`` diagonal or a ``(C, C)`` matrix.
+
+    A covariance that is not traced (a NumPy array, or a JAX array, also one a ``jit``
+    closes over) is checked on the host whether or not the call is traced: finite, positive
+    definite and, as a matrix, symmetric (a ``ValueError`` naming the fix)."""
     if covariance is None:
         return jnp.eye(num_outputs, dtype=dtype)
+    shape = tuple(np.shape(covariance))
+    if shape not in ((), (num_outputs,), (num_outputs, num_outputs)):
+        raise ValueError(
+            f"covariance must be a scalar, a ({num_outputs},) diagonal or a ({num_outputs}, "
+            f"{num_outputs}) matrix for {num_outputs} regression outputs; got shape {shape}")
+    if not isinstance(covariance, jax.core.Tracer):
+        _check_covariance(np.asarray(covariance, np.float64), covariance)
     cov = jnp.asarray(covariance, dtype)
     if cov.ndim == 0:
         whitener = jnp.eye(num_outputs, dtype=dtype) / jnp.sqrt(cov)
-    elif cov.shape == (num_outputs,):
+    elif cov.ndim == 1:
         whitener = jnp.diag(1 / jnp.sqrt(cov))
-    elif cov.shape == (num_outputs, num_outputs):
-        # Cholesky reads one triangle only: a non-symmetric matrix (a factor L passed for
-        # Σ = LLᵀ) would be taken for another covariance without a word
-        if not isinstance(cov, jax.core.Tracer) and not np.allclose(cov, cov.T):
-            raise ValueError(
-                "covariance must be symmetric (Σ itself, not a factor L of Σ = LLᵀ: pass "
-                f"L @ L.T); got |Σ − Σᵀ| up to {float(np.abs(cov - cov.T).max()):.3g}")
+    else:
         chol = jnp.linalg.cholesky(cov)
         eye = jnp.eye(num_outputs, dtype=dtype)
         whitener = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-    else:
-        raise ValueError(
-            f"covariance must be a scalar, a ({num_outputs},) diagonal or a ({num_outputs}, "
-            f"{num_outputs}) matrix for {num_outputs} regression outputs; got shape "
-            f"{cov.shape}")
-    # a concrete covariance is checked here (traced, NaN outputs would be reported as the
-    # model's): a non-positive variance or an indefinite matrix has no L⁻¹
     if not isinstance(whitener, jax.core.Tracer) and not np.all(np.isfinite(whitener)):
+        # positive definite in float64, not in the parameters' dtype
         raise ValueError(
-            "covariance must be positive definite (a positive scalar, positive variances, "
-            f"or a symmetric positive definite matrix); got {covariance!r}")
+            f"covariance is not positive definite in {np.dtype(dtype).name} (its Cholesky "
+            f"factor is not finite): scale or regularise it; got {covariance!r}")
     return whitener
+
+
+def _check_covariance(host: np.ndarray, covariance: Any) -> None:
+    """Refuse a concrete covariance that is not a finite symmetric positive definite one:
+    Cholesky reads one triangle only, so a factor ``L`` passed for ``Σ = LLᵀ`` would be
+    taken for another covariance without a word; an infinite variance whitens to zero (a
+    zero Fisher); a non-positive one has no ``L⁻¹`` (NaN, reported as the model's)."""
+    if host.ndim == 2 and not np.allclose(host, host.T):
+        raise ValueError(
+            "covariance must be symmetric (Σ itself, not a factor L of Σ = LLᵀ: pass "
+            f"L @ L.T); got |Σ − Σᵀ| up to {float(np.abs(host - host.T).max()):.3g}")
+    if host.ndim == 2:
+        positive = np.all(np.isfinite(host)) and np.linalg.eigvalsh(host)[0] > 0
+    else:
+        positive = np.all(np.isfinite(host)) and np.all(host > 0)
+    if not positive:
+        raise ValueError(
+            "covariance must be positive definite and finite (a positive scalar, positive "
+            f"variances, or a symmetric positive definite matrix); got {covariance!r}")
 
 
 # ----------------------------------------------------------------------------- checks

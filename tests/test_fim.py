@@ -1175,6 +1175,8 @@ def test_other_bad_arguments():
         FIM(t.apply_fn, t.params, t.x, PMatDense, variant="regression", covariance=jnp.ones(3))
     with pytest.raises(ValueError, match="trials"):
         FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, key=jax.random.PRNGKey(0), trials=0)
+    with pytest.raises(ValueError, match="trials"):  # a flag, not a count
+        FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatDense, key=jax.random.PRNGKey(0), trials=True)
     with pytest.raises(ValueError, match="batch_size"):
         FIM(t.apply_fn, t.params, t.x, PMatDense, batch_size=0)
     with pytest.raises(ValueError, match="valid modes"):
@@ -1218,13 +1220,39 @@ def test_empty_batches_are_skipped_first_ones_too(representation):
 
 
 @pytest.mark.parametrize("covariance", [
-    -1.0, jnp.array([1.0, -1.0, 1.0, 1.0]),
+    -1.0, np.inf, jnp.array([1.0, -1.0, 1.0, 1.0]), np.array([1.0, np.inf, 1.0, 1.0]),
     jnp.kron(jnp.array([[1.0, 2.0], [2.0, 1.0]]), jnp.eye(2)),  # eigenvalues 3 and -1
-], ids=["negative scalar", "negative variance", "indefinite matrix"])
-def test_a_covariance_that_is_not_positive_definite(covariance):
+], ids=["negative scalar", "infinite scalar", "negative variance", "infinite variance",
+        "indefinite matrix"])
+@pytest.mark.parametrize("in_jit", [False, True], ids=["eager", "in a jit"])
+def test_a_covariance_that_is_not_positive_definite(covariance, in_jit):
+    """Also inside a ``jit`` that closes over it (an infinite variance whitens to a zero
+    Fisher, a negative one to NaN)."""
     t = make_plain_mlp()
+    build = lambda p: FIM(t.apply_fn, p, t.x, PMatDense, variant="regression",  # noqa: E731
+                          covariance=covariance).to_dense()
     with pytest.raises(ValueError, match="covariance must be positive definite"):
-        FIM(t.apply_fn, t.params, t.x, PMatDense, variant="regression", covariance=covariance)
+        (jax.jit(build) if in_jit else build)(t.params)
+
+
+def test_a_covariance_closed_over_by_a_jit():
+    """A concrete (C, C) covariance (a JAX array, which the jit does not trace) is checked
+    on the host and used as a constant; a traced one is used as it is."""
+    t = make_linen_mlp()
+    C = t.apply_fn(t.params, t.x).shape[-1]
+    root = np.tril(np.ones((C, C))) + np.eye(C)
+    covariance = jnp.asarray(root @ root.T)
+    want = reference_fisher(t.apply_fn, t.params, t.x, variant="regression",
+                            covariance=covariance)
+
+    def build(params, cov):
+        return FIM(t.apply_fn, params, (t.x, t.y), PMatDense, variant="regression",
+                   covariance=cov).to_dense()
+
+    np.testing.assert_allclose(jax.jit(lambda p: build(p, covariance))(t.params), want, **TOL)
+    np.testing.assert_allclose(jax.jit(build)(t.params, covariance), want, **TOL)
+    with pytest.raises(ValueError, match=r"symmetric.*L @ L.T"):
+        jax.jit(lambda p: build(p, root))(t.params)
 
 
 def test_a_covariance_that_is_not_symmetric_is_refused():
