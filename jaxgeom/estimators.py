@@ -966,7 +966,8 @@ def spectral_density_curve(nodes: jax.Array, weights: jax.Array, *, num_points: 
     The grid is ``num_points`` points evenly over ``[λ₋ − μw, λ₊ + μw]``, for
     ``(λ₋, λ₊) = boundaries`` (by default the smallest and largest node: Lanczos' extreme
     Ritz values, which converge first to ``λ_min``, ``λ_max``), ``w = λ₊ − λ₋`` and
-    ``μ = margin``; on it, :func:`spectral_density_on_grid` with
+    ``μ = margin`` (nodes all equal to one ``λ``: ``[λ₋, λ₊] = λ ± |λ|/2``, or ``± 1/2``
+    at ``λ = 0``); on it, :func:`spectral_density_on_grid` with
     ``σ = h · 2/((k − 1) √(8 ln κ))``, ``h`` the half-width of the grid's interval and
     ``k`` the number of Lanczos steps (the nodes' last axis): on the spectrum rescaled to
     ``[−1, 1]``, bumps whose width at ``1/κ`` of their height is the nodes' mean spacing
@@ -1000,6 +1001,10 @@ def spectral_density_curve(nodes: jax.Array, weights: jax.Array, *, num_points: 
         raise ValueError("boundaries must be (λ₋, λ₊) with λ₋ < λ₊; got "
                          f"{tuple(float(b) for b in boundaries)}")
     low, high = (jnp.min(nodes), jnp.max(nodes)) if boundaries is None else boundaries
+    # a spectrum of one point (all nodes equal: a multiple of the identity) spans |λ| (1 at
+    # λ = 0) around it, not a grid of width 0 and bumps of width 0 (NaN)
+    point = jnp.where(high > low, 0, jnp.where(high != 0, jnp.abs(high), 1) / 2)
+    low, high = low - point, high + point
     pad = margin * (high - low)
     low, high = low - pad, high + pad
     grid = jnp.linspace(low, high, num_points, dtype=nodes.dtype)

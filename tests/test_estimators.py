@@ -885,6 +885,21 @@ def test_spectral_density_curve_follows_papyan():
         spectral_density_curve(nodes[:, :1], weights[:, :1])
 
 
+@pytest.mark.parametrize("value", [2.5, -3.0, 0.0])
+def test_spectral_density_curve_of_a_point_spectrum(value):
+    """The nodes of ``s·I`` are all ``s``: the curve is one bump on ``s ± |s|/2`` (``± 1/2``
+    at ``s = 0``), widened by the margin, peaked at ``s``, of integral about 1."""
+    nodes = jnp.full((2, 6), value)
+    weights = jnp.full((2, 6), 1 / 6)
+    grid, density = spectral_density_curve(nodes, weights, num_points=401)
+    half = abs(value) / 2 if value else 0.5
+    np.testing.assert_allclose([grid[0], grid[-1]],
+                               [value - 1.1 * half, value + 1.1 * half], atol=1e-12)
+    assert np.all(np.isfinite(density))
+    np.testing.assert_allclose(grid[np.argmax(density)], value, atol=1e-12)
+    np.testing.assert_allclose(np.trapezoid(density, grid), 1.0, atol=1e-6)
+
+
 def test_slq_of_matrix_free_operators_and_under_jit(fisher):
     """A PMatImplicit Fisher (all probes in one data pass per step), a function and a jitted
     call give the dense Fisher's nodes and weights; the broadened density integrates to 1;
