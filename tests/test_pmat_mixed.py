@@ -141,6 +141,37 @@ def test_errors_name_the_part():
         FIM(t.apply_fn, t.params, t.x, PMatMixed, mapping={"dense": "kfac"})
 
 
+def _three_plain_layers(first_id="w0"):
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {first_id: jax.random.normal(keys[0], (3, 5)),
+              "w1": jax.random.normal(keys[1], (5, 4)), "w2": jax.random.normal(keys[2], (4, 3))}
+
+    def apply_fn(p, x):
+        return jnp.tanh(jnp.tanh(x @ p[first_id]) @ p["w1"]) @ p["w2"]
+
+    return apply_fn, params, jax.random.normal(jax.random.PRNGKey(1), (6, 3))
+
+
+def test_mapping_keys_ids_then_patterns_in_order():
+    """An exact id is matched as itself, also one that reads as a glob pattern (``a[1]``
+    would match ``a1``); among patterns the first matching one in the mapping's order
+    chooses; a pattern left with no layer (each taken by an earlier key) is refused."""
+    apply_fn, params, x = _three_plain_layers("a[1]")
+    M = FIM(apply_fn, params, x, PMatMixed, mapping={"a[1]": PMatDense}, default=PMatDiag)
+    assert [type(M.part(i)) for i in ("a[1]", "w1", "w2")] == [PMatDense, PMatDiag, PMatDiag]
+    np.testing.assert_allclose(M.part("a[1]").to_dense(),
+                               FIM(apply_fn, params, x, PMatDense).to_dense()[:15, :15], **TOL)
+    apply_fn, params, x = _three_plain_layers()
+    M = FIM(apply_fn, params, x, PMatMixed, mapping={"w[01]": PMatKFAC, "*": PMatDense})
+    assert [type(M.part(i)) for i in ("w0", "w1", "w2")] == [PMatKFAC, PMatKFAC, PMatDense]
+    with pytest.raises(ValueError, match=r"'w\[01\]' chooses no layer.*\['w0', 'w1'\]"):
+        FIM(apply_fn, params, x, PMatMixed, mapping={"w*": PMatDense, "w[01]": PMatKFAC})
+    with pytest.raises(ValueError, match=r"'w\[0\]' chooses no layer"):
+        FIM(apply_fn, params, x, PMatMixed, mapping={"w0": PMatDense, "w[0]": PMatKFAC})
+    with pytest.raises(ValueError, match="'W\\*' matches no layer"):  # case-sensitive
+        FIM(apply_fn, params, x, PMatMixed, mapping={"W*": PMatDense})
+
+
 def test_chunks_iterators_and_jit():
     t = make_linen_layernorm(n=7)
     build = dict(mapping={"dense": PMatKFAC}, default=PMatDiag)

@@ -169,25 +169,36 @@ def _in_dtype(part: PMatAbstract, dtype: Any) -> PMatAbstract:
 def assign(layer_collection: LayerCollection, mapping: Mapping[str, type] | None,
            default: type) -> dict[str, type]:
     """The representation of each layer id: an exact id key first, then the first glob
-    pattern (``fnmatch`` on the id) that matches, then the layer's kind, then ``default``."""
+    pattern (``fnmatch``, case-sensitive, on the id) that matches, in the mapping's order,
+    then the layer's kind, then ``default``. A key that is not a kind and chooses no layer
+    (it matches none, or every layer it matches is taken by an id or an earlier pattern) is
+    a ``ValueError``."""
     mapping = dict(mapping or {})
     for key, rep in list(mapping.items()) + [("default", default)]:
         if not (isinstance(rep, type) and issubclass(rep, PMatAbstract)):
             raise TypeError(f"mapping[{key!r}] must be a representation class; got {rep!r}")
     ids = [layer.id for layer in layer_collection.layers]
-    for key in mapping:
-        if key not in KINDS and not fnmatch.filter(ids, key):
+    patterns = [k for k in mapping if k not in KINDS and k not in ids]
+    chosen, chosen_by = {}, {}
+    for layer in layer_collection.layers:
+        key = layer.id if layer.id in mapping else next(
+            (p for p in patterns if fnmatch.fnmatchcase(layer.id, p)), None)
+        if key is not None:
+            chosen_by.setdefault(key, []).append(layer.id)
+        chosen[layer.id] = mapping[key] if key is not None else mapping.get(layer.kind, default)
+    for key in patterns:
+        if key in chosen_by:
+            continue
+        matched = [i for i in ids if fnmatch.fnmatchcase(i, key)]
+        if not matched:
             raise ValueError(
                 f"mapping key {key!r} matches no layer id and is not a layer kind {KINDS}; "
-                f"layer ids are {ids}"
-            )
-    patterns = [k for k in mapping if k not in KINDS and k not in ids]
-    chosen = {}
-    for layer in layer_collection.layers:
-        rep = mapping.get(layer.id)
-        if rep is None:
-            rep = next((mapping[p] for p in patterns if fnmatch.fnmatchcase(layer.id, p)), None)
-        chosen[layer.id] = rep or mapping.get(layer.kind, default)
+                f"layer ids are {ids}")
+        raise ValueError(
+            f"mapping key {key!r} chooses no layer: the layers it matches, {matched}, are "
+            "each taken by an exact id key or an earlier pattern (exact ids first, then the "
+            f"first matching pattern in the mapping's order: {patterns}); reorder or narrow "
+            "the patterns")
     return chosen
 
 
