@@ -315,6 +315,9 @@ def test_a_fractional_power_of_an_indefinite_hessian_is_refused(mlp):
     for rep in (PMatDense, PMatBlockDiag, PMatDiag):
         with pytest.raises(ValueError, match=r"pow\(0.5\) of an indefinite matrix.*regul"):
             H[rep].pow(0.5)
+        # a negative fractional power too: indefinite, not singular (the message said so)
+        with pytest.raises(ValueError, match=r"pow\(-0.5\) of an indefinite matrix"):
+            H[rep].pow(-0.5)
     shift = 1e-3 - np.linalg.eigvalsh(ref).min()
     evals, evecs = np.linalg.eigh(ref + shift * np.eye(len(ref)))
     np.testing.assert_allclose(H[PMatDense].pow(0.5, shift).to_dense(),

@@ -40,10 +40,11 @@ def power(values: jax.Array, p, regul=0.0) -> jax.Array:
     ``p``) raises a ``ValueError`` with the fixes (under ``jit`` the result is non-finite
     there)."""
     shifted = values + regul
-    _check_invertible(shifted, p)
     if is_integer(p):
+        _check_invertible(shifted, p)
         return shifted ** int(np.real(np.asarray(p)))
-    _check_nonnegative(shifted, p)
+    _check_nonnegative(shifted, p)  # first: a negative eigenvalue is not a singular one
+    _check_invertible(shifted, p)
     clipped = jnp.maximum(shifted, 0) ** p
     if isinstance(p, jax.core.Tracer):
         return jnp.where(p == jnp.round(p), shifted ** p, clipped)
