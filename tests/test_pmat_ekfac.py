@@ -39,6 +39,7 @@ from jaxgeom.pmat import _spectral, kfac
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
 from jaxgeom.pmat.ekfac import PMatEKFAC, PMatEKFACBlockDiag
 from jaxgeom.pmat.kfac import Kron, KronEigen, factor_rank_bounds
+from jaxgeom.restriction import restrict
 
 KEY = jax.random.PRNGKey(0)
 
@@ -404,6 +405,25 @@ def test_refit_new_params_and_data_is_pure():
     np.testing.assert_allclose(jitted.to_dense(), F.to_dense(), **TOL)
     mc = E.refit(t.apply_fn, params, x, key=KEY, trials=2)  # FIM_MonteCarlo
     assert type(mc) is PMatEKFAC and np.isfinite(mc.trace())
+
+
+def test_refit_of_a_restriction_and_params_of_another_layout():
+    """A restricted EKFAC refits on the restricted function and params (the refit of the
+    whole restricted); the whole params, or params of other shapes, are refused naming
+    the call that works, not the layer_collection the user did not pass."""
+    t = make_plain_mlp(n=7)
+    E = FIM(t.apply_fn, t.params, t.x, PMatEKFAC)
+    first = E.layer_collection.layers[0].id
+    part = E.restrict((first,))
+    params = jax.tree_util.tree_map(lambda a: 1.1 * a, t.params)
+    with pytest.raises(ValueError, match=r"own layout.*restriction.*R\.select\(params\)"):
+        part.refit(t.apply_fn, params, t.x)
+    R = restrict(E.layer_collection, (first,))
+    got = part.refit(R.apply_fn(t.apply_fn, params), R.select(params), t.x)
+    want = E.refit(t.apply_fn, params, t.x).restrict((first,))
+    np.testing.assert_allclose(got.to_dense(), want.to_dense(), **TOL)
+    with pytest.raises(ValueError, match=r"own layout.*params it was built at"):
+        E.refit(t.apply_fn, R.select(params), t.x)
 
 
 def test_chunks_iterators_and_jit():

@@ -204,10 +204,30 @@ class PMatEKFAC(PMatKFAC):
         module docstring (one pass, no ``eigh``)."""
         from jaxgeom.metrics import FIM, FIM_MonteCarlo
 
-        kwargs.setdefault("layer_collection", self.layer_collection)
+        if "layer_collection" not in kwargs:
+            self._check_refit_params(params)
+            kwargs["layer_collection"] = self.layer_collection
         if key is None:
             return FIM(apply_fn, params, data, type(self), basis=self, **kwargs)
         return FIM_MonteCarlo(apply_fn, params, data, type(self), key=key, basis=self, **kwargs)
+
+    def _check_refit_params(self, params: Any) -> None:
+        """Refuse params of another layout than the EKFAC's by name (a refit keeps its
+        layer collection): for a restricted EKFAC, the restricted function and params."""
+        try:
+            self.layer_collection.check_params(params)
+        except ValueError as error:
+            restricted = self.layer_collection.origin is not None
+            raise ValueError(
+                "refit needs params of this EKFAC's own layout "
+                f"({self.layer_collection.numel()} parameters in leaves of shapes "
+                f"{list(self.layer_collection.shapes)})" + (
+                    "; it is a restriction: refit it on the restricted function and params, "
+                    "R = jaxgeom.restriction.restrict(full_layer_collection, ids); "
+                    "E.refit(R.apply_fn(apply_fn, params), R.select(params), data), or "
+                    "refit the whole EKFAC and restrict the result" if restricted else
+                    ": pass the params it was built at, or new values of the same shapes")
+            ) from error
 
 
 @representation
