@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src import core as jax_core
 from jax.interpreters import partial_eval as pe
 
 from jaxgeom._compile import constants_behind_barrier, factorisation_jit, model_jit
@@ -43,7 +42,7 @@ from jaxgeom._lapack import (
     one_thread_in_trace_faster,
     one_thread_when_faster,
 )
-from jaxgeom.solvers import reporting_stops
+from jaxgeom._reporting import at_top_level, reporting
 from jaxgeom.streaming import check_flags
 
 #: the tracers of values staged into a ``jit`` (any tracer where this JAX does not name them)
@@ -114,26 +113,18 @@ def _calling(name: str) -> Callable:
         values = iter(traced)
         leaves = [next(values) if leaf is _TRACED else leaf for leaf in static]
         self, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-        # a call from Python: its iterative solves warn as eager ones do
-        with reporting_stops() if reports else contextlib.nullcontext():
+        # a call from Python: it warns as the operation called eagerly would (its
+        # iterative solves' stops, a singular matrix), through host callbacks
+        with reporting() if reports else contextlib.nullcontext():
             return method(self, *args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
     return call
 
 
-def _at_top_level() -> bool:
-    """Whether no trace is under way (a call from Python, not from inside a ``jit`` whose
-    arguments it does not hold): only then does a compiled call report its iterative
-    solves' stops through host callbacks (:func:`jaxgeom.solvers.reporting_stops`), which
-    a user's program must not get. ``False`` where this JAX cannot tell."""
-    clean = getattr(jax_core, "trace_state_clean", None)
-    return bool(clean()) if clean is not None else False
-
-
-#: the compiled calls take ``reports`` (:func:`_at_top_level`) as a static argument: a
-#: program traced for a call from Python holds callbacks that one inlined into a user's
-#: ``jit`` must not
+#: the compiled calls take ``reports`` (:func:`jaxgeom._reporting.at_top_level`) as a
+#: static argument: a program traced for a call from Python holds callbacks that one
+#: inlined into a user's ``jit`` must not
 _STATIC = (0, 1, 2, 4)
 _compiled_call = jax.jit(_calling("_compiled_call"), static_argnums=_STATIC)
 #: for the operations a representation lists in ``FACTORISING_OPERATIONS``: compiled with
@@ -189,12 +180,12 @@ def compiled_when_eager(method: Callable) -> Callable:
         call = _compiled_call_for(self, name)
         flagged = getattr(self, "CHECKED_OPERATIONS", {}).get(name)
         if flagged is not None:  # the result and its chunks' finiteness flags, read here
-            result, flags = call(getattr(type(self), flagged), treedef, *split, _at_top_level())
+            result, flags = call(getattr(type(self), flagged), treedef, *split, at_top_level())
             check_flags(flags)
             return result
         factorised = getattr(self, "_factorised_orders", None)
         orders = factorised(name, *args, **kwargs) if factorised is not None else ()
-        reports = _at_top_level()
+        reports = at_top_level()
         if not orders:
             return call(method, treedef, *split, reports)
         with one_thread_when_faster(orders, split[1]) as limited:

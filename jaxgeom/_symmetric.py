@@ -17,9 +17,13 @@ matrices are symmetric by construction.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxgeom._reporting import reports_from_here, warn_if_singular
 
 
 def cholesky(m: jax.Array) -> jax.Array:
@@ -47,7 +51,7 @@ def spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     return cho_solve(cholesky(m), b)
 
 
-def symmetric_solve(m: jax.Array, b: jax.Array) -> jax.Array:
+def symmetric_solve(m: jax.Array, b: jax.Array, operation: str = "solve") -> jax.Array:
     """``m⁻¹ b`` for a symmetric invertible ``m`` (``(n, n)``; ``b`` ``(n,)`` or ``(n, k)``):
     :func:`spd_solve` when ``m`` is positive definite (a damped Fisher), else an LU solve
     with partial pivoting (an indefinite ``m``: a damped Hessian of a non-convex loss, a
@@ -57,37 +61,51 @@ def symmetric_solve(m: jax.Array, b: jax.Array) -> jax.Array:
 
     Differentiable in ``m`` and ``b`` through ``dx = m⁻¹ (db − dm x)``, solved by the branch
     the value took (differentiating through the ``cond`` multiplied the other branch's NaN
-    by zero: NaN gradients for an indefinite ``m``).
+    by zero: NaN gradients for an indefinite ``m``). In an operation called from Python
+    (:func:`jaxgeom._reporting.reporting`), an ``m`` singular to working precision warns
+    (:func:`jaxgeom._reporting.warn_if_singular` on the pivots: Cholesky's ``L_ii²``, or the
+    LU's ``|U_ii|``; an undamped Fisher of fewer examples than parameters fails Cholesky by
+    round-off and answered the LU's ``10¹⁸``).
     """
-    return _compiled_symmetric_solve(m, b)
+    return _compiled_symmetric_solve(m, b, operation if reports_from_here() else None)
 
 
-@jax.custom_jvp
-def _symmetric_solve(m: jax.Array, b: jax.Array) -> jax.Array:
-    return _solve_and_branch(m, b)[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _symmetric_solve(m: jax.Array, b: jax.Array, reports: str | None) -> jax.Array:
+    return _solve_and_branch(m, b, reports)[0]
 
 
-def _solve_and_branch(m: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(m⁻¹ b, whether m was indefinite)``."""
-    # Only the solution crosses into the ``cond``: the factor, handed over, was copied
-    # from LAPACK's column-major layout to row-major and back (two strided n² passes,
+def _solve_and_branch(m: jax.Array, b: jax.Array, reports: str | None
+                      ) -> tuple[jax.Array, jax.Array]:
+    """``(m⁻¹ b, whether m was indefinite)``; a singular ``m`` warns when ``reports`` names
+    the operation."""
+    # Only the solution and the pivots cross into the ``cond``: the factor, handed over, was
+    # copied from LAPACK's column-major layout to row-major and back (two strided n² passes,
     # +30% on a solve at n = 2112). The LU factorises mᵀ (= m) for the reason above.
-    x = spd_solve(m, b)
+    factor = cholesky(m)
+    x = cho_solve(factor, b)
     indefinite = jnp.isnan(jnp.ravel(x)[0])
     # The LU factorises a copy of mᵀ made after the Cholesky solve (``+ 0`` read from its
     # result): under ``vmap`` the ``cond`` is a select that runs both branches, and with
     # the LU on mᵀ itself, XLA:CPU's program hung in most runs (a vmapped solve at
     # n = 300–400: 7 of 8; an optimisation barrier did not help). An n² pass beside the LU.
     after = indefinite.astype(m.dtype) * 0
-    return (lax.cond(indefinite, lambda x: jnp.linalg.solve(m.T + after, b), lambda x: x, x),
-            indefinite)
+
+    def lu_solve(_):
+        lu, pivots = jax.scipy.linalg.lu_factor(m.T + after)
+        return jax.scipy.linalg.lu_solve((lu, pivots), b), jnp.abs(jnp.diagonal(lu))
+
+    x, pivots = lax.cond(indefinite, lu_solve, lambda x: x, (x, jnp.diagonal(factor) ** 2))
+    if reports is not None:
+        warn_if_singular(pivots, reports, reports=True)
+    return x, indefinite
 
 
 @_symmetric_solve.defjvp
-def _symmetric_solve_jvp(primals, tangents):
+def _symmetric_solve_jvp(reports, primals, tangents):
     m, b = primals
     dm, db = tangents
-    x, indefinite = _solve_and_branch(m, b)
+    x, indefinite = _solve_and_branch(m, b, reports)
     rhs = db - dm @ x
     # the branch is chosen from the primal values: the tangent stays linear (transposable)
     dx = lax.cond(indefinite, lambda r: jnp.linalg.solve(m.T, r), lambda r: spd_solve(m, r),
@@ -95,5 +113,6 @@ def _symmetric_solve_jvp(primals, tangents):
     return x, dx
 
 
-#: called eagerly (PMatDense.inv), the cond's branches made anew would recompile
-_compiled_symmetric_solve = jax.jit(_symmetric_solve)
+#: called eagerly (PMatDense.inv), the cond's branches made anew would recompile; whether
+#: it reports is static (a program traced for a call from Python holds a host callback)
+_compiled_symmetric_solve = jax.jit(_symmetric_solve, static_argnums=2)

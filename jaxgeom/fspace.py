@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._reporting import warn_if_singular
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import gathered
 from jaxgeom._symmetric import spd_solve
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import PMatAbstract, check_regul, check_shape
 from jaxgeom.scaling import ArrayValued, ScalarMultiples
-from jaxgeom.vector import static_order
+from jaxgeom.vector import check_real, static_order
 
 #: how to damp each output and example on its own, which a scalar ``regul`` cannot
 _PER_EXAMPLE_DAMPING = (
@@ -91,9 +92,18 @@ class FVector(_ScalarAlgebra):
         return jnp.vdot(as_fvector_data(self), as_fvector_data(other, self.data.shape))
 
     def __matmul__(self, other: Any) -> jax.Array:
-        if isinstance(other, FVector):
+        """``f @ g``: :meth:`dot` with an ``FVector`` or a ``(K, N)`` array."""
+        if isinstance(other, FVector | jax.Array | np.ndarray):
             return self.dot(other)
         return NotImplemented
+
+    def __rmatmul__(self, other: Any) -> jax.Array:
+        if isinstance(other, jax.Array | np.ndarray):
+            return self.dot(other)
+        return NotImplemented
+
+    #: NumPy defers ``ndarray @ FVector`` to :meth:`__rmatmul__` instead of broadcasting
+    __array_priority__ = 1000
 
     def norm(self, p: float = 2) -> jax.Array:
         """The ``p``-norm of the flattened ``K·N`` vector."""
@@ -120,6 +130,7 @@ def as_fvector_data(f: Any, shape: tuple[int, int] | None = None) -> jax.Array:
             f"a function-space vector must be an FVector or an array of shape {want} "
             f"(outputs, examples); got shape {data.shape}"
         )
+    check_real(data, "function-space vector")
     return gathered(data)[0]
 
 
@@ -218,7 +229,10 @@ class FMatDense(_ScalarAlgebra):
 
     def slogdet(self, regul: Any = 0.0) -> tuple[jax.Array, jax.Array]:
         """``(sign, log|det(G + regul·I)|)`` of the ``(K·N) × (K·N)`` matrix, from its
-        eigenvalues (``m³``; NumPy's convention: ``(0, -inf)`` when singular). With the
+        eigenvalues (``m³``; NumPy's convention: ``(0, -inf)`` when singular, where the
+        zero eigenvalues are exact: ``eigh``'s of a singular Gram — more outputs than
+        parameters, ``K·N > d`` — are round-off of either sign, a finite log or a sign
+        ``-1``, as NumPy's; pass ``regul > 0``). With the
         NTK as a Gaussian-process kernel and noise ``σ²``, the log marginal likelihood of
         targets ``y`` is ``−½ yᵀ G.solve(y, σ²) − ½ G.logdet(σ²) − (K·N/2) log 2π``."""
         check_regul(regul, _PER_EXAMPLE_DAMPING)
@@ -264,6 +278,7 @@ class FMatDense(_ScalarAlgebra):
         rhs = jnp.ravel(data)
         if method == "eigh":
             evals, evecs = jnp.linalg.eigh(matrix)
+            warn_if_singular(evals + regul, "solve")  # K·N > d undamped: round-off
             x = evecs @ ((evecs.T @ rhs) / (evals + regul))
         else:
             shifted = matrix + regul * jnp.eye(matrix.shape[0], dtype=matrix.dtype)

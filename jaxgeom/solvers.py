@@ -9,16 +9,16 @@ representation's ``solve(v, regul, method=...)`` offers all three on ``M + regul
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxgeom._reporting import is_reporting
 
 Matvec = Callable[[jax.Array], jax.Array]
 
@@ -39,8 +39,8 @@ def cg(
     (default ``10 · len(b)``). ``preconditioner(r)`` applies ``P⁻¹`` to a residual
     (e.g. the ``solve`` of a cheap representation of the same matrix). Stopped by the
     default ``maxiter`` above the tolerance, an eager solve warns (``RuntimeWarning``), as
-    does a representation's eager ``solve`` (:func:`reporting_stops`); a ``maxiter`` of
-    the caller's is a budget, stopped at quietly.
+    does a representation's eager ``solve`` (:func:`jaxgeom._reporting.reporting`); a
+    ``maxiter`` of the caller's is a budget, stopped at quietly.
 
     Cost: one ``matvec`` (and one preconditioner application) per iteration; from ``x0 =
     None`` the residual is ``b`` (no product with the zero vector), from an ``x0`` one more
@@ -267,7 +267,7 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
 
         start = method.start(jnp.zeros_like(r) if x is None else x, r, z)
         state, k = jax.lax.while_loop(cond, body, (start, jnp.asarray(0)))
-        if _REPORTING.get():
+        if is_reporting():
             jax.debug.callback(functools.partial(_report_stop, name, maxiter, warns),
                                method.residual_norm(state), threshold,
                                method.stalled(state), k)
@@ -331,23 +331,6 @@ def _report_stop(name: str, maxiter: int, warns: bool, residual, threshold, stal
     warnings.warn(f"{name}: {what}", RuntimeWarning, stacklevel=stacklevel)
 
 
-#: whether a traced solve reports, when it runs, a stop above its tolerance
-#: (:func:`reporting_stops`)
-_REPORTING = contextvars.ContextVar("jaxgeom_krylov_reporting", default=False)
-
-
-@contextlib.contextmanager
-def reporting_stops() -> Iterator[None]:
-    """Inside, the Krylov solves traced (:func:`cg`, :func:`minres`) report when they run,
-    through a host callback, a stop above their tolerance (:func:`_report_stop`'s
-    warning). For the compiled call of an eager operation (a representation's ``solve``:
-    :func:`jaxgeom._dispatch.compiled_when_eager`), as the solves driven from Python warn;
-    never inside a user's ``jit``, which gets no callback."""
-    token = _REPORTING.set(True)
-    try:
-        yield
-    finally:
-        _REPORTING.reset(token)
 
 
 def non_finite_residual(name: str, when: str) -> str:

@@ -8,6 +8,7 @@ with ``to_dense()``.
 """
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -256,3 +257,33 @@ def test_flax_serialization_round_trips_a_representation(representation):
                                atol=1e-15)
     back = serialization.from_bytes(v, serialization.to_bytes(2 * v))
     np.testing.assert_array_equal(back.to_flat(), 2 * v.to_flat())
+
+
+SINGULAR_OPERATIONS = {
+    "solve": lambda M, v: M.solve(v), "inv": lambda M, v: M.inv(),
+    "pow": lambda M, v: M.pow(-1), "eigh solve": lambda M, v: M.solve(v, method="eigh"),
+}
+
+
+@pytest.mark.parametrize("representation, name", [
+    (rep, name) for rep in (PMatDense, PMatBlockDiag, PMatKFAC) for name in SINGULAR_OPERATIONS
+    if not (rep is PMatKFAC and name == "eigh solve")  # KFAC's default solve: "solve"
+])
+def test_an_undamped_inverse_of_a_numerically_singular_fisher_warns(representation, name):
+    """A Fisher of fewer examples than parameters is singular; its eigenvalues, pivots or
+    Kronecker factors' eigenvalues there are round-off, not exact zeros, so a solve or an
+    inverse answered entries of ``‖v‖/(ε‖M‖)`` (10¹⁰–10¹⁸) without a word: eagerly it warns,
+    as SciPy's solve does; damped it is silent and exact; inside a user's ``jit`` nothing is
+    staged (``jax.export`` takes the program: no host callback)."""
+    t = make_plain_mlp(n=2)
+    F = FIM(t.apply_fn, t.params, t.x, representation)
+    dense = np.asarray(F.to_dense())
+    assert np.linalg.matrix_rank(dense) < len(dense)
+    v = np.ones(len(dense))
+    with pytest.warns(RuntimeWarning, match=r"singular to working precision.*regul > 0"):
+        SINGULAR_OPERATIONS[name](F, v)
+    damped = dense + 0.1 * np.eye(len(dense))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(F.solve(v, 0.1), np.linalg.solve(damped, v), rtol=1e-8)
+        jax.export.export(jax.jit(lambda F, v: F.solve(v)))(F, v)

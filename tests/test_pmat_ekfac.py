@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from models import (
@@ -359,6 +360,9 @@ def test_an_undamped_solve_of_exact_zero_eigenvalues_is_refused_as_inv_is():
     with pytest.raises(ValueError, match=r"solve of a singular matrix: \d+ of its .* are 0.*"
                                          r"solve\(v, regul\).*pinv\(\).mv\(v\)"):
         E.solve(v)
+    for zero in (np.float64(0.0), jnp.asarray(0.0)):  # a damping the optimizer made an array
+        with pytest.raises(ValueError, match=r"solve of a singular matrix"):
+            E.solve(v, zero)
     with pytest.raises(ValueError, match=r"pow\(-1\) of a singular matrix"):
         E.inv()
     dense = np.asarray(E.to_dense())

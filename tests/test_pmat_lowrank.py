@@ -244,6 +244,11 @@ def test_signed_weights_everywhere(case):
     for method in ("woodbury", "eigh"):
         x = M.solve(expected @ fv + regul * fv, regul, method=method)
         np.testing.assert_allclose(x, fv, rtol=1e-8, atol=1e-9)
+    # a fractional power of it is refused under the exponent asked for (was pow(0.5) for
+    # pow(-0.5): checked after the inversion)
+    for p in (0.5, -0.5):
+        with pytest.raises(ValueError, match=rf"pow\({p:g}\) of an indefinite matrix"):
+            M.pow(p)
 
 
 def test_more_rows_than_parameters():

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom._compile import factorisation_jit
+from jaxgeom._reporting import warn_if_singular
 
 
 def is_integer(p) -> bool:
@@ -29,11 +30,20 @@ def is_integer(p) -> bool:
             and np.isreal(value) and float(np.real(value)).is_integer())
 
 
+def is_concrete_zero(x: Any) -> bool:
+    """Whether the scalar ``x`` is concretely zero (a Python number or an array, NumPy's
+    or JAX's); a traced value cannot be checked and is not."""
+    try:
+        return bool(x == 0)
+    except jax.errors.ConcretizationTypeError:
+        return False
+
+
 def power(values: jax.Array, p, regul=0.0) -> jax.Array:
     """``(λ + regul)^p`` of eigenvalues; for non-integer ``p`` the matrix is taken PSD
     and negative round-off eigenvalues are clipped to 0 (a traced ``p`` is checked on
     the device: an integer value keeps the signs); concrete eigenvalues below ``0`` by
-    more than round-off are a ``ValueError`` (:func:`_check_nonnegative`).
+    more than round-off are a ``ValueError`` (:func:`check_nonnegative`).
 
     A negative power of a singular matrix is infinite on its null space: called with
     concrete values, ``p < 0`` where some ``λ + regul`` is 0 (``≤ 0`` for a non-integer
@@ -43,7 +53,7 @@ def power(values: jax.Array, p, regul=0.0) -> jax.Array:
     if is_integer(p):
         _check_invertible(shifted, p)
         return shifted ** int(np.real(np.asarray(p)))
-    _check_nonnegative(shifted, p)  # first: a negative eigenvalue is not a singular one
+    check_nonnegative(shifted, p)  # first: a negative eigenvalue is not a singular one
     _check_invertible(shifted, p)
     clipped = jnp.maximum(shifted, 0) ** p
     if isinstance(p, jax.core.Tracer):
@@ -52,12 +62,16 @@ def power(values: jax.Array, p, regul=0.0) -> jax.Array:
 
 
 def shifted_power(values: jax.Array, regul=0.0, *, p) -> jax.Array:
-    """:func:`power` with ``regul`` second: ``f(λ, regul)`` for :func:`spectral_functions`
-    (``p`` bound, static)."""
-    return power(values, p, regul)
+    """:func:`power` of eigenvalues from a factorisation (``eigh``), with ``regul`` second:
+    ``f(λ, regul)`` for :func:`spectral_functions` (``p`` bound, static). Those of a
+    singular matrix are round-off, not zeros: a negative power of them warns
+    (:func:`_warn_if_singular`)."""
+    result = power(values, p, regul)
+    _warn_if_singular(values + regul, p)
+    return result
 
 
-def _check_nonnegative(shifted: jax.Array, p) -> None:
+def check_nonnegative(shifted: jax.Array, p) -> None:
     """Refuse a fractional power of a matrix with an eigenvalue (+ regul) below ``0`` by
     more than round-off (``max(√eps, n·eps) · max|λ|``), when the values are concrete: clipped to
     ``0``, it would answer the power of another matrix (an indefinite Hessian's)."""
@@ -74,6 +88,16 @@ def _check_nonnegative(shifted: jax.Array, p) -> None:
             f"{values.min():.3g}), where a fractional power is not real (e.g. a Hessian "
             "away from a minimum). Shift it (pow(p, regul) with regul ≥ −λ_min), or apply "
             "the power to |λ| from eigh()")
+
+
+def _warn_if_singular(shifted: jax.Array, p) -> None:
+    """A negative power of eigenvalues singular to working precision (not exactly:
+    :func:`_check_invertible`) warns (:func:`jaxgeom._reporting.warn_if_singular`)."""
+    if isinstance(p, jax.core.Tracer):
+        return
+    value = np.asarray(p)  # on the host: jnp operations on a concrete p inside a trace trace
+    if np.isreal(value) and np.real(value) < 0:
+        warn_if_singular(shifted, f"pow({np.real(value):g})")
 
 
 def _check_invertible(shifted: jax.Array, p, operation: str | None = None) -> None:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxgeom._reporting import warn_if_singular
 from jaxgeom._symmetric import symmetric_solve
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
@@ -90,12 +91,13 @@ class PMatDense(PMatAbstract):
     def _eigh_solve(self, v, regul):
         """``V ((Vᵀv) / (λ + regul))``."""
         evals, evecs = self.eigh()
+        warn_if_singular(evals + regul, "solve")
         return evecs @ ((evecs.T @ v) / (evals + regul))
 
     # ------------------------------------------------------------------ functions
     def inv(self, regul: Any = 0.0) -> PMatDense:
         eye = jnp.eye(self.data.shape[0], dtype=self.data.dtype)
-        return self._with(symmetric_solve(self._shifted(regul), eye))
+        return self._with(symmetric_solve(self._shifted(regul), eye, "inv"))
 
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatDense:
         pinv = functools.partial(_spectral.pinv, atol=atol, rtol=rtol)

@@ -98,6 +98,7 @@ from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
+from jaxgeom._reporting import warn_if_singular
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._symmetric import spd_solve, symmetric_solve
 from jaxgeom.capture import (
@@ -369,7 +370,7 @@ class Kron:
                 self, A=self.A ** int(p) if self.A.ndim == 1 else mp(self.A), G=mp(self.G),
                 rank_bounds=self.rank_bounds if p > 0 else (None, None))
         self._check_symmetric(f"pow({p})")
-        f = functools.partial(_spectral.power, p=p)
+        f = functools.partial(_spectral.shifted_power, p=p)
         return Kron(_factor_apply(f, self.A), _factor_apply(f, self.G))
 
     def solve(self, v):
@@ -1068,6 +1069,8 @@ class PMatKFAC(PMatAbstract):
         """``(M + λI)⁻¹ v`` through the factors' eigenbases and the exact blocks' (``V ((Vᵀx)
         / (λ + regul))``)."""
         eigen_nodes, pairs = self._eigen()
+        warn_if_singular([jnp.ravel(e.d + regul) for e in eigen_nodes]
+                         + [e + regul for e, _ in pairs], "solve")
         nodes = [e.map(lambda d: 1 / (d + regul)) for e in eigen_nodes]
         blocks = [lambda x, e=e, q=q: q @ ((q.T @ x) / (e + regul)) for e, q in pairs]
         return self._parts.apply(nodes, "mv", v, blocks)
@@ -1107,7 +1110,7 @@ class PMatKFAC(PMatAbstract):
             nodes = tuple(n.power(p) for n in self.factors)
         else:
             nodes, _ = self._eigen(blocks=False)
-            nodes = tuple(n.map(functools.partial(_spectral.power, p=p, regul=regul))
+            nodes = tuple(n.map(functools.partial(_spectral.shifted_power, regul=regul, p=p))
                           for n in nodes)
         return self._with(nodes, blocks)
 
@@ -1140,7 +1143,7 @@ class PMatKFAC(PMatAbstract):
         """An undamped exact solve divides by the stored eigenvalues of the layers held in
         their eigenbasis (an EKFAC's; a KFAC's after ``inv``/``pow``): exact zeros (an
         EKFAC's off-range values) are refused, as ``pow(-1)`` refuses them."""
-        if method in ITERATIVE_SOLVES or not _is_static_zero(regul):
+        if method in ITERATIVE_SOLVES or not _spectral.is_concrete_zero(regul):
             return
         values = [n.d.ravel() for n in self.factors if isinstance(n, KronEigen)]
         if values:

@@ -222,8 +222,8 @@ class PMatLowRank(PMatAbstract):
         """``"woodbury"`` (when ``d ≥ r``) and ``"eigh"`` divide by ``shift + regul``: 0
         (concretely) is refused, as :meth:`inv` refuses it."""
         r, d = self.factor.shape
-        if (method == "eigh" or (method == "woodbury" and d >= r)) and _is_zero(
-                regul + self.shift):
+        divides = method == "eigh" or (method == "woodbury" and d >= r)
+        if divides and _spectral.is_concrete_zero(regul + self.shift):
             raise ValueError(
                 f"PMatLowRank.solve(method={method!r}) needs shift + regul ≠ 0: it divides the "
                 "part of v outside the factor's rows by it, where M (rank ≤ r = "
@@ -289,7 +289,7 @@ class PMatLowRank(PMatAbstract):
           ValueError: when ``s + regul`` is (concretely) 0: ``M`` of rank ``≤ r < d`` is
             singular (use :meth:`pinv`, or a ``regul > 0``).
         """
-        if _is_zero(regul + self.shift):
+        if _spectral.is_concrete_zero(regul + self.shift):
             raise ValueError(
                 "PMatLowRank.inv needs shift + regul ≠ 0: a matrix of rank ≤ r < d is "
                 "singular. Pass a damping (inv(regul) = (M + regul·I)⁻¹) or use pinv()")
@@ -309,7 +309,7 @@ class PMatLowRank(PMatAbstract):
         the projector on the range). Cost ``r² d + r³``.
         """
         traced = isinstance(p, jax.core.Tracer)
-        if not traced and p == 0 and _is_zero(regul + self.shift):
+        if not traced and p == 0 and _spectral.is_concrete_zero(regul + self.shift):
             raise NotImplementedError(
                 "PMatLowRank.pow(0) would be the identity, which is not low-rank; use PMatEye"
             )
@@ -319,6 +319,8 @@ class PMatLowRank(PMatAbstract):
                 x = jnp.where(p < 0, self._pinv_values(x, None, None), x)
                 return _spectral.power(x, jnp.abs(p))
             if p < 0:
+                if not _spectral.is_integer(p):  # checked with the exponent asked for
+                    _spectral.check_nonnegative(x, p)
                 return _spectral.power(self._pinv_values(x, None, None), -p)
             return _spectral.power(x, p)
 
@@ -400,11 +402,3 @@ class LowRankAccumulator:
     def finalize(self, chunks: list[jax.Array], n: int) -> PMatLowRank:
         factor = chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
         return PMatLowRank(self.layer_collection, factor, jnp.asarray(1 / n, factor.dtype))
-
-
-def _is_zero(x: Any) -> bool:
-    """Whether ``x`` is (concretely) zero; a traced value cannot be checked and is not."""
-    try:
-        return bool(x == 0)
-    except jax.errors.ConcretizationTypeError:
-        return False

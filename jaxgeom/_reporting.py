@@ -1,0 +1,100 @@
+"""Warnings of operations called from Python, also from inside their compiled calls.
+
+An eager operation of a representation runs as one compiled call
+(:func:`jaxgeom._dispatch.compiled_when_eager`), inside which the values it would warn of
+(a Krylov solve's last residual, a factorisation's pivots) are traced. Inside
+:func:`reporting` — the compiled call of an operation called from Python, never a user's
+``jit`` — such warnings are staged as host callbacks (``jax.debug.callback``), which warn
+when the call runs; outside it, traced values warn of nothing and concrete ones warn at
+once.
+
+Singular to working precision (:func:`warn_if_singular`): a solve or a negative power of a
+matrix whose smallest pivot or eigenvalue (in magnitude, ``+ regul``) is below
+``n·ε`` times its largest — the threshold below which ``numpy.linalg.pinv`` (Array API
+``rtol``) calls an eigenvalue zero — answers round-off (entries of ``‖v‖/(ε‖M‖)``, an
+undamped Fisher of fewer examples than parameters: ``10¹⁸`` in float64), as SciPy's
+``solve`` warns of (``LinAlgWarning``: ill-conditioned matrix).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import warnings
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import core as jax_core
+
+#: whether traced values are reported when the program runs (:func:`reporting`)
+_REPORTING = contextvars.ContextVar("jaxgeom_reporting", default=False)
+
+
+@contextlib.contextmanager
+def reporting() -> Iterator[None]:
+    """Inside, traced values are reported through host callbacks when the program runs
+    (the compiled call of an eager operation; module docstring)."""
+    token = _REPORTING.set(True)
+    try:
+        yield
+    finally:
+        _REPORTING.reset(token)
+
+
+def is_reporting() -> bool:
+    """Whether a trace under way is that of an operation called from Python
+    (:func:`reporting`)."""
+    return _REPORTING.get()
+
+
+def at_top_level() -> bool:
+    """Whether no trace is under way (a call from Python, not from inside a ``jit`` whose
+    arguments it does not hold). ``False`` where this JAX cannot tell."""
+    clean = getattr(jax_core, "trace_state_clean", None)
+    return bool(clean()) if clean is not None else False
+
+
+def reports_from_here() -> bool:
+    """Whether a compiled function called here should report what it traces: inside
+    :func:`reporting`, or called from Python (:func:`at_top_level`). A static argument of
+    that function: its program for a call from Python holds host callbacks, the one inlined
+    into a user's ``jit`` none."""
+    return is_reporting() or at_top_level()
+
+
+def warn_if_singular(magnitudes: jax.Array | Sequence[jax.Array], operation: str, *,
+                     reports: bool | None = None, stacklevel: int = 3) -> None:
+    """Warn (``RuntimeWarning``) that ``operation`` ran on a matrix singular to working
+    precision: ``min |p| ≤ n·ε·max |p|`` over the ``n`` values ``p`` on the last axis of
+    ``magnitudes`` (its eigenvalues ``+ regul``, or its factorisation's pivots on the
+    eigenvalues' scale, e.g. Cholesky's ``L_ii²``; leading axes a stack of matrices; a
+    sequence of such arrays: the blocks of one matrix, one warning for all), ``ε`` of their
+    dtype. Concrete values warn now; traced ones through one host callback when the program
+    runs if ``reports`` (default :func:`is_reporting`), else not at all. NaN pivots (a
+    failed factorisation, answered by another route) are skipped."""
+    arrays = [magnitudes] if isinstance(magnitudes, jax.Array | np.ndarray) else magnitudes
+    arrays = [jnp.abs(jnp.asarray(a)) for a in arrays if np.shape(a)[-1]]
+    traced = any(isinstance(a, jax.core.Tracer) for a in arrays)
+    if not arrays or (traced and not (is_reporting() if reports is None else reports)):
+        return
+    singular = jnp.stack([jnp.any(jnp.min(a, axis=-1) <= a.shape[-1] * jnp.finfo(a.dtype).eps
+                                  * jnp.max(a, axis=-1)) for a in arrays])
+    report = functools.partial(_report_singular, operation, stacklevel)
+    if traced:
+        jax.debug.callback(report, jnp.any(singular))
+    else:
+        report(singular)
+
+
+def _report_singular(operation: str, stacklevel: int, singular) -> None:
+    # one message for every matrix (a block-diagonal's blocks): Python's default filter
+    # shows it once, not once a block
+    if np.any(singular):
+        warnings.warn(
+            f"{operation} of a matrix singular to working precision: its smallest eigenvalue "
+            "or pivot (+ regul) is below n·ε times its largest, so the answer is round-off "
+            "(entries of about ‖v‖/(ε‖M‖)). Damp it (regul > 0: M + regul·I), or use pinv() "
+            "for the pseudo-inverse on its range", RuntimeWarning, stacklevel=stacklevel)
