@@ -118,10 +118,13 @@ def _assemble(left: ReplayedFunction, right: ReplayedFunction | None,
     k, scale = _outputs_and_scale(left, right)
     if _scans(left, right):
         return _assemble_scanned(left, right, keep_bytes, k, scale)
-    rows = _Factors(left, list(data_lib.iter_windows(left.data, left.batch_size)), keep_bytes)
+    rows_only = _rows_only(left, right)
+    rows = _Factors(left, list(data_lib.iter_windows(left.data, left.batch_size)), keep_bytes,
+                    rows_only)
     symmetric = right is None
     columns = rows if symmetric else _Factors(
-        right, list(data_lib.iter_windows(right.data, right.batch_size)), keep_bytes)
+        right, list(data_lib.iter_windows(right.data, right.batch_size)), keep_bytes,
+        rows_only)
     gram = jnp.zeros((k, rows.n, k, columns.n), left.layer_collection.dtype)
     swap = not symmetric and _holds_columns(rows.kept_all(), columns.kept_all(),
                                             len(rows.parts), len(columns.parts))
@@ -155,6 +158,14 @@ def _outputs_and_scale(left: ReplayedFunction,
 
 def _first_batch(J: ReplayedFunction) -> Any:
     return next(b for b in J.data if data_lib.num_examples(b))
+
+
+def _rows_only(left: ReplayedFunction, right: ReplayedFunction | None) -> bool:
+    """Whether a cross kernel's two data sets have examples of other shapes, so that a dense
+    layer may see one position on one side (its input Gram) and several on the other (its
+    gradient rows): both sides then give every layer as rows, which pair up."""
+    return right is not None and (_example_signature(_first_batch(left))
+                                  != _example_signature(_first_batch(right)))
 
 
 def _holds_columns(kept_rows: bool, kept_columns: bool, row_windows: int,
@@ -316,10 +327,12 @@ class _Factors:
     when asked for and kept when all of them fit in ``keep_bytes`` (default: one part's
     Jacobian, ``n K d`` entries): decided on the first one."""
 
-    def __init__(self, J: ReplayedFunction, parts: list, keep_bytes: int | None):
+    def __init__(self, J: ReplayedFunction, parts: list, keep_bytes: int | None,
+                 rows_only: bool = False):
         first = parts[0].batch
+        _check_one_example_shape((part.batch for part in parts), first)
         self.num_outputs = output_count(J.fn, J.params, first, J.aux)
-        self.parts, self.make = parts, _factor_maker(J, first, self.num_outputs)
+        self.parts, self.make = parts, _factor_maker(J, first, self.num_outputs, rows_only)
         self.J, self.n, self.keep_bytes = J, J.num_examples, keep_bytes
         self.kept: list[GramFactor | None] = [None] * len(parts)
         self.keep: bool | None = None
@@ -384,15 +397,16 @@ class _ScannedParts(NamedTuple):
 
 
 def _scanned_parts(J: ReplayedFunction, keep_bytes: int | None, *,
-                   masked: bool = False) -> list[_ScannedParts]:
+                   masked: bool = False, rows_only: bool = False) -> list[_ScannedParts]:
     """The windows of each batch of ``J.data`` inside a ``jit`` (:func:`_batch_windows`),
     or with ``masked`` its chunks (:func:`_batch_chunks`: for a sum over the pairs, which
     overlapping windows would count twice). Their factors are kept (computed once, by
     ``lax.map``) on :class:`_Factors`' rule: when all of them take no more than
     ``keep_bytes``."""
     first = _first_batch(J)
+    _check_one_example_shape((b for b in J.data if data_lib.num_examples(b)), first)
     k = output_count(J.fn, J.params, first, J.aux)
-    make = _factor_maker(J, first, k)
+    make = _factor_maker(J, first, k, rows_only)
     parts, keep = [], None
     for starts, size, window, seen in (_batch_chunks if masked else _batch_windows)(J):
         def factor_at(start, window=window):
@@ -502,9 +516,10 @@ def _assemble_scanned(left: ReplayedFunction, right: ReplayedFunction | None,
     """:func:`_assemble` inside a ``jit``: the same blocks over the same pairs of windows,
     by :func:`_scanned_pairs`; of ``J Jᵀ``, the blocks ``i ≤ j`` first, then each block
     ``i < j`` copied, transposed, to its mirror (:func:`_mirrored`)."""
-    rows = _scanned_parts(left, keep_bytes)
+    rows_only = _rows_only(left, right)
+    rows = _scanned_parts(left, keep_bytes, rows_only=rows_only)
     symmetric = right is None
-    columns = rows if symmetric else _scanned_parts(right, keep_bytes)
+    columns = rows if symmetric else _scanned_parts(right, keep_bytes, rows_only=rows_only)
     swap = not symmetric and _holds_columns(rows[0].kept, columns[0].kept, _count(rows),
                                             _count(columns))
 
@@ -580,9 +595,12 @@ def _factor_bytes(f: GramFactor) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(f))
 
 
-def _factor_maker(J: ReplayedFunction, first: Any, k: int) -> Callable[..., GramFactor]:
+def _factor_maker(J: ReplayedFunction, first: Any, k: int, rows_only: bool = False
+                  ) -> Callable[..., GramFactor]:
     """``(batch, offset, mask) -> GramFactor`` for ``J``'s chunks (captured in reverse
-    mode; ``mask``: ``None`` for windows of real examples)."""
+    mode; ``mask``: ``None`` for windows of real examples). ``rows_only``: every layer as
+    per-example gradient rows (a cross kernel between data of two example shapes, whose
+    dense layers may see one position on one side and several on the other)."""
     layout = J.layer_collection
     example = jax.tree_util.tree_map(lambda a: a[0], first)
     mode = resolve_model_mode(J.mode, J.fn, J.params, example, J.aux, layout.numel(), k)
@@ -590,8 +608,28 @@ def _factor_maker(J: ReplayedFunction, first: Any, k: int) -> Callable[..., Gram
         return lambda batch, offset, mask: _rows_factor(
             J.params, batch, offset, J.aux, mask, fn=J.fn, dtype=layout.dtype)
     plan = make_plan(J.fn, J.params, example, J.aux, layout)
-    return lambda batch, offset, mask: _captured_factor(plan, layout, J.params, batch,
-                                                        offset, J.aux, mask)
+    return lambda batch, offset, mask: _captured_factor(plan, layout, rows_only, J.params,
+                                                        batch, offset, J.aux, mask)
+
+
+def _example_signature(batch: Any) -> tuple:
+    """The shapes of a batch's leaves without the examples' axis."""
+    return tuple(np.shape(a)[1:] for a in jax.tree_util.tree_leaves(batch))
+
+
+def _check_one_example_shape(batches: Any, first: Any) -> None:
+    """Refuse batches whose examples differ in shape from ``first``'s: the layer-by-layer
+    factors are captured by one plan, made on one example."""
+    want = _example_signature(first)
+    for batch in batches:
+        got = _example_signature(batch)
+        if got != want:
+            raise ValueError(
+                "GramMatrix/CrossGramMatrix with method='jacobian' (the default) need the "
+                "examples of one data set to share one shape (each layer's factors are "
+                f"captured on one example); got examples of shapes {list(want)} and "
+                f"{list(got)}. Use method='implicit', or pad the examples to "
+                "one shape")
 
 
 @functools.partial(model_jit, static_argnames=("fn", "dtype"))
@@ -602,15 +640,15 @@ def _rows_factor(params, batch, offset, aux, mask, *, fn, dtype) -> GramFactor:
     return GramFactor((), (), jac.astype(dtype).transpose(1, 0, 2))
 
 
-@functools.partial(model_jit, static_argnums=(0, 1))
-def _captured_factor(plan: CapturePlan, layout: LayerCollection, params, batch, offset,
-                     aux, mask) -> GramFactor:
+@functools.partial(model_jit, static_argnums=(0, 1, 2))
+def _captured_factor(plan: CapturePlan, layout: LayerCollection, rows_only: bool, params,
+                     batch, offset, aux, mask) -> GramFactor:
     cap = capture_chunk(plan, params, batch, offset, aux, mask)  # padding: zero gradients
     dtype = layout.dtype
     n, k = cap.outputs.shape
     inputs, grads, rows = [], [], []
     for spec, a, g in zip(plan.specs, cap.inputs, cap.grads):
-        if spec.kind == "dense" and a.shape[1] == 1:  # one position: the input Gram
+        if spec.kind == "dense" and a.shape[1] == 1 and not rows_only:  # the input Gram
             a = a[:, 0].astype(dtype)
             if spec.bias is not None:
                 a = jnp.concatenate([a, jnp.ones((n, 1), dtype)], axis=1)

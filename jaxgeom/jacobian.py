@@ -110,6 +110,9 @@ def example_jacobian(fn: Callable, params: Any, example: Any, index: Any, aux: A
     else:
         transform = jax.jacrev if mode == "reverse" else jax.jacfwd
         jac, out = transform(with_value, has_aux=True)(floats.primals)
+        # each leaf's columns in its dtype, as reverse mode's cotangents are: forward mode's
+        # tangents take the outputs' (float32 parameters on float64 inputs: float64)
+        jac = [j.astype(jnp.result_type(p)) for j, p in zip(jac, floats.primals)]
     return floats.ravel(jac, out.shape), out
 
 

@@ -1,5 +1,7 @@
 """GramMatrix / FMatDense (the empirical NTK) against the explicit ``J Jᵀ``."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -456,6 +458,28 @@ def test_a_cholesky_solve_of_a_singular_gram_names_the_fixes():
     x = G.solve(f, method="lstsq")
     np.testing.assert_allclose(m @ np.ravel(x), m @ np.linalg.lstsq(m, f.ravel())[0],
                                rtol=1e-6, atol=1e-8)
+    # by eigenvalues: divided by round-off zeros, the answer is round-off: a warning
+    with pytest.warns(RuntimeWarning, match=r"solve of a matrix singular to working precision"):
+        G.solve(f, method="eigh")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(G.solve(f, REGUL, method="eigh").ravel(),
+                                   np.linalg.solve(m + REGUL * np.eye(len(m)), f.ravel()),
+                                   rtol=1e-7, atol=1e-9)
+
+
+def test_function_space_vectors_products_and_their_checks():
+    """``f @ g`` with an FVector or a (K, N) array on either side is ``Σ f g``; a complex
+    vector is refused by name, as in parameter space."""
+    f = FVector(jnp.arange(6.0).reshape(2, 3))
+    g = np.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    want = float(np.sum(np.arange(6.0) * g.ravel()))
+    for got in (f @ g, f @ jnp.asarray(g), g @ f, jnp.asarray(g) @ f, f @ FVector(g)):
+        np.testing.assert_allclose(got, want, rtol=1e-14)
+    G = FMatDense(jnp.eye(6).reshape(2, 3, 2, 3))
+    for op in (f.dot, G.mv, G.vTMv, G.solve):
+        with pytest.raises(TypeError, match="complex function-space vector"):
+            op(jnp.asarray(g) * 1j)
 
 
 def test_a_second_data_set_points_to_the_cross_kernel():
@@ -621,6 +645,61 @@ def test_cross_kernel_under_jit_function_and_errors():
         with pytest.raises(ValueError, match="4 and 6 outputs per example"):
             CrossGramMatrix(per_input, params, jnp.ones((2, 2)), jnp.ones((3, 3)),
                             method=method)
+
+
+def _pooled_sequence_model():
+    """A dense layer over the positions of a sequence, mean-pooled, then a read-out: one
+    position (``T = 1``) or several, the same parameters."""
+    rng = np.random.default_rng(0)
+    params = {"l1": {"kernel": jnp.asarray(rng.normal(size=(2, 2))),
+                     "bias": jnp.asarray(rng.normal(size=2))},
+              "l2": {"kernel": jnp.asarray(rng.normal(size=(2, 2))),
+                     "bias": jnp.asarray(rng.normal(size=2))}}
+
+    def apply_fn(p, x):  # (N, T, 2) -> (N, 2)
+        h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"]).mean(1)
+        return h @ p["l2"]["kernel"] + p["l2"]["bias"]
+
+    return apply_fn, params, rng
+
+
+def test_cross_kernel_between_sequences_of_one_and_of_several_positions():
+    """A dense layer that sees one position in one set (its input Gram) and three in the
+    other (its gradient rows): both sides' factors are rows, which pair up. The layer-wise
+    factors had been paired across layers (K = F = H = 2: shapes that fit), off by 7 in
+    entries of 6, or crashed in the other order."""
+    apply_fn, params, rng = _pooled_sequence_model()
+    one, three = (jnp.asarray(rng.normal(size=(n, t, 2))) for n, t in ((4, 1), (5, 3)))
+
+    def jacobian(x):
+        return np.asarray(flat_jacobian(apply_fn, params, x)).transpose(1, 0, 2)
+
+    want = np.einsum("knd,lmd->knlm", jacobian(one), jacobian(three))
+    for method in ("jacobian", "implicit"):
+        np.testing.assert_allclose(CrossGramMatrix(apply_fn, params, one, three,
+                                                   method=method), want, **TOL)
+        np.testing.assert_allclose(CrossGramMatrix(apply_fn, params, three, one,
+                                                   method=method),
+                                   want.transpose(2, 3, 0, 1), **TOL)
+    jitted = jax.jit(lambda p, a, b: CrossGramMatrix(apply_fn, p, a, b, batch_size=2))
+    np.testing.assert_allclose(jitted(params, one, three), want, **TOL)
+
+
+def test_a_gram_of_batches_of_other_example_shapes():
+    """The layer-by-layer Gram captures every window with one example's plan: batches of
+    other example shapes are refused by name (a broadcasting error inside the capture
+    before); the implicit method takes them."""
+    apply_fn, params, rng = _pooled_sequence_model()
+    batches = [jnp.asarray(rng.normal(size=(3, 1, 2))), jnp.asarray(rng.normal(size=(2, 3, 2)))]
+    jac = np.concatenate([np.asarray(flat_jacobian(apply_fn, params, b)) for b in batches])
+    jac = jac.transpose(1, 0, 2)
+    want = np.einsum("knd,lmd->knlm", jac, jac)
+    np.testing.assert_allclose(GramMatrix(apply_fn, params, batches, method="implicit").data,
+                               want, **TOL)
+    for data in (batches, batches[::-1]):
+        with pytest.raises(ValueError, match=r"one shape.*\(1, 2\).*method='implicit'|"
+                                             r"one shape.*\(3, 2\).*method='implicit'"):
+            GramMatrix(apply_fn, params, data)
 
 
 @pytest.mark.parametrize("method", ["jacobian", "implicit"])

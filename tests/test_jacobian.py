@@ -335,6 +335,22 @@ def test_float32_model_takes_float64_vectors():
         np.testing.assert_allclose(forward, ref @ np.asarray(v), rtol=1e-5, atol=1e-5)
 
 
+def test_float32_parameters_on_float64_inputs_in_either_mode():
+    """Flax's float32 parameters on float64 data (x64 on): forward mode's tangents take
+    the outputs' float64 (a dtype error writing them into the float32 map before); both
+    modes give the float32 Jacobian, and so does a low-rank Fisher built from its rows."""
+    t = make_linen_mlp()
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t.params)
+    x = t.x.astype(jnp.float64)
+    ref = np.asarray(flat_jacobian(t.apply_fn, params, x)).transpose(1, 0, 2)
+    for mode in ("forward", "reverse"):
+        J = Jacobian(t.apply_fn, params, x, mode=mode, batch_size=3)
+        assert J.data.dtype == jnp.float32
+        np.testing.assert_allclose(J.data, ref, rtol=1e-5, atol=1e-6)
+        F = FIM(t.apply_fn, params, x, jaxgeom.PMatLowRank, mode=mode)
+        assert F.factor.dtype == jnp.float32
+
+
 @pytest.mark.parametrize("data", ["array", "list", "empty list"])
 def test_function_space_builds_of_no_example_raise_the_data_error(data):
     """Data without any example: the documented ``ValueError`` (was a ``ZeroDivisionError``
