@@ -42,7 +42,7 @@ none mirrored), or the same rows by products (:func:`cross_gram_implicit`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
@@ -330,9 +330,10 @@ class _Factors:
     def __init__(self, J: ReplayedFunction, parts: list, keep_bytes: int | None,
                  rows_only: bool = False):
         first = parts[0].batch
-        _check_one_example_shape((part.batch for part in parts), first)
         self.num_outputs = output_count(J.fn, J.params, first, J.aux)
-        self.parts, self.make = parts, _factor_maker(J, first, self.num_outputs, rows_only)
+        self.parts = parts
+        self.make = _factor_maker(J, (part.batch for part in parts), self.num_outputs,
+                                  rows_only)
         self.J, self.n, self.keep_bytes = J, J.num_examples, keep_bytes
         self.kept: list[GramFactor | None] = [None] * len(parts)
         self.keep: bool | None = None
@@ -404,9 +405,8 @@ def _scanned_parts(J: ReplayedFunction, keep_bytes: int | None, *,
     ``lax.map``) on :class:`_Factors`' rule: when all of them take no more than
     ``keep_bytes``."""
     first = _first_batch(J)
-    _check_one_example_shape((b for b in J.data if data_lib.num_examples(b)), first)
     k = output_count(J.fn, J.params, first, J.aux)
-    make = _factor_maker(J, first, k, rows_only)
+    make = _factor_maker(J, (b for b in J.data if data_lib.num_examples(b)), k, rows_only)
     parts, keep = [], None
     for starts, size, window, seen in (_batch_chunks if masked else _batch_windows)(J):
         def factor_at(start, window=window):
@@ -595,18 +595,23 @@ def _factor_bytes(f: GramFactor) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(f))
 
 
-def _factor_maker(J: ReplayedFunction, first: Any, k: int, rows_only: bool = False
+def _factor_maker(J: ReplayedFunction, batches: Iterable, k: int, rows_only: bool = False
                   ) -> Callable[..., GramFactor]:
-    """``(batch, offset, mask) -> GramFactor`` for ``J``'s chunks (captured in reverse
-    mode; ``mask``: ``None`` for windows of real examples). ``rows_only``: every layer as
-    per-example gradient rows (a cross kernel between data of two example shapes, whose
-    dense layers may see one position on one side and several on the other)."""
+    """``(batch, offset, mask) -> GramFactor`` for ``J``'s chunks of ``batches`` (their
+    non-empty batches, or windows), captured in reverse mode by one plan made on the first
+    one's first example (the others must share its shape); ``mask``: ``None`` for windows
+    of real examples. ``rows_only``: every layer as per-example gradient rows (a cross
+    kernel between data of two example shapes, whose dense layers may see one position on
+    one side and several on the other)."""
+    batches = iter(batches)
+    first = next(batches)
     layout = J.layer_collection
     example = jax.tree_util.tree_map(lambda a: a[0], first)
     mode = resolve_model_mode(J.mode, J.fn, J.params, example, J.aux, layout.numel(), k)
-    if mode == "forward":
+    if mode == "forward":  # the rows of each chunk's Jacobian: any example shapes
         return lambda batch, offset, mask: _rows_factor(
             J.params, batch, offset, J.aux, mask, fn=J.fn, dtype=layout.dtype)
+    _check_one_example_shape(batches, first)
     plan = make_plan(J.fn, J.params, example, J.aux, layout)
     return lambda batch, offset, mask: _captured_factor(plan, layout, rows_only, J.params,
                                                         batch, offset, J.aux, mask)
@@ -625,11 +630,11 @@ def _check_one_example_shape(batches: Any, first: Any) -> None:
         got = _example_signature(batch)
         if got != want:
             raise ValueError(
-                "GramMatrix/CrossGramMatrix with method='jacobian' (the default) need the "
-                "examples of one data set to share one shape (each layer's factors are "
-                f"captured on one example); got examples of shapes {list(want)} and "
-                f"{list(got)}. Use method='implicit', or pad the examples to "
-                "one shape")
+                "GramMatrix/CrossGramMatrix with method='jacobian' (the default) in reverse "
+                "mode need the examples of one data set to share one shape (each layer's "
+                f"factors are captured on one example); got examples of shapes {list(want)} "
+                f"and {list(got)}. Use method='implicit' or mode='forward', or pad the "
+                "examples to one shape")
 
 
 @functools.partial(model_jit, static_argnames=("fn", "dtype"))

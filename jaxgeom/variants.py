@@ -135,12 +135,16 @@ def regression_whitener(covariance: Any, num_outputs: int, dtype: Any) -> jax.Ar
     definite and, as a matrix, symmetric (a ``ValueError`` naming the fix)."""
     if covariance is None:
         return jnp.eye(num_outputs, dtype=dtype)
+    traced = any(isinstance(leaf, jax.core.Tracer)
+                 for leaf in jax.tree_util.tree_leaves(covariance))  # also in a list
+    if traced:
+        covariance = jnp.asarray(covariance)
     shape = tuple(np.shape(covariance))
     if shape not in ((), (num_outputs,), (num_outputs, num_outputs)):
         raise ValueError(
             f"covariance must be a scalar, a ({num_outputs},) diagonal or a ({num_outputs}, "
             f"{num_outputs}) matrix for {num_outputs} regression outputs; got shape {shape}")
-    if not isinstance(covariance, jax.core.Tracer):
+    if not traced:
         _check_covariance(np.asarray(covariance, np.float64), covariance)
     cov = jnp.asarray(covariance, dtype)
     if cov.ndim == 0:

@@ -1253,6 +1253,12 @@ def test_a_covariance_closed_over_by_a_jit():
     np.testing.assert_allclose(jax.jit(build)(t.params, covariance), want, **TOL)
     with pytest.raises(ValueError, match=r"symmetric.*L @ L.T"):
         jax.jit(lambda p: build(p, root))(t.params)
+    # variances as a list holding traced values (learned noise levels)
+    variances = np.arange(1.0, C + 1.0)
+    want = reference_fisher(t.apply_fn, t.params, t.x, variant="regression",
+                            covariance=variances)
+    listed = jax.jit(lambda p, s: build(p, [s * v for v in variances]))(t.params, 1.0)
+    np.testing.assert_allclose(listed, want, **TOL)
 
 
 def test_a_covariance_that_is_not_symmetric_is_refused():

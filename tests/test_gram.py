@@ -688,14 +688,15 @@ def test_cross_kernel_between_sequences_of_one_and_of_several_positions():
 def test_a_gram_of_batches_of_other_example_shapes():
     """The layer-by-layer Gram captures every window with one example's plan: batches of
     other example shapes are refused by name (a broadcasting error inside the capture
-    before); the implicit method takes them."""
+    before); the implicit method and forward mode (each chunk's Jacobian rows) take them."""
     apply_fn, params, rng = _pooled_sequence_model()
     batches = [jnp.asarray(rng.normal(size=(3, 1, 2))), jnp.asarray(rng.normal(size=(2, 3, 2)))]
     jac = np.concatenate([np.asarray(flat_jacobian(apply_fn, params, b)) for b in batches])
     jac = jac.transpose(1, 0, 2)
     want = np.einsum("knd,lmd->knlm", jac, jac)
-    np.testing.assert_allclose(GramMatrix(apply_fn, params, batches, method="implicit").data,
-                               want, **TOL)
+    for options in (dict(method="implicit"), dict(mode="forward")):  # no capture plan
+        np.testing.assert_allclose(GramMatrix(apply_fn, params, batches, **options).data,
+                                   want, **TOL)
     for data in (batches, batches[::-1]):
         with pytest.raises(ValueError, match=r"one shape.*\(1, 2\).*method='implicit'|"
                                              r"one shape.*\(3, 2\).*method='implicit'"):
