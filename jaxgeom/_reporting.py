@@ -2,11 +2,11 @@
 
 An eager operation of a representation runs as one compiled call
 (:func:`jaxgeom._dispatch.compiled_when_eager`), inside which the values it would warn of
-(a Krylov solve's last residual, a factorisation's pivots) are traced. Inside
-:func:`reporting` — the compiled call of an operation called from Python, never a user's
-``jit`` — such warnings are staged as host callbacks (``jax.debug.callback``), which warn
-when the call runs; outside it, traced values warn of nothing and concrete ones warn at
-once.
+(a Krylov solve's last residual) are traced. Inside :func:`reporting` — the compiled call
+of an operation called from Python, never a user's ``jit`` — such warnings are staged as
+host callbacks (``jax.debug.callback``), which warn when the call runs; outside it, traced
+values warn of nothing and concrete ones warn at once. A singular matrix
+(:func:`warn_if_singular`) warns from concrete values only.
 
 Singular to working precision (:func:`warn_if_singular`): a solve or a negative power of a
 matrix whose smallest pivot or eigenvalue (in magnitude, ``+ regul``) is below ``10·ε``
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -56,14 +55,6 @@ def at_top_level() -> bool:
     return bool(clean()) if clean is not None else False
 
 
-def reports_from_here() -> bool:
-    """Whether a compiled function called here should report what it traces: inside
-    :func:`reporting`, or called from Python (:func:`at_top_level`). A static argument of
-    that function: its program for a call from Python holds host callbacks, the one inlined
-    into a user's ``jit`` none."""
-    return is_reporting() or at_top_level()
-
-
 #: ``c`` of the test ``min |p| ≤ c·ε·max |p|``: a solve's relative error is about
 #: ``cond·ε``, 10% and more beyond it (SciPy's ``LinAlgWarning``: ``rcond < ε``; not
 #: ``numpy.linalg.pinv``'s ``n·ε``, which decides a rank: at float32 a damped KFAC layer of
@@ -72,28 +63,36 @@ SINGULAR_RATIO = 10
 
 
 def warn_if_singular(magnitudes: jax.Array | Sequence[jax.Array], operation: str, *,
-                     reports: bool | None = None, stacklevel: int = 3) -> None:
+                     stacklevel: int = 3) -> None:
     """Warn (``RuntimeWarning``) that ``operation`` ran on a matrix singular to working
     precision: ``min |p| ≤ c·ε·max |p|`` (:data:`SINGULAR_RATIO`) over the values ``p`` on
     the last axis of ``magnitudes`` (its eigenvalues ``+ regul``, or its factorisation's
     pivots on the eigenvalues' scale, e.g. Cholesky's ``L_ii²``; leading axes a stack of
     matrices; a sequence of such arrays: the blocks of one matrix, one warning for all),
-    ``ε`` of their dtype. Concrete values warn now; traced ones through one host callback
-    when the program runs if ``reports`` (default :func:`is_reporting`), else not at all.
-    NaN pivots (a failed factorisation, answered by another route) are skipped."""
+    ``ε`` of their dtype. Concrete values only: traced ones warn of nothing (a host callback
+    in the compiled call deadlocked, in a test run, with programs run from threads beside
+    it); a compiled function answers the flag (:func:`singular_flag`) to be read after it."""
     arrays = [magnitudes] if isinstance(magnitudes, jax.Array | np.ndarray) else magnitudes
-    arrays = [jnp.abs(jnp.asarray(a)) for a in arrays if np.shape(a)[-1]]
-    traced = any(isinstance(a, jax.core.Tracer) for a in arrays)
-    if not arrays or (traced and not (is_reporting() if reports is None else reports)):
+    if any(isinstance(a, jax.core.Tracer) for a in arrays):
         return
-    singular = jnp.stack([
+    _report_singular(operation, stacklevel + 1, singular_flag(arrays))
+
+
+def singular_flag(magnitudes: Sequence[jax.Array]) -> jax.Array:
+    """Whether any of ``magnitudes`` (:func:`warn_if_singular`'s) is singular to working
+    precision: a boolean scalar, traced or not."""
+    arrays = [jnp.abs(jnp.asarray(a)) for a in magnitudes if np.shape(a)[-1]]
+    if not arrays:
+        return jnp.asarray(False)
+    return jnp.any(jnp.stack([
         jnp.any(jnp.min(a, axis=-1) <= SINGULAR_RATIO * jnp.finfo(a.dtype).eps
-                * jnp.max(a, axis=-1)) for a in arrays])
-    report = functools.partial(_report_singular, operation, stacklevel)
-    if traced:
-        jax.debug.callback(report, jnp.any(singular))
-    else:
-        report(singular)
+                * jnp.max(a, axis=-1)) for a in arrays]))
+
+
+def report_singular(operation: str, singular: jax.Array, stacklevel: int = 3) -> None:
+    """Warn that ``operation`` ran on a matrix singular to working precision where the flag
+    ``singular`` (:func:`singular_flag`, answered by a compiled call) is set."""
+    _report_singular(operation, stacklevel + 1, singular)
 
 
 def _report_singular(operation: str, stacklevel: int, singular) -> None:

@@ -17,13 +17,11 @@ matrices are symmetric by construction.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxgeom._reporting import reports_from_here, warn_if_singular
+from jaxgeom._reporting import at_top_level, report_singular, singular_flag
 
 
 def cholesky(m: jax.Array) -> jax.Array:
@@ -61,24 +59,27 @@ def symmetric_solve(m: jax.Array, b: jax.Array, operation: str = "solve") -> jax
 
     Differentiable in ``m`` and ``b`` through ``dx = m⁻¹ (db − dm x)``, solved by the branch
     the value took (differentiating through the ``cond`` multiplied the other branch's NaN
-    by zero: NaN gradients for an indefinite ``m``). In an operation called from Python
-    (:func:`jaxgeom._reporting.reporting`), an ``m`` singular to working precision warns
-    (:func:`jaxgeom._reporting.warn_if_singular` on the pivots: Cholesky's ``L_ii²``, or the
-    LU's ``|U_ii|``; an undamped Fisher of fewer examples than parameters fails Cholesky by
-    round-off and answered the LU's ``10¹⁸``).
+    by zero: NaN gradients for an indefinite ``m``). Called from Python (not traced), an
+    ``m`` singular to working precision warns (:func:`jaxgeom._reporting.warn_if_singular`
+    on the pivots, read after the call: Cholesky's ``L_ii²``, or the LU's ``|U_ii|``; an
+    undamped Fisher of fewer examples than parameters fails Cholesky by round-off and
+    answered the LU's ``10¹⁸``).
     """
-    return _compiled_symmetric_solve(m, b, operation if reports_from_here() else None)
+    if not at_top_level():
+        return _compiled_symmetric_solve(m, b)
+    x, singular = _compiled_flagged_solve(m, b)
+    report_singular(operation, singular)
+    return x
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _symmetric_solve(m: jax.Array, b: jax.Array, reports: str | None) -> jax.Array:
-    return _solve_and_branch(m, b, reports)[0]
+@jax.custom_jvp
+def _symmetric_solve(m: jax.Array, b: jax.Array) -> jax.Array:
+    return _solve_and_branch(m, b)[0]
 
 
-def _solve_and_branch(m: jax.Array, b: jax.Array, reports: str | None
-                      ) -> tuple[jax.Array, jax.Array]:
-    """``(m⁻¹ b, whether m was indefinite)``; a singular ``m`` warns when ``reports`` names
-    the operation."""
+def _solve_and_branch(m: jax.Array, b: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(m⁻¹ b, whether m was indefinite, whether it is singular to working precision)``."""
     # Only the solution and the pivots cross into the ``cond``: the factor, handed over, was
     # copied from LAPACK's column-major layout to row-major and back (two strided n² passes,
     # +30% on a solve at n = 2112). The LU factorises mᵀ (= m) for the reason above.
@@ -96,16 +97,14 @@ def _solve_and_branch(m: jax.Array, b: jax.Array, reports: str | None
         return jax.scipy.linalg.lu_solve((lu, pivots), b), jnp.abs(jnp.diagonal(lu))
 
     x, pivots = lax.cond(indefinite, lu_solve, lambda x: x, (x, jnp.diagonal(factor) ** 2))
-    if reports is not None:
-        warn_if_singular(pivots, reports, reports=True)
-    return x, indefinite
+    return x, indefinite, singular_flag([pivots])
 
 
 @_symmetric_solve.defjvp
-def _symmetric_solve_jvp(reports, primals, tangents):
+def _symmetric_solve_jvp(primals, tangents):
     m, b = primals
     dm, db = tangents
-    x, indefinite = _solve_and_branch(m, b, reports)
+    x, indefinite, _ = _solve_and_branch(m, b)
     rhs = db - dm @ x
     # the branch is chosen from the primal values: the tangent stays linear (transposable)
     dx = lax.cond(indefinite, lambda r: jnp.linalg.solve(m.T, r), lambda r: spd_solve(m, r),
@@ -113,6 +112,7 @@ def _symmetric_solve_jvp(reports, primals, tangents):
     return x, dx
 
 
-#: called eagerly (PMatDense.inv), the cond's branches made anew would recompile; whether
-#: it reports is static (a program traced for a call from Python holds a host callback)
-_compiled_symmetric_solve = jax.jit(_symmetric_solve, static_argnums=2)
+#: called eagerly (PMatDense.inv), the cond's branches made anew would recompile
+_compiled_symmetric_solve = jax.jit(_symmetric_solve)
+#: called from Python: the solution and whether ``m`` is singular to working precision
+_compiled_flagged_solve = jax.jit(lambda m, b: _solve_and_branch(m, b)[::2])

@@ -1,5 +1,5 @@
 """``jaxgeom._reporting.warn_if_singular``: the rule ``min ≤ 10·ε·max`` per matrix, concrete
-values warning at once, traced ones only inside ``reporting()`` (through one callback)."""
+values warning at once, traced ones answered as a flag read after the compiled call."""
 
 import warnings
 
@@ -8,7 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgeom._reporting import SINGULAR_RATIO, reporting, warn_if_singular
+from jaxgeom._reporting import (
+    SINGULAR_RATIO,
+    report_singular,
+    singular_flag,
+    warn_if_singular,
+)
 
 
 def spectrum(ratio, n=1000, dtype=np.float32):
@@ -40,20 +45,19 @@ def test_blocks_and_stacks_warn_once_when_any_is_singular():
     assert [str(w.message).split(" of ")[0] for w in record] == ["inv", "pow(-1)"]
 
 
-def test_traced_values_report_only_inside_reporting():
-    """Inside a user's ``jit`` nothing is staged (the program exports); inside
-    ``reporting()`` one host callback warns when the program runs."""
+def test_traced_values_warn_of_nothing_and_a_compiled_flag_is_read_after():
+    """Traced values stage nothing (a user's ``jit`` exports: no host callback); a compiled
+    function answers :func:`singular_flag`, which :func:`report_singular` reads."""
     bad = jnp.asarray(spectrum(np.finfo(np.float32).eps))
 
     def check(values):
         warn_if_singular(values, "solve")
-        return values.sum()
+        return values.sum(), singular_flag([values])
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jax.jit(check)(bad)
         jax.export.export(jax.jit(check))(bad)
-    with reporting():
-        program = jax.jit(lambda v: check(v) + 0.0)  # traced anew inside the context
-        with pytest.warns(RuntimeWarning, match="singular to working precision"):
-            jax.block_until_ready(program(bad))
+    _, flag = jax.jit(check)(bad)
+    with pytest.warns(RuntimeWarning, match="singular to working precision"):
+        report_singular("solve", flag)

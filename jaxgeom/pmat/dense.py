@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxgeom._reporting import warn_if_singular
 from jaxgeom._symmetric import symmetric_solve
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
@@ -91,7 +90,6 @@ class PMatDense(PMatAbstract):
     def _eigh_solve(self, v, regul):
         """``V ((Vᵀv) / (λ + regul))``."""
         evals, evecs = self.eigh()
-        warn_if_singular(evals + regul, "solve")
         return evecs @ ((evecs.T @ v) / (evals + regul))
 
     # ------------------------------------------------------------------ functions

@@ -98,7 +98,6 @@ from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
-from jaxgeom._reporting import warn_if_singular
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._symmetric import spd_solve, symmetric_solve
 from jaxgeom.capture import (
@@ -1069,8 +1068,6 @@ class PMatKFAC(PMatAbstract):
         """``(M + λI)⁻¹ v`` through the factors' eigenbases and the exact blocks' (``V ((Vᵀx)
         / (λ + regul))``)."""
         eigen_nodes, pairs = self._eigen()
-        warn_if_singular([jnp.ravel(e.d + regul) for e in eigen_nodes]
-                         + [e + regul for e, _ in pairs], "solve")
         nodes = [e.map(lambda d: 1 / (d + regul)) for e in eigen_nodes]
         blocks = [lambda x, e=e, q=q: q @ ((q.T @ x) / (e + regul)) for e, q in pairs]
         return self._parts.apply(nodes, "mv", v, blocks)
