@@ -113,8 +113,7 @@ def _calling(name: str) -> Callable:
         values = iter(traced)
         leaves = [next(values) if leaf is _TRACED else leaf for leaf in static]
         self, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-        # a call from Python: it warns as the operation called eagerly would (its
-        # iterative solves' stops, a singular matrix), through host callbacks
+        # a call from Python: its iterative solves warn as eager ones do (host callbacks)
         with reporting() if reports else contextlib.nullcontext():
             return method(self, *args, **kwargs)
 
