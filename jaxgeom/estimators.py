@@ -58,6 +58,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import fractions
 import functools
 import math
@@ -439,31 +440,56 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
     _check_count(num_iterations, "num_iterations")
     _spectral.check_eigsh_options(k, which, min(num_iterations, d),
                                   "k (at most num_iterations and d)")
-    stop = None
     tol = _checked_tol(tol)
-    if tol is not None:
-        def stop(tridiagonal, beta):  # every chosen pair's residual small enough
-            if tridiagonal.shape[-1] < k:
-                return False
-            theta, s = jnp.linalg.eigh(tridiagonal[0])
-            residuals = beta[0] * jnp.abs(s[-1, _spectral.select(theta, k, which)])
-            return jnp.all(residuals <= tol * jnp.max(jnp.abs(theta)))
-
+    stop = None if tol is None else _ResidualsBelow(k, which, tol)
     tridiagonal, blocks, residual, taken = _lanczos(
         products, start, num_iterations, "num_iterations", restart=key, return_basis=True,
         stop=stop)
-    theta, s = jnp.linalg.eigh(tridiagonal[0])
     if isinstance(taken, int):  # T of the steps taken
-        chosen = _spectral.select(theta, k, which)
+        pairs = _compiled_ritz_pairs(tridiagonal, blocks, residual, taken, k, which)
     else:  # stopped under a trace: the first ``taken`` pairs (:func:`_padded_tridiagonal`)
+        pairs = _ritz_pairs(tridiagonal, blocks, residual, taken, k, which)
+    return pairs if return_residuals else pairs[:2]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ResidualsBelow:
+    """:func:`lanczos_eigsh`'s ``stop`` test (:func:`_lanczos`): every residual of the
+    ``k`` Ritz pairs ``which`` names at most ``tol · max|θ|``. A hashable value: the
+    compiled test of the steps driven from Python takes it as a static argument."""
+
+    k: int
+    which: str
+    tol: float
+
+    def __call__(self, tridiagonal: jax.Array, beta: jax.Array) -> Any:
+        if tridiagonal.shape[-1] < self.k:
+            return False
+        theta, s = jnp.linalg.eigh(tridiagonal[0])
+        residuals = beta[0] * jnp.abs(s[-1, _spectral.select(theta, self.k, self.which)])
+        return jnp.all(residuals <= self.tol * jnp.max(jnp.abs(theta)))
+
+
+def _ritz_pairs(tridiagonal: jax.Array, blocks: tuple, residual: jax.Array, taken: Any,
+                k: int, which: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``k`` Ritz pairs ``which`` names of :func:`_lanczos`'s first tridiagonal and
+    basis after ``taken`` steps (a traced ``taken``: the first ``taken`` pairs of
+    :func:`_padded_tridiagonal`'s), and their residuals ``β |s_{taken,j}|``."""
+    theta, s = jnp.linalg.eigh(tridiagonal[0])
+    if isinstance(taken, int):
+        chosen = _spectral.select(theta, k, which)
+    else:
         kept = jnp.arange(theta.shape[0]) < taken
         unchosen = {"LA": -jnp.inf, "SA": jnp.inf, "LM": 0.0}[which]
         chosen = _spectral.select(jnp.where(kept, theta, unchosen), k, which)
         s = jnp.where(kept[:, None], s, 0)
-    pairs = theta[chosen], _ritz_vectors(blocks, s[:, chosen])
-    if return_residuals:
-        return (*pairs, residual[0] * jnp.abs(s[taken - 1, chosen]))
-    return pairs
+    return (theta[chosen], _ritz_vectors(blocks, s[:, chosen]),
+            residual[0] * jnp.abs(s[taken - 1, chosen]))
+
+
+#: :func:`_ritz_pairs` of a concrete number of steps, in one program (run op by op, its
+#: dozen operations compiled one by one for each shape: seconds on a first eager call)
+_compiled_ritz_pairs = jax.jit(_ritz_pairs, static_argnums=(3, 4, 5))
 
 
 def restarted_lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
@@ -1141,14 +1167,8 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     _check_count(num_steps, what)
     if num_steps > d:
         raise ValueError(f"{what} must be at most d = {d}; got {num_steps}")
-    dtype = start.dtype
-    q = start / jnp.linalg.norm(start, axis=1, keepdims=True)
-    blocks = tuple(jnp.zeros((m, high - low, d), dtype)
-                   for low, high in _lanczos_blocks(num_steps))
-    state = ((blocks[0].at[:, 0].set(q),) + blocks[1:], q, jnp.zeros_like(q),
-             jnp.zeros((m, num_steps), dtype), jnp.zeros((m, num_steps), dtype),
-             jnp.zeros((m,), dtype))  # blocks, q_j, q_{j−1}, α, β, scale
-    w = products(q)
+    state = _compiled_lanczos_start(start, num_steps)  # blocks, q_j, q_{j−1}, α, β, scale
+    w = products(state[1])
     traced = isinstance(w, jax.core.Tracer)
     running, taken = True, num_steps  # traced with ``stop``: arrays after the first check
     for block, (low, high) in enumerate(_lanczos_blocks(num_steps)):
@@ -1171,40 +1191,37 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
         done = steps[1]  # steps taken: T of that order, β_{done−1} its residual's norm
         if stop is not None and 0 < done < num_steps - 1:
             _, _, _, alphas, betas, _ = state
+            if not traced:
+                ends, tridiagonal, residual = _compiled_stop_test(stop, alphas, betas, done)
+                if bool(ends):
+                    return tridiagonal, _first_rows(state[0], done), residual, done
+                continue
             tridiagonal = _tridiagonal(alphas[:, :done], betas[:, :done - 1])
-            if traced and running is not True:  # no test (an ``eigh``) once stopped
+            if running is not True:  # no test (an ``eigh``) once stopped
                 ends = jax.lax.cond(
                     running, lambda t, b: jnp.asarray(stop(t, b), bool),
                     lambda t, b: jnp.asarray(False), tridiagonal, betas[:, done - 1])
             else:
                 ends = stop(tridiagonal, betas[:, done - 1])
-            if not traced and bool(ends):
-                kept = tuple(b[:, :done - low] for b, (low, _) in zip(
-                    state[0], _lanczos_blocks(num_steps)) if low < done)
-                return tridiagonal, kept, betas[:, done - 1], done
-            if traced:
-                ends = jnp.logical_and(running, ends)
-                taken = jnp.where(ends, done, taken)
-                running = jnp.logical_and(running, jnp.logical_not(ends))
+            ends = jnp.logical_and(running, ends)
+            taken = jnp.where(ends, done, taken)
+            running = jnp.logical_and(running, jnp.logical_not(ends))
     blocks, q, previous, alphas, betas, _ = state
     first_product = w
 
     def last_step(alphas):
-        """``α_{k−1}`` and the norms ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k) M
-        q_k``, for which ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ`` (the Ritz pairs' residuals)."""
         w = products(q) if num_steps > 1 else first_product
-        alphas = alphas.at[:, -1].set(jnp.sum(q * w, axis=1))
-        if not return_basis:
-            return alphas, None
-        w = w.astype(q.dtype) - alphas[:, -1:] * q - betas[:, -2:-1] * previous  # 0 if k = 1
-        return alphas, jnp.linalg.norm(_orthogonalised(blocks, w, passes=1), axis=1)
+        return _last_step(state, alphas, w, return_basis)
 
-    if running is True:
-        alphas, residual = last_step(alphas)
-        tridiagonal = _tridiagonal(alphas, betas[:, :-1])
+    if not traced:
+        w = products(q) if num_steps > 1 else first_product
+        tridiagonal, residual = _compiled_last_step(state, alphas, w, return_basis)
+    elif running is True:
+        tridiagonal, residual = last_step(alphas)
     else:  # stopped under a trace after ``taken`` steps, or run to the end (``taken = k``)
         alphas, residual = jax.lax.cond(
-            running, last_step,
+            running, lambda alphas: _last_step(state, alphas, products(q), return_basis,
+                                               tridiagonal=False),
             lambda alphas: (alphas, betas[:, taken - 1] if return_basis else None), alphas)
         tridiagonal = _padded_tridiagonal(alphas, betas[:, :-1], taken)
     if not return_basis:
@@ -1230,6 +1247,57 @@ def _padded_tridiagonal(alphas: jax.Array, betas: jax.Array, taken: jax.Array) -
     sigma = upper + jnp.maximum(upper - lower, jnp.maximum(jnp.abs(upper), jnp.abs(lower)))
     sigma = jnp.where(sigma > upper, sigma, upper + 1)
     return _tridiagonal(jnp.where(filled, alphas, sigma), betas)
+
+
+def _lanczos_start(start: jax.Array, num_steps: int) -> tuple:
+    """:func:`_lanczos`'s first state from the ``(m, d)`` start vectors: the basis blocks
+    (zero but for the normalised start rows), ``q_0``, ``q_{−1} = 0``, ``α``, ``β`` and the
+    largest product norm so far, zero."""
+    m, d = start.shape
+    dtype = start.dtype
+    q = start / jnp.linalg.norm(start, axis=1, keepdims=True)
+    blocks = tuple(jnp.zeros((m, high - low, d), dtype)
+                   for low, high in _lanczos_blocks(num_steps))
+    return ((blocks[0].at[:, 0].set(q),) + blocks[1:], q, jnp.zeros_like(q),
+            jnp.zeros((m, num_steps), dtype), jnp.zeros((m, num_steps), dtype),
+            jnp.zeros((m,), dtype))
+
+
+def _last_step(state: tuple, alphas: jax.Array, w: jax.Array, return_basis: bool,
+               tridiagonal: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """From ``w = M q_{k−1}``: ``α_{k−1}`` (with ``tridiagonal``, the whole ``T`` instead)
+    and, with ``return_basis``, the norms ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k)
+    M q_{k−1}``, for which ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ`` (the Ritz pairs' residuals)."""
+    blocks, q, previous, _, betas, _ = state
+    alphas = alphas.at[:, -1].set(jnp.sum(q * w, axis=1))
+    residual = None
+    if return_basis:
+        w = w.astype(q.dtype) - alphas[:, -1:] * q - betas[:, -2:-1] * previous  # 0 if k = 1
+        residual = jnp.linalg.norm(_orthogonalised(blocks, w, passes=1), axis=1)
+    return (_tridiagonal(alphas, betas[:, :-1]) if tridiagonal else alphas), residual
+
+
+def _stop_test(stop: Callable, alphas: jax.Array, betas: jax.Array, done: int
+               ) -> tuple[Any, jax.Array, jax.Array]:
+    """``stop`` after ``done`` steps, the tridiagonal ``T`` of those steps and the norms
+    ``β`` of their last residuals."""
+    tridiagonal, residual = _tridiagonal(alphas[:, :done], betas[:, :done - 1]), betas[:, done - 1]
+    return jnp.asarray(stop(tridiagonal, residual), bool), tridiagonal, residual
+
+
+def _first_rows(blocks: tuple, rows: int) -> tuple:
+    """The basis blocks of :func:`_lanczos` cut to their first ``rows`` rows."""
+    bounds = _lanczos_blocks(sum(b.shape[1] for b in blocks))
+    return tuple(b[:, :rows - low] for b, (low, _) in zip(blocks, bounds) if low < rows)
+
+
+# The steps driven from Python (:func:`_lanczos`) run these in one program each: op by
+# op, their few dozen small operations were compiled one by one for every block's shapes
+# (a first eager ``lanczos_eigsh`` of 200 steps: 80 programs, 4 s).
+_compiled_lanczos_start = jax.jit(_lanczos_start, static_argnums=1)
+_compiled_last_step = jax.jit(_last_step, static_argnums=(3, 4))
+_compiled_stop_test = jax.jit(_stop_test, static_argnums=(0, 3))
+_first_rows = jax.jit(_first_rows, static_argnums=1)
 
 
 def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
@@ -1334,6 +1402,7 @@ _lanczos_step_compiled = donating_jit(_lanczos_step, donate_argnums=0,
                                       static_argnums=(4, 5))
 
 
+@jax.jit
 def _gauss_quadrature(tridiagonal: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Nodes (eigenvalues) and weights (squared first components of the eigenvectors) of
     the ``(m, k, k)`` Lanczos tridiagonals: ``(m, k)`` each."""

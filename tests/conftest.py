@@ -1,11 +1,13 @@
 """Tests run in float64 on CPU so that brute-force references are exact to ~1e-12.
 
 The test models are tiny, so XLA compilation (hundreds of small programs per file, one per
-eager operation and shape), not execution, is what the suite spends its time on. Two
-settings that never change what a program computes (beyond rounding) cut it by half:
-XLA's optimisation passes off, and the CPU backend's older loop emitters, whose
-compilation of small programs is much quicker. The benchmarks and the demo run with the
-defaults.
+eager operation and shape), not execution, is what the suite spends its time on. Three
+settings that never change what a program computes (beyond rounding) cut it by more than
+half: XLA's optimisation passes off; the CPU backend's older loop emitters, whose
+compilation of small programs is much quicker; and each program's machine code generated
+in one piece (XLA splits it into parts compiled on threads of their own: for programs this
+small, with two pytest workers on two cores, the split cost a sixth of the suite's time).
+The benchmarks and the demo run with the defaults.
 
 ``JAXGEOM_TEST_PLATFORM=cuda`` (or ``tpu``; a JAX platform name) runs the suite on an
 accelerator instead, still in float64 (e.g. ``XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -17,9 +19,9 @@ import gc
 import os
 from importlib.metadata import version
 
-_FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false"
-# XLA aborts on flags it does not know: set it only on the jaxlib releases checked with it
-# (0.10; 0.11 removed the flag, its fusion emitters being the only ones left).
+_FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+# XLA aborts on flags it does not know: set them only on the jaxlib releases checked with
+# them (0.10; 0.11 removed the first, its fusion emitters being the only ones left).
 if tuple(int(p) for p in version("jaxlib").split(".")[:2]) == (0, 10) and (
     "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "")
 ):

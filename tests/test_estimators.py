@@ -397,6 +397,31 @@ def test_lanczos_eigsh_stops_at_a_tolerance():
         lanczos_eigsh(_matvec(dense), KEY, 3, tol=-1.0, dim=d, dtype=jnp.float64)
 
 
+@pytest.mark.parametrize("tol", [1e-8, None])
+def test_lanczos_driven_from_python_compiles_a_program_per_block(tol):
+    """A ``matvec`` answering concrete arrays drives the steps from Python: each block of
+    the basis is one compiled step, its stop test one program, the start, the last step
+    and the Ritz pairs one each — not the few dozen operations between them compiled one
+    by one for each block's shapes (80 programs, 4 s, on a first call of 200 steps). The
+    pairs are those of the steps run as written."""
+    from pmat_checks import compilations
+
+    dense, _ = _separated_spectrum(120)
+    matvec = jax.jit(lambda v: jnp.asarray(dense) @ v)
+    kw = dict(which="LA", num_iterations=100, dim=len(dense), dtype=jnp.float64,
+              return_residuals=True)
+    jax.vmap(matvec)(jnp.zeros((1, len(dense))))  # its program compiled first
+    with compilations() as compiled:
+        got = lanczos_eigsh(matvec, KEY, 3, tol=tol, **kw)
+    blocks = 2 if tol else 5  # stopped after 15 steps, or 100: blocks of 8, 8, 16, 32, 36 rows
+    assert len(compiled) <= 2 * blocks + 4, compiled
+    assert all(name.startswith("_") for name in compiled), str(compiled)  # no lone primitive
+    with jax.disable_jit():
+        want = lanczos_eigsh(lambda v: jnp.asarray(dense) @ v, KEY, 3, tol=tol, **kw)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.abs(g), np.abs(w), rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("which,tol", [("LA", 1e-8), ("SA", 1e-8), ("LM", 1e-8), ("LA", 1e-3)])
 def test_lanczos_eigsh_stops_at_a_tolerance_under_jit(which, tol):
     """Under ``jit`` the blocks past the one where every residual is small enough are
@@ -432,7 +457,8 @@ def test_lanczos_eigsh_stops_at_a_tolerance_under_jit(which, tol):
     assert np.max(full[2]) < np.max(jitted[2])  # all 200 steps: more accurate than asked
     if which == "LA" and tol == 1e-8:  # under vmap: every step runs, each key's own stop
         keys = jax.random.split(KEY, 2)
-        mapped = jax.vmap(lambda key: lanczos_eigsh(_matvec(dense), key, 3, tol=tol, **kw))(keys)
+        mapped = jax.jit(jax.vmap(  # (eager vmap: each operation compiled on its own)
+            lambda key: lanczos_eigsh(_matvec(dense), key, 3, tol=tol, **kw)))(keys)
         for i, key in enumerate(keys):
             own = lanczos_eigsh(_matvec(dense), key, 3, tol=tol, **kw)
             np.testing.assert_allclose(mapped[0][i], own[0], rtol=1e-12)
