@@ -1194,7 +1194,7 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
             if not traced:
                 ends, tridiagonal, residual = _compiled_stop_test(stop, alphas, betas, done)
                 if bool(ends):
-                    return tridiagonal, _first_rows(state[0], done), residual, done
+                    return tridiagonal, _compiled_first_rows(state[0], done), residual, done
                 continue
             tridiagonal = _tridiagonal(alphas[:, :done], betas[:, :done - 1])
             if running is not True:  # no test (an ``eigh``) once stopped
@@ -1209,18 +1209,16 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     blocks, q, previous, alphas, betas, _ = state
     first_product = w
 
-    def last_step(alphas):
-        w = products(q) if num_steps > 1 else first_product
-        return _last_step(state, alphas, w, return_basis)
+    def last_product():
+        return products(q) if num_steps > 1 else first_product
 
     if not traced:
-        w = products(q) if num_steps > 1 else first_product
-        tridiagonal, residual = _compiled_last_step(state, alphas, w, return_basis)
+        tridiagonal, residual = _compiled_last_step(state, alphas, last_product(), return_basis)
     elif running is True:
-        tridiagonal, residual = last_step(alphas)
+        tridiagonal, residual = _last_step(state, alphas, last_product(), return_basis)
     else:  # stopped under a trace after ``taken`` steps, or run to the end (``taken = k``)
         alphas, residual = jax.lax.cond(
-            running, lambda alphas: _last_step(state, alphas, products(q), return_basis,
+            running, lambda alphas: _last_step(state, alphas, last_product(), return_basis,
                                                tridiagonal=False),
             lambda alphas: (alphas, betas[:, taken - 1] if return_basis else None), alphas)
         tridiagonal = _padded_tridiagonal(alphas, betas[:, :-1], taken)
@@ -1297,7 +1295,7 @@ def _first_rows(blocks: tuple, rows: int) -> tuple:
 _compiled_lanczos_start = jax.jit(_lanczos_start, static_argnums=1)
 _compiled_last_step = jax.jit(_last_step, static_argnums=(3, 4))
 _compiled_stop_test = jax.jit(_stop_test, static_argnums=(0, 3))
-_first_rows = jax.jit(_first_rows, static_argnums=1)
+_compiled_first_rows = jax.jit(_first_rows, static_argnums=1)
 
 
 def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
