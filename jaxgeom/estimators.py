@@ -426,7 +426,9 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
       Cost: ``n`` products of ``M`` one after the other (a ``PMatImplicit`` streams its
       data ``n`` times), ``≈ 3 n² d`` for the reorthogonalisation, memory ``n·d``; a few
       compiled programs whatever ``n`` (one loop per block of the basis,
-      :func:`_lanczos`).
+      :func:`_lanczos`). Under ``vmap`` (several keys) call it inside a ``jit``,
+      ``jax.jit(jax.vmap(...))``: an eager ``vmap`` runs each operation as a program of its
+      own (hundreds of compilations).
 
     Raises:
       ValueError: ``k`` or ``num_iterations`` not integers with ``1 ≤ k ≤ n ≤ d``, an
