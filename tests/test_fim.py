@@ -509,9 +509,10 @@ def test_chunks_inside_jit_are_one_scan_and_give_the_eager_build(representation)
     the exact and the Monte-Carlo Fisher (the same draws: keyed by example) equal the
     eager builds, for one batch of 11 examples in chunks of 3 (the last one padded) and
     for a list of two batches; the program, and the memory it takes besides its inputs
-    and outputs, do not grow with the number of chunks (unrolled, they grew with it:
-    KFAC's 3.9, 14, 54 KB for 12, 48, 192 examples), nor with the number of batches (a
-    scan per batch: 837 MiB of scratch for 16 batches of a dense build, 81 as one)."""
+    and outputs (compiled for the two where it grew), do not grow with the number of
+    chunks (unrolled, they grew with it: KFAC's 3.9, 14, 54 KB for 12, 48, 192 examples),
+    nor with the number of batches (a scan per batch: 837 MiB of scratch for 16 batches of
+    a dense build, 81 as one)."""
     t = make_linen_mlp(n=11)
     key = jax.random.PRNGKey(5)
     options = dict(batch_size=3)
@@ -540,7 +541,8 @@ def test_chunks_inside_jit_are_one_scan_and_give_the_eager_build(representation)
 
     assert "scan" in program(11)
     assert program(11) == program(29)
-    assert scratch_bytes(12) == scratch_bytes(48)
+    if representation in (PMatDense, PMatKFAC):  # two whole compilations: where it grew
+        assert scratch_bytes(12) == scratch_bytes(48)
 
     def listed_program(batches):  # a list of batches alike: concatenated, one scan
         jaxpr = jax.make_jaxpr(builds)(t.params, [(jnp.zeros((4, 3)),)] * batches)
@@ -963,7 +965,7 @@ BUILT_FROM_DATA = ["PMatDense", "PMatBlockDiag", "PMatDiag", "PMatKFAC", "PMatEK
 
 @pytest.mark.parametrize("representation", BUILT_FROM_DATA)
 @pytest.mark.parametrize("make", [make_linen_mlp, make_linen_cnn], ids=["mlp", "cnn"])
-@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
 def test_a_non_finite_input_names_its_chunk(representation, make, bad):
     """One non-finite input entry of the last example, in the short (padded) last chunk;
     an infinity may saturate a tanh, leaving the outputs finite: the first layer's
