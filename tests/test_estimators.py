@@ -426,10 +426,10 @@ def test_lanczos_driven_from_python_compiles_a_program_per_block(tol):
 def test_lanczos_eigsh_stops_at_a_tolerance_under_jit(which, tol):
     """Under ``jit`` the blocks past the one where every residual is small enough are
     skipped (``lax.cond``): the products that run — counted on the host — are the eager
-    call's, and the pairs and residuals are the eager call's, not those of all 200 steps
+    call's, and the pairs and residuals are the eager call's, not those of all 100 steps
     (the steps not taken fill ``T`` with uncoupled entries above its spectrum, never
     chosen: ``"SA"`` on the negated matrix, whose separated eigenvalues are its smallest).
-    Without ``tol`` all 200 steps run."""
+    Without ``tol`` all 100 steps run."""
     dense, _ = _separated_spectrum()
     d = len(dense)
     if which == "SA":  # the separated ones at the low end: −10, −6, −4 then [−1, 0]
@@ -440,21 +440,21 @@ def test_lanczos_eigsh_stops_at_a_tolerance_under_jit(which, tol):
         jax.debug.callback(lambda: ran.append(1))
         return jnp.asarray(dense) @ v
 
-    kw = dict(which=which, num_iterations=200, dim=d, dtype=jnp.float64,
+    kw = dict(which=which, num_iterations=100, dim=d, dtype=jnp.float64,
               return_residuals=True)
     eager = []
     values, vectors, residuals = lanczos_eigsh(
         lambda v: (eager.append(1), jnp.asarray(dense) @ v)[1], KEY, 3, tol=tol, **kw)
     jitted = jax.jit(lambda key: lanczos_eigsh(counted, key, 3, tol=tol, **kw))(KEY)
     jax.block_until_ready(jitted)
-    assert len(ran) == len(eager) < 200
+    assert len(ran) == len(eager) < 100
     np.testing.assert_allclose(jitted[0], values, rtol=1e-12)
     np.testing.assert_allclose(np.abs(np.sum(jitted[1] * vectors, axis=0)), 1.0, rtol=1e-10)
     np.testing.assert_allclose(jitted[2], residuals, rtol=1e-6, atol=1e-14)
     expected = {"LA": [4.0, 6.0, 10.0], "SA": [-10.0, -6.0, -4.0], "LM": [4.0, 6.0, 10.0]}
     np.testing.assert_allclose(jitted[0], expected[which], rtol=tol)
     full = lanczos_eigsh(_matvec(dense), KEY, 3, **kw)
-    assert np.max(full[2]) < np.max(jitted[2])  # all 200 steps: more accurate than asked
+    assert np.max(full[2]) < np.max(jitted[2])  # all 100 steps: more accurate than asked
     if which == "LA" and tol == 1e-8:  # under vmap: every step runs, each key's own stop
         keys = jax.random.split(KEY, 2)
         mapped = jax.jit(jax.vmap(  # (eager vmap: each operation compiled on its own)
@@ -466,7 +466,7 @@ def test_lanczos_eigsh_stops_at_a_tolerance_under_jit(which, tol):
     ran[:] = []
     every = jax.jit(lambda key: lanczos_eigsh(counted, key, 3, **kw))(KEY)
     jax.block_until_ready(every)
-    assert len(ran) == 200  # without tol: every step (the last one's product included)
+    assert len(ran) == 100  # without tol: every step (the last one's product included)
     np.testing.assert_allclose(every[0], full[0], rtol=1e-12)
 
 
