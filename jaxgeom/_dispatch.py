@@ -27,7 +27,6 @@ shapes and dtypes of the traced ones:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -113,17 +112,22 @@ def _calling(name: str) -> Callable:
         values = iter(traced)
         leaves = [next(values) if leaf is _TRACED else leaf for leaf in static]
         self, args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-        # a call from Python: its iterative solves warn as eager ones do (host callbacks)
-        with reporting() if reports else contextlib.nullcontext():
+        if not reports:
             return method(self, *args, **kwargs)
+        # a call from Python: it warns as an eager one would (a Krylov solve's stop, a
+        # singular matrix), from the values it answers beside its result
+        with reporting() as deferred:
+            result = method(self, *args, **kwargs)
+        return result, tuple(deferred)
 
     call.__name__ = call.__qualname__ = name
     return call
 
 
 #: the compiled calls take ``reports`` (:func:`jaxgeom._reporting.at_top_level`) as a
-#: static argument: a program traced for a call from Python holds callbacks that one
-#: inlined into a user's ``jit`` must not
+#: static argument: a program traced for a call from Python answers its deferred warnings
+#: (:class:`jaxgeom._reporting.Deferred`) beside its result, one inlined into a user's
+#: ``jit`` answers the result alone
 _STATIC = (0, 1, 2, 4)
 _compiled_call = jax.jit(_calling("_compiled_call"), static_argnums=_STATIC)
 #: for the operations a representation lists in ``FACTORISING_OPERATIONS``: compiled with
@@ -177,18 +181,28 @@ def compiled_when_eager(method: Callable) -> Callable:
                     lambda s, a, k: method(s, *a, **k), self, args, kwargs)
             return method(self, *args, **kwargs)
         call = _compiled_call_for(self, name)
+        reports = at_top_level()
+
+        def run(fn: Callable) -> Any:
+            answer = call(fn, treedef, *split, reports)
+            if not reports:
+                return answer
+            result, deferred = answer
+            for report in deferred:  # read after the call: the warnings of its values
+                report.run()
+            return result
+
         flagged = getattr(self, "CHECKED_OPERATIONS", {}).get(name)
         if flagged is not None:  # the result and its chunks' finiteness flags, read here
-            result, flags = call(getattr(type(self), flagged), treedef, *split, at_top_level())
+            result, flags = run(getattr(type(self), flagged))
             check_flags(flags)
             return result
         factorised = getattr(self, "_factorised_orders", None)
         orders = factorised(name, *args, **kwargs) if factorised is not None else ()
-        reports = at_top_level()
         if not orders:
-            return call(method, treedef, *split, reports)
+            return run(method)
         with one_thread_when_faster(orders, split[1]) as limited:
-            result = call(method, treedef, *split, reports)
+            result = run(method)
             return jax.block_until_ready(result) if limited else result
 
     operation.eager_method = method

@@ -2,11 +2,15 @@
 
 An eager operation of a representation runs as one compiled call
 (:func:`jaxgeom._dispatch.compiled_when_eager`), inside which the values it would warn of
-(a Krylov solve's last residual) are traced. Inside :func:`reporting` — the compiled call
-of an operation called from Python, never a user's ``jit`` — such warnings are staged as
-host callbacks (``jax.debug.callback``), which warn when the call runs; outside it, traced
-values warn of nothing and concrete ones warn at once. A singular matrix
-(:func:`warn_if_singular`) warns from concrete values only.
+(a Krylov solve's last residual, a factorisation's pivots) are traced.
+:func:`report_when_run` defers such a warning: concrete values report at once; traced
+ones, inside :func:`reporting` — the trace of an operation's compiled call from Python,
+never a user's ``jit`` — are answered by the call beside its result (:class:`Deferred`)
+and reported after it from their values; anywhere else (a user's ``jit``, or a ``vmap``
+or loop body inside the call, whose values cannot leave it) they report nothing. No host
+callback: one in a compiled call deadlocked the test suite once (the program's callback
+waiting for the GIL, held by threads waiting to run programs of their own), and one
+cannot be exported (``jax.export``).
 
 Singular to working precision (:func:`warn_if_singular`): a solve or a negative power of a
 matrix whose smallest pivot or eigenvalue (in magnitude, ``+ regul``) is below ``10·ε``
@@ -19,33 +23,137 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import os
+import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src import core as jax_core
+from jax.extend import core as jex_core
 
-#: whether traced values are reported when the program runs (:func:`reporting`)
-_REPORTING = contextvars.ContextVar("jaxgeom_reporting", default=False)
+#: the reports of the trace under way (:func:`reporting`), or None
+_COLLECTOR = contextvars.ContextVar("jaxgeom_reports", default=None)
+
+
+@jax.tree_util.register_pytree_node_class
+class Deferred:
+    """A warning deferred until its values are known: ``report(*values)``.
+    A pytree whose leaves are the (traced) ``values`` and whose static part is ``report``,
+    so that a compiled call answers it beside its result."""
+
+    def __init__(self, report: Callable[..., None], values: Sequence[Any]):
+        self.report, self.values = report, tuple(values)
+
+    def tree_flatten(self):
+        return self.values, self.report
+
+    @classmethod
+    def tree_unflatten(cls, report, values):
+        return cls(report, values)
+
+    def run(self) -> None:
+        """Report from the (now concrete) values."""
+        self.report(*self.values)
+
+
+#: the directories of jaxgeom and JAX: frames of files under them are the libraries' own
+#: (an eager operation's concrete values reach a warning through JAX's transformations)
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+                      for module in (sys.modules[__package__], jax))
+
+
+def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """``warnings.warn(message, category)`` attributed to the first caller outside jaxgeom
+    and JAX (the user's line, however deep in the libraries the warning is raised)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+class _Collector:
+    """The reports deferred in one trace (that of an operation's compiled call)."""
+
+    def __init__(self):
+        self.trace = _trace_state()
+        self.deferred: list[Deferred] = []
+
+    def here(self) -> bool:
+        """Whether the trace under way is the collector's own (not a ``vmap``, loop or
+        branch traced inside it, whose values cannot leave their trace)."""
+        return self.trace is not None and _trace_state() == self.trace
+
+
+def _trace_state() -> Any:
+    """An opaque token of the trace under way (equal for the same trace), or None where this
+    JAX does not offer one."""
+    get = getattr(jex_core, "get_opaque_trace_state", None)
+    try:
+        return get(convention="jaxgeom") if get is not None else None
+    except (AssertionError, TypeError):
+        return None
 
 
 @contextlib.contextmanager
-def reporting() -> Iterator[None]:
-    """Inside, traced values are reported through host callbacks when the program runs
-    (the compiled call of an eager operation; module docstring)."""
-    token = _REPORTING.set(True)
+def reporting() -> Iterator[list[Deferred]]:
+    """Inside (the trace of an eager operation's compiled call), the traced values of
+    :func:`report_when_run` at this trace are collected into the list yielded, for the call
+    to answer beside its result (module docstring)."""
+    token = _COLLECTOR.set(_Collector())
     try:
-        yield
+        yield _COLLECTOR.get().deferred
     finally:
-        _REPORTING.reset(token)
+        _COLLECTOR.reset(token)
 
 
-def is_reporting() -> bool:
-    """Whether a trace under way is that of an operation called from Python
-    (:func:`reporting`)."""
-    return _REPORTING.get()
+def collects_here() -> bool:
+    """Whether :func:`report_when_run` of traced values at the trace under way reports them
+    (inside :func:`reporting`, at its own trace)."""
+    collector = _COLLECTOR.get()
+    return collector is not None and collector.here()
+
+
+def report_when_run(report: Callable[..., None], *values: Any) -> None:
+    """``report(*values)`` once the values are known: at once when they are
+    concrete; traced inside :func:`reporting` at its trace, after the compiled call, from
+    the values it answers; else (a user's ``jit``) never. ``report`` must be hashable (a
+    function or a :func:`functools.partial` of static arguments)."""
+    if not any(isinstance(v, jax.core.Tracer) for v in values):
+        report(*values)
+    elif collects_here():
+        _COLLECTOR.get().deferred.append(Deferred(report, values))
+
+
+def vmap_reporting(fn: Callable) -> Callable:
+    """``jax.vmap(fn)`` whose deferred warnings (:func:`report_when_run` inside ``fn``: a
+    batch of right-hand sides solved by CG) are answered by the map and reported for each
+    element, where the trace under way collects them (else ``jax.vmap(fn)`` itself)."""
+    if not collects_here():
+        return jax.vmap(fn)
+
+    def each(*args):
+        with reporting() as deferred:  # at the map's own trace
+            result = fn(*args)
+        return result, tuple(deferred)
+
+    def mapped(*args):
+        result, deferred = jax.vmap(each)(*args)
+        for report in deferred:
+            report_when_run(functools.partial(_for_each, report.report), *report.values)
+        return result
+
+    return mapped
+
+
+def _for_each(report: Callable[..., None], *values: Any) -> None:
+    """``report`` of each element of mapped ``values`` (leading axis)."""
+    for element in zip(*values, strict=True):
+        report(*element)
 
 
 def at_top_level() -> bool:
@@ -62,20 +170,21 @@ def at_top_level() -> bool:
 SINGULAR_RATIO = 10
 
 
-def warn_if_singular(magnitudes: jax.Array | Sequence[jax.Array], operation: str, *,
-                     stacklevel: int = 3) -> None:
+def warn_if_singular(magnitudes: jax.Array | Sequence[jax.Array], operation: str) -> None:
     """Warn (``RuntimeWarning``) that ``operation`` ran on a matrix singular to working
     precision: ``min |p| ≤ c·ε·max |p|`` (:data:`SINGULAR_RATIO`) over the values ``p`` on
     the last axis of ``magnitudes`` (its eigenvalues ``+ regul``, or its factorisation's
     pivots on the eigenvalues' scale, e.g. Cholesky's ``L_ii²``; leading axes a stack of
     matrices; a sequence of such arrays: the blocks of one matrix, one warning for all),
-    ``ε`` of their dtype. Concrete values only: traced ones warn of nothing (a host callback
-    in the compiled call deadlocked, in a test run, with programs run from threads beside
-    it); a compiled function answers the flag (:func:`singular_flag`) to be read after it."""
+    ``ε`` of their dtype. Concrete values warn at once; traced ones inside an operation's
+    compiled call from Python are answered as a flag (:func:`singular_flag`) and warn after
+    it (:func:`report_when_run`); inside a user's ``jit`` they warn of nothing."""
     arrays = [magnitudes] if isinstance(magnitudes, jax.Array | np.ndarray) else magnitudes
     if any(isinstance(a, jax.core.Tracer) for a in arrays):
+        if collects_here():
+            report_when_run(functools.partial(report_singular, operation), singular_flag(arrays))
         return
-    _report_singular(operation, stacklevel + 1, singular_flag(arrays))
+    report_singular(operation, singular_flag(arrays))
 
 
 def singular_flag(magnitudes: Sequence[jax.Array]) -> jax.Array:
@@ -89,18 +198,14 @@ def singular_flag(magnitudes: Sequence[jax.Array]) -> jax.Array:
                 * jnp.max(a, axis=-1)) for a in arrays]))
 
 
-def report_singular(operation: str, singular: jax.Array, stacklevel: int = 3) -> None:
+def report_singular(operation: str, singular: jax.Array) -> None:
     """Warn that ``operation`` ran on a matrix singular to working precision where the flag
     ``singular`` (:func:`singular_flag`, answered by a compiled call) is set."""
-    _report_singular(operation, stacklevel + 1, singular)
-
-
-def _report_singular(operation: str, stacklevel: int, singular) -> None:
     # one message for every matrix (a block-diagonal's blocks): Python's default filter
     # shows it once, not once a block
     if np.any(singular):
-        warnings.warn(
+        warn(
             f"{operation} of a matrix singular to working precision: its smallest eigenvalue "
             "or pivot (+ regul) is below 10·ε times its largest, so the answer is round-off "
             "(entries of about ‖v‖/(ε‖M‖)). Damp it (regul > 0: M + regul·I), or use pinv() "
-            "for the pseudo-inverse on its range", RuntimeWarning, stacklevel=stacklevel)
+            "for the pseudo-inverse on its range")

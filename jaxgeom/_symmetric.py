@@ -17,11 +17,19 @@ matrices are symmetric by construction.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxgeom._reporting import at_top_level, report_singular, singular_flag
+from jaxgeom._reporting import (
+    at_top_level,
+    collects_here,
+    report_singular,
+    report_when_run,
+    singular_flag,
+)
 
 
 def cholesky(m: jax.Array) -> jax.Array:
@@ -59,17 +67,22 @@ def symmetric_solve(m: jax.Array, b: jax.Array, operation: str = "solve") -> jax
 
     Differentiable in ``m`` and ``b`` through ``dx = m⁻¹ (db − dm x)``, solved by the branch
     the value took (differentiating through the ``cond`` multiplied the other branch's NaN
-    by zero: NaN gradients for an indefinite ``m``). Called from Python (not traced), an
+    by zero: NaN gradients for an indefinite ``m``). Called from Python (not traced, or in
+    an operation's compiled call: :func:`jaxgeom._reporting.report_when_run`), an
     ``m`` singular to working precision warns (:func:`jaxgeom._reporting.singular_flag` of
     the pivots, read after the call: Cholesky's ``L_ii²``, or the LU's ``|U_ii|``; an
     undamped Fisher of fewer examples than parameters fails Cholesky by round-off and
     answered the LU's ``10¹⁸``).
     """
-    if not at_top_level():
-        return _compiled_symmetric_solve(m, b)
-    x, singular = _compiled_flagged_solve(m, b)
-    report_singular(operation, singular)
-    return x
+    if at_top_level():
+        x, singular = _compiled_flagged_solve(m, b)
+        report_singular(operation, singular)
+        return x
+    if collects_here():  # an operation's compiled call from Python: its flag answered
+        x, singular = _compiled_flagged_solve(m, b)
+        report_when_run(functools.partial(report_singular, operation), singular)
+        return x
+    return _compiled_symmetric_solve(m, b)
 
 
 @jax.custom_jvp

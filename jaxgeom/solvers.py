@@ -10,7 +10,6 @@ representation's ``solve(v, regul, method=...)`` offers all three on ``M + regul
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._reporting import is_reporting
+from jaxgeom._reporting import collects_here, report_when_run, warn
 
 Matvec = Callable[[jax.Array], jax.Array]
 
@@ -267,17 +266,25 @@ def _krylov_solve(method: _KrylovMethod, matvec, b, x0, preconditioner, rtol, at
 
         start = method.start(jnp.zeros_like(r) if x is None else x, r, z)
         state, k = jax.lax.while_loop(cond, body, (start, jnp.asarray(0)))
-        if is_reporting():
-            jax.debug.callback(functools.partial(_report_stop, name, maxiter, warns),
-                               method.residual_norm(state), threshold,
-                               method.stalled(state), k)
         # a NaN residual stops the loop at once (NaN > threshold is false): NaN, not x
-        return jnp.where(jnp.isfinite(method.residual_norm(state)), method.solution(state),
-                         jnp.nan)
+        solution = jnp.where(jnp.isfinite(method.residual_norm(state)),
+                             method.solution(state), jnp.nan)
+        if not reports:
+            return solution
+        return solution, (method.residual_norm(state), threshold, method.stalled(state), k)
 
+    # an eager representation's solve (its compiled call): the stop answered beside the
+    # solution and reported after the call (``jaxgeom._reporting``)
+    reports = collects_here()
     # differentiable (forward and reverse mode) through the solution of A x = b, not
     # through the iterations: the adjoint system is solved by the same method (A symmetric)
-    return jax.lax.custom_linear_solve(matvec, b.astype(r.dtype), solve, symmetric=True)
+    solution = jax.lax.custom_linear_solve(matvec, b.astype(r.dtype), solve, symmetric=True,
+                                           has_aux=reports)
+    if not reports:
+        return solution
+    solution, stop = solution
+    report_when_run(functools.partial(_report_stop, name, maxiter, warns), *stop)
+    return solution
 
 
 def _krylov_from_python(method: _KrylovMethod, matvec, precondition, state, threshold,
@@ -298,12 +305,12 @@ def _krylov_from_python(method: _KrylovMethod, matvec, precondition, state, thre
     if not np.isfinite(residual):
         raise FloatingPointError(non_finite_residual(method.name, f"after {k} iterations"))
     _report_stop(method.name, maxiter, warns, residual, threshold,
-                 bool(method.stalled(state)), k, stacklevel=5)
+                 bool(method.stalled(state)), k)
     return method.solution(state)
 
 
-def _report_stop(name: str, maxiter: int, warns: bool, residual, threshold, stalled, k,
-                 stacklevel: int = 2) -> None:
+def _report_stop(name: str, maxiter: int, warns: bool, residual, threshold, stalled, k
+                 ) -> None:
     """Warn (``RuntimeWarning``) of a Krylov solve that stopped above its tolerance: with
     iterates grown past round-off, a singular system without a solution (``stalled``,
     always), or at the default ``maxiter`` (``warns``; a ``maxiter`` of the caller's is a
@@ -328,7 +335,7 @@ def _report_stop(name: str, maxiter: int, warns: bool, residual, threshold, stal
                    " — a residual that stopped falling: the right-hand side may be outside "
                    "the range of a singular matrix (then no solution exists; this is a "
                    "least-squares one)"))
-    warnings.warn(f"{name}: {what}", RuntimeWarning, stacklevel=stacklevel)
+    warn(f"{name}: {what}")
 
 
 

@@ -259,7 +259,8 @@ def test_flax_serialization_round_trips_a_representation(representation):
     np.testing.assert_array_equal(back.to_flat(), 2 * v.to_flat())
 
 
-SINGULAR_OPERATIONS = {"inv": lambda M, v: M.inv(), "pow": lambda M, v: M.pow(-1)}
+SINGULAR_OPERATIONS = {"inv": lambda M, v: M.inv(), "pow": lambda M, v: M.pow(-1),
+                       "solve": lambda M, v: M.solve(v)}
 
 
 @pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatKFAC])
@@ -268,15 +269,18 @@ def test_an_undamped_inverse_of_a_numerically_singular_fisher_warns(representati
     """A Fisher of fewer examples than parameters is singular; its eigenvalues, pivots or
     Kronecker factors' eigenvalues there are round-off, not exact zeros, so an inverse
     answered entries of ``‖v‖/(ε‖M‖)`` (10¹⁰–10¹⁸) without a word: eagerly it warns, as
-    SciPy's solve does; damped it is silent and exact; inside a user's ``jit`` nothing is
-    staged (``jax.export`` takes the program: no host callback)."""
+    SciPy's solve does — also the solve, one compiled call answering the flag beside its
+    solution (it did not check) —, at the caller's line; damped it is silent and exact;
+    inside a user's ``jit`` nothing is staged (``jax.export`` takes the program: no host
+    callback)."""
     t = make_plain_mlp(n=2)
     F = FIM(t.apply_fn, t.params, t.x, representation)
     dense = np.asarray(F.to_dense())
     assert np.linalg.matrix_rank(dense) < len(dense)
     v = np.ones(len(dense))
-    with pytest.warns(RuntimeWarning, match=r"singular to working precision.*regul > 0"):
+    with pytest.warns(RuntimeWarning, match=r"singular to working precision.*regul > 0") as w:
         SINGULAR_OPERATIONS[name](F, v)
+    assert {record.filename for record in w} == {__file__}
     damped = dense + 0.1 * np.eye(len(dense))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

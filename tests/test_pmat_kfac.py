@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -674,3 +677,33 @@ def test_a_float64_damping_of_a_float32_matrix(representation):
     got = F32.solve(v.astype(jnp.float32), np.float64(1e-2))
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, F64.solve(v, 1e-2), rtol=2e-4, atol=2e-4 * np.abs(got).max())
+
+
+def test_a_damped_power_warns_on_a_layers_whole_spectrum():
+    """A layer's eigenvalues are ``λ_G ⊗ λ_A`` (``d``, ``(g, a)``): with ``A``'s spread 10³
+    and ``G``'s 10¹⁴, no row of ``d`` spans more than 10³ but the layer spans 10¹⁷, beyond
+    ``1/(10·ε)``: ``pow(-1, regul)`` warns (each row checked alone, it did not); with
+    ``G``'s spread 10⁶ it is silent."""
+    t = make_plain_mlp(n=40)
+    F = FIM(t.apply_fn, t.params, t.x, PMatKFAC)
+
+    def spd(n, spread, seed):
+        q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+        return jnp.asarray((q * np.geomspace(1.0, 1.0 / spread, n)) @ q.T)
+
+    def with_g_spread(spread):
+        factors = tuple(
+            Kron(spd(node.A.shape[0], 1e3, 2 * i), spd(node.G.shape[0], spread if i == 0 else 10,
+                                                      2 * i + 1))
+            for i, node in enumerate(F.factors))
+        return dataclasses.replace(F, factors=factors)
+
+    assert min(node.G.shape[0] for node in F.factors[:1]) > 1
+    with pytest.warns(RuntimeWarning, match=r"pow\(-1\) of a matrix singular"):
+        with_g_spread(1e14).pow(-1, 1e-300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M = with_g_spread(1e6)
+        dense = np.asarray(M.to_dense())
+        np.testing.assert_allclose(np.asarray(M.pow(-1, 1e-300).to_dense()) @ dense,
+                                   np.eye(len(dense)), atol=1e-6)

@@ -1,6 +1,7 @@
-"""``jaxgeom._reporting.warn_if_singular``: the rule ``min ≤ 10·ε·max`` per matrix, concrete
-values warning at once, traced ones answered as a flag read after the compiled call."""
+"""``jaxgeom._reporting``: the singular rule ``min ≤ 10·ε·max`` per matrix, concrete values
+warning at once, traced ones answered beside a compiled call's result and reported after it."""
 
+import re
 import warnings
 
 import jax
@@ -11,6 +12,8 @@ import pytest
 from jaxgeom._reporting import (
     SINGULAR_RATIO,
     report_singular,
+    report_when_run,
+    reporting,
     singular_flag,
     warn_if_singular,
 )
@@ -61,3 +64,57 @@ def test_traced_values_warn_of_nothing_and_a_compiled_flag_is_read_after():
     _, flag = jax.jit(check)(bad)
     with pytest.warns(RuntimeWarning, match="singular to working precision"):
         report_singular("solve", flag)
+
+
+@pytest.mark.parametrize("method", ["cg", None])
+def test_an_eager_operation_warns_from_the_values_its_program_answers(method):
+    """An eager solve is one compiled call; what it warns of (a Krylov stop above the
+    tolerance, a singular matrix's pivots) is answered beside the solution and warned of
+    after the call, at the caller's line: its program holds no host callback (one in a
+    compiled call deadlocked the suite once: the callback waiting for the GIL while other
+    threads, holding it, waited to run programs)."""
+    from jaxgeom import PMatDense, _dispatch
+    from jaxgeom.layers import LayerCollection
+
+    rank_one = np.outer(np.arange(1.0, 9.0), np.arange(1.0, 9.0))
+    M = PMatDense(LayerCollection.from_params({"w": jnp.zeros(8)}), jnp.asarray(rank_one))
+    v = jnp.asarray(np.linspace(-1.0, 1.0, 8))
+    options = {} if method is None else {"method": method}
+    with pytest.warns(RuntimeWarning) as caught:
+        M.solve(v, **options)
+    assert [w.filename for w in caught] == [__file__]
+    match = "singular to working precision" if method is None else "cg: not converged"
+    assert re.search(match, str(caught[0].message))
+
+    solve = type(M).solve.__wrapped__  # the checks' wrapper around the compiled operation
+    leaves, treedef = jax.tree_util.tree_flatten((M, (v, 0.0), {"method": method or "cholesky"}))
+    static, traced = _dispatch._split(leaves)
+    program = _dispatch._compiled_call_for(M, "solve").lower(
+        solve.eager_method, treedef, static, traced, True).as_text()
+    assert "callback" not in program
+
+
+def test_reports_are_collected_at_the_calls_own_trace_only():
+    """Inside :func:`reporting`, a traced value reported at the trace's own level is answered
+    by the call and reported after it from its value; one reported inside a loop's body (a
+    trace of its own, whose values cannot leave it) is dropped, not leaked; concrete values
+    report at once; outside :func:`reporting` traced ones report nothing."""
+    seen = []
+
+    def record(value):
+        seen.append(float(value))
+
+    def step(x):
+        with reporting() as deferred:
+            y = jax.lax.fori_loop(0, 3, lambda i, x: (report_when_run(record, x[0]), 2 * x)[1],
+                                  x)
+            report_when_run(record, y.sum())
+        return y, tuple(deferred)
+
+    y, deferred = jax.jit(step)(jnp.ones(4))
+    assert seen == [] and len(deferred) == 1
+    deferred[0].run()
+    assert seen == [32.0]
+    report_when_run(record, np.float64(5.0))
+    jax.jit(lambda x: report_when_run(record, x.sum()))(jnp.ones(2))
+    assert seen == [32.0, 5.0]

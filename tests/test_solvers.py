@@ -2,6 +2,7 @@
 the truncated Neumann series as the polynomial it is, against float64 brute force; and
 both as ``solve`` methods of a matrix-free Fisher, a Hessian and K-FAC."""
 
+import re
 import warnings
 
 import jax
@@ -284,8 +285,15 @@ def test_an_eager_solve_of_a_singular_matrix_warns(method):
     M = PMatDense(layout, jnp.asarray(a))
     v = jnp.asarray(B)
     match = "singular" if method == "minres" else "not converged in 200"
-    with pytest.warns(RuntimeWarning, match=match):
+    with pytest.warns(RuntimeWarning, match=match) as caught:
         x = np.asarray(M.solve(v, 0.0, method=method))
+    assert [w.filename for w in caught] == [__file__]  # the caller's line, not jaxgeom's
+    # a batch of right-hand sides (vmapped inside the compiled call): each row reports
+    with pytest.warns(RuntimeWarning, match=match) as caught:
+        rows = np.asarray(M.solve(jnp.stack([v, 2 * v]), 0.0, method=method))
+    assert len([w for w in caught if re.search(match, str(w.message))]) == 2
+    if method == "minres":  # CG's iterates on a singular system are round-off (10¹⁸)
+        np.testing.assert_allclose(rows, [x, 2 * x], rtol=1e-9, atol=1e-9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         traced = np.asarray(jax.jit(lambda M, v: M.solve(v, 0.0, method=method))(M, v))

@@ -65,9 +65,9 @@ def shifted_power(values: jax.Array, regul=0.0, *, p) -> jax.Array:
     """:func:`power` of eigenvalues from a factorisation (``eigh``), with ``regul`` second:
     ``f(λ, regul)`` for :func:`spectral_functions` (``p`` bound, static). Those of a
     singular matrix are round-off, not zeros: a negative power of them warns
-    (:func:`_warn_if_singular`)."""
+    (:func:`warn_if_singular_power`)."""
     result = power(values, p, regul)
-    _warn_if_singular(values + regul, p)
+    warn_if_singular_power(values + regul, p)
     return result
 
 
@@ -90,9 +90,10 @@ def check_nonnegative(shifted: jax.Array, p) -> None:
             "the power to |λ| from eigh()")
 
 
-def _warn_if_singular(shifted: jax.Array, p) -> None:
-    """A negative power of eigenvalues singular to working precision (not exactly:
-    :func:`_check_invertible`) warns (:func:`jaxgeom._reporting.warn_if_singular`)."""
+def warn_if_singular_power(shifted: jax.Array | Sequence[jax.Array], p) -> None:
+    """A negative power of eigenvalues (``+ regul``; a sequence: the blocks of one matrix)
+    singular to working precision (not exactly: :func:`_check_invertible`) warns
+    (:func:`jaxgeom._reporting.warn_if_singular`)."""
     if isinstance(p, jax.core.Tracer):
         return
     value = np.asarray(p)  # on the host: jnp operations on a concrete p inside a trace trace

@@ -29,6 +29,7 @@ import numpy as np
 from jaxgeom import streaming
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._reindex import LeafVector
+from jaxgeom._reporting import vmap_reporting
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._signature import dtype_is
 from jaxgeom.jacobian import JacobianBuilder
@@ -585,7 +586,8 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
             rows = as_rows(v, self.layer_collection)
             flat = rows.reshape(-1, rows.shape[-1])
             if isinstance(flat, jax.core.Tracer):
-                solved = jax.vmap(lambda r: self._solve(r, regul, method, **options))(flat)
+                solved = vmap_reporting(lambda r: self._solve(r, regul, method, **options))(
+                    flat)
             else:  # an eager solve (PMatImplicit's CG from Python, a callable preconditioner):
                 # a vmap of it would compile its loop anew at every call
                 solved = (jnp.stack([self._solve(r, regul, method, **options) for r in flat])

@@ -98,6 +98,7 @@ from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
+from jaxgeom._reporting import collects_here, warn_if_singular
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._symmetric import spd_solve, symmetric_solve
 from jaxgeom.capture import (
@@ -1060,14 +1061,20 @@ class PMatKFAC(PMatAbstract):
             blocks = [functools.partial(symmetric_solve, b + regul * _eye_like(b))
                       for b in self.blocks]  # Cholesky (LU if indefinite), not eigh
             return self._parts.apply(nodes, "solve", v, blocks)
+        if collects_here():  # an eager call, nothing differentiated: its eigenvalues checked
+            return self._exact_solve(v, regul, checked=True)
         # through the factors' eigenbases; through eigh's own derivative, a factor with a
         # repeated eigenvalue (a regression layer's G ∝ I) gave NaN
         return self._differentiated_as_solve(v, regul, lambda b: self._exact_solve(b, regul))
 
-    def _exact_solve(self, v, regul):
+    def _exact_solve(self, v, regul, checked: bool = False):
         """``(M + λI)⁻¹ v`` through the factors' eigenbases and the exact blocks' (``V ((Vᵀx)
-        / (λ + regul))``)."""
+        / (λ + regul))``); ``checked``: a layer singular to working precision warns
+        (:func:`~jaxgeom._reporting.warn_if_singular` of its eigenvalues ``+ regul``)."""
         eigen_nodes, pairs = self._eigen()
+        if checked:
+            warn_if_singular([jnp.ravel(e.d) + regul for e in eigen_nodes]
+                             + [e + regul for e, _ in pairs], "solve")
         nodes = [e.map(lambda d: 1 / (d + regul)) for e in eigen_nodes]
         blocks = [lambda x, e=e, q=q: q @ ((q.T @ x) / (e + regul)) for e, q in pairs]
         return self._parts.apply(nodes, "mv", v, blocks)
@@ -1106,9 +1113,11 @@ class PMatKFAC(PMatAbstract):
         elif _is_static_zero(regul) and all(isinstance(n, Kron) for n in self.factors):
             nodes = tuple(n.power(p) for n in self.factors)
         else:
-            nodes, _ = self._eigen(blocks=False)
-            nodes = tuple(n.map(functools.partial(_spectral.shifted_power, regul=regul, p=p))
-                          for n in nodes)
+            eigen, _ = self._eigen(blocks=False)
+            nodes = tuple(n.map(functools.partial(_spectral.power, p=p, regul=regul))
+                          for n in eigen)  # first: exact zeros refused (a ValueError)
+            # each layer's eigenvalues λ_G ⊗ λ_A checked whole (a row of d would miss G's)
+            _spectral.warn_if_singular_power([jnp.ravel(n.d) + regul for n in eigen], p)
         return self._with(nodes, blocks)
 
     @compiled_when_eager
