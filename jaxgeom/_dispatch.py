@@ -188,7 +188,8 @@ def compiled_when_eager(method: Callable) -> Callable:
             if not reports:
                 return answer
             result, deferred = answer
-            for report in deferred:  # read after the call: the warnings of its values
+            # read after the call, all at once: the warnings of its values
+            for report in jax.device_get(deferred):
                 report.run()
             return result
 

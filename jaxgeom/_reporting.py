@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import os
 import sys
@@ -82,6 +83,13 @@ class _Collector:
     def __init__(self):
         self.trace = _trace_state()
         self.deferred: list[Deferred] = []
+        #: the flags of each operation's singular matrices (one warning for all)
+        self.singular: dict[str, list[jax.Array]] = {}
+
+    def singular_reports(self) -> list[Deferred]:
+        """One deferred warning per operation, for any of its matrices singular."""
+        return [Deferred(_Singular(operation), (jnp.any(jnp.stack(flags)),))
+                for operation, flags in self.singular.items()]
 
     def here(self) -> bool:
         """Whether the trace under way is the collector's own (not a ``vmap``, loop or
@@ -104,9 +112,11 @@ def reporting() -> Iterator[list[Deferred]]:
     """Inside (the trace of an eager operation's compiled call), the traced values of
     :func:`report_when_run` at this trace are collected into the list yielded, for the call
     to answer beside its result (module docstring)."""
-    token = _COLLECTOR.set(_Collector())
+    collector = _Collector()
+    token = _COLLECTOR.set(collector)
     try:
-        yield _COLLECTOR.get().deferred
+        yield collector.deferred
+        collector.deferred.extend(collector.singular_reports())
     finally:
         _COLLECTOR.reset(token)
 
@@ -144,7 +154,10 @@ def vmap_reporting(fn: Callable) -> Callable:
     def mapped(*args):
         result, deferred = jax.vmap(each)(*args)
         for report in deferred:
-            report_when_run(functools.partial(_for_each, report.report), *report.values)
+            if isinstance(report.report, _Singular):  # one warning for all the elements
+                report_singular_when_run(report.report.operation, jnp.any(report.values[0]))
+            else:
+                report_when_run(functools.partial(_for_each, report.report), *report.values)
         return result
 
     return mapped
@@ -182,7 +195,7 @@ def warn_if_singular(magnitudes: jax.Array | Sequence[jax.Array], operation: str
     arrays = [magnitudes] if isinstance(magnitudes, jax.Array | np.ndarray) else magnitudes
     if any(isinstance(a, jax.core.Tracer) for a in arrays):
         if collects_here():
-            report_when_run(functools.partial(report_singular, operation), singular_flag(arrays))
+            report_singular_when_run(operation, singular_flag(arrays))
         return
     report_singular(operation, singular_flag(arrays))
 
@@ -207,5 +220,27 @@ def report_singular(operation: str, singular: jax.Array) -> None:
         warn(
             f"{operation} of a matrix singular to working precision: its smallest eigenvalue "
             "or pivot (+ regul) is below 10·ε times its largest, so the answer is round-off "
-            "(entries of about ‖v‖/(ε‖M‖)). Damp it (regul > 0: M + regul·I), or use pinv() "
-            "for the pseudo-inverse on its range")
+            "(entries of about ‖v‖/(ε‖M‖), or NaN where a Cholesky factorisation failed). "
+            "Damp it (regul > 0: M + regul·I), or use pinv() for the pseudo-inverse on its "
+            "range")
+
+
+def report_singular_when_run(operation: str, singular: jax.Array) -> None:
+    """:func:`report_singular` of a flag (:func:`singular_flag`) once it is known: at once when
+    concrete; traced inside :func:`reporting` at its trace, after the compiled call — the
+    flags of one operation's matrices answered as one, for one warning —; else never."""
+    if not isinstance(singular, jax.core.Tracer):
+        report_singular(operation, singular)
+    elif collects_here():
+        _COLLECTOR.get().singular.setdefault(operation, []).append(singular)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Singular:
+    """The deferred report of an operation's singular matrices (hashable, compared by value:
+    the static part of a compiled call's answer)."""
+
+    operation: str
+
+    def __call__(self, singular: jax.Array) -> None:
+        report_singular(self.operation, singular)

@@ -17,19 +17,11 @@ matrices are symmetric by construction.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxgeom._reporting import (
-    at_top_level,
-    collects_here,
-    report_singular,
-    report_when_run,
-    singular_flag,
-)
+from jaxgeom._reporting import at_top_level, collects_here, report_singular_when_run, singular_flag
 
 
 def cholesky(m: jax.Array) -> jax.Array:
@@ -51,10 +43,18 @@ def cho_solve(factor: jax.Array, b: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve((factor, True), b)
 
 
-def spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
+def spd_solve(m: jax.Array, b: jax.Array, operation: str | None = None) -> jax.Array:
     """``m⁻¹ b`` for a symmetric positive-definite ``m``: :func:`cholesky` then
-    :func:`cho_solve`. Cost ``n³/3 + 2 n² k``."""
-    return cho_solve(cholesky(m), b)
+    :func:`cho_solve`. Cost ``n³/3 + 2 n² k``. With ``operation``, called from Python (or
+    in an operation's compiled call), an ``m`` singular to working precision warns as that
+    operation's (:func:`jaxgeom._reporting.report_singular_when_run`: Cholesky's ``L_ii²``,
+    or a factorisation that failed, NaN: the answer is NaN)."""
+    factor = cholesky(m)
+    if operation is not None and (at_top_level() or collects_here()):
+        pivots = jnp.diagonal(factor, axis1=-2, axis2=-1) ** 2
+        report_singular_when_run(
+            operation, jnp.any(jnp.isnan(pivots)) | singular_flag([pivots]))
+    return cho_solve(factor, b)
 
 
 def symmetric_solve(m: jax.Array, b: jax.Array, operation: str = "solve") -> jax.Array:
@@ -74,13 +74,9 @@ def symmetric_solve(m: jax.Array, b: jax.Array, operation: str = "solve") -> jax
     undamped Fisher of fewer examples than parameters fails Cholesky by round-off and
     answered the LU's ``10¹⁸``).
     """
-    if at_top_level():
+    if at_top_level() or collects_here():  # called from Python: the flag read after
         x, singular = _compiled_flagged_solve(m, b)
-        report_singular(operation, singular)
-        return x
-    if collects_here():  # an operation's compiled call from Python: its flag answered
-        x, singular = _compiled_flagged_solve(m, b)
-        report_when_run(functools.partial(report_singular, operation), singular)
+        report_singular_when_run(operation, singular)
         return x
     return _compiled_symmetric_solve(m, b)
 

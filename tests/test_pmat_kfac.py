@@ -707,3 +707,24 @@ def test_a_damped_power_warns_on_a_layers_whole_spectrum():
         dense = np.asarray(M.to_dense())
         np.testing.assert_allclose(np.asarray(M.pow(-1, 1e-300).to_dense()) @ dense,
                                    np.eye(len(dense)), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["solve", "inv"])
+def test_a_factor_damped_solve_of_singular_factors_warns(name):
+    """π-damped with ``regul = 0`` the Kronecker factors of fewer examples than their widths
+    are singular: their Cholesky factorisations fail and the answer is NaN, which came
+    without a word. Called from Python (one compiled call) it warns, once for all the
+    factors, at the caller's line; damped it is silent, and the solve and the inverse's
+    product agree."""
+    t = make_plain_mlp(n=2)
+    F = FIM(t.apply_fn, t.params, t.x, PMatKFAC)
+    v = np.ones(F.size(0))
+    operations = {"solve": lambda regul: F.solve(v, regul, damping="pi"),
+                  "inv": lambda regul: F.inv(regul, damping="pi").mv(v)}
+    with pytest.warns(RuntimeWarning, match=rf"{name} of a matrix singular.*regul > 0") as w:
+        undamped = np.asarray(operations[name](0.0))
+    assert [record.filename for record in w] == [__file__]
+    assert not np.isfinite(undamped).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(operations[name](0.1), operations["solve"](0.1), rtol=1e-9)

@@ -378,14 +378,21 @@ class Kron:
         damped ones): ``(a³ + g³)/3`` plus ``2 a g (a + g)``, several times cheaper than
         eigendecompositions."""
         self._check_symmetric("solve")
-        x = spd_solve(self.G, v)
-        return x / self.A if self.A.ndim == 1 else spd_solve(self.A, x.T).T
+        x = spd_solve(self.G, v, "solve")
+        if self.A.ndim == 1:
+            warn_if_singular(self.A, "solve")
+            return x / self.A
+        return spd_solve(self.A, x.T, "solve").T
 
     def inverse(self) -> Kron:
         """``A⁻¹ ⊗ G⁻¹`` through Cholesky factorisations (positive-definite factors)."""
         self._check_symmetric("inv")
-        a = 1 / self.A if self.A.ndim == 1 else _sym(spd_solve(self.A, _eye_like(self.A)))
-        return Kron(a, _sym(spd_solve(self.G, _eye_like(self.G))))
+        if self.A.ndim == 1:
+            warn_if_singular(self.A, "inv")
+            a = 1 / self.A
+        else:
+            a = _sym(spd_solve(self.A, _eye_like(self.A), "inv"))
+        return Kron(a, _sym(spd_solve(self.G, _eye_like(self.G), "inv")))
 
     def factor_damped(self, regul, damping: str) -> Kron:
         """The block with each factor damped (a ``damping`` of :data:`FACTORED_DAMPINGS`):
