@@ -88,7 +88,7 @@ class _Collector:
 
     def singular_reports(self) -> list[Deferred]:
         """One deferred warning per operation, for any of its matrices singular."""
-        return [Deferred(_Singular(operation), (jnp.any(jnp.stack(flags)),))
+        return [Deferred(_Singular(operation), (functools.reduce(jnp.logical_or, flags),))
                 for operation, flags in self.singular.items()]
 
     def here(self) -> bool:

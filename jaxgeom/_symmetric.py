@@ -21,7 +21,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxgeom._reporting import at_top_level, collects_here, report_singular_when_run, singular_flag
+from jaxgeom._reporting import (
+    at_top_level,
+    collects_here,
+    report_singular_when_run,
+    singular_flag,
+)
 
 
 def cholesky(m: jax.Array) -> jax.Array:
@@ -43,18 +48,10 @@ def cho_solve(factor: jax.Array, b: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve((factor, True), b)
 
 
-def spd_solve(m: jax.Array, b: jax.Array, operation: str | None = None) -> jax.Array:
+def spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
     """``m⁻¹ b`` for a symmetric positive-definite ``m``: :func:`cholesky` then
-    :func:`cho_solve`. Cost ``n³/3 + 2 n² k``. With ``operation``, called from Python (or
-    in an operation's compiled call), an ``m`` singular to working precision warns as that
-    operation's (:func:`jaxgeom._reporting.report_singular_when_run`: Cholesky's ``L_ii²``,
-    or a factorisation that failed, NaN: the answer is NaN)."""
-    factor = cholesky(m)
-    if operation is not None and (at_top_level() or collects_here()):
-        pivots = jnp.diagonal(factor, axis1=-2, axis2=-1) ** 2
-        report_singular_when_run(
-            operation, jnp.any(jnp.isnan(pivots)) | singular_flag([pivots]))
-    return cho_solve(factor, b)
+    :func:`cho_solve`. Cost ``n³/3 + 2 n² k``."""
+    return cho_solve(cholesky(m), b)
 
 
 def symmetric_solve(m: jax.Array, b: jax.Array, operation: str = "solve") -> jax.Array:

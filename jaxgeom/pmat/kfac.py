@@ -98,7 +98,7 @@ from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
-from jaxgeom._reporting import collects_here, warn_if_singular
+from jaxgeom._reporting import collects_here, report_singular_when_run, warn_if_singular
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._symmetric import spd_solve, symmetric_solve
 from jaxgeom.capture import (
@@ -162,6 +162,19 @@ def _unrotate(v: jax.Array, qg: jax.Array, qa: jax.Array | None) -> jax.Array:
     """``Q_G V Q_Aᵀ``."""
     v = qg @ v
     return v if qa is None else v @ qa.T
+
+
+def _report_failed_cholesky(operation: str, answer: Any) -> None:
+    """In an eager operation's compiled call, warn (after it) of factor-damped Kronecker
+    factors whose Cholesky factorisation failed — singular to working precision (undamped:
+    ``regul = 0``, fewer examples than a factor's width) or indefinite —, whose part of
+    ``answer`` is then NaN throughout: one element of each of its arrays read (a check of
+    each factor's pivots cost as much as the π-damped solve of bench_small's small
+    factors)."""
+    if collects_here():
+        firsts = jnp.stack([jnp.ravel(a)[0] for a in jax.tree_util.tree_leaves(answer)
+                            if jnp.size(a)])
+        report_singular_when_run(operation, jnp.any(jnp.isnan(firsts)))
 
 
 def _inner_apart(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -378,21 +391,14 @@ class Kron:
         damped ones): ``(a³ + g³)/3`` plus ``2 a g (a + g)``, several times cheaper than
         eigendecompositions."""
         self._check_symmetric("solve")
-        x = spd_solve(self.G, v, "solve")
-        if self.A.ndim == 1:
-            warn_if_singular(self.A, "solve")
-            return x / self.A
-        return spd_solve(self.A, x.T, "solve").T
+        x = spd_solve(self.G, v)
+        return x / self.A if self.A.ndim == 1 else spd_solve(self.A, x.T).T
 
     def inverse(self) -> Kron:
         """``A⁻¹ ⊗ G⁻¹`` through Cholesky factorisations (positive-definite factors)."""
         self._check_symmetric("inv")
-        if self.A.ndim == 1:
-            warn_if_singular(self.A, "inv")
-            a = 1 / self.A
-        else:
-            a = _sym(spd_solve(self.A, _eye_like(self.A), "inv"))
-        return Kron(a, _sym(spd_solve(self.G, _eye_like(self.G), "inv")))
+        a = 1 / self.A if self.A.ndim == 1 else _sym(spd_solve(self.A, _eye_like(self.A)))
+        return Kron(a, _sym(spd_solve(self.G, _eye_like(self.G))))
 
     def factor_damped(self, regul, damping: str) -> Kron:
         """The block with each factor damped (a ``damping`` of :data:`FACTORED_DAMPINGS`):
@@ -1067,7 +1073,9 @@ class PMatKFAC(PMatAbstract):
             nodes = [n.factor_damped(regul, damping) for n in self._krons(damping)]
             blocks = [functools.partial(symmetric_solve, b + regul * _eye_like(b))
                       for b in self.blocks]  # Cholesky (LU if indefinite), not eigh
-            return self._parts.apply(nodes, "solve", v, blocks)
+            solved = self._parts.apply(nodes, "solve", v, blocks)
+            _report_failed_cholesky("solve", solved)
+            return solved
         if collects_here():  # an eager call, nothing differentiated: its eigenvalues checked
             return self._exact_solve(v, regul, checked=True)
         # through the factors' eigenbases; through eigh's own derivative, a factor with a
@@ -1137,6 +1145,7 @@ class PMatKFAC(PMatAbstract):
         eager ``inv`` took 7.1 ms dispatched operation by operation."""
         blocks = tuple(PMatDense(_flat(b), b).pow(-1, regul).data for b in self.blocks)
         nodes = tuple(n.factor_damped(regul, damping).inverse() for n in self._krons(damping))
+        _report_failed_cholesky("inv", nodes)
         return self._with(nodes, blocks)
 
     def pinv(self, atol: Any = None, rtol: Any = None) -> PMatKFAC:
