@@ -65,7 +65,7 @@ def symmetric_solve(m: jax.Array, b: jax.Array, operation: str = "solve") -> jax
     Differentiable in ``m`` and ``b`` through ``dx = m⁻¹ (db − dm x)``, solved by the branch
     the value took (differentiating through the ``cond`` multiplied the other branch's NaN
     by zero: NaN gradients for an indefinite ``m``). Called from Python (not traced, or in
-    an operation's compiled call: :func:`jaxgeom._reporting.report_when_run`), an
+    an operation's compiled call: :func:`jaxgeom._reporting.report_singular_when_run`), an
     ``m`` singular to working precision warns (:func:`jaxgeom._reporting.singular_flag` of
     the pivots, read after the call: Cholesky's ``L_ii²``, or the LU's ``|U_ii|``; an
     undamped Fisher of fewer examples than parameters fails Cholesky by round-off and
