@@ -180,6 +180,22 @@ class KroneckerSpec:
         return np.concatenate([idx, bias[:, None]], axis=1)
 
 
+def check_specs(representation: Any) -> None:
+    """Refuse a representation whose ``specs`` are not a tuple of :class:`KroneckerSpec`:
+    its arrays passed positionally one field early (``PMatKFAC(layout, factors, blocks)``)
+    would otherwise build a matrix with no Kronecker layer, silently."""
+    specs = representation.specs
+    if isinstance(specs, tuple) and all(isinstance(s, KroneckerSpec) for s in specs):
+        return
+    got = (f"a tuple of {', '.join(sorted({type(s).__name__ for s in specs}))}"
+           if isinstance(specs, tuple) else type(specs).__name__)
+    fields = ", ".join(f.name for f in dataclasses.fields(representation) if f.init)
+    raise TypeError(
+        f"{type(representation).__name__}'s specs must be a tuple of KroneckerSpec (one per "
+        f"Kronecker layer); got {got}. Its fields are ({fields}): pass them by name, or "
+        "derive a matrix from another with dataclasses.replace")
+
+
 def _replay_broadcast(idx, arg):
     shape, dims = arg
     expanded = idx.reshape([idx.shape[dims.index(d)] if d in dims else 1

@@ -90,6 +90,18 @@ def test_not_built_from_data_and_bad_input():
         PMatEye(lc, jnp.ones(lc.numel()))
 
 
+def test_a_power_of_a_singular_or_negative_identity_counts_all_its_eigenvalues(case):
+    """``s·I`` has ``d`` eigenvalues ``s``, though it stores one: the refusals count ``d``."""
+    t, E, dense = case
+    d = len(dense)
+    with pytest.raises(ValueError, match=fr"^pow\(-0.5\) of a singular matrix: {d} of its {d} "):
+        PMatEye(E.layer_collection, 0.0).pow(-0.5)
+    with pytest.raises(ValueError, match=fr"^pow\(-1\) of a singular matrix: {d} of its {d} "):
+        PMatEye(E.layer_collection, 1.0).pow(-1, -1.0)
+    with pytest.raises(ValueError, match=fr"^pow\(0.5\) of an indefinite matrix: {d} of its {d} "):
+        PMatEye(E.layer_collection, -1.0).pow(0.5)
+
+
 @pytest.mark.parametrize("name", ["PMatImplicit", "PMatKFAC", "PMatLowRank", "PMatQuasiDiag",
                                   "PMatMixed"])
 def test_a_product_with_the_identity_on_the_right_is_scaled_not_densified(name):

@@ -33,7 +33,15 @@ from pmat_checks import (
     factor_damped_dense,
 )
 
-from jaxgeom import FIM, FIM_MonteCarlo, PMatDense, PMatEKFAC, SecondMoment
+from jaxgeom import (
+    FIM,
+    FIM_MonteCarlo,
+    PMatDense,
+    PMatEKFAC,
+    PMatKFOC,
+    PMatQuasiDiag,
+    SecondMoment,
+)
 from jaxgeom.pmat import _gram
 from jaxgeom.pmat import kfac as kfac_module
 from jaxgeom.pmat.blockdiag import PMatBlockDiag
@@ -209,6 +217,24 @@ def test_separate_weight_and_bias_is_checked():
     t = make_linen_mlp()
     with pytest.raises(TypeError, match="separate_weight_and_bias must be True or False"):
         FIM(t.apply_fn, t.params, t.x, PMatKFAC, separate_weight_and_bias="yes")
+
+
+@pytest.mark.parametrize("representation", [PMatKFAC, PMatEKFAC, PMatKFOC, PMatQuasiDiag])
+def test_arrays_passed_positionally_in_the_place_of_the_specs_are_refused(representation):
+    """``PMatKFAC(layout, factors, blocks)`` took the factors for its (static) specs and
+    built a matrix of no Kronecker layer: trace 0, silently. Now a TypeError names the
+    fields; by name, the same arrays rebuild the matrix."""
+    t = make_linen_mlp()
+    F = FIM(t.apply_fn, t.params, t.x, representation)
+    fields = {f.name: getattr(F, f.name) for f in dataclasses.fields(F) if f.init}
+    arrays = [v for k, v in fields.items() if k not in ("layer_collection", "specs")]
+    with pytest.raises(TypeError, match=(
+            f"^{representation.__name__}'s specs must be a tuple of KroneckerSpec .*got "
+            r"(a tuple of \w+|ArrayImpl)\. Its fields are \(layer_collection, specs, ")):
+        representation(F.layer_collection, *arrays)
+    by_name = representation(**fields)
+    np.testing.assert_allclose(by_name.trace(), F.trace(), rtol=1e-12)
+    assert by_name.trace() > 0
 
 
 # ----------------------------------------------------------------------------- more layers

@@ -39,7 +39,7 @@ def is_concrete_zero(x: Any) -> bool:
         return False
 
 
-def power(values: jax.Array, p, regul=0.0) -> jax.Array:
+def power(values: jax.Array, p, regul=0.0, multiplicity: int = 1) -> jax.Array:
     """``(λ + regul)^p`` of eigenvalues; for non-integer ``p`` the matrix is taken PSD
     and negative round-off eigenvalues are clipped to 0 (a traced ``p`` is checked on
     the device: an integer value keeps the signs); concrete eigenvalues below ``0`` by
@@ -48,13 +48,15 @@ def power(values: jax.Array, p, regul=0.0) -> jax.Array:
     A negative power of a singular matrix is infinite on its null space: called with
     concrete values, ``p < 0`` where some ``λ + regul`` is 0 (``≤ 0`` for a non-integer
     ``p``) raises a ``ValueError`` with the fixes (under ``jit`` the result is non-finite
-    there)."""
+    there). ``multiplicity``: how many eigenvalues each value stands for (a scaled
+    identity's one value: ``d``), for the messages' counts."""
     shifted = values + regul
     if is_integer(p):
-        _check_invertible(shifted, p)
+        _check_invertible(shifted, p, multiplicity=multiplicity)
         return shifted ** int(np.real(np.asarray(p)))
-    check_nonnegative(shifted, p)  # first: a negative eigenvalue is not a singular one
-    _check_invertible(shifted, p)
+    # first: a negative eigenvalue is not a singular one
+    check_nonnegative(shifted, p, multiplicity)
+    _check_invertible(shifted, p, multiplicity=multiplicity)
     clipped = jnp.maximum(shifted, 0) ** p
     if isinstance(p, jax.core.Tracer):
         return jnp.where(p == jnp.round(p), shifted ** p, clipped)
@@ -71,7 +73,7 @@ def shifted_power(values: jax.Array, regul=0.0, *, p) -> jax.Array:
     return result
 
 
-def check_nonnegative(shifted: jax.Array, p) -> None:
+def check_nonnegative(shifted: jax.Array, p, multiplicity: int = 1) -> None:
     """Refuse a fractional power of a matrix with an eigenvalue (+ regul) below ``0`` by
     more than round-off (``max(√eps, n·eps) · max|λ|``), when the values are concrete: clipped to
     ``0``, it would answer the power of another matrix (an indefinite Hessian's)."""
@@ -83,8 +85,8 @@ def check_nonnegative(shifted: jax.Array, p) -> None:
     negative = values < -tol
     if negative.any():
         raise ValueError(
-            f"pow({np.real(p):g}) of an indefinite matrix: {int(negative.sum())} of its "
-            f"{values.size} eigenvalues (+ regul) are negative (the smallest "
+            f"pow({np.real(p):g}) of an indefinite matrix: {int(negative.sum()) * multiplicity} "
+            f"of its {values.size * multiplicity} eigenvalues (+ regul) are negative (the smallest "
             f"{values.min():.3g}), where a fractional power is not real (e.g. a Hessian "
             "away from a minimum). Shift it (pow(p, regul) with regul ≥ −λ_min), or apply "
             "the power to |λ| from eigh()")
@@ -101,7 +103,8 @@ def warn_if_singular_power(shifted: jax.Array | Sequence[jax.Array], p) -> None:
         warn_if_singular(shifted, f"pow({np.real(value):g})")
 
 
-def _check_invertible(shifted: jax.Array, p, operation: str | None = None) -> None:
+def _check_invertible(shifted: jax.Array, p, operation: str | None = None,
+                      multiplicity: int = 1) -> None:
     """Refuse ``p < 0`` where some ``λ + regul`` is 0 (``p`` an integer) or ``≤ 0`` (else:
     clipped to 0 as round-off), when the values are concrete; ``operation="solve"``: a solve
     with these eigenvalues (``p = -1``)."""
@@ -109,7 +112,7 @@ def _check_invertible(shifted: jax.Array, p, operation: str | None = None) -> No
             np.real(p) >= 0):
         return
     values = np.asarray(shifted)
-    singular = int(np.sum(values == 0 if is_integer(p) else values <= 0))
+    singular = int(np.sum(values == 0 if is_integer(p) else values <= 0)) * multiplicity
     if singular:
         fix = ("Damp it (solve(v, regul) with regul > 0), or solve on its range: "
                "M.pinv().mv(v)" if operation == "solve" else
@@ -117,7 +120,7 @@ def _check_invertible(shifted: jax.Array, p, operation: str | None = None) -> No
                "pseudo-power on its range: M.pinv().pow(-p)")
         raise ValueError(
             f"{operation or f'pow({np.real(p):g})'} of a singular matrix: {singular} of its "
-            f"{values.size} eigenvalues (+ regul) are "
+            f"{values.size * multiplicity} eigenvalues (+ regul) are "
             f"{'0' if is_integer(p) else '≤ 0 (0 up to round-off)'}, where a negative power "
             f"is infinite. {fix}")
 

@@ -130,7 +130,7 @@ class CanonicalDiagonal(PMatAbstract):
         return self._with(_spectral.pinv(self._values, atol, rtol))
 
     def pow(self, p: Any, regul: Any = 0.0) -> CanonicalDiagonal:
-        return self._with(_spectral.power(self._values, p, regul))
+        return self._with(_spectral.power(self._values, p, regul, int(self._multiplicity)))
 
     # ------------------------------------------------------------------ algebra
     def mm(self, other: PMatAbstract) -> PMatAbstract:

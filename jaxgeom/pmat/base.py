@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxgeom import streaming
 from jaxgeom._dispatch import compiled_when_eager
+from jaxgeom._memory import check_fits
 from jaxgeom._reindex import LeafVector
 from jaxgeom._reporting import vmap_reporting
 from jaxgeom._serialization import register_dataclass
@@ -78,6 +79,8 @@ def representation(cls: type) -> type:
             setattr(cls, name, checked(method))
     if not hasattr(cls.mm, "scales_by_eye"):
         cls.mm = _scaled_by_eye(cls.mm)
+    if not hasattr(cls.to_dense, "checks_size"):
+        cls.to_dense = _fitting_to_dense(cls.to_dense)
     REGISTRY.append(cls)
     return cls
 
@@ -194,6 +197,24 @@ def _checked_scalars(method: Callable) -> Callable:
         return method(self, *args, **kwargs)
 
     checked.checks_scalars = True
+    return checked
+
+
+def _fitting_to_dense(to_dense: Callable) -> Callable:
+    """``to_dense`` refusing, before it runs, a ``(d, d)`` matrix larger than the device's
+    memory (:func:`jaxgeom._memory.check_fits`): XLA would report it only once read, or
+    abort the process when NumPy reads it."""
+
+    @functools.wraps(to_dense)
+    def checked(self):
+        d = self.layer_collection.numel()
+        check_fits(f"{type(self).__name__}.to_dense()", (d, d), self.dtype,
+                   "Work with the matrix through its operations (mv, vTMv, solve, get_diag, "
+                   "eigsh, trace), or densify the blocks of a few layers: "
+                   "M.restrict(layer_ids).to_dense()")
+        return to_dense(self)
+
+    checked.checks_size = True
     return checked
 
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._memory import check_fits
 from jaxgeom._reindex import FlatPartition
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
@@ -25,7 +26,7 @@ from jaxgeom.pmat.base import (
     static_field,
 )
 from jaxgeom.pmat.base import take as _take
-from jaxgeom.pmat.dense import PMatDense
+from jaxgeom.pmat.dense import SMALLER_REPRESENTATIONS, PMatDense
 from jaxgeom.restriction import Restriction
 
 
@@ -200,7 +201,10 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
 
     @staticmethod
     def _zeros(layer_collection: LayerCollection, dtype) -> tuple[jax.Array, ...]:
-        return tuple(jnp.zeros((n, n), dtype) for n in _partition(layer_collection).sizes)
+        sizes = _partition(layer_collection).sizes
+        check_fits("PMatBlockDiag's storage", (sum(n * n for n in sizes),), dtype,
+                   SMALLER_REPRESENTATIONS, arrays=len(sizes))
+        return tuple(jnp.zeros((n, n), dtype) for n in sizes)
 
     @classmethod
     def _add_term(cls, layer_collection: LayerCollection, state: tuple,

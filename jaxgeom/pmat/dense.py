@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxgeom._memory import check_fits
 from jaxgeom._symmetric import symmetric_solve
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
@@ -137,6 +138,14 @@ class PMatDense(PMatAbstract):
         return DenseAccumulator(layer_collection)
 
 
+#: what to build instead of a matrix whose storage cannot fit (:func:`check_fits`)
+SMALLER_REPRESENTATIONS = (
+    "Build a representation of smaller storage: PMatKFAC or PMatEKFAC (Kronecker factors, "
+    "Σ a_l² + g_l² per layer), PMatDiag or PMatQuasiDiag (d), PMatLowRank (N·K rows of d), "
+    "PMatImplicit (none); PMatMixed, dense only on the layers that fit; or the block of a "
+    "few layers (jaxgeom.restriction.restrict)")
+
+
 @dataclasses.dataclass(frozen=True)
 class DenseAccumulator:
     """``Σₙ Jₙᵀ Jₙ`` over chunks, then ``/ N``."""
@@ -145,6 +154,7 @@ class DenseAccumulator:
 
     def init(self, dtype):
         d = self.layer_collection.numel()
+        check_fits("PMatDense's storage", (d, d), dtype, SMALLER_REPRESENTATIONS)
         return jnp.zeros((d, d), dtype)
 
     def update(self, state, pieces):

@@ -107,6 +107,7 @@ from jaxgeom.capture import (
     KroneckerSpec,
     all_finite,
     capture_chunk,
+    check_specs,
     make_plan,
 )
 from jaxgeom.layers import Layer, LayerCollection
@@ -845,6 +846,9 @@ class PMatKFAC(PMatAbstract):
 
     #: products and quadratic forms of params-shaped vectors run on their leaves
     LEAFWISE: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_specs(self)
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("eigh", *ITERATIVE_SOLVE_METHODS)
     SOLVE_OPTIONS: ClassVar[dict[str, tuple[str, ...]]] = {

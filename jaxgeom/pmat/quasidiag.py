@@ -66,7 +66,7 @@ import numpy as np
 
 from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
-from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk
+from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk, check_specs
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _arrow, _spectral
 from jaxgeom.pmat.base import (
@@ -119,6 +119,9 @@ class PMatQuasiDiag(PMatAbstract):
     rho: tuple[jax.Array | None, ...] = ()
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("default", *ITERATIVE_SOLVE_METHODS)
+
+    def __post_init__(self):
+        check_specs(self)
 
     def check_shapes(self) -> None:
         """Refuse a diagonal or weight–bias terms of another model's shapes (a state

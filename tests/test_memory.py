@@ -1,0 +1,105 @@
+"""Arrays larger than the device's memory are refused before anything runs: a
+``MemoryError`` naming the array, its size and the fix, at the device's memory and not a
+byte below it (the memory is made small here, so that the models stay small)."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from models import make_linen_mlp
+
+import jaxgeom._memory as memory
+from jaxgeom import (
+    FIM,
+    PMatBlockDiag,
+    PMatDense,
+    PMatDiag,
+    PMatEKFAC,
+    PMatEye,
+    PMatImplicit,
+    PMatKFAC,
+    PMatKFOC,
+    PMatLowRank,
+    PMatQuasiDiag,
+    streaming,
+)
+
+BUILT = [PMatDense, PMatBlockDiag, PMatDiag, PMatKFAC, PMatEKFAC, PMatKFOC, PMatQuasiDiag,
+         PMatLowRank, PMatImplicit]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_linen_mlp()
+
+
+def with_memory(monkeypatch, nbytes: int) -> None:
+    """Make every device report ``nbytes`` of memory."""
+    monkeypatch.setattr(memory, "memory_bytes", lambda device=None: nbytes)
+
+
+def forget_traces() -> None:
+    """A build's storage is checked where its steps are traced: a step of the same shapes
+    traced before (when the memory was not made small) ran, and is not traced again."""
+    jax.clear_caches()
+    streaming._statistics_signature.cache_clear()
+
+
+def test_a_cpu_device_has_the_hosts_physical_memory():
+    cpu = jax.devices("cpu")[0]
+    assert memory.memory_bytes(cpu) == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert memory.memory_bytes(cpu) > 2**28
+
+
+@pytest.mark.parametrize("representation", BUILT, ids=lambda r: r.__name__)
+def test_a_dense_view_larger_than_the_memory_is_refused_before_it_runs(
+        task, representation, monkeypatch):
+    F = FIM(task.apply_fn, task.params, task.x, representation)
+    d = F.size(0)
+    dense_bytes = d * d * 8  # float64
+    with_memory(monkeypatch, dense_bytes)
+    dense = np.asarray(F.to_dense())  # exactly the memory: allowed
+    assert dense.shape == (d, d)
+    with_memory(monkeypatch, dense_bytes - 1)
+    message = (rf"^{representation.__name__}\.to_dense\(\) would be a \({d}, {d}\) float64 "
+               rf"array, {dense_bytes / 1024:.1f} KiB, more than the {dense_bytes / 1024:.1f} "
+               r"KiB of memory of cpu device 0\. Work with the matrix through its operations .*"
+               r"M\.restrict\(layer_ids\)\.to_dense\(\)")
+    with pytest.raises(MemoryError, match=message):
+        F.to_dense()
+    with pytest.raises(MemoryError, match=message):  # the shapes are known to a trace too
+        jax.jit(lambda M: M.to_dense())(F)
+
+
+def test_an_identity_too_large_to_densify_is_refused(task, monkeypatch):
+    E = PMatEye(FIM(task.apply_fn, task.params, task.x, PMatDiag).layer_collection, 2.0)
+    with_memory(monkeypatch, 8)
+    with pytest.raises(MemoryError, match=r"^PMatEye\.to_dense\(\) would be a "):
+        E.to_dense()
+    np.testing.assert_allclose(E.trace(), 2.0 * E.size(0))  # its operations need no more
+
+
+def test_a_dense_or_block_diagonal_storage_larger_than_the_memory_is_not_built(
+        task, monkeypatch):
+    lc = FIM(task.apply_fn, task.params, task.x, PMatDiag).layer_collection
+    d = lc.numel()
+    blocks = [lc.layer_numel(layer) for layer in lc.layers]
+    block_bytes = 8 * sum(n * n for n in blocks)
+    assert block_bytes < 8 * d * d
+    forget_traces()
+    with_memory(monkeypatch, block_bytes)  # the blocks fit, the dense matrix not
+    B = FIM(task.apply_fn, task.params, task.x, PMatBlockDiag)
+    assert [b.shape for b in B.blocks] == [(n, n) for n in blocks]
+    fix = r"\. Build a representation of smaller storage: PMatKFAC or PMatEKFAC .*restrict\)"
+    with pytest.raises(MemoryError, match=(
+            rf"^PMatDense's storage would be a \({d}, {d}\) float64 array, .*{fix}")):
+        FIM(task.apply_fn, task.params, task.x, PMatDense)
+    with_memory(monkeypatch, block_bytes - 1)
+    forget_traces()
+    with pytest.raises(MemoryError, match=(
+            rf"^PMatBlockDiag's storage would be {len(blocks)} arrays of "
+            rf"{sum(n * n for n in blocks):,} float64 entries in all, .*{fix}")):
+        FIM(task.apply_fn, task.params, task.x, PMatBlockDiag)
+    K = FIM(task.apply_fn, task.params, task.x, PMatKFAC)  # Kronecker factors still fit
+    assert K.trace() > 0
