@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxgeom import capture as capture_lib
 from jaxgeom import data as data_lib
 from jaxgeom._differentiable import FloatLeaves, calls_custom_vjp
+from jaxgeom._memory import check_fits
 from jaxgeom._signature import abstract, cached, signature
 from jaxgeom.layers import LayerCollection, concat_last
 from jaxgeom.streaming import ChunkBuilder, builder, run, static_field, tree_finite
@@ -279,6 +280,10 @@ class JacobianBuilder(ChunkBuilder):
         # every row is written before it is read (:meth:`update`): no initial values needed
         # (uninitialised on GPU/TPU; XLA:CPU has no such allocation and zero-fills)
         shape = (k, rows, d) if self._output_major else (rows * k, d)
+        check_fits("The kept Jacobian rows of every example and output", shape, self.dtype,
+                   "Keep the rows of fewer examples (a subset of the data), or build a "
+                   "representation that reduces them as they stream: PMatKFAC, PMatEKFAC, "
+                   "PMatDiag, PMatQuasiDiag, PMatImplicit (no rows kept)")
         return jax.lax.empty(shape, self.dtype)
 
     def update(self, total, params, batch, mask, offset, aux):

@@ -103,3 +103,21 @@ def test_a_dense_or_block_diagonal_storage_larger_than_the_memory_is_not_built(
         FIM(task.apply_fn, task.params, task.x, PMatBlockDiag)
     K = FIM(task.apply_fn, task.params, task.x, PMatKFAC)  # Kronecker factors still fit
     assert K.trace() > 0
+
+
+def test_kept_jacobian_rows_larger_than_the_memory_are_not_collected(task, monkeypatch):
+    """A low-rank matrix keeps the ``(N K, d)`` rows: refused when they cannot fit."""
+    L = FIM(task.apply_fn, task.params, task.x, PMatLowRank)
+    rows_bytes = L.factor.size * 8
+    assert L.factor.shape[0] > 1
+    forget_traces()
+    with_memory(monkeypatch, rows_bytes - 1)
+    with pytest.raises(MemoryError, match=(
+            rf"^The kept Jacobian rows of every example and output would be a "
+            rf"\({L.factor.shape[0]}, {L.factor.shape[1]}\) float64 array, .* Keep the rows of "
+            r"fewer examples .*PMatImplicit \(no rows kept\)")):
+        FIM(task.apply_fn, task.params, task.x, PMatLowRank)
+    with_memory(monkeypatch, rows_bytes)
+    forget_traces()
+    np.testing.assert_allclose(FIM(task.apply_fn, task.params, task.x, PMatLowRank).factor,
+                               L.factor)  # exactly the memory: built
