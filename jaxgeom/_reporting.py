@@ -63,9 +63,10 @@ class Deferred:
 
 
 #: the directories of jaxgeom and JAX: frames of files under them are the libraries' own
-#: (an eager operation's concrete values reach a warning through JAX's transformations)
-_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
-                      for module in (sys.modules[__package__], jax))
+#: (an eager operation's concrete values reach a warning through JAX's transformations),
+#: and contextlib's (a warning on leaving jaxgeom's context managers)
+_LIBRARY_DIRS = (*(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+                   for module in (sys.modules[__package__], jax)), contextlib.__file__)
 
 
 def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
@@ -211,11 +212,37 @@ def singular_flag(magnitudes: Sequence[jax.Array]) -> jax.Array:
                 * jnp.max(a, axis=-1)) for a in arrays]))
 
 
+#: the singular flags reported inside :func:`one_singular_report` so far, or None
+_SINGULAR_FLAGS = contextvars.ContextVar("jaxgeom_singular_flags", default=None)
+
+
+@contextlib.contextmanager
+def one_singular_report(operation: Callable[[], str]) -> Iterator[None]:
+    """Inside, the singular matrices reported (:func:`report_singular`: a block-diagonal's
+    blocks, a Kronecker layer's factors, each decomposed on its own) warn once, on leaving,
+    as the operation the user called (``operation()``: ``"inv"``, not the ``"pow(-1)"`` it
+    is computed by). Nested: the outermost reports. Nothing on an exception."""
+    if _SINGULAR_FLAGS.get() is not None:
+        yield
+        return
+    token = _SINGULAR_FLAGS.set([])
+    try:
+        yield
+        flags = _SINGULAR_FLAGS.get()
+    finally:
+        _SINGULAR_FLAGS.reset(token)
+    if any(np.any(flag) for flag in flags):
+        report_singular(operation(), True)
+
+
 def report_singular(operation: str, singular: jax.Array) -> None:
     """Warn that ``operation`` ran on a matrix singular to working precision where the flag
-    ``singular`` (:func:`singular_flag`, answered by a compiled call) is set."""
-    # one message for every matrix (a block-diagonal's blocks): Python's default filter
-    # shows it once, not once a block
+    ``singular`` (:func:`singular_flag`, answered by a compiled call) is set; inside
+    :func:`one_singular_report`, the flag is kept for its one warning."""
+    flags = _SINGULAR_FLAGS.get()
+    if flags is not None:
+        flags.append(singular)
+        return
     if np.any(singular):
         warn(
             f"{operation} of a matrix singular to working precision: its smallest eigenvalue "

@@ -11,6 +11,7 @@ import pytest
 
 from jaxgeom._reporting import (
     SINGULAR_RATIO,
+    one_singular_report,
     report_singular,
     report_when_run,
     reporting,
@@ -46,6 +47,30 @@ def test_blocks_and_stacks_warn_once_when_any_is_singular():
         warn_if_singular([good, bad, good], "inv")
         warn_if_singular(np.stack([good, bad]), "pow(-1)")
     assert [str(w.message).split(" of ")[0] for w in record] == ["inv", "pow(-1)"]
+
+
+def test_an_operation_of_several_decompositions_warns_once_as_called():
+    """The blocks or factors an operation decomposes apart report into one warning named
+    as called; nested, the outermost reports; on an exception, nothing; nothing singular,
+    nothing."""
+    eps = np.finfo(np.float32).eps
+    good, bad = spectrum(1e-3, 50), spectrum(eps, 50)
+    with pytest.warns(RuntimeWarning) as record, one_singular_report(lambda: "inv"):
+        warn_if_singular(bad, "pow(-1)")
+        with one_singular_report(lambda: "pow(-1)"):
+            warn_if_singular(bad, "pow(-1)")
+            warn_if_singular(good, "pow(-1)")
+    assert [str(w.message).split(" of ")[0] for w in record] == ["inv"]
+    assert {w.filename for w in record} == {__file__}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ZeroDivisionError), one_singular_report(lambda: "inv"):
+            warn_if_singular(bad, "pow(-1)")
+            _ = 1 / 0
+        with one_singular_report(lambda: "inv"):
+            warn_if_singular([good, good], "pow(-1)")
+    with pytest.warns(RuntimeWarning, match="^solve of"):  # outside: at once, as before
+        warn_if_singular(bad, "solve")
 
 
 def test_traced_values_warn_of_nothing_and_a_compiled_flag_is_read_after():

@@ -30,7 +30,7 @@ from jaxgeom import streaming
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._memory import check_fits
 from jaxgeom._reindex import LeafVector
-from jaxgeom._reporting import vmap_reporting
+from jaxgeom._reporting import one_singular_report, vmap_reporting
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._signature import dtype_is
 from jaxgeom.jacobian import JacobianBuilder
@@ -184,7 +184,8 @@ _SCALAR_ARGUMENTS = {"regul": check_regul, "p": check_exponent,
 def _checked_scalars(method: Callable) -> Callable:
     """``method`` (``inv``/``pow``/``pinv``/…) with its ``regul`` (:func:`check_regul`),
     exponent ``p`` (:func:`check_exponent`) and thresholds ``atol``/``rtol``
-    (:func:`check_threshold`) checked."""
+    (:func:`check_threshold`) checked; the singular matrices its blocks or factors meet
+    warn once, named as called (:func:`~jaxgeom._reporting.one_singular_report`)."""
     names = list(inspect.signature(method).parameters)[1:]  # after self
     checks = [(name, names.index(name), check) for name, check in _SCALAR_ARGUMENTS.items()
               if name in names]
@@ -194,7 +195,15 @@ def _checked_scalars(method: Callable) -> Callable:
         for name, position, check in checks:
             if name in kwargs or len(args) > position:
                 check(kwargs[name] if name in kwargs else args[position])
-        return method(self, *args, **kwargs)
+
+        def called() -> str:
+            if method.__name__ != "pow":
+                return method.__name__
+            p = np.real(np.asarray(kwargs["p"] if "p" in kwargs else args[0]))
+            return f"pow({p:g})"
+
+        with one_singular_report(called):
+            return method(self, *args, **kwargs)
 
     checked.checks_scalars = True
     return checked
