@@ -22,7 +22,6 @@ from jaxgeom import (
     PMatKFOC,
     PMatLowRank,
     PMatQuasiDiag,
-    streaming,
 )
 
 BUILT = [PMatDense, PMatBlockDiag, PMatDiag, PMatKFAC, PMatEKFAC, PMatKFOC, PMatQuasiDiag,
@@ -39,11 +38,11 @@ def with_memory(monkeypatch, nbytes: int) -> None:
     monkeypatch.setattr(memory, "memory_bytes", lambda device=None: nbytes)
 
 
-def forget_traces() -> None:
-    """A build's storage is checked where its steps are traced: a step of the same shapes
-    traced before (when the memory was not made small) ran, and is not traced again."""
-    jax.clear_caches()
-    streaming._statistics_signature.cache_clear()
+def untraced(task):
+    """The model as a function not seen before: a build's storage is checked where its
+    steps are traced, and a step traced before (when the memory was not made small) ran
+    and is not traced again."""
+    return lambda params, x: task.apply_fn(params, x)
 
 
 def test_a_cpu_device_has_the_hosts_physical_memory():
@@ -87,20 +86,18 @@ def test_a_dense_or_block_diagonal_storage_larger_than_the_memory_is_not_built(
     blocks = [lc.layer_numel(layer) for layer in lc.layers]
     block_bytes = 8 * sum(n * n for n in blocks)
     assert block_bytes < 8 * d * d
-    forget_traces()
     with_memory(monkeypatch, block_bytes)  # the blocks fit, the dense matrix not
-    B = FIM(task.apply_fn, task.params, task.x, PMatBlockDiag)
+    B = FIM(untraced(task), task.params, task.x, PMatBlockDiag)
     assert [b.shape for b in B.blocks] == [(n, n) for n in blocks]
     fix = r"\. Build a representation of smaller storage: PMatKFAC or PMatEKFAC .*restrict\)"
     with pytest.raises(MemoryError, match=(
             rf"^PMatDense's storage would be a \({d}, {d}\) float64 array, .*{fix}")):
-        FIM(task.apply_fn, task.params, task.x, PMatDense)
+        FIM(untraced(task), task.params, task.x, PMatDense)
     with_memory(monkeypatch, block_bytes - 1)
-    forget_traces()
     with pytest.raises(MemoryError, match=(
             rf"^PMatBlockDiag's storage would be {len(blocks)} arrays of "
             rf"{sum(n * n for n in blocks):,} float64 entries in all, .*{fix}")):
-        FIM(task.apply_fn, task.params, task.x, PMatBlockDiag)
+        FIM(untraced(task), task.params, task.x, PMatBlockDiag)
     K = FIM(task.apply_fn, task.params, task.x, PMatKFAC)  # Kronecker factors still fit
     assert K.trace() > 0
 
@@ -110,14 +107,12 @@ def test_kept_jacobian_rows_larger_than_the_memory_are_not_collected(task, monke
     L = FIM(task.apply_fn, task.params, task.x, PMatLowRank)
     rows_bytes = L.factor.size * 8
     assert L.factor.shape[0] > 1
-    forget_traces()
     with_memory(monkeypatch, rows_bytes - 1)
     with pytest.raises(MemoryError, match=(
             rf"^The kept Jacobian rows of every example and output would be a "
             rf"\({L.factor.shape[0]}, {L.factor.shape[1]}\) float64 array, .* Keep the rows of "
             r"fewer examples .*PMatImplicit \(no rows kept\)")):
-        FIM(task.apply_fn, task.params, task.x, PMatLowRank)
+        FIM(untraced(task), task.params, task.x, PMatLowRank)
     with_memory(monkeypatch, rows_bytes)
-    forget_traces()
-    np.testing.assert_allclose(FIM(task.apply_fn, task.params, task.x, PMatLowRank).factor,
+    np.testing.assert_allclose(FIM(untraced(task), task.params, task.x, PMatLowRank).factor,
                                L.factor)  # exactly the memory: built
