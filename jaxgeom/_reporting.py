@@ -214,6 +214,8 @@ def singular_flag(magnitudes: Sequence[jax.Array]) -> jax.Array:
 
 #: the singular flags reported inside :func:`one_singular_report` so far, or None
 _SINGULAR_FLAGS = contextvars.ContextVar("jaxgeom_singular_flags", default=None)
+#: the name of the operation called, inside :func:`one_singular_report`, or None
+_CALLED = contextvars.ContextVar("jaxgeom_called_operation", default=None)
 
 
 @contextlib.contextmanager
@@ -225,14 +227,22 @@ def one_singular_report(operation: Callable[[], str]) -> Iterator[None]:
     if _SINGULAR_FLAGS.get() is not None:
         yield
         return
-    token = _SINGULAR_FLAGS.set([])
+    token, called = _SINGULAR_FLAGS.set([]), _CALLED.set(operation)
     try:
         yield
         flags = _SINGULAR_FLAGS.get()
     finally:
         _SINGULAR_FLAGS.reset(token)
+        _CALLED.reset(called)
     if any(np.any(flag) for flag in flags):
         report_singular(operation(), True)
+
+
+def called_operation() -> str | None:
+    """The operation the user called, inside :func:`one_singular_report` (for the messages
+    of the operations it is computed by), else ``None``."""
+    operation = _CALLED.get()
+    return None if operation is None else operation()
 
 
 def report_singular(operation: str, singular: jax.Array) -> None:

@@ -8,6 +8,7 @@ with ``to_dense()``.
 """
 
 import functools
+import re
 import warnings
 
 import jax
@@ -289,6 +290,30 @@ def test_an_undamped_inverse_of_a_numerically_singular_fisher_warns(representati
         warnings.simplefilter("error")
         np.testing.assert_allclose(F.solve(v, 0.1), np.linalg.solve(damped, v), rtol=1e-8)
         jax.export.export(jax.jit(lambda F, v: F.solve(v)))(F, v)
+
+
+@pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatKFAC])
+def test_a_fractional_power_of_a_singular_fisher_names_the_part_whose_eigenvalues_vanish(
+        representation):
+    """``pow(-1/2)`` of a Fisher of fewer examples than parameters is infinite on its null
+    space: refused, counting the eigenvalues of the part decomposed (the layer's block, the
+    layer's Kronecker factor), not as if they were the whole matrix's."""
+    t = make_plain_mlp(n=2)
+    F = FIM(t.apply_fn, t.params, t.x, representation)
+    with pytest.raises(ValueError, match=r"^pow\(-0.5\) of a singular matrix: ") as error:
+        F.pow(-0.5)
+    count, part = re.match(r".*: (\d+) of (.*) \(\+ regul\) are ≤ 0", str(error.value)).groups()
+    lc = F.layer_collection
+    if representation is PMatDense:
+        assert part == f"its {lc.numel()} eigenvalues"
+        return
+    size, kind, layer = re.fullmatch(r"the (\d+) eigenvalues of its (block|factor [AG]) of "
+                                     r"layer '(.+)'", part).groups()
+    spec = next((s for s in getattr(F, "specs", ()) if s.layer_id == layer), None)
+    want = {"block": lambda: lc.layer_numel(layer),
+            "factor A": lambda: spec.in_features + (spec.bias is not None),
+            "factor G": lambda: spec.out_features}[kind]()
+    assert int(size) == want and 0 < int(count) <= int(size)
 
 
 @pytest.mark.parametrize("representation", [PMatDense, PMatKFAC])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -12,7 +14,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom._compile import factorisation_jit
-from jaxgeom._reporting import warn_if_singular
+from jaxgeom._reporting import called_operation, warn_if_singular
+
+#: the part of a matrix whose eigenvalues are checked, innermost last (:func:`of_part`)
+_PART = contextvars.ContextVar("jaxgeom_spectral_part", default=())
+
+
+@contextlib.contextmanager
+def of_part(description: str) -> Iterator[None]:
+    """Inside, the refusals of eigenvalues (:func:`power`'s) name them as those of
+    ``description`` of the matrix (``"layer 'fc1'"``, then ``"factor A"``: "its factor A
+    of layer 'fc1'"), not as all of the matrix's: a block-diagonal or Kronecker matrix
+    decomposes its parts apart."""
+    token = _PART.set((*_PART.get(), description))
+    try:
+        yield
+    finally:
+        _PART.reset(token)
+
+
+def _eigenvalues(count: int) -> str:
+    """``"its 27 eigenvalues"``, or those of the part under way (:func:`of_part`)."""
+    parts = _PART.get()
+    return (f"its {count} eigenvalues" if not parts else
+            f"the {count} eigenvalues of its {' of '.join(reversed(parts))}")
 
 
 def is_integer(p) -> bool:
@@ -86,7 +111,7 @@ def check_nonnegative(shifted: jax.Array, p, multiplicity: int = 1) -> None:
     if negative.any():
         raise ValueError(
             f"pow({np.real(p):g}) of an indefinite matrix: {int(negative.sum()) * multiplicity} "
-            f"of its {values.size * multiplicity} eigenvalues (+ regul) are negative (the smallest "
+            f"of {_eigenvalues(values.size * multiplicity)} (+ regul) are negative (the smallest "
             f"{values.min():.3g}), where a fractional power is not real (e.g. a Hessian "
             "away from a minimum). Shift it (pow(p, regul) with regul ≥ −λ_min), or apply "
             "the power to |λ| from eigh()")
@@ -114,13 +139,16 @@ def _check_invertible(shifted: jax.Array, p, operation: str | None = None,
     values = np.asarray(shifted)
     singular = int(np.sum(values == 0 if is_integer(p) else values <= 0)) * multiplicity
     if singular:
-        fix = ("Damp it (solve(v, regul) with regul > 0), or solve on its range: "
-               "M.pinv().mv(v)" if operation == "solve" else
-               "Damp it (pow(p, regul) with regul > 0: (M + regul·I)^p), or take the "
-               "pseudo-power on its range: M.pinv().pow(-p)")
+        operation = operation or called_operation() or f"pow({np.real(p):g})"
+        fix = {"solve": "Damp it (solve(v, regul) with regul > 0), or solve on its range: "
+                        "M.pinv().mv(v)",
+               "inv": "Damp it (inv(regul) with regul > 0), or take the pseudo-inverse on "
+                      "its range: M.pinv()"}.get(
+            operation, "Damp it (pow(p, regul) with regul > 0: (M + regul·I)^p), or take "
+                       "the pseudo-power on its range: M.pinv().pow(-p)")
         raise ValueError(
-            f"{operation or f'pow({np.real(p):g})'} of a singular matrix: {singular} of its "
-            f"{values.size * multiplicity} eigenvalues (+ regul) are "
+            f"{operation} of a singular matrix: {singular} of "
+            f"{_eigenvalues(values.size * multiplicity)} (+ regul) are "
             f"{'0' if is_integer(p) else '≤ 0 (0 up to round-off)'}, where a negative power "
             f"is infinite. {fix}")
 

@@ -199,6 +199,16 @@ def _factor_apply(f, x: jax.Array) -> jax.Array:
     return _spectral.spectral_functions(f, (x,))[0]
 
 
+def _per_layer(layer_ids: Sequence[str], what: str, fn: Callable, parts: Sequence) -> tuple:
+    """``fn`` of each layer's part, a refusal of its eigenvalues naming the part as
+    ``what`` of its layer (:func:`~jaxgeom.pmat._spectral.of_part`)."""
+    out = []
+    for layer_id, part in zip(layer_ids, parts):
+        with _spectral.of_part(f"{what}layer {layer_id!r}"):
+            out.append(fn(part))
+    return tuple(out)
+
+
 def _sym(m: jax.Array) -> jax.Array:
     """``(M + Mᵀ)/2``: an inverse from triangular solves made exactly symmetric, and given
     back in the row-major layout (LAPACK's is column-major: a K-FAC optimizer state that
@@ -385,7 +395,11 @@ class Kron:
                 rank_bounds=self.rank_bounds if p > 0 else (None, None))
         self._check_symmetric(f"pow({p})")
         f = functools.partial(_spectral.shifted_power, p=p)
-        return Kron(_factor_apply(f, self.A), _factor_apply(f, self.G))
+        with _spectral.of_part("factor A"):
+            a = _factor_apply(f, self.A)
+        with _spectral.of_part("factor G"):
+            g = _factor_apply(f, self.G)
+        return Kron(a, g)
 
     def solve(self, v):
         """``G⁻¹ V A⁻¹`` through Cholesky factorisations (positive-definite factors, e.g.
@@ -1125,16 +1139,20 @@ class PMatKFAC(PMatAbstract):
         factored = damping in FACTORED_DAMPINGS
         if factored and _spectral.is_integer(p) and p == -1:
             return self._factor_damped_inverse(regul, damping)
-        blocks = tuple(PMatDense(_flat(b), b).pow(p, regul).data for b in self.blocks)
+        # each part's refusal of its eigenvalues names its layer
+        ids = [spec.layer_id for spec in self.specs]
+        blocks = _per_layer([layer.id for layer in self._parts.others], "block of ",
+                            lambda b: PMatDense(_flat(b), b).pow(p, regul).data, self.blocks)
         if factored:
-            nodes = tuple(n.factor_damped(regul, damping).power(p)
-                          for n in self._krons(damping))
+            nodes = _per_layer(ids, "", lambda n: n.factor_damped(regul, damping).power(p),
+                               self._krons(damping))
         elif _is_static_zero(regul) and all(isinstance(n, Kron) for n in self.factors):
-            nodes = tuple(n.power(p) for n in self.factors)
+            nodes = _per_layer(ids, "", lambda n: n.power(p), self.factors)
         else:
             eigen, _ = self._eigen(blocks=False)
-            nodes = tuple(n.map(functools.partial(_spectral.power, p=p, regul=regul))
-                          for n in eigen)  # first: exact zeros refused (a ValueError)
+            power = functools.partial(_spectral.power, p=p, regul=regul)
+            nodes = _per_layer(ids, "Kronecker block of ", lambda n: n.map(power),
+                               eigen)  # first: exact zeros refused (a ValueError)
             # each layer's eigenvalues λ_G ⊗ λ_A checked whole (a row of d would miss G's)
             _spectral.warn_if_singular_power([jnp.ravel(n.d) + regul for n in eigen], p)
         return self._with(nodes, blocks)
