@@ -33,6 +33,16 @@ def of_part(description: str) -> Iterator[None]:
         _PART.reset(token)
 
 
+def each_part(descriptions: Sequence[str], fn: Callable, parts: Sequence) -> tuple:
+    """``fn`` of each of ``parts`` (a block-diagonal's blocks, the Kronecker layers), a
+    refusal of its eigenvalues naming it by its description (:func:`of_part`)."""
+    out = []
+    for description, part in zip(descriptions, parts):
+        with of_part(description):
+            out.append(fn(part))
+    return tuple(out)
+
+
 def _eigenvalues(count: int) -> str:
     """``"its 27 eigenvalues"``, or those of the part under way (:func:`of_part`)."""
     parts = _PART.get()

@@ -197,10 +197,10 @@ def _checked_scalars(method: Callable) -> Callable:
                 check(kwargs[name] if name in kwargs else args[position])
 
         def called() -> str:
-            if method.__name__ != "pow":
+            p = kwargs["p"] if "p" in kwargs else args[0] if args else None
+            if method.__name__ != "pow" or isinstance(p, jax.core.Tracer):
                 return method.__name__
-            p = np.real(np.asarray(kwargs["p"] if "p" in kwargs else args[0]))
-            return f"pow({p:g})"
+            return f"pow({np.real(np.asarray(p)):g})"
 
         with one_singular_report(called):
             return method(self, *args, **kwargs)

@@ -93,11 +93,8 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
     def _blockwise(self, fn: Callable[[PMatDense], jax.Array]) -> PMatBlockDiag:
         """The ``PMatBlockDiag`` whose blocks are ``fn`` of each block (as a ``PMatDense``;
         a refusal of its eigenvalues names its layer)."""
-        blocks = []
-        for layer, block in zip(self.layer_collection.layers, self._dense_blocks()):
-            with _spectral.of_part(f"block of layer {layer.id!r}"):
-                blocks.append(fn(block))
-        return self._with(tuple(blocks))
+        names = [f"block of layer {layer.id!r}" for layer in self.layer_collection.layers]
+        return self._with(_spectral.each_part(names, fn, self._dense_blocks()))
 
     def get_block(self, layer: Layer | str) -> jax.Array:
         """The ``(d_l, d_l)`` block of a layer (id or :class:`~jaxgeom.layers.Layer`)."""

@@ -201,12 +201,8 @@ def _factor_apply(f, x: jax.Array) -> jax.Array:
 
 def _per_layer(layer_ids: Sequence[str], what: str, fn: Callable, parts: Sequence) -> tuple:
     """``fn`` of each layer's part, a refusal of its eigenvalues naming the part as
-    ``what`` of its layer (:func:`~jaxgeom.pmat._spectral.of_part`)."""
-    out = []
-    for layer_id, part in zip(layer_ids, parts):
-        with _spectral.of_part(f"{what}layer {layer_id!r}"):
-            out.append(fn(part))
-    return tuple(out)
+    ``what`` of its layer (:func:`~jaxgeom.pmat._spectral.each_part`)."""
+    return _spectral.each_part([f"{what}layer {i!r}" for i in layer_ids], fn, parts)
 
 
 def _sym(m: jax.Array) -> jax.Array:
