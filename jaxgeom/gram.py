@@ -51,6 +51,7 @@ import numpy as np
 
 from jaxgeom import data as data_lib
 from jaxgeom._compile import donating_jit, model_jit
+from jaxgeom._memory import check_fits
 from jaxgeom.capture import CapturePlan, capture_chunk, example_gradients, make_plan
 from jaxgeom.fspace import FMatDense
 from jaxgeom.jacobian import chunk_jacobian, output_count, resolve_model_mode
@@ -108,6 +109,16 @@ def cross_gram_by_layers(left: ReplayedFunction, right: ReplayedFunction,
     return _assemble(left, right, keep_bytes)
 
 
+def _zero_gram(k: int, m: int, n: int, dtype) -> jax.Array:
+    """The zero ``(K, M, K, N)`` kernel whose blocks are written in place, refused before any
+    work when larger than the device's memory (:func:`~jaxgeom._memory.check_fits`)."""
+    check_fits("The empirical NTK", (k, m, k, n), dtype,
+               "It grows with the square of the examples: compute it on fewer (a subset, or "
+               "CrossGramMatrix between a few and the rest), or work with the Jacobian's "
+               "products instead (Jacobian(..., PFMapImplicit): jvp, vjp)")
+    return jnp.zeros((k, m, k, n), dtype)
+
+
 def _assemble(left: ReplayedFunction, right: ReplayedFunction | None,
               keep_bytes: int | None) -> jax.Array:
     """The window loop shared by :func:`gram_by_layers` (``right=None``: the pairs ``i ≤ j``
@@ -125,7 +136,7 @@ def _assemble(left: ReplayedFunction, right: ReplayedFunction | None,
     columns = rows if symmetric else _Factors(
         right, list(data_lib.iter_windows(right.data, right.batch_size)), keep_bytes,
         rows_only)
-    gram = jnp.zeros((k, rows.n, k, columns.n), left.layer_collection.dtype)
+    gram = _zero_gram(k, rows.n, columns.n, left.layer_collection.dtype)
     swap = not symmetric and _holds_columns(rows.kept_all(), columns.kept_all(),
                                             len(rows.parts), len(columns.parts))
     outer, inner = (columns, rows) if swap else (rows, columns)
@@ -527,7 +538,7 @@ def _assemble_scanned(left: ReplayedFunction, right: ReplayedFunction | None,
         return jax.lax.dynamic_update_slice(gram, scale * gram_block(a, b), (0, row, 0, column))
 
     n = (left if symmetric else right).num_examples
-    gram = jnp.zeros((k, left.num_examples, k, n), left.layer_collection.dtype)
+    gram = _zero_gram(k, left.num_examples, n, left.layer_collection.dtype)
     gram = _scanned_pairs(write, gram, rows, columns, upper=symmetric, swap=swap)
     return _mirrored(gram, rows) if symmetric else gram
 
@@ -770,7 +781,7 @@ def _by_products(left: PFMapImplicit, right: PFMapImplicit) -> jax.Array:
         units = jnp.eye(c.count * k, dtype=left.layer_collection.dtype).reshape(-1, c.count, k)
         rows = right._jvp_many(left._vjp_chunk(c, units))  # (count·K, K, N)
         if gram is None:
-            gram = jnp.zeros((k, m, k, n), rows.dtype)
+            gram = _zero_gram(k, m, n, rows.dtype)
         gram = _write_rows(gram, rows, start)
         start += c.count
     return gram
@@ -795,7 +806,7 @@ def _by_products_scanned(left: PFMapImplicit, right: PFMapImplicit, k: int) -> j
 
         if gram is None:
             rows = jax.eval_shape(rows_at, starts[0])
-            gram = jnp.zeros((k, m, k, n), rows.dtype)
+            gram = _zero_gram(k, m, n, rows.dtype)
 
         def write(gram, start, rows_at=rows_at, seen=seen):
             return _write_rows(gram, rows_at(start), seen + start), None

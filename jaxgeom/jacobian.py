@@ -281,9 +281,9 @@ class JacobianBuilder(ChunkBuilder):
         # (uninitialised on GPU/TPU; XLA:CPU has no such allocation and zero-fills)
         shape = (k, rows, d) if self._output_major else (rows * k, d)
         check_fits("The kept Jacobian rows of every example and output", shape, self.dtype,
-                   "Keep the rows of fewer examples (a subset of the data), or build a "
-                   "representation that reduces them as they stream: PMatKFAC, PMatEKFAC, "
-                   "PMatDiag, PMatQuasiDiag, PMatImplicit (no rows kept)")
+                   "Keep the rows of fewer examples (a subset of the data), or build what "
+                   "reduces them as they stream: a matrix PMatKFAC, PMatEKFAC, PMatDiag, "
+                   "PMatQuasiDiag or PMatImplicit, a map PFMapImplicit (no rows kept)")
         return jax.lax.empty(shape, self.dtype)
 
     def update(self, total, params, batch, mask, offset, aux):

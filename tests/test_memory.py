@@ -12,6 +12,9 @@ from models import make_linen_mlp
 import jaxgeom._memory as memory
 from jaxgeom import (
     FIM,
+    CrossGramMatrix,
+    GramMatrix,
+    Jacobian,
     PMatBlockDiag,
     PMatDense,
     PMatDiag,
@@ -111,8 +114,40 @@ def test_kept_jacobian_rows_larger_than_the_memory_are_not_collected(task, monke
     with pytest.raises(MemoryError, match=(
             rf"^The kept Jacobian rows of every example and output would be a "
             rf"\({L.factor.shape[0]}, {L.factor.shape[1]}\) float64 array, .* Keep the rows of "
-            r"fewer examples .*PMatImplicit \(no rows kept\)")):
+            r"fewer examples .*a map PFMapImplicit \(no rows kept\)")):
         FIM(untraced(task), task.params, task.x, PMatLowRank)
     with_memory(monkeypatch, rows_bytes)
     np.testing.assert_allclose(FIM(untraced(task), task.params, task.x, PMatLowRank).factor,
                                L.factor)  # exactly the memory: built
+
+
+@pytest.mark.parametrize("method", ["jacobian", "implicit"])
+def test_an_empirical_ntk_larger_than_the_memory_is_refused(task, method, monkeypatch):
+    """``(K, N, K, N)`` grows with the square of the examples: refused, eagerly and inside a
+    ``jit`` (its pairs of windows scanned), the cross kernel too; at the memory, built."""
+    G = GramMatrix(task.apply_fn, task.params, task.x, method=method, batch_size=3)
+    k, n = G.data.shape[:2]
+    gram_bytes = G.data.size * 8
+    with_memory(monkeypatch, gram_bytes - 1)
+    message = (rf"^The empirical NTK would be a \({k}, {n}, {k}, {n}\) float64 array, .* "
+               r"It grows with the square of the examples: .*PFMapImplicit\): jvp, vjp\)")
+    fn = untraced(task)
+    with pytest.raises(MemoryError, match=message):
+        GramMatrix(fn, task.params, task.x, method=method, batch_size=3)
+    with pytest.raises(MemoryError, match=message):
+        jax.jit(lambda x: GramMatrix(fn, task.params, x, method=method, batch_size=3).data)(
+            task.x)
+    with pytest.raises(MemoryError, match=message):
+        CrossGramMatrix(fn, task.params, task.x, task.x, method=method, batch_size=3)
+    with_memory(monkeypatch, gram_bytes)
+    np.testing.assert_allclose(
+        GramMatrix(fn, task.params, task.x, method=method, batch_size=3).data, G.data)
+
+
+def test_a_dense_jacobian_larger_than_the_memory_is_refused(task, monkeypatch):
+    J = Jacobian(task.apply_fn, task.params, task.x)
+    with_memory(monkeypatch, J.to_dense().size * 8 - 1)
+    with pytest.raises(MemoryError, match=(
+            rf"^The kept Jacobian rows of every example and output would be a "
+            rf"\({', '.join(map(str, J.to_dense().shape))}\) float64 array")):
+        Jacobian(untraced(task), task.params, task.x)
