@@ -47,6 +47,7 @@ import numpy as np
 from jaxgeom import data as data_lib
 from jaxgeom._compile import model_jit
 from jaxgeom._differentiable import FloatLeaves
+from jaxgeom._memory import check_fits
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import accepts_sharded_data
 from jaxgeom.jacobian import Hashable
@@ -172,14 +173,24 @@ def _hvp(loss_fn, params, batch, layout) -> Callable[[jax.Array], jax.Array]:
     return hv
 
 
+#: what to build instead of a Hessian whose storage cannot fit (:func:`check_fits`)
+_SMALLER_HESSIANS = ("Build it as a PMatDiag (d) or a PMatImplicit (its products, no storage), "
+                     "or of a few layers (layer_collection=, jaxgeom.restriction.restrict)")
+
+
 def _zeros(layout: LayerCollection, kind: str) -> Any:
-    """The running total of a ``kind`` of columns kept: zeros of its shapes."""
+    """The running total of a ``kind`` of columns kept: zeros of its shapes, refused first
+    when larger than the device's memory."""
     d, dtype = layout.numel(), layout.dtype
     if kind == "dense":
+        check_fits("The dense Hessian", (d, d), dtype, _SMALLER_HESSIANS)
         return jnp.zeros((d, d), dtype)
     if kind == "diag":
         return jnp.zeros((d,), dtype)
-    return tuple(jnp.zeros((layout.layer_numel(layer),) * 2, dtype) for layer in layout.layers)
+    sizes = [layout.layer_numel(layer) for layer in layout.layers]
+    check_fits("The block-diagonal Hessian", (sum(n * n for n in sizes),), dtype,
+               _SMALLER_HESSIANS, arrays=len(sizes))
+    return tuple(jnp.zeros((n, n), dtype) for n in sizes)
 
 
 @model_jit(static_argnames=("loss_fn", "layout", "kind", "per_pass"), donate_argnums=0)

@@ -5,6 +5,7 @@ byte below it (the memory is made small here, so that the models stay small)."""
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from models import make_linen_mlp
@@ -14,6 +15,7 @@ from jaxgeom import (
     FIM,
     CrossGramMatrix,
     GramMatrix,
+    Hessian,
     Jacobian,
     PMatBlockDiag,
     PMatDense,
@@ -151,3 +153,24 @@ def test_a_dense_jacobian_larger_than_the_memory_is_refused(task, monkeypatch):
             rf"^The kept Jacobian rows of every example and output would be a "
             rf"\({', '.join(map(str, J.to_dense().shape))}\) float64 array")):
         Jacobian(untraced(task), task.params, task.x)
+
+
+def test_a_dense_or_block_diagonal_hessian_larger_than_the_memory_is_refused(task, monkeypatch):
+    def loss(params, x):
+        return jnp.mean(task.apply_fn(params, x) ** 2)
+
+    H = Hessian(loss, task.params, task.x, PMatBlockDiag)
+    d = H.size(0)
+    block_entries = sum(b.size for b in H.blocks)
+    with_memory(monkeypatch, 8 * block_entries)  # the blocks fit, the dense Hessian not
+    for got, want in zip(Hessian(loss, task.params, task.x, PMatBlockDiag).blocks, H.blocks):
+        np.testing.assert_allclose(got, want)
+    fix = r"\. Build it as a PMatDiag \(d\) or a PMatImplicit .*restrict\)"
+    with pytest.raises(MemoryError, match=(
+            rf"^The dense Hessian would be a \({d}, {d}\) float64 array, .*{fix}")):
+        Hessian(loss, task.params, task.x, PMatDense)
+    with_memory(monkeypatch, 8 * block_entries - 1)
+    with pytest.raises(MemoryError, match=(
+            rf"^The block-diagonal Hessian would be {len(H.blocks)} arrays of "
+            rf"{block_entries:,} float64 entries in all, .*{fix}")):
+        Hessian(loss, task.params, task.x, PMatBlockDiag)
