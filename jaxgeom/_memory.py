@@ -23,7 +23,10 @@ def memory_bytes(device: jax.Device | None = None) -> int | None:
     limit where the device reports one (GPUs, TPUs: ``memory_stats()["bytes_limit"]``),
     else for a CPU the host's physical memory; ``None`` when neither is known."""
     device = jax.devices()[0] if device is None else device
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - a backend without statistics: not known
+        stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     if device.platform == "cpu":
