@@ -39,6 +39,10 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_platforms", os.environ.get("JAXGEOM_TEST_PLATFORM", "cpu"))
 jax.config.update("jax_disable_most_optimizations", True)
+# Tracing allocates millions of short-lived objects: with Python's default thresholds
+# (700, 10, 10) the cyclic collector ran about a thousand times per module, 6% of the
+# suite's time (1.2 s of 64 against 3.9 s with these); each module's end collects (below).
+gc.set_threshold(50_000, 20, 20)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -135,13 +135,13 @@ def make_linen_narrow_mlp(seed=0, n=6):
 class LinenWideHidden(nn.Module):
     @nn.compact
     def __call__(self, x):
-        x = nn.tanh(nn.Dense(150)(x))
+        x = nn.tanh(nn.Dense(130)(x))
         return nn.Dense(4)(x)
 
 
 def make_linen_wide_hidden(seed=0, n=6):
-    """A 150-unit hidden layer seen on 6 examples: the output-gradient factor ``G`` of the
-    first layer (150², from ``6 K`` rows) and the input factor ``A`` of the second (151²,
+    """A 130-unit hidden layer seen on 6 examples: the output-gradient factor ``G`` of the
+    first layer (130², from ``6 K`` rows) and the input factor ``A`` of the second (131²,
     from 6 rows) are of low rank, both factorised through their ranges."""
     key = jax.random.PRNGKey(seed)
     x = jax.random.normal(jax.random.PRNGKey(6), (n, 20))

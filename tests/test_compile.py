@@ -244,7 +244,7 @@ def test_a_jit_over_a_stored_implicit_matrix_leaves_its_products_to_run_time():
     """A ``PMatImplicit`` closed over in a ``jit`` (its parameters and data constants of
     the program) computes its products at run time: its compiled ``mv`` holds no constant
     but the stored parameters and data (a folded forward pass would hold the hidden
-    layer's ``6 × 150`` activations; bench_cnn's ``mv`` compiled in 23.9 s that way), for
+    layer's ``6 × 130`` activations; bench_cnn's ``mv`` compiled in 23.9 s that way), for
     the eager product's numbers."""
     task = models.make_linen_wide_hidden()
     F = FIM(task.apply_fn, task.params, (task.x, task.y), PMatImplicit)

@@ -58,24 +58,32 @@ def task_and_reference(name):
     return t, np.asarray(reference_fisher(t.apply_fn, t.params, t.x))
 
 
+@functools.partial(jax.jit, static_argnames="solve_kw")
+def _every_operation(F, v, rhs, regul, solve_kw):
+    """Each operation of ``F`` (one compiled program for all of them)."""
+    return dict(dense=F.to_dense(), mv=F.mv(v).to_flat(), vTMv=F.vTMv(v), trace=F.trace(),
+                diag=F.get_diag(), fro=F.frobenius_norm(),
+                solve=F.solve(rhs, regul, **dict(solve_kw)))
+
+
 @pytest.mark.parametrize("representation", REPRESENTATIONS, ids=lambda r: r.__name__)
 @pytest.mark.parametrize("name", sorted(ALL_TASKS))
 def test_every_model(name, representation):
     t, reference = task_and_reference(name)
     F = FIM(t.apply_fn, t.params, (t.x, t.y), representation, batch_size=4)
     expected = project(representation, reference, F.layer_collection)
-    np.testing.assert_allclose(F.to_dense(), expected, **TOL)
     v = random_pvector(jax.random.PRNGKey(0), t.params)
     fv = np.asarray(v.to_flat())
-    np.testing.assert_allclose(F.mv(v).to_flat(), expected @ fv, **TOL)
-    np.testing.assert_allclose(F.vTMv(v), fv @ expected @ fv, **TOL)
-    np.testing.assert_allclose(F.trace(), np.trace(expected), **TOL)
-    np.testing.assert_allclose(F.get_diag(), np.diag(expected), **TOL)
-    np.testing.assert_allclose(F.frobenius_norm(), np.linalg.norm(expected), **TOL)
     regul = 1e-2
-    solved = F.solve(expected @ fv + regul * fv, regul, **(
-        {"rtol": 1e-12} if representation is PMatImplicit else {}))
-    np.testing.assert_allclose(solved, fv, rtol=1e-6, atol=1e-8)
+    got = _every_operation(F, v, expected @ fv + regul * fv, regul, (
+        (("rtol", 1e-12),) if representation is PMatImplicit else ()))
+    np.testing.assert_allclose(got["dense"], expected, **TOL)
+    np.testing.assert_allclose(got["mv"], expected @ fv, **TOL)
+    np.testing.assert_allclose(got["vTMv"], fv @ expected @ fv, **TOL)
+    np.testing.assert_allclose(got["trace"], np.trace(expected), **TOL)
+    np.testing.assert_allclose(got["diag"], np.diag(expected), **TOL)
+    np.testing.assert_allclose(got["fro"], np.linalg.norm(expected), **TOL)
+    np.testing.assert_allclose(got["solve"], fv, rtol=1e-6, atol=1e-8)
 
 
 def _variant_cases():

@@ -202,7 +202,7 @@ def test_kron_eigen_on_the_range_of_a_low_rank_factor():
 @pytest.mark.parametrize("fisher", ["exact", "monte_carlo"])
 def test_products_rotate_by_the_range_columns_only(fisher):
     """A build keeps which basis columns span each low-rank factor's range (``A`` of both
-    layers from 6 rows, ``G`` of the 150-unit layer from ``6 K``), and its refit is 0 off
+    layers from 6 rows, ``G`` of the 130-unit layer from ``6 K``), and its refit is 0 off
     them. Every product of the build and of its functions (whose value
     off the ranges is ``f(0)``: ``1/λ`` for a damped inverse) through those columns equals
     the same matrix's on the whole bases (checked on the exact Fisher's build: the
@@ -216,8 +216,8 @@ def test_products_rotate_by_the_range_columns_only(fisher):
         key = jax.random.PRNGKey(3)
         E = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatEKFAC, key=key)
         refit = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatEKFAC, key=key, basis=E)
-    # A: a sketch's 32 columns (151 inputs, 6 rows), or the bound itself (21 inputs, 6 rows:
-    # a full eigh); G: a sketch's 32 (150 outputs, 6 K rows)
+    # A: a sketch's 32 columns (131 inputs, 6 rows), or the bound itself (21 inputs, 6 rows:
+    # a full eigh); G: a sketch's 32 (130 outputs, 6 K rows)
     assert [n.ranges for n in E.factors] == [(6, 32), (32, None)]
     assert [n.ranges for n in refit.factors] == [(None, None)] * 2  # new data: whole bases
     full = E.without_rank_bounds()
