@@ -43,12 +43,12 @@ class _ScalarAlgebra(ScalarMultiples, ArrayValued):
 
     def __add__(self, other):
         if type(other) is not type(self):
-            return NotImplemented
+            return self._array_operand(other, "+")
         return self._with(self.data + self._same_shape(other))
 
     def __sub__(self, other):
         if type(other) is not type(self):
-            return NotImplemented
+            return self._array_operand(other, "-")
         return self._with(self.data - self._same_shape(other))
 
     def _same_shape(self, other):
@@ -73,6 +73,8 @@ class FVector(_ScalarAlgebra):
     """
 
     data: jax.Array
+
+    ARRAY_OPERAND_FIX: ClassVar[str] = "Wrap a (K, N) array first: FVector(array)"
 
     def __post_init__(self):
         check_shape("FVector data", getattr(self.data, "shape", None), "(K, N)",
@@ -171,6 +173,8 @@ class FMatDense(_ScalarAlgebra):
     data: jax.Array
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq")
+    ARRAY_OPERAND_FIX: ClassVar[str] = ("G.mv(f) multiplies a function-space vector; to add a "
+                         "(K, N, K, N) array, wrap it first: FMatDense(array)")
 
     def __post_init__(self):
         check_shape("FMatDense data", getattr(self.data, "shape", None), "(K, N, K, N)",

@@ -73,6 +73,10 @@ class PFMapAbstract(ScalarMultiples, abc.ABC):
 
     layer_collection: LayerCollection
 
+    ARRAY_OPERAND_FIX: ClassVar[str] = (
+        "J.jvp(v) maps a parameter-space vector, J.vjp(f) a function-space one; to add a "
+        "(K, N, d) array, wrap it first: PFMapDense(J.layer_collection, array)")
+
     @abc.abstractmethod
     def _jvp_many(self, rows: jax.Array) -> jax.Array:
         """``(m, d)`` flat vectors → ``(m, K, N)``."""
@@ -122,12 +126,12 @@ class PFMapAbstract(ScalarMultiples, abc.ABC):
     # ------------------------------------------------------------------ algebra
     def __add__(self, other: Any) -> PFMapAbstract:
         if not isinstance(other, PFMapAbstract):
-            return NotImplemented
+            return self._array_operand(other, "+")
         return self._combine(other, 1)
 
     def __sub__(self, other: Any) -> PFMapAbstract:
         if not isinstance(other, PFMapAbstract):
-            return NotImplemented
+            return self._array_operand(other, "-")
         return self._combine(other, -1)
 
     @abc.abstractmethod

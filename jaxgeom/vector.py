@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,10 @@ class PVector(ScalarMultiples, ArrayValued):
     """
 
     tree: Any
+
+    ARRAY_OPERAND_FIX: ClassVar[str] = (
+        "Make the array a PVector first: PVector.from_flat(params, array) for a flat (d,) "
+        "array, PVector(tree) for a params-shaped pytree (or compute on v.to_flat())")
 
     # --------------------------------------------------------------- conversions
     @classmethod
@@ -85,7 +89,7 @@ class PVector(ScalarMultiples, ArrayValued):
 
     def __add__(self, other: Any) -> PVector:
         if not isinstance(other, PVector):
-            return NotImplemented
+            return self._array_operand(other, "+")
         self._check_matches(other, "+")
         return self._elementwise(other, jnp.add)
 
@@ -93,11 +97,11 @@ class PVector(ScalarMultiples, ArrayValued):
         # ``sum(vectors)`` starts from the integer 0
         if isinstance(other, int) and not isinstance(other, bool) and other == 0:
             return self
-        return NotImplemented
+        return super().__radd__(other)
 
     def __sub__(self, other: Any) -> PVector:
         if not isinstance(other, PVector):
-            return NotImplemented
+            return self._array_operand(other, "-")
         self._check_matches(other, "-")
         return self._elementwise(other, jnp.subtract)
 
@@ -144,9 +148,6 @@ class PVector(ScalarMultiples, ArrayValued):
             self._check_matches(other, "*")
             return self._elementwise(other, jnp.multiply)
         return super().__mul__(other)
-
-    def __rmul__(self, other: Any) -> PVector:
-        return self.__mul__(other)  # a PVector on the left is handled by its __mul__
 
     def __truediv__(self, other: Any) -> PVector:
         """``v / s`` for a scalar ``s``; ``u / w`` elementwise, ``uᵢ / wᵢ`` (a diagonal

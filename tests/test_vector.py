@@ -1,5 +1,7 @@
 """PVector algebra, flat conversions and vector-form validation."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -133,6 +135,60 @@ def test_equality_is_refused_with_the_fix_not_an_ambiguous_truth_value(params):
     with pytest.raises(TypeError, match="ambiguous"):
         _ = FVector(jnp.ones((2, 3))) == FVector(jnp.ones((2, 3)))
     assert FVector(jnp.ones((2, 3))).norm(np.float32(1)) == 6
+
+
+def _array_operations():
+    """Each operator with the array on the left and on the right."""
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+           "/": lambda a, b: a / b}
+    cases = [(f"array {op} x", lambda x, a, f=f: f(a, x)) for op, f in ops.items()] + [
+        (f"x {op} array", lambda x, a, f=f: f(x, a)) for op, f in ops.items()]
+    return [pytest.param(name, operation, id=name) for name, operation in cases]
+
+
+@pytest.mark.parametrize("name,operation", _array_operations())
+def test_an_array_operand_is_refused_with_the_conversion_to_make(params, name, operation):
+    """An array of one dimension or more beside a jaxgeom object: a TypeError naming the
+    conversion, from NumPy's and JAX's arrays alike (NumPy's ``ndarray * v`` had been an
+    object array of scaled copies of ``v``, ``ndarray + FVector`` NumPy's message about
+    concatenation); a 0-d array or a NumPy scalar still scales the object."""
+    from jaxgeom.fspace import FMatDense, FVector
+    from jaxgeom.pfmap import PFMapDense
+
+    v = random_pvector(jax.random.key(3), params)
+    lc = LayerCollection.from_params(params)
+    d = lc.numel()
+    objects = {
+        "PVector": (v, "PVector.from_flat"),
+        "FVector": (FVector(jnp.ones((2, 3))), r"FVector\(array\)"),
+        "FMatDense": (FMatDense(jnp.ones((2, 3, 2, 3))), r"FMatDense\(array\)"),
+        "PMatDense": (PMatDense(lc, jnp.eye(d)), r"PMatDense\(M.layer_collection, array\)"),
+        "PFMapDense": (PFMapDense(lc, jnp.ones((2, 3, d))), "PFMapDense"),
+    }
+    for kind, (x, fix) in objects.items():
+        for array in (np.ones(d), jnp.ones((2, 3))):
+            written = name.replace("x", kind)
+            with pytest.raises(TypeError, match=re.escape(written) + ".*" + fix):
+                operation(x, array)
+        for scalar in (np.float64(2.0), np.array(2.0), jnp.array(2.0)):
+            if "*" in name:  # the scalar multiple, either side
+                np.testing.assert_allclose(_dense(operation(x, scalar)), 2 * _dense(x))
+
+
+def _dense(x):
+    return x.to_flat() if isinstance(x, PVector) else x.to_dense()
+
+
+def test_an_array_times_a_matrix_from_the_right_is_refused(params):
+    """``M @ v`` is the product; ``v @ M`` (NumPy's or JAX's ``v``) names it instead of
+    an error from inside NumPy."""
+    lc = LayerCollection.from_params(params)
+    M = PMatDense(lc, 2 * jnp.eye(lc.numel()))
+    v = np.arange(lc.numel(), dtype=float)
+    np.testing.assert_allclose(M @ v, 2 * v)
+    for array in (v, jnp.asarray(v)):
+        with pytest.raises(TypeError, match=r"array @ PMatDense.*M @ v"):
+            _ = array @ M
 
 
 def test_dot_checks_the_other_vector_and_takes_a_flat_one(params):

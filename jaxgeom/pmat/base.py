@@ -319,6 +319,10 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: whether ``_mv``/``_vTMv`` also take a :class:`~jaxgeom._reindex.LeafVector` (and
     #: ``_mv`` then answers with one): a params-shaped vector is then never flattened
     LEAFWISE: ClassVar[bool] = False
+    #: the end of the TypeError for an array operand of ``+``, ``-``, ``*``, ``/``
+    ARRAY_OPERAND_FIX: ClassVar[str] = (
+        "M.mv(v) or M @ v multiplies a vector; to add a (d, d) array, wrap it first: "
+        "M + PMatDense(M.layer_collection, array)")
     #: the solve methods whose ``_solve`` also takes (and answers with) a ``LeafVector``,
     #: for a representation that is :attr:`LEAFWISE`
     LEAFWISE_SOLVES: ClassVar[tuple[str, ...]] = ()
@@ -708,13 +712,16 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     def __add__(self, other: Any) -> PMatAbstract:
         if not isinstance(other, PMatAbstract):
-            return NotImplemented
+            return self._array_operand(other, "+")
         return _combine(self, other, 1)
 
     def __sub__(self, other: Any) -> PMatAbstract:
         if not isinstance(other, PMatAbstract):
-            return NotImplemented
+            return self._array_operand(other, "-")
         return _combine(self, other, -1)
+
+    def __rmatmul__(self, other: Any) -> Any:
+        return self._array_operand(other, "@", reflected=True)
 
     # ------------------------------------------------------------------ layer subsets
     def restrict(self, layer_ids: str | Sequence[str]) -> PMatAbstract:
