@@ -173,8 +173,9 @@ class FMatDense(_ScalarAlgebra):
     data: jax.Array
 
     SOLVE_METHODS: ClassVar[tuple[str, ...]] = ("cholesky", "eigh", "lstsq")
-    ARRAY_OPERAND_FIX: ClassVar[str] = ("G.mv(f) multiplies a function-space vector; to add a "
-                         "(K, N, K, N) array, wrap it first: FMatDense(array)")
+    ARRAY_OPERAND_FIX: ClassVar[str] = (
+        "G.mv(f) multiplies a function-space vector; to add a (K, N, K, N) array, wrap it "
+        "first: FMatDense(array)")
 
     def __post_init__(self):
         check_shape("FMatDense data", getattr(self.data, "shape", None), "(K, N, K, N)",

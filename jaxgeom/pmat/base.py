@@ -319,13 +319,14 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: whether ``_mv``/``_vTMv`` also take a :class:`~jaxgeom._reindex.LeafVector` (and
     #: ``_mv`` then answers with one): a params-shaped vector is then never flattened
     LEAFWISE: ClassVar[bool] = False
-    #: the end of the TypeError for an array operand of ``+``, ``-``, ``*``, ``/``
-    ARRAY_OPERAND_FIX: ClassVar[str] = (
-        "M.mv(v) or M @ v multiplies a vector; to add a (d, d) array, wrap it first: "
-        "M + PMatDense(M.layer_collection, array)")
     #: the solve methods whose ``_solve`` also takes (and answers with) a ``LeafVector``,
     #: for a representation that is :attr:`LEAFWISE`
     LEAFWISE_SOLVES: ClassVar[tuple[str, ...]] = ()
+    #: the end of the TypeError for an array operand of ``+``, ``-``, ``*``, ``/`` (either
+    #: side) or of ``array @ M``
+    ARRAY_OPERAND_FIX: ClassVar[str] = (
+        "M.mv(v) or M @ v multiplies a vector; to add a (d, d) array, wrap it first: "
+        "M + PMatDense(M.layer_collection, array)")
     #: the operations that, called outside a trace, run as one compiled call instead of
     #: dispatching their array operations one by one (up to 38x faster on a CPU); those
     #: returning a representation stay eager (their arrays keep their identity, which
