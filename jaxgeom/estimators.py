@@ -356,8 +356,8 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
     Returns:
       The ``(k,)`` Ritz values, ascending. Cost: ``k`` products of ``M`` one after the
       other (a ``PMatImplicit`` streams its data ``k`` times), ``≈ 3 k² d`` for the
-      reorthogonalisation, memory ``k·d``; a few compiled programs whatever ``k`` (one
-      loop per block of the basis, :func:`_lanczos`).
+      reorthogonalisation, memory ``k·d``; one compiled step whatever ``k`` (one loop
+      under ``jit``, :func:`_lanczos`).
 
     References:
       Lanczos, `An iteration method for the solution of the eigenvalue problem of linear
@@ -414,21 +414,21 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
       return_residuals: also return the ``(k,)`` residual norms ``‖M vⱼ − λⱼ vⱼ‖``.
       tol: stop early once every residual is at most ``tol · max|θ|`` (the largest Ritz
         value's magnitude, an estimate of ``‖M‖₂``; scipy's ``tol`` is relative to each
-        ``|λⱼ|``), checked at the end of each block of the basis (after 7, 15, 31, 63, …
-        steps), ``num_iterations`` steps at most; eagerly or under ``jit`` (where the
-        shapes stay those of ``num_iterations`` steps, the memory too, and the blocks past
-        the stop are skipped: the same products and pairs).
+        ``|λⱼ|``), checked after 7, 15, 31, 63, … steps, ``num_iterations`` steps at
+        most; eagerly or under ``jit`` (where the shapes stay those of ``num_iterations``
+        steps, the memory too, and the steps past the stop are skipped: the same products
+        and pairs).
 
     Returns:
       ``(λ, V)``: the ``(k,)`` Ritz values **ascending** (scipy's order: ``λ[-1]`` is the
       top one with ``"LA"``) and the ``(d, k)`` orthonormal Ritz vectors (columns, flat
       order), each up to its sign; with ``return_residuals``, ``(λ, V, residuals)``.
       Cost: ``n`` products of ``M`` one after the other (a ``PMatImplicit`` streams its
-      data ``n`` times), ``≈ 3 n² d`` for the reorthogonalisation, memory ``n·d``; a few
-      compiled programs whatever ``n`` (one loop per block of the basis,
-      :func:`_lanczos`). Under ``vmap`` (several keys) call it inside a ``jit``,
-      ``jax.jit(jax.vmap(...))``: an eager ``vmap`` runs each operation as a program of its
-      own (hundreds of compilations).
+      data ``n`` times), ``≈ 3 n² d`` for the reorthogonalisation, memory ``n·d``; one
+      compiled step whatever ``n`` (one loop under ``jit``, :func:`_lanczos`). Under
+      ``vmap`` (several keys) call it inside a ``jit``, ``jax.jit(jax.vmap(...))``: an
+      eager ``vmap`` runs each operation as a program of its own (hundreds of
+      compilations).
 
     Raises:
       ValueError: ``k`` or ``num_iterations`` not integers with ``1 ≤ k ≤ n ≤ d``, an
@@ -464,12 +464,22 @@ class _ResidualsBelow:
     which: str
     tol: float
 
-    def __call__(self, tridiagonal: jax.Array, beta: jax.Array) -> Any:
-        if tridiagonal.shape[-1] < self.k:
-            return False
+    def __call__(self, tridiagonal: jax.Array, beta: jax.Array, taken: Any = None) -> Any:
+        """On the ``T`` of the steps taken, or (a traced ``taken``) on
+        :func:`_padded_tridiagonal`'s, whose first ``taken`` pairs are theirs."""
+        if taken is None:
+            if tridiagonal.shape[-1] < self.k:
+                return False
+            theta, s = jnp.linalg.eigh(tridiagonal[0])
+            residuals = beta[0] * jnp.abs(s[-1, _spectral.select(theta, self.k, self.which)])
+            return jnp.all(residuals <= self.tol * jnp.max(jnp.abs(theta)))
         theta, s = jnp.linalg.eigh(tridiagonal[0])
-        residuals = beta[0] * jnp.abs(s[-1, _spectral.select(theta, self.k, self.which)])
-        return jnp.all(residuals <= self.tol * jnp.max(jnp.abs(theta)))
+        kept = jnp.arange(theta.shape[0]) < taken
+        unchosen = {"LA": -jnp.inf, "SA": jnp.inf, "LM": 0.0}[self.which]
+        chosen = _spectral.select(jnp.where(kept, theta, unchosen), self.k, self.which)
+        residuals = beta[0] * jnp.abs(s[taken - 1, chosen])
+        largest = jnp.max(jnp.where(kept, jnp.abs(theta), 0))
+        return (taken >= self.k) & jnp.all(residuals <= self.tol * largest)
 
 
 def _ritz_pairs(tridiagonal: jax.Array, blocks: tuple, residual: jax.Array, taken: Any,
@@ -1134,99 +1144,114 @@ def _one_program(M: Operator) -> bool:
 def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
              num_steps: Any, what: str = "num_steps", *, restart: jax.Array | None = None,
              return_basis: bool = False,
-             stop: Callable[[jax.Array, jax.Array], Any] | None = None
-             ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...], jax.Array, Any]:
+             stop: Callable[..., Any] | None = None
+             ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array, Any]:
     """The ``(m, k, k)`` tridiagonals ``Q_kᵀ M Q_k`` of ``k`` Lanczos steps from each of
     the ``m`` rows of ``start`` at once (one product of ``M`` on ``m`` rows per step), with
     full reorthogonalisation (:func:`_lanczos_step`); a Krylov space exhausted before step
     ``k`` is not grown further (the rest of ``T`` is ``0``), or, given a ``restart`` key,
     goes on from a new normal vector orthogonal to the basis (``β = 0`` there: ``T`` block
     diagonal, an invariant subspace found; the basis stays orthonormal, so Ritz vectors
-    stay unit vectors). With ``return_basis``, also the orthonormal bases ``Q_k`` as row blocks
-    (:func:`_lanczos_blocks`; :func:`_ritz_vectors` combines them), the ``(m,)`` norms
-    ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k) M q_k``, for which
-    ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ``, and the number of steps taken. With ``stop`` (and
-    ``return_basis``): at the end of each block of steps but the last, ``stop(T, β)`` (a
-    boolean) on the tridiagonal and residual norms of the steps so far (``j`` of them) may
-    end the iteration there: driven from Python, with ``j`` steps' ``T``, basis and
-    residuals; traced, the blocks and tests after it are skipped (``lax.cond``; under
-    ``vmap`` both branches run) and the shapes stay those of ``k`` steps: ``T`` is
-    :func:`_padded_tridiagonal`'s (its first ``j`` eigenpairs are those of the ``j``
-    steps), the basis rows past ``j`` are not read by them, and ``j`` is traced.
+    stay unit vectors). With ``return_basis``, also the orthonormal bases ``Q_k`` as row
+    blocks (:func:`_lanczos_blocks`; :func:`_ritz_vectors` combines them), the ``(m,)``
+    norms ``β_k`` of the last residuals
+    ``r = (I − Q_kᵀQ_k) M q_k``, for which ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ``, and the number of
+    steps taken. With ``stop`` (and ``return_basis``): after 7, 15, 31, … steps
+    (:func:`_stop_test_steps`), ``stop(T, β)`` (a boolean) on the tridiagonal and residual
+    norms of the steps so far (``j`` of them) may end the iteration there: driven from
+    Python, with ``j`` steps' ``T``, basis and residuals; traced, the steps after it are
+    skipped (``lax.cond``, no product; under ``vmap`` both branches run), the test reads
+    :func:`_padded_tridiagonal`'s ``T`` (``stop(T, β, j)``) and the shapes stay those of
+    ``k`` steps: ``T`` is that padded one (its first ``j`` eigenpairs are those of the
+    ``j`` steps), the basis rows past ``j`` are not read by them, and ``j`` is traced.
 
-    The basis is allocated whole, in blocks of rows ``[0, 8), [8, 16), [16, 32), …``
-    (doubling), each zero until written. Step ``j``, which writes row ``j + 1``, reads the
-    blocks up to that row's: at most ``≈ 1.35×`` the work of its ``j + 1`` rows, with no
-    copy of them, and one program per block whatever ``k``. Traced (under ``jit``, or an
-    operator closing over traced arrays) the steps of a block are a ``lax.fori_loop``;
-    with an operator answering concrete arrays (a ``PMatImplicit``, whose products run
-    their own compiled chunk steps) they are driven from Python, each one compiled update
-    (:func:`_lanczos_step`) whose blocks are reused in place. Steps unrolled with growing
-    shapes compiled anew at every step: 80 steps on a 110-parameter CNN took 14–21 s to
-    compile under ``jit``, 12 s eagerly.
+    Every step is one function of the step index ``j`` (traced). The basis is allocated
+    whole, in blocks of rows ``[0, 8), [8, 16), [16, 32), …`` (doubling), each zero until
+    written; step ``j`` reads the blocks up to that of row ``j + 1`` (those past it skipped
+    by ``lax.cond``) — at most ``≈ 1.35×`` the work of its ``j + 1`` rows, with no copy of
+    them — and writes row ``j + 1`` into its block. Traced (under ``jit``, or an operator
+    closing over traced arrays) the steps are one ``lax.fori_loop``, one step in the
+    program whatever ``k``; with an operator answering concrete arrays (a
+    ``PMatImplicit``, whose products run their own compiled chunk steps) they are driven
+    from Python, each one call of one compiled update (:func:`_lanczos_step`, the blocks
+    updated in place). Steps unrolled with growing shapes compiled anew at every step (80
+    steps on a 110-parameter CNN took 14–21 s to compile under ``jit``, 12 s eagerly); a
+    step program per block (a loop each) compiled 2–3× longer than this one step (2-core
+    EPYC: 100 steps 2.4–3.3 against 1.0–1.5 s), for the same warm time.
     """
     m, d = start.shape
     _check_count(num_steps, what)
     if num_steps > d:
         raise ValueError(f"{what} must be at most d = {d}; got {num_steps}")
     state = _compiled_lanczos_start(start, num_steps)  # blocks, q_j, q_{j−1}, α, β, scale
-    w = products(state[1])
+    w = products(state[1])  # M q_j for the next step; after the last one, M q_{k−1}
+    tests = _stop_test_steps(num_steps) if stop is not None else ()
+    running, taken = True, num_steps  # traced with ``stop``: arrays
     traced = isinstance(w, jax.core.Tracer)
-    running, taken = True, num_steps  # traced with ``stop``: arrays after the first check
-    for block, (low, high) in enumerate(_lanczos_blocks(num_steps)):
-        steps = max(low - 1, 0), min(high - 1, num_steps - 1)  # those writing into the block
-        if traced:
-            first = steps[0]
-            if first == 0:
-                state, first = _lanczos_step(state, w, 0, restart, block, low), 1
+    if traced and not tests:
+        def advance(j, carry):
+            state = _lanczos_step(carry[0], carry[1], j, restart)
+            return state, products(state[1]).astype(w.dtype)
 
-            def run(state, b=block, o=low, first=first, last=steps[1]):
-                return jax.lax.fori_loop(first, last, lambda step, state: _lanczos_step(
-                    state, products(state[1]), step, restart, b, o), state)
-
-            state = run(state) if running is True else jax.lax.cond(
-                running, run, lambda state: state, state)
-        else:
-            for j in range(*steps):
-                state = _lanczos_step_compiled(state, products(state[1]) if j else w, j,
-                                               restart, block, low)
-        done = steps[1]  # steps taken: T of that order, β_{done−1} its residual's norm
-        if stop is not None and 0 < done < num_steps - 1:
+        state, w = jax.lax.fori_loop(0, num_steps - 1, advance, (state, w))
+    elif traced:
+        def step_and_test(j, carry):
+            state, w, running, taken = carry
+            state = _lanczos_step(state, w, j, restart)
+            done = j + 1
             _, _, _, alphas, betas, _ = state
-            if not traced:
-                ends, tridiagonal, residual = _compiled_stop_test(stop, alphas, betas, done)
+
+            def test():
+                tridiagonal = _padded_tridiagonal(alphas, betas[:, :-1], done)
+                return jnp.asarray(stop(tridiagonal, betas[:, done - 1], done), bool)
+
+            ends = jax.lax.cond(jnp.isin(done, jnp.asarray(tests)), test,
+                                lambda: jnp.asarray(False))
+            running = ~ends
+            w = jax.lax.cond(running, lambda q: products(q).astype(w.dtype), lambda q: w,
+                             state[1])
+            return state, w, running, jnp.where(ends, done, taken)
+
+        def stopped(j, carry):
+            return carry
+
+        state, w, running, taken = jax.lax.fori_loop(
+            0, num_steps - 1, lambda j, carry: jax.lax.cond(
+                carry[2], step_and_test, stopped, j, carry),
+            (state, w, jnp.asarray(True), jnp.asarray(num_steps)))
+    else:
+        for j in range(num_steps - 1):
+            state = _lanczos_step_compiled(state, w, j, restart)
+            if j + 1 in tests:
+                ends, tridiagonal, residual = _compiled_stop_test(stop, state[3], state[4],
+                                                                  j + 1)
                 if bool(ends):
-                    return tridiagonal, _compiled_first_rows(state[0], done), residual, done
-                continue
-            tridiagonal = _tridiagonal(alphas[:, :done], betas[:, :done - 1])
-            if running is not True:  # no test (an ``eigh``) once stopped
-                ends = jax.lax.cond(
-                    running, lambda t, b: jnp.asarray(stop(t, b), bool),
-                    lambda t, b: jnp.asarray(False), tridiagonal, betas[:, done - 1])
-            else:
-                ends = stop(tridiagonal, betas[:, done - 1])
-            ends = jnp.logical_and(running, ends)
-            taken = jnp.where(ends, done, taken)
-            running = jnp.logical_and(running, jnp.logical_not(ends))
-    blocks, q, previous, alphas, betas, _ = state
-    first_product = w
-
-    def last_product():
-        return products(q) if num_steps > 1 else first_product
-
+                    return tridiagonal, _compiled_first_rows(state[0], j + 1), residual, j + 1
+            w = products(state[1])
+    blocks, _, _, alphas, betas, _ = state
     if not traced:
-        tridiagonal, residual = _compiled_last_step(state, alphas, last_product(), return_basis)
+        tridiagonal, residual = _compiled_last_step(state, alphas, w, return_basis)
     elif running is True:
-        tridiagonal, residual = _last_step(state, alphas, last_product(), return_basis)
+        tridiagonal, residual = _last_step(state, alphas, w, return_basis)
     else:  # stopped under a trace after ``taken`` steps, or run to the end (``taken = k``)
         alphas, residual = jax.lax.cond(
-            running, lambda alphas: _last_step(state, alphas, last_product(), return_basis,
+            running, lambda alphas: _last_step(state, alphas, w, return_basis,
                                                tridiagonal=False),
             lambda alphas: (alphas, betas[:, taken - 1] if return_basis else None), alphas)
         tridiagonal = _padded_tridiagonal(alphas, betas[:, :-1], taken)
     if not return_basis:
         return tridiagonal
     return tridiagonal, blocks, residual, taken
+
+
+def _stop_test_steps(num_steps: int) -> tuple[int, ...]:
+    """The numbers of steps after which :func:`_lanczos` tests its ``stop``: 7, 15, 31, …
+    (doubling: at most twice the steps needed), below ``num_steps − 1``."""
+    steps, done = [], 7
+    while done < num_steps - 1:
+        steps.append(done)
+        done = 2 * done + 1
+    return tuple(steps)
 
 
 def _padded_tridiagonal(alphas: jax.Array, betas: jax.Array, taken: jax.Array) -> jax.Array:
@@ -1273,7 +1298,7 @@ def _last_step(state: tuple, alphas: jax.Array, w: jax.Array, return_basis: bool
     residual = None
     if return_basis:
         w = w.astype(q.dtype) - alphas[:, -1:] * q - betas[:, -2:-1] * previous  # 0 if k = 1
-        residual = jnp.linalg.norm(_orthogonalised(blocks, w, passes=1), axis=1)
+        residual = jnp.linalg.norm(_orthogonalised(blocks, w, alphas.shape[1]), axis=1)
     return (_tridiagonal(alphas, betas[:, :-1]) if tridiagonal else alphas), residual
 
 
@@ -1292,8 +1317,8 @@ def _first_rows(blocks: tuple, rows: int) -> tuple:
 
 
 # The steps driven from Python (:func:`_lanczos`) run these in one program each: op by
-# op, their few dozen small operations were compiled one by one for every block's shapes
-# (a first eager ``lanczos_eigsh`` of 200 steps: 80 programs, 4 s).
+# op, their few dozen small operations were compiled one by one for each shape (a first
+# eager ``lanczos_eigsh`` of 200 steps: 80 programs, 4 s).
 _compiled_lanczos_start = jax.jit(_lanczos_start, static_argnums=1)
 _compiled_last_step = jax.jit(_last_step, static_argnums=(3, 4))
 _compiled_stop_test = jax.jit(_stop_test, static_argnums=(0, 3))
@@ -1328,15 +1353,14 @@ def _ritz_vectors(blocks: tuple, s: jax.Array) -> jax.Array:
     return sum(b[0].T @ s[low:high] for b, low, high in zip(blocks, rows[:-1], rows[1:]))
 
 
-def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None,
-                  block: int, offset: int) -> tuple:
+def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None) -> tuple:
     """Lanczos step ``j`` (``< k − 1``) of :func:`_lanczos` given ``w = M q_j`` (rows):
     ``α_j``; ``w − α_j q_j − β_{j−1} q_{j−1}`` (the three-term recurrence) reorthogonalised
-    against the basis blocks up to ``block`` (static: the one holding row ``j + 1``, which
-    starts at row ``offset``; the rows past ``j`` are zero), once, or twice where the first
-    pass cancels much of it; ``β_j`` and ``q_{j+1}`` (a new random direction where the
-    Krylov space is exhausted and ``restart`` is given, else zero) written into the
-    block."""
+    against the basis blocks holding rows ``0 … j`` (:func:`_orthogonalised`; the rows past
+    ``j`` are zero), once, or twice where the first pass cancels much of it; ``β_j`` and
+    ``q_{j+1}`` (a new random direction where the Krylov space is exhausted and ``restart``
+    is given, else zero) written into row ``j + 1`` of its block. ``j`` may be traced: one
+    program for every step."""
     blocks, q, previous, alphas, betas, scale = state
     m, d = q.shape
     w = w.astype(q.dtype)
@@ -1348,10 +1372,9 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None,
     # "twice is enough": an exhausted Krylov space, where w is round-off)
     beta_before = jnp.where(j > 0, betas[:, j - 1], 0)
     w = w - alpha[:, None] * q - beta_before[:, None] * previous
-    filled = blocks[:block + 1]
-    once = _orthogonalised(filled, w, passes=1)
+    once = _orthogonalised(blocks, w, j + 1)
     w = jax.lax.cond(jnp.any(jnp.linalg.norm(once, axis=1) < 0.7 * jnp.linalg.norm(w, axis=1)),
-                     lambda: _orthogonalised(filled, once, passes=1), lambda: once)
+                     lambda: _orthogonalised(blocks, once, j + 1), lambda: once)
     beta = jnp.linalg.norm(w, axis=1)
     grows = _grows(beta, jnp.linalg.norm(once, axis=1), scale)
     betas = betas.at[:, j].set(jnp.where(grows, beta, 0))
@@ -1360,14 +1383,28 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None,
         fresh = jnp.zeros_like(w)
     else:
         def draw():
-            fresh = _orthogonalised(filled, jax.random.normal(
-                jax.random.fold_in(restart, j), (m, d), q.dtype))
+            fresh = jax.random.normal(jax.random.fold_in(restart, j), (m, d), q.dtype)
+            fresh = _orthogonalised(blocks, _orthogonalised(blocks, fresh, j + 1), j + 1)
             return fresh / jnp.linalg.norm(fresh, axis=1, keepdims=True)
 
         fresh = jax.lax.cond(jnp.all(grows), lambda: jnp.zeros_like(w), draw)
     new = jnp.where(grows[:, None], w, fresh)
-    blocks = (*blocks[:block], blocks[block].at[:, j + 1 - offset].set(new), *blocks[block + 1:])
-    return blocks, new, q, alphas, betas, scale
+    return _written(blocks, new, j + 1), new, q, alphas, betas, scale
+
+
+def _written(blocks: tuple, new: jax.Array, row: Any) -> tuple:
+    """The basis blocks with ``new`` (``(m, d)``) as row ``row`` (traced or not): each block
+    rewrites one row in place, ``new`` in the block holding ``row``, its own row elsewhere
+    (a ``lax.switch`` between blocks returned every block from its branches, copies)."""
+    out, low = [], 0
+    for b in blocks:
+        at = jnp.clip(row - low, 0, b.shape[1] - 1)
+        inside = (row >= low) & (row < low + b.shape[1])
+        kept = jax.lax.dynamic_index_in_dim(b, at, axis=1, keepdims=False)
+        out.append(jax.lax.dynamic_update_index_in_dim(
+            b, jnp.where(inside, new, kept), at, axis=1))
+        low += b.shape[1]
+    return tuple(out)
 
 
 #: round-off's multiple of ``ε · max‖M q‖`` below which a Lanczos residual is taken for 0
@@ -1387,19 +1424,24 @@ def _grows(beta: jax.Array, once: jax.Array, scale: jax.Array) -> jax.Array:
     return (beta > _ROUND_OFF * jnp.finfo(beta.dtype).eps * scale) & (beta >= 0.7 * once)
 
 
-def _orthogonalised(blocks: tuple, w: jax.Array, passes: int = 2) -> jax.Array:
-    """``w`` (rows) with its components along the rows of ``blocks`` removed, ``passes``
-    times (classical Gram–Schmidt; "twice is enough" for a vector with large components
-    along them)."""
-    for _ in range(passes):
-        w = w - sum(jnp.einsum("mjd,mj->md", b, jnp.einsum("mjd,md->mj", b, w))
-                    for b in blocks)
+def _orthogonalised(blocks: tuple, w: jax.Array, rows: Any) -> jax.Array:
+    """``w`` (rows, ``(m, d)``) with its components along the first ``rows`` rows of the
+    basis ``blocks`` removed (the rows past them are zero): one classical Gram–Schmidt pass
+    (two GEMVs) per block holding any of them, block after block (block modified
+    Gram–Schmidt); the blocks past them, for a traced ``rows``, skipped by ``lax.cond``.
+    Cost ``≈ 4 m d`` times the rows of those blocks."""
+    low = 0
+    for b in blocks:
+        def remove(w, b=b):
+            return w - jnp.einsum("mjd,mj->md", b, jnp.einsum("mjd,md->mj", b, w))
+
+        w = remove(w) if low == 0 else jax.lax.cond(low < rows, remove, lambda w: w, w)
+        low += b.shape[1]
     return w
 
 
 #: :func:`_lanczos_step` compiled for the steps driven from Python (the basis donated)
-_lanczos_step_compiled = donating_jit(_lanczos_step, donate_argnums=0,
-                                      static_argnums=(4, 5))
+_lanczos_step_compiled = donating_jit(_lanczos_step, donate_argnums=0)
 
 
 @jax.jit
