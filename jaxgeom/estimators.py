@@ -1177,7 +1177,9 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     updated in place). Steps unrolled with growing shapes compiled anew at every step (80
     steps on a 110-parameter CNN took 14–21 s to compile under ``jit``, 12 s eagerly); a
     step program per block (a loop each) compiled 2–3× longer than this one step (2-core
-    EPYC: 100 steps 2.4–3.3 against 1.0–1.5 s), for the same warm time.
+    EPYC: 100 steps 2.4–3.3 against 1.0–1.5 s); warm, the same within noise, but 6–25%
+    slower under ``jit`` where the products take microseconds (the per-block conditions
+    and row writes).
     """
     m, d = start.shape
     _check_count(num_steps, what)
@@ -1395,7 +1397,7 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None)
 def _written(blocks: tuple, new: jax.Array, row: Any) -> tuple:
     """The basis blocks with ``new`` (``(m, d)``) as row ``row`` (traced or not): each block
     rewrites one row in place, ``new`` in the block holding ``row``, its own row elsewhere
-    (a ``lax.switch`` between blocks returned every block from its branches, copies)."""
+    (``m d`` per block, no copy of a block)."""
     out, low = [], 0
     for b in blocks:
         at = jnp.clip(row - low, 0, b.shape[1] - 1)
