@@ -1145,7 +1145,7 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
              num_steps: Any, what: str = "num_steps", *, restart: jax.Array | None = None,
              return_basis: bool = False,
              stop: Callable[..., Any] | None = None
-             ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array, Any]:
+             ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...], jax.Array, Any]:
     """The ``(m, k, k)`` tridiagonals ``Q_kᵀ M Q_k`` of ``k`` Lanczos steps from each of
     the ``m`` rows of ``start`` at once (one product of ``M`` on ``m`` rows per step), with
     full reorthogonalisation (:func:`_lanczos_step`); a Krylov space exhausted before step
@@ -1154,16 +1154,16 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     diagonal, an invariant subspace found; the basis stays orthonormal, so Ritz vectors
     stay unit vectors). With ``return_basis``, also the orthonormal bases ``Q_k`` as row
     blocks (:func:`_lanczos_blocks`; :func:`_ritz_vectors` combines them), the ``(m,)``
-    norms ``β_k`` of the last residuals
-    ``r = (I − Q_kᵀQ_k) M q_k``, for which ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ``, and the number of
-    steps taken. With ``stop`` (and ``return_basis``): after 7, 15, 31, … steps
-    (:func:`_stop_test_steps`), ``stop(T, β)`` (a boolean) on the tridiagonal and residual
-    norms of the steps so far (``j`` of them) may end the iteration there: driven from
-    Python, with ``j`` steps' ``T``, basis and residuals; traced, the steps after it are
-    skipped (``lax.cond``, no product; under ``vmap`` both branches run), the test reads
-    :func:`_padded_tridiagonal`'s ``T`` (``stop(T, β, j)``) and the shapes stay those of
-    ``k`` steps: ``T`` is that padded one (its first ``j`` eigenpairs are those of the
-    ``j`` steps), the basis rows past ``j`` are not read by them, and ``j`` is traced.
+    norms ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k) M q_k``, for which
+    ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ``, and the number of steps taken. With ``stop`` (and
+    ``return_basis``): after 7, 15, 31, … steps (:func:`_stop_test_steps`), ``stop(T,
+    β)`` (a boolean) on the tridiagonal and residual norms of the steps so far (``j`` of
+    them) may end the iteration there: driven from Python, with ``j`` steps' ``T``, basis
+    and residuals; traced, the steps after it are skipped (``lax.cond``, no product; under
+    ``vmap`` both branches run), the test reads :func:`_padded_tridiagonal`'s ``T``
+    (``stop(T, β, j)``) and the shapes stay those of ``k`` steps: ``T`` is that padded one
+    (its first ``j`` eigenpairs are those of the ``j`` steps), the basis rows past ``j``
+    are not read by them, and ``j`` is traced.
 
     Every step is one function of the step index ``j`` (traced). The basis is allocated
     whole, in blocks of rows ``[0, 8), [8, 16), [16, 32), …`` (doubling), each zero until
