@@ -1247,13 +1247,10 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
 
 
 def _stop_test_steps(num_steps: int) -> tuple[int, ...]:
-    """The numbers of steps after which :func:`_lanczos` tests its ``stop``: 7, 15, 31, …
-    (doubling: at most twice the steps needed), below ``num_steps − 1``."""
-    steps, done = [], 7
-    while done < num_steps - 1:
-        steps.append(done)
-        done = 2 * done + 1
-    return tuple(steps)
+    """The numbers of steps after which :func:`_lanczos` tests its ``stop``: those filling
+    a block of the basis (:func:`_lanczos_blocks`: 7, 15, 31, …, at most twice the steps
+    needed), below ``num_steps − 1``."""
+    return tuple(high - 1 for _, high in _lanczos_blocks(num_steps) if high < num_steps)
 
 
 def _padded_tridiagonal(alphas: jax.Array, betas: jax.Array, taken: jax.Array) -> jax.Array:
@@ -1430,14 +1427,17 @@ def _orthogonalised(blocks: tuple, w: jax.Array, rows: Any) -> jax.Array:
     """``w`` (rows, ``(m, d)``) with its components along the first ``rows`` rows of the
     basis ``blocks`` removed (the rows past them are zero): one classical Gram–Schmidt pass
     (two GEMVs) per block holding any of them, block after block (block modified
-    Gram–Schmidt); the blocks past them, for a traced ``rows``, skipped by ``lax.cond``.
-    Cost ``≈ 4 m d`` times the rows of those blocks."""
+    Gram–Schmidt); the blocks past them left out, or for a traced ``rows`` skipped by
+    ``lax.cond``. Cost ``≈ 4 m d`` times the rows of those blocks."""
     low = 0
     for b in blocks:
         def remove(w, b=b):
             return w - jnp.einsum("mjd,mj->md", b, jnp.einsum("mjd,md->mj", b, w))
 
-        w = remove(w) if low == 0 else jax.lax.cond(low < rows, remove, lambda w: w, w)
+        if low == 0 or (isinstance(rows, int) and low < rows):
+            w = remove(w)
+        elif not isinstance(rows, int):
+            w = jax.lax.cond(low < rows, remove, lambda w: w, w)
         low += b.shape[1]
     return w
 
