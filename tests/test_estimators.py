@@ -373,7 +373,7 @@ def _separated_spectrum(d=300):
 
 def test_lanczos_eigsh_stops_at_a_tolerance():
     """``tol``: the top three pairs of a separated spectrum converge long before the 200
-    steps allowed; the iteration stops at the first test point (7, 15, 31, … steps) where
+    steps allowed; the iteration stops at the first test point (7, 15, 23, 31, … steps) where
     every residual is at most ``tol · max|θ|`` — counted products — and the pairs are then
     as accurate as asked."""
     dense, basis = _separated_spectrum()
@@ -386,7 +386,7 @@ def test_lanczos_eigsh_stops_at_a_tolerance():
 
     kw = dict(num_iterations=200, dim=d, dtype=jnp.float64, return_residuals=True)
     values, vectors, residuals = lanczos_eigsh(matvec, KEY, 3, tol=1e-8, **kw)
-    assert len(products) in (7, 15, 31)  # a test point's steps, not the 200 allowed
+    assert len(products) in (7, 15, 23, 31)  # a test point's steps, not the 200 allowed
     assert np.all(residuals <= 1e-8 * 10.0 * (1 + 1e-12))
     direct = np.linalg.norm(dense @ vectors - np.asarray(vectors) * np.asarray(values), axis=0)
     np.testing.assert_allclose(residuals, direct, rtol=1e-5, atol=1e-12)
@@ -429,10 +429,11 @@ def test_lanczos_driven_from_python_compiles_one_step_for_all(tol):
 def test_lanczos_eigsh_stops_at_a_tolerance_under_jit(which, tol):
     """Under ``jit`` the steps past the test where every residual is small enough are
     skipped (``lax.cond``): the products that run — counted on the host — are the eager
-    call's, and the pairs and residuals are the eager call's, not those of all 100 steps
-    (the steps not taken fill ``T`` with uncoupled entries above its spectrum, never
-    chosen: ``"SA"`` on the negated matrix, whose separated eigenvalues are its smallest).
-    Under ``vmap`` each key stops on its own; without ``tol`` all 100 steps run."""
+    call's, and the pairs and residuals are the eager call's (those of the test that
+    stopped, on its own steps' ``T``), not those of all 100 steps (``"SA"`` on the negated
+    matrix, whose separated eigenvalues are its smallest). Under ``vmap`` each key stops
+    on its own; without ``tol``, or with one never met, all 100 steps run and give the
+    pairs of all of them."""
     dense, _ = _separated_spectrum()
     d = len(dense)
     if which == "SA":  # the separated ones at the low end: −10, −6, −4 then [−1, 0]
@@ -472,6 +473,13 @@ def test_lanczos_eigsh_stops_at_a_tolerance_under_jit(which, tol):
     jax.block_until_ready(every)
     assert len(ran) == 100  # without tol: every step (the last one's product included)
     np.testing.assert_allclose(every[0], full[0], rtol=1e-12)
+    ran[:] = []  # the bottom of the continuum in [0, 1]: far from 1e-12 after 100 steps
+    bottom = dict(kw, which="SA")
+    never = jax.jit(lambda key: lanczos_eigsh(counted, key, 3, tol=1e-12, **bottom))(KEY)
+    jax.block_until_ready(never)
+    assert len(ran) == 100  # tested after 7, 15, 23, 31, 47, 63 and 95 steps, never met
+    for g, w in zip(never, lanczos_eigsh(_matvec(dense), KEY, 3, **bottom), strict=True):
+        np.testing.assert_allclose(np.abs(g), np.abs(w), rtol=1e-10, atol=1e-14)
 
 
 def test_lanczos_eigsh_converges_on_a_separated_spectrum():
