@@ -25,7 +25,11 @@ ARPACK ``eigsh`` (implicitly restarted Lanczos, ``ncv=20``, the same ``tol`` —
 ``|λⱼ|``, stricter than ours for all but the top pair; its products are ``M.mv`` through
 NumPy) when SciPy is installed, and by one cycle of ``lanczos_eigsh`` (at most 100 steps,
 stopped at the first block end where the pairs have converged): each row's products
-counted (a separate call) and its floor that many products timed; then that
+counted (a separate call) and its floor that many products timed, and each of ours
+against ARPACK in ``--rounds`` paired rounds (a block of ``--repeats`` calls a side, the
+order alternated: ARPACK's time over ours, the median of the rounds' ratios and its 95%
+interval — these rows' separate medians, minutes apart, read 0.84× in one run and 1.2×
+in another on the same code); then that
 ``lanczos_eigsh`` under ``jit``, with the ``tol`` (the blocks past the stop skipped) and
 without (all 100 steps). ``--steps`` with no number: only these rows to a tolerance. A
 table on stdout and ``--out`` JSON.
@@ -51,7 +55,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
-from output import floor_table, timed
+from output import floor_table, paired_ratio, timed
 
 
 def products_floor(n: int, jit: bool):
@@ -83,7 +87,7 @@ def fishers(name: str, representations: tuple[str, ...]):
             apply_fn, params, (x, y), cls, variant="classif_logits", batch_size=spec.batch_size))
 
 
-def run_model(name: str, steps: list[int], repeats: int, tol: float) -> dict:
+def run_model(name: str, steps: list[int], repeats: int, tol: float, rounds: int) -> dict:
     """The rows of model ``name`` (module docstring): per ``n`` in ``steps`` (none: only
     the rows to a tolerance, :func:`to_tolerance`)."""
     from jaxgeom import estimators
@@ -119,7 +123,7 @@ def run_model(name: str, steps: list[int], repeats: int, tol: float) -> dict:
                     if "eigsh" in label:
                         row["max_relative_residual"] = max_relative_residual(
                             M, fn(M, key), top)
-        rows.update(to_tolerance(M, rep.__name__, key, top, tol, repeats))
+        rows.update(to_tolerance(M, rep.__name__, key, top, tol, repeats, rounds))
     return rows
 
 
@@ -127,11 +131,14 @@ def run_model(name: str, steps: list[int], repeats: int, tol: float) -> dict:
 ONE_CYCLE_STEPS = 100
 
 
-def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int) -> dict:
+def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int, rounds: int
+                 ) -> dict:
     """The top-5 eigenpairs of ``M`` to residuals ``≤ tol · λ_max``, eagerly:
     ``restarted_lanczos_eigsh`` (20 basis vectors), ``lanczos_eigsh`` (one cycle of at
     most :data:`ONE_CYCLE_STEPS` steps, stopped at a block's end) and SciPy's ARPACK
-    (``ncv=20``), each with its counted products and a floor of that many products; then
+    (``ncv=20``), each with its counted products and a floor of that many products, and
+    each of ours against ARPACK in ``rounds`` paired rounds of ``repeats`` calls a side
+    (:func:`~output.paired_ratio`: ARPACK's time over ours, and its interval); then
     ``lanczos_eigsh`` under ``jit`` with that ``tol`` and without (all the steps)."""
     import numpy as np
 
@@ -180,6 +187,11 @@ def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int) -> dict
         row["max_relative_residual"] = max_relative_residual(M, run(), top)
         rows[f"{rep} {len(calls)} products of 1 rows (eager, floor)"] = timed(
             functools.partial(products_floor(len(calls), False), M, v), repeats)
+    arpack = runs.get("scipy ARPACK eigsh k=5 ncv=20")
+    for label, run in runs.items():  # each of ours against ARPACK in paired rounds
+        if arpack is not None and run is not arpack:
+            rows[f"{rep} {label} tol={tol:g} (eager)"]["arpack"] = paired_ratio(
+                run, arpack, rounds, repeats)
     # under jit (the matrix an argument): the blocks past the stop skipped, the same
     # products as eagerly (tests/test_estimators.py counts them), against all n steps
     steps = rows[f"{rep} lanczos_eigsh k=5 n≤{ONE_CYCLE_STEPS} tol={tol:g} (eager)"]
@@ -263,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tol", type=float, default=1e-3,
                         help="the residual, relative to λ_max, of the rows to a tolerance")
+    parser.add_argument("--rounds", type=int, default=15,
+                        help="the paired rounds of each row to a tolerance against ARPACK")
     parser.add_argument("--eager-forms", action="store_true",
                         help="instead: each estimator op by op, as one program and under "
                              "jit, on PMatDiag and PMatKFAC")
@@ -271,11 +285,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eager_forms:
         return floor_table(args.models, lambda name: run_eager_forms(name, args.repeats),
                            op_by_op_floor, args.out)
-    residual = ("residual, products", lambda t: (
+    residual = ("residual, products, ARPACK / ours [interval]", lambda t: (
         f"{t['max_relative_residual']:9.1e}" if "max_relative_residual" in t else "")
-        + (f"  {t['products']}" if "products" in t else ""))
+        + (f"  {t['products']}" if "products" in t else "")
+        + (f"  {t['arpack']['ratio']:.2f} [{t['arpack']['interval'][0]:.2f}, "
+           f"{t['arpack']['interval'][1]:.2f}]" if "arpack" in t else ""))
     return floor_table(args.models,
-                       lambda name: run_model(name, args.steps, args.repeats, args.tol),
+                       lambda name: run_model(name, args.steps, args.repeats, args.tol,
+                                              args.rounds),
                        floor_of, args.out, extra=residual)
 
 

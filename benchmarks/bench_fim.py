@@ -45,7 +45,6 @@ import dataclasses
 import functools
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -59,7 +58,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
-from output import write_json  # noqa: E402
+from output import INTERVAL_LEVEL, median_interval, write_json  # noqa: E402
 
 #: the build rows of a case (EKFAC's refit: its diagonal on new data)
 BUILDS = ("build", "build_mc", "refit")
@@ -170,10 +169,6 @@ def paired(ours: dict, theirs: dict, warm: dict) -> dict:
     return out
 
 
-#: the confidence asked of :func:`median_interval` (a row's interval of paired ratios)
-INTERVAL_LEVEL = 0.95
-
-
 #: the environment variables that change how fast a run is, recorded with it: the C
 #: library's allocator (docs/performance.md, "Scratch memory"), threads and XLA's flags
 ENVIRONMENT_PREFIXES = ("GLIBC_TUNABLES", "MALLOC_", "OMP_", "GOMP_", "KMP_", "MKL_",
@@ -183,28 +178,6 @@ ENVIRONMENT_PREFIXES = ("GLIBC_TUNABLES", "MALLOC_", "OMP_", "GOMP_", "KMP_", "M
 def run_environment() -> dict[str, str]:
     """The variables of :data:`ENVIRONMENT_PREFIXES` set in this process."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENVIRONMENT_PREFIXES)}
-
-
-def median_interval(values: list[float], level: float = INTERVAL_LEVEL
-                    ) -> tuple[float, float, float]:
-    """A distribution-free interval for the median of the distribution ``values`` are
-    drawn from, and its confidence: the order statistics ``[x_(k), x_(n+1-k)]`` with the
-    largest ``k`` whose coverage ``1 - 2 P(Bin(n, 1/2) < k)`` is at least ``level``, or
-    ``[min, max]`` (coverage ``1 - 2^(1-n)``) when no ``k`` reaches it (fewer than 6 values
-    for 95%). Assumes only that the values are independent draws; applied to the rounds of
-    :func:`paired`, each round's ratio of the two sides' adjacent blocks."""
-    x = sorted(values)
-    n = len(x)
-    if n == 0:
-        raise ValueError("median_interval needs at least one value")
-
-    def coverage(k):  # P(x_(k) <= median <= x_(n+1-k)) = 1 - 2 P(Bin(n, 1/2) <= k - 1)
-        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
-
-    k = 1
-    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
-        k += 1
-    return x[k - 1], x[n - k], coverage(k)
 
 
 @contextlib.contextmanager

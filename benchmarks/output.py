@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -74,6 +75,49 @@ def alternated(calls: dict[str, Callable[[], Any]], blocks: int, repeats: int
                 jax.block_until_ready(call())
                 runs[name].append(time.perf_counter() - start)
     return runs
+
+
+def paired_ratio(ours: Callable[[], Any], theirs: Callable[[], Any], rounds: int,
+                 repeats: int) -> dict:
+    """The ratio of two calls' warm times, ``theirs / ours``, in ``rounds`` paired rounds:
+    each round a block of ``repeats`` calls of each (:func:`alternated`: the order
+    reversed every other round), its ratio that of the two blocks' medians; the median of
+    the rounds' ratios and its :func:`median_interval`. On a machine whose speed drifts by
+    ±20% over minutes, separate medians taken apart move a ratio by as much."""
+    runs = alternated({"ours": ours, "theirs": theirs}, rounds, repeats)
+    ratios = [statistics.median(runs["theirs"][r * repeats:(r + 1) * repeats])
+              / statistics.median(runs["ours"][r * repeats:(r + 1) * repeats])
+              for r in range(rounds)]
+    low, high, level = median_interval(ratios)
+    return dict(ratio=statistics.median(ratios), interval=[low, high], interval_level=level,
+                rounds=rounds, calls_per_block=repeats, round_ratios=ratios)
+
+
+#: the confidence asked of :func:`median_interval` (a row's interval of paired ratios)
+INTERVAL_LEVEL = 0.95
+
+
+def median_interval(values: list[float], level: float = INTERVAL_LEVEL
+                    ) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of the distribution ``values`` are
+    drawn from, and its confidence: the order statistics ``[x_(k), x_(n+1-k)]`` with the
+    largest ``k`` whose coverage ``1 - 2 P(Bin(n, 1/2) < k)`` is at least ``level``, or
+    ``[min, max]`` (coverage ``1 - 2^(1-n)``) when no ``k`` reaches it (fewer than 6 values
+    for 95%). Assumes only that the values are independent draws; applied to paired rounds
+    (:func:`paired_ratio`, ``bench_fim.paired``), each round's ratio of the two sides'
+    adjacent blocks."""
+    x = sorted(values)
+    n = len(x)
+    if n == 0:
+        raise ValueError("median_interval needs at least one value")
+
+    def coverage(k):  # P(x_(k) <= median <= x_(n+1-k)) = 1 - 2 P(Bin(n, 1/2) <= k - 1)
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return x[k - 1], x[n - k], coverage(k)
 
 
 def floor_table(model_names: list[str], run_model: Callable[[str], dict],
