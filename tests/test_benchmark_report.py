@@ -1,8 +1,10 @@
 """The benchmark report's check against the performance targets (``benchmarks/bench_fim.py``,
-:func:`targets`), on a hand-made run whose every figure is known."""
+:func:`targets`), on a hand-made run whose every figure is known, and the paired timing of
+``benchmarks/output.py`` on a clock of known times."""
 
 import importlib.util
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,30 @@ def test_a_run_records_the_environment_that_changes_its_speed(bench_fim, monkeyp
     results["settings"] = {"environment": {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}}
     bench_fim.print_report(results)
     assert "Run with GLIBC_TUNABLES=glibc.malloc.trim_threshold=1" in capsys.readouterr().out
+
+
+def test_paired_ratio_compares_the_two_calls_round_by_round(monkeypatch):
+    """``output.paired_ratio``: each round a block of each call (the order alternated), its
+    ratio that of the blocks' medians; the machine's speed drifting from round to round
+    (here 1× to 8×) moves both sides' times but not the ratio, 2 in every round."""
+    spec = importlib.util.spec_from_file_location("bench_output", _PATH.parent / "output.py")
+    output = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(output)
+    clock, order, slowdown = [0.0], [], {"value": 1.0}
+
+    def call(name, cost):
+        def run():
+            order.append(name)
+            clock[0] += cost * slowdown["value"]
+            if len(order) % 8 == 0:  # a round is 2 blocks of (1 untimed + 3) calls
+                slowdown["value"] *= 2 ** 0.25
+        return run
+
+    monkeypatch.setattr(output, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    result = output.paired_ratio(call("ours", 1.0), call("theirs", 2.0), rounds=12, repeats=3)
+    assert order[:8] == ["ours"] * 4 + ["theirs"] * 4  # round 0: ours first
+    assert order[8:16] == ["theirs"] * 4 + ["ours"] * 4  # round 1: reversed
+    assert len(result["round_ratios"]) == 12 and result["rounds"] == 12
+    assert result["ratio"] == pytest.approx(2.0)
+    assert result["interval"] == pytest.approx([2.0, 2.0])
+    assert 0.95 <= result["interval_level"] < 1
