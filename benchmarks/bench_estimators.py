@@ -34,6 +34,9 @@ in another on the same code); then that
 without (all 100 steps). ``--steps`` with no number: only these rows to a tolerance. A
 table on stdout and ``--out`` JSON.
 
+``--reorthogonalization partial`` runs the one-cycle Lanczos rows (``lanczos_eigsh``, SLQ)
+with partial reorthogonalisation (Simon's ω-recurrence) instead of a pass at every step.
+
 ``--eager-forms`` times instead the randomised estimators (Hutchinson, Hutch++, XTrace,
 XDiag, Lanczos eigenpairs, SLQ) on ``PMatDiag`` and ``PMatKFAC`` op by op, as the one
 compiled program an eager call runs, and under ``jit``; each row's floor is its op-by-op
@@ -87,7 +90,8 @@ def fishers(name: str, representations: tuple[str, ...]):
             apply_fn, params, (x, y), cls, variant="classif_logits", batch_size=spec.batch_size))
 
 
-def run_model(name: str, steps: list[int], repeats: int, tol: float, rounds: int) -> dict:
+def run_model(name: str, steps: list[int], repeats: int, tol: float, rounds: int,
+              reorthogonalization: str = "full") -> dict:
     """The rows of model ``name`` (module docstring): per ``n`` in ``steps`` (none: only
     the rows to a tolerance, :func:`to_tolerance`)."""
     from jaxgeom import estimators
@@ -101,12 +105,14 @@ def run_model(name: str, steps: list[int], repeats: int, tol: float, rounds: int
         for n in steps:
             calls = {
                 f"lanczos_eigsh k=5 n={n}": lambda M, k, n=n: estimators.lanczos_eigsh(
-                    M, k, 5, num_iterations=n),
+                    M, k, 5, num_iterations=n, reorthogonalization=reorthogonalization),
                 f"restarted_lanczos_eigsh k=5 ncv=20 n={n}": lambda M, k, n=n: (
                     estimators.restarted_lanczos_eigsh(M, k, 5, ncv=20, tol=0,
                                                        max_restarts=(n - 20) // 8)),
                 f"lanczos_spectral_density n={n} probes=4": lambda M, k, n=n: (
-                    estimators.lanczos_spectral_density(M, k, num_steps=n, num_probes=4)),
+                    estimators.lanczos_spectral_density(
+                        M, k, num_steps=n, num_probes=4,
+                        reorthogonalization=reorthogonalization)),
                 f"lobpcg_eigsh k=5 n={n}": lambda M, k, n=n: estimators.lobpcg_eigsh(
                     M, k, 5, num_iterations=n),
                 f"hutchinson_trace samples={n}": lambda M, k, n=n: estimators.hutchinson_trace(
@@ -123,7 +129,8 @@ def run_model(name: str, steps: list[int], repeats: int, tol: float, rounds: int
                     if "eigsh" in label:
                         row["max_relative_residual"] = max_relative_residual(
                             M, fn(M, key), top)
-        rows.update(to_tolerance(M, rep.__name__, key, top, tol, repeats, rounds))
+        rows.update(to_tolerance(M, rep.__name__, key, top, tol, repeats, rounds,
+                                 reorthogonalization))
     return rows
 
 
@@ -131,8 +138,8 @@ def run_model(name: str, steps: list[int], repeats: int, tol: float, rounds: int
 ONE_CYCLE_STEPS = 100
 
 
-def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int, rounds: int
-                 ) -> dict:
+def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int, rounds: int,
+                 reorthogonalization: str = "full") -> dict:
     """The top-5 eigenpairs of ``M`` to residuals ``≤ tol · λ_max``, eagerly:
     ``restarted_lanczos_eigsh`` (20 basis vectors), ``lanczos_eigsh`` (one cycle of at
     most :data:`ONE_CYCLE_STEPS` steps, stopped at a block's end) and SciPy's ARPACK
@@ -160,7 +167,8 @@ def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int, rounds:
     def one_cycle(matvec=None):
         return estimators.lanczos_eigsh(
             M if matvec is None else matvec, key, 5, num_iterations=ONE_CYCLE_STEPS, tol=tol,
-            dim=None if matvec is None else d, dtype=M.dtype)
+            dim=None if matvec is None else d, dtype=M.dtype,
+            reorthogonalization=reorthogonalization)
 
     runs = {"restarted_lanczos_eigsh k=5 ncv=20": ours,
             f"lanczos_eigsh k=5 n≤{ONE_CYCLE_STEPS}": one_cycle}
@@ -197,7 +205,8 @@ def to_tolerance(M, rep: str, key, top: float, tol: float, repeats: int, rounds:
     steps = rows[f"{rep} lanczos_eigsh k=5 n≤{ONE_CYCLE_STEPS} tol={tol:g} (eager)"]
     for label, stop in ((f"n={ONE_CYCLE_STEPS}", None), (f"n≤{ONE_CYCLE_STEPS} tol={tol:g}", tol)):
         run = jax.jit(functools.partial(estimators.lanczos_eigsh, k=5,
-                                        num_iterations=ONE_CYCLE_STEPS, tol=stop))
+                                        num_iterations=ONE_CYCLE_STEPS, tol=stop,
+                                        reorthogonalization=reorthogonalization))
         row = rows[f"{rep} lanczos_eigsh k=5 {label} (jit)"] = timed(
             functools.partial(run, M, key), repeats)
         row["products"] = ONE_CYCLE_STEPS if stop is None else steps["products"]
@@ -277,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the residual, relative to λ_max, of the rows to a tolerance")
     parser.add_argument("--rounds", type=int, default=15,
                         help="the paired rounds of each row to a tolerance against ARPACK")
+    parser.add_argument("--reorthogonalization", choices=("full", "partial"), default="full",
+                        help="of the one-cycle Lanczos rows (lanczos_eigsh, SLQ)")
     parser.add_argument("--eager-forms", action="store_true",
                         help="instead: each estimator op by op, as one program and under "
                              "jit, on PMatDiag and PMatKFAC")
@@ -292,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
            f"{t['arpack']['interval'][1]:.2f}]" if "arpack" in t else ""))
     return floor_table(args.models,
                        lambda name: run_model(name, args.steps, args.repeats, args.tol,
-                                              args.rounds),
+                                              args.rounds, args.reorthogonalization),
                        floor_of, args.out, extra=residual)
 
 

@@ -329,7 +329,8 @@ def xdiag(M: Operator, key: jax.Array, num_samples: int = 100, *,
 
 @_one_program_when_eager
 def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *,
-                        dim: int | None = None, dtype: Any = None) -> jax.Array:
+                        dim: int | None = None, dtype: Any = None,
+                        reorthogonalization: str = "full") -> jax.Array:
     """Ritz values of ``k`` Lanczos iterations on a symmetric ``M``: estimates of its
     extreme eigenvalues, from products only (PyHessian's top eigenvalue of a Hessian).
 
@@ -352,6 +353,14 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
       key: one PRNG key (the start vector).
       num_iterations: ``k ≥ 1``, the number of products of ``M`` (at most ``d``).
       dim, dtype: as :func:`hutchinson_trace`.
+      reorthogonalization: ``"full"`` (default): every new Lanczos vector
+        reorthogonalised against all the previous ones (orthonormal to working
+        precision); ``"partial"``: only where Simon's ω-recurrence estimates that one
+        would lose semi-orthogonality (``|q_iᵀq_j| > √ε``), and the next one (PROPACK's
+        scheme): the Ritz values to working precision, fewer reads of the basis —
+        the reorthogonalisation's cost, bandwidth-bound, that dominates where products
+        are cheap beside ``d``-sized reads (a third of the passes on a separated spectrum
+        in float64).
 
     Returns:
       The ``(k,)`` Ritz values, ascending. Cost: ``k`` products of ``M`` one after the
@@ -367,14 +376,16 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
     """
     products, probes = _setup(M, key, num_iterations, "normal", dim, dtype,
                               "num_iterations")
-    tridiagonal = _lanczos(products, probes(key, 1), num_iterations, "num_iterations")
+    tridiagonal = _lanczos(products, probes(key, 1), num_iterations, "num_iterations",
+                           partial=_partial(reorthogonalization))
     return jnp.linalg.eigvalsh(tridiagonal[0])
 
 
 @_one_program_when_eager
 def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
                   num_iterations: int | None = None, dim: int | None = None,
-                  dtype: Any = None, return_residuals: bool = False, tol: float | None = None
+                  dtype: Any = None, return_residuals: bool = False, tol: float | None = None,
+                  reorthogonalization: str = "full"
                   ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, jax.Array]:
     """``k`` extreme eigenpairs of a symmetric ``M`` from products only, by Lanczos: Ritz
     values and Ritz vectors (scipy's and curvlinops' ``eigsh``, PyHessian's top-``k``
@@ -420,6 +431,16 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
         steps past the stop are skipped: the same products and pairs). Each test costs an
         ``eigh`` of the steps so far, never of ``num_iterations`` rows: a generous
         ``num_iterations`` costs memory, not time.
+      reorthogonalization: ``"full"`` (default): every new Lanczos vector
+        reorthogonalised against all the previous ones (orthonormal to working
+        precision); ``"partial"``: only where Simon's ω-recurrence estimates that one
+        would lose semi-orthogonality (``|q_iᵀq_j| > √ε``), and the next one (PROPACK's
+        scheme): the Ritz values as accurate, the Ritz vectors orthonormal and the
+        residuals right to ``≈ √ε`` (times ``‖M‖``) rather than ``ε``; fewer reads of the
+        basis — the
+        reorthogonalisation's cost, bandwidth-bound, that dominates where products are
+        cheap beside ``d``-sized reads (a third of the passes on a separated spectrum in
+        float64).
 
     Returns:
       ``(λ, V)``: the ``(k,)`` Ritz values **ascending** (scipy's order: ``λ[-1]`` is the
@@ -447,14 +468,16 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
     _spectral.check_eigsh_options(k, which, min(num_iterations, d),
                                   "k (at most num_iterations and d)")
     tol = _checked_tol(tol)
+    partial = _partial(reorthogonalization)
     if tol is None:
         tridiagonal, blocks, residual, _ = _lanczos(
-            products, start, num_iterations, "num_iterations", restart=key, return_basis=True)
+            products, start, num_iterations, "num_iterations", restart=key, return_basis=True,
+            partial=partial)
         pairs = _compiled_ritz_pairs(tridiagonal, blocks, residual, k, which)
     else:  # the pairs of the test that stopped, or of all the steps
         _, blocks, _, _, (values, s, residuals) = _lanczos(
             products, start, num_iterations, "num_iterations", restart=key,
-            return_basis=True, stop=_ResidualsBelow(k, which, tol))
+            return_basis=True, stop=_ResidualsBelow(k, which, tol), partial=partial)
         pairs = values, _compiled_ritz_vectors(blocks, s), residuals
     return pairs if return_residuals else pairs[:2]
 
@@ -879,8 +902,8 @@ def _nonzero_start_vectors(estimator: Callable) -> Callable:
 
 @_nonzero_start_vectors
 @_one_program_when_eager
-def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int
-                       ) -> tuple[jax.Array, jax.Array]:
+def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int, *,
+                       reorthogonalization: str = "full") -> tuple[jax.Array, jax.Array]:
     """Gauss quadrature of the spectral measures of a symmetric ``M`` at given vectors,
     by Lanczos: the deterministic core of :func:`lanczos_spectral_density`.
 
@@ -903,6 +926,14 @@ def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int
         e.g. the ``d`` rows of the identity, for which the mean quadrature is the exact
         spectral density of ``M`` when ``num_steps = d``.
       num_steps: ``k``, ``1 ≤ k ≤ d``.
+      reorthogonalization: ``"full"`` (default): every new Lanczos vector
+        reorthogonalised against all the previous ones (orthonormal to working
+        precision); ``"partial"``: only where Simon's ω-recurrence estimates that one
+        would lose semi-orthogonality (``|q_iᵀq_j| > √ε``), and the next one (PROPACK's
+        scheme): the Ritz values and weights to working precision, fewer reads of the basis —
+        the reorthogonalisation's cost, bandwidth-bound, that dominates where products
+        are cheap beside ``d``-sized reads (a third of the passes on a separated spectrum
+        in float64).
 
     Returns:
       ``(nodes, weights)``, both ``(m, k)``: row ``i`` is the quadrature of
@@ -918,13 +949,15 @@ def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int
         raise ValueError(f"vectors have {vectors.shape[1]} columns but the matrix is "
                          f"{M.size(0)} × {M.size(0)}")
     products, _, _ = _operator(M, vectors.shape[1], vectors.dtype)
-    return _gauss_quadrature(_lanczos(products, vectors, num_steps))
+    return _gauss_quadrature(_lanczos(products, vectors, num_steps,
+                                      partial=_partial(reorthogonalization)))
 
 
 @_one_program_when_eager
 def lanczos_spectral_density(M: Operator, key: jax.Array, *, num_steps: int,
                              num_probes: int, distribution: str = "rademacher",
-                             dim: int | None = None, dtype: Any = None
+                             dim: int | None = None, dtype: Any = None,
+                             reorthogonalization: str = "full"
                              ) -> tuple[jax.Array, jax.Array]:
     """Stochastic Lanczos quadrature (SLQ): the spectral density of a symmetric ``M``, as
     nodes and weights, from products only (PyHessian's density, curvlinops'
@@ -951,6 +984,14 @@ def lanczos_spectral_density(M: Operator, key: jax.Array, *, num_steps: int,
       num_steps: ``k``, Lanczos steps per probe, ``1 ≤ k ≤ d`` (PyHessian's ``iter``).
       num_probes: ``m ≥ 1`` (PyHessian's ``n_v``).
       distribution, dim, dtype: as :func:`hutchinson_trace`.
+      reorthogonalization: ``"full"`` (default): every new Lanczos vector
+        reorthogonalised against all the previous ones (orthonormal to working
+        precision); ``"partial"``: only where Simon's ω-recurrence estimates that one
+        would lose semi-orthogonality (``|q_iᵀq_j| > √ε``), and the next one (PROPACK's
+        scheme): the Ritz values and weights to working precision, fewer reads of the basis —
+        the reorthogonalisation's cost, bandwidth-bound, that dominates where products
+        are cheap beside ``d``-sized reads (a third of the passes on a separated spectrum
+        in float64).
 
     Returns:
       ``(nodes, weights)``, both ``(num_probes, num_steps)``: per probe, the Ritz values
@@ -967,7 +1008,8 @@ def lanczos_spectral_density(M: Operator, key: jax.Array, *, num_steps: int,
       Hessian eigenvalue density <https://arxiv.org/abs/1901.10159>`_, 2019.
     """
     products, probes = _setup(M, key, num_probes, distribution, dim, dtype, "num_probes")
-    return _gauss_quadrature(_lanczos(products, probes(key, num_probes), num_steps))
+    return _gauss_quadrature(_lanczos(products, probes(key, num_probes), num_steps,
+                                      partial=_partial(reorthogonalization)))
 
 
 def spectral_density_on_grid(nodes: jax.Array, weights: jax.Array, grid: jax.Array, *,
@@ -1075,6 +1117,19 @@ def _summed(x: jax.Array, axis: int | None = None) -> jax.Array:
     return jnp.tensordot(x, jnp.ones(x.shape[axis], x.dtype), axes=([axis], [0]))
 
 
+#: the reorthogonalisations of the Lanczos estimators (:func:`_omega_step`)
+REORTHOGONALIZATIONS = ("full", "partial")
+
+
+def _partial(reorthogonalization: Any) -> bool:
+    """Whether ``reorthogonalization`` asks for partial reorthogonalisation; refused by
+    name unless one of :data:`REORTHOGONALIZATIONS`."""
+    if reorthogonalization not in REORTHOGONALIZATIONS:
+        raise ValueError(f"reorthogonalization must be one of {REORTHOGONALIZATIONS}; got "
+                         f"{reorthogonalization!r}")
+    return reorthogonalization == "partial"
+
+
 def _check_count(count: Any, what: str, minimum: int = 1) -> None:
     if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < minimum:
         raise ValueError(f"{what} must be an integer ≥ {minimum}; got {count!r}")
@@ -1157,7 +1212,7 @@ def _one_program(M: Operator) -> bool:
 def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
              num_steps: Any, what: str = "num_steps", *, restart: jax.Array | None = None,
              return_basis: bool = False,
-             stop: Callable[..., Any] | None = None
+             stop: Callable[..., Any] | None = None, partial: bool = False
              ) -> jax.Array | tuple:
     """The ``(m, k, k)`` tridiagonals ``Q_kᵀ M Q_k`` of ``k`` Lanczos steps from each of
     the ``m`` rows of ``start`` at once (one product of ``M`` on ``m`` rows per step), with
@@ -1203,7 +1258,8 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
     _check_count(num_steps, what)
     if num_steps > d:
         raise ValueError(f"{what} must be at most d = {d}; got {num_steps}")
-    state = _compiled_lanczos_start(start, num_steps)  # blocks, q_j, q_{j−1}, α, β, scale
+    # blocks, q_j, q_{j−1}, α, β, scale, the estimates of orthogonality (partial)
+    state = _compiled_lanczos_start(start, num_steps, partial)
     w = products(state[1])  # M q_j for the next step; after the last one, M q_{k−1}
     tests = _stop_test_steps(num_steps) if stop is not None else ()
     running, taken, found = True, num_steps, None  # traced with ``stop``: arrays
@@ -1253,7 +1309,7 @@ def _lanczos(products: Callable[[jax.Array], jax.Array], start: jax.Array,
                 if bool(ends):
                     return tridiagonal, state[0], residual, j + 1, found
             w = products(state[1])
-    blocks, _, _, alphas, betas, _ = state
+    blocks, _, _, alphas, betas, _, _ = state
     if not traced:
         tridiagonal, residual = _compiled_last_step(state, alphas, w, return_basis)
         if stop is not None:
@@ -1294,18 +1350,24 @@ def _stop_test_steps(num_steps: int) -> tuple[int, ...]:
     return tuple(t for t in steps if t < num_steps - 1)
 
 
-def _lanczos_start(start: jax.Array, num_steps: int) -> tuple:
+def _lanczos_start(start: jax.Array, num_steps: int, partial: bool = False) -> tuple:
     """:func:`_lanczos`'s first state from the ``(m, d)`` start vectors: the basis blocks
-    (zero but for the normalised start rows), ``q_0``, ``q_{−1} = 0``, ``α``, ``β`` and the
-    largest product norm so far, zero."""
+    (zero but for the normalised start rows), ``q_0``, ``q_{−1} = 0``, ``α``, ``β``, the
+    largest product norm so far (zero), and with ``partial`` reorthogonalisation the
+    estimates ``ω`` of ``q_jᵀ q_i`` for ``q_0`` and ``q_{−1}`` and whether the next step
+    must reorthogonalise (:func:`_omega_step`); ``None`` without."""
     m, d = start.shape
     dtype = start.dtype
     q = start / jnp.linalg.norm(start, axis=1, keepdims=True)
     blocks = tuple(jnp.zeros((m, high - low, d), dtype)
                    for low, high in _lanczos_blocks(num_steps))
+    orthogonality = None
+    if partial:
+        omega = jnp.zeros((m, num_steps + 1), dtype).at[:, 0].set(1)
+        orthogonality = omega, jnp.zeros_like(omega), jnp.asarray(False)
     return ((blocks[0].at[:, 0].set(q),) + blocks[1:], q, jnp.zeros_like(q),
             jnp.zeros((m, num_steps), dtype), jnp.zeros((m, num_steps), dtype),
-            jnp.zeros((m,), dtype))
+            jnp.zeros((m,), dtype), orthogonality)
 
 
 def _last_step(state: tuple, alphas: jax.Array, w: jax.Array, return_basis: bool,
@@ -1313,7 +1375,7 @@ def _last_step(state: tuple, alphas: jax.Array, w: jax.Array, return_basis: bool
     """From ``w = M q_{k−1}``: ``α_{k−1}`` (with ``tridiagonal``, the whole ``T`` instead)
     and, with ``return_basis``, the norms ``β_k`` of the last residuals ``r = (I − Q_kᵀQ_k)
     M q_{k−1}``, for which ``M Q_kᵀ = Q_kᵀ T + r e_kᵀ`` (the Ritz pairs' residuals)."""
-    blocks, q, previous, _, betas, _ = state
+    blocks, q, previous, _, betas, _, _ = state
     alphas = alphas.at[:, -1].set(jnp.sum(q * w, axis=1))
     residual = None
     if return_basis:
@@ -1346,7 +1408,7 @@ def _stop_pairs(stop: Callable, tridiagonal: jax.Array, residual: jax.Array) -> 
 # The steps driven from Python (:func:`_lanczos`) run these in one program each: op by
 # op, their few dozen small operations were compiled one by one for each shape (a first
 # eager ``lanczos_eigsh`` of 200 steps: 80 programs, 4 s).
-_compiled_lanczos_start = jax.jit(_lanczos_start, static_argnums=1)
+_compiled_lanczos_start = jax.jit(_lanczos_start, static_argnums=(1, 2))
 _compiled_last_step = jax.jit(_last_step, static_argnums=(3, 4))
 _compiled_stop_test = jax.jit(_stop_test, static_argnums=(0, 3))
 _compiled_stop_pairs = jax.jit(_stop_pairs, static_argnums=0)
@@ -1393,9 +1455,11 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None)
     against the basis blocks holding rows ``0 … j`` (:func:`_orthogonalised`; the rows past
     ``j`` are zero), once, or twice where the first pass cancels much of it; ``β_j`` and
     ``q_{j+1}`` (a new random direction where the Krylov space is exhausted and ``restart``
-    is given, else zero) written into row ``j + 1`` of its block. ``j`` may be traced: one
-    program for every step."""
-    blocks, q, previous, alphas, betas, scale = state
+    is given, else zero) written into row ``j + 1`` of its block. With partial
+    reorthogonalisation (the state's estimates of orthogonality, :func:`_omega_step`) the
+    passes run only where the estimates say that ``q_{j+1}`` would lose semi-orthogonality
+    (and at the step after). ``j`` may be traced: one program for every step."""
+    blocks, q, previous, alphas, betas, scale, orthogonality = state
     m, d = q.shape
     w = w.astype(q.dtype)
     scale = jnp.maximum(scale, jnp.linalg.norm(w, axis=1))
@@ -1406,9 +1470,19 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None)
     # "twice is enough": an exhausted Krylov space, where w is round-off)
     beta_before = jnp.where(j > 0, betas[:, j - 1], 0)
     w = w - alpha[:, None] * q - beta_before[:, None] * previous
-    once = _orthogonalised(blocks, w, j + 1)
-    w = jax.lax.cond(jnp.any(jnp.linalg.norm(once, axis=1) < 0.7 * jnp.linalg.norm(w, axis=1)),
-                     lambda: _orthogonalised(blocks, once, j + 1), lambda: once)
+
+    def reorthogonalised(w):
+        once = _orthogonalised(blocks, w, j + 1)
+        again = jnp.any(jnp.linalg.norm(once, axis=1) < 0.7 * jnp.linalg.norm(w, axis=1))
+        return jax.lax.cond(again, lambda: _orthogonalised(blocks, once, j + 1),
+                            lambda: once), once
+
+    if orthogonality is None:
+        w, once = reorthogonalised(w)
+    else:
+        reorthogonalise, orthogonality = _omega_step(
+            orthogonality, alphas, betas, jnp.linalg.norm(w, axis=1), scale, j)
+        w, once = jax.lax.cond(reorthogonalise, reorthogonalised, lambda w: (w, w), w)
     beta = jnp.linalg.norm(w, axis=1)
     grows = _grows(beta, jnp.linalg.norm(once, axis=1), scale)
     betas = betas.at[:, j].set(jnp.where(grows, beta, 0))
@@ -1423,7 +1497,67 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None)
 
         fresh = jax.lax.cond(jnp.all(grows), lambda: jnp.zeros_like(w), draw)
     new = jnp.where(grows[:, None], w, fresh)
-    return _written(blocks, new, j + 1), new, q, alphas, betas, scale
+    if orthogonality is not None:  # a new direction drawn: orthogonal to working precision
+        omega, omega_previous, force = orthogonality
+        orthogonality = (jnp.where(grows[:, None], omega, _fresh_omega(omega, j)),
+                         omega_previous, force)
+    return (_written(blocks, new, j + 1), new, q, alphas, betas, scale, orthogonality)
+
+
+def _fresh_omega(omega: jax.Array, j: Any) -> jax.Array:
+    """The estimates ``ω_{j+1, i}`` of a vector ``q_{j+1}`` orthogonal to ``q_0 … q_j`` to
+    working precision: ``ε`` for ``i ≤ j``, ``1`` for ``i = j + 1``, ``0`` past it."""
+    i = jnp.arange(omega.shape[1])
+    eps = jnp.finfo(omega.dtype).eps
+    return jnp.broadcast_to(jnp.where(i <= j, eps, jnp.where(i == j + 1, 1, 0)),
+                            omega.shape).astype(omega.dtype)
+
+
+def _omega_step(orthogonality: tuple, alphas: jax.Array, betas: jax.Array,
+                beta: jax.Array, scale: jax.Array, j: Any) -> tuple:
+    """Simon's ω-recurrence (partial reorthogonalisation; Simon 1984, "The Lanczos
+    algorithm with partial reorthogonalization", Math. Comp. 42; Larsen's PROPACK): from
+    the estimates ``ω_{j,i} ≈ q_jᵀ q_i`` and ``ω_{j−1,i}`` (rows of ``(m, k + 1)``, ``1``
+    at ``i = j`` and ``j − 1``) and the recurrence's ``α``, ``β`` (``β_j ≈ beta``, the
+    norm of ``w`` before any reorthogonalisation), those of ``q_{j+1}``: for ``i < j``
+
+    ``β_j ω_{j+1,i} = β_i ω_{j,i+1} + (α_i − α_j) ω_{j,i} + β_{i−1} ω_{j,i−1}
+    − β_{j−1} ω_{j−1,i} ± ε (β_i + β_j + ‖M‖)``,
+
+    the round-off term's sign that of the rest (growing ``|ω|``), and ``ω_{j+1,j} =
+    ε ‖M‖ / β_j``, the three-term recurrence's own round-off (``‖M‖`` estimated by the
+    largest ``‖M q‖`` so far). The Lanczos vectors stay *semi-orthogonal* (``|ω| ≤ √ε``):
+    ``q_{j+1}`` is reorthogonalised against the whole basis where an estimate exceeds
+    ``√ε``, and ``q_{j+2}`` after it (Simon's rule: the next vector inherits the loss),
+    their estimates then reset to ``ε``. Semi-orthogonality keeps ``T``'s eigenvalues
+    (Ritz values, Gauss quadrature) those of an orthonormal basis of the same Krylov space
+    to working precision; the Ritz vectors are orthonormal to ``≈ √ε``. One decision for
+    all ``m`` rows (any of them past ``√ε``). Cost ``O(m k)``. Returns whether to
+    reorthogonalise ``q_{j+1}`` and the next step's ``(ω_{j+1}, ω_j, whether to
+    reorthogonalise q_{j+2})``, ``ω_{j+1}`` reset where ``q_{j+1}`` is."""
+    omega, omega_previous, force = orthogonality
+    dtype = omega.dtype
+    eps = jnp.finfo(dtype).eps
+    n = omega.shape[1]
+    i = jnp.arange(n)
+    below = i < j
+    alpha_i = jnp.pad(alphas, [(0, 0), (0, n - alphas.shape[1])])
+    beta_i = jnp.pad(betas, [(0, 0), (0, n - betas.shape[1])])
+    beta_before_i = jnp.pad(beta_i[:, :-1], [(0, 0), (1, 0)])  # β_{i−1}, β_{−1} = 0
+    alpha_j = jnp.take(alphas, j, axis=1)[:, None]
+    beta_j_before = jnp.where(j > 0, jnp.take(betas, jnp.maximum(j - 1, 0), axis=1), 0)[:, None]
+    omega_next_i = jnp.pad(omega[:, 1:], [(0, 0), (0, 1)])  # ω_{j,i+1}
+    omega_before_i = jnp.pad(omega[:, :-1], [(0, 0), (1, 0)])  # ω_{j,i−1}
+    safe_beta = jnp.where(beta > 0, beta, 1)[:, None]
+    recurrence = (beta_i * omega_next_i + (alpha_i - alpha_j) * omega
+                  + beta_before_i * omega_before_i - beta_j_before * omega_previous)
+    noise = eps * (beta_i + beta[:, None] + scale[:, None])
+    estimate = (recurrence + jnp.where(recurrence >= 0, noise, -noise)) / safe_beta
+    local = eps * scale[:, None] / safe_beta  # ω_{j+1,j}: the recurrence's own round-off
+    new = jnp.where(below, estimate, jnp.where(i == j, local, jnp.where(i == j + 1, 1, 0)))
+    reorthogonalise = force | jnp.any(jnp.where(i <= j, jnp.abs(new), 0) > jnp.sqrt(eps))
+    kept = jnp.where(reorthogonalise, _fresh_omega(new, j), new)
+    return reorthogonalise, (kept, omega, reorthogonalise & ~force)
 
 
 def _written(blocks: tuple, new: jax.Array, row: Any) -> tuple:

@@ -5,6 +5,8 @@ and elsewhere the estimate within a few standard deviations of the truth, the st
 deviation computed from the known variance of the estimator (a fixed key: deterministic).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,15 +142,76 @@ def test_matrix_free_operators_and_functions(fisher):
                                hutchinson_trace(H, KEY, 20), rtol=1e-9)
 
 
-def test_lanczos_gives_the_whole_spectrum_of_a_low_rank_fisher(fisher):
+@pytest.mark.parametrize("reorthogonalization", ["full", "partial"])
+def test_lanczos_gives_the_whole_spectrum_of_a_low_rank_fisher(fisher, reorthogonalization):
     """``k = d``: the Krylov space (dimension ``rank + 1``) is exhausted, the remaining
-    Ritz values are the zero eigenvalues: every eigenvalue, exactly."""
+    Ritz values are the zero eigenvalues: every eigenvalue, exactly — with the basis
+    reorthogonalised at every step or only where it would lose semi-orthogonality."""
     t, F, dense = fisher
     d = len(dense)
     want = np.linalg.eigvalsh(dense)
     assert np.sum(np.abs(want) < 1e-12) > 0  # singular: rank N (C − 1) < d
-    got = lanczos_eigenvalues(F, KEY, d)
+    got = lanczos_eigenvalues(F, KEY, d, reorthogonalization=reorthogonalization)
     np.testing.assert_allclose(got, want, atol=1e-10 * want.max())
+
+
+def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal(monkeypatch):
+    """Simon's partial reorthogonalisation: with a fraction of the passes against the
+    basis, the Lanczos vectors stay semi-orthogonal (``|QᵀQ − I| ≤ √ε``), not orthonormal
+    to working precision as with a pass at every step, and ``T``'s eigenvalues — the
+    Ritz values, the Gauss quadrature's nodes and weights — are those of full
+    reorthogonalisation to round-off; ``lanczos_eigsh``'s pairs are eigenpairs, their
+    vectors orthonormal and their residual estimates right to ``√ε``; eagerly and under
+    ``jit``. Another value is refused by name."""
+    from jaxgeom import estimators
+
+    dense, _ = _separated_spectrum()
+    d, eps = len(dense), np.finfo(np.float64).eps
+    passes = []
+    orthogonalised = estimators._orthogonalised
+
+    def counted(blocks, w, rows):
+        jax.debug.callback(lambda: passes.append(1))
+        return orthogonalised(blocks, w, rows)
+
+    monkeypatch.setattr(estimators, "_orthogonalised", counted)
+    products = jax.vmap(_matvec(dense))
+    start = jax.random.normal(KEY, (1, d), jnp.float64)
+    runs = {}
+    for mode in ("full", "partial"):
+        passes.clear()
+        tridiagonal, blocks, _, _ = jax.block_until_ready(jax.jit(
+            lambda s, mode=mode: estimators._lanczos(products, s, 120, return_basis=True,
+                                                     partial=mode == "partial"))(start))
+        q = np.concatenate([np.asarray(b[0]) for b in blocks])
+        runs[mode] = (np.linalg.eigvalsh(tridiagonal[0]), np.abs(q @ q.T - np.eye(120)).max(),
+                      len(passes))
+    monkeypatch.undo()
+    (full, full_loss, full_passes), (partial, loss, partial_passes) = runs.values()
+    assert full_passes == 120 and partial_passes < 60  # a pass a step, and the last one
+    assert full_loss < 100 * eps < loss <= np.sqrt(eps)
+    np.testing.assert_allclose(partial, full, atol=1e-12 * 10.0)
+    kw = dict(dim=d, dtype=jnp.float64)
+    for call in (lambda **o: lanczos_eigenvalues(_matvec(dense), KEY, 60, **kw, **o),
+                 lambda **o: lanczos_quadrature(_matvec(dense), np.eye(3, d) + 0.1, 60, **o),
+                 lambda **o: lanczos_spectral_density(_matvec(dense), KEY, num_steps=60,
+                                                      num_probes=2, **kw, **o)):
+        for g, w in zip(jax.tree.leaves(call(reorthogonalization="partial")),
+                        jax.tree.leaves(call()), strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-11)
+    eigsh = functools.partial(lanczos_eigsh, k=3, num_iterations=60, return_residuals=True,
+                              reorthogonalization="partial", **kw)
+    values, vectors, residuals = eigsh(_matvec(dense), KEY)
+    np.testing.assert_allclose(values, [4.0, 6.0, 10.0], rtol=1e-12)
+    direct = np.linalg.norm(dense @ vectors - np.asarray(vectors) * np.asarray(values), axis=0)
+    # (‖M v − λ v‖ = β |s_k| up to the components the passes removed: ≤ √ε ‖M‖)
+    np.testing.assert_allclose(residuals, direct, atol=np.sqrt(eps) * 10.0)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(3), atol=np.sqrt(eps))
+    jitted = jax.jit(lambda key: eigsh(_matvec(dense), key))(KEY)
+    for g, w in zip(jitted, (values, np.abs(vectors), residuals), strict=True):
+        np.testing.assert_allclose(np.abs(g), w, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="reorthogonalization must be one of"):
+        lanczos_eigenvalues(_matvec(dense), KEY, 10, reorthogonalization="none", **kw)
 
 
 def test_lanczos_extreme_eigenvalues_converge_first(fisher):
