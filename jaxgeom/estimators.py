@@ -373,6 +373,8 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
       differential and integral operators <https://doi.org/10.6028/jres.045.026>`_, 1950.
       Yao et al., `PyHessian: neural networks through the lens of the Hessian
       <https://arxiv.org/abs/1912.07145>`_, 2020.
+      Simon, `The Lanczos algorithm with partial reorthogonalization
+      <https://doi.org/10.1090/S0025-5718-1984-0725988-X>`_, Math. Comp. 42, 1984.
     """
     products, probes = _setup(M, key, num_iterations, "normal", dim, dtype,
                               "num_iterations")
@@ -926,14 +928,8 @@ def lanczos_quadrature(M: Operator, vectors: jax.Array, num_steps: int, *,
         e.g. the ``d`` rows of the identity, for which the mean quadrature is the exact
         spectral density of ``M`` when ``num_steps = d``.
       num_steps: ``k``, ``1 ≤ k ≤ d``.
-      reorthogonalization: ``"full"`` (default): every new Lanczos vector
-        reorthogonalised against all the previous ones (orthonormal to working
-        precision); ``"partial"``: only where Simon's ω-recurrence estimates that one
-        would lose semi-orthogonality (``|q_iᵀq_j| > √ε``), and the next one (PROPACK's
-        scheme): the Ritz values and weights to working precision, fewer reads of the basis —
-        the reorthogonalisation's cost, bandwidth-bound, that dominates where products
-        are cheap beside ``d``-sized reads (a third of the passes on a separated spectrum
-        in float64).
+      reorthogonalization: as :func:`lanczos_eigenvalues`; ``"partial"`` gives the same
+        nodes and weights to working precision with fewer passes over the basis.
 
     Returns:
       ``(nodes, weights)``, both ``(m, k)``: row ``i`` is the quadrature of
@@ -984,14 +980,8 @@ def lanczos_spectral_density(M: Operator, key: jax.Array, *, num_steps: int,
       num_steps: ``k``, Lanczos steps per probe, ``1 ≤ k ≤ d`` (PyHessian's ``iter``).
       num_probes: ``m ≥ 1`` (PyHessian's ``n_v``).
       distribution, dim, dtype: as :func:`hutchinson_trace`.
-      reorthogonalization: ``"full"`` (default): every new Lanczos vector
-        reorthogonalised against all the previous ones (orthonormal to working
-        precision); ``"partial"``: only where Simon's ω-recurrence estimates that one
-        would lose semi-orthogonality (``|q_iᵀq_j| > √ε``), and the next one (PROPACK's
-        scheme): the Ritz values and weights to working precision, fewer reads of the basis —
-        the reorthogonalisation's cost, bandwidth-bound, that dominates where products
-        are cheap beside ``d``-sized reads (a third of the passes on a separated spectrum
-        in float64).
+      reorthogonalization: as :func:`lanczos_eigenvalues`; ``"partial"`` gives the same
+        nodes and weights to working precision with fewer passes over the basis.
 
     Returns:
       ``(nodes, weights)``, both ``(num_probes, num_steps)``: per probe, the Ritz values
