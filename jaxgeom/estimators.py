@@ -433,16 +433,9 @@ def lanczos_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
         steps past the stop are skipped: the same products and pairs). Each test costs an
         ``eigh`` of the steps so far, never of ``num_iterations`` rows: a generous
         ``num_iterations`` costs memory, not time.
-      reorthogonalization: ``"full"`` (default): every new Lanczos vector
-        reorthogonalised against all the previous ones (orthonormal to working
-        precision); ``"partial"``: only where Simon's ω-recurrence estimates that one
-        would lose semi-orthogonality (``|q_iᵀq_j| > √ε``), and the next one (PROPACK's
-        scheme): the Ritz values as accurate, the Ritz vectors orthonormal and the
-        residuals right to ``≈ √ε`` (times ``‖M‖``) rather than ``ε``; fewer reads of the
-        basis — the
-        reorthogonalisation's cost, bandwidth-bound, that dominates where products are
-        cheap beside ``d``-sized reads (a third of the passes on a separated spectrum in
-        float64).
+      reorthogonalization: as :func:`lanczos_eigenvalues`; with ``"partial"`` the Ritz
+        values as accurate, the Ritz vectors orthonormal and the residual estimates right
+        to ``≈ √ε`` (times ``‖M‖``) rather than ``ε``.
 
     Returns:
       ``(λ, V)``: the ``(k,)`` Ritz values **ascending** (scipy's order: ``λ[-1]`` is the
@@ -518,8 +511,8 @@ def _chosen_ritz(tridiagonal: jax.Array, residual: jax.Array, k: int, which: str
     # lax's eigh: jnp.linalg's symmetrising and checks took 15 ms to lower at each test
     s, theta = jax.lax.linalg.eigh(tridiagonal[0], symmetrize_input=False)
     j = theta.shape[0]
-    # the values ascend: the k largest or smallest are a static slice (a top_k, compiled
-    # at each test, sorted)
+    # the values ascend: the k largest or smallest are a static slice (a top_k was one
+    # more kernel to compile at each stop test)
     chosen = {"LA": slice(j - k, j), "SA": slice(0, k)}.get(which)
     if chosen is None:
         chosen = _spectral.select(theta, k, which)
