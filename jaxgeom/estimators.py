@@ -1346,7 +1346,7 @@ def _lanczos_start(start: jax.Array, num_steps: int, partial: bool = False) -> t
                    for low, high in _lanczos_blocks(num_steps))
     orthogonality = None
     if partial:
-        omega = jnp.zeros((m, num_steps + 1), dtype).at[:, 0].set(1)
+        omega = jnp.zeros((m, num_steps), dtype).at[:, 0].set(1)
         orthogonality = omega, jnp.zeros_like(omega), jnp.asarray(False)
     return ((blocks[0].at[:, 0].set(q),) + blocks[1:], q, jnp.zeros_like(q),
             jnp.zeros((m, num_steps), dtype), jnp.zeros((m, num_steps), dtype),
@@ -1464,7 +1464,8 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None)
         w, once = reorthogonalised(w)
     else:
         reorthogonalise, orthogonality = _omega_step(
-            orthogonality, alphas, betas, jnp.linalg.norm(w, axis=1), scale, j)
+            orthogonality, alphas, betas, alpha, beta_before, jnp.linalg.norm(w, axis=1),
+            scale, j)
         w, once = jax.lax.cond(reorthogonalise, reorthogonalised, lambda w: (w, w), w)
     beta = jnp.linalg.norm(w, axis=1)
     grows = _grows(beta, jnp.linalg.norm(once, axis=1), scale)
@@ -1497,12 +1498,14 @@ def _fresh_omega(omega: jax.Array, j: Any) -> jax.Array:
 
 
 def _omega_step(orthogonality: tuple, alphas: jax.Array, betas: jax.Array,
-                beta: jax.Array, scale: jax.Array, j: Any) -> tuple:
+                alpha: jax.Array, beta_before: jax.Array, beta: jax.Array, scale: jax.Array,
+                j: Any) -> tuple:
     """Simon's ω-recurrence (partial reorthogonalisation; Simon 1984, "The Lanczos
     algorithm with partial reorthogonalization", Math. Comp. 42; Larsen's PROPACK): from
-    the estimates ``ω_{j,i} ≈ q_jᵀ q_i`` and ``ω_{j−1,i}`` (rows of ``(m, k + 1)``, ``1``
-    at ``i = j`` and ``j − 1``) and the recurrence's ``α``, ``β`` (``β_j ≈ beta``, the
-    norm of ``w`` before any reorthogonalisation), those of ``q_{j+1}``: for ``i < j``
+    the estimates ``ω_{j,i} ≈ q_jᵀ q_i`` and ``ω_{j−1,i}`` (rows of ``(m, k)``, ``1`` at
+    ``i = j`` and ``j − 1``) and the recurrence's ``α``, ``β`` (``α_j = alpha``,
+    ``β_{j−1} = beta_before``, ``β_j ≈ beta``, the norm of ``w`` before any
+    reorthogonalisation), those of ``q_{j+1}``: for ``i < j``
 
     ``β_j ω_{j+1,i} = β_i ω_{j,i+1} + (α_i − α_j) ω_{j,i} + β_{i−1} ω_{j,i−1}
     − β_{j−1} ω_{j−1,i} ± ε (β_i + β_j + ‖M‖)``,
@@ -1521,20 +1524,15 @@ def _omega_step(orthogonality: tuple, alphas: jax.Array, betas: jax.Array,
     omega, omega_previous, force = orthogonality
     dtype = omega.dtype
     eps = jnp.finfo(dtype).eps
-    n = omega.shape[1]
-    i = jnp.arange(n)
+    i = jnp.arange(omega.shape[1])
     below = i < j
-    alpha_i = jnp.pad(alphas, [(0, 0), (0, n - alphas.shape[1])])
-    beta_i = jnp.pad(betas, [(0, 0), (0, n - betas.shape[1])])
-    beta_before_i = jnp.pad(beta_i[:, :-1], [(0, 0), (1, 0)])  # β_{i−1}, β_{−1} = 0
-    alpha_j = jnp.take(alphas, j, axis=1)[:, None]
-    beta_j_before = jnp.where(j > 0, jnp.take(betas, jnp.maximum(j - 1, 0), axis=1), 0)[:, None]
+    beta_before_i = jnp.pad(betas[:, :-1], [(0, 0), (1, 0)])  # β_{i−1}, β_{−1} = 0
     omega_next_i = jnp.pad(omega[:, 1:], [(0, 0), (0, 1)])  # ω_{j,i+1}
     omega_before_i = jnp.pad(omega[:, :-1], [(0, 0), (1, 0)])  # ω_{j,i−1}
     safe_beta = jnp.where(beta > 0, beta, 1)[:, None]
-    recurrence = (beta_i * omega_next_i + (alpha_i - alpha_j) * omega
-                  + beta_before_i * omega_before_i - beta_j_before * omega_previous)
-    noise = eps * (beta_i + beta[:, None] + scale[:, None])
+    recurrence = (betas * omega_next_i + (alphas - alpha[:, None]) * omega
+                  + beta_before_i * omega_before_i - beta_before[:, None] * omega_previous)
+    noise = eps * (betas + beta[:, None] + scale[:, None])
     estimate = (recurrence + jnp.where(recurrence >= 0, noise, -noise)) / safe_beta
     local = eps * scale[:, None] / safe_beta  # ω_{j+1,j}: the recurrence's own round-off
     new = jnp.where(below, estimate, jnp.where(i == j, local, jnp.where(i == j + 1, 1, 0)))
