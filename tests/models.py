@@ -144,7 +144,7 @@ def make_linen_wide_hidden(seed=0, n=6):
     first layer (130², from ``6 K`` rows) and the input factor ``A`` of the second (131²,
     from 6 rows) are of low rank, both factorised through their ranges."""
     key = jax.random.PRNGKey(seed)
-    x = jax.random.normal(jax.random.PRNGKey(6), (n, 20))
+    x = jax.random.normal(jax.random.PRNGKey(6), (n, 8))
     return _linen("linen_wide_hidden", LinenWideHidden(), x, key, 4)
 
 

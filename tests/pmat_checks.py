@@ -402,14 +402,18 @@ def _eigsh_all(M, k):
 
 @functools.partial(jax.jit, static_argnames="ks")
 def _eigsh_every(M, ks):
-    return {(which, k): M.eigsh(k, which) for which in ("LA", "SA", "LM") for k in ks}
+    """Every ``which`` at each ``k < d``; at ``k = d`` (the whole spectrum, ascending, for
+    any ``which``) ``"LA"`` alone."""
+    d = M.size(0)
+    return {(which, k): M.eigsh(k, which) for which in ("LA", "SA", "LM") for k in ks
+            if k < d or which == "LA"}
 
 
 def check_eigsh_without_dense(M, dense, ks):
     """``M.eigsh(k, which)`` for every ``which`` and each ``k`` of ``ks`` (one compiled
-    call) against ``numpy.linalg.eigh`` of ``dense`` (:func:`check_eigenpairs`), and for
-    the largest ``k < d`` (the same program at every ``k``) without a ``d × d``
-    value (:func:`assert_never_dense`)."""
+    call, :func:`_eigsh_every`) against ``numpy.linalg.eigh`` of ``dense``
+    (:func:`check_eigenpairs`), and for the largest ``k < d`` (the same program at every
+    ``k``) without a ``d × d`` value (:func:`assert_never_dense`)."""
     d = len(dense)
     spectrum = _spectrum(dense)
     for (which, k), (values, vectors) in _eigsh_every(M, tuple(ks)).items():

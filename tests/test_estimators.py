@@ -490,7 +490,7 @@ def test_lanczos_driven_from_python_compiles_one_step_for_all(tol):
         np.testing.assert_allclose(np.abs(g), np.abs(w), rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("which,tol", [("LA", 1e-8), ("SA", 1e-8), ("LM", 1e-8), ("LA", 1e-3)])
+@pytest.mark.parametrize("which,tol", [("LA", 1e-8), ("SA", 1e-8), ("LA", 1e-3)])
 def test_lanczos_eigsh_stops_at_a_tolerance_under_jit(which, tol):
     """Under ``jit`` the steps past the test where every residual is small enough are
     skipped (``lax.cond``): the products that run — counted on the host — are the eager
@@ -520,7 +520,7 @@ def test_lanczos_eigsh_stops_at_a_tolerance_under_jit(which, tol):
     np.testing.assert_allclose(jitted[0], values, rtol=1e-12)
     np.testing.assert_allclose(np.abs(np.sum(jitted[1] * vectors, axis=0)), 1.0, rtol=1e-10)
     np.testing.assert_allclose(jitted[2], residuals, rtol=1e-6, atol=1e-14)
-    expected = {"LA": [4.0, 6.0, 10.0], "SA": [-10.0, -6.0, -4.0], "LM": [4.0, 6.0, 10.0]}
+    expected = {"LA": [4.0, 6.0, 10.0], "SA": [-10.0, -6.0, -4.0]}
     np.testing.assert_allclose(jitted[0], expected[which], rtol=tol)
     full = lanczos_eigsh(_matvec(dense), KEY, 3, **kw)
     assert np.max(full[2]) < np.max(jitted[2])  # all 100 steps: more accurate than asked
@@ -749,11 +749,10 @@ def test_restarted_lanczos_eigsh_of_a_fisher_and_a_hessian(fisher):
     t, F, dense = fisher
     d = len(dense)
     implicit = FIM(t.apply_fn, t.params, (t.x, t.y), PMatImplicit)
-    for which in ("LA", "LM"):
-        for M in (F, implicit):
-            values, vectors = restarted_lanczos_eigsh(M, KEY, 3, which=which, ncv=10,
-                                                      tol=1e-12, max_restarts=200)
-            check_eigenpairs(values, vectors, dense, 3, which, atol=1e-9)
+    for M in (F, implicit):  # "LM" of a PSD matrix: its largest ("LA" under jit, below)
+        values, vectors = restarted_lanczos_eigsh(M, KEY, 3, which="LM", ncv=10, tol=1e-12,
+                                                  max_restarts=200)
+        check_eigenpairs(values, vectors, dense, 3, "LM", atol=1e-9)
     jitted = jax.jit(lambda M, key: restarted_lanczos_eigsh(M, key, 3, ncv=10, tol=1e-12,
                                                             max_restarts=200))(F, KEY)
     check_eigenpairs(*jitted, dense, 3, "LA", atol=1e-9)

@@ -418,7 +418,7 @@ def test_ekfac_state_holds_builds_on_factor_ranges_and_refits():
 
 def test_a_state_holds_builds_on_batches_of_any_size():
     """A KFAC build's rank bounds depend on its number of examples (the first layer's
-    ``A``, 21², from 6 or 5 rows): the state holds builds without them, so that a batch of
+    ``A``, 9², from 6 or 5 rows): the state holds builds without them, so that a batch of
     another size still refreshes it through one ``lax.cond``; in between, the directions
     are the damped solves with the held matrix."""
     t = make_linen_wide_hidden()

@@ -216,7 +216,7 @@ def test_products_rotate_by_the_range_columns_only(fisher):
         key = jax.random.PRNGKey(3)
         E = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatEKFAC, key=key)
         refit = FIM_MonteCarlo(t.apply_fn, t.params, t.x, PMatEKFAC, key=key, basis=E)
-    # A: a sketch's 32 columns (131 inputs, 6 rows), or the bound itself (21 inputs, 6 rows:
+    # A: a sketch's 32 columns (131 inputs, 6 rows), or the bound itself (9 inputs, 6 rows:
     # a full eigh); G: a sketch's 32 (130 outputs, 6 K rows)
     assert [n.ranges for n in E.factors] == [(6, 32), (32, None)]
     assert [n.ranges for n in refit.factors] == [(None, None)] * 2  # new data: whole bases

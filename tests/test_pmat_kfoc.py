@@ -187,6 +187,7 @@ def test_exact_solve_differentiates_through_a_factor_with_a_repeated_eigenvalue(
     last = FIM(t.apply_fn, t.params, t.x, PMatKFOC, variant="regression").factors[-1]
     np.testing.assert_allclose(np.linalg.eigvalsh(last.G), last.G[0, 0], rtol=1e-12)
 
+    @jax.jit
     def f(q):
         F = FIM(t.apply_fn, unravel(q), t.x, PMatKFOC, variant="regression")
         return F.solve(v, 0.1) @ w
