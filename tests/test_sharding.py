@@ -341,12 +341,13 @@ def test_sharded_stacks_of_rows_and_function_space_vectors(task):
     plain = (task.x, task.y)
     d = flat(task.params).size
     rows = jnp.cos(jnp.arange(4 * d, dtype=jnp.float64)).reshape(4, d)
+    builds = [(jaxgeom.FIM(task.apply_fn, params, batch, representation),
+               jaxgeom.FIM(task.apply_fn, task.params, plain, representation))
+              for representation in (jaxgeom.PMatKFAC, jaxgeom.PMatDense, jaxgeom.PMatImplicit)]
     for spec in (P(None, "data"), P("data", None)):
         rows_sharded = jax.device_put(rows, NamedSharding(mesh, spec)) if d % 2 == 0 or \
             spec == P("data", None) else rows
-        for representation in (jaxgeom.PMatKFAC, jaxgeom.PMatDense, jaxgeom.PMatImplicit):
-            F = jaxgeom.FIM(task.apply_fn, params, batch, representation)
-            F1 = jaxgeom.FIM(task.apply_fn, task.params, plain, representation)
+        for F, F1 in builds:
             for op in (lambda M, r: M.solve(r, 0.3), lambda M, r: M.mmap(r),
                        lambda M, r: M.solve(r, 0.3, method="cg")):
                 np.testing.assert_allclose(np.asarray(op(F, rows_sharded)), op(F1, rows),
