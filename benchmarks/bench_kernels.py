@@ -51,6 +51,9 @@ from output import write_json  # noqa: E402
 MLP_LAYERS = ((785, 512), (513, 512), (513, 10))
 #: bench_mlp's number of parameters (the flat diagonal of ``PMatDiag``)
 MLP_PARAMS = 669_706
+#: bench_cnn's number of parameters: an elementwise product that outlasts the call's
+#: hand-off to XLA:CPU's worker thread (the dispatch modes differ most)
+CNN_PARAMS = 69_610
 #: bench_resnet's dense layer ``(a + 1, g)``: the largest rotation of its EKFAC ``vTMv``
 RESNET_DENSE = (2049, 512)
 #: bench_small's LowRank factor: ``N K`` rows of ``d`` parameters
@@ -76,6 +79,7 @@ def kernels(seed: int = 0) -> dict:
     a, g = RESNET_DENSE
     ekfac = (normal(g, g), normal(g, a), normal(a, a), rng.random((g, a), dtype=np.float32))
     diag = (rng.random(MLP_PARAMS, dtype=np.float32), normal(MLP_PARAMS))
+    cnn_diag = (rng.random(CNN_PARAMS, dtype=np.float32), normal(CNN_PARAMS))
     lowrank = (normal(*LOWRANK), normal(LOWRANK[1]))
     square = normal(2048, 2048)
     spd = [x @ x.T / x.shape[1] for x in (normal(785, 1024), normal(2049, 4096))]
@@ -127,6 +131,8 @@ def kernels(seed: int = 0) -> dict:
             "Σ m, d = 669,706", diag[:1], lambda m: m.sum()),
         "elementwise product (bench_mlp Diag mv)": (
             "m ⊙ v, d = 669,706", diag, lambda m, v: m * v),
+        "elementwise product (bench_cnn Diag mv)": (
+            "m ⊙ v, d = 69,610", cnn_diag, lambda m, v: m * v),
         "weighted square sum (bench_mlp Diag vTMv)": (
             "Σ m v², d = 669,706", diag, lambda m, v: (m * v * v).sum()),
         "two GEMVs (bench_small LowRank mv)": (
