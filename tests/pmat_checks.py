@@ -429,11 +429,13 @@ def _spectrum(dense):
     return np.linalg.eigh(dense) if len(dense) <= 1000 else (np.linalg.eigvalsh(dense), None)
 
 
-def check_eigsh(M, dense, k=3):
+def check_eigsh(M, dense, k=3, jitted=True):
     """``M.eigsh(k, which)`` for every ``which``, under ``jit`` and eager, against
-    ``numpy.linalg.eigh`` of ``dense`` (:func:`check_eigenpairs`)."""
+    ``numpy.linalg.eigh`` of ``dense`` (:func:`check_eigenpairs`); ``jitted=False``: the
+    eager call and the refusals only, where :func:`check_eigsh_without_dense` compiles
+    every ``which`` already."""
     spectrum = _spectrum(dense)
-    for which, (values, vectors) in _eigsh_all(M, k).items():
+    for which, (values, vectors) in (_eigsh_all(M, k) if jitted else {}).items():
         check_eigenpairs(values, vectors, dense, k, which, spectrum=spectrum)
     values, vectors = M.eigsh(k)  # eager: one compiled call
     check_eigenpairs(values, vectors, dense, k, "LA", spectrum=spectrum)

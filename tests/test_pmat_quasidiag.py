@@ -122,7 +122,7 @@ def test_eigsh_per_neuron(case):
     and all) — without any ``d × d`` value."""
     t, Q, dense = case
     assert Q.specs
-    check_eigsh(Q, dense)
+    check_eigsh(Q, dense, jitted=False)  # eager; every which compiled below
     check_eigsh_without_dense(Q, dense, _ks(len(dense)))
     inv = Q.inv(1e-2)
     assert any(r is not None for r in inv.rho)
