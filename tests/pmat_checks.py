@@ -435,7 +435,7 @@ def check_eigsh(M, dense, k=3, jitted=True):
     eager call and the refusals only, where :func:`check_eigsh_without_dense` compiles
     every ``which`` already."""
     spectrum = _spectrum(dense)
-    for which, (values, vectors) in (_eigsh_all(M, k) if jitted else {}).items():
+    for which, (values, vectors) in _eigsh_all(M, k).items() if jitted else ():
         check_eigenpairs(values, vectors, dense, k, which, spectrum=spectrum)
     values, vectors = M.eigsh(k)  # eager: one compiled call
     check_eigenpairs(values, vectors, dense, k, "LA", spectrum=spectrum)
