@@ -259,7 +259,7 @@ class FMatDense(_ScalarAlgebra):
         Column ``i`` of ``V`` reshaped to ``(K, N)`` is an eigenvector as a function-space
         vector: ``FVector(V[:, i].reshape(K, N))``.
         """
-        return jnp.linalg.eigh(self.to_matrix())
+        return _spectral.eigh(self.to_matrix())
 
     def solve(self, f: Any, regul: Any = 0.0, *, method: str = "cholesky") -> Any:
         """``(G + regul·I)⁻¹ f`` for an ``FVector`` or a ``(K, N)`` array.
@@ -282,7 +282,7 @@ class FMatDense(_ScalarAlgebra):
         matrix = self.to_matrix()
         rhs = jnp.ravel(data)
         if method == "eigh":
-            evals, evecs = jnp.linalg.eigh(matrix)
+            evals, evecs = _spectral.eigh(matrix)
             warn_if_singular(evals + regul, "solve")  # K·N > d undamped: round-off
             x = evecs @ ((evecs.T @ rhs) / (evals + regul))
         else:

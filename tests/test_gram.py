@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 from models import (
     flat_jacobian,
     make_counted_mlp,
@@ -736,3 +737,24 @@ def test_finiteness_check_of_the_cross_kernel_makes_no_copy():
     np.testing.assert_array_equal(columns, 360 - (np.arange(50) == 9))
     compiled = jax.jit(_finite_counts).lower(kernel).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < kernel.nbytes / 10
+
+
+def test_an_eigh_solve_of_a_singular_gram_differentiates_as_the_cholesky_solve():
+    """K·N = 80 > d = 52: the NTK's null space has 28 near-zero eigenvalues, over which
+    ``jnp.linalg.eigh``'s derivative scaled round-off by ``1/(λⱼ − λᵢ)``: ``d/dθ`` of
+    ``fᵀ(G + λI)⁻¹f`` by the ``eigh`` solve was off by its size (forward and reverse apart),
+    now the Cholesky solve's."""
+    t = make_linen_mlp(n=20)
+    flat, unravel = ravel_pytree(t.params)
+    rng = np.random.default_rng(1)
+    f = jnp.asarray(rng.standard_normal((t.num_outputs, 20)))
+    u = jnp.asarray(rng.standard_normal(flat.size))
+
+    @jax.jit
+    def energies(q):
+        G = GramMatrix(t.apply_fn, unravel(q), t.x)
+        return jnp.stack([jnp.vdot(f, G.solve(f, REGUL, method=m)) for m in ("cholesky", "eigh")])
+
+    want, got = jax.jvp(energies, (flat,), (u,))[1]
+    np.testing.assert_allclose(got, want, rtol=1e-7)
+    np.testing.assert_allclose(jax.jacrev(energies)(flat)[1] @ u, want, rtol=1e-7)

@@ -258,3 +258,55 @@ def test_divided_differences_take_tangents_where_secants_lose_accuracy():
     phi = _spectral._divided_differences(w, f(w), slopes)
     exact = -1 / ((w[:, None] + 0.1) * (w[None, :] + 0.1))  # the secant of 1/(x + 0.1)
     np.testing.assert_allclose(phi, exact, rtol=1e-7)
+
+
+@pytest.mark.parametrize("order, bound", [(6, None), (130, 3)])
+def test_eigenbases_differentiate_over_a_null_space(order, bound):
+    """``V diag(1/(λ + 1)) Vᵀ`` from :func:`eigh_psd` of a Gram ``X Xᵀ`` of rank 3 (LAPACK's
+    ``eigh``; the sketch of its range with a bound) differentiates as ``(X Xᵀ + I)⁻¹``,
+    forward and reverse: ``jnp.linalg.eigh``'s derivative, its ``Vᵀ Ṁ V`` not symmetrised,
+    scaled that round-off by ``1/(λⱼ − λᵢ)`` over the null space's near-zero eigenvalues
+    (an inverse's gradient off by tens of percent); the sketch had none (``geqrf``)."""
+    rng = np.random.default_rng(4)
+    x, dx = (jnp.asarray(rng.normal(size=(order, 3))) for _ in range(2))
+    weights = jnp.asarray(rng.normal(size=(order, order)))
+
+    def through_eigh(x):
+        values, vectors = _spectral.eigh_psd(x @ x.T, bound)
+        return jnp.sum(weights * ((vectors / (values + 1)) @ vectors.T))
+
+    def inverse(x):
+        return jnp.sum(weights * jnp.linalg.inv(x @ x.T + jnp.eye(order)))
+
+    want = jax.jvp(inverse, (x,), (dx,))[1]
+    np.testing.assert_allclose(jax.jvp(through_eigh, (x,), (dx,))[1], want, rtol=1e-9)
+    np.testing.assert_allclose(jnp.vdot(jax.grad(through_eigh)(x), dx), want, rtol=1e-9)
+
+
+def test_eigenbases_differentiate_through_an_eigenvalue_kept_repeated():
+    """``M(t) = c(t) I₃ ⊕ Y(t) Y(t)ᵀ``: the repeated eigenvalue ``c`` moves but never
+    splits, so ``V diag(f(λ)) Vᵀ`` differentiates as ``f(M)`` (``jnp.linalg.eigh``'s
+    derivative: ``∞ · 0 = NaN``)."""
+    rng = np.random.default_rng(5)
+    y, dy = (jnp.asarray(rng.normal(size=(3, 3))) for _ in range(2))
+    weights = jnp.asarray(rng.normal(size=(6, 6)))
+
+    def matrix(c, y):
+        return jax.scipy.linalg.block_diag(c * jnp.eye(3), y @ y.T)
+
+    def through_eigh(c, y):
+        values, vectors = _spectral.eigh(matrix(c, y))
+        return jnp.sum(weights * ((vectors * jnp.sqrt(values + 1)) @ vectors.T))
+
+    def reference(c, y):  # f(M) block by block: the lower block's eigenvalues distinct
+        values, vectors = jnp.linalg.eigh(y @ y.T)
+        lower = (vectors * jnp.sqrt(values + 1)) @ vectors.T
+        return jnp.sum(weights * jax.scipy.linalg.block_diag(jnp.sqrt(c + 1) * jnp.eye(3),
+                                                               lower))
+
+    primals, tangents = (2.0, y), (0.7, dy)
+    want = jax.jvp(reference, primals, tangents)[1]
+    assert np.isfinite(want)
+    np.testing.assert_allclose(jax.jvp(through_eigh, primals, tangents)[1], want, rtol=1e-9)
+    gc, gy = jax.grad(through_eigh, argnums=(0, 1))(*primals)
+    np.testing.assert_allclose(0.7 * gc + jnp.vdot(gy, dy), want, rtol=1e-9)

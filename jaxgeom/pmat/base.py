@@ -693,7 +693,7 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     def _eigsh(self, k: int, which: str) -> tuple[jax.Array, jax.Array]:
         """:meth:`eigsh` once checked; by default from the dense matrix's ``eigh``."""
-        evals, evecs = jnp.linalg.eigh(self.to_dense())
+        evals, evecs = _spectral.eigh(self.to_dense())
         chosen = _spectral.select(evals, k, which)
         return evals[chosen], evecs[:, chosen]
 

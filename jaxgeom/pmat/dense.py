@@ -74,7 +74,7 @@ class PMatDense(PMatAbstract):
         return jnp.linalg.eigvalsh(self.data)
 
     def eigh(self):
-        return jnp.linalg.eigh(self.data)
+        return _spectral.eigh(self.data)
 
     def _shifted(self, regul):
         return self.data + regul * jnp.eye(self.data.shape[0], dtype=self.data.dtype)

@@ -1092,8 +1092,9 @@ class PMatKFAC(PMatAbstract):
             return solved
         if collects_here():  # an eager call, nothing differentiated: its eigenvalues checked
             return self._exact_solve(v, regul, checked=True)
-        # through the factors' eigenbases; through eigh's own derivative, a factor with a
-        # repeated eigenvalue (a regression layer's G ∝ I) gave NaN
+        # through the factors' eigenbases, differentiated as a linear solve: exact also
+        # where a perturbation splits a factor's repeated eigenvalue (no eigenvector
+        # derivative there; _spectral.eigh)
         return self._differentiated_as_solve(v, regul, lambda b: self._exact_solve(b, regul))
 
     def _exact_solve(self, v, regul, checked: bool = False):

@@ -188,7 +188,7 @@ class PMatLowRank(PMatAbstract):
         """The thin eigendecomposition of ``L = Fᵀ diag(c) F`` (no shift)."""
         q, r = jnp.linalg.qr(self.factor.T)
         core = (r * self._weights()) @ r.T
-        evals, u = jnp.linalg.eigh((core + core.T) / 2)
+        evals, u = _spectral.eigh((core + core.T) / 2)
         return evals, q @ u
 
     def _eigsh(self, k, which):
