@@ -281,6 +281,14 @@ def test_eigenbases_differentiate_over_a_null_space(order, bound):
     want = jax.jvp(inverse, (x,), (dx,))[1]
     np.testing.assert_allclose(jax.jvp(through_eigh, (x,), (dx,))[1], want, rtol=1e-9)
     np.testing.assert_allclose(jnp.vdot(jax.grad(through_eigh)(x), dx), want, rtol=1e-9)
+    if bound is None:  # a stack of matrices (QuasiDiag's blocks), each its own
+        values, vectors = jax.jvp(_spectral.eigh, (jnp.stack([x @ x.T, x @ x.T]),),
+                                  (jnp.stack([x @ dx.T + dx @ x.T, jnp.eye(order)]),))[1]
+        one = jax.jvp(_spectral.eigh, (x @ x.T,), (x @ dx.T + dx @ x.T,))[1]
+        np.testing.assert_allclose(values[0], one[0], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(vectors[0], one[1], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(values[1], np.ones(order), rtol=1e-12)  # Ṁ = I: λ̇ = 1
+        np.testing.assert_allclose(vectors[1], 0, atol=1e-12)  # the same eigenvectors
 
 
 def test_eigenbases_differentiate_through_an_eigenvalue_kept_repeated():

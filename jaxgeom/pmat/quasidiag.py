@@ -344,10 +344,10 @@ def _neuron_eigenvectors(neurons: tuple, i: jax.Array) -> jax.Array:
     neuron, j = i // width, i % width
     if i.shape[0] < g:
         chosen = [None if x is None else x[neuron] for x in neurons]
-        _, vectors = jnp.linalg.eigh(_arrow.blocks(*chosen))  # (m, a + 1, a + 1)
+        _, vectors = _spectral.eigh(_arrow.blocks(*chosen))  # (m, a + 1, a + 1)
         columns = jnp.take_along_axis(vectors, j[:, None, None], axis=2)[:, :, 0]
     else:
-        _, vectors = jnp.linalg.eigh(_arrow.blocks(*neurons))  # (g, a + 1, a + 1)
+        _, vectors = _spectral.eigh(_arrow.blocks(*neurons))  # (g, a + 1, a + 1)
         columns = vectors[neuron, :, j]  # (m, a + 1)
     rows = jax.nn.one_hot(neuron, g, dtype=columns.dtype)[:, :, None] * columns[:, None, :]
     return rows.reshape(i.shape[0], g * width)
