@@ -328,7 +328,7 @@ def eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
       differentiate it on the matrix (:func:`spectral_functions`, a solve), not through
       its eigenvectors.
 
-    Cost: ``eigh``'s, plus ``O(n³)`` for the tangent's two products.
+    Cost: ``eigh``'s, plus three ``n³`` products for a tangent.
     """
     return tuple(jnp.linalg.eigh(m))
 
