@@ -337,10 +337,10 @@ def eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _eigh_jvp(primals, tangents):
     (m,), (dm,) = primals, tangents
     pair = tuple(jnp.linalg.eigh(m))
-    return pair, eigh_tangents(*pair, dm)
+    return pair, _eigh_tangents(*pair, dm)
 
 
-def eigh_tangents(w: jax.Array, v: jax.Array, dm: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _eigh_tangents(w: jax.Array, v: jax.Array, dm: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(λ̇, V̇)`` of an eigendecomposition ``m = V diag(λ) Vᵀ`` (any: LAPACK's, a
     sketch's) in the direction ``dm``, as :func:`eigh`'s derivative."""
     inner = jnp.swapaxes(v, -1, -2) @ dm @ v
@@ -535,7 +535,7 @@ def _eigh_sketched(m: jax.Array, k: int, checked: bool) -> tuple[jax.Array, jax.
 def _eigh_sketched_jvp(k, checked, primals, tangents):
     (m,), (dm,) = primals, tangents
     pair = _eigh_sketched(m, k, checked)
-    return pair, eigh_tangents(*pair, dm)
+    return pair, _eigh_tangents(*pair, dm)
 
 
 @functools.partial(factorisation_jit, static_argnums=(1, 2))
