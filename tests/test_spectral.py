@@ -239,6 +239,16 @@ def test_differentiated_exponents_and_thresholds(representation):
     for p in (0.5, -0.5, 2.0):
         got = jax.grad(lambda p: build(m).pow(p, regul).vTMv(v))(p)
         np.testing.assert_allclose(got, np.sum(np.log(mu) * mu**p * weights), rtol=1e-9)
+    # undamped, singular: the null space's eigenvalues (round-off, clipped to 0) add
+    # 0ᵖ log 0 = 0 (was NaN: a power of the unclipped values, infinite slopes times the
+    # matrix's zero tangent)
+    mu, q = np.linalg.eigh(np.asarray(m))
+    weights, positive = (q.T @ np.asarray(v)) ** 2, mu > 1e-9 * mu.max()
+    for p in (0.5, 1.5):
+        got = jax.grad(lambda p: build(m).pow(p).vTMv(v))(p)
+        want = np.sum(np.log(mu[positive]) * mu[positive] ** p * weights[positive])
+        # a round-off eigenvalue ε > 0 adds εᵖ log ε (≈ 4e-7 at p = ½)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
 
     def thresholded(d):
         M = build(d)

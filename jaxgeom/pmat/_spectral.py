@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from jaxgeom._compile import factorisation_jit
 from jaxgeom._reporting import called_operation, warn_if_singular
@@ -92,10 +93,12 @@ def power(values: jax.Array, p, regul=0.0, multiplicity: int = 1) -> jax.Array:
     # first: a negative eigenvalue is not a singular one
     check_nonnegative(shifted, p, multiplicity)
     _check_invertible(shifted, p, multiplicity=multiplicity)
-    clipped = jnp.maximum(shifted, 0) ** p
+    clipped = jnp.maximum(shifted, 0)
     if isinstance(p, jax.core.Tracer):
-        return jnp.where(p == jnp.round(p), shifted ** p, clipped)
-    return clipped
+        # one power of a base chosen first: a power of the unclipped values taken apart
+        # (NaN at negative round-off) gave NaN derivatives through the branch not taken
+        return jnp.where(p == jnp.round(p), shifted, clipped) ** p
+    return clipped ** p
 
 
 def shifted_power(values: jax.Array, regul=0.0, *, p) -> jax.Array:
@@ -390,22 +393,36 @@ def _spectral_functions(f, matrices, args):
     return tuple(reconstruct(fw, v) for fw, (_, v) in zip(images, pairs))
 
 
-@_spectral_functions.defjvp
 def _spectral_functions_jvp(f, primals, tangents):
+    """Tangents that are symbolic zeros (a matrix or an argument not differentiated) add
+    no term: ``Φ`` is infinite where ``f`` is not differentiable (``λ^p`` at ``λ = 0``,
+    ``p < 1``), and ``∞ · 0`` made a derivative with respect to ``p`` alone NaN."""
     (matrices, args), (d_matrices, d_args) = primals, tangents
     pairs = [jnp.linalg.eigh(m) for m in matrices]
     values = jnp.concatenate([w for w, _ in pairs])
+    d_args = tuple(_instantiated(t) for t in d_args)
     images, d_images = jax.jvp(lambda *a: f(values, *a), args, d_args)
     slopes = jax.jvp(lambda x: f(x, *args), (values,), (jnp.ones_like(values),))[1]
     out, d_out = [], []
     for (w, v), fw, dfw, sw, dm in zip(pairs, *(_split_like(x, pairs)
                                                 for x in (images, d_images, slopes)),
                                        d_matrices):
-        phi = _divided_differences(w, fw, sw)
-        inner = phi * (v.T @ ((dm + dm.T) / 2) @ v) + jnp.diag(dfw)
+        inner = jnp.diag(dfw)
+        if not isinstance(dm, SymbolicZero):
+            inner = inner + _divided_differences(w, fw, sw) * (v.T @ ((dm + dm.T) / 2) @ v)
         out.append(reconstruct(fw, v))
         d_out.append(v @ inner @ v.T)
     return tuple(out), tuple(d_out)
+
+
+_spectral_functions.defjvp(_spectral_functions_jvp, symbolic_zeros=True)
+
+
+def _instantiated(tangent: Any) -> Any:
+    """A tangent, a symbolic zero made an array of zeros."""
+    if isinstance(tangent, SymbolicZero):
+        return jnp.zeros(tangent.shape, tangent.dtype)
+    return tangent
 
 
 def _split_like(x: jax.Array, pairs: list) -> list[jax.Array]:
