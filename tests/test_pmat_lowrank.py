@@ -377,6 +377,28 @@ def test_rows_written_from_captured_layers_are_the_jacobian_rows(make):
     np.testing.assert_allclose(written.factor, streamed.factor, rtol=1e-10, atol=1e-12)
 
 
+def test_a_damping_below_the_pseudo_inverse_threshold_is_still_inverted():
+    """``pow(p < 0, τ)`` of a float32 factor with ``τ`` under ``d·ε·max λ``: ``M + τI`` is
+    invertible and ``(M + τI)^p v⊥ = τ^p v⊥`` off the factor's rows. The pseudo-inverse's
+    threshold took ``τ`` for round-off and returned the shift 0 (``v⊥ ↦ 0``)."""
+    t = make_linen_mlp()
+    L32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32),
+                                 FIM(t.apply_fn, t.params, t.x, PMatLowRank))
+    f = np.asarray(L32.factor, np.float64)
+    d = f.shape[1]
+    tau = 0.1 * d * np.finfo(np.float32).eps * np.linalg.eigvalsh(f.T @ f / len(f)).max()
+    v = np.random.default_rng(0).standard_normal(d)
+    v_perp = v - f.T @ np.linalg.lstsq(f.T, v, rcond=None)[0]  # orthogonal to every row
+    power = jax.jit(lambda M, p: M.pow(p, tau))
+    for p in (-0.5, -1):
+        for M in (L32.pow(p, tau), power(L32, p)):  # p concrete, then traced
+            np.testing.assert_allclose(M.shift, tau ** p, rtol=1e-5)
+            np.testing.assert_allclose(M.mv(v_perp.astype(np.float32)), tau ** p * v_perp,
+                                       rtol=1e-4, atol=1e-4 * tau ** p * np.abs(v_perp).max())
+    np.testing.assert_allclose(L32.pow(-1, tau).mv(v), L32.inv(tau).mv(v), rtol=1e-5)
+    assert L32.pow(-1).shift == 0  # undamped: the pseudo-inverse, as pinv()
+
+
 def test_a_float32_plus_float64_sum_is_float64_either_way():
     """``A32 + B64`` concatenated ``B``'s factor cast to float32: a rounded float32 result
     (``B64 + A32`` was float64), ~4e-8 off the float64 sum instead of ~1e-16."""

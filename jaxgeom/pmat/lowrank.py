@@ -300,10 +300,13 @@ class PMatLowRank(PMatAbstract):
         f(t)·I`` with ``t = s + regul`` and ``f(x) = x^p`` (the class docstring's identity).
 
         ``p > 0``: the matrix power (non-integer ``p`` takes ``M + regul·I`` as PSD,
-        negative round-off eigenvalues clipped to 0). ``p < 0``: the *pseudo*-power,
-        ``((M + regul·I)⁺)^{|p|}`` — eigenvalues below the :meth:`pinv` threshold map to 0,
-        so ``pow(-1) == pinv()``, and for ``t ≠ 0`` (a damped or shifted matrix, full rank)
-        it is the inverse power: ``pow(-0.5, τ)`` is ``(M + τI)^{-1/2}``, e.g. to sample
+        negative round-off eigenvalues clipped to 0). ``p < 0`` with ``t = 0`` (neither
+        damped nor shifted: ``d − k`` eigenvalues are 0): the *pseudo*-power
+        ``(M⁺)^{|p|}`` — eigenvalues below the :meth:`pinv` threshold map to 0, so
+        ``pow(-1) == pinv()``. ``p < 0`` with ``t ≠ 0`` (a damped or shifted matrix, full
+        rank): the inverse power, every eigenvalue ``λ + t`` and ``t`` inverted as it is,
+        however small ``t`` is next to ``max λ`` (no threshold, as :meth:`inv`):
+        ``pow(-0.5, τ)`` is ``(M + τI)^{-1/2}`` in float32 as in float64, e.g. to sample
         from a Laplace posterior ``N(θ*, (N F + τI)⁻¹)``. ``M⁰ = I`` of an unshifted
         matrix is refused (use ``PMatEye``; a ``p`` traced under ``jit`` cannot be, and gives
         the projector on the range). Cost ``r² d + r³``.
@@ -316,12 +319,12 @@ class PMatLowRank(PMatAbstract):
 
         def power(x):
             if traced:  # the sign is known at run time only: both branches, one chosen
-                x = jnp.where(p < 0, self._pinv_values(x, None, None), x)
+                x = jnp.where(p < 0, self._reciprocals(x), x)
                 return _spectral.power(x, jnp.abs(p))
             if p < 0:
                 if not _spectral.is_integer(p):  # checked with the exponent asked for
                     _spectral.check_nonnegative(x, p)
-                return _spectral.power(self._pinv_values(x, None, None), -p)
+                return _spectral.power(self._reciprocals(x), -p)
             return _spectral.power(x, p)
 
         return self._spectral_function(power, regul)
@@ -369,6 +372,19 @@ class PMatLowRank(PMatAbstract):
         return LowRankAccumulator(layer_collection)
 
     # ------------------------------------------------------------------ helpers
+    def _reciprocals(self, values: jax.Array) -> jax.Array:
+        """``1/x`` of the values ``[λ + t, t]`` of :meth:`_spectral_function` for a negative
+        power: the pseudo-inverse's (:meth:`pinv`'s threshold) when ``t = 0`` (an undamped,
+        unshifted matrix: its ``d − k`` null eigenvalues and the round-off of the thin ones
+        map to 0), else each value inverted as it is — ``M + tI`` is then invertible and
+        ``t`` an eigenvalue set by the caller, not round-off, however small next to
+        ``max λ``. (Thresholded, a damping below ``d·ε·max λ`` was dropped with the whole
+        complement of the factor's rows: in float32 at ``d = 10⁶`` that is 12% of the
+        largest eigenvalue, and ``pow(-0.5, τ)`` returned ``V f(Λ + τ) Vᵀ`` alone.)"""
+        t = values[-1]
+        pseudo = self._pinv_values(values, None, None)
+        return jnp.where(t == 0, pseudo, 1 / jnp.where(t == 0, jnp.ones_like(values), values))
+
     def _pinv_values(self, evals, atol, rtol):
         if atol is None and rtol is None:
             rtol = self.layer_collection.numel() * jnp.finfo(evals.dtype).eps
