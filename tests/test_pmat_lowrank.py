@@ -397,6 +397,15 @@ def test_a_damping_below_the_pseudo_inverse_threshold_is_still_inverted():
                                        rtol=1e-4, atol=1e-4 * tau ** p * np.abs(v_perp).max())
     np.testing.assert_allclose(L32.pow(-1, tau).mv(v), L32.inv(tau).mv(v), rtol=1e-5)
     assert L32.pow(-1).shift == 0  # undamped: the pseudo-inverse, as pinv()
+    # shifted, with an eigenvalue λ + t exactly 0 (signed weights): no inverse power
+    layout = LayerCollection.from_params({"w": jnp.zeros(4)})
+    M = PMatLowRank(layout, jnp.eye(2, 4), jnp.asarray([2.0, -1.0]), 1.0)  # 3, 0, 1, 1
+    for p in (-1, -0.5):
+        with pytest.raises(ValueError, match="singular matrix: 1 of the 2 eigenvalues of its "
+                                             "thin eigendecomposition"):
+            M.pow(p)
+    np.testing.assert_allclose(M.pow(-1, 0.5).to_dense(), np.diag([1 / 3.5, 2, 2 / 3, 2 / 3]),
+                               rtol=1e-12)
 
 
 def test_a_float32_plus_float64_sum_is_float64_either_way():

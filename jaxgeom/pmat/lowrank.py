@@ -307,7 +307,9 @@ class PMatLowRank(PMatAbstract):
         rank): the inverse power, every eigenvalue ``λ + t`` and ``t`` inverted as it is,
         however small ``t`` is next to ``max λ`` (no threshold, as :meth:`inv`):
         ``pow(-0.5, τ)`` is ``(M + τI)^{-1/2}`` in float32 as in float64, e.g. to sample
-        from a Laplace posterior ``N(θ*, (N F + τI)⁻¹)``. ``M⁰ = I`` of an unshifted
+        from a Laplace posterior ``N(θ*, (N F + τI)⁻¹)``; an eigenvalue ``λ + t`` of
+        exactly 0 (signed weights) is a ``ValueError``, as for ``PMatDense`` (inf under
+        ``jit``). ``M⁰ = I`` of an unshifted
         matrix is refused (use ``PMatEye``; a ``p`` traced under ``jit`` cannot be, and gives
         the projector on the range). Cost ``r² d + r³``.
         """
@@ -324,6 +326,9 @@ class PMatLowRank(PMatAbstract):
             if p < 0:
                 if not _spectral.is_integer(p):  # checked with the exponent asked for
                     _spectral.check_nonnegative(x, p)
+                if not _spectral.is_concrete_zero(x[-1]):  # an inverse power: M + tI singular?
+                    with _spectral.of_part("thin eigendecomposition"):
+                        _spectral._check_invertible(x[:-1], p)
                 return _spectral.power(self._reciprocals(x), -p)
             return _spectral.power(x, p)
 
@@ -383,7 +388,11 @@ class PMatLowRank(PMatAbstract):
         largest eigenvalue, and ``pow(-0.5, τ)`` returned ``V f(Λ + τ) Vᵀ`` alone.)"""
         t = values[-1]
         pseudo = self._pinv_values(values, None, None)
-        return jnp.where(t == 0, pseudo, 1 / jnp.where(t == 0, jnp.ones_like(values), values))
+        # safe denominators: the branch not taken (and an exact zero λ + t of signed
+        # weights, inverted to inf) divides nothing by 0, whose derivative would be NaN
+        zero = (t == 0) | (values == 0)
+        inverse = jnp.where(values == 0, jnp.inf, 1 / jnp.where(zero, 1, values))
+        return jnp.where(t == 0, pseudo, inverse)
 
     def _pinv_values(self, evals, atol, rtol):
         if atol is None and rtol is None:
