@@ -184,6 +184,11 @@ def test_a_non_finite_regul_and_a_non_scalar_exponent_are_refused(representation
         F.pow(jnp.array([0.5, 1.0]))
     with pytest.raises(ValueError, match="exponent p of pow must be finite"):
         F.pow(float("inf"))
+    for p in (0.5j, jnp.asarray(1 + 0.5j)):  # had been a complex matrix, or '<' of complex
+        with pytest.raises(TypeError, match="exponent p of pow must be real"):
+            F.pow(p, 1.0)
+    with pytest.raises(TypeError, match="exponent p of pow must be real"):
+        jax.jit(lambda M, p: M.pow(p, 1.0))(F, jnp.asarray(0.5j))
     for thresholds in (dict(atol=-1.0), dict(rtol=float("nan")), dict(atol=jnp.ones(2))):
         with pytest.raises(ValueError, match=r"pinv's [ar]tol must be (≥ 0|a scalar)"):
             F.pinv(**thresholds)  # a negative atol had kept every eigenvalue, silently

@@ -134,6 +134,11 @@ def check_exponent(p: Any) -> None:
         raise ValueError(
             f"the exponent p of pow must be a scalar; got {_described(p)}. For several "
             "powers, call pow once per exponent")
+    if np.iscomplexobj(p):  # a traced one too: its dtype is known
+        raise TypeError(
+            f"the exponent p of pow must be real; got {p!r}: jaxgeom's matrices are real "
+            "symmetric and M^p of a complex p is not. Form V diag(λ^p) Vᵀ from M.eigh() "
+            "yourself")
     _check_finite(p, "the exponent p of pow")
 
 
