@@ -69,35 +69,42 @@ def minres(
     maxiter: int | None = None,
 ) -> jax.Array:
     """MINRES (Paige & Saunders, 1975) for ``A x = b`` with ``A`` symmetric, possibly
-    indefinite (a Hessian away from a minimum) or singular.
+    indefinite (a Hessian away from a minimum) or singular, in its QLP form (Choi, Paige &
+    Saunders, 2011).
 
     Each iterate minimises ``‖A x − b‖`` over ``x0`` plus the Krylov space
     ``span{r₀, A r₀, …}``, updated by the symmetric Lanczos recurrence and Givens rotations
-    (no basis is stored: memory a few vectors). For a singular ``A`` and a consistent
-    ``b`` (in ``A``'s range) started from ``x0 = 0`` the iterates stay in that range and
-    converge to the minimum-norm solution ``A⁺ b`` — what an LSMR solve gives, with one
-    product an iteration instead of two. CG breaks down on indefinite systems
-    (``pᵀ A p ≤ 0``); MINRES does not.
+    (no basis is stored: memory a few vectors). MINRES's steps while the tridiagonal's
+    condition estimate is below :data:`TRANSFER_CONDITION`; then QLP steps, which rotate
+    the triangular factor into a lower triangular ``L`` whose pivots reveal the rank: a
+    pivot of round-off (:data:`RANK_RATIOS`) is a direction in ``A``'s null space, left
+    out, and the iterations stop. So for a singular ``A``, from ``x0 = 0``, the answer is
+    the minimum-norm solution ``A⁺ b`` whether ``b`` is in the range (the solution of
+    least norm, what an LSMR solve gives, with one product an iteration instead of two)
+    or not (no solution: the least-squares one of least norm, residual ``(I − AA⁺) b``;
+    plain MINRES's had an arbitrary null-space part, 7 to 10⁶ times ``‖A⁺ b‖`` on the
+    tests' systems). CG breaks down on indefinite systems (``pᵀ A p ≤ 0``); MINRES does
+    not.
 
     Stops when the residual ``‖A x − b‖`` (with a preconditioner its ``P⁻¹``-norm) is
-    ``≤ max(rtol·‖b‖, atol)`` (``‖b‖`` in the same norm) or after ``maxiter`` iterations
-    (default ``10 · len(b)``). ``preconditioner(r)`` applies ``P⁻¹``, which must be
-    symmetric positive definite (a non-PSD one gives a non-finite residual: an error
-    eagerly, NaN under ``jit``).
+    ``≤ max(rtol·‖b‖, atol)`` (``‖b‖`` in the same norm), at a pivot of round-off, when the
+    iterate grows past what round-off allows (``‖A‖ ‖x‖ ε ≥ ‖r₀‖``), or after ``maxiter``
+    iterations (default ``10 · len(b)``). ``preconditioner(r)`` applies ``P⁻¹``, which must
+    be symmetric positive definite (a non-PSD one gives a non-finite residual: an error
+    eagerly, NaN under ``jit``). A stop above the tolerance warns (:func:`cg`).
 
-    For ``b`` outside a singular ``A``'s range (no solution) the residual falls to
-    ``‖(I − AA⁺) b‖`` and stays; the iterations go on to ``maxiter`` (a least-squares
-    solution, its null-space component arbitrary) unless they grow past round-off
-    (:func:`_minres_stalled`), where they stop and answer the last iterate clear of it. A
-    stop above the tolerance warns (:func:`cg`).
-
-    Cost: one ``matvec`` and one preconditioner application per iteration, as CG.
+    Cost: one ``matvec`` and one preconditioner application per iteration, as CG, and
+    about a dozen vector updates.
 
     Driven from Python for an eager operator and differentiated as the solution
     ``A⁻¹ b`` (``lax.custom_linear_solve``, ``A`` nonsingular), as :func:`cg`.
 
-    Reference: C. C. Paige and M. A. Saunders, "Solution of sparse indefinite systems of
-    linear equations", SIAM J. Numer. Anal. 12 (1975); SciPy's ``minres``.
+    References: C. C. Paige and M. A. Saunders, "Solution of sparse indefinite systems of
+    linear equations", SIAM J. Numer. Anal. 12 (1975); S.-C. T. Choi, C. C. Paige and
+    M. A. Saunders, "MINRES-QLP: a Krylov subspace method for indefinite or singular
+    symmetric systems", SIAM J. Sci. Comput. 33 (2011); S.-C. T. Choi and M. A. Saunders,
+    "Algorithm 937: MINRES-QLP for symmetric and Hermitian linear equations and
+    least-squares problems", ACM TOMS 40 (2014).
     """
     return _krylov_solve(_MINRES, matvec, b, x0, preconditioner, rtol, atol, maxiter)
 
@@ -319,13 +326,12 @@ def _report_stop(name: str, maxiter: int, warns: bool, residual, threshold, stal
     if not residual > threshold or not (warns or stalled):  # NaN: an error elsewhere
         return
     if stalled:
-        what = (f"the iterates grew past what round-off allows after {k} iterations, residual "
+        what = (f"stopped after {k} iterations at a pivot of round-off (or an iterate past "
+                f"what round-off allows), residual "
                 f"{residual:.3g} above the tolerance {threshold:.3g}: the matrix is singular "
                 "(or numerically so) and the right-hand side is not in its range, so no "
-                "solution exists; answered the last iterate clear of round-off (a "
-                "least-squares one, its component in the null space arbitrary). Damp the "
-                "system (regul > 0) for a unique solution, or solve on the range "
-                "(M.pinv().mv(v))")
+                "solution exists; answered the least-squares solution of minimum norm "
+                "(A⁺ b, to round-off). Damp the system (regul > 0) for a unique solution")
     else:
         what = (f"not converged in {maxiter} iterations (the default maxiter, 10 d): residual "
                 f"{residual:.3g} above the tolerance {threshold:.3g}. Raise maxiter, "
@@ -399,49 +405,114 @@ _CG = _KrylovMethod(
     rhs_norm=lambda b, precondition: jnp.linalg.norm(b), solution=lambda state: state[0])
 
 
-# --- MINRES (SciPy's ``minres`` without its shift; its residual test, and its test of
-# iterates grown past round-off): the Lanczos vectors r1, r2 (unpreconditioned) and
-# v = P⁻¹r2/β, the rotation (cs, sn), the last two update directions w, w2, φ̄ the
-# residual's norm, ‖T‖_F² of the Lanczos tridiagonal T (‖A‖ estimated by its square
-# root), ‖r₀‖ (``beta1``), ‖x‖, the last iterate clear of round-off's growth (``x_best``)
-# and whether a step was refused (``broke``)
+# --- MINRES-QLP (Choi, Paige & Saunders 2011): MINRES's Lanczos process and left
+# rotations, and right rotations of the triangular factor (``R Pᵀ = L``, lower triangular)
+# that reveal its rank, so that the iterate is the minimum-length least-squares solution
+# of the projected problem. Every iteration is a QLP one (the published code's
+# ``TranCond = 1``). The vectors: the iterate ``x = x_{k-2} + w_{k-1} μ_{k-1} + w_k μ_k``
+# kept as ``xl2`` (``x0`` and the settled part) and the last three directions ``w``; the
+# Lanczos vectors ``r1``, ``r2`` (unpreconditioned) and ``v = P⁻¹ r2 / β``. The scalars are
+# the published recurrences' (names after them), with ``‖A‖`` (``anorm``) estimated
+# from the tridiagonal, the residual's norm ``phi``,
+# ``‖r₀‖`` (``beta1``) and the iteration ``k`` (from 1 in :func:`_qlp_direct`).
 class _MinresState(NamedTuple):
+    xl2: jax.Array
     x: jax.Array
     r1: jax.Array
     r2: jax.Array
     v: jax.Array
     w: jax.Array
-    w2: jax.Array
+    wl: jax.Array
     alpha: jax.Array
     beta: jax.Array
     old_beta: jax.Array
-    dbar: jax.Array
-    epsilon: jax.Array
-    phibar: jax.Array
     cs: jax.Array
     sn: jax.Array
-    tnorm2: jax.Array
-    beta1: jax.Array
+    dltan: jax.Array
+    eplnn: jax.Array
+    gama: jax.Array
+    gamal: jax.Array
+    gamal2: jax.Array
+    tau: jax.Array
+    taul: jax.Array
+    phi: jax.Array
+    cr1: jax.Array
+    sr1: jax.Array
+    cr2: jax.Array
+    sr2: jax.Array
+    eta: jax.Array
+    etal: jax.Array
+    vepln: jax.Array
+    veplnl: jax.Array
+    ul: jax.Array
+    ul2: jax.Array
+    ul3: jax.Array
+    u: jax.Array
+    xl2norm: jax.Array
     xnorm: jax.Array
-    x_best: jax.Array
+    anorm: jax.Array
+    gmin: jax.Array
+    gminl: jax.Array
+    #: the values of the last step that a switch to QLP steps converts MINRES's directions
+    #: with (the published code's ``gamal_QLP``, ``vepln_QLP``, ``gama_QLP``, ``ul_QLP``,
+    #: ``u_QLP``)
+    gamal_q: jax.Array
+    vepln_q: jax.Array
+    gama_q: jax.Array
+    ul_q: jax.Array
+    u_q: jax.Array
+    beta1: jax.Array
+    k: jax.Array
+    qlp: jax.Array
     broke: jax.Array
+
+
+#: a pivot ``|γ| ≤ c · ε · ‖A‖`` of the rank-revealing factor is zero, ``c`` by the
+#: dtype's size: the system is singular to working precision along that direction, which
+#: the iterate leaves out (the least-squares solution of minimum length), and the
+#: iterations stop. Measured on singular systems (spectra to 10⁻⁴ ‖A‖ beside zeros, right-
+#: hand sides outside the range) against the pseudo-inverse's solution: in float64 the
+#: pivots that round-off leaves in a null direction reach 10²–10³ ε (relative errors 10⁻²
+#: at ``c = 1``, 10⁻⁵–10⁻⁶ at ``c = 100``; nonsingular systems keep every eigenvalue above
+#: 2·10⁻¹⁴ ‖A‖); in float32 the pivots of eigenvalues of 10⁻⁴ ‖A‖ already come within
+#: 10 ε (errors 2·10⁻² at ``c = 1``, 0.2–0.8 at ``c = 10``–``100``, and a nonsingular
+#: system of condition 10⁶ cut short).
+RANK_RATIOS = {8: 100.0, 4: 1.0}
+
+#: MINRES's steps (cheaper, and in float32 more accurate: a damped system of condition 10³
+#: to a relative residual of 2·10⁻⁵ against 1.4·10⁻⁴) until the estimate of the condition
+#: number reaches this, or a pivot is round-off; QLP steps after (the published code's
+#: ``TranCond``)
+TRANSFER_CONDITION = 1e7
 
 
 def _safe_divide(v, beta):
     """``v / β``, zero where ``β = 0`` (before the first step; an invariant Krylov space:
     the exact solution)."""
-    return jnp.where(beta > 0, v / jnp.where(beta > 0, beta, 1), 0)
+    return jnp.where(beta != 0, v / jnp.where(beta != 0, beta, 1), 0)
+
+
+def _givens(a, b):
+    """``(c, s, r)`` with ``r = (a² + b²)^{1/2} ≥ 0`` and ``[c s] [a b]ᵀ = r`` (``(1, 0,
+    0)`` for ``a = b = 0``)."""
+    r = jnp.hypot(a, b)
+    return jnp.where(r > 0, a / jnp.where(r > 0, r, 1), 1), _safe_divide(b, r), r
 
 
 @jax.jit
 def _minres_start(x, r, z):
     beta = jnp.sqrt(jnp.vdot(r, z))
-    zero = jnp.zeros_like(beta)
-    return _MinresState(x=x, r1=r, r2=r, v=_safe_divide(z, beta), w=jnp.zeros_like(x),
-                        w2=jnp.zeros_like(x), alpha=zero, beta=beta, old_beta=zero,
-                        dbar=zero, epsilon=zero, phibar=beta, cs=-jnp.ones_like(beta),
-                        sn=zero, tnorm2=zero, beta1=beta,
-                        xnorm=jnp.linalg.norm(x), x_best=x, broke=jnp.zeros_like(beta, bool))
+    zero, one = jnp.zeros_like(beta), jnp.ones_like(beta)
+    return _MinresState(
+        xl2=x, x=x, r1=r, r2=r, v=_safe_divide(z, beta), w=jnp.zeros_like(x),
+        wl=jnp.zeros_like(x), alpha=zero, beta=beta, old_beta=zero, cs=-one, sn=zero,
+        dltan=zero, eplnn=zero, gama=zero, gamal=zero, gamal2=zero, tau=zero, taul=zero,
+        phi=beta, cr1=-one, sr1=zero, cr2=-one, sr2=zero, eta=zero, etal=zero, vepln=zero,
+        veplnl=zero, ul=zero, ul2=zero, ul3=zero, u=zero, xl2norm=zero,
+        xnorm=jnp.linalg.norm(x), anorm=zero, gmin=zero, gminl=zero, gamal_q=zero,
+        vepln_q=zero, gama_q=zero, ul_q=zero, u_q=zero, beta1=beta,
+        k=jnp.zeros((), jnp.int32), qlp=jnp.zeros_like(beta, bool),
+        broke=jnp.zeros_like(beta, bool))
 
 
 # (as CG's, each update's compiled call answers only the fields it changes)
@@ -459,61 +530,112 @@ def _minres_advance(s: _MinresState, av):
 
 
 @jax.jit
-def _minres_rotation(s: _MinresState, z) -> dict:
-    """``β = (r2ᵀ P⁻¹ r2)^{1/2}``, the previous rotation and the next one applied to the new
-    column of the tridiagonal matrix, then the update of ``x``: the changed fields."""
-    beta = jnp.sqrt(jnp.vdot(s.r2, z))
-    delta = s.cs * s.dbar + s.sn * s.alpha
-    gbar = s.sn * s.dbar - s.cs * s.alpha
+def _qlp_direct(s: _MinresState, z) -> dict:
+    """``β_{k+1} = (r2ᵀ P⁻¹ r2)^{1/2}``; the left rotations of the tridiagonal's new column
+    (MINRES's), the right ones of its triangular factor and the coefficients ``μ`` of the
+    directions (forward substitution in ``L``); then the step: MINRES's (``x + τ w``, ``w``
+    the triangular factor's direction) while the condition estimate is below
+    :data:`TRANSFER_CONDITION`, else QLP's (the last three directions rotated,
+    ``x = x_{k-2} + w_{k-1} μ_{k-1} + w_k μ_k``; MINRES's directions converted at the
+    switch). A pivot of round-off (:data:`RANK_RATIOS`) or an iterate past what round-off
+    allows (``‖A‖ ‖x‖ ε ≥ ‖r₀‖``) leaves its direction out and stops (``broke``). Answers
+    the changed fields."""
+    k = s.k + 1
+    second, third = k > 1, k > 2
+    alpha, beta, betal = s.alpha, s.beta, s.old_beta
+    betan = jnp.sqrt(jnp.vdot(s.r2, z))
     eps = jnp.finfo(beta.dtype).eps
-    gamma = jnp.maximum(jnp.hypot(gbar, beta), eps)
-    cs, sn = gbar / gamma, beta / gamma
-    w = (s.v - s.epsilon * s.w2 - delta * s.w) / gamma
-    dbar = -s.cs * beta
-    # ‖T‖_F² of the tridiagonal: α², and β² below and above it (the first β is ‖r₀‖, not T's)
-    tnorm2 = s.tnorm2 + s.alpha**2 + jnp.where(s.old_beta > 0, s.beta**2, 0) + beta**2
-    # a step beyond what round-off allows (‖A‖ ‖step‖ ε ≥ ‖r₀‖: a pivot γ of round-off,
-    # the Krylov space of an inconsistent b exhausted) is not taken, and stops the solve
-    step = cs * s.phibar
-    anorm = jnp.sqrt(tnorm2)
-    broke = anorm * jnp.abs(step) * jnp.linalg.norm(w) * eps >= s.beta1
-    x = jnp.where(broke, s.x, s.x + step * w)
-    xnorm = jnp.linalg.norm(x)
-    # the last iterate still clear of round-off's growth (‖A‖ ‖x‖ √ε < ‖r₀‖)
-    moderate = anorm * xnorm * jnp.sqrt(eps) < s.beta1
-    return dict(x=x, v=_safe_divide(z, beta), w=w, beta=beta, dbar=dbar,
-                epsilon=s.sn * beta, phibar=jnp.where(broke, s.phibar, sn * s.phibar), cs=cs,
-                sn=sn, tnorm2=tnorm2, xnorm=xnorm, x_best=jnp.where(moderate, x, s.x_best),
-                broke=broke)
+    # a column's norm in the tridiagonal, ‖A‖'s estimate (β₁ is ‖r₀‖, not one of T's)
+    pnorm = jnp.sqrt(jnp.where(third, betal**2, 0) + alpha**2 + betan**2)
+    # the previous left rotation, then the current one (MINRES's)
+    dbar = s.dltan
+    dlta = s.cs * dbar + s.sn * alpha
+    dlta_minres = dlta
+    gbar = s.sn * dbar - s.cs * alpha
+    epln = s.eplnn
+    eplnn = s.sn * betan
+    dltan = -s.cs * betan
+    gamal2, gamal = s.gamal, s.gama
+    cs, sn, gama = _givens(gbar, betan)
+    gama_minres = gama
+    taul2, taul = s.taul, s.tau
+    tau = cs * s.phi
+    phi = sn * s.phi
+    # the right rotation P_{k-2,k} of the previous step, then P_{k-1,k}
+    veplnl2, etal2, etal = s.veplnl, s.etal, s.eta
+    veplnl = jnp.where(third, s.cr2 * s.vepln + s.sr2 * dlta, s.veplnl)
+    dlta = jnp.where(third, s.sr2 * s.vepln - s.cr2 * dlta, dlta)
+    eta = jnp.where(third, s.sr2 * gama, s.eta)
+    gama = jnp.where(third, -s.cr2 * gama, gama)
+    cr1, sr1, rotated = _givens(gamal, dlta)
+    cr1, sr1 = jnp.where(second, cr1, s.cr1), jnp.where(second, sr1, s.sr1)
+    gamal = jnp.where(second, rotated, gamal)
+    vepln = jnp.where(second, sr1 * gama, s.vepln)
+    gama = jnp.where(second, -cr1 * gama, gama)
+    # the coefficients of the directions: forward substitution in L
+    ul4, ul3 = s.ul3, s.ul2
+    ul2 = jnp.where(third, _safe_divide(taul2 - etal2 * ul4 - veplnl2 * ul3, gamal2), s.ul2)
+    ul = jnp.where(second, _safe_divide(taul - etal * ul3 - veplnl * ul2, gamal), s.ul)
+    anorm = jnp.maximum(jnp.maximum(s.anorm, pnorm), jnp.maximum(gamal, jnp.abs(gama)))
+    xl2norm = jnp.hypot(s.xl2norm, ul2)
+    u = _safe_divide(tau - eta * ul2 - vepln * ul, gama)
+    xnorm = jnp.sqrt(xl2norm**2 + ul**2 + u**2)
+    singular = jnp.abs(gama) <= RANK_RATIOS.get(beta.dtype.itemsize, 1.0) * eps * anorm
+    broke = singular | (anorm * xnorm * eps >= s.beta1)
+    u = jnp.where(broke, 0, u)
+    xnorm = jnp.where(broke, jnp.hypot(xl2norm, ul), xnorm)
+    qlp = s.qlp | singular | (second & (s.gmin * TRANSFER_CONDITION <= s.anorm))
+    # MINRES's step
+    w_minres = _safe_divide(s.v - epln * s.wl - dlta_minres * s.w, gama_minres)
+    x_minres = s.x + jnp.where(broke, 0, tau) * w_minres
+    # QLP's: at the switch, MINRES's directions w_{k-2}, w_{k-1} converted (the published
+    # code's, with x = x_{k-2} + w_{k-2} μ_{k-2}' + …)
+    switch = qlp & ~s.qlp
+    wl_in = jnp.where(switch & third, s.gamal_q * s.wl + s.vepln_q * s.w, s.wl)
+    w_in = jnp.where(switch & second, s.gama_q * s.w, s.w)
+    xl2_in = jnp.where(switch, s.x - wl_in * s.ul_q - w_in * s.u_q, s.xl2)
+    # the directions w_{k-2}, w_{k-1}, w_k rotated by P_{k-2,k} and P_{k-1,k} (the first
+    # two steps: as the third with P_{k-2,k} the identity's reflection, their older
+    # directions being zero)
+    cr2, sr2 = jnp.where(third, s.cr2, -1), jnp.where(third, s.sr2, 0)
+    wl2 = wl_in * cr2 + s.v * sr2
+    turned = wl_in * sr2 - s.v * cr2
+    wl_qlp = w_in * cr1 + turned * sr1
+    w_qlp = w_in * sr1 - turned * cr1
+    xl2 = xl2_in + wl2 * ul2
+    x_qlp = xl2 + wl_qlp * ul + w_qlp * u
+    # the next right rotation P_{k-1,k+1}
+    gamal_q, vepln_q, gama_q = gamal, vepln, gama
+    cr2, sr2, gamal = _givens(gamal, eplnn)
+    gmin = jnp.where(second, jnp.minimum(jnp.minimum(s.gminl, gamal), jnp.abs(gama)),
+                     jnp.abs(gama))
+    return dict(
+        xl2=xl2, x=jnp.where(qlp, x_qlp, x_minres), v=_safe_divide(z, betan),
+        w=jnp.where(qlp, w_qlp, w_minres), wl=jnp.where(qlp, wl_qlp, s.w), beta=betan,
+        cs=cs, sn=sn, dltan=dltan, eplnn=eplnn, gama=gama, gamal=gamal, gamal2=gamal2,
+        tau=tau, taul=taul, phi=phi, cr1=cr1, sr1=sr1, cr2=cr2, sr2=sr2, eta=eta,
+        etal=etal, vepln=vepln, veplnl=veplnl, ul=ul, ul2=ul2, ul3=ul3, u=u,
+        xl2norm=xl2norm, xnorm=xnorm, anorm=jnp.maximum(anorm, gamal), gmin=gmin,
+        gminl=jnp.where(second, s.gmin, gmin), gamal_q=gamal_q, vepln_q=vepln_q,
+        gama_q=gama_q, ul_q=ul, u_q=u, k=k, qlp=qlp, broke=broke)
 
 
-@jax.jit
 def _minres_stalled(s: _MinresState):
-    """Whether the iterates have left what round-off allows: a step refused (``broke``) or
-    ``‖A‖ ‖x‖ ε ≥ ‖r₀‖`` (``‖A‖`` estimated by ``‖T‖_F``). Where ``b`` is not in a singular
-    ``A``'s range no ``x`` solves the system: the residual reaches ``‖(I − AA⁺) b‖`` and
-    stays, and the iterations then divide round-off by vanishing pivots (``‖x‖`` of 10¹⁶ on
-    a 10 × 10 system, its residual 10¹⁴); :func:`_minres_solution` answers the last iterate
-    clear of round-off. (SciPy's least-squares test ``‖A r‖ ≤ rtol ‖A‖ ‖r‖`` would stop
-    sooner, but it also stops nonsingular systems of condition number above ``1/rtol``,
-    far from their solution.)"""
-    return (jnp.sqrt(s.tnorm2) * s.xnorm * jnp.finfo(s.xnorm.dtype).eps >= s.beta1) | s.broke
-
-
-def _minres_solution(s: _MinresState):
-    """``x``, or past round-off (:func:`_minres_stalled`) the last iterate clear of it: its
-    residual is the least-squares one to round-off, its null-space part moderate."""
-    return jnp.where(_minres_stalled(s), s.x_best, s.x)
+    """Whether the iterations stopped short of the tolerance: a pivot of the rank-revealing
+    factor was round-off (the matrix singular to working precision, the right-hand side
+    not in its range: the iterate is the least-squares solution of minimum length), or
+    the iterate reached ``‖A‖ ‖x‖ ε ≥ ‖r₀‖``."""
+    return s.broke
 
 
 def _minres_direct(s: _MinresState, z):
-    return s._replace(w2=s.w, old_beta=s.beta, **_minres_rotation(s, z))
+    return s._replace(old_beta=s.beta, **_qlp_direct(s, z))
 
 
 _MINRES = _KrylovMethod(
     name="minres", start=_minres_start, advance=_minres_advance, direct=_minres_direct,
-    vector=lambda s: s.v, residual_norm=lambda s: jnp.abs(s.phibar), rhs_norm=_preconditioned_norm,
-    solution=_minres_solution, stalled=_minres_stalled)
+    vector=lambda s: s.v, residual_norm=lambda s: jnp.abs(s.phi), rhs_norm=_preconditioned_norm,
+    solution=lambda s: s.x, stalled=_minres_stalled)
 
 
 # ---------------------------------------------------------------------- checks
