@@ -585,33 +585,39 @@ def _qlp_direct(s: _MinresState, z) -> dict:
     u = jnp.where(broke, 0, u)
     xnorm = jnp.where(broke, jnp.hypot(xl2norm, ul), xnorm)
     qlp = s.qlp | singular | (second & (s.gmin * TRANSFER_CONDITION <= s.anorm))
-    # MINRES's step
-    w_minres = _safe_divide(s.v - epln * s.wl - dlta_minres * s.w, gama_minres)
-    x_minres = s.x + jnp.where(broke, 0, tau) * w_minres
-    # QLP's: at the switch, MINRES's directions w_{k-2}, w_{k-1} converted (the published
-    # code's, with x = x_{k-2} + w_{k-2} μ_{k-2}' + …)
-    switch = qlp & ~s.qlp
-    wl_in = jnp.where(switch & third, s.gamal_q * s.wl + s.vepln_q * s.w, s.wl)
-    w_in = jnp.where(switch & second, s.gama_q * s.w, s.w)
-    xl2_in = jnp.where(switch, s.x - wl_in * s.ul_q - w_in * s.u_q, s.xl2)
-    # the directions w_{k-2}, w_{k-1}, w_k rotated by P_{k-2,k} and P_{k-1,k} (the first
-    # two steps: as the third with P_{k-2,k} the identity's reflection, their older
-    # directions being zero)
-    cr2, sr2 = jnp.where(third, s.cr2, -1), jnp.where(third, s.sr2, 0)
-    wl2 = wl_in * cr2 + s.v * sr2
-    turned = wl_in * sr2 - s.v * cr2
-    wl_qlp = w_in * cr1 + turned * sr1
-    w_qlp = w_in * sr1 - turned * cr1
-    xl2 = xl2_in + wl2 * ul2
-    x_qlp = xl2 + wl_qlp * ul + w_qlp * u
+    step = jnp.where(broke, 0, tau)
+
+    def minres_step():
+        w = _safe_divide(s.v - epln * s.wl - dlta_minres * s.w, gama_minres)
+        return s.xl2, s.x + step * w, w, s.w
+
+    def qlp_step():
+        # at the switch, MINRES's directions w_{k-2}, w_{k-1} converted (the published
+        # code's, with x = x_{k-2} + w_{k-2} μ_{k-2}' + …)
+        switch = ~s.qlp
+        wl_in = jnp.where(switch & third, s.gamal_q * s.wl + s.vepln_q * s.w, s.wl)
+        w_in = jnp.where(switch & second, s.gama_q * s.w, s.w)
+        xl2_in = jnp.where(switch, s.x - wl_in * s.ul_q - w_in * s.u_q, s.xl2)
+        # the directions w_{k-2}, w_{k-1}, w_k rotated by P_{k-2,k} and P_{k-1,k} (the
+        # first two steps: as the third with P_{k-2,k} the identity's reflection, their
+        # older directions being zero)
+        cr2, sr2 = jnp.where(third, s.cr2, -1), jnp.where(third, s.sr2, 0)
+        wl2 = wl_in * cr2 + s.v * sr2
+        turned = wl_in * sr2 - s.v * cr2
+        wl = w_in * cr1 + turned * sr1
+        w = w_in * sr1 - turned * cr1
+        xl2 = xl2_in + wl2 * ul2
+        return xl2, xl2 + wl * ul + w * u, w, wl
+
+    # one of the two steps' vector work (both where ``qlp`` is batched, under vmap)
+    xl2, x, w, wl = jax.lax.cond(qlp, qlp_step, minres_step)
     # the next right rotation P_{k-1,k+1}
     gamal_q, vepln_q, gama_q = gamal, vepln, gama
     cr2, sr2, gamal = _givens(gamal, eplnn)
     gmin = jnp.where(second, jnp.minimum(jnp.minimum(s.gminl, gamal), jnp.abs(gama)),
                      jnp.abs(gama))
     return dict(
-        xl2=xl2, x=jnp.where(qlp, x_qlp, x_minres), v=_safe_divide(z, betan),
-        w=jnp.where(qlp, w_qlp, w_minres), wl=jnp.where(qlp, wl_qlp, s.w), beta=betan,
+        xl2=xl2, x=x, v=_safe_divide(z, betan), w=w, wl=wl, beta=betan,
         cs=cs, sn=sn, dltan=dltan, eplnn=eplnn, gama=gama, gamal=gamal, gamal2=gamal2,
         tau=tau, taul=taul, phi=phi, cr1=cr1, sr1=sr1, cr2=cr2, sr2=sr2, eta=eta,
         etal=etal, vepln=vepln, veplnl=veplnl, ul=ul, ul2=ul2, ul3=ul3, u=u,
