@@ -318,10 +318,10 @@ def _krylov_from_python(method: _KrylovMethod, matvec, precondition, state, thre
 
 def _report_stop(name: str, maxiter: int, warns: bool, residual, threshold, stalled, k
                  ) -> None:
-    """Warn (``RuntimeWarning``) of a Krylov solve that stopped above its tolerance: with
-    iterates grown past round-off, a singular system without a solution (``stalled``,
-    always), or at the default ``maxiter`` (``warns``; a ``maxiter`` of the caller's is a
-    budget)."""
+    """Warn (``RuntimeWarning``) of a Krylov solve that stopped above its tolerance: at a
+    pivot of round-off or an iterate past round-off, a singular system without a solution
+    (``stalled``, always), or at the default ``maxiter`` (``warns``; a ``maxiter`` of the
+    caller's is a budget)."""
     residual, threshold, stalled, k = float(residual), float(threshold), bool(stalled), int(k)
     if not residual > threshold or not (warns or stalled):  # NaN: an error elsewhere
         return
@@ -408,10 +408,11 @@ _CG = _KrylovMethod(
 # --- MINRES-QLP (Choi, Paige & Saunders 2011): MINRES's Lanczos process and left
 # rotations, and right rotations of the triangular factor (``R Pᵀ = L``, lower triangular)
 # that reveal its rank, so that the iterate is the minimum-length least-squares solution
-# of the projected problem. Every iteration is a QLP one (the published code's
-# ``TranCond = 1``). The vectors: the iterate ``x = x_{k-2} + w_{k-1} μ_{k-1} + w_k μ_k``
-# kept as ``xl2`` (``x0`` and the settled part) and the last three directions ``w``; the
-# Lanczos vectors ``r1``, ``r2`` (unpreconditioned) and ``v = P⁻¹ r2 / β``. The scalars are
+# of the projected problem; MINRES's steps until :data:`TRANSFER_CONDITION` (``qlp``
+# false). The vectors: the iterate ``x`` (in QLP steps ``x_{k-2} + w_{k-1} μ_{k-1} + w_k
+# μ_k``, ``xl2`` holding ``x0`` and the settled part) and the last two directions ``w``,
+# ``wl`` (MINRES's or QLP's); the Lanczos vectors ``r1``, ``r2`` (unpreconditioned) and
+# ``v = P⁻¹ r2 / β``. The scalars are
 # the published recurrences' (names after them), with ``‖A‖`` (``anorm``) estimated
 # from the tridiagonal, the residual's norm ``phi``,
 # ``‖r₀‖`` (``beta1``) and the iteration ``k`` (from 1 in :func:`_qlp_direct`).
