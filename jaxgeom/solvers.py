@@ -454,14 +454,11 @@ class _MinresState(NamedTuple):
     anorm: jax.Array
     gmin: jax.Array
     gminl: jax.Array
-    #: the values of the last step that a switch to QLP steps converts MINRES's directions
-    #: with (the published code's ``gamal_QLP``, ``vepln_QLP``, ``gama_QLP``, ``ul_QLP``,
-    #: ``u_QLP``)
+    #: the last step's ``gamal`` before its final rotation, which a switch to QLP steps
+    #: converts MINRES's directions with (the published code's ``gamal_QLP``; its
+    #: ``vepln_QLP``, ``gama_QLP``, ``ul_QLP``, ``u_QLP`` are the last step's ``vepln``,
+    #: ``gama``, ``ul``, ``u``)
     gamal_q: jax.Array
-    vepln_q: jax.Array
-    gama_q: jax.Array
-    ul_q: jax.Array
-    u_q: jax.Array
     beta1: jax.Array
     k: jax.Array
     qlp: jax.Array
@@ -511,7 +508,7 @@ def _minres_start(x, r, z):
         phi=beta, cr1=-one, sr1=zero, cr2=-one, sr2=zero, eta=zero, etal=zero, vepln=zero,
         veplnl=zero, ul=zero, ul2=zero, ul3=zero, u=zero, xl2norm=zero,
         xnorm=jnp.linalg.norm(x), anorm=zero, gmin=zero, gminl=zero, gamal_q=zero,
-        vepln_q=zero, gama_q=zero, ul_q=zero, u_q=zero, beta1=beta,
+        beta1=beta,
         k=jnp.zeros((), jnp.int32), qlp=jnp.zeros_like(beta, bool),
         broke=jnp.zeros_like(beta, bool))
 
@@ -596,9 +593,9 @@ def _qlp_direct(s: _MinresState, z) -> dict:
         # at the switch, MINRES's directions w_{k-2}, w_{k-1} converted (the published
         # code's, with x = x_{k-2} + w_{k-2} μ_{k-2}' + …)
         switch = ~s.qlp
-        wl_in = jnp.where(switch & third, s.gamal_q * s.wl + s.vepln_q * s.w, s.wl)
-        w_in = jnp.where(switch & second, s.gama_q * s.w, s.w)
-        xl2_in = jnp.where(switch, s.x - wl_in * s.ul_q - w_in * s.u_q, s.xl2)
+        wl_in = jnp.where(switch & third, s.gamal_q * s.wl + s.vepln * s.w, s.wl)
+        w_in = jnp.where(switch & second, s.gama * s.w, s.w)
+        xl2_in = jnp.where(switch, s.x - wl_in * s.ul - w_in * s.u, s.xl2)
         # the directions w_{k-2}, w_{k-1}, w_k rotated by P_{k-2,k} and P_{k-1,k} (the
         # first two steps: as the third with P_{k-2,k} the identity's reflection, their
         # older directions being zero)
@@ -613,7 +610,7 @@ def _qlp_direct(s: _MinresState, z) -> dict:
     # one of the two steps' vector work (both where ``qlp`` is batched, under vmap)
     xl2, x, w, wl = jax.lax.cond(qlp, qlp_step, minres_step)
     # the next right rotation P_{k-1,k+1}
-    gamal_q, vepln_q, gama_q = gamal, vepln, gama
+    gamal_q = gamal
     cr2, sr2, gamal = _givens(gamal, eplnn)
     gmin = jnp.where(second, jnp.minimum(jnp.minimum(s.gminl, gamal), jnp.abs(gama)),
                      jnp.abs(gama))
@@ -623,8 +620,8 @@ def _qlp_direct(s: _MinresState, z) -> dict:
         tau=tau, taul=taul, phi=phi, cr1=cr1, sr1=sr1, cr2=cr2, sr2=sr2, eta=eta,
         etal=etal, vepln=vepln, veplnl=veplnl, ul=ul, ul2=ul2, ul3=ul3, u=u,
         xl2norm=xl2norm, xnorm=xnorm, anorm=jnp.maximum(anorm, gamal), gmin=gmin,
-        gminl=jnp.where(second, s.gmin, gmin), gamal_q=gamal_q, vepln_q=vepln_q,
-        gama_q=gama_q, ul_q=ul, u_q=u, k=k, qlp=qlp, broke=broke)
+        gminl=jnp.where(second, s.gmin, gmin), gamal_q=gamal_q, k=k, qlp=qlp,
+        broke=broke)
 
 
 def _minres_stalled(s: _MinresState):
