@@ -555,6 +555,10 @@ def _qlp_direct(s: _MinresState, z) -> dict:
     dltan = -s.cs * betan
     gamal2, gamal = s.gamal, s.gama
     cs, sn, gama = _givens(gbar, betan)
+    # a zero column (an invariant Krylov space on which A is zero: b in A's null space, or
+    # A = 0) leaves the residual as it is: the rotation (0, 1), not _givens' (1, 0),
+    # whose φ = 0 read as convergence where no solution exists
+    cs, sn = jnp.where(gama == 0, 0, cs), jnp.where(gama == 0, 1, sn)
     gama_minres = gama
     taul2, taul = s.taul, s.tau
     tau = cs * s.phi

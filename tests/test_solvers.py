@@ -16,6 +16,7 @@ from jaxgeom import (
     FIM,
     LayerCollection,
     PMatDense,
+    PMatDiag,
     PMatImplicit,
     PMatKFAC,
     cg,
@@ -393,6 +394,23 @@ def test_minres_of_an_inconsistent_singular_system_answers_the_minimum_norm_solu
     np.testing.assert_allclose(x, pinv @ b, rtol=0, atol=1e-4 * np.linalg.norm(pinv @ b))
     np.testing.assert_allclose(a @ x - b, -(b - a @ pinv @ b), rtol=0,
                                atol=1e-4 * np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("diagonal", [[3.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+def test_minres_of_a_right_hand_side_in_the_null_space_says_no_solution_exists(diagonal):
+    """``A b = 0`` (``b`` in the null space of a singular ``A``; ``A = 0``): the first Lanczos
+    column is zero, ``A⁺ b = 0`` is the answer and the residual stays ``‖b‖``. The zero
+    column's rotation had been the identity's, which zeroed the residual's estimate: the
+    solve reported convergence, without a word, where no solution exists."""
+    a = np.diag(diagonal)
+    b = jnp.asarray([0.0, 0.0, 1.0, 0.5])
+    with pytest.warns(RuntimeWarning, match="singular.*not in its range"):
+        x = minres(product(a), b)
+    np.testing.assert_array_equal(np.asarray(x), np.zeros(4))
+    F = PMatDiag(LayerCollection.from_params({"w": jnp.zeros(4)}), jnp.asarray(diagonal))
+    with pytest.warns(RuntimeWarning, match="singular.*not in its range"):
+        x = F.solve({"w": b}, 0.0, method="minres")["w"]
+    np.testing.assert_array_equal(np.asarray(x), np.zeros(4))
 
 
 @pytest.mark.parametrize("dtype, regul", [(np.float64, 1e-6), (np.float32, 1e-3)])
