@@ -342,10 +342,13 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
     matrix, which a matrix-free ``PMatImplicit`` cannot give exactly. Every new basis
     vector is reorthogonalised against all the previous ones (after the three-term
     recurrence, once, twice where that pass cancels much), so the Ritz values
-    carry no spurious copies. When the Krylov space is exhausted (``k`` beyond ``rank + 1``
-    for a low-rank Fisher) the iteration stops growing it and the remaining Ritz values
-    are ``0`` — eigenvalues of such a singular ``M`` — so ``k = d`` gives the whole
-    spectrum of a matrix of rank below ``d``. :func:`lanczos_eigsh` gives the
+    carry no spurious copies. When the Krylov space is exhausted (an invariant subspace:
+    ``k`` beyond ``rank + 1`` for a low-rank Fisher, or beyond the number of distinct
+    eigenvalues) the iteration goes on from a new random vector orthogonal to the basis
+    (``T`` block diagonal), so every Ritz value is an eigenvalue of ``M`` restricted to a
+    subspace, in ``[λ_min, λ_max]``, and ``k = d`` gives the whole spectrum, multiple
+    eigenvalues with their multiplicity (a damped low-rank Fisher's ``λ``).
+    :func:`lanczos_eigsh` gives the
     eigenvectors too.
 
     Args:
@@ -379,7 +382,7 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
     products, probes = _setup(M, key, num_iterations, "normal", dim, dtype,
                               "num_iterations")
     tridiagonal = _lanczos(products, probes(key, 1), num_iterations, "num_iterations",
-                           partial=_partial(reorthogonalization))
+                           restart=key, partial=_partial(reorthogonalization))
     return jnp.linalg.eigvalsh(tridiagonal[0])
 
 
@@ -1472,15 +1475,17 @@ def _lanczos_step(state: tuple, w: jax.Array, j: Any, restart: jax.Array | None)
     betas = betas.at[:, j].set(jnp.where(grows, beta, 0))
     w = w / jnp.where(grows, beta, 1)[:, None]
     if restart is None:
-        fresh = jnp.zeros_like(w)
+        new = jnp.where(grows[:, None], w, 0)
     else:
         def draw():
             fresh = jax.random.normal(jax.random.fold_in(restart, j), (m, d), q.dtype)
             fresh = _orthogonalised(blocks, _orthogonalised(blocks, fresh, j + 1), j + 1)
-            return fresh / jnp.linalg.norm(fresh, axis=1, keepdims=True)
+            fresh = fresh / jnp.linalg.norm(fresh, axis=1, keepdims=True)
+            return jnp.where(grows[:, None], w, fresh)
 
-        fresh = jax.lax.cond(jnp.all(grows), lambda: jnp.zeros_like(w), draw)
-    new = jnp.where(grows[:, None], w, fresh)
+        # w as it is while every row's space grows (no zeros written, no select: a step's
+        # d-sized passes are its cost where products are cheap)
+        new = jax.lax.cond(jnp.all(grows), lambda: w, draw)
     if orthogonality is not None:  # a new direction drawn: orthogonal to working precision
         omega, omega_previous, force = orthogonality
         orthogonality = (jnp.where(grows[:, None], omega, _fresh_omega(omega, j)),

@@ -155,6 +155,24 @@ def test_lanczos_gives_the_whole_spectrum_of_a_low_rank_fisher(fisher, reorthogo
     np.testing.assert_allclose(got, want, atol=1e-10 * want.max())
 
 
+@pytest.mark.parametrize("reorthogonalization", ["full", "partial"])
+def test_lanczos_gives_the_whole_spectrum_of_a_damped_low_rank_fisher(fisher,
+                                                                       reorthogonalization):
+    """``F + λI``: the Krylov space is exhausted after ``rank + 1`` steps, but ``λ`` is the
+    eigenvalue left, ``d − rank`` times — the iteration restarts in the basis's complement,
+    and ``k = d`` gives every eigenvalue (the rest had been answered as zeros, below
+    ``λ_min``); and the identity, exhausted at once, is all ones."""
+    _, _, dense = fisher
+    d = len(dense)
+    damped = dense + 0.5 * np.eye(d)
+    got = lanczos_eigenvalues(_matvec(damped), KEY, d, dim=d, dtype=jnp.float64,
+                              reorthogonalization=reorthogonalization)
+    np.testing.assert_allclose(got, np.linalg.eigvalsh(damped), atol=1e-10 * dense.max())
+    ones = lanczos_eigenvalues(_matvec(np.eye(d)), KEY, 8, dim=d, dtype=jnp.float64,
+                               reorthogonalization=reorthogonalization)
+    np.testing.assert_allclose(ones, np.ones(8), rtol=1e-12)
+
+
 def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal(monkeypatch):
     """Simon's partial reorthogonalisation: with a fraction of the passes against the
     basis, the Lanczos vectors stay semi-orthogonal (``|QᵀQ − I| ≤ √ε``), not orthonormal
