@@ -824,8 +824,10 @@ def lobpcg_eigsh(M: Operator, key: jax.Array, k: int, *, which: str = "LA",
     Returns:
       ``(λ, V)`` as :func:`lanczos_eigsh`: the ``(k,)`` eigenvalue estimates ascending and
       the ``(d, k)`` orthonormal vectors (columns, flat order), each up to its sign; with
-      ``return_residuals``, ``(λ, V, residuals)``. Cost: per iteration ``3k`` products in
-      one block, ``O(d k²)`` for the orthonormalisation and a ``3k × 3k`` ``eigh``.
+      ``return_residuals``, ``(λ, V, residuals)``; for the zero matrix (every vector an
+      eigenvector), zeros and the start block orthonormalised. Cost: per iteration ``3k``
+      products in one block, ``O(d k²)`` for the orthonormalisation and a ``3k × 3k``
+      ``eigh``.
 
     Raises:
       ValueError: ``k`` not an integer with ``1 ≤ k`` and ``5k < d``, ``num_iterations``
@@ -861,11 +863,26 @@ def _lobpcg_body(products, start, sign, num_iterations, tol, return_residuals):
         return sign * products(x.T).T
 
     theta, vectors, _ = lobpcg_standard(block, start.T, m=num_iterations, tol=tol)
+    theta, vectors = jax.lax.cond(jnp.any(jnp.isnan(theta)),
+                                  functools.partial(_null_block_pairs, products),
+                                  lambda *pairs: pairs[1:], start, theta, vectors)
     order = jnp.argsort(sign * theta)
     values, vectors = sign * theta[order], vectors[:, order]
     if not return_residuals:
         return values, vectors
     return values, vectors, jnp.linalg.norm(products(vectors.T).T - vectors * values, axis=0)
+
+
+def _null_block_pairs(products, start, theta, vectors):
+    """LOBPCG's pairs where JAX's iterations answered NaN: ``(0, Q)`` (``Q`` the start
+    block orthonormalised) when ``M`` maps the start block to zero — the zero matrix, a dead
+    network's Fisher: every vector an eigenvector of ``0``, whose exactly zero residuals
+    JAX's iterations normalise (0/0) since its relative test never accepts them —, else
+    the NaN as it was (non-finite data)."""
+    null = jnp.all(products(start) == 0)
+    basis = jnp.linalg.qr(start.T)[0]
+    return (jnp.where(null, jnp.zeros_like(theta), theta),
+            jnp.where(null, basis.astype(vectors.dtype), vectors))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))

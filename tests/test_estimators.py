@@ -868,6 +868,28 @@ def test_lobpcg_eigsh_of_an_indefinite_hessian_eagerly_and_under_jit(fisher):
     np.testing.assert_allclose(jitted[0], values, rtol=1e-10)
 
 
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_lobpcg_eigsh_of_the_zero_matrix_is_zeros_and_an_orthonormal_block(which):
+    """``M = 0`` (a dead network's Fisher): every vector is an eigenvector of ``0``. JAX's
+    iterations normalise the exactly zero residuals, which their relative test never
+    accepts (0/0: NaN); the pairs are ``0`` and the start block orthonormalised, as a
+    representation and as a ``matvec``, eagerly and under ``jit`` — and a matrix with a
+    NaN entry stays NaN."""
+    d = 12
+    zero = PMatDense(LayerCollection.from_params({"w": jnp.zeros(d)}), jnp.zeros((d, d)))
+    for M in (zero, _matvec(np.zeros((d, d)))):
+        options = {} if M is zero else dict(dim=d, dtype=jnp.float64)
+        for values, vectors, residuals in (
+                lobpcg_eigsh(M, KEY, 2, which=which, return_residuals=True, **options),
+                jax.jit(lambda k, M=M, options=options: lobpcg_eigsh(
+                    M, k, 2, which=which, return_residuals=True, **options))(KEY)):
+            np.testing.assert_array_equal(values, np.zeros(2))
+            np.testing.assert_allclose(vectors.T @ vectors, np.eye(2), atol=1e-12)
+            np.testing.assert_array_equal(residuals, np.zeros(2))
+    broken = PMatDense(zero.layer_collection, jnp.zeros((d, d)).at[3, 3].set(jnp.nan))
+    assert np.all(np.isnan(lobpcg_eigsh(broken, KEY, 2)[0]))
+
+
 def test_lobpcg_eigsh_refusals(fisher):
     t, F, dense = fisher
     with pytest.raises(ValueError, match=r"needs 5k < d .* k=11 for d=52: use lanczos_eigsh"):
