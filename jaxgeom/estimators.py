@@ -348,8 +348,7 @@ def lanczos_eigenvalues(M: Operator, key: jax.Array, num_iterations: int = 30, *
     (``T`` block diagonal), so every Ritz value is an eigenvalue of ``M`` restricted to a
     subspace, in ``[λ_min, λ_max]``, and ``k = d`` gives the whole spectrum, multiple
     eigenvalues with their multiplicity (a damped low-rank Fisher's ``λ``).
-    :func:`lanczos_eigsh` gives the
-    eigenvectors too.
+    :func:`lanczos_eigsh` gives the eigenvectors too.
 
     Args:
       M: a symmetric representation, or ``matvec(v) -> M v`` on flat ``(d,)`` vectors.
