@@ -198,7 +198,7 @@ def warn_if_singular(magnitudes: jax.Array | Sequence[jax.Array], operation: str
         if collects_here():
             report_singular_when_run(operation, singular_flag(arrays))
         return
-    report_singular(operation, singular_flag(arrays))
+    report_singular(operation, _compiled_singular_flag(list(arrays)))
 
 
 def singular_flag(magnitudes: Sequence[jax.Array]) -> jax.Array:
@@ -211,6 +211,10 @@ def singular_flag(magnitudes: Sequence[jax.Array]) -> jax.Array:
         jnp.any(jnp.min(a, axis=-1) <= SINGULAR_RATIO * jnp.finfo(a.dtype).eps
                 * jnp.max(a, axis=-1)) for a in arrays]))
 
+
+#: :func:`singular_flag` of concrete values as one compiled call (eagerly, a dispatch an
+#: array operation)
+_compiled_singular_flag = jax.jit(singular_flag)
 
 #: the singular flags reported inside :func:`one_singular_report` so far, or None
 _SINGULAR_FLAGS = contextvars.ContextVar("jaxgeom_singular_flags", default=None)
@@ -234,7 +238,7 @@ def one_singular_report(operation: Callable[[], str]) -> Iterator[None]:
     finally:
         _SINGULAR_FLAGS.reset(token)
         _CALLED.reset(called)
-    if any(np.any(flag) for flag in flags):
+    if any(np.any(np.asarray(flag)) for flag in flags):
         report_singular(operation(), True)
 
 
@@ -253,7 +257,9 @@ def report_singular(operation: str, singular: jax.Array) -> None:
     if flags is not None:
         flags.append(singular)
         return
-    if np.any(singular):
+    # read as NumPy's: np.any of a jax.Array dispatches jnp.any, a computation and a wait
+    # of its own (≈ 40 µs a warning check on a 2-core CPU)
+    if np.any(np.asarray(singular)):
         warn(
             f"{operation} of a matrix singular to working precision: its smallest eigenvalue "
             "or pivot (+ regul) is below 10·ε times its largest, so the answer is round-off "

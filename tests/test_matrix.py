@@ -305,6 +305,30 @@ def test_an_undamped_inverse_of_a_numerically_singular_fisher_warns(representati
         jax.export.export(jax.jit(lambda F, v: F.solve(v)))(F, v)
 
 
+@pytest.mark.parametrize("name", ["inv", "solve"])
+def test_a_quasi_diagonal_fisher_with_a_dead_parameter_warns_when_inverted(name):
+    """An input that is always 0 leaves its weights' Fisher entries and their neurons'
+    cross terms exactly 0: the quasi-diagonal's Schur complements ``0/0`` (NaN) had come
+    without a word, where the other representations warn of a singular matrix (its
+    pivots, as a Cholesky factor's, are checked). Now the same warning, eagerly, for the
+    solve and the inverse; damped, silent and exact. (A diagonal's ``v / λ`` is exact to
+    an ulp whatever its condition: ``inf`` where ``λ + regul = 0``, no warning.)"""
+    t = make_plain_mlp(n=6)
+    x = t.x.at[:, 0].set(0.0)
+    F = FIM(t.apply_fn, t.params, x, PMatQuasiDiag)
+    dense = np.asarray(F.to_dense())
+    assert np.sum(np.all(dense == 0, axis=0)) == 5  # the 5 weights of input 0
+    v = np.ones(len(dense))
+    with pytest.warns(RuntimeWarning, match=rf"^{name} of a matrix singular to working "):
+        SINGULAR_OPERATIONS[name](F, v)
+    damped = dense + 0.1 * np.eye(len(dense))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(F.solve(v, 0.1), np.linalg.solve(damped, v), rtol=1e-8)
+        np.testing.assert_allclose(F.inv(0.1).to_dense(), np.linalg.inv(damped), rtol=1e-8,
+                                   atol=1e-12)
+
+
 @pytest.mark.parametrize("representation", [PMatDense, PMatBlockDiag, PMatKFAC])
 def test_a_fractional_power_of_a_singular_fisher_names_the_part_whose_eigenvalues_vanish(
         representation):

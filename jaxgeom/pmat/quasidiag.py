@@ -66,6 +66,7 @@ import numpy as np
 
 from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
+from jaxgeom._reporting import warn_if_singular
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk, check_specs
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _arrow, _spectral
@@ -271,7 +272,7 @@ class PMatQuasiDiag(PMatAbstract):
 
     def _solve(self, v, regul, method, **options):
         if method == "default":
-            return self._apply(v, *self._inverse(regul))
+            return self._apply(v, *self._inverse(regul, "solve"))
         return super()._solve(v, regul, method, **options)
 
     # ------------------------------------------------------------------ functions
@@ -279,14 +280,18 @@ class PMatQuasiDiag(PMatAbstract):
     def inv(self, regul: Any = 0.0) -> PMatQuasiDiag:
         """``(M + λI)⁻¹``, per neuron in closed form (module docstring), ``O(d)``. One
         compiled call when eager (no array identity to keep: bench_small 1.9 → 0.1 ms)."""
-        pairs, vecs, cross, rhos = self._inverse(regul)
+        pairs, vecs, cross, rhos = self._inverse(regul, "inv")
         return self._with(self._layout.merge_pieces(pairs, vecs), cross, rhos)
 
-    def _inverse(self, regul):
-        """The pieces of ``(M + λI)⁻¹`` (as :meth:`_apply` takes them)."""
+    def _inverse(self, regul, operation):
+        """The pieces of ``(M + λI)⁻¹`` (as :meth:`_apply` takes them), and a warning that
+        ``operation`` is round-off (:func:`~jaxgeom._reporting.warn_if_singular`) where a
+        neuron's Schur complement ``s = β + λ − Σᵢ cᵢ²/(Dᵢ + λ)`` cancelled to ``≤ 10 ε``
+        of its ``β + λ`` (or is ``0/0``: an input that is always 0). Divisions by the
+        diagonal entries alone are exact, as a diagonal's solve: not checked."""
         layout = self._layout
         pairs, vecs = layout.split_pieces(self.diag)
-        inverted, cross, rhos = [], [], []
+        inverted, cross, rhos, pivots = [], [], [], []
         for (D, beta), c, rho, t in zip(pairs, self.cross, self.rho, layout.transposed):
             axis, col = _orientation(t)
             D, beta = D + regul, beta + regul
@@ -297,6 +302,10 @@ class PMatQuasiDiag(PMatAbstract):
             cross.append(-u / col(q * s))
             rhos.append(s if rho is None else s - rho * q * s**2)
             inverted.append((1 / D, 1 / s))
+            pivots.append(jnp.stack([jnp.ravel(q * s), jnp.ravel(beta)], axis=-1))
+        if pivots:  # (neurons, 2): each Schur complement beside its β + λ
+            pivots = jnp.concatenate(pivots)
+            warn_if_singular(jnp.where(jnp.isnan(pivots), 0, pivots), operation)
         return inverted, [1 / (x + regul) for x in vecs], cross, rhos
 
     # ------------------------------------------------------------------ algebra
