@@ -129,6 +129,22 @@ def test_eigsh_per_neuron(case):
     check_eigsh_without_dense(inv, np.asarray(inv.to_dense()), _ks(len(dense))[1:])
 
 
+def test_layers_of_one_input_width_are_bisected_together():
+    """A transformer block's dense layers of one input width (queries, keys, values, the
+    MLP's second layer) are one stack of neuron blocks for the bisection (one loop
+    compiled, not one a layer): the spectrum and the top pairs of the dense matrix's, also
+    of an inverse (``ρ ≠ 0``)."""
+    t = MORE_TASKS["linen_transformer"]()
+    Q = FIM(t.apply_fn, t.params, t.x, PMatQuasiDiag)
+    widths = [D.shape[1] for D, _, _, _ in Q._neurons()]
+    assert len(set(widths)) < len(widths)  # some layers share their width
+    for M in (Q, Q.inv(1e-2)):
+        dense = np.asarray(M.to_dense())
+        np.testing.assert_allclose(M.eigvalsh(), np.linalg.eigvalsh(dense),
+                                   atol=1e-10 * np.abs(dense).max())
+    check_eigsh_without_dense(Q, np.asarray(Q.to_dense()), [7])
+
+
 def test_eigsh_without_neurons():
     """A QuasiDiag without neuron blocks (restricted to a LayerNorm): its diagonal's
     entries and canonical vectors."""
