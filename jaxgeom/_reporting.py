@@ -259,13 +259,20 @@ def report_singular(operation: str, singular: jax.Array) -> None:
         return
     # read as NumPy's: np.any of a jax.Array dispatches jnp.any, a computation and a wait
     # of its own (≈ 40 µs a warning check on a 2-core CPU)
-    if np.any(np.asarray(singular)):
-        warn(
-            f"{operation} of a matrix singular to working precision: its smallest eigenvalue "
-            "or pivot (+ regul) is below 10·ε times its largest, so the answer is round-off "
-            "(entries of about ‖v‖/(ε‖M‖), or NaN where a Cholesky factorisation failed). "
-            "Damp it (regul > 0: M + regul·I), or use pinv() for the pseudo-inverse on its "
-            "range")
+    if not np.any(np.asarray(singular)):
+        return
+    if operation in ("logdet", "slogdet"):
+        warn(f"{operation} of a matrix singular to working precision: an eigenvalue (+ regul) "
+             "is nonzero but below 10·ε times the largest, round-off of a factorisation, "
+             "and so is its logarithm (its exact value may be 0: log det = -inf). Damp it "
+             "(regul > 0: M + regul·I)")
+        return
+    warn(
+        f"{operation} of a matrix singular to working precision: its smallest eigenvalue "
+        "or pivot (+ regul) is below 10·ε times its largest, so the answer is round-off "
+        "(entries of about ‖v‖/(ε‖M‖), or NaN where a Cholesky factorisation failed). "
+        "Damp it (regul > 0: M + regul·I), or use pinv() for the pseudo-inverse on its "
+        "range")
 
 
 def report_singular_when_run(operation: str, singular: jax.Array) -> None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._reporting import warn_if_singular
+from jaxgeom._reporting import one_singular_report, warn_if_singular
 from jaxgeom._serialization import register_dataclass
 from jaxgeom._sharding import gathered
 from jaxgeom._symmetric import spd_solve
@@ -237,16 +237,19 @@ class FMatDense(_ScalarAlgebra):
         eigenvalues (``m³``; NumPy's convention: ``(0, -inf)`` when singular, where the
         zero eigenvalues are exact: ``eigh``'s of a singular Gram — more outputs than
         parameters, ``K·N > d`` — are round-off of either sign, a finite log or a sign
-        ``-1``, as NumPy's; pass ``regul > 0``). With the
+        ``-1``, as NumPy's, and called from Python that warns; pass ``regul > 0``). With the
         NTK as a Gaussian-process kernel and noise ``σ²``, the log marginal likelihood of
         targets ``y`` is ``−½ yᵀ G.solve(y, σ²) − ½ G.logdet(σ²) − (K·N/2) log 2π``."""
         check_regul(regul, _PER_EXAMPLE_DAMPING)
-        return _spectral.slogdet(self.eigvalsh(), regul)
+        values = self.eigvalsh()
+        _spectral.warn_if_round_off(values + regul, "slogdet")
+        return _spectral.slogdet(values, regul)
 
     def logdet(self, regul: Any = 0.0) -> jax.Array:
         """``log det(G + regul·I)``: :meth:`slogdet`'s ``log|det|`` when the determinant is
         positive, ``-inf`` when it is 0, NaN when it is negative."""
-        return _spectral.logdet(*self.slogdet(regul))
+        with one_singular_report(lambda: "logdet"):
+            return _spectral.logdet(*self.slogdet(regul))
 
     #: ``None``/``"fro"``: Frobenius norm; ``2``: largest ``|λ|``; ``-2``: smallest.
     norm = PMatAbstract.norm

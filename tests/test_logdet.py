@@ -4,6 +4,8 @@
 laplace-torch) and what curvlinops' (E)KFAC operators offer as ``logdet()``.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +84,38 @@ def test_singular_and_indefinite_matrices():
     np.testing.assert_allclose(PMatEye(lc, 2.0).logdet(0.5), d * np.log(2.5), rtol=1e-12)
     np.testing.assert_allclose((3.0 * D).logdet(REGUL),
                                np.sum(np.log(3 * np.asarray(D.data) + REGUL)), rtol=1e-12)
+
+
+def test_round_off_eigenvalues_warn_and_exact_ones_do_not():
+    """A Fisher of fewer examples than parameters: its factorisations' zero eigenvalues are
+    round-off (``±n·ε·‖M‖``), and so is their logarithm (a finite ``log|det|`` where the
+    true one is ``-inf``): called from Python, a warning, named as called. Exact ones do
+    not warn: a low-rank matrix's null space (``-inf``), a diagonal's tiny entries (exact
+    however small), nor a mixed matrix's diagonal part; damped, nothing. The NTK of more
+    outputs than parameters the same."""
+    t = make_linen_mlp(n=2)
+    singular = FIM(t.apply_fn, t.params, (t.x, t.y), PMatDense)
+    assert np.linalg.matrix_rank(np.asarray(singular.data)) < singular.size(0)
+    for call, name in ((lambda M: M.logdet(), "logdet"), (lambda M: M.slogdet(), "slogdet")):
+        for M in (singular, FIM(t.apply_fn, t.params, (t.x, t.y), PMatKFAC)):
+            with pytest.warns(RuntimeWarning, match=rf"^{name} of a matrix singular to work"):
+                call(M)
+    D = FIM(t.apply_fn, t.params, (t.x, t.y), PMatDiag)
+    tiny = PMatDiag(D.layer_collection, D.data.at[0].set(1e-30 * D.data.max()))
+    mixed = FIM(t.apply_fn, t.params, (t.x, t.y), PMatMixed,
+                mapping={"Dense_0": PMatDiag}, default=PMatDense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert FIM(t.apply_fn, t.params, (t.x, t.y), PMatLowRank).logdet() == -jnp.inf
+        np.testing.assert_allclose(tiny.logdet(), np.sum(np.log(np.asarray(tiny.data))),
+                                   rtol=1e-12)
+        singular.logdet(REGUL)
+        mixed.restrict("Dense_0").logdet()  # the diagonal part alone
+    with pytest.warns(RuntimeWarning, match="^logdet of a matrix singular"):
+        mixed.logdet()  # its dense part is singular
+    G = GramMatrix(t.apply_fn, t.params, make_linen_mlp(n=20).x)  # K N > d
+    with pytest.warns(RuntimeWarning, match="^logdet of a matrix singular to working"):
+        G.logdet()
 
 
 def test_an_indefinite_hessian_has_its_sign():

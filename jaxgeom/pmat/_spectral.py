@@ -193,6 +193,16 @@ def slogdet(values: jax.Array, regul=0.0) -> tuple[jax.Array, jax.Array]:
     return jnp.prod(jnp.sign(shifted), axis=-1), jnp.sum(jnp.log(jnp.abs(shifted)), axis=-1)
 
 
+def warn_if_round_off(shifted: jax.Array, operation: str) -> None:
+    """:func:`~jaxgeom._reporting.warn_if_singular` of eigenvalues ``+ regul`` (``(..., n)``)
+    that came out of a factorisation, their exact zeros left out (the log-determinant of a
+    matrix with an exact zero eigenvalue is exactly ``-inf``): a nonzero one below
+    ``10·ε`` times the largest is round-off (``±n·ε·‖M‖``), and so is its logarithm."""
+    magnitudes = jnp.abs(shifted)
+    largest = jnp.max(magnitudes, axis=-1, keepdims=True)
+    warn_if_singular(jnp.where(magnitudes == 0, largest, magnitudes), operation)
+
+
 def logdet(sign: jax.Array, logabsdet: jax.Array) -> jax.Array:
     """``log det`` from :func:`slogdet`: ``log|det|`` for ``sign > 0``, ``-inf`` for a
     singular matrix (``log|det|`` is then ``-inf``), NaN for a negative determinant

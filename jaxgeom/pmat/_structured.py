@@ -50,6 +50,7 @@ class CanonicalDiagonal(PMatAbstract):
     #: products take a params-shaped vector leaf by leaf (the diagonal's leaf slices are
     #: static): no flat copy of it, 2-5x faster than flattening on XLA:CPU.
     LEAFWISE: ClassVar[bool] = True
+    EXACT_EIGENVALUES: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ primitives
     def _elementwise(self, v, op):

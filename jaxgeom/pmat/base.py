@@ -560,11 +560,17 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         eigenvalues are exact (a low-rank or diagonal one's); where they come out of an
         ``eigh`` (a dense, block-diagonal or Kronecker Fisher of rank below ``d``) they are
         round-off, ``±n·ε·‖M‖``, and so are the sign and the log (NaN for ``logdet`` when
-        one is negative), as NumPy's ``slogdet`` of such a matrix: a Fisher of rank below
-        ``d`` needs ``regul`` well above that (as in a Laplace posterior's
-        ``log det(F·N + prior·I)``). Returns two scalars.
+        one is negative), as NumPy's ``slogdet`` of such a matrix: called from Python it
+        warns (``RuntimeWarning``) when a nonzero eigenvalue ``+ regul`` is below ``10·ε``
+        times the largest (not for a diagonal's, its stored entries, exact: see
+        :attr:`EXACT_EIGENVALUES`). A Fisher of rank below ``d`` needs ``regul`` well above
+        that (as in a Laplace posterior's ``log det(F·N + prior·I)``). Returns two
+        scalars.
         """
-        return _spectral.slogdet(self.eigvalsh(), regul)
+        values = self.eigvalsh()
+        if not self.EXACT_EIGENVALUES:
+            _spectral.warn_if_round_off(values + regul, "slogdet")
+        return _spectral.slogdet(values, regul)
 
     def logdet(self, regul: Any = 0.0) -> jax.Array:
         """``log det(M + regul·I)`` (a scalar): :meth:`slogdet`'s ``log|det|`` when the
@@ -785,6 +791,10 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: whether ``M ± x·I`` (a :class:`~jaxgeom.pmat.eye.PMatEye`) stays in this
     #: representation outside the promotion order (``from_pmat`` takes the identity)
     ABSORBS_IDENTITY: ClassVar[bool] = False
+    #: whether :meth:`eigvalsh` answers stored values as they are, exact (a diagonal's
+    #: entries): :meth:`slogdet` takes their logarithms without a round-off check (a
+    #: factorisation's eigenvalues within ``10·ε`` of the largest warn)
+    EXACT_EIGENVALUES: ClassVar[bool] = False
 
     @classmethod
     def from_pmat(cls, other: PMatAbstract) -> PMatAbstract:

@@ -300,6 +300,13 @@ class PMatMixed(PMatAbstract):
     def eigvalsh(self):
         return jnp.sort(jnp.concatenate(self._each("eigvalsh", lambda p: p.eigvalsh())))
 
+    def slogdet(self, regul: Any = 0.0) -> tuple[jax.Array, jax.Array]:
+        """The parts' own (a block-diagonal matrix's determinant is their product), each
+        checked for round-off as its representation is (a diagonal part's entries are
+        exact however small)."""
+        signs, logs = zip(*self._each("slogdet", lambda p: p.slogdet(regul)))
+        return functools.reduce(jnp.multiply, signs), sum(logs)
+
     def _eigsh(self, k, which):
         """``k`` eigenpairs among the parts' own: the ``k`` chosen among all ``d``
         eigenvalues are among the union of each part's ``min(k, d_p)`` chosen by the same
