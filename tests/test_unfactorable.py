@@ -27,6 +27,7 @@ from jaxgeom import (
     PMatDense,
     PMatDiag,
     PMatKFAC,
+    PMatKFOC,
 )
 from jaxgeom.pmat.ekfac import PMatEKFAC, PMatEKFACBlockDiag
 from jaxgeom.pmat.implicit import PMatImplicit
@@ -45,7 +46,7 @@ def task(name, n=5):
 
 @pytest.mark.parametrize("name,rep", [
     (name, rep) for name in NAMES
-    for rep in (PMatKFAC, PMatEKFAC, PMatEKFACBlockDiag, PMatQuasiDiag)
+    for rep in (PMatKFAC, PMatKFOC, PMatEKFAC, PMatEKFACBlockDiag, PMatQuasiDiag)
     if not (rep is PMatQuasiDiag and name == "linen_tied_embed")  # no bias: exact, below
 ])
 def test_kronecker_representations_name_the_layer_and_the_fix(name, rep):

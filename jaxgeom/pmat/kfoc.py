@@ -88,8 +88,9 @@ class PMatKFOC(PMatKFAC):
         if (isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral)
                 or iterations < 0):
             raise ValueError(f"iterations must be an integer >= 0; got {iterations!r}")
-        kfac = PMatKFAC.chunk_builder(fn, params, example, aux, layout, mode=mode,
-                                      max_dense_block=max_dense_block)
+        # through super(): the refusals of a layer name this class and suggest it
+        kfac = super().chunk_builder(fn, params, example, aux, layout, mode=mode,
+                                     max_dense_block=max_dense_block)
         return KFOCBuilder(kfac.plan, layout, iterations=int(iterations))
 
 
