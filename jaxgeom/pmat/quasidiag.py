@@ -17,6 +17,12 @@ kernel consumed by several operations, a grouped convolution:
 ``PMatMixed``; without a bias its quasi-diagonal is its diagonal, computed exactly.
 ``E[·]`` is ``(1/N) Σₙₖ`` over examples and outputs, as for every matrix.
 
+Not positive semi-definite in general: ``M_o`` (``ρ_o = 0``) is PSD only where its Schur
+complement ``β_o − c_oᵀ D_o⁻¹ c_o`` is ``≥ 0``, and ``c_oᵀD_o⁻¹c_o = Σᵢ E[g²aᵢ]²/E[g²aᵢ²]``
+may reach ``a_l β_o`` (Cauchy–Schwarz bounds each term by ``β_o``): with few examples the
+matrix has negative eigenvalues, ``logdet`` of ``M + λI`` below them is NaN and an
+iterative solve needs ``"minres"`` (docs/representations.md).
+
 The family with a per-neuron ``ρ_o`` is closed under (damped) inversion, which is why it is
 stored: with ``P = diag(D) + ρ ccᵀ``, ``κ = cᵀD⁻¹c``, ``q = 1 + ρκ`` and the Schur
 complement ``s = β − cᵀP⁻¹c = β − κ/q``,
