@@ -7,7 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import MORE_TASKS, make_linen_cnn, make_linen_embed, make_linen_layernorm
+from models import (
+    MORE_TASKS,
+    make_linen_cnn,
+    make_linen_embed,
+    make_linen_layernorm,
+    make_linen_mlp,
+)
 from pmat_checks import (
     REGUL,
     TOL,
@@ -175,3 +181,31 @@ def test_chunks_and_jit():
     jitted = jax.jit(lambda p, x: FIM(t.apply_fn, p, x, PMatQuasiDiag, batch_size=3))(
         t.params, t.x).to_dense()
     np.testing.assert_allclose(jitted, ref, **TOL)
+
+
+def test_an_indefinite_quasi_diagonal_is_computed_as_it_is():
+    """On 3 examples the MLP's arrow blocks have negative Schur complements ``β − cᵀD⁻¹c``
+    (each ``E[g²aᵢ]²/E[g²aᵢ²] ≤ β``, their sum up to ``a β``): the matrix is indefinite.
+    Its spectrum, ``slogdet`` (sign −1), ``logdet`` (NaN) and solves below ``|λ_min|`` are
+    those of the dense matrix, not of a PSD one; MINRES solves it too."""
+    t = make_linen_mlp(n=3)
+    Q = FIM(t.apply_fn, t.params, t.x, PMatQuasiDiag)
+    dense = np.asarray(Q.to_dense())
+    d = len(dense)
+    eig = np.linalg.eigvalsh(dense)
+    negative = int((eig < 0).sum())
+    assert negative > 0
+    schur = [np.asarray(beta - np.einsum("...i,...i->...", c, c / D))
+             for D, beta, c, _ in Q._neurons()]
+    assert sum(int((s < 0).sum()) for s in schur) == negative  # one per negative block
+    np.testing.assert_allclose(Q.eigvalsh(), eig, atol=1e-12)
+    regul = -(eig[0] + eig[1]) / 2  # one eigenvalue of M + regul·I below 0
+    sign, logabsdet = np.linalg.slogdet(dense + regul * np.eye(d))
+    assert sign == -1
+    np.testing.assert_allclose(Q.slogdet(regul), (sign, logabsdet), rtol=1e-10)
+    assert np.isnan(Q.logdet(regul))
+    v = _vector(Q)
+    want = np.linalg.solve(dense + regul * np.eye(d), np.asarray(v))
+    np.testing.assert_allclose(Q.solve(v, regul), want, rtol=1e-8)
+    np.testing.assert_allclose(Q.solve(v, regul, method="minres", rtol=1e-12), want,
+                               rtol=1e-7)
