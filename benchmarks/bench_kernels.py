@@ -61,6 +61,11 @@ LOWRANK = (9216, 6922)
 #: a chunk's output gradients in bench_small's exact KFAC build: 256 examples × 9 outputs
 #: of its 64-unit layers, and the same rows one column wider
 GRAM_ROWS = ((2304, 64), (2304, 65), (2304, 256))
+#: numbers of independent tiny kernels in one call, on both sides of XLA:CPU's threshold:
+#: its thunk executor runs a program of at most 8 thunks (or of buffers of at most 512
+#: bytes) one thunk after another in the calling thread, a larger one as a dataflow graph
+#: whose ready thunks are handed to its thread pool
+SMALL_GEMMS = (8, 12, 24)
 
 
 def kernels(seed: int = 0) -> dict:
@@ -86,6 +91,7 @@ def kernels(seed: int = 0) -> dict:
     #: bench_small's Dense (6922) and its largest BlockDiag block (4160), a 2112² block
     systems = {n: (_spd(normal(n, n + 16)), normal(n)) for n in (2112, 4160, 6922)}
     tiny = normal(1000)
+    smalls = [normal(16, 16) for _ in range(max(SMALL_GEMMS))]
     grams = {shape: normal(*shape) for shape in GRAM_ROWS}
 
     def on(lib, arrays, fn):
@@ -143,6 +149,9 @@ def kernels(seed: int = 0) -> dict:
             f"Σ_rows x xᵀ, x: {r} × {m}; XLA: jaxgeom.pmat._gram.gram (a zero column "
             "appended)", (grams[r, m],), _gram) for r, m in GRAM_ROWS if m % 64 == 0},
         "sum of 1,000 floats (a call's fixed cost)": ("Σ x", (tiny,), lambda x: x.sum()),
+        **{f"{k} small GEMMs, one result (a call of {k} kernels)": (
+            f"Σₖ (Xₖ Xₖ)₀₀, {k} independent 16 × 16 products", smalls[:k],
+            lambda *xs: sum((x @ x)[0, 0] for x in xs)) for k in SMALL_GEMMS},
     }
     return {name: (desc, lambda lib, arrays=arrays, fn=fn: on(lib, arrays, fn))
             for name, (desc, arrays, fn) in rows.items()}
