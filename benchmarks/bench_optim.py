@@ -77,6 +77,11 @@ def transforms(model, apply_fn, batch):
         "K-FAC π, MC Fisher, EMA, inverse every 10": optim.natural_gradient(
             LR, jg.PMatKFAC, damping=1e-3, ema=0.95, inverse_period=10, fisher="monte_carlo",
             solve_options={"damping": "pi"}, **stored),
+        "K-FAC π, MC Fisher, EMA, inverse every 10, adaptive lr+momentum":
+            optim.natural_gradient(None, jg.PMatKFAC, damping=1e-3, ema=0.95,
+                                   inverse_period=10, fisher="monte_carlo",
+                                   solve_options={"damping": "pi"}, adaptive="momentum",
+                                   **stored),
         "K-FAC + LM damping + KL clip": optim.natural_gradient(
             LR, jg.PMatKFAC, damping=optim.LevenbergMarquardt(), kl_clip=1e-3),
         "Diag (MC Fisher)": optim.natural_gradient(
@@ -100,11 +105,16 @@ def transforms(model, apply_fn, batch):
 QUICK = ("Adam", "K-FAC, EMA, inverse every 10")
 
 #: kfac-jax's optimizer configured as the transform named (π damping, EMA 0.95 of the
-#: factors, inverse every 10 steps, fixed learning rate and damping, no momentum)
+#: factors, inverse every 10 steps, fixed damping; a fixed learning rate and no momentum,
+#: or both chosen by the quadratic model where the third entry is True)
 KFAC_JAX = {
-    "kfac-jax, EMA, inverse every 10": ("fisher_exact", "K-FAC π, EMA, inverse every 10"),
+    "kfac-jax, EMA, inverse every 10": ("fisher_exact", "K-FAC π, EMA, inverse every 10",
+                                        False),
     "kfac-jax, MC Fisher, EMA, inverse every 10": (
-        "fisher_gradients", "K-FAC π, MC Fisher, EMA, inverse every 10"),
+        "fisher_gradients", "K-FAC π, MC Fisher, EMA, inverse every 10", False),
+    "kfac-jax, MC Fisher, EMA, inverse every 10, adaptive lr+momentum": (
+        "fisher_gradients", "K-FAC π, MC Fisher, EMA, inverse every 10, adaptive lr+momentum",
+        True),
 }
 
 
@@ -140,7 +150,8 @@ def transform_stepper(tx, apply_fn, params, batch, steps) -> Stepper:
     return Stepper(lambda p, s, key: step(p, s, batch, key), params, tx.init(params), steps)
 
 
-def kfac_jax_stepper(estimation_mode, apply_fn, params, batch, steps) -> Stepper:
+def kfac_jax_stepper(estimation_mode, apply_fn, params, batch, steps,
+                     adaptive: bool = False) -> Stepper:
     """``kfac_jax.Optimizer(...).step`` (it jits and donates its arguments itself)."""
     import kfac_jax
     from peers import _patch_kfac_jax
@@ -154,8 +165,10 @@ def kfac_jax_stepper(estimation_mode, apply_fn, params, batch, steps) -> Stepper
 
     optimizer = kfac_jax.Optimizer(
         value_and_grad_func=jax.value_and_grad(loss), l2_reg=0.0,
-        use_adaptive_learning_rate=False, learning_rate_schedule=lambda _: LR,
-        use_adaptive_momentum=False, momentum_schedule=lambda _: 0.0,
+        use_adaptive_learning_rate=adaptive,
+        learning_rate_schedule=None if adaptive else (lambda _: LR),
+        use_adaptive_momentum=adaptive,
+        momentum_schedule=None if adaptive else (lambda _: 0.0),
         use_adaptive_damping=False, damping_schedule=lambda _: 1e-3,
         curvature_ema=0.95, inverse_update_period=10, estimation_mode=estimation_mode,
         num_burnin_steps=0, multi_device=False)
@@ -194,7 +207,7 @@ def bench_pair(ours: Stepper, theirs: Stepper, steps: int, block: int = 10) -> d
     return out
 
 
-def bench_model(model, names, steps):
+def bench_model(model, names, steps, pairs=False):
     apply_fn = make_apply(model)
     params = init_params(model)
     batch = tuple(jnp.asarray(a) for a in _make_data(model))
@@ -206,10 +219,12 @@ def bench_model(model, names, steps):
         r = results[name]
         print(f"  {name:42s} first {r['first_s']:7.2f} s   median {1e3 * r['median_s']:9.2f} ms"
               f"   mean {1e3 * r['mean_s']:9.2f} ms", flush=True)
-    if names is None and _has_kfac_jax():
+    if (names is None or pairs) and _has_kfac_jax():
         txs = transforms(model, apply_fn, batch)
-        for name, (mode, ours) in KFAC_JAX.items():
-            theirs = kfac_jax_stepper(mode, apply_fn, params, batch, 3 * steps)
+        for name, (mode, ours, adaptive) in KFAC_JAX.items():
+            if names is not None and ours not in names:
+                continue
+            theirs = kfac_jax_stepper(mode, apply_fn, params, batch, 3 * steps, adaptive)
             mine = transform_stepper(txs[ours], apply_fn, params, batch, 3 * steps)
             pair = bench_pair(mine, theirs, 2 * steps)
             results[name] = r = dict(
@@ -256,15 +271,20 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="bench_mlp: Adam and amortised K-FAC, 10 steps (under a minute)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--transforms", nargs="+", metavar="NAME",
+                        help="only these transforms (and Adam), with kfac-jax's paired "
+                             "where one is configured as them")
     args = parser.parse_args(argv)
     names, models, steps = None, args.models, args.steps
+    if args.transforms:
+        names = ("Adam", *args.transforms)
     if args.quick:
         names, models, steps = QUICK, ["bench_mlp"], 10
     all_results = {}
     for name in models:
         model = MODELS[name]
         print(f"{name}: layers {model.layers}, N = {model.n}", flush=True)
-        all_results[name] = bench_model(model, names, steps)
+        all_results[name] = bench_model(model, names, steps, pairs=bool(args.transforms))
     print_report(all_results)
     if args.out:
         meta = dict(machine=platform.platform(), processor=platform.processor(),

@@ -48,11 +48,17 @@ from jaxgeom._counter_rng import check_key
 from jaxgeom._sharding import gathered
 from jaxgeom.metrics import FIM, FIM_MonteCarlo, SecondMoment
 from jaxgeom.pmat.base import PMatAbstract
+from jaxgeom.pmat.implicit import PMatImplicit
 from jaxgeom.pmat.kfac import PMatKFAC
 from jaxgeom.pmat.mixed import PMatMixed
 from jaxgeom.variants import regression_whitener
 
 FISHERS = ("exact", "monte_carlo", "empirical")
+
+#: the coefficients of the step that :func:`scale_by_natural_gradient` can choose by
+#: minimising the quadratic model of the loss (``adaptive=``): the learning rate ``α``
+#: alone, or ``α`` and the momentum ``μ`` together (Martens & Grosse 2015, §7)
+ADAPTIVE = ("learning_rate", "momentum")
 
 #: the arguments of :func:`scale_by_natural_gradient` and :func:`natural_gradient` that
 #: ``optax.inject_hyperparams`` must leave alone (``static_args``): callables that are not
@@ -121,6 +127,8 @@ class NaturalGradientState(NamedTuple):
         that of the cached inverse, as of its last recomputation (with
         :class:`LevenbergMarquardt`, the next update's).
       rho: the last measured reduction ratio (NaN before any measurement).
+      previous_step: the last step ``δ`` taken (``adaptive="momentum"``: zeros before the
+        first), else ``None``.
     """
 
     count: jax.Array
@@ -128,6 +136,7 @@ class NaturalGradientState(NamedTuple):
     inverse: Any
     damping: jax.Array
     rho: jax.Array
+    previous_step: Any = None
 
 
 Damping = float | Callable[[jax.Array], jax.Array] | LevenbergMarquardt
@@ -151,6 +160,7 @@ def scale_by_natural_gradient(
     loss_fn: Callable | None = None,
     fim_options: dict | None = None,
     solve_options: dict | None = None,
+    adaptive: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition the gradient with the damped inverse Fisher (natural gradient).
 
@@ -187,6 +197,33 @@ def scale_by_natural_gradient(
     step: it cannot be refreshed less often nor averaged; cap the CG iterations with
     ``solve_options={"maxiter": 20}``.
 
+    **Step chosen by the quadratic model** (``adaptive``; kfac-jax's
+    ``use_adaptive_learning_rate`` and ``use_adaptive_momentum``, Martens & Grosse 2015,
+    §7). The step is ``δ = αΔ + μδ_{t-1}`` (``δ_{t-1}`` the previous step, 0 at the first)
+    with the coefficients that minimise the damped quadratic model of the loss on the
+    batch, its curvature the *exact* Fisher ``C`` of ``apply_fn`` on the batch (whatever
+    ``representation`` preconditions):
+
+    ::
+
+      min over α, μ of   gᵀδ + ½ δᵀ(C + λI)δ,   δ = αΔ + μp,   p = δ_{t-1}:
+
+      ⎡ Δᵀ(C + λI)Δ   Δᵀ(C + λI)p ⎤ ⎡α⎤     ⎡gᵀΔ⎤
+      ⎣ pᵀ(C + λI)Δ   pᵀ(C + λI)p ⎦ ⎣μ⎦ = − ⎣gᵀp⎦ ;
+
+    ``"learning_rate"`` takes ``μ = 0``, ``α = -gᵀΔ / Δᵀ(C + λI)Δ``; ``"momentum"`` solves
+    the 2 × 2 system (``α`` alone where ``p = 0`` or ``p ∥ Δ``). With the exact Fisher in
+    ``representation`` (``PMatDense``, ``PMatImplicit``), ``α = -1``: ``Δ`` is the model's
+    minimiser already. The transform's output is ``-δ``, for
+    ``optax.scale_by_learning_rate(1.0)`` after it (``natural_gradient(None, ...)``): the
+    step's scale is chosen, so ``learning_rate`` must be 1 and ``kl_clip`` is refused
+    (``max_norm`` clips ``Δ`` before the choice). The Levenberg–Marquardt ratio then
+    measures ``δ`` against the same exact model (undamped). Cost: the exact Fisher's
+    quadratic forms on the batch — one (``"learning_rate"``) or three (``"momentum"``,
+    ``Δ``, ``p``, ``Δ + p``) forward-mode products, vectorised, and the output-space
+    Fisher, about two forward passes; ``"momentum"`` keeps ``δ`` in the state
+    (``NaturalGradientState.previous_step``).
+
     Args:
       representation: the representation class of ``F`` (``PMatKFAC``, ``PMatDiag``, …).
       damping: ``λ``: a float, an optax schedule of the step count, or a
@@ -219,6 +256,9 @@ def scale_by_natural_gradient(
       solve_options: passed to ``solve`` (``method``, CG's and MINRES's
         ``maxiter``/``rtol``, the Neumann series' ``num_terms``/``scale``, K-FAC's
         ``damping="exact"|"pi"|"pi_one"``, also used by the cached ``inv``).
+      adaptive: ``None`` (the step ``-ηΔ``), ``"learning_rate"`` or ``"momentum"``
+        (:data:`ADAPTIVE`): the step's coefficients chosen by the exact quadratic model
+        (above).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -256,6 +296,17 @@ def scale_by_natural_gradient(
     """
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}; got {fisher!r}")
+    if adaptive is not None and adaptive not in ADAPTIVE:
+        raise ValueError(f"adaptive must be None or one of {ADAPTIVE} (the coefficients the "
+                         f"quadratic model chooses); got {adaptive!r}")
+    if adaptive is not None and (kl_clip is not None or callable(learning_rate)
+                                 or np.asarray(learning_rate).shape != ()
+                                 or float(learning_rate) != 1.0):
+        raise ValueError(
+            f"adaptive={adaptive!r} chooses the step's scale by the quadratic model: give "
+            "learning_rate=1.0 (natural_gradient(None, ...)) and no kl_clip (max_norm "
+            f"clips the direction before the choice); got learning_rate={learning_rate!r}, "
+            f"kl_clip={kl_clip!r}")
     _check_static_counts(curvature_period=curvature_period, inverse_period=inverse_period,
                          trials=trials)
     _check_numbers(ema=(ema, lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -272,7 +323,7 @@ def scale_by_natural_gradient(
             f"{representation.__name__} re-reads the current batch at every step: it cannot "
             "be refreshed every k > 1 steps, averaged (ema) nor inverted (inverse_period > 1)"
         )
-    adaptive = isinstance(damping, LevenbergMarquardt)
+    levenberg = isinstance(damping, LevenbergMarquardt)
     default_apply_fn = apply_fn
     fim_options = dict(fim_options or {})
     solve_options = dict(solve_options or {})
@@ -306,7 +357,7 @@ def scale_by_natural_gradient(
         return SecondMoment(loss, params, batch, representation, **options)
 
     def initial_damping(dtype):
-        value = damping.initial if adaptive else (
+        value = damping.initial if levenberg else (
             damping(0) if callable(damping) else damping)
         return jnp.asarray(value, dtype)
 
@@ -329,9 +380,12 @@ def scale_by_natural_gradient(
             curvature, inverse = _zeros(jax.eval_shape(first, params), params)
             if ema is not None and not refits:  # EK-FAC's refits share one basis
                 jax.eval_shape(lambda a, b: _average(a, b, 0.5), curvature, curvature)
+        previous_step = (jax.tree_util.tree_map(jnp.zeros_like, params)
+                         if adaptive == "momentum" else None)
         return NaturalGradientState(
             count=jnp.zeros((), jnp.int32), curvature=curvature, inverse=inverse,
-            damping=initial_damping(dtype), rho=jnp.full((), jnp.nan, dtype))
+            damping=initial_damping(dtype), rho=jnp.full((), jnp.nan, dtype),
+            previous_step=previous_step)
 
     def update_fn(updates, state, params=None, *, batch=None, key=None, apply_fn=None,
                   value=None, **extra_args):
@@ -341,16 +395,18 @@ def scale_by_natural_gradient(
             raise ValueError(
                 "scale_by_natural_gradient.update needs params, batch=(x, y) and an apply_fn "
                 "(constructor or update(..., apply_fn=...))")
-        if adaptive and not data_lib.is_single_batch(batch):
+        if (levenberg or adaptive is not None) and not data_lib.is_single_batch(batch):
+            what = ("the Levenberg-Marquardt damping measures the loss before and after "
+                    "the step" if levenberg else
+                    f"adaptive={adaptive!r} minimises the quadratic model of the loss")
             raise ValueError(
-                "the Levenberg-Marquardt damping measures the loss before and after the step "
-                f"on one batch: pass batch=(x, y), not a {type(batch).__name__} of batches "
-                "(concatenate them)")
+                f"{what} on one batch: pass batch=(x, y), not a {type(batch).__name__} of "
+                "batches (concatenate them)")
         _check_subset(fn, params, batch)
         count = state.count
         # a constant damping is read from the constructor, not the state: under
         # optax.inject_hyperparams the transform is re-created with the injected value
-        lam = state.damping if adaptive else jnp.asarray(
+        lam = state.damping if levenberg else jnp.asarray(
             damping(count) if callable(damping) else damping, state.damping.dtype)
 
         if holds_curvature:
@@ -401,10 +457,21 @@ def scale_by_natural_gradient(
             coeff = jnp.where(sq > kl_clip, jnp.sqrt(kl_clip / jnp.maximum(sq, 1e-30)), 1.0)
             direction = optax.tree.scale(coeff, direction)
 
+        previous_step, model_change = state.previous_step, None
+        if adaptive is not None:
+            exact = FIM(fn, params, batch, PMatImplicit, variant=variant,
+                        **{k: v for k, v in fim_options.items()
+                           if k in ("covariance", "batch_size")})
+            step, model_change = _model_step(exact, updates, direction, lam,
+                                             previous_step if adaptive == "momentum" else None)
+            direction = optax.tree.scale(-1.0, step)  # for scale_by_learning_rate(1.0)
+            if adaptive == "momentum":
+                previous_step = _cast_like(step, previous_step)
+
         rho, new_lam = state.rho, lam
-        if caches_inverse and not adaptive:  # the λ of the cached inverse: its recomputation's
+        if caches_inverse and not levenberg:  # the λ of the cached inverse: its recomputation's
             new_lam = jnp.where(count % inverse_period == 0, lam, state.damping)
-        if adaptive:
+        if levenberg:
             loss = loss_fn if loss_fn is not None else _MeanLoss(fn, variant, covariance)
 
             def measure():
@@ -412,8 +479,8 @@ def scale_by_natural_gradient(
                 before = loss(params, batch) if value is None else value
                 after = loss(optax.apply_updates(params, step), batch)
                 # ⟨g, Δ⟩ of leaves split over an explicit mesh axis is not defined: gathered
-                predicted = (optax.tree.vdot(gathered(updates)[0], gathered(step)[0])
-                             + 0.5 * curvature.vTMv(step))
+                predicted = model_change if model_change is not None else (
+                    _vdot(updates, step) + 0.5 * curvature.vTMv(step))
                 return jnp.asarray((after - before) / predicted, state.rho.dtype)
 
             measured = count % damping.period == 0
@@ -426,10 +493,47 @@ def scale_by_natural_gradient(
             inverse=inverse,
             damping=jnp.asarray(new_lam, state.damping.dtype),
             rho=rho,
+            previous_step=previous_step,
         )
         return direction, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _vdot(a: Any, b: Any) -> jax.Array:
+    """``⟨a, b⟩`` of two parameter pytrees (leaves split over an explicit mesh axis
+    gathered: their inner product is not defined there)."""
+    return optax.tree.vdot(gathered(a)[0], gathered(b)[0])
+
+
+def _model_step(exact: PMatAbstract, g: Any, direction: Any, lam: jax.Array,
+                previous: Any) -> tuple[Any, jax.Array]:
+    """The step ``δ = αΔ + μp`` minimising ``gᵀδ + ½δᵀ(C + λI)δ`` (``C``: ``exact``; ``μ =
+    0`` where ``previous`` is ``None``, zero, or parallel to ``Δ``) and its undamped model
+    change ``gᵀδ + ½δᵀCδ`` (:func:`scale_by_natural_gradient`, ``adaptive``)."""
+    delta = _cast_like(direction, g)
+    g_delta, delta_delta = _vdot(g, delta), _vdot(delta, delta)
+    if previous is None:
+        c_dd = exact.vTMv(delta)
+        alpha = -g_delta / (c_dd + lam * delta_delta)
+        return optax.tree.scale(alpha, delta), alpha * g_delta + 0.5 * alpha**2 * c_dd
+    p = _cast_like(previous, g)
+    # the three forms Δ, p, Δ + p in one vectorised pass; ΔᵀCp by polarisation
+    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b, a + b]), delta, p)
+    c_dd, c_pp, c_sum = jax.vmap(exact.vTMv)(stacked)
+    c_dp = 0.5 * (c_sum - c_dd - c_pp)
+    g_p, delta_p, p_p = _vdot(g, p), _vdot(delta, p), _vdot(p, p)
+    a00, a01, a11 = c_dd + lam * delta_delta, c_dp + lam * delta_p, c_pp + lam * p_p
+    det = a00 * a11 - a01**2
+    # p = 0 (the first step) or p ∥ Δ: the system is singular, α alone
+    both = (p_p > 0) & (det > 1e3 * jnp.finfo(det.dtype).eps * a00 * a11)
+    safe = jnp.where(both, det, 1.0)
+    alpha = jnp.where(both, -(a11 * g_delta - a01 * g_p) / safe, -g_delta / a00)
+    mu = jnp.where(both, -(a00 * g_p - a01 * g_delta) / safe, 0.0)
+    step = jax.tree_util.tree_map(lambda d, q: alpha * d + mu * q, delta, p)
+    change = (alpha * g_delta + mu * g_p
+              + 0.5 * (alpha**2 * c_dd + 2 * alpha * mu * c_dp + mu**2 * c_pp))
+    return step, change
 
 
 def _cond(predicate: jax.Array, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
@@ -442,7 +546,7 @@ def _cond(predicate: jax.Array, true_fn: Callable[[], Any], false_fn: Callable[[
 
 
 def natural_gradient(
-    learning_rate: float | Callable[[jax.Array], jax.Array],
+    learning_rate: float | Callable[[jax.Array], jax.Array] | None,
     representation: type[PMatAbstract],
     **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -453,13 +557,20 @@ def natural_gradient(
     options (damping, refresh periods, EMA, clipping, Fisher estimator) and references.
     With ``PMatKFAC`` this is K-FAC, with ``PMatEKFAC`` EK-FAC, with ``PMatImplicit`` and
     ``solve_options={"maxiter": n}`` truncated Hessian-free (Gauss-Newton) descent.
+    ``learning_rate=None`` with ``adaptive="learning_rate"`` or ``"momentum"``: the step's
+    coefficients chosen by the quadratic model (kfac-jax's adaptive learning rate and
+    momentum), ``η = 1``.
 
     Example:
       >>> tx = natural_gradient(0.1, PMatKFAC, damping=1e-3, curvature_period=5,
       ...                       inverse_period=5, apply_fn=apply_fn, example_batch=(x, y))
       >>> state = tx.init(params)
       >>> updates, state = tx.update(grads, state, params, batch=(x, y))
+      >>> tx = natural_gradient(None, PMatKFAC, adaptive="momentum", apply_fn=apply_fn,
+      ...                       damping=optim.LevenbergMarquardt(initial=1.0))
     """
+    if learning_rate is None and options.get("adaptive") is not None:
+        learning_rate = 1.0  # the quadratic model chooses the step's scale
     return optax.chain(
         scale_by_natural_gradient(representation, learning_rate=learning_rate, **options),
         optax.scale_by_learning_rate(learning_rate),
