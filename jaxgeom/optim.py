@@ -478,7 +478,6 @@ def scale_by_natural_gradient(
                 step = optax.tree.scale(-eta, direction)
                 before = loss(params, batch) if value is None else value
                 after = loss(optax.apply_updates(params, step), batch)
-                # ⟨g, Δ⟩ of leaves split over an explicit mesh axis is not defined: gathered
                 predicted = model_change if model_change is not None else (
                     _vdot(updates, step) + 0.5 * curvature.vTMv(step))
                 return jnp.asarray((after - before) / predicted, state.rho.dtype)
