@@ -317,6 +317,11 @@ class PMatImplicitHessian(PMatImplicit):
                          loss_fn=self.fn, layout=self.layer_collection)
         return jnp.vdot(v, hv)
 
+    def _chunk_forms(self, rows, chunk):
+        hv = _chunk_hvps(None, self.params, rows, chunk.batch, chunk.count,
+                         loss_fn=self.fn, layout=self.layer_collection)
+        return rows @ hv.T
+
     def _stream(self, kind: str) -> Any:
         return stream(self.fn, self.params, self.data, self.batch_size, self.layer_collection,
                       kind, 32)

@@ -52,6 +52,7 @@ from jaxgeom.pmat.implicit import PMatImplicit
 from jaxgeom.pmat.kfac import PMatKFAC
 from jaxgeom.pmat.mixed import PMatMixed
 from jaxgeom.variants import regression_whitener
+from jaxgeom.vector import as_flat
 
 FISHERS = ("exact", "monte_carlo", "empirical")
 
@@ -219,9 +220,9 @@ def scale_by_natural_gradient(
     step's scale is chosen, so ``learning_rate`` must be 1 and ``kl_clip`` is refused
     (``max_norm`` clips ``Δ`` before the choice). The Levenberg–Marquardt ratio then
     measures ``δ`` against the same exact model (undamped). Cost: the exact Fisher's
-    quadratic forms on the batch — one (``"learning_rate"``) or three (``"momentum"``,
-    ``Δ``, ``p``, ``Δ + p``) forward-mode products, vectorised, and the output-space
-    Fisher, about two forward passes; ``"momentum"`` keeps ``δ`` in the state
+    quadratic forms on the batch (``PMatImplicit.quadratic_forms``) — one
+    (``"learning_rate"``) or two (``"momentum"``: ``Δ`` and ``p``) forward-mode products,
+    vectorised, sharing one forward pass; ``"momentum"`` keeps ``δ`` in the state
     (``NaturalGradientState.previous_step``).
 
     Args:
@@ -517,10 +518,9 @@ def _model_step(exact: PMatAbstract, g: Any, direction: Any, lam: jax.Array,
         alpha = -g_delta / (c_dd + lam * delta_delta)
         return optax.tree.scale(alpha, delta), alpha * g_delta + 0.5 * alpha**2 * c_dd
     p = _cast_like(previous, g)
-    # the three forms Δ, p, Δ + p in one vectorised pass; ΔᵀCp by polarisation
-    stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b, a + b]), delta, p)
-    c_dd, c_pp, c_sum = jax.vmap(exact.vTMv)(stacked)
-    c_dp = 0.5 * (c_sum - c_dd - c_pp)
+    layout = exact.layer_collection
+    forms = exact.quadratic_forms(jnp.stack([as_flat(delta, layout)[0], as_flat(p, layout)[0]]))
+    c_dd, c_dp, c_pp = forms[0, 0], forms[0, 1], forms[1, 1]
     g_p, delta_p, p_p = _vdot(g, p), _vdot(delta, p), _vdot(p, p)
     a00, a01, a11 = c_dd + lam * delta_delta, c_dp + lam * delta_p, c_pp + lam * p_p
     det = a00 * a11 - a01**2

@@ -104,6 +104,7 @@ def _products(M, v, r):
         mv=M.mv(v), mv_tree=M.mv(v.tree), mv_flat=M.mv(fv), matmul=M @ v,
         vTMv=M.vTMv(v), vTMv_tree=M.vTMv(v.tree), v_dot_mv=fv @ M.mv(fv),
         mmap=M.mmap(r), forms=M.mapTMmap(r, reduction="diag"), forms_sum=M.mapTMmap(r),
+        subspace=M.quadratic_forms(r[0]),
         diag=M.get_diag(), trace=M.trace(), fro=M.frobenius_norm(), norm=M.norm(),
         norm_fro=M.norm("fro"),
     )
@@ -153,6 +154,7 @@ def check_products(M, dense, params):
     forms = np.einsum("knd,ed,kne->kn", r, dense, r)
     np.testing.assert_allclose(out["forms"], forms, **TOL)
     np.testing.assert_allclose(out["forms_sum"], forms.sum(0), **TOL)
+    np.testing.assert_allclose(out["subspace"], r[0] @ dense @ r[0].T, **TOL)
     np.testing.assert_allclose(out["diag"], np.diag(dense), **TOL)
     np.testing.assert_allclose(out["trace"], np.trace(dense), **TOL)
     np.testing.assert_allclose(out["trace"], np.sum(out["diag"]), **TOL)

@@ -172,6 +172,8 @@ def test_eager_products_are_one_compiled_call_each(mlp):
         "_mv": (lambda M, s: M._mv(vs[s].to_flat()), lambda s: ref @ flats[s]),
         "vTMv": (lambda M, s: M.vTMv(vs[s]), lambda s: flats[s] @ ref @ flats[s]),
         "mmap": (lambda M, s: M.mmap(rows[s]), lambda s: np.asarray(rows[s]) @ ref),
+        "quadratic_forms": (lambda M, s: M.quadratic_forms(rows[s]),
+                            lambda s: np.asarray(rows[s]) @ ref @ np.asarray(rows[s]).T),
     }
     for name, (product, expected) in products.items():
         with compilations() as compiled:
@@ -221,6 +223,24 @@ def test_eager_diagonal_and_trace_are_one_checked_compiled_call(mlp, monkeypatch
                     getattr(M, name)()
                 messages.append(str(raised.value))
             assert messages[0] == messages[1]
+
+
+def test_quadratic_forms_are_forward_mode_products_over_the_chunks(mlp):
+    """``R M Rᵀ`` of a few directions: per chunk one ``jvp`` per row and no ``vjp`` (the
+    chunk step ``_chunk_jv_gram``), over a list of batches as a loop of that step, equal
+    to the dense forms; a single vector or a map of another rank is refused."""
+    t, _, dense = mlp
+    batches = [(t.x[:4], t.y[:4]), (t.x[4:], t.y[4:])]
+    F = FIM(t.apply_fn, t.params, batches, PMatImplicit, batch_size=4)
+    rows = np.stack([np.asarray(vec(t, s).to_flat()) for s in range(3)])
+    with compilations() as compiled:
+        forms = F.quadratic_forms(rows)
+    assert compiled.count("_chunk_jv_gram") <= 1 and "_chunk_jtjv" not in compiled
+    np.testing.assert_allclose(forms, rows @ np.asarray(dense.to_dense()) @ rows.T, **TOL)
+    np.testing.assert_array_equal(forms, np.asarray(forms).T)
+    for bad in (rows[0], rows[None]):
+        with pytest.raises(ValueError, match=r"quadratic_forms takes an \(m, \d+\) stack"):
+            F.quadratic_forms(bad)
 
 
 def test_eager_products_over_a_list_of_batches_stay_a_loop_of_steps(mlp):

@@ -337,8 +337,8 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
     #: returning a representation stay eager (their arrays keep their identity, which
     #: ``mm`` and ``+`` use to recognise shared Kronecker eigenbases)
     COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = (
-        "mv", "vTMv", "mmap", "mapTMmap", "solve", "to_dense", "get_diag", "trace",
-        "frobenius_norm", "eigvalsh", "_norm", "eigh", "eigsh", "slogdet", "logdet",
+        "mv", "vTMv", "mmap", "mapTMmap", "quadratic_forms", "solve", "to_dense", "get_diag",
+        "trace", "frobenius_norm", "eigvalsh", "_norm", "eigh", "eigsh", "slogdet", "logdet",
     )
     #: the :attr:`COMPILED_OPERATIONS` whose run time is LAPACK factorisations (Cholesky,
     #: ``eigh``, QR) with little element-wise work around them: compiled with XLA:CPU's
@@ -488,6 +488,15 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
         rows = as_rows(rows, self.layer_collection)
         flat = rows.reshape(-1, rows.shape[-1])
         return jax.vmap(self._mv)(flat).reshape(rows.shape)
+
+    def quadratic_forms(self, rows: Any) -> jax.Array:
+        """The ``(m, m)`` matrix ``R M Rᵀ`` of every ``rᵢᵀ M rⱼ`` for the rows of an ``(m,
+        d)`` stack of flat vectors ``R`` (symmetrised): ``M`` on the subspace they span, e.g.
+        the quadratic model of a loss on a few directions (an optimizer's learning rate and
+        momentum). Cost: :meth:`mmap` of the ``m`` rows and ``m² d``."""
+        rows = stack_of_rows(rows, self.layer_collection)
+        forms = rows @ self.mmap(rows).T
+        return 0.5 * (forms + forms.T)
 
     def mapTMmap(self, rows: Any, reduction: str = "sum") -> jax.Array:
         """Quadratic forms ``rᵀ M r`` of the rows of a ``(K, N, d)`` Jacobian map.
@@ -1051,3 +1060,14 @@ def _combine(a: PMatAbstract, b: PMatAbstract, sign: int) -> PMatAbstract:
     else:
         target = type(a) if ranks[0] >= ranks[1] else type(b)
     return target.from_pmat(a)._add_same(target.from_pmat(b), sign)
+
+
+def stack_of_rows(rows: Any, layout: LayerCollection) -> jax.Array:
+    """``rows`` as an ``(m, d)`` stack of flat vectors (:func:`~jaxgeom.vector.as_rows`),
+    refused otherwise."""
+    rows = as_rows(rows, layout, "stack of rows")
+    if rows.ndim != 2:
+        raise ValueError(f"quadratic_forms takes an (m, {layout.numel()}) stack of flat "
+                         f"vectors; got shape {rows.shape} (stack params-shaped vectors "
+                         "with jnp.stack of their flat forms, e.g. PVector.to_flat())")
+    return rows

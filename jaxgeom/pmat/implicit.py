@@ -24,7 +24,13 @@ from jaxgeom.jacobian import (
     resolve_mode,
 )
 from jaxgeom.layers import LayerCollection
-from jaxgeom.pmat.base import PMatAbstract, check_precision, representation, static_field
+from jaxgeom.pmat.base import (
+    PMatAbstract,
+    check_precision,
+    representation,
+    stack_of_rows,
+    static_field,
+)
 from jaxgeom.replay import ReplayedFunction
 from jaxgeom.restriction import RestrictedFunction, Restriction
 from jaxgeom.streaming import (
@@ -127,7 +133,8 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     #: 1.15 s). Not ``frobenius_norm``, whose compiled program (up to 36 pairs
     #: of blocks unrolled) takes longer to compile than its loop of pair steps takes to run
     COMPILED_OPERATIONS: ClassVar[tuple[str, ...]] = ("mv", "_mv", "vTMv", "mmap", "mapTMmap",
-                                                      "get_diag", "trace", "solve")
+                                                      "quadratic_forms", "get_diag", "trace",
+                                                      "solve")
     CHECKED_OPERATIONS: ClassVar[dict[str, str]] = {"get_diag": "_diag_with_flags",
                                                     "trace": "_trace_with_flags"}
 
@@ -179,6 +186,18 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
                                      (self._chunk_vTMv(flat, c) for c in self._chunks()))
         return _scaled_mean(total, self.scale, self.num_examples)
 
+    def quadratic_forms(self, rows: Any) -> jax.Array:
+        """``s/N Σₙ (Jₙ R)ᵀ(Jₙ R)`` for the rows of an ``(m, d)`` stack ``R``: one ``jvp``
+        per row per chunk (vectorised, one forward pass), no ``vjp``."""
+        rows = stack_of_rows(rows, self.layer_collection)
+        if self._scans_chunks(rows):
+            total = self._scanned_sum(lambda chunk: self._chunk_forms(rows, chunk))
+        else:
+            total = functools.reduce(operator.add,
+                                     (self._chunk_forms(rows, c) for c in self._chunks()))
+        forms = _scaled_mean(total, self.scale, self.num_examples)
+        return 0.5 * (forms + forms.T)  # symmetric to the last bit, as the generic one
+
     def _scan(self, step: Callable[[Any, data_lib.Chunk], Any], carry: Any) -> Any:
         """``carry`` through ``step(carry, chunk)`` over the chunks inside a ``jit``
         (:meth:`_chunk_scan`); ``carry`` may be a function of the first chunk."""
@@ -206,6 +225,11 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
         """``Σ_{n∈chunk} ‖Jₙ v‖²``."""
         return _chunk_jv_sq(self.params, v, chunk.batch, chunk.mask, chunk.offset, self.aux,
                             fn=self.fn, layout=self.layer_collection)
+
+    def _chunk_forms(self, rows: jax.Array, chunk: data_lib.Chunk) -> jax.Array:
+        """``Σ_{n∈chunk} (Jₙ R)ᵀ(Jₙ R)`` for the rows of ``R`` (``(m, d)``)."""
+        return _chunk_jv_gram(self.params, rows, chunk.batch, chunk.mask, chunk.offset,
+                              self.aux, fn=self.fn, layout=self.layer_collection)
 
     # ------------------------------------------------------------------ streamed views
     def get_diag(self):
@@ -418,6 +442,18 @@ def _chunk_jtjv(total, params, rows, batch, mask, offset, aux, *, fn, layout):
     _, vjp = jax.vjp(outputs, floats.primals)
     jtjv = floats.ravel(jax.vmap(vjp)(jv)[0], flat.shape[:1]).reshape(rows.shape)
     return total + jtjv.astype(product_dtype(rows.dtype, jtjv.dtype))
+
+
+@model_jit(static_argnames=("fn", "layout"))
+def _chunk_jv_gram(params, rows, batch, mask, offset, aux, *, fn, layout):
+    """``Σ_{n∈c} (Jₙ R)ᵀ(Jₙ R)`` of one chunk for the rows of ``R`` (one ``jvp`` per row,
+    vectorised, sharing one forward pass)."""
+    floats = FloatLeaves.of(params)
+    outputs = floats.bind(_masked_outputs(fn, batch, mask, offset, aux))
+    product = _jacobian_product(fn, params, batch, aux, outputs, floats)
+    jv = jax.vmap(lambda row: product(floats.tangents(row)))(rows)
+    jv = jv.reshape(jv.shape[0], -1).astype(jnp.result_type(jv, rows))
+    return jv @ jv.T
 
 
 @model_jit(static_argnames=("fn", "layout"))
