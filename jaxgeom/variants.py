@@ -243,7 +243,10 @@ class FisherOutputs:
 
     def __call__(self, params, x, index, aux):
         del index
-        out = self.apply_fn(params, _one(x))[0]
+        return self.of_outputs(self.apply_fn(params, _one(x))[0], aux)
+
+    def of_outputs(self, out: jax.Array, aux: Any) -> jax.Array:
+        """The ``(K,)`` transformed outputs of one example's model outputs ``out``."""
         if self.variant in ("classif_logits", "classif_logsoftmax"):
             return softmax_cholesky_outputs(out)
         if self.variant == "segmentation_logits":
@@ -252,6 +255,12 @@ class FisherOutputs:
         if self.variant == "classif_binary_logits":
             return binary_outputs(out)
         return aux @ jnp.ravel(out)  # regression
+
+    def of_batch(self, params: Any, x: Any, aux: Any) -> jax.Array:
+        """``(N, K)``: the transformed outputs of a batch from one batched call of
+        ``apply_fn`` (the call a training step's loss makes, which XLA can then share; the
+        builders replay the model example by example instead)."""
+        return jax.vmap(lambda out: self.of_outputs(out, aux))(self.apply_fn(params, x))
 
 
 @dataclasses.dataclass(frozen=True)
