@@ -856,3 +856,36 @@ def test_adaptive_step_of_a_regression_with_a_covariance(custom_vjp):
     delta = np.linalg.solve(fisher[jg.PMatDiag] + lam * np.eye(len(g)), g)
     alpha, _ = model_coefficients(g, delta, np.zeros_like(delta), fisher[jg.PMatDense], lam)
     np.testing.assert_allclose(flat(updates), alpha * delta, rtol=1e-9)
+
+
+@pytest.mark.parametrize("variant, outputs", [
+    ("classif_logits", 4), ("classif_logsoftmax", 4), ("classif_binary_logits", 1),
+    ("regression", 2), ("segmentation_logits", 3)])
+def test_the_adaptive_steps_exact_forms_are_the_fishers(variant, outputs):
+    """The quadratic model's forms, from one batched call of the model and the variant's
+    output transform (``FisherOutputs.of_batch``), are ``R F Rᵀ`` of every variant's exact
+    Fisher (a per-position segmentation model included)."""
+    k = jax.random.split(jax.random.PRNGKey(1), 3)
+    params = {"w": jax.random.normal(k[0], (3, outputs)), "b": 0.1 * jnp.ones(outputs)}
+    if variant == "segmentation_logits":
+        x = jax.random.normal(k[1], (5, 4, 3))  # 4 positions of 3 features each
+
+        def apply_fn(p, x):
+            return jnp.tanh(x) @ p["w"] + p["b"]
+    else:
+        x = jax.random.normal(k[1], (5, 3))
+
+        def apply_fn(p, x):
+            out = jnp.tanh(x @ p["w"] + p["b"])
+            if variant == "classif_logsoftmax":
+                return jax.nn.log_softmax(out)
+            return out[:, 0] if outputs == 1 else out
+
+    covariance = jnp.array([2.0, 0.5]) if variant == "regression" else None
+    F = jg.FIM(apply_fn, params, (x,), jg.PMatDense, variant=variant,
+               covariance=covariance).to_dense()
+    vectors = [jax.tree_util.tree_map(lambda a, s=s: jax.random.normal(
+        jax.random.PRNGKey(s), a.shape), params) for s in (7, 8)]
+    forms = optim._exact_fisher_forms(apply_fn, variant, covariance, params, x, vectors)
+    R = np.stack([flat(v) for v in vectors])
+    np.testing.assert_allclose(forms, R @ F @ R.T, rtol=1e-10)
