@@ -301,9 +301,10 @@ def scale_by_natural_gradient(
     if adaptive is not None and adaptive not in ADAPTIVE:
         raise ValueError(f"adaptive must be None or one of {ADAPTIVE} (the coefficients the "
                          f"quadratic model chooses); got {adaptive!r}")
-    if adaptive is not None and (kl_clip is not None or callable(learning_rate)
-                                 or np.asarray(learning_rate).shape != ()
-                                 or float(learning_rate) != 1.0):
+    if adaptive is not None and (
+            kl_clip is not None or callable(learning_rate)
+            or (not isinstance(learning_rate, jax.core.Tracer)  # optax.inject_hyperparams
+                and (np.asarray(learning_rate).shape != () or float(learning_rate) != 1.0))):
         raise ValueError(
             f"adaptive={adaptive!r} chooses the step's scale by the quadratic model: give "
             "learning_rate=1.0 (natural_gradient(None, ...)) and no kl_clip (max_norm "

@@ -815,6 +815,21 @@ def test_adaptive_options_are_checked(options, match):
         optim.scale_by_natural_gradient(jg.PMatKFAC, **options)
 
 
+def test_adaptive_step_under_inject_hyperparams(task):
+    """``optax.inject_hyperparams`` passes the learning rate traced: the transform takes it
+    (``None`` or 1) and the chosen step is the one without the wrapper."""
+    t, grads = task
+    options = dict(representation=jg.PMatKFAC, damping=LAM, apply_fn=t.apply_fn,
+                   adaptive="momentum")
+    plain = optim.natural_gradient(None, **options)
+    want, _ = one_step(plain, t, grads)
+    for lr in (None, 1.0):
+        tx = optax.inject_hyperparams(optim.natural_gradient,
+                                      static_args=optim.STATIC_ARGS)(learning_rate=lr, **options)
+        got, _ = one_step(tx, t, grads)
+        np.testing.assert_allclose(flat(got), flat(want), rtol=1e-12)
+
+
 def test_adaptive_step_needs_one_batch(task):
     t, grads = task
     tx = optim.natural_gradient(None, jg.PMatKFAC, apply_fn=t.apply_fn, adaptive="momentum")
