@@ -462,8 +462,7 @@ def scale_by_natural_gradient(
 
         previous_step, model_change = state.previous_step, None
         if adaptive is not None:
-            forms = functools.partial(_exact_fisher_forms, fn, variant,
-                                      fim_options.get("covariance"), params,
+            forms = functools.partial(_exact_fisher_forms, fn, variant, covariance, params,
                                       data_lib.inputs_of(batch))
             step, model_change = _model_step(forms, updates, direction, lam,
                                              previous_step if adaptive == "momentum" else None)

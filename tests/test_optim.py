@@ -846,11 +846,13 @@ _tanh_by_hand.defvjp(lambda x: (jnp.tanh(x), jnp.tanh(x)),
                      lambda t, g: (g * (1 - t**2),))
 
 
-@pytest.mark.parametrize("custom_vjp", [False, True])
-def test_adaptive_step_of_a_regression_with_a_covariance(custom_vjp):
-    """The exact model's Fisher is the regression's ``JᵀΣ⁻¹J``, its forward-mode products
-    from one batched call of the model; a model with a ``jax.custom_vjp`` (no forward
-    mode) gets them as the transpose of its ``vjp``: the same step as the NumPy solve."""
+@pytest.mark.parametrize("custom_vjp, fisher", [(False, "exact"), (True, "exact"),
+                                                (False, "empirical")])
+def test_adaptive_step_of_a_regression_with_a_covariance(custom_vjp, fisher):
+    """The exact model's Fisher is the regression's ``JᵀΣ⁻¹J`` — also when the
+    preconditioner is the empirical Fisher —, its forward-mode products from one batched
+    call of the model; a model with a ``jax.custom_vjp`` (no forward mode) gets them as
+    the transpose of its ``vjp``: the same step as the NumPy solve."""
     sigma2, lam = 4.0, 1e-2
     params, base_fn, x, y, nll = regression_task(sigma2)
     activation = _tanh_by_hand if custom_vjp else jnp.tanh
@@ -859,16 +861,25 @@ def test_adaptive_step_of_a_regression_with_a_covariance(custom_vjp):
         return activation(x @ p["w"] + p["b"])
 
     loss = lambda p, b: jnp.mean(nll(p, b))  # noqa: E731
-    tx = optim.natural_gradient(None, jg.PMatDiag, damping=lam, apply_fn=apply_fn,
+    rep = jg.PMatDense if fisher == "empirical" else jg.PMatDiag
+    tx = optim.natural_gradient(None, rep, damping=lam, apply_fn=apply_fn,
                                 variant="regression", fim_options={"covariance": sigma2},
-                                adaptive="momentum")
-    fisher = {rep: jg.FIM(base_fn, params, (x, y), rep, variant="regression",
-                          covariance=sigma2).to_dense() for rep in (jg.PMatDense, jg.PMatDiag)}
+                                adaptive="momentum", fisher=fisher)
+    exact = jg.FIM(base_fn, params, (x, y), jg.PMatDense, variant="regression",
+                   covariance=sigma2).to_dense()
+    if fisher == "empirical":  # the second moment of the Gaussian NLL's gradients
+        per_example = jax.vmap(lambda xi, yi: flat(jax.grad(
+            lambda p: nll(p, (xi[None], yi[None]))[0])(params)))(x, y)
+        preconditioner = per_example.T @ per_example / x.shape[0]
+    else:
+        preconditioner = jg.FIM(base_fn, params, (x, y), jg.PMatDiag, variant="regression",
+                                covariance=sigma2).to_dense()
+    fisher = {jg.PMatDense: exact}
     grads = jax.grad(loss)(params, (x, y))
     updates, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=(x, y)))(
         grads, tx.init(params), params)
     g = flat(grads)
-    delta = np.linalg.solve(fisher[jg.PMatDiag] + lam * np.eye(len(g)), g)
+    delta = np.linalg.solve(preconditioner + lam * np.eye(len(g)), g)
     alpha, _ = model_coefficients(g, delta, np.zeros_like(delta), fisher[jg.PMatDense], lam)
     np.testing.assert_allclose(flat(updates), alpha * delta, rtol=1e-9)
 
