@@ -590,7 +590,11 @@ def natural_gradient(
       >>> tx = natural_gradient(None, PMatKFAC, adaptive="momentum", apply_fn=apply_fn,
       ...                       damping=optim.LevenbergMarquardt(initial=1.0))
     """
-    if learning_rate is None and options.get("adaptive") is not None:
+    if learning_rate is None:
+        if options.get("adaptive") is None:
+            raise ValueError("natural_gradient needs a learning_rate (a float or an optax "
+                             "schedule); None is for adaptive='learning_rate' or "
+                             "'momentum', whose quadratic model chooses the step's scale")
         learning_rate = 1.0  # the quadratic model chooses the step's scale
     return optax.chain(
         scale_by_natural_gradient(representation, learning_rate=learning_rate, **options),

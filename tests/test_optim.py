@@ -813,6 +813,8 @@ def test_adaptive_kfac_trains_the_ill_conditioned_problem():
 def test_adaptive_options_are_checked(options, match):
     with pytest.raises(ValueError, match=match):
         optim.scale_by_natural_gradient(jg.PMatKFAC, **options)
+    with pytest.raises(ValueError, match="needs a learning_rate.*None is for adaptive"):
+        optim.natural_gradient(None, jg.PMatKFAC)
 
 
 def test_adaptive_step_under_inject_hyperparams(task):
