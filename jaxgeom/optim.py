@@ -46,8 +46,9 @@ import optax
 
 from jaxgeom import data as data_lib
 from jaxgeom._counter_rng import check_key
-from jaxgeom._differentiable import FloatLeaves, calls_custom_vjp, tangent_map
+from jaxgeom._differentiable import FloatLeaves, tangent_map
 from jaxgeom._sharding import gathered
+from jaxgeom.jacobian import Hashable, forward_mode_ok
 from jaxgeom.metrics import FIM, FIM_MonteCarlo, SecondMoment, _whitener
 from jaxgeom.pmat.base import PMatAbstract
 from jaxgeom.pmat.kfac import PMatKFAC
@@ -519,8 +520,10 @@ def _exact_fisher_forms(fn: Callable, variant: str, covariance: Any, params: Any
     floats = FloatLeaves.of(params)
     out_shape = jax.eval_shape(fn, params, x).shape
     whitener = _whitener(variant, covariance, out_shape, params)
-    outputs = floats.bind(lambda p: FisherOutputs(fn, variant).of_batch(p, x, whitener))
-    forward = not calls_custom_vjp(jax.make_jaxpr(outputs)(floats.primals).jaxpr)
+    fisher = FisherOutputs(Hashable(fn), variant)
+    outputs = floats.bind(lambda p: fisher.of_batch(p, x, whitener))
+    # the per-example builders' check, cached per model and signature: no trace per call
+    forward = forward_mode_ok(fisher, params, data_lib.example_shapes(x), whitener)
     product = tangent_map(outputs, floats.primals, forward)
     jv = [product([jax.tree_util.tree_leaves(v)[i].astype(jnp.result_type(floats.leaves[i]))
                    for i in floats.indices]) for v in vectors]
