@@ -214,7 +214,8 @@ def scale_by_natural_gradient(
       ⎣ pᵀ(C + λI)Δ   pᵀ(C + λI)p ⎦ ⎣μ⎦ = − ⎣gᵀp⎦ ;
 
     ``"learning_rate"`` takes ``μ = 0``, ``α = -gᵀΔ / Δᵀ(C + λI)Δ``; ``"momentum"`` solves
-    the 2 × 2 system (``α`` alone where ``p = 0`` or ``p ∥ Δ``). With the exact Fisher in
+    the 2 × 2 system (``α`` alone where ``p = 0`` or ``p ∥ Δ``); a zero gradient (``Δ =
+    0``) gives a zero step. With the exact Fisher in
     ``representation`` (``PMatDense``, ``PMatImplicit``), ``α = -1``: ``Δ`` is the model's
     minimiser already. The transform's output is ``-δ``, for
     ``optax.scale_by_learning_rate(1.0)`` after it (``natural_gradient(None, ...)``): the
@@ -541,7 +542,7 @@ def _model_step(forms: Callable[[list], jax.Array], g: Any, direction: Any,
     g_delta, delta_delta = _vdot(g, delta), _vdot(delta, delta)
     if previous is None:
         c_dd = forms([delta])[0, 0]
-        alpha = -g_delta / (c_dd + lam * delta_delta)
+        alpha = _minimiser(g_delta, c_dd + lam * delta_delta)
         return optax.tree.scale(alpha, delta), alpha * g_delta + 0.5 * alpha**2 * c_dd
     p = _cast_like(previous, g)
     matrix = forms([delta, p])
@@ -552,12 +553,20 @@ def _model_step(forms: Callable[[list], jax.Array], g: Any, direction: Any,
     # p = 0 (the first step) or p ∥ Δ: the system is singular, α alone
     both = (p_p > 0) & (det > 1e3 * jnp.finfo(det.dtype).eps * a00 * a11)
     safe = jnp.where(both, det, 1.0)
-    alpha = jnp.where(both, -(a11 * g_delta - a01 * g_p) / safe, -g_delta / a00)
+    alpha = jnp.where(both, -(a11 * g_delta - a01 * g_p) / safe, _minimiser(g_delta, a00))
     mu = jnp.where(both, -(a00 * g_p - a01 * g_delta) / safe, 0.0)
     step = jax.tree_util.tree_map(lambda d, q: alpha * d + mu * q, delta, p)
     change = (alpha * g_delta + mu * g_p
               + 0.5 * (alpha**2 * c_dd + 2 * alpha * mu * c_dp + mu**2 * c_pp))
     return step, change
+
+
+def _minimiser(slope: jax.Array, curvature: jax.Array) -> jax.Array:
+    """``-slope / curvature``, the minimiser of ``slope·α + ½ curvature·α²``, and 0 where
+    the curvature is not positive: a zero gradient, whose direction ``Δ = (F + λI)⁻¹g`` is
+    0 (``0/0``: the step would be NaN and poison the parameters)."""
+    positive = curvature > 0
+    return jnp.where(positive, -slope / jnp.where(positive, curvature, 1.0), 0.0)
 
 
 def _cond(predicate: jax.Array, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:

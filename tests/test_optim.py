@@ -775,6 +775,27 @@ def test_adaptive_step_with_the_exact_fisher_is_the_damped_newton_step(task):
                                                                flat(grads)), rtol=1e-7)
 
 
+@pytest.mark.parametrize("adaptive", optim.ADAPTIVE)
+def test_adaptive_step_of_a_zero_gradient_is_zero(task, adaptive):
+    """``g = 0`` makes ``Δ = (F + λI)⁻¹g = 0``, and the model ``½δᵀ(C + λI)δ`` is least at
+    ``δ = 0``: a zero step (``α = -gᵀΔ / Δᵀ(C + λI)Δ`` read ``0/0``: NaN), at the first
+    step and after one (with momentum, ``p ≠ 0``), jitted."""
+    t, grads = task
+    tx = optim.natural_gradient(None, jg.PMatKFAC, damping=LAM, apply_fn=t.apply_fn,
+                                adaptive=adaptive)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=(t.x, t.y)))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, grads)
+    state = tx.init(t.params)
+    first, _ = step(zeros, state, t.params)
+    np.testing.assert_array_equal(flat(first), 0.0)
+    updates, state = step(grads, state, t.params)
+    assert np.all(np.isfinite(flat(updates))) and np.any(flat(updates) != 0)
+    after, state = step(zeros, state, optax.apply_updates(t.params, updates))
+    np.testing.assert_array_equal(flat(after), 0.0)
+    if adaptive == "momentum":
+        np.testing.assert_array_equal(flat(state[0].previous_step), 0.0)
+
+
 def test_adaptive_step_with_levenberg_marquardt_measures_the_exact_model(task):
     """The reduction ratio of an adaptive step compares the loss's change with the exact,
     undamped model's ``gᵀδ + ½δᵀCδ``."""
