@@ -45,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_fim  # noqa: E402
+import models  # noqa: E402
 from output import write_json  # noqa: E402
 
 #: bench_mlp's KFAC layer matrices ``(a + 1, g)`` (inputs with the bias, outputs)
@@ -56,6 +57,10 @@ MLP_PARAMS = 669_706
 CNN_PARAMS = 69_610
 #: bench_resnet's dense layer ``(a + 1, g)``: the largest rotation of its EKFAC ``vTMv``
 RESNET_DENSE = (2049, 512)
+#: bench_resnet's parameter leaves' sizes (a kernel and a bias per layer): the slices of
+#: the flat diagonal that ``PMatDiag``'s products with a params-shaped vector read
+RESNET_LEAVES = tuple(size for _, a, g, _ in models.layer_shapes(models.SPECS["bench_resnet"])
+                      for size in ((a - 1) * g, g))
 #: bench_small's LowRank factor: ``N K`` rows of ``d`` parameters
 LOWRANK = (9216, 6922)
 #: a chunk's output gradients in bench_small's exact KFAC build: 256 examples × 9 outputs
@@ -85,6 +90,9 @@ def kernels(seed: int = 0) -> dict:
     ekfac = (normal(g, g), normal(g, a), normal(a, a), rng.random((g, a), dtype=np.float32))
     diag = (rng.random(MLP_PARAMS, dtype=np.float32), normal(MLP_PARAMS))
     cnn_diag = (rng.random(CNN_PARAMS, dtype=np.float32), normal(CNN_PARAMS))
+    resnet_diag = rng.random(sum(RESNET_LEAVES), dtype=np.float32)
+    resnet_leaves = [normal(size) for size in RESNET_LEAVES]
+    edges = np.cumsum((0, *RESNET_LEAVES))
     lowrank = (normal(*LOWRANK), normal(LOWRANK[1]))
     square = normal(2048, 2048)
     spd = [x @ x.T / x.shape[1] for x in (normal(785, 1024), normal(2049, 4096))]
@@ -141,6 +149,19 @@ def kernels(seed: int = 0) -> dict:
             "m ⊙ v, d = 69,610", cnn_diag, lambda m, v: m * v),
         "weighted square sum (bench_mlp Diag vTMv)": (
             "Σ m v², d = 669,706", diag, lambda m, v: (m * v * v).sum()),
+        "weighted square sum (bench_resnet Diag vTMv)": (
+            "Σ m v², d = 1,534,986", (resnet_diag, np.concatenate(resnet_leaves)),
+            lambda m, v: (m * v * v).sum()),
+        "weighted square sum by leaf (bench_resnet Diag vTMv)": (
+            f"Σₗ Σ m[l] vₗ², the {len(RESNET_LEAVES)} leaves of d = 1,534,986",
+            (resnet_diag, *resnet_leaves),
+            lambda m, *vs: sum((m[a:b] * v * v).sum()
+                               for a, b, v in zip(edges[:-1], edges[1:], vs))),
+        "weighted square sum, diagonal stored by leaf (bench_resnet Diag vTMv)": (
+            f"Σₗ Σ mₗ vₗ², mₗ and vₗ the {len(RESNET_LEAVES)} leaves' own arrays",
+            (*np.split(resnet_diag, edges[1:-1]), *resnet_leaves),
+            lambda *mv: sum((m * v * v).sum() for m, v in zip(mv[:len(mv) // 2],
+                                                              mv[len(mv) // 2:]))),
         "two GEMVs (bench_small LowRank mv)": (
             "Fᵀ (F v), F: 9216 × 6922", lowrank, lambda f, v: (f @ v) @ f),
         **{f"Gram {r} × {m} (xᵀx)": (f"Σ_rows x xᵀ, x: {r} × {m}", (grams[r, m],),
