@@ -283,7 +283,7 @@ def xtrace(M: Operator, key: jax.Array, num_samples: int = 100, *,
     d, s, omega, y, q, z, sk, u, improved = _exchangeable(
         M, key, num_samples, distribution, dim, dtype)
     h = q.T @ z.T  # Qᵀ M Q, (s, s)
-    low_rank = jnp.trace(h) - jnp.sum(sk * (h @ sk), axis=0)  # tr(P₍ᵢ₎ M), (s,)
+    low_rank = _spectral.trace(h) - jnp.sum(sk * (h @ sk), axis=0)  # tr(P₍ᵢ₎ M), (s,)
     w = omega.T - q @ u  # (I − P₍ᵢ₎) ωᵢ, columns (d, s)
     mw = y.T - z.T @ u  # M (I − P₍ᵢ₎) ωᵢ
     rest = _summed(w * mw, axis=0)
