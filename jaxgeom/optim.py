@@ -697,8 +697,9 @@ def _without_variables(params: Any) -> Any:
         return params
     if hasattr(nnx, "as_pure"):
         return nnx.as_pure(params)
-    return jax.tree_util.tree_map(lambda v: v.value, params,
-                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map(  # Flax before 0.12.7; ``.value`` deprecated there
+        lambda v: v.get_value() if hasattr(v, "get_value") else v.value, params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _holds(tree: Any, kind: type) -> bool:

@@ -43,7 +43,8 @@ def _convolutions_in_ynn_fusions(compiled_text: str) -> int:
 
 def test_model_steps_leave_convolutions_to_xla():
     """A float32 convolution (with its gradients) compiled as a model step runs outside
-    YNNPACK; compiled by a plain ``jit`` on this jaxlib, it runs inside one."""
+    YNNPACK, whether or not XLA's default puts it inside one (jaxlib 0.10.2 does, 0.10.0
+    does not)."""
     if jax.default_backend() != "cpu":
         pytest.skip("a CPU compiler option")
     x = jax.ShapeDtypeStruct((16, 16, 16, 32), jnp.float32)
@@ -54,8 +55,7 @@ def test_model_steps_leave_convolutions_to_xla():
 
     plain = jax.jit(step).lower(x, w).compile().as_text()
     model = _compile.model_jit(step).lower(x, w).compile().as_text()
-    assert "convolution(" in model
-    assert _convolutions_in_ynn_fusions(plain) > 0  # XLA's default on this jaxlib
+    assert "convolution(" in model and "convolution(" in plain
     assert _convolutions_in_ynn_fusions(model) == 0
 
 
