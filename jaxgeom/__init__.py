@@ -8,6 +8,7 @@ for products, solves, inverses, powers, traces and norms.
 from jaxgeom import estimators as estimators
 from jaxgeom import optim as optim
 from jaxgeom._lapack import no_host_callbacks as no_host_callbacks
+from jaxgeom._progress import progress as progress
 from jaxgeom.ewc import ewc_penalty as ewc_penalty
 from jaxgeom.fspace import FMatDense as FMatDense
 from jaxgeom.fspace import FVector as FVector
@@ -80,5 +81,6 @@ __all__ = [
     "neumann",
     "no_host_callbacks",
     "optim",
+    "progress",
     "random_pvector",
 ]

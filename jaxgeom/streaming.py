@@ -74,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom import _progress as progress_lib
 from jaxgeom import data as data_lib
 from jaxgeom._compile import donating_jit, model_jit, quick_jit, staged
 from jaxgeom._signature import Signature, abstract, signature
@@ -412,18 +413,26 @@ def run_with_flags(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, 
         one_shot = isinstance(data, collections.abc.Iterator)
         source.keep(first_builder.keeps_data or (first_builder.passes > 1 and one_shot))
     flags: list = []
+    passes_begun = itertools.count()
 
     def finalized(builder, first, chunks, data):
         """``builder.finalize`` of one pass over ``data``, whose chunks are ``first`` and
         the other ``chunks``, and the pass's :class:`Stream`."""
+        eager = not staged(params, aux, first.batch)  # a bar inside jaxgeom.progress()
+        bar = progress_lib.bar(examples, first_builder.passes, next(passes_begun), eager)
         if _is_whole(builder, first, examples):
-            result, finite = _finish_in_step(builder, first, params, aux, batch_size)
+            with bar as drawn:
+                result, finite = _finish_in_step(builder, first, params, aux, batch_size)
+                if drawn is not None:
+                    drawn.finished(finite, first.count)
             flags.append((finite, first.offset, first.count))
             return result, Stream(first.count, params, aux, data, batch_size)
         if _scans(builder, params, data, aux, batch_size):
             total, n, more = _reduce_scanned(builder, data, batch_size, params, aux)
         else:
-            total, n, more = _reduce(builder, itertools.chain([first], chunks), params, aux)
+            with bar as drawn:
+                total, n, more = _reduce(builder, itertools.chain([first], chunks), params,
+                                         aux, drawn)
         flags.extend(more)
         stream = Stream(n, params, aux, source.kept if source.keeping else data, batch_size)
         # Not waited for: the flags are read (the host waits for the device) after
@@ -449,9 +458,11 @@ def run_with_flags(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, 
     return result, flags
 
 
-def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]:
+def _reduce(builder: ChunkBuilder, chunks, params, aux,
+            drawn: progress_lib.Bar | None = None) -> tuple[Any, int, list]:
     """Stream ``chunks`` through ``builder``: the total of the statistics, ``N``, and each
-    chunk's ``(finite, offset, count)`` (to :func:`check_flags`).
+    chunk's ``(finite, offset, count)`` (to :func:`check_flags`); ``drawn``: the pass's
+    progress bar (:mod:`jaxgeom._progress`), told of each chunk dispatched.
 
     The loop never waits for the device: the finiteness flags are read by the caller once
     all chunks are dispatched, and the running total of a builder that
@@ -477,6 +488,8 @@ def _reduce(builder: ChunkBuilder, chunks, params, aux) -> tuple[Any, int, list]
             raise
         flags.append((finite, chunk.offset, chunk.count))
         n += chunk.count
+        if drawn is not None:
+            drawn.finished(finite, chunk.count)
     return total, n, flags
 
 

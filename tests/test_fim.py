@@ -1,6 +1,8 @@
 """FIM, FIM_MonteCarlo and SecondMoment against float64 brute force (in PMatDense)."""
 
 import itertools
+import sys
+import types
 from typing import Any
 
 import chex
@@ -204,6 +206,52 @@ def test_inverse_cdf_never_draws_a_masked_class_when_the_sums_round_below_one():
 
 
 # ----------------------------------------------------------------------------- data handling
+class _RecordedBars:
+    """A stand-in for ``tqdm``: the bars made, as ``[description, total, [updates], closed]``."""
+
+    def __init__(self):
+        self.bars = []
+
+    def tqdm(self, total=None, desc=None, unit=None):
+        record = [desc, total, [], False]
+        self.bars.append(record)
+        return types.SimpleNamespace(update=record[2].append,
+                                     close=lambda: record.__setitem__(3, True))
+
+
+def test_progress_bars_count_each_eager_pass_of_examples(monkeypatch):
+    """Inside ``jaxgeom.progress()`` an eager build draws a bar per pass over its examples,
+    advanced chunk by chunk and closed; the matrix is the one built without; a ``jit``
+    draws nothing; without ``tqdm`` the block is refused with the fix."""
+    recorded = _RecordedBars()
+    monkeypatch.setitem(sys.modules, "tqdm", recorded)
+    t = make_linen_mlp(n=7)
+    data = (t.x, t.y)
+    with jaxgeom.progress("Fisher"):
+        kfac = jaxgeom.FIM(t.apply_fn, t.params, data, jaxgeom.PMatKFAC, batch_size=3)
+        jaxgeom.FIM(t.apply_fn, t.params, data, jaxgeom.PMatEKFAC, batch_size=3)  # two passes
+        jaxgeom.FIM(t.apply_fn, t.params, data, jaxgeom.PMatDiag)  # one chunk: one step
+        jaxgeom.FIM(t.apply_fn, t.params, (b for b in [(t.x[:4], t.y[:4]), (t.x[4:], t.y[4:])]),
+               jaxgeom.PMatDiag, batch_size=2)  # a generator: no total
+        jax.jit(lambda p: jaxgeom.FIM(t.apply_fn, p, data, jaxgeom.PMatKFAC, batch_size=3).trace())(
+            t.params)
+    assert recorded.bars == [
+        ["Fisher", 7, [3, 3, 1], True],
+        ["Fisher (pass 1)", 7, [3, 3, 1], True],
+        ["Fisher (pass 2)", 7, [3, 3, 1], True],
+        ["Fisher", 7, [7], True],
+        ["Fisher", None, [2, 2, 2, 1], True],
+    ]
+    jaxgeom.FIM(t.apply_fn, t.params, data, jaxgeom.PMatKFAC, batch_size=3)  # outside the block
+    assert len(recorded.bars) == 5
+    again = jaxgeom.FIM(t.apply_fn, t.params, data, jaxgeom.PMatKFAC, batch_size=3)
+    np.testing.assert_array_equal(kfac.to_dense(), again.to_dense())
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    refused = pytest.raises(ImportError, match=r"tqdm, which is not installed: pip install tqdm")
+    with refused, jaxgeom.progress():
+        pass
+
+
 def test_chunked_equals_unchunked_and_batches_equal_one_batch():
     t = make_linen_mlp(n=7)
     whole = dense(t.apply_fn, t.params, (t.x, t.y))
