@@ -48,6 +48,11 @@ def progress(description: str = "jaxgeom") -> Iterator[None]:
         _ACTIVE.description = outer
 
 
+def active() -> bool:
+    """Whether this thread is inside :func:`progress`."""
+    return getattr(_ACTIVE, "description", None) is not None
+
+
 class Bar:
     """One pass's bar: :meth:`finished` the chunk just dispatched (its ``flag``, an array
     the chunk's step returns, and its number of examples); the bar advances by the chunk
@@ -79,12 +84,12 @@ class Bar:
 
 @contextlib.contextmanager
 def bar(total: int | None, passes: int = 1, index: int = 0,
-        eager: bool = True) -> Iterator[Bar | None]:
+        drawing: bool = True) -> Iterator[Bar | None]:
     """A :class:`Bar` of pass ``index`` of ``passes``, ``total`` examples (``None``:
-    unknown), inside :func:`progress` and ``eager`` (not being traced into a ``jit``), else
-    ``None``; closed when the block ends, also on an error."""
+    unknown), when ``drawing`` inside :func:`progress`, else ``None``; closed when the
+    block ends, also on an error."""
     description = getattr(_ACTIVE, "description", None)
-    if description is None or not eager:
+    if description is None or not drawing:
         yield None
         return
     if passes > 1:

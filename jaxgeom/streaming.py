@@ -418,8 +418,9 @@ def run_with_flags(make: Callable[[Any], ChunkBuilder], params: Any, data: Any, 
     def finalized(builder, first, chunks, data):
         """``builder.finalize`` of one pass over ``data``, whose chunks are ``first`` and
         the other ``chunks``, and the pass's :class:`Stream`."""
-        eager = not staged(params, aux, first.batch)  # a bar inside jaxgeom.progress()
-        bar = progress_lib.bar(examples, first_builder.passes, next(passes_begun), eager)
+        # a bar inside jaxgeom.progress(), of a pass not traced into a jit
+        drawing = progress_lib.active() and not staged(params, aux, first.batch)
+        bar = progress_lib.bar(examples, first_builder.passes, next(passes_begun), drawing)
         if _is_whole(builder, first, examples):
             with bar as drawn:
                 result, finite = _finish_in_step(builder, first, params, aux, batch_size)
