@@ -25,6 +25,9 @@ from typing import Any
 
 import jax
 
+from jaxgeom._lapack import _set_in_this_thread
+
+#: ``active``: the description of the bars inside :func:`progress` (this thread)
 _ACTIVE = threading.local()
 
 
@@ -40,17 +43,13 @@ def progress(description: str = "jaxgeom") -> Iterator[None]:
         raise ImportError(
             "jaxgeom.progress() draws its bars with tqdm, which is not installed: "
             "pip install tqdm (or jaxgeom[examples])") from error
-    outer = getattr(_ACTIVE, "description", None)
-    _ACTIVE.description = description
-    try:
+    with _set_in_this_thread(_ACTIVE, description):
         yield
-    finally:
-        _ACTIVE.description = outer
 
 
 def active() -> bool:
     """Whether this thread is inside :func:`progress`."""
-    return getattr(_ACTIVE, "description", None) is not None
+    return getattr(_ACTIVE, "active", None) is not None
 
 
 class Bar:
@@ -88,7 +87,7 @@ def bar(total: int | None, passes: int = 1, index: int = 0,
     """A :class:`Bar` of pass ``index`` of ``passes``, ``total`` examples (``None``:
     unknown), when ``drawing`` inside :func:`progress`, else ``None``; closed when the
     block ends, also on an error."""
-    description = getattr(_ACTIVE, "description", None)
+    description = getattr(_ACTIVE, "active", None)
     if description is None or not drawing:
         yield None
         return
