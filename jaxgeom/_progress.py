@@ -12,8 +12,8 @@ The bar advances when a chunk's computation has finished, not when it is handed 
 (which returns at once): after dispatching chunk ``i`` the loop waits for chunk ``i − 1``,
 so one chunk is always queued behind the running one and the device never idles for the
 bar; the cost is a wait per chunk (tens of microseconds on a CPU). Inside a ``jit`` the
-chunks are one ``lax.scan`` and nothing is drawn; nor under an eager ``grad`` or ``vmap``
-(the chunks' results are tracers), where the bar counts dispatches.
+chunks are one ``lax.scan`` and nothing is drawn. Under an eager ``grad`` or ``vmap`` the
+chunks' results are tracers, which cannot be waited for: the bar counts dispatches.
 """
 
 from __future__ import annotations
