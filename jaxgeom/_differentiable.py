@@ -123,6 +123,12 @@ class FloatLeaves:
             for i in self.indices
         ]
 
+    def tangents_of(self, tree: Any) -> list:
+        """The floating leaves' tangents from a params-shaped ``tree`` (flattened once),
+        cast to each leaf's dtype; the other leaves' entries are dropped."""
+        leaves = jax.tree_util.tree_leaves(tree)
+        return [leaves[i].astype(jnp.result_type(self.leaves[i])) for i in self.indices]
+
     def ravel(self, pieces: Sequence, lead: tuple[int, ...], dtype: Any = None) -> jax.Array:
         """The flat ``(*lead, d)`` array (flat order of all the leaves) of the floating
         leaves' ``pieces`` (``(*lead, *leaf shape)`` each, in the order of ``primals``: a

@@ -526,8 +526,7 @@ def _exact_fisher_forms(fn: Callable, variant: str, covariance: Any, params: Any
     # the per-example builders' check, cached per model and signature: no trace per call
     forward = forward_mode_ok(fisher, params, data_lib.example_shapes(x), whitener)
     product = tangent_map(outputs, floats.primals, forward)
-    jv = [product([jax.tree_util.tree_leaves(v)[i].astype(jnp.result_type(floats.leaves[i]))
-                   for i in floats.indices]) for v in vectors]
+    jv = [product(floats.tangents_of(v)) for v in vectors]
     jv = jnp.stack([u.reshape(u.shape[0], -1) for u in jv])  # (m, N, K)
     return jnp.einsum("ink,jnk->ij", jv, jv) / out_shape[0]
 

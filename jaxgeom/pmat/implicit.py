@@ -179,24 +179,25 @@ class PMatImplicit(ReplayedFunction, PMatAbstract):
     def vTMv(self, v: Any) -> jax.Array:
         """``s/N Σₙ ‖Jₙ v‖²``: one ``jvp`` per chunk, no ``vjp``."""
         flat, _ = as_flat(v, self.layer_collection)
-        if self._scans_chunks(flat):
-            total = self._scanned_sum(lambda chunk: self._chunk_vTMv(flat, chunk))
-        else:
-            total = functools.reduce(operator.add,
-                                     (self._chunk_vTMv(flat, c) for c in self._chunks()))
-        return _scaled_mean(total, self.scale, self.num_examples)
+        return self._mean_over_chunks(lambda chunk: self._chunk_vTMv(flat, chunk), flat)
 
     def quadratic_forms(self, rows: Any) -> jax.Array:
         """``s/N Σₙ (Jₙ R)ᵀ(Jₙ R)`` for the rows of an ``(m, d)`` stack ``R``: one ``jvp``
         per row per chunk (vectorised, one forward pass), no ``vjp``."""
         rows = stack_of_rows(rows, self.layer_collection)
-        if self._scans_chunks(rows):
-            total = self._scanned_sum(lambda chunk: self._chunk_forms(rows, chunk))
-        else:
-            total = functools.reduce(operator.add,
-                                     (self._chunk_forms(rows, c) for c in self._chunks()))
-        forms = _scaled_mean(total, self.scale, self.num_examples)
+        forms = self._mean_over_chunks(lambda chunk: self._chunk_forms(rows, chunk), rows)
         return 0.5 * (forms + forms.T)  # symmetric to the last bit, as the generic one
+
+    def _mean_over_chunks(self, part: Callable[[data_lib.Chunk], Any],
+                          operand: jax.Array) -> Any:
+        """``s/N Σ part(chunk)`` over the chunks: one scan inside a ``jit`` (where
+        ``operand``, the vectors, is traced: :meth:`_scans_chunks`), else a loop of the
+        chunks' compiled steps."""
+        if self._scans_chunks(operand):
+            total = self._scanned_sum(part)
+        else:
+            total = functools.reduce(operator.add, map(part, self._chunks()))
+        return _scaled_mean(total, self.scale, self.num_examples)
 
     def _scan(self, step: Callable[[Any, data_lib.Chunk], Any], carry: Any) -> Any:
         """``carry`` through ``step(carry, chunk)`` over the chunks inside a ``jit``
