@@ -63,6 +63,12 @@ from output import INTERVAL_LEVEL, median_interval, write_json  # noqa: E402
 #: the build rows of a case (EKFAC's refit: its diagonal on new data)
 BUILDS = ("build", "build_mc", "refit")
 OPERATIONS = ("mv", "vTMv", "trace", "frobenius_norm", "solve")
+#: the kinds of vector the operations take (``--vectors``), the same on every side:
+#: ``"params"``, shaped as the parameters — jaxgeom's ``PVector`` of a pytree, NNGeometry's
+#: ``PVector`` of a tensor per weight and bias (the form of its gradients,
+#: ``PVector.from_model_grad``) —, or ``"flat"``, one ``(d,)`` array (jaxgeom) or
+#: NNGeometry's flat ``PVector`` (``random_pvector``'s)
+VECTOR_KINDS = ("params", "flat")
 #: KFAC only: the π-damped inverse as a representation (kfac-jax's ``update_cache``) and its
 #: product with a vector (kfac-jax's ``multiply_inverse`` with the cached inverse); Dense
 #: only: a repeated solve, against NNGeometry's solve with its cached factorisation
@@ -587,7 +593,7 @@ def chunk_bytes(spec: models.Spec, rep: str) -> int:
 
 
 def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
-             n: int | None = None, build_only: bool = False) -> dict:
+             n: int | None = None, build_only: bool = False, vectors: str = "params") -> dict:
     import jax
     import numpy as np
 
@@ -658,6 +664,9 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         ours["refit"] = lambda F=F: F.refit(apply_fn, params, (x, y), batch_size=bs)
         res["refit"] = timed(ours["refit"], repeats)
     v = jaxgeom.random_pvector(jax.random.key(2), params)
+    if vectors == "flat":
+        v = v.to_flat()
+    res["vectors"] = vectors
     for op in operations:
         if (spec.name, rep, op) in SKIP:
             res[op] = dict(skipped=SKIP[spec.name, rep, op])
@@ -696,7 +705,8 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         theirs: dict = {}
         res["nngeometry"] = peers_lib.nngeometry_case(
             spec, params, x_np, y_np, rep, timed, repeats, ng_ops, memory=peak_mb,
-            regul=SOLVE_REGUL, device="cpu" if accelerator() is None else "cuda", keep=theirs)
+            regul=SOLVE_REGUL, device="cpu" if accelerator() is None else "cuda", keep=theirs,
+            vectors=vectors)
         _pair(res, "nngeometry", ours, theirs)
         for op in ops:
             if (spec.name, rep, op) in PEER_SKIP and "skipped" not in res["nngeometry"]:
@@ -796,7 +806,7 @@ def run_all(args) -> dict:
         settings=dict(repeats=repeats, dtype="float32", variant="classif_logits",
                       solve_regul=SOLVE_REGUL, cg_maxiter=CG_MAXITER, peers=not args.no_peers,
                       jobs=args.jobs, xla_flags=os.environ.get("XLA_FLAGS"),
-                      cpu_sync_dispatch=args.cpu_sync_dispatch,
+                      cpu_sync_dispatch=args.cpu_sync_dispatch, vectors=args.vectors,
                       environment=run_environment()),
         models={},
     )
@@ -807,7 +817,8 @@ def run_all(args) -> dict:
         r = str(min(repeats, spec.repeats or repeats))
         c = (["--repeats", r, "--operations", *operations]
              + (["--no-peers"] if args.no_peers else [])
-             + (["--cpu-sync-dispatch"] if args.cpu_sync_dispatch else []))
+             + (["--cpu-sync-dispatch"] if args.cpu_sync_dispatch else [])
+             + ["--vectors", args.vectors])
         results["models"][name] = dict(d=models.num_params(spec), n=spec.n,
                                        batch_size=spec.batch_size, repeats=int(r),
                                        representations={}, scaling={}, floors={})
@@ -1142,6 +1153,18 @@ def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
     return rows, notes
 
 
+def vectors_described(results: dict) -> str:
+    """The kind of vector a run's operations took on each side (``--vectors``)."""
+    kind = results.get("settings", {}).get("vectors")
+    if kind == "params":
+        return ("shaped as the parameters on every side (jaxgeom a PVector of a pytree, "
+                "NNGeometry a PVector of a tensor per weight and bias, as its gradients)")
+    if kind == "flat":
+        return "flat on every side (jaxgeom a (d,) array, NNGeometry a flat PVector)"
+    return ("jaxgeom a PVector of a pytree, NNGeometry a flat PVector (a run from before "
+            "--vectors: the two sides' vectors of different kinds)")
+
+
 def print_report(results: dict, markdown: bool = False) -> None:
     rows, notes = table_rows(results)
     if markdown:
@@ -1167,6 +1190,7 @@ def print_report(results: dict, markdown: bool = False) -> None:
           "last chunk; peak: resident memory of a warm build (on an accelerator, "
           "'(dev)': its memory's peak over the case's builds, compilation included); "
           "bound: 1.5 × (storage + one chunk).")
+    print(f"\nThe operations' vectors: {vectors_described(results)}.")
     print("\nAgainst the targets:")
     for line in targets(results):
         print(f"- {line}")
@@ -1201,6 +1225,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     parser.add_argument("--cpu-sync-dispatch", action="store_true",
                         help="jax_cpu_enable_async_dispatch = False in every case process")
+    parser.add_argument("--vectors", choices=VECTOR_KINDS, default="params",
+                        help="the operations' vectors, the same kind on every side: "
+                             "params-shaped (a gradient's form; default) or flat (d,)")
     # internal: one case in this process
     parser.add_argument("--case", nargs=2, metavar=("MODEL", "REP"), help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
@@ -1215,7 +1242,8 @@ def main(argv: list[str] | None = None) -> dict:
             res = floors_case(spec, args.repeats)
         else:
             res = run_case(spec, args.case[1], args.repeats, tuple(args.operations),
-                           peers=not args.no_peers, n=args.n, build_only=args.build_only)
+                           peers=not args.no_peers, n=args.n, build_only=args.build_only,
+                           vectors=args.vectors)
         print(json.dumps(res))
         return res
     if args.report:

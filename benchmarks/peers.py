@@ -71,10 +71,18 @@ def _cuda_peak_mb(fn: Callable[[], Any]) -> float:
 def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray,
                     representation: str, timed: Callable, repeats: int, operations,
                     memory: Callable | None = None, regul: float = 1e-3,
-                    device: str = "cpu", keep: dict | None = None) -> dict:
+                    device: str = "cpu", keep: dict | None = None,
+                    vectors: str = "params") -> dict:
     """NNGeometry's ``FIM`` / ``FIM_MonteCarlo`` in ``representation`` and its operations,
     on ``device`` (``"cpu"`` or ``"cuda"``; on CUDA the timings wait for the kernels, the
     peak memory is PyTorch's CUDA allocations and TF32 is off, as for jaxgeom).
+
+    ``vectors``: the operations' vector, of the kind jaxgeom's side takes
+    (``bench_fim.VECTOR_KINDS``): ``"params"``, a ``PVector`` of one tensor per layer's
+    weight and bias — the form of NNGeometry's gradients (``PVector.from_model_grad``),
+    which its flat operations (``PMatDiag``, ``PMatDense``, …) concatenate —, or
+    ``"flat"``, its flat ``PVector`` (``random_pvector``'s), which its layer-wise ones
+    (``PMatKFAC``, ``PMatEKFAC``, ``PMatQuasiDiag``) view layer by layer.
 
     ``keep``: filled with each timed row's call (row name → function), for the paired
     re-timing against jaxgeom's (``bench_fim.paired``)."""
@@ -85,7 +93,7 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
     import nngeometry.object as ngo
     import torch
     from nngeometry.layercollection import LayerCollection
-    from nngeometry.object.vector import random_pvector
+    from nngeometry.object.vector import PVector, random_pvector
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -143,6 +151,9 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return out
     v = random_pvector(lc, device=device, dtype=torch.float32)
+    if vectors == "params":  # a tensor of its own per weight and bias, as a gradient's
+        v = PVector(lc, dict_repr={layer: tuple(t.clone() for t in pieces)
+                                   for layer, pieces in v.to_dict().items()})
     ops = {
         "mv": lambda: F.mv(v),
         "vTMv": lambda: F.vTMv(v),

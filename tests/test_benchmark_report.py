@@ -150,6 +150,36 @@ def test_a_run_records_the_environment_that_changes_its_speed(bench_fim, monkeyp
     assert "Run with GLIBC_TUNABLES=glibc.malloc.trim_threshold=1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind, said", [
+    ("params", "shaped as the parameters on every side"),
+    ("flat", "flat on every side"),
+    (None, "the two sides' vectors of different kinds"),  # a run from before --vectors
+])
+def test_a_report_says_which_vectors_the_operations_took(bench_fim, capsys, kind, said):
+    results = run({}, FLOORS)
+    if kind is not None:
+        results["settings"] = {"vectors": kind}
+    bench_fim.print_report(results)
+    line = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("The operations' vectors: "))
+    assert said in line
+
+
+def test_the_vectors_option_reaches_every_case_process(bench_fim, monkeypatch):
+    """``--vectors flat``: each case's command line carries it (and the run's settings
+    record it), so that jaxgeom's vector and NNGeometry's are of the same kind."""
+    commands = []
+    monkeypatch.setattr(bench_fim, "_subprocess",
+                        lambda argv, timeout, env: commands.append(argv) or {})
+    args = bench_fim.argparse.Namespace(
+        quick=True, repeats=2, operations=list(bench_fim.OPERATIONS), no_peers=False,
+        cpu_sync_dispatch=False, vectors="flat", jobs=1, out=None, models=["bench_small"],
+        representations=["PMatDiag"], only_scaling=False, no_scaling=True, timeout=1)
+    results = bench_fim.run_all(args)
+    assert results["settings"]["vectors"] == "flat"
+    assert commands and all(argv[argv.index("--vectors") + 1] == "flat" for argv in commands)
+
+
 def test_paired_ratio_compares_the_two_calls_round_by_round(monkeypatch):
     """``output.paired_ratio``: each round a block of each call (the order alternated), its
     ratio that of the blocks' medians; the machine's speed drifting from round to round
