@@ -17,7 +17,7 @@ a **separate process** times, for jaxgeom:
 - the exact Fisher build ``FIM(..., variant="classif_logits", batch_size=...)``, the
   Monte-Carlo build ``FIM_MonteCarlo(..., trials=1)``, EKFAC's diagonal ``refit``;
 - ``mv``, ``vTMv``, ``trace``, ``frobenius_norm``, ``solve`` (jitted, the representation
-  an argument);
+  an argument; the vector of one kind on every side, ``--vectors``: :data:`VECTOR_KINDS`);
 - the first call (tracing + compilation) apart from the median of the warm calls;
 - the peak resident memory of a warm build above the process's memory before it (the
   kernel's high-water mark, reset through ``/proc/self/clear_refs``), against the bound
