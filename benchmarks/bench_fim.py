@@ -1203,7 +1203,8 @@ def print_report(results: dict, markdown: bool = False) -> None:
         print("\nRun with " + " ".join(f"{k}={v}" for k, v in environment.items()))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def command_line() -> argparse.ArgumentParser:
+    """The script's options (:func:`main`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(models.SPECS),
                         choices=list(models.SPECS))
@@ -1233,7 +1234,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = command_line().parse_args(argv)
     if args.case:
         configure_dispatch(args.cpu_sync_dispatch)
         configure_precision()

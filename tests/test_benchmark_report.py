@@ -171,10 +171,9 @@ def test_the_vectors_option_reaches_every_case_process(bench_fim, monkeypatch):
     commands = []
     monkeypatch.setattr(bench_fim, "_subprocess",
                         lambda argv, timeout, env: commands.append(argv) or {})
-    args = bench_fim.argparse.Namespace(
-        quick=True, repeats=2, operations=list(bench_fim.OPERATIONS), no_peers=False,
-        cpu_sync_dispatch=False, vectors="flat", jobs=1, out=None, models=["bench_small"],
-        representations=["PMatDiag"], only_scaling=False, no_scaling=True, timeout=1)
+    args = bench_fim.command_line().parse_args(
+        ["--quick", "--models", "bench_small", "--representations", "PMatDiag",
+         "--vectors", "flat"])
     results = bench_fim.run_all(args)
     assert results["settings"]["vectors"] == "flat"
     assert commands and all(argv[argv.index("--vectors") + 1] == "flat" for argv in commands)
