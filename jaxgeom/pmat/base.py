@@ -543,7 +543,7 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     def get_diag(self) -> jax.Array:
         """The diagonal ``(d,)`` in the flat order."""
-        return jnp.diag(self.to_dense())
+        return _spectral.diagonal(self.to_dense())
 
     def trace(self) -> jax.Array:
         return jnp.sum(self.get_diag())

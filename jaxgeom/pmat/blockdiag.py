@@ -113,7 +113,7 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
         return self._parts.flat.block_diagonal(self.blocks)
 
     def get_diag(self):
-        return self._parts.merge([jnp.diag(b) for b in self.blocks])
+        return self._parts.merge([_spectral.diagonal(b) for b in self.blocks])
 
     def trace(self):
         return jnp.sum(_spectral.traces(list(self.blocks)))

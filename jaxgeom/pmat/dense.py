@@ -65,7 +65,7 @@ class PMatDense(PMatAbstract):
         return self.data
 
     def get_diag(self):
-        return jnp.diag(self.data)
+        return _spectral.diagonal(self.data)
 
     def frobenius_norm(self):
         return jnp.linalg.norm(self.data)
