@@ -25,9 +25,10 @@ a **separate process** times, for jaxgeom:
 - the XLA compilations triggered by a second build with new parameter values and by a
   third build whose last chunk is short (both should be 0);
 
-and the same figures for NNGeometry (all representations) and kfac-jax (KFAC) where they
-are installed (peers.py). Floors, measured in their own process in the same run on the
-same model and data: one forward pass, forward+backward, per-example gradients
+and the same figures for NNGeometry (all representations), kfac-jax (KFAC) and curvlinops
+(KFAC, EKFAC, the exact GGN's products for Implicit) where they are installed (peers.py).
+Floors, measured in their own process in the same run on the same model and data: one
+forward pass, forward+backward, per-example gradients
 (``vmap(grad)``), the K output-gradient backward passes (vmapped), the exact Fisher-vector
 product (jvp + vjp), and each representation's own contraction as plain GEMMs on random
 arrays of the right shapes (KFAC ``aᵀa``, ``gᵀg``; Dense ``JᵀJ``; Diag ``(Σₖg²)ᵀ(a²)``,
@@ -59,6 +60,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import models  # noqa: E402
 from output import INTERVAL_LEVEL, median_interval, write_json  # noqa: E402
+
+#: the peers of the table: (name, key of their figures in a case's JSON, column, ratio column)
+PEERS = (("NNGeometry", "nngeometry", "NNGeom", "NNG/jg"),
+         ("kfac-jax", "kfac_jax", "kfac-jax", "kj/jg"),
+         ("curvlinops", "curvlinops", "curvlinops", "cl/jg"))
 
 #: the build rows of a case (EKFAC's refit: its diagonal on new data)
 BUILDS = ("build", "build_mc", "refit")
@@ -664,6 +670,7 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         ours["refit"] = lambda F=F: F.refit(apply_fn, params, (x, y), batch_size=bs)
         res["refit"] = timed(ours["refit"], repeats)
     v = jaxgeom.random_pvector(jax.random.key(2), params)
+    vector_tree = v.tree  # the peers' vector is this one (curvlinops: in the twin's layout)
     if vectors == "flat":
         v = v.to_flat()
     res["vectors"] = vectors
@@ -684,7 +691,7 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         ours["solve_exact"] = lambda F=F: exact(F, v)
         res["solve_exact"] = timed(ours["solve_exact"], repeats)
         res["solve_exact"]["note"] = ("(F + λI)⁻¹ v, exact damping, through the factors' "
-                                      "eigendecompositions (no peer: theirs are π-damped)")
+                                      "eigendecompositions (curvlinops' use_exact_damping)")
     if rep == "PMatDense" and "solve" in operations:
         res["solve_repeat"] = _time_operation("mv", rep, jax.jit(lambda m: m.inv(SOLVE_REGUL))(F),
                                               v, repeats, ours, "solve_repeat")
@@ -694,6 +701,8 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
             res["trace_value"] = float(F.trace())
         except Exception as e:  # noqa: BLE001
             res["trace_value_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    if peers and "vTMv" in operations and (spec.name, rep, "vTMv") not in SKIP:
+        res["vTMv_value"] = float(F.vTMv(v))  # curvlinops' is of the same vector
     del F
     holder.clear()
     if peers:
@@ -711,6 +720,13 @@ def run_case(spec: models.Spec, rep: str, repeats: int, operations, peers: bool,
         for op in ops:
             if (spec.name, rep, op) in PEER_SKIP and "skipped" not in res["nngeometry"]:
                 res["nngeometry"][op] = dict(skipped=PEER_SKIP[spec.name, rep, op])
+        if rep in peers_lib.CURVLINOPS_OPERATORS:
+            theirs = {}
+            res["curvlinops"] = peers_lib.curvlinops_case(
+                spec, params, x_np, y_np, rep, timed, repeats, ops, vector_tree,
+                regul=SOLVE_REGUL, device="cpu" if accelerator() is None else "cuda",
+                keep=theirs, vectors=vectors)
+            _pair(res, "curvlinops", ours, theirs)
         if rep == "PMatKFAC":
             theirs = {}
             res["kfac_jax"] = peers_lib.kfac_jax_case(apply_fn, params, np.asarray(x_np),
@@ -775,11 +791,13 @@ def versions() -> dict:
 
     out = dict(python=platform.python_version(), jax=jax.__version__,
                jaxgeom=jaxgeom.__version__)
-    for name in ("torch", "nngeometry", "kfac_jax"):
+    for name, distribution in (("torch", "torch"), ("nngeometry", "nngeometry"),
+                               ("kfac_jax", "kfac-jax"),
+                               ("curvlinops", "curvlinops-for-pytorch")):
         try:
             from importlib.metadata import version
 
-            out[name] = version(name.replace("_", "-"))
+            out[name] = version(distribution)
         except Exception:  # noqa: BLE001
             out[name] = None
     return out
@@ -942,7 +960,6 @@ class OpRecord:
 
 def _op_records(model: str, rep: str, res: dict, floors: dict):
     """The rows of one case's JSON in the table's order (builds, then operations)."""
-    ng, kj = res.get("nngeometry", {}), res.get("kfac_jax", {})
     for op in (*BUILDS, *OPERATIONS, *EXTRA_OPERATIONS):
         t = res.get(op)
         if t is None:
@@ -956,10 +973,11 @@ def _op_records(model: str, rep: str, res: dict, floors: dict):
             fl = None
         warm = t["warm_s"]
         peers = []
-        for name, peer in (("NNGeometry", ng), ("kfac-jax", kj)):
+        for name, key, _, _ in PEERS:
+            peer = res.get(key, {})
             pt = peer.get(op, {})
             pair = peer.get("paired", {}).get(op)
-            mine = t.get("on_peer_chunks_s", warm) if peer is kj else warm
+            mine = t.get("on_peer_chunks_s", warm) if key == "kfac_jax" else warm
             if "warm_s" in pt:
                 ratio = pair["ratio"] if pair else pt["warm_s"] / mine
                 interval = tuple(pair["interval"]) if pair and "interval" in pair else None
@@ -1061,7 +1079,8 @@ def targets(results: dict) -> list[str]:
 
 def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
     header = ("model", "representation", "op", "jaxgeom", "first", "floor", "×floor",
-              "NNGeom", "NNG/jg", "kfac-jax", "kj/jg", "peak MiB", "bound", "recompiles")
+              *(c for _, _, column, ratio in PEERS for c in (column, ratio)),
+              "peak MiB", "bound", "recompiles")
     rows, notes = [header], []
     for model, entry in results["models"].items():
         floors = entry.get("floors", {})
@@ -1072,14 +1091,16 @@ def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
                      "exact F·v", "kfac_gemms K=9", "kfac_gemms K=1"):
             if name in floors:
                 rows.append((model, "floor", name, _fmt_s(floors[name]["warm_s"]),
-                             _fmt_s(floors[name]["first_s"])) + ("",) * 9)
+                             _fmt_s(floors[name]["first_s"])) + ("",) * (len(header) - 5))
         for rep, res in entry["representations"].items():
             if "error" in res:
-                rows.append((model, rep, "ERROR") + ("",) * 11)
+                rows.append((model, rep, "ERROR") + ("",) * (len(header) - 3))
                 notes.append(f"{model} {rep}: {res['error']}")
                 continue
             ng, kj = res.get("nngeometry", {}), res.get("kfac_jax", {})
-            for peer_name, peer in (("NNGeometry", ng), ("kfac-jax", kj)):
+            cl = res.get("curvlinops", {})
+            for peer_name, key, _, _ in PEERS:
+                peer = res.get(key, {})
                 if "skipped" in peer:
                     notes.append(f"{model} {rep} {peer_name}: skipped ({peer['skipped']})")
                 if "error" in peer:
@@ -1117,6 +1138,16 @@ def table_rows(results: dict) -> tuple[list[tuple], list[str]]:
                 rel = abs(a - b) / max(abs(b), 1e-30)
                 notes.append(f"{model} {rep}: trace jaxgeom {a:.6g}, NNGeometry {b:.6g}, "
                              f"rel. diff {rel:.1e} {'OK' if rel < 1e-3 else 'MISMATCH'}")
+            if "trace_value" in res and "trace_value" in cl:
+                a, b = res["trace_value"], cl["trace_value"]
+                rel = abs(a - b) / max(abs(b), 1e-30)
+                notes.append(f"{model} {rep}: trace jaxgeom {a:.6g}, curvlinops {b:.6g}, "
+                             f"rel. diff {rel:.1e} {'OK' if rel < 1e-3 else 'MISMATCH'}")
+            if "vTMv_value" in res and "vTMv_value" in cl:
+                a, b = res["vTMv_value"], cl["vTMv_value"]
+                rel = abs(a - b) / max(abs(b), 1e-30)
+                notes.append(f"{model} {rep}: vᵀFv of the same v, jaxgeom {a:.6g}, curvlinops "
+                             f"{b:.6g}, rel. diff {rel:.1e} {'OK' if rel < 1e-3 else 'MISMATCH'}")
             if "vTMv_value" in kj and "jaxgeom_vTMv_value" in kj:
                 a, b = kj["jaxgeom_vTMv_value"], kj["vTMv_value"]
                 notes.append(f"{model} {rep}: vᵀFv jaxgeom {a:.6g}, kfac-jax {b:.6g}, "
@@ -1183,7 +1214,8 @@ def print_report(results: dict, markdown: bool = False) -> None:
     for note in notes:
         print(f"- {note}")
     print("\n* no warm call (first call > 60 s). ×floor: warm time / floor of the same run; "
-          "NNG/jg, kj/jg: peer warm time / jaxgeom warm time (> 1: jaxgeom faster); "
+          "NNG/jg, kj/jg, cl/jg: peer warm time / jaxgeom warm time (> 1: jaxgeom "
+          "faster); "
           "ᵖ: the ratio of the medians of the two sides' calls timed in alternated "
           "blocks (the seconds columns are the separate medians); "
           "recompiles: XLA compilations of a build with new param values / with a short "
@@ -1213,7 +1245,8 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--operations", nargs="+", default=list(OPERATIONS))
     parser.add_argument("--quick", action="store_true",
                         help="2 repeats, mv and trace only, no memory scaling")
-    parser.add_argument("--no-peers", action="store_true", help="skip NNGeometry, kfac-jax")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip NNGeometry, kfac-jax, curvlinops")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 10 N memory runs")
     parser.add_argument("--only-scaling", action="store_true",
                         help="only the memory runs at N and 10 N")

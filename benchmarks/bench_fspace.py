@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import models  # benchmarks/models.py (run from the repository root or benchmarks/)
 import numpy as np
+import peers
 from bench_fim import paired, timed, versions
 from output import write_json
 
@@ -62,9 +63,7 @@ def _nngeometry_call(spec: models.Spec, n: int, obj: str):
     torch.set_num_threads(os.cpu_count() or 1)
     model = models.torch_model(spec, models.init_params(spec))
     x, y = models.make_data(spec)
-    data = torch.utils.data.TensorDataset(torch.from_numpy(models.torch_inputs(x[:n])),
-                                          torch.from_numpy(y[:n].astype(np.int64)))
-    loader = torch.utils.data.DataLoader(data, batch_size=spec.batch_size, shuffle=False)
+    loader = peers.chunk_loader(x[:n], y[:n], spec.batch_size)  # no per-example collation
     generator = TorchHooksJacobianBackend(model=model, function=lambda *d: model(d[0]))
     make = FMatDense if obj == "gram" else PFMapDense
     return (lambda: make(generator=generator, examples=loader).data), None

@@ -75,6 +75,11 @@ def forms(layers: list[tuple[int, int]], n: int, chunk: int, seed: int = 0) -> d
         pieces = lax.optimization_barrier([outer(a, g) for a, g in zip(inputs, grads)])
         return by_columns(buf, offset, pieces)
 
+    def reshaped_apart(buf, offset):
+        pieces = lax.optimization_barrier([outer(a, g) for a, g in zip(inputs, grads)])
+        pieces = lax.optimization_barrier([p.reshape(chunk, -1) for p in pieces])
+        return by_columns(buf, offset, pieces)
+
     rows = jnp.concatenate([outer(a, g).reshape(chunk, -1) for a, g in zip(inputs, grads)], 1)
 
     def whole_rows(buf, offset):
@@ -122,6 +127,7 @@ def forms(layers: list[tuple[int, int]], n: int, chunk: int, seed: int = 0) -> d
     return {
         "jaxgeom": (jaxgeom_form, buffer),
         "formed pieces": (formed_pieces, buffer),
+        "reshaped apart": (reshaped_apart, buffer),
         "whole rows": (whole_rows, buffer),
         "flat rows": (flat_rows, buffer),
         "scatter windows": (scatter_windows, buffer),
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         calls[name] = call
         results[name] = state
     reference = np.asarray(results["jaxgeom"]["buffer"])
-    for name in ("formed pieces", "scatter windows", "feature loop"):
+    for name in ("formed pieces", "reshaped apart", "scatter windows", "feature loop"):
         np.testing.assert_array_equal(np.asarray(results[name]["buffer"]), reference)
     leaves = np.concatenate([np.asarray(b).reshape(n, -1)
                              for b in results["leaf buffers"]["buffer"]], 1)

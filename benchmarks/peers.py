@@ -1,11 +1,15 @@
-"""Peer runners: NNGeometry (PyTorch, on the CPU or CUDA) and kfac-jax, each optional.
+"""Peer runners: NNGeometry and curvlinops (PyTorch, on the CPU or CUDA) and kfac-jax, each
+optional.
 
 ``nngeometry_case`` builds the same Fisher as jaxgeom with NNGeometry on the PyTorch twin
 of the model (same float32 weights, same data, same chunks) and times the same
 operations; ``kfac_jax_case`` builds kfac-jax's KFAC factors (exact Fisher and one
 Monte-Carlo sample) and times its ``multiply`` and ``multiply_inverse``. Each returns a
 dict of timings (``timed`` results) or ``{"skipped": reason}`` when the peer is not
-installed (see benchmarks/README.md for the peer environment).
+installed (see benchmarks/README.md for the peer environment). ``curvlinops_case`` builds
+curvlinops' operators of the same Fishers (KFAC and EKFAC of the exact Fisher — its "type-2"
+— and of one Monte-Carlo sample, the exact GGN's products for ``PMatImplicit``) on the same
+twin, data and chunks, and times its products, traces, norms and KFAC inverses.
 
 kfac-jax 0.0.8 fails on jax >= 0.10 as soon as an estimator runs (``Primitive.
 get_bind_params`` now returns only the params dict); :func:`_patch_kfac_jax` replaces
@@ -34,6 +38,9 @@ def available(name: str) -> str | None:
             import torch  # noqa: F401
         elif name == "kfac_jax":
             import kfac_jax  # noqa: F401
+        elif name == "curvlinops":
+            import curvlinops  # noqa: F401
+            import torch  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return f"{name} not installed ({type(e).__name__}: {e})"
     return None
@@ -112,9 +119,7 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
     if rep is None:
         return dict(skipped=f"NNGeometry has no {representation}")
     model = models.torch_model(spec, params).to(device)
-    data = torch.utils.data.TensorDataset(torch.from_numpy(models.torch_inputs(x)),
-                                          torch.from_numpy(y.astype(np.int64)))
-    loader = torch.utils.data.DataLoader(data, batch_size=spec.batch_size, shuffle=False)
+    loader = chunk_loader(x, y, spec.batch_size)
     lc = LayerCollection.from_model(model)
     out: dict = {}
     holder: dict = {}
@@ -175,6 +180,43 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
     except Exception as e:  # noqa: BLE001
         out["trace_value_error"] = f"{type(e).__name__}: {str(e)[:160]}"
     return out
+
+
+def chunks(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[tuple[Any, Any]]:
+    """The data as ``(inputs, labels)`` tensors of ``batch_size`` examples (NCHW inputs,
+    ``int64`` labels): views of the two whole tensors, cut once."""
+    return _cut(*_tensors(x, y), batch_size)
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+    import torch
+
+    return torch.from_numpy(models.torch_inputs(x)), torch.from_numpy(y.astype(np.int64))
+
+
+def _cut(inputs, labels, batch_size: int) -> list[tuple[Any, Any]]:
+    return [(inputs[i:i + batch_size], labels[i:i + batch_size])
+            for i in range(0, len(labels), batch_size)]
+
+
+def chunk_loader(x: np.ndarray, y: np.ndarray, batch_size: int):
+    """A ``DataLoader`` (NNGeometry takes nothing else: it reads ``len(loader.sampler)``
+    and ``loader.batch_size``) whose passes yield :func:`chunks`' views.
+
+    A plain ``DataLoader`` over a ``TensorDataset`` indexes the dataset example by example
+    and stacks each batch anew: a pass took 2.9 ms on bench_small (1024 examples), 1.6 ms on
+    bench_mlp, work that is the harness's and not NNGeometry's (jaxgeom's builds take the
+    whole arrays and cut them inside the timed call)."""
+    import torch
+
+    class ChunkLoader(torch.utils.data.DataLoader):
+        def __iter__(self):
+            return iter(views)
+
+    inputs, labels = _tensors(x, y)
+    views = _cut(inputs, labels, batch_size)
+    return ChunkLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=batch_size,
+                       shuffle=False)
 
 
 def _without_cached_factors(F):
@@ -311,4 +353,151 @@ def kfac_jax_case(apply_fn: Callable, params: Any, x: np.ndarray, y: np.ndarray,
             jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(mv))))
     except Exception as e:  # noqa: BLE001
         out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return out
+
+
+# ----------------------------------------------------------------------------- curvlinops
+
+#: the representations curvlinops has an operator for, and the operator's class name
+CURVLINOPS_OPERATORS = {"PMatKFAC": "KFACLinearOperator", "PMatEKFAC": "EKFACLinearOperator",
+                        "PMatImplicit": "GGNLinearOperator"}
+
+
+def curvlinops_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray,
+                    representation: str, timed: Callable, repeats: int, operations,
+                    vector: Any, regul: float = 1e-3, device: str = "cpu",
+                    keep: dict | None = None, vectors: str = "params") -> dict:
+    """curvlinops' operator of the Fisher that jaxgeom's ``representation`` holds, on the
+    PyTorch twin of the model (same weights, data and chunks), and its operations.
+
+    - ``PMatKFAC`` / ``PMatEKFAC``: ``KFACLinearOperator`` / ``EKFACLinearOperator`` of the
+      exact Fisher (``fisher_type="type-2"``: a backward pass per column of the loss
+      Hessian's square root) and of one Monte-Carlo sample (``"mc"``), KFAC-expand, the
+      bias a column of the weight's input factor (``separate_weight_and_bias=False``, as
+      jaxgeom and NNGeometry), the mean over the data (``CrossEntropyLoss``'s mean). A
+      build is the operator made and its factors computed (EKFAC's with the
+      eigendecompositions and the corrected eigenvalues, as jaxgeom's build with its
+      refit); ``refit`` recomputes the corrected eigenvalues. ``trace`` and
+      ``frobenius_norm`` are its properties with their cache dropped before each call.
+      KFAC's ``solve`` is a new ``KFACInverseLinearOperator`` with the π heuristic
+      (``use_heuristic_damping``, NNGeometry's and kfac-jax's damping) applied to the
+      vector — the factors' inverses and the product; ``inv`` the inverses alone, ``inv_mv``
+      the product with them cached; ``solve_exact`` the exactly damped inverse
+      (``use_exact_damping``: the factors' eigendecompositions). EKFAC's ``solve`` is its
+      exactly damped inverse (the only damping curvlinops gives EKFAC), new each call;
+    - ``PMatImplicit``: ``GGNLinearOperator`` (the exact GGN, the Fisher of the
+      cross-entropy): its making is the build (``FisherMCLinearOperator`` for
+      ``build_mc``), ``mv`` one pass over the data, ``vTMv`` that product dotted with the
+      vector. No trace, norm or solve of its own (estimators only): not timed.
+
+    ``vector``: jaxgeom's vector as a params-shaped pytree (Flax layout), taken to the
+    twin's layout (``models.torch_model``): a list of a tensor per parameter for
+    ``vectors="params"``, their concatenation for ``"flat"``. ``vTMv_value`` (and
+    ``trace_value``) let the report check that both sides hold the same matrix."""
+    reason = available("curvlinops")
+    if reason:
+        return dict(skipped=reason)
+    if representation not in CURVLINOPS_OPERATORS:
+        return dict(skipped=f"curvlinops has no {representation}")
+    import curvlinops
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if device != "cpu":
+        if not torch.cuda.is_available():
+            return dict(skipped=f"this PyTorch ({torch.__version__}) has no CUDA")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        timed_on_cpu = timed
+
+        def timed(fn, repeats):  # noqa: F811 - the same, waiting for the kernels
+            return timed_on_cpu(_synchronized(fn, device), repeats)
+
+    model = models.torch_model(spec, params).to(device)
+    theta = [p for p in model.parameters() if p.requires_grad]
+    loader = [(a.to(device), b.to(device)) for a, b in chunks(x, y, spec.batch_size)]
+    with torch.no_grad():
+        v = [p.detach().clone() for p in models.torch_model(spec, vector).to(device).parameters()]
+    if vectors == "flat":
+        v = torch.cat([p.reshape(-1) for p in v])
+    loss = torch.nn.CrossEntropyLoss()
+    common = dict(progressbar=False, check_deterministic=False, num_data=len(y))
+    kronecker = representation in ("PMatKFAC", "PMatEKFAC")
+    operator = getattr(curvlinops, CURVLINOPS_OPERATORS[representation])
+
+    def make(fisher_type):
+        if not kronecker:
+            if fisher_type == "type-2":
+                return curvlinops.GGNLinearOperator(model, loss, theta, loader, **common)
+            return curvlinops.FisherMCLinearOperator(model, loss, theta, loader, **common)
+        F = operator(model, loss, theta, loader, fisher_type=fisher_type, mc_samples=1,
+                     kfac_approx="expand", num_per_example_loss_terms=1,
+                     separate_weight_and_bias=False, **common)
+        F.compute_kronecker_factors()
+        if representation == "PMatEKFAC":
+            F.compute_eigenvalue_correction()
+        return F
+
+    def refit(F):
+        F._corrected_eigenvalues.clear()  # it adds to them otherwise
+        F.compute_eigenvalue_correction()
+
+    def uncached(F, name):
+        def get():
+            F._reset_matrix_properties()
+            return getattr(F, name)
+        return get
+
+    def inverse(F, **damping):
+        return curvlinops.KFACInverseLinearOperator(F, damping=regul, **damping)
+
+    def inverted(F):
+        inv = inverse(F, use_heuristic_damping=True)
+        for name in F._mapping:
+            inv._compute_or_get_cached_inverse(name)
+        return inv
+
+    def dot(a, b):
+        if isinstance(a, torch.Tensor):
+            return torch.dot(a, b)
+        return sum(torch.sum(p * q) for p, q in zip(a, b))
+
+    out: dict = {}
+
+    def row(name, fn):
+        if keep is not None:
+            keep[name] = fn if device == "cpu" else _synchronized(fn, device)
+        return timed(fn, repeats)
+
+    try:
+        out["build"] = row("build", lambda: make("type-2"))
+        out["build_mc"] = row("build_mc", lambda: make("mc"))
+        F = make("type-2")
+        if representation == "PMatEKFAC":
+            out["refit"] = row("refit", lambda: refit(F))
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return out
+    ops = {"mv": lambda: F @ v, "vTMv": lambda: dot(v, F @ v)}
+    if kronecker:
+        ops.update(trace=uncached(F, "trace"), frobenius_norm=uncached(F, "frobenius_norm"))
+    if representation == "PMatKFAC":
+        ops.update(solve=lambda: inverse(F, use_heuristic_damping=True) @ v,
+                   solve_exact=lambda: inverse(F, use_exact_damping=True) @ v,
+                   inv=lambda: inverted(F))
+        cached = inverted(F)
+        ops["inv_mv"] = lambda: cached @ v
+    elif representation == "PMatEKFAC":
+        ops["solve"] = lambda: inverse(F, use_exact_damping=True) @ v
+    extra = ("inv", "inv_mv", "solve_exact") if "solve" in operations else ()
+    for op in (*operations, *extra):
+        if op not in ops:
+            continue
+        try:
+            out[op] = row(op, ops[op])
+        except Exception as e:  # noqa: BLE001
+            out[op] = dict(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    for key, value in (("vTMv_value", ops["vTMv"]), ("trace_value", ops.get("trace"))):
+        if value is not None:
+            out[key] = float(value())
     return out

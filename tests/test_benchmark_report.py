@@ -100,6 +100,29 @@ def test_the_three_times_rule_applies_where_the_peer_is_far_off_the_floor(bench_
     assert short.endswith("1: m PMatKFAC build_mc 2.50 (kfac-jax 3.50× its floor)")
 
 
+def test_curvlinops_is_a_peer_of_the_table_and_of_the_targets(bench_fim):
+    """Its figures get their own columns (time, ratio), its rows behind are named, the 3×
+    rule holds against it, and the report checks that it held the same matrix."""
+    case = kfac_case(build=0.12, build_mc=0.06, mv=0.002, ng={}, kj={})
+    case["curvlinops"] = {"build": timing(0.6),  # 6× off the 0.1 s floor, 5× ahead: met
+                          "build_mc": timing(0.16),  # 3.2× off the 0.05 s floor, 2.67× ahead
+                          "mv": timing(0.0015), "trace_value": 2.0, "vTMv_value": 3.0}
+    case.update(trace_value=2.0, vTMv_value=3.3)
+    results = run({"PMatKFAC": case}, FLOORS)
+    rows, notes = bench_fim.table_rows(results)
+    header = rows[0]
+    build = next(r for r in rows if r[2] == "build")
+    assert build[header.index("curvlinops")] == "600.00 ms"
+    assert build[header.index("cl/jg")] == "5.00"
+    assert len(set(map(len, rows))) == 1  # the floor rows are as wide as the others
+    lines = bench_fim.targets(results)
+    assert lines[1].endswith("1: m PMatKFAC mv 0.75 (curvlinops)")
+    assert lines[4].endswith("1: m PMatKFAC build_mc 2.67 (curvlinops 3.20× its floor)")
+    assert "m PMatKFAC: trace jaxgeom 2, curvlinops 2, rel. diff 0.0e+00 OK" in notes
+    assert ("m PMatKFAC: vᵀFv of the same v, jaxgeom 3.3, curvlinops 3, rel. diff 1.0e-01 "
+            "MISMATCH") in notes
+
+
 def paired_case(mv_ratio, interval, mv=0.002):
     """A KFAC case whose ``mv`` was paired against NNGeometry: the paired ratio and the
     interval of its rounds' ratios."""
