@@ -17,6 +17,9 @@ floor, most of it in those writes. This script times the same writes, bench_smal
 - ``jaxgeom``: the builder's form (the outer products fused into the writes);
 - ``formed pieces``: each layer's outer product formed first (an optimisation barrier),
   then written as its ``(C, a·g)`` reshape;
+- ``reshaped apart``: the same with a second barrier between the reshape and the write (on
+  XLA:CPU both barriers are gone before fusion — its pipeline expands them early —, and
+  the product, the reshape and the write are still one kernel);
 - ``whole rows`` / ``flat rows``: a formed ``(C, d)`` block of rows copied in (no
   arithmetic: a copy's cost), as a 2-D and as a 1-D ``dynamic_update_slice``;
 - ``scatter windows``: ``lax.scatter`` of the ``a`` windows ``(C, g)`` of each layer;

@@ -244,6 +244,16 @@ def no_host_callbacks() -> Iterator[None]:
         yield
 
 
+def host_lapack_allowed() -> bool:
+    """Whether a factorisation traced here may call LAPACK through a host callback
+    (:func:`jaxgeom._symmetric.spd_inverse`): not inside :func:`no_host_callbacks`, nor
+    under a one-thread hold — there XLA runs the factorisations side by side on its pool,
+    while Python callbacks take the interpreter's lock and would run them in turn
+    (bench_mlp's π-damped KFAC ``inv``: 32 ms either way, its six inverses' host calls one
+    after another)."""
+    return not (getattr(_NO_CALLBACKS, "active", None) or getattr(_HELD_HERE, "active", None))
+
+
 @contextlib.contextmanager
 def _set_in_this_thread(flag: threading.local, value: Any = True) -> Iterator[None]:
     """``flag.active = value`` in the block, in this thread."""

@@ -34,6 +34,7 @@ from pmat_checks import (
     factor_damped_dense,
 )
 
+import jaxgeom._symmetric as symmetric_module
 from jaxgeom import (
     FIM,
     FIM_MonteCarlo,
@@ -585,6 +586,26 @@ def test_products_in_every_kernel_layout(make, input_major):
                                K.inv(lam, damping="pi").to_dense() @ v, rtol=1e-7)
     np.testing.assert_allclose((K @ (2.0 * K)).mv(v), 2 * dense @ (dense @ v), **TOL)
     check_eigsh(K, dense)  # the eigenvectors' layer matrices in every kernel layout
+
+
+@pytest.mark.parametrize("damping", ["pi", "pi_one"])
+def test_factor_damped_inverse_of_factors_inverted_on_the_host(damping):
+    """An input factor of order ≥ ``POTRI_MIN_ORDER`` is inverted by LAPACK's ``potri`` on
+    a CPU (a host call in the program); the inverse is the damped factors' inverses all
+    the same, against float64's ``np.linalg.inv``."""
+    a, g, lam = symmetric_module.POTRI_MIN_ORDER + 1, 3, 1e-2
+    keys = jax.random.split(KEY, 2)
+    A, G = ((lambda m: m @ m.T / n)(np.asarray(jax.random.normal(k, (n, 2 * n))))
+            for k, n in zip(keys, (a, g)))
+    node = Kron(A, G)
+    damped = node.factor_damped(lam, damping)
+    inverse = jax.jit(lambda n: n.factor_damped(lam, damping).inverse())(node)
+    np.testing.assert_allclose(inverse.A, np.linalg.inv(np.asarray(damped.A)), rtol=1e-9,
+                               atol=1e-9)
+    np.testing.assert_allclose(inverse.G, np.linalg.inv(np.asarray(damped.G)), rtol=1e-9,
+                               atol=1e-9)
+    program = str(jax.make_jaxpr(lambda n: n.factor_damped(lam, damping).inverse())(node))
+    assert program.count("pure_callback") == (1 if jax.default_backend() == "cpu" else 0)
 
 
 def test_blocks_applied_to_the_transposed_matrix():

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgeom._symmetric import cho_solve, cholesky, spd_solve, symmetric_solve
+import jaxgeom
+import jaxgeom._symmetric as symmetric_module
+from jaxgeom._symmetric import cho_solve, cholesky, spd_inverse, spd_solve, symmetric_solve
 
 
 def spd(n: int, seed: int = 0, batch: tuple[int, ...] = ()) -> np.ndarray:
@@ -108,3 +110,74 @@ def test_a_vmapped_solve_over_a_stack_of_matrices_finishes():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.strip().splitlines()[-1]) < 1e-10
+
+
+# the inverse: solves of the identity below POTRI_MIN_ORDER, LAPACK's potri (a host call)
+# on a CPU from it; both against float64's inverse
+INVERSE_ORDERS = [5, symmetric_module.POTRI_MIN_ORDER + 3]
+
+
+@pytest.mark.parametrize("n", INVERSE_ORDERS)
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float64, 1e-10), (jnp.float32, 1e-4)])
+def test_spd_inverse_is_the_inverse_read_from_the_upper_triangle(n, dtype, rtol):
+    m = spd(n, seed=3)
+    garbage_below = np.triu(m) + np.tril(np.full_like(m, 1e3), -1)
+    inverse = np.asarray(jax.jit(spd_inverse)(jnp.asarray(garbage_below, dtype)))
+    np.testing.assert_allclose(inverse, np.linalg.inv(m), rtol=rtol, atol=rtol)
+    np.testing.assert_array_equal(inverse, inverse.T)  # exactly symmetric
+
+
+@pytest.mark.parametrize("n", INVERSE_ORDERS)
+def test_spd_inverse_of_an_indefinite_matrix_is_nan(n):
+    m = spd(n, seed=4)
+    m[0, 0] = -1.0
+    assert np.isnan(np.asarray(spd_inverse(jnp.asarray(m)))).all()
+
+
+@pytest.mark.parametrize("n", INVERSE_ORDERS)
+def test_spd_inverse_differentiates_as_minus_x_dm_x(n):
+    m, dm = spd(n, seed=5), spd(n, seed=6)
+    x, dx = jax.jvp(spd_inverse, (jnp.asarray(m),), (jnp.asarray(dm),))
+    x_ref = np.linalg.inv(m)
+    np.testing.assert_allclose(np.asarray(dx), -x_ref @ dm @ x_ref, rtol=1e-9, atol=1e-9)
+    # reverse mode: ∂ tr(C m⁻¹)/∂m = −(m⁻¹ C m⁻¹)ᵀ
+    c = np.random.default_rng(7).standard_normal((n, n))
+    grad = jax.grad(lambda m: jnp.sum(c * spd_inverse(m)))(jnp.asarray(m))
+    np.testing.assert_allclose(np.asarray(grad), -(x_ref @ c.T @ x_ref).T, rtol=1e-8,
+                               atol=1e-9)
+
+
+def test_a_vmapped_spd_inverse_inverts_each_matrix():
+    stack = spd(symmetric_module.POTRI_MIN_ORDER, seed=8, batch=(2,))
+    inverses = jax.jit(jax.vmap(spd_inverse))(jnp.asarray(stack))
+    np.testing.assert_allclose(np.asarray(inverses), np.linalg.inv(stack), rtol=1e-10,
+                               atol=1e-10)
+
+
+def _host_calls(fn, *args) -> int:
+    """The host callbacks in ``fn``'s program, traced anew (a new function: JAX caches a
+    function's traces, and the thread's flags are not part of the key)."""
+    return str(jax.make_jaxpr(lambda *a: fn(*a))(*args)).count("pure_callback")
+
+
+def test_spd_inverse_calls_the_host_only_where_callbacks_may_run():
+    """``potri`` through a host callback on a CPU from POTRI_MIN_ORDER; none inside
+    ``jaxgeom.no_host_callbacks()`` (``jax.export`` serialises the program) nor under a
+    one-thread LAPACK hold (XLA runs held factorisations side by side; callbacks would
+    take turns), where the solves give the same inverse."""
+    from jax import export
+
+    from jaxgeom import _lapack
+
+    m = jnp.asarray(spd(symmetric_module.POTRI_MIN_ORDER, seed=9))
+    small = m[:5, :5]
+    on_cpu = jax.default_backend() == "cpu"
+    assert _host_calls(spd_inverse, m) == (1 if on_cpu else 0)
+    assert _host_calls(spd_inverse, small) == 0
+    with jaxgeom.no_host_callbacks():
+        assert _host_calls(spd_inverse, m) == 0
+        exported = export.export(jax.jit(spd_inverse))(m)
+    np.testing.assert_allclose(np.asarray(exported.call(m)), np.linalg.inv(np.asarray(m)),
+                               rtol=1e-10, atol=1e-10)
+    with _lapack._one_lapack_thread():
+        assert _host_calls(spd_inverse, m) == 0

@@ -100,7 +100,7 @@ from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
 from jaxgeom._reporting import collects_here, report_singular_when_run, warn_if_singular
 from jaxgeom._serialization import register_dataclass
-from jaxgeom._symmetric import spd_solve, symmetric_solve
+from jaxgeom._symmetric import inverts_on_host, spd_inverse, spd_solve, symmetric_solve
 from jaxgeom.capture import (
     Captured,
     CapturePlan,
@@ -203,13 +203,6 @@ def _per_layer(layer_ids: Sequence[str], what: str, fn: Callable, parts: Sequenc
     """``fn`` of each layer's part, a refusal of its eigenvalues naming the part as
     ``what`` of its layer (:func:`~jaxgeom.pmat._spectral.each_part`)."""
     return _spectral.each_part([f"{what}layer {i!r}" for i in layer_ids], fn, parts)
-
-
-def _sym(m: jax.Array) -> jax.Array:
-    """``(M + Mᵀ)/2``: an inverse from triangular solves made exactly symmetric, and given
-    back in the row-major layout (LAPACK's is column-major: a K-FAC optimizer state that
-    kept it copied every inverse factor twice a step, ≈ 2.5 ms on bench_mlp)."""
-    return (m + m.T) / 2
 
 
 @register_dataclass
@@ -408,8 +401,8 @@ class Kron:
     def inverse(self) -> Kron:
         """``A⁻¹ ⊗ G⁻¹`` through Cholesky factorisations (positive-definite factors)."""
         self._check_symmetric("inv")
-        a = 1 / self.A if self.A.ndim == 1 else _sym(spd_solve(self.A, _eye_like(self.A)))
-        return Kron(a, _sym(spd_solve(self.G, _eye_like(self.G))))
+        a = 1 / self.A if self.A.ndim == 1 else spd_inverse(self.A)
+        return Kron(a, spd_inverse(self.G))
 
     def factor_damped(self, regul, damping: str) -> Kron:
         """The block with each factor damped (a ``damping`` of :data:`FACTORED_DAMPINGS`):
@@ -1015,7 +1008,14 @@ class PMatKFAC(PMatAbstract):
         factorisations do not: bench_mlp's π-damped ``solve`` 28.0 → 26.5 ms, and a loop of it and a
         Monte-Carlo build 63.5 → 47.5 ms, no LAPACK thread left spinning into the build)."""
         if operation == "_factor_damped_inverse":
-            return self._factor_damped_orders(args[1] if len(args) > 1 else kwargs["damping"])
+            orders = self._factor_damped_orders(args[1] if len(args) > 1 else kwargs["damping"])
+            if jax.default_backend() == "cpu" and any(
+                    inverts_on_host(n, self.dtype) for n in orders):
+                # LAPACK's potri, one host call after another (Python's lock), each on
+                # LAPACK's threads: a hold would put them on one thread and back on the
+                # solves (bench_resnet's inv 290 → … ms)
+                return []
+            return orders
         if operation == "solve":
             method = kwargs.get("method") or self.SOLVE_METHODS[0]
             if method != "eigh":
