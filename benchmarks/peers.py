@@ -63,6 +63,22 @@ def _synchronized(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
     return run
 
 
+def _torch_on(device: str, timed: Callable) -> tuple[Callable, str | None]:
+    """PyTorch set up to run as jaxgeom does: every CPU thread; on CUDA, TF32 off in
+    matmuls and convolutions and ``timed`` waiting for the kernels. ``(timed, None)``, or
+    ``(timed, reason)`` when ``device`` cannot run."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if device == "cpu":
+        return timed, None
+    if not torch.cuda.is_available():
+        return timed, f"this PyTorch ({torch.__version__}) has no CUDA"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return (lambda fn, repeats: timed(_synchronized(fn, device), repeats)), None
+
+
 def _cuda_peak_mb(fn: Callable[[], Any]) -> float:
     """Peak CUDA memory (MiB) allocated by PyTorch during one call, above that before it."""
     import torch
@@ -102,18 +118,11 @@ def nngeometry_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
     from nngeometry.layercollection import LayerCollection
     from nngeometry.object.vector import PVector, random_pvector
 
-    torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
+    timed, reason = _torch_on(device, timed)
+    if reason:
+        return dict(skipped=reason)
     if device != "cpu":
-        if not torch.cuda.is_available():
-            return dict(skipped=f"this PyTorch ({torch.__version__}) has no CUDA")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        timed_on_cpu = timed
-
-        def timed(fn, repeats):  # noqa: F811 - the same, waiting for the kernels
-            return timed_on_cpu(_synchronized(fn, device), repeats)
-
         memory = _cuda_peak_mb
     rep = getattr(ngo, representation, None)
     if rep is None:
@@ -402,17 +411,9 @@ def curvlinops_case(spec: models.Spec, params: Any, x: np.ndarray, y: np.ndarray
     import curvlinops
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    if device != "cpu":
-        if not torch.cuda.is_available():
-            return dict(skipped=f"this PyTorch ({torch.__version__}) has no CUDA")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        timed_on_cpu = timed
-
-        def timed(fn, repeats):  # noqa: F811 - the same, waiting for the kernels
-            return timed_on_cpu(_synchronized(fn, device), repeats)
-
+    timed, reason = _torch_on(device, timed)
+    if reason:
+        return dict(skipped=reason)
     model = models.torch_model(spec, params).to(device)
     theta = [p for p in model.parameters() if p.requires_grad]
     loader = [(a.to(device), b.to(device)) for a, b in chunks(x, y, spec.batch_size)]
