@@ -141,6 +141,9 @@ def _host_potri(m: np.ndarray) -> np.ndarray:
 
 
 def _symmetrised(m: jax.Array) -> jax.Array:
+    """``(M + Mᵀ)/2``: an inverse from triangular solves made exactly symmetric, and in
+    the row-major layout (LAPACK's is column-major: a K-FAC optimizer state that kept it
+    copied every inverse factor twice a step, ≈ 2.5 ms on bench_mlp)."""
     return (m + m.T) / 2
 
 
