@@ -60,9 +60,9 @@ def spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
 
 
 #: the smallest order whose CPU inverse goes to LAPACK's ``potri`` (:func:`spd_inverse`):
-#: below it the host call's fixed cost outweighs what ``potri`` saves (128²: 0.18 ms by
-#: the solves, 0.31 ms by ``potri``; 256²: 0.81 and 0.76 ms)
-POTRI_MIN_ORDER = 256
+#: below it the host call's copies and fixed cost outweigh what ``potri`` saves (256²:
+#: 1.10 ms by the solves, 1.44 ms by ``potri``; 513²: 6.0 and 4.8 ms)
+POTRI_MIN_ORDER = 512
 
 
 def spd_inverse(m: jax.Array) -> jax.Array:
@@ -73,9 +73,12 @@ def spd_inverse(m: jax.Array) -> jax.Array:
     (SciPy's, the LAPACK jaxlib's own CPU kernels call, in a host callback), ``n³/2``
     multiply-adds; elsewhere, and below that order, the Cholesky factor's two triangular
     solves of the identity (jaxlib has no ``potri``), ``7n³/6``. On a 2-core AMD EPYC VM
-    (float32, under ``jit``): 4097² 995 → 546 ms, 2049² 140 → 72 ms, 785² 11.5 → 6.8 ms,
-    513² 4.3 → 2.5 ms, with the same errors. The callback copies ``m`` in and the inverse
-    out (≈ 80 ms of the 4097²'s). Where ``m`` is not positive definite the result is all
+    (float32, under ``jit``): 4097² 1027 → 629 ms, 2049² 157 → 100 ms, 785² 13.1 → 10.9
+    ms, 513² 6.0 → 4.8 ms, with the same errors. The callback copies ``m`` in and the
+    inverse out, and fills the upper triangle on the host (≈ 200 ms of the 4097²'s: on the
+    device, a ``where`` of the result and its transpose, XLA fused into the inverse's
+    consumers and compiled a K-FAC optimizer step in 6 s instead of 1). Where ``m`` is not
+    positive definite the result is all
     NaN, as the Cholesky solve's. Differentiable: ``d(m⁻¹) = −m⁻¹ dm m⁻¹``. Traced inside
     :func:`jaxgeom.no_host_callbacks`, or where LAPACK is held to one thread for
     factorisations side by side (:func:`jaxgeom._lapack.host_lapack_allowed`), the solves.
@@ -90,7 +93,7 @@ def inverts_on_host(order: int, dtype: Any) -> bool:
     """Whether :func:`spd_inverse`, traced here, inverts a matrix of ``order`` and
     ``dtype`` through LAPACK's ``potri`` on the host (on a CPU)."""
     return (order >= POTRI_MIN_ORDER and jnp.dtype(dtype) in _POTRI
-            and host_lapack_allowed())
+            and jax.default_backend() == "cpu" and host_lapack_allowed())
 
 
 # the choice a static argument: JAX caches the traced rule by its arguments, and would
@@ -102,13 +105,9 @@ def _spd_inverse(m: jax.Array, on_host: bool) -> jax.Array:
 
     def by_potri(m):
         result = jax.ShapeDtypeStruct(m.shape, m.dtype)
-        upper = jax.pure_callback(_host_potri, result, m, vmap_method="sequential")
-        above = jnp.arange(m.shape[0])[:, None] <= jnp.arange(m.shape[0])[None, :]
-        return jnp.where(above, upper, upper.T)  # 4097²: 39 ms; triu + triu(…).T 67 ms
+        return jax.pure_callback(_host_potri, result, m, vmap_method="sequential")
 
-    if not on_host:
-        return by_solves(m)
-    return lax.platform_dependent(m, cpu=by_potri, default=by_solves)
+    return by_potri(m) if on_host else by_solves(m)
 
 
 @_spd_inverse.defjvp
@@ -124,11 +123,9 @@ _POTRI = {jnp.dtype(jnp.float32): ("spotrf", "spotri"),
 
 
 def _host_potri(m: np.ndarray) -> np.ndarray:
-    """:func:`spd_inverse` on the host, its upper triangle (the rest is left as it is):
-    ``m.T`` (a view: ``m``'s upper triangle is its column-major lower one, as LAPACK reads
-    it) factorised into a copy, inverted in place, and given back as the row-major view of
-    that column-major result (no copy; the device fills the lower triangle, in one pass
-    where NumPy took three)."""
+    """:func:`spd_inverse` on the host: ``m.T`` (a view: ``m``'s upper triangle is its
+    column-major lower one, as LAPACK reads it) factorised into a copy, inverted in place
+    (its lower triangle), and that triangle mirrored."""
     from scipy.linalg import lapack
 
     m = np.asarray(m)
@@ -137,7 +134,9 @@ def _host_potri(m: np.ndarray) -> np.ndarray:
     if info != 0:  # not positive definite (info > 0) or a NaN entry
         return np.full(m.shape, np.nan, m.dtype)
     inverse, _ = potri(factor, lower=1, overwrite_c=1)
-    return inverse.T
+    lower = np.tril(inverse)
+    lower += np.tril(lower, -1).T
+    return lower
 
 
 def _symmetrised(m: jax.Array) -> jax.Array:

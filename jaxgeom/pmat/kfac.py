@@ -100,7 +100,7 @@ from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
 from jaxgeom._reporting import collects_here, report_singular_when_run, warn_if_singular
 from jaxgeom._serialization import register_dataclass
-from jaxgeom._symmetric import inverts_on_host, spd_inverse, spd_solve, symmetric_solve
+from jaxgeom._symmetric import spd_inverse, spd_solve, symmetric_solve
 from jaxgeom.capture import (
     Captured,
     CapturePlan,
@@ -1009,14 +1009,7 @@ class PMatKFAC(PMatAbstract):
         factorisations do not: bench_mlp's π-damped ``solve`` 28.0 → 26.5 ms, and a loop of it and a
         Monte-Carlo build 63.5 → 47.5 ms, no LAPACK thread left spinning into the build)."""
         if operation == "_factor_damped_inverse":
-            orders = self._factor_damped_orders(args[1] if len(args) > 1 else kwargs["damping"])
-            if jax.default_backend() == "cpu" and any(
-                    inverts_on_host(n, self.dtype) for n in orders):
-                # LAPACK's potri, one host call after another (Python's lock), each on
-                # LAPACK's threads; a hold would put them back on the solves, side by
-                # side (bench_resnet's jitted inv: 300 ms held, 130 ms so)
-                return []
-            return orders
+            return self._factor_damped_orders(args[1] if len(args) > 1 else kwargs["damping"])
         if operation == "solve":
             method = kwargs.get("method") or self.SOLVE_METHODS[0]
             if method != "eigh":
