@@ -18,7 +18,6 @@ matrices are symmetric by construction.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,22 +77,16 @@ def spd_inverse(m: jax.Array) -> jax.Array:
     inverse out, and fills the upper triangle on the host (≈ 200 ms of the 4097²'s: on the
     device, a ``where`` of the result and its transpose, XLA fused into the inverse's
     consumers and compiled a K-FAC optimizer step in 6 s instead of 1). Where ``m`` is not
-    positive definite the result is all
-    NaN, as the Cholesky solve's. Differentiable: ``d(m⁻¹) = −m⁻¹ dm m⁻¹``. Traced inside
-    :func:`jaxgeom.no_host_callbacks`, or where LAPACK is held to one thread for
-    factorisations side by side (:func:`jaxgeom._lapack.host_lapack_allowed`), the solves.
+    positive definite the result is all NaN, as the Cholesky solve's. Differentiable:
+    ``d(m⁻¹) = −m⁻¹ dm m⁻¹``. Traced inside :func:`jaxgeom.no_host_callbacks`, or where
+    LAPACK is held to one thread for factorisations side by side
+    (:func:`jaxgeom._lapack.host_lapack_allowed`), the solves.
 
     Shapes ``(n, n) -> (n, n)`` (a batch of matrices: under ``vmap``, one host call each).
     """
-    on_host = m.ndim == 2 and inverts_on_host(m.shape[0], m.dtype)
+    on_host = (m.ndim == 2 and m.shape[0] >= POTRI_MIN_ORDER and m.dtype in _POTRI
+               and jax.default_backend() == "cpu" and host_lapack_allowed())
     return _spd_inverse(m, on_host)
-
-
-def inverts_on_host(order: int, dtype: Any) -> bool:
-    """Whether :func:`spd_inverse`, traced here, inverts a matrix of ``order`` and
-    ``dtype`` through LAPACK's ``potri`` on the host (on a CPU)."""
-    return (order >= POTRI_MIN_ORDER and jnp.dtype(dtype) in _POTRI
-            and jax.default_backend() == "cpu" and host_lapack_allowed())
 
 
 # the choice a static argument: JAX caches the traced rule by its arguments, and would
