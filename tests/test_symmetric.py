@@ -127,6 +127,17 @@ def test_spd_inverse_is_the_inverse_read_from_the_upper_triangle(n, dtype, rtol)
     np.testing.assert_array_equal(inverse, inverse.T)  # exactly symmetric
 
 
+@pytest.mark.parametrize("n, panel", [(1, 4), (4, 4), (5, 4), (11, 4), (130, 64)])
+def test_mirror_upper_makes_the_symmetric_matrix_of_the_upper_triangle(n, panel):
+    """The host's mirror (panel by panel, in place): ``triu(u) + triu(u, 1)ᵀ`` whatever the
+    lower triangle held, for orders below, at and across a panel's width."""
+    u = np.random.default_rng(n).standard_normal((n, n))
+    expected = np.triu(u) + np.triu(u, 1).T
+    mirrored = symmetric_module._mirror_upper(u, panel)
+    assert mirrored is u
+    np.testing.assert_array_equal(mirrored, expected)
+
+
 @pytest.mark.parametrize("n", INVERSE_ORDERS)
 def test_spd_inverse_of_an_indefinite_matrix_is_nan(n):
     m = spd(n, seed=4)
