@@ -39,6 +39,12 @@ driver's first pass not waited for, :mod:`jaxgeom.streaming`). Elsewhere (KFAC's
 ``inv``, ``pinv``) they stay on LAPACK's threads, not waited for: waiting cost more there
 than the spinning (bench_small's eager ``pinv`` 2.3 against 2.9 ms).
 
+Inside a host callback (:func:`host_side_by_side`: the inverses of
+:func:`jaxgeom._symmetric.spd_inverses`, LAPACK's ``potri``, which XLA has not), the same
+chains run from Python threads, LAPACK called through ``ctypes`` so that Python's lock is
+let go while it runs: XLA runs a program's host callbacks one at a time, so one callback
+takes all the matrices and deals them itself.
+
 The thread limit applies to every BLAS library loaded in the process (set through
 ``threadpoolctl``), held only while the call runs (the call is waited for inside it);
 holds are counted, so that those of several threads overlap (:class:`_OneThreadHold`).
@@ -147,6 +153,39 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     return results
 
 
+def host_side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
+                      orders: Sequence[int]) -> list[Any]:
+    """``[fn(item) for item in items]`` on the host (in a host callback), where the calls
+    are independent, ``fn(items[i])`` factorises a matrix of order ``orders[i]`` and lets
+    go of Python's lock while LAPACK runs (LAPACK called through ``ctypes``).
+
+    When they finish sooner one per core (:func:`chains`): LAPACK held to one thread, the
+    chains run at once from this thread and worker threads of their own, and waited for;
+    no LAPACK thread is left spinning into the computation that follows (module
+    docstring). Otherwise in turn, on LAPACK's threads. bench_mlp's five π-damped KFAC
+    factors of order 512–785 by ``potrf`` and ``potri``: 14–15 ms in two chains, as in
+    turn on LAPACK's two threads, 25 ms in turn on one (2-core AMD EPYC VM)."""
+    items = list(items)
+    schedule = chains(orders, _cores())
+    if schedule is None:
+        return [fn(item) for item in items]
+
+    def chain(positions):
+        return [fn(items[i]) for i in positions]
+
+    with _one_lapack_thread():
+        others = [_host_workers().submit(chain, positions) for positions in schedule[1:]]
+        try:
+            first = chain(schedule[0])
+        finally:
+            concurrent.futures.wait(others)  # none left running on one LAPACK thread
+    results = [None] * len(items)
+    for positions, values in zip(schedule, [first] + [future.result() for future in others]):
+        for i, value in zip(positions, values):
+            results[i] = value
+    return results
+
+
 def chains(orders: Sequence[int], cores: int) -> list[list[int]] | None:
     """Independent factorisations of matrices of ``orders`` dealt into one chain per core, or
     ``None`` when they finish sooner in turn on LAPACK's threads.
@@ -217,6 +256,15 @@ def _workers() -> concurrent.futures.ThreadPoolExecutor:
     """The threads that run :func:`side_by_side`'s chains besides the calling one."""
     return concurrent.futures.ThreadPoolExecutor(max(_cores() - 1, 1),
                                                  thread_name_prefix="jaxgeom-lapack")
+
+
+@functools.cache
+def _host_workers() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that run :func:`host_side_by_side`'s chains besides the calling one (not
+    :func:`_workers`: a chain of :func:`side_by_side` may run a host call that waits on
+    these)."""
+    return concurrent.futures.ThreadPoolExecutor(max(_cores() - 1, 1),
+                                                 thread_name_prefix="jaxgeom-host-lapack")
 
 
 #: set in a thread while it holds LAPACK to one thread (``"eagerly"``), or traces a

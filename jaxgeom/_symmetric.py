@@ -17,14 +17,17 @@ matrices are symmetric by construction.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxgeom._lapack import host_lapack_allowed
+from jaxgeom._lapack import host_lapack_allowed, host_side_by_side
 from jaxgeom._reporting import (
     at_top_level,
     collects_here,
@@ -72,42 +75,68 @@ def spd_inverse(m: jax.Array) -> jax.Array:
     (SciPy's, the LAPACK jaxlib's own CPU kernels call, in a host callback), ``n³/2``
     multiply-adds; elsewhere, and below that order, the Cholesky factor's two triangular
     solves of the identity (jaxlib has no ``potri``), ``7n³/6``. On a 2-core AMD EPYC VM
-    (float32, under ``jit``): 4097² 1027 → 629 ms, 2049² 157 → 100 ms, 785² 13.1 → 10.9
+    (float32, under ``jit``): 4097² 1027 → 520 ms, 2049² 157 → 70–80 ms, 785² 13.1 → 7–9
     ms, 513² 6.0 → 4.8 ms, with the same errors. The callback copies ``m`` in and the
-    inverse out, and fills the upper triangle on the host (≈ 200 ms of the 4097²'s: on the
-    device, a ``where`` of the result and its transpose, XLA fused into the inverse's
-    consumers and compiled a K-FAC optimizer step in 6 s instead of 1). Where ``m`` is not
-    positive definite the result is all NaN, as the Cholesky solve's. Differentiable:
-    ``d(m⁻¹) = −m⁻¹ dm m⁻¹``. Traced inside :func:`jaxgeom.no_host_callbacks`, or where
-    LAPACK is held to one thread for factorisations side by side
-    (:func:`jaxgeom._lapack.host_lapack_allowed`), the solves.
+    inverse out, and fills the upper triangle on the host, panel by panel
+    (:func:`_mirror_upper`; on the device, a ``where`` of the result and its transpose, XLA
+    fused into the inverse's consumers and compiled a K-FAC optimizer step in 6 s instead
+    of 1). Where ``m`` is not positive definite the result is all NaN, as the Cholesky
+    solve's. Differentiable: ``d(m⁻¹) = −m⁻¹ dm m⁻¹``. Traced inside
+    :func:`jaxgeom.no_host_callbacks`, or where LAPACK is held to one thread for
+    factorisations side by side (:func:`jaxgeom._lapack.host_lapack_allowed`), the solves.
 
     Shapes ``(n, n) -> (n, n)`` (a batch of matrices: under ``vmap``, one host call each).
     """
-    on_host = (m.ndim == 2 and m.shape[0] >= POTRI_MIN_ORDER and m.dtype in _POTRI
-               and jax.default_backend() == "cpu" and host_lapack_allowed())
-    return _spd_inverse(m, on_host)
+    return spd_inverses([m])[0]
 
 
-# the choice a static argument: JAX caches the traced rule by its arguments, and would
-# otherwise keep a host callback traced before ``no_host_callbacks`` for a trace inside it
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _spd_inverse(m: jax.Array, on_host: bool) -> jax.Array:
-    def by_solves(m):
-        return _symmetrised(cho_solve(cholesky(m), jnp.eye(m.shape[0], dtype=m.dtype)))
+def spd_inverses(ms: Sequence[jax.Array]) -> list[jax.Array]:
+    """``[spd_inverse(m) for m in ms]``, those inverted on the host in one host call, side by
+    side on the CPU's cores where that is faster (:func:`jaxgeom._lapack.host_side_by_side`:
+    LAPACK held to one thread, one chain of matrices per core; its routines called through
+    ``ctypes``, which lets go of Python's lock while they run).
 
-    def by_potri(m):
-        result = jax.ShapeDtypeStruct(m.shape, m.dtype)
-        return jax.pure_callback(_host_potri, result, m, vmap_method="sequential")
+    Independent inverses run that way leave no LAPACK thread spinning into the computation
+    that follows, and need no one-thread hold around them (:mod:`jaxgeom._lapack`), under
+    which host calls are not made: bench_mlp's π-damped KFAC ``inv`` (five factors of
+    order 512–785), held, by the solves, 31–40 ms, in one host call 17 ms (2-core AMD
+    EPYC VM, ``jit``)."""
+    on_host = [m.ndim == 2 and inverts_on_host(m.shape[0], m.dtype) for m in ms]
+    hosted = iter(_host_inverses(tuple(m for m, h in zip(ms, on_host) if h))
+                  if any(on_host) else ())
+    return [next(hosted) if h else _inverse_by_solves(m) for m, h in zip(ms, on_host)]
 
-    return by_potri(m) if on_host else by_solves(m)
+
+def inverts_on_host(order: int, dtype: Any) -> bool:
+    """Whether :func:`spd_inverses`, traced here, inverts an ``(order, order)`` matrix of
+    ``dtype`` through LAPACK's ``potri`` on the host."""
+    return (order >= POTRI_MIN_ORDER and jnp.dtype(dtype) in _POTRI
+            and jax.default_backend() == "cpu" and host_lapack_allowed())
 
 
-@_spd_inverse.defjvp
-def _spd_inverse_jvp(on_host, primals, tangents):
+@jax.custom_jvp
+def _inverse_by_solves(m: jax.Array) -> jax.Array:
+    return _symmetrised(cho_solve(cholesky(m), jnp.eye(m.shape[0], dtype=m.dtype)))
+
+
+@_inverse_by_solves.defjvp
+def _inverse_by_solves_jvp(primals, tangents):
     (m,), (dm,) = primals, tangents
-    x = _spd_inverse(m, on_host)
+    x = _inverse_by_solves(m)
     return x, -x @ dm @ x
+
+
+@jax.custom_jvp
+def _host_inverses(ms: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    results = tuple(jax.ShapeDtypeStruct(m.shape, m.dtype) for m in ms)
+    return tuple(jax.pure_callback(_host_potris, results, *ms, vmap_method="sequential"))
+
+
+@_host_inverses.defjvp
+def _host_inverses_jvp(primals, tangents):
+    (ms,), (dms,) = primals, tangents
+    xs = _host_inverses(ms)
+    return xs, tuple(-x @ dm @ x for x, dm in zip(xs, dms))
 
 
 #: LAPACK's ``potrf`` and ``potri`` per dtype (SciPy's names)
@@ -115,20 +144,50 @@ _POTRI = {jnp.dtype(jnp.float32): ("spotrf", "spotri"),
           jnp.dtype(jnp.float64): ("dpotrf", "dpotri")}
 
 
-def _host_potri(m: np.ndarray) -> np.ndarray:
-    """:func:`spd_inverse` on the host: ``m.T`` (a view: ``m``'s upper triangle is its
-    column-major lower one, as LAPACK reads it) factorised into a copy, inverted in place
-    (its column-major lower triangle: the upper one of its row-major transpose, a view),
-    and that triangle mirrored in place (:func:`_mirror_upper`)."""
-    from scipy.linalg import lapack
+def _host_potris(*ms: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`_host_potri` of each of ``ms``, side by side where faster."""
+    ms = [np.asarray(m) for m in ms]
+    return tuple(host_side_by_side(_host_potri, ms, [m.shape[0] for m in ms]))
 
-    m = np.asarray(m)
-    potrf, potri = (getattr(lapack, name) for name in _POTRI[m.dtype])
-    factor, info = potrf(m.T, lower=1, clean=0)
-    if info != 0:  # not positive definite (info > 0) or a NaN entry
+
+def _host_potri(m: np.ndarray) -> np.ndarray:
+    """:func:`spd_inverse` on the host: a copy of ``m`` (row-major; as LAPACK reads it,
+    column-major, ``mᵀ``, whose lower triangle is ``m``'s upper one) factorised and
+    inverted in place (its column-major lower triangle: its row-major upper one), that
+    triangle mirrored in place (:func:`_mirror_upper`). Python's lock is let go while
+    LAPACK runs (:func:`_lapack_routines`)."""
+    potrf, potri = _lapack_routines(m.dtype)
+    a = np.array(m, order="C")
+    n, info = ctypes.c_int(a.shape[0]), ctypes.c_int(0)
+    potrf(b"L", ctypes.byref(n), a.ctypes.data, ctypes.byref(n), ctypes.byref(info))
+    if info.value != 0:  # not positive definite (info > 0) or a NaN entry
         return np.full(m.shape, np.nan, m.dtype)
-    inverse, _ = potri(factor, lower=1, overwrite_c=1)
-    return _mirror_upper(inverse.T)
+    potri(b"L", ctypes.byref(n), a.ctypes.data, ctypes.byref(n), ctypes.byref(info))
+    return _mirror_upper(a)
+
+
+@functools.cache
+def _lapack_routines(dtype: np.dtype) -> tuple[Callable[..., None], Callable[..., None]]:
+    """``potrf`` and ``potri`` of ``dtype`` from SciPy's LAPACK (``scipy.linalg.cython_lapack``,
+    whose routines jaxlib's CPU kernels call too), as ``ctypes`` functions
+    ``(uplo, n, a, lda, info)``: ``ctypes`` lets go of Python's lock during the call, and
+    calls from several threads run at once (through SciPy's own wrappers, bench_mlp's five
+    factors of order 512–785 took as long in two threads as in one: 23.7 against 22.7 ms,
+    one LAPACK thread each; 14.6 ms this way)."""
+    from scipy.linalg import cython_lapack
+
+    capsule_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+        ("PyCapsule_GetName", ctypes.pythonapi))
+    capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi))
+    int_p = ctypes.POINTER(ctypes.c_int)
+    routine = ctypes.CFUNCTYPE(None, ctypes.c_char_p, int_p, ctypes.c_void_p, int_p, int_p)
+
+    def bound(name):
+        capsule = cython_lapack.__pyx_capi__[name]
+        return routine(capsule_pointer(capsule, capsule_name(capsule)))
+
+    return tuple(bound(name) for name in _POTRI[jnp.dtype(dtype)])
 
 
 #: the panel width of :func:`_mirror_upper`: 64 rows of 4-byte entries are 4 cache lines

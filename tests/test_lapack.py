@@ -113,6 +113,42 @@ def _check_eigh(matrices, pairs):
         np.testing.assert_allclose(evals, np.linalg.eigvalsh(np.asarray(m)), atol=1e-10)
 
 
+def _host_inverse_and_context(m):
+    """A host inverse (no lock let go: enough to check the schedule), with the thread it
+    ran in and the fewest BLAS threads while it ran."""
+    import threading
+
+    return (np.linalg.inv(m), threading.current_thread().name,
+            min(_blas_threads().values()))
+
+
+@pytest.mark.parametrize("cores, chained", [(2, True), (1, False)])
+def test_host_side_by_side_runs_chains_from_threads_with_one_lapack_thread(
+        monkeypatch, small_chains, cores, chained):
+    """On the host (a host callback's body): with chains, one per core, each in its own
+    thread, LAPACK held to one thread while they run and given back after; on one core,
+    in turn in the calling thread, LAPACK's threads untouched. The results in order."""
+    import threading
+
+    monkeypatch.setattr(_lapack, "_cores", lambda: cores)
+    keys = jax.random.split(jax.random.key(1), 3)
+    matrices = [np.asarray(_spd(k, n)) for k, n in zip(keys, (22, 20, 21))]
+    before = _blas_threads()
+
+    results = _lapack.host_side_by_side(_host_inverse_and_context, matrices, [22, 20, 21])
+
+    for m, (inverse, _, _) in zip(matrices, results):
+        np.testing.assert_allclose(inverse @ m, np.eye(len(m)), atol=1e-10)
+    threads = {thread for _, thread, _ in results}
+    if chained:
+        assert len(threads) == 2 and threading.current_thread().name in threads
+        assert [blas for _, _, blas in results] == [1, 1, 1]
+    else:
+        assert threads == {threading.current_thread().name}
+        assert [blas for _, _, blas in results] == [min(before.values())] * 3
+    assert _blas_threads() == before
+
+
 @on_cpu
 def test_side_by_side_runs_chains_from_threads_with_one_lapack_thread(monkeypatch, small_chains):
     import threading

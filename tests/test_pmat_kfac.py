@@ -590,21 +590,26 @@ def test_products_in_every_kernel_layout(make, input_major):
 
 @pytest.mark.parametrize("damping", ["pi", "pi_one"])
 def test_factor_damped_inverse_of_factors_inverted_on_the_host(damping):
-    """An input factor of order ≥ ``POTRI_MIN_ORDER`` is inverted by LAPACK's ``potri`` on
-    a CPU (a host call in the program); the inverse is the damped factors' inverses all
-    the same, against float64's ``np.linalg.inv``."""
-    a, g, lam = symmetric_module.POTRI_MIN_ORDER + 1, 3, 1e-2
-    keys = jax.random.split(KEY, 2)
-    A, G = ((lambda m: m @ m.T / n)(np.asarray(jax.random.normal(k, (n, 2 * n))))
-            for k, n in zip(keys, (a, g)))
-    node = Kron(A, G)
-    damped = node.factor_damped(lam, damping)
-    inverse = jax.jit(lambda n: n.factor_damped(lam, damping).inverse())(node)
-    np.testing.assert_allclose(inverse.A, np.linalg.inv(np.asarray(damped.A)), rtol=1e-9,
-                               atol=1e-9)
-    np.testing.assert_allclose(inverse.G, np.linalg.inv(np.asarray(damped.G)), rtol=1e-9,
-                               atol=1e-9)
-    program = str(jax.make_jaxpr(lambda n: n.factor_damped(lam, damping).inverse())(node))
+    """Factors of order ≥ ``POTRI_MIN_ORDER`` are inverted by LAPACK's ``potri`` on a CPU,
+    every layer's in one host call (side by side where faster); the inverses are the
+    damped factors' all the same, against float64's ``np.linalg.inv``, a diagonal ``A``'s
+    its reciprocal."""
+    big, lam = symmetric_module.POTRI_MIN_ORDER + 1, 1e-2
+    keys = jax.random.split(KEY, 5)
+    A1, G1, G2, A3, G3 = ((lambda m: m @ m.T / n)(np.asarray(jax.random.normal(k, (n, 2 * n))))
+                          for k, n in zip(keys, (big, 3, big, big, 4)))
+    nodes = [Kron(A1, G1), Kron(np.linspace(1.0, 2.0, 5), G2), Kron(A3, G3)]
+
+    def inverted(nodes):
+        return kfac_module.inverses([n.factor_damped(lam, damping) for n in nodes])
+
+    for node, inverse in zip(nodes, jax.jit(inverted)(nodes)):
+        damped = node.factor_damped(lam, damping)
+        for got, factor in ((inverse.A, damped.A), (inverse.G, damped.G)):
+            factor = np.asarray(factor)
+            expected = 1 / factor if factor.ndim == 1 else np.linalg.inv(factor)
+            np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+    program = str(jax.make_jaxpr(inverted)(nodes))
     assert program.count("pure_callback") == (1 if jax.default_backend() == "cpu" else 0)
 
 

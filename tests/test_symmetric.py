@@ -165,6 +165,73 @@ def test_a_vmapped_spd_inverse_inverts_each_matrix():
                                atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float64, 1e-10), (jnp.float32, 1e-4)])
+def test_spd_inverses_inverts_each_matrix_the_large_ones_in_one_host_call(dtype, rtol):
+    """Matrices below and above POTRI_MIN_ORDER, each read from its upper triangle: the
+    large ones in one host call (one chain per core where faster), the others by solves;
+    an indefinite one is all NaN, the others are not."""
+    n = symmetric_module.POTRI_MIN_ORDER
+    matrices = [spd(order, seed=20 + order) for order in (n + 7, 4, n, n + 1)]
+    indefinite = spd(n + 2, seed=30)
+    indefinite[0, 0] = -1.0
+    given = [np.triu(m) + np.tril(np.full_like(m, 1e3), -1) for m in matrices + [indefinite]]
+    args = [jnp.asarray(m, dtype) for m in given]
+
+    inverses = jax.jit(symmetric_module.spd_inverses)(args)
+
+    for m, inverse in zip(matrices, inverses):
+        np.testing.assert_allclose(np.asarray(inverse), np.linalg.inv(m), rtol=rtol,
+                                   atol=rtol)
+        np.testing.assert_array_equal(inverse, inverse.T)
+    assert np.isnan(np.asarray(inverses[-1])).all()
+    on_cpu = jax.default_backend() == "cpu"
+    assert _host_calls(symmetric_module.spd_inverses, args) == (1 if on_cpu else 0)
+
+
+def _ticks_during(call) -> int:
+    """How many times another Python thread ticked (every 0.5 ms) while ``call()`` ran."""
+    import threading
+    import time
+
+    ticks, done = [], threading.Event()
+
+    def tick():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0005)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        time.sleep(0.002)
+        start = time.perf_counter()
+        call()
+        end = time.perf_counter()
+    finally:
+        done.set()
+        ticker.join()
+    return sum(start < t < end for t in ticks)
+
+
+def test_host_lapack_routines_let_go_of_pythons_lock():
+    """The host's ``potrf``/``potri`` are SciPy's LAPACK routines called through ``ctypes``,
+    which lets go of Python's lock: another Python thread runs while one factorises, and
+    the results are right."""
+    import ctypes
+
+    m = spd(1500, seed=11)
+    potrf, _ = symmetric_module._lapack_routines(m.dtype)
+    a, n, info = np.array(m), ctypes.c_int(len(m)), ctypes.c_int(0)
+
+    def by_ctypes():
+        potrf(b"L", ctypes.byref(n), a.ctypes.data, ctypes.byref(n), ctypes.byref(info))
+
+    assert _ticks_during(by_ctypes) >= 2
+    assert info.value == 0
+    np.testing.assert_allclose(np.tril(a.T), np.linalg.cholesky(m), atol=1e-10)
+    np.testing.assert_allclose(symmetric_module._host_potri(m) @ m, np.eye(len(m)), atol=1e-8)
+
+
 def _host_calls(fn, *args) -> int:
     """The host callbacks in ``fn``'s program, traced anew (a new function: JAX caches a
     function's traces, and the thread's flags are not part of the key)."""

@@ -100,7 +100,7 @@ from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
 from jaxgeom._reporting import collects_here, report_singular_when_run, warn_if_singular
 from jaxgeom._serialization import register_dataclass
-from jaxgeom._symmetric import spd_inverse, spd_solve, symmetric_solve
+from jaxgeom._symmetric import inverts_on_host, spd_inverses, spd_solve, symmetric_solve
 from jaxgeom.capture import (
     Captured,
     CapturePlan,
@@ -399,11 +399,8 @@ class Kron:
         return x / self.A if self.A.ndim == 1 else spd_solve(self.A, x.T).T
 
     def inverse(self) -> Kron:
-        """``A⁻¹ ⊗ G⁻¹`` of positive-definite factors (:func:`jaxgeom._symmetric.spd_inverse`:
-        LAPACK's ``potri`` on a CPU for the large ones, else Cholesky solves)."""
-        self._check_symmetric("inv")
-        a = 1 / self.A if self.A.ndim == 1 else spd_inverse(self.A)
-        return Kron(a, spd_inverse(self.G))
+        """``A⁻¹ ⊗ G⁻¹`` of positive-definite factors (:func:`inverses`)."""
+        return inverses([self])[0]
 
     def factor_damped(self, regul, damping: str) -> Kron:
         """The block with each factor damped (a ``damping`` of :data:`FACTORED_DAMPINGS`):
@@ -475,6 +472,22 @@ class Kron:
                 "frobenius_norm and to_dense are exact. Apply the matrices in turn instead, "
                 "e.g. (F1 F2)⁻¹ v = F2.solve(F1.solve(v)), or solve the dense product "
                 "PMatDense.from_pmat(F1 @ F2).solve(v, method='lstsq')")
+
+
+
+def inverses(nodes: Sequence[Kron]) -> tuple[Kron, ...]:
+    """``A⁻¹ ⊗ G⁻¹`` of each block of positive-definite factors: all the square factors in
+    one :func:`jaxgeom._symmetric.spd_inverses` (LAPACK's ``potri`` on a CPU for the large
+    ones, in one host call, side by side where faster; else Cholesky solves), a diagonal
+    ``A`` by its reciprocal. Cost ``Σ (a³ + g³)/2``."""
+    for node in nodes:
+        node._check_symmetric("inv")
+    inverted = iter(spd_inverses([m for n in nodes for m in (n.G, n.A) if m.ndim == 2]))
+    out = []
+    for node in nodes:
+        g = next(inverted)
+        out.append(Kron(next(inverted) if node.A.ndim == 2 else 1 / node.A, g))
+    return tuple(out)
 
 
 @register_dataclass
@@ -1007,9 +1020,15 @@ class PMatKFAC(PMatAbstract):
         factor-damped one's (``damping="pi"``/``"pi_one"``) Cholesky factorisations of
         ``G`` and ``A`` too (its triangular solves chain ``G`` then ``A`` in each layer, the
         factorisations do not: bench_mlp's π-damped ``solve`` 28.0 → 26.5 ms, and a loop of it and a
-        Monte-Carlo build 63.5 → 47.5 ms, no LAPACK thread left spinning into the build)."""
+        Monte-Carlo build 63.5 → 47.5 ms, no LAPACK thread left spinning into the build).
+        None for a factor-damped ``inv`` with a factor inverted on the host: that host call
+        runs its inverses side by side itself (:func:`inverses`), and no host call is made
+        under a hold."""
         if operation == "_factor_damped_inverse":
-            return self._factor_damped_orders(args[1] if len(args) > 1 else kwargs["damping"])
+            orders = self._factor_damped_orders(args[1] if len(args) > 1 else kwargs["damping"])
+            if any(inverts_on_host(n, self.dtype) for n in orders):
+                return []  # the host call runs them side by side itself (spd_inverses)
+            return orders
         if operation == "solve":
             method = kwargs.get("method") or self.SOLVE_METHODS[0]
             if method != "eigh":
@@ -1151,13 +1170,14 @@ class PMatKFAC(PMatAbstract):
     @compiled_when_eager
     def _factor_damped_inverse(self, regul: Any, damping: str) -> PMatKFAC:
         """``inv(regul, damping)`` for a factored ``damping`` (``"pi"``, ``"pi_one"``): the
-        damped factors' inverses through Cholesky factorisations and the exact blocks'
-        ``(B + λI)⁻¹``. One compiled call when eager
+        damped factors' inverses (:func:`inverses`: LAPACK's ``potri`` on the host for the
+        large ones, all in one host call; else Cholesky factorisations) and the exact
+        blocks' ``(B + λI)⁻¹``. One compiled call when eager
         (a new matrix of new arrays: no eigenbasis to keep the identity of), its
         factorisations side by side when faster (:meth:`_factorised_orders`): bench_small's
         eager ``inv`` took 7.1 ms dispatched operation by operation."""
         blocks = tuple(PMatDense(_flat(b), b).pow(-1, regul).data for b in self.blocks)
-        nodes = tuple(n.factor_damped(regul, damping).inverse() for n in self._krons(damping))
+        nodes = inverses([n.factor_damped(regul, damping) for n in self._krons(damping)])
         _report_failed_cholesky("inv", nodes)
         return self._with(nodes, blocks)
 
