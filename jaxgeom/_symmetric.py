@@ -91,17 +91,23 @@ def spd_inverse(m: jax.Array) -> jax.Array:
 
 
 def spd_inverses(ms: Sequence[jax.Array]) -> list[jax.Array]:
-    """``[spd_inverse(m) for m in ms]``, those inverted on the host in one host call, side by
-    side on the CPU's cores where that is faster (:func:`jaxgeom._lapack.host_side_by_side`:
-    LAPACK held to one thread, one chain of matrices per core; its routines called through
-    ``ctypes``, which lets go of Python's lock while they run).
+    """``[spd_inverse(m) for m in ms]``: when one of them is inverted on the host
+    (:func:`inverts_on_host`), all of them are, in one host call, side by side on the CPU's
+    cores where that is faster (:func:`jaxgeom._lapack.host_side_by_side`: LAPACK held to
+    one thread, one chain of matrices per core; its routines called through ``ctypes``,
+    which lets go of Python's lock while they run).
 
     Independent inverses run that way leave no LAPACK thread spinning into the computation
     that follows, and need no one-thread hold around them (:mod:`jaxgeom._lapack`), under
     which host calls are not made: bench_mlp's π-damped KFAC ``inv`` (five factors of
     order 512–785), held, by the solves, 31–40 ms, in one host call 17 ms (2-core AMD
-    EPYC VM, ``jit``)."""
-    on_host = [m.ndim == 2 and inverts_on_host(m.shape[0], m.dtype) for m in ms]
+    EPYC VM, ``jit``). The small ones go along, the call's fixed cost shared: bench_resnet's
+    eight large factors and 14 small ones (order 10–289) took 128–130 ms all on the host,
+    145–189 ms with the small ones by the solves, whose LAPACK threads XLA ran beside the
+    host call's."""
+    on_host = [m.ndim == 2 and _host_may_invert(m.dtype) for m in ms]
+    if not any(h and inverts_on_host(m.shape[0], m.dtype) for m, h in zip(ms, on_host)):
+        on_host = [False] * len(ms)
     hosted = iter(_host_inverses(tuple(m for m, h in zip(ms, on_host) if h))
                   if any(on_host) else ())
     return [next(hosted) if h else _inverse_by_solves(m) for m, h in zip(ms, on_host)]
@@ -109,9 +115,14 @@ def spd_inverses(ms: Sequence[jax.Array]) -> list[jax.Array]:
 
 def inverts_on_host(order: int, dtype: Any) -> bool:
     """Whether :func:`spd_inverses`, traced here, inverts an ``(order, order)`` matrix of
-    ``dtype`` through LAPACK's ``potri`` on the host."""
-    return (order >= POTRI_MIN_ORDER and jnp.dtype(dtype) in _POTRI
-            and jax.default_backend() == "cpu" and host_lapack_allowed())
+    ``dtype`` through LAPACK's ``potri`` on the host (and the others of its call with it)."""
+    return order >= POTRI_MIN_ORDER and _host_may_invert(dtype)
+
+
+def _host_may_invert(dtype: Any) -> bool:
+    """Whether a matrix of ``dtype`` may be inverted on the host, traced here."""
+    return (jnp.dtype(dtype) in _POTRI and jax.default_backend() == "cpu"
+            and host_lapack_allowed())
 
 
 @jax.custom_jvp

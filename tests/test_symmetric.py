@@ -166,10 +166,10 @@ def test_a_vmapped_spd_inverse_inverts_each_matrix():
 
 
 @pytest.mark.parametrize("dtype, rtol", [(jnp.float64, 1e-10), (jnp.float32, 1e-4)])
-def test_spd_inverses_inverts_each_matrix_the_large_ones_in_one_host_call(dtype, rtol):
-    """Matrices below and above POTRI_MIN_ORDER, each read from its upper triangle: the
-    large ones in one host call (one chain per core where faster), the others by solves;
-    an indefinite one is all NaN, the others are not."""
+def test_spd_inverses_inverts_each_matrix_all_in_one_host_call_when_one_is_large(dtype, rtol):
+    """Matrices below and above POTRI_MIN_ORDER, each read from its upper triangle: all in
+    one host call (one chain per core where faster) since one is large, none when none
+    is; an indefinite one is all NaN, the others are not."""
     n = symmetric_module.POTRI_MIN_ORDER
     matrices = [spd(order, seed=20 + order) for order in (n + 7, 4, n, n + 1)]
     indefinite = spd(n + 2, seed=30)
@@ -186,6 +186,7 @@ def test_spd_inverses_inverts_each_matrix_the_large_ones_in_one_host_call(dtype,
     assert np.isnan(np.asarray(inverses[-1])).all()
     on_cpu = jax.default_backend() == "cpu"
     assert _host_calls(symmetric_module.spd_inverses, args) == (1 if on_cpu else 0)
+    assert _host_calls(symmetric_module.spd_inverses, [args[1], args[1]]) == 0
 
 
 def _ticks_during(call) -> int:
