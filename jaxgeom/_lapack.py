@@ -139,18 +139,8 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
             return _run(_each(fn), items)
     parts = [[items[i] for i in chain] for chain in schedule]
     calls = [_each(fn).lower(part).compile() for part in parts]
-    with _one_lapack_thread():
-        others = [_workers().submit(_run, call, part)
-                  for call, part in zip(calls[1:], parts[1:])]
-        try:
-            first = _run(calls[0], parts[0])
-        finally:
-            concurrent.futures.wait(others)  # none left running on one LAPACK thread
-    results = [None] * len(items)
-    for chain, values in zip(schedule, [first] + [future.result() for future in others]):
-        for i, value in zip(chain, values):
-            results[i] = value
-    return results
+    return _chains_at_once([functools.partial(_run, call, part)
+                            for call, part in zip(calls, parts)], schedule, _workers())
 
 
 def host_side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
@@ -173,15 +163,24 @@ def host_side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     def chain(positions):
         return [fn(items[i]) for i in positions]
 
+    return _chains_at_once([functools.partial(chain, positions) for positions in schedule],
+                           schedule, _host_workers())
+
+
+def _chains_at_once(runs: list[Callable[[], list]], schedule: list[list[int]],
+                    workers: concurrent.futures.ThreadPoolExecutor) -> list:
+    """Each chain's ``runs[c]()`` (its items' results, in the order of ``schedule[c]``) at
+    once, the first in this thread and the others in ``workers``, with LAPACK held to one
+    thread until all are done; the results in the items' order."""
     with _one_lapack_thread():
-        others = [_host_workers().submit(chain, positions) for positions in schedule[1:]]
+        others = [workers.submit(run) for run in runs[1:]]
         try:
-            first = chain(schedule[0])
+            first = runs[0]()
         finally:
             concurrent.futures.wait(others)  # none left running on one LAPACK thread
-    results = [None] * len(items)
-    for positions, values in zip(schedule, [first] + [future.result() for future in others]):
-        for i, value in zip(positions, values):
+    results = [None] * sum(len(chain) for chain in schedule)
+    for chain, values in zip(schedule, [first] + [future.result() for future in others]):
+        for i, value in zip(chain, values):
             results[i] = value
     return results
 
