@@ -474,7 +474,6 @@ class Kron:
                 "PMatDense.from_pmat(F1 @ F2).solve(v, method='lstsq')")
 
 
-
 def inverses(nodes: Sequence[Kron]) -> tuple[Kron, ...]:
     """``A⁻¹ ⊗ G⁻¹`` of each block of positive-definite factors: all the square factors in
     one :func:`jaxgeom._symmetric.spd_inverses` (LAPACK's ``potri`` on a CPU for the large
