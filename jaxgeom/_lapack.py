@@ -164,7 +164,7 @@ def host_side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
         return [fn(items[i]) for i in positions]
 
     return _chains_at_once([functools.partial(chain, positions) for positions in schedule],
-                           schedule, _host_workers())
+                           schedule, _workers("host-lapack"))
 
 
 def _chains_at_once(runs: list[Callable[[], list]], schedule: list[list[int]],
@@ -251,19 +251,12 @@ def _run(call: Callable[[list], Any], items: list) -> Any:
 
 
 @functools.cache
-def _workers() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that run :func:`side_by_side`'s chains besides the calling one."""
+def _workers(kind: str = "lapack") -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that run chains besides the calling one: :func:`side_by_side`'s
+    (``"lapack"``) and :func:`host_side_by_side`'s (``"host-lapack"``), apart, since a chain
+    of the first may run a host call that waits on the second."""
     return concurrent.futures.ThreadPoolExecutor(max(_cores() - 1, 1),
-                                                 thread_name_prefix="jaxgeom-lapack")
-
-
-@functools.cache
-def _host_workers() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that run :func:`host_side_by_side`'s chains besides the calling one (not
-    :func:`_workers`: a chain of :func:`side_by_side` may run a host call that waits on
-    these)."""
-    return concurrent.futures.ThreadPoolExecutor(max(_cores() - 1, 1),
-                                                 thread_name_prefix="jaxgeom-host-lapack")
+                                                 thread_name_prefix=f"jaxgeom-{kind}")
 
 
 #: set in a thread while it holds LAPACK to one thread (``"eagerly"``), or traces a
@@ -293,11 +286,10 @@ def no_host_callbacks() -> Iterator[None]:
 
 def host_lapack_allowed() -> bool:
     """Whether a factorisation traced here may call LAPACK through a host callback
-    (:func:`jaxgeom._symmetric.spd_inverse`): not inside :func:`no_host_callbacks`, nor
-    under a one-thread hold — there XLA runs the factorisations side by side on its pool,
-    while Python callbacks take the interpreter's lock and would run them in turn
-    (bench_mlp's π-damped KFAC ``inv``: 32 ms either way, its six inverses' host calls one
-    after another)."""
+    (:func:`jaxgeom._symmetric.spd_inverses`): not inside :func:`no_host_callbacks`, nor
+    under a one-thread hold, whose factorisations stay in the program as written (an
+    operation whose inverses go to the host takes no hold: its host call deals them into
+    chains itself, :func:`host_side_by_side`)."""
     return not (getattr(_NO_CALLBACKS, "active", None) or getattr(_HELD_HERE, "active", None))
 
 
