@@ -96,7 +96,8 @@ SIDE_BY_SIDE_MIN_COST = 4 * cost(256)
 
 
 def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
-                 orders: Sequence[int], *, work_follows: bool = False) -> list[Any]:
+                 orders: Sequence[int], *, work_follows: bool = False,
+                 on_host: Callable[[list], list] | None = None) -> list[Any]:
     """``[fn(item) for item in items]``, where the calls are independent and ``fn(items[i])``
     factorises a matrix of order ``orders[i]``.
 
@@ -112,21 +113,30 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     one after the other on LAPACK's threads (one compiled call would let XLA start several
     at once, each with LAPACK's threads: bench_resnet's EKFAC build took 2.6 s instead of
     2.1 s that way).
-    Inside a trace (your ``jit``), compiled with the code around them: where the eager call
-    would run chains, the same chains, each call after the one before
-    (:func:`_in_chains`), with LAPACK held to one thread from before the first to after
-    the last (:func:`one_thread_in_trace`), and XLA runs the chains side by side on its
-    pool (bench_mlp's KFAC ``inv`` in a ``jit``: 102 → 72 ms, its exact-damped ``solve``
-    131 → 95 ms; the chains against the same calls unchained, both held: 1.06× and
-    1.21×); otherwise the calls as written. Traced for a compiled eager call that holds
-    LAPACK itself (:func:`one_thread_when_faster`), the calls as written too: chained
+    Inside a trace (your ``jit``), where the eager call would run chains: given
+    ``on_host`` (``[fn(item) for item in items]`` in one host call that deals them into
+    chains itself, :func:`host_side_by_side`) and where a host call may be made
+    (:func:`host_lapack_allowed`), that call, with LAPACK held to one thread from before
+    it to after it (:func:`one_thread_in_trace`: the program's own LAPACK calls around it,
+    a range sketch's QR, leave no thread spinning); else compiled with the code around
+    them, the same chains, each call after the one before (:func:`_in_chains`), held
+    the same way, for XLA to run side by side on its pool (bench_mlp's KFAC ``inv`` in a
+    ``jit``: 102 → 72 ms, its exact-damped ``solve`` 131 → 95 ms, 2-core Xeon; on a 2-core
+    AMD EPYC VM XLA ran two held ``eigh`` of one program one after the other, and the host
+    call is what runs them at once: :func:`jaxgeom.pmat._spectral.host_eighs`).
+    Otherwise the calls as written. Traced for a compiled eager call that holds LAPACK
+    itself (:func:`one_thread_when_faster`), ``on_host`` or the calls as written: chained
     there, KFAC's eager ``eigvalsh`` took 212–222 ms against 188–196 ms.
     """
     items = list(items)
     leaves = jax.tree_util.tree_leaves(items)
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
         schedule = chains(orders, _cores())
-        if schedule is None or getattr(_HELD_HERE, "active", None) == "eagerly":
+        if schedule is None:
+            return [fn(item) for item in items]
+        if on_host is not None and host_lapack_allowed():
+            return one_thread_in_trace(on_host, items)
+        if getattr(_HELD_HERE, "active", None) == "eagerly":
             return [fn(item) for item in items]
         return one_thread_in_trace(lambda xs: _in_chains(fn, xs, schedule), items)
     if not _on_cpu(leaves):
@@ -286,11 +296,10 @@ def no_host_callbacks() -> Iterator[None]:
 
 def host_lapack_allowed() -> bool:
     """Whether a factorisation traced here may call LAPACK through a host callback
-    (:func:`jaxgeom._symmetric.spd_inverses`): not inside :func:`no_host_callbacks`, nor
-    under a one-thread hold, whose factorisations stay in the program as written (an
-    operation whose inverses go to the host takes no hold: its host call deals them into
-    chains itself, :func:`host_side_by_side`)."""
-    return not (getattr(_NO_CALLBACKS, "active", None) or getattr(_HELD_HERE, "active", None))
+    (:func:`jaxgeom._symmetric.spd_inverses`, :func:`jaxgeom.pmat._spectral.host_eighs`):
+    not inside :func:`no_host_callbacks`. Under a one-thread hold it may: the host call's
+    chains take the hold too (holds are counted, :class:`_OneThreadHold`)."""
+    return not getattr(_NO_CALLBACKS, "active", None)
 
 
 @contextlib.contextmanager

@@ -17,9 +17,7 @@ matrices are symmetric by construction.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxgeom._lapack import host_lapack_allowed, host_side_by_side
+from jaxgeom import _host_lapack
+from jaxgeom._lapack import host_side_by_side
 from jaxgeom._reporting import (
     at_top_level,
     collects_here,
@@ -78,12 +77,11 @@ def spd_inverse(m: jax.Array) -> jax.Array:
     (float32, under ``jit``): 4097² 1027 → 520 ms, 2049² 157 → 70–80 ms, 785² 13.1 → 7–9
     ms, 513² 6.0 → 4.8 ms, with the same errors. The callback copies ``m`` in and the
     inverse out, and fills the upper triangle on the host, panel by panel
-    (:func:`_mirror_upper`; on the device, a ``where`` of the result and its transpose, XLA
-    fused into the inverse's consumers and compiled a K-FAC optimizer step in 6 s instead
-    of 1). Where ``m`` is not positive definite the result is all NaN, as the Cholesky
-    solve's. Differentiable: ``d(m⁻¹) = −m⁻¹ dm m⁻¹``. Traced inside
-    :func:`jaxgeom.no_host_callbacks`, or where LAPACK is held to one thread for
-    factorisations side by side (:func:`jaxgeom._lapack.host_lapack_allowed`), the solves.
+    (:func:`jaxgeom._host_lapack.mirror_upper`; on the device, a ``where`` of the result
+    and its transpose, XLA fused into the inverse's consumers and compiled a K-FAC
+    optimizer step in 6 s instead of 1). Where ``m`` is not positive definite the result
+    is all NaN, as the Cholesky solve's. Differentiable: ``d(m⁻¹) = −m⁻¹ dm m⁻¹``. Traced
+    inside :func:`jaxgeom.no_host_callbacks`, the solves.
 
     Shapes ``(n, n) -> (n, n)`` (a batch of matrices: under ``vmap``, one host call each).
     """
@@ -105,7 +103,7 @@ def spd_inverses(ms: Sequence[jax.Array]) -> list[jax.Array]:
     eight large factors and 14 small ones (order 10–289) took 128–130 ms all on the host,
     145–189 ms with the small ones by the solves, whose LAPACK threads XLA ran beside the
     host call's."""
-    on_host = [m.ndim == 2 and _host_may_invert(m.dtype) for m in ms]
+    on_host = [m.ndim == 2 and _host_lapack.may_run(m.dtype) for m in ms]
     if not any(h and inverts_on_host(m.shape[0], m.dtype) for m, h in zip(ms, on_host)):
         on_host = [False] * len(ms)
     hosted = iter(_host_inverses(tuple(m for m, h in zip(ms, on_host) if h))
@@ -116,13 +114,7 @@ def spd_inverses(ms: Sequence[jax.Array]) -> list[jax.Array]:
 def inverts_on_host(order: int, dtype: Any) -> bool:
     """Whether :func:`spd_inverses`, traced here, inverts an ``(order, order)`` matrix of
     ``dtype`` through LAPACK's ``potri`` on the host (and the others of its call with it)."""
-    return order >= POTRI_MIN_ORDER and _host_may_invert(dtype)
-
-
-def _host_may_invert(dtype: Any) -> bool:
-    """Whether a matrix of ``dtype`` may be inverted on the host, traced here."""
-    return (jnp.dtype(dtype) in _POTRI and jax.default_backend() == "cpu"
-            and host_lapack_allowed())
+    return order >= POTRI_MIN_ORDER and _host_lapack.may_run(dtype)
 
 
 @jax.custom_jvp
@@ -150,77 +142,11 @@ def _host_inverses_jvp(primals, tangents):
     return xs, tuple(-x @ dm @ x for x, dm in zip(xs, dms))
 
 
-#: LAPACK's ``potrf`` and ``potri`` per dtype (SciPy's names)
-_POTRI = {jnp.dtype(jnp.float32): ("spotrf", "spotri"),
-          jnp.dtype(jnp.float64): ("dpotrf", "dpotri")}
-
-
 def _host_potris(*ms: np.ndarray) -> tuple[np.ndarray, ...]:
-    """:func:`_host_potri` of each of ``ms``, side by side where faster."""
+    """:func:`jaxgeom._host_lapack.spd_inverse` of each of ``ms``, side by side where
+    faster."""
     ms = [np.asarray(m) for m in ms]
-    return tuple(host_side_by_side(_host_potri, ms, [m.shape[0] for m in ms]))
-
-
-def _host_potri(m: np.ndarray) -> np.ndarray:
-    """:func:`spd_inverse` on the host: a copy of ``m`` (row-major; as LAPACK reads it,
-    column-major, ``mᵀ``, whose lower triangle is ``m``'s upper one) factorised and
-    inverted in place (its column-major lower triangle: its row-major upper one), that
-    triangle mirrored in place (:func:`_mirror_upper`). Python's lock is let go while
-    LAPACK runs (:func:`_lapack_routines`)."""
-    potrf, potri = _lapack_routines(m.dtype)
-    a = np.array(m, order="C")
-    n, info = ctypes.c_int(a.shape[0]), ctypes.c_int(0)
-    potrf(b"L", ctypes.byref(n), a.ctypes.data, ctypes.byref(n), ctypes.byref(info))
-    if info.value != 0:  # not positive definite (info > 0) or a NaN entry
-        return np.full(m.shape, np.nan, m.dtype)
-    potri(b"L", ctypes.byref(n), a.ctypes.data, ctypes.byref(n), ctypes.byref(info))
-    return _mirror_upper(a)
-
-
-@functools.cache
-def _lapack_routines(dtype: np.dtype) -> tuple[Callable[..., None], Callable[..., None]]:
-    """``potrf`` and ``potri`` of ``dtype`` from SciPy's LAPACK (``scipy.linalg.cython_lapack``,
-    whose routines jaxlib's CPU kernels call too), as ``ctypes`` functions
-    ``(uplo, n, a, lda, info)``: ``ctypes`` lets go of Python's lock during the call, and
-    calls from several threads run at once (through SciPy's own wrappers, bench_mlp's five
-    factors of order 512–785 took as long in two threads as in one: 23.7 against 22.7 ms,
-    one LAPACK thread each; 14.6 ms this way)."""
-    from scipy.linalg import cython_lapack
-
-    capsule_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
-        ("PyCapsule_GetName", ctypes.pythonapi))
-    capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
-        ("PyCapsule_GetPointer", ctypes.pythonapi))
-    int_p = ctypes.POINTER(ctypes.c_int)
-    routine = ctypes.CFUNCTYPE(None, ctypes.c_char_p, int_p, ctypes.c_void_p, int_p, int_p)
-
-    def bound(name):
-        capsule = cython_lapack.__pyx_capi__[name]
-        return routine(capsule_pointer(capsule, capsule_name(capsule)))
-
-    return tuple(bound(name) for name in _POTRI[jnp.dtype(dtype)])
-
-
-#: the panel width of :func:`_mirror_upper`: 64 rows of 4-byte entries are 4 cache lines
-_MIRROR_PANEL = 64
-
-
-def _mirror_upper(u: np.ndarray, panel: int = _MIRROR_PANEL) -> np.ndarray:
-    """``u`` (square, row-major) with its strict lower triangle overwritten by its upper
-    one's transpose, in place; returns ``u``.
-
-    Panel by panel: the rows ``j:j+panel`` left of the diagonal block read from the
-    columns ``j:j+panel`` above it, whose lines stay in cache while the panel is written
-    (numpy's whole-matrix ``tril(u) + tril(u, -1).T`` strides over all of ``u`` per
-    entry written: 3.6 → 0.75 ms at 785², 30 → 5.7 ms at 2049², 142 → 27 ms at 4097²,
-    float32, 2-core AMD EPYC VM), then each diagonal block."""
-    n = u.shape[0]
-    for j in range(0, n, panel):
-        block = u[j:j + panel, j:j + panel]
-        block[...] = np.triu(block) + np.triu(block, 1).T
-        if j:
-            u[j:j + panel, :j] = u[:j, j:j + panel].T
-    return u
+    return tuple(host_side_by_side(_host_lapack.spd_inverse, ms, [m.shape[0] for m in ms]))
 
 
 def _symmetrised(m: jax.Array) -> jax.Array:

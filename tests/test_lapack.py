@@ -286,9 +286,10 @@ def test_ekfac_from_kfac_is_kfac_in_its_eigenbasis():
 
 @on_cpu
 def test_kfac_eigendecompositions_in_chains_equal_those_in_turn(monkeypatch, small_chains):
-    """KFAC's Kronecker nodes and its exact block (the LayerNorm's), factorised in chains
-    from two threads, give the eigendecompositions computed in turn: the pseudo-inverse
-    (nodes and block) and EKFAC's bases."""
+    """KFAC's Kronecker nodes and its exact block (the LayerNorm's), factorised in compiled
+    chains from two threads (eager calls), and in one host call (inside a ``jit``), give
+    the eigendecompositions computed in turn: the pseudo-inverse (nodes and block) and
+    EKFAC's bases."""
     from models import make_linen_layernorm
 
     t = make_linen_layernorm()
@@ -305,9 +306,17 @@ def test_kfac_eigendecompositions_in_chains_equal_those_in_turn(monkeypatch, sma
     in_chains = F.pinv().to_dense(), jaxgeom.PMatEKFAC.from_kfac(F).to_dense()
     # pinv: the 10² block | the four factors (6², 5², 5², 3²); EKFAC: 6², 5² | 5², 3²
     assert sorted(chain_lengths) == [1, 2, 2, 4]
+
+    def both(F):
+        return F.pinv().to_dense(), jaxgeom.PMatEKFAC.from_kfac(F).to_dense()
+
+    on_host = jax.jit(both)(F)
+    assert len(chain_lengths) == 4  # no compiled chain: the host calls' own
+    if jax.default_backend() == "cpu":  # each: the hold's two callbacks and the eigh's
+        assert _host_callbacks(lambda F: both(F), F) == 6
     monkeypatch.setattr(_lapack, "chains", lambda orders, cores: None)
     in_turn = F.pinv().to_dense(), jaxgeom.PMatEKFAC.from_kfac(F).to_dense()
-    for got, want in zip(in_chains, in_turn):
+    for got, want in [*zip(in_chains, in_turn), *zip(on_host, in_turn)]:
         np.testing.assert_allclose(got, want, atol=1e-10)
     np.testing.assert_allclose(in_chains[1], F.to_dense(), atol=1e-10)
 
@@ -553,16 +562,16 @@ def test_a_hold_applies_when_another_python_thread_controls_openblas():
 
 
 @on_cpu
-def test_kfac_solve_in_a_jit_is_held_and_exact(monkeypatch, small_chains):
+def test_kfac_solve_in_a_jit_runs_side_by_side_and_exact(monkeypatch, small_chains):
     """A KFAC ``solve`` (exact damping) and a π-damped one inside a ``jit`` and under
-    ``grad``: the hold's two callbacks in the program, the numbers of the eager calls,
-    LAPACK's threads back afterwards."""
+    ``grad``: held (the hold's two callbacks), the ``eigh``'s in one host call more, the
+    numbers of the eager calls, LAPACK's threads back afterwards."""
     F, params = _small_kfac()
     v = jaxgeom.random_pvector(jax.random.key(9), params)
     before = _blas_threads()
-    for options in ({}, {"damping": "pi"}):
+    for options, callbacks in (({}, 3), ({"damping": "pi"}, 2)):
         solve = jax.jit(lambda F, v, o=options: F.solve(v, 0.1, **o))
-        assert _host_callbacks(lambda F, v, o=options: F.solve(v, 0.1, **o), F, v) == 2
+        assert _host_callbacks(lambda F, v, o=options: F.solve(v, 0.1, **o), F, v) == callbacks
         np.testing.assert_allclose(solve(F, v).to_flat(), F.solve(v, 0.1, **options).to_flat(),
                                    rtol=1e-10)
 
@@ -575,6 +584,36 @@ def test_kfac_solve_in_a_jit_is_held_and_exact(monkeypatch, small_chains):
     inverse = jnp.linalg.inv(dense + 0.1 * jnp.eye(dense.shape[0]))
     np.testing.assert_allclose(got, 2 * inverse.T @ inverse @ v.to_flat(), rtol=1e-8)
     assert _blas_threads() == before and _lapack._ONE_THREAD._count == 0
+
+
+def test_side_by_side_in_a_trace_hands_the_items_to_on_host_held(small_chains):
+    """Inside a trace, where chains are faster, ``on_host`` takes all the items (one host
+    call of ``eigh``'s here) between the hold's two callbacks; inside
+    ``no_host_callbacks`` the compiled chains, and eagerly the compiled chains too."""
+    from jaxgeom.pmat import _spectral
+
+    orders = [20, 21, 22]
+    keys = jax.random.split(jax.random.key(70), 3)
+    matrices = [_spd(k, n) for k, n in zip(keys, orders)]
+    handed = []
+
+    def on_host(ms):
+        handed.append(len(ms))
+        return _spectral.host_eighs(ms)
+
+    def decomposed(ms):
+        return side_by_side(jnp.linalg.eigh, ms, orders, on_host=on_host)
+
+    _check_eigh(matrices, jax.jit(decomposed)(matrices))
+    assert handed == [3]
+    if jax.default_backend() == "cpu":
+        assert _host_callbacks(lambda ms: decomposed(ms), matrices) == 3
+    with jaxgeom.no_host_callbacks():
+        _check_eigh(matrices, jax.jit(lambda ms: decomposed(ms))(matrices))
+        assert _host_callbacks(lambda ms: decomposed(ms), matrices) == 0
+    _check_eigh(matrices, decomposed(matrices))
+    assert handed == [3, 3]  # the make_jaxpr's trace only
+    assert _lapack._ONE_THREAD._count == 0
 
 
 def test_no_host_callbacks_for_jax_export(small_chains):

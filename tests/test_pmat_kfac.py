@@ -633,16 +633,23 @@ def test_blocks_applied_to_the_transposed_matrix():
         np.testing.assert_allclose(node.mv(node.solve(V)), V, **TOL)
 
 
+@pytest.mark.parametrize("on_host", [False, True], ids=["in_program", "on_host"])
 @pytest.mark.parametrize("representation, task", [
     (PMatKFAC, "mlp_on_3"), (PMatKFOC, "mlp_on_3"), (PMatKFAC, "wide_hidden")])
-def test_eigenbasis_powers_differentiate_through_singular_and_repeated_factors(representation,
-                                                                               task):
-    """``∇θ vᵀ(M + λI)⁻¹v`` through ``inv(λ)`` (the factors' eigenbases) is the dense
-    brute force's, and ``pow(½, λ)``'s the central difference's, where the factors are
-    singular — ``A`` summed from fewer rows than its order: LAPACK's ``eigh`` (3 examples)
-    or the sketch of its range (6 examples, 131 inputs) — and the regression ``G = I``
-    repeats one eigenvalue. Through ``jnp.linalg.eigh``'s derivative the first gradient
+def test_eigenbasis_powers_differentiate_through_singular_and_repeated_factors(
+        representation, task, on_host, monkeypatch):
+    """``∇θ vᵀ(M + λI)⁻¹v`` through ``inv(λ)`` (the factors' eigenbases) and through
+    ``solve`` (differentiated as a linear system) is the dense brute force's, and
+    ``pow(½, λ)``'s the central difference's, where the factors are singular — ``A``
+    summed from fewer rows than its order: LAPACK's ``eigh`` (3 examples) or the sketch of
+    its range (6 examples, 131 inputs) — and the regression ``G = I`` repeats one
+    eigenvalue; with the ``eigh``'s in the program, and in one host call (chains forced
+    for these small factors). Through ``jnp.linalg.eigh``'s derivative the first gradient
     was off by up to 46% (KFAC) or NaN (KFOC: its ``G = c(θ) I``); the sketch had none."""
+    if on_host:
+        from jaxgeom import _lapack
+        monkeypatch.setattr(_lapack, "_cores", lambda: 2)
+        monkeypatch.setattr(_lapack, "SIDE_BY_SIDE_MIN_COST", 0)
     t = make_linen_mlp() if task == "mlp_on_3" else make_linen_wide_hidden()
     x = t.x[:3] if task == "mlp_on_3" else t.x
     flat, unravel = ravel_pytree(t.params)
@@ -655,11 +662,16 @@ def test_eigenbasis_powers_differentiate_through_singular_and_repeated_factors(r
         M = FIM(t.apply_fn, unravel(q), x, representation, variant="regression")
         dense = M.to_dense() + lam * jnp.eye(flat.size)
         return jnp.stack([M.inv(lam).vTMv(v), v @ jnp.linalg.solve(dense, v),
-                          M.pow(0.5, lam).vTMv(v)])
+                          M.pow(0.5, lam).vTMv(v), v @ M.solve(v, lam)])
 
-    through_inverse, brute_force, through_root = jax.jacrev(quadratic_forms)(flat) @ u
+    if jax.default_backend() == "cpu":
+        program = str(jax.make_jaxpr(jax.jacrev(quadratic_forms))(flat))
+        assert ("_host_syevds" in program) == on_host
+    through_inverse, brute_force, through_root, through_solve = (
+        jax.jacrev(quadratic_forms)(flat) @ u)
     assert np.isfinite(through_inverse)
     np.testing.assert_allclose(through_inverse, brute_force, rtol=1e-7)
+    np.testing.assert_allclose(through_solve, brute_force, rtol=1e-7)
     h = 1e-6
     central = (quadratic_forms(flat + h * u) - quadratic_forms(flat - h * u)) / (2 * h)
     np.testing.assert_allclose(through_root, central[2], rtol=1e-6)

@@ -328,3 +328,83 @@ def test_eigenbases_differentiate_through_an_eigenvalue_kept_repeated():
     np.testing.assert_allclose(jax.jvp(through_eigh, primals, tangents)[1], want, rtol=1e-9)
     gc, gy = jax.grad(through_eigh, argnums=(0, 1))(*primals)
     np.testing.assert_allclose(0.7 * gc + jnp.vdot(gy, dy), want, rtol=1e-9)
+
+
+# ------------------------------------------------------------ eigh's in one host call
+
+
+def _symmetric(n: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, n))
+    return x + x.T
+
+
+def _psd_of_rank(n: int, rank: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, rank))
+    return x @ x.T
+
+
+def _host_calls(fn, *args) -> int:
+    return str(jax.make_jaxpr(lambda *a: fn(*a))(*args)).count("pure_callback")
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-9), (jnp.float32, 1e-4)])
+def test_host_eighs_are_each_matrix_eigendecomposition_in_one_host_call(dtype, tol):
+    """Each pair is the eigendecomposition of its matrix's upper triangle (the lower one
+    ignored): float64 NumPy's eigenvalues, ascending, orthonormal eigenvectors in the
+    columns that give the matrix back; all of them from one host call."""
+    matrices = [_symmetric(n, seed=n) for n in (3, 40, 17)]
+    given = [jnp.asarray(np.triu(m) + np.tril(np.full_like(m, 1e3), -1), dtype)
+             for m in matrices]
+
+    pairs = jax.jit(_spectral.host_eighs)(given)
+
+    for m, (values, vectors) in zip(matrices, pairs):
+        scale = np.abs(np.linalg.eigvalsh(m)).max()
+        np.testing.assert_allclose(values, np.linalg.eigvalsh(m), atol=tol * scale)
+        v = np.asarray(vectors, np.float64)
+        np.testing.assert_allclose(v.T @ v, np.eye(len(m)), atol=tol)
+        np.testing.assert_allclose(v * np.asarray(values) @ v.T, m, atol=tol * scale)
+    assert _host_calls(_spectral.host_eighs, given) == 1
+
+
+def test_host_eighs_differentiate_as_eigh():
+    """Forward and reverse derivatives of ``Σᵢ ⟨Cᵢ, Vᵢ exp(−Λᵢ) Vᵢᵀ⟩`` (independent of the
+    eigenvectors' signs) through the host call equal those through :func:`eigh`."""
+    matrices = tuple(jnp.asarray(_symmetric(n, seed=10 + n) / n) for n in (6, 9))
+    directions = tuple(jnp.asarray(_symmetric(n, seed=20 + n)) for n in (6, 9))
+    weights = [jnp.asarray(np.random.default_rng(n).standard_normal((n, n))) for n in (6, 9)]
+
+    def loss(decompose):
+        def f(ms):
+            return sum(jnp.sum(c * (v * jnp.exp(-w)) @ v.T)
+                       for c, (w, v) in zip(weights, decompose(ms)))
+        return f
+
+    by_host = loss(lambda ms: _spectral.host_eighs(list(ms)))
+    by_eigh = loss(lambda ms: [_spectral.eigh(m) for m in ms])
+    np.testing.assert_allclose(jax.jvp(by_host, (matrices,), (directions,))[1],
+                               jax.jvp(by_eigh, (matrices,), (directions,))[1], rtol=1e-9)
+    for got, want in zip(jax.grad(by_host)(matrices), jax.grad(by_eigh)(matrices)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_eighs_psd_are_eigh_psd_with_the_full_ones_in_one_host_call():
+    """A low-rank factor with a bound small enough for the range sketch, one whose bound
+    only splits its range off (the null space's eigenvalues exactly 0), and one with no
+    bound: each as :func:`eigh_psd` alone, the two full ``eigh``'s in one host call."""
+    matrices = [jnp.asarray(_psd_of_rank(128, 6, seed=1)), jnp.asarray(_psd_of_rank(20, 5, 2)),
+                jnp.asarray(_psd_of_rank(12, 12, 3))]
+    bounds = [6, 5, None]
+    assert _spectral.sketch_width(128, 6) is not None and _spectral.sketch_width(20, 5) is None
+
+    def decomposed(ms):
+        return _spectral.eighs_psd(ms, bounds, [False] * 3)
+
+    pairs = jax.jit(decomposed)(matrices)
+
+    for m, bound, (values, vectors) in zip(matrices, bounds, pairs):
+        want_values, want_vectors = _spectral.eigh_psd(m, bound)
+        np.testing.assert_allclose(values, want_values, atol=1e-9)
+        np.testing.assert_allclose(_spectral.reconstruct(values, vectors), m, atol=1e-9)
+    assert np.all(np.asarray(pairs[1][0])[:15] == 0)  # 20 − 5 exact zeros
+    assert _host_calls(decomposed, matrices) == 1

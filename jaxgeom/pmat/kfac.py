@@ -94,6 +94,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom import _host_lapack
 from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._lapack import side_by_side
@@ -225,6 +226,13 @@ class Factorisation:
 
     def eigh(self) -> tuple[jax.Array, jax.Array]:
         return _spectral.eigh_psd(self.matrix, self.rank_bound, checked=self.checked)
+
+    @staticmethod
+    def eighs(jobs: Sequence[Factorisation]) -> list[tuple[jax.Array, jax.Array]]:
+        """``[f.eigh() for f in jobs]``, the full ``eigh``'s in one host call
+        (:func:`~jaxgeom.pmat._spectral.eighs_psd`)."""
+        return _spectral.eighs_psd([f.matrix for f in jobs], [f.rank_bound for f in jobs],
+                                   [f.checked for f in jobs])
 
 
 def _eye_like(m: jax.Array) -> jax.Array:
@@ -992,12 +1000,13 @@ class PMatKFAC(PMatAbstract):
         """Eigendecompositions of every layer: ``KronEigen`` nodes and ``(λ, V)`` pairs of
         the exact blocks (none without ``blocks``), their ``eigh`` side by side on a CPU's
         cores when that is faster (:func:`~jaxgeom._lapack.side_by_side`, told whether
-        ``work_follows``)."""
+        ``work_follows``; inside a trace, in one host call: :meth:`Factorisation.eighs`)."""
         parts = [node.factorisations() for node in self.factors]  # refused unless symmetric
         parts += [(Factorisation(b),) for b in (self.blocks if blocks else ())]
         jobs = [f for group in parts for f in group]
+        on_host = Factorisation.eighs if _host_lapack.may_run(self.dtype) else None
         eighs = iter(side_by_side(Factorisation.eigh, jobs, [f.order for f in jobs],
-                                  work_follows=work_follows))
+                                  work_follows=work_follows, on_host=on_host))
         grouped = [[next(eighs) for _ in group] for group in parts]
         layers = [(node, e) for node, e in zip(self.factors, grouped) if e]
         products = iter(_eigenvalue_products(tuple(node for node, _ in layers),
@@ -1021,8 +1030,12 @@ class PMatKFAC(PMatAbstract):
         factorisations do not: bench_mlp's π-damped ``solve`` 28.0 → 26.5 ms, and a loop of it and a
         Monte-Carlo build 63.5 → 47.5 ms, no LAPACK thread left spinning into the build).
         None for a factor-damped ``inv`` with a factor inverted on the host: that host call
-        runs its inverses side by side itself (:func:`inverses`), and no host call is made
-        under a hold."""
+        runs all its inverses side by side itself (:func:`inverses`), and leaves no
+        factorisation in the program for a hold to hold. Where the ``eigh``'s go to the
+        host (:meth:`_eigen`) the hold is taken all the same: the host call runs its
+        chains inside it, and it keeps the program's own LAPACK calls (a range sketch's QR
+        factorisations) from leaving LAPACK's threads spinning (bench_resnet's exact-damped
+        ``solve`` in a ``jit``: 379–468 ms unheld, 269–334 ms held, 2-core AMD EPYC VM)."""
         if operation == "_factor_damped_inverse":
             orders = self._factor_damped_orders(args[1] if len(args) > 1 else kwargs["damping"])
             if any(inverts_on_host(n, self.dtype) for n in orders):
@@ -1106,14 +1119,19 @@ class PMatKFAC(PMatAbstract):
             return self._exact_solve(v, regul, checked=True)
         # through the factors' eigenbases, differentiated as a linear solve: exact also
         # where a perturbation splits a factor's repeated eigenvalue (no eigenvector
-        # derivative there; _spectral.eigh)
-        return self._differentiated_as_solve(v, regul, lambda b: self._exact_solve(b, regul))
+        # derivative there; _spectral.eigh). The eigenbases are computed once, outside, for
+        # the solve and its transpose (a host call in each would run twice; XLA merged its
+        # own eigh's), their derivative stopped: the linear solve's is dM's alone
+        eigen = jax.lax.stop_gradient(self._eigen())
+        return self._differentiated_as_solve(
+            v, regul, lambda b: self._exact_solve(b, regul, eigen=eigen))
 
-    def _exact_solve(self, v, regul, checked: bool = False):
+    def _exact_solve(self, v, regul, checked: bool = False, eigen: tuple | None = None):
         """``(M + λI)⁻¹ v`` through the factors' eigenbases and the exact blocks' (``V ((Vᵀx)
-        / (λ + regul))``); ``checked``: a layer singular to working precision warns
+        / (λ + regul))``; ``eigen``: :meth:`_eigen`'s, when computed already); ``checked``:
+        a layer singular to working precision warns
         (:func:`~jaxgeom._reporting.warn_if_singular` of its eigenvalues ``+ regul``)."""
-        eigen_nodes, pairs = self._eigen()
+        eigen_nodes, pairs = self._eigen() if eigen is None else eigen
         if checked:
             warn_if_singular([jnp.ravel(e.d) + regul for e in eigen_nodes]
                              + [e + regul for e, _ in pairs], "solve")
