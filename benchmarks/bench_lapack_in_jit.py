@@ -1,13 +1,16 @@
 """Factorisations inside your ``jit``: OpenBLAS held to one thread around them, or not.
 
-Inside a trace, where the eager call would run the factorisations in chains, jaxgeom runs
-the same chains with OpenBLAS held to one thread from just before the first to just after
-the last, through two host callbacks (``jaxgeom._lapack.one_thread_in_trace``,
-``_in_chains``). This script compiles each row twice in one process — ``held`` (jaxgeom
-as it is) and ``as written`` (both patched out while the row is traced: the
-factorisations as XLA schedules them, each with OpenBLAS's threads) — and times the two
-compiled programs in alternated blocks of ``--repeats`` calls (``--blocks`` of them),
-each block after an untimed call. Rows:
+Inside a trace, where the eager call would run the factorisations in chains, jaxgeom
+holds OpenBLAS to one thread from just before the first to just after the last, through
+two host callbacks (``jaxgeom._lapack.one_thread_in_trace``), and runs them in one host
+call of its own (KFAC's ``eigh``'s: ``jaxgeom.pmat._spectral.host_eighs``; large
+factors' inverses: ``jaxgeom._symmetric.spd_inverses``) or in chains in the program
+(``_in_chains``: the Cholesky factorisations). This script compiles each row twice in
+one process — ``held`` (jaxgeom as it is) and ``as written`` (traced inside
+``jaxgeom.no_host_callbacks()``: no hold, no host call, the factorisations as XLA
+schedules them, each with OpenBLAS's threads) — and times the two compiled programs in
+alternated blocks of ``--repeats`` calls (``--blocks`` of them), each block after an
+untimed call. Rows:
 
 - training steps, each one ``jit``: the gradient of the mean cross-entropy, a Fisher
   build and a ``solve`` of the gradient (KFAC with exact and π damping, the exact and the
@@ -76,19 +79,15 @@ def _rows(name: str) -> tuple[dict, tuple]:
 
 
 def _compiled(fn, args, variant: str):
-    """``fn`` compiled with the in-trace hold (``held``) or without it (``as written``)."""
-    from jaxgeom import _dispatch, _lapack
+    """``fn`` compiled as jaxgeom traces it (``held``) or without host callbacks (``as
+    written``)."""
+    import contextlib
 
-    saved = _lapack.one_thread_in_trace, _lapack._in_chains
-    if variant == "as written":
-        plain = lambda fn, *a: fn(*a)  # noqa: E731
-        _lapack.one_thread_in_trace = _dispatch.one_thread_in_trace = plain
-        _lapack._in_chains = lambda fn, items, schedule: [fn(x) for x in items]
-    try:  # a new function each time: traced anew, not taken from JAX's cache
+    import jaxgeom as jg
+
+    context = jg.no_host_callbacks() if variant == "as written" else contextlib.nullcontext()
+    with context:  # a new function each time: traced anew, not taken from JAX's cache
         return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
-    finally:
-        _lapack.one_thread_in_trace = _dispatch.one_thread_in_trace = saved[0]
-        _lapack._in_chains = saved[1]
 
 
 def run_model(name: str, blocks: int, repeats: int, only: list[str] | None) -> dict:

@@ -52,10 +52,13 @@ Inside a trace (a ``jit``: a KFAC ``solve`` in a training step) the factorisatio
 compiled with the code around them, and XLA runs the independent ones at once, each with
 LAPACK's threads, which then spin into what follows: there, when the chains would be
 faster, host callbacks hold LAPACK to one thread from just before the factorisations to
-just after them (:func:`one_thread_in_trace`), and XLA runs them side by side on its own
-pool (bench_mlp, a jitted step of gradient, KFAC build and exact-damped ``solve``:
-204–238 → 146–169 ms; with EKFAC 220–243 → 143–159 ms). On other backends the function
-runs as written.
+just after them (:func:`one_thread_in_trace`; bench_mlp, a jitted step of gradient, KFAC
+build and exact-damped ``solve``: 204–238 → 146–169 ms; with EKFAC 220–243 → 143–159
+ms), and the factorisations run side by side: KFAC's ``eigh``'s in one host call
+(:func:`side_by_side`'s ``on_host``), since XLA:CPU runs a program's ready operations on
+one thread when 8 or fewer are ready (bench_mlp's six held ``eigh``'s ran one after the
+other); the others in chains for XLA's pool. On other backends the function runs as
+written.
 """
 
 from __future__ import annotations
