@@ -119,7 +119,7 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     Inside a trace (your ``jit``), where the eager call would run chains: given
     ``on_host`` (``[fn(item) for item in items]`` in one host call that deals them into
     chains itself, :func:`host_side_by_side`) and where a host call may be made
-    (:func:`host_lapack_allowed`), that call, with LAPACK held to one thread from before
+    (:func:`host_calls_allowed`), that call, with LAPACK held to one thread from before
     it to after it (:func:`one_thread_in_trace`: the program's own LAPACK calls around it,
     a range sketch's QR, leave no thread spinning); else compiled with the code around
     them, the same chains, each call after the one before (:func:`_in_chains`), held
@@ -137,7 +137,7 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
         schedule = chains(orders, _cores())
         if schedule is None:
             return [fn(item) for item in items]
-        if on_host is not None and host_lapack_allowed():
+        if on_host is not None and host_calls_allowed():
             return one_thread_in_trace(on_host, items)
         if getattr(_HELD_HERE, "active", None) == "eagerly":
             return [fn(item) for item in items]
@@ -284,7 +284,8 @@ _NO_CALLBACKS = threading.local()
 @contextlib.contextmanager
 def no_host_callbacks() -> Iterator[None]:
     """Trace no host callbacks in the block (this thread): factorisations inside a ``jit``
-    traced here keep OpenBLAS's threads (:func:`one_thread_in_trace` as written).
+    traced here stay in the program and keep OpenBLAS's threads (:func:`one_thread_in_trace`
+    as written), long sorts stay XLA's.
 
     For programs that must be free of host callbacks: ``jax.export`` (``serialization of
     host_callbacks is not yet implemented``), or a program run where Python cannot be
@@ -297,11 +298,12 @@ def no_host_callbacks() -> Iterator[None]:
         yield
 
 
-def host_lapack_allowed() -> bool:
-    """Whether a factorisation traced here may call LAPACK through a host callback
-    (:func:`jaxgeom._symmetric.spd_inverses`, :func:`jaxgeom.pmat._spectral.host_eighs`):
-    not inside :func:`no_host_callbacks`. Under a one-thread hold it may: the host call's
-    chains take the hold too (holds are counted, :class:`_OneThreadHold`)."""
+def host_calls_allowed() -> bool:
+    """Whether work traced here may go to a host callback (LAPACK's:
+    :func:`jaxgeom._symmetric.spd_inverses`, :func:`jaxgeom.pmat._spectral.host_eighs`;
+    NumPy's sort: :func:`jaxgeom._sorting.sort`): not inside :func:`no_host_callbacks`.
+    Under a one-thread hold it may: a host call's chains take the hold too (holds are
+    counted, :class:`_OneThreadHold`)."""
     return not getattr(_NO_CALLBACKS, "active", None)
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgeom._reindex import LeafVector
+from jaxgeom._sorting import sort
 from jaxgeom.layers import LayerCollection, concat_last
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import ITERATIVE_SOLVE_METHODS, PMatAbstract, _implements, take
@@ -101,7 +102,7 @@ class CanonicalDiagonal(PMatAbstract):
                         * self._multiplicity)
 
     def eigvalsh(self):
-        return jnp.sort(self.get_diag())
+        return sort(self.get_diag())
 
     def _norm(self, ord: Any) -> jax.Array:
         if ord in (2, -2):

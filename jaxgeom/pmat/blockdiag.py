@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxgeom._memory import check_fits
 from jaxgeom._reindex import FlatPartition
+from jaxgeom._sorting import sort
 from jaxgeom.layers import Layer, LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import add_upper_gram, mean_of_upper_grams
@@ -122,7 +123,7 @@ class PMatBlockDiag(MeanOfJacobians, PMatAbstract):
         return jnp.sqrt(sum(jnp.sum(jnp.abs(b) ** 2) for b in self.blocks))
 
     def eigvalsh(self):
-        return jnp.sort(jnp.concatenate([b.eigvalsh() for b in self._dense_blocks()]))
+        return sort(jnp.concatenate([b.eigvalsh() for b in self._dense_blocks()]))
 
     def eigh(self) -> tuple[tuple[jax.Array, jax.Array], ...]:
         """Per-block eigendecompositions: a tuple, in the order of ``layer_collection.layers``,

@@ -101,6 +101,7 @@ from jaxgeom._lapack import side_by_side
 from jaxgeom._reindex import FlatPartition, is_transposed_block
 from jaxgeom._reporting import collects_here, report_singular_when_run, warn_if_singular
 from jaxgeom._serialization import register_dataclass
+from jaxgeom._sorting import sort
 from jaxgeom._symmetric import inverts_on_host, spd_inverses, spd_solve, symmetric_solve
 from jaxgeom.capture import (
     Captured,
@@ -1064,7 +1065,7 @@ class PMatKFAC(PMatAbstract):
     def eigvalsh(self):
         nodes, pairs = self._eigen()
         values = [n.eigvals() for n in nodes] + [e for e, _ in pairs]
-        return jnp.sort(jnp.concatenate(values))
+        return sort(jnp.concatenate(values))
 
     def eigh(self):
         """Not offered: the ``d × d`` eigenvectors of a Kronecker-factored matrix are what

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgeom._sorting import sort
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat._gram import gram, gram_norm_sq
@@ -216,7 +217,7 @@ class PMatLowRank(PMatAbstract):
         (zeros unless set)."""
         evals, _ = self.eigh()
         rest = jnp.full(self.layer_collection.numel() - evals.shape[0], self._shift())
-        return jnp.sort(jnp.concatenate([evals, rest]))
+        return sort(jnp.concatenate([evals, rest]))
 
     def _check_solvable(self, regul, method):
         """``"woodbury"`` (when ``d ≥ r``) and ``"eigh"`` divide by ``shift + regul``: 0

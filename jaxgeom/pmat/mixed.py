@@ -58,6 +58,7 @@ import jax.numpy as jnp
 
 from jaxgeom._differentiable import is_differentiable
 from jaxgeom._reindex import FlatPartition
+from jaxgeom._sorting import sort
 from jaxgeom.layers import KINDS, Layer, LayerCollection
 from jaxgeom.pmat import _spectral
 from jaxgeom.pmat.base import (
@@ -298,7 +299,7 @@ class PMatMixed(PMatAbstract):
         return self._split.block_diagonal(self._each("to_dense", lambda p: p.to_dense()))
 
     def eigvalsh(self):
-        return jnp.sort(jnp.concatenate(self._each("eigvalsh", lambda p: p.eigvalsh())))
+        return sort(jnp.concatenate(self._each("eigvalsh", lambda p: p.eigvalsh())))
 
     def slogdet(self, regul: Any = 0.0) -> tuple[jax.Array, jax.Array]:
         """The parts' own (a block-diagonal matrix's determinant is their product), each

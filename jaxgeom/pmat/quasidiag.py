@@ -73,6 +73,7 @@ import numpy as np
 from jaxgeom._compile import quick_jit
 from jaxgeom._dispatch import compiled_when_eager
 from jaxgeom._reporting import warn_if_singular
+from jaxgeom._sorting import sort
 from jaxgeom.capture import Captured, KroneckerSpec, capture_chunk, check_specs
 from jaxgeom.layers import LayerCollection
 from jaxgeom.pmat import _arrow, _spectral
@@ -257,7 +258,7 @@ class PMatQuasiDiag(PMatAbstract):
         ``s Σ_l g_l (a_l + 1) a_l`` and ``O(d)`` memory, no block formed."""
         values = [self.diag[self._alone]]
         values += [v.ravel() for v in self._neuron_eigenvalues(list(self._neurons()))]
-        return jnp.sort(jnp.concatenate(values))
+        return sort(jnp.concatenate(values))
 
     @staticmethod
     def _neuron_eigenvalues(neurons: list) -> list[jax.Array]:
