@@ -57,7 +57,14 @@ def test_sort_differentiates_as_jnp_sort():
 def test_a_vmapped_sort_sorts_each_row():
     rows = jnp.asarray(np.random.default_rng(4).standard_normal((3, SORT_ON_HOST_MIN)))
     np.testing.assert_array_equal(jax.jit(jax.vmap(sort))(rows), np.sort(np.asarray(rows), -1))
-    np.testing.assert_array_equal(sort(rows), np.sort(np.asarray(rows), -1))  # the last axis
+
+
+def test_a_stack_of_short_rows_is_sorted_row_by_row_through_the_host():
+    """``SORT_ON_HOST_MIN`` elements in all, in rows shorter than that: each row sorted
+    (the last axis), in one host call."""
+    rows = jnp.asarray(np.random.default_rng(5).standard_normal((16, SORT_ON_HOST_MIN // 16)))
+    np.testing.assert_array_equal(jax.jit(sort)(rows), np.sort(np.asarray(rows), -1))
+    assert _host_calls(sort, rows) == (1 if ON_CPU else 0)
 
 
 def test_eigvalsh_of_a_kfac_through_the_host_sort(monkeypatch):

@@ -64,6 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxgeom._sorting import sort
+
 
 @jax.custom_jvp
 def arrow_eigvalsh(D: jax.Array, beta: jax.Array, c: jax.Array,
@@ -80,7 +82,7 @@ def arrow_eigvalsh(D: jax.Array, beta: jax.Array, c: jax.Array,
     """
     e = _overflow_exponent(D, beta, c)
     D, beta, c = jnp.ldexp(D, -e[:, None]), jnp.ldexp(beta, -e), jnp.ldexp(c, -e[:, None])
-    poles = jnp.sort(D, axis=1)
+    poles = sort(D)  # each row
     arrow = _bisect(_arrow_brackets(poles, beta, c), poles, D, beta, c, None)
     if rho is not None:  # ρccᵀ/s = (ρs)(c/s)(c/s)ᵀ
         rho = jnp.ldexp(rho, e)
