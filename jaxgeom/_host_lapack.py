@@ -103,6 +103,25 @@ def eigh(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values, a
 
 
+def eigvalsh(m: np.ndarray) -> np.ndarray:
+    """The eigenvalues of a symmetric ``(n, n)`` ``m``, read from its upper triangle,
+    ascending: ``syevd`` without eigenvectors (the tridiagonal reduction and its QR
+    iteration, ``4n³/3``; with them ``≈ 2.3×`` that at 2112²) on a copy. Workspace ``2n + 1``
+    floats. All NaN where LAPACK fails to converge."""
+    a = np.array(m, order="C")
+    order = a.shape[0]
+    values = np.empty(order, a.dtype)
+    work, iwork = np.empty(2 * order + 1, a.dtype), np.empty(1, np.intc)
+    n, info = ctypes.c_int(order), ctypes.c_int(0)
+    lwork, liwork = ctypes.c_int(work.size), ctypes.c_int(iwork.size)
+    _syevd(a.dtype)(b"N", b"L", ctypes.byref(n), a.ctypes.data, ctypes.byref(n),
+                    values.ctypes.data, work.ctypes.data, ctypes.byref(lwork),
+                    iwork.ctypes.data, ctypes.byref(liwork), ctypes.byref(info))
+    if info.value != 0:
+        values[:] = np.nan
+    return values
+
+
 def _syevd(dtype: np.dtype) -> Callable[..., None]:
     """``syevd`` of ``dtype``: ``(jobz, uplo, n, a, lda, w, work, lwork, iwork, liwork,
     info)``."""

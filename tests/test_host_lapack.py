@@ -111,3 +111,19 @@ def test_host_lapack_routines_let_go_of_pythons_lock():
     pair = []
     assert _ticks_during(lambda: pair.extend(_host_lapack.eigh(m[:800, :800]))) >= 2
     np.testing.assert_allclose(pair[0], np.linalg.eigvalsh(m[:800, :800]), rtol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 7, 70])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+def test_eigvalsh_is_the_spectrum_of_the_upper_triangle(n, dtype, tol):
+    """Eigenvalues alone (``syevd`` without eigenvectors): NumPy's float64 ones, ascending,
+    the input left as it was."""
+    m = np.random.default_rng(n + 1).standard_normal((n, n))
+    m = m + m.T
+    given = with_garbage_below(m).astype(dtype)
+    copy = given.copy()
+    values = _host_lapack.eigvalsh(given)
+    assert values.dtype == dtype
+    np.testing.assert_array_equal(given, copy)
+    scale = np.abs(np.linalg.eigvalsh(m)).max()
+    np.testing.assert_allclose(values, np.linalg.eigvalsh(m), atol=tol * scale)

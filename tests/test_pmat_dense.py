@@ -44,6 +44,29 @@ def test_eigh_reconstructs(case):
     np.testing.assert_allclose(evecs.T @ evecs, np.eye(len(ref)), atol=1e-10)
 
 
+def test_spectrum_from_the_host_eigenvalues(case, monkeypatch):
+    """With every matrix's eigenvalues alone from LAPACK on the host (the order threshold
+    lowered), ``eigvalsh``, ``logdet`` and ``norm(±2)`` under ``jit`` and a block-diagonal
+    one's ``eigvalsh`` are NumPy's float64 of the reference."""
+    from jaxgeom.pmat import _spectral
+
+    monkeypatch.setattr(_spectral, "EIGVALSH_ON_HOST_MIN", 1)
+    t, F, ref = case
+    values = np.linalg.eigvalsh(ref)
+    scale = np.abs(values).max()
+    np.testing.assert_allclose(jax.jit(lambda F: F.eigvalsh())(F), values, atol=1e-10 * scale)
+    np.testing.assert_allclose(jax.jit(lambda F: F.logdet(0.1))(F),
+                               np.linalg.slogdet(ref + 0.1 * np.eye(len(ref)))[1], rtol=1e-10)
+    np.testing.assert_allclose(jax.jit(lambda F: F.norm(2))(F), scale, rtol=1e-10)
+    blocks = FIM(t.apply_fn, t.params, (t.x, t.y), PMatBlockDiag, batch_size=3)
+    np.testing.assert_allclose(jax.jit(lambda B: B.eigvalsh())(blocks),
+                               np.linalg.eigvalsh(np.asarray(blocks.to_dense())),
+                               atol=1e-10 * scale)
+    if jax.default_backend() == "cpu":
+        program = str(jax.make_jaxpr(lambda F: F.eigvalsh())(F))
+        assert "pure_callback" in program
+
+
 def test_promotions(case):
     _, F, ref = case
     check_promotions(F, ref, ref)

@@ -418,3 +418,23 @@ def test_a_vmapped_host_eighs_decomposes_each_matrix():
     for m, w, v in zip(np.asarray(stack), np.asarray(values), np.asarray(vectors)):
         np.testing.assert_allclose(w, np.linalg.eigvalsh(m), atol=1e-10)
         np.testing.assert_allclose(v * w @ v.T, m, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-9), (jnp.float32, 1e-4)])
+def test_eigvalsh_from_the_host_is_numpys_and_differentiates_as_eigh(monkeypatch, dtype, tol):
+    """From ``EIGVALSH_ON_HOST_MIN`` on (lowered here), the eigenvalues of the upper
+    triangle from one host call, NumPy's float64 values; the tangent ``vᵢᵀ Ṁ vᵢ``, as
+    ``jnp.linalg.eigvalsh``'s; below the order, in the program."""
+    monkeypatch.setattr(_spectral, "EIGVALSH_ON_HOST_MIN", 8)
+    m, dm = _symmetric(12, seed=40), _symmetric(12, seed=41)
+    given = jnp.asarray(np.triu(m) + np.tril(np.full_like(m, 1e3), -1), dtype)
+    values = jax.jit(_spectral.eigvalsh)(given)
+    scale = np.abs(np.linalg.eigvalsh(m)).max()
+    np.testing.assert_allclose(values, np.linalg.eigvalsh(m), atol=tol * scale)
+    on_cpu = jax.default_backend() == "cpu"
+    assert _host_calls(_spectral.eigvalsh, given) == (1 if on_cpu else 0)
+    assert _host_calls(_spectral.eigvalsh, given[:7, :7]) == 0
+    got = jax.jvp(_spectral.eigvalsh, (jnp.asarray(m),), (jnp.asarray(dm),))
+    want = jax.jvp(jnp.linalg.eigvalsh, (jnp.asarray(m),), (jnp.asarray(dm),))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)

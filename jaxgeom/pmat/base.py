@@ -553,7 +553,7 @@ class PMatAbstract(ScalarMultiples, abc.ABC):
 
     def eigvalsh(self) -> jax.Array:
         """All eigenvalues, ascending (the matrix is taken symmetric)."""
-        return jnp.linalg.eigvalsh(self.to_dense())
+        return _spectral.eigvalsh(self.to_dense())
 
     def slogdet(self, regul: Any = 0.0) -> tuple[jax.Array, jax.Array]:
         """``(sign, log|det(M + regul·I)|)``, as ``numpy.linalg.slogdet``.

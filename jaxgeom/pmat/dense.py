@@ -71,7 +71,7 @@ class PMatDense(PMatAbstract):
         return jnp.linalg.norm(self.data)
 
     def eigvalsh(self):
-        return jnp.linalg.eigvalsh(self.data)
+        return _spectral.eigvalsh(self.data)
 
     def eigh(self):
         return _spectral.eigh(self.data)
