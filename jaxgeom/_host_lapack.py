@@ -88,38 +88,37 @@ def eigh(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     columns), so that no transposed copy is made here (XLA folds ``.T`` into the products
     that read them). Workspace ``2n² + 6n + 1`` floats and ``5n + 3`` integers,
     ``syevd``'s least with eigenvectors. All NaN where LAPACK fails to converge."""
-    a = np.array(m, order="C")
-    order = a.shape[0]
-    values = np.empty(order, a.dtype)
-    work = np.empty(1 + 6 * order + 2 * order * order, a.dtype)
-    iwork = np.empty(3 + 5 * order, np.intc)
-    n, info = ctypes.c_int(order), ctypes.c_int(0)
-    lwork, liwork = ctypes.c_int(work.size), ctypes.c_int(iwork.size)
-    _syevd(a.dtype)(b"V", b"L", ctypes.byref(n), a.ctypes.data, ctypes.byref(n),
-                    values.ctypes.data, work.ctypes.data, ctypes.byref(lwork),
-                    iwork.ctypes.data, ctypes.byref(liwork), ctypes.byref(info))
-    if info.value != 0:
-        values[:], a[...] = np.nan, np.nan
-    return values, a
+    return _syevd_of_copy(m, vectors=True)
 
 
 def eigvalsh(m: np.ndarray) -> np.ndarray:
     """The eigenvalues of a symmetric ``(n, n)`` ``m``, read from its upper triangle,
     ascending: ``syevd`` without eigenvectors (the tridiagonal reduction and its QR
-    iteration, ``4n³/3``; with them ``≈ 2.3×`` that at 2112²) on a copy. Workspace ``2n + 1``
-    floats. All NaN where LAPACK fails to converge."""
+    iteration) on a copy. Workspace ``2n + 1`` floats. All NaN where LAPACK fails to
+    converge."""
+    return _syevd_of_copy(m, vectors=False)[0]
+
+
+def _syevd_of_copy(m: np.ndarray, vectors: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``syevd`` on a copy of ``m`` with its least workspace: the eigenvalues and the copy
+    (the eigenvectors in its rows when ``vectors``), all NaN where it fails."""
     a = np.array(m, order="C")
     order = a.shape[0]
     values = np.empty(order, a.dtype)
-    work, iwork = np.empty(2 * order + 1, a.dtype), np.empty(1, np.intc)
+    if vectors:
+        work, iwork = np.empty(1 + 6 * order + 2 * order * order, a.dtype), np.empty(
+            3 + 5 * order, np.intc)
+    else:
+        work, iwork = np.empty(2 * order + 1, a.dtype), np.empty(1, np.intc)
     n, info = ctypes.c_int(order), ctypes.c_int(0)
     lwork, liwork = ctypes.c_int(work.size), ctypes.c_int(iwork.size)
-    _syevd(a.dtype)(b"N", b"L", ctypes.byref(n), a.ctypes.data, ctypes.byref(n),
-                    values.ctypes.data, work.ctypes.data, ctypes.byref(lwork),
-                    iwork.ctypes.data, ctypes.byref(liwork), ctypes.byref(info))
+    _syevd(a.dtype)(b"V" if vectors else b"N", b"L", ctypes.byref(n), a.ctypes.data,
+                    ctypes.byref(n), values.ctypes.data, work.ctypes.data,
+                    ctypes.byref(lwork), iwork.ctypes.data, ctypes.byref(liwork),
+                    ctypes.byref(info))
     if info.value != 0:
-        values[:] = np.nan
-    return values
+        values[:], a[...] = np.nan, np.nan
+    return values, a
 
 
 def _syevd(dtype: np.dtype) -> Callable[..., None]:
