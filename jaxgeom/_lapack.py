@@ -180,6 +180,22 @@ def host_side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
                            schedule, _workers("host-lapack"))
 
 
+def host_call_side_by_side(fn: Callable[[np.ndarray], Any], ms: Sequence[jax.Array],
+                           results: Any) -> Any:
+    """``tuple(fn(m) for m in ms)`` of square matrices in one host callback
+    (``jax.pure_callback``, ``results`` its ``ShapeDtypeStruct``'s), the calls dealt into
+    chains where faster (:func:`host_side_by_side`, ``fn`` factorising a matrix of its
+    order and letting go of Python's lock while LAPACK runs). Under ``vmap``, one call a
+    stacked element."""
+    return jax.pure_callback(functools.partial(_each_on_host, fn), results, *ms,
+                             vmap_method="sequential")
+
+
+def _each_on_host(fn: Callable[[np.ndarray], Any], *ms: np.ndarray) -> tuple:
+    ms = [np.asarray(m) for m in ms]
+    return tuple(host_side_by_side(fn, ms, [m.shape[0] for m in ms]))
+
+
 def _chains_at_once(runs: list[Callable[[], list]], schedule: list[list[int]],
                     workers: concurrent.futures.ThreadPoolExecutor) -> list:
     """Each chain's ``runs[c]()`` (its items' results, in the order of ``schedule[c]``) at

@@ -22,11 +22,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxgeom import _host_lapack
-from jaxgeom._lapack import host_side_by_side
+from jaxgeom._lapack import host_call_side_by_side
 from jaxgeom._reporting import (
     at_top_level,
     collects_here,
@@ -132,7 +131,7 @@ def _inverse_by_solves_jvp(primals, tangents):
 @jax.custom_jvp
 def _host_inverses(ms: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     results = tuple(jax.ShapeDtypeStruct(m.shape, m.dtype) for m in ms)
-    return tuple(jax.pure_callback(_host_potris, results, *ms, vmap_method="sequential"))
+    return tuple(host_call_side_by_side(_host_lapack.spd_inverse, ms, results))
 
 
 @_host_inverses.defjvp
@@ -140,13 +139,6 @@ def _host_inverses_jvp(primals, tangents):
     (ms,), (dms,) = primals, tangents
     xs = _host_inverses(ms)
     return xs, tuple(-x @ dm @ x for x, dm in zip(xs, dms))
-
-
-def _host_potris(*ms: np.ndarray) -> tuple[np.ndarray, ...]:
-    """:func:`jaxgeom._host_lapack.spd_inverse` of each of ``ms``, side by side where
-    faster."""
-    ms = [np.asarray(m) for m in ms]
-    return tuple(host_side_by_side(_host_lapack.spd_inverse, ms, [m.shape[0] for m in ms]))
 
 
 def _symmetrised(m: jax.Array) -> jax.Array:

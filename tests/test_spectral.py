@@ -410,6 +410,53 @@ def test_eighs_psd_are_eigh_psd_with_the_full_ones_in_one_host_call():
     assert _host_calls(decomposed, matrices) == 1
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-9), (jnp.float32, 1e-4)])
+def test_host_eigvalshs_are_each_matrix_eigenvalues_in_one_host_call(dtype, tol):
+    """Each matrix's eigenvalues, of its upper triangle, ascending, as float64 NumPy's;
+    all from one host call; the tangents ``vᵢᵀ Ṁ vᵢ`` of each, as
+    ``jnp.linalg.eigvalsh``'s."""
+    matrices = [_symmetric(n, seed=50 + n) for n in (3, 40, 17)]
+    given = [jnp.asarray(np.triu(m) + np.tril(np.full_like(m, 1e3), -1), dtype)
+             for m in matrices]
+
+    spectra = jax.jit(_spectral.host_eigvalshs)(given)
+
+    for m, values in zip(matrices, spectra):
+        scale = np.abs(np.linalg.eigvalsh(m)).max()
+        np.testing.assert_allclose(values, np.linalg.eigvalsh(m), atol=tol * scale)
+    assert _host_calls(_spectral.host_eigvalshs, given) == 1
+    directions = tuple(jnp.asarray(_symmetric(n, seed=60 + n)) for n in (3, 40, 17))
+    exact = tuple(jnp.asarray(m) for m in matrices)
+    got = jax.jvp(lambda ms: tuple(_spectral.host_eigvalshs(list(ms))), (exact,), (directions,))
+    want = jax.jvp(lambda ms: tuple(jnp.linalg.eigvalsh(m) for m in ms), (exact,),
+                   (directions,))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_eigvalshs_psd_are_eigh_psds_eigenvalues_with_the_full_ones_in_one_host_call():
+    """The eigenvalues of :func:`eigh_psd` for a factor the range sketch takes, one whose
+    bound only splits its range off (its null space's eigenvalues exactly 0) and one with
+    no bound, the two full ones from one host call that computes no eigenvectors; one at a
+    time, :func:`eigvalsh_psd` gives the same."""
+    matrices = [jnp.asarray(_psd_of_rank(128, 6, seed=4)), jnp.asarray(_psd_of_rank(20, 5, 5)),
+                jnp.asarray(_psd_of_rank(12, 12, 6))]
+    bounds = [6, 5, None]
+
+    def eigenvalues(ms):
+        return _spectral.eigvalshs_psd(ms, bounds, [False] * 3)
+
+    spectra = jax.jit(eigenvalues)(matrices)
+
+    for m, bound, values in zip(matrices, bounds, spectra):
+        np.testing.assert_allclose(values, _spectral.eigh_psd(m, bound)[0], atol=1e-9)
+        np.testing.assert_allclose(values, _spectral.eigvalsh_psd(m, bound), atol=1e-9)
+    assert np.all(np.asarray(spectra[1])[:15] == 0)  # 20 − 5 exact zeros
+    program = str(jax.make_jaxpr(eigenvalues)(matrices))
+    assert program.count("pure_callback") == 1
+    assert "<function eigvalsh at" in program and "<function eigh at" not in program
+
+
 def test_a_vmapped_host_eighs_decomposes_each_matrix():
     """Under ``vmap`` the host call runs once per batch element (``vmap_method=
     "sequential"``), each pair its matrix's eigendecomposition."""

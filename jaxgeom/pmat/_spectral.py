@@ -16,7 +16,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxgeom import _host_lapack
 from jaxgeom._compile import factorisation_jit
-from jaxgeom._lapack import host_side_by_side
+from jaxgeom._lapack import host_call_side_by_side
 from jaxgeom._reporting import called_operation, warn_if_singular
 
 #: the part of a matrix whose eigenvalues are checked, innermost last (:func:`of_part`)
@@ -539,7 +539,21 @@ def eigh_psd(m: jax.Array, rank_bound: int | None = None, *, checked: bool = Fal
     k = sketch_width(m.shape[0], rank_bound)
     if k is not None:
         return _eigh_sketched(m, k, checked)
-    return _off_range_zeroed(eigh(m), rank_bound, checked)
+    values, vectors = eigh(m)
+    return _off_range_zeroed(values, rank_bound, checked), vectors
+
+
+def eigvalsh_psd(m: jax.Array, rank_bound: int | None = None, *, checked: bool = False
+                 ) -> jax.Array:
+    """The eigenvalues of :func:`eigh_psd` without its eigenvectors where a full
+    decomposition would run: :func:`eigvalsh` (LAPACK's ``syevd`` without eigenvectors
+    from order :data:`EIGVALSH_ON_HOST_MIN`), the null space's round-off made 0 as
+    :func:`eigh_psd` makes it; through the range sketch where it takes the matrix (its
+    cost is the range's)."""
+    k = sketch_width(m.shape[0], rank_bound)
+    if k is not None:
+        return _eigh_sketched(m, k, checked)[0]
+    return _off_range_zeroed(eigvalsh(m), rank_bound, checked)
 
 
 def eighs_psd(ms: Sequence[jax.Array], rank_bounds: Sequence[int | None],
@@ -547,23 +561,44 @@ def eighs_psd(ms: Sequence[jax.Array], rank_bounds: Sequence[int | None],
     """``[eigh_psd(m, bound, checked=c) ...]`` with the full ``eigh``'s (those of the
     matrices no range sketch takes) in one host call, side by side on the CPU's cores
     where that is faster (:func:`host_eighs`)."""
+    return _psd_spectra(ms, rank_bounds, checked, vectors=True)
+
+
+def eigvalshs_psd(ms: Sequence[jax.Array], rank_bounds: Sequence[int | None],
+                  checked: Sequence[bool]) -> list[jax.Array]:
+    """``[eigvalsh_psd(m, bound, checked=c) ...]`` with the full decompositions' eigenvalues
+    in one host call, side by side where faster (:func:`host_eigvalshs`)."""
+    return _psd_spectra(ms, rank_bounds, checked, vectors=False)
+
+
+def _psd_spectra(ms: Sequence[jax.Array], rank_bounds: Sequence[int | None],
+                 checked: Sequence[bool], vectors: bool) -> list:
+    """:func:`eighs_psd` (``vectors``) or :func:`eigvalshs_psd`."""
     widths = [sketch_width(m.shape[0], r) for m, r in zip(ms, rank_bounds)]
-    full = iter(host_eighs([m for m, k in zip(ms, widths) if k is None]))
-    return [_eigh_sketched(m, k, c) if k is not None else _off_range_zeroed(next(full), r, c)
-            for m, k, r, c in zip(ms, widths, rank_bounds, checked)]
+    on_host = [m for m, k in zip(ms, widths) if k is None]
+    full = iter(host_eighs(on_host) if vectors else host_eigvalshs(on_host))
+    out = []
+    for m, k, r, c in zip(ms, widths, rank_bounds, checked):
+        if k is not None:
+            pair = _eigh_sketched(m, k, c)
+            out.append(pair if vectors else pair[0])
+        elif vectors:
+            values, basis = next(full)
+            out.append((_off_range_zeroed(values, r, c), basis))
+        else:
+            out.append(_off_range_zeroed(next(full), r, c))
+    return out
 
 
-def _off_range_zeroed(pair: tuple[jax.Array, jax.Array], rank_bound: int | None,
-                      checked: bool) -> tuple[jax.Array, jax.Array]:
-    """A full ``eigh`` of a PSD matrix with a known rank bound (not a hint: not
-    ``checked``) and the round-off eigenvalues of its null space made exactly 0, as the
-    sketch's (:func:`range_width`)."""
-    values, vectors = pair
+def _off_range_zeroed(values: jax.Array, rank_bound: int | None, checked: bool) -> jax.Array:
+    """The ascending eigenvalues of a full decomposition of a PSD matrix with a known rank
+    bound (not a hint: not ``checked``), the round-off ones of its null space made exactly
+    0, as the sketch's (:func:`range_width`)."""
     n = values.shape[0]
     width = range_width(n, rank_bound)
     if width is None or checked:
-        return values, vectors
-    return jnp.where(jnp.arange(n) < n - width, 0, values), vectors
+        return values
+    return jnp.where(jnp.arange(n) < n - width, 0, values)
 
 
 def host_eighs(ms: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
@@ -589,7 +624,7 @@ def host_eighs(ms: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
 def _host_eighs(ms: tuple[jax.Array, ...]) -> tuple[tuple[jax.Array, jax.Array], ...]:
     shapes = [(jax.ShapeDtypeStruct(m.shape[:1], m.dtype), jax.ShapeDtypeStruct(m.shape, m.dtype))
               for m in ms]
-    pairs = jax.pure_callback(_host_syevds, tuple(shapes), *ms, vmap_method="sequential")
+    pairs = host_call_side_by_side(_host_lapack.eigh, ms, tuple(shapes))
     return tuple((values, rows.T) for values, rows in pairs)
 
 
@@ -612,31 +647,36 @@ def eigvalsh(m: jax.Array) -> jax.Array:
     ``jnp.linalg.eigvalsh``, which computes the eigenvectors too (XLA:CPU's ``eigh``). On
     a CPU, from order :data:`EIGVALSH_ON_HOST_MIN` (float32/float64, host callbacks
     allowed), LAPACK's ``syevd`` without eigenvectors in a host callback
-    (:func:`jaxgeom._host_lapack.eigvalsh`), reading ``m``'s upper triangle: 1.4–1.6× faster
-    from 256². Differentiable: ``λ̇ᵢ = vᵢᵀ Ṁ vᵢ`` (the eigenvectors computed for the
-    tangent, :func:`host_eighs`). Under ``vmap``, one host call per matrix."""
+    (:func:`host_eigvalshs`): 1.4–1.6× faster from 256². Under ``vmap``, one host call per
+    matrix."""
     if m.ndim != 2 or m.shape[0] < EIGVALSH_ON_HOST_MIN or not _host_lapack.may_run(m.dtype):
         return jnp.linalg.eigvalsh(m)
-    return _host_eigvalsh(m)
+    return _host_eigvalshs((m,))[0]
+
+
+def host_eigvalshs(ms: Sequence[jax.Array]) -> list[jax.Array]:
+    """``[eigvalsh(m) for m in ms]`` of symmetric ``(n, n)`` matrices, each read from its
+    upper triangle, in one host call: LAPACK's ``syevd`` without eigenvectors (the
+    tridiagonal reduction and its QR iteration, :func:`jaxgeom._host_lapack.eigvalsh`),
+    dealt into chains as :func:`host_eighs`' (bench_mlp's six KFAC factors: ≈ 1.4× faster
+    than with eigenvectors). Differentiable: ``λ̇ᵢ = vᵢᵀ Ṁ vᵢ``, the eigenvectors computed
+    for the tangent (:func:`host_eighs`, one ``n³`` product each)."""
+    return list(_host_eigvalshs(tuple(ms))) if ms else []
 
 
 @jax.custom_jvp
-def _host_eigvalsh(m: jax.Array) -> jax.Array:
-    return jax.pure_callback(_host_lapack.eigvalsh, jax.ShapeDtypeStruct(m.shape[:1], m.dtype),
-                             m, vmap_method="sequential")
+def _host_eigvalshs(ms: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    shapes = tuple(jax.ShapeDtypeStruct(m.shape[:1], m.dtype) for m in ms)
+    return host_call_side_by_side(_host_lapack.eigvalsh, ms, shapes)
 
 
-@_host_eigvalsh.defjvp
-def _host_eigvalsh_jvp(primals, tangents):
-    (m,), (dm,) = primals, tangents
-    (values, vectors), = _host_eighs((m,))
-    return values, jnp.sum(vectors * (dm @ vectors), axis=0)  # vᵢᵀ Ṁ vᵢ: one n³ product
-
-
-def _host_syevds(*ms: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """:func:`jaxgeom._host_lapack.eigh` of each of ``ms``, side by side where faster."""
-    ms = [np.asarray(m) for m in ms]
-    return tuple(host_side_by_side(_host_lapack.eigh, ms, [m.shape[0] for m in ms]))
+@_host_eigvalshs.defjvp
+def _host_eigvalshs_jvp(primals, tangents):
+    (ms,), (dms,) = primals, tangents
+    pairs = _host_eighs(ms)
+    return (tuple(values for values, _ in pairs),
+            tuple(jnp.sum(vectors * (dm @ vectors), axis=0)  # vᵢᵀ Ṁ vᵢ
+                  for (_, vectors), dm in zip(pairs, dms)))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))

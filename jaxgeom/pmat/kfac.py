@@ -154,11 +154,11 @@ def _rotate(v: jax.Array, qg: jax.Array, qa: jax.Array | None) -> jax.Array:
 
 
 @jax.jit
-def _eigenvalue_products(nodes: tuple, eighs: tuple) -> tuple[jax.Array, ...]:
+def _eigenvalue_products(nodes: tuple, values: tuple) -> tuple[jax.Array, ...]:
     """:meth:`Kron.eigenvalue_product` of every layer in one compiled call (eagerly, an
     outer product of each shape was a program to compile: 35–50 ms apiece at a first EKFAC
     build)."""
-    return tuple(node.eigenvalue_product(e) for node, e in zip(nodes, eighs))
+    return tuple(node.eigenvalue_product(v) for node, v in zip(nodes, values))
 
 
 def _unrotate(v: jax.Array, qg: jax.Array, qa: jax.Array | None) -> jax.Array:
@@ -228,12 +228,27 @@ class Factorisation:
     def eigh(self) -> tuple[jax.Array, jax.Array]:
         return _spectral.eigh_psd(self.matrix, self.rank_bound, checked=self.checked)
 
+    def eigvalsh(self) -> jax.Array:
+        """:meth:`eigh`'s eigenvalues, without its eigenvectors where no sketch takes the
+        matrix (:func:`~jaxgeom.pmat._spectral.eigvalsh_psd`)."""
+        return _spectral.eigvalsh_psd(self.matrix, self.rank_bound, checked=self.checked)
+
     @staticmethod
     def eighs(jobs: Sequence[Factorisation]) -> list[tuple[jax.Array, jax.Array]]:
         """``[f.eigh() for f in jobs]``, the full ``eigh``'s in one host call
         (:func:`~jaxgeom.pmat._spectral.eighs_psd`)."""
-        return _spectral.eighs_psd([f.matrix for f in jobs], [f.rank_bound for f in jobs],
-                                   [f.checked for f in jobs])
+        return _spectral.eighs_psd(*Factorisation._fields(jobs))
+
+    @staticmethod
+    def eigvalshs(jobs: Sequence[Factorisation]) -> list[jax.Array]:
+        """``[f.eigvalsh() for f in jobs]``, the full decompositions' eigenvalues in one
+        host call (:func:`~jaxgeom.pmat._spectral.eigvalshs_psd`)."""
+        return _spectral.eigvalshs_psd(*Factorisation._fields(jobs))
+
+    @staticmethod
+    def _fields(jobs: Sequence[Factorisation]) -> tuple[list, list, list]:
+        return ([f.matrix for f in jobs], [f.rank_bound for f in jobs],
+                [f.checked for f in jobs])
 
 
 def _eye_like(m: jax.Array) -> jax.Array:
@@ -369,20 +384,17 @@ class Kron:
 
         if eighs is None:
             eighs = [f.eigh() for f in self.factorisations()]
-        d = self.eigenvalue_product(eighs) if d is None else d
+        d = self.eigenvalue_product([e for e, _ in eighs]) if d is None else d
         qg = eighs[0][1]
         if self.A.ndim == 1:
             return KronEigen(None, qg, d, ranges=(None, width(self.G, bound_g)))
         return KronEigen(eighs[1][1], qg, d,
                          ranges=(width(self.A, bound_a), width(self.G, bound_g)))
 
-    def eigenvalue_product(self, eighs: Sequence[tuple[jax.Array, jax.Array]]) -> jax.Array:
-        """``d = λ_G λ_Aᵀ`` (``(g, a)``) from the ``(λ, V)`` of :meth:`factorisations`; a
-        diagonal ``A`` is its own eigenvalues."""
-        return jnp.outer(eighs[0][0], self.A if self.A.ndim == 1 else eighs[1][0])
-
-    def eigvals(self):
-        return self.eigen().d.ravel()
+    def eigenvalue_product(self, values: Sequence[jax.Array]) -> jax.Array:
+        """``d = λ_G λ_Aᵀ`` (``(g, a)``) from the eigenvalues ``λ`` of
+        :meth:`factorisations`; a diagonal ``A`` is its own eigenvalues."""
+        return jnp.outer(values[0], self.A if self.A.ndim == 1 else values[1])
 
     def power(self, p):
         """``A^p ⊗ G^p`` (integer ``p ≥ 0`` by products; otherwise PSD eigenvalues)."""
@@ -1000,21 +1012,37 @@ class PMatKFAC(PMatAbstract):
     def _eigen(self, blocks: bool = True, work_follows: bool = False):
         """Eigendecompositions of every layer: ``KronEigen`` nodes and ``(λ, V)`` pairs of
         the exact blocks (none without ``blocks``), their ``eigh`` side by side on a CPU's
-        cores when that is faster (:func:`~jaxgeom._lapack.side_by_side`, told whether
-        ``work_follows``; inside a trace, in one host call: :meth:`Factorisation.eighs`)."""
-        parts = [node.factorisations() for node in self.factors]  # refused unless symmetric
-        parts += [(Factorisation(b),) for b in (self.blocks if blocks else ())]
-        jobs = [f for group in parts for f in group]
-        on_host = Factorisation.eighs if _host_lapack.may_run(self.dtype) else None
-        eighs = iter(side_by_side(Factorisation.eigh, jobs, [f.order for f in jobs],
-                                  work_follows=work_follows, on_host=on_host))
-        grouped = [[next(eighs) for _ in group] for group in parts]
-        layers = [(node, e) for node, e in zip(self.factors, grouped) if e]
-        products = iter(_eigenvalue_products(tuple(node for node, _ in layers),
-                                             tuple(e for _, e in layers)) if layers else ())
+        cores when that is faster (:meth:`_factorised`, told whether ``work_follows``)."""
+        grouped = self._factorised(Factorisation.eigh, Factorisation.eighs, blocks,
+                                   work_follows)
+        products = iter(self._eigenvalue_products([[e for e, _ in g] for g in grouped]))
         nodes = tuple(node.eigen(e, next(products)) if e else node.eigen(e)
                       for node, e in zip(self.factors, grouped))
         return nodes, tuple(e for (e,) in grouped[len(self.factors):])
+
+    def _factorised(self, fn: Callable[[Factorisation], Any],
+                    on_host: Callable[[list[Factorisation]], list], blocks: bool = True,
+                    work_follows: bool = False) -> list[list]:
+        """``fn`` of each layer's :meth:`~Kron.factorisations` (a list a layer: none for
+        one held in its eigenbasis), then of each exact block (a list of one, none without
+        ``blocks``), side by side on a CPU's cores when that is faster
+        (:func:`~jaxgeom._lapack.side_by_side`, told whether ``work_follows``; inside a
+        trace, all in one host call: ``on_host``)."""
+        parts = [node.factorisations() for node in self.factors]  # refused unless symmetric
+        parts += [(Factorisation(b),) for b in (self.blocks if blocks else ())]
+        jobs = [f for group in parts for f in group]
+        results = iter(side_by_side(fn, jobs, [f.order for f in jobs], work_follows=work_follows,
+                                    on_host=on_host if _host_lapack.may_run(self.dtype)
+                                    else None))
+        return [[next(results) for _ in group] for group in parts]
+
+    def _eigenvalue_products(self, values: Sequence[list[jax.Array]]) -> list[jax.Array]:
+        """:meth:`Kron.eigenvalue_product` of each layer given its factors' eigenvalues (a
+        list a layer, as :meth:`_factorised` gives them: those given none left out)."""
+        layers = [(node, v) for node, v in zip(self.factors, values) if v]
+        if not layers:
+            return []
+        return list(_eigenvalue_products(*map(tuple, zip(*layers))))
 
     def _eigh_orders(self, blocks: bool = True) -> list[int]:
         """The orders of the matrices :meth:`_eigen` factorises."""
@@ -1063,9 +1091,19 @@ class PMatKFAC(PMatAbstract):
                 if m.ndim == 2] + [b.shape[0] for b in self.blocks]
 
     def eigvalsh(self):
-        nodes, pairs = self._eigen()
-        values = [n.eigvals() for n in nodes] + [e for e, _ in pairs]
-        return sort(jnp.concatenate(values))
+        """All ``d`` eigenvalues, ascending: each layer's products ``λ_G λ_Aᵀ`` of its
+        factors' eigenvalues (an EKFAC's or inverted layer's stored ``d``), and the exact
+        blocks'. The factors' eigenvalues alone, without eigenvectors where no range sketch
+        takes them (:meth:`Factorisation.eigvalsh`: LAPACK's ``syevd`` without eigenvectors,
+        ≈ 1.4× faster), side by side as :meth:`_eigen`'s ``eigh``; then one sort of ``d``
+        values (:func:`~jaxgeom._sorting.sort`). Serves :meth:`slogdet`, :meth:`logdet`
+        and ``norm(±2)`` too."""
+        grouped = self._factorised(Factorisation.eigvalsh, Factorisation.eigvalshs)
+        k = len(self.factors)
+        products = iter(self._eigenvalue_products(grouped[:k]))
+        values = [next(products).ravel() if v else node.eigvals()
+                  for node, v in zip(self.factors, grouped[:k])]
+        return sort(jnp.concatenate(values + [v for (v,) in grouped[k:]]))
 
     def eigh(self):
         """Not offered: the ``d × d`` eigenvectors of a Kronecker-factored matrix are what
