@@ -40,6 +40,34 @@ def case(request):
     return t, B, ref, np.where(block_mask(B.layer_collection), ref, 0.0)
 
 
+def test_blocks_eigenvalues_from_one_host_call_in_chains(case, monkeypatch):
+    """Inside a ``jit``, with chains forced for these small blocks, every block's
+    eigenvalues come from one host call (LAPACK's ``syevd`` without eigenvectors): sorted,
+    the dense block-diagonal matrix's; ``logdet`` and its derivative with respect to the
+    blocks through them, NumPy's ``slogdet`` and ``(M + λI)⁻¹``'s blocks. (The CNN's
+    blocks, one of them most of the work, are not dealt into chains.)"""
+    from jaxgeom import _lapack
+
+    monkeypatch.setattr(_lapack, "_cores", lambda: 2)
+    monkeypatch.setattr(_lapack, "SIDE_BY_SIDE_MIN_COST", 0)
+    _, B, _, dense = case
+    lam = 0.1
+    np.testing.assert_allclose(jax.jit(lambda B: B.eigvalsh())(B), np.linalg.eigvalsh(dense),
+                               atol=1e-12)
+    logdet, tangent = jax.jit(jax.value_and_grad(lambda B: B.logdet(lam)))(B)
+    shifted = dense + lam * np.eye(len(dense))
+    np.testing.assert_allclose(logdet, np.linalg.slogdet(shifted)[1], rtol=1e-10)
+    inverse = np.linalg.inv(shifted)
+    lc = B.layer_collection
+    for layer, block in zip(lc.layers, tangent.blocks):
+        idx = lc.layer_indices(layer)
+        np.testing.assert_allclose(block, inverse[np.ix_(idx, idx)], rtol=1e-8, atol=1e-10)
+    if jax.default_backend() == "cpu":
+        program = str(jax.make_jaxpr(lambda B: B.eigvalsh())(B))
+        in_chains = _lapack.chains([b.shape[0] for b in B.blocks], 2) is not None
+        assert program.count("<function eigvalsh at") == int(in_chains)  # else each in XLA
+
+
 def test_storage_is_the_reference_blocks(case):
     t, B, ref, dense = case
     lc = B.layer_collection
