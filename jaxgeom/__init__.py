@@ -7,7 +7,7 @@ for products, solves, inverses, powers, traces and norms.
 
 from jaxgeom import estimators as estimators
 from jaxgeom import optim as optim
-from jaxgeom._lapack import no_host_callbacks as no_host_callbacks
+from jaxgeom._host_calls import no_host_callbacks as no_host_callbacks
 from jaxgeom._progress import progress as progress
 from jaxgeom.ewc import ewc_penalty as ewc_penalty
 from jaxgeom.fspace import FMatDense as FMatDense

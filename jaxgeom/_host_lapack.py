@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._lapack import host_calls_allowed
+from jaxgeom._host_calls import host_calls_allowed
 
 #: the dtypes the host routines take, and LAPACK's letter for each
 _PREFIX = {jnp.dtype(jnp.float32): "s", jnp.dtype(jnp.float64): "d"}
@@ -39,7 +39,7 @@ _INT_P = ctypes.POINTER(ctypes.c_int)
 def may_run(dtype: Any) -> bool:
     """Whether a factorisation of a ``dtype`` matrix traced here may run on the host: a
     float32/float64 matrix, JAX's default backend a CPU, and host callbacks allowed
-    (:func:`jaxgeom._lapack.host_calls_allowed`)."""
+    (:func:`jaxgeom._host_calls.host_calls_allowed`)."""
     return (jnp.dtype(dtype) in _PREFIX and jax.default_backend() == "cpu"
             and host_calls_allowed())
 

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom._compile import factorisation_jit
+from jaxgeom._host_calls import host_calls_allowed
 
 #: the most LAPACK's own threads were measured to speed up one factorisation (see above)
 LAPACK_THREAD_SPEEDUP = 1.5
@@ -116,15 +117,15 @@ def side_by_side(fn: Callable[[Any], Any], items: Sequence[Any],
     one after the other on LAPACK's threads (one compiled call would let XLA start several
     at once, each with LAPACK's threads: bench_resnet's EKFAC build took 2.6 s instead of
     2.1 s that way).
-    Inside a trace (your ``jit``), where the eager call would run chains: given
-    ``on_host`` (``[fn(item) for item in items]`` in one host call that deals them into
-    chains itself, :func:`host_side_by_side`) and where a host call may be made
-    (:func:`host_calls_allowed`), that call, with LAPACK held to one thread from before
-    it to after it (:func:`one_thread_in_trace`: the program's own LAPACK calls around it,
-    a range sketch's QR, leave no thread spinning); else compiled with the code around
-    them, the same chains, each call after the one before (:func:`_in_chains`), held
-    the same way, for XLA to run side by side on its pool (bench_mlp's KFAC ``inv`` in a
-    ``jit``: 102 → 72 ms, its exact-damped ``solve`` 131 → 95 ms, 2-core Xeon; on a 2-core
+    Inside a trace (your ``jit``), where the eager call would run chains: given ``on_host``
+    (``[fn(item) for item in items]`` in one host call that deals them into chains itself,
+    :func:`host_side_by_side`) and where a host call may be made
+    (:func:`~jaxgeom._host_calls.host_calls_allowed`), that call, with LAPACK held to one
+    thread from before it to after it (:func:`one_thread_in_trace`: the program's own LAPACK
+    calls around it, a range sketch's QR, leave no thread spinning); else compiled with the
+    code around them, the same chains, each call after the one before (:func:`_in_chains`),
+    held the same way, for XLA to run side by side on its pool (bench_mlp's KFAC ``inv`` in
+    a ``jit``: 102 → 72 ms, its exact-damped ``solve`` 131 → 95 ms, 2-core Xeon; on a 2-core
     AMD EPYC VM XLA ran two held ``eigh`` of one program one after the other, and the host
     call is what runs them at once: :func:`jaxgeom.pmat._spectral.host_eighs`).
     Otherwise the calls as written. Traced for a compiled eager call that holds LAPACK
@@ -293,36 +294,6 @@ def _workers(kind: str = "lapack") -> concurrent.futures.ThreadPoolExecutor:
 #: there is already held
 _HELD_HERE = threading.local()
 
-#: set in a thread inside :func:`no_host_callbacks`
-_NO_CALLBACKS = threading.local()
-
-
-@contextlib.contextmanager
-def no_host_callbacks() -> Iterator[None]:
-    """Trace no host callbacks in the block (this thread): factorisations inside a ``jit``
-    traced here stay in the program and keep OpenBLAS's threads (:func:`one_thread_in_trace`
-    as written), long sorts stay XLA's.
-
-    For programs that must be free of host callbacks: ``jax.export`` (``serialization of
-    host_callbacks is not yet implemented``), or a program run where Python cannot be
-    called back. Example::
-
-        with jaxgeom.no_host_callbacks():
-            exported = jax.export.export(jax.jit(step))(params, batch)
-    """
-    with _set_in_this_thread(_NO_CALLBACKS):
-        yield
-
-
-def host_calls_allowed() -> bool:
-    """Whether work traced here may go to a host callback (LAPACK's:
-    :func:`jaxgeom._symmetric.spd_inverses`, :func:`jaxgeom.pmat._spectral.host_eighs`;
-    NumPy's sort: :func:`jaxgeom._sorting.sort`): not inside :func:`no_host_callbacks`.
-    Under a one-thread hold it may: a host call's chains take the hold too (holds are
-    counted, :class:`_OneThreadHold`)."""
-    return not getattr(_NO_CALLBACKS, "active", None)
-
-
 @contextlib.contextmanager
 def _set_in_this_thread(flag: threading.local, value: Any = True) -> Iterator[None]:
     """``flag.active = value`` in the block, in this thread."""
@@ -424,8 +395,8 @@ def one_thread_in_trace(fn: Callable[..., Any], *args: Any) -> Any:
     loops. A hold traced inside ``fn`` is already held: ``fn(*args)`` as written. Costs two
     callbacks (≈ 20 µs each) and, for a result read outside the call, one pass over it;
     a program with host callbacks cannot be serialised (``jax.export``): traced inside
-    :func:`no_host_callbacks`, ``fn(*args)`` as written."""
-    if (getattr(_HELD_HERE, "active", None) or getattr(_NO_CALLBACKS, "active", None)
+    :func:`~jaxgeom._host_calls.no_host_callbacks`, ``fn(*args)`` as written."""
+    if (getattr(_HELD_HERE, "active", None) or not host_calls_allowed()
             or jax.default_backend() != "cpu"):
         return fn(*args)
     _blas_threads()  # the libraries found in this thread, not in XLA's

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgeom._lapack import host_calls_allowed
+from jaxgeom._host_calls import host_calls_allowed
 
 #: the fewest elements :func:`sort` hands to NumPy (at 1000 in one row the two were even)
 SORT_ON_HOST_MIN = 2048
