@@ -390,11 +390,12 @@ def one_thread_in_trace(fn: Callable[..., Any], *args: Any) -> Any:
     second once every array of the result is. Each is passed one element of each array,
     gradients stopped, and its result, ``0``, is added to the arrays read after it (``fn``'s
     inputs, the result; :func:`_read_after`): data dependencies order the callbacks, and
-    keep the second whenever any of the result is used. ``fn`` may be differentiated,
-    rematerialised, ``vmap``-ed (the callbacks then run once per element) and run in
-    loops. A hold traced inside ``fn`` is already held: ``fn(*args)`` as written. Costs two
-    callbacks (≈ 20 µs each) and, for a result read outside the call, one pass over it;
-    a program with host callbacks cannot be serialised (``jax.export``): traced inside
+    keep the second whenever any of the result or of its tangents is used
+    (:func:`_released`). ``fn`` may be differentiated, rematerialised, ``vmap``-ed (the
+    callbacks then run once per element) and run in loops. A hold traced inside ``fn`` is
+    already held: ``fn(*args)`` as written. Costs two callbacks (≈ 20 µs each) and, for a
+    result read outside the call, one pass over it; a program with host callbacks cannot be
+    serialised (``jax.export``): traced inside
     :func:`~jaxgeom._host_calls.no_host_callbacks`, ``fn(*args)`` as written."""
     if (getattr(_HELD_HERE, "active", None) or not host_calls_allowed()
             or jax.default_backend() != "cpu"):
@@ -405,7 +406,7 @@ def one_thread_in_trace(fn: Callable[..., Any], *args: Any) -> Any:
         out = fn(*args)
     if not any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(out)):
         raise TypeError("one_thread_in_trace: fn must return arrays (they carry the hold's end)")
-    return _read_after(_host_call(_give_back_hold, out), out)
+    return _released(_host_call(_give_back_hold, out), out)
 
 
 def _take_hold(*_elements: Any) -> np.ndarray:
@@ -425,6 +426,33 @@ def _host_call(callback: Callable[..., np.ndarray], tree: Any) -> jax.Array:
                 if isinstance(x, jax.Array) and x.size]
     return jax.pure_callback(callback, jax.ShapeDtypeStruct((), jnp.int32), *elements,
                              vmap_method="sequential")
+
+
+@jax.custom_jvp
+def _released(zero: jax.Array, tree: Any) -> Any:
+    """``tree`` read after the hold's end (:func:`_read_after`), and so are its tangents:
+    each multiplied by ``1 − 0.0 · zero`` (exactly 1, which XLA cannot know). A result whose
+    primal values go unused — a gradient that needs only the tangents a result's
+    derivative computes, e.g. ``∇ Σ λᵢ`` from the eigenvectors alone — would otherwise
+    leave the hold's end without a reader: XLA removes a ``pure_callback`` nothing reads,
+    and the hold taken before ``fn`` would never be given back (LAPACK left on one thread
+    for the rest of the process). Transposed for reverse mode, the product by the
+    constant keeps it as a residual of the forward pass, where the hold ends."""
+    return _read_after(zero, tree)
+
+
+@_released.defjvp
+def _released_jvp(primals, tangents):
+    zero, tree = primals
+    _, dtree = tangents
+    one = 1 + zero * -0.0  # in floating point: XLA folds an integer 0 · zero to 0
+
+    def after(t):
+        if not jnp.issubdtype(t.dtype, jnp.inexact):
+            return t  # float0: an integer or boolean result has no tangent
+        return t * one.astype(t.dtype)
+
+    return _read_after(zero, tree), jax.tree_util.tree_map(after, dtree)
 
 
 def _read_after(zero: jax.Array, tree: Any) -> Any:

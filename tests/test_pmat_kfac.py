@@ -704,6 +704,8 @@ def test_eigenvalues_alone_from_one_host_call_inside_a_jit(representation, monke
     brute_force = jax.grad(lambda q: jnp.linalg.slogdet(
         matrix(q).to_dense() + lam * jnp.eye(flat.size))[1])(flat)
     np.testing.assert_allclose(through_eigenvalues, brute_force, rtol=1e-8, atol=1e-10)
+    jax.block_until_ready(jax.jit(jax.grad(lambda q: jnp.sum(matrix(q).eigvalsh())))(flat))
+    assert _lapack._ONE_THREAD._count == 0  # each hold given back, values read or not
 
 
 # ----------------------------------------------------------------------------- building
