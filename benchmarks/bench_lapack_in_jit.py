@@ -74,6 +74,7 @@ def _rows(name: str) -> tuple[dict, tuple]:
         "KFAC solve, exact": lambda p, F, v: F.solve(v, regul),
         "KFAC inv, exact": lambda p, F, v: F.inv(regul),
         "KFAC eigvalsh": lambda p, F, v: F.eigvalsh(),
+        "KFAC logdet": lambda p, F, v: F.logdet(regul),
     }
     return rows, (params, F, v)
 
