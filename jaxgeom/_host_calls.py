@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 #: ``active`` in a thread inside :func:`no_host_callbacks`
 _NO_CALLBACKS = threading.local()
@@ -32,12 +33,19 @@ def no_host_callbacks() -> Iterator[None]:
         with jaxgeom.no_host_callbacks():
             exported = jax.export.export(jax.jit(step))(params, batch)
     """
-    outer = getattr(_NO_CALLBACKS, "active", False)
-    _NO_CALLBACKS.active = True
+    with set_in_this_thread(_NO_CALLBACKS):
+        yield
+
+
+@contextlib.contextmanager
+def set_in_this_thread(flag: threading.local, value: Any = True) -> Iterator[None]:
+    """``flag.active = value`` in the block, in this thread."""
+    outer = getattr(flag, "active", None)
+    flag.active = value
     try:
         yield
     finally:
-        _NO_CALLBACKS.active = outer
+        flag.active = outer
 
 
 def host_calls_allowed() -> bool:

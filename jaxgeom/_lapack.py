@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgeom._compile import factorisation_jit
-from jaxgeom._host_calls import host_calls_allowed
+from jaxgeom._host_calls import host_calls_allowed, set_in_this_thread
 
 #: the most LAPACK's own threads were measured to speed up one factorisation (see above)
 LAPACK_THREAD_SPEEDUP = 1.5
@@ -294,17 +294,6 @@ def _workers(kind: str = "lapack") -> concurrent.futures.ThreadPoolExecutor:
 #: there is already held
 _HELD_HERE = threading.local()
 
-@contextlib.contextmanager
-def _set_in_this_thread(flag: threading.local, value: Any = True) -> Iterator[None]:
-    """``flag.active = value`` in the block, in this thread."""
-    outer = getattr(flag, "active", None)
-    flag.active = value
-    try:
-        yield
-    finally:
-        flag.active = outer
-
-
 class _OneThreadHold:
     """LAPACK (every BLAS library in the process) held to one thread while any hold is
     taken, from any thread: the holds are counted, the libraries' thread counts read and
@@ -345,7 +334,7 @@ class _OneThreadHold:
         is already held: traced as written."""
         self.take()
         try:
-            with _set_in_this_thread(_HELD_HERE, "eagerly"):
+            with set_in_this_thread(_HELD_HERE, "eagerly"):
                 yield
         finally:
             self.give_back()
@@ -402,7 +391,7 @@ def one_thread_in_trace(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     _blas_threads()  # the libraries found in this thread, not in XLA's
     args = _read_after(_host_call(_take_hold, args), args)
-    with _set_in_this_thread(_HELD_HERE, "traced"):
+    with set_in_this_thread(_HELD_HERE, "traced"):
         out = fn(*args)
     if not any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(out)):
         raise TypeError("one_thread_in_trace: fn must return arrays (they carry the hold's end)")

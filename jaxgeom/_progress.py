@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from jaxgeom._lapack import _set_in_this_thread
+from jaxgeom._host_calls import set_in_this_thread
 
 #: ``active``: the description of the bars inside :func:`progress` (this thread)
 _ACTIVE = threading.local()
@@ -43,7 +43,7 @@ def progress(description: str = "jaxgeom") -> Iterator[None]:
         raise ImportError(
             "jaxgeom.progress() draws its bars with tqdm, which is not installed: "
             "pip install tqdm (or jaxgeom[examples])") from error
-    with _set_in_this_thread(_ACTIVE, description):
+    with set_in_this_thread(_ACTIVE, description):
         yield
 
 
